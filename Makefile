@@ -1,0 +1,17 @@
+# The README's two commands: `make demo` (set-up + the main job), `make test` (set-up + the tests).
+PY ?= python3
+PIP ?= $(PY) -m pip
+
+.PHONY: install demo test test-slow
+
+install:
+	$(PIP) install -q -e ".[cpu,dev]"
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow

@@ -1,0 +1,3 @@
+from onnxpipe.cli import main
+
+main()

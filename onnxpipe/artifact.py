@@ -1,0 +1,201 @@
+"""The model directory: model.onnx (+ external data), tokenizer files and the manifest onnxpipe.json.
+
+The manifest is the contract between stages. A stage reads it, appends one entry to ``steps`` and writes the
+whole directory anew into a temporary directory beside the target, which is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from onnxpipe.errors import OnnxpipeError
+
+MANIFEST = "onnxpipe.json"
+MODEL_FILE = "model.onnx"
+FORMAT_VERSION = 1
+TMP_PREFIX = ".onnxpipe-tmp-"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+@dataclass
+class Manifest:
+    """What a model directory holds; serialised to onnxpipe.json."""
+
+    model: dict[str, Any]
+    graph: dict[str, Any]
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    # -- the graph's I/O names, as the runtime and the checks need them --
+    @property
+    def num_layers(self) -> int:
+        return int(self.graph["kv"]["num_layers"])
+
+    def past_names(self, layer: int) -> tuple[str, str]:
+        kv = self.graph["kv"]
+        return kv["past_key"].format(i=layer), kv["past_value"].format(i=layer)
+
+    def present_names(self, layer: int) -> tuple[str, str]:
+        kv = self.graph["kv"]
+        return kv["present_key"].format(i=layer), kv["present_value"].format(i=layer)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t["name"] for t in self.graph["inputs"]]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t["name"] for t in self.graph["outputs"]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "model": self.model,
+            "graph": self.graph,
+            "tokenizer": self.tokenizer,
+            "steps": self.steps,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+        for key in ("model", "graph"):
+            if key not in data:
+                raise ValueError(f"missing key {key!r}")
+        return cls(
+            model=data["model"],
+            graph=data["graph"],
+            tokenizer=data.get("tokenizer", {}),
+            steps=list(data.get("steps", [])),
+            format_version=int(data.get("format_version", FORMAT_VERSION)),
+        )
+
+
+@dataclass
+class ModelDir:
+    """A model directory on disk, validated on open."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.graph.get("file", MODEL_FILE)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> "ModelDir":
+        p = Path(path)
+        if not p.is_dir():
+            raise OnnxpipeError(f"{p}: no such model directory")
+        mf = p / MANIFEST
+        if not mf.is_file():
+            raise OnnxpipeError(
+                f"{p}: not an onnxpipe model directory (no {MANIFEST}); make one with `onnxpipe export`"
+            )
+        try:
+            manifest = Manifest.from_json(json.loads(mf.read_text()))
+        except (ValueError, TypeError) as e:
+            raise OnnxpipeError(f"{mf}: malformed manifest ({e})") from None
+        md = cls(p, manifest)
+        if not md.model_path.is_file():
+            raise OnnxpipeError(f"{p}: the manifest names {md.model_path.name}, which is missing")
+        return md
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def check_output_dir(out_dir: Path, force: bool) -> None:
+    """Fail early, before any work, when the target exists and --force was not given."""
+    if out_dir.exists() and not force:
+        raise OnnxpipeError(f"{out_dir} already exists; pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OnnxpipeError(f"{out_dir} exists and is not a directory")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out_dir``; move it into place only if the block succeeds.
+
+    On any exception (KeyboardInterrupt included) the temporary directory is removed and ``out_dir`` is left
+    as it was. Leftovers of a killed run (``.onnxpipe-tmp-*`` beside the target) are removed on the next run.
+    """
+    target = Path(out_dir).absolute()
+    check_output_dir(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+    (tmp / ".pid").write_text(str(os.getpid()))
+    try:
+        yield tmp
+        (tmp / ".pid").unlink()
+        if target.exists():
+            trash = target.with_name(f"{TMP_PREFIX}{target.name}-old-{os.getpid()}")
+            os.replace(target, trash)
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_stale_tmp(target: Path, older_than_s: float = 0.0) -> None:
+    """Remove temporary directories left by killed runs; those of a live process are kept."""
+    now = time.time()
+    for p in target.parent.glob(f"{TMP_PREFIX}{target.name}-*"):
+        pid = _pid_of(p)
+        if pid is not None and _alive(pid):
+            continue
+        if now - p.stat().st_mtime >= older_than_s:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_of(p: Path) -> int | None:
+    marker = p / ".pid"
+    try:
+        return int(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,5 @@
+"""export: Hugging Face decoder-only model -> ONNX with a flat KV cache, checked against PyTorch."""
+
+from onnxpipe.export.exporter import ExportResult, export_decoder
+
+__all__ = ["ExportResult", "export_decoder"]

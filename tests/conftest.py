@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny Hugging Face models and their exports, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """tiny_hf(family) -> a Hugging Face directory with a random-weight 2-layer model (cached per session)."""
+    cache: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in cache:
+            cache[family] = make_tiny_model(family, tmp_path_factory.mktemp(f"hf-{family}"))
+        return cache[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """tiny_onnx(family, dtype="fp32") -> an exported, parity-checked onnxpipe model directory (cached)."""
+    from onnxpipe.export import export_decoder
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def build(family: str, dtype: str = "fp32") -> Path:
+        key = (family, dtype)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"onnx-{family}-{dtype}") / "model"
+            export_decoder(tiny_hf(family), out, dtype=dtype)
+            cache[key] = out
+        return cache[key]
+
+    return build
