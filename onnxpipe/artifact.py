@@ -22,6 +22,7 @@ MANIFEST = "onnxpipe.json"
 MODEL_FILE = "model.onnx"
 FORMAT_VERSION = 1
 TMP_PREFIX = ".onnxpipe-tmp-"
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf's limit is 2 GiB
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -136,6 +137,41 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
+
+
+def copy_sidecar_files(src: Path, dst: Path) -> list[str]:
+    """What a stage carries over unchanged from its input directory: tokenizer files and config.json."""
+    copied = copy_tokenizer_files(src, dst)
+    if (src / "config.json").is_file():
+        shutil.copy2(src / "config.json", dst / "config.json")
+        copied.append("config.json")
+    return copied
+
+
+def derive_manifest(src: Manifest) -> Manifest:
+    """A deep copy of an input directory's manifest, for a stage to update and append its step to."""
+    return Manifest.from_json(json.loads(json.dumps(src.to_json())))
+
+
+def save_onnx(model: Any, directory: Path, name: str = MODEL_FILE, threshold: int = EXTERNAL_DATA_THRESHOLD) -> str | None:
+    """Save an onnx.ModelProto or onnx_ir.Model as ``directory/name``; weights go to ``name.data`` past ``threshold``
+    bytes (protobuf's limit is 2 GiB). Returns the external data file's name, or None."""
+    import onnx
+
+    path = directory / name
+    data = name + ".data"
+    if isinstance(model, onnx.ModelProto):
+        size = sum(len(t.raw_data) for t in model.graph.initializer) if model.graph.initializer else model.ByteSize()
+        external = size > threshold
+        onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+    else:
+        import onnx_ir as ir
+
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        external = size > threshold
+        ir.save(model, str(path), external_data=data if external else None)
+    return data if external else None
 
 
 def check_output_dir(out_dir: Path, force: bool) -> None:

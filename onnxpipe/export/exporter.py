@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from onnxpipe.artifact import (
+    EXTERNAL_DATA_THRESHOLD,
     MODEL_FILE,
     Manifest,
     ModelDir,
@@ -31,7 +32,6 @@ from onnxpipe.export.archs import describe, spec_for
 
 DTYPES = ("fp32", "fp16")
 DEFAULT_OPSET = 18
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf's limit is 2 GiB
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
