@@ -1,0 +1,364 @@
+"""Execution-provider choice: ``auto | tensorrt | cuda | cpu``, what actually ran, and the fallbacks on the way.
+
+``create_session`` asks onnxruntime for the providers in order (TensorRT -> CUDA -> CPU for ``auto``), then reads
+``session.get_providers()`` back, because onnxruntime itself drops an EP whose libraries fail to load (TensorRT
+without libnvinfer, CUDA without a driver) and only logs it. Every fallback is said once, in words, and recorded
+in the returned ``ProviderChoice``. When the session ends up on the CPU and the graph is fp16, the graph is
+converted to fp32 at load (``fp16_to_fp32``): the CPU has few fp16 kernels and onnxruntime would otherwise wrap
+most nodes in Casts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from onnxpipe.errors import OnnxpipeError
+
+log = logging.getLogger("onnxpipe.runtime")
+
+PROVIDERS = ("auto", "tensorrt", "cuda", "cpu")
+EP_NAME = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+SHORT_NAME = {v: k for k, v in EP_NAME.items()}
+# what each request asks onnxruntime for, in order; CPU is always last so a session can always be made
+CHAIN = {"auto": ("tensorrt", "cuda", "cpu"), "tensorrt": ("tensorrt", "cuda", "cpu"), "cuda": ("cuda", "cpu"), "cpu": ("cpu",)}
+
+# dynamic axes of the exported graphs (see export/wrapper.py) -> which TensorRT profile range they take
+_AXIS_RANGE = {
+    "batch_size": "batch",
+    "sequence_length": "sequence",
+    "past_sequence_length": "past",
+    "total_sequence_length": "total",
+}
+
+
+@dataclass
+class TensorRTOptions:
+    """TensorRT EP settings. Engines are built per optimization profile, so the dynamic axes get one profile wide
+    enough for prefill and decode (min / opt / max below) and engines plus the timing cache are kept on disk:
+    a second load with the same shapes and ``cache_dir`` does not rebuild."""
+
+    fp16: bool = True
+    int8: bool = False
+    int8_calibration_table: str | None = None  # only for graphs without Q/DQ nodes; Q/DQ graphs need none
+    cache_dir: str | os.PathLike[str] | None = None  # engine cache and timing cache; None: no caching
+    max_workspace_bytes: int | None = None
+    builder_optimization_level: int | None = None  # 0..5, TensorRT's default is 3
+    max_batch: int = 8
+    opt_batch: int = 1
+    max_total_length: int = 2048  # prompt + generated tokens
+    opt_total_length: int = 512  # decode shapes are tuned for this cache length
+    profiles: bool = True  # write trt_profile_*_shapes (needs the graph's inputs)
+    extra: dict[str, str] = field(default_factory=dict)  # any other trt_* option, passed through
+
+    def ranges(self) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of each kind of dynamic axis. opt is the decode step: one new token, a long past."""
+        if not (1 <= self.opt_batch <= self.max_batch and 2 <= self.opt_total_length <= self.max_total_length):
+            raise OnnxpipeError(
+                f"TensorRT profile: need 1 <= opt_batch ({self.opt_batch}) <= max_batch ({self.max_batch}) and "
+                f"2 <= opt_total_length ({self.opt_total_length}) <= max_total_length ({self.max_total_length})"
+            )
+        return {
+            "batch": (1, self.opt_batch, self.max_batch),
+            "sequence": (1, 1, self.max_total_length),
+            "past": (0, self.opt_total_length - 1, self.max_total_length - 1),
+            "total": (1, self.opt_total_length, self.max_total_length),
+        }
+
+
+def trt_profile_shapes(graph_inputs: Sequence[dict[str, Any]], options: TensorRTOptions) -> dict[str, str]:
+    """``trt_profile_{min,opt,max}_shapes`` for the graph's inputs (the manifest's ``graph["inputs"]`` entries:
+    name, dtype, shape with dim names or sizes). Every dynamic input must be named, or TensorRT rejects the
+    profile; an axis name this runtime does not know is an error, not a guess."""
+    ranges = options.ranges()
+    shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
+    for inp in graph_inputs:
+        dims = inp["shape"]
+        if all(isinstance(d, int) and d > 0 for d in dims):
+            continue  # static input: TensorRT needs no profile for it
+        per_level: dict[str, list[int]] = {"min": [], "opt": [], "max": []}
+        for d in dims:
+            if isinstance(d, int) and d > 0:
+                fixed = (d, d, d)
+            elif d in _AXIS_RANGE:
+                fixed = ranges[_AXIS_RANGE[d]]
+            else:
+                raise OnnxpipeError(
+                    f"TensorRT profile: input {inp['name']!r} has a dynamic axis {d!r} this runtime has no range for "
+                    f"(known: {', '.join(_AXIS_RANGE)}); pass profiles=False and the trt_profile_* options in extra"
+                )
+            for level, value in zip(("min", "opt", "max"), fixed):
+                per_level[level].append(value)
+        for level in shapes:
+            shapes[level].append(f"{inp['name']}:{'x'.join(str(v) for v in per_level[level])}")
+    return {f"trt_profile_{level}_shapes": ",".join(items) for level, items in shapes.items()}
+
+
+def trt_provider_options(options: TensorRTOptions, graph_inputs: Sequence[dict[str, Any]] | None = None) -> dict[str, str]:
+    """The provider-options dict onnxruntime's TensorRT EP takes (all values strings)."""
+    opts: dict[str, str] = {
+        "trt_fp16_enable": _flag(options.fp16),
+        "trt_int8_enable": _flag(options.int8),
+    }
+    if options.int8 and options.int8_calibration_table:
+        opts["trt_int8_calibration_table_name"] = str(options.int8_calibration_table)
+    if options.cache_dir is not None:
+        cache = str(Path(options.cache_dir).absolute())
+        opts.update({
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": cache,
+        })
+    if options.max_workspace_bytes is not None:
+        opts["trt_max_workspace_size"] = str(int(options.max_workspace_bytes))
+    if options.builder_optimization_level is not None:
+        opts["trt_builder_optimization_level"] = str(int(options.builder_optimization_level))
+    if options.profiles:
+        if graph_inputs is None:
+            raise OnnxpipeError("TensorRT profiles need the graph's inputs (a manifest); pass profiles=False to skip them")
+        opts.update(trt_profile_shapes(graph_inputs, options))
+    opts.update({k: str(v) for k, v in options.extra.items()})
+    return opts
+
+
+@dataclass
+class ProviderChoice:
+    """What was asked for, what runs, and why they differ."""
+
+    requested: str  # auto | tensorrt | cuda | cpu
+    used: str  # tensorrt | cuda | cpu: the first provider of the live session
+    session_providers: list[str]  # session.get_providers(), as onnxruntime reports them
+    messages: list[str] = field(default_factory=list)  # one line per fallback or conversion
+    fp32_compute: bool = False  # an fp16 graph converted to fp32 for the CPU
+    provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.used == "cpu" else "cuda"
+
+    @property
+    def fell_back(self) -> bool:
+        return self.requested != "auto" and self.used != self.requested
+
+    def summary(self) -> str:
+        extra = " (fp16 graph run in fp32)" if self.fp32_compute else ""
+        return f"provider: {self.used}{extra} [requested {self.requested}; session: {', '.join(self.session_providers)}]"
+
+
+def available_providers() -> list[str]:
+    """Short names (tensorrt, cuda, cpu) that this onnxruntime build lists; listed is not yet loadable."""
+    import onnxruntime as ort
+
+    return [SHORT_NAME[p] for p in ort.get_available_providers() if p in SHORT_NAME]
+
+
+def create_session(
+    model_path: str | os.PathLike[str],
+    provider: str = "auto",
+    *,
+    trt_options: TensorRTOptions | None = None,
+    cuda_options: dict[str, Any] | None = None,
+    threads: int | None = None,
+    graph_inputs: Sequence[dict[str, Any]] | None = None,
+    dtype: str | None = None,
+    fp32_on_cpu: bool = True,
+    session_options: Any = None,
+    announce: Callable[[str], None] | None = None,
+) -> tuple[Any, ProviderChoice]:
+    """An onnxruntime InferenceSession on the best provider of ``provider``'s chain, and what it really runs on.
+
+    graph_inputs: the manifest's ``graph["inputs"]`` (for TensorRT profiles); read from the model directory's
+    manifest beside ``model_path`` when not given. dtype: the graph's float type ("fp32", "fp16"); read from the
+    manifest or the graph when not given. announce: where the one summary line and the fallback lines go
+    (default: the ``onnxpipe.runtime`` logger, fallbacks as warnings so they show without logging set up).
+    """
+    import onnxruntime as ort
+
+    model_path = Path(model_path)
+    if provider not in PROVIDERS:
+        raise OnnxpipeError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if not model_path.is_file():
+        raise OnnxpipeError(f"{model_path}: no such model file")
+    manifest_graph = _manifest_graph(model_path)
+    graph_inputs = graph_inputs if graph_inputs is not None else manifest_graph.get("inputs")
+    dtype = dtype or manifest_graph.get("dtype") or _graph_float_type(model_path)
+
+    messages: list[str] = []
+    listed = set(available_providers())
+    chain = [p for p in CHAIN[provider] if p in listed or p == "cpu"]
+    skipped = [p for p in CHAIN[provider] if p not in chain]
+    if skipped and provider != "auto":
+        messages.append(
+            f"{provider} was requested but this onnxruntime build has no {', '.join(EP_NAME[p] for p in skipped)} "
+            f"(it has {', '.join(ort.get_available_providers())}); using {chain[0]} instead"
+        )
+
+    provider_options: dict[str, dict[str, str]] = {}
+    if "tensorrt" in chain:
+        provider_options["tensorrt"] = trt_provider_options(
+            trt_options or TensorRTOptions(), graph_inputs if (trt_options is None or trt_options.profiles) else None
+        )
+        cache = (trt_options or TensorRTOptions()).cache_dir
+        if cache is not None:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+    if "cuda" in chain:
+        provider_options["cuda"] = {"device_id": "0", **{k: str(v) for k, v in (cuda_options or {}).items()}}
+
+    so = session_options or ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3 if session_options is None else so.log_severity_level  # our messages say it once
+
+    fp32 = fp32_on_cpu and dtype == "fp16"
+    session = _make(model_path, chain, provider_options, so, convert=fp32 and chain == ["cpu"])
+    live = [SHORT_NAME.get(p, p) for p in session.get_providers()]
+    used = live[0] if live and live[0] in EP_NAME else "cpu"
+    dropped = [p for p in chain if p not in live and p != "cpu"]
+    if dropped:
+        messages.append(
+            f"onnxruntime could not start {', '.join(EP_NAME[p] for p in dropped)} (its libraries did not load; "
+            f"run with ONNXPIPE_ORT_LOG=1 for onnxruntime's own error); using {used} instead"
+        )
+    converted = fp32 and chain == ["cpu"]
+    if fp32 and used == "cpu" and not converted:
+        # ORT fell back to the CPU on its own: rebuild the session on an fp32 copy of the graph
+        session = _make(model_path, ["cpu"], {}, so, convert=True)
+        converted = True
+    if converted:
+        messages.append("the graph is fp16 and runs on the CPU: converted to fp32 at load (fp32 compute)")
+
+    choice = ProviderChoice(
+        requested=provider,
+        used=used,
+        session_providers=list(session.get_providers()),
+        messages=messages,
+        fp32_compute=converted,
+        provider_options={k: v for k, v in provider_options.items() if k in live},
+    )
+    _announce(choice, announce)
+    return session, choice
+
+
+def _make(model_path: Path, chain: list[str], provider_options: dict[str, dict[str, str]], so: Any, convert: bool) -> Any:
+    import onnxruntime as ort
+
+    providers = [(EP_NAME[p], provider_options[p]) if p in provider_options else EP_NAME[p] for p in chain]
+    if os.environ.get("ONNXPIPE_ORT_LOG"):
+        so.log_severity_level = 1
+    try:
+        if convert:
+            return _fp32_session(model_path, so, providers)
+        return ort.InferenceSession(str(model_path), so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types; all mean "this graph does not load"
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise OnnxpipeError(f"{model_path}: onnxruntime could not load the graph on {chain[0]}: {text}") from None
+
+
+def _announce(choice: ProviderChoice, announce: Callable[[str], None] | None) -> None:
+    if announce is not None:
+        for m in choice.messages:
+            announce(m)
+        announce(choice.summary())
+        return
+    for m in choice.messages:
+        log.warning(m)
+    log.info(choice.summary())
+
+
+def _flag(value: bool) -> str:
+    return "True" if value else "False"
+
+
+def _manifest_graph(model_path: Path) -> dict[str, Any]:
+    mf = model_path.parent / "onnxpipe.json"
+    if not mf.is_file():
+        return {}
+    try:
+        return dict(json.loads(mf.read_text()).get("graph") or {})
+    except (ValueError, AttributeError):
+        return {}
+
+
+def _graph_float_type(model_path: Path) -> str:
+    """fp16 when the graph's float inputs/outputs are float16 (read without the external weights)."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    types = {v.type.tensor_type.elem_type for v in list(proto.graph.input) + list(proto.graph.output)}
+    return "fp16" if onnx.TensorProto.FLOAT16 in types else "fp32"
+
+
+# ---- fp16 -> fp32 for the CPU ----
+
+def fp16_to_fp32(model: Any) -> int:
+    """Rewrite an onnx.ModelProto in place so that every float16 tensor is float32: initializers, constants,
+    Cast targets, dtype attributes and the I/O / value_info types (subgraphs included). Returns how many items
+    were changed. Numerics: fp16 values are exact in fp32, so the fp32 graph computes what the fp16 one meant,
+    with fp32 rounding."""
+    import onnx
+
+    count = 0
+    for graph in _graphs(model.graph):
+        for init in graph.initializer:
+            count += _tensor_to_fp32(init)
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            tt = vi.type.tensor_type
+            if tt.elem_type == onnx.TensorProto.FLOAT16:
+                tt.elem_type = onnx.TensorProto.FLOAT
+                count += 1
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    count += _tensor_to_fp32(attr.t)
+                elif attr.type == onnx.AttributeProto.INT and attr.name in ("to", "dtype") and attr.i == onnx.TensorProto.FLOAT16:
+                    attr.i = onnx.TensorProto.FLOAT
+                    count += 1
+    return count
+
+
+def _graphs(graph: Any):
+    import onnx
+
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def _tensor_to_fp32(t: Any) -> int:
+    import onnx
+    from onnx import numpy_helper
+
+    if t.data_type != onnx.TensorProto.FLOAT16:
+        return 0
+    arr = numpy_helper.to_array(t).astype("float32")
+    t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    return 1
+
+
+def _fp32_session(model_path: Path, so: Any, providers: list[Any]) -> Any:
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(model_path))  # with external data
+    fp16_to_fp32(proto)
+    if proto.ByteSize() < 1_800_000_000:
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
+    # protobuf's 2 GiB limit: go through disk; the copy lives until the process ends (ORT may map its weights)
+    tmp = Path(tempfile.mkdtemp(prefix="onnxpipe-fp32-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    path = tmp / "model.onnx"
+    onnx.save_model(proto, str(path), save_as_external_data=True, location="model.onnx.data")
+    return ort.InferenceSession(str(path), so, providers=providers)
