@@ -79,5 +79,46 @@ def inspect(model_dir: Path) -> None:
     click.echo(format_inspection(inspect_model_dir(model_dir)))
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Results: .jsonl or .parquet (with --engine ray: a directory of that name holding part files).")
+@click.option("--task", type=click.Choice(["perplexity", "loglik"]), default="perplexity", show_default=True,
+              help="loglik adds `greedy` (every scored token was the argmax).")
+@click.option("--batch-tokens", type=click.IntRange(1), default=4096, show_default=True,
+              help="Slots per batch (batch size x longest window, padding included).")
+@click.option("--max-padding", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True,
+              help="Most padding a batch may hold, as a fraction of its slots.")
+@click.option("--stride", type=click.IntRange(1), default=None, help="Sliding-window stride for long records [context/2].")
+@click.option("--max-context", type=click.IntRange(2), default=None, help="Window length [the model's context].")
+@click.option("--chunk-records", type=click.IntRange(1), default=512, show_default=True,
+              help="Records per durable chunk (what a kill can lose).")
+@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads per session.")
+@click.option("--on-bad-record", type=click.Choice(["skip", "fail"]), default="skip", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into the same OUTPUT.")
+@click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--num-workers", type=click.IntRange(1), default=None,
+              help="Ray workers [one per GPU with cuda, else the cluster's CPUs / threads].")
+@click.option("--ray-address", default=None, help="Ray cluster to join [$RAY_ADDRESS, else a local instance].")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def score(model_dir: Path, input_path: Path, output: Path, task: str, batch_tokens: int, max_padding: float,
+          stride: int | None, max_context: int | None, chunk_records: int, provider: str, threads: int | None,
+          on_bad_record: str, resume: bool, force: bool, engine: str, num_workers: int | None,
+          ray_address: str | None, no_progress: bool) -> None:
+    """Score every record of INPUT (JSONL/Parquet: text, prompt+completion or input_ids) with MODEL_DIR."""
+    from onnxpipe.runtime.score import ScoreConfig, score as run_score
+
+    config = ScoreConfig(task=task, batch_tokens=batch_tokens, max_padding=max_padding, stride=stride,
+                         max_context=max_context, chunk_records=chunk_records, on_bad_record=on_bad_record,
+                         provider=provider, threads=threads, resume=resume, force=force, progress=not no_progress,
+                         engine=engine, num_workers=num_workers, ray_address=ray_address)
+    summary = run_score(model_dir, input_path, output, config, log=_log)
+    for line in summary.lines():
+        click.echo(line)
+
+
 if __name__ == "__main__":
     main()

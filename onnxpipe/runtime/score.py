@@ -1,0 +1,620 @@
+"""Batch offline scoring: per-record log-likelihood, token count and perplexity of a JSONL/Parquet file, resumable.
+
+What is scored. A ``text`` record is tokenized without special tokens and, when the manifest records a
+``bos_token_id``, BOS is put in front, so every token of the text is scored given what precedes it. A
+``prompt``+``completion`` record is ``[BOS] + tokens(prompt) + tokens(completion)`` with only the completion's tokens
+scored (prompt and completion are tokenized separately). ``input_ids`` records are taken as they are (no BOS): every
+token after the first is scored. ``loglik`` is the natural-log sum over the scored tokens; ``perplexity`` is
+exp(-loglik / tokens). Task ``loglik`` adds ``greedy``: whether every scored token was the model's argmax.
+
+Long records: a record longer than the context C (the manifest's ``max_position_embeddings``, or ``--max-context``)
+is cut into windows of C tokens starting every ``stride`` tokens (default C // 2); each window scores only the
+tokens no earlier window scored, so every scored token sees at least C - stride tokens of history (all of it
+in the first window). Each window is run alone from an empty cache, so a record's result does not depend on which
+batch it lands in (up to float rounding of the batch shape, ~1e-6 per token in fp32).
+
+Batching. Input is read in chunks of ``chunk_records`` records, in order. Within a chunk the windows are sorted by
+length and packed greedily into batches of at most ``batch_tokens`` slots (batch size x longest window, padding
+included; a single window longer than the budget runs alone) whose padding is at most ``max_padding`` of the
+slots: a window that would break either bound starts a new batch. Batches are left-padded prefills.
+
+Durability: see score_io. The local engine appends each chunk's rows to the output (JSONL) or writes one part
+file per chunk (Parquet, merged at the end), then commits a checkpoint; ``--resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from onnxpipe.artifact import Manifest, ModelDir
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.parity import position_ids_for
+from onnxpipe.runtime import score_io
+from onnxpipe.runtime.score_io import BadRecord, Checkpoint, Record
+
+TASKS = ("perplexity", "loglik")
+ENGINES = ("local", "ray")
+BAD_RECORD_MODES = ("skip", "fail")
+MAX_BAD_LISTED = 100  # bad records listed in the checkpoint and summary; all are counted
+
+
+@dataclass
+class ScoreConfig:
+    task: str = "perplexity"
+    batch_tokens: int = 4096
+    max_padding: float = 0.2
+    max_context: int | None = None  # default: the model's max_position_embeddings
+    stride: int | None = None  # default: context // 2
+    chunk_records: int = 512
+    on_bad_record: str = "skip"
+    provider: str = "auto"
+    threads: int | None = None  # onnxruntime intra-op threads (None: onnxruntime's default)
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+    engine: str = "local"
+    num_workers: int | None = None
+    ray_address: str | None = None
+
+    def check(self) -> None:
+        if self.task not in TASKS:
+            raise OnnxpipeError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.engine not in ENGINES:
+            raise OnnxpipeError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.on_bad_record not in BAD_RECORD_MODES:
+            raise OnnxpipeError(f"--on-bad-record must be one of {', '.join(BAD_RECORD_MODES)}")
+        if self.batch_tokens < 1 or self.chunk_records < 1:
+            raise OnnxpipeError("--batch-tokens and --chunk-records must be positive")
+        if not 0.0 <= self.max_padding < 1.0:
+            raise OnnxpipeError(f"--max-padding must be in [0, 1), got {self.max_padding}")
+        if self.resume and self.force:
+            raise OnnxpipeError("--resume and --force contradict each other; pass one")
+
+
+@dataclass
+class ScoreSummary:
+    records: int
+    bad_records: int
+    tokens: int
+    loglik: float
+    perplexity: float
+    seconds: float
+    tokens_per_s: float
+    records_per_s: float
+    input_tokens: int
+    padding_fraction: float
+    provider: str
+    engine: str
+    workers: int
+    task: str
+    context: int
+    stride: int
+    batch_tokens: int
+    max_padding: float
+    runs: int
+    model_dir: str
+    input: str
+    output: str
+    bad: list[dict[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"scored {self.records} records, {self.tokens} tokens: corpus perplexity {self.perplexity:.4f} "
+            f"(loglik {self.loglik:.3f})",
+            f"{self.tokens_per_s:.0f} tokens/s, {self.records_per_s:.1f} records/s over {self.seconds:.1f}s "
+            f"({self.runs} run{'s' if self.runs != 1 else ''}); padding {self.padding_fraction:.1%} of batch slots; "
+            f"engine {self.engine} x{self.workers}; {self.provider}",
+        ]
+        if self.bad_records:
+            out.append(f"skipped {self.bad_records} bad record(s); first: "
+                       + "; ".join(f"{b['where']}: {b['error']}" for b in self.bad[:3]))
+        return out
+
+
+# ---- tokens and windows ----
+
+@dataclass
+class Item:
+    """A record ready to score: its tokens and the first scored position (>= 1)."""
+
+    tokens: list[int]
+    score_from: int
+
+
+class Encoder:
+    """Turns records into Items with the model directory's tokenizer (tokenizer.json) and BOS rule."""
+
+    def __init__(self, md: ModelDir):
+        self.path = md.path
+        self.bos = md.manifest.tokenizer.get("bos_token_id")
+        tok = md.path / "tokenizer.json"
+        self._tokenizer = None
+        if tok.is_file():
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(tok))
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self._tokenizer is None:
+            raise OnnxpipeError(f"{self.path}: no tokenizer.json, so text records cannot be scored; "
+                                "give records with input_ids (or prompt_ids + completion_ids) instead")
+        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def items(self, records: Sequence[Record]) -> list[Item | str]:
+        """An Item per record, or the reason it has nothing to score."""
+        texts: list[str] = []
+        for r in records:
+            if r.text is not None:
+                texts.append(r.text)
+            elif r.completion is not None:
+                texts += [r.prompt or "", r.completion]
+        encoded = iter(self.encode(texts))
+        head = [] if self.bos is None else [int(self.bos)]
+        out: list[Item | str] = []
+        for r in records:
+            if r.text is not None:
+                tokens, start = head + next(encoded), 1
+            elif r.completion is not None:
+                prompt = head + next(encoded)
+                tokens, start = prompt + next(encoded), max(1, len(prompt))
+            elif r.ids is not None:
+                tokens, start = r.ids, 1
+            else:
+                tokens, start = r.prompt_ids + r.completion_ids, max(1, len(r.prompt_ids))
+            out.append(Item(tokens, start) if len(tokens) > start else f"nothing to score ({len(tokens)} tokens, "
+                       f"scoring from position {start})")
+        return out
+
+
+def cut_windows(n_tokens: int, context: int, stride: int, score_from: int = 1) -> list[tuple[int, int, int]]:
+    """(begin, end, first_target) windows over n_tokens positions: every position >= score_from is scored once."""
+    windows, begin, scored_up_to = [], 0, max(1, score_from)
+    while n_tokens > 1:
+        end = min(begin + context, n_tokens)
+        first = max(scored_up_to, begin + 1)
+        if first < end:
+            windows.append((begin, end, first))
+        scored_up_to = max(scored_up_to, end)
+        if end == n_tokens:
+            break
+        begin += stride
+    return windows
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float) -> list[list[int]]:
+    """Indices grouped into batches: sorted by length, each batch within batch_tokens slots and max_padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_sum = 0
+    for i in order:
+        n = lengths[i]
+        if cur:
+            slots = (len(cur) + 1) * n  # ascending order: n is the new longest
+            if slots > batch_tokens or 1.0 - (cur_sum + n) / slots > max_padding:
+                batches.append(cur)
+                cur, cur_sum = [], 0
+        cur.append(i)
+        cur_sum += n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+# ---- the model side ----
+
+class WindowScorer:
+    """One onnxruntime session; scores a batch of windows as one left-padded prefill from an empty cache."""
+
+    def __init__(self, session: Any, manifest: Manifest, provider: str = "cpu"):
+        self.session = session
+        self.manifest = manifest
+        self.provider = provider
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        past_key = manifest.past_names(0)[0]
+        self.kv_dtype = np.float16 if "float16" in self.inputs[past_key].type else np.float32
+        m = manifest.model
+        self.kv_shape = (m["num_kv_heads"], m["head_dim"])
+        self.logits = manifest.graph.get("logits", "logits")
+
+    @classmethod
+    def open(cls, model_dir: str | Path, provider: str = "auto", threads: int | None = None,
+             announce: Callable[[str], None] | None = None) -> "WindowScorer":
+        from onnxpipe.runtime.providers import create_session
+
+        md = ModelDir.open(model_dir)
+        session, choice = create_session(md.model_path, provider, threads=threads, graph_inputs=md.manifest.graph["inputs"],
+                                         announce=announce or (lambda _m: None))
+        scorer = cls(session, md.manifest, choice.summary())
+        return scorer
+
+    def score(self, windows: Sequence[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """windows: (tokens, first scored index). Returns per window: loglik sum (float64), scored count, all-greedy."""
+        width = max(len(t) for t, _ in windows)
+        batch = len(windows)
+        ids = np.zeros((batch, width), np.int64)
+        mask = np.zeros((batch, width), np.int64)
+        rows, cols, targets, owner = [], [], [], []
+        for r, (tok, first) in enumerate(windows):
+            off = width - len(tok)
+            ids[r, off:] = tok
+            mask[r, off:] = 1
+            t = np.arange(first, len(tok))
+            rows.append(np.full(len(t), r))
+            cols.append(off + t - 1)  # the logit at position p predicts the token at p + 1
+            targets.append(np.asarray(tok)[t])
+            owner.append(np.full(len(t), r))
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = position_ids_for(mask, width)
+        empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), self.kv_dtype)
+        for i in range(self.manifest.num_layers):
+            for name in self.manifest.past_names(i):
+                feed[name] = empty
+        (logits,) = self.session.run([self.logits], feed)
+        row_i, col_i, tgt, own = (np.concatenate(a) for a in (rows, cols, targets, owner))
+        sel = logits[row_i, col_i].astype(np.float32)  # [N, vocab]
+        peak = sel.max(axis=-1)
+        lse = peak + np.log(np.exp(sel - peak[:, None]).sum(axis=-1, dtype=np.float64))
+        logprob = sel[np.arange(len(tgt)), tgt].astype(np.float64) - lse
+        greedy = sel.argmax(axis=-1) == tgt
+        loglik = np.bincount(own, weights=logprob, minlength=batch)
+        count = np.bincount(own, minlength=batch)
+        all_greedy = np.bincount(own, weights=(~greedy).astype(np.float64), minlength=batch) == 0
+        return loglik, count, all_greedy
+
+
+@dataclass
+class ChunkStats:
+    input_tokens: int = 0
+    padded_slots: int = 0
+    batches: int = 0
+    max_batch_padding: float = 0.0
+
+
+def score_items(scorer: WindowScorer, items: Sequence[Item], context: int, stride: int, batch_tokens: int,
+                max_padding: float, on_progress: Callable[[int, int], None] | None = None
+                ) -> tuple[list[tuple[float, int, bool]], ChunkStats]:
+    """(loglik, tokens, greedy) per item, scoring their windows in length-bucketed batches."""
+    windows: list[tuple[int, np.ndarray, int]] = []  # (item index, tokens, first scored index in the window)
+    for k, it in enumerate(items):
+        arr = np.asarray(it.tokens, np.int64)
+        for begin, end, first in cut_windows(len(arr), context, stride, it.score_from):
+            windows.append((k, arr[begin:end], first - begin))
+    remaining = np.bincount([w[0] for w in windows], minlength=len(items))
+    loglik = np.zeros(len(items))
+    count = np.zeros(len(items), np.int64)
+    greedy = np.ones(len(items), bool)
+    stats = ChunkStats()
+    for batch in plan_batches([len(w[1]) for w in windows], batch_tokens, max_padding):
+        ll, n, g = scorer.score([(windows[i][1], windows[i][2]) for i in batch])
+        width = max(len(windows[i][1]) for i in batch)
+        real = sum(len(windows[i][1]) for i in batch)
+        stats.input_tokens += real
+        stats.padded_slots += width * len(batch)
+        stats.batches += 1
+        stats.max_batch_padding = max(stats.max_batch_padding, 1.0 - real / (width * len(batch)))
+        done_records = 0
+        for j, i in enumerate(batch):
+            k = windows[i][0]
+            loglik[k] += ll[j]
+            count[k] += n[j]
+            greedy[k] &= bool(g[j])
+            remaining[k] -= 1
+            done_records += remaining[k] == 0
+        if on_progress is not None:
+            on_progress(int(done_records), int(n.sum()))
+    return [(float(loglik[k]), int(count[k]), bool(greedy[k])) for k in range(len(items))], stats
+
+
+def result_row(record_id: Any, loglik: float, tokens: int, greedy: bool, task: str) -> dict[str, Any]:
+    row = {"id": record_id, "loglik": loglik, "tokens": tokens, "perplexity": math.exp(-loglik / tokens)}
+    if task == "loglik":
+        row["greedy"] = greedy
+    return row
+
+
+# ---- one run: shared by both engines ----
+
+@dataclass
+class ScoreJob:
+    """Everything a run needs, validated up front."""
+
+    model_dir: ModelDir
+    input_path: Path
+    output: Path
+    shards: list[score_io.Shard]
+    fmt: str
+    config: ScoreConfig
+    context: int
+    stride: int
+
+    @property
+    def total_records(self) -> int:
+        return sum(s.records for s in self.shards)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return (self.output / "_checkpoint.json") if self.config.engine == "ray" else \
+            self.output.with_name(self.output.name + ".checkpoint.json")
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.output if self.config.engine == "ray" else self.output.with_name(self.output.name + ".parts")
+
+    @property
+    def summary_path(self) -> Path:
+        return self.output.with_name(self.output.stem + ".summary.json")
+
+    def part_path(self, index: int) -> Path:
+        return self.parts_dir / f"part-{index:05d}.{self.fmt}"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change between a run and its resumption."""
+        manifest = (self.model_dir.path / "onnxpipe.json").read_bytes()
+        c = self.config
+        return {
+            "model": hashlib.sha256(manifest).hexdigest()[:16] + f"/{self.model_dir.model_path.stat().st_size}",
+            "input": [[s.path.name, s.path.stat().st_size, s.records] for s in self.shards],
+            "task": c.task, "context": self.context, "stride": self.stride, "batch_tokens": c.batch_tokens,
+            "max_padding": c.max_padding, "chunk_records": c.chunk_records, "engine": c.engine,
+        }
+
+    def records(self, skip: int = 0) -> Iterator[Record | BadRecord]:
+        prefix = self.input_path.is_dir()
+        vocab = int(self.model_dir.manifest.model["vocab_size"])
+        seen = 0
+        for shard in self.shards:
+            if seen + shard.records <= skip:
+                seen += shard.records
+                continue
+            for rec in score_io.iter_records(shard, prefix, vocab):
+                seen += 1
+                if seen > skip:
+                    yield rec
+
+    def chunks(self, skip: int = 0) -> Iterator[list[Record | BadRecord]]:
+        chunk: list[Record | BadRecord] = []
+        for rec in self.records(skip):
+            chunk.append(rec)
+            if len(chunk) == self.config.chunk_records:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+def prepare_job(model_dir: str | Path, input_path: str | Path, output: str | Path, config: ScoreConfig) -> ScoreJob:
+    config.check()
+    md = ModelDir.open(model_dir)
+    input_path, output = Path(input_path), Path(output)
+    fmt = score_io.format_of(output, "output")
+    if fmt == "parquet":
+        score_io.require_pyarrow(output)
+    shards = score_io.list_shards(input_path)
+    model_context = int(md.manifest.model.get("max_position_embeddings") or 0)
+    context = min(x for x in (config.max_context, model_context) if x) if (config.max_context or model_context) else 0
+    if context < 2:
+        raise OnnxpipeError(f"{md.path}: no usable context length in the manifest; pass --max-context")
+    stride = config.stride or max(1, context // 2)
+    if not 0 < stride <= context:
+        raise OnnxpipeError(f"--stride must be in 1..{context} (the context), got {stride}")
+    return ScoreJob(md, input_path, output, shards, fmt, config, context, stride)
+
+
+def open_checkpoint(job: ScoreJob) -> Checkpoint:
+    """The checkpoint to continue from; a fresh one unless --resume. Refuses to overwrite without --force."""
+    c = job.config
+    ck_path = job.checkpoint_path
+    leftovers = [p for p in (job.output, ck_path, job.parts_dir) if p.exists()]
+    if c.force:
+        for p in (job.output, job.parts_dir, job.summary_path, ck_path):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        leftovers = []
+    fingerprint = job.fingerprint()
+    if leftovers and not c.resume:
+        raise OnnxpipeError(f"{job.output} already exists; pass --resume to continue that run or --force to start over")
+    if c.resume and leftovers:
+        if not ck_path.is_file():
+            raise OnnxpipeError(f"{job.output} exists but has no checkpoint ({ck_path.name}), so it cannot be resumed; "
+                                "pass --force to start over")
+        ckpt = Checkpoint.load(ck_path)
+        changed = [k for k in fingerprint if ckpt.fingerprint.get(k) != fingerprint[k]]
+        if changed:
+            raise OnnxpipeError(f"{ck_path}: the run being resumed had different {', '.join(changed)} "
+                                f"(was {', '.join(str(ckpt.fingerprint.get(k)) for k in changed)}); rerun with the same "
+                                "model, input and options, or pass --force to start over")
+        return ckpt
+    ckpt = Checkpoint(fingerprint)
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    if c.engine == "ray" or job.fmt == "parquet":
+        job.parts_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.save(ck_path)
+    return ckpt
+
+
+def handle_bad(job: ScoreJob, ckpt: Checkpoint, bad: BadRecord, log: Callable[[str], None]) -> None:
+    if job.config.on_bad_record == "fail":
+        raise OnnxpipeError(f"{job.input_path}: bad record at {bad.where}: {bad.error} "
+                            "(fix it, or pass --on-bad-record skip)")
+    if ckpt.bad_count < MAX_BAD_LISTED:
+        ckpt.bad.append(bad.to_json())
+        log(f"skipping bad record {bad.where}: {bad.error}")
+    elif ckpt.bad_count == MAX_BAD_LISTED:
+        log(f"more bad records; only the first {MAX_BAD_LISTED} are listed (all are counted in the summary)")
+    ckpt.bad_count += 1
+
+
+def check_all_records(job: ScoreJob, skip: int = 0) -> None:
+    """--on-bad-record fail: find a malformed record before any scoring (JSON and field checks only)."""
+    for rec in job.records(skip):
+        if isinstance(rec, BadRecord):
+            raise OnnxpipeError(f"{job.input_path}: bad record at {rec.where}: {rec.error} "
+                                "(fix it, or pass --on-bad-record skip)")
+
+
+def split_chunk(job: ScoreJob, encoder: Encoder, chunk: list[Record | BadRecord], ckpt: Checkpoint,
+                log: Callable[[str], None]) -> tuple[list[Record], list[Item]]:
+    """The chunk's scorable records and their Items; bad ones go to handle_bad (in input order)."""
+    good = [r for r in chunk if isinstance(r, Record)]
+    made = dict(zip((id(r) for r in good), encoder.items(good)))
+    records, items = [], []
+    for rec in chunk:
+        item = rec if isinstance(rec, BadRecord) else made[id(rec)]
+        if isinstance(rec, BadRecord) or isinstance(item, str):
+            handle_bad(job, ckpt, rec if isinstance(rec, BadRecord) else BadRecord(rec.where, item), log)
+        else:
+            records.append(rec)
+            items.append(item)
+    return records, items
+
+
+def make_summary(job: ScoreJob, ckpt: Checkpoint, provider: str, workers: int) -> ScoreSummary:
+    c = job.config
+    secs = max(ckpt.seconds, 1e-9)
+    return ScoreSummary(
+        records=ckpt.records_scored, bad_records=ckpt.bad_count, tokens=ckpt.tokens, loglik=ckpt.loglik,
+        perplexity=math.exp(-ckpt.loglik / ckpt.tokens) if ckpt.tokens else float("nan"),
+        seconds=ckpt.seconds, tokens_per_s=ckpt.tokens / secs, records_per_s=ckpt.records_scored / secs,
+        input_tokens=ckpt.input_tokens,
+        padding_fraction=1.0 - ckpt.input_tokens / ckpt.padded_slots if ckpt.padded_slots else 0.0,
+        provider=provider, engine=c.engine, workers=workers, task=c.task, context=job.context, stride=job.stride,
+        batch_tokens=c.batch_tokens, max_padding=c.max_padding, runs=ckpt.runs, model_dir=str(job.model_dir.path),
+        input=str(job.input_path), output=str(job.output), bad=list(ckpt.bad),
+    )
+
+
+def finish(job: ScoreJob, ckpt: Checkpoint, summary: ScoreSummary) -> None:
+    score_io.write_json_atomic(job.summary_path, summary.to_json())
+    ckpt.complete = True
+    ckpt.save(job.checkpoint_path)
+
+
+def progress_bar(job: ScoreJob, done: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=job.total_records, initial=done, unit="rec", file=sys.stderr, disable=not job.config.progress,
+                dynamic_ncols=True, smoothing=0.1, desc="score")
+
+
+# ---- the local engine ----
+
+def score(model_dir: str | Path, input_path: str | Path, output: str | Path, config: ScoreConfig | None = None,
+          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> ScoreSummary:
+    """Score every record of ``input_path`` into ``output`` (see the module docstring); returns the summary."""
+    config = config or ScoreConfig()
+    job = prepare_job(model_dir, input_path, output, config)
+    if config.engine == "ray":
+        from onnxpipe.runtime.score_ray import score_on_ray
+
+        return score_on_ray(job, log)
+    return score_local(job, log)
+
+
+def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
+    c = job.config
+    ckpt = open_checkpoint(job)
+    if ckpt.complete:
+        log(f"{job.output}: already complete (summary in {job.summary_path.name})")
+        return ScoreSummary(**json.loads(job.summary_path.read_text()))
+    if c.on_bad_record == "fail":
+        check_all_records(job, ckpt.records_done)
+    _cut_back(job, ckpt)
+    messages: list[str] = []
+    scorer = WindowScorer.open(job.model_dir.path, c.provider, c.threads, announce=messages.append)
+    for m in messages:
+        log(m)
+    encoder = Encoder(job.model_dir)
+    ckpt.runs += 1
+    bar = progress_bar(job, ckpt.records_done)
+    run_tokens, run_start = 0, time.perf_counter()
+
+    def on_progress(records: int, tokens: int) -> None:
+        nonlocal run_tokens
+        run_tokens += tokens
+        bar.update(records)
+        bar.set_postfix_str(f"{run_tokens / max(time.perf_counter() - run_start, 1e-9):.0f} tok/s", refresh=False)
+
+    try:
+        for chunk in job.chunks(ckpt.records_done):
+            t0 = time.perf_counter()
+            records, items = split_chunk(job, encoder, chunk, ckpt, log)
+            bar.update(len(chunk) - len(records))
+            results, stats = score_items(scorer, items, job.context, job.stride, c.batch_tokens, c.max_padding,
+                                         on_progress)
+            rows = [result_row(r.id, ll, n, g, c.task) for r, (ll, n, g) in zip(records, results)]
+            _commit_chunk(job, ckpt, rows, len(chunk), stats, time.perf_counter() - t0)
+    finally:
+        bar.close()
+    if job.fmt == "parquet":
+        score_io.merge_parts([job.part_path(i) for i in range(ckpt.parts)], job.output, "parquet")
+        shutil.rmtree(job.parts_dir, ignore_errors=True)
+    summary = make_summary(job, ckpt, scorer.provider, 1)
+    finish(job, ckpt, summary)
+    return summary
+
+
+def _cut_back(job: ScoreJob, ckpt: Checkpoint) -> None:
+    """Drop whatever a killed run wrote after its last checkpoint."""
+    if job.fmt == "jsonl":
+        if not job.output.exists():
+            if ckpt.output_bytes:
+                raise OnnxpipeError(f"{job.output} is missing but its checkpoint says {ckpt.output_bytes} bytes were "
+                                    "written; pass --force to start over")
+            job.output.touch()
+        with open(job.output, "r+b") as f:
+            size = f.seek(0, 2)
+            if size < ckpt.output_bytes:
+                raise OnnxpipeError(f"{job.output} is shorter ({size} bytes) than its checkpoint says "
+                                    f"({ckpt.output_bytes}); it was changed outside this run; pass --force to start over")
+            f.truncate(ckpt.output_bytes)
+    else:
+        job.parts_dir.mkdir(parents=True, exist_ok=True)
+        for p in job.parts_dir.iterdir():
+            if p.name.startswith(".") or int(p.stem.split("-")[-1]) >= ckpt.parts:
+                p.unlink()
+
+
+def _commit_chunk(job: ScoreJob, ckpt: Checkpoint, rows: list[dict[str, Any]], n_records: int, stats: ChunkStats,
+                  seconds: float) -> None:
+    """Make the chunk's rows durable, then the checkpoint that covers them."""
+    if job.fmt == "jsonl":
+        ckpt.output_bytes = score_io.append_jsonl(job.output, rows)
+    else:
+        score_io.write_part(job.part_path(ckpt.parts), rows, "parquet")
+        ckpt.parts += 1
+    _account(ckpt, rows, n_records, stats, seconds)
+    ckpt.save(job.checkpoint_path)
+
+
+def _account(ckpt: Checkpoint, rows: list[dict[str, Any]], n_records: int, stats: ChunkStats, seconds: float) -> None:
+    ckpt.records_done += n_records
+    ckpt.records_scored += len(rows)
+    ckpt.loglik += sum(r["loglik"] for r in rows)
+    ckpt.tokens += sum(r["tokens"] for r in rows)
+    ckpt.input_tokens += stats.input_tokens
+    ckpt.padded_slots += stats.padded_slots
+    ckpt.seconds += seconds
+
+
+def iter_rows(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    for p in paths:
+        yield from score_io.read_part(p)

@@ -1,0 +1,309 @@
+"""Scoring I/O: records in (JSONL or Parquet, a file or a directory of shards), results out, and the checkpoint.
+
+A record is one JSON object (or Parquet row) holding exactly one of
+  ``text``                          score every token of the text
+  ``prompt`` + ``completion``       score only the completion's tokens, conditioned on the prompt
+  ``input_ids``                     token ids instead of text (every id after the first is scored)
+  ``prompt_ids`` + ``completion_ids``
+and optionally ``id`` (a string or an integer; default: the record's 1-based line or row number, prefixed with
+the shard's file name when INPUT is a directory). Anything else is a *bad record*: reported with its line number,
+then skipped or fatal (``--on-bad-record``); it never crashes the run.
+
+Durability: results are appended chunk by chunk; after each chunk the output is fsync'd and then a small checkpoint
+is written atomically (temporary file, fsync, rename, fsync of the directory). A rerun with ``--resume`` cuts the
+output back to what the checkpoint covers, so a kill at any moment loses at most the chunk in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from onnxpipe.errors import OnnxpipeError
+
+FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
+TEXT_FIELDS = ("text", "prompt", "completion")
+ID_FIELDS = ("input_ids", "prompt_ids", "completion_ids")
+
+
+@dataclass
+class Record:
+    """A valid input record. Exactly one of (text, prompt+completion) or (ids, prompt_ids+completion_ids)."""
+
+    id: Any
+    where: str  # "file:line" for messages
+    text: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    ids: list[int] | None = None
+    prompt_ids: list[int] | None = None
+    completion_ids: list[int] | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return self.text is not None or self.completion is not None
+
+
+@dataclass
+class BadRecord:
+    where: str
+    error: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"where": self.where, "error": self.error}
+
+
+@dataclass
+class Shard:
+    path: Path
+    fmt: str  # jsonl | parquet
+    records: int  # non-blank lines or rows
+
+
+def format_of(path: Path, role: str) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise OnnxpipeError(f"{path}: unknown {role} extension {path.suffix or '(none)'!r}; use .jsonl or .parquet")
+    return fmt
+
+
+def require_pyarrow(path: Path) -> Any:
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise OnnxpipeError(f"{path}: Parquet needs pyarrow; pip install 'onnxpipe[ray]' (or pyarrow), or use .jsonl") from None
+    return pq
+
+
+def list_shards(input_path: Path) -> list[Shard]:
+    """The input's shards in order: the file itself, or a directory's *.jsonl / *.parquet files sorted by name."""
+    if not input_path.exists():
+        raise OnnxpipeError(f"{input_path}: no such input file or directory")
+    if input_path.is_dir():
+        paths = sorted(p for p in input_path.iterdir() if p.suffix.lower() in FORMATS and p.is_file())
+        if not paths:
+            raise OnnxpipeError(f"{input_path}: directory holds no .jsonl or .parquet files")
+    else:
+        paths = [input_path]
+    shards = [Shard(p, format_of(p, "input"), 0) for p in paths]
+    for s in shards:
+        s.records = _count_records(s)
+    if sum(s.records for s in shards) == 0:
+        raise OnnxpipeError(f"{input_path}: no records (the input is empty)")
+    return shards
+
+
+def _count_records(shard: Shard) -> int:
+    if shard.fmt == "parquet":
+        pq = require_pyarrow(shard.path)
+        try:
+            return pq.ParquetFile(shard.path).metadata.num_rows
+        except Exception as e:  # pyarrow raises ArrowInvalid & co for files that are not Parquet
+            raise OnnxpipeError(f"{shard.path}: not a readable Parquet file ({_first_line(e)})") from None
+    n = 0
+    with open(shard.path, "rb") as f:
+        for line in f:
+            n += bool(line.strip())
+    return n
+
+
+def iter_records(shard: Shard, prefix_ids: bool, vocab_size: int | None) -> Iterator[Record | BadRecord]:
+    """Every record of a shard in order (blank JSONL lines are not records); bad ones as BadRecord."""
+    if shard.fmt == "parquet":
+        pq = require_pyarrow(shard.path)
+        number = 0
+        for batch in pq.ParquetFile(shard.path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield parse_record(row, number, shard.path, prefix_ids, vocab_size)
+        return
+    with open(shard.path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield BadRecord(f"{shard.path.name}:{number}", f"not valid JSON ({e})")
+                continue
+            yield parse_record(obj, number, shard.path, prefix_ids, vocab_size)
+
+
+def parse_record(obj: Any, number: int, path: Path, prefix_ids: bool, vocab_size: int | None) -> Record | BadRecord:
+    where = f"{path.name}:{number}"
+    if not isinstance(obj, dict):
+        return BadRecord(where, f"expected a JSON object, got {type(obj).__name__}")
+    rid = obj.get("id")
+    if rid is None:
+        rid = f"{path.name}:{number}" if prefix_ids else number
+    elif isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return BadRecord(where, f"id must be a string or an integer, got {type(rid).__name__}")
+    present = {k for k in (*TEXT_FIELDS, *ID_FIELDS) if obj.get(k) is not None}
+    rec = Record(rid, where)
+    try:
+        if present == {"text"}:
+            rec.text = _string(obj, "text")
+        elif present == {"prompt", "completion"}:
+            rec.prompt, rec.completion = _string(obj, "prompt"), _string(obj, "completion")
+        elif present == {"input_ids"}:
+            rec.ids = _ids(obj, "input_ids", vocab_size)
+        elif present == {"prompt_ids", "completion_ids"}:
+            rec.prompt_ids, rec.completion_ids = _ids(obj, "prompt_ids", vocab_size), _ids(obj, "completion_ids", vocab_size)
+        else:
+            got = ", ".join(sorted(present)) or "none of them"
+            return BadRecord(where, "expected exactly one of: text | prompt+completion | input_ids | "
+                                    f"prompt_ids+completion_ids (got {got})")
+    except ValueError as e:
+        return BadRecord(where, str(e))
+    return rec
+
+
+def _string(obj: dict[str, Any], key: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _ids(obj: dict[str, Any], key: str, vocab_size: int | None) -> list[int]:
+    value = obj[key]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{key} must be a list of integers")
+    if vocab_size is not None and any(not 0 <= v < vocab_size for v in value):
+        raise ValueError(f"{key} holds a token id outside 0..{vocab_size - 1}")
+    return list(value)
+
+
+# ---- output ----
+
+def encode_rows(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+def rows_to_table(rows: list[dict[str, Any]], path: Path) -> Any:
+    """Rows as a pyarrow Table; ids of mixed types (strings and integers) become strings."""
+    require_pyarrow(path)
+    import pyarrow as pa
+
+    columns = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {})}
+    if "id" in columns and len({type(v) for v in columns["id"]}) > 1:
+        columns["id"] = [str(v) for v in columns["id"]]
+    return pa.table(columns)
+
+
+def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> int:
+    """Append rows, fsync, and return the file's new size."""
+    with open(path, "ab") as f:
+        f.write(encode_rows(rows))
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()
+
+
+def write_part(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
+    """One part file (a chunk's rows), written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if fmt == "parquet":
+        pq = require_pyarrow(path)
+        pq.write_table(rows_to_table(rows, path), tmp)
+        _fsync_file(tmp)
+    else:
+        with open(tmp, "wb") as f:
+            f.write(encode_rows(rows))
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_part(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".parquet":
+        pq = require_pyarrow(path)
+        return pq.read_table(path).to_pylist()
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def merge_parts(parts: list[Path], target: Path, fmt: str) -> None:
+    """Concatenate part files into ``target`` atomically."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    if fmt == "parquet":
+        pq = require_pyarrow(target)
+        rows = [r for p in parts for r in read_part(p)]
+        pq.write_table(rows_to_table(rows, target), tmp)
+        _fsync_file(tmp)
+    else:
+        with open(tmp, "wb") as out:
+            for p in parts:
+                out.write(p.read_bytes())
+            out.flush()
+            os.fsync(out.fileno())
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
+# ---- checkpoint ----
+
+@dataclass
+class Checkpoint:
+    """How far a run got. ``records_done`` counts input records (bad ones too) whose results are durable."""
+
+    fingerprint: dict[str, Any]
+    records_done: int = 0
+    output_bytes: int = 0  # JSONL: the output's durable size
+    parts: int = 0  # Parquet: durable part files
+    loglik: float = 0.0
+    tokens: int = 0
+    input_tokens: int = 0  # tokens fed to the model (window overlap counted), padding not
+    padded_slots: int = 0  # batch slots incl. padding
+    records_scored: int = 0
+    bad: list[dict[str, str]] = field(default_factory=list)
+    bad_count: int = 0
+    seconds: float = 0.0  # scoring time summed over all runs
+    runs: int = 0
+    complete: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def load(cls, path: Path) -> "Checkpoint":
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as e:
+            raise OnnxpipeError(f"{path}: unreadable checkpoint ({_first_line(e)}); rerun with --force to start over") from None
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.to_json())
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
