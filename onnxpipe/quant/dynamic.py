@@ -1,0 +1,51 @@
+"""Dynamic int8: weights int8 per output channel, activations quantized at run time (no calibration).
+
+ORT's quantize_dynamic does the work on the MatMuls the plan names (every linear layer, the LM head included:
+per-channel int8 keeps one scale per vocabulary row, and the head is the largest matrix product per decoded
+token in small models). Gather (the embedding lookup) is left in float: a lookup does no arithmetic to speed up.
+Weights use the full signed range (no reduce_range): the CPUs we target have VNNI, where 8-bit products do not
+saturate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from onnxpipe.quant.graph import WeightPlan
+
+
+def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head: str = "auto",
+                          per_channel: bool = True) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = [n for n in plan.linears if lm_head != "fp32" or n != plan.lm_head]
+    with _quiet_ort():
+        quantize_dynamic(
+            proto,
+            str(out_path),
+            op_types_to_quantize=["MatMul"],
+            per_channel=per_channel,
+            reduce_range=False,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=nodes,
+            use_external_data_format=proto.ByteSize() > 1_800_000_000,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    return {"weights": "int8", "activations": "uint8, dynamic per tensor", "per_channel": per_channel,
+            "quantized_nodes": len(nodes),
+            "lm_head": "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8"}
+
+
+class _quiet_ort:
+    """ORT's quantization tools log a pre-processing hint as a warning on every call; it does not apply here."""
+
+    def __enter__(self) -> None:
+        import logging
+
+        self._logger = logging.getLogger()
+        self._level = self._logger.level
+        self._logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.setLevel(self._level)

@@ -1,0 +1,297 @@
+"""quantize: one model directory in (exported or optimized), one quantized model directory out, with its quality.
+
+The order is: check every input (files, options, tokenizer, calibration text) before any work; make the weights
+visible (graph.py); run the mode; measure the result against its input model on held-out text (quality.py) and
+on the decode path (parity.py); refuse to write anything if perplexity rose more than allowed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from onnxpipe.artifact import (
+    MODEL_FILE,
+    Manifest,
+    ModelDir,
+    atomic_output_dir,
+    check_output_dir,
+    copy_sidecar_files,
+    derive_manifest,
+    write_manifest,
+)
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.quant.calibration import CalibrationConfig
+
+MODES = ("dynamic", "static", "int4", "fp16")
+METHODS = ("minmax", "entropy", "percentile")
+ALGOS = ("rtn", "gptq", "hqq")
+LM_HEAD_CHOICES = ("auto", "fp32", "int8", "int4")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+Log = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class QuantizeConfig:
+    mode: str
+    calibration: Path | None = None
+    method: str = "minmax"  # static: the activation range calibrator
+    per_channel: bool = False  # static: per-output-channel weight scales (dynamic is always per channel)
+    smoothquant: float | None = None  # static: SmoothQuant migration strength alpha in (0, 1]
+    block_size: int = 32  # int4: weights per scale along the input dimension
+    algo: str = "rtn"  # int4: rtn | gptq | hqq
+    accuracy_level: int = 4  # int4: MatMulNBits compute type; 4 = int8 activations (fast on CPU)
+    lm_head: str = "auto"  # auto: int8 for dynamic/static, 8-bit blocks for int4, fp16 for fp16
+    eval_file: Path | None = None
+    max_eval_tokens: int | None = None
+    eval_context: int | None = None
+    max_ppl_increase: float | None = None  # percent
+    calib: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"mode": self.mode, "lm_head": self.lm_head}
+        if self.mode == "static":
+            p.update(method=self.method, per_channel=self.per_channel, smoothquant=self.smoothquant)
+        if self.mode == "int4":
+            p.update(algo=self.algo, block_size=self.block_size, accuracy_level=self.accuracy_level)
+        if self.mode == "static" or (self.mode == "int4" and self.algo == "gptq"):
+            p.update(calibration=str(self.calibration), calibration_config=self.calib.to_json())
+        p.update(eval_file=str(self.eval_file) if self.eval_file else None, max_eval_tokens=self.max_eval_tokens,
+                 max_ppl_increase=self.max_ppl_increase)
+        return p
+
+
+@dataclass
+class QuantizeResult:
+    model_dir: ModelDir
+    step: dict[str, Any]
+    seconds: float
+
+
+def validate(cfg: QuantizeConfig) -> None:
+    """Every option checked before any work; each problem one line."""
+    if cfg.mode not in MODES:
+        raise OnnxpipeError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
+    if cfg.method not in METHODS:
+        raise OnnxpipeError(f"unknown calibration method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if cfg.algo not in ALGOS:
+        raise OnnxpipeError(f"unknown int4 algorithm {cfg.algo!r}; choose one of {', '.join(ALGOS)}")
+    if cfg.lm_head not in LM_HEAD_CHOICES:
+        raise OnnxpipeError(f"unknown --lm-head {cfg.lm_head!r}; choose one of {', '.join(LM_HEAD_CHOICES)}")
+    needs_calibration = cfg.mode == "static" or (cfg.mode == "int4" and cfg.algo == "gptq")
+    if needs_calibration and cfg.calibration is None:
+        what = "static quantization" if cfg.mode == "static" else "int4 with --algo gptq"
+        raise OnnxpipeError(f"{what} needs calibration text: pass --calibration FILE (text or JSONL), e.g. data/calibration.txt")
+    if cfg.smoothquant is not None:
+        if cfg.mode != "static":
+            raise OnnxpipeError("--smoothquant applies to --mode static only")
+        if not 0.0 < cfg.smoothquant <= 1.0:
+            raise OnnxpipeError(f"--smoothquant alpha must be in (0, 1], got {cfg.smoothquant}")
+    if cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1):
+        raise OnnxpipeError(f"--block-size must be a power of two >= 16, got {cfg.block_size}")
+    if cfg.accuracy_level not in (0, 1, 2, 3, 4):
+        raise OnnxpipeError(f"--accuracy-level must be 0..4, got {cfg.accuracy_level}")
+    if cfg.max_ppl_increase is not None and cfg.max_ppl_increase < 0:
+        raise OnnxpipeError(f"--max-ppl-increase must be >= 0 (percent), got {cfg.max_ppl_increase}")
+    if cfg.lm_head == "int4" and cfg.mode != "int4":
+        raise OnnxpipeError("--lm-head int4 applies to --mode int4 only")
+
+
+def resolve_eval_file(eval_file: Path | None) -> Path:
+    """--eval, else data/eval.txt (in the working directory, then in the source tree) when present."""
+    if eval_file is not None:
+        if not Path(eval_file).is_file():
+            raise OnnxpipeError(f"{eval_file}: no such eval file")
+        return Path(eval_file)
+    for candidate in (Path("data/eval.txt"), REPO_ROOT / "data" / "eval.txt"):
+        if candidate.is_file():
+            return candidate
+    raise OnnxpipeError("no eval text: data/eval.txt is not here; pass --eval FILE (held-out text or JSONL)")
+
+
+def quantize_model(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    mode: str = "dynamic",
+    *,
+    force: bool = False,
+    log: Log = lambda msg: None,
+    progress: Progress | None = None,
+    **options: Any,
+) -> QuantizeResult:
+    """Quantize the model directory ``in_dir`` into ``out_dir``; options are QuantizeConfig's fields."""
+    from onnxpipe.quant.quality import default_context
+    from onnxpipe.quant.text import load_tokenizer, read_documents, tokenize_documents
+
+    start = time.perf_counter()
+    cfg = QuantizeConfig(mode=mode, **options)
+    validate(cfg)
+    src = ModelDir.open(in_dir)
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, force)
+    if out_dir.absolute() == src.path.absolute():
+        raise OnnxpipeError(f"{out_dir}: the output must differ from the input directory")
+    cfg.eval_file = resolve_eval_file(cfg.eval_file)
+    tokenizer = load_tokenizer(src.path)
+    samples = None
+    if cfg.calibration is not None and (cfg.mode == "static" or cfg.algo == "gptq"):
+        from onnxpipe.quant.calibration import calibration_samples
+
+        samples = calibration_samples(tokenizer, cfg.calibration, cfg.calib)
+        log(f"calibration: {len(samples)} samples of {cfg.calib.sample_len} tokens from {cfg.calibration}")
+    eval_ids = tokenize_documents(tokenizer, read_documents(cfg.eval_file, "eval"), cfg.max_eval_tokens)
+    context = cfg.eval_context or default_context(src.manifest)
+    if len(eval_ids) < 2:
+        raise OnnxpipeError(f"{cfg.eval_file}: the eval file has {len(eval_ids)} tokens; at least 2 are needed")
+
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        details = _run_mode(src, tmp / MODEL_FILE, cfg, samples, log, progress)
+        copy_sidecar_files(src.path, tmp)
+        manifest = _output_manifest(src.manifest, tmp / MODEL_FILE, cfg)
+        check = _decode_check(src, tmp / MODEL_FILE, manifest, cfg)
+        log(f"decode-path check vs input: {check.summary()}")
+        log(f"measuring quality on {cfg.eval_file} ({len(eval_ids)} tokens, windows of {context})...")
+        from onnxpipe.quant.quality import quality_report
+
+        quality = quality_report(
+            src.model_path, tmp / MODEL_FILE, src.manifest, manifest, eval_ids, context, str(cfg.eval_file),
+            progress=(lambda d, t: progress("evaluating", d, t)) if progress else None,
+        )
+        log(f"quality: {quality.summary()}")
+        if check.passed is False:
+            raise OnnxpipeError(
+                f"decode-path check failed: rel err {check.rel_err:.3g} > {check.tolerance:g}; nothing was written"
+            )
+        if cfg.max_ppl_increase is not None and quality.ppl_change_pct > cfg.max_ppl_increase:
+            raise OnnxpipeError(
+                f"perplexity rose {quality.ppl_change_pct:.2f}% ({quality.ppl_before:.3f} -> {quality.ppl_after:.3f}), "
+                f"more than --max-ppl-increase {cfg.max_ppl_increase:g}%; nothing was written"
+            )
+        step = {
+            "stage": "quantize",
+            "params": cfg.params(),
+            "details": details,
+            "quality": quality.to_json(),
+            "check": check.to_json(),
+            "versions": _versions(),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        manifest.steps.append(step)
+        write_manifest(tmp, manifest)
+    return QuantizeResult(ModelDir.open(out_dir), step, time.perf_counter() - start)
+
+
+def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.ndarray | None, log: Log,
+              progress: Progress | None) -> dict[str, Any]:
+    import onnx
+
+    from onnxpipe.quant.graph import expose_weights, op_counts
+
+    proto = onnx.load(str(src.model_path))
+    before = op_counts(proto)
+    logits = src.manifest.graph["logits"]
+    if cfg.mode == "fp16":
+        from onnxpipe.quant.fp16 import convert_fp16
+
+        details = convert_fp16(proto, out_path, cfg, logits)
+    else:
+        plan = expose_weights(proto, logits)
+        log(f"linear layers: {len(plan.linears)} (LM head {plan.lm_head or 'not found'}), "
+            f"embeddings kept as they are: {len(plan.embeddings)}; rewrites {plan.rewrites}")
+        if cfg.mode == "dynamic":
+            from onnxpipe.quant.dynamic import quantize_dynamic_int8
+
+            details = quantize_dynamic_int8(proto, out_path, plan, lm_head=cfg.lm_head)
+        elif cfg.mode == "static":
+            from onnxpipe.quant.static import quantize_static_int8
+
+            details = quantize_static_int8(proto, out_path, plan, src.manifest, samples, cfg, log, progress)
+        else:
+            from onnxpipe.quant.int4 import quantize_int4
+
+            details = quantize_int4(proto, out_path, plan, src.manifest, samples, cfg, log)
+        details["plan"] = plan.to_json()
+    after = op_counts(onnx.load(str(out_path), load_external_data=False))
+    details["ops_before"], details["ops_after"] = before, after
+    changed = {k: f"{before.get(k, 0)} -> {after.get(k, 0)}" for k in sorted(set(before) | set(after))
+               if before.get(k, 0) != after.get(k, 0)}
+    log(f"ops changed: {', '.join(f'{k} {v}' for k, v in changed.items()) or 'none'}")
+    return details
+
+
+def _output_manifest(src: Manifest, model_path: Path, cfg: QuantizeConfig) -> Manifest:
+    """The input's manifest with the graph's I/O, opset and dtypes re-read from what was written."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    manifest = derive_manifest(src)
+    g = manifest.graph
+    g["inputs"] = [_value_info(t) for t in proto.graph.input]
+    g["outputs"] = [_value_info(t) for t in proto.graph.output]
+    g["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), g.get("opset"))
+    data = MODEL_FILE + ".data"
+    g["external_data"] = data if (model_path.parent / data).exists() else None
+    if cfg.mode == "fp16":
+        g["dtype"] = "fp16"
+        g["kv"]["dtype"] = "fp16"
+    g["quantization"] = {"dynamic": "int8 weights, dynamic int8 activations", "static": "int8 QDQ",
+                         "int4": "int4 weight-only (MatMulNBits)", "fp16": "fp16 mixed precision"}[cfg.mode]
+    return manifest
+
+
+def _value_info(value_info: Any) -> dict[str, Any]:
+    import onnx
+
+    t = value_info.type.tensor_type
+    return {
+        "name": value_info.name,
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+        "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
+    }
+
+
+def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: QuantizeConfig) -> Any:
+    """Prefill + decode steps on a left-padded batch against the input model (parity.check_decoders).
+
+    fp16 is judged with the fp16 tolerance; integer modes are recorded only, and judged by the quality report.
+    """
+    from onnxpipe.parity import TOLERANCE, check_decoders, ort_step_fn, reference_session
+    from onnxpipe.quant.quality import measure_session
+
+    def kv_dtype(m: Manifest) -> np.dtype:
+        dtypes = {t["name"]: t["dtype"] for t in m.graph["inputs"]}
+        return np.dtype(dtypes[m.past_names(0)[0]])
+
+    ref = ort_step_fn(reference_session(src.model_path), src.manifest)
+    cand = ort_step_fn(measure_session(model_path), manifest)
+    report = check_decoders(ref, cand, manifest, kv_dtype=kv_dtype(manifest), ref_kv_dtype=kv_dtype(src.manifest))
+    if cfg.mode == "fp16" and src.manifest.graph.get("dtype") == "fp32":
+        report.judge(TOLERANCE["fp16"])
+    return report
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    import onnxpipe
+
+    return {"onnxpipe": onnxpipe.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def describe_result(result: QuantizeResult) -> str:
+    q = result.step["quality"]
+    return (
+        f"{result.model_dir.path}: {result.step['params']['mode']}; perplexity {q['ppl_before']:.3f} -> "
+        f"{q['ppl_after']:.3f} ({q['ppl_change_pct']:+.2f}%), top-1 agreement {q['top1_agreement']:.1%}, "
+        f"mean KL {q['mean_kl']:.3g}, size {q['size_before'] / 1e6:.2f} -> {q['size_after'] / 1e6:.2f} MB"
+    )
+
+
+__all__ = ["MODES", "QuantizeConfig", "QuantizeResult", "describe_result", "quantize_model"]

@@ -1,0 +1,87 @@
+"""Text in, token ids out: reading calibration and evaluation files and tokenizing them with a model's tokenizer.
+
+A file is plain UTF-8 text, or JSON Lines (``.jsonl`` / ``.ndjson``) with one object per line holding a ``"text"``
+string. Every problem is an OnnxpipeError of one line that names the file (and the line, for JSONL).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxpipe.errors import OnnxpipeError
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def read_documents(path: str | Path, what: str) -> list[str]:
+    """The documents of a text or JSONL file; ``what`` ("calibration", "eval") names the file in errors."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxpipeError(f"{path}: no such {what} file")
+    if not path.is_file():
+        raise OnnxpipeError(f"{path}: the {what} file is not a regular file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise OnnxpipeError(f"{path}: the {what} file is not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise OnnxpipeError(f"{path}: the {what} file is empty; give plain text, or JSONL with a \"text\" per line")
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        return [text]
+    docs = [_jsonl_text(path, lineno, line, what) for lineno, line in enumerate(text.splitlines(), 1) if line.strip()]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise OnnxpipeError(f"{path}: the {what} file has no non-empty \"text\" values")
+    return docs
+
+
+def _jsonl_text(path: Path, lineno: int, line: str, what: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise OnnxpipeError(f"{path}:{lineno}: malformed JSONL in the {what} file ({e.msg}, column {e.colno})") from None
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        got = "an object without a \"text\" string" if isinstance(row, dict) else type(row).__name__
+        raise OnnxpipeError(
+            f"{path}:{lineno}: each line of a JSONL {what} file must be an object with a \"text\" string (got {got})"
+        )
+    return row["text"]
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The tokenizer saved in a model directory; its absence is an error that says what is missing."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise OnnxpipeError(
+            f"{model_dir}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); the quality report "
+            "and calibration tokenize text with the model's own tokenizer"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # transformers raises many types for a broken tokenizer
+        raise OnnxpipeError(f"{model_dir}: the tokenizer could not be loaded: {str(e).strip().splitlines()[0]}") from None
+
+
+def tokenize_documents(tokenizer: Any, docs: list[str], max_tokens: int | None = None) -> np.ndarray:
+    """One stream of token ids (int64), documents joined by the EOS token when the tokenizer has one.
+
+    No BOS/EOS is added inside a document; special tokens written in the text (``<|endoftext|>``) are kept,
+    as scripts/perplexity.py does.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for i, doc in enumerate(docs):
+        if i and eos is not None:
+            ids.append(int(eos))
+        ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return np.asarray(ids[:max_tokens] if max_tokens else ids, dtype=np.int64)
