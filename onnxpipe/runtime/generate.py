@@ -1,0 +1,397 @@
+"""Text generation over a DecoderSession: prefill, decode step, generate (and stream), as gpt-fast splits it.
+
+    lm = load("out/llama-int8", provider="auto")
+    lm.generate("def fib(n):", max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0).text
+    for piece in lm.stream(["prompt a", "prompt b"], max_new_tokens=32): print(piece.index, piece.text)
+
+A batch is left-padded (or right-padded where the graph asks for it) with an attention mask; each row stops on its
+own and finished rows are dropped from the cache on the device, so they cost nothing afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from onnxpipe.artifact import ModelDir
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.providers import TensorRTOptions
+from onnxpipe.runtime.sampling import SamplingConfig, log_softmax, next_token, repeated_tail, apply_repetition_penalty
+from onnxpipe.runtime.session import DecoderSession
+
+Prompt = str | Sequence[int]
+PROMPT_CONTEXT = 4  # prompt tokens decoded with the output, so the first word keeps its leading space
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens (an end-of-sequence token that stopped it included)
+    text: str  # their text, cut before a stop string; "" when the model directory has no tokenizer
+    finish_reason: str  # eos | stop_string | length | repetition
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StreamPiece:
+    index: int  # which prompt of the batch
+    text: str  # new text since this row's last piece (never a broken UTF-8 character)
+    token_ids: list[int]  # tokens generated since this row's last piece
+    finish_reason: str | None = None  # set on the row's last piece
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class TextTokenizer:
+    """The model directory's tokenizer through the `tokenizers` library (tokenizer.json, or GPT-2 vocab + merges)."""
+
+    def __init__(self, tok: Any):
+        self._tok = tok
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "TextTokenizer | None":
+        import tokenizers
+
+        if (path / "tokenizer.json").is_file():
+            return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            from tokenizers import decoders, models, pre_tokenizers
+
+            tok = tokenizers.Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            return cls(tok)
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=True).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+class RowState:
+    """One prompt's generation: its tokens, why it stopped, and the text it has streamed so far."""
+
+    def __init__(self, index: int, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int], limit: int,
+                 tokenizer: TextTokenizer | None):
+        self.index = index
+        self.prompt = prompt
+        self.cfg = cfg
+        self.stop_ids = stop_ids
+        self.limit = limit  # most tokens this row may generate
+        self.tok = tokenizer
+        self.context = prompt[-PROMPT_CONTEXT:] if tokenizer else []
+        self._context_text = tokenizer.decode(self.context) if tokenizer else ""
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.text: str | None = None  # final text, set when finished
+        self.streamed = ""
+        self._streamed_tokens = 0
+        self.rng = None if cfg.greedy else np.random.default_rng([cfg.seed, index]) if cfg.seed is not None else np.random.default_rng()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def seen(self) -> np.ndarray:
+        return np.asarray(self.prompt + self.tokens, np.int64)
+
+    def add(self, token: int) -> None:
+        self.tokens.append(int(token))
+        if token in self.stop_ids:
+            return self._finish("eos")
+        limit = self.cfg.repeat_ngram_limit
+        if limit:
+            n = repeated_tail(self.tokens, limit, self.cfg.repeat_ngram_max)
+            if n:
+                del self.tokens[len(self.tokens) - n * (limit - 1):]  # keep one copy of the loop
+                return self._finish("repetition")
+        if self.cfg.stop_strings and self.tok:
+            text = self.decode(self.tokens)
+            cut = _first_stop(text, self.cfg.stop_strings)
+            if cut is not None:
+                self.text = text[:cut]
+                return self._finish("stop_string")
+        if len(self.tokens) >= self.limit:
+            return self._finish("length")
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        if self.tok is None:
+            return ""
+        full = self.tok.decode(self.context + list(tokens))
+        if full.startswith(self._context_text):
+            return full[len(self._context_text):]
+        return self.tok.decode(tokens)  # a tokenizer whose decode is not prefix-stable: lose the leading space
+
+    def piece(self) -> StreamPiece | None:
+        """What can be streamed now: text that no later token can change (no trailing broken UTF-8 character, no
+        possible start of a stop string, nothing a repetition cut could take back)."""
+        if self.done:
+            text = self.text if self.text is not None else ""
+            new_tokens = self.tokens[self._streamed_tokens:]
+            new = text[len(self.streamed):] if text.startswith(self.streamed) else ""
+            self.streamed, self._streamed_tokens = text, len(self.tokens)
+            return StreamPiece(self.index, new, new_tokens, self.finish_reason)
+        stable = len(self.tokens)
+        if self.cfg.repeat_ngram_limit:
+            stable -= self.cfg.repeat_ngram_max * (self.cfg.repeat_ngram_limit - 1)
+        if stable <= self._streamed_tokens:
+            return None
+        text = self.decode(self.tokens[:stable])
+        text = text.rstrip("\ufffd")  # the tail of a character whose remaining bytes are still to come
+        text = text[: len(text) - _held_back(text, self.cfg.stop_strings)]
+        if not text.startswith(self.streamed) or len(text) == len(self.streamed):
+            return None
+        new = text[len(self.streamed):]
+        new_tokens = self.tokens[self._streamed_tokens:stable]
+        self.streamed, self._streamed_tokens = text, stable
+        return StreamPiece(self.index, new, new_tokens)
+
+    def result(self) -> GenerationResult:
+        assert self.finish_reason is not None
+        return GenerationResult(list(self.tokens), self.text or "", self.finish_reason, list(self.prompt))
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        if self.text is None:
+            self.text = self.decode(self.tokens)
+
+
+class LanguageModel:
+    """A loaded model directory: tokenizer, decoder session and defaults for decoding."""
+
+    def __init__(self, session: DecoderSession, tokenizer: TextTokenizer | None):
+        self.session = session
+        self.tokenizer = tokenizer
+        self.manifest = session.manifest
+
+    @property
+    def provider(self) -> str:
+        return self.session.provider
+
+    @property
+    def provider_choice(self) -> Any:
+        return self.session.choice
+
+    # ---- public API ----
+    def generate(self, prompt: Prompt | Sequence[Prompt], **options: Any) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (text or token ids) or a list of them; options are SamplingConfig's fields."""
+        prompts, single = self._prompts(prompt)
+        cfg = self._config(options)
+        if cfg.num_beams > 1:
+            results = [self._beam_search(p, cfg) for p in prompts]
+        else:
+            rows = self._rows(prompts, cfg)
+            for _ in self._decode(rows, cfg):
+                pass
+            results = [r.result() for r in rows]
+        return results[0] if single else results
+
+    def stream(self, prompt: Prompt | Sequence[Prompt], **options: Any) -> Iterator[StreamPiece]:
+        """Yield text pieces as they become final, for one prompt or a batch (``piece.index`` says which)."""
+        prompts, _ = self._prompts(prompt)
+        cfg = self._config(options)
+        if cfg.num_beams > 1:
+            raise OnnxpipeError("streaming needs num_beams=1 (a beam's text is not final until the search ends)")
+        rows = self._rows(prompts, cfg)
+        for changed in self._decode(rows, cfg):
+            for row in changed:
+                piece = row.piece()
+                if piece is not None:
+                    yield piece
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise OnnxpipeError(f"{self.session.model_dir.path}: no tokenizer files; pass prompts as token-id lists")
+        return self.tokenizer.encode(text)
+
+    # ---- the loop ----
+    def prefill(self, rows: list[RowState], cache_capacity: int, want: str) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray]:
+        """Run the padded prompts: returns (attention_mask, row_lengths, cache, first step's output)."""
+        s = self.session
+        lengths = np.array([len(r.prompt) for r in rows], np.int64)
+        width = int(lengths.max())
+        pad = int(self.manifest.tokenizer.get("pad_token_id") or 0)
+        ids = np.full((len(rows), width), pad, np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, r in enumerate(rows):
+            sl = slice(width - len(r.prompt), width) if s.padding_side == "left" else slice(0, len(r.prompt))
+            ids[i, sl] = r.prompt
+            mask[i, sl] = 1
+        positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
+        last = np.full(len(rows), width - 1, np.int64) if s.padding_side == "left" else lengths - 1
+        cache = s.new_cache(len(rows), capacity=cache_capacity if s.shares_buffer else None)
+        out = s.forward(ids, mask, positions, cache, last_index=last, want=want)
+        return mask, lengths, cache, out
+
+    def decode_step(self, tokens: np.ndarray, mask: np.ndarray, cache: Any, want: str) -> tuple[np.ndarray, np.ndarray]:
+        """Feed one new token per row: returns (the grown attention mask, the step's output)."""
+        s = self.session
+        if s.shares_buffer and s.padding_side == "right":
+            # the graph writes row r's token at its own length: the mask stays contiguous from the left
+            n = mask.sum(axis=1)
+            mask = np.concatenate([mask, np.zeros((mask.shape[0], 1), np.int64)], axis=1)
+            mask[np.arange(mask.shape[0]), n] = 1
+        else:
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        positions = mask.sum(axis=1, keepdims=True) - 1
+        out = s.forward(tokens[:, None].astype(np.int64), mask, positions, cache, want=want)
+        return mask, out
+
+    def _decode(self, rows: list[RowState], cfg: SamplingConfig) -> Iterator[list[RowState]]:
+        """Prefill then decode until every row is done; yields the rows that got a token after each step."""
+        capacity = max(len(r.prompt) + r.limit for r in rows)
+        mask, _, cache, out = self.prefill(rows, capacity, self._want(cfg))
+        active = list(range(len(rows)))  # cache row i holds rows[active[i]]
+        while True:
+            tokens = self._choose([rows[a] for a in active], out, cfg)
+            for a, t in zip(active, tokens):
+                rows[a].add(t)
+            yield [rows[a] for a in active]
+            keep = [i for i, a in enumerate(active) if not rows[a].done]
+            if not keep:
+                return
+            if len(keep) < len(active):  # drop finished rows from the cache, on the device
+                self.session.reorder(cache, np.array(keep))
+                mask, tokens = mask[keep], tokens[keep]
+                active = [active[i] for i in keep]
+            mask, out = self.decode_step(np.asarray(tokens), mask, cache, self._want(cfg))
+
+    def _choose(self, rows: list[RowState], out: np.ndarray, cfg: SamplingConfig) -> list[int]:
+        if out.ndim == 1:  # argmax came back: greedy without logits processors
+            return [int(t) for t in out]
+        return [next_token(out[i], cfg, r.seen(), r.rng) for i, r in enumerate(rows)]
+
+    def _want(self, cfg: SamplingConfig) -> str:
+        return "argmax" if cfg.greedy and cfg.repetition_penalty == 1.0 else "logits"
+
+    # ---- beam search (one prompt at a time, its beams as a batch) ----
+    def _beam_search(self, prompt: list[int], cfg: SamplingConfig) -> GenerationResult:
+        nb = cfg.num_beams
+        row = self._rows([prompt], cfg)[0]
+        stop = row.stop_ids
+        capacity = len(prompt) + row.limit
+        mask, _, cache, logits = self.prefill([row], capacity, "logits")
+        self.session.reorder(cache, np.zeros(nb, np.int64))
+        mask = np.repeat(mask, nb, axis=0)
+        logits = np.repeat(logits, nb, axis=0)
+        beams: list[list[int]] = [[] for _ in range(nb)]
+        scores = np.array([0.0] + [-np.inf] * (nb - 1))  # all beams start equal: only the first one expands
+        finished: list[tuple[float, list[int], str]] = []
+        for step in range(row.limit):
+            lp = np.stack([log_softmax(apply_repetition_penalty(logits[b], np.asarray(prompt + beams[b], np.int64),
+                                                                cfg.repetition_penalty)) for b in range(nb)])
+            cand = (scores[:, None] + lp).ravel()
+            order = np.argsort(-cand, kind="stable")[: 2 * nb]
+            nxt_beams, nxt_scores, src, toks = [], [], [], []
+            for flat in order:
+                b, t = divmod(int(flat), lp.shape[1])
+                seq = beams[b] + [t]
+                if t in stop:
+                    finished.append((cand[flat] / len(seq) ** cfg.length_penalty, seq, "eos"))
+                    continue
+                nxt_beams.append(seq)
+                nxt_scores.append(cand[flat])
+                src.append(b)
+                toks.append(t)
+                if len(nxt_beams) == nb:
+                    break
+            best_running = max(nxt_scores) / (step + 1) ** cfg.length_penalty if nxt_scores else -np.inf
+            if len(finished) >= nb and max(f[0] for f in finished) >= best_running:
+                break
+            if not nxt_beams or step == row.limit - 1:
+                beams, scores = nxt_beams, np.array(nxt_scores)
+                break
+            self.session.reorder(cache, np.array(src))
+            mask = mask[src]
+            beams, scores = nxt_beams, np.array(nxt_scores)
+            mask, logits = self.decode_step(np.array(toks), mask, cache, "logits")
+        for seq, sc in zip(beams, scores):
+            finished.append((sc / max(len(seq), 1) ** cfg.length_penalty, seq, "length"))
+        _, best, reason = max(finished, key=lambda f: f[0])
+        out = RowState(0, prompt, dataclasses.replace(cfg, repeat_ngram_limit=None), stop, row.limit, self.tokenizer)
+        for t in best:
+            if not out.done:
+                out.add(t)
+        if not out.done:
+            out._finish(reason)
+        return out.result()
+
+    # ---- inputs ----
+    def _prompts(self, prompt: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
+        if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and all(_is_int(t) for t in prompt)):
+            items, single = [prompt], True
+        elif isinstance(prompt, np.ndarray) and prompt.ndim == 1:
+            items, single = [prompt.tolist()], True
+        else:
+            items, single = list(prompt), False
+        if not items:
+            raise OnnxpipeError("no prompts given")
+        out = []
+        for i, p in enumerate(items):
+            ids = self.encode(p) if isinstance(p, str) else [int(t) for t in p]
+            if not ids:
+                raise OnnxpipeError(f"prompt {i} is empty (no tokens)")
+            bad = [t for t in ids if not 0 <= t < self.session.vocab_size]
+            if bad:
+                raise OnnxpipeError(f"prompt {i} has token ids outside the vocabulary (0..{self.session.vocab_size - 1}): {bad[:5]}")
+            out.append(ids)
+        return out, single
+
+    def _config(self, options: dict[str, Any]) -> SamplingConfig:
+        names = {f.name for f in dataclasses.fields(SamplingConfig)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise OnnxpipeError(f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(sorted(names - {'extra'}))}")
+        return SamplingConfig(**options).validate()
+
+    def _rows(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[RowState]:
+        stop = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else self.manifest.tokenizer.get("eos_token_id") or [])
+        max_len = min(cfg.max_length or self.session.max_positions, self.session.max_positions)
+        rows = []
+        for i, p in enumerate(prompts):
+            room = max_len - len(p)
+            if room < 1:
+                raise OnnxpipeError(f"prompt {i} has {len(p)} tokens: no room to generate within max length {max_len}")
+            rows.append(RowState(i, p, cfg, stop, min(cfg.max_new_tokens, room), self.tokenizer))
+        return rows
+
+
+def load(
+    model_dir: str | os.PathLike[str],
+    provider: str = "auto",
+    *,
+    trt_options: TensorRTOptions | None = None,
+    threads: int | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> LanguageModel:
+    """Open a model directory on ``provider`` (auto: TensorRT -> CUDA -> CPU). What runs is ``lm.provider``."""
+    md = ModelDir.open(model_dir)
+    session = DecoderSession(md, provider, trt_options=trt_options, threads=threads, announce=announce)
+    return LanguageModel(session, TextTokenizer.from_dir(md.path))
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

@@ -1,0 +1,264 @@
+"""One decoder graph behind IO binding, with its KV cache kept where the provider computes.
+
+Each step binds the cache's OrtValues as the past inputs and lets onnxruntime allocate the presents on the same
+device; the presents become the next step's past as they are (no numpy, no copies, no host round-trips). Where the
+optimize stage fused attention with a shared past/present buffer (``manifest.graph["kv"]["shares_buffer"]``), the
+cache is allocated once at its full length and bound as both past and present, so the graph writes in place.
+
+Only small integer inputs go up each step (ids, mask, positions) and only what sampling needs comes down: the next
+token ids (greedy) or the last position's logits, cut out on the device by a two-node helper graph (``_head``)
+so a prefill never ships [batch, seq, vocab] logits to the host. ``transfers`` counts those bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from onnxpipe.artifact import ModelDir
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.providers import EP_NAME, ProviderChoice, TensorRTOptions, create_session
+
+_ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
+
+
+@dataclass
+class Transfers:
+    """Bytes this runtime moved between host and device (inputs it bound from numpy, outputs it read back)."""
+
+    up_bytes: int = 0
+    down_bytes: int = 0
+    steps: int = 0
+    cache_bytes_moved: int = 0  # bytes of KV cache that crossed host<->device: stays 0 by construction
+
+    def per_step(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {"up_bytes": self.up_bytes / n, "down_bytes": self.down_bytes / n, "cache_bytes_moved": self.cache_bytes_moved}
+
+
+@dataclass
+class KVCache:
+    """The past of every layer as OrtValues [batch, kv_heads, length, head_dim] on the session's device.
+
+    ``values`` is [key0, value0, key1, value1, ...]. For a concat graph ``length`` is the tensors' third axis; for a
+    shared-buffer graph the tensors are ``capacity`` long and ``length`` says how much of them is written."""
+
+    values: list[Any]
+    length: int
+    capacity: int | None = None
+    batch: int = 0
+
+    @property
+    def shared(self) -> bool:
+        return self.capacity is not None
+
+
+class DecoderSession:
+    """A model directory's decoder graph on one provider: ``forward`` runs one step and updates a ``KVCache``."""
+
+    def __init__(
+        self,
+        model_dir: str | ModelDir,
+        provider: str = "auto",
+        *,
+        trt_options: TensorRTOptions | None = None,
+        threads: int | None = None,
+        announce: Callable[[str], None] | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.model_dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.open(model_dir)
+        self.manifest = m = self.model_dir.manifest
+        self.session, self.choice = create_session(
+            self.model_dir.model_path, provider, trt_options=trt_options, threads=threads,
+            graph_inputs=m.graph.get("inputs"), dtype=m.graph.get("dtype"), announce=announce,
+        )
+        self.device = self.choice.device
+        self._ort = ort
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = set(inputs)
+        self.has_position_ids = "position_ids" in inputs
+        pk = m.past_names(0)[0]
+        if pk not in inputs:
+            raise OnnxpipeError(f"{self.model_dir.path}: the graph has no input {pk!r}; the manifest's KV names do not match it")
+        kv_type = _ORT_TO_NP.get(inputs[pk].type)
+        if kv_type is None:
+            raise OnnxpipeError(f"{self.model_dir.path}: KV cache type {inputs[pk].type} is not supported by the runtime")
+        self.kv_dtype = np.dtype(kv_type)
+        kv = m.graph["kv"]
+        self.num_kv_heads = int(kv.get("num_kv_heads", m.model["num_kv_heads"]))
+        self.head_dim = int(kv.get("head_dim", m.model["head_dim"]))
+        self.shares_buffer = bool(kv.get("shares_buffer", False))
+        self.padding_side = m.graph.get("padding_side", "left")
+        if self.padding_side not in ("left", "right"):
+            raise OnnxpipeError(f"{self.model_dir.path}: manifest padding_side {self.padding_side!r} is neither left nor right")
+        self.vocab_size = int(m.model["vocab_size"])
+        self.max_positions = int(m.model.get("max_position_embeddings") or 1 << 30)
+        self.past_names = [n for i in range(m.num_layers) for n in m.past_names(i)]
+        self.present_names = [n for i in range(m.num_layers) for n in m.present_names(i)]
+        self.logits_name = m.graph.get("logits", "logits")
+        helper_ep = "cpu" if self.device == "cpu" else "cuda"  # small helper graphs: never worth a TensorRT engine
+        self._helper_providers = [EP_NAME[helper_ep]] + ([EP_NAME["cpu"]] if helper_ep != "cpu" else [])
+        self._head = self._helper(_head_graph(self._onnx_dtype()))
+        self._gather = None
+        self.transfers = Transfers()
+
+    # ---- public ----
+    @property
+    def provider(self) -> str:
+        return self.choice.used
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        """An empty cache for ``batch`` rows; shared-buffer graphs need ``capacity`` (the longest total length)."""
+        if self.shares_buffer:
+            if capacity is None:
+                raise OnnxpipeError("this graph shares its past/present buffer: the cache needs a capacity (max length)")
+            shape = (batch, self.num_kv_heads, capacity, self.head_dim)
+            values = [self._zeros(shape) for _ in self.past_names]
+            return KVCache(values, 0, capacity, batch)
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return KVCache([self._zeros(shape) for _ in self.past_names], 0, None, batch)
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: KVCache,
+        *,
+        last_index: np.ndarray | None = None,
+        want: str = "logits",
+    ) -> np.ndarray:
+        """Run one step (prefill when the cache is empty). Returns, per row, the logits [batch, vocab] (float32) of
+        the position ``last_index`` (default: the last), or with ``want="argmax"`` just their argmax [batch]."""
+        batch, seq = input_ids.shape
+        io = self.session.io_binding()
+        self._bind_input(io, "input_ids", input_ids.astype(np.int64, copy=False))
+        self._bind_input(io, "attention_mask", attention_mask.astype(np.int64, copy=False))
+        if self.has_position_ids:
+            self._bind_input(io, "position_ids", position_ids.astype(np.int64, copy=False))
+        for name, value in zip(self.past_names, cache.values):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output(self.logits_name, self._device_type(), 0)
+        for name, value in zip(self.present_names, cache.values):
+            if cache.shared:
+                io.bind_ortvalue_output(name, value)  # written in place
+            else:
+                io.bind_output(name, self._device_type(), 0)
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        if not cache.shared:
+            cache.values = list(outs[1:])
+        cache.length += seq
+        self.transfers.steps += 1
+        if last_index is None:
+            last_index = np.full((batch,), seq - 1, np.int64)
+        return self._select(outs[0], last_index.astype(np.int64), want)
+
+    def reorder(self, cache: KVCache, rows: np.ndarray) -> None:
+        """Keep (and repeat) cache rows ``rows`` in that order, on the device: beam search and finished-row removal."""
+        rows = np.asarray(rows, np.int64)
+        if self._gather is None:
+            self._gather = self._helper(_gather_graph(len(self.past_names), self._onnx_dtype()))
+        io = self._gather.io_binding()
+        self._bind_input(io, "rows", rows, session=self._gather)
+        for i, value in enumerate(cache.values):
+            io.bind_ortvalue_input(f"x{i}", value)
+            io.bind_output(f"y{i}", self._device_type(), 0)
+        self._gather.run_with_iobinding(io)
+        cache.values = list(io.get_outputs())
+        cache.batch = len(rows)
+
+    # ---- internals ----
+    def _select(self, logits: Any, last_index: np.ndarray, want: str) -> np.ndarray:
+        io = self._head.io_binding()
+        io.bind_ortvalue_input("logits", logits)
+        self._bind_input(io, "last_index", last_index, session=self._head)
+        name = {"logits": "last_logits", "argmax": "argmax"}[want]
+        io.bind_output(name, "cpu")
+        self._head.run_with_iobinding(io)
+        out = io.get_outputs()[0].numpy()
+        self.transfers.down_bytes += out.nbytes if self.device != "cpu" else 0
+        return out
+
+    def _bind_input(self, io: Any, name: str, array: np.ndarray, session: Any = None) -> None:
+        array = np.ascontiguousarray(array)
+        if self.device == "cpu":
+            io.bind_cpu_input(name, array)
+            return
+        value = self._ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+        self.transfers.up_bytes += array.nbytes
+        io.bind_ortvalue_input(name, value)
+
+    def _zeros(self, shape: tuple[int, ...]) -> Any:
+        if self.device == "cpu":
+            return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype))
+        # allocated on the device directly: a zero-length past needs no data, a shared buffer is written before read
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.kv_dtype, "cuda", 0)
+
+    def _device_type(self) -> str:
+        return "cpu" if self.device == "cpu" else "cuda"
+
+    def _onnx_dtype(self) -> int:
+        import onnx
+
+        return onnx.TensorProto.FLOAT16 if self.kv_dtype == np.float16 else onnx.TensorProto.FLOAT
+
+    def _helper(self, proto: Any) -> Any:
+        so = self._ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = 1
+        return self._ort.InferenceSession(proto.SerializeToString(), so, providers=self._helper_providers)
+
+
+def _head_graph(elem_type: int) -> Any:
+    """logits [B, S, V], last_index [B] -> last_logits [B, V] float32 and argmax [B] int64, on the device."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    c = lambda name, vals: helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals))  # noqa: E731
+    nodes = [
+        c("axes12", [1, 2]), c("zero", [0]), c("one", [1]), c("two", [2]), c("three", [3]), c("axis1", [1]),
+        helper.make_node("Unsqueeze", ["last_index", "axes12"], ["idx3"]),
+        helper.make_node("Shape", ["logits"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["b"]),
+        helper.make_node("Slice", ["shape", "two", "three"], ["v"]),
+        helper.make_node("Concat", ["b", "one", "v"], ["target"], axis=0),
+        helper.make_node("Expand", ["idx3", "target"], ["idx"]),
+        helper.make_node("GatherElements", ["logits", "idx"], ["picked"], axis=1),
+        helper.make_node("Squeeze", ["picked", "axis1"], ["picked2"]),
+        helper.make_node("Cast", ["picked2"], ["last_logits"], to=TensorProto.FLOAT),
+        helper.make_node("ArgMax", ["last_logits"], ["argmax"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "onnxpipe_head",
+        [helper.make_tensor_value_info("logits", elem_type, ["B", "S", "V"]),
+         helper.make_tensor_value_info("last_index", TensorProto.INT64, ["B"])],
+        [helper.make_tensor_value_info("last_logits", TensorProto.FLOAT, ["B", "V"]),
+         helper.make_tensor_value_info("argmax", TensorProto.INT64, ["B"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def _gather_graph(n: int, elem_type: int) -> Any:
+    """rows [R], x0..x{n-1} [B, H, S, D] -> y_i = x_i[rows]: reorders a KV cache on the device."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Gather", [f"x{i}", "rows"], [f"y{i}"], axis=0) for i in range(n)]
+    shape = ["B", "H", "S", "D"]
+    graph = helper.make_graph(
+        nodes, "onnxpipe_kv_gather",
+        [helper.make_tensor_value_info("rows", TensorProto.INT64, ["R"])]
+        + [helper.make_tensor_value_info(f"x{i}", elem_type, shape) for i in range(n)],
+        [helper.make_tensor_value_info(f"y{i}", elem_type, ["R", "H", "S", "D"]) for i in range(n)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
