@@ -1,0 +1,174 @@
+"""optimize: an onnxpipe model directory -> a graph-optimized one, each pass counted and checked.
+
+    level 1  cleanup: constant folding, shape simplification, dead nodes, CSE, initializer dedup   (cleanup.py)
+    level 2  + norms and their Skip forms, GELU, rotary embedding                                  (norms, gelu, rotary)
+    level 3  + attention -> MultiHeadAttention / GroupQueryAttention with the KV cache inside      (attention.py)
+
+The directory's I/O contract (names, BNSH KV layout, left padding) is unchanged at every level.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from onnxpipe.errors import OnnxpipeError
+
+__all__ = ["optimize_model", "OptimizeResult", "PASS_NAMES", "format_table"]
+
+
+@dataclass
+class OptimizeResult:
+    model_dir: Any  # artifact.ModelDir
+    passes: list[Any]  # pipeline.PassReport
+    check: Any  # parity.ParityReport | None
+    seconds: float
+
+
+def optimize_model(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    level: int = 3,
+    target: str = "cpu",
+    passes: list[str] | None = None,
+    verify: bool = True,
+    force: bool = False,
+    decode_steps: int = 4,
+    log: Callable[[str], None] = lambda msg: None,
+) -> OptimizeResult:
+    """Optimize the model directory ``in_dir`` into ``out_dir``; nothing is written if the final check fails."""
+    import onnx_ir as ir
+
+    from onnxpipe.artifact import (
+        ModelDir,
+        atomic_output_dir,
+        check_output_dir,
+        copy_sidecar_files,
+        derive_manifest,
+        save_onnx,
+        write_manifest,
+    )
+    from onnxpipe.fusion import pipeline
+    from onnxpipe.fusion.rules import TARGETS, PassContext
+
+    start = time.perf_counter()
+    src = ModelDir.open(in_dir)
+    out_dir = Path(out_dir)
+    if out_dir.absolute() == src.path.absolute():
+        raise OnnxpipeError(f"{out_dir}: the output directory must differ from the input directory")
+    if target not in TARGETS:
+        raise OnnxpipeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    selected = pipeline.select_passes(level, passes)
+    check_output_dir(out_dir, force)
+    providers = _providers(target, verify)
+    manifest = src.manifest
+    dtype = manifest.graph.get("dtype", "fp32")
+    try:
+        model = ir.load(str(src.model_path))
+    except Exception as e:  # protobuf/onnx raise many types for a corrupt file
+        raise OnnxpipeError(f"{src.model_path}: not a readable ONNX model ({_first_line(e)})") from None
+    ctx = PassContext(model_info=dict(manifest.model), target=target, dtype=dtype)
+    checker = pipeline.Checker(manifest, dtype, providers, decode_steps) if verify else None
+    log(f"optimizing {src.path} at level {level} for {target} ({len(selected)} passes"
+        f"{', each checked' if verify else ', unchecked'})")
+    original = pipeline.serialize(model)
+    model, reports = pipeline.run_passes(model, selected, ctx, checker, log=log)
+    _check_io_unchanged(model, manifest)
+
+    final = None
+    if verify:
+        final = checker.check(original, pipeline.serialize(model))
+        log(f"final check vs {src.path.name}: {final.summary()}")
+        if not final.passed:
+            raise OnnxpipeError(f"final parity check failed: rel err {final.rel_err:.3g} > {final.tolerance:g}; "
+                                "nothing was written")
+
+    out_manifest = derive_manifest(manifest)
+    out_manifest.graph.update(ctx.graph_notes)
+    out_manifest.graph.setdefault("padding_side", "left")
+    out_manifest.graph["kv"].setdefault("shares_buffer", False)
+    out_manifest.graph["fused_ops"] = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft"})
+    out_manifest.graph["target"] = target
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        external = save_onnx(model, tmp)
+        out_manifest.graph["external_data"] = external
+        copy_sidecar_files(src.path, tmp)
+        out_manifest.steps.append({
+            "stage": "optimize",
+            "params": {"source": str(src.path.absolute()), "level": level, "target": target,
+                       "passes": [p.name for p in selected], "verify": verify,
+                       "check": "reference: pass input, ORT optimizations off; candidate: pass output, ORT_ENABLE_ALL"},
+            "versions": _versions(),
+            "seconds": round(time.perf_counter() - start, 2),
+            "passes": [r.to_json() for r in reports],
+            "check": final.to_json() if final is not None else None,
+        })
+        write_manifest(tmp, out_manifest)
+    return OptimizeResult(ModelDir.open(out_dir), reports, final, time.perf_counter() - start)
+
+
+def _providers(target: str, verify: bool) -> list[str]:
+    import onnxruntime as ort
+
+    if target == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        if verify:
+            raise OnnxpipeError(
+                "--target cuda needs onnxruntime-gpu (CUDAExecutionProvider) to check each pass; this onnxruntime "
+                f"has {', '.join(available)}. Install onnxpipe[gpu] on a CUDA machine, or pass --skip-verify")
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _check_io_unchanged(model: Any, manifest: Any) -> None:
+    inputs = [v.name for v in model.graph.inputs]
+    outputs = [v.name for v in model.graph.outputs]
+    if inputs != manifest.input_names or outputs != manifest.output_names:
+        raise OnnxpipeError("internal error: a pass changed the graph's input/output names; nothing was written")
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnx_ir
+    import onnxruntime
+    import onnxscript
+
+    import onnxpipe
+
+    return {"onnxpipe": onnxpipe.__version__, "onnx": onnx.__version__, "onnx_ir": onnx_ir.__version__,
+            "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def format_table(result: OptimizeResult) -> str:
+    """A short terminal table: one row per pass."""
+    rows = [("pass", "status", "nodes", "fused", "rel err", "greedy")]
+    for r in result.passes:
+        fused = "; ".join(f"{k} {v}" for k, v in r.fused.items() if isinstance(v, str))
+        rel = f"{r.check['rel_err']:.2g}" if r.check else "-"
+        greedy = f"{r.check['greedy_agreement']:.0%}" if r.check else "-"
+        status = r.status if not r.reason else f"{r.status}: {r.reason[:60]}"
+        rows.append((r.name, status, f"{r.nodes_before}->{r.nodes_after}", fused or "-", rel, greedy))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if result.check is not None:
+        lines.append(f"final vs input: {result.check.summary()}")
+    return "\n".join(lines)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PASS_NAMES":
+        from onnxpipe.fusion.pipeline import PASS_NAMES
+
+        return PASS_NAMES
+    raise AttributeError(name)

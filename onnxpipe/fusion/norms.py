@@ -1,0 +1,36 @@
+"""Level 2: RMSNorm -> SimplifiedLayerNormalization, and residual Add + norm -> the Skip forms.
+
+The patterns are onnxscript's ort_fusions rules (RMSNorm as Pow/ReduceMean(-1)/Add(eps)/Sqrt/Reciprocal/Mul/Mul, the
+Skip forms with and without a bias Add); the exporter already emits the ONNX LayerNormalization op for GPT-2's
+LayerNorm, so no LayerNorm decomposition rule is needed. Counting: every decoder layer has 2 norms plus the final
+one (Qwen3 adds a q and a k norm per layer), and every norm but the first sits after a residual Add.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript.rewriter.ort_fusions import rms_normalization, skip_normalization
+
+from onnxpipe.fusion.rules import PassContext, apply_rules, count_ops, register
+
+NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+            "SkipSimplifiedLayerNormalization")
+SKIP_OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+
+register("rms_norm", *rms_normalization.rms_normalization_rules)
+register("skip_rms_norm", *skip_normalization.skip_rms_normalization_ruleset.rules)
+register("skip_layer_norm", *skip_normalization.skip_layer_normalization_ruleset.rules)
+
+
+def expected_norms(ctx: PassContext) -> int:
+    per_layer = 4 if ctx.model_info.get("qk_norm") else 2
+    return per_layer * ctx.num_layers + 1
+
+
+def fuse_norms(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
+    counts = apply_rules(model, ["rms_norm"])
+    counts.update(apply_rules(model, ["skip_rms_norm", "skip_layer_norm"]))
+    norms, skips = count_ops(model, *NORM_OPS), count_ops(model, *SKIP_OPS)
+    # The first layer's norm reads the embedding directly (GPT-2: the wte + wpe sum, which fuses too).
+    skip_expected = 2 * ctx.num_layers + (1 if ctx.model_info.get("positions") == "learned" else 0)
+    return {**counts, "norms fused": f"{norms}/{expected_norms(ctx)}", "skip forms": f"{skips}/{skip_expected}"}

@@ -1,0 +1,207 @@
+"""Levels, pass order, and the per-pass check: every pass is run, counted and checked alone, and rolled back if it
+breaks equivalence with its input.
+
+A pass rewrites an onnx_ir model in place. The pipeline keeps the pass's input as a serialized proto: it is the
+reference side of the pass's parity check (ORT, graph optimizations off) and what a rolled-back pass restores. The
+candidate side runs with ORT's graph optimizations on (ORT_ENABLE_ALL, as the runtime does), so the check also
+covers what ORT itself does to the fused graph.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.fusion import attention, cleanup, gelu, norms, rotary
+from onnxpipe.fusion.rules import TARGETS, PassContext, using_context
+
+PassFn = Callable[[ir.Model, PassContext], "dict[str, Any] | None"]
+
+
+@dataclass(frozen=True)
+class FusionPass:
+    name: str
+    level: int
+    run: PassFn
+    description: str
+    needs_shapes: bool = False  # refresh shape inference first: the rules' checks read shapes
+
+
+PASSES: tuple[FusionPass, ...] = (
+    FusionPass("fold_constants", 1, cleanup.fold_constants, "constant folding"),
+    FusionPass("simplify_shapes", 1, cleanup.simplify_shapes, "shape-subgraph simplification"),
+    FusionPass("remove_dead_nodes", 1, cleanup.remove_dead_nodes, "identity and dead-node removal"),
+    FusionPass("cse", 1, cleanup.eliminate_common_subexpressions, "common-subexpression elimination"),
+    FusionPass("dedup_initializers", 1, cleanup.deduplicate_initializers, "initializer deduplication"),
+    FusionPass("norms", 2, norms.fuse_norms, "RMSNorm/LayerNorm and Skip forms", needs_shapes=True),
+    FusionPass("gelu", 2, gelu.fuse_gelu, "GELU -> FastGelu/Gelu/BiasGelu", needs_shapes=True),
+    FusionPass("rotary", 2, rotary.fuse_rotary, "RoPE -> RotaryEmbedding with cos/sin caches", needs_shapes=True),
+    FusionPass("attention", 3, attention.fuse_attention, "attention -> MultiHeadAttention/GroupQueryAttention",
+               needs_shapes=True),
+    FusionPass("tidy", 2, cleanup.tidy, "fold, CSE and dead-node sweep over what the fusions left"),
+)
+PASS_NAMES = tuple(p.name for p in PASSES)
+# The fused ops each target's EP runs; a graph for a target never keeps a com.microsoft op outside its set.
+TARGET_OPS = {
+    "cpu": {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu", "Gelu", "BiasGelu",
+            "RotaryEmbedding", "MultiHeadAttention", "GroupQueryAttention"},
+    "cuda": {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu", "Gelu", "BiasGelu",
+             "RotaryEmbedding", "MultiHeadAttention", "GroupQueryAttention"},
+}
+
+
+def select_passes(level: int, names: list[str] | None) -> list[FusionPass]:
+    if level not in (1, 2, 3):
+        raise OnnxpipeError(f"unknown level {level}; choose 1, 2 or 3")
+    if names is None:
+        return [p for p in PASSES if p.level <= level]
+    unknown = [n for n in names if n not in PASS_NAMES]
+    if unknown:
+        raise OnnxpipeError(f"unknown pass{'es' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                            f"valid passes: {', '.join(PASS_NAMES)}")
+    return [p for p in PASSES if p.name in names]
+
+
+@dataclass
+class PassReport:
+    name: str
+    level: int
+    status: str  # "kept" | "unchanged" | "rolled_back"
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    op_counts: dict[str, int]
+    op_delta: dict[str, int]
+    fused: dict[str, Any] = field(default_factory=dict)
+    check: dict[str, Any] | None = None
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def op_counts(model: ir.Model) -> dict[str, int]:
+    counts = collections.Counter(n.op_type for n in model.graph.all_nodes())
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+@dataclass
+class Checker:
+    """Runs the parity check of a candidate graph against a reference graph (both serialized protos)."""
+
+    manifest: Any
+    dtype: str
+    providers: list[str]
+    decode_steps: int = 4
+
+    def check(self, reference: bytes, candidate: bytes) -> Any:
+        from onnxpipe.parity import TOLERANCE, check_decoders, ort_step_fn
+
+        ref = ort_step_fn(_session(reference, self.providers, optimized=False), self.manifest)
+        cand = ort_step_fn(_session(candidate, self.providers, optimized=True), self.manifest)
+        kv_dtype = np.float16 if self.dtype == "fp16" else np.float32
+        report = check_decoders(ref, cand, self.manifest, kv_dtype=kv_dtype, decode_steps=self.decode_steps)
+        return report.judge(TOLERANCE[self.dtype])
+
+
+def _session(model: bytes | str | Path, providers: list[str], optimized: bool) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
+
+
+def serialize(model: ir.Model) -> bytes:
+    return ir.to_proto(model).SerializeToString()
+
+
+def run_passes(
+    model: ir.Model,
+    passes: list[FusionPass],
+    ctx: PassContext,
+    checker: Checker | None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> tuple[ir.Model, list[PassReport]]:
+    """Run ``passes`` in order; a pass that fails to run, to load in ORT, or the parity check is rolled back."""
+    import onnx_ir.passes.common as common_passes
+
+    reports = []
+    current = serialize(model)
+    for p in passes:
+        start = time.perf_counter()
+        before = op_counts(model)
+        fused: dict[str, Any] = {}
+        reason = None
+        check = None
+        try:
+            with using_context(ctx):
+                if p.needs_shapes:
+                    cleanup.infer_shapes(model, ctx)
+                fused = dict(p.run(model, ctx) or {})
+                common_passes.RemoveUnusedNodesPass()(model)
+                _check_target_ops(model, ctx.target)
+            candidate = serialize(model)
+        except Exception as e:  # a rule that breaks the graph is a rolled-back pass, not a crashed stage
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            candidate = None
+        after = op_counts(model) if candidate is not None else before
+        changed = candidate is not None and candidate != current
+        if changed and checker is not None:
+            try:
+                report = checker.check(current, candidate)
+                check = report.to_json()
+                if not report.passed:
+                    reason = f"parity failed: {report.summary()}"
+            except Exception as e:  # ORT refused the graph or failed to run it
+                reason = f"ORT could not run the result: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        if reason is not None:
+            model = ir.from_proto(_parse(current))
+            status, after = "rolled_back", before
+        else:
+            status = "kept" if changed else "unchanged"
+            current = candidate if changed else current
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
+                 if after.get(k, 0) != before.get(k, 0)}
+        reports.append(PassReport(p.name, p.level, status, round(time.perf_counter() - start, 3),
+                                  sum(before.values()), sum(after.values()), after, delta, fused, check, reason))
+        log(_pass_line(reports[-1]))
+    return model, reports
+
+
+def _parse(data: bytes) -> Any:
+    import onnx
+
+    proto = onnx.ModelProto()
+    proto.ParseFromString(data)
+    return proto
+
+
+def _check_target_ops(model: ir.Model, target: str) -> None:
+    if target not in TARGETS:
+        raise OnnxpipeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    foreign = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft"} - TARGET_OPS[target])
+    if foreign:
+        raise OnnxpipeError(f"the pass emitted {', '.join(foreign)}, which the {target} EP does not run")
+
+
+def _pass_line(r: PassReport) -> str:
+    fused = ", ".join(f"{k} {v}" for k, v in r.fused.items() if isinstance(v, str))
+    check = ""
+    if r.check:
+        check = f"rel err {r.check['rel_err']:.2g}, greedy {r.check['greedy_agreement']:.0%}"
+    text = f"  {r.name:<18} {r.status:<11} nodes {r.nodes_before:>5} -> {r.nodes_after:<5} {check}"
+    if fused:
+        text += f"  [{fused}]"
+    if r.reason:
+        text += f"  ({r.reason})"
+    return text

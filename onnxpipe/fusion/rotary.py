@@ -1,0 +1,196 @@
+"""Level 2: rotate-half rotary embedding -> the RotaryEmbedding contrib op with cos/sin caches.
+
+The exporter writes RoPE on the [B, N, S, H] query/key as
+
+    x * cos + concat(-x[..., H/2:], x[..., :H/2]) * sin        cos, sin: Unsqueeze(f(position_ids), 1)
+
+where f is whatever the rope type computes (default, llama3, longrope, with any attention scaling). Rather than
+matching each rope type's arithmetic, the rule checks that cos and sin depend on position_ids alone and tabulates
+them by running that subgraph on positions 0..max_position_embeddings-1: the caches hold exactly what the model
+computed. RotaryEmbedding takes the graph's own position_ids, so left-padded rows keep their positions.
+
+The rewrite applies the op to the 3-D [B, S, N*H] form (before the head transpose) and transposes after, which is
+the form GroupQueryAttention and MultiHeadAttention take their query and key in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import _ir_utils, pattern
+
+from onnxpipe.fusion.rules import PassContext, count_ops, current_context, register
+
+POSITION_IDS = "position_ids"
+
+
+def _ints(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.const_value is None:
+        return None
+    return [int(v) for v in np.asarray(value.const_value.numpy()).reshape(-1)]
+
+
+class RotaryEmbeddingFusion(pattern.RewriteRuleClassBase):
+    def pattern(self, op, x_BSNH, cos_B1SR, sin_B1SR, start1, end1, axes1, start2, end2, axes2):
+        x = op.Transpose(x_BSNH, perm=[0, 2, 1, 3])
+        x1 = op.Slice(x, start1, end1, axes1, pattern.ANY_VALUE)
+        x2 = op.Slice(x, start2, end2, axes2, pattern.ANY_VALUE)
+        rotated = op.Concat(op.Neg(x2), x1, axis=-1)
+        return op.Add(op.Mul(x, cos_B1SR), op.Mul(rotated, sin_B1SR))
+
+    def check(self, context, x_BSNH, cos_B1SR, sin_B1SR, start1, end1, axes1, start2, end2, axes2, **_):
+        result = pattern.MatchResult()
+        ctx = current_context()
+        info = ctx.model_info
+        heads, head_dim = info.get("num_attention_heads"), info.get("head_dim")
+        kv_heads = info.get("num_kv_heads")
+        if x_BSNH.shape is None or x_BSNH.shape.rank() != 4:
+            return result.fail("rotated tensor is not 4-D [B, S, N, H]", x_BSNH)
+        n, h = x_BSNH.shape[2], x_BSNH.shape[3]
+        if h != head_dim or n not in (heads, kv_heads):
+            return result.fail(f"rotated tensor is [B, S, {n}, {h}], not [B, S, N, {head_dim}]", x_BSNH)
+        rotary_dim = int((info.get("rope") or {}).get("rotary_dim") or head_dim)
+        if rotary_dim != head_dim:
+            return result.fail("partial rotary (rotary_dim < head_dim) is not handled", x_BSNH)
+        half = head_dim // 2
+        for axes in (axes1, axes2):
+            if _ints(axes) not in ([3], [-1]):
+                return result.fail("Slice is not along the last axis", axes)
+        if _ints(start1) != [0] or _ints(end1) != [half]:
+            return result.fail("first half is not x[..., :H/2]", start1)
+        if _ints(start2) != [half] or (_ints(end2) or [0])[0] < head_dim:
+            return result.fail("second half is not x[..., H/2:]", start2)
+        position_ids = next((v for v in context.graph_or_function.inputs if v.name == POSITION_IDS), None)
+        if position_ids is None:
+            return result.fail("the graph has no position_ids input", x_BSNH)
+        try:
+            self._caches = _rotary_caches(context.model, cos_B1SR, sin_B1SR, int(info["max_position_embeddings"]),
+                                          x_BSNH.dtype)
+        except ValueError as e:
+            return result.fail(str(e), cos_B1SR)
+        self._position_ids, self._num_heads, self._head_dim = position_ids, int(n), int(h)
+        return result
+
+    def rewrite(self, op, x_BSNH, **_):
+        cos_cache, sin_cache = self._caches
+        x_BSD = op.Reshape(x_BSNH, op.Constant(value_ints=[0, 0, -1]))
+        rotated_BSD = op.RotaryEmbedding(x_BSD, self._position_ids, cos_cache, sin_cache, interleaved=0,
+                                         _domain="com.microsoft")
+        rotated_BSD.dtype = x_BSNH.dtype
+        if x_BSNH.shape is not None:
+            rotated_BSD.shape = ir.Shape([x_BSNH.shape[0], x_BSNH.shape[1], self._num_heads * self._head_dim])
+        rotated_BSNH = op.Reshape(rotated_BSD, op.Constant(value_ints=[0, 0, self._num_heads, self._head_dim]))
+        return op.Transpose(rotated_BSNH, perm=[0, 2, 1, 3])
+
+
+_CACHE_KEY = "_onnxpipe_rotary_caches"
+
+
+def _rotary_caches(model: ir.Model, cos: ir.Value, sin: ir.Value, max_positions: int, dtype: Any) -> tuple[ir.Value, ir.Value]:
+    """Tabulate cos/sin [max_positions, H/2] by running their subgraph; one pair of initializers per model."""
+    memo = model.meta.setdefault(_CACHE_KEY, {})
+    key = (cos.name, sin.name)
+    if key in memo:
+        return memo[key]
+    cos_table, sin_table = _evaluate_on_positions(model, [cos, sin], max_positions)
+    half = cos_table.shape[-1] // 2
+    for name, table in (("cos", cos_table), ("sin", sin_table)):
+        if not np.allclose(table[..., :half], table[..., half:], rtol=0, atol=1e-6 * max(1.0, np.abs(table).max())):
+            raise ValueError(f"{name} is not rotate-half shaped (its two halves differ)")
+    np_dtype = dtype.numpy() if dtype is not None else np.float32
+    values = []
+    for name, table in (("cos", cos_table), ("sin", sin_table)):
+        tensor = ir.tensor(np.ascontiguousarray(table[..., :half].astype(np_dtype)), name=f"rotary.{name}_cache")
+        value = ir.Value(name=f"rotary.{name}_cache", shape=tensor.shape, type=ir.TensorType(tensor.dtype),
+                         const_value=tensor)
+        model.graph.register_initializer(value)
+        values.append(value)
+    memo[key] = (values[0], values[1])
+    return memo[key]
+
+
+def _evaluate_on_positions(model: ir.Model, outputs: list[ir.Value], max_positions: int) -> list[np.ndarray]:
+    """Run the subgraph computing ``outputs`` from position_ids alone on positions 0..max_positions-1.
+    Raises ValueError when it reads any other graph input."""
+    import onnx
+    import onnxruntime as ort
+
+    nodes: list[ir.Node] = []
+    seen: set[int] = set()
+    initializers: dict[str, ir.Value] = {}
+    shape_only: dict[str, ir.Value] = {}
+    stack = list(outputs)
+    while stack:
+        value = stack.pop()
+        producer = value.producer()
+        if producer is not None and producer.op_type == "Shape" and _is_graph_input(model, producer.inputs[0]):
+            shape_only[producer.inputs[0].name] = producer.inputs[0]  # only its shape is read: feed a stand-in
+        if producer is None:
+            if value.const_value is not None:
+                initializers[value.name] = value
+            elif value.name != POSITION_IDS:
+                raise ValueError(f"cos/sin depend on the graph input {value.name!r}, not only on position_ids")
+            continue
+        if id(producer) in seen:
+            continue
+        seen.add(id(producer))
+        nodes.append(producer)
+        if producer.op_type != "Shape" or producer.inputs[0].name not in shape_only:
+            stack.extend(v for v in producer.inputs if v is not None)
+    order = {id(n): i for i, n in enumerate(model.graph)}
+    nodes.sort(key=lambda n: order.get(id(n), 0))
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(n) for n in nodes],
+        "rotary_tables",
+        [onnx.helper.make_tensor_value_info(POSITION_IDS, onnx.TensorProto.INT64, [1, max_positions])]
+        + [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in shape_only.values()],
+        [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT if v.dtype is None else v.dtype.value, None)
+         for v in outputs],
+        [ir.serde.serialize_tensor(v.const_value) for v in initializers.values()],
+    )
+    proto = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()],
+        ir_version=model.ir_version)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    positions = np.arange(max_positions, dtype=np.int64)[None, :]
+    feed = {POSITION_IDS: positions}
+    for v in shape_only.values():
+        feed[v.name] = np.zeros(_stand_in_shape(v, max_positions), dtype=v.dtype.numpy())
+    tables = session.run([v.name for v in outputs], feed)
+    # [1, 1, max_positions, R] (or any shape with those trailing dims) -> [max_positions, R]
+    return [np.asarray(t, dtype=np.float64).reshape(max_positions, -1) for t in tables]
+
+
+def _is_graph_input(model: ir.Model, value: ir.Value | None) -> bool:
+    return value is not None and any(value is v for v in model.graph.inputs)
+
+
+def _stand_in_shape(value: ir.Value, max_positions: int) -> list[int]:
+    """Batch 1, no past, max_positions new tokens; static dims as declared."""
+    dims = []
+    for i, d in enumerate(value.shape or []):
+        if isinstance(d, int):
+            dims.append(d)
+        elif i == 0:
+            dims.append(1)
+        else:
+            dims.append(0 if "past" in str(d) else max_positions)
+    return dims
+
+
+register("rotary_embedding", RotaryEmbeddingFusion.rule("RotaryEmbedding"))
+
+
+def fuse_rotary(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
+    from onnxpipe.fusion.rules import apply_rules
+
+    if ctx.model_info.get("positions") != "rope":
+        return {"rotary": "n/a (learned positions)"}
+    counts = apply_rules(model, ["rotary_embedding"])
+    model.meta.pop(_CACHE_KEY, None)
+    ctx.graph_notes["max_positions"] = int(ctx.model_info["max_position_embeddings"])
+    return {**counts, "rotary fused": f"{count_ops(model, 'RotaryEmbedding')}/{2 * ctx.num_layers}"}

@@ -1,0 +1,80 @@
+"""The rule registry and what a pass knows about the model it rewrites.
+
+Every rewrite rule the fusion passes use is registered here under a name, so a test can prove that each one has
+a unit test of its own (tests/fusion/test_registry.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import onnx_ir as ir
+
+TARGETS = ("cpu", "cuda")
+
+# rule name -> the onnxscript rewrite rules it stands for (one name may cover a few pattern variants)
+RULES: dict[str, list[Any]] = {}
+
+
+def register(name: str, *rules: Any) -> list[Any]:
+    if name in RULES:
+        raise ValueError(f"rule {name!r} registered twice")
+    RULES[name] = list(rules)
+    return RULES[name]
+
+
+def all_rules() -> dict[str, list[Any]]:
+    """Every registered rule, with all fusion modules imported."""
+    from onnxpipe.fusion import attention, gelu, norms, rotary  # noqa: F401 - importing registers their rules
+
+    return dict(RULES)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read: the manifest's model section, the target EP, and notes it leaves for the manifest."""
+
+    model_info: dict[str, Any]
+    target: str = "cpu"
+    dtype: str = "fp32"
+    graph_notes: dict[str, Any] = field(default_factory=dict)  # merged into the manifest's graph section
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model_info["num_layers"])
+
+
+def apply_rules(model: ir.Model, names: list[str], commute: bool = False) -> dict[str, int]:
+    """Apply the named rules, each to a fixed point; returns how often each one fired."""
+    from onnxscript.rewriter import pattern
+
+    counts = {}
+    for name in names:
+        ruleset = pattern.RewriteRuleSet(RULES[name], commute=commute)
+        counts[name] = int(ruleset.apply_to_model(model))
+    return counts
+
+
+def count_ops(model: ir.Model, *op_types: str) -> int:
+    return sum(1 for n in model.graph.all_nodes() if n.op_type in op_types)
+
+
+_CURRENT: list[PassContext] = []
+
+
+@contextlib.contextmanager
+def using_context(ctx: PassContext) -> Iterator[PassContext]:
+    """Rules read the model's dimensions from the manifest through current_context() while a pass runs."""
+    _CURRENT.append(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.pop()
+
+
+def current_context() -> PassContext:
+    if not _CURRENT:
+        raise RuntimeError("fusion rules need a PassContext: apply them inside rules.using_context(ctx)")
+    return _CURRENT[-1]
