@@ -182,7 +182,8 @@ class Encoder:
 
 
 def cut_windows(n_tokens: int, context: int, stride: int, score_from: int = 1) -> list[tuple[int, int, int]]:
-    """(begin, end, first_target) windows over n_tokens positions: every position >= score_from is scored once."""
+    """(begin, end, first_target) windows over n_tokens positions: every position >= score_from is scored once
+    (given stride < context), by the first window that holds it and one token before it."""
     windows, begin, scored_up_to = [], 0, max(1, score_from)
     while n_tokens > 1:
         end = min(begin + context, n_tokens)
@@ -412,8 +413,9 @@ def prepare_job(model_dir: str | Path, input_path: str | Path, output: str | Pat
     if context < 2:
         raise OnnxpipeError(f"{md.path}: no usable context length in the manifest; pass --max-context")
     stride = config.stride or max(1, context // 2)
-    if not 0 < stride <= context:
-        raise OnnxpipeError(f"--stride must be in 1..{context} (the context), got {stride}")
+    if not 0 < stride < context:
+        raise OnnxpipeError(f"--stride must be in 1..{context - 1} (below the context, so that every window "
+                            f"overlaps the last and every token is scored with some history), got {stride}")
     return ScoreJob(md, input_path, output, shards, fmt, config, context, stride)
 
 
@@ -451,40 +453,56 @@ def open_checkpoint(job: ScoreJob) -> Checkpoint:
     return ckpt
 
 
-def handle_bad(job: ScoreJob, ckpt: Checkpoint, bad: BadRecord, log: Callable[[str], None]) -> None:
+def start(job: ScoreJob, log: Callable[[str], None]) -> Checkpoint:
+    """Validate the whole input in --on-bad-record fail mode, then open (or create) the checkpoint."""
+    if job.config.on_bad_record == "fail":
+        check_all_records(job)
+    ckpt = open_checkpoint(job)
+    if ckpt.complete:
+        log(f"{job.output}: already complete (summary in {job.summary_path.name})")
+    return ckpt
+
+
+def fail_on_bad(job: ScoreJob, bad: BadRecord) -> None:
     if job.config.on_bad_record == "fail":
         raise OnnxpipeError(f"{job.input_path}: bad record at {bad.where}: {bad.error} "
                             "(fix it, or pass --on-bad-record skip)")
-    if ckpt.bad_count < MAX_BAD_LISTED:
-        ckpt.bad.append(bad.to_json())
-        log(f"skipping bad record {bad.where}: {bad.error}")
-    elif ckpt.bad_count == MAX_BAD_LISTED:
-        log(f"more bad records; only the first {MAX_BAD_LISTED} are listed (all are counted in the summary)")
-    ckpt.bad_count += 1
+
+
+def record_bad(ckpt: Checkpoint, bads: list[BadRecord], log: Callable[[str], None]) -> None:
+    """Count (and list the first MAX_BAD_LISTED of) a committed chunk's bad records."""
+    for bad in bads:
+        if ckpt.bad_count < MAX_BAD_LISTED:
+            ckpt.bad.append(bad.to_json())
+            log(f"skipped bad record {bad.where}: {bad.error}")
+        elif ckpt.bad_count == MAX_BAD_LISTED:
+            log(f"more bad records; only the first {MAX_BAD_LISTED} are listed (all are counted in the summary)")
+        ckpt.bad_count += 1
 
 
 def check_all_records(job: ScoreJob, skip: int = 0) -> None:
     """--on-bad-record fail: find a malformed record before any scoring (JSON and field checks only)."""
     for rec in job.records(skip):
         if isinstance(rec, BadRecord):
-            raise OnnxpipeError(f"{job.input_path}: bad record at {rec.where}: {rec.error} "
-                                "(fix it, or pass --on-bad-record skip)")
+            fail_on_bad(job, rec)
 
 
-def split_chunk(job: ScoreJob, encoder: Encoder, chunk: list[Record | BadRecord], ckpt: Checkpoint,
-                log: Callable[[str], None]) -> tuple[list[Record], list[Item]]:
-    """The chunk's scorable records and their Items; bad ones go to handle_bad (in input order)."""
+def split_chunk(job: ScoreJob, encoder: Encoder, chunk: list[Record | BadRecord]
+                ) -> tuple[list[Record], list[Item], list[BadRecord]]:
+    """The chunk's scorable records with their Items, and its bad records (fatal in --on-bad-record fail)."""
     good = [r for r in chunk if isinstance(r, Record)]
     made = dict(zip((id(r) for r in good), encoder.items(good)))
-    records, items = [], []
+    records, items, bads = [], [], []
     for rec in chunk:
         item = rec if isinstance(rec, BadRecord) else made[id(rec)]
         if isinstance(rec, BadRecord) or isinstance(item, str):
-            handle_bad(job, ckpt, rec if isinstance(rec, BadRecord) else BadRecord(rec.where, item), log)
+            bad = rec if isinstance(rec, BadRecord) else BadRecord(rec.where, item)
+            fail_on_bad(job, bad)
+            bads.append(bad)
         else:
             records.append(rec)
             items.append(item)
-    return records, items
+    return records, items, bads
 
 
 def make_summary(job: ScoreJob, ckpt: Checkpoint, provider: str, workers: int) -> ScoreSummary:
@@ -531,12 +549,9 @@ def score(model_dir: str | Path, input_path: str | Path, output: str | Path, con
 
 def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     c = job.config
-    ckpt = open_checkpoint(job)
+    ckpt = start(job, log)
     if ckpt.complete:
-        log(f"{job.output}: already complete (summary in {job.summary_path.name})")
         return ScoreSummary(**json.loads(job.summary_path.read_text()))
-    if c.on_bad_record == "fail":
-        check_all_records(job, ckpt.records_done)
     _cut_back(job, ckpt)
     messages: list[str] = []
     scorer = WindowScorer.open(job.model_dir.path, c.provider, c.threads, announce=messages.append)
@@ -556,11 +571,12 @@ def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     try:
         for chunk in job.chunks(ckpt.records_done):
             t0 = time.perf_counter()
-            records, items = split_chunk(job, encoder, chunk, ckpt, log)
-            bar.update(len(chunk) - len(records))
+            records, items, bads = split_chunk(job, encoder, chunk)
+            bar.update(len(bads))
             results, stats = score_items(scorer, items, job.context, job.stride, c.batch_tokens, c.max_padding,
                                          on_progress)
             rows = [result_row(r.id, ll, n, g, c.task) for r, (ll, n, g) in zip(records, results)]
+            record_bad(ckpt, bads, bar.write)
             _commit_chunk(job, ckpt, rows, len(chunk), stats, time.perf_counter() - t0)
     finally:
         bar.close()

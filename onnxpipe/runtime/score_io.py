@@ -255,6 +255,7 @@ class Checkpoint:
     records_done: int = 0
     output_bytes: int = 0  # JSONL: the output's durable size
     parts: int = 0  # Parquet: durable part files
+    done_chunks: list[int] = field(default_factory=list)  # Ray engine: chunks whose part file is durable
     loglik: float = 0.0
     tokens: int = 0
     input_tokens: int = 0  # tokens fed to the model (window overlap counted), padding not
