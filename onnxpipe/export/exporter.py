@@ -27,7 +27,7 @@ from onnxpipe.artifact import (
     write_manifest,
 )
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.export import wrapper
+from onnxpipe.export import gguf, wrapper
 from onnxpipe.export.archs import describe, spec_for
 
 DTYPES = ("fp32", "fp16")
@@ -96,15 +96,23 @@ def export_decoder(
     decode_steps: int = 4,
     log: Callable[[str], None] = lambda msg: None,
 ) -> ExportResult:
-    """Export ``src`` (a Hugging Face model directory) to ``out_dir``; nothing is left behind on failure."""
+    """Export ``src`` (a Hugging Face model directory, or a GGUF file / a directory holding one) to ``out_dir``;
+    nothing is left behind on failure."""
     import torch
 
     src, out_dir = Path(src), Path(out_dir)
     if dtype not in DTYPES:
         raise OnnxpipeError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    read_hf_config(src)
+    given, gguf_info = src, None
+    if gguf.looks_like_gguf(src):  # a GGUF is dequantized once into a cached HF directory, then exported as one
+        gguf_info = gguf.read_gguf(src)
+    else:
+        read_hf_config(src)
     check_output_dir(out_dir, force)
     start = time.perf_counter()
+    if gguf_info is not None:
+        src, gguf_info = gguf.convert_gguf(gguf_info, log=log)
+        read_hf_config(src)
     model = load_hf_model(src, dtype)
     info = describe(model.config)
     log(f"loaded {info['architecture']} ({info['family']}): {info['num_layers']} layers, hidden {info['hidden_size']}, "
@@ -119,11 +127,13 @@ def export_decoder(
         log(f"exported in {export_s:.1f}s{' (external data)' if external else ''}")
         _check_onnx(onnx_path)
         manifest = _build_manifest(onnx_path, info, dtype, opset, external, src, model)
+        if gguf_info is not None:
+            manifest.model["source"] = gguf_info.record() | {"converted_to": str(src)}
         manifest.tokenizer["files"] = copy_tokenizer_files(src, tmp)
         model.config.save_pretrained(tmp)  # config.json: for Optimum interop and for reading by people
         step: dict[str, Any] = {
             "stage": "export",
-            "params": {"source": str(src.absolute()), "dtype": dtype, "opset": opset, "external_data": external},
+            "params": {"source": str(given.absolute()), "dtype": dtype, "opset": opset, "external_data": external},
             "versions": _versions(),
             "seconds": round(export_s, 2),
         }

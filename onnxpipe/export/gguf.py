@@ -1,0 +1,306 @@
+"""GGUF ingestion: read and validate a GGUF file, dequantize it once into a cached Hugging Face directory.
+
+A GGUF (llama.cpp's format) holds the config, the tokenizer and the weights, most of them block-quantized. The
+export path stays the one for Hugging Face directories: transformers dequantizes the GGUF into a plain float32
+model (``from_pretrained(dir, gguf_file=NAME)``, the tokenizer too), which is saved once under the cache
+
+    $ONNXPIPE_CACHE/gguf/<sha256 prefix>/     (default ONNXPIPE_CACHE: ~/.cache/onnxpipe)
+
+and then exported like any other directory. ``source.json`` in that directory records where it came from; the
+exporter copies that record into the manifest (``model.source``), so later stages know the weights came from
+(say) Q4_1 blocks and sit on a 4-bit grid.
+
+Needs the ``gguf`` and ``accelerate`` packages (transformers refuses GGUF loading without accelerate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from onnxpipe.errors import OnnxpipeError
+
+MAGIC = b"GGUF"
+SOURCE_RECORD = "source.json"
+CONVERSION_VERSION = 1  # bump when the conversion changes what it writes; part of the cache key
+INSTALL_HINT = "pip install 'gguf>=0.10' 'accelerate>=1.0'"
+
+# GGUF general.architecture -> the transformers model_type it loads as (and our arch spec). Only architectures
+# whose GGUF round trip is tested here are listed; transformers knows more, our exporter may not.
+GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "qwen2"}
+
+# Tensor types transformers can dequantize through gguf-py and that the tests here round-trip.
+SUPPORTED_TENSOR_TYPES: tuple[str, ...] = (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K",
+)
+
+
+@dataclass
+class GGUFInfo:
+    """What a GGUF file says about itself (read from the header; no tensor data is touched)."""
+
+    path: Path
+    architecture: str
+    model_type: str
+    name: str | None
+    quant_type: str  # the type holding most weight-matrix elements, e.g. "Q4_1"
+    file_type: str | None  # general.file_type as llama.cpp names it, e.g. "MOSTLY_Q4_1"
+    tensor_types: dict[str, int]  # tensor type -> number of tensors
+    num_tensors: int
+    size_bytes: int
+    special_token_ids: dict[str, int] = field(default_factory=dict)  # bos/eos/pad/unk -> id, from the GGUF
+    sha256: str = ""
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``model.source`` entry."""
+        return {
+            "format": "gguf",
+            "file": self.path.name,
+            "path": str(self.path.absolute()),
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "architecture": self.architecture,
+            "name": self.name,
+            "quant_type": self.quant_type,
+            "file_type": self.file_type,
+            "tensor_types": self.tensor_types,
+            "num_tensors": self.num_tensors,
+            "special_token_ids": self.special_token_ids,
+        }
+
+
+def looks_like_gguf(src: str | os.PathLike[str]) -> bool:
+    """A GGUF file (by magic or by suffix), or a directory with no config.json that holds *.gguf files."""
+    p = Path(src)
+    if p.is_file():
+        return p.suffix.lower() == ".gguf" or _magic(p) == MAGIC
+    if p.is_dir():
+        return not (p / "config.json").exists() and any(p.glob("*.gguf"))
+    return p.suffix.lower() == ".gguf"
+
+
+def resolve_gguf_file(src: str | os.PathLike[str]) -> Path:
+    """The GGUF file named by ``src``: the file itself, or the only *.gguf in a directory."""
+    p = Path(src)
+    if p.is_dir():
+        found = sorted(p.glob("*.gguf"))
+        if len(found) != 1:
+            names = ", ".join(f.name for f in found) or "none"
+            raise OnnxpipeError(f"{p}: expected exactly one .gguf file, found {len(found)} ({names}); pass the file itself")
+        p = found[0]
+    if not p.exists():
+        raise OnnxpipeError(f"{p}: no such file")
+    if not p.is_file():
+        raise OnnxpipeError(f"{p}: not a file")
+    if _magic(p) != MAGIC:
+        raise OnnxpipeError(f"{p}: not a GGUF file (the first bytes are not 'GGUF')")
+    return p
+
+
+def read_gguf(src: str | os.PathLike[str]) -> GGUFInfo:
+    """Read and validate a GGUF's header: a supported architecture and only supported tensor types."""
+    path = resolve_gguf_file(src)
+    gguf = _import_gguf()
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError, ... on a broken file
+        raise OnnxpipeError(f"{path}: unreadable GGUF ({_first_line(e)})") from None
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise OnnxpipeError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
+        )
+    name = _field(reader, "general.name")
+    model_type = GGUF_ARCHITECTURES[arch]
+    if arch == "llama" and name and "mistral" in str(name).lower():
+        model_type = "mistral"  # llama.cpp stores Mistral as llama; transformers tells them apart by name
+    counts = Counter(t.tensor_type.name for t in reader.tensors)
+    bad = sorted(set(counts) - set(SUPPORTED_TENSOR_TYPES))
+    if bad:
+        raise OnnxpipeError(
+            f"{path}: unsupported GGUF tensor type(s) {', '.join(bad)}; supported: {', '.join(SUPPORTED_TENSOR_TYPES)}"
+        )
+    if not reader.tensors:
+        raise OnnxpipeError(f"{path}: the GGUF holds no tensors")
+    file_type = _field(reader, "general.file_type")
+    return GGUFInfo(
+        path=path,
+        architecture=arch,
+        model_type=model_type,
+        name=str(name) if name is not None else None,
+        quant_type=_dominant_weight_type(reader),
+        file_type=_file_type_name(gguf, file_type),
+        tensor_types=dict(sorted(counts.items())),
+        num_tensors=len(reader.tensors),
+        size_bytes=path.stat().st_size,
+        special_token_ids=_special_token_ids(reader),
+    )
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ONNXPIPE_CACHE") or Path.home() / ".cache" / "onnxpipe")
+
+
+def convert_gguf(
+    src: str | os.PathLike[str] | GGUFInfo, *, log: Callable[[str], None] = lambda msg: None
+) -> tuple[Path, GGUFInfo]:
+    """Dequantize a GGUF into a float32 Hugging Face directory, once; returns (that directory, the GGUF's info).
+
+    The directory is keyed by the file's sha256, so a changed file converts anew; it is written into a temporary
+    directory beside it and renamed into place, so a killed conversion leaves nothing a later run would trust.
+    """
+    info = src if isinstance(src, GGUFInfo) else read_gguf(src)
+    if not info.sha256:
+        info.sha256 = _sha256(info.path)
+    target = cache_root() / "gguf" / f"{info.sha256[:16]}-v{CONVERSION_VERSION}"
+    if (target / SOURCE_RECORD).is_file() and (target / "config.json").is_file():
+        log(f"using the converted GGUF cached at {target}")
+        return target, info
+    log(f"dequantizing {info.path.name} ({info.quant_type}, {info.architecture}) into {target} (once)...")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_dir(target) as tmp:
+        _dequantize_to(info, tmp)
+        record = info.record() | {"conversion_version": CONVERSION_VERSION, "versions": _versions()}
+        (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return target, info
+
+
+def source_record(hf_dir: Path) -> dict[str, Any]:
+    """The source.json a conversion wrote (what the manifest's ``model.source`` holds)."""
+    data = json.loads((Path(hf_dir) / SOURCE_RECORD).read_text())
+    data.pop("versions", None)
+    data.pop("conversion_version", None)
+    return data
+
+
+def _dequantize_to(info: GGUFInfo, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(info.path.parent), info.path.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except ImportError as e:
+        raise OnnxpipeError(f"loading a GGUF needs more packages ({_first_line(e)}): {INSTALL_HINT}") from None
+    except Exception as e:  # transformers raises many types here; all mean "this GGUF does not load"
+        raise OnnxpipeError(f"{info.path}: transformers could not load this GGUF: {_first_line(e)}") from None
+    if model.config.model_type != info.model_type:
+        raise OnnxpipeError(
+            f"{info.path}: loaded as model_type {model.config.model_type!r}, expected {info.model_type!r}"
+        )
+    # The dequantized model is plain float32; what makes transformers refuse to save it is only the GGUF
+    # "quantizer" it still carries. Dropping it saves an ordinary directory that loads without the GGUF.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    _fix_special_tokens(tokenizer, info.special_token_ids)
+    tokenizer.save_pretrained(out)
+
+
+def _fix_special_tokens(tokenizer: Any, ids: dict[str, int]) -> None:
+    """Name the special tokens the GGUF names. transformers' GGUF converter sets the llama-style tokenizer's eos
+    token to the *bos* token (SmolLM2: eos '<|im_start|>' instead of '<|im_end|>'); the ids in the GGUF are right."""
+    for role, token_id in ids.items():
+        if 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+
+
+@contextlib.contextmanager
+def _atomic_dir(target: Path) -> Iterator[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / SOURCE_RECORD).is_file():  # not a finished conversion by a concurrent run
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise OnnxpipeError(f"reading a GGUF file needs the gguf package: {INSTALL_HINT}") from None
+    return gguf
+
+
+def _field(reader: Any, key: str) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception:  # a malformed value reads as absent; the architecture check then names the problem
+        return None
+
+
+def _special_token_ids(reader: Any) -> dict[str, int]:
+    ids = {}
+    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
+                      ("unk", "unknown_token_id")):
+        value = _field(reader, f"tokenizer.ggml.{key}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            ids[role] = int(value)
+    return ids
+
+
+def _dominant_weight_type(reader: Any) -> str:
+    elements: Counter[str] = Counter()
+    for t in reader.tensors:
+        if len(t.shape) >= 2:
+            elements[t.tensor_type.name] += int(t.n_elements)
+    if not elements:
+        elements = Counter({t.tensor_type.name: int(t.n_elements) for t in reader.tensors})
+    return elements.most_common(1)[0][0]
+
+
+def _file_type_name(gguf: Any, value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return gguf.LlamaFileType(int(value)).name
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _magic(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import gguf  # noqa: F401
+    import transformers
+    from importlib.metadata import version
+
+    return {"transformers": transformers.__version__, "gguf": version("gguf")}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
