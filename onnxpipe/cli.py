@@ -120,5 +120,28 @@ def score(model_dir: Path, input_path: Path, output: Path, task: str, batch_toke
         click.echo(line)
 
 
+@main.command()
+@click.argument("in_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
+@click.option("--level", type=click.IntRange(1, 3), default=3, show_default=True,
+              help="1: cleanup; 2: + norms, GELU, rotary; 3: + fused attention with the KV cache.")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Execution provider the fused forms are chosen for.")
+@click.option("--passes", default=None, help="Comma-separated pass names to run instead of a level's list.")
+@click.option("--skip-verify", is_flag=True, help="Skip the per-pass and final parity checks.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+def optimize(in_dir: Path, out_dir: Path, level: int, target: str, passes: str | None, skip_verify: bool,
+             force: bool) -> None:
+    """Optimize a model directory's graph; each pass is counted, checked against its input, and rolled back if it
+    breaks equivalence."""
+    from onnxpipe.fusion import format_table, optimize_model
+
+    names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None
+    result = optimize_model(in_dir, out_dir, level=level, target=target, passes=names, verify=not skip_verify,
+                            force=force, log=_log)
+    click.echo(format_table(result))
+    click.echo(f"wrote {result.model_dir.path} in {result.seconds:.1f}s")
+
+
 if __name__ == "__main__":
     main()

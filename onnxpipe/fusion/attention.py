@@ -50,7 +50,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         self._grouped, self._transpose_3d, self._nan_guard = grouped, transpose_3d, nan_guard
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, past_key, past_value, q_scale, k_scale, mask_bias,
-                repeat_axes):
+                repeat_axes, out_shape):
         def heads_first(x_BSD):
             return op.Transpose(op.Reshape(x_BSD, pattern.ANY_VALUE), perm=[0, 2, 1, 3])
 
@@ -70,11 +70,11 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         if self._nan_guard:
             probs = op.Where(op.IsNaN(probs), 0.0, probs)
         context = op.MatMul(probs, value_all)
-        out_BSD = op.Reshape(op.Transpose(context, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
-        return out_BSD, present_key, present_value
+        out = op.Reshape(op.Transpose(context, perm=[0, 2, 1, 3]), out_shape, _outputs=["out"])
+        return out, present_key, present_value
 
     def check(self, context, query_BSD, key_BSD, value_BSD, past_key, past_value, q_scale, k_scale, mask_bias,
-              repeat_axes=None, **_):
+              repeat_axes=None, out=None, **_):
         result = pattern.MatchResult()
         ctx = current_context()
         info = ctx.model_info
@@ -109,9 +109,18 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         self._bool_mask, self._attention_mask = mask_node.inputs[0], attention_mask
         self._heads, self._kv_heads = heads, kv_heads
         self._window = int(info.get("sliding_window") or -1)
+        # GPT-2 reshapes the attention output straight to 2-D [B*S, hidden] for its Gemm: keep that Reshape.
+        self._keep_reshape = out is None or out.shape is None or out.shape.rank() != 3
         return result
 
-    def rewrite(self, op, query_BSD, key_BSD, value_BSD, past_key, past_value, mask_bias, **_):
+    def rewrite(self, op, query_BSD, key_BSD, value_BSD, past_key, past_value, mask_bias, out_shape, **_):
+        out, present_key, present_value = self._fused(op, query_BSD, key_BSD, value_BSD, past_key, past_value,
+                                                      mask_bias)
+        if self._keep_reshape:
+            out = op.Reshape(out, out_shape)
+        return out, present_key, present_value
+
+    def _fused(self, op, query_BSD, key_BSD, value_BSD, past_key, past_value, mask_bias):
         low = float(np.finfo(mask_bias.dtype.numpy() if mask_bias.dtype is not None else np.float32).min)
         bias = op.Where(self._bool_mask, op.Constant(value=ir.tensor(np.array(0, dtype=mask_bias.dtype.numpy()))),
                         op.Constant(value=ir.tensor(np.array(low, dtype=mask_bias.dtype.numpy()))))
