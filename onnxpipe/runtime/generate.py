@@ -250,7 +250,7 @@ class LanguageModel:
         mask, _, cache, out = self.prefill(rows, capacity, self._want(cfg))
         active = list(range(len(rows)))  # cache row i holds rows[active[i]]
         while True:
-            tokens = self._choose([rows[a] for a in active], out, cfg)
+            tokens = np.asarray(self._choose([rows[a] for a in active], out, cfg), np.int64)
             for a, t in zip(active, tokens):
                 rows[a].add(t)
             yield [rows[a] for a in active]
@@ -261,7 +261,7 @@ class LanguageModel:
                 self.session.reorder(cache, np.array(keep))
                 mask, tokens = mask[keep], tokens[keep]
                 active = [active[i] for i in keep]
-            mask, out = self.decode_step(np.asarray(tokens), mask, cache, self._want(cfg))
+            mask, out = self.decode_step(tokens, mask, cache, self._want(cfg))
 
     def _choose(self, rows: list[RowState], out: np.ndarray, cfg: SamplingConfig) -> list[int]:
         if out.ndim == 1:  # argmax came back: greedy without logits processors
