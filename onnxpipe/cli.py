@@ -143,5 +143,56 @@ def optimize(in_dir: Path, out_dir: Path, level: int, target: str, passes: str |
     click.echo(f"wrote {result.model_dir.path} in {result.seconds:.1f}s")
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompt_texts", multiple=True, help="A prompt (repeatable).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts: one per line, or .jsonl with {\"prompt\": ...}.")
+@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 is off.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--repeat-ngram-limit", type=click.IntRange(2), default=None, help="Cut a loop once an n-gram repeats this often.")
+@click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable).")
+@click.option("--num-beams", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: onnxruntime's).")
+@click.option("--trt-cache", type=click.Path(path_type=Path), default=None, help="TensorRT engine/timing cache directory.")
+@click.option("--jsonl", is_flag=True, help="One JSON object per prompt instead of text.")
+def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path | None, provider: str, max_new_tokens: int,
+             temperature: float, top_k: int, top_p: float, repetition_penalty: float, repeat_ngram_limit: int | None,
+             stop_strings: tuple[str, ...], num_beams: int, seed: int | None, batch_size: int, threads: int | None,
+             trt_cache: Path | None, jsonl: bool) -> None:
+    """Generate text from a model directory; a single prompt streams as it is generated."""
+    import json
+
+    from onnxpipe.runtime.generate import load, read_prompts
+    from onnxpipe.runtime.providers import TensorRTOptions
+
+    if bool(prompt_texts) == bool(prompts_file):
+        raise click.UsageError("give --prompt TEXT or --prompts FILE (one of them)")
+    prompts = list(prompt_texts) if prompt_texts else read_prompts(prompts_file)
+    lm = load(model_dir, provider, threads=threads, announce=_log,
+              trt_options=TensorRTOptions(cache_dir=trt_cache) if trt_cache else None)
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, repeat_ngram_limit=repeat_ngram_limit,
+                   stop_strings=stop_strings, num_beams=num_beams, seed=seed)
+    if len(prompts) == 1 and not jsonl and num_beams == 1:
+        for piece in lm.stream(prompts[0], **options):
+            click.echo(piece.text, nl=False)
+        click.echo()
+        return
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        for i, (prompt, res) in enumerate(zip(chunk, lm.generate(chunk, **options)), start):
+            if jsonl:
+                click.echo(json.dumps({"index": i, "prompt": prompt, "text": res.text, "token_ids": res.token_ids,
+                                       "finish_reason": res.finish_reason}, ensure_ascii=False))
+            else:
+                click.echo(res.text if len(prompts) == 1 else f"[{i}] {res.text}")
+
+
 if __name__ == "__main__":
     main()

@@ -395,3 +395,31 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Prompts from a file: one per line (blank lines skipped), or a .jsonl file of {"prompt": ...} / strings."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise OnnxpipeError(f"{p}: no such prompts file")
+    try:
+        lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise OnnxpipeError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not lines:
+        raise OnnxpipeError(f"{p}: no prompts (the file is empty); put one prompt per line")
+    if p.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for n, ln in enumerate(lines, 1):
+        try:
+            item = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise OnnxpipeError(f"{p}:{n}: not JSON ({e.msg})") from None
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str) or not prompt:
+            raise OnnxpipeError(f"{p}:{n}: expected a non-empty string or an object with a \"prompt\" string")
+        prompts.append(prompt)
+    return prompts
