@@ -38,14 +38,17 @@ def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head:
 
 
 class _quiet_ort:
-    """ORT's quantization tools log a pre-processing hint as a warning on every call; it does not apply here."""
+    """ORT's quantization tools log a pre-processing hint on every call and a line per node at INFO; our log says
+    what was done instead."""
 
     def __enter__(self) -> None:
         import logging
 
-        self._logger = logging.getLogger()
-        self._level = self._logger.level
-        self._logger.setLevel(logging.ERROR)
+        names = ["", "onnxruntime"] + [n for n in logging.root.manager.loggerDict if n.startswith("onnxruntime")]
+        self._saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+        for lg, _ in self._saved:
+            lg.setLevel(logging.ERROR)
 
     def __exit__(self, *exc: object) -> None:
-        self._logger.setLevel(self._level)
+        for lg, level in self._saved:
+            lg.setLevel(level)

@@ -133,6 +133,11 @@ def quantize_model(
     cfg = QuantizeConfig(mode=mode, **options)
     validate(cfg)
     src = ModelDir.open(in_dir)
+    if src.manifest.graph.get("dtype", "fp32") != "fp32":
+        raise OnnxpipeError(
+            f"{src.path} is {src.manifest.graph.get('dtype')}; quantize from an fp32 model directory "
+            "(export or optimize with --dtype fp32)"
+        )
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
     if out_dir.absolute() == src.path.absolute():

@@ -1,0 +1,186 @@
+"""GPTQ (Frantar et al., 2022) for int4 MatMulNBits, in numpy, from Hessians of real calibration activations.
+
+Why our own: the GPTQ bundled with onnxruntime 1.32 (quantization/neural_compressor/weight_only.py) propagates
+each column's rounding error along a *column* of the upper Cholesky factor (``Hinv1[i:, i]``), which is zero
+below the diagonal, so no error is ever compensated and its result is bit-identical to round-to-nearest
+(tests/quant/test_gptq.py shows both). Here the update uses the factor's *row*, as the paper does.
+
+Per linear layer with weight W [K, N] and inputs X [tokens, K]: H = 2/n X^T X (+ 1% mean-diagonal damping);
+columns of K are quantized in order, each group of ``group_size`` rows gets its asymmetric 4-bit scale and
+zero point from the (already error-corrected) weights, and each row's error is spread over the rows not yet
+quantized through the inverse Hessian's Cholesky factor. Hessians come from the float model (not re-collected
+after each layer is quantized), like ORT's and most one-shot ONNX GPTQ implementations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+MAXQ = 15  # 4 bits, unsigned with a zero point
+
+
+@dataclass
+class QuantizedWeight:
+    q: np.ndarray  # uint8 [N * k_blocks, group_size], values 0..15 (ORT's quant_tensor layout)
+    scale: np.ndarray  # float32 [N * k_blocks, 1]
+    zero_point: np.ndarray  # uint8 [N * k_blocks, 1]
+    k_blocks: int
+
+    def dequantize(self, k: int) -> np.ndarray:
+        n = self.q.shape[0] // self.k_blocks
+        w = (self.q.astype(np.float64) - self.zero_point) * self.scale
+        return w.reshape(n, -1)[:, :k].T
+
+
+def group_params(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric 4-bit scale and zero point per column of ``w`` [rows, N]; the range always includes 0."""
+    lo = np.minimum(w.min(0), 0.0)
+    hi = np.maximum(w.max(0), 0.0)
+    scale = (hi - lo) / MAXQ
+    scale = np.where(scale > 0, scale, 1.0)
+    zero = np.clip(np.round(-lo / scale), 0, MAXQ)
+    return scale, zero
+
+
+def gptq_weight(weight: np.ndarray, hessian: np.ndarray, group_size: int, percdamp: float = 0.01,
+                blocksize: int = 128) -> QuantizedWeight:
+    """GPTQ of one weight [K, N] against its input Hessian [K, K]."""
+    k, n = weight.shape
+    k_blocks = -(-k // group_size)
+    k_pad = k_blocks * group_size
+    W = np.zeros((k_pad, n), np.float64)  # noqa: N806
+    W[:k] = weight
+    H = np.eye(k_pad) * 1.0  # noqa: N806  (padding rows: identity, never used by the product)
+    H[:k, :k] = hessian
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[dead] = 0.0
+    H[np.diag_indices(k_pad)] += percdamp * np.mean(np.diag(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # noqa: N806  upper factor: inv(H) = U^T U
+    q_int = np.zeros((k_pad, n), np.uint8)
+    scales = np.zeros((k_blocks, n))
+    zeros = np.zeros((k_blocks, n))
+    blocksize = max(blocksize - blocksize % group_size, group_size)
+    for i1 in range(0, k_pad, blocksize):
+        i2 = min(i1 + blocksize, k_pad)
+        W1 = W[i1:i2].copy()  # noqa: N806
+        E1 = np.zeros_like(W1)  # noqa: N806
+        U1 = U[i1:i2, i1:i2]  # noqa: N806
+        for i in range(i2 - i1):
+            row = i1 + i
+            if row % group_size == 0:
+                g = row // group_size
+                scales[g], zeros[g] = group_params(W1[i:i + group_size])
+            g = row // group_size
+            w = W1[i]
+            qi = np.clip(np.round(w / scales[g]) + zeros[g], 0, MAXQ)
+            q_int[row] = qi
+            err = (w - (qi - zeros[g]) * scales[g]) / U1[i, i]
+            W1[i:] -= np.outer(U1[i, i:], err)
+            E1[i] = err
+        W[i2:] -= U[i1:i2, i2:].T @ E1
+    return QuantizedWeight(
+        q=q_int.T.reshape(n * k_blocks, group_size),
+        scale=scales.T.reshape(-1, 1).astype(np.float32),
+        zero_point=zeros.T.reshape(-1, 1).astype(np.uint8),
+        k_blocks=k_blocks,
+    )
+
+
+def input_hessians(session: Any, names: list[str], feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """H = 2/n sum x x^T per named activation, over every token of every feed (streamed)."""
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for feed in feeds:
+        outs = session.run(names, feed)
+        rows = 0
+        for name, x in zip(names, outs):
+            x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            rows = x2.shape[0]
+            sums[name] = sums.get(name, 0.0) + x2.T @ x2
+        count += rows
+    return {name: 2.0 * s / max(count, 1) for name, s in sums.items()}
+
+
+def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, np.ndarray]], group_size: int,
+                        accuracy_level: int) -> dict[str, Any]:
+    """Replace each named MatMul by a MatMulNBits holding its GPTQ weights; in place. Returns a small report."""
+    from onnx import numpy_helper
+
+    from onnxpipe.quant.graph import initializer_map
+    from onnxpipe.quant.smoothquant import _session, activation_groups, with_outputs
+
+    groups = activation_groups(proto, nodes)
+    hessians = input_hessians(_session(with_outputs(proto, list(groups))), list(groups), feeds)
+    graph = proto.graph
+    inits = initializer_map(graph)
+    reduction = []
+    for x, members in groups.items():
+        for node in members:
+            weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+            qw = gptq_weight(weight, hessians[x].copy(), group_size)
+            new_node, new_inits = matmulnbits_node(node, weight.shape, qw, group_size, accuracy_level)
+            index = list(graph.node).index(node)
+            graph.node.remove(node)
+            graph.node.insert(index, new_node)
+            graph.initializer.extend(new_inits)
+            reduction.append(_proxy_loss_ratio(weight, qw, hessians[x], group_size))
+    used = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+    return {"hessians": len(hessians), "quantized_nodes": len(reduction),
+            "proxy_loss_vs_rtn": float(np.mean(reduction)) if reduction else None}
+
+
+def matmulnbits_node(node: Any, shape: tuple[int, int], qw: QuantizedWeight, group_size: int,
+                     accuracy_level: int) -> tuple[Any, list[Any]]:
+    """A com.microsoft MatMulNBits (bits=4) in the layout ORT's own quantizer writes: B [N, blocks, group/2] with
+    the even element in the low nibble, scales [N, blocks], zero points [N, ceil(blocks/2)] packed per row."""
+    import onnx
+    from onnx import numpy_helper
+
+    k, n = shape
+    kb = qw.k_blocks
+    q = qw.q.reshape(n, kb, group_size)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    zp = qw.zero_point.reshape(n, kb)
+    if kb % 2:
+        zp = np.concatenate([zp, np.full((n, 1), 8, np.uint8)], axis=1)
+    zp_packed = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+    base = node.input[1]
+    inits = [
+        numpy_helper.from_array(packed, f"{base}_Q4G{group_size}"),
+        numpy_helper.from_array(qw.scale.reshape(n, kb), f"{base}_Q4G{group_size}_scales"),
+        numpy_helper.from_array(zp_packed, f"{base}_Q4G{group_size}_zero_points"),
+    ]
+    attrs = {"K": k, "N": n, "bits": 4, "block_size": group_size}
+    if accuracy_level:
+        attrs["accuracy_level"] = accuracy_level
+    new = onnx.helper.make_node("MatMulNBits", [node.input[0]] + [t.name for t in inits], list(node.output),
+                                name=f"{node.name}_Q4", domain="com.microsoft", **attrs)
+    return new, inits
+
+
+def rtn_weight(weight: np.ndarray, group_size: int) -> np.ndarray:
+    """Round-to-nearest with the same grid rule, dequantized: the baseline GPTQ must beat."""
+    k, n = weight.shape
+    k_pad = -(-k // group_size) * group_size
+    W = np.zeros((k_pad, n))  # noqa: N806
+    W[:k] = weight
+    out = np.zeros_like(W)
+    for g in range(0, k_pad, group_size):
+        s, z = group_params(W[g:g + group_size])
+        out[g:g + group_size] = (np.clip(np.round(W[g:g + group_size] / s) + z, 0, MAXQ) - z) * s
+    return out[:k]
+
+
+def _proxy_loss_ratio(weight: np.ndarray, qw: QuantizedWeight, hessian: np.ndarray, group_size: int) -> float:
+    """tr(dW^T H dW) of GPTQ over that of RTN: the output error GPTQ minimises, < 1 when it helped."""
+    def loss(dw: np.ndarray) -> float:
+        return float(np.einsum("kn,kj,jn->", dw, hessian, dw))
+
+    rtn = loss(weight - rtn_weight(weight, group_size))
+    return loss(weight - qw.dequantize(weight.shape[0])) / rtn if rtn > 0 else 1.0

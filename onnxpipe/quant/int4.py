@@ -1,0 +1,120 @@
+"""int4 weight-only: MatMulNBits with blocks of ``block_size`` weights per scale (and zero point) along K.
+
+Algorithms: ``rtn`` round-to-nearest per block (ORT's default blockwise quantizer); ``gptq``
+(data-aware, our own numpy implementation in gptq.py because ORT's bundled one does not compensate errors:
+each row's rounding error is spread over the rows not yet quantized through the inverse Hessian of the layer's
+inputs, gathered from the calibration text's prefills); ``hqq`` (half-quadratic optimisation of scale and zero point, data-free).
+Every MatMulNBits gets ``accuracy_level`` (default 4: activations quantized to int8 inside the kernel, which is
+what makes int4 fast on CPU; 0 would dequantize to fp32 and be slow).
+
+The LM head and the embeddings, deliberately:
+- the LM head is the most sensitive matrix (its error lands directly in the logits and the argmax) and, for small
+  models, the largest. By default (``--lm-head auto``) it gets 8-bit blocks (MatMulNBits bits=8, block 32),
+  the choice llama.cpp makes for its output tensor: close to lossless, still 4x smaller than fp32. ``int4`` puts
+  it in the same pass as the body; ``fp32`` leaves it alone.
+- the embedding table (Gather) stays in float: a lookup reads one row per token, so quantizing it saves
+  memory but no time, and with tied embeddings the head already has its own quantized copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from onnxpipe.artifact import Manifest
+from onnxpipe.quant.calibration import feed_count
+from onnxpipe.quant.graph import WeightPlan
+
+HEAD_BLOCK_SIZE = 32
+
+
+def quantize_int4(
+    proto: Any,
+    out_path: Path,
+    plan: WeightPlan,
+    manifest: Manifest,
+    samples: np.ndarray | None,
+    cfg: Any,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    import onnx
+
+    from onnxpipe.quant.dynamic import _quiet_ort
+
+    head = plan.lm_head
+    head_mode = "int8" if cfg.lm_head == "auto" else cfg.lm_head
+    body = [n for n in plan.linears if n != head or head_mode == "int4"]
+    all_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
+    details: dict[str, Any] = {"weights": "int4", "algo": cfg.algo, "block_size": cfg.block_size,
+                               "accuracy_level": cfg.accuracy_level, "lm_head": head_mode if head else None,
+                               "embeddings": "float (lookup; not quantized)"}
+    with _quiet_ort():
+        if head and head_mode == "int8":
+            proto = _nbits(proto, bits=8, block_size=HEAD_BLOCK_SIZE, include=[head], all_matmuls=all_matmuls,
+                           accuracy_level=cfg.accuracy_level)
+        if cfg.algo == "gptq":
+            details["gptq"] = _gptq(proto, body, manifest, samples, cfg)
+            details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
+        else:
+            proto = _nbits(proto, bits=4, block_size=cfg.block_size, include=body, all_matmuls=all_matmuls,
+                           accuracy_level=cfg.accuracy_level, algo=cfg.algo)
+    details["matmulnbits"] = _set_accuracy_level(proto, cfg.accuracy_level)
+    details["quantized_nodes"] = len(body) + (1 if head and head_mode == "int8" else 0)
+    onnx.save_model(proto, str(out_path), save_as_external_data=proto.ByteSize() > 1_800_000_000)
+    return details
+
+
+def _nbits(proto: Any, bits: int, block_size: int, include: list[str], all_matmuls: list[str],
+           accuracy_level: int, algo: str = "rtn") -> Any:
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    if algo == "hqq":
+        algo_config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, quant_format=QuantFormat.QOperator)
+    else:
+        algo_config = DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level or None,
+            quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=bits,
+        )
+    wanted = set(include)
+    quantizer = MatMulNBitsQuantizer(
+        proto, bits=bits, block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level or None,
+        nodes_to_exclude=[n for n in all_matmuls if n not in wanted], algo_config=algo_config,
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _gptq(proto: Any, body: list[str], manifest: Manifest, samples: np.ndarray, cfg: Any) -> dict[str, Any]:
+    """GPTQ on ``body`` (gptq.py), with Hessians from prefills of real calibration text; in place."""
+    from onnxpipe.quant.gptq import gptq_quantize_graph
+    from onnxpipe.quant.quality import prefill_feed
+
+    prefill = cfg.calib.prefill_len
+    feeds = (prefill_feed(manifest, samples[b:b + cfg.calib.batch_size, :prefill])
+             for b in range(0, len(samples), cfg.calib.batch_size))
+    return gptq_quantize_graph(proto, body, feeds, cfg.block_size, cfg.accuracy_level)
+
+
+def _set_accuracy_level(proto: Any, level: int) -> int:
+    """Every MatMulNBits gets the same accuracy_level (HQQ's path does not set it at all)."""
+    import onnx
+
+    count = 0
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        count += 1
+        for a in list(node.attribute):
+            if a.name == "accuracy_level":
+                node.attribute.remove(a)
+        if level:
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+    return count
+

@@ -1,0 +1,112 @@
+"""Static int8 in QDQ format: activation ranges calibrated on real text, prefill and decode, KV cache included.
+
+We own the calibration loop and hand ORT the ranges: ORT's quantize_static would keep every run's activations
+until the reader is exhausted (its histogram calibrators do), while here the calibrator is given one run at a
+time and folds it into its running min/max or histogram before the next run (memory stays at one run's
+activations, whatever the number of samples). The ranges go to ORT through its calibration cache file, and
+quantize_static then only writes the QDQ graph.
+
+What is quantized: the linear layers (MatMul with a constant weight; LM head included unless --lm-head fp32).
+The attention products (Q K^T, P V) stay in float: their inputs come from a cache whose range grows with the
+sequence, which one calibrated range per tensor does not describe. Activations int8 (S8S8, ORT's recommended
+QDQ pairing on CPU), weights int8 symmetric, per output channel with --per-channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from onnxpipe.artifact import Manifest
+from onnxpipe.quant.calibration import SingleFeedReader, feed_count, kv_feeds
+from onnxpipe.quant.graph import WeightPlan
+
+METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def quantize_static_int8(
+    proto: Any,
+    out_path: Path,
+    plan: WeightPlan,
+    manifest: Manifest,
+    samples: np.ndarray,
+    cfg: Any,
+    log: Callable[[str], None],
+    progress: Callable[[str, int, int], None] | None,
+) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    from onnxpipe.quant.dynamic import _quiet_ort
+    from onnxpipe.quant.quality import measure_session
+
+    details: dict[str, Any] = {"weights": "int8", "activations": "int8 (static, calibrated)", "format": "QDQ",
+                               "method": cfg.method, "per_channel": cfg.per_channel}
+    nodes = [n for n in plan.linears if cfg.lm_head != "fp32" or n != plan.lm_head]
+    details["lm_head"] = "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8"
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-calib-", dir=out_path.parent) as work:
+        work = Path(work)
+        float_path = work / "float.onnx"
+        if cfg.smoothquant is not None:
+            from onnxpipe.quant.smoothquant import smooth_model
+
+            kv_session = measure_session(_save(proto, work / "unsmoothed.onnx"))
+            stats_feeds = kv_feeds(kv_session, manifest, samples, cfg.calib)
+            check_feed = next(kv_feeds(kv_session, manifest, samples[:2], cfg.calib, decode=False))
+            proto, report = smooth_model(proto, nodes, cfg.smoothquant, stats_feeds, check_feed, manifest.graph["logits"])
+            details["smoothquant"] = report.to_json()
+            log(f"SmoothQuant alpha {cfg.smoothquant}: {report.groups} groups ({report.folded} folded into norms, "
+                f"{report.inserted_muls} Mul inserted); worst channel outlier ratio {report.outlier_ratio_before:.1f} -> "
+                f"{report.outlier_ratio_after:.1f}; float equivalence rel err {report.equivalence_rel_err:.2g}")
+        _save(proto, float_path)
+        method = getattr(CalibrationMethod, METHOD_NAMES[cfg.method])
+        with _quiet_ort():
+            calibrator = create_calibrator(
+                float_path, ["MatMul"], augmented_model_path=str(work / "augmented.onnx"), calibrate_method=method,
+                extra_options={"symmetric": cfg.method == "percentile"},
+            )
+        session = measure_session(float_path)
+        total = feed_count(samples, cfg.calib)
+        for done, feed in enumerate(kv_feeds(session, manifest, samples, cfg.calib), 1):
+            with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print on every call
+                calibrator.collect_data(SingleFeedReader(feed))
+            if progress:
+                progress("calibrating", done, total)
+        with contextlib.redirect_stdout(io.StringIO()):
+            ranges = calibrator.compute_data()
+        del calibrator, session
+        cache = work / "ranges.json"
+        save_tensors_data(ranges, cache)
+        details["calibration_runs"] = total
+        details["calibrated_tensors"] = len(ranges.data)
+        model = onnx.load(str(float_path))
+        with _quiet_ort():
+            quantize_static(
+                model,
+                str(out_path),
+                None,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul"],
+                per_channel=cfg.per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=nodes,
+                calibrate_method=method,
+                calibration_cache_path=str(cache),
+                extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False},
+            )
+    details["quantized_nodes"] = len(nodes)
+    return details
+
+
+def _save(proto: Any, path: Path) -> Path:
+    import onnx
+
+    onnx.save_model(proto, str(path), save_as_external_data=proto.ByteSize() > 1_800_000_000)
+    return path
