@@ -194,5 +194,64 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
                 click.echo(res.text if len(prompts) == 1 else f"[{i}] {res.text}")
 
 
+@main.command()
+@click.argument("in_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
+@click.option("--mode", type=click.Choice(["dynamic", "static", "int4", "fp16"]), required=True,
+              help="dynamic: int8 weights, run-time activations; static: int8 QDQ, calibrated; int4: weight-only MatMulNBits; "
+                   "fp16: mixed precision for GPUs.")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration text or JSONL (static; int4 --algo gptq).")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True,
+              help="static: activation range calibrator.")
+@click.option("--per-channel", is_flag=True, help="static: one weight scale per output channel (dynamic always is).")
+@click.option("--smoothquant", "smoothquant", type=float, default=None, metavar="ALPHA",
+              help="static: migrate activation outliers into weights first (alpha in (0, 1], 0.5 is usual).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per scale along the input axis.")
+@click.option("--algo", type=click.Choice(["rtn", "gptq", "hqq"]), default="rtn", show_default=True, help="int4 algorithm.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="int4: MatMulNBits compute type (4 = int8, fast on CPU; 0 = unset).")
+@click.option("--lm-head", type=click.Choice(["auto", "fp32", "int8", "int4"]), default="auto", show_default=True,
+              help="LM head precision (auto: int8, or 8-bit blocks under int4; fp16 under fp16).")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Held-out text for the quality report [default: data/eval.txt].")
+@click.option("--eval-tokens", type=click.IntRange(2, None), default=None, help="Score only the first N tokens of the eval text.")
+@click.option("--calib-samples", type=click.IntRange(1, 4096), default=32, show_default=True, help="Calibration samples (at most).")
+@click.option("--calib-seq-len", type=click.IntRange(2, 8192), default=128, show_default=True, help="Prefill tokens per calibration sample.")
+@click.option("--max-ppl-increase", type=float, default=None, metavar="PCT",
+              help="Fail, writing nothing, if perplexity rises more than PCT percent.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str, per_channel: bool,
+             smoothquant: float | None, block_size: int, algo: str, accuracy_level: int, lm_head: str,
+             eval_file: Path | None, eval_tokens: int | None, calib_samples: int, calib_seq_len: int,
+             max_ppl_increase: float | None, force: bool) -> None:
+    """Quantize a model directory (exported or optimized) and report its quality against the input."""
+    from onnxpipe.quant import describe_result, quantize_model
+    from onnxpipe.quant.calibration import CalibrationConfig
+
+    result = quantize_model(
+        in_dir, out_dir, mode, force=force, log=_log, progress=_progress_bars(), calibration=calibration,
+        method=method, per_channel=per_channel, smoothquant=smoothquant, block_size=block_size, algo=algo,
+        accuracy_level=accuracy_level, lm_head=lm_head, eval_file=eval_file, max_eval_tokens=eval_tokens,
+        max_ppl_increase=max_ppl_increase, calib=CalibrationConfig(max_samples=calib_samples, prefill_len=calib_seq_len),
+    )
+    click.echo(describe_result(result))
+
+
+def _progress_bars():  # noqa: ANN202
+    """A progress callback (label, done, total) drawing one tqdm bar per label on stderr (off when not a TTY)."""
+    bars: dict = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = bars.get(label)
+        if bar is None:
+            bar = bars[label] = tqdm(total=total, desc=label, file=sys.stderr, leave=False, disable=None)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
 if __name__ == "__main__":
     main()
