@@ -52,7 +52,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 @main.command()
-@click.argument("hf_model_dir", type=click.Path(path_type=Path))
+@click.argument("hf_model_dir", metavar="HF_DIR_OR_GGUF", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True, help="ONNX opset of the default domain.")
@@ -60,7 +60,11 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--decode-steps", type=click.IntRange(3, 64), default=4, show_default=True, help="Decode steps in the parity check.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def export(hf_model_dir: Path, out_dir: Path, dtype: str, opset: int, no_verify: bool, decode_steps: int, force: bool) -> None:
-    """Export a Hugging Face model directory to ONNX with KV-cache inputs/outputs, checked against PyTorch."""
+    """Export a Hugging Face model directory to ONNX with KV-cache inputs/outputs, checked against PyTorch.
+
+    HF_DIR_OR_GGUF may also be a GGUF file (or a directory holding exactly one): it is dequantized once into a
+    cached Hugging Face directory, and the GGUF and its quantization type are recorded in the manifest.
+    """
     from onnxpipe.export import export_decoder
 
     result = export_decoder(
