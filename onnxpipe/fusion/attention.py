@@ -16,7 +16,8 @@ for every row and total_sequence_length = T (T = attention_mask's width): every 
 new KV rows land at [P, T) exactly as the Concat did, and left padding is handled by the bias. Measured on ORT
 1.32 CPU (tests/fusion/test_gqa_padding.py): identical to a reference with a left-padded batch, and
 local_window_size = W admits keys with i - j < W, HF's sliding_window semantics; it is set from the manifest so
-the kernel can skip keys outside the window. GroupQueryAttention's own rotary (do_rotary) is not used: in the
+the kernel can skip keys outside the window. GroupQueryAttention also gets query_seqlens = S for every row, without which ORT's CPU kernel rejects a
+multi-token step with a past for batch > 1. GroupQueryAttention's own rotary (do_rotary) is not used: in the
 prompt it reads only the first position id of each row, which is wrong for left-padded rows.
 """
 
@@ -74,7 +75,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         return out, present_key, present_value
 
     def check(self, context, query_BSD, key_BSD, value_BSD, past_key, past_value, q_scale, k_scale, mask_bias,
-              repeat_axes=None, out=None, **_):
+              repeat_axes=None, out=None, present_key=None, present_value=None, **_):
         result = pattern.MatchResult()
         ctx = current_context()
         info = ctx.model_info
@@ -93,6 +94,9 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         if not math.isclose(self._scale, 1.0 / math.sqrt(head_dim), rel_tol=1e-3):
             # a custom scale is fine (the ops take one); note it so the report can say so
             pass
+        escaped = _escaping_value(context, keep=[present_key, present_value, out])
+        if escaped is not None:
+            return result.fail(f"{escaped.name} is read outside the attention block", escaped)
         mask_node = mask_bias.producer()
         if mask_node is None or mask_node.op_type != "Where":
             return result.fail("mask is not Where(bool_mask, 0, -inf)", mask_bias)
@@ -133,11 +137,30 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         batch_1d = op.Shape(self._attention_mask, start=0, end=1)
         seqlens_k = op.Cast(op.Expand(op.Sub(total_1d, op.Constant(value_ints=[1])), batch_1d), to=ir.DataType.INT32)
         total = op.Cast(op.Squeeze(total_1d), to=ir.DataType.INT32)
+        # query_seqlens = S for every row: without it the CPU kernel refuses batch > 1 with S > 1 and a past
+        # (a multi-token step after the prompt); with it every row's S new tokens go to [T - S, T) as before.
+        query_seqlens = op.Cast(op.Expand(op.Shape(query_BSD, start=1, end=2), batch_1d), to=ir.DataType.INT32)
         return op.GroupQueryAttention(
             query_BSD, key_BSD, value_BSD, past_key, past_value, seqlens_k, total, None, None, None, bias,
+            None, None, None, None, None, query_seqlens,
             num_heads=self._heads, kv_num_heads=self._kv_heads, scale=self._scale,
             local_window_size=self._window, do_rotary=0, _domain="com.microsoft", _outputs=3,
         )
+
+
+def _escaping_value(context, keep: list) -> ir.Value | None:
+    """A value inside the match (not one of its outputs) that something outside the match reads, or None.
+    The rule keeps the old nodes (remove_nodes=False), so such a match would duplicate work instead of fusing it."""
+    matched = {id(n) for n in context.nodes}
+    keep_ids = {id(v) for v in keep if v is not None}
+    graph_outputs = {id(v) for v in context.graph_or_function.outputs}
+    for node in context.nodes:
+        for value in node.outputs:
+            if id(value) in keep_ids:
+                continue
+            if id(value) in graph_outputs or any(id(user) not in matched for user, _ in value.uses()):
+                return value
+    return None
 
 
 def _variants(prefix: str, grouped: bool) -> list:

@@ -9,6 +9,7 @@ one (Qwen3 adds a q and a k norm per layer), and every norm but the first sits a
 from __future__ import annotations
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter.ort_fusions import rms_normalization, skip_normalization
 
 from onnxpipe.fusion.rules import PassContext, apply_rules, count_ops, register
@@ -28,6 +29,9 @@ def expected_norms(ctx: PassContext) -> int:
 
 
 def fuse_norms(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
+    # onnxscript's RMSNorm pattern spells out ReduceMean's keepdims/noop_with_empty_axes; a graph that leaves them
+    # at their defaults would not match, so write the defaults out first.
+    common_passes.AddDefaultAttributesPass()(model)
     counts = apply_rules(model, ["rms_norm"])
     counts.update(apply_rules(model, ["skip_rms_norm", "skip_layer_norm"]))
     norms, skips = count_ops(model, *NORM_OPS), count_ops(model, *SKIP_OPS)

@@ -16,12 +16,15 @@ TARGETS = ("cpu", "cuda")
 
 # rule name -> the onnxscript rewrite rules it stands for (one name may cover a few pattern variants)
 RULES: dict[str, list[Any]] = {}
+COMMUTE: set[str] = set()  # rules matched with every operand order of their commutative ops
 
 
-def register(name: str, *rules: Any) -> list[Any]:
+def register(name: str, *rules: Any, commute: bool = False) -> list[Any]:
     if name in RULES:
         raise ValueError(f"rule {name!r} registered twice")
     RULES[name] = list(rules)
+    if commute:
+        COMMUTE.add(name)
     return RULES[name]
 
 
@@ -46,13 +49,13 @@ class PassContext:
         return int(self.model_info["num_layers"])
 
 
-def apply_rules(model: ir.Model, names: list[str], commute: bool = False) -> dict[str, int]:
-    """Apply the named rules, each to a fixed point; returns how often each one fired."""
+def apply_rules(model: ir.Model, names: list[str]) -> dict[str, int]:
+    """Apply the named rules in order; returns how often each one fired."""
     from onnxscript.rewriter import pattern
 
     counts = {}
     for name in names:
-        ruleset = pattern.RewriteRuleSet(RULES[name], commute=commute)
+        ruleset = pattern.RewriteRuleSet(RULES[name], commute=name in COMMUTE)
         counts[name] = int(ruleset.apply_to_model(model))
     return counts
 
