@@ -67,6 +67,9 @@ def load_hf_model(src: Path, dtype: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the CLI prints its own progress
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     try:
         with _quiet():
