@@ -189,7 +189,9 @@ def create_session(
         raise OnnxpipeError(f"{model_path}: no such model file")
     manifest_graph = _manifest_graph(model_path)
     graph_inputs = graph_inputs if graph_inputs is not None else manifest_graph.get("inputs")
-    dtype = dtype or manifest_graph.get("dtype") or _graph_float_type(model_path)
+    dtype = dtype or manifest_graph.get("dtype")
+    if dtype not in ("fp32", "fp16"):  # quantized graphs: what matters is the float type of their activations
+        dtype = _graph_float_type(model_path)
 
     messages: list[str] = []
     listed = set(available_providers())

@@ -66,6 +66,7 @@ class DecoderSession:
         trt_options: TensorRTOptions | None = None,
         threads: int | None = None,
         announce: Callable[[str], None] | None = None,
+        session_options: Any = None,
     ):
         import onnxruntime as ort
 
@@ -74,6 +75,7 @@ class DecoderSession:
         self.session, self.choice = create_session(
             self.model_dir.model_path, provider, trt_options=trt_options, threads=threads,
             graph_inputs=m.graph.get("inputs"), dtype=m.graph.get("dtype"), announce=announce,
+            session_options=session_options,
         )
         self.device = self.choice.device
         self._ort = ort

@@ -35,9 +35,9 @@ def _hf_greedy(model, prompts, new, **kw):
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, **kw)
     rows = []
-    eos = model.generation_config.eos_token_id
+    eos = kw.get("eos_token_id", model.generation_config.eos_token_id)
     for r in out[:, width:].tolist():
-        if kw.get("eos_token_id", eos) is not None and eos in r:
+        if eos is not None and eos in r:
             r = r[: r.index(eos) + 1]
         rows.append(r)
     return rows
@@ -58,7 +58,7 @@ def test_greedy_equals_transformers_single_and_batch(tiny_hf, tiny_onnx, family)
     assert all(len(s.token_ids) == NEW or s.finish_reason == "eos" for s in singles)
 
 
-def test_rows_stop_on_their_own(tiny_onnx):
+def test_rows_stop_on_their_own(tiny_hf, tiny_onnx):
     lm = load(tiny_onnx("llama"), "cpu")
     ref = [lm.generate(p, max_new_tokens=NEW, stop_token_ids=[]) for p in PROMPTS]
     stop = ref[0].token_ids[3]  # row 0 stops at its 4th token; the others go on as they would alone
@@ -70,6 +70,8 @@ def test_rows_stop_on_their_own(tiny_onnx):
         else:
             assert r.token_ids == full.token_ids and r.finish_reason == "length"
     assert res[0].finish_reason == "eos" and len(res[0].token_ids) <= 4
+    # transformers with the same end-of-sequence id stops the same rows at the same places
+    assert [r.token_ids for r in res] == _hf_greedy(_hf(tiny_hf, "llama"), PROMPTS, NEW, eos_token_id=stop)
 
 
 @pytest.mark.parametrize("num_beams", [2, 4])
