@@ -88,8 +88,9 @@ def inspect(model_dir: Path) -> None:
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Results: .jsonl or .parquet (with --engine ray: a directory of that name holding part files).")
-@click.option("--task", type=click.Choice(["perplexity", "loglik"]), default="perplexity", show_default=True,
-              help="loglik adds `greedy` (every scored token was the argmax).")
+@click.option("--task", type=click.Choice(["perplexity", "loglik", "generate"]), default="perplexity", show_default=True,
+              help="loglik adds `greedy` (every scored token was the argmax); generate: greedy text per prompt.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True, help="For --task generate.")
 @click.option("--batch-tokens", type=click.IntRange(1), default=4096, show_default=True,
               help="Slots per batch (batch size x longest window, padding included).")
 @click.option("--max-padding", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True,
@@ -108,7 +109,7 @@ def inspect(model_dir: Path) -> None:
               help="Ray workers [one per GPU with cuda, else the cluster's CPUs / threads].")
 @click.option("--ray-address", default=None, help="Ray cluster to join [$RAY_ADDRESS, else a local instance].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def score(model_dir: Path, input_path: Path, output: Path, task: str, batch_tokens: int, max_padding: float,
+def score(model_dir: Path, input_path: Path, output: Path, task: str, max_new_tokens: int, batch_tokens: int, max_padding: float,
           stride: int | None, max_context: int | None, chunk_records: int, provider: str, threads: int | None,
           on_bad_record: str, resume: bool, force: bool, engine: str, num_workers: int | None,
           ray_address: str | None, no_progress: bool) -> None:
@@ -118,7 +119,8 @@ def score(model_dir: Path, input_path: Path, output: Path, task: str, batch_toke
     config = ScoreConfig(task=task, batch_tokens=batch_tokens, max_padding=max_padding, stride=stride,
                          max_context=max_context, chunk_records=chunk_records, on_bad_record=on_bad_record,
                          provider=provider, threads=threads, resume=resume, force=force, progress=not no_progress,
-                         engine=engine, num_workers=num_workers, ray_address=ray_address)
+                         engine=engine, num_workers=num_workers, ray_address=ray_address,
+                         max_new_tokens=max_new_tokens)
     summary = run_score(model_dir, input_path, output, config, log=_log)
     for line in summary.lines():
         click.echo(line)

@@ -42,7 +42,7 @@ from onnxpipe.parity import position_ids_for
 from onnxpipe.runtime import score_io
 from onnxpipe.runtime.score_io import BadRecord, Checkpoint, Record
 
-TASKS = ("perplexity", "loglik")
+TASKS = ("perplexity", "loglik", "generate")
 ENGINES = ("local", "ray")
 BAD_RECORD_MODES = ("skip", "fail")
 MAX_BAD_LISTED = 100  # bad records listed in the checkpoint and summary; all are counted
@@ -65,6 +65,7 @@ class ScoreConfig:
     engine: str = "local"
     num_workers: int | None = None
     ray_address: str | None = None
+    max_new_tokens: int = 64  # --task generate (greedy)
 
     def check(self) -> None:
         if self.task not in TASKS:
@@ -77,6 +78,8 @@ class ScoreConfig:
             raise OnnxpipeError("--batch-tokens and --chunk-records must be positive")
         if not 0.0 <= self.max_padding < 1.0:
             raise OnnxpipeError(f"--max-padding must be in [0, 1), got {self.max_padding}")
+        if self.task == "generate" and self.engine != "local":
+            raise OnnxpipeError("--task generate runs on the local engine only (--engine local)")
         if self.resume and self.force:
             raise OnnxpipeError("--resume and --force contradict each other; pass one")
 
@@ -87,7 +90,7 @@ class ScoreSummary:
     bad_records: int
     tokens: int
     loglik: float
-    perplexity: float
+    perplexity: float | None  # None for --task generate
     seconds: float
     tokens_per_s: float
     records_per_s: float
@@ -111,9 +114,11 @@ class ScoreSummary:
         return asdict(self)
 
     def lines(self) -> list[str]:
+        head = (f"generated {self.tokens} tokens for {self.records} records" if self.perplexity is None else
+                f"scored {self.records} records, {self.tokens} tokens: corpus perplexity {self.perplexity:.4f} "
+                f"(loglik {self.loglik:.3f})")
         out = [
-            f"scored {self.records} records, {self.tokens} tokens: corpus perplexity {self.perplexity:.4f} "
-            f"(loglik {self.loglik:.3f})",
+            head,
             f"{self.tokens_per_s:.0f} tokens/s, {self.records_per_s:.1f} records/s over {self.seconds:.1f}s "
             f"({self.runs} run{'s' if self.runs != 1 else ''}); padding {self.padding_fraction:.1%} of batch slots; "
             f"engine {self.engine} x{self.workers}; {self.provider}",
@@ -374,6 +379,7 @@ class ScoreJob:
             "input": [[s.path.name, s.path.stat().st_size, s.records] for s in self.shards],
             "task": c.task, "context": self.context, "stride": self.stride, "batch_tokens": c.batch_tokens,
             "max_padding": c.max_padding, "chunk_records": c.chunk_records, "engine": c.engine,
+            **({"max_new_tokens": c.max_new_tokens} if c.task == "generate" else {}),
         }
 
     def records(self, skip: int = 0) -> Iterator[Record | BadRecord]:
@@ -384,7 +390,7 @@ class ScoreJob:
             if seen + shard.records <= skip:
                 seen += shard.records
                 continue
-            for rec in score_io.iter_records(shard, prefix, vocab):
+            for rec in score_io.iter_records(shard, prefix, vocab, self.config.task == "generate"):
                 seen += 1
                 if seen > skip:
                     yield rec
@@ -487,11 +493,11 @@ def check_all_records(job: ScoreJob, skip: int = 0) -> None:
             fail_on_bad(job, rec)
 
 
-def split_chunk(job: ScoreJob, encoder: Encoder, chunk: list[Record | BadRecord]
-                ) -> tuple[list[Record], list[Item], list[BadRecord]]:
-    """The chunk's scorable records with their Items, and its bad records (fatal in --on-bad-record fail)."""
+def split_chunk(job: ScoreJob, make_items: Callable[[list[Record]], list[Item | str]],
+                chunk: list[Record | BadRecord]) -> tuple[list[Record], list[Item], list[BadRecord]]:
+    """The chunk's workable records with their Items, and its bad records (fatal in --on-bad-record fail)."""
     good = [r for r in chunk if isinstance(r, Record)]
-    made = dict(zip((id(r) for r in good), encoder.items(good)))
+    made = dict(zip((id(r) for r in good), make_items(good)))
     records, items, bads = [], [], []
     for rec in chunk:
         item = rec if isinstance(rec, BadRecord) else made[id(rec)]
@@ -510,7 +516,7 @@ def make_summary(job: ScoreJob, ckpt: Checkpoint, provider: str, workers: int) -
     secs = max(ckpt.seconds, 1e-9)
     return ScoreSummary(
         records=ckpt.records_scored, bad_records=ckpt.bad_count, tokens=ckpt.tokens, loglik=ckpt.loglik,
-        perplexity=math.exp(-ckpt.loglik / ckpt.tokens) if ckpt.tokens else float("nan"),
+        perplexity=math.exp(-ckpt.loglik / ckpt.tokens) if ckpt.tokens and c.task != "generate" else None,
         seconds=ckpt.seconds, tokens_per_s=ckpt.tokens / secs, records_per_s=ckpt.records_scored / secs,
         input_tokens=ckpt.input_tokens,
         padding_fraction=1.0 - ckpt.input_tokens / ckpt.padded_slots if ckpt.padded_slots else 0.0,
@@ -547,6 +553,24 @@ def score(model_dir: str | Path, input_path: str | Path, output: str | Path, con
     return score_local(job, log)
 
 
+class ScoreWorker:
+    """The local engine's scoring: records -> Items (Encoder) -> windows -> batches (WindowScorer) -> rows."""
+
+    def __init__(self, job: ScoreJob, announce: Callable[[str], None]):
+        c = job.config
+        self.job = job
+        self.scorer = WindowScorer.open(job.model_dir.path, c.provider, c.threads, announce=announce)
+        self.provider = self.scorer.provider
+        self.items = Encoder(job.model_dir).items
+
+    def run(self, records: list[Record], items: list[Item], on_progress: Callable[[int, int], None]
+            ) -> tuple[list[dict[str, Any]], ChunkStats]:
+        job, c = self.job, self.job.config
+        results, stats = score_items(self.scorer, items, job.context, job.stride, c.batch_tokens, c.max_padding,
+                                     on_progress)
+        return [result_row(r.id, ll, n, g, c.task) for r, (ll, n, g) in zip(records, results)], stats
+
+
 def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     c = job.config
     ckpt = start(job, log)
@@ -554,10 +578,14 @@ def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
         return ScoreSummary(**json.loads(job.summary_path.read_text()))
     _cut_back(job, ckpt)
     messages: list[str] = []
-    scorer = WindowScorer.open(job.model_dir.path, c.provider, c.threads, announce=messages.append)
+    if c.task == "generate":
+        from onnxpipe.runtime.score_generate import GenerateWorker
+
+        worker: Any = GenerateWorker(job, messages.append)
+    else:
+        worker = ScoreWorker(job, messages.append)
     for m in messages:
         log(m)
-    encoder = Encoder(job.model_dir)
     ckpt.runs += 1
     bar = progress_bar(job, ckpt.records_done)
     run_tokens, run_start = 0, time.perf_counter()
@@ -571,11 +599,9 @@ def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     try:
         for chunk in job.chunks(ckpt.records_done):
             t0 = time.perf_counter()
-            records, items, bads = split_chunk(job, encoder, chunk)
+            records, items, bads = split_chunk(job, worker.items, chunk)
             bar.update(len(bads))
-            results, stats = score_items(scorer, items, job.context, job.stride, c.batch_tokens, c.max_padding,
-                                         on_progress)
-            rows = [result_row(r.id, ll, n, g, c.task) for r, (ll, n, g) in zip(records, results)]
+            rows, stats = worker.run(records, items, on_progress)
             record_bad(ckpt, bads, bar.write)
             _commit_chunk(job, ckpt, rows, len(chunk), stats, time.perf_counter() - t0)
     finally:
@@ -583,7 +609,7 @@ def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     if job.fmt == "parquet":
         score_io.merge_parts([job.part_path(i) for i in range(ckpt.parts)], job.output, "parquet")
         shutil.rmtree(job.parts_dir, ignore_errors=True)
-    summary = make_summary(job, ckpt, scorer.provider, 1)
+    summary = make_summary(job, ckpt, worker.provider, 1)
     finish(job, ckpt, summary)
     return summary
 
@@ -624,7 +650,7 @@ def _commit_chunk(job: ScoreJob, ckpt: Checkpoint, rows: list[dict[str, Any]], n
 def _account(ckpt: Checkpoint, rows: list[dict[str, Any]], n_records: int, stats: ChunkStats, seconds: float) -> None:
     ckpt.records_done += n_records
     ckpt.records_scored += len(rows)
-    ckpt.loglik += sum(r["loglik"] for r in rows)
+    ckpt.loglik += sum(r.get("loglik", 0.0) for r in rows)
     ckpt.tokens += sum(r["tokens"] for r in rows)
     ckpt.input_tokens += stats.input_tokens
     ckpt.padded_slots += stats.padded_slots

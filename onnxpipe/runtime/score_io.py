@@ -111,7 +111,8 @@ def _count_records(shard: Shard) -> int:
     return n
 
 
-def iter_records(shard: Shard, prefix_ids: bool, vocab_size: int | None) -> Iterator[Record | BadRecord]:
+def iter_records(shard: Shard, prefix_ids: bool, vocab_size: int | None, generate: bool = False
+                 ) -> Iterator[Record | BadRecord]:
     """Every record of a shard in order (blank JSONL lines are not records); bad ones as BadRecord."""
     if shard.fmt == "parquet":
         pq = require_pyarrow(shard.path)
@@ -119,7 +120,7 @@ def iter_records(shard: Shard, prefix_ids: bool, vocab_size: int | None) -> Iter
         for batch in pq.ParquetFile(shard.path).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 number += 1
-                yield parse_record(row, number, shard.path, prefix_ids, vocab_size)
+                yield parse_record(row, number, shard.path, prefix_ids, vocab_size, generate)
         return
     with open(shard.path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -130,10 +131,13 @@ def iter_records(shard: Shard, prefix_ids: bool, vocab_size: int | None) -> Iter
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 yield BadRecord(f"{shard.path.name}:{number}", f"not valid JSON ({e})")
                 continue
-            yield parse_record(obj, number, shard.path, prefix_ids, vocab_size)
+            yield parse_record(obj, number, shard.path, prefix_ids, vocab_size, generate)
 
 
-def parse_record(obj: Any, number: int, path: Path, prefix_ids: bool, vocab_size: int | None) -> Record | BadRecord:
+def parse_record(obj: Any, number: int, path: Path, prefix_ids: bool, vocab_size: int | None,
+                 generate: bool = False) -> Record | BadRecord:
+    """A Record, or a BadRecord saying what is wrong. For generation a record holds one prompt: ``prompt`` or
+    ``text`` (text), or ``prompt_ids`` or ``input_ids`` (token ids)."""
     where = f"{path.name}:{number}"
     if not isinstance(obj, dict):
         return BadRecord(where, f"expected a JSON object, got {type(obj).__name__}")
@@ -145,7 +149,16 @@ def parse_record(obj: Any, number: int, path: Path, prefix_ids: bool, vocab_size
     present = {k for k in (*TEXT_FIELDS, *ID_FIELDS) if obj.get(k) is not None}
     rec = Record(rid, where)
     try:
-        if present == {"text"}:
+        if generate:
+            if len(present) != 1 or present & {"completion", "completion_ids"}:
+                got = ", ".join(sorted(present)) or "none of them"
+                return BadRecord(where, f"expected exactly one prompt field: prompt | text | prompt_ids | input_ids (got {got})")
+            (key,) = present
+            if key in ("prompt", "text"):
+                rec.prompt = _string(obj, key)
+            else:
+                rec.prompt_ids = _ids(obj, key, vocab_size)
+        elif present == {"text"}:
             rec.text = _string(obj, "text")
         elif present == {"prompt", "completion"}:
             rec.prompt, rec.completion = _string(obj, "prompt"), _string(obj, "completion")

@@ -110,7 +110,7 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     for index, chunk in enumerate(job.chunks()):
         if index in done:
             continue
-        records, items, bads = split_chunk(job, encoder, chunk)
+        records, items, bads = split_chunk(job, encoder.items, chunk)
         pending[index] = ([r.id for r in records], bads, len(chunk))
         if items:
             tables.append(pa.table({

@@ -1,0 +1,56 @@
+"""``onnxpipe score --task generate``: greedy generation for each record's prompt, through the runtime's generate API.
+
+A record holds one prompt (``prompt`` or ``text``; or ``prompt_ids`` / ``input_ids``). Text is tokenized the way
+``onnxpipe.runtime.generate`` tokenizes it (the tokenizer's own special tokens). Prompts of a chunk are grouped by
+length (prompt + ``max_new_tokens`` slots) into batches with the same token budget and padding bound as scoring,
+and each batch is one ``LanguageModel.generate`` call, greedy, so a resumed run regenerates the same text. The
+row is ``id, generated, generated_ids, tokens (generated), finish_reason``. Local engine only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from onnxpipe.runtime.score import ChunkStats, Item, ScoreJob, plan_batches
+from onnxpipe.runtime.score_io import Record
+
+
+class GenerateWorker:
+    def __init__(self, job: ScoreJob, announce: Callable[[str], None]):
+        from onnxpipe.runtime.generate import load
+
+        c = job.config
+        self.job = job
+        self.lm = load(job.model_dir.path, c.provider, threads=c.threads, announce=announce)
+        self.provider = self.lm.provider_choice.summary()
+        self.max_positions = int(self.lm.session.max_positions)
+
+    def items(self, records: list[Record]) -> list[Item | str]:
+        out: list[Item | str] = []
+        for r in records:
+            ids = self.lm.encode(r.prompt) if r.prompt is not None else list(r.prompt_ids or [])
+            if not ids:
+                out.append("empty prompt (no tokens)")
+            elif len(ids) >= self.max_positions:
+                out.append(f"prompt has {len(ids)} tokens: no room to generate within the context ({self.max_positions})")
+            else:
+                out.append(Item(ids, len(ids)))
+        return out
+
+    def run(self, records: list[Record], items: list[Item], on_progress: Callable[[int, int], None]
+            ) -> tuple[list[dict[str, Any]], ChunkStats]:
+        c = self.job.config
+        rows: list[dict[str, Any] | None] = [None] * len(items)
+        stats = ChunkStats()
+        lengths = [min(len(it.tokens) + c.max_new_tokens, self.max_positions) for it in items]
+        for batch in plan_batches(lengths, c.batch_tokens, c.max_padding):
+            results = self.lm.generate([items[i].tokens for i in batch], max_new_tokens=c.max_new_tokens,
+                                       temperature=0.0)
+            for i, res in zip(batch, results):
+                rows[i] = {"id": records[i].id, "generated": res.text, "generated_ids": list(res.token_ids),
+                           "tokens": len(res.token_ids), "finish_reason": res.finish_reason}
+            stats.batches += 1
+            stats.input_tokens += sum(len(items[i].tokens) for i in batch)
+            stats.padded_slots += max(len(items[i].tokens) for i in batch) * len(batch)
+            on_progress(len(batch), sum(len(r.token_ids) for r in results))
+        return [r for r in rows if r is not None], stats
