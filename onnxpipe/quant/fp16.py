@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.quant.graph import consumers, producers
+from onnxpipe.quant.graph import consumers, producers, topological_sort
 
 NORM_STAT_OPS = ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Div")
 ANGLE_OPS = ("Cos", "Sin")
@@ -63,6 +63,7 @@ def convert_fp16(proto: Any, out_path: Path, cfg: Any, logits_name: str) -> dict
         proto, keep_io_types=False, op_block_list=list(DEFAULT_OP_BLOCK_LIST), node_block_list=blocked,
         disable_shape_infer=proto.ByteSize() > 1_800_000_000,
     )
+    topological_sort(model.graph)
     onnx.save_model(model, str(out_path), save_as_external_data=model.ByteSize() > 1_800_000_000)
     return {"weights": "fp16", "activations": "fp16", "kv_cache": "fp16", "logits": "fp16",
             "fp32_nodes": {k: len(v) for k, v in islands.items()}, "lm_head": "fp16", "embeddings": "fp16"}

@@ -175,3 +175,25 @@ def op_counts(proto: Any) -> dict[str, int]:
     """Node counts by op type (``domain::Op`` outside the default domain), top-level graph."""
     counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in proto.graph.node)
     return dict(sorted(counts.items()))
+
+
+def topological_sort(graph: Any) -> None:
+    """Reorder nodes so each comes after the producers of its inputs (ORT's fp16 converter appends the Casts it
+    inserts for blocked nodes that read graph inputs at the end, which the ONNX checker rejects); in place."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):  # a cycle or a dangling input: leave the remainder as it was
+            ordered.extend(rest)
+            break
+        pending = rest
+    graph.ClearField("node")
+    graph.node.extend(ordered)

@@ -1,0 +1,106 @@
+"""`onnxpipe quantize` through click's CliRunner: a working run, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import CALIBRATION
+from onnxpipe.cli import main
+
+FAST = ["--eval-tokens", "600", "--calib-samples", "2", "--calib-seq-len", "16"]
+
+
+def invoke(*args: str):  # noqa: ANN201
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, *fragments: str) -> None:  # noqa: ANN001
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_static_run_prints_the_report(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    out = tmp_path / "q"
+    r = invoke("quantize", tok_model("llama"), "-o", out, "--mode", "static", "--calibration", CALIBRATION,
+               "--eval", small_eval, "--per-channel", "--method", "entropy", *FAST)
+    assert r.exit_code == 0, r.output
+    assert "perplexity" in r.output and "top-1 agreement" in r.output and "calibration: 2 samples" in r.output
+    step = json.loads((out / "onnxpipe.json").read_text())["steps"][-1]
+    assert step["stage"] == "quantize" and step["params"]["method"] == "entropy" and step["params"]["per_channel"]
+
+
+@pytest.mark.parametrize(
+    "name, content, fragments",
+    [
+        ("empty.txt", "", ["empty.txt", "the calibration file is empty"]),
+        ("short.txt", "def f(): pass\n", ["short.txt", "too short", "one sample needs 20"]),
+        ("bad.jsonl", '{"text": "fine"}\nnot json\n', ["bad.jsonl:2:", "malformed JSONL"]),
+        ("obj.jsonl", '{"content": "x"}\n', ["obj.jsonl:1:", "\"text\" string"]),
+    ],
+)
+def test_bad_calibration_file(tok_model, small_eval: Path, tmp_path: Path, name: str, content: str,
+                              fragments: list[str]) -> None:  # noqa: ANN001
+    calib = tmp_path / name
+    calib.write_text(content)
+    out = tmp_path / "q"
+    r = invoke("quantize", tok_model("llama"), "-o", out, "--mode", "static", "--calibration", calib, "--eval",
+               small_eval, *FAST)
+    one_line_error(r, *fragments)
+    assert not out.exists()
+
+
+def test_static_without_calibration(tok_model, tmp_path: Path) -> None:  # noqa: ANN001
+    one_line_error(invoke("quantize", tok_model("llama"), "-o", tmp_path / "q", "--mode", "static"),
+                   "static quantization needs calibration text", "--calibration")
+
+
+def test_gptq_without_calibration(tok_model, tmp_path: Path) -> None:  # noqa: ANN001
+    one_line_error(invoke("quantize", tok_model("llama"), "-o", tmp_path / "q", "--mode", "int4", "--algo", "gptq"),
+                   "--algo gptq needs calibration text")
+
+
+def test_missing_eval_file(tok_model, tmp_path: Path) -> None:  # noqa: ANN001
+    one_line_error(invoke("quantize", tok_model("llama"), "-o", tmp_path / "q", "--mode", "dynamic", "--eval",
+                          tmp_path / "nope.txt"), "nope.txt: no such eval file")
+
+
+def test_missing_calibration_file(tok_model, tmp_path: Path) -> None:  # noqa: ANN001
+    one_line_error(invoke("quantize", tok_model("llama"), "-o", tmp_path / "q", "--mode", "static", "--calibration",
+                          tmp_path / "none.txt"), "none.txt: no such calibration file")
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--mode", "dynamic", "--smoothquant", "0.5"], ["--smoothquant applies to --mode static only"]),
+        (["--mode", "static", "--smoothquant", "1.5", "--calibration", str(CALIBRATION)], ["alpha must be in (0, 1]"]),
+        (["--mode", "int4", "--block-size", "48"], ["--block-size must be a power of two"]),
+        (["--mode", "dynamic", "--max-ppl-increase", "-1"], ["--max-ppl-increase must be >= 0"]),
+        (["--mode", "dynamic", "--lm-head", "int4"], ["--lm-head int4 applies to --mode int4 only"]),
+    ],
+)
+def test_bad_options(tok_model, tmp_path: Path, extra: list[str], fragments: list[str]) -> None:  # noqa: ANN001
+    one_line_error(invoke("quantize", tok_model("llama"), "-o", tmp_path / "q", *extra), *fragments)
+
+
+def test_not_a_model_dir_and_no_tokenizer(tok_model, tmp_path: Path) -> None:  # noqa: ANN001
+    import shutil
+
+    one_line_error(invoke("quantize", tmp_path, "-o", tmp_path / "q", "--mode", "dynamic"), "not an onnxpipe model directory")
+    bare = tmp_path / "bare"
+    shutil.copytree(tok_model("llama"), bare)
+    (bare / "tokenizer.json").unlink()
+    one_line_error(invoke("quantize", bare, "-o", tmp_path / "q", "--mode", "dynamic"), "no tokenizer files")
+
+
+def test_existing_output_needs_force(tok_model, tmp_path: Path) -> None:  # noqa: ANN001
+    (tmp_path / "q").mkdir()
+    one_line_error(invoke("quantize", tok_model("llama"), "-o", tmp_path / "q", "--mode", "dynamic"), "--force")

@@ -1,0 +1,146 @@
+"""Each mode on a tiny model: a valid model that runs (prefill and decode), the ops it should have, and a
+quality report with every field, recorded in the manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import CALIBRATION
+from onnxpipe.artifact import ModelDir
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.quant import quantize_model
+from onnxpipe.quant.calibration import CalibrationConfig
+
+QUALITY_FIELDS = {"ppl_before", "ppl_after", "ppl_change_pct", "top1_agreement", "mean_kl", "size_before",
+                  "size_after", "size_ratio", "eval_tokens", "windows", "context", "eval_file"}
+SMALL_CALIB = CalibrationConfig(max_samples=4, prefill_len=32, decode_steps=3, batch_size=2)
+
+
+def quantize(src: Path, out: Path, mode: str, eval_file: Path, **kw) -> ModelDir:  # noqa: ANN003
+    quantize_model(src, out, mode, eval_file=eval_file, eval_context=64, calib=SMALL_CALIB, **kw)
+    return ModelDir.open(out)
+
+
+def check_directory(md: ModelDir, mode: str) -> dict:
+    onnx.checker.check_model(str(md.model_path))
+    step = md.manifest.steps[-1]
+    assert step["stage"] == "quantize" and step["params"]["mode"] == mode
+    q = step["quality"]
+    assert QUALITY_FIELDS <= set(q)
+    assert q["eval_tokens"] > 100 and 0.0 <= q["top1_agreement"] <= 1.0 and q["mean_kl"] >= 0.0
+    assert np.isfinite(q["ppl_after"]) and q["ppl_after"] > 1.0
+    assert abs(q["ppl_change_pct"] - (q["ppl_after"] / q["ppl_before"] - 1) * 100) < 1e-9
+    assert step["check"]["decode_steps"] == 4 and step["check"]["greedy_agreement"] > 0.5
+    assert md.manifest.steps[0]["stage"] == "export"  # the input's history is kept
+    assert (md.path / "tokenizer.json").is_file() and (md.path / "config.json").is_file()
+    json.loads((md.path / "onnxpipe.json").read_text())
+    return step
+
+
+def ops(md: ModelDir) -> dict[str, int]:
+    from onnxpipe.quant.graph import op_counts
+
+    return op_counts(onnx.load(str(md.model_path)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dynamic(tok_model, small_eval: Path, tmp_path: Path, family: str) -> None:  # noqa: ANN001
+    md = quantize(tok_model(family), tmp_path / "q", "dynamic", small_eval)
+    step = check_directory(md, "dynamic")
+    counts = ops(md)
+    assert counts.get("MatMulInteger", 0) == len([1 for _ in range(step["details"]["quantized_nodes"])])
+    assert step["details"]["lm_head"] == "int8"
+    assert step["quality"]["size_after"] < step["quality"]["size_before"]
+    assert step["quality"]["top1_agreement"] > 0.8
+
+
+def test_dynamic_lm_head_fp32_keeps_head_float(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    md = quantize(tok_model("llama"), tmp_path / "q", "dynamic", small_eval, lm_head="fp32")
+    step = check_directory(md, "dynamic")
+    assert step["details"]["lm_head"] == "fp32"
+    assert ops(md).get("MatMulInteger") == step["details"]["quantized_nodes"] == 14
+
+
+@pytest.mark.parametrize("method, smooth", [("minmax", None), ("entropy", None), ("percentile", 0.5)])
+def test_static(tok_model, small_eval: Path, tmp_path: Path, method: str, smooth: float | None) -> None:  # noqa: ANN001
+    md = quantize(tok_model("llama"), tmp_path / "q", "static", small_eval, calibration=CALIBRATION, method=method,
+                  per_channel=True, smoothquant=smooth)
+    step = check_directory(md, "static")
+    counts = ops(md)
+    assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > counts["QuantizeLinear"]
+    assert step["details"]["calibration_runs"] == 2 * (1 + 3)  # 2 batches: prefill + 3 decode steps each
+    assert step["params"]["method"] == method
+    if smooth:
+        sq = step["details"]["smoothquant"]
+        assert sq["groups"] > 0 and sq["equivalence_rel_err"] < 1e-5
+    assert step["quality"]["top1_agreement"] > 0.7
+
+
+@pytest.mark.parametrize("algo", ["rtn", "hqq", "gptq"])
+def test_int4(tok_model, small_eval: Path, tmp_path: Path, algo: str) -> None:  # noqa: ANN001
+    md = quantize(tok_model("llama"), tmp_path / "q", "int4", small_eval, algo=algo, calibration=CALIBRATION)
+    step = check_directory(md, "int4")
+    proto = onnx.load(str(md.model_path))
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 15  # 14 linear layers + the LM head
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    assert all(a["accuracy_level"] == 4 for a in attrs)
+    assert sorted(a["bits"] for a in attrs) == [4] * 14 + [8]  # the head gets 8-bit blocks by default
+    assert step["details"]["lm_head"] == "int8"
+    assert any(n.op_type == "Gather" for n in proto.graph.node)  # the embedding lookup stays float
+    if algo == "gptq":
+        assert step["details"]["gptq"]["proxy_loss_vs_rtn"] < 1.0
+
+
+def test_int4_gpt2_head_int4(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    md = quantize(tok_model("gpt2"), tmp_path / "q", "int4", small_eval, lm_head="int4", block_size=16)
+    check_directory(md, "int4")
+    assert ops(md).get("com.microsoft::MatMulNBits") == 9 and "Gemm" not in ops(md)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fp16(tok_model, small_eval: Path, tmp_path: Path, family: str) -> None:  # noqa: ANN001
+    md = quantize(tok_model(family), tmp_path / "q", "fp16", small_eval)
+    step = check_directory(md, "fp16")
+    assert md.manifest.graph["dtype"] == "fp16" and md.manifest.graph["kv"]["dtype"] == "fp16"
+    dtypes = {t["name"]: t["dtype"] for t in md.manifest.graph["inputs"] + md.manifest.graph["outputs"]}
+    assert dtypes["logits"] == "float16" and dtypes["past_key_values.0.key"] == "float16"
+    assert step["check"]["passed"] is True and step["check"]["tolerance"] == 1e-2
+    assert step["quality"]["top1_agreement"] > 0.98
+    if family == "llama":
+        assert step["details"]["fp32_nodes"]["norm_statistics"] >= 5 * 4  # 5 RMSNorms: Pow .. Reciprocal
+        assert step["details"]["fp32_nodes"]["rotary_angles"] > 0
+
+
+def test_ppl_gate_writes_nothing(tok_model, small_eval: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """--max-ppl-increase: a model that lost more than allowed is not written, and an old OUT_DIR survives."""
+    import onnxpipe.quant.quality as quality
+
+    real = quality.quality_report
+
+    def worse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        report = real(*args, **kwargs)
+        report.ppl_after = report.ppl_before * 1.031
+        report.ppl_change_pct = 3.1
+        return report
+
+    monkeypatch.setattr(quality, "quality_report", worse)
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(OnnxpipeError, match=r"perplexity rose 3.10% .* more than --max-ppl-increase 3%; nothing was written"):
+        quantize(tok_model("llama"), out, "dynamic", small_eval, max_ppl_increase=3.0, force=True)
+    assert (out / "keep.txt").read_text() == "old" and not list(tmp_path.glob(".onnxpipe-tmp-*"))
+    quantize(tok_model("llama"), out, "dynamic", small_eval, max_ppl_increase=3.2, force=True)
+    assert (out / "onnxpipe.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_fp16_input_is_refused(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    half = quantize(tok_model("llama"), tmp_path / "half", "fp16", small_eval)
+    with pytest.raises(OnnxpipeError, match="is fp16; quantize from an fp32 model directory"):
+        quantize(half.path, tmp_path / "again", "dynamic", small_eval)

@@ -1,0 +1,45 @@
+"""SmoothQuant keeps the float model's function (folded into norms where it can, an explicit Mul elsewhere)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxpipe.artifact import ModelDir
+from onnxpipe.quant.calibration import CalibrationConfig, kv_feeds
+from onnxpipe.quant.graph import expose_weights
+from onnxpipe.quant.smoothquant import smooth_model, smoothing_scales
+
+
+def test_scales_balance_activation_and_weight_ranges() -> None:
+    act = np.array([10.0, 1.0, 0.0])
+    w = [np.array([[1.0, -1.0], [4.0, 0.5], [2.0, 2.0]])]
+    s = smoothing_scales(act, w, alpha=0.5)
+    np.testing.assert_allclose(s[:2], [np.sqrt(10.0 / 1.0), np.sqrt(1.0 / 4.0)])
+    assert s[2] == 1.0  # a channel that never fires is left alone
+    np.testing.assert_allclose(act[:2] / s[:2], [np.sqrt(10.0), 2.0])
+    np.testing.assert_allclose(np.array([1.0, 4.0]) * s[:2], [np.sqrt(10.0), 2.0])  # same range on both sides
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_smoothing_is_exact_in_float(tok_model, family: str) -> None:  # noqa: ANN001
+    from onnxpipe.quant.quality import measure_session
+
+    md = ModelDir.open(tok_model(family))
+    proto = onnx.load(str(md.model_path))
+    plan = expose_weights(proto, md.manifest.graph["logits"])
+    session = measure_session(md.model_path)
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 256, size=(4, 20))
+    cfg = CalibrationConfig(max_samples=4, prefill_len=16, decode_steps=4, batch_size=2)
+    check = next(kv_feeds(session, md.manifest, samples[:2], cfg, decode=False))
+    smoothed, report = smooth_model(proto, plan.linears, 0.5, kv_feeds(session, md.manifest, samples, cfg), check,
+                                    md.manifest.graph["logits"])
+    assert report.equivalence_rel_err < 1e-5
+    assert report.groups == len({n.input[0] for n in proto.graph.node if n.name in plan.linears})
+    assert report.folded >= 3  # input norms of every layer and the final norm
+    assert report.inserted_muls >= 2  # attention output and MLP down projection inputs
+    assert report.outlier_ratio_after <= report.outlier_ratio_before
+    # the input proto is not modified
+    assert sum(n.op_type == "Mul" for n in smoothed.graph.node) == sum(n.op_type == "Mul" for n in proto.graph.node) + report.inserted_muls
