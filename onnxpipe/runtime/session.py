@@ -149,7 +149,14 @@ class DecoderSession:
                 io.bind_ortvalue_output(name, value)  # written in place
             else:
                 io.bind_output(name, self._device_type(), 0)
-        self.session.run_with_iobinding(io)
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as e:  # onnxruntime's Fail/RuntimeException: say which model and which step
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise OnnxpipeError(
+                f"{self.model_dir.path}: onnxruntime failed on a step (batch {batch}, {seq} new tokens, "
+                f"{cache.length} cached): {text}"
+            ) from None
         outs = io.get_outputs()
         if not cache.shared:
             cache.values = list(outs[1:])

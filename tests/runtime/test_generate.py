@@ -265,3 +265,17 @@ def test_cache_stays_in_ortvalues(tiny_onnx):
     s.forward(np.array([[8]]), np.ones((1, 4), np.int64), np.array([[3]]), cache, want="argmax")
     assert all(isinstance(v, ort.OrtValue) for v in cache.values)
     assert cache.values[0] is not first and cache.values[0].shape() == [1, 2, 4, 16] and cache.length == 4
+
+
+def test_optimized_graph_generates_the_same(tiny_onnx, tmp_path):
+    """The optimize stage's fused graph (GroupQueryAttention, RotaryEmbedding) under the same runtime."""
+    import onnx
+
+    from onnxpipe.fusion import optimize_model
+
+    out = tmp_path / "opt"
+    optimize_model(tiny_onnx("llama"), out, level=3, target="cpu")
+    assert "GroupQueryAttention" in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    want = load(tiny_onnx("llama"), "cpu").generate(PROMPTS, max_new_tokens=NEW)
+    got = load(out, "cpu").generate(PROMPTS, max_new_tokens=NEW)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
