@@ -101,7 +101,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         if mask_node is None or mask_node.op_type != "Where":
             return result.fail("mask is not Where(bool_mask, 0, -inf)", mask_bias)
         zero, low = (_ir_utils.get_singleton_value(v) for v in mask_node.inputs[1:3])
-        if zero != 0 or low is None or not (np.isneginf(low) or low <= np.finfo(np.float16).min):
+        if zero != 0 or low is None or not (np.isneginf(low) or float(low) <= -65504.0):  # fp16's lowest or below
             return result.fail("mask is not Where(bool_mask, 0, -inf)", mask_bias)
         graph = context.graph_or_function
         attention_mask = next((v for v in graph.inputs if v.name == ATTENTION_MASK), None)
@@ -158,7 +158,9 @@ def _escaping_value(context, keep: list) -> ir.Value | None:
         for value in node.outputs:
             if id(value) in keep_ids:
                 continue
-            if id(value) in graph_outputs or any(id(user) not in matched for user, _ in value.uses()):
+            # a Shape read is fine: it only fed the shape arithmetic of the matched Reshapes, which dies with them
+            outside = [user for user, _ in value.uses() if id(user) not in matched and user.op_type != "Shape"]
+            if id(value) in graph_outputs or outside:
                 return value
     return None
 
