@@ -220,6 +220,14 @@ def main() -> int:
     del ref, ref32
     if cuda:
         torch.cuda.empty_cache()
+    if cuda:  # what a TensorRT request turns into on this machine (no TensorRT libraries there): said, not silent
+        trt_lines: list[str] = []
+        try:
+            trt = load(onnx_dir, "tensorrt", announce=trt_lines.append)
+            results["tensorrt_request"] = {"used": trt.provider, "messages": trt_lines}
+            del trt
+        except Exception as e:  # record, do not stop the run
+            results["tensorrt_request"] = {"error": str(e)[:300], "messages": trt_lines}
     results["copies"] = profile_decode(onnx_dir, args.provider, batch, 32, args.out)
     results["speed"] = [decode_speed(onnx_dir, args.provider, b, p, n)
                         for b, p, n in ([(1, 128, 64), (8, 512, 64)] if cuda else [(1, 32, 32), (4, 128, 32)])]
@@ -236,6 +244,8 @@ def main() -> int:
     print(f"cache on {c['cache_device']}; per run: runtime up {c['runtime_up_bytes_per_run']:.0f} B, down "
           f"{c['runtime_down_bytes_per_run']:.0f} B; ORT Memcpy nodes {c['memcpy_node_runs']} runs / {c['runs']} runs "
           f"({c['memcpy_bytes_per_run']:.0f} B per run; ops {c['memcpy_ops']}); KV cache at the end {c['kv_cache_bytes_at_end']} B")
+    if "tensorrt_request" in results:
+        print(f"tensorrt requested -> {results['tensorrt_request']}")
     print("| batch | prompt | new | IO binding tok/s | numpy path tok/s | speedup | KV bytes at end |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results["speed"]:

@@ -204,7 +204,9 @@ class DecoderSession:
     def _zeros(self, shape: tuple[int, ...]) -> Any:
         if self.device == "cpu":
             return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype))
-        # allocated on the device directly: a zero-length past needs no data, a shared buffer is written before read
+        if 0 in shape:  # an empty past: nothing to copy
+            return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), "cuda", 0)
+        # a shared buffer: allocated on the device directly, each position written before the mask lets it be read
         return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.kv_dtype, "cuda", 0)
 
     def _device_type(self) -> str:
