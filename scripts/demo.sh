@@ -10,4 +10,5 @@ if [ "$MODEL" = smollm2 ]; then  # MODEL=smollm2: the SmolLM2-135M GGUF (README,
 fi
 onnxpipe export "$MODEL" -o "$OUT/$name" --force
 onnxpipe inspect "$OUT/$name"
+onnxpipe optimize "$OUT/$name" -o "$OUT/$name-opt" --level 3 --force
 onnxpipe generate "$OUT/$name" --prompt "def fib(n):" --max-new-tokens 32
