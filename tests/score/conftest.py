@@ -63,3 +63,25 @@ def hf_model():
         return cache[str(hf_dir)]
 
     return load
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level BPE tokenizer with no merges: 256 tokens, one per byte, for the tiny models' 256-token vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tiny_onnx, tmp_path_factory) -> Path:
+    """The tiny GPT-2 export with a byte-level tokenizer.json beside it, so that text records can be scored."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("text-model") / "gpt2-bytes"
+    shutil.copytree(tiny_onnx("gpt2"), out)
+    byte_tokenizer().save(str(out / "tokenizer.json"))
+    return out

@@ -108,3 +108,27 @@ def test_summary_is_written_and_matches_rows(tiny_onnx, tmp_path):
     assert summary["perplexity"] == pytest.approx(math.exp(-summary["loglik"] / summary["tokens"]))
     assert summary["provider"].startswith("provider: cpu") and summary["tokens_per_s"] > 0
     assert 0 <= summary["padding_fraction"] <= summary["max_padding"]
+
+
+def test_text_and_prompt_completion_records(tiny_text_model, tiny_hf, hf_model, tmp_path):
+    """Text is BOS + tokens(text), all scored; prompt+completion scores only the completion's tokens."""
+    from conftest import byte_tokenizer
+
+    tok = byte_tokenizer()
+    bos = json.loads((tiny_text_model / "onnxpipe.json").read_text())["tokenizer"]["bos_token_id"]
+    long_text = "def f(x):\n    return x * 2  # é\n" * 8  # 280 bytes: longer than the context
+    records = [{"text": "hello world"}, {"text": "é"}, {"text": long_text},
+               {"prompt": "The answer is", "completion": " 42."}, {"prompt": "", "completion": "abc"}]
+    rows = _run(tiny_text_model, records, tmp_path, "t")
+    model = hf_model(tiny_hf("gpt2"))
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    for rec, row in zip(records, rows):
+        if "text" in rec:
+            tokens, start = [bos] + enc(rec["text"]), 1
+        else:
+            prompt = [bos] + enc(rec["prompt"])
+            tokens, start = prompt + enc(rec["completion"]), len(prompt)
+        ref, n = hf_loglik(model, tokens, start, CONTEXT, CONTEXT // 2)
+        assert row["tokens"] == n == len(tokens) - start
+        assert abs(row["loglik"] - ref) <= TOL_PER_RECORD
+    assert rows[1]["tokens"] == 2  # "é" is two bytes, both scored after BOS
