@@ -9,6 +9,7 @@ The directory's I/O contract (names, BNSH KV layout, left padding) is unchanged 
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,15 +43,7 @@ def optimize_model(
     """Optimize the model directory ``in_dir`` into ``out_dir``; nothing is written if the final check fails."""
     import onnx_ir as ir
 
-    from onnxpipe.artifact import (
-        ModelDir,
-        atomic_output_dir,
-        check_output_dir,
-        copy_sidecar_files,
-        derive_manifest,
-        save_onnx,
-        write_manifest,
-    )
+    from onnxpipe.artifact import ModelDir, check_output_dir
     from onnxpipe.fusion import pipeline
     from onnxpipe.fusion.rules import TARGETS, PassContext
 
@@ -74,40 +67,58 @@ def optimize_model(
     checker = pipeline.Checker(manifest, dtype, providers, decode_steps) if verify else None
     log(f"optimizing {src.path} at level {level} for {target} ({len(selected)} passes"
         f"{', each checked' if verify else ', unchecked'})")
-    original = pipeline.serialize(model)
-    model, reports = pipeline.run_passes(model, selected, ctx, checker, log=log)
-    _check_io_unchanged(model, manifest)
+    out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+    # pass snapshots of models over 2 GiB live here until the output is written
+    with tempfile.TemporaryDirectory(prefix=".onnxpipe-snapshots-", dir=out_dir.absolute().parent) as spill:
+        model, reports, final = _run(model, selected, ctx, checker, src.model_path, Path(spill), log)
+        _check_io_unchanged(model, manifest)
+        if final is not None:
+            log(f"final check vs {src.path.name}: {final.summary()}")
+            if not final.passed:
+                raise OnnxpipeError(f"final parity check failed: rel err {final.rel_err:.3g} > {final.tolerance:g}; "
+                                    "nothing was written")
 
-    final = None
-    if verify:
-        final = checker.check(original, pipeline.serialize(model))
-        log(f"final check vs {src.path.name}: {final.summary()}")
-        if not final.passed:
-            raise OnnxpipeError(f"final parity check failed: rel err {final.rel_err:.3g} > {final.tolerance:g}; "
-                                "nothing was written")
+        params = {"source": str(src.path.absolute()), "level": level, "target": target,
+                  "passes": [p.name for p in selected], "verify": verify,
+                  "check": "reference: pass input, ORT optimizations off; candidate: pass output, ORT_ENABLE_ALL"}
+        _write_output(model, src, out_dir, force, ctx, params, reports, final, time.perf_counter() - start)
+    return OptimizeResult(ModelDir.open(out_dir), reports, final, time.perf_counter() - start)
 
-    out_manifest = derive_manifest(manifest)
-    out_manifest.graph.update(ctx.graph_notes)
-    out_manifest.graph.setdefault("padding_side", "left")
-    out_manifest.graph["kv"].setdefault("shares_buffer", False)
-    out_manifest.graph["fused_ops"] = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft"})
-    out_manifest.graph["target"] = target
+
+def _write_output(model: Any, src: Any, out_dir: Path, force: bool, ctx: Any, params: dict, reports: list,
+                  final: Any, seconds: float) -> None:
+    """The output directory: the graph, the input's sidecar files, and its manifest with the optimize step."""
+    from onnxpipe.artifact import atomic_output_dir, copy_sidecar_files, derive_manifest, save_onnx, write_manifest
+
+    manifest = derive_manifest(src.manifest)
+    manifest.graph.update(ctx.graph_notes)
+    manifest.graph.setdefault("padding_side", "left")
+    manifest.graph["kv"].setdefault("shares_buffer", False)
+    manifest.graph["fused_ops"] = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft"})
+    manifest.graph["target"] = ctx.target
     with atomic_output_dir(out_dir, force=force) as tmp:
-        external = save_onnx(model, tmp)
-        out_manifest.graph["external_data"] = external
+        manifest.graph["external_data"] = save_onnx(model, tmp)
         copy_sidecar_files(src.path, tmp)
-        out_manifest.steps.append({
+        manifest.steps.append({
             "stage": "optimize",
-            "params": {"source": str(src.path.absolute()), "level": level, "target": target,
-                       "passes": [p.name for p in selected], "verify": verify,
-                       "check": "reference: pass input, ORT optimizations off; candidate: pass output, ORT_ENABLE_ALL"},
+            "params": params,
             "versions": _versions(),
-            "seconds": round(time.perf_counter() - start, 2),
+            "seconds": round(seconds, 2),
             "passes": [r.to_json() for r in reports],
             "check": final.to_json() if final is not None else None,
         })
-        write_manifest(tmp, out_manifest)
-    return OptimizeResult(ModelDir.open(out_dir), reports, final, time.perf_counter() - start)
+        write_manifest(tmp, manifest)
+
+
+def _run(model: Any, selected: list, ctx: Any, checker: Any, original: Path, spill: Path,
+         log: Callable[[str], None]) -> tuple[Any, list, Any]:
+    from onnxpipe.fusion import pipeline
+
+    model, reports = pipeline.run_passes(model, selected, ctx, checker, log=log, spill_dir=spill)
+    final = None
+    if checker is not None:
+        final = checker.check(original, pipeline.serialize(model, spill))
+    return model, reports, final
 
 
 def _providers(target: str, verify: bool) -> list[str]:

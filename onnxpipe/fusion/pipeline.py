@@ -101,7 +101,7 @@ class Checker:
     providers: list[str]
     decode_steps: int = 4
 
-    def check(self, reference: bytes, candidate: bytes) -> Any:
+    def check(self, reference: bytes | Path, candidate: bytes | Path) -> Any:
         from onnxpipe.parity import TOLERANCE, check_decoders, ort_step_fn
 
         ref = ort_step_fn(_session(reference, self.providers, optimized=False), self.manifest)
@@ -121,8 +121,25 @@ def _session(model: bytes | str | Path, providers: list[str], optimized: bool) -
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
 
 
-def serialize(model: ir.Model) -> bytes:
-    return ir.to_proto(model).SerializeToString()
+SNAPSHOT_IN_MEMORY_LIMIT = 1_800_000_000  # bytes of weights; protobuf cannot serialize 2 GiB or more
+
+
+def serialize(model: ir.Model, spill_dir: Path | None = None) -> bytes | Path:
+    """The model as bytes, or, past protobuf's limit, as a file (weights as external data) in ``spill_dir``."""
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size < SNAPSHOT_IN_MEMORY_LIMIT or spill_dir is None:
+        return ir.to_proto(model).SerializeToString()
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="snapshot-", dir=spill_dir)) / "model.onnx"
+    ir.save(model, str(path), external_data="model.onnx.data")
+    return path
+
+
+def restore(snapshot: bytes | Path) -> ir.Model:
+    if isinstance(snapshot, Path):
+        return ir.load(str(snapshot))
+    return ir.from_proto(_parse(snapshot))
 
 
 def run_passes(
@@ -131,12 +148,14 @@ def run_passes(
     ctx: PassContext,
     checker: Checker | None,
     log: Callable[[str], None] = lambda msg: None,
+    spill_dir: Path | None = None,
 ) -> tuple[ir.Model, list[PassReport]]:
-    """Run ``passes`` in order; a pass that fails to run, to load in ORT, or the parity check is rolled back."""
+    """Run ``passes`` in order; a pass that fails to run, to load in ORT, or the parity check is rolled back.
+    Models past protobuf's 2 GiB limit are snapshotted as files under ``spill_dir``."""
     import onnx_ir.passes.common as common_passes
 
     reports = []
-    current = serialize(model)
+    current = serialize(model, spill_dir)
     for p in passes:
         start = time.perf_counter()
         before = op_counts(model)
@@ -150,12 +169,13 @@ def run_passes(
                 fused = dict(p.run(model, ctx) or {})
                 common_passes.RemoveUnusedNodesPass()(model)
                 _check_target_ops(model, ctx.target)
-            candidate = serialize(model)
+            candidate = serialize(model, spill_dir)
         except Exception as e:  # a rule that breaks the graph is a rolled-back pass, not a crashed stage
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
             candidate = None
         after = op_counts(model) if candidate is not None else before
-        changed = candidate is not None and candidate != current
+        # a file snapshot cannot be compared cheaply: treat it as changed and check it
+        changed = candidate is not None and (isinstance(candidate, Path) or candidate != current)
         if changed and checker is not None:
             try:
                 report = checker.check(current, candidate)
@@ -165,7 +185,7 @@ def run_passes(
             except Exception as e:  # ORT refused the graph or failed to run it
                 reason = f"ORT could not run the result: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
         if reason is not None:
-            model = ir.from_proto(_parse(current))
+            model = restore(current)
             status, after = "rolled_back", before
         else:
             status = "kept" if changed else "unchanged"

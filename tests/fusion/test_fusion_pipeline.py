@@ -109,12 +109,16 @@ def test_lower_levels_stop_where_they_should(level, present, absent, tiny_onnx, 
     assert result.check.passed
 
 
-def test_a_breaking_pass_is_rolled_back(tiny_onnx, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "file-snapshots"])
+def test_a_breaking_pass_is_rolled_back(spill: bool, tiny_onnx, tmp_path: Path, monkeypatch) -> None:
     """A pass that changes the numbers is caught by its check, rolled back, and reported; the output is the
-    input's equivalent."""
+    input's equivalent. file-snapshots: the path models over protobuf's 2 GiB take (forced here by a 0 limit)."""
     import onnx_ir as ir
 
     from onnxpipe.fusion import pipeline
+
+    if spill:
+        monkeypatch.setattr(pipeline, "SNAPSHOT_IN_MEMORY_LIMIT", 0)
 
     def sabotage(model: ir.Model, ctx) -> dict:
         for node in model.graph.all_nodes():
@@ -132,3 +136,4 @@ def test_a_breaking_pass_is_rolled_back(tiny_onnx, tmp_path: Path, monkeypatch) 
     assert result.check.passed
     manifest = json.loads((tmp_path / "out" / "onnxpipe.json").read_text())
     assert manifest["steps"][-1]["passes"][0]["status"] == "rolled_back"
+    assert not list(tmp_path.glob(".onnxpipe-snapshots-*"))
