@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.fusion import attention, cleanup, gelu, norms, rotary
+from onnxpipe.fusion import attention, cleanup, gelu, norms, packing, rotary
 from onnxpipe.fusion.rules import TARGETS, PassContext, using_context
 
 PassFn = Callable[[ir.Model, PassContext], "dict[str, Any] | None"]
@@ -44,6 +44,8 @@ PASSES: tuple[FusionPass, ...] = (
     FusionPass("gelu", 2, gelu.fuse_gelu, "GELU -> FastGelu/Gelu/BiasGelu", needs_shapes=True),
     FusionPass("rotary", 2, rotary.fuse_rotary, "RoPE -> RotaryEmbedding with cos/sin caches", needs_shapes=True),
     FusionPass("attention", 3, attention.fuse_attention, "attention -> MultiHeadAttention/GroupQueryAttention",
+               needs_shapes=True),
+    FusionPass("pack_projections", 3, packing.pack_projections, "MatMuls reading one activation -> one MatMul + Split",
                needs_shapes=True),
     FusionPass("tidy", 2, cleanup.tidy, "fold, CSE and dead-node sweep over what the fusions left"),
 )

@@ -12,7 +12,7 @@ import onnx_ir.passes.common as common_passes
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rule_cases import CASES  # noqa: E402
+from rule_cases import CASES, HEADER  # noqa: E402
 
 from onnxpipe.fusion.rules import PassContext, all_rules, apply_rules, using_context  # noqa: E402
 
@@ -85,3 +85,48 @@ def test_rule_leaves_near_miss_alone(rule: str, miss: str) -> None:
     assert fired == 0
     assert fused_op not in [n.op_type for n in fused.graph.node if n.op_type not in
                             {n2.op_type for n2 in original.graph.node}]
+
+
+def _projections(n: int, const: bool = True, output_escapes: bool = False) -> str:
+    weights = "\n".join(
+        f"  w{i} = Constant <value = float[32,{8 * (i + 1)}] {{{','.join(['0.01'] * (32 * 8 * (i + 1)))}}}> ()"
+        for i in range(n)) if const else ""
+    inputs = "".join(f", float[32,{8 * (i + 1)}] w{i}" for i in range(n)) if not const else ""
+    products = "\n".join(f"  p{i} = MatMul (x, w{i})" for i in range(n))
+    total = " + ".join(f"p{i}s" for i in range(n))
+    sums = "\n".join(f"  p{i}s = ReduceSum <keepdims = 0> (p{i})" for i in range(n))
+    out_extra = ", float[2,3,8] p0" if output_escapes else ""
+    adds = "  y = Identity (p0s)\n" if n == 1 else "  y = Sum (" + ", ".join(f"p{i}s" for i in range(n)) + ")\n"
+    del total
+    return HEADER + f"""
+g (float[2,3,32] x{inputs}) => (float y{out_extra}) {{
+{weights}
+{products}
+{sums}
+{adds}}}"""
+
+
+@pytest.mark.parametrize("case,packs,matmuls", [("three", 1, 1), ("one", 0, 1), ("weights are inputs", 0, 3),
+                                                ("a product is a graph output", 1, 2)])
+def test_pack_projections(case: str, packs: int, matmuls: int) -> None:
+    """Three projections of x become one MatMul; a lone one, non-constant weights, or a product that is a graph
+    output (its name is the contract) stay as they are."""
+    from onnxpipe.fusion.packing import pack_projections
+
+    text = {"three": _projections(3), "one": _projections(1), "weights are inputs": _projections(3, const=False),
+            "a product is a graph output": _projections(3, output_escapes=True)}[case]
+    original = onnx.parser.parse_model(text)
+    model = ir.from_proto(original)
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common_passes.ShapeInferencePass()(model)
+    report = pack_projections(model, PassContext(model_info=INFO_FOR_PACKING))
+    assert report["projection groups packed"] == str(packs)
+    fused = ir.to_proto(model)
+    assert sum(n.op_type == "MatMul" for n in fused.graph.node) == matmuls
+    assert [o.name for o in fused.graph.output] == [o.name for o in original.graph.output]
+    if packs:
+        feeds = _feeds(original)
+        np.testing.assert_allclose(_run(fused, feeds)[0], _run(original, feeds)[0], rtol=1e-5)
+
+
+INFO_FOR_PACKING = {"num_layers": 1}
