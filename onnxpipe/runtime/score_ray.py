@@ -149,6 +149,7 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
             commit(index, {}, 0, 0)  # chunks of bad records only
         if tables:
             _connect(ray, c.ray_address, bar.write)
+            t_last = time.perf_counter()  # throughput counts from here: starting a local Ray instance is not scoring
             workers, cpus, gpus = _placement(ray, job)
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
