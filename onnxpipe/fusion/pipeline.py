@@ -50,13 +50,34 @@ PASSES: tuple[FusionPass, ...] = (
     FusionPass("tidy", 2, cleanup.tidy, "fold, CSE and dead-node sweep over what the fusions left"),
 )
 PASS_NAMES = tuple(p.name for p in PASSES)
-# The fused ops each target's EP runs; a graph for a target never keeps a com.microsoft op outside its set.
-TARGET_OPS = {
-    "cpu": {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu", "Gelu", "BiasGelu",
-            "RotaryEmbedding", "MultiHeadAttention", "GroupQueryAttention"},
-    "cuda": {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu", "Gelu", "BiasGelu",
-             "RotaryEmbedding", "MultiHeadAttention", "GroupQueryAttention"},
-}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# The contrib ops CUDA has kernels for (onnxruntime docs/OperatorKernels.md); used only when this onnxruntime has
+# no CUDA EP to ask, which --target cuda allows only with --skip-verify.
+CUDA_DOCUMENTED_OPS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+                       "FastGelu", "Gelu", "BiasGelu", "RotaryEmbedding", "MultiHeadAttention", "GroupQueryAttention"}
+
+
+def supported_ops(target: str) -> dict[str, set[str]] | None:
+    """Ops outside the default ONNX domain (plus ORT's SimplifiedLayerNormalization) that the target EP of this
+    onnxruntime has kernels for, with the float types each takes; None when this onnxruntime has no such EP."""
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    provider = PROVIDERS[target]
+    if provider not in ort.get_available_providers():
+        return None
+    ops: dict[str, set[str]] = {}
+    for kernel in C.get_all_opkernel_def():
+        if kernel.provider != provider or (kernel.domain != "com.microsoft" and kernel.op_name != "SimplifiedLayerNormalization"):
+            continue
+        types = ops.setdefault(kernel.op_name, set())
+        for name, dtype in FLOAT_TYPES.items():
+            if any(dtype in allowed for allowed in kernel.type_constraints.values()):
+                types.add(name)
+    return ops
+
+
+FLOAT_TYPES = {"fp32": "tensor(float)", "fp16": "tensor(float16)", "bf16": "tensor(bfloat16)"}
 
 
 def select_passes(level: int, names: list[str] | None) -> list[FusionPass]:
@@ -170,7 +191,9 @@ def run_passes(
                     cleanup.infer_shapes(model, ctx)
                 fused = dict(p.run(model, ctx) or {})
                 common_passes.RemoveUnusedNodesPass()(model)
-                _check_target_ops(model, ctx.target)
+                cast_ops = _check_target_ops(model, ctx)
+                if cast_ops:
+                    fused["runs through inserted Casts"] = ", ".join(cast_ops)
             candidate = serialize(model, spill_dir)
         except Exception as e:  # a rule that breaks the graph is a rolled-back pass, not a crashed stage
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
@@ -208,12 +231,20 @@ def _parse(data: bytes) -> Any:
     return proto
 
 
-def _check_target_ops(model: ir.Model, target: str) -> None:
-    if target not in TARGETS:
-        raise OnnxpipeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    foreign = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft"} - TARGET_OPS[target])
+def _check_target_ops(model: ir.Model, ctx: PassContext) -> list[str]:
+    """A fused op the target EP has no kernel for fails the pass (which is then rolled back). Returns the fused
+    ops that have a kernel only for another float type: ORT runs those through Casts it inserts (slower)."""
+    if ctx.target not in TARGETS:
+        raise OnnxpipeError(f"unknown target {ctx.target!r}; choose one of {', '.join(TARGETS)}")
+    runnable = supported_ops(ctx.target)
+    if runnable is None:  # --target cuda --skip-verify on a CPU-only onnxruntime: the documented list
+        runnable = {op: {"fp32", "fp16"} for op in CUDA_DOCUMENTED_OPS}
+    fused = {n.op_type for n in model.graph.all_nodes()
+             if n.domain == "com.microsoft" or n.op_type == "SimplifiedLayerNormalization"}
+    foreign = sorted(fused - set(runnable))
     if foreign:
-        raise OnnxpipeError(f"the pass emitted {', '.join(foreign)}, which the {target} EP does not run")
+        raise OnnxpipeError(f"the pass emitted {', '.join(foreign)}, which the {ctx.target} EP has no kernel for")
+    return sorted(op for op in fused if ctx.dtype not in runnable[op])
 
 
 def _pass_line(r: PassReport) -> str:

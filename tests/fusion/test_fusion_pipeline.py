@@ -137,3 +137,21 @@ def test_a_breaking_pass_is_rolled_back(spill: bool, tiny_onnx, tmp_path: Path, 
     manifest = json.loads((tmp_path / "out" / "onnxpipe.json").read_text())
     assert manifest["steps"][-1]["passes"][0]["status"] == "rolled_back"
     assert not list(tmp_path.glob(".onnxpipe-snapshots-*"))
+
+
+def test_a_fused_op_the_target_cannot_run_is_rolled_back(tiny_onnx, tmp_path: Path, monkeypatch) -> None:
+    import onnx_ir as ir
+
+    from onnxpipe.fusion import pipeline
+
+    def emit_unknown(model: ir.Model, ctx) -> dict:
+        node = next(n for n in model.graph.all_nodes() if n.op_type == "Softmax")
+        node.op_type, node.domain = "SoftmaxNoSuchKernel", "com.microsoft"
+        return {}
+
+    bad = pipeline.FusionPass("emit_unknown", 1, emit_unknown, "emits an op no EP runs")
+    monkeypatch.setattr(pipeline, "PASSES", (bad,) + pipeline.PASSES)
+    monkeypatch.setattr(pipeline, "PASS_NAMES", ("emit_unknown",) + pipeline.PASS_NAMES)
+    result = optimize_model(tiny_onnx("gpt2"), tmp_path / "out", passes=["emit_unknown"])
+    report = result.passes[0]
+    assert report.status == "rolled_back" and "no kernel for" in report.reason
