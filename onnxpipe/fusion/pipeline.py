@@ -175,52 +175,63 @@ def run_passes(
 ) -> tuple[ir.Model, list[PassReport]]:
     """Run ``passes`` in order; a pass that fails to run, to load in ORT, or the parity check is rolled back.
     Models past protobuf's 2 GiB limit are snapshotted as files under ``spill_dir``."""
-    import onnx_ir.passes.common as common_passes
-
     reports = []
     current = serialize(model, spill_dir)
     for p in passes:
         start = time.perf_counter()
         before = op_counts(model)
-        fused: dict[str, Any] = {}
-        reason = None
-        check = None
-        try:
-            with using_context(ctx):
-                if p.needs_shapes:
-                    cleanup.infer_shapes(model, ctx)
-                fused = dict(p.run(model, ctx) or {})
-                common_passes.RemoveUnusedNodesPass()(model)
-                cast_ops = _check_target_ops(model, ctx)
-                if cast_ops:
-                    fused["runs through inserted Casts"] = ", ".join(cast_ops)
-            candidate = serialize(model, spill_dir)
-        except Exception as e:  # a rule that breaks the graph is a rolled-back pass, not a crashed stage
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-            candidate = None
-        after = op_counts(model) if candidate is not None else before
+        fused, candidate, reason = _apply(p, model, ctx, spill_dir)
         # a file snapshot cannot be compared cheaply: treat it as changed and check it
         changed = candidate is not None and (isinstance(candidate, Path) or candidate != current)
+        check = None
         if changed and checker is not None:
-            try:
-                report = checker.check(current, candidate)
-                check = report.to_json()
-                if not report.passed:
-                    reason = f"parity failed: {report.summary()}"
-            except Exception as e:  # ORT refused the graph or failed to run it
-                reason = f"ORT could not run the result: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            check, reason = _check(checker, current, candidate)
         if reason is not None:
-            model = restore(current)
-            status, after = "rolled_back", before
+            model, status = restore(current), "rolled_back"
         else:
             status = "kept" if changed else "unchanged"
             current = candidate if changed else current
+        after = before if status == "rolled_back" else op_counts(model)
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
                  if after.get(k, 0) != before.get(k, 0)}
         reports.append(PassReport(p.name, p.level, status, round(time.perf_counter() - start, 3),
                                   sum(before.values()), sum(after.values()), after, delta, fused, check, reason))
         log(_pass_line(reports[-1]))
     return model, reports
+
+
+def _apply(p: FusionPass, model: ir.Model, ctx: PassContext, spill_dir: Path | None
+           ) -> tuple[dict[str, Any], bytes | Path | None, str | None]:
+    """Run one pass in place: (what it reports, the snapshot of its result, why it failed or None)."""
+    import onnx_ir.passes.common as common_passes
+
+    fused: dict[str, Any] = {}
+    try:
+        with using_context(ctx):
+            if p.needs_shapes:
+                cleanup.infer_shapes(model, ctx)
+            fused = dict(p.run(model, ctx) or {})
+            common_passes.RemoveUnusedNodesPass()(model)
+            cast_ops = _check_target_ops(model, ctx)
+            if cast_ops:
+                fused["runs through inserted Casts"] = ", ".join(cast_ops)
+        return fused, serialize(model, spill_dir), None
+    except Exception as e:  # a rule that breaks the graph is a rolled-back pass, not a crashed stage
+        return fused, None, f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _check(checker: Checker, reference: bytes | Path, candidate: bytes | Path) -> tuple[dict | None, str | None]:
+    """(the parity report, why the candidate fails or None)."""
+    try:
+        report = checker.check(reference, candidate)
+    except Exception as e:  # ORT refused the graph or failed to run it
+        return None, f"ORT could not run the result: {type(e).__name__}: {_first_line(e)}"
+    return report.to_json(), None if report.passed else f"parity failed: {report.summary()}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def _parse(data: bytes) -> Any:
