@@ -121,7 +121,11 @@ def score(model_dir: Path, input_path: Path, output: Path, task: str, max_new_to
                          provider=provider, threads=threads, resume=resume, force=force, progress=not no_progress,
                          engine=engine, num_workers=num_workers, ray_address=ray_address,
                          max_new_tokens=max_new_tokens)
-    summary = run_score(model_dir, input_path, output, config, log=_log)
+    try:
+        summary = run_score(model_dir, input_path, output, config, log=_log)
+    except KeyboardInterrupt:  # the chunks already checkpointed are kept: say so, unlike other commands
+        _log(f"interrupted; the records scored so far are kept in {output}: rerun with --resume to continue")
+        sys.exit(130)
     for line in summary.lines():
         click.echo(line)
 

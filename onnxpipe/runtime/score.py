@@ -526,6 +526,16 @@ def make_summary(job: ScoreJob, ckpt: Checkpoint, provider: str, workers: int) -
     )
 
 
+def finished_summary(job: ScoreJob, ckpt: Checkpoint) -> ScoreSummary:
+    """The summary of a run that is already complete (rebuilt from the checkpoint if its file went missing)."""
+    try:
+        return ScoreSummary(**json.loads(job.summary_path.read_text()))
+    except (OSError, ValueError, TypeError):
+        summary = make_summary(job, ckpt, "unknown (the summary file was missing; rebuilt from the checkpoint)", 0)
+        score_io.write_json_atomic(job.summary_path, summary.to_json())
+        return summary
+
+
 def finish(job: ScoreJob, ckpt: Checkpoint, summary: ScoreSummary) -> None:
     score_io.write_json_atomic(job.summary_path, summary.to_json())
     ckpt.complete = True
@@ -575,7 +585,7 @@ def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     c = job.config
     ckpt = start(job, log)
     if ckpt.complete:
-        return ScoreSummary(**json.loads(job.summary_path.read_text()))
+        return finished_summary(job, ckpt)
     _cut_back(job, ckpt)
     messages: list[str] = []
     if c.task == "generate":

@@ -26,7 +26,7 @@ import numpy as np
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime import score_io
 from onnxpipe.runtime.score import (
-    Encoder, Item, ScoreJob, ScoreSummary, WindowScorer, finish, make_summary, progress_bar, record_bad, result_row,
+    Encoder, Item, ScoreJob, ScoreSummary, WindowScorer, finish, finished_summary, make_summary, progress_bar, record_bad, result_row,
     score_items, split_chunk, start,
 )
 
@@ -97,9 +97,7 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     c = job.config
     ckpt = start(job, log)
     if ckpt.complete:
-        import json
-
-        return ScoreSummary(**json.loads(job.summary_path.read_text()))
+        return finished_summary(job, ckpt)
     for p in job.parts_dir.iterdir():  # parts a killed driver wrote but did not checkpoint
         if p.name.startswith(".") or (p.name.startswith("part-") and int(p.name[5:10]) not in ckpt.done_chunks):
             p.unlink()
