@@ -300,11 +300,20 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch, _cache):
         (out / "config.json").write_text("{}")
         raise OnnxpipeError("interrupted")
 
-    monkeypatch.setattr(onnxpipe_gguf, "_dequantize_to", half_then_fail)
     before = set((_cache / "gguf").iterdir()) if (_cache / "gguf").exists() else set()
-    with pytest.raises(OnnxpipeError, match="interrupted"):
+    with monkeypatch.context() as m, pytest.raises(OnnxpipeError, match="interrupted"):
+        m.setattr(onnxpipe_gguf, "_dequantize_to", half_then_fail)
         onnxpipe_gguf.convert_gguf(path)
     assert set((_cache / "gguf").iterdir()) == before
+    # what a killed run leaves (a temporary directory of a dead process) is removed by the next conversion
+    info = onnxpipe_gguf.read_gguf(path)
+    info.sha256 = onnxpipe_gguf._sha256(path)
+    target = _cache / "gguf" / f"{info.sha256[:16]}-v{onnxpipe_gguf.CONVERSION_VERSION}"
+    abandoned = target.parent / f".tmp-{target.name}-killed"
+    abandoned.mkdir(parents=True)
+    (abandoned / ".pid").write_text("999999999")
+    hf_dir, _ = onnxpipe_gguf.convert_gguf(info)
+    assert hf_dir == target and not abandoned.exists()
 
 
 # -- export ------------------------------------------------------------------------------------------------------

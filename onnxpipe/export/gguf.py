@@ -217,9 +217,12 @@ def _fix_special_tokens(tokenizer: Any, ids: dict[str, int]) -> None:
 
 @contextlib.contextmanager
 def _atomic_dir(target: Path) -> Iterator[Path]:
+    _remove_abandoned(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    (tmp / ".pid").write_text(str(os.getpid()))
     try:
         yield tmp
+        (tmp / ".pid").unlink()
         try:
             os.rename(tmp, target)
         except OSError:
@@ -228,6 +231,15 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
                 os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Half-written conversions of killed runs (hundreds of MB each); those of live processes are kept."""
+    for tmp in target.parent.glob(f".tmp-{target.name}-*"):
+        try:
+            os.kill(int((tmp / ".pid").read_text()), 0)
+        except (OSError, ValueError):  # no such process, or no readable marker
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _import_gguf() -> Any:
