@@ -77,73 +77,95 @@ def ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def time_ort(path: Path, prompt: int, steps: int, threads: int, vocab: int, repeats: int) -> tuple[float, list[int]]:
-    """Median decode-step milliseconds, and the greedy tokens of the last repeat (to compare candidates)."""
-    import onnxruntime as ort
+class OrtDecoder:
+    """One ONNX candidate: an ORT session driven with IO binding, the KV cache kept as ORT values."""
 
-    sess = ort_session(path, threads)
-    inputs = [i.name for i in sess.get_inputs()]
-    outputs = [o.name for o in sess.get_outputs()]
-    past_names = [n for n in inputs if n.startswith("past_key_values")]
-    present_names = [n.replace("past_key_values", "present") for n in past_names]
-    assert all(n in outputs for n in present_names), (past_names, outputs)
-    kv_shape = {i.name: i.shape for i in sess.get_inputs() if i.name in past_names}
-    dtype = np.float16 if "float16" in sess.get_inputs()[inputs.index(past_names[0])].type else np.float32
-    rng = np.random.default_rng(0)
-    prompt_ids = rng.integers(0, vocab, size=(1, prompt), dtype=np.int64)
-    per_step: list[float] = []
-    tokens: list[int] = []
-    for _ in range(repeats):
-        binding = sess.io_binding()
-        past = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_shape[n][1], 0, kv_shape[n][3]), dtype))
-                for n in past_names}
-        ids, length, tokens = prompt_ids, prompt, []
+    def __init__(self, path: Path, threads: int):
+        self.sess = ort_session(path, threads)
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values")]
+        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        assert all(n in self.outputs for n in self.present_names), (self.past_names, self.outputs)
+        meta = {i.name: i for i in self.sess.get_inputs()}
+        self.kv_shape = {n: meta[n].shape for n in self.past_names}
+        self.dtype = np.float16 if "float16" in meta[self.past_names[0]].type else np.float32
+
+    def decode(self, prompt_ids: np.ndarray, steps: int) -> tuple[list[float], list[int]]:
+        """Prefill then ``steps`` greedy steps: (seconds of each decode step, the tokens)."""
+        import onnxruntime as ort
+
+        binding = self.sess.io_binding()
+        past = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, s[1], 0, s[3]), self.dtype))
+                for n, s in self.kv_shape.items()}
+        ids, length = prompt_ids, prompt_ids.shape[1]
+        times, tokens = [], []
         for step in range(steps + 1):
             seq = ids.shape[1]
             feed = {"input_ids": ids, "attention_mask": np.ones((1, length), np.int64),
                     "position_ids": np.arange(length - seq, length, dtype=np.int64)[None, :]}
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
-            for n in inputs:
+            for n in self.inputs:
                 if n in feed:
                     binding.bind_cpu_input(n, feed[n])
                 else:
                     binding.bind_ortvalue_input(n, past[n])
-            for n in outputs:
+            for n in self.outputs:
                 binding.bind_output(n)
             start = time.perf_counter()
-            sess.run_with_iobinding(binding)
+            self.sess.run_with_iobinding(binding)
             values = binding.get_outputs()
-            logits = values[outputs.index("logits")].numpy()
-            elapsed = time.perf_counter() - start
+            logits = values[self.outputs.index("logits")].numpy()
             if step > 0:
-                per_step.append(elapsed)
-            past = {p: values[outputs.index(q)] for p, q in zip(past_names, present_names)}
-            nxt = int(logits[0, -1].argmax())
-            tokens.append(nxt)
-            ids, length = np.array([[nxt]], np.int64), length + 1
-    return 1000 * statistics.median(per_step), tokens
+                times.append(time.perf_counter() - start)
+            past = {p: values[self.outputs.index(q)] for p, q in zip(self.past_names, self.present_names)}
+            tokens.append(int(logits[0, -1].argmax()))
+            ids, length = np.array([[tokens[-1]]], np.int64), length + 1
+        return times, tokens
 
 
-def time_torch(hf_dir: Path, prompt: int, steps: int, threads: int, vocab: int, repeats: int) -> float:
-    import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
+class TorchDecoder:
+    """transformers' own model, eager, with its KV cache: the PyTorch anchor."""
 
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation="sdpa").eval()
-    ids = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, size=(1, prompt), dtype=np.int64))
-    per_step = []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            cache = DynamicCache()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    def __init__(self, hf_dir: Path, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation="sdpa").eval()
+
+    def decode(self, prompt_ids: np.ndarray, steps: int) -> tuple[list[float], list[int]]:
+        import torch
+        from transformers import DynamicCache
+
+        times, tokens = [], []
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.from_numpy(prompt_ids), past_key_values=DynamicCache(), use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(nxt))
             for _ in range(steps):
                 start = time.perf_counter()
-                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                out = self.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
                 nxt = out.logits[:, -1:].argmax(-1)
-                per_step.append(time.perf_counter() - start)
-    return 1000 * statistics.median(per_step)
+                times.append(time.perf_counter() - start)
+                tokens.append(int(nxt))
+        return times, tokens
+
+
+def measure(decoders: dict[str, object], prompt_ids: np.ndarray, steps: int, rounds: int
+            ) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Round-robin over the candidates, one decode run each per round, so that load from other processes on the
+    machine falls on all of them alike; per candidate, the median of its per-round median step times."""
+    per_round: dict[str, list[float]] = {name: [] for name in decoders}
+    tokens: dict[str, list[int]] = {}
+    for name, dec in decoders.items():  # warm-up, not timed
+        dec.decode(prompt_ids, 2)
+    for _ in range(rounds):
+        for name, dec in decoders.items():
+            times, tokens[name] = dec.decode(prompt_ids, steps)
+            per_round[name].append(statistics.median(times))
+    return {name: 1000 * statistics.median(v) for name, v in per_round.items()}, tokens
 
 
 def run_optimum(venv_python: Path, hf_dir: Path, work: Path) -> Path | None:
@@ -188,18 +210,16 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32, help="decode steps per repeat")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="rounds over all candidates")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--levels", default="1,2,3")
     ap.add_argument("--optimum-python", default="/tmp/venv-optimum/bin/python",
                     help="python of a venv with optimum-onnx (it pins transformers 4.57.6); '' to skip")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager anchor")
-    ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
+    ap.add_argument("--work", default=None,
+                    help="working directory, kept; models already built there are reused (default: a temporary one)")
     ap.add_argument("--append", default=None, help="append the results table to this markdown file")
     args = ap.parse_args()
-
-    from onnxpipe.export import export_decoder
-    from onnxpipe.fusion import optimize_model
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-optimize-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -210,39 +230,19 @@ def main() -> None:
         for name in args.models.split(","):
             print(f"== {name}", flush=True)
             vocab = MODELS[name][1]["vocab_size"]
-            hf = build_hf(name, work / f"{name}-hf")
-            row: dict[str, float] = {}
-            exported = work / f"{name}-export"
-            export_decoder(hf, exported, verify=False, force=True)
-            candidates = {"ours-export": exported / "model.onnx"}
-            for level in levels:
-                out = work / f"{name}-L{level}"
-                t0 = time.perf_counter()
-                result = optimize_model(exported, out, level=level, force=True)
-                fused = {p.name: p.fused for p in result.passes if p.fused}
-                print(f"  optimized L{level} in {time.perf_counter() - t0:.0f}s: final rel err "
-                      f"{result.check.rel_err:.2g}; {json.dumps(fused)}", flush=True)
-                candidates[f"ours-L{level}"] = out / "model.onnx"
-            if args.optimum_python:
-                t0 = time.perf_counter()
-                opt = run_optimum(Path(args.optimum_python), hf, work / f"{name}-optimum")
-                if opt is not None:
-                    candidates["optimum"] = opt
-                    print(f"  optimum export + ORTOptimizer in {time.perf_counter() - t0:.0f}s", flush=True)
-                else:
-                    notes.append(f"{name}: Optimum's export/optimize failed; no Optimum anchor")
-            reference_tokens = None
-            for label, path in candidates.items():
-                ms, tokens = time_ort(path, args.prompt, args.steps, args.threads, vocab, args.repeats)
-                same = "" if reference_tokens is None else (" (tokens match ours-export)" if tokens == reference_tokens
-                                                            else " (tokens DIFFER from ours-export)")
-                reference_tokens = reference_tokens or tokens
-                row[label] = ms
-                print(f"  {label:<12} {ms:7.2f} ms/token{same}", flush=True)
+            candidates, hf = build_candidates(name, work, levels, args, notes)
+            decoders: dict[str, object] = {label: OrtDecoder(path, args.threads) for label, path in candidates.items()}
             if not args.no_torch:
-                row["torch-eager"] = time_torch(hf, args.prompt, args.steps, args.threads, vocab, args.repeats)
-                print(f"  {'torch-eager':<12} {row['torch-eager']:7.2f} ms/token", flush=True)
+                decoders["torch-eager"] = TorchDecoder(hf, args.threads)
+            prompt_ids = np.random.default_rng(0).integers(0, vocab, size=(1, args.prompt), dtype=np.int64)
+            row, tokens = measure(decoders, prompt_ids, args.steps, args.repeats)
+            for label, ms in row.items():
+                same = "" if label == "ours-export" else (
+                    " (greedy tokens match ours-export)" if tokens[label] == tokens["ours-export"]
+                    else " (greedy tokens DIFFER from ours-export)")
+                print(f"  {label:<12} {ms:7.2f} ms/token{same}", flush=True)
             results[name] = row
+            del decoders
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -255,6 +255,39 @@ def main() -> None:
             f.write("\n" + table + "\n")
 
 
+def build_candidates(name: str, work: Path, levels: list[int], args: argparse.Namespace, notes: list[str]
+                     ) -> tuple[dict[str, Path], Path]:
+    """The HF model, our export and levels, and Optimum's model; kept artifacts under --work are reused."""
+    from onnxpipe.export import export_decoder
+    from onnxpipe.fusion import optimize_model
+
+    hf = work / f"{name}-hf"
+    if not (hf / "config.json").exists():
+        build_hf(name, hf)
+    exported = work / f"{name}-export"
+    if not (exported / "onnxpipe.json").exists():
+        export_decoder(hf, exported, verify=False, force=True)
+    candidates = {"ours-export": exported / "model.onnx"}
+    for level in levels:
+        out = work / f"{name}-L{level}"
+        if not (out / "onnxpipe.json").exists():
+            t0 = time.perf_counter()
+            result = optimize_model(exported, out, level=level, force=True)
+            fused = {p.name: {k: v for k, v in p.fused.items() if isinstance(v, str)} for p in result.passes
+                     if any(isinstance(v, str) for v in p.fused.values())}
+            print(f"  optimized L{level} in {time.perf_counter() - t0:.0f}s: final rel err "
+                  f"{result.check.rel_err:.2g}; {json.dumps(fused)}", flush=True)
+        candidates[f"ours-L{level}"] = out / "model.onnx"
+    if args.optimum_python:
+        existing = sorted((work / f"{name}-optimum" / "optimum-opt").glob("*.onnx"))
+        opt = existing[0] if existing else run_optimum(Path(args.optimum_python), hf, work / f"{name}-optimum")
+        if opt is not None:
+            candidates["optimum"] = opt
+        else:
+            notes.append(f"{name}: Optimum's export/optimize failed; no Optimum anchor")
+    return candidates, hf
+
+
 def format_table(results: dict[str, dict[str, float]], args: argparse.Namespace, notes: list[str]) -> str:
     anchors = ("optimum", "torch-eager")
     lines = [
@@ -265,8 +298,10 @@ def format_table(results: dict[str, dict[str, float]], args: argparse.Namespace,
         f"- versions: {json.dumps(versions())}; Optimum anchor: optimum-onnx in a separate venv "
         "(transformers 4.57.6, same onnxruntime), ORTOptimizer optimization_level=2",
         f"- command: `flock /tmp/onnxpipe-bench.lock python3 scripts/bench_optimize.py {' '.join(sys.argv[1:])}`",
-        f"- batch 1, prompt {args.prompt}, {args.steps} greedy decode steps x {args.repeats}; median decode-step ms; "
-        "ONNX candidates in ORT (ORT_ENABLE_ALL, IO binding, KV kept as ORT values); random weights",
+        f"- batch 1, prompt {args.prompt}, {args.steps} greedy decode steps; {args.repeats} rounds over all candidates "
+        "in turn (so load from other processes falls on all alike); ms/token = median over rounds of each round's "
+        "median decode step; ONNX candidates in ORT (ORT_ENABLE_ALL, IO binding, KV kept as ORT values); "
+        "random weights",
         "",
     ]
     cols = sorted({c for row in results.values() for c in row}, key=lambda c: (c in anchors, c))
