@@ -11,6 +11,7 @@ fi
 onnxpipe export "$MODEL" -o "$OUT/$name" --force
 onnxpipe inspect "$OUT/$name"
 onnxpipe optimize "$OUT/$name" -o "$OUT/$name-opt" --level 3 --force
+onnxpipe quantize "$OUT/$name-opt" -o "$OUT/$name-int8" --mode dynamic --force --eval-tokens 16384
 onnxpipe generate "$OUT/$name" --prompt "def fib(n):" --max-new-tokens 32
 python3 -c 'import json; t = open("data/eval.txt").read().replace("<|endoftext|>", "\n\n"); ps = [p.strip() for p in t.split("\n\n") if p.strip()][:200]; print("\n".join(json.dumps({"id": i, "text": p}) for i, p in enumerate(ps)))' > "$OUT/eval-texts.jsonl"
 onnxpipe score "$OUT/$name" "$OUT/eval-texts.jsonl" -o "$OUT/eval-scores.jsonl" --force --no-progress
