@@ -67,6 +67,13 @@ def test_level3_fuses_everything_and_keeps_parity(family: str, tiny_onnx, level3
     else:
         assert ops.get("RotaryEmbedding") == 2 * layers and ops.get("Neg", 0) == 0
 
+    if family != "gpt2":  # the window goes to the kernel (HF's sliding_window W = ORT's local_window_size W)
+        import onnx
+
+        gqa = [n for n in onnx.load(str(out.model_path)).graph.node if n.op_type == "GroupQueryAttention"]
+        windows = {a.i for n in gqa for a in n.attribute if a.name == "local_window_size"}
+        assert windows == {info["sliding_window"] or -1}
+
     # the I/O contract is unchanged, and the manifest says what happened
     assert out.manifest.input_names == src.manifest.input_names
     assert out.manifest.output_names == src.manifest.output_names
