@@ -413,6 +413,15 @@ def test_cli_not_a_gguf_and_ambiguous_directory(tmp_path, mixed_gguf):
     assert "no such file" in _cli_error(["export", str(missing), "-o", str(tmp_path / "out")])
 
 
+def test_cli_missing_packages(mixed_gguf, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    line = _cli_error(["export", str(mixed_gguf[0]), "-o", str(tmp_path / "out")])
+    assert "reading a GGUF file needs accelerate: pip install" in line
+
+
 def test_cli_exports_gguf(mixed_gguf, tmp_path):
     out = tmp_path / "cli"
     result = CliRunner().invoke(main, ["export", str(mixed_gguf[0]), "-o", str(out), "--no-verify"])

@@ -119,9 +119,6 @@ def read_gguf(src: str | os.PathLike[str]) -> GGUFInfo:
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
     name = _field(reader, "general.name")
-    model_type = GGUF_ARCHITECTURES[arch]
-    if arch == "llama" and name and "mistral" in str(name).lower():
-        model_type = "mistral"  # llama.cpp stores Mistral as llama; transformers tells them apart by name
     counts = Counter(t.tensor_type.name for t in reader.tensors)
     bad = sorted(set(counts) - set(SUPPORTED_TENSOR_TYPES))
     if bad:
@@ -134,7 +131,7 @@ def read_gguf(src: str | os.PathLike[str]) -> GGUFInfo:
     return GGUFInfo(
         path=path,
         architecture=arch,
-        model_type=model_type,
+        model_type=GGUF_ARCHITECTURES[arch],
         name=str(name) if name is not None else None,
         quant_type=_dominant_weight_type(reader),
         file_type=_file_type_name(gguf, file_type),
@@ -173,14 +170,6 @@ def convert_gguf(
     return target, info
 
 
-def source_record(hf_dir: Path) -> dict[str, Any]:
-    """The source.json a conversion wrote (what the manifest's ``model.source`` holds)."""
-    data = json.loads((Path(hf_dir) / SOURCE_RECORD).read_text())
-    data.pop("versions", None)
-    data.pop("conversion_version", None)
-    return data
-
-
 def _dequantize_to(info: GGUFInfo, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -193,10 +182,6 @@ def _dequantize_to(info: GGUFInfo, out: Path) -> None:
         raise OnnxpipeError(f"loading a GGUF needs more packages ({_first_line(e)}): {INSTALL_HINT}") from None
     except Exception as e:  # transformers raises many types here; all mean "this GGUF does not load"
         raise OnnxpipeError(f"{info.path}: transformers could not load this GGUF: {_first_line(e)}") from None
-    if model.config.model_type != info.model_type:
-        raise OnnxpipeError(
-            f"{info.path}: loaded as model_type {model.config.model_type!r}, expected {info.model_type!r}"
-        )
     # The dequantized model is plain float32; what makes transformers refuse to save it is only the GGUF
     # "quantizer" it still carries. Dropping it saves an ordinary directory that loads without the GGUF.
     model.hf_quantizer = None
@@ -243,10 +228,13 @@ def _remove_abandoned(target: Path) -> None:
 
 
 def _import_gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise OnnxpipeError(f"reading a GGUF file needs the gguf package: {INSTALL_HINT}") from None
+    import importlib.util
+
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise OnnxpipeError(f"reading a GGUF file needs {' and '.join(missing)}: {INSTALL_HINT}")
+    import gguf
+
     return gguf
 
 
