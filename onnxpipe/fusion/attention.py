@@ -111,6 +111,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
             if not any(past is v for v in graph.inputs):
                 return result.fail(f"{present_name}'s past is not a graph input", past)
         self._bool_mask, self._attention_mask = mask_node.inputs[0], attention_mask
+        self._input_ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
         self._heads, self._kv_heads = heads, kv_heads
         self._window = int(info.get("sliding_window") or -1)
         # GPT-2 reshapes the attention output straight to 2-D [B*S, hidden] for its Gemm: keep that Reshape.
@@ -139,7 +140,8 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         total = op.Cast(op.Squeeze(total_1d), to=ir.DataType.INT32)
         # query_seqlens = S for every row: without it the CPU kernel refuses batch > 1 with S > 1 and a past
         # (a multi-token step after the prompt); with it every row's S new tokens go to [T - S, T) as before.
-        query_seqlens = op.Cast(op.Expand(op.Shape(query_BSD, start=1, end=2), batch_1d), to=ir.DataType.INT32)
+        new_tokens = self._input_ids if self._input_ids is not None else query_BSD  # input_ids: shared by layers
+        query_seqlens = op.Cast(op.Expand(op.Shape(new_tokens, start=1, end=2), batch_1d), to=ir.DataType.INT32)
         return op.GroupQueryAttention(
             query_BSD, key_BSD, value_BSD, past_key, past_value, seqlens_k, total, None, None, None, bias,
             None, None, None, None, None, query_seqlens,

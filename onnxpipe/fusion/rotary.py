@@ -75,7 +75,7 @@ class RotaryEmbeddingFusion(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x_BSNH, **_):
         cos_cache, sin_cache = self._caches
-        x_BSD = op.Reshape(x_BSNH, op.Constant(value_ints=[0, 0, -1]))
+        x_BSD = _merged_heads_source(x_BSNH) or op.Reshape(x_BSNH, op.Constant(value_ints=[0, 0, -1]))
         rotated_BSD = op.RotaryEmbedding(x_BSD, self._position_ids, cos_cache, sin_cache, interleaved=0,
                                          _domain="com.microsoft")
         rotated_BSD.dtype = x_BSNH.dtype
@@ -83,6 +83,19 @@ class RotaryEmbeddingFusion(pattern.RewriteRuleClassBase):
             rotated_BSD.shape = ir.Shape([x_BSNH.shape[0], x_BSNH.shape[1], self._num_heads * self._head_dim])
         rotated_BSNH = op.Reshape(rotated_BSD, op.Constant(value_ints=[0, 0, self._num_heads, self._head_dim]))
         return op.Transpose(rotated_BSNH, perm=[0, 2, 1, 3])
+
+
+def _merged_heads_source(x_BSNH: ir.Value) -> ir.Value | None:
+    """x when x_BSNH = Reshape(x [B, S, N*H], [B, S, N, H]): merging the heads back would only undo that Reshape."""
+    producer = x_BSNH.producer()
+    if producer is None or producer.op_type != "Reshape":
+        return None
+    source = producer.inputs[0]
+    if source is None or source.shape is None or x_BSNH.shape is None or source.shape.rank() != 3:
+        return None
+    same_leading = all(isinstance(d, (int, ir.SymbolicDim)) and d == e and (isinstance(d, int) or d.value is not None)
+                       for d, e in zip(source.shape[:2], x_BSNH.shape[:2]))
+    return source if same_leading else None
 
 
 _CACHE_KEY = "_onnxpipe_rotary_caches"
