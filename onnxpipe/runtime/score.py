@@ -237,6 +237,7 @@ class WindowScorer:
         m = manifest.model
         self.kv_shape = (m["num_kv_heads"], m["head_dim"])
         self.logits = manifest.graph.get("logits", "logits")
+        self.want_greedy = True  # False skips the argmax (only --task loglik reports it)
 
     @classmethod
     def open(cls, model_dir: str | Path, provider: str = "auto", threads: int | None = None,
@@ -274,11 +275,14 @@ class WindowScorer:
                 feed[name] = empty
         (logits,) = self.session.run([self.logits], feed)
         row_i, col_i, tgt, own = (np.concatenate(a) for a in (rows, cols, targets, owner))
-        sel = logits[row_i, col_i].astype(np.float32)  # [N, vocab]
+        sel = logits[row_i, col_i].astype(np.float32, copy=False)  # [N, vocab], a fresh copy: worked in place
+        target_logit = sel[np.arange(len(tgt)), tgt].astype(np.float64)
+        greedy = sel.argmax(axis=-1) == tgt if self.want_greedy else np.ones(len(tgt), bool)
         peak = sel.max(axis=-1)
-        lse = peak + np.log(np.exp(sel - peak[:, None]).sum(axis=-1, dtype=np.float64))
-        logprob = sel[np.arange(len(tgt)), tgt].astype(np.float64) - lse
-        greedy = sel.argmax(axis=-1) == tgt
+        np.subtract(sel, peak[:, None], out=sel)
+        np.exp(sel, out=sel)
+        lse = peak.astype(np.float64) + np.log(sel.sum(axis=-1).astype(np.float64))  # numpy sums pairwise
+        logprob = target_logit - lse
         loglik = np.bincount(own, weights=logprob, minlength=batch)
         count = np.bincount(own, minlength=batch)
         all_greedy = np.bincount(own, weights=(~greedy).astype(np.float64), minlength=batch) == 0
@@ -570,6 +574,7 @@ class ScoreWorker:
         c = job.config
         self.job = job
         self.scorer = WindowScorer.open(job.model_dir.path, c.provider, c.threads, announce=announce)
+        self.scorer.want_greedy = c.task == "loglik"
         self.provider = self.scorer.provider
         self.items = Encoder(job.model_dir).items
 
