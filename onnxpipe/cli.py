@@ -221,7 +221,9 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="int4: MatMulNBits compute type (4 = int8, fast on CPU; 0 = unset).")
 @click.option("--lm-head", type=click.Choice(["auto", "fp32", "int8", "int4"]), default="auto", show_default=True,
-              help="LM head precision (auto: int8, or 8-bit blocks under int4; fp16 under fp16).")
+              help="LM head precision (auto: 8-bit per vocabulary row, one table with the embedding when tied; fp16 under fp16).")
+@click.option("--embeddings", type=click.Choice(["auto", "fp32", "int8"]), default="auto", show_default=True,
+              help="Token embedding table (auto: 8-bit per row, except under fp16).")
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Held-out text for the quality report [default: data/eval.txt].")
 @click.option("--eval-tokens", type=click.IntRange(2, None), default=None, help="Score only the first N tokens of the eval text.")
 @click.option("--calib-samples", type=click.IntRange(1, 4096), default=32, show_default=True, help="Calibration samples (at most).")
@@ -230,7 +232,7 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
               help="Fail, writing nothing, if perplexity rises more than PCT percent.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str, per_channel: bool,
-             smoothquant: float | None, block_size: int, algo: str, accuracy_level: int, lm_head: str,
+             smoothquant: float | None, block_size: int, algo: str, accuracy_level: int, lm_head: str, embeddings: str,
              eval_file: Path | None, eval_tokens: int | None, calib_samples: int, calib_seq_len: int,
              max_ppl_increase: float | None, force: bool) -> None:
     """Quantize a model directory (exported or optimized) and report its quality against the input."""
@@ -240,7 +242,7 @@ def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, m
     result = quantize_model(
         in_dir, out_dir, mode, force=force, log=_log, progress=_progress_bars(), calibration=calibration,
         method=method, per_channel=per_channel, smoothquant=smoothquant, block_size=block_size, algo=algo,
-        accuracy_level=accuracy_level, lm_head=lm_head, eval_file=eval_file, max_eval_tokens=eval_tokens,
+        accuracy_level=accuracy_level, lm_head=lm_head, embeddings=embeddings, eval_file=eval_file, max_eval_tokens=eval_tokens,
         max_ppl_increase=max_ppl_increase, calib=CalibrationConfig(max_samples=calib_samples, prefill_len=calib_seq_len),
     )
     click.echo(describe_result(result))
