@@ -1,8 +1,8 @@
 """Dynamic int8: weights int8 per output channel, activations quantized at run time (no calibration).
 
-ORT's quantize_dynamic does the work on the MatMuls the plan names (every linear layer, the LM head included:
-per-channel int8 keeps one scale per vocabulary row, and the head is the largest matrix product per decoded
-token in small models). Gather (the embedding lookup) is left in float: a lookup does no arithmetic to speed up.
+ORT's quantize_dynamic does the work on the MatMuls the plan names: every linear layer of the body. The LM head
+and the token lookup were already made 8-bit per vocabulary row by embedding.py (one shared table when tied),
+unless --lm-head/--embeddings fp32 kept them float.
 Weights use the full signed range (no reduce_range): the CPUs we target have VNNI, where 8-bit products do not
 saturate.
 """
@@ -34,7 +34,7 @@ def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head:
         )
     return {"weights": "int8", "activations": "uint8, dynamic per tensor", "per_channel": per_channel,
             "quantized_nodes": len(nodes),
-            "lm_head": "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8"}
+            "lm_head": "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 per channel"}
 
 
 class _quiet_ort:

@@ -7,13 +7,10 @@ inputs, gathered from the calibration text's prefills); ``hqq`` (half-quadratic 
 Every MatMulNBits gets ``accuracy_level`` (default 4: activations quantized to int8 inside the kernel, which is
 what makes int4 fast on CPU; 0 would dequantize to fp32 and be slow).
 
-The LM head and the embeddings, deliberately:
-- the LM head is the most sensitive matrix (its error lands directly in the logits and the argmax) and, for small
-  models, the largest. By default (``--lm-head auto``) it gets 8-bit blocks (MatMulNBits bits=8, block 32),
-  the choice llama.cpp makes for its output tensor: close to lossless, still 4x smaller than fp32. ``int4`` puts
-  it in the same pass as the body; ``fp32`` leaves it alone.
-- the embedding table (Gather) stays in float: a lookup reads one row per token, so quantizing it saves
-  memory but no time, and with tied embeddings the head already has its own quantized copy.
+The LM head and the embeddings, deliberately: the LM head is the most sensitive matrix (its error lands directly
+in the logits and the argmax), so by default it is not put in 4 bits: embedding.py gives it (and the token
+lookup, sharing one table when they are tied) 8 bits per vocabulary row, the choice llama.cpp makes for its
+output tensor. ``--lm-head int4`` puts it in the same 4-bit pass as the body; ``--lm-head fp32`` leaves it alone.
 """
 
 from __future__ import annotations
@@ -26,9 +23,6 @@ import numpy as np
 from onnxpipe.artifact import Manifest
 from onnxpipe.quant.calibration import feed_count
 from onnxpipe.quant.graph import WeightPlan
-
-HEAD_BLOCK_SIZE = 32
-
 
 def quantize_int4(
     proto: Any,
@@ -43,17 +37,13 @@ def quantize_int4(
 
     from onnxpipe.quant.dynamic import _quiet_ort
 
-    head = plan.lm_head
-    head_mode = "int8" if cfg.lm_head == "auto" else cfg.lm_head
-    body = [n for n in plan.linears if n != head or head_mode == "int4"]
+    head = plan.lm_head  # still a MatMul only when --lm-head is fp32 or int4 (else embedding.py took it)
+    body = [n for n in plan.linears if n != head or cfg.lm_head == "int4"]
     all_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
     details: dict[str, Any] = {"weights": "int4", "algo": cfg.algo, "block_size": cfg.block_size,
-                               "accuracy_level": cfg.accuracy_level, "lm_head": head_mode if head else None,
-                               "embeddings": "float (lookup; not quantized)"}
+                               "accuracy_level": cfg.accuracy_level,
+                               "lm_head": ("int4" if head in body else "fp32") if head else None}
     with _quiet_ort():
-        if head and head_mode == "int8":
-            proto = _nbits(proto, bits=8, block_size=HEAD_BLOCK_SIZE, include=[head], all_matmuls=all_matmuls,
-                           accuracy_level=cfg.accuracy_level)
         if cfg.algo == "gptq":
             details["gptq"] = _gptq(proto, body, manifest, samples, cfg)
             details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
@@ -61,7 +51,7 @@ def quantize_int4(
             proto = _nbits(proto, bits=4, block_size=cfg.block_size, include=body, all_matmuls=all_matmuls,
                            accuracy_level=cfg.accuracy_level, algo=cfg.algo)
     details["matmulnbits"] = _set_accuracy_level(proto, cfg.accuracy_level)
-    details["quantized_nodes"] = len(body) + (1 if head and head_mode == "int8" else 0)
+    details["quantized_nodes"] = len(body)
     onnx.save_model(proto, str(out_path), save_as_external_data=proto.ByteSize() > 1_800_000_000)
     return details
 

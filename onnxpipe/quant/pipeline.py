@@ -31,6 +31,7 @@ MODES = ("dynamic", "static", "int4", "fp16")
 METHODS = ("minmax", "entropy", "percentile")
 ALGOS = ("rtn", "gptq", "hqq")
 LM_HEAD_CHOICES = ("auto", "fp32", "int8", "int4")
+EMBEDDING_CHOICES = ("auto", "fp32", "int8")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 Log = Callable[[str], None]
@@ -47,7 +48,8 @@ class QuantizeConfig:
     block_size: int = 32  # int4: weights per scale along the input dimension
     algo: str = "rtn"  # int4: rtn | gptq | hqq
     accuracy_level: int = 4  # int4: MatMulNBits compute type; 4 = int8 activations (fast on CPU)
-    lm_head: str = "auto"  # auto: int8 for dynamic/static, 8-bit blocks for int4, fp16 for fp16
+    lm_head: str = "auto"  # auto/int8: 8-bit per vocabulary row (embedding.py); fp32; int4 (int4 mode only)
+    embeddings: str = "auto"  # auto/int8: token table 8-bit per row, shared with a tied head; fp32
     eval_file: Path | None = None
     max_eval_tokens: int | None = None
     eval_context: int | None = None
@@ -55,7 +57,7 @@ class QuantizeConfig:
     calib: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def params(self) -> dict[str, Any]:
-        p: dict[str, Any] = {"mode": self.mode, "lm_head": self.lm_head}
+        p: dict[str, Any] = {"mode": self.mode, "lm_head": self.lm_head, "embeddings": self.embeddings}
         if self.mode == "static":
             p.update(method=self.method, per_channel=self.per_channel, smoothquant=self.smoothquant)
         if self.mode == "int4":
@@ -99,6 +101,10 @@ def validate(cfg: QuantizeConfig) -> None:
         raise OnnxpipeError(f"--accuracy-level must be 0..4, got {cfg.accuracy_level}")
     if cfg.max_ppl_increase is not None and cfg.max_ppl_increase < 0:
         raise OnnxpipeError(f"--max-ppl-increase must be >= 0 (percent), got {cfg.max_ppl_increase}")
+    if cfg.embeddings not in EMBEDDING_CHOICES:
+        raise OnnxpipeError(f"unknown --embeddings {cfg.embeddings!r}; choose one of {', '.join(EMBEDDING_CHOICES)}")
+    if cfg.mode == "fp16" and "int8" in (cfg.lm_head, cfg.embeddings):
+        raise OnnxpipeError("--mode fp16 keeps the LM head and embeddings in fp16; drop --lm-head/--embeddings int8")
     if cfg.lm_head == "int4" and cfg.mode != "int4":
         raise OnnxpipeError("--lm-head int4 applies to --mode int4 only")
 
@@ -196,7 +202,7 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
               progress: Progress | None) -> dict[str, Any]:
     import onnx
 
-    from onnxpipe.quant.graph import expose_weights, op_counts
+    from onnxpipe.quant.graph import expose_weights, op_counts, plan_weights
 
     proto = onnx.load(str(src.model_path))
     before = op_counts(proto)
@@ -208,7 +214,12 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
     else:
         plan = expose_weights(proto, logits)
         log(f"linear layers: {len(plan.linears)} (LM head {plan.lm_head or 'not found'}), "
-            f"embeddings kept as they are: {len(plan.embeddings)}; rewrites {plan.rewrites}")
+            f"lookup tables: {len(plan.embeddings)}; rewrites {plan.rewrites}")
+        tables = _vocab_tables(proto, plan, src.manifest, cfg)
+        if tables is not None:
+            plan = plan_weights(proto, logits, plan.rewrites)
+            log(f"vocabulary tables: LM head {tables.lm_head or 'left to the mode'}, {len(tables.embeddings)} token "
+                f"lookup(s) int8 per row (block {tables.block_size}, max abs err {tables.max_abs_err:.3g})")
         if cfg.mode == "dynamic":
             from onnxpipe.quant.dynamic import quantize_dynamic_int8
 
@@ -222,12 +233,29 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
 
             details = quantize_int4(proto, out_path, plan, src.manifest, samples, cfg, log)
         details["plan"] = plan.to_json()
+        if tables is not None:
+            details["vocab_tables"] = tables.to_json()
+            details["lm_head"] = tables.lm_head or details.get("lm_head")
+            details["embeddings"] = "int8 per row" if tables.embeddings else "float"
     after = op_counts(onnx.load(str(out_path), load_external_data=False))
     details["ops_before"], details["ops_after"] = before, after
     changed = {k: f"{before.get(k, 0)} -> {after.get(k, 0)}" for k in sorted(set(before) | set(after))
                if before.get(k, 0) != after.get(k, 0)}
     log(f"ops changed: {', '.join(f'{k} {v}' for k, v in changed.items()) or 'none'}")
     return details
+
+
+def _vocab_tables(proto: Any, plan: Any, manifest: Manifest, cfg: QuantizeConfig) -> Any:
+    """The LM head and token lookups as 8-bit per-row tables (shared when tied), unless asked to stay float."""
+    from onnxpipe.quant.embedding import quantize_vocab_tables
+
+    head = cfg.lm_head in ("auto", "int8") and plan.lm_head is not None
+    lookups = cfg.embeddings in ("auto", "int8")
+    if not (head or lookups):
+        return None
+    level = cfg.accuracy_level if cfg.mode == "int4" else 4
+    return quantize_vocab_tables(proto, plan.lm_head if head else None, int(manifest.model["vocab_size"]), head,
+                                 lookups, level)
 
 
 def _output_manifest(src: Manifest, model_path: Path, cfg: QuantizeConfig) -> Manifest:

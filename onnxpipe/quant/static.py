@@ -6,7 +6,8 @@ time and folds it into its running min/max or histogram before the next run (mem
 activations, whatever the number of samples). The ranges go to ORT through its calibration cache file, and
 quantize_static then only writes the QDQ graph.
 
-What is quantized: the linear layers (MatMul with a constant weight; LM head included unless --lm-head fp32).
+What is quantized: the linear layers of the body (MatMul with a constant weight); the LM head and token lookup
+were already made 8-bit per vocabulary row by embedding.py, unless --lm-head/--embeddings fp32.
 The attention products (Q K^T, P V) stay in float: their inputs come from a cache whose range grows with the
 sequence, which one calibrated range per tensor does not describe. Activations int8 (S8S8, ORT's recommended
 QDQ pairing on CPU), weights int8 symmetric, per output channel with --per-channel.
@@ -49,7 +50,7 @@ def quantize_static_int8(
     details: dict[str, Any] = {"weights": "int8", "activations": "int8 (static, calibrated)", "format": "QDQ",
                                "method": cfg.method, "per_channel": cfg.per_channel}
     nodes = [n for n in plan.linears if cfg.lm_head != "fp32" or n != plan.lm_head]
-    details["lm_head"] = "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8"
+    details["lm_head"] = "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 QDQ"
     with tempfile.TemporaryDirectory(prefix="onnxpipe-calib-", dir=out_path.parent) as work:
         work = Path(work)
         float_path = work / "float.onnx"
