@@ -164,7 +164,7 @@ def optimize(in_dir: Path, out_dir: Path, level: int, target: str, passes: str |
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
 @click.option("--repeat-ngram-limit", type=click.IntRange(2), default=None, help="Cut a loop once an n-gram repeats this often.")
-@click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable).")
+@click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable; \\n and \\t are understood).")
 @click.option("--num-beams", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
@@ -178,7 +178,7 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
     """Generate text from a model directory; a single prompt streams as it is generated."""
     import json
 
-    from onnxpipe.runtime.generate import load, read_prompts
+    from onnxpipe.runtime.generate import load, read_prompts, unescape
     from onnxpipe.runtime.providers import TensorRTOptions
 
     if bool(prompt_texts) == bool(prompts_file):
@@ -188,7 +188,7 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
               trt_options=TensorRTOptions(cache_dir=trt_cache) if trt_cache else None)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, repeat_ngram_limit=repeat_ngram_limit,
-                   stop_strings=stop_strings, num_beams=num_beams, seed=seed)
+                   stop_strings=[unescape(s) for s in stop_strings], num_beams=num_beams, seed=seed)
     if len(prompts) == 1 and not jsonl and num_beams == 1:
         for piece in lm.stream(prompts[0], **options):
             click.echo(piece.text, nl=False)

@@ -423,3 +423,16 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
             raise OnnxpipeError(f"{p}:{n}: expected a non-empty string or an object with a \"prompt\" string")
         prompts.append(prompt)
     return prompts
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` typed on a command line, as the characters they name (stop strings)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)

@@ -68,3 +68,16 @@ def test_bad_inputs(byte_model, tiny_onnx, tmp_path):
     assert r.exit_code == 2 and "--prompt TEXT or --prompts FILE" in r.output
     r = run("generate", tiny_onnx("llama"), "--prompt", "x", "--provider", "cpu")
     assert r.exit_code == 1 and "no tokenizer" in r.output and "Traceback" not in r.output
+
+
+def test_stop_option(byte_model):
+    from onnxpipe import load
+    from onnxpipe.runtime.generate import unescape
+
+    assert unescape(r"\n\n") == "\n\n" and unescape(r"a\\n") == "a\\n" and unescape("é\\t") == "é\t"
+    d = byte_model("llama")
+    full = load(d, "cpu").generate("def", max_new_tokens=20, stop_token_ids=[]).text
+    stop = full[6:8]
+    r = run("generate", d, "--prompt", "def", "--provider", "cpu", "--max-new-tokens", 20, "--stop", stop)
+    assert r.exit_code == 0, r.output
+    assert r.stdout == full[: full.index(stop)] + "\n"
