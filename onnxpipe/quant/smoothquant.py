@@ -104,11 +104,7 @@ def apply_smoothing(proto: Any, groups: dict[str, list[Any]], act_max: dict[str,
         if amax.shape[0] != weights[0].shape[0]:
             continue
         s = smoothing_scales(amax, weights, alpha)
-        for node, w in zip(nodes, weights):
-            name = node.input[1] if uses[node.input[1]] == 1 else f"{node.input[1]}_smooth_{node.name}"
-            _set_initializer(graph, name, (w * s[:, None]).astype(w.dtype), replace=name == node.input[1])
-            node.input[1] = name
-        how = _fold_into_producer(graph, x, nodes, s) or _insert_mul(graph, x, nodes, s)
+        how = rescale_group(graph, x, nodes, s, uses)
         report.groups += 1
         report.folded += how == "folded"
         report.inserted_muls += how == "mul"
@@ -123,6 +119,47 @@ def apply_smoothing(proto: Any, groups: dict[str, list[Any]], act_max: dict[str,
     for t in [t for t in graph.initializer if t.name not in used]:  # the norm scales that were replaced
         graph.initializer.remove(t)
     return report
+
+
+def rescale_group(graph: Any, x: str, nodes: list[Any], s: np.ndarray, uses: dict[str, int],
+                  allow_mul: bool = True) -> str | None:
+    """X -> X / s (folded into X's producer, or an inserted Mul) and W -> diag(s) W for each MatMul reading X."""
+    from onnx import numpy_helper
+
+    how = _fold_into_producer(graph, x, nodes, s)
+    if how is None:
+        if not allow_mul:
+            return None
+        how = _insert_mul(graph, x, nodes, s)
+    inits = initializer_map(graph)
+    for node in nodes:
+        w = numpy_helper.to_array(inits[node.input[1]])
+        name = node.input[1] if uses[node.input[1]] == 1 else f"{node.input[1]}_smooth_{node.name}"
+        _set_initializer(graph, name, (w * s[:, None]).astype(w.dtype), replace=name == node.input[1])
+        node.input[1] = name
+    return how
+
+
+def plant_outliers(proto: Any, linears: list[str], factor: float, channels: int, seed: int = 0) -> int:
+    """The inverse of SmoothQuant, for tests and benchmarks: multiply ``channels`` random channels of each norm
+    output that feeds linear layers by ``factor`` and divide the matching weight rows by it. The float function
+    is unchanged; the activations get the outlier channels large LLMs are known for. Returns groups planted."""
+    rng = np.random.default_rng(seed)
+    graph = proto.graph
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    planted = 0
+    for x, nodes in activation_groups(proto, linears).items():
+        k = next(t for t in graph.initializer if t.name == nodes[0].input[1]).dims[0]
+        s = np.ones(k)
+        s[rng.choice(k, size=min(channels, k), replace=False)] = 1.0 / factor
+        planted += rescale_group(graph, x, nodes, s, uses, allow_mul=False) is not None
+    used = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+    return planted
 
 
 def _fold_into_producer(graph: Any, x: str, nodes: list[Any], s: np.ndarray) -> str | None:
