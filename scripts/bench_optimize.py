@@ -163,6 +163,7 @@ def measure(decoders: dict[str, object], prompt_ids: np.ndarray, steps: int, rou
         dec.decode(prompt_ids, 2)
     for _ in range(rounds):
         for name, dec in decoders.items():
+            time.sleep(0.2)  # let the previous candidate's spinning pool threads go idle
             times, tokens[name] = dec.decode(prompt_ids, steps)
             per_round[name].append(statistics.median(times))
     return {name: 1000 * statistics.median(v) for name, v in per_round.items()}, tokens
