@@ -60,6 +60,36 @@ ROWS = [
 ]
 
 
+PLANTED_ROWS = [
+    Row("planted outliers: static int8 minmax, per-channel", "static", {"method": "minmax", "per_channel": True}),
+    Row("planted outliers: static int8 minmax, per-channel + SmoothQuant 0.5", "static", {"method": "minmax", "per_channel": True, "smoothquant": 0.5}),
+    Row("planted outliers: dynamic int8", "dynamic"),
+]
+PLANT_FACTOR, PLANT_CHANNELS = 40.0, 2
+
+
+def plant(base: Path, out: Path) -> tuple[Path, int]:
+    """A copy of the fp32 model with outlier channels planted (smoothquant.plant_outliers): same float function."""
+    import onnx
+
+    from onnxpipe.artifact import ModelDir, copy_sidecar_files, derive_manifest, save_onnx, write_manifest
+    from onnxpipe.quant.graph import expose_weights
+    from onnxpipe.quant.smoothquant import plant_outliers
+
+    md = ModelDir.open(base)
+    proto = onnx.load(str(md.model_path))
+    plan = expose_weights(proto, md.manifest.graph["logits"])
+    groups = plant_outliers(proto, plan.linears, PLANT_FACTOR, PLANT_CHANNELS)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    save_onnx(proto, out)
+    copy_sidecar_files(base, out)
+    manifest = derive_manifest(md.manifest)
+    manifest.steps.append({"stage": "plant-outliers", "params": {"factor": PLANT_FACTOR, "channels": PLANT_CHANNELS, "groups": groups}})
+    write_manifest(out, manifest)
+    return out, groups
+
+
 def export_fp32(hf_dir: Path, out: Path) -> Path:
     from onnxpipe.export import export_decoder
 
@@ -198,6 +228,23 @@ def bench_model(hf_dir: Path, work: Path, args: argparse.Namespace) -> dict[str,
         print(f"  {row.name}: " + (entry.get("error") or (f"ppl {q['ppl_after']:.3f} ({q['ppl_change_pct']:+.2f}%), top-1 "
               f"{q['top1_agreement']:.1%}, KL {q['mean_kl']:.2e}" if q else "baseline")), file=sys.stderr)
         results["rows"].append(entry)
+    if not args.only or any("planted" in o for o in args.only):
+        planted, groups = plant(base, work / f"{name}-planted")
+        results["planted_groups"] = groups
+        for row in PLANTED_ROWS:
+            entry = {"row": row.name, "mode": row.mode, "options": row.options, "planted": True}
+            try:
+                res = quantize_model(planted, work / f"{name}-{_slug(row.name)}", row.mode, force=True, eval_file=args.eval,
+                                     max_eval_tokens=args.eval_tokens, calibration=args.calibration, calib=calib,
+                                     log=lambda m: print(f"    {m}", file=sys.stderr), **row.options)
+                entry["quality"] = res.step["quality"]
+                entry["details"] = {k: v for k, v in res.step["details"].items() if k not in ("ops_before",)}
+            except Exception as e:  # reported in the table, the rest still runs
+                entry["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            q = entry.get("quality")
+            print(f"  {row.name}: " + (entry.get("error") or f"ppl {q['ppl_after']:.3f} ({q['ppl_change_pct']:+.2f}%), "
+                  f"KL {q['mean_kl']:.2e}"), file=sys.stderr)
+            results["rows"].append(entry)
     ids = tokenize_documents(load_tokenizer(base), read_documents(args.eval, "eval"), args.prompt_tokens)
     print(f"  decode latency: {len(dirs)} models x {args.rounds} rounds x {args.decode_steps} steps, "
           f"{args.threads} thread(s)...", file=sys.stderr)
@@ -240,8 +287,14 @@ def render(all_results: list[dict[str, Any]], args: argparse.Namespace, env: dic
         lines += [f"## {res['model']}", "", f"fp32 perplexity: {res['fp32_ppl']:.3f}" if res.get("fp32_ppl") else "", "",
                   "| row | size MB | size vs fp32 | ppl | ppl change | top-1 | mean KL | decode ms/token | speed vs fp32 |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        planted_header = False
         for e in res["rows"]:
             q, lat = e.get("quality"), e.get("latency")
+            if e.get("planted") and not planted_header:
+                planted_header = True
+                lines.append(f"| *below: the fp32 model with outlier channels planted (x{PLANT_FACTOR:g} on {PLANT_CHANNELS} "
+                             f"channels of each of {res.get('planted_groups')} norm outputs, weights divided to match: the "
+                             "same float function); changes are against that model* | | | | | | | | |")
             ms = f"{lat['median_ms']:.3f}" if lat else "–"
             speed = f"{base_ms / lat['median_ms']:.2f}x" if lat and base_ms else "–"
             if e.get("error"):
