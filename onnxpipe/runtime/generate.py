@@ -348,7 +348,7 @@ class LanguageModel:
         names = {f.name for f in dataclasses.fields(SamplingConfig)}
         unknown = sorted(set(options) - names)
         if unknown:
-            raise OnnxpipeError(f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(sorted(names - {'extra'}))}")
+            raise OnnxpipeError(f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return SamplingConfig(**options).validate()
 
     def _rows(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[RowState]:

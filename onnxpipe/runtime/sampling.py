@@ -6,7 +6,7 @@ temperature 0 (or ``do_sample=False``) is greedy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -31,7 +31,6 @@ class SamplingConfig:
     length_penalty: float = 1.0  # beam search: score = logprob / generated_length ** length_penalty
     repeat_ngram_limit: int | None = None  # stop when an n-gram (n <= repeat_ngram_max) repeats this many times
     repeat_ngram_max: int = 8
-    extra: dict = field(default_factory=dict)
 
     @property
     def greedy(self) -> bool:
@@ -49,6 +48,8 @@ class SamplingConfig:
             problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if self.seed is not None and self.seed < 0:
+            problems.append(f"seed must be >= 0 (got {self.seed})")
         if self.num_beams < 1:
             problems.append(f"num_beams must be >= 1 (got {self.num_beams})")
         if self.num_beams > 1 and not self.greedy:

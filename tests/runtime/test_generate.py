@@ -247,6 +247,8 @@ def test_max_length_and_bad_inputs(tiny_onnx):
         lm.generate([1, 999])
     with pytest.raises(OnnxpipeError, match="unknown generation option"):
         lm.generate([1, 2], temprature=0.5)
+    with pytest.raises(OnnxpipeError, match="seed must be >= 0"):
+        lm.generate([1, 2], seed=-1)
     with pytest.raises(OnnxpipeError, match="top_p"):
         lm.generate([1, 2], top_p=0.0)
     with pytest.raises(OnnxpipeError, match="streaming needs num_beams=1"):
