@@ -93,8 +93,7 @@ def plant(base: Path, out: Path) -> tuple[Path, int]:
 def export_fp32(hf_dir: Path, out: Path) -> Path:
     from onnxpipe.export import export_decoder
 
-    if not (out / "onnxpipe.json").is_file():
-        export_decoder(hf_dir, out, force=True)
+    export_decoder(hf_dir, out, force=True)  # always: a cached export could be of older weights
     return out
 
 
