@@ -132,9 +132,6 @@ def quantize_model(
     **options: Any,
 ) -> QuantizeResult:
     """Quantize the model directory ``in_dir`` into ``out_dir``; options are QuantizeConfig's fields."""
-    from onnxpipe.quant.quality import default_context
-    from onnxpipe.quant.text import load_tokenizer, read_documents, tokenize_documents
-
     start = time.perf_counter()
     cfg = QuantizeConfig(mode=mode, **options)
     validate(cfg)
@@ -148,18 +145,7 @@ def quantize_model(
     check_output_dir(out_dir, force)
     if out_dir.absolute() == src.path.absolute():
         raise OnnxpipeError(f"{out_dir}: the output must differ from the input directory")
-    cfg.eval_file = resolve_eval_file(cfg.eval_file)
-    tokenizer = load_tokenizer(src.path)
-    samples = None
-    if cfg.calibration is not None and (cfg.mode == "static" or cfg.algo == "gptq"):
-        from onnxpipe.quant.calibration import calibration_samples
-
-        samples = calibration_samples(tokenizer, cfg.calibration, cfg.calib)
-        log(f"calibration: {len(samples)} samples of {cfg.calib.sample_len} tokens from {cfg.calibration}")
-    eval_ids = tokenize_documents(tokenizer, read_documents(cfg.eval_file, "eval"), cfg.max_eval_tokens)
-    context = cfg.eval_context or default_context(src.manifest)
-    if len(eval_ids) < 2:
-        raise OnnxpipeError(f"{cfg.eval_file}: the eval file has {len(eval_ids)} tokens; at least 2 are needed")
+    samples, eval_ids, context = _read_texts(src, cfg, log)
 
     with atomic_output_dir(out_dir, force=force) as tmp:
         details = _run_mode(src, tmp / MODEL_FILE, cfg, samples, log, progress)
@@ -196,6 +182,24 @@ def quantize_model(
         manifest.steps.append(step)
         write_manifest(tmp, manifest)
     return QuantizeResult(ModelDir.open(out_dir), step, time.perf_counter() - start)
+
+
+def _read_texts(src: ModelDir, cfg: QuantizeConfig, log: Log) -> tuple[np.ndarray | None, np.ndarray, int]:
+    """Calibration samples (when the mode needs them) and eval token ids, read and checked before any work."""
+    from onnxpipe.quant.calibration import calibration_samples
+    from onnxpipe.quant.quality import default_context
+    from onnxpipe.quant.text import load_tokenizer, read_documents, tokenize_documents
+
+    cfg.eval_file = resolve_eval_file(cfg.eval_file)
+    tokenizer = load_tokenizer(src.path)
+    samples = None
+    if cfg.calibration is not None and (cfg.mode == "static" or (cfg.mode == "int4" and cfg.algo == "gptq")):
+        samples = calibration_samples(tokenizer, cfg.calibration, cfg.calib)
+        log(f"calibration: {len(samples)} samples of {cfg.calib.sample_len} tokens from {cfg.calibration}")
+    eval_ids = tokenize_documents(tokenizer, read_documents(cfg.eval_file, "eval"), cfg.max_eval_tokens)
+    if len(eval_ids) < 2:
+        raise OnnxpipeError(f"{cfg.eval_file}: the eval file has {len(eval_ids)} tokens; at least 2 are needed")
+    return samples, eval_ids, cfg.eval_context or default_context(src.manifest)
 
 
 def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.ndarray | None, log: Log,
