@@ -84,6 +84,15 @@ def kv_feeds(
             yield feed
 
 
+def counted(feeds: Iterator[Feed], total: int, label: str,
+            progress: Callable[[str, int, int], None] | None) -> Iterator[Feed]:
+    """The same feeds, reporting (label, done, total) to ``progress`` after each."""
+    for done, feed in enumerate(feeds, 1):
+        yield feed
+        if progress:
+            progress(label, done, total)
+
+
 class StreamingReader:
     """An ORT CalibrationDataReader over a feed iterator, one feed at a time, with a progress callback."""
 

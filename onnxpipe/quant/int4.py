@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from onnxpipe.artifact import Manifest
-from onnxpipe.quant.calibration import feed_count
+from onnxpipe.quant.calibration import counted, feed_count
 from onnxpipe.quant.graph import WeightPlan
 
 def quantize_int4(
@@ -32,6 +32,7 @@ def quantize_int4(
     samples: np.ndarray | None,
     cfg: Any,
     log: Callable[[str], None],
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     import onnx
 
@@ -45,7 +46,7 @@ def quantize_int4(
                                "lm_head": ("int4" if head in body else "fp32") if head else None}
     with _quiet_ort():
         if cfg.algo == "gptq":
-            details["gptq"] = _gptq(proto, body, manifest, samples, cfg)
+            details["gptq"] = _gptq(proto, body, manifest, samples, cfg, progress)
             details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
         else:
             proto = _nbits(proto, bits=4, block_size=cfg.block_size, include=body, all_matmuls=all_matmuls,
@@ -81,14 +82,16 @@ def _nbits(proto: Any, bits: int, block_size: int, include: list[str], all_matmu
     return quantizer.model.model
 
 
-def _gptq(proto: Any, body: list[str], manifest: Manifest, samples: np.ndarray, cfg: Any) -> dict[str, Any]:
+def _gptq(proto: Any, body: list[str], manifest: Manifest, samples: np.ndarray, cfg: Any,
+          progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:
     """GPTQ on ``body`` (gptq.py), with Hessians from prefills of real calibration text; in place."""
     from onnxpipe.quant.gptq import gptq_quantize_graph
     from onnxpipe.quant.quality import prefill_feed
 
     prefill = cfg.calib.prefill_len
-    feeds = (prefill_feed(manifest, samples[b:b + cfg.calib.batch_size, :prefill])
-             for b in range(0, len(samples), cfg.calib.batch_size))
+    feeds = counted((prefill_feed(manifest, samples[b:b + cfg.calib.batch_size, :prefill])
+                     for b in range(0, len(samples), cfg.calib.batch_size)),
+                    feed_count(samples, cfg.calib, decode=False), "gptq hessians", progress)
     return gptq_quantize_graph(proto, body, feeds, cfg.block_size, cfg.accuracy_level)
 
 

@@ -235,7 +235,7 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
         else:
             from onnxpipe.quant.int4 import quantize_int4
 
-            details = quantize_int4(proto, out_path, plan, src.manifest, samples, cfg, log)
+            details = quantize_int4(proto, out_path, plan, src.manifest, samples, cfg, log, progress)
         details["plan"] = plan.to_json()
         if tables is not None:
             details["vocab_tables"] = tables.to_json()

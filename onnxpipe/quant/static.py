@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from onnxpipe.artifact import Manifest
-from onnxpipe.quant.calibration import SingleFeedReader, feed_count, kv_feeds
+from onnxpipe.quant.calibration import SingleFeedReader, counted, feed_count, kv_feeds
 from onnxpipe.quant.graph import WeightPlan
 
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -58,7 +58,8 @@ def quantize_static_int8(
             from onnxpipe.quant.smoothquant import smooth_model
 
             kv_session = measure_session(_save(proto, work / "unsmoothed.onnx"))
-            stats_feeds = kv_feeds(kv_session, manifest, samples, cfg.calib)
+            stats_feeds = counted(kv_feeds(kv_session, manifest, samples, cfg.calib), feed_count(samples, cfg.calib),
+                                  "smoothquant statistics", progress)
             check_feed = next(kv_feeds(kv_session, manifest, samples[:2], cfg.calib, decode=False))
             proto, report = smooth_model(proto, nodes, cfg.smoothquant, stats_feeds, check_feed, manifest.graph["logits"])
             details["smoothquant"] = report.to_json()
