@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -113,3 +114,14 @@ def test_parquet_and_sharded_inputs_give_the_jsonl_results(tiny_onnx, tmp_path):
     assert max(abs(g["loglik"] - x["loglik"]) for g, x in zip(got, ref)) < 2e-5
     assert not (tmp_path / "o.parquet.parts").exists()
 
+
+
+def test_local_engine_needs_neither_ray_nor_pyarrow(tiny_onnx, tmp_path, monkeypatch):
+    for name in ("ray", "pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import ray` now raises ImportError
+    model = str(tiny_onnx("gpt2"))
+    inp = write_jsonl(tmp_path / "in.jsonl", random_records(5, seed=0))
+    assert _score(model, str(inp), "-o", str(tmp_path / "o.jsonl")).exit_code == 0
+    _one_line_error(_score(model, str(inp), "-o", str(tmp_path / "o.parquet")), "Parquet needs pyarrow")
+    _one_line_error(_score(model, str(inp), "-o", str(tmp_path / "r.jsonl"), "--engine", "ray"),
+                    "--engine ray needs ray and pyarrow")
