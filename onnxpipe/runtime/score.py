@@ -275,7 +275,8 @@ class WindowScorer:
                 feed[name] = empty
         (logits,) = self.session.run([self.logits], feed)
         row_i, col_i, tgt, own = (np.concatenate(a) for a in (rows, cols, targets, owner))
-        sel = logits[row_i, col_i].astype(np.float32, copy=False)  # [N, vocab], a fresh copy: worked in place
+        flat = logits.reshape(batch * width, logits.shape[-1])
+        sel = flat.take(row_i * width + col_i, axis=0).astype(np.float32, copy=False)  # [N, vocab], a copy we own
         target_logit = sel[np.arange(len(tgt)), tgt].astype(np.float64)
         greedy = sel.argmax(axis=-1) == tgt if self.want_greedy else np.ones(len(tgt), bool)
         peak = sel.max(axis=-1)
