@@ -591,6 +591,8 @@ def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     c = job.config
     ckpt = start(job, log)
     if ckpt.complete:
+        if job.fmt == "parquet":
+            shutil.rmtree(job.parts_dir, ignore_errors=True)
         return finished_summary(job, ckpt)
     _cut_back(job, ckpt)
     messages: list[str] = []
@@ -622,11 +624,12 @@ def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
             _commit_chunk(job, ckpt, rows, len(chunk), stats, time.perf_counter() - t0)
     finally:
         bar.close()
-    if job.fmt == "parquet":
+    if job.fmt == "parquet":  # the parts go only after the checkpoint says complete: a kill here merges again
         score_io.merge_parts([job.part_path(i) for i in range(ckpt.parts)], job.output, "parquet")
-        shutil.rmtree(job.parts_dir, ignore_errors=True)
     summary = make_summary(job, ckpt, worker.provider, 1)
     finish(job, ckpt, summary)
+    if job.fmt == "parquet":
+        shutil.rmtree(job.parts_dir, ignore_errors=True)
     return summary
 
 

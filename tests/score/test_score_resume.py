@@ -92,7 +92,7 @@ class _Crash(BaseException):
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
-@pytest.mark.parametrize("crash_at", [1, 4])
+@pytest.mark.parametrize("crash_at", [1, 4, 51])  # 51: the final save, after the Parquet merge
 def test_crash_between_output_and_checkpoint_loses_nothing(tiny_onnx, inputs, tmp_path, monkeypatch, fmt, crash_at):
     """The worst moment: a chunk's rows are on disk but its checkpoint is not."""
     model = tiny_onnx("gpt2")
