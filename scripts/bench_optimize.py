@@ -305,7 +305,8 @@ def format_table(results: dict[str, dict[str, float]], args: argparse.Namespace,
         "random weights",
         "",
     ]
-    cols = sorted({c for row in results.values() for c in row}, key=lambda c: (c in anchors, c))
+    order = ["ours-export", "ours-L1", "ours-L2", "ours-L3", *anchors]
+    cols = sorted({c for row in results.values() for c in row}, key=lambda c: order.index(c) if c in order else 99)
     lines.append("| model | " + " | ".join(cols) + " | L3 vs best anchor |")
     lines.append("| --- | " + " | ".join("---:" for _ in cols) + " | ---: |")
     for name, row in results.items():
