@@ -254,6 +254,13 @@ def bench_model(hf_dir: Path, work: Path, args: argparse.Namespace) -> dict[str,
     return results
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
 
@@ -268,10 +275,10 @@ def render(all_results: list[dict[str, Any]], args: argparse.Namespace, env: dic
         "",
         f"Command: `{env['command']}`",
         "",
-        f"- Perplexity on the first {args.eval_tokens or 'all'} tokens of `{args.eval}` (non-overlapping windows of the "
+        f"- Perplexity on the first {args.eval_tokens or 'all'} tokens of `{_rel(args.eval)}` (non-overlapping windows of the "
         "model's context, each a prefill; the same tokens for every row), via ONNX Runtime CPU. \"top-1\" is the share "
         "of those positions where the row's argmax equals fp32's; KL is the mean KL(fp32 || row) in nats.",
-        f"- Calibration (static, GPTQ): `{args.calibration}`, {args.calib_samples} samples of {args.calib_seq_len} prefill "
+        f"- Calibration (static, GPTQ): `{_rel(args.calibration)}`, {args.calib_samples} samples of {args.calib_seq_len} prefill "
         "tokens + 4 decode steps (static) / the prefills (GPTQ), spread over the file.",
         f"- Decode: ms per generated token, batch 1, after a {args.prompt_tokens}-token prompt, {args.decode_steps} greedy steps "
         f"x {args.rounds} interleaved rounds, median (p10 in the JSON); ORT CPU EP, {args.threads} intra-op thread(s), "
@@ -330,19 +337,19 @@ def main() -> int:
 
     import onnxpipe
 
-    start = time.perf_counter()
+    start = time.time()  # wall clock: this VM's monotonic clock was seen to lag the wall clock under load
     all_results = []
     for hf_dir in args.models:
         print(f"{hf_dir}:", file=sys.stderr)
         all_results.append(bench_model(hf_dir, args.work, args))
     env = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "seconds": time.perf_counter() - start,
+        "seconds": time.time() - start,
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "versions": {"onnxpipe": onnxpipe.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__},
-        "command": "python3 scripts/bench_quantize.py " + " ".join(sys.argv[1:]),
+        "command": "flock /tmp/onnxpipe-bench.lock python3 scripts/bench_quantize.py " + " ".join(sys.argv[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"env": env, "results": all_results}, indent=1, default=str))
