@@ -1,0 +1,726 @@
+#!/usr/bin/env python3
+"""GPU decode speed, side by side on one random-weight model: PyTorch eager ``generate``, transformers with a
+static cache + torch.compile, ONNX Runtime GenAI (its model builder on the same HF directory; with and without
+CUDA graphs) and onnxpipe (export -> optimize level 3 -> runtime).
+
+    python3 scripts/bench_gpu.py --out $OUT                        # on the GPU machine: Llama-3.2-1B shape, fp16
+    python scripts/bench_gpu.py --device cpu --tiny --out /tmp/b   # smoke test here: tiny config, fp32
+    python scripts/bench_gpu.py --render OUT/bench_gpu.json --write-docs docs/benchmarks.md
+
+One process (this one) orchestrates; every anchor runs in a child process of its own, so its GPU memory is its own
+(peak read per process through NVML) and a child that overruns the budget is killed without losing the others.
+Builds (onnxpipe export + optimize, GenAI's builder) run in the background on their own CPU cores while the
+PyTorch anchors run on the GPU. Every result is printed and written to OUT/bench_gpu.json as soon as it exists;
+when the time budget (--budget-s) is spent the remaining rows are skipped and said so.
+
+Timing, the same for every anchor: a row's prompt is B x 128 random token ids, greedy, 128 new tokens, no early
+stop. prefill ms = start of the call until the first new token is on the host; decode ms = time between the first
+and the last new token / 127 (each step ends with its token ids on the host); tokens/s = B x 128 / the whole call.
+One warm-up call, then --repeats timed calls; the table shows the median.
+Floors: decode step >= (weight bytes + KV bytes read at the mean length) / measured device copy bandwidth;
+prefill >= max(bytes / bandwidth, 2 x params x tokens / measured fp16 matmul rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+SHAPES = {  # Llama-3.2-1B's dimensions (random weights); tiny runs in seconds on a laptop CPU
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096,
+                     tie_word_embeddings=True),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=4096, max_position_embeddings=1024, tie_word_embeddings=True),
+}
+ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compared with
+    "torch_eager": "PyTorch eager generate",
+    "torch_compile": "transformers static cache + torch.compile",
+    "onnxpipe": "onnxpipe (export -> optimize L3 -> runtime)",
+    "genai": "ORT GenAI",
+    "genai_graph": "ORT GenAI + CUDA graphs",
+}
+RESULT = "@@RESULT "
+
+
+# ----------------------------------------------------------------------------------------------- children
+def emit(kind: str, **fields) -> None:
+    print(RESULT + json.dumps({"kind": kind, **fields}), flush=True)
+
+
+def child_setup(spec: dict) -> None:
+    """Build the HF directory (random weights, made on the device) and measure the two ceilings."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    dev, dtype = spec["device"], getattr(torch, spec["torch_dtype"])
+    hf = Path(spec["hf"])
+    torch.manual_seed(0)
+    # a wider init than the default 0.02 so logits are not near-uniform: greedy ties would say nothing
+    cfg = AutoConfig.for_model("llama", **SHAPES[spec["shape"]], initializer_range=0.1, bos_token_id=1,
+                               eos_token_id=2, pad_token_id=0)
+    t = time.perf_counter()
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(hf)
+    # a small word-level tokenizer: the GenAI builder and the exporter want tokenizer files; ids are fed directly
+    vocab = {f"t{i}": i for i in range(256)}
+    vocab["<unk>"] = 256
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(hf)
+    build_s = time.perf_counter() - t
+    del model
+    emit("setup", params=params, weight_bytes=weight_bytes, build_s=round(build_s, 1), **ceilings(dev, dtype))
+
+
+def ceilings(dev: str, dtype) -> dict:
+    """Device copy bandwidth (bytes read + written) and dense matmul rate, measured here."""
+    import torch
+
+    if dev == "cpu":
+        x = torch.randn((64 << 20) // 4)
+        y = torch.empty_like(x)
+        t = time.perf_counter()
+        for _ in range(5):
+            y.copy_(x)
+        return {"copy_bw_GBs": 2 * x.nbytes * 5 / (time.perf_counter() - t) / 1e9, "matmul_TFLOPs": None}
+    n = 1 << 30  # 2 GiB of fp16 per buffer
+    x = torch.randn(n, device=dev, dtype=torch.float16)
+    y = torch.empty_like(x)
+    bw = [_event_ms(lambda: y.copy_(x)) for _ in range(20)]
+    del x, y
+    a = torch.randn(8192, 8192, device=dev, dtype=dtype)
+    b = torch.randn(8192, 8192, device=dev, dtype=dtype)
+    mm = [_event_ms(lambda: a @ b) for _ in range(20)]
+    del a, b
+    torch.cuda.empty_cache()
+    bw_ms, mm_ms = statistics.median(bw[3:]), statistics.median(mm[3:])
+    return {"copy_bw_GBs": 2 * n * 2 / (bw_ms / 1e3) / 1e9, "matmul_TFLOPs": 2 * 8192**3 / (mm_ms / 1e3) / 1e12,
+            "gpu": torch.cuda.get_device_name(0)}
+
+
+def _event_ms(fn) -> float:
+    import torch
+
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e)
+
+
+def child_build_onnxpipe(spec: dict) -> None:
+    from onnxpipe.export import export_decoder
+    from onnxpipe.fusion import optimize_model
+
+    t = time.perf_counter()
+    export_decoder(spec["hf"], spec["exported"], dtype=spec["dtype"], verify=False, force=True)
+    export_s = time.perf_counter() - t
+    emit("build", stage="export", seconds=round(export_s, 1))
+    t = time.perf_counter()
+    res = optimize_model(spec["exported"], spec["optimized"], level=3, target=spec["target"], verify=False,
+                         force=True, log=lambda m: print(m, flush=True))
+    g = res.model_dir.manifest.graph
+    emit("build", stage="optimize", seconds=round(time.perf_counter() - t, 1), fused_ops=g.get("fused_ops"),
+         shares_buffer=g["kv"].get("shares_buffer"), padding_side=g.get("padding_side"),
+         passes={p.name: {"status": p.status, **{k: str(v) for k, v in p.fused.items()}} for p in res.passes})
+
+
+def child_build_genai(spec: dict) -> None:
+    import importlib.util
+
+    found = importlib.util.find_spec("onnxruntime_genai")
+    if found is None:
+        emit("build", stage="genai", error="onnxruntime_genai is not installed")
+        return
+    builder = Path(found.origin).parent / "models" / "builder.py"
+    t = time.perf_counter()
+    cmd = [sys.executable, str(builder), "-i", spec["hf"], "-o", spec["genai"], "-p", spec["genai_precision"],
+           "-e", spec["genai_ep"], "-c", spec["genai"] + "-cache"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        emit("build", stage="genai", error=(p.stderr or p.stdout).strip().splitlines()[-1][:300] if (p.stderr or p.stdout).strip() else f"rc {p.returncode}")
+        return
+    emit("build", stage="genai", seconds=round(time.perf_counter() - t, 1), command=" ".join(cmd[1:]))
+
+
+def prompts(spec: dict, batch: int):
+    import numpy as np
+
+    rng = np.random.default_rng(1234)  # the same rows for every anchor: row i of batch 8 is row i of batch 32
+    return rng.integers(3, spec["vocab"], (max(batch, 32), spec["prompt"]))[:batch]
+
+
+def summarize(runs: list[dict], batch: int, new: int) -> dict:
+    """runs: {"start", "times": host time of each new token} -> the three figures (median over runs)."""
+    pre = [(r["times"][0] - r["start"]) * 1e3 for r in runs]
+    dec = [(r["times"][-1] - r["times"][0]) * 1e3 / (new - 1) for r in runs]
+    tps = [batch * new / (r["times"][-1] - r["start"]) for r in runs]
+    return {"prefill_ms": statistics.median(pre), "decode_ms": statistics.median(dec),
+            "tok_s": statistics.median(tps), "runs": {"prefill_ms": pre, "decode_ms": dec, "tok_s": tps}}
+
+
+def child_torch(spec: dict, compiled: bool) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    dev, dtype = spec["device"], getattr(torch, spec["torch_dtype"])
+    model = AutoModelForCausalLM.from_pretrained(spec["hf"], dtype=dtype, attn_implementation="sdpa").to(dev).eval()
+    gc = model.generation_config
+    gc.eos_token_id, gc.pad_token_id, gc.do_sample = None, 0, False
+    new = spec["new"]
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def put(self, value):  # generate hands every token over as a host tensor: the step is done
+            self.stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    extra: dict = {}
+    note = "eager, sdpa, DynamicCache"
+    if compiled:
+        extra["cache_implementation"] = "static"
+        if dev == "cpu":  # transformers compiles only on accelerators; the CPU smoke test runs the static cache alone
+            extra["disable_compile"] = True
+            note = "static cache, not compiled (cpu smoke test)"
+        else:
+            note = "static cache, transformers' auto-compile (CompileConfig defaults: inductor, reduce-overhead)"
+
+    def once(ids):
+        clock = Clock()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                 streamer=clock, **extra)
+        torch.cuda.synchronize() if dev != "cpu" else None
+        assert out.shape[1] == ids.shape[1] + new, out.shape
+        # stamps[0] is the prompt, handed over before the prefill
+        return {"start": start, "times": clock.stamps[1:]}, out[:, ids.shape[1]:].tolist()
+
+    for batch in spec["batches"]:
+        ids = torch.tensor(prompts(spec, batch), device=dev)
+        t = time.perf_counter()
+        once(ids)  # warm-up (and, compiled, the compilation)
+        warm_s = time.perf_counter() - t
+        if dev != "cpu":
+            torch.cuda.reset_peak_memory_stats()
+        runs, tokens = [], None
+        for _ in range(spec["repeats"]):
+            r, tokens = once(ids)
+            runs.append(r)
+        info = {"note": note, "warmup_s": round(warm_s, 1)}
+        if dev != "cpu":
+            info["torch_max_allocated_MB"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        if compiled:
+            from torch._dynamo.utils import counters
+
+            info["dynamo_unique_graphs"] = int(counters["stats"].get("unique_graphs", 0))
+        emit("row", batch=batch, **summarize(runs, batch, new), info=info,
+             tokens=tokens if batch <= 8 else None)
+
+
+def child_onnxpipe(spec: dict) -> None:
+    import numpy as np
+
+    from onnxpipe.runtime.generate import load
+
+    lm = load(spec["optimized"], spec["provider"], announce=lambda m: print(m, flush=True))
+    new = spec["new"]
+    cfg = lm._config({"max_new_tokens": new, "stop_token_ids": []})
+
+    def once(batch_ids):
+        rows = lm._rows([list(map(int, r)) for r in batch_ids], cfg)
+        start, times = time.perf_counter(), []
+        for _ in lm._decode(rows, cfg):  # yields once per step, after that step's token ids are on the host
+            times.append(time.perf_counter())
+        return {"start": start, "times": times}, [r.tokens for r in rows]
+
+    ref = _read_json(spec.get("reference_tokens"))
+    for batch in spec["batches"]:
+        ids = prompts(spec, batch)
+        t = time.perf_counter()
+        once(ids)
+        warm_s = time.perf_counter() - t
+        runs, tokens = [], None
+        for _ in range(spec["repeats"]):
+            r, tokens = once(ids)
+            runs.append(r)
+        info = {"provider": lm.provider, "warmup_s": round(warm_s, 1),
+                "transfers_per_step": lm.session.transfers.per_step()}
+        if ref and str(batch) in ref:
+            info["agreement_vs_torch"] = agreement(lm, ids, tokens, ref[str(batch)], spec["agree_steps"])
+        emit("row", batch=batch, **summarize(runs, batch, new), info=info)
+
+
+def agreement(lm, ids, ours: list[list[int]], theirs: list[list[int]], steps: int) -> dict:
+    """Free-running: share of positions where our greedy tokens equal PyTorch's, and each row's first divergence.
+    Teacher-forced: feed PyTorch's tokens through our prefill + decode steps and count argmax matches, so one early
+    near-tie does not decide the rest."""
+    import numpy as np
+
+    a, b = np.array([r[:steps] for r in ours]), np.array([r[:steps] for r in theirs])
+    first = [int(np.argmax(x != y)) if (x != y).any() else steps for x, y in zip(a, b)]
+    cfg = lm._config({"max_new_tokens": steps, "stop_token_ids": []})
+    rows = lm._rows([list(map(int, r)) for r in ids], cfg)
+    mask, _, cache, out = lm.prefill(rows, ids.shape[1] + steps, "argmax")
+    hits = [out == b[:, 0]]
+    for k in range(1, steps):
+        mask, out = lm.decode_step(b[:, k - 1], mask, cache, "argmax")
+        hits.append(out == b[:, k])
+    return {"steps": steps, "rows": len(a), "free_running_equal": float((a == b).mean()),
+            "first_divergence": first, "teacher_forced": float(np.mean(hits))}
+
+
+def child_genai(spec: dict, graphs: bool) -> None:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    cfg = og.Config(spec["genai"])
+    if spec["device"] != "cpu":
+        cfg.clear_providers()
+        cfg.append_provider("cuda")
+        cfg.set_provider_option("cuda", "enable_cuda_graph", "1" if graphs else "0")
+    else:
+        cfg.clear_providers()
+    model = og.Model(cfg)
+    new, plen = spec["new"], spec["prompt"]
+
+    def once(ids):
+        p = og.GeneratorParams(model)
+        p.set_search_options(max_length=plen + new, min_length=plen + new, do_sample=False, batch_size=ids.shape[0])
+        g = og.Generator(model, p)
+        start, times, toks = time.perf_counter(), [], []
+        g.append_tokens(ids.astype(np.int32))
+        while not g.is_done():
+            g.generate_next_token()
+            toks.append(np.array(g.get_next_tokens()))  # on the host: this step is done
+            times.append(time.perf_counter())
+        assert len(times) == new, len(times)
+        return {"start": start, "times": times}, np.stack(toks, 1).tolist()
+
+    for batch in spec["batches"]:
+        ids = prompts(spec, batch)
+        t = time.perf_counter()
+        once(ids)
+        warm_s = time.perf_counter() - t
+        runs = [once(ids)[0] for _ in range(spec["repeats"])]
+        emit("row", batch=batch, **summarize(runs, batch, new),
+             info={"cuda_graph": graphs, "warmup_s": round(warm_s, 1), "genai": og.__version__})
+
+
+def _read_json(path: str | None):
+    if not path or not Path(path).is_file():
+        return None
+    return json.loads(Path(path).read_text())
+
+
+CHILDREN = {
+    "setup": child_setup,
+    "build_onnxpipe": child_build_onnxpipe,
+    "build_genai": child_build_genai,
+    "torch_eager": lambda s: child_torch(s, compiled=False),
+    "torch_compile": lambda s: child_torch(s, compiled=True),
+    "onnxpipe": child_onnxpipe,
+    "genai": lambda s: child_genai(s, graphs=False),
+    "genai_graph": lambda s: child_genai(s, graphs=True),
+}
+
+
+# ----------------------------------------------------------------------------------------------- orchestration
+class MemoryWatch:
+    """Peak device memory per process id, read through NVML every 50 ms (falls back to the device's total in use,
+    less what was in use at the start, when NVML lists no processes)."""
+
+    def __init__(self):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nv = pynvml
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.baseline = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used
+        self.peak: dict[int, int] = {}
+        self.total_peak = 0
+        self.method = "nvml per process"
+        self._stop = False
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        while not self._stop:
+            try:
+                for p in self.nv.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                    if p.usedGpuMemory:
+                        self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.usedGpuMemory)
+                self.total_peak = max(self.total_peak, self.nv.nvmlDeviceGetMemoryInfo(self.handle).used - self.baseline)
+            except Exception:  # a process that ends between the listing and the read
+                pass
+            time.sleep(0.05)
+
+    def reset_total(self):
+        self.total_peak = 0
+
+    def of(self, pid: int) -> tuple[int, str]:
+        if pid in self.peak:
+            return self.peak[pid], "nvml per process"
+        return self.total_peak, "nvml device total less idle"
+
+
+class Child:
+    """A child process whose stdout lines are collected by a thread; results are lines starting with RESULT."""
+
+    def __init__(self, name: str, spec: dict, log, cores: set[int] | None):
+        self.name = name
+        path = Path(spec["work"]) / f"spec-{name}.json"
+        path.write_text(json.dumps(spec))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        pre = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+        self.proc = subprocess.Popen([sys.executable, __file__, "--child", name, "--spec", str(path)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     start_new_session=True, preexec_fn=pre)
+        self.results: queue.Queue = queue.Queue()
+        self.tail: list[str] = []
+        self._log = log
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith(RESULT):
+                self.results.put(json.loads(line[len(RESULT):]))
+            else:
+                self._log(f"[{self.name}] {line.rstrip()}")
+                self.tail = (self.tail + [line.rstrip()])[-5:]
+        self.results.put(None)
+
+    def next(self, deadline: float):
+        """The next result, None when the child has ended, or "timeout" at the deadline (the child is killed)."""
+        try:
+            return self.results.get(timeout=max(deadline - time.time(), 0.01))
+        except queue.Empty:
+            self.kill()
+            return "timeout"
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own process group: the child and what it started
+            self.proc.wait()
+
+    def error(self) -> str:
+        self.proc.wait()
+        return f"exit {self.proc.returncode}: " + " | ".join(self.tail[-2:])
+
+
+def main_orchestrate(args) -> int:
+    t0 = time.time()
+    deadline = t0 + args.budget_s
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    logf = (out / "bench_gpu.log").open("a")
+
+    def log(msg: str):
+        logf.write(msg + "\n")
+        logf.flush()
+        if args.verbose:
+            print(msg, flush=True)
+
+    cuda = args.device == "cuda"
+    shape = "tiny" if args.tiny else "llama-1b"
+    spec = {"device": args.device, "shape": shape, "dtype": "fp16" if cuda else "fp32",
+            "torch_dtype": "float16" if cuda else "float32", "vocab": SHAPES[shape]["vocab_size"],
+            "prompt": args.prompt, "new": args.new_tokens, "repeats": args.repeats, "agree_steps": args.agree_steps,
+            "work": str(work), "hf": str(work / "hf"), "exported": str(work / "exported"),
+            "optimized": str(work / "optimized"), "genai": str(work / "genai"), "target": "cuda" if cuda else "cpu",
+            "provider": "cuda" if cuda else "cpu", "genai_precision": "fp16" if cuda else "fp32",
+            "genai_ep": "cuda" if cuda else "cpu", "reference_tokens": str(work / "torch_tokens.json")}
+    res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": " ".join(sys.argv),
+           "shape": shape, "dtype": spec["dtype"], "prompt": args.prompt, "new_tokens": args.new_tokens,
+           "repeats": args.repeats, "budget_s": args.budget_s, "versions": versions(), "rows": [], "skipped": [],
+           "builds": {}, "notes": []}
+
+    def save():
+        res["elapsed_s"] = round(time.time() - t0, 1)
+        (out / "bench_gpu.json").write_text(json.dumps(res, indent=1))
+        (out / "bench_gpu.md").write_text(render(res))
+
+    mem = MemoryWatch() if cuda else None
+    ncpu = os.cpu_count() or 1
+    bench_cores = set(range(min(6, ncpu))) if ncpu >= 12 else None
+    build_cores = set(range(6, ncpu)) if ncpu >= 12 else None
+    if bench_cores:
+        res["notes"].append(f"benchmarks pinned to cores {min(bench_cores)}-{max(bench_cores)}, builds to "
+                            f"{min(build_cores)}-{max(build_cores)} (they overlap in time)")
+
+    child = Child("setup", spec, log, None)
+    r = child.next(deadline)
+    if not isinstance(r, dict):
+        res["skipped"].append({"what": "everything", "why": f"setup failed: {child.error() if r is None else r}"})
+        save()
+        print(render(res))
+        return 1
+    res["setup"] = r
+    print(f"setup: {r['params'] / 1e6:.1f}M params, {r['weight_bytes'] / 1e9:.2f} GB weights, copy "
+          f"{r['copy_bw_GBs']:.0f} GB/s, matmul {r.get('matmul_TFLOPs') or 0:.0f} TFLOP/s ({r['build_s']} s)", flush=True)
+    save()
+
+    builds = {"onnxpipe": Child("build_onnxpipe", spec, log, build_cores)}
+    if "genai" in args.anchors or "genai_graph" in args.anchors:
+        builds["genai"] = Child("build_genai", spec, log, build_cores)
+    build_state: dict[str, str | None] = {}  # None: ready; str: why not
+
+    def wait_build(name: str) -> str | None:
+        if name in build_state:
+            return build_state[name]
+        c = builds.get(name)
+        if c is None:
+            build_state[name] = "not requested"
+            return build_state[name]
+        want = {"onnxpipe": "optimize", "genai": "genai"}[name]
+        while True:
+            r = c.next(deadline - args.reserve_s)
+            if r == "timeout":
+                build_state[name] = "build did not finish within the time budget"
+                break
+            if r is None:
+                build_state[name] = f"build failed ({c.error()})"
+                break
+            res["builds"][r["stage"]] = r
+            print(f"build {r['stage']}: {r.get('seconds', '')} s {r.get('error', '')}", flush=True)
+            save()
+            if "error" in r:
+                build_state[name] = f"build failed: {r['error']}"
+                break
+            if r["stage"] == want:
+                build_state[name] = None
+                break
+        return build_state[name]
+
+    needs = {"onnxpipe": "onnxpipe", "genai": "genai", "genai_graph": "genai"}
+    small = [b for b in args.batches if b <= 8]
+    large = [b for b in args.batches if b > 8]
+    plan = [(a, small) for a in args.anchors]
+    plan += [(a, large) for a in args.anchors if a != "genai_graph"]
+    if "genai_graph" in args.anchors:  # GenAI captures CUDA graphs only at batch 1
+        res["skipped"] += [{"what": f"{ANCHORS['genai_graph']} b{b}", "why": "GenAI's CUDA graphs are for batch 1"}
+                           for b in args.batches if b != 1]
+        plan = [(a, [1] if a == "genai_graph" else bs) for a, bs in plan]
+    for anchor, batches in plan:
+        if not batches:
+            continue
+        if anchor in ("genai", "genai_graph") and not cuda and not args.genai_cpu:
+            res["skipped"].append({"what": f"{ANCHORS[anchor]} b{batches}", "why": "cpu run without --genai-cpu"})
+            continue
+        why = wait_build(needs[anchor]) if anchor in needs else None
+        if why is None and time.time() > deadline - args.reserve_s:
+            why = "time budget spent"
+        if why is not None:
+            res["skipped"].append({"what": f"{ANCHORS[anchor]} b{batches}", "why": why})
+            print(f"skip {anchor} {batches}: {why}", flush=True)
+            save()
+            continue
+        if mem:
+            mem.reset_total()
+        c = Child(anchor, dict(spec, batches=batches), log, bench_cores)
+        done = set()
+        while True:
+            r = c.next(deadline)
+            if r == "timeout" or r is None:
+                left = [b for b in batches if b not in done]
+                if left:
+                    why = "time budget spent (killed)" if r == "timeout" else f"failed: {c.error()}"
+                    res["skipped"].append({"what": f"{ANCHORS[anchor]} b{left}", "why": why})
+                    print(f"skip {anchor} {left}: {why}", flush=True)
+                break
+            done.add(r["batch"])
+            row = {"anchor": anchor, **{k: v for k, v in r.items() if k not in ("kind", "tokens")}}
+            if mem:
+                row["peak_mem_MB"], row["mem_method"] = (round(x / 2**20) if isinstance(x, int) else x for x in mem.of(c.proc.pid))
+            if anchor == "torch_eager" and r.get("tokens"):
+                ref = _read_json(spec["reference_tokens"]) or {}
+                ref[str(r["batch"])] = r["tokens"]
+                Path(spec["reference_tokens"]).write_text(json.dumps(ref))
+            res["rows"].append(row)
+            print(f"{anchor} b{r['batch']}: prefill {r['prefill_ms']:.2f} ms, decode {r['decode_ms']:.3f} ms/step, "
+                  f"{r['tok_s']:.0f} tok/s, peak {row.get('peak_mem_MB', '-')} MB", flush=True)
+            save()
+        c.kill()
+    for c in builds.values():
+        c.kill()
+    save()
+    print()
+    print(render(res))
+    return 0
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    v = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai-cuda",
+                 "onnxruntime-genai", "onnxscript", "onnx-ir"):
+        try:
+            v[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        import onnxruntime as ort
+
+        v["onnxruntime (imported)"] = ort.__version__
+    except Exception:  # not installed where the smoke test runs without it
+        pass
+    return v
+
+
+# ----------------------------------------------------------------------------------------------- table
+def floors(res: dict, batch: int) -> dict | None:
+    s = res.get("setup")
+    if not s:
+        return None
+    sh = SHAPES[res["shape"]]
+    kv_per_token = 2 * sh["num_hidden_layers"] * sh["num_key_value_heads"] * (sh["hidden_size"] // sh["num_attention_heads"]) \
+        * (2 if res["dtype"] == "fp16" else 4)
+    bw = s["copy_bw_GBs"] * 1e9
+    mean_len = res["prompt"] + res["new_tokens"] / 2
+    decode_s = (s["weight_bytes"] + batch * mean_len * kv_per_token) / bw
+    prefill_s = s["weight_bytes"] / bw
+    if s.get("matmul_TFLOPs"):
+        prefill_s = max(prefill_s, 2 * s["params"] * batch * res["prompt"] / (s["matmul_TFLOPs"] * 1e12))
+    return {"decode_ms": decode_s * 1e3, "prefill_ms": prefill_s * 1e3, "tok_s": batch / decode_s}
+
+
+def render(res: dict) -> str:
+    rows = res["rows"]
+    lines = []
+    s = res.get("setup", {})
+    if s:
+        lines.append(f"Model: {res['shape']} ({s['params'] / 1e6:.1f}M params, {s['weight_bytes'] / 1e9:.2f} GB of "
+                     f"{res['dtype']} weights); prompt {res['prompt']}, {res['new_tokens']} new tokens, greedy, median "
+                     f"of {res['repeats']} timed runs. Measured ceilings: device copy {s['copy_bw_GBs']:.0f} GB/s "
+                     f"(read + write), matmul {s.get('matmul_TFLOPs') or 0:.0f} TFLOP/s.")
+        lines.append("")
+    lines.append("| anchor | batch | prefill ms | decode ms/step | tokens/s | peak GPU MB | decode vs fastest anchor "
+                 "| decode vs floor | tok/s vs floor | prefill vs fastest |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    anchors = [r for r in rows if r["anchor"] != "onnxpipe"]
+    for batch in sorted({r["batch"] for r in rows}):
+        here = [r for r in rows if r["batch"] == batch]
+        best_dec = min((r["decode_ms"] for r in anchors if r["batch"] == batch), default=None)
+        best_pre = min((r["prefill_ms"] for r in anchors if r["batch"] == batch), default=None)
+        f = floors(res, batch)
+        for r in sorted(here, key=lambda r: list(ANCHORS).index(r["anchor"])):
+            ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"  # noqa: E731
+            lines.append(
+                f"| {ANCHORS[r['anchor']]} | {batch} | {r['prefill_ms']:.1f} | {r['decode_ms']:.3f} | {r['tok_s']:,.0f} | "
+                f"{r.get('peak_mem_MB', '-')} | {ratio(r['decode_ms'], best_dec)} | "
+                f"{ratio(r['decode_ms'], f['decode_ms']) if f else '-'} | "
+                f"{ratio(r['tok_s'], f['tok_s']) if f else '-'} | {ratio(r['prefill_ms'], best_pre)} |")
+        if f:
+            lines.append(f"| *floor* | {batch} | {f['prefill_ms']:.2f} | {f['decode_ms']:.3f} | {f['tok_s']:,.0f} | | | | | |")
+    for r in rows:
+        ag = r.get("info", {}).get("agreement_vs_torch")
+        if ag:
+            lines.append("")
+            lines.append(f"Greedy agreement, onnxpipe {res['dtype']} vs PyTorch {res['dtype']} (batch {r['batch']}, "
+                         f"{ag['steps']} steps x {ag['rows']} rows): free-running {ag['free_running_equal']:.1%} of "
+                         f"positions equal (first divergence per row {ag['first_divergence']}); teacher-forced "
+                         f"{ag['teacher_forced']:.1%}.")
+    if res["skipped"]:
+        lines.append("")
+        lines += [f"- skipped: {k['what']}: {k['why']}" for k in res["skipped"]]
+    b = res.get("builds", {})
+    if b:
+        lines.append("")
+        lines.append("Builds: " + "; ".join(f"{k} {v.get('seconds', '?')} s" + (f" ({v['error']})" if "error" in v else "")
+                                          for k, v in b.items()))
+        opt = b.get("optimize")
+        if opt:
+            lines.append(f"onnxpipe graph: fused ops {opt.get('fused_ops')}, KV shares buffer: {opt.get('shares_buffer')}")
+    for n in res.get("notes", []):
+        lines.append(f"- {n}")
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(res: dict, docs: Path) -> None:
+    """Replace (or append) the "## GPU decode" section of docs/benchmarks.md with this run's table."""
+    v = res["versions"]
+    s = res.get("setup", {})
+    body = [
+        "## GPU decode: onnxpipe against PyTorch, torch.compile and ORT GenAI",
+        "",
+        f"`{res['command']}` (scripts/bench_gpu.py; one device call) — {res['date']}, {s.get('gpu', res.get('device', '?'))}.",
+        "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".",
+        "",
+        render(res).rstrip(),
+        "",
+    ]
+    text = docs.read_text() if docs.is_file() else "# Benchmarks\n"
+    head = "## GPU decode"
+    start = text.find(head)
+    if start >= 0:
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + "\n".join(body) + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(body)
+    docs.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="a tiny Llama config instead of the 1B shape")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--anchors", default=",".join(ANCHORS))
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--agree-steps", type=int, default=64)
+    ap.add_argument("--budget-s", type=float, default=510, help="stop starting rows after this; kill what overruns")
+    ap.add_argument("--reserve-s", type=float, default=25, help="leave this much of the budget unstarted")
+    ap.add_argument("--genai-cpu", action="store_true", help="run the GenAI rows on the CPU too (smoke test)")
+    ap.add_argument("--out", default="out/bench_gpu")
+    ap.add_argument("--work", default="/tmp/onnxpipe_bench_gpu")
+    ap.add_argument("--verbose", action="store_true", help="echo the children's logs")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--render", help="print the table of a bench_gpu.json")
+    ap.add_argument("--write-docs", help="with --render: put the table into this markdown file's GPU decode section")
+    args = ap.parse_args()
+    if args.child:
+        CHILDREN[args.child](json.loads(Path(args.spec).read_text()))
+        return 0
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        print(render(res))
+        if args.write_docs:
+            write_docs(res, Path(args.write_docs))
+        return 0
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.anchors = [a for a in args.anchors.split(",") if a]
+    unknown = set(args.anchors) - set(ANCHORS)
+    if unknown:
+        ap.error(f"unknown anchors {sorted(unknown)}; known: {', '.join(ANCHORS)}")
+    return main_orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
