@@ -50,6 +50,9 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
 }
+LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
+PRIORITY = ["torch_eager", "onnxpipe", "genai", "genai_graph", "torch_compile"]  # eager first: its tokens are the
+# reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 RESULT = "@@RESULT "
 
 
@@ -241,7 +244,6 @@ def child_torch(spec: dict, compiled: bool) -> None:
 
 
 def child_onnxpipe(spec: dict) -> None:
-    import numpy as np
 
     from onnxpipe.runtime.generate import load
 
@@ -267,10 +269,77 @@ def child_onnxpipe(spec: dict) -> None:
             r, tokens = once(ids)
             runs.append(r)
         info = {"provider": lm.provider, "warmup_s": round(warm_s, 1),
-                "transfers_per_step": lm.session.transfers.per_step()}
+                "transfers_per_step": lm.session.transfers.per_step(), "step_split_ms": step_split(lm, once, ids)}
         if ref and str(batch) in ref:
             info["agreement_vs_torch"] = agreement(lm, ids, tokens, ref[str(batch)], spec["agree_steps"])
         emit("row", batch=batch, **summarize(runs, batch, new), info=info)
+
+
+class _Timed:
+    """An InferenceSession whose run_with_iobinding calls are timed (onnxruntime synchronizes the device at the
+    end of a run, so the host clock covers the graph's work)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run_with_iobinding(self, io, *rest):
+        t = time.perf_counter()
+        self.inner.run_with_iobinding(io, *rest)
+        self.calls.append(time.perf_counter() - t)
+
+
+def step_split(lm, once, ids) -> dict:
+    """One extra, untimed-for-the-table run: a decode step's time split into the decoder graph's run, the
+    last-token head's run (argmax on the device) and everything else (binding, uploads, Python)."""
+    s = lm.session
+    graph, head = _Timed(s.session), _Timed(s._head)
+    s.session, s._head = graph, head
+    try:
+        r, _ = once(ids)
+    finally:
+        s.session, s._head = graph.inner, head.inner
+    steps = len(r["times"]) - 1
+    step_ms = (r["times"][-1] - r["times"][0]) * 1e3 / steps
+    g = sum(graph.calls[1:]) * 1e3 / steps
+    h = sum(head.calls[1:]) * 1e3 / steps
+    return {"step": round(step_ms, 3), "decoder_run": round(g, 3), "head_run": round(h, 3),
+            "other": round(step_ms - g - h, 3), "prefill_decoder_run": round(graph.calls[0] * 1e3, 3)}
+
+
+def child_onnxpipe_profile(spec: dict) -> None:
+    """onnxruntime's profiler over one batch-1 generation: kernel time per op type in a decode step."""
+    import collections
+
+    import onnxruntime as ort
+
+    from onnxpipe.runtime.generate import LanguageModel
+    from onnxpipe.runtime.session import DecoderSession
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(spec["work"]) / "ort_profile")
+    so.log_severity_level = 3
+    s = DecoderSession(spec["optimized"], spec["provider"], session_options=so, announce=lambda m: None)
+    lm = LanguageModel(s, None)
+    ids = [list(map(int, r)) for r in prompts(spec, 1)]
+    steps = spec["profile_steps"]
+    lm.generate(ids, max_new_tokens=steps, stop_token_ids=[])  # warm-up, profiled too: dropped below
+    lm.generate(ids, max_new_tokens=steps, stop_token_ids=[])
+    events = json.loads(Path(s.session.end_profiling()).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    decode = runs[-(steps - 1):]  # the second generation's decode steps
+    lo, hi = decode[0][0], decode[-1][1]
+    by_op: dict = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and lo <= e["ts"] <= hi:
+            by_op[e["args"].get("op_name", "?")] += e["dur"]
+    n = len(decode)
+    per_step = {k: round(v / n / 1e3, 4) for k, v in by_op.most_common()}
+    emit("profile", batch=1, steps=n, model_run_ms=round(sum(b - a for a, b in decode) / n / 1e3, 4),
+         kernel_ms_by_op=per_step, kernel_ms_total=round(sum(per_step.values()), 4))
 
 
 def agreement(lm, ids, ours: list[list[int]], theirs: list[list[int]], steps: int) -> dict:
@@ -342,6 +411,7 @@ CHILDREN = {
     "torch_eager": lambda s: child_torch(s, compiled=False),
     "torch_compile": lambda s: child_torch(s, compiled=True),
     "onnxpipe": child_onnxpipe,
+    "onnxpipe_profile": child_onnxpipe_profile,
     "genai": lambda s: child_genai(s, graphs=False),
     "genai_graph": lambda s: child_genai(s, graphs=True),
 }
@@ -449,6 +519,7 @@ def main_orchestrate(args) -> int:
     spec = {"device": args.device, "shape": shape, "dtype": "fp16" if cuda else "fp32",
             "torch_dtype": "float16" if cuda else "float32", "vocab": SHAPES[shape]["vocab_size"],
             "prompt": args.prompt, "new": args.new_tokens, "repeats": args.repeats, "agree_steps": args.agree_steps,
+            "profile_steps": args.profile_steps,
             "work": str(work), "hf": str(work / "hf"), "exported": str(work / "exported"),
             "optimized": str(work / "optimized"), "genai": str(work / "genai"), "target": "cuda" if cuda else "cpu",
             "provider": "cuda" if cuda else "cpu", "genai_precision": "fp16" if cuda else "fp32",
@@ -484,74 +555,97 @@ def main_orchestrate(args) -> int:
     save()
 
     builds = {"onnxpipe": Child("build_onnxpipe", spec, log, build_cores)}
-    if "genai" in args.anchors or "genai_graph" in args.anchors:
+    if ("genai" in args.anchors or "genai_graph" in args.anchors) and (cuda or args.genai_cpu):
         builds["genai"] = Child("build_genai", spec, log, build_cores)
     build_state: dict[str, str | None] = {}  # None: ready; str: why not
 
-    def wait_build(name: str) -> str | None:
+    def build_done(name: str, block: bool) -> bool:
+        """Read what the build has reported; True once it finished (ready or failed: see build_state)."""
         if name in build_state:
-            return build_state[name]
+            return True
         c = builds.get(name)
         if c is None:
             build_state[name] = "not requested"
-            return build_state[name]
+            return True
         want = {"onnxpipe": "optimize", "genai": "genai"}[name]
         while True:
-            r = c.next(deadline - args.reserve_s)
+            if block:
+                r = c.next(deadline - args.reserve_s)
+            else:
+                try:
+                    r = c.results.get_nowait()
+                except queue.Empty:
+                    return False
             if r == "timeout":
                 build_state[name] = "build did not finish within the time budget"
-                break
-            if r is None:
+            elif r is None:
                 build_state[name] = f"build failed ({c.error()})"
-                break
-            res["builds"][r["stage"]] = r
-            print(f"build {r['stage']}: {r.get('seconds', '')} s {r.get('error', '')}", flush=True)
-            save()
-            if "error" in r:
-                build_state[name] = f"build failed: {r['error']}"
-                break
-            if r["stage"] == want:
-                build_state[name] = None
-                break
-        return build_state[name]
+            else:
+                res["builds"][r["stage"]] = r
+                print(f"build {r['stage']}: {r.get('seconds', '')} s {r.get('error', '')}", flush=True)
+                save()
+                if "error" in r:
+                    build_state[name] = f"build failed: {r['error']}"
+                elif r["stage"] == want:
+                    build_state[name] = None
+            if name in build_state:
+                return True
 
-    needs = {"onnxpipe": "onnxpipe", "genai": "genai", "genai_graph": "genai"}
+    needs = {"onnxpipe": "onnxpipe", "onnxpipe_profile": "onnxpipe", "genai": "genai", "genai_graph": "genai"}
     small = [b for b in args.batches if b <= 8]
     large = [b for b in args.batches if b > 8]
-    plan = [(a, small) for a in args.anchors]
-    plan += [(a, large) for a in args.anchors if a != "genai_graph"]
+    order = sorted(args.anchors, key=PRIORITY.index)
+    plan = [(a, [1] if a == "genai_graph" else small) for a in order]
+    if "onnxpipe" in args.anchors and args.profile_steps > 1:
+        plan.append(("onnxpipe_profile", [1]))
+    plan += [(a, large) for a in order if a != "genai_graph"]
     if "genai_graph" in args.anchors:  # GenAI captures CUDA graphs only at batch 1
         res["skipped"] += [{"what": f"{ANCHORS['genai_graph']} b{b}", "why": "GenAI's CUDA graphs are for batch 1"}
                            for b in args.batches if b != 1]
-        plan = [(a, [1] if a == "genai_graph" else bs) for a, bs in plan]
-    for anchor, batches in plan:
-        if not batches:
-            continue
+    plan = [(a, bs) for a, bs in plan if bs]
+    while plan:
+        # the first row in priority order whose model is built; when every left row waits on a build, wait
+        ready = [item for item in plan if item[0] not in needs or build_done(needs[item[0]], block=False)]
+        anchor, batches = ready[0] if ready else plan[0]
+        plan.remove((anchor, batches))
         if anchor in ("genai", "genai_graph") and not cuda and not args.genai_cpu:
-            res["skipped"].append({"what": f"{ANCHORS[anchor]} b{batches}", "why": "cpu run without --genai-cpu"})
+            res["skipped"].append({"what": f"{LABELS[anchor]} b{batches}", "why": "cpu run without --genai-cpu"})
             continue
-        why = wait_build(needs[anchor]) if anchor in needs else None
+        why = None
+        if anchor in needs:
+            build_done(needs[anchor], block=True)
+            why = build_state[needs[anchor]]
         if why is None and time.time() > deadline - args.reserve_s:
             why = "time budget spent"
         if why is not None:
-            res["skipped"].append({"what": f"{ANCHORS[anchor]} b{batches}", "why": why})
+            res["skipped"].append({"what": f"{LABELS[anchor]} b{batches}", "why": why})
             print(f"skip {anchor} {batches}: {why}", flush=True)
             save()
             continue
         if mem:
             mem.reset_total()
+        started = time.time()
         c = Child(anchor, dict(spec, batches=batches), log, bench_cores)
+        # one slow anchor (a long compile) must not eat the rows after it: each child gets a cap of its own
+        child_deadline = min(deadline, time.time() + args.cap_s * (2 if anchor == "torch_compile" else 1))
         done = set()
         while True:
-            r = c.next(deadline)
+            r = c.next(child_deadline)
             if r == "timeout" or r is None:
                 left = [b for b in batches if b not in done]
                 if left:
-                    why = "time budget spent (killed)" if r == "timeout" else f"failed: {c.error()}"
-                    res["skipped"].append({"what": f"{ANCHORS[anchor]} b{left}", "why": why})
+                    why = (f"time budget spent (killed after {time.time() - started:.0f} s)" if r == "timeout"
+                           else f"failed: {c.error()}")
+                    res["skipped"].append({"what": f"{LABELS[anchor]} b{left}", "why": why})
                     print(f"skip {anchor} {left}: {why}", flush=True)
                 break
             done.add(r["batch"])
+            if r["kind"] == "profile":
+                res["profile"] = r
+                print(f"profile b1: model_run {r['model_run_ms']} ms/step, kernels {r['kernel_ms_total']} ms: "
+                      + ", ".join(f"{k} {v}" for k, v in list(r["kernel_ms_by_op"].items())[:6]), flush=True)
+                save()
+                continue
             row = {"anchor": anchor, **{k: v for k, v in r.items() if k not in ("kind", "tokens")}}
             if mem:
                 row["peak_mem_MB"], row["mem_method"] = (round(x / 2**20) if isinstance(x, int) else x for x in mem.of(c.proc.pid))
@@ -644,6 +738,16 @@ def render(res: dict) -> str:
                          f"{ag['steps']} steps x {ag['rows']} rows): free-running {ag['free_running_equal']:.1%} of "
                          f"positions equal (first divergence per row {ag['first_divergence']}); teacher-forced "
                          f"{ag['teacher_forced']:.1%}.")
+    for r in rows:
+        sp = r.get("info", {}).get("step_split_ms")
+        if sp:
+            lines.append(f"- onnxpipe b{r['batch']} decode step {sp['step']} ms = decoder graph run {sp['decoder_run']} + "
+                         f"argmax head run {sp['head_run']} + host work (bind, upload, Python) {sp['other']}")
+    p = res.get("profile")
+    if p:
+        lines.append(f"- onnxpipe b1 ORT profile ({p['steps']} decode steps): model_run {p['model_run_ms']} ms/step, "
+                     f"kernels {p['kernel_ms_total']} ms/step; by op: "
+                     + ", ".join(f"{k} {v}" for k, v in list(p["kernel_ms_by_op"].items())[:8]))
     if res["skipped"]:
         lines.append("")
         lines += [f"- skipped: {k['what']}: {k['why']}" for k in res["skipped"]]
@@ -694,7 +798,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--agree-steps", type=int, default=64)
-    ap.add_argument("--budget-s", type=float, default=510, help="stop starting rows after this; kill what overruns")
+    ap.add_argument("--profile-steps", type=int, default=32, help="decode steps of the ORT-profiled run; 0: none")
+    ap.add_argument("--budget-s", type=float, default=500, help="stop starting rows after this; kill what overruns")
+    ap.add_argument("--cap-s", type=float, default=110, help="most seconds one anchor's child may run (compile: twice)")
     ap.add_argument("--reserve-s", type=float, default=25, help="leave this much of the budget unstarted")
     ap.add_argument("--genai-cpu", action="store_true", help="run the GenAI rows on the CPU too (smoke test)")
     ap.add_argument("--out", default="out/bench_gpu")
