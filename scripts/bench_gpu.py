@@ -534,7 +534,12 @@ def main_orchestrate(args) -> int:
         (out / "bench_gpu.json").write_text(json.dumps(res, indent=1))
         (out / "bench_gpu.md").write_text(render(res))
 
-    mem = MemoryWatch() if cuda else None
+    mem = None
+    if cuda:
+        try:
+            mem = MemoryWatch()
+        except Exception as e:  # no NVML: the table says so rather than guessing
+            res["notes"].append(f"no peak memory: NVML unavailable ({type(e).__name__}: {e})")
     ncpu = os.cpu_count() or 1
     bench_cores = set(range(min(6, ncpu))) if ncpu >= 12 else None
     build_cores = set(range(6, ncpu)) if ncpu >= 12 else None
