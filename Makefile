@@ -10,7 +10,9 @@ install:
 demo: install
 	bash scripts/demo.sh
 
-test: install
+# the tests also cover GGUF ingestion and the Ray engine, so they install those extras too
+test:
+	$(PIP) install -q -e ".[cpu,dev,reference,ray]"
 	$(PY) -m pytest -q
 
 test-slow: install
