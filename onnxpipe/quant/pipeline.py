@@ -206,7 +206,7 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
               progress: Progress | None) -> dict[str, Any]:
     import onnx
 
-    from onnxpipe.quant.graph import expose_weights, op_counts, plan_weights
+    from onnxpipe.quant.graph import WeightPlan, expose_weights, op_counts
 
     proto = onnx.load(str(src.model_path))
     before = op_counts(proto)
@@ -219,25 +219,26 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
         plan = expose_weights(proto, logits)
         log(f"linear layers: {len(plan.linears)} (LM head {plan.lm_head or 'not found'}), "
             f"lookup tables: {len(plan.embeddings)}; rewrites {plan.rewrites}")
-        tables = _vocab_tables(proto, plan, src.manifest, cfg)
-        if tables is not None:
-            plan = plan_weights(proto, logits, plan.rewrites)
-            log(f"vocabulary tables: LM head {tables.lm_head or 'left to the mode'}, {len(tables.embeddings)} token "
-                f"lookup(s) int8 per row (block {tables.block_size}, max abs err {tables.max_abs_err:.3g})")
+        head_by_tables = cfg.lm_head in ("auto", "int8") and plan.lm_head is not None
+        body = WeightPlan([n for n in plan.linears if n != plan.lm_head], None, plan.embeddings, plan.rewrites) \
+            if head_by_tables else plan
         if cfg.mode == "dynamic":
             from onnxpipe.quant.dynamic import quantize_dynamic_int8
 
-            details = quantize_dynamic_int8(proto, out_path, plan, lm_head=cfg.lm_head)
+            details = quantize_dynamic_int8(proto, out_path, body, lm_head=cfg.lm_head)
         elif cfg.mode == "static":
             from onnxpipe.quant.static import quantize_static_int8
 
-            details = quantize_static_int8(proto, out_path, plan, src.manifest, samples, cfg, log, progress)
+            details = quantize_static_int8(proto, out_path, body, src.manifest, samples, cfg, log, progress)
         else:
             from onnxpipe.quant.int4 import quantize_int4
 
-            details = quantize_int4(proto, out_path, plan, src.manifest, samples, cfg, log, progress)
+            details = quantize_int4(proto, out_path, body, src.manifest, samples, cfg, log, progress)
         details["plan"] = plan.to_json()
+        tables = _vocab_tables(out_path, plan.lm_head if head_by_tables else None, src.manifest, cfg)
         if tables is not None:
+            log(f"vocabulary tables: LM head {tables.lm_head or 'left to the mode'}, {len(tables.embeddings)} token "
+                f"lookup(s) int8 per row (block {tables.block_size}, max abs err {tables.max_abs_err:.3g})")
             details["vocab_tables"] = tables.to_json()
             details["lm_head"] = tables.lm_head or details.get("lm_head")
             details["embeddings"] = "int8 per row" if tables.embeddings else "float"
@@ -249,17 +250,21 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
     return details
 
 
-def _vocab_tables(proto: Any, plan: Any, manifest: Manifest, cfg: QuantizeConfig) -> Any:
-    """The LM head and token lookups as 8-bit per-row tables (shared when tied), unless asked to stay float."""
+def _vocab_tables(model_path: Path, head: str | None, manifest: Manifest, cfg: QuantizeConfig) -> Any:
+    """After the mode (which left them alone): the LM head and token lookups as 8-bit per-row tables, one table
+    when tied. Done last so that every float check inside a mode (SmoothQuant's equivalence) sees float heads."""
+    import onnx
+
     from onnxpipe.quant.embedding import quantize_vocab_tables
 
-    head = cfg.lm_head in ("auto", "int8") and plan.lm_head is not None
     lookups = cfg.embeddings in ("auto", "int8")
-    if not (head or lookups):
+    if head is None and not lookups:
         return None
+    proto = onnx.load(str(model_path))
     level = cfg.accuracy_level if cfg.mode == "int4" else 4
-    return quantize_vocab_tables(proto, plan.lm_head if head else None, int(manifest.model["vocab_size"]), head,
-                                 lookups, level)
+    report = quantize_vocab_tables(proto, head, int(manifest.model["vocab_size"]), head is not None, lookups, level)
+    onnx.save_model(proto, str(model_path), save_as_external_data=proto.ByteSize() > 1_800_000_000)
+    return report
 
 
 def _output_manifest(src: Manifest, model_path: Path, cfg: QuantizeConfig) -> Manifest:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import CALIBRATION
 from onnxpipe.cli import main
+
+CALIBRATION = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
 
 FAST = ["--eval-tokens", "600", "--calib-samples", "2", "--calib-seq-len", "16"]
 

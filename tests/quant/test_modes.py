@@ -10,11 +10,12 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import CALIBRATION
 from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.quant import quantize_model
 from onnxpipe.quant.calibration import CalibrationConfig
+
+CALIBRATION = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
 
 QUALITY_FIELDS = {"ppl_before", "ppl_after", "ppl_change_pct", "top1_agreement", "mean_kl", "size_before",
                   "size_after", "size_ratio", "eval_tokens", "windows", "context", "eval_file"}

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CALIBRATION
 from onnxpipe.artifact import ModelDir
 from onnxpipe.quant import quantize_model
 from onnxpipe.quant.calibration import CalibrationConfig
+
+CALIBRATION = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
 
 
 @pytest.fixture(scope="module")

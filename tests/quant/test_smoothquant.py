@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -48,11 +50,11 @@ def test_smoothing_is_exact_in_float(tok_model, family: str) -> None:  # noqa: A
 def test_planted_outliers_hurt_static_int8_and_smoothquant_recovers(tok_model, small_eval, tmp_path) -> None:  # noqa: ANN001
     """On a model with outlier activation channels (planted, float function unchanged), SmoothQuant must beat plain
     static int8: this is what it is for, and the reference models are too small to have such channels."""
-    from conftest import CALIBRATION
     from onnxpipe.artifact import copy_sidecar_files, derive_manifest, save_onnx, write_manifest
     from onnxpipe.quant import quantize_model
     from onnxpipe.quant.smoothquant import plant_outliers
 
+    calibration = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
     md = ModelDir.open(tok_model("llama"))
     proto = onnx.load(str(md.model_path))
     plan = expose_weights(proto, md.manifest.graph["logits"])
@@ -65,7 +67,7 @@ def test_planted_outliers_hurt_static_int8_and_smoothquant_recovers(tok_model, s
     kl = {}
     for alpha in (None, 0.5):
         out = tmp_path / f"q{alpha}"
-        quantize_model(planted, out, "static", calibration=CALIBRATION, eval_file=small_eval, eval_context=64,
+        quantize_model(planted, out, "static", calibration=calibration, eval_file=small_eval, eval_context=64,
                        smoothquant=alpha, per_channel=True, lm_head="fp32", embeddings="fp32",
                        calib=CalibrationConfig(max_samples=4, prefill_len=32, decode_steps=3, batch_size=2))
         kl[alpha] = ModelDir.open(out).manifest.steps[-1]["quality"]["mean_kl"]
