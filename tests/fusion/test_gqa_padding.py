@@ -45,8 +45,9 @@ def _reference(q, k, v, pk, pv, mask, window):
     allowed = (j <= i) & ((i - j < window) if window > 0 else True)
     allowed = allowed[None, None] & (mask[:, None, None, :] > 0)
     scores = np.where(allowed, scores, -np.inf)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # fully padded query rows are NaN here; only real rows are compared
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
     return (p @ np.repeat(values, N // KV, 1)).transpose(0, 2, 1, 3).reshape(b, s, N * H), keys
 
 
