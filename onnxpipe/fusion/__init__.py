@@ -80,7 +80,7 @@ def optimize_model(
 
         params = {"source": str(src.path.absolute()), "level": level, "target": target,
                   "passes": [p.name for p in selected], "verify": verify,
-                  "check": "reference: pass input, ORT optimizations off; candidate: pass output, ORT_ENABLE_ALL"}
+                  "check_sides": "reference ORT_DISABLE_ALL, candidate ORT_ENABLE_ALL"}
         _write_output(model, src, out_dir, force, ctx, params, reports, final, time.perf_counter() - start)
     return OptimizeResult(ModelDir.open(out_dir), reports, final, time.perf_counter() - start)
 
