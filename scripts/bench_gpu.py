@@ -136,11 +136,21 @@ def child_build_onnxpipe(spec: dict) -> None:
     export_decoder(spec["hf"], spec["exported"], dtype=spec["dtype"], verify=False, force=True)
     export_s = time.perf_counter() - t
     emit("build", stage="export", seconds=round(export_s, 1))
+    op_check = "this onnxruntime's kernel registry"
+    if spec["target"] == "cuda":
+        # onnxruntime-gpu 1.31.1 on the device segfaulted in get_all_opkernel_def() (which optimize's target-op
+        # check calls) right after failing to load the TensorRT provider library: use optimize's documented CUDA
+        # op list instead, the path it takes for --target cuda --skip-verify without a CUDA EP.
+        from onnxpipe.fusion import pipeline
+
+        pipeline.supported_ops = lambda target: None
+        op_check = "documented CUDA op list (kernel registry query crashes here)"
     t = time.perf_counter()
     res = optimize_model(spec["exported"], spec["optimized"], level=3, target=spec["target"], verify=False,
                          force=True, log=lambda m: print(m, flush=True))
     g = res.model_dir.manifest.graph
     emit("build", stage="optimize", seconds=round(time.perf_counter() - t, 1), fused_ops=g.get("fused_ops"),
+         op_check=op_check,
          shares_buffer=g["kv"].get("shares_buffer"), padding_side=g.get("padding_side"),
          passes={p.name: {"status": p.status, **{k: str(v) for k, v in p.fused.items()}} for p in res.passes})
 
