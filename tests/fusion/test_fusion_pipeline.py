@@ -162,3 +162,13 @@ def test_a_fused_op_the_target_cannot_run_is_rolled_back(tiny_onnx, tmp_path: Pa
     result = optimize_model(tiny_onnx("gpt2"), tmp_path / "out", passes=["emit_unknown"])
     report = result.passes[0]
     assert report.status == "rolled_back" and "no kernel for" in report.reason
+
+
+def test_pack_projections_is_opt_in(tiny_onnx, tmp_path: Path) -> None:
+    from onnxpipe.fusion.pipeline import select_passes
+
+    assert "pack_projections" not in [p.name for p in select_passes(3, None)]
+    result = optimize_model(tiny_onnx("llama"), tmp_path / "out", passes=["norms", "rotary", "attention",
+                                                                          "pack_projections"])
+    packed = {r.name: r for r in result.passes}["pack_projections"]
+    assert packed.status == "kept" and packed.fused["projection groups packed"] == "4" and result.check.passed
