@@ -257,7 +257,15 @@ def child_onnxpipe(spec: dict) -> None:
 
     from onnxpipe.runtime.generate import load
 
-    lm = load(spec["optimized"], spec["provider"], announce=lambda m: print(m, flush=True))
+    from onnxpipe.errors import OnnxpipeError
+
+    graph = "optimized (level 3)"
+    try:
+        lm = load(spec["optimized"], spec["provider"], announce=lambda m: print(m, flush=True))
+    except OnnxpipeError as e:  # measure the exported graph rather than nothing, and say so in every row
+        print(f"the optimized graph does not load: {e}", flush=True)
+        lm = load(spec["exported"], spec["provider"], announce=lambda m: print(m, flush=True))
+        graph = f"exported, unfused: the optimized graph did not load ({str(e)[-160:]})"
     new = spec["new"]
     cfg = lm._config({"max_new_tokens": new, "stop_token_ids": []})
 
@@ -278,7 +286,7 @@ def child_onnxpipe(spec: dict) -> None:
         for _ in range(spec["repeats"]):
             r, tokens = once(ids)
             runs.append(r)
-        info = {"provider": lm.provider, "warmup_s": round(warm_s, 1),
+        info = {"provider": lm.provider, "graph": graph, "warmup_s": round(warm_s, 1),
                 "transfers_per_step": lm.session.transfers.per_step(), "step_split_ms": step_split(lm, once, ids)}
         if ref and str(batch) in ref:
             info["agreement_vs_torch"] = agreement(lm, ids, tokens, ref[str(batch)], spec["agree_steps"])
@@ -332,7 +340,14 @@ def child_onnxpipe_profile(spec: dict) -> None:
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(spec["work"]) / "ort_profile")
     so.log_severity_level = 3
-    s = DecoderSession(spec["optimized"], spec["provider"], session_options=so, announce=lambda m: None)
+    from onnxpipe.errors import OnnxpipeError
+
+    graph = "optimized (level 3)"
+    try:
+        s = DecoderSession(spec["optimized"], spec["provider"], session_options=so, announce=lambda m: None)
+    except OnnxpipeError:  # as child_onnxpipe: the exported graph rather than nothing
+        s = DecoderSession(spec["exported"], spec["provider"], session_options=so, announce=lambda m: None)
+        graph = "exported, unfused"
     lm = LanguageModel(s, None)
     ids = [list(map(int, r)) for r in prompts(spec, 1)]
     steps = spec["profile_steps"]
@@ -348,7 +363,7 @@ def child_onnxpipe_profile(spec: dict) -> None:
             by_op[e["args"].get("op_name", "?")] += e["dur"]
     n = len(decode)
     per_step = {k: round(v / n / 1e3, 4) for k, v in by_op.most_common()}
-    emit("profile", batch=1, steps=n, model_run_ms=round(sum(b - a for a, b in decode) / n / 1e3, 4),
+    emit("profile", batch=1, steps=n, graph=graph, model_run_ms=round(sum(b - a for a, b in decode) / n / 1e3, 4),
          kernel_ms_by_op=per_step, kernel_ms_total=round(sum(per_step.values()), 4))
 
 
@@ -755,17 +770,19 @@ def render(res: dict) -> str:
                          f"{ag['teacher_forced']:.1%}.")
     for r in rows:
         sp = r.get("info", {}).get("step_split_ms")
+        if r.get("info", {}).get("graph", "optimized").startswith("exported"):
+            lines.append(f"- onnxpipe b{r['batch']} ran the {_plain(r['info']['graph'], 300)}")
         if sp:
             lines.append(f"- onnxpipe b{r['batch']} decode step {sp['step']} ms = decoder graph run {sp['decoder_run']} + "
                          f"argmax head run {sp['head_run']} + host work (bind, upload, Python) {sp['other']}")
     p = res.get("profile")
     if p:
-        lines.append(f"- onnxpipe b1 ORT profile ({p['steps']} decode steps): model_run {p['model_run_ms']} ms/step, "
+        lines.append(f"- onnxpipe b1 ORT profile ({p.get('graph', 'optimized')} graph, {p['steps']} decode steps): model_run {p['model_run_ms']} ms/step, "
                      f"kernels {p['kernel_ms_total']} ms/step; by op: "
                      + ", ".join(f"{k} {v}" for k, v in list(p["kernel_ms_by_op"].items())[:8]))
     if res["skipped"]:
         lines.append("")
-        lines += [f"- skipped: {k['what']}: {k['why']}" for k in res["skipped"]]
+        lines += [f"- skipped: {k['what']}: {_plain(k['why'])}" for k in res["skipped"]]
     b = res.get("builds", {})
     if b:
         lines.append("")
@@ -777,6 +794,14 @@ def render(res: dict) -> str:
     for n in res.get("notes", []):
         lines.append(f"- {n}")
     return "\n".join(lines) + "\n"
+
+
+def _plain(text: str, limit: int = 400) -> str:
+    """A child's error for a markdown line: no terminal colour codes, no pipes, bounded."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text).replace("|", "/")
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def write_docs(res: dict, docs: Path) -> None:
