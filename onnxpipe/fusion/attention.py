@@ -112,6 +112,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
                 return result.fail(f"{present_name}'s past is not a graph input", past)
         self._bool_mask, self._attention_mask = mask_node.inputs[0], attention_mask
         self._input_ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
+        self._query_seqlens = query_seqlens_supported()
         self._heads, self._kv_heads = heads, kv_heads
         self._window = int(info.get("sliding_window") or -1)
         # GPT-2 reshapes the attention output straight to 2-D [B*S, hidden] for its Gemm: keep that Reshape.
@@ -138,16 +139,27 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         batch_1d = op.Shape(self._attention_mask, start=0, end=1)
         seqlens_k = op.Cast(op.Expand(op.Sub(total_1d, op.Constant(value_ints=[1])), batch_1d), to=ir.DataType.INT32)
         total = op.Cast(op.Squeeze(total_1d), to=ir.DataType.INT32)
-        # query_seqlens = S for every row: without it the CPU kernel refuses batch > 1 with S > 1 and a past
-        # (a multi-token step after the prompt); with it every row's S new tokens go to [T - S, T) as before.
-        new_tokens = self._input_ids if self._input_ids is not None else query_BSD  # input_ids: shared by layers
-        query_seqlens = op.Cast(op.Expand(op.Shape(new_tokens, start=1, end=2), batch_1d), to=ir.DataType.INT32)
+        extra = []
+        if self._query_seqlens:
+            # query_seqlens = S for every row: without it the CPU kernel refuses batch > 1 with S > 1 and a past
+            # (a multi-token step after the prompt); with it every row's S new tokens go to [T - S, T) as before.
+            new_tokens = self._input_ids if self._input_ids is not None else query_BSD  # input_ids: shared by layers
+            query_seqlens = op.Cast(op.Expand(op.Shape(new_tokens, start=1, end=2), batch_1d), to=ir.DataType.INT32)
+            extra = [None, None, None, None, None, query_seqlens]
         return op.GroupQueryAttention(
-            query_BSD, key_BSD, value_BSD, past_key, past_value, seqlens_k, total, None, None, None, bias,
-            None, None, None, None, None, query_seqlens,
+            query_BSD, key_BSD, value_BSD, past_key, past_value, seqlens_k, total, None, None, None, bias, *extra,
             num_heads=self._heads, kv_num_heads=self._kv_heads, scale=self._scale,
             local_window_size=self._window, do_rotary=0, _domain="com.microsoft", _outputs=3,
         )
+
+
+def query_seqlens_supported() -> bool:
+    """GroupQueryAttention's query_seqlens input is new in onnxruntime 1.32 (older ones reject a node that has it:
+    INVALID_GRAPH, seen with 1.31.1); use it only where this onnxruntime's schema has it."""
+    from onnxpipe.fusion.capabilities import op_inputs
+
+    names = op_inputs("GroupQueryAttention")
+    return names is not None and len(names) > 16 and names[16] == "query_seqlens"
 
 
 def _escaping_value(context, keep: list) -> ir.Value | None:
@@ -183,4 +195,10 @@ def fuse_attention(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
     counts = apply_rules(model, ["gqa", "mha"])
     fused = count_ops(model, *ATTENTION_OPS)
     ctx.graph_notes.setdefault("padding_side", "left")
+    if count_ops(model, "GroupQueryAttention"):
+        # what the runtime may feed: without query_seqlens, ORT's CPU kernel takes a multi-token step after a
+        # past (chunked prefill, speculative decoding) only at batch 1; the prompt and 1-token steps work at any batch
+        with_seqlens = query_seqlens_supported()
+        ctx.graph_notes["multi_token_steps_with_past"] = "any batch" if with_seqlens else "batch 1 only"
+        ctx.graph_notes["requires_onnxruntime"] = ">=1.32" if with_seqlens else None
     return {**counts, "attention blocks fused": f"{fused}/{ctx.num_layers}"}

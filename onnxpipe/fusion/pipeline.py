@@ -61,22 +61,15 @@ CUDA_DOCUMENTED_OPS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalizati
 
 def supported_ops(target: str) -> dict[str, set[str]] | None:
     """Ops outside the default ONNX domain (plus ORT's SimplifiedLayerNormalization) that the target EP of this
-    onnxruntime has kernels for, with the float types each takes; None when this onnxruntime has no such EP."""
-    import onnxruntime as ort
-    from onnxruntime.capi import onnxruntime_pybind11_state as C
+    onnxruntime has kernels for, with the float types each takes; None when this onnxruntime has no such EP or
+    could not be asked (capabilities.py)."""
+    from onnxpipe.fusion.capabilities import onnxruntime_capabilities
 
+    caps = onnxruntime_capabilities()
     provider = PROVIDERS[target]
-    if provider not in ort.get_available_providers():
+    if caps is None or provider not in caps["providers"]:
         return None
-    ops: dict[str, set[str]] = {}
-    for kernel in C.get_all_opkernel_def():
-        if kernel.provider != provider or (kernel.domain != "com.microsoft" and kernel.op_name != "SimplifiedLayerNormalization"):
-            continue
-        types = ops.setdefault(kernel.op_name, set())
-        for name, dtype in FLOAT_TYPES.items():
-            if any(dtype in allowed for allowed in kernel.type_constraints.values()):
-                types.add(name)
-    return ops
+    return {op: set(types) for op, types in caps["kernels"].get(provider, {}).items()}
 
 
 FLOAT_TYPES = {"fp32": "tensor(float)", "fp16": "tensor(float16)", "bf16": "tensor(bfloat16)"}
@@ -250,7 +243,8 @@ def _check_target_ops(model: ir.Model, ctx: PassContext) -> list[str]:
     if ctx.target not in TARGETS:
         raise OnnxpipeError(f"unknown target {ctx.target!r}; choose one of {', '.join(TARGETS)}")
     runnable = supported_ops(ctx.target)
-    if runnable is None:  # --target cuda --skip-verify on a CPU-only onnxruntime: the documented list
+    if runnable is None:  # no such EP here (--target cuda --skip-verify), or onnxruntime could not be asked
+        ctx.graph_notes["target_op_check"] = "documented op list (this onnxruntime's kernel registry unavailable)"
         runnable = {op: {"fp32", "fp16"} for op in CUDA_DOCUMENTED_OPS}
     fused = {n.op_type for n in model.graph.all_nodes()
              if n.domain == "com.microsoft" or n.op_type == "SimplifiedLayerNormalization"}

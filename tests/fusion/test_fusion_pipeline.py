@@ -172,3 +172,27 @@ def test_pack_projections_is_opt_in(tiny_onnx, tmp_path: Path) -> None:
                                                                           "pack_projections"])
     packed = {r.name: r for r in result.passes}["pack_projections"]
     assert packed.status == "kept" and packed.fused["projection groups packed"] == "4" and result.check.passed
+
+
+def test_gqa_without_query_seqlens_for_older_onnxruntime(tiny_onnx, tmp_path: Path, monkeypatch) -> None:
+    """onnxruntime < 1.32 has no query_seqlens input (a node with it is INVALID_GRAPH there): the fused graph then
+    leaves it out and the manifest says multi-token steps after a past need batch 1."""
+    import onnx
+
+    from onnxpipe.fusion import attention
+
+    monkeypatch.setattr(attention, "query_seqlens_supported", lambda: False)
+    result = optimize_model(tiny_onnx("qwen2"), tmp_path / "out", level=3)
+    gqa = [n for n in onnx.load(str(result.model_dir.model_path)).graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(len(n.input) == 11 for n in gqa)
+    graph = result.model_dir.manifest.graph
+    assert graph["multi_token_steps_with_past"] == "batch 1 only" and graph["requires_onnxruntime"] is None
+    assert result.check.passed
+
+
+def test_gqa_with_query_seqlens_is_recorded(tiny_onnx, level3) -> None:
+    from onnxpipe.fusion.attention import query_seqlens_supported
+
+    graph = ModelDir.open(level3("llama")).manifest.graph
+    expected = "any batch" if query_seqlens_supported() else "batch 1 only"
+    assert graph["multi_token_steps_with_past"] == expected
