@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.quant.graph import initializer_map, producers
+from onnxpipe.quant.graph import initializer_map
 
 
 @dataclass
