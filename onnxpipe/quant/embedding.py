@@ -59,13 +59,14 @@ def token_embeddings(proto: Any, vocab_size: int) -> list[Any]:
 def quantize_vocab_tables(proto: Any, head_name: str | None, vocab_size: int, head: bool, embeddings: bool,
                           accuracy_level: int) -> TableReport:
     """Replace the LM head (if ``head``) and the token lookups (if ``embeddings``) by 8-bit per-row tables; in place."""
+    import onnx
     from onnx import numpy_helper
 
     graph = proto.graph
     inits = initializer_map(graph)
     report = TableReport()
     if head and not any(o.domain == "com.microsoft" for o in proto.opset_import):
-        proto.opset_import.append(__import__("onnx").helper.make_opsetid("com.microsoft", 1))
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     head_node = next((n for n in graph.node if n.name == head_name), None) if head else None
     lookups = token_embeddings(proto, vocab_size) if embeddings else []
     shared: dict[str, tuple[str, str, int, int]] = {}  # float table name -> (q name, scale name, block, hidden)
