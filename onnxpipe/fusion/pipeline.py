@@ -251,7 +251,11 @@ def _check_target_ops(model: ir.Model, ctx: PassContext) -> list[str]:
     foreign = sorted(fused - set(runnable))
     if foreign:
         raise OnnxpipeError(f"the pass emitted {', '.join(foreign)}, which the {ctx.target} EP has no kernel for")
-    return sorted(op for op in fused if ctx.dtype not in runnable[op])
+    other_type = sorted(op for op in fused if ctx.dtype not in runnable[op])
+    if other_type and ctx.target == "cuda":  # ORT would place these on the CPU EP, copying around each
+        raise OnnxpipeError(f"the pass emitted {', '.join(other_type)}, which the cuda EP has no {ctx.dtype} "
+                            "kernel for")
+    return other_type  # the CPU EP runs these through Casts ORT inserts
 
 
 def _pass_line(r: PassReport) -> str:
