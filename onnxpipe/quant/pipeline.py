@@ -30,6 +30,7 @@ from onnxpipe.quant.calibration import CalibrationConfig
 MODES = ("dynamic", "static", "int4", "fp16")
 METHODS = ("minmax", "entropy", "percentile")
 ALGOS = ("rtn", "gptq", "hqq")
+ACTIVATION_SCALES = ("token", "tensor")
 LM_HEAD_CHOICES = ("auto", "fp32", "int8", "int4")
 EMBEDDING_CHOICES = ("auto", "fp32", "int8")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +45,7 @@ class QuantizeConfig:
     calibration: Path | None = None
     method: str = "minmax"  # static: the activation range calibrator
     per_channel: bool = False  # static: per-output-channel weight scales (dynamic is always per channel)
+    activations: str = "token"  # dynamic: one run-time scale per token ("token") or per tensor (ORT's, "tensor")
     smoothquant: float | None = None  # static: SmoothQuant migration strength alpha in (0, 1]
     block_size: int = 32  # int4: weights per scale along the input dimension
     algo: str = "rtn"  # int4: rtn | gptq | hqq
@@ -58,6 +60,8 @@ class QuantizeConfig:
 
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"mode": self.mode, "lm_head": self.lm_head, "embeddings": self.embeddings}
+        if self.mode == "dynamic":
+            p.update(activations=self.activations)
         if self.mode == "static":
             p.update(method=self.method, per_channel=self.per_channel, smoothquant=self.smoothquant)
         if self.mode == "int4":
@@ -84,6 +88,8 @@ def validate(cfg: QuantizeConfig) -> None:
         raise OnnxpipeError(f"unknown calibration method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.algo not in ALGOS:
         raise OnnxpipeError(f"unknown int4 algorithm {cfg.algo!r}; choose one of {', '.join(ALGOS)}")
+    if cfg.activations not in ACTIVATION_SCALES:
+        raise OnnxpipeError(f"unknown activation scale {cfg.activations!r}; choose one of {', '.join(ACTIVATION_SCALES)}")
     if cfg.lm_head not in LM_HEAD_CHOICES:
         raise OnnxpipeError(f"unknown --lm-head {cfg.lm_head!r}; choose one of {', '.join(LM_HEAD_CHOICES)}")
     needs_calibration = cfg.mode == "static" or (cfg.mode == "int4" and cfg.algo == "gptq")
@@ -225,7 +231,7 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
         if cfg.mode == "dynamic":
             from onnxpipe.quant.dynamic import quantize_dynamic_int8
 
-            details = quantize_dynamic_int8(proto, out_path, body, lm_head=cfg.lm_head)
+            details = quantize_dynamic_int8(proto, out_path, body, lm_head=cfg.lm_head, activations=cfg.activations)
         elif cfg.mode == "static":
             from onnxpipe.quant.static import quantize_static_int8
 
