@@ -1,6 +1,6 @@
 """Dynamic int8: weights int8 per output channel, activations quantized at run time (no calibration).
 
-ORT's quantize_dynamic does the work on the MatMuls the plan names: every linear layer of the body. The LM head
+The MatMuls the plan names are quantized: every linear layer of the body. The LM head
 and the token lookup were already made 8-bit per vocabulary row by embedding.py (one shared table when tied),
 unless --lm-head/--embeddings fp32 kept them float.
 Weights use the full signed range (no reduce_range): the CPUs we target have VNNI, where 8-bit products do not
@@ -17,7 +17,8 @@ body alone, see docs/quantization.md). So each linear layer becomes
 
 one symmetric scale per token and per output channel. The activations travel as uint8 with zero point 128 because
 MatMulInteger with int8 activations took ORT's slow path (decode 6x slower on SmolLM2); uint8 x int8 is MLAS's
-fast one. ``activations="tensor"`` keeps ORT's per-tensor DynamicQuantizeMatMul (faster, see the docs' table).
+fast one. ``activations="tensor"`` keeps ORT's quantize_dynamic (one DynamicQuantizeMatMul per layer, a per-tensor
+scale): ~15% faster decode on SmolLM2, and unusable there (docs/quantization.md, "SmolLM2-135M").
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head:
         import onnx
 
         count = quantize_per_token(proto, nodes)
-        onnx.save_model(proto, str(out_path), save_as_external_data=proto.ByteSize() > 1_800_000_000)
-        return {"weights": "int8 per output channel", "activations": "int8, dynamic per token (symmetric)",
+        onnx.save_model(proto, str(out_path), save_as_external_data=proto.ByteSize() > 1_800_000_000,
+                        location=out_path.name + ".data")
+        return {"weights": "int8 per output channel",
+                "activations": "dynamic per token, symmetric int8 levels (uint8, zero point 128)",
                 "per_channel": True, "quantized_nodes": count,
                 "lm_head": "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 per channel"}
     from onnxruntime.quantization import QuantType, quantize_dynamic
