@@ -139,6 +139,18 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def tensor_signature(value_info: Any) -> dict[str, Any]:
+    """A graph input's or output's name, numpy dtype name and shape (dim names or sizes), as the manifest lists them."""
+    import onnx
+
+    t = value_info.type.tensor_type
+    return {
+        "name": value_info.name,
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+        "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
+    }
+
+
 def copy_sidecar_files(src: Path, dst: Path) -> list[str]:
     """What a stage carries over unchanged from its input directory: tokenizer files and config.json."""
     copied = copy_tokenizer_files(src, dst)

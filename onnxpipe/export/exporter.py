@@ -24,6 +24,7 @@ from onnxpipe.artifact import (
     atomic_output_dir,
     check_output_dir,
     copy_tokenizer_files,
+    tensor_signature,
     write_manifest,
 )
 from onnxpipe.errors import OnnxpipeError
@@ -215,8 +216,8 @@ def _build_manifest(
         "external_data": data_file if data_file and (onnx_path.parent / data_file).exists() else None,
         "opset": opset,
         "dtype": dtype,
-        "inputs": [_io(t) for t in proto.graph.input],
-        "outputs": [_io(t) for t in proto.graph.output],
+        "inputs": [tensor_signature(t) for t in proto.graph.input],
+        "outputs": [tensor_signature(t) for t in proto.graph.output],
         "logits": wrapper.LOGITS,
         "kv": {
             "layout": "BNSH",  # [batch, kv_heads, sequence, head_dim]
@@ -232,17 +233,6 @@ def _build_manifest(
         },
     }
     return Manifest(model=info, graph=graph, tokenizer=tokenizer)
-
-
-def _io(value_info: Any) -> dict[str, Any]:
-    import onnx
-
-    t = value_info.type.tensor_type
-    return {
-        "name": value_info.name,
-        "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-        "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
-    }
 
 
 def _ids(value: Any) -> list[int]:
