@@ -22,6 +22,7 @@ from onnxpipe.artifact import (
     check_output_dir,
     copy_sidecar_files,
     derive_manifest,
+    tensor_signature,
     write_manifest,
 )
 from onnxpipe.errors import OnnxpipeError
@@ -280,8 +281,8 @@ def _output_manifest(src: Manifest, model_path: Path, cfg: QuantizeConfig) -> Ma
     proto = onnx.load(str(model_path), load_external_data=False)
     manifest = derive_manifest(src)
     g = manifest.graph
-    g["inputs"] = [_value_info(t) for t in proto.graph.input]
-    g["outputs"] = [_value_info(t) for t in proto.graph.output]
+    g["inputs"] = [tensor_signature(t) for t in proto.graph.input]
+    g["outputs"] = [tensor_signature(t) for t in proto.graph.output]
     g["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), g.get("opset"))
     data = MODEL_FILE + ".data"
     g["external_data"] = data if (model_path.parent / data).exists() else None
@@ -291,17 +292,6 @@ def _output_manifest(src: Manifest, model_path: Path, cfg: QuantizeConfig) -> Ma
     g["quantization"] = {"dynamic": "int8 weights, dynamic int8 activations", "static": "int8 QDQ",
                          "int4": "int4 weight-only (MatMulNBits)", "fp16": "fp16 mixed precision"}[cfg.mode]
     return manifest
-
-
-def _value_info(value_info: Any) -> dict[str, Any]:
-    import onnx
-
-    t = value_info.type.tensor_type
-    return {
-        "name": value_info.name,
-        "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-        "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
-    }
 
 
 def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: QuantizeConfig) -> Any:
