@@ -54,15 +54,18 @@ class ParityReport:
         )
 
 
-def left_padded_batch(vocab_size: int, lengths: Sequence[int], seed: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random prompts of the given lengths, left-padded to the longest: (input_ids, attention_mask), int64."""
+def left_padded_batch(vocab_size: int, lengths: Sequence[int], seed: int, pad_id: int = 0,
+                      side: str = "left") -> tuple[np.ndarray, np.ndarray]:
+    """Random prompts of the given lengths, padded to the longest on ``side`` (left unless the graph asks for
+    right): (input_ids, attention_mask), int64."""
     rng = np.random.default_rng(seed)
     width = max(lengths)
     ids = np.full((len(lengths), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(lengths), width), dtype=np.int64)
     for row, n in enumerate(lengths):
-        ids[row, width - n :] = rng.integers(0, vocab_size, size=n)
-        mask[row, width - n :] = 1
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[row, cols] = rng.integers(0, vocab_size, size=n)
+        mask[row, cols] = 1
     return ids, mask
 
 
@@ -113,7 +116,8 @@ def run_trace(
 
 def compare(ref: Trace, cand: Trace, prompt_lengths: Sequence[int]) -> ParityReport:
     ref_vals = np.concatenate([lg[v] for lg, v in zip(ref.logits, ref.valid)])
-    cand_vals = np.concatenate([lg[v] for lg, v in zip(cand.logits, ref.valid)])
+    # row-major: each row's real positions in order, whichever side its padding is on
+    cand_vals = np.concatenate([lg[v] for lg, v in zip(cand.logits, cand.valid)])
     diff = np.abs(ref_vals.astype(np.float64) - cand_vals.astype(np.float64))
     diff = np.where(np.isnan(diff), np.inf, diff)
     max_abs = float(diff.max())
@@ -144,10 +148,18 @@ def check_decoders(
     prompt_lengths: Sequence[int] = (7, 4),
     decode_steps: int = 4,
     seed: int = 0,
+    padding_side: str = "left",
 ) -> ParityReport:
-    """Run both decoders on the same left-padded batch and compare every real position's logits."""
-    ids, mask = left_padded_batch(manifest.model["vocab_size"], prompt_lengths, seed)
+    """Run both decoders on the same prompts and compare every real position's logits. The reference always
+    gets them left-padded; the candidate gets them padded on ``padding_side`` (right for the CUDA attention form,
+    which counts the mask instead of applying it). A right-padded row's mask has a hole after its decode steps
+    (the new column comes after the padding): an exported graph that builds a sliding window from column indices
+    would read that wrongly, which is why the reference never runs right-padded."""
+    vocab = manifest.model["vocab_size"]
+    ids, mask = left_padded_batch(vocab, prompt_lengths, seed)
     ref = run_trace(reference, manifest, ids, mask, decode_steps, ref_kv_dtype or kv_dtype)
+    if padding_side != "left":
+        ids, mask = left_padded_batch(vocab, prompt_lengths, seed, side=padding_side)
     cand = run_trace(candidate, manifest, ids, mask, decode_steps, kv_dtype, forced_tokens=ref.tokens)
     return compare(ref, cand, prompt_lengths)
 

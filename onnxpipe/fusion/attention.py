@@ -19,6 +19,17 @@ local_window_size = W admits keys with i - j < W, HF's sliding_window semantics;
 the kernel can skip keys outside the window. GroupQueryAttention also gets query_seqlens = S for every row, without which ORT's CPU kernel rejects a
 multi-token step with a past for batch > 1. GroupQueryAttention's own rotary (do_rotary) is not used: in the
 prompt it reads only the first position id of each row, which is wrong for left-padded rows.
+
+--target cuda. ORT's CUDA GroupQueryAttention has no attention_bias ("not supported in GroupQueryAttention cuda
+kernel"), so the CUDA form carries padding the way that kernel expects: rows are RIGHT-padded (the manifest says
+``padding_side: right`` and the runtime pads so), seqlens_k = ReduceSum(attention_mask) - 1 per row and
+total_sequence_length = the mask's width; a decode step writes row r's new key/value at its own length. The mask's
+layout then no longer matters, only its row sums. With right padding GroupQueryAttention's own rotary is right
+(positions 0..n-1 in the prompt, the row's length after), so the two RotaryEmbedding nodes fold into the op
+(do_rotary=1 with the same cos/sin caches) and q, k, v projections of one input pack into one MatMul (packed QKV):
+the form ORT's CUDA kernel and GenAI's builder use, three fewer kernels per layer. This also keeps ORT's own
+CUDA-only GroupQueryAttentionFusion away (it skips do_rotary nodes; on nodes with more than 9 inputs, as our CPU
+form has, it breaks the graph: "The sum of input arg count is not equal to size of input defs").
 """
 
 from __future__ import annotations
@@ -115,6 +126,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         self._query_seqlens = query_seqlens_supported()
         self._heads, self._kv_heads = heads, kv_heads
         self._window = int(info.get("sliding_window") or -1)
+        self._target, self._graph = ctx.target, graph
         # GPT-2 reshapes the attention output straight to 2-D [B*S, hidden] for its Gemm: keep that Reshape.
         self._keep_reshape = out is None or out.shape is None or out.shape.rank() != 3
         return result
@@ -130,6 +142,8 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         low = float(np.finfo(mask_bias.dtype.numpy() if mask_bias.dtype is not None else np.float32).min)
         bias = op.Where(self._bool_mask, op.Constant(value=ir.tensor(np.array(0, dtype=mask_bias.dtype.numpy()))),
                         op.Constant(value=ir.tensor(np.array(low, dtype=mask_bias.dtype.numpy()))))
+        if self._grouped and self._target == "cuda":
+            return self._gqa_cuda(op, query_BSD, key_BSD, value_BSD, past_key, past_value)
         if not self._grouped:
             return op.MultiHeadAttention(
                 query_BSD, key_BSD, value_BSD, None, None, bias, past_key, past_value,
@@ -151,6 +165,98 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
             num_heads=self._heads, kv_num_heads=self._kv_heads, scale=self._scale,
             local_window_size=self._window, do_rotary=0, _domain="com.microsoft", _outputs=3,
         )
+
+    def _gqa_cuda(self, op, query_BSD, key_BSD, value_BSD, past_key, past_value):
+        """The CUDA form: no attention_bias (ORT's CUDA kernel has none), right padding, rotary and QKV packing
+        folded into the op where the graph allows (see the module's docstring, "--target cuda")."""
+        current_context().graph_notes["padding_side"] = "right"
+        mask = self._attention_mask
+        count = op.ReduceSum(mask, op.Constant(value_ints=[1]), keepdims=0)
+        seqlens_k = op.Cast(op.Sub(count, op.Constant(value=ir.tensor(np.array(1, dtype=np.int64)))),
+                            to=ir.DataType.INT32)
+        total = op.Cast(op.Squeeze(op.Shape(mask, start=1, end=2)), to=ir.DataType.INT32)
+        rotary = _foldable_rotary(query_BSD, key_BSD, int(current_context().model_info["head_dim"]))
+        query, key, value, extra, attrs = query_BSD, key_BSD, value_BSD, [], {}
+        if rotary is not None:
+            query, key, cos_cache, sin_cache, interleaved = rotary
+            extra, attrs = [cos_cache, sin_cache], {"rotary_interleaved": interleaved}
+        packed = _packed_projection(op, self._graph, query, key, value)
+        if packed is not None:
+            query, key, value = packed, None, None
+        return op.GroupQueryAttention(
+            query, key, value, past_key, past_value, seqlens_k, total, *extra,
+            num_heads=self._heads, kv_num_heads=self._kv_heads, scale=self._scale,
+            local_window_size=self._window, do_rotary=int(rotary is not None), **attrs,
+            _domain="com.microsoft", _outputs=3,
+        )
+
+
+def _foldable_rotary(query_BSD: ir.Value, key_BSD: ir.Value, head_dim: int):
+    """(q, k, cos, sin, interleaved) when query and key are RotaryEmbedding outputs GroupQueryAttention can compute
+    itself (do_rotary): the same position_ids and caches, full rotary, head_dim a multiple of 16. Else None.
+    The op then takes positions from seqlens_k (right padding), not from position_ids: equal for real tokens."""
+    q_rot, k_rot = query_BSD.producer(), key_BSD.producer()
+    if q_rot is None or k_rot is None or head_dim % 16:
+        return None
+    for node, out in ((q_rot, query_BSD), (k_rot, key_BSD)):
+        if node.op_type != "RotaryEmbedding" or node.domain != "com.microsoft" or len(node.inputs) != 4:
+            return None
+        if any(a in node.attributes for a in ("rotary_embedding_dim", "num_heads", "is_packed_batching")):
+            return None
+        if len(out.uses()) != 1:  # the rotated tensor is read elsewhere too: keep the op
+            return None
+    if any(a is not b for a, b in zip(q_rot.inputs[1:], k_rot.inputs[1:])):
+        return None
+    interleaved = [n.attributes.get_int("interleaved", 0) for n in (q_rot, k_rot)]
+    cos_cache, sin_cache = q_rot.inputs[2], q_rot.inputs[3]
+    if interleaved[0] != interleaved[1] or cos_cache.shape is None or cos_cache.shape[-1] != head_dim // 2:
+        return None
+    return q_rot.inputs[0], k_rot.inputs[0], cos_cache, sin_cache, interleaved[0]
+
+
+def _projection(value: ir.Value):
+    """(x, weight, bias or None) when ``value`` = MatMul(x, W) [+ b] with constant 2-D W (and 1-D b), read once."""
+    node = value.producer()
+    bias = None
+    if node is not None and node.op_type == "Add" and node.domain in ("", "ai.onnx"):
+        b = next((v for v in node.inputs if v is not None and v.const_value is not None), None)
+        other = next((v for v in node.inputs if v is not None and v is not b), None)
+        if b is None or other is None or b.shape is None or b.shape.rank() != 1 or len(other.uses()) != 1:
+            return None
+        bias, node = b, other.producer()
+    if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(value.uses()) != 1:
+        return None
+    weight = node.inputs[1]
+    if weight is None or weight.const_value is None or weight.shape is None or weight.shape.rank() != 2:
+        return None
+    return node.inputs[0], weight, bias
+
+
+def _packed_projection(op, graph: ir.Graph, query: ir.Value, key: ir.Value, value: ir.Value):
+    """One MatMul [B, S, Dq + 2 Dkv] for q, k and v when all three project the same input by constant weights
+    (with biases on all three or none): GroupQueryAttention's packed-QKV input. Else None."""
+    parts = [_projection(v) for v in (query, key, value)]
+    if any(p is None for p in parts) or len({id(p[0]) for p in parts}) != 1:
+        return None
+    if len({p[2] is None for p in parts}) != 1 or len({p[1].dtype for p in parts}) != 1:
+        return None
+    x = parts[0][0]
+    base = query.name or "qkv"
+    weight = _initializer(graph, f"{base}.qkv_weight",
+                          np.concatenate([np.asarray(p[1].const_value.numpy()) for p in parts], axis=1))
+    packed = op.MatMul(x, weight)
+    if parts[0][2] is not None:
+        bias = _initializer(graph, f"{base}.qkv_bias",
+                            np.concatenate([np.asarray(p[2].const_value.numpy()) for p in parts]))
+        packed = op.Add(packed, bias)
+    return packed
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
 
 
 def query_seqlens_supported() -> bool:

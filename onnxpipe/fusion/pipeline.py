@@ -118,6 +118,7 @@ class Checker:
     dtype: str
     providers: list[str]
     decode_steps: int = 4
+    ctx: PassContext | None = None  # its graph_notes["padding_side"] says how the candidate is padded
 
     def check(self, reference: bytes | Path, candidate: bytes | Path) -> Any:
         from onnxpipe.parity import TOLERANCE, check_decoders, ort_step_fn
@@ -125,7 +126,8 @@ class Checker:
         ref = ort_step_fn(_session(reference, self.providers, optimized=False), self.manifest)
         cand = ort_step_fn(_session(candidate, self.providers, optimized=True), self.manifest)
         kv_dtype = np.float16 if self.dtype == "fp16" else np.float32
-        report = check_decoders(ref, cand, self.manifest, kv_dtype=kv_dtype, decode_steps=self.decode_steps)
+        report = check_decoders(ref, cand, self.manifest, kv_dtype=kv_dtype, decode_steps=self.decode_steps,
+                                padding_side=(self.ctx.graph_notes if self.ctx else {}).get("padding_side", "left"))
         return report.judge(TOLERANCE[self.dtype])
 
 
@@ -136,7 +138,10 @@ def _session(model: bytes | str | Path, providers: list[str], optimized: bool) -
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
+    from onnxpipe.runtime.providers import DISABLED_ORT_OPTIMIZERS
+
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers,
+                                disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
 
 
 SNAPSHOT_IN_MEMORY_LIMIT = 1_800_000_000  # bytes of weights; protobuf cannot serialize 2 GiB or more
@@ -175,6 +180,7 @@ def run_passes(
     for p in passes:
         start = time.perf_counter()
         before = op_counts(model)
+        notes_before = dict(ctx.graph_notes)
         fused, candidate, reason = _apply(p, model, ctx, spill_dir)
         # a file snapshot cannot be compared cheaply: treat it as changed and check it
         changed = candidate is not None and (isinstance(candidate, Path) or candidate != current)
@@ -183,6 +189,8 @@ def run_passes(
             check, reason = _check(checker, current, candidate)
         if reason is not None:
             model, status = restore(current), "rolled_back"
+            ctx.graph_notes.clear()  # what the rolled-back pass noted (padding side, op requirements) goes too
+            ctx.graph_notes.update(notes_before)
         else:
             status = "kept" if changed else "unchanged"
             current = candidate if changed else current

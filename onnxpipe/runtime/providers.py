@@ -219,6 +219,7 @@ def create_session(
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3 if session_options is None else so.log_severity_level  # our messages say it once
 
+    _refuse_cpu_attention_form(model_path, manifest_graph, chain)
     fp32 = fp32_on_cpu and dtype == "fp16"
     session = _make(model_path, chain, provider_options, so, convert=fp32 and chain == ["cpu"])
     live = [SHORT_NAME.get(p, p) for p in session.get_providers()]
@@ -249,6 +250,24 @@ def create_session(
     return session, choice
 
 
+# ORT's CUDA-only GroupQueryAttentionFusion rewrites GroupQueryAttention nodes fed by RotaryEmbedding; on a node
+# with more than 9 inputs it leaves a malformed node behind ("The sum of input arg count is not equal to size of
+# input defs", onnxruntime-gpu 1.31.1). optimize --target cuda does that folding itself, so it is always off.
+DISABLED_ORT_OPTIMIZERS = ["GroupQueryAttentionFusion"]
+
+
+def _refuse_cpu_attention_form(model_path: Path, graph: dict[str, Any], chain: list[str]) -> None:
+    """A graph optimized for the CPU whose GroupQueryAttention takes the padding as an attention bias cannot run
+    on the CUDA EP (its kernel has no attention_bias): say so before onnxruntime fails mid-generation."""
+    if chain[0] == "cpu" or graph.get("target", "cpu") != "cpu":
+        return
+    if "GroupQueryAttention" in (graph.get("fused_ops") or []):
+        raise OnnxpipeError(
+            f"{model_path}: this graph was optimized for the CPU (its GroupQueryAttention takes an attention bias, "
+            f"which onnxruntime's CUDA kernel lacks); optimize the exported model with --target cuda for "
+            f"{chain[0]}, or run it with --provider cpu")
+
+
 def _make(model_path: Path, chain: list[str], provider_options: dict[str, dict[str, str]], so: Any, convert: bool) -> Any:
     import onnxruntime as ort
 
@@ -258,7 +277,8 @@ def _make(model_path: Path, chain: list[str], provider_options: dict[str, dict[s
     try:
         if convert:
             return _fp32_session(model_path, so, providers)
-        return ort.InferenceSession(str(model_path), so, providers=providers)
+        return ort.InferenceSession(str(model_path), so, providers=providers,
+                                    disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types; all mean "this graph does not load"
         text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise OnnxpipeError(f"{model_path}: onnxruntime could not load the graph on {chain[0]}: {text}") from None

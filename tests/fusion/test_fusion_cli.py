@@ -48,10 +48,20 @@ def test_unknown_pass_lists_the_valid_ones(tiny_onnx, tmp_path: Path) -> None:
     assert "unknown pass fuse_all" in line and "attention" in line and "rotary" in line
 
 
-def test_cuda_target_without_cuda(tiny_onnx, tmp_path: Path) -> None:
+def test_cuda_target_without_cuda_checks_on_the_cpu(tiny_onnx, tmp_path: Path) -> None:
+    """Without a CUDA EP the CUDA form is still checked, on ORT's CPU kernels, and the manifest says so."""
+    import json
+
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         return
-    line = _one_line_error(["optimize", str(tiny_onnx("llama")), "-o", str(tmp_path / "o"), "--target", "cuda"])
-    assert "CUDAExecutionProvider" in line and "--skip-verify" in line
+    result = CliRunner().invoke(main, ["optimize", str(tiny_onnx("llama")), "-o", str(tmp_path / "o"), "--target", "cuda"])
+    assert result.exit_code == 0, result.output
+    assert "checked on the CPU EP: this onnxruntime has no CUDA EP" in result.output
+    step = json.loads((tmp_path / "o" / "onnxpipe.json").read_text())["steps"][-1]
+    assert step["params"]["check_providers"] == ["CPUExecutionProvider"]
+    assert step["params"]["check_padding"] == {"reference": "left", "candidate": "right"}
+    assert step["check"]["passed"]
+
+
