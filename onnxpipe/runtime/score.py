@@ -225,7 +225,8 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float) 
 # ---- the model side ----
 
 class WindowScorer:
-    """One onnxruntime session; scores a batch of windows as one left-padded prefill from an empty cache."""
+    """One onnxruntime session; scores a batch of windows as one padded prefill from an empty cache (left-padded,
+    or right-padded where the manifest says so: the CUDA attention form of optimize --target cuda)."""
 
     def __init__(self, session: Any, manifest: Manifest, provider: str = "cpu"):
         self.session = session
@@ -237,6 +238,7 @@ class WindowScorer:
         m = manifest.model
         self.kv_shape = (m["num_kv_heads"], m["head_dim"])
         self.logits = manifest.graph.get("logits", "logits")
+        self.right_padded = manifest.graph.get("padding_side", "left") == "right"
         self.want_greedy = True  # False skips the argmax (only --task loglik reports it)
 
     @classmethod
@@ -258,9 +260,9 @@ class WindowScorer:
         mask = np.zeros((batch, width), np.int64)
         rows, cols, targets, owner = [], [], [], []
         for r, (tok, first) in enumerate(windows):
-            off = width - len(tok)
-            ids[r, off:] = tok
-            mask[r, off:] = 1
+            off = 0 if self.right_padded else width - len(tok)
+            ids[r, off:off + len(tok)] = tok
+            mask[r, off:off + len(tok)] = 1
             t = np.arange(first, len(tok))
             rows.append(np.full(len(t), r))
             cols.append(off + t - 1)  # the logit at position p predicts the token at p + 1
