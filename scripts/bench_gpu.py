@@ -47,11 +47,12 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "torch_eager": "PyTorch eager generate",
     "torch_compile": "transformers static cache + torch.compile",
     "onnxpipe": "onnxpipe (export -> optimize L3 -> runtime)",
+    "onnxpipe_graph": "onnxpipe + CUDA graphs",
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
 }
 LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
-PRIORITY = ["torch_eager", "onnxpipe", "genai", "genai_graph", "torch_compile"]  # eager first: its tokens are the
+PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_graph", "genai", "genai_graph", "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 RESULT = "@@RESULT "
 
@@ -259,10 +260,13 @@ def child_onnxpipe(spec: dict) -> None:
 
     from onnxpipe.errors import OnnxpipeError
 
-    graph = "optimized (level 3)"
+    graph = "optimized (level 3)" + (", CUDA graphs" if spec.get("cuda_graph") else "")
     try:
-        lm = load(spec["optimized"], spec["provider"], announce=lambda m: print(m, flush=True))
+        lm = load(spec["optimized"], spec["provider"], announce=lambda m: print(m, flush=True),
+                  cuda_graph=bool(spec.get("cuda_graph")))
     except OnnxpipeError as e:  # measure the exported graph rather than nothing, and say so in every row
+        if spec.get("cuda_graph"):
+            raise
         print(f"the optimized graph does not load: {e}", flush=True)
         lm = load(spec["exported"], spec["provider"], announce=lambda m: print(m, flush=True))
         graph = f"exported, unfused: the optimized graph did not load ({str(e)[-160:]})"
@@ -287,6 +291,7 @@ def child_onnxpipe(spec: dict) -> None:
             r, tokens = once(ids)
             runs.append(r)
         info = {"provider": lm.provider, "graph": graph, "warmup_s": round(warm_s, 1),
+                "cuda_graph_runs": {f"b{k[0]}x{k[1]}": v.runs for k, v in lm.session._graphs.items()},
                 "transfers_per_step": lm.session.transfers.per_step(), "step_split_ms": step_split(lm, once, ids)}
         if ref and str(batch) in ref:
             info["agreement_vs_torch"] = agreement(lm, ids, tokens, ref[str(batch)], spec["agree_steps"])
@@ -436,6 +441,7 @@ CHILDREN = {
     "torch_eager": lambda s: child_torch(s, compiled=False),
     "torch_compile": lambda s: child_torch(s, compiled=True),
     "onnxpipe": child_onnxpipe,
+    "onnxpipe_graph": lambda s: child_onnxpipe(dict(s, cuda_graph=True)),
     "onnxpipe_profile": child_onnxpipe_profile,
     "genai": lambda s: child_genai(s, graphs=False),
     "genai_graph": lambda s: child_genai(s, graphs=True),
@@ -546,7 +552,7 @@ def main_orchestrate(args) -> int:
             "prompt": args.prompt, "new": args.new_tokens, "repeats": args.repeats, "agree_steps": args.agree_steps,
             "profile_steps": args.profile_steps,
             "work": str(work), "hf": str(work / "hf"), "exported": str(work / "exported"),
-            "optimized": str(work / "optimized"), "genai": str(work / "genai"), "target": "cuda" if cuda else "cpu",
+            "optimized": str(work / "optimized"), "genai": str(work / "genai"), "target": args.target or ("cuda" if cuda else "cpu"),
             "provider": "cuda" if cuda else "cpu", "genai_precision": "fp16" if cuda else "fp32",
             "genai_ep": "cuda" if cuda else "cpu", "reference_tokens": str(work / "torch_tokens.json")}
     res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": " ".join(sys.argv),
@@ -621,7 +627,8 @@ def main_orchestrate(args) -> int:
             if name in build_state:
                 return True
 
-    needs = {"onnxpipe": "onnxpipe", "onnxpipe_profile": "onnxpipe", "genai": "genai", "genai_graph": "genai"}
+    needs = {"onnxpipe": "onnxpipe", "onnxpipe_graph": "onnxpipe", "onnxpipe_profile": "onnxpipe", "genai": "genai",
+             "genai_graph": "genai"}
     small = [b for b in args.batches if b <= 8]
     large = [b for b in args.batches if b > 8]
     order = sorted(args.anchors, key=PRIORITY.index)
@@ -832,6 +839,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama config instead of the 1B shape")
+    ap.add_argument("--target", choices=["cpu", "cuda"], help="optimize's target (default: the device's)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--anchors", default=",".join(ANCHORS))
     ap.add_argument("--prompt", type=int, default=128)

@@ -97,9 +97,13 @@ def _write_output(model: Any, src: Any, out_dir: Path, force: bool, ctx: Any, pa
     from onnxpipe.artifact import atomic_output_dir, copy_sidecar_files, derive_manifest, save_onnx, write_manifest
 
     manifest = derive_manifest(src.manifest)
-    manifest.graph.update(ctx.graph_notes)
+    notes = dict(ctx.graph_notes)
+    shares = notes.pop("shares_buffer", None)
+    manifest.graph.update(notes)
     manifest.graph.setdefault("padding_side", "left")
     manifest.graph["kv"].setdefault("shares_buffer", False)
+    if shares is not None:
+        manifest.graph["kv"]["shares_buffer"] = bool(shares)
     manifest.graph["fused_ops"] = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft"})
     manifest.graph["target"] = ctx.target
     with atomic_output_dir(out_dir, force=force) as tmp:

@@ -307,4 +307,11 @@ def fuse_attention(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
         with_seqlens = query_seqlens_supported()
         ctx.graph_notes["multi_token_steps_with_past"] = "any batch" if with_seqlens else "batch 1 only"
         ctx.graph_notes["requires_onnxruntime"] = ">=1.32" if with_seqlens else None
+    if ctx.graph_notes.get("padding_side") == "right":
+        # the CUDA form: the cache can be one preallocated buffer written in place (past = present), and the mask is
+        # read only for its row sums and width, so the runtime may feed a fixed-width mask (CUDA graph replay)
+        ctx.graph_notes["shares_buffer"] = True
+        mask = next((v for v in model.graph.inputs if v.name == ATTENTION_MASK), None)
+        uses = {user.op_type for user, _ in mask.uses()} if mask is not None else set()
+        ctx.graph_notes["attention_mask_use"] = "row sums and width" if uses <= {"ReduceSum", "Shape"} else "values"
     return {**counts, "attention blocks fused": f"{fused}/{ctx.num_layers}"}

@@ -370,10 +370,13 @@ def load(
     trt_options: TensorRTOptions | None = None,
     threads: int | None = None,
     announce: Callable[[str], None] | None = None,
+    cuda_graph: bool = False,
 ) -> LanguageModel:
-    """Open a model directory on ``provider`` (auto: TensorRT -> CUDA -> CPU). What runs is ``lm.provider``."""
+    """Open a model directory on ``provider`` (auto: TensorRT -> CUDA -> CPU). What runs is ``lm.provider``.
+    cuda_graph: replay decode steps as CUDA graphs (CUDA EP, graphs of optimize --target cuda)."""
     md = ModelDir.open(model_dir)
-    session = DecoderSession(md, provider, trt_options=trt_options, threads=threads, announce=announce)
+    session = DecoderSession(md, provider, trt_options=trt_options, threads=threads, announce=announce,
+                             cuda_graph=cuda_graph)
     return LanguageModel(session, TextTokenizer.from_dir(md.path))
 
 

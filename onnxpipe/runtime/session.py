@@ -67,15 +67,18 @@ class DecoderSession:
         threads: int | None = None,
         announce: Callable[[str], None] | None = None,
         session_options: Any = None,
+        cuda_graph: bool = False,
     ):
         import onnxruntime as ort
 
         self.model_dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.open(model_dir)
         self.manifest = m = self.model_dir.manifest
+        if cuda_graph:
+            _check_cuda_graph_form(self.model_dir.path, m.graph)
         self.session, self.choice = create_session(
             self.model_dir.model_path, provider, trt_options=trt_options, threads=threads,
             graph_inputs=m.graph.get("inputs"), dtype=m.graph.get("dtype"), announce=announce,
-            session_options=session_options,
+            session_options=session_options, cuda_options={"enable_cuda_graph": "1"} if cuda_graph else None,
         )
         self.device = self.choice.device
         self._ort = ort
@@ -106,6 +109,11 @@ class DecoderSession:
         self._head = self._helper(_head_graph(self._onnx_dtype()))
         self._gather = None
         self.transfers = Transfers()
+        # decode steps replayed as CUDA graphs, one per (batch, capacity): fixed buffers bound once
+        self.cuda_graph = cuda_graph and self.device != "cpu" and "cuda" in self.choice.provider_options
+        if cuda_graph and not self.cuda_graph:
+            (announce or (lambda _m: None))(f"CUDA graphs need the CUDA EP; running on {self.provider} without them")
+        self._graphs: dict[tuple[int, int], _GraphSlot] = {}
 
     # ---- public ----
     @property
@@ -117,6 +125,9 @@ class DecoderSession:
         if self.shares_buffer:
             if capacity is None:
                 raise OnnxpipeError("this graph shares its past/present buffer: the cache needs a capacity (max length)")
+            if self.cuda_graph:
+                slot = self._graph_slot(batch, capacity)
+                return KVCache(slot.cache, 0, slot.capacity, batch)
             shape = (batch, self.num_kv_heads, capacity, self.head_dim)
             values = [self._zeros(shape) for _ in self.past_names]
             return KVCache(values, 0, capacity, batch)
@@ -136,6 +147,9 @@ class DecoderSession:
         """Run one step (prefill when the cache is empty). Returns, per row, the logits [batch, vocab] (float32) of
         the position ``last_index`` (default: the last), or with ``want="argmax"`` just their argmax [batch]."""
         batch, seq = input_ids.shape
+        slot = self._graphs.get((batch, cache.capacity or 0)) if self.cuda_graph else None
+        if slot is not None and seq == 1 and cache.values is slot.cache:
+            return self._replay(slot, input_ids, attention_mask, position_ids, cache, want)
         io = self.session.io_binding()
         self._bind_input(io, "input_ids", input_ids.astype(np.int64, copy=False))
         self._bind_input(io, "attention_mask", attention_mask.astype(np.int64, copy=False))
@@ -150,7 +164,7 @@ class DecoderSession:
             else:
                 io.bind_output(name, self._device_type(), 0)
         try:
-            self.session.run_with_iobinding(io)
+            self.session.run_with_iobinding(io, self._run_options(-1) if self.cuda_graph else None)
         except Exception as e:  # onnxruntime's Fail/RuntimeException: say which model and which step
             text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise OnnxpipeError(
@@ -179,6 +193,61 @@ class DecoderSession:
         self._gather.run_with_iobinding(io)
         cache.values = list(io.get_outputs())
         cache.batch = len(rows)
+
+    # ---- CUDA graphs ----
+    def _graph_slot(self, batch: int, capacity: int) -> "_GraphSlot":
+        """The fixed buffers of the decode graph for ``batch`` rows; capacity rounds up to a multiple of 256 so
+        that generations of similar length share one captured graph."""
+        capacity = -(-capacity // GRAPH_CAPACITY_STEP) * GRAPH_CAPACITY_STEP
+        key = (batch, capacity)
+        if key not in self._graphs:
+            ort = self._ort
+            dev = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", 0)  # noqa: E731
+            cache = [dev((batch, self.num_kv_heads, capacity, self.head_dim), self.kv_dtype) for _ in self.past_names]
+            slot = _GraphSlot(len(self._graphs) + 1, capacity, cache, dev((batch, 1), np.int64),
+                              dev((batch, capacity), np.int64), dev((batch, 1), np.int64),
+                              dev((batch, 1, self.vocab_size), self.kv_dtype), self.session.io_binding())
+            io = slot.io
+            io.bind_ortvalue_input("input_ids", slot.ids)
+            io.bind_ortvalue_input("attention_mask", slot.mask)
+            if self.has_position_ids:
+                io.bind_ortvalue_input("position_ids", slot.positions)
+            for name, value in zip(self.past_names, cache):
+                io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(self.logits_name, slot.logits)
+            for name, value in zip(self.present_names, cache):
+                io.bind_ortvalue_output(name, value)
+            self._graphs[key] = slot
+        return self._graphs[key]
+
+    def _replay(self, slot: "_GraphSlot", input_ids: np.ndarray, attention_mask: np.ndarray,
+                position_ids: np.ndarray, cache: KVCache, want: str) -> np.ndarray:
+        """One decode step through the slot's captured graph (ORT captures it on the slot's first runs). The mask
+        is fed at the slot's full width with each row's count of ones: the graph reads only its row sums (seqlens)
+        and width (total length, fixed so the graph's shapes never change)."""
+        batch = input_ids.shape[0]
+        counts = attention_mask.sum(axis=1)
+        mask = (np.arange(slot.capacity)[None, :] < counts[:, None]).astype(np.int64)
+        slot.ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
+        slot.mask.update_inplace(mask)
+        if self.has_position_ids:
+            slot.positions.update_inplace(np.ascontiguousarray(position_ids, dtype=np.int64))
+        self.transfers.up_bytes += input_ids.nbytes + mask.nbytes + (position_ids.nbytes if self.has_position_ids else 0)
+        try:
+            self.session.run_with_iobinding(slot.io, self._run_options(slot.graph_id))
+        except Exception as e:
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise OnnxpipeError(f"{self.model_dir.path}: onnxruntime failed on a CUDA-graph decode step "
+                                f"(batch {batch}, {cache.length} cached): {text}") from None
+        slot.runs += 1
+        cache.length += 1
+        self.transfers.steps += 1
+        return self._select(slot.logits, np.zeros((batch,), np.int64), want)
+
+    def _run_options(self, graph_id: int) -> Any:
+        ro = self._ort.RunOptions()
+        ro.add_run_config_entry("gpu_graph_id", str(graph_id))  # -1: run without capturing or replaying
+        return ro
 
     # ---- internals ----
     def _select(self, logits: Any, last_index: np.ndarray, want: str) -> np.ndarray:
@@ -222,6 +291,32 @@ class DecoderSession:
         so.log_severity_level = 3
         so.intra_op_num_threads = 1
         return self._ort.InferenceSession(proto.SerializeToString(), so, providers=self._helper_providers)
+
+
+GRAPH_CAPACITY_STEP = 256
+
+
+@dataclass
+class _GraphSlot:
+    graph_id: int
+    capacity: int
+    cache: list[Any]
+    ids: Any
+    mask: Any
+    positions: Any
+    logits: Any
+    io: Any
+    runs: int = 0
+
+
+def _check_cuda_graph_form(path: Any, graph: dict[str, Any]) -> None:
+    """CUDA graphs replay fixed shapes: the cache must be one in-place buffer and the mask readable at a fixed
+    width, which is the CUDA attention form of optimize --target cuda."""
+    kv = graph.get("kv") or {}
+    if not (kv.get("shares_buffer") and graph.get("padding_side") == "right"
+            and graph.get("attention_mask_use") == "row sums and width"):
+        raise OnnxpipeError(f"{path}: CUDA graphs need the graph of `onnxpipe optimize --target cuda` (a shared KV "
+                            "buffer and a mask read only for its row sums); this one is not")
 
 
 def _head_graph(elem_type: int) -> Any:

@@ -164,3 +164,21 @@ def test_scoring_a_right_padded_batch_equals_the_exported_graph(cuda_form, tiny_
     (ll, n, _), (ll_ref, n_ref, _) = ours.score(windows), ref.score(windows)
     assert list(n) == list(n_ref) == [11, 4, 8]
     np.testing.assert_allclose(ll, ll_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_cuda_graphs_need_the_cuda_form_and_the_cuda_ep(cuda_form, tiny_onnx):
+    """CUDA graphs replay fixed shapes: a CPU-form graph is refused with a one-line reason; on a machine without
+    the CUDA EP the CUDA form runs without them, says so, and generates the same tokens."""
+    from onnxpipe.errors import OnnxpipeError
+
+    with pytest.raises(OnnxpipeError, match="--target cuda"):
+        load(tiny_onnx("llama"), "cpu", cuda_graph=True)
+    said: list[str] = []
+    lm = load(cuda_form("llama"), "cpu", cuda_graph=True, announce=said.append)
+    manifest = json.loads((cuda_form("llama") / "onnxpipe.json").read_text())
+    assert manifest["graph"]["kv"]["shares_buffer"] and manifest["graph"]["attention_mask_use"] == "row sums and width"
+    if lm.provider == "cpu":
+        assert not lm.session.cuda_graph and any("without them" in m for m in said)
+    plain = load(cuda_form("llama"), "cpu")
+    assert [r.token_ids for r in lm.generate(PROMPTS, max_new_tokens=8)] == \
+        [r.token_ids for r in plain.generate(PROMPTS, max_new_tokens=8)]
