@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.quant.graph import consumers, producers, topological_sort
+from onnxpipe.quant.graph import consumers, needs_external_data, producers, save_quantized, topological_sort
 
 NORM_STAT_OPS = ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Div")
 ANGLE_OPS = ("Cos", "Sin")
@@ -53,7 +53,6 @@ def fp32_islands(proto: Any) -> dict[str, list[str]]:
 
 
 def convert_fp16(proto: Any, out_path: Path, cfg: Any, logits_name: str) -> dict[str, Any]:
-    import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     _name_unnamed_nodes(proto)
@@ -61,10 +60,10 @@ def convert_fp16(proto: Any, out_path: Path, cfg: Any, logits_name: str) -> dict
     blocked = sorted({n for names in islands.values() for n in names})
     model = convert_float_to_float16(
         proto, keep_io_types=False, op_block_list=list(DEFAULT_OP_BLOCK_LIST), node_block_list=blocked,
-        disable_shape_infer=proto.ByteSize() > 1_800_000_000,
+        disable_shape_infer=needs_external_data(proto),
     )
     topological_sort(model.graph)
-    onnx.save_model(model, str(out_path), save_as_external_data=model.ByteSize() > 1_800_000_000)
+    save_quantized(model, out_path)
     return {"weights": "fp16", "activations": "fp16", "kv_cache": "fp16", "logits": "fp16",
             "fp32_nodes": {k: len(v) for k, v in islands.items()}, "lm_head": "fp16", "embeddings": "fp16"}
 

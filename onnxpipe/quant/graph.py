@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,46 @@ class WeightPlan:
     def to_json(self) -> dict[str, Any]:
         return {"linears": len(self.linears), "lm_head": self.lm_head, "embeddings": self.embeddings,
                 "rewrites": self.rewrites}
+
+
+def save_quantized(proto: Any, path: Path) -> None:
+    """Save ``proto`` as ``path``; its weights go to ``path.name + ".data"`` past artifact.EXTERNAL_DATA_THRESHOLD
+    (read at call time, so a test can lower it)."""
+    from onnxpipe import artifact
+
+    artifact.save_onnx(proto, path.parent, path.name, threshold=artifact.EXTERNAL_DATA_THRESHOLD)
+
+
+def needs_external_data(proto: Any) -> bool:
+    from onnxpipe import artifact
+
+    return sum(len(t.raw_data) for t in proto.graph.initializer) > artifact.EXTERNAL_DATA_THRESHOLD
+
+
+def float_session(proto: Any) -> Any:
+    """An ORT CPU session on an in-memory model with graph optimizations off (statistics of the float model). A
+    model past the external-data threshold cannot be serialized in one protobuf (2 GiB): it is saved with external
+    data in a temporary directory and opened from there."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not needs_external_data(proto):
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)  # saving with external data moves the weights out of the proto it is given
+    tmp = tempfile.TemporaryDirectory(prefix="onnxpipe-session-")
+    path = Path(tmp.name) / "model.onnx"
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    session._onnxpipe_tmp = tmp  # the files live as long as the session (ORT may map them)
+    return session
 
 
 def initializer_map(graph: Any) -> dict[str, Any]:

@@ -253,9 +253,6 @@ def smooth_model(proto: Any, linears: list[str], alpha: float, stats_feeds: Iter
 
 
 def _session(proto: Any) -> Any:
-    import onnxruntime as ort
+    from onnxpipe.quant.graph import float_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return float_session(proto)

@@ -27,7 +27,7 @@ import numpy as np
 
 from onnxpipe.artifact import Manifest
 from onnxpipe.quant.calibration import SingleFeedReader, counted, feed_count, kv_feeds
-from onnxpipe.quant.graph import WeightPlan
+from onnxpipe.quant.graph import WeightPlan, save_quantized
 
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
@@ -110,7 +110,5 @@ def quantize_static_int8(
 
 
 def _save(proto: Any, path: Path) -> Path:
-    import onnx
-
-    onnx.save_model(proto, str(path), save_as_external_data=proto.ByteSize() > 1_800_000_000)
+    save_quantized(proto, path)
     return path
