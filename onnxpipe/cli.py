@@ -210,13 +210,19 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
 @click.option("--mode", type=click.Choice(["dynamic", "static", "int4", "fp16"]), required=True,
               help="dynamic: int8 weights, run-time activations; static: int8 QDQ, calibrated; int4: weight-only MatMulNBits; "
                    "fp16: mixed precision for GPUs.")
-@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration text or JSONL (static; int4 --algo gptq).")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration text or JSONL (static; int4 --algo gptq; dynamic --activations auto, "
+                   "where data/calibration.txt is the default).")
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True,
               help="static: activation range calibrator.")
 @click.option("--per-channel", is_flag=True, help="static: one weight scale per output channel (dynamic always is).")
+@click.option("--activations", type=click.Choice(["auto", "token", "tensor"]), default="auto", show_default=True,
+              help="dynamic: one run-time activation scale per token, per tensor (one fused kernel, fastest), or chosen "
+                   "per layer from the calibration text's prefills (auto; data/calibration.txt unless --calibration).")
 @click.option("--smoothquant", "smoothquant", type=float, default=None, metavar="ALPHA",
               help="static: migrate activation outliers into weights first (alpha in (0, 1], 0.5 is usual).")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per scale along the input axis.")
+@click.option("--block-size", type=int, default=32, show_default=True,
+              help="int4: weights per scale along the input axis (a power of two >= 16, as MatMulNBits); 0 = one scale "
+                   "per output channel, written as uint4 DequantizeLinear -> MatMul (opset 21; rtn and gptq).")
 @click.option("--algo", type=click.Choice(["rtn", "gptq", "hqq"]), default="rtn", show_default=True, help="int4 algorithm.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="int4: MatMulNBits compute type (4 = int8, fast on CPU; 0 = unset).")
@@ -232,7 +238,7 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
               help="Fail, writing nothing, if perplexity rises more than PCT percent.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str, per_channel: bool,
-             smoothquant: float | None, block_size: int, algo: str, accuracy_level: int, lm_head: str, embeddings: str,
+             activations: str, smoothquant: float | None, block_size: int, algo: str, accuracy_level: int, lm_head: str, embeddings: str,
              eval_file: Path | None, eval_tokens: int | None, calib_samples: int, calib_seq_len: int,
              max_ppl_increase: float | None, force: bool) -> None:
     """Quantize a model directory (exported or optimized) and report its quality against the input."""
@@ -241,7 +247,7 @@ def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, m
 
     result = quantize_model(
         in_dir, out_dir, mode, force=force, log=_log, progress=_progress_bars(), calibration=calibration,
-        method=method, per_channel=per_channel, smoothquant=smoothquant, block_size=block_size, algo=algo,
+        method=method, per_channel=per_channel, activations=activations, smoothquant=smoothquant, block_size=block_size, algo=algo,
         accuracy_level=accuracy_level, lm_head=lm_head, embeddings=embeddings, eval_file=eval_file, max_eval_tokens=eval_tokens,
         max_ppl_increase=max_ppl_increase, calib=CalibrationConfig(max_samples=calib_samples, prefill_len=calib_seq_len),
     )

@@ -1,4 +1,4 @@
-"""Dynamic int8: weights int8 per output channel, activations quantized at run time (no calibration).
+"""Dynamic int8: weights int8 per output channel, activations quantized at run time.
 
 The MatMuls the plan names are quantized: every linear layer of the body. The LM head
 and the token lookup were already made 8-bit per vocabulary row by embedding.py (one shared table when tied),
@@ -6,44 +6,83 @@ unless --lm-head/--embeddings fp32 kept them float.
 Weights use the full signed range (no reduce_range): the CPUs we target have VNNI, where 8-bit products do not
 saturate.
 
-Activation scales are per token by default (``activations="token"``): ORT's DynamicQuantizeMatMul takes one scale
-for the whole activation tensor, and a trained model's "massive activations" then ruin a prefill. SmolLM2-135M's
-layer-11 down_proj input reaches |x| ~ 3000 on the first token of a window where the median token's maximum is
-~1.3: with one scale for the window, every other token rounds to a handful of levels (perplexity +47% from the
-body alone, see docs/quantization.md). So each linear layer becomes
+Activations get one run-time scale per tensor or one per token, chosen per layer (``activations="auto"``, the
+default) or for all layers (``"tensor"``, ``"token"``):
 
-    s = ReduceMax(|x|, last axis) / 127;  q = uint8(Round(x / s) + 128)
-    y = float(MatMulInteger(q, W_int8, a_zero_point=128)) * s * w_scale
-
-one symmetric scale per token and per output channel. The activations travel as uint8 with zero point 128 because
-MatMulInteger with int8 activations took ORT's slow path (decode 6x slower on SmolLM2); uint8 x int8 is MLAS's
-fast one. ``activations="tensor"`` keeps ORT's quantize_dynamic (one DynamicQuantizeMatMul per layer, a per-tensor
-scale): ~15% faster decode on SmolLM2, and unusable there (docs/quantization.md, "SmolLM2-135M").
+- per tensor: ORT's quantize_dynamic, one DynamicQuantizeMatMul per layer (uint8, asymmetric, one scale for the
+  whole input). One fused kernel: the fastest, faster than fp32 on CPU. But a trained model's "massive
+  activations" ruin it: SmolLM2-135M's layer-11 down_proj input reaches |x| ~ 3000 on the first token of a window
+  where the median token's maximum is ~1.3, so every other token rounds to a handful of levels (perplexity +47%
+  from the body alone, see docs/quantization.md).
+- per token: ``quantize_per_token`` below, one symmetric scale per token (and per output channel of W). It keeps
+  every token at int8 precision, and costs a few small ops per layer, which on small models (128 wide) makes it
+  slower than fp32.
+- auto: a short float pass over calibration prefills measures, for each linear layer's input X, the relative
+  rms error that one per-tensor uint8 scale gives the median token of a prefill (``tensor_error``), and the
+  brief statistic behind it, max_t max|x_t| / median_t max|x_t| (``token_spread``). Layers whose tensor_error
+  exceeds ``TOKEN_THRESHOLD`` get per-token scales, the rest per-tensor. Both figures and the choice go into the
+  manifest, per layer.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
-from onnxpipe.quant.graph import WeightPlan, initializer_map
+from onnxpipe.quant.graph import WeightPlan, initializer_map, needs_external_data, save_quantized
+
+ACTIVATION_SCHEMES = ("auto", "token", "tensor")
+# auto: a layer whose inputs, quantized with one uint8 scale per prefill tensor, would lose more than this
+# (relative rms error of the median token) gets per-token scales. Chosen from measurements: see docs/quantization.md.
+TOKEN_THRESHOLD = 0.05
+
+
+@dataclass
+class LayerChoice:
+    """The activation scheme of the linear layers that read one input tensor, and why."""
+
+    activation: str
+    nodes: list[str]
+    scheme: str  # "token" | "tensor"
+    tensor_error: float  # max over prefills of the median token's relative rms error under one per-tensor scale
+    token_spread: float  # max over prefills of max_t max|x_t| / median_t max|x_t|
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tensor_error"], d["token_spread"] = round(self.tensor_error, 5), round(self.token_spread, 2)
+        return d
 
 
 def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head: str = "auto",
-                          per_channel: bool = True, activations: str = "token") -> dict[str, Any]:
+                          per_channel: bool = True, activations: str = "auto",
+                          feeds: Iterable[dict[str, np.ndarray]] | None = None,
+                          threshold: float = TOKEN_THRESHOLD) -> dict[str, Any]:
+    """``feeds`` (float prefills of calibration text) are needed for ``activations="auto"`` only."""
     nodes = [n for n in plan.linears if lm_head != "fp32" or n != plan.lm_head]
-    if activations == "token":
-        import onnx
-
-        count = quantize_per_token(proto, nodes)
-        onnx.save_model(proto, str(out_path), save_as_external_data=proto.ByteSize() > 1_800_000_000,
-                        location=out_path.name + ".data")
-        return {"weights": "int8 per output channel",
-                "activations": "dynamic per token, symmetric int8 levels (uint8, zero point 128)",
-                "per_channel": True, "quantized_nodes": count,
-                "lm_head": "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 per channel"}
+    head = "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 per channel"
+    details: dict[str, Any] = {"weights": "int8 per output channel", "per_channel": True, "lm_head": head}
+    if activations == "auto":
+        if feeds is None:
+            raise ValueError("activations='auto' needs feeds (prefills) to measure the activations")
+        choices = choose_activation_scales(proto, nodes, feeds, threshold)
+        token_nodes = [n for c in choices if c.scheme == "token" for n in c.nodes]
+        details["activation_threshold"] = threshold
+        details["activation_choice"] = [c.to_json() for c in choices]
+    else:
+        token_nodes = nodes if activations == "token" else []
+    tensor_nodes = [n for n in nodes if n not in set(token_nodes)]
+    count = quantize_per_token(proto, token_nodes)
+    details["activations"] = {"auto": f"per layer: {count} per token, {len(tensor_nodes)} per tensor",
+                              "token": "dynamic per token, symmetric int8 levels (uint8, zero point 128)",
+                              "tensor": "uint8, dynamic per tensor"}[activations]
+    details["per_token_nodes"], details["per_tensor_nodes"] = count, len(tensor_nodes)
+    details["quantized_nodes"] = count + len(tensor_nodes)
+    if not tensor_nodes:
+        save_quantized(proto, out_path)
+        return details
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet_ort():
@@ -54,19 +93,64 @@ def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head:
             per_channel=per_channel,
             reduce_range=False,
             weight_type=QuantType.QInt8,
-            nodes_to_quantize=nodes,
-            use_external_data_format=proto.ByteSize() > 1_800_000_000,
+            nodes_to_quantize=tensor_nodes,
+            use_external_data_format=needs_external_data(proto),
             extra_options={"MatMulConstBOnly": True},
         )
-    return {"weights": "int8", "activations": "uint8, dynamic per tensor", "per_channel": per_channel,
-            "quantized_nodes": len(nodes),
-            "lm_head": "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 per channel"}
+    if activations == "tensor":
+        details["per_channel"] = per_channel
+    return details
+
+
+def choose_activation_scales(proto: Any, nodes: list[str], feeds: Iterable[dict[str, np.ndarray]],
+                             threshold: float = TOKEN_THRESHOLD) -> list[LayerChoice]:
+    """Run the float model on ``feeds`` and choose per token or per tensor for each group of ``nodes`` that reads
+    one input (see the module note)."""
+    from onnxpipe.quant.smoothquant import _session, activation_groups, with_outputs
+
+    groups = activation_groups(proto, nodes)
+    names = list(groups)
+    stats = {x: (0.0, 0.0) for x in names}
+    if names:
+        session = _session(with_outputs(proto, names))
+        for feed in feeds:
+            for x, value in zip(names, session.run(names, feed)):
+                err, spread = activation_statistics(value)
+                stats[x] = (max(stats[x][0], err), max(stats[x][1], spread))
+    return [LayerChoice(x, [n.name for n in groups[x]], "token" if stats[x][0] > threshold else "tensor",
+                        stats[x][0], stats[x][1]) for x in names]
+
+
+def activation_statistics(x: np.ndarray) -> tuple[float, float]:
+    """(tensor_error, token_spread) of one activation tensor [..., K], every leading position a token.
+
+    tensor_error: quantize ``x`` as DynamicQuantizeLinear does (uint8, one scale and zero point for the tensor, the
+    range including 0), and take the median over tokens of ||x_t - q_t|| / ||x_t||.
+    """
+    x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    if x2.size == 0:
+        return 0.0, 0.0
+    lo, hi = min(float(x2.min()), 0.0), max(float(x2.max()), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    q = (np.clip(np.round(x2 / scale) + zero, 0, 255) - zero) * scale
+    power = np.maximum((x2 ** 2).sum(-1), 1e-300)
+    err = float(np.median(np.sqrt(((x2 - q) ** 2).sum(-1) / power)))
+    token_max = np.abs(x2).max(-1)
+    spread = float(token_max.max() / max(float(np.median(token_max)), 1e-30))
+    return err, spread
 
 
 def quantize_per_token(proto: Any, nodes: list[str]) -> int:
     """Rewrite the named MatMul(x, constant W) nodes into per-token dynamic int8 (see the module note); in place.
-    Returns the number of nodes rewritten."""
-    import onnx
+    Returns the number of nodes rewritten.
+
+    Per layer: Abs, ReduceMax, Max (an all-zero token gets a tiny scale, not 0/0), Div (the scale), Div (x / s),
+    QuantizeLinear with scale 1 and zero point 128 (round half to even, + 128, saturate to uint8: one op for
+    Round, Add and Cast), then MatMulIntegerToFloat (the integer product, cast and times the per-channel weight
+    scale, one kernel) and a Mul by the token's scale. ORT merges the first five between layers that read the
+    same x (q/k/v, gate/up).
+    """
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -76,7 +160,7 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
     shared = "/quant/per_token"
     consts = {f"{shared}/qmax": np.array(127.0, np.float32), f"{shared}/tiny": np.array(1e-30, np.float32),
               f"{shared}/axes": np.array([-1], np.int64), f"{shared}/zero_point": np.array(128, np.uint8),
-              f"{shared}/zero_point_f": np.array(128.0, np.float32)}
+              f"{shared}/one": np.array(1.0, np.float32)}
     new_nodes, count = [], 0
     for node in graph.node:
         if node.name not in wanted or node.op_type != "MatMul" or node.input[1] not in inits:
@@ -102,20 +186,19 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
             helper.make_node("Max", [f"{p}/amax", f"{shared}/tiny"], [f"{p}/amax_pos"], name=f"{p}/Max"),
             helper.make_node("Div", [f"{p}/amax_pos", f"{shared}/qmax"], [f"{p}/x_scale"], name=f"{p}/ScaleDiv"),
             helper.make_node("Div", [x, f"{p}/x_scale"], [f"{p}/xs"], name=f"{p}/Div"),
-            helper.make_node("Round", [f"{p}/xs"], [f"{p}/xr"], name=f"{p}/Round"),
-            helper.make_node("Add", [f"{p}/xr", f"{shared}/zero_point_f"], [f"{p}/xo"], name=f"{p}/Offset"),
-            helper.make_node("Cast", [f"{p}/xo"], [f"{p}/xq"], name=f"{p}/CastUint8", to=onnx.TensorProto.UINT8),
-            helper.make_node("MatMulInteger", [f"{p}/xq", wq, f"{shared}/zero_point"], [f"{p}/acc"],
-                             name=f"{p}/MatMulInteger"),
-            helper.make_node("Cast", [f"{p}/acc"], [f"{p}/accf"], name=f"{p}/CastFloat", to=onnx.TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{p}/accf", f"{p}/x_scale"], [f"{p}/y_token"], name=f"{p}/MulTokenScale"),
-            helper.make_node("Mul", [f"{p}/y_token", ws], list(node.output), name=f"{p}/MulWeightScale"),
+            helper.make_node("QuantizeLinear", [f"{p}/xs", f"{shared}/one", f"{shared}/zero_point"], [f"{p}/xq"],
+                             name=f"{p}/QuantizeLinear"),
+            helper.make_node("MatMulIntegerToFloat", [f"{p}/xq", wq, f"{shared}/one", ws, f"{shared}/zero_point"],
+                             [f"{p}/y_int"], name=f"{p}/MatMulIntegerToFloat", domain="com.microsoft"),
+            helper.make_node("Mul", [f"{p}/y_int", f"{p}/x_scale"], list(node.output), name=f"{p}/MulTokenScale"),
         ]
         count += 1
     if count:
         graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
         graph.ClearField("node")
         graph.node.extend(new_nodes)
+        if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         used = {i for n in graph.node for i in n.input}
         for t in [t for t in graph.initializer if t.name not in used]:
             graph.initializer.remove(t)

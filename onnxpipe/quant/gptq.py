@@ -107,7 +107,10 @@ def input_hessians(session: Any, names: list[str], feeds: Iterable[dict[str, np.
 
 def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, np.ndarray]], group_size: int,
                         accuracy_level: int) -> dict[str, Any]:
-    """Replace each named MatMul by a MatMulNBits holding its GPTQ weights; in place. Returns a small report."""
+    """Replace each named MatMul by a MatMulNBits holding its GPTQ weights; in place. Returns a small report.
+
+    ``group_size`` 0: one group per output channel (the whole of K), written as DequantizeLinear (uint4, per
+    axis) -> MatMul instead (``dequantize_linear_nodes``): MatMulNBits needs a power-of-two block."""
     from onnx import numpy_helper
 
     from onnxpipe.quant.graph import initializer_map
@@ -121,13 +124,19 @@ def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, 
     for x, members in groups.items():
         for node in members:
             weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-            qw = gptq_weight(weight, hessians[x].copy(), group_size)
-            new_node, new_inits = matmulnbits_node(node, weight.shape, qw, group_size, accuracy_level)
+            group = group_size or weight.shape[0]
+            qw = gptq_weight(weight, hessians[x].copy(), group)
+            if group_size:
+                new_node, new_inits = matmulnbits_node(node, weight.shape, qw, group, accuracy_level)
+                new_nodes = [new_node]
+            else:
+                new_nodes, new_inits = dequantize_linear_nodes(node, weight.shape, qw)
             index = list(graph.node).index(node)
             graph.node.remove(node)
-            graph.node.insert(index, new_node)
+            for offset, new in enumerate(new_nodes):
+                graph.node.insert(index + offset, new)
             graph.initializer.extend(new_inits)
-            reduction.append(_proxy_loss_ratio(weight, qw, hessians[x], group_size))
+            reduction.append(_proxy_loss_ratio(weight, qw, hessians[x], group))
     used = {i for n in graph.node for i in n.input}
     for t in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(t)
@@ -162,6 +171,50 @@ def matmulnbits_node(node: Any, shape: tuple[int, int], qw: QuantizedWeight, gro
     new = onnx.helper.make_node("MatMulNBits", [node.input[0]] + [t.name for t in inits], list(node.output),
                                 name=f"{node.name}_Q4", domain="com.microsoft", **attrs)
     return new, inits
+
+
+def dequantize_linear_nodes(node: Any, shape: tuple[int, int], qw: QuantizedWeight) -> tuple[list[Any], list[Any]]:
+    """A per-output-channel 4-bit weight (one group of K) as DequantizeLinear(W uint4 [K, N], scale [N], zero
+    point uint4 [N], axis=1) -> MatMul: ONNX opset 21, which the caller must declare. ORT's CPU EP fuses the pair
+    into a MatMulNBits at load."""
+    import onnx
+    from onnx import numpy_helper
+
+    k, n = shape
+    if qw.k_blocks != 1:
+        raise ValueError("dequantize_linear_nodes takes one group per output channel")
+    base = node.input[1]
+    q_kn = qw.q.reshape(n, -1)[:, :k].T  # [K, N]
+    inits = [
+        uint4_tensor(q_kn, f"{base}_Q4C"),
+        numpy_helper.from_array(qw.scale.reshape(n).astype(np.float32), f"{base}_Q4C_scale"),
+        uint4_tensor(qw.zero_point.reshape(n), f"{base}_Q4C_zero_point"),
+    ]
+    dq = onnx.helper.make_node("DequantizeLinear", [t.name for t in inits], [f"{base}_Q4C_dequantized"],
+                               name=f"{node.name}_Q4C/DequantizeLinear", axis=1)
+    mm = onnx.helper.make_node("MatMul", [node.input[0], dq.output[0]], list(node.output), name=f"{node.name}_Q4C")
+    return [dq, mm], inits
+
+
+def uint4_tensor(values: np.ndarray, name: str) -> Any:
+    """A UINT4 TensorProto: two values a byte, the first in the low nibble (the ONNX layout)."""
+    import onnx
+
+    flat = np.ascontiguousarray(values, np.uint8).reshape(-1)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.UINT4, dims=list(values.shape))
+    t.raw_data = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    return t
+
+
+def rtn_per_channel(weight: np.ndarray) -> QuantizedWeight:
+    """Round-to-nearest, one asymmetric 4-bit scale and zero point per output channel (the grid GPTQ uses)."""
+    k, n = weight.shape
+    s, z = group_params(weight.astype(np.float64))
+    q = np.clip(np.round(weight / s) + z, 0, MAXQ).astype(np.uint8)
+    return QuantizedWeight(q=q.T.copy(), scale=s.reshape(-1, 1).astype(np.float32),
+                           zero_point=z.reshape(-1, 1).astype(np.uint8), k_blocks=1)
 
 
 def rtn_weight(weight: np.ndarray, group_size: int) -> np.ndarray:

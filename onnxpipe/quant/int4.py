@@ -1,4 +1,11 @@
-"""int4 weight-only: MatMulNBits with blocks of ``block_size`` weights per scale (and zero point) along K.
+"""int4 weight-only: MatMulNBits with blocks of ``block_size`` weights per scale (and zero point) along K, or
+one scale and zero point per output channel (``block_size`` 0).
+
+Per channel is not a MatMulNBits: its block must be a power of two >= 16, and a hidden size such as SmolLM2's 576
+is not one. It is written as DequantizeLinear (uint4 weights, per-axis scale and zero point, ONNX opset 21) feeding
+the MatMul: 4 bits a weight on disk, and ORT's CPU EP fuses the pair into a MatMulNBits when the session is made
+(its accuracy level then comes from the session option ``session.qdq_matmulnbits_accuracy_level``, 4 by default,
+not from ``--accuracy-level``). The grid is asymmetric with the range including 0, as gptq.py's; RTN and GPTQ only.
 
 Algorithms: ``rtn`` round-to-nearest per block (ORT's default blockwise quantizer); ``gptq``
 (data-aware, our own numpy implementation in gptq.py because ORT's bundled one does not compensate errors:
@@ -22,7 +29,9 @@ import numpy as np
 
 from onnxpipe.artifact import Manifest
 from onnxpipe.quant.calibration import counted, feed_count
-from onnxpipe.quant.graph import WeightPlan
+from onnxpipe.quant.graph import WeightPlan, save_quantized
+
+PER_CHANNEL = 0  # --block-size 0: one scale and zero point per output channel
 
 def quantize_int4(
     proto: Any,
@@ -34,8 +43,6 @@ def quantize_int4(
     log: Callable[[str], None],
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    import onnx
-
     from onnxpipe.quant.dynamic import _quiet_ort
 
     head = plan.lm_head  # still a MatMul only when --lm-head is fp32 or int4 (else embedding.py took it)
@@ -44,17 +51,63 @@ def quantize_int4(
     details: dict[str, Any] = {"weights": "int4", "algo": cfg.algo, "block_size": cfg.block_size,
                                "accuracy_level": cfg.accuracy_level,
                                "lm_head": ("int4" if head in body else "fp32") if head else None}
+    if cfg.block_size == PER_CHANNEL:
+        details["block_size"] = "per channel"
+        details["format"] = ("QDQ: DequantizeLinear (uint4, axis 1) -> MatMul, opset 21; ORT fuses it into "
+                             "MatMulNBits at load (accuracy level from the session, default 4)")
+        _use_opset_21(proto)
     with _quiet_ort():
         if cfg.algo == "gptq":
             details["gptq"] = _gptq(proto, body, manifest, samples, cfg, progress)
             details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
+        elif cfg.block_size == PER_CHANNEL:
+            _rtn_per_channel(proto, body)
         else:
             proto = _nbits(proto, bits=4, block_size=cfg.block_size, include=body, all_matmuls=all_matmuls,
                            accuracy_level=cfg.accuracy_level, algo=cfg.algo)
     details["matmulnbits"] = _set_accuracy_level(proto, cfg.accuracy_level)
     details["quantized_nodes"] = len(body)
-    onnx.save_model(proto, str(out_path), save_as_external_data=proto.ByteSize() > 1_800_000_000)
+    save_quantized(proto, out_path)
     return details
+
+
+def _rtn_per_channel(proto: Any, body: list[str]) -> None:
+    """Round-to-nearest per output channel as DequantizeLinear -> MatMul (gptq.py's grid and writer); in place."""
+    from onnx import numpy_helper
+
+    from onnxpipe.quant.gptq import dequantize_linear_nodes, rtn_per_channel
+    from onnxpipe.quant.graph import initializer_map
+
+    graph = proto.graph
+    inits = initializer_map(graph)
+    wanted = set(body)
+    new_nodes = []
+    for node in graph.node:
+        if node.name not in wanted or node.op_type != "MatMul" or node.input[1] not in inits:
+            new_nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        nodes, tensors = dequantize_linear_nodes(node, weight.shape, rtn_per_channel(weight))
+        new_nodes += nodes
+        graph.initializer.extend(tensors)
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+
+
+def _use_opset_21(proto: Any) -> None:
+    """uint4 DequantizeLinear with an axis is opset 21. The ops our graphs use only gained types between 18 and
+    21 (GroupNormalization, which changed meaning in 21, is refused rather than reinterpreted)."""
+    from onnxpipe.errors import OnnxpipeError
+
+    if any(n.op_type == "GroupNormalization" and n.domain in ("", "ai.onnx") for n in proto.graph.node):
+        raise OnnxpipeError("per-channel int4 needs ONNX opset 21, which changed GroupNormalization; "
+                            "use a --block-size instead")
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version < 21:
+            o.version = 21
 
 
 def _nbits(proto: Any, bits: int, block_size: int, include: list[str], all_matmuls: list[str],

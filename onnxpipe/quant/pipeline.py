@@ -31,7 +31,7 @@ from onnxpipe.quant.calibration import CalibrationConfig
 MODES = ("dynamic", "static", "int4", "fp16")
 METHODS = ("minmax", "entropy", "percentile")
 ALGOS = ("rtn", "gptq", "hqq")
-ACTIVATION_SCALES = ("token", "tensor")
+ACTIVATION_SCALES = ("auto", "token", "tensor")
 LM_HEAD_CHOICES = ("auto", "fp32", "int8", "int4")
 EMBEDDING_CHOICES = ("auto", "fp32", "int8")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,9 +46,12 @@ class QuantizeConfig:
     calibration: Path | None = None
     method: str = "minmax"  # static: the activation range calibrator
     per_channel: bool = False  # static: per-output-channel weight scales (dynamic is always per channel)
-    activations: str = "token"  # dynamic: one run-time scale per token ("token") or per tensor (ORT's, "tensor")
+    # dynamic: one run-time activation scale per token ("token"), per tensor (ORT's, "tensor"), or chosen per layer
+    # from the calibration text's prefills ("auto", dynamic.py)
+    activations: str = "auto"
+    token_threshold: float | None = None  # dynamic auto: dynamic.TOKEN_THRESHOLD unless set
     smoothquant: float | None = None  # static: SmoothQuant migration strength alpha in (0, 1]
-    block_size: int = 32  # int4: weights per scale along the input dimension
+    block_size: int = 32  # int4: weights per scale along the input dimension; 0: per output channel (int4.py)
     algo: str = "rtn"  # int4: rtn | gptq | hqq
     accuracy_level: int = 4  # int4: MatMulNBits compute type; 4 = int8 activations (fast on CPU)
     lm_head: str = "auto"  # auto/int8: 8-bit per vocabulary row (embedding.py); fp32; int4 (int4 mode only)
@@ -63,15 +66,21 @@ class QuantizeConfig:
         p: dict[str, Any] = {"mode": self.mode, "lm_head": self.lm_head, "embeddings": self.embeddings}
         if self.mode == "dynamic":
             p.update(activations=self.activations)
+            if self.activations == "auto":
+                p.update(token_threshold=self.token_threshold)
         if self.mode == "static":
             p.update(method=self.method, per_channel=self.per_channel, smoothquant=self.smoothquant)
         if self.mode == "int4":
             p.update(algo=self.algo, block_size=self.block_size, accuracy_level=self.accuracy_level)
-        if self.mode == "static" or (self.mode == "int4" and self.algo == "gptq"):
+        if self.needs_calibration():
             p.update(calibration=str(self.calibration), calibration_config=self.calib.to_json())
         p.update(eval_file=str(self.eval_file) if self.eval_file else None, max_eval_tokens=self.max_eval_tokens,
                  max_ppl_increase=self.max_ppl_increase)
         return p
+
+    def needs_calibration(self) -> bool:
+        return (self.mode == "static" or (self.mode == "int4" and self.algo == "gptq")
+                or (self.mode == "dynamic" and self.activations == "auto"))
 
 
 @dataclass
@@ -102,8 +111,10 @@ def validate(cfg: QuantizeConfig) -> None:
             raise OnnxpipeError("--smoothquant applies to --mode static only")
         if not 0.0 < cfg.smoothquant <= 1.0:
             raise OnnxpipeError(f"--smoothquant alpha must be in (0, 1], got {cfg.smoothquant}")
-    if cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1):
-        raise OnnxpipeError(f"--block-size must be a power of two >= 16, got {cfg.block_size}")
+    if cfg.block_size != 0 and (cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1)):
+        raise OnnxpipeError(f"--block-size must be a power of two >= 16, or 0 for per channel; got {cfg.block_size}")
+    if cfg.mode == "int4" and cfg.block_size == 0 and cfg.algo == "hqq":
+        raise OnnxpipeError("--block-size 0 (per channel) supports --algo rtn and gptq, not hqq")
     if cfg.accuracy_level not in (0, 1, 2, 3, 4):
         raise OnnxpipeError(f"--accuracy-level must be 0..4, got {cfg.accuracy_level}")
     if cfg.max_ppl_increase is not None and cfg.max_ppl_increase < 0:
@@ -200,7 +211,9 @@ def _read_texts(src: ModelDir, cfg: QuantizeConfig, log: Log) -> tuple[np.ndarra
     cfg.eval_file = resolve_eval_file(cfg.eval_file)
     tokenizer = load_tokenizer(src.path)
     samples = None
-    if cfg.calibration is not None and (cfg.mode == "static" or (cfg.mode == "int4" and cfg.algo == "gptq")):
+    if cfg.mode == "dynamic" and cfg.activations == "auto" and cfg.calibration is None:
+        cfg.calibration = default_calibration_file()
+    if cfg.calibration is not None and cfg.needs_calibration():
         samples = calibration_samples(tokenizer, cfg.calibration, cfg.calib)
         log(f"calibration: {len(samples)} samples of {cfg.calib.sample_len} tokens from {cfg.calibration}")
     eval_ids = tokenize_documents(tokenizer, read_documents(cfg.eval_file, "eval"), cfg.max_eval_tokens)
@@ -230,9 +243,21 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
         body = WeightPlan([n for n in plan.linears if n != plan.lm_head], None, plan.embeddings, plan.rewrites) \
             if head_by_tables else plan
         if cfg.mode == "dynamic":
+            from onnxpipe.quant.calibration import feed_count
             from onnxpipe.quant.dynamic import quantize_dynamic_int8
 
-            details = quantize_dynamic_int8(proto, out_path, body, lm_head=cfg.lm_head, activations=cfg.activations)
+            feeds = None
+            if cfg.activations == "auto":
+                feeds = _prefill_feeds(src.manifest, samples, cfg, "activation statistics", progress)
+            threshold = {} if cfg.token_threshold is None else {"threshold": cfg.token_threshold}
+            details = quantize_dynamic_int8(proto, out_path, body, lm_head=cfg.lm_head, activations=cfg.activations,
+                                            feeds=feeds, **threshold)
+            if feeds is not None:
+                details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
+                chosen = sum(c["scheme"] == "token" for c in details["activation_choice"])
+                log(f"activation scales: per token for {chosen} of {len(details['activation_choice'])} layer inputs "
+                    f"(relative error under one per-tensor scale > {details['activation_threshold']:g}), per tensor "
+                    "for the rest")
         elif cfg.mode == "static":
             from onnxpipe.quant.static import quantize_static_int8
 
@@ -257,12 +282,34 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
     return details
 
 
+def default_calibration_file() -> Path:
+    """data/calibration.txt (in the working directory, then in the source tree), for modes that can do without
+    --calibration (dynamic with activations="auto")."""
+    for candidate in (Path("data/calibration.txt"), REPO_ROOT / "data" / "calibration.txt"):
+        if candidate.is_file():
+            return candidate
+    raise OnnxpipeError("dynamic int8 chooses activation scales from calibration text, and data/calibration.txt is "
+                        "not here: pass --calibration FILE, or --activations token|tensor")
+
+
+def _prefill_feeds(manifest: Manifest, samples: np.ndarray, cfg: QuantizeConfig, label: str,
+                   progress: Progress | None) -> Any:
+    """The calibration samples' prefills, cfg.calib.batch_size at a time (lazily)."""
+    from onnxpipe.quant.calibration import counted, feed_count
+    from onnxpipe.quant.quality import prefill_feed
+
+    prefill, batch = cfg.calib.prefill_len, cfg.calib.batch_size
+    return counted((prefill_feed(manifest, samples[b:b + batch, :prefill]) for b in range(0, len(samples), batch)),
+                   feed_count(samples, cfg.calib, decode=False), label, progress)
+
+
 def _vocab_tables(model_path: Path, head: str | None, manifest: Manifest, cfg: QuantizeConfig) -> Any:
     """After the mode (which left them alone): the LM head and token lookups as 8-bit per-row tables, one table
     when tied. Done last so that every float check inside a mode (SmoothQuant's equivalence) sees float heads."""
     import onnx
 
     from onnxpipe.quant.embedding import quantize_vocab_tables
+    from onnxpipe.quant.graph import save_quantized
 
     lookups = cfg.embeddings in ("auto", "int8")
     if head is None and not lookups:
@@ -270,7 +317,7 @@ def _vocab_tables(model_path: Path, head: str | None, manifest: Manifest, cfg: Q
     proto = onnx.load(str(model_path))
     level = cfg.accuracy_level if cfg.mode == "int4" else 4
     report = quantize_vocab_tables(proto, head, int(manifest.model["vocab_size"]), head is not None, lookups, level)
-    onnx.save_model(proto, str(model_path), save_as_external_data=proto.ByteSize() > 1_800_000_000)
+    save_quantized(proto, model_path)
     return report
 
 
@@ -290,7 +337,7 @@ def _output_manifest(src: Manifest, model_path: Path, cfg: QuantizeConfig) -> Ma
         g["dtype"] = "fp16"
         g["kv"]["dtype"] = "fp16"
     g["quantization"] = {"dynamic": "int8 weights, dynamic int8 activations", "static": "int8 QDQ",
-                         "int4": "int4 weight-only (MatMulNBits)", "fp16": "fp16 mixed precision"}[cfg.mode]
+                         "int4": "int4 weight-only (MatMulNBits)" if cfg.block_size else "int4 weight-only (uint4 DequantizeLinear per channel -> MatMul)", "fp16": "fp16 mixed precision"}[cfg.mode]
     return manifest
 
 

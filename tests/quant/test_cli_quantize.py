@@ -83,7 +83,8 @@ def test_missing_calibration_file(tok_model, tmp_path: Path) -> None:  # noqa: A
     [
         (["--mode", "dynamic", "--smoothquant", "0.5"], ["--smoothquant applies to --mode static only"]),
         (["--mode", "static", "--smoothquant", "1.5", "--calibration", str(CALIBRATION)], ["alpha must be in (0, 1]"]),
-        (["--mode", "int4", "--block-size", "48"], ["--block-size must be a power of two"]),
+        (["--mode", "int4", "--block-size", "48"], ["--block-size must be a power of two", "or 0 for per channel"]),
+        (["--mode", "int4", "--block-size", "0", "--algo", "hqq"], ["per channel", "not hqq"]),
         (["--mode", "dynamic", "--max-ppl-increase", "-1"], ["--max-ppl-increase must be >= 0"]),
         (["--mode", "dynamic", "--lm-head", "int4"], ["--lm-head int4 applies to --mode int4 only"]),
     ],

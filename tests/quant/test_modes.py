@@ -54,7 +54,14 @@ def test_dynamic(tok_model, small_eval: Path, tmp_path: Path, family: str) -> No
     md = quantize(tok_model(family), tmp_path / "q", "dynamic", small_eval)
     step = check_directory(md, "dynamic")
     counts = ops(md)
-    assert counts.get("MatMulInteger", 0) == len([1 for _ in range(step["details"]["quantized_nodes"])])
+    details = step["details"]
+    assert step["params"]["activations"] == "auto" and details["calibration_feeds"] == 2
+    # auto: every body layer input measured and given a scheme; each quantized layer has one integer product
+    assert sum(len(c["nodes"]) for c in details["activation_choice"]) == details["quantized_nodes"]
+    assert {c["scheme"] for c in details["activation_choice"]} <= {"token", "tensor"}
+    assert counts.get("MatMulInteger", 0) == details["per_tensor_nodes"]
+    assert counts.get("com.microsoft::MatMulIntegerToFloat", 0) == details["per_token_nodes"]
+    assert details["per_tensor_nodes"] + details["per_token_nodes"] == details["quantized_nodes"] > 0
     assert step["details"]["lm_head"].startswith("int8 per row")
     assert step["details"]["embeddings"] == "int8 per row"
     if family == "gpt2":  # tied: one 8-bit table serves the lookup and the head
@@ -64,10 +71,19 @@ def test_dynamic(tok_model, small_eval: Path, tmp_path: Path, family: str) -> No
 
 
 def test_dynamic_lm_head_fp32_keeps_head_float(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
-    md = quantize(tok_model("llama"), tmp_path / "q", "dynamic", small_eval, lm_head="fp32", embeddings="fp32")
+    md = quantize(tok_model("llama"), tmp_path / "q", "dynamic", small_eval, lm_head="fp32", embeddings="fp32",
+                  activations="tensor")
     step = check_directory(md, "dynamic")
     assert step["details"]["lm_head"] == "fp32" and "vocab_tables" not in step["details"]
     assert ops(md).get("MatMulInteger") == step["details"]["quantized_nodes"] == 14
+    assert "calibration" not in step["params"]  # per tensor everywhere: nothing to measure
+
+
+def test_dynamic_per_token_everywhere(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    md = quantize(tok_model("llama"), tmp_path / "q", "dynamic", small_eval, activations="token")
+    step = check_directory(md, "dynamic")
+    assert ops(md).get("com.microsoft::MatMulIntegerToFloat") == step["details"]["per_token_nodes"] == 14
+    assert "MatMulInteger" not in ops(md)
 
 
 @pytest.mark.parametrize("method, smooth", [("minmax", None), ("entropy", None), ("percentile", 0.5)])
@@ -96,6 +112,31 @@ def test_int4(tok_model, small_eval: Path, tmp_path: Path, algo: str) -> None:  
     assert all(a["accuracy_level"] == 4 for a in attrs)
     assert sorted(a["bits"] for a in attrs) == [4] * 14 + [8]  # the head gets 8 bits per vocabulary row
     assert step["details"]["lm_head"] == "int8 per row" and step["details"]["embeddings"] == "int8 per row"
+    if algo == "gptq":
+        assert step["details"]["gptq"]["proxy_loss_vs_rtn"] < 1.0
+
+
+@pytest.mark.parametrize("algo", ["rtn", "gptq"])
+def test_int4_per_channel(tok_model, small_eval: Path, tmp_path: Path, algo: str) -> None:  # noqa: ANN001
+    """--block-size 0: uint4 DequantizeLinear per output channel -> MatMul (opset 21), fused by ORT into MatMulNBits."""
+    import onnxruntime as ort
+
+    md = quantize(tok_model("llama"), tmp_path / "q", "int4", small_eval, algo=algo, block_size=0,
+                  calibration=CALIBRATION)
+    step = check_directory(md, "int4")
+    proto = onnx.load(str(md.model_path))
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == step["details"]["quantized_nodes"] == 14 and step["details"]["block_size"] == "per channel"
+    inits = {t.name: t for t in proto.graph.initializer}
+    k, n = inits[dq[0].input[0]].dims
+    assert inits[dq[0].input[0]].data_type == onnx.TensorProto.UINT4 and list(inits[dq[0].input[1]].dims) == [n]
+    assert md.manifest.graph["opset"] == 21
+    assert step["quality"]["size_after"] < 0.35 * step["quality"]["size_before"] + 0.35e6
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(md.model_path), so, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert fused.count("MatMulNBits") == 15 and "DequantizeLinear" not in fused  # 14 + the 8-bit head
     if algo == "gptq":
         assert step["details"]["gptq"]["proxy_loss_vs_rtn"] < 1.0
 
