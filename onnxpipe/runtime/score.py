@@ -45,6 +45,7 @@ from onnxpipe.runtime.score_io import BadRecord, Checkpoint, Record
 TASKS = ("perplexity", "loglik", "generate")
 ENGINES = ("local", "ray")
 BAD_RECORD_MODES = ("skip", "fail")
+HEADS = ("auto", "host", "device")  # where the log-softmax over the vocabulary runs (WindowScorer.open)
 MAX_BAD_LISTED = 100  # bad records listed in the checkpoint and summary; all are counted
 
 
@@ -66,6 +67,7 @@ class ScoreConfig:
     num_workers: int | None = None
     ray_address: str | None = None
     max_new_tokens: int = 64  # --task generate (greedy)
+    head: str = "auto"  # where the log-softmax over the vocabulary runs: auto (device on a GPU), host, device
 
     def check(self) -> None:
         if self.task not in TASKS:
@@ -82,6 +84,8 @@ class ScoreConfig:
             raise OnnxpipeError("--task generate runs on the local engine only (--engine local)")
         if self.resume and self.force:
             raise OnnxpipeError("--resume and --force contradict each other; pass one")
+        if self.head not in HEADS:
+            raise OnnxpipeError(f"unknown logits head {self.head!r}; choose one of {', '.join(HEADS)}")
 
 
 @dataclass
@@ -109,6 +113,7 @@ class ScoreSummary:
     input: str
     output: str
     bad: list[dict[str, str]] = field(default_factory=list)
+    placement: dict[str, Any] = field(default_factory=dict)  # ray: workers, CPUs and GPUs each, GPU ids seen
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,7 +126,8 @@ class ScoreSummary:
             head,
             f"{self.tokens_per_s:.0f} tokens/s, {self.records_per_s:.1f} records/s over {self.seconds:.1f}s "
             f"({self.runs} run{'s' if self.runs != 1 else ''}); padding {self.padding_fraction:.1%} of batch slots; "
-            f"engine {self.engine} x{self.workers}; {self.provider}",
+            f"engine {self.engine} x{self.workers}"
+            f"{' (1 GPU each)' if self.placement.get('gpus_per_worker') else ''}; {self.provider}",
         ]
         if self.bad_records:
             out.append(f"skipped {self.bad_records} bad record(s); first: "
@@ -228,10 +234,14 @@ class WindowScorer:
     """One onnxruntime session; scores a batch of windows as one padded prefill from an empty cache (left-padded,
     or right-padded where the manifest says so: the CUDA attention form of optimize --target cuda)."""
 
-    def __init__(self, session: Any, manifest: Manifest, provider: str = "cpu"):
+    def __init__(self, session: Any, manifest: Manifest, provider: str = "cpu", head: str = "host",
+                 device: str = "cpu", threads: int | None = None):
         self.session = session
         self.manifest = manifest
         self.provider = provider
+        if head not in HEADS[1:]:
+            raise OnnxpipeError(f"unknown logits head {head!r}; choose host or device")
+        self.head = LogitsHead(session, manifest.graph.get("logits", "logits"), device, threads) if head == "device" else None
         self.inputs = {i.name: i for i in session.get_inputs()}
         past_key = manifest.past_names(0)[0]
         self.kv_dtype = np.float16 if "float16" in self.inputs[past_key].type else np.float32
@@ -243,14 +253,19 @@ class WindowScorer:
 
     @classmethod
     def open(cls, model_dir: str | Path, provider: str = "auto", threads: int | None = None,
-             announce: Callable[[str], None] | None = None) -> "WindowScorer":
+             announce: Callable[[str], None] | None = None, head: str = "auto") -> "WindowScorer":
+        """head: where the log-softmax over the vocabulary runs. auto: on the device for a GPU session (only two
+        numbers per scored token come back instead of the logits), in numpy for a CPU one."""
         from onnxpipe.runtime.providers import create_session
 
+        if head not in HEADS:
+            raise OnnxpipeError(f"unknown logits head {head!r}; choose one of {', '.join(HEADS)}")
         md = ModelDir.open(model_dir)
         session, choice = create_session(md.model_path, provider, threads=threads, graph_inputs=md.manifest.graph["inputs"],
                                          announce=announce or (lambda _m: None))
-        scorer = cls(session, md.manifest, choice.summary())
-        return scorer
+        if head == "auto":
+            head = "host" if choice.device == "cpu" else "device"
+        return cls(session, md.manifest, choice.summary(), head=head, device=choice.device, threads=threads)
 
     def score(self, windows: Sequence[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """windows: (tokens, first scored index). Returns per window: loglik sum (float64), scored count, all-greedy."""
@@ -275,21 +290,105 @@ class WindowScorer:
         for i in range(self.manifest.num_layers):
             for name in self.manifest.past_names(i):
                 feed[name] = empty
-        (logits,) = self.session.run([self.logits], feed)
         row_i, col_i, tgt, own = (np.concatenate(a) for a in (rows, cols, targets, owner))
-        flat = logits.reshape(batch * width, logits.shape[-1])
-        sel = flat.take(row_i * width + col_i, axis=0).astype(np.float32, copy=False)  # [N, vocab], a copy we own
+        if self.head is not None:
+            logprob, greedy = self.head.run(feed, row_i * width + col_i, tgt)
+        else:
+            logprob, greedy = self._host_head(feed, row_i * width + col_i, tgt)
+        loglik = np.bincount(own, weights=logprob, minlength=batch)
+        count = np.bincount(own, minlength=batch)
+        all_greedy = np.bincount(own, weights=(~greedy).astype(np.float64), minlength=batch) == 0
+        return loglik, count, all_greedy
+
+    def _host_head(self, feed: dict[str, np.ndarray], index: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The logits come to the host; log-softmax of the scored rows in numpy (sums in float64)."""
+        (logits,) = self.session.run([self.logits], feed)
+        flat = logits.reshape(-1, logits.shape[-1])
+        sel = flat.take(index, axis=0).astype(np.float32, copy=False)  # [N, vocab], a copy we own
         target_logit = sel[np.arange(len(tgt)), tgt].astype(np.float64)
         greedy = sel.argmax(axis=-1) == tgt if self.want_greedy else np.ones(len(tgt), bool)
         peak = sel.max(axis=-1)
         np.subtract(sel, peak[:, None], out=sel)
         np.exp(sel, out=sel)
         lse = peak.astype(np.float64) + np.log(sel.sum(axis=-1).astype(np.float64))  # numpy sums pairwise
-        logprob = target_logit - lse
-        loglik = np.bincount(own, weights=logprob, minlength=batch)
-        count = np.bincount(own, minlength=batch)
-        all_greedy = np.bincount(own, weights=(~greedy).astype(np.float64), minlength=batch) == 0
-        return loglik, count, all_greedy
+        return target_logit - lse, greedy
+
+
+class LogitsHead:
+    """log p(target) and argmax == target for chosen rows of the logits, computed by a small onnxruntime graph on
+    the device that holds them. The model session's logits stay on its device (IO binding) and only two numbers
+    per scored token come back: on a GPU the [tokens x vocab] logits never cross the bus and the log-softmax
+    runs there, not in single-threaded numpy. fp32 arithmetic, max-shifted log-sum-exp."""
+
+    def __init__(self, model_session: Any, logits_name: str, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        self.model_session = model_session
+        self.logits_name = logits_name
+        self.device = device
+        out = next(o for o in model_session.get_outputs() if o.name == logits_name)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads is not None:
+            so.intra_op_num_threads = int(threads)
+        providers = [("CUDAExecutionProvider", {"device_id": "0"})] if device == "cuda" else []
+        self.session = ort.InferenceSession(_head_graph("float16" in out.type), so,
+                                            providers=providers + ["CPUExecutionProvider"])
+
+    def run(self, feed: dict[str, np.ndarray], index: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """index: rows of the logits flattened to [batch * width, vocab]; target: the token each row predicts."""
+        io = self.model_session.io_binding()
+        for name, value in feed.items():
+            io.bind_cpu_input(name, value)
+        io.bind_output(self.logits_name, self.device, 0)
+        self.model_session.run_with_iobinding(io)
+        head = self.session.io_binding()
+        head.bind_ortvalue_input("logits", io.get_outputs()[0])
+        head.bind_cpu_input("index", np.ascontiguousarray(index, np.int64))
+        head.bind_cpu_input("target", np.ascontiguousarray(target, np.int64))
+        head.bind_output("logprob")
+        head.bind_output("greedy")
+        self.session.run_with_iobinding(head)
+        logprob, greedy = head.copy_outputs_to_cpu()
+        return logprob.astype(np.float64), greedy
+
+
+def _head_graph(fp16: bool) -> bytes:
+    """logits [B, W, V], index [N], target [N] -> logprob [N] (float), greedy [N] (bool)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def const(name: str, values: list[int]) -> Any:
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+
+    nodes = [
+        const("last", [-1]),
+        helper.make_node("Flatten", ["logits"], ["flat"], axis=2),  # [B * W, V]
+        helper.make_node("Gather", ["flat", "index"], ["rows"], axis=0),  # [N, V]
+        helper.make_node("Cast", ["rows"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMax", ["x", "last"], ["peak"], keepdims=1),
+        helper.make_node("Sub", ["x", "peak"], ["shifted"]),
+        helper.make_node("Exp", ["shifted"], ["e"]),
+        helper.make_node("ReduceSum", ["e", "last"], ["sum"], keepdims=1),
+        helper.make_node("Log", ["sum"], ["lse"]),  # log-sum-exp less the peak, [N, 1]
+        helper.make_node("Unsqueeze", ["target", "last"], ["target_col"]),
+        helper.make_node("GatherElements", ["shifted", "target_col"], ["picked"], axis=1),
+        helper.make_node("Sub", ["picked", "lse"], ["logprob_col"]),
+        helper.make_node("Squeeze", ["logprob_col", "last"], ["logprob"]),
+        helper.make_node("ArgMax", ["x"], ["argmax"], axis=-1, keepdims=0),  # first maximum, as numpy's argmax
+        helper.make_node("Equal", ["argmax", "target"], ["greedy"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "score_head",
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT, ["B", "W", "V"]),
+         helper.make_tensor_value_info("index", TensorProto.INT64, ["N"]),
+         helper.make_tensor_value_info("target", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("logprob", TensorProto.FLOAT, ["N"]),
+         helper.make_tensor_value_info("greedy", TensorProto.BOOL, ["N"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 @dataclass
@@ -576,7 +675,7 @@ class ScoreWorker:
     def __init__(self, job: ScoreJob, announce: Callable[[str], None]):
         c = job.config
         self.job = job
-        self.scorer = WindowScorer.open(job.model_dir.path, c.provider, c.threads, announce=announce)
+        self.scorer = WindowScorer.open(job.model_dir.path, c.provider, c.threads, announce=announce, head=c.head)
         self.scorer.want_greedy = c.task == "loglik"
         self.provider = self.scorer.provider
         self.items = Encoder(job.model_dir).items

@@ -132,3 +132,28 @@ def test_text_and_prompt_completion_records(tiny_text_model, tiny_hf, hf_model, 
         assert row["tokens"] == n == len(tokens) - start
         assert abs(row["loglik"] - ref) <= TOL_PER_RECORD
     assert rows[1]["tokens"] == 2  # "é" is two bytes, both scored after BOS
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", "fp32"), ("gpt2", "fp16")])
+def test_device_head_equals_transformers_and_the_numpy_head(family, dtype, tiny_hf, tiny_onnx, hf_model, tmp_path):
+    """The log-softmax run by onnxruntime where the logits are (the GPU path; here on the CPU EP, logits bound
+    as an OrtValue) gives transformers' log-likelihoods and the numpy head's, greedy flags included."""
+    records = random_records(30, seed=5) + [{"id": "pc", "prompt_ids": [5, 6, 7, 8], "completion_ids": [9, 10, 11]}]
+    device = _run(tiny_onnx(family, dtype), records, tmp_path, "device", head="device", task="loglik", batch_tokens=2048)
+    host = _run(tiny_onnx(family, dtype), records, tmp_path, "host", head="host", task="loglik", batch_tokens=2048)
+    assert [r["tokens"] for r in device] == [r["tokens"] for r in host]
+    assert [r["greedy"] for r in device] == [r["greedy"] for r in host]
+    assert max(abs(d["loglik"] - h["loglik"]) for d, h in zip(device, host)) < 2e-5
+    if dtype == "fp32":  # the fp16 graph runs in fp32 on the CPU, but its weights were rounded to fp16
+        model = hf_model(tiny_hf(family))
+        for rec, row in zip(records, device):
+            tokens = rec.get("input_ids") or rec["prompt_ids"] + rec["completion_ids"]
+            ref, n = hf_loglik(model, tokens, len(rec.get("prompt_ids", [0])), CONTEXT, CONTEXT // 2)
+            assert row["tokens"] == n and abs(row["loglik"] - ref) <= TOL_PER_RECORD, (rec["id"], row["loglik"], ref)
+
+
+def test_head_choice():
+    from onnxpipe.errors import OnnxpipeError
+
+    with pytest.raises(OnnxpipeError, match="logits head"):
+        ScoreConfig(head="gpu").check()
