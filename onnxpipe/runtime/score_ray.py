@@ -1,11 +1,14 @@
 """The Ray engine of ``onnxpipe score``: the same chunks, windows and batches as the local engine, on Ray Data.
 
 The driver reads, validates and tokenizes the input (so bad records are reported with their line numbers exactly
-as locally) and hands each chunk to Ray Data as one block of rows ``(chunk, index, tokens, score_from)``.
-``map_batches`` runs ``RayChunkScorer``, a callable class: each worker (a Ray actor) opens one onnxruntime session
-in its constructor and scores whole blocks with ``score_items``, so a chunk is batched exactly as the local engine
-batches it. With a CUDA/TensorRT provider each worker asks for one GPU (``num_gpus=1``) and there is one worker
-per GPU; on CPUs each worker takes ``threads`` CPUs (default 1).
+as locally) and hands each chunk to Ray Data as one row ``(chunk, tokens[], score_from[])`` in a block of its own.
+``map_batches`` (``batch_size=1``: Ray needs a batch size when GPUs are requested, and one row is one whole chunk)
+runs ``RayChunkScorer``, a callable class: each worker (a Ray actor) opens one onnxruntime session in its
+constructor and scores whole chunks with ``score_items``, so a chunk is batched exactly as the local engine
+batches it. With a CUDA/TensorRT provider, or ``auto`` on a cluster with GPUs, each worker asks for one GPU
+(``num_gpus=1``) and there is one worker per GPU; Ray points the worker's CUDA_VISIBLE_DEVICES at its GPU, and the
+log-softmax runs on it too (WindowScorer's device head). A worker whose onnxruntime cannot start CUDA falls back to
+the CPU; the driver prints what the workers said once. On CPUs each worker takes ``threads`` CPUs (default 1).
 
 Results stream back to the driver, which writes one part file per chunk (``OUTPUT/part-NNNNN.jsonl|parquet``,
 atomically) and then the checkpoint ``OUTPUT/_checkpoint.json`` naming the chunks that are durable. ``--resume``
@@ -17,11 +20,10 @@ and MODEL_DIR at the same path (a shared file system); the driver needs the inpu
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable
-
-import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime import score_io
@@ -32,31 +34,39 @@ from onnxpipe.runtime.score import (
 
 
 class RayChunkScorer:
-    """map_batches callable: one onnxruntime session per worker, opened once."""
+    """map_batches callable: one onnxruntime session per worker, opened once. A row is a whole chunk (its items'
+    tokens and first scored positions) and the answer is one row per chunk; it also carries the worker's id, the
+    GPUs Ray gave it and what the provider choice said (a fallback, say), for the driver."""
 
     def __init__(self, model_dir: str, provider: str, threads: int | None, context: int, stride: int,
-                 batch_tokens: int, max_padding: float):
-        self.scorer = WindowScorer.open(model_dir, provider, threads)
+                 batch_tokens: int, max_padding: float, head: str = "auto"):
+        import ray
+
+        said: list[str] = []
+        self.scorer = WindowScorer.open(model_dir, provider, threads, announce=said.append, head=head)
+        self.messages = "\n".join(m for m in said if m != self.scorer.provider)
+        ctx = ray.get_runtime_context()
+        # Ray sets CUDA_VISIBLE_DEVICES to the worker's GPUs, so the session's device 0 is the first of these
+        self.worker = json.dumps({"actor": ctx.get_actor_id(), "gpu_ids": [int(g) for g in ray.get_gpu_ids()]})
         self.args = (context, stride, batch_tokens, max_padding)
 
-    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        types = {"chunk": pa.int64(), "loglik": pa.list_(pa.float64()), "tokens": pa.list_(pa.int64()),
+                 "greedy": pa.list_(pa.bool_()), "input_tokens": pa.int64(), "padded_slots": pa.int64(),
+                 "provider": pa.string(), "worker": pa.string(), "messages": pa.string()}
         cols = batch.to_pydict()
-        out: dict[str, list[Any]] = {k: [] for k in ("chunk", "index", "loglik", "tokens", "greedy", "input_tokens",
-                                                     "padded_slots", "provider")}
-        for chunk in sorted(set(cols["chunk"])):  # a block is one chunk; group anyway in case Ray merged blocks
-            rows = [i for i, c in enumerate(cols["chunk"]) if c == chunk]
-            items = [Item(list(cols["tokens"][i]), int(cols["score_from"][i])) for i in rows]
-            results, stats = score_items(self.scorer, items, *self.args)
-            for j, (i, (ll, n, g)) in enumerate(zip(rows, results)):
-                out["chunk"].append(chunk)
-                out["index"].append(cols["index"][i])
-                out["loglik"].append(ll)
-                out["tokens"].append(n)
-                out["greedy"].append(g)
-                out["input_tokens"].append(stats.input_tokens if j == 0 else 0)
-                out["padded_slots"].append(stats.padded_slots if j == 0 else 0)
-                out["provider"].append(self.scorer.provider)
-        return {k: np.asarray(v) for k, v in out.items()}
+        out: dict[str, list[Any]] = {k: [] for k in types}
+        for chunk, tokens, score_from in zip(cols["chunk"], cols["tokens"], cols["score_from"]):
+            results, stats = score_items(self.scorer, [Item(list(t), int(s)) for t, s in zip(tokens, score_from)],
+                                         *self.args)
+            for key, value in (("chunk", chunk), ("loglik", [r[0] for r in results]), ("tokens", [r[1] for r in results]),
+                               ("greedy", [r[2] for r in results]), ("input_tokens", stats.input_tokens),
+                               ("padded_slots", stats.padded_slots), ("provider", self.scorer.provider),
+                               ("worker", self.worker), ("messages", self.messages)):
+                out[key].append(value)
+        return pa.table({k: pa.array(v, types[k]) for k, v in out.items()})
 
 
 def _import_ray() -> Any:
@@ -77,7 +87,8 @@ def _connect(ray: Any, address: str | None, log: Callable[[str], None]) -> None:
 
 
 def _placement(ray: Any, job: ScoreJob) -> tuple[int, int, float]:
-    """(workers, cpus per worker, gpus per worker)."""
+    """(workers, cpus per worker, gpus per worker): with a GPU provider (or auto on a cluster with GPUs) one worker
+    per GPU, each asking Ray for num_gpus=1; else one worker per `threads` CPUs."""
     c = job.config
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -86,6 +97,9 @@ def _placement(ray: Any, job: ScoreJob) -> tuple[int, int, float]:
     if use_gpu:
         if gpus == 0:
             raise OnnxpipeError(f"--provider {c.provider} on Ray: the cluster has no GPUs; use --provider cpu")
+        if c.num_workers and c.num_workers > gpus:  # Ray would wait forever for the missing GPUs
+            raise OnnxpipeError(f"--num-workers {c.num_workers} with --provider {c.provider}: each worker takes one "
+                                f"GPU and the cluster has {gpus}; pass --num-workers {gpus} or fewer")
         return c.num_workers or gpus, cpus, 1.0
     return c.num_workers or max(1, int(resources.get("CPU", 1)) // cpus), cpus, 0.0
 
@@ -104,28 +118,26 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     done = set(ckpt.done_chunks)
     encoder = Encoder(job.model_dir)
     pending: dict[int, tuple[list[Any], list[score_io.BadRecord], int]] = {}  # chunk -> (ids, bad, n_records)
-    tables = []
+    chunk_rows: list[dict[str, Any]] = []
     for index, chunk in enumerate(job.chunks()):
         if index in done:
             continue
         records, items, bads = split_chunk(job, encoder.items, chunk)
         pending[index] = ([r.id for r in records], bads, len(chunk))
-        if items:
-            tables.append(pa.table({
-                "chunk": pa.array([index] * len(items), pa.int64()),
-                "index": pa.array(range(len(items)), pa.int64()),
-                "tokens": pa.array([it.tokens for it in items], pa.list_(pa.int64())),
-                "score_from": pa.array([it.score_from for it in items], pa.int64()),
-            }))
+        if items:  # one row per chunk: Ray hands a worker whole chunks, never a part of one (batch_size=1)
+            chunk_rows.append({"chunk": index, "tokens": [it.tokens for it in items],
+                               "score_from": [it.score_from for it in items]})
     ckpt.runs += 1
     bar = progress_bar(job, ckpt.records_done)
     t_last = time.perf_counter()
     provider = "none (nothing to score)"
 
-    def commit(index: int, results: dict[int, tuple[float, int, bool]], input_tokens: int, padded: int) -> None:
+    def commit(index: int, results: list[tuple[float, int, bool]], input_tokens: int, padded: int) -> None:
         nonlocal t_last
         ids, bads, n_records = pending.pop(index)
-        rows = [result_row(ids[k], *results[k], c.task) for k in range(len(ids))]
+        if len(results) != len(ids):
+            raise OnnxpipeError(f"ray returned {len(results)} results for chunk {index} of {len(ids)} records")
+        rows = [result_row(i, *r, c.task) for i, r in zip(ids, results)]
         score_io.write_part(job.part_path(index), rows, job.fmt)
         record_bad(ckpt, bads, bar.write)
         ckpt.done_chunks.append(index)
@@ -142,38 +154,43 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
         bar.update(n_records)
 
     workers, cpus, gpus = 0, 0, 0.0
+    seen_workers: dict[str, list[int]] = {}  # actor id -> the GPU ids Ray gave it
+    said: set[str] = set()
     try:
         for index in [i for i, (ids, _b, _n) in pending.items() if not ids]:
-            commit(index, {}, 0, 0)  # chunks of bad records only
-        if tables:
+            commit(index, [], 0, 0)  # chunks of bad records only
+        if chunk_rows:
             _connect(ray, c.ray_address, bar.write)
             t_last = time.perf_counter()  # throughput counts from here: starting a local Ray instance is not scoring
             workers, cpus, gpus = _placement(ray, job)
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
-            ds = ray.data.from_arrow(tables).map_batches(
+            table = pa.Table.from_pylist(chunk_rows, schema=pa.schema([
+                ("chunk", pa.int64()), ("tokens", pa.list_(pa.list_(pa.int64()))), ("score_from", pa.list_(pa.int64()))]))
+            ds = ray.data.from_arrow([table.slice(i, 1) for i in range(len(table))]).map_batches(
                 RayChunkScorer,
                 fn_constructor_kwargs=dict(model_dir=str(job.model_dir.path.absolute()), provider=c.provider,
                                            threads=cpus, context=job.context, stride=job.stride,
-                                           batch_tokens=c.batch_tokens, max_padding=c.max_padding),
-                batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+                                           batch_tokens=c.batch_tokens, max_padding=c.max_padding, head=c.head),
+                batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
                 num_cpus=cpus, num_gpus=gpus,
             )
-            partial: dict[int, tuple[dict[int, tuple[float, int, bool]], list[int]]] = {}
             for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                cols = out.to_pydict()
-                provider = cols["provider"][0] if cols["provider"] else provider
-                for i, chunk in enumerate(cols["chunk"]):
-                    results, stats = partial.setdefault(chunk, ({}, [0, 0]))
-                    results[cols["index"][i]] = (cols["loglik"][i], cols["tokens"][i], bool(cols["greedy"][i]))
-                    stats[0] += cols["input_tokens"][i]
-                    stats[1] += cols["padded_slots"][i]
-                    if len(results) == len(pending[chunk][0]):
-                        commit(chunk, results, *partial.pop(chunk)[1])
+                for row in out.to_pylist():
+                    provider = row["provider"]
+                    seen_workers.setdefault(json.loads(row["worker"])["actor"], json.loads(row["worker"])["gpu_ids"])
+                    for m in row["messages"].splitlines():
+                        if m not in said:  # once, however many workers say it
+                            said.add(m)
+                            log(f"ray worker: {m}")
+                    commit(row["chunk"], list(zip(row["loglik"], row["tokens"], row["greedy"])), row["input_tokens"],
+                           row["padded_slots"])
         if pending:
             raise OnnxpipeError(f"ray returned no results for chunk(s) {sorted(pending)[:5]}; rerun with --resume")
     finally:
         bar.close()
     summary = make_summary(job, ckpt, provider, workers)
+    summary.placement = {"workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus,
+                         "gpu_ids_seen": sorted(seen_workers.values())}
     finish(job, ckpt, summary)
     return summary
