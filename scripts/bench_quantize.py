@@ -42,7 +42,9 @@ class Row:
 
 ROWS = [
     Row("fp32 (export)", None),
-    Row("dynamic int8", "dynamic"),
+    Row("dynamic int8 (default: activation scale per token or per tensor, chosen per layer)", "dynamic"),
+    Row("dynamic int8, per-token activation scales everywhere", "dynamic", {"activations": "token"}),
+    Row("dynamic int8, per-tensor activation scales everywhere", "dynamic", {"activations": "tensor"}),
     Row("dynamic int8, LM head + embeddings left fp32", "dynamic", {"lm_head": "fp32", "embeddings": "fp32"}),
     Row("static int8 minmax, per-channel", "static", {"method": "minmax", "per_channel": True}),
     Row("static int8 minmax, per-channel + SmoothQuant 0.5", "static", {"method": "minmax", "per_channel": True, "smoothquant": 0.5}),
@@ -54,6 +56,8 @@ ROWS = [
     Row("int4 GPTQ, block 32", "int4", {"algo": "gptq", "block_size": 32}),
     Row("int4 RTN, block 128", "int4", {"algo": "rtn", "block_size": 128}),
     Row("int4 GPTQ, block 128", "int4", {"algo": "gptq", "block_size": 128}),
+    Row("int4 RTN, per channel", "int4", {"algo": "rtn", "block_size": 0}),
+    Row("int4 GPTQ, per channel", "int4", {"algo": "gptq", "block_size": 0}),
     Row("int4 RTN, block 32, LM head int4 too", "int4", {"algo": "rtn", "block_size": 32, "lm_head": "int4"}),
     Row("fp16 (GPU path; CPU timing only for the record)", "fp16"),
     Row("Optimum ORTQuantizer dynamic int8 (avx512_vnni, per-channel)", "optimum"),
@@ -63,7 +67,8 @@ ROWS = [
 PLANTED_ROWS = [
     Row("planted outliers: static int8 minmax, per-channel", "static", {"method": "minmax", "per_channel": True}),
     Row("planted outliers: static int8 minmax, per-channel + SmoothQuant 0.5", "static", {"method": "minmax", "per_channel": True, "smoothquant": 0.5}),
-    Row("planted outliers: dynamic int8", "dynamic"),
+    Row("planted outliers: dynamic int8 (default, per layer)", "dynamic"),
+    Row("planted outliers: dynamic int8, per-tensor activation scales everywhere", "dynamic", {"activations": "tensor"}),
 ]
 PLANT_FACTOR, PLANT_CHANNELS = 40.0, 2
 

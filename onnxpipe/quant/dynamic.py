@@ -14,9 +14,9 @@ default) or for all layers (``"tensor"``, ``"token"``):
   activations" ruin it: SmolLM2-135M's layer-11 down_proj input reaches |x| ~ 3000 on the first token of a window
   where the median token's maximum is ~1.3, so every other token rounds to a handful of levels (perplexity +47%
   from the body alone, see docs/quantization.md).
-- per token: ``quantize_per_token`` below, one symmetric scale per token (and per output channel of W). It keeps
-  every token at int8 precision, and costs a few small ops per layer, which on small models (128 wide) makes it
-  slower than fp32.
+- per token: ``quantize_per_token`` below: each token divided by its own max |x|, then the same fused kernel, then
+  multiplied back: one scale per token (and per output channel of W). It keeps every token at int8 precision, and
+  costs a few small ops per layer, which on small models (128 wide) makes it slower than fp32.
 - auto: a short float pass over calibration prefills measures, for each linear layer's input X, the relative
   rms error that one per-tensor uint8 scale gives the median token of a prefill (``tensor_error``), and the
   brief statistic behind it, max_t max|x_t| / median_t max|x_t| (``token_spread``). Layers whose tensor_error
@@ -37,7 +37,7 @@ from onnxpipe.quant.graph import WeightPlan, initializer_map, needs_external_dat
 ACTIVATION_SCHEMES = ("auto", "token", "tensor")
 # auto: a layer whose inputs, quantized with one uint8 scale per prefill tensor, would lose more than this
 # (relative rms error of the median token) gets per-token scales. Chosen from measurements: see docs/quantization.md.
-TOKEN_THRESHOLD = 0.05
+TOKEN_THRESHOLD = 0.03
 
 
 @dataclass
@@ -145,11 +145,11 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
     """Rewrite the named MatMul(x, constant W) nodes into per-token dynamic int8 (see the module note); in place.
     Returns the number of nodes rewritten.
 
-    Per layer: Abs, ReduceMax, Max (an all-zero token gets a tiny scale, not 0/0), Div (the scale), Div (x / s),
-    QuantizeLinear with scale 1 and zero point 128 (round half to even, + 128, saturate to uint8: one op for
-    Round, Add and Cast), then MatMulIntegerToFloat (the integer product, cast and times the per-channel weight
-    scale, one kernel) and a Mul by the token's scale. ORT merges the first five between layers that read the
-    same x (q/k/v, gate/up).
+    Each token is divided by its own max |x| first, so every token spans [-1, 1]; then ORT's fused
+    DynamicQuantizeMatMul (one uint8 scale for the tensor, now the same for every token, and the per-channel weight
+    scale) does the integer product, and a Mul by the token's max |x| restores the scale. Per layer: Abs,
+    ReduceMax, Max (an all-zero token gets a tiny divisor, not 0/0), Div, shared by the layers that read the same x
+    (q/k/v, gate/up), then DynamicQuantizeMatMul and Mul.
     """
     from onnx import helper, numpy_helper
 
@@ -158,10 +158,8 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
     wanted = set(nodes)
     shared = "/quant/per_token"
-    consts = {f"{shared}/qmax": np.array(127.0, np.float32), f"{shared}/tiny": np.array(1e-30, np.float32),
-              f"{shared}/axes": np.array([-1], np.int64), f"{shared}/zero_point": np.array(128, np.uint8),
-              f"{shared}/one": np.array(1.0, np.float32)}
-    new_nodes, count = [], 0
+    consts = {f"{shared}/tiny": np.array(1e-30, np.float32), f"{shared}/axes": np.array([-1], np.int64)}
+    new_nodes, count, normalized = [], 0, {}
     for node in graph.node:
         if node.name not in wanted or node.op_type != "MatMul" or node.input[1] not in inits:
             new_nodes.append(node)
@@ -176,21 +174,24 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
             numpy_helper.from_array(w_scale, ws),
         ])
         x = node.input[0]
-        reduce = (helper.make_node("ReduceMax", [f"{p}/absx", f"{shared}/axes"], [f"{p}/amax"], name=f"{p}/ReduceMax",
-                                   keepdims=1) if opset >= 18 else
-                  helper.make_node("ReduceMax", [f"{p}/absx"], [f"{p}/amax"], name=f"{p}/ReduceMax", axes=[-1],
-                                   keepdims=1))
+        if x not in normalized:
+            q = f"{p}/per_token"
+            reduce = (helper.make_node("ReduceMax", [f"{q}/absx", f"{shared}/axes"], [f"{q}/amax"],
+                                       name=f"{q}/ReduceMax", keepdims=1) if opset >= 18 else
+                      helper.make_node("ReduceMax", [f"{q}/absx"], [f"{q}/amax"], name=f"{q}/ReduceMax", axes=[-1],
+                                       keepdims=1))
+            new_nodes += [
+                helper.make_node("Abs", [x], [f"{q}/absx"], name=f"{q}/Abs"),
+                reduce,
+                helper.make_node("Max", [f"{q}/amax", f"{shared}/tiny"], [f"{q}/token_max"], name=f"{q}/Max"),
+                helper.make_node("Div", [x, f"{q}/token_max"], [f"{q}/x_unit"], name=f"{q}/Div"),
+            ]
+            normalized[x] = (f"{q}/x_unit", f"{q}/token_max")
+        x_unit, token_max = normalized[x]
         new_nodes += [
-            helper.make_node("Abs", [x], [f"{p}/absx"], name=f"{p}/Abs"),
-            reduce,
-            helper.make_node("Max", [f"{p}/amax", f"{shared}/tiny"], [f"{p}/amax_pos"], name=f"{p}/Max"),
-            helper.make_node("Div", [f"{p}/amax_pos", f"{shared}/qmax"], [f"{p}/x_scale"], name=f"{p}/ScaleDiv"),
-            helper.make_node("Div", [x, f"{p}/x_scale"], [f"{p}/xs"], name=f"{p}/Div"),
-            helper.make_node("QuantizeLinear", [f"{p}/xs", f"{shared}/one", f"{shared}/zero_point"], [f"{p}/xq"],
-                             name=f"{p}/QuantizeLinear"),
-            helper.make_node("MatMulIntegerToFloat", [f"{p}/xq", wq, f"{shared}/one", ws, f"{shared}/zero_point"],
-                             [f"{p}/y_int"], name=f"{p}/MatMulIntegerToFloat", domain="com.microsoft"),
-            helper.make_node("Mul", [f"{p}/y_int", f"{p}/x_scale"], list(node.output), name=f"{p}/MulTokenScale"),
+            helper.make_node("DynamicQuantizeMatMul", [x_unit, wq, ws], [f"{p}/y_unit"], name=f"{p}/DynamicQuantizeMatMul",
+                             domain="com.microsoft"),
+            helper.make_node("Mul", [f"{p}/y_unit", token_max], list(node.output), name=f"{p}/MulTokenMax"),
         ]
         count += 1
     if count:

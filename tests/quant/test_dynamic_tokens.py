@@ -91,7 +91,8 @@ def test_auto_picks_per_token_for_the_massive_layer_only(tmp_path: Path) -> None
     assert details["per_token_nodes"] == 1 and details["per_tensor_nodes"] == 1
     out = onnx.load(str(tmp_path / "q.onnx"))
     ops = [n.op_type for n in out.graph.node]
-    assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("DynamicQuantizeLinear") == 1
+    # per token: the fused kernel on the token-normalized input; per tensor: ORT's quantize_dynamic output
+    assert ops.count("DynamicQuantizeMatMul") == 1 and ops.count("DynamicQuantizeLinear") == 1
     # and it works: the massive layer's ordinary tokens at int8 precision, the plain layer too
     x, h = inputs_with_massive_token(rng), rng.standard_normal((2, T, K)).astype(np.float32)
     y, z = measure_session(tmp_path / "q.onnx").run(["y", "z"], {"x": x, "h": h})
@@ -130,4 +131,4 @@ def test_per_token_dynamic(tmp_path: Path) -> None:
     np.testing.assert_allclose(y[0, 0], x[0, 0] @ w, rtol=0, atol=0.02 * np.abs(x[0, 0] @ w).max())
     out = onnx.load(str(tmp_path / "q.onnx"))
     assert not any(t.name == "w" for t in out.graph.initializer)
-    assert sum(n.op_type == "MatMulIntegerToFloat" for n in out.graph.node) == 1
+    assert sum(n.op_type == "DynamicQuantizeMatMul" for n in out.graph.node) == 1

@@ -60,7 +60,7 @@ def test_dynamic(tok_model, small_eval: Path, tmp_path: Path, family: str) -> No
     assert sum(len(c["nodes"]) for c in details["activation_choice"]) == details["quantized_nodes"]
     assert {c["scheme"] for c in details["activation_choice"]} <= {"token", "tensor"}
     assert counts.get("MatMulInteger", 0) == details["per_tensor_nodes"]
-    assert counts.get("com.microsoft::MatMulIntegerToFloat", 0) == details["per_token_nodes"]
+    assert counts.get("com.microsoft::DynamicQuantizeMatMul", 0) == details["per_token_nodes"]
     assert details["per_tensor_nodes"] + details["per_token_nodes"] == details["quantized_nodes"] > 0
     assert step["details"]["lm_head"].startswith("int8 per row")
     assert step["details"]["embeddings"] == "int8 per row"
@@ -82,7 +82,7 @@ def test_dynamic_lm_head_fp32_keeps_head_float(tok_model, small_eval: Path, tmp_
 def test_dynamic_per_token_everywhere(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
     md = quantize(tok_model("llama"), tmp_path / "q", "dynamic", small_eval, activations="token")
     step = check_directory(md, "dynamic")
-    assert ops(md).get("com.microsoft::MatMulIntegerToFloat") == step["details"]["per_token_nodes"] == 14
+    assert ops(md).get("com.microsoft::DynamicQuantizeMatMul") == step["details"]["per_token_nodes"] == 14
     assert "MatMulInteger" not in ops(md)
 
 
