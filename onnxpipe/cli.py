@@ -171,10 +171,12 @@ def optimize(in_dir: Path, out_dir: Path, level: int, target: str, passes: str |
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: onnxruntime's).")
 @click.option("--trt-cache", type=click.Path(path_type=Path), default=None, help="TensorRT engine/timing cache directory.")
 @click.option("--jsonl", is_flag=True, help="One JSON object per prompt instead of text.")
+@click.option("--cuda-graph", is_flag=True,
+              help="Replay decode steps as CUDA graphs (CUDA EP; graphs from optimize --target cuda).")
 def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path | None, provider: str, max_new_tokens: int,
              temperature: float, top_k: int, top_p: float, repetition_penalty: float, repeat_ngram_limit: int | None,
              stop_strings: tuple[str, ...], num_beams: int, seed: int | None, batch_size: int, threads: int | None,
-             trt_cache: Path | None, jsonl: bool) -> None:
+             trt_cache: Path | None, jsonl: bool, cuda_graph: bool) -> None:
     """Generate text from a model directory; a single prompt streams as it is generated."""
     import json
 
@@ -184,7 +186,7 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
     if bool(prompt_texts) == bool(prompts_file):
         raise click.UsageError("give --prompt TEXT or --prompts FILE (one of them)")
     prompts = list(prompt_texts) if prompt_texts else read_prompts(prompts_file)
-    lm = load(model_dir, provider, threads=threads, announce=_log,
+    lm = load(model_dir, provider, threads=threads, announce=_log, cuda_graph=cuda_graph,
               trt_options=TensorRTOptions(cache_dir=trt_cache) if trt_cache else None)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, repeat_ngram_limit=repeat_ngram_limit,
