@@ -48,11 +48,12 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "torch_compile": "transformers static cache + torch.compile",
     "onnxpipe": "onnxpipe (export -> optimize L3 -> runtime)",
     "onnxpipe_graph": "onnxpipe + CUDA graphs",
+    "onnxpipe_graph_xqa": "onnxpipe + CUDA graphs + XQA decode kernel",
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
 }
 LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
-PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_graph", "genai", "genai_graph", "torch_compile"]  # eager first: its tokens are the
+PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_graph", "onnxpipe_graph_xqa", "genai", "genai_graph", "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 RESULT = "@@RESULT "
 
@@ -260,7 +261,8 @@ def child_onnxpipe(spec: dict) -> None:
 
     from onnxpipe.errors import OnnxpipeError
 
-    graph = "optimized (level 3)" + (", CUDA graphs" if spec.get("cuda_graph") else "")
+    graph = ("optimized (level 3)" + (", CUDA graphs" if spec.get("cuda_graph") else "")
+             + (", ORT_ENABLE_XQA=1" if os.environ.get("ORT_ENABLE_XQA") == "1" else ""))
     try:
         lm = load(spec["optimized"], spec["provider"], announce=lambda m: print(m, flush=True),
                   cuda_graph=bool(spec.get("cuda_graph")))
@@ -442,6 +444,9 @@ CHILDREN = {
     "torch_compile": lambda s: child_torch(s, compiled=True),
     "onnxpipe": child_onnxpipe,
     "onnxpipe_graph": lambda s: child_onnxpipe(dict(s, cuda_graph=True)),
+    # ORT's XQA GroupQueryAttention decode kernel (shared buffer, one token, no window) is opt-in for fp16 caches
+    "onnxpipe_graph_xqa": lambda s: (os.environ.__setitem__("ORT_ENABLE_XQA", "1"),
+                                     child_onnxpipe(dict(s, cuda_graph=True)))[1],
     "onnxpipe_profile": child_onnxpipe_profile,
     "genai": lambda s: child_genai(s, graphs=False),
     "genai_graph": lambda s: child_genai(s, graphs=True),
@@ -627,7 +632,8 @@ def main_orchestrate(args) -> int:
             if name in build_state:
                 return True
 
-    needs = {"onnxpipe": "onnxpipe", "onnxpipe_graph": "onnxpipe", "onnxpipe_profile": "onnxpipe", "genai": "genai",
+    needs = {"onnxpipe": "onnxpipe", "onnxpipe_graph": "onnxpipe", "onnxpipe_graph_xqa": "onnxpipe",
+             "onnxpipe_profile": "onnxpipe", "genai": "genai",
              "genai_graph": "genai"}
     small = [b for b in args.batches if b <= 8]
     large = [b for b in args.batches if b > 8]

@@ -196,13 +196,15 @@ class DecoderSession:
 
     # ---- CUDA graphs ----
     def _graph_slot(self, batch: int, capacity: int) -> "_GraphSlot":
-        """The fixed buffers of the decode graph for ``batch`` rows; capacity rounds up to a multiple of 256 so
-        that generations of similar length share one captured graph."""
-        capacity = -(-capacity // GRAPH_CAPACITY_STEP) * GRAPH_CAPACITY_STEP
+        """The fixed buffers of the decode graph for ``batch`` rows; capacity rounds up to a multiple of 256 (at
+        most the model's max positions) so that generations of similar length share one captured graph."""
+        # the fixed-width mask makes the graph's total length the capacity: never past the rotary caches' length
+        capacity = max(capacity, min(-(-capacity // GRAPH_CAPACITY_STEP) * GRAPH_CAPACITY_STEP, self.max_positions))
         key = (batch, capacity)
         if key not in self._graphs:
             ort = self._ort
-            dev = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", 0)  # noqa: E731
+            where = self._device_type()  # "cuda" in use; the CPU only where a test drives the slots without graphs
+            dev = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, where, 0)  # noqa: E731
             cache = [dev((batch, self.num_kv_heads, capacity, self.head_dim), self.kv_dtype) for _ in self.past_names]
             slot = _GraphSlot(len(self._graphs) + 1, capacity, cache, dev((batch, 1), np.int64),
                               dev((batch, capacity), np.int64), dev((batch, 1), np.int64),
@@ -242,7 +244,19 @@ class DecoderSession:
         slot.runs += 1
         cache.length += 1
         self.transfers.steps += 1
-        return self._select(slot.logits, np.zeros((batch,), np.int64), want)
+        if slot.head is None:  # the decode step's own head: logits [B, 1, V] read in place, nothing to index
+            slot.head = self._helper(_step_head_graph(self._onnx_dtype(), batch, self.vocab_size))
+            slot.head_io = {}
+            for name in ("last_logits", "argmax"):
+                io = slot.head.io_binding()
+                io.bind_ortvalue_input("logits", slot.logits)
+                io.bind_output(name, "cpu")
+                slot.head_io[name] = io
+        io = slot.head_io["last_logits" if want == "logits" else "argmax"]
+        slot.head.run_with_iobinding(io)
+        out = io.get_outputs()[0].numpy()
+        self.transfers.down_bytes += out.nbytes
+        return out
 
     def _run_options(self, graph_id: int) -> Any:
         ro = self._ort.RunOptions()
@@ -307,6 +321,8 @@ class _GraphSlot:
     logits: Any
     io: Any
     runs: int = 0
+    head: Any = None
+    head_io: Any = None
 
 
 def _check_cuda_graph_form(path: Any, graph: dict[str, Any]) -> None:
@@ -344,6 +360,30 @@ def _head_graph(elem_type: int) -> Any:
          helper.make_tensor_value_info("last_index", TensorProto.INT64, ["B"])],
         [helper.make_tensor_value_info("last_logits", TensorProto.FLOAT, ["B", "V"]),
          helper.make_tensor_value_info("argmax", TensorProto.INT64, ["B"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def _step_head_graph(elem_type: int, batch: int, vocab: int) -> Any:
+    """A decode step's logits [B, 1, V] -> last_logits [B, V] float32 and argmax [B] int64; fixed shapes, no shape
+    arithmetic (argmax on the float16 logits equals argmax on their float32 cast: the cast is monotonic)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Constant", [], ["axis1"], value=helper.make_tensor("axis1", TensorProto.INT64, [1], [1])),
+        helper.make_node("Squeeze", ["logits", "axis1"], ["flat"]),
+        helper.make_node("Cast", ["flat"], ["last_logits"], to=TensorProto.FLOAT),
+        helper.make_node("ArgMax", ["flat"], ["argmax"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "onnxpipe_step_head",
+        [helper.make_tensor_value_info("logits", elem_type, [batch, 1, vocab])],
+        [helper.make_tensor_value_info("last_logits", TensorProto.FLOAT, [batch, vocab]),
+         helper.make_tensor_value_info("argmax", TensorProto.INT64, [batch])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9

@@ -182,3 +182,19 @@ def test_cuda_graphs_need_the_cuda_form_and_the_cuda_ep(cuda_form, tiny_onnx):
     plain = load(cuda_form("llama"), "cpu")
     assert [r.token_ids for r in lm.generate(PROMPTS, max_new_tokens=8)] == \
         [r.token_ids for r in plain.generate(PROMPTS, max_new_tokens=8)]
+
+
+def test_graph_slots_without_graphs_give_the_same_tokens(cuda_form):
+    """The CUDA-graph decode path minus the capture (fixed buffers per batch and capacity, the fixed-width mask,
+    in-place input updates, the step head), driven on the CPU: same tokens as the plain path, greedy and sampled,
+    and a second generation reuses the slot's buffers."""
+    plain = load(cuda_form("llama"), "cpu")
+    slots = load(cuda_form("llama"), "cpu")
+    slots.session.cuda_graph = True  # what a CUDA session with graphs does, minus the capture
+    for opts in ({}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}):
+        want = [r.token_ids for r in plain.generate(PROMPTS, max_new_tokens=12, **opts)]
+        assert [r.token_ids for r in slots.generate(PROMPTS, max_new_tokens=12, **opts)] == want
+    assert [r.token_ids for r in slots.generate(PROMPTS[:1], max_new_tokens=12)] == \
+        [r.token_ids for r in plain.generate(PROMPTS[:1], max_new_tokens=12)]
+    runs = {key: slot.runs for key, slot in slots.session._graphs.items()}
+    assert runs[(3, 128)] == 2 * 11 and runs[(1, 128)] == 11, runs  # capacity: the tiny model's 128 positions
