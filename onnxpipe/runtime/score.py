@@ -265,7 +265,14 @@ class WindowScorer:
                                          announce=announce or (lambda _m: None))
         if head == "auto":
             head = "host" if choice.device == "cpu" else "device"
-        return cls(session, md.manifest, choice.summary(), head=head, device=choice.device, threads=threads)
+        try:
+            return cls(session, md.manifest, choice.summary(), head=head, device=choice.device, threads=threads)
+        except Exception as e:  # onnxruntime's own error types: the head graph did not load on this device
+            if head != "device":
+                raise
+            (announce or (lambda _m: None))(f"the log-softmax could not run on {choice.device} "
+                                            f"({str(e).strip().splitlines()[0][:200]}); it runs on the host instead")
+            return cls(session, md.manifest, choice.summary(), head="host", device=choice.device, threads=threads)
 
     def score(self, windows: Sequence[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """windows: (tokens, first scored index). Returns per window: loglik sum (float64), scored count, all-greedy."""
