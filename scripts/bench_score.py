@@ -552,7 +552,8 @@ def main_device(args: argparse.Namespace) -> int:
         r = results[spec["name"]]
         log(f"{spec['name']}: " + (r.get("not_run") or f"{r['tokens']} tokens in {r['seconds']:.2f}s"))
 
-    report = device_report(args, shape, texts, batch_tokens, builds, results, time.monotonic() - t_start)
+    report = device_report(args, shape, texts, batch_tokens, builds, results, time.monotonic() - t_start,
+                           count_params(hf))
     (out_dir / "bench_score.json").write_text(json.dumps(report["json"], indent=1))
     (out_dir / "bench_score.md").write_text(report["markdown"])
     print(report["markdown"])
@@ -570,11 +571,11 @@ ROW_LABELS = {
 
 
 def device_report(args, shape: str, texts: list[str], batch_tokens: int, builds: list, results: dict,
-                  wall: float) -> dict:
+                  wall: float, params: int) -> dict:
     ref, anchor = results["transformers-fp32"], results["transformers-fp16"]
     anchor_tps = anchor["tokens"] / anchor["seconds"] if "seconds" in anchor else None
     yard = compare(anchor, ref).get("max_per_token")
-    lines = [f"# bench_score --device {args.device}: model {shape} ({SHAPES[shape][0]}, random weights), "
+    lines = [f"# bench_score --device {args.device}: model {shape} ({SHAPES[shape][0]}, {params / 1e6:.1f}M params, random weights), "
              f"{len(texts)} texts, batch budget {batch_tokens} slots, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"# {device_name(args.device)}; {versions()}; wall {wall:.0f}s",
              "",
@@ -611,8 +612,10 @@ def device_report(args, shape: str, texts: list[str], batch_tokens: int, builds:
             cpu = r["nodes"].get("CPUExecutionProvider", {})
             total = sum(sum(v.values()) for v in r["nodes"].values())
             if args.device == "cuda":
+                top = sorted(cpu.items(), key=lambda kv: (kv[0] not in QUANT_OPS, -kv[1]))  # all ops in the JSON
                 notes.append(f"{sum(cpu.values())}/{total} nodes on the CPU EP"
-                             + (f" ({', '.join(f'{k} x{v}' for k, v in cpu.items())})" if cpu else ""))
+                             + (f" ({', '.join(f'{k} x{v}' for k, v in top[:6])}{', ...' if len(top) > 6 else ''})"
+                                if cpu else ""))
             notes.append(r["provider"].split(" [")[0])
             notes.append(r.get("form", ""))
         lines.append(
@@ -628,17 +631,31 @@ def device_report(args, shape: str, texts: list[str], batch_tokens: int, builds:
               "model load excluded "
               "(onnxpipe: reading, tokenizing, scoring, writing the output; transformers: tokenizing and scoring); "
               "each engine in its own process, one after another.",
+              "- peak memory: " + ("per engine process, " + next((r["gpu_memory"]["how"] for r in results.values()
+                                                                   if "gpu_memory" in r), "no NVML (pynvml not importable)")
+                                   + "; torch's own max_memory_allocated in brackets" if args.device == "cuda" else
+                                   "the engine process's peak RSS"),
               "- dloglik: |loglik - transformers fp32's| per record (natural log, the record's sum), and the same "
               "divided by the record's scored tokens. fp16 check: onnxpipe fp16's worst per-token error within "
               f"{FP16_FACTOR:g}x transformers fp16's own (the yardstick row) + 1e-3.",
               ]
     return {"markdown": "\n".join(lines) + "\n",
             "json": {"device": args.device, "device_name": device_name(args.device), "shape": shape,
-                     "config": SHAPES[shape][1], "texts": len(texts), "batch_tokens": batch_tokens,
+                     "config": SHAPES[shape][1], "params": params, "texts": len(texts), "batch_tokens": batch_tokens,
                      "versions": versions(), "wall_s": wall, "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
                      "builds": [{"name": b.name, "seconds": b.seconds, "error": b.error, "reused": b.reused,
                                  "argv": b.argv} for b in builds],
                      "rows": rows_json}}
+
+
+def count_params(hf: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in hf.glob("*.safetensors"):
+        with safe_open(str(f), "np") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return total
 
 
 def device_name(device: str) -> str:
