@@ -58,6 +58,25 @@ def test_bad_calibration_file(tok_model, small_eval: Path, tmp_path: Path, name:
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, op", [
+    (["--mode", "dynamic", "--activations", "tensor"], "MatMulInteger"),  # ORT's quantize_dynamic, unfused
+    (["--mode", "int4", "--block-size", "0"], "DequantizeLinear"),
+])
+def test_activations_and_per_channel_flags(tok_model, small_eval: Path, tmp_path: Path, extra: list[str],
+                                           op: str) -> None:  # noqa: ANN001
+    import onnx
+
+    out = tmp_path / "q"
+    r = invoke("quantize", tok_model("llama"), "-o", out, *extra, "--eval", small_eval, *FAST)
+    assert r.exit_code == 0, r.output
+    step = json.loads((out / "onnxpipe.json").read_text())["steps"][-1]
+    assert step["params"].get("activations", "tensor") == "tensor" and step["details"]["quantized_nodes"] == 14
+    if extra[1] == "int4":
+        assert step["params"]["block_size"] == 0 and step["details"]["block_size"] == "per channel"
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count(op) == 14
+
+
 def test_static_without_calibration(tok_model, tmp_path: Path) -> None:  # noqa: ANN001
     one_line_error(invoke("quantize", tok_model("llama"), "-o", tmp_path / "q", "--mode", "static"),
                    "static quantization needs calibration text", "--calibration")
