@@ -17,15 +17,21 @@ default) or for all layers (``"tensor"``, ``"token"``):
 - per token: ``quantize_per_token`` below: each token divided by its own max |x|, then the same fused kernel, then
   multiplied back: one scale per token (and per output channel of W). It keeps every token at int8 precision, and
   costs a few small ops per layer, which on small models (128 wide) makes it slower than fp32.
-- auto: a short float pass over calibration prefills measures, for each linear layer's input X, the relative
-  rms error that one per-tensor uint8 scale gives the median token of a prefill (``tensor_error``), and the
-  brief statistic behind it, max_t max|x_t| / median_t max|x_t| (``token_spread``). Layers whose tensor_error
-  exceeds ``TOKEN_THRESHOLD`` get per-token scales, the rest per-tensor. Both figures and the choice go into the
-  manifest, per layer.
+- auto: a float pass over calibration prefills measures, for each linear layer's input X, the relative rms
+  error that one per-tensor uint8 scale gives the median token of a prefill (``tensor_error``), and the brief
+  statistic behind it, max_t max|x_t| / median_t max|x_t| (``token_spread``), and the float model's perplexity on
+  those prefills. Then candidate models are written with per-token scales for the layers above each of
+  CANDIDATE_THRESHOLDS in turn, from none (per tensor everywhere, the fastest) down to all, and the first whose
+  perplexity on the same prefills is within PPL_BUDGET_PCT of the float model's is kept (none within: the one that
+  lost least). Per tensor where it costs nothing measurable, per token where it is needed. The figures, the
+  candidates tried and the choice go into the manifest.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -35,9 +41,13 @@ import numpy as np
 from onnxpipe.quant.graph import WeightPlan, initializer_map, needs_external_data, save_quantized
 
 ACTIVATION_SCHEMES = ("auto", "token", "tensor")
-# auto: a layer whose inputs, quantized with one uint8 scale per prefill tensor, would lose more than this
-# (relative rms error of the median token) gets per-token scales. Chosen from measurements: see docs/quantization.md.
-TOKEN_THRESHOLD = 0.03
+# auto: layers are ranked by how much one per-tensor scale would cost their inputs (``tensor_error``, the median
+# token's relative rms error), and per-token scales go to those above a threshold. The thresholds are tried from
+# the cheapest (no layer per token) down, and the first whose model stays within PPL_BUDGET_PCT of the float
+# model's perplexity on the calibration prefills is kept; if none does, the one that lost least.
+CANDIDATE_THRESHOLDS = (math.inf, 0.1, 0.05, 0.03, 0.0)
+PPL_BUDGET_PCT = 1.0
+TOKEN_THRESHOLD = 0.03  # without logits to measure (a bare graph), this threshold alone decides
 
 
 @dataclass
@@ -58,31 +68,91 @@ class LayerChoice:
 
 def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head: str = "auto",
                           per_channel: bool = True, activations: str = "auto",
-                          feeds: Iterable[dict[str, np.ndarray]] | None = None,
-                          threshold: float = TOKEN_THRESHOLD) -> dict[str, Any]:
-    """``feeds`` (float prefills of calibration text) are needed for ``activations="auto"`` only."""
+                          feeds: Iterable[dict[str, np.ndarray]] | None = None, threshold: float | None = None,
+                          logits: str | None = None, budget_pct: float | None = None) -> dict[str, Any]:
+    """``feeds`` (float prefills of calibration text) are needed for ``activations="auto"`` only; with ``logits``
+    (the graph's logits output) the thresholds are searched as the module note says, else ``threshold`` (default
+    TOKEN_THRESHOLD) decides alone."""
     nodes = [n for n in plan.linears if lm_head != "fp32" or n != plan.lm_head]
     head = "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 per channel"
     details: dict[str, Any] = {"weights": "int8 per output channel", "per_channel": True, "lm_head": head}
-    if activations == "auto":
-        if feeds is None:
-            raise ValueError("activations='auto' needs feeds (prefills) to measure the activations")
-        choices = choose_activation_scales(proto, nodes, feeds, threshold)
-        token_nodes = [n for c in choices if c.scheme == "token" for n in c.nodes]
-        details["activation_threshold"] = threshold
-        details["activation_choice"] = [c.to_json() for c in choices]
+    if activations != "auto":
+        count = _write_dynamic(proto, out_path, nodes, nodes if activations == "token" else [], per_channel)
+        details["activations"] = {"token": "dynamic per token (each token scaled to its max |x|)",
+                                  "tensor": "uint8, dynamic per tensor"}[activations]
+        details["per_channel"] = per_channel if activations == "tensor" else True
+        details.update(_counts(count, len(nodes)))
+        return details
+    if feeds is None:
+        raise ValueError("activations='auto' needs feeds (prefills) to measure the activations")
+    feeds = list(feeds)
+    budget_pct = PPL_BUDGET_PCT if budget_pct is None else budget_pct
+    choices, float_ppl = measure_activations(proto, nodes, feeds, logits)
+    if logits is None or threshold is not None:
+        thresholds: tuple[float, ...] = (TOKEN_THRESHOLD if threshold is None else threshold,)
     else:
-        token_nodes = nodes if activations == "token" else []
-    tensor_nodes = [n for n in nodes if n not in set(token_nodes)]
-    count = quantize_per_token(proto, token_nodes)
-    details["activations"] = {"auto": f"per layer: {count} per token, {len(tensor_nodes)} per tensor",
-                              "token": "dynamic per token, symmetric int8 levels (uint8, zero point 128)",
-                              "tensor": "uint8, dynamic per tensor"}[activations]
-    details["per_token_nodes"], details["per_tensor_nodes"] = count, len(tensor_nodes)
-    details["quantized_nodes"] = count + len(tensor_nodes)
+        thresholds = CANDIDATE_THRESHOLDS
+    search: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix=".dynamic-", dir=out_path.parent) as tmp:
+        best: tuple[float, int, Path] | None = None
+        for t in thresholds:
+            token_nodes = [n for c in choices if c.tensor_error > t for n in c.nodes]
+            if any(len(token_nodes) == s["per_token_nodes"] for s in search):
+                continue  # the same layers as a threshold already tried
+            candidate = Path(tmp) / str(len(search)) / out_path.name
+            candidate.parent.mkdir()
+            work = _copy(proto) if len(thresholds) > 1 else proto
+            count = _write_dynamic(work, candidate, nodes, token_nodes, per_channel)
+            del work
+            entry: dict[str, Any] = {"threshold": t if math.isfinite(t) else None, "per_token_nodes": count}
+            change = math.nan
+            if len(thresholds) > 1:
+                change = (calibration_perplexity(candidate, feeds, logits) / float_ppl - 1.0) * 100.0
+                entry["calibration_ppl_change_pct"] = round(change, 3)
+            search.append(entry)
+            if best is None or change < best[0]:
+                best = (change, len(search) - 1, candidate)
+            if len(thresholds) == 1 or change <= budget_pct:
+                best = (change, len(search) - 1, candidate)
+                break
+        assert best is not None
+        for f in best[2].parent.iterdir():
+            os.replace(f, out_path.parent / f.name)
+    chosen = search[best[1]]
+    t = math.inf if chosen["threshold"] is None else chosen["threshold"]
+    for c in choices:
+        c.scheme = "token" if c.tensor_error > t else "tensor"
+    count = chosen["per_token_nodes"]
+    details.update(_counts(count, len(nodes)))
+    details["activations"] = f"per layer: {count} per token, {len(nodes) - count} per tensor"
+    details["activation_threshold"] = chosen["threshold"]
+    details["activation_search"] = {"budget_pct": budget_pct, "float_calibration_ppl": float_ppl,
+                                    "candidates": search} if len(thresholds) > 1 else None
+    details["activation_choice"] = [c.to_json() for c in choices]
+    return details
+
+
+def _counts(per_token: int, total: int) -> dict[str, int]:
+    return {"per_token_nodes": per_token, "per_tensor_nodes": total - per_token, "quantized_nodes": total}
+
+
+def _copy(proto: Any) -> Any:
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
+
+
+def _write_dynamic(proto: Any, out_path: Path, nodes: list[str], token_nodes: list[str], per_channel: bool) -> int:
+    """Per-token scales for ``token_nodes``, ORT's quantize_dynamic (per tensor) for the rest of ``nodes``; writes
+    ``out_path``; ``proto`` is changed in place. Returns the per-token node count."""
+    wanted = set(token_nodes)
+    tensor_nodes = [n for n in nodes if n not in wanted]
+    count = quantize_per_token(proto, [n for n in nodes if n in wanted])
     if not tensor_nodes:
         save_quantized(proto, out_path)
-        return details
+        return count
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet_ort():
@@ -97,28 +167,62 @@ def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head:
             use_external_data_format=needs_external_data(proto),
             extra_options={"MatMulConstBOnly": True},
         )
-    if activations == "tensor":
-        details["per_channel"] = per_channel
-    return details
+    return count
 
 
-def choose_activation_scales(proto: Any, nodes: list[str], feeds: Iterable[dict[str, np.ndarray]],
-                             threshold: float = TOKEN_THRESHOLD) -> list[LayerChoice]:
-    """Run the float model on ``feeds`` and choose per token or per tensor for each group of ``nodes`` that reads
-    one input (see the module note)."""
+def measure_activations(proto: Any, nodes: list[str], feeds: list[dict[str, np.ndarray]],
+                        logits: str | None = None) -> tuple[list[LayerChoice], float]:
+    """Run the float model on ``feeds``: each group of ``nodes`` that reads one input gets its statistics (scheme
+    left "tensor"), and with ``logits``, the float model's perplexity on the feeds (else nan)."""
     from onnxpipe.quant.smoothquant import _session, activation_groups, with_outputs
 
     groups = activation_groups(proto, nodes)
     names = list(groups)
     stats = {x: (0.0, 0.0) for x in names}
+    nll, count = 0.0, 0
     if names:
         session = _session(with_outputs(proto, names))
+        outputs = names + ([logits] if logits else [])
         for feed in feeds:
-            for x, value in zip(names, session.run(names, feed)):
+            values = session.run(outputs, feed)
+            for x, value in zip(names, values):
                 err, spread = activation_statistics(value)
                 stats[x] = (max(stats[x][0], err), max(stats[x][1], spread))
-    return [LayerChoice(x, [n.name for n in groups[x]], "token" if stats[x][0] > threshold else "tensor",
-                        stats[x][0], stats[x][1]) for x in names]
+            if logits:
+                s, n = _nll(values[-1], feed["input_ids"])
+                nll, count = nll + s, count + n
+    choices = [LayerChoice(x, [n.name for n in groups[x]], "tensor", stats[x][0], stats[x][1]) for x in names]
+    return choices, math.exp(nll / count) if count else math.nan
+
+
+def choose_activation_scales(proto: Any, nodes: list[str], feeds: Iterable[dict[str, np.ndarray]],
+                             threshold: float = TOKEN_THRESHOLD) -> list[LayerChoice]:
+    """The statistics of ``measure_activations`` and per token for the layers whose tensor_error > threshold."""
+    choices, _ = measure_activations(proto, nodes, list(feeds))
+    for c in choices:
+        c.scheme = "token" if c.tensor_error > threshold else "tensor"
+    return choices
+
+
+def calibration_perplexity(model_path: Path, feeds: list[dict[str, np.ndarray]], logits: str) -> float:
+    """Perplexity of a written model on the feeds' prefills, run as a user would (all ORT optimizations)."""
+    from onnxpipe.quant.quality import measure_session
+
+    session = measure_session(model_path)
+    nll, count = 0.0, 0
+    for feed in feeds:
+        s, n = _nll(session.run([logits], feed)[0], feed["input_ids"])
+        nll, count = nll + s, count + n
+    return math.exp(nll / count)
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[:, 1:] under logits[:, :-1] (every row a full prefill)."""
+    z = logits[:, :-1].astype(np.float64)
+    top = z.max(-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(z - top).sum(-1))
+    target = np.take_along_axis(z, ids[:, 1:, None], axis=-1)[..., 0]
+    return float((lse - target).sum()), int(target.size)
 
 
 def activation_statistics(x: np.ndarray) -> tuple[float, float]:

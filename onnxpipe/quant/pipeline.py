@@ -249,15 +249,11 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
             feeds = None
             if cfg.activations == "auto":
                 feeds = _prefill_feeds(src.manifest, samples, cfg, "activation statistics", progress)
-            threshold = {} if cfg.token_threshold is None else {"threshold": cfg.token_threshold}
             details = quantize_dynamic_int8(proto, out_path, body, lm_head=cfg.lm_head, activations=cfg.activations,
-                                            feeds=feeds, **threshold)
+                                            feeds=feeds, threshold=cfg.token_threshold, logits=logits)
             if feeds is not None:
                 details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
-                chosen = sum(c["scheme"] == "token" for c in details["activation_choice"])
-                log(f"activation scales: per token for {chosen} of {len(details['activation_choice'])} layer inputs "
-                    f"(relative error under one per-tensor scale > {details['activation_threshold']:g}), per tensor "
-                    "for the rest")
+                _log_activation_choice(details, log)
         elif cfg.mode == "static":
             from onnxpipe.quant.static import quantize_static_int8
 
@@ -280,6 +276,17 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
                if before.get(k, 0) != after.get(k, 0)}
     log(f"ops changed: {', '.join(f'{k} {v}' for k, v in changed.items()) or 'none'}")
     return details
+
+
+def _log_activation_choice(details: dict[str, Any], log: Log) -> None:
+    search = details.get("activation_search")
+    if search:
+        tried = ", ".join(f"{c['per_token_nodes']} per token: {c['calibration_ppl_change_pct']:+.2f}%"
+                          for c in search["candidates"])
+        log(f"activation scales (calibration perplexity vs float; budget {search['budget_pct']:g}%): {tried}")
+    t = details["activation_threshold"]
+    log(f"activation scales: per token for {details['per_token_nodes']} of {details['quantized_nodes']} layers "
+        f"(inputs whose error under one per-tensor scale > {'inf' if t is None else f'{t:g}'}), per tensor for the rest")
 
 
 def default_calibration_file() -> Path:

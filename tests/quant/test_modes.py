@@ -70,6 +70,32 @@ def test_dynamic(tok_model, small_eval: Path, tmp_path: Path, family: str) -> No
     assert step["quality"]["top1_agreement"] > 0.8
 
 
+@pytest.mark.parametrize("budget, expect", [(100.0, "cheapest"), (-1.0, "least loss")])
+def test_dynamic_auto_search(tok_model, small_eval: Path, tmp_path: Path, monkeypatch, budget: float,
+                             expect: str) -> None:  # noqa: ANN001
+    """auto tries thresholds from the cheapest (no layer per token) down: a budget every candidate meets keeps the
+    first; one none can meet (negative) tries them all and keeps the one whose calibration perplexity rose least."""
+    import onnxpipe.quant.dynamic as dynamic
+
+    monkeypatch.setattr(dynamic, "PPL_BUDGET_PCT", budget)
+    md = quantize(tok_model("llama"), tmp_path / "q", "dynamic", small_eval)
+    details = check_directory(md, "dynamic")["details"]
+    search = details["activation_search"]
+    tried = search["candidates"]
+    assert search["budget_pct"] == budget and search["float_calibration_ppl"] > 1.0
+    assert tried[0]["threshold"] is None and tried[0]["per_token_nodes"] == 0  # per tensor everywhere first
+    changes = [c["calibration_ppl_change_pct"] for c in tried]
+    if expect == "cheapest":
+        assert len(tried) == 1 and details["per_token_nodes"] == 0
+    else:
+        assert len(tried) >= 2 and tried[-1]["per_token_nodes"] == details["quantized_nodes"]  # down to all per token
+        best = tried[changes.index(min(changes))]
+        assert details["per_token_nodes"] == best["per_token_nodes"]
+        assert details["activation_threshold"] == best["threshold"]
+    assert sum(c["scheme"] == "token" for c in details["activation_choice"] for _ in c["nodes"]) \
+        == details["per_token_nodes"] == ops(md).get("com.microsoft::DynamicQuantizeMatMul", 0)
+
+
 def test_dynamic_lm_head_fp32_keeps_head_float(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
     md = quantize(tok_model("llama"), tmp_path / "q", "dynamic", small_eval, lm_head="fp32", embeddings="fp32",
                   activations="tensor")
