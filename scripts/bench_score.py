@@ -434,8 +434,9 @@ def child_onnxpipe(spec: dict) -> dict:
         try:
             nodes, summary = placement(Path(model_dir), provider, threads, work)
             break
-        except OnnxpipeError as e:
-            tried.append(f"{label}: {str(e).split(': ', 1)[-1][:240]}")
+        except Exception as e:  # onnxpipe's one-line error, or onnxruntime's own when the first batch fails
+            text = str(e).split(": ", 1)[-1] if isinstance(e, OnnxpipeError) else f"{type(e).__name__}: {e}"
+            tried.append(f"{label}: {text.strip().splitlines()[0][:240] if text.strip() else type(e).__name__}")
     else:
         return {"name": spec["name"], "not_run": "no graph loaded: " + " | ".join(tried)}
     res = {"name": spec["name"], "graph": label, "model_dir": model_dir, "fallbacks": tried, "nodes": nodes,
@@ -540,6 +541,8 @@ def main_device(args: argparse.Namespace) -> int:
     results = {}
     for spec in specs:
         missing = [built[b].error for b in spec.get("builds", [])]
+        dropped = [f"{c[0]}: {built[b].name} {built[b].error}" for c, b in zip(spec.get("candidates", []),
+                                                                          spec.get("builds", [])) if built[b].error]
         spec["candidates"] = [c for c, b in zip(spec.get("candidates", []), spec.get("builds", [])) if not built[b].error]
         if spec["engine"] == "onnxpipe" and not spec["candidates"]:
             results[spec["name"]] = {"name": spec["name"], "not_run": "; ".join(m for m in missing if m)}
@@ -552,6 +555,8 @@ def main_device(args: argparse.Namespace) -> int:
                                                   deadline, gpu)
                 results[spec["name"]].setdefault("fallbacks", []).insert(0, why)
         r = results[spec["name"]]
+        if dropped and "not_run" not in r:
+            r["fallbacks"] = dropped + r.get("fallbacks", [])
         log(f"{spec['name']}: " + (r.get("not_run") or f"{r['tokens']} tokens in {r['seconds']:.2f}s"))
 
     report = device_report(args, shape, texts, batch_tokens, builds, results, time.monotonic() - t_start,
@@ -639,7 +644,10 @@ def device_report(args, shape: str, texts: list[str], batch_tokens: int, builds:
                                    "the engine process's peak RSS"),
               "- dloglik: |loglik - transformers fp32's| per record (natural log, the record's sum), and the same "
               "divided by the record's scored tokens. fp16 check: onnxpipe fp16's worst per-token error within "
-              f"{FP16_FACTOR:g}x transformers fp16's own (the yardstick row) + 1e-3.",
+              f"{FP16_FACTOR:g}x transformers fp16's own (the yardstick row) + 1e-3. The weights are random "
+              "(initializer_range 0.1: confident, mostly wrong predictions), so the int4/int8 perplexity changes say "
+              "nothing about quantization quality (docs/quantization.md measures that on trained models); they "
+              "show the graphs ran and how far they moved.",
               ]
     return {"markdown": "\n".join(lines) + "\n",
             "json": {"device": args.device, "device_name": device_name(args.device), "shape": shape,
