@@ -618,7 +618,9 @@ def device_report(args, shape: str, texts: list[str], batch_tokens: int, builds:
         else:
             cpu = r["nodes"].get("CPUExecutionProvider", {})
             total = sum(sum(v.values()) for v in r["nodes"].values())
-            if args.device == "cuda":
+            if args.device == "cuda" and not total:
+                notes.append("node placement not seen (no node events in onnxruntime's profile)")
+            elif args.device == "cuda":
                 top = sorted(cpu.items(), key=lambda kv: (kv[0] not in QUANT_OPS, -kv[1]))  # all ops in the JSON
                 notes.append(f"{sum(cpu.values())}/{total} nodes on the CPU EP"
                              + (f" ({', '.join(f'{k} x{v}' for k, v in top[:6])}{', ...' if len(top) > 6 else ''})"
