@@ -149,16 +149,17 @@ def check_decoders(
     decode_steps: int = 4,
     seed: int = 0,
     padding_side: str = "left",
+    reference_padding_side: str = "left",
 ) -> ParityReport:
-    """Run both decoders on the same prompts and compare every real position's logits. The reference always
-    gets them left-padded; the candidate gets them padded on ``padding_side`` (right for the CUDA attention form,
-    which counts the mask instead of applying it). A right-padded row's mask has a hole after its decode steps
-    (the new column comes after the padding): an exported graph that builds a sliding window from column indices
-    would read that wrongly, which is why the reference never runs right-padded."""
+    """Run both decoders on the same prompts and compare every real position's logits. Each side gets them padded
+    on its own graph's side: left for exported and CPU-form graphs, right for the CUDA attention form (which counts
+    the mask instead of applying it). A right-padded row's mask has a hole after its decode steps (the new column
+    comes after the padding): an exported graph that builds a sliding window from column indices would read that
+    wrongly, which is why an exported reference is never fed right-padded."""
     vocab = manifest.model["vocab_size"]
-    ids, mask = left_padded_batch(vocab, prompt_lengths, seed)
+    ids, mask = left_padded_batch(vocab, prompt_lengths, seed, side=reference_padding_side)
     ref = run_trace(reference, manifest, ids, mask, decode_steps, ref_kv_dtype or kv_dtype)
-    if padding_side != "left":
+    if padding_side != reference_padding_side:
         ids, mask = left_padded_batch(vocab, prompt_lengths, seed, side=padding_side)
     cand = run_trace(candidate, manifest, ids, mask, decode_steps, kv_dtype, forced_tokens=ref.tokens)
     return compare(ref, cand, prompt_lengths)

@@ -349,7 +349,8 @@ def _output_manifest(src: Manifest, model_path: Path, cfg: QuantizeConfig) -> Ma
 
 
 def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: QuantizeConfig) -> Any:
-    """Prefill + decode steps on a left-padded batch against the input model (parity.check_decoders).
+    """Prefill + decode steps on a padded batch (the input's padding side) against the input model
+    (parity.check_decoders).
 
     fp16 is judged with the fp16 tolerance; integer modes are recorded only, and judged by the quality report.
     """
@@ -362,7 +363,9 @@ def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: Quan
 
     ref = ort_step_fn(reference_session(src.model_path), src.manifest)
     cand = ort_step_fn(measure_session(model_path), manifest)
-    report = check_decoders(ref, cand, manifest, kv_dtype=kv_dtype(manifest), ref_kv_dtype=kv_dtype(src.manifest))
+    side = src.manifest.graph.get("padding_side", "left")  # quantizing keeps the input's padding side
+    report = check_decoders(ref, cand, manifest, kv_dtype=kv_dtype(manifest), ref_kv_dtype=kv_dtype(src.manifest),
+                            padding_side=side, reference_padding_side=side)
     if cfg.mode == "fp16" and src.manifest.graph.get("dtype") == "fp32":
         report.judge(TOLERANCE["fp16"])
     return report

@@ -198,3 +198,30 @@ def test_graph_slots_without_graphs_give_the_same_tokens(cuda_form):
         [r.token_ids for r in plain.generate(PROMPTS[:1], max_new_tokens=12)]
     runs = {key: slot.runs for key, slot in slots.session._graphs.items()}
     assert runs[(3, 128)] == 2 * 11 and runs[(1, 128)] == 11, runs  # capacity: the tiny model's 128 positions
+
+
+def test_quantizing_the_cuda_form_checks_it_right_padded(tmp_path, monkeypatch):
+    """quantize keeps the input's padding side and feeds both sides of its decode-path check that way (an
+    exported reference would be fed left-padded; a CUDA-form one padded left reads pad tokens as real); fp16 of the
+    CUDA form of the trained llama-stdlib then passes the fp16 tolerance."""
+    from onnxpipe import parity
+    from onnxpipe.export import export_decoder
+    from onnxpipe.quant import quantize_model
+
+    seen = []
+    real = parity.check_decoders
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("reference_padding_side", "left"), kwargs.get("padding_side", "left")))
+        return real(*args, **kwargs)
+
+    root = Path(__file__).resolve().parents[2]
+    export_decoder(root / "models" / "llama-stdlib", tmp_path / "exported")
+    optimize_model(tmp_path / "exported", tmp_path / "cuda", level=3, target="cuda", verify=False)
+    monkeypatch.setattr(parity, "check_decoders", spy)
+    quantize_model(tmp_path / "cuda", tmp_path / "fp16", "fp16", max_eval_tokens=512)
+    assert seen == [("right", "right")]
+    manifest = json.loads((tmp_path / "fp16" / "onnxpipe.json").read_text())
+    assert manifest["graph"]["padding_side"] == "right" and manifest["graph"]["kv"]["shares_buffer"]
+    check = manifest["steps"][-1]["check"]
+    assert check["passed"] and check["greedy_agreement"] == 1.0, check
