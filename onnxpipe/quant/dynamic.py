@@ -24,7 +24,8 @@ default) or for all layers (``"tensor"``, ``"token"``):
   CANDIDATE_THRESHOLDS in turn, from none (per tensor everywhere, the fastest) down to all, and the first whose
   perplexity on the same prefills is within PPL_BUDGET_PCT of the float model's is kept (none within: the one that
   lost least). Per tensor where it costs nothing measurable, per token where it is needed. The figures, the
-  candidates tried and the choice go into the manifest.
+  candidates tried and the choice go into the manifest. The search holds the float model and one candidate's
+  working copy in memory at a time (twice the model), and writes each candidate beside the output.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ def quantize_int4(
                                "lm_head": ("int4" if head in body else "fp32") if head else None}
     if cfg.block_size == PER_CHANNEL:
         details["block_size"] = "per channel"
+        details["accuracy_level"] = "ORT session option session.qdq_matmulnbits_accuracy_level (default 4)"
         details["format"] = ("QDQ: DequantizeLinear (uint4, axis 1) -> MatMul, opset 21; ORT fuses it into "
                              "MatMulNBits at load (accuracy level from the session, default 4)")
         _use_opset_21(proto)
