@@ -64,6 +64,7 @@ def optimize_model(
     except Exception as e:  # protobuf/onnx raise many types for a corrupt file
         raise OnnxpipeError(f"{src.model_path}: not a readable ONNX model ({_first_line(e)})") from None
     ctx = PassContext(model_info=dict(manifest.model), target=target, dtype=dtype)
+    ctx.graph_notes["padding_side"] = manifest.graph.get("padding_side", "left")  # a pass may change it
     # the check feeds the candidate padded on the side its graph notes say (right once attention.py has made the
     # CUDA form); the reference is always left-padded
     checker = pipeline.Checker(manifest, dtype, providers, decode_steps, ctx) if verify else None

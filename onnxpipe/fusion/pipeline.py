@@ -120,14 +120,17 @@ class Checker:
     decode_steps: int = 4
     ctx: PassContext | None = None  # its graph_notes["padding_side"] says how the candidate is padded
 
-    def check(self, reference: bytes | Path, candidate: bytes | Path) -> Any:
+    def check(self, reference: bytes | Path, candidate: bytes | Path, reference_padding_side: str | None = None) -> Any:
+        """reference_padding_side: how the reference graph pads (default: the source directory's side)."""
         from onnxpipe.parity import TOLERANCE, check_decoders, ort_step_fn
 
         ref = ort_step_fn(_session(reference, self.providers, optimized=False), self.manifest)
         cand = ort_step_fn(_session(candidate, self.providers, optimized=True), self.manifest)
         kv_dtype = np.float16 if self.dtype == "fp16" else np.float32
         report = check_decoders(ref, cand, self.manifest, kv_dtype=kv_dtype, decode_steps=self.decode_steps,
-                                padding_side=(self.ctx.graph_notes if self.ctx else {}).get("padding_side", "left"))
+                                padding_side=(self.ctx.graph_notes if self.ctx else {}).get("padding_side", "left"),
+                                reference_padding_side=reference_padding_side or self.manifest.graph.get(
+                                    "padding_side", "left"))
         return report.judge(TOLERANCE[self.dtype])
 
 
@@ -186,7 +189,8 @@ def run_passes(
         changed = candidate is not None and (isinstance(candidate, Path) or candidate != current)
         check = None
         if changed and checker is not None:
-            check, reason = _check(checker, current, candidate)
+            # the reference is the previous snapshot: padded the way the notes said before this pass
+            check, reason = _check(checker, current, candidate, notes_before.get("padding_side", "left"))
         if reason is not None:
             model, status = restore(current), "rolled_back"
             ctx.graph_notes.clear()  # what the rolled-back pass noted (padding side, op requirements) goes too
@@ -223,10 +227,11 @@ def _apply(p: FusionPass, model: ir.Model, ctx: PassContext, spill_dir: Path | N
         return fused, None, f"{type(e).__name__}: {_first_line(e)}"
 
 
-def _check(checker: Checker, reference: bytes | Path, candidate: bytes | Path) -> tuple[dict | None, str | None]:
+def _check(checker: Checker, reference: bytes | Path, candidate: bytes | Path, reference_padding_side: str
+           ) -> tuple[dict | None, str | None]:
     """(the parity report, why the candidate fails or None)."""
     try:
-        report = checker.check(reference, candidate)
+        report = checker.check(reference, candidate, reference_padding_side)
     except Exception as e:  # ORT refused the graph or failed to run it
         return None, f"ORT could not run the result: {type(e).__name__}: {_first_line(e)}"
     return report.to_json(), None if report.passed else f"parity failed: {report.summary()}"
