@@ -239,6 +239,7 @@ class Build:
     seconds: float | None = None
     error: str | None = None
     reused: bool = False
+    stderr: str = ""
 
     def run(self, deadline: float) -> None:
         from onnxpipe.artifact import ModelDir
@@ -253,6 +254,7 @@ class Build:
         try:
             proc = subprocess.run([sys.executable, "-m", "onnxpipe", *self.argv], capture_output=True, text=True,
                                   timeout=max(1.0, deadline - time.monotonic()), cwd=REPO)
+            self.stderr = proc.stderr[-50_000:]
             if proc.returncode != 0:
                 lines = [x for x in proc.stderr.splitlines() if x.strip()]
                 self.error = f"exit {proc.returncode}: {lines[-1][:300] if lines else 'no message'}"
@@ -561,6 +563,13 @@ def main_device(args: argparse.Namespace) -> int:
 
     report = device_report(args, shape, texts, batch_tokens, builds, results, time.monotonic() - t_start,
                            count_params(hf))
+    logs = out_dir / "logs"  # what each build and engine process said, for a run that cannot be repeated soon
+    logs.mkdir(exist_ok=True)
+    for b in builds:
+        (logs / f"build-{b.name}.log").write_text(b.stderr)
+    for spec in specs:
+        if (work / f"child-{spec['name']}.log").is_file():
+            shutil.copy(work / f"child-{spec['name']}.log", logs / f"{spec['name']}.log")
     (out_dir / "bench_score.json").write_text(json.dumps(report["json"], indent=1))
     (out_dir / "bench_score.md").write_text(report["markdown"])
     print(report["markdown"])
