@@ -210,7 +210,7 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
 @click.argument("in_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
 @click.option("--mode", type=click.Choice(["dynamic", "static", "int4", "fp16"]), required=True,
-              help="dynamic: int8 weights, run-time activations; static: int8 QDQ, calibrated; int4: weight-only MatMulNBits; "
+              help="dynamic: int8 weights, run-time activations; static: int8 QDQ, calibrated; int4: weight-only MatMulNBits (from an fp32 directory, or an fp16 one for the GPU); "
                    "fp16: mixed precision for GPUs.")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration text or JSONL (static; int4 --algo gptq; dynamic --activations auto, "
                    "where data/calibration.txt is the default).")
@@ -230,9 +230,9 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="int4: MatMulNBits compute type (4 = int8, fast on CPU; 0 = unset).")
 @click.option("--lm-head", type=click.Choice(["auto", "fp32", "int8", "int4"]), default="auto", show_default=True,
-              help="LM head precision (auto: 8-bit per vocabulary row, one table with the embedding when tied; fp16 under fp16).")
+              help="LM head precision (auto: 8-bit per vocabulary row, one table with the embedding when tied; left fp16 under --mode fp16 and for an fp16 input).")
 @click.option("--embeddings", type=click.Choice(["auto", "fp32", "int8"]), default="auto", show_default=True,
-              help="Token embedding table (auto: 8-bit per row, except under fp16).")
+              help="Token embedding table (auto: 8-bit per row, except under fp16 and for an fp16 input).")
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Held-out text for the quality report [default: data/eval.txt].")
 @click.option("--eval-tokens", type=click.IntRange(2, None), default=None, help="Score only the first N tokens of the eval text.")
 @click.option("--calib-samples", type=click.IntRange(1, 4096), default=32, show_default=True, help="Calibration samples (at most).")

@@ -154,11 +154,7 @@ def quantize_model(
     cfg = QuantizeConfig(mode=mode, **options)
     validate(cfg)
     src = ModelDir.open(in_dir)
-    if src.manifest.graph.get("dtype", "fp32") != "fp32":
-        raise OnnxpipeError(
-            f"{src.path} is {src.manifest.graph.get('dtype')}; quantize from an fp32 model directory "
-            "(export or optimize with --dtype fp32)"
-        )
+    cfg = _for_input_dtype(cfg, src)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
     if out_dir.absolute() == src.path.absolute():
@@ -220,6 +216,25 @@ def _read_texts(src: ModelDir, cfg: QuantizeConfig, log: Log) -> tuple[np.ndarra
     if len(eval_ids) < 2:
         raise OnnxpipeError(f"{cfg.eval_file}: the eval file has {len(eval_ids)} tokens; at least 2 are needed")
     return samples, eval_ids, cfg.eval_context or default_context(src.manifest)
+
+
+def _for_input_dtype(cfg: QuantizeConfig, src: ModelDir) -> QuantizeConfig:
+    """fp32 input: every mode. fp16 input (the GPU path): int4 only, weights to MatMulNBits with fp16 scales and
+    fp16 activations; the LM head and the token table stay fp16 unless --lm-head int4 (the 8-bit vocabulary
+    tables are an fp32-graph form)."""
+    import dataclasses
+
+    dtype = src.manifest.graph.get("dtype", "fp32")
+    if dtype == "fp32":
+        return cfg
+    if dtype != "fp16" or cfg.mode != "int4":
+        raise OnnxpipeError(f"{src.path} is {dtype}; quantize from an fp32 model directory (export or optimize "
+                            "with --dtype fp32); an fp16 one takes --mode int4 only")
+    if "int8" in (cfg.lm_head, cfg.embeddings):
+        raise OnnxpipeError("an fp16 input keeps the LM head and embeddings fp16 or puts the head in int4 "
+                            "(--lm-head int4); 8-bit vocabulary tables are for fp32 inputs")
+    return dataclasses.replace(cfg, lm_head="fp32" if cfg.lm_head == "auto" else cfg.lm_head,
+                               embeddings="fp32" if cfg.embeddings == "auto" else cfg.embeddings)
 
 
 def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.ndarray | None, log: Log,

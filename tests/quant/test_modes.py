@@ -210,7 +210,20 @@ def test_ppl_gate_writes_nothing(tok_model, small_eval: Path, tmp_path: Path, mo
     assert (out / "onnxpipe.json").is_file() and not (out / "keep.txt").exists()
 
 
-def test_fp16_input_is_refused(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_fp16_input_takes_int4_only(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """The GPU path: an fp16 directory quantizes to int4 weights with fp16 scales and activations (head and
+    table left fp16 by default); the integer-activation modes refuse it with a one-line reason."""
     half = quantize(tok_model("llama"), tmp_path / "half", "fp16", small_eval)
-    with pytest.raises(OnnxpipeError, match="is fp16; quantize from an fp32 model directory"):
+    with pytest.raises(OnnxpipeError, match="is fp16; quantize from an fp32 model directory.*--mode int4 only"):
         quantize(half.path, tmp_path / "again", "dynamic", small_eval)
+    with pytest.raises(OnnxpipeError, match="8-bit vocabulary tables are for fp32 inputs"):
+        quantize(half.path, tmp_path / "again", "int4", small_eval, lm_head="int8")
+    md = quantize(half.path, tmp_path / "int4", "int4", small_eval)
+    check_directory(md, "int4")
+    assert md.manifest.graph["dtype"] == "fp16"
+    proto = onnx.load(str(md.model_path))
+    inits = {t.name: t for t in proto.graph.initializer}
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(inits[n.input[2]].data_type == onnx.TensorProto.FLOAT16 for n in nbits)  # fp16 scales
+    assert [n.op_type for n in proto.graph.node].count("MatMul") == 1  # the LM head, left fp16
+    assert md.manifest.steps[-1]["quality"]["ppl_change_pct"] < 10.0
