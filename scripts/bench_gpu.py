@@ -49,11 +49,15 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "onnxpipe": "onnxpipe (export -> optimize L3 -> runtime)",
     "onnxpipe_graph": "onnxpipe + CUDA graphs",
     "onnxpipe_graph_xqa": "onnxpipe + CUDA graphs + XQA decode kernel",
+    "onnxpipe_int4_graph": "onnxpipe int4 + CUDA graphs",
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
+    "genai_int4": "ORT GenAI int4",
+    "genai_int4_graph": "ORT GenAI int4 + CUDA graphs",
 }
 LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
-PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_graph", "onnxpipe_graph_xqa", "genai", "genai_graph", "torch_compile"]  # eager first: its tokens are the
+PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_graph", "onnxpipe_graph_xqa", "genai", "genai_graph",
+            "onnxpipe_int4_graph", "genai_int4", "genai_int4_graph", "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 RESULT = "@@RESULT "
 
@@ -157,12 +161,31 @@ def child_build_onnxpipe(spec: dict) -> None:
          passes={p.name: {"status": p.status, **{k: str(v) for k, v in p.fused.items()}} for p in res.passes})
 
 
-def child_build_genai(spec: dict) -> None:
+def child_build_onnxpipe_int4(spec: dict) -> None:
+    """int4 weights (RTN, MatMulNBits, fp16 scales and activations, LM head included as GenAI's int4 does) from the
+    optimized fp16 CUDA form; waits for that build. Its quality report runs on the CPU over a short eval text."""
+    from onnxpipe.quant import quantize_model
+
+    deadline = time.time() + 400
+    while not (Path(spec["optimized"]) / "onnxpipe.json").is_file():
+        if time.time() > deadline:
+            emit("build", stage="onnxpipe_int4", error="the optimized model never appeared")
+            return
+        time.sleep(2)
+    t = time.perf_counter()
+    res = quantize_model(spec["optimized"], spec["int4"], "int4", force=True, algo="rtn", block_size=32,
+                         lm_head="int4", max_eval_tokens=64, log=lambda m: print(m, flush=True))
+    q = res.step.get("quality", {})
+    emit("build", stage="onnxpipe_int4", seconds=round(time.perf_counter() - t, 1),
+         size_MB=round(q.get("size_after", 0) / 1e6, 1), ppl_change_pct=q.get("ppl_change_pct"))
+
+
+def child_build_genai(spec: dict, stage: str = "genai") -> None:
     import importlib.util
 
     found = importlib.util.find_spec("onnxruntime_genai")
     if found is None:
-        emit("build", stage="genai", error="onnxruntime_genai is not installed")
+        emit("build", stage=stage, error="onnxruntime_genai is not installed")
         return
     builder = Path(found.origin).parent / "models" / "builder.py"
     t = time.perf_counter()
@@ -170,9 +193,9 @@ def child_build_genai(spec: dict) -> None:
            "-e", spec["genai_ep"], "-c", spec["genai"] + "-cache"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        emit("build", stage="genai", error=(p.stderr or p.stdout).strip().splitlines()[-1][:300] if (p.stderr or p.stdout).strip() else f"rc {p.returncode}")
+        emit("build", stage=stage, error=(p.stderr or p.stdout).strip().splitlines()[-1][:300] if (p.stderr or p.stdout).strip() else f"rc {p.returncode}")
         return
-    emit("build", stage="genai", seconds=round(time.perf_counter() - t, 1), command=" ".join(cmd[1:]))
+    emit("build", stage=stage, seconds=round(time.perf_counter() - t, 1), command=" ".join(cmd[1:]))
 
 
 def prompts(spec: dict, batch: int):
@@ -261,7 +284,8 @@ def child_onnxpipe(spec: dict) -> None:
 
     from onnxpipe.errors import OnnxpipeError
 
-    graph = ("optimized (level 3)" + (", CUDA graphs" if spec.get("cuda_graph") else "")
+    graph = ("optimized (level 3)" + (", int4 RTN" if spec["optimized"] == spec.get("int4") else "")
+             + (", CUDA graphs" if spec.get("cuda_graph") else "")
              + (", ORT_ENABLE_XQA=1" if os.environ.get("ORT_ENABLE_XQA") == "1" else ""))
     try:
         lm = load(spec["optimized"], spec["provider"], announce=lambda m: print(m, flush=True),
@@ -448,6 +472,12 @@ CHILDREN = {
     "onnxpipe_graph_xqa": lambda s: (os.environ.__setitem__("ORT_ENABLE_XQA", "1"),
                                      child_onnxpipe(dict(s, cuda_graph=True)))[1],
     "onnxpipe_profile": child_onnxpipe_profile,
+    "onnxpipe_int4_graph": lambda s: child_onnxpipe(dict(s, cuda_graph=True, optimized=s["int4"])),
+    "build_onnxpipe_int4": lambda s: child_build_onnxpipe_int4(s),
+    "build_genai_int4": lambda s: child_build_genai(dict(s, genai=s["genai_int4"], genai_precision="int4"),
+                                                    stage="genai_int4"),
+    "genai_int4": lambda s: child_genai(dict(s, genai=s["genai_int4"]), graphs=False),
+    "genai_int4_graph": lambda s: child_genai(dict(s, genai=s["genai_int4"]), graphs=True),
     "genai": lambda s: child_genai(s, graphs=False),
     "genai_graph": lambda s: child_genai(s, graphs=True),
 }
@@ -557,7 +587,8 @@ def main_orchestrate(args) -> int:
             "prompt": args.prompt, "new": args.new_tokens, "repeats": args.repeats, "agree_steps": args.agree_steps,
             "profile_steps": args.profile_steps,
             "work": str(work), "hf": str(work / "hf"), "exported": str(work / "exported"),
-            "optimized": str(work / "optimized"), "genai": str(work / "genai"), "target": args.target or ("cuda" if cuda else "cpu"),
+            "optimized": str(work / "optimized"), "genai": str(work / "genai"), "int4": str(work / "int4"),
+            "genai_int4": str(work / "genai-int4"), "target": args.target or ("cuda" if cuda else "cpu"),
             "provider": "cuda" if cuda else "cpu", "genai_precision": "fp16" if cuda else "fp32",
             "genai_ep": "cuda" if cuda else "cpu", "reference_tokens": str(work / "torch_tokens.json")}
     res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": " ".join(sys.argv),
@@ -598,6 +629,10 @@ def main_orchestrate(args) -> int:
     builds = {"onnxpipe": Child("build_onnxpipe", spec, log, build_cores)}
     if ("genai" in args.anchors or "genai_graph" in args.anchors) and (cuda or args.genai_cpu):
         builds["genai"] = Child("build_genai", spec, log, build_cores)
+    if "onnxpipe_int4_graph" in args.anchors:
+        builds["onnxpipe_int4"] = Child("build_onnxpipe_int4", spec, log, build_cores)
+    if ("genai_int4" in args.anchors or "genai_int4_graph" in args.anchors) and (cuda or args.genai_cpu):
+        builds["genai_int4"] = Child("build_genai_int4", spec, log, build_cores)
     build_state: dict[str, str | None] = {}  # None: ready; str: why not
 
     def build_done(name: str, block: bool) -> bool:
@@ -608,7 +643,8 @@ def main_orchestrate(args) -> int:
         if c is None:
             build_state[name] = "not requested"
             return True
-        want = {"onnxpipe": "optimize", "genai": "genai"}[name]
+        want = {"onnxpipe": "optimize", "genai": "genai", "onnxpipe_int4": "onnxpipe_int4",
+                "genai_int4": "genai_int4"}[name]
         while True:
             if block:
                 r = c.next(deadline - args.reserve_s)
@@ -633,25 +669,27 @@ def main_orchestrate(args) -> int:
                 return True
 
     needs = {"onnxpipe": "onnxpipe", "onnxpipe_graph": "onnxpipe", "onnxpipe_graph_xqa": "onnxpipe",
+             "onnxpipe_int4_graph": "onnxpipe_int4", "genai_int4": "genai_int4", "genai_int4_graph": "genai_int4",
              "onnxpipe_profile": "onnxpipe", "genai": "genai",
              "genai_graph": "genai"}
     small = [b for b in args.batches if b <= 8]
     large = [b for b in args.batches if b > 8]
     order = sorted(args.anchors, key=PRIORITY.index)
-    plan = [(a, [1] if a == "genai_graph" else small) for a in order]
+    plan = [(a, [1] if a in ("genai_graph", "genai_int4_graph") else small) for a in order]
     if "onnxpipe" in args.anchors and args.profile_steps > 1:
         plan.append(("onnxpipe_profile", [1]))
-    plan += [(a, large) for a in order if a != "genai_graph"]
-    if "genai_graph" in args.anchors:  # GenAI captures CUDA graphs only at batch 1
-        res["skipped"] += [{"what": f"{ANCHORS['genai_graph']} b{b}", "why": "GenAI's CUDA graphs are for batch 1"}
-                           for b in args.batches if b != 1]
+    plan += [(a, large) for a in order if a not in ("genai_graph", "genai_int4_graph")]
+    for graphs in ("genai_graph", "genai_int4_graph"):  # GenAI captures CUDA graphs only at batch 1
+        if graphs in args.anchors:
+            res["skipped"] += [{"what": f"{ANCHORS[graphs]} b{b}", "why": "GenAI's CUDA graphs are for batch 1"}
+                               for b in args.batches if b != 1]
     plan = [(a, bs) for a, bs in plan if bs]
     while plan:
         # the first row in priority order whose model is built; when every left row waits on a build, wait
         ready = [item for item in plan if item[0] not in needs or build_done(needs[item[0]], block=False)]
         anchor, batches = ready[0] if ready else plan[0]
         plan.remove((anchor, batches))
-        if anchor in ("genai", "genai_graph") and not cuda and not args.genai_cpu:
+        if anchor.startswith("genai") and not cuda and not args.genai_cpu:
             res["skipped"].append({"what": f"{LABELS[anchor]} b{batches}", "why": "cpu run without --genai-cpu"})
             continue
         why = None
@@ -729,10 +767,16 @@ def versions() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- table
-def floors(res: dict, batch: int) -> dict | None:
+def floors(res: dict, batch: int, int4: bool = False) -> dict | None:
+    """The memory-bandwidth floor; for int4 rows the weight bytes are onnxpipe's int4 directory's size."""
     s = res.get("setup")
     if not s:
         return None
+    if int4:
+        size = (res.get("builds", {}).get("onnxpipe_int4") or {}).get("size_MB")
+        if not size:
+            return None
+        s = dict(s, weight_bytes=size * 1e6)
     sh = SHAPES[res["shape"]]
     kv_per_token = 2 * sh["num_hidden_layers"] * sh["num_key_value_heads"] * (sh["hidden_size"] // sh["num_attention_heads"]) \
         * (2 if res["dtype"] == "fp16" else 4)
@@ -758,12 +802,14 @@ def render(res: dict) -> str:
     lines.append("| anchor | batch | prefill ms | decode ms/step | tokens/s | peak GPU MB | decode vs fastest anchor "
                  "| decode vs floor | tok/s vs floor | prefill vs fastest |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
-    anchors = [r for r in rows if r["anchor"] != "onnxpipe"]
-    for batch in sorted({r["batch"] for r in rows}):
-        here = [r for r in rows if r["batch"] == batch]
-        best_dec = min((r["decode_ms"] for r in anchors if r["batch"] == batch), default=None)
-        best_pre = min((r["prefill_ms"] for r in anchors if r["batch"] == batch), default=None)
-        f = floors(res, batch)
+    # "fastest anchor": the fastest of the others (not onnxpipe's rows), int4 rows against int4 anchors
+    anchors = [r for r in rows if not r["anchor"].startswith("onnxpipe")]
+    for batch, int4 in sorted({(r["batch"], "int4" in r["anchor"]) for r in rows}):
+        here = [r for r in rows if r["batch"] == batch and ("int4" in r["anchor"]) == int4]
+        mine = [r for r in anchors if r["batch"] == batch and ("int4" in r["anchor"]) == int4]
+        best_dec = min((r["decode_ms"] for r in mine), default=None)
+        best_pre = min((r["prefill_ms"] for r in mine), default=None)
+        f = floors(res, batch, int4)
         for r in sorted(here, key=lambda r: list(ANCHORS).index(r["anchor"])):
             ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"  # noqa: E731
             lines.append(
@@ -772,7 +818,8 @@ def render(res: dict) -> str:
                 f"{ratio(r['decode_ms'], f['decode_ms']) if f else '-'} | "
                 f"{ratio(r['tok_s'], f['tok_s']) if f else '-'} | {ratio(r['prefill_ms'], best_pre)} |")
         if f:
-            lines.append(f"| *floor* | {batch} | {f['prefill_ms']:.2f} | {f['decode_ms']:.3f} | {f['tok_s']:,.0f} | | | | | |")
+            lines.append(f"| *floor{' (int4 bytes)' if int4 else ''}* | {batch} | {f['prefill_ms']:.2f} | "
+                         f"{f['decode_ms']:.3f} | {f['tok_s']:,.0f} | | | | | |")
     for r in rows:
         ag = r.get("info", {}).get("agreement_vs_torch")
         if ag:
