@@ -222,7 +222,7 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
                    "per layer from the calibration text's prefills: per token for the fewest layers that keep "
                    "perplexity there within 1% (auto; data/calibration.txt unless --calibration).")
 @click.option("--smoothquant", "smoothquant", type=float, default=None, metavar="ALPHA",
-              help="static: migrate activation outliers into weights first (alpha in (0, 1], 0.5 is usual).")
+              help="static, dynamic: migrate activation outliers into weights first (alpha in (0, 1], 0.5 is usual).")
 @click.option("--block-size", type=int, default=32, show_default=True,
               help="int4: weights per scale along the input axis (a power of two >= 16, as MatMulNBits); 0 = one scale "
                    "per output channel, written as uint4 DequantizeLinear -> MatMul (opset 21; rtn and gptq).")

@@ -46,6 +46,7 @@ ROWS = [
     Row("dynamic int8, per-token activation scales everywhere", "dynamic", {"activations": "token"}),
     Row("dynamic int8, per-tensor activation scales everywhere", "dynamic", {"activations": "tensor"}),
     Row("dynamic int8, LM head + embeddings left fp32", "dynamic", {"lm_head": "fp32", "embeddings": "fp32"}),
+    Row("dynamic int8 + SmoothQuant 0.5", "dynamic", {"smoothquant": 0.5}),
     Row("static int8 minmax, per-channel", "static", {"method": "minmax", "per_channel": True}),
     Row("static int8 minmax, per-channel + SmoothQuant 0.5", "static", {"method": "minmax", "per_channel": True, "smoothquant": 0.5}),
     Row("static int8 entropy, per-channel", "static", {"method": "entropy", "per_channel": True}),
@@ -69,6 +70,7 @@ PLANTED_ROWS = [
     Row("planted outliers: static int8 minmax, per-channel + SmoothQuant 0.5", "static", {"method": "minmax", "per_channel": True, "smoothquant": 0.5}),
     Row("planted outliers: dynamic int8 (default, per layer)", "dynamic"),
     Row("planted outliers: dynamic int8, per-tensor activation scales everywhere", "dynamic", {"activations": "tensor"}),
+    Row("planted outliers: dynamic int8 + SmoothQuant 0.5", "dynamic", {"smoothquant": 0.5}),
 ]
 PLANT_FACTOR, PLANT_CHANNELS = 40.0, 2
 

@@ -50,7 +50,7 @@ class QuantizeConfig:
     # from the calibration text's prefills ("auto", dynamic.py)
     activations: str = "auto"
     token_threshold: float | None = None  # dynamic auto: dynamic.TOKEN_THRESHOLD unless set
-    smoothquant: float | None = None  # static: SmoothQuant migration strength alpha in (0, 1]
+    smoothquant: float | None = None  # static, dynamic: SmoothQuant migration strength alpha in (0, 1]
     block_size: int = 32  # int4: weights per scale along the input dimension; 0: per output channel (int4.py)
     algo: str = "rtn"  # int4: rtn | gptq | hqq
     accuracy_level: int = 4  # int4: MatMulNBits compute type; 4 = int8 activations (fast on CPU)
@@ -65,7 +65,7 @@ class QuantizeConfig:
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"mode": self.mode, "lm_head": self.lm_head, "embeddings": self.embeddings}
         if self.mode == "dynamic":
-            p.update(activations=self.activations)
+            p.update(activations=self.activations, smoothquant=self.smoothquant)
             if self.activations == "auto":
                 p.update(token_threshold=self.token_threshold)
         if self.mode == "static":
@@ -80,7 +80,7 @@ class QuantizeConfig:
 
     def needs_calibration(self) -> bool:
         return (self.mode == "static" or (self.mode == "int4" and self.algo == "gptq")
-                or (self.mode == "dynamic" and self.activations == "auto"))
+                or (self.mode == "dynamic" and (self.activations == "auto" or self.smoothquant is not None)))
 
 
 @dataclass
@@ -107,8 +107,8 @@ def validate(cfg: QuantizeConfig) -> None:
         what = "static quantization" if cfg.mode == "static" else "int4 with --algo gptq"
         raise OnnxpipeError(f"{what} needs calibration text: pass --calibration FILE (text or JSONL), e.g. data/calibration.txt")
     if cfg.smoothquant is not None:
-        if cfg.mode != "static":
-            raise OnnxpipeError("--smoothquant applies to --mode static only")
+        if cfg.mode not in ("static", "dynamic"):
+            raise OnnxpipeError("--smoothquant applies to --mode static and dynamic only")
         if not 0.0 < cfg.smoothquant <= 1.0:
             raise OnnxpipeError(f"--smoothquant alpha must be in (0, 1], got {cfg.smoothquant}")
     if cfg.block_size != 0 and (cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1)):
@@ -207,7 +207,7 @@ def _read_texts(src: ModelDir, cfg: QuantizeConfig, log: Log) -> tuple[np.ndarra
     cfg.eval_file = resolve_eval_file(cfg.eval_file)
     tokenizer = load_tokenizer(src.path)
     samples = None
-    if cfg.mode == "dynamic" and cfg.activations == "auto" and cfg.calibration is None:
+    if cfg.mode == "dynamic" and cfg.needs_calibration() and cfg.calibration is None:
         cfg.calibration = default_calibration_file()
     if cfg.calibration is not None and cfg.needs_calibration():
         samples = calibration_samples(tokenizer, cfg.calibration, cfg.calib)
@@ -262,11 +262,17 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
             from onnxpipe.quant.dynamic import quantize_dynamic_int8
 
             feeds = None
-            if cfg.activations == "auto":
-                feeds = _prefill_feeds(src.manifest, samples, cfg, "activation statistics", progress)
+            if cfg.needs_calibration():
+                feeds = list(_prefill_feeds(src.manifest, samples, cfg, "calibration prefills", progress))
+            smoothing = None
+            if cfg.smoothquant is not None:
+                proto, smoothing = _smooth(proto, body, cfg.smoothquant, feeds, logits, log)
             details = quantize_dynamic_int8(proto, out_path, body, lm_head=cfg.lm_head, activations=cfg.activations,
-                                            feeds=feeds, threshold=cfg.token_threshold, logits=logits)
-            if feeds is not None:
+                                            feeds=feeds if cfg.activations == "auto" else None,
+                                            threshold=cfg.token_threshold, logits=logits)
+            if smoothing is not None:
+                details["smoothquant"] = smoothing
+            if cfg.activations == "auto":
                 details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
                 _log_activation_choice(details, log)
         elif cfg.mode == "static":
@@ -291,6 +297,20 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
                if before.get(k, 0) != after.get(k, 0)}
     log(f"ops changed: {', '.join(f'{k} {v}' for k, v in changed.items()) or 'none'}")
     return details
+
+
+def _smooth(proto: Any, body: Any, alpha: float, feeds: list[dict[str, np.ndarray]], logits: str,
+            log: Log) -> tuple[Any, dict[str, Any]]:
+    """SmoothQuant before dynamic int8: channel outliers moved into the weights (statistics from the calibration
+    prefills), checked to leave the float model's logits unchanged."""
+    from onnxpipe.quant.smoothquant import smooth_model
+
+    nodes = body.linears
+    proto, report = smooth_model(proto, nodes, alpha, feeds, feeds[0], logits)
+    log(f"SmoothQuant alpha {alpha}: {report.groups} groups ({report.folded} folded into norms, "
+        f"{report.inserted_muls} Mul inserted); worst channel outlier ratio {report.outlier_ratio_before:.1f} -> "
+        f"{report.outlier_ratio_after:.1f}; float equivalence rel err {report.equivalence_rel_err:.2g}")
+    return proto, report.to_json()
 
 
 def _log_activation_choice(details: dict[str, Any], log: Log) -> None:

@@ -100,7 +100,7 @@ def test_missing_calibration_file(tok_model, tmp_path: Path) -> None:  # noqa: A
 @pytest.mark.parametrize(
     "extra, fragments",
     [
-        (["--mode", "dynamic", "--smoothquant", "0.5"], ["--smoothquant applies to --mode static only"]),
+        (["--mode", "int4", "--smoothquant", "0.5"], ["--smoothquant applies to --mode static and dynamic only"]),
         (["--mode", "static", "--smoothquant", "1.5", "--calibration", str(CALIBRATION)], ["alpha must be in (0, 1]"]),
         (["--mode", "int4", "--block-size", "48"], ["--block-size must be a power of two", "or 0 for per channel"]),
         (["--mode", "int4", "--block-size", "0", "--algo", "hqq"], ["per channel", "not hqq"]),
