@@ -157,3 +157,24 @@ def test_head_choice():
 
     with pytest.raises(OnnxpipeError, match="logits head"):
         ScoreConfig(head="gpu").check()
+
+
+def test_gpu_scoring_sessions_use_basic_graph_optimizations(tiny_onnx, monkeypatch):
+    """A scoring session bound for a GPU gets ORT_ENABLE_BASIC (the first run of each new batch shape is cheap
+    there); the CPU, including a GPU request that fell back to it, keeps onnxruntime's default level."""
+    import onnxruntime as ort
+
+    from onnxpipe.runtime import providers
+    from onnxpipe.runtime.score import WindowScorer, gpu_session_options
+
+    assert gpu_session_options("cpu") is None
+    monkeypatch.setattr(providers, "available_providers", lambda: ["cuda", "cpu"])
+    assert gpu_session_options("cuda").graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert gpu_session_options("auto").graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert gpu_session_options("cpu") is None
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return  # the fallback below needs a CUDA EP that does not start
+    said: list[str] = []
+    scorer = WindowScorer.open(tiny_onnx("llama"), "cuda", announce=said.append)
+    assert scorer.head is None and "basic" not in scorer.provider and any("using cpu" in m for m in said)
+    assert scorer.session.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
