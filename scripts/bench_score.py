@@ -396,8 +396,10 @@ def placement(model_dir: Path, provider: str, threads: int | None, work: Path) -
     from onnxpipe.runtime.providers import create_session
     from onnxpipe.runtime.score import WindowScorer
 
+    from onnxpipe.runtime.score import gpu_session_options
+
     md = ModelDir.open(model_dir)
-    so = ort.SessionOptions()
+    so = gpu_session_options(provider) or ort.SessionOptions()  # the graph optimization level score() uses
     so.enable_profiling = True
     so.profile_file_prefix = str(work / f"placement-{model_dir.name}")
     session, choice = create_session(md.model_path, provider, threads=threads, session_options=so,
