@@ -180,7 +180,10 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         if rotary is not None:
             query, key, cos_cache, sin_cache, interleaved = rotary
             extra, attrs = [cos_cache, sin_cache], {"rotary_interleaved": interleaved}
-        packed = _packed_projection(op, self._graph, query, key, value)
+        info = current_context().model_info
+        head_dim = int(info["head_dim"])
+        packed = (_packed_projection(op, self._graph, query, key, value)
+                  or _sliced_qkv(query, key, value, self._heads * head_dim, self._kv_heads * head_dim))
         if packed is not None:
             query, key, value = packed, None, None
         return op.GroupQueryAttention(
@@ -250,6 +253,36 @@ def _packed_projection(op, graph: ir.Graph, query: ir.Value, key: ir.Value, valu
                             np.concatenate([np.asarray(p[2].const_value.numpy()) for p in parts]))
         packed = op.Add(packed, bias)
     return packed
+
+
+def _sliced_qkv(query: ir.Value, key: ir.Value, value: ir.Value, dq: int, dkv: int) -> ir.Value | None:
+    """The packed tensor when q, k and v are the consecutive last-axis slices [0, dq), [dq, dq + dkv),
+    [dq + dkv, end) of one [B, S, dq + 2 dkv] tensor, each read only there (Phi-3 exports its fused qkv_proj so).
+    Else None."""
+    spans = []
+    for v in (query, key, value):
+        node = v.producer()
+        if node is None or node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(v.uses()) != 1:
+            return None
+        ints = [_ints(x) if x is not None else None for x in node.inputs[1:5]]
+        if len(ints) < 3 or any(i is None or len(i) != 1 for i in ints[:3]):
+            return None
+        starts, ends, axes = ints[0][0], ints[1][0], ints[2][0]
+        steps = ints[3] if len(ints) > 3 and ints[3] is not None else [1]
+        source = node.inputs[0]
+        rank = source.shape.rank() if source.shape is not None else None
+        if steps != [1] or rank != 3 or axes not in (2, -1):
+            return None
+        spans.append((source, starts, ends))
+    if len({id(sp[0]) for sp in spans}) != 1:
+        return None
+    source = spans[0][0]
+    width = source.shape[2]
+    expected = [(0, dq), (dq, dq + dkv), (dq + dkv, dq + 2 * dkv)]
+    got = [(sp[1], min(sp[2], dq + 2 * dkv)) for sp in spans]
+    if got != expected or width != dq + 2 * dkv:
+        return None
+    return source
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

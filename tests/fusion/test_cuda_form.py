@@ -57,10 +57,10 @@ def test_cuda_form_fuses_and_keeps_parity(family, cuda_form):
     for node in nodes:
         assert len(node.input) <= 9  # no position_ids / attention_bias: the CUDA kernel has no bias input
         assert _attrs(node)["do_rotary"] == 1 and list(node.input[7:9]) == ["rotary.cos_cache", "rotary.sin_cache"]
-        # packed QKV where q, k and v are three projections of one input; qwen3 normalizes q and k first, and
-        # phi3's export slices one fused qkv projection (not recognized yet: the op then takes q, k, v apart)
+        # packed QKV where q, k and v are three projections of one input, or (phi3) three consecutive slices of its
+        # fused qkv projection; qwen3 normalizes q and k first, so the op takes them apart
         packed = node.input[1] == "" and node.input[2] == ""
-        assert packed == (family not in ("qwen3", "phi3")), family
+        assert packed == (family != "qwen3"), family
     assert "RotaryEmbedding" not in ops
     if family == "mistral":
         assert all(_attrs(n)["local_window_size"] == 5 for n in nodes)
