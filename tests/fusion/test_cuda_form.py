@@ -227,3 +227,32 @@ def test_quantizing_the_cuda_form_checks_it_right_padded(tmp_path, monkeypatch):
     assert manifest["graph"]["padding_side"] == "right" and manifest["graph"]["kv"]["shares_buffer"]
     check = manifest["steps"][-1]["check"]
     assert check["passed"] and check["greedy_agreement"] == 1.0, check
+
+
+@pytest.mark.parametrize("bounds, packs", [
+    ([(0, 64), (64, 96), (96, 2**63 - 1)], True),   # phi3's export: q, k, v in order, the last slice open-ended
+    ([(0, 64), (64, 96), (96, 128)], True),
+    ([(0, 64), (96, 128), (64, 96)], False),        # k and v swapped: packing would feed v as k
+    ([(0, 64), (64, 96), (100, 128)], False),       # a gap
+    ([(0, 32), (64, 96), (96, 128)], False),        # q is not the whole query width
+])
+def test_sliced_qkv_packs_only_consecutive_slices(bounds, packs):
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from onnxpipe.fusion.attention import _sliced_qkv
+
+    def const(name, v):
+        return helper.make_tensor(name, TensorProto.INT64, [1], [v])
+
+    inits, nodes = [const("axis", 2)], []
+    for i, (a, b) in enumerate(bounds):
+        inits += [const(f"s{i}", a), const(f"e{i}", b)]
+        nodes.append(helper.make_node("Slice", ["qkv", f"s{i}", f"e{i}", "axis"], [f"out{i}"]))
+    nodes.append(helper.make_node("Concat", ["out0", "out1", "out2"], ["y"], axis=2))  # one reader each
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, 3, 128])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = ir.from_proto(helper.make_model(graph))
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    got = _sliced_qkv(values["out0"], values["out1"], values["out2"], 64, 32)
+    assert (got is not None and got.name == "qkv") == packs
