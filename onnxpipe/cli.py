@@ -220,7 +220,8 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
 @click.option("--activations", type=click.Choice(["auto", "token", "tensor"]), default="auto", show_default=True,
               help="dynamic: one run-time activation scale per token, per tensor (one fused kernel, fastest), or chosen "
                    "per layer from the calibration text's prefills: per token for the fewest layers that keep "
-                   "perplexity there within 1% (auto; data/calibration.txt unless --calibration).")
+                   "perplexity there within 1%, and if none does, the worst 1-8 layers left in fp32 "
+                   "(auto; data/calibration.txt unless --calibration).")
 @click.option("--smoothquant", "smoothquant", type=float, default=None, metavar="ALPHA",
               help="static, dynamic: migrate activation outliers into weights first (alpha in (0, 1], 0.5 is usual).")
 @click.option("--block-size", type=int, default=32, show_default=True,

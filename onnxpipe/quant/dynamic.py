@@ -23,8 +23,15 @@ default) or for all layers (``"tensor"``, ``"token"``):
   those prefills. Then candidate models are written with per-token scales for the layers above each of
   CANDIDATE_THRESHOLDS in turn, from none (per tensor everywhere, the fastest) down to all, and the first whose
   perplexity on the same prefills is within PPL_BUDGET_PCT of the float model's is kept (none within: the one that
-  lost least). Per tensor where it costs nothing measurable, per token where it is needed. The figures, the
-  candidates tried and the choice go into the manifest. The search holds the float model and one candidate's
+  lost least). Per tensor where it costs nothing measurable, per token where it is needed. If no threshold is
+  within the budget, the layers whose outputs the chosen scales still hurt most are left in float (fp32 MatMul):
+  the same float pass measures each layer's output error under either scheme (``LayerError``: int8 weights per
+  channel and int8 activations against the float product, on a subsample of tokens), the layers are ranked by
+  the error under the least-loss candidate's scheme, and the worst FLOAT_CANDIDATES (1, 2, 4, 8) are kept float
+  in turn; the first within the budget is kept (none: the least loss of all candidates). Per-token scales fix a
+  token that dwarfs the others; they do not fix one channel that dwarfs the others inside every token (SmolLM2's
+  down_proj inputs), which is what float is for. The figures, the candidates tried and the choice go into the
+  manifest. The search holds the float model and one candidate's
   working copy in memory at a time (twice the model), and writes each candidate beside the output.
 """
 
@@ -33,9 +40,9 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -48,6 +55,10 @@ ACTIVATION_SCHEMES = ("auto", "token", "tensor")
 # model's perplexity on the calibration prefills is kept; if none does, the one that lost least.
 CANDIDATE_THRESHOLDS = (math.inf, 0.1, 0.05, 0.03, 0.0)
 PPL_BUDGET_PCT = 1.0
+# auto, when no threshold is within the budget: how many of the worst layers (by LayerError under the least-loss
+# candidate's scales) to leave in float, tried in this order
+FLOAT_CANDIDATES = (1, 2, 4, 8)
+ERROR_TOKENS_PER_FEED = 64  # tokens of each prefill batch the layer output errors are measured on
 TOKEN_THRESHOLD = 0.03  # without logits to measure (a bare graph), this threshold alone decides
 
 
@@ -60,11 +71,25 @@ class LayerChoice:
     scheme: str  # "token" | "tensor"
     tensor_error: float  # max over prefills of the median token's relative rms error under one per-tensor scale
     token_spread: float  # max over prefills of max_t max|x_t| / median_t max|x_t|
+    float_nodes: list[str] = field(default_factory=list)  # of ``nodes``, those left in float (the scheme is the rest's)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["tensor_error"], d["token_spread"] = round(self.tensor_error, 5), round(self.token_spread, 2)
         return d
+
+
+@dataclass
+class LayerError:
+    """One linear layer's output error under either activation scheme: the mean over sampled tokens of
+    ||x W - dq(q(x)) dq(q(W))|| / ||x W||, int8 weights per output channel as written."""
+
+    node: str
+    tensor: float  # one uint8 scale for the whole input tensor (ORT's DynamicQuantizeMatMul)
+    token: float  # each token scaled to its max |x| first (quantize_per_token)
+
+    def under(self, scheme: str) -> float:
+        return self.token if scheme == "token" else self.tensor
 
 
 def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head: str = "auto",
@@ -88,49 +113,88 @@ def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head:
         raise ValueError("activations='auto' needs feeds (prefills) to measure the activations")
     feeds = list(feeds)
     budget_pct = PPL_BUDGET_PCT if budget_pct is None else budget_pct
-    choices, float_ppl = measure_activations(proto, nodes, feeds, logits)
-    if logits is None or threshold is not None:
-        thresholds: tuple[float, ...] = (TOKEN_THRESHOLD if threshold is None else threshold,)
-    else:
-        thresholds = CANDIDATE_THRESHOLDS
+    searching = logits is not None and threshold is None
+    choices, float_ppl, errors = measure_activations(proto, nodes, feeds, logits, layer_errors=searching)
+    thresholds: tuple[float, ...] = CANDIDATE_THRESHOLDS if searching else (
+        TOKEN_THRESHOLD if threshold is None else threshold,)
     search: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix=".dynamic-", dir=out_path.parent) as tmp:
-        best: tuple[float, int, Path] | None = None
+        def attempt(token_nodes: list[str], float_nodes: list[str], t: float) -> dict[str, Any]:
+            candidate = Path(tmp) / str(len(search)) / out_path.name
+            candidate.parent.mkdir()
+            kept = set(float_nodes)
+            work = _copy(proto) if searching else proto
+            count = _write_dynamic(work, candidate, [n for n in nodes if n not in kept],
+                                   [n for n in token_nodes if n not in kept], per_channel)
+            del work
+            entry: dict[str, Any] = {"threshold": t if math.isfinite(t) else None, "per_token_nodes": count,
+                                     "float_nodes": len(float_nodes)}
+            if searching:
+                change = (calibration_perplexity(candidate, feeds, logits) / float_ppl - 1.0) * 100.0
+                entry["calibration_ppl_change_pct"] = round(change, 3)
+            entry["_float"], entry["_path"] = list(float_nodes), candidate
+            search.append(entry)
+            return entry
+
+        best: dict[str, Any] | None = None
         for t in thresholds:
             token_nodes = [n for c in choices if c.tensor_error > t for n in c.nodes]
             if any(len(token_nodes) == s["per_token_nodes"] for s in search):
                 continue  # the same layers as a threshold already tried
-            candidate = Path(tmp) / str(len(search)) / out_path.name
-            candidate.parent.mkdir()
-            work = _copy(proto) if len(thresholds) > 1 else proto
-            count = _write_dynamic(work, candidate, nodes, token_nodes, per_channel)
-            del work
-            entry: dict[str, Any] = {"threshold": t if math.isfinite(t) else None, "per_token_nodes": count}
-            change = math.nan
-            if len(thresholds) > 1:
-                change = (calibration_perplexity(candidate, feeds, logits) / float_ppl - 1.0) * 100.0
-                entry["calibration_ppl_change_pct"] = round(change, 3)
-            search.append(entry)
-            if best is None or change < best[0]:
-                best = (change, len(search) - 1, candidate)
-            if len(thresholds) == 1 or change <= budget_pct:
-                best = (change, len(search) - 1, candidate)
+            entry = attempt(token_nodes, [], t)
+            change = entry.get("calibration_ppl_change_pct", math.nan)
+            if best is None or change < best["calibration_ppl_change_pct"]:
+                best = entry
+            if not searching or change <= budget_pct:
+                best = entry
                 break
         assert best is not None
-        for f in best[2].parent.iterdir():
+        if searching and FLOAT_CANDIDATES and not best["calibration_ppl_change_pct"] <= budget_pct:
+            best = _keep_worst_in_float(best, choices, errors, budget_pct, attempt)
+        for f in best["_path"].parent.iterdir():
             os.replace(f, out_path.parent / f.name)
-    chosen = search[best[1]]
-    t = math.inf if chosen["threshold"] is None else chosen["threshold"]
+    float_nodes = best["_float"]
+    for entry in search:
+        del entry["_float"], entry["_path"]
+    t = math.inf if best["threshold"] is None else best["threshold"]
     for c in choices:
         c.scheme = "token" if c.tensor_error > t else "tensor"
-    count = chosen["per_token_nodes"]
-    details.update(_counts(count, len(nodes)))
-    details["activations"] = f"per layer: {count} per token, {len(nodes) - count} per tensor"
-    details["activation_threshold"] = chosen["threshold"]
+        c.float_nodes = [n for n in c.nodes if n in float_nodes]
+    count = best["per_token_nodes"]
+    details.update(_counts(count, len(nodes) - len(float_nodes)))
+    details["activations"] = (f"per layer: {count} per token, {len(nodes) - len(float_nodes) - count} per tensor"
+                              + (f", {len(float_nodes)} left float" if float_nodes else ""))
+    details["activation_threshold"] = best["threshold"]
+    details["float_nodes"] = float_nodes
     details["activation_search"] = {"budget_pct": budget_pct, "float_calibration_ppl": float_ppl,
-                                    "candidates": search} if len(thresholds) > 1 else None
+                                    "candidates": search} if searching else None
     details["activation_choice"] = [c.to_json() for c in choices]
+    if errors:
+        scheme = {n: c.scheme for c in choices for n in c.nodes}
+        ranked = sorted(errors.values(), key=lambda e: -e.under(scheme[e.node]))
+        details["layer_errors"] = [{"node": e.node, "scheme": scheme[e.node], "tensor": round(e.tensor, 5),
+                                    "token": round(e.token, 5)} for e in ranked[:max(FLOAT_CANDIDATES) * 2]]
     return details
+
+
+def _keep_worst_in_float(base: dict[str, Any], choices: list[LayerChoice], errors: dict[str, LayerError],
+                         budget_pct: float, attempt: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """The threshold candidate ``base`` (none was within the budget) with its worst layers left in float, for each
+    count in FLOAT_CANDIDATES in turn; returns the first within the budget, else the least loss of all tried."""
+    t = math.inf if base["threshold"] is None else base["threshold"]
+    token_nodes = [n for c in choices if c.tensor_error > t for n in c.nodes]
+    wanted = set(token_nodes)
+    ranked = sorted(errors, key=lambda n: -errors[n].under("token" if n in wanted else "tensor"))
+    best = base
+    for k in FLOAT_CANDIDATES:
+        if k >= len(ranked):
+            break
+        entry = attempt(token_nodes, ranked[:k], t)
+        if entry["calibration_ppl_change_pct"] < best["calibration_ppl_change_pct"]:
+            best = entry
+        if entry["calibration_ppl_change_pct"] <= budget_pct:
+            break
+    return best
 
 
 def _counts(per_token: int, total: int) -> dict[str, int]:
@@ -172,15 +236,19 @@ def _write_dynamic(proto: Any, out_path: Path, nodes: list[str], token_nodes: li
 
 
 def measure_activations(proto: Any, nodes: list[str], feeds: list[dict[str, np.ndarray]],
-                        logits: str | None = None) -> tuple[list[LayerChoice], float]:
+                        logits: str | None = None, layer_errors: bool = False,
+                        ) -> tuple[list[LayerChoice], float, dict[str, LayerError]]:
     """Run the float model on ``feeds``: each group of ``nodes`` that reads one input gets its statistics (scheme
-    left "tensor"), and with ``logits``, the float model's perplexity on the feeds (else nan)."""
+    left "tensor"); with ``logits``, the float model's perplexity on the feeds (else nan); with ``layer_errors``,
+    each node's LayerError (else an empty dict)."""
     from onnxpipe.quant.smoothquant import _session, activation_groups, with_outputs
 
     groups = activation_groups(proto, nodes)
     names = list(groups)
     stats = {x: (0.0, 0.0) for x in names}
-    nll, count = 0.0, 0
+    weights = _int8_weights(proto, [n for g in groups.values() for n in g]) if layer_errors else {}
+    sums: dict[str, np.ndarray] = {n: np.zeros(2) for n in weights}
+    nll, count, sampled = 0.0, 0, 0
     if names:
         session = _session(with_outputs(proto, names))
         outputs = names + ([logits] if logits else [])
@@ -189,17 +257,69 @@ def measure_activations(proto: Any, nodes: list[str], feeds: list[dict[str, np.n
             for x, value in zip(names, values):
                 err, spread = activation_statistics(value)
                 stats[x] = (max(stats[x][0], err), max(stats[x][1], spread))
+                if weights:
+                    tokens, errs = _output_errors(value, [(n.name, *weights[n.name]) for n in groups[x]])
+                    for name, e in errs.items():
+                        sums[name] += e
+            if weights:
+                sampled += tokens
             if logits:
                 s, n = _nll(values[-1], feed["input_ids"])
                 nll, count = nll + s, count + n
     choices = [LayerChoice(x, [n.name for n in groups[x]], "tensor", stats[x][0], stats[x][1]) for x in names]
-    return choices, math.exp(nll / count) if count else math.nan
+    errors = {n: LayerError(n, float(e[0] / sampled), float(e[1] / sampled)) for n, e in sums.items()} if sampled else {}
+    return choices, math.exp(nll / count) if count else math.nan, errors
+
+
+def _int8_weights(proto: Any, nodes: list[Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """node name -> (W [K, N] float32, W as written: int8 per output channel, dequantized), for MatMuls whose W is
+    a constant."""
+    from onnx import numpy_helper
+
+    inits = initializer_map(proto.graph)
+    out = {}
+    for node in nodes:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        scale = np.abs(w).max(0) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        out[node.name] = (w, np.clip(np.round(w / scale), -127, 127) * scale)
+    return out
+
+
+def _uint8_tensor(x: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """``of`` quantized and dequantized with the one uint8 scale DynamicQuantizeLinear gives ``x`` (range incl. 0)."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    return (np.clip(np.round(of / scale) + zero, 0, 255) - zero) * scale
+
+
+def _output_errors(x: np.ndarray, layers: list[tuple[str, np.ndarray, np.ndarray]]) -> tuple[int, dict[str, np.ndarray]]:
+    """For one activation tensor [..., K] and the layers reading it: (tokens sampled, name -> summed per-token
+    relative output error [tensor, token]). The scales come from the whole tensor, as at run time; the error is
+    taken on every stride-th token (ERROR_TOKENS_PER_FEED of them, the first of each row included when the stride
+    divides the row length)."""
+    x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
+    stride = max(1, math.ceil(len(x2) / ERROR_TOKENS_PER_FEED))
+    sample = x2[::stride]
+    per_tensor = _uint8_tensor(x2, sample)
+    token_max = np.maximum(np.abs(x2).max(-1, keepdims=True), 1e-30)
+    unit = x2 / token_max
+    per_token = _uint8_tensor(unit, unit[::stride]) * token_max[::stride]
+    out = {}
+    for name, w, wq in layers:
+        ref = sample @ w
+        norm = np.maximum(np.linalg.norm(ref, axis=-1), 1e-30)
+        out[name] = np.array([(np.linalg.norm(ref - q @ wq, axis=-1) / norm).sum() for q in (per_tensor, per_token)])
+    return len(sample), out
 
 
 def choose_activation_scales(proto: Any, nodes: list[str], feeds: Iterable[dict[str, np.ndarray]],
                              threshold: float = TOKEN_THRESHOLD) -> list[LayerChoice]:
     """The statistics of ``measure_activations`` and per token for the layers whose tensor_error > threshold."""
-    choices, _ = measure_activations(proto, nodes, list(feeds))
+    choices, _, _ = measure_activations(proto, nodes, list(feeds))
     for c in choices:
         c.scheme = "token" if c.tensor_error > threshold else "tensor"
     return choices

@@ -316,12 +316,14 @@ def _smooth(proto: Any, body: Any, alpha: float, feeds: list[dict[str, np.ndarra
 def _log_activation_choice(details: dict[str, Any], log: Log) -> None:
     search = details.get("activation_search")
     if search:
-        tried = ", ".join(f"{c['per_token_nodes']} per token: {c['calibration_ppl_change_pct']:+.2f}%"
-                          for c in search["candidates"])
+        tried = ", ".join(f"{c['per_token_nodes']} per token"
+                          + (f" + {c['float_nodes']} float" if c.get("float_nodes") else "")
+                          + f": {c['calibration_ppl_change_pct']:+.2f}%" for c in search["candidates"])
         log(f"activation scales (calibration perplexity vs float; budget {search['budget_pct']:g}%): {tried}")
     t = details["activation_threshold"]
     log(f"activation scales: per token for {details['per_token_nodes']} of {details['quantized_nodes']} layers "
-        f"(inputs whose error under one per-tensor scale > {'inf' if t is None else f'{t:g}'}), per tensor for the rest")
+        f"(inputs whose error under one per-tensor scale > {'inf' if t is None else f'{t:g}'}), per tensor for the rest"
+        + (f"; left float: {', '.join(details['float_nodes'])}" if details.get("float_nodes") else ""))
 
 
 def default_calibration_file() -> Path:

@@ -74,7 +74,8 @@ def test_dynamic(tok_model, small_eval: Path, tmp_path: Path, family: str) -> No
 def test_dynamic_auto_search(tok_model, small_eval: Path, tmp_path: Path, monkeypatch, budget: float,
                              expect: str) -> None:  # noqa: ANN001
     """auto tries thresholds from the cheapest (no layer per token) down: a budget every candidate meets keeps the
-    first; one none can meet (negative) tries them all and keeps the one whose calibration perplexity rose least."""
+    first; one none can meet (negative) tries them all, then the least-loss one with its worst 1, 2, 4, 8 layers
+    left float, and keeps the one whose calibration perplexity rose least."""
     import onnxpipe.quant.dynamic as dynamic
 
     monkeypatch.setattr(dynamic, "PPL_BUDGET_PCT", budget)
@@ -88,12 +89,20 @@ def test_dynamic_auto_search(tok_model, small_eval: Path, tmp_path: Path, monkey
     if expect == "cheapest":
         assert len(tried) == 1 and details["per_token_nodes"] == 0
     else:
-        assert len(tried) >= 2 and tried[-1]["per_token_nodes"] == details["quantized_nodes"]  # down to all per token
+        thresholds = [c for c in tried if c["float_nodes"] == 0]
+        assert len(thresholds) >= 2 and thresholds[-1]["per_token_nodes"] == 14  # down to all per token
+        assert [c["float_nodes"] for c in tried[len(thresholds):]] == [1, 2, 4, 8]
+        base = min(thresholds, key=lambda c: c["calibration_ppl_change_pct"])
+        assert all(c["threshold"] == base["threshold"] for c in tried[len(thresholds):])
         best = tried[changes.index(min(changes))]
         assert details["per_token_nodes"] == best["per_token_nodes"]
         assert details["activation_threshold"] == best["threshold"]
-    assert sum(c["scheme"] == "token" for c in details["activation_choice"] for _ in c["nodes"]) \
-        == details["per_token_nodes"] == ops(md).get("com.microsoft::DynamicQuantizeMatMul", 0)
+        assert len(details["float_nodes"]) == best["float_nodes"]
+    assert details["quantized_nodes"] + len(details["float_nodes"]) == 14
+    assert sum(c["scheme"] == "token" for c in details["activation_choice"] for n in c["nodes"]
+               if n not in c["float_nodes"]) == details["per_token_nodes"] \
+        == ops(md).get("com.microsoft::DynamicQuantizeMatMul", 0)
+    assert ops(md).get("MatMul", 0) >= len(details["float_nodes"])
 
 
 def test_dynamic_lm_head_fp32_keeps_head_float(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
