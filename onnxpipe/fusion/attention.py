@@ -40,7 +40,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
-from onnxpipe.fusion.rules import PassContext, count_ops, current_context, register
+from onnxpipe.fusion.rules import PassContext, add_initializer, count_ops, current_context, register
 
 ATTENTION_MASK = "attention_mask"
 ATTENTION_OPS = ("MultiHeadAttention", "GroupQueryAttention")
@@ -175,13 +175,12 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         seqlens_k = op.Cast(op.Sub(count, op.Constant(value=ir.tensor(np.array(1, dtype=np.int64)))),
                             to=ir.DataType.INT32)
         total = op.Cast(op.Squeeze(op.Shape(mask, start=1, end=2)), to=ir.DataType.INT32)
-        rotary = _foldable_rotary(query_BSD, key_BSD, int(current_context().model_info["head_dim"]))
+        head_dim = int(current_context().model_info["head_dim"])
+        rotary = _foldable_rotary(query_BSD, key_BSD, head_dim)
         query, key, value, extra, attrs = query_BSD, key_BSD, value_BSD, [], {}
         if rotary is not None:
             query, key, cos_cache, sin_cache, interleaved = rotary
             extra, attrs = [cos_cache, sin_cache], {"rotary_interleaved": interleaved}
-        info = current_context().model_info
-        head_dim = int(info["head_dim"])
         packed = (_packed_projection(op, self._graph, query, key, value)
                   or _sliced_qkv(query, key, value, self._heads * head_dim, self._kv_heads * head_dim))
         if packed is not None:
@@ -245,11 +244,11 @@ def _packed_projection(op, graph: ir.Graph, query: ir.Value, key: ir.Value, valu
         return None
     x = parts[0][0]
     base = query.name or "qkv"
-    weight = _initializer(graph, f"{base}.qkv_weight",
+    weight = add_initializer(graph, f"{base}.qkv_weight",
                           np.concatenate([np.asarray(p[1].const_value.numpy()) for p in parts], axis=1))
     packed = op.MatMul(x, weight)
     if parts[0][2] is not None:
-        bias = _initializer(graph, f"{base}.qkv_bias",
+        bias = add_initializer(graph, f"{base}.qkv_bias",
                             np.concatenate([np.asarray(p[2].const_value.numpy()) for p in parts]))
         packed = op.Add(packed, bias)
     return packed
@@ -283,13 +282,6 @@ def _sliced_qkv(query: ir.Value, key: ir.Value, value: ir.Value, dq: int, dkv: i
     if got != expected or width != dq + 2 * dkv:
         return None
     return source
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def query_seqlens_supported() -> bool:

@@ -17,7 +17,7 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from onnxpipe.fusion.rules import PassContext
+from onnxpipe.fusion.rules import PassContext, add_initializer
 
 
 def _packable(node: ir.Node) -> bool:
@@ -49,13 +49,8 @@ def _pack(graph: ir.Graph, nodes: list[ir.Node]) -> None:
     arrays = [np.asarray(n.inputs[1].const_value.numpy()) for n in nodes]
     widths = [a.shape[1] for a in arrays]
     base = nodes[0].name or "packed"
-    tensor = ir.tensor(np.concatenate(arrays, axis=1), name=f"{base}.packed_weight")
-    weight = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(weight)
-    split_sizes = ir.tensor(np.array(widths, dtype=np.int64), name=f"{base}.packed_split")
-    sizes = ir.Value(name=split_sizes.name, shape=split_sizes.shape, type=ir.TensorType(split_sizes.dtype),
-                     const_value=split_sizes)
-    graph.register_initializer(sizes)
+    weight = add_initializer(graph, f"{base}.packed_weight", np.concatenate(arrays, axis=1))
+    sizes = add_initializer(graph, f"{base}.packed_split", np.array(widths, dtype=np.int64))
     matmul = ir.node("MatMul", [x, weight], name=f"{base}.packed")
     split = ir.node("Split", [matmul.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{base}.split")
     first = min(nodes, key=lambda n: _position(graph, n))

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
-from onnxpipe.fusion.rules import PassContext, count_ops, current_context, register
+from onnxpipe.fusion.rules import PassContext, add_initializer, count_ops, current_context, register
 
 POSITION_IDS = "position_ids"
 
@@ -115,11 +115,7 @@ def _rotary_caches(model: ir.Model, cos: ir.Value, sin: ir.Value, max_positions:
     np_dtype = dtype.numpy() if dtype is not None else np.float32
     values = []
     for name, table in (("cos", cos_table), ("sin", sin_table)):
-        tensor = ir.tensor(np.ascontiguousarray(table[..., :half].astype(np_dtype)), name=f"rotary.{name}_cache")
-        value = ir.Value(name=f"rotary.{name}_cache", shape=tensor.shape, type=ir.TensorType(tensor.dtype),
-                         const_value=tensor)
-        model.graph.register_initializer(value)
-        values.append(value)
+        values.append(add_initializer(model.graph, f"rotary.{name}_cache", table[..., :half].astype(np_dtype)))
     memo[key] = (values[0], values[1])
     return memo[key]
 

@@ -10,6 +10,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import numpy as np
 import onnx_ir as ir
 
 TARGETS = ("cpu", "cuda")
@@ -58,6 +59,14 @@ def apply_rules(model: ir.Model, names: list[str]) -> dict[str, int]:
         ruleset = pattern.RewriteRuleSet(RULES[name], commute=name in COMMUTE)
         counts[name] = int(ruleset.apply_to_model(model))
     return counts
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new constant ``name`` registered as an initializer of ``graph``; the value a rewrite feeds its nodes."""
+    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
 
 
 def count_ops(model: ir.Model, *op_types: str) -> int:
