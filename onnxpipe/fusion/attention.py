@@ -1,5 +1,6 @@
-"""Level 3: the exporter's attention block -> MultiHeadAttention (GPT-2) or GroupQueryAttention (the RoPE families),
-with the KV cache flowing through the fused op (past in, present out, BNSH, names unchanged).
+"""Level 3: the exporter's attention block -> MultiHeadAttention (GPT-2 on the CPU target) or GroupQueryAttention (the
+RoPE families; every family with --target cuda), with the KV cache flowing through the fused op (past in, present
+out, BNSH, names unchanged).
 
 The exporter writes each block as
 
@@ -30,6 +31,13 @@ layout then no longer matters, only its row sums. With right padding GroupQueryA
 the form ORT's CUDA kernel and GenAI's builder use, three fewer kernels per layer. This also keeps ORT's own
 CUDA-only GroupQueryAttentionFusion away (it skips do_rotary nodes; on nodes with more than 9 inputs, as our CPU
 form has, it breaks the graph: "The sum of input arg count is not equal to size of input defs").
+
+A block without grouped heads (GPT-2; any family exported with kv heads = heads) gets the same CUDA form as
+GroupQueryAttention with kv_num_heads = num_heads (groups of one), so that it too gets the shared in-place KV buffer
+that CUDA graphs need (MultiHeadAttention's past and present are separate tensors). GPT-2 has no rotary
+(do_rotary=0; its learned positions come from the position_ids input, which the runtime feeds as the row's count of
+real tokens before each one, right padding or not), and its c_attn is already packed: one Gemm with its bias, reshaped
+to [B, S, 3 hidden] and split three ways; that tensor feeds the op as the packed query (_split_qkv).
 """
 
 from __future__ import annotations
@@ -142,7 +150,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         low = float(np.finfo(mask_bias.dtype.numpy() if mask_bias.dtype is not None else np.float32).min)
         bias = op.Where(self._bool_mask, op.Constant(value=ir.tensor(np.array(0, dtype=mask_bias.dtype.numpy()))),
                         op.Constant(value=ir.tensor(np.array(low, dtype=mask_bias.dtype.numpy()))))
-        if self._grouped and self._target == "cuda":
+        if self._target == "cuda":  # grouped or not: a plain block is GroupQueryAttention with groups of 1
             return self._gqa_cuda(op, query_BSD, key_BSD, value_BSD, past_key, past_value)
         if not self._grouped:
             return op.MultiHeadAttention(
@@ -181,8 +189,9 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         if rotary is not None:
             query, key, cos_cache, sin_cache, interleaved = rotary
             extra, attrs = [cos_cache, sin_cache], {"rotary_interleaved": interleaved}
-        packed = (_packed_projection(op, self._graph, query, key, value)
-                  or _sliced_qkv(query, key, value, self._heads * head_dim, self._kv_heads * head_dim))
+        dq, dkv = self._heads * head_dim, self._kv_heads * head_dim
+        packed = (_packed_projection(op, self._graph, query, key, value) or _sliced_qkv(query, key, value, dq, dkv)
+                  or _split_qkv(query, key, value, dq, dkv))
         if packed is not None:
             query, key, value = packed, None, None
         return op.GroupQueryAttention(
@@ -282,6 +291,29 @@ def _sliced_qkv(query: ir.Value, key: ir.Value, value: ir.Value, dq: int, dkv: i
     if got != expected or width != dq + 2 * dkv:
         return None
     return source
+
+
+def _split_qkv(query: ir.Value, key: ir.Value, value: ir.Value, dq: int, dkv: int) -> ir.Value | None:
+    """The packed tensor when q, k and v are the three outputs, in order, of one last-axis Split of a
+    [B, S, dq + 2 dkv] tensor into widths dq, dkv, dkv, each read only there (GPT-2 exports its c_attn so: one Gemm,
+    bias included, reshaped to [B, S, 3 hidden] and split). Else None."""
+    node = query.producer()
+    if node is None or node.op_type != "Split" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 3:
+        return None
+    if any(a is not b or len(a.uses()) != 1 for a, b in zip(node.outputs, (query, key, value))):
+        return None
+    source = node.inputs[0]
+    if source is None or source.shape is None or source.shape.rank() != 3 or source.shape[2] != dq + 2 * dkv:
+        return None
+    if node.attributes.get_int("axis", 0) not in (2, -1):
+        return None
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        sizes = _ints(node.inputs[1])
+    elif "split" in node.attributes:  # opset < 13
+        sizes = list(node.attributes.get_ints("split"))
+    else:  # equal parts
+        sizes = [(dq + 2 * dkv) // 3] * 3
+    return source if sizes == [dq, dkv, dkv] else None
 
 
 def query_seqlens_supported() -> bool:
