@@ -154,6 +154,7 @@ def quantize_model(
     cfg = QuantizeConfig(mode=mode, **options)
     validate(cfg)
     src = ModelDir.open(in_dir)
+    refuse_quantized_input(src)
     cfg = _for_input_dtype(cfg, src)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
@@ -216,6 +217,18 @@ def _read_texts(src: ModelDir, cfg: QuantizeConfig, log: Log) -> tuple[np.ndarra
     if len(eval_ids) < 2:
         raise OnnxpipeError(f"{cfg.eval_file}: the eval file has {len(eval_ids)} tokens; at least 2 are needed")
     return samples, eval_ids, cfg.eval_context or default_context(src.manifest)
+
+
+def refuse_quantized_input(src: ModelDir) -> None:
+    """An input whose manifest has an integer quantize step (dynamic, static, int4) is refused: quantizing it again
+    would quantize quantized weights and measure the result against a quantized model. An fp16 directory (a
+    quantize --mode fp16 step) is an ordinary input of int4 (the GPU path) and passes."""
+    for i, step in enumerate(src.manifest.steps):
+        mode = step.get("params", {}).get("mode") if step.get("stage") == "quantize" else None
+        if mode is not None and mode != "fp16":
+            raise OnnxpipeError(
+                f"{src.path} is already quantized (manifest step {i}: quantize --mode {mode}); quantize the fp32 "
+                "directory it came from (export or optimize output) instead")
 
 
 def _for_input_dtype(cfg: QuantizeConfig, src: ModelDir) -> QuantizeConfig:

@@ -125,3 +125,16 @@ def test_not_a_model_dir_and_no_tokenizer(tok_model, tmp_path: Path) -> None:  #
 def test_existing_output_needs_force(tok_model, tmp_path: Path) -> None:  # noqa: ANN001
     (tmp_path / "q").mkdir()
     one_line_error(invoke("quantize", tok_model("llama"), "-o", tmp_path / "q", "--mode", "dynamic"), "--force")
+
+
+def test_already_quantized_input_is_refused(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """A directory with an integer quantize step in its manifest is not quantized again; nothing is written."""
+    first = tmp_path / "q8"
+    r = invoke("quantize", tok_model("llama"), "-o", first, "--mode", "dynamic", "--activations", "tensor",
+               "--eval", small_eval, *FAST)
+    assert r.exit_code == 0, r.output
+    for mode in ("int4", "dynamic"):
+        out = tmp_path / f"again-{mode}"
+        one_line_error(invoke("quantize", first, "-o", out, "--mode", mode, "--eval", small_eval, *FAST),
+                       str(first), "is already quantized", "manifest step 1: quantize --mode dynamic")
+        assert not out.exists()
