@@ -76,11 +76,11 @@ def _hf_greedy_single(hf, prompt, new):
     return row[: row.index(eos) + 1] if eos in row else row
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_cuda_form_generates_what_transformers_does(family, shared, cuda_form, tiny_hf):
-    """A right-padded batch (mistral's rows outgrow its window of 5), with a growing or a shared KV buffer, gives
-    each row's transformers greedy tokens."""
+    """A right-padded batch (mistral's rows outgrow its window of 5; gpt2's positions come from position_ids), with a
+    growing or a shared KV buffer, gives each row's transformers greedy tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -91,6 +91,65 @@ def test_cuda_form_generates_what_transformers_does(family, shared, cuda_form, t
     batch = lm.generate(PROMPTS, max_new_tokens=16)
     for prompt, row in zip(PROMPTS, batch):
         assert row.token_ids == _hf_greedy_single(hf, prompt, 16)
+
+
+def test_gpt2_cuda_form_is_group_query_attention_with_groups_of_one(cuda_form):
+    """GPT-2's blocks have no grouped heads and no rotary: the CUDA form is GroupQueryAttention with kv_num_heads =
+    num_heads and do_rotary=0, fed c_attn's [B, S, 3 hidden] as the packed query, with the shared buffer and right
+    padding that CUDA graphs need; position_ids stays an input and still feeds the position table."""
+    path = cuda_form("gpt2")
+    manifest = json.loads((path / "onnxpipe.json").read_text())
+    graph = manifest["graph"]
+    assert graph["padding_side"] == "right" and graph["kv"]["shares_buffer"] and graph["target"] == "cuda"
+    assert graph["attention_mask_use"] == "row sums and width"
+    step = manifest["steps"][-1]
+    assert step["check"]["passed"] and step["check"]["rel_err"] < 1e-5 and step["check"]["greedy_agreement"] == 1.0
+    attention = next(p for p in step["passes"] if p["name"] == "attention")
+    assert attention["status"] == "kept" and attention["fused"]["attention blocks fused"] == "2/2"
+    assert attention["check"]["passed"]
+    proto = onnx.load(str(path / "model.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert "MultiHeadAttention" not in ops and "Split" not in ops
+    nodes = _gqa_nodes(path)
+    assert len(nodes) == 2
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    for node in nodes:
+        attrs = _attrs(node)
+        assert attrs["num_heads"] == attrs["kv_num_heads"] == 4 and attrs["do_rotary"] == 0
+        assert attrs["scale"] == pytest.approx(0.25)  # 1/sqrt(head_dim 16)
+        assert len(node.input) == 7 and node.input[1] == node.input[2] == ""  # packed, no bias input
+        packed = producers[node.input[0]]  # Reshape(Gemm(x, c_attn.weight[, c_attn.bias]), [B, S, 192])
+        assert packed.op_type == "Reshape" and producers[packed.input[0]].op_type == "Gemm"
+    assert "position_ids" in [i.name for i in proto.graph.input]
+    assert any(n.op_type == "Gather" and "position_ids" in n.input for n in proto.graph.node)
+    load(path, "cpu", cuda_graph=True)  # the form CUDA graphs need: accepted (runs without them on the CPU)
+
+
+def test_cuda_form_of_a_trained_gpt2_generates_what_transformers_does(tmp_path):
+    """The trained gpt2-stdlib (non-zero c_attn biases, unlike the tiny random model's): its CUDA form passes every
+    pass's check, and a right-padded batch of prompts of different lengths, through the shared buffer and through
+    the CUDA-graph slots driven on the CPU, gives each row's transformers greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onnxpipe.export import export_decoder
+
+    hf_dir = Path(__file__).resolve().parents[2] / "models" / "gpt2-stdlib"
+    export_decoder(hf_dir, tmp_path / "exported")
+    result = optimize_model(tmp_path / "exported", tmp_path / "cuda", level=3, target="cuda")
+    assert [p.name for p in result.passes if p.status == "rolled_back"] == []
+    assert result.check.passed and result.check.greedy_agreement == 1.0
+    gqa = _gqa_nodes(tmp_path / "cuda")
+    assert len(gqa) == 4 and all(_attrs(n)["kv_num_heads"] == 4 and n.input[1] == "" for n in gqa)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    prompts = [[17, 900, 45, 3021, 8, 77, 1200, 5], [301, 12], [44, 45, 46, 47, 48]]
+    want = [_hf_greedy_single(hf, p, 12) for p in prompts]
+    lm = load(tmp_path / "cuda", "cpu")
+    assert lm.session.shares_buffer and lm.session.padding_side == "right"
+    assert [r.token_ids for r in lm.generate(prompts, max_new_tokens=12)] == want
+    lm.session.cuda_graph = True  # the CUDA-graph slots, minus the capture
+    assert [r.token_ids for r in lm.generate(prompts, max_new_tokens=12)] == want
+    assert sum(slot.runs for slot in lm.session._graphs.values()) > 0
 
 
 def test_rotary_not_folded_when_head_dim_is_not_a_multiple_of_16(tiny_hf, tmp_path):
@@ -184,12 +243,14 @@ def test_cuda_graphs_need_the_cuda_form_and_the_cuda_ep(cuda_form, tiny_onnx):
         [r.token_ids for r in plain.generate(PROMPTS, max_new_tokens=8)]
 
 
-def test_graph_slots_without_graphs_give_the_same_tokens(cuda_form):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_graph_slots_without_graphs_give_the_same_tokens(family, cuda_form):
     """The CUDA-graph decode path minus the capture (fixed buffers per batch and capacity, the fixed-width mask,
     in-place input updates, the step head), driven on the CPU: same tokens as the plain path, greedy and sampled,
-    and a second generation reuses the slot's buffers."""
-    plain = load(cuda_form("llama"), "cpu")
-    slots = load(cuda_form("llama"), "cpu")
+    and a second generation reuses the slot's buffers. gpt2: the slot's position_ids buffer feeds its learned
+    positions."""
+    plain = load(cuda_form(family), "cpu")
+    slots = load(cuda_form(family), "cpu")
     slots.session.cuda_graph = True  # what a CUDA session with graphs does, minus the capture
     for opts in ({}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}):
         want = [r.token_ids for r in plain.generate(PROMPTS, max_new_tokens=12, **opts)]
@@ -197,7 +258,10 @@ def test_graph_slots_without_graphs_give_the_same_tokens(cuda_form):
     assert [r.token_ids for r in slots.generate(PROMPTS[:1], max_new_tokens=12)] == \
         [r.token_ids for r in plain.generate(PROMPTS[:1], max_new_tokens=12)]
     runs = {key: slot.runs for key, slot in slots.session._graphs.items()}
-    assert runs[(3, 128)] == 2 * 11 and runs[(1, 128)] == 11, runs  # capacity: the tiny model's 128 positions
+    # capacity: the tiny models' 128 positions; gpt2's sampled third row ends on EOS at its 11th token, after 10 slot
+    # steps: the last step runs its two other rows, reordered out of the slot's buffers, on the plain path
+    batch3 = 2 * 11 if family == "llama" else 11 + 10
+    assert runs[(3, 128)] == batch3 and runs[(1, 128)] == 11, runs
 
 
 def test_quantizing_the_cuda_form_checks_it_right_padded(tmp_path, monkeypatch):
@@ -255,4 +319,32 @@ def test_sliced_qkv_packs_only_consecutive_slices(bounds, packs):
     model = ir.from_proto(helper.make_model(graph))
     values = {v.name: v for n in model.graph for v in n.outputs}
     got = _sliced_qkv(values["out0"], values["out1"], values["out2"], 64, 32)
+    assert (got is not None and got.name == "qkv") == packs
+
+
+@pytest.mark.parametrize("split, order, packs", [
+    (None, (0, 1, 2), True),                 # GPT-2's export: Split(num_outputs=3), equal thirds
+    ([64, 64, 64], (0, 1, 2), True),
+    (None, (0, 2, 1), False),                # k and v swapped: packing would feed v as k
+    ([64, 32, 96], (0, 1, 2), False),        # not q | k | v widths
+])
+def test_split_qkv_packs_only_an_in_order_split(split, order, packs):
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from onnxpipe.fusion.attention import _split_qkv
+
+    inits, inputs = [], ["qkv"]
+    if split is not None:
+        inits.append(helper.make_tensor("sizes", TensorProto.INT64, [3], split))
+        inputs.append("sizes")
+    attrs = {"num_outputs": 3} if split is None else {}
+    nodes = [helper.make_node("Split", inputs, ["out0", "out1", "out2"], axis=2, **attrs),
+             helper.make_node("Concat", ["out0", "out1", "out2"], ["y"], axis=2)]  # one reader each
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, 3, 192])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    q, k, v = (values[f"out{i}"] for i in order)
+    got = _split_qkv(q, k, v, 64, 64)
     assert (got is not None and got.name == "qkv") == packs
