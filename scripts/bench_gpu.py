@@ -48,6 +48,7 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "torch_compile": "transformers static cache + torch.compile",
     "onnxpipe": "onnxpipe (export -> optimize L3 -> runtime)",
     "onnxpipe_graph": "onnxpipe + CUDA graphs",
+    "onnxpipe_graph_hostfed": "onnxpipe + CUDA graphs, inputs uploaded each step",
     "onnxpipe_graph_xqa": "onnxpipe + CUDA graphs + XQA decode kernel",
     "onnxpipe_int4_graph": "onnxpipe int4 + CUDA graphs",
     "genai": "ORT GenAI",
@@ -56,7 +57,7 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "genai_int4_graph": "ORT GenAI int4 + CUDA graphs",
 }
 LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
-PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_graph", "onnxpipe_graph_xqa", "genai", "genai_graph",
+PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_graph", "onnxpipe_graph_hostfed", "onnxpipe_graph_xqa", "genai", "genai_graph",
             "onnxpipe_int4_graph", "genai_int4", "genai_int4_graph", "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 RESULT = "@@RESULT "
@@ -288,8 +289,18 @@ def child_onnxpipe(spec: dict) -> None:
              + (", CUDA graphs" if spec.get("cuda_graph") else "")
              + (", ORT_ENABLE_XQA=1" if os.environ.get("ORT_ENABLE_XQA") == "1" else ""))
     try:
-        lm = load(spec["optimized"], spec["provider"], announce=lambda m: print(m, flush=True),
-                  cuda_graph=bool(spec.get("cuda_graph")))
+        if spec.get("host_fed"):  # the decode step's inputs uploaded every step (no step tail): the baseline
+            from onnxpipe.runtime.generate import LanguageModel
+            from onnxpipe.runtime.session import DecoderSession
+
+            lm = LanguageModel(DecoderSession(spec["optimized"], spec["provider"], announce=lambda m: print(m, flush=True),
+                                              cuda_graph=True, feed_back=False), None)
+            graph += ", inputs uploaded each step"
+        else:
+            lm = load(spec["optimized"], spec["provider"], announce=lambda m: print(m, flush=True),
+                      cuda_graph=bool(spec.get("cuda_graph")))
+            if getattr(lm.session, "fed", False) and lm.session.cuda_graph:
+                graph += ", steps feed themselves (greedy)"
     except OnnxpipeError as e:  # measure the exported graph rather than nothing, and say so in every row
         if spec.get("cuda_graph"):
             raise
@@ -475,6 +486,7 @@ CHILDREN = {
     "torch_compile": lambda s: child_torch(s, compiled=True),
     "onnxpipe": child_onnxpipe,
     "onnxpipe_graph": lambda s: child_onnxpipe(dict(s, cuda_graph=True)),
+    "onnxpipe_graph_hostfed": lambda s: child_onnxpipe(dict(s, cuda_graph=True, host_fed=True)),
     "onnxpipe_graph_xqa": lambda s: child_onnxpipe_xqa(s),
     "onnxpipe_profile": child_onnxpipe_profile,
     "onnxpipe_int4_graph": lambda s: child_onnxpipe(dict(s, cuda_graph=True, optimized=s["int4"])),
@@ -673,7 +685,7 @@ def main_orchestrate(args) -> int:
             if name in build_state:
                 return True
 
-    needs = {"onnxpipe": "onnxpipe", "onnxpipe_graph": "onnxpipe", "onnxpipe_graph_xqa": "onnxpipe",
+    needs = {"onnxpipe": "onnxpipe", "onnxpipe_graph": "onnxpipe", "onnxpipe_graph_hostfed": "onnxpipe", "onnxpipe_graph_xqa": "onnxpipe",
              "onnxpipe_int4_graph": "onnxpipe_int4", "genai_int4": "genai_int4", "genai_int4_graph": "genai_int4",
              "onnxpipe_profile": "onnxpipe", "genai": "genai",
              "genai_graph": "genai"}
@@ -838,8 +850,9 @@ def render(res: dict) -> str:
         if r.get("info", {}).get("graph", "optimized").startswith("exported"):
             lines.append(f"- onnxpipe b{r['batch']} ran the {_plain(r['info']['graph'], 300)}")
         if sp:
-            lines.append(f"- onnxpipe b{r['batch']} decode step {sp['step']} ms = decoder graph run {sp['decoder_run']} + "
-                         f"argmax head run {sp['head_run']} + host work (bind, upload, Python) {sp['other']}")
+            lines.append(f"- {ANCHORS[r['anchor']]} b{r['batch']}: decode step {sp['step']} ms = decoder graph run "
+                         f"{sp['decoder_run']} + argmax head run {sp['head_run']} + host work (bind, upload, read back, "
+                         f"Python) {sp['other']}")
     p = res.get("profile")
     if p:
         lines.append(f"- onnxpipe b1 ORT profile ({p.get('graph', 'optimized')} graph, {p['steps']} decode steps): model_run {p['model_run_ms']} ms/step, "

@@ -234,10 +234,10 @@ class LanguageModel:
         """Feed one new token per row: returns (the grown attention mask, the step's output)."""
         s = self.session
         if s.shares_buffer and s.padding_side == "right":
-            # the graph writes row r's token at its own length: the mask stays contiguous from the left
-            n = mask.sum(axis=1)
-            mask = np.concatenate([mask, np.zeros((mask.shape[0], 1), np.int64)], axis=1)
-            mask[np.arange(mask.shape[0]), n] = 1
+            # the graph writes row r's token at its own length: the mask stays contiguous from the left, as wide
+            # as the longest row still running (a dropped long row must not carry the width past the buffer)
+            n = mask.sum(axis=1) + 1
+            mask = (np.arange(int(n.max()))[None, :] < n[:, None]).astype(np.int64)
         else:
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
         positions = mask.sum(axis=1, keepdims=True) - 1
@@ -248,7 +248,23 @@ class LanguageModel:
         """Prefill then decode until every row is done; yields the rows that got a token after each step."""
         capacity = max(len(r.prompt) + r.limit for r in rows)
         mask, _, cache, out = self.prefill(rows, capacity, self._want(cfg))
+        # greedy through CUDA-graph slots whose steps feed themselves: rows keep their places, each grows a
+        # position per step until the last row is done, so it needs room for the longest prompt + the longest limit
+        fed = (self._want(cfg) == "argmax" and self.session.fed and self.session.cuda_graph and cache.capacity is not None
+               and max(len(r.prompt) for r in rows) + max(r.limit for r in rows) <= cache.capacity)
         active = list(range(len(rows)))  # cache row i holds rows[active[i]]
+        while fed:
+            tokens = np.asarray(out, np.int64)
+            live = [r for r in rows if not r.done]
+            for r in live:
+                r.add(tokens[r.index])
+            yield live
+            if all(r.done for r in rows):
+                return
+            if self.session.can_feed(cache):
+                out = self.session.step_fed(cache)
+            else:  # the first step after the prefill: its inputs go up once
+                mask, out = self.decode_step(tokens, mask, cache, "argmax")
         while True:
             tokens = np.asarray(self._choose([rows[a] for a in active], out, cfg), np.int64)
             for a, t in zip(active, tokens):

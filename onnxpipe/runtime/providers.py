@@ -172,6 +172,7 @@ def create_session(
     fp32_on_cpu: bool = True,
     session_options: Any = None,
     announce: Callable[[str], None] | None = None,
+    edit: Callable[[Any], None] | None = None,
 ) -> tuple[Any, ProviderChoice]:
     """An onnxruntime InferenceSession on the best provider of ``provider``'s chain, and what it really runs on.
 
@@ -221,7 +222,7 @@ def create_session(
 
     _refuse_cpu_attention_form(model_path, manifest_graph, chain)
     fp32 = fp32_on_cpu and dtype == "fp16"
-    session = _make(model_path, chain, provider_options, so, convert=fp32 and chain == ["cpu"])
+    session = _make(model_path, chain, provider_options, so, convert=fp32 and chain == ["cpu"], edit=edit)
     live = [SHORT_NAME.get(p, p) for p in session.get_providers()]
     used = live[0] if live and live[0] in EP_NAME else "cpu"
     dropped = [p for p in chain if p not in live and p != "cpu"]
@@ -233,7 +234,7 @@ def create_session(
     converted = fp32 and chain == ["cpu"]
     if fp32 and used == "cpu" and not converted:
         # ORT fell back to the CPU on its own: rebuild the session on an fp32 copy of the graph
-        session = _make(model_path, ["cpu"], {}, so, convert=True)
+        session = _make(model_path, ["cpu"], {}, so, convert=True, edit=edit)
         converted = True
     if converted:
         messages.append("the graph is fp16 and runs on the CPU: converted to fp32 at load (fp32 compute)")
@@ -268,7 +269,8 @@ def _refuse_cpu_attention_form(model_path: Path, graph: dict[str, Any], chain: l
             f"{chain[0]}, or run it with --provider cpu")
 
 
-def _make(model_path: Path, chain: list[str], provider_options: dict[str, dict[str, str]], so: Any, convert: bool) -> Any:
+def _make(model_path: Path, chain: list[str], provider_options: dict[str, dict[str, str]], so: Any, convert: bool,
+          edit: Callable[[Any], None] | None = None) -> Any:
     import onnxruntime as ort
 
     providers = [(EP_NAME[p], provider_options[p]) if p in provider_options else EP_NAME[p] for p in chain]
@@ -276,7 +278,15 @@ def _make(model_path: Path, chain: list[str], provider_options: dict[str, dict[s
         so.log_severity_level = 1
     try:
         if convert:
-            return _fp32_session(model_path, so, providers)
+            return _fp32_session(model_path, so, providers, edit)
+        if edit is not None:
+            import onnx
+
+            proto = onnx.load(str(model_path), load_external_data=False)  # weights stay in their files
+            edit(proto)
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
+            return ort.InferenceSession(proto.SerializeToString(), so, providers=providers,
+                                        disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
         return ort.InferenceSession(str(model_path), so, providers=providers,
                                     disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types; all mean "this graph does not load"
@@ -370,12 +380,14 @@ def _tensor_to_fp32(t: Any) -> int:
     return 1
 
 
-def _fp32_session(model_path: Path, so: Any, providers: list[Any]) -> Any:
+def _fp32_session(model_path: Path, so: Any, providers: list[Any], edit: Callable[[Any], None] | None = None) -> Any:
     import onnx
     import onnxruntime as ort
 
     proto = onnx.load(str(model_path))  # with external data
     fp16_to_fp32(proto)
+    if edit is not None:
+        edit(proto)
     if proto.ByteSize() < 1_800_000_000:
         return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
     # protobuf's 2 GiB limit: go through disk; the copy lives until the process ends (ORT may map its weights)

@@ -20,6 +20,7 @@ import numpy as np
 from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.providers import EP_NAME, ProviderChoice, TensorRTOptions, create_session
+from onnxpipe.runtime.step_tail import NEXT_IDS, NEXT_MASK, NEXT_POSITIONS, add_step_tail
 
 _ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 
@@ -68,18 +69,35 @@ class DecoderSession:
         announce: Callable[[str], None] | None = None,
         session_options: Any = None,
         cuda_graph: bool = False,
+        feed_back: bool | None = None,
     ):
         import onnxruntime as ort
 
         self.model_dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.open(model_dir)
         self.manifest = m = self.model_dir.manifest
-        if cuda_graph:
+        say = announce or (lambda _m: None)
+        feed_back = cuda_graph if feed_back is None else feed_back
+        if cuda_graph or feed_back:
             _check_cuda_graph_form(self.model_dir.path, m.graph)
-        self.session, self.choice = create_session(
+        # greedy decode steps that write their own next inputs (step_tail): added in memory to the graph
+        tail: dict[str, str | None] = {}
+        edit = (lambda proto: tail.__setitem__("why_not", add_step_tail(proto, m.graph.get("logits", "logits")))) \
+            if feed_back else None
+        make = lambda edit: create_session(  # noqa: E731
             self.model_dir.model_path, provider, trt_options=trt_options, threads=threads,
             graph_inputs=m.graph.get("inputs"), dtype=m.graph.get("dtype"), announce=announce,
-            session_options=session_options, cuda_options={"enable_cuda_graph": "1"} if cuda_graph else None,
+            session_options=session_options, cuda_options={"enable_cuda_graph": "1"} if cuda_graph else None, edit=edit,
         )
+        try:
+            self.session, self.choice = make(edit)
+        except OnnxpipeError as e:
+            if edit is None:
+                raise
+            tail["why_not"] = f"onnxruntime did not take the step's tail ({str(e)[-200:]})"
+            self.session, self.choice = make(None)
+        self.fed = bool(feed_back) and tail.get("why_not") is None
+        if feed_back and not self.fed:
+            say(f"decode steps upload their inputs from the host: {tail.get('why_not')}")
         self.device = self.choice.device
         self._ort = ort
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -112,7 +130,7 @@ class DecoderSession:
         # decode steps replayed as CUDA graphs, one per (batch, capacity): fixed buffers bound once
         self.cuda_graph = cuda_graph and self.device != "cpu" and "cuda" in self.choice.provider_options
         if cuda_graph and not self.cuda_graph:
-            (announce or (lambda _m: None))(f"CUDA graphs need the CUDA EP; running on {self.provider} without them")
+            say(f"CUDA graphs need the CUDA EP; running on {self.provider} without them")
         self._graphs: dict[tuple[int, int], _GraphSlot] = {}
 
     # ---- public ----
@@ -127,6 +145,7 @@ class DecoderSession:
                 raise OnnxpipeError("this graph shares its past/present buffer: the cache needs a capacity (max length)")
             if self.cuda_graph:
                 slot = self._graph_slot(batch, capacity)
+                slot.primed = False  # a new generation: its first step's inputs come from the host
                 return KVCache(slot.cache, 0, slot.capacity, batch)
             shape = (batch, self.num_kv_heads, capacity, self.head_dim)
             values = [self._zeros(shape) for _ in self.past_names]
@@ -219,6 +238,11 @@ class DecoderSession:
             io.bind_ortvalue_output(self.logits_name, slot.logits)
             for name, value in zip(self.present_names, cache):
                 io.bind_ortvalue_output(name, value)
+            if self.fed:  # the step writes the next step's inputs into the buffers it read them from
+                io.bind_ortvalue_output(NEXT_IDS, slot.ids)
+                io.bind_ortvalue_output(NEXT_MASK, slot.mask)
+                if self.has_position_ids:
+                    io.bind_ortvalue_output(NEXT_POSITIONS, slot.positions)
             self._graphs[key] = slot
         return self._graphs[key]
 
@@ -235,15 +259,9 @@ class DecoderSession:
         if self.has_position_ids:
             slot.positions.update_inplace(np.ascontiguousarray(position_ids, dtype=np.int64))
         self.transfers.up_bytes += input_ids.nbytes + mask.nbytes + (position_ids.nbytes if self.has_position_ids else 0)
-        try:
-            self.session.run_with_iobinding(slot.io, self._run_options(slot.graph_id))
-        except Exception as e:
-            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise OnnxpipeError(f"{self.model_dir.path}: onnxruntime failed on a CUDA-graph decode step "
-                                f"(batch {batch}, {cache.length} cached): {text}") from None
-        slot.runs += 1
-        cache.length += 1
-        self.transfers.steps += 1
+        self._run_slot(slot, cache)
+        if self.fed and want == "argmax":  # the step left its argmax in the ids buffer
+            return self._next_ids(slot)
         if slot.head is None:  # the decode step's own head: logits [B, 1, V] read in place, nothing to index
             slot.head = self._helper(_step_head_graph(self._onnx_dtype(), batch, self.vocab_size))
             slot.head_io = {}
@@ -255,6 +273,38 @@ class DecoderSession:
         io = slot.head_io["last_logits" if want == "logits" else "argmax"]
         slot.head.run_with_iobinding(io)
         out = io.get_outputs()[0].numpy()
+        self.transfers.down_bytes += out.nbytes
+        return out
+
+    def can_feed(self, cache: KVCache) -> bool:
+        """Whether ``step_fed`` can run the next step of ``cache`` (a CUDA-graph slot whose step wrote its inputs)."""
+        slot = self._graphs.get((cache.batch, cache.capacity or 0)) if self.fed and self.cuda_graph else None
+        return slot is not None and slot.primed and cache.values is slot.cache
+
+    def step_fed(self, cache: KVCache) -> np.ndarray:
+        """One greedy decode step fed by the previous one on the device (its argmax, mask and positions): nothing
+        goes up; returns the next token ids [batch]. Rows keep their places (finished rows keep decoding unread),
+        so the caller must leave room: every row grows by one position a step."""
+        if not self.can_feed(cache):
+            raise OnnxpipeError("step_fed needs a cache whose last step ran in a CUDA-graph slot with the step tail")
+        slot = self._graphs[(cache.batch, cache.capacity or 0)]
+        self._run_slot(slot, cache)
+        return self._next_ids(slot)
+
+    def _run_slot(self, slot: "_GraphSlot", cache: KVCache) -> None:
+        try:
+            self.session.run_with_iobinding(slot.io, self._run_options(slot.graph_id))
+        except Exception as e:
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise OnnxpipeError(f"{self.model_dir.path}: onnxruntime failed on a CUDA-graph decode step "
+                                f"(batch {cache.batch}, {cache.length} cached): {text}") from None
+        slot.runs += 1
+        slot.primed = self.fed
+        cache.length += 1
+        self.transfers.steps += 1
+
+    def _next_ids(self, slot: "_GraphSlot") -> np.ndarray:
+        out = slot.ids.numpy()[:, 0]
         self.transfers.down_bytes += out.nbytes
         return out
 
@@ -321,6 +371,7 @@ class _GraphSlot:
     logits: Any
     io: Any
     runs: int = 0
+    primed: bool = False  # its last run wrote the next step's inputs (step tail)
     head: Any = None
     head_io: Any = None
 

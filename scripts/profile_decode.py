@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Where a batch-1 decode step's time goes on the GPU, kernel by kernel, for onnxpipe and ORT GenAI side by side.
+
+    python3 scripts/profile_decode.py --work /tmp/onnxpipe_bench_gpu --out $OUT/profile   # after bench_gpu.py
+
+It reuses the models scripts/bench_gpu.py built in its work directory (optimized = onnxpipe's CUDA form, int4,
+genai, genai-int4). Each variant runs in a child process of its own: a greedy generation's prefill and first step
+run untimed, then --steps decode steps run under torch.profiler with CUDA activity only. CUPTI records every kernel
+of the process, onnxruntime's included (CUDA-graph replays too, node by node). Per step it reports the wall time,
+the device's busy time (the union of kernel and copy intervals), the idle rest, and the kernels grouped by name.
+
+A second part ("levels") times, at onnxruntime's ENABLE_ALL and ENABLE_BASIC optimization levels, the first
+prefill of each new prompt length against a repeat of the same length, and the fed CUDA-graph decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULT = "@@RESULT "
+VARIANTS = ["onnxpipe_graph", "onnxpipe_graph_hostfed", "genai_graph", "onnxpipe_int4_graph", "genai_int4_graph",
+            "onnxpipe_nograph", "genai"]
+
+
+def emit(**fields) -> None:
+    print(RESULT + json.dumps(fields), flush=True)
+
+
+def prompt_ids(n: int, vocab: int = 256):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(3, vocab, size=(1, n)).astype(np.int64)
+
+
+def kernel_table(trace: Path, steps: int, t_wall: float) -> dict:
+    """Kernels, copies and sets from a torch.profiler chrome trace, per decode step."""
+    events = json.loads(trace.read_text())
+    events = events.get("traceEvents", events)
+    dev = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    by_name: dict = collections.defaultdict(lambda: [0.0, 0])
+    for e in dev:
+        name = e["name"] if e["cat"] == "kernel" else f"[{e['cat']}] {e['name']}"
+        by_name[name][0] += e["dur"]
+        by_name[name][1] += 1
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in dev)
+    busy, end = 0.0, None
+    for a, b in spans:
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    rows = sorted(((k, v[0] / steps, v[1] / steps) for k, v in by_name.items()), key=lambda r: -r[1])
+    return {"steps": steps, "wall_ms": round(t_wall * 1e3 / steps, 4), "busy_ms": round(busy / 1e3 / steps, 4),
+            "kernel_sum_ms": round(sum(r[1] for r in rows) / 1e3, 4), "kernels_per_step": round(sum(r[2] for r in rows), 1),
+            "top": [{"name": k[:160], "us": round(us, 2), "count": round(c, 2)} for k, us, c in rows[:40]]}
+
+
+def profiled(step, steps: int, work: Path, name: str, provider: str = "cuda") -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):  # warm (captures, first runs) before the profiled steps
+        step()
+    if provider == "cpu":  # a smoke test of the script: wall time only
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return {"steps": steps, "wall_ms": round((time.perf_counter() - t) * 1e3 / steps, 4), "top": []}
+    torch.cuda.init()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        t_wall = time.perf_counter() - t
+    trace = work / f"trace-{name}.json"
+    prof.export_chrome_trace(str(trace))
+    return kernel_table(trace, steps, t_wall)
+
+
+def child_onnxpipe(spec: dict, model: str, graph: bool, fed: bool) -> None:
+    import numpy as np
+
+    from onnxpipe.runtime.generate import LanguageModel
+    from onnxpipe.runtime.session import DecoderSession
+
+    s = DecoderSession(model, spec["provider"], cuda_graph=graph, feed_back=fed if graph else False,
+                       announce=lambda m: print(m, flush=True))
+    lm = LanguageModel(s, None)
+    total = spec["prompt"] + spec["steps"] + 8
+    cfg = lm._config({"max_new_tokens": spec["steps"] + 8, "stop_token_ids": []})
+    rows = lm._rows(prompt_ids(spec["prompt"]).tolist(), cfg)
+    mask, _, cache, out = lm.prefill(rows, total, "argmax")
+    state = {"mask": mask, "out": out}
+    mask, out = lm.decode_step(np.asarray(out, np.int64), mask, cache, "argmax")
+    state.update(mask=mask, out=out)
+
+    def step():
+        if fed and s.can_feed(cache):
+            state["out"] = s.step_fed(cache)
+        else:
+            state["mask"], state["out"] = lm.decode_step(np.asarray(state["out"], np.int64), state["mask"], cache, "argmax")
+
+    r = profiled(step, spec["steps"] - 4, Path(spec["out"]), spec["variant"], spec["provider"])
+    emit(variant=spec["variant"], fed=bool(fed and s.fed), **r)
+
+
+def child_genai(spec: dict, model: str, graph: bool) -> None:
+    import onnxruntime_genai as og
+
+    cfg = og.Config(model)
+    cfg.clear_providers()
+    cfg.append_provider("cuda")
+    cfg.set_provider_option("cuda", "enable_cuda_graph", "1" if graph else "0")
+    m = og.Model(cfg)
+    p = og.GeneratorParams(m)
+    n = spec["prompt"] + spec["steps"] + 8
+    p.set_search_options(max_length=n, min_length=n, do_sample=False, batch_size=1)
+    g = og.Generator(m, p)
+    g.append_tokens(prompt_ids(spec["prompt"]).astype("int32"))
+    g.generate_next_token()
+
+    def step():
+        g.generate_next_token()
+        g.get_next_tokens()
+
+    emit(variant=spec["variant"], **profiled(step, spec["steps"] - 4, Path(spec["out"]), spec["variant"]))
+
+
+def child_levels(spec: dict) -> None:
+    """First prefill of each new length vs a repeat, and the fed decode step, at ENABLE_ALL and ENABLE_BASIC."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from onnxpipe.runtime.generate import LanguageModel
+    from onnxpipe.runtime.session import DecoderSession
+
+    out = {}
+    for level_name in ("ENABLE_ALL", "ENABLE_BASIC"):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, "ORT_" + level_name)
+        t = time.perf_counter()
+        s = DecoderSession(spec["optimized"], spec["provider"], cuda_graph=True, session_options=so, announce=lambda m: None)
+        load_s = time.perf_counter() - t
+        lm = LanguageModel(s, None)
+        first, again = {}, {}
+        for n in spec["lengths"]:
+            ids = prompt_ids(n).tolist()
+            for box in (first, again):
+                cfg = lm._config({"max_new_tokens": 8, "stop_token_ids": []})
+                rows = lm._rows(ids, cfg)
+                t = time.perf_counter()
+                lm.prefill(rows, n + 8, "argmax")
+                box[n] = round((time.perf_counter() - t) * 1e3, 2)
+        cfg = lm._config({"max_new_tokens": min(96, spec["steps"] + 8), "stop_token_ids": []})
+        for _ in range(2):  # the first generation captures the graph
+            times = [time.perf_counter() for _ in lm._decode(lm._rows(prompt_ids(spec["prompt"]).tolist(), cfg), cfg)]
+        step_ms = (times[-1] - times[1]) * 1e3 / (len(times) - 2)
+        out[level_name] = {"load_s": round(load_s, 2), "first_prefill_ms": first, "repeat_prefill_ms": again,
+                           "fed_decode_step_ms": round(step_ms, 4), "fed": s.fed}
+    emit(variant="levels", **out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/onnxpipe_bench_gpu", help="bench_gpu.py's work directory")
+    ap.add_argument("--out", default="out/profile_decode")
+    ap.add_argument("--variants", default=",".join(VARIANTS + ["levels"]))
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--lengths", default="100,117,128,141,163")
+    ap.add_argument("--cap-s", type=float, default=120)
+    ap.add_argument("--provider", default="cuda", help="cpu: a smoke test of the script (wall times only)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(Path(args.spec).read_text())
+        w = Path(spec["work"])
+        v = args.child
+        if v == "levels":
+            child_levels(spec)
+        elif v.startswith("genai"):
+            child_genai(spec, str(w / ("genai-int4" if "int4" in v else "genai")), graph=v.endswith("graph"))
+        else:
+            model = str(w / ("int4" if "int4" in v else "optimized"))
+            child_onnxpipe(spec, model, graph="nograph" not in v, fed="hostfed" not in v)
+        return 0
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "rows": []}
+    for v in args.variants.split(","):
+        spec = {"work": args.work, "out": str(out), "provider": args.provider, "steps": args.steps, "prompt": args.prompt, "variant": v,
+                "optimized": str(Path(args.work) / "optimized"), "lengths": [int(x) for x in args.lengths.split(",")]}
+        sp = out / f"spec-{v}.json"
+        sp.write_text(json.dumps(spec))
+        t = time.time()
+        try:
+            p = subprocess.run([sys.executable, __file__, "--child", v, "--spec", str(sp)], capture_output=True,
+                               text=True, timeout=args.cap_s, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            text = p.stdout + p.stderr
+        except subprocess.TimeoutExpired as e:
+            text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            text += f"\nkilled after {args.cap_s} s"
+        (out / f"log-{v}.txt").write_text(text)
+        got = [json.loads(ln[len(RESULT):]) for ln in text.splitlines() if ln.startswith(RESULT)]
+        if not got:
+            tail = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+            results["rows"].append({"variant": v, "error": tail[0][:300]})
+            print(f"{v}: failed: {tail[0][:300]}", flush=True)
+        for r in got:
+            results["rows"].append(r)
+            if "busy_ms" in r:
+                print(f"{v}: wall {r['wall_ms']} ms/step, device busy {r['busy_ms']}, kernels/step "
+                      f"{r['kernels_per_step']}; top: " + "; ".join(f"{k['name'][:60]} {k['us']}us x{k['count']}"
+                                                               for k in r["top"][:6]), flush=True)
+            else:
+                print(f"{v}: {json.dumps(r)}", flush=True)
+        print(f"  ({time.time() - t:.0f} s)", flush=True)
+        (out / "profile_decode.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
