@@ -127,8 +127,9 @@ def test_gpt2_cuda_form_is_group_query_attention_with_groups_of_one(cuda_form):
 
 def test_cuda_form_of_a_trained_gpt2_generates_what_transformers_does(tmp_path):
     """The trained gpt2-stdlib (non-zero c_attn biases, unlike the tiny random model's): its CUDA form passes every
-    pass's check, and a right-padded batch of prompts of different lengths, through the shared buffer and through
-    the CUDA-graph slots driven on the CPU, gives each row's transformers greedy tokens."""
+    pass's check, and a right-padded batch of prompts of different lengths, through the shared buffer, through
+    the CUDA-graph slots driven on the CPU and through steps that feed themselves, gives each row's transformers
+    greedy tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -150,6 +151,14 @@ def test_cuda_form_of_a_trained_gpt2_generates_what_transformers_does(tmp_path):
     lm.session.cuda_graph = True  # the CUDA-graph slots, minus the capture
     assert [r.token_ids for r in lm.generate(prompts, max_new_tokens=12)] == want
     assert sum(slot.runs for slot in lm.session._graphs.values()) > 0
+    # and the greedy steps that feed themselves (step tail): the positions they write feed gpt2's position table
+    from onnxpipe.runtime.generate import LanguageModel
+    from onnxpipe.runtime.session import DecoderSession
+
+    fed = DecoderSession(tmp_path / "cuda", "cpu", feed_back=True)
+    assert fed.fed
+    fed.cuda_graph = True
+    assert [r.token_ids for r in LanguageModel(fed, None).generate(prompts, max_new_tokens=12)] == want
 
 
 def test_rotary_not_folded_when_head_dim_is_not_a_multiple_of_16(tiny_hf, tmp_path):
