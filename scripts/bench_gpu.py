@@ -36,13 +36,25 @@ import threading
 import time
 from pathlib import Path
 
-SHAPES = {  # Llama-3.2-1B's dimensions (random weights); tiny runs in seconds on a laptop CPU
+SHAPES = {  # Llama-3.2-1B's dimensions (random weights); GPT-2 small's; tiny runs in seconds on a laptop CPU
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096,
                      tie_word_embeddings=True),
+    "gpt2-small": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=4096, max_position_embeddings=1024, tie_word_embeddings=True),
 }
+
+
+def dims(shape: str) -> dict:
+    """layers, KV heads and head size of a SHAPES entry, whatever its config calls them."""
+    sh = SHAPES[shape]
+    if sh.get("model_type") == "gpt2":
+        return {"layers": sh["n_layer"], "kv_heads": sh["n_head"], "head_dim": sh["n_embd"] // sh["n_head"]}
+    return {"layers": sh["num_hidden_layers"], "kv_heads": sh["num_key_value_heads"],
+            "head_dim": sh["hidden_size"] // sh["num_attention_heads"]}
+
+
 ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compared with
     "torch_eager": "PyTorch eager generate",
     "torch_compile": "transformers static cache + torch.compile",
@@ -78,7 +90,8 @@ def child_setup(spec: dict) -> None:
     hf = Path(spec["hf"])
     torch.manual_seed(0)
     # a wider init than the default 0.02 so logits are not near-uniform: greedy ties would say nothing
-    cfg = AutoConfig.for_model("llama", **SHAPES[spec["shape"]], initializer_range=0.1, bos_token_id=1,
+    sh = dict(SHAPES[spec["shape"]])
+    cfg = AutoConfig.for_model(sh.pop("model_type", "llama"), **sh, initializer_range=0.1, bos_token_id=1,
                                eos_token_id=2, pad_token_id=0)
     t = time.perf_counter()
     with torch.device(dev):
@@ -598,7 +611,7 @@ def main_orchestrate(args) -> int:
             print(msg, flush=True)
 
     cuda = args.device == "cuda"
-    shape = "tiny" if args.tiny else "llama-1b"
+    shape = "tiny" if args.tiny else args.shape
     spec = {"device": args.device, "shape": shape, "dtype": "fp16" if cuda else "fp32",
             "torch_dtype": "float16" if cuda else "float32", "vocab": SHAPES[shape]["vocab_size"],
             "prompt": args.prompt, "new": args.new_tokens, "repeats": args.repeats, "agree_steps": args.agree_steps,
@@ -794,9 +807,8 @@ def floors(res: dict, batch: int, int4: bool = False) -> dict | None:
         if not size:
             return None
         s = dict(s, weight_bytes=size * 1e6)
-    sh = SHAPES[res["shape"]]
-    kv_per_token = 2 * sh["num_hidden_layers"] * sh["num_key_value_heads"] * (sh["hidden_size"] // sh["num_attention_heads"]) \
-        * (2 if res["dtype"] == "fp16" else 4)
+    d = dims(res["shape"])
+    kv_per_token = 2 * d["layers"] * d["kv_heads"] * d["head_dim"] * (2 if res["dtype"] == "fp16" else 4)
     bw = s["copy_bw_GBs"] * 1e9
     mean_len = res["prompt"] + res["new_tokens"] / 2
     decode_s = (s["weight_bytes"] + batch * mean_len * kv_per_token) / bw
@@ -910,6 +922,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama config instead of the 1B shape")
+    ap.add_argument("--shape", default="llama-1b", choices=[k for k in SHAPES if k != "tiny"])
     ap.add_argument("--target", choices=["cpu", "cuda"], help="optimize's target (default: the device's)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--anchors", default=",".join(ANCHORS))

@@ -21,10 +21,21 @@ PROMPTS = [[5, 9, 12, 3, 7, 100, 20], [44, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 
 
 @pytest.fixture(scope="module")
-def cuda_llama(tiny_onnx, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tail") / "model"
-    optimize_model(tiny_onnx("llama"), out, level=3, target="cuda")
-    return out
+def cuda_form(tiny_onnx, tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in cache:
+            cache[family] = tmp_path_factory.mktemp(f"tail-{family}") / "model"
+            optimize_model(tiny_onnx(family), cache[family], level=3, target="cuda")
+        return cache[family]
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def cuda_llama(cuda_form) -> Path:
+    return cuda_form("llama")
 
 
 def _fed(path: Path) -> LanguageModel:
@@ -39,13 +50,16 @@ def _tokens(lm: LanguageModel, prompts, **opts) -> list[list[int]]:
     return [r.token_ids for r in lm.generate(prompts, **opts)]
 
 
-def test_fed_steps_give_the_plain_tokens_and_upload_nothing_after_the_first(cuda_llama):
-    plain, fed = load(cuda_llama, "cpu"), _fed(cuda_llama)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2 reads position_ids: the step writes those too
+def test_fed_steps_give_the_plain_tokens_and_upload_nothing_after_the_first(cuda_form, family):
+    plain, fed = load(cuda_form(family), "cpu"), _fed(cuda_form(family))
+    assert fed.session.has_position_ids
     t = fed.session.transfers
     calls = _count_fed(fed)
     for n in (30, 12, 30):  # a second generation on the same slot starts host-fed again
         up = t.up_bytes
-        assert _tokens(fed, PROMPTS, max_new_tokens=n) == _tokens(plain, PROMPTS, max_new_tokens=n)
+        opts = {"max_new_tokens": n, "stop_token_ids": []}
+        assert _tokens(fed, PROMPTS, **opts) == _tokens(plain, PROMPTS, **opts)
         uploaded = t.up_bytes - up
         if n == 12:
             short = uploaded
