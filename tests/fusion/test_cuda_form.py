@@ -161,6 +161,30 @@ def test_cuda_form_of_a_trained_gpt2_generates_what_transformers_does(tmp_path):
     assert [r.token_ids for r in LanguageModel(fed, None).generate(prompts, max_new_tokens=12)] == want
 
 
+def test_a_llama_without_grouped_heads_gets_the_cuda_form_too(tmp_path):
+    """kv heads = heads (Llama-2-7B's shape): the plain attention pattern, which on the CPU target gives
+    MultiHeadAttention, gives the whole CUDA form here: groups of one, rotary folded, q/k/v packed, shared buffer."""
+    import sys
+
+    from onnxpipe.export import export_decoder
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny import make_tiny_model
+
+    hf = make_tiny_model("llama", tmp_path / "hf", num_key_value_heads=4)
+    export_decoder(hf, tmp_path / "exported")
+    result = optimize_model(tmp_path / "exported", tmp_path / "cuda", level=3, target="cuda")
+    assert result.check.passed and [p.status for p in result.passes if p.name == "attention"] == ["kept"]
+    nodes = _gqa_nodes(tmp_path / "cuda")
+    assert len(nodes) == 2
+    for node in nodes:
+        attrs = _attrs(node)
+        assert attrs["num_heads"] == attrs["kv_num_heads"] == 4 and attrs["do_rotary"] == 1
+        assert node.input[1] == node.input[2] == ""
+    graph = json.loads((tmp_path / "cuda" / "onnxpipe.json").read_text())["graph"]
+    assert graph["kv"]["shares_buffer"] and graph["padding_side"] == "right"
+
+
 def test_rotary_not_folded_when_head_dim_is_not_a_multiple_of_16(tiny_hf, tmp_path):
     """Near miss: GroupQueryAttention's rotary needs head_dim % 16 == 0; with head_dim 8 the RotaryEmbedding ops
     stay, the op gets no caches, and the result still checks out (right padding, positions from seqlens)."""
