@@ -54,6 +54,7 @@ class QuantizeConfig:
     block_size: int = 32  # int4: weights per scale along the input dimension; 0: per output channel (int4.py)
     algo: str = "rtn"  # int4: rtn | gptq | hqq
     accuracy_level: int = 4  # int4: MatMulNBits compute type; 4 = int8 activations (fast on CPU)
+    symmetric: bool = False  # int4 rtn: a grid centred on 0, no zero points (faster CUDA kernel)
     lm_head: str = "auto"  # auto/int8: 8-bit per vocabulary row (embedding.py); fp32; int4 (int4 mode only)
     embeddings: str = "auto"  # auto/int8: token table 8-bit per row, shared with a tied head; fp32
     eval_file: Path | None = None
@@ -71,7 +72,8 @@ class QuantizeConfig:
         if self.mode == "static":
             p.update(method=self.method, per_channel=self.per_channel, smoothquant=self.smoothquant)
         if self.mode == "int4":
-            p.update(algo=self.algo, block_size=self.block_size, accuracy_level=self.accuracy_level)
+            p.update(algo=self.algo, block_size=self.block_size, accuracy_level=self.accuracy_level,
+                     symmetric=self.symmetric)
         if self.needs_calibration():
             p.update(calibration=str(self.calibration), calibration_config=self.calib.to_json())
         p.update(eval_file=str(self.eval_file) if self.eval_file else None, max_eval_tokens=self.max_eval_tokens,
@@ -115,6 +117,8 @@ def validate(cfg: QuantizeConfig) -> None:
         raise OnnxpipeError(f"--block-size must be a power of two >= 16, or 0 for per channel; got {cfg.block_size}")
     if cfg.mode == "int4" and cfg.block_size == 0 and cfg.algo == "hqq":
         raise OnnxpipeError("--block-size 0 (per channel) supports --algo rtn and gptq, not hqq")
+    if cfg.symmetric and not (cfg.mode == "int4" and cfg.algo == "rtn" and cfg.block_size != 0):
+        raise OnnxpipeError("--symmetric applies to --mode int4 --algo rtn with a block size (not per channel)")
     if cfg.accuracy_level not in (0, 1, 2, 3, 4):
         raise OnnxpipeError(f"--accuracy-level must be 0..4, got {cfg.accuracy_level}")
     if cfg.max_ppl_increase is not None and cfg.max_ppl_increase < 0:
