@@ -24,15 +24,18 @@ default) or for all layers (``"tensor"``, ``"token"``):
   CANDIDATE_THRESHOLDS in turn, from none (per tensor everywhere, the fastest) down to all, and the first whose
   perplexity on the same prefills is within PPL_BUDGET_PCT of the float model's is kept (none within: the one that
   lost least). Per tensor where it costs nothing measurable, per token where it is needed. If no threshold is
-  within the budget, the layers whose outputs the chosen scales still hurt most are left in float (fp32 MatMul):
-  the same float pass measures each layer's output error under either scheme (``LayerError``: int8 weights per
-  channel and int8 activations against the float product, on a subsample of tokens), the layers are ranked by
-  the error under the least-loss candidate's scheme, and the worst FLOAT_CANDIDATES (1, 2, 4, 8) are kept float
-  in turn; the first within the budget is kept (none: the least loss of all candidates). Per-token scales fix a
+  within the budget, the layers that hurt the model's output most under the least-loss candidate's scales are left
+  in float (fp32 MatMul): each layer's effect is measured on the whole model (sensitivity.py: that layer alone
+  int8, mean KL of the next-token distributions against the float model on calibration prefills), and the most
+  harmful FLOAT_CANDIDATES (1, 2, 4, ... 48) are kept float in turn; the first within the budget is kept (none:
+  the least loss of all candidates). The same float pass also records each layer's own output error
+  (``LayerError``: int8 weights and activations against the float product, on a subsample of tokens), which ranked
+  the layers before: on SmolLM2-135M it did not predict their effect (docs/quantization.md). Per-token scales fix a
   token that dwarfs the others; they do not fix one channel that dwarfs the others inside every token (SmolLM2's
   down_proj inputs), which is what float is for. The figures, the candidates tried and the choice go into the
   manifest. The search holds the float model and one candidate's
-  working copy in memory at a time (twice the model), and writes each candidate beside the output.
+  working copy in memory at a time (twice the model; the effect measurement's graph, which holds every weight twice,
+  for a while four times), and writes each candidate beside the output.
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ ACTIVATION_SCHEMES = ("auto", "token", "tensor")
 # model's perplexity on the calibration prefills is kept; if none does, the one that lost least.
 CANDIDATE_THRESHOLDS = (math.inf, 0.1, 0.05, 0.03, 0.0)
 PPL_BUDGET_PCT = 1.0
-# auto, when no threshold is within the budget: how many of the worst layers (by LayerError under the least-loss
-# candidate's scales) to leave in float, tried in this order
-FLOAT_CANDIDATES = (1, 2, 4, 8)
+# auto, when no threshold is within the budget: how many layers to leave in float, tried in this order, the most
+# harmful first (ranked by their measured effect on the model's output, sensitivity.py); at most 48 of SmolLM2's 210
+FLOAT_CANDIDATES = (1, 2, 4, 8, 16, 32, 48)
 ERROR_TOKENS_PER_FEED = 64  # tokens of each prefill batch the layer output errors are measured on
 TOKEN_THRESHOLD = 0.03  # without logits to measure (a bare graph), this threshold alone decides
 
@@ -149,8 +152,10 @@ def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head:
                 best = entry
                 break
         assert best is not None
+        effects: list[Any] = []
         if searching and FLOAT_CANDIDATES and not best["calibration_ppl_change_pct"] <= budget_pct:
-            best = _keep_worst_in_float(best, choices, errors, budget_pct, attempt)
+            effects = _effects_under(best, proto, nodes, choices, feeds, logits)
+            best = _keep_worst_in_float(best, choices, [e.node for e in effects], budget_pct, attempt)
         for f in best["_path"].parent.iterdir():
             os.replace(f, out_path.parent / f.name)
     float_nodes = best["_float"]
@@ -169,6 +174,8 @@ def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head:
     details["activation_search"] = {"budget_pct": budget_pct, "float_calibration_ppl": float_ppl,
                                     "candidates": search} if searching else None
     details["activation_choice"] = [c.to_json() for c in choices]
+    if effects:
+        details["layer_effects"] = [e.to_json() for e in effects[:max(FLOAT_CANDIDATES) * 2]]
     if errors:
         scheme = {n: c.scheme for c in choices for n in c.nodes}
         ranked = sorted(errors.values(), key=lambda e: -e.under(scheme[e.node]))
@@ -177,14 +184,24 @@ def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head:
     return details
 
 
-def _keep_worst_in_float(base: dict[str, Any], choices: list[LayerChoice], errors: dict[str, LayerError],
-                         budget_pct: float, attempt: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    """The threshold candidate ``base`` (none was within the budget) with its worst layers left in float, for each
-    count in FLOAT_CANDIDATES in turn; returns the first within the budget, else the least loss of all tried."""
+def _effects_under(base: dict[str, Any], proto: Any, nodes: list[str], choices: list[LayerChoice],
+                   feeds: list[dict[str, np.ndarray]], logits: str) -> list[Any]:
+    """Each layer's effect on the model's output (sensitivity.layer_effects) under ``base``'s activation scales,
+    worst first."""
+    from onnxpipe.quant.sensitivity import layer_effects
+
+    t = math.inf if base["threshold"] is None else base["threshold"]
+    token_nodes = {n for c in choices if c.tensor_error > t for n in c.nodes}
+    return layer_effects(proto, nodes, token_nodes, feeds, logits)
+
+
+def _keep_worst_in_float(base: dict[str, Any], choices: list[LayerChoice], ranked: list[str], budget_pct: float,
+                         attempt: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """The threshold candidate ``base`` (none was within the budget) with the first layers of ``ranked`` (the most
+    harmful first) left in float, for each count in FLOAT_CANDIDATES in turn; returns the first within the budget,
+    else the least loss of all tried."""
     t = math.inf if base["threshold"] is None else base["threshold"]
     token_nodes = [n for c in choices if c.tensor_error > t for n in c.nodes]
-    wanted = set(token_nodes)
-    ranked = sorted(errors, key=lambda n: -errors[n].under("token" if n in wanted else "tensor"))
     best = base
     for k in FLOAT_CANDIDATES:
         if k >= len(ranked):
