@@ -220,10 +220,12 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
 @click.option("--activations", type=click.Choice(["auto", "token", "tensor"]), default="auto", show_default=True,
               help="dynamic: one run-time activation scale per token, per tensor (one fused kernel, fastest), or chosen "
                    "per layer from the calibration text's prefills: per token for the fewest layers that keep "
-                   "perplexity there within 1%, and if none does, the worst 1-8 layers left in fp32 "
+                   "perplexity there within 1%, and if none does, the layers that hurt the model's output most (measured one "
+                   "at a time) left in fp32, the fewest of 1-48 that meet it "
                    "(auto; data/calibration.txt unless --calibration).")
-@click.option("--smoothquant", "smoothquant", type=float, default=None, metavar="ALPHA",
-              help="static, dynamic: migrate activation outliers into weights first (alpha in (0, 1], 0.5 is usual).")
+@click.option("--smoothquant", "smoothquant", default=None, metavar="ALPHA|auto", callback=lambda c, p, v: _alpha(v),
+              help="static, dynamic: migrate activation outliers into weights first (alpha in (0, 1], 0.5 is usual); "
+                   "static also takes auto: the alpha whose model is closest to the float one on the calibration text.")
 @click.option("--block-size", type=int, default=32, show_default=True,
               help="int4: weights per scale along the input axis (a power of two >= 16, as MatMulNBits); 0 = one scale "
                    "per output channel, written as uint4 DequantizeLinear -> MatMul (opset 21; rtn and gptq).")
@@ -244,7 +246,7 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
               help="Fail, writing nothing, if perplexity rises more than PCT percent.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str, per_channel: bool,
-             activations: str, smoothquant: float | None, block_size: int, algo: str, accuracy_level: int, symmetric: bool, lm_head: str, embeddings: str,
+             activations: str, smoothquant: float | str | None, block_size: int, algo: str, accuracy_level: int, symmetric: bool, lm_head: str, embeddings: str,
              eval_file: Path | None, eval_tokens: int | None, calib_samples: int, calib_seq_len: int,
              max_ppl_increase: float | None, force: bool) -> None:
     """Quantize a model directory (exported or optimized) and report its quality against the input."""
@@ -258,6 +260,16 @@ def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, m
         max_ppl_increase=max_ppl_increase, calib=CalibrationConfig(max_samples=calib_samples, prefill_len=calib_seq_len),
     )
     click.echo(describe_result(result))
+
+
+def _alpha(value: str | None) -> float | str | None:
+    """--smoothquant: a number (checked against (0, 1] with the other options) or "auto"."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor 'auto'", param_hint="--smoothquant") from None
 
 
 def _progress_bars():  # noqa: ANN202

@@ -50,7 +50,9 @@ class QuantizeConfig:
     # from the calibration text's prefills ("auto", dynamic.py)
     activations: str = "auto"
     token_threshold: float | None = None  # dynamic auto: dynamic.TOKEN_THRESHOLD unless set
-    smoothquant: float | None = None  # static, dynamic: SmoothQuant migration strength alpha in (0, 1]
+    # static, dynamic: SmoothQuant migration strength alpha in (0, 1]; static also "auto" (alpha.py: chosen on the
+    # calibration prefills among alpha.ALPHAS)
+    smoothquant: float | str | None = None
     block_size: int = 32  # int4: weights per scale along the input dimension; 0: per output channel (int4.py)
     algo: str = "rtn"  # int4: rtn | gptq | hqq
     accuracy_level: int = 4  # int4: MatMulNBits compute type; 4 = int8 activations (fast on CPU)
@@ -111,8 +113,11 @@ def validate(cfg: QuantizeConfig) -> None:
     if cfg.smoothquant is not None:
         if cfg.mode not in ("static", "dynamic"):
             raise OnnxpipeError("--smoothquant applies to --mode static and dynamic only")
-        if not 0.0 < cfg.smoothquant <= 1.0:
-            raise OnnxpipeError(f"--smoothquant alpha must be in (0, 1], got {cfg.smoothquant}")
+        if cfg.smoothquant == "auto":
+            if cfg.mode != "static":
+                raise OnnxpipeError("--smoothquant auto applies to --mode static; pass an alpha in (0, 1] for dynamic")
+        elif isinstance(cfg.smoothquant, str) or not 0.0 < cfg.smoothquant <= 1.0:
+            raise OnnxpipeError(f"--smoothquant alpha must be in (0, 1] or auto, got {cfg.smoothquant}")
     if cfg.block_size != 0 and (cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1)):
         raise OnnxpipeError(f"--block-size must be a power of two >= 16, or 0 for per channel; got {cfg.block_size}")
     if cfg.mode == "int4" and cfg.block_size == 0 and cfg.algo == "hqq":
@@ -295,7 +300,10 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
         elif cfg.mode == "static":
             from onnxpipe.quant.static import quantize_static_int8
 
-            details = quantize_static_int8(proto, out_path, body, src.manifest, samples, cfg, log, progress)
+            if cfg.smoothquant == "auto":
+                details = _static_alpha_search(proto, out_path, body, src, samples, cfg, log, progress)
+            else:
+                details = quantize_static_int8(proto, out_path, body, src.manifest, samples, cfg, log, progress)
         else:
             from onnxpipe.quant.int4 import quantize_int4
 
@@ -314,6 +322,28 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
                if before.get(k, 0) != after.get(k, 0)}
     log(f"ops changed: {', '.join(f'{k} {v}' for k, v in changed.items()) or 'none'}")
     return details
+
+
+def _static_alpha_search(proto: Any, out_path: Path, body: Any, src: ModelDir, samples: np.ndarray,
+                         cfg: QuantizeConfig, log: Log, progress: Progress | None) -> dict[str, Any]:
+    """--smoothquant auto: static int8 with each alpha of alpha.ALPHAS, the one closest to the float model on the
+    calibration prefills kept (alpha.py)."""
+    import dataclasses
+
+    import onnx
+
+    from onnxpipe.quant.alpha import choose_alpha
+    from onnxpipe.quant.static import quantize_static_int8
+
+    feeds = list(_prefill_feeds(src.manifest, samples, cfg, "calibration prefills", progress))
+
+    def write(alpha: float, path: Path) -> dict[str, Any]:
+        work = onnx.ModelProto()
+        work.CopyFrom(proto)  # saving with external data would move the weights out of the proto it is given
+        return quantize_static_int8(work, path, body, src.manifest, samples,
+                                    dataclasses.replace(cfg, smoothquant=alpha), log, progress)
+
+    return choose_alpha(write, out_path, src.model_path, feeds, src.manifest.graph["logits"], log)
 
 
 def _smooth(proto: Any, body: Any, alpha: float, feeds: list[dict[str, np.ndarray]], logits: str,
