@@ -62,7 +62,7 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "onnxpipe_graph": "onnxpipe + CUDA graphs",
     "onnxpipe_graph_hostfed": "onnxpipe + CUDA graphs, inputs uploaded each step",
     "onnxpipe_graph_xqa": "onnxpipe + CUDA graphs + XQA decode kernel",
-    "onnxpipe_int4_graph": "onnxpipe int4 + CUDA graphs",
+    "onnxpipe_int4_graph": "onnxpipe int4 (symmetric RTN) + CUDA graphs",
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
     "genai_int4": "ORT GenAI int4",
@@ -176,7 +176,8 @@ def child_build_onnxpipe(spec: dict) -> None:
 
 
 def child_build_onnxpipe_int4(spec: dict) -> None:
-    """int4 weights (RTN, MatMulNBits, fp16 scales and activations, LM head included as GenAI's int4 does) from the
+    """int4 weights (symmetric RTN, block 32, MatMulNBits without zero points, fp16 scales and activations, LM head
+    included, as GenAI's int4 does) from the
     optimized fp16 CUDA form; waits for that build. Its quality report runs on the CPU over a short eval text."""
     from onnxpipe.quant import quantize_model
 
@@ -188,7 +189,7 @@ def child_build_onnxpipe_int4(spec: dict) -> None:
         time.sleep(2)
     t = time.perf_counter()
     res = quantize_model(spec["optimized"], spec["int4"], "int4", force=True, algo="rtn", block_size=32,
-                         lm_head="int4", max_eval_tokens=64, log=lambda m: print(m, flush=True))
+                         symmetric=True, lm_head="int4", max_eval_tokens=64, log=lambda m: print(m, flush=True))
     q = res.step.get("quality", {})
     emit("build", stage="onnxpipe_int4", seconds=round(time.perf_counter() - t, 1),
          size_MB=round(q.get("size_after", 0) / 1e6, 1), ppl_change_pct=q.get("ppl_change_pct"))

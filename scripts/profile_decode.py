@@ -9,8 +9,9 @@ run untimed, then --steps decode steps run under torch.profiler with CUDA activi
 of the process, onnxruntime's included (CUDA-graph replays too, node by node). Per step it reports the wall time,
 the device's busy time (the union of kernel and copy intervals), the idle rest, and the kernels grouped by name.
 
-A second part ("levels") times, at onnxruntime's ENABLE_ALL and ENABLE_BASIC optimization levels, the first
-prefill of each new prompt length against a repeat of the same length, and the fed CUDA-graph decode step.
+A second part ("levels") times, at onnxruntime's ENABLE_ALL and ENABLE_BASIC optimization levels and with prompts
+padded to multiples of 1 or 32 (generate.PREFILL_BUCKET), the first prefill of each new prompt length against a
+repeat of the same length, and the fed CUDA-graph decode step.
 """
 
 from __future__ import annotations
@@ -144,13 +145,14 @@ def child_levels(spec: dict) -> None:
     from onnxpipe.runtime.session import DecoderSession
 
     out = {}
-    for level_name in ("ENABLE_ALL", "ENABLE_BASIC"):
+    for level_name, bucket in (("ENABLE_ALL", 1), ("ENABLE_ALL", 32), ("ENABLE_BASIC", 1)):
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, "ORT_" + level_name)
         t = time.perf_counter()
         s = DecoderSession(spec["optimized"], spec["provider"], cuda_graph=True, session_options=so, announce=lambda m: None)
         load_s = time.perf_counter() - t
         lm = LanguageModel(s, None)
+        lm.prefill_bucket = bucket
         first, again = {}, {}
         for n in spec["lengths"]:
             ids = prompt_ids(n).tolist()
@@ -158,13 +160,13 @@ def child_levels(spec: dict) -> None:
                 cfg = lm._config({"max_new_tokens": 8, "stop_token_ids": []})
                 rows = lm._rows(ids, cfg)
                 t = time.perf_counter()
-                lm.prefill(rows, n + 8, "argmax")
+                lm.prefill(rows, n + 64, "argmax")
                 box[n] = round((time.perf_counter() - t) * 1e3, 2)
         cfg = lm._config({"max_new_tokens": min(96, spec["steps"] + 8), "stop_token_ids": []})
         for _ in range(2):  # the first generation captures the graph
             times = [time.perf_counter() for _ in lm._decode(lm._rows(prompt_ids(spec["prompt"]).tolist(), cfg), cfg)]
         step_ms = (times[-1] - times[1]) * 1e3 / (len(times) - 2)
-        out[level_name] = {"load_s": round(load_s, 2), "first_prefill_ms": first, "repeat_prefill_ms": again,
+        out[f"{level_name}, prefill bucket {bucket}"] = {"load_s": round(load_s, 2), "first_prefill_ms": first, "repeat_prefill_ms": again,
                            "fed_decode_step_ms": round(step_ms, 4), "fed": s.fed}
     emit(variant="levels", **out)
 
@@ -197,11 +199,14 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(args.work) / "profile_decode"  # traces and specs: big and many, kept off OUT
+    scratch.mkdir(parents=True, exist_ok=True)
+    logf = (out / "profile_decode.log").open("w")
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "rows": []}
     for v in args.variants.split(","):
-        spec = {"work": args.work, "out": str(out), "provider": args.provider, "steps": args.steps, "prompt": args.prompt, "variant": v,
+        spec = {"work": args.work, "out": str(scratch), "provider": args.provider, "steps": args.steps, "prompt": args.prompt, "variant": v,
                 "optimized": str(Path(args.work) / "optimized"), "lengths": [int(x) for x in args.lengths.split(",")]}
-        sp = out / f"spec-{v}.json"
+        sp = scratch / f"spec-{v}.json"
         sp.write_text(json.dumps(spec))
         t = time.time()
         try:
@@ -211,7 +216,8 @@ def main() -> int:
         except subprocess.TimeoutExpired as e:
             text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
             text += f"\nkilled after {args.cap_s} s"
-        (out / f"log-{v}.txt").write_text(text)
+        logf.write(f"===== {v}\n{text}\n")
+        logf.flush()
         got = [json.loads(ln[len(RESULT):]) for ln in text.splitlines() if ln.startswith(RESULT)]
         if not got:
             tail = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or ["no output"]

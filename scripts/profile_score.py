@@ -126,6 +126,8 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/onnxpipe-profile-score"))
     p.add_argument("--output", default="jsonl", choices=("jsonl", "parquet"))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="GPU: record the last run's kernels with torch.profiler (CUPTI) and print the N costliest")
     args = p.parse_args()
 
     from bench_score import cut_texts
@@ -145,9 +147,26 @@ def main() -> int:
         cfg = ScoreConfig(provider=args.provider, threads=threads, batch_tokens=args.batch_tokens, force=True,
                           progress=False, chunk_records=args.chunk_records, head=args.head)
         messages: list[str] = []
+        prof = None
+        if args.kernels and len(runs) == args.repeats - 1:
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CUDA])
+            prof.__enter__()
         t0 = time.perf_counter()
         summary = score(args.model_dir, records, args.work / f"scores.{args.output}", cfg, log=messages.append)
         wall = time.perf_counter() - t0
+        if prof is not None:
+            from profile_decode import kernel_table
+
+            prof.__exit__(None, None, None)
+            trace = args.work / "kernels.json"
+            prof.export_chrome_trace(str(trace))
+            table = kernel_table(trace, 1, wall)
+            print(f"# kernels of the last run: device busy {table['busy_ms']:.1f} ms of {table['wall_ms']:.1f} ms wall, "
+                  f"{table['kernels_per_step']:.0f} kernels")
+            for k in table["top"][: args.kernels]:
+                print(f"#   {k['us'] / 1e3:9.2f} ms x{k['count']:6.0f}  {k['name'][:120]}")
         # "other": the run's own time (summary.seconds counts tokenizing to the checkpoint, not reading) less phases
         timed = dict(clock.seconds)
         timed["other"] = max(0.0, summary.seconds + timed["read"] - sum(v for k, v in timed.items() if k != "other"))

@@ -26,6 +26,9 @@ from onnxpipe.runtime.session import DecoderSession
 
 Prompt = str | Sequence[int]
 PROMPT_CONTEXT = 4  # prompt tokens decoded with the output, so the first word keeps its leading space
+# On the GPU a prefill of a new length paid ~70-95 ms once (H100, 1B Llama, onnxruntime-gpu 1.31.1; 4 ms again):
+# right-padded prompts are padded further to a multiple of this, so lengths share their first run
+PREFILL_BUCKET = 32
 
 
 @dataclass
@@ -170,6 +173,9 @@ class LanguageModel:
         self.session = session
         self.tokenizer = tokenizer
         self.manifest = session.manifest
+        # extra right padding costs the GPU little and the CPU real compute; left padding would shift nothing here
+        gpu_right = session.device != "cpu" and session.shares_buffer and session.padding_side == "right"
+        self.prefill_bucket = PREFILL_BUCKET if gpu_right else 1
 
     @property
     def provider(self) -> str:
@@ -217,6 +223,8 @@ class LanguageModel:
         s = self.session
         lengths = np.array([len(r.prompt) for r in rows], np.int64)
         width = int(lengths.max())
+        if self.prefill_bucket > 1 and s.padding_side == "right":  # never past the cache it writes
+            width = max(width, min(-(-width // self.prefill_bucket) * self.prefill_bucket, cache_capacity))
         pad = int(self.manifest.tokenizer.get("pad_token_id") or 0)
         ids = np.full((len(rows), width), pad, np.int64)
         mask = np.zeros((len(rows), width), np.int64)

@@ -241,7 +241,7 @@ class DecoderSession:
             if self.fed:  # the step writes the next step's inputs into the buffers it read them from
                 io.bind_ortvalue_output(NEXT_IDS, slot.ids)
                 io.bind_ortvalue_output(NEXT_MASK, slot.mask)
-                if self.has_position_ids:
+                if NEXT_POSITIONS in {o.name for o in self.session.get_outputs()}:  # where the graph reads them
                     io.bind_ortvalue_output(NEXT_POSITIONS, slot.positions)
             self._graphs[key] = slot
         return self._graphs[key]

@@ -3,7 +3,8 @@
 Added to the decoder graph in memory when a session replays CUDA graphs (the model directory is not touched):
 
     next_input_ids    [B, 1]  argmax of the last position's logits             (bound to the input_ids buffer)
-    next_position_ids [B, 1]  the mask's row sums: the position the next token takes (position_ids buffer)
+    next_position_ids [B, 1]  the mask's row sums: the position the next token takes (position_ids buffer;
+                              only where the graph reads position_ids)
     next_attention_mask [B, W] ones for the first row-sum + 1 places, W the mask's width   (attention_mask buffer)
 
 Each output is bound to the very buffer its input was read from, so after one host-fed step the captured graph
@@ -41,21 +42,29 @@ def add_step_tail(proto: Any, logits: str) -> str | None:
     if reader is not None:
         return f"node {reader!r} reads a fed input but the logits do not depend on it"
 
-    def const(name: str, values: list[int]) -> Any:
-        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+    def const(name: str, values: list[int], shape: list[int] | None = None) -> Any:
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(
+            name, TensorProto.INT64, [len(values)] if shape is None else shape, values))
 
     p = "onnxpipe_tail/"
-    nodes = [
-        const(p + "minus1", [-1]), const(p + "end", [2**62]), const(p + "axis1", [1]),
-        helper.make_node("Constant", [], [p + "zero"], value=helper.make_tensor(p + "zero", TensorProto.INT64, [], [0])),
-        helper.make_node("Constant", [], [p + "one"], value=helper.make_tensor(p + "one", TensorProto.INT64, [], [1])),
-        helper.make_node("ArgMax", [logits], [p + "ids_BS"], axis=-1, keepdims=0),
-        helper.make_node("Slice", [p + "ids_BS", p + "minus1", p + "end", p + "axis1"], [NEXT_IDS]),
+    positions_read = position_ids and any("position_ids" in n.input for n in g.node)
+    sums = _row_sums(g)  # the graph's own ReduceSum of the mask, where it has one: (its output, keepdims)
+    nodes = [const(p + "zero", [0], []), const(p + "one", [1], [])]
+    count = sums[0] if sums else None
+    if sums and not sums[1]:  # [B] -> [B, 1]: a view, no kernel
+        count = p + "count"
+        nodes += [const(p + "axis1", [1]), helper.make_node("Unsqueeze", [sums[0], p + "axis1"], [count])]
+    if count is None:
+        count = p + "count"
+        nodes += [const(p + "axis1", [1]),
+                  helper.make_node("ReduceSum", ["attention_mask", p + "axis1"], [count], keepdims=1)]
+    nodes += [
+        # decode steps: logits [B, 1, V] -> [B, 1], the shape of input_ids (prefill's [B, S] is never bound)
+        helper.make_node("ArgMax", [logits], [NEXT_IDS], axis=-1, keepdims=0),
         # zeros that exist only after the logits do: every write below waits for the whole step
         helper.make_node("Sub", [NEXT_IDS, NEXT_IDS], [p + "after_logits"]),
-        helper.make_node("ReduceSum", ["attention_mask", p + "axis1"], [p + "count"], keepdims=1),
-        helper.make_node("Add", [p + "count", p + "after_logits"], [NEXT_POSITIONS if position_ids else p + "next_pos"]),
-        helper.make_node("Add", [NEXT_POSITIONS if position_ids else p + "next_pos", p + "one"], [p + "next_count"]),
+        helper.make_node("Add", [count, p + "after_logits"], [NEXT_POSITIONS if positions_read else p + "next_pos"]),
+        helper.make_node("Add", [NEXT_POSITIONS if positions_read else p + "next_pos", p + "one"], [p + "next_count"]),
         helper.make_node("Shape", ["attention_mask"], [p + "shape"]),
         helper.make_node("Gather", [p + "shape", p + "one"], [p + "width"], axis=0),
         helper.make_node("Range", [p + "zero", p + "width", p + "one"], [p + "places"]),
@@ -65,8 +74,29 @@ def add_step_tail(proto: Any, logits: str) -> str | None:
     g.node.extend(nodes)
     g.output.append(helper.make_tensor_value_info(NEXT_IDS, TensorProto.INT64, ["batch", 1]))
     g.output.append(helper.make_tensor_value_info(NEXT_MASK, TensorProto.INT64, ["batch", "mask_width"]))
-    if position_ids:
+    if positions_read:
         g.output.append(helper.make_tensor_value_info(NEXT_POSITIONS, TensorProto.INT64, ["batch", 1]))
+    return None
+
+
+def _row_sums(g: Any) -> tuple[str, bool] | None:
+    """A ReduceSum(attention_mask, axes=[1]) already in the graph: (its output, keepdims)."""
+    from onnx import helper, numpy_helper
+
+    consts: dict[str, Any] = {i.name: numpy_helper.to_array(i).tolist() for i in g.initializer if i.name}
+    for n in g.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1:
+            v = helper.get_attribute_value(n.attribute[0])
+            consts[n.output[0]] = numpy_helper.to_array(v).tolist() if n.attribute[0].name == "value" else v
+    consts = {k: v if isinstance(v, list) else [v] for k, v in consts.items()}
+    for n in g.node:
+        if n.op_type != "ReduceSum" or not n.input or n.input[0] != "attention_mask":
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        keep = attrs["keepdims"].i if "keepdims" in attrs else 1
+        axes = consts.get(n.input[1]) if len(n.input) > 1 and n.input[1] else (list(attrs["axes"].ints) if "axes" in attrs else None)
+        if axes in ([1], [-1]) and not ("noop_with_empty_axes" in attrs and attrs["noop_with_empty_axes"].i):
+            return n.output[0], bool(keep)
     return None
 
 

@@ -53,7 +53,7 @@ def _tokens(lm: LanguageModel, prompts, **opts) -> list[list[int]]:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2 reads position_ids: the step writes those too
 def test_fed_steps_give_the_plain_tokens_and_upload_nothing_after_the_first(cuda_form, family):
     plain, fed = load(cuda_form(family), "cpu"), _fed(cuda_form(family))
-    assert fed.session.has_position_ids
+    assert (NEXT_POSITIONS in {o.name for o in fed.session.session.get_outputs()}) == (family == "gpt2")
     t = fed.session.transfers
     calls = _count_fed(fed)
     for n in (30, 12, 30):  # a second generation on the same slot starts host-fed again
@@ -79,10 +79,11 @@ def test_rows_that_stop_early_keep_decoding_unread(cuda_llama):
     assert [r.finish_reason for r in got] == [r.finish_reason for r in want] and got[1].finish_reason == "eos"
 
 
-def test_the_step_writes_the_next_inputs(cuda_llama):
-    """After one host-fed step the slot's buffers hold the next step's ids (the argmax), positions (row sums) and
-    mask (one more one per row, contiguous from the left)."""
-    lm = _fed(cuda_llama)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_step_writes_the_next_inputs(cuda_form, family):
+    """After one host-fed step the slot's buffers hold the next step's ids (the argmax), positions (row sums,
+    where the graph reads positions) and mask (one more one per row, contiguous from the left)."""
+    lm = _fed(cuda_form(family))
     s = lm.session
     cfg = lm._config({"max_new_tokens": 8, "stop_token_ids": []})
     rows = lm._rows(PROMPTS, cfg)
@@ -91,7 +92,10 @@ def test_the_step_writes_the_next_inputs(cuda_llama):
     slot = s._graphs[(3, cache.capacity)]
     assert s.can_feed(cache)
     np.testing.assert_array_equal(slot.ids.numpy()[:, 0], out)
-    np.testing.assert_array_equal(slot.positions.numpy()[:, 0], lengths + 1)
+    if family == "gpt2":
+        np.testing.assert_array_equal(slot.positions.numpy()[:, 0], lengths + 1)
+    else:  # llama's CUDA form does not read position_ids (rotary inside the op): the step writes none there
+        assert NEXT_POSITIONS not in {o.name for o in s.session.get_outputs()}
     written = slot.mask.numpy()
     np.testing.assert_array_equal(written.sum(axis=1), lengths + 2)
     assert (np.diff(written, axis=1) <= 0).all()  # ones then zeros
@@ -175,3 +179,21 @@ def test_tail_on_a_small_graph_runs_and_writes_in_place():
     np.testing.assert_array_equal(mask.numpy(), [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
     s.run_with_iobinding(io)  # fed again: the mask keeps growing
     np.testing.assert_array_equal(mask.numpy(), [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+
+
+def test_prefill_buckets_pad_right_and_change_no_token(cuda_llama):
+    """On the GPU right-padded prompts are padded to a multiple of PREFILL_BUCKET (one first run per bucket, not
+    per length), never wider than the cache: the same tokens, fed or uploaded."""
+    plain = load(cuda_llama, "cpu")
+    assert plain.prefill_bucket == 1  # the CPU: no extra compute
+    opts = {"max_new_tokens": 10, "stop_token_ids": []}
+    for lm in (load(cuda_llama, "cpu"), _fed(cuda_llama)):
+        lm.prefill_bucket = 32
+        widths: list[int] = []
+        real = lm.session.forward
+        lm.session.forward = lambda ids, *a, **k: widths.append(ids.shape[1]) or real(ids, *a, **k)
+        assert _tokens(lm, PROMPTS, **opts) == _tokens(plain, PROMPTS, **opts)
+        assert widths[0] == 21  # 11 tokens: 32, but no wider than the cache (11 + 10)
+        widths.clear()
+        assert _tokens(lm, [PROMPTS[1]], max_new_tokens=40) == _tokens(plain, [PROMPTS[1]], max_new_tokens=40)
+        assert widths[0] == 32  # 3 tokens padded to the bucket
