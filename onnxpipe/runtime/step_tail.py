@@ -81,9 +81,13 @@ def add_step_tail(proto: Any, logits: str) -> str | None:
 
 def _row_sums(g: Any) -> tuple[str, bool] | None:
     """A ReduceSum(attention_mask, axes=[1]) already in the graph: (its output, keepdims)."""
+    import onnx
     from onnx import helper, numpy_helper
 
-    consts: dict[str, Any] = {i.name: numpy_helper.to_array(i).tolist() for i in g.initializer if i.name}
+    # small int64 constants only: reading an initializer kept in external data would load (or fail on) the weights
+    consts: dict[str, Any] = {i.name: numpy_helper.to_array(i).tolist() for i in g.initializer
+                              if i.data_type == onnx.TensorProto.INT64 and len(i.dims) <= 1
+                              and i.data_location != onnx.TensorProto.EXTERNAL}
     for n in g.node:
         if n.op_type == "Constant" and len(n.attribute) == 1:
             v = helper.get_attribute_value(n.attribute[0])

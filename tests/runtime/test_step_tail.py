@@ -197,3 +197,18 @@ def test_prefill_buckets_pad_right_and_change_no_token(cuda_llama):
         widths.clear()
         assert _tokens(lm, [PROMPTS[1]], max_new_tokens=40) == _tokens(plain, [PROMPTS[1]], max_new_tokens=40)
         assert widths[0] == 32  # 3 tokens padded to the bucket
+
+
+def test_tail_on_a_graph_with_external_weights(cuda_llama, tmp_path):
+    """Big models keep their weights in model.onnx.data: the tail is added to the graph alone (the weights are
+    neither read nor moved) and the session still finds them beside the model."""
+    import shutil
+
+    out = tmp_path / "ext"
+    shutil.copytree(cuda_llama, out)
+    proto = onnx.load(str(out / "model.onnx"))
+    onnx.save_model(proto, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)
+    lm = _fed(out)  # asserts the tail was taken
+    opts = {"max_new_tokens": 12, "stop_token_ids": []}
+    assert _tokens(lm, PROMPTS, **opts) == _tokens(load(cuda_llama, "cpu"), PROMPTS, **opts)
