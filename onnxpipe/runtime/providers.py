@@ -29,6 +29,17 @@ EP_NAME = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvid
 SHORT_NAME = {v: k for k, v in EP_NAME.items()}
 # what each request asks onnxruntime for, in order; CPU is always last so a session can always be made
 CHAIN = {"auto": ("tensorrt", "cuda", "cpu"), "tensorrt": ("tensorrt", "cuda", "cpu"), "cuda": ("cuda", "cpu"), "cpu": ("cpu",)}
+# The CUDA EP's attention kernels, pinned (onnxruntime's sdpa_kernel bitmask: 1 flash, 2 memory-efficient, 16 unfused).
+# Left to itself, onnxruntime >= 1.31 prefers cuDNN's SDPA for GroupQueryAttention prompts on Hopper, and cuDNN
+# builds an execution plan for every new (batch, length): on an H100 each new prompt length's first prefill took
+# 55-95 ms against 3-4 ms for a repeat, which dominated scoring (a new shape almost every batch). Pinning the
+# kernels keeps ORT's own flash attention. ONNXPIPE_SDPA_KERNEL=N sets another mask; "default" leaves ORT's choice.
+SDPA_KERNEL = "19"
+
+
+def cuda_defaults() -> dict[str, str]:
+    value = os.environ.get("ONNXPIPE_SDPA_KERNEL", SDPA_KERNEL)
+    return {} if value == "default" else {"sdpa_kernel": value}
 
 # dynamic axes of the exported graphs (see export/wrapper.py) -> which TensorRT profile range they take
 _AXIS_RANGE = {
@@ -213,7 +224,8 @@ def create_session(
         if cache is not None:
             Path(cache).mkdir(parents=True, exist_ok=True)
     if "cuda" in chain:
-        provider_options["cuda"] = {"device_id": "0", **{k: str(v) for k, v in (cuda_options or {}).items()}}
+        provider_options["cuda"] = {"device_id": "0", **cuda_defaults(),
+                                    **{k: str(v) for k, v in (cuda_options or {}).items()}}
 
     so = session_options or ort.SessionOptions()
     if threads is not None:

@@ -150,3 +150,31 @@ def _prefill_feed(md: ModelDir, dtype) -> dict:
         for name in m.past_names(i):
             feed[name] = np.zeros((1, m.model["num_kv_heads"], 0, m.model["head_dim"]), dtype)
     return feed
+
+
+def test_cuda_attention_kernels_are_pinned(tiny_onnx, monkeypatch):
+    """The CUDA EP gets sdpa_kernel (flash | memory-efficient | unfused), so onnxruntime does not auto-pick cuDNN's
+    SDPA, which builds a plan per new prompt shape; ONNXPIPE_SDPA_KERNEL overrides it, "default" leaves it out,
+    and a caller's own cuda option wins."""
+    import onnxruntime as ort
+
+    md = ModelDir.open(tiny_onnx("llama"))
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(path, so=None, providers=None, **kw):
+        seen.append(dict(p for p in providers if isinstance(p, tuple)).get("CUDAExecutionProvider"))
+        return real(path, so, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(providers, "available_providers", lambda: ["cuda", "cpu"])
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    create_session(md.model_path, "cuda", announce=lambda m: None)
+    assert seen[-1]["sdpa_kernel"] == "19"
+    create_session(md.model_path, "cuda", announce=lambda m: None, cuda_options={"sdpa_kernel": 8})
+    assert seen[-1]["sdpa_kernel"] == "8"
+    monkeypatch.setenv("ONNXPIPE_SDPA_KERNEL", "3")
+    create_session(md.model_path, "cuda", announce=lambda m: None)
+    assert seen[-1]["sdpa_kernel"] == "3"
+    monkeypatch.setenv("ONNXPIPE_SDPA_KERNEL", "default")
+    create_session(md.model_path, "cuda", announce=lambda m: None)
+    assert "sdpa_kernel" not in seen[-1]
