@@ -337,7 +337,9 @@ def gpu_session_options(provider: str) -> Any:
     (ORT_ENABLE_ALL) the first run of each new shape cost ~75 ms on an H100 (150M Llama, onnxruntime-gpu 1.31.1:
     45 batches, 45 shapes, 3.8 s; the same batches again in the same session 0.29 s). At ORT_ENABLE_BASIC the
     first pass took 0.35 s and the second the same 0.29 s: the fusions above BASIC bought nothing on a graph that
-    `optimize --target cuda` already fused, and cost the per-shape set-up. The CPU keeps the default level."""
+    `optimize --target cuda` already fused, and cost the per-shape set-up. Most of the rest was cuDNN's SDPA
+    building a plan per shape, which providers.SDPA_KERNEL now keeps out (a new prompt length's first prefill, tiny
+    Llama on the H100: 7-11 ms at ENABLE_ALL, 1.2-1.3 ms at ENABLE_BASIC). The CPU keeps the default level."""
     import onnxruntime as ort
 
     from onnxpipe.runtime.providers import CHAIN, available_providers
