@@ -26,7 +26,16 @@ def main() -> int:
     parser.add_argument("--calibration", type=Path, default=REPO / "data" / "calibration.txt")
     parser.add_argument("--work", type=Path, default=REPO / "out" / "sweep-smoothquant")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fold-only", action="store_true",
+                        help="smooth only the inputs whose 1/s folds into a norm (no inserted Mul before o_proj / "
+                             "down_proj), as the SmoothQuant paper does; a measurement here, not a quantize option")
     args = parser.parse_args()
+    if args.fold_only:
+        import onnxpipe.quant.smoothquant as smoothquant
+
+        rescale = smoothquant.rescale_group
+        smoothquant.rescale_group = lambda graph, x, nodes, s, uses, allow_mul=True: rescale(
+            graph, x, nodes, s, uses, allow_mul=False)
 
     from onnxpipe.artifact import ModelDir
     from onnxpipe.quant import quantize_model
@@ -58,6 +67,7 @@ def main() -> int:
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": "python3 scripts/sweep_smoothquant_alpha.py " + " ".join(sys.argv[1:])}
     args.out.write_text(json.dumps({"env": env, "model": src.path.name, "method": args.method,
+                                    "fold_only": args.fold_only,
                                     "eval_tokens": args.eval_tokens, "rows": rows}, indent=1))
     return 0
 
