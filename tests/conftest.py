@@ -45,3 +45,20 @@ def tiny_onnx(tiny_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathF
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def cuda_form(tiny_onnx: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """cuda_form(family) -> the tiny model's `optimize --level 3 --target cuda` directory (cached)."""
+    from onnxpipe.fusion import optimize_model
+
+    cache: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in cache:
+            out = tmp_path_factory.mktemp(f"cuda-{family}") / "model"
+            optimize_model(tiny_onnx(family), out, level=3, target="cuda")
+            cache[family] = out
+        return cache[family]
+
+    return build

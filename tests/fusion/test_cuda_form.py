@@ -20,20 +20,6 @@ GQA_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 PROMPTS = [[5, 9, 12, 3, 7, 100, 20], [44, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 
 
-@pytest.fixture(scope="module")
-def cuda_form(tiny_onnx, tmp_path_factory):
-    cache: dict[str, Path] = {}
-
-    def build(family: str) -> Path:
-        if family not in cache:
-            out = tmp_path_factory.mktemp(f"cuda-{family}") / "model"
-            optimize_model(tiny_onnx(family), out, level=3, target="cuda")
-            cache[family] = out
-        return cache[family]
-
-    return build
-
-
 def _gqa_nodes(path: Path) -> list:
     return [n for n in onnx.load(str(path / "model.onnx")).graph.node if n.op_type == "GroupQueryAttention"]
 

@@ -11,26 +11,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxpipe.fusion import optimize_model
 from onnxpipe.runtime import load
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.session import DecoderSession
 from onnxpipe.runtime.step_tail import NEXT_IDS, NEXT_MASK, NEXT_POSITIONS, add_step_tail
 
 PROMPTS = [[5, 9, 12, 3, 7, 100, 20], [44, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
-
-
-@pytest.fixture(scope="module")
-def cuda_form(tiny_onnx, tmp_path_factory):
-    cache: dict[str, Path] = {}
-
-    def build(family: str) -> Path:
-        if family not in cache:
-            cache[family] = tmp_path_factory.mktemp(f"tail-{family}") / "model"
-            optimize_model(tiny_onnx(family), cache[family], level=3, target="cuda")
-        return cache[family]
-
-    return build
 
 
 @pytest.fixture(scope="module")
