@@ -26,7 +26,7 @@ NEXT_MASK = "onnxpipe.next_attention_mask"
 
 def add_step_tail(proto: Any, logits: str) -> str | None:
     """Add the next-input outputs to ``proto`` (a ModelProto, changed in place; next_position_ids only where the
-    graph has a position_ids input). Returns None when added, or the reason it was not (the graph unchanged)."""
+    graph reads a position_ids input). Returns None when added, or the reason it was not (the graph unchanged)."""
     from onnx import TensorProto, helper
 
     g = proto.graph
@@ -72,7 +72,7 @@ def add_step_tail(proto: Any, logits: str) -> str | None:
         helper.make_node("Cast", [p + "ones"], [NEXT_MASK], to=TensorProto.INT64),
     ]
     g.node.extend(nodes)
-    g.output.append(helper.make_tensor_value_info(NEXT_IDS, TensorProto.INT64, ["batch", 1]))
+    g.output.append(helper.make_tensor_value_info(NEXT_IDS, TensorProto.INT64, ["batch", "sequence"]))  # [B, 1] decoding
     g.output.append(helper.make_tensor_value_info(NEXT_MASK, TensorProto.INT64, ["batch", "mask_width"]))
     if positions_read:
         g.output.append(helper.make_tensor_value_info(NEXT_POSITIONS, TensorProto.INT64, ["batch", 1]))
