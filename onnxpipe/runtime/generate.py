@@ -26,7 +26,8 @@ from onnxpipe.runtime.session import DecoderSession
 
 Prompt = str | Sequence[int]
 PROMPT_CONTEXT = 4  # prompt tokens decoded with the output, so the first word keeps its leading space
-# On the GPU a prefill of a new length paid ~70-95 ms once (H100, 1B Llama, onnxruntime-gpu 1.31.1; 4 ms again):
+# On the GPU a prefill of a new length paid 53-97 ms once (H100, 1B Llama, onnxruntime-gpu 1.31.1; 3-4 ms again;
+# on a tiny Llama with the SDPA kernels pinned, providers.SDPA_KERNEL: 4-11 ms):
 # right-padded prompts are padded further to a multiple of this, so lengths share their first run
 PREFILL_BUCKET = 32
 

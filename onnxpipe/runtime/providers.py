@@ -32,7 +32,7 @@ CHAIN = {"auto": ("tensorrt", "cuda", "cpu"), "tensorrt": ("tensorrt", "cuda", "
 # The CUDA EP's attention kernels, pinned (onnxruntime's sdpa_kernel bitmask: 1 flash, 2 memory-efficient, 16 unfused).
 # Left to itself, onnxruntime >= 1.31 prefers cuDNN's SDPA for GroupQueryAttention prompts on Hopper, and cuDNN
 # builds an execution plan for every new (batch, length): on an H100 each new prompt length's first prefill took
-# 55-95 ms against 3-4 ms for a repeat, which dominated scoring (a new shape almost every batch). Pinning the
+# 53-97 ms against 3-4 ms for a repeat, which dominated scoring (a new shape almost every batch). Pinning the
 # kernels keeps ORT's own flash attention. ONNXPIPE_SDPA_KERNEL=N sets another mask; "default" leaves ORT's choice.
 SDPA_KERNEL = "19"
 

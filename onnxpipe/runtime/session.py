@@ -293,7 +293,9 @@ class DecoderSession:
 
     def _run_slot(self, slot: "_GraphSlot", cache: KVCache) -> None:
         try:
-            self.session.run_with_iobinding(slot.io, self._run_options(slot.graph_id))
+            if slot.run_options is None:  # made once: the step is a hot path
+                slot.run_options = self._run_options(slot.graph_id)
+            self.session.run_with_iobinding(slot.io, slot.run_options)
         except Exception as e:
             text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise OnnxpipeError(f"{self.model_dir.path}: onnxruntime failed on a CUDA-graph decode step "
@@ -372,6 +374,7 @@ class _GraphSlot:
     io: Any
     runs: int = 0
     primed: bool = False  # its last run wrote the next step's inputs (step tail)
+    run_options: Any = None
     head: Any = None
     head_io: Any = None
 
