@@ -59,6 +59,7 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "torch_eager": "PyTorch eager generate",
     "torch_compile": "transformers static cache + torch.compile",
     "onnxpipe": "onnxpipe (export -> optimize L3 -> runtime)",
+    "onnxpipe_fullhead": "onnxpipe, LM head on every prompt position",
     "onnxpipe_graph": "onnxpipe + CUDA graphs",
     "onnxpipe_graph_hostfed": "onnxpipe + CUDA graphs, inputs uploaded each step",
     "onnxpipe_graph_xqa": "onnxpipe + CUDA graphs + XQA decode kernel",
@@ -69,7 +70,7 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "genai_int4_graph": "ORT GenAI int4 + CUDA graphs",
 }
 LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
-PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_graph", "onnxpipe_graph_hostfed", "onnxpipe_graph_xqa", "genai", "genai_graph",
+PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_fullhead", "onnxpipe_graph", "onnxpipe_graph_hostfed", "onnxpipe_graph_xqa", "genai", "genai_graph",
             "onnxpipe_int4_graph", "genai_int4", "genai_int4_graph", "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 RESULT = "@@RESULT "
@@ -303,7 +304,14 @@ def child_onnxpipe(spec: dict) -> None:
              + (", CUDA graphs" if spec.get("cuda_graph") else "")
              + (", ORT_ENABLE_XQA=1" if os.environ.get("ORT_ENABLE_XQA") == "1" else ""))
     try:
-        if spec.get("host_fed"):  # the decode step's inputs uploaded every step (no step tail): the baseline
+        if spec.get("full_head"):  # the graph's LM head on every prompt position (no last-position gather)
+            from onnxpipe.runtime.generate import LanguageModel
+            from onnxpipe.runtime.session import DecoderSession
+
+            lm = LanguageModel(DecoderSession(spec["optimized"], spec["provider"], announce=lambda m: print(m, flush=True),
+                                              last_position=False), None)
+            graph += ", LM head on every position"
+        elif spec.get("host_fed"):  # the decode step's inputs uploaded every step (no step tail): the baseline
             from onnxpipe.runtime.generate import LanguageModel
             from onnxpipe.runtime.session import DecoderSession
 
@@ -315,6 +323,8 @@ def child_onnxpipe(spec: dict) -> None:
                       cuda_graph=bool(spec.get("cuda_graph")))
             if getattr(lm.session, "fed", False) and lm.session.cuda_graph:
                 graph += ", steps feed themselves (greedy)"
+            graph += (", LM head at the read position only" if getattr(lm.session, "last_position", False)
+                      else f", LM head on every position ({getattr(lm.session, 'last_position_why_not', '?')})")
     except OnnxpipeError as e:  # measure the exported graph rather than nothing, and say so in every row
         if spec.get("cuda_graph"):
             raise
@@ -499,6 +509,7 @@ CHILDREN = {
     "torch_eager": lambda s: child_torch(s, compiled=False),
     "torch_compile": lambda s: child_torch(s, compiled=True),
     "onnxpipe": child_onnxpipe,
+    "onnxpipe_fullhead": lambda s: child_onnxpipe(dict(s, full_head=True)),
     "onnxpipe_graph": lambda s: child_onnxpipe(dict(s, cuda_graph=True)),
     "onnxpipe_graph_hostfed": lambda s: child_onnxpipe(dict(s, cuda_graph=True, host_fed=True)),
     "onnxpipe_graph_xqa": lambda s: child_onnxpipe_xqa(s),
@@ -699,7 +710,7 @@ def main_orchestrate(args) -> int:
             if name in build_state:
                 return True
 
-    needs = {"onnxpipe": "onnxpipe", "onnxpipe_graph": "onnxpipe", "onnxpipe_graph_hostfed": "onnxpipe", "onnxpipe_graph_xqa": "onnxpipe",
+    needs = {"onnxpipe": "onnxpipe", "onnxpipe_fullhead": "onnxpipe", "onnxpipe_graph": "onnxpipe", "onnxpipe_graph_hostfed": "onnxpipe", "onnxpipe_graph_xqa": "onnxpipe",
              "onnxpipe_int4_graph": "onnxpipe_int4", "genai_int4": "genai_int4", "genai_int4_graph": "genai_int4",
              "onnxpipe_profile": "onnxpipe", "genai": "genai",
              "genai_graph": "genai"}
@@ -926,7 +937,8 @@ def main() -> int:
     ap.add_argument("--shape", default="llama-1b", choices=[k for k in SHAPES if k != "tiny"])
     ap.add_argument("--target", choices=["cpu", "cuda"], help="optimize's target (default: the device's)")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--anchors", default=",".join(ANCHORS))
+    ap.add_argument("--anchors", default=",".join(a for a in ANCHORS if a != "onnxpipe_graph_xqa"),
+                    help="default: all but onnxpipe_graph_xqa (runs 7-8: level with the default kernel)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

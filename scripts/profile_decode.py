@@ -9,6 +9,9 @@ run untimed, then --steps decode steps run under torch.profiler with CUDA activi
 of the process, onnxruntime's included (CUDA-graph replays too, node by node). Per step it reports the wall time,
 the device's busy time (the union of kernel and copy intervals), the idle rest, and the kernels grouped by name.
 
+The prefill_* variants (name them in --variants: prefill_graph, prefill_nograph, prefill_nograph_fullhead,
+prefill_genai) profile a whole prefill of --prompt tokens x --prefill-batch rows the same way.
+
 A second part ("levels") times, at onnxruntime's ENABLE_ALL and ENABLE_BASIC optimization levels and with prompts
 padded to multiples of 1 or 32 (generate.PREFILL_BUCKET), the first prefill of each new prompt length against a
 repeat of the same length, and the fed CUDA-graph decode step.
@@ -28,6 +31,7 @@ from pathlib import Path
 RESULT = "@@RESULT "
 VARIANTS = ["onnxpipe_graph", "onnxpipe_graph_hostfed", "genai_graph", "onnxpipe_int4_graph", "genai_int4_graph",
             "onnxpipe_nograph", "genai"]
+PREFILL_VARIANTS = ["prefill_graph", "prefill_nograph", "prefill_nograph_fullhead", "prefill_genai"]  # opt-in
 
 
 def emit(**fields) -> None:
@@ -136,6 +140,46 @@ def child_genai(spec: dict, model: str, graph: bool) -> None:
     emit(variant=spec["variant"], **profiled(step, spec["steps"] - 4, Path(spec["out"]), spec["variant"]))
 
 
+def child_prefill(spec: dict, model: str, graph: bool, last_position: bool) -> None:
+    """One 128-token prefill (batch --prefill-batch), profiled like a decode step: what differs between the session
+    that captures CUDA graphs (its prefill runs uncaptured), the plain one, and the LM head on every position."""
+    from onnxpipe.runtime.generate import LanguageModel
+    from onnxpipe.runtime.session import DecoderSession
+
+    s = DecoderSession(model, spec["provider"], cuda_graph=graph, feed_back=graph, last_position=last_position,
+                       announce=lambda m: print(m, flush=True))
+    lm = LanguageModel(s, None)
+    b = spec["prefill_batch"]
+    cfg = lm._config({"max_new_tokens": 8, "stop_token_ids": []})
+    rows = lm._rows(prompt_ids(spec["prompt"]).repeat(b, axis=0).tolist(), cfg)
+
+    def step():
+        lm.prefill(rows, spec["prompt"] + 64, "argmax")
+
+    emit(variant=spec["variant"], batch=b, last_position=s.last_position,
+         **profiled(step, spec["steps"] // 4, Path(spec["out"]), spec["variant"], spec["provider"]))
+
+
+def child_genai_prefill(spec: dict, model: str) -> None:
+    import onnxruntime_genai as og
+
+    cfg = og.Config(model)
+    cfg.clear_providers()
+    cfg.append_provider("cuda")
+    m = og.Model(cfg)
+    b = spec["prefill_batch"]
+    ids = prompt_ids(spec["prompt"]).repeat(b, axis=0).astype("int32")
+
+    def step():
+        p = og.GeneratorParams(m)
+        p.set_search_options(max_length=spec["prompt"] + 64, do_sample=False, batch_size=b)
+        g = og.Generator(m, p)
+        g.append_tokens(ids)
+        g.get_next_tokens()
+
+    emit(variant=spec["variant"], batch=b, **profiled(step, spec["steps"] // 4, Path(spec["out"]), spec["variant"]))
+
+
 def child_levels(spec: dict) -> None:
     """First prefill of each new length vs a repeat, and the fed decode step, at ENABLE_ALL and ENABLE_BASIC."""
     import numpy as np
@@ -179,6 +223,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--lengths", default="100,117,128,141,163")
+    ap.add_argument("--prefill-batch", type=int, default=1, help="rows of the prefill_* variants")
     ap.add_argument("--cap-s", type=float, default=120)
     ap.add_argument("--provider", default="cuda", help="cpu: a smoke test of the script (wall times only)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -190,6 +235,11 @@ def main() -> int:
         v = args.child
         if v == "levels":
             child_levels(spec)
+        elif v == "prefill_genai":
+            child_genai_prefill(spec, str(w / "genai"))
+        elif v.startswith("prefill_"):  # prefill_graph, prefill_nograph, prefill_nograph_fullhead
+            child_prefill(spec, str(w / "optimized"), graph=v.startswith("prefill_graph"),
+                          last_position="fullhead" not in v)
         elif v.startswith("genai"):
             child_genai(spec, str(w / ("genai-int4" if "int4" in v else "genai")), graph=v.endswith("graph"))
         else:
@@ -205,7 +255,8 @@ def main() -> int:
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "rows": []}
     for v in args.variants.split(","):
         spec = {"work": args.work, "out": str(scratch), "provider": args.provider, "steps": args.steps, "prompt": args.prompt, "variant": v,
-                "optimized": str(Path(args.work) / "optimized"), "lengths": [int(x) for x in args.lengths.split(",")]}
+                "optimized": str(Path(args.work) / "optimized"), "lengths": [int(x) for x in args.lengths.split(",")],
+                "prefill_batch": args.prefill_batch}
         sp = scratch / f"spec-{v}.json"
         sp.write_text(json.dumps(spec))
         t = time.time()

@@ -20,6 +20,7 @@ import numpy as np
 from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.providers import EP_NAME, ProviderChoice, TensorRTOptions, create_session
+from onnxpipe.runtime.last_position import LAST_INDEX, gather_last_position
 from onnxpipe.runtime.step_tail import NEXT_IDS, NEXT_MASK, NEXT_POSITIONS, add_step_tail
 
 _ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
@@ -70,6 +71,7 @@ class DecoderSession:
         session_options: Any = None,
         cuda_graph: bool = False,
         feed_back: bool | None = None,
+        last_position: bool | None = None,
     ):
         import onnxruntime as ort
 
@@ -79,25 +81,46 @@ class DecoderSession:
         feed_back = cuda_graph if feed_back is None else feed_back
         if cuda_graph or feed_back:
             _check_cuda_graph_form(self.model_dir.path, m.graph)
-        # greedy decode steps that write their own next inputs (step_tail): added in memory to the graph
-        tail: dict[str, str | None] = {}
-        edit = (lambda proto: tail.__setitem__("why_not", add_step_tail(proto, m.graph.get("logits", "logits")))) \
-            if feed_back else None
-        make = lambda edit: create_session(  # noqa: E731
+        # edits made in memory to the graph (the model directory is untouched): the LM head only at the position
+        # each row reads (last_position), and greedy decode steps that write their own next inputs (step_tail)
+        logits = m.graph.get("logits", "logits")
+        why_not: dict[str, str | None] = {}
+        size = self.model_dir.model_path.stat().st_size
+        if last_position is None:  # an edit reloads the graph: cheap where its weights are external (or few)
+            last_position = bool(feed_back) or size <= INLINE_EDIT_BYTES
+            if not last_position:
+                why_not["last"] = (f"model.onnx holds its weights inline ({size >> 20} MiB): not rebuilt at load "
+                                   "(export with external data to get it)")
+
+        def edit(proto: Any) -> None:
+            if last_position:
+                why_not["last"] = gather_last_position(proto, logits)
+            if feed_back:
+                why_not["tail"] = add_step_tail(proto, logits)
+
+        inputs = list(m.graph.get("inputs") or [])
+        make = lambda edit, inputs: create_session(  # noqa: E731
             self.model_dir.model_path, provider, trt_options=trt_options, threads=threads,
-            graph_inputs=m.graph.get("inputs"), dtype=m.graph.get("dtype"), announce=announce,
+            graph_inputs=inputs or None, dtype=m.graph.get("dtype"), announce=announce,
             session_options=session_options, cuda_options={"enable_cuda_graph": "1"} if cuda_graph else None, edit=edit,
         )
-        try:
-            self.session, self.choice = make(edit)
+        edited = bool(last_position or feed_back)
+        try:  # the TensorRT profiles name every dynamic input: the gather's index included
+            self.session, self.choice = make(edit if edited else None,
+                                             inputs + [{"name": LAST_INDEX, "dtype": "int64", "shape": ["batch_size"]}]
+                                             if last_position and inputs else inputs)
         except OnnxpipeError as e:
-            if edit is None:
+            if not edited:
                 raise
-            tail["why_not"] = f"onnxruntime did not take the step's tail ({str(e)[-200:]})"
-            self.session, self.choice = make(None)
-        self.fed = bool(feed_back) and tail.get("why_not") is None
+            why = f"onnxruntime did not take the edited graph ({str(e)[-200:]})"
+            why_not = {k: why for k in ("last", "tail")}
+            self.session, self.choice = make(None, inputs)
+        self.fed = bool(feed_back) and why_not.get("tail") is None
         if feed_back and not self.fed:
-            say(f"decode steps upload their inputs from the host: {tail.get('why_not')}")
+            say(f"decode steps upload their inputs from the host: {why_not.get('tail')}")
+        # logits come out [batch, 1, vocab]: the position each row reads, chosen by the LAST_INDEX input
+        self.last_position = bool(last_position) and why_not.get("last") is None
+        self.last_position_why_not = why_not.get("last", "not asked for")
         self.device = self.choice.device
         self._ort = ort
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -174,6 +197,12 @@ class DecoderSession:
         self._bind_input(io, "attention_mask", attention_mask.astype(np.int64, copy=False))
         if self.has_position_ids:
             self._bind_input(io, "position_ids", position_ids.astype(np.int64, copy=False))
+        if last_index is None:
+            last_index = np.full((batch,), seq - 1, np.int64)
+        last_index = last_index.astype(np.int64)
+        if self.last_position:  # the graph's head runs on these positions only: its logits are [B, 1, V]
+            self._bind_input(io, LAST_INDEX, last_index)
+            last_index = np.zeros(batch, np.int64)
         for name, value in zip(self.past_names, cache.values):
             io.bind_ortvalue_input(name, value)
         io.bind_output(self.logits_name, self._device_type(), 0)
@@ -195,9 +224,7 @@ class DecoderSession:
             cache.values = list(outs[1:])
         cache.length += seq
         self.transfers.steps += 1
-        if last_index is None:
-            last_index = np.full((batch,), seq - 1, np.int64)
-        return self._select(outs[0], last_index.astype(np.int64), want)
+        return self._select(outs[0], last_index, want)
 
     def reorder(self, cache: KVCache, rows: np.ndarray) -> None:
         """Keep (and repeat) cache rows ``rows`` in that order, on the device: beam search and finished-row removal."""
@@ -233,6 +260,9 @@ class DecoderSession:
             io.bind_ortvalue_input("attention_mask", slot.mask)
             if self.has_position_ids:
                 io.bind_ortvalue_input("position_ids", slot.positions)
+            if self.last_position:  # a decode step's one position: index 0, fixed
+                slot.last_index = ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int64), where, 0)
+                io.bind_ortvalue_input(LAST_INDEX, slot.last_index)
             for name, value in zip(self.past_names, cache):
                 io.bind_ortvalue_input(name, value)
             io.bind_ortvalue_output(self.logits_name, slot.logits)
@@ -360,6 +390,9 @@ class DecoderSession:
 
 
 GRAPH_CAPACITY_STEP = 256
+# the largest model.onnx the session rebuilds in memory by default to add the last-position head: loading a graph
+# with inline weights, serializing it and parsing it again took SmolLM2-135M (543 MB, fp32) from 1.8 s to 5.4 s
+INLINE_EDIT_BYTES = 256 << 20
 
 
 @dataclass
@@ -377,6 +410,7 @@ class _GraphSlot:
     run_options: Any = None
     head: Any = None
     head_io: Any = None
+    last_index: Any = None  # zeros [B]: the position a decode step's logits are taken at
 
 
 def _check_cuda_graph_form(path: Any, graph: dict[str, Any]) -> None:
