@@ -72,6 +72,7 @@ class DecoderSession:
         cuda_graph: bool = False,
         feed_back: bool | None = None,
         last_position: bool | None = None,
+        capture_prefill: bool = True,
     ):
         import onnxruntime as ort
 
@@ -155,6 +156,11 @@ class DecoderSession:
         if cuda_graph and not self.cuda_graph:
             say(f"CUDA graphs need the CUDA EP; running on {self.provider} without them")
         self._graphs: dict[tuple[int, int], _GraphSlot] = {}
+        self._graph_ids = 0
+        # prefills replayed as CUDA graphs too, one per (batch, capacity, prompt width): a 1B model's 128-token
+        # prefill is ~230 kernels whose launches outlast their 1.7 ms on an H100. Needs the [B, 1, V] logits of
+        # the last-position head (a fixed, small output buffer)
+        self.capture_prefill = bool(capture_prefill) and self.cuda_graph and self.last_position
 
     # ---- public ----
     @property
@@ -192,6 +198,8 @@ class DecoderSession:
         slot = self._graphs.get((batch, cache.capacity or 0)) if self.cuda_graph else None
         if slot is not None and seq == 1 and cache.values is slot.cache:
             return self._replay(slot, input_ids, attention_mask, position_ids, cache, want)
+        if slot is not None and cache.values is slot.cache and cache.length == 0 and self.capture_prefill:
+            return self._replay_prefill(slot, input_ids, attention_mask, position_ids, cache, last_index, want)
         io = self.session.io_binding()
         self._bind_input(io, "input_ids", input_ids.astype(np.int64, copy=False))
         self._bind_input(io, "attention_mask", attention_mask.astype(np.int64, copy=False))
@@ -252,7 +260,8 @@ class DecoderSession:
             where = self._device_type()  # "cuda" in use; the CPU only where a test drives the slots without graphs
             dev = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, where, 0)  # noqa: E731
             cache = [dev((batch, self.num_kv_heads, capacity, self.head_dim), self.kv_dtype) for _ in self.past_names]
-            slot = _GraphSlot(len(self._graphs) + 1, capacity, cache, dev((batch, 1), np.int64),
+            self._graph_ids += 1
+            slot = _GraphSlot(self._graph_ids, capacity, cache, dev((batch, 1), np.int64),
                               dev((batch, capacity), np.int64), dev((batch, 1), np.int64),
                               dev((batch, 1, self.vocab_size), self.kv_dtype), self.session.io_binding())
             io = slot.io
@@ -305,6 +314,62 @@ class DecoderSession:
         out = io.get_outputs()[0].numpy()
         self.transfers.down_bytes += out.nbytes
         return out
+
+    def _replay_prefill(self, slot: "_GraphSlot", input_ids: np.ndarray, attention_mask: np.ndarray,
+                        position_ids: np.ndarray, cache: KVCache, last_index: np.ndarray | None, want: str) -> np.ndarray:
+        """A prefill into the slot's empty cache through a captured graph of its own (per prompt width: generate
+        pads GPU prompts to multiples of PREFILL_BUCKET, so widths repeat). Inputs go up into fixed buffers."""
+        batch, width = input_ids.shape
+        pg = slot.prefills.get(width) or self._prefill_graph(slot, batch, width)
+        if last_index is None:
+            last_index = np.full((batch,), width - 1, np.int64)
+        arrays = [(pg.ids, input_ids), (pg.mask, attention_mask), (pg.last_index, last_index)]
+        if self.has_position_ids:
+            arrays.append((pg.positions, position_ids))
+        for value, array in arrays:
+            array = np.ascontiguousarray(array, dtype=np.int64)
+            value.update_inplace(array)
+            self.transfers.up_bytes += array.nbytes
+        try:
+            if pg.run_options is None:
+                pg.run_options = self._run_options(pg.graph_id)
+            self.session.run_with_iobinding(pg.io, pg.run_options)
+        except Exception as e:
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise OnnxpipeError(f"{self.model_dir.path}: onnxruntime failed on a CUDA-graph prefill "
+                                f"(batch {batch}, {width} tokens): {text}") from None
+        pg.runs += 1
+        slot.primed = False  # the decode buffers were not written: the first step goes up from the host
+        cache.length += width
+        self.transfers.steps += 1
+        return self._select(pg.logits, np.zeros(batch, np.int64), want)
+
+    def _prefill_graph(self, slot: "_GraphSlot", batch: int, width: int) -> "_PrefillGraph":
+        ort, where = self._ort, self._device_type()
+        dev = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, where, 0)  # noqa: E731
+        self._graph_ids += 1
+        pg = _PrefillGraph(self._graph_ids, dev((batch, width), np.int64), dev((batch, width), np.int64),
+                           dev((batch, width), np.int64), dev((batch,), np.int64),
+                           dev((batch, 1, self.vocab_size), self.kv_dtype), self.session.io_binding())
+        io = pg.io
+        io.bind_ortvalue_input("input_ids", pg.ids)
+        io.bind_ortvalue_input("attention_mask", pg.mask)
+        if self.has_position_ids:
+            io.bind_ortvalue_input("position_ids", pg.positions)
+        io.bind_ortvalue_input(LAST_INDEX, pg.last_index)
+        for name, value in zip(self.past_names, slot.cache):
+            io.bind_ortvalue_input(name, value)
+        io.bind_ortvalue_output(self.logits_name, pg.logits)
+        for name, value in zip(self.present_names, slot.cache):
+            io.bind_ortvalue_output(name, value)
+        if self.fed:  # the step tail's outputs: fixed scratch (a prefill's mask is narrower than the slot's)
+            pg.scratch = {NEXT_IDS: dev((batch, 1), np.int64), NEXT_MASK: dev((batch, width), np.int64)}
+            if NEXT_POSITIONS in {o.name for o in self.session.get_outputs()}:
+                pg.scratch[NEXT_POSITIONS] = dev((batch, 1), np.int64)
+            for name, value in pg.scratch.items():
+                io.bind_ortvalue_output(name, value)
+        slot.prefills[width] = pg
+        return pg
 
     def can_feed(self, cache: KVCache) -> bool:
         """Whether ``step_fed`` can run the next step of ``cache`` (a CUDA-graph slot whose step wrote its inputs)."""
@@ -411,6 +476,23 @@ class _GraphSlot:
     head: Any = None
     head_io: Any = None
     last_index: Any = None  # zeros [B]: the position a decode step's logits are taken at
+    prefills: dict[int, "_PrefillGraph"] = field(default_factory=dict)  # by prompt width
+
+
+@dataclass
+class _PrefillGraph:
+    """A captured prefill into its slot's cache: fixed input buffers for one prompt width."""
+
+    graph_id: int
+    ids: Any
+    mask: Any
+    positions: Any
+    last_index: Any
+    logits: Any
+    io: Any
+    runs: int = 0
+    run_options: Any = None
+    scratch: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_cuda_graph_form(path: Any, graph: dict[str, Any]) -> None:
