@@ -290,8 +290,17 @@ def child_torch(spec: dict, compiled: bool) -> None:
             from torch._dynamo.utils import counters
 
             info["dynamo_unique_graphs"] = int(counters["stats"].get("unique_graphs", 0))
+        gaps = None
+        if not compiled and batch <= 8:  # the reference: each step's top-1 minus top-2 logit, to tell near-ties
+            with torch.no_grad():
+                g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                   output_logits=True, return_dict_in_generate=True)
+            top2 = torch.stack(g.logits, 1).float().topk(2, dim=-1).values  # [B, new, 2]
+            gaps = (top2[..., 0] - top2[..., 1]).tolist()
+            if g.sequences[:, ids.shape[1]:].tolist() != tokens:
+                gaps = None  # not the timed runs' tokens: no margins rather than wrong ones
         emit("row", batch=batch, **summarize(runs, batch, new), info=info,
-             tokens=tokens if batch <= 8 else None)
+             tokens=tokens if batch <= 8 else None, gaps=gaps)
 
 
 def child_onnxpipe(spec: dict) -> None:
@@ -355,7 +364,8 @@ def child_onnxpipe(spec: dict) -> None:
                 "cuda_graph_runs": {f"b{k[0]}x{k[1]}": v.runs for k, v in lm.session._graphs.items()},
                 "transfers_per_step": lm.session.transfers.per_step(), "step_split_ms": step_split(lm, once, ids)}
         if ref and str(batch) in ref:
-            info["agreement_vs_torch"] = agreement(lm, ids, tokens, ref[str(batch)], spec["agree_steps"])
+            info["agreement_vs_torch"] = agreement(lm, ids, tokens, ref[str(batch)], spec["agree_steps"],
+                                                   ref.get(f"gaps{batch}"))
         emit("row", batch=batch, **summarize(runs, batch, new), info=info)
 
 
@@ -440,10 +450,11 @@ def child_onnxpipe_profile(spec: dict) -> None:
          kernel_ms_by_op=per_step, kernel_ms_total=round(sum(per_step.values()), 4))
 
 
-def agreement(lm, ids, ours: list[list[int]], theirs: list[list[int]], steps: int) -> dict:
+def agreement(lm, ids, ours: list[list[int]], theirs: list[list[int]], steps: int, gaps=None) -> dict:
     """Free-running: share of positions where our greedy tokens equal PyTorch's, and each row's first divergence.
     Teacher-forced: feed PyTorch's tokens through our prefill + decode steps and count argmax matches, so one early
-    near-tie does not decide the rest."""
+    near-tie does not decide the rest. gaps: PyTorch's top-1 minus top-2 logit per (row, step): where the
+    teacher-forced argmaxes differ, how close PyTorch's own choice was, against the median margin."""
     import numpy as np
 
     a, b = np.array([r[:steps] for r in ours]), np.array([r[:steps] for r in theirs])
@@ -455,8 +466,14 @@ def agreement(lm, ids, ours: list[list[int]], theirs: list[list[int]], steps: in
     for k in range(1, steps):
         mask, out = lm.decode_step(b[:, k - 1], mask, cache, "argmax")
         hits.append(out == b[:, k])
-    return {"steps": steps, "rows": len(a), "free_running_equal": float((a == b).mean()),
-            "first_divergence": first, "teacher_forced": float(np.mean(hits))}
+    out = {"steps": steps, "rows": len(a), "free_running_equal": float((a == b).mean()),
+           "first_divergence": first, "teacher_forced": float(np.mean(hits))}
+    if gaps is not None:
+        gap = np.array([r[:steps] for r in gaps], np.float64)  # [rows, steps]
+        miss = ~np.stack(hits, axis=1)
+        out["torch_margin_median"] = float(np.median(gap))
+        out["torch_margin_at_misses"] = sorted(round(float(x), 5) for x in gap[miss])
+    return out
 
 
 def child_genai(spec: dict, graphs: bool) -> None:
@@ -769,12 +786,14 @@ def main_orchestrate(args) -> int:
                       + ", ".join(f"{k} {v}" for k, v in list(r["kernel_ms_by_op"].items())[:6]), flush=True)
                 save()
                 continue
-            row = {"anchor": anchor, **{k: v for k, v in r.items() if k not in ("kind", "tokens")}}
+            row = {"anchor": anchor, **{k: v for k, v in r.items() if k not in ("kind", "tokens", "gaps")}}
             if mem:
                 row["peak_mem_MB"], row["mem_method"] = (round(x / 2**20) if isinstance(x, int) else x for x in mem.of(c.proc.pid))
             if anchor == "torch_eager" and r.get("tokens"):
                 ref = _read_json(spec["reference_tokens"]) or {}
                 ref[str(r["batch"])] = r["tokens"]
+                if r.get("gaps"):
+                    ref[f"gaps{r['batch']}"] = r["gaps"]
                 Path(spec["reference_tokens"]).write_text(json.dumps(ref))
             res["rows"].append(row)
             print(f"{anchor} b{r['batch']}: prefill {r['prefill_ms']:.2f} ms, decode {r['decode_ms']:.3f} ms/step, "
@@ -868,7 +887,10 @@ def render(res: dict) -> str:
             lines.append(f"Greedy agreement, onnxpipe {res['dtype']} vs PyTorch {res['dtype']} (batch {r['batch']}, "
                          f"{ag['steps']} steps x {ag['rows']} rows): free-running {ag['free_running_equal']:.1%} of "
                          f"positions equal (first divergence per row {ag['first_divergence']}); teacher-forced "
-                         f"{ag['teacher_forced']:.1%}.")
+                         f"{ag['teacher_forced']:.1%}." + (
+                             f" Where the teacher-forced argmaxes differ, PyTorch's own top-1 led its top-2 by at most "
+                             f"{max(ag['torch_margin_at_misses']):.4f} (median margin over all positions "
+                             f"{ag['torch_margin_median']:.4f})." if ag.get("torch_margin_at_misses") else ""))
     for r in rows:
         sp = r.get("info", {}).get("step_split_ms")
         if r.get("info", {}).get("graph", "optimized").startswith("exported"):
