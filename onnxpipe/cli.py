@@ -225,7 +225,8 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
                    "(auto; data/calibration.txt unless --calibration).")
 @click.option("--smoothquant", "smoothquant", default=None, metavar="ALPHA|auto", callback=lambda c, p, v: _alpha(v),
               help="static, dynamic: migrate activation outliers into weights first (alpha in (0, 1], 0.5 is usual); "
-                   "static also takes auto: the alpha whose model is closest to the float one on the calibration text.")
+                   "static also takes auto: one alpha per smoothing group, chosen by that group's int8 output error on "
+                   "calibration windows its scales and ranges were not fitted on.")
 @click.option("--block-size", type=int, default=32, show_default=True,
               help="int4: weights per scale along the input axis (a power of two >= 16, as MatMulNBits); 0 = one scale "
                    "per output channel, written as uint4 DequantizeLinear -> MatMul (opset 21; rtn and gptq).")

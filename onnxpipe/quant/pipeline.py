@@ -50,8 +50,8 @@ class QuantizeConfig:
     # from the calibration text's prefills ("auto", dynamic.py)
     activations: str = "auto"
     token_threshold: float | None = None  # dynamic auto: dynamic.TOKEN_THRESHOLD unless set
-    # static, dynamic: SmoothQuant migration strength alpha in (0, 1]; static also "auto" (alpha.py: chosen on the
-    # calibration prefills among alpha.ALPHAS)
+    # static, dynamic: SmoothQuant migration strength alpha in (0, 1]; static also "auto" (layer_alpha.py: one
+    # alpha per smoothing group, chosen by that group's int8 output error on held-out calibration windows)
     smoothquant: float | str | None = None
     block_size: int = 32  # int4: weights per scale along the input dimension; 0: per output channel (int4.py)
     algo: str = "rtn"  # int4: rtn | gptq | hqq
@@ -326,24 +326,24 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
 
 def _static_alpha_search(proto: Any, out_path: Path, body: Any, src: ModelDir, samples: np.ndarray,
                          cfg: QuantizeConfig, log: Log, progress: Progress | None) -> dict[str, Any]:
-    """--smoothquant auto: static int8 with each alpha of alpha.ALPHAS, the one closest to the float model on the
-    calibration prefills kept (alpha.py)."""
+    """--smoothquant auto: each smoothing group's alpha chosen by its own int8 output error on calibration
+    windows its scales and ranges were not fitted on (layer_alpha.py), then static int8 with those alphas."""
     import dataclasses
 
-    import onnx
+    from onnxpipe.quant import layer_alpha
+    from onnxpipe.quant.calibration import counted, feed_count, kv_feeds
+    from onnxpipe.quant.graph import float_session
+    from onnxpipe.quant.static import quantize_static_int8, static_nodes
 
-    from onnxpipe.quant.alpha import choose_alpha
-    from onnxpipe.quant.static import quantize_static_int8
-
-    feeds = list(_prefill_feeds(src.manifest, samples, cfg, "calibration prefills", progress))
-
-    def write(alpha: float, path: Path) -> dict[str, Any]:
-        work = onnx.ModelProto()
-        work.CopyFrom(proto)  # saving with external data would move the weights out of the proto it is given
-        return quantize_static_int8(work, path, body, src.manifest, samples,
-                                    dataclasses.replace(cfg, smoothquant=alpha), log, progress)
-
-    return choose_alpha(write, out_path, src.model_path, feeds, src.manifest.graph["logits"], log)
+    total = feed_count(samples, cfg.calib)
+    feeds = counted(kv_feeds(float_session(proto), src.manifest, samples, cfg.calib), total,
+                    "smoothquant alpha per group", progress)
+    choice = layer_alpha.choose_group_alphas(proto, static_nodes(body, cfg), feeds, total, method=cfg.method)
+    log(f"SmoothQuant alpha per group ({choice.folds}-fold over the calibration batches): {choice.summary()}")
+    details = quantize_static_int8(proto, out_path, body, src.manifest, samples,
+                                   dataclasses.replace(cfg, smoothquant=choice.alphas), log, progress)
+    details["smoothquant_search"] = choice.to_json()
+    return details
 
 
 def _smooth(proto: Any, body: Any, alpha: float, feeds: list[dict[str, np.ndarray]], logits: str,

@@ -89,6 +89,23 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def calibration_divergence(reference: Any, candidate: Any, feeds: list[dict[str, np.ndarray]],
+                           logits: str) -> tuple[float, float]:
+    """(mean KL(reference || candidate) over every position, candidate's perplexity change in percent) on the
+    feeds' prefills (the calibration text's, in scripts/sweep_smoothquant_alpha.py)."""
+    kl, nll_ref, nll_cand, positions, scored = 0.0, 0.0, 0.0, 0, 0
+    for feed in feeds:
+        p = log_softmax(reference.run([logits], feed)[0])
+        q = log_softmax(candidate.run([logits], feed)[0])
+        kl += float((np.exp(p) * (p - q)).sum())
+        positions += p.shape[0] * p.shape[1]
+        target = feed["input_ids"][:, 1:, None]
+        nll_ref -= float(np.take_along_axis(p[:, :-1], target, -1).sum())
+        nll_cand -= float(np.take_along_axis(q[:, :-1], target, -1).sum())
+        scored += target.size
+    return kl / positions, (np.exp((nll_cand - nll_ref) / scored) - 1.0) * 100.0
+
+
 def compare_on_text(
     before: Any,
     after: Any,

@@ -34,8 +34,9 @@ EQUIVALENCE_TOLERANCE = 1e-4
 
 @dataclass
 class SmoothReport:
-    alpha: float
-    groups: int = 0
+    alpha: float | str  # "per group": each group's alpha is in per_group (layer_alpha.py)
+    groups: int = 0  # groups smoothed
+    unsmoothed: int = 0  # groups whose per-group alpha was 0 (layer_alpha.OFF): left as they were
     folded: int = 0  # groups whose 1/s went into the producing norm
     inserted_muls: int = 0  # groups that got an explicit Mul by 1/s
     outlier_ratio_before: float = 0.0  # max over groups of max|X_k| / median_k max|X_k|
@@ -87,12 +88,14 @@ def smoothing_scales(act_max: np.ndarray, weights: list[np.ndarray], alpha: floa
     return np.clip(s, 1e-4, 1e4)
 
 
-def apply_smoothing(proto: Any, groups: dict[str, list[Any]], act_max: dict[str, np.ndarray], alpha: float) -> SmoothReport:
-    """Scale weights by s and activations by 1/s, group by group; in place."""
+def apply_smoothing(proto: Any, groups: dict[str, list[Any]], act_max: dict[str, np.ndarray],
+                    alpha: float | dict[str, float]) -> SmoothReport:
+    """Scale weights by s and activations by 1/s, group by group; in place. ``alpha`` is one for every group, or
+    one per activation (a group missing from the dict, or at 0, is left alone)."""
     from onnx import numpy_helper
 
     graph = proto.graph
-    report = SmoothReport(alpha=alpha)
+    report = SmoothReport(alpha=alpha if not isinstance(alpha, dict) else "per group")
     uses: dict[str, int] = {}
     for n in graph.node:
         for i in n.input:
@@ -103,7 +106,11 @@ def apply_smoothing(proto: Any, groups: dict[str, list[Any]], act_max: dict[str,
         amax = act_max[x]
         if amax.shape[0] != weights[0].shape[0]:
             continue
-        s = smoothing_scales(amax, weights, alpha)
+        group_alpha = alpha.get(x, 0.0) if isinstance(alpha, dict) else alpha
+        if group_alpha == 0.0:
+            report.unsmoothed += 1
+            continue
+        s = smoothing_scales(amax, weights, group_alpha)
         how = rescale_group(graph, x, nodes, s, uses)
         report.groups += 1
         report.folded += how == "folded"
@@ -113,7 +120,7 @@ def apply_smoothing(proto: Any, groups: dict[str, list[Any]], act_max: dict[str,
         after = float(after_x.max() / max(np.median(after_x), 1e-12))
         report.outlier_ratio_before = max(report.outlier_ratio_before, before)
         report.outlier_ratio_after = max(report.outlier_ratio_after, after)
-        report.per_group.append({"activation": x, "matmuls": [n.name for n in nodes], "how": how,
+        report.per_group.append({"activation": x, "matmuls": [n.name for n in nodes], "how": how, "alpha": group_alpha,
                                  "outlier_ratio": [round(before, 2), round(after, 2)]})
     used = {i for n in graph.node for i in n.input}
     for t in [t for t in graph.initializer if t.name not in used]:  # the norm scales that were replaced
@@ -229,7 +236,7 @@ def _set_initializer(graph: Any, name: str, value: np.ndarray, replace: bool) ->
     graph.initializer.append(numpy_helper.from_array(value, name))
 
 
-def smooth_model(proto: Any, linears: list[str], alpha: float, stats_feeds: Iterable[dict[str, np.ndarray]],
+def smooth_model(proto: Any, linears: list[str], alpha: float | dict[str, float], stats_feeds: Iterable[dict[str, np.ndarray]],
                  check_feed: dict[str, np.ndarray], logits_name: str) -> tuple[Any, SmoothReport]:
     """The smoothed model (a copy) and what was done; fails if it does not compute what the input computed."""
     import onnx

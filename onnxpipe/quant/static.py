@@ -51,7 +51,7 @@ def quantize_static_int8(
 
     details: dict[str, Any] = {"weights": "int8", "activations": "uint8 (static, calibrated)", "format": "QDQ",
                                "method": cfg.method, "per_channel": cfg.per_channel}
-    nodes = [n for n in plan.linears if cfg.lm_head != "fp32" or n != plan.lm_head]
+    nodes = static_nodes(plan, cfg)
     details["lm_head"] = "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 QDQ"
     with tempfile.TemporaryDirectory(prefix="onnxpipe-calib-", dir=out_path.parent) as work:
         work = Path(work)
@@ -65,7 +65,8 @@ def quantize_static_int8(
             check_feed = next(kv_feeds(kv_session, manifest, samples[:2], cfg.calib, decode=False))
             proto, report = smooth_model(proto, nodes, cfg.smoothquant, stats_feeds, check_feed, manifest.graph["logits"])
             details["smoothquant"] = report.to_json()
-            log(f"SmoothQuant alpha {cfg.smoothquant}: {report.groups} groups ({report.folded} folded into norms, "
+            what = "per group" if isinstance(cfg.smoothquant, dict) else cfg.smoothquant
+            log(f"SmoothQuant alpha {what}: {report.groups} groups ({report.folded} folded into norms, "
                 f"{report.inserted_muls} Mul inserted); worst channel outlier ratio {report.outlier_ratio_before:.1f} -> "
                 f"{report.outlier_ratio_after:.1f}; float equivalence rel err {report.equivalence_rel_err:.2g}")
         _save(proto, float_path)
@@ -107,6 +108,11 @@ def quantize_static_int8(
             )
     details["quantized_nodes"] = len(nodes)
     return details
+
+
+def static_nodes(plan: WeightPlan, cfg: Any) -> list[str]:
+    """The MatMuls static int8 quantizes (and SmoothQuant smooths)."""
+    return [n for n in plan.linears if cfg.lm_head != "fp32" or n != plan.lm_head]
 
 
 def _save(proto: Any, path: Path) -> Path:
