@@ -342,6 +342,10 @@ class DecoderSession:
         slot.primed = False  # the decode buffers were not written: the first step goes up from the host
         cache.length += width
         self.transfers.steps += 1
+        if want == "argmax" and NEXT_IDS in pg.scratch:  # the step tail's argmax of these logits: no head run
+            out = pg.scratch[NEXT_IDS].numpy()[:, 0]
+            self.transfers.down_bytes += out.nbytes
+            return out
         return self._select(pg.logits, np.zeros(batch, np.int64), want)
 
     def _prefill_graph(self, slot: "_GraphSlot", batch: int, width: int) -> "_PrefillGraph":
