@@ -104,29 +104,34 @@ class LayerAlphaChoice:
 def collect_fits(proto: Any, linears: list[str], feeds: Iterable[dict[str, np.ndarray]],
                  feeds_total: int) -> dict[str, list[Fit]]:
     """Each group's input X from the float model, one Fit per batch of calibration windows (a prefill and the
-    decode steps that follow it)."""
+    decode steps that follow it); a batch's rows are thinned (evenly) as soon as it ends, so that what is held
+    stays within MAX_KEPT_VALUES."""
     from onnxpipe.quant.graph import float_session, initializer_map
 
     groups = activation_groups(proto, linears)
     names = list(groups)
     inits = initializer_map(proto.graph)
     width = sum(inits[nodes[0].input[1]].dims[0] for nodes in groups.values())
+    rows_per_feed = max(16, MAX_KEPT_VALUES // (width * max(feeds_total, 1)))
     session = float_session(with_outputs(proto, names))
-    per_batch: dict[str, list[list[np.ndarray]]] = {n: [] for n in names}
+    fits: dict[str, list[Fit]] = {n: [] for n in names}
+    batch: dict[str, list[np.ndarray]] = {n: [] for n in names}
+
+    def close_batch() -> None:
+        for name, parts in batch.items():
+            if parts:
+                x = np.concatenate(parts)
+                keep = rows_per_feed * len(parts)
+                rows = x if len(x) <= keep else x[np.linspace(0, len(x) - 1, keep).astype(int)]
+                fits[name].append(Fit(x.min(0), x.max(0), rows.astype(np.float32)))
+                parts.clear()
+
     for feed in feeds:
-        starts_batch = feed["input_ids"].shape[1] > 1  # a prefill; its decode steps follow it
+        if feed["input_ids"].shape[1] > 1:  # a prefill starts a batch; its decode steps follow it
+            close_batch()
         for name, value in zip(names, session.run(names, feed)):
-            if starts_batch or not per_batch[name]:
-                per_batch[name].append([])
-            per_batch[name][-1].append(value.reshape(-1, value.shape[-1]))
-    fits: dict[str, list[Fit]] = {}
-    for name, batches in per_batch.items():
-        fits[name] = []
-        for parts in batches:
-            x = np.concatenate(parts)
-            keep = max(16, MAX_KEPT_VALUES // (width * max(feeds_total, 1)) * len(parts))
-            rows = x if len(x) <= keep else x[np.linspace(0, len(x) - 1, keep).astype(int)]
-            fits[name].append(Fit(x.min(0), x.max(0), rows.astype(np.float32)))
+            batch[name].append(value.reshape(-1, value.shape[-1]))
+    close_batch()
     return fits
 
 

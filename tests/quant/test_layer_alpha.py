@@ -159,3 +159,24 @@ def test_smoothquant_neither_number_nor_auto(tok_model, tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["quantize", str(tok_model("llama")), "-o", str(tmp_path / "q"), "--mode", "static",
                                   "--smoothquant", "strong"])
     assert r.exit_code == 2 and "neither a number nor 'auto'" in r.output
+
+
+def test_rows_are_thinned_but_ranges_see_every_row(tok_model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Past MAX_KEPT_VALUES only an even subsample of each batch's rows is kept for the losses, but the per-channel
+    min/max (hence the minmax range and the smoothing scales) still come from every row."""
+    md = ModelDir.open(tok_model("llama"))
+    proto = onnx.load(str(md.model_path))
+    plan = expose_weights(proto, md.manifest.graph["logits"])
+    body = [n for n in plan.linears if n != plan.lm_head]
+    samples = np.random.default_rng(0).integers(0, 256, size=(4, CALIB.sample_len))
+    total = feed_count(samples, CALIB)
+    full = layer_alpha.collect_fits(proto, body, kv_feeds(float_session(proto), md.manifest, samples, CALIB), total)
+    monkeypatch.setattr(layer_alpha, "MAX_KEPT_VALUES", 1)  # 16 rows a feed
+    thin = layer_alpha.collect_fits(proto, body, kv_feeds(float_session(proto), md.manifest, samples, CALIB), total)
+    per_batch = 2 * CALIB.prefill_len + 2 * CALIB.decode_steps
+    for name in full:
+        assert [len(b.rows) for b in full[name]] == [per_batch, per_batch]
+        assert [len(b.rows) for b in thin[name]] == [min(per_batch, 16 * (1 + CALIB.decode_steps))] * 2
+        for f, t in zip(full[name], thin[name]):
+            np.testing.assert_array_equal(f.cmin, t.cmin)
+            np.testing.assert_array_equal(f.cmax, t.cmax)
