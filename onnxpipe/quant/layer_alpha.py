@@ -27,7 +27,7 @@ smoothed alpha instead (``all_off_fallback`` in the record).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -96,9 +96,9 @@ class LayerAlphaChoice:
     def summary(self) -> str:
         smoothed = [g.alpha for g in self.groups if g.alpha != OFF]
         spread = f"alpha {min(smoothed):g}-{max(smoothed):g} (median {np.median(smoothed):g})" if smoothed else "none"
+        fallback = " (every group preferred none: each took its best alpha)" if self.all_off_fallback else ""
         return (f"{len(self.groups)} groups, {len(smoothed)} smoothed ({spread}), "
-                f"{len(self.groups) - len(smoothed)} left unsmoothed" + (" (every group preferred no smoothing; "
-                                                                        "best smoothed alpha taken)" if self.all_off_fallback else ""))
+                f"{len(self.groups) - len(smoothed)} left unsmoothed{fallback}")
 
 
 def collect_fits(proto: Any, linears: list[str], feeds: Iterable[dict[str, np.ndarray]],
@@ -179,6 +179,17 @@ def group_loss(fit: Fit, x_eval: np.ndarray, weights: list[np.ndarray], alpha: f
     return err / max(ref, 1e-30)
 
 
+def fold_splits(batches: list[Fit], folds: int) -> list[tuple[Fit, np.ndarray]]:
+    """(what the scales and range are fitted on, the rows the loss is measured on), one pair per fold: batch i is
+    measured in fold i % k and fitted in the others. With one fold (or one batch), both are every batch."""
+    k = min(folds, len(batches))
+    if k <= 1:
+        every = Fit.of(batches)
+        return [(every, every.rows)]
+    return [(Fit.of([b for i, b in enumerate(batches) if i % k != f]),
+             np.concatenate([b.rows for i, b in enumerate(batches) if i % k == f])) for f in range(k)]
+
+
 def choose_group_alphas(proto: Any, linears: list[str], feeds: Iterable[dict[str, np.ndarray]], feeds_total: int,
                         method: str = "minmax", folds: int = FOLDS, allow_off: bool = True,
                         grid: tuple[float, ...] = GRID) -> LayerAlphaChoice:
@@ -195,10 +206,7 @@ def choose_group_alphas(proto: Any, linears: list[str], feeds: Iterable[dict[str
     for name, nodes in activation_groups(proto, linears).items():
         batches = fits[name]
         weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
-        k = min(folds, len(batches))
-        splits = [(Fit.of([b for i, b in enumerate(batches) if i % k != f]),
-                   np.concatenate([b.rows for i, b in enumerate(batches) if i % k == f])) for f in range(k)] \
-            if k > 1 else [(Fit.of(batches), Fit.of(batches).rows)]
+        splits = fold_splits(batches, folds)
         outputs = [[x @ w for w in weights] for _, x in splits]
         losses = {a: float(np.mean([group_loss(fit, x, weights, a, method, y) for (fit, x), y in zip(splits, outputs)]))
                   for a in candidates}

@@ -114,7 +114,8 @@ def test_every_group_off_falls_back_to_smoothing(tok_model, monkeypatch: pytest.
     plan = expose_weights(proto, md.manifest.graph["logits"])
     body = [n for n in plan.linears if n != plan.lm_head]
     samples = np.random.default_rng(0).integers(0, 256, size=(4, CALIB.sample_len))
-    monkeypatch.setattr(layer_alpha, "group_loss", lambda fit, x, w, a, method, y=None: 0.0 if a == OFF else 1.0 + abs(a - 0.3))
+    monkeypatch.setattr(layer_alpha, "group_loss",
+                        lambda fit, x, w, a, method, y=None: 0.0 if a == OFF else 1.0 + abs(a - 0.3))
     choice = layer_alpha.choose_group_alphas(proto, body, kv_feeds(float_session(proto), md.manifest, samples, CALIB),
                                              feed_count(samples, CALIB))
     assert choice.all_off_fallback and choice.groups
