@@ -300,8 +300,34 @@ def child_torch(spec: dict, compiled: bool) -> None:
             # the reference is this run's tokens, whose margins these are (at batch 8 a rerun's tokens can differ)
             info["reference_run_equals_timed_run"] = g.sequences[:, ids.shape[1]:].tolist() == tokens
             tokens = g.sequences[:, ids.shape[1]:].tolist()
+            info["torch_self_agreement"] = self_agreement(spec, model, g.sequences, ids.shape[1])
         emit("row", batch=batch, **summarize(runs, batch, new), info=info,
              tokens=tokens if batch <= 8 else None, gaps=gaps)
+
+
+_FP32 = {}
+
+
+def self_agreement(spec: dict, model, seq, prompt: int) -> dict:
+    """How far PyTorch agrees with its own greedy tokens, teacher-forced over the first agree_steps: the same model
+    in one full forward over prompt + tokens (no cache), and the same weights in fp32. The precision's own noise,
+    to read onnxpipe's agreement against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    steps = spec["agree_steps"]
+    want = seq[:, prompt:prompt + steps]
+    out = {}
+    if "model" not in _FP32:
+        _FP32["model"] = AutoModelForCausalLM.from_pretrained(spec["hf"], dtype=torch.float32,
+                                                              attn_implementation="sdpa").to(spec["device"]).eval()
+    for name, m in (("full_forward", model), ("fp32", _FP32["model"])):
+        with torch.no_grad():
+            logits = m(seq[:, :prompt + steps - 1], attention_mask=torch.ones_like(seq[:, :prompt + steps - 1])).logits
+        got = logits[:, prompt - 1:prompt - 1 + steps].argmax(-1)
+        out[name] = float((got == want).float().mean())
+        del logits
+    return out
 
 
 def child_onnxpipe(spec: dict) -> None:
@@ -881,6 +907,13 @@ def render(res: dict) -> str:
         if f:
             lines.append(f"| *floor{' (int4 bytes)' if int4 else ''}* | {batch} | {f['prefill_ms']:.2f} | "
                          f"{f['decode_ms']:.3f} | {f['tok_s']:,.0f} | | | | | |")
+    for r in rows:
+        sa = r.get("info", {}).get("torch_self_agreement")
+        if sa:
+            lines.append("")
+            lines.append(f"PyTorch against its own {res['dtype']} greedy tokens (batch {r['batch']}, teacher-forced): "
+                         f"its {res['dtype']} model in one full forward {sa['full_forward']:.1%}; the same weights in "
+                         f"fp32 {sa['fp32']:.1%}.")
     for r in rows:
         ag = r.get("info", {}).get("agreement_vs_torch")
         if ag:
