@@ -6,8 +6,13 @@ optimize stage fused attention with a shared past/present buffer (``manifest.gra
 cache is allocated once at its full length and bound as both past and present, so the graph writes in place.
 
 Only small integer inputs go up each step (ids, mask, positions) and only what sampling needs comes down: the next
-token ids (greedy) or the last position's logits, cut out on the device by a two-node helper graph (``_head``)
-so a prefill never ships [batch, seq, vocab] logits to the host. ``transfers`` counts those bytes.
+token ids (greedy) or the read position's logits, through a small helper graph (``_head``), so a prefill never
+ships [batch, seq, vocab] logits to the host. ``transfers`` counts those bytes. The graph itself computes its LM
+head only at that position (``last_position.py``, an in-memory edit), so its logits are [batch, 1, vocab].
+
+With ``cuda_graph`` every decode step of a (batch, capacity) replays a captured CUDA graph over fixed buffers
+(``_GraphSlot``); a prefill into the slot's empty cache replays one of its own per prompt width
+(``_PrefillGraph``); greedy steps can feed themselves (``step_tail.py``).
 """
 
 from __future__ import annotations
