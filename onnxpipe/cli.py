@@ -235,6 +235,10 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
               help="int4: MatMulNBits compute type (4 = int8, fast on CPU; 0 = unset).")
 @click.option("--symmetric", is_flag=True,
               help="int4 rtn: a grid centred on 0 with no zero points (ORT's CUDA kernel reads it faster; RTN error a little larger).")
+@click.option("--zero-points", "zero_points", type=click.Choice(["int", "float"]), default="int", show_default=True,
+              help="int4 rtn/gptq: float = each block's exact min-max grid (no integer rounding of its minimum; "
+                   "nearly lossless for weights that came from GGUF Q4_1 blocks), kept on the fast integer kernel "
+                   "by a small correction matmul; fp32 weights only.")
 @click.option("--lm-head", type=click.Choice(["auto", "fp32", "int8", "int4"]), default="auto", show_default=True,
               help="LM head precision (auto: 8-bit per vocabulary row, one table with the embedding when tied; left fp16 under --mode fp16 and for an fp16 input).")
 @click.option("--embeddings", type=click.Choice(["auto", "fp32", "int8"]), default="auto", show_default=True,
@@ -247,7 +251,8 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
               help="Fail, writing nothing, if perplexity rises more than PCT percent.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str, per_channel: bool,
-             activations: str, smoothquant: float | str | None, block_size: int, algo: str, accuracy_level: int, symmetric: bool, lm_head: str, embeddings: str,
+             activations: str, smoothquant: float | str | None, block_size: int, algo: str, accuracy_level: int, symmetric: bool,
+             zero_points: str, lm_head: str, embeddings: str,
              eval_file: Path | None, eval_tokens: int | None, calib_samples: int, calib_seq_len: int,
              max_ppl_increase: float | None, force: bool) -> None:
     """Quantize a model directory (exported or optimized) and report its quality against the input."""
@@ -257,7 +262,7 @@ def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, m
     result = quantize_model(
         in_dir, out_dir, mode, force=force, log=_log, progress=_progress_bars(), calibration=calibration,
         method=method, per_channel=per_channel, activations=activations, smoothquant=smoothquant, block_size=block_size, algo=algo,
-        accuracy_level=accuracy_level, symmetric=symmetric, lm_head=lm_head, embeddings=embeddings, eval_file=eval_file, max_eval_tokens=eval_tokens,
+        accuracy_level=accuracy_level, symmetric=symmetric, float_zero_points=zero_points == "float", lm_head=lm_head, embeddings=embeddings, eval_file=eval_file, max_eval_tokens=eval_tokens,
         max_ppl_increase=max_ppl_increase, calib=CalibrationConfig(max_samples=calib_samples, prefill_len=calib_seq_len),
     )
     click.echo(describe_result(result))

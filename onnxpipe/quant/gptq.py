@@ -28,26 +28,42 @@ class QuantizedWeight:
     scale: np.ndarray  # float32 [N * k_blocks, 1]
     zero_point: np.ndarray  # uint8 [N * k_blocks, 1]
     k_blocks: int
+    # float zero points (the exact min-max grid): the weight is (q - zero_float) * scale. MatMulNBits is given the
+    # nearest integer zero_point, and matmulnbits_nodes adds the difference back (``correction``)
+    zero_float: np.ndarray | None = None
 
     def dequantize(self, k: int) -> np.ndarray:
         n = self.q.shape[0] // self.k_blocks
-        w = (self.q.astype(np.float64) - self.zero_point) * self.scale
+        zero = self.zero_point if self.zero_float is None else self.zero_float
+        w = (self.q.astype(np.float64) - zero) * self.scale
         return w.reshape(n, -1)[:, :k].T
 
+    def correction(self) -> np.ndarray | None:
+        """C [k_blocks, N] with (q - zero_float) * s = (q - zero_point) * s + C: x @ W = MatMulNBits(x) + block_sums(x) @ C."""
+        if self.zero_float is None:
+            return None
+        n = self.q.shape[0] // self.k_blocks
+        c = (self.zero_point.astype(np.float64) - self.zero_float) * self.scale
+        return c.reshape(n, self.k_blocks).T.astype(np.float32)
 
-def group_params(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Asymmetric 4-bit scale and zero point per column of ``w`` [rows, N]; the range always includes 0."""
-    lo = np.minimum(w.min(0), 0.0)
-    hi = np.maximum(w.max(0), 0.0)
+
+def group_params(w: np.ndarray, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric 4-bit scale and zero point per column of ``w`` [rows, N]. Integer zero points (the default): the
+    range always includes 0. ``exact``: the grid spans the column's min and max and the zero point is a float."""
+    lo, hi = w.min(0), w.max(0)
+    if not exact:
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     scale = (hi - lo) / MAXQ
     scale = np.where(scale > 0, scale, 1.0)
+    if exact:
+        return scale, -lo / scale
     zero = np.clip(np.round(-lo / scale), 0, MAXQ)
     return scale, zero
 
 
 def gptq_weight(weight: np.ndarray, hessian: np.ndarray, group_size: int, percdamp: float = 0.01,
-                blocksize: int = 128) -> QuantizedWeight:
-    """GPTQ of one weight [K, N] against its input Hessian [K, K]."""
+                blocksize: int = 128, exact: bool = False) -> QuantizedWeight:
+    """GPTQ of one weight [K, N] against its input Hessian [K, K] (``exact``: float zero points, group_params)."""
     k, n = weight.shape
     k_blocks = -(-k // group_size)
     k_pad = k_blocks * group_size
@@ -73,21 +89,45 @@ def gptq_weight(weight: np.ndarray, hessian: np.ndarray, group_size: int, percda
             row = i1 + i
             if row % group_size == 0:
                 g = row // group_size
-                scales[g], zeros[g] = group_params(W1[i:i + group_size])
+                scales[g], zeros[g] = group_params(W1[i:i + group_size], exact)
             g = row // group_size
             w = W1[i]
-            qi = np.clip(np.round(w / scales[g]) + zeros[g], 0, MAXQ)
+            qi = np.clip(np.round(w / scales[g] + zeros[g]), 0, MAXQ)  # = round(w / s) + z for an integer z
             q_int[row] = qi
             err = (w - (qi - zeros[g]) * scales[g]) / U1[i, i]
             W1[i:] -= np.outer(U1[i, i:], err)
             E1[i] = err
         W[i2:] -= U[i1:i2, i2:].T @ E1
+    return _packed(q_int, scales, zeros, group_size, exact)
+
+
+def _packed(q_int: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, exact: bool) -> QuantizedWeight:
+    """q [K_pad, N], scales and zero points [k_blocks, N] in ORT's layout (rows n * k_blocks + block)."""
+    k_blocks, n = scales.shape
+    zf = zeros.T.reshape(-1, 1)
     return QuantizedWeight(
         q=q_int.T.reshape(n * k_blocks, group_size),
         scale=scales.T.reshape(-1, 1).astype(np.float32),
-        zero_point=zeros.T.reshape(-1, 1).astype(np.uint8),
+        zero_point=np.clip(np.round(zf), 0, MAXQ).astype(np.uint8),
         k_blocks=k_blocks,
+        # the correction is computed from the float32 scale the graph holds
+        zero_float=zf.astype(np.float64) if exact else None,
     )
+
+
+def rtn_blocks(weight: np.ndarray, group_size: int, exact: bool = False) -> QuantizedWeight:
+    """Round-to-nearest per block of ``group_size`` rows of K (group_params' grid), for matmulnbits_nodes."""
+    k, n = weight.shape
+    k_blocks = -(-k // group_size)
+    W = np.zeros((k_blocks * group_size, n))  # noqa: N806
+    W[:k] = weight
+    q_int = np.zeros(W.shape, np.uint8)
+    scales, zeros = np.zeros((k_blocks, n)), np.zeros((k_blocks, n))
+    for g in range(k_blocks):
+        rows = slice(g * group_size, (g + 1) * group_size)
+        scales[g], zeros[g] = group_params(W[rows], exact)
+        q_int[rows] = np.clip(np.round(W[rows] / scales[g] + zeros[g]), 0, MAXQ)
+    return _packed(q_int, scales, zeros, group_size, exact)
 
 
 def input_hessians(session: Any, names: list[str], feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -105,8 +145,14 @@ def input_hessians(session: Any, names: list[str], feeds: Iterable[dict[str, np.
     return {name: 2.0 * s / max(count, 1) for name, s in sums.items()}
 
 
+def exact_grid(shape: tuple[int, int], group_size: int, float_zero_points: bool) -> bool:
+    """Float zero points where asked and possible: blocks (not per channel) that tile K exactly, since the
+    correction sums each block of the input."""
+    return bool(float_zero_points) and group_size > 0 and shape[0] % group_size == 0
+
+
 def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, np.ndarray]], group_size: int,
-                        accuracy_level: int) -> dict[str, Any]:
+                        accuracy_level: int, float_zero_points: bool = False) -> dict[str, Any]:
     """Replace each named MatMul by a MatMulNBits holding its GPTQ weights; in place. Returns a small report.
 
     ``group_size`` 0: one group per output channel (the whole of K), written as DequantizeLinear (uint4, per
@@ -125,10 +171,9 @@ def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, 
         for node in members:
             weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
             group = group_size or weight.shape[0]
-            qw = gptq_weight(weight, hessians[x].copy(), group)
+            qw = gptq_weight(weight, hessians[x].copy(), group, exact=exact_grid(weight.shape, group_size, float_zero_points))
             if group_size:
-                new_node, new_inits = matmulnbits_node(node, weight.shape, qw, group, accuracy_level)
-                new_nodes = [new_node]
+                new_nodes, new_inits = matmulnbits_nodes(node, weight.shape, qw, group, accuracy_level)
             else:
                 new_nodes, new_inits = dequantize_linear_nodes(node, weight.shape, qw)
             index = list(graph.node).index(node)
@@ -142,6 +187,37 @@ def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, 
         graph.initializer.remove(t)
     return {"hessians": len(hessians), "quantized_nodes": len(reduction),
             "proxy_loss_vs_rtn": float(np.mean(reduction)) if reduction else None}
+
+
+def matmulnbits_nodes(node: Any, shape: tuple[int, int], qw: QuantizedWeight, group_size: int,
+                      accuracy_level: int) -> tuple[list[Any], list[Any]]:
+    """matmulnbits_node, plus, for float zero points, the correction: y = MatMulNBits(x) + ReduceSum(x in blocks)
+    @ C (C [blocks, N], QuantizedWeight.correction). MatMulNBits reads float zero points itself, but onnxruntime's
+    CPU kernel then dequantizes the weights on every call (2.0 ms against 37 us for one 576 x 1536 layer at batch
+    1, onnxruntime 1.32, 2 threads): integer zero points plus a [blocks, N] matmul keep the fast int8 path."""
+    import onnx
+    from onnx import numpy_helper
+
+    mm, inits = matmulnbits_node(node, shape, qw, group_size, accuracy_level)
+    c = qw.correction()
+    if c is None:
+        return [mm], inits
+    k, n = shape
+    base, p = node.input[1], f"{node.name}_Q4F"
+    inits += [numpy_helper.from_array(np.array([0, 0, qw.k_blocks, group_size], np.int64), f"{base}_Q4F_blocks"),
+              numpy_helper.from_array(np.array([-1], np.int64), f"{base}_Q4F_last"),
+              numpy_helper.from_array(c, f"{base}_Q4F_correction")]
+    out = mm.output[0]
+    mm.output[0] = f"{p}/int_zero_points"
+    nodes = [
+        mm,
+        onnx.helper.make_node("Reshape", [node.input[0], f"{base}_Q4F_blocks"], [f"{p}/blocks"], name=f"{p}/Reshape"),
+        onnx.helper.make_node("ReduceSum", [f"{p}/blocks", f"{base}_Q4F_last"], [f"{p}/block_sums"], name=f"{p}/ReduceSum",
+                              keepdims=0),
+        onnx.helper.make_node("MatMul", [f"{p}/block_sums", f"{base}_Q4F_correction"], [f"{p}/correction"], name=f"{p}/MatMul"),
+        onnx.helper.make_node("Add", [f"{p}/int_zero_points", f"{p}/correction"], [out], name=f"{p}/Add"),
+    ]
+    return nodes, inits
 
 
 def matmulnbits_node(node: Any, shape: tuple[int, int], qw: QuantizedWeight, group_size: int,
@@ -217,7 +293,7 @@ def rtn_per_channel(weight: np.ndarray) -> QuantizedWeight:
                            zero_point=z.reshape(-1, 1).astype(np.uint8), k_blocks=1)
 
 
-def rtn_weight(weight: np.ndarray, group_size: int) -> np.ndarray:
+def rtn_weight(weight: np.ndarray, group_size: int, exact: bool = False) -> np.ndarray:
     """Round-to-nearest with the same grid rule, dequantized: the baseline GPTQ must beat."""
     k, n = weight.shape
     k_pad = -(-k // group_size) * group_size
@@ -225,8 +301,8 @@ def rtn_weight(weight: np.ndarray, group_size: int) -> np.ndarray:
     W[:k] = weight
     out = np.zeros_like(W)
     for g in range(0, k_pad, group_size):
-        s, z = group_params(W[g:g + group_size])
-        out[g:g + group_size] = (np.clip(np.round(W[g:g + group_size] / s) + z, 0, MAXQ) - z) * s
+        s, z = group_params(W[g:g + group_size], exact)
+        out[g:g + group_size] = (np.clip(np.round(W[g:g + group_size] / s + z), 0, MAXQ) - z) * s
     return out[:k]
 
 
@@ -235,5 +311,5 @@ def _proxy_loss_ratio(weight: np.ndarray, qw: QuantizedWeight, hessian: np.ndarr
     def loss(dw: np.ndarray) -> float:
         return float(np.einsum("kn,kj,jn->", dw, hessian, dw))
 
-    rtn = loss(weight - rtn_weight(weight, group_size))
+    rtn = loss(weight - rtn_weight(weight, group_size, exact=qw.zero_float is not None))
     return loss(weight - qw.dequantize(weight.shape[0])) / rtn if rtn > 0 else 1.0

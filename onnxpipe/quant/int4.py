@@ -60,12 +60,18 @@ def quantize_int4(
         details["format"] = ("QDQ: DequantizeLinear (uint4, axis 1) -> MatMul, opset 21; ORT fuses it into "
                              "MatMulNBits at load (accuracy level from the session, default 4)")
         _use_opset_21(proto)
+    if cfg.float_zero_points:
+        _refuse_fp16_weights(proto, body)
+        details["zero_points"] = ("float per block (the block's exact min-max grid): integer zero points in "
+                                  "MatMulNBits plus a [blocks, N] correction matmul of the input's block sums")
     with _quiet_ort():
         if cfg.algo == "gptq":
             details["gptq"] = _gptq(proto, body, manifest, samples, cfg, progress)
             details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
         elif cfg.block_size == PER_CHANNEL:
             _rtn_per_channel(proto, body)
+        elif cfg.float_zero_points:
+            details["float_zero_point_layers"] = _rtn_blocks(proto, body, cfg.block_size, cfg.accuracy_level)
         else:
             proto = _nbits(proto, bits=4, block_size=cfg.block_size, include=body, all_matmuls=all_matmuls,
                            accuracy_level=cfg.accuracy_level, algo=cfg.algo, symmetric=cfg.symmetric)
@@ -74,6 +80,50 @@ def quantize_int4(
     details["quantized_nodes"] = len(body)
     save_quantized(proto, out_path)
     return details
+
+
+def _refuse_fp16_weights(proto: Any, body: list[str]) -> None:
+    import onnx
+
+    from onnxpipe.errors import OnnxpipeError
+    from onnxpipe.quant.graph import initializer_map
+
+    inits, wanted = initializer_map(proto.graph), set(body)
+    for node in proto.graph.node:
+        if node.name in wanted and node.op_type == "MatMul" and node.input[1] in inits:
+            if inits[node.input[1]].data_type != onnx.TensorProto.FLOAT:
+                raise OnnxpipeError("--zero-points float needs fp32 weights (its correction matmul is fp32); "
+                                    "quantize the fp32 export")
+
+
+def _rtn_blocks(proto: Any, body: list[str], block_size: int, accuracy_level: int) -> int:
+    """Round-to-nearest per block with float zero points (gptq.py's exact grid) as MatMulNBits + correction; in
+    place. Layers whose K is not a multiple of the block keep integer zero points. Returns how many got floats."""
+    from onnx import numpy_helper
+
+    from onnxpipe.quant.gptq import exact_grid, matmulnbits_nodes, rtn_blocks
+    from onnxpipe.quant.graph import initializer_map
+
+    graph = proto.graph
+    inits = initializer_map(graph)
+    wanted, new_nodes, exact = set(body), [], 0
+    for node in graph.node:
+        if node.name not in wanted or node.op_type != "MatMul" or node.input[1] not in inits:
+            new_nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        grid = exact_grid(weight.shape, block_size, True)
+        exact += grid
+        nodes, tensors = matmulnbits_nodes(node, weight.shape, rtn_blocks(weight, block_size, grid), block_size,
+                                           accuracy_level)
+        new_nodes += nodes
+        graph.initializer.extend(tensors)
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+    return exact
 
 
 def _rtn_per_channel(proto: Any, body: list[str]) -> None:
@@ -150,7 +200,7 @@ def _gptq(proto: Any, body: list[str], manifest: Manifest, samples: np.ndarray, 
     feeds = counted((prefill_feed(manifest, samples[b:b + cfg.calib.batch_size, :prefill])
                      for b in range(0, len(samples), cfg.calib.batch_size)),
                     feed_count(samples, cfg.calib, decode=False), "gptq hessians", progress)
-    return gptq_quantize_graph(proto, body, feeds, cfg.block_size, cfg.accuracy_level)
+    return gptq_quantize_graph(proto, body, feeds, cfg.block_size, cfg.accuracy_level, cfg.float_zero_points)
 
 
 def _set_accuracy_level(proto: Any, level: int) -> int:

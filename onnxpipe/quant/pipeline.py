@@ -57,6 +57,7 @@ class QuantizeConfig:
     algo: str = "rtn"  # int4: rtn | gptq | hqq
     accuracy_level: int = 4  # int4: MatMulNBits compute type; 4 = int8 activations (fast on CPU)
     symmetric: bool = False  # int4 rtn: a grid centred on 0, no zero points (faster CUDA kernel)
+    float_zero_points: bool = False  # int4 rtn/gptq: each block's exact min-max grid (gptq.group_params exact)
     lm_head: str = "auto"  # auto/int8: 8-bit per vocabulary row (embedding.py); fp32; int4 (int4 mode only)
     embeddings: str = "auto"  # auto/int8: token table 8-bit per row, shared with a tied head; fp32
     eval_file: Path | None = None
@@ -75,7 +76,7 @@ class QuantizeConfig:
             p.update(method=self.method, per_channel=self.per_channel, smoothquant=self.smoothquant)
         if self.mode == "int4":
             p.update(algo=self.algo, block_size=self.block_size, accuracy_level=self.accuracy_level,
-                     symmetric=self.symmetric)
+                     symmetric=self.symmetric, float_zero_points=self.float_zero_points)
         if self.needs_calibration():
             p.update(calibration=str(self.calibration), calibration_config=self.calib.to_json())
         p.update(eval_file=str(self.eval_file) if self.eval_file else None, max_eval_tokens=self.max_eval_tokens,
@@ -124,6 +125,10 @@ def validate(cfg: QuantizeConfig) -> None:
         raise OnnxpipeError("--block-size 0 (per channel) supports --algo rtn and gptq, not hqq")
     if cfg.symmetric and not (cfg.mode == "int4" and cfg.algo == "rtn" and cfg.block_size != 0):
         raise OnnxpipeError("--symmetric applies to --mode int4 --algo rtn with a block size (not per channel)")
+    if cfg.float_zero_points and not (cfg.mode == "int4" and cfg.algo in ("rtn", "gptq") and cfg.block_size != 0
+                                      and not cfg.symmetric):
+        raise OnnxpipeError("--zero-points float applies to --mode int4 --algo rtn or gptq with a block size, "
+                            "without --symmetric (hqq writes float zero points of its own)")
     if cfg.accuracy_level not in (0, 1, 2, 3, 4):
         raise OnnxpipeError(f"--accuracy-level must be 0..4, got {cfg.accuracy_level}")
     if cfg.max_ppl_increase is not None and cfg.max_ppl_increase < 0:
