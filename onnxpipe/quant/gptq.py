@@ -167,13 +167,14 @@ def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, 
     graph = proto.graph
     inits = initializer_map(graph)
     reduction = []
+    sums: dict[tuple[str, int], str] = {}
     for x, members in groups.items():
         for node in members:
             weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
             group = group_size or weight.shape[0]
             qw = gptq_weight(weight, hessians[x].copy(), group, exact=exact_grid(weight.shape, group_size, float_zero_points))
             if group_size:
-                new_nodes, new_inits = matmulnbits_nodes(node, weight.shape, qw, group, accuracy_level)
+                new_nodes, new_inits = matmulnbits_nodes(node, weight.shape, qw, group, accuracy_level, sums)
             else:
                 new_nodes, new_inits = dequantize_linear_nodes(node, weight.shape, qw)
             index = list(graph.node).index(node)
@@ -182,6 +183,10 @@ def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, 
                 graph.node.insert(index + offset, new)
             graph.initializer.extend(new_inits)
             reduction.append(_proxy_loss_ratio(weight, qw, hessians[x], group))
+    if sums:  # shared block sums sit beside the first layer that read them
+        from onnxpipe.quant.graph import topological_sort
+
+        topological_sort(graph)
     used = {i for n in graph.node for i in n.input}
     for t in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(t)
@@ -190,11 +195,13 @@ def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, 
 
 
 def matmulnbits_nodes(node: Any, shape: tuple[int, int], qw: QuantizedWeight, group_size: int,
-                      accuracy_level: int) -> tuple[list[Any], list[Any]]:
+                      accuracy_level: int, block_sums: dict[tuple[str, int], str] | None = None) -> tuple[list[Any], list[Any]]:
     """matmulnbits_node, plus, for float zero points, the correction: y = MatMulNBits(x) + ReduceSum(x in blocks)
     @ C (C [blocks, N], QuantizedWeight.correction). MatMulNBits reads float zero points itself, but onnxruntime's
     CPU kernel then dequantizes the weights on every call (2.0 ms against 37 us for one 576 x 1536 layer at batch
-    1, onnxruntime 1.32, 2 threads): integer zero points plus a [blocks, N] matmul keep the fast int8 path."""
+    1, onnxruntime 1.32, 2 threads): integer zero points plus a [blocks, N] matmul keep the fast int8 path.
+    ``block_sums`` (input, block) -> tensor: layers reading one input (q/k/v, gate/up) share its block sums; the
+    caller sorts the graph afterwards (the shared sums are made beside the first layer that asks)."""
     import onnx
     from onnx import numpy_helper
 
@@ -202,19 +209,24 @@ def matmulnbits_nodes(node: Any, shape: tuple[int, int], qw: QuantizedWeight, gr
     c = qw.correction()
     if c is None:
         return [mm], inits
-    k, n = shape
     base, p = node.input[1], f"{node.name}_Q4F"
-    inits += [numpy_helper.from_array(np.array([0, 0, qw.k_blocks, group_size], np.int64), f"{base}_Q4F_blocks"),
-              numpy_helper.from_array(np.array([-1], np.int64), f"{base}_Q4F_last"),
-              numpy_helper.from_array(c, f"{base}_Q4F_correction")]
+    block_sums = {} if block_sums is None else block_sums
+    key = (node.input[0], group_size)
+    nodes = [mm]
+    if key not in block_sums:
+        block_sums[key] = f"{p}/block_sums"
+        inits += [numpy_helper.from_array(np.array([0, 0, qw.k_blocks, group_size], np.int64), f"{base}_Q4F_blocks"),
+                  numpy_helper.from_array(np.array([-1], np.int64), f"{base}_Q4F_last")]
+        nodes += [
+            onnx.helper.make_node("Reshape", [node.input[0], f"{base}_Q4F_blocks"], [f"{p}/blocks"], name=f"{p}/Reshape"),
+            onnx.helper.make_node("ReduceSum", [f"{p}/blocks", f"{base}_Q4F_last"], [block_sums[key]],
+                                  name=f"{p}/ReduceSum", keepdims=0),
+        ]
+    inits.append(numpy_helper.from_array(c, f"{base}_Q4F_correction"))
     out = mm.output[0]
     mm.output[0] = f"{p}/int_zero_points"
-    nodes = [
-        mm,
-        onnx.helper.make_node("Reshape", [node.input[0], f"{base}_Q4F_blocks"], [f"{p}/blocks"], name=f"{p}/Reshape"),
-        onnx.helper.make_node("ReduceSum", [f"{p}/blocks", f"{base}_Q4F_last"], [f"{p}/block_sums"], name=f"{p}/ReduceSum",
-                              keepdims=0),
-        onnx.helper.make_node("MatMul", [f"{p}/block_sums", f"{base}_Q4F_correction"], [f"{p}/correction"], name=f"{p}/MatMul"),
+    nodes += [
+        onnx.helper.make_node("MatMul", [block_sums[key], f"{base}_Q4F_correction"], [f"{p}/correction"], name=f"{p}/MatMul"),
         onnx.helper.make_node("Add", [f"{p}/int_zero_points", f"{p}/correction"], [out], name=f"{p}/Add"),
     ]
     return nodes, inits

@@ -106,7 +106,7 @@ def _rtn_blocks(proto: Any, body: list[str], block_size: int, accuracy_level: in
 
     graph = proto.graph
     inits = initializer_map(graph)
-    wanted, new_nodes, exact = set(body), [], 0
+    wanted, new_nodes, exact, sums = set(body), [], 0, {}
     for node in graph.node:
         if node.name not in wanted or node.op_type != "MatMul" or node.input[1] not in inits:
             new_nodes.append(node)
@@ -115,7 +115,7 @@ def _rtn_blocks(proto: Any, body: list[str], block_size: int, accuracy_level: in
         grid = exact_grid(weight.shape, block_size, True)
         exact += grid
         nodes, tensors = matmulnbits_nodes(node, weight.shape, rtn_blocks(weight, block_size, grid), block_size,
-                                           accuracy_level)
+                                           accuracy_level, sums)  # in graph order: shared sums come first
         new_nodes += nodes
         graph.initializer.extend(tensors)
     graph.ClearField("node")

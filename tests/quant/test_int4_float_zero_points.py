@@ -67,6 +67,8 @@ def test_float_zero_points_quantize_a_model(tok_model, small_eval: Path, tmp_pat
     nbits = [x for x in graph.node if x.op_type == "MatMulNBits"]
     corrections = [x for x in graph.node if x.name.endswith("_Q4F/MatMul")]
     assert nbits and len(corrections) >= len(nbits) - 1  # every body layer whose K tiles into blocks
+    sums = [x for x in graph.node if x.name.endswith("_Q4F/ReduceSum")]
+    assert 0 < len(sums) < len(corrections)  # q/k/v and gate/up share their input's block sums
     assert step["quality"]["top1_agreement"] > 0.7 and np.isfinite(step["quality"]["ppl_after"])
 
 
