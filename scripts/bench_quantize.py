@@ -57,6 +57,8 @@ ROWS = [
     Row("int4 RTN, block 32", "int4", {"algo": "rtn", "block_size": 32}),
     Row("int4 HQQ, block 32", "int4", {"algo": "hqq", "block_size": 32}),
     Row("int4 GPTQ, block 32", "int4", {"algo": "gptq", "block_size": 32}),
+    Row("int4 RTN, block 32, float zero points", "int4", {"algo": "rtn", "block_size": 32, "float_zero_points": True}),
+    Row("int4 GPTQ, block 32, float zero points", "int4", {"algo": "gptq", "block_size": 32, "float_zero_points": True}),
     Row("int4 RTN, block 128", "int4", {"algo": "rtn", "block_size": 128}),
     Row("int4 GPTQ, block 128", "int4", {"algo": "gptq", "block_size": 128}),
     Row("int4 RTN, per channel", "int4", {"algo": "rtn", "block_size": 0}),
