@@ -71,6 +71,9 @@ def test_float_zero_points_quantize_a_model(tok_model, small_eval: Path, tmp_pat
     assert 0 < len(sums) <= len(corrections)
     if family == "llama":  # q/k/v and gate/up share their input's block sums (GPT-2's c_attn is one linear)
         assert len(sums) < len(corrections)
+    indicators = {x.input[1] for x in sums}  # the [K, blocks] ones: one per distinct K in the whole graph
+    assert indicators == {t.name for t in graph.initializer if t.name.startswith("onnxpipe_q4f_blocks_")}
+    assert len(indicators) == len({t.dims[0] for t in graph.initializer if t.name in indicators}) <= 2
     assert step["quality"]["top1_agreement"] > 0.7 and np.isfinite(step["quality"]["ppl_after"])
 
 
