@@ -25,6 +25,7 @@ import numpy as np
 from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.providers import EP_NAME, ProviderChoice, TensorRTOptions, create_session
+from onnxpipe.runtime.helper_graphs import gather_graph, head_graph, step_head_graph
 from onnxpipe.runtime.last_position import LAST_INDEX, gather_last_position
 from onnxpipe.runtime.step_tail import NEXT_IDS, NEXT_MASK, NEXT_POSITIONS, add_step_tail
 
@@ -153,7 +154,7 @@ class DecoderSession:
         self.logits_name = m.graph.get("logits", "logits")
         helper_ep = "cpu" if self.device == "cpu" else "cuda"  # small helper graphs: never worth a TensorRT engine
         self._helper_providers = [EP_NAME[helper_ep]] + ([EP_NAME["cpu"]] if helper_ep != "cpu" else [])
-        self._head = self._helper(_head_graph(self._onnx_dtype()))
+        self._head = self._helper(head_graph(self._onnx_dtype()))
         self._gather = None
         self.transfers = Transfers()
         # decode steps replayed as CUDA graphs, one per (batch, capacity): fixed buffers bound once
@@ -243,7 +244,7 @@ class DecoderSession:
         """Keep (and repeat) cache rows ``rows`` in that order, on the device: beam search and finished-row removal."""
         rows = np.asarray(rows, np.int64)
         if self._gather is None:
-            self._gather = self._helper(_gather_graph(len(self.past_names), self._onnx_dtype()))
+            self._gather = self._helper(gather_graph(len(self.past_names), self._onnx_dtype()))
         io = self._gather.io_binding()
         self._bind_input(io, "rows", rows, session=self._gather)
         for i, value in enumerate(cache.values):
@@ -307,7 +308,7 @@ class DecoderSession:
         if self.fed and want == "argmax":  # the step left its argmax in the ids buffer
             return self._next_ids(slot)
         if slot.head is None:  # the decode step's own head: logits [B, 1, V] read in place, nothing to index
-            slot.head = self._helper(_step_head_graph(self._onnx_dtype(), batch, self.vocab_size))
+            slot.head = self._helper(stephead_graph(self._onnx_dtype(), batch, self.vocab_size))
             slot.head_io = {}
             for name in ("last_logits", "argmax"):
                 io = slot.head.io_binding()
@@ -512,78 +513,3 @@ def _check_cuda_graph_form(path: Any, graph: dict[str, Any]) -> None:
             and graph.get("attention_mask_use") == "row sums and width"):
         raise OnnxpipeError(f"{path}: CUDA graphs need the graph of `onnxpipe optimize --target cuda` (a shared KV "
                             "buffer and a mask read only for its row sums); this one is not")
-
-
-def _head_graph(elem_type: int) -> Any:
-    """logits [B, S, V], last_index [B] -> last_logits [B, V] float32 and argmax [B] int64, on the device."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    c = lambda name, vals: helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals))  # noqa: E731
-    nodes = [
-        c("axes12", [1, 2]), c("zero", [0]), c("one", [1]), c("two", [2]), c("three", [3]), c("axis1", [1]),
-        helper.make_node("Unsqueeze", ["last_index", "axes12"], ["idx3"]),
-        helper.make_node("Shape", ["logits"], ["shape"]),
-        helper.make_node("Slice", ["shape", "zero", "one"], ["b"]),
-        helper.make_node("Slice", ["shape", "two", "three"], ["v"]),
-        helper.make_node("Concat", ["b", "one", "v"], ["target"], axis=0),
-        helper.make_node("Expand", ["idx3", "target"], ["idx"]),
-        helper.make_node("GatherElements", ["logits", "idx"], ["picked"], axis=1),
-        helper.make_node("Squeeze", ["picked", "axis1"], ["picked2"]),
-        helper.make_node("Cast", ["picked2"], ["last_logits"], to=TensorProto.FLOAT),
-        helper.make_node("ArgMax", ["last_logits"], ["argmax"], axis=1, keepdims=0),
-    ]
-    graph = helper.make_graph(
-        nodes, "onnxpipe_head",
-        [helper.make_tensor_value_info("logits", elem_type, ["B", "S", "V"]),
-         helper.make_tensor_value_info("last_index", TensorProto.INT64, ["B"])],
-        [helper.make_tensor_value_info("last_logits", TensorProto.FLOAT, ["B", "V"]),
-         helper.make_tensor_value_info("argmax", TensorProto.INT64, ["B"])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    return model
-
-
-def _step_head_graph(elem_type: int, batch: int, vocab: int) -> Any:
-    """A decode step's logits [B, 1, V] -> last_logits [B, V] float32 and argmax [B] int64; fixed shapes, no shape
-    arithmetic (argmax on the float16 logits equals argmax on their float32 cast: the cast is monotonic)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    nodes = [
-        helper.make_node("Constant", [], ["axis1"], value=helper.make_tensor("axis1", TensorProto.INT64, [1], [1])),
-        helper.make_node("Squeeze", ["logits", "axis1"], ["flat"]),
-        helper.make_node("Cast", ["flat"], ["last_logits"], to=TensorProto.FLOAT),
-        helper.make_node("ArgMax", ["flat"], ["argmax"], axis=1, keepdims=0),
-    ]
-    graph = helper.make_graph(
-        nodes, "onnxpipe_step_head",
-        [helper.make_tensor_value_info("logits", elem_type, [batch, 1, vocab])],
-        [helper.make_tensor_value_info("last_logits", TensorProto.FLOAT, [batch, vocab]),
-         helper.make_tensor_value_info("argmax", TensorProto.INT64, [batch])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    return model
-
-
-def _gather_graph(n: int, elem_type: int) -> Any:
-    """rows [R], x0..x{n-1} [B, H, S, D] -> y_i = x_i[rows]: reorders a KV cache on the device."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    nodes = [helper.make_node("Gather", [f"x{i}", "rows"], [f"y{i}"], axis=0) for i in range(n)]
-    shape = ["B", "H", "S", "D"]
-    graph = helper.make_graph(
-        nodes, "onnxpipe_kv_gather",
-        [helper.make_tensor_value_info("rows", TensorProto.INT64, ["R"])]
-        + [helper.make_tensor_value_info(f"x{i}", elem_type, shape) for i in range(n)],
-        [helper.make_tensor_value_info(f"y{i}", elem_type, ["R", "H", "S", "D"]) for i in range(n)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    return model

@@ -1,0 +1,81 @@
+"""The small graphs a DecoderSession runs beside the decoder, on the same device: the read position's logits and
+argmax out of a step's logits, and the KV cache's rows reordered (beam search, finished rows dropped)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def head_graph(elem_type: int) -> Any:
+    """logits [B, S, V], last_index [B] -> last_logits [B, V] float32 and argmax [B] int64, on the device."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    c = lambda name, vals: helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals))  # noqa: E731
+    nodes = [
+        c("axes12", [1, 2]), c("zero", [0]), c("one", [1]), c("two", [2]), c("three", [3]), c("axis1", [1]),
+        helper.make_node("Unsqueeze", ["last_index", "axes12"], ["idx3"]),
+        helper.make_node("Shape", ["logits"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["b"]),
+        helper.make_node("Slice", ["shape", "two", "three"], ["v"]),
+        helper.make_node("Concat", ["b", "one", "v"], ["target"], axis=0),
+        helper.make_node("Expand", ["idx3", "target"], ["idx"]),
+        helper.make_node("GatherElements", ["logits", "idx"], ["picked"], axis=1),
+        helper.make_node("Squeeze", ["picked", "axis1"], ["picked2"]),
+        helper.make_node("Cast", ["picked2"], ["last_logits"], to=TensorProto.FLOAT),
+        helper.make_node("ArgMax", ["last_logits"], ["argmax"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "onnxpipe_head",
+        [helper.make_tensor_value_info("logits", elem_type, ["B", "S", "V"]),
+         helper.make_tensor_value_info("last_index", TensorProto.INT64, ["B"])],
+        [helper.make_tensor_value_info("last_logits", TensorProto.FLOAT, ["B", "V"]),
+         helper.make_tensor_value_info("argmax", TensorProto.INT64, ["B"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def step_head_graph(elem_type: int, batch: int, vocab: int) -> Any:
+    """A decode step's logits [B, 1, V] -> last_logits [B, V] float32 and argmax [B] int64; fixed shapes, no shape
+    arithmetic (argmax on the float16 logits equals argmax on their float32 cast: the cast is monotonic)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Constant", [], ["axis1"], value=helper.make_tensor("axis1", TensorProto.INT64, [1], [1])),
+        helper.make_node("Squeeze", ["logits", "axis1"], ["flat"]),
+        helper.make_node("Cast", ["flat"], ["last_logits"], to=TensorProto.FLOAT),
+        helper.make_node("ArgMax", ["flat"], ["argmax"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "onnxpipe_step_head",
+        [helper.make_tensor_value_info("logits", elem_type, [batch, 1, vocab])],
+        [helper.make_tensor_value_info("last_logits", TensorProto.FLOAT, [batch, vocab]),
+         helper.make_tensor_value_info("argmax", TensorProto.INT64, [batch])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def gather_graph(n: int, elem_type: int) -> Any:
+    """rows [R], x0..x{n-1} [B, H, S, D] -> y_i = x_i[rows]: reorders a KV cache on the device."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Gather", [f"x{i}", "rows"], [f"y{i}"], axis=0) for i in range(n)]
+    shape = ["B", "H", "S", "D"]
+    graph = helper.make_graph(
+        nodes, "onnxpipe_kv_gather",
+        [helper.make_tensor_value_info("rows", TensorProto.INT64, ["R"])]
+        + [helper.make_tensor_value_info(f"x{i}", elem_type, shape) for i in range(n)],
+        [helper.make_tensor_value_info(f"y{i}", elem_type, ["R", "H", "S", "D"]) for i in range(n)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
