@@ -308,7 +308,7 @@ class DecoderSession:
         if self.fed and want == "argmax":  # the step left its argmax in the ids buffer
             return self._next_ids(slot)
         if slot.head is None:  # the decode step's own head: logits [B, 1, V] read in place, nothing to index
-            slot.head = self._helper(stephead_graph(self._onnx_dtype(), batch, self.vocab_size))
+            slot.head = self._helper(step_head_graph(self._onnx_dtype(), batch, self.vocab_size))
             slot.head_io = {}
             for name in ("last_logits", "argmax"):
                 io = slot.head.io_binding()
