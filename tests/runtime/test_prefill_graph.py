@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from onnxpipe.runtime import load
+from onnxpipe.runtime import session as session_mod
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.session import DecoderSession
 
@@ -51,3 +52,19 @@ def test_prefill_capture_can_be_turned_off(cuda_form):
     lm.generate(PROMPTS, max_new_tokens=3, stop_token_ids=[])
     (slot,) = lm.session._graphs.values()
     assert slot.prefills == {} and slot.runs == 2
+
+
+def test_large_or_many_prefills_run_uncaptured(cuda_form, monkeypatch):
+    plain, lm = load(cuda_form("llama"), "cpu"), _slots(cuda_form("llama"))
+    opts = {"max_new_tokens": 3, "stop_token_ids": []}
+    want = [r.token_ids for r in plain.generate(PROMPTS, **opts)]
+    monkeypatch.setattr(session_mod, "PREFILL_CAPTURE_TOKENS", 3 * 11 - 1)  # batch x width just over the limit
+    assert [r.token_ids for r in lm.generate(PROMPTS, **opts)] == want
+    (slot,) = lm.session._graphs.values()
+    assert slot.prefills == {}
+    monkeypatch.setattr(session_mod, "PREFILL_CAPTURE_TOKENS", 4096)
+    monkeypatch.setattr(session_mod, "PREFILL_GRAPHS_PER_SLOT", 1)
+    lm.generate(PROMPTS, **opts)  # width 11: the slot's one graph
+    short = [p[:9] for p in PROMPTS]  # width 9: over the per-slot count, uncaptured, same tokens
+    assert [r.token_ids for r in lm.generate(short, **opts)] == [r.token_ids for r in plain.generate(short, **opts)]
+    assert list(slot.prefills) == [11]
