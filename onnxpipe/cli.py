@@ -207,6 +207,44 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
 
 
 @main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated (e.g. 1,8,32).")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per batch size (after one untimed).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: onnxruntime's).")
+@click.option("--cuda-graph", is_flag=True, help="Replay decode steps and prefills as CUDA graphs (CUDA EP).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
+def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_tokens: int, repeats: int,
+          threads: int | None, cuda_graph: bool, json_path: Path | None) -> None:
+    """Time greedy generation of a model directory: prefill ms, decode ms/step, tokens/s per batch size."""
+    import json
+
+    from onnxpipe.runtime.bench import bench as run_bench
+    from onnxpipe.runtime.bench import render
+    from onnxpipe.runtime.generate import load
+
+    try:
+        sizes = [int(b) for b in batches.split(",") if b.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{batches!r} is not a comma-separated list of integers", param_hint="--batch") from None
+    lm = load(model_dir, provider, threads=threads, announce=_log, cuda_graph=cuda_graph)
+    rows = run_bench(lm, sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
+    click.echo(render(rows))
+    if json_path is not None:
+        import time
+
+        import onnxruntime
+
+        json_path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                         "onnxruntime": onnxruntime.__version__,
+                                         "model_dir": str(model_dir), "provider": lm.provider,
+                                         "cuda_graph": bool(lm.session.cuda_graph), "rows": [r.as_dict() for r in rows]},
+                                        indent=1))
+
+
+@main.command()
 @click.argument("in_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
 @click.option("--mode", type=click.Choice(["dynamic", "static", "int4", "fp16"]), required=True,

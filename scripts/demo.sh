@@ -17,3 +17,4 @@ onnxpipe quantize "$OUT/$name-opt" -o "$OUT/$name-int8" --mode dynamic --force -
 onnxpipe generate "$OUT/$name-int8" --prompt "def fib(n):" --max-new-tokens 48 --temperature 0.7 --top-p 0.9 --seed 0
 python3 -c 'import json; t = open("data/eval.txt").read().replace("<|endoftext|>", "\n\n"); ps = [p.strip() for p in t.split("\n\n") if p.strip()][:200]; print("\n".join(json.dumps({"id": i, "text": p}) for i, p in enumerate(ps)))' > "$OUT/eval-texts.jsonl"
 onnxpipe score "$OUT/$name-int8" "$OUT/eval-texts.jsonl" -o "$OUT/eval-scores.jsonl" --force --no-progress
+onnxpipe bench "$OUT/$name-int8" --batch 1,4 --prompt-tokens 64 --new-tokens 32 --repeats 2
