@@ -28,9 +28,10 @@ def _steps(lm: LanguageModel, steps: int = 4) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("form", ["llama", "gpt2", "cuda-llama"])  # left padding (exported) and right (CUDA form)
+@pytest.mark.parametrize("form", ["llama", "gpt2", "mistral", "qwen2", "qwen3", "phi3", "cuda-llama", "cuda-gpt2"])
 def test_same_logits_as_the_full_head(tiny_onnx, cuda_form, form):
-    path = cuda_form("llama") if form == "cuda-llama" else tiny_onnx(form)
+    """Every family's export (left padding) and the CUDA form (right padding, fused norms and attention)."""
+    path = cuda_form(form[5:]) if form.startswith("cuda-") else tiny_onnx(form)
     full = DecoderSession(path, "cpu", last_position=False)
     last = DecoderSession(path, "cpu", last_position=True)
     assert last.last_position, last.last_position_why_not
