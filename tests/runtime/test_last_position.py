@@ -118,3 +118,24 @@ def test_inline_weights_above_the_limit_are_not_rebuilt(tiny_onnx, monkeypatch):
     s = DecoderSession(tiny_onnx("llama"), "cpu")
     assert not s.last_position and "inline" in s.last_position_why_not
     assert DecoderSession(tiny_onnx("llama"), "cpu", last_position=True).last_position  # asked for: done anyway
+
+
+def test_tensorrt_profiles_name_the_gather_index(tiny_onnx, monkeypatch):
+    """TensorRT profiles must name every dynamic input: the session hands create_session the graph's inputs plus
+    onnxpipe.last_index, and the profile string then carries it at the batch range."""
+    from onnxpipe.runtime import providers
+
+    seen = {}
+    real = providers.create_session
+
+    def spy(*args, **kw):
+        seen["inputs"] = kw.get("graph_inputs")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(session_mod, "create_session", spy)
+    s = DecoderSession(tiny_onnx("llama"), "cpu", last_position=True)
+    assert s.last_position
+    names = [i["name"] for i in seen["inputs"]]
+    assert names[-1] == LAST_INDEX and names[:-1] == [i["name"] for i in s.manifest.graph["inputs"]]
+    shapes = providers.trt_profile_shapes(seen["inputs"], providers.TensorRTOptions())
+    assert f"{LAST_INDEX}:" in shapes["trt_profile_max_shapes"]
