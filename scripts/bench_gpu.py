@@ -231,6 +231,7 @@ def summarize(runs: list[dict], batch: int, new: int) -> dict:
 
 
 def child_torch(spec: dict, compiled: bool) -> None:
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
@@ -299,6 +300,9 @@ def child_torch(spec: dict, compiled: bool) -> None:
             gaps = (top2[..., 0] - top2[..., 1]).tolist()
             # the reference is this run's tokens, whose margins these are (at batch 8 a rerun's tokens can differ)
             info["reference_run_equals_timed_run"] = g.sequences[:, ids.shape[1]:].tolist() == tokens
+            rerun = g.sequences[:, ids.shape[1]:ids.shape[1] + spec["agree_steps"]].cpu().numpy()
+            timed = np.array([t[:spec["agree_steps"]] for t in tokens])
+            info["torch_rerun_free_running_equal"] = float((rerun == timed).mean())  # PyTorch against itself
             tokens = g.sequences[:, ids.shape[1]:].tolist()
             info["torch_self_agreement"] = self_agreement(spec, model, g.sequences, ids.shape[1])
         emit("row", batch=batch, **summarize(runs, batch, new), info=info,
@@ -913,7 +917,8 @@ def render(res: dict) -> str:
             lines.append("")
             lines.append(f"PyTorch against its own {res['dtype']} greedy tokens (batch {r['batch']}, teacher-forced): "
                          f"its {res['dtype']} model in one full forward {sa['full_forward']:.1%}; the same weights in "
-                         f"fp32 {sa['fp32']:.1%}.")
+                         f"fp32 {sa['fp32']:.1%}; its own rerun, free-running, "
+                         f"{r['info'].get('torch_rerun_free_running_equal', float('nan')):.1%} of positions equal.")
     for r in rows:
         ag = r.get("info", {}).get("agreement_vs_torch")
         if ag:
