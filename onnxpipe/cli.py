@@ -255,6 +255,9 @@ def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True,
               help="static: activation range calibrator.")
 @click.option("--per-channel", is_flag=True, help="static: one weight scale per output channel (dynamic always is).")
+@click.option("--static-float-layers", type=click.IntRange(0, None), default=0, show_default=True, metavar="N",
+              help="static: leave the N linear layers whose calibrated input range is widest in fp32 (opt-in; "
+                   "for models with massive activations, e.g. SmolLM2's down_proj inputs).")
 @click.option("--activations", type=click.Choice(["auto", "token", "tensor"]), default="auto", show_default=True,
               help="dynamic: one run-time activation scale per token, per tensor (one fused kernel, fastest), or chosen "
                    "per layer from the calibration text's prefills: per token for the fewest layers that keep "
@@ -289,6 +292,7 @@ def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_
               help="Fail, writing nothing, if perplexity rises more than PCT percent.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str, per_channel: bool,
+             static_float_layers: int,
              activations: str, smoothquant: float | str | None, block_size: int, algo: str, accuracy_level: int, symmetric: bool,
              zero_points: str, lm_head: str, embeddings: str,
              eval_file: Path | None, eval_tokens: int | None, calib_samples: int, calib_seq_len: int,
@@ -299,7 +303,7 @@ def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, m
 
     result = quantize_model(
         in_dir, out_dir, mode, force=force, log=_log, progress=_progress_bars(), calibration=calibration,
-        method=method, per_channel=per_channel, activations=activations, smoothquant=smoothquant, block_size=block_size, algo=algo,
+        method=method, per_channel=per_channel, static_float_layers=static_float_layers, activations=activations, smoothquant=smoothquant, block_size=block_size, algo=algo,
         accuracy_level=accuracy_level, symmetric=symmetric, float_zero_points=zero_points == "float", lm_head=lm_head, embeddings=embeddings, eval_file=eval_file, max_eval_tokens=eval_tokens,
         max_ppl_increase=max_ppl_increase, calib=CalibrationConfig(max_samples=calib_samples, prefill_len=calib_seq_len),
     )

@@ -51,6 +51,7 @@ ROWS = [
     Row("static int8 minmax, per-channel + SmoothQuant 0.5", "static", {"method": "minmax", "per_channel": True, "smoothquant": 0.5}),
     Row("static int8 minmax, per-channel + SmoothQuant auto (alpha per smoothing group)", "static", {"method": "minmax", "per_channel": True, "smoothquant": "auto"}),
     Row("static int8 entropy, per-channel", "static", {"method": "entropy", "per_channel": True}),
+    Row("static int8 minmax, per-channel, 32 widest-range layers fp32", "static", {"method": "minmax", "per_channel": True, "static_float_layers": 32}),
     Row("static int8 percentile, per-channel", "static", {"method": "percentile", "per_channel": True}),
     Row("static int8 percentile, per-channel + SmoothQuant 0.5", "static", {"method": "percentile", "per_channel": True, "smoothquant": 0.5}),
     Row("static int8 percentile, per-channel + SmoothQuant auto (alpha per smoothing group)", "static", {"method": "percentile", "per_channel": True, "smoothquant": "auto"}),

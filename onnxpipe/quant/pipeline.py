@@ -46,6 +46,7 @@ class QuantizeConfig:
     calibration: Path | None = None
     method: str = "minmax"  # static: the activation range calibrator
     per_channel: bool = False  # static: per-output-channel weight scales (dynamic is always per channel)
+    static_float_layers: int = 0  # static: leave the N layers with the widest calibrated input range in fp32
     # dynamic: one run-time activation scale per token ("token"), per tensor (ORT's, "tensor"), or chosen per layer
     # from the calibration text's prefills ("auto", dynamic.py)
     activations: str = "auto"
@@ -73,7 +74,8 @@ class QuantizeConfig:
             if self.activations == "auto":
                 p.update(token_threshold=self.token_threshold)
         if self.mode == "static":
-            p.update(method=self.method, per_channel=self.per_channel, smoothquant=self.smoothquant)
+            p.update(method=self.method, per_channel=self.per_channel, smoothquant=self.smoothquant,
+                     static_float_layers=self.static_float_layers)
         if self.mode == "int4":
             p.update(algo=self.algo, block_size=self.block_size, accuracy_level=self.accuracy_level,
                      symmetric=self.symmetric, float_zero_points=self.float_zero_points)
@@ -129,6 +131,10 @@ def validate(cfg: QuantizeConfig) -> None:
                                       and not cfg.symmetric):
         raise OnnxpipeError("--zero-points float applies to --mode int4 --algo rtn or gptq with a block size, "
                             "without --symmetric (hqq writes float zero points of its own)")
+    if cfg.static_float_layers < 0:
+        raise OnnxpipeError(f"--static-float-layers must be >= 0, got {cfg.static_float_layers}")
+    if cfg.static_float_layers and cfg.mode != "static":
+        raise OnnxpipeError("--static-float-layers applies to --mode static only")
     if cfg.accuracy_level not in (0, 1, 2, 3, 4):
         raise OnnxpipeError(f"--accuracy-level must be 0..4, got {cfg.accuracy_level}")
     if cfg.max_ppl_increase is not None and cfg.max_ppl_increase < 0:
