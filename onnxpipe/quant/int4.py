@@ -99,50 +99,44 @@ def _refuse_fp16_weights(proto: Any, body: list[str]) -> None:
 def _rtn_blocks(proto: Any, body: list[str], block_size: int, accuracy_level: int) -> int:
     """Round-to-nearest per block with float zero points (gptq.py's exact grid) as MatMulNBits + correction; in
     place. Layers whose K is not a multiple of the block keep integer zero points. Returns how many got floats."""
-    from onnx import numpy_helper
-
     from onnxpipe.quant.gptq import exact_grid, matmulnbits_nodes, rtn_blocks
-    from onnxpipe.quant.graph import initializer_map
 
-    graph = proto.graph
-    inits = initializer_map(graph)
-    wanted, new_nodes, exact, sums = set(body), [], 0, {}
-    for node in graph.node:
-        if node.name not in wanted or node.op_type != "MatMul" or node.input[1] not in inits:
-            new_nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    sums: dict = {}  # in graph order: a shared input's block sums come with its first layer
+    exact = 0
+
+    def write(node: Any, weight: np.ndarray) -> tuple[list[Any], list[Any]]:
+        nonlocal exact
         grid = exact_grid(weight.shape, block_size, True)
         exact += grid
-        nodes, tensors = matmulnbits_nodes(node, weight.shape, rtn_blocks(weight, block_size, grid), block_size,
-                                           accuracy_level, sums)  # in graph order: shared sums come first
-        new_nodes += nodes
-        graph.initializer.extend(tensors)
-    graph.ClearField("node")
-    graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
+        return matmulnbits_nodes(node, weight.shape, rtn_blocks(weight, block_size, grid), block_size,
+                                 accuracy_level, sums)
+
+    _replace_matmuls(proto, body, write)
     return exact
 
 
 def _rtn_per_channel(proto: Any, body: list[str]) -> None:
     """Round-to-nearest per output channel as DequantizeLinear -> MatMul (gptq.py's grid and writer); in place."""
+    from onnxpipe.quant.gptq import dequantize_linear_nodes, rtn_per_channel
+
+    _replace_matmuls(proto, body, lambda node, w: dequantize_linear_nodes(node, w.shape, rtn_per_channel(w)))
+
+
+def _replace_matmuls(proto: Any, body: list[str], write: Callable[[Any, np.ndarray], tuple[list[Any], list[Any]]]) -> None:
+    """Each MatMul of ``body`` with a constant weight becomes ``write(node, weight [K, N] float64)``'s nodes and
+    initializers, in the graph's order; initializers left unused are dropped. In place."""
     from onnx import numpy_helper
 
-    from onnxpipe.quant.gptq import dequantize_linear_nodes, rtn_per_channel
     from onnxpipe.quant.graph import initializer_map
 
     graph = proto.graph
     inits = initializer_map(graph)
-    wanted = set(body)
-    new_nodes = []
+    wanted, new_nodes = set(body), []
     for node in graph.node:
         if node.name not in wanted or node.op_type != "MatMul" or node.input[1] not in inits:
             new_nodes.append(node)
             continue
-        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        nodes, tensors = dequantize_linear_nodes(node, weight.shape, rtn_per_channel(weight))
+        nodes, tensors = write(node, numpy_helper.to_array(inits[node.input[1]]).astype(np.float64))
         new_nodes += nodes
         graph.initializer.extend(tensors)
     graph.ClearField("node")

@@ -227,14 +227,8 @@ class DecoderSession:
                 io.bind_ortvalue_output(name, value)  # written in place
             else:
                 io.bind_output(name, self._device_type(), 0)
-        try:
-            self.session.run_with_iobinding(io, self._run_options(-1) if self.cuda_graph else None)
-        except Exception as e:  # onnxruntime's Fail/RuntimeException: say which model and which step
-            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise OnnxpipeError(
-                f"{self.model_dir.path}: onnxruntime failed on a step (batch {batch}, {seq} new tokens, "
-                f"{cache.length} cached): {text}"
-            ) from None
+        self._run_graph(io, self._run_options(-1) if self.cuda_graph else None,
+                        f"a step (batch {batch}, {seq} new tokens, {cache.length} cached)")
         outs = io.get_outputs()
         if not cache.shared:
             cache.values = list(outs[1:])
@@ -338,14 +332,9 @@ class DecoderSession:
             array = np.ascontiguousarray(array, dtype=np.int64)
             value.update_inplace(array)
             self.transfers.up_bytes += array.nbytes
-        try:
-            if pg.run_options is None:
-                pg.run_options = self._run_options(pg.graph_id)
-            self.session.run_with_iobinding(pg.io, pg.run_options)
-        except Exception as e:
-            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise OnnxpipeError(f"{self.model_dir.path}: onnxruntime failed on a CUDA-graph prefill "
-                                f"(batch {batch}, {width} tokens): {text}") from None
+        if pg.run_options is None:
+            pg.run_options = self._run_options(pg.graph_id)
+        self._run_graph(pg.io, pg.run_options, f"a CUDA-graph prefill (batch {batch}, {width} tokens)")
         pg.runs += 1
         slot.primed = False  # the decode buffers were not written: the first step goes up from the host
         cache.length += width
@@ -399,18 +388,27 @@ class DecoderSession:
         return self._next_ids(slot)
 
     def _run_slot(self, slot: "_GraphSlot", cache: KVCache) -> None:
+        if slot.run_options is None:  # made once: the step is a hot path
+            slot.run_options = self._run_options(slot.graph_id)
         try:
-            if slot.run_options is None:  # made once: the step is a hot path
-                slot.run_options = self._run_options(slot.graph_id)
             self.session.run_with_iobinding(slot.io, slot.run_options)
-        except Exception as e:
-            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise OnnxpipeError(f"{self.model_dir.path}: onnxruntime failed on a CUDA-graph decode step "
-                                f"(batch {cache.batch}, {cache.length} cached): {text}") from None
+        except Exception as e:  # the message is built only on failure
+            self._failed(e, f"a CUDA-graph decode step (batch {cache.batch}, {cache.length} cached)")
         slot.runs += 1
         slot.primed = self.fed
         cache.length += 1
         self.transfers.steps += 1
+
+    def _run_graph(self, io: Any, run_options: Any, what: str) -> None:
+        try:
+            self.session.run_with_iobinding(io, run_options)
+        except Exception as e:
+            self._failed(e, what)
+
+    def _failed(self, e: Exception, what: str) -> None:
+        """onnxruntime's Fail/RuntimeException as one line that says which model and which run."""
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise OnnxpipeError(f"{self.model_dir.path}: onnxruntime failed on {what}: {text}") from None
 
     def _next_ids(self, slot: "_GraphSlot") -> np.ndarray:
         out = slot.ids.numpy()[:, 0]
