@@ -1,6 +1,7 @@
 """Static int8 diagnosis on SmolLM2 (throwaway, kept for the record of docs/quantization.md): calibrate once
 (minmax, as onnxpipe.quant.static does), then write static QDQ models with only a subset of the 210 body linears
-quantized (LM head and embeddings fp32) and score each on the first 8,192 eval tokens. Paths are hard-coded.
+quantized (LM head and embeddings fp32) and score each on the first 8,192 eval tokens. The model is
+bench_quantize.py's SmolLM2 export (SMOLLM2_EXPORT overrides); scratch files go to STDIAG_WORK (/tmp/w/stdiag).
 
     python3 scripts/smollm2_static_diagnosis.py all no-down only-down nodown-11,28,29 toprange-32
 """
@@ -16,8 +17,12 @@ from onnxpipe.quant.quality import measure_session, quality_report, default_cont
 from onnxpipe.quant.text import load_tokenizer, read_documents, tokenize_documents
 from onnxpipe.quant.dynamic import _quiet_ort
 
-W = Path("/tmp/w/stdiag")
-SRC = ModelDir.open("/work/main/out/bench-quantize-smollm2/SmolLM2-135M-Instruct")
+import os
+
+REPO = Path(__file__).resolve().parents[1]
+W = Path(os.environ.get("STDIAG_WORK", "/tmp/w/stdiag"))
+W.mkdir(parents=True, exist_ok=True)
+SRC = ModelDir.open(os.environ.get("SMOLLM2_EXPORT", REPO / "out" / "bench-quantize-smollm2" / "SmolLM2-135M-Instruct"))
 proto = onnx.load(str(SRC.model_path))
 plan = expose_weights(proto, SRC.manifest.graph["logits"])
 body = [n for n in plan.linears if n != plan.lm_head]
@@ -31,7 +36,7 @@ cache = W / "ranges.json"
 if not cache.exists():
     t = time.time()
     tok = load_tokenizer(SRC.path); cfg = CalibrationConfig()
-    samples = calibration_samples(tok, "/work/main/data/calibration.txt", cfg)
+    samples = calibration_samples(tok, REPO / "data" / "calibration.txt", cfg)
     with _quiet_ort():
         cal = create_calibrator(fl, ["MatMul"], augmented_model_path=str(W / "aug.onnx"),
                                 calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": False})
@@ -49,7 +54,7 @@ def rng(name):
     v = rj["data"][name] if "data" in rj else rj[name]
     return v
 print(json.dumps({n: str(rng(inp[n]))[:200] for n in body[:7]}, indent=0)[:2000], flush=True)
-eval_ids = tokenize_documents(load_tokenizer(SRC.path), read_documents("/work/main/data/eval.txt", "eval"), 8192)
+eval_ids = tokenize_documents(load_tokenizer(SRC.path), read_documents(REPO / "data" / "eval.txt", "eval"), 8192)
 ctx = default_context(SRC.manifest)
 results = json.loads((W / "results.json").read_text()) if (W / "results.json").exists() else {}
 def run(label, quant):

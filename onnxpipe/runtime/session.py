@@ -259,8 +259,7 @@ class DecoderSession:
         key = (batch, capacity)
         if key not in self._graphs:
             ort = self._ort
-            where = self._device_type()  # "cuda" in use; the CPU only where a test drives the slots without graphs
-            dev = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, where, 0)  # noqa: E731
+            where, dev = self._device_type(), self._buffer
             cache = [dev((batch, self.num_kv_heads, capacity, self.head_dim), self.kv_dtype) for _ in self.past_names]
             self._graph_ids += 1
             slot = _GraphSlot(self._graph_ids, capacity, cache, dev((batch, 1), np.int64),
@@ -346,8 +345,7 @@ class DecoderSession:
         return self._select(pg.logits, np.zeros(batch, np.int64), want)
 
     def _prefill_graph(self, slot: "_GraphSlot", batch: int, width: int) -> "_PrefillGraph":
-        ort, where = self._ort, self._device_type()
-        dev = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, where, 0)  # noqa: E731
+        dev = self._buffer
         self._graph_ids += 1
         pg = _PrefillGraph(self._graph_ids, dev((batch, width), np.int64), dev((batch, width), np.int64),
                            dev((batch, width), np.int64), dev((batch,), np.int64),
@@ -448,6 +446,11 @@ class DecoderSession:
             return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), "cuda", 0)
         # a shared buffer: allocated on the device directly, each position written before the mask lets it be read
         return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.kv_dtype, "cuda", 0)
+
+    def _buffer(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """An uninitialised OrtValue on the session's device ("cuda"; the CPU where a test drives the graph slots
+        without capture): the fixed buffers CUDA graphs read and write."""
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self._device_type(), 0)
 
     def _device_type(self) -> str:
         return "cpu" if self.device == "cpu" else "cuda"

@@ -16,6 +16,7 @@ from onnxpipe.quant import layer_alpha, quantize_model
 from onnxpipe.quant.calibration import CalibrationConfig, feed_count, kv_feeds
 from onnxpipe.quant.graph import expose_weights, float_session
 from onnxpipe.quant.layer_alpha import OFF, Fit, fake_quant_uint8, group_loss, quant_weight_per_channel
+from test_smoothquant import planted_model  # the tiny Llama with outlier channels planted
 
 CALIBRATION = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
 CALIB = CalibrationConfig(max_samples=8, prefill_len=32, decode_steps=2, batch_size=2)
@@ -63,23 +64,6 @@ def test_held_out_loss_uses_the_fitted_range() -> None:
     held_out = group_loss(fit_of(fitted), unseen, w, 0.5, "minmax")
     refitted = group_loss(fit_of(np.concatenate([fitted, unseen])), unseen, w, 0.5, "minmax")
     assert held_out > 10 * in_sample and held_out > 10 * refitted
-
-
-def planted_model(tok_model, tmp_path: Path) -> Path:  # noqa: ANN001
-    """The tiny Llama with outlier channels planted (x40 on 2 channels of each norm output; float function kept)."""
-    from onnxpipe.artifact import copy_sidecar_files, derive_manifest, save_onnx, write_manifest
-    from onnxpipe.quant.smoothquant import plant_outliers
-
-    md = ModelDir.open(tok_model("llama"))
-    proto = onnx.load(str(md.model_path))
-    plan = expose_weights(proto, md.manifest.graph["logits"])
-    assert plant_outliers(proto, plan.linears, factor=40.0, channels=2) >= 3
-    planted = tmp_path / "planted"
-    planted.mkdir()
-    save_onnx(proto, planted)
-    copy_sidecar_files(md.path, planted)
-    write_manifest(planted, derive_manifest(md.manifest))
-    return planted
 
 
 def test_static_auto_records_a_per_group_choice_and_beats_plain_on_outliers(tok_model, small_eval: Path,
