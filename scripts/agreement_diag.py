@@ -70,6 +70,9 @@ def onnxpipe_logits(model_dir: str, provider: str, ids: np.ndarray, tokens: np.n
 
 
 def genai_logits(model_dir: str, ids: np.ndarray, tokens: np.ndarray, device: str) -> np.ndarray:
+    """GenAI's generator takes appended tokens more than once only at batch 1: a larger batch goes row by row."""
+    if len(ids) > 1:
+        return np.concatenate([genai_logits(model_dir, ids[i:i + 1], tokens[i:i + 1], device) for i in range(len(ids))])
     import onnxruntime_genai as og
 
     cfg = og.Config(model_dir)
@@ -93,6 +96,37 @@ def genai_logits(model_dir: str, ids: np.ndarray, tokens: np.ndarray, device: st
         gen.append_tokens(np.ascontiguousarray(tokens[:, k - 1:k], np.int32))
         got.append(logits())
     return np.stack(got, 1)
+
+
+def build(hf: Path, work: Path, device: str) -> None:
+    """Export (fp16 on the GPU) and optimize an HF directory into work/exported and work/optimized."""
+    from onnxpipe.export import export_decoder
+    from onnxpipe.fusion import optimize_model, pipeline
+
+    target = "cuda" if device == "cuda" else "cpu"
+    if target == "cuda":  # as bench_gpu.py: the kernel-registry query crashes on the device's onnxruntime-gpu
+        pipeline.supported_ops = lambda target: None
+    export_decoder(hf, work / "exported", dtype="fp16" if device == "cuda" else "fp32", verify=False, force=True)
+    optimize_model(work / "exported", work / "optimized", level=3, target=target, verify=False, force=True)
+    import importlib.util
+    import subprocess
+
+    found = importlib.util.find_spec("onnxruntime_genai")
+    if found is not None and device == "cuda":  # GenAI's model builder on the same directory, as bench_gpu.py does
+        builder = Path(found.origin).parent / "models" / "builder.py"
+        subprocess.run([sys.executable, str(builder), "-i", str(hf), "-o", str(work / "genai"), "-p", "fp16",
+                        "-e", "cuda", "-c", str(work / "genai-cache")], check=False, capture_output=True)
+
+
+def text_prompts(hf: Path, text: Path, batch: int, prompt: int) -> np.ndarray:
+    """Rows of ``prompt`` tokens of a text file, spread over it (tokenized with the model's own tokenizer)."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(hf)(text.read_text(errors="replace"))["input_ids"]
+    if len(ids) < batch * prompt:
+        raise SystemExit(f"{text}: {len(ids)} tokens, fewer than {batch} x {prompt}")
+    step = len(ids) // batch
+    return np.array([ids[i * step:i * step + prompt] for i in range(batch)], np.int64)
 
 
 def margins(x: np.ndarray) -> np.ndarray:
@@ -135,17 +169,24 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--hf", default=None, help="an HF model directory (default: WORK/hf, bench_gpu.py's model)")
+    ap.add_argument("--build", action="store_true", help="export and optimize it into WORK first")
+    ap.add_argument("--text", default=None, help="prompts from this text file instead of random token ids")
     args = ap.parse_args()
     from bench_gpu import prompts
 
     work = Path(args.work)
-    hf = work / "hf"
+    hf = Path(args.hf) if args.hf else work / "hf"
+    if args.build:
+        build(hf, work, args.device)
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     provider = "cuda" if args.device == "cuda" else "cpu"
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "work": str(work), "steps": args.steps,
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "work": str(work), "hf": str(hf),
+              "text": args.text, "genai_rows": "batch 1, row by row, when the batch is larger", "steps": args.steps,
               "prompt": args.prompt, "batches": {}}
     for batch in [int(b) for b in args.batches.split(",")]:
-        ids = np.asarray(prompts({"vocab": vocab, "prompt": args.prompt}, batch))
+        ids = (text_prompts(hf, Path(args.text), batch, args.prompt) if args.text
+               else np.asarray(prompts({"vocab": vocab, "prompt": args.prompt}, batch)))
         t = time.perf_counter()
         tokens, logits = torch_builds(str(hf), ids, args.steps, args.device)
         errors = {}

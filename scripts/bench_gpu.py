@@ -919,17 +919,23 @@ def render(res: dict) -> str:
                          f"its {res['dtype']} model in one full forward {sa['full_forward']:.1%}; the same weights in "
                          f"fp32 {sa['fp32']:.1%}; its own rerun, free-running, "
                          f"{r['info'].get('torch_rerun_free_running_equal', float('nan')):.1%} of positions equal.")
+    said: dict[str, list[str]] = {}  # the same figures from several onnxpipe rows are said once, naming them all
     for r in rows:
         ag = r.get("info", {}).get("agreement_vs_torch")
         if ag:
-            lines.append("")
-            lines.append(f"Greedy agreement, onnxpipe {res['dtype']} vs PyTorch {res['dtype']} (batch {r['batch']}, "
-                         f"{ag['steps']} steps x {ag['rows']} rows): free-running {ag['free_running_equal']:.1%} of "
-                         f"positions equal (first divergence per row {ag['first_divergence']}); teacher-forced "
-                         f"{ag['teacher_forced']:.1%}." + (
-                             f" Where the teacher-forced argmaxes differ, PyTorch's own top-1 led its top-2 by at most "
-                             f"{max(ag['torch_margin_at_misses']):.4f} (median margin over all positions "
-                             f"{ag['torch_margin_median']:.4f})." if ag.get("torch_margin_at_misses") else ""))
+            int4 = "int4" in r["anchor"]
+            text = (f"(batch {r['batch']}, {ag['steps']} steps x {ag['rows']} rows): free-running "
+                    f"{ag['free_running_equal']:.1%} of positions equal (first divergence per row "
+                    f"{ag['first_divergence']}); teacher-forced {ag['teacher_forced']:.1%}." + (
+                        f" Where the teacher-forced argmaxes differ, PyTorch's own top-1 led its top-2 by at most "
+                        f"{max(ag['torch_margin_at_misses']):.4f} (median margin over all positions "
+                        f"{ag['torch_margin_median']:.4f})." if ag.get("torch_margin_at_misses") and not int4 else "")
+                    + (" int4 weights: this measures the quantization of random weights (see the int4 build's "
+                       "perplexity change), not the runtime." if int4 else ""))
+            said.setdefault(text, []).append(ANCHORS[r["anchor"]])
+    for text, anchors in said.items():
+        lines.append("")
+        lines.append(f"Greedy agreement with PyTorch {res['dtype']}'s tokens, {'; '.join(anchors)} {text}")
     for r in rows:
         sp = r.get("info", {}).get("step_split_ms")
         if r.get("info", {}).get("graph", "optimized").startswith("exported"):
