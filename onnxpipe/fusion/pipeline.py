@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.fusion import attention, cleanup, gelu, layout, norms, packing, rotary
+from onnxpipe.fusion import attention, cleanup, gelu, norms, packing, rotary
 from onnxpipe.fusion.rules import TARGETS, PassContext, using_context
 
 PassFn = Callable[[ir.Model, PassContext], "dict[str, Any] | None"]
@@ -50,9 +50,6 @@ PASSES: tuple[FusionPass, ...] = (
     # 1.006-1.010x: opt-in (--passes) only.
     FusionPass("pack_projections", 3, packing.pack_projections, "MatMuls reading one activation -> one MatMul + Split",
                needs_shapes=True, in_levels=False),
-    # Opt-in: the [N, K] weight layout through FusedMatMul (layout.py), for A/B runs on a GPU.
-    FusionPass("transpose_weights", 3, layout.transpose_weights, "MatMul by a constant weight -> FusedMatMul(transB=1)",
-               in_levels=False),
     FusionPass("tidy", 2, cleanup.tidy, "fold, CSE and dead-node sweep over what the fusions left"),
 )
 PASS_NAMES = tuple(p.name for p in PASSES)

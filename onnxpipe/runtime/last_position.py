@@ -23,8 +23,8 @@ from typing import Any
 LAST_INDEX = "onnxpipe.last_index"
 
 # ops that compute each position from that position alone when their other inputs are constants
-_POSITIONWISE = {"Cast", "Identity", "MatMul", "MatMulNBits", "FusedMatMul", "Add", "Sub", "Mul", "Div", "Tanh"}
-_HEAD_OPS = {"MatMul", "MatMulNBits", "FusedMatMul"}
+_POSITIONWISE = {"Cast", "Identity", "MatMul", "MatMulNBits", "Add", "Sub", "Mul", "Div", "Tanh"}
+_HEAD_OPS = {"MatMul", "MatMulNBits"}
 
 
 def gather_last_position(proto: Any, logits: str) -> str | None:
@@ -51,10 +51,8 @@ def gather_last_position(proto: Any, logits: str) -> str | None:
         if node is None or node.op_type not in _POSITIONWISE:
             break
         data = [i for i in node.input if i and i not in constant]
-        if len(data) != 1 or (node.op_type in _HEAD_OPS and node.input[0] != data[0]):
+        if len(data) != 1 or (node.op_type in ("MatMul", "MatMulNBits") and node.input[0] != data[0]):
             break
-        if node.op_type == "FusedMatMul" and any(a.name in ("transA", "transBatchA") and a.i for a in node.attribute):
-            break  # a transposed data operand mixes positions
         if tensor != logits and (len(consumers.get(tensor, [])) != 1 or tensor in outputs):
             break  # another reader would see the gathered tensor
         chain.append(node)
