@@ -284,7 +284,27 @@ class DecoderSession:
                 if NEXT_POSITIONS in {o.name for o in self.session.get_outputs()}:  # where the graph reads them
                     io.bind_ortvalue_output(NEXT_POSITIONS, slot.positions)
             self._graphs[key] = slot
+            self._capture(slot)
         return self._graphs[key]
+
+    def _capture(self, slot: "_GraphSlot") -> None:
+        """Capture the slot's decode graph on harmless inputs, once, before any real step. onnxruntime captures a
+        graph id on its first use by running the model several times within that one call (warm-up runs, then
+        the capture). Those repeats are not idempotent for a decode step: each writes a KV entry at the row's
+        length and, with the step tail, advances its own ids, mask and positions, so a real first step would come
+        back several steps on. Here the repeats write only positions 0-2 of an empty slot, which the next prefill
+        and steps write before they read; the inputs go up again with the first real step (not counted as
+        per-step transfers). A prefill graph needs none of this: its repeats rewrite the same entries."""
+        batch = slot.ids.shape()[0]
+        mask = np.zeros((batch, slot.capacity), np.int64)
+        mask[:, 0] = 1
+        slot.ids.update_inplace(np.zeros((batch, 1), np.int64))
+        slot.mask.update_inplace(mask)
+        if self.has_position_ids:
+            slot.positions.update_inplace(np.zeros((batch, 1), np.int64))
+        slot.run_options = self._run_options(slot.graph_id)
+        self._run_graph(slot.io, slot.run_options, f"capturing the CUDA-graph decode step (batch {batch})")
+        slot.primed = False
 
     def _replay(self, slot: "_GraphSlot", input_ids: np.ndarray, attention_mask: np.ndarray,
                 position_ids: np.ndarray, cache: KVCache, want: str) -> np.ndarray:
