@@ -266,18 +266,9 @@ class DecoderSession:
                               dev((batch, capacity), np.int64), dev((batch, 1), np.int64),
                               dev((batch, 1, self.vocab_size), self.kv_dtype), self.session.io_binding())
             io = slot.io
-            io.bind_ortvalue_input("input_ids", slot.ids)
-            io.bind_ortvalue_input("attention_mask", slot.mask)
-            if self.has_position_ids:
-                io.bind_ortvalue_input("position_ids", slot.positions)
             if self.last_position:  # a decode step's one position: index 0, fixed
                 slot.last_index = ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int64), where, 0)
-                io.bind_ortvalue_input(LAST_INDEX, slot.last_index)
-            for name, value in zip(self.past_names, cache):
-                io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(self.logits_name, slot.logits)
-            for name, value in zip(self.present_names, cache):
-                io.bind_ortvalue_output(name, value)
+            self._bind_fixed(io, slot.ids, slot.mask, slot.positions, slot.last_index, cache, slot.logits)
             if self.fed:  # the step writes the next step's inputs into the buffers it read them from
                 io.bind_ortvalue_output(NEXT_IDS, slot.ids)
                 io.bind_ortvalue_output(NEXT_MASK, slot.mask)
@@ -286,6 +277,22 @@ class DecoderSession:
             self._graphs[key] = slot
             self._capture(slot)
         return self._graphs[key]
+
+    def _bind_fixed(self, io: Any, ids: Any, mask: Any, positions: Any, last_index: Any, cache: list[Any],
+                    logits: Any) -> None:
+        """Bind a captured graph's fixed buffers: its inputs, the slot's KV buffers (read and written in place) and
+        its logits. last_index None: the graph has no one-position head."""
+        io.bind_ortvalue_input("input_ids", ids)
+        io.bind_ortvalue_input("attention_mask", mask)
+        if self.has_position_ids:
+            io.bind_ortvalue_input("position_ids", positions)
+        if last_index is not None:
+            io.bind_ortvalue_input(LAST_INDEX, last_index)
+        for name, value in zip(self.past_names, cache):
+            io.bind_ortvalue_input(name, value)
+        io.bind_ortvalue_output(self.logits_name, logits)
+        for name, value in zip(self.present_names, cache):
+            io.bind_ortvalue_output(name, value)
 
     def _capture(self, slot: "_GraphSlot") -> None:
         """Capture the slot's decode graph on harmless inputs, once, before any real step. onnxruntime captures a
@@ -371,16 +378,7 @@ class DecoderSession:
                            dev((batch, width), np.int64), dev((batch,), np.int64),
                            dev((batch, 1, self.vocab_size), self.kv_dtype), self.session.io_binding())
         io = pg.io
-        io.bind_ortvalue_input("input_ids", pg.ids)
-        io.bind_ortvalue_input("attention_mask", pg.mask)
-        if self.has_position_ids:
-            io.bind_ortvalue_input("position_ids", pg.positions)
-        io.bind_ortvalue_input(LAST_INDEX, pg.last_index)
-        for name, value in zip(self.past_names, slot.cache):
-            io.bind_ortvalue_input(name, value)
-        io.bind_ortvalue_output(self.logits_name, pg.logits)
-        for name, value in zip(self.present_names, slot.cache):
-            io.bind_ortvalue_output(name, value)
+        self._bind_fixed(io, pg.ids, pg.mask, pg.positions, pg.last_index, slot.cache, pg.logits)
         if self.fed:  # the step tail's outputs: fixed scratch (a prefill's mask is narrower than the slot's)
             pg.scratch = {NEXT_IDS: dev((batch, 1), np.int64), NEXT_MASK: dev((batch, width), np.int64)}
             if NEXT_POSITIONS in {o.name for o in self.session.get_outputs()}:
