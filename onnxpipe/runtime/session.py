@@ -299,8 +299,8 @@ class DecoderSession:
         graph id on its first use by running the model several times within that one call (warm-up runs, then
         the capture). Those repeats are not idempotent for a decode step: each writes a KV entry at the row's
         length and, with the step tail, advances its own ids, mask and positions, so a real first step would come
-        back several steps on. Here the repeats write only positions 0-2 of an empty slot, which the next prefill
-        and steps write before they read; the inputs go up again with the first real step (not counted as
+        back several steps on. Here the repeats write only the first few positions of an empty slot, which the next
+        prefill and steps write before they read; the inputs go up again with the first real step (not counted as
         per-step transfers). A prefill graph needs none of this: its repeats rewrite the same entries."""
         batch = slot.ids.shape()[0]
         mask = np.zeros((batch, slot.capacity), np.int64)
@@ -315,7 +315,7 @@ class DecoderSession:
 
     def _replay(self, slot: "_GraphSlot", input_ids: np.ndarray, attention_mask: np.ndarray,
                 position_ids: np.ndarray, cache: KVCache, want: str) -> np.ndarray:
-        """One decode step through the slot's captured graph (ORT captures it on the slot's first runs). The mask
+        """One decode step through the slot's captured graph (captured when the slot was made: _capture). The mask
         is fed at the slot's full width with each row's count of ones: the graph reads only its row sums (seqlens)
         and width (total length, fixed so the graph's shapes never change)."""
         batch = input_ids.shape[0]
