@@ -98,8 +98,9 @@ def genai_logits(model_dir: str, ids: np.ndarray, tokens: np.ndarray, device: st
     return np.stack(got, 1)
 
 
-def build(hf: Path, work: Path, device: str) -> None:
-    """Export (fp16 on the GPU) and optimize an HF directory into work/exported and work/optimized."""
+def build(hf: Path, work: Path, device: str, int4: bool = False) -> None:
+    """Export (fp16 on the GPU) and optimize an HF directory into work/exported and work/optimized; with int4, also
+    quantize the optimized graph as bench_gpu.py's int4 rows do (symmetric RTN, block 32, LM head included)."""
     from onnxpipe.export import export_decoder
     from onnxpipe.fusion import optimize_model, pipeline
 
@@ -108,6 +109,11 @@ def build(hf: Path, work: Path, device: str) -> None:
         pipeline.supported_ops = lambda target: None
     export_decoder(hf, work / "exported", dtype="fp16" if device == "cuda" else "fp32", verify=False, force=True)
     optimize_model(work / "exported", work / "optimized", level=3, target=target, verify=False, force=True)
+    if int4:
+        from onnxpipe.quant import quantize_model
+
+        quantize_model(work / "optimized", work / "int4", "int4", force=True, algo="rtn", block_size=32,
+                       symmetric=True, lm_head="int4", max_eval_tokens=64)
     import importlib.util
     import subprocess
 
@@ -172,13 +178,14 @@ def main() -> None:
     ap.add_argument("--hf", default=None, help="an HF model directory (default: WORK/hf, bench_gpu.py's model)")
     ap.add_argument("--build", action="store_true", help="export and optimize it into WORK first")
     ap.add_argument("--text", default=None, help="prompts from this text file instead of random token ids")
+    ap.add_argument("--int4", action="store_true", help="with --build: an int4 build too (WORK/int4)")
     args = ap.parse_args()
     from bench_gpu import prompts
 
     work = Path(args.work)
     hf = Path(args.hf) if args.hf else work / "hf"
     if args.build:
-        build(hf, work, args.device)
+        build(hf, work, args.device, args.int4)
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     provider = "cuda" if args.device == "cuda" else "cpu"
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "work": str(work), "hf": str(hf),
@@ -190,7 +197,8 @@ def main() -> None:
         t = time.perf_counter()
         tokens, logits = torch_builds(str(hf), ids, args.steps, args.device)
         errors = {}
-        for name, d in (("onnxpipe_exported", work / "exported"), ("onnxpipe_optimized", work / "optimized")):
+        for name, d in (("onnxpipe_exported", work / "exported"), ("onnxpipe_optimized", work / "optimized"),
+                        ("onnxpipe_int4", work / "int4")):
             if (d / "onnxpipe.json").is_file():
                 try:
                     logits[name] = onnxpipe_logits(str(d), provider, ids, tokens)
