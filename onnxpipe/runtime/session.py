@@ -163,6 +163,7 @@ class DecoderSession:
             say(f"CUDA graphs need the CUDA EP; running on {self.provider} without them")
         self._graphs: dict[tuple[int, int], _GraphSlot] = {}
         self._graph_ids = 0
+        self.graph_slots_dropped = 0  # slots let go to keep at most GRAPH_SLOTS_MAX (their graph ids never rerun)
         # prefills replayed as CUDA graphs too, one per (batch, capacity, prompt width): a 1B model's 128-token
         # prefill is ~230 kernels whose launches outlast their 1.7 ms on an H100. Needs the [B, 1, V] logits of
         # the last-position head (a fixed, small output buffer)
@@ -257,7 +258,12 @@ class DecoderSession:
         # the fixed-width mask makes the graph's total length the capacity: never past the rotary caches' length
         capacity = max(capacity, min(-(-capacity // GRAPH_CAPACITY_STEP) * GRAPH_CAPACITY_STEP, self.max_positions))
         key = (batch, capacity)
-        if key not in self._graphs:
+        if key in self._graphs:
+            self._graphs[key] = self._graphs.pop(key)  # the most recently used last
+        else:
+            while len(self._graphs) >= GRAPH_SLOTS_MAX:  # the least recently used slot's buffers go
+                self._graphs.pop(next(iter(self._graphs)))
+                self.graph_slots_dropped += 1
             ort = self._ort
             where, dev = self._device_type(), self._buffer
             cache = [dev((batch, self.num_kv_heads, capacity, self.head_dim), self.kv_dtype) for _ in self.past_names]
@@ -486,6 +492,11 @@ class DecoderSession:
 
 
 GRAPH_CAPACITY_STEP = 256
+# at most this many (batch, capacity) slots keep their fixed buffers (each holds a whole KV cache: 256 MB for a 1B
+# Llama at batch 32 x 256 positions in fp16); a new one lets the least recently used go. Its captured graphs are
+# never replayed again (graph ids are not reused), and a cache still holding its buffers keeps them alive and runs
+# uncaptured
+GRAPH_SLOTS_MAX = 8
 # captured prefills: only where launches, not the device, bound them (H100, 1B: batch 1 x 128 tokens 1.7 ms of
 # kernels, ~1 ms of launching), and a bounded number per slot (each keeps its own input buffers and graph)
 PREFILL_CAPTURE_TOKENS = 4096

@@ -77,3 +77,23 @@ def test_the_capture_leaves_the_slot_unprimed_and_uncounted(cuda_form):
     assert slot.graph_id in runs.seen and runs.repeated == 1  # captured at creation, on its own inputs
     assert not slot.primed and slot.runs == 0 and lm.session.transfers.steps == 0
     assert cache.values is slot.cache and cache.length == 0
+
+
+def test_at_most_graph_slots_max_slots_keep_their_buffers(cuda_form, monkeypatch):
+    """A new (batch, capacity) slot beyond GRAPH_SLOTS_MAX lets the least recently used one go; a slot made again
+    later is captured afresh under a new graph id, and every generation still gives the plain tokens."""
+    from onnxpipe.runtime import session as session_mod
+
+    monkeypatch.setattr(session_mod, "GRAPH_SLOTS_MAX", 2)
+    plain = load(cuda_form("llama"), "cpu")
+    lm, runs = _graphs(cuda_form("llama"), feed_back=True)
+    opts = {"max_new_tokens": 6, "stop_token_ids": []}
+    ids = {}
+    for rows in (3, 1, 3, 2, 1):  # 3 and 1 made; 3 used again (1 is then the oldest); 2 lets 1 go; 1 comes back
+        prompts = PROMPTS[:rows]
+        assert _tokens(lm, prompts, **opts) == _tokens(plain, prompts, **opts), rows
+        ids.setdefault(rows, []).append(lm.session._graphs[max(k for k in lm.session._graphs if k[0] == rows)].graph_id)
+        assert len(lm.session._graphs) <= 2
+    assert sorted(k[0] for k in lm.session._graphs) == [1, 2] and lm.session.graph_slots_dropped == 2
+    assert ids[3][0] == ids[3][1] and ids[1][0] != ids[1][1]  # batch 3 kept its graph; batch 1 was captured anew
+    assert ids[1][1] in runs.seen
