@@ -109,19 +109,12 @@ def build(hf: Path, work: Path, device: str, int4: bool = False) -> None:
         pipeline.supported_ops = lambda target: None
     export_decoder(hf, work / "exported", dtype="fp16" if device == "cuda" else "fp32", verify=False, force=True)
     optimize_model(work / "exported", work / "optimized", level=3, target=target, verify=False, force=True)
+    from bench_gpu import child_build_genai, child_build_onnxpipe_int4  # the same builds as bench_gpu.py's rows
+
     if int4:
-        from onnxpipe.quant import quantize_model
-
-        quantize_model(work / "optimized", work / "int4", "int4", force=True, algo="rtn", block_size=32,
-                       symmetric=True, lm_head="int4", max_eval_tokens=64)
-    import importlib.util
-    import subprocess
-
-    found = importlib.util.find_spec("onnxruntime_genai")
-    if found is not None and device == "cuda":  # GenAI's model builder on the same directory, as bench_gpu.py does
-        builder = Path(found.origin).parent / "models" / "builder.py"
-        subprocess.run([sys.executable, str(builder), "-i", str(hf), "-o", str(work / "genai"), "-p", "fp16",
-                        "-e", "cuda", "-c", str(work / "genai-cache")], check=False, capture_output=True)
+        child_build_onnxpipe_int4({"optimized": str(work / "optimized"), "int4": str(work / "int4")})
+    if device == "cuda":  # GenAI's model builder on the same directory (skipped where GenAI is not installed)
+        child_build_genai({"hf": str(hf), "genai": str(work / "genai"), "genai_precision": "fp16", "genai_ep": "cuda"})
 
 
 def text_prompts(hf: Path, text: Path, batch: int, prompt: int) -> np.ndarray:
