@@ -1,14 +1,14 @@
 """Every quantization mode on the trained reference models, against fp32 and against Optimum, in one run.
 
     flock /tmp/onnxpipe-bench.lock python3 scripts/bench_quantize.py            # writes docs/quantization.md
-    python3 scripts/bench_quantize.py --models models/gpt2-stdlib --eval-tokens 8192 --out /tmp/q.md
+    python3 scripts/bench_quantize.py --models models/gpt2-stdlib --eval-tokens 8192 --out /tmp/q.md --json /tmp/q.json
 
 For each model: export fp32 (onnxpipe export), then one quantized directory per row (onnxpipe's quantize_model,
 which measures perplexity on the eval text, top-1 agreement and KL against the fp32 model, and sizes), then the
 CPU decode latency of every row, measured in interleaved rounds so that a noisy neighbour hurts all rows alike.
 Optimum's ORTQuantizer (dynamic int8, avx512_vnni config, per channel) runs in its own virtual environment
 (it pins transformers 4.57.6) on the very same exported model.onnx; its result is scored by the same code.
-Full results go to OUT.json beside the Markdown.
+Full results go to --json (benchmarks/results/quantization.json unless told).
 """
 
 from __future__ import annotations
@@ -334,6 +334,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", type=Path, default=[REPO / "models" / "gpt2-stdlib", REPO / "models" / "llama-stdlib"])
     parser.add_argument("--work", type=Path, default=REPO / "out" / "bench-quantize")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "quantization.md")
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "quantization.json",
+                        help="the full results (default: benchmarks/results/quantization.json)")
     parser.add_argument("--eval", type=Path, default=REPO / "data" / "eval.txt")
     parser.add_argument("--calibration", type=Path, default=REPO / "data" / "calibration.txt")
     parser.add_argument("--eval-tokens", type=int, default=None, help="score only the first N eval tokens (default: all)")
@@ -365,7 +367,8 @@ def main() -> int:
         "command": "flock /tmp/onnxpipe-bench.lock python3 scripts/bench_quantize.py " + " ".join(sys.argv[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"env": env, "results": all_results}, indent=1, default=str))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"env": env, "results": all_results}, indent=1, default=str))
     notes = ""
     if args.out.is_file() and NOTES_MARKER in args.out.read_text():  # the hand-written reading of a run is kept
         notes = args.out.read_text()[args.out.read_text().index(NOTES_MARKER):]

@@ -4,7 +4,7 @@ perplexity beside the eval-text figures (what a choice is judged by), so a reade
 the calibration text carries over.
 
     flock /tmp/onnxpipe-bench.lock python3 scripts/sweep_smoothquant_alpha.py out/bench-quantize/gpt2-stdlib \
-        --method minmax --out docs/quantization-smoothquant-alpha-gpt2-minmax.json
+        --method minmax --out benchmarks/results/quantization-smoothquant-alpha-gpt2-minmax.json
     flock /tmp/onnxpipe-bench.lock python3 scripts/sweep_smoothquant_alpha.py out/bench-quantize/gpt2-stdlib \
         --alphas "" --auto 1 2 4 8 --rest-eval --out /tmp/auto-folds.json
 """
