@@ -11,17 +11,27 @@ import json
 import os
 import shutil
 import tempfile
-import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.outputs import (
+    TMP_MARKER,
+    TMP_PREFIX,
+    check_io_paths,
+    make_temp_dir,
+    mark_temp_dir,
+    output_lock,
+    remove_stale_temp,
+    remove_temp_dir,
+    resolved_output,
+)
 
 MANIFEST = "onnxpipe.json"
 MODEL_FILE = "model.onnx"
 FORMAT_VERSION = 1
-TMP_PREFIX = ".onnxpipe-tmp-"
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf's limit is 2 GiB
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -187,63 +197,86 @@ def save_onnx(model: Any, directory: Path, name: str = MODEL_FILE, threshold: in
 
 
 def check_output_dir(out_dir: Path, force: bool) -> None:
-    """Fail early, before any work, when the target exists and --force was not given."""
-    if out_dir.exists() and not force:
+    """Fail early, before any work, when the target exists and may not be replaced.
+
+    Without --force an existing target is refused. With --force only a directory that onnxpipe wrote is replaced:
+    one holding onnxpipe.json and no subdirectory, or an empty one. Anything else (a user's folder, the current
+    directory or one above it, a file) is refused even with --force, saying why.
+    """
+    out_dir = Path(out_dir)
+    if not os.path.lexists(out_dir):
+        return
+    if not force:
         raise OnnxpipeError(f"{out_dir} already exists; pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OnnxpipeError(f"{out_dir} exists and is not a directory")
+    if not out_dir.is_dir():
+        raise OnnxpipeError(f"{out_dir} exists and is not a directory; not replacing it, even with --force")
+    real, cwd = out_dir.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise OnnxpipeError(f"{out_dir} is the current directory or holds it; not replacing it, even with --force")
+    entries = list(out_dir.iterdir())
+    if not entries:
+        return
+    if not (out_dir / MANIFEST).is_file():
+        raise OnnxpipeError(
+            f"{out_dir} is not a directory onnxpipe wrote (no {MANIFEST}); --force replaces only those: "
+            "choose another output or remove it yourself"
+        )
+    sub = next((e for e in entries if e.is_dir()), None)
+    if sub is not None:
+        raise OnnxpipeError(
+            f"{out_dir} holds a directory onnxpipe does not write ({sub.name}); not replacing it, even with --force"
+        )
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out_dir: str | os.PathLike[str], force: bool = False,
+                      inputs: Sequence[str | os.PathLike[str]] = ()) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out_dir``; move it into place only if the block succeeds.
 
-    On any exception (KeyboardInterrupt included) the temporary directory is removed and ``out_dir`` is left
-    as it was. Leftovers of a killed run (``.onnxpipe-tmp-*`` beside the target) are removed on the next run.
+    Holds ``out_dir``'s lock throughout, and checks again, under it, that the output overlaps none of ``inputs``
+    and may be replaced (``check_output_dir``). On any exception (KeyboardInterrupt included) the temporary
+    directory is removed and ``out_dir`` is left as it was; if the final rename fails after the old target was moved
+    aside, the old target is moved back. Leftovers of a killed run beside the target are cleaned up by the next run
+    (``outputs.remove_stale_tmp``): only directories marked as onnxpipe's own, for this target, by a dead process.
     """
-    target = Path(out_dir).absolute()
-    check_output_dir(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
-    (tmp / ".pid").write_text(str(os.getpid()))
+    target = resolved_output(out_dir)
+    with output_lock(target):
+        check_io_paths(inputs, out_dir)
+        check_output_dir(target, force)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp(target)
+        tmp = make_temp_dir(target, "build")
+        try:
+            yield tmp
+            if os.path.lexists(target):
+                check_output_dir(target, force)  # the block ran long: look again before replacing it
+            _swap_into_place(tmp, target)
+        except BaseException:
+            remove_temp_dir(tmp)
+            raise
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished ``tmp`` to ``target``. An existing target is first moved aside (marked, so that a run
+    killed in between has it moved back by the next one), and moved back if the rename fails."""
+    if not os.path.lexists(target):
+        (tmp / TMP_MARKER).unlink()
+        os.replace(tmp, target)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-old-", dir=target.parent))
+    trash.rmdir()  # only its unique name is wanted: os.replace needs the name free for a directory
+    mark_temp_dir(target, target, "old")
     try:
-        yield tmp
-        (tmp / ".pid").unlink()
-        if target.exists():
-            trash = target.with_name(f"{TMP_PREFIX}{target.name}-old-{os.getpid()}")
-            os.replace(target, trash)
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        os.replace(target, trash)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (target / TMP_MARKER).unlink()
         raise
-
-
-def _remove_stale_tmp(target: Path, older_than_s: float = 0.0) -> None:
-    """Remove temporary directories left by killed runs; those of a live process are kept."""
-    now = time.time()
-    for p in target.parent.glob(f"{TMP_PREFIX}{target.name}-*"):
-        pid = _pid_of(p)
-        if pid is not None and _alive(pid):
-            continue
-        if now - p.stat().st_mtime >= older_than_s:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _pid_of(p: Path) -> int | None:
-    marker = p / ".pid"
     try:
-        return int(marker.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+        (tmp / TMP_MARKER).unlink()
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(trash, target)
+        with contextlib.suppress(OSError):
+            (target / TMP_MARKER).unlink()
+        raise
+    remove_temp_dir(trash)

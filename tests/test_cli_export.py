@@ -94,6 +94,7 @@ def test_force_replaces_output(tiny_hf, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "old.txt").write_text("x")
+    (out / "onnxpipe.json").write_text("{}")  # --force replaces only a directory onnxpipe wrote
     r = run("export", tiny_hf("gpt2"), "-o", out, "--force", "--no-verify")
     assert r.exit_code == 0, r.output
     assert not (out / "old.txt").exists() and (out / "onnxpipe.json").exists()

@@ -28,6 +28,7 @@ from onnxpipe.artifact import (
     write_manifest,
 )
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.outputs import check_io_paths
 from onnxpipe.export import gguf, wrapper
 from onnxpipe.export.archs import describe, spec_for
 
@@ -112,11 +113,13 @@ def export_decoder(
         gguf_info = gguf.read_gguf(src)
     else:
         read_hf_config(src)
+    check_io_paths([given], out_dir)
     check_output_dir(out_dir, force)
     start = time.perf_counter()
     if gguf_info is not None:
         src, gguf_info = gguf.convert_gguf(gguf_info, log=log)
         read_hf_config(src)
+        check_io_paths([given, src], out_dir)
     model = load_hf_model(src, dtype)
     info = describe(model.config)
     log(f"loaded {info['architecture']} ({info['family']}): {info['num_layers']} layers, hidden {info['hidden_size']}, "
@@ -124,7 +127,7 @@ def export_decoder(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
 
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force, inputs=[given, src]) as tmp:
         onnx_path = tmp / MODEL_FILE
         _torch_export(model, info, dtype, opset, onnx_path, external)
         export_s = time.perf_counter() - start

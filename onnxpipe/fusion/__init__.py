@@ -9,7 +9,6 @@ The directory's I/O contract (names, BNSH KV layout, left padding) is unchanged 
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +43,14 @@ def optimize_model(
     import onnx_ir as ir
 
     from onnxpipe.artifact import ModelDir, check_output_dir
+    from onnxpipe.outputs import check_io_paths, output_lock, remove_stale_temp, temp_dir
     from onnxpipe.fusion import pipeline
     from onnxpipe.fusion.rules import TARGETS, PassContext
 
     start = time.perf_counter()
     src = ModelDir.open(in_dir)
     out_dir = Path(out_dir)
-    if out_dir.absolute() == src.path.absolute():
-        raise OnnxpipeError(f"{out_dir}: the output directory must differ from the input directory")
+    check_io_paths([src.path], out_dir)
     if target not in TARGETS:
         raise OnnxpipeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     selected = pipeline.select_passes(level, passes)
@@ -72,10 +71,11 @@ def optimize_model(
         " on the CPU EP: this onnxruntime has no CUDA EP")
     log(f"optimizing {src.path} at level {level} for {target} ({len(selected)} passes"
         f"{', each checked' + on if verify else ', unchecked'})")
-    out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
-    # pass snapshots of models over 2 GiB live here until the output is written
-    with tempfile.TemporaryDirectory(prefix=".onnxpipe-snapshots-", dir=out_dir.absolute().parent) as spill:
-        model, reports, final = _run(model, selected, ctx, checker, src.model_path, Path(spill), log)
+    # the output's lock is held from here to the end: a second run on the same output refuses at once; pass
+    # snapshots of models over 2 GiB live in a marked temporary directory beside the output until it is written
+    with output_lock(out_dir), temp_dir(out_dir, "snapshots") as spill:
+        remove_stale_temp(out_dir)  # what killed runs left beside this output (never a user's directory)
+        model, reports, final = _run(model, selected, ctx, checker, src.model_path, spill, log)
         _check_io_unchanged(model, manifest)
         if final is not None:
             log(f"final check vs {src.path.name}: {final.summary()}")
@@ -107,7 +107,7 @@ def _write_output(model: Any, src: Any, out_dir: Path, force: bool, ctx: Any, pa
         manifest.graph["kv"]["shares_buffer"] = bool(shares)
     manifest.graph["fused_ops"] = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft"})
     manifest.graph["target"] = ctx.target
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force, inputs=[src.path]) as tmp:
         manifest.graph["external_data"] = save_onnx(model, tmp)
         copy_sidecar_files(src.path, tmp)
         manifest.steps.append({

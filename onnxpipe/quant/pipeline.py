@@ -26,6 +26,7 @@ from onnxpipe.artifact import (
     write_manifest,
 )
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.outputs import check_io_paths
 from onnxpipe.quant.calibration import CalibrationConfig
 
 MODES = ("dynamic", "static", "int4", "fp16")
@@ -177,12 +178,11 @@ def quantize_model(
     refuse_quantized_input(src)
     cfg = _for_input_dtype(cfg, src)
     out_dir = Path(out_dir)
+    check_io_paths([src.path], out_dir)
     check_output_dir(out_dir, force)
-    if out_dir.absolute() == src.path.absolute():
-        raise OnnxpipeError(f"{out_dir}: the output must differ from the input directory")
     samples, eval_ids, context = _read_texts(src, cfg, log)
 
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force, inputs=[src.path]) as tmp:
         details = _run_mode(src, tmp / MODEL_FILE, cfg, samples, log, progress)
         copy_sidecar_files(src.path, tmp)
         manifest = _output_manifest(src.manifest, tmp / MODEL_FILE, cfg)
