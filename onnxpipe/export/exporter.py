@@ -28,6 +28,7 @@ from onnxpipe.artifact import (
     write_manifest,
 )
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
 from onnxpipe.export import gguf, wrapper
 from onnxpipe.export.archs import describe, spec_for
@@ -41,6 +42,15 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
 class ExportResult:
     model_dir: ModelDir
     seconds: float
+
+
+def hf_source_root(src: Path) -> Path:
+    """How far a symlink in the Hugging Face directory ``src`` may lead: ``src`` itself, or, for a snapshot of the
+    hub cache (``models--org--name/snapshots/REV/file -> ../../blobs/HASH``), its ``models--org--name`` folder."""
+    snapshots = Path(src).absolute().parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        return snapshots.parent
+    return Path(src)
 
 
 def read_hf_config(src: Path) -> dict[str, Any]:
@@ -136,7 +146,7 @@ def export_decoder(
         manifest = _build_manifest(onnx_path, info, dtype, opset, external, src, model)
         if gguf_info is not None:
             manifest.model["source"] = gguf_info.record() | {"converted_to": str(src)}
-        manifest.tokenizer["files"] = copy_tokenizer_files(src, tmp)
+        manifest.tokenizer["files"] = copy_tokenizer_files(src, tmp, root=hf_source_root(src))
         model.config.save_pretrained(tmp)  # config.json: for Optimum interop and for reading by people
         step: dict[str, Any] = {
             "stage": "export",
@@ -161,6 +171,7 @@ def export_decoder(
             log("parity check skipped (--no-verify)")
         manifest.steps.append(step)
         write_manifest(tmp, manifest)
+        write_genai_config(tmp, manifest)
         del model
     seconds = time.perf_counter() - start
     return ExportResult(ModelDir.open(out_dir), seconds)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.genai_config import write_genai_config
 
 __all__ = ["optimize_model", "OptimizeResult", "PASS_NAMES", "format_table"]
 
@@ -119,6 +120,7 @@ def _write_output(model: Any, src: Any, out_dir: Path, force: bool, ctx: Any, pa
             "check": final.to_json() if final is not None else None,
         })
         write_manifest(tmp, manifest)
+        write_genai_config(tmp, manifest)
 
 
 def _run(model: Any, selected: list, ctx: Any, checker: Any, original: Path, spill: Path,

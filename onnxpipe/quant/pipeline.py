@@ -26,6 +26,7 @@ from onnxpipe.artifact import (
     write_manifest,
 )
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
 from onnxpipe.quant.calibration import CalibrationConfig
 
@@ -216,6 +217,7 @@ def quantize_model(
         }
         manifest.steps.append(step)
         write_manifest(tmp, manifest)
+        write_genai_config(tmp, manifest)
     return QuantizeResult(ModelDir.open(out_dir), step, time.perf_counter() - start)
 
 
