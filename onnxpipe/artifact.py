@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxpipe.confine import check_external_data, check_inside
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.outputs import (
     TMP_MARKER,
@@ -28,10 +29,11 @@ from onnxpipe.outputs import (
     remove_temp_dir,
     resolved_output,
 )
+from onnxpipe.schema import FORMAT_VERSION, ManifestInvalid, validate_manifest
 
 MANIFEST = "onnxpipe.json"
 MODEL_FILE = "model.onnx"
-FORMAT_VERSION = 1
+MANIFEST_MAX_BYTES = 64 << 20
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf's limit is 2 GiB
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -112,7 +114,10 @@ class ModelDir:
         return self.path / self.manifest.graph.get("file", MODEL_FILE)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "ModelDir":
+    def open(cls, path: str | os.PathLike[str]) -> ModelDir:
+        """Open and check a model directory: onnxpipe.json against its schema (one line naming the field that is
+        wrong), and every file it leads to confined to the directory (graph.file, the external data model.onnx
+        names, the tokenizer files and config.json: no symlink out of it)."""
         p = Path(path)
         if not p.is_dir():
             raise OnnxpipeError(f"{p}: no such model directory")
@@ -121,17 +126,40 @@ class ModelDir:
             raise OnnxpipeError(
                 f"{p}: not an onnxpipe model directory (no {MANIFEST}); make one with `onnxpipe export`"
             )
-        try:
-            manifest = Manifest.from_json(json.loads(mf.read_text()))
-        except (ValueError, TypeError) as e:
-            raise OnnxpipeError(f"{mf}: malformed manifest ({e})") from None
-        md = cls(p, manifest)
+        check_inside(mf, p, MANIFEST)
+        md = cls(p, read_manifest(mf))
+        name = md.manifest.graph.get("file", MODEL_FILE)
+        check_inside(md.model_path, p, "graph.file")
         if not md.model_path.is_file():
-            raise OnnxpipeError(f"{p}: the manifest names {md.model_path.name}, which is missing")
+            raise OnnxpipeError(f"{p}: the manifest names {name}, which is missing")
+        check_external_data(md.model_path, p)
+        for side in (*TOKENIZER_FILES, "config.json", *md.manifest.tokenizer.get("files", [])):
+            if os.path.lexists(p / side):
+                check_inside(p / side, p, "a tokenizer or config file")
         return md
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+
+def read_manifest(mf: Path) -> Manifest:
+    """onnxpipe.json, parsed and checked against the schema (``schema.validate_manifest``); any fault is one line
+    naming the file and the field."""
+    try:
+        size = mf.stat().st_size
+        if size > MANIFEST_MAX_BYTES:
+            raise OnnxpipeError(f"{mf}: {size} bytes, more than a manifest holds ({MANIFEST_MAX_BYTES}); refusing it")
+        data = json.loads(mf.read_bytes())
+    except OSError as e:
+        raise OnnxpipeError(f"{mf}: cannot read it ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = str(e).splitlines()[0][:200] if str(e) else "nested too deep"
+        raise OnnxpipeError(f"{mf}: malformed manifest, not valid JSON ({why})") from None
+    try:
+        validate_manifest(data)
+    except ManifestInvalid as e:
+        raise OnnxpipeError(f"{mf}: {e}") from None
+    return Manifest.from_json(data)
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
@@ -140,13 +168,24 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+def copy_tokenizer_files(src: Path, dst: Path, root: Path | None = None) -> list[str]:
+    """Copy the tokenizer files ``src`` holds into ``dst`` as regular files. A file that is a symlink leading out
+    of ``root`` (``src`` unless given) is refused, naming it: a model directory's links are never followed out."""
     copied = []
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+        if _copy_confined(src / name, dst / name, root or src):
             copied.append(name)
     return copied
+
+
+def _copy_confined(f: Path, to: Path, root: Path) -> bool:
+    if not os.path.lexists(f):
+        return False
+    check_inside(f, root, "a tokenizer or config file")
+    if not f.is_file():
+        return False
+    shutil.copy2(f, to)
+    return True
 
 
 def tensor_signature(value_info: Any) -> dict[str, Any]:
@@ -164,8 +203,7 @@ def tensor_signature(value_info: Any) -> dict[str, Any]:
 def copy_sidecar_files(src: Path, dst: Path) -> list[str]:
     """What a stage carries over unchanged from its input directory: tokenizer files and config.json."""
     copied = copy_tokenizer_files(src, dst)
-    if (src / "config.json").is_file():
-        shutil.copy2(src / "config.json", dst / "config.json")
+    if _copy_confined(src / "config.json", dst / "config.json", src):
         copied.append("config.json")
     return copied
 

@@ -25,10 +25,27 @@ def load_graph_proto(model_path: Path) -> Any:
     """The graph without its weights; a corrupt file is a one-line error."""
     import onnx
 
+    if model_path.stat().st_size == 0:
+        raise OnnxpipeError(f"{model_path}: empty file (0 bytes), not an ONNX model")
     try:
-        return onnx.load(str(model_path), load_external_data=False)
+        proto = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError and others for a corrupt file
         raise OnnxpipeError(f"{model_path}: not a readable ONNX model ({str(e).strip() or type(e).__name__})") from None
+    if proto.ir_version == 0 or not proto.graph.node:  # bytes protobuf happens to parse, but no model
+        raise OnnxpipeError(f"{model_path}: not a readable ONNX model (no graph in it)")
+    return proto
+
+
+def check_io_matches(proto: Any, manifest: Any, model_path: Path) -> None:
+    """The graph's inputs and outputs are the ones the manifest names: a damaged or swapped model.onnx is refused."""
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = [v.name for v in proto.graph.input if v.name not in inits]
+    outputs = [v.name for v in proto.graph.output]
+    for what, got, want in (("inputs", inputs, manifest.input_names), ("outputs", outputs, manifest.output_names)):
+        if got != want:
+            missing = sorted(set(want) - set(got)) or sorted(set(got) - set(want)) or got
+            raise OnnxpipeError(f"{model_path}: the graph's {what} differ from onnxpipe.json's graph.{what} "
+                                f"(first difference: {missing[0]!r}); the directory is damaged")
 
 
 def op_histogram(proto: Any) -> Counter:
@@ -50,6 +67,7 @@ def op_histogram(proto: Any) -> Counter:
 def inspect_model_dir(path: str | Path) -> Inspection:
     md = ModelDir.open(path)
     proto = load_graph_proto(md.model_path)
+    check_io_matches(proto, md.manifest, md.model_path)
     return Inspection(
         path=md.path,
         model=md.manifest.model,
@@ -72,12 +90,7 @@ def format_inspection(ins: Inspection) -> str:
         "  steps",
     ]
     for s in ins.steps:
-        check = s.get("check")
-        verdict = "not checked" if not check else (
-            f"rel err {check.get('rel_err', float('nan')):.3g}, greedy {check.get('greedy_agreement', float('nan')):.1%}"
-            f"{'' if check.get('passed', True) else ' FAILED'}"
-        )
-        lines.append(f"    {s.get('stage'):<10} {_params(s.get('params', {}))}  [{verdict}]")
+        lines.append(f"    {s.get('stage'):<10} {_params(s.get('params', {}))}  [{_verdict(s.get('check'))}]")
     lines.append("  inputs")
     lines += [f"    {t['name']:<28} {t['dtype']:<8} {t['shape']}" for t in _abbrev(g.get("inputs", []))]
     lines.append("  outputs")
@@ -85,6 +98,22 @@ def format_inspection(ins: Inspection) -> str:
     lines.append(f"  ops ({sum(ins.op_counts.values())} nodes)")
     lines += [f"    {op:<34} {n}" for op, n in ins.op_counts.most_common()]
     return "\n".join(lines)
+
+
+def _verdict(check: Any) -> str:
+    """A step's check as recorded: judged (ok / FAILED against its tolerance) or recorded only (passed is null:
+    integer quantization is judged by its quality report, not by this check)."""
+    if not isinstance(check, dict) or not check:
+        return "not checked"
+    numbers = (f"rel err {_num(check.get('rel_err')):.3g}, greedy {_num(check.get('greedy_agreement')):.1%}")
+    passed = check.get("passed")
+    if passed is None:
+        return f"{numbers}, recorded, not judged"
+    return f"{numbers}, {'ok' if passed else 'FAILED'}"
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
 def _params(params: dict[str, Any]) -> str:
