@@ -1,11 +1,21 @@
 """Batch offline scoring: per-record log-likelihood, token count and perplexity of a JSONL/Parquet file, resumable.
 
-What is scored. A ``text`` record is tokenized without special tokens and, when the manifest records a
-``bos_token_id``, BOS is put in front, so every token of the text is scored given what precedes it. A
-``prompt``+``completion`` record is ``[BOS] + tokens(prompt) + tokens(completion)`` with only the completion's tokens
-scored (prompt and completion are tokenized separately). ``input_ids`` records are taken as they are (no BOS): every
-token after the first is scored. ``loglik`` is the natural-log sum over the scored tokens; ``perplexity`` is
-exp(-loglik / tokens). Task ``loglik`` adds ``greedy``: whether every scored token was the model's argmax.
+What is scored. Text follows the model's own tokenizer's special-token rules: a ``text`` record is tokenized as the
+tokenizer encodes a text with its special tokens (tokenizer.json's post-processor: what transformers'
+``tokenizer(text)`` gives), so BOS is in front only where the tokenizer itself adds one, and every token after the
+first is scored (the first is context only). A ``prompt``+``completion`` record is ``tokens(prompt)`` (with the
+tokenizer's special tokens) followed by ``tokens(completion)`` (without), and only the completion's tokens are scored
+(the first one too when the prompt gave at least one token). ``input_ids`` records are taken as they are: every token
+after the first is scored. The summary's ``special_tokens`` says what the tokenizer added. ``loglik`` is the
+natural-log sum over the scored tokens; ``perplexity`` is exp(-loglik / tokens). Task ``loglik`` adds ``greedy``:
+whether every scored token was the model's argmax.
+
+Bad records. A record that fails anywhere, in parsing (score_io), in the tokenizer, or in the model run, is a bad
+record (``file:line: reason``), skipped under ``--on-bad-record skip``; the run goes on. A batch whose model run
+fails is rerun window by window, so only the records whose own windows fail are bad. When every record of a chunk
+(two or more) fails in the model run, the fault is the model's or the machine's, not the records', and the run stops
+with that error. A record over ``max_record_chars`` characters of text (or token ids) is a bad record before any
+work is spent on it; progress counts windows as well as records, so a long record shows it moving.
 
 Long records: a record longer than the context C (the manifest's ``max_position_embeddings``, or ``--max-context``)
 is cut into windows of C tokens starting every ``stride`` tokens (default C // 2); each window scores only the
@@ -40,13 +50,14 @@ from onnxpipe.artifact import Manifest, ModelDir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.parity import position_ids_for
 from onnxpipe.runtime import score_io
-from onnxpipe.runtime.score_io import BadRecord, Checkpoint, Record
+from onnxpipe.runtime.score_io import MAX_RECORD_CHARS, BadRecord, Checkpoint, Record, first_line
 
 TASKS = ("perplexity", "loglik", "generate")
 ENGINES = ("local", "ray")
 BAD_RECORD_MODES = ("skip", "fail")
 HEADS = ("auto", "host", "device")  # where the log-softmax over the vocabulary runs (WindowScorer.open)
 MAX_BAD_LISTED = 100  # bad records listed in the checkpoint and summary; all are counted
+TEXT_ENCODING = "tokenizer-special-tokens"  # in the fingerprint: a run is never resumed under another convention
 
 
 @dataclass
@@ -68,6 +79,7 @@ class ScoreConfig:
     ray_address: str | None = None
     max_new_tokens: int = 64  # --task generate (greedy)
     head: str = "auto"  # where the log-softmax over the vocabulary runs: auto (device on a GPU), host, device
+    max_record_chars: int = MAX_RECORD_CHARS  # a record with more characters of text (or token ids) is a bad record
 
     def check(self) -> None:
         if self.task not in TASKS:
@@ -78,6 +90,8 @@ class ScoreConfig:
             raise OnnxpipeError(f"--on-bad-record must be one of {', '.join(BAD_RECORD_MODES)}")
         if self.batch_tokens < 1 or self.chunk_records < 1:
             raise OnnxpipeError("--batch-tokens and --chunk-records must be positive")
+        if self.max_record_chars < 1:
+            raise OnnxpipeError(f"--max-record-chars must be positive, got {self.max_record_chars}")
         if not 0.0 <= self.max_padding < 1.0:
             raise OnnxpipeError(f"--max-padding must be in [0, 1), got {self.max_padding}")
         if self.task == "generate" and self.engine != "local":
@@ -114,6 +128,7 @@ class ScoreSummary:
     output: str
     bad: list[dict[str, str]] = field(default_factory=list)
     placement: dict[str, Any] = field(default_factory=dict)  # ray: workers, CPUs and GPUs each, GPU ids seen
+    special_tokens: str = ""  # what the tokenizer adds to a text record (the convention text was scored under)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +144,8 @@ class ScoreSummary:
             f"engine {self.engine} x{self.workers}"
             f"{' (1 GPU each)' if self.placement.get('gpus_per_worker') else ''}; {self.provider}",
         ]
+        if self.special_tokens:
+            out.append(f"special tokens: {self.special_tokens}")
         if self.bad_records:
             out.append(f"skipped {self.bad_records} bad record(s); first: "
                        + "; ".join(f"{b['where']}: {b['error']}" for b in self.bad[:3]))
@@ -146,11 +163,11 @@ class Item:
 
 
 class Encoder:
-    """Turns records into Items with the model directory's tokenizer (tokenizer.json) and BOS rule."""
+    """Turns records into Items with the model directory's tokenizer (tokenizer.json) and its own special-token
+    rules: a text is encoded with the special tokens the tokenizer adds (as ``tokenizer(text)`` in transformers)."""
 
     def __init__(self, md: ModelDir):
         self.path = md.path
-        self.bos = md.manifest.tokenizer.get("bos_token_id")
         tok = md.path / "tokenizer.json"
         self._tokenizer = None
         if tok.is_file():
@@ -158,39 +175,75 @@ class Encoder:
 
             self._tokenizer = Tokenizer.from_file(str(tok))
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
+    def _require(self) -> Any:
         if self._tokenizer is None:
             raise OnnxpipeError(f"{self.path}: no tokenizer.json, so text records cannot be scored; "
                                 "give records with input_ids (or prompt_ids + completion_ids) instead")
+        return self._tokenizer
+
+    def encode(self, texts: list[str], special: bool = True) -> list[list[int] | str]:
+        """Token ids per text (with the tokenizer's special tokens when ``special``), or why the tokenizer failed
+        on it: a batch the tokenizer rejects is encoded text by text, so one bad text fails alone."""
+        if not texts:
+            return []
+        tok = self._require()
         # encode_batch_fast (tokenizers >= 0.21): the same ids without character offsets, ~1.5x faster
-        encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        try:
+            return [e.ids for e in encode(texts, add_special_tokens=special)]
+        except Exception:  # the tokenizers library raises its own exception types
+            pass
+        out: list[list[int] | str] = []
+        for text in texts:
+            try:
+                out.append(tok.encode(text, add_special_tokens=special).ids)
+            except Exception as e:
+                out.append(f"the tokenizer failed on it ({first_line(e)})")
+        return out
+
+    def special_tokens(self) -> str:
+        """In words: the special tokens the tokenizer adds around a text (the convention text is scored under)."""
+        if self._tokenizer is None:
+            return "no tokenizer.json (token-id records only)"
+        tok = self._tokenizer
+        plain = tok.encode("a", add_special_tokens=False).ids
+        full = tok.encode("a", add_special_tokens=True).ids
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+        named = lambda ids: " ".join(f"{tok.id_to_token(i)} ({i})" for i in ids)  # noqa: E731
+        parts = [f"{named(full[:at])} before"] if at else []
+        parts += [f"{named(full[at + len(plain):])} after"] if len(full) > at + len(plain) else []
+        return "the tokenizer's own: " + (", ".join(parts) if parts else "none added") + " (token-id records as given)"
 
     def items(self, records: Sequence[Record]) -> list[Item | str]:
-        """An Item per record, or the reason it has nothing to score."""
-        texts: list[str] = []
+        """An Item per record, or the reason it has nothing to score (or could not be tokenized)."""
+        heads: list[str] = []  # texts and prompts: with the tokenizer's special tokens
+        tails: list[str] = []  # completions: without
         for r in records:
             if r.text is not None:
-                texts.append(r.text)
+                heads.append(r.text)
             elif r.completion is not None:
-                texts += [r.prompt or "", r.completion]
-        encoded = iter(self.encode(texts))
-        head = [] if self.bos is None else [int(self.bos)]
+                heads.append(r.prompt or "")
+                tails.append(r.completion)
+        head_ids, tail_ids = iter(self.encode(heads, True)), iter(self.encode(tails, False))
         out: list[Item | str] = []
         for r in records:
             if r.text is not None:
-                tokens, start = head + next(encoded), 1
+                tokens: list[int] | str = next(head_ids)
+                start = 1
             elif r.completion is not None:
-                prompt = head + next(encoded)
-                tokens, start = prompt + next(encoded), max(1, len(prompt))
+                prompt, completion = next(head_ids), next(tail_ids)
+                failed = prompt if isinstance(prompt, str) else completion if isinstance(completion, str) else None
+                tokens = failed or (prompt + completion)
+                start = max(1, len(prompt))
             elif r.ids is not None:
                 tokens, start = r.ids, 1
             else:
                 tokens, start = r.prompt_ids + r.completion_ids, max(1, len(r.prompt_ids))
-            out.append(Item(tokens, start) if len(tokens) > start else f"nothing to score ({len(tokens)} tokens, "
-                       f"scoring from position {start})")
+            if isinstance(tokens, str):
+                out.append(tokens)
+            else:
+                out.append(Item(tokens, start) if len(tokens) > start else f"nothing to score ({len(tokens)} "
+                           f"tokens, scoring from position {start})")
         return out
 
 
@@ -438,10 +491,15 @@ class ChunkStats:
     max_batch_padding: float = 0.0
 
 
+Progress = Callable[[int, int, int, int], None]  # (records finished, tokens scored, windows done, windows in all)
+ItemResult = tuple[float, int, bool] | str  # (loglik, tokens, greedy), or why the model run failed on the item
+
+
 def score_items(scorer: WindowScorer, items: Sequence[Item], context: int, stride: int, batch_tokens: int,
-                max_padding: float, on_progress: Callable[[int, int], None] | None = None
-                ) -> tuple[list[tuple[float, int, bool]], ChunkStats]:
-    """(loglik, tokens, greedy) per item, scoring their windows in length-bucketed batches."""
+                max_padding: float, on_progress: Progress | None = None) -> tuple[list[ItemResult], ChunkStats]:
+    """(loglik, tokens, greedy) per item, scoring their windows in length-bucketed batches; or, for an item whose
+    window the model run failed on (run alone after its batch failed), the reason. Every item failing (two or
+    more) is an error: the model or the machine is at fault, not the records."""
     windows: list[tuple[int, np.ndarray, int]] = []  # (item index, tokens, first scored index in the window)
     for k, it in enumerate(items):
         arr = np.asarray(it.tokens, np.int64)
@@ -451,23 +509,72 @@ def score_items(scorer: WindowScorer, items: Sequence[Item], context: int, strid
     loglik = np.zeros(len(items))
     count = np.zeros(len(items), np.int64)
     greedy = np.ones(len(items), bool)
+    failed: dict[int, str] = {}
     stats = ChunkStats()
+    windows_done = 0
     for batch in plan_batches([len(w[1]) for w in windows], batch_tokens, max_padding):
-        ll, n, g = scorer.score([(windows[i][1], windows[i][2]) for i in batch])
-        width = max(len(windows[i][1]) for i in batch)
-        real = sum(len(windows[i][1]) for i in batch)
-        stats.input_tokens += real
-        stats.padded_slots += width * len(batch)
-        stats.batches += 1
-        stats.max_batch_padding = max(stats.max_batch_padding, 1.0 - real / (width * len(batch)))
         owner = np.fromiter((windows[i][0] for i in batch), np.int64, len(batch))
-        np.add.at(loglik, owner, ll)  # unbuffered, in batch order: the sums of a one-by-one loop
-        np.add.at(count, owner, n)
-        np.logical_and.at(greedy, owner, g)
+        run = [i for i in batch if windows[i][0] not in failed]
+        scored = 0
+        if run:
+            ok, ll, n, g = _score_batch(scorer, [windows[i] for i in run], failed)
+            width = max(len(windows[i][1]) for i in run)
+            real = sum(len(windows[i][1]) for i in run)
+            stats.input_tokens += real
+            stats.padded_slots += width * len(run)
+            stats.batches += 1
+            stats.max_batch_padding = max(stats.max_batch_padding, 1.0 - real / (width * len(run)))
+            ran = np.fromiter((windows[i][0] for i in run), np.int64, len(run))[ok]
+            np.add.at(loglik, ran, ll[ok])  # unbuffered, in batch order: the sums of a one-by-one loop
+            np.add.at(count, ran, n[ok])
+            np.logical_and.at(greedy, ran, g[ok])
+            scored = int(n[ok].sum())
         np.subtract.at(remaining, owner, 1)
+        windows_done += len(batch)
         if on_progress is not None:
-            on_progress(int(np.count_nonzero(remaining[np.unique(owner)] == 0)), int(n.sum()))
-    return [(float(loglik[k]), int(count[k]), bool(greedy[k])) for k in range(len(items))], stats
+            finished = int(np.count_nonzero(remaining[np.unique(owner)] == 0))
+            on_progress(finished, scored, windows_done, len(windows))
+    if len(items) >= 2 and len(failed) == len(items):
+        raise OnnxpipeError(f"the model run failed on every record of a chunk ({next(iter(failed.values()))}); "
+                            "this is the model or the machine, not the records")
+    return [failed[k] if k in failed else (float(loglik[k]), int(count[k]), bool(greedy[k]))
+            for k in range(len(items))], stats
+
+
+def _score_batch(scorer: WindowScorer, windows: list[tuple[int, np.ndarray, int]], failed: dict[int, str]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scorer.score over the windows; when the batch fails, window by window, and the owner of a window that fails
+    alone goes into ``failed``. Returns (ran, loglik, count, greedy) per window."""
+    try:
+        ll, n, g = scorer.score([(w[1], w[2]) for w in windows])
+        return np.ones(len(windows), bool), ll, n, g
+    except Exception:  # onnxruntime's own error types (a shape, an allocation); each window is tried alone below
+        if len(windows) == 1:
+            return _score_alone(scorer, windows[0], failed)
+    parts = [_score_alone(scorer, w, failed) for w in windows]
+    return tuple(np.concatenate([p[j] for p in parts]) for j in range(4))  # type: ignore[return-value]
+
+
+def _score_alone(scorer: WindowScorer, window: tuple[int, np.ndarray, int], failed: dict[int, str]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        ll, n, g = scorer.score([(window[1], window[2])])
+        return np.ones(1, bool), ll, n, g
+    except Exception as e:
+        failed.setdefault(window[0], f"the model run failed on it ({first_line(e)})")
+        return np.zeros(1, bool), np.zeros(1), np.zeros(1, np.int64), np.ones(1, bool)
+
+
+def rows_and_failures(records: Sequence[Record], results: Sequence[ItemResult], task: str
+                      ) -> tuple[list[dict[str, Any]], list[BadRecord]]:
+    rows: list[dict[str, Any]] = []
+    failed: list[BadRecord] = []
+    for rec, res in zip(records, results):
+        if isinstance(res, str):
+            failed.append(BadRecord(rec.where, res))
+        else:
+            rows.append(result_row(rec.id, *res, task))
+    return rows, failed
 
 
 def result_row(record_id: Any, loglik: float, tokens: int, greedy: bool, task: str) -> dict[str, Any]:
@@ -521,6 +628,7 @@ class ScoreJob:
             "input": [[s.path.name, s.path.stat().st_size, s.records] for s in self.shards],
             "task": c.task, "context": self.context, "stride": self.stride, "batch_tokens": c.batch_tokens,
             "max_padding": c.max_padding, "chunk_records": c.chunk_records, "engine": c.engine,
+            "max_record_chars": c.max_record_chars, "text_encoding": TEXT_ENCODING,
             **({"max_new_tokens": c.max_new_tokens} if c.task == "generate" else {}),
         }
 
@@ -532,7 +640,8 @@ class ScoreJob:
             if seen + shard.records <= skip:
                 seen += shard.records
                 continue
-            for rec in score_io.iter_records(shard, prefix, vocab, self.config.task == "generate"):
+            for rec in score_io.iter_records(shard, prefix, vocab, self.config.task == "generate",
+                                             self.config.max_record_chars):
                 seen += 1
                 if seen > skip:
                     yield rec
@@ -665,6 +774,7 @@ def make_summary(job: ScoreJob, ckpt: Checkpoint, provider: str, workers: int) -
         provider=provider, engine=c.engine, workers=workers, task=c.task, context=job.context, stride=job.stride,
         batch_tokens=c.batch_tokens, max_padding=c.max_padding, runs=ckpt.runs, model_dir=str(job.model_dir.path),
         input=str(job.input_path), output=str(job.output), bad=list(ckpt.bad),
+        special_tokens=Encoder(job.model_dir).special_tokens(),
     )
 
 
@@ -716,12 +826,14 @@ class ScoreWorker:
         self.provider = self.scorer.provider
         self.items = Encoder(job.model_dir).items
 
-    def run(self, records: list[Record], items: list[Item], on_progress: Callable[[int, int], None]
-            ) -> tuple[list[dict[str, Any]], ChunkStats]:
+    def run(self, records: list[Record], items: list[Item], on_progress: Progress
+            ) -> tuple[list[dict[str, Any]], ChunkStats, list[BadRecord]]:
+        """The rows of the records scored, and the records the model run failed on."""
         job, c = self.job, self.job.config
         results, stats = score_items(self.scorer, items, job.context, job.stride, c.batch_tokens, c.max_padding,
                                      on_progress)
-        return [result_row(r.id, ll, n, g, c.task) for r, (ll, n, g) in zip(records, results)], stats
+        rows, failed = rows_and_failures(records, results, c.task)
+        return rows, stats, failed
 
 
 def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
@@ -745,19 +857,23 @@ def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     bar = progress_bar(job, ckpt.records_done)
     run_tokens, run_start = 0, time.perf_counter()
 
-    def on_progress(records: int, tokens: int) -> None:
+    def on_progress(records: int, tokens: int, windows_done: int, windows: int) -> None:
         nonlocal run_tokens
         run_tokens += tokens
         bar.update(records)
-        bar.set_postfix_str(f"{run_tokens / max(time.perf_counter() - run_start, 1e-9):.0f} tok/s", refresh=False)
+        # refreshed every batch: a long record shows its windows moving while the record count stands still
+        bar.set_postfix_str(f"{run_tokens / max(time.perf_counter() - run_start, 1e-9):.0f} tok/s, "
+                            f"window {windows_done}/{windows} of the chunk", refresh=True)
 
     try:
         for chunk in job.chunks(ckpt.records_done):
             t0 = time.perf_counter()
             records, items, bads = split_chunk(job, worker.items, chunk)
             bar.update(len(bads))
-            rows, stats = worker.run(records, items, on_progress)
-            record_bad(ckpt, bads, bar.write)
+            rows, stats, failed = worker.run(records, items, on_progress)
+            for bad in failed:
+                fail_on_bad(job, bad)
+            record_bad(ckpt, bads + failed, bar.write)
             _commit_chunk(job, ckpt, rows, len(chunk), stats, time.perf_counter() - t0)
     finally:
         bar.close()

@@ -4,15 +4,16 @@ A record holds one prompt (``prompt`` or ``text``; or ``prompt_ids`` / ``input_i
 ``onnxpipe.runtime.generate`` tokenizes it (the tokenizer's own special tokens). Prompts of a chunk are grouped by
 length (prompt + ``max_new_tokens`` slots) into batches with the same token budget and padding bound as scoring,
 and each batch is one ``LanguageModel.generate`` call, greedy, so a resumed run regenerates the same text. The
-row is ``id, generated, generated_ids, tokens (generated), finish_reason``. Local engine only.
+row is ``id, generated, generated_ids, tokens (generated), finish_reason``. Local engine only. A prompt the tokenizer
+fails on, or whose generation fails (a failed batch is rerun prompt by prompt), is a bad record.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from onnxpipe.runtime.score import ChunkStats, Item, ScoreJob, plan_batches
-from onnxpipe.runtime.score_io import Record
+from onnxpipe.runtime.score import ChunkStats, Item, Progress, ScoreJob, plan_batches
+from onnxpipe.runtime.score_io import BadRecord, Record, first_line
 
 
 class GenerateWorker:
@@ -28,7 +29,11 @@ class GenerateWorker:
     def items(self, records: list[Record]) -> list[Item | str]:
         out: list[Item | str] = []
         for r in records:
-            ids = self.lm.encode(r.prompt) if r.prompt is not None else list(r.prompt_ids or [])
+            try:
+                ids = self.lm.encode(r.prompt) if r.prompt is not None else list(r.prompt_ids or [])
+            except Exception as e:  # the tokenizers library's own error types
+                out.append(f"the tokenizer failed on it ({first_line(e)})")
+                continue
             if not ids:
                 out.append("empty prompt (no tokens)")
             elif len(ids) >= self.max_positions:
@@ -37,20 +42,45 @@ class GenerateWorker:
                 out.append(Item(ids, len(ids)))
         return out
 
-    def run(self, records: list[Record], items: list[Item], on_progress: Callable[[int, int], None]
-            ) -> tuple[list[dict[str, Any]], ChunkStats]:
+    def run(self, records: list[Record], items: list[Item], on_progress: Progress
+            ) -> tuple[list[dict[str, Any]], ChunkStats, list[BadRecord]]:
         c = self.job.config
         rows: list[dict[str, Any] | None] = [None] * len(items)
+        failed: list[BadRecord] = []
         stats = ChunkStats()
         lengths = [min(len(it.tokens) + c.max_new_tokens, self.max_positions) for it in items]
-        for batch in plan_batches(lengths, c.batch_tokens, c.max_padding):
-            results = self.lm.generate([items[i].tokens for i in batch], max_new_tokens=c.max_new_tokens,
-                                       temperature=0.0)
-            for i, res in zip(batch, results):
-                rows[i] = {"id": records[i].id, "generated": res.text, "generated_ids": list(res.token_ids),
-                           "tokens": len(res.token_ids), "finish_reason": res.finish_reason}
+        batches = plan_batches(lengths, c.batch_tokens, c.max_padding)
+        for done, batch in enumerate(batches, 1):
+            generated = 0
+            for group, results in self._generate(items, batch):
+                if isinstance(results, str):
+                    failed.append(BadRecord(records[group[0]].where, results))
+                    continue
+                for i, res in zip(group, results):
+                    rows[i] = {"id": records[i].id, "generated": res.text, "generated_ids": list(res.token_ids),
+                               "tokens": len(res.token_ids), "finish_reason": res.finish_reason}
+                    generated += len(res.token_ids)
             stats.batches += 1
             stats.input_tokens += sum(len(items[i].tokens) for i in batch)
             stats.padded_slots += max(len(items[i].tokens) for i in batch) * len(batch)
-            on_progress(len(batch), sum(len(r.token_ids) for r in results))
-        return [r for r in rows if r is not None], stats
+            on_progress(len(batch), generated, done, len(batches))
+        return [r for r in rows if r is not None], stats, failed
+
+    def _generate(self, items: list[Item], batch: list[int]) -> list[tuple[list[int], Any]]:
+        """(indices, results) for the batch; when it fails, prompt by prompt, a prompt failing alone giving
+        ([index], reason)."""
+        c = self.job.config
+        groups = [batch] if len(batch) > 1 else []
+        groups += [[i] for i in batch]
+        out: list[tuple[list[int], Any]] = []
+        for group in groups:
+            try:
+                out.append((group, self.lm.generate([items[i].tokens for i in group], max_new_tokens=c.max_new_tokens,
+                                                    temperature=0.0)))
+            except Exception as e:  # onnxruntime's own error types
+                if len(group) == 1:
+                    out.append((group, f"generation failed on it ({first_line(e)})"))
+                continue
+            if group is batch:
+                return out
+        return out

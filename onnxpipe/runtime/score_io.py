@@ -7,7 +7,11 @@ A record is one JSON object (or Parquet row) holding exactly one of
   ``prompt_ids`` + ``completion_ids``
 and optionally ``id`` (a string or an integer; default: the record's 1-based line or row number, prefixed with
 the shard's file name when INPUT is a directory). Anything else is a *bad record*: reported with its line number,
-then skipped or fatal (``--on-bad-record``); it never crashes the run.
+then skipped or fatal (``--on-bad-record``); it never crashes the run. Bad records include text that is not valid
+Unicode (a lone surrogate such as ``"\udc80"``, which no tokenizer can take), a record over the size cap
+(``max_chars``: characters of text, or token ids), and the rows of a Parquet row group whose data cannot be read
+(each reported with the unreadable row range; the other row groups are read). A Parquet file with none of the
+fields above as a column is an error naming the file, not an empty run.
 
 Durability: results are appended chunk by chunk; after each chunk the output is fsync'd and then a small checkpoint
 is written atomically (temporary file, fsync, rename, fsync of the directory). A rerun with ``--resume`` cuts the
@@ -27,6 +31,8 @@ from onnxpipe.errors import OnnxpipeError
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
 TEXT_FIELDS = ("text", "prompt", "completion")
 ID_FIELDS = ("input_ids", "prompt_ids", "completion_ids")
+KNOWN_COLUMNS = ("id", *TEXT_FIELDS, *ID_FIELDS)
+MAX_RECORD_CHARS = 1_000_000  # default cap: characters of text (or token ids) in one record
 
 
 @dataclass
@@ -99,11 +105,12 @@ def list_shards(input_path: Path) -> list[Shard]:
 
 def _count_records(shard: Shard) -> int:
     if shard.fmt == "parquet":
-        pq = require_pyarrow(shard.path)
-        try:
-            return pq.ParquetFile(shard.path).metadata.num_rows
-        except Exception as e:  # pyarrow raises ArrowInvalid & co for files that are not Parquet
-            raise OnnxpipeError(f"{shard.path}: not a readable Parquet file ({_first_line(e)})") from None
+        pf = _open_parquet(shard.path)
+        names = pf.schema_arrow.names
+        if not set(names) & {*TEXT_FIELDS, *ID_FIELDS}:
+            raise OnnxpipeError(f"{shard.path}: no column to score; expected text, prompt+completion, input_ids or "
+                                f"prompt_ids+completion_ids (the file's columns: {', '.join(names) or 'none'})")
+        return pf.metadata.num_rows
     n = 0
     with open(shard.path, "rb") as f:
         for line in f:
@@ -111,16 +118,19 @@ def _count_records(shard: Shard) -> int:
     return n
 
 
-def iter_records(shard: Shard, prefix_ids: bool, vocab_size: int | None, generate: bool = False
-                 ) -> Iterator[Record | BadRecord]:
+def _open_parquet(path: Path) -> Any:
+    pq = require_pyarrow(path)
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid & co for files that are not Parquet
+        raise OnnxpipeError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
+
+
+def iter_records(shard: Shard, prefix_ids: bool, vocab_size: int | None, generate: bool = False,
+                 max_chars: int = MAX_RECORD_CHARS) -> Iterator[Record | BadRecord]:
     """Every record of a shard in order (blank JSONL lines are not records); bad ones as BadRecord."""
     if shard.fmt == "parquet":
-        pq = require_pyarrow(shard.path)
-        number = 0
-        for batch in pq.ParquetFile(shard.path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                number += 1
-                yield parse_record(row, number, shard.path, prefix_ids, vocab_size, generate)
+        yield from _parquet_records(shard, prefix_ids, vocab_size, generate, max_chars)
         return
     with open(shard.path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -131,13 +141,39 @@ def iter_records(shard: Shard, prefix_ids: bool, vocab_size: int | None, generat
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 yield BadRecord(f"{shard.path.name}:{number}", f"not valid JSON ({e})")
                 continue
-            yield parse_record(obj, number, shard.path, prefix_ids, vocab_size, generate)
+            except RecursionError:
+                yield BadRecord(f"{shard.path.name}:{number}", "not valid JSON (nested too deeply)")
+                continue
+            yield parse_record(obj, number, shard.path, prefix_ids, vocab_size, generate, max_chars)
+
+
+def _parquet_records(shard: Shard, prefix_ids: bool, vocab_size: int | None, generate: bool, max_chars: int
+                     ) -> Iterator[Record | BadRecord]:
+    """A Parquet shard's rows, row group by row group, reading only the columns a record can use. A row group
+    whose data cannot be read (a corrupted page) gives one BadRecord per row it did not deliver, naming the row
+    range; the next row group is read as usual."""
+    pf = _open_parquet(shard.path)
+    columns = [c for c in pf.schema_arrow.names if c in KNOWN_COLUMNS]
+    number = 0
+    for group in range(pf.metadata.num_row_groups):
+        last = number + pf.metadata.row_group(group).num_rows
+        try:
+            for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=columns):
+                for row in batch.to_pylist():
+                    number += 1
+                    yield parse_record(row, number, shard.path, prefix_ids, vocab_size, generate, max_chars)
+        except Exception as e:  # pyarrow's OSError / ArrowInvalid / decompression errors for a damaged page
+            reason = f"unreadable Parquet data in rows {number + 1}-{last} (row group {group}): {first_line(e)}"
+            while number < last:
+                number += 1
+                yield BadRecord(f"{shard.path.name}:{number}", reason)
 
 
 def parse_record(obj: Any, number: int, path: Path, prefix_ids: bool, vocab_size: int | None,
-                 generate: bool = False) -> Record | BadRecord:
+                 generate: bool = False, max_chars: int = MAX_RECORD_CHARS) -> Record | BadRecord:
     """A Record, or a BadRecord saying what is wrong. For generation a record holds one prompt: ``prompt`` or
-    ``text`` (text), or ``prompt_ids`` or ``input_ids`` (token ids)."""
+    ``text`` (text), or ``prompt_ids`` or ``input_ids`` (token ids). ``max_chars`` caps the record's characters of
+    text, or its token ids."""
     where = f"{path.name}:{number}"
     if not isinstance(obj, dict):
         return BadRecord(where, f"expected a JSON object, got {type(obj).__name__}")
@@ -172,6 +208,18 @@ def parse_record(obj: Any, number: int, path: Path, prefix_ids: bool, vocab_size
                                     f"prompt_ids+completion_ids (got {got})")
     except ValueError as e:
         return BadRecord(where, str(e))
+    return _within_cap(rec, max_chars)
+
+
+def _within_cap(rec: Record, max_chars: int) -> Record | BadRecord:
+    texts = [t for t in (rec.text, rec.prompt, rec.completion) if t is not None]
+    if texts and (n := sum(map(len, texts))) > max_chars:
+        return BadRecord(rec.where, f"record has {n:,} characters of text, over the cap of {max_chars:,} "
+                                    "(--max-record-chars)")
+    ids = [t for t in (rec.ids, rec.prompt_ids, rec.completion_ids) if t is not None]
+    if ids and (n := sum(map(len, ids))) > max_chars:
+        return BadRecord(rec.where, f"record has {n:,} token ids, over the cap of {max_chars:,} "
+                                    "(--max-record-chars caps token ids too)")
     return rec
 
 
@@ -179,6 +227,11 @@ def _string(obj: dict[str, Any], key: str) -> str:
     value = obj[key]
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\udc80": a lone surrogate, which no tokenizer can take
+        raise ValueError(f"{key} is not valid Unicode: a lone surrogate (\\u{ord(value[e.start]):04x}) at "
+                         f"character {e.start}") from None
     return value
 
 
@@ -289,7 +342,7 @@ class Checkpoint:
             data = json.loads(path.read_text())
             return cls(**data)
         except (OSError, ValueError, TypeError) as e:
-            raise OnnxpipeError(f"{path}: unreadable checkpoint ({_first_line(e)}); rerun with --force to start over") from None
+            raise OnnxpipeError(f"{path}: unreadable checkpoint ({first_line(e)}); rerun with --force to start over") from None
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, self.to_json())
@@ -318,6 +371,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

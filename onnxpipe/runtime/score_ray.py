@@ -28,8 +28,8 @@ from typing import Any, Callable
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime import score_io
 from onnxpipe.runtime.score import (
-    Encoder, Item, ScoreJob, ScoreSummary, WindowScorer, finish, finished_summary, make_summary, progress_bar, record_bad, result_row,
-    score_items, split_chunk, start,
+    Encoder, Item, ScoreJob, ScoreSummary, WindowScorer, fail_on_bad, finish, finished_summary, make_summary, progress_bar,
+    record_bad, rows_and_failures, score_items, split_chunk, start,
 )
 
 
@@ -54,15 +54,19 @@ class RayChunkScorer:
         import pyarrow as pa
 
         types = {"chunk": pa.int64(), "loglik": pa.list_(pa.float64()), "tokens": pa.list_(pa.int64()),
-                 "greedy": pa.list_(pa.bool_()), "input_tokens": pa.int64(), "padded_slots": pa.int64(),
+                 "greedy": pa.list_(pa.bool_()), "errors": pa.list_(pa.string()), "input_tokens": pa.int64(),
+                 "padded_slots": pa.int64(),
                  "provider": pa.string(), "worker": pa.string(), "messages": pa.string()}
         cols = batch.to_pydict()
         out: dict[str, list[Any]] = {k: [] for k in types}
         for chunk, tokens, score_from in zip(cols["chunk"], cols["tokens"], cols["score_from"]):
             results, stats = score_items(self.scorer, [Item(list(t), int(s)) for t, s in zip(tokens, score_from)],
                                          *self.args)
-            for key, value in (("chunk", chunk), ("loglik", [r[0] for r in results]), ("tokens", [r[1] for r in results]),
-                               ("greedy", [r[2] for r in results]), ("input_tokens", stats.input_tokens),
+            ok = [(0.0, 0, True) if isinstance(r, str) else r for r in results]
+            for key, value in (("chunk", chunk), ("loglik", [r[0] for r in ok]), ("tokens", [r[1] for r in ok]),
+                               ("greedy", [r[2] for r in ok]),
+                               ("errors", [r if isinstance(r, str) else "" for r in results]),
+                               ("input_tokens", stats.input_tokens),
                                ("padded_slots", stats.padded_slots), ("provider", self.scorer.provider),
                                ("worker", self.worker), ("messages", self.messages)):
                 out[key].append(value)
@@ -117,13 +121,13 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
             p.unlink()
     done = set(ckpt.done_chunks)
     encoder = Encoder(job.model_dir)
-    pending: dict[int, tuple[list[Any], list[score_io.BadRecord], int]] = {}  # chunk -> (ids, bad, n_records)
+    pending: dict[int, tuple[list[score_io.Record], list[score_io.BadRecord], int]] = {}  # chunk -> (records, bad, n)
     chunk_rows: list[dict[str, Any]] = []
     for index, chunk in enumerate(job.chunks()):
         if index in done:
             continue
         records, items, bads = split_chunk(job, encoder.items, chunk)
-        pending[index] = ([r.id for r in records], bads, len(chunk))
+        pending[index] = (records, bads, len(chunk))
         if items:  # one row per chunk: Ray hands a worker whole chunks, never a part of one (batch_size=1)
             chunk_rows.append({"chunk": index, "tokens": [it.tokens for it in items],
                                "score_from": [it.score_from for it in items]})
@@ -132,14 +136,17 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     t_last = time.perf_counter()
     provider = "none (nothing to score)"
 
-    def commit(index: int, results: list[tuple[float, int, bool]], input_tokens: int, padded: int) -> None:
+    def commit(index: int, results: list[Any], input_tokens: int, padded: int) -> None:
+        """results: (loglik, tokens, greedy) per record, or the reason its model run failed."""
         nonlocal t_last
-        ids, bads, n_records = pending.pop(index)
-        if len(results) != len(ids):
-            raise OnnxpipeError(f"ray returned {len(results)} results for chunk {index} of {len(ids)} records")
-        rows = [result_row(i, *r, c.task) for i, r in zip(ids, results)]
+        records, bads, n_records = pending.pop(index)
+        if len(results) != len(records):
+            raise OnnxpipeError(f"ray returned {len(results)} results for chunk {index} of {len(records)} records")
+        rows, failed = rows_and_failures(records, results, c.task)
+        for bad in failed:
+            fail_on_bad(job, bad)
         score_io.write_part(job.part_path(index), rows, job.fmt)
-        record_bad(ckpt, bads, bar.write)
+        record_bad(ckpt, bads + failed, bar.write)
         ckpt.done_chunks.append(index)
         ckpt.records_done += n_records
         ckpt.records_scored += len(rows)
@@ -157,7 +164,7 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     seen_workers: dict[str, list[int]] = {}  # actor id -> the GPU ids Ray gave it
     said: set[str] = set()
     try:
-        for index in [i for i, (ids, _b, _n) in pending.items() if not ids]:
+        for index in [i for i, (recs, _b, _n) in pending.items() if not recs]:
             commit(index, [], 0, 0)  # chunks of bad records only
         if chunk_rows:
             _connect(ray, c.ray_address, bar.write)
@@ -183,8 +190,9 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
                         if m not in said:  # once, however many workers say it
                             said.add(m)
                             log(f"ray worker: {m}")
-                    commit(row["chunk"], list(zip(row["loglik"], row["tokens"], row["greedy"])), row["input_tokens"],
-                           row["padded_slots"])
+                    results = [err or (ll, n, g) for ll, n, g, err in
+                               zip(row["loglik"], row["tokens"], row["greedy"], row["errors"])]
+                    commit(row["chunk"], results, row["input_tokens"], row["padded_slots"])
         if pending:
             raise OnnxpipeError(f"ray returned no results for chunk(s) {sorted(pending)[:5]}; rerun with --resume")
     finally:

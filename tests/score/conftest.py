@@ -85,3 +85,19 @@ def tiny_text_model(tiny_onnx, tmp_path_factory) -> Path:
     shutil.copytree(tiny_onnx("gpt2"), out)
     byte_tokenizer().save(str(out / "tokenizer.json"))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bos_text_model(tiny_onnx, tmp_path_factory) -> Path:
+    """The tiny GPT-2 export with a byte-level tokenizer.json whose post-processor puts BOS (id 0) in front of every
+    text, as Llama's tokenizers do: scoring must follow it, where it follows no BOS for the byte tokenizer above."""
+    import shutil
+
+    from tokenizers import processors
+
+    out = tmp_path_factory.mktemp("text-model-bos") / "gpt2-bytes-bos"
+    shutil.copytree(tiny_onnx("gpt2"), out)
+    tok = byte_tokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.save(str(out / "tokenizer.json"))
+    return out

@@ -110,28 +110,35 @@ def test_summary_is_written_and_matches_rows(tiny_onnx, tmp_path):
     assert 0 <= summary["padding_fraction"] <= summary["max_padding"]
 
 
-def test_text_and_prompt_completion_records(tiny_text_model, tiny_hf, hf_model, tmp_path):
-    """Text is BOS + tokens(text), all scored; prompt+completion scores only the completion's tokens."""
-    from conftest import byte_tokenizer
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_text_and_prompt_completion_records(adds_bos, tiny_text_model, tiny_bos_text_model, tiny_hf, hf_model, tmp_path):
+    """Text is tokenized as transformers' tokenizer(text) does (BOS only where the tokenizer adds one) and every
+    token after the first is scored; prompt+completion is tokenizer(prompt) + the completion's tokens (no special
+    tokens), and only the completion's tokens are scored."""
+    from transformers import AutoTokenizer
 
-    tok = byte_tokenizer()
-    bos = json.loads((tiny_text_model / "onnxpipe.json").read_text())["tokenizer"]["bos_token_id"]
+    model_dir = tiny_bos_text_model if adds_bos else tiny_text_model
+    tok = AutoTokenizer.from_pretrained(model_dir)
     long_text = "def f(x):\n    return x * 2  # é\n" * 8  # 280 bytes: longer than the context
     records = [{"text": "hello world"}, {"text": "é"}, {"text": long_text},
                {"prompt": "The answer is", "completion": " 42."}, {"prompt": "", "completion": "abc"}]
-    rows = _run(tiny_text_model, records, tmp_path, "t")
+    rows = _run(model_dir, records, tmp_path, "t")
     model = hf_model(tiny_hf("gpt2"))
-    enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
     for rec, row in zip(records, rows):
         if "text" in rec:
-            tokens, start = [bos] + enc(rec["text"]), 1
+            tokens, start = tok(rec["text"])["input_ids"], 1
         else:
-            prompt = [bos] + enc(rec["prompt"])
-            tokens, start = prompt + enc(rec["completion"]), len(prompt)
+            prompt = tok(rec["prompt"])["input_ids"]
+            tokens, start = prompt + tok(rec["completion"], add_special_tokens=False)["input_ids"], max(1, len(prompt))
+        assert (tokens[0] == 0) == adds_bos
         ref, n = hf_loglik(model, tokens, start, CONTEXT, CONTEXT // 2)
         assert row["tokens"] == n == len(tokens) - start
         assert abs(row["loglik"] - ref) <= TOL_PER_RECORD
-    assert rows[1]["tokens"] == 2  # "é" is two bytes, both scored after BOS
+    # "é" is two bytes: with BOS in front both are scored, without it the first is context only
+    assert rows[1]["tokens"] == (2 if adds_bos else 1)
+    summary = json.loads((tmp_path / "t.summary.json").read_text())
+    assert summary["special_tokens"].startswith("the tokenizer's own: ")
+    assert ("before" in summary["special_tokens"]) == adds_bos
 
 
 @pytest.mark.parametrize("family,dtype", [("llama", "fp32"), ("gpt2", "fp16")])
