@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import click
 
 from onnxpipe import __version__
+from onnxpipe.cli_types import MAX_REPEATS, MAX_REPETITION_PENALTY, Threads, finite
 from onnxpipe.errors import OnnxpipeError
 
 
@@ -93,15 +95,17 @@ def inspect(model_dir: Path) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True, help="For --task generate.")
 @click.option("--batch-tokens", type=click.IntRange(1), default=4096, show_default=True,
               help="Slots per batch (batch size x longest window, padding included).")
-@click.option("--max-padding", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True,
+@click.option("--max-padding", type=finite(0.0, 1.0, high_open=True), default=0.2, show_default=True,
               help="Most padding a batch may hold, as a fraction of its slots.")
 @click.option("--stride", type=click.IntRange(1), default=None, help="Sliding-window stride for long records [context/2].")
 @click.option("--max-context", type=click.IntRange(2), default=None, help="Window length [the model's context].")
 @click.option("--chunk-records", type=click.IntRange(1), default=512, show_default=True,
               help="Records per durable chunk (what a kill can lose).")
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads per session.")
+@click.option("--threads", type=Threads(), default=None, help="onnxruntime threads per session.")
 @click.option("--on-bad-record", type=click.Choice(["skip", "fail"]), default="skip", show_default=True)
+@click.option("--max-record-chars", type=click.IntRange(1), default=1_000_000, show_default=True,
+              help="A record with more characters of text (or token ids) is a bad record.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same OUTPUT.")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
@@ -112,7 +116,7 @@ def inspect(model_dir: Path) -> None:
 def score(model_dir: Path, input_path: Path, output: Path, task: str, max_new_tokens: int, batch_tokens: int, max_padding: float,
           stride: int | None, max_context: int | None, chunk_records: int, provider: str, threads: int | None,
           on_bad_record: str, resume: bool, force: bool, engine: str, num_workers: int | None,
-          ray_address: str | None, no_progress: bool) -> None:
+          ray_address: str | None, no_progress: bool, max_record_chars: int) -> None:
     """Score every record of INPUT (JSONL/Parquet: text, prompt+completion or input_ids) with MODEL_DIR."""
     from onnxpipe.runtime.score import ScoreConfig, score as run_score
 
@@ -120,7 +124,7 @@ def score(model_dir: Path, input_path: Path, output: Path, task: str, max_new_to
                          max_context=max_context, chunk_records=chunk_records, on_bad_record=on_bad_record,
                          provider=provider, threads=threads, resume=resume, force=force, progress=not no_progress,
                          engine=engine, num_workers=num_workers, ray_address=ray_address,
-                         max_new_tokens=max_new_tokens)
+                         max_new_tokens=max_new_tokens, max_record_chars=max_record_chars)
     try:
         summary = run_score(model_dir, input_path, output, config, log=_log)
     except KeyboardInterrupt:  # the chunks already checkpointed are kept: say so, unlike other commands
@@ -159,16 +163,17 @@ def optimize(in_dir: Path, out_dir: Path, level: int, target: str, passes: str |
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts: one per line, or .jsonl with {\"prompt\": ...}.")
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--temperature", type=finite(0), default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 is off.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-p", type=finite(0, 1, low_open=True), default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=finite(1 / MAX_REPETITION_PENALTY, MAX_REPETITION_PENALTY), default=1.0,
+              show_default=True, help="1 is off; above 1 discourages tokens already seen.")
 @click.option("--repeat-ngram-limit", type=click.IntRange(2), default=None, help="Cut a loop once an n-gram repeats this often.")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable; \\n and \\t are understood).")
 @click.option("--num-beams", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: onnxruntime's).")
+@click.option("--threads", type=Threads(), default=None, help="CPU threads (default: onnxruntime's).")
 @click.option("--trt-cache", type=click.Path(path_type=Path), default=None, help="TensorRT engine/timing cache directory.")
 @click.option("--jsonl", is_flag=True, help="One JSON object per prompt instead of text.")
 @click.option("--cuda-graph", is_flag=True,
@@ -212,8 +217,8 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
 @click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated (e.g. 1,8,32).")
 @click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(2), default=64, show_default=True)
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per batch size (after one untimed).")
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: onnxruntime's).")
+@click.option("--repeats", type=click.IntRange(1, MAX_REPEATS), default=3, show_default=True, help="Timed runs per batch size (after one untimed).")
+@click.option("--threads", type=Threads(), default=None, help="CPU threads (default: onnxruntime's).")
 @click.option("--cuda-graph", is_flag=True, help="Replay decode steps and prefills as CUDA graphs (CUDA EP).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
 def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_tokens: int, repeats: int,
@@ -288,7 +293,7 @@ def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_
 @click.option("--eval-tokens", type=click.IntRange(2, None), default=None, help="Score only the first N tokens of the eval text.")
 @click.option("--calib-samples", type=click.IntRange(1, 4096), default=32, show_default=True, help="Calibration samples (at most).")
 @click.option("--calib-seq-len", type=click.IntRange(2, 8192), default=128, show_default=True, help="Prefill tokens per calibration sample.")
-@click.option("--max-ppl-increase", type=float, default=None, metavar="PCT",
+@click.option("--max-ppl-increase", type=finite(), default=None, metavar="PCT",
               help="Fail, writing nothing, if perplexity rises more than PCT percent.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str, per_channel: bool,
@@ -315,9 +320,12 @@ def _alpha(value: str | None) -> float | str | None:
     if value is None or value == "auto":
         return value
     try:
-        return float(value)
+        alpha = float(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is neither a number nor 'auto'", param_hint="--smoothquant") from None
+    if not math.isfinite(alpha):
+        raise click.BadParameter(f"{value!r} is not a finite number", param_hint="--smoothquant")
+    return alpha
 
 
 def _progress_bars():  # noqa: ANN202

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.limits import MAX_REPEATS, check_fits, check_int
 
 
 @dataclass
@@ -40,13 +41,16 @@ class BenchRow:
 def bench(lm: Any, batches: Sequence[int], prompt_tokens: int = 128, new_tokens: int = 64, repeats: int = 3,
           seed: int = 0) -> list[BenchRow]:
     """Time ``lm`` (a LanguageModel) at each batch size; see the module docstring for what is measured."""
-    if not batches or any(b < 1 for b in batches):
+    if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
         raise OnnxpipeError(f"batch sizes must be >= 1, got {list(batches)}")
-    if prompt_tokens < 1 or new_tokens < 2 or repeats < 1:
-        raise OnnxpipeError("need prompt tokens >= 1, new tokens >= 2 (a decode step to time) and repeats >= 1")
+    check_int(prompt_tokens, "prompt tokens", 1)
+    check_int(new_tokens, "new tokens", 2)  # a decode step to time
+    check_int(repeats, "repeats", 1, MAX_REPEATS)
     limit = lm.session.max_positions
     if prompt_tokens + new_tokens > limit:
         raise OnnxpipeError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the model's {limit} positions")
+    for batch in sorted(set(batches)):  # every size checked before the first is run (and before its prompts exist)
+        check_fits(lm.session, batch, prompt_tokens + new_tokens, prompt_tokens)
     cfg = lm._config({"max_new_tokens": new_tokens, "stop_token_ids": []})
     rng = np.random.default_rng(seed)
     rows = []

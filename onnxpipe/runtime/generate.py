@@ -20,6 +20,7 @@ import numpy as np
 
 from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.limits import check_fits, check_threads
 from onnxpipe.runtime.providers import TensorRTOptions
 from onnxpipe.runtime.sampling import SamplingConfig, log_softmax, next_token, repeated_tail, apply_repetition_penalty
 from onnxpipe.runtime.session import DecoderSession
@@ -195,6 +196,7 @@ class LanguageModel:
             results = [self._beam_search(p, cfg) for p in prompts]
         else:
             rows = self._rows(prompts, cfg)
+            self.check_fits(rows)
             for _ in self._decode(rows, cfg):
                 pass
             results = [r.result() for r in rows]
@@ -207,11 +209,19 @@ class LanguageModel:
         if cfg.num_beams > 1:
             raise OnnxpipeError("streaming needs num_beams=1 (a beam's text is not final until the search ends)")
         rows = self._rows(prompts, cfg)
+        self.check_fits(rows)
         for changed in self._decode(rows, cfg):
             for row in changed:
                 piece = row.piece()
                 if piece is not None:
                     yield piece
+
+    def check_fits(self, rows: list[RowState], batch: int | None = None) -> None:
+        """Refuse, before anything is allocated, rows whose KV cache and logits cannot fit (``limits.check_fits``);
+        ``batch``: the rows the cache really holds (a beam search's beams)."""
+        positions = max(len(r.prompt) + r.limit for r in rows)
+        check_fits(self.session, batch or len(rows), positions, max(len(r.prompt) for r in rows),
+                   what="beams" if batch else "batch")
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -300,6 +310,7 @@ class LanguageModel:
     def _beam_search(self, prompt: list[int], cfg: SamplingConfig) -> GenerationResult:
         nb = cfg.num_beams
         row = self._rows([prompt], cfg)[0]
+        self.check_fits([row], batch=nb)
         stop = row.stop_ids
         capacity = len(prompt) + row.limit
         mask, _, cache, logits = self.prefill([row], capacity, "logits")
@@ -355,11 +366,19 @@ class LanguageModel:
         elif isinstance(prompt, np.ndarray) and prompt.ndim == 1:
             items, single = [prompt.tolist()], True
         else:
-            items, single = list(prompt), False
+            try:
+                items, single = list(prompt), False
+            except TypeError:
+                raise OnnxpipeError("a prompt must be a string, a list of token ids, or a list of those; got "
+                                    f"{type(prompt).__name__}") from None
         if not items:
             raise OnnxpipeError("no prompts given")
         out = []
         for i, p in enumerate(items):
+            if isinstance(p, np.ndarray):
+                p = p.tolist()
+            if not isinstance(p, str) and not (isinstance(p, Sequence) and all(_is_int(t) for t in p)):
+                raise OnnxpipeError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
             ids = self.encode(p) if isinstance(p, str) else [int(t) for t in p]
             if not ids:
                 raise OnnxpipeError(f"prompt {i} is empty (no tokens)")
@@ -374,7 +393,12 @@ class LanguageModel:
         unknown = sorted(set(options) - names)
         if unknown:
             raise OnnxpipeError(f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return SamplingConfig(**options).validate()
+        cfg = SamplingConfig(**options).validate()
+        limit = self.session.max_positions
+        if cfg.max_new_tokens >= limit:  # not even a one-token prompt leaves room for them
+            raise OnnxpipeError(f"max_new_tokens {cfg.max_new_tokens} exceeds the model's context: at most {limit - 1} "
+                                f"new tokens fit its {limit} positions")
+        return cfg
 
     def _rows(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[RowState]:
         stop = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else self.manifest.tokenizer.get("eos_token_id") or [])
@@ -399,6 +423,7 @@ def load(
 ) -> LanguageModel:
     """Open a model directory on ``provider`` (auto: TensorRT -> CUDA -> CPU). What runs is ``lm.provider``.
     cuda_graph: replay decode steps as CUDA graphs (CUDA EP, graphs of optimize --target cuda)."""
+    threads = check_threads(threads)
     md = ModelDir.open(model_dir)
     session = DecoderSession(md, provider, trt_options=trt_options, threads=threads, announce=announce,
                              cuda_graph=cuda_graph)

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.limits import MAX_LENGTH_PENALTY, MAX_REPETITION_PENALTY, check_int, check_real
 
 
 @dataclass
@@ -37,27 +38,44 @@ class SamplingConfig:
         return self.temperature <= 0.0
 
     def validate(self) -> "SamplingConfig":
+        """Every field checked for type and range, NaN and infinities refused (a server passes users' values
+        straight in); one OnnxpipeError naming each bad option."""
         problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (got {self.temperature})")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (got {self.top_k})")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
-        if self.seed is not None and self.seed < 0:
-            problems.append(f"seed must be >= 0 (got {self.seed})")
-        if self.num_beams < 1:
-            problems.append(f"num_beams must be >= 1 (got {self.num_beams})")
-        if self.num_beams > 1 and not self.greedy:
-            problems.append("beam search is deterministic here: use temperature 0 with num_beams > 1")
-        if self.repeat_ngram_limit is not None and self.repeat_ngram_limit < 2:
-            problems.append(f"repeat_ngram_limit must be >= 2 (got {self.repeat_ngram_limit})")
-        if any(not s for s in self.stop_strings):
+
+        def check(fn, *args, **kw) -> None:  # noqa: ANN001
+            try:
+                fn(*args, **kw)
+            except OnnxpipeError as e:
+                problems.append(str(e))
+
+        check(check_int, self.max_new_tokens, "max_new_tokens", 1)
+        check(check_real, self.temperature, "temperature", 0.0)
+        check(check_int, self.top_k, "top_k", 0)
+        check(check_real, self.top_p, "top_p", 0.0, 1.0, low_open=True)
+        check(check_real, self.repetition_penalty, "repetition_penalty", 1 / MAX_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+        check(check_real, self.length_penalty, "length_penalty", -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY)
+        if self.seed is not None:
+            check(check_int, self.seed, "seed", 0)
+        if self.max_length is not None:
+            check(check_int, self.max_length, "max_length", 2)
+        check(check_int, self.num_beams, "num_beams", 1)
+        if self.repeat_ngram_limit is not None:
+            check(check_int, self.repeat_ngram_limit, "repeat_ngram_limit", 2)
+        check(check_int, self.repeat_ngram_max, "repeat_ngram_max", 1)
+        if self.stop_token_ids is not None:
+            if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
+                problems.append(f"stop_token_ids must be a list of integers, got {type(self.stop_token_ids).__name__}")
+            else:
+                for t in self.stop_token_ids:
+                    check(check_int, t, "stop_token_ids", 0)
+        if isinstance(self.stop_strings, (str, bytes)) or not isinstance(self.stop_strings, Sequence):
+            problems.append(f"stop_strings must be a list of strings, got {type(self.stop_strings).__name__}")
+        elif any(not isinstance(s, str) for s in self.stop_strings):
+            problems.append("stop_strings must be a list of strings")
+        elif any(not s for s in self.stop_strings):
             problems.append("stop strings must not be empty")
+        if not problems and self.num_beams > 1 and not self.greedy:
+            problems.append("beam search is deterministic here: use temperature 0 with num_beams > 1")
         if problems:
             raise OnnxpipeError("; ".join(problems))
         return self
@@ -67,7 +85,7 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     """HF's rule: a seen token's logit is divided by ``penalty`` when positive, multiplied when negative."""
     if penalty == 1.0 or seen.size == 0:
         return logits
-    out = logits.copy()
+    out = logits.astype(np.float64)  # a float32 logit times a large penalty would overflow
     idx = np.unique(seen)
     vals = out[idx]
     out[idx] = np.where(vals > 0, vals / penalty, vals * penalty)
@@ -113,10 +131,13 @@ def next_token(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray, rng: n
     logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.greedy:
         return int(np.argmax(logits))
-    logits = logits.astype(np.float64) / cfg.temperature
-    logits = filter_top_k(logits, cfg.top_k)
-    logits = filter_top_p(logits, cfg.top_p)
-    probs = softmax(logits)
+    best = int(np.argmax(logits))
+    # shifted so the largest is 0 before dividing: a tiny temperature then sends the others to -inf, never +inf
+    scaled = (logits.astype(np.float64) - logits[best]) / cfg.temperature
+    scaled = filter_top_p(filter_top_k(scaled, cfg.top_k), cfg.top_p)
+    probs = softmax(scaled)
+    if not np.isfinite(probs).all() or probs.sum() <= 0:  # nothing finite left (logits that were not finite)
+        return best
     assert rng is not None
     return int(rng.choice(probs.shape[0], p=probs))
 
