@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 MODEL=${MODEL:-models/llama-stdlib}
 OUT=${OUT:-out}
 name=$(basename "$MODEL")
-if [ "$MODEL" = smollm2 ]; then  # MODEL=smollm2: the SmolLM2-135M GGUF (README, "GGUF"); fails if not installed
+if [ "$MODEL" = smollm2 ]; then  # MODEL=smollm2: the SmolLM2-135M GGUF (docs/export.md, "GGUF"); fails if not installed
   MODEL=$(python3 -m onnxpipe.reference smollm2)
 fi
 onnxpipe export "$MODEL" -o "$OUT/$name" --force
