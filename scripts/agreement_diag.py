@@ -109,7 +109,7 @@ def build(hf: Path, work: Path, device: str, int4: bool = False) -> None:
         pipeline.supported_ops = lambda target: None
     export_decoder(hf, work / "exported", dtype="fp16" if device == "cuda" else "fp32", verify=False, force=True)
     optimize_model(work / "exported", work / "optimized", level=3, target=target, verify=False, force=True)
-    from bench_gpu import child_build_genai, child_build_onnxpipe_int4  # the same builds as bench_gpu.py's rows
+    from bench_gpu_builds import child_build_genai, child_build_onnxpipe_int4  # the same builds as bench_gpu.py's rows
 
     if int4:
         child_build_onnxpipe_int4({"optimized": str(work / "optimized"), "int4": str(work / "int4")})
@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--text", default=None, help="prompts from this text file instead of random token ids")
     ap.add_argument("--int4", action="store_true", help="with --build: an int4 build too (WORK/int4)")
     args = ap.parse_args()
-    from bench_gpu import prompts
+    from bench_gpu_anchors import prompts
 
     work = Path(args.work)
     hf = Path(args.hf) if args.hf else work / "hf"
