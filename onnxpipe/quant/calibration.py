@@ -1,7 +1,9 @@
 """Calibration data: real text, tokenized, fed through the model as it runs in use, prefill then decode.
 
 A sample is ``prefill_len + decode_steps`` consecutive tokens of the calibration text. Samples are taken evenly
-across the whole token stream (not just its start), at most ``max_samples`` of them. The feeds are made lazily:
+across the token stream (not just its start), at most ``max_samples`` of them. The stream is the text's first
+``CALIBRATION_MAX_TOKENS`` tokens (or ``max_samples`` whole samples, if more): a longer file, or one huge line, is
+cut before it is tokenized, so its size does not set the memory calibration takes. The feeds are made lazily:
 a batch of samples is prefilled, then each decode step feeds the next real token with the KV cache that the
 float model itself produced, so the calibrated ranges see the decode path's inputs (one token, a growing cache)
 and not only prefills. Nothing is kept but the current batch's cache: memory does not grow with the number of
@@ -23,6 +25,7 @@ from onnxpipe.quant.quality import prefill_feed
 from onnxpipe.quant.text import read_documents, tokenize_documents
 
 Feed = dict[str, np.ndarray]
+CALIBRATION_MAX_TOKENS = 262_144  # the text the samples are spread over; data/calibration.txt is ~70k tokens
 
 
 @dataclass
@@ -44,7 +47,7 @@ def calibration_samples(tokenizer: Any, path: str | Path, config: CalibrationCon
     """[n, prefill_len + decode_steps] token ids from the file, n <= max_samples, spread over the whole text."""
     docs = read_documents(path, "calibration")
     need = config.sample_len
-    ids = tokenize_documents(tokenizer, docs)
+    ids = tokenize_documents(tokenizer, docs, max(CALIBRATION_MAX_TOKENS, config.max_samples * need))
     if len(ids) < need:
         raise OnnxpipeError(
             f"{path}: the calibration file is too short: {len(ids)} tokens, and one sample needs {need} "

@@ -74,14 +74,51 @@ def tokenize_documents(tokenizer: Any, docs: list[str], max_tokens: int | None =
     """One stream of token ids (int64), documents joined by the EOS token when the tokenizer has one.
 
     No BOS/EOS is added inside a document; special tokens written in the text (``<|endoftext|>``) are kept,
-    as scripts/perplexity.py does.
+    as scripts/perplexity.py does. With ``max_tokens`` each document is cut to what the budget can still use before
+    it is tokenized (see ``document_head``), so one huge document costs memory in proportion to the budget, not to
+    its size.
     """
     eos = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
     for i, doc in enumerate(docs):
         if i and eos is not None:
             ids.append(int(eos))
-        ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
+        ids.extend(document_head(tokenizer, doc, None if max_tokens is None else max_tokens - len(ids)))
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     return np.asarray(ids[:max_tokens] if max_tokens else ids, dtype=np.int64)
+
+
+CHARS_PER_TOKEN_FIRST_GUESS = 6  # a first cut; tokens of real text average 3-5 characters
+
+
+def document_head(tokenizer: Any, doc: str, limit: int | None) -> list[int]:
+    """The first ``limit`` tokens of ``doc`` (all of them when it has fewer; all of it when ``limit`` is None),
+    tokenizing only a head of the text: ``limit`` x 6 characters first, four times more while that gives too few
+    tokens. The head is cut before a whitespace character where one is near the cut, and one token more than needed
+    must come out of it, so the tokens kept are those of the whole document for tokenizers that split words at
+    whitespace (byte-level BPE, SentencePiece); the last token of a head, which may be a fragment, is never kept."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
+    if limit is None:
+        return list(encode(doc))
+    if limit <= 0:
+        return []
+    chars = max(64, limit * CHARS_PER_TOKEN_FIRST_GUESS)
+    while True:
+        if chars >= len(doc):
+            return list(encode(doc))[:limit]
+        cut = _whitespace_before(doc, chars)
+        ids = encode(doc[:cut])
+        if len(ids) > limit:
+            return list(ids[:limit])
+        chars *= 4
+
+
+def _whitespace_before(doc: str, chars: int) -> int:
+    """A cut at or below ``chars``: just before the last whitespace character that follows a non-space, within the
+    last quarter of the head; else ``chars`` itself (text without spaces)."""
+    lo = chars - chars // 4
+    for k in range(chars, lo, -1):
+        if doc[k].isspace() and not doc[k - 1].isspace():
+            return k
+    return chars

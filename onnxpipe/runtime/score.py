@@ -28,6 +28,11 @@ length and packed greedily into batches of at most ``batch_tokens`` slots (batch
 included; a single window longer than the budget runs alone) whose padding is at most ``max_padding`` of the
 slots: a window that would break either bound starts a new batch. Batches are left-padded prefills.
 
+Paths and locks: a run refuses an output (or its checkpoint, parts or summary) that is, holds or sits inside its input,
+compared after resolving ``..``, symlinks and hard links (onnxpipe.outputs.check_io_paths), before anything is
+written or removed; and it holds the output's lock (onnxpipe.outputs.output_lock) from start to finish, so a second
+run on the same output, ``--resume`` or not, refuses at once instead of writing rows twice.
+
 Durability: see score_io. The local engine appends each chunk's rows to the output (JSONL) or writes one part
 file per chunk (Parquet, merged at the end), then commits a checkpoint; ``--resume`` continues from it.
 """
@@ -48,6 +53,7 @@ import numpy as np
 
 from onnxpipe.artifact import Manifest, ModelDir
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.outputs import check_io_paths, output_lock
 from onnxpipe.parity import position_ids_for
 from onnxpipe.runtime import score_io
 from onnxpipe.runtime.score_io import MAX_RECORD_CHARS, BadRecord, Checkpoint, Record, first_line
@@ -616,6 +622,18 @@ class ScoreJob:
     def summary_path(self) -> Path:
         return self.output.with_name(self.output.stem + ".summary.json")
 
+    @property
+    def written_paths(self) -> list[Path]:
+        """Every path a run writes, replaces or (with --force) deletes."""
+        return [self.output, self.checkpoint_path, self.parts_dir, self.summary_path]
+
+    def check_paths(self) -> None:
+        """Refuse a run that would write over, delete or write inside its own input, however the paths are
+        spelled (``..``, symlinks, hard links): before anything is written or removed."""
+        inputs = [self.input_path, *(s.path for s in self.shards)]
+        for path in self.written_paths:
+            check_io_paths(inputs, path)
+
     def part_path(self, index: int) -> Path:
         return self.parts_dir / f"part-{index:05d}.{self.fmt}"
 
@@ -673,7 +691,9 @@ def prepare_job(model_dir: str | Path, input_path: str | Path, output: str | Pat
     if not 0 < stride < context:
         raise OnnxpipeError(f"--stride must be in 1..{context - 1} (below the context, so that every window "
                             f"overlaps the last and every token is scored with some history), got {stride}")
-    return ScoreJob(md, input_path, output, shards, fmt, config, context, stride)
+    job = ScoreJob(md, input_path, output, shards, fmt, config, context, stride)
+    job.check_paths()
+    return job
 
 
 def open_checkpoint(job: ScoreJob) -> Checkpoint:
@@ -681,9 +701,11 @@ def open_checkpoint(job: ScoreJob) -> Checkpoint:
     c = job.config
     ck_path = job.checkpoint_path
     leftovers = [p for p in (job.output, ck_path, job.parts_dir) if p.exists()]
+    score_io.remove_stale_temps(job.written_paths)
     if c.force:
-        for p in (job.output, job.parts_dir, job.summary_path, ck_path):
-            if p.is_dir():
+        job.check_paths()  # again, right before removing anything: the input may have changed since
+        for p in job.written_paths:
+            if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
@@ -808,11 +830,12 @@ def score(model_dir: str | Path, input_path: str | Path, output: str | Path, con
     """Score every record of ``input_path`` into ``output`` (see the module docstring); returns the summary."""
     config = config or ScoreConfig()
     job = prepare_job(model_dir, input_path, output, config)
-    if config.engine == "ray":
-        from onnxpipe.runtime.score_ray import score_on_ray
+    with output_lock(job.output):  # a second run on this output refuses at once instead of duplicating rows
+        if config.engine == "ray":
+            from onnxpipe.runtime.score_ray import score_on_ray
 
-        return score_on_ray(job, log)
-    return score_local(job, log)
+            return score_on_ray(job, log)
+        return score_local(job, log)
 
 
 class ScoreWorker:

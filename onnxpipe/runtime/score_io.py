@@ -20,6 +20,7 @@ output back to what the checkpoint covers, so a kill at any moment loses at most
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -272,7 +273,7 @@ def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> int:
 
 def write_part(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
     """One part file (a chunk's rows), written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     if fmt == "parquet":
         pq = require_pyarrow(path)
         pq.write_table(rows_to_table(rows, path), tmp)
@@ -295,7 +296,7 @@ def read_part(path: Path) -> list[dict[str, Any]]:
 
 def merge_parts(parts: list[Path], target: Path, fmt: str) -> None:
     """Concatenate part files into ``target`` atomically."""
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = temp_name(target)
     if fmt == "parquet":
         pq = require_pyarrow(target)
         rows = [r for p in parts for r in read_part(p)]
@@ -348,8 +349,22 @@ class Checkpoint:
         write_json_atomic(path, self.to_json())
 
 
+def temp_name(path: Path) -> Path:
+    """Where ``path`` is built before its rename: hidden, beside it, and unique to this process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temps(paths: list[Path]) -> None:
+    """Remove the temporary files (temp_name) that killed runs left beside ``paths``. Called with the output's lock
+    held, so no live run is building them."""
+    for path in paths:
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if tmp.is_file() and not tmp.is_symlink() and tmp.name[len(path.name) + 2:-4].isdigit():
+                tmp.unlink()
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     with open(tmp, "w") as f:
         f.write(json.dumps(data, indent=1) + "\n")
         f.flush()
