@@ -133,9 +133,7 @@ class ModelDir:
         if not md.model_path.is_file():
             raise OnnxpipeError(f"{p}: the manifest names {name}, which is missing")
         check_external_data(md.model_path, p)
-        for side in (*TOKENIZER_FILES, "config.json", *md.manifest.tokenizer.get("files", [])):
-            if os.path.lexists(p / side):
-                check_inside(p / side, p, "a tokenizer or config file")
+        check_sidecar_links(p, names=md.manifest.tokenizer.get("files", []))
         return md
 
     def size_bytes(self) -> int:
@@ -176,6 +174,14 @@ def copy_tokenizer_files(src: Path, dst: Path, root: Path | None = None) -> list
         if _copy_confined(src / name, dst / name, root or src):
             copied.append(name)
     return copied
+
+
+def check_sidecar_links(src: Path, root: Path | None = None, names: Sequence[str] = ()) -> None:
+    """Refuse, naming it, a tokenizer or config file of ``src`` that is a symlink leading out of ``root`` (``src``
+    unless given); checked up front, before any work."""
+    for name in (*TOKENIZER_FILES, "config.json", *names):
+        if os.path.lexists(src / name):
+            check_inside(src / name, root or src, "a tokenizer or config file")
 
 
 def _copy_confined(f: Path, to: Path, root: Path) -> bool:
@@ -280,9 +286,9 @@ def atomic_output_dir(out_dir: str | os.PathLike[str], force: bool = False,
     target = resolved_output(out_dir)
     with output_lock(target):
         check_io_paths(inputs, out_dir)
-        check_output_dir(target, force)
         target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp(target)
+        remove_stale_temp(target)  # may move back a target a killed run had moved aside: check after it
+        check_output_dir(target, force)
         tmp = make_temp_dir(target, "build")
         try:
             yield tmp

@@ -229,9 +229,11 @@ def remove_stale_temp(target: PathLike) -> list[Path]:
     target = resolved_output(target)
     removed = []
     for p in target.parent.glob(f"{TMP_PREFIX}{target.name}-*"):
-        # a run killed between making its directory and marking it leaves it empty: rmdir removes only an empty one
-        if not p.is_symlink() and p.is_dir() and read_marker(p) is None:
+        # a run killed between making its directory and finishing its marker leaves it empty but for a partial
+        # marker: nothing of a user's is in it
+        if not p.is_symlink() and p.is_dir() and read_marker(p) is None and _empty_but_marker(p):
             with contextlib.suppress(OSError):
+                (p / TMP_MARKER).unlink(missing_ok=True)
                 p.rmdir()
                 removed.append(p)
     for p, marker in stale_temp_dirs(target):
@@ -243,6 +245,14 @@ def remove_stale_temp(target: PathLike) -> list[Path]:
         remove_temp_dir(p)
         removed.append(p)
     return removed
+
+
+def _empty_but_marker(directory: Path) -> bool:
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return False
+    return all(e.name == TMP_MARKER and not e.is_symlink() and e.is_file() for e in entries)
 
 
 def _alive(pid: int) -> bool:

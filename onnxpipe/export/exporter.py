@@ -23,6 +23,7 @@ from onnxpipe.artifact import (
     ModelDir,
     atomic_output_dir,
     check_output_dir,
+    check_sidecar_links,
     copy_tokenizer_files,
     tensor_signature,
     write_manifest,
@@ -31,7 +32,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
 from onnxpipe.export import gguf, wrapper
-from onnxpipe.export.archs import describe, spec_for
+from onnxpipe.export.archs import check_config, describe
 
 DTYPES = ("fp32", "fp16")
 DEFAULT_OPSET = 18
@@ -68,7 +69,7 @@ def read_hf_config(src: Path) -> dict[str, Any]:
         raise OnnxpipeError(f"{cfg_path}: malformed JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise OnnxpipeError(f"{cfg_path}: expected a JSON object")
-    spec_for(cfg.get("model_type"))
+    check_config(cfg)
     if not any((src / f).is_file() for f in WEIGHT_FILES):
         raise OnnxpipeError(f"{src}: no weights (looked for {', '.join(WEIGHT_FILES)})")
     return cfg
@@ -122,16 +123,18 @@ def export_decoder(
     if gguf.looks_like_gguf(src):  # a GGUF is dequantized once into a cached HF directory, then exported as one
         gguf_info = gguf.read_gguf(src)
     else:
+        check_sidecar_links(src, hf_source_root(src))  # before anything is read from it
         read_hf_config(src)
     check_io_paths([given], out_dir)
     check_output_dir(out_dir, force)
     start = time.perf_counter()
     if gguf_info is not None:
         src, gguf_info = gguf.convert_gguf(gguf_info, log=log)
+        check_sidecar_links(src, hf_source_root(src))
         read_hf_config(src)
         check_io_paths([given, src], out_dir)
     model = load_hf_model(src, dtype)
-    info = describe(model.config)
+    info = describe(model.config, model)  # refuses a model without a standard KV cache
     log(f"loaded {info['architecture']} ({info['family']}): {info['num_layers']} layers, hidden {info['hidden_size']}, "
         f"{info['num_attention_heads']} heads / {info['num_kv_heads']} KV heads, {dtype}")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

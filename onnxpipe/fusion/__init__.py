@@ -70,12 +70,12 @@ def optimize_model(
     checker = pipeline.Checker(manifest, dtype, providers, decode_steps, ctx) if verify else None
     on = "" if not verify or target == "cpu" or providers[0] != "CPUExecutionProvider" else (
         " on the CPU EP: this onnxruntime has no CUDA EP")
-    log(f"optimizing {src.path} at level {level} for {target} ({len(selected)} passes"
-        f"{', each checked' + on if verify else ', unchecked'})")
     # the output's lock is held from here to the end: a second run on the same output refuses at once; pass
     # snapshots of models over 2 GiB live in a marked temporary directory beside the output until it is written
     with output_lock(out_dir), temp_dir(out_dir, "snapshots") as spill:
         remove_stale_temp(out_dir)  # what killed runs left beside this output (never a user's directory)
+        log(f"optimizing {src.path} at level {level} for {target} ({len(selected)} passes"
+            f"{', each checked' + on if verify else ', unchecked'})")
         model, reports, final = _run(model, selected, ctx, checker, src.model_path, spill, log)
         _check_io_unchanged(model, manifest)
         if final is not None:
