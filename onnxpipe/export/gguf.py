@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import shutil
+import struct
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +34,19 @@ MAGIC = b"GGUF"
 SOURCE_RECORD = "source.json"
 CONVERSION_VERSION = 1  # bump when the conversion changes what it writes; part of the cache key
 INSTALL_HINT = "pip install 'gguf>=0.10' 'accelerate>=1.0'"
+
+# The header is walked and bounded here before gguf-py reads it: gguf-py trusts every count and length (a hostile
+# array count made it loop, appending one numpy view per item, until memory ran out). Real files are far inside
+# these: ~30 metadata keys, a few hundred tensors, vocabularies and merge lists of at most a few hundred thousand.
+SUPPORTED_VERSIONS = (2, 3)
+MAX_KV = 1 << 16  # metadata keys
+MAX_TENSORS = 1 << 20
+MAX_ARRAY_ITEMS = 1 << 21  # items of one metadata array
+MAX_HEADER_ITEMS = 1 << 22  # metadata array items in all (gguf-py keeps one numpy view per item)
+MAX_KEY_BYTES = 1 << 16  # the format's own limit on key length
+MAX_DIMS = 4  # GGML_MAX_DIMS
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> size
+_STRING, _ARRAY = 8, 9
 
 # GGUF general.architecture -> the transformers model_type it loads as (and our arch spec). Only architectures
 # whose GGUF round trip is tested here are listed; transformers knows more, our exporter may not.
@@ -109,16 +124,19 @@ def read_gguf(src: str | os.PathLike[str]) -> GGUFInfo:
     """Read and validate a GGUF's header: a supported architecture and only supported tensor types."""
     path = resolve_gguf_file(src)
     gguf = _import_gguf()
+    check_header(path)
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError, ... on a broken file
         raise OnnxpipeError(f"{path}: unreadable GGUF ({_first_line(e)})") from None
     arch = _field(reader, "general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
         raise OnnxpipeError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
     name = _field(reader, "general.name")
+    if name is not None and not isinstance(name, str):
+        name = None  # a malformed name is left out of the record, as an absent one
     counts = Counter(t.tensor_type.name for t in reader.tensors)
     bad = sorted(set(counts) - set(SUPPORTED_TENSOR_TYPES))
     if bad:
@@ -140,6 +158,104 @@ def read_gguf(src: str | os.PathLike[str]) -> GGUFInfo:
         size_bytes=path.stat().st_size,
         special_token_ids=_special_token_ids(reader),
     )
+
+
+class _Header:
+    """Bounds-checked reads from a mapped GGUF: each says what it was reading when the file runs out."""
+
+    def __init__(self, path: Path, data: Any, order: str):
+        self.path, self.data, self.order, self.pos = path, data, order, 0
+        self.items = 0  # metadata array items so far
+
+    def fail(self, what: str) -> OnnxpipeError:
+        return OnnxpipeError(f"{self.path}: not a valid GGUF header: {what}")
+
+    def take(self, size: int, what: str) -> int:
+        """Skip ``size`` bytes (the offset they start at), refusing any that run past the end of the file."""
+        if size < 0 or self.pos + size > len(self.data):
+            raise self.fail(f"{what} runs past the end of the file (offset {self.pos}, {len(self.data)} bytes)")
+        start, self.pos = self.pos, self.pos + size
+        return start
+
+    def uint(self, size: int, what: str) -> int:
+        fmt = {4: "I", 8: "Q"}[size]
+        return struct.unpack_from(self.order + fmt, self.data, self.take(size, what))[0]
+
+    def string(self, what: str, limit: int | None = None) -> int:
+        length = self.uint(8, f"the length of {what}")
+        if limit is not None and length > limit:
+            raise self.fail(f"{what} is {length} bytes long (at most {limit})")
+        self.take(length, what)
+        return length
+
+    def value(self, kind: int, what: str, depth: int = 0) -> None:
+        if kind in _SCALAR_BYTES:
+            self.take(_SCALAR_BYTES[kind], what)
+        elif kind == _STRING:
+            self.string(what)
+        elif kind == _ARRAY:
+            item = self.uint(4, f"the item type of {what}")
+            count = self.uint(8, f"the length of {what}")
+            self.items += count
+            if count > MAX_ARRAY_ITEMS or self.items > MAX_HEADER_ITEMS:
+                raise self.fail(f"{what} holds {count} items (at most {MAX_ARRAY_ITEMS} per array and "
+                                f"{MAX_HEADER_ITEMS} in all)")
+            if item in _SCALAR_BYTES:
+                self.take(count * _SCALAR_BYTES[item], what)
+            elif item == _STRING:
+                for _ in range(count):
+                    self.string(f"a string of {what}")
+            elif item == _ARRAY and depth == 0:
+                for _ in range(count):
+                    self.value(item, f"an array of {what}", depth + 1)
+            else:
+                raise self.fail(f"{what} is an array of unknown or too deeply nested type {item}")
+        else:
+            raise self.fail(f"{what} has unknown value type {kind}")
+
+
+def check_header(path: Path) -> None:
+    """Walk a GGUF's header (magic, version, counts, every key, value and tensor description) and refuse, in one
+    line naming the file, any count or length the file cannot hold or that passes the limits above, before gguf-py
+    allocates anything for it. Reads through a memory map: nothing is loaded."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise OnnxpipeError(f"{path}: not a valid GGUF header: the file is {size} bytes, shorter than a header")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                _walk_header(path, data)
+    except OSError as e:
+        raise OnnxpipeError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _walk_header(path: Path, data: Any) -> None:
+    if bytes(data[:4]) != MAGIC:
+        raise OnnxpipeError(f"{path}: not a GGUF file (the first bytes are not 'GGUF')")
+    raw = struct.unpack_from("<I", data, 4)[0]
+    order = "<" if raw & 0xFFFF else ">"  # a version of 0 in its low bytes: a file of the other byte order
+    h = _Header(path, data, order)
+    h.take(4, "the magic")
+    version = h.uint(4, "the version")
+    if version not in SUPPORTED_VERSIONS:
+        raise h.fail(f"version {version} (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
+    tensors = h.uint(8, "the tensor count")
+    kvs = h.uint(8, "the metadata count")
+    room = len(data) - h.pos
+    if kvs > MAX_KV or kvs * 13 > room:  # a key/value takes >= 13 bytes: 8 (key length) + 1 + 4 (type)
+        raise h.fail(f"{kvs} metadata entries (at most {MAX_KV}, and the file has room for {room // 13})")
+    if tensors > MAX_TENSORS or tensors * 24 > room:  # a tensor description takes >= 24 bytes
+        raise h.fail(f"{tensors} tensors (at most {MAX_TENSORS}, and the file has room for {room // 24})")
+    for i in range(kvs):
+        h.string(f"metadata key {i}", MAX_KEY_BYTES)
+        kind = h.uint(4, f"the type of metadata entry {i}")
+        h.value(kind, f"metadata entry {i}")
+    for i in range(tensors):
+        h.string(f"the name of tensor {i}", MAX_KEY_BYTES)
+        dims = h.uint(4, f"the dimension count of tensor {i}")
+        if dims > MAX_DIMS:
+            raise h.fail(f"tensor {i} has {dims} dimensions (at most {MAX_DIMS})")
+        h.take(8 * dims + 4 + 8, f"the description of tensor {i}")
 
 
 def cache_root() -> Path:
@@ -249,12 +365,14 @@ def _field(reader: Any, key: str) -> Any:
 
 
 def _special_token_ids(reader: Any) -> dict[str, int]:
-    ids = {}
+    ids: dict[str, int] = {}
     for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
                       ("unk", "unknown_token_id")):
         value = _field(reader, f"tokenizer.ggml.{key}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            ids[role] = int(value)
+        if isinstance(value, float) and value.is_integer():  # NaN and infinities are not
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            ids[role] = value
     return ids
 
 
@@ -273,8 +391,8 @@ def _file_type_name(gguf: Any, value: Any) -> str | None:
         return None
     try:
         return gguf.LlamaFileType(int(value)).name
-    except (ValueError, TypeError):
-        return str(value)
+    except (ValueError, TypeError, OverflowError):
+        return str(value)[:100]
 
 
 def _magic(path: Path) -> bytes:
