@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from onnxpipe.cli import main
 
 
-def cli(*args: object):  # noqa: ANN201
+def cli(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def one_line_error(result, *fragments: str) -> str:  # noqa: ANN001
+def one_line_error(result, *fragments: str) -> str:
     """The command failed with one line (no traceback, no `unexpected`) holding every fragment; returns the line."""
     assert result.exit_code not in (0, None), result.output
     assert "Traceback" not in result.output, result.output

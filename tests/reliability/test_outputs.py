@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cli_checks import cli, digest, one_line_error
+
 from onnxpipe.artifact import atomic_output_dir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.outputs import check_io_paths, output_lock
@@ -133,7 +133,7 @@ def test_failed_final_rename_moves_the_old_target_back(tmp_path: Path, monkeypat
     out = _onnxpipe_dir(tmp_path / "out", "old")
     real_replace = os.replace
 
-    def failing(src, dst):  # noqa: ANN001, ANN202
+    def failing(src, dst):
         if Path(dst) == out and Path(src).name.startswith(".onnxpipe-tmp-out-") and "-old-" not in Path(src).name:
             raise OSError(28, "No space left on device")
         return real_replace(src, dst)
