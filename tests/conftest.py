@@ -62,3 +62,27 @@ def cuda_form(tiny_onnx: Callable[..., Path], tmp_path_factory: pytest.TempPathF
         return cache[family]
 
     return build
+
+
+
+# The fast tier (`make test-fast`, `pytest -m fast`) for the edit loop: the tests that build no model. A test builds
+# one when it uses a fixture of the tiny_hf chain (tiny_onnx, cuda_form, and the model fixtures of tests/runtime
+# and tests/score start there) or when its module (or its directory's conftest.py) calls a model-building function
+# itself; both are found here, so a new test needs no marker of its own.
+BUILDS_MODEL = ("make_tiny_model", "export_decoder", "optimize_model", "quantize_model", "from_pretrained")
+_builds: dict[Path, bool] = {}
+
+
+def _module_builds_model(path: Path) -> bool:
+    if path not in _builds:
+        sources = [path] + ([path.parent / "conftest.py"] if path.parent != Path(__file__).parent else [])
+        text = "".join(p.read_text() for p in sources if p.is_file())
+        _builds[path] = any(name in text for name in BUILDS_MODEL)
+    return _builds[path]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        builds = "tiny_hf" in getattr(item, "fixturenames", ()) or _module_builds_model(Path(item.path))
+        if not builds and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
