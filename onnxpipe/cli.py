@@ -273,44 +273,58 @@ def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_
               help="static, dynamic: migrate activation outliers into weights first (alpha in (0, 1], 0.5 is usual); "
                    "static also takes auto: one alpha per smoothing group, chosen by that group's int8 output error on "
                    "calibration windows its scales and ranges were not fitted on.")
-@click.option("--block-size", type=int, default=32, show_default=True,
+@click.option("--block-size", type=int, default=None,
               help="int4: weights per scale along the input axis (a power of two >= 16, as MatMulNBits); 0 = one scale "
-                   "per output channel, written as uint4 DequantizeLinear -> MatMul (opset 21; rtn and gptq).")
-@click.option("--algo", type=click.Choice(["rtn", "gptq", "hqq"]), default="rtn", show_default=True, help="int4 algorithm.")
+                   "per output channel, written as uint4 DequantizeLinear -> MatMul (opset 21; rtn and gptq). "
+                   "[default: chosen, see --algo]")
+@click.option("--algo", type=click.Choice(["rtn", "gptq", "hqq"]), default=None,
+              help="int4 algorithm. [default: chosen: RTN block 128, RTN block 32, RTN block 32 float zero points, "
+                   "then the same with GPTQ (when calibration text is at hand), the first within --max-ppl-increase "
+                   "on held-out eval text; --algo, --block-size and --zero-points pin what they name]")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="int4: MatMulNBits compute type (4 = int8, fast on CPU; 0 = unset).")
 @click.option("--symmetric", is_flag=True,
               help="int4 rtn: a grid centred on 0 with no zero points (ORT's CUDA kernel reads it faster; RTN error a little larger).")
-@click.option("--zero-points", "zero_points", type=click.Choice(["int", "float"]), default="int", show_default=True,
+@click.option("--zero-points", "zero_points", type=click.Choice(["int", "float"]), default=None,
               help="int4 rtn/gptq: float = each block's exact min-max grid (no integer rounding of its minimum; "
                    "nearly lossless for weights that came from GGUF Q4_1 blocks), kept on the fast integer kernel "
-                   "by a small correction matmul; fp32 weights only.")
+                   "by a small correction matmul; fp32 weights only. [default: chosen, see --algo]")
 @click.option("--lm-head", type=click.Choice(["auto", "fp32", "int8", "int4"]), default="auto", show_default=True,
               help="LM head precision (auto: 8-bit per vocabulary row, one table with the embedding when tied; left fp16 under --mode fp16 and for an fp16 input).")
 @click.option("--embeddings", type=click.Choice(["auto", "fp32", "int8"]), default="auto", show_default=True,
               help="Token embedding table (auto: 8-bit per row, except under fp16 and for an fp16 input).")
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Held-out text for the quality report [default: data/eval.txt].")
-@click.option("--eval-tokens", type=click.IntRange(2, None), default=None, help="Score only the first N tokens of the eval text.")
+@click.option("--eval-tokens", type=int, default=None,
+              help="Tokens of the eval text the quality report scores, from its start (at least 256); a choice among "
+                   "candidates is judged on the next min(N, 4096). [default: 8192]")
 @click.option("--calib-samples", type=click.IntRange(1, 4096), default=32, show_default=True, help="Calibration samples (at most).")
 @click.option("--calib-seq-len", type=click.IntRange(2, 8192), default=128, show_default=True, help="Prefill tokens per calibration sample.")
 @click.option("--max-ppl-increase", type=finite(), default=None, metavar="PCT",
-              help="Fail, writing nothing, if perplexity rises more than PCT percent.")
+              help="Fail, writing nothing, if perplexity on the report's tokens rises more than PCT percent. "
+                   "[default: dynamic 2, static 2, int4 5, fp16 1]")
+@click.option("--min-greedy-agreement", type=click.FloatRange(0, 100), default=None, metavar="PCT",
+              help="Fail, writing nothing, if the decode path's greedy agreement with the input (near ties counted) "
+                   "is below PCT percent. [default: 80]")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str, per_channel: bool,
              static_float_layers: int,
-             activations: str, smoothquant: float | str | None, block_size: int, algo: str, accuracy_level: int, symmetric: bool,
-             zero_points: str, lm_head: str, embeddings: str,
+             activations: str, smoothquant: float | str | None, block_size: int | None, algo: str | None, accuracy_level: int, symmetric: bool,
+             zero_points: str | None, lm_head: str, embeddings: str,
              eval_file: Path | None, eval_tokens: int | None, calib_samples: int, calib_seq_len: int,
-             max_ppl_increase: float | None, force: bool) -> None:
-    """Quantize a model directory (exported or optimized) and report its quality against the input."""
+             max_ppl_increase: float | None, min_greedy_agreement: float | None, force: bool) -> None:
+    """Quantize a model directory (exported or optimized) and report its quality against the input.
+
+    The result must pass a quality gate on held-out text (perplexity within --max-ppl-increase, greedy agreement
+    on the decode path), or nothing is written and the error says how to accept it."""
     from onnxpipe.quant import describe_result, quantize_model
     from onnxpipe.quant.calibration import CalibrationConfig
 
     result = quantize_model(
         in_dir, out_dir, mode, force=force, log=_log, progress=_progress_bars(), calibration=calibration,
         method=method, per_channel=per_channel, static_float_layers=static_float_layers, activations=activations, smoothquant=smoothquant, block_size=block_size, algo=algo,
-        accuracy_level=accuracy_level, symmetric=symmetric, float_zero_points=zero_points == "float", lm_head=lm_head, embeddings=embeddings, eval_file=eval_file, max_eval_tokens=eval_tokens,
+        accuracy_level=accuracy_level, symmetric=symmetric, float_zero_points=None if zero_points is None else zero_points == "float", lm_head=lm_head, embeddings=embeddings, eval_file=eval_file, max_eval_tokens=eval_tokens,
         max_ppl_increase=max_ppl_increase, calib=CalibrationConfig(max_samples=calib_samples, prefill_len=calib_seq_len),
+        min_greedy_agreement=None if min_greedy_agreement is None else min_greedy_agreement / 100,
     )
     click.echo(describe_result(result))
 

@@ -15,7 +15,7 @@ after each layer is quantized), like ORT's and most one-shot ONNX GPTQ implement
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -152,8 +152,10 @@ def exact_grid(shape: tuple[int, int], group_size: int, float_zero_points: bool)
 
 
 def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, np.ndarray]], group_size: int,
-                        accuracy_level: int, float_zero_points: bool = False) -> dict[str, Any]:
+                        accuracy_level: int, float_zero_points: bool = False,
+                        progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Replace each named MatMul by a MatMulNBits holding its GPTQ weights; in place. Returns a small report.
+    ``progress(done, total)`` after each layer.
 
     ``group_size`` 0: one group per output channel (the whole of K), written as DequantizeLinear (uint4, per
     axis) -> MatMul instead (``dequantize_linear_nodes``): MatMulNBits needs a power-of-two block."""
@@ -183,6 +185,8 @@ def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, 
                 graph.node.insert(index + offset, new)
             graph.initializer.extend(new_inits)
             reduction.append(_proxy_loss_ratio(weight, qw, hessians[x], group))
+            if progress:
+                progress(len(reduction), sum(len(m) for m in groups.values()))
     if sums:  # shared block sums sit beside the first layer that read them
         from onnxpipe.quant.graph import topological_sort
 

@@ -7,6 +7,7 @@ on the decode path (parity.py); refuse to write anything if perplexity rose more
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
 from onnxpipe.quant.calibration import CalibrationConfig
+from onnxpipe.quant.quality import MIN_EVAL_TOKENS
 
 MODES = ("dynamic", "static", "int4", "fp16")
 METHODS = ("minmax", "entropy", "percentile")
@@ -56,17 +58,19 @@ class QuantizeConfig:
     # static, dynamic: SmoothQuant migration strength alpha in (0, 1]; static also "auto" (layer_alpha.py: one
     # alpha per smoothing group, chosen by that group's int8 output error on held-out calibration windows)
     smoothquant: float | str | None = None
-    block_size: int = 32  # int4: weights per scale along the input dimension; 0: per output channel (int4.py)
-    algo: str = "rtn"  # int4: rtn | gptq | hqq
+    # int4: the three below left None are chosen by the default (int4.int4_candidates); a value pins it
+    block_size: int | None = None  # int4: weights per scale along the input dimension; 0: per output channel (int4.py)
+    algo: str | None = None  # int4: rtn | gptq | hqq
     accuracy_level: int = 4  # int4: MatMulNBits compute type; 4 = int8 activations (fast on CPU)
     symmetric: bool = False  # int4 rtn: a grid centred on 0, no zero points (faster CUDA kernel)
-    float_zero_points: bool = False  # int4 rtn/gptq: each block's exact min-max grid (gptq.group_params exact)
+    float_zero_points: bool | None = None  # int4 rtn/gptq: each block's exact min-max grid (gptq.group_params exact)
     lm_head: str = "auto"  # auto/int8: 8-bit per vocabulary row (embedding.py); fp32; int4 (int4 mode only)
     embeddings: str = "auto"  # auto/int8: token table 8-bit per row, shared with a tied head; fp32
     eval_file: Path | None = None
-    max_eval_tokens: int | None = None
+    max_eval_tokens: int | None = None  # the report's tokens; quality.DEFAULT_EVAL_TOKENS unless set
     eval_context: int | None = None
-    max_ppl_increase: float | None = None  # percent
+    max_ppl_increase: float | None = None  # percent; quality.DEFAULT_BUDGET_PCT[mode] unless set
+    min_greedy_agreement: float | None = None  # fraction; quality.MIN_GREEDY_AGREEMENT unless set
     calib: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def params(self) -> dict[str, Any]:
@@ -84,7 +88,7 @@ class QuantizeConfig:
         if self.needs_calibration():
             p.update(calibration=str(self.calibration), calibration_config=self.calib.to_json())
         p.update(eval_file=str(self.eval_file) if self.eval_file else None, max_eval_tokens=self.max_eval_tokens,
-                 max_ppl_increase=self.max_ppl_increase)
+                 max_ppl_increase=self.max_ppl_increase, min_greedy_agreement=self.min_greedy_agreement)
         return p
 
     def needs_calibration(self) -> bool:
@@ -105,7 +109,7 @@ def validate(cfg: QuantizeConfig) -> None:
         raise OnnxpipeError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if cfg.method not in METHODS:
         raise OnnxpipeError(f"unknown calibration method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    if cfg.algo not in ALGOS:
+    if cfg.algo is not None and cfg.algo not in ALGOS:
         raise OnnxpipeError(f"unknown int4 algorithm {cfg.algo!r}; choose one of {', '.join(ALGOS)}")
     if cfg.activations not in ACTIVATION_SCALES:
         raise OnnxpipeError(f"unknown activation scale {cfg.activations!r}; choose one of {', '.join(ACTIVATION_SCALES)}")
@@ -123,13 +127,13 @@ def validate(cfg: QuantizeConfig) -> None:
                 raise OnnxpipeError("--smoothquant auto applies to --mode static; pass an alpha in (0, 1] for dynamic")
         elif isinstance(cfg.smoothquant, str) or not 0.0 < cfg.smoothquant <= 1.0:
             raise OnnxpipeError(f"--smoothquant alpha must be in (0, 1] or auto, got {cfg.smoothquant}")
-    if cfg.block_size != 0 and (cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1)):
+    if cfg.block_size not in (None, 0) and (cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1)):
         raise OnnxpipeError(f"--block-size must be a power of two >= 16, or 0 for per channel; got {cfg.block_size}")
     if cfg.mode == "int4" and cfg.block_size == 0 and cfg.algo == "hqq":
         raise OnnxpipeError("--block-size 0 (per channel) supports --algo rtn and gptq, not hqq")
-    if cfg.symmetric and not (cfg.mode == "int4" and cfg.algo == "rtn" and cfg.block_size != 0):
+    if cfg.symmetric and not (cfg.mode == "int4" and cfg.algo in (None, "rtn") and cfg.block_size != 0):
         raise OnnxpipeError("--symmetric applies to --mode int4 --algo rtn with a block size (not per channel)")
-    if cfg.float_zero_points and not (cfg.mode == "int4" and cfg.algo in ("rtn", "gptq") and cfg.block_size != 0
+    if cfg.float_zero_points and not (cfg.mode == "int4" and cfg.algo in (None, "rtn", "gptq") and cfg.block_size != 0
                                       and not cfg.symmetric):
         raise OnnxpipeError("--zero-points float applies to --mode int4 --algo rtn or gptq with a block size, "
                             "without --symmetric (hqq writes float zero points of its own)")
@@ -139,8 +143,13 @@ def validate(cfg: QuantizeConfig) -> None:
         raise OnnxpipeError("--static-float-layers applies to --mode static only")
     if cfg.accuracy_level not in (0, 1, 2, 3, 4):
         raise OnnxpipeError(f"--accuracy-level must be 0..4, got {cfg.accuracy_level}")
-    if cfg.max_ppl_increase is not None and cfg.max_ppl_increase < 0:
-        raise OnnxpipeError(f"--max-ppl-increase must be >= 0 (percent), got {cfg.max_ppl_increase}")
+    if cfg.max_ppl_increase is not None and not (math.isfinite(cfg.max_ppl_increase) and cfg.max_ppl_increase >= 0):
+        raise OnnxpipeError(f"--max-ppl-increase must be a finite number >= 0 (percent), got {cfg.max_ppl_increase}")
+    if cfg.min_greedy_agreement is not None and not 0.0 <= cfg.min_greedy_agreement <= 1.0:
+        raise OnnxpipeError(f"--min-greedy-agreement must be in [0, 100] (percent), got {cfg.min_greedy_agreement * 100:g}")
+    if cfg.max_eval_tokens is not None and cfg.max_eval_tokens < MIN_EVAL_TOKENS:
+        raise OnnxpipeError(f"--eval-tokens must be at least {MIN_EVAL_TOKENS} (fewer make the perplexity change "
+                            f"mostly noise), got {cfg.max_eval_tokens}")
     if cfg.embeddings not in EMBEDDING_CHOICES:
         raise OnnxpipeError(f"unknown --embeddings {cfg.embeddings!r}; choose one of {', '.join(EMBEDDING_CHOICES)}")
     if cfg.mode == "fp16" and "int8" in (cfg.lm_head, cfg.embeddings):
@@ -171,60 +180,177 @@ def quantize_model(
     progress: Progress | None = None,
     **options: Any,
 ) -> QuantizeResult:
-    """Quantize the model directory ``in_dir`` into ``out_dir``; options are QuantizeConfig's fields."""
+    """Quantize the model directory ``in_dir`` into ``out_dir``; options are QuantizeConfig's fields.
+
+    Options left unset are chosen (int4: int4.int4_candidates, the first within the budget on the selection
+    text); the result must pass the gate (quality.Gate) on the report's text, or nothing is written."""
     start = time.perf_counter()
     cfg = QuantizeConfig(mode=mode, **options)
+    if cfg.mode == "int4" and cfg.calibration is None and cfg.algo in (None, "gptq"):
+        cfg.calibration = find_calibration_file()  # the default may try GPTQ where calibration text is at hand
     validate(cfg)
+    cfg = _with_defaults(cfg)
     src = ModelDir.open(in_dir)
     refuse_quantized_input(src)
     cfg = _for_input_dtype(cfg, src)
     out_dir = Path(out_dir)
     check_io_paths([src.path], out_dir)
     check_output_dir(out_dir, force)
-    samples, eval_ids, context = _read_texts(src, cfg, log)
+    choices = _choices(cfg, src)
+    selecting = len(choices) > 1 or (cfg.mode == "dynamic" and cfg.activations == "auto")
+    samples, text = _read_texts(src, cfg, any(c.needs_calibration() for c in choices), selecting, log)
+    from onnxpipe.quant.quality import Gate, SelectionJudge, eval_provider, quality_report
+
+    provider = eval_provider(src.manifest)
+    gate = Gate(cfg.max_ppl_increase, cfg.min_greedy_agreement)
+    log(f"{text.describe()}; on {provider}; budget: perplexity +{gate.max_ppl_increase:g}%, decode-path greedy "
+        f"agreement >= {gate.min_greedy_agreement:.0%}")
+    judge = None if text.select_ids is None else SelectionJudge(
+        src.model_path, src.manifest, text.select_ids, text.context, provider, progress)
 
     with atomic_output_dir(out_dir, force=force, inputs=[src.path]) as tmp:
-        details = _run_mode(src, tmp / MODEL_FILE, cfg, samples, log, progress)
+        if len(choices) > 1:
+            cfg, details, choice = _choose(src, tmp, choices, samples, judge, gate, log, progress)
+        else:
+            cfg, choice = choices[0], None
+            details = _run_mode(src, tmp / MODEL_FILE, cfg, samples, log, progress, selection=judge)
         copy_sidecar_files(src.path, tmp)
         manifest = _output_manifest(src.manifest, tmp / MODEL_FILE, cfg)
         check = _decode_check(src, tmp / MODEL_FILE, manifest, cfg)
-        log(f"decode-path check vs input: {check.summary()}")
-        log(f"measuring quality on {cfg.eval_file} ({len(eval_ids)} tokens, windows of {context})...")
-        from onnxpipe.quant.quality import quality_report
-
+        judged = "" if check.passed is not None else (" -- recorded, not judged (random prompts; the quality gate "
+                                                      "below judges integer modes)")
+        log(f"decode-path check vs input: {check.summary()}{judged}")
+        log(f"measuring quality on {len(text.report_ids):,} tokens of {text.file} (windows of {text.context})...")
         quality = quality_report(
-            src.model_path, tmp / MODEL_FILE, src.manifest, manifest, eval_ids, context, str(cfg.eval_file),
-            progress=(lambda d, t: progress("evaluating", d, t)) if progress else None,
+            src.model_path, tmp / MODEL_FILE, src.manifest, manifest, text.report_ids, text.context, text.file,
+            progress=(lambda d, t: progress("quality report", d, t)) if progress else None, provider=provider,
         )
-        log(f"quality: {quality.summary()}")
+        checks = gate.judge(quality)
+        log("quality (report text):\n" + "\n".join(f"  {c.line()}" for c in checks))
         if check.passed is False:
             raise OnnxpipeError(
                 f"decode-path check failed: rel err {check.rel_err:.3g} > {check.tolerance:g}; nothing was written"
             )
-        if cfg.max_ppl_increase is not None and quality.ppl_change_pct > cfg.max_ppl_increase:
-            raise OnnxpipeError(
-                f"perplexity rose {quality.ppl_change_pct:.2f}% ({quality.ppl_before:.3f} -> {quality.ppl_after:.3f}), "
-                f"more than --max-ppl-increase {cfg.max_ppl_increase:g}%; nothing was written"
-            )
+        failed = [c for c in checks if c.passed is False]
+        if failed:
+            raise OnnxpipeError(_refusal(failed, quality, gate, cfg, choice))
         step = {
             "stage": "quantize",
             "params": cfg.params(),
             "details": details,
             "quality": quality.to_json(),
+            "gate": {"max_ppl_increase": gate.max_ppl_increase, "min_greedy_agreement": gate.min_greedy_agreement,
+                     "checks": [c.to_json() for c in checks], "passed": True},
             "check": check.to_json(),
             "versions": _versions(),
             "seconds": round(time.perf_counter() - start, 2),
         }
+        if choice is not None:
+            step["choice"] = choice
         manifest.steps.append(step)
         write_manifest(tmp, manifest)
-        write_genai_config(tmp, manifest)
     return QuantizeResult(ModelDir.open(out_dir), step, time.perf_counter() - start)
 
 
-def _read_texts(src: ModelDir, cfg: QuantizeConfig, log: Log) -> tuple[np.ndarray | None, np.ndarray, int]:
-    """Calibration samples (when the mode needs them) and eval token ids, read and checked before any work."""
+def _with_defaults(cfg: QuantizeConfig) -> QuantizeConfig:
+    """The values that unset options stand for: the mode's budget, the greedy floor, the report's tokens."""
+    import dataclasses
+
+    from onnxpipe.quant.quality import DEFAULT_BUDGET_PCT, DEFAULT_EVAL_TOKENS, MIN_GREEDY_AGREEMENT
+
+    return dataclasses.replace(
+        cfg,
+        max_ppl_increase=DEFAULT_BUDGET_PCT[cfg.mode] if cfg.max_ppl_increase is None else cfg.max_ppl_increase,
+        min_greedy_agreement=MIN_GREEDY_AGREEMENT if cfg.min_greedy_agreement is None else cfg.min_greedy_agreement,
+        max_eval_tokens=DEFAULT_EVAL_TOKENS if cfg.max_eval_tokens is None else cfg.max_eval_tokens,
+    )
+
+
+def _choices(cfg: QuantizeConfig, src: ModelDir) -> list[QuantizeConfig]:
+    """Every configuration the default may write, fully set, in the order they are tried (one when the options
+    leave nothing to choose)."""
+    import dataclasses
+
+    if cfg.mode != "int4":
+        return [cfg]
+    from onnxpipe.quant.int4 import int4_candidates
+
+    fp32 = src.manifest.graph.get("dtype", "fp32") == "fp32"
+    found = int4_candidates(cfg.algo, cfg.block_size, cfg.float_zero_points, symmetric=cfg.symmetric,
+                            calibration=cfg.calibration is not None, fp32_weights=fp32)
+    return [dataclasses.replace(cfg, algo=c.algo, block_size=c.block_size, float_zero_points=c.float_zero_points)
+            for c in found]
+
+
+def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np.ndarray | None, judge: Any,
+            gate: Any, log: Log, progress: Progress | None) -> tuple[QuantizeConfig, dict[str, Any], dict[str, Any]]:
+    """Each choice built beside the output and scored on the selection text, in order; the first within the gate
+    is moved into ``tmp`` and kept. None within it: an error naming the best and how to accept it."""
+    import shutil
+
+    from onnxpipe.quant.int4 import Int4Choice
+
+    labels = [Int4Choice(c.algo, c.block_size, bool(c.float_zero_points)) for c in choices]
+    log(f"{choices[0].mode}: trying up to {len(choices)} choices in order, keeping the first within the budget on "
+        f"the selection text ({len(judge.token_ids):,} tokens): " + "; ".join(c.label() for c in labels))
+    log(f"  {'choice':<38} {'ppl change (95%)':>18} {'top-1':>7} {'greedy (ties)':>15} {'size MB':>8}  verdict")
+    rows: list[dict[str, Any]] = []
+    for i, (cfg, label) in enumerate(zip(choices, labels)):
+        work = tmp / f"choice-{i}"
+        work.mkdir()
+        details = _run_mode(src, work / MODEL_FILE, cfg, samples, lambda msg: None, progress)
+        score = judge.score(work / MODEL_FILE, _output_manifest(src.manifest, work / MODEL_FILE, cfg),
+                            f"selection text, choice {i + 1}/{len(choices)}")
+        ppl = gate.ppl_check(score.ppl_change_pct, score.ppl_change_ci95_pct)
+        greedy = gate.greedy_check(score.greedy_agreement, score.greedy_agreement_ties, score.greedy_positions)
+        ok = bool(ppl.passed and greedy.passed)
+        verdict = "within the budget: chosen" if ok else (
+            "over the perplexity budget" if not ppl.passed else "greedy agreement collapsed")
+        rows.append({"choice": label.label(), "options": label.options(), **score.to_json(), "verdict": verdict})
+        log(f"  {label.label():<38} {score.ppl_change_pct:+8.2f}% ± {score.ppl_change_ci95_pct:5.2f}% "
+            f"{score.top1_agreement:7.1%} {score.greedy_agreement:7.1%} ({score.greedy_agreement_ties:4.0%}) "
+            f"{score.size / 1e6:8.2f}  {verdict}")
+        if ok:
+            for f in work.iterdir():
+                f.rename(tmp / f.name)
+            work.rmdir()
+            log(f"chose {label.label()}: the first of the {len(choices)} in order of cost and size within "
+                f"+{gate.max_ppl_increase:g}% on the selection text")
+            return cfg, details, {"selection_tokens": int(len(judge.token_ids)), "tried": rows, "chosen": label.label()}
+        shutil.rmtree(work)
+    best = min(rows, key=lambda r: r["ppl_change_pct"])
+    accept = list(best["options"])  # the report may differ a little from the selection: a margin on each
+    if best["ppl_change_pct"] > gate.max_ppl_increase:
+        accept.append(f"--max-ppl-increase {math.ceil(best['ppl_change_pct'] + best['ppl_change_ci95_pct']) + 1}")
+    if best["greedy_agreement_ties"] < gate.min_greedy_agreement:
+        accept.append(f"--min-greedy-agreement {max(0, math.floor(100 * best['greedy_agreement_ties']) - 10)}")
+    raise OnnxpipeError(
+        f"no {choices[0].mode} choice passed the gate on the selection text (perplexity +{gate.max_ppl_increase:g}%, "
+        f"greedy agreement >= {gate.min_greedy_agreement:.0%}); the best was {best['choice']} at "
+        f"{best['ppl_change_pct']:+.2f}% (greedy agreement {best['greedy_agreement_ties']:.0%} with near ties); "
+        f"nothing was written. To accept it: {' '.join(accept)}")
+
+
+def _refusal(failed: list[Any], quality: Any, gate: Any, cfg: QuantizeConfig, choice: dict[str, Any] | None) -> str:
+    """The one-line error of a result that failed the gate on the report's text, with how to accept it."""
+    accept = []
+    if choice is not None:
+        accept += next(r["options"] for r in choice["tried"] if r["choice"] == choice["chosen"])
+    if quality.ppl_change_pct > gate.max_ppl_increase:
+        accept.append(f"--max-ppl-increase {math.ceil(quality.ppl_change_pct) + 1}")
+    if quality.greedy_agreement_ties is not None and quality.greedy_agreement_ties < gate.min_greedy_agreement:
+        accept.append(f"--min-greedy-agreement {math.floor(100 * quality.greedy_agreement_ties)}")
+    what = "; ".join(f"{c.name} {c.value}: {c.verdict}" for c in failed)
+    return f"the quantized model failed the quality gate on the report text: {what}; nothing was written. " \
+           f"To accept it: {' '.join(accept)}"
+
+
+def _read_texts(src: ModelDir, cfg: QuantizeConfig, calibrate: bool, selecting: bool,
+                log: Log) -> tuple[np.ndarray | None, Any]:
+    """Calibration samples (when a choice needs them) and the eval text split into the report's tokens and the
+    selection's (quality.split_eval), read and checked before any work."""
     from onnxpipe.quant.calibration import calibration_samples
-    from onnxpipe.quant.quality import default_context
+    from onnxpipe.quant.quality import DEFAULT_SELECT_TOKENS, default_context, split_eval
     from onnxpipe.quant.text import load_tokenizer, read_documents, tokenize_documents
 
     cfg.eval_file = resolve_eval_file(cfg.eval_file)
@@ -232,13 +358,14 @@ def _read_texts(src: ModelDir, cfg: QuantizeConfig, log: Log) -> tuple[np.ndarra
     samples = None
     if cfg.mode == "dynamic" and cfg.needs_calibration() and cfg.calibration is None:
         cfg.calibration = default_calibration_file()
-    if cfg.calibration is not None and cfg.needs_calibration():
+    if cfg.calibration is not None and calibrate:
         samples = calibration_samples(tokenizer, cfg.calibration, cfg.calib)
         log(f"calibration: {len(samples)} samples of {cfg.calib.sample_len} tokens from {cfg.calibration}")
-    eval_ids = tokenize_documents(tokenizer, read_documents(cfg.eval_file, "eval"), cfg.max_eval_tokens)
-    if len(eval_ids) < 2:
-        raise OnnxpipeError(f"{cfg.eval_file}: the eval file has {len(eval_ids)} tokens; at least 2 are needed")
-    return samples, eval_ids, cfg.eval_context or default_context(src.manifest)
+    report = int(cfg.max_eval_tokens)
+    select = min(DEFAULT_SELECT_TOKENS, report) if selecting else 0
+    eval_ids = tokenize_documents(tokenizer, read_documents(cfg.eval_file, "eval"), report + select)
+    return samples, split_eval(eval_ids, str(cfg.eval_file), cfg.eval_context or default_context(src.manifest),
+                               report, select)
 
 
 def refuse_quantized_input(src: ModelDir) -> None:
@@ -273,7 +400,9 @@ def _for_input_dtype(cfg: QuantizeConfig, src: ModelDir) -> QuantizeConfig:
 
 
 def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.ndarray | None, log: Log,
-              progress: Progress | None) -> dict[str, Any]:
+              progress: Progress | None, selection: Any = None) -> dict[str, Any]:
+    """``selection``: a quality.SelectionJudge on the eval text's selection tokens (held out from the calibration
+    text and from the report) where a mode chooses something itself (dynamic's activation search), else None."""
     import onnx
 
     from onnxpipe.quant.graph import WeightPlan, expose_weights, op_counts
@@ -386,12 +515,19 @@ def _log_activation_choice(details: dict[str, Any], log: Log) -> None:
         + (f"; left float: {', '.join(details['float_nodes'])}" if details.get("float_nodes") else ""))
 
 
-def default_calibration_file() -> Path:
-    """data/calibration.txt (in the working directory, then in the source tree), for modes that can do without
-    --calibration (dynamic with activations="auto")."""
+def find_calibration_file() -> Path | None:
+    """data/calibration.txt (in the working directory, then in the source tree), or None."""
     for candidate in (Path("data/calibration.txt"), REPO_ROOT / "data" / "calibration.txt"):
         if candidate.is_file():
             return candidate
+    return None
+
+
+def default_calibration_file() -> Path:
+    """find_calibration_file, for modes that can do without --calibration (dynamic with activations="auto")."""
+    found = find_calibration_file()
+    if found is not None:
+        return found
     raise OnnxpipeError("dynamic int8 chooses activation scales from calibration text, and data/calibration.txt is "
                         "not here: pass --calibration FILE, or --activations token|tensor")
 
@@ -478,11 +614,15 @@ def _versions() -> dict[str, str]:
 
 
 def describe_result(result: QuantizeResult) -> str:
-    q = result.step["quality"]
+    step = result.step
+    q = step["quality"]
+    chosen = f" ({step['choice']['chosen']}, chosen)" if step.get("choice") else ""
+    gate = step.get("gate")
+    verdict = f"; passed the gate (+{gate['max_ppl_increase']:g}%)" if gate else ""
     return (
-        f"{result.model_dir.path}: {result.step['params']['mode']}; perplexity {q['ppl_before']:.3f} -> "
+        f"{result.model_dir.path}: {step['params']['mode']}{chosen}; perplexity {q['ppl_before']:.3f} -> "
         f"{q['ppl_after']:.3f} ({q['ppl_change_pct']:+.2f}%), top-1 agreement {q['top1_agreement']:.1%}, "
-        f"mean KL {q['mean_kl']:.3g}, size {q['size_before'] / 1e6:.2f} -> {q['size_after'] / 1e6:.2f} MB"
+        f"mean KL {q['mean_kl']:.3g}, size {q['size_before'] / 1e6:.2f} -> {q['size_after'] / 1e6:.2f} MB{verdict}"
     )
 
 

@@ -1,10 +1,21 @@
-"""How much a quantized model lost: perplexity on held-out text, top-1 agreement and KL against its input model.
+"""How much a quantized model lost against its input, and whether that is acceptable (the gate).
 
-Both models run in ONNX Runtime (CPU, default graph optimizations: the quantized kernels are what is measured)
-through the manifest's I/O names. The token stream is cut into non-overlapping windows of ``context`` tokens,
-each a prefill from an empty KV cache; every token of a window but the first is scored, as
-scripts/perplexity.py does with its default stride, so the fp32 figure can be checked against PyTorch's.
-Top-1 agreement and KL(input || quantized) are taken over the same scored positions.
+Both models run in ONNX Runtime through the manifest's I/O names, with default graph optimizations (the quantized
+kernels are what is measured), on the GPU where this onnxruntime has CUDA (the runtime's provider choice), else the
+CPU. The token stream is cut into non-overlapping windows of ``context`` tokens, each a prefill from an empty KV
+cache; every token of a window but the first is scored, as scripts/perplexity.py does with its default stride, so
+the fp32 figure can be checked against PyTorch's. Top-1 agreement and KL(input || quantized) are taken over the
+same scored positions.
+
+The eval text is split by position (``split_eval``): the report's tokens first (DEFAULT_EVAL_TOKENS unless set),
+then, when the command chooses among candidates, the selection tokens right after them. A choice is judged on
+text that neither the calibration nor the final report uses, and the report is what the budget is checked on.
+
+The gate (``Gate``): the perplexity change within a budget in percent (DEFAULT_BUDGET_PCT per mode), and the
+decode path's greedy agreement (prompts from the text, the input model's greedy continuation teacher-forced into
+the quantized one) at least MIN_GREEDY_AGREEMENT. The change carries a 95% interval from the per-token NLL
+differences, taken over blocks of SE_BLOCK consecutive tokens (neighbouring tokens are not independent); the
+verdict says "noisy" when that interval reaches the budget or is wider than half of it.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -21,6 +32,20 @@ from onnxpipe.artifact import Manifest
 from onnxpipe.errors import OnnxpipeError
 
 DEFAULT_CONTEXT = 256
+DEFAULT_EVAL_TOKENS = 8192  # the report's tokens unless --eval-tokens
+DEFAULT_SELECT_TOKENS = 4096  # the selection's, at most as many as the report's
+MIN_EVAL_TOKENS = 256  # below this a perplexity change is mostly noise: refused
+# int8 with run-time activations and fp16 should cost little; int4 weights alone cost more (llama.cpp's Q4 formats
+# lose 1-5% on small models), so it gets more room
+DEFAULT_BUDGET_PCT = {"dynamic": 2.0, "static": 2.0, "int4": 5.0, "fp16": 1.0}
+MIN_GREEDY_AGREEMENT = 0.8  # below this the quantized model's greedy text parts from its input's: a failed gate
+# a greedy token the input model scores within this many nats of its own top token is a near tie, which rounding
+# alone flips (random-weight models are all near ties); the judged agreement counts it as agreeing
+TIE_NATS = 0.1
+SE_BLOCK = 64  # tokens per block of the perplexity change's standard error
+Z95 = 1.96
+DECODE_PROMPTS, DECODE_PROMPT_LEN, DECODE_STEPS = 4, 32, 16
+RECORDED = "recorded, not judged"
 
 
 @dataclass
@@ -32,21 +57,28 @@ class QualityReport:
     ppl_before: float
     ppl_after: float
     ppl_change_pct: float  # (after / before - 1) * 100
+    ppl_change_ci95_pct: float  # half-width of its 95% interval (inf when it cannot be estimated)
     top1_agreement: float  # fraction of scored positions where both models' argmax agree
     mean_kl: float  # mean over scored positions of KL(p_before || p_after), nats
     size_before: int  # bytes of the model files (model.onnx + external data)
     size_after: int
     size_ratio: float
     seconds: float
+    greedy_agreement: float | None = None  # decode path, prompts from the eval text (greedy_agreement): equal
+    greedy_agreement_ties: float | None = None  # equal or a near tie (TIE_NATS): the judged figure
+    greedy_positions: int = 0
+    provider: str = "cpu"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
+        greedy = "" if self.greedy_agreement is None else f"; decode-path greedy agreement {self.greedy_agreement:.1%}"
         return (
-            f"perplexity {self.ppl_before:.3f} -> {self.ppl_after:.3f} ({self.ppl_change_pct:+.2f}%) on "
-            f"{self.eval_tokens} tokens; top-1 agreement {self.top1_agreement:.1%}; mean KL {self.mean_kl:.3g}; "
-            f"size {self.size_before / 1e6:.2f} MB -> {self.size_after / 1e6:.2f} MB ({self.size_ratio:.2f}x)"
+            f"perplexity {self.ppl_before:.3f} -> {self.ppl_after:.3f} ({self.ppl_change_pct:+.2f}% "
+            f"± {self.ppl_change_ci95_pct:.2f}%) on {self.eval_tokens} tokens; top-1 agreement "
+            f"{self.top1_agreement:.1%}; mean KL {self.mean_kl:.3g}{greedy}; size {self.size_before / 1e6:.2f} MB -> "
+            f"{self.size_after / 1e6:.2f} MB ({self.size_ratio:.2f}x)"
         )
 
 
@@ -62,6 +94,26 @@ def measure_session(model_path: str | Path, threads: int = 0) -> Any:
         return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own types for graphs it cannot load or run
         raise OnnxpipeError(f"{model_path}: ONNX Runtime cannot load this model: {str(e).strip().splitlines()[0][:300]}") from None
+
+
+def eval_provider(manifest: Manifest) -> str:
+    """cuda where this onnxruntime lists it and the graph can run there, else cpu. A graph optimized for the CPU
+    whose attention takes a bias cannot run on CUDA (runtime.providers refuses it), so it is measured on the CPU."""
+    from onnxpipe.runtime.providers import available_providers
+
+    graph = manifest.graph
+    cpu_form = graph.get("target", "cpu") == "cpu" and "GroupQueryAttention" in (graph.get("fused_ops") or [])
+    return "cuda" if "cuda" in available_providers() and not cpu_form else "cpu"
+
+
+def eval_session(model_path: str | Path, provider: str = "cpu") -> tuple[Any, str]:
+    """(session, provider it runs on): measure_session on the CPU, runtime.providers' CUDA session otherwise."""
+    if provider == "cpu":
+        return measure_session(model_path), "cpu"
+    from onnxpipe.runtime.providers import create_session
+
+    session, choice = create_session(model_path, provider, fp32_on_cpu=False, announce=lambda msg: None)
+    return session, choice.used
 
 
 def prefill_feed(manifest: Manifest, input_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -106,6 +158,43 @@ def calibration_divergence(reference: Any, candidate: Any, feeds: list[dict[str,
     return kl / positions, (np.exp((nll_cand - nll_ref) / scored) - 1.0) * 100.0
 
 
+def _batches(token_ids: np.ndarray, context: int, batch_size: int) -> Iterator[np.ndarray]:
+    """The windows of ``token_ids`` (window_starts), those of one length stacked ``batch_size`` at a time."""
+    groups: dict[int, list[int]] = {}
+    for b in window_starts(len(token_ids), context):
+        groups.setdefault(min(b + context, len(token_ids)) - b, []).append(b)
+    for length, group in groups.items():
+        for i in range(0, len(group), batch_size):
+            yield np.stack([token_ids[b:b + length] for b in group[i:i + batch_size]])
+
+
+def _scored(session: Any, manifest: Manifest, ids: np.ndarray) -> np.ndarray:
+    """log-probabilities [B, T-1, V] at the positions that predict a next token of ``ids``."""
+    return log_softmax(session.run([manifest.graph["logits"]], prefill_feed(manifest, ids))[0][:, :-1])
+
+
+def _block_sums(diff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row NLL differences [B, T] cut into blocks of SE_BLOCK tokens: (sums, counts)."""
+    sums, counts = [], []
+    for row in diff:
+        for b in range(0, len(row), SE_BLOCK):
+            sums.append(float(row[b:b + SE_BLOCK].sum()))
+            counts.append(len(row[b:b + SE_BLOCK]))
+    return np.asarray(sums), np.asarray(counts, np.float64)
+
+
+def change_interval(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """(perplexity change %, half-width % of its 95% interval) from per-block sums of per-token NLL differences
+    (after - before): the mean difference m is a ratio over blocks, its standard error by linearisation, and the
+    change exp(m) - 1 carries exp(m) times it. inf when fewer than two blocks."""
+    n = counts.sum()
+    m = sums.sum() / n
+    if len(sums) < 2:
+        return (math.exp(m) - 1.0) * 100.0, math.inf
+    se = math.sqrt(len(sums) / (len(sums) - 1) * float(((sums - m * counts) ** 2).sum())) / n
+    return (math.exp(m) - 1.0) * 100.0, math.exp(m) * Z95 * se * 100.0
+
+
 def compare_on_text(
     before: Any,
     after: Any,
@@ -120,27 +209,25 @@ def compare_on_text(
     starts = window_starts(len(token_ids), context)
     if not starts:
         raise OnnxpipeError(f"the eval text has {len(token_ids)} tokens; at least 2 are needed")
-    logits_before, logits_after = manifest_before.graph["logits"], manifest_after.graph["logits"]
     nll_b = nll_a = kl = 0.0
-    agree = scored = 0
-    groups: dict[int, list[int]] = {}
-    for b in starts:
-        groups.setdefault(min(b + context, len(token_ids)) - b, []).append(b)
-    done = 0
-    for length, group in groups.items():
-        for i in range(0, len(group), batch_size):
-            ids = np.stack([token_ids[b:b + length] for b in group[i:i + batch_size]])
-            lp_b = log_softmax(before.run([logits_before], prefill_feed(manifest_before, ids))[0][:, :-1])
-            lp_a = log_softmax(after.run([logits_after], prefill_feed(manifest_after, ids))[0][:, :-1])
-            targets = ids[:, 1:, None]
-            nll_b -= float(np.take_along_axis(lp_b, targets, -1).sum())
-            nll_a -= float(np.take_along_axis(lp_a, targets, -1).sum())
-            kl += float((np.exp(lp_b) * (lp_b - lp_a)).sum())
-            agree += int((lp_b.argmax(-1) == lp_a.argmax(-1)).sum())
-            scored += targets.size
-            done += ids.shape[0]
-            if progress:
-                progress(done, len(starts))
+    agree = scored = done = 0
+    sums, counts = [], []
+    for ids in _batches(token_ids, context, batch_size):
+        lp_b, lp_a = _scored(before, manifest_before, ids), _scored(after, manifest_after, ids)
+        targets = ids[:, 1:, None]
+        tok_b = -np.take_along_axis(lp_b, targets, -1)[..., 0]
+        tok_a = -np.take_along_axis(lp_a, targets, -1)[..., 0]
+        nll_b += float(tok_b.sum())
+        nll_a += float(tok_a.sum())
+        s, c = _block_sums(tok_a - tok_b)
+        sums.append(s)
+        counts.append(c)
+        kl += float((np.exp(lp_b) * (lp_b - lp_a)).sum())
+        agree += int((lp_b.argmax(-1) == lp_a.argmax(-1)).sum())
+        scored += targets.size
+        done += ids.shape[0]
+        if progress:
+            progress(done, len(starts))
     ppl_b, ppl_a = math.exp(nll_b / scored), math.exp(nll_a / scored)
     return {
         "eval_tokens": scored,
@@ -148,9 +235,39 @@ def compare_on_text(
         "ppl_before": ppl_b,
         "ppl_after": ppl_a,
         "ppl_change_pct": (ppl_a / ppl_b - 1.0) * 100.0,
+        "ppl_change_ci95_pct": change_interval(np.concatenate(sums), np.concatenate(counts))[1],
         "top1_agreement": agree / scored,
         "mean_kl": kl / scored,
     }
+
+
+def decode_prompts(token_ids: np.ndarray) -> np.ndarray:
+    """DECODE_PROMPTS prompts of DECODE_PROMPT_LEN tokens spread over the text [P, L] (fewer for a short text)."""
+    count = max(1, min(DECODE_PROMPTS, len(token_ids) // DECODE_PROMPT_LEN))
+    starts = np.linspace(0, len(token_ids) - DECODE_PROMPT_LEN, count).astype(int)
+    return np.stack([token_ids[s:s + DECODE_PROMPT_LEN] for s in starts]).astype(np.int64)
+
+
+def greedy_trace(session: Any, manifest: Manifest, prompts: np.ndarray, forced: np.ndarray | None = None) -> Any:
+    """Prefill the prompts, then DECODE_STEPS one-token steps through the KV cache: greedy, or ``forced``."""
+    from onnxpipe.parity import ort_step_fn, run_trace
+
+    dtypes = {t["name"]: t["dtype"] for t in manifest.graph["inputs"]}
+    kv_dtype = np.dtype(dtypes[manifest.past_names(0)[0]])
+    return run_trace(ort_step_fn(session, manifest), manifest, prompts, np.ones_like(prompts), DECODE_STEPS,
+                     kv_dtype, forced_tokens=forced)
+
+
+def greedy_agreement(reference: Any, session: Any, manifest: Manifest, prompts: np.ndarray) -> tuple[int, int, int]:
+    """(equal, equal or near tie, positions): the input model's greedy continuation (``reference``, greedy_trace)
+    teacher-forced into ``session``; at the prefill's last position and after every decode step, is its argmax
+    the input model's, or one the input model scores within TIE_NATS of its own?"""
+    cand = greedy_trace(session, manifest, prompts, forced=reference.tokens)
+    ref_lp = np.stack([log_softmax(lg[:, -1]) for lg in reference.logits], 1)  # [B, steps, V]
+    ref_next = ref_lp.argmax(-1)
+    cand_next = np.stack([lg[:, -1].argmax(-1) for lg in cand.logits], 1)
+    gap = np.take_along_axis(ref_lp, ref_next[..., None], -1) - np.take_along_axis(ref_lp, cand_next[..., None], -1)
+    return int((ref_next == cand_next).sum()), int((gap[..., 0] <= TIE_NATS).sum()), int(ref_next.size)
 
 
 def model_bytes(model_path: Path) -> int:
@@ -175,12 +292,16 @@ def quality_report(
     context: int,
     eval_file: str | None,
     progress: Callable[[int, int], None] | None = None,
+    provider: str = "cpu",
 ) -> QualityReport:
+    """Both models on ``token_ids`` (compare_on_text) and on the decode path from prompts of the same text."""
     start = time.perf_counter()
-    stats = compare_on_text(
-        measure_session(before_path), measure_session(after_path), manifest_before, manifest_after,
-        token_ids, context, progress=progress,
-    )
+    before, used = eval_session(before_path, provider)
+    after, _ = eval_session(after_path, provider)
+    stats = compare_on_text(before, after, manifest_before, manifest_after, token_ids, context, progress=progress)
+    prompts = decode_prompts(token_ids)
+    equal, near, positions = greedy_agreement(greedy_trace(before, manifest_before, prompts), after, manifest_after,
+                                              prompts)
     size_b, size_a = model_bytes(before_path), model_bytes(after_path)
     return QualityReport(
         eval_file=eval_file,
@@ -189,9 +310,180 @@ def quality_report(
         size_after=size_a,
         size_ratio=size_a / size_b,
         seconds=round(time.perf_counter() - start, 2),
+        greedy_agreement=equal / positions,
+        greedy_agreement_ties=near / positions,
+        greedy_positions=positions,
+        provider=used,
         **stats,
     )
 
 
 def default_context(manifest: Manifest) -> int:
     return int(min(DEFAULT_CONTEXT, manifest.model.get("max_position_embeddings") or DEFAULT_CONTEXT))
+
+
+@dataclass(frozen=True)
+class EvalText:
+    """The eval file's tokens, split by position: the report's first, then (when a choice is made) the
+    selection's, right after them."""
+
+    file: str
+    context: int
+    report_ids: np.ndarray
+    select_ids: np.ndarray | None = None
+
+    def describe(self) -> str:
+        n = len(self.report_ids)
+        text = f"eval: {n:,} tokens of {self.file} (windows of {self.context})"
+        if self.select_ids is not None:
+            text += (f"; choices are judged on the {len(self.select_ids):,} tokens after them "
+                     f"({n:,}-{n + len(self.select_ids):,})")
+        return text
+
+
+def split_eval(token_ids: np.ndarray, eval_file: str, context: int, report_tokens: int,
+               select_tokens: int = 0) -> EvalText:
+    """The report's first ``report_tokens`` tokens and the next ``select_tokens`` (0: no selection). A text short
+    of both is halved between them. Either part below MIN_EVAL_TOKENS is refused: its verdict would be noise."""
+    if select_tokens and len(token_ids) < report_tokens + select_tokens:
+        half = len(token_ids) // 2
+        report, select = token_ids[:min(half, report_tokens)], token_ids[half:half + select_tokens]
+    else:
+        report = token_ids[:report_tokens]
+        select = token_ids[report_tokens:report_tokens + select_tokens] if select_tokens else None
+    parts = [("the quality report", report)] + ([("choosing among candidates", select)] if select is not None else [])
+    for what, part in parts:
+        if len(part) < MIN_EVAL_TOKENS:
+            split = " (it is split in two: the report's tokens, then those that choose)" if select is not None else ""
+            raise OnnxpipeError(
+                f"{eval_file}: {len(part):,} tokens for {what}, fewer than the {MIN_EVAL_TOKENS} a verdict needs; "
+                f"pass a longer --eval file{split}")
+    return EvalText(eval_file, context, report, select)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One printed check: what was measured, and its verdict against a threshold or RECORDED."""
+
+    name: str
+    value: str
+    verdict: str
+    passed: bool | None = None
+
+    def line(self) -> str:
+        return f"{self.name}: {self.value} -- {self.verdict}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a quantized model must show on the report's text: its perplexity change within ``max_ppl_increase``
+    percent and its decode-path greedy agreement at least ``min_greedy_agreement``."""
+
+    max_ppl_increase: float
+    min_greedy_agreement: float = MIN_GREEDY_AGREEMENT
+
+    def noisy(self, change: float, half_width: float) -> bool:
+        """The 95% interval reaches the budget (the verdict could go either way) or is wider than half of it."""
+        low, high = change - half_width, change + half_width
+        return not math.isfinite(half_width) or half_width > self.max_ppl_increase / 2 or low <= self.max_ppl_increase <= high
+
+    def ppl_check(self, change: float, half_width: float, ppl: str = "") -> Check:
+        ok = bool(np.isfinite(change) and change <= self.max_ppl_increase)
+        verdict = f"pass (budget +{self.max_ppl_increase:g}%)" if ok else f"FAIL (above the budget of +{self.max_ppl_increase:g}%)"
+        if self.noisy(change, half_width):
+            verdict += (f"; noisy: its 95% interval is {change - half_width:+.2f}% to {change + half_width:+.2f}%; "
+                        "more --eval-tokens would firm it up") if math.isfinite(half_width) else \
+                "; noisy: too few tokens for an interval"
+        return Check("perplexity change", f"{ppl}{change:+.2f}% ± {half_width:.2f}% (95%)", verdict, ok)
+
+    def greedy_check(self, equal: float, near: float, positions: int) -> Check:
+        """Judged on ``near`` (equal or a near tie), the share of positions the quantized model continues as its
+        input would."""
+        ok = near >= self.min_greedy_agreement
+        verdict = (f"pass (>= {self.min_greedy_agreement:.0%} with near ties)" if ok else
+                   f"FAIL: collapsed below {self.min_greedy_agreement:.0%}: the quantized model's greedy text parts "
+                   "from its input's")
+        value = f"{equal:.1%} of {positions} positions ({near:.1%} counting near ties within {TIE_NATS:g} nats)"
+        return Check("decode-path greedy agreement", value, verdict, ok)
+
+    def judge(self, q: QualityReport) -> list[Check]:
+        checks = [
+            self.ppl_check(q.ppl_change_pct, q.ppl_change_ci95_pct, f"{q.ppl_before:.3f} -> {q.ppl_after:.3f}, "),
+            Check("top-1 agreement", f"{q.top1_agreement:.1%}", RECORDED),
+            Check("mean KL", f"{q.mean_kl:.3g} nats", RECORDED),
+        ]
+        if q.greedy_agreement is not None and q.greedy_agreement_ties is not None:
+            checks.append(self.greedy_check(q.greedy_agreement, q.greedy_agreement_ties, q.greedy_positions))
+        checks.append(Check("size", f"{q.size_before / 1e6:.2f} MB -> {q.size_after / 1e6:.2f} MB ({q.size_ratio:.2f}x)",
+                            RECORDED))
+        return checks
+
+
+@dataclass
+class CandidateScore:
+    """One candidate on the selection tokens, against the input model."""
+
+    ppl_change_pct: float
+    ppl_change_ci95_pct: float
+    top1_agreement: float
+    greedy_agreement: float
+    greedy_agreement_ties: float
+    greedy_positions: int
+    size: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SelectionJudge:
+    """Scores candidates on the selection tokens against the input model, whose per-token figures (NLL, argmax,
+    greedy continuation) are computed once, on the first call."""
+
+    def __init__(self, model_path: Path, manifest: Manifest, token_ids: np.ndarray, context: int,
+                 provider: str = "cpu", progress: Callable[[str, int, int], None] | None = None,
+                 batch_size: int = 4) -> None:
+        self.model_path, self.manifest, self.token_ids, self.context = model_path, manifest, token_ids, context
+        self.provider, self.progress, self.batch_size = provider, progress, batch_size
+        self._reference: tuple[list[np.ndarray], list[np.ndarray], Any, np.ndarray] | None = None
+
+    def _count(self, label: str) -> Iterator[np.ndarray]:
+        total = len(window_starts(len(self.token_ids), self.context))
+        done = 0
+        for ids in _batches(self.token_ids, self.context, self.batch_size):
+            yield ids
+            done += len(ids)
+            if self.progress:
+                self.progress(label, done, total)
+
+    def reference(self) -> tuple[list[np.ndarray], list[np.ndarray], Any, np.ndarray]:
+        if self._reference is None:
+            session, _ = eval_session(self.model_path, self.provider)
+            nll, argmax = [], []
+            for ids in self._count("selection text, input model"):
+                lp = _scored(session, self.manifest, ids)
+                nll.append(-np.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0])
+                argmax.append(lp.argmax(-1))
+            prompts = decode_prompts(self.token_ids)
+            self._reference = nll, argmax, greedy_trace(session, self.manifest, prompts), prompts
+        return self._reference
+
+    def score(self, model_path: Path, manifest: Manifest, label: str = "selection text, candidate") -> CandidateScore:
+        start = time.perf_counter()
+        ref_nll, ref_argmax, trace, prompts = self.reference()
+        session, _ = eval_session(model_path, self.provider)
+        sums, counts, agree, scored = [], [], 0, 0
+        for ids, nll_b, arg_b in zip(self._count(label), ref_nll, ref_argmax):
+            lp = _scored(session, manifest, ids)
+            s, c = _block_sums(-np.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0] - nll_b)
+            sums.append(s)
+            counts.append(c)
+            agree += int((lp.argmax(-1) == arg_b).sum())
+            scored += arg_b.size
+        change, half = change_interval(np.concatenate(sums), np.concatenate(counts))
+        equal, near, positions = greedy_agreement(trace, session, manifest, prompts)
+        return CandidateScore(change, half, agree / scored, equal / positions, near / positions, positions,
+                              model_bytes(model_path), round(time.perf_counter() - start, 2))

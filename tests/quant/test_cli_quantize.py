@@ -82,7 +82,11 @@ def test_static_without_calibration(tok_model, tmp_path: Path) -> None:  # noqa:
                    "static quantization needs calibration text", "--calibration")
 
 
-def test_gptq_without_calibration(tok_model, tmp_path: Path) -> None:  # noqa: ANN001
+def test_gptq_without_calibration(tok_model, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """--algo gptq takes data/calibration.txt by default; where there is none, a one-line error says what to pass."""
+    import onnxpipe.quant.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "find_calibration_file", lambda: None)
     one_line_error(invoke("quantize", tok_model("llama"), "-o", tmp_path / "q", "--mode", "int4", "--algo", "gptq"),
                    "--algo gptq needs calibration text")
 
@@ -104,7 +108,8 @@ def test_missing_calibration_file(tok_model, tmp_path: Path) -> None:  # noqa: A
         (["--mode", "static", "--smoothquant", "1.5", "--calibration", str(CALIBRATION)], ["alpha must be in (0, 1]"]),
         (["--mode", "int4", "--block-size", "48"], ["--block-size must be a power of two", "or 0 for per channel"]),
         (["--mode", "int4", "--block-size", "0", "--algo", "hqq"], ["per channel", "not hqq"]),
-        (["--mode", "dynamic", "--max-ppl-increase", "-1"], ["--max-ppl-increase must be >= 0"]),
+        (["--mode", "dynamic", "--max-ppl-increase", "-1"], ["--max-ppl-increase must be a finite number >= 0"]),
+        (["--mode", "int4", "--eval-tokens", "100"], ["--eval-tokens must be at least 256", "got 100"]),
         (["--mode", "dynamic", "--lm-head", "int4"], ["--lm-head int4 applies to --mode int4 only"]),
     ],
 )
