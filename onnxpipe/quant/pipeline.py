@@ -298,7 +298,11 @@ def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np
     for i, (cfg, label) in enumerate(zip(choices, labels)):
         work = tmp / f"choice-{i}"
         work.mkdir()
+        if progress:  # quantizing says what it does (GPTQ also counts its layers)
+            progress(f"choice {i + 1}/{len(choices)}: quantizing, {label.label()}", 0, 1)
         details = _run_mode(src, work / MODEL_FILE, cfg, samples, lambda msg: None, progress)
+        if progress:
+            progress(f"choice {i + 1}/{len(choices)}: quantizing, {label.label()}", 1, 1)
         score = judge.score(work / MODEL_FILE, _output_manifest(src.manifest, work / MODEL_FILE, cfg),
                             f"selection text, choice {i + 1}/{len(choices)}")
         ppl = gate.ppl_check(score.ppl_change_pct, score.ppl_change_ci95_pct)
