@@ -236,6 +236,8 @@ def save_onnx(model: Any, directory: Path, name: str = MODEL_FILE, threshold: in
 
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         external = size > threshold
+        if not external:  # weights still in another file (a snapshot's) would be saved as a reference to it
+            ir.external_data.load_to_model(model)
         ir.save(model, str(path), external_data=data if external else None)
     return data if external else None
 
@@ -281,7 +283,7 @@ def atomic_output_dir(out_dir: str | os.PathLike[str], force: bool = False,
     and may be replaced (``check_output_dir``). On any exception (KeyboardInterrupt included) the temporary
     directory is removed and ``out_dir`` is left as it was; if the final rename fails after the old target was moved
     aside, the old target is moved back. Leftovers of a killed run beside the target are cleaned up by the next run
-    (``outputs.remove_stale_tmp``): only directories marked as onnxpipe's own, for this target, by a dead process.
+    (``outputs.remove_stale_temp``): only directories marked as onnxpipe's own, for this target, by a dead process.
     """
     target = resolved_output(out_dir)
     with output_lock(target):
@@ -304,23 +306,30 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     """Rename the finished ``tmp`` to ``target``. An existing target is first moved aside (marked, so that a run
     killed in between has it moved back by the next one), and moved back if the rename fails."""
     if not os.path.lexists(target):
-        (tmp / TMP_MARKER).unlink()
         os.replace(tmp, target)
+        (target / TMP_MARKER).unlink()  # after the rename: a run killed before it leaves tmp marked, for cleanup
         return
     trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-old-", dir=target.parent))
     trash.rmdir()  # only its unique name is wanted: os.replace needs the name free for a directory
-    mark_temp_dir(target, target, "old")
+    link = target.is_symlink()  # a link is moved aside as a link; its directory is not ours to mark or empty
+    if not link:
+        with contextlib.suppress(OSError):  # unmarked (read-only), it is never removed by a later run, only kept
+            mark_temp_dir(target, target, "old")
     try:
         os.replace(target, trash)
     except BaseException:
-        (target / TMP_MARKER).unlink()
+        with contextlib.suppress(OSError):
+            (target / TMP_MARKER).unlink()
         raise
     try:
-        (tmp / TMP_MARKER).unlink()
         os.replace(tmp, target)
     except BaseException:
         os.replace(trash, target)
         with contextlib.suppress(OSError):
             (target / TMP_MARKER).unlink()
         raise
-    remove_temp_dir(trash)
+    (target / TMP_MARKER).unlink()
+    if link:
+        trash.unlink()
+    else:
+        remove_temp_dir(trash)

@@ -147,6 +147,17 @@ def test_failed_final_rename_moves_the_old_target_back(tmp_path: Path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_force_over_a_symlink_replaces_the_link_not_its_directory(tmp_path: Path) -> None:
+    real = _onnxpipe_dir(tmp_path / "real", "kept")
+    (tmp_path / "out").symlink_to(real, target_is_directory=True)
+    before = digest(real)
+    with atomic_output_dir(tmp_path / "out", force=True) as tmp:
+        (tmp / "onnxpipe.json").write_text("{}")
+    assert not (tmp_path / "out").is_symlink() and (tmp_path / "out" / "onnxpipe.json").is_file()
+    assert digest(real) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]
+
+
 def test_stale_cleanup_removes_only_marked_leftovers_of_dead_runs(tmp_path: Path) -> None:
     """Only a directory with onnxpipe's marker, for this target, of a dead process is removed; a directory that
     merely looks like a leftover (our prefix and the target's name) is a user's and stays."""
