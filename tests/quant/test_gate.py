@@ -181,3 +181,20 @@ def test_the_library_default_budget_is_the_modes(tok_model, small_eval: Path, tm
     assert step["params"]["max_ppl_increase"] == 5.0 and step["gate"]["max_ppl_increase"] == 5.0
     assert step["params"]["max_eval_tokens"] == 512 and step["quality"]["eval_tokens"] < 512
     assert {c["verdict"].split(" ")[0] for c in step["gate"]["checks"]} <= {"pass", "recorded,"}
+
+
+def test_the_report_runs_on_cuda_where_onnxruntime_has_it(monkeypatch) -> None:  # noqa: ANN001
+    """The runtime's provider list decides; a graph optimized for the CPU's attention form stays on the CPU."""
+    import onnxpipe.runtime.providers as providers
+    from onnxpipe.quant.quality import eval_provider
+
+    class Plain:
+        graph = {"target": "cpu", "fused_ops": ["SkipSimplifiedLayerNormalization"]}
+
+    class CpuAttention:
+        graph = {"target": "cpu", "fused_ops": ["GroupQueryAttention"]}
+
+    monkeypatch.setattr(providers, "available_providers", lambda: ["cuda", "cpu"])
+    assert eval_provider(Plain()) == "cuda" and eval_provider(CpuAttention()) == "cpu"
+    monkeypatch.setattr(providers, "available_providers", lambda: ["cpu"])
+    assert eval_provider(Plain()) == "cpu"
