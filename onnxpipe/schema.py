@@ -14,6 +14,7 @@ from typing import Any
 from onnxpipe.confine import is_plain_name
 
 FORMAT_VERSION = 1
+MAX_LAYERS = 4096  # far above any model's; a bound on the loops a manifest can ask for
 KV_TEMPLATES = ("past_key", "past_value", "present_key", "present_value")
 
 
@@ -68,18 +69,19 @@ def _graph(graph: Any) -> None:
             _str(g[key], f"graph.{key}")
     if "padding_side" in g and g["padding_side"] not in ("left", "right"):
         raise ManifestInvalid("graph.padding_side", f"must be 'left' or 'right' (got {g['padding_side']!r})")
+    # an empty I/O list (a hand-made directory whose graph alone says it) is allowed; a listed one must agree
     inputs = _tensors(_required(g, "inputs", "graph."), "graph.inputs")
     outputs = _tensors(_required(g, "outputs", "graph."), "graph.outputs")
     logits = g.get("logits", "logits")
-    if logits not in outputs:
+    if outputs and logits not in outputs:
         raise ManifestInvalid("graph.logits", f"{logits!r} is not among graph.outputs")
     _kv(_required(g, "kv", "graph."), inputs, outputs)
 
 
 def _kv(kv: Any, inputs: list[str], outputs: list[str]) -> None:
     k = _object(kv, "graph.kv")
-    layers = _int(_required(k, "num_layers", "graph.kv."), "graph.kv.num_layers", low=1)
-    if layers > len(inputs):
+    layers = _int(_required(k, "num_layers", "graph.kv."), "graph.kv.num_layers", low=1, high=MAX_LAYERS)
+    if inputs and layers > len(inputs):
         raise ManifestInvalid("graph.kv.num_layers", f"{layers} layers but graph.inputs has {len(inputs)} tensors")
     for key in KV_TEMPLATES:
         _template(_required(k, key, "graph.kv."), f"graph.kv.{key}")
@@ -93,7 +95,7 @@ def _kv(kv: Any, inputs: list[str], outputs: list[str]) -> None:
         raise ManifestInvalid("graph.kv.shares_buffer", f"must be true or false (got {k['shares_buffer']!r})")
     for key, names, where in (("past_key", inputs, "inputs"), ("past_value", inputs, "inputs"),
                               ("present_key", outputs, "outputs"), ("present_value", outputs, "outputs")):
-        for i in range(layers):
+        for i in range(layers if names else 0):
             name = k[key].format(i=i)
             if name not in names:
                 raise ManifestInvalid(f"graph.kv.{key}", f"layer {i}'s {name!r} is not among graph.{where}")
@@ -116,8 +118,6 @@ def _tokenizer(tokenizer: Any) -> None:
 
 def _tensors(value: Any, where: str) -> list[str]:
     items = _list(value, where)
-    if not items:
-        raise ManifestInvalid(where, "is empty")
     names = []
     for i, item in enumerate(items):
         t = _object(item, f"{where}[{i}]")
@@ -172,11 +172,13 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
-def _int(value: Any, where: str, low: int | None = None) -> int:
+def _int(value: Any, where: str, low: int | None = None, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ManifestInvalid(where, f"must be an integer (got {_type(value)})")
     if low is not None and value < low:
         raise ManifestInvalid(where, f"must be at least {low} (got {value})")
+    if high is not None and value > high:
+        raise ManifestInvalid(where, f"must be at most {high} (got {value})")
     return value
 
 
