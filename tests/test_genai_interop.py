@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from tiny import save_byte_tokenizer
 
 from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
@@ -30,17 +31,6 @@ EOS = 2  # the tiny models' eos_token_id (tests/tiny.py)
 FORMS = ["export", "level3", "cuda", "int8", "int4"]
 
 
-def _save_byte_tokenizer(out: Path) -> None:
-    """A byte-level BPE with no merges: exactly 256 tokens, the tiny models' vocabulary (quantize reads text)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(out / "tokenizer.json"))
-
-
 @pytest.fixture(scope="module")
 def forms(tiny_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from onnxpipe.export import export_decoder
@@ -51,7 +41,7 @@ def forms(tiny_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("genai")
     hf = root / "hf"
     shutil.copytree(tiny_hf("llama"), hf)
-    _save_byte_tokenizer(hf)
+    save_byte_tokenizer(hf)
     evaluation = root / "eval.txt"
     evaluation.write_text((REPO / "data" / "eval.txt").read_text()[:3000])
     out = {name: root / name for name in FORMS}

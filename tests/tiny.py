@@ -47,3 +47,15 @@ def make_tiny_model(family: str, out: Path, seed: int = 0, **overrides: Any) -> 
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     model.save_pretrained(out)
     return out
+
+
+def save_byte_tokenizer(out: Path) -> None:
+    """A byte-level BPE with no merges, saved as ``out/tokenizer.json``: exactly 256 tokens, the tiny models'
+    vocabulary (for tests that need text; written with the ``tokenizers`` package alone)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(out / "tokenizer.json"))
