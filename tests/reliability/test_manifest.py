@@ -202,6 +202,32 @@ def test_external_data_location_checked_before_onnx_sees_it(model_copy, tmp_path
     one_line_error(cli("optimize", md, "-o", tmp_path / "opt", "--skip-verify"), "model.onnx", fragment)
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_external_data_reader_on_damaged_graphs(manifest_lab: tuple[Path, dict], tmp_path: Path,
+                                                data: st.DataObject) -> None:
+    """The wire-format reader of external-data locations, on a real model.onnx with bytes flipped, cut or
+    inserted: it returns locations or refuses with OnnxpipeError naming the file; nothing else escapes."""
+    from onnxpipe.confine import check_external_data
+
+    blob = bytearray((manifest_lab[0] / "model.onnx").read_bytes())
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(blob) - 1))
+        action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if action == "flip":
+            blob[at] ^= data.draw(st.integers(1, 255))
+        elif action == "cut":
+            del blob[at:at + data.draw(st.integers(1, 64))]
+        else:
+            blob[at:at] = data.draw(st.binary(min_size=1, max_size=16))
+    model = tmp_path / "model.onnx"
+    model.write_bytes(bytes(blob))
+    try:
+        check_external_data(model, tmp_path)
+    except OnnxpipeError as e:
+        assert str(model) in str(e) and "\n" not in str(e)
+
+
 def test_external_data_inside_the_directory_is_fine(model_copy) -> None:
     md = model_copy("m")
     _with_external_data(md, "model.onnx.data")
