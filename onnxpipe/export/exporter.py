@@ -32,7 +32,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
 from onnxpipe.export import gguf, wrapper
-from onnxpipe.export.archs import check_config, describe
+from onnxpipe.export.archs import attention_implementation, check_config, describe
 
 DTYPES = ("fp32", "fp16")
 DEFAULT_OPSET = 18
@@ -76,7 +76,8 @@ def read_hf_config(src: Path) -> dict[str, Any]:
 
 
 def load_hf_model(src: Path, dtype: str) -> Any:
-    """Load the model with sdpa attention; weights that do not match the config are an error, not a warning."""
+    """Load the model with sdpa attention (eager where sdpa would drop part of the model's attention, e.g. logit
+    soft-capping); weights that do not match the config are an error, not a warning."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -84,10 +85,11 @@ def load_hf_model(src: Path, dtype: str) -> Any:
 
     hf_logging.disable_progress_bar()  # the CLI prints its own progress
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    attn = attention_implementation(json.loads((src / "config.json").read_text()))  # validated by read_hf_config
     try:
         with _quiet():
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(src), dtype=torch_dtype, attn_implementation="sdpa", output_loading_info=True
+                str(src), dtype=torch_dtype, attn_implementation=attn, output_loading_info=True
             )
     except Exception as e:  # transformers raises many types here; all mean "these weights do not load"
         raise OnnxpipeError(f"{src}: weights could not be loaded: {_first_line(e)}") from None
