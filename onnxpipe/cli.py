@@ -14,6 +14,11 @@ from onnxpipe.cli_types import MAX_REPEATS, MAX_REPETITION_PENALTY, Threads, fin
 from onnxpipe.errors import OnnxpipeError
 
 
+# optional packages and the setup.cfg extra that installs each (the core runs model directories without them)
+EXTRA_OF = {"torch": "export", "transformers": "export", "gguf": "gguf", "accelerate": "gguf", "ray": "ray",
+            "pyarrow": "ray", "onnxruntime": "cpu"}
+
+
 class OnnxpipeGroup(click.Group):
     """Turns the library's errors into one line and a non-zero exit; a traceback only with --debug."""
 
@@ -27,6 +32,12 @@ class OnnxpipeGroup(click.Group):
             sys.exit(130)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
+        except ModuleNotFoundError as e:  # the core install has no torch/transformers; say which extra brings it
+            extra = EXTRA_OF.get((e.name or "").split(".")[0])
+            if extra is None or _debug(ctx):
+                raise
+            raise click.ClickException(f"{ctx.invoked_subcommand} needs {e.name}, which is not installed: "
+                                       f"pip install 'onnxpipe[{extra}]'") from None
         except Exception as e:
             if _debug(ctx):
                 raise

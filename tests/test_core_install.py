@@ -26,7 +26,7 @@ import importlib.abc, sys
 class NotInstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("torch", "transformers"):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the core install has none)")
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the core install has none)", name=name)
 sys.meta_path.insert(0, NotInstalled())
 import onnxpipe.inspect, onnxpipe.runtime, onnxpipe.runtime.generate, onnxpipe.runtime.score
 from onnxpipe.cli import main
@@ -67,10 +67,11 @@ def test_runtime_commands_run_without_torch_or_transformers(model_dir: Path, tmp
 
 
 def test_the_blocker_blocks(model_dir: Path) -> None:
-    """Export needs torch: under the blocker it fails, in one line, so the runs above really had none."""
+    """Export needs torch: under the blocker it fails in one line naming the extra, so the runs above had none."""
     out = _blocked("export", model_dir, "-o", model_dir.parent / "never")
-    assert out.returncode != 0
-    assert "torch" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["Error: export needs torch, which is not installed: "
+                                               "pip install 'onnxpipe[export]'"]
 
 
 @pytest.mark.slow
