@@ -91,6 +91,47 @@ def test_slugs_follow_github():
     assert _slug("Why prefills are captured only up to 4,096 tokens") == "why-prefills-are-captured-only-up-to-4096-tokens"
 
 
+# a path of this repository named in the prose or code of a page: it must exist, so a page follows a file's move
+PATH = re.compile(r"(?<![\w/~.-])((?:onnxpipe|scripts|tests|benchmarks|docs)/[\w./*{},-]*)")
+# the dotted name of a module and what it defines, e.g. onnxpipe.quant.quantize_model
+DOTTED = re.compile(r"(?<![\w.])onnxpipe((?:\.[A-Za-z_]\w*)+)")
+# cited for history only (the page says where git keeps it)
+REMOVED = {"scripts/smollm2_static_diagnosis.py"}
+
+
+def _stale_names(page: Path) -> list[str]:
+    text = page.read_text(encoding="utf-8")
+    named = {m.rstrip(".,-") for m in PATH.findall(text)}
+    bad = [f"{m}: no such path" for m in sorted(named)
+           if m not in REMOVED and not (REPO / m).exists() and not any(c in m for c in "*{")]
+    for rest in sorted(set(DOTTED.findall(text))):
+        parts = rest.strip(".").split(".")
+        if parts == ["json"]:  # onnxpipe.json, the manifest
+            continue
+        # the longest prefix that is a module or package; at most one name may follow it (a function, a class)
+        depth = 0
+        for i in range(1, len(parts) + 1):
+            base = REPO / "onnxpipe" / Path(*parts[:i])
+            if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file():
+                depth = i
+        if len(parts) - depth > 1:
+            bad.append(f"onnxpipe{rest}: no module onnxpipe.{'.'.join(parts[:depth + 1])}")
+    return bad
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_named_files_and_modules_exist(page):
+    assert _stale_names(page) == []
+
+
+def test_the_name_checker_sees_a_moved_module(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("`onnxpipe/cli.py` `scripts/gone.py` ~/.cache/onnxpipe/gguf/x `onnxpipe.quant.quantize_model`\n"
+                    "`onnxpipe.json` `onnxpipe.nowhere.thing.score` `benchmarks/results/*.json`\n", encoding="utf-8")
+    assert _stale_names(page) == ["scripts/gone.py: no such path",
+                                  "onnxpipe.nowhere.thing.score: no module onnxpipe.nowhere"]
+
+
 def test_no_raw_results_in_docs():
     raw = sorted(p.name for p in (REPO / "docs").iterdir() if p.suffix in {".json", ".txt", ".jsonl", ".csv"})
     assert raw == [], f"raw run results belong in benchmarks/results/: {raw}"
