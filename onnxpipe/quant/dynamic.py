@@ -6,68 +6,67 @@ unless --lm-head/--embeddings fp32 kept them float.
 Weights use the full signed range (no reduce_range): the CPUs we target have VNNI, where 8-bit products do not
 saturate.
 
-Activations get one run-time scale per tensor or one per token, chosen per layer (``activations="auto"``, the
-default) or for all layers (``"tensor"``, ``"token"``):
+Activations get one run-time scale per token (``activations="token"``, and ``"auto"``, the default) or one per
+tensor (``"tensor"``):
 
+- per token (``quantize_per_token``): each token divided by its own max |x|, rounded to a fixed grid (step 1/127
+  around the uint8 zero point 128: QuantizeLinear with constant scale and zero point), MatMulInteger against the
+  int8 weights, then multiplied back by the weight's per-channel scale and the token's max |x|. Standard ONNX ops
+  only. Every step but the integer product is elementwise per token, and the product is exact, so **a token's
+  result does not depend on the other tokens of its batch**: not on the other rows, not on pad positions. A
+  trained model's "massive activations" (SmolLM2-135M's layer-11 down_proj input reaches |x| ~ 3000 on a window's
+  first token, ~1.3 on the median token) cost the other tokens nothing.
 - per tensor: ORT's quantize_dynamic, one DynamicQuantizeMatMul per layer (uint8, asymmetric, one scale for the
-  whole input). One fused kernel: the fastest, faster than fp32 on CPU. But a trained model's "massive
-  activations" ruin it: SmolLM2-135M's layer-11 down_proj input reaches |x| ~ 3000 on the first token of a window
-  where the median token's maximum is ~1.3, so every other token rounds to a handful of levels (perplexity +47%
-  from the body alone, see docs/quantization.md).
-- per token: ``quantize_per_token`` below: each token divided by its own max |x|, then the same fused kernel, then
-  multiplied back: one scale per token (and per output channel of W). It keeps every token at int8 precision, and
-  costs a few small ops per layer, which on small models (128 wide) makes it slower than fp32.
-- auto: a float pass over calibration prefills measures, for each linear layer's input X, the relative rms
-  error that one per-tensor uint8 scale gives the median token of a prefill (``tensor_error``), and the brief
-  statistic behind it, max_t max|x_t| / median_t max|x_t| (``token_spread``), and the float model's perplexity on
-  those prefills. Then candidate models are written with per-token scales for the layers above each of
-  CANDIDATE_THRESHOLDS in turn, from none (per tensor everywhere, the fastest) down to all, and the first whose
-  perplexity on the same prefills is within PPL_BUDGET_PCT of the float model's is kept (none within: the one that
-  lost least). Per tensor where it costs nothing measurable, per token where it is needed. If no threshold is
-  within the budget, the layers that hurt the model's output most under the least-loss candidate's scales are left
-  in float (fp32 MatMul): each layer's effect is measured on the whole model (sensitivity.py: that layer alone
-  int8, mean KL of the next-token distributions against the float model on calibration prefills), and the most
-  harmful FLOAT_CANDIDATES (1, 2, 4, ... 48) are kept float in turn; the first within the budget is kept (none:
-  the least loss of all candidates). The same float pass also records each layer's own output error
-  (``LayerError``: int8 weights and activations against the float product, on a subsample of tokens), which ranked
-  the layers before: on SmolLM2-135M it did not predict their effect (docs/quantization.md). Per-token scales fix a
-  token that dwarfs the others; they do not fix one channel that dwarfs the others inside every token (SmolLM2's
-  down_proj inputs), which is what float is for. The figures, the candidates tried and the choice go into the
-  manifest. The search holds the float model and one candidate's
-  working copy in memory at a time (twice the model; the effect measurement's graph, which holds every weight twice,
-  for a while four times), and writes each candidate beside the output.
+  whole input). One scale over the whole padded batch: a row's result depends on the rows beside it and on the
+  pad positions (the same record scored alone and in a batch differs), and one massive token ruins the others
+  (SmolLM2: perplexity +77%). Kept as an explicit choice for comparison; never chosen by ``auto``.
+- auto: per token everywhere, and the layers that hurt the model most left in float when that is needed to stay
+  within PPL_BUDGET_PCT of the float model's perplexity. The calibration prefills are split in two
+  (sensitivity.split_feeds): the first EFFECT_TOKENS tokens rank the layers by their measured effect on the
+  model's output (sensitivity.py: that layer alone int8, mean KL of the next-token distributions against the float
+  model), and the rest, which the ranking never saw, judge the candidates: none float first, then the most harmful
+  FLOAT_CANDIDATES (1, 2, 4, ... 48), searched by bisection for the fewest within the budget (none within: the
+  least loss tried). The candidates are judged on the simulation (sensitivity.Simulation), and the one chosen is
+  written and its held-out figure measured again on the written model. Per-token scales fix a token that dwarfs
+  the others; they do not fix one channel that dwarfs the others inside every token (SmolLM2's down_proj inputs),
+  which is what float is for. The figures, the candidates tried and the choice go into the manifest, the layers
+  named by their module path (``layers.29.mlp.down_proj``).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from onnxpipe.quant.graph import WeightPlan, initializer_map, needs_external_data, save_quantized
+from onnxpipe.quant.graph import (
+    WeightPlan,
+    initializer_map,
+    needs_external_data,
+    save_quantized,
+)
 
 ACTIVATION_SCHEMES = ("auto", "token", "tensor")
-# auto: layers are ranked by how much one per-tensor scale would cost their inputs (``tensor_error``, the median
-# token's relative rms error), and per-token scales go to those above a threshold. The thresholds are tried from
-# the cheapest (no layer per token) down, and the first whose model stays within PPL_BUDGET_PCT of the float
-# model's perplexity on the calibration prefills is kept; if none does, the one that lost least.
-CANDIDATE_THRESHOLDS = (math.inf, 0.1, 0.05, 0.03, 0.0)
-PPL_BUDGET_PCT = 1.0
-# auto, when no threshold is within the budget: how many layers to leave in float, tried in this order, the most
-# harmful first (ranked by their measured effect on the model's output, sensitivity.py); at most 48 of SmolLM2's 210
+PPL_BUDGET_PCT = 1.0  # auto: the most the held-out calibration perplexity may rise over the float model's
+# auto, when per token everywhere is not within the budget: how many of the most harmful layers may be left in
+# float (bisection over these counts); at most 48 of SmolLM2's 210
 FLOAT_CANDIDATES = (1, 2, 4, 8, 16, 32, 48)
-ERROR_TOKENS_PER_FEED = 64  # tokens of each prefill batch the layer output errors are measured on
-TOKEN_THRESHOLD = 0.03  # without logits to measure (a bare graph), this threshold alone decides
+TOKEN_THRESHOLD = 0.03  # an explicit ``threshold``: per token above it, per tensor below (no search)
+# the per-token grid: x / max|x| in [-1, 1] -> uint8 round(127 x) + 128, in [1, 255]
+UNIT_SCALE = 1.0 / 127.0
+UNIT_ZERO = 128
+
+Log = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
 class LayerChoice:
-    """The activation scheme of the linear layers that read one input tensor, and why."""
+    """The activation scheme of the linear layers that read one input tensor, and the input's statistics."""
 
     activation: str
     nodes: list[str]
@@ -82,136 +81,168 @@ class LayerChoice:
         return d
 
 
-@dataclass
-class LayerError:
-    """One linear layer's output error under either activation scheme: the mean over sampled tokens of
-    ||x W - dq(q(x)) dq(q(W))|| / ||x W||, int8 weights per output channel as written."""
-
-    node: str
-    tensor: float  # one uint8 scale for the whole input tensor (ORT's DynamicQuantizeMatMul)
-    token: float  # each token scaled to its max |x| first (quantize_per_token)
-
-    def under(self, scheme: str) -> float:
-        return self.token if scheme == "token" else self.tensor
-
-
 def quantize_dynamic_int8(proto: Any, out_path: Path, plan: WeightPlan, lm_head: str = "auto",
                           per_channel: bool = True, activations: str = "auto",
                           feeds: Iterable[dict[str, np.ndarray]] | None = None, threshold: float | None = None,
-                          logits: str | None = None, budget_pct: float | None = None) -> dict[str, Any]:
+                          logits: str | None = None, budget_pct: float | None = None, log: Log = lambda m: None,
+                          progress: Progress | None = None) -> dict[str, Any]:
     """``feeds`` (float prefills of calibration text) are needed for ``activations="auto"`` only; with ``logits``
-    (the graph's logits output) the thresholds are searched as the module note says, else ``threshold`` (default
-    TOKEN_THRESHOLD) decides alone."""
+    (the graph's logits output) the layers left float are searched as the module note says; with ``threshold``
+    instead, per token for the inputs whose per-tensor error is above it and per tensor for the rest, no search;
+    with neither, per token everywhere."""
     nodes = [n for n in plan.linears if lm_head != "fp32" or n != plan.lm_head]
     head = "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 per channel"
     details: dict[str, Any] = {"weights": "int8 per output channel", "per_channel": True, "lm_head": head}
+    names = layer_names(proto, nodes)
     if activations != "auto":
         count = _write_dynamic(proto, out_path, nodes, nodes if activations == "token" else [], per_channel)
-        details["activations"] = {"token": "dynamic per token (each token scaled to its max |x|)",
-                                  "tensor": "uint8, dynamic per tensor"}[activations]
+        details["activations"] = {"token": TOKEN_DESCRIPTION, "tensor": TENSOR_DESCRIPTION}[activations]
+        details["batch_independent"] = activations == "token"
         details["per_channel"] = per_channel if activations == "tensor" else True
         details.update(_counts(count, len(nodes)))
         return details
     if feeds is None:
         raise ValueError("activations='auto' needs feeds (prefills) to measure the activations")
     feeds = list(feeds)
-    budget_pct = PPL_BUDGET_PCT if budget_pct is None else budget_pct
-    searching = logits is not None and threshold is None
-    choices, float_ppl, errors = measure_activations(proto, nodes, feeds, logits, layer_errors=searching)
-    thresholds: tuple[float, ...] = CANDIDATE_THRESHOLDS if searching else (
-        TOKEN_THRESHOLD if threshold is None else threshold,)
-    search: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix=".dynamic-", dir=out_path.parent) as tmp:
-        def attempt(token_nodes: list[str], float_nodes: list[str], t: float) -> dict[str, Any]:
-            candidate = Path(tmp) / str(len(search)) / out_path.name
-            candidate.parent.mkdir()
-            kept = set(float_nodes)
-            work = _copy(proto) if searching else proto
-            count = _write_dynamic(work, candidate, [n for n in nodes if n not in kept],
-                                   [n for n in token_nodes if n not in kept], per_channel)
-            del work
-            entry: dict[str, Any] = {"threshold": t if math.isfinite(t) else None, "per_token_nodes": count,
-                                     "float_nodes": len(float_nodes)}
-            if searching:
-                change = (calibration_perplexity(candidate, feeds, logits) / float_ppl - 1.0) * 100.0
-                entry["calibration_ppl_change_pct"] = round(change, 3)
-            entry["_float"], entry["_path"] = list(float_nodes), candidate
-            search.append(entry)
-            return entry
+    if logits is not None and threshold is None:
+        from onnxpipe.quant.sensitivity import split_feeds
 
-        best: dict[str, Any] | None = None
-        for t in thresholds:
-            token_nodes = [n for c in choices if c.tensor_error > t for n in c.nodes]
-            if any(len(token_nodes) == s["per_token_nodes"] for s in search):
-                continue  # the same layers as a threshold already tried
-            entry = attempt(token_nodes, [], t)
-            change = entry.get("calibration_ppl_change_pct", math.nan)
-            if best is None or change < best["calibration_ppl_change_pct"]:
-                best = entry
-            if not searching or change <= budget_pct:
-                best = entry
-                break
-        assert best is not None
-        effects: list[Any] = []
-        if searching and FLOAT_CANDIDATES and not best["calibration_ppl_change_pct"] <= budget_pct:
-            effects = _effects_under(best, proto, nodes, choices, feeds, logits)
-            best = _keep_worst_in_float(best, choices, [e.node for e in effects], budget_pct, attempt)
-        for f in best["_path"].parent.iterdir():
-            os.replace(f, out_path.parent / f.name)
-    float_nodes = best["_float"]
-    for entry in search:
-        del entry["_float"], entry["_path"]
-    t = math.inf if best["threshold"] is None else best["threshold"]
+        ranking, judging = split_feeds(feeds)
+        choices = measure_activations(proto, nodes, ranking)  # before the search writes (in place)
+        float_nodes, search = _search_float_layers(proto, out_path, nodes, ranking, judging, logits, budget_pct,
+                                                   names, log, progress, per_channel)
+        token_nodes, t = [n for n in nodes if n not in float_nodes], None
+        details["layer_effects"] = search.pop("_effects")
+    else:
+        t = TOKEN_THRESHOLD if threshold is None else threshold
+        choices = measure_activations(proto, nodes, feeds)
+        token_nodes, float_nodes, search = [n for c in choices if c.tensor_error > t for n in c.nodes], [], None
+        _write_dynamic(proto, out_path, nodes, token_nodes, per_channel)
     for c in choices:
-        c.scheme = "token" if c.tensor_error > t else "tensor"
+        c.scheme = "token" if t is None or c.tensor_error > t else "tensor"
         c.float_nodes = [n for n in c.nodes if n in float_nodes]
-    count = best["per_token_nodes"]
+    count = len([n for n in token_nodes if n not in float_nodes])
     details.update(_counts(count, len(nodes) - len(float_nodes)))
     details["activations"] = (f"per layer: {count} per token, {len(nodes) - len(float_nodes) - count} per tensor"
                               + (f", {len(float_nodes)} left float" if float_nodes else ""))
-    details["activation_threshold"] = best["threshold"]
+    details["batch_independent"] = count == len(nodes) - len(float_nodes)
+    details["activation_threshold"] = t
     details["float_nodes"] = float_nodes
-    details["activation_search"] = {"budget_pct": budget_pct, "float_calibration_ppl": float_ppl,
-                                    "candidates": search} if searching else None
+    details["float_layers"] = [names[n] for n in float_nodes]
+    details["activation_search"] = search
     details["activation_choice"] = [c.to_json() for c in choices]
-    if effects:
-        details["layer_effects"] = [e.to_json() for e in effects[:max(FLOAT_CANDIDATES) * 2]]
-    if errors:
-        scheme = {n: c.scheme for c in choices for n in c.nodes}
-        ranked = sorted(errors.values(), key=lambda e: -e.under(scheme[e.node]))
-        details["layer_errors"] = [{"node": e.node, "scheme": scheme[e.node], "tensor": round(e.tensor, 5),
-                                    "token": round(e.token, 5)} for e in ranked[:max(FLOAT_CANDIDATES) * 2]]
     return details
 
 
-def _effects_under(base: dict[str, Any], proto: Any, nodes: list[str], choices: list[LayerChoice],
-                   feeds: list[dict[str, np.ndarray]], logits: str) -> list[Any]:
-    """Each layer's effect on the model's output (sensitivity.layer_effects) under ``base``'s activation scales,
-    worst first."""
-    from onnxpipe.quant.sensitivity import layer_effects
-
-    t = math.inf if base["threshold"] is None else base["threshold"]
-    token_nodes = {n for c in choices if c.tensor_error > t for n in c.nodes}
-    return layer_effects(proto, nodes, token_nodes, feeds, logits)
+TOKEN_DESCRIPTION = "int8 per token (each token scaled to its max |x|, fixed grid): batch-independent"
+TENSOR_DESCRIPTION = "uint8, dynamic per tensor (one scale over the whole batch): batch-dependent"
 
 
-def _keep_worst_in_float(base: dict[str, Any], choices: list[LayerChoice], ranked: list[str], budget_pct: float,
-                         attempt: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    """The threshold candidate ``base`` (none was within the budget) with the first layers of ``ranked`` (the most
-    harmful first) left in float, for each count in FLOAT_CANDIDATES in turn; returns the first within the budget,
-    else the least loss of all tried."""
-    t = math.inf if base["threshold"] is None else base["threshold"]
-    token_nodes = [n for c in choices if c.tensor_error > t for n in c.nodes]
-    best = base
-    for k in FLOAT_CANDIDATES:
-        if k >= len(ranked):
-            break
-        entry = attempt(token_nodes, ranked[:k], t)
-        if entry["calibration_ppl_change_pct"] < best["calibration_ppl_change_pct"]:
-            best = entry
-        if entry["calibration_ppl_change_pct"] <= budget_pct:
-            break
-    return best
+def _search_float_layers(proto: Any, out_path: Path, nodes: list[str], ranking: list[dict[str, np.ndarray]],
+                         judging: list[dict[str, np.ndarray]], logits: str, budget_pct: float | None,
+                         names: dict[str, str], log: Log, progress: Progress | None,
+                         per_channel: bool) -> tuple[list[str], dict[str, Any]]:
+    """auto (module note): the layers ranked on ``ranking``, the candidates judged on ``judging``; writes
+    ``out_path`` per token everywhere but the float layers chosen (``proto`` changed in place); returns them and
+    the search's record (with ``_effects`` for the caller to pop)."""
+    from onnxpipe.quant.sensitivity import Simulation
+
+    budget = PPL_BUDGET_PCT if budget_pct is None else budget_pct
+    held_tokens = sum(f["input_ids"].size for f in judging)
+    sim = Simulation(proto, nodes, set(nodes), logits)
+    float_ppl = sim.perplexity(judging, np.zeros(len(sim.order), np.float32))
+    tried: dict[int, float] = {}
+    effects: list[Any] = []
+
+    def judge(k: int) -> float:
+        kept = [e.node for e in effects[:k]]
+        tried[k] = (sim.perplexity(judging, sim.switches(kept)) / float_ppl - 1.0) * 100.0
+        log(f"dynamic int8 search: per token, {k} layers left float: {tried[k]:+.3f}% on {held_tokens} held-out "
+            f"calibration tokens (budget {budget:g}%)")
+        return tried[k]
+
+    log(f"dynamic int8 search: {len(nodes)} layers, per token everywhere; float perplexity {float_ppl:.4g} on "
+        f"{held_tokens} held-out calibration tokens")
+    if judge(0) > budget:
+        log(f"dynamic int8 search: measuring each layer's effect on the output ({len(sim.order)} layers, "
+            f"{sum(f['input_ids'].size for f in ranking)} other calibration tokens)...")
+        step = max(1, len(sim.order) // 10)
+
+        def report(done: int, total: int) -> None:
+            if progress is not None:
+                progress("layer effects", done, total)
+            if done % step == 0 or done == total:  # a line too: a log file or a pipe shows no bar
+                log(f"dynamic int8 search: layer effects {done}/{total}")
+
+        effects = sim.effects(ranking, report)
+        counts = [k for k in FLOAT_CANDIDATES if k < len(effects)]
+        lo, hi = 0, len(counts) - 1
+        while lo <= hi:  # the fewest float layers within the budget, assuming more float never hurts
+            mid = (lo + hi) // 2
+            if judge(counts[mid]) <= budget:
+                hi = mid - 1
+            else:
+                lo = mid + 1
+    within = [k for k, change in tried.items() if change <= budget]
+    k = min(within) if within else min(tried, key=lambda c: tried[c])
+    float_nodes = [e.node for e in effects[:k]]
+    _write_dynamic(proto, out_path, [n for n in nodes if n not in float_nodes], [n for n in nodes if n not in float_nodes],
+                   per_channel)
+    written = (calibration_perplexity(out_path, judging, logits) / float_ppl - 1.0) * 100.0
+    log(f"dynamic int8 search: kept {k} layers float" + (f" ({', '.join(names[n] for n in float_nodes)})" if k else "")
+        + f"; the written model: {written:+.3f}% on the held-out calibration tokens"
+        + ("" if within else f" (none within the {budget:g}% budget: the least loss tried)"))
+    record = {"budget_pct": budget, "float_calibration_ppl": float_ppl, "held_out_tokens": held_tokens,
+              "ranking_tokens": sum(f["input_ids"].size for f in ranking) if effects else 0,
+              "candidates": [{"per_token_nodes": len(nodes) - c, "float_nodes": c,
+                              "calibration_ppl_change_pct": round(tried[c], 3)} for c in sorted(tried)],
+              "chosen_float_nodes": k, "within_budget": bool(within),
+              "written_calibration_ppl_change_pct": round(written, 3),
+              "_effects": [dict(e.to_json(), layer=names[e.node]) for e in effects[:max(FLOAT_CANDIDATES) * 2]]}
+    return float_nodes, record
+
+
+def layer_names(proto: Any, nodes: list[str]) -> dict[str, str]:
+    """node name -> the layer's Hugging Face module path (``layers.29.mlp.down_proj``), read from the exporter's
+    record of the node's module scopes (``pkg.torch.onnx.name_scopes``), the node's name
+    (``/model/layers.29/mlp/down_proj/MatMul``) or its weight's initializer name
+    (``model.layers.29.mlp.down_proj.weight``); the node name when none says."""
+    by_name = {n.name: n for n in proto.graph.node}
+    out = {}
+    for name in nodes:
+        node = by_name.get(name)
+        scopes = _name_scopes(node) if node is not None else []
+        weight = node.input[1] if node is not None and len(node.input) > 1 else ""
+        found = [path for path in map(_module_path, reversed(scopes)) if path]
+        outside = re.sub(r"^(model\.)+", "", scopes[-2]) if len(scopes) >= 2 else ""  # the head: model.lm_head
+        out[name] = (found[0] if found else None) or _module_path(name) or _module_path(weight) or outside or name
+    return out
+
+
+def _name_scopes(node: Any) -> list[str]:
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return []
+            return [str(s) for s in scopes] if isinstance(scopes, list) else []
+    return []
+
+
+_MODULE = re.compile(r"(?:^|[./])((?:h|layers|blocks?|decoder\.layers)[./]\d+(?:[./][A-Za-z_][\w]*)+)")
+
+
+def _module_path(name: str) -> str | None:
+    m = _MODULE.search(name)
+    if m is None:
+        return None
+    parts = [p for p in re.split(r"[./]", m.group(1)) if p]
+    while parts and re.fullmatch(r"(MatMul|Gemm|weight|bias)(_\d+)?", parts[-1]):
+        parts.pop()
+    return ".".join(parts) if len(parts) > 2 else None
 
 
 def _counts(per_token: int, total: int) -> dict[str, int]:
@@ -252,94 +283,21 @@ def _write_dynamic(proto: Any, out_path: Path, nodes: list[str], token_nodes: li
     return count
 
 
-def measure_activations(proto: Any, nodes: list[str], feeds: list[dict[str, np.ndarray]],
-                        logits: str | None = None, layer_errors: bool = False,
-                        ) -> tuple[list[LayerChoice], float, dict[str, LayerError]]:
+def measure_activations(proto: Any, nodes: list[str], feeds: list[dict[str, np.ndarray]]) -> list[LayerChoice]:
     """Run the float model on ``feeds``: each group of ``nodes`` that reads one input gets its statistics (scheme
-    left "tensor"); with ``logits``, the float model's perplexity on the feeds (else nan); with ``layer_errors``,
-    each node's LayerError (else an empty dict)."""
+    left "token")."""
     from onnxpipe.quant.smoothquant import _session, activation_groups, with_outputs
 
     groups = activation_groups(proto, nodes)
     names = list(groups)
     stats = {x: (0.0, 0.0) for x in names}
-    weights = _int8_weights(proto, [n for g in groups.values() for n in g]) if layer_errors else {}
-    sums: dict[str, np.ndarray] = {n: np.zeros(2) for n in weights}
-    nll, count, sampled = 0.0, 0, 0
     if names:
         session = _session(with_outputs(proto, names))
-        outputs = names + ([logits] if logits else [])
         for feed in feeds:
-            values = session.run(outputs, feed)
-            for x, value in zip(names, values):
+            for x, value in zip(names, session.run(names, feed)):
                 err, spread = activation_statistics(value)
                 stats[x] = (max(stats[x][0], err), max(stats[x][1], spread))
-                if weights:
-                    tokens, errs = _output_errors(value, [(n.name, *weights[n.name]) for n in groups[x]])
-                    for name, e in errs.items():
-                        sums[name] += e
-            if weights:
-                sampled += tokens
-            if logits:
-                s, n = _nll(values[-1], feed["input_ids"])
-                nll, count = nll + s, count + n
-    choices = [LayerChoice(x, [n.name for n in groups[x]], "tensor", stats[x][0], stats[x][1]) for x in names]
-    errors = {n: LayerError(n, float(e[0] / sampled), float(e[1] / sampled)) for n, e in sums.items()} if sampled else {}
-    return choices, math.exp(nll / count) if count else math.nan, errors
-
-
-def _int8_weights(proto: Any, nodes: list[Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """node name -> (W [K, N] float32, W as written: int8 per output channel, dequantized), for MatMuls whose W is
-    a constant."""
-    from onnx import numpy_helper
-
-    inits = initializer_map(proto.graph)
-    out = {}
-    for node in nodes:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        scale = np.abs(w).max(0) / 127.0
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        out[node.name] = (w, np.clip(np.round(w / scale), -127, 127) * scale)
-    return out
-
-
-def _uint8_tensor(x: np.ndarray, of: np.ndarray) -> np.ndarray:
-    """``of`` quantized and dequantized with the one uint8 scale DynamicQuantizeLinear gives ``x`` (range incl. 0)."""
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / 255.0 or 1.0
-    zero = np.clip(np.round(-lo / scale), 0, 255)
-    return (np.clip(np.round(of / scale) + zero, 0, 255) - zero) * scale
-
-
-def _output_errors(x: np.ndarray, layers: list[tuple[str, np.ndarray, np.ndarray]]) -> tuple[int, dict[str, np.ndarray]]:
-    """For one activation tensor [..., K] and the layers reading it: (tokens sampled, name -> summed per-token
-    relative output error [tensor, token]). The scales come from the whole tensor, as at run time; the error is
-    taken on every stride-th token (ERROR_TOKENS_PER_FEED of them, the first of each row included when the stride
-    divides the row length)."""
-    x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
-    stride = max(1, math.ceil(len(x2) / ERROR_TOKENS_PER_FEED))
-    sample = x2[::stride]
-    per_tensor = _uint8_tensor(x2, sample)
-    token_max = np.maximum(np.abs(x2).max(-1, keepdims=True), 1e-30)
-    unit = x2 / token_max
-    per_token = _uint8_tensor(unit, unit[::stride]) * token_max[::stride]
-    out = {}
-    for name, w, wq in layers:
-        ref = sample @ w
-        norm = np.maximum(np.linalg.norm(ref, axis=-1), 1e-30)
-        out[name] = np.array([(np.linalg.norm(ref - q @ wq, axis=-1) / norm).sum() for q in (per_tensor, per_token)])
-    return len(sample), out
-
-
-def choose_activation_scales(proto: Any, nodes: list[str], feeds: Iterable[dict[str, np.ndarray]],
-                             threshold: float = TOKEN_THRESHOLD) -> list[LayerChoice]:
-    """The statistics of ``measure_activations`` and per token for the layers whose tensor_error > threshold."""
-    choices, _, _ = measure_activations(proto, nodes, list(feeds))
-    for c in choices:
-        c.scheme = "token" if c.tensor_error > threshold else "tensor"
-    return choices
+    return [LayerChoice(x, [n.name for n in groups[x]], "token", stats[x][0], stats[x][1]) for x in names]
 
 
 def calibration_perplexity(model_path: Path, feeds: list[dict[str, np.ndarray]], logits: str) -> float:
@@ -349,12 +307,12 @@ def calibration_perplexity(model_path: Path, feeds: list[dict[str, np.ndarray]],
     session = measure_session(model_path)
     nll, count = 0.0, 0
     for feed in feeds:
-        s, n = _nll(session.run([logits], feed)[0], feed["input_ids"])
+        s, n = prefill_nll(session.run([logits], feed)[0], feed["input_ids"])
         nll, count = nll + s, count + n
     return math.exp(nll / count)
 
 
-def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+def prefill_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     """Summed negative log-likelihood of ids[:, 1:] under logits[:, :-1] (every row a full prefill)."""
     z = logits[:, :-1].astype(np.float64)
     top = z.max(-1, keepdims=True)
@@ -387,20 +345,21 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
     """Rewrite the named MatMul(x, constant W) nodes into per-token dynamic int8 (see the module note); in place.
     Returns the number of nodes rewritten.
 
-    Each token is divided by its own max |x| first, so every token spans [-1, 1]; then ORT's fused
-    DynamicQuantizeMatMul (one uint8 scale for the tensor, now the same for every token, and the per-channel weight
-    scale) does the integer product, and a Mul by the token's max |x| restores the scale. Per layer: Abs,
-    ReduceMax, Max (an all-zero token gets a tiny divisor, not 0/0), Div, shared by the layers that read the same x
-    (q/k/v, gate/up), then DynamicQuantizeMatMul and Mul.
+    Per input x, shared by the layers that read it (q/k/v, gate/up): Abs, ReduceMax over the last axis, Max (an
+    all-zero token gets a tiny divisor, not 0/0), Div, QuantizeLinear with the constant grid (UNIT_SCALE,
+    UNIT_ZERO). Per layer: MatMulInteger against W int8 per output channel, Cast to float, Mul by the weight's
+    per-channel scale x UNIT_SCALE, Mul by the token's max |x|. No scale depends on another token.
     """
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
     inits = initializer_map(graph)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
     wanted = set(nodes)
     shared = "/quant/per_token"
-    consts = {f"{shared}/tiny": np.array(1e-30, np.float32), f"{shared}/axes": np.array([-1], np.int64)}
+    consts = {f"{shared}/tiny": np.array(1e-30, np.float32), f"{shared}/axes": np.array([-1], np.int64),
+              f"{shared}/unit_scale": np.array(UNIT_SCALE, np.float32),
+              f"{shared}/unit_zero": np.array(UNIT_ZERO, np.uint8)}
     new_nodes, count, normalized = [], 0, {}
     for node in graph.node:
         if node.name not in wanted or node.op_type != "MatMul" or node.input[1] not in inits:
@@ -413,7 +372,7 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
         wq, ws = f"{p}/W_int8", f"{p}/W_scale"
         graph.initializer.extend([
             numpy_helper.from_array(np.clip(np.round(w / w_scale), -127, 127).astype(np.int8), wq),
-            numpy_helper.from_array(w_scale, ws),
+            numpy_helper.from_array((w_scale * np.float32(UNIT_SCALE)).astype(np.float32), ws),
         ])
         x = node.input[0]
         if x not in normalized:
@@ -427,12 +386,16 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
                 reduce,
                 helper.make_node("Max", [f"{q}/amax", f"{shared}/tiny"], [f"{q}/token_max"], name=f"{q}/Max"),
                 helper.make_node("Div", [x, f"{q}/token_max"], [f"{q}/x_unit"], name=f"{q}/Div"),
+                helper.make_node("QuantizeLinear", [f"{q}/x_unit", f"{shared}/unit_scale", f"{shared}/unit_zero"],
+                                 [f"{q}/x_uint8"], name=f"{q}/QuantizeLinear"),
             ]
-            normalized[x] = (f"{q}/x_unit", f"{q}/token_max")
-        x_unit, token_max = normalized[x]
+            normalized[x] = (f"{q}/x_uint8", f"{q}/token_max")
+        x_q, token_max = normalized[x]
         new_nodes += [
-            helper.make_node("DynamicQuantizeMatMul", [x_unit, wq, ws], [f"{p}/y_unit"], name=f"{p}/DynamicQuantizeMatMul",
-                             domain="com.microsoft"),
+            helper.make_node("MatMulInteger", [x_q, wq, f"{shared}/unit_zero"], [f"{p}/y_int32"],
+                             name=f"{p}/MatMulInteger"),
+            helper.make_node("Cast", [f"{p}/y_int32"], [f"{p}/y_float"], name=f"{p}/Cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{p}/y_float", ws], [f"{p}/y_unit"], name=f"{p}/MulWeightScale"),
             helper.make_node("Mul", [f"{p}/y_unit", token_max], list(node.output), name=f"{p}/MulTokenMax"),
         ]
         count += 1
@@ -440,8 +403,6 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
         graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
         graph.ClearField("node")
         graph.node.extend(new_nodes)
-        if not any(o.domain == "com.microsoft" for o in proto.opset_import):
-            proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         used = {i for n in graph.node for i in n.input}
         for t in [t for t in graph.initializer if t.name not in used]:
             graph.initializer.remove(t)

@@ -437,7 +437,8 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
                 proto, smoothing = _smooth(proto, body, cfg.smoothquant, feeds, logits, log)
             details = quantize_dynamic_int8(proto, out_path, body, lm_head=cfg.lm_head, activations=cfg.activations,
                                             feeds=feeds if cfg.activations == "auto" else None,
-                                            threshold=cfg.token_threshold, logits=logits)
+                                            threshold=cfg.token_threshold, logits=logits, log=log,
+                                            progress=progress)
             if smoothing is not None:
                 details["smoothquant"] = smoothing
             if cfg.activations == "auto":
@@ -509,14 +510,15 @@ def _smooth(proto: Any, body: Any, alpha: float, feeds: list[dict[str, np.ndarra
 def _log_activation_choice(details: dict[str, Any], log: Log) -> None:
     search = details.get("activation_search")
     if search:
-        tried = ", ".join(f"{c['per_token_nodes']} per token"
-                          + (f" + {c['float_nodes']} float" if c.get("float_nodes") else "")
-                          + f": {c['calibration_ppl_change_pct']:+.2f}%" for c in search["candidates"])
-        log(f"activation scales (calibration perplexity vs float; budget {search['budget_pct']:g}%): {tried}")
+        tried = ", ".join(f"{c['float_nodes']} float: {c['calibration_ppl_change_pct']:+.2f}%"
+                          for c in search["candidates"])
+        log(f"dynamic int8: held-out calibration perplexity vs float (budget {search['budget_pct']:g}%): {tried}")
     t = details["activation_threshold"]
-    log(f"activation scales: per token for {details['per_token_nodes']} of {details['quantized_nodes']} layers "
-        f"(inputs whose error under one per-tensor scale > {'inf' if t is None else f'{t:g}'}), per tensor for the rest"
-        + (f"; left float: {', '.join(details['float_nodes'])}" if details.get("float_nodes") else ""))
+    scales = (f"per token for all {details['quantized_nodes']} int8 layers" if t is None else
+              f"per token for {details['per_token_nodes']} of {details['quantized_nodes']} layers (inputs whose error "
+              f"under one per-tensor scale > {t:g}), per tensor for the rest")
+    log(f"activation scales: {scales}"
+        + (f"; left float: {', '.join(details['float_layers'])}" if details.get("float_layers") else ""))
 
 
 def find_calibration_file() -> Path | None:

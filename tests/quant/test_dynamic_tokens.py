@@ -2,9 +2,9 @@
 
 Trained LLMs have such tokens (SmolLM2-135M's layer-11 down_proj input: |x| ~ 3000 on a window's first token, ~1.3
 on the median token). One activation scale per tensor, as ORT's DynamicQuantizeMatMul takes, rounds every other
-token of the prefill to a few levels; one scale per token keeps them at int8 precision. The default ("auto")
-measures each layer's input on calibration prefills and must pick per token for such a layer, per tensor (the
-faster kernel) for an ordinary one.
+token of the prefill to a few levels; one scale per token keeps them at int8 precision. Given an explicit
+threshold (no search), each layer's input is measured on calibration prefills: per token for such a layer, per
+tensor for an ordinary one.
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def test_auto_picks_per_token_for_the_massive_layer_only(tmp_path: Path) -> None
     feeds = [{"x": inputs_with_massive_token(rng), "h": rng.standard_normal((2, T, K)).astype(np.float32)}
              for _ in range(2)]
     proto = two_layer_model(w, v)
+    # without logits to search on (a bare graph), the threshold alone decides: per tensor where it costs nothing
     details = quantize_dynamic_int8(proto, tmp_path / "q.onnx", plan_weights(proto, "y"), feeds=feeds)
+    assert details["batch_independent"] is False
     choice = {c["nodes"][0]: c for c in details["activation_choice"]}
     massive, plain = choice["/layers.0/mlp/down_proj/MatMul"], choice["/layers.0/attn/q_proj/MatMul"]
     assert massive["scheme"] == "token" and massive["tensor_error"] > 0.5 and massive["token_spread"] > 100
@@ -91,8 +93,9 @@ def test_auto_picks_per_token_for_the_massive_layer_only(tmp_path: Path) -> None
     assert details["per_token_nodes"] == 1 and details["per_tensor_nodes"] == 1
     out = onnx.load(str(tmp_path / "q.onnx"))
     ops = [n.op_type for n in out.graph.node]
-    # per token: the fused kernel on the token-normalized input; per tensor: ORT's quantize_dynamic output
-    assert ops.count("DynamicQuantizeMatMul") == 1 and ops.count("DynamicQuantizeLinear") == 1
+    # per token: QuantizeLinear on the fixed grid; per tensor: ORT's quantize_dynamic output (DynamicQuantizeLinear)
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DynamicQuantizeLinear") == 1
+    assert ops.count("MatMulInteger") == 2
     # and it works: the massive layer's ordinary tokens at int8 precision, the plain layer too
     x, h = inputs_with_massive_token(rng), rng.standard_normal((2, T, K)).astype(np.float32)
     y, z = measure_session(tmp_path / "q.onnx").run(["y", "z"], {"x": x, "h": h})
@@ -131,4 +134,8 @@ def test_per_token_dynamic(tmp_path: Path) -> None:
     np.testing.assert_allclose(y[0, 0], x[0, 0] @ w, rtol=0, atol=0.02 * np.abs(x[0, 0] @ w).max())
     out = onnx.load(str(tmp_path / "q.onnx"))
     assert not any(t.name == "w" for t in out.graph.initializer)
-    assert sum(n.op_type == "DynamicQuantizeMatMul" for n in out.graph.node) == 1
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("MatMulInteger") == 1 and ops.count("QuantizeLinear") == 1 and "MatMul" not in ops
+    assert all(n.domain in ("", "ai.onnx") for n in out.graph.node)  # standard ONNX only
+    onnx.checker.check_model(out, full_check=True)
+    assert details["batch_independent"] is True

@@ -59,9 +59,11 @@ def test_dynamic(tok_model, small_eval: Path, tmp_path: Path, family: str) -> No
     # auto: every body layer input measured and given a scheme; each quantized layer has one integer product
     assert sum(len(c["nodes"]) for c in details["activation_choice"]) == details["quantized_nodes"]
     assert {c["scheme"] for c in details["activation_choice"]} <= {"token", "tensor"}
-    assert counts.get("MatMulInteger", 0) == details["per_tensor_nodes"]
-    assert counts.get("com.microsoft::DynamicQuantizeMatMul", 0) == details["per_token_nodes"]
-    assert details["per_tensor_nodes"] + details["per_token_nodes"] == details["quantized_nodes"] > 0
+    # per token everywhere (a row's result does not depend on its batch): QuantizeLinear per input, one
+    # MatMulInteger per layer, nothing per tensor
+    assert counts.get("MatMulInteger", 0) == details["per_token_nodes"] == details["quantized_nodes"] > 0
+    assert counts.get("QuantizeLinear", 0) == len(details["activation_choice"])
+    assert "DynamicQuantizeLinear" not in counts and details["batch_independent"] is True
     assert step["details"]["lm_head"].startswith("int8 per row")
     assert step["details"]["embeddings"] == "int8 per row"
     if family == "gpt2":  # tied: one 8-bit table serves the lookup and the head
@@ -73,9 +75,9 @@ def test_dynamic(tok_model, small_eval: Path, tmp_path: Path, family: str) -> No
 @pytest.mark.parametrize("budget, expect", [(100.0, "cheapest"), (-1.0, "least loss")])
 def test_dynamic_auto_search(tok_model, small_eval: Path, tmp_path: Path, monkeypatch, budget: float,
                              expect: str) -> None:  # noqa: ANN001
-    """auto tries thresholds from the cheapest (no layer per token) down: a budget every candidate meets keeps the
-    first; one none can meet (negative) tries them all, then the least-loss one with its worst 1, 2, 4, 8 layers
-    left float, and keeps the one whose calibration perplexity rose least."""
+    """auto is per token everywhere first; a budget that candidate meets keeps it; one no candidate can meet
+    (negative) ranks the layers by effect, bisects over their worst 1, 2, 4, 8 left float, and keeps the one whose
+    held-out calibration perplexity rose least."""
     import onnxpipe.quant.dynamic as dynamic
 
     monkeypatch.setattr(dynamic, "PPL_BUDGET_PCT", budget)
@@ -83,25 +85,20 @@ def test_dynamic_auto_search(tok_model, small_eval: Path, tmp_path: Path, monkey
     details = check_directory(md, "dynamic")["details"]
     search = details["activation_search"]
     tried = search["candidates"]
-    assert search["budget_pct"] == budget and search["float_calibration_ppl"] > 1.0
-    assert tried[0]["threshold"] is None and tried[0]["per_token_nodes"] == 0  # per tensor everywhere first
+    assert search["budget_pct"] == budget and search["float_calibration_ppl"] > 1.0 and search["held_out_tokens"] > 0
+    assert tried[0]["float_nodes"] == 0 and tried[0]["per_token_nodes"] == 14  # per token everywhere first
     changes = [c["calibration_ppl_change_pct"] for c in tried]
     if expect == "cheapest":
-        assert len(tried) == 1 and details["per_token_nodes"] == 0
+        assert len(tried) == 1 and details["float_nodes"] == [] and search["ranking_tokens"] == 0
     else:
-        thresholds = [c for c in tried if c["float_nodes"] == 0]
-        assert len(thresholds) >= 2 and thresholds[-1]["per_token_nodes"] == 14  # down to all per token
-        assert [c["float_nodes"] for c in tried[len(thresholds):]] == [1, 2, 4, 8]
-        base = min(thresholds, key=lambda c: c["calibration_ppl_change_pct"])
-        assert all(c["threshold"] == base["threshold"] for c in tried[len(thresholds):])
+        assert {c["float_nodes"] for c in tried[1:]} <= {1, 2, 4, 8} and len(tried) >= 3
+        assert search["within_budget"] is False and len(details["layer_effects"]) == 14
         best = tried[changes.index(min(changes))]
-        assert details["per_token_nodes"] == best["per_token_nodes"]
-        assert details["activation_threshold"] == best["threshold"]
-        assert len(details["float_nodes"]) == best["float_nodes"]
+        assert len(details["float_nodes"]) == best["float_nodes"] == search["chosen_float_nodes"]
+        assert details["float_nodes"] == [e["node"] for e in details["layer_effects"][:best["float_nodes"]]]
+        assert all(name.startswith("layers.") for name in details["float_layers"])
     assert details["quantized_nodes"] + len(details["float_nodes"]) == 14
-    assert sum(c["scheme"] == "token" for c in details["activation_choice"] for n in c["nodes"]
-               if n not in c["float_nodes"]) == details["per_token_nodes"] \
-        == ops(md).get("com.microsoft::DynamicQuantizeMatMul", 0)
+    assert details["per_token_nodes"] == details["quantized_nodes"] == ops(md).get("MatMulInteger", 0)
     assert ops(md).get("MatMul", 0) >= len(details["float_nodes"])
 
 
@@ -117,8 +114,8 @@ def test_dynamic_lm_head_fp32_keeps_head_float(tok_model, small_eval: Path, tmp_
 def test_dynamic_per_token_everywhere(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
     md = quantize(tok_model("llama"), tmp_path / "q", "dynamic", small_eval, activations="token")
     step = check_directory(md, "dynamic")
-    assert ops(md).get("com.microsoft::DynamicQuantizeMatMul") == step["details"]["per_token_nodes"] == 14
-    assert "MatMulInteger" not in ops(md)
+    assert ops(md).get("MatMulInteger") == step["details"]["per_token_nodes"] == 14
+    assert "DynamicQuantizeLinear" not in ops(md) and "com.microsoft::DynamicQuantizeMatMul" not in ops(md)
 
 
 @pytest.mark.parametrize("method, smooth", [("minmax", None), ("entropy", None), ("percentile", 0.5)])
