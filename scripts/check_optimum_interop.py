@@ -10,8 +10,24 @@ tokens onnxpipe's runtime produced, which the caller passes (or computes with --
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 PROMPT = [5, 17, 300, 41, 9]
+
+
+def refusal(model_dir: str) -> str | None:
+    """Why Optimum cannot run this directory, from its manifest; None when it can.
+
+    The `optimize --target cuda` form's attention (GroupQueryAttention) writes each row's new keys and values at
+    that row's length in one preallocated KV buffer, so it takes right-padded batches and a fixed-capacity cache
+    (manifest: graph.padding_side "right", graph.kv.shares_buffer true). Optimum left-pads batches and grows the
+    cache by concatenating presents, so it loads the directory without complaint and gets its padded rows wrong."""
+    graph = json.loads((Path(model_dir) / "onnxpipe.json").read_text())["graph"]
+    if graph.get("kv", {}).get("shares_buffer") or graph.get("padding_side") == "right":
+        return ("the CUDA form (optimize --target cuda) takes right-padded batches in a preallocated KV buffer; Optimum "
+                "left-pads and concatenates the cache. Use onnxpipe's runtime or ONNX Runtime GenAI (genai_config.json)")
+    return None
 
 
 def main() -> None:
@@ -26,6 +42,9 @@ def main() -> None:
 
         print(",".join(map(str, load(args.model_dir, provider="cpu").generate(PROMPT, max_new_tokens=args.new_tokens).token_ids)))
         return
+    reason = refusal(args.model_dir)
+    if reason:
+        raise SystemExit(f"{args.model_dir}: not for Optimum: {reason}")
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 

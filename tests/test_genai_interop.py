@@ -139,3 +139,17 @@ def test_genai_reads_leading_pads_as_tokens(forms: dict[str, Path]) -> None:
     left = _genai(path, PROMPTS, "left")
     assert _same(_ours(path, [as_tokens])[0], left[1])
     assert left[1] != _ours(path, [short])[0][: len(left[1])]
+
+
+def test_optimum_check_refuses_the_cuda_form(forms: dict[str, Path]) -> None:
+    """Optimum left-pads and grows its cache by concatenation: the CUDA form (right padding, one preallocated KV
+    buffer) would load there and give wrong padded rows, so the interop check refuses it, saying why."""
+    import runpy
+    import subprocess
+    import sys
+
+    script = REPO / "scripts" / "check_optimum_interop.py"
+    refusal = runpy.run_path(str(script))["refusal"]
+    assert refusal(str(forms["export"])) is None and refusal(str(forms["int8"])) is None
+    out = subprocess.run([sys.executable, str(script), str(forms["cuda"])], capture_output=True, text=True)
+    assert out.returncode == 1 and "not for Optimum: the CUDA form" in out.stderr, out.stderr
