@@ -27,6 +27,7 @@ from onnxpipe.outputs import (
     output_lock,
     remove_stale_temp,
     remove_temp_dir,
+    resolve,
     resolved_output,
 )
 from onnxpipe.schema import FORMAT_VERSION, ManifestInvalid, validate_manifest
@@ -256,7 +257,7 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
         raise OnnxpipeError(f"{out_dir} already exists; pass --force to replace it")
     if not out_dir.is_dir():
         raise OnnxpipeError(f"{out_dir} exists and is not a directory; not replacing it, even with --force")
-    real, cwd = out_dir.resolve(), Path.cwd().resolve()
+    real, cwd = resolve(out_dir), Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
         raise OnnxpipeError(f"{out_dir} is the current directory or holds it; not replacing it, even with --force")
     entries = list(out_dir.iterdir())

@@ -37,8 +37,16 @@ def resolved_output(output: PathLike) -> Path:
     writing ``output`` replaces that name, even when it is a symlink."""
     p = Path(output).absolute()
     if p.name in ("", ".", ".."):
-        return p.resolve()
-    return p.parent.resolve() / p.name
+        return resolve(p)
+    return resolve(p.parent) / p.name
+
+
+def resolve(path: PathLike) -> Path:
+    """``Path.resolve()``, with a symlink loop or an unreadable directory on the way a one-line error."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:
+        raise OnnxpipeError(f"{path}: cannot resolve this path ({e})") from None
 
 
 def check_io_paths(inputs: Sequence[PathLike], output: PathLike) -> None:
@@ -46,9 +54,9 @@ def check_io_paths(inputs: Sequence[PathLike], output: PathLike) -> None:
     one; compared after resolving ``..`` and symlinks (the output's last component too, so that an output that is a
     symlink to the input is refused), and by device and inode where both exist."""
     out_named = resolved_output(output)
-    out_real = Path(output).resolve()
+    out_real = resolve(output)
     for given in inputs:
-        inp = Path(given).resolve()
+        inp = resolve(given)
         relation = _overlap(inp, out_real) or _overlap(inp, out_named)
         if relation is None and out_real.exists() and inp.exists():
             with contextlib.suppress(OSError):

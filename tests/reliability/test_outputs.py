@@ -117,6 +117,10 @@ def test_check_io_paths_unit(tmp_path: Path) -> None:
         with pytest.raises(OnnxpipeError, match=f"the output {relation} the input") as e:
             check_io_paths(inputs, output)
         assert str(output) in str(e.value) and str(inputs[0]) in str(e.value)
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    with pytest.raises(OnnxpipeError, match="cannot resolve this path"):
+        check_io_paths([tmp_path / "in"], tmp_path / "loop-a" / "out")
 
 
 # -- atomic replacement and stale-temporary cleanup -------------------------------------------------------------------
