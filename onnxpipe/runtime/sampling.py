@@ -133,7 +133,8 @@ def next_token(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray, rng: n
         return int(np.argmax(logits))
     best = int(np.argmax(logits))
     # shifted so the largest is 0 before dividing: a tiny temperature then sends the others to -inf, never +inf
-    scaled = (logits.astype(np.float64) - logits[best]) / cfg.temperature
+    with np.errstate(over="ignore"):  # a tiny temperature sends all but the largest to -inf, as it should
+        scaled = (logits.astype(np.float64) - logits[best]) / cfg.temperature
     scaled = filter_top_p(filter_top_k(scaled, cfg.top_k), cfg.top_p)
     probs = softmax(scaled)
     if not np.isfinite(probs).all() or probs.sum() <= 0:  # nothing finite left (logits that were not finite)

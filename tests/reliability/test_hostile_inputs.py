@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from onnxpipe.errors import OnnxpipeError
@@ -57,6 +57,13 @@ json_values = st.recursive(
 RECORD_KEYS = ["id", "text", "prompt", "completion", "input_ids", "prompt_ids", "completion_ids"]
 id_lists = st.lists(st.integers(-5, 300) | st.booleans() | st.floats() | st.text(max_size=3), max_size=6)
 record_dicts = st.dictionaries(st.sampled_from(RECORD_KEYS), json_values | id_lists | st.text(max_size=30), max_size=4)
+token_ids = st.lists(st.integers(0, 255), max_size=8)
+well_formed = st.one_of(  # records that should parse, some with an id, some with an unknown extra field
+    st.fixed_dictionaries({"text": st.text(max_size=20)}, optional={"id": st.text(max_size=5) | st.integers()}),
+    st.fixed_dictionaries({"prompt": st.text(max_size=10), "completion": st.text(max_size=10)}),
+    st.fixed_dictionaries({"input_ids": token_ids}, optional={"note": json_values}),
+    st.fixed_dictionaries({"prompt_ids": token_ids, "completion_ids": token_ids}),
+)
 
 
 def _check_parsed(result, vocab, where):
@@ -75,7 +82,7 @@ def _check_parsed(result, vocab, where):
 
 
 @settings(max_examples=150, **SETTINGS)
-@given(obj=json_values | record_dicts, generate=st.booleans())
+@given(obj=json_values | record_dicts | well_formed, generate=st.booleans())
 def test_score_parse_record_never_raises(obj, generate):
     from onnxpipe.runtime.score_io import parse_record
 
@@ -84,7 +91,7 @@ def test_score_parse_record_never_raises(obj, generate):
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(lines=st.lists(st.binary(max_size=40) | record_dicts.map(lambda d: json.dumps(d).encode())
+@given(lines=st.lists(st.binary(max_size=40) | (record_dicts | well_formed).map(lambda d: json.dumps(d).encode())
                       | st.sampled_from([b'{"text": "\\udc80"}', b'{"input_ids": [1e400]}', b'[', b'\xff\xfe', b'null',
                                          b'{"text": "a", "id": 1.5}', b'{"input_ids": [1, 2], "id": []}']),
                       min_size=1, max_size=8))
@@ -403,6 +410,7 @@ finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
        temperature=st.sampled_from([0.0, 1e-300, 1e-8, 0.7, 1.0, 50.0, 1e300]) | st.floats(0, 1e6),
        top_k=st.integers(0, 20), top_p=st.floats(1e-12, 1.0),
        penalty=st.sampled_from([1e-4, 0.5, 1.0, 1.3, 1e4]) | st.floats(1e-4, 1e4), seed=st.integers(0, 2**64))
+@example(logits=[-3e38, -2e38], seen=[0, 1], temperature=1.0, top_k=0, top_p=1.0, penalty=5.0, seed=0)  # overflowed
 def test_next_token_is_always_in_the_vocabulary(logits, seen, temperature, top_k, top_p, penalty, seed):
     from onnxpipe.runtime.sampling import SamplingConfig, next_token
 

@@ -196,7 +196,9 @@ def test_kill_minus_9_leaves_no_half_output(stage, zygote, tiny_hf, tiny_onnx, t
         at = rng.uniform(0.05, 0.95) * seconds
         killed, rc, log, _ = zygote.run(*_stage_args(stage, inp, out, eval_file), "--force", kill_after=at)
         assert killed or rc == 0, log
-        outcomes[assert_absent_or_valid(out, want)] += 1
+        outcome = assert_absent_or_valid(out, want)
+        outcomes[outcome] += 1
+        FIGURES[f"{stage} {outcome}"] += 1
         assert tree_digest(inp) == before, f"kill at {at:.2f}s changed the input"
         FIGURES[f"{stage} kills"] += killed
 

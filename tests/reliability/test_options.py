@@ -166,7 +166,7 @@ def test_bench_batch_refused_before_allocating(tiny_onnx):
     r = run("bench", tiny_onnx("llama"), "--provider", "cpu", "--batch", "1,100000000", "--prompt-tokens", "16",
             "--new-tokens", "16")
     assert_one_line(r, "batch 100000000 x 32 positions needs at least", "GiB", "available")
-    assert time.perf_counter() - start < 20
+    assert time.perf_counter() - start < 60  # (a model load on a busy machine; the refusal itself is immediate)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 * 1024  # KiB: nothing big was allocated
 
 
