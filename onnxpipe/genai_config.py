@@ -26,8 +26,9 @@ from onnxpipe.artifact import Manifest
 from onnxpipe.errors import OnnxpipeError
 
 GENAI_CONFIG = "genai_config.json"
-# model types GenAI 0.18 runs as decoder-only LLMs (src/models/model_type.h); others load as the generic "decoder"
-GENAI_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3"})
+# model types GenAI 0.18 runs as decoder-only LLMs with keys and values apart (src/models/model_type.h); others load
+# as its generic "decoder". Not "gpt2": GenAI's gpt2 model reads one combined past per layer (past_%d).
+GENAI_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 
 
 def genai_config(manifest: Manifest) -> dict[str, Any]:

@@ -153,3 +153,27 @@ def test_optimum_check_refuses_the_cuda_form(forms: dict[str, Path]) -> None:
     assert refusal(str(forms["export"])) is None and refusal(str(forms["int8"])) is None
     out = subprocess.run([sys.executable, str(script), str(forms["cuda"])], capture_output=True, text=True)
     assert out.returncode == 1 and "not for Optimum: the CUDA form" in out.stderr, out.stderr
+
+
+def test_sliding_window_rows(tiny_onnx: Callable[..., Path], cuda_form: Callable[[str], Path]) -> None:
+    """Mistral's window (5 in the tiny model) counts cache columns in the export's mask, and GenAI's right padding
+    puts pad columns between a short prompt and its new tokens: that row leaves the window early. What holds: batch
+    1, the unpadded row, and the CUDA form, whose attention places each row's tokens at its own length."""
+    export, cuda = tiny_onnx("mistral"), cuda_form("mistral")
+    ours = _ours(export, PROMPTS)
+    for prompt, mine in zip(PROMPTS, ours):
+        assert _same(mine, _genai(export, [prompt], "right")[0])
+    right = _genai(export, PROMPTS, "right")
+    assert _same(ours[0], right[0])
+    assert not _same(ours[1], right[1])  # the padded row, past the window
+    assert all(_same(m, t) for m, t in zip(_ours(cuda, PROMPTS), _genai(cuda, PROMPTS, "right")))
+
+
+def test_gpt2_loads_as_a_generic_decoder(tiny_onnx: Callable[..., Path]) -> None:
+    """GenAI's own "gpt2" model reads one combined past per layer; ours keeps keys and values apart, which its
+    generic "decoder" reads (as "gpt2", loading fails: "Model input was not found")."""
+    path = tiny_onnx("gpt2")
+    assert json.loads((path / GENAI_CONFIG).read_text())["model"]["type"] == "decoder"
+    ours = _ours(path, PROMPTS)
+    right = _genai(path, PROMPTS, "right")
+    assert all(_same(m, t) for m, t in zip(ours, right)), (ours, right)
