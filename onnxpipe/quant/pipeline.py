@@ -300,7 +300,8 @@ def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np
         work.mkdir()
         if progress:  # quantizing says what it does (GPTQ also counts its layers)
             progress(f"choice {i + 1}/{len(choices)}: quantizing, {label.label()}", 0, 1)
-        details = _run_mode(src, work / MODEL_FILE, cfg, samples, lambda msg: None, progress)
+        lines: list[str] = []  # the mode's own lines, shown for the choice that is kept
+        details = _run_mode(src, work / MODEL_FILE, cfg, samples, lines.append, progress)
         if progress:
             progress(f"choice {i + 1}/{len(choices)}: quantizing, {label.label()}", 1, 1)
         score = judge.score(work / MODEL_FILE, _output_manifest(src.manifest, work / MODEL_FILE, cfg),
@@ -320,6 +321,8 @@ def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np
             work.rmdir()
             log(f"chose {label.label()}: the first of the {len(choices)} in order of cost and size within "
                 f"+{gate.max_ppl_increase:g}% on the selection text")
+            for line in lines:
+                log(line)
             return cfg, details, {"selection_tokens": int(len(judge.token_ids)), "tried": rows, "chosen": label.label()}
         shutil.rmtree(work)
     best = min(rows, key=lambda r: r["ppl_change_pct"])
@@ -420,7 +423,7 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
         details = convert_fp16(proto, out_path, cfg, logits)
     else:
         plan = expose_weights(proto, logits)
-        log(f"linear layers: {len(plan.linears)} (LM head {plan.lm_head or 'not found'}), "
+        log(f"linear layers: {len(plan.linears)} (LM head {'lm_head' if plan.lm_head else 'not found'}), "
             f"lookup tables: {len(plan.embeddings)}; rewrites {plan.rewrites}")
         head_by_tables = cfg.lm_head in ("auto", "int8") and plan.lm_head is not None
         body = WeightPlan([n for n in plan.linears if n != plan.lm_head], None, plan.embeddings, plan.rewrites) \
@@ -459,7 +462,8 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
         tables = _vocab_tables(out_path, plan.lm_head if head_by_tables else None, src.manifest, cfg)
         if tables is not None:
             log(f"vocabulary tables: LM head {tables.lm_head or 'left to the mode'}, {len(tables.embeddings)} token "
-                f"lookup(s) int8 per row (block {tables.block_size}, max abs err {tables.max_abs_err:.3g})")
+                f"lookup(s) int8 per row (block {tables.block_size}, max abs err {tables.max_abs_err:.3g} -- recorded, not "
+                "judged)")
             details["vocab_tables"] = tables.to_json()
             details["lm_head"] = tables.lm_head or details.get("lm_head")
             details["embeddings"] = "int8 per row" if tables.embeddings else "float"
