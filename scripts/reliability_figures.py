@@ -28,7 +28,7 @@ READERS = [
     ("score line", "score JSONL reader: raw lines (bytes, bad UTF-8, lone surrogates)"),
     ("manifest", "manifest reader: mutated valid manifests, arbitrary text"),
     ("gguf", "GGUF header: truncated and mutated files"),
-    ("gguf crafted", "GGUF header: crafted counts and lengths (2**60 items, ...)"),
+    ("gguf crafted", "GGUF header: crafted counts, lengths (2**60 items, ...) and value types"),
     ("cli", "CLI numeric option values (generate, bench, score, quantize, export, optimize)"),
     ("sampling option", "SamplingConfig fields: any number, string, None, bool"),
     ("sampling", "next_token: accepted options x finite logits"),

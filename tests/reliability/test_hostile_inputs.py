@@ -254,6 +254,46 @@ def test_gguf_truncated_or_mutated(tmp_path_factory, small_gguf, data):
     tally("gguf", _read(tmp_path_factory, bytes(blob)))
 
 
+def _edited_gguf(path: Path, key: str, value, vtype, subtype=None) -> Path:
+    """A valid small GGUF whose metadata ``key`` is set to a value of an unexpected type."""
+    from gguf.gguf_writer import GGUFValue
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("edited")
+    w.kv_data[0][key] = GGUFValue(value, vtype, subtype)
+    w.add_tensor("token_embd.weight", np.ones((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+T = gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("key,value,vtype,subtype,outcome", [
+    ("general.architecture", ["llama"], T.ARRAY, T.STRING, "not supported"),  # was TypeError: unhashable type
+    ("tokenizer.ggml.bos_token_id", math.nan, T.FLOAT32, None, "accepted"),  # was ValueError: float NaN to integer
+    ("tokenizer.ggml.eos_token_id", math.inf, T.FLOAT64, None, "accepted"),  # was OverflowError
+    ("general.file_type", math.inf, T.FLOAT32, None, "accepted"),  # was OverflowError
+    ("general.name", [1, 2], T.ARRAY, T.INT32, "accepted"),
+])
+def test_gguf_metadata_of_unexpected_types(tmp_path, key, value, vtype, subtype, outcome):
+    from onnxpipe.export.gguf import read_gguf
+
+    path = _edited_gguf(tmp_path / "edited.gguf", key, value, vtype, subtype)
+    if outcome == "accepted":
+        info = read_gguf(path)
+        assert info.architecture == "llama" and all(isinstance(v, int) for v in info.special_token_ids.values())
+        assert info.name is None or isinstance(info.name, str)
+    else:
+        with pytest.raises(OnnxpipeError, match=outcome) as e:
+            read_gguf(path)
+        assert str(path) in str(e.value)
+    tally("gguf crafted", "accepted" if outcome == "accepted" else "clean error")
+
+
 HOSTILE_GGUF_SCRIPT = textwrap.dedent("""
     import struct, sys
     from pathlib import Path
