@@ -155,9 +155,8 @@ def test_a_token_is_bit_identical_whatever_shares_its_tensor(tmp_path: Path) -> 
     """Per token: a row's output is the same bits alone and beside rows of any scale (pads of zeros or of huge
     values included); per tensor (kept as an explicit choice) is not."""
     rng = np.random.default_rng(1)
-    row = rng.standard_normal((1, 8, K)).astype(np.float32)
-    neighbours = [np.zeros((1, 8, K), np.float32), 1e3 * rng.standard_normal((1, 8, K)).astype(np.float32),
-                  1e-3 * rng.standard_normal((1, 8, K)).astype(np.float32)]
+    row = rng.standard_normal((1, 1, K)).astype(np.float32)  # one token: its range is one-sided after scaling
+    neighbours = [np.zeros((1, 1, K), np.float32), -1e3 * row, 1e-3 * rng.standard_normal((1, 1, K)).astype(np.float32)]
     moved = {}
     for scheme in ("token", "tensor"):
         proto = linear_model()
