@@ -43,6 +43,7 @@ to [B, S, 3 hidden] and split three ways; that tensor feeds the op as the packed
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -133,7 +134,10 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         self._input_ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
         self._query_seqlens = query_seqlens_supported()
         self._heads, self._kv_heads = heads, kv_heads
-        self._window = int(info.get("sliding_window") or -1)
+        self._window = _layer_window(info, present_key)
+        if self._window is None:
+            return result.fail("the model mixes sliding and full layers and this block's layer is not known from its "
+                               "present key's name", present_key)
         self._target, self._graph = ctx.target, graph
         # GPT-2 reshapes the attention output straight to 2-D [B*S, hidden] for its Gemm: keep that Reshape.
         self._keep_reshape = out is None or out.shape is None or out.shape.rank() != 3
@@ -314,6 +318,20 @@ def _split_qkv(query: ir.Value, key: ir.Value, value: ir.Value, dq: int, dkv: in
     else:  # equal parts
         sizes = [(dq + 2 * dkv) // 3] * 3
     return source if sizes == [dq, dkv, dkv] else None
+
+
+def _layer_window(info: dict, present_key: ir.Value | None) -> int | None:
+    """local_window_size for one block: the model's sliding window on a sliding-attention layer, -1 on a full one.
+    With mixed layers (Gemma 2/3: sliding and global alternate) the layer is the N of the block's present.N.key
+    output, looked up in the manifest's layer_types; None when that name does not say."""
+    window = int(info.get("sliding_window") or -1)
+    types = info.get("layer_types") or []
+    if window < 0 or len(set(types)) < 2:
+        return window
+    match = re.fullmatch(r"present\.(\d+)\.key", (present_key.name or "") if present_key is not None else "")
+    if match is None or int(match.group(1)) >= len(types):
+        return None
+    return window if types[int(match.group(1))] == "sliding_attention" else -1
 
 
 def query_seqlens_supported() -> bool:

@@ -24,7 +24,8 @@ register("skip_layer_norm", *skip_normalization.skip_layer_normalization_ruleset
 
 
 def expected_norms(ctx: PassContext) -> int:
-    per_layer = 4 if ctx.model_info.get("qk_norm") else 2
+    # the manifest counts a layer's norms (Gemma 2: 4, Phi: 1); older manifests do not: 2 then
+    per_layer = int(ctx.model_info.get("norms_per_layer") or 2) + (2 if ctx.model_info.get("qk_norm") else 0)
     return per_layer * ctx.num_layers + 1
 
 
