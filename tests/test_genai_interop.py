@@ -42,6 +42,7 @@ def forms(tiny_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathFacto
     hf = root / "hf"
     shutil.copytree(tiny_hf("llama"), hf)
     save_byte_tokenizer(hf)
+    (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     evaluation = root / "eval.txt"
     evaluation.write_text((REPO / "data" / "eval.txt").read_text()[:3000])
     out = {name: root / name for name in FORMS}
@@ -177,3 +178,16 @@ def test_gpt2_loads_as_a_generic_decoder(tiny_onnx: Callable[..., Path]) -> None
     ours = _ours(path, PROMPTS)
     right = _genai(path, PROMPTS, "right")
     assert all(_same(m, t) for m, t in zip(ours, right)), (ours, right)
+
+
+@pytest.mark.parametrize("form", ["export", "int4"])
+def test_genai_tokenizer_reads_the_carried_files(forms: dict[str, Path], form: str) -> None:
+    """GenAI's tokenizer reads tokenizer.json and tokenizer_config.json, which every stage carries over."""
+    from onnxpipe.runtime.generate import TextTokenizer
+
+    text = "def fib(n):\n    return n"
+    theirs = og.Tokenizer(og.Model(str(forms[form])))
+    ours = TextTokenizer.from_dir(forms[form])
+    assert ours is not None
+    ids = ours.encode(text)
+    assert [int(t) for t in theirs.encode(text)] == ids and theirs.decode(np.array(ids, np.int32)) == text
