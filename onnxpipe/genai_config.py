@@ -9,7 +9,10 @@ scanning each row from its END, so only trailing pad tokens are masked. Right-pa
 ``pad_token_id`` (as written here) and GenAI gives onnxpipe's greedy tokens row for row; left-padded rows are read as
 all real tokens (mask of ones) and their continuations differ. A prompt that itself ends in the pad id would have
 that token masked, so ``pad_token_id`` is the tokenizer's pad token, else the first EOS id (GenAI's own default).
-Our graphs take any 0/1 attention mask, so the difference is GenAI's convention, not the graph's.
+Our graphs take any 0/1 attention mask, so the difference is GenAI's convention, not the graph's. One limit
+follows from it: a sliding window (Mistral) counts cache columns in the export's mask, so a right-padded row leaves
+its window as many tokens early as it has pads (the CUDA form places each row's tokens at its own length and is
+exact); docs/interop.md.
 
 The ``optimize --target cuda`` form (``kv.shares_buffer``: one preallocated KV buffer, ``padding_side: right``)
 loads with ``past_present_share_buffer: true``, which is how GenAI runs its own GroupQueryAttention graphs.
