@@ -179,3 +179,60 @@ def test_parquet_without_a_known_column_is_an_error(text_model, tmp_path):
     one_line_error(cli("score", text_model, inp, "-o", tmp_path / "o.jsonl", "--provider", "cpu", "--no-progress"),
                    "in.parquet", "no column to score", "text, prompt+completion, input_ids", "body, label")
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=20)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                                  max_size=4), max_leaves=12)
+
+
+def test_record_parser_never_raises_on_any_json_value():
+    """Any JSON value, any field holding any value (lone surrogates included): a Record or a BadRecord, never an
+    exception; a Record's text can be encoded as UTF-8 and its ids are in the vocabulary."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from onnxpipe.runtime.score_io import BadRecord, Record, parse_record
+
+    fields = st.sampled_from(["id", "text", "prompt", "completion", "input_ids", "prompt_ids", "completion_ids", "x"])
+    values = _json_values() | st.text(alphabet=st.characters(), max_size=30) | st.lists(st.integers(-5, 300), max_size=8)
+
+    @settings(max_examples=100, deadline=None, database=None)
+    @given(obj=st.dictionaries(fields, values, max_size=4) | _json_values(), generate=st.booleans())
+    def check(obj, generate):
+        rec = parse_record(obj, 1, Path("in.jsonl"), False, 256, generate, max_chars=25)
+        assert isinstance(rec, (Record, BadRecord))
+        if isinstance(rec, Record):
+            for t in (rec.text, rec.prompt, rec.completion):
+                if t is not None:
+                    t.encode("utf-8")
+                    assert len(t) <= 25
+            for ids in (rec.ids, rec.prompt_ids, rec.completion_ids):
+                assert ids is None or all(0 <= i < 256 for i in ids)
+
+    check()
+
+
+def test_jsonl_reader_never_raises_on_any_line(tmp_path):
+    """Arbitrary bytes as a JSONL line (invalid UTF-8, truncated JSON, escapes of lone surrogates): each non-blank
+    line is one Record or BadRecord, in order."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from onnxpipe.runtime.score_io import Shard, iter_records
+
+    line = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" ").replace(b"\r", b" ")) | st.sampled_from(
+        [b'{"text": "\\udc80"}', b'{"text": "\\ud800\\udc00"}', b'{"input_ids": [1e400]}', b"[" * 5000, b'{"text":'])
+
+    @settings(max_examples=100, deadline=None, database=None)
+    @given(lines=st.lists(line, min_size=1, max_size=6))
+    def check(lines):
+        path = tmp_path / "in.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        got = list(iter_records(Shard(path, "jsonl", 0), False, 256))
+        assert len(got) == sum(1 for x in lines if x.strip())
+
+    check()
