@@ -497,7 +497,8 @@ class ChunkStats:
     max_batch_padding: float = 0.0
 
 
-Progress = Callable[[int, int, int, int], None]  # (records finished, tokens scored, windows done, windows in all)
+# (records finished, tokens scored or generated, windows done, windows of the chunk); for --task generate: prompts
+Progress = Callable[[int, int, int, int], None]
 ItemResult = tuple[float, int, bool] | str  # (loglik, tokens, greedy), or why the model run failed on the item
 
 
@@ -880,13 +881,15 @@ def score_local(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
     bar = progress_bar(job, ckpt.records_done)
     run_tokens, run_start = 0, time.perf_counter()
 
+    step = "prompt" if c.task == "generate" else "window"
+
     def on_progress(records: int, tokens: int, windows_done: int, windows: int) -> None:
         nonlocal run_tokens
         run_tokens += tokens
         bar.update(records)
         # refreshed every batch: a long record shows its windows moving while the record count stands still
         bar.set_postfix_str(f"{run_tokens / max(time.perf_counter() - run_start, 1e-9):.0f} tok/s, "
-                            f"window {windows_done}/{windows} of the chunk", refresh=True)
+                            f"{step} {windows_done}/{windows} of the chunk", refresh=True)
 
     try:
         for chunk in job.chunks(ckpt.records_done):

@@ -50,7 +50,8 @@ class GenerateWorker:
         stats = ChunkStats()
         lengths = [min(len(it.tokens) + c.max_new_tokens, self.max_positions) for it in items]
         batches = plan_batches(lengths, c.batch_tokens, c.max_padding)
-        for done, batch in enumerate(batches, 1):
+        prompts_done = 0
+        for batch in batches:
             generated = 0
             for group, results in self._generate(items, batch):
                 if isinstance(results, str):
@@ -63,7 +64,8 @@ class GenerateWorker:
             stats.batches += 1
             stats.input_tokens += sum(len(items[i].tokens) for i in batch)
             stats.padded_slots += max(len(items[i].tokens) for i in batch) * len(batch)
-            on_progress(len(batch), generated, done, len(batches))
+            prompts_done += len(batch)
+            on_progress(len(batch), generated, prompts_done, len(items))
         return [r for r in rows if r is not None], stats, failed
 
     def _generate(self, items: list[Item], batch: list[int]) -> list[tuple[list[int], Any]]:
