@@ -69,12 +69,12 @@ def table(c: Collect, seconds: float) -> str:
         lines.append(f"| {name} | {tried} | {clean} | {accepted} | {tried - clean - accepted} |")
     lines.append(f"| option bounds (tests/reliability/test_options.py cases) | {c.cases['test_options.py']} | "
                  f"{c.cases['test_options.py']} | - | 0 |")
-    lines += ["", "| kill -9 of | kills landed | output after the kill: absent | complete and valid | "
-                  "outputs checked in all |", "|---|---|---|---|---|"]
+    lines += ["", "| kill -9 of | kills landed | new output afterwards: absent | complete | replaced output "
+                  "(--force) afterwards: complete | outputs checked in all |", "|---|---|---|---|---|---|"]
     for stage in ("export", "optimize", "quantize"):
         if f[f"{stage} kills"] or f[f"{stage} outputs checked"]:
             lines.append(f"| {stage} | {f[f'{stage} kills']} | {f[f'{stage} absent']} | {f[f'{stage} complete']} | "
-                         f"{f[f'{stage} outputs checked']} |")
+                         f"{f[f'{stage} complete (replacing)']} | {f[f'{stage} outputs checked']} |")
     if f["score records checked"]:
         lines += ["", "| score, killed and resumed | kills | records | lost | duplicated | output |", "|---|---|---|---|---|---|",
                   f"| 300-record JSONL, chunks of 4 | {f['score kills']} | {f['score records checked']} | "

@@ -190,26 +190,28 @@ def test_kill_minus_9_leaves_no_half_output(stage, zygote, tiny_hf, tiny_onnx, t
     want = greedy_tokens(work / "ref")
 
     rng = random.Random(f"{SEED}-{stage}")
-    outcomes = Counter()
-    out = work / "out"
-    for _ in range(3):  # --force: the first kill meets no output, a later one may meet a complete one to replace
+    out, ref = work / "out", work / "ref"
+    # two kills into a new output (absent or complete afterwards), one while replacing a complete one with --force
+    # (the old or the new one afterwards, whole); then the next run on each output, which must clean up after them
+    for target in (out, out, ref):
         at = rng.uniform(0.05, 0.95) * seconds
-        killed, rc, log, _ = zygote.run(*_stage_args(stage, inp, out, eval_file), "--force", kill_after=at)
+        killed, rc, log, _ = zygote.run(*_stage_args(stage, inp, target, eval_file), "--force", kill_after=at)
         assert killed or rc == 0, log
-        outcome = assert_absent_or_valid(out, want)
-        outcomes[outcome] += 1
-        FIGURES[f"{stage} {outcome}"] += 1
+        outcome = assert_absent_or_valid(target, want)
+        assert outcome == "complete" or target == out, f"kill at {at:.2f}s lost the output it was replacing"
         assert tree_digest(inp) == before, f"kill at {at:.2f}s changed the input"
         FIGURES[f"{stage} kills"] += killed
+        FIGURES[f"{stage} {outcome}{' (replacing)' if target == ref else ''}"] += 1
 
-    killed, rc, log, _ = zygote.run(*_stage_args(stage, inp, out, eval_file), "--force")  # the next run
-    assert not killed and rc == 0, log
-    assert assert_absent_or_valid(out, want) == "complete"
+    for target in (ref, out):  # the next runs
+        killed, rc, log, _ = zygote.run(*_stage_args(stage, inp, target, eval_file), "--force")
+        assert not killed and rc == 0, log
+        assert assert_absent_or_valid(target, want) == "complete"
     assert strays(work, {"ref", "out"}) == [], "left beside the outputs after the next run"
     ours = [n for n in strays(zygote.systmp, set()) if "onnxpipe" in n]  # (torch keeps caches of its own there)
     assert ours == [], "left in the temporary directory"
     assert tree_digest(inp) == before
-    FIGURES[f"{stage} outputs checked"] += sum(outcomes.values()) + 1
+    FIGURES[f"{stage} outputs checked"] += 5
 
 
 # ---- score: 10 kills and --resume, byte-identical to an uninterrupted run ----
