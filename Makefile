@@ -10,12 +10,12 @@ install:
 	$(PIP_INSTALL) -e ".[cpu,export]"
 
 install-dev:
-	$(PIP_INSTALL) -e ".[cpu,export,dev,gguf,ray]"
+	$(PIP_INSTALL) -e ".[cpu,export,dev,genai,gguf,ray]"
 
 demo: install
 	bash scripts/demo.sh
 
-# the tests also cover GGUF ingestion and the Ray engine, so they install those extras too
+# the tests also cover GGUF ingestion, the Ray engine and GenAI interop, so they install those extras too
 test: install-dev
 	$(PY) -m pytest -q
 

@@ -22,7 +22,7 @@ from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.genai_config import GENAI_CONFIG, genai_config
 
-og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (the dev extra) is not installed")
+og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (the genai extra) is not installed")
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 17, 33, 9, 40, 41, 7], [8, 100, 3]]  # the second is the padded row of the batch
