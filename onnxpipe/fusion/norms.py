@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import rms_normalization, skip_normalization
 
 from onnxpipe.fusion.rules import PassContext, apply_rules, count_ops, register
@@ -18,7 +19,40 @@ NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNorm
             "SkipSimplifiedLayerNormalization")
 SKIP_OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 
+class NormBeforeTranspose(pattern.RewriteRuleClassBase):
+    """SimplifiedLayerNormalization over the last axis of Transpose(x) -> Transpose(SimplifiedLayerNormalization(x))
+    when the transpose keeps the last axis last: the norm works on each last-axis vector alone, so the two commute.
+    Gemma 3 applies its q/k-norm after the head transpose ([B, N, S, H]); moved before it, the block has the form
+    the rotary and attention rules match (Qwen3's: norm on [B, S, N, H], then the transpose)."""
+
+    def pattern(self, op, x, scale):
+        return op.SimplifiedLayerNormalization(op.Transpose(x, _allow_other_attributes=True, _outputs=["moved"]),
+                                               scale, _allow_other_attributes=True, _outputs=["normed"])
+
+    def check(self, context, x, scale, moved, normed, **_):
+        result = pattern.MatchResult()
+        perm = list(moved.producer().attributes.get_ints("perm", []))
+        norm = normed.producer()
+        if not perm or perm[-1] != len(perm) - 1:
+            return result.fail("the transpose moves the last axis", moved)
+        if norm.attributes.get_int("axis", -1) not in (-1, len(perm) - 1):
+            return result.fail("the norm is not over the last axis", normed)
+        if len(moved.uses()) != 1:
+            return result.fail("the transposed tensor is read elsewhere", moved)
+        if scale.shape is None or scale.shape.rank() != 1:
+            return result.fail("the scale is not 1-D", scale)
+        return result
+
+    def rewrite(self, op, x, scale, moved, normed, **_):
+        norm = normed.producer()
+        attrs = {k: v for k, v in norm.attributes.items() if k != "axis"}
+        normed_first = op.SimplifiedLayerNormalization(x, scale, axis=-1, **attrs)
+        normed_first.shape, normed_first.dtype = x.shape, x.dtype  # shape inference does not know ORT's op
+        return op.Transpose(normed_first, perm=list(moved.producer().attributes.get_ints("perm")))
+
+
 register("rms_norm", *rms_normalization.rms_normalization_rules)
+register("norm_before_transpose", NormBeforeTranspose.rule("NormBeforeTranspose"))
 register("skip_rms_norm", *skip_normalization.skip_rms_normalization_ruleset.rules)
 register("skip_layer_norm", *skip_normalization.skip_layer_normalization_ruleset.rules)
 
@@ -34,6 +68,7 @@ def fuse_norms(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
     # at their defaults would not match, so write the defaults out first.
     common_passes.AddDefaultAttributesPass()(model)
     counts = apply_rules(model, ["rms_norm"])
+    counts.update(apply_rules(model, ["norm_before_transpose"]))
     counts.update(apply_rules(model, ["skip_rms_norm", "skip_layer_norm"]))
     norms, skips = count_ops(model, *NORM_OPS), count_ops(model, *SKIP_OPS)
     # The first layer's norm reads the embedding directly (GPT-2: the wte + wpe sum, which fuses too).

@@ -114,8 +114,9 @@ def _rotary_caches(model: ir.Model, cos: ir.Value, sin: ir.Value, max_positions:
             raise ValueError(f"{name} is not rotate-half shaped (its two halves differ)")
     np_dtype = dtype.numpy() if dtype is not None else np.float32
     values = []
+    suffix = f"_{len(memo)}" if memo else ""  # a second pair of tables (Gemma 3: local and global rope bases)
     for name, table in (("cos", cos_table), ("sin", sin_table)):
-        values.append(add_initializer(model.graph, f"rotary.{name}_cache", table[..., :half].astype(np_dtype)))
+        values.append(add_initializer(model.graph, f"rotary.{name}_cache{suffix}", table[..., :half].astype(np_dtype)))
     memo[key] = (values[0], values[1])
     return memo[key]
 

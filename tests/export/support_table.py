@@ -29,8 +29,7 @@ ATTENTION_FUSED: dict[str, tuple[str, str, str]] = {
                              "Tanh, then the mask): not the sdpa form the rule matches, and GroupQueryAttention's "
                              "softcap is not used yet. Without the cap (attn_logit_softcapping null) 2/2 fuse, "
                              "each layer with its own window"),
-    "gemma3_text": ("0/2", "0/2", "q/k-norm is applied after the head transpose ([B, N, S, H]); the rotary and "
-                                  "attention rules expect the transpose directly before rope"),
+    "gemma3_text": ("2/2", "2/2", ""),
     "granite": ("2/2", "2/2", ""),
     "olmo2": ("2/2", "2/2", ""),
     "stablelm": ("0/2", "0/2", PARTIAL_ROTARY),

@@ -52,20 +52,14 @@ def gemma2_without_cap(tmp_path_factory):
 def test_alternating_windows_fuse_with_each_layers_window(gemma2_without_cap, tmp_path, target):
     """Gemma 2 without the attention cap: sliding and full layers alternate. Each fused block gets its own layer's
     local_window_size (4, then -1) and the pass keeps its parity check; one window for all layers fails it."""
-    import onnx
-
     from onnxpipe.fusion import optimize_model
 
     assert ModelDir.open(gemma2_without_cap).manifest.model["layer_types"] == ["sliding_attention", "full_attention"]
     optimize_model(gemma2_without_cap, tmp_path / "opt", level=3, target=target)
     attention = _passes(tmp_path / "opt")["attention"]
     assert attention["status"] == "kept" and attention["fused"]["attention blocks fused"] == "2/2"
-    graph = onnx.load(str(tmp_path / "opt" / "model.onnx"), load_external_data=False).graph
-    windows = {}
-    for node in graph.node:
-        if node.op_type == "GroupQueryAttention":
-            layer = next(o for o in node.output if o.startswith("present.")).split(".")[1]
-            windows[int(layer)] = next(a.i for a in node.attribute if a.name == "local_window_size")
+    windows = {i: next(a.i for a in n.attribute if a.name == "local_window_size")
+               for i, n in _gqa_nodes(tmp_path / "opt").items()}
     assert windows == {0: 4, 1: -1}
 
 
@@ -85,3 +79,30 @@ def test_one_window_for_all_layers_is_caught(gemma2_without_cap, tmp_path):
     optimize_model(src, tmp_path / "opt", level=3, target="cpu")
     attention = _passes(tmp_path / "opt")["attention"]
     assert attention["status"] == "rolled_back" and "parity failed" in attention["reason"]
+
+
+def _gqa_nodes(path) -> dict[int, object]:
+    import onnx
+
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+    return {int(next(o for o in n.output if o.startswith("present.")).split(".")[1]): n
+            for n in graph.node if n.op_type == "GroupQueryAttention"}
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_gemma3_layers_keep_their_windows_and_rope_bases(arch_optimized, target):
+    """Gemma 3's local layer (window 4, rope base 1e4) and global layer (no window, base 1e6) fuse each with its
+    own window and its own cos/sin tables; the q/k-norm was moved before the head transpose to let them fuse."""
+    import onnx
+
+    path = arch_optimized("gemma3_text", target)
+    nodes = _gqa_nodes(path)
+    windows = {i: next(a.i for a in n.attribute if a.name == "local_window_size") for i, n in nodes.items()}
+    assert windows == {0: 4, 1: -1}
+    if target == "cuda":  # rotary folded into the op: cos/sin caches are its inputs 7 and 8
+        tables = {i: tuple(n.input[7:9]) for i, n in nodes.items()}
+    else:
+        graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+        tables = {n.name: tuple(n.input[2:4]) for n in graph.node if n.op_type == "RotaryEmbedding"}
+    assert len(set(tables.values())) == 2
+    assert _passes(path)["norms"]["fused"]["norm_before_transpose"] == 4

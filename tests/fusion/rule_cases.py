@@ -39,6 +39,17 @@ g (float[2,3,32] x, float[32] w{eps_in}) => (float[2,3,32] y{out_extra}) {{
 }}""")
 
 
+def norm_after_transpose(perm: str = "0, 2, 1, 3", escapes: bool = False) -> str:
+    dims = [[2, 3, 4, 8][int(i)] for i in perm.split(",")]
+    shape = ",".join(map(str, dims))
+    extra = f", float[{shape}] t" if escapes else ""
+    return _model(f"""
+g (float[2,3,4,8] x, float[{dims[-1]}] w) => (float[{shape}] y{extra}) {{
+  t = Transpose <perm = [{perm}]> (x)
+  y = SimplifiedLayerNormalization <axis = -1, epsilon = 1e-6> (t, w)
+}}""")
+
+
 def skip_norm(op: str, skip_shape: str = "[2,3,32]") -> str:
     beta = ", float[32] b" if op == "LayerNormalization" else ""
     beta_arg = ", b" if op == "LayerNormalization" else ""
@@ -193,6 +204,10 @@ g (float[2,3,{d}] q_bsd, float[2,3,{dkv}] k_bsd, float[2,3,{dkv}] v_bsd, float[2
 CASES = {
     "rms_norm": (INFO, rms(), {"reduce over axis 1": rms(axes="1"), "epsilon not a constant": rms(eps_const=False),
                                "1/rms read elsewhere": rms(extra_output=True)}, "SimplifiedLayerNormalization"),
+    "norm_before_transpose": (INFO, norm_after_transpose(),
+                              {"the transpose moves the last axis": norm_after_transpose(perm="0, 1, 3, 2"),
+                               "the transposed tensor is read elsewhere": norm_after_transpose(escapes=True)},
+                              "SimplifiedLayerNormalization"),
     "skip_rms_norm": (INFO, skip_norm("SimplifiedLayerNormalization"),
                       {"skip is a broadcast bias": skip_norm("SimplifiedLayerNormalization", "[32]")},
                       "SkipSimplifiedLayerNormalization"),
