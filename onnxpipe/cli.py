@@ -189,10 +189,13 @@ def optimize(in_dir: Path, out_dir: Path, level: int, target: str, passes: str |
 @click.option("--jsonl", is_flag=True, help="One JSON object per prompt instead of text.")
 @click.option("--cuda-graph", is_flag=True,
               help="Replay decode steps as CUDA graphs (CUDA EP; graphs from optimize --target cuda).")
+@click.option("--chat", is_flag=True,
+              help="Each prompt is a user message through the model's chat template; stop at its end-of-turn token.")
+@click.option("--system", default=None, help="With --chat: a system message before each prompt.")
 def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path | None, provider: str, max_new_tokens: int,
              temperature: float, top_k: int, top_p: float, repetition_penalty: float, repeat_ngram_limit: int | None,
              stop_strings: tuple[str, ...], num_beams: int, seed: int | None, batch_size: int, threads: int | None,
-             trt_cache: Path | None, jsonl: bool, cuda_graph: bool) -> None:
+             trt_cache: Path | None, jsonl: bool, cuda_graph: bool, chat: bool, system: str | None) -> None:
     """Generate text from a model directory; a single prompt streams as it is generated."""
     import json
 
@@ -201,25 +204,86 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
 
     if bool(prompt_texts) == bool(prompts_file):
         raise click.UsageError("give --prompt TEXT or --prompts FILE (one of them)")
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat")
     prompts = list(prompt_texts) if prompt_texts else read_prompts(prompts_file)
     lm = load(model_dir, provider, threads=threads, announce=_log, cuda_graph=cuda_graph,
               trt_options=TensorRTOptions(cache_dir=trt_cache) if trt_cache else None)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, repeat_ngram_limit=repeat_ngram_limit,
                    stop_strings=[unescape(s) for s in stop_strings], num_beams=num_beams, seed=seed)
+    inputs: list = list(prompts)
+    if chat:  # token ids through the model's template, stopping at its end-of-turn token
+        from onnxpipe.serve.console import conversation
+
+        inputs = [lm.chat_prompt(conversation(p, system)) for p in prompts]
+        options["stop_token_ids"] = lm.chat_stop_ids()
     if len(prompts) == 1 and not jsonl and num_beams == 1:
-        for piece in lm.stream(prompts[0], **options):
+        for piece in lm.stream(inputs[0], **options):
             click.echo(piece.text, nl=False)
         click.echo()
         return
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        for i, (prompt, res) in enumerate(zip(chunk, lm.generate(chunk, **options)), start):
+        results = lm.generate(inputs[start:start + batch_size], **options)
+        for i, (prompt, res) in enumerate(zip(chunk, results), start):
             if jsonl:
                 click.echo(json.dumps({"index": i, "prompt": prompt, "text": res.text, "token_ids": res.token_ids,
                                        "finish_reason": res.finish_reason}, ensure_ascii=False))
             else:
                 click.echo(res.text if len(prompts) == 1 else f"[{i}] {res.text}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--system", default=None, help="A system message at the head of the conversation.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True, help="Per reply.")
+@click.option("--temperature", type=finite(0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 is off.")
+@click.option("--top-p", type=finite(0, 1, low_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=None)
+@click.option("--threads", type=Threads(), default=None, help="CPU threads (default: onnxruntime's).")
+def chat(model_dir: Path, provider: str, system: str | None, max_new_tokens: int, temperature: float, top_k: int,
+         top_p: float, seed: int | None, threads: int | None) -> None:
+    """Chat with a model on the terminal: each line read is a user message, answered through the model's chat
+    template with the conversation so far (/reset starts over; end of input ends it)."""
+    import sys
+
+    from onnxpipe.runtime.generate import load
+    from onnxpipe.serve.console import run_console
+
+    lm = load(model_dir, provider, threads=threads, announce=_log)
+    lm.chat_prompt([{"role": "user", "content": "x"}])  # no template: one line now, not after the first message
+
+    def write(text: str) -> None:
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    run_console(lm, sys.stdin, write, _log, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seed)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: a free port.")
+@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True, help="Requests decoded together.")
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
+              help="Requests waiting for a batch place; more are answered 429.")
+@click.option("--prefill-chunk", type=click.IntRange(1), default=256, show_default=True,
+              help="Prompt tokens prefilled between two decode steps of the running batch.")
+@click.option("--model-name", default=None, help="The model id clients name [the directory's name].")
+@click.option("--threads", type=Threads(), default=None, help="CPU threads (default: onnxruntime's).")
+def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, max_queue: int, prefill_chunk: int,
+          model_name: str | None, threads: int | None) -> None:
+    """Serve a model directory over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /health), with requests joining and leaving the running batch at every decode step."""
+    from onnxpipe.serve.app import serve_forever
+
+    serve_forever(model_dir, host=host, port=port, provider=provider, max_batch=max_batch, max_queue=max_queue,
+                  prefill_chunk=prefill_chunk, model_name=model_name, threads=threads, announce=_log)
 
 
 @main.command()

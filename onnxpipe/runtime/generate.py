@@ -24,6 +24,7 @@ from onnxpipe.runtime.limits import check_fits, check_threads
 from onnxpipe.runtime.providers import TensorRTOptions
 from onnxpipe.runtime.sampling import SamplingConfig, log_softmax, next_token, repeated_tail, apply_repetition_penalty
 from onnxpipe.runtime.session import DecoderSession
+from onnxpipe.tokenizer import Message, Tokenizer as TextTokenizer  # the one tokenizer (chat templates too)
 
 Prompt = str | Sequence[int]
 PROMPT_CONTEXT = 4  # prompt tokens decoded with the output, so the first word keeps its leading space
@@ -50,34 +51,6 @@ class StreamPiece:
 
     def __str__(self) -> str:
         return self.text
-
-
-class TextTokenizer:
-    """The model directory's tokenizer through the `tokenizers` library (tokenizer.json, or GPT-2 vocab + merges)."""
-
-    def __init__(self, tok: Any):
-        self._tok = tok
-
-    @classmethod
-    def from_dir(cls, path: Path) -> "TextTokenizer | None":
-        import tokenizers
-
-        if (path / "tokenizer.json").is_file():
-            return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            from tokenizers import decoders, models, pre_tokenizers
-
-            tok = tokenizers.Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            tok.decoder = decoders.ByteLevel()
-            return cls(tok)
-        return None
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=True).ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
 
 
 class RowState:
@@ -215,6 +188,47 @@ class LanguageModel:
                 piece = row.piece()
                 if piece is not None:
                     yield piece
+
+    def chat(self, messages: Sequence[Message], **options: Any) -> GenerationResult:
+        """Reply to a conversation ([{"role": ..., "content": ...}, ...]) through the model's own chat template,
+        stopping at its end-of-turn token (``chat_stop_ids``) unless ``stop_token_ids`` is given."""
+        result = self.generate(self.chat_prompt(messages), **self._chat_options(options))
+        assert isinstance(result, GenerationResult)
+        return result
+
+    def chat_stream(self, messages: Sequence[Message], **options: Any) -> Iterator[StreamPiece]:
+        """``chat``, yielding the reply's text pieces as they become final."""
+        return self.stream(self.chat_prompt(messages), **self._chat_options(options))
+
+    def chat_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        """The conversation's token ids as the model's template writes them (transformers' apply_chat_template)."""
+        if self.tokenizer is None:
+            raise OnnxpipeError(f"{self.session.model_dir.path}: no tokenizer files, so no chat template to apply")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    def chat_stop_ids(self) -> list[int]:
+        """The model's end-of-sequence ids and its template's end-of-turn token (<|im_end|>, <|eot_id|>, ...)."""
+        eos = self.manifest.tokenizer.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        return self.tokenizer.end_of_turn_ids(eos) if self.tokenizer else eos
+
+    def prepare(self, prompt: Prompt, **options: Any) -> RowState:
+        """One prompt's generation state, checked as generate checks it (options, token ids, room in the context,
+        memory), for a caller that runs the steps itself (the server's scheduler)."""
+        prompts, _ = self._prompts(prompt)
+        if len(prompts) != 1:
+            raise OnnxpipeError("prepare takes one prompt")
+        cfg = self._config(options)
+        if cfg.num_beams > 1:
+            raise OnnxpipeError("num_beams > 1 is not served step by step; use generate")
+        rows = self._rows(prompts, cfg)
+        self.check_fits(rows)
+        return rows[0]
+
+    def _chat_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        if options.get("stop_token_ids") is None:
+            options = {**options, "stop_token_ids": self.chat_stop_ids()}
+        return options
 
     def check_fits(self, rows: list[RowState], batch: int | None = None) -> None:
         """Refuse, before anything is allocated, rows whose KV cache and logits cannot fit (``limits.check_fits``);

@@ -1,0 +1,33 @@
+"""Serving fixtures: the in-repo reference model (models/llama-stdlib) exported once per session, with a chat
+template whose end-of-turn token is its <|endoftext|> (id 0), so chats stop where the template says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHAT_TEMPLATE = (  # the model writes Python: a user message is code to continue, a reply ends with <|endoftext|>
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ '# ' + m['content'] + '\\n' }}"
+    "{% elif m['role'] == 'user' %}{{ m['content'] }}{% if add_generation_prompt and loop.last %}{{ '\\n' }}{% endif %}"
+    "{% else %}{{ m['content'] }}<|endoftext|>{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="session")
+def stdlib_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/llama-stdlib exported (fp32, concat KV cache), plus chat_template.jinja."""
+    from onnxpipe.export import export_decoder
+
+    out = tmp_path_factory.mktemp("serve") / "llama-stdlib"
+    export_decoder(REPO / "models" / "llama-stdlib", out, verify=False)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def stdlib_lm(stdlib_model: Path):
+    from onnxpipe.runtime.generate import load
+
+    return load(stdlib_model, "cpu", threads=1)

@@ -1,0 +1,61 @@
+"""Chat through the model's own template: the library (chat, chat_stream), `generate --chat` and `onnxpipe chat`."""
+
+from __future__ import annotations
+
+import shutil
+
+from click.testing import CliRunner
+
+from onnxpipe.cli import main
+from onnxpipe.tokenizer import Tokenizer
+
+USER = [{"role": "user", "content": "def fib(n):"}]
+
+
+def test_chat_applies_template_and_stops_at_end_of_turn(stdlib_lm, stdlib_model):
+    lm = stdlib_lm
+    ids = lm.chat_prompt(USER)
+    tok = Tokenizer.from_dir(stdlib_model)
+    assert ids == tok.encode("def fib(n):\n", add_special_tokens=False)
+    two = lm.chat_prompt(USER + [{"role": "assistant", "content": "pass"}, {"role": "user", "content": "x"}])
+    assert two == tok.encode("def fib(n):pass", add_special_tokens=False) + [0] + tok.encode("x\n", add_special_tokens=False)
+    assert 0 in lm.chat_stop_ids()
+    res = lm.chat(USER, max_new_tokens=40)
+    same = lm.generate(ids, max_new_tokens=40, stop_token_ids=lm.chat_stop_ids())
+    assert (res.token_ids, res.text) == (same.token_ids, same.text) and res.token_ids
+    assert res.finish_reason in ("eos", "length")
+    if res.finish_reason == "eos":
+        assert res.token_ids[-1] == 0 and "<|endoftext|>" not in res.text
+    pieces = list(lm.chat_stream(USER, max_new_tokens=40))
+    assert "".join(p.text for p in pieces) == res.text and pieces[-1].finish_reason == res.finish_reason
+
+
+def test_generate_chat_cli(stdlib_lm, stdlib_model):
+    want = stdlib_lm.chat([{"role": "system", "content": "Be brief."}] + USER, max_new_tokens=20).text
+    r = CliRunner().invoke(main, ["generate", str(stdlib_model), "--chat", "--system", "Be brief.", "--prompt",
+                                  "def fib(n):", "--max-new-tokens", "20", "--provider", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == want + "\n"
+    r = CliRunner().invoke(main, ["generate", str(stdlib_model), "--system", "x", "--prompt", "a"])
+    assert r.exit_code == 2 and "--system needs --chat" in r.output
+
+
+def test_chat_console_keeps_the_conversation(stdlib_lm, stdlib_model):
+    lm = stdlib_lm
+    first = lm.chat(USER, max_new_tokens=12).text
+    convo = USER + [{"role": "assistant", "content": first}, {"role": "user", "content": "import os"}]
+    second = lm.chat(convo, max_new_tokens=12).text
+    r = CliRunner().invoke(main, ["chat", str(stdlib_model), "--max-new-tokens", "12", "--provider", "cpu"],
+                           input="def fib(n):\n\nimport os\n/reset\nimport os\n")
+    assert r.exit_code == 0, r.output
+    alone = lm.chat([{"role": "user", "content": "import os"}], max_new_tokens=12).text
+    assert r.stdout == f"{first}\n{second}\n{alone}\n"
+
+
+def test_chat_without_template_is_one_line(stdlib_model, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(stdlib_model, bare)
+    (bare / "chat_template.jinja").unlink()
+    for args in (["chat", str(bare)], ["generate", str(bare), "--chat", "--prompt", "a"]):
+        r = CliRunner().invoke(main, args + ["--provider", "cpu"], input="hi\n")
+        assert r.exit_code == 1 and "no chat template" in r.output and "Traceback" not in r.output, r.output
