@@ -407,12 +407,9 @@ class LanguageModel:
         unknown = sorted(set(options) - names)
         if unknown:
             raise OnnxpipeError(f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        cfg = SamplingConfig(**options).validate()
-        limit = self.session.max_positions
-        if cfg.max_new_tokens >= limit:  # not even a one-token prompt leaves room for them
-            raise OnnxpipeError(f"max_new_tokens {cfg.max_new_tokens} exceeds the model's context: at most {limit - 1} "
-                                f"new tokens fit its {limit} positions")
-        return cfg
+        # max_new_tokens is a most: each row generates at most what the context leaves after its prompt
+        # (finish_reason "length"), so a larger value allocates nothing more (score --task generate relies on it)
+        return SamplingConfig(**options).validate()
 
     def _rows(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[RowState]:
         stop = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else self.manifest.tokenizer.get("eos_token_id") or [])

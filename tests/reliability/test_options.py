@@ -112,8 +112,7 @@ def test_bench_repeats_bounded():
     ({"length_penalty": math.nan, "num_beams": 2}, "length_penalty"),
     ({"stop_strings": "abc"}, "stop_strings"),
     ({"stop_token_ids": [1, None]}, "stop_token_ids"),
-    ({"max_new_tokens": 128}, "max_new_tokens"),  # the tiny model has 128 positions: 127 new tokens at most
-    ({"max_new_tokens": 10**12}, "max_new_tokens"),
+    ({"max_new_tokens": 10**12 + 0.5}, "max_new_tokens"),
 ])
 def test_generate_refuses_bad_values_naming_the_option(lm, options, named):
     with pytest.raises(OnnxpipeError, match=named):
@@ -137,6 +136,14 @@ def test_the_tightest_accepted_values_still_generate(lm):
     for options in edges:
         r = lm.generate([1, 2, 3], stop_token_ids=[], **{"max_new_tokens": 3, **options})
         assert r.token_ids and all(0 <= t < 256 for t in r.token_ids), options
+
+
+@pytest.mark.parametrize("max_new_tokens", [128, 10**12])
+def test_max_new_tokens_beyond_the_context_stops_at_it(lm, max_new_tokens):
+    """A most, not a promise: a row stops where the context (128 positions) ends, and nothing is allocated for
+    positions past it (the cache's capacity is the prompt + what is left)."""
+    r = lm.generate([1, 2, 3], max_new_tokens=max_new_tokens, stop_token_ids=[])
+    assert len(r.token_ids) == 125 and r.finish_reason == "length"
 
 
 def test_load_refuses_absurd_threads_before_making_a_session(tiny_onnx, monkeypatch):
