@@ -1,0 +1,253 @@
+"""``onnxpipe serve``: an OpenAI-compatible HTTP API over one model directory (Starlette on uvicorn).
+
+    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
+    POST /v1/chat/completions   {"model", "messages", ...}: the model's own chat template, its end-of-turn token
+    GET  /v1/models             the one model served (its id: the directory's name unless --model-name)
+    GET  /health                {"status": "ok", "running", "prefilling", "waiting", ...}
+
+Streams are server-sent events in OpenAI's chunk format, ended by ``data: [DONE]``. Requests are decoded together
+by the scheduler (``scheduler.py``); a client that goes away (a closed stream, or a dropped connection while it
+waits) frees its place at the next step. Bad requests get 4xx with OpenAI's error body; a full queue gets 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.generate import GenerationResult, LanguageModel, load
+from onnxpipe.serve import protocol
+from onnxpipe.serve.protocol import ApiError
+from onnxpipe.serve.scheduler import QueueFull, Request, Scheduler
+
+MAX_BODY_BYTES = 4 << 20
+DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
+
+
+def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
+               prefill_chunk: int = 256) -> Any:
+    """The ASGI app; its lifespan starts and stops the scheduler thread. ``app.state.scheduler`` is the scheduler."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request as HttpRequest
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    created = int(time.time())
+
+    def error(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def read_json(request: HttpRequest) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not JSON ({getattr(e, 'msg', e)})") from None
+
+    def prepare(parsed: protocol.ParsedRequest, chat: bool) -> Any:
+        """The request's RowState: its prompt as token ids, checked against the model's context."""
+        what = "messages" if chat else "prompt"
+        try:
+            if chat:
+                ids = lm.chat_prompt(parsed.messages or [])
+                options = {**parsed.options, "stop_token_ids": lm.chat_stop_ids()}
+            else:
+                ids = lm.encode(parsed.prompt) if isinstance(parsed.prompt, str) else list(parsed.prompt or [])
+                options = dict(parsed.options)
+        except OnnxpipeError as e:
+            raise ApiError(400, str(e), what) from None
+        context = lm.session.max_positions
+        room = context - len(ids)
+        if room < 1:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens; the {what} has "
+                                f"{len(ids)} tokens, leaving no room for a reply", what, code="context_length_exceeded")
+        if parsed.max_tokens is not None and parsed.max_tokens > room:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens; the {what} has "
+                                f"{len(ids)} tokens and max_tokens asks for {parsed.max_tokens} more",
+                           "max_tokens", code="context_length_exceeded")
+        max_tokens = parsed.max_tokens or (room if chat else min(protocol.DEFAULT_COMPLETION_TOKENS, room))
+        try:
+            return lm.prepare(ids, max_new_tokens=max_tokens, **options)
+        except OnnxpipeError as e:
+            raise ApiError(400, str(e), what) from None
+
+    def submit(row: Any) -> tuple[Request, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            return scheduler.submit(row, emit), events
+        except QueueFull as e:
+            raise ApiError(429, str(e), type="rate_limit_exceeded", code="rate_limit_exceeded") from None
+        except OnnxpipeError as e:
+            raise ApiError(503, str(e), type="server_error") from None
+
+    async def next_event(request: HttpRequest, events: asyncio.Queue) -> Any:
+        """The request's next event, or None once its client is gone."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+
+    async def generate(request: HttpRequest, chat: bool) -> Any:
+        try:
+            parsed = protocol.parse_request(await read_json(request), model_name, chat)
+            row = prepare(parsed, chat)
+            req, events = submit(row)
+        except ApiError as e:
+            return error(e)
+        rid = protocol.new_id(chat)
+        if parsed.stream:
+            return StreamingResponse(stream(request, req, events, rid, chat, parsed.include_usage, len(row.prompt)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            while True:
+                event = await next_event(request, events)
+                if event is None:  # the client is gone: free its place
+                    req.cancel()
+                    return error(ApiError(499, "the client closed the request"))
+                kind, value = event
+                if kind == "done":
+                    return JSONResponse(protocol.completion(rid, model_name, chat, value))
+                if kind == "error":
+                    return error(ApiError(500, value, type="server_error"))
+        finally:
+            req.cancel()  # a no-op once done; frees the place if this handler was cancelled
+
+    async def stream(request: HttpRequest, req: Request, events: asyncio.Queue, rid: str, chat: bool,
+                     include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
+        def sse(obj: Any) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        try:
+            if chat:
+                yield sse(protocol.chunk(rid, model_name, True, "", role=True))
+            while True:
+                event = await next_event(request, events)
+                if event is None:
+                    return
+                kind, value = event
+                if kind == "piece":
+                    if value.text or value.finish_reason:
+                        yield sse(protocol.chunk(rid, model_name, chat, value.text, value.finish_reason))
+                elif kind == "done":
+                    result: GenerationResult = value
+                    if include_usage:
+                        yield sse(protocol.chunk(rid, model_name, chat, None,
+                                                 usage_=protocol.usage(prompt_tokens, len(result.token_ids))))
+                    break
+                else:
+                    yield sse(ApiError(500, value, type="server_error").body())
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            req.cancel()  # the stream ended or its client went away: the place is freed at the next step
+
+    async def completions(request: HttpRequest) -> Any:
+        return await generate(request, chat=False)
+
+    async def chat_completions(request: HttpRequest) -> Any:
+        return await generate(request, chat=True)
+
+    async def models(request: HttpRequest) -> Any:
+        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                                         "owned_by": "onnxpipe"}]})
+
+    async def health(request: HttpRequest) -> Any:
+        return JSONResponse({"status": "ok", "model": model_name, **scheduler.load(), "stats": vars(scheduler.stats)})
+
+    async def http_error(request: HttpRequest, exc: Exception) -> Any:
+        assert isinstance(exc, HTTPException)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind))
+
+    async def server_error(request: HttpRequest, exc: Exception) -> Any:
+        return error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, scheduler.stop)
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+                            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                            Route("/v1/models", models, methods=["GET"]),
+                            Route("/health", health, methods=["GET"])],
+                    exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan)
+    app.state.scheduler = scheduler
+    return app
+
+
+class ServerThread:
+    """The app served by uvicorn on a thread of this process (tests, the load test): ``with ServerThread(app) as s:``
+    ... ``s.url`` ...; leaving the block stops the server and its scheduler."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        self.host, self.start_timeout = host, start_timeout
+        self.thread = threading.Thread(target=self.server.run, name="onnxpipe-serve", daemon=True)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise OnnxpipeError(f"the server did not start on {self.host} within {self.start_timeout:.0f} s")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
+                  provider: str = "auto", max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
+                  model_name: str | None = None, threads: int | None = None,
+                  announce: Callable[[str], None] | None = None) -> None:
+    """``onnxpipe serve``: load the model directory and serve it until interrupted."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise OnnxpipeError("serving needs the [serve] extra: pip install 'onnxpipe[serve]'") from None
+    lm = load(model_dir, provider, threads=threads, announce=announce)
+    name = model_name or Path(model_dir).resolve().name
+    app = create_app(lm, name, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    if announce:
+        announce(f"serving {name} ({lm.provider}) on http://{host}:{port} (max batch {max_batch}, queue {max_queue})")
+    uvicorn.run(app, host=host, port=port, log_level="info")
