@@ -168,9 +168,12 @@ def _batches(token_ids: np.ndarray, context: int, batch_size: int) -> Iterator[n
             yield np.stack([token_ids[b:b + length] for b in group[i:i + batch_size]])
 
 
-def _scored(session: Any, manifest: Manifest, ids: np.ndarray) -> np.ndarray:
-    """log-probabilities [B, T-1, V] at the positions that predict a next token of ``ids``."""
-    return log_softmax(session.run([manifest.graph["logits"]], prefill_feed(manifest, ids))[0][:, :-1])
+def _scored(session: Any, manifest: Manifest, ids: np.ndarray) -> Iterator[np.ndarray]:
+    """Per window of ``ids``, the log-probabilities [T-1, V] (float64) at the positions that predict a next token:
+    one window at a time, so that a large vocabulary's float64 copies stay one window's size."""
+    logits = session.run([manifest.graph["logits"]], prefill_feed(manifest, ids))[0]
+    for row in logits:
+        yield log_softmax(row[:-1])
 
 
 def _block_sums(diff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,18 +216,19 @@ def compare_on_text(
     agree = scored = done = 0
     sums, counts = [], []
     for ids in _batches(token_ids, context, batch_size):
-        lp_b, lp_a = _scored(before, manifest_before, ids), _scored(after, manifest_after, ids)
-        targets = ids[:, 1:, None]
-        tok_b = -np.take_along_axis(lp_b, targets, -1)[..., 0]
-        tok_a = -np.take_along_axis(lp_a, targets, -1)[..., 0]
-        nll_b += float(tok_b.sum())
-        nll_a += float(tok_a.sum())
-        s, c = _block_sums(tok_a - tok_b)
-        sums.append(s)
-        counts.append(c)
-        kl += float((np.exp(lp_b) * (lp_b - lp_a)).sum())
-        agree += int((lp_b.argmax(-1) == lp_a.argmax(-1)).sum())
-        scored += targets.size
+        rows = zip(ids, _scored(before, manifest_before, ids), _scored(after, manifest_after, ids))
+        for row, lp_b, lp_a in rows:
+            targets = row[1:, None]
+            tok_b = -np.take_along_axis(lp_b, targets, -1)[:, 0]
+            tok_a = -np.take_along_axis(lp_a, targets, -1)[:, 0]
+            nll_b += float(tok_b.sum())
+            nll_a += float(tok_a.sum())
+            s, c = _block_sums((tok_a - tok_b)[None])
+            sums.append(s)
+            counts.append(c)
+            kl += float((np.exp(lp_b) * (lp_b - lp_a)).sum())
+            agree += int((lp_b.argmax(-1) == lp_a.argmax(-1)).sum())
+            scored += targets.size
         done += ids.shape[0]
         if progress:
             progress(done, len(starts))
@@ -464,9 +468,9 @@ class SelectionJudge:
             session, _ = eval_session(self.model_path, self.provider)
             nll, argmax = [], []
             for ids in self._count("selection text, input model"):
-                lp = _scored(session, self.manifest, ids)
-                nll.append(-np.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0])
-                argmax.append(lp.argmax(-1))
+                for row, lp in zip(ids, _scored(session, self.manifest, ids)):
+                    nll.append(-np.take_along_axis(lp, row[1:, None], -1)[:, 0])
+                    argmax.append(lp.argmax(-1))
             prompts = decode_prompts(self.token_ids)
             self._reference = nll, argmax, greedy_trace(session, self.manifest, prompts), prompts
         return self._reference
@@ -476,13 +480,15 @@ class SelectionJudge:
         ref_nll, ref_argmax, trace, prompts = self.reference()
         session, _ = eval_session(model_path, self.provider)
         sums, counts, agree, scored = [], [], 0, 0
-        for ids, nll_b, arg_b in zip(self._count(label), ref_nll, ref_argmax):
-            lp = _scored(session, manifest, ids)
-            s, c = _block_sums(-np.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0] - nll_b)
-            sums.append(s)
-            counts.append(c)
-            agree += int((lp.argmax(-1) == arg_b).sum())
-            scored += arg_b.size
+        reference = iter(zip(ref_nll, ref_argmax))
+        for ids in self._count(label):
+            for row, lp in zip(ids, _scored(session, manifest, ids)):
+                nll_b, arg_b = next(reference)
+                s, c = _block_sums((-np.take_along_axis(lp, row[1:, None], -1)[:, 0] - nll_b)[None])
+                sums.append(s)
+                counts.append(c)
+                agree += int((lp.argmax(-1) == arg_b).sum())
+                scored += arg_b.size
         change, half = change_interval(np.concatenate(sums), np.concatenate(counts))
         equal, near, positions = greedy_agreement(trace, session, manifest, prompts)
         return CandidateScore(change, half, agree / scored, equal / positions, near / positions, positions,
