@@ -1,4 +1,5 @@
-"""The core install runs a model directory (generate, score, inspect, bench) with no torch and no transformers.
+"""The core install runs a model directory (generate, score, inspect, bench; serve imports) with no torch and no
+transformers.
 
 The cheap test runs the CLI in a subprocess where importing either one raises; the slow one builds a fresh venv
 (no system site packages), installs the core and onnxruntime there, and runs `onnxpipe generate` on a directory
@@ -28,7 +29,7 @@ class NotInstalled(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in ("torch", "transformers"):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked: the core install has none)", name=name)
 sys.meta_path.insert(0, NotInstalled())
-import onnxpipe.inspect, onnxpipe.runtime, onnxpipe.runtime.generate, onnxpipe.runtime.score
+import onnxpipe.inspect, onnxpipe.runtime, onnxpipe.runtime.generate, onnxpipe.runtime.score, onnxpipe.serve.app, onnxpipe.tokenizer
 from onnxpipe.cli import main
 sys.argv = ["onnxpipe"] + sys.argv[1:]
 try:
