@@ -99,14 +99,19 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         except OnnxpipeError as e:
             raise ApiError(503, str(e), type="server_error") from None
 
-    async def next_event(request: HttpRequest, events: asyncio.Queue) -> Any:
-        """The request's next event, or None once its client is gone."""
+    async def next_event(request: HttpRequest, events: asyncio.Queue, checked: list[float]) -> Any:
+        """The request's next event, or None once its client is gone. The connection is looked at every
+        DISCONNECT_POLL_S (``checked``: when it last was), events flowing or not: uvicorn drops what is sent to a
+        closed connection without an error, so a stream would otherwise run to its end for nobody."""
         while True:
+            if time.monotonic() - checked[0] >= DISCONNECT_POLL_S:
+                checked[0] = time.monotonic()
+                if await request.is_disconnected():
+                    return None
             try:
                 return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return None
+                continue
 
     async def generate(request: HttpRequest, chat: bool) -> Any:
         try:
@@ -119,9 +124,10 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         if parsed.stream:
             return StreamingResponse(stream(request, req, events, rid, chat, parsed.include_usage, len(row.prompt)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        checked = [time.monotonic()]
         try:
             while True:
-                event = await next_event(request, events)
+                event = await next_event(request, events, checked)
                 if event is None:  # the client is gone: free its place
                     req.cancel()
                     return error(ApiError(499, "the client closed the request"))
@@ -138,11 +144,12 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         def sse(obj: Any) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+        checked = [time.monotonic()]
         try:
             if chat:
                 yield sse(protocol.chunk(rid, model_name, True, "", role=True))
             while True:
-                event = await next_event(request, events)
+                event = await next_event(request, events, checked)
                 if event is None:
                     return
                 kind, value = event

@@ -220,7 +220,9 @@ class Scheduler:
             except Exception as e:  # a row whose sampling or callback fails leaves alone
                 self._fail(req, e)
                 continue
-            if not req.row.done and not req.cancelled.is_set():
+            if req.cancelled.is_set() and not req.row.done:
+                self.stats.cancelled += 1
+            elif not req.row.done:
                 keep.append(i)
         if len(keep) < n:
             self._keep_rows(keep)
