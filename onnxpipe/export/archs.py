@@ -56,6 +56,10 @@ SUPPORTED: dict[str, ArchSpec] = {
         ArchSpec("starcoder2", notes="sliding window, LayerNorm, biases"),
         ArchSpec("smollm3", notes="layers without rope"),
         ArchSpec("falcon", notes="parallel attention (new decoder architecture), fused query_key_value"),
+        ArchSpec("mixtral", notes="mixture of experts (top-2), traced in transformers' batched_mm experts form"),
+        ArchSpec("qwen3_moe", notes="mixture of experts, qk-norm, traced in the batched_mm experts form"),
+        ArchSpec("gpt_oss", notes="attention sinks (eager attention), alternating sliding windows, experts with "
+                                  "biases and clamped SwiGLU, batched_mm experts form"),
     )
 }
 
@@ -114,9 +118,26 @@ def _config_gap(model_type: str, cfg: dict[str, Any]) -> str | None:
 
 def attention_implementation(cfg: dict[str, Any]) -> str:
     """transformers' attention implementation to trace: "sdpa", or "eager" where the model's attention does more
-    than sdpa computes (logit soft-capping: transformers' sdpa path drops it, silently)."""
-    text = _build_config(cfg).get_text_config(decoder=True)  # a default (Gemma 2: 50) counts as much as a value
+    than sdpa computes (logit soft-capping: transformers' sdpa path drops it, silently) or the model has no sdpa
+    path (gpt-oss: attention sinks)."""
+    from transformers import AutoModelForCausalLM
+
+    config = _build_config(cfg)
+    text = config.get_text_config(decoder=True)  # a default (Gemma 2: 50) counts as much as a value
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if model_class is not None and not getattr(model_class, "_supports_sdpa", True):
+        return "eager"
     return "eager" if getattr(text, "attn_logit_softcapping", None) else "sdpa"
+
+
+def experts_implementation(cfg: dict[str, Any]) -> str | None:
+    """For a mixture-of-experts model, transformers' "batched_mm" experts: every token multiplies by its own top-k
+    experts' weights, gathered by index, a graph without data-dependent shapes (the default loop over experts
+    selects tokens with nonzero(), which the ONNX export cannot take). None for a model without experts.
+    The gather costs memory: tokens x top-k x one expert's weights per layer at once."""
+    text = _build_config(cfg).get_text_config(decoder=True)
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
+    return "batched_mm" if experts else None
 
 
 def _build_config(cfg: dict[str, Any]) -> Any:
@@ -211,6 +232,9 @@ def describe(config: Any, model: Any = None) -> dict[str, Any]:
     if info.get("positions", "rope" if getattr(text, "rope_parameters", None) else None) == "rope":
         info["rope"] = _rope_info(text, head_dim)
     info["sliding_window"] = int(text.sliding_window) if "sliding_attention" in types else None
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
+    if experts:
+        info["experts"] = {"num": int(experts), "top_k": int(getattr(text, "num_experts_per_tok", 0) or 0)}
     softcap = {k: float(v) for k in ("attn_logit_softcapping", "final_logit_softcapping")
                if (v := getattr(text, k, None))}
     if softcap:
@@ -231,7 +255,8 @@ def _module_facts(model: Any, num_layers: int) -> dict[str, Any]:
     text = model.config.get_text_config(decoder=True)
     act = next((str(getattr(text, a)) for a in ("hidden_activation", "hidden_act", "activation_function")
                 if getattr(text, a, None)), "gelu")
-    leaves = {name.rsplit(".", 1)[-1] for name in named}
+    params = [name for name, _ in layer.named_parameters()] if layer is not None else []
+    leaves = {name.rsplit(".", 1)[-1] for name in [*named, *params]}  # fused experts hold parameters, not modules
     gated = bool(leaves & {"gate_proj", "gate_up_proj", "w1", "w3"})
     if gated:
         mlp = {"silu": "swiglu", "swish": "swiglu"}.get(act, "geglu" if act.startswith("gelu") else f"gated {act}")
@@ -251,6 +276,7 @@ def _module_facts(model: Any, num_layers: int) -> dict[str, Any]:
         "qkv_bias": any(getattr(m, "bias", None) is not None for m in biased),
         "qk_norm": bool(qk),
         "fused_qkv": fused,
+        "attention_sinks": "sinks" in leaves,
     }
 
 

@@ -32,7 +32,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
 from onnxpipe.export import gguf, wrapper
-from onnxpipe.export.archs import attention_implementation, check_config, describe
+from onnxpipe.export.archs import attention_implementation, check_config, describe, experts_implementation
 
 DTYPES = ("fp32", "fp16")
 DEFAULT_OPSET = 18
@@ -85,11 +85,13 @@ def load_hf_model(src: Path, dtype: str) -> Any:
 
     hf_logging.disable_progress_bar()  # the CLI prints its own progress
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
-    attn = attention_implementation(json.loads((src / "config.json").read_text()))  # validated by read_hf_config
+    cfg = json.loads((src / "config.json").read_text())  # validated by read_hf_config
+    experts = {"experts_implementation": e} if (e := experts_implementation(cfg)) else {}
     try:
         with _quiet():
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(src), dtype=torch_dtype, attn_implementation=attn, output_loading_info=True
+                str(src), dtype=torch_dtype, attn_implementation=attention_implementation(cfg),
+                output_loading_info=True, **experts
             )
     except Exception as e:  # transformers raises many types here; all mean "these weights do not load"
         raise OnnxpipeError(f"{src}: weights could not be loaded: {_first_line(e)}") from None

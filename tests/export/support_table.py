@@ -40,6 +40,11 @@ ATTENTION_FUSED: dict[str, tuple[str, str, str]] = {
     "falcon": ("0/2", "0/2", "query, key and value are slices of one 5-D [B, S, kv groups, heads per group + 2, "
                              "head_dim] projection, the keys and values expanded to all heads before the cache: not "
                              "the 3-D [B, S, hidden] inputs the rule takes"),
+    "mixtral": ("2/2", "2/2", "(attention only: the experts stay unfused MatMuls; ONNX Runtime's MoE op is not used)"),
+    "qwen3_moe": ("2/2", "2/2", "(attention only: the experts stay unfused MatMuls; ONNX Runtime's MoE op is not used)"),
+    "gpt_oss": ("0/2", "0/2", "attention sinks: eager attention appends a sink column to the scores before the "
+                              "softmax (GroupQueryAttention's sink input is not used yet); its rope (first/second "
+                              "half arithmetic) is not the rotate-half pattern the rotary rule matches"),
 }
 
 
@@ -77,6 +82,14 @@ def render() -> str:
         "refused in one line naming what is missing: an encoder-decoder or encoder model, recurrent layers (Mamba,",
         "Jamba, RWKV, Qwen3-Next's linear attention, RecurrentGemma), chunked attention (Llama 4), layers sharing",
         "another layer's cache (Gemma 3n), or no KV cache in the `DynamicCache` form.",
+        "",
+        "Mixture-of-experts models (`mixtral`, `qwen3_moe`, `gpt_oss`) are traced in transformers' `batched_mm`",
+        "experts form: each token multiplies by its own top-k experts' weights, gathered by index (transformers'",
+        "default loop over experts selects tokens with `nonzero()`, which the ONNX export cannot take). It is exact",
+        "(the parity and generate tests above), but the gather holds tokens x top-k copies of one expert's weights",
+        "per layer at once: fine for decoding a small batch, heavy for a long prompt on a real-size model (Mixtral",
+        "8x7B in fp16: 2 x 352 MB of gathered weights per prompt token per layer). ONNX Runtime's MoE op is not",
+        "used yet.",
         "",
     ]
     return "\n".join(lines)

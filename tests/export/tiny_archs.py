@@ -31,6 +31,13 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
     "smollm3": dict(_BASE, no_rope_layer_interval=2),
     "falcon": dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
                    new_decoder_architecture=True, bos_token_id=1, eos_token_id=2),
+    "mixtral": dict(_BASE, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(_BASE, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      decoder_sparse_step=1, mlp_only_layers=[]),
+    "gpt_oss": dict(_BASE, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "truncate": False, "original_max_position_embeddings": 32, "rope_theta": 1.5e5}),
 }
 
 
