@@ -64,7 +64,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         try:
             if chat:
                 ids = lm.chat_prompt(parsed.messages or [])
-                options = {**parsed.options, "stop_token_ids": lm.chat_stop_ids()}
+                options = {"stop_token_ids": lm.chat_stop_ids(), **parsed.options}  # ignore_eos: []
             else:
                 ids = lm.encode(parsed.prompt) if isinstance(parsed.prompt, str) else list(parsed.prompt or [])
                 options = dict(parsed.options)

@@ -2,7 +2,8 @@
 chunks, errors). Every bad field is an ``ApiError`` naming it, answered with a 4xx and OpenAI's error body:
 ``{"error": {"message", "type", "param", "code"}}``.
 
-Extensions beside OpenAI's fields: ``top_k`` and ``repetition_penalty`` (as vLLM takes them).
+Extensions beside OpenAI's fields, as vLLM takes them: ``top_k``, ``repetition_penalty`` and ``ignore_eos`` (generate
+``max_tokens`` whatever the model says; for load tests).
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def parse_request(body: Any, model_name: str, chat: bool) -> ParsedRequest:
     for name in ("logprobs", "echo", "top_logprobs", "best_of", "suffix", "tools", "response_format"):
         if body.get(name) not in (None, False) and not (name == "best_of" and body.get(name) == 1):
             raise ApiError(400, f"{name} is not supported by this server", name)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "ignore_eos must be true or false", "ignore_eos")
+    if ignore_eos:  # run to max_tokens (load tests); stop strings still apply
+        out.options["stop_token_ids"] = []
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false", "stream")
