@@ -159,6 +159,9 @@ def check_decoders(
     vocab = manifest.model["vocab_size"]
     ids, mask = left_padded_batch(vocab, prompt_lengths, seed, side=reference_padding_side)
     ref = run_trace(reference, manifest, ids, mask, decode_steps, ref_kv_dtype or kv_dtype)
+    release = getattr(reference, "release", None)
+    if release is not None:  # a lazy step function: its session goes before the candidate's is made
+        release()
     if padding_side != reference_padding_side:
         ids, mask = left_padded_batch(vocab, prompt_lengths, seed, side=padding_side)
     cand = run_trace(candidate, manifest, ids, mask, decode_steps, kv_dtype, forced_tokens=ref.tokens)
@@ -181,6 +184,24 @@ def ort_step_fn(session: Any, manifest: Manifest) -> StepFn:
         outs = session.run(out_names, feed)
         return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(manifest.num_layers)]
 
+    return step
+
+
+def lazy_ort_step_fn(make_session: Callable[[], Any], manifest: Manifest,
+                     on_open: Callable[[], None] | None = None) -> StepFn:
+    """``ort_step_fn`` over a session made on the first step; ``step.release()`` drops it. check_decoders releases
+    the reference's session before the candidate runs, so the two sessions (each as large as the weights, or twice
+    that where ORT widens fp16 to fp32) are never held at once."""
+    state: dict[str, Any] = {}
+
+    def step(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Past):
+        if "fn" not in state:
+            if on_open is not None:
+                on_open()
+            state["fn"] = ort_step_fn(make_session(), manifest)
+        return state["fn"](input_ids, attention_mask, position_ids, past)
+
+    step.release = state.clear  # type: ignore[attr-defined]
     return step
 
 

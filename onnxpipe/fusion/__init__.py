@@ -44,7 +44,7 @@ def optimize_model(
     import onnx_ir as ir
 
     from onnxpipe.artifact import ModelDir, check_output_dir
-    from onnxpipe.outputs import check_io_paths, output_lock, remove_stale_temp, temp_dir
+    from onnxpipe.outputs import check_io_paths, output_lock, remove_stale_temp
     from onnxpipe.fusion import pipeline
     from onnxpipe.fusion.rules import TARGETS, PassContext
 
@@ -59,24 +59,28 @@ def optimize_model(
     providers = _providers(target, verify)
     manifest = src.manifest
     dtype = manifest.graph.get("dtype", "fp32")
-    try:
+    stored = "external data, memory-mapped" if manifest.graph.get("external_data") else "in the graph"
+    log(f"loading {src.model_path} (weights {stored})")
+    try:  # external data stays on disk, memory-mapped when a tensor is read
         model = ir.load(str(src.model_path))
+    except MemoryError as e:
+        raise pipeline.resource_error(e, "loading the input", None, src.size_bytes()) from None
     except Exception as e:  # protobuf/onnx raise many types for a corrupt file
         raise OnnxpipeError(f"{src.model_path}: not a readable ONNX model ({_first_line(e)})") from None
     ctx = PassContext(model_info=dict(manifest.model), target=target, dtype=dtype)
     ctx.graph_notes["padding_side"] = manifest.graph.get("padding_side", "left")  # a pass may change it
     # the check feeds the candidate padded on the side its graph notes say (right once attention.py has made the
     # CUDA form); the reference is always left-padded
-    checker = pipeline.Checker(manifest, dtype, providers, decode_steps, ctx) if verify else None
+    checker = pipeline.Checker(manifest, dtype, providers, decode_steps, ctx, log) if verify else None
     on = "" if not verify or target == "cpu" or providers[0] != "CPUExecutionProvider" else (
         " on the CPU EP: this onnxruntime has no CUDA EP")
-    # the output's lock is held from here to the end: a second run on the same output refuses at once; pass
-    # snapshots of models over 2 GiB live in a marked temporary directory beside the output until it is written
-    with output_lock(out_dir), temp_dir(out_dir, "snapshots") as spill:
+    # the output's lock is held from here to the end: a second run on the same output refuses at once. Pass
+    # snapshots share the weights (pipeline.Snapshot): nothing but the output is written
+    with output_lock(out_dir):
         remove_stale_temp(out_dir)  # what killed runs left beside this output (never a user's directory)
         log(f"optimizing {src.path} at level {level} for {target} ({len(selected)} passes"
             f"{', each checked' + on if verify else ', unchecked'})")
-        model, reports, final = _run(model, selected, ctx, checker, src.model_path, spill, log)
+        model, reports, final = _run(model, selected, ctx, checker, log)
         _check_io_unchanged(model, manifest)
         if final is not None:
             log(f"final check vs {src.path.name}: {final.summary()}")
@@ -89,7 +93,15 @@ def optimize_model(
                   "check_sides": "reference ORT_DISABLE_ALL, candidate ORT_ENABLE_ALL",
                   "check_providers": providers if verify else None,
                   "check_padding": {"reference": "left", "candidate": ctx.graph_notes.get("padding_side", "left")}}
-        _write_output(model, src, out_dir, force, ctx, params, reports, final, time.perf_counter() - start)
+        weights = pipeline.weight_bytes(model)
+        log(f"writing {out_dir} (~{weights / 1e9:.2f} GB of weights)")
+        try:
+            _write_output(model, src, out_dir, force, ctx, params, reports, final, time.perf_counter() - start)
+        except (OSError, MemoryError) as e:
+            err = pipeline.resource_error(e, "writing", None, weights, out_dir)
+            if err is None:
+                raise
+            raise err from None
     return OptimizeResult(ModelDir.open(out_dir), reports, final, time.perf_counter() - start)
 
 
@@ -123,14 +135,25 @@ def _write_output(model: Any, src: Any, out_dir: Path, force: bool, ctx: Any, pa
         write_genai_config(tmp, manifest)
 
 
-def _run(model: Any, selected: list, ctx: Any, checker: Any, original: Path, spill: Path,
-         log: Callable[[str], None]) -> tuple[Any, list, Any]:
+def _run(model: Any, selected: list, ctx: Any, checker: Any, log: Callable[[str], None]) -> tuple[Any, list, Any]:
+    """The passes, then the final check of the result against the input as loaded (the first snapshot, which
+    shares the input's tensors: the input is never read twice)."""
     from onnxpipe.fusion import pipeline
 
-    model, reports = pipeline.run_passes(model, selected, ctx, checker, log=log, spill_dir=spill)
+    weights = pipeline.weight_bytes(model)
+    initial = pipeline._snapshot_or_raise(model, "snapshotting the input", None, weights)
+    model, reports = pipeline.run_passes(model, selected, ctx, checker, log=log, initial=initial)
     final = None
     if checker is not None:
-        final = checker.check(original, pipeline.serialize(model, spill))
+        log("final check: the result against the input")
+        result = pipeline._snapshot_or_raise(model, "snapshotting the result", None, weights)
+        try:
+            final = checker.check(initial, result)
+        except Exception as e:
+            err = pipeline.resource_error(e, "in the final check", None, weights)
+            if err is None:
+                raise
+            raise err from None
     return model, reports, final
 
 

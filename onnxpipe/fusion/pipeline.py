@@ -1,15 +1,26 @@
 """Levels, pass order, and the per-pass check: every pass is run, counted and checked alone, and rolled back if it
 breaks equivalence with its input.
 
-A pass rewrites an onnx_ir model in place. The pipeline keeps the pass's input as a serialized proto: it is the
-reference side of the pass's parity check (ORT, graph optimizations off) and what a rolled-back pass restores. The
-candidate side runs with ORT's graph optimizations on (ORT_ENABLE_ALL, as the runtime does), so the check also
-covers what ORT itself does to the fused graph.
+A pass rewrites an onnx_ir model in place. The pipeline keeps the pass's input as a ``Snapshot``: the graph
+serialized with its large initializers as placeholders, plus those initializers' tensor objects themselves, shared
+with the model (memory-mapped from the input's external data where it has one) and with every other snapshot. Passes
+replace tensors, they never write into one, so a snapshot costs the graph's bytes and the initializers a pass
+created or changed, never a copy of the weights, and nothing on disk. The snapshot is the reference side of the
+pass's parity check (ORT, graph optimizations off, fed the shared tensors as external initializers) and what a
+rolled-back pass restores. The candidate side runs with ORT's graph optimizations on (ORT_ENABLE_ALL, as the runtime
+does), so the check also covers what ORT itself does to the fused graph. The two sessions are made one after the
+other, never held together.
+
+Only a numerical mismatch, or ORT failing to load or run the pass's graph, rolls a pass back. Running out of disk or
+memory (ENOSPC, MemoryError, an ORT allocation failure) stops the run with a ``ResourceError`` naming the pass and
+what was being done: such a pass was never judged.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,20 +124,24 @@ def op_counts(model: ir.Model) -> dict[str, int]:
 
 @dataclass
 class Checker:
-    """Runs the parity check of a candidate graph against a reference graph (both serialized protos)."""
+    """Runs the parity check of a candidate graph against a reference graph (both ``Snapshot``s)."""
 
     manifest: Any
     dtype: str
     providers: list[str]
     decode_steps: int = 4
     ctx: PassContext | None = None  # its graph_notes["padding_side"] says how the candidate is padded
+    log: Callable[[str], None] = lambda msg: None
 
-    def check(self, reference: bytes | Path, candidate: bytes | Path, reference_padding_side: str | None = None) -> Any:
-        """reference_padding_side: how the reference graph pads (default: the source directory's side)."""
-        from onnxpipe.parity import TOLERANCE, check_decoders, ort_step_fn
+    def check(self, reference: Snapshot, candidate: Snapshot, reference_padding_side: str | None = None) -> Any:
+        """reference_padding_side: how the reference graph pads (default: the source directory's side). The
+        reference session is made, run and released before the candidate's is made."""
+        from onnxpipe.parity import TOLERANCE, check_decoders, lazy_ort_step_fn
 
-        ref = ort_step_fn(_session(reference, self.providers, optimized=False), self.manifest)
-        cand = ort_step_fn(_session(candidate, self.providers, optimized=True), self.manifest)
+        ref = lazy_ort_step_fn(lambda: _session(reference, self.providers, optimized=False), self.manifest,
+                               on_open=lambda: self.log("    check: reference session (ORT optimizations off)"))
+        cand = lazy_ort_step_fn(lambda: _session(candidate, self.providers, optimized=True), self.manifest,
+                                on_open=lambda: self.log("    check: candidate session (ORT optimizations on)"))
         kv_dtype = np.float16 if self.dtype == "fp16" else np.float32
         report = check_decoders(ref, cand, self.manifest, kv_dtype=kv_dtype, decode_steps=self.decode_steps,
                                 padding_side=(self.ctx.graph_notes if self.ctx else {}).get("padding_side", "left"),
@@ -135,38 +150,136 @@ class Checker:
         return report.judge(TOLERANCE[self.dtype])
 
 
-def _session(model: bytes | str | Path, providers: list[str], optimized: bool) -> Any:
+def _session(model: Snapshot | bytes | str | Path, providers: list[str], optimized: bool) -> Any:
+    """An ORT session over a snapshot (its shared tensors handed to ORT as external initializers, not copied), a
+    serialized model or a model file. MatMul weight prepacking is off: it would copy every weight for a session
+    that runs a dozen steps, and it does not change the graph the check is about."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_prepacking", "1")
     from onnxpipe.runtime.providers import DISABLED_ORT_OPTIMIZERS
 
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers,
-                                disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
+    keep: list[Any] = []
+    if isinstance(model, Snapshot):
+        names = list(model.tensors)
+        keep = [_ort_value(model.tensors[n]) for n in names]
+        if names:
+            so.add_external_initializers(names, keep)
+        model = model.graph
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers,
+                                   disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
+    session._onnxpipe_buffers = keep  # ORT reads the arrays in place: they live as long as the session
+    return session
 
 
-SNAPSHOT_IN_MEMORY_LIMIT = 1_800_000_000  # bytes of weights; protobuf cannot serialize 2 GiB or more
+def _ort_value(tensor: Any) -> Any:
+    import onnxruntime as ort
+
+    array = tensor.numpy()
+    if tensor.dtype == ir.DataType.BFLOAT16:  # numpy has no bfloat16 of its own: hand ORT the bits
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(array).view(np.uint16),
+                                                               int(ir.DataType.BFLOAT16))
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
 
 
-def serialize(model: ir.Model, spill_dir: Path | None = None) -> bytes | Path:
-    """The model as bytes, or, past protobuf's limit, as a file (weights as external data) in ``spill_dir``."""
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if size < SNAPSHOT_IN_MEMORY_LIMIT or spill_dir is None:
-        return ir.to_proto(model).SerializeToString()
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="snapshot-", dir=spill_dir)) / "model.onnx"
-    ir.save(model, str(path), external_data="model.onnx.data")
-    return path
+SNAPSHOT_INLINE_BYTES = 4096  # initializers smaller than this are copied into a snapshot's graph (shape constants)
+PLACEHOLDER = "onnxpipe-snapshot-placeholder"  # the external-data location of a shared initializer in a snapshot
+# weights: the dtypes shared with ORT as external initializers. Integer tensors (shapes, axes, indices) are copied
+# into the graph whatever their size: ORT's shape inference reads their values, and cannot read a placeholder's
+_SHAREABLE = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8,
+              ir.DataType.UINT8}
 
 
-def restore(snapshot: bytes | Path) -> ir.Model:
-    if isinstance(snapshot, Path):
-        return ir.load(str(snapshot))
-    return ir.from_proto(_parse(snapshot))
+@dataclass(frozen=True)
+class Snapshot:
+    """A model at one point of the pipeline, without a copy of its weights: ``graph`` is the model serialized with
+    each large initializer as a placeholder, ``tensors`` those initializers' tensor objects by name, shared with
+    the model and with the other snapshots (a pass that changes an initializer makes a new tensor)."""
+
+    graph: bytes
+    tensors: dict[str, Any]
+
+    def same_as(self, other: "Snapshot") -> bool:
+        return (self.graph == other.graph and self.tensors.keys() == other.tensors.keys()
+                and all(t is other.tensors[n] for n, t in self.tensors.items()))
+
+    def new_bytes(self, other: "Snapshot") -> int:
+        """Bytes of this snapshot's tensors that ``other`` does not share: what a pass added."""
+        return len(self.graph) + sum(t.nbytes for n, t in self.tensors.items() if other.tensors.get(n) is not t)
+
+
+def snapshot(model: ir.Model) -> Snapshot:
+    """The model as a ``Snapshot`` (its large initializers shared, not copied)."""
+    shared: dict[str, Any] = {}
+    swapped = []
+    try:
+        for v in model.graph.initializers.values():
+            t = v.const_value
+            if t is None or v.name is None or t.dtype not in _SHAREABLE or t.nbytes < SNAPSHOT_INLINE_BYTES:
+                continue
+            shared[v.name] = t
+            v.const_value = ir.ExternalTensor(PLACEHOLDER, 0, t.nbytes, t.dtype, shape=t.shape, name=v.name)
+            swapped.append((v, t))
+        graph = ir.to_proto(model).SerializeToString()
+    finally:
+        for v, t in swapped:
+            v.const_value = t
+    return Snapshot(graph, shared)
+
+
+def restore(snap: Snapshot) -> ir.Model:
+    """The model a snapshot was taken of: its graph parsed again, its shared tensors put back by name."""
+    model = ir.from_proto(_parse(snap.graph))
+    for name, t in snap.tensors.items():
+        model.graph.initializers[name].const_value = t
+    return model
+
+
+def weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+class ResourceError(OnnxpipeError):
+    """The machine ran out of disk or memory: the run stops; the pass it happened in was never judged."""
+
+
+_ORT_ALLOCATION = ("failed to allocate memory", "bad_alloc", "bad allocation", "out of memory",
+                   "cudaerrormemoryallocation", "cuda_error_out_of_memory")
+
+
+def resource_error(e: BaseException, doing: str, pass_name: str | None, need_bytes: int,
+                   path: str | Path | None = None) -> ResourceError | None:
+    """``e`` as a one-line ResourceError if it is a disk or memory failure (None otherwise): what was being done,
+    in which pass, and roughly how much it needed."""
+    where = f" (pass {pass_name})" if pass_name else ""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        path = getattr(e, "filename", None) or path
+        free = ""
+        if path is not None:
+            try:
+                probe = Path(path)
+                while not probe.exists() and probe != probe.parent:
+                    probe = probe.parent
+                free = f", {shutil.disk_usage(probe).free / 1e9:.1f} GB free"
+            except OSError:
+                pass
+        return ResourceError(f"optimize: no space left on device {doing}{f' {path}' if path else ''}{where}: "
+                             f"need ~{_gb(need_bytes)}{free}")
+    text = str(e).lower()
+    if isinstance(e, MemoryError) or (type(e).__module__.startswith("onnxruntime")
+                                      and any(k in text for k in _ORT_ALLOCATION)):
+        detail = f" ({_first_line(e)})" if not isinstance(e, MemoryError) and _first_line(e) else ""
+        return ResourceError(f"optimize: out of memory {doing}{where}: the weights alone are ~{_gb(need_bytes)}"
+                             f"{detail}")
+    return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
 def run_passes(
@@ -175,23 +288,26 @@ def run_passes(
     ctx: PassContext,
     checker: Checker | None,
     log: Callable[[str], None] = lambda msg: None,
-    spill_dir: Path | None = None,
+    initial: Snapshot | None = None,
 ) -> tuple[ir.Model, list[PassReport]]:
-    """Run ``passes`` in order; a pass that fails to run, to load in ORT, or the parity check is rolled back.
-    Models past protobuf's 2 GiB limit are snapshotted as files under ``spill_dir``."""
+    """Run ``passes`` in order; a pass that fails to run, to load in ORT, or the parity check is rolled back. A
+    disk or memory failure raises ResourceError instead. ``initial``: the model's snapshot, if already taken."""
     reports = []
-    current = serialize(model, spill_dir)
-    for p in passes:
+    weights = weight_bytes(model)
+    current = initial or _snapshot_or_raise(model, "snapshotting the input", None, weights)
+    for i, p in enumerate(passes, 1):
         start = time.perf_counter()
+        log(f"  [{i}/{len(passes)}] {p.name}: {p.description}")
         before = op_counts(model)
         notes_before = dict(ctx.graph_notes)
-        fused, candidate, reason = _apply(p, model, ctx, spill_dir)
-        # a file snapshot cannot be compared cheaply: treat it as changed and check it
-        changed = candidate is not None and (isinstance(candidate, Path) or candidate != current)
+        fused, candidate, reason = _apply(p, model, ctx, weights)
+        changed = candidate is not None and not candidate.same_as(current)
         check = None
         if changed and checker is not None:
+            log(f"  [{i}/{len(passes)}] {p.name}: checking (prefill + {checker.decode_steps} decode steps)")
             # the reference is the previous snapshot: padded the way the notes said before this pass
-            check, reason = _check(checker, current, candidate, notes_before.get("padding_side", "left"))
+            check, reason = _check(checker, current, candidate, notes_before.get("padding_side", "left"), p.name,
+                                   weights)
         if reason is not None:
             model, status = restore(current), "rolled_back"
             ctx.graph_notes.clear()  # what the rolled-back pass noted (padding side, op requirements) goes too
@@ -208,8 +324,18 @@ def run_passes(
     return model, reports
 
 
-def _apply(p: FusionPass, model: ir.Model, ctx: PassContext, spill_dir: Path | None
-           ) -> tuple[dict[str, Any], bytes | Path | None, str | None]:
+def _snapshot_or_raise(model: ir.Model, doing: str, pass_name: str | None, weights: int) -> Snapshot:
+    try:
+        return snapshot(model)
+    except (OSError, MemoryError) as e:
+        err = resource_error(e, doing, pass_name, weights)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _apply(p: FusionPass, model: ir.Model, ctx: PassContext, weights: int
+           ) -> tuple[dict[str, Any], Snapshot | None, str | None]:
     """Run one pass in place: (what it reports, the snapshot of its result, why it failed or None)."""
     import onnx_ir.passes.common as common_passes
 
@@ -223,17 +349,23 @@ def _apply(p: FusionPass, model: ir.Model, ctx: PassContext, spill_dir: Path | N
             cast_ops = _check_target_ops(model, ctx)
             if cast_ops:
                 fused["runs through inserted Casts"] = ", ".join(cast_ops)
-        return fused, serialize(model, spill_dir), None
     except Exception as e:  # a rule that breaks the graph is a rolled-back pass, not a crashed stage
+        err = resource_error(e, "running the pass", p.name, weights)
+        if err is not None:  # ... but running out of disk or memory says nothing about the rule
+            raise err from None
         return fused, None, f"{type(e).__name__}: {_first_line(e)}"
+    return fused, _snapshot_or_raise(model, "snapshotting the result", p.name, weights), None
 
 
-def _check(checker: Checker, reference: bytes | Path, candidate: bytes | Path, reference_padding_side: str
-           ) -> tuple[dict | None, str | None]:
-    """(the parity report, why the candidate fails or None)."""
+def _check(checker: Checker, reference: Snapshot, candidate: Snapshot, reference_padding_side: str,
+           pass_name: str | None = None, weights: int = 0) -> tuple[dict | None, str | None]:
+    """(the parity report, why the candidate fails or None). Disk and memory failures raise ResourceError."""
     try:
         report = checker.check(reference, candidate, reference_padding_side)
     except Exception as e:  # ORT refused the graph or failed to run it
+        err = resource_error(e, "checking the result", pass_name, weights)
+        if err is not None:
+            raise err from None
         return None, f"ORT could not run the result: {type(e).__name__}: {_first_line(e)}"
     return report.to_json(), None if report.passed else f"parity failed: {report.summary()}"
 

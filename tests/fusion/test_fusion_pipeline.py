@@ -116,16 +116,17 @@ def test_lower_levels_stop_where_they_should(level, present, absent, tiny_onnx, 
     assert result.check.passed
 
 
-@pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "file-snapshots"])
-def test_a_breaking_pass_is_rolled_back(spill: bool, tiny_onnx, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-weights", "weights-in-graph"])
+def test_a_breaking_pass_is_rolled_back(shared: bool, tiny_onnx, tmp_path: Path, monkeypatch) -> None:
     """A pass that changes the numbers is caught by its check, rolled back, and reported; the output is the
-    input's equivalent. file-snapshots: the path models over protobuf's 2 GiB take (forced here by a 0 limit)."""
+    input's equivalent. shared-weights: snapshots hand ORT the weights as external initializers (the default);
+    weights-in-graph: every initializer copied into the snapshot's graph."""
     import onnx_ir as ir
 
     from onnxpipe.fusion import pipeline
 
-    if spill:
-        monkeypatch.setattr(pipeline, "SNAPSHOT_IN_MEMORY_LIMIT", 0)
+    if not shared:
+        monkeypatch.setattr(pipeline, "SNAPSHOT_INLINE_BYTES", 1 << 62)
 
     def sabotage(model: ir.Model, ctx) -> dict:
         for node in model.graph.all_nodes():

@@ -1,0 +1,175 @@
+"""Peak RSS, peak disk and wall time of export -> optimize -> quantize on a model shape given by flags.
+
+The checkpoint is built in bf16 on the meta device and materialised in place on the CPU (never in fp32), saved with
+save_pretrained, then each stage runs as `python -m onnxpipe ...` in a child process: its peak RSS is the child's
+ru_maxrss (os.wait4), its peak disk the largest number of bytes the work directory grew by while it ran (sampled
+every 0.2 s: outputs, temporary directories, snapshots), beside the stage's input and output sizes.
+
+    nice -n 10 python scripts/measure_scale.py --layers 24 --hidden 896 --intermediate 4864 --vocab 151936 \
+        --heads 14 --kv-heads 2 --dtype fp16 [--stages export,optimize,quantize] [--repo DIR] [--workdir DIR]
+
+--repo runs the stages from another checkout (e.g. a `git worktree` of an older commit) for a before/after table.
+Prints one table: shape, stage, peak RSS, RSS / weights, peak disk added, input and output sizes, wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def build_checkpoint(args: argparse.Namespace, out: Path) -> int:
+    """A random bf16 Llama-form checkpoint: built on the meta device, materialised empty on the CPU, initialised in
+    place, saved. Returns its parameter count."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=4096, tie_word_embeddings=args.tied, bos_token_id=1, eos_token_id=2,
+        dtype="bfloat16")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives each parameter its own storage: tie the LM head to the table again
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # a byte tokenizer: ids 0-255 of the wide vocabulary
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(out / "tokenizer.json"))
+    return n
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass  # removed while we looked
+    return total
+
+
+def run_stage(cmd: list[str], workdir: Path, cwd: Path, log: Path) -> dict:
+    """Run ``cmd`` as a child; its peak RSS (ru_maxrss of it and the children it waited for) and the most bytes
+    ``workdir`` grew by while it ran."""
+    base = dir_bytes(workdir)
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], dir_bytes(workdir))
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(cwd)})
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], dir_bytes(workdir))
+    return {"rc": proc.returncode, "wall_s": wall, "peak_rss": usage.ru_maxrss * 1024, "peak_disk_added": peak[0] - base}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=896)
+    ap.add_argument("--intermediate", type=int, default=4864)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--heads", type=int, default=14)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--tied", action="store_true", help="Tie the token table and the LM head.")
+    ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp16", help="Export dtype.")
+    ap.add_argument("--stages", default="export,optimize,quantize")
+    ap.add_argument("--level", type=int, default=3, help="optimize --level")
+    ap.add_argument("--quantize", default="--mode int4 --algo rtn --eval-tokens 256",
+                    help="quantize's arguments (the quality report kept short by --eval-tokens)")
+    ap.add_argument("--repo", type=Path, default=HERE, help="Checkout whose onnxpipe runs the stages.")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--hf-dir", type=Path, default=None, help="Reuse a checkpoint built by an earlier run.")
+    ap.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
+    args = ap.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="measure-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shape = f"L{args.layers} h{args.hidden} i{args.intermediate} v{args.vocab}"
+    hf = args.hf_dir or work / "hf"
+    if args.hf_dir is None and not (hf / "config.json").exists():
+        n = build_checkpoint(args, hf)
+        print(f"built {hf}: {n / 1e6:.0f}M params, bf16 {dir_bytes(hf) / 1e9:.2f} GB", file=sys.stderr)
+    exported, optimized, quantized = work / "exported", work / "optimized", work / "quantized"
+    py = [sys.executable, "-m", "onnxpipe"]
+    stages = {
+        "export": (py + ["export", str(hf), "-o", str(exported), "--dtype", args.dtype, "--force"], hf, exported),
+        "optimize": (py + ["optimize", str(exported), "-o", str(optimized), "--level", str(args.level), "--force"],
+                     exported, optimized),
+        "quantize": (py + ["quantize", str(optimized), "-o", str(quantized), *args.quantize.split(), "--force"],
+                     optimized, quantized),
+    }
+    rows = []
+    for name in args.stages.split(","):
+        cmd, src, dst = stages[name]
+        print(f"{name}: {' '.join(cmd[2:])}", file=sys.stderr)
+        r = run_stage(cmd, work, args.repo, work / f"{name}.log")
+        if r["rc"] != 0:
+            tail = (work / f"{name}.log").read_text().strip().splitlines()[-1:]
+            print(f"{name} failed (exit {r['rc']}): {tail}", file=sys.stderr)
+        weights = _weight_bytes(dst if dst.exists() else src)
+        rows.append({"shape": shape, "stage": name, "rc": r["rc"], "peak_rss_gb": r["peak_rss"] / 1e9,
+                     "rss_x_weights": r["peak_rss"] / weights if weights else float("nan"),
+                     "peak_disk_added_gb": r["peak_disk_added"] / 1e9, "input_gb": dir_bytes(src) / 1e9,
+                     "output_gb": dir_bytes(dst) / 1e9 if dst.exists() else 0.0, "wall_s": r["wall_s"],
+                     "weights_gb": weights / 1e9})
+        if r["rc"] != 0:
+            break
+    head = ("shape", "stage", "peak RSS GB", "RSS/W", "peak disk added GB", "input GB", "output GB", "wall s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        status = "" if r["rc"] == 0 else f" (failed, exit {r['rc']})"
+        lines.append(f"| {r['shape']} | {r['stage']}{status} | {r['peak_rss_gb']:.2f} | {r['rss_x_weights']:.2f} | "
+                     f"{r['peak_disk_added_gb']:.2f} | {r['input_gb']:.2f} | {r['output_gb']:.2f} | {r['wall_s']:.0f} |")
+    print("\n".join(lines))
+    print(f"W = the stage's output weight bytes (input's for export); workdir {work}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _weight_bytes(model_dir: Path) -> int:
+    """Bytes of the ONNX model's files (graph + external data): the weights, to within the graph's size."""
+    files = list(model_dir.glob("model.onnx*")) or list(model_dir.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files)
+
+
+if __name__ == "__main__":
+    main()
