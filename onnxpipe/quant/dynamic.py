@@ -51,10 +51,13 @@ from onnxpipe.quant.graph import (
 )
 
 ACTIVATION_SCHEMES = ("auto", "token", "tensor")
-PPL_BUDGET_PCT = 1.0  # auto: the most the held-out calibration perplexity may rise over the float model's
+# auto: the most the held-out calibration perplexity may rise over the float model's. Half the quality gate's 2%:
+# the search sees neither the 8-bit vocabulary table (written after it) nor the eval text; on SmolLM2-135M the
+# report came out 1.1-1.3 points above the search's figure (docs/quantization.md)
+PPL_BUDGET_PCT = 0.5
 # auto, when per token everywhere is not within the budget: how many of the most harmful layers may be left in
-# float (bisection over these counts); at most 48 of SmolLM2's 210
-FLOAT_CANDIDATES = (1, 2, 4, 8, 16, 32, 48)
+# float (bisection over these counts); at most 64 of SmolLM2's 210
+FLOAT_CANDIDATES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 TOKEN_THRESHOLD = 0.03  # an explicit ``threshold``: per token above it, per tensor below (no search)
 # the per-token grid: x / max|x| in [-1, 1] -> uint8 round(127 x) + 128, in [1, 255]
 UNIT_SCALE = 1.0 / 127.0
