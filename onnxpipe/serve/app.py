@@ -29,6 +29,7 @@ from onnxpipe.serve.scheduler import QueueFull, Request, Scheduler
 
 MAX_BODY_BYTES = 4 << 20
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
+GRACEFUL_SHUTDOWN_S = 5  # on stop, open streams get this long before their connections are closed
 
 
 def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
@@ -214,7 +215,8 @@ class ServerThread:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
         self.host, self.start_timeout = host, start_timeout
         self.thread = threading.Thread(target=self.server.run, name="onnxpipe-serve", daemon=True)
         self.port = 0
@@ -257,4 +259,4 @@ def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
     app = create_app(lm, name, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     if announce:
         announce(f"serving {name} ({lm.provider}) on http://{host}:{port} (max batch {max_batch}, queue {max_queue})")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

@@ -75,7 +75,7 @@ def test_concurrent_greedy_clients_get_what_they_get_alone(server, stdlib_lm):
     assert server.scheduler.stats.steps - steps < 11 * 24  # fewer steps than one by one
 
 
-def test_streamed_chunks_join_to_the_text(server):
+def test_streamed_chunks_join_to_the_text(server, stdlib_lm):
     c = client(server)
     for prompt in PROMPTS[:2]:
         whole = c.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
@@ -93,6 +93,12 @@ def test_streamed_chunks_join_to_the_text(server):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == whole.choices[0].message.content
     assert whole.choices[0].message.content and whole.object == "chat.completion"
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    # ignore_eos runs to max_tokens past the end-of-sequence token the model writes
+    ending = 'if __name__ == "__main__":\n    main()\n'
+    assert stdlib_lm.generate(ending, max_new_tokens=60).finish_reason == "eos"
+    for prompt in (ending,):
+        r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 60 and r.choices[0].finish_reason == "length"
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                       json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0, "stream": True}) as r:
         lines = [ln for ln in r.iter_lines() if ln]
@@ -120,6 +126,7 @@ def test_bad_requests_get_openai_errors(server, stdlib_lm):
         ({"model": MODEL, "prompt": "a", "n": 2}, 400, "n"),
         ({"model": MODEL, "prompt": "a", "seed": -1}, 400, "seed"),
         ({"model": MODEL, "prompt": "a", "stream": "yes"}, 400, "stream"),
+        ({"model": MODEL, "prompt": "a", "ignore_eos": 1}, 400, "ignore_eos"),
     ]
     for body, status, param in cases:
         r = httpx.post(url, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=30)
@@ -222,8 +229,9 @@ def test_long_prompt_is_prefilled_between_decode_steps(stdlib_lm):
     """While a 200-token prompt is read 16 tokens at a time, a running stream keeps getting a token per chunk; read
     in one piece, it waits the whole prefill. The long prompt's own tokens are the same either way."""
     long_prompt = stdlib_lm.encode("import os\n" * 60)[:200]
-    out = {}
-    for chunk in (16, 256):
+
+    def run(chunk):
+        """(A's tokens while B's prompt was read, B's tokens)"""
         sched = Scheduler(stdlib_lm, max_batch=4, prefill_chunk=chunk)
         sched.start()
         try:
@@ -232,21 +240,22 @@ def test_long_prompt_is_prefilled_between_decode_steps(stdlib_lm):
             wait_until(lambda: sched.stats.steps >= 2)
             events.put(("b", ("submitted", None)))  # A's tokens from here on came while B was being read
             sched.submit(stdlib_lm.prepare(long_prompt, max_new_tokens=8), lambda e: events.put(("b", e)))
-            a_tokens_during, submitted, b_started, b_result = 0, False, False, None
-            while b_result is None:
+            a_tokens_during, submitted, b_started = 0, False, False
+            while True:
                 who, (kind, value) = events.get(timeout=60)
+                assert kind != "error", value
                 if kind == "submitted":
                     submitted = True
                 elif who == "b":
                     b_started = True
                     if kind == "done":
-                        b_result = value
-                    assert kind != "error", value
+                        return a_tokens_during, value.token_ids
                 elif kind == "piece" and submitted and not b_started:
                     a_tokens_during += len(value.token_ids)
-            out[chunk] = (a_tokens_during, b_result.token_ids)
         finally:
             sched.stop()
+
+    out = {chunk: run(chunk) for chunk in (16, 256)}
     assert out[16][0] >= 200 // 16 - 1  # a decode step of the stream after each chunk but the last
     assert out[256][0] <= 2  # at most the step in flight when B came
     assert out[16][1] == out[256][1] == stdlib_lm.generate(long_prompt, max_new_tokens=8).token_ids
