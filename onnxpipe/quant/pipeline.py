@@ -367,7 +367,8 @@ def _read_texts(src: ModelDir, cfg: QuantizeConfig, calibrate: bool, selecting: 
         cfg.calibration = default_calibration_file()
     if cfg.calibration is not None and calibrate:
         samples = calibration_samples(tokenizer, cfg.calibration, cfg.calib)
-        log(f"calibration: {len(samples)} samples of {cfg.calib.sample_len} tokens from {cfg.calibration}")
+        used_by = " (for the GPTQ choices, tried after RTN's)" if cfg.mode == "int4" and cfg.algo is None else ""
+        log(f"calibration: {len(samples)} samples of {cfg.calib.sample_len} tokens from {cfg.calibration}{used_by}")
     report = int(cfg.max_eval_tokens)
     select = min(DEFAULT_SELECT_TOKENS, report) if selecting else 0
     eval_ids = tokenize_documents(tokenizer, read_documents(cfg.eval_file, "eval"), report + select)
