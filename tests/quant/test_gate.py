@@ -198,3 +198,21 @@ def test_the_report_runs_on_cuda_where_onnxruntime_has_it(monkeypatch) -> None: 
     assert eval_provider(Plain()) == "cuda" and eval_provider(CpuAttention()) == "cpu"
     monkeypatch.setattr(providers, "available_providers", lambda: ["cpu"])
     assert eval_provider(Plain()) == "cpu"
+
+
+def test_a_collapsed_greedy_agreement_fails_the_report_in_words(q4_1_model: Path, small_eval: Path,
+                                                                 tmp_path: Path) -> None:
+    """A pinned choice is judged on the report alone; integer zero points on Q4_1-style weights lose the decode
+    path's greedy text (whatever their perplexity does on this random-weight model): a failed gate, said in words."""
+    out = tmp_path / "q"
+    args = ["quantize", q4_1_model, "-o", out, "--mode", "int4", "--algo", "rtn", "--block-size", "32",
+            "--zero-points", "int", "--eval", small_eval, *FAST]
+    r = invoke(*args)
+    one_line_error(r, "failed the quality gate on the report text", "decode-path greedy agreement",
+                   "FAIL: collapsed below 80%: the quantized model's greedy text parts from its input's",
+                   "nothing was written", "To accept it: --min-greedy-agreement ")
+    assert not out.exists()
+    line = next(ln for ln in r.output.splitlines() if "decode-path greedy agreement:" in ln)
+    assert "FAIL: collapsed" in line  # the report's own line says it too
+    accept = r.output.split("To accept it: ")[1].split()
+    assert invoke(*args, *accept).exit_code == 0
