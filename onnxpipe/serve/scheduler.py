@@ -143,16 +143,27 @@ class Scheduler:
                     break
                 if self._prefill is None and self._waiting and len(self._running) < self.max_batch:
                     self._prefill = self._waiting.popleft()
-            self._drop_cancelled()
-            if self._prefill is not None:
-                self._prefill_chunk(self._prefill)
-            if self._running:
-                self._decode_step()
+            try:
+                self._drop_cancelled()
+                if self._prefill is not None:
+                    self._prefill_chunk(self._prefill)
+                if self._running:
+                    self._decode_step()
+            except Exception as e:  # a fault outside one request's own work: fail those in flight, keep serving
+                self._fail_in_flight(e)
         with self._cond:
             left = list(self._waiting) + ([self._prefill] if self._prefill else []) + self._running
             self._waiting.clear()
         for req in left:
             self._send(req, ("error", "the server is shutting down"))
+
+    def _fail_in_flight(self, e: BaseException) -> None:
+        in_flight = ([self._prefill] if self._prefill is not None else []) + self._running
+        self._prefill, self._running = None, []
+        self._values, self._length = [], 0
+        self._counts, self._tokens = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        for req in in_flight:
+            self._fail(req, e)
 
     def _drop_cancelled(self) -> None:
         if self._prefill is not None and self._prefill.cancelled.is_set():
@@ -191,7 +202,10 @@ class Scheduler:
             self._fail(req, e)
             return
         if not row.done:
-            self._join(req)
+            try:
+                self._join(req)  # builds the new cache before it changes any state
+            except Exception as e:
+                self._fail(req, e)
 
     def _decode_step(self) -> None:
         s, n = self.lm.session, len(self._running)
@@ -201,11 +215,9 @@ class Scheduler:
         try:
             out = s.forward(self._tokens[:, None], mask, self._counts[:, None].copy(), cache, want=self._want(self._running))
         except Exception as e:  # the whole step failed: its requests fail, the loop serves the next ones
-            running, self._running = self._running, []
-            self._values, self._length = [], 0
-            self._counts, self._tokens = np.zeros(0, np.int64), np.zeros(0, np.int64)
-            for req in running:
-                self._fail(req, e)
+            prefill, self._prefill = self._prefill, None
+            self._fail_in_flight(e)
+            self._prefill = prefill  # a request still being prefilled has a cache of its own: it goes on
             return
         self._values, self._length = cache.values, cache.length
         self._counts = self._counts + 1

@@ -264,3 +264,41 @@ def test_long_prompt_is_prefilled_between_decode_steps(stdlib_lm):
 def test_serve_cli_refuses_bad_input_in_one_line(tmp_path):
     r = CliRunner().invoke(main, ["serve", str(tmp_path / "missing"), "--port", "0"])
     assert r.exit_code == 1 and "Traceback" not in r.output and str(tmp_path / "missing") in r.output
+
+
+def test_a_failed_decode_step_fails_its_batch_and_the_next_requests_are_served(stdlib_lm, monkeypatch):
+    session = stdlib_lm.session
+    forward = type(session).forward
+    calls = {"decode": 0}
+
+    def flaky(self, input_ids, *args, **kw):
+        if input_ids.shape[1] == 1:
+            calls["decode"] += 1
+            if calls["decode"] == 3:
+                raise RuntimeError("injected step fault")
+        return forward(self, input_ids, *args, **kw)
+
+    monkeypatch.setattr(type(session), "forward", flaky)
+    sched = Scheduler(stdlib_lm, max_batch=4)
+    sched.start()
+    try:
+        def run(prompts):
+            events = [queue.Queue() for _ in prompts]
+            for q, p in zip(events, prompts):
+                sched.submit(stdlib_lm.prepare(p, max_new_tokens=12), q.put)
+            out = []
+            for q in events:
+                while True:
+                    kind, value = q.get(timeout=60)
+                    if kind in ("done", "error"):
+                        out.append((kind, value if kind == "error" else value.token_ids))
+                        break
+            return out
+
+        first = run(PROMPTS[:2])
+        assert [k for k, _ in first] == ["error", "error"] and "injected step fault" in first[0][1]
+        second = run(PROMPTS[:2])
+        assert second == [("done", stdlib_lm.generate(p, max_new_tokens=12).token_ids) for p in PROMPTS[:2]]
+        assert sched._thread.is_alive() and sched.stats.failed == 2
+    finally:
+        sched.stop()
