@@ -189,8 +189,8 @@ def _search_float_layers(proto: Any, out_path: Path, nodes: list[str], ranking: 
     within = [k for k, change in tried.items() if change <= budget]
     k = min(within) if within else min(tried, key=lambda c: tried[c])
     float_nodes = [e.node for e in effects[:k]]
-    _write_dynamic(proto, out_path, [n for n in nodes if n not in float_nodes], [n for n in nodes if n not in float_nodes],
-                   per_channel)
+    int8_nodes = [n for n in nodes if n not in float_nodes]
+    _write_dynamic(proto, out_path, int8_nodes, int8_nodes, per_channel)
     written = (calibration_perplexity(out_path, judging, logits) / float_ppl - 1.0) * 100.0
     log(f"dynamic int8 search: kept {k} layers float" + (f" ({', '.join(names[n] for n in float_nodes)})" if k else "")
         + f"; the written model: {written:+.3f}% on the held-out calibration tokens"
