@@ -301,11 +301,18 @@ def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np
         if progress:  # quantizing says what it does (GPTQ also counts its layers)
             progress(f"choice {i + 1}/{len(choices)}: quantizing, {label.label()}", 0, 1)
         lines: list[str] = []  # the mode's own lines, shown for the choice that is kept
-        details = _run_mode(src, work / MODEL_FILE, cfg, samples, lines.append, progress)
-        if progress:
-            progress(f"choice {i + 1}/{len(choices)}: quantizing, {label.label()}", 1, 1)
-        score = judge.score(work / MODEL_FILE, _output_manifest(src.manifest, work / MODEL_FILE, cfg),
-                            f"selection text, choice {i + 1}/{len(choices)}")
+        try:
+            details = _run_mode(src, work / MODEL_FILE, cfg, samples, lines.append, progress)
+            score = judge.score(work / MODEL_FILE, _output_manifest(src.manifest, work / MODEL_FILE, cfg),
+                                f"selection text, choice {i + 1}/{len(choices)}")
+        except OnnxpipeError as e:  # one choice that cannot be made (or run) leaves the others to try
+            rows.append({"choice": label.label(), "options": label.options(), "verdict": f"could not be made: {e}"})
+            log(f"  {label.label():<38} could not be made: {e}")
+            shutil.rmtree(work)
+            continue
+        finally:
+            if progress:
+                progress(f"choice {i + 1}/{len(choices)}: quantizing, {label.label()}", 1, 1)
         ppl = gate.ppl_check(score.ppl_change_pct, score.ppl_change_ci95_pct)
         greedy = gate.greedy_check(score.greedy_agreement, score.greedy_agreement_ties, score.greedy_positions)
         ok = bool(ppl.passed and greedy.passed)
@@ -325,7 +332,11 @@ def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np
                 log(line)
             return cfg, details, {"selection_tokens": int(len(judge.token_ids)), "tried": rows, "chosen": label.label()}
         shutil.rmtree(work)
-    best = min(rows, key=lambda r: r["ppl_change_pct"])
+    scored = [r for r in rows if "ppl_change_pct" in r]
+    if not scored:
+        raise OnnxpipeError(f"no {choices[0].mode} choice could be made: " + "; ".join(
+            f"{r['choice']}: {r['verdict']}" for r in rows) + "; nothing was written")
+    best = min(scored, key=lambda r: r["ppl_change_pct"])
     accept = list(best["options"])  # the report may differ a little from the selection: a margin on each
     if best["ppl_change_pct"] > gate.max_ppl_increase:
         accept.append(f"--max-ppl-increase {math.ceil(best['ppl_change_pct'] + best['ppl_change_ci95_pct']) + 1}")

@@ -216,3 +216,24 @@ def test_a_collapsed_greedy_agreement_fails_the_report_in_words(q4_1_model: Path
     assert "FAIL: collapsed" in line  # the report's own line says it too
     accept = r.output.split("To accept it: ")[1].split()
     assert invoke(*args, *accept).exit_code == 0
+
+
+def test_a_choice_that_cannot_be_made_leaves_the_others(tok_model, small_eval: Path, tmp_path: Path,
+                                                        monkeypatch) -> None:  # noqa: ANN001
+    import onnxpipe.quant.int4 as int4
+
+    real = int4.quantize_int4
+
+    def no_block_128(proto, out_path, plan, manifest, samples, cfg, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if cfg.block_size == 128:
+            raise OnnxpipeError("block 128 refused here")
+        return real(proto, out_path, plan, manifest, samples, cfg, *a, **k)
+
+    monkeypatch.setattr(int4, "quantize_int4", no_block_128)
+    out = tmp_path / "q"
+    r = invoke("quantize", tok_model("llama"), "-o", out, "--mode", "int4", "--algo", "rtn", "--eval", small_eval, *FAST)
+    assert r.exit_code == 0, r.output
+    tried = json.loads((out / "onnxpipe.json").read_text())["steps"][-1]["choice"]["tried"]
+    assert tried[0]["verdict"] == "could not be made: block 128 refused here"
+    assert tried[1]["choice"] == "RTN, block 32, integer zero points" and tried[1]["verdict"].endswith("chosen")
+    assert not [d for d in out.iterdir() if d.is_dir()]  # no choice's directory is left in the output
