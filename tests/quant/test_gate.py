@@ -237,3 +237,20 @@ def test_a_choice_that_cannot_be_made_leaves_the_others(tok_model, small_eval: P
     assert tried[0]["verdict"] == "could not be made: block 128 refused here"
     assert tried[1]["choice"] == "RTN, block 32, integer zero points" and tried[1]["verdict"].endswith("chosen")
     assert not [d for d in out.iterdir() if d.is_dir()]  # no choice's directory is left in the output
+
+
+def test_eval_session_through_the_runtime_says_where_it_runs(tok_model) -> None:  # noqa: ANN001
+    """provider "cuda" goes through runtime.providers.create_session; without CUDA it runs on the CPU and says so."""
+    import onnxruntime as ort
+
+    from onnxpipe.artifact import ModelDir
+    from onnxpipe.quant.quality import eval_session, prefill_feed
+
+    md = ModelDir.open(tok_model("llama"))
+    session, used = eval_session(md.model_path, "cuda")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert used == "cpu"
+    else:  # listed is not yet loadable: onnxruntime may fall back
+        assert used in ("cuda", "cpu") and (used == "cuda") == ("CUDAExecutionProvider" in session.get_providers())
+    logits = session.run([md.manifest.graph["logits"]], prefill_feed(md.manifest, np.arange(8)[None]))[0]
+    assert logits.shape[:2] == (1, 8) and np.isfinite(logits).all()
