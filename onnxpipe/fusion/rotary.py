@@ -42,8 +42,17 @@ class RotaryEmbeddingFusion(pattern.RewriteRuleClassBase):
 
     def check(self, context, x_BSNH, cos_B1SR, sin_B1SR, start1, end1, axes1, start2, end2, axes2, **_):
         result = pattern.MatchResult()
-        ctx = current_context()
-        info = ctx.model_info
+        info = current_context().model_info
+        head_dim = info.get("head_dim")
+        rotary_dim = int((info.get("rope") or {}).get("rotary_dim") or head_dim)
+        if rotary_dim != head_dim:
+            return result.fail("partial rotary (rotary_dim < head_dim): the partial rule's case", x_BSNH)
+        return self._check_rotation(context, result, x_BSNH, cos_B1SR, sin_B1SR, (start1, end1, axes1),
+                                    (start2, end2, axes2), rotary_dim)
+
+    def _check_rotation(self, context, result, x_BSNH, cos_B1SR, sin_B1SR, first, second, rotary_dim):
+        """The rotate-half arithmetic on the first ``rotary_dim`` channels of each head, cos/sin from position_ids."""
+        info = current_context().model_info
         heads, head_dim = info.get("num_attention_heads"), info.get("head_dim")
         kv_heads = info.get("num_kv_heads")
         if x_BSNH.shape is None or x_BSNH.shape.rank() != 4:
@@ -51,17 +60,15 @@ class RotaryEmbeddingFusion(pattern.RewriteRuleClassBase):
         n, h = x_BSNH.shape[2], x_BSNH.shape[3]
         if h != head_dim or n not in (heads, kv_heads):
             return result.fail(f"rotated tensor is [B, S, {n}, {h}], not [B, S, N, {head_dim}]", x_BSNH)
-        rotary_dim = int((info.get("rope") or {}).get("rotary_dim") or head_dim)
-        if rotary_dim != head_dim:
-            return result.fail("partial rotary (rotary_dim < head_dim) is not handled", x_BSNH)
-        half = head_dim // 2
+        (start1, end1, axes1), (start2, end2, axes2) = first, second
+        half = rotary_dim // 2
         for axes in (axes1, axes2):
             if _ints(axes) not in ([3], [-1]):
                 return result.fail("Slice is not along the last axis", axes)
         if _ints(start1) != [0] or _ints(end1) != [half]:
-            return result.fail("first half is not x[..., :H/2]", start1)
-        if _ints(start2) != [half] or (_ints(end2) or [0])[0] < head_dim:
-            return result.fail("second half is not x[..., H/2:]", start2)
+            return result.fail("first half is not x[..., :R/2]", start1)
+        if _ints(start2) != [half] or (_ints(end2) or [0])[0] < rotary_dim:
+            return result.fail("second half is not x[..., R/2:R]", start2)
         position_ids = next((v for v in context.graph_or_function.inputs if v.name == POSITION_IDS), None)
         if position_ids is None:
             return result.fail("the graph has no position_ids input", x_BSNH)
@@ -71,18 +78,55 @@ class RotaryEmbeddingFusion(pattern.RewriteRuleClassBase):
         except ValueError as e:
             return result.fail(str(e), cos_B1SR)
         self._position_ids, self._num_heads, self._head_dim = position_ids, int(n), int(h)
+        self._rotary_dim = rotary_dim
         return result
 
     def rewrite(self, op, x_BSNH, **_):
         cos_cache, sin_cache = self._caches
         x_BSD = _merged_heads_source(x_BSNH) or op.Reshape(x_BSNH, op.Constant(value_ints=[0, 0, -1]))
+        # the partial form: the op rotates the first rotary_embedding_dim channels of each head, passes the rest
+        partial = ({"rotary_embedding_dim": self._rotary_dim, "num_heads": self._num_heads}
+                   if self._rotary_dim != self._head_dim else {})
         rotated_BSD = op.RotaryEmbedding(x_BSD, self._position_ids, cos_cache, sin_cache, interleaved=0,
-                                         _domain="com.microsoft")
+                                         _domain="com.microsoft", **partial)
         rotated_BSD.dtype = x_BSNH.dtype
         if x_BSNH.shape is not None:
             rotated_BSD.shape = ir.Shape([x_BSNH.shape[0], x_BSNH.shape[1], self._num_heads * self._head_dim])
         rotated_BSNH = op.Reshape(rotated_BSD, op.Constant(value_ints=[0, 0, self._num_heads, self._head_dim]))
         return op.Transpose(rotated_BSNH, perm=[0, 2, 1, 3])
+
+
+class PartialRotaryEmbeddingFusion(RotaryEmbeddingFusion):
+    """Rotary on the first R < H channels of each head (Phi, StableLM, GPT-NeoX), the rest passed through:
+    Concat(rotate-half(x[..., :R]) with cos/sin, x[..., R:]) -> RotaryEmbedding with rotary_embedding_dim = R."""
+
+    def pattern(self, op, x_BSNH, cos_B1SR, sin_B1SR, start1, end1, axes1, start2, end2, axes2, rot_start, rot_end,
+                rot_axes, pass_start, pass_end, pass_axes):
+        x = op.Transpose(x_BSNH, perm=[0, 2, 1, 3])
+        x_rot = op.Slice(x, rot_start, rot_end, rot_axes, pattern.ANY_VALUE)
+        x_pass = op.Slice(x, pass_start, pass_end, pass_axes, pattern.ANY_VALUE)
+        x1 = op.Slice(x_rot, start1, end1, axes1, pattern.ANY_VALUE)
+        x2 = op.Slice(x_rot, start2, end2, axes2, pattern.ANY_VALUE)
+        rotated = op.Concat(op.Neg(x2), x1, axis=-1)
+        return op.Concat(op.Add(op.Mul(x_rot, cos_B1SR), op.Mul(rotated, sin_B1SR)), x_pass, axis=-1)
+
+    def check(self, context, x_BSNH, cos_B1SR, sin_B1SR, start1, end1, axes1, start2, end2, axes2, rot_start,
+              rot_end, rot_axes, pass_start, pass_end, pass_axes, **_):
+        result = pattern.MatchResult()
+        info = current_context().model_info
+        head_dim = int(info.get("head_dim"))
+        rotary_dim = int((info.get("rope") or {}).get("rotary_dim") or head_dim)
+        if rotary_dim >= head_dim or rotary_dim % 2:
+            return result.fail(f"rotary_dim {rotary_dim} is not a partial rotary of head_dim {head_dim}", x_BSNH)
+        for axes in (rot_axes, pass_axes):
+            if _ints(axes) not in ([3], [-1]):
+                return result.fail("Slice is not along the last axis", axes)
+        if _ints(rot_start) != [0] or _ints(rot_end) != [rotary_dim]:
+            return result.fail(f"rotated part is not x[..., :{rotary_dim}]", rot_start)
+        if _ints(pass_start) != [rotary_dim] or (_ints(pass_end) or [0])[0] < head_dim:
+            return result.fail(f"passed-through part is not x[..., {rotary_dim}:]", pass_start)
+        return self._check_rotation(context, result, x_BSNH, cos_B1SR, sin_B1SR, (start1, end1, axes1),
+                                    (start2, end2, axes2), rotary_dim)
 
 
 def _merged_heads_source(x_BSNH: ir.Value) -> ir.Value | None:
@@ -193,6 +237,7 @@ def _stand_in_shape(value: ir.Value, max_positions: int) -> list[int]:
 
 
 register("rotary_embedding", RotaryEmbeddingFusion.rule("RotaryEmbedding"))
+register("partial_rotary_embedding", PartialRotaryEmbeddingFusion.rule("PartialRotaryEmbedding"))
 
 
 def fuse_rotary(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
@@ -200,7 +245,7 @@ def fuse_rotary(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
 
     if ctx.model_info.get("positions") != "rope":
         return {"rotary": "n/a (learned positions)"}
-    counts = apply_rules(model, ["rotary_embedding"])
+    counts = apply_rules(model, ["rotary_embedding", "partial_rotary_embedding"])
     model.meta.pop(_CACHE_KEY, None)
     ctx.graph_notes["max_positions"] = int(ctx.model_info["max_position_embeddings"])
     return {**counts, "rotary fused": f"{count_ops(model, 'RotaryEmbedding')}/{2 * ctx.num_layers}"}

@@ -13,9 +13,6 @@ from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "support.md"
 
-PARTIAL_ROTARY = ("partial rotary: the rotated query and key are Concat(rotated part, pass-through part), which "
-                  "neither the rotary rule nor the attention pattern matches")
-
 # model type -> (attention blocks fused by `optimize --level 3` on the CPU form, on the --target cuda form, why not)
 ATTENTION_FUSED: dict[str, tuple[str, str, str]] = {
     "gpt2": ("2/2", "2/2", ""),
@@ -32,9 +29,11 @@ ATTENTION_FUSED: dict[str, tuple[str, str, str]] = {
     "gemma3_text": ("2/2", "2/2", ""),
     "granite": ("2/2", "2/2", ""),
     "olmo2": ("2/2", "2/2", ""),
-    "stablelm": ("0/2", "0/2", PARTIAL_ROTARY),
-    "phi": ("0/2", "0/2", PARTIAL_ROTARY),
-    "gpt_neox": ("0/2", "0/2", PARTIAL_ROTARY),
+    "stablelm": ("2/2", "2/2", "(partial rotary: RotaryEmbedding with rotary_embedding_dim)"),
+    "phi": ("2/2", "2/2", "(partial rotary: RotaryEmbedding with rotary_embedding_dim)"),
+    "gpt_neox": ("0/2", "0/2", "query, key and value are split from one [B, N, S, 3 H] tensor after the head "
+                               "transpose (query_key_value viewed per head): the rotary rule expects the transpose "
+                               "directly before rope, so rope and then attention stay unfused"),
     "starcoder2": ("2/2", "2/2", ""),
     "smollm3": ("2/2", "2/2", "(rotary fuses 2/4: the layer without rope has none to fuse)"),
     "falcon": ("0/2", "0/2", "query, key and value are slices of one 5-D [B, S, kv groups, heads per group + 2, "

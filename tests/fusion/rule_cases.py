@@ -145,6 +145,43 @@ g (float[1,5,4,8] x_bsnh, int64[1,5] position_ids{', ' + cos_src if cos_src else
 }}""")
 
 
+def partial_rotary(pass_start: int = 4, half_end: int = 2) -> str:
+    """Rotary on the first 4 of 8 channels per head (Phi's partial_rotary_factor 0.5), the rest passed through."""
+    inv_freq = ",".join(f"{10000 ** (-2 * i / 4):.8f}" for i in range(2))
+    return _model(f"""
+g (float[1,5,4,8] x_bsnh, int64[1,5] position_ids) => (float[1,4,5,{4 + 8 - pass_start}] y) {{
+  inv_freq = Constant <value = float[2] {{{inv_freq}}}> ()
+  ax_last = Constant <value = int64[1] {{-1}}> ()
+  ax1 = Constant <value = int64[1] {{1}}> ()
+  pf = Cast <to = 1> (position_ids)
+  pu = Unsqueeze (pf, ax_last)
+  freqs = Mul (pu, inv_freq)
+  emb = Concat <axis = -1> (freqs, freqs)
+  cos = Cos (emb)
+  sin = Sin (emb)
+  cos4 = Unsqueeze (cos, ax1)
+  sin4 = Unsqueeze (sin, ax1)
+  x = Transpose <perm = [0, 2, 1, 3]> (x_bsnh)
+  s0 = Constant <value = int64[1] {{0}}> ()
+  sr = Constant <value = int64[1] {{4}}> ()
+  sp = Constant <value = int64[1] {{{pass_start}}}> ()
+  sh = Constant <value = int64[1] {{{half_end}}}> ()
+  s2 = Constant <value = int64[1] {{9223372036854775807}}> ()
+  ax3 = Constant <value = int64[1] {{3}}> ()
+  one = Constant <value = int64[1] {{1}}> ()
+  xr = Slice (x, s0, sr, ax3, one)
+  xp = Slice (x, sp, s2, ax3, one)
+  x1 = Slice (xr, s0, sh, ax3, one)
+  x2 = Slice (xr, sh, s2, ax3, one)
+  nx2 = Neg (x2)
+  rot = Concat <axis = -1> (nx2, x1)
+  a = Mul (xr, cos4)
+  b = Mul (rot, sin4)
+  r = Add (a, b)
+  y = Concat <axis = -1> (r, xp)
+}}""")
+
+
 # ---- attention ----
 def attention(grouped: bool, mask_from_where: bool = True, probs_escape: bool = False, repeat_axis: int = 2,
               scale_input: bool = False) -> str:
@@ -221,6 +258,10 @@ CASES = {
     "rotary_embedding": (INFO, rotary(), {"halves split at 3, not 4": rotary(half_end=3),
                                           "cos is a graph input, not f(position_ids)": rotary(cos_input=True)},
                          "RotaryEmbedding"),
+    "partial_rotary_embedding": ({**INFO, "rope": {"rotary_dim": 4}}, partial_rotary(),
+                                 {"passed-through part starts at 3, not 4": partial_rotary(pass_start=3),
+                                  "rotated halves split at 1, not 2": partial_rotary(half_end=1)},
+                                 "RotaryEmbedding"),
     "mha": (INFO, attention(grouped=False),
             {"mask is an additive input, not Where(mask, 0, -inf)": attention(grouped=False, mask_from_where=False),
              "probabilities read elsewhere": attention(grouped=False, probs_escape=True),
