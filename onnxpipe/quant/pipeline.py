@@ -249,6 +249,7 @@ def quantize_model(
             step["choice"] = choice
         manifest.steps.append(step)
         write_manifest(tmp, manifest)
+        write_genai_config(tmp, manifest)
     return QuantizeResult(ModelDir.open(out_dir), step, time.perf_counter() - start)
 
 
