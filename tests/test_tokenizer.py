@@ -84,9 +84,9 @@ def smollm2_template() -> str:
 def tokenizer_dir(root: Path, template: str, bos: str, eos: str, in_config: bool) -> Path:
     """A byte-level BPE tokenizer (with a few merges) plus the chat formats' special tokens, and the template either
     as chat_template.jinja or inside tokenizer_config.json."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
-
     from runtime.conftest import bytes_to_unicode
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
 
     vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     merges = [("H", "e"), ("He", "l"), ("Ġ", "t"), ("Ġt", "h")]

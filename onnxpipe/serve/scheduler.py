@@ -7,7 +7,9 @@ row's result does not depend on who else is in the batch (the padding is masked 
 
 One iteration of the loop:
 
-1. admit: the oldest waiting request starts its prefill when the batch has a free place;
+1. admit: when the batch has free places, the oldest waiting requests start. Short prompts start together, as many
+   as fit one prefill of ``prefill_chunk`` padded tokens: they are prefilled in one left-padded call, their first
+   tokens sampled, and their rows join the batch in one copy. Otherwise the oldest request starts alone:
 2. prefill one chunk (``prefill_chunk`` tokens) of that request's prompt into a cache of its own; after its last
    chunk the first token is sampled and the request's rows join the batch (the caches are padded to one length and
    stacked). A long prompt is thus split across iterations, each followed by a decode step of the running batch, so
@@ -141,11 +143,12 @@ class Scheduler:
                     self._cond.wait()
                 if self._stop:
                     break
-                if self._prefill is None and self._waiting and len(self._running) < self.max_batch:
-                    self._prefill = self._waiting.popleft()
+                group = self._admit()
             try:
                 self._drop_cancelled()
-                if self._prefill is not None:
+                if len(group) > 1:
+                    self._prefill_group(group)
+                elif self._prefill is not None:
                     self._prefill_chunk(self._prefill)
                 if self._running:
                     self._decode_step()
@@ -156,6 +159,24 @@ class Scheduler:
             self._waiting.clear()
         for req in left:
             self._send(req, ("error", "the server is shutting down"))
+
+    def _admit(self) -> list[Request]:
+        """Under the lock: the waiting requests that start now. Short prompts start together, as many as fit one
+        prefill of ``prefill_chunk`` padded tokens (returned, prefilled in one call); otherwise the oldest one starts
+        its chunked prefill (``_prefill``)."""
+        if self._prefill is not None or not self._waiting or len(self._running) >= self.max_batch:
+            return []
+        group = [self._waiting.popleft()]
+        width = len(group[0].row.prompt)
+        while self._waiting and len(self._running) + len(group) < self.max_batch:
+            wider = max(width, len(self._waiting[0].row.prompt))
+            if wider * (len(group) + 1) > self.prefill_chunk:
+                break
+            group.append(self._waiting.popleft())
+            width = wider
+        if len(group) == 1:
+            self._prefill = group[0]
+        return group
 
     def _fail_in_flight(self, e: BaseException) -> None:
         in_flight = ([self._prefill] if self._prefill is not None else []) + self._running
@@ -202,10 +223,49 @@ class Scheduler:
             self._fail(req, e)
             return
         if not row.done:
-            try:
-                self._join(req)  # builds the new cache before it changes any state
+            try:  # builds the new cache before it changes any state
+                self._join([req], [v.numpy() for v in req.cache.values], [req.cache.length])
             except Exception as e:
                 self._fail(req, e)
+            req.cache = None
+
+    def _prefill_group(self, group: list[Request]) -> None:
+        """Short prompts prefilled together, left-padded (each row's result is its own, as in generate's batches),
+        then joined to the batch in one copy."""
+        s = self.lm.session
+        lengths = np.array([len(r.row.prompt) for r in group], np.int64)
+        width = int(lengths.max())
+        try:
+            pad = int(self.lm.manifest.tokenizer.get("pad_token_id") or 0)
+            ids = np.full((len(group), width), pad, np.int64)
+            mask = np.zeros((len(group), width), np.int64)
+            for i, r in enumerate(group):
+                ids[i, width - lengths[i]:] = r.row.prompt
+                mask[i, width - lengths[i]:] = 1
+            positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
+            cache = s.new_cache(len(group))
+            out = s.forward(ids, mask, positions, cache, want=self._want(group))
+            self.stats.prefill_chunks += 1
+        except Exception as e:  # these requests fail; the batch goes on
+            for r in group:
+                self._fail(r, e)
+            return
+        joining = []
+        for i, r in enumerate(group):
+            try:
+                self._take(r, self._choose(r, out, i))
+            except Exception as e:
+                self._fail(r, e)
+                continue
+            if not r.row.done and not r.cancelled.is_set():
+                joining.append(i)
+        if not joining:
+            return
+        try:
+            self._join([group[i] for i in joining], [v.numpy()[joining] for v in cache.values], lengths[joining])
+        except Exception as e:
+            for i in joining:
+                self._fail(group[i], e)
 
     def _decode_step(self) -> None:
         s, n = self.lm.session, len(self._running)
@@ -240,25 +300,25 @@ class Scheduler:
             self._keep_rows(keep)
 
     # ---- rows in and out of the batch cache ----
-    def _join(self, req: Request) -> None:
-        """Stack the request's prefilled cache under the batch's, both right-aligned at one length."""
-        assert req.cache is not None
-        mine = [v.numpy() for v in req.cache.values]
-        ours = [self._numpy(v) for v in self._values] if self._running else [None] * len(mine)
-        width = max(self._length if self._running else 0, req.cache.length)
-        values = []
-        for a, b in zip(ours, mine):
-            n = (a.shape[0] if a is not None else 0) + 1
-            out = np.zeros((n, b.shape[1], width, b.shape[3]), b.dtype)
+    def _join(self, reqs: list[Request], values: list[np.ndarray], counts: Any) -> None:
+        """Stack new rows (``values``: [new rows, kv_heads, width, head_dim] each, every row right-aligned with
+        ``counts`` positions) under the batch's, both right-aligned at one length."""
+        longest = int(max(counts))  # a longer row of the block may have finished at its first token
+        values = [v[:, :, v.shape[2] - longest:] for v in values]
+        ours = [self._numpy(v) for v in self._values] if self._running else [None] * len(values)
+        width = max(self._length if self._running else 0, longest)
+        stacked = []
+        for a, b in zip(ours, values):
+            old = a.shape[0] if a is not None else 0
+            out = np.zeros((old + b.shape[0], b.shape[1], width, b.shape[3]), b.dtype)
             if a is not None:
-                out[:-1, :, width - a.shape[2]:] = a
-            out[-1, :, width - b.shape[2]:] = b[0]
-            values.append(out)
-        self._values, self._length = values, width
-        self._running.append(req)
-        self._counts = np.append(self._counts, req.cache.length).astype(np.int64)
-        self._tokens = np.append(self._tokens, req.row.tokens[-1]).astype(np.int64)
-        req.cache = None
+                out[:old, :, width - a.shape[2]:] = a
+            out[old:, :, width - b.shape[2]:] = b
+            stacked.append(out)
+        self._values, self._length = stacked, width
+        self._running.extend(reqs)
+        self._counts = np.append(self._counts, np.asarray(counts, np.int64)).astype(np.int64)
+        self._tokens = np.append(self._tokens, [r.row.tokens[-1] for r in reqs]).astype(np.int64)
 
     def _keep_rows(self, keep: list[int]) -> None:
         """Only rows ``keep`` stay; the columns no kept row reads are cut off the left."""

@@ -302,3 +302,31 @@ def test_a_failed_decode_step_fails_its_batch_and_the_next_requests_are_served(s
         assert sched._thread.is_alive() and sched.stats.failed == 2
     finally:
         sched.stop()
+
+
+def test_short_prompts_start_together_and_get_what_they_get_alone(stdlib_lm):
+    """Requests waiting together are prefilled in one left-padded call and join in one copy; the longest of them
+    ends at its first token (an end-of-sequence), so the rows that join are narrower than the block."""
+    ending = 'if __name__ == "__main__":\n    main()\n'
+    prompts = [ending] + PROMPTS[:4]
+    assert all(len(stdlib_lm.encode(p)) < len(stdlib_lm.encode(ending)) for p in PROMPTS[:4])
+    alone = [stdlib_lm.generate(p, max_new_tokens=16).token_ids for p in prompts]
+    assert len(alone[0]) == 1
+    sched = Scheduler(stdlib_lm, max_batch=8, prefill_chunk=256)
+    events = [queue.Queue() for _ in prompts]
+    for q, p in zip(events, prompts):  # all waiting before the loop starts
+        sched.submit(stdlib_lm.prepare(p, max_new_tokens=16), q.put)
+    sched.start()
+    try:
+        got = []
+        for q in events:
+            while True:
+                kind, value = q.get(timeout=60)
+                assert kind != "error", value
+                if kind == "done":
+                    got.append(value.token_ids)
+                    break
+        assert got == alone
+        assert sched.stats.prefill_chunks == 1 and sched.stats.max_running == 4
+    finally:
+        sched.stop()
