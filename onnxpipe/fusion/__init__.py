@@ -67,6 +67,7 @@ def optimize_model(
         raise pipeline.resource_error(e, "loading the input", None, src.size_bytes()) from None
     except Exception as e:  # protobuf/onnx raise many types for a corrupt file
         raise OnnxpipeError(f"{src.model_path}: not a readable ONNX model ({_first_line(e)})") from None
+    pipeline.own_weights(model)
     ctx = PassContext(model_info=dict(manifest.model), target=target, dtype=dtype)
     ctx.graph_notes["padding_side"] = manifest.graph.get("padding_side", "left")  # a pass may change it
     # the check feeds the candidate padded on the side its graph notes say (right once attention.py has made the
@@ -108,7 +109,7 @@ def optimize_model(
 def _write_output(model: Any, src: Any, out_dir: Path, force: bool, ctx: Any, params: dict, reports: list,
                   final: Any, seconds: float) -> None:
     """The output directory: the graph, the input's sidecar files, and its manifest with the optimize step."""
-    from onnxpipe.artifact import atomic_output_dir, copy_sidecar_files, derive_manifest, save_onnx, write_manifest
+    from onnxpipe.artifact import atomic_output_dir, copy_sidecar_files, derive_manifest, write_manifest
 
     manifest = derive_manifest(src.manifest)
     notes = dict(ctx.graph_notes)
@@ -121,7 +122,7 @@ def _write_output(model: Any, src: Any, out_dir: Path, force: bool, ctx: Any, pa
     manifest.graph["fused_ops"] = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft"})
     manifest.graph["target"] = ctx.target
     with atomic_output_dir(out_dir, force=force, inputs=[src.path]) as tmp:
-        manifest.graph["external_data"] = save_onnx(model, tmp)
+        manifest.graph["external_data"] = _save(model, tmp)
         copy_sidecar_files(src.path, tmp)
         manifest.steps.append({
             "stage": "optimize",
@@ -133,6 +134,18 @@ def _write_output(model: Any, src: Any, out_dir: Path, force: bool, ctx: Any, pa
         })
         write_manifest(tmp, manifest)
         write_genai_config(tmp, manifest)
+
+
+def _save(model: Any, directory: Path) -> str | None:
+    """The graph as artifact.save_onnx writes it (external data past its threshold), an inline one streamed one
+    weight at a time (pipeline.save_inline) instead of serialized whole. Returns the external data file's name."""
+    from onnxpipe import artifact
+    from onnxpipe.fusion import pipeline
+
+    if pipeline.weight_bytes(model) > artifact.EXTERNAL_DATA_THRESHOLD:
+        return artifact.save_onnx(model, directory)
+    pipeline.save_inline(model, directory / artifact.MODEL_FILE)
+    return None
 
 
 def _run(model: Any, selected: list, ctx: Any, checker: Any, log: Callable[[str], None]) -> tuple[Any, list, Any]:

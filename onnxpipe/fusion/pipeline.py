@@ -239,6 +239,79 @@ def restore(snap: Snapshot) -> ir.Model:
     return model
 
 
+def own_weights(model: ir.Model) -> None:
+    """Give every tensor read from the protobuf (initializers and Constant attributes) its own array, once. A
+    protobuf-backed tensor copies its bytes out of the message on every read (each check session would hold its own
+    copy of the weights), and any one of them keeps the whole parsed message alive; once none is left, the message
+    is freed. Memory-mapped external tensors are left as they are."""
+    def own(t: Any) -> Any:
+        if not isinstance(t, ir.serde.TensorProtoTensor) or t.dtype == ir.DataType.STRING:
+            return t
+        return ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
+
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            v.const_value = own(v.const_value)
+    for node in model.graph.all_nodes():
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.serde.TensorProtoTensor):
+                node.attributes[name] = ir.AttrTensor(name, own(attr.value))
+
+
+def save_inline(model: ir.Model, path: Path) -> None:
+    """Write the model as one protobuf file (weights inside, as below artifact.EXTERNAL_DATA_THRESHOLD) one weight
+    at a time, never the whole message in memory: the graph without its large initializers, then each of those as
+    its own ``initializer`` field appended to the graph (protobuf merges repeated fields in any order)."""
+    import onnx
+
+    snap = snapshot(model)
+    proto = _parse(snap.graph)
+    fields = []  # (TensorProto without its data, the tensor) of each shared initializer, in graph order
+    for i in reversed(range(len(proto.graph.initializer))):
+        init = proto.graph.initializer[i]
+        if init.name in snap.tensors and init.data_location == onnx.TensorProto.EXTERNAL:
+            meta = onnx.TensorProto()
+            meta.CopyFrom(init)
+            meta.ClearField("external_data")
+            meta.ClearField("data_location")
+            fields.append((meta.SerializeToString(), snap.tensors[init.name]))
+            del proto.graph.initializer[i]
+    fields.reverse()
+    graph_head = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    sizes = [len(m) + 1 + _varint_len(t.nbytes) + t.nbytes for m, t in fields]  # raw_data: field 9, length-delimited
+    graph_len = len(graph_head) + sum(1 + _varint_len(size) + size for size in sizes)
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        f.write(b"\x3a" + _varint(graph_len))  # ModelProto.graph: field 7, length-delimited
+        f.write(graph_head)
+        for (meta, t), size in zip(fields, sizes):
+            f.write(b"\x2a" + _varint(size))  # GraphProto.initializer: field 5, length-delimited
+            f.write(meta)
+            f.write(b"\x4a" + _varint(t.nbytes))  # TensorProto.raw_data: field 9, length-delimited
+            data = t.tobytes()
+            if len(data) != t.nbytes:
+                raise OnnxpipeError(f"internal error: initializer {t.name} has {len(data)} bytes, not {t.nbytes}")
+            f.write(data)
+            del data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _varint_len(n: int) -> int:
+    return len(_varint(n))
+
+
 def weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 

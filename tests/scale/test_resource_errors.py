@@ -66,13 +66,20 @@ def test_out_of_memory_in_a_pass_is_an_error(tiny_onnx, tmp_path: Path, monkeypa
         optimize_model(tiny_onnx("llama"), tmp_path / "out", passes=["norms"])
 
 
-def test_no_space_writing_the_output_is_a_one_line_cli_error(tiny_onnx, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("layout", ["inline", "external-data"])
+def test_no_space_writing_the_output_is_a_one_line_cli_error(layout: str, tiny_onnx, tmp_path: Path,
+                                                             monkeypatch) -> None:
     import onnxpipe.artifact as artifact
 
-    def full(model, directory, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.onnx"))
+    def full(model, where, *args, **kwargs):
+        where = Path(where)
+        raise OSError(errno.ENOSPC, "No space left on device", str(where if where.suffix else where / "model.onnx"))
 
-    monkeypatch.setattr(artifact, "save_onnx", full)
+    if layout == "inline":
+        monkeypatch.setattr(pipeline, "save_inline", full)
+    else:
+        monkeypatch.setattr(artifact, "EXTERNAL_DATA_THRESHOLD", 0)
+        monkeypatch.setattr(artifact, "save_onnx", full)
     result = CliRunner().invoke(main, ["optimize", str(tiny_onnx("llama")), "-o", str(tmp_path / "out"),
                                        "--passes", "norms"])
     assert result.exit_code == 1

@@ -1,0 +1,145 @@
+"""Memory and disk of export -> optimize -> quantize on a model of a few hundred MB, each stage in a child process:
+peak RSS (the child's ru_maxrss) and the most bytes the work directory grew by while it ran, against bounds
+measured with headroom (docs/benchmarks.md, "Scale: memory and disk"). The optimize run carries a planted faulty
+rule (it doubles one layer's down projection): its per-pass check must roll it back with its numbers at this size.
+
+W is the fp32 weight bytes of the model (~250 MB): 2 layers, hidden 768, vocabulary 32000, untied head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from tiny import save_byte_tokenizer
+
+pytestmark = pytest.mark.slow
+
+SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=12,
+             num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
+             eos_token_id=2)
+
+# Bounds, as multiples of W (measured on the 2-core CPU: see docs/benchmarks.md for the figures and headroom)
+OPTIMIZE_RSS_X = 3.0  # process + onnx/ORT libraries (~0.45 GB at this size) + the input + one check session
+OPTIMIZE_DISK_SLACK = 0.10  # optimize's peak added disk <= its output + 10% of input + output: no snapshots on disk
+QUANTIZE_RSS_X = 6.0
+
+PLANTED = r"""
+import json, sys
+import numpy as np
+import onnx_ir as ir
+from onnxpipe.fusion import optimize_model, pipeline
+
+def double_down_proj(model, ctx):
+    for v in model.graph.initializers.values():
+        if "layers.1" in v.name and "down_proj" in v.name:
+            v.const_value = ir.tensor(np.asarray(v.const_value.numpy()) * 2, name=v.name)
+            return {"doubled": v.name}
+    raise AssertionError("no down projection initializer")
+
+pipeline.PASSES = (pipeline.FusionPass("planted_fault", 1, double_down_proj, "doubles a weight"),) + pipeline.PASSES
+pipeline.PASS_NAMES = ("planted_fault",) + pipeline.PASS_NAMES
+names = ["planted_fault"] + [p.name for p in pipeline.select_passes(3, None)]
+result = optimize_model(sys.argv[1], sys.argv[2], passes=names, log=lambda m: print(m, file=sys.stderr))
+json.dump({"passes": [r.to_json() for r in result.passes], "final": result.check.to_json()}, open(sys.argv[3], "w"))
+"""
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _measure(cmd: list[str], workdir: Path) -> dict:
+    """Run ``cmd``; its exit status, peak RSS in bytes, and the most bytes ``workdir`` grew by while it ran."""
+    base = _dir_bytes(workdir)
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _dir_bytes(workdir))
+            done.wait(0.1)
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], _dir_bytes(workdir))
+    return {"rc": os.waitstatus_to_exitcode(status), "rss": usage.ru_maxrss * 1024, "disk": peak[0] - base,
+            "output": out}
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    work = tmp_path_factory.mktemp("scale")
+    hf = work / "hf"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SHAPE)).save_pretrained(hf)
+    save_byte_tokenizer(hf)
+    py = [sys.executable, "-m", "onnxpipe"]
+    runs = {"export": _measure(py + ["export", str(hf), "-o", str(work / "exported")], work)}
+    assert runs["export"]["rc"] == 0, runs["export"]["output"][-2000:]
+    print(f"export: rss {runs['export']['rss'] / 1e6:.0f} MB, disk {runs['export']['disk'] / 1e6:.0f} MB",
+          file=sys.stderr)
+    runs["optimize"] = _measure([sys.executable, "-c", PLANTED, str(work / "exported"), str(work / "optimized"),
+                                 str(work / "report.json")], work)
+    assert runs["optimize"]["rc"] == 0, runs["optimize"]["output"][-2000:]
+    print(f"optimize: rss {runs['optimize']['rss'] / 1e6:.0f} MB, disk {runs['optimize']['disk'] / 1e6:.0f} MB",
+          file=sys.stderr)
+    runs["quantize"] = _measure(py + ["quantize", str(work / "optimized"), "-o", str(work / "quantized"), "--mode",
+                                      "int4", "--algo", "rtn", "--block-size", "32", "--eval-tokens", "256",
+                                      # random weights: the quality gate is not what is measured here
+                                      "--min-greedy-agreement", "0", "--max-ppl-increase", "1000"], work)
+    assert runs["quantize"]["rc"] == 0, runs["quantize"]["output"][-2000:]
+    weights = sum(f.stat().st_size for f in (work / "exported").glob("model.onnx*"))
+    sizes = {name: _dir_bytes(work / name) for name in ("hf", "exported", "optimized", "quantized")}
+    print(json.dumps({"W": weights, "sizes": sizes,
+                      **{k: {"rss": v["rss"], "disk": v["disk"]} for k, v in runs.items()}}), file=sys.stderr)
+    return {"work": work, "W": weights, "runs": runs, "sizes": sizes,
+            "report": json.loads((work / "report.json").read_text())}
+
+
+def test_the_model_is_a_few_hundred_mb(stages) -> None:
+    assert 200e6 < stages["W"] < 320e6
+
+
+def test_optimize_stays_within_rss_and_disk_bounds(stages) -> None:
+    W, run, sizes = stages["W"], stages["runs"]["optimize"], stages["sizes"]
+    assert run["rss"] <= OPTIMIZE_RSS_X * W, f"optimize peak RSS {run['rss'] / W:.2f} x W"
+    # disk: what optimize added at its peak is its output, within 10% of input + output (no snapshot files)
+    slack = OPTIMIZE_DISK_SLACK * (sizes["exported"] + sizes["optimized"])
+    assert run["disk"] <= sizes["optimized"] + slack, (run["disk"], sizes)
+    assert "[1/" in run["output"] and "checking" in run["output"]  # progress on stderr
+
+
+def test_the_planted_fault_is_rolled_back_with_its_numbers(stages) -> None:
+    passes = {p["name"]: p for p in stages["report"]["passes"]}
+    planted = passes["planted_fault"]
+    assert planted["status"] == "rolled_back" and planted["reason"].startswith("parity failed")
+    assert planted["check"]["rel_err"] > 1e-2 and planted["check"]["passed"] is False
+    assert passes["attention"]["status"] == "kept" and passes["norms"]["status"] == "kept"
+    assert stages["report"]["final"]["passed"] is True
+
+
+def test_quantize_stays_within_rss_bound(stages) -> None:
+    W, run = stages["W"], stages["runs"]["quantize"]
+    assert run["rss"] <= QUANTIZE_RSS_X * W, f"quantize peak RSS {run['rss'] / W:.2f} x W"
+    assert run["disk"] <= stages["sizes"]["quantized"] * 1.1 + 0.1 * stages["sizes"]["optimized"]
