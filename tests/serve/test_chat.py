@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from click.testing import CliRunner
@@ -30,12 +31,20 @@ def test_chat_applies_template_and_stops_at_end_of_turn(stdlib_lm, stdlib_model)
     assert "".join(p.text for p in pieces) == res.text and pieces[-1].finish_reason == res.finish_reason
 
 
-def test_generate_chat_cli(stdlib_lm, stdlib_model):
+def test_generate_chat_cli(stdlib_lm, stdlib_model, tmp_path):
     want = stdlib_lm.chat([{"role": "system", "content": "Be brief."}] + USER, max_new_tokens=20).text
     r = CliRunner().invoke(main, ["generate", str(stdlib_model), "--chat", "--system", "Be brief.", "--prompt",
                                   "def fib(n):", "--max-new-tokens", "20", "--provider", "cpu"])
     assert r.exit_code == 0, r.output
     assert r.stdout == want + "\n"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def fib(n):\nimport os\nclass Stack:\n")
+    r = CliRunner().invoke(main, ["generate", str(stdlib_model), "--chat", "--prompts", str(prompts), "--jsonl",
+                                  "--batch-size", "2", "--max-new-tokens", "20", "--provider", "cpu"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["text"] for row in rows] == [
+        stdlib_lm.chat([{"role": "user", "content": p}], max_new_tokens=20).text for p in ("def fib(n):", "import os", "class Stack:")]
     r = CliRunner().invoke(main, ["generate", str(stdlib_model), "--system", "x", "--prompt", "a"])
     assert r.exit_code == 2 and "--system needs --chat" in r.output
 
@@ -59,3 +68,15 @@ def test_chat_without_template_is_one_line(stdlib_model, tmp_path):
     for args in (["chat", str(bare)], ["generate", str(bare), "--chat", "--prompt", "a"]):
         r = CliRunner().invoke(main, args + ["--provider", "cpu"], input="hi\n")
         assert r.exit_code == 1 and "no chat template" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_chat_console_drops_the_oldest_turns_to_fit(stdlib_lm, stdlib_model):
+    """With room for 200 new tokens in a 256-position model, three 20-token messages do not fit together: the oldest
+    turns go (said on stderr) and every line still gets a reply."""
+    line = "import os, sys, re, json, time, math, random, string\n"
+    assert 15 < len(stdlib_lm.chat_prompt([{"role": "user", "content": line}])) < 40
+    r = CliRunner().invoke(main, ["chat", str(stdlib_model), "--max-new-tokens", "200", "--provider", "cpu"],
+                           input=line * 3)
+    assert r.exit_code == 0, r.output
+    assert "the oldest turn was dropped" in r.stderr
+    assert "error" not in r.stderr and r.stdout.strip()
