@@ -143,7 +143,7 @@ def _save(model: Any, directory: Path) -> str | None:
     from onnxpipe.fusion import pipeline
 
     if pipeline.weight_bytes(model) > artifact.EXTERNAL_DATA_THRESHOLD:
-        return artifact.save_onnx(model, directory)
+        return artifact.save_onnx(model, directory, threshold=artifact.EXTERNAL_DATA_THRESHOLD)
     pipeline.save_inline(model, directory / artifact.MODEL_FILE)
     return None
 

@@ -219,7 +219,12 @@ def snapshot(model: ir.Model) -> Snapshot:
     try:
         for v in model.graph.initializers.values():
             t = v.const_value
-            if t is None or v.name is None or t.dtype not in _SHAREABLE or t.nbytes < SNAPSHOT_INLINE_BYTES:
+            if t is None or v.name is None:
+                continue
+            if t.dtype not in _SHAREABLE or t.nbytes < SNAPSHOT_INLINE_BYTES:
+                if isinstance(t, ir.ExternalTensor):  # a reference to the input's data file means nothing to ORT
+                    v.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)  # here: copy it in
+                    swapped.append((v, t))
                 continue
             shared[v.name] = t
             v.const_value = ir.ExternalTensor(PLACEHOLDER, 0, t.nbytes, t.dtype, shape=t.shape, name=v.name)
@@ -243,9 +248,15 @@ def own_weights(model: ir.Model) -> None:
     """Give every tensor read from the protobuf (initializers and Constant attributes) its own array, once. A
     protobuf-backed tensor copies its bytes out of the message on every read (each check session would hold its own
     copy of the weights), and any one of them keeps the whole parsed message alive; once none is left, the message
-    is freed. Memory-mapped external tensors are left as they are."""
+    is freed. External tensors stay memory-mapped, except small or integer ones (shapes, axes): the rules and ORT's
+    shape inference read their values from a serialized graph, where a reference to the input's file means nothing.
+    """
     def own(t: Any) -> Any:
-        if not isinstance(t, ir.serde.TensorProtoTensor) or t.dtype == ir.DataType.STRING:
+        if t.dtype == ir.DataType.STRING:
+            return t
+        if isinstance(t, ir.ExternalTensor) and (t.dtype in _SHAREABLE and t.nbytes >= SNAPSHOT_INLINE_BYTES):
+            return t
+        if not isinstance(t, (ir.serde.TensorProtoTensor, ir.ExternalTensor)):
             return t
         return ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
 
