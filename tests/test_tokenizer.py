@@ -201,3 +201,26 @@ def test_no_template_and_links_out(tmp_path):
     (d / "chat_template.jinja").symlink_to(outside)
     with pytest.raises(OnnxpipeError, match="symlink leading out"):
         Tokenizer.from_dir(d)
+
+
+@pytest.mark.slow
+def test_smollm2_reference_tokenizer_equals_transformers(tmp_path):
+    """The real SmolLM2-Instruct tokenizer (vocabulary, merges, special tokens and template, from the reference GGUF
+    through transformers, saved as the export stage saves it)."""
+    from transformers import AutoTokenizer
+
+    from onnxpipe import reference
+
+    path = reference.find_reference_gguf()
+    if path is None:
+        pytest.skip(f"SmolLM2 reference not installed: {reference.INSTALL_HINT}")
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    theirs.save_pretrained(tmp_path)
+    ours = Tokenizer.from_dir(tmp_path)
+    assert ours is not None and ours.chat_template == theirs.chat_template
+    for messages in CONVERSATIONS.values():
+        for generation_prompt in (True, False):
+            want = theirs.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                              return_dict=False)
+            assert ours.apply_chat_template(messages, generation_prompt) == list(want)
+    assert ours.token_id("<|im_end|>") in ours.end_of_turn_ids()
