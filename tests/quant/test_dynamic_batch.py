@@ -169,3 +169,32 @@ def test_a_token_is_bit_identical_whatever_shares_its_tensor(tmp_path: Path) -> 
         assert np.abs(alone - ref).max() <= 0.02 * np.abs(ref).max()
     assert moved["token"] == 0.0
     assert moved["tensor"] > 1e-3
+
+
+def test_right_padded_prefill_is_bit_identical_to_the_row_alone(int8_dir: Path) -> None:
+    """With the prefill right-padded (a row's tokens at the same columns alone and batched, pads after them), the
+    int8 model's logits for a row are the same bits alone and beside a longer row: nothing but padding's float
+    rounding in attention is left to differ (docs/quantization.md)."""
+    from onnxpipe.artifact import ModelDir
+    from onnxpipe.quant.quality import prefill_feed
+
+    md = ModelDir.open(int8_dir)
+    session = measure_session(md.model_path)
+    logits = md.manifest.graph["logits"]
+    rng = np.random.default_rng(0)
+    long, short = (rng.integers(3, 4000, n) for n in (121, 94))
+
+    def run(rows: list[np.ndarray], width: int) -> np.ndarray:
+        ids = np.zeros((len(rows), width), np.int64)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        feed = prefill_feed(md.manifest, ids)
+        feed["attention_mask"] = mask
+        if "position_ids" in feed:
+            feed["position_ids"] = np.where(mask == 0, 1, np.cumsum(mask, 1) - 1)
+        return session.run([logits], feed)[0]
+
+    alone = run([short], len(short))[0]
+    batched = run([long, short], len(long))[1, :len(short)]
+    assert np.abs(batched - alone).max() == 0.0
