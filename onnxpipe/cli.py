@@ -339,11 +339,11 @@ def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_
               help="static: leave the N linear layers whose calibrated input range is widest in fp32 (opt-in; "
                    "for models with massive activations, e.g. SmolLM2's down_proj inputs).")
 @click.option("--activations", type=click.Choice(["auto", "token", "tensor"]), default="auto", show_default=True,
-              help="dynamic: one run-time activation scale per token, per tensor (one fused kernel, fastest), or chosen "
-                   "per layer from the calibration text's prefills: per token for the fewest layers that keep "
-                   "perplexity there within 1%, and if none does, the layers that hurt the model's output most (measured one "
-                   "at a time) left in fp32, the fewest of 1-48 that meet it "
-                   "(auto; data/calibration.txt unless --calibration).")
+              help="dynamic: one run-time activation scale per token (a row's result does not depend on its batch), "
+                   "per tensor (one scale over the whole padded batch: batch-dependent), or auto: per token, with the "
+                   "layers that hurt the model's output most (measured one at a time) left in fp32, the fewest of "
+                   "1-64 that keep perplexity on held-out calibration prefills within 0.5% "
+                   "(data/calibration.txt unless --calibration).")
 @click.option("--smoothquant", "smoothquant", default=None, metavar="ALPHA|auto", callback=lambda c, p, v: _alpha(v),
               help="static, dynamic: migrate activation outliers into weights first (alpha in (0, 1], 0.5 is usual); "
                    "static also takes auto: one alpha per smoothing group, chosen by that group's int8 output error on "
