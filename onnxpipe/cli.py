@@ -339,7 +339,7 @@ def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_
               help="static: leave the N linear layers whose calibrated input range is widest in fp32 (opt-in; "
                    "for models with massive activations, e.g. SmolLM2's down_proj inputs).")
 @click.option("--activations", type=click.Choice(["auto", "token", "tensor"]), default="auto", show_default=True,
-              help="dynamic: one run-time activation scale per token (a row's result does not depend on its batch), "
+              help="dynamic: one run-time activation scale per token (no scale depends on the rest of the batch), "
                    "per tensor (one scale over the whole padded batch: batch-dependent), or auto: per token, with the "
                    "layers that hurt the model's output most (measured one at a time) left in fp32, the fewest of "
                    "1-64 that keep perplexity on held-out calibration prefills within 0.5% "
