@@ -144,7 +144,7 @@ def main() -> None:
         if r["rc"] != 0:
             tail = (work / f"{name}.log").read_text().strip().splitlines()[-1:]
             print(f"{name} failed (exit {r['rc']}): {tail}", file=sys.stderr)
-        weights = _weight_bytes(dst if dst.exists() else src)
+        weights = _weight_bytes(dst if name == "export" else src)  # the ONNX weights the stage reads (or writes)
         rows.append({"shape": shape, "stage": name, "rc": r["rc"], "peak_rss_gb": r["peak_rss"] / 1e9,
                      "rss_x_weights": r["peak_rss"] / weights if weights else float("nan"),
                      "peak_disk_added_gb": r["peak_disk_added"] / 1e9, "input_gb": dir_bytes(src) / 1e9,
@@ -159,7 +159,7 @@ def main() -> None:
         lines.append(f"| {r['shape']} | {r['stage']}{status} | {r['peak_rss_gb']:.2f} | {r['rss_x_weights']:.2f} | "
                      f"{r['peak_disk_added_gb']:.2f} | {r['input_gb']:.2f} | {r['output_gb']:.2f} | {r['wall_s']:.0f} |")
     print("\n".join(lines))
-    print(f"W = the stage's output weight bytes (input's for export); workdir {work}")
+    print(f"W = the ONNX weight bytes the stage reads (export: writes); workdir {work}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
