@@ -26,7 +26,7 @@ batch it lands in (up to float rounding of the batch shape, ~1e-6 per token in f
 Batching. Input is read in chunks of ``chunk_records`` records, in order. Within a chunk the windows are sorted by
 length and packed greedily into batches of at most ``batch_tokens`` slots (batch size x longest window, padding
 included; a single window longer than the budget runs alone) whose padding is at most ``max_padding`` of the
-slots: a window that would break either bound starts a new batch. Batches are left-padded prefills.
+slots: a window that would break either bound starts a new batch. Batches are right-padded prefills.
 
 Paths and locks: a run refuses an output (or its checkpoint, parts or summary) that is, holds or sits inside its input,
 compared after resolving ``..``, symlinks and hard links (onnxpipe.outputs.check_io_paths), before anything is
@@ -292,8 +292,7 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float) 
 # ---- the model side ----
 
 class WindowScorer:
-    """One onnxruntime session; scores a batch of windows as one padded prefill from an empty cache (left-padded,
-    or right-padded where the manifest says so: the CUDA attention form of optimize --target cuda)."""
+    """One onnxruntime session; scores a batch of windows as one right-padded prefill from an empty cache."""
 
     def __init__(self, session: Any, manifest: Manifest, provider: str = "cpu", head: str = "host",
                  device: str = "cpu", threads: int | None = None):
@@ -309,7 +308,11 @@ class WindowScorer:
         m = manifest.model
         self.kv_shape = (m["num_kv_heads"], m["head_dim"])
         self.logits = manifest.graph.get("logits", "logits")
-        self.right_padded = manifest.graph.get("padding_side", "left") == "right"
+        # Always right-padded: a scoring prefill starts from an empty cache, so a row's real tokens come first and
+        # causal attention never lets them see the pads at its end; they compute exactly what they compute alone.
+        # Left padding shifted attention's float sums by a few ulps, which flips int8 roundings downstream (dynamic
+        # int8 on SmolLM2: records moved by up to 7 nats with the batch). Every graph form takes right padding here.
+        self.right_padded = True
         self.want_greedy = True  # False skips the argmax (only --task loglik reports it)
 
     @classmethod

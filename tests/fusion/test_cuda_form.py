@@ -231,15 +231,15 @@ def test_parity_check_catches_a_wrong_cuda_form(tiny_onnx, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_scoring_a_right_padded_batch_equals_the_exported_graph(family, cuda_form, tiny_onnx):
-    """WindowScorer pads on the manifest's side: the CUDA form's log-likelihoods of a ragged batch equal the
-    exported graph's (left-padded). gpt2 reads its positions from position_ids, which the scorer feeds."""
+    """The CUDA form's log-likelihoods of a right-padded ragged batch equal the exported graph's. gpt2 reads its
+    positions from position_ids, which the scorer feeds."""
     from onnxpipe.runtime.score import WindowScorer
 
     rng = np.random.default_rng(0)
     windows = [(rng.integers(3, 250, size=n), 1) for n in (12, 5, 9)]
     ours = WindowScorer.open(cuda_form(family), "cpu")
     ref = WindowScorer.open(tiny_onnx(family), "cpu")
-    assert ours.right_padded and not ref.right_padded
+    assert ours.right_padded and ref.right_padded
     (ll, n, _), (ll_ref, n_ref, _) = ours.score(windows), ref.score(windows)
     assert list(n) == list(n_ref) == [11, 4, 8]
     np.testing.assert_allclose(ll, ll_ref, rtol=1e-5, atol=1e-4)
