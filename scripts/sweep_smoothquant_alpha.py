@@ -83,7 +83,8 @@ def main() -> int:
         name = f"auto-{folds}fold{'-nooff' if args.no_off else ''}" if folds else alpha or "plain"
         out = args.work / f"{src.path.name}-{args.method}-{name}"
         res = quantize_model(src.path, out, "static", force=True, calibration=args.calibration, method=args.method,
-                             per_channel=True, smoothquant=alpha, max_eval_tokens=args.eval_tokens, calib=calib)
+                             per_channel=True, smoothquant=alpha, max_eval_tokens=args.eval_tokens, calib=calib,
+                             max_ppl_increase=1e9, min_greedy_agreement=0.0)  # a sweep reports, it does not gate
         kl, ppl = calibration_divergence(reference, measure_session(out / "model.onnx"), feeds, logits)
         q = res.step["quality"]
         row = {"alpha": alpha, "calibration_kl": kl, "calibration_ppl_change_pct": ppl,
