@@ -71,7 +71,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True, help="ONNX opset of the default domain.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch.")
 @click.option("--decode-steps", type=click.IntRange(3, 64), default=4, show_default=True, help="Decode steps in the parity check.")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and onnxpipe wrote it (holds onnxpipe.json, or is empty).")
 def export(hf_model_dir: Path, out_dir: Path, dtype: str, opset: int, no_verify: bool, decode_steps: int, force: bool) -> None:
     """Export a Hugging Face model directory to ONNX with KV-cache inputs/outputs, checked against PyTorch.
 
@@ -154,7 +154,7 @@ def score(model_dir: Path, input_path: Path, output: Path, task: str, max_new_to
               help="Execution provider the fused forms are chosen for.")
 @click.option("--passes", default=None, help="Comma-separated pass names to run instead of a level's list.")
 @click.option("--skip-verify", is_flag=True, help="Skip the per-pass and final parity checks.")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and onnxpipe wrote it (holds onnxpipe.json, or is empty).")
 def optimize(in_dir: Path, out_dir: Path, level: int, target: str, passes: str | None, skip_verify: bool,
              force: bool) -> None:
     """Optimize a model directory's graph; each pass is counted, checked against its input, and rolled back if it
@@ -380,7 +380,7 @@ def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_
 @click.option("--min-greedy-agreement", type=click.FloatRange(0, 100), default=None, metavar="PCT",
               help="Fail, writing nothing, if the decode path's greedy agreement with the input (near ties counted) "
                    "is below PCT percent. [default: 80]")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and onnxpipe wrote it (holds onnxpipe.json, or is empty).")
 def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str, per_channel: bool,
              static_float_layers: int,
              activations: str, smoothquant: float | str | None, block_size: int | None, algo: str | None, accuracy_level: int, symmetric: bool,

@@ -28,6 +28,11 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return super().convert(number, param, ctx)
 
+    def _describe_range(self) -> str:
+        if self.min is None and self.max is None:  # click's own text would read "x<=None"
+            return "finite"
+        return super()._describe_range()
+
     def __repr__(self) -> str:
         return f"FiniteFloat({self._describe_range()})"
 
