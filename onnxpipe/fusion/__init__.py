@@ -154,12 +154,12 @@ def _run(model: Any, selected: list, ctx: Any, checker: Any, log: Callable[[str]
     from onnxpipe.fusion import pipeline
 
     weights = pipeline.weight_bytes(model)
-    initial = pipeline._snapshot_or_raise(model, "snapshotting the input", None, weights)
+    initial = pipeline.take_snapshot(model, "snapshotting the input", None, weights)
     model, reports = pipeline.run_passes(model, selected, ctx, checker, log=log, initial=initial)
     final = None
     if checker is not None:
         log("final check: the result against the input")
-        result = pipeline._snapshot_or_raise(model, "snapshotting the result", None, weights)
+        result = pipeline.take_snapshot(model, "snapshotting the result", None, weights)
         try:
             final = checker.check(initial, result)
         except Exception as e:

@@ -378,7 +378,7 @@ def run_passes(
     disk or memory failure raises ResourceError instead. ``initial``: the model's snapshot, if already taken."""
     reports = []
     weights = weight_bytes(model)
-    current = initial or _snapshot_or_raise(model, "snapshotting the input", None, weights)
+    current = initial or take_snapshot(model, "snapshotting the input", None, weights)
     for i, p in enumerate(passes, 1):
         start = time.perf_counter()
         log(f"  [{i}/{len(passes)}] {p.name}: {p.description}")
@@ -408,7 +408,8 @@ def run_passes(
     return model, reports
 
 
-def _snapshot_or_raise(model: ir.Model, doing: str, pass_name: str | None, weights: int) -> Snapshot:
+def take_snapshot(model: ir.Model, doing: str, pass_name: str | None, weights: int) -> Snapshot:
+    """``snapshot(model)``, a disk or memory failure raised as ResourceError (``doing``, in ``pass_name``)."""
     try:
         return snapshot(model)
     except (OSError, MemoryError) as e:
@@ -438,7 +439,7 @@ def _apply(p: FusionPass, model: ir.Model, ctx: PassContext, weights: int
         if err is not None:  # ... but running out of disk or memory says nothing about the rule
             raise err from None
         return fused, None, f"{type(e).__name__}: {_first_line(e)}"
-    return fused, _snapshot_or_raise(model, "snapshotting the result", p.name, weights), None
+    return fused, take_snapshot(model, "snapshotting the result", p.name, weights), None
 
 
 def _check(checker: Checker, reference: Snapshot, candidate: Snapshot, reference_padding_side: str,
