@@ -163,7 +163,7 @@ def optimize(in_dir: Path, out_dir: Path, level: int, target: str, passes: str |
 
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None
     result = optimize_model(in_dir, out_dir, level=level, target=target, passes=names, verify=not skip_verify,
-                            force=force, log=_log)
+                            force=force, log=_log, progress=_progress_bars())
     click.echo(format_table(result))
     click.echo(f"wrote {result.model_dir.path} in {result.seconds:.1f}s")
 

@@ -39,6 +39,7 @@ def optimize_model(
     force: bool = False,
     decode_steps: int = 4,
     log: Callable[[str], None] = lambda msg: None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> OptimizeResult:
     """Optimize the model directory ``in_dir`` into ``out_dir``; nothing is written if the final check fails."""
     import onnx_ir as ir
@@ -81,7 +82,7 @@ def optimize_model(
         remove_stale_temp(out_dir)  # what killed runs left beside this output (never a user's directory)
         log(f"optimizing {src.path} at level {level} for {target} ({len(selected)} passes"
             f"{', each checked' + on if verify else ', unchecked'})")
-        model, reports, final = _run(model, selected, ctx, checker, log)
+        model, reports, final = _run(model, selected, ctx, checker, log, progress)
         _check_io_unchanged(model, manifest)
         if final is not None:
             log(f"final check vs {src.path.name}: {final.summary()}")
@@ -148,14 +149,15 @@ def _save(model: Any, directory: Path) -> str | None:
     return None
 
 
-def _run(model: Any, selected: list, ctx: Any, checker: Any, log: Callable[[str], None]) -> tuple[Any, list, Any]:
+def _run(model: Any, selected: list, ctx: Any, checker: Any, log: Callable[[str], None],
+         progress: Callable[[str, int, int], None] | None = None) -> tuple[Any, list, Any]:
     """The passes, then the final check of the result against the input as loaded (the first snapshot, which
     shares the input's tensors: the input is never read twice)."""
     from onnxpipe.fusion import pipeline
 
     weights = pipeline.weight_bytes(model)
     initial = pipeline.take_snapshot(model, "snapshotting the input", None, weights)
-    model, reports = pipeline.run_passes(model, selected, ctx, checker, log=log, initial=initial)
+    model, reports = pipeline.run_passes(model, selected, ctx, checker, log=log, initial=initial, progress=progress)
     final = None
     if checker is not None:
         log("final check: the result against the input")

@@ -373,9 +373,11 @@ def run_passes(
     checker: Checker | None,
     log: Callable[[str], None] = lambda msg: None,
     initial: Snapshot | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[ir.Model, list[PassReport]]:
     """Run ``passes`` in order; a pass that fails to run, to load in ORT, or the parity check is rolled back. A
-    disk or memory failure raises ResourceError instead. ``initial``: the model's snapshot, if already taken."""
+    disk or memory failure raises ResourceError instead. ``initial``: the model's snapshot, if already taken;
+    ``progress(label, done, total)`` is called after each pass."""
     reports = []
     weights = weight_bytes(model)
     current = initial or take_snapshot(model, "snapshotting the input", None, weights)
@@ -405,6 +407,8 @@ def run_passes(
         reports.append(PassReport(p.name, p.level, status, round(time.perf_counter() - start, 3),
                                   sum(before.values()), sum(after.values()), after, delta, fused, check, reason))
         log(_pass_line(reports[-1]))
+        if progress is not None:
+            progress("optimize passes", i, len(passes))
     return model, reports
 
 

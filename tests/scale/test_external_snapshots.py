@@ -30,7 +30,10 @@ def test_an_external_data_input_is_optimized_and_checked(tiny_onnx, tmp_path: Pa
     _externalize(tiny_onnx("llama"), src)
     before = {f.name: f.stat().st_mtime_ns for f in src.iterdir()}
     monkeypatch.setattr(artifact, "EXTERNAL_DATA_THRESHOLD", 0)  # the output too, as past 1.8 GB
-    result = optimize_model(src, tmp_path / "out", level=3)
+    seen: list[tuple[str, int, int]] = []
+    result = optimize_model(src, tmp_path / "out", level=3, progress=lambda *a: seen.append(a))
+    n = len(result.passes)
+    assert seen == [("optimize passes", i, n) for i in range(1, n + 1)]  # the progress bar counts the passes
     rolled_back = [(r.name, r.reason) for r in result.passes if r.status == "rolled_back"]
     assert rolled_back == []
     kept = {r.name for r in result.passes if r.status == "kept"}
