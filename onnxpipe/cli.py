@@ -332,22 +332,27 @@ def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_
                    "fp16: mixed precision for GPUs.")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration text or JSONL (static; int4 --algo gptq; dynamic --activations auto, "
                    "where data/calibration.txt is the default).")
-@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True,
-              help="static: activation range calibrator.")
-@click.option("--per-channel", is_flag=True, help="static: one weight scale per output channel (dynamic always is).")
-@click.option("--static-float-layers", type=click.IntRange(0, None), default=0, show_default=True, metavar="N",
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
+              help="static: activation range calibrator. [default: chosen: minmax per-channel; the same with "
+                   "--smoothquant auto; percentile per-channel with --smoothquant auto; that with 16, then 32 layers "
+                   "fp32; the first within --max-ppl-increase on held-out eval text; --method, --per-channel/"
+                   "--per-tensor, --smoothquant and --static-float-layers pin what they name]")
+@click.option("--per-channel/--per-tensor", "per_channel", default=None,
+              help="static: one weight scale per output channel, or one per tensor (dynamic always is per channel). "
+                   "[default: chosen, see --method]")
+@click.option("--static-float-layers", type=click.IntRange(0, None), default=None, metavar="N",
               help="static: leave the N linear layers whose calibrated input range is widest in fp32 (opt-in; "
-                   "for models with massive activations, e.g. SmolLM2's down_proj inputs).")
+                   "for models with massive activations, e.g. SmolLM2's down_proj inputs). [default: chosen, see --method]")
 @click.option("--activations", type=click.Choice(["auto", "token", "tensor"]), default="auto", show_default=True,
               help="dynamic: one run-time activation scale per token (no scale depends on the rest of the batch), "
                    "per tensor (one scale over the whole padded batch: batch-dependent), or auto: per token, with the "
                    "layers that hurt the model's output most (measured one at a time) left in fp32, the fewest of "
                    "1-64 that keep perplexity on held-out calibration prefills within 0.5% "
                    "(data/calibration.txt unless --calibration).")
-@click.option("--smoothquant", "smoothquant", default=None, metavar="ALPHA|auto", callback=lambda c, p, v: _alpha(v),
+@click.option("--smoothquant", "smoothquant", default=None, metavar="ALPHA|auto|off", callback=lambda c, p, v: _alpha(v),
               help="static, dynamic: migrate activation outliers into weights first (alpha in (0, 1], 0.5 is usual); "
                    "static also takes auto: one alpha per smoothing group, chosen by that group's int8 output error on "
-                   "calibration windows its scales and ranges were not fitted on.")
+                   "calibration windows its scales and ranges were not fitted on; off pins none (static chooses otherwise).")
 @click.option("--block-size", type=int, default=None,
               help="int4: weights per scale along the input axis (a power of two >= 16, as MatMulNBits); 0 = one scale "
                    "per output channel, written as uint4 DequantizeLinear -> MatMul (opset 21; rtn and gptq). "
@@ -381,8 +386,8 @@ def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_
               help="Fail, writing nothing, if the decode path's greedy agreement with the input (near ties counted) "
                    "is below PCT percent. [default: 80]")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and onnxpipe wrote it (holds onnxpipe.json, or is empty).")
-def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str, per_channel: bool,
-             static_float_layers: int,
+def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str | None,
+             per_channel: bool | None, static_float_layers: int | None,
              activations: str, smoothquant: float | str | None, block_size: int | None, algo: str | None, accuracy_level: int, symmetric: bool,
              zero_points: str | None, lm_head: str, embeddings: str,
              eval_file: Path | None, eval_tokens: int | None, calib_samples: int, calib_seq_len: int,
@@ -405,13 +410,13 @@ def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, m
 
 
 def _alpha(value: str | None) -> float | str | None:
-    """--smoothquant: a number (checked against (0, 1] with the other options) or "auto"."""
-    if value is None or value == "auto":
+    """--smoothquant: a number (checked against (0, 1] with the other options), "auto" or "off"."""
+    if value is None or value in ("auto", "off"):
         return value
     try:
         alpha = float(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a number nor 'auto'", param_hint="--smoothquant") from None
+        raise click.BadParameter(f"{value!r} is neither a number nor 'auto' or 'off'", param_hint="--smoothquant") from None
     if not math.isfinite(alpha):
         raise click.BadParameter(f"{value!r} is not a finite number", param_hint="--smoothquant")
     return alpha

@@ -48,15 +48,17 @@ Progress = Callable[[str, int, int], None]
 class QuantizeConfig:
     mode: str
     calibration: Path | None = None
-    method: str = "minmax"  # static: the activation range calibrator
-    per_channel: bool = False  # static: per-output-channel weight scales (dynamic is always per channel)
-    static_float_layers: int = 0  # static: leave the N layers with the widest calibrated input range in fp32
+    # static: the four below left None are chosen by the default (static.static_candidates); a value pins it
+    method: str | None = None  # static: the activation range calibrator
+    per_channel: bool | None = None  # static: per-output-channel weight scales (dynamic is always per channel)
+    static_float_layers: int | None = None  # static: leave the N layers with the widest calibrated input range in fp32
     # dynamic: one run-time activation scale per token ("token"), per tensor (ORT's, "tensor"), or chosen per layer
     # from the calibration text's prefills ("auto", dynamic.py)
     activations: str = "auto"
     token_threshold: float | None = None  # dynamic auto: dynamic.TOKEN_THRESHOLD unless set
     # static, dynamic: SmoothQuant migration strength alpha in (0, 1]; static also "auto" (layer_alpha.py: one
-    # alpha per smoothing group, chosen by that group's int8 output error on held-out calibration windows)
+    # alpha per smoothing group, chosen by that group's int8 output error on held-out calibration windows); "off"
+    # pins none (static's default may otherwise choose "auto")
     smoothquant: float | str | None = None
     # int4: the three below left None are chosen by the default (int4.int4_candidates); a value pins it
     block_size: int | None = None  # int4: weights per scale along the input dimension; 0: per output channel (int4.py)
@@ -107,7 +109,7 @@ def validate(cfg: QuantizeConfig) -> None:
     """Every option checked before any work; each problem one line."""
     if cfg.mode not in MODES:
         raise OnnxpipeError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
-    if cfg.method not in METHODS:
+    if cfg.method is not None and cfg.method not in METHODS:
         raise OnnxpipeError(f"unknown calibration method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.algo is not None and cfg.algo not in ALGOS:
         raise OnnxpipeError(f"unknown int4 algorithm {cfg.algo!r}; choose one of {', '.join(ALGOS)}")
@@ -119,7 +121,7 @@ def validate(cfg: QuantizeConfig) -> None:
     if needs_calibration and cfg.calibration is None:
         what = "static quantization" if cfg.mode == "static" else "int4 with --algo gptq"
         raise OnnxpipeError(f"{what} needs calibration text: pass --calibration FILE (text or JSONL), e.g. data/calibration.txt")
-    if cfg.smoothquant is not None:
+    if cfg.smoothquant is not None and cfg.smoothquant != "off":
         if cfg.mode not in ("static", "dynamic"):
             raise OnnxpipeError("--smoothquant applies to --mode static and dynamic only")
         if cfg.smoothquant == "auto":
@@ -137,8 +139,10 @@ def validate(cfg: QuantizeConfig) -> None:
                                       and not cfg.symmetric):
         raise OnnxpipeError("--zero-points float applies to --mode int4 --algo rtn or gptq with a block size, "
                             "without --symmetric (hqq writes float zero points of its own)")
-    if cfg.static_float_layers < 0:
+    if cfg.static_float_layers is not None and cfg.static_float_layers < 0:
         raise OnnxpipeError(f"--static-float-layers must be >= 0, got {cfg.static_float_layers}")
+    if cfg.smoothquant == "off" and cfg.mode not in ("static", "dynamic"):
+        raise OnnxpipeError("--smoothquant applies to --mode static and dynamic only")
     if cfg.static_float_layers and cfg.mode != "static":
         raise OnnxpipeError("--static-float-layers applies to --mode static only")
     if cfg.accuracy_level not in (0, 1, 2, 3, 4):
@@ -182,8 +186,8 @@ def quantize_model(
 ) -> QuantizeResult:
     """Quantize the model directory ``in_dir`` into ``out_dir``; options are QuantizeConfig's fields.
 
-    Options left unset are chosen (int4: int4.int4_candidates, the first within the budget on the selection
-    text); the result must pass the gate (quality.Gate) on the report's text, or nothing is written."""
+    Options left unset are chosen (int4: int4.int4_candidates; static: static.static_candidates; the first within
+    the budget on the selection text); the result must pass the gate (quality.Gate) on the report's text, or nothing is written."""
     start = time.perf_counter()
     cfg = QuantizeConfig(mode=mode, **options)
     if cfg.mode == "int4" and cfg.calibration is None and cfg.algo in (None, "gptq"):
@@ -264,6 +268,7 @@ def _with_defaults(cfg: QuantizeConfig) -> QuantizeConfig:
         max_ppl_increase=DEFAULT_BUDGET_PCT[cfg.mode] if cfg.max_ppl_increase is None else cfg.max_ppl_increase,
         min_greedy_agreement=MIN_GREEDY_AGREEMENT if cfg.min_greedy_agreement is None else cfg.min_greedy_agreement,
         max_eval_tokens=DEFAULT_EVAL_TOKENS if cfg.max_eval_tokens is None else cfg.max_eval_tokens,
+        smoothquant=None if cfg.smoothquant == "off" and cfg.mode != "static" else cfg.smoothquant,
     )
 
 
@@ -272,6 +277,12 @@ def _choices(cfg: QuantizeConfig, src: ModelDir) -> list[QuantizeConfig]:
     leave nothing to choose)."""
     import dataclasses
 
+    if cfg.mode == "static":
+        from onnxpipe.quant.static import static_candidates
+
+        return [dataclasses.replace(cfg, method=c.method, per_channel=c.per_channel, smoothquant=c.smoothquant,
+                                    static_float_layers=c.float_layers)
+                for c in static_candidates(cfg.method, cfg.per_channel, cfg.smoothquant, cfg.static_float_layers)]
     if cfg.mode != "int4":
         return [cfg]
     from onnxpipe.quant.int4 import int4_candidates
@@ -290,8 +301,10 @@ def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np
     import shutil
 
     from onnxpipe.quant.int4 import Int4Choice
+    from onnxpipe.quant.static import StaticChoice
 
-    labels = [Int4Choice(c.algo, c.block_size, bool(c.float_zero_points)) for c in choices]
+    labels = [StaticChoice(c.method, bool(c.per_channel), c.smoothquant, int(c.static_float_layers or 0))
+              if c.mode == "static" else Int4Choice(c.algo, c.block_size, bool(c.float_zero_points)) for c in choices]
     log(f"{choices[0].mode}: trying up to {len(choices)} choices in order, keeping the first within the budget on "
         f"the selection text ({len(judge.token_ids):,} tokens): " + "; ".join(c.label() for c in labels))
     log(f"  {'choice':<38} {'ppl change (95%)':>18} {'top-1':>7} {'greedy (ties)':>15} {'size MB':>8}  verdict")

@@ -20,16 +20,70 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from onnxpipe.artifact import Manifest
+from onnxpipe.errors import OnnxpipeError
 from onnxpipe.quant.calibration import SingleFeedReader, counted, feed_count, kv_feeds
 from onnxpipe.quant.graph import WeightPlan, save_quantized
 
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+@dataclass(frozen=True)
+class StaticChoice:
+    """One static int8 recipe: the options the default chooses among. ``smoothquant`` None is off."""
+
+    method: str
+    per_channel: bool
+    smoothquant: float | str | None
+    float_layers: int
+
+    def label(self) -> str:
+        parts = [self.method, "per-channel weights" if self.per_channel else "per-tensor weights"]
+        if self.smoothquant is not None:
+            parts.append(f"SmoothQuant {self.smoothquant}")
+        if self.float_layers:
+            parts.append(f"{self.float_layers} layers fp32")
+        return ", ".join(parts)
+
+    def options(self) -> list[str]:
+        """The command-line options that pin this choice."""
+        return [f"--method {self.method}", "--per-channel" if self.per_channel else "--per-tensor",
+                f"--smoothquant {'off' if self.smoothquant is None else self.smoothquant}",
+                f"--static-float-layers {self.float_layers}"]
+
+
+# The default tries these in order and keeps the first within the budget: the cheapest to make first (one
+# calibration pass; then SmoothQuant's per-group alpha search, which runs the calibration text again; then the
+# percentile calibrator, which keeps histograms), and last the ones that leave the widest-range layers in fp32
+# (larger and slower to run).
+CANDIDATES = (
+    StaticChoice("minmax", True, None, 0),
+    StaticChoice("minmax", True, "auto", 0),
+    StaticChoice("percentile", True, "auto", 0),
+    StaticChoice("percentile", True, "auto", 16),
+    StaticChoice("percentile", True, "auto", 32),
+)
+
+
+def static_candidates(method: str | None, per_channel: bool | None, smoothquant: float | str | None,
+                      float_layers: int | None) -> list[StaticChoice]:
+    """The CANDIDATES that the user's options leave open (None: not set; smoothquant "off": set to none), in
+    order. A value outside the list (entropy, per-tensor weights, an alpha, another layer count) pins one choice,
+    the unset options at the first candidate's values (minmax, per-channel, no SmoothQuant, no fp32 layers)."""
+    sq = None if smoothquant == "off" else smoothquant
+    first = CANDIDATES[0]
+    single = [StaticChoice(method or first.method, first.per_channel if per_channel is None else per_channel,
+                           sq if smoothquant is not None else first.smoothquant,
+                           first.float_layers if float_layers is None else float_layers)]
+    left = [c for c in CANDIDATES if method in (None, c.method) and per_channel in (None, c.per_channel)
+            and (smoothquant is None or sq == c.smoothquant) and float_layers in (None, c.float_layers)]
+    return left or single
 
 
 def quantize_static_int8(
@@ -87,6 +141,9 @@ def quantize_static_int8(
             ranges = calibrator.compute_data()
         del calibrator, session
         if cfg.static_float_layers:
+            if cfg.static_float_layers >= len(nodes):  # ORT reads an empty nodes_to_quantize as "all of them"
+                raise OnnxpipeError(f"--static-float-layers {cfg.static_float_layers} leaves all {len(nodes)} "
+                                    "linear layers in fp32: nothing to quantize")
             nodes, details["float_nodes"] = widest_inputs_left_float(model_inputs(float_path, nodes), ranges,
                                                                      cfg.static_float_layers)
             log(f"static: {len(details['float_nodes'])} layers with the widest calibrated input ranges left fp32 "
