@@ -301,7 +301,7 @@ def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np
     import shutil
 
     from onnxpipe.quant.int4 import Int4Choice
-    from onnxpipe.quant.static import StaticChoice
+    from onnxpipe.quant.static import CalibrationCache, StaticChoice
 
     labels = [StaticChoice(c.method, bool(c.per_channel), c.smoothquant, int(c.static_float_layers or 0))
               if c.mode == "static" else Int4Choice(c.algo, c.block_size, bool(c.float_zero_points)) for c in choices]
@@ -309,6 +309,21 @@ def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np
         f"the selection text ({len(judge.token_ids):,} tokens): " + "; ".join(c.label() for c in labels))
     log(f"  {'choice':<38} {'ppl change (95%)':>18} {'top-1':>7} {'greedy (ties)':>15} {'size MB':>8}  verdict")
     rows: list[dict[str, Any]] = []
+    cache = CalibrationCache(tmp / "calibration-cache") if choices[0].mode == "static" else None
+    try:
+        return _try_choices(src, tmp, choices, labels, samples, judge, gate, log, progress, rows, cache)
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache.directory, ignore_errors=True)
+
+
+def _try_choices(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], labels: list[Any],
+                 samples: np.ndarray | None, judge: Any, gate: Any, log: Log, progress: Progress | None,
+                 rows: list[dict[str, Any]], cache: Any) -> tuple[QuantizeConfig, dict[str, Any], dict[str, Any]]:
+    """_choose's loop: each choice made in ``tmp/choice-i`` and judged; the first within the gate moved into
+    ``tmp``; none: the error naming the best."""
+    import shutil
+
     for i, (cfg, label) in enumerate(zip(choices, labels)):
         work = tmp / f"choice-{i}"
         work.mkdir()
@@ -316,7 +331,7 @@ def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np
             progress(f"choice {i + 1}/{len(choices)}: quantizing, {label.label()}", 0, 1)
         lines: list[str] = []  # the mode's own lines, shown for the choice that is kept
         try:
-            details = _run_mode(src, work / MODEL_FILE, cfg, samples, lines.append, progress)
+            details = _run_mode(src, work / MODEL_FILE, cfg, samples, lines.append, progress, cache=cache)
             score = judge.score(work / MODEL_FILE, _output_manifest(src.manifest, work / MODEL_FILE, cfg),
                                 f"selection text, choice {i + 1}/{len(choices)}")
         except OnnxpipeError as e:  # one choice that cannot be made (or run) leaves the others to try
@@ -433,9 +448,10 @@ def _for_input_dtype(cfg: QuantizeConfig, src: ModelDir) -> QuantizeConfig:
 
 
 def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.ndarray | None, log: Log,
-              progress: Progress | None, selection: Any = None) -> dict[str, Any]:
+              progress: Progress | None, selection: Any = None, cache: Any = None) -> dict[str, Any]:
     """``selection``: a quality.SelectionJudge on the eval text's selection tokens (held out from the calibration
-    text and from the report) where a mode chooses something itself (dynamic's activation search), else None."""
+    text and from the report) where a mode chooses something itself (dynamic's activation search), else None.
+    ``cache``: a static.CalibrationCache shared by the choices of one run (static), else None."""
     import onnx
 
     from onnxpipe.quant.graph import WeightPlan, expose_weights, op_counts
@@ -477,9 +493,10 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
             from onnxpipe.quant.static import quantize_static_int8
 
             if cfg.smoothquant == "auto":
-                details = _static_alpha_search(proto, out_path, body, src, samples, cfg, log, progress)
+                details = _static_alpha_search(proto, out_path, body, src, samples, cfg, log, progress, cache)
             else:
-                details = quantize_static_int8(proto, out_path, body, src.manifest, samples, cfg, log, progress)
+                details = quantize_static_int8(proto, out_path, body, src.manifest, samples, cfg, log, progress,
+                                               cache)
         else:
             from onnxpipe.quant.int4 import quantize_int4
 
@@ -502,9 +519,10 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
 
 
 def _static_alpha_search(proto: Any, out_path: Path, body: Any, src: ModelDir, samples: np.ndarray,
-                         cfg: QuantizeConfig, log: Log, progress: Progress | None) -> dict[str, Any]:
+                         cfg: QuantizeConfig, log: Log, progress: Progress | None, cache: Any = None) -> dict[str, Any]:
     """--smoothquant auto: each smoothing group's alpha chosen by its own int8 output error on calibration
-    windows its scales and ranges were not fitted on (layer_alpha.py), then static int8 with those alphas."""
+    windows its scales and ranges were not fitted on (layer_alpha.py), then static int8 with those alphas. With a
+    ``cache`` (static.CalibrationCache), a calibrator's alphas are searched once per run."""
     import dataclasses
 
     from onnxpipe.quant import layer_alpha
@@ -512,13 +530,17 @@ def _static_alpha_search(proto: Any, out_path: Path, body: Any, src: ModelDir, s
     from onnxpipe.quant.graph import float_session
     from onnxpipe.quant.static import quantize_static_int8, static_nodes
 
-    total = feed_count(samples, cfg.calib)
-    feeds = counted(kv_feeds(float_session(proto), src.manifest, samples, cfg.calib), total,
-                    "smoothquant alpha per group", progress)
-    choice = layer_alpha.choose_group_alphas(proto, static_nodes(body, cfg), feeds, total, method=cfg.method)
+    choice = cache.alphas.get(cfg.method) if cache is not None else None
+    if choice is None:
+        total = feed_count(samples, cfg.calib)
+        feeds = counted(kv_feeds(float_session(proto), src.manifest, samples, cfg.calib), total,
+                        "smoothquant alpha per group", progress)
+        choice = layer_alpha.choose_group_alphas(proto, static_nodes(body, cfg), feeds, total, method=cfg.method)
+        if cache is not None:
+            cache.alphas[cfg.method] = choice
     log(f"SmoothQuant alpha per group ({choice.folds}-fold over the calibration batches): {choice.summary()}")
     details = quantize_static_int8(proto, out_path, body, src.manifest, samples,
-                                   dataclasses.replace(cfg, smoothquant=choice.alphas), log, progress)
+                                   dataclasses.replace(cfg, smoothquant=choice.alphas), log, progress, cache)
     details["smoothquant_search"] = choice.to_json()
     return details
 

@@ -86,6 +86,35 @@ def static_candidates(method: str | None, per_channel: bool | None, smoothquant:
     return left or single
 
 
+class CalibrationCache:
+    """What one choice measured that the next may reuse (the default's choices are tried in turn): SmoothQuant's
+    alphas per calibrator, and the last recipe's smoothed float model with its calibrated ranges. Choices that
+    differ only in the layers left fp32 (the list's last three) calibrate once. ``directory`` holds the model; its
+    owner removes it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.alphas: dict[str, Any] = {}  # method -> layer_alpha's choice
+        self.key: tuple[str, str] | None = None
+        self.ranges: Any = None
+        self.details: dict[str, Any] = {}
+
+    def get(self, key: tuple[str, str]) -> tuple[Path, Any, dict[str, Any]] | None:
+        return (self.directory / "float.onnx", self.ranges, self.details) if key == self.key else None
+
+    def put(self, key: tuple[str, str], float_path: Path, ranges: Any, details: dict[str, Any]) -> Path:
+        """Moves the model at ``float_path`` in; returns where it now is."""
+        import shutil
+
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True)
+        for f in (float_path, float_path.with_name(float_path.name + ".data")):
+            if f.exists():
+                shutil.move(f, self.directory / f.name)
+        self.key, self.ranges, self.details = key, ranges, details
+        return self.directory / float_path.name
+
+
 def quantize_static_int8(
     proto: Any,
     out_path: Path,
@@ -95,6 +124,7 @@ def quantize_static_int8(
     cfg: Any,
     log: Callable[[str], None],
     progress: Callable[[str, int, int], None] | None,
+    cache: CalibrationCache | None = None,
 ) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -107,10 +137,19 @@ def quantize_static_int8(
                                "method": cfg.method, "per_channel": cfg.per_channel}
     nodes = static_nodes(plan, cfg)
     details["lm_head"] = "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 QDQ"
+    key = (cfg.method, repr(cfg.smoothquant))
+    hit = cache.get(key) if cache is not None else None
+    total = feed_count(samples, cfg.calib)
     with tempfile.TemporaryDirectory(prefix="onnxpipe-calib-", dir=out_path.parent) as work:
         work = Path(work)
         float_path = work / "float.onnx"
-        if cfg.smoothquant is not None:
+        method = getattr(CalibrationMethod, METHOD_NAMES[cfg.method])
+        if hit is not None:
+            float_path, ranges, reused = hit
+            details.update(reused)
+            details["calibration_reused"] = True
+            log("static: the calibrated ranges (and smoothing) of the previous choice reused")
+        if hit is None and cfg.smoothquant is not None:
             from onnxpipe.quant.smoothquant import smooth_model
 
             kv_session = measure_session(_save(proto, work / "unsmoothed.onnx"))
@@ -123,23 +162,24 @@ def quantize_static_int8(
             log(f"SmoothQuant alpha {what}: {report.groups} groups ({report.folded} folded into norms, "
                 f"{report.inserted_muls} Mul inserted); worst channel outlier ratio {report.outlier_ratio_before:.1f} -> "
                 f"{report.outlier_ratio_after:.1f}; float equivalence rel err {report.equivalence_rel_err:.2g}")
-        _save(proto, float_path)
-        method = getattr(CalibrationMethod, METHOD_NAMES[cfg.method])
-        with _quiet_ort():
-            calibrator = create_calibrator(
-                float_path, ["MatMul"], augmented_model_path=str(work / "augmented.onnx"), calibrate_method=method,
-                extra_options={"symmetric": cfg.method == "percentile"},
-            )
-        session = measure_session(float_path)
-        total = feed_count(samples, cfg.calib)
-        for done, feed in enumerate(kv_feeds(session, manifest, samples, cfg.calib), 1):
-            with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print on every call
-                calibrator.collect_data(SingleFeedReader(feed))
-            if progress:
-                progress("calibrating", done, total)
-        with contextlib.redirect_stdout(io.StringIO()):
-            ranges = calibrator.compute_data()
-        del calibrator, session
+        if hit is None:
+            _save(proto, float_path)
+            with _quiet_ort():
+                calibrator = create_calibrator(
+                    float_path, ["MatMul"], augmented_model_path=str(work / "augmented.onnx"), calibrate_method=method,
+                    extra_options={"symmetric": cfg.method == "percentile"},
+                )
+            session = measure_session(float_path)
+            for done, feed in enumerate(kv_feeds(session, manifest, samples, cfg.calib), 1):
+                with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print on every call
+                    calibrator.collect_data(SingleFeedReader(feed))
+                if progress:
+                    progress("calibrating", done, total)
+            with contextlib.redirect_stdout(io.StringIO()):
+                ranges = calibrator.compute_data()
+            del calibrator, session
+            if cache is not None:
+                float_path = cache.put(key, float_path, ranges, {k: details[k] for k in ("smoothquant",) if k in details})
         if cfg.static_float_layers:
             if cfg.static_float_layers >= len(nodes):  # ORT reads an empty nodes_to_quantize as "all of them"
                 raise OnnxpipeError(f"--static-float-layers {cfg.static_float_layers} leaves all {len(nodes)} "
@@ -148,8 +188,8 @@ def quantize_static_int8(
                                                                      cfg.static_float_layers)
             log(f"static: {len(details['float_nodes'])} layers with the widest calibrated input ranges left fp32 "
                 f"(widest {details['float_nodes'][0]['range']:.4g})")
-        cache = work / "ranges.json"
-        save_tensors_data(ranges, cache)
+        ranges_file = work / "ranges.json"
+        save_tensors_data(ranges, ranges_file)
         details["calibration_runs"] = total
         details["calibrated_tensors"] = len(ranges.data)
         model = onnx.load(str(float_path))
@@ -165,7 +205,7 @@ def quantize_static_int8(
                 weight_type=QuantType.QInt8,
                 nodes_to_quantize=nodes,
                 calibrate_method=method,
-                calibration_cache_path=str(cache),
+                calibration_cache_path=str(ranges_file),
                 extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False},
             )
     details["quantized_nodes"] = len(nodes)

@@ -126,3 +126,33 @@ def test_a_pinned_recipe_outside_the_list_is_judged_alone(tok_model, small_eval:
     p = step["params"]
     assert "choice" not in step and (p["method"], p["per_channel"], p["smoothquant"]) == ("minmax", False, None)
     assert "smoothquant" not in step["details"] and step["details"]["per_channel"] is False
+
+
+def test_choices_that_differ_only_in_fp32_layers_calibrate_once(outlier_model: Path, small_eval: Path, tmp_path: Path,
+                                                               monkeypatch) -> None:  # noqa: ANN001
+    """The alphas are searched once per calibrator and the ranges measured once per (calibrator, smoothing): the
+    last recipes of the list reuse the one before them (here 4 and 8 layers fp32, which the tiny model can make)."""
+    import onnxruntime.quantization.calibrate as calibrate
+
+    import onnxpipe.quant.layer_alpha as layer_alpha
+    import onnxpipe.quant.static as static
+
+    monkeypatch.setattr(static, "CANDIDATES", CANDIDATES[:3] + (StaticChoice("percentile", True, "auto", 4),
+                                                               StaticChoice("percentile", True, "auto", 8)))
+    calls = {"calibrations": 0, "alpha searches": 0}
+
+    def spy(name: str, fn):  # noqa: ANN001, ANN202
+        def wrapped(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(calibrate, "create_calibrator", spy("calibrations", calibrate.create_calibrator))
+    monkeypatch.setattr(layer_alpha, "choose_group_alphas", spy("alpha searches", layer_alpha.choose_group_alphas))
+    r = _static(outlier_model, tmp_path / "q", small_eval, "--min-greedy-agreement", "100")  # none can pass
+    one_line_error(r, "no static choice passed the gate")
+    for label in (f"{PERCENTILE_SQ}, 4 layers fp32", f"{PERCENTILE_SQ}, 8 layers fp32"):
+        line = next(ln for ln in r.output.splitlines() if ln.strip().startswith(label))
+        assert "% ± " in line and "could not be made" not in line  # made from the reused ranges, and judged
+    assert calls == {"calibrations": 3, "alpha searches": 2}  # 5 without reuse, and 3 searches
+    assert not (tmp_path / "q").exists()
