@@ -57,28 +57,28 @@ def optimize_model(
         raise OnnxpipeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     selected = pipeline.select_passes(level, passes)
     check_output_dir(out_dir, force)
-    providers = _providers(target, verify)
-    manifest = src.manifest
-    dtype = manifest.graph.get("dtype", "fp32")
-    stored = "external data, memory-mapped" if manifest.graph.get("external_data") else "in the graph"
-    log(f"loading {src.model_path} (weights {stored})")
-    try:  # external data stays on disk, memory-mapped when a tensor is read
-        model = ir.load(str(src.model_path))
-    except MemoryError as e:
-        raise pipeline.resource_error(e, "loading the input", None, src.size_bytes()) from None
-    except Exception as e:  # protobuf/onnx raise many types for a corrupt file
-        raise OnnxpipeError(f"{src.model_path}: not a readable ONNX model ({_first_line(e)})") from None
-    pipeline.own_weights(model)
-    ctx = PassContext(model_info=dict(manifest.model), target=target, dtype=dtype)
-    ctx.graph_notes["padding_side"] = manifest.graph.get("padding_side", "left")  # a pass may change it
-    # the check feeds the candidate padded on the side its graph notes say (right once attention.py has made the
-    # CUDA form); the reference is always left-padded
-    checker = pipeline.Checker(manifest, dtype, providers, decode_steps, ctx, log) if verify else None
-    on = "" if not verify or target == "cpu" or providers[0] != "CPUExecutionProvider" else (
-        " on the CPU EP: this onnxruntime has no CUDA EP")
-    # the output's lock is held from here to the end: a second run on the same output refuses at once. Pass
-    # snapshots share the weights (pipeline.Snapshot): nothing but the output is written
+    # the output's lock is held from here to the end, before any work is announced: a second run on the same
+    # output refuses at once. Pass snapshots share the weights (pipeline.Snapshot): nothing but the output is written
     with output_lock(out_dir):
+        providers = _providers(target, verify)
+        manifest = src.manifest
+        dtype = manifest.graph.get("dtype", "fp32")
+        stored = "external data, memory-mapped" if manifest.graph.get("external_data") else "in the graph"
+        log(f"loading {src.model_path} (weights {stored})")
+        try:  # external data stays on disk, memory-mapped when a tensor is read
+            model = ir.load(str(src.model_path))
+        except MemoryError as e:
+            raise pipeline.resource_error(e, "loading the input", None, src.size_bytes()) from None
+        except Exception as e:  # protobuf/onnx raise many types for a corrupt file
+            raise OnnxpipeError(f"{src.model_path}: not a readable ONNX model ({_first_line(e)})") from None
+        pipeline.own_weights(model)
+        ctx = PassContext(model_info=dict(manifest.model), target=target, dtype=dtype)
+        ctx.graph_notes["padding_side"] = manifest.graph.get("padding_side", "left")  # a pass may change it
+        # the check feeds the candidate padded on the side its graph notes say (right once attention.py has made the
+        # CUDA form); the reference is always left-padded
+        checker = pipeline.Checker(manifest, dtype, providers, decode_steps, ctx, log) if verify else None
+        on = "" if not verify or target == "cpu" or providers[0] != "CPUExecutionProvider" else (
+            " on the CPU EP: this onnxruntime has no CUDA EP")
         remove_stale_temp(out_dir)  # what killed runs left beside this output (never a user's directory)
         log(f"optimizing {src.path} at level {level} for {target} ({len(selected)} passes"
             f"{', each checked' + on if verify else ', unchecked'})")

@@ -104,7 +104,7 @@ def massive_int8_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ~3000 on a window's first token, quantized with the defaults. One activation scale per tensor is then set by a
     "~" anywhere in the batch."""
     import torch
-    from conftest import save_byte_tokenizer
+    from quant.conftest import save_byte_tokenizer
     from tiny import make_tiny_model
     from transformers import AutoModelForCausalLM
 

@@ -114,7 +114,7 @@ def q4_1_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny llama with every body linear on a Q4_1-style grid and a sharpened output (final norm x8): the
     SmolLM2-135M case (weights dequantized from GGUF Q4_1) in small."""
     import torch
-    from conftest import save_byte_tokenizer
+    from quant.conftest import save_byte_tokenizer
     from tiny import make_tiny_model
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,7 @@ from onnxpipe.quant.static import CANDIDATES, StaticChoice, static_candidates
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import CALIBRATION  # noqa: E402
+from quant.conftest import CALIBRATION  # noqa: E402
 from test_cli_quantize import FAST, invoke, one_line_error  # noqa: E402
 
 MINMAX = "minmax, per-channel weights"
@@ -43,7 +43,7 @@ def outlier_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     range per tensor rounds the ordinary channels away, which SmoothQuant moves into the weights."""
     import onnx
     import torch
-    from conftest import save_byte_tokenizer
+    from quant.conftest import save_byte_tokenizer
     from tiny import make_tiny_model
     from transformers import AutoModelForCausalLM
 

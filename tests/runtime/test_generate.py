@@ -171,7 +171,7 @@ def test_stream_holds_back_broken_utf8():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import byte_tokenizer
+    from runtime.conftest import byte_tokenizer
 
     tok = TextTokenizer(byte_tokenizer())
     text = "héllo 😀 世界!"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import random_records, read_jsonl, write_jsonl
+from score.conftest import random_records, read_jsonl, write_jsonl
 
 from onnxpipe.cli import main
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from conftest import read_jsonl, write_jsonl
+from score.conftest import read_jsonl, write_jsonl
 
 from onnxpipe.runtime.score import ScoreConfig, score
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import hf_loglik, random_records, read_jsonl, write_jsonl
+from score.conftest import hf_loglik, random_records, read_jsonl, write_jsonl
 
 from onnxpipe.runtime.score import ScoreConfig, cut_windows, plan_batches, score
 

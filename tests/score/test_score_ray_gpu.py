@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import random_records, write_jsonl
+from score.conftest import random_records, write_jsonl
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.score import ScoreConfig, score

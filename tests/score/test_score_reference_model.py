@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import hf_loglik, read_jsonl, write_jsonl
+from score.conftest import hf_loglik, read_jsonl, write_jsonl
 
 from onnxpipe.runtime.score import ScoreConfig, score
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import random_records, read_jsonl, write_jsonl
+from score.conftest import random_records, read_jsonl, write_jsonl
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime import score_io
