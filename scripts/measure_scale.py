@@ -73,6 +73,20 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
+# Linux keeps a process's RSS high-water mark across fork and exec (what the parent held when it forked is the
+# child's floor), so a stage started straight from a large process (pytest or this script after torch) would report
+# at least that process's RSS. A small fresh interpreter starts the stage and reports the stage's own peak.
+LAUNCHER = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_stage(cmd: list[str], workdir: Path, cwd: Path, log: Path) -> dict:
     """Run ``cmd`` as a child; its peak RSS (ru_maxrss of it and the children it waited for) and the most bytes
     ``workdir`` grew by while it ran."""
@@ -88,16 +102,18 @@ def run_stage(cmd: list[str], workdir: Path, cwd: Path, log: Path) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     start = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(cwd)})
+        rss_file = log.with_suffix(".maxrss")
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(rss_file), *cmd], cwd=cwd, stdout=fh,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(cwd)})
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     done.set()
     sampler.join()
     peak[0] = max(peak[0], dir_bytes(workdir))
-    return {"rc": proc.returncode, "wall_s": wall, "peak_rss": usage.ru_maxrss * 1024, "peak_disk_added": peak[0] - base}
+    rss = int(rss_file.read_text()) * 1024 if rss_file.is_file() else 0
+    return {"rc": proc.returncode, "wall_s": wall, "peak_rss": rss, "peak_disk_added": peak[0] - base}
 
 
 def main() -> None:

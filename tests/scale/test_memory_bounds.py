@@ -64,6 +64,20 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
+# Linux keeps a process's RSS high-water mark across fork and exec (what the parent held when it forked is the
+# child's floor), so a stage started straight from a large process (pytest or this script after torch) would report
+# at least that process's RSS. A small fresh interpreter starts the stage and reports the stage's own peak.
+LAUNCHER = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def _measure(cmd: list[str], workdir: Path) -> dict:
     """Run ``cmd``; its exit status, peak RSS in bytes, and the most bytes ``workdir`` grew by while it ran."""
     base = _dir_bytes(workdir)
@@ -75,15 +89,17 @@ def _measure(cmd: list[str], workdir: Path) -> dict:
             peak[0] = max(peak[0], _dir_bytes(workdir))
             done.wait(0.1)
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rss_file = workdir.parent / f".maxrss-{workdir.name}"
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(rss_file), *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     done.set()
     sampler.join()
     peak[0] = max(peak[0], _dir_bytes(workdir))
-    return {"rc": os.waitstatus_to_exitcode(status), "rss": usage.ru_maxrss * 1024, "disk": peak[0] - base,
+    return {"rc": os.waitstatus_to_exitcode(status), "rss": int(rss_file.read_text()) * 1024, "disk": peak[0] - base,
             "output": out}
 
 
