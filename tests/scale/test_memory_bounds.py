@@ -9,14 +9,17 @@ W is the fp32 weight bytes of the model (~250 MB): 2 layers, hidden 768, vocabul
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 from tiny import save_byte_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+# one way to measure a stage: the script's
+from measure_scale import dir_bytes as _dir_bytes  # noqa: E402
+from measure_scale import run_stage  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -53,54 +56,12 @@ json.dump({"passes": [r.to_json() for r in result.passes], "final": result.check
 """.replace("{SHAPE!r}", repr(SHAPE))
 
 
-def _dir_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total
-
-
-# Linux keeps a process's RSS high-water mark across fork and exec (what the parent held when it forked is the
-# child's floor), so a stage started straight from a large process (pytest or this script after torch) would report
-# at least that process's RSS. A small fresh interpreter starts the stage and reports the stage's own peak.
-LAUNCHER = (
-    "import os, sys\n"
-    "pid = os.fork()\n"
-    "if pid == 0:\n"
-    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
-    "_, status, usage = os.wait4(pid, 0)\n"
-    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
-    "sys.exit(os.waitstatus_to_exitcode(status))\n"
-)
-
-
 def _measure(cmd: list[str], workdir: Path) -> dict:
-    """Run ``cmd``; its exit status, peak RSS in bytes, and the most bytes ``workdir`` grew by while it ran."""
-    base = _dir_bytes(workdir)
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _dir_bytes(workdir))
-            done.wait(0.1)
-
-    rss_file = workdir.parent / f".maxrss-{workdir.name}"
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(rss_file), *cmd], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out = proc.stdout.read()
-    _, status, _ = os.wait4(proc.pid, 0)
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], _dir_bytes(workdir))
-    return {"rc": os.waitstatus_to_exitcode(status), "rss": int(rss_file.read_text()) * 1024, "disk": peak[0] - base,
-            "output": out}
+    """Run ``cmd`` as scripts/measure_scale.py runs a stage (through its small launcher, so the stage's own peak RSS
+    is read); its exit status, peak RSS in bytes, the most bytes ``workdir`` grew by while it ran, and its output."""
+    log = workdir.parent / f"{workdir.name}-stage{len(list(workdir.parent.glob('*.log')))}.log"
+    run = run_stage(cmd, workdir, REPO, log)
+    return {"rc": run["rc"], "rss": run["peak_rss"], "disk": run["peak_disk_added"], "output": log.read_text()}
 
 
 @pytest.fixture(scope="module")
