@@ -1,4 +1,5 @@
-"""Peak RSS, peak disk and wall time of export -> optimize -> quantize on a model shape given by flags.
+"""Peak RSS, peak disk and wall time of export -> optimize -> quantize (and GenAI's builder, stage genai) on a model
+shape given by flags.
 
 The checkpoint is built in bf16 on the meta device and materialised in place on the CPU (never in fp32), saved with
 save_pretrained, then each stage runs as `python -m onnxpipe ...` in a child process: its peak RSS is the child's
@@ -134,6 +135,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--hf-dir", type=Path, default=None, help="Reuse a checkpoint built by an earlier run.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
+    ap.add_argument("--genai-ep", default="cpu", help="the execution provider GenAI's builder targets (stage genai)")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="measure-scale-"))
@@ -151,6 +153,9 @@ def main() -> None:
                      exported, optimized),
         "quantize": (py + ["quantize", str(optimized), "-o", str(quantized), *args.quantize.split(), "--force"],
                      optimized, quantized),
+        # the anchor: ONNX Runtime GenAI's model builder on the same checkpoint (fp16, fused), through the same launcher
+        "genai": ([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(work / "genai"),
+                   "-p", "fp16", "-e", args.genai_ep, "-c", str(work / "genai-cache")], hf, work / "genai"),
     }
     rows = []
     for name in args.stages.split(","):
