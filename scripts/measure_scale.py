@@ -35,7 +35,7 @@ def build_checkpoint(args: argparse.Namespace, out: Path) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(
-        "llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        args.model_type, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=4096, tie_word_embeddings=args.tied, bos_token_id=1, eos_token_id=2,
         dtype="bfloat16")
@@ -119,6 +119,7 @@ def run_stage(cmd: list[str], workdir: Path, cwd: Path, log: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-type", default="llama", help="the checkpoint's family (llama, mistral, qwen3, ...)")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=896)
     ap.add_argument("--intermediate", type=int, default=4864)
