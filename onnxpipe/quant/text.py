@@ -1,4 +1,5 @@
-"""Text in, token ids out: reading calibration and evaluation files and tokenizing them with a model's tokenizer.
+"""Text in, token ids out: reading calibration and evaluation files and tokenizing them with a model's tokenizer
+(onnxpipe.tokenizer, the one tokenizer module: the same ids as transformers', without transformers).
 
 A file is plain UTF-8 text, or JSON Lines (``.jsonl`` / ``.ndjson``) with one object per line holding a ``"text"``
 string. Every problem is an OnnxpipeError of one line that names the file (and the line, for JSONL).
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.tokenizer import Tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -54,31 +56,30 @@ def _jsonl_text(path: Path, lineno: int, line: str, what: str) -> str:
     return row["text"]
 
 
-def load_tokenizer(model_dir: str | Path) -> Any:
-    """The tokenizer saved in a model directory; its absence is an error that says what is missing."""
-    from transformers import AutoTokenizer
-
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """The tokenizer saved in a model directory (onnxpipe.tokenizer: no transformers); its absence is an error that
+    says what is missing."""
     model_dir = Path(model_dir)
-    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    tokenizer = Tokenizer.from_dir(model_dir)  # a broken tokenizer.json is already a one-line OnnxpipeError
+    if tokenizer is None:
         raise OnnxpipeError(
-            f"{model_dir}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); the quality report "
+            f"{model_dir}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); the quality report "
             "and calibration tokenize text with the model's own tokenizer"
         )
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # transformers raises many types for a broken tokenizer
-        raise OnnxpipeError(f"{model_dir}: the tokenizer could not be loaded: {str(e).strip().splitlines()[0]}") from None
+    return tokenizer
 
 
 def tokenize_documents(tokenizer: Any, docs: list[str], max_tokens: int | None = None) -> np.ndarray:
     """One stream of token ids (int64), documents joined by the EOS token when the tokenizer has one.
 
+    ``tokenizer``: an onnxpipe.tokenizer.Tokenizer, or anything called as Hugging Face tokenizers are
+    (``tok(text, add_special_tokens=False)["input_ids"]``, ``tok.eos_token_id``), which scripts and tests pass.
     No BOS/EOS is added inside a document; special tokens written in the text (``<|endoftext|>``) are kept,
     as scripts/perplexity.py does. With ``max_tokens`` each document is cut to what the budget can still use before
     it is tokenized (see ``document_head``), so one huge document costs memory in proportion to the budget, not to
     its size.
     """
-    eos = getattr(tokenizer, "eos_token_id", None)
+    eos = eos_token_id(tokenizer)
     ids: list[int] = []
     for i, doc in enumerate(docs):
         if i and eos is not None:
@@ -87,6 +88,21 @@ def tokenize_documents(tokenizer: Any, docs: list[str], max_tokens: int | None =
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     return np.asarray(ids[:max_tokens] if max_tokens else ids, dtype=np.int64)
+
+
+def eos_token_id(tokenizer: Any) -> int | None:
+    """The id of the tokenizer's end-of-sequence token (tokenizer_config.json's eos_token), or None."""
+    if isinstance(tokenizer, Tokenizer):
+        name = tokenizer.special_tokens.get("eos_token")
+        return tokenizer.token_id(name) if name else None
+    return getattr(tokenizer, "eos_token_id", None)
+
+
+def encode_plain(tokenizer: Any, text: str) -> list[int]:
+    """``text``'s ids without the tokenizer's own special tokens (those written in the text are kept)."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 CHARS_PER_TOKEN_FIRST_GUESS = 6  # a first cut; tokens of real text average 3-5 characters
@@ -98,7 +114,7 @@ def document_head(tokenizer: Any, doc: str, limit: int | None) -> list[int]:
     tokens. The head is cut before a whitespace character where one is near the cut, and one token more than needed
     must come out of it, so the tokens kept are those of the whole document for tokenizers that split words at
     whitespace (byte-level BPE, SentencePiece); the last token of a head, which may be a fragment, is never kept."""
-    encode = lambda text: tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
+    encode = lambda text: encode_plain(tokenizer, text)  # noqa: E731
     if limit is None:
         return list(encode(doc))
     if limit <= 0:
