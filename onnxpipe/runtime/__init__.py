@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load", "create_session", "ProviderChoice", "TensorRTOptions"]
+__all__ = ["load", "open_session", "create_session", "ProviderChoice", "TensorRTOptions"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing onnxpipe.runtime must not import onnxruntime
@@ -16,4 +16,8 @@ def __getattr__(name: str) -> Any:  # lazy: importing onnxpipe.runtime must not 
         from onnxpipe.runtime import providers
 
         return getattr(providers, name)
+    if name == "open_session":
+        from onnxpipe.runtime.sessions import open_session
+
+        return open_session
     raise AttributeError(f"module 'onnxpipe.runtime' has no attribute {name!r}")

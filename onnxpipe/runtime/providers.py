@@ -10,23 +10,23 @@ most nodes in Casts.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.sessions import DISABLED_ORT_OPTIMIZERS, EP_NAME, SHORT_NAME, open_session
+
+__all__ = ["DISABLED_ORT_OPTIMIZERS", "EP_NAME", "SHORT_NAME", "PROVIDERS", "CHAIN", "ProviderChoice", "TensorRTOptions",
+           "available_providers", "create_session", "cuda_defaults", "fp16_to_fp32", "trt_profile_shapes",
+           "trt_provider_options"]
 
 log = logging.getLogger("onnxpipe.runtime")
 
 PROVIDERS = ("auto", "tensorrt", "cuda", "cpu")
-EP_NAME = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-SHORT_NAME = {v: k for k, v in EP_NAME.items()}
 # what each request asks onnxruntime for, in order; CPU is always last so a session can always be made
 CHAIN = {"auto": ("tensorrt", "cuda", "cpu"), "tensorrt": ("tensorrt", "cuda", "cpu"), "cuda": ("cuda", "cpu"), "cpu": ("cpu",)}
 # The CUDA EP's attention kernels, pinned (onnxruntime's sdpa_kernel bitmask: 1 flash, 2 memory-efficient, 16 unfused).
@@ -227,26 +227,18 @@ def create_session(
         provider_options["cuda"] = {"device_id": "0", **cuda_defaults(),
                                     **{k: str(v) for k, v in (cuda_options or {}).items()}}
 
-    so = session_options or ort.SessionOptions()
-    if threads is not None:
-        so.intra_op_num_threads = int(threads)
-    so.log_severity_level = 3 if session_options is None else so.log_severity_level  # our messages say it once
-
     _refuse_cpu_attention_form(model_path, manifest_graph, chain)
     fp32 = fp32_on_cpu and dtype == "fp16"
-    session = _make(model_path, chain, provider_options, so, convert=fp32 and chain == ["cpu"], edit=edit)
+    # an EP that onnxruntime lists but cannot start is dropped by it: open_session says so in messages
+    make = lambda chain, convert: _make(  # noqa: E731
+        model_path, chain, provider_options, session_options, threads, convert, edit, messages.append)
+    session = make(chain, fp32 and chain == ["cpu"])
     live = [SHORT_NAME.get(p, p) for p in session.get_providers()]
     used = live[0] if live and live[0] in EP_NAME else "cpu"
-    dropped = [p for p in chain if p not in live and p != "cpu"]
-    if dropped:
-        messages.append(
-            f"onnxruntime could not start {', '.join(EP_NAME[p] for p in dropped)} (its libraries did not load; "
-            f"run with ONNXPIPE_ORT_LOG=1 for onnxruntime's own error); using {used} instead"
-        )
     converted = fp32 and chain == ["cpu"]
     if fp32 and used == "cpu" and not converted:
         # ORT fell back to the CPU on its own: rebuild the session on an fp32 copy of the graph
-        session = _make(model_path, ["cpu"], {}, so, convert=True, edit=edit)
+        session = make(["cpu"], True)
         converted = True
     if converted:
         messages.append("the graph is fp16 and runs on the CPU: converted to fp32 at load (fp32 compute)")
@@ -263,12 +255,6 @@ def create_session(
     return session, choice
 
 
-# ORT's CUDA-only GroupQueryAttentionFusion rewrites GroupQueryAttention nodes fed by RotaryEmbedding; on a node
-# with more than 9 inputs it leaves a malformed node behind ("The sum of input arg count is not equal to size of
-# input defs", onnxruntime-gpu 1.31.1). optimize --target cuda does that folding itself, so it is always off.
-DISABLED_ORT_OPTIMIZERS = ["GroupQueryAttentionFusion"]
-
-
 def _refuse_cpu_attention_form(model_path: Path, graph: dict[str, Any], chain: list[str]) -> None:
     """A graph optimized for the CPU whose GroupQueryAttention takes the padding as an attention bias cannot run
     on the CUDA EP (its kernel has no attention_bias): say so before onnxruntime fails mid-generation."""
@@ -281,29 +267,26 @@ def _refuse_cpu_attention_form(model_path: Path, graph: dict[str, Any], chain: l
             f"{chain[0]}, or run it with --provider cpu")
 
 
-def _make(model_path: Path, chain: list[str], provider_options: dict[str, dict[str, str]], so: Any, convert: bool,
-          edit: Callable[[Any], None] | None = None) -> Any:
-    import onnxruntime as ort
-
+def _make(model_path: Path, chain: list[str], provider_options: dict[str, dict[str, str]], session_options: Any,
+          threads: int | None, convert: bool, edit: Callable[[Any], None] | None,
+          report: Callable[[str], None]) -> Any:
+    """The session over ``chain`` (short names, in order): the graph as it is on disk, or loaded and edited in
+    memory (its weights stay in their files), or with ``convert`` an fp32 copy of it for the CPU."""
     providers = [(EP_NAME[p], provider_options[p]) if p in provider_options else EP_NAME[p] for p in chain]
-    if os.environ.get("ONNXPIPE_ORT_LOG"):
-        so.log_severity_level = 1
-    try:
-        if convert:
-            return _fp32_session(model_path, so, providers, edit)
-        if edit is not None:
-            import onnx
+    model: Any = model_path
+    folder = None
+    if convert or edit is not None:
+        import onnx
 
-            proto = onnx.load(str(model_path), load_external_data=False)  # weights stay in their files
-            edit(proto)
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
-            return ort.InferenceSession(proto.SerializeToString(), so, providers=providers,
-                                        disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
-        return ort.InferenceSession(str(model_path), so, providers=providers,
-                                    disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types; all mean "this graph does not load"
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise OnnxpipeError(f"{model_path}: onnxruntime could not load the graph on {chain[0]}: {text}") from None
+        model = onnx.load(str(model_path), load_external_data=convert)  # fp32: the weights are converted too
+        if convert:
+            fp16_to_fp32(model)
+        else:
+            folder = model_path.parent
+        if edit is not None:
+            edit(model)
+    return open_session(model, providers, optimization=None, threads=threads, session_options=session_options,
+                        external_data_dir=folder, fallback="report", announce=report, name=str(model_path))
 
 
 def _announce(choice: ProviderChoice, announce: Callable[[str], None] | None) -> None:
@@ -390,21 +373,3 @@ def _tensor_to_fp32(t: Any) -> int:
     arr = numpy_helper.to_array(t).astype("float32")
     t.CopyFrom(numpy_helper.from_array(arr, t.name))
     return 1
-
-
-def _fp32_session(model_path: Path, so: Any, providers: list[Any], edit: Callable[[Any], None] | None = None) -> Any:
-    import onnx
-    import onnxruntime as ort
-
-    proto = onnx.load(str(model_path))  # with external data
-    fp16_to_fp32(proto)
-    if edit is not None:
-        edit(proto)
-    if proto.ByteSize() < 1_800_000_000:
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
-    # protobuf's 2 GiB limit: go through disk; the copy lives until the process ends (ORT may map its weights)
-    tmp = Path(tempfile.mkdtemp(prefix="onnxpipe-fp32-"))
-    atexit.register(shutil.rmtree, tmp, True)
-    path = tmp / "model.onnx"
-    onnx.save_model(proto, str(path), save_as_external_data=True, location="model.onnx.data")
-    return ort.InferenceSession(str(path), so, providers=providers)

@@ -25,6 +25,7 @@ import numpy as np
 from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.providers import EP_NAME, ProviderChoice, TensorRTOptions, create_session
+from onnxpipe.runtime.sessions import open_session
 from onnxpipe.runtime.helper_graphs import gather_graph, head_graph, step_head_graph
 from onnxpipe.runtime.last_position import LAST_INDEX, gather_last_position
 from onnxpipe.runtime.step_tail import NEXT_IDS, NEXT_MASK, NEXT_POSITIONS, add_step_tail
@@ -485,10 +486,7 @@ class DecoderSession:
         return onnx.TensorProto.FLOAT16 if self.kv_dtype == np.float16 else onnx.TensorProto.FLOAT
 
     def _helper(self, proto: Any) -> Any:
-        so = self._ort.SessionOptions()
-        so.log_severity_level = 3
-        so.intra_op_num_threads = 1
-        return self._ort.InferenceSession(proto.SerializeToString(), so, providers=self._helper_providers)
+        return open_session(proto, self._helper_providers, threads=1, purpose="a helper graph of the decoder session")
 
 
 GRAPH_CAPACITY_STEP = 256
