@@ -10,6 +10,16 @@ The exporter writes each block as
     scores       = MatMul(q * s, K^T * s) + mask_bias                  (K^T as one Transpose or Reshape/Transpose/Reshape)
     out_BSD      = Reshape(Transpose(MatMul(Softmax(scores) [NaN -> 0], v_rep)))
 
+Models traced through transformers' eager attention scale the product instead, MatMul(q, K^T) * s, and two of them
+add a step the fused op has an input or attribute for (measured equal on ORT 1.32's CPU kernel, with a bias):
+- soft-capping (Gemma 2): cap * Tanh(scores * s / cap), before the mask -> GroupQueryAttention's softcap = cap,
+  scale = s (the op computes softcap * tanh(scale * qk / softcap), then adds attention_bias);
+- attention sinks (gpt-oss): a per-head logit appended as one more key column, the softmax taken over it and the
+  column dropped -> GroupQueryAttention's head_sink input (one value per head, in the softmax's denominator).
+A block without grouped heads that has either is GroupQueryAttention with groups of one (MultiHeadAttention has
+neither). A q/k/v input that is [B, S, ...] of more than 3 dims (Falcon's 5-D [B, S, kv groups, heads per group,
+head_dim] slices) is flattened to [B, S, heads x head_dim] when the block's Reshape to heads keeps B and S.
+
 Padding. The model's own mask (mask_bias = Where(bool_mask, 0, -inf), [B, 1, S, T]: causal, padding and sliding
 window together) is kept and passed as the fused op's attention_bias, with -inf replaced by the dtype's lowest
 finite value so a fully padded row averages instead of turning NaN. GroupQueryAttention gets seqlens_k = T - 1
@@ -53,6 +63,9 @@ from onnxpipe.fusion.rules import PassContext, add_initializer, count_ops, curre
 
 ATTENTION_MASK = "attention_mask"
 ATTENTION_OPS = ("MultiHeadAttention", "GroupQueryAttention")
+# how the scores are scaled: sdpa (q and k each), eager (the product), soft-capped: then Tanh (a cap of 1), then
+# Tanh and times the cap, or divided by the cap, Tanh and times the cap (transformers' eager form, cap != 1)
+SCORE_FORMS = ("qk", "eager", "softcap", "softcap_scaled", "softcap_div")
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
@@ -64,14 +77,18 @@ def _ints(value: ir.Value | None) -> list[int] | None:
 class AttentionFusion(pattern.RewriteRuleClassBase):
     """One rule class for both ops; ``grouped`` says whether the pattern has the repeat-kv Expand."""
 
-    def __init__(self, name: str, grouped: bool, transpose_3d: bool, nan_guard: bool):
+    def __init__(self, name: str, grouped: bool, transpose_3d: bool, nan_guard: bool, scores: str = "qk",
+                 sinks: bool = False):
         # remove_nodes=False: present_key/value are graph outputs with other readers (Shape nodes of the old
         # block); the old nodes are left for the dead-node sweep after the pass.
         super().__init__(name, remove_nodes=False)
+        if scores not in SCORE_FORMS:
+            raise ValueError(f"unknown scores form {scores!r}")
         self._grouped, self._transpose_3d, self._nan_guard = grouped, transpose_3d, nan_guard
+        self._scores, self._sinks = scores, sinks
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, past_key, past_value, q_scale, k_scale, mask_bias,
-                repeat_axes, out_shape):
+                repeat_axes, out_shape, cap_div, sinks, sink_start, sink_end, sink_axes, sink_steps, max_axes):
         def heads_first(x_BSD):
             return op.Transpose(op.Reshape(x_BSD, pattern.ANY_VALUE), perm=[0, 2, 1, 3])
 
@@ -86,34 +103,54 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
             key_t = op.Reshape(op.Transpose(op.Reshape(key_all, pattern.ANY_VALUE), perm=[0, 2, 1]), pattern.ANY_VALUE)
         else:
             key_t = op.Transpose(key_all, perm=[0, 1, 3, 2])
-        scores = op.MatMul(op.Mul(heads_first(query_BSD), q_scale), op.Mul(key_t, k_scale))
-        probs = op.Softmax(op.Add(scores, mask_bias), axis=-1)
+        if self._scores == "qk":  # sdpa: q and k each scaled by sqrt(scale)
+            scores = op.MatMul(op.Mul(heads_first(query_BSD), q_scale), op.Mul(key_t, k_scale))
+        else:  # eager: the product scaled (q_scale); soft-capped: then Tanh, then times the cap (k_scale)
+            scores = op.Mul(op.MatMul(heads_first(query_BSD), key_t), q_scale)
+            if self._scores == "softcap_div":
+                scores = op.Div(scores, cap_div)
+            if self._scores.startswith("softcap"):
+                scores = op.Tanh(scores)
+            if self._scores in ("softcap_scaled", "softcap_div"):
+                scores = op.Mul(scores, k_scale)
+        masked = op.Add(scores, mask_bias)
+        if self._sinks:  # a per-head sink logit appended as one more key column, dropped after the softmax
+            with_sink = op.Concat(masked, op.Expand(sinks, pattern.ANY_VALUE), axis=-1)
+            shifted = op.Sub(with_sink, op.ReduceMax(with_sink, max_axes, keepdims=1))
+            probs = op.Slice(op.Softmax(shifted, axis=-1), sink_start, sink_end, sink_axes, sink_steps)
+        else:
+            probs = op.Softmax(masked, axis=-1)
         if self._nan_guard:
             probs = op.Where(op.IsNaN(probs), 0.0, probs)
         context = op.MatMul(probs, value_all)
         out = op.Reshape(op.Transpose(context, perm=[0, 2, 1, 3]), out_shape, _outputs=["out"])
         return out, present_key, present_value
 
-    def check(self, context, query_BSD, key_BSD, value_BSD, past_key, past_value, q_scale, k_scale, mask_bias,
-              repeat_axes=None, out=None, present_key=None, present_value=None, **_):
+    def check(self, context, query_BSD, key_BSD, value_BSD, past_key, past_value, q_scale, mask_bias, k_scale=None,
+              repeat_axes=None, out=None, present_key=None, present_value=None, cap_div=None, sinks=None, sink_start=None,
+              sink_end=None, sink_axes=None, sink_steps=None, max_axes=None, **_):
         result = pattern.MatchResult()
         ctx = current_context()
         info = ctx.model_info
-        heads, kv_heads, head_dim = int(info["num_attention_heads"]), int(info["num_kv_heads"]), int(info["head_dim"])
+        heads, kv_heads = int(info["num_attention_heads"]), int(info["num_kv_heads"])
         if self._grouped != (kv_heads != heads):
             return result.fail(f"{'grouped' if self._grouped else 'plain'} pattern, model has {heads}/{kv_heads} heads")
         if self._grouped and _ints(repeat_axes) != [2]:
             return result.fail("kv heads are not repeated along axis 2", repeat_axes)
+        self._flatten = {}
         for name, value in (("query", query_BSD), ("key", key_BSD), ("value", value_BSD)):
             if value.shape is not None and value.shape.rank() != 3:
-                return result.fail(f"{name} input is not 3-D [B, S, hidden]", value)
-        scales = [_ir_utils.get_singleton_value(s) for s in (q_scale, k_scale)]
-        if not all(isinstance(s, float) for s in scales):
-            return result.fail("query/key scales are not scalar constants", q_scale)
-        self._scale = float(scales[0] * scales[1])
-        if not math.isclose(self._scale, 1.0 / math.sqrt(head_dim), rel_tol=1e-3):
-            # a custom scale is fine (the ops take one); note it so the report can say so
-            pass
+                if not _heads_of_leading_bs(context, value):
+                    return result.fail(f"{name} input is not [B, S, hidden], nor [B, S, ...] reshaped to heads", value)
+                self._flatten[name] = True  # e.g. Falcon's [B, S, kv groups, heads per group, H]: flattened
+        failure = self._check_scale(result, q_scale, k_scale, cap_div)
+        if failure is not None:
+            return failure
+        self._sink_values = None
+        if self._sinks:
+            failure = self._check_sinks(result, sinks, (sink_start, sink_end, sink_axes, sink_steps), max_axes, heads)
+            if failure is not None:
+                return failure
         escaped = _escaping_value(context, keep=[present_key, present_value, out])
         if escaped is not None:
             return result.fail(f"{escaped.name} is read outside the attention block", escaped)
@@ -143,42 +180,92 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         self._keep_reshape = out is None or out.shape is None or out.shape.rank() != 3
         return result
 
+    def _check_scale(self, result, q_scale, k_scale, cap_div):
+        """Sets the op's scale and softcap from the scale constants; a failed MatchResult when they are not."""
+        if self._scores == "qk":
+            scales = [_ir_utils.get_singleton_value(s) for s in (q_scale, k_scale)]
+            if not all(isinstance(s, float) for s in scales):
+                return result.fail("query/key scales are not scalar constants", q_scale)
+            self._scale, self._softcap = float(scales[0] * scales[1]), 0.0
+            return None
+        pre = _ir_utils.get_singleton_value(q_scale)
+        cap = _ir_utils.get_singleton_value(k_scale) if self._scores in ("softcap_scaled", "softcap_div") else 1.0
+        div = _ir_utils.get_singleton_value(cap_div) if self._scores == "softcap_div" else 1.0
+        if not all(isinstance(v, float) for v in (pre, cap, div)):
+            return result.fail("the scores' scale (or soft cap) is not a scalar constant", q_scale)
+        if self._scores == "eager":
+            self._scale, self._softcap = float(pre), 0.0
+            return None
+        # cap * tanh(scores * pre / div) is the op's cap * tanh(scores * scale / cap) with scale = pre / div * cap
+        if cap <= 0 or div == 0:
+            return result.fail(f"soft cap {cap} (divisor {div}) is not positive", k_scale)
+        self._scale, self._softcap = float(pre / div * cap), float(cap)
+        return None
+
+    def _check_sinks(self, result, sinks, slice_inputs, max_axes, heads):
+        """The sink logits: constant, one per head, appended as the last column and sliced off after the softmax."""
+        if sinks is None or sinks.const_value is None:
+            return result.fail("the sink logits are not a constant", sinks)
+        values = np.asarray(sinks.const_value.numpy())
+        dims = [d for d in values.shape]
+        if values.size != heads or len(dims) > 4 or dims != [1] * (len(dims) - 3) + [heads, 1, 1][-len(dims):]:
+            return result.fail(f"the sink logits {dims} are not one per head, broadcast over [B, N, S, 1]", sinks)
+        if _ints(max_axes) not in ([-1], [3]):
+            return result.fail("the softmax's shift is not a max over the last axis", max_axes)
+        start, end, axes, steps = slice_inputs
+        if _ints(axes) not in ([-1], [3]) or _ints(start) != [0] or _ints(end) != [-1] or _ints(steps) != [1]:
+            return result.fail("the sink column is not sliced off as [..., :-1]", end)
+        self._sink_values = values.reshape(heads)
+        return None
+
     def rewrite(self, op, query_BSD, key_BSD, value_BSD, past_key, past_value, mask_bias, out_shape, **_):
-        out, present_key, present_value = self._fused(op, query_BSD, key_BSD, value_BSD, past_key, past_value,
-                                                      mask_bias)
+        flat = [op.Reshape(v, op.Constant(value_ints=[0, 0, -1])) if self._flatten.get(name) else v
+                for name, v in (("query", query_BSD), ("key", key_BSD), ("value", value_BSD))]
+        out, present_key, present_value = self._fused(op, *flat, past_key, past_value, mask_bias)
         if self._keep_reshape:
             out = op.Reshape(out, out_shape)
         return out, present_key, present_value
+
+    def _extras(self, op, dtype: ir.DataType | None) -> tuple[ir.Value | None, dict]:
+        """The head_sink input (or None) and the softcap attribute, for either GroupQueryAttention form."""
+        sink = None
+        if self._sink_values is not None:
+            np_dtype = dtype.numpy() if dtype is not None else np.float32
+            sink = op.Constant(value=ir.tensor(self._sink_values.astype(np_dtype)))
+        return sink, ({"softcap": self._softcap} if self._softcap else {})
 
     def _fused(self, op, query_BSD, key_BSD, value_BSD, past_key, past_value, mask_bias):
         low = float(np.finfo(mask_bias.dtype.numpy() if mask_bias.dtype is not None else np.float32).min)
         bias = op.Where(self._bool_mask, op.Constant(value=ir.tensor(np.array(0, dtype=mask_bias.dtype.numpy()))),
                         op.Constant(value=ir.tensor(np.array(low, dtype=mask_bias.dtype.numpy()))))
         if self._target == "cuda":  # grouped or not: a plain block is GroupQueryAttention with groups of 1
-            return self._gqa_cuda(op, query_BSD, key_BSD, value_BSD, past_key, past_value)
-        if not self._grouped:
+            return self._gqa_cuda(op, query_BSD, key_BSD, value_BSD, past_key, past_value, mask_bias.dtype)
+        sink, capped = self._extras(op, mask_bias.dtype)
+        if not self._grouped and sink is None and not capped:
             return op.MultiHeadAttention(
                 query_BSD, key_BSD, value_BSD, None, None, bias, past_key, past_value,
                 num_heads=self._heads, scale=self._scale, _domain="com.microsoft", _outputs=3,
             )
+        # MultiHeadAttention has neither sinks nor a soft cap: a plain block with them is GroupQueryAttention with
+        # groups of one
         total_1d = op.Shape(self._attention_mask, start=1, end=2)
         batch_1d = op.Shape(self._attention_mask, start=0, end=1)
         seqlens_k = op.Cast(op.Expand(op.Sub(total_1d, op.Constant(value_ints=[1])), batch_1d), to=ir.DataType.INT32)
         total = op.Cast(op.Squeeze(total_1d), to=ir.DataType.INT32)
-        extra = []
+        extra: list = [sink] if sink is not None else []
         if self._query_seqlens:
             # query_seqlens = S for every row: without it the CPU kernel refuses batch > 1 with S > 1 and a past
             # (a multi-token step after the prompt); with it every row's S new tokens go to [T - S, T) as before.
             new_tokens = self._input_ids if self._input_ids is not None else query_BSD  # input_ids: shared by layers
             query_seqlens = op.Cast(op.Expand(op.Shape(new_tokens, start=1, end=2), batch_1d), to=ir.DataType.INT32)
-            extra = [None, None, None, None, None, query_seqlens]
+            extra = [sink, None, None, None, None, query_seqlens]
         return op.GroupQueryAttention(
             query_BSD, key_BSD, value_BSD, past_key, past_value, seqlens_k, total, None, None, None, bias, *extra,
             num_heads=self._heads, kv_num_heads=self._kv_heads, scale=self._scale,
-            local_window_size=self._window, do_rotary=0, _domain="com.microsoft", _outputs=3,
+            local_window_size=self._window, do_rotary=0, **capped, _domain="com.microsoft", _outputs=3,
         )
 
-    def _gqa_cuda(self, op, query_BSD, key_BSD, value_BSD, past_key, past_value):
+    def _gqa_cuda(self, op, query_BSD, key_BSD, value_BSD, past_key, past_value, dtype):
         """The CUDA form: no attention_bias (ORT's CUDA kernel has none), right padding, rotary and QKV packing
         folded into the op where the graph allows (see the module's docstring, "--target cuda")."""
         current_context().graph_notes["padding_side"] = "right"
@@ -193,6 +280,9 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         if rotary is not None:
             query, key, cos_cache, sin_cache, interleaved = rotary
             extra, attrs = [cos_cache, sin_cache], {"rotary_interleaved": interleaved}
+        sink, capped = self._extras(op, dtype)
+        if sink is not None:  # head_sink is input 11: after position_ids and attention_bias, both unused here
+            extra = (extra or [None, None]) + [None, None, sink]
         dq, dkv = self._heads * head_dim, self._kv_heads * head_dim
         packed = (_packed_projection(op, self._graph, query, key, value) or _sliced_qkv(query, key, value, dq, dkv)
                   or _split_qkv(query, key, value, dq, dkv))
@@ -201,7 +291,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         return op.GroupQueryAttention(
             query, key, value, past_key, past_value, seqlens_k, total, *extra,
             num_heads=self._heads, kv_num_heads=self._kv_heads, scale=self._scale,
-            local_window_size=self._window, do_rotary=int(rotary is not None), **attrs,
+            local_window_size=self._window, do_rotary=int(rotary is not None), **attrs, **capped,
             _domain="com.microsoft", _outputs=3,
         )
 
@@ -320,6 +410,33 @@ def _split_qkv(query: ir.Value, key: ir.Value, value: ir.Value, dq: int, dkv: in
     return source if sizes == [dq, dkv, dkv] else None
 
 
+def _heads_of_leading_bs(context, value: ir.Value) -> bool:
+    """True when ``value`` is [B, S, ...] and the matched Reshape reading it makes [B, S, N, H] of it (same leading
+    dims): Reshape(value, [0, 0, -1]) is then the [B, S, N*H] input the fused op takes."""
+    matched = {id(n) for n in context.nodes}
+    shape = value.shape
+    if shape is None or shape.rank() < 3:
+        return False
+    for user, _ in value.uses():
+        if id(user) not in matched or user.op_type != "Reshape":
+            continue
+        out = user.outputs[0].shape
+        if out is None or out.rank() != 4:
+            return False
+        same = all(_same_dim(a, b) for a, b in zip(shape[:2], out[:2]))
+        trailing = [d for d in shape[2:] if isinstance(d, int)]
+        if len(trailing) != shape.rank() - 2 or not isinstance(out[2], int) or not isinstance(out[3], int):
+            return False
+        return same and math.prod(trailing) == out[2] * out[3]
+    return False
+
+
+def _same_dim(a, b) -> bool:
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a.value is not None and a.value == b.value
+
+
 def _layer_window(info: dict, present_key: ir.Value | None) -> int | None:
     """local_window_size for one block: the model's sliding window on a sliding-attention layer, -1 on a full one.
     With mixed layers (Gemma 2/3: sliding and global alternate) the layer is the N of the block's present.N.key
@@ -360,20 +477,29 @@ def _escaping_value(context, keep: list) -> ir.Value | None:
     return None
 
 
-def _variants(prefix: str, grouped: bool) -> list:
-    return [AttentionFusion.rule(f"{prefix}{'3d' if t3 else '4d'}{'Nan' if nan else ''}", grouped=grouped,
-                                 transpose_3d=t3, nan_guard=nan)
-            for t3 in (True, False) for nan in (True, False)]
+def _variants(prefix: str, grouped: bool | None = None, scores: tuple[str, ...] = ("qk",), sinks: bool = False
+              ) -> list:
+    """One rule per form: 3-D or 4-D key transpose, with or without the NaN guard, each scores form; grouped or
+    plain heads (None: both)."""
+    groups = (True, False) if grouped is None else (grouped,)
+    return [AttentionFusion.rule(f"{prefix}{'G' if g else 'P'}{form}{'3d' if t3 else '4d'}{'Nan' if nan else ''}",
+                                 grouped=g, transpose_3d=t3, nan_guard=nan, scores=form, sinks=sinks)
+            for g in groups for form in scores for t3 in (True, False) for nan in (True, False)]
 
 
+# the exporter's sdpa form (q and k scaled)
 register("mha", *_variants("MultiHeadAttention", grouped=False))
 register("gqa", *_variants("GroupQueryAttention", grouped=True))
+# eager attention with logit soft-capping (Gemma 2): GroupQueryAttention's softcap
+register("softcap_attention", *_variants("SoftcapAttention", scores=("softcap", "softcap_scaled", "softcap_div")))
+# eager attention with a sink logit per head (gpt-oss): GroupQueryAttention's head_sink
+register("sink_attention", *_variants("SinkAttention", scores=("eager",), sinks=True))
 
 
 def fuse_attention(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
     from onnxpipe.fusion.rules import apply_rules
 
-    counts = apply_rules(model, ["gqa", "mha"])
+    counts = apply_rules(model, ["gqa", "mha", "softcap_attention", "sink_attention"])
     fused = count_ops(model, *ATTENTION_OPS)
     ctx.graph_notes.setdefault("padding_side", "left")
     if count_ops(model, "GroupQueryAttention"):

@@ -22,10 +22,8 @@ ATTENTION_FUSED: dict[str, tuple[str, str, str]] = {
     "qwen3": ("2/2", "2/2", ""),
     "phi3": ("2/2", "2/2", ""),
     "gemma": ("2/2", "2/2", ""),
-    "gemma2": ("0/2", "0/2", "attention logit soft-capping is traced from eager attention (scores scaled, then "
-                             "Tanh, then the mask): not the sdpa form the rule matches, and GroupQueryAttention's "
-                             "softcap is not used yet. Without the cap (attn_logit_softcapping null) 2/2 fuse, "
-                             "each layer with its own window"),
+    "gemma2": ("2/2", "2/2", "(attention logit soft-capping: GroupQueryAttention's softcap; each layer its own "
+                             "window)"),
     "gemma3_text": ("2/2", "2/2", ""),
     "granite": ("2/2", "2/2", ""),
     "olmo2": ("2/2", "2/2", ""),
@@ -36,9 +34,9 @@ ATTENTION_FUSED: dict[str, tuple[str, str, str]] = {
                                "directly before rope, so rope and then attention stay unfused"),
     "starcoder2": ("2/2", "2/2", ""),
     "smollm3": ("2/2", "2/2", "(rotary fuses 2/4: the layer without rope has none to fuse)"),
-    "falcon": ("0/2", "0/2", "query, key and value are slices of one 5-D [B, S, kv groups, heads per group + 2, "
-                             "head_dim] projection, the keys and values expanded to all heads before the cache: not "
-                             "the 3-D [B, S, hidden] inputs the rule takes"),
+    "falcon": ("2/2", "2/2", "(query, key and value are slices of one 5-D [B, S, kv groups, heads per group + 2, "
+                             "head_dim] projection, the keys and values expanded to all heads before the cache: the "
+                             "fused op takes them flattened to [B, S, heads x head_dim] and keeps that cache)"),
     "mixtral": ("2/2", "2/2", "(attention only: the experts stay unfused MatMuls; ONNX Runtime's MoE op is not used)"),
     "qwen3_moe": ("2/2", "2/2", "(attention only: the experts stay unfused MatMuls; ONNX Runtime's MoE op is not used)"),
     "gpt_oss": ("0/2", "0/2", "attention sinks: eager attention appends a sink column to the scores before the "

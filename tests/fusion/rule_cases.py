@@ -270,3 +270,103 @@ CASES = {
             {"kv heads repeated along axis 1": attention(grouped=True, repeat_axis=1),
              "probabilities read elsewhere": attention(grouped=True, probs_escape=True)}, "GroupQueryAttention"),
 }
+
+
+# ---- eager attention: soft-capped scores (Gemma 2), sink logits (gpt-oss) ----
+def eager_attention(softcap: str | None = None, sinks: bool = False, cap: float = 2.0, cap_input: bool = False,
+                    cap_after_mask: bool = False, sink_slice_start: int = 0, max_axis: int = -1,
+                    sinks_input: bool = False) -> str:
+    """Grouped attention as transformers' eager path writes it: the product of q and K^T scaled, then (softcap)
+    Tanh-capped as "plain" (cap 1), "scaled" (Tanh, times the cap) or "div" (divided by the cap, Tanh, times it),
+    then the mask; with sinks, one logit per head appended as a last column and sliced off after the softmax."""
+    n, kv, h = 4, 2, 8
+    d, dkv = n * h, kv * h
+    pre = (1 / math.sqrt(h)) / (cap if softcap == "scaled" else 1.0)
+    cap_in = ", float c" if cap_input else ""
+    sink_in = ", float[1,4,1,1] sinkc" if sinks_input else ""
+    cap_def = "" if cap_input else f"c = Constant <value = float {{{cap}}}> ()"
+    scores = ["  scaled = Mul (raw, s)"]
+    last = "scaled"
+    if softcap == "div":
+        scores.append("  divided = Div (scaled, c)")
+        last = "divided"
+    if cap_after_mask:
+        scores.append(f"  premask = Add ({last}, mask_bias)")
+        last = "premask"
+    if softcap:
+        scores.append(f"  capped = Tanh ({last})")
+        last = "capped"
+    if softcap in ("scaled", "div"):
+        scores.append("  recapped = Mul (capped, c)")
+        last = "recapped"
+    if not cap_after_mask:
+        scores.append(f"  masked = Add ({last}, mask_bias)")
+        last = "masked"
+    if sinks:
+        sink_def = "" if sinks_input else "sinkc = Constant <value = float[1,4,1,1] {0.5, -1.0, 2.0, 0.0}> ()"
+        scores += [f"  {sink_def}", "  sink_shape = Constant <value = int64[4] {2, 4, 3, 1}> ()",
+                   "  sink_col = Expand (sinkc, sink_shape)", f"  with_sink = Concat <axis = -1> ({last}, sink_col)",
+                   f"  max_axes = Constant <value = int64[1] {{{max_axis}}}> ()",
+                   "  row_max = ReduceMax <keepdims = 1> (with_sink, max_axes)",
+                   "  shifted = Sub (with_sink, row_max)", "  probs_all = Softmax <axis = -1> (shifted)",
+                   f"  sl0 = Constant <value = int64[1] {{{sink_slice_start}}}> ()",
+                   f"  sl1 = Constant <value = int64[1] {{{-1 if sink_slice_start == 0 else 9}}}> ()",
+                   "  sl_ax = Constant <value = int64[1] {3}> ()", "  sl_step = Constant <value = int64[1] {1}> ()",
+                   "  probs = Slice (probs_all, sl0, sl1, sl_ax, sl_step)"]
+    else:
+        scores.append(f"  probs = Softmax <axis = -1> ({last})")
+    body = "\n".join(scores)
+    return _model(f"""
+g (float[2,3,{d}] q_bsd, float[2,3,{dkv}] k_bsd, float[2,3,{dkv}] v_bsd, float[2,{kv},5,{h}] past_key,
+   float[2,{kv},5,{h}] past_value, int64[2,8] attention_mask, bool[2,1,3,8] mask4d{cap_in}{sink_in})
+   => (float[2,3,{d}] out, float[2,{kv},8,{h}] present_key, float[2,{kv},8,{h}] present_value) {{
+  s = Constant <value = float {{{pre}}}> ()
+  {cap_def}
+  q_shape = Constant <value = int64[4] {{2, 3, {n}, {h}}}> ()
+  kv_shape = Constant <value = int64[4] {{2, 3, {kv}, {h}}}> ()
+  q4 = Reshape (q_bsd, q_shape)
+  q = Transpose <perm = [0, 2, 1, 3]> (q4)
+  k4 = Reshape (k_bsd, kv_shape)
+  k = Transpose <perm = [0, 2, 1, 3]> (k4)
+  v4 = Reshape (v_bsd, kv_shape)
+  v = Transpose <perm = [0, 2, 1, 3]> (v4)
+  present_key = Concat <axis = -2> (past_key, k)
+  present_value = Concat <axis = -2> (past_value, v)
+  rax = Constant <value = int64[1] {{2}}> ()
+  k5 = Unsqueeze (present_key, rax)
+  v5 = Unsqueeze (present_value, rax)
+  rep_shape = Constant <value = int64[5] {{2, {kv}, {n // kv}, 8, {h}}}> ()
+  k5e = Expand (k5, rep_shape)
+  v5e = Expand (v5, rep_shape)
+  all_shape = Constant <value = int64[4] {{2, {n}, 8, {h}}}> ()
+  k_all = Reshape (k5e, all_shape)
+  v_all = Reshape (v5e, all_shape)
+  zero = Constant <value = float {{0.0}}> ()
+  neginf = Constant <value = float {{-inf}}> ()
+  mask_bias = Where (mask4d, zero, neginf)
+  kt = Transpose <perm = [0, 1, 3, 2]> (k_all)
+  raw = MatMul (q, kt)
+{body}
+  ctx = MatMul (probs, v_all)
+  ctx_t = Transpose <perm = [0, 2, 1, 3]> (ctx)
+  out_shape = Constant <value = int64[3] {{2, 3, {d}}}> ()
+  out = Reshape (ctx_t, out_shape)
+}}""")
+
+
+CASES["softcap_attention"] = (
+    GQA_INFO, eager_attention(softcap="div"),
+    {"the cap is a graph input, not a constant": eager_attention(softcap="div", cap_input=True),
+     "the cap is applied after the mask": eager_attention(softcap="scaled", cap_after_mask=True),
+     "no cap at all (eager scores)": eager_attention()},
+    "GroupQueryAttention")
+CASES["sink_attention"] = (
+    GQA_INFO, eager_attention(sinks=True),
+    {"the sink column is sliced off the front": eager_attention(sinks=True, sink_slice_start=1),
+     "the softmax's shift is a max over axis 2": eager_attention(sinks=True, max_axis=2),
+     "the sink logits are a graph input": eager_attention(sinks=True, sinks_input=True)},
+    "GroupQueryAttention")
+
+from fusion.moe_cases import MOE_CASES  # noqa: E402 - the expert blocks are long enough for a module of their own
+
+CASES.update(MOE_CASES)
