@@ -16,6 +16,24 @@ SHAPES = {  # Llama-3.2-1B's dimensions (random weights); GPT-2 small's; tiny ru
                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096,
                      tie_word_embeddings=True),
     "gpt2-small": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+    # issue #18's GPU rows: Gemma 3 1B's dimensions (5 local layers of window 512 to 1 global, two rope bases) and a
+    # small Qwen3-MoE (32 experts, top 4; ~1.1B parameters, ~0.3B active), with tiny forms for a CPU smoke test
+    "gemma3-1b": dict(model_type="gemma3_text", hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                      max_position_embeddings=4096, sliding_window=512, query_pre_attn_scalar=256,
+                      tie_word_embeddings=True),
+    "qwen3-moe-small": dict(model_type="qwen3_moe", hidden_size=1024, intermediate_size=3072, moe_intermediate_size=768,
+                            num_experts=32, num_experts_per_tok=4, num_hidden_layers=12, num_attention_heads=16,
+                            num_key_value_heads=4, head_dim=64, vocab_size=151936, max_position_embeddings=4096,
+                            norm_topk_prob=True, tie_word_embeddings=False),
+    "gemma3-tiny": dict(model_type="gemma3_text", hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=32, vocab_size=4096,
+                        max_position_embeddings=1024, sliding_window=64, query_pre_attn_scalar=32,
+                        tie_word_embeddings=True),
+    "qwen3-moe-tiny": dict(model_type="qwen3_moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                           num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=32, vocab_size=4096, max_position_embeddings=1024,
+                           norm_topk_prob=True, tie_word_embeddings=False),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=4096, max_position_embeddings=1024, tie_word_embeddings=True),
 }
@@ -27,7 +45,7 @@ def dims(shape: str) -> dict:
     if sh.get("model_type") == "gpt2":
         return {"layers": sh["n_layer"], "kv_heads": sh["n_head"], "head_dim": sh["n_embd"] // sh["n_head"]}
     return {"layers": sh["num_hidden_layers"], "kv_heads": sh["num_key_value_heads"],
-            "head_dim": sh["hidden_size"] // sh["num_attention_heads"]}
+            "head_dim": sh.get("head_dim", sh["hidden_size"] // sh["num_attention_heads"])}
 
 
 RESULT = "@@RESULT "
