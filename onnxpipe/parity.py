@@ -203,13 +203,3 @@ def lazy_ort_step_fn(make_session: Callable[[], Any], manifest: Manifest,
 
     step.release = state.clear  # type: ignore[attr-defined]
     return step
-
-
-def reference_session(model_path: str, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
-    """An ORT session with graph optimizations off: the reference side of a check."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), so, providers=list(providers))

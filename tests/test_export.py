@@ -10,7 +10,8 @@ import pytest
 
 from onnxpipe.artifact import ModelDir
 from onnxpipe.export import archs, exporter
-from onnxpipe.parity import ort_step_fn, position_ids_for, reference_session, run_trace
+from onnxpipe.parity import ort_step_fn, position_ids_for, run_trace
+from onnxpipe.runtime.sessions import reference_session
 from tiny import TINY_CONFIGS
 
 

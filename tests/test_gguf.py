@@ -350,7 +350,8 @@ def test_export_matches_transformers_loading_the_gguf(gguf_export, mixed_gguf):
     from transformers import AutoModelForCausalLM
 
     from onnxpipe.export.verify import torch_step_fn
-    from onnxpipe.parity import check_decoders, ort_step_fn, reference_session
+    from onnxpipe.parity import check_decoders, ort_step_fn
+    from onnxpipe.runtime.sessions import reference_session
 
     path = mixed_gguf[0]
     direct = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

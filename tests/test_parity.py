@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from onnxpipe.artifact import ModelDir
-from onnxpipe.parity import check_decoders, ort_step_fn, reference_session
+from onnxpipe.parity import check_decoders, ort_step_fn
+from onnxpipe.runtime.sessions import reference_session
 
 
 def test_perturbed_candidate_fails(tiny_onnx):

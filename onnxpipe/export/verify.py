@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from onnxpipe.artifact import Manifest
 from onnxpipe.parity import TOLERANCE, ParityReport, Past, StepFn, check_decoders, ort_step_fn
+from onnxpipe.runtime.sessions import open_session
 
 
 def torch_step_fn(model: torch.nn.Module) -> StepFn:
@@ -38,11 +39,7 @@ def verify_export(
     model: torch.nn.Module, onnx_path: Path, manifest: Manifest, dtype: str, decode_steps: int = 4, seed: int = 0
 ) -> ParityReport:
     """torch vs ONNX Runtime (CPU EP) on a left-padded batch of 2: prefill then ``decode_steps`` steps."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    session = open_session(onnx_path, purpose="the export check")
     kv_dtype = np.float16 if dtype == "fp16" else np.float32
     report = check_decoders(
         torch_step_fn(model),

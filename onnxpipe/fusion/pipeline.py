@@ -32,6 +32,7 @@ import onnx_ir as ir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.fusion import attention, cleanup, gelu, norms, packing, rotary
 from onnxpipe.fusion.rules import TARGETS, PassContext, using_context
+from onnxpipe.runtime.sessions import open_session
 
 PassFn = Callable[[ir.Model, PassContext], "dict[str, Any] | None"]
 
@@ -154,26 +155,15 @@ def _session(model: Snapshot | bytes | str | Path, providers: list[str], optimiz
     """An ORT session over a snapshot (its shared tensors handed to ORT as external initializers, not copied), a
     serialized model or a model file. MatMul weight prepacking is off: it would copy every weight for a session
     that runs a dozen steps, and it does not change the graph the check is about."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.disable_prepacking", "1")
-    from onnxpipe.runtime.providers import DISABLED_ORT_OPTIMIZERS
-
-    keep: list[Any] = []
+    initializers: dict[str, Any] = {}
     if isinstance(model, Snapshot):
-        names = list(model.tensors)
-        keep = [_ort_value(model.tensors[n]) for n in names]
-        if names:
-            so.add_external_initializers(names, keep)
+        initializers = {n: _ort_value(t) for n, t in model.tensors.items()}
         model = model.graph
-    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers,
-                                   disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
-    session._onnxpipe_buffers = keep  # ORT reads the arrays in place: they live as long as the session
-    return session
+    # onnxruntime's own exception comes through: resource_error tells running out of memory from a bad graph
+    return open_session(model, providers, optimization="all" if optimized else "off",
+                        purpose=f"the {'candidate' if optimized else 'reference'} of a pass check",
+                        config={"session.disable_prepacking": "1"}, external_initializers=initializers,
+                        raw_errors=True)
 
 
 def _ort_value(tensor: Any) -> Any:

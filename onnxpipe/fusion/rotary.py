@@ -22,6 +22,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
 from onnxpipe.fusion.rules import PassContext, add_initializer, count_ops, current_context, register
+from onnxpipe.runtime.sessions import open_session
 
 POSITION_IDS = "position_ids"
 
@@ -169,7 +170,6 @@ def _evaluate_on_positions(model: ir.Model, outputs: list[ir.Value], max_positio
     """Run the subgraph computing ``outputs`` from position_ids alone on positions 0..max_positions-1.
     Raises ValueError when it reads any other graph input."""
     import onnx
-    import onnxruntime as ort
 
     nodes: list[ir.Node] = []
     seen: set[int] = set()
@@ -207,9 +207,7 @@ def _evaluate_on_positions(model: ir.Model, outputs: list[ir.Value], max_positio
     proto = onnx.helper.make_model(
         graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()],
         ir_version=model.ir_version)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    session = open_session(proto, purpose="computing the rotary tables", raw_errors=True)
     positions = np.arange(max_positions, dtype=np.int64)[None, :]
     feed = {POSITION_IDS: positions}
     for v in shape_only.values():

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxpipe.runtime.sessions import open_session
+
 LINEAR_OPS = ("MatMul",)
 PASS_THROUGH = ("Cast", "Reshape", "Identity")  # ops that may sit between the LM head and the logits output
 
@@ -51,26 +53,7 @@ def float_session(proto: Any) -> Any:
     """An ORT CPU session on an in-memory model with graph optimizations off (statistics of the float model). A
     model past the external-data threshold cannot be serialized in one protobuf (2 GiB): it is saved with external
     data in a temporary directory and opened from there."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if not needs_external_data(proto):
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)  # saving with external data moves the weights out of the proto it is given
-    tmp = tempfile.TemporaryDirectory(prefix="onnxpipe-session-")
-    path = Path(tmp.name) / "model.onnx"
-    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    session._onnxpipe_tmp = tmp  # the files live as long as the session (ORT may map them)
-    return session
+    return open_session(proto, optimization="off", purpose="statistics of the float model")
 
 
 def initializer_map(graph: Any) -> dict[str, Any]:

@@ -645,8 +645,9 @@ def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: Quan
 
     fp16 is judged with the fp16 tolerance; integer modes are recorded only, and judged by the quality report.
     """
-    from onnxpipe.parity import TOLERANCE, check_decoders, ort_step_fn, reference_session
+    from onnxpipe.parity import TOLERANCE, check_decoders, ort_step_fn
     from onnxpipe.quant.quality import measure_session
+    from onnxpipe.runtime.sessions import reference_session
 
     def kv_dtype(m: Manifest) -> np.dtype:
         dtypes = {t["name"]: t["dtype"] for t in m.graph["inputs"]}

@@ -30,6 +30,7 @@ import numpy as np
 
 from onnxpipe.artifact import Manifest
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.sessions import open_session
 
 DEFAULT_CONTEXT = 256
 DEFAULT_EVAL_TOKENS = 8192  # the report's tokens unless --eval-tokens
@@ -84,16 +85,7 @@ class QualityReport:
 
 def measure_session(model_path: str | Path, threads: int = 0) -> Any:
     """An ORT CPU session as a user would run it (all graph optimizations on)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own types for graphs it cannot load or run
-        raise OnnxpipeError(f"{model_path}: ONNX Runtime cannot load this model: {str(e).strip().splitlines()[0][:300]}") from None
+    return open_session(model_path, threads=threads or None, purpose="measuring quality")
 
 
 def eval_provider(manifest: Manifest) -> str:

@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from onnxpipe.runtime.sessions import open_session
+
 SWITCH = "onnxpipe_quant_switch"
 # prefill tokens (rows of the first calibration feeds) each layer's effect is measured on. On SmolLM2-135M, on 2
 # shared cores, a measurement costs about one float forward of these tokens (one If branch per layer), so 210
@@ -237,16 +239,11 @@ def layer_effects(proto: Any, nodes: list[str], token_nodes: set[str], feeds: li
 
 def _session(model: Any) -> Any:
     """Basic graph optimizations (constant folding of the shared constants); nothing that fuses the simulation."""
-    import onnxruntime as ort
-
     from onnxpipe.quant.graph import float_session, needs_external_data
 
     if needs_external_data(model):
         return float_session(model)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return open_session(model, optimization="basic", purpose="the sensitivity simulation")
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

@@ -111,6 +111,14 @@ def open_session(
     return session
 
 
+def reference_session(model: str | os.PathLike[str] | bytes | Any, providers: Sequence[Provider] = ("cpu",),
+                      **options: Any) -> Any:
+    """The reference side of a check: ``open_session`` with graph optimizations off, so the check compares what
+    the graph says, not what onnxruntime rewrote it to."""
+    return open_session(model, providers, optimization="off", purpose=options.pop("purpose", "the reference of a check"),
+                        **options)
+
+
 def missing_providers(session: Any, requested: Sequence[str]) -> tuple[str, str] | None:
     """(which requested providers (full names) ``session`` does not run on and why, in words; the provider it
     uses instead), or None when every one of them is live. The CPU EP is never missing: onnxruntime adds it."""

@@ -17,7 +17,8 @@ import torch
 from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.export import archs, exporter
-from onnxpipe.parity import empty_past, ort_step_fn, position_ids_for, reference_session
+from onnxpipe.parity import empty_past, ort_step_fn, position_ids_for
+from onnxpipe.runtime.sessions import reference_session
 from onnxpipe.runtime import load
 from tiny import TINY_CONFIGS
 from tiny_archs import ARCH_CONFIGS, WINDOW, make_arch_model

@@ -11,7 +11,8 @@ import pytest
 
 from onnxpipe.artifact import ModelDir
 from onnxpipe.fusion import optimize_model
-from onnxpipe.parity import compare, left_padded_batch, ort_step_fn, reference_session, run_trace
+from onnxpipe.parity import compare, left_padded_batch, ort_step_fn, run_trace
+from onnxpipe.runtime.sessions import reference_session
 
 FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3"]
 
