@@ -53,14 +53,6 @@ class RotaryEmbeddingFusion(pattern.RewriteRuleClassBase):
 
     def _check_rotation(self, context, result, x_BSNH, cos_B1SR, sin_B1SR, first, second, rotary_dim):
         """The rotate-half arithmetic on the first ``rotary_dim`` channels of each head, cos/sin from position_ids."""
-        info = current_context().model_info
-        heads, head_dim = info.get("num_attention_heads"), info.get("head_dim")
-        kv_heads = info.get("num_kv_heads")
-        if x_BSNH.shape is None or x_BSNH.shape.rank() != 4:
-            return result.fail("rotated tensor is not 4-D [B, S, N, H]", x_BSNH)
-        n, h = x_BSNH.shape[2], x_BSNH.shape[3]
-        if h != head_dim or n not in (heads, kv_heads):
-            return result.fail(f"rotated tensor is [B, S, {n}, {h}], not [B, S, N, {head_dim}]", x_BSNH)
         (start1, end1, axes1), (start2, end2, axes2) = first, second
         half = rotary_dim // 2
         for axes in (axes1, axes2):
@@ -70,12 +62,25 @@ class RotaryEmbeddingFusion(pattern.RewriteRuleClassBase):
             return result.fail("first half is not x[..., :R/2]", start1)
         if _ints(start2) != [half] or (_ints(end2) or [0])[0] < rotary_dim:
             return result.fail("second half is not x[..., R/2:R]", start2)
+        return self._check_tables(context, result, x_BSNH, cos_B1SR, sin_B1SR, rotary_dim, full_width=True)
+
+    def _check_tables(self, context, result, x_BSNH, cos_B1SR, sin_B1SR, rotary_dim, full_width):
+        """x is [B, S, N, head_dim]; cos/sin depend on position_ids alone (tabulated into the caches), full_width:
+        [.., R] tables with equal halves (rotate-half), else [.., R/2] tables (the first/second-half form)."""
+        info = current_context().model_info
+        heads, head_dim = info.get("num_attention_heads"), info.get("head_dim")
+        kv_heads = info.get("num_kv_heads")
+        if x_BSNH.shape is None or x_BSNH.shape.rank() != 4:
+            return result.fail("rotated tensor is not 4-D [B, S, N, H]", x_BSNH)
+        n, h = x_BSNH.shape[2], x_BSNH.shape[3]
+        if h != head_dim or n not in (heads, kv_heads):
+            return result.fail(f"rotated tensor is [B, S, {n}, {h}], not [B, S, N, {head_dim}]", x_BSNH)
         position_ids = next((v for v in context.graph_or_function.inputs if v.name == POSITION_IDS), None)
         if position_ids is None:
             return result.fail("the graph has no position_ids input", x_BSNH)
         try:
             self._caches = _rotary_caches(context.model, cos_B1SR, sin_B1SR, int(info["max_position_embeddings"]),
-                                          x_BSNH.dtype)
+                                          x_BSNH.dtype, rotary_dim, full_width)
         except ValueError as e:
             return result.fail(str(e), cos_B1SR)
         self._position_ids, self._num_heads, self._head_dim = position_ids, int(n), int(h)
@@ -130,6 +135,36 @@ class PartialRotaryEmbeddingFusion(RotaryEmbeddingFusion):
                                     (start2, end2, axes2), rotary_dim)
 
 
+class SplitHalfRotaryFusion(RotaryEmbeddingFusion):
+    """Rotary written as first/second-half arithmetic (gpt-oss): x1, x2 = Split(x) into halves,
+    Concat(x1 cos - x2 sin, x2 cos + x1 sin) with half-width cos/sin. The same rotation as rotate-half with the
+    tables repeated, so RotaryEmbedding (interleaved=0) with these tables as its caches."""
+
+    def pattern(self, op, x_BSNH, cos_B1SR, sin_B1SR):
+        x = op.Transpose(x_BSNH, perm=[0, 2, 1, 3])
+        x1, x2 = op.Split(x, _allow_other_inputs=True, _outputs=["first", "second"])
+        rotated_first = op.Sub(op.Mul(x1, cos_B1SR), op.Mul(x2, sin_B1SR))
+        rotated_second = op.Add(op.Mul(x2, cos_B1SR), op.Mul(x1, sin_B1SR))
+        return op.Concat(rotated_first, rotated_second, axis=-1)
+
+    def check(self, context, x_BSNH, cos_B1SR, sin_B1SR, first=None, **_):
+        result = pattern.MatchResult()
+        info = current_context().model_info
+        head_dim = int(info.get("head_dim"))
+        rotary_dim = int((info.get("rope") or {}).get("rotary_dim") or head_dim)
+        if rotary_dim != head_dim:
+            return result.fail(f"partial rotary (rotary_dim {rotary_dim} < head_dim {head_dim})", x_BSNH)
+        split = first.producer() if first is not None else None
+        if split is None or split.attributes.get_int("axis", 0) not in (3, -1):
+            return result.fail("the halves are not split along the last axis", x_BSNH)
+        sizes = _ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+        if sizes is not None and sizes != [head_dim // 2] * 2:
+            return result.fail(f"the split sizes {sizes} are not two halves of {head_dim}", split.inputs[1])
+        if sizes is None and split.attributes.get_int("num_outputs", 2) != 2:
+            return result.fail("the split is not into two halves", x_BSNH)
+        return self._check_tables(context, result, x_BSNH, cos_B1SR, sin_B1SR, rotary_dim, full_width=False)
+
+
 def _merged_heads_source(x_BSNH: ir.Value) -> ir.Value | None:
     """x when x_BSNH = Reshape(x [B, S, N*H], [B, S, N, H]): merging the heads back would only undo that Reshape."""
     producer = x_BSNH.producer()
@@ -146,16 +181,22 @@ def _merged_heads_source(x_BSNH: ir.Value) -> ir.Value | None:
 _CACHE_KEY = "_onnxpipe_rotary_caches"
 
 
-def _rotary_caches(model: ir.Model, cos: ir.Value, sin: ir.Value, max_positions: int, dtype: Any) -> tuple[ir.Value, ir.Value]:
-    """Tabulate cos/sin [max_positions, H/2] by running their subgraph; one pair of initializers per model."""
+def _rotary_caches(model: ir.Model, cos: ir.Value, sin: ir.Value, max_positions: int, dtype: Any,
+                   rotary_dim: int, full_width: bool = True) -> tuple[ir.Value, ir.Value]:
+    """Tabulate cos/sin [max_positions, R/2] by running their subgraph; one pair of initializers per model.
+    full_width: the tables are R wide with two equal halves (rotate-half; the first is kept), else R/2 wide."""
     memo = model.meta.setdefault(_CACHE_KEY, {})
     key = (cos.name, sin.name)
     if key in memo:
         return memo[key]
     cos_table, sin_table = _evaluate_on_positions(model, [cos, sin], max_positions)
-    half = cos_table.shape[-1] // 2
+    width = rotary_dim if full_width else rotary_dim // 2
+    half = rotary_dim // 2
     for name, table in (("cos", cos_table), ("sin", sin_table)):
-        if not np.allclose(table[..., :half], table[..., half:], rtol=0, atol=1e-6 * max(1.0, np.abs(table).max())):
+        if table.shape[-1] != width:
+            raise ValueError(f"{name} is {table.shape[-1]} wide, not {width}")
+        if full_width and not np.allclose(table[..., :half], table[..., half:], rtol=0,
+                                          atol=1e-6 * max(1.0, np.abs(table).max())):
             raise ValueError(f"{name} is not rotate-half shaped (its two halves differ)")
     np_dtype = dtype.numpy() if dtype is not None else np.float32
     values = []
@@ -236,6 +277,7 @@ def _stand_in_shape(value: ir.Value, max_positions: int) -> list[int]:
 
 register("rotary_embedding", RotaryEmbeddingFusion.rule("RotaryEmbedding"))
 register("partial_rotary_embedding", PartialRotaryEmbeddingFusion.rule("PartialRotaryEmbedding"))
+register("split_half_rotary_embedding", SplitHalfRotaryFusion.rule("SplitHalfRotaryEmbedding"))
 
 
 def fuse_rotary(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
@@ -243,7 +285,7 @@ def fuse_rotary(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
 
     if ctx.model_info.get("positions") != "rope":
         return {"rotary": "n/a (learned positions)"}
-    counts = apply_rules(model, ["rotary_embedding", "partial_rotary_embedding"])
+    counts = apply_rules(model, ["rotary_embedding", "partial_rotary_embedding", "split_half_rotary_embedding"])
     model.meta.pop(_CACHE_KEY, None)
     ctx.graph_notes["max_positions"] = int(ctx.model_info["max_position_embeddings"])
     return {**counts, "rotary fused": f"{count_ops(model, 'RotaryEmbedding')}/{2 * ctx.num_layers}"}

@@ -39,9 +39,8 @@ ATTENTION_FUSED: dict[str, tuple[str, str, str]] = {
                              "fused op takes them flattened to [B, S, heads x head_dim] and keeps that cache)"),
     "mixtral": ("2/2", "2/2", "(attention only: the experts stay unfused MatMuls; ONNX Runtime's MoE op is not used)"),
     "qwen3_moe": ("2/2", "2/2", "(attention only: the experts stay unfused MatMuls; ONNX Runtime's MoE op is not used)"),
-    "gpt_oss": ("0/2", "0/2", "attention sinks: eager attention appends a sink column to the scores before the "
-                              "softmax (GroupQueryAttention's sink input is not used yet); its rope (first/second "
-                              "half arithmetic) is not the rotate-half pattern the rotary rule matches"),
+    "gpt_oss": ("2/2", "2/2", "(attention sinks: GroupQueryAttention's head_sink; its first/second-half rope: "
+                              "RotaryEmbedding with half-width tables; each layer its own window)"),
 }
 
 

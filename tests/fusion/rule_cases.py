@@ -370,3 +370,40 @@ CASES["sink_attention"] = (
 from fusion.moe_cases import MOE_CASES  # noqa: E402 - the expert blocks are long enough for a module of their own
 
 CASES.update(MOE_CASES)
+
+
+# ---- rotary as first/second-half arithmetic (gpt-oss) ----
+def split_half_rotary(first_op: str = "Sub", cos_input: bool = False, reverse: bool = False) -> str:
+    """x1, x2 = Split(x); Concat(x1 cos - x2 sin, x2 cos + x1 sin) with half-width cos/sin of position_ids."""
+    inv_freq = ",".join(f"{10000 ** (-2 * i / 8):.8f}" for i in range(4))
+    cos_src = ", float[1,1,5,4] cos4" if cos_input else ""
+    cos_def = "" if cos_input else "\n  cos = Cos (freqs)\n  cos4 = Unsqueeze (cos, ax1)"
+    return _model(f"""
+g (float[1,5,4,8] x_bsnh, int64[1,5] position_ids{cos_src}) => (float[1,4,5,8] y) {{
+  inv_freq = Constant <value = float[4] {{{inv_freq}}}> ()
+  ax_last = Constant <value = int64[1] {{-1}}> ()
+  ax1 = Constant <value = int64[1] {{1}}> ()
+  pf = Cast <to = 1> (position_ids)
+  pu = Unsqueeze (pf, ax_last)
+  freqs = Mul (pu, inv_freq)
+  sin = Sin (freqs)
+  sin4 = Unsqueeze (sin, ax1){cos_def}
+  x = Transpose <perm = [0, 2, 1, 3]> (x_bsnh)
+  sizes = Constant <value = int64[2] {{4, 4}}> ()
+  x1, x2 = Split <axis = 3> (x, sizes)
+  c1 = Mul (x1, cos4)
+  s2 = Mul (x2, sin4)
+  first = {first_op} (c1, s2)
+  c2 = Mul (x2, cos4)
+  s1 = Mul (x1, sin4)
+  second = Add (c2, s1)
+  y = Concat <axis = -1> ({"second, first" if reverse else "first, second"})
+}}""")
+
+
+CASES["split_half_rotary_embedding"] = (
+    INFO, split_half_rotary(),
+    {"the first half adds the sine term": split_half_rotary(first_op="Add"),
+     "the halves concatenated in reverse order": split_half_rotary(reverse=True),
+     "cos is a graph input, not f(position_ids)": split_half_rotary(cos_input=True)},
+    "RotaryEmbedding")
