@@ -276,14 +276,18 @@ def chat(model_dir: Path, provider: str, system: str | None, max_new_tokens: int
               help="Prompt tokens prefilled between two decode steps of the running batch.")
 @click.option("--model-name", default=None, help="The model id clients name [the directory's name].")
 @click.option("--threads", type=Threads(), default=None, help="CPU threads (default: onnxruntime's).")
+@click.option("--cuda-graph", is_flag=True, help="Replay decode steps as CUDA graphs (CUDA EP, optimize --target cuda).")
+@click.option("--max-length", type=click.IntRange(2), default=None,
+              help="Tokens (prompt + reply) each fixed row holds, for a graph of optimize --target cuda [2048].")
 def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, max_queue: int, prefill_chunk: int,
-          model_name: str | None, threads: int | None) -> None:
+          model_name: str | None, threads: int | None, cuda_graph: bool, max_length: int | None) -> None:
     """Serve a model directory over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), with requests joining and leaving the running batch at every decode step."""
     from onnxpipe.serve.app import serve_forever
 
     serve_forever(model_dir, host=host, port=port, provider=provider, max_batch=max_batch, max_queue=max_queue,
-                  prefill_chunk=prefill_chunk, model_name=model_name, threads=threads, announce=_log)
+                  prefill_chunk=prefill_chunk, model_name=model_name, threads=threads, cuda_graph=cuda_graph,
+                  max_length=max_length, announce=_log)
 
 
 @main.command()

@@ -25,7 +25,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.generate import GenerationResult, LanguageModel, load
 from onnxpipe.serve import protocol
 from onnxpipe.serve.protocol import ApiError
-from onnxpipe.serve.scheduler import QueueFull, Request, Scheduler
+from onnxpipe.serve.scheduler import QueueFull, Request, TooLong, make_scheduler
 
 MAX_BODY_BYTES = 4 << 20
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
@@ -33,15 +33,17 @@ GRACEFUL_SHUTDOWN_S = 5  # on stop, open streams get this long before their conn
 
 
 def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
-               prefill_chunk: int = 256) -> Any:
-    """The ASGI app; its lifespan starts and stops the scheduler thread. ``app.state.scheduler`` is the scheduler."""
+               prefill_chunk: int = 256, max_length: int | None = None) -> Any:
+    """The ASGI app; its lifespan starts and stops the scheduler thread. ``app.state.scheduler`` is the scheduler
+    (``scheduler.make_scheduler``: fixed rows of ``max_length`` tokens for a shared-buffer graph)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request as HttpRequest
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    scheduler = make_scheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                               max_length=max_length)
     created = int(time.time())
 
     def error(e: ApiError) -> JSONResponse:
@@ -71,7 +73,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                 options = dict(parsed.options)
         except OnnxpipeError as e:
             raise ApiError(400, str(e), what) from None
-        context = lm.session.max_positions
+        context = scheduler.max_length  # the model's context, or the fixed rows' length
         room = context - len(ids)
         if room < 1:
             raise ApiError(400, f"This model's maximum context length is {context} tokens; the {what} has "
@@ -97,6 +99,8 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
             return scheduler.submit(row, emit), events
         except QueueFull as e:
             raise ApiError(429, str(e), type="rate_limit_exceeded", code="rate_limit_exceeded") from None
+        except TooLong as e:
+            raise ApiError(400, str(e), "max_tokens", code="context_length_exceeded") from None
         except OnnxpipeError as e:
             raise ApiError(503, str(e), type="server_error") from None
 
@@ -246,17 +250,21 @@ class ServerThread:
 
 def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
                   provider: str = "auto", max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
-                  model_name: str | None = None, threads: int | None = None,
-                  announce: Callable[[str], None] | None = None) -> None:
+                  model_name: str | None = None, threads: int | None = None, cuda_graph: bool = False,
+                  max_length: int | None = None, announce: Callable[[str], None] | None = None) -> None:
     """``onnxpipe serve``: load the model directory and serve it until interrupted."""
     try:
         import starlette  # noqa: F401
         import uvicorn
     except ImportError:
         raise OnnxpipeError("serving needs the [serve] extra: pip install 'onnxpipe[serve]'") from None
-    lm = load(model_dir, provider, threads=threads, announce=announce)
+    lm = load(model_dir, provider, threads=threads, announce=announce, cuda_graph=cuda_graph)
     name = model_name or Path(model_dir).resolve().name
-    app = create_app(lm, name, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    app = create_app(lm, name, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                     max_length=max_length)
     if announce:
-        announce(f"serving {name} ({lm.provider}) on http://{host}:{port} (max batch {max_batch}, queue {max_queue})")
+        layout = (f"{max_batch} fixed rows of {app.state.scheduler.max_length} tokens"
+                  + (", CUDA graphs" if lm.session.cuda_graph else "") if lm.session.shares_buffer
+                  else f"max batch {max_batch}")
+        announce(f"serving {name} ({lm.provider}) on http://{host}:{port} ({layout}, queue {max_queue})")
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

@@ -1,9 +1,14 @@
 """Iteration-level batching (Orca's scheduling) over one DecoderSession, on a thread of its own.
 
-Requests join and leave the running batch at every decode step. Each request owns its rows of the KV cache: the
-running batch is one left-padded cache [batch, kv_heads, length, head_dim] in which row i holds ``counts[i]``
-positions, right-aligned; the attention mask and the position ids of a step follow from those counts alone, so a
-row's result does not depend on who else is in the batch (the padding is masked out, its positions are its own).
+Requests join and leave the running batch at every decode step. ``make_scheduler`` picks the layout of the running
+batch's KV cache from the graph's form: the concat cache of the CPU form (``ConcatScheduler``, here), or the fixed
+rows of a shared buffer, the CUDA form and its CUDA-graph slots (``slots.SlotScheduler``). The queue, the thread,
+the events and sampling are ``loop.BatchLoop``'s.
+
+The concat layout: each request owns its rows of the KV cache. The running batch is one left-padded cache
+[batch, kv_heads, length, head_dim] in which row i holds ``counts[i]`` positions, right-aligned; the attention mask and
+the position ids of a step follow from those counts alone, so a row's result does not depend on who else is in the
+batch (the padding is masked out, its positions are its own).
 
 One iteration of the loop:
 
@@ -20,152 +25,72 @@ One iteration of the loop:
 
 Failures stay with their request: a request whose prefill or sampling fails gets an error and the others go on; a
 decode step that fails as a whole (onnxruntime) fails the requests in that batch, and the loop serves the next ones.
-
-Events go to each request's ``emit`` callback from the scheduler thread: ``("piece", StreamPiece)`` as text
-becomes final, then ``("done", GenerationResult)``, or ``("error", message)``.
-
-The scheduler works on the CPU form of a graph (a concat KV cache, left padding: what export writes). The
-shared-buffer form of ``optimize --target cuda`` (and its CUDA-graph slots) is refused with a one-line error.
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
-import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.runtime.generate import LanguageModel, RowState
-from onnxpipe.runtime.sampling import next_token
+from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.session import KVCache
+from onnxpipe.serve.loop import BatchLoop, Event, QueueFull, Request, SchedulerStats, TooLong
+from onnxpipe.serve.slots import SlotScheduler
 
-Event = tuple[str, Any]
-
-
-class QueueFull(OnnxpipeError):
-    """The waiting queue holds ``max_queue`` requests already (answered 429)."""
-
-
-@dataclass
-class Request:
-    row: RowState
-    emit: Callable[[Event], None]
-    id: int = 0
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-    # prefill progress: the request's own cache until it joins the batch
-    cache: KVCache | None = None
-    prefilled: int = 0
-
-    def cancel(self) -> None:
-        """The client is gone: the scheduler drops the request at its next iteration, freeing its place."""
-        self.cancelled.set()
+__all__ = ["BatchLoop", "ConcatScheduler", "Event", "QueueFull", "Request", "SchedulerStats", "SlotScheduler",
+           "TooLong", "make_scheduler"]
 
 
-@dataclass
-class SchedulerStats:
-    steps: int = 0  # decode steps of the running batch
-    prefill_chunks: int = 0
-    max_running: int = 0  # the largest batch a decode step ran
-    finished: int = 0
-    cancelled: int = 0
-    failed: int = 0
-    rejected: int = 0  # refused with QueueFull
+def make_scheduler(lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
+                   max_length: int | None = None) -> BatchLoop:
+    """The scheduler for ``lm``'s graph: fixed rows of its shared KV buffer (CUDA form; ``max_length``: the tokens a
+    row holds, prompt and reply), else the concat layout (``max_length`` must then be None: a row holds the model's
+    context)."""
+    if lm.session.shares_buffer:
+        return SlotScheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                             max_length=max_length)
+    if max_length is not None:
+        raise OnnxpipeError("max_length sizes the fixed rows of a shared-buffer graph (optimize --target cuda); this "
+                            "graph grows its cache (concat): leave it unset")
+    return ConcatScheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
 
 
-class Scheduler:
-    """``submit`` requests from any thread; ``start``/``stop`` the loop that serves them."""
+class ConcatScheduler(BatchLoop):
+    """The concat layout: one left-padded cache; rows joining or leaving copy it (once per change, not per step)."""
 
     def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256):
         s = lm.session
         if s.shares_buffer or s.padding_side != "left" or s.cuda_graph:
-            raise OnnxpipeError(f"{s.model_dir.path}: the server's scheduler runs the concat-cache, left-padded form "
-                                "of a graph (export, or optimize --target cpu); this one shares a preallocated KV "
-                                "buffer (optimize --target cuda)")
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
-            if not isinstance(value, int) or value < 1:
-                raise OnnxpipeError(f"{name} must be a positive integer, got {value!r}")
-        self.lm = lm
-        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.stats = SchedulerStats()
-        self._cond = threading.Condition()
-        self._waiting: deque[Request] = deque()
-        self._prefill: Request | None = None
-        self._running: list[Request] = []  # row i of the batch cache
-        self._values: list[np.ndarray] = []  # the batch cache as numpy between membership changes, else OrtValues
+            raise OnnxpipeError(f"{s.model_dir.path}: the concat layout runs the concat-cache, left-padded form of a "
+                                "graph (export, or optimize --target cpu); this one shares a preallocated KV buffer "
+                                "(optimize --target cuda): serve it with the slot layout (make_scheduler)")
+        super().__init__(lm, max_batch, max_queue, prefill_chunk)
+        self._prefill_req: Request | None = None
+        self._group: list[Request] = []
+        self._values: list[Any] = []  # the batch cache as numpy between membership changes, else OrtValues
         self._length = 0  # the batch cache's length (positions, padding included)
         self._counts = np.zeros(0, np.int64)  # positions each row holds
         self._tokens = np.zeros(0, np.int64)  # each row's last token, not yet in the cache
-        self._ids = itertools.count(1)
-        self._stop = False
-        self._thread: threading.Thread | None = None
 
-    # ---- from the server ----
-    def submit(self, row: RowState, emit: Callable[[Event], None]) -> Request:
-        """Queue a prepared request (``LanguageModel.prepare``); raises QueueFull when ``max_queue`` wait already."""
-        with self._cond:
-            if self._stop:
-                raise OnnxpipeError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                self.stats.rejected += 1
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
-            req = Request(row, emit, next(self._ids))
-            self._waiting.append(req)
-            self._cond.notify()
-        return req
+    # ---- the loop's steps ----
+    def _prefilling(self) -> list[Request]:
+        return ([self._prefill_req] if self._prefill_req is not None else []) + self._group
 
-    def load(self) -> dict[str, int]:
-        with self._cond:
-            return {"running": len(self._running), "prefilling": int(self._prefill is not None),
-                    "waiting": len(self._waiting), "max_batch": self.max_batch, "max_queue": self.max_queue}
+    def _prefill(self) -> None:
+        group, self._group = self._group, []
+        if len(group) > 1:
+            self._prefill_group(group)
+        elif self._prefill_req is not None:
+            self._prefill_chunk(self._prefill_req)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="onnxpipe-scheduler", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    # ---- the loop ----
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._stop or self._waiting or self._prefill or self._running):
-                    self._cond.wait()
-                if self._stop:
-                    break
-                group = self._admit()
-            try:
-                self._drop_cancelled()
-                if len(group) > 1:
-                    self._prefill_group(group)
-                elif self._prefill is not None:
-                    self._prefill_chunk(self._prefill)
-                if self._running:
-                    self._decode_step()
-            except Exception as e:  # a fault outside one request's own work: fail those in flight, keep serving
-                self._fail_in_flight(e)
-        with self._cond:
-            left = list(self._waiting) + ([self._prefill] if self._prefill else []) + self._running
-            self._waiting.clear()
-        for req in left:
-            self._send(req, ("error", "the server is shutting down"))
-
-    def _admit(self) -> list[Request]:
+    def _admit(self) -> None:
         """Under the lock: the waiting requests that start now. Short prompts start together, as many as fit one
-        prefill of ``prefill_chunk`` padded tokens (returned, prefilled in one call); otherwise the oldest one starts
-        its chunked prefill (``_prefill``)."""
-        if self._prefill is not None or not self._waiting or len(self._running) >= self.max_batch:
-            return []
+        prefill of ``prefill_chunk`` padded tokens (``_group``, prefilled in one call); otherwise the oldest one
+        starts its chunked prefill (``_prefill_req``)."""
+        if self._prefill_req is not None or not self._waiting or len(self._running) >= self.max_batch:
+            return
         group = [self._waiting.popleft()]
         width = len(group[0].row.prompt)
         while self._waiting and len(self._running) + len(group) < self.max_batch:
@@ -175,26 +100,19 @@ class Scheduler:
             group.append(self._waiting.popleft())
             width = wider
         if len(group) == 1:
-            self._prefill = group[0]
-        return group
+            self._prefill_req = group[0]
+        else:
+            self._group = group
 
-    def _fail_in_flight(self, e: BaseException) -> None:
-        in_flight = ([self._prefill] if self._prefill is not None else []) + self._running
-        self._prefill, self._running = None, []
+    def _reset(self) -> None:
+        self._prefill_req, self._group, self._running = None, [], []
         self._values, self._length = [], 0
         self._counts, self._tokens = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        for req in in_flight:
-            self._fail(req, e)
 
-    def _drop_cancelled(self) -> None:
-        if self._prefill is not None and self._prefill.cancelled.is_set():
+    def _drop_cancelled_in_flight(self) -> None:
+        if self._prefill_req is not None and self._prefill_req.cancelled.is_set():
             self.stats.cancelled += 1
-            self._prefill = None
-        with self._cond:
-            gone = [r for r in self._waiting if r.cancelled.is_set()]
-            for r in gone:
-                self._waiting.remove(r)
-            self.stats.cancelled += len(gone)
+            self._prefill_req = None
         keep = [i for i, r in enumerate(self._running) if not r.cancelled.is_set()]
         if len(keep) < len(self._running):
             self.stats.cancelled += len(self._running) - len(keep)
@@ -216,10 +134,10 @@ class Scheduler:
             self.stats.prefill_chunks += 1
             if not last:
                 return
-            self._prefill = None
+            self._prefill_req = None
             self._take(req, self._choose(req, out, 0))
         except Exception as e:  # this request alone fails; the batch goes on
-            self._prefill = None
+            self._prefill_req = None
             self._fail(req, e)
             return
         if not row.done:
@@ -275,9 +193,10 @@ class Scheduler:
         try:
             out = s.forward(self._tokens[:, None], mask, self._counts[:, None].copy(), cache, want=self._want(self._running))
         except Exception as e:  # the whole step failed: its requests fail, the loop serves the next ones
-            prefill, self._prefill = self._prefill, None
-            self._fail_in_flight(e)
-            self._prefill = prefill  # a request still being prefilled has a cache of its own: it goes on
+            running = self._running  # a request still being prefilled has a cache of its own: it goes on
+            self._keep_rows([])
+            for req in running:
+                self._fail(req, e)
             return
         self._values, self._length = cache.values, cache.length
         self._counts = self._counts + 1
@@ -339,34 +258,3 @@ class Scheduler:
         ort = self.lm.session._ort
         return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
                 for v in self._values]
-
-    # ---- tokens and events ----
-    def _want(self, reqs: list[Request]) -> str:
-        greedy = all(r.row.cfg.greedy and r.row.cfg.repetition_penalty == 1.0 for r in reqs)
-        return "argmax" if greedy else "logits"
-
-    def _choose(self, req: Request, out: np.ndarray, i: int) -> int:
-        if out.ndim == 1:
-            return int(out[i])
-        return next_token(out[i], req.row.cfg, req.row.seen(), req.row.rng)
-
-    def _take(self, req: Request, token: int) -> None:
-        row = req.row
-        row.add(token)
-        piece = row.piece()
-        if piece is not None and (piece.text or piece.finish_reason):
-            self._send(req, ("piece", piece))
-        if row.done:
-            self.stats.finished += 1
-            self._send(req, ("done", row.result()))
-
-    def _fail(self, req: Request, e: BaseException) -> None:
-        self.stats.failed += 1
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        self._send(req, ("error", text))
-
-    def _send(self, req: Request, event: Event) -> None:
-        try:
-            req.emit(event)
-        except Exception:  # the receiver is gone (its event loop closed): nothing to tell, drop the request
-            req.cancel()

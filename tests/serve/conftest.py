@@ -31,3 +31,17 @@ def stdlib_lm(stdlib_model: Path):
     from onnxpipe.runtime.generate import load
 
     return load(stdlib_model, "cpu", threads=1)
+
+
+@pytest.fixture(scope="session")
+def stdlib_cuda_model(stdlib_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model through `optimize --target cuda` (a shared KV buffer read by row sums), which runs on the CPU
+    too: the form the slot layout serves."""
+    import shutil
+
+    from onnxpipe.fusion import optimize_model
+
+    out = tmp_path_factory.mktemp("serve-cuda") / "llama-stdlib"
+    optimize_model(stdlib_model, out, level=3, target="cuda", verify=False)
+    shutil.copy(stdlib_model / "chat_template.jinja", out / "chat_template.jinja")
+    return out

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from onnxpipe.cli import main
 from onnxpipe.serve.app import ServerThread, create_app
-from onnxpipe.serve.scheduler import Scheduler
+from onnxpipe.serve.scheduler import ConcatScheduler as Scheduler
 
 MODEL = "llama-stdlib"
 PROMPTS = ["def fib(n):", "import os\nimport sys\n\n\ndef main(argv", "class Stack:\n    def push(self, item):",

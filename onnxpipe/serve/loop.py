@@ -1,0 +1,207 @@
+"""What every scheduler of the server shares: the bounded queue, the thread that runs the loop, each request's events
+and sampling. How the running batch's KV cache is laid out (and so how requests join and leave it) is a subclass's:
+``scheduler.ConcatScheduler`` (the concat cache of the CPU form), ``slots.SlotScheduler`` (fixed rows of a shared
+buffer: the CUDA form, and its CUDA-graph slots).
+
+One iteration of the loop: admit waiting requests (under the lock), drop the cancelled ones, run this iteration's
+prefill work, then one decode step of the running batch. Events go to each request's ``emit`` callback from the
+scheduler thread: ``("piece", StreamPiece)`` as text becomes final, then ``("done", GenerationResult)``, or
+``("error", message)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.generate import LanguageModel, RowState
+from onnxpipe.runtime.sampling import next_token
+from onnxpipe.runtime.session import KVCache
+
+Event = tuple[str, Any]
+
+
+class QueueFull(OnnxpipeError):
+    """The waiting queue holds ``max_queue`` requests already (answered 429)."""
+
+
+class TooLong(OnnxpipeError):
+    """The request's prompt and its most new tokens do not fit the scheduler's rows (answered 400)."""
+
+
+@dataclass
+class Request:
+    row: RowState
+    emit: Callable[[Event], None]
+    id: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    # prefill progress: the prompt tokens already in the cache (its own cache, or its slot's row)
+    cache: KVCache | None = None
+    prefilled: int = 0
+    slot: int = -1  # the row of the fixed batch it holds (slot layout), from admission until it leaves
+
+    def cancel(self) -> None:
+        """The client is gone: the scheduler drops the request at its next iteration, freeing its place."""
+        self.cancelled.set()
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0  # decode steps of the running batch
+    prefill_chunks: int = 0
+    max_running: int = 0  # the largest batch a decode step ran
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    rejected: int = 0  # refused with QueueFull
+
+
+class BatchLoop:
+    """``submit`` requests from any thread; ``start``/``stop`` the loop that serves them."""
+
+    def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OnnxpipeError(f"{name} must be a positive integer, got {value!r}")
+        self.lm = lm
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_length = lm.session.max_positions  # prompt + new tokens of one request, at most
+        self.stats = SchedulerStats()
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._ids = itertools.count(1)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ---- from the server ----
+    def submit(self, row: RowState, emit: Callable[[Event], None]) -> Request:
+        """Queue a prepared request (``LanguageModel.prepare``); raises QueueFull when ``max_queue`` wait already,
+        TooLong when its prompt and ``row.limit`` new tokens pass ``max_length``."""
+        if len(row.prompt) + row.limit > self.max_length:
+            raise TooLong(f"the prompt has {len(row.prompt)} tokens and asks for {row.limit} more: this server's rows "
+                          f"hold {self.max_length} tokens")
+        with self._cond:
+            if self._stop:
+                raise OnnxpipeError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            req = Request(row, emit, next(self._ids))
+            self._waiting.append(req)
+            self._cond.notify()
+        return req
+
+    def load(self) -> dict[str, int]:
+        with self._cond:
+            return {"running": len(self._running), "prefilling": len(self._prefilling()),
+                    "waiting": len(self._waiting), "max_batch": self.max_batch, "max_queue": self.max_queue}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="onnxpipe-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the loop ----
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stop or self._waiting or self._prefilling() or self._running):
+                    self._cond.wait()
+                if self._stop:
+                    break
+                self._admit()
+            try:
+                self._drop_cancelled()
+                self._prefill()
+                if self._running:
+                    self._decode_step()
+            except Exception as e:  # a fault outside one request's own work: fail those in flight, keep serving
+                self._fail_in_flight(e)
+        with self._cond:
+            left = list(self._waiting) + self._prefilling() + self._running
+            self._waiting.clear()
+        for req in left:
+            self._send(req, ("error", "the server is shutting down"))
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [r for r in self._waiting if r.cancelled.is_set()]
+            for r in gone:
+                self._waiting.remove(r)
+            self.stats.cancelled += len(gone)
+        self._drop_cancelled_in_flight()
+
+    def _fail_in_flight(self, e: BaseException) -> None:
+        in_flight = self._prefilling() + self._running
+        self._reset()
+        for req in in_flight:
+            self._fail(req, e)
+
+    # ---- the layout's (a subclass's) ----
+    def _prefilling(self) -> list[Request]:
+        """The requests admitted and not yet running (their prompts being read)."""
+        raise NotImplementedError
+
+    def _admit(self) -> None:
+        """Under the lock: move the waiting requests that start now out of ``_waiting``."""
+        raise NotImplementedError
+
+    def _prefill(self) -> None:
+        """This iteration's prefill work; requests whose prompt is read sample their first token and join."""
+        raise NotImplementedError
+
+    def _decode_step(self) -> None:
+        raise NotImplementedError
+
+    def _drop_cancelled_in_flight(self) -> None:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        """Forget every request in flight (they are failed by the caller) and empty the batch."""
+        raise NotImplementedError
+
+    # ---- tokens and events ----
+    def _want(self, reqs: list[Request]) -> str:
+        greedy = all(r.row.cfg.greedy and r.row.cfg.repetition_penalty == 1.0 for r in reqs)
+        return "argmax" if greedy else "logits"
+
+    def _choose(self, req: Request, out: np.ndarray, i: int) -> int:
+        if out.ndim == 1:
+            return int(out[i])
+        return next_token(out[i], req.row.cfg, req.row.seen(), req.row.rng)
+
+    def _take(self, req: Request, token: int) -> None:
+        row = req.row
+        row.add(token)
+        piece = row.piece()
+        if piece is not None and (piece.text or piece.finish_reason):
+            self._send(req, ("piece", piece))
+        if row.done:
+            self.stats.finished += 1
+            self._send(req, ("done", row.result()))
+
+    def _fail(self, req: Request, e: BaseException) -> None:
+        self.stats.failed += 1
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        self._send(req, ("error", text))
+
+    def _send(self, req: Request, event: Event) -> None:
+        try:
+            req.emit(event)
+        except Exception:  # the receiver is gone (its event loop closed): nothing to tell, drop the request
+            req.cancel()

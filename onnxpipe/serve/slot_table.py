@@ -1,0 +1,101 @@
+"""The fixed rows of a shared-buffer batch: which request holds which row, how many positions each row holds, and the
+inputs of one decode step of all rows. Pure bookkeeping (numpy only), shared by the CPU and the CUDA-graph runs.
+
+The batch is a KV buffer [rows, kv_heads, capacity, head_dim] that every decode step reads and writes in place. The
+graph of ``optimize --target cuda`` reads the attention mask only for its row sums (and its width): row r's new token
+is written at position ``sum(mask[r]) - 1`` and attends to the positions before it. So each row runs on its own
+count of positions, whoever else is in the batch, and the step's shapes never change (what a captured CUDA graph
+needs): a request joins by taking a free row, leaves by freeing it.
+
+A row that is not decoding (free, or holding a prompt still being prefilled) still runs through the step: its mask
+sum is its count + 1, so the step writes one entry just past what the row holds (position 0 of a free row), which the
+row's next prefill chunk writes before anything reads it; its output is not read. Its count does not move.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxpipe.errors import OnnxpipeError
+
+FREE, PREFILLING, DECODING = 0, 1, 2
+
+
+class SlotTable:
+    """``rows`` fixed rows of ``capacity`` positions each."""
+
+    def __init__(self, rows: int, capacity: int, pad_id: int = 0):
+        if rows < 1 or capacity < 2:
+            raise OnnxpipeError(f"a slot table needs at least 1 row and 2 positions, got {rows} x {capacity}")
+        self.rows, self.capacity, self.pad_id = rows, capacity, pad_id
+        self.state = np.full(rows, FREE, np.int8)
+        self.counts = np.zeros(rows, np.int64)  # positions of the row written (its prompt so far, then its tokens)
+        self.tokens = np.full(rows, pad_id, np.int64)  # each decoding row's last token, not yet in the cache
+
+    # ---- membership ----
+    def free_rows(self) -> int:
+        return int((self.state == FREE).sum())
+
+    def take(self) -> int:
+        """The lowest free row, now held for a prefill; raises when none is free."""
+        free = np.flatnonzero(self.state == FREE)
+        if not len(free):
+            raise OnnxpipeError("no free row in the batch")
+        row = int(free[0])
+        self.state[row], self.counts[row], self.tokens[row] = PREFILLING, 0, self.pad_id
+        return row
+
+    def prefilled(self, row: int, count: int) -> None:
+        """Row ``row`` now holds the first ``count`` positions of its prompt."""
+        self._held(row, PREFILLING)
+        if not 0 < count < self.capacity:
+            raise OnnxpipeError(f"row {row}: {count} positions do not fit its {self.capacity}")
+        self.counts[row] = count
+
+    def start_decoding(self, row: int, token: int) -> None:
+        """The row's prompt is read and ``token`` is its first new token: it decodes from the next step."""
+        self._held(row, PREFILLING)
+        self.state[row], self.tokens[row] = DECODING, token
+
+    def release(self, row: int) -> None:
+        if not 0 <= row < self.rows or self.state[row] == FREE:
+            raise OnnxpipeError(f"row {row} is not held")
+        self.state[row], self.counts[row], self.tokens[row] = FREE, 0, self.pad_id
+
+    def release_all(self) -> None:
+        self.state[:] = FREE
+        self.counts[:] = 0
+        self.tokens[:] = self.pad_id
+
+    def decoding(self) -> np.ndarray:
+        return np.flatnonzero(self.state == DECODING)
+
+    # ---- one step ----
+    def chunk(self, prompt_length: int, start: int, budget: int) -> tuple[int, int]:
+        """The next prefill chunk of a prompt whose first ``start`` tokens are in its row: [start, end)."""
+        if budget < 1 or not 0 <= start < prompt_length:
+            raise OnnxpipeError(f"no chunk to prefill from {start} of {prompt_length} with a budget of {budget}")
+        return start, min(start + budget, prompt_length)
+
+    def step_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids [rows, 1], attention_mask [rows, width], position_ids [rows, 1]) of a decode step of every
+        row. Row r's mask holds counts[r] + 1 ones from the left; ``width`` is the longest row's (a captured graph
+        widens it to the capacity; only the row sums are read)."""
+        if (self.counts + 1 > self.capacity).any():
+            raise OnnxpipeError(f"a row is full ({self.capacity} positions)")
+        ids = np.where(self.state == DECODING, self.tokens, self.pad_id)[:, None].astype(np.int64)
+        sums = self.counts + 1
+        mask = (np.arange(int(sums.max()))[None, :] < sums[:, None]).astype(np.int64)
+        return ids, mask, self.counts[:, None].copy()
+
+    def stepped(self, tokens: dict[int, int]) -> None:
+        """After a decode step: each decoding row holds one more position; ``tokens``: row -> its next token."""
+        rows = self.decoding()
+        self.counts[rows] += 1
+        for row, token in tokens.items():
+            self._held(row, DECODING)
+            self.tokens[row] = token
+
+    def _held(self, row: int, state: int) -> None:
+        if not 0 <= row < self.rows or self.state[row] != state:
+            raise OnnxpipeError(f"row {row} is not {('free', 'prefilling', 'decoding')[state]}")

@@ -1,0 +1,199 @@
+"""The slot layout: the running batch is ``max_batch`` fixed rows of one shared KV buffer (the graph of
+``optimize --target cuda``), on the CPU or on the CUDA provider, where its decode step replays the session's
+CUDA graph of (max_batch, capacity) (``DecoderSession.new_cache`` makes and captures it).
+
+- A request joins by taking a free row (``slot_table.SlotTable``) when it is admitted; it leaves by freeing it. Rows
+  not decoding run through every step masked (their output unread, their write one entry past what they hold).
+- Its prompt is prefilled straight into its row, outside the graph: a batch-1 run whose past and present are bound
+  to that row of the shared buffer (the row [1, kv_heads, capacity, head_dim] is contiguous in the buffer, so it is
+  bound by address; nothing is copied). Prompts are read in chunks: each iteration prefills at most
+  ``prefill_chunk`` prompt tokens, over the admitted requests in their order, then the running batch decodes one
+  step, so a long prompt does not stall running streams.
+- A decode step is one ``forward`` of every row: [max_batch, 1] ids, each row's mask sum and position its own.
+
+Each row's result depends on its own tokens only: the step's shapes are the same whoever is in the batch, and each
+prefill is a batch of one. The tests run this on the CPU with the slot path of the session (``tests/serve``); on a
+GPU ``scripts/load_test.py --provider cuda --cuda-graph --check-equal`` checks concurrent against solo tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.generate import LanguageModel
+from onnxpipe.runtime.last_position import LAST_INDEX
+from onnxpipe.serve.loop import BatchLoop, Request
+from onnxpipe.serve.slot_table import SlotTable
+
+DEFAULT_MAX_LENGTH = 2048  # a row's tokens (prompt and reply) unless max_length says otherwise
+
+
+class RowPrefill:
+    """Prefill chunks of one prompt into one row of a shared KV buffer, by address, outside any CUDA graph."""
+
+    def __init__(self, lm: LanguageModel, values: list[Any]):
+        s = self.session = lm.session
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.device = "cpu" if s.device == "cpu" else "cuda"
+        rows, heads, capacity, head_dim = (int(d) for d in values[0].shape())
+        if (heads, head_dim) != (s.num_kv_heads, s.head_dim) or any(v.shape() != values[0].shape() for v in values):
+            raise OnnxpipeError(f"the KV buffers {values[0].shape()} are not [rows, {s.num_kv_heads}, capacity, "
+                                f"{s.head_dim}] each")
+        self.values, self.capacity = values, capacity
+        self.row_shape = [1, heads, capacity, head_dim]
+        self.row_bytes = heads * capacity * head_dim * s.kv_dtype.itemsize
+        self.run_options = None
+        if s.cuda_graph:  # a session with CUDA graphs on: this run is not one of them
+            self.run_options = ort.RunOptions()
+            self.run_options.add_run_config_entry("gpu_graph_id", "-1")
+
+    def run(self, row: int, ids: list[int], start: int) -> np.ndarray:
+        """Write prompt tokens ``ids`` at positions ``start``... of ``row``; returns the logits of the last one
+        [1, vocab] (float32)."""
+        s, n = self.session, len(ids)
+        if start + n > self.capacity:
+            raise OnnxpipeError(f"{start + n} positions do not fit a row of {self.capacity}")
+        io = s.session.io_binding()
+        io.bind_output(s.logits_name, "cpu")  # first: get_outputs()[0]; [1, 1, vocab] with the last-position head
+        self._input(io, "input_ids", np.asarray(ids, np.int64)[None, :])
+        self._input(io, "attention_mask", np.ones((1, start + n), np.int64))
+        if s.has_position_ids:
+            self._input(io, "position_ids", np.arange(start, start + n, dtype=np.int64)[None, :])
+        if s.last_position:
+            self._input(io, LAST_INDEX, np.array([n - 1], np.int64))
+        for past, present, value in zip(s.past_names, s.present_names, self.values):
+            at = value.data_ptr() + row * self.row_bytes
+            io.bind_input(past, self.device, 0, s.kv_dtype, self.row_shape, at)
+            io.bind_output(present, self.device, 0, s.kv_dtype, self.row_shape, at)  # written in place
+        try:
+            s.session.run_with_iobinding(io, self.run_options)
+        except Exception as e:
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise OnnxpipeError(f"{s.model_dir.path}: onnxruntime failed on a prefill into row {row} ({n} tokens "
+                                f"from position {start}): {text}") from None
+        logits = io.get_outputs()[0].numpy()
+        return np.asarray(logits[:, -1], np.float32)
+
+    def _input(self, io: Any, name: str, array: np.ndarray) -> None:
+        if self.device == "cpu":
+            io.bind_cpu_input(name, array)
+        else:
+            io.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
+
+
+class SlotScheduler(BatchLoop):
+    """Fixed rows of one shared KV buffer (optimize --target cuda): on the CPU, the CUDA EP, or its CUDA graphs."""
+
+    def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
+                 max_length: int | None = None):
+        s = lm.session
+        if not s.shares_buffer or s.padding_side != "right":
+            raise OnnxpipeError(f"{s.model_dir.path}: the slot layout needs a shared KV buffer read by row sums "
+                                "(optimize --target cuda); this graph grows its cache: serve it with the concat "
+                                "layout (make_scheduler)")
+        super().__init__(lm, max_batch, max_queue, prefill_chunk)
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                       or max_length < 2):
+            raise OnnxpipeError(f"max_length must be an integer >= 2, got {max_length!r}")
+        length = min(max_length or DEFAULT_MAX_LENGTH, s.max_positions)
+        # with CUDA graphs: the session's slot of (max_batch, capacity), captured once here; its capacity may be
+        # rounded up (never past the model's positions)
+        self.cache = s.new_cache(max_batch, capacity=length)
+        assert self.cache.capacity is not None
+        self.max_length = min(length, self.cache.capacity)
+        self.table = SlotTable(max_batch, self.cache.capacity, int(lm.manifest.tokenizer.get("pad_token_id") or 0))
+        self.rows = RowPrefill(lm, self.cache.values)
+        self._admitted: list[Request] = []  # holding a row, their prompts being read, in order of admission
+
+    # ---- the loop's steps ----
+    def _prefilling(self) -> list[Request]:
+        return list(self._admitted)
+
+    def _admit(self) -> None:
+        while self._waiting and self.table.free_rows():
+            req = self._waiting.popleft()
+            req.slot = self.table.take()
+            self._admitted.append(req)
+
+    def _prefill(self) -> None:
+        """At most ``prefill_chunk`` prompt tokens this iteration, over the admitted requests in order."""
+        budget = self.prefill_chunk
+        for req in list(self._admitted):
+            if budget <= 0:
+                break
+            prompt = req.row.prompt
+            start, end = self.table.chunk(len(prompt), req.prefilled, budget)
+            budget -= end - start
+            try:
+                logits = self.rows.run(req.slot, prompt[start:end], start)
+                self.stats.prefill_chunks += 1
+                req.prefilled = end
+                self.table.prefilled(req.slot, end)
+                if end < len(prompt):
+                    continue
+                self._admitted.remove(req)
+                self._take(req, self._choose(req, logits, 0))
+            except Exception as e:  # this request alone fails; the others go on
+                self._leave(req)
+                self._fail(req, e)
+                continue
+            if req.row.done:
+                self.table.release(req.slot)
+            else:
+                self.table.start_decoding(req.slot, req.row.tokens[-1])
+                self._running.append(req)
+
+    def _decode_step(self) -> None:
+        s, running = self.lm.session, self._running
+        ids, mask, positions = self.table.step_inputs()
+        try:
+            out = s.forward(ids, mask, positions, self.cache, want=self._want(running))
+        except Exception as e:  # the whole step failed: its requests fail; rows being prefilled go on
+            self._running = []
+            for req in running:
+                self.table.release(req.slot)
+                self._fail(req, e)
+            return
+        self.stats.steps += 1
+        self.stats.max_running = max(self.stats.max_running, len(running))
+        tokens, keep = {}, []
+        for req in running:
+            try:
+                token = self._choose(req, out, req.slot)
+                tokens[req.slot] = token
+                self._take(req, token)
+            except Exception as e:  # a row whose sampling or callback fails leaves alone
+                self._fail(req, e)
+                continue
+            if req.cancelled.is_set() and not req.row.done:
+                self.stats.cancelled += 1
+            elif not req.row.done:
+                keep.append(req)
+        self.table.stepped({slot: t for slot, t in tokens.items()})
+        for req in running:
+            if req not in keep:
+                self.table.release(req.slot)
+        self._running = keep
+
+    def _drop_cancelled_in_flight(self) -> None:
+        for reqs in (self._admitted, self._running):
+            for req in [r for r in reqs if r.cancelled.is_set()]:
+                self.stats.cancelled += 1
+                reqs.remove(req)
+                self.table.release(req.slot)
+
+    def _reset(self) -> None:
+        self._admitted, self._running = [], []
+        self.table.release_all()
+
+    def _leave(self, req: Request) -> None:
+        if req in self._admitted:
+            self._admitted.remove(req)
+        if req in self._running:
+            self._running.remove(req)
+        self.table.release(req.slot)

@@ -1,0 +1,275 @@
+"""The slot layout (serve/slots.py, serve/slot_table.py): requests join and leave fixed rows of a shared KV buffer at
+every decode step, run here on the CPU with the graph of `optimize --target cuda`, both plain and through the
+session's CUDA-graph slot path (its replay minus the GPU: a stand-in session runs a graph id's first use several
+times, as onnxruntime's capture does). Each concurrent greedy request gets exactly the tokens it gets alone."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import openai
+import pytest
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.generate import LanguageModel, load
+from onnxpipe.runtime.session import DecoderSession
+from onnxpipe.serve.app import ServerThread, create_app
+from onnxpipe.serve.scheduler import ConcatScheduler, SlotScheduler, TooLong, make_scheduler
+from onnxpipe.serve.slot_table import DECODING, FREE, PREFILLING, SlotTable
+
+MODEL = "llama-stdlib"
+rng = np.random.default_rng(0)
+PROMPTS = [rng.integers(5, 4000, n).tolist() for n in (3, 40, 7, 70, 12, 25)]
+LENGTHS = [20, 9, 30, 14, 5, 25]  # new tokens: requests leave at different steps
+
+
+# ---- the table alone ----
+def test_rows_are_taken_lowest_first_and_released():
+    t = SlotTable(3, 16, pad_id=9)
+    assert [t.take(), t.take()] == [0, 1] and t.free_rows() == 1
+    t.release(0)
+    assert t.take() == 0 and t.take() == 2 and t.free_rows() == 0
+    with pytest.raises(OnnxpipeError, match="no free row"):
+        t.take()
+    with pytest.raises(OnnxpipeError, match="not held"):
+        SlotTable(2, 16).release(1)
+
+
+def test_step_inputs_mask_each_row_by_its_own_count():
+    t = SlotTable(4, 16, pad_id=9)
+    a, b, c = t.take(), t.take(), t.take()  # row 3 stays free
+    t.prefilled(a, 5)
+    t.start_decoding(a, 42)
+    t.prefilled(b, 3)  # b's prompt is still being read
+    t.prefilled(c, 2)
+    t.start_decoding(c, 7)
+    ids, mask, positions = t.step_inputs()
+    assert ids[:, 0].tolist() == [42, 9, 7, 9]  # rows not decoding feed the pad token
+    assert mask.sum(axis=1).tolist() == [6, 4, 3, 1] and mask.shape == (4, 6)
+    assert (mask == (np.arange(6)[None] < mask.sum(axis=1)[:, None])).all()  # ones from the left
+    assert positions[:, 0].tolist() == [5, 3, 2, 0]  # a masked row writes just past what it holds
+    t.stepped({a: 43, c: 8})
+    assert t.counts.tolist() == [6, 3, 3, 0] and t.tokens[[a, c]].tolist() == [43, 8]
+    assert t.state.tolist() == [DECODING, PREFILLING, DECODING, FREE]
+    with pytest.raises(OnnxpipeError, match="not decoding"):
+        t.stepped({b: 1})
+    t.release(a)
+    assert t.counts[a] == 0 and t.state[a] == FREE
+
+
+def test_chunks_and_full_rows():
+    t = SlotTable(1, 8)
+    assert t.chunk(20, 0, 6) == (0, 6) and t.chunk(20, 18, 6) == (18, 20)
+    with pytest.raises(OnnxpipeError):
+        t.chunk(20, 20, 6)
+    row = t.take()
+    with pytest.raises(OnnxpipeError, match="do not fit"):
+        t.prefilled(row, 8)
+    t.prefilled(row, 7)
+    t.start_decoding(row, 1)
+    t.stepped({})
+    with pytest.raises(OnnxpipeError, match="full"):
+        t.step_inputs()
+
+
+# ---- the scheduler on the CPU ----
+class _GraphRuns:
+    """Stands in for the InferenceSession: counts runs by gpu_graph_id, and runs a graph id's first use 3 times (the
+    warm-up runs of onnxruntime's capture)."""
+
+    def __init__(self, inner):
+        self._inner, self.runs, self.seen = inner, {}, set()
+
+    def run_with_iobinding(self, io, run_options=None):
+        gid = int(run_options.get_run_config_entry("gpu_graph_id")) if run_options is not None else None
+        self.runs[gid] = self.runs.get(gid, 0) + 1
+        times = 3 if gid is not None and gid >= 0 and gid not in self.seen else 1
+        if gid is not None and gid >= 0:
+            self.seen.add(gid)
+        for _ in range(times):
+            self._inner.run_with_iobinding(io, run_options)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def slot_lm(path, graphs: bool) -> LanguageModel:
+    if not graphs:
+        return load(path, "cpu", threads=1)
+    s = DecoderSession(path, "cpu", threads=1, feed_back=True)
+    s.cuda_graph = True  # what a CUDA session with graphs does: decode steps through its captured slot
+    s.session = _GraphRuns(s.session)
+    return LanguageModel(s, None)
+
+
+def submit(sched, lm, prompt, n, **opts):
+    """Returns a queue that receives ("done", token ids) or ("error", message), and the request."""
+    out: queue.Queue = queue.Queue()
+
+    def emit(event):
+        if event[0] == "done":
+            out.put(("done", event[1].token_ids))
+        elif event[0] == "error":
+            out.put(event)
+
+    req = sched.submit(lm.prepare(prompt, max_new_tokens=n, stop_token_ids=[], **opts), emit)
+    return out, req
+
+
+def result(q):
+    kind, value = q.get(timeout=60)
+    assert kind == "done", value
+    return value
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["plain", "graph-slots"])
+def test_concurrent_requests_get_their_solo_tokens(stdlib_cuda_model, graphs):
+    lm = slot_lm(stdlib_cuda_model, graphs)
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
+    assert isinstance(sched, SlotScheduler) and sched.max_length == 128 and sched.cache.capacity >= 128
+    sched.start()
+    try:
+        solo = [result(submit(sched, lm, p, n)[0]) for p, n in zip(PROMPTS, LENGTHS)]
+        sampled = {"temperature": 0.9, "top_k": 50, "seed": 3}
+        solo_sampled = result(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
+        if not graphs:  # solo through the rows is what generate gives
+            assert solo == [lm.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids
+                            for p, n in zip(PROMPTS, LENGTHS)]
+        steps = sched.stats.steps
+        waiting = []
+        for p, n in zip(PROMPTS * 2, LENGTHS * 2):  # 12 requests on 4 rows: they join as rows free up
+            waiting.append(submit(sched, lm, p, n)[0])
+            time.sleep(0.002)
+        waiting.append(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
+        assert [result(q) for q in waiting] == solo * 2 + [solo_sampled]
+        assert sched.stats.max_running == 4 and sched.stats.steps - steps < sum(LENGTHS) * 2
+        wait_until(lambda: sched.table.free_rows() == 4)
+        assert sched.stats.failed == 0
+    finally:
+        sched.stop()
+    if graphs:  # decode steps replayed the slot's graph id; prefills into rows ran outside it
+        runs = lm.session.session.runs
+        (gid,) = [g for g in runs if g is not None and g >= 0]
+        assert runs[gid] >= sched.stats.steps and runs[-1] == sched.stats.prefill_chunks
+
+
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_long_prompt_is_read_in_chunks_between_decode_steps(stdlib_cuda_model):
+    """A 100-token prompt, read 16 tokens an iteration while another request decodes in the row beside it: the
+    running request gets a token after each chunk, and both get their solo tokens (the masked step of a row being
+    prefilled writes only past what it holds)."""
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    long_prompt = rng.integers(5, 4000, 100).tolist()
+    sched = make_scheduler(lm, max_batch=2, prefill_chunk=16, max_length=160)
+    sched.start()
+    try:
+        alone = [result(submit(sched, lm, PROMPTS[0], 60)[0]), result(submit(sched, lm, long_prompt, 10)[0])]
+        events: queue.Queue = queue.Queue()
+        opts = {"stop_token_ids": []}
+        steps = sched.stats.steps
+        sched.submit(lm.prepare(PROMPTS[0], max_new_tokens=60, **opts), lambda e: events.put(("a", e)))
+        wait_until(lambda: sched.stats.steps >= steps + 2)
+        chunks = sched.stats.prefill_chunks
+        events.put(("b", ("submitted", None)))  # A's tokens from here on came while B was being read
+        sched.submit(lm.prepare(long_prompt, max_new_tokens=10, **opts), lambda e: events.put(("b", e)))
+        during, submitted, b_started, done = 0, False, False, {}
+        while len(done) < 2:
+            who, (kind, value) = events.get(timeout=60)
+            assert kind != "error", value
+            if kind == "submitted":
+                submitted = True
+            elif kind == "done":
+                done[who] = value.token_ids
+            elif who == "b":
+                b_started = True
+            elif kind == "piece" and submitted and not b_started:
+                during += len(value.token_ids)
+        assert [done["a"], done["b"]] == alone
+        assert sched.stats.prefill_chunks - chunks == 7  # ceil(100 / 16)
+        assert during >= 6  # a decode step of A after each chunk but the last
+    finally:
+        sched.stop()
+
+
+def test_cancelled_and_failed_requests_free_their_rows(stdlib_cuda_model, monkeypatch):
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    sched = make_scheduler(lm, max_batch=2, prefill_chunk=16, max_length=200)
+    sched.start()
+    try:
+        alone = result(submit(sched, lm, PROMPTS[1], 20)[0])
+        steps = sched.stats.steps
+        q, req = submit(sched, lm, PROMPTS[0], 150)
+        wait_until(lambda: sched.stats.steps >= steps + 3)
+        req.cancel()
+        wait_until(lambda: sched.table.free_rows() == 2)
+        assert sched.stats.cancelled == 1 and q.empty()
+        forward = type(lm.session).forward
+        calls = {"n": 0}
+
+        def flaky(self, input_ids, *args, **kw):  # the third decode step fails as a whole
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected step fault")
+            return forward(self, input_ids, *args, **kw)
+
+        monkeypatch.setattr(type(lm.session), "forward", flaky)
+        failing, _ = submit(sched, lm, PROMPTS[0], 30)
+        kind, message = failing.get(timeout=60)
+        assert kind == "error" and "injected step fault" in message
+        wait_until(lambda: sched.table.free_rows() == 2)
+        assert result(submit(sched, lm, PROMPTS[1], 20)[0]) == alone  # the next request is served
+    finally:
+        sched.stop()
+
+
+def test_requests_longer_than_the_rows_are_refused(stdlib_cuda_model, stdlib_lm):
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    sched = make_scheduler(lm, max_batch=2, max_length=64)
+    with pytest.raises(TooLong, match="hold 64 tokens"):
+        sched.submit(lm.prepare(PROMPTS[3], max_new_tokens=1), lambda e: None)
+    with pytest.raises(OnnxpipeError, match="shared KV buffer"):
+        SlotScheduler(stdlib_lm)
+    with pytest.raises(OnnxpipeError, match="max_length"):
+        make_scheduler(stdlib_lm, max_length=64)
+    with pytest.raises(OnnxpipeError, match="slot layout"):
+        ConcatScheduler(lm)
+    app = create_app(lm, MODEL, max_batch=2, max_length=64)
+    with ServerThread(app) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=4)
+        assert e.value.body["code"] == "context_length_exceeded" and "64 tokens" in e.value.body["message"]
+
+
+def test_the_server_serves_the_slot_layout(stdlib_cuda_model):
+    """Through the openai client: concurrent streamed and plain completions give the text each gets alone."""
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    app = create_app(lm, MODEL, max_batch=3, max_queue=8, prefill_chunk=16, max_length=128)
+    texts = ["def fib(n):", "import os\nimport sys\n\n\ndef main(argv", "class Stack:\n    def push(self, item):"]
+    with ServerThread(app) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def complete(prompt, stream=False):
+            r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=stream)
+            return "".join(ch.choices[0].text for ch in r) if stream else r.choices[0].text
+
+        alone = [complete(t) for t in texts]
+        assert alone == [lm.generate(t, max_new_tokens=24).text for t in texts] and all(alone)
+        out: list = [None] * 6
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, complete(texts[i % 3], stream=i >= 3)))
+                   for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert out == alone * 2
+        assert app.state.scheduler.stats.max_running >= 2
