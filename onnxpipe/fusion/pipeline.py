@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.fusion import attention, cleanup, gelu, norms, packing, rotary
+from onnxpipe.fusion import attention, cleanup, gelu, moe, norms, packing, rotary
 from onnxpipe.fusion.rules import TARGETS, PassContext, using_context
 from onnxpipe.runtime.sessions import open_session
 
@@ -56,6 +56,7 @@ PASSES: tuple[FusionPass, ...] = (
     FusionPass("norms", 2, norms.fuse_norms, "RMSNorm/LayerNorm and Skip forms", needs_shapes=True),
     FusionPass("gelu", 2, gelu.fuse_gelu, "GELU -> FastGelu/Gelu/BiasGelu", needs_shapes=True),
     FusionPass("rotary", 2, rotary.fuse_rotary, "RoPE -> RotaryEmbedding with cos/sin caches", needs_shapes=True),
+    FusionPass("experts", 2, moe.fuse_experts, "mixture-of-experts blocks -> MoE", needs_shapes=True),
     FusionPass("attention", 3, attention.fuse_attention, "attention -> MultiHeadAttention/GroupQueryAttention",
                needs_shapes=True),
     # Measured on the 2-core CPU (Llama 100M, decode): 5-7% slower than unpacked; on the H100 (1B, CUDA graphs)
@@ -69,7 +70,8 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # The contrib ops CUDA has kernels for (onnxruntime docs/OperatorKernels.md); used only when this onnxruntime has
 # no CUDA EP to ask, which --target cuda allows only with --skip-verify.
 CUDA_DOCUMENTED_OPS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
-                       "FastGelu", "Gelu", "BiasGelu", "RotaryEmbedding", "MultiHeadAttention", "GroupQueryAttention"}
+                       "FastGelu", "Gelu", "BiasGelu", "RotaryEmbedding", "MultiHeadAttention", "GroupQueryAttention",
+                       "MoE"}
 
 
 def supported_ops(target: str) -> dict[str, set[str]] | None:

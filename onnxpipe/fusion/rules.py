@@ -31,7 +31,7 @@ def register(name: str, *rules: Any, commute: bool = False) -> list[Any]:
 
 def all_rules() -> dict[str, list[Any]]:
     """Every registered rule, with all fusion modules imported."""
-    from onnxpipe.fusion import attention, gelu, norms, rotary  # noqa: F401 - importing registers their rules
+    from onnxpipe.fusion import attention, gelu, moe, norms, rotary  # noqa: F401 - importing registers their rules
 
     return dict(RULES)
 

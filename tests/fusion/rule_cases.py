@@ -407,3 +407,7 @@ CASES["split_half_rotary_embedding"] = (
      "the halves concatenated in reverse order": split_half_rotary(reverse=True),
      "cos is a graph input, not f(position_ids)": split_half_rotary(cos_input=True)},
     "RotaryEmbedding")
+
+from fusion.moe_cases import MOE_CASES  # noqa: E402 - the expert blocks are long enough for a module of their own
+
+CASES.update(MOE_CASES)
