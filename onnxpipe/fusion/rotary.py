@@ -11,6 +11,10 @@ computed. RotaryEmbedding takes the graph's own position_ids, so left-padded row
 
 The rewrite applies the op to the 3-D [B, S, N*H] form (before the head transpose) and transposes after, which is
 the form GroupQueryAttention and MultiHeadAttention take their query and key in.
+
+Two more forms: the partial one (the first R < H channels rotated, the rest passed through: rotary_embedding_dim),
+and gpt-oss's first/second-half arithmetic, concat(x1 cos - x2 sin, x2 cos + x1 sin) with half-width tables, the
+same rotation. GPT-NeoX's per-head q/k/v layout is rewritten first (qkv_layout.py), so that its rope matches.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
+from onnxpipe.fusion import qkv_layout  # noqa: F401 - registers per_head_qkv, applied first by fuse_rotary
+from onnxpipe.fusion.cleanup import infer_shapes
 from onnxpipe.fusion.rules import PassContext, add_initializer, count_ops, current_context, register
 from onnxpipe.runtime.sessions import open_session
 
@@ -285,7 +291,11 @@ def fuse_rotary(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
 
     if ctx.model_info.get("positions") != "rope":
         return {"rotary": "n/a (learned positions)"}
-    counts = apply_rules(model, ["rotary_embedding", "partial_rotary_embedding", "split_half_rotary_embedding"])
+    # GPT-NeoX's per-head q/k/v first: its rope reads q and k in the layout the rules below take
+    counts = apply_rules(model, ["per_head_qkv"])
+    if counts["per_head_qkv"]:
+        infer_shapes(model, ctx)  # the rotary checks read the new values' shapes
+    counts.update(apply_rules(model, ["rotary_embedding", "partial_rotary_embedding", "split_half_rotary_embedding"]))
     model.meta.pop(_CACHE_KEY, None)
     ctx.graph_notes["max_positions"] = int(ctx.model_info["max_position_embeddings"])
     return {**counts, "rotary fused": f"{count_ops(model, 'RotaryEmbedding')}/{2 * ctx.num_layers}"}

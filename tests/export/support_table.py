@@ -29,9 +29,8 @@ ATTENTION_FUSED: dict[str, tuple[str, str, str]] = {
     "olmo2": ("2/2", "2/2", ""),
     "stablelm": ("2/2", "2/2", "(partial rotary: RotaryEmbedding with rotary_embedding_dim)"),
     "phi": ("2/2", "2/2", "(partial rotary: RotaryEmbedding with rotary_embedding_dim)"),
-    "gpt_neox": ("0/2", "0/2", "query, key and value are split from one [B, N, S, 3 H] tensor after the head "
-                               "transpose (query_key_value viewed per head): the rotary rule expects the transpose "
-                               "directly before rope, so rope and then attention stay unfused"),
+    "gpt_neox": ("2/2", "2/2", "(query_key_value projects q, k and v per head: its columns are permuted to per "
+                               "tensor, then partial rotary and attention fuse)"),
     "starcoder2": ("2/2", "2/2", ""),
     "smollm3": ("2/2", "2/2", "(rotary fuses 2/4: the layer without rope has none to fuse)"),
     "falcon": ("2/2", "2/2", "(query, key and value are slices of one 5-D [B, S, kv groups, heads per group + 2, "

@@ -411,3 +411,33 @@ CASES["split_half_rotary_embedding"] = (
 from fusion.moe_cases import MOE_CASES  # noqa: E402 - the expert blocks are long enough for a module of their own
 
 CASES.update(MOE_CASES)
+
+
+# ---- q, k, v projected per head (GPT-NeoX) ----
+def per_head_qkv(weight_input: bool = False, view: str = "4, 24", axis: int = 3, with_bias: bool = True) -> str:
+    """One projection viewed as [B, S, N, 3 H], transposed to heads and split in three along the last axis."""
+    w_in = ", float[32,96] w" if weight_input else ""
+    w_def = "" if weight_input else "w = Constant <value = float[32,96] {" + ",".join(
+        f"{((i * 37) % 101) / 101 - 0.5:.4f}" for i in range(32 * 96)) + "}> ()"
+    b_def = "b = Constant <value = float[96] {" + ",".join(f"{i / 96:.4f}" for i in range(96)) + "}> ()"
+    dims = [int(d) for d in view.split(",")]
+    out = f"float[2,{dims[0]},3,{dims[1] // 3}]"
+    projection = "  pb = MatMul (x, w)\n  p = Add (pb, b)" if with_bias else "  p = MatMul (x, w)"
+    return _model(f"""
+g (float[2,3,32] x{w_in}) => ({out} q, {out} k, {out} v) {{
+  {w_def}
+  {b_def}
+{projection}
+  shape = Constant <value = int64[4] {{2, 3, {view}}}> ()
+  per_head = Reshape (p, shape)
+  heads = Transpose <perm = [0, 2, 1, 3]> (per_head)
+  q, k, v = Split <axis = {axis}, num_outputs = 3> (heads)
+}}""")
+
+
+CASES["per_head_qkv"] = (
+    {**INFO, "head_dim": 8}, per_head_qkv(),
+    {"the weight is a graph input": per_head_qkv(weight_input=True),
+     "viewed as [B, S, 3, N H]: already per tensor": per_head_qkv(view="3, 32"),
+     "split along the sequence axis": per_head_qkv(axis=2)},
+    "Transpose")
