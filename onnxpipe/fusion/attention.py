@@ -494,13 +494,15 @@ register("gqa", *_variants("GroupQueryAttention", grouped=True))
 register("softcap_attention", *_variants("SoftcapAttention", scores=("softcap", "softcap_scaled", "softcap_div")))
 # eager attention with a sink logit per head (gpt-oss): GroupQueryAttention's head_sink
 register("sink_attention", *_variants("SinkAttention", scores=("eager",), sinks=True))
+ATTENTION_RULES = ("gqa", "mha", "softcap_attention", "sink_attention")
 
 
 def fuse_attention(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
     from onnxpipe.fusion.rules import apply_rules
 
-    counts = apply_rules(model, ["gqa", "mha", "softcap_attention", "sink_attention"])
+    counts = apply_rules(model, list(ATTENTION_RULES))
     fused = count_ops(model, *ATTENTION_OPS)
+    why = unfused_reason(model, list(ATTENTION_RULES)) if fused < ctx.num_layers else None
     ctx.graph_notes.setdefault("padding_side", "left")
     if count_ops(model, "GroupQueryAttention"):
         # what the runtime may feed: without query_seqlens, ORT's CPU kernel takes a multi-token step after a
@@ -515,4 +517,34 @@ def fuse_attention(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
         mask = next((v for v in model.graph.inputs if v.name == ATTENTION_MASK), None)
         uses = {user.op_type for user, _ in mask.uses()} if mask is not None else set()
         ctx.graph_notes["attention_mask_use"] = "row sums and width" if uses <= {"ReduceSum", "Shape"} else "values"
-    return {**counts, "attention blocks fused": f"{fused}/{ctx.num_layers}"}
+    report: dict[str, str | int] = {**counts, "attention blocks fused": f"{fused}/{ctx.num_layers}"}
+    if why is not None:
+        report["not fused because"] = why
+    return report
+
+
+def unfused_reason(model: ir.Model, names: list[str]) -> str:
+    """Why the named rules leave a block unfused, in words: the closest match's failed check (the rule's own
+    reason), else how far the closest pattern got. Matching only: a rule that would fire now is not applied."""
+    from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+
+    from onnxpipe.fusion.rules import RULES
+
+    tracer = MatchingTracer()
+    for name in names:
+        for rule in RULES[name]:
+            for node in list(model.graph):
+                rule.match(model, model.graph, node, check_nodes_are_removable=rule.remove_nodes, tracer=tracer)
+    best = None
+    for rule, matches in tracer.best_matches_map.items():
+        for info in matches:
+            key = (info.status == MatchStatus.CONDITION_FAILED, len(info.match_result.nodes))
+            if best is None or key > best[0]:
+                best = (key, rule, info)
+    if best is None:
+        return "no attention pattern matched any node"
+    _, rule, info = best
+    reason = info.match_result.reason or "no reason given"
+    if info.status == MatchStatus.CONDITION_FAILED:
+        return f"{reason} ({rule.name})"
+    return f"the closest pattern ({rule.name}) matched {len(info.match_result.nodes)} nodes, then: {reason}"
