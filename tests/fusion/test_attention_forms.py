@@ -10,8 +10,8 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import pytest
-
 from fusion.rule_cases import CASES, GQA_INFO, eager_attention
+
 from onnxpipe.fusion.attention import fuse_attention
 from onnxpipe.fusion.rules import PassContext, using_context
 
