@@ -129,7 +129,7 @@ def score(model_dir: Path, input_path: Path, output: Path, task: str, max_new_to
           on_bad_record: str, resume: bool, force: bool, engine: str, num_workers: int | None,
           ray_address: str | None, no_progress: bool, max_record_chars: int) -> None:
     """Score every record of INPUT (JSONL/Parquet: text, prompt+completion or input_ids) with MODEL_DIR."""
-    from onnxpipe.runtime.score import ScoreConfig, score as run_score
+    from onnxpipe.score import ScoreConfig, score as run_score
 
     config = ScoreConfig(task=task, batch_tokens=batch_tokens, max_padding=max_padding, stride=stride,
                          max_context=max_context, chunk_records=chunk_records, on_bad_record=on_bad_record,

@@ -83,7 +83,7 @@ def export_once(hf_dir: Path, work: Path) -> Path:
 
 
 def run_onnxpipe(onnx_dir: Path, records: Path, work: Path, args: argparse.Namespace) -> tuple[dict, list[dict]]:
-    from onnxpipe.runtime.score import ScoreConfig, score
+    from onnxpipe.score import ScoreConfig, score
 
     out = work / "scores.jsonl"
     cfg = ScoreConfig(provider="cpu", threads=args.threads, batch_tokens=args.batch_tokens, force=True,
@@ -120,8 +120,9 @@ def transformers_loglik(model, onnx_dir: Path, texts: list[str], batch_tokens: i
     import torch
 
     from onnxpipe.artifact import ModelDir
-    from onnxpipe.runtime.score import Encoder, cut_windows, plan_batches
-    from onnxpipe.runtime.score_io import Record
+    from onnxpipe.score.batching import cut_windows, plan_batches
+    from onnxpipe.score.encoding import Encoder
+    from onnxpipe.score.records import Record
 
     md = ModelDir.open(onnx_dir)
     context = int(md.manifest.model["max_position_embeddings"])
@@ -394,9 +395,7 @@ def placement(model_dir: Path, provider: str, threads: int | None, work: Path) -
 
     from onnxpipe.artifact import ModelDir
     from onnxpipe.runtime.providers import create_session
-    from onnxpipe.runtime.score import WindowScorer
-
-    from onnxpipe.runtime.score import gpu_session_options
+    from onnxpipe.score.scorer import WindowScorer, gpu_session_options
 
     md = ModelDir.open(model_dir)
     so = gpu_session_options(provider) or ort.SessionOptions()  # the graph optimization level score() uses
@@ -429,7 +428,7 @@ def graph_form(model_dir: Path) -> str:
 
 def child_onnxpipe(spec: dict) -> dict:
     from onnxpipe.errors import OnnxpipeError
-    from onnxpipe.runtime.score import ScoreConfig, score
+    from onnxpipe.score import ScoreConfig, score
 
     work, provider = Path(spec["work"]), spec["provider"]
     threads = spec["threads"] if provider == "cpu" else None

@@ -74,22 +74,25 @@ def instrument(clock: PhaseClock) -> None:
     """Wrap the pipeline's functions (module attributes and methods) with the clock's phases."""
     import onnxruntime as ort
 
-    from onnxpipe.runtime import score as S
-    from onnxpipe.runtime import score_io
+    from onnxpipe.score import engine_local, perplexity
+    from onnxpipe.score.checkpoint import Checkpoint
+    from onnxpipe.score.encoding import Encoder
+    from onnxpipe.score.head import LogitsHead
+    from onnxpipe.score.job import ScoreJob
+    from onnxpipe.score.scorer import WindowScorer
 
-    S.ScoreJob.chunks = clock.wrap_iter("read", S.ScoreJob.chunks)
-    S.Encoder.items = clock.wrap("tokenize", S.Encoder.items)
-    S.score_items = clock.wrap("windows", S.score_items)  # cutting, planning, per-batch accounting
-    S.WindowScorer.score = clock.wrap("feed", S.WindowScorer.score)  # padding, targets, bincounts
-    S.WindowScorer._host_head = clock.wrap("head", S.WindowScorer._host_head)
-    S.ScoreWorker.run = clock.wrap("rows", S.ScoreWorker.run)
-    S.record_bad = clock.wrap("rows", S.record_bad)
-    for mod in (S, score_io):
-        if hasattr(mod, "append_jsonl"):
-            mod.append_jsonl = clock.wrap("write", mod.append_jsonl)
-        if hasattr(mod, "write_part"):
-            mod.write_part = clock.wrap("write", mod.write_part)
-    S.Checkpoint.save = clock.wrap("checkpoint", S.Checkpoint.save)
+    # functions are wrapped where the local engine looks them up (the module that imported them), methods on their class
+    ScoreJob.chunks = clock.wrap_iter("read", ScoreJob.chunks)
+    Encoder.items = clock.wrap("tokenize", Encoder.items)
+    perplexity.score_items = clock.wrap("windows", perplexity.score_items)  # cutting, planning, per-batch accounting
+    WindowScorer.score = clock.wrap("feed", WindowScorer.score)  # padding, targets, bincounts
+    WindowScorer._host_head = clock.wrap("head", WindowScorer._host_head)
+    perplexity.ScoreWorker.run = clock.wrap("rows", perplexity.ScoreWorker.run)
+    engine_local.record_bad = clock.wrap("rows", engine_local.record_bad)
+    engine_local.append_jsonl = clock.wrap("write", engine_local.append_jsonl)
+    engine_local.write_part = clock.wrap("write", engine_local.write_part)
+    Checkpoint.save = clock.wrap("checkpoint", Checkpoint.save)
+    LogitsHead.run = clock.wrap("head", LogitsHead.run)
 
     run, run_io = ort.InferenceSession.run, ort.InferenceSession.run_with_iobinding
 
@@ -108,8 +111,6 @@ def instrument(clock: PhaseClock) -> None:
     ort.InferenceSession.run_with_iobinding = timed_run_io
     copy = ort.IOBinding.copy_outputs_to_cpu
     ort.IOBinding.copy_outputs_to_cpu = clock.wrap("head", copy)
-    if hasattr(S, "LogitsHead"):
-        S.LogitsHead.run = clock.wrap("head", S.LogitsHead.run)
 
 
 def main() -> int:
@@ -132,7 +133,7 @@ def main() -> int:
 
     from bench_score import cut_texts
 
-    from onnxpipe.runtime.score import ScoreConfig, score
+    from onnxpipe.score import ScoreConfig, score
 
     args.work.mkdir(parents=True, exist_ok=True)
     records = args.work / "texts.jsonl"

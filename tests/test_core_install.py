@@ -29,7 +29,7 @@ class NotInstalled(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in ("torch", "transformers"):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked: the core install has none)", name=name)
 sys.meta_path.insert(0, NotInstalled())
-import onnxpipe.inspect, onnxpipe.runtime, onnxpipe.runtime.generate, onnxpipe.runtime.score, onnxpipe.serve.app, onnxpipe.tokenizer
+import onnxpipe.inspect, onnxpipe.runtime, onnxpipe.runtime.generate, onnxpipe.score, onnxpipe.serve.app, onnxpipe.tokenizer
 from onnxpipe.cli import main
 sys.argv = ["onnxpipe"] + sys.argv[1:]
 try:

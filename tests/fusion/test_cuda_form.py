@@ -233,7 +233,7 @@ def test_parity_check_catches_a_wrong_cuda_form(tiny_onnx, tmp_path, monkeypatch
 def test_scoring_a_right_padded_batch_equals_the_exported_graph(family, cuda_form, tiny_onnx):
     """The CUDA form's log-likelihoods of a right-padded ragged batch equal the exported graph's. gpt2 reads its
     positions from position_ids, which the scorer feeds."""
-    from onnxpipe.runtime.score import WindowScorer
+    from onnxpipe.score.scorer import WindowScorer
 
     rng = np.random.default_rng(0)
     windows = [(rng.integers(3, 250, size=n), 1) for n in (12, 5, 9)]

@@ -67,7 +67,7 @@ well_formed = st.one_of(  # records that should parse, some with an id, some wit
 
 
 def _check_parsed(result, vocab, where):
-    from onnxpipe.runtime.score_io import BadRecord, Record
+    from onnxpipe.score.records import BadRecord, Record
 
     assert isinstance(result, (Record, BadRecord)), type(result)
     if isinstance(result, BadRecord):
@@ -84,7 +84,7 @@ def _check_parsed(result, vocab, where):
 @settings(max_examples=150, **SETTINGS)
 @given(obj=json_values | record_dicts | well_formed, generate=st.booleans())
 def test_score_parse_record_never_raises(obj, generate):
-    from onnxpipe.runtime.score_io import parse_record
+    from onnxpipe.score.records import parse_record
 
     result = parse_record(obj, 7, Path("in.jsonl"), False, 256, generate)
     tally("score record", _check_parsed(result, 256, "in.jsonl:7"))
@@ -96,7 +96,7 @@ def test_score_parse_record_never_raises(obj, generate):
                                          b'{"text": "a", "id": 1.5}', b'{"input_ids": [1, 2], "id": []}']),
                       min_size=1, max_size=8))
 def test_score_iter_records_never_raises(tmp_path_factory, lines):
-    from onnxpipe.runtime.score_io import Shard, iter_records
+    from onnxpipe.score.records import Shard, iter_records
 
     path = tmp_path_factory.mktemp("records") / "in.jsonl"
     path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")

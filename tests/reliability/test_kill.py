@@ -144,7 +144,7 @@ def assert_absent_or_valid(out: Path, want_tokens: list[int]) -> str:
 @pytest.fixture(scope="module")
 def zygote(tmp_path_factory):
     z = Zygote(tmp_path_factory.mktemp("zygote"), ["torch", "transformers", "onnxpipe.export", "onnxpipe.fusion",
-                                                    "onnxpipe.quant", "onnxpipe.runtime.score", "onnxruntime"])
+                                                    "onnxpipe.quant", "onnxpipe.score", "onnxruntime"])
     yield z
     z.close()
 

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from cli_checks import cli
 
-from onnxpipe.runtime.score import Item, ScoreConfig, WindowScorer, score_items
+from onnxpipe.score import ScoreConfig
+from onnxpipe.score.encoding import Item
+from onnxpipe.score.perplexity import score_items
+from onnxpipe.score.scorer import WindowScorer
 
 
 @pytest.fixture(scope="module")

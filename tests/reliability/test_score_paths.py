@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from cli_checks import cli, digest, one_line_error
 
-from onnxpipe.runtime import score_io
-from onnxpipe.runtime.score import ScoreConfig, score
+from onnxpipe.score import ScoreConfig, score
+from onnxpipe.score import output as score_output
 
 
 def _records(n: int, seed: int = 0) -> list[dict]:
@@ -132,13 +132,13 @@ def test_two_real_resume_runs_write_each_row_once(tiny_onnx, tmp_path):
 
 def test_checkpoint_temp_names_are_per_process_and_stale_ones_go(tmp_path):
     target = tmp_path / "out.jsonl.checkpoint.json"
-    assert str(os.getpid()) in score_io.temp_name(target).name
+    assert str(os.getpid()) in score_output.temp_name(target).name
     stale = target.with_name(f".{target.name}.999999.tmp")
     stale.write_text("{}")
     keep = target.with_name(f".{target.name}.notes.tmp")  # not a name we make: left alone
     keep.write_text("mine")
-    score_io.remove_stale_temps([target])
+    score_output.remove_stale_temps([target])
     assert not stale.exists() and keep.read_text() == "mine"
-    score_io.write_json_atomic(target, {"a": 1})
+    score_output.write_json_atomic(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == [
         keep.name, target.name]

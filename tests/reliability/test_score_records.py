@@ -12,8 +12,8 @@ import pytest
 from cli_checks import cli, one_line_error
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.runtime import score as score_mod
-from onnxpipe.runtime.score import ScoreConfig, score
+from onnxpipe.score import ScoreConfig, score
+from onnxpipe.score.scorer import WindowScorer
 
 
 @pytest.fixture(scope="module")
@@ -110,24 +110,24 @@ def test_model_run_failure_fails_only_its_record(text_model, tmp_path, monkeypat
     """A batch the model run fails on is rerun window by window: the record whose window fails is a bad record,
     the others of its batch are scored as in a clean run. A chunk where every record fails stops the run."""
     poison = 7  # the byte-level id of "(", which none of the text records holds
-    real_score = score_mod.WindowScorer.score
+    real_score = WindowScorer.score
 
     def flaky(self, windows):
         if any(poison in np.asarray(t) for t, _ in windows):
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : simulated")
         return real_score(self, windows)
 
-    monkeypatch.setattr(score_mod.WindowScorer, "score", flaky)
+    monkeypatch.setattr(WindowScorer, "score", flaky)
     good = _texts(20)
     records = good[:8] + [{"id": "p", "input_ids": [1, 2, poison, 3]}] + good[8:]
     inp = _write_lines(tmp_path / "in.jsonl", [json.dumps(r) for r in records])
     summary = score(text_model, inp, tmp_path / "o.jsonl", _config(batch_tokens=100_000), log=lambda m: None)
     assert summary.bad_records == 1 and summary.bad[0]["where"] == "in.jsonl:9"
     assert "the model run failed on it" in summary.bad[0]["error"] and "simulated" in summary.bad[0]["error"]
-    monkeypatch.setattr(score_mod.WindowScorer, "score", real_score)
+    monkeypatch.setattr(WindowScorer, "score", real_score)
     _assert_as_clean_run(text_model, tmp_path, good, _rows(tmp_path / "o.jsonl"))
 
-    monkeypatch.setattr(score_mod.WindowScorer, "score", flaky)
+    monkeypatch.setattr(WindowScorer, "score", flaky)
     all_bad = _write_lines(tmp_path / "all.jsonl", [json.dumps({"input_ids": [poison, 1, 2]})] * 3)
     with pytest.raises(OnnxpipeError, match="failed on every record of a chunk"):
         score(text_model, all_bad, tmp_path / "all.out.jsonl", _config(), log=lambda m: None)
@@ -196,7 +196,7 @@ def test_parsed_records_are_valid_unicode_within_the_cap():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from onnxpipe.runtime.score_io import BadRecord, Record, parse_record
+    from onnxpipe.score.records import BadRecord, Record, parse_record
 
     fields = st.sampled_from(["id", "text", "prompt", "completion", "input_ids", "prompt_ids", "completion_ids", "x"])
     values = _json_values() | st.text(alphabet=st.characters(), max_size=30) | st.lists(st.integers(-5, 300), max_size=8)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from score.conftest import read_jsonl, write_jsonl
 
-from onnxpipe.runtime.score import ScoreConfig, score
+from onnxpipe.score import ScoreConfig, score
 
 
 def test_generate_rows_equal_transformers_greedy(tiny_hf, tiny_onnx, hf_model, tmp_path):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from score.conftest import hf_loglik, random_records, read_jsonl, write_jsonl
 
-from onnxpipe.runtime.score import ScoreConfig, cut_windows, plan_batches, score
+from onnxpipe.score import ScoreConfig, score
+from onnxpipe.score.batching import cut_windows, plan_batches
 
 TOL_PER_RECORD = 1e-4  # abs, on a record's natural-log sum (fp32 model, up to ~300 scored tokens)
 CONTEXT = 128  # the tiny models' max_position_embeddings
@@ -172,7 +173,7 @@ def test_gpu_scoring_sessions_use_basic_graph_optimizations(tiny_onnx, monkeypat
     import onnxruntime as ort
 
     from onnxpipe.runtime import providers
-    from onnxpipe.runtime.score import WindowScorer, gpu_session_options
+    from onnxpipe.score.scorer import WindowScorer, gpu_session_options
 
     assert gpu_session_options("cpu") is None
     monkeypatch.setattr(providers, "available_providers", lambda: ["cuda", "cpu"])

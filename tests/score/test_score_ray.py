@@ -8,7 +8,7 @@ import json
 import pytest
 from score.conftest import random_records, write_jsonl
 
-from onnxpipe.runtime.score import ScoreConfig, score
+from onnxpipe.score import ScoreConfig, score
 
 ray = pytest.importorskip("ray")
 
@@ -52,14 +52,14 @@ class _Crash(BaseException):
 def test_ray_driver_crash_after_a_part_then_resume(local_ray, tiny_onnx, tmp_path, monkeypatch):
     """The driver dies between writing a chunk's part file and checkpointing it: the resumed run redoes that chunk
     (and only the chunks not checkpointed), and the parts equal the local engine's output."""
-    from onnxpipe.runtime import score_io
+    from onnxpipe.score.checkpoint import Checkpoint
 
     model = tiny_onnx("gpt2")
     inp = write_jsonl(tmp_path / "in.jsonl", random_records(100, seed=22, max_len=200))
     local = tmp_path / "local.jsonl"
     score(model, inp, local, _config(), log=lambda m: None)
 
-    real_save, calls = score_io.Checkpoint.save, []
+    real_save, calls = Checkpoint.save, []
 
     def save(self, path):
         calls.append(1)
@@ -68,10 +68,10 @@ def test_ray_driver_crash_after_a_part_then_resume(local_ray, tiny_onnx, tmp_pat
         real_save(self, path)
 
     out = tmp_path / "ray.jsonl"
-    monkeypatch.setattr(score_io.Checkpoint, "save", save)
+    monkeypatch.setattr(Checkpoint, "save", save)
     with pytest.raises(_Crash):
         score(model, inp, out, _config(engine="ray", num_workers=2), log=lambda m: None)
-    monkeypatch.setattr(score_io.Checkpoint, "save", real_save)
+    monkeypatch.setattr(Checkpoint, "save", real_save)
     assert len(list(out.glob("part-*.jsonl"))) == 3
     assert len(json.loads((out / "_checkpoint.json").read_text())["done_chunks"]) == 2
     again = score(model, inp, out, _config(engine="ray", num_workers=2, resume=True), log=lambda m: None)

@@ -10,8 +10,8 @@ import pytest
 from score.conftest import random_records, write_jsonl
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.runtime.score import ScoreConfig, score
-from onnxpipe.runtime.score_ray import _placement
+from onnxpipe.score import ScoreConfig, score
+from onnxpipe.score.engine_ray import _placement
 
 ray = pytest.importorskip("ray")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from score.conftest import hf_loglik, read_jsonl, write_jsonl
 
-from onnxpipe.runtime.score import ScoreConfig, score
+from onnxpipe.score import ScoreConfig, score
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "gpt2-stdlib"
 EVAL = Path(__file__).resolve().parents[2] / "data" / "eval.txt"

@@ -14,8 +14,8 @@ import pytest
 from score.conftest import random_records, read_jsonl, write_jsonl
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.runtime import score_io
-from onnxpipe.runtime.score import ScoreConfig, score
+from onnxpipe.score import ScoreConfig, score
+from onnxpipe.score.checkpoint import Checkpoint
 
 
 def _config(**kw) -> ScoreConfig:
@@ -99,7 +99,7 @@ def test_crash_between_output_and_checkpoint_loses_nothing(tiny_onnx, inputs, tm
     ref = tmp_path / f"ref.{fmt}"
     score(model, inputs, ref, _config(), log=_quiet)
 
-    real_save, calls = score_io.Checkpoint.save, []
+    real_save, calls = Checkpoint.save, []
 
     def save(self, path):
         calls.append(1)
@@ -108,10 +108,10 @@ def test_crash_between_output_and_checkpoint_loses_nothing(tiny_onnx, inputs, tm
         real_save(self, path)
 
     out = tmp_path / f"out.{fmt}"
-    monkeypatch.setattr(score_io.Checkpoint, "save", save)
+    monkeypatch.setattr(Checkpoint, "save", save)
     with pytest.raises(_Crash):
         score(model, inputs, out, _config(), log=_quiet)
-    monkeypatch.setattr(score_io.Checkpoint, "save", real_save)
+    monkeypatch.setattr(Checkpoint, "save", real_save)
     with pytest.raises(OnnxpipeError, match="pass --resume"):
         score(model, inputs, out, _config(), log=_quiet)
     score(model, inputs, out, _config(resume=True), log=_quiet)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from onnxpipe.runtime.score import ScoreConfig, score
+from onnxpipe.score import ScoreConfig, score
 
 REPO = Path(__file__).resolve().parents[2]
 TOL_PER_RECORD = 1e-4

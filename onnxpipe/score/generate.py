@@ -1,4 +1,5 @@
-"""``onnxpipe score --task generate``: greedy generation for each record's prompt, through the runtime's generate API.
+"""Task ``generate`` (``onnxpipe score --task generate``): greedy generation for each record's prompt, through the
+runtime's generate API.
 
 A record holds one prompt (``prompt`` or ``text``; or ``prompt_ids`` / ``input_ids``). Text is tokenized the way
 ``onnxpipe.runtime.generate`` tokenizes it (the tokenizer's own special tokens). Prompts of a chunk are grouped by
@@ -12,14 +13,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from onnxpipe.runtime.score import ChunkStats, Item, Progress, ScoreJob, plan_batches
-from onnxpipe.runtime.score_io import BadRecord, Record, first_line
+from onnxpipe.runtime.generate import load
+from onnxpipe.score.batching import ChunkStats, Progress, plan_batches
+from onnxpipe.score.encoding import Item
+from onnxpipe.score.job import ScoreJob
+from onnxpipe.score.records import BadRecord, Record, first_line
 
 
 class GenerateWorker:
-    def __init__(self, job: ScoreJob, announce: Callable[[str], None]):
-        from onnxpipe.runtime.generate import load
+    """The local engine's generation: records -> prompt Items -> length-bucketed batches (LanguageModel) -> rows."""
 
+    def __init__(self, job: ScoreJob, announce: Callable[[str], None]):
         c = job.config
         self.job = job
         self.lm = load(job.model_dir.path, c.provider, threads=c.threads, announce=announce)

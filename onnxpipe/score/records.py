@@ -1,4 +1,5 @@
-"""Scoring I/O: records in (JSONL or Parquet, a file or a directory of shards), results out, and the checkpoint.
+"""Scoring's records: the input (JSONL or Parquet, a file or a directory of shards) read into records, and the
+malformed ones told apart.
 
 A record is one JSON object (or Parquet row) holding exactly one of
   ``text``                          score every token of the text
@@ -12,18 +13,12 @@ Unicode (a lone surrogate such as ``"\udc80"``, which no tokenizer can take), a 
 (``max_chars``: characters of text, or token ids), and the rows of a Parquet row group whose data cannot be read
 (each reported with the unreadable row range; the other row groups are read). A Parquet file with none of the
 fields above as a column is an error naming the file, not an empty run.
-
-Durability: results are appended chunk by chunk; after each chunk the output is fsync'd and then a small checkpoint
-is written atomically (temporary file, fsync, rename, fsync of the directory). A rerun with ``--resume`` cuts the
-output back to what the checkpoint covers, so a kill at any moment loses at most the chunk in flight.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -243,147 +238,6 @@ def _ids(obj: dict[str, Any], key: str, vocab_size: int | None) -> list[int]:
     if vocab_size is not None and any(not 0 <= v < vocab_size for v in value):
         raise ValueError(f"{key} holds a token id outside 0..{vocab_size - 1}")
     return list(value)
-
-
-# ---- output ----
-
-def encode_rows(rows: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-
-
-def rows_to_table(rows: list[dict[str, Any]], path: Path) -> Any:
-    """Rows as a pyarrow Table; ids of mixed types (strings and integers) become strings."""
-    require_pyarrow(path)
-    import pyarrow as pa
-
-    columns = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {})}
-    if "id" in columns and len({type(v) for v in columns["id"]}) > 1:
-        columns["id"] = [str(v) for v in columns["id"]]
-    return pa.table(columns)
-
-
-def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> int:
-    """Append rows, fsync, and return the file's new size."""
-    with open(path, "ab") as f:
-        f.write(encode_rows(rows))
-        f.flush()
-        os.fsync(f.fileno())
-        return f.tell()
-
-
-def write_part(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
-    """One part file (a chunk's rows), written atomically."""
-    tmp = temp_name(path)
-    if fmt == "parquet":
-        pq = require_pyarrow(path)
-        pq.write_table(rows_to_table(rows, path), tmp)
-        _fsync_file(tmp)
-    else:
-        with open(tmp, "wb") as f:
-            f.write(encode_rows(rows))
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def read_part(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".parquet":
-        pq = require_pyarrow(path)
-        return pq.read_table(path).to_pylist()
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def merge_parts(parts: list[Path], target: Path, fmt: str) -> None:
-    """Concatenate part files into ``target`` atomically."""
-    tmp = temp_name(target)
-    if fmt == "parquet":
-        pq = require_pyarrow(target)
-        rows = [r for p in parts for r in read_part(p)]
-        pq.write_table(rows_to_table(rows, target), tmp)
-        _fsync_file(tmp)
-    else:
-        with open(tmp, "wb") as out:
-            for p in parts:
-                out.write(p.read_bytes())
-            out.flush()
-            os.fsync(out.fileno())
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
-
-
-# ---- checkpoint ----
-
-@dataclass
-class Checkpoint:
-    """How far a run got. ``records_done`` counts input records (bad ones too) whose results are durable."""
-
-    fingerprint: dict[str, Any]
-    records_done: int = 0
-    output_bytes: int = 0  # JSONL: the output's durable size
-    parts: int = 0  # Parquet: durable part files
-    done_chunks: list[int] = field(default_factory=list)  # Ray engine: chunks whose part file is durable
-    loglik: float = 0.0
-    tokens: int = 0
-    input_tokens: int = 0  # tokens fed to the model (window overlap counted), padding not
-    padded_slots: int = 0  # batch slots incl. padding
-    records_scored: int = 0
-    bad: list[dict[str, str]] = field(default_factory=list)
-    bad_count: int = 0
-    seconds: float = 0.0  # scoring time summed over all runs
-    runs: int = 0
-    complete: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def load(cls, path: Path) -> "Checkpoint":
-        try:
-            data = json.loads(path.read_text())
-            return cls(**data)
-        except (OSError, ValueError, TypeError) as e:
-            raise OnnxpipeError(f"{path}: unreadable checkpoint ({first_line(e)}); rerun with --force to start over") from None
-
-    def save(self, path: Path) -> None:
-        write_json_atomic(path, self.to_json())
-
-
-def temp_name(path: Path) -> Path:
-    """Where ``path`` is built before its rename: hidden, beside it, and unique to this process."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def remove_stale_temps(paths: list[Path]) -> None:
-    """Remove the temporary files (temp_name) that killed runs left beside ``paths``. Called with the output's lock
-    held, so no live run is building them."""
-    for path in paths:
-        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            if tmp.is_file() and not tmp.is_symlink() and tmp.name[len(path.name) + 2:-4].isdigit():
-                tmp.unlink()
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = temp_name(path)
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def first_line(e: BaseException) -> str:

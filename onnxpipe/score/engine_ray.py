@@ -26,11 +26,15 @@ import time
 from typing import Any, Callable
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.runtime import score_io
-from onnxpipe.runtime.score import (
-    Encoder, Item, ScoreJob, ScoreSummary, WindowScorer, fail_on_bad, finish, finished_summary, make_summary, progress_bar,
-    record_bad, rows_and_failures, score_items, split_chunk, start,
-)
+from onnxpipe.score.batching import ChunkStats
+from onnxpipe.score.checkpoint import account, record_bad, start
+from onnxpipe.score.encoding import Encoder, Item
+from onnxpipe.score.job import ScoreJob, fail_on_bad, progress_bar, split_chunk
+from onnxpipe.score.output import write_part
+from onnxpipe.score.perplexity import rows_and_failures, score_items
+from onnxpipe.score.records import BadRecord, Record
+from onnxpipe.score.scorer import WindowScorer
+from onnxpipe.score.summary import ScoreSummary, finish, finished_summary, make_summary
 
 
 class RayChunkScorer:
@@ -121,7 +125,7 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
             p.unlink()
     done = set(ckpt.done_chunks)
     encoder = Encoder(job.model_dir)
-    pending: dict[int, tuple[list[score_io.Record], list[score_io.BadRecord], int]] = {}  # chunk -> (records, bad, n)
+    pending: dict[int, tuple[list[Record], list[BadRecord], int]] = {}  # chunk -> (records, bad, n)
     chunk_rows: list[dict[str, Any]] = []
     for index, chunk in enumerate(job.chunks()):
         if index in done:
@@ -145,17 +149,11 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
         rows, failed = rows_and_failures(records, results, c.task)
         for bad in failed:
             fail_on_bad(job, bad)
-        score_io.write_part(job.part_path(index), rows, job.fmt)
+        write_part(job.part_path(index), rows, job.fmt)
         record_bad(ckpt, bads + failed, bar.write)
         ckpt.done_chunks.append(index)
-        ckpt.records_done += n_records
-        ckpt.records_scored += len(rows)
-        ckpt.loglik += sum(r["loglik"] for r in rows)
-        ckpt.tokens += sum(r["tokens"] for r in rows)
-        ckpt.input_tokens += input_tokens
-        ckpt.padded_slots += padded
         now = time.perf_counter()
-        ckpt.seconds += now - t_last
+        account(ckpt, rows, n_records, ChunkStats(input_tokens, padded), now - t_last)
         t_last = now
         ckpt.save(job.checkpoint_path)
         bar.update(n_records)
