@@ -72,16 +72,21 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch.")
 @click.option("--decode-steps", type=click.IntRange(3, 64), default=4, show_default=True, help="Decode steps in the parity check.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and onnxpipe wrote it (holds onnxpipe.json, or is empty).")
-def export(hf_model_dir: Path, out_dir: Path, dtype: str, opset: int, no_verify: bool, decode_steps: int, force: bool) -> None:
+@click.option("--method", type=click.Choice(["auto", "traced", "stamped"]), default="auto", show_default=True,
+              help="stamped: trace one layer, stamp it to depth and stream the weights from the safetensors "
+                   "(llama, mistral, qwen2, qwen3; checked on a truncated model); traced: load and trace the whole "
+                   "model; auto: stamped where it applies.")
+def export(hf_model_dir: Path, out_dir: Path, dtype: str, opset: int, no_verify: bool, decode_steps: int, force: bool,
+           method: str) -> None:
     """Export a Hugging Face model directory to ONNX with KV-cache inputs/outputs, checked against PyTorch.
 
     HF_DIR_OR_GGUF may also be a GGUF file (or a directory holding exactly one): it is dequantized once into a
     cached Hugging Face directory, and the GGUF and its quantization type are recorded in the manifest.
     """
-    from onnxpipe.export import export_decoder
+    from onnxpipe.export import export_model
 
-    result = export_decoder(
-        hf_model_dir, out_dir, dtype=dtype, opset=opset, verify=not no_verify, force=force,
+    result = export_model(
+        hf_model_dir, out_dir, method=method, dtype=dtype, opset=opset, verify=not no_verify, force=force,
         decode_steps=decode_steps, log=_log,
     )
     click.echo(f"wrote {result.model_dir.path} in {result.seconds:.1f}s")

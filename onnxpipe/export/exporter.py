@@ -157,7 +157,8 @@ def export_decoder(
         model.config.save_pretrained(tmp)  # config.json: for Optimum interop and for reading by people
         step: dict[str, Any] = {
             "stage": "export",
-            "params": {"source": str(given.absolute()), "dtype": dtype, "opset": opset, "external_data": external},
+            "params": {"source": str(given.absolute()), "dtype": dtype, "opset": opset, "external_data": external,
+                       "method": "traced"},
             "versions": _versions(),
             "seconds": round(export_s, 2),
         }
@@ -185,6 +186,16 @@ def export_decoder(
 
 
 def _torch_export(model: Any, info: dict[str, Any], dtype: str, opset: int, path: Path, external: bool) -> None:
+    program = trace_decoder(model, info, opset)
+    try:
+        with _quiet():
+            program.save(str(path), external_data=external)
+    except Exception as e:  # serialisation failures: keep it to one line
+        raise OnnxpipeError(f"saving the ONNX graph of {info['architecture']} failed: {_first_line(e)}") from None
+
+
+def trace_decoder(model: Any, info: dict[str, Any], opset: int) -> Any:
+    """The ONNXProgram of ``model`` traced through FlatKVDecoder (the stamped export traces a slice this way too)."""
     import torch
 
     n = info["num_layers"]
@@ -194,7 +205,7 @@ def _torch_export(model: Any, info: dict[str, Any], dtype: str, opset: int, path
     )
     try:
         with _quiet(), torch.no_grad():
-            program = torch.onnx.export(
+            return torch.onnx.export(
                 module,
                 args,
                 dynamo=True,
@@ -204,7 +215,6 @@ def _torch_export(model: Any, info: dict[str, Any], dtype: str, opset: int, path
                 dynamic_shapes=wrapper.dynamic_shapes(n),
                 verbose=False,
             )
-            program.save(str(path), external_data=external)
     except Exception as e:  # torch.export / onnx translation failures: say where, keep it to one line
         raise OnnxpipeError(f"torch.onnx.export failed for {info['architecture']}: {_first_line(e)}") from None
 

@@ -1,0 +1,121 @@
+"""The streamed export's parity check, on a truncated model: a few of the layers, with their real weights.
+
+The ONNX side is the stamped graph of those layers (the same stamping code), each initializer pointing at the very
+bytes the whole export wrote for that layer (its offsets in model.onnx.data, taken from the whole graph, so a weight
+written to the wrong layer shows). The PyTorch side is transformers' model of the same config cut to those layers,
+its weights read from the checkpoint by their Hugging Face names (not through the stamping's bookkeeping). Both run
+prefill + decode on a left-padded batch (parity.check_decoders) one after the other, never at once, and onnxruntime
+runs with graph optimizations off so that it does not keep widened copies of the fp16 weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpipe.artifact import Manifest
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.export import stamp
+from onnxpipe.export.archs import attention_implementation
+from onnxpipe.export.checkpoint import Checkpoint
+from onnxpipe.export.exporter import _quiet
+from onnxpipe.parity import TOLERANCE, ParityReport, StepFn, check_decoders, lazy_ort_step_fn
+from onnxpipe.runtime.sessions import open_session
+
+LAYER_KEY = re.compile(r"^(?P<prefix>.+\.layers)\.(?P<i>\d+)\.(?P<rest>.+)$")
+
+
+def truncated_layers(num_layers: int, first: int = 2) -> list[int]:
+    """The layers checked: the first ``first`` (where one hands its hidden state and KV to the next) and the last."""
+    return sorted(set(range(min(first, num_layers))) | {num_layers - 1})
+
+
+def check_truncated(template: stamp.Template, full: stamp.Stamped, layers: list[int], ckpt: Checkpoint,
+                    cfg: dict[str, Any], manifest: Manifest, dtype: str, directory: Path, decode_steps: int = 4,
+                    seed: int = 0) -> ParityReport:
+    """PyTorch (the checkpoint's ``layers``) against the stamped graph of ``layers`` over the weights ``full``
+    wrote in ``directory``."""
+    shapes = {k: e.shape for k, e in ckpt.entries.items()}
+    part = stamp.stamp(template, layers, shapes, manifest.model["vocab_size"])
+    for j, layer in enumerate(layers):
+        for mine, theirs in zip(part.slots[j], full.slots[layer]):
+            mine.const_value = theirs.const_value
+    for mine, theirs in zip(part.globals, full.globals):
+        mine.const_value = theirs.const_value
+    graph = ir.serde.serialize_model(part.model).SerializeToString()
+    sub = _sub_manifest(manifest, len(layers))
+    reference = _lazy_torch(lambda: truncated_torch_model(ckpt, cfg, layers, dtype))
+    candidate = lazy_ort_step_fn(
+        lambda: open_session(graph, optimization="off", purpose="the truncated parity check",
+                             external_data_dir=directory), sub)
+    kv = np.dtype(np.float16 if dtype == "fp16" else np.float32)
+    report = check_decoders(reference, candidate, sub, kv_dtype=kv, decode_steps=decode_steps, seed=seed)
+    candidate.release()  # type: ignore[attr-defined]
+    return report.judge(TOLERANCE[dtype])
+
+
+def truncated_torch_model(ckpt: Checkpoint, cfg: dict[str, Any], layers: list[int], dtype: str) -> Any:
+    """transformers' model of config.json cut to ``layers`` (renumbered 0..k-1), its weights read from ``ckpt``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    with _quiet():
+        config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    types = getattr(config, "layer_types", None)
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = len(layers)
+    if types is not None:
+        config.layer_types = [types[i] for i in layers]
+    with torch.device("meta"), _quiet():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attention_implementation(cfg))
+    state = {}
+    for key in ckpt.entries:
+        m = LAYER_KEY.match(key)
+        if m and int(m["i"]) not in layers:
+            continue
+        name = f"{m['prefix']}.{layers.index(int(m['i']))}.{m['rest']}" if m else key
+        state[name] = ckpt.read(key).to(torch_dtype)
+    expected = set(model.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        table = model.get_input_embeddings().weight
+        names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is table]
+        for name in names:
+            src = next((n for n in names if n in state), None)
+            if name not in state and src is not None:
+                state[name] = state[src]
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise OnnxpipeError(f"the checkpoint does not match config.json: missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    stamp.init_buffers(model)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise OnnxpipeError("the truncated model has tensors the checkpoint did not fill")
+    return model.eval()
+
+
+def _lazy_torch(make: Any) -> StepFn:
+    """verify.torch_step_fn over the model ``make()`` builds on the first step; ``step.release()`` drops it."""
+    from onnxpipe.export.verify import torch_step_fn
+
+    state: dict[str, Any] = {}
+
+    def step(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Any) -> Any:
+        if "fn" not in state:
+            state["fn"] = torch_step_fn(make())
+        return state["fn"](input_ids, attention_mask, position_ids, past)
+
+    step.release = state.clear  # type: ignore[attr-defined]
+    return step
+
+
+def _sub_manifest(manifest: Manifest, k: int) -> Manifest:
+    g = manifest.graph
+    graph = dict(g, inputs=g["inputs"][:3 + 2 * k], outputs=g["outputs"][:1 + 2 * k], kv=dict(g["kv"], num_layers=k))
+    return Manifest(model=dict(manifest.model, num_layers=k), graph=graph, tokenizer=manifest.tokenizer)

@@ -1,0 +1,106 @@
+"""The stamped export (one layer traced, stamped to depth, weights streamed from the safetensors): the same outputs
+as the traced export, the same model-directory contract, and a parity check that fails on a misplaced weight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from onnxpipe.artifact import ModelDir
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.parity import left_padded_batch, ort_step_fn, run_trace
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _logits(model_dir: Path) -> list[np.ndarray]:
+    """ORT logits of prefill + 4 greedy decode steps on a left-padded batch (graph optimizations off)."""
+    from onnxpipe.runtime.sessions import open_session
+
+    md = ModelDir.open(model_dir)
+    session = open_session(md.model_path, optimization="off")
+    ids, mask = left_padded_batch(md.manifest.model["vocab_size"], (7, 4), seed=3)
+    kv = np.float16 if md.manifest.graph["dtype"] == "fp16" else np.float32
+    return run_trace(ort_step_fn(session, md.manifest), md.manifest, ids, mask, 4, kv).logits
+
+
+@pytest.fixture(scope="module")
+def stamped(tiny_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """stamped(family, dtype="fp32") -> its stamped export, parity-checked (cached)."""
+    from onnxpipe.export.stream import export_stamped
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def build(family: str, dtype: str = "fp32") -> Path:
+        if (family, dtype) not in cache:
+            out = tmp_path_factory.mktemp(f"stamped-{family}-{dtype}") / "model"
+            export_stamped(tiny_hf(family), out, dtype=dtype)
+            cache[family, dtype] = out
+        return cache[family, dtype]
+
+    return build
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stamped_export_gives_the_traced_exports_logits(family: str, stamped: Callable[..., Path],
+                                                        tiny_onnx: Callable[..., Path]) -> None:
+    traced, ours = tiny_onnx(family), stamped(family)
+    for a, b in zip(_logits(traced), _logits(ours)):
+        assert a.shape == b.shape
+        assert float(np.abs(a - b).max()) <= 1e-5
+    mt, ms = ModelDir.open(traced).manifest, ModelDir.open(ours).manifest
+    assert ms.model == mt.model  # the architecture facts, read from the slice and the config, are the whole model's
+    assert ms.graph["inputs"] == mt.graph["inputs"] and ms.graph["outputs"] == mt.graph["outputs"]
+    assert ms.graph["kv"] == mt.graph["kv"] and ms.tokenizer == mt.tokenizer
+    assert ms.graph["external_data"] == "model.onnx.data"
+    step = ms.steps[-1]
+    assert step["params"]["method"] == "stamped" and mt.steps[-1]["params"]["method"] == "traced"
+    assert step["check"]["passed"] and step["check"]["scope"] == "truncated" and step["check"]["layers"] == [0, 1]
+    assert (ours / "genai_config.json").is_file() and (ours / "config.json").is_file()
+
+
+def test_stamped_fp16_matches_traced_fp16(stamped: Callable[..., Path], tiny_onnx: Callable[..., Path]) -> None:
+    ours = stamped("llama", "fp16")
+    for a, b in zip(_logits(tiny_onnx("llama", "fp16")), _logits(ours)):
+        assert float(np.abs(a - b).max()) <= 1e-5
+    step = ModelDir.open(ours).manifest.steps[-1]
+    assert step["check"]["passed"] and step["check"]["tolerance"] == 1e-2
+
+
+def test_weights_on_disk_once(stamped: Callable[..., Path], tiny_hf: Callable[[str], Path]) -> None:
+    """The external data holds every weight once (fp32: the checkpoint's bytes, give or take alignment)."""
+    ours = stamped("llama")
+    data = (ours / "model.onnx.data").stat().st_size
+    weights = (tiny_hf("llama") / "model.safetensors").stat().st_size
+    assert weights * 0.98 <= data <= weights * 1.05
+
+
+def test_parity_fails_on_swapped_layers(tiny_hf: Callable[[str], Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A planted fault: the stamped graph's layer 0 gets layer 1's weights and the reverse. The truncated check
+    (PyTorch reading the checkpoint by its own names) must catch it, and nothing is written."""
+    from onnxpipe.export import stream
+
+    monkeypatch.setattr(stream, "_layer_order", lambda n: list(reversed(range(n))))
+    out = tmp_path / "out"
+    with pytest.raises(OnnxpipeError, match="parity check failed on layers"):
+        stream.export_stamped(tiny_hf("llama"), out)
+    assert not out.exists()
+
+
+def test_method_auto_and_refusals(tiny_hf: Callable[[str], Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from onnxpipe.cli import main
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["export", str(tiny_hf("gpt2")), "-o", str(tmp_path / "g"), "--method", "stamped"])
+    assert r.exit_code != 0 and "stamped export does not apply" in r.output and "gpt2" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "g").exists()
+    r = runner.invoke(main, ["export", str(tiny_hf("qwen3")), "-o", str(tmp_path / "q"), "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert "export method: stamped" in r.output and "stamping 2 layers" in r.output
+    assert ModelDir.open(tmp_path / "q").manifest.steps[-1]["params"]["method"] == "stamped"
