@@ -4,7 +4,7 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 PIP_INSTALL = $(PIP) install -q -c constraints.txt
 
-.PHONY: install install-dev demo test test-fast test-slow lint reference
+.PHONY: install install-dev demo test test-fast test-slow test-gpu lint reference
 
 install:
 	$(PIP_INSTALL) -e ".[cpu,export]"
@@ -25,6 +25,12 @@ test-fast:
 
 test-slow: install-dev
 	$(PY) -m pytest -q -m slow
+
+# the GPU tier (tests/gpu, marked `gpu`) on the GPU host, where onnxruntime-gpu (the [gpu] extra) is installed instead
+# of onnxruntime: no install step here, since install-dev would put the CPU onnxruntime beside it. Elsewhere the
+# tests skip, each saying why; `make test` collects them the same way.
+test-gpu:
+	$(PY) -m pytest -q -rs -m gpu tests/gpu
 
 # ruff (pyproject.toml), mypy (pyproject.toml), the import contracts (.importlinter)
 lint:
