@@ -28,12 +28,22 @@ Feed = dict[str, np.ndarray]
 CALIBRATION_MAX_TOKENS = 262_144  # the text the samples are spread over; data/calibration.txt is ~70k tokens
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibrationConfig:
+    """How much calibration text is run, and how: each field checked when made (a one-line error naming it)."""
+
     max_samples: int = 32
     prefill_len: int = 128
     decode_steps: int = 4
     batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        for name, flag, lo, hi in (("max_samples", " (--calib-samples)", 1, 4096),
+                                   ("prefill_len", " (--calib-seq-len)", 2, 8192),
+                                   ("decode_steps", "", 0, 1024), ("batch_size", "", 1, 4096)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise OnnxpipeError(f"calibration {name}{flag} must be an integer in {lo}..{hi}, got {value!r}")
 
     @property
     def sample_len(self) -> int:

@@ -33,9 +33,8 @@ import numpy as np
 
 from onnxpipe.artifact import Manifest
 from onnxpipe.quant.calibration import counted, feed_count
+from onnxpipe.quant.config import PER_CHANNEL, Int4Config
 from onnxpipe.quant.graph import WeightPlan, save_quantized
-
-PER_CHANNEL = 0  # --block-size 0: one scale and zero point per output channel
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def quantize_int4(
     plan: WeightPlan,
     manifest: Manifest,
     samples: np.ndarray | None,
-    cfg: Any,
+    cfg: Int4Config,
     log: Callable[[str], None],
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -235,7 +234,7 @@ def _nbits(proto: Any, bits: int, block_size: int, include: list[str], all_matmu
     return quantizer.model.model
 
 
-def _gptq(proto: Any, body: list[str], manifest: Manifest, samples: np.ndarray, cfg: Any,
+def _gptq(proto: Any, body: list[str], manifest: Manifest, samples: np.ndarray, cfg: Int4Config,
           progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:
     """GPTQ on ``body`` (gptq.py), with Hessians from prefills of real calibration text; in place."""
     from onnxpipe.quant.gptq import gptq_quantize_graph

@@ -7,9 +7,10 @@ on the decode path (parity.py); refuse to write anything if perplexity rose more
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,73 +30,20 @@ from onnxpipe.artifact import (
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
-from onnxpipe.quant.calibration import CalibrationConfig
-from onnxpipe.quant.quality import MIN_EVAL_TOKENS
+from onnxpipe.quant.config import (
+    MODES,
+    DynamicInt8Config,
+    Fp16Config,
+    Int4Config,
+    ModeConfig,
+    QuantizeConfig,
+    StaticInt8Config,
+)
 
-MODES = ("dynamic", "static", "int4", "fp16")
-METHODS = ("minmax", "entropy", "percentile")
-ALGOS = ("rtn", "gptq", "hqq")
-ACTIVATION_SCALES = ("auto", "token", "tensor")
-LM_HEAD_CHOICES = ("auto", "fp32", "int8", "int4")
-EMBEDDING_CHOICES = ("auto", "fp32", "int8")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class QuantizeConfig:
-    mode: str
-    calibration: Path | None = None
-    # static: the four below left None are chosen by the default (static.static_candidates); a value pins it
-    method: str | None = None  # static: the activation range calibrator
-    per_channel: bool | None = None  # static: per-output-channel weight scales (dynamic is always per channel)
-    static_float_layers: int | None = None  # static: leave the N layers with the widest calibrated input range in fp32
-    # dynamic: one run-time activation scale per token ("token"), per tensor (ORT's, "tensor"), or chosen per layer
-    # from the calibration text's prefills ("auto", dynamic.py)
-    activations: str = "auto"
-    token_threshold: float | None = None  # dynamic auto: dynamic.TOKEN_THRESHOLD unless set
-    # static, dynamic: SmoothQuant migration strength alpha in (0, 1]; static also "auto" (layer_alpha.py: one
-    # alpha per smoothing group, chosen by that group's int8 output error on held-out calibration windows); "off"
-    # pins none (static's default may otherwise choose "auto")
-    smoothquant: float | str | None = None
-    # int4: the three below left None are chosen by the default (int4.int4_candidates); a value pins it
-    block_size: int | None = None  # int4: weights per scale along the input dimension; 0: per output channel (int4.py)
-    algo: str | None = None  # int4: rtn | gptq | hqq
-    accuracy_level: int = 4  # int4: MatMulNBits compute type; 4 = int8 activations (fast on CPU)
-    symmetric: bool = False  # int4 rtn: a grid centred on 0, no zero points (faster CUDA kernel)
-    float_zero_points: bool | None = None  # int4 rtn/gptq: each block's exact min-max grid (gptq.group_params exact)
-    lm_head: str = "auto"  # auto/int8: 8-bit per vocabulary row (embedding.py); fp32; int4 (int4 mode only)
-    embeddings: str = "auto"  # auto/int8: token table 8-bit per row, shared with a tied head; fp32
-    eval_file: Path | None = None
-    max_eval_tokens: int | None = None  # the report's tokens; quality.DEFAULT_EVAL_TOKENS unless set
-    eval_context: int | None = None
-    max_ppl_increase: float | None = None  # percent; quality.DEFAULT_BUDGET_PCT[mode] unless set
-    min_greedy_agreement: float | None = None  # fraction; quality.MIN_GREEDY_AGREEMENT unless set
-    calib: CalibrationConfig = field(default_factory=CalibrationConfig)
-
-    def params(self) -> dict[str, Any]:
-        p: dict[str, Any] = {"mode": self.mode, "lm_head": self.lm_head, "embeddings": self.embeddings}
-        if self.mode == "dynamic":
-            p.update(activations=self.activations, smoothquant=self.smoothquant)
-            if self.activations == "auto":
-                p.update(token_threshold=self.token_threshold)
-        if self.mode == "static":
-            p.update(method=self.method, per_channel=self.per_channel, smoothquant=self.smoothquant,
-                     static_float_layers=self.static_float_layers)
-        if self.mode == "int4":
-            p.update(algo=self.algo, block_size=self.block_size, accuracy_level=self.accuracy_level,
-                     symmetric=self.symmetric, float_zero_points=self.float_zero_points)
-        if self.needs_calibration():
-            p.update(calibration=str(self.calibration), calibration_config=self.calib.to_json())
-        p.update(eval_file=str(self.eval_file) if self.eval_file else None, max_eval_tokens=self.max_eval_tokens,
-                 max_ppl_increase=self.max_ppl_increase, min_greedy_agreement=self.min_greedy_agreement)
-        return p
-
-    def needs_calibration(self) -> bool:
-        return (self.mode == "static" or (self.mode == "int4" and self.algo == "gptq")
-                or (self.mode == "dynamic" and (self.activations == "auto" or self.smoothquant is not None)))
 
 
 @dataclass
@@ -105,61 +53,38 @@ class QuantizeResult:
     seconds: float
 
 
-def validate(cfg: QuantizeConfig) -> None:
-    """Every option checked before any work; each problem one line."""
-    if cfg.mode not in MODES:
-        raise OnnxpipeError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
-    if cfg.method is not None and cfg.method not in METHODS:
-        raise OnnxpipeError(f"unknown calibration method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    if cfg.algo is not None and cfg.algo not in ALGOS:
-        raise OnnxpipeError(f"unknown int4 algorithm {cfg.algo!r}; choose one of {', '.join(ALGOS)}")
-    if cfg.activations not in ACTIVATION_SCALES:
-        raise OnnxpipeError(f"unknown activation scale {cfg.activations!r}; choose one of {', '.join(ACTIVATION_SCALES)}")
-    if cfg.lm_head not in LM_HEAD_CHOICES:
-        raise OnnxpipeError(f"unknown --lm-head {cfg.lm_head!r}; choose one of {', '.join(LM_HEAD_CHOICES)}")
-    needs_calibration = cfg.mode == "static" or (cfg.mode == "int4" and cfg.algo == "gptq")
-    if needs_calibration and cfg.calibration is None:
-        what = "static quantization" if cfg.mode == "static" else "int4 with --algo gptq"
-        raise OnnxpipeError(f"{what} needs calibration text: pass --calibration FILE (text or JSONL), e.g. data/calibration.txt")
-    if cfg.smoothquant is not None and cfg.smoothquant != "off":
-        if cfg.mode not in ("static", "dynamic"):
-            raise OnnxpipeError("--smoothquant applies to --mode static and dynamic only")
-        if cfg.smoothquant == "auto":
-            if cfg.mode != "static":
-                raise OnnxpipeError("--smoothquant auto applies to --mode static; pass an alpha in (0, 1] for dynamic")
-        elif isinstance(cfg.smoothquant, str) or not 0.0 < cfg.smoothquant <= 1.0:
-            raise OnnxpipeError(f"--smoothquant alpha must be in (0, 1] or auto, got {cfg.smoothquant}")
-    if cfg.block_size not in (None, 0) and (cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1)):
-        raise OnnxpipeError(f"--block-size must be a power of two >= 16, or 0 for per channel; got {cfg.block_size}")
-    if cfg.mode == "int4" and cfg.block_size == 0 and cfg.algo == "hqq":
-        raise OnnxpipeError("--block-size 0 (per channel) supports --algo rtn and gptq, not hqq")
-    if cfg.symmetric and not (cfg.mode == "int4" and cfg.algo in (None, "rtn") and cfg.block_size != 0):
-        raise OnnxpipeError("--symmetric applies to --mode int4 --algo rtn with a block size (not per channel)")
-    if cfg.float_zero_points and not (cfg.mode == "int4" and cfg.algo in (None, "rtn", "gptq") and cfg.block_size != 0
-                                      and not cfg.symmetric):
-        raise OnnxpipeError("--zero-points float applies to --mode int4 --algo rtn or gptq with a block size, "
-                            "without --symmetric (hqq writes float zero points of its own)")
-    if cfg.static_float_layers is not None and cfg.static_float_layers < 0:
-        raise OnnxpipeError(f"--static-float-layers must be >= 0, got {cfg.static_float_layers}")
-    if cfg.smoothquant == "off" and cfg.mode not in ("static", "dynamic"):
-        raise OnnxpipeError("--smoothquant applies to --mode static and dynamic only")
-    if cfg.static_float_layers and cfg.mode != "static":
-        raise OnnxpipeError("--static-float-layers applies to --mode static only")
-    if cfg.accuracy_level not in (0, 1, 2, 3, 4):
-        raise OnnxpipeError(f"--accuracy-level must be 0..4, got {cfg.accuracy_level}")
-    if cfg.max_ppl_increase is not None and not (math.isfinite(cfg.max_ppl_increase) and cfg.max_ppl_increase >= 0):
-        raise OnnxpipeError(f"--max-ppl-increase must be a finite number >= 0 (percent), got {cfg.max_ppl_increase}")
-    if cfg.min_greedy_agreement is not None and not 0.0 <= cfg.min_greedy_agreement <= 1.0:
-        raise OnnxpipeError(f"--min-greedy-agreement must be in [0, 100] (percent), got {cfg.min_greedy_agreement * 100:g}")
-    if cfg.max_eval_tokens is not None and cfg.max_eval_tokens < MIN_EVAL_TOKENS:
-        raise OnnxpipeError(f"--eval-tokens must be at least {MIN_EVAL_TOKENS} (fewer make the perplexity change "
-                            f"mostly noise), got {cfg.max_eval_tokens}")
-    if cfg.embeddings not in EMBEDDING_CHOICES:
-        raise OnnxpipeError(f"unknown --embeddings {cfg.embeddings!r}; choose one of {', '.join(EMBEDDING_CHOICES)}")
-    if cfg.mode == "fp16" and "int8" in (cfg.lm_head, cfg.embeddings):
-        raise OnnxpipeError("--mode fp16 keeps the LM head and embeddings in fp16; drop --lm-head/--embeddings int8")
-    if cfg.lm_head == "int4" and cfg.mode != "int4":
-        raise OnnxpipeError("--lm-head int4 applies to --mode int4 only")
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run derives from its QuantizeConfig before any work: the eval text found, and the report's tokens
+    and the gate's thresholds with the defaults in for what the config left unset."""
+
+    eval_file: Path
+    max_eval_tokens: int
+    eval_context: int | None
+    max_ppl_increase: float
+    min_greedy_agreement: float
+
+    @classmethod
+    def of(cls, config: QuantizeConfig) -> "RunSettings":
+        from onnxpipe.quant.quality import DEFAULT_BUDGET_PCT, DEFAULT_EVAL_TOKENS, MIN_GREEDY_AGREEMENT
+
+        def default(value: Any, fallback: Any) -> Any:
+            return fallback if value is None else value
+
+        return cls(resolve_eval_file(config.eval_file), default(config.max_eval_tokens, DEFAULT_EVAL_TOKENS),
+                   config.eval_context, default(config.max_ppl_increase, DEFAULT_BUDGET_PCT[config.mode]),
+                   default(config.min_greedy_agreement, MIN_GREEDY_AGREEMENT))
+
+
+def step_params(cfg: ModeConfig, run: RunSettings) -> dict[str, Any]:
+    """The manifest step's parameters: the written choice's options, its calibration, and the report's."""
+    p: dict[str, Any] = {"mode": cfg.mode, "lm_head": cfg.lm_head, "embeddings": cfg.embeddings, **cfg.params()}
+    if cfg.needs_calibration():
+        assert not isinstance(cfg, Fp16Config)
+        p.update(calibration=str(cfg.calibration), calibration_config=cfg.calib.to_json())
+    p.update(eval_file=str(run.eval_file), max_eval_tokens=run.max_eval_tokens, max_ppl_increase=run.max_ppl_increase,
+             min_greedy_agreement=run.min_greedy_agreement)
+    return p
 
 
 def resolve_eval_file(eval_file: Path | None) -> Path:
@@ -177,36 +102,38 @@ def resolve_eval_file(eval_file: Path | None) -> Path:
 def quantize_model(
     in_dir: str | Path,
     out_dir: str | Path,
-    mode: str = "dynamic",
+    mode: str | None = None,
     *,
+    config: QuantizeConfig | None = None,
     force: bool = False,
     log: Log = lambda msg: None,
     progress: Progress | None = None,
     **options: Any,
 ) -> QuantizeResult:
-    """Quantize the model directory ``in_dir`` into ``out_dir``; options are QuantizeConfig's fields.
+    """Quantize the model directory ``in_dir`` into ``out_dir``: with ``mode`` (default "dynamic") and options (the
+    mode config's fields and QuantizeConfig's, as the command line's flags), or with a ready ``config``.
 
     Options left unset are chosen (int4: int4.int4_candidates; static: static.static_candidates; the first within
     the budget on the selection text); the result must pass the gate (quality.Gate) on the report's text, or nothing is written."""
     start = time.perf_counter()
-    cfg = QuantizeConfig(mode=mode, **options)
-    if cfg.mode == "int4" and cfg.calibration is None and cfg.algo in (None, "gptq"):
-        cfg.calibration = find_calibration_file()  # the default may try GPTQ where calibration text is at hand
-    validate(cfg)
-    cfg = _with_defaults(cfg)
+    if config is None:
+        config = QuantizeConfig.from_options(mode or "dynamic", **_default_calibration(mode or "dynamic", options))
+    elif options or mode not in (None, config.mode):
+        raise OnnxpipeError("quantize_model takes a config or a mode with options, not both")
     src = ModelDir.open(in_dir)
     refuse_quantized_input(src)
-    cfg = _for_input_dtype(cfg, src)
+    base = _for_input_dtype(config.mode_config, src)
     out_dir = Path(out_dir)
     check_io_paths([src.path], out_dir)
     check_output_dir(out_dir, force)
-    choices = _choices(cfg, src)
-    selecting = len(choices) > 1 or (cfg.mode == "dynamic" and cfg.activations == "auto")
-    samples, text = _read_texts(src, cfg, any(c.needs_calibration() for c in choices), selecting, log)
+    run = RunSettings.of(config)
+    choices = _choices(base, src)
+    selecting = len(choices) > 1 or (isinstance(base, DynamicInt8Config) and base.activations == "auto")
+    samples, text = _read_texts(src, base, run, any(c.needs_calibration() for c in choices), selecting, log)
     from onnxpipe.quant.quality import Gate, SelectionJudge, eval_provider, quality_report
 
     provider = eval_provider(src.manifest)
-    gate = Gate(cfg.max_ppl_increase, cfg.min_greedy_agreement)
+    gate = Gate(run.max_ppl_increase, run.min_greedy_agreement)
     log(f"{text.describe()}; on {provider}; budget: perplexity +{gate.max_ppl_increase:g}%, decode-path greedy "
         f"agreement >= {gate.min_greedy_agreement:.0%}")
     judge = None if text.select_ids is None else SelectionJudge(
@@ -237,10 +164,10 @@ def quantize_model(
             )
         failed = [c for c in checks if c.passed is False]
         if failed:
-            raise OnnxpipeError(_refusal(failed, quality, gate, cfg, choice))
+            raise OnnxpipeError(_refusal(failed, quality, gate, choice))
         step = {
             "stage": "quantize",
-            "params": cfg.params(),
+            "params": step_params(cfg, run),
             "details": details,
             "quality": quality.to_json(),
             "gate": {"max_ppl_increase": gate.max_ppl_increase, "min_greedy_agreement": gate.min_greedy_agreement,
@@ -257,33 +184,30 @@ def quantize_model(
     return QuantizeResult(ModelDir.open(out_dir), step, time.perf_counter() - start)
 
 
-def _with_defaults(cfg: QuantizeConfig) -> QuantizeConfig:
-    """The values that unset options stand for: the mode's budget, the greedy floor, the report's tokens."""
-    import dataclasses
-
-    from onnxpipe.quant.quality import DEFAULT_BUDGET_PCT, DEFAULT_EVAL_TOKENS, MIN_GREEDY_AGREEMENT
-
-    return dataclasses.replace(
-        cfg,
-        max_ppl_increase=DEFAULT_BUDGET_PCT[cfg.mode] if cfg.max_ppl_increase is None else cfg.max_ppl_increase,
-        min_greedy_agreement=MIN_GREEDY_AGREEMENT if cfg.min_greedy_agreement is None else cfg.min_greedy_agreement,
-        max_eval_tokens=DEFAULT_EVAL_TOKENS if cfg.max_eval_tokens is None else cfg.max_eval_tokens,
-        smoothquant=None if cfg.smoothquant == "off" and cfg.mode != "static" else cfg.smoothquant,
-    )
+def _default_calibration(mode: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options with data/calibration.txt (where found) as --calibration when a mode may calibrate and none was
+    given: int4's default may try GPTQ; dynamic's activation search and SmoothQuant measure on it."""
+    if options.get("calibration") is not None:
+        return options
+    if mode == "int4" and options.get("algo") in (None, "gptq"):
+        return {**options, "calibration": find_calibration_file()}
+    if mode == "dynamic" and (options.get("activations", "auto") == "auto"
+                              or options.get("smoothquant") not in (None, "off")):
+        return {**options, "calibration": find_calibration_file()}
+    return options
 
 
-def _choices(cfg: QuantizeConfig, src: ModelDir) -> list[QuantizeConfig]:
-    """Every configuration the default may write, fully set, in the order they are tried (one when the options
-    leave nothing to choose)."""
-    import dataclasses
-
-    if cfg.mode == "static":
+def _choices(cfg: ModeConfig, src: ModelDir) -> list[ModeConfig]:
+    """Every configuration the default may write, each a config of its own with every option set, in the order
+    they are tried (one when the options leave nothing to choose)."""
+    if isinstance(cfg, StaticInt8Config):
         from onnxpipe.quant.static import static_candidates
 
-        return [dataclasses.replace(cfg, method=c.method, per_channel=c.per_channel, smoothquant=c.smoothquant,
+        return [dataclasses.replace(cfg, method=c.method, per_channel=c.per_channel,
+                                    smoothquant="off" if c.smoothquant is None else c.smoothquant,
                                     static_float_layers=c.float_layers)
                 for c in static_candidates(cfg.method, cfg.per_channel, cfg.smoothquant, cfg.static_float_layers)]
-    if cfg.mode != "int4":
+    if not isinstance(cfg, Int4Config):
         return [cfg]
     from onnxpipe.quant.int4 import int4_candidates
 
@@ -294,17 +218,15 @@ def _choices(cfg: QuantizeConfig, src: ModelDir) -> list[QuantizeConfig]:
             for c in found]
 
 
-def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np.ndarray | None, judge: Any,
-            gate: Any, log: Log, progress: Progress | None) -> tuple[QuantizeConfig, dict[str, Any], dict[str, Any]]:
+def _choose(src: ModelDir, tmp: Path, choices: list[ModeConfig], samples: np.ndarray | None, judge: Any,
+            gate: Any, log: Log, progress: Progress | None) -> tuple[ModeConfig, dict[str, Any], dict[str, Any]]:
     """Each choice built beside the output and scored on the selection text, in order; the first within the gate
     is moved into ``tmp`` and kept. None within it: an error naming the best and how to accept it."""
     import shutil
 
-    from onnxpipe.quant.int4 import Int4Choice
-    from onnxpipe.quant.static import CalibrationCache, StaticChoice
+    from onnxpipe.quant.static import CalibrationCache
 
-    labels = [StaticChoice(c.method, bool(c.per_channel), c.smoothquant, int(c.static_float_layers or 0))
-              if c.mode == "static" else Int4Choice(c.algo, c.block_size, bool(c.float_zero_points)) for c in choices]
+    labels = [_label(c) for c in choices]
     log(f"{choices[0].mode}: trying up to {len(choices)} choices in order, keeping the first within the budget on "
         f"the selection text ({len(judge.token_ids):,} tokens): " + "; ".join(c.label() for c in labels))
     log(f"  {'choice':<38} {'ppl change (95%)':>18} {'top-1':>7} {'greedy (ties)':>15} {'size MB':>8}  verdict")
@@ -317,9 +239,20 @@ def _choose(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], samples: np
             shutil.rmtree(cache.directory, ignore_errors=True)
 
 
-def _try_choices(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], labels: list[Any],
+def _label(c: ModeConfig) -> Any:
+    """A chosen recipe as the candidate lists name it (its label and the options that pin it)."""
+    from onnxpipe.quant.int4 import Int4Choice
+    from onnxpipe.quant.static import StaticChoice
+
+    if isinstance(c, StaticInt8Config):
+        return StaticChoice(str(c.method), bool(c.per_channel), c.smoothing, int(c.static_float_layers or 0))
+    assert isinstance(c, Int4Config) and c.algo is not None and c.block_size is not None
+    return Int4Choice(c.algo, c.block_size, bool(c.float_zero_points))
+
+
+def _try_choices(src: ModelDir, tmp: Path, choices: list[ModeConfig], labels: list[Any],
                  samples: np.ndarray | None, judge: Any, gate: Any, log: Log, progress: Progress | None,
-                 rows: list[dict[str, Any]], cache: Any) -> tuple[QuantizeConfig, dict[str, Any], dict[str, Any]]:
+                 rows: list[dict[str, Any]], cache: Any) -> tuple[ModeConfig, dict[str, Any], dict[str, Any]]:
     """_choose's loop: each choice made in ``tmp/choice-i`` and judged; the first within the gate moved into
     ``tmp``; none: the error naming the best."""
     import shutil
@@ -378,7 +311,7 @@ def _try_choices(src: ModelDir, tmp: Path, choices: list[QuantizeConfig], labels
         f"nothing was written. To accept it: {' '.join(accept)}")
 
 
-def _refusal(failed: list[Any], quality: Any, gate: Any, cfg: QuantizeConfig, choice: dict[str, Any] | None) -> str:
+def _refusal(failed: list[Any], quality: Any, gate: Any, choice: dict[str, Any] | None) -> str:
     """The one-line error of a result that failed the gate on the report's text, with how to accept it."""
     accept = []
     if choice is not None:
@@ -392,7 +325,7 @@ def _refusal(failed: list[Any], quality: Any, gate: Any, cfg: QuantizeConfig, ch
            f"To accept it: {' '.join(accept)}"
 
 
-def _read_texts(src: ModelDir, cfg: QuantizeConfig, calibrate: bool, selecting: bool,
+def _read_texts(src: ModelDir, cfg: ModeConfig, run: RunSettings, calibrate: bool, selecting: bool,
                 log: Log) -> tuple[np.ndarray | None, Any]:
     """Calibration samples (when a choice needs them) and the eval text split into the report's tokens and the
     selection's (quality.split_eval), read and checked before any work."""
@@ -400,19 +333,16 @@ def _read_texts(src: ModelDir, cfg: QuantizeConfig, calibrate: bool, selecting: 
     from onnxpipe.quant.quality import DEFAULT_SELECT_TOKENS, default_context, split_eval
     from onnxpipe.quant.text import load_tokenizer, read_documents, tokenize_documents
 
-    cfg.eval_file = resolve_eval_file(cfg.eval_file)
     tokenizer = load_tokenizer(src.path)
     samples = None
-    if cfg.mode == "dynamic" and cfg.needs_calibration() and cfg.calibration is None:
-        cfg.calibration = default_calibration_file()
-    if cfg.calibration is not None and calibrate:
+    if calibrate and not isinstance(cfg, Fp16Config) and cfg.calibration is not None:
         samples = calibration_samples(tokenizer, cfg.calibration, cfg.calib)
-        used_by = " (for the GPTQ choices, tried after RTN's)" if cfg.mode == "int4" and cfg.algo is None else ""
+        used_by = " (for the GPTQ choices, tried after RTN's)" if isinstance(cfg, Int4Config) and cfg.algo is None else ""
         log(f"calibration: {len(samples)} samples of {cfg.calib.sample_len} tokens from {cfg.calibration}{used_by}")
-    report = int(cfg.max_eval_tokens)
+    report = run.max_eval_tokens
     select = min(DEFAULT_SELECT_TOKENS, report) if selecting else 0
-    eval_ids = tokenize_documents(tokenizer, read_documents(cfg.eval_file, "eval"), report + select)
-    return samples, split_eval(eval_ids, str(cfg.eval_file), cfg.eval_context or default_context(src.manifest),
+    eval_ids = tokenize_documents(tokenizer, read_documents(run.eval_file, "eval"), report + select)
+    return samples, split_eval(eval_ids, str(run.eval_file), run.eval_context or default_context(src.manifest),
                                report, select)
 
 
@@ -428,16 +358,14 @@ def refuse_quantized_input(src: ModelDir) -> None:
                 "directory it came from (export or optimize output) instead")
 
 
-def _for_input_dtype(cfg: QuantizeConfig, src: ModelDir) -> QuantizeConfig:
+def _for_input_dtype(cfg: ModeConfig, src: ModelDir) -> ModeConfig:
     """fp32 input: every mode. fp16 input (the GPU path): int4 only, weights to MatMulNBits with fp16 scales and
     fp16 activations; the LM head and the token table stay fp16 unless --lm-head int4 (the 8-bit vocabulary
-    tables are an fp32-graph form)."""
-    import dataclasses
-
+    tables are an fp32-graph form): a config of its own with those two set."""
     dtype = src.manifest.graph.get("dtype", "fp32")
     if dtype == "fp32":
         return cfg
-    if dtype != "fp16" or cfg.mode != "int4":
+    if dtype != "fp16" or not isinstance(cfg, Int4Config):
         raise OnnxpipeError(f"{src.path} is {dtype}; quantize from an fp32 model directory (export or optimize "
                             "with --dtype fp32); an fp16 one takes --mode int4 only")
     if "int8" in (cfg.lm_head, cfg.embeddings):
@@ -447,7 +375,7 @@ def _for_input_dtype(cfg: QuantizeConfig, src: ModelDir) -> QuantizeConfig:
                                embeddings="fp32" if cfg.embeddings == "auto" else cfg.embeddings)
 
 
-def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.ndarray | None, log: Log,
+def _run_mode(src: ModelDir, out_path: Path, cfg: ModeConfig, samples: np.ndarray | None, log: Log,
               progress: Progress | None, selection: Any = None, cache: Any = None) -> dict[str, Any]:
     """``selection``: a quality.SelectionJudge on the eval text's selection tokens (held out from the calibration
     text and from the report) where a mode chooses something itself (dynamic's activation search), else None.
@@ -459,7 +387,7 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
     proto = onnx.load(str(src.model_path))
     before = op_counts(proto)
     logits = src.manifest.graph["logits"]
-    if cfg.mode == "fp16":
+    if isinstance(cfg, Fp16Config):
         from onnxpipe.quant.fp16 import convert_fp16
 
         details = convert_fp16(proto, out_path, cfg, logits)
@@ -470,7 +398,7 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
         head_by_tables = cfg.lm_head in ("auto", "int8") and plan.lm_head is not None
         body = WeightPlan([n for n in plan.linears if n != plan.lm_head], None, plan.embeddings, plan.rewrites) \
             if head_by_tables else plan
-        if cfg.mode == "dynamic":
+        if isinstance(cfg, DynamicInt8Config):
             from onnxpipe.quant.calibration import feed_count
             from onnxpipe.quant.dynamic import quantize_dynamic_int8
 
@@ -489,10 +417,11 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
             if cfg.activations == "auto":
                 details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
                 _log_activation_choice(details, log)
-        elif cfg.mode == "static":
+        elif isinstance(cfg, StaticInt8Config):
             from onnxpipe.quant.static import quantize_static_int8
 
-            if cfg.smoothquant == "auto":
+            assert samples is not None
+            if cfg.smoothing == "auto":
                 details = _static_alpha_search(proto, out_path, body, src, samples, cfg, log, progress, cache)
             else:
                 details = quantize_static_int8(proto, out_path, body, src.manifest, samples, cfg, log, progress,
@@ -519,12 +448,10 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: QuantizeConfig, samples: np.nd
 
 
 def _static_alpha_search(proto: Any, out_path: Path, body: Any, src: ModelDir, samples: np.ndarray,
-                         cfg: QuantizeConfig, log: Log, progress: Progress | None, cache: Any = None) -> dict[str, Any]:
+                         cfg: StaticInt8Config, log: Log, progress: Progress | None, cache: Any = None) -> dict[str, Any]:
     """--smoothquant auto: each smoothing group's alpha chosen by its own int8 output error on calibration
     windows its scales and ranges were not fitted on (layer_alpha.py), then static int8 with those alphas. With a
     ``cache`` (static.CalibrationCache), a calibrator's alphas are searched once per run."""
-    import dataclasses
-
     from onnxpipe.quant import layer_alpha
     from onnxpipe.quant.calibration import counted, feed_count, kv_feeds
     from onnxpipe.quant.graph import float_session
@@ -539,8 +466,8 @@ def _static_alpha_search(proto: Any, out_path: Path, body: Any, src: ModelDir, s
         if cache is not None:
             cache.alphas[cfg.method] = choice
     log(f"SmoothQuant alpha per group ({choice.folds}-fold over the calibration batches): {choice.summary()}")
-    details = quantize_static_int8(proto, out_path, body, src.manifest, samples,
-                                   dataclasses.replace(cfg, smoothquant=choice.alphas), log, progress, cache)
+    details = quantize_static_int8(proto, out_path, body, src.manifest, samples, cfg, log, progress, cache,
+                                   alphas=choice.alphas)
     details["smoothquant_search"] = choice.to_json()
     return details
 
@@ -581,16 +508,7 @@ def find_calibration_file() -> Path | None:
     return None
 
 
-def default_calibration_file() -> Path:
-    """find_calibration_file, for modes that can do without --calibration (dynamic with activations="auto")."""
-    found = find_calibration_file()
-    if found is not None:
-        return found
-    raise OnnxpipeError("dynamic int8 chooses activation scales from calibration text, and data/calibration.txt is "
-                        "not here: pass --calibration FILE, or --activations token|tensor")
-
-
-def _prefill_feeds(manifest: Manifest, samples: np.ndarray, cfg: QuantizeConfig, label: str,
+def _prefill_feeds(manifest: Manifest, samples: np.ndarray, cfg: DynamicInt8Config, label: str,
                    progress: Progress | None) -> Any:
     """The calibration samples' prefills, cfg.calib.batch_size at a time (lazily)."""
     from onnxpipe.quant.calibration import counted, feed_count
@@ -601,7 +519,7 @@ def _prefill_feeds(manifest: Manifest, samples: np.ndarray, cfg: QuantizeConfig,
                    feed_count(samples, cfg.calib, decode=False), label, progress)
 
 
-def _vocab_tables(model_path: Path, head: str | None, manifest: Manifest, cfg: QuantizeConfig) -> Any:
+def _vocab_tables(model_path: Path, head: str | None, manifest: Manifest, cfg: ModeConfig) -> Any:
     """After the mode (which left them alone): the LM head and token lookups as 8-bit per-row tables, one table
     when tied. Done last so that every float check inside a mode (SmoothQuant's equivalence) sees float heads."""
     import onnx
@@ -613,13 +531,13 @@ def _vocab_tables(model_path: Path, head: str | None, manifest: Manifest, cfg: Q
     if head is None and not lookups:
         return None
     proto = onnx.load(str(model_path))
-    level = cfg.accuracy_level if cfg.mode == "int4" else 4
+    level = cfg.accuracy_level if isinstance(cfg, Int4Config) else 4
     report = quantize_vocab_tables(proto, head, int(manifest.model["vocab_size"]), head is not None, lookups, level)
     save_quantized(proto, model_path)
     return report
 
 
-def _output_manifest(src: Manifest, model_path: Path, cfg: QuantizeConfig) -> Manifest:
+def _output_manifest(src: Manifest, model_path: Path, cfg: ModeConfig) -> Manifest:
     """The input's manifest with the graph's I/O, opset and dtypes re-read from what was written."""
     import onnx
 
@@ -634,12 +552,14 @@ def _output_manifest(src: Manifest, model_path: Path, cfg: QuantizeConfig) -> Ma
     if cfg.mode == "fp16":
         g["dtype"] = "fp16"
         g["kv"]["dtype"] = "fp16"
-    g["quantization"] = {"dynamic": "int8 weights, dynamic int8 activations", "static": "int8 QDQ",
-                         "int4": "int4 weight-only (MatMulNBits)" if cfg.block_size else "int4 weight-only (uint4 DequantizeLinear per channel -> MatMul)", "fp16": "fp16 mixed precision"}[cfg.mode]
+    int4 = "int4 weight-only (MatMulNBits)" if getattr(cfg, "block_size", None) else \
+        "int4 weight-only (uint4 DequantizeLinear per channel -> MatMul)"
+    g["quantization"] = {"dynamic": "int8 weights, dynamic int8 activations", "static": "int8 QDQ", "int4": int4,
+                         "fp16": "fp16 mixed precision"}[cfg.mode]
     return manifest
 
 
-def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: QuantizeConfig) -> Any:
+def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: ModeConfig) -> Any:
     """Prefill + decode steps on a padded batch (the input's padding side) against the input model
     (parity.check_decoders).
 
@@ -685,4 +605,4 @@ def describe_result(result: QuantizeResult) -> str:
     )
 
 
-__all__ = ["MODES", "QuantizeConfig", "QuantizeResult", "describe_result", "quantize_model"]
+__all__ = ["MODES", "QuantizeConfig", "QuantizeResult", "RunSettings", "describe_result", "quantize_model"]

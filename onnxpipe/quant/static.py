@@ -29,6 +29,7 @@ import numpy as np
 from onnxpipe.artifact import Manifest
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.quant.calibration import SingleFeedReader, counted, feed_count, kv_feeds
+from onnxpipe.quant.config import StaticInt8Config
 from onnxpipe.quant.graph import WeightPlan, save_quantized
 
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -121,11 +122,14 @@ def quantize_static_int8(
     plan: WeightPlan,
     manifest: Manifest,
     samples: np.ndarray,
-    cfg: Any,
+    cfg: StaticInt8Config,
     log: Callable[[str], None],
     progress: Callable[[str, int, int], None] | None,
     cache: CalibrationCache | None = None,
+    alphas: dict[str, float] | None = None,
 ) -> dict[str, Any]:
+    """Static int8 of a chosen recipe ``cfg`` (every option set). ``alphas``: SmoothQuant's alpha per smoothing
+    group, as --smoothquant auto's search chose them (layer_alpha.py), in place of ``cfg``'s one alpha."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
@@ -137,28 +141,31 @@ def quantize_static_int8(
                                "method": cfg.method, "per_channel": cfg.per_channel}
     nodes = static_nodes(plan, cfg)
     details["lm_head"] = "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 QDQ"
-    key = (cfg.method, repr(cfg.smoothquant))
+    smoothing = cfg.smoothing if alphas is None else alphas
+    if isinstance(smoothing, str):
+        raise ValueError("--smoothquant auto: pass the alphas its search chose (pipeline._static_alpha_search)")
+    key = (str(cfg.method), repr(smoothing))
     hit = cache.get(key) if cache is not None else None
     total = feed_count(samples, cfg.calib)
     with tempfile.TemporaryDirectory(prefix="onnxpipe-calib-", dir=out_path.parent) as work:
         work = Path(work)
         float_path = work / "float.onnx"
-        method = getattr(CalibrationMethod, METHOD_NAMES[cfg.method])
+        method = getattr(CalibrationMethod, METHOD_NAMES[str(cfg.method)])
         if hit is not None:
             float_path, ranges, reused = hit
             details.update(reused)
             details["calibration_reused"] = True
             log("static: the calibrated ranges (and smoothing) of the previous choice reused")
-        if hit is None and cfg.smoothquant is not None:
+        if hit is None and smoothing is not None:
             from onnxpipe.quant.smoothquant import smooth_model
 
             kv_session = measure_session(_save(proto, work / "unsmoothed.onnx"))
             stats_feeds = counted(kv_feeds(kv_session, manifest, samples, cfg.calib), feed_count(samples, cfg.calib),
                                   "smoothquant statistics", progress)
             check_feed = next(kv_feeds(kv_session, manifest, samples[:2], cfg.calib, decode=False))
-            proto, report = smooth_model(proto, nodes, cfg.smoothquant, stats_feeds, check_feed, manifest.graph["logits"])
+            proto, report = smooth_model(proto, nodes, smoothing, stats_feeds, check_feed, manifest.graph["logits"])
             details["smoothquant"] = report.to_json()
-            what = "per group" if isinstance(cfg.smoothquant, dict) else cfg.smoothquant
+            what = "per group" if isinstance(smoothing, dict) else smoothing
             log(f"SmoothQuant alpha {what}: {report.groups} groups ({report.folded} folded into norms, "
                 f"{report.inserted_muls} Mul inserted); worst channel outlier ratio {report.outlier_ratio_before:.1f} -> "
                 f"{report.outlier_ratio_after:.1f}; float equivalence rel err {report.equivalence_rel_err:.2g}")
@@ -236,7 +243,7 @@ def widest_inputs_left_float(inputs: dict[str, str], ranges: Any, count: int) ->
     return kept, [{"node": n, "range": float(f"{widths[n]:.4g}")} for n in worst]
 
 
-def static_nodes(plan: WeightPlan, cfg: Any) -> list[str]:
+def static_nodes(plan: WeightPlan, cfg: StaticInt8Config) -> list[str]:
     """The MatMuls static int8 quantizes (and SmoothQuant smooths)."""
     return [n for n in plan.linears if cfg.lm_head != "fp32" or n != plan.lm_head]
 
