@@ -1,17 +1,39 @@
 """A bounded load test of `onnxpipe serve` on loopback: N concurrent streaming clients against the server started in
 this process (127.0.0.1, a free port), per concurrency level: aggregate tokens/s, time to first token and
-inter-token latency p50/p99; beside it the offline figure of `onnxpipe bench` (the same model, batch = the
-concurrency, same prompt and new-token counts, measured in the same run).
+inter-token latency p50/p99; beside it the same requests served one by one (concurrency 1) and the offline figure
+of onnxpipe's own generate at batch N (`onnxpipe bench`: same model, same prompt and new-token counts, same run).
 
     python scripts/load_test.py out/llama-stdlib --concurrency 1,2,4,8,16 --json benchmarks/results/serve-cpu.json
+    python scripts/load_test.py --build-1b /data/serve-1b --provider cuda --cuda-graph --check-equal \
+        --concurrency 1,8,32,64 --prompt-tokens 128 --max-tokens 128 --long-prompts 4 --streams 32 \
+        --chunks 256,512,1024 --budget-s 540 --json $OUT/serve-gpu.json
 
 Every request is a seeded random prompt of --prompt-tokens token ids, greedy, with ``ignore_eos`` so it generates
-exactly --max-tokens; each client sends --requests-per-client requests one after the other. Concurrency 1 is serving
-the requests one by one. Inter-token latency is the gap between consecutive streamed chunks (a chunk holds one
-token unless a character spans several; chunks that reach the client in one read share a time, so on a tiny model
-its p50 can read 0); per-request ms/token is (last chunk - first chunk) / (tokens - 1), one value per request; TTFT
-is from sending the request to its first text chunk. The clients run
-in a process of their own (httpx, asyncio): on a 2-core machine they share the cores with the server.
+exactly --max-tokens; each client sends --requests-per-client requests one after the other. Inter-token latency is
+the gap between consecutive streamed chunks (a chunk holds one token unless a character spans several; chunks that
+reach the client in one read share a time, so on a tiny model its p50 can read 0); per-request ms/token is
+(last chunk - first chunk) / (tokens - 1); TTFT is from sending the request to its first text chunk. The clients run
+in a process of their own (httpx, asyncio). Each level gets a server of its own whose batch is that many requests,
+and one untimed 2-token request first (first-use costs: connections, onnxruntime's first run of a shape).
+
+--check-equal first runs the scheduler alone (no HTTP): batch + 3 requests of mixed prompt lengths (the longest read
+in at least 3 chunks) and mixed reply lengths served one by one, then all submitted together (they join and
+leave the batch at different steps); every request must get exactly its solo tokens, else the script stops with
+exit 1. With a graph of `optimize --target cuda` this is the slot layout (fixed rows of a shared KV buffer; with
+--cuda-graph their decode steps replay one captured CUDA graph).
+
+--long-prompts N: while --streams streams decode, N prompts of --long-prompt-tokens arrive at once; the running
+streams' inter-token latency before they came (quiet) and while they were read (from their arrival to the last one's
+first token), per --chunks size (the scheduler's prefill chunk: the knob). Target: the p99 while they are read
+under 2x the quiet p50.
+
+--build-1b WORKDIR builds the model first (each stage skipped where its output is already there): a random
+Llama-3.2-1B-shaped checkpoint in bf16, made on the meta device and initialised in place (as
+scripts/measure_scale.py builds its checkpoints; std 0.1 so greedy tokens are not near-ties), with a word-level
+tokenizer over the whole vocabulary (every token decodes to a word, so every streamed chunk is one token), then
+`onnxpipe export --dtype fp16` and `onnxpipe optimize --level 3 --target cuda`, each in a child process.
+--budget-s bounds the whole run: work that would start after it is left out (and said so), a stage or level still
+running when it ends is stopped.
 """
 
 from __future__ import annotations
@@ -19,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,11 +49,149 @@ from typing import Any
 
 import numpy as np
 
+LLAMA_32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                   num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+                   tie_word_embeddings=True)
+
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def allows(self, what: str) -> bool:
+        if self.left() > 1:
+            return True
+        self.skipped.append(what)
+        print(f"budget spent: {what} left out", file=sys.stderr)
+        return False
+
+
+# ---- the model ----
+def build_1b(workdir: Path, config: dict[str, Any], budget: Budget, verify: bool) -> Path:
+    hf, exported, optimized = workdir / "hf", workdir / "exported", workdir / "cuda"
+    stages = [("checkpoint", hf / "config.json"), ("export", exported / "onnxpipe.json"),
+              ("optimize", optimized / "onnxpipe.json")]
+    for stage, done in stages:
+        if done.is_file():
+            print(f"build: {stage} already in {done.parent}", file=sys.stderr)
+            continue
+        if not budget.allows(f"build stage {stage}"):
+            raise SystemExit(f"the budget ended before the model was built ({stage}); rerun to go on")
+        spec = {"stage": stage, "workdir": str(workdir), "config": config, "verify": verify}
+        t = time.perf_counter()
+        try:
+            subprocess.run([sys.executable, __file__, "--build-child", json.dumps(spec)], check=True,
+                           timeout=max(budget.left(), 1))
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"the budget ended while building ({stage}); rerun to go on") from None
+        except subprocess.CalledProcessError as e:
+            raise SystemExit(f"building the model failed at {stage} (exit {e.returncode})") from None
+        print(f"build: {stage} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return optimized
+
+
+def build_child(spec: dict[str, Any]) -> None:
+    workdir, stage = Path(spec["workdir"]), spec["stage"]
+    if stage == "checkpoint":
+        write_checkpoint(workdir / "hf", spec["config"])
+    elif stage == "export":
+        from onnxpipe.export import export_decoder
+
+        export_decoder(workdir / "hf", workdir / "exported", dtype="fp16", verify=spec["verify"], force=True)
+    else:
+        from onnxpipe.fusion import optimize_model
+
+        optimize_model(workdir / "exported", workdir / "cuda", level=3, target="cuda", verify=spec["verify"],
+                       force=True, log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def write_checkpoint(out: Path, config: dict[str, Any]) -> None:
+    """A random bf16 Llama checkpoint, built on the meta device and initialised in place (never in fp32), with a
+    word-level tokenizer over its whole vocabulary ("t0" ... "tN"); written beside ``out`` and moved into place."""
+    import shutil
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cfg = AutoConfig.for_model("llama", **config, bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="bfloat16")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.1, generator=gen)
+    model.save_pretrained(tmp)
+    vocab = {f"t{i}": i for i in range(config["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t3", bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(tmp)
+    tmp.rename(out)
+
+
+# ---- the check ----
+def check_equal(lm: Any, make: Any, rows: int, max_length: int, prefill_chunk: int, rng: np.random.Generator) -> str:
+    """Concurrent requests against the same requests one by one, through the scheduler alone (``make(chunk)``);
+    raises SystemExit. rows + 3 requests, so rows are reused; the longest prompt is read in at least 3 chunks."""
+    import queue
+
+    lengths = [int(n) for n in np.linspace(4, max(8, max_length // 2), rows + 3)]
+    prefill_chunk = min(prefill_chunk, max(4, lengths[-1] // 3))
+    sched = make(prefill_chunk)
+    news = [8 + (7 * i) % 40 for i in range(len(lengths))]
+    news = [min(n, max_length - p) for n, p in zip(news, lengths)]
+    prompts = [rng.integers(3, lm.session.vocab_size, n).tolist() for n in lengths]
+
+    def submit(prompt: list[int], n: int) -> "queue.Queue[Any]":
+        q: queue.Queue[Any] = queue.Queue()
+        sched.submit(lm.prepare(prompt, max_new_tokens=n, stop_token_ids=[]),
+                     lambda e: q.put(e) if e[0] in ("done", "error") else None)
+        return q
+
+    def tokens(q: "queue.Queue[Any]") -> list[int]:
+        kind, value = q.get(timeout=600)
+        if kind != "done":
+            raise SystemExit(f"check-equal: a request failed: {value}")
+        return value.token_ids
+
+    sched.start()
+    try:
+        solo = [tokens(submit(p, n)) for p, n in zip(prompts, news)]
+        together = [submit(p, n) for p, n in zip(prompts, news)]
+        got = [tokens(q) for q in together]
+    finally:
+        sched.stop()
+    bad = [i for i, (a, b) in enumerate(zip(solo, got)) if a != b]
+    if bad:
+        i = bad[0]
+        first = next(k for k, (a, b) in enumerate(zip(solo[i], got[i])) if a != b) if solo[i][:1] else 0
+        raise SystemExit(f"check-equal FAILED: {len(bad)}/{len(solo)} requests differ from solo; request {i} "
+                         f"(prompt {lengths[i]} tokens) first at token {first}: solo {solo[i][first:first + 5]} "
+                         f"concurrent {got[i][first:first + 5]}")
+    library = sum(lm.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids == s
+                  for p, n, s in zip(prompts, news, solo))
+    return (f"check-equal: {len(solo)} requests ({sum(map(len, solo))} tokens; prompts {min(lengths)}-"
+            f"{max(lengths)} tokens, chunk {prefill_chunk}) concurrent == solo; {sched.stats.max_running} decoded "
+            f"together at most; solo == lm.generate for {library}/{len(solo)} (information only)")
+
+
+# ---- the clients ----
 async def one_request(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
     sent = time.perf_counter()
     times: list[float] = []
@@ -49,11 +210,16 @@ async def one_request(client: Any, url: str, body: dict[str, Any]) -> dict[str, 
             elif chunk["choices"] and chunk["choices"][0]["text"]:
                 times.append(time.perf_counter())
     tpot = (times[-1] - times[0]) / (tokens - 1) if len(times) > 1 and tokens > 1 else float("nan")
-    return {"ttft": times[0] - sent if times else float("nan"), "gaps": list(np.diff(times)), "tokens": tokens,
+    return {"sent": sent, "ttft": times[0] - sent if times else float("nan"), "times": times, "tokens": tokens,
             "tpot": tpot}
 
 
-async def level(base: str, model: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+def body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    return {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+
+
+async def level(base: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
     import httpx
 
     queue = list(prompts)
@@ -61,17 +227,15 @@ async def level(base: str, model: str, concurrency: int, prompts: list[list[int]
 
     async def client_loop(client: Any) -> None:
         while queue:
-            prompt = queue.pop()
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "ignore_eos": True, "stream_options": {"include_usage": True}}
-            results.append(await one_request(client, base + "/v1/completions", body))
+            results.append(await one_request(client, base + "/v1/completions", body(queue.pop(), max_tokens)))
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one_request(client, base + "/v1/completions", body(prompts[0][:8], 2))  # untimed: first-use costs
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    gaps = [g for r in results for g in r["gaps"]]
+    gaps = [g for r in results for g in np.diff(r["times"])]
     ttft = [r["ttft"] for r in results]
     tokens = sum(r["tokens"] for r in results)
     return {"concurrency": concurrency, "requests": len(results), "tokens": tokens, "wall_s": wall,
@@ -81,72 +245,232 @@ async def level(base: str, model: str, concurrency: int, prompts: list[list[int]
             "tpot_p99_ms": 1e3 * percentile([r["tpot"] for r in results], 99)}
 
 
-def run_clients(url: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    """One level's clients in a process of their own (so their timing is not held up by the server's threads)."""
+async def interference(base: str, streams: list[list[int]], stream_tokens: int, longs: list[list[int]],
+                       long_tokens: int, warm_tokens: int) -> dict[str, Any]:
+    """Streams decode; once each has ``warm_tokens`` chunks the long prompts arrive together."""
+    import httpx
+
+    url = base + "/v1/completions"
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(streams) + len(longs) + 4)) as c:
+        await one_request(c, url, body(streams[0][:8], 2))  # untimed: first-use costs
+        live: list[dict[str, Any]] = [{"times": []} for _ in streams]
+
+        async def stream(i: int) -> None:
+            live[i] = await one_request_live(c, url, body(streams[i], stream_tokens), live[i])
+
+        tasks = [asyncio.create_task(stream(i)) for i in range(len(streams))]
+        while min(len(s["times"]) for s in live) < warm_tokens and not any(t.done() for t in tasks):
+            await asyncio.sleep(0.002)
+        sent = time.perf_counter()
+        long_results = await asyncio.gather(*(one_request(c, url, body(p, long_tokens)) for p in longs))
+        read = max(r["sent"] + r["ttft"] for r in long_results)  # the last long prompt's first token
+        await asyncio.gather(*tasks)
+    quiet, during, late = [], [], 0
+    for s in live:
+        t = np.asarray(s["times"])
+        if len(t) < 2:
+            continue
+        gaps, ends = np.diff(t), t[1:]
+        quiet += gaps[(ends <= sent) & (t[:-1] >= t[min(2, len(t) - 1)])].tolist()  # past each stream's first gaps
+        during += gaps[(ends > sent) & (ends <= read)].tolist()
+        late += int(t[-1] < read)
+    return {"streams": len(streams), "long_prompts": len(longs), "long_prompt_tokens": len(longs[0]),
+            "read_s": read - sent, "quiet_gaps": len(quiet), "during_gaps": len(during),
+            "streams_done_before_read": late,
+            "quiet_p50_ms": 1e3 * percentile(quiet, 50), "quiet_p99_ms": 1e3 * percentile(quiet, 99),
+            "during_p50_ms": 1e3 * percentile(during, 50), "during_p99_ms": 1e3 * percentile(during, 99),
+            "long_ttft_p50_ms": 1e3 * percentile([r["ttft"] for r in long_results], 50),
+            "long_ttft_max_ms": 1e3 * max(r["ttft"] for r in long_results)}
+
+
+async def one_request_live(client: Any, url: str, req: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """one_request, with the chunk times appended to ``out["times"]`` as they come (read while it runs)."""
+    async with client.stream("POST", url, json=req) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    out["times"].append(time.perf_counter())
+    return out
+
+
+def in_client_process(budget_s: float, fn: Any, *args: Any) -> dict[str, Any] | None:
+    """``fn(*args)`` (a coroutine function) in a process of its own, so its timing is not held up by the server's
+    threads; None when it outlasts ``budget_s`` (then stopped)."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(client_process, (url, concurrency, prompts, max_tokens))
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    try:
+        return pool.apply_async(run_coroutine, (fn, *args)).get(timeout=max(budget_s, 1))
+    except multiprocessing.TimeoutError:
+        return None
+    finally:
+        pool.terminate()
 
 
-def client_process(url: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    return asyncio.run(level(url, "model", concurrency, prompts, max_tokens))
+def run_coroutine(fn: Any, *args: Any) -> dict[str, Any]:
+    return asyncio.run(fn(*args))
 
 
+# ---- the run ----
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", type=Path)
-    p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels (1-64)")
+    p.add_argument("model_dir", type=Path, nargs="?")
+    p.add_argument("--build-1b", type=Path, default=None, metavar="WORKDIR",
+                   help="build the random Llama-3.2-1B-shaped model there (CUDA form) and serve it")
+    p.add_argument("--build-config", type=Path, default=None, help="JSON of config fields to change in the 1B shape")
+    p.add_argument("--build-verify", action="store_true", help="run export's and optimize's checks while building")
+    p.add_argument("--build-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels (1-64); '' for none")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=None, help="the server's batch [each level: its concurrency]")
     p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens a fixed row holds (CUDA form) [what the requests of the run need]")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--provider", default="cpu")
+    p.add_argument("--cuda-graph", action="store_true", help="decode steps as CUDA graphs (CUDA EP, CUDA form)")
+    p.add_argument("--check-equal", action="store_true", help="first check concurrent == solo tokens (exit 1 if not)")
+    p.add_argument("--long-prompts", type=int, default=0, help="long prompts arriving while --streams decode")
+    p.add_argument("--long-prompt-tokens", type=int, default=4096)
+    p.add_argument("--streams", type=int, default=32)
+    p.add_argument("--stream-tokens", type=int, default=512, help="new tokens of each running stream")
+    p.add_argument("--chunks", default="256,512,1024", help="prefill chunk sizes to run the long-prompt mode with")
+    p.add_argument("--budget-s", type=float, default=3600.0, help="bound on the whole run's time")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    if not levels or any(not 1 <= c <= 64 for c in levels) or not 1 <= args.requests_per_client <= 16:
+    if args.build_child:
+        build_child(json.loads(args.build_child))
+        return 0
+    budget = Budget(args.budget_s)
+    try:
+        levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+        chunks = [int(c) for c in args.chunks.split(",") if c.strip()] if args.long_prompts else []
+    except ValueError:
+        p.error("--concurrency and --chunks are comma-separated integers")
+    if any(not 1 <= c <= 64 for c in levels) or not 1 <= args.requests_per_client <= 16:
         p.error("concurrency levels must be 1..64 and --requests-per-client 1..16 (a bounded test)")
+    if args.long_prompts and (not 1 <= args.streams <= 64 or not 1 <= args.long_prompts <= 16
+                              or any(c < 1 for c in chunks)):
+        p.error("--streams must be 1..64, --long-prompts 1..16, --chunks positive")
+    if (args.model_dir is None) == (args.build_1b is None):
+        p.error("give a model directory or --build-1b WORKDIR")
+    if args.build_1b:
+        config = dict(LLAMA_32_1B)
+        if args.build_config:
+            config.update(json.loads(args.build_config.read_text()))
+        args.model_dir = build_1b(args.build_1b, config, budget, args.build_verify)
 
     from onnxpipe.runtime.bench import bench
     from onnxpipe.runtime.generate import load
     from onnxpipe.serve.app import ServerThread, create_app
+    from onnxpipe.serve.scheduler import make_scheduler
 
-    lm = load(args.model_dir, args.provider, threads=args.threads)
+    lm = load(args.model_dir, args.provider, threads=args.threads, cuda_graph=args.cuda_graph,
+              announce=lambda m: print(m, file=sys.stderr))
+    slots = lm.session.shares_buffer
+    # the rows' length (slot layout): what each mode's requests need, unless --max-length
+    level_length = args.max_length or args.prompt_tokens + args.max_tokens
+    long_length = args.max_length or max(args.long_prompt_tokens + 8, args.prompt_tokens + args.stream_tokens)
+    layout = f"slot layout{' (CUDA graphs)' if lm.session.cuda_graph else ''}" if slots else "concat layout"
+    print(f"{args.model_dir} on {lm.provider}: {layout}", file=sys.stderr)
     rng = np.random.default_rng(0)
-    offline = {r.batch: r for r in bench(lm, sorted(set(levels)), prompt_tokens=args.prompt_tokens,
-                                         new_tokens=args.max_tokens, repeats=1)}
-    app = create_app(lm, "model", max_batch=args.max_batch, max_queue=256, prefill_chunk=args.prefill_chunk)
+    report: dict[str, Any] = {"provider": lm.provider, "layout": layout}
+
+    def server(batch: int, chunk: int, length: int) -> Any:
+        return create_app(lm, "model", max_batch=batch, max_queue=256, prefill_chunk=chunk,
+                          max_length=length if slots else None)
+
+    if args.check_equal and budget.allows("check-equal"):
+        rows = args.max_batch or max(levels + [4])
+        length = level_length if slots else lm.session.max_positions
+
+        def make(chunk: int) -> Any:
+            return make_scheduler(lm, max_batch=rows, max_queue=256, prefill_chunk=chunk,
+                                  max_length=length if slots else None)
+
+        report["check_equal"] = check_equal(lm, make, rows, min(length, 1024), args.prefill_chunk, rng)
+        print(report["check_equal"], file=sys.stderr)
+
     rows = []
-    with ServerThread(app, host="127.0.0.1") as server:
-        for c in levels:
-            prompts = rng.integers(0, lm.session.vocab_size, (c * args.requests_per_client, args.prompt_tokens)).tolist()
-            row = run_clients(server.url, c, prompts, args.max_tokens)
-            row["offline_tokens_per_s"] = offline[c].tokens_per_s
-            rows.append(row)
-            print(f"concurrency {c}: {row['tokens_per_s']:.0f} tok/s", file=sys.stderr)
+    for c in levels:
+        if not budget.allows(f"concurrency {c}"):
+            break
+        offline = bench(lm, [c], prompt_tokens=args.prompt_tokens, new_tokens=args.max_tokens, repeats=1)[0]
+        prompts = rng.integers(0, lm.session.vocab_size, (c * args.requests_per_client, args.prompt_tokens)).tolist()
+        with ServerThread(server(args.max_batch or c, args.prefill_chunk, level_length), host="127.0.0.1") as s:
+            row = in_client_process(budget.left(), level, s.url, c, prompts, args.max_tokens)
+        if row is None:
+            budget.skipped.append(f"concurrency {c} (stopped)")
+            break
+        row["offline_tokens_per_s"] = offline.tokens_per_s
+        rows.append(row)
+        print(f"concurrency {c}: {row['tokens_per_s']:.0f} tok/s", file=sys.stderr)
+    report["levels"] = rows
+
+    long_rows = []
+    for chunk in chunks:
+        if not budget.allows(f"long prompts, chunk {chunk}"):
+            break
+        streams = rng.integers(0, lm.session.vocab_size, (args.streams, args.prompt_tokens)).tolist()
+        longs = rng.integers(0, lm.session.vocab_size, (args.long_prompts, args.long_prompt_tokens)).tolist()
+        with ServerThread(server(args.streams + args.long_prompts, chunk, long_length), host="127.0.0.1") as s:
+            row = in_client_process(budget.left(), interference, s.url, streams, args.stream_tokens, longs, 4, 16)
+        if row is None:
+            budget.skipped.append(f"long prompts, chunk {chunk} (stopped)")
+            break
+        row["chunk"] = chunk
+        long_rows.append(row)
+        print(f"chunk {chunk}: during p99 {row['during_p99_ms']:.1f} ms", file=sys.stderr)
+    report["long_prompts"] = long_rows
+    report["skipped"] = budget.skipped
+    print_tables(report)
+    if args.json:
+        import onnxruntime
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".partial")
+        tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                   "onnxruntime": onnxruntime.__version__, "model_dir": str(args.model_dir),
+                                   "args": {k: str(v) for k, v in vars(args).items()},
+                                   "offline_note": "onnxpipe bench, 1 timed run per batch", **report}, indent=1))
+        tmp.replace(args.json)
+    return 0
+
+
+def print_tables(report: dict[str, Any]) -> None:
+    print(f"{report['provider']}, {report['layout']}")
+    if report.get("check_equal"):
+        print(report["check_equal"])
+    rows = report["levels"]
     one = next((r["tokens_per_s"] for r in rows if r["concurrency"] == 1), None)
-    print("| concurrent streams | requests | tokens/s | vs one by one | offline bench (batch = streams) | served / offline "
-          "| TTFT p50 / p99 ms | inter-token p50 / p99 ms | per-request ms/token p50 / p99 |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if rows:
+        print("\n| concurrent streams | requests | tokens/s | vs one by one | offline generate (batch = streams) | "
+              "served / offline | TTFT p50 / p99 ms | inter-token p50 / p99 ms | per-request ms/token p50 / p99 |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['tokens_per_s'] / one:.2f}x" if one else "-"
         print(f"| {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.0f} | {ratio} | "
               f"{r['offline_tokens_per_s']:.0f} | {r['tokens_per_s'] / r['offline_tokens_per_s']:.0%} | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
               f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} |")
-    if args.json:
-        import onnxruntime
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                         "onnxruntime": onnxruntime.__version__, "model_dir": str(args.model_dir),
-                                         "args": {k: str(v) for k, v in vars(args).items()},
-                                         "median_note": "offline: onnxpipe bench, 1 timed run per batch",
-                                         "rows": rows}, indent=1))
-    return 0
+    if report["long_prompts"]:
+        print("\n| prefill chunk | streams | long prompts x tokens | read in s | running streams' inter-token ms: "
+              "quiet p50 / p99 | while read p50 / p99 | while-read p99 / quiet p50 | long prompts' TTFT p50 / max ms |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in report["long_prompts"]:
+        print(f"| {r['chunk']} | {r['streams']} | {r['long_prompts']} x {r['long_prompt_tokens']} | {r['read_s']:.2f} | "
+              f"{r['quiet_p50_ms']:.1f} / {r['quiet_p99_ms']:.1f} | {r['during_p50_ms']:.1f} / {r['during_p99_ms']:.1f} | "
+              f"{r['during_p99_ms'] / r['quiet_p50_ms']:.2f}x | {r['long_ttft_p50_ms']:.0f} / {r['long_ttft_max_ms']:.0f} |"
+              + (f" ({r['streams_done_before_read']} streams ended before)" if r["streams_done_before_read"] else ""))
+    if report["skipped"]:
+        print("\nleft out (budget): " + ", ".join(report["skipped"]))
 
 
 if __name__ == "__main__":
