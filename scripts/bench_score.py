@@ -175,7 +175,7 @@ def versions() -> str:
 # ---- --device cpu|cuda: a random-weight model of a real shape, its onnxpipe variants and transformers, one run ----
 
 # family, config, tokenizer files (copied from models/NAME; ids < 4096, so the model's larger vocabulary is only
-# a wider softmax), default text count. Random weights with initializer_range 0.1, as scripts/gpu_runtime_check.py
+# a wider softmax), default text count. Random weights with initializer_range 0.1, as tests/gpu/conftest.py
 # uses, so that logits are not near-uniform and the loglik comparison can see an error.
 SHAPES = {
     "llama-150m": ("llama", dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,

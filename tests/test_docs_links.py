@@ -96,7 +96,8 @@ PATH = re.compile(r"(?<![\w/~.-])((?:onnxpipe|scripts|tests|benchmarks|docs)/[\w
 # the dotted name of a module and what it defines, e.g. onnxpipe.quant.quantize_model
 DOTTED = re.compile(r"(?<![\w.])onnxpipe((?:\.[A-Za-z_]\w*)+)")
 # cited for history only (the page says where git keeps it)
-REMOVED = {"scripts/smollm2_static_diagnosis.py"}
+REMOVED = {"scripts/smollm2_static_diagnosis.py", "scripts/agreement_diag.py", "scripts/sweep_smoothquant_alpha.py",
+           "scripts/gpu_runtime_check.py", "scripts/gpu_graph_check.py"}
 
 
 def _stale_names(page: Path) -> list[str]:
