@@ -4,6 +4,10 @@ ORT's quantizers act on MatMul nodes whose B input is an initializer. Two things
 them: GPT-2's Conv1D layers come out as Gemm, and a tied LM head is MatMul(x, Transpose(embedding)). Both are
 rewritten here into plain MatMul-with-constant-weight (exactly the same arithmetic) before any mode runs, so one
 rule, "MatMul with a 2-D constant weight", finds every linear layer of every family, exported or optimized.
+
+Rewrites are written on onnx_ir (``ir_model`` / ``write_back``): the quantizers take and change a ModelProto in
+place, as ORT's own tools (which they call) do, and the IR model read from it is written back without copying the
+weights it left alone.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxpipe.runtime.sessions import open_session
 
 LINEAR_OPS = ("MatMul",)
 PASS_THROUGH = ("Cast", "Reshape", "Identity")  # ops that may sit between the LM head and the logits output
+FLOAT_WEIGHTS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
 @dataclass
@@ -74,13 +80,70 @@ def producers(graph: Any) -> dict[str, Any]:
     return {o: n for n in graph.node for o in n.output}
 
 
+def ir_model(proto: Any) -> ir.Model:
+    """The IR of ``proto``; its initializers read ``proto``'s tensors (no copy of the weights)."""
+    return ir.serde.deserialize_model(proto)
+
+
+def write_back(model: ir.Model, proto: Any) -> None:
+    """``model`` (read from ``proto`` by ``ir_model``, then rewritten) into ``proto``, in place: the nodes in graph
+    order, the opset imports, and the initializers: those the IR still reads from ``proto`` stay as they are (no
+    copy of their data), new or changed ones are appended, and those the graph no longer has are dropped."""
+    graph = proto.graph
+    graph.ClearField("node")
+    graph.node.extend(ir.serde.serialize_node(n) for n in model.graph)
+    wanted = model.graph.initializers
+    for i in reversed(range(len(graph.initializer))):
+        name = graph.initializer[i].name
+        if name not in wanted or not _read_from_proto(wanted[name]):
+            del graph.initializer[i]
+    kept = {t.name for t in graph.initializer}
+    for name, value in wanted.items():
+        if name not in kept:
+            assert value.const_value is not None, name
+            tensor = ir.serde.serialize_tensor(value.const_value)
+            tensor.name = name
+            graph.initializer.append(tensor)
+    versions = dict(model.opset_imports)
+    for o in proto.opset_import:
+        if o.domain in versions:
+            o.version = versions.pop(o.domain)
+    for domain, version in versions.items():
+        op = proto.opset_import.add()
+        op.domain, op.version = domain, version
+
+
+def _read_from_proto(value: ir.Value) -> bool:
+    tensor = value.const_value
+    return isinstance(tensor, ir.TensorProtoTensor) and tensor.raw.name == value.name
+
+
+def add_initializer(graph: ir.Graph, name: str, value: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    """A new initializer ``name`` of the graph holding ``value`` (a numpy array, or an IR tensor such as a packed
+    uint4 one)."""
+    tensor = ir.tensor(value, name=name) if isinstance(value, np.ndarray) else value
+    tensor.name = name
+    out = ir.Value(name=name, shape=ir.Shape(tensor.shape.numpy()), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(out)
+    return out
+
+
+def unique_name(base: str, taken: Any) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
 def expose_weights(proto: Any, logits_name: str, untie_lm_head: bool = True) -> WeightPlan:
     """Rewrite Gemm(constant B) into MatMul + Add and a transposed tied LM head into its own constant; in place."""
-    graph = proto.graph
+    model = ir_model(proto)
     rewrites: Counter = Counter()
-    rewrites["gemm_to_matmul"] = _gemm_to_matmul(graph)
+    rewrites["gemm_to_matmul"] = _gemm_to_matmul(model.graph)
     if untie_lm_head:
-        rewrites["lm_head_untied"] = _untie_lm_head(graph, logits_name)
+        rewrites["lm_head_untied"] = _untie_lm_head(model.graph, logits_name)
+    if any(rewrites.values()):
+        write_back(model, proto)
     return plan_weights(proto, logits_name, dict(rewrites))
 
 
@@ -118,81 +181,76 @@ def _const_2d(name: str, inits: dict[str, Any]) -> bool:
     return t is not None and len(t.dims) == 2 and t.data_type in (1, 10, 16)  # float, float16, bfloat16
 
 
-def _gemm_to_matmul(graph: Any) -> int:
-    import onnx
-    from onnx import numpy_helper
+def weight_2d(value: ir.Value | None) -> bool:
+    """An initializer of two dimensions in a float type: a linear layer's weight."""
+    tensor = value.const_value if value is not None and value.is_initializer() else None
+    return tensor is not None and len(tensor.shape) == 2 and tensor.dtype in FLOAT_WEIGHTS
 
-    inits = initializer_map(graph)
-    uses = Counter(i for n in graph.node for i in n.input)
-    new_nodes, count = [], 0
-    for node in graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
-        if node.op_type != "Gemm" or not plain or not _const_2d(node.input[1], inits):
-            new_nodes.append(node)
+
+def _gemm_to_matmul(graph: ir.Graph) -> int:
+    count = 0
+    for node in list(graph):
+        a = node.attributes
+        plain = a.get_float("alpha", 1.0) == 1.0 and a.get_float("beta", 1.0) == 1.0 and not a.get_int("transA", 0)
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or not plain or not weight_2d(node.inputs[1]):
             continue
-        weight = node.input[1]
-        if attrs.get("transB", 0):
-            if uses[weight] > 1:  # shared: transpose a copy, leave the original to its other users
-                weight = _unique_name(f"{weight}_T", inits)
-            inits[weight] = _replace_initializer(
-                graph, inits, node.input[1], weight, numpy_helper.to_array(inits[node.input[1]]).T.copy()
-            )
-        has_bias = len(node.input) > 2 and node.input[2] != ""
-        mm_out = f"{node.output[0]}_matmul" if has_bias else node.output[0]
-        new_nodes.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=f"{node.name}/MatMul"))
-        if has_bias:
-            new_nodes.append(onnx.helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{node.name}/Add"))
+        x, weight = node.inputs[0], node.inputs[1]
+        assert weight is not None and weight.const_value is not None and weight.name is not None
+        if a.get_int("transB", 0):
+            transposed = weight.const_value.numpy().T.copy()
+            if len(weight.uses()) > 1:  # shared: transpose a copy, leave the original to its other users
+                weight = add_initializer(graph, unique_name(f"{weight.name}_T", graph.initializers), transposed)
+            else:
+                weight.const_value = ir.tensor(transposed, name=weight.name)
+                weight.shape = ir.Shape(transposed.shape)
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        out = node.outputs[0]
+        new = [ir.node("MatMul", [x, weight], name=f"{node.name}/MatMul")]
+        if bias is not None:
+            new[0].outputs[0].name = f"{out.name}_matmul"
+            new.append(ir.node("Add", [new[0].outputs[0], bias], name=f"{node.name}/Add"))
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new, [out], [new[-1].outputs[0]])
         count += 1
-    if count:
-        graph.ClearField("node")
-        graph.node.extend(new_nodes)
     return count
 
 
-def _untie_lm_head(graph: Any, logits_name: str) -> int:
+def _ir_lm_head(graph: ir.Graph, logits_name: str) -> ir.Node | None:
+    """find_lm_head on the IR: the MatMul that makes the logits, looking back through casts and reshapes."""
+    value = next((o for o in graph.outputs if o.name == logits_name), None)
+    for _ in range(4):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return None
+        if node.op_type in LINEAR_OPS:
+            return node
+        if node.op_type not in PASS_THROUGH:
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def _untie_lm_head(graph: ir.Graph, logits_name: str) -> int:
     """MatMul(x, Transpose(E)) -> MatMul(x, E^T as its own constant): the tie is broken on purpose, so the head can
     be quantized for the matrix product while the embedding table stays as it is for the lookup."""
-    import onnx
-    from onnx import numpy_helper
-
-    head = find_lm_head(graph, logits_name)
-    if head is None:
+    head = _ir_lm_head(graph, logits_name)
+    tr = head.inputs[1].producer() if head is not None and head.inputs[1] is not None else None
+    if head is None or tr is None or tr.op_type != "Transpose":
         return 0
-    prod = producers(graph)
-    tr = prod.get(head.input[1])
-    inits = initializer_map(graph)
-    if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits:
+    source = tr.inputs[0]
+    if source is None or not source.is_initializer() or source.const_value is None:
         return 0
-    perm = [onnx.helper.get_attribute_value(a) for a in tr.attribute if a.name == "perm"]
-    if perm and list(perm[0]) != [1, 0]:
+    perm = tr.attributes.get_ints("perm")
+    if perm is not None and list(perm) != [1, 0]:
         return 0
-    table = numpy_helper.to_array(inits[tr.input[0]])
+    table = source.const_value.numpy()
     if table.ndim != 2:
         return 0
-    name = _unique_name(f"{tr.input[0]}.lm_head_T", inits)
-    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.T), name))
-    head.input[1] = name
-    if not any(tr.output[0] in n.input for n in graph.node if n is not head):
-        graph.node.remove(tr)
+    value = add_initializer(graph, unique_name(f"{source.name}.lm_head_T", graph.initializers),
+                            np.ascontiguousarray(table.T))
+    head.replace_input_with(1, value)
+    if not tr.outputs[0].uses() and not tr.outputs[0].is_graph_output():
+        graph.remove(tr, safe=True)
     return 1
-
-
-def _replace_initializer(graph: Any, inits: dict[str, Any], old: str, new: str, value: np.ndarray) -> Any:
-    from onnx import numpy_helper
-
-    tensor = numpy_helper.from_array(value, new)
-    if old == new:
-        graph.initializer.remove(inits[old])
-    graph.initializer.append(tensor)
-    return tensor
-
-
-def _unique_name(base: str, taken: dict[str, Any]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def op_counts(proto: Any) -> dict[str, int]:
