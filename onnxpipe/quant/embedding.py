@@ -27,8 +27,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
-from onnxpipe.quant.graph import initializer_map
+from onnxpipe.quant.graph import (
+    add_initializer,
+    drop_unused_initializers,
+    initializer_map,
+    ir_model,
+    make_node,
+    replace_node,
+    write_back,
+)
 
 
 @dataclass
@@ -77,129 +86,109 @@ def token_embeddings(proto: Any, vocab_size: int) -> list[Any]:
             and tuple(inits[n.input[0]].dims)[:1] == (vocab_size,) and len(inits[n.input[0]].dims) == 2]
 
 
+def _lookups(graph: ir.Graph, vocab_size: int) -> list[ir.Node]:
+    """token_embeddings on the IR: Gather nodes reading a [vocab_size, hidden] initializer."""
+    out = []
+    for n in graph:
+        table = n.inputs[0] if n.op_type == "Gather" and n.inputs else None
+        if table is not None and table.is_initializer() and table.const_value is not None:
+            dims = tuple(table.const_value.shape.numpy())
+            if len(dims) == 2 and dims[0] == vocab_size:
+                out.append(n)
+    return out
+
+
 def quantize_vocab_tables(proto: Any, head_name: str | None, vocab_size: int, head: bool, embeddings: bool,
                           accuracy_level: int) -> TableReport:
     """Replace the LM head (if ``head``) and the token lookups (if ``embeddings``) by 8-bit per-row tables; in place."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = proto.graph
-    inits = initializer_map(graph)
+    model = ir_model(proto)
+    graph = model.graph
     report = TableReport()
-    if head and not any(o.domain == "com.microsoft" for o in proto.opset_import):
-        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    head_node = next((n for n in graph.node if n.name == head_name), None) if head else None
-    lookups = token_embeddings(proto, vocab_size) if embeddings else []
-    shared: dict[str, tuple[str, str, int, int]] = {}  # float table name -> (q name, scale name, block, hidden)
+    if head and "com.microsoft" not in model.opset_imports:
+        model.opset_imports["com.microsoft"] = 1
+    head_node = next((n for n in graph if n.name == head_name), None) if head else None
+    lookups = _lookups(graph, vocab_size) if embeddings else []
+    shared: dict[str, tuple[ir.Value, ir.Value, int, int]] = {}  # float table name -> (q, scales, block, hidden)
 
-    def table_for(name: str, values: np.ndarray) -> tuple[str, str, int, int]:
+    def table_for(name: str, values: np.ndarray) -> tuple[ir.Value, ir.Value, int, int]:
         if name not in shared:
             q, scale, block = quantize_rows(values)
             report.max_abs_err = max(report.max_abs_err, float(np.abs(dequantize_rows(q, scale, values.shape[1]) - values).max()))
-            qn, sn = f"{name}_int8_rows", f"{name}_int8_row_scales"
-            graph.initializer.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn)])
-            shared[name] = (qn, sn, block, values.shape[1])
+            shared[name] = (add_initializer(graph, f"{name}_int8_rows", q),
+                            add_initializer(graph, f"{name}_int8_row_scales", scale), block, values.shape[1])
             report.block_size, report.blocks_per_row = block, q.shape[1]
         return shared[name]
 
+    def array(value: ir.Value | None) -> np.ndarray:
+        assert value is not None and value.const_value is not None
+        return value.const_value.numpy()
+
     if head_node is not None:
-        weight = numpy_helper.to_array(inits[head_node.input[1]])  # [H, V]
-        tied_to = next((g.input[0] for g in lookups
-                        if np.array_equal(numpy_helper.to_array(inits[g.input[0]]), weight.T)), None)
-        key = tied_to or head_node.input[1]
-        qn, sn, block, h = table_for(key, weight.T if tied_to is None else numpy_helper.to_array(inits[tied_to]))
-        _replace(graph, head_node, _head_node(head_node, qn, sn, weight.shape[1], h, block, accuracy_level))
-        report.lm_head = "int8 per row (shared with the embedding table)" if tied_to else "int8 per row"
+        weight = array(head_node.inputs[1])  # [H, V]
+        tied_to = next((g.inputs[0] for g in lookups if np.array_equal(array(g.inputs[0]), weight.T)), None)
+        key = str(tied_to.name if tied_to is not None else head_node.inputs[1].name)  # type: ignore[union-attr]
+        q, s, block, h = table_for(key, weight.T if tied_to is None else array(tied_to))
+        replace_node(graph, head_node, [_head_node(head_node, q, s, weight.shape[1], h, block, accuracy_level)])
+        report.lm_head = "int8 per row (shared with the embedding table)" if tied_to is not None else "int8 per row"
     for g in lookups:
-        qn, sn, block, h = table_for(g.input[0], numpy_helper.to_array(inits[g.input[0]]))
-        _replace(graph, g, *_lookup_nodes(g, qn, sn, h, block, -(-h // block)))
-        report.embeddings.append(g.name)
-    used = {i for n in graph.node for i in n.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
+        q, s, block, h = table_for(str(g.inputs[0].name), array(g.inputs[0]))  # type: ignore[union-attr]
+        blocks = -(-h // block)
+        new = _lookup_one_block(graph, g, q, s, h, block) if blocks == 1 else \
+            _lookup_blocks(graph, g, q, s, h, block, blocks)
+        replace_node(graph, g, new)
+        report.embeddings.append(str(g.name))
+    drop_unused_initializers(graph)
+    write_back(model, proto)
     return report
 
 
-def _head_node(node: Any, qn: str, sn: str, v: int, h: int, block: int, accuracy_level: int) -> Any:
-    import onnx
-
+def _head_node(node: ir.Node, q: ir.Value, s: ir.Value, v: int, h: int, block: int, accuracy_level: int) -> ir.Node:
     attrs = {"K": h, "N": v, "bits": 8, "block_size": block}
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level
-    return onnx.helper.make_node("MatMulNBits", [node.input[0], qn, sn], list(node.output), name=f"{node.name}_Q8rows",
-                                 domain="com.microsoft", **attrs)
+    return make_node("MatMulNBits", [node.inputs[0], q, s], None, f"{node.name}_Q8rows", domain="com.microsoft",
+                     **attrs)
 
 
-def _lookup_nodes(node: Any, qn: str, sn: str, h: int, block: int, blocks: int) -> list[Any]:
-    """The nodes (and constants) that replace Gather(table, ids) by a lookup of dequantized int8 rows."""
-    if blocks == 1:
-        return _lookup_one_block(node, qn, sn, h, block)
-    return _lookup_blocks(node, qn, sn, h, block, blocks)
-
-
-def _lookup_one_block(node: Any, qn: str, sn: str, h: int, block: int) -> list[Any]:
+def _lookup_one_block(graph: ir.Graph, node: ir.Node, q: ir.Value, s: ir.Value, h: int, block: int) -> list[ir.Node]:
     """Rows of one block ([V, 1, block]): Squeeze the block axis, drop the padding, dequantize."""
-    import onnx
-    from onnx import numpy_helper
-
     p = f"{node.name}/int8rows"
-    out = node.output[0]
-    nodes = [
-        onnx.helper.make_node("Gather", [qn, node.input[1]], [f"{p}/q3"], name=f"{p}/GatherRows", axis=0),
-        onnx.helper.make_node("Squeeze", [f"{p}/q3", f"{p}/axis"], [f"{p}/q"], name=f"{p}/Squeeze"),
-    ]
-    consts = [numpy_helper.from_array(np.array([-2], np.int64), f"{p}/axis"),
-              numpy_helper.from_array(np.array(128.0, np.float32), f"{p}/zero_point"),
-              numpy_helper.from_array(np.array([-1], np.int64), f"{p}/last")]
-    q = f"{p}/q"
+    ids = node.inputs[1]
+    axis = add_initializer(graph, f"{p}/axis", np.array([-2], np.int64))
+    zero = add_initializer(graph, f"{p}/zero_point", np.array(128.0, np.float32))
+    nodes = [make_node("Gather", [q, ids], f"{p}/q3", f"{p}/GatherRows", axis=0)]
+    nodes.append(make_node("Squeeze", [nodes[-1].outputs[0], axis], f"{p}/q", f"{p}/Squeeze"))
     if block != h:
-        consts += [numpy_helper.from_array(np.array([0], np.int64), f"{p}/start"),
-                   numpy_helper.from_array(np.array([h], np.int64), f"{p}/end")]
-        nodes.append(onnx.helper.make_node("Slice", [q, f"{p}/start", f"{p}/end", f"{p}/last"], [f"{p}/qh"], name=f"{p}/Slice"))
-        q = f"{p}/qh"
-    nodes += [
-        onnx.helper.make_node("Cast", [q], [f"{p}/qf"], name=f"{p}/Cast", to=onnx.TensorProto.FLOAT),
-        onnx.helper.make_node("Sub", [f"{p}/qf", f"{p}/zero_point"], [f"{p}/centered"], name=f"{p}/Sub"),
-        onnx.helper.make_node("Gather", [sn, node.input[1]], [f"{p}/scale"], name=f"{p}/GatherScales", axis=0),
-        onnx.helper.make_node("Mul", [f"{p}/centered", f"{p}/scale"], [out], name=f"{p}/Mul"),
-    ]
-    return [nodes, consts]
+        bounds = [add_initializer(graph, f"{p}/{k}", np.array([v], np.int64))
+                  for k, v in (("start", 0), ("end", h), ("last", -1))]
+        nodes.append(make_node("Slice", [nodes[-1].outputs[0], *bounds], f"{p}/qh", f"{p}/Slice"))
+    nodes.append(make_node("Cast", [nodes[-1].outputs[0]], f"{p}/qf", f"{p}/Cast", to=ir.DataType.FLOAT.value))
+    nodes.append(make_node("Sub", [nodes[-1].outputs[0], zero], f"{p}/centered", f"{p}/Sub"))
+    scale = make_node("Gather", [s, ids], f"{p}/scale", f"{p}/GatherScales", axis=0)
+    return nodes + [scale, make_node("Mul", [nodes[-1].outputs[0], scale.outputs[0]], None, f"{p}/Mul")]
 
 
-def _lookup_blocks(node: Any, qn: str, sn: str, h: int, block: int, blocks: int) -> list[Any]:
+def _lookup_blocks(graph: ir.Graph, node: ir.Node, q: ir.Value, s: ir.Value, h: int, block: int,
+                   blocks: int) -> list[ir.Node]:
     """Rows of several blocks ([V, blocks, block], scales [V, blocks]): each block times its own scale, the blocks
     merged back into one row (Reshape to ids' shape + [-1]), then the padding dropped."""
-    import onnx
-    from onnx import numpy_helper
-
-    make = onnx.helper.make_node
     p = f"{node.name}/int8rows"
-    ids, out = node.input[1], node.output[0]
+    ids = node.inputs[1]
     padded = blocks * block != h
-    consts = [numpy_helper.from_array(np.array(128.0, np.float32), f"{p}/zero_point"),
-              numpy_helper.from_array(np.array([-1], np.int64), f"{p}/last")]
-    nodes = [
-        make("Gather", [qn, ids], [f"{p}/q3"], name=f"{p}/GatherRows", axis=0),  # [..., blocks, block]
-        make("Cast", [f"{p}/q3"], [f"{p}/qf"], name=f"{p}/Cast", to=onnx.TensorProto.FLOAT),
-        make("Sub", [f"{p}/qf", f"{p}/zero_point"], [f"{p}/centered"], name=f"{p}/Sub"),
-        make("Gather", [sn, ids], [f"{p}/block_scales"], name=f"{p}/GatherScales", axis=0),  # [..., blocks]
-        make("Unsqueeze", [f"{p}/block_scales", f"{p}/last"], [f"{p}/scale"], name=f"{p}/Unsqueeze"),
-        make("Mul", [f"{p}/centered", f"{p}/scale"], [f"{p}/blocks"], name=f"{p}/Mul"),
-        make("Shape", [ids], [f"{p}/ids_shape"], name=f"{p}/Shape"),
-        make("Concat", [f"{p}/ids_shape", f"{p}/last"], [f"{p}/row_shape"], name=f"{p}/Concat", axis=0),
-        make("Reshape", [f"{p}/blocks", f"{p}/row_shape"], [f"{p}/padded" if padded else out], name=f"{p}/Reshape"),
-    ]
+    zero = add_initializer(graph, f"{p}/zero_point", np.array(128.0, np.float32))
+    last = add_initializer(graph, f"{p}/last", np.array([-1], np.int64))
+    rows = make_node("Gather", [q, ids], f"{p}/q3", f"{p}/GatherRows", axis=0)  # [..., blocks, block]
+    cast = make_node("Cast", [rows.outputs[0]], f"{p}/qf", f"{p}/Cast", to=ir.DataType.FLOAT.value)
+    sub = make_node("Sub", [cast.outputs[0], zero], f"{p}/centered", f"{p}/Sub")
+    scales = make_node("Gather", [s, ids], f"{p}/block_scales", f"{p}/GatherScales", axis=0)  # [..., blocks]
+    unsq = make_node("Unsqueeze", [scales.outputs[0], last], f"{p}/scale", f"{p}/Unsqueeze")
+    mul = make_node("Mul", [sub.outputs[0], unsq.outputs[0]], f"{p}/blocks", f"{p}/Mul")
+    shape = make_node("Shape", [ids], f"{p}/ids_shape", f"{p}/Shape")
+    concat = make_node("Concat", [shape.outputs[0], last], f"{p}/row_shape", f"{p}/Concat", axis=0)
+    reshape = make_node("Reshape", [mul.outputs[0], concat.outputs[0]], f"{p}/padded" if padded else None,
+                        f"{p}/Reshape")
+    nodes = [rows, cast, sub, scales, unsq, mul, shape, concat, reshape]
     if padded:
-        consts += [numpy_helper.from_array(np.array([0], np.int64), f"{p}/start"),
-                   numpy_helper.from_array(np.array([h], np.int64), f"{p}/end")]
-        nodes.append(make("Slice", [f"{p}/padded", f"{p}/start", f"{p}/end", f"{p}/last"], [out], name=f"{p}/Slice"))
-    return [nodes, consts]
-
-
-def _replace(graph: Any, old: Any, new: Any, consts: list[Any] | None = None) -> None:
-    index = list(graph.node).index(old)
-    graph.node.remove(old)
-    for i, n in enumerate(new if isinstance(new, list) else [new]):
-        graph.node.insert(index + i, n)
-    if consts:
-        graph.initializer.extend(consts)
+        bounds = [add_initializer(graph, f"{p}/{k}", np.array([v], np.int64)) for k, v in (("start", 0), ("end", h))]
+        nodes.append(make_node("Slice", [reshape.outputs[0], *bounds, last], None, f"{p}/Slice"))
+    return nodes

@@ -128,6 +128,27 @@ def add_initializer(graph: ir.Graph, name: str, value: np.ndarray | ir.TensorPro
     return out
 
 
+def make_node(op_type: str, inputs: list[ir.Value | None], output: str | None, name: str, domain: str = "",
+              **attributes: Any) -> ir.Node:
+    """One node with one output named ``output`` (None: left for replace_nodes_and_values to name after the value
+    it replaces)."""
+    node = ir.node(op_type, inputs, attributes, domain=domain, name=name)
+    node.outputs[0].name = output
+    return node
+
+
+def replace_node(graph: ir.Graph, old: ir.Node, new: list[ir.Node]) -> None:
+    """``new`` in place of ``old`` (at its position); the last new node's output takes over the old output: its
+    name, its uses and, if it is one, its place among the graph outputs."""
+    ir.convenience.replace_nodes_and_values(graph, old, [old], new, [old.outputs[0]], [new[-1].outputs[0]])
+
+
+def drop_unused_initializers(graph: ir.Graph) -> None:
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(name)
+
+
 def unique_name(base: str, taken: Any) -> str:
     name, i = base, 1
     while name in taken:
