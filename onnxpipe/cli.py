@@ -154,7 +154,7 @@ def score(model_dir: Path, input_path: Path, output: Path, task: str, max_new_to
 @click.argument("in_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
 @click.option("--level", type=click.IntRange(1, 3), default=3, show_default=True,
-              help="1: cleanup; 2: + norms, GELU, rotary; 3: + fused attention with the KV cache.")
+              help="1: cleanup; 2: + norms, GELU, rotary, experts (MoE); 3: + fused attention with the KV cache.")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Execution provider the fused forms are chosen for.")
 @click.option("--passes", default=None, help="Comma-separated pass names to run instead of a level's list.")

@@ -1,7 +1,7 @@
 """optimize: an onnxpipe model directory -> a graph-optimized one, each pass counted and checked.
 
     level 1  cleanup: constant folding, shape simplification, dead nodes, CSE, initializer dedup   (cleanup.py)
-    level 2  + norms and their Skip forms, GELU, rotary embedding                                  (norms, gelu, rotary)
+    level 2  + norms and their Skip forms, GELU, rotary embedding, experts -> MoE        (norms, gelu, rotary, moe)
     level 3  + attention -> MultiHeadAttention / GroupQueryAttention with the KV cache inside      (attention.py)
 
 The directory's I/O contract (names, BNSH KV layout, left padding) is unchanged at every level.

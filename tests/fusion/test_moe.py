@@ -159,3 +159,14 @@ def test_cuda_form_fuses_the_experts_too(exported, tmp_path: Path) -> None:
     result = optimize_model(src, tmp_path / "opt", target="cuda", passes=["experts"], verify=False)
     report = next(p for p in result.passes if p.name == "experts")
     assert report.status == "kept" and report.fused["experts fused"] == "2/2"
+
+
+@pytest.mark.fast
+def test_an_fp16_block_left_unfused_says_so() -> None:
+    """The fp16 export routes in fp32 between Casts (not matched): the report names the dtype with the reason."""
+    model = ir.from_proto(onnx.parser.parse_model(experts_block(largest=0)))
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common_passes.ShapeInferencePass()(model)
+    report = moe.fuse_experts(model, PassContext(model_info=INFO, dtype="fp16"))
+    assert report["experts fused"] == "0/1"
+    assert report["experts left"].startswith("fp16 graph (the rules match the fp32 export's form): top-k takes")
