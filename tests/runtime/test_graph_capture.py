@@ -2,7 +2,7 @@
 within the first call that names it (warm-up runs, then the capture). A decode step is not idempotent: it writes
 its KV entry in place and, with the step tail, its own next inputs, so on an H100 the first generation on each new
 slot came back several steps on (3 of 72 greedy tokens equal; scripts/gpu_graph_check.py). The session now
-captures each slot's step on harmless inputs when it makes the slot (session._capture). Here the repeats are
+captures each slot's step on harmless inputs when it makes the slot (CudaGraphs.capture). Here the repeats are
 reproduced on the CPU: a graph id's first call runs the model three times."""
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ def test_first_use_of_each_slot_gives_the_plain_tokens(cuda_form, family, fed):
 
 
 def test_without_the_capture_run_the_first_generation_is_off(cuda_form, monkeypatch):
-    """The stand-in reproduces the fault: skipping session._capture gives other tokens on a new slot."""
+    """The stand-in reproduces the fault: skipping the capture gives other tokens on a new slot."""
     plain = load(cuda_form("llama"), "cpu")
     lm, _ = _graphs(cuda_form("llama"), feed_back=True)
-    monkeypatch.setattr(lm.session, "_capture", lambda slot: None)
+    monkeypatch.setattr(lm.session.graphs, "capture", lambda slot: None)
     opts = {"max_new_tokens": 12, "stop_token_ids": []}
     assert _tokens(lm, PROMPTS, **opts) != _tokens(plain, PROMPTS, **opts)
 
@@ -82,9 +82,9 @@ def test_the_capture_leaves_the_slot_unprimed_and_uncounted(cuda_form):
 def test_at_most_graph_slots_max_slots_keep_their_buffers(cuda_form, monkeypatch):
     """A new (batch, capacity) slot beyond GRAPH_SLOTS_MAX lets the least recently used one go; a slot made again
     later is captured afresh under a new graph id, and every generation still gives the plain tokens."""
-    from onnxpipe.runtime import session as session_mod
+    from onnxpipe.runtime import cuda_graphs
 
-    monkeypatch.setattr(session_mod, "GRAPH_SLOTS_MAX", 2)
+    monkeypatch.setattr(cuda_graphs, "GRAPH_SLOTS_MAX", 2)
     plain = load(cuda_form("llama"), "cpu")
     lm, runs = _graphs(cuda_form("llama"), feed_back=True)
     opts = {"max_new_tokens": 6, "stop_token_ids": []}

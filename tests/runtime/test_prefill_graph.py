@@ -1,4 +1,4 @@
-"""Prefills replayed through a CUDA-graph slot of their own (session._replay_prefill), driven on the CPU through the
+"""Prefills replayed through a CUDA-graph slot of their own (CudaGraphs.replay_prefill), driven on the CPU through the
 same slot path minus the capture: fixed buffers per prompt width, the plain path's tokens and logits."""
 
 from __future__ import annotations
@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxpipe.runtime import load
-from onnxpipe.runtime import session as session_mod
+from onnxpipe.runtime import cuda_graphs, load
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.session import DecoderSession
 
@@ -58,12 +57,12 @@ def test_large_or_many_prefills_run_uncaptured(cuda_form, monkeypatch):
     plain, lm = load(cuda_form("llama"), "cpu"), _slots(cuda_form("llama"))
     opts = {"max_new_tokens": 3, "stop_token_ids": []}
     want = [r.token_ids for r in plain.generate(PROMPTS, **opts)]
-    monkeypatch.setattr(session_mod, "PREFILL_CAPTURE_TOKENS", 3 * 11 - 1)  # batch x width just over the limit
+    monkeypatch.setattr(cuda_graphs, "PREFILL_CAPTURE_TOKENS", 3 * 11 - 1)  # batch x width just over the limit
     assert [r.token_ids for r in lm.generate(PROMPTS, **opts)] == want
     (slot,) = lm.session._graphs.values()
     assert slot.prefills == {}
-    monkeypatch.setattr(session_mod, "PREFILL_CAPTURE_TOKENS", 4096)
-    monkeypatch.setattr(session_mod, "PREFILL_GRAPHS_PER_SLOT", 1)
+    monkeypatch.setattr(cuda_graphs, "PREFILL_CAPTURE_TOKENS", 4096)
+    monkeypatch.setattr(cuda_graphs, "PREFILL_GRAPHS_PER_SLOT", 1)
     lm.generate(PROMPTS, **opts)  # width 11: the slot's one graph
     short = [p[:9] for p in PROMPTS]  # width 9: over the per-slot count, uncaptured, same tokens
     assert [r.token_ids for r in lm.generate(short, **opts)] == [r.token_ids for r in plain.generate(short, **opts)]

@@ -1,0 +1,335 @@
+"""Decode steps and prefills of a DecoderSession replayed as captured CUDA graphs.
+
+A CUDA graph replays fixed kernels over fixed buffers, so every (batch, capacity) gets a *slot* (``_GraphSlot``):
+the KV cache at its full capacity, the step's input and logits buffers, and one IO binding over them, made and
+captured once (``CudaGraphs.capture``). A decode step then copies its few inputs into the slot's buffers and replays
+(``replay``); greedy steps whose graph carries the step tail (``step_tail.py``) write their own next inputs and need
+nothing from the host (``step_fed``). A prefill into a slot's empty cache replays a graph of its own per prompt
+width (``_PrefillGraph``). Only the CUDA form of ``onnxpipe optimize --target cuda`` can run so
+(``check_cuda_graph_form``).
+
+The graphs belong to one session (``GraphHost``: a DecoderSession) and read its state as it is when they run, so
+a caller (or a test driving the slots on the CPU) may swap its onnxruntime session or switch ``cuda_graph`` on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.helper_graphs import step_head_graph
+from onnxpipe.runtime.kv_cache import KVCache
+from onnxpipe.runtime.last_position import LAST_INDEX
+from onnxpipe.runtime.step_tail import NEXT_IDS, NEXT_MASK, NEXT_POSITIONS
+
+GRAPH_CAPACITY_STEP = 256
+# at most this many (batch, capacity) slots keep their fixed buffers (each holds a whole KV cache: 256 MB for a 1B
+# Llama at batch 32 x 256 positions in fp16); a new one lets the least recently used go. Its captured graphs are
+# never replayed again (graph ids are not reused), and a cache still holding its buffers keeps them alive and runs
+# uncaptured
+GRAPH_SLOTS_MAX = 8
+# captured prefills: only where launches, not the device, bound them (H100, 1B: batch 1 x 128 tokens 1.7 ms of
+# kernels, ~1 ms of launching), and a bounded number per slot (each keeps its own input buffers and graph)
+PREFILL_CAPTURE_TOKENS = 4096
+PREFILL_GRAPHS_PER_SLOT = 16
+
+
+class GraphHost(Protocol):
+    """What the graphs read of the session they belong to (a DecoderSession), at the time they run."""
+
+    session: Any  # the onnxruntime InferenceSession of the decoder graph
+    transfers: Any  # its Transfers counters
+    cuda_graph: bool
+    capture_prefill: bool
+    fed: bool  # its decode steps carry the step tail
+    last_position: bool  # its logits are [B, 1, V], at the LAST_INDEX input's position
+    has_position_ids: bool
+    past_names: list[str]
+    present_names: list[str]
+    logits_name: str
+    num_kv_heads: int
+    head_dim: int
+    kv_dtype: np.dtype
+    vocab_size: int
+    max_positions: int
+
+    def _buffer(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
+    def _device_type(self) -> str: ...
+    def _helper(self, proto: Any) -> Any: ...
+    def _onnx_dtype(self) -> int: ...
+    def _run_graph(self, io: Any, run_options: Any, what: str) -> None: ...
+    def _failed(self, e: Exception, what: str) -> None: ...
+    def _select(self, logits: Any, last_index: np.ndarray, want: str) -> np.ndarray: ...
+
+
+@dataclass
+class _GraphSlot:
+    graph_id: int
+    capacity: int
+    cache: list[Any]
+    ids: Any
+    mask: Any
+    positions: Any
+    logits: Any
+    io: Any
+    runs: int = 0
+    primed: bool = False  # its last run wrote the next step's inputs (step tail)
+    run_options: Any = None
+    head: Any = None
+    head_io: Any = None
+    last_index: Any = None  # zeros [B]: the position a decode step's logits are taken at
+    prefills: dict[int, "_PrefillGraph"] = field(default_factory=dict)  # by prompt width
+
+
+@dataclass
+class _PrefillGraph:
+    """A captured prefill into its slot's cache: fixed input buffers for one prompt width."""
+
+    graph_id: int
+    ids: Any
+    mask: Any
+    positions: Any
+    last_index: Any
+    logits: Any
+    io: Any
+    runs: int = 0
+    run_options: Any = None
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+def check_cuda_graph_form(path: Any, graph: dict[str, Any]) -> None:
+    """CUDA graphs replay fixed shapes: the cache must be one in-place buffer and the mask readable at a fixed
+    width, which is the CUDA attention form of optimize --target cuda."""
+    kv = graph.get("kv") or {}
+    if not (kv.get("shares_buffer") and graph.get("padding_side") == "right"
+            and graph.get("attention_mask_use") == "row sums and width"):
+        raise OnnxpipeError(f"{path}: CUDA graphs need the graph of `onnxpipe optimize --target cuda` (a shared KV "
+                            "buffer and a mask read only for its row sums); this one is not")
+
+
+def run_options(ort: Any, graph_id: int) -> Any:
+    """onnxruntime RunOptions naming the CUDA graph a run captures or replays (-1: neither)."""
+    ro = ort.RunOptions()
+    ro.add_run_config_entry("gpu_graph_id", str(graph_id))  # -1: run without capturing or replaying
+    return ro
+
+
+class CudaGraphs:
+    """The captured graphs of one session: its slots by (batch, capacity), least recently used first."""
+
+    def __init__(self, host: GraphHost, ort: Any):
+        self.host = host
+        self._ort = ort
+        self.slots: dict[tuple[int, int], _GraphSlot] = {}
+        self.graph_ids = 0
+        self.slots_dropped = 0  # slots let go to keep at most GRAPH_SLOTS_MAX (their graph ids never rerun)
+
+    # ---- the session's entry points ----
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty cache in the slot of (batch, capacity): its first step's inputs come from the host."""
+        slot = self.slot(batch, capacity)
+        slot.primed = False
+        return KVCache(slot.cache, 0, slot.capacity, batch)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,
+             last_index: np.ndarray | None, want: str) -> np.ndarray | None:
+        """The step through a captured graph where ``cache`` lives in a slot and the step fits one (a decode
+        step; a prefill into the slot's empty cache, small enough and of a width the slot has or may add), else
+        None: the caller runs it uncaptured."""
+        host = self.host
+        batch, seq = input_ids.shape
+        slot = self.slots.get((batch, cache.capacity or 0))
+        if slot is None or cache.values is not slot.cache:
+            return None
+        if seq == 1:
+            return self.replay(slot, input_ids, attention_mask, position_ids, cache, want)
+        if (cache.length == 0 and host.capture_prefill and batch * seq <= PREFILL_CAPTURE_TOKENS
+                and (seq in slot.prefills or len(slot.prefills) < PREFILL_GRAPHS_PER_SLOT)):
+            return self.replay_prefill(slot, input_ids, attention_mask, position_ids, cache, last_index, want)
+        return None
+
+    def can_feed(self, cache: KVCache) -> bool:
+        """Whether ``step_fed`` can run the next step of ``cache`` (a slot whose step wrote its inputs)."""
+        host = self.host
+        slot = self.slots.get((cache.batch, cache.capacity or 0)) if host.fed and host.cuda_graph else None
+        return slot is not None and slot.primed and cache.values is slot.cache
+
+    def step_fed(self, cache: KVCache) -> np.ndarray:
+        """One greedy decode step fed by the previous one on the device (its argmax, mask and positions): nothing
+        goes up; returns the next token ids [batch]."""
+        if not self.can_feed(cache):
+            raise OnnxpipeError("step_fed needs a cache whose last step ran in a CUDA-graph slot with the step tail")
+        slot = self.slots[(cache.batch, cache.capacity or 0)]
+        self._run_slot(slot, cache)
+        return self._next_ids(slot)
+
+    # ---- slots ----
+    def slot(self, batch: int, capacity: int) -> _GraphSlot:
+        """The fixed buffers of the decode graph for ``batch`` rows; capacity rounds up to a multiple of 256 (at
+        most the model's max positions) so that generations of similar length share one captured graph."""
+        host = self.host
+        # the fixed-width mask makes the graph's total length the capacity: never past the rotary caches' length
+        capacity = max(capacity, min(-(-capacity // GRAPH_CAPACITY_STEP) * GRAPH_CAPACITY_STEP, host.max_positions))
+        key = (batch, capacity)
+        if key in self.slots:
+            self.slots[key] = self.slots.pop(key)  # the most recently used last
+        else:
+            while len(self.slots) >= GRAPH_SLOTS_MAX:  # the least recently used slot's buffers go
+                self.slots.pop(next(iter(self.slots)))
+                self.slots_dropped += 1
+            where, dev = host._device_type(), host._buffer
+            cache = [dev((batch, host.num_kv_heads, capacity, host.head_dim), host.kv_dtype) for _ in host.past_names]
+            self.graph_ids += 1
+            slot = _GraphSlot(self.graph_ids, capacity, cache, dev((batch, 1), np.int64),
+                              dev((batch, capacity), np.int64), dev((batch, 1), np.int64),
+                              dev((batch, 1, host.vocab_size), host.kv_dtype), host.session.io_binding())
+            io = slot.io
+            if host.last_position:  # a decode step's one position: index 0, fixed
+                slot.last_index = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int64), where, 0)
+            self._bind_fixed(io, slot.ids, slot.mask, slot.positions, slot.last_index, cache, slot.logits)
+            if host.fed:  # the step writes the next step's inputs into the buffers it read them from
+                io.bind_ortvalue_output(NEXT_IDS, slot.ids)
+                io.bind_ortvalue_output(NEXT_MASK, slot.mask)
+                if NEXT_POSITIONS in {o.name for o in host.session.get_outputs()}:  # where the graph reads them
+                    io.bind_ortvalue_output(NEXT_POSITIONS, slot.positions)
+            self.slots[key] = slot
+            self.capture(slot)
+        return self.slots[key]
+
+    def _bind_fixed(self, io: Any, ids: Any, mask: Any, positions: Any, last_index: Any, cache: list[Any],
+                    logits: Any) -> None:
+        """Bind a captured graph's fixed buffers: its inputs, the slot's KV buffers (read and written in place) and
+        its logits. last_index None: the graph has no one-position head."""
+        host = self.host
+        io.bind_ortvalue_input("input_ids", ids)
+        io.bind_ortvalue_input("attention_mask", mask)
+        if host.has_position_ids:
+            io.bind_ortvalue_input("position_ids", positions)
+        if last_index is not None:
+            io.bind_ortvalue_input(LAST_INDEX, last_index)
+        for name, value in zip(host.past_names, cache):
+            io.bind_ortvalue_input(name, value)
+        io.bind_ortvalue_output(host.logits_name, logits)
+        for name, value in zip(host.present_names, cache):
+            io.bind_ortvalue_output(name, value)
+
+    def capture(self, slot: _GraphSlot) -> None:
+        """Capture the slot's decode graph on harmless inputs, once, before any real step. onnxruntime captures a
+        graph id on its first use by running the model several times within that one call (warm-up runs, then
+        the capture). Those repeats are not idempotent for a decode step: each writes a KV entry at the row's
+        length and, with the step tail, advances its own ids, mask and positions, so a real first step would come
+        back several steps on. Here the repeats write only the first few positions of an empty slot, which the next
+        prefill and steps write before they read; the inputs go up again with the first real step (not counted as
+        per-step transfers). A prefill graph needs none of this: its repeats rewrite the same entries."""
+        host = self.host
+        batch = slot.ids.shape()[0]
+        mask = np.zeros((batch, slot.capacity), np.int64)
+        mask[:, 0] = 1
+        slot.ids.update_inplace(np.zeros((batch, 1), np.int64))
+        slot.mask.update_inplace(mask)
+        if host.has_position_ids:
+            slot.positions.update_inplace(np.zeros((batch, 1), np.int64))
+        slot.run_options = run_options(self._ort, slot.graph_id)
+        host._run_graph(slot.io, slot.run_options, f"capturing the CUDA-graph decode step (batch {batch})")
+        slot.primed = False
+
+    # ---- replay ----
+    def replay(self, slot: _GraphSlot, input_ids: np.ndarray, attention_mask: np.ndarray,
+               position_ids: np.ndarray, cache: KVCache, want: str) -> np.ndarray:
+        """One decode step through the slot's captured graph (captured when the slot was made: capture). The mask
+        is fed at the slot's full width with each row's count of ones: the graph reads only its row sums (seqlens)
+        and width (total length, fixed so the graph's shapes never change)."""
+        host = self.host
+        batch = input_ids.shape[0]
+        counts = attention_mask.sum(axis=1)
+        mask = (np.arange(slot.capacity)[None, :] < counts[:, None]).astype(np.int64)
+        slot.ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
+        slot.mask.update_inplace(mask)
+        if host.has_position_ids:
+            slot.positions.update_inplace(np.ascontiguousarray(position_ids, dtype=np.int64))
+        host.transfers.up_bytes += input_ids.nbytes + mask.nbytes + (position_ids.nbytes if host.has_position_ids else 0)
+        self._run_slot(slot, cache)
+        if host.fed and want == "argmax":  # the step left its argmax in the ids buffer
+            return self._next_ids(slot)
+        if slot.head is None:  # the decode step's own head: logits [B, 1, V] read in place, nothing to index
+            slot.head = host._helper(step_head_graph(host._onnx_dtype(), batch, host.vocab_size))
+            slot.head_io = {}
+            for name in ("last_logits", "argmax"):
+                io = slot.head.io_binding()
+                io.bind_ortvalue_input("logits", slot.logits)
+                io.bind_output(name, "cpu")
+                slot.head_io[name] = io
+        io = slot.head_io["last_logits" if want == "logits" else "argmax"]
+        slot.head.run_with_iobinding(io)
+        out = io.get_outputs()[0].numpy()
+        host.transfers.down_bytes += out.nbytes
+        return out
+
+    def replay_prefill(self, slot: _GraphSlot, input_ids: np.ndarray, attention_mask: np.ndarray,
+                       position_ids: np.ndarray, cache: KVCache, last_index: np.ndarray | None,
+                       want: str) -> np.ndarray:
+        """A prefill into the slot's empty cache through a captured graph of its own (per prompt width: generate
+        pads GPU prompts to multiples of PREFILL_BUCKET, so widths repeat). Inputs go up into fixed buffers."""
+        host = self.host
+        batch, width = input_ids.shape
+        pg = slot.prefills.get(width) or self._prefill_graph(slot, batch, width)
+        if last_index is None:
+            last_index = np.full((batch,), width - 1, np.int64)
+        arrays = [(pg.ids, input_ids), (pg.mask, attention_mask), (pg.last_index, last_index)]
+        if host.has_position_ids:
+            arrays.append((pg.positions, position_ids))
+        for value, array in arrays:
+            array = np.ascontiguousarray(array, dtype=np.int64)
+            value.update_inplace(array)
+            host.transfers.up_bytes += array.nbytes
+        if pg.run_options is None:
+            pg.run_options = run_options(self._ort, pg.graph_id)
+        host._run_graph(pg.io, pg.run_options, f"a CUDA-graph prefill (batch {batch}, {width} tokens)")
+        pg.runs += 1
+        slot.primed = False  # the decode buffers were not written: the first step goes up from the host
+        cache.length += width
+        host.transfers.steps += 1
+        if want == "argmax" and NEXT_IDS in pg.scratch:  # the step tail's argmax of these logits: no head run
+            out = pg.scratch[NEXT_IDS].numpy()[:, 0]
+            host.transfers.down_bytes += out.nbytes
+            return out
+        return host._select(pg.logits, np.zeros(batch, np.int64), want)
+
+    def _prefill_graph(self, slot: _GraphSlot, batch: int, width: int) -> _PrefillGraph:
+        host = self.host
+        dev = host._buffer
+        self.graph_ids += 1
+        pg = _PrefillGraph(self.graph_ids, dev((batch, width), np.int64), dev((batch, width), np.int64),
+                           dev((batch, width), np.int64), dev((batch,), np.int64),
+                           dev((batch, 1, host.vocab_size), host.kv_dtype), host.session.io_binding())
+        io = pg.io
+        self._bind_fixed(io, pg.ids, pg.mask, pg.positions, pg.last_index, slot.cache, pg.logits)
+        if host.fed:  # the step tail's outputs: fixed scratch (a prefill's mask is narrower than the slot's)
+            pg.scratch = {NEXT_IDS: dev((batch, 1), np.int64), NEXT_MASK: dev((batch, width), np.int64)}
+            if NEXT_POSITIONS in {o.name for o in host.session.get_outputs()}:
+                pg.scratch[NEXT_POSITIONS] = dev((batch, 1), np.int64)
+            for name, value in pg.scratch.items():
+                io.bind_ortvalue_output(name, value)
+        slot.prefills[width] = pg
+        return pg
+
+    def _run_slot(self, slot: _GraphSlot, cache: KVCache) -> None:
+        host = self.host
+        if slot.run_options is None:  # made once: the step is a hot path
+            slot.run_options = run_options(self._ort, slot.graph_id)
+        try:
+            host.session.run_with_iobinding(slot.io, slot.run_options)
+        except Exception as e:  # the message is built only on failure
+            host._failed(e, f"a CUDA-graph decode step (batch {cache.batch}, {cache.length} cached)")
+        slot.runs += 1
+        slot.primed = host.fed
+        cache.length += 1
+        host.transfers.steps += 1
+
+    def _next_ids(self, slot: _GraphSlot) -> np.ndarray:
+        out = slot.ids.numpy()[:, 0]
+        self.host.transfers.down_bytes += out.nbytes
+        return out
