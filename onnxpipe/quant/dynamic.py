@@ -42,12 +42,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxpipe.quant.graph import (
     WeightPlan,
-    initializer_map,
+    add_initializer,
+    drop_unused_initializers,
+    ir_model,
+    make_node,
     needs_external_data,
+    replace_node,
     save_quantized,
+    write_back,
 )
 
 ACTIVATION_SCHEMES = ("auto", "token", "tensor")
@@ -252,14 +258,6 @@ def _counts(per_token: int, total: int) -> dict[str, int]:
     return {"per_token_nodes": per_token, "per_tensor_nodes": total - per_token, "quantized_nodes": total}
 
 
-def _copy(proto: Any) -> Any:
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    return copy
-
-
 def _write_dynamic(proto: Any, out_path: Path, nodes: list[str], token_nodes: list[str], per_channel: bool) -> int:
     """Per-token scales for ``token_nodes``, ORT's quantize_dynamic (per tensor) for the rest of ``nodes``; writes
     ``out_path``; ``proto`` is changed in place. Returns the per-token node count."""
@@ -353,63 +351,55 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
     UNIT_ZERO). Per layer: MatMulInteger against W int8 per output channel, Cast to float, Mul by the weight's
     per-channel scale x UNIT_SCALE, Mul by the token's max |x|. No scale depends on another token.
     """
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = proto.graph
-    inits = initializer_map(graph)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    model = ir_model(proto)
+    graph = model.graph
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
     wanted = set(nodes)
-    shared = "/quant/per_token"
-    consts = {f"{shared}/tiny": np.array(1e-30, np.float32), f"{shared}/axes": np.array([-1], np.int64),
-              f"{shared}/unit_scale": np.array(UNIT_SCALE, np.float32),
-              f"{shared}/unit_zero": np.array(UNIT_ZERO, np.uint8)}
-    new_nodes, count, normalized = [], 0, {}
-    for node in graph.node:
-        if node.name not in wanted or node.op_type != "MatMul" or node.input[1] not in inits:
-            new_nodes.append(node)
+    shared: dict[str, ir.Value] = {}
+    count, normalized = 0, {}
+    for node in list(graph):
+        w_value = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+        if node.name not in wanted or w_value is None or not w_value.is_initializer() or w_value.const_value is None:
             continue
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)  # [K, N]
+        if not shared:
+            shared = {k: add_initializer(graph, f"/quant/per_token/{k}", v) for k, v in (
+                ("tiny", np.array(1e-30, np.float32)), ("axes", np.array([-1], np.int64)),
+                ("unit_scale", np.array(UNIT_SCALE, np.float32)), ("unit_zero", np.array(UNIT_ZERO, np.uint8)))}
+        w = w_value.const_value.numpy().astype(np.float32)  # [K, N]
         w_scale = np.abs(w).max(0) / 127.0
         w_scale = np.where(w_scale > 0, w_scale, 1.0).astype(np.float32)
         p = node.name
-        wq, ws = f"{p}/W_int8", f"{p}/W_scale"
-        graph.initializer.extend([
-            numpy_helper.from_array(np.clip(np.round(w / w_scale), -127, 127).astype(np.int8), wq),
-            numpy_helper.from_array((w_scale * np.float32(UNIT_SCALE)).astype(np.float32), ws),
-        ])
-        x = node.input[0]
+        wq = add_initializer(graph, f"{p}/W_int8", np.clip(np.round(w / w_scale), -127, 127).astype(np.int8))
+        ws = add_initializer(graph, f"{p}/W_scale", (w_scale * np.float32(UNIT_SCALE)).astype(np.float32))
+        x = node.inputs[0]
+        new: list[ir.Node] = []
         if x not in normalized:
-            q = f"{p}/per_token"
-            reduce = (helper.make_node("ReduceMax", [f"{q}/absx", f"{shared}/axes"], [f"{q}/amax"],
-                                       name=f"{q}/ReduceMax", keepdims=1) if opset >= 18 else
-                      helper.make_node("ReduceMax", [f"{q}/absx"], [f"{q}/amax"], name=f"{q}/ReduceMax", axes=[-1],
-                                       keepdims=1))
-            new_nodes += [
-                helper.make_node("Abs", [x], [f"{q}/absx"], name=f"{q}/Abs"),
-                reduce,
-                helper.make_node("Max", [f"{q}/amax", f"{shared}/tiny"], [f"{q}/token_max"], name=f"{q}/Max"),
-                helper.make_node("Div", [x, f"{q}/token_max"], [f"{q}/x_unit"], name=f"{q}/Div"),
-                helper.make_node("QuantizeLinear", [f"{q}/x_unit", f"{shared}/unit_scale", f"{shared}/unit_zero"],
-                                 [f"{q}/x_uint8"], name=f"{q}/QuantizeLinear"),
-            ]
-            normalized[x] = (f"{q}/x_uint8", f"{q}/token_max")
+            new = _per_token_input(x, f"{p}/per_token", shared, opset)
+            normalized[x] = (new[-1].outputs[0], new[2].outputs[0])
         x_q, token_max = normalized[x]
-        new_nodes += [
-            helper.make_node("MatMulInteger", [x_q, wq, f"{shared}/unit_zero"], [f"{p}/y_int32"],
-                             name=f"{p}/MatMulInteger"),
-            helper.make_node("Cast", [f"{p}/y_int32"], [f"{p}/y_float"], name=f"{p}/Cast", to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{p}/y_float", ws], [f"{p}/y_unit"], name=f"{p}/MulWeightScale"),
-            helper.make_node("Mul", [f"{p}/y_unit", token_max], list(node.output), name=f"{p}/MulTokenMax"),
-        ]
+        new.append(make_node("MatMulInteger", [x_q, wq, shared["unit_zero"]], f"{p}/y_int32", f"{p}/MatMulInteger"))
+        new.append(make_node("Cast", [new[-1].outputs[0]], f"{p}/y_float", f"{p}/Cast", to=ir.DataType.FLOAT.value))
+        new.append(make_node("Mul", [new[-1].outputs[0], ws], f"{p}/y_unit", f"{p}/MulWeightScale"))
+        new.append(make_node("Mul", [new[-1].outputs[0], token_max], None, f"{p}/MulTokenMax"))
+        replace_node(graph, node, new)
         count += 1
     if count:
-        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-        graph.ClearField("node")
-        graph.node.extend(new_nodes)
-        used = {i for n in graph.node for i in n.input}
-        for t in [t for t in graph.initializer if t.name not in used]:
-            graph.initializer.remove(t)
+        drop_unused_initializers(graph)
+        write_back(model, proto)
     return count
+
+
+def _per_token_input(x: ir.Value | None, q: str, shared: dict[str, ir.Value], opset: int) -> list[ir.Node]:
+    """x -> (Abs, ReduceMax, Max, Div, QuantizeLinear): [2] is the token's max |x|, [-1] the uint8 token."""
+    absx = make_node("Abs", [x], f"{q}/absx", f"{q}/Abs")
+    reduce = (make_node("ReduceMax", [absx.outputs[0], shared["axes"]], f"{q}/amax", f"{q}/ReduceMax", keepdims=1)
+              if opset >= 18 else
+              make_node("ReduceMax", [absx.outputs[0]], f"{q}/amax", f"{q}/ReduceMax", axes=[-1], keepdims=1))
+    token_max = make_node("Max", [reduce.outputs[0], shared["tiny"]], f"{q}/token_max", f"{q}/Max")
+    unit = make_node("Div", [x, token_max.outputs[0]], f"{q}/x_unit", f"{q}/Div")
+    quant = make_node("QuantizeLinear", [unit.outputs[0], shared["unit_scale"], shared["unit_zero"]], f"{q}/x_uint8",
+                      f"{q}/QuantizeLinear")
+    return [absx, reduce, token_max, unit, quant]
 
 
 class _quiet_ort:
