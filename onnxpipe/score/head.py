@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxpipe.runtime.sessions import Provider, open_session
+
 
 class LogitsHead:
     """log p(target) and argmax == target for chosen rows of the logits, computed by a small onnxruntime graph on
@@ -14,19 +16,14 @@ class LogitsHead:
     runs there, not in single-threaded numpy. fp32 arithmetic, max-shifted log-sum-exp."""
 
     def __init__(self, model_session: Any, logits_name: str, device: str = "cpu", threads: int | None = None):
-        import onnxruntime as ort
-
         self.model_session = model_session
         self.logits_name = logits_name
         self.device = device
         out = next(o for o in model_session.get_outputs() if o.name == logits_name)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads is not None:
-            so.intra_op_num_threads = int(threads)
-        providers = [("CUDAExecutionProvider", {"device_id": "0"})] if device == "cuda" else []
-        self.session = ort.InferenceSession(_head_graph("float16" in out.type), so,
-                                            providers=providers + ["CPUExecutionProvider"])
+        providers: list[Provider] = [("cuda", {"device_id": "0"})] if device == "cuda" else []
+        # a CUDA EP that does not start is an error here, which WindowScorer.open turns into the host head, said once
+        self.session = open_session(_head_graph("float16" in out.type), providers + ["cpu"], threads=threads,
+                                    purpose="the scoring log-softmax", name="score_head")
 
     def run(self, feed: dict[str, np.ndarray], index: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """index: rows of the logits flattened to [batch * width, vocab]; target: the token each row predicts."""
