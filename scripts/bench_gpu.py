@@ -145,7 +145,7 @@ def main_orchestrate(args) -> int:
     shape = "tiny" if args.tiny else args.shape
     spec = {"device": args.device, "shape": shape, "dtype": "fp16" if cuda else "fp32",
             "torch_dtype": "float16" if cuda else "float32", "vocab": SHAPES[shape]["vocab_size"],
-            "prompt": args.prompt, "new": args.new_tokens, "repeats": args.repeats, "agree_steps": args.agree_steps,
+            "prompt": args.prompt, "new": args.new_tokens, "repeats": args.repeats, "agree_steps": min(args.agree_steps, args.new_tokens),
             "profile_steps": args.profile_steps,
             "work": str(work), "hf": str(work / "hf"), "exported": str(work / "exported"),
             "optimized": str(work / "optimized"), "genai": str(work / "genai"), "int4": str(work / "int4"),

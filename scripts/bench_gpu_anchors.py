@@ -138,7 +138,7 @@ def self_agreement(spec: dict, model, seq, prompt: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    steps = min(spec["agree_steps"], seq.shape[1] - prompt)  # a run of fewer new tokens than agree_steps
+    steps = spec["agree_steps"]
     want = seq[:, prompt:prompt + steps]
     out = {}
     if "model" not in _FP32:
