@@ -59,7 +59,9 @@ class RowPrefill:
         if start + n > self.capacity:
             raise OnnxpipeError(f"{start + n} positions do not fit a row of {self.capacity}")
         io = s.session.io_binding()
-        io.bind_output(s.logits_name, "cpu")  # first: get_outputs()[0]; [1, 1, vocab] with the last-position head
+        # first, so get_outputs()[0]; [1, 1, vocab] with the last-position head; on the device, as the session's
+        # own runs bind it, read back below
+        io.bind_output(s.logits_name, self.device, 0)
         self._input(io, "input_ids", np.asarray(ids, np.int64)[None, :])
         self._input(io, "attention_mask", np.ones((1, start + n), np.int64))
         if s.has_position_ids:
