@@ -17,59 +17,66 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.quant.graph import consumers, needs_external_data, producers, save_quantized, topological_sort
+import onnx_ir as ir
+
+from onnxpipe.quant.graph import ir_model, needs_external_data, save_quantized, write_back
 
 NORM_STAT_OPS = ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Div")
 ANGLE_OPS = ("Cos", "Sin")
 ALWAYS_FP32 = ("Softmax",)
 
 
-def fp32_islands(proto: Any) -> dict[str, list[str]]:
+def fp32_islands(graph: ir.Graph) -> dict[str, list[str]]:
     """Node names to keep in fp32, by reason."""
-    graph = proto.graph
-    cons, prod = consumers(graph), producers(graph)
     norm: list[str] = []
-    for node in graph.node:
+    for node in graph:
         if node.op_type != "Pow":
             continue
-        norm.append(node.name)
+        norm.append(str(node.name))
         frontier, depth = [node], 0
         while frontier and depth < 5:  # Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal (or Div)
-            nxt = [c for n in frontier for c in cons.get(n.output[0], []) if c.op_type in NORM_STAT_OPS]
-            norm.extend(c.name for c in nxt if c.name not in norm)
+            nxt = [use.node for n in frontier for use in n.outputs[0].uses() if use.node.op_type in NORM_STAT_OPS]
+            nxt = list(dict.fromkeys(nxt))  # a node reading one value twice is one consumer
+            norm.extend(str(c.name) for c in nxt if c.name not in norm)
             frontier, depth = nxt, depth + 1
     angles: list[str] = []
-    stack = [n for n in graph.node if n.op_type in ANGLE_OPS]
+    stack = [n for n in graph if n.op_type in ANGLE_OPS]
     seen: set[str] = set()
     while stack:  # every ancestor of Cos/Sin: the position -> angle computation
         node = stack.pop()
         if node.name in seen:
             continue
-        seen.add(node.name)
-        angles.append(node.name)
-        stack.extend(prod[i] for i in node.input if i in prod)
-    other = [n.name for n in graph.node if n.op_type in ALWAYS_FP32]
+        seen.add(str(node.name))
+        angles.append(str(node.name))
+        stack.extend(p for p in (v.producer() if v is not None else None for v in node.inputs) if p is not None)
+    other = [str(n.name) for n in graph if n.op_type in ALWAYS_FP32]
     return {"norm_statistics": norm, "rotary_angles": angles, "softmax": other}
 
 
 def convert_fp16(proto: Any, out_path: Path, cfg: Any, logits_name: str) -> dict[str, Any]:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    _name_unnamed_nodes(proto)
-    islands = fp32_islands(proto)
+    model = ir_model(proto)
+    if _name_unnamed_nodes(model.graph):
+        write_back(model, proto)
+    islands = fp32_islands(model.graph)
     blocked = sorted({n for names in islands.values() for n in names})
-    model = convert_float_to_float16(
+    converted = convert_float_to_float16(
         proto, keep_io_types=False, op_block_list=list(DEFAULT_OP_BLOCK_LIST), node_block_list=blocked,
         disable_shape_infer=needs_external_data(proto),
     )
-    topological_sort(model.graph)
-    save_quantized(model, out_path)
+    half = ir_model(converted)
+    half.graph.sort()  # the converter appends the Casts it inserts for blocked nodes that read graph inputs at the end
+    write_back(half, converted)
+    save_quantized(converted, out_path)
     return {"weights": "fp16", "activations": "fp16", "kv_cache": "fp16", "logits": "fp16",
             "fp32_nodes": {k: len(v) for k, v in islands.items()}, "lm_head": "fp16", "embeddings": "fp16"}
 
 
-def _name_unnamed_nodes(proto: Any) -> None:
-    """node_block_list works by name; give every unnamed node one."""
-    for i, node in enumerate(proto.graph.node):
+def _name_unnamed_nodes(graph: ir.Graph) -> int:
+    """node_block_list works by name; give every unnamed node one. Returns how many were named."""
+    named = 0
+    for i, node in enumerate(graph):
         if not node.name:
-            node.name = f"{node.op_type}_{i}"
+            node.name, named = f"{node.op_type}_{i}", named + 1
+    return named
