@@ -273,3 +273,12 @@ def test_the_server_serves_the_slot_layout(stdlib_cuda_model):
             t.join(60)
         assert out == alone * 2
         assert app.state.scheduler.stats.max_running >= 2
+
+
+def test_serve_cli_refuses_max_length_for_a_concat_graph(stdlib_model):
+    from click.testing import CliRunner
+
+    from onnxpipe.cli import main
+
+    r = CliRunner().invoke(main, ["serve", str(stdlib_model), "--port", "0", "--provider", "cpu", "--max-length", "64"])
+    assert r.exit_code == 1 and "Traceback" not in r.output and "max_length" in r.output, r.output
