@@ -48,6 +48,12 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {"activations": ("auto",), "accuracy_level
                                        "lm_head": ("auto",), "embeddings": ("auto",)}
 
 
+SYMMETRIC_ONLY = "--symmetric applies to --mode int4 --algo rtn with a block size (not per channel)"
+FLOAT_ZERO_POINTS_ONLY = ("--zero-points float applies to --mode int4 --algo rtn or gptq with a block size, without "
+                          "--symmetric (hqq writes float zero points of its own)")
+ONLY = {"symmetric": SYMMETRIC_ONLY, "float_zero_points": FLOAT_ZERO_POINTS_ONLY}
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...], what: str | None = None) -> None:
     if value not in allowed:
         raise OnnxpipeError(f"unknown {what or FLAGS[name]} {value!r}; choose one of {', '.join(allowed)}")
@@ -209,12 +215,11 @@ class Int4Config(_Int8Tables):
         _int("--accuracy-level", self.accuracy_level, 0, 4)
         _optional_bool("symmetric", self.symmetric)
         if self.symmetric and not (self.algo in (None, "rtn") and self.block_size != PER_CHANNEL):
-            raise OnnxpipeError("--symmetric applies to --mode int4 --algo rtn with a block size (not per channel)")
+            raise OnnxpipeError(SYMMETRIC_ONLY)
         _optional_bool("float_zero_points", self.float_zero_points)
         if self.float_zero_points and not (self.algo in (None, "rtn", "gptq") and self.block_size != PER_CHANNEL
                                            and not self.symmetric):
-            raise OnnxpipeError("--zero-points float applies to --mode int4 --algo rtn or gptq with a block size, "
-                                "without --symmetric (hqq writes float zero points of its own)")
+            raise OnnxpipeError(FLOAT_ZERO_POINTS_ONLY)
         self._check_tables(INT4_LM_HEAD)
         if self.algo == "gptq" and self.calibration is None:
             raise OnnxpipeError("int4 with --algo gptq needs calibration text: pass --calibration FILE (text or "
@@ -317,6 +322,8 @@ def _not_here(mode: str, name: str, value: Any) -> str:
         if value == "int4":
             return "--lm-head int4 applies to --mode int4 only"
         return "--mode fp16 keeps the LM head and embeddings in fp16; drop --lm-head/--embeddings"
+    if name in ONLY:
+        return ONLY[name]
     having = [m for m in ("static", "dynamic", "int4") if name in {f.name for f in dataclasses.fields(MODE_CONFIGS[m])}]
     return f"{FLAGS[name]} applies to --mode {' and '.join(having)} only"
 
