@@ -18,6 +18,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import onnx_ir as ir
+
+from onnxpipe.quant.graph import (
+    add_initializer,
+    drop_unused_initializers,
+    ir_model,
+    make_node,
+    replace_node,
+    write_back,
+)
 
 MAXQ = 15  # 4 bits, unsigned with a zero point
 
@@ -158,91 +168,84 @@ def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, 
     ``progress(done, total)`` after each layer.
 
     ``group_size`` 0: one group per output channel (the whole of K), written as DequantizeLinear (uint4, per
-    axis) -> MatMul instead (``dequantize_linear_nodes``): MatMulNBits needs a power-of-two block."""
-    from onnx import numpy_helper
-
-    from onnxpipe.quant.graph import initializer_map
+    axis) -> MatMul instead (``dequantize_linear_ir``): MatMulNBits needs a power-of-two block."""
     from onnxpipe.quant.smoothquant import _session, activation_groups, with_outputs
 
     groups = activation_groups(proto, nodes)
     hessians = input_hessians(_session(with_outputs(proto, list(groups))), list(groups), feeds)
-    graph = proto.graph
-    inits = initializer_map(graph)
+    model = ir_model(proto)
+    graph = model.graph
+    by_name = {n.name: n for n in graph}
     reduction = []
-    sums: dict[tuple[str, Any], str] = {}
+    sums: dict[tuple[Any, Any], ir.Value] = {}
     for x, members in groups.items():
-        for node in members:
-            weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        for member in members:
+            node = by_name[member.name]
+            weight = _weight(node).astype(np.float64)
             group = group_size or weight.shape[0]
             qw = gptq_weight(weight, hessians[x].copy(), group, exact=exact_grid(weight.shape, group_size, float_zero_points))
             if group_size:
-                new_nodes, new_inits = matmulnbits_nodes(node, weight.shape, qw, group, accuracy_level, sums)
+                new = matmulnbits_ir(graph, node, weight.shape, qw, group, accuracy_level, sums)
             else:
-                new_nodes, new_inits = dequantize_linear_nodes(node, weight.shape, qw)
-            index = list(graph.node).index(node)
-            graph.node.remove(node)
-            for offset, new in enumerate(new_nodes):
-                graph.node.insert(index + offset, new)
-            graph.initializer.extend(new_inits)
+                new = dequantize_linear_ir(graph, node, weight.shape, qw)
+            replace_node(graph, node, new)
             reduction.append(_proxy_loss_ratio(weight, qw, hessians[x], group))
             if progress:
                 progress(len(reduction), sum(len(m) for m in groups.values()))
-    if sums:  # shared block sums sit beside the first layer that read them
-        from onnxpipe.quant.graph import topological_sort
-
-        topological_sort(graph)
-    used = {i for n in graph.node for i in n.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
+    if sums:  # shared block sums sit beside the first layer that read them, which need not come first
+        graph.sort()
+    if group_size and reduction:
+        model.opset_imports.setdefault("com.microsoft", 1)
+    drop_unused_initializers(graph)
+    write_back(model, proto)
     return {"hessians": len(hessians), "quantized_nodes": len(reduction),
             "proxy_loss_vs_rtn": float(np.mean(reduction)) if reduction else None}
 
 
-def matmulnbits_nodes(node: Any, shape: tuple[int, int], qw: QuantizedWeight, group_size: int,
-                      accuracy_level: int, block_sums: dict[tuple[str, Any], str] | None = None) -> tuple[list[Any], list[Any]]:
-    """matmulnbits_node, plus, for float zero points, the correction: y = MatMulNBits(x) + (x @ S) @ C, S [K, blocks]
-    the block indicator (x @ S: each block's sum), C [blocks, N] (QuantizedWeight.correction). MatMulNBits reads float zero points itself, but onnxruntime's
-    CPU kernel then dequantizes the weights on every call (2.0 ms against 37 us for one 576 x 1536 layer at batch
-    1, onnxruntime 1.32, 2 threads): integer zero points plus a [blocks, N] matmul keep the fast int8 path.
-    ``block_sums`` (input, block) -> tensor: layers reading one input (q/k/v, gate/up) share its block sums; the
-    caller sorts the graph afterwards (the shared sums are made beside the first layer that asks)."""
-    import onnx
-    from onnx import numpy_helper
+def _weight(node: ir.Node) -> np.ndarray:
+    w = node.inputs[1]
+    assert w is not None and w.const_value is not None, node.name
+    return w.const_value.numpy()
 
-    mm, inits = matmulnbits_node(node, shape, qw, group_size, accuracy_level)
+
+def matmulnbits_ir(graph: ir.Graph, node: ir.Node, shape: tuple[int, int], qw: QuantizedWeight, group_size: int,
+                   accuracy_level: int, block_sums: dict[tuple[Any, Any], ir.Value] | None = None) -> list[ir.Node]:
+    """The nodes (their initializers registered in ``graph``) that replace ``node``: a MatMulNBits
+    (``_matmulnbits``), plus, for float zero points, the correction: y = MatMulNBits(x) + (x @ S) @ C, S [K, blocks]
+    the block indicator (x @ S: each block's sum), C [blocks, N] (QuantizedWeight.correction). MatMulNBits reads
+    float zero points itself, but onnxruntime's CPU kernel then dequantizes the weights on every call (2.0 ms
+    against 37 us for one 576 x 1536 layer at batch 1, onnxruntime 1.32, 2 threads): integer zero points plus a
+    [blocks, N] matmul keep the fast int8 path. ``block_sums`` (input, block) -> value: layers reading one input
+    (q/k/v, gate/up) share its block sums, made beside the first layer that asks (the caller sorts the graph when
+    that is not the first in graph order)."""
+    mm = _matmulnbits(graph, node, shape, qw, group_size, accuracy_level)
     c = qw.correction()
     if c is None:
-        return [mm], inits
-    base, p = node.input[1], f"{node.name}_Q4F"
+        return [mm]
+    base, p, x = node.inputs[1].name, f"{node.name}_Q4F", node.inputs[0]  # type: ignore[union-attr]
     block_sums = {} if block_sums is None else block_sums
-    key = (node.input[0], group_size)
+    key = (x.name if x is not None else None, group_size)
     nodes = [mm]
     if key not in block_sums:  # x @ S, S [K, blocks] of ones per block: any rank of x (GPT-2's linears are 2-D)
-        block_sums[key] = f"{p}/block_sums"
         k = shape[0]
         indicator = f"onnxpipe_q4f_blocks_{k}x{group_size}"  # one per (K, block) in the whole graph
         if ("indicator", indicator) not in block_sums:
-            block_sums[("indicator", indicator)] = indicator
             ones = (np.arange(k)[:, None] // group_size == np.arange(qw.k_blocks)[None, :]).astype(np.float32)
-            inits.append(numpy_helper.from_array(ones, indicator))
-        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], indicator], [block_sums[key]], name=f"{p}/BlockSums"))
-    inits.append(numpy_helper.from_array(c, f"{base}_Q4F_correction"))
-    out = mm.output[0]
-    mm.output[0] = f"{p}/int_zero_points"
-    nodes += [
-        onnx.helper.make_node("MatMul", [block_sums[key], f"{base}_Q4F_correction"], [f"{p}/correction"], name=f"{p}/MatMul"),
-        onnx.helper.make_node("Add", [f"{p}/int_zero_points", f"{p}/correction"], [out], name=f"{p}/Add"),
-    ]
-    return nodes, inits
+            block_sums[("indicator", indicator)] = add_initializer(graph, indicator, ones)
+        nodes.append(make_node("MatMul", [x, block_sums[("indicator", indicator)]], f"{p}/block_sums",
+                               f"{p}/BlockSums"))
+        block_sums[key] = nodes[-1].outputs[0]
+    correction = add_initializer(graph, f"{base}_Q4F_correction", c)
+    mm.outputs[0].name = f"{p}/int_zero_points"
+    nodes.append(make_node("MatMul", [block_sums[key], correction], f"{p}/correction", f"{p}/MatMul"))
+    nodes.append(make_node("Add", [mm.outputs[0], nodes[-1].outputs[0]], None, f"{p}/Add"))
+    return nodes
 
 
-def matmulnbits_node(node: Any, shape: tuple[int, int], qw: QuantizedWeight, group_size: int,
-                     accuracy_level: int) -> tuple[Any, list[Any]]:
+def _matmulnbits(graph: ir.Graph, node: ir.Node, shape: tuple[int, int], qw: QuantizedWeight, group_size: int,
+                 accuracy_level: int) -> ir.Node:
     """A com.microsoft MatMulNBits (bits=4) in the layout ORT's own quantizer writes: B [N, blocks, group/2] with
     the even element in the low nibble, scales [N, blocks], zero points [N, ceil(blocks/2)] packed per row."""
-    import onnx
-    from onnx import numpy_helper
-
     k, n = shape
     kb = qw.k_blocks
     q = qw.q.reshape(n, kb, group_size)
@@ -251,53 +254,66 @@ def matmulnbits_node(node: Any, shape: tuple[int, int], qw: QuantizedWeight, gro
     if kb % 2:
         zp = np.concatenate([zp, np.full((n, 1), 8, np.uint8)], axis=1)
     zp_packed = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
-    base = node.input[1]
-    inits = [
-        numpy_helper.from_array(packed, f"{base}_Q4G{group_size}"),
-        numpy_helper.from_array(qw.scale.reshape(n, kb), f"{base}_Q4G{group_size}_scales"),
-        numpy_helper.from_array(zp_packed, f"{base}_Q4G{group_size}_zero_points"),
-    ]
+    base = f"{node.inputs[1].name}_Q4G{group_size}"  # type: ignore[union-attr]
+    tensors = [add_initializer(graph, base, packed), add_initializer(graph, f"{base}_scales", qw.scale.reshape(n, kb)),
+               add_initializer(graph, f"{base}_zero_points", zp_packed)]
     attrs = {"K": k, "N": n, "bits": 4, "block_size": group_size}
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level
-    new = onnx.helper.make_node("MatMulNBits", [node.input[0]] + [t.name for t in inits], list(node.output),
-                                name=f"{node.name}_Q4", domain="com.microsoft", **attrs)
-    return new, inits
+    return make_node("MatMulNBits", [node.inputs[0], *tensors], None, f"{node.name}_Q4", domain="com.microsoft",
+                     **attrs)
 
 
-def dequantize_linear_nodes(node: Any, shape: tuple[int, int], qw: QuantizedWeight) -> tuple[list[Any], list[Any]]:
+def dequantize_linear_ir(graph: ir.Graph, node: ir.Node, shape: tuple[int, int], qw: QuantizedWeight) -> list[ir.Node]:
     """A per-output-channel 4-bit weight (one group of K) as DequantizeLinear(W uint4 [K, N], scale [N], zero
     point uint4 [N], axis=1) -> MatMul: ONNX opset 21, which the caller must declare. ORT's CPU EP fuses the pair
     into a MatMulNBits at load."""
-    import onnx
-    from onnx import numpy_helper
-
     k, n = shape
     if qw.k_blocks != 1:
         raise ValueError("dequantize_linear_nodes takes one group per output channel")
-    base = node.input[1]
-    q_kn = qw.q.reshape(n, -1)[:, :k].T  # [K, N]
-    inits = [
-        uint4_tensor(q_kn, f"{base}_Q4C"),
-        numpy_helper.from_array(qw.scale.reshape(n).astype(np.float32), f"{base}_Q4C_scale"),
-        uint4_tensor(qw.zero_point.reshape(n), f"{base}_Q4C_zero_point"),
-    ]
-    dq = onnx.helper.make_node("DequantizeLinear", [t.name for t in inits], [f"{base}_Q4C_dequantized"],
-                               name=f"{node.name}_Q4C/DequantizeLinear", axis=1)
-    mm = onnx.helper.make_node("MatMul", [node.input[0], dq.output[0]], list(node.output), name=f"{node.name}_Q4C")
-    return [dq, mm], inits
+    base = f"{node.inputs[1].name}_Q4C"  # type: ignore[union-attr]
+    tensors = [add_initializer(graph, base, uint4(qw.q.reshape(n, -1)[:, :k].T)),  # [K, N]
+               add_initializer(graph, f"{base}_scale", qw.scale.reshape(n).astype(np.float32)),
+               add_initializer(graph, f"{base}_zero_point", uint4(qw.zero_point.reshape(n)))]
+    dq = make_node("DequantizeLinear", tensors, f"{base}_dequantized", f"{node.name}_Q4C/DequantizeLinear", axis=1)
+    return [dq, make_node("MatMul", [node.inputs[0], dq.outputs[0]], None, f"{node.name}_Q4C")]
 
 
-def uint4_tensor(values: np.ndarray, name: str) -> Any:
-    """A UINT4 TensorProto: two values a byte, the first in the low nibble (the ONNX layout)."""
-    import onnx
-
+def uint4(values: np.ndarray) -> ir.PackedTensor:
+    """A UINT4 tensor of ``values`` (0..15): two values a byte, the first in the low nibble (the ONNX layout)."""
     flat = np.ascontiguousarray(values, np.uint8).reshape(-1)
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.UINT4, dims=list(values.shape))
-    t.raw_data = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
-    return t
+    return ir.PackedTensor((flat[0::2] | (flat[1::2] << 4)).astype(np.uint8), ir.DataType.UINT4, shape=values.shape)
+
+
+def _as_protos(node: Any, build: Callable[[ir.Graph, ir.Node], list[ir.Node]]) -> tuple[list[Any], list[Any]]:
+    """``build``'s nodes and initializers for one MatMul NodeProto, as protos (for graphs written with onnx.helper)."""
+    values = {name: ir.Value(name=name) for name in node.input}
+    old = ir.Node(node.domain, node.op_type, [values[i] for i in node.input], name=node.name, num_outputs=1)
+    old.outputs[0].name = node.output[0]
+    graph = ir.Graph([], [], nodes=[old], opset_imports={"": 21})
+    replace_node(graph, old, build(graph, old))
+    return ([ir.serde.serialize_node(n) for n in graph],
+            [ir.serde.serialize_tensor(v.const_value) for v in graph.initializers.values() if v.const_value is not None])
+
+
+def matmulnbits_nodes(node: Any, shape: tuple[int, int], qw: QuantizedWeight, group_size: int,
+                      accuracy_level: int) -> tuple[list[Any], list[Any]]:
+    """matmulnbits_ir for a MatMul NodeProto: (NodeProtos, TensorProtos)."""
+    return _as_protos(node, lambda g, n: matmulnbits_ir(g, n, shape, qw, group_size, accuracy_level))
+
+
+def matmulnbits_node(node: Any, shape: tuple[int, int], qw: QuantizedWeight, group_size: int,
+                     accuracy_level: int) -> tuple[Any, list[Any]]:
+    """_matmulnbits for a MatMul NodeProto: (the MatMulNBits NodeProto, its TensorProtos)."""
+    nodes, tensors = _as_protos(node, lambda g, n: [_matmulnbits(g, n, shape, qw, group_size, accuracy_level)])
+    return nodes[0], tensors
+
+
+def dequantize_linear_nodes(node: Any, shape: tuple[int, int], qw: QuantizedWeight) -> tuple[list[Any], list[Any]]:
+    """dequantize_linear_ir for a MatMul NodeProto: (NodeProtos, TensorProtos)."""
+    return _as_protos(node, lambda g, n: dequantize_linear_ir(g, n, shape, qw))
 
 
 def rtn_per_channel(weight: np.ndarray) -> QuantizedWeight:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxpipe.artifact import Manifest
 from onnxpipe.quant.calibration import counted, feed_count
@@ -149,51 +150,48 @@ def _refuse_fp16_weights(proto: Any, body: list[str]) -> None:
 def _rtn_blocks(proto: Any, body: list[str], block_size: int, accuracy_level: int) -> int:
     """Round-to-nearest per block with float zero points (gptq.py's exact grid) as MatMulNBits + correction; in
     place. Layers whose K is not a multiple of the block keep integer zero points. Returns how many got floats."""
-    from onnxpipe.quant.gptq import exact_grid, matmulnbits_nodes, rtn_blocks
+    from onnxpipe.quant.gptq import exact_grid, matmulnbits_ir, rtn_blocks
 
     sums: dict = {}  # in graph order: a shared input's block sums come with its first layer
     exact = 0
 
-    def write(node: Any, weight: np.ndarray) -> tuple[list[Any], list[Any]]:
+    def write(graph: ir.Graph, node: ir.Node, weight: np.ndarray) -> list[ir.Node]:
         nonlocal exact
         grid = exact_grid(weight.shape, block_size, True)
         exact += grid
-        return matmulnbits_nodes(node, weight.shape, rtn_blocks(weight, block_size, grid), block_size,
-                                 accuracy_level, sums)
+        return matmulnbits_ir(graph, node, weight.shape, rtn_blocks(weight, block_size, grid), block_size,
+                              accuracy_level, sums)
 
-    _replace_matmuls(proto, body, write)
+    _replace_matmuls(proto, body, write, "com.microsoft", 1)
     return exact
 
 
 def _rtn_per_channel(proto: Any, body: list[str]) -> None:
     """Round-to-nearest per output channel as DequantizeLinear -> MatMul (gptq.py's grid and writer); in place."""
-    from onnxpipe.quant.gptq import dequantize_linear_nodes, rtn_per_channel
+    from onnxpipe.quant.gptq import dequantize_linear_ir, rtn_per_channel
 
-    _replace_matmuls(proto, body, lambda node, w: dequantize_linear_nodes(node, w.shape, rtn_per_channel(w)))
+    _replace_matmuls(proto, body, lambda g, node, w: dequantize_linear_ir(g, node, w.shape, rtn_per_channel(w)))
 
 
-def _replace_matmuls(proto: Any, body: list[str], write: Callable[[Any, np.ndarray], tuple[list[Any], list[Any]]]) -> None:
-    """Each MatMul of ``body`` with a constant weight becomes ``write(node, weight [K, N] float64)``'s nodes and
-    initializers, in the graph's order; initializers left unused are dropped. In place."""
-    from onnx import numpy_helper
+def _replace_matmuls(proto: Any, body: list[str], write: Callable[[ir.Graph, ir.Node, np.ndarray], list[ir.Node]],
+                     domain: str | None = None, version: int = 1) -> None:
+    """Each MatMul of ``body`` with a constant weight becomes ``write(graph, node, weight [K, N] float64)``'s nodes
+    (their initializers registered in ``graph``), in the graph's order; initializers left unused are dropped, and
+    the opset ``domain`` the new nodes use is declared. In place."""
+    from onnxpipe.quant.graph import drop_unused_initializers, ir_model, replace_node, write_back
 
-    from onnxpipe.quant.graph import initializer_map
-
-    graph = proto.graph
-    inits = initializer_map(graph)
-    wanted, new_nodes = set(body), []
-    for node in graph.node:
-        if node.name not in wanted or node.op_type != "MatMul" or node.input[1] not in inits:
-            new_nodes.append(node)
+    model = ir_model(proto)
+    graph = model.graph
+    wanted = set(body)
+    for node in list(graph):
+        w = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+        if node.name not in wanted or w is None or not w.is_initializer() or w.const_value is None:
             continue
-        nodes, tensors = write(node, numpy_helper.to_array(inits[node.input[1]]).astype(np.float64))
-        new_nodes += nodes
-        graph.initializer.extend(tensors)
-    graph.ClearField("node")
-    graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
+        replace_node(graph, node, write(graph, node, w.const_value.numpy().astype(np.float64)))
+        if domain is not None:
+            model.opset_imports.setdefault(domain, version)
+    drop_unused_initializers(graph)
+    write_back(model, proto)
 
 
 def _use_opset_21(proto: Any) -> None:
@@ -249,18 +247,18 @@ def _gptq(proto: Any, body: list[str], manifest: Manifest, samples: np.ndarray, 
 
 
 def _set_accuracy_level(proto: Any, level: int) -> int:
-    """Every MatMulNBits gets the same accuracy_level (HQQ's path does not set it at all)."""
-    import onnx
+    """Every MatMulNBits gets the same accuracy_level (HQQ's path does not set it at all); in place."""
+    from onnxpipe.quant.graph import ir_model, write_back
 
+    model = ir_model(proto)
     count = 0
-    for node in proto.graph.node:
+    for node in model.graph:
         if node.op_type != "MatMulNBits":
             continue
         count += 1
-        for a in list(node.attribute):
-            if a.name == "accuracy_level":
-                node.attribute.remove(a)
+        node.attributes.pop("accuracy_level", None)
         if level:
-            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+    if count:
+        write_back(model, proto)
     return count
-
