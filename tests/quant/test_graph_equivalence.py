@@ -5,7 +5,7 @@ input, an RMSNorm written out as ops, a tied LM head) goes through each graph re
 logits of each result on fixed ids are compared, bit for bit, with those recorded in golden/graph_rewrites.npz by
 the protobuf implementation (before its rewrite onto onnx_ir), along with each result's op counts.
 
-    python tests/quant/test_graph_equivalence.py --write   # re-record (only when a rewrite changes on purpose)
+    python tests/quant/test_graph_equivalence.py --write [NAME...]   # re-record (when a rewrite changes on purpose)
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ IDS = np.array([[0, 5, 39], [7, 7, 1]], np.int64)
 V = 40
 
 
-def tiny_model(h: int) -> onnx.ModelProto:
+def tiny_model(h: int, residual: str = "xn") -> onnx.ModelProto:
+    """``residual`` "x2": the norm's output feeds q and k alone (SmoothQuant folds into the norm's weight)."""
     rng = np.random.default_rng(h)
 
     def w(*shape: int, scale: float = 1.0) -> np.ndarray:
@@ -55,7 +56,7 @@ def tiny_model(h: int) -> onnx.ModelProto:
         make("Mul", ["q", "k"], ["qk"], name="/model/layers.0/attn/Mul"),
         make("Softmax", ["qk"], ["p"], name="/model/layers.0/attn/Softmax", axis=-1),
         make("MatMul", ["p", "down.weight"], ["d"], name="/model/layers.0/mlp/down_proj/MatMul"),
-        make("Add", ["d", "xn"], ["hidden"], name="/model/layers.0/Add"),
+        make("Add", ["d", residual], ["hidden"], name="/model/layers.0/Add"),
         make("Transpose", ["embed"], ["embed_T"], name="/lm_head/Transpose", perm=[1, 0]),
         make("MatMul", ["hidden", "embed_T"], ["logits"], name="/lm_head/MatMul"),
     ]
@@ -137,10 +138,51 @@ def fp16(h: int) -> onnx.ModelProto:
         return onnx.load(str(Path(tmp) / "model.onnx"))
 
 
+def _smoothed(h: int, alpha: Any) -> onnx.ModelProto:
+    from onnxpipe.quant.graph import expose_weights
+    from onnxpipe.quant.smoothquant import smooth_model
+
+    model = tiny_model(h, residual="x2")
+    plan = expose_weights(model, "logits")
+    feeds = [{"input_ids": IDS}, {"input_ids": IDS[::-1].copy()}]
+    if callable(alpha):
+        alpha = alpha(model, _body(plan))
+    smoothed, report = smooth_model(model, _body(plan), alpha, feeds, feeds[0], "logits")
+    assert report.folded >= 1 and report.inserted_muls >= 1  # both ways of moving 1/s are exercised
+    return smoothed
+
+
+def smoothquant(h: int) -> onnx.ModelProto:
+    return _smoothed(h, 0.5)
+
+
+def smoothquant_per_group(h: int) -> onnx.ModelProto:
+    """One alpha per activation (layer_alpha's form), one group at 0 (left alone)."""
+    from onnxpipe.quant.smoothquant import activation_groups
+
+    def alphas(model: onnx.ModelProto, body: list[str]) -> dict[str, float]:
+        xs = list(activation_groups(model, body))
+        return {x: [0.0, 0.3, 0.8][i % 3] for i, x in enumerate(xs)}
+
+    return _smoothed(h, alphas)
+
+
+def planted_outliers(h: int) -> onnx.ModelProto:
+    from onnxpipe.quant.graph import expose_weights
+    from onnxpipe.quant.smoothquant import plant_outliers
+
+    model = tiny_model(h, residual="x2")
+    plan = expose_weights(model, "logits")
+    assert plant_outliers(model, _body(plan), 8.0, 3) == 1  # the group the norm feeds alone
+    return model
+
+
 REWRITES: dict[str, Callable[[int], onnx.ModelProto]] = {
     "expose": expose, "vocab_tables": vocab_tables, "per_token": per_token, "int4_per_channel": int4_per_channel,
     "int4_float_zero_points": int4_float_zero_points, "int4_nbits": int4_nbits, "fp16": fp16,
+    "smoothquant": smoothquant, "smoothquant_per_group": smoothquant_per_group, "planted_outliers": planted_outliers,
 }
+EXACT = {"expose", "smoothquant", "smoothquant_per_group", "planted_outliers"}  # the float function, rounding aside
 CASES = [(name, h) for name in REWRITES for h in (32, 320)]
 
 
@@ -167,7 +209,7 @@ def test_rewrite_gives_the_recorded_outputs(name: str, h: int) -> None:
     logits, ops = record(name, h)
     assert ops == json.loads(str(golden[f"{name}/{h}/ops"]))
     np.testing.assert_array_equal(logits, golden[f"{name}/{h}/logits"])
-    if name != "expose":  # a check that can fail: every rewrite but the exact one moves the logits
+    if name not in EXACT:  # a check that can fail: every quantizing rewrite moves the logits
         assert not np.array_equal(logits, golden[f"expose/{h}/logits"])
 
 
@@ -177,10 +219,12 @@ def test_exposed_graph_is_the_float_model() -> None:
         assert np.abs(record("expose", h)[0] - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+if __name__ == "__main__" and sys.argv[1:2] == ["--write"]:  # --write [NAME...]: those only, the rest kept
     GOLDEN.parent.mkdir(exist_ok=True)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = dict(np.load(GOLDEN)) if GOLDEN.exists() and sys.argv[2:] else {}
     for name, h in CASES:
+        if sys.argv[2:] and name not in sys.argv[2:]:
+            continue
         logits, ops = record(name, h)
         out[f"{name}/{h}/logits"], out[f"{name}/{h}/ops"] = logits, np.array(json.dumps(ops))
         print(name, h, ops)
