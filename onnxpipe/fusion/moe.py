@@ -17,6 +17,9 @@ beta 0 and no limit is SiLU(gate) * up. The CPU kernel takes only the interleave
 (``swiglu_fusion=1``) and no FC3, so both forms are written that way: the halves are interleaved, gpt-oss's
 [in, out] weights transposed to MoE's [out, in]. CUDA takes the same form.
 
+fp16/bf16 exports route and sum in fp32: each model type's Casts sit elsewhere in the block, and each placement is a
+rule variant (``casts``) whose check reads every Cast's target type; MoE then takes the half-precision logits.
+
 A rule's ``check`` reads only the matched values; nothing is kept between matches.
 """
 
@@ -62,31 +65,51 @@ def _axis_is_last(node: ir.Node, rank: int, default: int = -1) -> bool:
     return axis in (-1, rank - 1)
 
 
+# Where an fp16/bf16 export casts inside the block (transformers routes and sums in fp32): the values cast up to
+# fp32 and those cast back to the model's dtype
+UP_CASTS = ("logits", "probs", "down", "grouped")
+DOWN_CASTS = ("weights", "out")
+
+
 class ExpertsToMoE(pattern.RewriteRuleClassBase):
     """One expert block of the batched_mm form -> MoE. ``routing``: how the k routing weights come from the
     logits (ROUTINGS); ``clamped``: gpt-oss's form (biases, interleaved [in, out] weights, clamped SwiGLU) rather
-    than the gate|up halves with SiLU."""
+    than the gate|up halves with SiLU; ``casts``: the values an fp16/bf16 export casts (UP_CASTS, DOWN_CASTS);
+    ``gate_min``: the gate's upper clamp written as Min (gpt-oss's fp16 export) rather than Clip."""
 
-    def __init__(self, name: str, routing: str, clamped: bool):
+    def __init__(self, name: str, routing: str, clamped: bool, casts: tuple[str, ...] = (), gate_min: bool = False):
         super().__init__(name)
         if routing not in ROUTINGS:
             raise ValueError(f"unknown routing {routing!r}")
+        unknown = set(casts) - set(UP_CASTS + DOWN_CASTS)
+        if unknown:
+            raise ValueError(f"unknown cast positions {sorted(unknown)}")
         self._routing = routing
         self._clamped = clamped
+        self._casts = tuple(casts)
+        self._gate_min = gate_min
+
+    def _cast(self, op, value, where: str):
+        if where not in self._casts:
+            return value
+        return op.Cast(value, _allow_other_attributes=True, _outputs=[f"cast_{where}"])
 
     # ---- pattern ----
     def pattern(self, op, x, logits, k, repeat, token_shape, clip_lo, clip_hi, w1, w2, out_shape, b1, b2,
                 gate_start, up_start, slice_end, slice_axis, slice_step, limit, neg_limit, up_limit, alpha, beta):
         if self._routing == "topk_softmax":
-            top, indices = op.TopK(logits, k, _allow_other_attributes=True, _outputs=["top", "indices"])
+            top, indices = op.TopK(self._cast(op, logits, "logits"), k, _allow_other_attributes=True,
+                                   _outputs=["top", "indices"])
             weights = op.Softmax(top, _allow_other_attributes=True, _outputs=["routing"])
         else:
-            probs = op.Softmax(logits, _allow_other_attributes=True, _outputs=["probs"])
-            top, indices = op.TopK(probs, k, _allow_other_attributes=True, _outputs=["top", "indices"])
+            probs = op.Softmax(self._cast(op, logits, "logits"), _allow_other_attributes=True, _outputs=["probs"])
+            top, indices = op.TopK(self._cast(op, probs, "probs"), k, _allow_other_attributes=True,
+                                   _outputs=["top", "indices"])
             weights = top
             if self._routing == "softmax_topk_norm":
                 total = op.ReduceSum(top, [-1], _allow_other_attributes=True, _outputs=["top_sum"])
                 weights = op.Div(top, total)
+        weights = self._cast(op, weights, "weights")
         flat = op.Reshape(indices, [-1], _allow_other_attributes=True)
         index = op.Unsqueeze(op.Clip(flat, clip_lo, clip_hi), [-1])
         tokens = op.Reshape(op.Expand(op.Unsqueeze(x, [1]), repeat), token_shape, _allow_other_attributes=True)
@@ -95,7 +118,7 @@ class ExpertsToMoE(pattern.RewriteRuleClassBase):
                                        op.GatherND(b1, index, batch_dims=0))
             gate = op.Slice(gate_up, gate_start, slice_end, slice_axis, slice_step, _outputs=["gate"])
             up = op.Slice(gate_up, up_start, slice_end, slice_axis, slice_step, _outputs=["up"])
-            gate = op.Clip(gate, None, limit)
+            gate = op.Min(gate, limit) if self._gate_min else op.Clip(gate, None, limit)
             up = op.Clip(up, neg_limit, up_limit)
             hidden = op.Mul(op.Add(up, beta), op.Mul(gate, op.Sigmoid(op.Mul(gate, alpha))))
             down = self._row_linear(op, hidden, op.GatherND(w2, index, batch_dims=0),
@@ -106,9 +129,11 @@ class ExpertsToMoE(pattern.RewriteRuleClassBase):
                                 _outputs=["gate", "up"])
             hidden = op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
             down = op.Squeeze(op.MatMul(op.GatherND(w2, index, batch_dims=0), op.Unsqueeze(hidden, [-1])), [-1])
-        scaled = op.Mul(down, op.Unsqueeze(op.Reshape(weights, [-1], _allow_other_attributes=True), [-1]))
-        return op.ReduceSum(op.Reshape(scaled, out_shape, _allow_other_attributes=True), [1], keepdims=0,
-                            _allow_other_attributes=True)
+        column = op.Unsqueeze(op.Reshape(weights, [-1], _allow_other_attributes=True), [-1])
+        scaled = op.Mul(self._cast(op, down, "down"), column)
+        grouped = self._cast(op, op.Reshape(scaled, out_shape, _allow_other_attributes=True), "grouped")
+        summed = op.ReduceSum(grouped, [1], keepdims=0, _allow_other_attributes=True)
+        return self._cast(op, summed, "out")
 
     @staticmethod
     def _row_linear(op, rows, weight, bias):
@@ -134,6 +159,11 @@ class ExpertsToMoE(pattern.RewriteRuleClassBase):
             return result.fail(f"the router logits are not [T, {experts}] for {experts} experts", logits)
         if x.dtype != logits.dtype or x.dtype != w1.dtype:
             return result.fail("tokens, router logits and expert weights differ in dtype", logits)
+        for where in self._casts:
+            cast = values[f"cast_{where}"]
+            want = ir.DataType.FLOAT if where in UP_CASTS else x.dtype
+            if cast.producer().attributes.get_int("to", 0) != int(want):
+                return result.fail(f"the {where} cast is not to {want.name}", cast)
         if top_k > experts:
             return result.fail(f"top-{top_k} of {experts} experts", k)
         failure = self._check_routing(values, top_k)
@@ -243,9 +273,25 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataTy
     return value
 
 
-register("moe_swiglu", ExpertsToMoE.rule("MoESwiGLURenormalized", routing="softmax_topk_norm", clamped=False),
-         ExpertsToMoE.rule("MoESwiGLU", routing="softmax_topk", clamped=False), commute=True)
-register("moe_clamped_swiglu", ExpertsToMoE.rule("MoEClampedSwiGLU", routing="topk_softmax", clamped=True),
+# fp16/bf16 exports: Mixtral routes in fp32 from cast logits and sums cast expert outputs; Qwen3-MoE casts the
+# probabilities up and the routing weights back, then sums the grouped products in fp32; gpt-oss routes in fp16 and
+# sums in fp32, its gate clamp a Min
+MIXTRAL_HALF = ("logits", "down", "out")
+QWEN3_HALF = ("probs", "weights", "grouped", "out")
+GPT_OSS_HALF = ("grouped", "out")
+register("moe_swiglu",
+         ExpertsToMoE.rule("MoESwiGLURenormalized", routing="softmax_topk_norm", clamped=False),
+         ExpertsToMoE.rule("MoESwiGLU", routing="softmax_topk", clamped=False),
+         ExpertsToMoE.rule("MoESwiGLURenormalizedHalfLogits", routing="softmax_topk_norm", clamped=False,
+                           casts=MIXTRAL_HALF),
+         ExpertsToMoE.rule("MoESwiGLURenormalizedHalfProbs", routing="softmax_topk_norm", clamped=False,
+                           casts=QWEN3_HALF),
+         ExpertsToMoE.rule("MoESwiGLUHalfProbs", routing="softmax_topk", clamped=False, casts=QWEN3_HALF),
+         commute=True)
+register("moe_clamped_swiglu",
+         ExpertsToMoE.rule("MoEClampedSwiGLU", routing="topk_softmax", clamped=True),
+         ExpertsToMoE.rule("MoEClampedSwiGLUHalf", routing="topk_softmax", clamped=True, casts=GPT_OSS_HALF,
+                           gate_min=True),
          commute=True)
 
 RULE_NAMES = ("moe_swiglu", "moe_clamped_swiglu")
@@ -267,8 +313,8 @@ def fuse_experts(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
     report: dict[str, str | int] = {**counts, "experts fused": f"{fused}/{total}"}
     if fused < total:
         reason = why_unfused(model)
-        if ctx.dtype != "fp32":  # transformers routes and sums in fp32 there: Casts around and inside the block
-            reason = f"{ctx.dtype} graph (the rules match the fp32 export's form): {reason}"
+        if ctx.dtype != "fp32":  # the Casts of an fp16/bf16 block are one more way not to match: say which graph
+            reason = f"{ctx.dtype} graph: {reason}"
         report["experts left"] = reason
     return report
 

@@ -22,12 +22,23 @@ def _constant(name: str, shape: tuple[int, ...], seed: int, as_input: bool) -> t
     return "", f"  {name} = Constant <value = {_floats(shape, seed)}> ()\n"
 
 
-def _routing(routing: str, k: int, largest: int, softmax_axis: int, divisor: str, probs_out: bool) -> str:
+def _cast(casts: dict[str, int], where: str, value: str) -> tuple[str, str]:
+    """(the Cast node's line or "", the name to read): a Cast of ``value`` where ``casts`` puts one."""
+    if where not in casts:
+        return "", value
+    return f"  {value}_c = Cast <to = {casts[where]}> ({value})\n", f"{value}_c"
+
+
+def _routing(routing: str, k: int, largest: int, softmax_axis: int, divisor: str, probs_out: bool,
+             casts: dict[str, int]) -> str:
     topk = f"TopK <axis = -1, largest = {largest}, sorted = 1>"
+    text, logits = _cast(casts, "logits", "logits")
     if routing == "topk_softmax":
-        return f"  top, idx = {topk} (logits, k)\n  rw = Softmax <axis = {softmax_axis}> (top)\n"
+        return text + f"  top, idx = {topk} ({logits}, k)\n  rw = Softmax <axis = {softmax_axis}> (top)\n"
     probs = "probs_out" if probs_out else "probs"
-    text = f"  {probs} = Softmax <axis = {softmax_axis}> (logits)\n  top, idx = {topk} ({probs}, k)\n"
+    text += f"  {probs} = Softmax <axis = {softmax_axis}> ({logits})\n"
+    cast, probs = _cast(casts, "probs", probs)
+    text += cast + f"  top, idx = {topk} ({probs}, k)\n"
     if routing == "softmax_topk_norm" and divisor == "sum":
         text += "  tsum = ReduceSum <keepdims = 1> (top, m1)\n  rw = Div (top, tsum)\n"
     elif routing == "softmax_topk_norm":
@@ -39,10 +50,13 @@ def experts_block(clamped: bool = False, routing: str | None = None, k: int = 2,
                   largest: int = 1, softmax_axis: int = -1, divisor: str = "sum", clip_hi: int = EXPERTS - 1,
                   weights_input: bool = False, bias_input: bool = False, probs_out: bool = False,
                   scaled_sigmoid: bool = False, up_clip: tuple[float, float] = (-0.5, 0.5),
-                  gate_start: int = 0) -> str:
+                  gate_start: int = 0, casts: dict[str, int] | None = None, gate_min: bool = False) -> str:
     """One expert block: Mixtral's form (gate|up halves, SiLU; ``routing`` softmax_topk_norm by default) or, with
     ``clamped``, gpt-oss's (biases, interleaved [in, out] weights, SwiGLU clamped at 0.5 so the clamp bites on
-    these small values; ``routing`` topk_softmax). The keyword arguments make the near-misses."""
+    these small values; ``routing`` topk_softmax). ``casts``: {position: ONNX dtype} of the Casts an fp16 export
+    puts in the block (moe.UP_CASTS / DOWN_CASTS; to FLOAT here they change nothing); ``gate_min``: the gate clamp
+    as Min. The keyword arguments make the near-misses."""
+    casts = casts or {}
     routing = routing or ("topk_softmax" if clamped else "softmax_topk_norm")
     repeat = k if repeat is None else repeat
     two_i = 2 * INTER
@@ -60,6 +74,11 @@ def experts_block(clamped: bool = False, routing: str | None = None, k: int = 2,
             inputs, consts = inputs + decl, consts + node
     outputs = f", float[{TOKENS},{EXPERTS}] probs_out" if probs_out else ""
     rw = "top" if routing == "softmax_topk" else "rw"
+    weights_cast, rw = _cast(casts, "weights", rw)
+    down_cast, down = _cast(casts, "down", "d")
+    grouped_cast, grouped = _cast(casts, "grouped", "so")
+    out_type = "float16" if casts.get("out") == 10 else "float"
+    out = f"  y = Cast <to = {casts['out']}> (ys)\n" if "out" in casts else "  y = Identity (ys)\n"
     if clamped:
         experts = f"""
   u1 = Unsqueeze (xr, one)
@@ -79,7 +98,7 @@ def experts_block(clamped: bool = False, routing: str | None = None, k: int = 2,
   lim = Constant <value = float {{0.5}}> ()
   ulo = Constant <value = float {{{up_clip[0]}}}> ()
   uhi = Constant <value = float {{{up_clip[1]}}}> ()
-  gc = Clip (gate, , lim)
+  {"gc = Min (gate, lim)" if gate_min else "gc = Clip (gate, , lim)"}
   uc = Clip (up, ulo, uhi)
   alpha = Constant <value = float {{1.702}}> ()
   ga = Mul (gc, alpha)
@@ -115,11 +134,11 @@ def experts_block(clamped: bool = False, routing: str | None = None, k: int = 2,
   d = Squeeze (p2, m1)
 """
     return HEADER + f"""
-g (float[{TOKENS},{HIDDEN}] x, float[{TOKENS},{EXPERTS}] logits{inputs}) => (float[{TOKENS},{HIDDEN}] y{outputs}) {{
+g (float[{TOKENS},{HIDDEN}] x, float[{TOKENS},{EXPERTS}] logits{inputs}) => ({out_type}[{TOKENS},{HIDDEN}] y{outputs}) {{
 {consts}  k = Constant <value = int64[1] {{{k}}}> ()
   m1 = Constant <value = int64[1] {{-1}}> ()
   one = Constant <value = int64[1] {{1}}> ()
-{_routing(routing, k, largest, softmax_axis, divisor, probs_out)}
+{_routing(routing, k, largest, softmax_axis, divisor, probs_out, casts)}{weights_cast}
   xu = Unsqueeze (x, one)
   rep = Constant <value = int64[3] {{1, {repeat}, 1}}> ()
   xe = Expand (xu, rep)
@@ -130,14 +149,14 @@ g (float[{TOKENS},{HIDDEN}] x, float[{TOKENS},{EXPERTS}] logits{inputs}) => (flo
   hi = Constant <value = int64 {{{clip_hi}}}> ()
   fc = Clip (fi, lo, hi)
   ii = Unsqueeze (fc, m1)
-{experts}
+{experts}{down_cast}
   rf = Reshape ({rw}, m1)
   ru = Unsqueeze (rf, m1)
-  sc = Mul (d, ru)
+  sc = Mul ({down}, ru)
   oshape = Constant <value = int64[3] {{-1, {k}, {HIDDEN}}}> ()
   so = Reshape (sc, oshape)
-  y = ReduceSum <keepdims = 0> (so, one)
-}}"""
+{grouped_cast}  ys = ReduceSum <keepdims = 0> ({grouped}, one)
+{out}}}"""
 
 
 MOE_CASES = {
