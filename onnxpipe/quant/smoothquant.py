@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.quant.graph import consumers, initializer_map, producers
+from onnxpipe.quant.graph import add_initializer, drop_unused_initializers, ir_model, make_node, write_back
 
 # op type -> (indices of the inputs that scale output 0 along the last axis), for a fold of 1/s into them
 NORM_PARAMS = {
@@ -71,14 +72,22 @@ def channel_absmax(session: Any, names: list[str], feeds: Iterable[dict[str, np.
 
 
 def with_outputs(proto: Any, names: list[str]) -> Any:
-    """A copy of the model that also returns the named tensors (float32)."""
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    have = {o.name for o in copy.graph.output}
-    copy.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names if n not in have)
-    return copy
+    """A copy of the model that also returns the named tensors (float32 where the graph does not say)."""
+    model = ir_model(proto)
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    values.update((v.name, v) for v in model.graph.inputs)
+    values.update(model.graph.initializers)
+    have = {o.name for o in model.graph.outputs}
+    for name in names:
+        if name in have:
+            continue
+        if name not in values:
+            raise ValueError(f"no tensor {name!r} in the graph")
+        value = values[name]
+        if value.type is None:
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+        model.graph.outputs.append(value)
+    return ir.serde.serialize_model(model)
 
 
 def smoothing_scales(act_max: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
@@ -88,25 +97,19 @@ def smoothing_scales(act_max: np.ndarray, weights: list[np.ndarray], alpha: floa
     return np.clip(s, 1e-4, 1e4)
 
 
-def apply_smoothing(proto: Any, groups: dict[str, list[Any]], act_max: dict[str, np.ndarray],
+def apply_smoothing(graph: ir.Graph, linears: list[str], act_max: dict[str, np.ndarray],
                     alpha: float | dict[str, float]) -> SmoothReport:
-    """Scale weights by s and activations by 1/s, group by group; in place. ``alpha`` is one for every group, or
-    one per activation (a group missing from the dict, or at 0, is left alone)."""
-    from onnx import numpy_helper
-
-    graph = proto.graph
+    """Scale weights by s and activations by 1/s, group by group (the MatMuls of ``linears`` that read one
+    activation); in place. ``alpha`` is one for every group, or one per activation (a group missing from the dict,
+    or at 0, is left alone)."""
     report = SmoothReport(alpha=alpha if not isinstance(alpha, dict) else "per group")
-    uses: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-    for x, nodes in groups.items():
-        inits = initializer_map(graph)
-        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
-        amax = act_max[x]
+    uses = _use_counts(graph)
+    for x, nodes in _groups(graph, linears).items():
+        weights = [_array(n.inputs[1]) for n in nodes]
+        amax = act_max[str(x.name)]
         if amax.shape[0] != weights[0].shape[0]:
             continue
-        group_alpha = alpha.get(x, 0.0) if isinstance(alpha, dict) else alpha
+        group_alpha = alpha.get(str(x.name), 0.0) if isinstance(alpha, dict) else alpha
         if group_alpha == 0.0:
             report.unsmoothed += 1
             continue
@@ -120,30 +123,59 @@ def apply_smoothing(proto: Any, groups: dict[str, list[Any]], act_max: dict[str,
         after = float(after_x.max() / max(np.median(after_x), 1e-12))
         report.outlier_ratio_before = max(report.outlier_ratio_before, before)
         report.outlier_ratio_after = max(report.outlier_ratio_after, after)
-        report.per_group.append({"activation": x, "matmuls": [n.name for n in nodes], "how": how, "alpha": group_alpha,
-                                 "outlier_ratio": [round(before, 2), round(after, 2)]})
-    used = {i for n in graph.node for i in n.input}
-    for t in [t for t in graph.initializer if t.name not in used]:  # the norm scales that were replaced
-        graph.initializer.remove(t)
+        report.per_group.append({"activation": x.name, "matmuls": [n.name for n in nodes], "how": how,
+                                 "alpha": group_alpha, "outlier_ratio": [round(before, 2), round(after, 2)]})
+    drop_unused_initializers(graph)  # the norm scales and weights that were replaced
     return report
 
 
-def rescale_group(graph: Any, x: str, nodes: list[Any], s: np.ndarray, uses: dict[str, int],
+def _groups(graph: ir.Graph, linears: list[str]) -> dict[ir.Value, list[ir.Node]]:
+    """activation_groups on the IR: activation value -> the named MatMuls that read it, in graph order."""
+    wanted = set(linears)
+    groups: dict[ir.Value, list[ir.Node]] = {}
+    for node in graph:
+        if node.name in wanted and node.inputs[0] is not None:
+            groups.setdefault(node.inputs[0], []).append(node)
+    return groups
+
+
+def _use_counts(graph: ir.Graph) -> dict[str, int]:
+    """Each value's readers among the nodes when smoothing starts (a node reading it twice counts twice)."""
+    uses: dict[str, int] = {}
+    for n in graph:
+        for v in n.inputs:
+            if v is not None:
+                uses[str(v.name)] = uses.get(str(v.name), 0) + 1
+    return uses
+
+
+def _array(value: ir.Value | None) -> np.ndarray:
+    assert value is not None and value.const_value is not None
+    return value.const_value.numpy()
+
+
+def _const_vector(value: ir.Value | None, k: int) -> bool:
+    return (value is not None and value.is_initializer() and value.const_value is not None
+            and tuple(value.const_value.shape.numpy()) == (k,))
+
+
+def rescale_group(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node], s: np.ndarray, uses: dict[str, int],
                   allow_mul: bool = True) -> str | None:
     """X -> X / s (folded into X's producer, or an inserted Mul) and W -> diag(s) W for each MatMul reading X."""
-    from onnx import numpy_helper
-
     how = _fold_into_producer(graph, x, nodes, s)
     if how is None:
         if not allow_mul:
             return None
         how = _insert_mul(graph, x, nodes, s)
-    inits = initializer_map(graph)
     for node in nodes:
-        w = numpy_helper.to_array(inits[node.input[1]])
-        name = node.input[1] if uses[node.input[1]] == 1 else f"{node.input[1]}_smooth_{node.name}"
-        _set_initializer(graph, name, (w * s[:, None]).astype(w.dtype), replace=name == node.input[1])
-        node.input[1] = name
+        weight = node.inputs[1]
+        assert weight is not None and weight.const_value is not None
+        w = weight.const_value.numpy()
+        scaled = (w * s[:, None]).astype(w.dtype)
+        if uses[str(weight.name)] == 1:
+            weight.const_value = ir.tensor(scaled, name=weight.name)
+        else:
+            node.replace_input_with(1, add_initializer(graph, f"{weight.name}_smooth_{node.name}", scaled))
     return how
 
 
@@ -152,88 +184,65 @@ def plant_outliers(proto: Any, linears: list[str], factor: float, channels: int,
     output that feeds linear layers by ``factor`` and divide the matching weight rows by it. The float function
     is unchanged; the activations get the outlier channels large LLMs are known for. Returns groups planted."""
     rng = np.random.default_rng(seed)
-    graph = proto.graph
-    uses: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    model = ir_model(proto)
+    graph = model.graph
+    uses = _use_counts(graph)
     planted = 0
-    for x, nodes in activation_groups(proto, linears).items():
-        k = next(t for t in graph.initializer if t.name == nodes[0].input[1]).dims[0]
+    for x, nodes in _groups(graph, linears).items():
+        k = _array(nodes[0].inputs[1]).shape[0]
         s = np.ones(k)
         s[rng.choice(k, size=min(channels, k), replace=False)] = 1.0 / factor
         planted += rescale_group(graph, x, nodes, s, uses, allow_mul=False) is not None
-    used = {i for n in graph.node for i in n.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
+    drop_unused_initializers(graph)
+    write_back(model, proto)
     return planted
 
 
-def _fold_into_producer(graph: Any, x: str, nodes: list[Any], s: np.ndarray) -> str | None:
+def _fold_into_producer(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node], s: np.ndarray) -> str | None:
     """Divide the producing norm's scale (and shift) by s, if X and the tensors on the way have no other readers."""
-    from onnx import numpy_helper
-
-    cons, prod, inits = consumers(graph), producers(graph), initializer_map(graph)
-    group = {id(n) for n in nodes}
-    if {id(c) for c in cons.get(x, [])} != group or x in {o.name for o in graph.output}:
+    if {id(u.node) for u in x.uses()} != {id(n) for n in nodes} or x.is_graph_output():
         return None
-    node = prod.get(x)
-    name = x
+    node, value = x.producer(), x
     if node is not None and node.op_type == "Reshape":  # keeps channel identity when both last axes are K
-        inner = node.input[0]
-        if len(cons.get(inner, [])) != 1 or inner in {o.name for o in graph.output}:
+        inner = node.inputs[0]
+        if inner is None or len(inner.uses()) != 1 or inner.is_graph_output():
             return None
-        name, node = inner, prod.get(inner)
-    if node is None or node.output[0] != name:
+        node, value = inner.producer(), inner
+    if node is None or node.outputs[0] is not value:
         return None
     k = s.shape[0]
     if node.op_type in NORM_PARAMS:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
-        if axis != -1:
+        if node.attributes.get_int("axis", -1) != -1:
             return None
-        params = [i for i in NORM_PARAMS[node.op_type] if i < len(node.input) and node.input[i]]
-        if not all(node.input[i] in inits and tuple(inits[node.input[i]].dims) == (k,) for i in params):
+        params = [i for i in NORM_PARAMS[node.op_type] if i < len(node.inputs) and node.inputs[i] is not None]
+        if not all(_const_vector(node.inputs[i], k) for i in params):
             return None
         for i in params:
-            value = numpy_helper.to_array(inits[node.input[i]])
-            new = f"{node.input[i]}_smooth_{node.name}"
-            _set_initializer(graph, new, (value / s).astype(value.dtype), replace=False)
-            node.input[i] = new
+            _divide_input(graph, node, i, s)
         return "folded"
     if node.op_type == "Mul":
         for i in (0, 1):
-            t = inits.get(node.input[i])
-            if t is not None and tuple(t.dims) == (k,):
-                value = numpy_helper.to_array(t)
-                new = f"{node.input[i]}_smooth_{node.name}"
-                _set_initializer(graph, new, (value / s).astype(value.dtype), replace=False)
-                node.input[i] = new
+            if _const_vector(node.inputs[i], k):
+                _divide_input(graph, node, i, s)
                 return "folded"
     return None
 
 
-def _insert_mul(graph: Any, x: str, nodes: list[Any], s: np.ndarray) -> str:
-    import onnx
-    from onnx import numpy_helper
+def _divide_input(graph: ir.Graph, node: ir.Node, i: int, s: np.ndarray) -> None:
+    """The node's constant input ``i`` divided by s, as a new initializer (the old one may have other readers)."""
+    value = _array(node.inputs[i])
+    new = add_initializer(graph, f"{node.inputs[i].name}_smooth_{node.name}", (value / s).astype(value.dtype))  # type: ignore[union-attr]
+    node.replace_input_with(i, new)
 
-    inv = f"{x}_smooth_inv_scale"
-    out = f"{x}_smoothed"
-    graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
-    mul = onnx.helper.make_node("Mul", [x, inv], [out], name=f"{nodes[0].name}/SmoothQuantMul")
-    first = min(list(graph.node).index(n) for n in nodes)
-    graph.node.insert(first, mul)
+
+def _insert_mul(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node], s: np.ndarray) -> str:
+    inv = add_initializer(graph, f"{x.name}_smooth_inv_scale", (1.0 / s).astype(np.float32))
+    mul = make_node("Mul", [x, inv], f"{x.name}_smoothed", f"{nodes[0].name}/SmoothQuantMul")
+    order = {id(n): i for i, n in enumerate(graph)}
+    graph.insert_before(min(nodes, key=lambda n: order[id(n)]), mul)
     for n in nodes:
-        n.input[0] = out
+        n.replace_input_with(0, mul.outputs[0])
     return "mul"
-
-
-def _set_initializer(graph: Any, name: str, value: np.ndarray, replace: bool) -> None:
-    from onnx import numpy_helper
-
-    if replace:
-        old = next(t for t in graph.initializer if t.name == name)
-        graph.initializer.remove(old)
-    graph.initializer.append(numpy_helper.from_array(value, name))
 
 
 def smooth_model(proto: Any, linears: list[str], alpha: float | dict[str, float], stats_feeds: Iterable[dict[str, np.ndarray]],
@@ -245,9 +254,12 @@ def smooth_model(proto: Any, linears: list[str], alpha: float | dict[str, float]
     names = list(groups)
     stats_model = with_outputs(proto, names)
     act_max = channel_absmax(_session(stats_model), names, stats_feeds)
+    del stats_model
     smoothed = onnx.ModelProto()
     smoothed.CopyFrom(proto)
-    report = apply_smoothing(smoothed, activation_groups(smoothed, linears), act_max, alpha)
+    model = ir_model(smoothed)
+    report = apply_smoothing(model.graph, linears, act_max, alpha)
+    write_back(model, smoothed)
     ref = _session(proto).run([logits_name], check_feed)[0]
     got = _session(smoothed).run([logits_name], check_feed)[0]
     report.equivalence_rel_err = float(np.abs(ref - got).max() / max(np.abs(ref).max(), 1e-12))
