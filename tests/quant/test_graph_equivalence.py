@@ -186,14 +186,28 @@ EXACT = {"expose", "smoothquant", "smoothquant_per_group", "planted_outliers"}  
 CASES = [(name, h) for name in REWRITES for h in (32, 320)]
 
 
-def run(model: onnx.ModelProto) -> np.ndarray:
+def run(model: onnx.ModelProto, **extra: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     onnx.checker.check_model(model)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"input_ids": IDS})[0]
+    return session.run(["logits"], {"input_ids": IDS, **extra})[0]
+
+
+def switchable(h: int) -> dict[str, np.ndarray]:
+    """sensitivity.switchable_model (every body layer behind an If; q per token, the rest per tensor): the logits
+    with every switch off, every switch on, and each one alone on."""
+    from onnxpipe.quant.sensitivity import SWITCH, switchable_model
+
+    model, plan = _exposed(h)
+    body = _body(plan)
+    sim, order = switchable_model(model, body, token_nodes={body[2]})
+    assert order == body
+    states = {"off": np.zeros(len(order), np.float32), "on": np.ones(len(order), np.float32)}
+    states.update({f"only{i}": np.eye(len(order), dtype=np.float32)[i] for i in range(len(order))})
+    return {name: run(sim, **{SWITCH: switch}) for name, switch in states.items()}
 
 
 def record(name: str, h: int) -> tuple[np.ndarray, dict[str, int]]:
@@ -213,6 +227,16 @@ def test_rewrite_gives_the_recorded_outputs(name: str, h: int) -> None:
         assert not np.array_equal(logits, golden[f"expose/{h}/logits"])
 
 
+@pytest.mark.parametrize("h", [32, 320])
+def test_switchable_model_gives_the_recorded_outputs(h: int) -> None:
+    golden = np.load(GOLDEN)
+    outputs = switchable(h)
+    for state, logits in outputs.items():
+        np.testing.assert_array_equal(logits, golden[f"switchable/{h}/{state}"])
+    np.testing.assert_array_equal(outputs["off"], golden[f"expose/{h}/logits"])  # all off: the float model
+    assert not np.array_equal(outputs["on"], outputs["off"])
+
+
 def test_exposed_graph_is_the_float_model() -> None:
     for h in (32, 320):  # Gemm -> MatMul + Add sums in another order: fp32 rounding only
         ref = run(tiny_model(h))
@@ -228,4 +252,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--write"]:  # --write [NAME...]
         logits, ops = record(name, h)
         out[f"{name}/{h}/logits"], out[f"{name}/{h}/ops"] = logits, np.array(json.dumps(ops))
         print(name, h, ops)
+    for h in (32, 320):
+        if not sys.argv[2:] or "switchable" in sys.argv[2:]:
+            out.update({f"switchable/{h}/{state}": v for state, v in switchable(h).items()})
     np.savez(GOLDEN, **out)
