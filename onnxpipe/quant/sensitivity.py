@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import onnx_ir as ir
 
+from onnxpipe.quant.graph import add_initializer, ir_model, make_node, replace_node
 from onnxpipe.runtime.sessions import open_session
 
 SWITCH = "onnxpipe_quant_switch"
@@ -53,86 +55,73 @@ def switchable_model(proto: Any, nodes: list[str], token_nodes: set[str]) -> tup
     """A copy of the float model in which each named MatMul(x, constant W) is its int8 form where switch[i] > 0.5
     and its float self elsewhere (see the module note), and the names in switch order (MatMuls without a constant
     weight are skipped)."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from onnxpipe.quant.graph import initializer_map
-
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    graph = model.graph
-    inits = initializer_map(graph)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    wanted = set(nodes)
-    shared = "/quant/simulate"
     from onnxpipe.quant.dynamic import UNIT_SCALE, UNIT_ZERO
 
-    extra_inits = [numpy_helper.from_array(np.array(1e-30, np.float32), f"{shared}/tiny"),
-                   numpy_helper.from_array(np.array([-1], np.int64), f"{shared}/axes"),
-                   numpy_helper.from_array(np.array(UNIT_SCALE, np.float32), f"{shared}/unit_scale"),
-                   numpy_helper.from_array(np.array(UNIT_ZERO, np.uint8), f"{shared}/unit_zero"),
-                   numpy_helper.from_array(np.array(0.5, np.float32), f"{shared}/half")]
+    model = ir_model(proto)  # rewritten, then serialized as the copy: ``proto`` is left as it is
+    graph = model.graph
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
+    wanted = set(nodes)
+    shared = "/quant/simulate"
+    consts = {k: add_initializer(graph, f"{shared}/{k}", v) for k, v in (
+        ("tiny", np.array(1e-30, np.float32)), ("axes", np.array([-1], np.int64)),
+        ("unit_scale", np.array(UNIT_SCALE, np.float32)), ("unit_zero", np.array(UNIT_ZERO, np.uint8)),
+        ("half", np.array(0.5, np.float32)))}
+    switch = ir.Value(name=SWITCH, type=ir.TensorType(ir.DataType.FLOAT))
     order: list[str] = []
-    new_nodes: list[Any] = []
-    for node in graph.node:
-        if node.name not in wanted or node.op_type != "MatMul" or node.input[1] not in inits:
-            new_nodes.append(node)
+    for node in list(graph):
+        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+        if node.name not in wanted or weight is None or not weight.is_initializer() or weight.const_value is None:
             continue
         scheme = "token" if node.name in token_nodes else "tensor"
-        x, y, p = node.input[0], node.output[0], f"{shared}/{node.name}"
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        x, p = node.inputs[0], f"{shared}/{node.name}"
+        w = weight.const_value.numpy().astype(np.float32)
         scale = np.abs(w).max(0) / 127.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        extra_inits += [numpy_helper.from_array((np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32),
-                                                f"{p}/W_dq"),
-                        numpy_helper.from_array(np.array(len(order), np.int64), f"{p}/index")]
+        w_dq = add_initializer(graph, f"{p}/W_dq", (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32))
+        index = add_initializer(graph, f"{p}/index", np.array(len(order), np.int64))
         # an If, so that only the branch switched on runs: one effect measurement costs about one float forward
-        fq, ops = _fake_quant(x, scheme, f"{p}/fq", shared, opset)
-        int8 = helper.make_graph(ops + [helper.make_node("MatMul", [fq, f"{p}/W_dq"], [f"{p}/y_int8"],
-                                                         name=f"{p}/MatMul")],
-                                 "int8", [], [helper.make_tensor_value_info(f"{p}/y_int8", onnx.TensorProto.FLOAT, None)])
-        float_node = onnx.NodeProto()
-        float_node.CopyFrom(node)
-        float_node.output[0] = f"{p}/y_float"
-        fp32 = helper.make_graph([float_node], "float", [],
-                                 [helper.make_tensor_value_info(f"{p}/y_float", onnx.TensorProto.FLOAT, None)])
-        new_nodes += [
-            helper.make_node("Gather", [SWITCH, f"{p}/index"], [f"{p}/on"], name=f"{p}/Gather", axis=0),
-            helper.make_node("Greater", [f"{p}/on", f"{shared}/half"], [f"{p}/is_on"], name=f"{p}/Greater"),
-            helper.make_node("If", [f"{p}/is_on"], [y], name=f"{p}/If", then_branch=int8, else_branch=fp32),
-        ]
-        order.append(node.name)
-    graph.ClearField("node")
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(extra_inits)
-    graph.input.append(helper.make_tensor_value_info(SWITCH, onnx.TensorProto.FLOAT, [len(order)]))
-    return model, order
+        ops, fq = _fake_quant(x, scheme, f"{p}/fq", consts, opset)
+        ops.append(make_node("MatMul", [fq, w_dq], f"{p}/y_int8", f"{p}/MatMul"))
+        as_float = make_node(node.op_type, [x, weight], f"{p}/y_float", str(node.name), domain=node.domain)
+        gather = make_node("Gather", [switch, index], f"{p}/on", f"{p}/Gather", axis=0)
+        greater = make_node("Greater", [gather.outputs[0], consts["half"]], f"{p}/is_on", f"{p}/Greater")
+        choose = make_node("If", [greater.outputs[0]], None, f"{p}/If", then_branch=_branch("int8", ops),
+                           else_branch=_branch("float", [as_float]))
+        replace_node(graph, node, [gather, greater, choose])
+        order.append(str(node.name))
+    switch.shape = ir.Shape([len(order)])
+    graph.inputs.append(switch)
+    return ir.serde.serialize_model(model), order
 
 
-def _fake_quant(x: str, scheme: str, q: str, shared: str, opset: int) -> tuple[str, list[Any]]:
-    """Nodes computing x quantized to uint8 and back, with one scale for the tensor or (first) one per token."""
-    from onnx import helper
+def _branch(name: str, nodes: list[ir.Node]) -> ir.Graph:
+    """A branch of an If: ``nodes`` (reading the outer graph's values), its last node's float output its output."""
+    out = nodes[-1].outputs[0]
+    out.type = ir.TensorType(ir.DataType.FLOAT)
+    return ir.Graph([], [out], nodes=nodes, name=name)
 
-    ops = []
-    src = x
-    if scheme == "token":
-        reduce = (helper.make_node("ReduceMax", [f"{q}/absx", f"{shared}/axes"], [f"{q}/amax"], name=f"{q}/ReduceMax",
-                                   keepdims=1) if opset >= 18 else
-                  helper.make_node("ReduceMax", [f"{q}/absx"], [f"{q}/amax"], name=f"{q}/ReduceMax", axes=[-1],
-                                   keepdims=1))
-        ops += [helper.make_node("Abs", [x], [f"{q}/absx"], name=f"{q}/Abs"), reduce,
-                helper.make_node("Max", [f"{q}/amax", f"{shared}/tiny"], [f"{q}/token_max"], name=f"{q}/Max"),
-                helper.make_node("Div", [x, f"{q}/token_max"], [f"{q}/unit"], name=f"{q}/Div")]
-        src = f"{q}/unit"
+
+def _fake_quant(x: ir.Value | None, scheme: str, q: str, consts: dict[str, ir.Value],
+                opset: int) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes computing x quantized to uint8 and back, with one scale for the tensor or (first) one per token; the
+    nodes and their output."""
     if scheme == "token":  # the written form's fixed grid: step 1/127 around zero point 128
-        scale, zero = f"{shared}/unit_scale", f"{shared}/unit_zero"
-        ops += [helper.make_node("QuantizeLinear", [src, scale, zero], [f"{q}/xq"], name=f"{q}/Q"),
-                helper.make_node("DequantizeLinear", [f"{q}/xq", scale, zero], [f"{q}/xdq"], name=f"{q}/DQ"),
-                helper.make_node("Mul", [f"{q}/xdq", f"{q}/token_max"], [f"{q}/fq"], name=f"{q}/MulTokenMax")]
-        return f"{q}/fq", ops
-    ops += [helper.make_node("DynamicQuantizeLinear", [src], [f"{q}/xq", f"{q}/xs", f"{q}/xz"], name=f"{q}/DQL"),
-            helper.make_node("DequantizeLinear", [f"{q}/xq", f"{q}/xs", f"{q}/xz"], [f"{q}/xdq"], name=f"{q}/DQ")]
-    return f"{q}/xdq", ops
+        absx = make_node("Abs", [x], f"{q}/absx", f"{q}/Abs")
+        reduce = (make_node("ReduceMax", [absx.outputs[0], consts["axes"]], f"{q}/amax", f"{q}/ReduceMax", keepdims=1)
+                  if opset >= 18 else
+                  make_node("ReduceMax", [absx.outputs[0]], f"{q}/amax", f"{q}/ReduceMax", axes=[-1], keepdims=1))
+        token_max = make_node("Max", [reduce.outputs[0], consts["tiny"]], f"{q}/token_max", f"{q}/Max")
+        unit = make_node("Div", [x, token_max.outputs[0]], f"{q}/unit", f"{q}/Div")
+        scale, zero = consts["unit_scale"], consts["unit_zero"]
+        xq = make_node("QuantizeLinear", [unit.outputs[0], scale, zero], f"{q}/xq", f"{q}/Q")
+        xdq = make_node("DequantizeLinear", [xq.outputs[0], scale, zero], f"{q}/xdq", f"{q}/DQ")
+        fq = make_node("Mul", [xdq.outputs[0], token_max.outputs[0]], f"{q}/fq", f"{q}/MulTokenMax")
+        return [absx, reduce, token_max, unit, xq, xdq, fq], fq.outputs[0]
+    dql = ir.node("DynamicQuantizeLinear", [x], name=f"{q}/DQL", num_outputs=3)
+    for value, suffix in zip(dql.outputs, ("xq", "xs", "xz")):
+        value.name = f"{q}/{suffix}"
+    xdq = make_node("DequantizeLinear", list(dql.outputs), f"{q}/xdq", f"{q}/DQ")
+    return [dql, xdq], xdq.outputs[0]
 
 
 def effect_feeds(feeds: list[dict[str, np.ndarray]], tokens: int = EFFECT_TOKENS) -> list[dict[str, np.ndarray]]:
