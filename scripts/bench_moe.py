@@ -87,7 +87,9 @@ def time_forms(forms: dict[str, Path], args: argparse.Namespace) -> dict[str, li
 
     results = {}
     for name, path in forms.items():
-        lm = load(path, provider=args.provider, threads=args.threads)
+        lm = load(path, provider=args.provider, threads=args.threads, cuda_graph=args.cuda_graph)
+        if lm.provider != args.provider:  # load falls back from cuda to cpu: that would time the wrong thing
+            raise SystemExit(f"{name}: asked for {args.provider}, running on {lm.provider}")
         rows = bench(lm, batches=args.batches, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                      repeats=args.repeats)
         results[name] = [r.as_dict() for r in rows]
@@ -122,6 +124,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
+    parser.add_argument("--cuda-graph", action="store_true", help="replay decode steps as CUDA graphs (cuda only)")
     parser.add_argument("--work", type=Path, default=None, help="keep the models here (default: a temporary dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = parser.parse_args()
