@@ -7,7 +7,8 @@ ru_maxrss (os.wait4), its peak disk the largest number of bytes the work directo
 every 0.2 s: outputs, temporary directories, snapshots), beside the stage's input and output sizes.
 
     nice -n 10 python scripts/measure_scale.py --layers 24 --hidden 896 --intermediate 4864 --vocab 151936 \
-        --heads 14 --kv-heads 2 --dtype fp16 [--stages export,optimize,quantize] [--repo DIR] [--workdir DIR]
+        --heads 14 --kv-heads 2 --dtype fp16 [--stages export,optimize,quantize] [--export-method auto|traced|stamped]
+        [--repo DIR] [--workdir DIR]
 
 --repo runs the stages from another checkout (e.g. a `git worktree` of an older commit) for a before/after table.
 Prints one table: shape, stage, peak RSS, RSS / weights, peak disk added, input and output sizes, wall time.
@@ -128,6 +129,9 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--tied", action="store_true", help="Tie the token table and the LM head.")
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp16", help="Export dtype.")
+    ap.add_argument("--export-method", choices=["auto", "traced", "stamped"], default="auto",
+                    help="export --method (auto, left out of the command: the stamped export for this "
+                         "Llama-form checkpoint, or whatever --repo's export does).")
     ap.add_argument("--stages", default="export,optimize,quantize")
     ap.add_argument("--level", type=int, default=3, help="optimize --level")
     ap.add_argument("--quantize", default="--mode int4 --algo rtn --eval-tokens 256",
@@ -149,7 +153,8 @@ def main() -> None:
     exported, optimized, quantized = work / "exported", work / "optimized", work / "quantized"
     py = [sys.executable, "-m", "onnxpipe"]
     stages = {
-        "export": (py + ["export", str(hf), "-o", str(exported), "--dtype", args.dtype, "--force"], hf, exported),
+        "export": (py + ["export", str(hf), "-o", str(exported), "--dtype", args.dtype, "--force"]
+                   + (["--method", args.export_method] if args.export_method != "auto" else []), hf, exported),
         "optimize": (py + ["optimize", str(exported), "-o", str(optimized), "--level", str(args.level), "--force"],
                      exported, optimized),
         "quantize": (py + ["quantize", str(optimized), "-o", str(quantized), *args.quantize.split(), "--force"],

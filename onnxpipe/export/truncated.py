@@ -11,6 +11,8 @@ runs with graph optimizations off so that it does not keep widened copies of the
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import re
 from pathlib import Path
 from typing import Any
@@ -50,13 +52,26 @@ def check_truncated(template: stamp.Template, full: stamp.Stamped, layers: list[
     graph = ir.serde.serialize_model(part.model).SerializeToString()
     sub = _sub_manifest(manifest, len(layers))
     reference = _lazy_torch(lambda: truncated_torch_model(ckpt, cfg, layers, dtype))
-    candidate = lazy_ort_step_fn(
-        lambda: open_session(graph, optimization="off", purpose="the truncated parity check",
-                             external_data_dir=directory), sub)
+    candidate = lazy_ort_step_fn(lambda: _session(graph, directory), sub)
     kv = np.dtype(np.float16 if dtype == "fp16" else np.float32)
     report = check_decoders(reference, candidate, sub, kv_dtype=kv, decode_steps=decode_steps, seed=seed)
     candidate.release()  # type: ignore[attr-defined]
     return report.judge(TOLERANCE[dtype])
+
+
+def _session(graph: bytes, directory: Path) -> Any:
+    """onnxruntime over the truncated graph, holding the weights once. ORT's CPU kernels run much of an fp16 graph
+    in fp32 through Casts of the weights: optimizations off keeps them from being folded into fp32 copies, the
+    priority-based order runs each Cast just before its consumer (the default order ran them all first: 2x the
+    weights at once, measured), and without the memory arena each cast is freed after its node."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = False
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    so.log_severity_level = 3
+    return open_session(graph, optimization="off", purpose="the truncated parity check", external_data_dir=directory,
+                        session_options=so)
 
 
 def truncated_torch_model(ckpt: Checkpoint, cfg: dict[str, Any], layers: list[int], dtype: str) -> Any:
@@ -111,8 +126,21 @@ def _lazy_torch(make: Any) -> StepFn:
             state["fn"] = torch_step_fn(make())
         return state["fn"](input_ids, attention_mask, position_ids, past)
 
-    step.release = state.clear  # type: ignore[attr-defined]
+    def release() -> None:
+        state.clear()
+        gc.collect()  # a transformers model holds reference cycles: free it before onnxruntime loads its copy
+        _trim_heap()
+
+    step.release = release  # type: ignore[attr-defined]
     return step
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc keeps freed small blocks, the weights' among them)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _sub_manifest(manifest: Manifest, k: int) -> Manifest:

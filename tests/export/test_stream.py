@@ -104,3 +104,18 @@ def test_method_auto_and_refusals(tiny_hf: Callable[[str], Path], tmp_path: Path
     assert r.exit_code == 0, r.output
     assert "export method: stamped" in r.output and "stamping 2 layers" in r.output
     assert ModelDir.open(tmp_path / "q").manifest.steps[-1]["params"]["method"] == "stamped"
+
+
+def test_tied_embeddings_written_once(tmp_path: Path) -> None:
+    """A tied LM head reads the table through a Transpose node, as the traced export keeps it: the table is written
+    once, and the check (PyTorch with the tie) passes."""
+    from tiny import make_tiny_model
+
+    from onnxpipe.export.stream import export_stamped
+
+    hf = make_tiny_model("llama", tmp_path / "hf", tie_word_embeddings=True)
+    result = export_stamped(hf, tmp_path / "out")
+    step = result.model_dir.manifest.steps[-1]
+    assert step["check"]["passed"] and result.model_dir.manifest.model["tie_word_embeddings"]
+    data = (tmp_path / "out" / "model.onnx.data").stat().st_size
+    assert data <= (hf / "model.safetensors").stat().st_size
