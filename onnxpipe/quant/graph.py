@@ -66,20 +66,6 @@ def initializer_map(graph: Any) -> dict[str, Any]:
     return {t.name: t for t in graph.initializer}
 
 
-def consumers(graph: Any) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    for o in graph.output:
-        out.setdefault(o.name, [])
-    return out
-
-
-def producers(graph: Any) -> dict[str, Any]:
-    return {o: n for n in graph.node for o in n.output}
-
-
 def ir_model(proto: Any) -> ir.Model:
     """The IR of ``proto``; its initializers read ``proto``'s tensors (no copy of the weights)."""
     return ir.serde.deserialize_model(proto)
@@ -165,41 +151,18 @@ def expose_weights(proto: Any, logits_name: str, untie_lm_head: bool = True) -> 
         rewrites["lm_head_untied"] = _untie_lm_head(model.graph, logits_name)
     if any(rewrites.values()):
         write_back(model, proto)
-    return plan_weights(proto, logits_name, dict(rewrites))
+    return _plan(model.graph, logits_name, dict(rewrites))
 
 
 def plan_weights(proto: Any, logits_name: str, rewrites: dict[str, int] | None = None) -> WeightPlan:
-    graph = proto.graph
-    inits = initializer_map(graph)
-    linears = [n.name for n in graph.node if n.op_type in LINEAR_OPS and _const_2d(n.input[1], inits)]
-    embeddings = [
-        n.name for n in graph.node
-        if n.op_type == "Gather" and _const_2d(n.input[0], inits)
-    ]
-    head = find_lm_head(graph, logits_name)
-    return WeightPlan(linears, head.name if head is not None and head.name in linears else None, embeddings,
-                      rewrites or {})
+    return _plan(ir_model(proto).graph, logits_name, rewrites or {})
 
 
-def find_lm_head(graph: Any, logits_name: str) -> Any | None:
-    """The MatMul that makes the logits, looking back through casts and reshapes."""
-    prod = producers(graph)
-    name = logits_name
-    for _ in range(4):
-        node = prod.get(name)
-        if node is None:
-            return None
-        if node.op_type in LINEAR_OPS:
-            return node
-        if node.op_type not in PASS_THROUGH:
-            return None
-        name = node.input[0]
-    return None
-
-
-def _const_2d(name: str, inits: dict[str, Any]) -> bool:
-    t = inits.get(name)
-    return t is not None and len(t.dims) == 2 and t.data_type in (1, 10, 16)  # float, float16, bfloat16
+def _plan(graph: ir.Graph, logits_name: str, rewrites: dict[str, int]) -> WeightPlan:
+    linears = [n.name or "" for n in graph if n.op_type in LINEAR_OPS and len(n.inputs) > 1 and weight_2d(n.inputs[1])]
+    embeddings = [n.name or "" for n in graph if n.op_type == "Gather" and n.inputs and weight_2d(n.inputs[0])]
+    head = _ir_lm_head(graph, logits_name)
+    return WeightPlan(linears, head.name if head is not None and head.name in linears else None, embeddings, rewrites)
 
 
 def weight_2d(value: ir.Value | None) -> bool:
@@ -236,7 +199,7 @@ def _gemm_to_matmul(graph: ir.Graph) -> int:
 
 
 def _ir_lm_head(graph: ir.Graph, logits_name: str) -> ir.Node | None:
-    """find_lm_head on the IR: the MatMul that makes the logits, looking back through casts and reshapes."""
+    """The MatMul that makes the logits, looking back through casts and reshapes."""
     value = next((o for o in graph.outputs if o.name == logits_name), None)
     for _ in range(4):
         node = value.producer() if value is not None else None
@@ -278,25 +241,3 @@ def op_counts(proto: Any) -> dict[str, int]:
     """Node counts by op type (``domain::Op`` outside the default domain), top-level graph."""
     counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in proto.graph.node)
     return dict(sorted(counts.items()))
-
-
-def topological_sort(graph: Any) -> None:
-    """Reorder nodes so each comes after the producers of its inputs (ORT's fp16 converter appends the Casts it
-    inserts for blocked nodes that read graph inputs at the end, which the ONNX checker rejects); in place."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):  # a cycle or a dangling input: leave the remainder as it was
-            ordered.extend(rest)
-            break
-        pending = rest
-    graph.ClearField("node")
-    graph.node.extend(ordered)
