@@ -35,6 +35,8 @@ def _routing(routing: str, k: int, largest: int, softmax_axis: int, divisor: str
     text, logits = _cast(casts, "logits", "logits")
     if routing == "topk_softmax":
         return text + f"  top, idx = {topk} ({logits}, k)\n  rw = Softmax <axis = {softmax_axis}> (top)\n"
+    if routing == "topk_raw":  # the near-miss: the top-k logits used as weights, no softmax
+        return text + f"  top, idx = {topk} ({logits}, k)\n  rw = Identity (top)\n"
     probs = "probs_out" if probs_out else "probs"
     text += f"  {probs} = Softmax <axis = {softmax_axis}> ({logits})\n"
     cast, probs = _cast(casts, "probs", probs)
@@ -175,6 +177,7 @@ MOE_CASES = {
                             "up first, then gate": experts_block(clamped=True, gate_start=1),
                             "softmax over the tokens axis": experts_block(clamped=True, softmax_axis=0),
                             "biases are graph inputs": experts_block(clamped=True, bias_input=True),
-                            "top-k of the smallest logits": experts_block(clamped=True, largest=0)},
+                            "top-k of the smallest logits": experts_block(clamped=True, largest=0),
+                            "top-k logits used without a softmax": experts_block(clamped=True, routing="topk_raw")},
                            "MoE"),
 }

@@ -58,7 +58,8 @@ def _attrs(node: onnx.NodeProto) -> dict:
 @pytest.mark.parametrize("routing,normalize", [("softmax_topk_norm", 1), ("softmax_topk", 0)])
 def test_swiglu_block_fuses_with_its_routing(routing: str, normalize: int) -> None:
     """Mixtral's renormalized routing and Qwen3-MoE's plain one (norm_topk_prob false) both fuse, each with its own
-    normalize_routing_weights, and compute what the block computed (two input draws)."""
+    normalize_routing_weights (a block without the renormalization never gets MoE's), and compute what the block
+    computed (two input draws)."""
     original, fused, report = _fused(experts_block(routing=routing))
     assert report["experts fused"] == "1/1" and "experts left" not in report
     attrs = _attrs(_moe_node(fused))
