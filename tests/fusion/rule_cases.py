@@ -367,10 +367,6 @@ CASES["sink_attention"] = (
      "the sink logits are a graph input": eager_attention(sinks=True, sinks_input=True)},
     "GroupQueryAttention")
 
-from fusion.moe_cases import MOE_CASES  # noqa: E402 - the expert blocks are long enough for a module of their own
-
-CASES.update(MOE_CASES)
-
 
 # ---- rotary as first/second-half arithmetic (gpt-oss) ----
 def split_half_rotary(first_op: str = "Sub", cos_input: bool = False, reverse: bool = False) -> str:
