@@ -217,6 +217,7 @@ def _nbits(proto: Any, bits: int, block_size: int, include: list[str], all_matmu
     )
 
     if algo == "hqq":
+        require_torch_for_hqq()
         algo_config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, quant_format=QuantFormat.QOperator)
     else:
         algo_config = DefaultWeightOnlyQuantConfig(
@@ -230,6 +231,18 @@ def _nbits(proto: Any, bits: int, block_size: int, include: list[str], all_matmu
     )
     quantizer.process()
     return quantizer.model.model
+
+
+def require_torch_for_hqq() -> None:
+    """onnxruntime's HQQ quantizer imports torch (the rest of quantize needs none): without it, one line, not
+    onnxruntime's ImportError."""
+    import importlib.util
+
+    from onnxpipe.errors import OnnxpipeError
+
+    if importlib.util.find_spec("torch") is None:
+        raise OnnxpipeError("--algo hqq runs onnxruntime's HQQ quantizer, which needs torch (not installed): "
+                            "install the [export] extra, or use --algo rtn or gptq")
 
 
 def _gptq(proto: Any, body: list[str], manifest: Manifest, samples: np.ndarray, cfg: Int4Config,

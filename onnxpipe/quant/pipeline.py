@@ -128,6 +128,10 @@ def quantize_model(
     check_output_dir(out_dir, force)
     run = RunSettings.of(config)
     choices = _choices(base, src)
+    if any(isinstance(c, Int4Config) and c.algo == "hqq" for c in choices):
+        from onnxpipe.quant.int4 import require_torch_for_hqq
+
+        require_torch_for_hqq()
     selecting = len(choices) > 1 or (isinstance(base, DynamicInt8Config) and base.activations == "auto")
     samples, text = _read_texts(src, base, run, any(c.needs_calibration() for c in choices), selecting, log)
     from onnxpipe.quant.quality import Gate, SelectionJudge, eval_provider, quality_report

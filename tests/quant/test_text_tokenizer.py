@@ -1,5 +1,6 @@
 """Calibration and eval text are tokenized by onnxpipe.tokenizer (no transformers): the same ids as transformers',
-and a whole quantize run (calibration, quality report, gate) works with torch and transformers unimportable."""
+and a whole quantize run (calibration, quality report, gate) works with torch and transformers unimportable; the
+one part that needs torch (onnxruntime's HQQ) says so in one line."""
 
 from __future__ import annotations
 
@@ -61,3 +62,21 @@ def test_quantize_runs_without_torch_or_transformers(tok_model, small_eval: Path
     assert r.returncode == 0, r.stderr[-3000:]
     assert "imported: []" in r.stdout
     assert (out / "onnxpipe.json").is_file()
+
+
+def test_hqq_without_torch_is_one_line_before_any_work(tok_model, small_eval: Path, tmp_path: Path,
+                                                       monkeypatch) -> None:  # noqa: ANN001
+    """onnxruntime's HQQ quantizer is the one part of quantize that imports torch: without torch, --algo hqq is
+    refused up front in one line (not onnxruntime's ImportError)."""
+    import importlib.util
+
+    import onnxpipe.quant.pipeline as pipeline
+    from onnxpipe.errors import OnnxpipeError
+    from onnxpipe.quant import quantize_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    monkeypatch.setattr(pipeline, "_run_mode", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(OnnxpipeError, match=r"--algo hqq runs onnxruntime's HQQ quantizer, which needs torch"):
+        quantize_model(tok_model("llama"), tmp_path / "q", "int4", algo="hqq", eval_file=small_eval)
+    assert not (tmp_path / "q").exists()
