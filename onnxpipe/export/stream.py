@@ -9,6 +9,7 @@ truncated model of the check; never the whole model. Disk: the weights once, in 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -77,8 +78,8 @@ def trace_template(config: Any, cfg: dict[str, Any], dtype: str, opset: int) -> 
 def write_weights(stamped: stamp.Stamped, ckpt: Checkpoint, data_path: Path, dtype: str,
                   log: Callable[[str], None] = lambda m: None) -> int:
     """Append every initializer's weight to ``data_path`` (converted to ``dtype``, transposed where the graph keeps
-    it so) and point the initializer at it. Each source tensor is read once, in file order. Returns the bytes
-    written."""
+    it so) and point the initializer at it. Each source tensor is read once, in file order, the next one read by a
+    thread while this one is converted (two source tensors in memory at most). Returns the bytes written."""
     by_source: dict[str, list[ir.Value]] = {}
     for v in [*stamped.globals, *(v for slot in stamped.slots for v in slot)]:
         by_source.setdefault(stamped.weights[v.name or ""].source, []).append(v)
@@ -86,9 +87,12 @@ def write_weights(stamped: stamp.Stamped, ckpt: Checkpoint, data_path: Path, dty
     total = sum(ckpt.entry(s).nbytes * len(by_source[s]) for s in order)
     done, shown, start = 0, 0, time.perf_counter()
     last = start
-    with open(data_path, "wb") as fh:
+    with open(data_path, "wb") as fh, ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(ckpt.read, order[0]) if order else None
         for i, source in enumerate(order):
-            tensor = ckpt.read(source)
+            assert pending is not None
+            tensor = pending.result()
+            pending = reader.submit(ckpt.read, order[i + 1]) if i + 1 < len(order) else None
             for v in by_source[source]:
                 w = stamped.weights[v.name or ""]
                 offset = _pad(fh, ckpt.entry(source).nbytes)
