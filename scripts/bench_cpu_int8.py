@@ -6,10 +6,12 @@ ORT's quantize_dynamic (what Optimum's dynamic int8 runs) and onnxpipe quantize 
 
 The model is transformers' GPT2Config() (12 layers, hidden 768, 12 heads, vocab 50257, 1024 positions: GPT-2
 small's sizes) with seeded random weights; no hub is reachable here, and models/ holds no trained model of that
-size. The weights are drawn with initializer_range 0.1 (as bench_score.py's random models): at GPT-2's 0.02 the
-logits are near-uniform (perplexity ~6e4 of a 50257 vocabulary) and no quantization error shows in them. The
-tokenizer is gpt2-stdlib's (its ids are a subset of the vocabulary), so the eval text is real text; still, a random
-model's perplexity says less than a trained one's: top-1 agreement and KL against PyTorch fp32 are printed beside it.
+size. The tokenizer is gpt2-stdlib's (its ids are a subset of the vocabulary), so the eval text is real text, but
+with GPT-2's own initialisation (initializer_range 0.02) the logits are near-uniform: perplexity ~5.9e4 of a 50257
+vocabulary, where a 2% change says little. Top-1 agreement and mean KL against PyTorch fp32 are printed beside it;
+for perplexity on a trained model, run the same rows on one with --hf (e.g. models/gpt2-stdlib, 1.35M parameters:
+its speed says nothing, its perplexity does). (At initializer_range 0.1, as bench_score.py's random models, this
+model's perplexity is 3.5e6, worse than uniform: a random model's perplexity is no measure either way.)
 
 Built once under --work (reused when present): the HF directory, `export` (parity-checked), `optimize --level 3`,
 ORT's `quantize_dynamic(per_channel=True, reduce_range=False, weight_type=QInt8, op_types_to_quantize=["MatMul"])`
@@ -24,7 +26,9 @@ inside the op (batch-independent, as onnxpipe's per-token form, which takes seve
 Decode: ms per generated token at batch 1 after a --prompt-token prompt, --new-tokens greedy tokens, the median
 step of each run, median over --rounds interleaved rounds (every row once per round, so a busy neighbour slows all
 rows alike). The ONNX rows run through onnxpipe's runtime (DecoderSession + onnxpipe.runtime.bench, --threads
-intra-op threads); PyTorch runs transformers' model with its DynamicCache under torch.set_num_threads(--threads).
+intra-op threads; with --spinning both, each ONNX row twice: ORT's intra-op threads spinning between ops, its
+default and what onnxpipe's runtime runs, and sleeping, which a machine shared with other work may prefer);
+PyTorch runs transformers' model with its DynamicCache under torch.set_num_threads(--threads).
 Perplexity: the first --eval-tokens tokens of data/eval.txt in windows of --context, each a prefill.
 """
 
@@ -49,26 +53,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FROM = REPO / "models" / "gpt2-stdlib"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-INIT_RANGE = 0.1
 NBITS_BLOCK = 128
+SPIN_OFF = ", spinning off"
 NBITS_ROW = f"MatMulNBits 8-bit, block {NBITS_BLOCK}, accuracy level 4 (proposed)"
 ORT_ROWS = ("ORT fp32 (optimize --level 3)", "ORT quantize_dynamic (Optimum's int8)", "onnxpipe quantize --mode dynamic")
 
 
-def build(work: Path, variants: dict[str, dict[str, Any]], log=print) -> dict[str, Path]:
-    """The HF directory and every ONNX row's model directory under ``work`` (each made once, then reused)."""
+def build(work: Path, variants: dict[str, dict[str, Any]], log=print, hf_dir: Path | None = None) -> dict[str, Path]:
+    """The HF directory (GPT-2 small, random, unless ``hf_dir``) and every ONNX row's model directory under ``work``
+    (each made once, then reused)."""
     from onnxpipe.export import export_decoder
     from onnxpipe.fusion import optimize_model
     from onnxpipe.quant import quantize_model
 
     work.mkdir(parents=True, exist_ok=True)
-    hf, exported, optimized = work / "hf", work / "exported", work / "optimized"
+    hf, exported, optimized = hf_dir or work / "hf", work / "exported", work / "optimized"
     if not (hf / "config.json").is_file():
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config(initializer_range=INIT_RANGE)).eval().save_pretrained(hf)
+        GPT2LMHeadModel(GPT2Config()).eval().save_pretrained(hf)
         for name in TOKENIZER_FILES:
             shutil.copy2(TOKENIZER_FROM / name, hf / name)
     steps = [("export", exported, lambda: export_decoder(hf, exported)),
@@ -344,8 +349,9 @@ def profile_ops(model_dir: Path, prompt_tokens: int, new_tokens: int, threads: i
 # ---- report ----
 
 def render(decode: dict[str, list[float]], quality: dict[str, dict], env: dict[str, Any]) -> str:
-    base = statistics.median(decode["ORT fp32 (optimize --level 3)"])
-    lines = [f"GPT-2 small (124M, random weights), batch 1, {env['prompt_tokens']}-token prompt, {env['new_tokens']} new "
+    base_name = "ORT fp32 (optimize --level 3)"
+    base = statistics.median(decode.get(base_name) or decode[base_name + SPIN_OFF])
+    lines = [f"{env['model']}, batch 1, {env['prompt_tokens']}-token prompt, {env['new_tokens']} new "
              f"tokens, {env['threads']} threads, {env['rounds']} rounds; {env['date']}; load average before "
              f"{env['load_before']}, after {env['load_after']}",
              "",
@@ -353,9 +359,9 @@ def render(decode: dict[str, list[float]], quality: dict[str, dict], env: dict[s
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     ref = quality.get("PyTorch eager fp32", {}).get("ppl")
     for name, t in decode.items():
-        q = quality.get(name, {})
+        q = quality.get(name.removesuffix(SPIN_OFF), {})
         med = statistics.median(t)
-        ppl = f"{q['ppl']:.1f}" if q else "–"
+        ppl = f"{q['ppl']:.3f}" if q else "–"
         change = f"{(q['ppl'] / ref - 1) * 100:+.3f}%" if q and ref else "–"
         top1 = f"{q['top1']:.1%}" if q else "–"
         kl = f"{q['mean_kl']:.2e}" if q else "–"
@@ -386,12 +392,17 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/onnxpipe-bench-cpu-int8"))
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the models are built (default /tmp/onnxpipe-bench-cpu-int8[-NAME of --hf])")
+    parser.add_argument("--hf", type=Path, default=None,
+                        help="a GPT-2-family HF directory instead of random GPT-2 small (e.g. models/gpt2-stdlib)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-spinning", action="store_true", help="intra-op threads sleep between ops (ORT spins by default)")
+    parser.add_argument("--spinning", choices=["on", "off", "both"], default="both",
+                        help="ORT's intra-op threads spin between ops (on: ORT's default, what onnxpipe's runtime "
+                             "does) or sleep (off); both: every ONNX row timed both ways")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--variant", action="append", type=parse_variant, default=[],
@@ -403,7 +414,8 @@ def main() -> int:
     args = parser.parse_args()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
-    dirs = build(args.work, dict(args.variant), log)
+    work = args.work or Path("/tmp/onnxpipe-bench-cpu-int8" + (f"-{args.hf.resolve().name}" if args.hf else ""))
+    dirs = build(work, dict(args.variant), log, args.hf)
     if args.build_only:
         return 0
     import onnxruntime
@@ -411,24 +423,29 @@ def main() -> int:
     import transformers
 
     onnx_dirs = {k: v for k, v in dirs.items() if k != "hf"}
-    spinning = not args.no_spinning
+    spinning = args.spinning != "off"  # the profiles' setting
     env: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": _cpu_name(), "cores": os.cpu_count(),
-        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "threads": args.threads, "spinning": spinning,
+        "model": f"{args.hf} (trained)" if args.hf else "GPT-2 small (124M, random weights)",
+        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "threads": args.threads, "spinning": args.spinning,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "command": "python3 scripts/bench_cpu_int8.py " + " ".join(sys.argv[1:]),
     }
     runners: dict[str, Any] = {"PyTorch eager fp32": TorchDecoder(dirs["hf"], args.threads)}
-    runners.update({name: ort_model(d, args.threads, spinning) for name, d in onnx_dirs.items()})
+    for name, d in onnx_dirs.items():
+        if args.spinning != "off":
+            runners[name] = ort_model(d, args.threads, True)
+        if args.spinning != "on":
+            runners[name + SPIN_OFF] = ort_model(d, args.threads, False)
     decode = measure_decode(runners, args.prompt_tokens, args.new_tokens, args.rounds, log)
     del runners
     quality = {} if args.skip_quality else measure_quality(dirs["hf"], onnx_dirs,
                                                              eval_tokens(dirs["hf"], args.eval_tokens),
                                                              args.context, args.threads)
     profiles = {name: profile_ops(d, args.prompt_tokens, args.new_tokens, args.threads, spinning,
-                                  args.work / "profiles") for name, d in onnx_dirs.items()} if args.profile else {}
+                                  work / "profiles") for name, d in onnx_dirs.items()} if args.profile else {}
     env["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     table = render(decode, quality, env) + (render_profile(profiles) if profiles else "")
     print(table)
