@@ -3,6 +3,9 @@ CUDA EP, for tiny models of the given families. Prints one line per family and w
 to OUT_DIR/cuda_optimize.json.
 
     python3 tests/fusion/cuda_optimize_check.py OUT_DIR [family[:dtype] ...]      (dtype fp16 by default)
+
+A family is a tests/tiny.py family or any model type of tests/export/tiny_archs.py (gemma2, gpt_neox, falcon,
+gpt_oss, ...).
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 
 
 def main() -> None:
     import onnxruntime as ort
 
-    from tiny import make_tiny_model
+    from tiny import TINY_CONFIGS, make_tiny_model
+    from tiny_archs import make_arch_model
 
     from onnxpipe.export import export_decoder
     from onnxpipe.fusion import format_table, optimize_model
@@ -37,7 +42,7 @@ def main() -> None:
             try:
                 hf = Path(tmp) / f"hf-{family}"
                 if not hf.exists():
-                    make_tiny_model(family, hf)
+                    (make_tiny_model if family in TINY_CONFIGS else make_arch_model)(family, hf)
                 exported = Path(tmp) / f"onnx-{name}"
                 export_decoder(hf, exported, dtype=dtype, verify=False, force=True)
                 result = optimize_model(exported, Path(tmp) / f"opt-{name}", level=3, target="cuda",
