@@ -36,8 +36,8 @@ ATTENTION_FUSED: dict[str, tuple[str, str, str]] = {
     "falcon": ("2/2", "2/2", "(query, key and value are slices of one 5-D [B, S, kv groups, heads per group + 2, "
                              "head_dim] projection, the keys and values expanded to all heads before the cache: the "
                              "fused op takes them flattened to [B, S, heads x head_dim] and keeps that cache)"),
-    "mixtral": ("2/2", "2/2", "(attention only: the experts stay unfused MatMuls; ONNX Runtime's MoE op is not used)"),
-    "qwen3_moe": ("2/2", "2/2", "(attention only: the experts stay unfused MatMuls; ONNX Runtime's MoE op is not used)"),
+    "mixtral": ("2/2", "2/2", "(the experts: level 2's `experts` pass, ONNX Runtime's MoE)"),
+    "qwen3_moe": ("2/2", "2/2", "(the experts: level 2's `experts` pass, ONNX Runtime's MoE)"),
     "gpt_oss": ("2/2", "2/2", "(attention sinks: GroupQueryAttention's head_sink; its first/second-half rope: "
                               "RotaryEmbedding with half-width tables; each layer its own window)"),
 }
@@ -109,8 +109,8 @@ def render() -> str:
         "default loop over experts selects tokens with `nonzero()`, which the ONNX export cannot take). It is exact",
         "(the parity and generate tests above), but the gather holds tokens x top-k copies of one expert's weights",
         "per layer at once: fine for decoding a small batch, heavy for a long prompt on a real-size model (Mixtral",
-        "8x7B in fp16: 2 x 352 MB of gathered weights per prompt token per layer). ONNX Runtime's MoE op is not",
-        "used yet.",
+        "8x7B in fp16: 2 x 352 MB of gathered weights per prompt token per layer). `optimize` (level 2 and up)",
+        "replaces each such block with ONNX Runtime's MoE op ([optimize.md](optimize.md#experts-moe)).",
         "",
     ]
     return "\n".join(lines)
