@@ -3,6 +3,10 @@
 The order is: check every input (files, options, tokenizer, calibration text) before any work; make the weights
 visible (graph.py); run the mode; measure the result against its input model on held-out text (quality.py) and
 on the decode path (parity.py); refuse to write anything if perplexity rose more than allowed.
+
+The options come as one frozen config (config.py), checked when made; what the run derives from it (the eval file
+found, the gate's defaults: RunSettings) and each candidate recipe it tries (a config of its own) are kept apart
+from it, and the manifest step records the written recipe's options with the run's settings (``step_params``).
 """
 
 from __future__ import annotations
