@@ -56,6 +56,7 @@ class Request:
 @dataclass
 class SchedulerStats:
     steps: int = 0  # decode steps of the running batch
+    fed_steps: int = 0  # of them, steps whose inputs the step before wrote on the device (CUDA-graph step tail)
     prefill_chunks: int = 0
     max_running: int = 0  # the largest batch a decode step ran
     finished: int = 0

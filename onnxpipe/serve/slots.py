@@ -10,6 +10,11 @@ CUDA graph of (max_batch, capacity) (``DecoderSession.new_cache`` makes and capt
   ``prefill_chunk`` prompt tokens, over the admitted requests in their order, then the running batch decodes one
   step, so a long prompt does not stall running streams.
 - A decode step is one ``forward`` of every row: [max_batch, 1] ids, each row's mask sum and position its own.
+  Where the session's graph slot has the step tail (greedy steps writing their own next inputs, as ``generate``
+  uses them), a step of greedy rows with no change since the step before (no row joined, left or was prefilled into)
+  is fed on the device (``step_fed``): nothing goes up. Rows not decoding then advance on the device too, writing one
+  entry further each such step, never past the longest running row's end (all within the row's capacity) and never
+  over a prefilled entry (any prefill makes the next step host-fed again, from the table's counts).
 
 Each row's result depends on its own tokens only: the step's shapes are the same whoever is in the batch, and each
 prefill is a batch of one. The tests run this on the CPU with the slot path of the session (``tests/serve``); on a
@@ -111,6 +116,7 @@ class SlotScheduler(BatchLoop):
         self.table = SlotTable(max_batch, self.cache.capacity, int(lm.manifest.tokenizer.get("pad_token_id") or 0))
         self.rows = RowPrefill(lm, self.cache.values)
         self._admitted: list[Request] = []  # holding a row, their prompts being read, in order of admission
+        self._changed = True  # a row joined, left or was prefilled into since the last decode step
 
     # ---- the loop's steps ----
     def _prefilling(self) -> list[Request]:
@@ -121,6 +127,7 @@ class SlotScheduler(BatchLoop):
             req = self._waiting.popleft()
             req.slot = self.table.take()
             self._admitted.append(req)
+            self._changed = True
 
     def _prefill(self) -> None:
         """At most ``prefill_chunk`` prompt tokens this iteration, over the admitted requests in order."""
@@ -131,6 +138,7 @@ class SlotScheduler(BatchLoop):
             prompt = req.row.prompt
             start, end = self.table.chunk(len(prompt), req.prefilled, budget)
             budget -= end - start
+            self._changed = True
             try:
                 logits = self.rows.run(req.slot, prompt[start:end], start)
                 self.stats.prefill_chunks += 1
@@ -152,16 +160,24 @@ class SlotScheduler(BatchLoop):
 
     def _decode_step(self) -> None:
         s, running = self.lm.session, self._running
-        ids, mask, positions = self.table.step_inputs()
+        want = self._want(running)
+        fed = want == "argmax" and not self._changed and s.can_feed(self.cache)
+        self._changed = False
         try:
-            out = s.forward(ids, mask, positions, self.cache, want=self._want(running))
+            if fed:
+                out = s.step_fed(self.cache)
+            else:
+                ids, mask, positions = self.table.step_inputs()
+                out = s.forward(ids, mask, positions, self.cache, want=want)
         except Exception as e:  # the whole step failed: its requests fail; rows being prefilled go on
+            self._changed = True
             self._running = []
             for req in running:
                 self.table.release(req.slot)
                 self._fail(req, e)
             return
         self.stats.steps += 1
+        self.stats.fed_steps += fed
         self.stats.max_running = max(self.stats.max_running, len(running))
         tokens, keep = {}, []
         for req in running:
@@ -180,6 +196,7 @@ class SlotScheduler(BatchLoop):
         for req in running:
             if req not in keep:
                 self.table.release(req.slot)
+                self._changed = True
         self._running = keep
 
     def _drop_cancelled_in_flight(self) -> None:
@@ -188,10 +205,12 @@ class SlotScheduler(BatchLoop):
                 self.stats.cancelled += 1
                 reqs.remove(req)
                 self.table.release(req.slot)
+                self._changed = True
 
     def _reset(self) -> None:
         self._admitted, self._running = [], []
         self.table.release_all()
+        self._changed = True
 
     def _leave(self, req: Request) -> None:
         if req in self._admitted:
@@ -199,3 +218,4 @@ class SlotScheduler(BatchLoop):
         if req in self._running:
             self._running.remove(req)
         self.table.release(req.slot)
+        self._changed = True

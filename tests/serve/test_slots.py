@@ -128,32 +128,38 @@ def result(q):
 @pytest.mark.parametrize("graphs", [False, True], ids=["plain", "graph-slots"])
 def test_concurrent_requests_get_their_solo_tokens(stdlib_cuda_model, graphs):
     lm = slot_lm(stdlib_cuda_model, graphs)
+    sampled = {"temperature": 0.9, "top_k": 50, "seed": 3}
+    alone = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
+    assert isinstance(alone, SlotScheduler) and alone.max_length == 128 and alone.cache.capacity >= 128
+    alone.start()
+    try:
+        solo = [result(submit(alone, lm, p, n)[0]) for p, n in zip(PROMPTS, LENGTHS)]
+        solo_sampled = result(submit(alone, lm, PROMPTS[2], 12, **sampled)[0])
+    finally:
+        alone.stop()
+    plain = lm if not graphs else load(stdlib_cuda_model, "cpu", threads=1)
+    assert solo == [plain.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids  # what generate gives
+                    for p, n in zip(PROMPTS, LENGTHS)]
+    # 13 requests on 4 rows, all queued before the loop starts (so the overlap does not depend on timing): the
+    # first four take the rows and are read 16 prompt tokens an iteration while those already read decode; the
+    # others join as rows free up, each leaving at its own step
     sched = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
-    assert isinstance(sched, SlotScheduler) and sched.max_length == 128 and sched.cache.capacity >= 128
+    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS * 2, LENGTHS * 2)]
+    waiting.append(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
     sched.start()
     try:
-        solo = [result(submit(sched, lm, p, n)[0]) for p, n in zip(PROMPTS, LENGTHS)]
-        sampled = {"temperature": 0.9, "top_k": 50, "seed": 3}
-        solo_sampled = result(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
-        plain = lm if not graphs else load(stdlib_cuda_model, "cpu", threads=1)
-        assert solo == [plain.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids  # what generate gives
-                        for p, n in zip(PROMPTS, LENGTHS)]
-        steps = sched.stats.steps
-        waiting = []
-        for p, n in zip(PROMPTS * 2, LENGTHS * 2):  # 12 requests on 4 rows: they join as rows free up
-            waiting.append(submit(sched, lm, p, n)[0])
-            time.sleep(0.002)
-        waiting.append(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
         assert [result(q) for q in waiting] == solo * 2 + [solo_sampled]
-        assert sched.stats.max_running == 4 and sched.stats.steps - steps < sum(LENGTHS) * 2
+        assert sched.stats.max_running == 4 and sched.stats.steps < sum(LENGTHS) * 2
         wait_until(lambda: sched.table.free_rows() == 4)
         assert sched.stats.failed == 0
     finally:
         sched.stop()
     if graphs:  # decode steps replayed the slot's graph id; prefills into rows ran outside it
+        assert lm.session.fed and sched.stats.fed_steps > 0  # greedy steps with no change fed on the device
         runs = lm.session.session.runs
-        (gid,) = [g for g in runs if g is not None and g >= 0]
-        assert runs[gid] >= sched.stats.steps and runs[-1] == sched.stats.prefill_chunks
+        (gid,) = [g for g in runs if g is not None and g >= 0]  # both schedulers: the one slot of (4, 128)
+        steps = alone.stats.steps + sched.stats.steps
+        assert runs[gid] >= steps and runs[-1] == alone.stats.prefill_chunks + sched.stats.prefill_chunks
 
 
 def wait_until(predicate, timeout=30.0):
@@ -172,11 +178,11 @@ def test_a_long_prompt_is_read_in_chunks_between_decode_steps(stdlib_cuda_model)
     sched = make_scheduler(lm, max_batch=2, prefill_chunk=16, max_length=160)
     sched.start()
     try:
-        alone = [result(submit(sched, lm, PROMPTS[0], 60)[0]), result(submit(sched, lm, long_prompt, 10)[0])]
+        alone = [result(submit(sched, lm, PROMPTS[0], 100)[0]), result(submit(sched, lm, long_prompt, 10)[0])]
         events: queue.Queue = queue.Queue()
         opts = {"stop_token_ids": []}
         steps = sched.stats.steps
-        sched.submit(lm.prepare(PROMPTS[0], max_new_tokens=60, **opts), lambda e: events.put(("a", e)))
+        sched.submit(lm.prepare(PROMPTS[0], max_new_tokens=100, **opts), lambda e: events.put(("a", e)))
         wait_until(lambda: sched.stats.steps >= steps + 2)
         chunks = sched.stats.prefill_chunks
         events.put(("b", ("submitted", None)))  # A's tokens from here on came while B was being read
