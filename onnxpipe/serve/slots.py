@@ -30,6 +30,7 @@ import numpy as np
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.last_position import LAST_INDEX
+from onnxpipe.runtime.limits import check_fits
 from onnxpipe.serve.loop import BatchLoop, Request
 from onnxpipe.serve.slot_table import SlotTable
 
@@ -110,7 +111,15 @@ class SlotScheduler(BatchLoop):
         length = min(max_length or DEFAULT_MAX_LENGTH, s.max_positions)
         # with CUDA graphs: the session's slot of (max_batch, capacity), captured once here; its capacity may be
         # rounded up (never past the model's positions)
-        self.cache = s.new_cache(max_batch, capacity=length)
+        check_fits(s, max_batch, length, min(length, prefill_chunk))  # the CPU's memory, before allocating
+        try:
+            self.cache = s.new_cache(max_batch, capacity=length)
+        except OnnxpipeError:
+            raise
+        except Exception as e:  # onnxruntime's allocation failure (device memory): one line that says what to change
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise OnnxpipeError(f"{s.model_dir.path}: could not allocate the KV buffer of {max_batch} rows x {length} "
+                                f"positions ({text}); use a smaller --max-batch or --max-length") from None
         assert self.cache.capacity is not None
         self.max_length = min(length, self.cache.capacity)
         self.table = SlotTable(max_batch, self.cache.capacity, int(lm.manifest.tokenizer.get("pad_token_id") or 0))

@@ -242,6 +242,8 @@ def test_requests_longer_than_the_rows_are_refused(stdlib_cuda_model, stdlib_lm)
     sched = make_scheduler(lm, max_batch=2, max_length=64)
     with pytest.raises(TooLong, match="hold 64 tokens"):
         sched.submit(lm.prepare(PROMPTS[3], max_new_tokens=1), lambda e: None)
+    with pytest.raises(OnnxpipeError, match="needs at least"):  # refused before anything is allocated
+        make_scheduler(lm, max_batch=1 << 24, max_length=256)
     with pytest.raises(OnnxpipeError, match="shared KV buffer"):
         SlotScheduler(stdlib_lm)
     with pytest.raises(OnnxpipeError, match="max_length"):
