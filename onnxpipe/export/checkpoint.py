@@ -90,15 +90,34 @@ class Checkpoint:
 
         e = self.entry(name)
         buf = torch.empty(e.nbytes, dtype=torch.uint8)
-        fh = self._files.get(e.file)
-        if fh is None:
-            fh = self._files[e.file] = open(e.file, "rb")
+        fh = self._handle(e.file)
         fh.seek(e.start)
         view: Any = buf.numpy()
         if e.nbytes and fh.readinto(view) != e.nbytes:
             raise OnnxpipeError(f"{e.file}: truncated (tensor {name!r} ends past the end of the file)")
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[e.dtype]
         return buf.view(dtype).reshape(e.shape)
+
+    def read_elements(self, name: str, flat: Any) -> Any:
+        """The elements of ``name`` at the row-major indices ``flat`` (a torch tensor of its stored dtype), each
+        read alone: a sample of a tensor without reading the tensor."""
+        import torch
+
+        e = self.entry(name)
+        size = ITEM_SIZE[e.dtype]
+        fh = self._handle(e.file)
+        raw = bytearray()
+        for i in flat:
+            fh.seek(e.start + int(i) * size)
+            raw += fh.read(size)
+        dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[e.dtype]
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).clone() if raw else torch.empty(0, dtype=dtype)
+
+    def _handle(self, path: Path) -> Any:
+        fh = self._files.get(path)
+        if fh is None:
+            fh = self._files[path] = open(path, "rb")
+        return fh
 
     def close(self) -> None:
         for fh in self._files.values():

@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from onnxpipe.artifact import check_output_dir, check_sidecar_links
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.export import gguf
 from onnxpipe.export.checkpoint import has_safetensors
-from onnxpipe.export.exporter import ExportResult, export_decoder
+from onnxpipe.export.exporter import ExportResult, export_decoder, hf_source_root, read_hf_config
 from onnxpipe.export.stamp import STAMPED_MODEL_TYPES, StampUnsupported
 from onnxpipe.export.stream import export_stamped
+from onnxpipe.outputs import check_io_paths
 
 METHODS = ("auto", "traced", "stamped")
 
@@ -44,14 +46,19 @@ def export_model(src: str | Path, out_dir: str | Path, *, method: str = "auto",
         raise OnnxpipeError(f"unknown export method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "traced":
         return export_decoder(src, out_dir, log=log, **options)
-    gap = stamped_gap(Path(src))
+    src, out_dir = Path(src), Path(out_dir)
+    if not gguf.looks_like_gguf(src):  # bad input fails in one line, before any line about the method
+        check_sidecar_links(src, hf_source_root(src))
+        read_hf_config(src)
+        check_io_paths([src], out_dir)
+        check_output_dir(out_dir, bool(options.get("force", False)))
+    gap = stamped_gap(src)
     if gap is not None:
         if method == "stamped":
             raise OnnxpipeError(f"{src}: the stamped export does not apply: {gap}; use --method traced")
         log(f"export method: traced ({gap})")
         return export_decoder(src, out_dir, log=log, **options)
-    try:
-        log("export method: stamped (one layer traced, the weights streamed from the checkpoint)")
+    try:  # it says "export method: stamped" once its own checks of the source pass
         return export_stamped(src, out_dir, log=log, **options)
     except StampUnsupported as e:  # raised while tracing the slice, before anything is written
         if method == "stamped":

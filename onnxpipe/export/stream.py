@@ -40,6 +40,7 @@ from onnxpipe.export.exporter import (
     read_hf_config,
     trace_decoder,
 )
+from onnxpipe.export.placement import check_placement
 from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
 
@@ -172,6 +173,9 @@ def export_stamped(
     with Checkpoint.open(src, root) as ckpt:
         with _quiet():
             config = AutoConfig.from_pretrained(str(src))
+        stamp.slice_config(config)  # refuses what cannot be stamped, before any output
+        check_weights(config, ckpt, src)
+        log("export method: stamped (one layer traced, the weights streamed from the checkpoint)")
         log(f"tracing a 1-layer slice of {config.model_type} (random weights, {dtype})...")
         traced = trace_template(config, cfg, dtype, opset)
         info = traced.info
@@ -206,12 +210,19 @@ def export_stamped(
             if verify:
                 from onnxpipe.export.truncated import check_truncated, truncated_layers
 
+                placement = check_placement(stamped, ckpt, tmp / DATA_FILE, dtype)
+                log(f"placement: {placement.tensors} tensors, {placement.samples_per_tensor} elements of each against "
+                    f"the checkpoint: {'ok' if placement.passed else 'MISMATCHED ' + ', '.join(placement.mismatched)}")
+                if not placement.passed:
+                    raise OnnxpipeError(f"placement check failed: the bytes written for {placement.mismatched[0]} are "
+                                        "not its checkpoint tensor's; the export was not written")
                 layers = truncated_layers(n, parity_layers)
                 log(f"checking parity against PyTorch on layers {layers} of {n} with the written weights "
                     "(prefill + decode, left-padded batch of 2)...")
                 report = check_truncated(traced.template, stamped, layers, ckpt, cfg, manifest, dtype, tmp,
                                          decode_steps=decode_steps)
-                step["check"] = report.to_json() | {"scope": "truncated", "layers": layers}
+                step["check"] = report.to_json() | {"scope": "truncated", "layers": layers,
+                                                    "placement": placement.to_json()}
                 log(f"parity: {report.summary()}")
                 if not report.passed:
                     raise OnnxpipeError(
@@ -225,6 +236,32 @@ def export_stamped(
             write_manifest(tmp, manifest)
             write_genai_config(tmp, manifest)
     return ExportResult(ModelDir.open(out_dir), time.perf_counter() - start)
+
+
+def check_weights(config: Any, ckpt: Checkpoint, src: Path) -> None:
+    """The checkpoint holds every weight of ``config``'s model with its shape, and nothing else: the test
+    transformers' loading makes (the model made on the meta device, no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), _quiet():
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    known = set(model.state_dict())
+    missing = [n for n in expected if n not in ckpt]
+    mismatched = [n for n in expected if n in ckpt and ckpt.shape(n) != expected[n]]
+    unexpected = [n for n in ckpt.entries if n not in known and not n.endswith("rotary_emb.inv_freq")]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if mismatched:
+        n = mismatched[0]
+        problems.append(f"{len(mismatched)} mismatched keys (e.g. {n}: {list(ckpt.shape(n))} in the checkpoint, "
+                        f"{list(expected[n])} by the config)")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if problems:
+        raise OnnxpipeError(f"{src}: weights do not match config.json: {'; '.join(problems)}")
 
 
 def _layer_order(num_layers: int) -> list[int]:

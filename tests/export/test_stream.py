@@ -11,6 +11,7 @@ import pytest
 
 from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.export.checkpoint import Checkpoint
 from onnxpipe.parity import left_padded_batch, ort_step_fn, run_trace
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -46,7 +47,8 @@ def stamped(tiny_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathFac
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stamped_export_gives_the_traced_exports_logits(family: str, stamped: Callable[..., Path],
-                                                        tiny_onnx: Callable[..., Path]) -> None:
+                                                        tiny_onnx: Callable[..., Path],
+                                                        tiny_hf: Callable[[str], Path]) -> None:
     traced, ours = tiny_onnx(family), stamped(family)
     for a, b in zip(_logits(traced), _logits(ours)):
         assert a.shape == b.shape
@@ -59,6 +61,8 @@ def test_stamped_export_gives_the_traced_exports_logits(family: str, stamped: Ca
     step = ms.steps[-1]
     assert step["params"]["method"] == "stamped" and mt.steps[-1]["params"]["method"] == "traced"
     assert step["check"]["passed"] and step["check"]["scope"] == "truncated" and step["check"]["layers"] == [0, 1]
+    with Checkpoint.open(tiny_hf(family)) as ckpt:  # every checkpoint tensor written once, each one sampled
+        assert step["check"]["placement"]["passed"] and step["check"]["placement"]["tensors"] == len(ckpt.entries)
     assert (ours / "genai_config.json").is_file() and (ours / "config.json").is_file()
 
 
@@ -89,6 +93,39 @@ def test_parity_fails_on_swapped_layers(tiny_hf: Callable[[str], Path], tmp_path
     with pytest.raises(OnnxpipeError, match="parity check failed on layers"):
         stream.export_stamped(tiny_hf("llama"), out)
     assert not out.exists()
+
+
+def test_placement_check_catches_a_layer_the_truncated_check_skips(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A planted fault in layer 2 of 4 (its down projection holds layer 1's bytes): the truncated check runs
+    layers 0, 1 and 3, so only the placement check (sampled bytes of every tensor) can see it."""
+    from tiny import make_tiny_model
+
+    from onnxpipe.export import stream
+
+    real_write = stream.write_weights
+
+    def write_then_copy_layer_1_into_2(stamped, ckpt, data_path, dtype, log):  # noqa: ANN001, ANN202
+        written = real_write(stamped, ckpt, data_path, dtype, log)
+        src, dst = (next(v for v in stamped.slots[i] if "down_proj" in (v.name or "")) for i in (1, 2))
+        with open(data_path, "r+b") as fh:
+            fh.seek(src.const_value.offset)
+            data = fh.read(src.const_value.length)
+            fh.seek(dst.const_value.offset)
+            fh.write(data)
+        return written
+
+    monkeypatch.setattr(stream, "write_weights", write_then_copy_layer_1_into_2)
+    hf = make_tiny_model("llama", tmp_path / "hf", num_hidden_layers=4)
+    with pytest.raises(OnnxpipeError, match="placement check failed: .*layers.2.mlp.down_proj"):
+        stream.export_stamped(hf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # without it, the fault passes: the truncated check alone does not see layer 2
+    from onnxpipe.export.placement import PlacementReport
+
+    monkeypatch.setattr(stream, "check_placement", lambda *a: PlacementReport(0, 0))
+    result = stream.export_stamped(hf, tmp_path / "out")
+    assert result.model_dir.manifest.steps[-1]["check"]["layers"] == [0, 1, 3]
 
 
 def test_method_auto_and_refusals(tiny_hf: Callable[[str], Path], tmp_path: Path) -> None:
