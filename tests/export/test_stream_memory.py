@@ -1,11 +1,11 @@
 """Peak RSS and disk of the stamped export on a model of a few hundred MB, measured as scripts/measure_scale.py
 measures a stage (its launcher reads the stage's own ru_maxrss; the work directory's growth is sampled).
 
-W is the fp16 weight bytes the export writes (0.40 GB: 12 layers, hidden 1024, vocabulary 8192). The bound is
+W is the fp16 weight bytes the export writes (0.76 GB: 24 layers, hidden 1024, vocabulary 8192). The bound is
 0.5 W plus ALLOWANCE, the process's floor: importing torch, transformers, onnxruntime and onnxscript took 0.46 GB
 and a whole stamped export of the 2-layer, hidden-64 llama of tests/tiny.py 0.56 GB (2-core CPU, ru_maxrss).
-Measured: 0.79 GB against the bound's 0.90 (the traced export of this model holds the whole model two or three
-times over: 0.8-1.2 GB above the floor).
+Measured: 0.82 GB (the floor + 0.33 W: the truncated check's three layers, table and head) against the bound's
+0.98; the traced export holds the whole model two or three times over (2-3 W above the floor).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from measure_scale import build_checkpoint, dir_bytes, run_stage  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-ALLOWANCE = 0.7e9  # the tiny export's 0.56 GB with headroom
-SHAPE = argparse.Namespace(model_type="llama", layers=12, hidden=1024, intermediate=4096, vocab=8192, heads=16,
+ALLOWANCE = 0.6e9  # the tiny export's 0.56 GB, and 0.04 GB of headroom
+SHAPE = argparse.Namespace(model_type="llama", layers=24, hidden=1024, intermediate=4096, vocab=8192, heads=16,
                            kv_heads=4, tied=False)
 
 
