@@ -280,22 +280,30 @@ def test_a_failed_decode_step_fails_its_batch_and_the_next_requests_are_served(s
 
     monkeypatch.setattr(type(session), "forward", flaky)
     sched = Scheduler(stdlib_lm, max_batch=4)
+
+    def submit(prompts):
+        events = [queue.Queue() for _ in prompts]
+        for q, p in zip(events, prompts):
+            sched.submit(stdlib_lm.prepare(p, max_new_tokens=12), q.put)
+        return events
+
+    def results(events):
+        out = []
+        for q in events:
+            while True:
+                kind, value = q.get(timeout=60)
+                if kind in ("done", "error"):
+                    out.append((kind, value if kind == "error" else value.token_ids))
+                    break
+        return out
+
+    def run(prompts):
+        return results(submit(prompts))
+
+    first_events = submit(PROMPTS[:2])  # both queued before the loop starts: both are in the batch at step 3
     sched.start()
     try:
-        def run(prompts):
-            events = [queue.Queue() for _ in prompts]
-            for q, p in zip(events, prompts):
-                sched.submit(stdlib_lm.prepare(p, max_new_tokens=12), q.put)
-            out = []
-            for q in events:
-                while True:
-                    kind, value = q.get(timeout=60)
-                    if kind in ("done", "error"):
-                        out.append((kind, value if kind == "error" else value.token_ids))
-                        break
-            return out
-
-        first = run(PROMPTS[:2])
+        first = results(first_events)
         assert [k for k, _ in first] == ["error", "error"] and "injected step fault" in first[0][1]
         second = run(PROMPTS[:2])
         assert second == [("done", stdlib_lm.generate(p, max_new_tokens=12).token_ids) for p in PROMPTS[:2]]
