@@ -319,6 +319,27 @@ def measure_quality(hf: Path, dirs: dict[str, Path], ids: np.ndarray, context: i
                    "tokens": a["n"]} for name, a in acc.items()}
 
 
+def batch_dependence(dirs: dict[str, Path], vocab: int, width: int = 64, threads: int = 1) -> dict[str, float]:
+    """max |logit| change of one row's prefill between it alone and it beside three other rows: 0 where no
+    activation scale is shared across rows (per token, MatMulNBits' per-row blocks), not 0 for one per tensor."""
+    import onnxruntime as ort
+
+    from onnxpipe.artifact import ModelDir
+    from onnxpipe.parity import empty_past, ort_step_fn
+
+    ids = np.random.default_rng(0).integers(0, vocab, (4, width))
+    positions = np.tile(np.arange(width), (4, 1))
+    out = {}
+    for name, d in dirs.items():
+        md = ModelDir.open(d)
+        step = ort_step_fn(ort.InferenceSession(str(md.model_path), session_options(threads, False),
+                                                providers=["CPUExecutionProvider"]), md.manifest)
+        alone, batched = (step(ids[:n], np.ones_like(ids[:n]), positions[:n],
+                               empty_past(md.manifest, n, np.dtype(np.float32)))[0][0] for n in (1, 4))
+        out[name] = float(np.abs(alone - batched).max())
+    return out
+
+
 # ---- where the time goes ----
 
 def profile_ops(model_dir: Path, prompt_tokens: int, new_tokens: int, threads: int, spinning: bool, out: Path) -> dict:
@@ -408,6 +429,8 @@ def main() -> int:
     parser.add_argument("--variant", action="append", type=parse_variant, default=[],
                         help="NAME=key=value,...: one more onnxpipe dynamic row with these quantize_model options")
     parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--batch-check", action="store_true",
+                        help="only: each ONNX row's batch dependence (one row alone vs beside three others)")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also ORT's per-op decode totals of every ONNX row")
     parser.add_argument("--json", type=Path, default=None)
@@ -423,6 +446,10 @@ def main() -> int:
     import transformers
 
     onnx_dirs = {k: v for k, v in dirs.items() if k != "hf"}
+    if args.batch_check:
+        for name, delta in batch_dependence(onnx_dirs, 4096).items():
+            print(f"{name}: max |logit change| of a row alone vs in a batch of 4: {delta:.3e}")
+        return 0
     spinning = args.spinning != "off"  # the profiles' setting
     env: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": _cpu_name(), "cores": os.cpu_count(),
