@@ -97,7 +97,7 @@ PATH = re.compile(r"(?<![\w/~.-])((?:onnxpipe|scripts|tests|benchmarks|docs)/[\w
 DOTTED = re.compile(r"(?<![\w.])onnxpipe((?:\.[A-Za-z_]\w*)+)")
 # cited for history only (the page says where git keeps it)
 REMOVED = {"scripts/smollm2_static_diagnosis.py", "scripts/agreement_diag.py", "scripts/sweep_smoothquant_alpha.py",
-           "scripts/gpu_runtime_check.py", "scripts/gpu_graph_check.py"}
+           "scripts/gpu_runtime_check.py", "scripts/gpu_graph_check.py", "tests/fusion/cuda_optimize_check.py"}
 
 
 def _stale_names(page: Path) -> list[str]:

@@ -1,7 +1,7 @@
 """optimize --target cuda: the attention form ORT's CUDA GroupQueryAttention kernel runs (no attention_bias, right
 padding, rotary and packed QKV folded into the op), checked here on ORT's CPU kernels, which run the same form.
 
-The CUDA kernels themselves are exercised on the GPU machine (tests/fusion/cuda_optimize_check.py,
+The CUDA kernels themselves are exercised on the GPU machine (tests/gpu/test_cuda_optimize.py, marked gpu;
 scripts/bench_gpu.py), not here."""
 
 from __future__ import annotations
