@@ -106,7 +106,8 @@ def run_stage(cmd: list[str], workdir: Path, cwd: Path, log: Path) -> dict:
     with open(log, "w") as fh:
         rss_file = log.with_suffix(".maxrss")
         proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(rss_file), *cmd], cwd=cwd, stdout=fh,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(cwd)})
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                    [str(cwd), *filter(None, [os.environ.get("PYTHONPATH")])])})
         sampler.start()
         _, status, _ = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
