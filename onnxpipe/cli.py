@@ -74,8 +74,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and onnxpipe wrote it (holds onnxpipe.json, or is empty).")
 @click.option("--method", type=click.Choice(["auto", "traced", "stamped"]), default="auto", show_default=True,
               help="stamped: trace one layer, stamp it to depth and stream the weights from the safetensors "
-                   "(llama, mistral, qwen2, qwen3; checked on a truncated model); traced: load and trace the whole "
-                   "model; auto: stamped where it applies.")
+                   "(llama, mistral, qwen2, qwen3, granite, olmo2, stablelm, starcoder2; checked on a truncated "
+                   "model); traced: load and trace the whole model; auto: stamped where it applies.")
 def export(hf_model_dir: Path, out_dir: Path, dtype: str, opset: int, no_verify: bool, decode_steps: int, force: bool,
            method: str) -> None:
     """Export a Hugging Face model directory to ONNX with KV-cache inputs/outputs, checked against PyTorch.

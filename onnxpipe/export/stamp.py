@@ -27,7 +27,9 @@ import onnx_ir as ir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.export import wrapper
 
-STAMPED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# tested against the traced export (tests/export/test_stream.py); phi3 (its layer hands on two values) and gemma
+# (a buffer in its embedding) are refused by the slice's own checks and take the traced export
+STAMPED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "stablelm", "starcoder2")
 LAYER_PARAM = re.compile(r"^(?P<prefix>.+\.layers)\.0\.(?P<rest>.+)$")
 LAYER_SCOPE = re.compile(r"\.layers\.0$")
 LAYER_ZERO = re.compile(r"\blayers\.0(?!\d)")

@@ -14,7 +14,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.export.checkpoint import Checkpoint
 from onnxpipe.parity import left_padded_batch, ort_step_fn, run_trace
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "stablelm", "starcoder2")
 
 
 def _logits(model_dir: Path) -> list[np.ndarray]:
@@ -28,8 +28,14 @@ def _logits(model_dir: Path) -> list[np.ndarray]:
     return run_trace(ort_step_fn(session, md.manifest), md.manifest, ids, mask, 4, kv).logits
 
 
+def test_families_are_the_stamped_ones() -> None:
+    from onnxpipe.export.stamp import STAMPED_MODEL_TYPES
+
+    assert set(FAMILIES) == set(STAMPED_MODEL_TYPES)  # a family stamped in `auto` has its equality test here
+
+
 @pytest.fixture(scope="module")
-def stamped(tiny_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+def stamped(arch_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """stamped(family, dtype="fp32") -> its stamped export, parity-checked (cached)."""
     from onnxpipe.export.stream import export_stamped
 
@@ -38,7 +44,7 @@ def stamped(tiny_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathFac
     def build(family: str, dtype: str = "fp32") -> Path:
         if (family, dtype) not in cache:
             out = tmp_path_factory.mktemp(f"stamped-{family}-{dtype}") / "model"
-            export_stamped(tiny_hf(family), out, dtype=dtype)
+            export_stamped(arch_hf(family), out, dtype=dtype)
             cache[family, dtype] = out
         return cache[family, dtype]
 
@@ -47,9 +53,9 @@ def stamped(tiny_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathFac
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stamped_export_gives_the_traced_exports_logits(family: str, stamped: Callable[..., Path],
-                                                        tiny_onnx: Callable[..., Path],
-                                                        tiny_hf: Callable[[str], Path]) -> None:
-    traced, ours = tiny_onnx(family), stamped(family)
+                                                        arch_onnx: Callable[[str], Path],
+                                                        arch_hf: Callable[[str], Path]) -> None:
+    traced, ours = arch_onnx(family), stamped(family)
     for a, b in zip(_logits(traced), _logits(ours)):
         assert a.shape == b.shape
         assert float(np.abs(a - b).max()) <= 1e-5
@@ -61,7 +67,7 @@ def test_stamped_export_gives_the_traced_exports_logits(family: str, stamped: Ca
     step = ms.steps[-1]
     assert step["params"]["method"] == "stamped" and mt.steps[-1]["params"]["method"] == "traced"
     assert step["check"]["passed"] and step["check"]["scope"] == "truncated" and step["check"]["layers"] == [0, 1]
-    with Checkpoint.open(tiny_hf(family)) as ckpt:  # every checkpoint tensor written once, each one sampled
+    with Checkpoint.open(arch_hf(family)) as ckpt:  # every checkpoint tensor written once, each one sampled
         assert step["check"]["placement"]["passed"] and step["check"]["placement"]["tensors"] == len(ckpt.entries)
     assert (ours / "genai_config.json").is_file() and (ours / "config.json").is_file()
 
