@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from support_table import ATTENTION_FUSED, DOC, EVAL_CHARS, FP16, QUANTIZED, render
+from support_table import ATTENTION_FUSED, DOC, EVAL_CHARS, FP16, QUANTIZED, README, readme_with_table, render
 
 from onnxpipe.artifact import ModelDir
 from onnxpipe.export import archs
@@ -25,6 +25,10 @@ def test_support_page_is_generated_from_the_registry():
     assert DOC.read_text() == render(), "docs/support.md is stale: run python tests/export/support_table.py"
     for model_type in archs.SUPPORTED:
         assert f"| `{model_type}` |" in DOC.read_text()
+    readme = README.read_text()
+    assert readme_with_table(readme) == readme, "README.md's support table is stale: run python tests/export/support_table.py"
+    for model_type in archs.SUPPORTED:
+        assert f"`{model_type}`" in readme
 
 
 @pytest.mark.parametrize("target", ["cpu", "cuda"])
