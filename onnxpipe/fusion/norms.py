@@ -13,7 +13,7 @@ import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import rms_normalization, skip_normalization
 
-from onnxpipe.fusion.rules import PassContext, apply_rules, count_ops, register
+from onnxpipe.fusion.rules import PassContext, add_initializer, apply_rules, count_ops, register
 
 NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
             "SkipSimplifiedLayerNormalization")
@@ -47,11 +47,50 @@ class NormBeforeTranspose(pattern.RewriteRuleClassBase):
         norm = normed.producer()
         attrs = {k: v for k, v in norm.attributes.items() if k != "axis"}
         normed_first = op.SimplifiedLayerNormalization(x, scale, axis=-1, **attrs)
-        normed_first.shape, normed_first.dtype = x.shape, x.dtype  # shape inference does not know ORT's op
+        # shape inference does not know ORT's op; its output has the scale's type (V), which is not x's in a
+        # mixed-precision norm (fp16 x, fp32 scale: the fp16 export's norms compute in fp32)
+        normed_first.shape, normed_first.dtype = x.shape, normed.dtype
         return op.Transpose(normed_first, perm=list(moved.producer().attributes.get_ints("perm")))
 
 
+class NormCastBack(pattern.RewriteRuleClassBase):
+    """Cast(SimplifiedLayerNormalization(x, constant scale), to=x's type) with a scale of another float type ->
+    SimplifiedLayerNormalization(x, the scale cast to x's type). The fp16 export computes each RMSNorm in fp32 with
+    an fp32 weight (Gemma's 1 + w) and casts the result back: fused, the norm reads fp16 x with an fp32 scale and
+    returns fp32 (ORT's op returns the scale's type), and the Skip forms, whose gamma must have the input's type,
+    would not type-check. With the scale in x's type the norm returns x's type directly; ORT's op still normalizes
+    in fp32 (stash_type 1), so only the scale's own rounding to fp16 is new."""
+
+    def pattern(self, op, x, scale):
+        normed = op.SimplifiedLayerNormalization(x, scale, _allow_other_attributes=True, _outputs=["normed"])
+        return op.Cast(normed, _allow_other_attributes=True, _outputs=["cast"])
+
+    def check(self, context, x, scale, normed, cast, **_):
+        result = pattern.MatchResult()
+        floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+        if x.dtype not in floats or scale.dtype not in floats or x.dtype == scale.dtype:
+            return result.fail(f"the scale ({scale.dtype}) and x ({x.dtype}) are not two float types", scale)
+        if cast.dtype != x.dtype:
+            return result.fail(f"the norm is cast to {cast.dtype}, not back to x's {x.dtype}", cast)
+        if scale.const_value is None:
+            return result.fail("the scale is not a constant", scale)
+        if len(normed.uses()) != 1 or any(v.uses() for v in normed.producer().outputs[1:]):
+            return result.fail("the norm's fp32 result is read elsewhere", normed)
+        graph = context.graph_or_function
+        name = f"{scale.name}_as_{x.dtype.name.lower()}"  # norms sharing one scale share its cast copy
+        self._scale = graph.initializers.get(name) or add_initializer(
+            graph, name, scale.const_value.numpy().astype(x.dtype.numpy()))
+        return result
+
+    def rewrite(self, op, x, normed, cast, **_):
+        attrs = dict(normed.producer().attributes.items())
+        out = op.SimplifiedLayerNormalization(x, self._scale, **attrs)
+        out.shape, out.dtype = cast.shape, x.dtype
+        return out
+
+
 register("rms_norm", *rms_normalization.rms_normalization_rules)
+register("norm_cast_back", NormCastBack.rule("NormCastBack"))
 register("norm_before_transpose", NormBeforeTranspose.rule("NormBeforeTranspose"))
 register("skip_rms_norm", *skip_normalization.skip_rms_normalization_ruleset.rules)
 register("skip_layer_norm", *skip_normalization.skip_layer_normalization_ruleset.rules)
@@ -67,7 +106,7 @@ def fuse_norms(model: ir.Model, ctx: PassContext) -> dict[str, str | int]:
     # onnxscript's RMSNorm pattern spells out ReduceMean's keepdims/noop_with_empty_axes; a graph that leaves them
     # at their defaults would not match, so write the defaults out first.
     common_passes.AddDefaultAttributesPass()(model)
-    counts = apply_rules(model, ["rms_norm"])
+    counts = apply_rules(model, ["rms_norm", "norm_cast_back"])
     counts.update(apply_rules(model, ["norm_before_transpose"]))
     counts.update(apply_rules(model, ["skip_rms_norm", "skip_layer_norm"]))
     norms, skips = count_ops(model, *NORM_OPS), count_ops(model, *SKIP_OPS)

@@ -50,6 +50,22 @@ g (float[2,3,4,8] x, float[{dims[-1]}] w) => (float[{shape}] y{extra}) {{
 }}""")
 
 
+def norm_cast_back(to: int = 10, scale_const: bool = True, escapes: bool = False) -> str:
+    """The fp16 export's RMSNorm once fused: fp16 x, an fp32 scale (values exact in fp16), the fp32 result cast
+    back to fp16 (``to``)."""
+    out = "float16" if to == 10 else "float"
+    scale_in = "" if scale_const else ", float[32] w"
+    scale_def = ("w = Constant <value = float[32] {" + ",".join(str(0.5 + 0.25 * (i % 5)) for i in range(32)) + "}> ()"
+                 if scale_const else "")
+    extra = ", float[2,3,32] n" if escapes else ""
+    return _model(f"""
+g (float16[2,3,32] x{scale_in}) => ({out}[2,3,32] y{extra}) {{
+  {scale_def}
+  n = SimplifiedLayerNormalization <axis = -1, epsilon = 1e-6, stash_type = 1> (x, w)
+  y = Cast <to = {to}> (n)
+}}""")
+
+
 def skip_norm(op: str, skip_shape: str = "[2,3,32]") -> str:
     beta = ", float[32] b" if op == "LayerNormalization" else ""
     beta_arg = ", b" if op == "LayerNormalization" else ""
@@ -241,6 +257,10 @@ g (float[2,3,{d}] q_bsd, float[2,3,{dkv}] k_bsd, float[2,3,{dkv}] v_bsd, float[2
 CASES = {
     "rms_norm": (INFO, rms(), {"reduce over axis 1": rms(axes="1"), "epsilon not a constant": rms(eps_const=False),
                                "1/rms read elsewhere": rms(extra_output=True)}, "SimplifiedLayerNormalization"),
+    "norm_cast_back": (INFO, norm_cast_back(), {"cast to fp32, not back to x's fp16": norm_cast_back(to=1),
+                                                "scale is a graph input": norm_cast_back(scale_const=False),
+                                                "the fp32 result is read elsewhere": norm_cast_back(escapes=True)},
+                       "SimplifiedLayerNormalization"),
     "norm_before_transpose": (INFO, norm_after_transpose(),
                               {"the transpose moves the last axis": norm_after_transpose(perm="0, 1, 3, 2"),
                                "the transposed tensor is read elsewhere": norm_after_transpose(escapes=True)},
