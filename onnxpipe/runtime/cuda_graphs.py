@@ -14,6 +14,8 @@ a caller (or a test driving the slots on the CPU) may swap its onnxruntime sessi
 
 from __future__ import annotations
 
+import itertools
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +37,19 @@ GRAPH_SLOTS_MAX = 8
 # kernels, ~1 ms of launching), and a bounded number per slot (each keeps its own input buffers and graph)
 PREFILL_CAPTURE_TOKENS = 4096
 PREFILL_GRAPHS_PER_SLOT = 16
+
+
+_threads = threading.local()
+_thread_numbers = itertools.count(1)
+
+
+def _this_thread() -> int:
+    """A number of the calling thread, never reused (thread idents are, once a thread ends; onnxruntime's
+    per-thread context is not: a new thread starts with no captured graph)."""
+    n = getattr(_threads, "number", None)
+    if n is None:
+        n = _threads.number = next(_thread_numbers)
+    return n
 
 
 class GraphHost(Protocol):
@@ -81,6 +96,7 @@ class _GraphSlot:
     head: Any = None
     head_io: Any = None
     last_index: Any = None  # zeros [B]: the position a decode step's logits are taken at
+    threads: set[int] = field(default_factory=set)  # the threads its decode graph was captured on (capture)
     prefills: dict[int, "_PrefillGraph"] = field(default_factory=dict)  # by prompt width
 
 
@@ -129,8 +145,11 @@ class CudaGraphs:
 
     # ---- the session's entry points ----
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """An empty cache in the slot of (batch, capacity): its first step's inputs come from the host."""
+        """An empty cache in the slot of (batch, capacity): its first step's inputs come from the host. The slot's
+        decode graph is captured on the calling thread here, while the cache is empty, unless it already was."""
         slot = self.slot(batch, capacity)
+        if _this_thread() not in slot.threads:
+            self.capture(slot)
         slot.primed = False
         return KVCache(slot.cache, 0, slot.capacity, batch)
 
@@ -145,6 +164,8 @@ class CudaGraphs:
         if slot is None or cache.values is not slot.cache:
             return None
         if seq == 1:
+            if _this_thread() not in slot.threads:  # its first run here would capture it on this step
+                return None
             return self.replay(slot, input_ids, attention_mask, position_ids, cache, want)
         if (cache.length == 0 and host.capture_prefill and batch * seq <= PREFILL_CAPTURE_TOKENS
                 and (seq in slot.prefills or len(slot.prefills) < PREFILL_GRAPHS_PER_SLOT)):
@@ -155,7 +176,8 @@ class CudaGraphs:
         """Whether ``step_fed`` can run the next step of ``cache`` (a slot whose step wrote its inputs)."""
         host = self.host
         slot = self.slots.get((cache.batch, cache.capacity or 0)) if host.fed and host.cuda_graph else None
-        return slot is not None and slot.primed and cache.values is slot.cache
+        return (slot is not None and slot.primed and cache.values is slot.cache
+                and _this_thread() in slot.threads)
 
     def step_fed(self, cache: KVCache) -> np.ndarray:
         """One greedy decode step fed by the previous one on the device (its argmax, mask and positions): nothing
@@ -217,13 +239,17 @@ class CudaGraphs:
             io.bind_ortvalue_output(name, value)
 
     def capture(self, slot: _GraphSlot) -> None:
-        """Capture the slot's decode graph on harmless inputs, once, before any real step. onnxruntime captures a
-        graph id on its first use by running the model several times within that one call (warm-up runs, then
-        the capture). Those repeats are not idempotent for a decode step: each writes a KV entry at the row's
-        length and, with the step tail, advances its own ids, mask and positions, so a real first step would come
-        back several steps on. Here the repeats write only the first few positions of an empty slot, which the next
-        prefill and steps write before they read; the inputs go up again with the first real step (not counted as
-        per-step transfers). A prefill graph needs none of this: its repeats rewrite the same entries."""
+        """Capture the slot's decode graph on harmless inputs, before any real step on this thread. onnxruntime
+        captures a graph id on its first use by running the model several times within that one call (two regular
+        runs, the capture, its replay). Those repeats are not idempotent for a decode step: each writes a KV entry
+        at the row's length and, with the step tail, advances its own ids, mask and positions, so a real first step
+        would come back several steps on. And the CUDA EP keeps its captured graphs per thread (its
+        PerThreadContext): a graph id captured on one thread is captured again by its first run on another. So a
+        slot records the threads it was captured on (``threads``); ``new_cache`` captures it on a new one, and a
+        decode step on a thread it was not captured on runs uncaptured (``step``, ``can_feed``). Here the repeats
+        write only the first few positions of an empty slot, which the next prefill and steps write before they
+        read; the inputs go up again with the first real step (not counted as per-step transfers). A prefill graph
+        needs none of this: its repeats rewrite the same entries."""
         host = self.host
         batch = slot.ids.shape()[0]
         mask = np.zeros((batch, slot.capacity), np.int64)
@@ -234,6 +260,7 @@ class CudaGraphs:
             slot.positions.update_inplace(np.zeros((batch, 1), np.int64))
         slot.run_options = run_options(self._ort, slot.graph_id)
         host._run_graph(slot.io, slot.run_options, f"capturing the CUDA-graph decode step (batch {batch})")
+        slot.threads.add(_this_thread())
         slot.primed = False
 
     # ---- replay ----

@@ -63,6 +63,7 @@ class SchedulerStats:
     cancelled: int = 0
     failed: int = 0
     rejected: int = 0  # refused with QueueFull
+    capture_error: str = ""  # why the loop's thread could not capture the CUDA graph (its steps then run uncaptured)
 
 
 class BatchLoop:
@@ -119,6 +120,10 @@ class BatchLoop:
 
     # ---- the loop ----
     def _loop(self) -> None:
+        try:
+            self._started()
+        except Exception as e:  # the layout runs without what it prepares (each layout says what that costs)
+            self.stats.capture_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         while True:
             with self._cond:
                 while not (self._stop or self._waiting or self._prefilling() or self._running):
@@ -154,6 +159,9 @@ class BatchLoop:
             self._fail(req, e)
 
     # ---- the layout's (a subclass's) ----
+    def _started(self) -> None:
+        """On the loop's thread, before it serves anything: what must happen on that thread (nothing here)."""
+
     def _prefilling(self) -> list[Request]:
         """The requests admitted and not yet running (their prompts being read)."""
         raise NotImplementedError

@@ -128,6 +128,15 @@ class SlotScheduler(BatchLoop):
         self._changed = True  # a row joined, left or was prefilled into since the last decode step
 
     # ---- the loop's steps ----
+    def _started(self) -> None:
+        """The session's CUDA graph of the rows captured on the loop's thread, while the rows are empty: the CUDA EP
+        keeps captured graphs per thread, and the first run of a graph id on a thread captures it there by running
+        it 3 times in that one call, which on a real step would advance the rows fed by the step tail (a request's
+        first decode token came back 2 tokens on). A step on a thread the graph was not captured on runs uncaptured
+        (correct, slower): so it does where this fails (``stats.capture_error``) or rows are already held."""
+        s = self.lm.session
+        if s.cuda_graph and self.table.free_rows() == self.table.rows:
+            self.cache = s.new_cache(self.max_batch, capacity=self.cache.capacity)
     def _prefilling(self) -> list[Request]:
         return list(self._admitted)
 

@@ -1,10 +1,11 @@
 """The slot layout (serve/slots.py, serve/slot_table.py): requests join and leave fixed rows of a shared KV buffer at
 every decode step, run here on the CPU with the graph of `optimize --target cuda`, both plain and through the
-session's CUDA-graph slot path (its replay minus the GPU: a stand-in session runs a graph id's first use several
-times, as onnxruntime's capture does). Each concurrent greedy request gets exactly the tokens it gets alone."""
+session's CUDA-graph slot path (its replay minus the GPU: a stand-in session runs a graph id's first use on each
+thread 3 times, as onnxruntime's capture does). Each concurrent greedy request gets exactly the tokens it gets alone."""
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -77,18 +78,33 @@ def test_chunks_and_full_rows():
 
 # ---- the scheduler on the CPU ----
 class _GraphRuns:
-    """Stands in for the InferenceSession: counts runs by gpu_graph_id, and runs a graph id's first use 3 times (the
-    warm-up runs of onnxruntime's capture)."""
+    """Stands in for the InferenceSession of a CUDA EP with CUDA graphs on, as onnxruntime runs a ``gpu_graph_id``:
+    its captured graphs live in the calling thread's context (the EP's PerThreadContext), so the first run of a
+    graph id on each thread captures it there: two regular runs (min_num_runs_before_cuda_graph_capture_ = 2), then
+    the capture (nothing executes) and its replay, all within that one call: the graph executes 3 times. Later runs
+    on that thread replay it once. -1: a plain run; no gpu_graph_id at all is graph 0, captured like any other (and
+    then replayed whatever its inputs), which the session must never do: refused here."""
+
+    WARMUP_RUNS = 2
+    _local = threading.local()
+    _numbers = itertools.count(1)
 
     def __init__(self, inner):
-        self._inner, self.runs, self.seen = inner, {}, set()
+        self._inner, self.runs, self.captured = inner, {}, set()
+        self.captures: list[tuple[int, int]] = []  # (thread, graph id) in the order they were captured
 
     def run_with_iobinding(self, io, run_options=None):
         gid = int(run_options.get_run_config_entry("gpu_graph_id")) if run_options is not None else None
+        assert gid is not None, "a run without gpu_graph_id: onnxruntime would capture it as graph 0"
         self.runs[gid] = self.runs.get(gid, 0) + 1
-        times = 3 if gid is not None and gid >= 0 and gid not in self.seen else 1
-        if gid is not None and gid >= 0:
-            self.seen.add(gid)
+        thread = getattr(self._local, "number", None) or next(self._numbers)  # a new thread: a new context
+        self._local.number = thread
+        key = (thread, gid)
+        times = 1
+        if gid >= 0 and key not in self.captured:
+            self.captured.add(key)
+            self.captures.append(key)
+            times = self.WARMUP_RUNS + 1
         for _ in range(times):
             self._inner.run_with_iobinding(io, run_options)
 
@@ -160,6 +176,30 @@ def test_concurrent_requests_get_their_solo_tokens(stdlib_cuda_model, graphs):
         (gid,) = [g for g in runs if g is not None and g >= 0]  # both schedulers: the one slot of (4, 128)
         steps = alone.stats.steps + sched.stats.steps
         assert runs[gid] >= steps and runs[-1] == alone.stats.prefill_chunks + sched.stats.prefill_chunks
+        # captured on each thread that ran it, on harmless inputs: where the scheduler was made, and on each
+        # scheduler's own loop thread before its first prefill
+        assert len({t for t, g in lm.session.session.captures if g == gid}) == 3
+        assert not alone.stats.capture_error and not sched.stats.capture_error
+
+
+def test_generate_through_the_graph_slot_on_another_thread(stdlib_cuda_model):
+    """generate's CUDA-graph path (greedy steps fed on the device) from a second thread, over the slot the first
+    call made and captured on this one: the slot is captured again on that thread before its prefill (not by the
+    first real step, which would come back 2 tokens on), and its steps replay the graph there."""
+    lm = slot_lm(stdlib_cuda_model, True)
+    want = load(stdlib_cuda_model, "cpu", threads=1).generate(PROMPTS[2], max_new_tokens=12, stop_token_ids=[]).token_ids
+    assert lm.generate(PROMPTS[2], max_new_tokens=12, stop_token_ids=[]).token_ids == want
+    stand_in = lm.session.session
+    (gid,) = [g for g in stand_in.runs if g >= 0]
+    before = stand_in.runs[gid]
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("ids", lm.generate(PROMPTS[2], max_new_tokens=12,
+                                                                           stop_token_ids=[]).token_ids))
+    t.start()
+    t.join(60)
+    assert out.get("ids") == want
+    assert len({th for th, g in stand_in.captures if g == gid}) == 2 and len(lm.session._graphs) == 1
+    assert stand_in.runs[gid] - before >= 11  # its capture and 11 decode steps replayed (none ran uncaptured)
 
 
 def wait_until(predicate, timeout=30.0):
