@@ -178,7 +178,9 @@ def check_equal(lm: Any, make: Any, rows: int, max_length: int, prefill_chunk: i
                   for p, n, s in zip(prompts, news, solo))
     return (f"check-equal: {len(solo)} requests ({sum(map(len, solo))} tokens; prompts {min(lengths)}-"
             f"{max(lengths)} tokens, chunk {prefill_chunk}) concurrent == solo; {sched.stats.max_running} decoded "
-            f"together at most; solo == lm.generate for {library}/{len(solo)} (information only)")
+            f"together at most; solo == lm.generate for {library}/{len(solo)} (information only)"
+            + ("; the CUDA graph was not captured on the loop's thread (its steps ran uncaptured): "
+               f"{sched.stats.capture_error}" if sched.stats.capture_error else ""))
 
 
 # ---- the clients ----
