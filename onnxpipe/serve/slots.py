@@ -1,6 +1,7 @@
 """The slot layout: the running batch is ``max_batch`` fixed rows of one shared KV buffer (the graph of
 ``optimize --target cuda``), on the CPU or on the CUDA provider, where its decode step replays the session's
-CUDA graph of (max_batch, capacity) (``DecoderSession.new_cache`` makes and captures it).
+CUDA graph of (max_batch, capacity) (``DecoderSession.new_cache`` makes and captures it, and captures it again on the
+loop's thread before its first prefill: the CUDA EP keeps captured graphs per thread).
 
 - A request joins by taking a free row (``slot_table.SlotTable``) when it is admitted; it leaves by freeing it. Rows
   not decoding run through every step masked (their output unread, their write one entry past what they hold).
