@@ -13,7 +13,9 @@ The format: an 8-byte little-endian header length, a JSON header {name: {dtype, 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ class Checkpoint:
     def __init__(self, entries: dict[str, TensorEntry]):
         self.entries = entries
         self._files: dict[Path, Any] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, src: Path, root: Path | None = None) -> "Checkpoint":
@@ -90,11 +93,15 @@ class Checkpoint:
 
         e = self.entry(name)
         buf = torch.empty(e.nbytes, dtype=torch.uint8)
-        fh = self._handle(e.file)
-        fh.seek(e.start)
-        view: Any = buf.numpy()
-        if e.nbytes and fh.readinto(view) != e.nbytes:
-            raise OnnxpipeError(f"{e.file}: truncated (tensor {name!r} ends past the end of the file)")
+        fd = self._handle(e.file).fileno()
+        array: Any = buf.numpy()
+        view = memoryview(array).cast("B")
+        done = 0
+        while done < e.nbytes:  # positional reads: several threads may read one file at once
+            n = os.preadv(fd, [view[done:]], e.start + done)
+            if n <= 0:
+                raise OnnxpipeError(f"{e.file}: truncated (tensor {name!r} ends past the end of the file)")
+            done += n
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[e.dtype]
         return buf.view(dtype).reshape(e.shape)
 
@@ -114,10 +121,11 @@ class Checkpoint:
         return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).clone() if raw else torch.empty(0, dtype=dtype)
 
     def _handle(self, path: Path) -> Any:
-        fh = self._files.get(path)
-        if fh is None:
-            fh = self._files[path] = open(path, "rb")
-        return fh
+        with self._lock:
+            fh = self._files.get(path)
+            if fh is None:
+                fh = self._files[path] = open(path, "rb")
+            return fh
 
     def close(self) -> None:
         for fh in self._files.values():
