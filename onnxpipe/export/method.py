@@ -56,7 +56,8 @@ def export_model(src: str | Path, out_dir: str | Path, *, method: str = "auto",
     if gap is not None:
         if method == "stamped":
             raise OnnxpipeError(f"{src}: the stamped export does not apply: {gap}; use --method traced")
-        log(f"export method: traced ({gap})")
+        if not gguf.looks_like_gguf(src):  # a GGUF file is checked inside export_decoder: no line before its error
+            log(f"export method: traced ({gap})")
         return export_decoder(src, out_dir, log=log, **options)
     try:  # it says "export method: stamped" once its own checks of the source pass
         return export_stamped(src, out_dir, log=log, **options)
