@@ -51,7 +51,9 @@ def stamped(arch_hf: Callable[[str], Path], tmp_path_factory: pytest.TempPathFac
     return build
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# the default run checks two families (one with a q/k-norm); the others, 10-20 s each on 2 cores, with the slow tier
+@pytest.mark.parametrize("family", [f if f in ("llama", "qwen3") else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in FAMILIES])
 def test_stamped_export_gives_the_traced_exports_logits(family: str, stamped: Callable[..., Path],
                                                         arch_onnx: Callable[[str], Path],
                                                         arch_hf: Callable[[str], Path]) -> None:
