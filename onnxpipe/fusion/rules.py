@@ -29,13 +29,6 @@ def register(name: str, *rules: Any, commute: bool = False) -> list[Any]:
     return RULES[name]
 
 
-def all_rules() -> dict[str, list[Any]]:
-    """Every registered rule, with all fusion modules imported."""
-    from onnxpipe.fusion import attention, gelu, moe, norms, rotary  # noqa: F401 - importing registers their rules
-
-    return dict(RULES)
-
-
 @dataclass
 class PassContext:
     """What a pass may read: the manifest's model section, the target EP, and notes it leaves for the manifest."""

@@ -45,6 +45,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.quant.graph import (
+    UNIT_SCALE,
+    UNIT_ZERO,
     WeightPlan,
     add_initializer,
     drop_unused_initializers,
@@ -55,6 +57,7 @@ from onnxpipe.quant.graph import (
     save_quantized,
     write_back,
 )
+from onnxpipe.quant.quality import prefill_nll
 
 ACTIVATION_SCHEMES = ("auto", "token", "tensor")
 # auto: the most the held-out calibration perplexity may rise over the float model's. Half the quality gate's 2%:
@@ -66,8 +69,6 @@ PPL_BUDGET_PCT = 0.5
 FLOAT_CANDIDATES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 TOKEN_THRESHOLD = 0.03  # an explicit ``threshold``: per token above it, per tensor below (no search)
 # the per-token grid: x / max|x| in [-1, 1] -> uint8 round(127 x) + 128, in [1, 255]
-UNIT_SCALE = 1.0 / 127.0
-UNIT_ZERO = 128
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -311,15 +312,6 @@ def calibration_perplexity(model_path: Path, feeds: list[dict[str, np.ndarray]],
         s, n = prefill_nll(session.run([logits], feed)[0], feed["input_ids"])
         nll, count = nll + s, count + n
     return math.exp(nll / count)
-
-
-def prefill_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
-    """Summed negative log-likelihood of ids[:, 1:] under logits[:, :-1] (every row a full prefill)."""
-    z = logits[:, :-1].astype(np.float64)
-    top = z.max(-1, keepdims=True)
-    lse = top[..., 0] + np.log(np.exp(z - top).sum(-1))
-    target = np.take_along_axis(z, ids[:, 1:, None], axis=-1)[..., 0]
-    return float((lse - target).sum()), int(target.size)
 
 
 def activation_statistics(x: np.ndarray) -> tuple[float, float]:

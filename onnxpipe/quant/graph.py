@@ -26,6 +26,11 @@ LINEAR_OPS = ("MatMul",)
 PASS_THROUGH = ("Cast", "Reshape", "Identity")  # ops that may sit between the LM head and the logits output
 FLOAT_WEIGHTS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
+# the fixed grid of a per-token int8 activation (x / max|x_t| quantized with scale 1/127, zero point 128), shared by
+# dynamic int8's per-token form and the sensitivity simulation of it
+UNIT_SCALE = 1.0 / 127.0
+UNIT_ZERO = 128
+
 
 @dataclass
 class WeightPlan:

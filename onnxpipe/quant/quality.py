@@ -485,3 +485,12 @@ class SelectionJudge:
         equal, near, positions = greedy_agreement(trace, session, manifest, prompts)
         return CandidateScore(change, half, agree / scored, equal / positions, near / positions, positions,
                               model_bytes(model_path), round(time.perf_counter() - start, 2))
+
+
+def prefill_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[:, 1:] under logits[:, :-1] (every row a full prefill)."""
+    z = logits[:, :-1].astype(np.float64)
+    top = z.max(-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(z - top).sum(-1))
+    target = np.take_along_axis(z, ids[:, 1:, None], axis=-1)[..., 0]
+    return float((lse - target).sum()), int(target.size)

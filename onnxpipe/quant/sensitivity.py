@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxpipe.quant.graph import add_initializer, ir_model, make_node, replace_node
+from onnxpipe.quant.graph import UNIT_SCALE, UNIT_ZERO, add_initializer, ir_model, make_node, replace_node
+from onnxpipe.quant.quality import prefill_nll
 from onnxpipe.runtime.sessions import open_session
 
 SWITCH = "onnxpipe_quant_switch"
@@ -55,7 +56,6 @@ def switchable_model(proto: Any, nodes: list[str], token_nodes: set[str]) -> tup
     """A copy of the float model in which each named MatMul(x, constant W) is its int8 form where switch[i] > 0.5
     and its float self elsewhere (see the module note), and the names in switch order (MatMuls without a constant
     weight are skipped)."""
-    from onnxpipe.quant.dynamic import UNIT_SCALE, UNIT_ZERO
 
     model = ir_model(proto)  # rewritten, then serialized as the copy: ``proto`` is left as it is
     graph = model.graph
@@ -174,7 +174,6 @@ class Simulation:
 
     def perplexity(self, feeds: list[dict[str, np.ndarray]], switch: np.ndarray) -> float:
         """Perplexity on the feeds' prefills (every row a full prefill) with the layers ``switch`` turns on int8."""
-        from onnxpipe.quant.dynamic import prefill_nll
 
         nll, count = 0.0, 0
         for feed in feeds:

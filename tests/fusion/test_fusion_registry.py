@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from rule_cases import CASES  # noqa: E402
 
 from onnxpipe.fusion.pipeline import PASS_NAMES  # noqa: E402
-from onnxpipe.fusion.rules import all_rules  # noqa: E402
+from onnxpipe.fusion.registry import all_rules  # noqa: E402
 
 
 def test_every_rule_has_a_unit_test() -> None:

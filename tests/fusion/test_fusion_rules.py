@@ -14,7 +14,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from rule_cases import CASES, HEADER  # noqa: E402
 
-from onnxpipe.fusion.rules import PassContext, all_rules, apply_rules, using_context  # noqa: E402
+from onnxpipe.fusion.registry import all_rules
+from onnxpipe.fusion.rules import PassContext, apply_rules, using_context  # noqa: E402
 
 all_rules()
 

@@ -11,7 +11,8 @@ import onnxruntime as ort
 import pytest
 from fusion.rule_cases import INFO, per_head_qkv
 
-from onnxpipe.fusion.rules import PassContext, all_rules, apply_rules, using_context
+from onnxpipe.fusion.registry import all_rules
+from onnxpipe.fusion.rules import PassContext, apply_rules, using_context
 
 pytestmark = pytest.mark.fast
 all_rules()
