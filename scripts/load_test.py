@@ -108,24 +108,14 @@ def write_checkpoint(out: Path, config: dict[str, Any]) -> None:
     word-level tokenizer over its whole vocabulary ("t0" ... "tN"); written beside ``out`` and moved into place."""
     import shutil
 
-    import torch
+    from measure_scale import random_bf16_model  # beside this file
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, PreTrainedTokenizerFast
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     cfg = AutoConfig.for_model("llama", **config, bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="bfloat16")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.1, generator=gen)
+    model = random_bf16_model(cfg, std=0.1)  # scripts/measure_scale.py's: std 0.1, so greedy tokens are not ties
     model.save_pretrained(tmp)
     vocab = {f"t{i}": i for i in range(config["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t3"))

@@ -25,21 +25,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent.parent
 
 
-def build_checkpoint(args: argparse.Namespace, out: Path) -> int:
-    """A random bf16 Llama-form checkpoint: built on the meta device, materialised empty on the CPU, initialised in
-    place, saved. Returns its parameter count."""
+def random_bf16_model(cfg: Any, std: float) -> Any:
+    """``cfg``'s model in bf16 with seeded random weights (norms 1, the rest normal(0, std)), never held in fp32:
+    made on the meta device, materialised empty on the CPU and initialised in place."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(
-        args.model_type, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=4096, tie_word_embeddings=args.tied, bos_token_id=1, eos_token_id=2,
-        dtype="bfloat16")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.to_empty(device="cpu")
@@ -50,7 +46,21 @@ def build_checkpoint(args: argparse.Namespace, out: Path) -> int:
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, 0.02, generator=gen)
+                p.normal_(0.0, std, generator=gen)
+    return model
+
+
+def build_checkpoint(args: argparse.Namespace, out: Path) -> int:
+    """A random bf16 Llama-form checkpoint: built on the meta device, materialised empty on the CPU, initialised in
+    place, saved. Returns its parameter count."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(
+        args.model_type, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=4096, tie_word_embeddings=args.tied, bos_token_id=1, eos_token_id=2,
+        dtype="bfloat16")
+    model = random_bf16_model(cfg, std=0.02)
     model.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
     del model
