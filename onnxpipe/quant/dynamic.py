@@ -53,6 +53,7 @@ from onnxpipe.quant.graph import (
     ir_model,
     make_node,
     needs_external_data,
+    per_token_input,
     replace_node,
     save_quantized,
     write_back,
@@ -366,7 +367,7 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
         x = node.inputs[0]
         new: list[ir.Node] = []
         if x not in normalized:
-            new = _per_token_input(x, f"{p}/per_token", shared, opset)
+            new = per_token_input(x, f"{p}/per_token", shared, opset)
             normalized[x] = (new[-1].outputs[0], new[2].outputs[0])
         x_q, token_max = normalized[x]
         new.append(make_node("MatMulInteger", [x_q, wq, shared["unit_zero"]], f"{p}/y_int32", f"{p}/MatMulInteger"))
@@ -380,18 +381,6 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
         write_back(model, proto)
     return count
 
-
-def _per_token_input(x: ir.Value | None, q: str, shared: dict[str, ir.Value], opset: int) -> list[ir.Node]:
-    """x -> (Abs, ReduceMax, Max, Div, QuantizeLinear): [2] is the token's max |x|, [-1] the uint8 token."""
-    absx = make_node("Abs", [x], f"{q}/absx", f"{q}/Abs")
-    reduce = (make_node("ReduceMax", [absx.outputs[0], shared["axes"]], f"{q}/amax", f"{q}/ReduceMax", keepdims=1)
-              if opset >= 18 else
-              make_node("ReduceMax", [absx.outputs[0]], f"{q}/amax", f"{q}/ReduceMax", axes=[-1], keepdims=1))
-    token_max = make_node("Max", [reduce.outputs[0], shared["tiny"]], f"{q}/token_max", f"{q}/Max")
-    unit = make_node("Div", [x, token_max.outputs[0]], f"{q}/x_unit", f"{q}/Div")
-    quant = make_node("QuantizeLinear", [unit.outputs[0], shared["unit_scale"], shared["unit_zero"]], f"{q}/x_uint8",
-                      f"{q}/QuantizeLinear")
-    return [absx, reduce, token_max, unit, quant]
 
 
 class _quiet_ort:

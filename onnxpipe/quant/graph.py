@@ -246,3 +246,17 @@ def op_counts(proto: Any) -> dict[str, int]:
     """Node counts by op type (``domain::Op`` outside the default domain), top-level graph."""
     counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in proto.graph.node)
     return dict(sorted(counts.items()))
+
+
+def per_token_input(x: ir.Value | None, q: str, shared: dict[str, ir.Value], opset: int) -> list[ir.Node]:
+    """x -> (Abs, ReduceMax, Max, Div, QuantizeLinear) on the per-token grid (UNIT_SCALE, UNIT_ZERO), as dynamic
+    int8 writes it and its sensitivity simulation fakes it: [2] is the token's max |x|, [-1] the uint8 token."""
+    absx = make_node("Abs", [x], f"{q}/absx", f"{q}/Abs")
+    reduce = (make_node("ReduceMax", [absx.outputs[0], shared["axes"]], f"{q}/amax", f"{q}/ReduceMax", keepdims=1)
+              if opset >= 18 else
+              make_node("ReduceMax", [absx.outputs[0]], f"{q}/amax", f"{q}/ReduceMax", axes=[-1], keepdims=1))
+    token_max = make_node("Max", [reduce.outputs[0], shared["tiny"]], f"{q}/token_max", f"{q}/Max")
+    unit = make_node("Div", [x, token_max.outputs[0]], f"{q}/x_unit", f"{q}/Div")
+    quant = make_node("QuantizeLinear", [unit.outputs[0], shared["unit_scale"], shared["unit_zero"]], f"{q}/x_uint8",
+                      f"{q}/QuantizeLinear")
+    return [absx, reduce, token_max, unit, quant]

@@ -28,7 +28,15 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxpipe.quant.graph import UNIT_SCALE, UNIT_ZERO, add_initializer, ir_model, make_node, replace_node
+from onnxpipe.quant.graph import (
+    UNIT_SCALE,
+    UNIT_ZERO,
+    add_initializer,
+    ir_model,
+    make_node,
+    per_token_input,
+    replace_node,
+)
 from onnxpipe.quant.quality import prefill_nll
 from onnxpipe.runtime.sessions import open_session
 
@@ -106,14 +114,8 @@ def _fake_quant(x: ir.Value | None, scheme: str, q: str, consts: dict[str, ir.Va
     """Nodes computing x quantized to uint8 and back, with one scale for the tensor or (first) one per token; the
     nodes and their output."""
     if scheme == "token":  # the written form's fixed grid: step 1/127 around zero point 128
-        absx = make_node("Abs", [x], f"{q}/absx", f"{q}/Abs")
-        reduce = (make_node("ReduceMax", [absx.outputs[0], consts["axes"]], f"{q}/amax", f"{q}/ReduceMax", keepdims=1)
-                  if opset >= 18 else
-                  make_node("ReduceMax", [absx.outputs[0]], f"{q}/amax", f"{q}/ReduceMax", axes=[-1], keepdims=1))
-        token_max = make_node("Max", [reduce.outputs[0], consts["tiny"]], f"{q}/token_max", f"{q}/Max")
-        unit = make_node("Div", [x, token_max.outputs[0]], f"{q}/unit", f"{q}/Div")
+        absx, reduce, token_max, unit, xq = per_token_input(x, q, consts, opset)
         scale, zero = consts["unit_scale"], consts["unit_zero"]
-        xq = make_node("QuantizeLinear", [unit.outputs[0], scale, zero], f"{q}/xq", f"{q}/Q")
         xdq = make_node("DequantizeLinear", [xq.outputs[0], scale, zero], f"{q}/xdq", f"{q}/DQ")
         fq = make_node("Mul", [xdq.outputs[0], token_max.outputs[0]], f"{q}/fq", f"{q}/MulTokenMax")
         return [absx, reduce, token_max, unit, xq, xdq, fq], fq.outputs[0]
