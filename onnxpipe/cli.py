@@ -159,16 +159,19 @@ def score(model_dir: Path, input_path: Path, output: Path, task: str, max_new_to
               help="Execution provider the fused forms are chosen for.")
 @click.option("--passes", default=None, help="Comma-separated pass names to run instead of a level's list.")
 @click.option("--skip-verify", is_flag=True, help="Skip the per-pass and final parity checks.")
+@click.option("--check-form", type=click.Choice(["auto", "whole", "layerwise"]), default="auto", show_default=True,
+              help="Run each check's sides as whole-model sessions, or one layer at a time (peak memory ~ one "
+                   "layer's weights); auto: layerwise from 1 GB of weights.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and onnxpipe wrote it (holds onnxpipe.json, or is empty).")
 def optimize(in_dir: Path, out_dir: Path, level: int, target: str, passes: str | None, skip_verify: bool,
-             force: bool) -> None:
+             check_form: str, force: bool) -> None:
     """Optimize a model directory's graph; each pass is counted, checked against its input, and rolled back if it
     breaks equivalence."""
     from onnxpipe.fusion import format_table, optimize_model
 
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None
     result = optimize_model(in_dir, out_dir, level=level, target=target, passes=names, verify=not skip_verify,
-                            force=force, log=_log, progress=_progress_bars())
+                            force=force, check_form=check_form, log=_log, progress=_progress_bars())
     click.echo(format_table(result))
     click.echo(f"wrote {result.model_dir.path} in {result.seconds:.1f}s")
 

@@ -38,15 +38,20 @@ def optimize_model(
     verify: bool = True,
     force: bool = False,
     decode_steps: int = 4,
+    check_form: str = "auto",
     log: Callable[[str], None] = lambda msg: None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> OptimizeResult:
-    """Optimize the model directory ``in_dir`` into ``out_dir``; nothing is written if the final check fails."""
+    """Optimize the model directory ``in_dir`` into ``out_dir``; nothing is written if the final check fails.
+
+    check_form: ``whole`` runs each check's two sides as whole-model sessions; ``layerwise`` one layer's segment
+    at a time, with an external-data input's weights read from its file as they are needed (layerwise.py: peak
+    memory ~ a layer's weights, not ~3x the model's); ``auto``: layerwise from layerwise.LAYERWISE_BYTES."""
     import onnx_ir as ir
 
     from onnxpipe.artifact import ModelDir, check_output_dir
     from onnxpipe.outputs import check_io_paths, output_lock, remove_stale_temp
-    from onnxpipe.fusion import pipeline
+    from onnxpipe.fusion import layerwise, pipeline
     from onnxpipe.fusion.rules import TARGETS, PassContext
 
     start = time.perf_counter()
@@ -56,6 +61,7 @@ def optimize_model(
     if target not in TARGETS:
         raise OnnxpipeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     selected = pipeline.select_passes(level, passes)
+    layerwise.check_form(check_form, 0)  # an unknown form fails before any work
     check_output_dir(out_dir, force)
     # the output's lock is held from here to the end, before any work is announced: a second run on the same
     # output refuses at once. Pass snapshots share the weights (pipeline.Snapshot): nothing but the output is written
@@ -72,16 +78,21 @@ def optimize_model(
         except Exception as e:  # protobuf/onnx raise many types for a corrupt file
             raise OnnxpipeError(f"{src.model_path}: not a readable ONNX model ({_first_line(e)})") from None
         pipeline.own_weights(model)
+        form = layerwise.check_form(check_form, pipeline.weight_bytes(model))
+        if form == "layerwise":
+            lazy = layerwise.lazy_weights(model, src.path)
+            if lazy:
+                log(f"weights read from {src.path.name}'s external data as needed ({lazy / 1e9:.2f} GB)")
         ctx = PassContext(model_info=dict(manifest.model), target=target, dtype=dtype)
         ctx.graph_notes["padding_side"] = manifest.graph.get("padding_side", "left")  # a pass may change it
         # the check feeds the candidate padded on the side its graph notes say (right once attention.py has made the
         # CUDA form); the reference is always left-padded
-        checker = pipeline.Checker(manifest, dtype, providers, decode_steps, ctx, log) if verify else None
+        checker = pipeline.Checker(manifest, dtype, providers, decode_steps, ctx, log, form) if verify else None
         on = "" if not verify or target == "cpu" or providers[0] != "CPUExecutionProvider" else (
             " on the CPU EP: this onnxruntime has no CUDA EP")
         remove_stale_temp(out_dir)  # what killed runs left beside this output (never a user's directory)
         log(f"optimizing {src.path} at level {level} for {target} ({len(selected)} passes"
-            f"{', each checked' + on if verify else ', unchecked'})")
+            f"{', each checked' + on + (' layer by layer' if form == 'layerwise' else '') if verify else ', unchecked'})")
         model, reports, final = _run(model, selected, ctx, checker, log, progress)
         _check_io_unchanged(model, manifest)
         if final is not None:
@@ -93,6 +104,7 @@ def optimize_model(
         params = {"source": str(src.path.absolute()), "level": level, "target": target,
                   "passes": [p.name for p in selected], "verify": verify,
                   "check_sides": "reference ORT_DISABLE_ALL, candidate ORT_ENABLE_ALL",
+                  "check_form": form if verify else None,
                   "check_providers": providers if verify else None,
                   "check_padding": {"reference": "left", "candidate": ctx.graph_notes.get("padding_side", "left")}}
         weights = pipeline.weight_bytes(model)

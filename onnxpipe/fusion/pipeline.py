@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.fusion import attention, cleanup, gelu, moe, norms, packing, rotary
+from onnxpipe.fusion import attention, cleanup, gelu, layerwise, moe, norms, packing, rotary
 from onnxpipe.fusion.rules import TARGETS, PassContext, using_context
 from onnxpipe.runtime.sessions import open_session
 
@@ -135,12 +135,15 @@ class Checker:
     decode_steps: int = 4
     ctx: PassContext | None = None  # its graph_notes["padding_side"] says how the candidate is padded
     log: Callable[[str], None] = lambda msg: None
+    form: str = "whole"  # or "layerwise": each side run one layer's segment at a time (layerwise.py)
 
     def check(self, reference: Snapshot, candidate: Snapshot, reference_padding_side: str | None = None) -> Any:
         """reference_padding_side: how the reference graph pads (default: the source directory's side). The
         reference session is made, run and released before the candidate's is made."""
         from onnxpipe.parity import TOLERANCE, check_decoders, lazy_ort_step_fn
 
+        if self.form == "layerwise":
+            return self._check_layerwise(reference, candidate, reference_padding_side).judge(TOLERANCE[self.dtype])
         ref = lazy_ort_step_fn(lambda: _session(reference, self.providers, optimized=False), self.manifest,
                                on_open=lambda: self.log("    check: reference session (ORT optimizations off)"))
         cand = lazy_ort_step_fn(lambda: _session(candidate, self.providers, optimized=True), self.manifest,
@@ -152,8 +155,21 @@ class Checker:
                                     "padding_side", "left"))
         return report.judge(TOLERANCE[self.dtype])
 
+    def _check_layerwise(self, reference: Snapshot, candidate: Snapshot, reference_padding_side: str | None) -> Any:
+        def session(graph: bytes, tensors: dict[str, Any], optimized: bool) -> Any:
+            return _session(Snapshot(graph, tensors), self.providers, optimized, one_cast_at_a_time=True)
 
-def _session(model: Snapshot | bytes | str | Path, providers: list[str], optimized: bool) -> Any:
+        kv_dtype = np.float16 if self.dtype == "fp16" else np.float32
+        return layerwise.check_layerwise(
+            (reference.graph, reference.tensors), (candidate.graph, candidate.tensors), self.manifest, session,
+            kv_dtype=np.dtype(kv_dtype), decode_steps=self.decode_steps,
+            padding_side=(self.ctx.graph_notes if self.ctx else {}).get("padding_side", "left"),
+            reference_padding_side=reference_padding_side or self.manifest.graph.get("padding_side", "left"),
+            log=self.log)
+
+
+def _session(model: Snapshot | bytes | str | Path, providers: list[str], optimized: bool,
+             one_cast_at_a_time: bool = False) -> Any:
     """An ORT session over a snapshot (its shared tensors handed to ORT as external initializers, not copied), a
     serialized model or a model file. MatMul weight prepacking is off: it would copy every weight for a session
     that runs a dozen steps, and it does not change the graph the check is about."""
@@ -165,7 +181,20 @@ def _session(model: Snapshot | bytes | str | Path, providers: list[str], optimiz
     return open_session(model, providers, optimization="all" if optimized else "off",
                         purpose=f"the {'candidate' if optimized else 'reference'} of a pass check",
                         config={"session.disable_prepacking": "1"}, external_initializers=initializers,
+                        session_options=_one_cast_at_a_time() if one_cast_at_a_time and not optimized else None,
                         raw_errors=True)
+
+
+def _one_cast_at_a_time() -> Any:
+    """The reference side's options: the CPU EP runs fp16 MatMuls through Casts of the weights; with optimizations
+    off they are not folded into fp32 copies, and with the priority-based order and no memory arena each cast runs
+    just before its consumer and is freed after it (export/truncated.py measured 2x the weights at once without)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = False
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    return so
 
 
 def _ort_value(tensor: Any) -> Any:

@@ -1,0 +1,344 @@
+"""The layer-by-layer form of optimize's parity check, for models whose whole-model ONNX Runtime session would not
+fit in memory (the CPU EP copies the weights it is handed and widens fp16 ones to fp32: ~3x the weights at once).
+
+Each side of a check (a pass's input and its result, or the input and the final result) runs as a sequence of
+segments, one per layer, each in its own session holding only that layer's weights, made, run over every step and
+released before the next. The graph's nodes are labelled with the layer they belong to: ``past_key_values.<i>.*``
+and initializers whose names carry ``layers.<i>.`` are layer i, input_ids/attention_mask/position_ids are -1, and a
+node takes the highest label of its inputs (so a producer's label never exceeds its consumer's, and the segments run
+in label order); a node of constants alone takes its first consumer's label. A segment reads the graph's inputs and
+the values earlier segments made, and keeps for later segments what they read (activations of a few dozen tokens).
+
+The segments run over prefill + decode steps one segment at a time, so the decode tokens are drawn in advance
+(seeded, the same for both sides) instead of taken greedily from the reference's logits. Both sides' logits are
+compared as the whole-model check compares them (parity.compare, the same tolerance), and so the check catches what
+the whole-model check catches; each layer's KV cache (``present.<i>.*``, the same names on both sides) is compared too,
+to name where a fault is: the first layer whose cache differs, or, when every cache agrees, the part after the last
+layer's K/V projections (that layer's attention output and MLP, the final norm, the head).
+
+ORT's own graph optimizations on the candidate side run within a segment: a fusion ORT would make across a layer
+boundary is not made here (the whole-model form covers that on models small enough for it).
+
+``lazy_weights`` is the other half of the memory bound: the weights of an external-data input are read from its file
+when a session or the output writer asks for them (each read released after use) instead of memory-mapped and kept.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpipe.artifact import Manifest
+from onnxpipe.confine import check_inside
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.parity import ParityReport, Trace, compare, left_padded_batch, position_ids_for
+
+# models whose weights reach this many bytes are checked layer by layer under --check-form auto
+LAYERWISE_BYTES = 1_000_000_000
+CHECK_FORMS = ("auto", "whole", "layerwise")
+LAYER_NAME = re.compile(r"(?:^|[./_])layers?[._](\d+)(?:[._/]|$)")
+LAZY_MIN_BYTES = 4096  # smaller external tensors are read once and kept (shape constants the rules read)
+
+# session(graph bytes, {initializer name: tensor}, optimized) -> an onnxruntime InferenceSession
+SessionFn = Callable[[bytes, dict[str, Any], bool], Any]
+Graph = tuple[bytes, dict[str, Any]]  # a serialized graph (large initializers as placeholders) and those tensors
+
+
+def check_form(form: str, weight_bytes: int) -> str:
+    """The form a check takes: ``auto`` is layer by layer from LAYERWISE_BYTES of weights, whole below."""
+    if form not in CHECK_FORMS:
+        raise OnnxpipeError(f"unknown check form {form!r}; choose one of {', '.join(CHECK_FORMS)}")
+    if form == "auto":
+        return "layerwise" if weight_bytes >= LAYERWISE_BYTES else "whole"
+    return form
+
+
+@dataclass(frozen=True)
+class Segment:
+    label: int
+    nodes: tuple[int, ...]  # indices into the graph's nodes, in graph order
+    inputs: tuple[str, ...]  # graph inputs and values made by earlier segments
+    initializers: tuple[str, ...]
+    outputs: tuple[str, ...]  # graph outputs made here and values later segments read
+
+
+def plan_segments(graph: Any, num_layers: int) -> list[Segment]:
+    """The segments of ``graph`` (an onnx.GraphProto), in the order they run."""
+    inits = {t.name for t in graph.initializer}
+    labels: dict[str, int | None] = {}
+    for v in graph.input:
+        labels[v.name] = _kv_layer(v.name, num_layers)
+    for name in inits:
+        labels[name] = _name_layer(name)
+    node_labels: list[int | None] = []
+    node_inputs: list[set[str]] = []
+    for node in graph.node:
+        ins = {x for x in node.input if x} | _subgraph_refs(node, labels)
+        known = [labels[x] for x in ins if labels.get(x) is not None]
+        label = max(known) if known else None  # type: ignore[type-var]
+        node_labels.append(label)
+        node_inputs.append(ins)
+        for out in node.output:
+            labels[out] = label
+    consumers: dict[str, list[int]] = {}
+    for i, ins in enumerate(node_inputs):
+        for x in ins:
+            consumers.setdefault(x, []).append(i)
+    for i in reversed(range(len(graph.node))):  # constants alone: their first consumer's segment
+        if node_labels[i] is None:
+            used = [node_labels[c] for out in graph.node[i].output for c in consumers.get(out, ())]
+            node_labels[i] = min((u for u in used if u is not None), default=-1)
+    resolved = [int(x) for x in node_labels]  # type: ignore[arg-type]
+    order = sorted(set(resolved))
+    made_in = {out: resolved[i] for i, node in enumerate(graph.node) for out in node.output if out}
+    graph_outputs = {v.name for v in graph.output}
+    last_reader: dict[str, int] = {}
+    for i, ins in enumerate(node_inputs):
+        for x in ins:
+            last_reader[x] = max(last_reader.get(x, -2), resolved[i])
+    segments = []
+    for label in order:
+        idx = tuple(i for i, lab in enumerate(resolved) if lab == label)
+        made = {out for i in idx for out in graph.node[i].output if out}
+        read = set().union(*(node_inputs[i] for i in idx))
+        seg_inputs = tuple(sorted(x for x in read - made if x not in inits and x in labels))
+        seg_outputs = tuple(sorted(x for x in made if x in graph_outputs or last_reader.get(x, -2) > label))
+        segments.append(Segment(label, idx, seg_inputs, tuple(sorted(read & inits)), seg_outputs))
+    _check_kv_order(segments, made_in, num_layers)
+    return segments
+
+
+def _kv_layer(name: str, num_layers: int) -> int:
+    m = re.match(r"^past_key_values\.(\d+)\.", name)
+    return int(m.group(1)) if m and int(m.group(1)) < num_layers else -1
+
+
+def _name_layer(name: str) -> int | None:
+    m = LAYER_NAME.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _subgraph_refs(node: Any, outer: dict[str, Any]) -> set[str]:
+    """Outer-scope values a node's subgraphs (If/Loop/Scan bodies) read."""
+    refs: set[str] = set()
+    for attr in node.attribute:
+        graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                refs |= {x for x in inner.input if x in outer} | _subgraph_refs(inner, outer)
+    return refs
+
+
+def _check_kv_order(segments: list[Segment], made_in: dict[str, int], num_layers: int) -> None:
+    """A segment that reads a layer's past cache must make its present cache (or follow the one that does): the
+    segments run one at a time over every step, so step t's past is step t-1's present."""
+    for seg in segments:
+        for x in seg.inputs:
+            m = re.match(r"^past_key_values\.(\d+)\.(\w+)$", x)
+            if not m:
+                continue
+            present = f"present.{m.group(1)}.{m.group(2)}"
+            if made_in.get(present, seg.label) > seg.label:
+                raise OnnxpipeError(f"layer-by-layer check: {x} is read in segment {seg.label} but {present} is made "
+                                    f"in segment {made_in[present]}; use --check-form whole")
+
+
+def segment_graph(model: Any, seg: Segment, feed: dict[str, np.ndarray]) -> bytes:
+    """The segment as a model of its own (an onnx.ModelProto serialized), its inputs typed by ``feed``."""
+    import onnx
+    from onnx import helper
+
+    g = model.graph
+    sub = onnx.GraphProto(name=f"{g.name or 'graph'}_segment_{seg.label}")
+    sub.node.extend(g.node[i] for i in seg.nodes)
+    by_name = {t.name: t for t in g.initializer}
+    sub.initializer.extend(by_name[n] for n in seg.initializers)
+    for name in seg.inputs:
+        sub.input.append(helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(feed[name].dtype), [None] * feed[name].ndim))
+    typed = {v.name: v for v in list(g.value_info) + list(g.output)}
+    for name in seg.outputs:
+        out = sub.output.add()
+        if name in typed:
+            out.CopyFrom(typed[name])
+        else:  # onnxruntime types it from the node that makes it
+            out.name = name
+    m = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    m.graph.CopyFrom(sub)
+    return m.SerializeToString()
+
+
+@dataclass
+class SideRun:
+    logits: list[np.ndarray]  # per step
+    presents: list[dict[str, np.ndarray]]  # per step: present name -> array
+
+
+def run_segmented(graph: Graph, manifest: Manifest, steps: list[dict[str, np.ndarray]], kv_dtype: np.dtype,
+                  session: SessionFn, optimized: bool, log: Callable[[str], None] = lambda m: None) -> SideRun:
+    """Run ``graph`` over ``steps`` (each step's input_ids, attention_mask, position_ids) one segment at a time."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.ParseFromString(graph[0])
+    segments = plan_segments(model.graph, manifest.num_layers)
+    past_of = {}
+    for i in range(manifest.num_layers):
+        for p, q in zip(manifest.past_names(i), manifest.present_names(i)):
+            past_of[p] = q
+    batch = steps[0]["input_ids"].shape[0]
+    m = manifest.model
+    empty = np.zeros((batch, m["num_kv_heads"], 0, m["head_dim"]), kv_dtype)
+    values: list[dict[str, np.ndarray]] = [dict(s) for s in steps]
+    keep = {v.name for v in model.graph.output}
+    log(f"    check: {'candidate' if optimized else 'reference'} in {len(segments)} segments")
+    for seg in segments:
+        sess = None
+        for t in range(len(steps)):
+            feed = {}
+            for name in seg.inputs:
+                if name in past_of:
+                    feed[name] = values[t - 1][past_of[name]] if t else empty
+                else:
+                    feed[name] = values[t][name]
+            if sess is None:
+                sess = session(segment_graph(model, seg, feed), {n: graph[1][n] for n in seg.initializers
+                                                                 if n in graph[1]}, optimized)
+            outs = sess.run(list(seg.outputs), feed)
+            values[t].update(zip(seg.outputs, outs))
+        del sess
+        later = {x for s in segments if s.label > seg.label for x in s.inputs}
+        for t in range(len(steps)):  # what no later segment reads goes (the graph's outputs stay)
+            for name in [n for n in values[t] if n not in later and n not in keep and n not in steps[t]]:
+                del values[t][name]
+    logits_name = manifest.graph["logits"]
+    presents = [{q: v[q] for q in past_of.values() if q in v} for v in values]
+    return SideRun([v[logits_name].astype(np.float32) for v in values], presents)
+
+
+@dataclass
+class LayerwiseReport(ParityReport):
+    form: str = "layerwise"
+    kv_rel_err: list[float | None] = field(default_factory=list)  # per layer, the largest over steps, k and v
+    divergence: str | None = None  # where the first difference is, when one is past the tolerance
+
+    def judge(self, tolerance: float) -> "LayerwiseReport":
+        super().judge(tolerance)
+        self.divergence = _divergence(self.kv_rel_err, tolerance) if not self.passed else None
+        return self
+
+    def summary(self) -> str:
+        return super().summary() + (f"; {self.divergence}" if self.divergence else "")
+
+
+def _divergence(kv_rel_err: list[float | None], tolerance: float) -> str:
+    for i, err in enumerate(kv_rel_err):
+        if err is not None and not err <= tolerance:
+            if i == 0:
+                return f"first difference in layer 0's KV cache (rel err {err:.3g}): the embedding or layer 0"
+            return (f"first difference in layer {i}'s KV cache (rel err {err:.3g}; layers 0-{i - 1} agree): "
+                    f"layer {i - 1}'s attention output or MLP, or layer {i}'s norm or K/V projections")
+    if not kv_rel_err or any(e is None for e in kv_rel_err):
+        return "the KV caches could not be compared (padded on different sides)"
+    last = len(kv_rel_err) - 1
+    return (f"every layer's KV cache agrees: the difference is after layer {last}'s K/V projections "
+            f"(layer {last}'s attention output or MLP, the final norm or the head)")
+
+
+def check_layerwise(reference: Graph, candidate: Graph, manifest: Manifest, session: SessionFn, *,
+                    kv_dtype: np.dtype, decode_steps: int = 4, prompt_lengths: Sequence[int] = (7, 4),
+                    seed: int = 0, padding_side: str = "left", reference_padding_side: str = "left",
+                    log: Callable[[str], None] = lambda m: None) -> LayerwiseReport:
+    """``reference`` and ``candidate`` on the same prompts and tokens, each run segment by segment; their logits
+    compared as parity.check_decoders compares them, and each layer's KV cache."""
+    vocab = manifest.model["vocab_size"]
+    tokens = np.random.default_rng(seed + 1).integers(0, vocab, size=(len(prompt_lengths), decode_steps))
+    runs, masks = [], []
+    for graph, side, optimized in ((reference, reference_padding_side, False), (candidate, padding_side, True)):
+        ids, mask = left_padded_batch(vocab, prompt_lengths, seed, side=side)
+        steps, step_masks = _steps(manifest, ids, mask, tokens)
+        runs.append(run_segmented(graph, manifest, steps, kv_dtype, session, optimized, log))
+        masks.append(step_masks)
+    decoded = [np.ones((len(prompt_lengths), 1), bool)] * decode_steps
+    traces = [Trace(r.logits, [m[0].astype(bool)] + decoded, tokens) for r, m in zip(runs, masks)]
+    base = compare(traces[0], traces[1], prompt_lengths)
+    kv = [_kv_rel_err(runs, masks, manifest, i) if reference_padding_side == padding_side else None
+          for i in range(manifest.num_layers)]
+    return LayerwiseReport(**asdict(base), kv_rel_err=kv)
+
+
+def _steps(manifest: Manifest, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray
+           ) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+    """Each step's graph inputs (past caches aside) and attention mask: the prompts, then one token a step."""
+    with_positions = "position_ids" in manifest.input_names
+    steps, masks = [], []
+    for t in range(tokens.shape[1] + 1):
+        if t:
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        step_ids = ids if t == 0 else tokens[:, t - 1:t].astype(np.int64)
+        feed = {"input_ids": step_ids, "attention_mask": mask}
+        if with_positions:
+            feed["position_ids"] = position_ids_for(mask, step_ids.shape[1])
+        steps.append(feed)
+        masks.append(mask)
+    return steps, masks
+
+
+def _kv_rel_err(runs: list[SideRun], masks: list[list[np.ndarray]], manifest: Manifest, layer: int) -> float | None:
+    """The largest difference of layer ``layer``'s K and V over every step, at the real (unpadded) positions, over
+    the reference's largest magnitude there."""
+    worst = 0.0
+    for t, mask in enumerate(masks[0]):
+        for name in manifest.present_names(layer):
+            ref, cand = runs[0].presents[t].get(name), runs[1].presents[t].get(name)
+            if ref is None or cand is None or ref.shape != cand.shape or ref.shape[2] != mask.shape[1]:
+                return None
+            real = mask.astype(bool)[:, None, :, None]
+            r = np.where(real, ref.astype(np.float64), 0.0)
+            diff = np.abs(r - np.where(real, cand.astype(np.float64), 0.0))
+            diff = np.where(np.isnan(diff), np.inf, diff)
+            worst = max(worst, float(diff.max()) / max(float(np.abs(r).max()), 1e-12))
+    return worst
+
+
+def lazy_weights(model: ir.Model, base_dir: str | Path) -> int:
+    """Give each large initializer kept in the input's external data a tensor that reads its bytes from the file
+    when asked and keeps nothing (a memory-mapped one stays resident once read: by the output write, every weight).
+    Returns the bytes made lazy."""
+    total = 0
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if not isinstance(t, ir.ExternalTensor) or t.nbytes < LAZY_MIN_BYTES:
+            continue
+        path = Path(t.path)
+        check_inside(path, Path(base_dir), "external data")
+        v.const_value = ir.LazyTensor(partial(_read_tensor, str(path), t.offset or 0, t.nbytes, t.dtype,
+                                              tuple(t.shape.numpy()), t.name),
+                                      dtype=t.dtype, shape=t.shape, name=t.name)
+        total += t.nbytes
+    return total
+
+
+def _read_tensor(path: str, offset: int, length: int, dtype: ir.DataType, shape: tuple[int, ...],
+                 name: str | None) -> ir.Tensor:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(length)
+        view, done = memoryview(buf), 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OnnxpipeError(f"{path}: external data of {name} ends {length - done} bytes early")
+            done += n
+    finally:
+        os.close(fd)
+    return ir.Tensor(np.frombuffer(buf, dtype=dtype.numpy()).reshape(shape), dtype=dtype, name=name)
