@@ -4,7 +4,8 @@ and sampling. How the running batch's KV cache is laid out (and so how requests 
 buffer: the CUDA form, and its CUDA-graph slots).
 
 One iteration of the loop: admit waiting requests (under the lock), drop the cancelled ones, run this iteration's
-prefill work, then one decode step of the running batch. Events go to each request's ``emit`` callback from the
+prefill work (at most ``budget.PrefillBudget``'s tokens, fixed or sized from the measured step and prefill times),
+then one decode step of the running batch. Events go to each request's ``emit`` callback from the
 scheduler thread: ``("piece", StreamPiece)`` as text becomes final, then ``("done", GenerationResult)``, or
 ``("error", message)``.
 """
@@ -24,6 +25,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.generate import LanguageModel, RowState
 from onnxpipe.runtime.sampling import next_token
 from onnxpipe.runtime.session import KVCache
+from onnxpipe.serve.budget import PrefillBudget
 
 Event = tuple[str, Any]
 
@@ -58,6 +60,7 @@ class SchedulerStats:
     steps: int = 0  # decode steps of the running batch
     fed_steps: int = 0  # of them, steps whose inputs the step before wrote on the device (CUDA-graph step tail)
     prefill_chunks: int = 0
+    prefill_tokens: int = 0  # prompt tokens read by those chunks
     max_running: int = 0  # the largest batch a decode step ran
     finished: int = 0
     cancelled: int = 0
@@ -69,12 +72,13 @@ class SchedulerStats:
 class BatchLoop:
     """``submit`` requests from any thread; ``start``/``stop`` the loop that serves them."""
 
-    def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256):
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+    def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto"):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OnnxpipeError(f"{name} must be a positive integer, got {value!r}")
         self.lm = lm
-        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.budget = PrefillBudget.parse(prefill_chunk)  # prompt tokens an iteration reads: fixed, or auto
         self.max_length = lm.session.max_positions  # prompt + new tokens of one request, at most
         self.stats = SchedulerStats()
         self._cond = threading.Condition()
@@ -130,12 +134,19 @@ class BatchLoop:
                     self._cond.wait()
                 if self._stop:
                     break
-                self._admit()
+                tokens = self.budget.tokens(decoding=bool(self._running))
+                self._admit(tokens)
             try:
                 self._drop_cancelled()
-                self._prefill()
+                decoding = bool(self._running)
+                start = time.perf_counter()
+                read = self._prefill(tokens)
+                stepped = time.perf_counter()
+                self.stats.prefill_tokens += read
+                self.budget.prefilled(read, stepped - start, decoding)
                 if self._running:
                     self._decode_step()
+                    self.budget.stepped(time.perf_counter() - stepped)
             except Exception as e:  # a fault outside one request's own work: fail those in flight, keep serving
                 self._fail_in_flight(e)
         with self._cond:
@@ -166,12 +177,14 @@ class BatchLoop:
         """The requests admitted and not yet running (their prompts being read)."""
         raise NotImplementedError
 
-    def _admit(self) -> None:
-        """Under the lock: move the waiting requests that start now out of ``_waiting``."""
+    def _admit(self, budget: int) -> None:
+        """Under the lock: move the waiting requests that start now out of ``_waiting`` (``budget``: the prompt
+        tokens this iteration reads)."""
         raise NotImplementedError
 
-    def _prefill(self) -> None:
-        """This iteration's prefill work; requests whose prompt is read sample their first token and join."""
+    def _prefill(self, budget: int) -> int:
+        """This iteration's prefill work, at most ``budget`` prompt tokens; requests whose prompt is read sample
+        their first token and join. Returns the prompt tokens read."""
         raise NotImplementedError
 
     def _decode_step(self) -> None:

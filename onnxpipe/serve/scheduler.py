@@ -13,9 +13,10 @@ batch (the padding is masked out, its positions are its own).
 One iteration of the loop:
 
 1. admit: when the batch has free places, the oldest waiting requests start. Short prompts start together, as many
-   as fit one prefill of ``prefill_chunk`` padded tokens: they are prefilled in one left-padded call, their first
-   tokens sampled, and their rows join the batch in one copy. Otherwise the oldest request starts alone:
-2. prefill one chunk (``prefill_chunk`` tokens) of that request's prompt into a cache of its own; after its last
+   as fit one prefill of the iteration's budget of padded tokens (``budget.PrefillBudget``: ``prefill_chunk``, or
+   sized from the measured step and prefill times): they are prefilled in one left-padded call, their first tokens
+   sampled, and their rows join the batch in one copy. Otherwise the oldest request starts alone:
+2. prefill one chunk (the budget's tokens) of that request's prompt into a cache of its own; after its last
    chunk the first token is sampled and the request's rows join the batch (the caches are padded to one length and
    stacked). A long prompt is thus split across iterations, each followed by a decode step of the running batch, so
    running streams keep getting tokens while it is read (DeepSpeed-FastGen's SplitFuse, interleaved rather than fused
@@ -43,11 +44,11 @@ __all__ = ["BatchLoop", "ConcatScheduler", "Event", "QueueFull", "Request", "Sch
            "TooLong", "make_scheduler"]
 
 
-def make_scheduler(lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
+def make_scheduler(lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto",
                    max_length: int | None = None) -> BatchLoop:
     """The scheduler for ``lm``'s graph: fixed rows of its shared KV buffer (CUDA form; ``max_length``: the tokens a
     row holds, prompt and reply), else the concat layout (``max_length`` must then be None: a row holds the model's
-    context)."""
+    context). ``prefill_chunk``: the prompt tokens an iteration reads, or ``auto`` (``budget.PrefillBudget``)."""
     if lm.session.shares_buffer:
         return SlotScheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                              max_length=max_length)
@@ -60,7 +61,7 @@ def make_scheduler(lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64
 class ConcatScheduler(BatchLoop):
     """The concat layout: one left-padded cache; rows joining or leaving copy it (once per change, not per step)."""
 
-    def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256):
+    def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto"):
         s = lm.session
         if s.shares_buffer or s.padding_side != "left" or s.cuda_graph:
             raise OnnxpipeError(f"{s.model_dir.path}: the concat layout runs the concat-cache, left-padded form of a "
@@ -78,24 +79,25 @@ class ConcatScheduler(BatchLoop):
     def _prefilling(self) -> list[Request]:
         return ([self._prefill_req] if self._prefill_req is not None else []) + self._group
 
-    def _prefill(self) -> None:
+    def _prefill(self, budget: int) -> int:
         group, self._group = self._group, []
         if len(group) > 1:
-            self._prefill_group(group)
-        elif self._prefill_req is not None:
-            self._prefill_chunk(self._prefill_req)
+            return self._prefill_group(group)
+        if self._prefill_req is not None:
+            return self._prefill_chunk(self._prefill_req, budget)
+        return 0
 
-    def _admit(self) -> None:
+    def _admit(self, budget: int) -> None:
         """Under the lock: the waiting requests that start now. Short prompts start together, as many as fit one
-        prefill of ``prefill_chunk`` padded tokens (``_group``, prefilled in one call); otherwise the oldest one
-        starts its chunked prefill (``_prefill_req``)."""
+        prefill of ``budget`` padded tokens (``_group``, prefilled in one call); otherwise the oldest one starts its
+        chunked prefill (``_prefill_req``)."""
         if self._prefill_req is not None or not self._waiting or len(self._running) >= self.max_batch:
             return
         group = [self._waiting.popleft()]
         width = len(group[0].row.prompt)
         while self._waiting and len(self._running) + len(group) < self.max_batch:
             wider = max(width, len(self._waiting[0].row.prompt))
-            if wider * (len(group) + 1) > self.prefill_chunk:
+            if wider * (len(group) + 1) > budget:
                 break
             group.append(self._waiting.popleft())
             width = wider
@@ -118,13 +120,14 @@ class ConcatScheduler(BatchLoop):
             self.stats.cancelled += len(self._running) - len(keep)
             self._keep_rows(keep)
 
-    def _prefill_chunk(self, req: Request) -> None:
+    def _prefill_chunk(self, req: Request, budget: int) -> int:
+        """One chunk of at most ``budget`` tokens of ``req``'s prompt into its own cache; returns the tokens read."""
         s, row = self.lm.session, req.row
+        start = req.prefilled
         try:
             if req.cache is None:
                 req.cache = s.new_cache(1)
-            start = req.prefilled
-            end = min(start + self.prefill_chunk, len(row.prompt))
+            end = min(start + budget, len(row.prompt))
             last = end == len(row.prompt)
             ids = np.asarray(row.prompt[start:end], np.int64)[None, :]
             mask = np.ones((1, end), np.int64)
@@ -133,23 +136,24 @@ class ConcatScheduler(BatchLoop):
             req.prefilled = end
             self.stats.prefill_chunks += 1
             if not last:
-                return
+                return end - start
             self._prefill_req = None
             self._take(req, self._choose(req, out, 0))
         except Exception as e:  # this request alone fails; the batch goes on
             self._prefill_req = None
             self._fail(req, e)
-            return
+            return 0
         if not row.done:
             try:  # builds the new cache before it changes any state
                 self._join([req], [v.numpy() for v in req.cache.values], [req.cache.length])
             except Exception as e:
                 self._fail(req, e)
             req.cache = None
+        return end - start
 
-    def _prefill_group(self, group: list[Request]) -> None:
+    def _prefill_group(self, group: list[Request]) -> int:
         """Short prompts prefilled together, left-padded (each row's result is its own, as in generate's batches),
-        then joined to the batch in one copy."""
+        then joined to the batch in one copy; returns the prompt tokens read."""
         s = self.lm.session
         lengths = np.array([len(r.row.prompt) for r in group], np.int64)
         width = int(lengths.max())
@@ -167,7 +171,7 @@ class ConcatScheduler(BatchLoop):
         except Exception as e:  # these requests fail; the batch goes on
             for r in group:
                 self._fail(r, e)
-            return
+            return 0
         joining = []
         for i, r in enumerate(group):
             try:
@@ -177,13 +181,13 @@ class ConcatScheduler(BatchLoop):
                 continue
             if not r.row.done and not r.cancelled.is_set():
                 joining.append(i)
-        if not joining:
-            return
-        try:
-            self._join([group[i] for i in joining], [v.numpy()[joining] for v in cache.values], lengths[joining])
-        except Exception as e:
-            for i in joining:
-                self._fail(group[i], e)
+        if joining:
+            try:
+                self._join([group[i] for i in joining], [v.numpy()[joining] for v in cache.values], lengths[joining])
+            except Exception as e:
+                for i in joining:
+                    self._fail(group[i], e)
+        return int(lengths.sum())
 
     def _decode_step(self) -> None:
         s, n = self.lm.session, len(self._running)

@@ -7,9 +7,10 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
   not decoding run through every step masked (their output unread, their write one entry past what they hold).
 - Its prompt is prefilled straight into its row, outside the graph: a batch-1 run whose past and present are bound
   to that row of the shared buffer (the row [1, kv_heads, capacity, head_dim] is contiguous in the buffer, so it is
-  bound by address; nothing is copied). Prompts are read in chunks: each iteration prefills at most
-  ``prefill_chunk`` prompt tokens, over the admitted requests in their order, then the running batch decodes one
-  step, so a long prompt does not stall running streams.
+  bound by address; nothing is copied). Prompts are read in chunks: each iteration prefills at most its budget of
+  prompt tokens (``budget.PrefillBudget``: ``prefill_chunk``, or sized from the measured step and prefill times),
+  over the admitted requests in their order, then the running batch decodes one step, so a long prompt does not
+  stall running streams.
 - A decode step is one ``forward`` of every row: [max_batch, 1] ids, each row's mask sum and position its own.
   Where the session's graph slot has the step tail (greedy steps writing their own next inputs, as ``generate``
   uses them), a step of greedy rows with no change since the step before (no row joined, left or was prefilled into)
@@ -98,7 +99,7 @@ class RowPrefill:
 class SlotScheduler(BatchLoop):
     """Fixed rows of one shared KV buffer (optimize --target cuda): on the CPU, the CUDA EP, or its CUDA graphs."""
 
-    def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
+    def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto",
                  max_length: int | None = None):
         s = lm.session
         if not s.shares_buffer or s.padding_side != "right":
@@ -112,7 +113,7 @@ class SlotScheduler(BatchLoop):
         length = min(max_length or DEFAULT_MAX_LENGTH, s.max_positions)
         # with CUDA graphs: the session's slot of (max_batch, capacity), captured once here; its capacity may be
         # rounded up (never past the model's positions)
-        check_fits(s, max_batch, length, min(length, prefill_chunk))  # the CPU's memory, before allocating
+        check_fits(s, max_batch, length, min(length, self.budget.largest))  # the CPU's memory, before allocating
         try:
             self.cache = s.new_cache(max_batch, capacity=length)
         except OnnxpipeError:
@@ -141,22 +142,23 @@ class SlotScheduler(BatchLoop):
     def _prefilling(self) -> list[Request]:
         return list(self._admitted)
 
-    def _admit(self) -> None:
+    def _admit(self, budget: int) -> None:
         while self._waiting and self.table.free_rows():
             req = self._waiting.popleft()
             req.slot = self.table.take()
             self._admitted.append(req)
             self._changed = True
 
-    def _prefill(self) -> None:
-        """At most ``prefill_chunk`` prompt tokens this iteration, over the admitted requests in order."""
-        budget = self.prefill_chunk
+    def _prefill(self, budget: int) -> int:
+        """At most ``budget`` prompt tokens this iteration, over the admitted requests in order."""
+        read = 0
         for req in list(self._admitted):
             if budget <= 0:
                 break
             prompt = req.row.prompt
             start, end = self.table.chunk(len(prompt), req.prefilled, budget)
             budget -= end - start
+            read += end - start
             self._changed = True
             try:
                 logits = self.rows.run(req.slot, prompt[start:end], start)
@@ -176,6 +178,7 @@ class SlotScheduler(BatchLoop):
             else:
                 self.table.start_decoding(req.slot, req.row.tokens[-1])
                 self._running.append(req)
+        return read
 
     def _decode_step(self) -> None:
         s, running = self.lm.session, self._running

@@ -227,7 +227,8 @@ def test_a_failing_request_leaves_the_others_alone(server, monkeypatch):
 
 def test_long_prompt_is_prefilled_between_decode_steps(stdlib_lm):
     """While a 200-token prompt is read 16 tokens at a time, a running stream keeps getting a token per chunk; read
-    in one piece, it waits the whole prefill. The long prompt's own tokens are the same either way."""
+    in one piece, it waits the whole prefill; with the auto budget it is read in more than one. The long prompt's
+    own tokens are the same every way."""
     long_prompt = stdlib_lm.encode("import os\n" * 60)[:200]
 
     def run(chunk):
@@ -255,10 +256,11 @@ def test_long_prompt_is_prefilled_between_decode_steps(stdlib_lm):
         finally:
             sched.stop()
 
-    out = {chunk: run(chunk) for chunk in (16, 256)}
+    out = {chunk: run(chunk) for chunk in (16, 256, "auto")}
     assert out[16][0] >= 200 // 16 - 1  # a decode step of the stream after each chunk but the last
     assert out[256][0] <= 2  # at most the step in flight when B came
-    assert out[16][1] == out[256][1] == stdlib_lm.generate(long_prompt, max_new_tokens=8).token_ids
+    assert out["auto"][0] >= 1  # budget.py: a MIN_CHUNK probe first, then chunks sized from what it measured
+    assert out[16][1] == out[256][1] == out["auto"][1] == stdlib_lm.generate(long_prompt, max_new_tokens=8).token_ids
 
 
 def test_serve_cli_refuses_bad_input_in_one_line(tmp_path):

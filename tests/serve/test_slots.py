@@ -246,6 +246,35 @@ def test_a_long_prompt_is_read_in_chunks_between_decode_steps(stdlib_cuda_model)
         sched.stop()
 
 
+def test_the_auto_budget_reads_a_prompt_whole_alone_and_in_measured_chunks_beside_a_stream(stdlib_cuda_model):
+    """prefill_chunk="auto" (budget.py): a prompt read while nothing decodes is one chunk (up to MAX_CHUNK); read
+    while a request decodes, it starts with a MIN_CHUNK probe and goes on in chunks sized from the measured step and
+    prefill times, a decode step after each. Both requests get their solo tokens."""
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    long_prompt = rng.integers(5, 4000, 150).tolist()
+    sched = make_scheduler(lm, max_batch=2, max_length=300)
+    assert sched.budget.chunk is None  # auto is the default
+    sched.start()
+    try:
+        alone = [result(submit(sched, lm, PROMPTS[0], 150)[0])]
+        chunks = sched.stats.prefill_chunks
+        alone.append(result(submit(sched, lm, long_prompt, 10)[0]))
+        assert sched.stats.prefill_chunks - chunks == 1  # nothing decoded beside it: read whole
+        steps = sched.stats.steps
+        a, _ = submit(sched, lm, PROMPTS[0], 150)
+        wait_until(lambda: sched.stats.steps >= steps + 2)
+        chunks, tokens, steps = sched.stats.prefill_chunks, sched.stats.prefill_tokens, sched.stats.steps
+        b, _ = submit(sched, lm, long_prompt, 10)
+        assert result(b) == alone[1]
+        read = sched.stats.prefill_chunks - chunks
+        assert sched.stats.prefill_tokens - tokens == len(long_prompt) and read >= 2  # MIN_CHUNK first
+        assert sched.stats.steps - steps >= read - 1  # a decode step of A after each chunk but the last
+        assert result(a) == alone[0]
+        assert sched.budget.step_s is not None and sched.budget.token_s is not None  # what it measured
+    finally:
+        sched.stop()
+
+
 def test_cancelled_and_failed_requests_free_their_rows(stdlib_cuda_model, monkeypatch):
     lm = load(stdlib_cuda_model, "cpu", threads=1)
     sched = make_scheduler(lm, max_batch=2, prefill_chunk=16, max_length=200)
