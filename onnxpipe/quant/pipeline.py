@@ -155,11 +155,11 @@ def quantize_model(
             details = _run_mode(src, tmp / MODEL_FILE, cfg, samples, log, progress, selection=judge)
         copy_sidecar_files(src.path, tmp)
         manifest = _output_manifest(src.manifest, tmp / MODEL_FILE, cfg)
-        check = _decode_check(src, tmp / MODEL_FILE, manifest, cfg)
+        check = _decode_check(src, tmp / MODEL_FILE, manifest, cfg, provider)
         judged = "" if check.passed is not None else (" -- recorded, not judged (random prompts; the quality gate "
                                                       "below judges integer modes)")
         log(f"decode-path check vs input: {check.summary()}{judged}")
-        log(f"measuring quality on {len(text.report_ids):,} tokens of {text.file} (windows of {text.context})...")
+        log(_report_line(len(text.report_ids), text, run, provider))
         quality = quality_report(
             src.model_path, tmp / MODEL_FILE, src.manifest, manifest, text.report_ids, text.context, text.file,
             progress=(lambda d, t: progress("quality report", d, t)) if progress else None, provider=provider,
@@ -190,6 +190,18 @@ def quantize_model(
         write_manifest(tmp, manifest)
         write_genai_config(tmp, manifest)
     return QuantizeResult(ModelDir.open(out_dir), step, time.perf_counter() - start)
+
+
+def _report_line(tokens: int, text: Any, run: RunSettings, provider: str) -> str:
+    """What the quality report is about to measure: its token budget (the default or --eval-tokens), the file,
+    and where its two sessions run."""
+    from onnxpipe.quant.quality import DEFAULT_EVAL_TOKENS
+
+    budget = (f"the default budget of {DEFAULT_EVAL_TOKENS:,}" if run.max_eval_tokens == DEFAULT_EVAL_TOKENS
+              else f"--eval-tokens {run.max_eval_tokens:,}")
+    short = "" if tokens >= run.max_eval_tokens else ", all the file has"
+    return (f"quality report: {tokens:,} tokens of {text.file} ({budget}{short}; windows of {text.context}) on "
+            f"{provider}...")
 
 
 def _default_calibration(mode: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -390,54 +402,17 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: ModeConfig, samples: np.ndarra
     ``cache``: a static.CalibrationCache shared by the choices of one run (static), else None."""
     import onnx
 
-    from onnxpipe.quant.graph import WeightPlan, expose_weights, op_counts
+    from onnxpipe.quant.graph import op_counts
+    from onnxpipe.quant.rtn_stream import streams
 
-    proto = onnx.load(str(src.model_path))
-    before = op_counts(proto)
-    logits = src.manifest.graph["logits"]
-    if isinstance(cfg, Fp16Config):
-        from onnxpipe.quant.fp16 import convert_fp16
-
-        details = convert_fp16(proto, out_path, cfg, logits)
+    if isinstance(cfg, Int4Config) and streams(cfg):
+        before, details, plan = _stream_rtn(src, out_path, cfg, log, progress)
     else:
-        plan = expose_weights(proto, logits)
-        log(f"linear layers: {len(plan.linears)} (LM head {'lm_head' if plan.lm_head else 'not found'}), "
-            f"lookup tables: {len(plan.embeddings)}; rewrites {plan.rewrites}")
+        proto = onnx.load(str(src.model_path))
+        before = op_counts(proto)
+        details, plan = _run_in_memory(proto, src, out_path, cfg, samples, log, progress, selection, cache)
+    if plan is not None:
         head_by_tables = cfg.lm_head in ("auto", "int8") and plan.lm_head is not None
-        body = WeightPlan([n for n in plan.linears if n != plan.lm_head], None, plan.embeddings, plan.rewrites) \
-            if head_by_tables else plan
-        if isinstance(cfg, DynamicInt8Config):
-            from onnxpipe.quant.calibration import feed_count
-            from onnxpipe.quant.dynamic import quantize_dynamic_int8
-
-            feeds = None
-            if cfg.needs_calibration():
-                feeds = list(_prefill_feeds(src.manifest, samples, cfg, "calibration prefills", progress))
-            smoothing = None
-            if cfg.smoothquant is not None:
-                proto, smoothing = _smooth(proto, body, cfg.smoothquant, feeds, logits, log)
-            details = quantize_dynamic_int8(proto, out_path, body, lm_head=cfg.lm_head, activations=cfg.activations,
-                                            feeds=feeds if cfg.activations == "auto" else None,
-                                            threshold=cfg.token_threshold, logits=logits, log=log,
-                                            progress=progress)
-            if smoothing is not None:
-                details["smoothquant"] = smoothing
-            if cfg.activations == "auto":
-                details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
-                _log_activation_choice(details, log)
-        elif isinstance(cfg, StaticInt8Config):
-            from onnxpipe.quant.static import quantize_static_int8
-
-            assert samples is not None
-            if cfg.smoothing == "auto":
-                details = _static_alpha_search(proto, out_path, body, src, samples, cfg, log, progress, cache)
-            else:
-                details = quantize_static_int8(proto, out_path, body, src.manifest, samples, cfg, log, progress,
-                                               cache)
-        else:
-            from onnxpipe.quant.int4 import quantize_int4
-
-            details = quantize_int4(proto, out_path, body, src.manifest, samples, cfg, log, progress)
         details["plan"] = plan.to_json()
         tables = _vocab_tables(out_path, plan.lm_head if head_by_tables else None, src.manifest, cfg)
         if tables is not None:
@@ -453,6 +428,84 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: ModeConfig, samples: np.ndarra
                if before.get(k, 0) != after.get(k, 0)}
     log(f"ops changed: {', '.join(f'{k} {v}' for k, v in changed.items()) or 'none'}")
     return details
+
+
+def _run_in_memory(proto: Any, src: ModelDir, out_path: Path, cfg: ModeConfig, samples: np.ndarray | None, log: Log,
+                   progress: Progress | None, selection: Any, cache: Any) -> tuple[dict[str, Any], Any]:
+    """Every mode but rtn_stream's on the whole model in memory: (details, the weight plan; None for fp16)."""
+    from onnxpipe.quant.graph import WeightPlan, expose_weights
+
+    logits = src.manifest.graph["logits"]
+    if isinstance(cfg, Fp16Config):
+        from onnxpipe.quant.fp16 import convert_fp16
+
+        return convert_fp16(proto, out_path, cfg, logits), None
+    plan = expose_weights(proto, logits)
+    _log_plan(plan, log)
+    head_by_tables = cfg.lm_head in ("auto", "int8") and plan.lm_head is not None
+    body = WeightPlan([n for n in plan.linears if n != plan.lm_head], None, plan.embeddings, plan.rewrites) \
+        if head_by_tables else plan
+    if isinstance(cfg, DynamicInt8Config):
+        from onnxpipe.quant.calibration import feed_count
+        from onnxpipe.quant.dynamic import quantize_dynamic_int8
+
+        feeds = None
+        if cfg.needs_calibration():
+            feeds = list(_prefill_feeds(src.manifest, samples, cfg, "calibration prefills", progress))
+        smoothing = None
+        if cfg.smoothquant is not None:
+            proto, smoothing = _smooth(proto, body, cfg.smoothquant, feeds, logits, log)
+        details = quantize_dynamic_int8(proto, out_path, body, lm_head=cfg.lm_head, activations=cfg.activations,
+                                        feeds=feeds if cfg.activations == "auto" else None,
+                                        threshold=cfg.token_threshold, logits=logits, log=log,
+                                        progress=progress)
+        if smoothing is not None:
+            details["smoothquant"] = smoothing
+        if cfg.activations == "auto":
+            details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
+            _log_activation_choice(details, log)
+    elif isinstance(cfg, StaticInt8Config):
+        from onnxpipe.quant.static import quantize_static_int8
+
+        assert samples is not None
+        if cfg.smoothing == "auto":
+            details = _static_alpha_search(proto, out_path, body, src, samples, cfg, log, progress, cache)
+        else:
+            details = quantize_static_int8(proto, out_path, body, src.manifest, samples, cfg, log, progress,
+                                           cache)
+    else:
+        from onnxpipe.quant.int4 import quantize_int4
+
+        details = quantize_int4(proto, out_path, body, src.manifest, samples, cfg, log, progress)
+    return details, plan
+
+
+def _log_plan(plan: Any, log: Log) -> None:
+    log(f"linear layers: {len(plan.linears)} (LM head {'lm_head' if plan.lm_head else 'not found'}), "
+        f"lookup tables: {len(plan.embeddings)}; rewrites {plan.rewrites}")
+
+
+def _stream_rtn(src: ModelDir, out_path: Path, cfg: Int4Config, log: Log,
+                progress: Progress | None) -> tuple[dict[str, int], dict[str, Any], Any]:
+    """int4 RTN with blocks (rtn_stream.py): the input read lazily, one weight quantized at a time, the output's
+    weights written to external data where the input's were. (op counts before, details, the weight plan)."""
+    from collections import Counter
+
+    import onnx_ir as ir
+
+    from onnxpipe.quant.rtn_stream import has_external_data, quantize_rtn_streamed, read_plan, save_streamed
+
+    model = ir.load(str(src.model_path))
+    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph)
+    before = dict(sorted(counts.items()))
+    plan = read_plan(model, src.manifest.graph["logits"])
+    _log_plan(plan, log)
+    external = has_external_data(model)
+    details = quantize_rtn_streamed(model, plan, cfg, progress)
+    log(f"int4 rtn: {details['quantized_nodes']} weights quantized {details['streamed']}; writing "
+        + ("the weights to external data, one at a time" if external else "the model"))
+    save_streamed(model, out_path, external)
+    return before, details, plan
 
 
 def _static_alpha_search(proto: Any, out_path: Path, body: Any, src: ModelDir, samples: np.ndarray,
@@ -532,6 +585,7 @@ def _vocab_tables(model_path: Path, head: str | None, manifest: Manifest, cfg: M
     when tied. Done last so that every float check inside a mode (SmoothQuant's equivalence) sees float heads."""
     import onnx
 
+    from onnxpipe import artifact
     from onnxpipe.quant.embedding import quantize_vocab_tables
     from onnxpipe.quant.graph import save_quantized
 
@@ -541,7 +595,12 @@ def _vocab_tables(model_path: Path, head: str | None, manifest: Manifest, cfg: M
     proto = onnx.load(str(model_path))
     level = cfg.accuracy_level if isinstance(cfg, Int4Config) else 4
     report = quantize_vocab_tables(proto, head, int(manifest.model["vocab_size"]), head is not None, lookups, level)
-    save_quantized(proto, model_path)
+    data = model_path.with_name(model_path.name + ".data")
+    if data.exists():  # the weights stay in a data file (rtn_stream keeps the input's layout); onnx would append
+        data.unlink()  # to the old one, whose tensors are in memory now
+        artifact.save_onnx(proto, model_path.parent, model_path.name, threshold=0)
+    else:
+        save_quantized(proto, model_path)
     return report
 
 
@@ -567,25 +626,33 @@ def _output_manifest(src: Manifest, model_path: Path, cfg: ModeConfig) -> Manife
     return manifest
 
 
-def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: ModeConfig) -> Any:
+def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: ModeConfig,
+                  provider: str = "cpu") -> Any:
     """Prefill + decode steps on a padded batch (the input's padding side) against the input model
-    (parity.check_decoders).
+    (parity.check_decoders), on ``provider`` (quality.eval_provider: CUDA where this onnxruntime has it).
 
+    The sessions are made one after the other (parity.lazy_ort_step_fn: the reference's is dropped before the
+    candidate's is made): on the CPU the reference of an fp16 input holds its weights widened to fp32 (2x W).
     fp16 is judged with the fp16 tolerance; integer modes are recorded only, and judged by the quality report.
     """
-    from onnxpipe.parity import TOLERANCE, check_decoders, ort_step_fn
-    from onnxpipe.quant.quality import measure_session
+    from onnxpipe.parity import TOLERANCE, check_decoders, lazy_ort_step_fn
+    from onnxpipe.quant.quality import eval_session, measure_session
     from onnxpipe.runtime.sessions import reference_session
 
     def kv_dtype(m: Manifest) -> np.dtype:
         dtypes = {t["name"]: t["dtype"] for t in m.graph["inputs"]}
         return np.dtype(dtypes[m.past_names(0)[0]])
 
-    ref = ort_step_fn(reference_session(src.model_path), src.manifest)
-    cand = ort_step_fn(measure_session(model_path), manifest)
+    if provider == "cpu":
+        ref = lazy_ort_step_fn(lambda: reference_session(src.model_path), src.manifest)
+        cand = lazy_ort_step_fn(lambda: measure_session(model_path), manifest)
+    else:
+        ref = lazy_ort_step_fn(lambda: eval_session(src.model_path, provider)[0], src.manifest)
+        cand = lazy_ort_step_fn(lambda: eval_session(model_path, provider)[0], manifest)
     side = src.manifest.graph.get("padding_side", "left")  # quantizing keeps the input's padding side
     report = check_decoders(ref, cand, manifest, kv_dtype=kv_dtype(manifest), ref_kv_dtype=kv_dtype(src.manifest),
                             padding_side=side, reference_padding_side=side)
+    cand.release()  # type: ignore[attr-defined]
     if cfg.mode == "fp16" and src.manifest.graph.get("dtype") == "fp32":
         report.judge(TOLERANCE["fp16"])
     return report

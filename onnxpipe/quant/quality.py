@@ -47,6 +47,8 @@ SE_BLOCK = 64  # tokens per block of the perplexity change's standard error
 Z95 = 1.96
 DECODE_PROMPTS, DECODE_PROMPT_LEN, DECODE_STEPS = 4, 32, 16
 RECORDED = "recorded, not judged"
+POSITION_CHUNK = 32  # positions whose float64 log-probabilities are taken at once (compare_on_text)
+LOGITS_BYTES = 256 << 20  # a batch of windows' logits, per session, at most this (logits_batch)
 
 
 @dataclass
@@ -168,6 +170,26 @@ def _scored(session: Any, manifest: Manifest, ids: np.ndarray) -> Iterator[np.nd
         yield log_softmax(row[:-1])
 
 
+def _window_logits(session: Any, manifest: Manifest, ids: np.ndarray) -> np.ndarray:
+    """The logits [B, T, V] of a batch of windows (the session's own dtype, not widened)."""
+    return session.run([manifest.graph["logits"]], prefill_feed(manifest, ids))[0]
+
+
+def _position_chunks(row_b: np.ndarray, row_a: np.ndarray, ids: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """(log-probs before, after [P, V] float64, targets [P, 1]) over the positions of one window that predict a next
+    token, POSITION_CHUNK at a time: the float64 copies of a 128k-256k vocabulary stay tens of MB, not a window's
+    (256 positions x 152k x 8 bytes: 311 MB each, several at once)."""
+    for s in range(0, len(ids) - 1, POSITION_CHUNK):
+        e = min(s + POSITION_CHUNK, len(ids) - 1)
+        yield log_softmax(row_b[s:e]), log_softmax(row_a[s:e]), ids[s + 1:e + 1, None]
+
+
+def logits_batch(context: int, vocab: int, batch_size: int = 4) -> int:
+    """Windows a session runs at once: at most ``batch_size``, fewer where a batch's logits [B, context, vocab]
+    fp32 would pass LOGITS_BYTES (a 152k vocabulary at context 256: 156 MB a window)."""
+    return max(1, min(batch_size, LOGITS_BYTES // max(1, context * vocab * 4)))
+
+
 def _block_sums(diff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row NLL differences [B, T] cut into blocks of SE_BLOCK tokens: (sums, counts)."""
     sums, counts = [], []
@@ -207,20 +229,25 @@ def compare_on_text(
     nll_b = nll_a = kl = 0.0
     agree = scored = done = 0
     sums, counts = [], []
+    batch_size = logits_batch(context, int(manifest_before.model.get("vocab_size") or 0), batch_size)
     for ids in _batches(token_ids, context, batch_size):
-        rows = zip(ids, _scored(before, manifest_before, ids), _scored(after, manifest_after, ids))
-        for row, lp_b, lp_a in rows:
-            targets = row[1:, None]
-            tok_b = -np.take_along_axis(lp_b, targets, -1)[:, 0]
-            tok_a = -np.take_along_axis(lp_a, targets, -1)[:, 0]
-            nll_b += float(tok_b.sum())
-            nll_a += float(tok_a.sum())
-            s, c = _block_sums((tok_a - tok_b)[None])
+        logits_b = _window_logits(before, manifest_before, ids)
+        logits_a = _window_logits(after, manifest_after, ids)
+        for row, row_b, row_a in zip(ids, logits_b, logits_a):
+            diffs = []
+            for lp_b, lp_a, targets in _position_chunks(row_b, row_a, row):
+                tok_b = -np.take_along_axis(lp_b, targets, -1)[:, 0]
+                tok_a = -np.take_along_axis(lp_a, targets, -1)[:, 0]
+                nll_b += float(tok_b.sum())
+                nll_a += float(tok_a.sum())
+                diffs.append(tok_a - tok_b)
+                kl += float((np.exp(lp_b) * (lp_b - lp_a)).sum())
+                agree += int((lp_b.argmax(-1) == lp_a.argmax(-1)).sum())
+                scored += targets.size
+            s, c = _block_sums(np.concatenate(diffs)[None])
             sums.append(s)
             counts.append(c)
-            kl += float((np.exp(lp_b) * (lp_b - lp_a)).sum())
-            agree += int((lp_b.argmax(-1) == lp_a.argmax(-1)).sum())
-            scored += targets.size
+        del logits_b, logits_a
         done += ids.shape[0]
         if progress:
             progress(done, len(starts))

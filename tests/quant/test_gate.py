@@ -220,16 +220,16 @@ def test_a_collapsed_greedy_agreement_fails_the_report_in_words(q4_1_model: Path
 
 def test_a_choice_that_cannot_be_made_leaves_the_others(tok_model, small_eval: Path, tmp_path: Path,
                                                         monkeypatch) -> None:  # noqa: ANN001
-    import onnxpipe.quant.int4 as int4
+    import onnxpipe.quant.rtn_stream as rtn_stream  # RTN with blocks: one weight at a time
 
-    real = int4.quantize_int4
+    real = rtn_stream.quantize_rtn_streamed
 
-    def no_block_128(proto, out_path, plan, manifest, samples, cfg, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def no_block_128(model, plan, cfg, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
         if cfg.block_size == 128:
             raise OnnxpipeError("block 128 refused here")
-        return real(proto, out_path, plan, manifest, samples, cfg, *a, **k)
+        return real(model, plan, cfg, *a, **k)
 
-    monkeypatch.setattr(int4, "quantize_int4", no_block_128)
+    monkeypatch.setattr(rtn_stream, "quantize_rtn_streamed", no_block_128)
     out = tmp_path / "q"
     r = invoke("quantize", tok_model("llama"), "-o", out, "--mode", "int4", "--algo", "rtn", "--eval", small_eval, *FAST)
     assert r.exit_code == 0, r.output

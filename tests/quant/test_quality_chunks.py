@@ -1,0 +1,68 @@
+"""The quality report's figures are the same whether log-probabilities are taken a window or a few positions at a
+time, and whatever number of windows a session runs at once (quality.compare_on_text bounds both for large
+vocabularies)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxpipe.artifact import Manifest
+from onnxpipe.quant import quality
+
+pytestmark = pytest.mark.fast
+
+VOCAB, CONTEXT = 37, 24
+
+
+class Logits:
+    """A stand-in session: fixed logits per token id (a bigram table), so any batching gives the same numbers."""
+
+    def __init__(self, seed: int) -> None:
+        self.table = np.random.default_rng(seed).normal(size=(VOCAB, VOCAB)).astype(np.float32) * 3
+
+    def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [self.table[feed["input_ids"]]]
+
+
+def _manifest() -> Manifest:
+    return Manifest.from_json({"model": {"vocab_size": VOCAB, "num_layers": 0, "num_kv_heads": 1, "head_dim": 4},
+                               "graph": {"logits": "logits", "inputs": [], "outputs": [], "kv": {"num_layers": 0}},
+                               "steps": []})
+
+
+def _whole_windows(before: Logits, after: Logits, ids: np.ndarray) -> dict[str, float]:
+    """The figures computed the plain way: each window's log-probabilities at once."""
+    nll_b = nll_a = kl = 0.0
+    agree = scored = 0
+    for b in quality.window_starts(len(ids), CONTEXT):
+        row = ids[b:b + CONTEXT]
+        lp_b = quality.log_softmax(before.table[row[:-1]])
+        lp_a = quality.log_softmax(after.table[row[:-1]])
+        t = row[1:, None]
+        nll_b -= float(np.take_along_axis(lp_b, t, -1).sum())
+        nll_a -= float(np.take_along_axis(lp_a, t, -1).sum())
+        kl += float((np.exp(lp_b) * (lp_b - lp_a)).sum())
+        agree += int((lp_b.argmax(-1) == lp_a.argmax(-1)).sum())
+        scored += t.size
+    return {"ppl_before": np.exp(nll_b / scored), "ppl_after": np.exp(nll_a / scored), "mean_kl": kl / scored,
+            "top1_agreement": agree / scored, "eval_tokens": scored}
+
+
+@pytest.mark.parametrize("chunk, logits_bytes", [(5, 1 << 30), (64, 1), (1, 1 << 30)])
+def test_chunked_scoring_matches_whole_windows(monkeypatch: pytest.MonkeyPatch, chunk: int, logits_bytes: int) -> None:
+    monkeypatch.setattr(quality, "POSITION_CHUNK", chunk)
+    monkeypatch.setattr(quality, "LOGITS_BYTES", logits_bytes)
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=CONTEXT * 5 + 7)
+    before, after = Logits(2), Logits(3)
+    got = quality.compare_on_text(before, after, _manifest(), _manifest(), ids, CONTEXT)
+    want = _whole_windows(before, after, ids)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9), key
+    assert got["windows"] == 6
+
+
+def test_a_large_vocabulary_runs_one_window_at_a_time() -> None:
+    assert quality.logits_batch(256, 151936) == 1  # 156 MB of fp32 logits a window
+    assert quality.logits_batch(256, 32000) == 4
+    assert quality.logits_batch(256, 1 << 30) == 1

@@ -1,0 +1,93 @@
+"""int4 RTN one weight at a time (quant/rtn_stream.py): the same model, bit for bit, as onnxruntime's
+MatMulNBitsQuantizer on the whole model in memory (int4.py's ``_nbits``), for fp32 and fp16 weights, blocks 32 and
+128, with and without zero points; the input's external data read lazily and the output's written to a data file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxpipe.artifact import ModelDir
+from onnxpipe.quant.config import Int4Config
+from onnxpipe.quant.graph import WeightPlan, expose_weights
+from onnxpipe.quant.int4 import _nbits, _set_accuracy_level
+from onnxpipe.quant.rtn_stream import quantize_block, quantize_rtn_streamed, read_plan, save_streamed
+
+
+def _fp16(src: Path, dst: Path) -> Path:
+    """A copy of the model directory with its float weights in fp16 (graph types untouched: only the weights are
+    compared, never run)."""
+    shutil.copytree(src, dst)
+    proto = onnx.load(str(dst / "model.onnx"))
+    for t in proto.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float16), t.name))
+    onnx.save_model(proto, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    return dst
+
+
+def _in_memory(model_path: Path, cfg: Int4Config, logits: str) -> onnx.ModelProto:
+    """int4.quantize_int4's RTN path: the whole model to ORT's quantizer, the LM head left float."""
+    proto = onnx.load(str(model_path))
+    plan = expose_weights(proto, logits)
+    body = [n for n in plan.linears if n != plan.lm_head]
+    all_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
+    proto = _nbits(proto, 4, cfg.block_size, body, all_matmuls, cfg.accuracy_level, "rtn", cfg.symmetric)
+    _set_accuracy_level(proto, cfg.accuracy_level)
+    return proto
+
+
+def _tensors(proto: onnx.ModelProto, base: Path) -> dict[str, np.ndarray]:
+    onnx.load_external_data_for_model(proto, str(base))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+def _nodes(proto: onnx.ModelProto) -> list[tuple]:
+    return [(n.op_type, n.name, tuple(n.input), tuple(n.output),
+             tuple(sorted((a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute)))
+            for n in proto.graph.node]
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.parametrize("block_size, symmetric", [(32, False), (128, False), (32, True)])
+def test_streamed_rtn_is_ort_quantizers_model(tok_model, tmp_path: Path, fp16: bool, block_size: int,  # noqa: ANN001
+                                              symmetric: bool) -> None:
+    src = ModelDir.open(tok_model("llama"))
+    model_path = _fp16(src.path, tmp_path / "in").joinpath("model.onnx") if fp16 else src.model_path
+    logits = src.manifest.graph["logits"]
+    cfg = Int4Config(algo="rtn", block_size=block_size, symmetric=symmetric, lm_head="fp32", embeddings="fp32")
+
+    model = ir.load(str(model_path))
+    plan = read_plan(model, logits)
+    details = quantize_rtn_streamed(model, WeightPlan(plan.linears, plan.lm_head, plan.embeddings), cfg)
+    out = tmp_path / "out"
+    out.mkdir()
+    save_streamed(model, out / "model.onnx", external=True)
+    assert (out / "model.onnx.data").is_file() and details["quantized_nodes"] == len(plan.linears) - 1 == 14
+
+    streamed = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    reference = _in_memory(model_path, cfg, logits)
+    assert _nodes(streamed) == _nodes(reference)
+    got, want = _tensors(streamed, out), _tensors(reference, model_path.parent)
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype and np.array_equal(got[name], value), name
+    assert dict((o.domain, o.version) for o in streamed.opset_import) == \
+        dict((o.domain, o.version) for o in reference.opset_import)
+
+
+def test_quantize_block_pads_k_to_whole_blocks() -> None:
+    """K = 40 with block 32: two blocks, the second padded with zeros, as onnxruntime's quantizer pads."""
+    w = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    packed, scales, zero_points = quantize_block(w, 32, False)
+    assert packed.shape == (6, 2, 16) and scales.shape == (6, 2) and zero_points.shape == (6, 1)
+    q = np.stack([packed & 15, packed >> 4], -1).reshape(6, 64).astype(np.float32)
+    zp = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(6, 2).astype(np.float32)
+    dq = ((q.reshape(6, 2, 32) - zp[..., None]) * scales[..., None]).reshape(6, 64)[:, :40].T
+    assert np.abs(dq - w).max() <= scales.max() / 2 + 1e-6  # round to nearest: within half a step
