@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -24,12 +25,17 @@ from typing import Any, AsyncIterator, Callable
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.generate import GenerationResult, LanguageModel, load
 from onnxpipe.serve import protocol
+from onnxpipe.serve.handoff import Inbox, Mailbox
 from onnxpipe.serve.protocol import ApiError
 from onnxpipe.serve.scheduler import QueueFull, Request, TooLong, make_scheduler
 
 MAX_BODY_BYTES = 4 << 20
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
 GRACEFUL_SHUTDOWN_S = 5  # on stop, open streams get this long before their connections are closed
+# While the server runs, a thread holding the GIL gives it up after this long (Python's default: 5 ms). The scheduler's
+# thread needs it back after every onnxruntime call, and the event loop's thread, busy with the streams, would
+# otherwise keep it for up to 5 ms: one such wait per decode step was a GPU step's time again.
+SWITCH_INTERVAL_S = 0.0005
 
 
 def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
@@ -88,15 +94,16 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         except OnnxpipeError as e:
             raise ApiError(400, str(e), what) from None
 
-    def submit(row: Any) -> tuple[Request, asyncio.Queue]:
+    mailboxes: dict[int, Mailbox] = {}  # one per event loop (a test may run the app on several, one after another)
+
+    def submit(row: Any) -> tuple[Request, Inbox]:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def emit(event: Any) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
+        mailbox = mailboxes.get(id(loop))
+        if mailbox is None or mailbox.loop is not loop:
+            mailbox = mailboxes[id(loop)] = Mailbox(loop)
+        inbox = Inbox(mailbox)
         try:
-            return scheduler.submit(row, emit), events
+            return scheduler.submit(row, inbox.emit), inbox
         except QueueFull as e:
             raise ApiError(429, str(e), type="rate_limit_exceeded", code="rate_limit_exceeded") from None
         except TooLong as e:
@@ -104,48 +111,50 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         except OnnxpipeError as e:
             raise ApiError(503, str(e), type="server_error") from None
 
-    async def next_event(request: HttpRequest, events: asyncio.Queue, checked: list[float]) -> Any:
-        """The request's next event, or None once its client is gone. The connection is looked at every
-        DISCONNECT_POLL_S (``checked``: when it last was), events flowing or not: uvicorn drops what is sent to a
-        closed connection without an error, so a stream would otherwise run to its end for nobody."""
+    async def next_events(request: HttpRequest, inbox: Inbox, checked: list[float]) -> list[Any] | None:
+        """The request's events delivered so far (at least one), or None once its client is gone. The connection
+        is looked at every DISCONNECT_POLL_S (``checked``: when it last was), events flowing or not: uvicorn drops
+        what is sent to a closed connection without an error, so a stream would otherwise run to its end for
+        nobody."""
         while True:
             if time.monotonic() - checked[0] >= DISCONNECT_POLL_S:
                 checked[0] = time.monotonic()
                 if await request.is_disconnected():
                     return None
-            try:
-                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                continue
+            events = await inbox.take(DISCONNECT_POLL_S)
+            if events:
+                return events
 
     async def generate(request: HttpRequest, chat: bool) -> Any:
         try:
             parsed = protocol.parse_request(await read_json(request), model_name, chat)
             row = prepare(parsed, chat)
-            req, events = submit(row)
+            req, inbox = submit(row)
         except ApiError as e:
             return error(e)
         rid = protocol.new_id(chat)
         if parsed.stream:
-            return StreamingResponse(stream(request, req, events, rid, chat, parsed.include_usage, len(row.prompt)),
+            return StreamingResponse(stream(request, req, inbox, rid, chat, parsed.include_usage, len(row.prompt)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         checked = [time.monotonic()]
         try:
             while True:
-                event = await next_event(request, events, checked)
-                if event is None:  # the client is gone: free its place
+                events = await next_events(request, inbox, checked)
+                if events is None:  # the client is gone: free its place
                     req.cancel()
                     return error(ApiError(499, "the client closed the request"))
-                kind, value = event
-                if kind == "done":
-                    return JSONResponse(protocol.completion(rid, model_name, chat, value))
-                if kind == "error":
-                    return error(ApiError(500, value, type="server_error"))
+                for kind, value in events:
+                    if kind == "done":
+                        return JSONResponse(protocol.completion(rid, model_name, chat, value))
+                    if kind == "error":
+                        return error(ApiError(500, value, type="server_error"))
         finally:
             req.cancel()  # a no-op once done; frees the place if this handler was cancelled
 
-    async def stream(request: HttpRequest, req: Request, events: asyncio.Queue, rid: str, chat: bool,
+    async def stream(request: HttpRequest, req: Request, inbox: Inbox, rid: str, chat: bool,
                      include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
+        """The SSE stream. The pieces delivered together (a stream that fell behind the decode steps) go out as one
+        chunk: their texts joined, the last one's finish reason."""
         def sse(obj: Any) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -153,23 +162,33 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         try:
             if chat:
                 yield sse(protocol.chunk(rid, model_name, True, "", role=True))
-            while True:
-                event = await next_event(request, events, checked)
-                if event is None:
+            finished = False
+            while not finished:
+                events = await next_events(request, inbox, checked)
+                if events is None:
                     return
-                kind, value = event
-                if kind == "piece":
-                    if value.text or value.finish_reason:
-                        yield sse(protocol.chunk(rid, model_name, chat, value.text, value.finish_reason))
-                elif kind == "done":
-                    result: GenerationResult = value
-                    if include_usage:
-                        yield sse(protocol.chunk(rid, model_name, chat, None,
-                                                 usage_=protocol.usage(prompt_tokens, len(result.token_ids))))
+                text, reason, out = "", None, []
+                for kind, value in events:
+                    if kind == "piece":
+                        text, reason = text + value.text, value.finish_reason or reason
+                        continue
+                    if text or reason:
+                        out.append(sse(protocol.chunk(rid, model_name, chat, text, reason)))
+                        text, reason = "", None
+                    if kind == "done":
+                        result: GenerationResult = value
+                        if include_usage:
+                            out.append(sse(protocol.chunk(rid, model_name, chat, None,
+                                                          usage_=protocol.usage(prompt_tokens,
+                                                                                len(result.token_ids)))))
+                    else:
+                        out.append(sse(ApiError(500, value, type="server_error").body()))
+                    finished = True
                     break
-                else:
-                    yield sse(ApiError(500, value, type="server_error").body())
-                    break
+                if text or reason:
+                    out.append(sse(protocol.chunk(rid, model_name, chat, text, reason)))
+                if out:
+                    yield "".join(out)
             yield "data: [DONE]\n\n"
         finally:
             req.cancel()  # the stream ended or its client went away: the place is freed at the next step
@@ -197,11 +216,14 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(min(previous, SWITCH_INTERVAL_S))
         scheduler.start()
         try:
             yield
         finally:
             await asyncio.get_running_loop().run_in_executor(None, scheduler.stop)
+            sys.setswitchinterval(previous)
 
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
                             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
