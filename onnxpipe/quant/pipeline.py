@@ -402,11 +402,12 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: ModeConfig, samples: np.ndarra
     ``cache``: a static.CalibrationCache shared by the choices of one run (static), else None."""
     import onnx
 
+    from onnxpipe.quant.gptq_stream import streams as gptq_streams
     from onnxpipe.quant.graph import op_counts
     from onnxpipe.quant.rtn_stream import streams
 
-    if isinstance(cfg, Int4Config) and streams(cfg):
-        before, details, plan = _stream_rtn(src, out_path, cfg, log, progress)
+    if isinstance(cfg, Int4Config) and (streams(cfg) or gptq_streams(cfg)):
+        before, details, plan = _stream_int4(src, out_path, cfg, samples, log, progress)
     else:
         proto = onnx.load(str(src.model_path))
         before = op_counts(proto)
@@ -485,10 +486,11 @@ def _log_plan(plan: Any, log: Log) -> None:
         f"lookup tables: {len(plan.embeddings)}; rewrites {plan.rewrites}")
 
 
-def _stream_rtn(src: ModelDir, out_path: Path, cfg: Int4Config, log: Log,
-                progress: Progress | None) -> tuple[dict[str, int], dict[str, Any], Any]:
-    """int4 RTN with blocks (rtn_stream.py): the input read lazily, one weight quantized at a time, the output's
-    weights written to external data where the input's were. (op counts before, details, the weight plan)."""
+def _stream_int4(src: ModelDir, out_path: Path, cfg: Int4Config, samples: np.ndarray | None, log: Log,
+                 progress: Progress | None) -> tuple[dict[str, int], dict[str, Any], Any]:
+    """int4 RTN or GPTQ with blocks and integer zero points (rtn_stream.py, gptq_stream.py): the input read lazily,
+    one weight quantized at a time (GPTQ: a few layers' Hessians at a time), the output's weights written to
+    external data where the input's were. (op counts before, details, the weight plan)."""
     from collections import Counter
 
     import onnx_ir as ir
@@ -501,11 +503,31 @@ def _stream_rtn(src: ModelDir, out_path: Path, cfg: Int4Config, log: Log,
     plan = read_plan(model, src.manifest.graph["logits"])
     _log_plan(plan, log)
     external = has_external_data(model)
-    details = quantize_rtn_streamed(model, plan, cfg, progress)
-    log(f"int4 rtn: {details['quantized_nodes']} weights quantized {details['streamed']}; writing "
-        + ("the weights to external data, one at a time" if external else "the model"))
+    if cfg.algo == "gptq":
+        details = _stream_gptq(model, plan, src, out_path, cfg, samples, log, progress)
+    else:
+        details = quantize_rtn_streamed(model, plan, cfg, progress)
+        log(f"int4 rtn: {details['quantized_nodes']} weights quantized {details['streamed']}")
+    log("writing " + ("the weights to external data, one at a time" if external else "the model"))
     save_streamed(model, out_path, external)
     return before, details, plan
+
+
+def _stream_gptq(model: Any, plan: Any, src: ModelDir, out_path: Path, cfg: Int4Config, samples: np.ndarray | None,
+                 log: Log, progress: Progress | None) -> dict[str, Any]:
+    from onnxpipe.quant.calibration import feed_count
+    from onnxpipe.quant.gptq_stream import counted_feeds, quantize_gptq_streamed
+    from onnxpipe.quant.quality import eval_provider, prefill_feed
+
+    assert samples is not None
+    prefill, batch = cfg.calib.prefill_len, cfg.calib.batch_size
+    feeds = counted_feeds(lambda: (prefill_feed(src.manifest, samples[b:b + batch, :prefill])
+                                   for b in range(0, len(samples), batch)),
+                          feed_count(samples, cfg.calib, decode=False), progress)
+    details = quantize_gptq_streamed(model, plan, cfg, feeds, out_path.parent / "gptq-activations",
+                                     eval_provider(src.manifest), log, progress)
+    details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
+    return details
 
 
 def _static_alpha_search(proto: Any, out_path: Path, body: Any, src: ModelDir, samples: np.ndarray,

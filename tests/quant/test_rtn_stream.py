@@ -18,6 +18,8 @@ from onnxpipe.quant.graph import WeightPlan, expose_weights
 from onnxpipe.quant.int4 import _nbits, _set_accuracy_level
 from onnxpipe.quant.rtn_stream import quantize_block, quantize_rtn_streamed, read_plan, save_streamed
 
+CALIBRATION = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
+
 
 def _fp16(src: Path, dst: Path) -> Path:
     """A copy of the model directory with its float weights in fp16 (graph types untouched: only the weights are
@@ -91,3 +93,75 @@ def test_quantize_block_pads_k_to_whole_blocks() -> None:
     zp = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(6, 2).astype(np.float32)
     dq = ((q.reshape(6, 2, 32) - zp[..., None]) * scales[..., None]).reshape(6, 64)[:, :40].T
     assert np.abs(dq - w).max() <= scales.max() / 2 + 1e-6  # round to nearest: within half a step
+
+
+def _samples(model_dir: Path) -> tuple[np.ndarray, object]:
+    from onnxpipe.quant.calibration import CalibrationConfig, calibration_samples
+    from onnxpipe.quant.text import load_tokenizer
+
+    calib = CalibrationConfig(max_samples=4, prefill_len=32, decode_steps=0, batch_size=2)
+    return calibration_samples(load_tokenizer(model_dir), CALIBRATION, calib), calib
+
+
+def _external(src: Path, dst: Path) -> Path:
+    """A copy of the model directory with its weights in model.onnx.data."""
+    shutil.copytree(src, dst)
+    proto = onnx.load(str(dst / "model.onnx"))
+    onnx.save_model(proto, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    return dst / "model.onnx"
+
+
+@pytest.mark.parametrize("budget, external", [(1 << 40, False), (1, True)])  # one pass; one input's per pass
+def test_streamed_gptq_is_the_in_memory_gptq(tok_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+                                             budget: int, external: bool) -> None:
+    """gptq_stream (Hessians chunk by chunk, weights read lazily) writes gptq.gptq_quantize_graph's model."""
+    import onnxpipe.quant.gptq_stream as gptq_stream
+    from onnxpipe.quant.gptq_stream import counted_feeds, quantize_gptq_streamed
+    from onnxpipe.quant.int4 import _gptq
+    from onnxpipe.quant.quality import prefill_feed
+
+    monkeypatch.setattr(gptq_stream, "HESSIAN_BYTES", budget)
+    src = ModelDir.open(tok_model("llama"))
+    logits = src.manifest.graph["logits"]
+    samples, calib = _samples(src.path)
+    cfg = Int4Config(algo="gptq", block_size=32, calibration=CALIBRATION, calib=calib, lm_head="fp32",
+                     embeddings="fp32")
+    model_path = _external(src.path, tmp_path / "in") if external else src.model_path
+
+    model = ir.load(str(model_path))
+    plan = read_plan(model, logits)
+    feeds = counted_feeds(lambda: (prefill_feed(src.manifest, samples[b:b + 2]) for b in range(0, len(samples), 2)),
+                          2, None)
+    passes: list[str] = []
+    details = quantize_gptq_streamed(model, plan, cfg, lambda label: (passes.append(label), feeds(label))[1],
+                                     tmp_path / "work")
+    assert not (tmp_path / "work").exists()  # the activation model is gone
+    assert len(passes) == details["gptq"]["passes"] == (1 if budget > 1 else details["gptq"]["hessians"])
+    out = tmp_path / "out"
+    out.mkdir()
+    save_streamed(model, out / "model.onnx", external=True)
+
+    proto = onnx.load(str(model_path))
+    body = expose_weights(proto, logits)
+    reference_details = _gptq(proto, [n for n in body.linears if n != body.lm_head], src.manifest, samples, cfg, None)
+    _set_accuracy_level(proto, cfg.accuracy_level)
+    streamed = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert _nodes(streamed) == _nodes(proto)
+    got, want = _tensors(streamed, out), _tensors(proto, model_path.parent)
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        assert np.array_equal(got[name], value), name
+    assert details["gptq"]["proxy_loss_vs_rtn"] == pytest.approx(reference_details["proxy_loss_vs_rtn"], rel=1e-12)
+    assert details["gptq"]["proxy_loss_vs_rtn"] < 1  # it compensated something
+
+
+@pytest.mark.fast
+def test_hessian_chunks_fit_the_budget() -> None:
+    from onnxpipe.quant.gptq_stream import hessian_chunks
+
+    sizes = {"a": 10, "b": 10, "c": 20, "d": 5}  # 800, 800, 3200, 200 bytes
+    assert hessian_chunks(sizes, 1600) == [["a", "b"], ["c"], ["d"]]
+    assert hessian_chunks(sizes, 1 << 20) == [["a", "b", "c", "d"]]
+    assert hessian_chunks(sizes, 1) == [["a"], ["b"], ["c"], ["d"]]
+    assert hessian_chunks({}, 1) == []
