@@ -89,21 +89,37 @@ class Checkpoint:
 
     def read(self, name: str) -> Any:
         """The tensor ``name`` (torch, its stored dtype), read into memory of its own."""
+        e = self.entry(name)
+        return self._pread(name, e.start, e.nbytes).reshape(e.shape)
+
+    def read_rows(self, name: str, first: int, stop: int) -> Any:
+        """Rows ``first:stop`` of ``name`` (its first dimension; a 0-d tensor is one row of one element)."""
+        e = self.entry(name)
+        rows = e.shape[0] if e.shape else 1
+        if not 0 <= first <= stop <= rows:
+            raise OnnxpipeError(f"rows {first}:{stop} of tensor {name!r} (it has {rows})")
+        row_bytes = e.nbytes // rows if rows else 0
+        t = self._pread(name, e.start + first * row_bytes, (stop - first) * row_bytes)
+        return t.reshape(stop - first, *e.shape[1:])
+
+    def _pread(self, name: str, offset: int, nbytes: int) -> Any:
+        """``nbytes`` of ``name``'s file from ``offset``, as a flat torch tensor of ``name``'s dtype. Positional
+        reads: several threads may read one file at once."""
         import torch
 
         e = self.entry(name)
-        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         fd = self._handle(e.file).fileno()
         array: Any = buf.numpy()
         view = memoryview(array).cast("B")
         done = 0
-        while done < e.nbytes:  # positional reads: several threads may read one file at once
-            n = os.preadv(fd, [view[done:]], e.start + done)
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
                 raise OnnxpipeError(f"{e.file}: truncated (tensor {name!r} ends past the end of the file)")
             done += n
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[e.dtype]
-        return buf.view(dtype).reshape(e.shape)
+        return buf.view(dtype)
 
     def read_elements(self, name: str, flat: Any) -> Any:
         """The elements of ``name`` at the row-major indices ``flat`` (a torch tensor of its stored dtype), each

@@ -41,7 +41,9 @@ def stamped_gap(src: Path) -> str | None:
 
 def export_model(src: str | Path, out_dir: str | Path, *, method: str = "auto",
                  log: Callable[[str], None] = lambda msg: None, **options: Any) -> ExportResult:
-    """export_decoder or stream.export_stamped, as ``method`` says (``auto``: stamped where it applies)."""
+    """export_decoder or stream.export_stamped, as ``method`` says (``auto``: stamped where it applies).
+    ``options["progress"]`` (label, done, total) is moved by the stamped export's weight writing."""
+    progress = options.pop("progress", None)
     if method not in METHODS:
         raise OnnxpipeError(f"unknown export method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "traced":
@@ -60,7 +62,7 @@ def export_model(src: str | Path, out_dir: str | Path, *, method: str = "auto",
             log(f"export method: traced ({gap})")
         return export_decoder(src, out_dir, log=log, **options)
     try:  # it says "export method: stamped" once its own checks of the source pass
-        return export_stamped(src, out_dir, log=log, **options)
+        return export_stamped(src, out_dir, log=log, progress=progress, **options)
     except StampUnsupported as e:  # raised while tracing the slice, before anything is written
         if method == "stamped":
             raise

@@ -8,15 +8,13 @@ truncated model of the check; never the whole model. Disk: the weights once, in 
 
 from __future__ import annotations
 
-import itertools
-import os
+import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable, Sequence
 
 import onnx_ir as ir
 
@@ -30,7 +28,7 @@ from onnxpipe.artifact import (
     write_manifest,
 )
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.export import stamp
+from onnxpipe.export import stamp, writer
 from onnxpipe.export.archs import attention_implementation, describe, layer_types
 from onnxpipe.export.checkpoint import Checkpoint
 from onnxpipe.export.exporter import (
@@ -44,16 +42,12 @@ from onnxpipe.export.exporter import (
     trace_decoder,
 )
 from onnxpipe.export.placement import check_placement
+from onnxpipe.export.truncated import check_truncated, reference_trace, truncated_layers
 from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
+from onnxpipe.parity import Trace
 
 DATA_FILE = MODEL_FILE + ".data"
-ALIGN = 64  # every tensor's offset; a large one's to the allocation granularity, as onnx_ir aligns them
-ALIGN_LARGE, LARGE = 65536, 1 << 20
-BLOCK_BYTES = 64 << 20  # a tensor is converted (and transposed) this many source bytes at a time
-# threads reading and converting tensors, half the cores (6 at most): at most WORKERS + 1 tensors are in memory, each
-# with its converted copy (an 8B shape's table and head are 1 GB each in bf16)
-WORKERS = max(1, min(6, (os.cpu_count() or 2) // 2))
 
 
 @dataclass
@@ -82,87 +76,56 @@ def trace_template(config: Any, cfg: dict[str, Any], dtype: str, opset: int) -> 
     return Traced(template, info, time.perf_counter() - start)
 
 
-def write_weights(stamped: stamp.Stamped, ckpt: Checkpoint, data_path: Path, dtype: str,
-                  log: Callable[[str], None] = lambda m: None) -> int:
-    """Append every initializer's weight to ``data_path`` (converted to ``dtype``, transposed where the graph keeps
-    it so) and point the initializer at it. Each source tensor is read once, in file order; WORKERS threads read and
-    convert the next tensors while this one is written (one loop doing it all streamed 0.35 GB/s on the 16 cores of
-    the GPU host, far below what the memory moves). Returns the bytes written."""
-    by_source: dict[str, list[ir.Value]] = {}
-    for v in [*stamped.globals, *(v for slot in stamped.slots for v in slot)]:
-        by_source.setdefault(stamped.weights[v.name or ""].source, []).append(v)
-    order = sorted(by_source, key=lambda s: (str(ckpt.entry(s).file), ckpt.entry(s).start))
-    total = sum(ckpt.entry(s).nbytes * len(by_source[s]) for s in order)
-    done, shown, start = 0, 0, time.perf_counter()
-    last = start
+@dataclass
+class Layout:
+    """Where every weight goes in the external data file (writer.plan): the jobs and the file's size."""
 
-    def convert(source: str) -> list[tuple[ir.Value, list[Any]]]:
-        tensor = ckpt.read(source)
-        return [(v, _convert(tensor, stamped.weights[v.name or ""], dtype, source)) for v in by_source[source]]
-
-    with open(data_path, "wb") as fh, ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        sources = iter(order)
-        pending: deque[Any] = deque()
-        for source in itertools.islice(sources, WORKERS + 1):
-            pending.append((source, pool.submit(convert, source)))
-        i = 0
-        while pending:
-            source, future = pending.popleft()
-            forms = future.result()
-            for nxt in itertools.islice(sources, 1):
-                pending.append((nxt, pool.submit(convert, nxt)))
-            for v, blocks in forms:
-                offset = _pad(fh, ckpt.entry(source).nbytes)
-                for block in blocks:
-                    fh.write(memoryview(block).cast("B"))
-                length = fh.tell() - offset
-                shape = list(stamp._dims(v.const_value.shape)) if v.const_value is not None else []
-                v.const_value = ir.ExternalTensor(DATA_FILE, offset, length, v.dtype or ir.DataType.FLOAT,
-                                                  shape=ir.Shape(shape), name=v.name or "", base_dir=data_path.parent)
-                done += ckpt.entry(source).nbytes
-            del forms
-            i += 1
-            tenth, now = 10 * done // max(total, 1), time.perf_counter()
-            if (tenth > shown and now - last >= 2.0) or i == len(order):  # every tenth at most, and the end
-                shown, last = tenth, now
-                log(f"writing weights: {i}/{len(order)} tensors, {done / 1e9:.2f}/{total / 1e9:.2f} GB read "
-                    f"({time.perf_counter() - start:.1f}s)")
-        return fh.tell()
+    jobs: list[writer.Job]
+    size: int
 
 
-def _pad(fh: BinaryIO, nbytes: int) -> int:
-    pos = fh.tell()
-    align = ALIGN_LARGE if nbytes >= LARGE else ALIGN
-    aligned = -(-pos // align) * align
-    if aligned != pos:
-        fh.write(b"\0" * (aligned - pos))
-    return aligned
+def place_weights(stamped: stamp.Stamped, ckpt: Checkpoint, data_path: Path, dtype: str) -> Layout:
+    """Fix every initializer's offset in ``data_path`` and point the initializer there (nothing is written yet:
+    the graph can be saved before its weights)."""
+    values = [*stamped.globals, *(v for slot in stamped.slots for v in slot)]
+    by_name = {v.name or "": v for v in values}
+    uses = [(v.name or "", stamped.weights[v.name or ""].source, stamped.weights[v.name or ""].transpose)
+            for v in values]
+    jobs, size = writer.plan(uses, ckpt, dtype)
+    for job in jobs:
+        for span in job.spans:
+            v = by_name[span.name]
+            v.const_value = ir.ExternalTensor(DATA_FILE, span.offset, span.length, v.dtype or ir.DataType.FLOAT,
+                                              shape=ir.Shape(list(span.shape)), name=span.name,
+                                              base_dir=data_path.parent)
+    return Layout(jobs, size)
 
 
-def _write_converted(fh: BinaryIO, tensor: Any, w: stamp.Weight, dtype: str, source: str) -> None:
-    for block in _convert(tensor, w, dtype, source):
-        fh.write(memoryview(block).cast("B"))
+def write_weights(layout: Layout, ckpt: Checkpoint, data_path: Path, dtype: str,
+                  log: Callable[[str], None] = lambda m: None, *, first: Sequence[str] = (),
+                  on_first: Callable[[], None] | None = None, stop: threading.Event | None = None,
+                  progress: Callable[[str, int, int], None] | None = None, workers: int | None = None) -> int:
+    """Write the weights where ``layout`` placed them (converted to ``dtype``, transposed where the graph keeps them
+    so; writer.write), the sources in ``first`` before the others (then ``on_first()``). Says how far it got every
+    tenth of the bytes (at most every 2 s) and moves ``progress("writing weights", tensors done, tensors)`` after
+    each tensor. Returns the bytes written."""
+    jobs = layout.jobs
+    total = sum(j.nbytes * len(j.spans) for j in jobs)
+    shown, last = 0, 0.0
 
+    def report(done: int, read: int, seconds: float) -> None:
+        nonlocal shown, last
+        if progress is not None:
+            progress("writing weights", done, len(jobs))
+        tenth = 10 * read // max(total, 1)
+        if (tenth > shown and seconds - last >= 2.0) or done == len(jobs):
+            shown, last = tenth, seconds
+            log(f"writing weights: {done}/{len(jobs)} tensors, {read / 1e9:.2f}/{total / 1e9:.2f} GB read "
+                f"({seconds:.1f}s)")
 
-def _convert(tensor: Any, w: stamp.Weight, dtype: str, source: str) -> list[Any]:
-    """``tensor`` (2-D transposed when ``w.transpose``) as ``dtype``: numpy blocks of rows of the result."""
-    import torch
-
-    target = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
-    out = tensor.t() if w.transpose else tensor
-    if out.dim() == 0:
-        out = out.reshape(1)
-    row_bytes = max(out[0].numel() * tensor.element_size(), 1) if out.shape[0] else 1
-    step = max(1, BLOCK_BYTES // row_bytes)
-    blocks = []
-    for r0 in range(0, out.shape[0], step):
-        block = out[r0:r0 + step].to(target).contiguous()
-        if target == torch.float16 and not bool(torch.isfinite(block).all()):
-            bad = int((~torch.isfinite(block)).sum())
-            raise OnnxpipeError(f"weight {source}: {bad} values do not fit fp16 (beyond +-65504 or not finite); "
-                                "export with --dtype fp32")
-        blocks.append(block.numpy())
-    return blocks
+    writer.write(jobs, layout.size, ckpt, data_path, dtype, workers=workers, first=first, on_first=on_first,
+                 stop=stop, progress=report)
+    return layout.size
 
 
 def save_graph(model: ir.Model, path: Path) -> None:
@@ -182,6 +145,7 @@ def export_stamped(
     decode_steps: int = 4,
     parity_layers: int = 2,
     log: Callable[[str], None] = lambda msg: None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ExportResult:
     """Export the Hugging Face directory ``src`` (safetensors weights; a family of stamp.STAMPED_MODEL_TYPES) to
     ``out_dir`` by stamping a traced one-layer slice and streaming the weights; nothing is left behind on failure.
@@ -211,18 +175,26 @@ def export_stamped(
         shapes = {k: e.shape for k, e in ckpt.entries.items()}
         log(f"stamping {n} layers...")
         stamped = stamp.stamp(traced.template, _layer_order(n), shapes, info["vocab_size"])
+        layers = truncated_layers(n, parity_layers) if verify else []
         with atomic_output_dir(out_dir, force=force, inputs=[src]) as tmp:
             onnx_path = tmp / MODEL_FILE
-            written = write_weights(stamped, ckpt, tmp / DATA_FILE, dtype, log)
-            save_graph(stamped.model, onnx_path)
-            export_s = time.perf_counter() - start
-            log(f"exported in {export_s:.1f}s ({written / 1e9:.2f} GB of weights, external data)")
-            _check_onnx(onnx_path)
+            layout = place_weights(stamped, ckpt, tmp / DATA_FILE, dtype)
+            save_graph(stamped.model, onnx_path)  # the weights' places are fixed: the graph goes first
             config.dtype = {"fp32": "float32", "fp16": "float16"}[dtype]
             gen = GenerationConfig.from_pretrained(str(src)) if (src / "generation_config.json").is_file() \
                 else GenerationConfig.from_model_config(config)
             manifest = _build_manifest(onnx_path, info, dtype, opset, True, src,
                                        SimpleNamespace(config=config, generation_config=gen))
+            checked = [stamped.weights[v.name or ""].source
+                       for v in [*stamped.globals, *(v for j in layers for v in stamped.slots[j])]]
+            written, reference = _write_with_reference(
+                layout, ckpt, tmp / DATA_FILE, dtype, log, progress, checked,
+                (lambda: reference_trace(ckpt, cfg, layers, manifest, dtype, decode_steps)) if verify else None,
+                f"checking parity, PyTorch's side: layers {layers} of {n} (prefill + decode, left-padded batch of 2)")
+            manifest.graph["external_data"] = DATA_FILE  # written now (the manifest was made before it existed)
+            export_s = time.perf_counter() - start
+            log(f"exported in {export_s:.1f}s ({written / 1e9:.2f} GB of weights, external data)")
+            _check_onnx(onnx_path)
             manifest.tokenizer["files"] = copy_tokenizer_files(src, tmp, root=root)
             config.save_pretrained(tmp)
             step: dict[str, Any] = {
@@ -233,19 +205,15 @@ def export_stamped(
                 "seconds": round(export_s, 2),
             }
             if verify:
-                from onnxpipe.export.truncated import check_truncated, truncated_layers
-
                 placement = check_placement(stamped, ckpt, tmp / DATA_FILE, dtype)
                 log(f"placement: {placement.tensors} tensors, {placement.samples_per_tensor} elements of each against "
                     f"the checkpoint: {'ok' if placement.passed else 'MISMATCHED ' + ', '.join(placement.mismatched)}")
                 if not placement.passed:
                     raise OnnxpipeError(f"placement check failed: the bytes written for {placement.mismatched[0]} are "
                                         "not its checkpoint tensor's; the export was not written")
-                layers = truncated_layers(n, parity_layers)
-                log(f"checking parity against PyTorch on layers {layers} of {n} with the written weights "
-                    "(prefill + decode, left-padded batch of 2)...")
+                log(f"checking parity, ONNX Runtime's side: layers {layers} of {n} with the written weights...")
                 report = check_truncated(traced.template, stamped, layers, ckpt, cfg, manifest, dtype, tmp,
-                                         decode_steps=decode_steps)
+                                         decode_steps=decode_steps, reference=reference)
                 step["check"] = report.to_json() | {"scope": "truncated", "layers": layers,
                                                     "placement": placement.to_json()}
                 log(f"parity: {report.summary()}")
@@ -261,6 +229,47 @@ def export_stamped(
             write_manifest(tmp, manifest)
             write_genai_config(tmp, manifest)
     return ExportResult(ModelDir.open(out_dir), time.perf_counter() - start)
+
+
+def _write_with_reference(layout: Layout, ckpt: Checkpoint, data_path: Path, dtype: str, log: Callable[[str], None],
+                          progress: Callable[[str, int, int], None] | None, first: list[str],
+                          make_reference: Callable[[], Trace] | None, saying: str) -> tuple[int, Trace | None]:
+    """write_weights on a thread of its own, the sources in ``first`` first. With 4 cores or more, the check's
+    PyTorch side (``make_reference()``, which reads the checkpoint alone) runs here once those are written, while
+    the rest are: the writer's threads get half the cores and torch the other half (more threads than cores would
+    make each wait for the others). With fewer, it runs after the writing. If either fails, the other is stopped and
+    the first error raised."""
+    import torch
+
+    cores = writer.available_cores()
+    overlap = make_reference is not None and cores >= 4
+    workers = min(8, cores // 2) if overlap else None
+    first_done, stop = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer") as side:
+        writing = side.submit(write_weights, layout, ckpt, data_path, dtype, log, first=first,
+                              on_first=first_done.set, stop=stop, progress=progress, workers=workers)
+        writing.add_done_callback(lambda _: first_done.set())  # a failure before ``first`` was written wakes us too
+        try:
+            reference = None
+            if overlap and make_reference is not None:
+                first_done.wait()
+                if writing.done():
+                    writing.result()  # its error, if it failed before the reference started
+                log(saying + ", while the other weights are written...")
+                threads = torch.get_num_threads()
+                torch.set_num_threads(max(1, cores - (workers or 0)))
+                try:
+                    reference = make_reference()
+                finally:
+                    torch.set_num_threads(threads)
+            written = writing.result()
+            if make_reference is not None and reference is None:
+                log(saying + "...")
+                reference = make_reference()
+            return written, reference
+        except BaseException:
+            stop.set()
+            raise
 
 
 def check_weights(config: Any, ckpt: Checkpoint, src: Path) -> None:

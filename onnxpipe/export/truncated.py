@@ -26,10 +26,20 @@ from onnxpipe.export import stamp
 from onnxpipe.export.archs import attention_implementation
 from onnxpipe.export.checkpoint import Checkpoint
 from onnxpipe.export.exporter import _quiet
-from onnxpipe.parity import TOLERANCE, ParityReport, StepFn, check_decoders, lazy_ort_step_fn
+from onnxpipe.parity import (
+    TOLERANCE,
+    ParityReport,
+    StepFn,
+    Trace,
+    compare,
+    lazy_ort_step_fn,
+    left_padded_batch,
+    run_trace,
+)
 from onnxpipe.runtime.sessions import open_session
 
 LAYER_KEY = re.compile(r"^(?P<prefix>.+\.layers)\.(?P<i>\d+)\.(?P<rest>.+)$")
+PROMPTS = (7, 4)  # the prompts' lengths: a left-padded batch of 2, as parity.check_decoders makes it
 
 
 def truncated_layers(num_layers: int, first: int = 2) -> list[int]:
@@ -37,11 +47,25 @@ def truncated_layers(num_layers: int, first: int = 2) -> list[int]:
     return sorted(set(range(min(first, num_layers))) | {num_layers - 1})
 
 
+def reference_trace(ckpt: Checkpoint, cfg: dict[str, Any], layers: list[int], manifest: Manifest, dtype: str,
+                    decode_steps: int = 4, seed: int = 0) -> Trace:
+    """The PyTorch side of the check: transformers' model of the checkpoint's ``layers`` run on the check's prompts
+    (greedy), then freed. It reads the checkpoint alone, so it may run while the weights are being written."""
+    sub = _sub_manifest(manifest, len(layers))
+    ids, mask = left_padded_batch(sub.model["vocab_size"], PROMPTS, seed)
+    step = _lazy_torch(lambda: truncated_torch_model(ckpt, cfg, layers, dtype))
+    try:
+        return run_trace(step, sub, ids, mask, decode_steps, _kv_dtype(dtype))
+    finally:
+        step.release()  # type: ignore[attr-defined]
+
+
 def check_truncated(template: stamp.Template, full: stamp.Stamped, layers: list[int], ckpt: Checkpoint,
                     cfg: dict[str, Any], manifest: Manifest, dtype: str, directory: Path, decode_steps: int = 4,
-                    seed: int = 0) -> ParityReport:
-    """PyTorch (the checkpoint's ``layers``) against the stamped graph of ``layers`` over the weights ``full``
-    wrote in ``directory``."""
+                    seed: int = 0, reference: Trace | None = None) -> ParityReport:
+    """PyTorch (the checkpoint's ``layers``; ``reference``, that trace made earlier by reference_trace with the
+    same arguments) against the stamped graph of ``layers`` over the weights ``full`` wrote in ``directory``, as
+    parity.check_decoders compares them: the candidate fed the reference's greedy tokens."""
     shapes = {k: e.shape for k, e in ckpt.entries.items()}
     part = stamp.stamp(template, layers, shapes, manifest.model["vocab_size"])
     for j, layer in enumerate(layers):
@@ -50,13 +74,20 @@ def check_truncated(template: stamp.Template, full: stamp.Stamped, layers: list[
     for mine, theirs in zip(part.globals, full.globals):
         mine.const_value = theirs.const_value
     graph = ir.serde.serialize_model(part.model).SerializeToString()
+    if reference is None:
+        reference = reference_trace(ckpt, cfg, layers, manifest, dtype, decode_steps, seed)
     sub = _sub_manifest(manifest, len(layers))
-    reference = _lazy_torch(lambda: truncated_torch_model(ckpt, cfg, layers, dtype))
+    ids, mask = left_padded_batch(sub.model["vocab_size"], PROMPTS, seed)
     candidate = lazy_ort_step_fn(lambda: _session(graph, directory), sub)
-    kv = np.dtype(np.float16 if dtype == "fp16" else np.float32)
-    report = check_decoders(reference, candidate, sub, kv_dtype=kv, decode_steps=decode_steps, seed=seed)
-    candidate.release()  # type: ignore[attr-defined]
-    return report.judge(TOLERANCE[dtype])
+    try:
+        got = run_trace(candidate, sub, ids, mask, decode_steps, _kv_dtype(dtype), forced_tokens=reference.tokens)
+    finally:
+        candidate.release()  # type: ignore[attr-defined]
+    return compare(reference, got, PROMPTS).judge(TOLERANCE[dtype])
+
+
+def _kv_dtype(dtype: str) -> np.dtype:
+    return np.dtype(np.float16 if dtype == "fp16" else np.float32)
 
 
 def _session(graph: bytes, directory: Path) -> Any:

@@ -113,13 +113,14 @@ def test_placement_check_catches_a_layer_the_truncated_check_skips(tmp_path: Pat
 
     real_write = stream.write_weights
 
-    def write_then_copy_layer_1_into_2(stamped, ckpt, data_path, dtype, log):  # noqa: ANN001, ANN202
-        written = real_write(stamped, ckpt, data_path, dtype, log)
-        src, dst = (next(v for v in stamped.slots[i] if "down_proj" in (v.name or "")) for i in (1, 2))
+    def write_then_copy_layer_1_into_2(layout, ckpt, data_path, dtype, log, **kw):  # noqa: ANN001, ANN003, ANN202
+        written = real_write(layout, ckpt, data_path, dtype, log, **kw)
+        spans = {s.name: s for job in layout.jobs for s in job.spans}
+        src, dst = (spans[f"model.model.layers.{i}.mlp.down_proj.weight_T"] for i in (1, 2))
         with open(data_path, "r+b") as fh:
-            fh.seek(src.const_value.offset)
-            data = fh.read(src.const_value.length)
-            fh.seek(dst.const_value.offset)
+            fh.seek(src.offset)
+            data = fh.read(src.length)
+            fh.seek(dst.offset)
             fh.write(data)
         return written
 

@@ -1,22 +1,19 @@
-"""The pieces of the stamped export alone: the safetensors reader, the weight writer's conversion, the slice's
-refusals."""
+"""The pieces of the stamped export alone: the safetensors reader and the slice's refusals (the weight writer:
+test_writer.py)."""
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.export import stream
 from onnxpipe.export.checkpoint import Checkpoint
-from onnxpipe.export.stamp import StampUnsupported, Weight, slice_config
+from onnxpipe.export.stamp import StampUnsupported, slice_config
 
 
 def _sharded(tmp_path: Path) -> dict[str, torch.Tensor]:
@@ -65,24 +62,6 @@ def test_refuses_malformed_and_truncated_files(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(data[:-8])  # the last tensor cut short
     with pytest.raises(OnnxpipeError, match="do not fit its shape"):
         Checkpoint.open(tmp_path)
-
-
-@pytest.mark.parametrize("transpose", [False, True])
-def test_writer_converts_in_blocks(transpose: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 -> fp16, transposed or not, in blocks smaller than the tensor: the bytes numpy would write."""
-    monkeypatch.setattr(stream, "BLOCK_BYTES", 64)
-    t = torch.randn(37, 23).to(torch.bfloat16)
-    buf = io.BytesIO()
-    stream._write_converted(buf, t, Weight("w", transpose), "fp16", "w")
-    ref = t.float().numpy().astype(np.float16)
-    ref = np.ascontiguousarray(ref.T if transpose else ref)
-    assert buf.getvalue() == ref.tobytes()
-
-
-def test_writer_refuses_fp16_overflow() -> None:
-    t = torch.tensor([[1.0, 7.0e4]], dtype=torch.bfloat16)
-    with pytest.raises(OnnxpipeError, match="do not fit fp16"):
-        stream._write_converted(io.BytesIO(), t, Weight("model.w", False), "fp16", "model.w")
 
 
 def test_slice_refuses_other_families_and_mixed_layers() -> None:

@@ -1,0 +1,92 @@
+"""The stamped export writes its weights on threads while the check's PyTorch side runs: either one failing stops
+the other, the first error is the one raised, and nothing is left behind."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from onnxpipe.errors import OnnxpipeError
+
+
+def _writer_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("export-writer")]
+
+
+def test_a_failing_reference_stops_the_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tiny import make_tiny_model
+
+    from onnxpipe.export import stream, writer
+
+    stopped: list[str] = []
+    real_job = writer.write_job
+
+    def held_job(fd: int, ckpt: Any, job: Any, dtype: str, stop: Any = None) -> int:
+        if "layers.1." in job.source or "layers.2." in job.source:  # not checked: written after the first ones
+            stop.wait(10)  # until the failed reference stops the writing
+        try:
+            return real_job(fd, ckpt, job, dtype, stop)
+        except writer.Stopped:
+            stopped.append(job.source)
+            raise
+
+    def failing_reference(*args: Any, **kwargs: Any) -> Any:
+        raise OnnxpipeError("the reference broke")
+
+    monkeypatch.setattr(writer, "write_job", held_job)
+    monkeypatch.setattr(writer, "available_cores", lambda: 4)  # enough to overlap: 2 writing, 2 for torch
+    monkeypatch.setattr(stream, "reference_trace", failing_reference)
+    hf = make_tiny_model("llama", tmp_path / "hf", num_hidden_layers=4)
+    out = tmp_path / "out"
+    with pytest.raises(OnnxpipeError, match="the reference broke"):
+        stream.export_stamped(hf, out, parity_layers=1)  # checks layers 0 and 3
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert stopped and all("layers.1." in s or "layers.2." in s for s in stopped)  # only the unchecked ones
+    assert not _writer_threads()
+
+
+def test_a_failing_writer_is_the_error_raised(tiny_hf: Callable[[str], Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxpipe.export import stream, writer
+
+    called: list[int] = []
+
+    def broken_job(*args: Any, **kwargs: Any) -> int:
+        raise OnnxpipeError("weight x: 1 values do not fit fp16")
+
+    monkeypatch.setattr(writer, "write_job", broken_job)
+    monkeypatch.setattr(stream, "reference_trace", lambda *a, **k: called.append(1))
+    out = tmp_path / "out"
+    with pytest.raises(OnnxpipeError, match="do not fit fp16"):
+        stream.export_stamped(tiny_hf("llama"), out)
+    assert not called  # the reference did not start: the first tensors were never written
+    assert not out.exists() and not _writer_threads()
+
+
+def test_overlapped_and_sequential_exports_agree(tiny_hf: Callable[[str], Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 4 cores the reference runs while the weights are written, with 2 after: the same bytes, the same
+    check."""
+    import torch
+
+    from onnxpipe.artifact import ModelDir
+    from onnxpipe.export import stream, writer
+
+    threads = torch.get_num_threads()
+    results = {}
+    for cores in (4, 2):
+        monkeypatch.setattr(writer, "available_cores", lambda n=cores: n)
+        lines: list[str] = []
+        out = tmp_path / f"cores-{cores}"
+        stream.export_stamped(tiny_hf("llama"), out, log=lines.append)
+        assert any("while the other weights are written" in line for line in lines) == (cores == 4)
+        results[cores] = out
+    a, b = (ModelDir.open(results[c]) for c in (4, 2))
+    assert (results[4] / "model.onnx.data").read_bytes() == (results[2] / "model.onnx.data").read_bytes()
+    assert (results[4] / "model.onnx").read_bytes() == (results[2] / "model.onnx").read_bytes()
+    check_a, check_b = (m.manifest.steps[-1]["check"] for m in (a, b))
+    assert check_a["passed"] and check_a["max_abs_err"] == check_b["max_abs_err"]
+    assert torch.get_num_threads() == threads
