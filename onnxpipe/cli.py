@@ -87,7 +87,7 @@ def export(hf_model_dir: Path, out_dir: Path, dtype: str, opset: int, no_verify:
 
     result = export_model(
         hf_model_dir, out_dir, method=method, dtype=dtype, opset=opset, verify=not no_verify, force=force,
-        decode_steps=decode_steps, log=_log,
+        decode_steps=decode_steps, log=_log, progress=_progress_bars(),
     )
     click.echo(f"wrote {result.model_dir.path} in {result.seconds:.1f}s")
 
