@@ -8,7 +8,7 @@ every 0.2 s: outputs, temporary directories, snapshots), beside the stage's inpu
 
     nice -n 10 python scripts/measure_scale.py --layers 24 --hidden 896 --intermediate 4864 --vocab 151936 \
         --heads 14 --kv-heads 2 --dtype fp16 [--stages export,optimize,quantize] [--export-method auto|traced|stamped]
-        [--repo DIR] [--workdir DIR]
+        [--optimize "--check-form whole"] [--repo DIR] [--workdir DIR]
 
 --repo runs the stages from another checkout (e.g. a `git worktree` of an older commit) for a before/after table.
 Prints one table: shape, stage, peak RSS, RSS / weights, peak disk added, input and output sizes, wall time.
@@ -145,6 +145,7 @@ def main() -> None:
                          "Llama-form checkpoint, or whatever --repo's export does).")
     ap.add_argument("--stages", default="export,optimize,quantize")
     ap.add_argument("--level", type=int, default=3, help="optimize --level")
+    ap.add_argument("--optimize", default="", help="optimize's further arguments (e.g. --check-form whole)")
     ap.add_argument("--quantize", default="--mode int4 --algo rtn --eval-tokens 256",
                     help="quantize's arguments (the quality report kept short by --eval-tokens)")
     ap.add_argument("--repo", type=Path, default=HERE, help="Checkout whose onnxpipe runs the stages.")
@@ -166,8 +167,8 @@ def main() -> None:
     stages = {
         "export": (py + ["export", str(hf), "-o", str(exported), "--dtype", args.dtype, "--force"]
                    + (["--method", args.export_method] if args.export_method != "auto" else []), hf, exported),
-        "optimize": (py + ["optimize", str(exported), "-o", str(optimized), "--level", str(args.level), "--force"],
-                     exported, optimized),
+        "optimize": (py + ["optimize", str(exported), "-o", str(optimized), "--level", str(args.level), "--force",
+                           *args.optimize.split()], exported, optimized),
         "quantize": (py + ["quantize", str(optimized), "-o", str(quantized), *args.quantize.split(), "--force"],
                      optimized, quantized),
         # the anchor: ONNX Runtime GenAI's model builder on the same checkpoint (fp16, fused), through the same launcher
@@ -183,7 +184,8 @@ def main() -> None:
             tail = (work / f"{name}.log").read_text().strip().splitlines()[-1:]
             print(f"{name} failed (exit {r['rc']}): {tail}", file=sys.stderr)
         weights = _weight_bytes(dst if name == "export" else src)  # the ONNX weights the stage reads (or writes)
-        rows.append({"shape": shape, "stage": name, "rc": r["rc"], "peak_rss_gb": r["peak_rss"] / 1e9,
+        label = f"{name} {args.optimize}".strip() if name == "optimize" else name
+        rows.append({"shape": shape, "stage": label, "rc": r["rc"], "peak_rss_gb": r["peak_rss"] / 1e9,
                      "rss_x_weights": r["peak_rss"] / weights if weights else float("nan"),
                      "peak_disk_added_gb": r["peak_disk_added"] / 1e9, "input_gb": dir_bytes(src) / 1e9,
                      "output_gb": dir_bytes(dst) / 1e9 if dst.exists() else 0.0, "wall_s": r["wall_s"],

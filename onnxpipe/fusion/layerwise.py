@@ -46,8 +46,9 @@ CHECK_FORMS = ("auto", "whole", "layerwise")
 LAYER_NAME = re.compile(r"(?:^|[./_])layers?[._](\d+)(?:[._/]|$)")
 LAZY_MIN_BYTES = 4096  # smaller external tensors are read once and kept (shape constants the rules read)
 
-# session(graph bytes, {initializer name: tensor}, optimized) -> an onnxruntime InferenceSession
-SessionFn = Callable[[bytes, dict[str, Any], bool], Any]
+FILE_SPAN = "onnxpipe.file_span"  # a lazy weight's meta: (its directory, location in it, offset, length)
+# session(graph bytes, {initializer name: tensor}, optimized, directory of the graph's external data or None)
+SessionFn = Callable[[bytes, dict[str, Any], bool, "str | None"], Any]
 Graph = tuple[bytes, dict[str, Any]]  # a serialized graph (large initializers as placeholders) and those tensors
 
 
@@ -150,8 +151,12 @@ def _check_kv_order(segments: list[Segment], made_in: dict[str, int], num_layers
                                     f"in segment {made_in[present]}; use --check-form whole")
 
 
-def segment_graph(model: Any, seg: Segment, feed: dict[str, np.ndarray]) -> bytes:
-    """The segment as a model of its own (an onnx.ModelProto serialized), its inputs typed by ``feed``."""
+def segment_graph(model: Any, seg: Segment, feed: dict[str, np.ndarray], tensors: dict[str, Any]
+                  ) -> tuple[bytes, dict[str, Any], str | None]:
+    """The segment as a model of its own (an onnx.ModelProto serialized), its inputs typed by ``feed``; the
+    tensors to hand the session; the directory its external data lies in. A weight still in the input's data file
+    (``lazy_weights``) is left there for onnxruntime to map (nothing copied, released with the session); the others
+    (those a pass made) are handed over from memory."""
     import onnx
     from onnx import helper
 
@@ -159,7 +164,20 @@ def segment_graph(model: Any, seg: Segment, feed: dict[str, np.ndarray]) -> byte
     sub = onnx.GraphProto(name=f"{g.name or 'graph'}_segment_{seg.label}")
     sub.node.extend(g.node[i] for i in seg.nodes)
     by_name = {t.name: t for t in g.initializer}
-    sub.initializer.extend(by_name[n] for n in seg.initializers)
+    handed, data_dir = {}, None
+    for name in seg.initializers:
+        init = sub.initializer.add()
+        init.CopyFrom(by_name[name])
+        if name not in tensors:
+            continue
+        span = tensors[name].meta.get(FILE_SPAN) if hasattr(tensors[name], "meta") else None
+        if span is None or data_dir not in (None, span[0]):
+            handed[name] = tensors[name]
+            continue
+        data_dir = span[0]
+        del init.external_data[:]
+        for key, value in (("location", span[1]), ("offset", str(span[2])), ("length", str(span[3]))):
+            init.external_data.add(key=key, value=value)
     for name in seg.inputs:
         sub.input.append(helper.make_tensor_value_info(
             name, helper.np_dtype_to_tensor_dtype(feed[name].dtype), [None] * feed[name].ndim))
@@ -174,7 +192,7 @@ def segment_graph(model: Any, seg: Segment, feed: dict[str, np.ndarray]) -> byte
     m.opset_import.extend(model.opset_import)
     m.functions.extend(model.functions)
     m.graph.CopyFrom(sub)
-    return m.SerializeToString()
+    return m.SerializeToString(), handed, data_dir
 
 
 @dataclass
@@ -211,8 +229,8 @@ def run_segmented(graph: Graph, manifest: Manifest, steps: list[dict[str, np.nda
                 else:
                     feed[name] = values[t][name]
             if sess is None:
-                sess = session(segment_graph(model, seg, feed), {n: graph[1][n] for n in seg.initializers
-                                                                 if n in graph[1]}, optimized)
+                sub, handed, data_dir = segment_graph(model, seg, feed, graph[1])
+                sess = session(sub, handed, optimized, data_dir)
             outs = sess.run(list(seg.outputs), feed)
             values[t].update(zip(seg.outputs, outs))
         del sess
@@ -321,9 +339,10 @@ def lazy_weights(model: ir.Model, base_dir: str | Path) -> int:
             continue
         path = Path(t.path)
         check_inside(path, Path(base_dir), "external data")
-        v.const_value = ir.LazyTensor(partial(_read_tensor, str(path), t.offset or 0, t.nbytes, t.dtype,
-                                              tuple(t.shape.numpy()), t.name),
-                                      dtype=t.dtype, shape=t.shape, name=t.name)
+        lazy = ir.LazyTensor(partial(_read_tensor, str(path), t.offset or 0, t.nbytes, t.dtype,
+                                     tuple(t.shape.numpy()), t.name), dtype=t.dtype, shape=t.shape, name=t.name)
+        lazy.meta[FILE_SPAN] = (str(t.base_dir), str(t.location), t.offset or 0, t.nbytes)
+        v.const_value = lazy
         total += t.nbytes
     return total
 

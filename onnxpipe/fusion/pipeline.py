@@ -156,8 +156,9 @@ class Checker:
         return report.judge(TOLERANCE[self.dtype])
 
     def _check_layerwise(self, reference: Snapshot, candidate: Snapshot, reference_padding_side: str | None) -> Any:
-        def session(graph: bytes, tensors: dict[str, Any], optimized: bool) -> Any:
-            return _session(Snapshot(graph, tensors), self.providers, optimized, one_cast_at_a_time=True)
+        def session(graph: bytes, tensors: dict[str, Any], optimized: bool, data_dir: str | None) -> Any:
+            return _session(Snapshot(graph, tensors), self.providers, optimized, one_cast_at_a_time=True,
+                            external_data_dir=data_dir)
 
         kv_dtype = np.float16 if self.dtype == "fp16" else np.float32
         return layerwise.check_layerwise(
@@ -169,7 +170,7 @@ class Checker:
 
 
 def _session(model: Snapshot | bytes | str | Path, providers: list[str], optimized: bool,
-             one_cast_at_a_time: bool = False) -> Any:
+             one_cast_at_a_time: bool = False, external_data_dir: str | None = None) -> Any:
     """An ORT session over a snapshot (its shared tensors handed to ORT as external initializers, not copied), a
     serialized model or a model file. MatMul weight prepacking is off: it would copy every weight for a session
     that runs a dozen steps, and it does not change the graph the check is about."""
@@ -182,7 +183,7 @@ def _session(model: Snapshot | bytes | str | Path, providers: list[str], optimiz
                         purpose=f"the {'candidate' if optimized else 'reference'} of a pass check",
                         config={"session.disable_prepacking": "1"}, external_initializers=initializers,
                         session_options=_one_cast_at_a_time() if one_cast_at_a_time and not optimized else None,
-                        raw_errors=True)
+                        external_data_dir=external_data_dir, raw_errors=True)
 
 
 def _one_cast_at_a_time() -> Any:

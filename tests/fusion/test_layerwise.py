@@ -1,0 +1,178 @@
+"""The layer-by-layer form of optimize's check (fusion/layerwise.py) on a 4-layer Llama of the stamped export
+(external data, weights named by layer): the segments, agreement with the whole-model form, faults caught and named
+by layer, the CUDA form's right padding, and the weights read from the input's file as needed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from tiny import make_tiny_model, save_byte_tokenizer
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.fusion import layerwise, optimize_model, pipeline
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def stamped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from onnxpipe.export.method import export_model
+
+    work = tmp_path_factory.mktemp("layerwise")
+    hf = make_tiny_model("llama", work / "hf", num_hidden_layers=LAYERS)
+    save_byte_tokenizer(hf)
+    export_model(hf, work / "exported", method="stamped")
+    return work / "exported"
+
+
+def _planted(layer: int, weight: str = "mlp.down_proj") -> pipeline.FusionPass:
+    def double(model: ir.Model, ctx) -> dict:  # noqa: ANN001
+        v = model.graph.initializers[f"model.model.layers.{layer}.{weight}.weight_T"]
+        v.const_value = ir.tensor(np.asarray(v.const_value.numpy()) * 2, name=v.name)
+        return {"doubled": v.name}
+
+    return pipeline.FusionPass("planted", 1, double, f"doubles layer {layer}'s {weight}")
+
+
+def _with_planted(monkeypatch: pytest.MonkeyPatch, planted: pipeline.FusionPass) -> None:
+    monkeypatch.setattr(pipeline, "PASSES", (planted,) + pipeline.PASSES)
+    monkeypatch.setattr(pipeline, "PASS_NAMES", (planted.name,) + pipeline.PASS_NAMES)
+
+
+def test_segments_follow_the_layers(stamped: Path) -> None:
+    import onnx
+
+    graph = onnx.load(str(stamped / "model.onnx"), load_external_data=False).graph
+    segments = layerwise.plan_segments(graph, LAYERS)
+    assert [s.label for s in segments] == [-1, 0, 1, 2, 3]
+    for seg in segments[1:]:
+        layer_weights = [n for n in seg.initializers if ".layers." in n]
+        assert layer_weights and all(f".layers.{seg.label}." in n for n in layer_weights), seg.initializers
+        assert {x for x in seg.inputs if x.startswith("past_key_values.")} == {
+            f"past_key_values.{seg.label}.key", f"past_key_values.{seg.label}.value"}
+        assert {f"present.{seg.label}.key", f"present.{seg.label}.value"} <= set(seg.outputs)
+    assert "logits" in segments[-1].outputs and "input_ids" in segments[0].inputs
+    assert any("embed_tokens" in n for n in segments[0].initializers)
+    # every node in exactly one segment, in an order where each reads only what earlier ones made
+    assert sorted(i for s in segments for i in s.nodes) == list(range(len(graph.node)))
+    made = {v.name for v in graph.input}
+    for seg in segments:
+        assert set(seg.inputs) <= made
+        made |= set(seg.outputs)
+
+
+def test_weights_left_in_the_input_file_are_mapped_by_onnxruntime(stamped: Path) -> None:
+    """A segment's unchanged weights point at the input's data file (onnxruntime maps them, nothing is copied); a
+    weight a pass made is handed over from memory."""
+    import onnx
+
+    model = ir.load(str(stamped / "model.onnx"))
+    pipeline.own_weights(model)
+    layerwise.lazy_weights(model, stamped)
+    down = model.graph.initializers["model.model.layers.1.mlp.down_proj.weight_T"]
+    down.const_value = ir.tensor(np.asarray(down.const_value.numpy()), name=down.name)  # as a pass would
+    snap = pipeline.snapshot(model)
+    proto = onnx.ModelProto()
+    proto.ParseFromString(snap.graph)
+    seg = next(s for s in layerwise.plan_segments(proto.graph, LAYERS) if s.label == 1)
+    feed = {x: np.zeros((1,) * 4, np.float32) for x in seg.inputs}
+    graph, handed, data_dir = layerwise.segment_graph(proto, seg, feed, snap.tensors)
+    assert set(handed) == {down.name} and data_dir == str(stamped)
+    sub = onnx.ModelProto()
+    sub.ParseFromString(graph)
+    located = {t.name: {e.key: e.value for e in t.external_data}["location"] for t in sub.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert located.pop(down.name) == pipeline.PLACEHOLDER
+    assert located and set(located.values()) == {"model.onnx.data"}
+
+
+def test_layerwise_agrees_with_the_whole_model_check(stamped: Path, tmp_path: Path) -> None:
+    results = {form: optimize_model(stamped, tmp_path / form, check_form=form) for form in ("whole", "layerwise")}
+    for form, result in results.items():
+        assert result.check.passed and result.check.rel_err < 1e-5, (form, result.check.summary())
+        assert [r.status for r in result.passes] == [r.status for r in results["whole"].passes]
+    final = results["layerwise"].check
+    assert final.form == "layerwise" and len(final.kv_rel_err) == LAYERS and max(final.kv_rel_err) < 1e-5
+    assert final.positions == results["whole"].check.positions
+    manifest = results["layerwise"].model_dir.manifest
+    assert manifest.steps[-1]["params"]["check_form"] == "layerwise"
+    assert manifest.steps[-1]["check"]["kv_rel_err"] == final.kv_rel_err
+
+
+@pytest.mark.parametrize(("layer", "weight", "named"), [
+    (1, "mlp.down_proj", "first difference in layer 2's KV cache"),
+    (2, "self_attn.k_proj", "first difference in layer 2's KV cache"),
+    (0, "self_attn.v_proj", "first difference in layer 0's KV cache"),
+    (LAYERS - 1, "mlp.down_proj", f"every layer's KV cache agrees: the difference is after layer {LAYERS - 1}'s"),
+])
+def test_a_fault_is_caught_and_its_layer_named(layer: int, weight: str, named: str, stamped: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_planted(monkeypatch, _planted(layer, weight))
+    result = optimize_model(stamped, tmp_path / "out", passes=["planted", "norms"], check_form="layerwise")
+    planted = result.passes[0]
+    assert planted.status == "rolled_back" and planted.reason.startswith("parity failed"), planted.reason
+    assert named in planted.reason and planted.check["divergence"] in planted.reason
+    assert result.passes[1].status == "kept" and result.check.passed
+
+
+def test_the_whole_model_form_catches_the_same_fault(stamped: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_planted(monkeypatch, _planted(LAYERS - 1))
+    result = optimize_model(stamped, tmp_path / "out", passes=["planted"], check_form="whole")
+    assert result.passes[0].status == "rolled_back" and "divergence" not in result.passes[0].check
+
+
+def test_the_cuda_form_is_checked_layer_by_layer(stamped: Path, tmp_path: Path) -> None:
+    """The CUDA form is fed right-padded (its graph notes say so): the logits are compared at the real positions,
+    the caches, laid out differently, are not."""
+    result = optimize_model(stamped, tmp_path / "out", target="cuda", check_form="layerwise")
+    attention = next(r for r in result.passes if r.name == "attention")
+    assert attention.status == "kept" and attention.check["kv_rel_err"] == [None] * LAYERS
+    assert result.check.passed and result.model_dir.manifest.graph["padding_side"] == "right"
+
+
+def test_lazy_weights_read_the_input_file_when_asked(stamped: Path, tmp_path: Path) -> None:
+    model = ir.load(str(stamped / "model.onnx"))
+    expected = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()
+                if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.nbytes >= layerwise.LAZY_MIN_BYTES}
+    assert layerwise.lazy_weights(model, stamped) == sum(a.nbytes for a in expected.values()) > 0
+    for name, array in expected.items():
+        t = model.graph.initializers[name].const_value
+        assert isinstance(t, ir.LazyTensor) and np.array_equal(t.numpy(), array)
+    # a data file cut short is an error naming the tensor, not a short array
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "model.onnx").write_bytes((stamped / "model.onnx").read_bytes())
+    data = (stamped / "model.onnx.data").read_bytes()
+    (copy / "model.onnx.data").write_bytes(data[: len(data) // 2])
+    model = ir.load(str(copy / "model.onnx"))
+    last = max((v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
+                and v.const_value.nbytes >= layerwise.LAZY_MIN_BYTES), key=lambda v: v.const_value.offset or 0)
+    layerwise.lazy_weights(model, copy)
+    with pytest.raises(OnnxpipeError, match=f"external data of {last.name} ends .* bytes early"):
+        last.const_value.numpy()
+
+
+def test_lazy_weights_refuse_a_data_file_linked_out_of_the_directory(stamped: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.data"
+    outside.write_bytes((stamped / "model.onnx.data").read_bytes())
+    inside = tmp_path / "model"
+    inside.mkdir()
+    (inside / "model.onnx").write_bytes((stamped / "model.onnx").read_bytes())
+    os.symlink(outside, inside / "model.onnx.data")
+    model = ir.load(str(inside / "model.onnx"))
+    with pytest.raises(OnnxpipeError, match="symlink leading out of"):
+        layerwise.lazy_weights(model, inside)
+
+
+@pytest.mark.fast
+def test_check_form_threshold_and_unknown_form() -> None:
+    assert layerwise.check_form("auto", layerwise.LAYERWISE_BYTES - 1) == "whole"
+    assert layerwise.check_form("auto", layerwise.LAYERWISE_BYTES) == "layerwise"
+    assert layerwise.check_form("whole", 10**12) == "whole" and layerwise.check_form("layerwise", 0) == "layerwise"
+    with pytest.raises(OnnxpipeError, match="unknown check form 'bogus'; choose one of auto, whole, layerwise"):
+        layerwise.check_form("bogus", 0)
