@@ -176,3 +176,18 @@ def test_check_form_threshold_and_unknown_form() -> None:
     assert layerwise.check_form("whole", 10**12) == "whole" and layerwise.check_form("layerwise", 0) == "layerwise"
     with pytest.raises(OnnxpipeError, match="unknown check form 'bogus'; choose one of auto, whole, layerwise"):
         layerwise.check_form("bogus", 0)
+
+
+def test_running_out_of_memory_in_a_segment_is_an_error_not_a_rollback(stamped: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    real = pipeline._session
+
+    def short_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if kwargs.get("one_cast_at_a_time"):
+            raise MemoryError
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_session", short_of_memory)
+    with pytest.raises(pipeline.ResourceError, match=r"out of memory checking the result \(pass norms\)"):
+        optimize_model(stamped, tmp_path / "out", passes=["norms"], check_form="layerwise")
+    assert not (tmp_path / "out").exists()
