@@ -345,6 +345,19 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
     per-channel scale x UNIT_SCALE, Mul by the token's max |x|. No scale depends on another token.
     """
     model = ir_model(proto)
+    count = rewrite_per_token(model, nodes)
+    if count:
+        drop_unused_initializers(model.graph)
+        write_back(model, proto)
+    return count
+
+
+def rewrite_per_token(model: ir.Model, nodes: list[str],
+                      store: Callable[[np.ndarray, str], Any] = lambda array, name: array,
+                      done: Callable[[ir.Value], None] | None = None) -> int:
+    """quantize_per_token's rewrite on an onnx_ir model, in place (unused initializers left for the caller).
+    ``store(array, name)``: what a new int8 weight or scale becomes (the array itself, or a tensor written out
+    already: rtn_stream.Spill); ``done(weight)``: called once a layer's float weight has been read and replaced."""
     graph = model.graph
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
     wanted = set(nodes)
@@ -362,8 +375,11 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
         w_scale = np.abs(w).max(0) / 127.0
         w_scale = np.where(w_scale > 0, w_scale, 1.0).astype(np.float32)
         p = node.name
-        wq = add_initializer(graph, f"{p}/W_int8", np.clip(np.round(w / w_scale), -127, 127).astype(np.int8))
-        ws = add_initializer(graph, f"{p}/W_scale", (w_scale * np.float32(UNIT_SCALE)).astype(np.float32))
+        wq = add_initializer(graph, f"{p}/W_int8", store(np.clip(np.round(w / w_scale), -127, 127).astype(np.int8),
+                                                         f"{p}/W_int8"))
+        ws = add_initializer(graph, f"{p}/W_scale", store((w_scale * np.float32(UNIT_SCALE)).astype(np.float32),
+                                                          f"{p}/W_scale"))
+        del w
         x = node.inputs[0]
         new: list[ir.Node] = []
         if x not in normalized:
@@ -375,10 +391,9 @@ def quantize_per_token(proto: Any, nodes: list[str]) -> int:
         new.append(make_node("Mul", [new[-1].outputs[0], ws], f"{p}/y_unit", f"{p}/MulWeightScale"))
         new.append(make_node("Mul", [new[-1].outputs[0], token_max], None, f"{p}/MulTokenMax"))
         replace_node(graph, node, new)
+        if done is not None:
+            done(w_value)
         count += 1
-    if count:
-        drop_unused_initializers(graph)
-        write_back(model, proto)
     return count
 
 

@@ -402,12 +402,15 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: ModeConfig, samples: np.ndarra
     ``cache``: a static.CalibrationCache shared by the choices of one run (static), else None."""
     import onnx
 
+    from onnxpipe.quant.dynamic_stream import streams as dynamic_streams
     from onnxpipe.quant.gptq_stream import streams as gptq_streams
     from onnxpipe.quant.graph import op_counts
     from onnxpipe.quant.rtn_stream import streams
 
     if isinstance(cfg, Int4Config) and (streams(cfg) or gptq_streams(cfg)):
         before, details, plan = _stream_int4(src, out_path, cfg, samples, log, progress)
+    elif isinstance(cfg, DynamicInt8Config) and dynamic_streams(cfg):
+        before, details, plan = _stream_dynamic(src, out_path, cfg, log)
     else:
         proto = onnx.load(str(src.model_path))
         before = op_counts(proto)
@@ -491,17 +494,9 @@ def _stream_int4(src: ModelDir, out_path: Path, cfg: Int4Config, samples: np.nda
     """int4 RTN or GPTQ with blocks and integer zero points (rtn_stream.py, gptq_stream.py): the input read lazily,
     one weight quantized at a time (GPTQ: a few layers' Hessians at a time), the output's weights written to
     external data where the input's were. (op counts before, details, the weight plan)."""
-    from collections import Counter
+    from onnxpipe.quant.rtn_stream import has_external_data, quantize_rtn_streamed, save_streamed
 
-    import onnx_ir as ir
-
-    from onnxpipe.quant.rtn_stream import has_external_data, quantize_rtn_streamed, read_plan, save_streamed
-
-    model = ir.load(str(src.model_path))
-    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph)
-    before = dict(sorted(counts.items()))
-    plan = read_plan(model, src.manifest.graph["logits"])
-    _log_plan(plan, log)
+    model, before, plan = _read_lazily(src, log)
     external = has_external_data(model)
     if cfg.algo == "gptq":
         details = _stream_gptq(model, plan, src, out_path, cfg, samples, log, progress)
@@ -510,6 +505,47 @@ def _stream_int4(src: ModelDir, out_path: Path, cfg: Int4Config, samples: np.nda
         log(f"int4 rtn: {details['quantized_nodes']} weights quantized {details['streamed']}")
     log("writing " + ("the weights to external data, one at a time" if external else "the model"))
     save_streamed(model, out_path, external)
+    return before, details, plan
+
+
+def _read_lazily(src: ModelDir, log: Log) -> tuple[Any, dict[str, int], Any]:
+    """The input as an onnx_ir model whose external weights are read when used, its op counts, its weight plan
+    (graph.expose_weights' rewrites made)."""
+    from collections import Counter
+
+    import onnx_ir as ir
+
+    from onnxpipe.quant.rtn_stream import read_plan
+
+    model = ir.load(str(src.model_path))
+    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph)
+    plan = read_plan(model, src.manifest.graph["logits"])
+    _log_plan(plan, log)
+    return model, dict(sorted(counts.items())), plan
+
+
+def _stream_dynamic(src: ModelDir, out_path: Path, cfg: DynamicInt8Config,
+                    log: Log) -> tuple[dict[str, int], dict[str, Any], Any]:
+    """--activations token (dynamic_stream.py): one weight at a time, the int8 weights written as they are made;
+    the output's weights in external data where the input's were. (op counts before, details, the weight plan)."""
+    from onnxpipe.quant.dynamic_stream import quantize_dynamic_streamed, spill_path
+    from onnxpipe.quant.graph import WeightPlan
+    from onnxpipe.quant.rtn_stream import Spill, has_external_data, save_streamed
+
+    model, before, plan = _read_lazily(src, log)
+    head_by_tables = cfg.lm_head in ("auto", "int8") and plan.lm_head is not None
+    body = WeightPlan([n for n in plan.linears if n != plan.lm_head], None, plan.embeddings, plan.rewrites) \
+        if head_by_tables else plan
+    external = has_external_data(model)  # the input's layout (the spilled weights are external tensors too)
+    spill = Spill(spill_path(out_path))
+    try:
+        details = quantize_dynamic_streamed(model, body, cfg.lm_head, spill)
+        spill.close()
+        log(f"dynamic int8: {details['quantized_nodes']} layers, per-token activation scales; {details['streamed']}")
+        log("writing " + ("the weights to external data, one at a time" if external else "the model"))
+        save_streamed(model, out_path, external)
+    finally:
+        spill.remove()
     return before, details, plan
 
 

@@ -143,8 +143,41 @@ def save_streamed(model: ir.Model, out_path: Path, external: bool) -> None:
     release_all(model)
 
 
+class Spill:
+    """New weights written to one file beside the output as they are made, each then an ir.ExternalTensor that is
+    read back (memory-mapped) only when the output is saved: a mode whose output weights would not fit the memory
+    bound (int8 of an fp32 model: half the fp16 bytes) holds none of them. ``remove`` after the output is saved."""
+
+    ALIGN = 64
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "xb")  # noqa: SIM115 (closed by close())
+        self._offset = 0
+        self.bytes = 0
+
+    def __call__(self, array: np.ndarray, name: str) -> ir.ExternalTensor:
+        data = np.ascontiguousarray(array)
+        pad = -self._offset % self.ALIGN
+        self._file.write(b"\0" * pad)
+        self._offset += pad
+        self._file.write(data.tobytes())
+        tensor = ir.ExternalTensor(self.path.name, self._offset, data.nbytes, ir.DataType.from_numpy(data.dtype),
+                                   shape=ir.Shape(data.shape), name=name, base_dir=str(self.path.parent))
+        self._offset += data.nbytes
+        self.bytes += data.nbytes
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+    def remove(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
 def has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
-__all__ = ["quantize_block", "quantize_rtn_streamed", "read_plan", "save_streamed", "streams"]
+__all__ = ["Spill", "quantize_block", "quantize_rtn_streamed", "read_plan", "save_streamed", "streams"]

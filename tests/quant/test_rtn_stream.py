@@ -165,3 +165,42 @@ def test_hessian_chunks_fit_the_budget() -> None:
     assert hessian_chunks(sizes, 1 << 20) == [["a", "b", "c", "d"]]
     assert hessian_chunks(sizes, 1) == [["a"], ["b"], ["c"], ["d"]]
     assert hessian_chunks({}, 1) == []
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_streamed_dynamic_token_is_the_in_memory_rewrite(tok_model, tmp_path: Path, external: bool) -> None:  # noqa: ANN001
+    """dynamic_stream (int8 weights written to a spill file as they are made) writes dynamic.py's per-token model."""
+    from onnxpipe.quant.dynamic import quantize_dynamic_int8
+    from onnxpipe.quant.dynamic_stream import quantize_dynamic_streamed
+    from onnxpipe.quant.rtn_stream import Spill
+
+    src = ModelDir.open(tok_model("llama"))
+    logits = src.manifest.graph["logits"]
+    model_path = _external(src.path, tmp_path / "in") if external else src.model_path
+    model = ir.load(str(model_path))
+    plan = read_plan(model, logits)
+    body = WeightPlan([n for n in plan.linears if n != plan.lm_head], None, plan.embeddings, plan.rewrites)
+    out = tmp_path / "out"
+    out.mkdir()
+    spill = Spill(out / "model.onnx.spill")
+    details = quantize_dynamic_streamed(model, body, "auto", spill)
+    spill.close()
+    save_streamed(model, out / "model.onnx", external=True)
+    spill.remove()
+    assert not (out / "model.onnx.spill").exists() and details["quantized_nodes"] == 14
+    assert spill.bytes > 0
+
+    proto = onnx.load(str(model_path))
+    whole = expose_weights(proto, logits)
+    ref_out = tmp_path / "ref"
+    ref_out.mkdir()
+    reference = quantize_dynamic_int8(proto, ref_out / "model.onnx", WeightPlan(
+        [n for n in whole.linears if n != whole.lm_head], None, whole.embeddings), activations="token")
+    assert {k: details[k] for k in reference} == reference
+    written = onnx.load(str(ref_out / "model.onnx"), load_external_data=False)
+    streamed = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert _nodes(streamed) == _nodes(written)
+    got, want = _tensors(streamed, out), _tensors(written, ref_out)
+    assert list(got) == list(want)
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype and np.array_equal(got[name], value), name
