@@ -187,12 +187,13 @@ def export_stamped(
                                        SimpleNamespace(config=config, generation_config=gen))
             checked = [stamped.weights[v.name or ""].source
                        for v in [*stamped.globals, *(v for j in layers for v in stamped.slots[j])]]
-            written, reference = _write_with_reference(
+            saying = f"checking parity, PyTorch's side: layers {layers} of {n} (prefill + decode, left-padded batch of 2)"
+            written, written_at, reference = _write_with_reference(
                 layout, ckpt, tmp / DATA_FILE, dtype, log, progress, checked,
                 (lambda: reference_trace(ckpt, cfg, layers, manifest, dtype, decode_steps)) if verify else None,
-                f"checking parity, PyTorch's side: layers {layers} of {n} (prefill + decode, left-padded batch of 2)")
+                saying + ", while the other weights are written...")
             manifest.graph["external_data"] = DATA_FILE  # written now (the manifest was made before it existed)
-            export_s = time.perf_counter() - start
+            export_s = written_at - start
             log(f"exported in {export_s:.1f}s ({written / 1e9:.2f} GB of weights, external data)")
             _check_onnx(onnx_path)
             manifest.tokenizer["files"] = copy_tokenizer_files(src, tmp, root=root)
@@ -211,6 +212,9 @@ def export_stamped(
                 if not placement.passed:
                     raise OnnxpipeError(f"placement check failed: the bytes written for {placement.mismatched[0]} are "
                                         "not its checkpoint tensor's; the export was not written")
+                if reference is None:
+                    log(saying + "...")
+                    reference = reference_trace(ckpt, cfg, layers, manifest, dtype, decode_steps)
                 log(f"checking parity, ONNX Runtime's side: layers {layers} of {n} with the written weights...")
                 report = check_truncated(traced.template, stamped, layers, ckpt, cfg, manifest, dtype, tmp,
                                          decode_steps=decode_steps, reference=reference)
@@ -233,21 +237,28 @@ def export_stamped(
 
 def _write_with_reference(layout: Layout, ckpt: Checkpoint, data_path: Path, dtype: str, log: Callable[[str], None],
                           progress: Callable[[str, int, int], None] | None, first: list[str],
-                          make_reference: Callable[[], Trace] | None, saying: str) -> tuple[int, Trace | None]:
-    """write_weights on a thread of its own, the sources in ``first`` first. With 4 cores or more, the check's
-    PyTorch side (``make_reference()``, which reads the checkpoint alone) runs here once those are written, while
-    the rest are: the writer's threads get half the cores and torch the other half (more threads than cores would
-    make each wait for the others). With fewer, it runs after the writing. If either fails, the other is stopped and
-    the first error raised."""
+                          make_reference: Callable[[], Trace] | None,
+                          saying: str) -> tuple[int, float, Trace | None]:
+    """write_weights on a thread of its own, the sources in ``first`` first; returns the bytes written, when the
+    writing ended (perf_counter) and the reference, if made here. With 4 cores or more, the check's PyTorch side
+    (``make_reference()``, which reads the checkpoint alone) runs here once ``first`` is written, while the rest is:
+    the writer's threads get half the cores and torch the other half (more threads than cores would make each wait
+    for the others). With fewer there is nothing to share, and the caller makes it after the writing. If either
+    fails, the other is stopped and the first error raised."""
     import torch
 
     cores = writer.available_cores()
     overlap = make_reference is not None and cores >= 4
     workers = min(8, cores // 2) if overlap else None
     first_done, stop = threading.Event(), threading.Event()
+
+    def write() -> tuple[int, float]:
+        written = write_weights(layout, ckpt, data_path, dtype, log, first=first, on_first=first_done.set,
+                                stop=stop, progress=progress, workers=workers)
+        return written, time.perf_counter()
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer") as side:
-        writing = side.submit(write_weights, layout, ckpt, data_path, dtype, log, first=first,
-                              on_first=first_done.set, stop=stop, progress=progress, workers=workers)
+        writing = side.submit(write)
         writing.add_done_callback(lambda _: first_done.set())  # a failure before ``first`` was written wakes us too
         try:
             reference = None
@@ -255,18 +266,15 @@ def _write_with_reference(layout: Layout, ckpt: Checkpoint, data_path: Path, dty
                 first_done.wait()
                 if writing.done():
                     writing.result()  # its error, if it failed before the reference started
-                log(saying + ", while the other weights are written...")
+                log(saying)
                 threads = torch.get_num_threads()
                 torch.set_num_threads(max(1, cores - (workers or 0)))
                 try:
                     reference = make_reference()
                 finally:
                     torch.set_num_threads(threads)
-            written = writing.result()
-            if make_reference is not None and reference is None:
-                log(saying + "...")
-                reference = make_reference()
-            return written, reference
+            written, ended = writing.result()
+            return written, ended, reference
         except BaseException:
             stop.set()
             raise
