@@ -150,9 +150,16 @@ def input_hessians(session: Any, names: list[str], feeds: Iterable[dict[str, np.
         for name, x in zip(names, outs):
             x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
             rows = x2.shape[0]
-            sums[name] = sums.get(name, 0.0) + x2.T @ x2
+            product = x2.T @ x2
+            if name in sums:
+                sums[name] += product  # in place: one Hessian's product at a time beside the sums
+            else:
+                sums[name] = product
         count += rows
-    return {name: 2.0 * s / max(count, 1) for name, s in sums.items()}
+    for s in sums.values():  # in place: a second copy of every Hessian would double the calibration state
+        s *= 2.0
+        s /= max(count, 1)
+    return sums
 
 
 def exact_grid(shape: tuple[int, int], group_size: int, float_zero_points: bool) -> bool:
