@@ -276,6 +276,15 @@ def chat(model_dir: Path, provider: str, system: str | None, max_new_tokens: int
                 top_k=top_k, top_p=top_p, seed=seed)
 
 
+def _prefill_chunk(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    from onnxpipe.serve.budget import AUTO, PrefillBudget
+
+    try:
+        return PrefillBudget.parse(value).chunk or AUTO
+    except OnnxpipeError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -284,14 +293,16 @@ def chat(model_dir: Path, provider: str, system: str | None, max_new_tokens: int
 @click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True, help="Requests decoded together.")
 @click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
               help="Requests waiting for a batch place; more are answered 429.")
-@click.option("--prefill-chunk", type=click.IntRange(1), default=256, show_default=True,
-              help="Prompt tokens prefilled between two decode steps of the running batch.")
+@click.option("--prefill-chunk", default="auto", show_default=True, callback=_prefill_chunk,
+              help="Prompt tokens prefilled between two decode steps of the running batch, or auto: sized from the "
+                   "measured step and prefill times so that a step with a chunk takes at most 1.5x a decode step "
+                   "(short prompts read whole).")
 @click.option("--model-name", default=None, help="The model id clients name [the directory's name].")
 @click.option("--threads", type=Threads(), default=None, help="CPU threads (default: onnxruntime's).")
 @click.option("--cuda-graph", is_flag=True, help="Replay decode steps as CUDA graphs (CUDA EP, optimize --target cuda).")
 @click.option("--max-length", type=click.IntRange(2), default=None,
               help="Tokens (prompt + reply) each fixed row holds, for a graph of optimize --target cuda [2048].")
-def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, max_queue: int, prefill_chunk: int,
+def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, max_queue: int, prefill_chunk: int | str,
           model_name: str | None, threads: int | None, cuda_graph: bool, max_length: int | None) -> None:
     """Serve a model directory over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), with requests joining and leaving the running batch at every decode step."""

@@ -16,7 +16,7 @@ reach the client in one read share a time, so on a tiny model its p50 can read 0
 in a process of their own (httpx, asyncio). Each level gets a server of its own whose batch is that many requests,
 and one untimed 2-token request first (first-use costs: connections, onnxruntime's first run of a shape).
 
---check-equal first runs the scheduler alone (no HTTP): batch + 3 requests of mixed prompt lengths (the longest read
+--check-equal first runs the scheduler alone (no HTTP): batch (--check-rows) + 3 requests of mixed prompt lengths (the longest read
 in at least 3 chunks) and mixed reply lengths served one by one, then all submitted together (they join and
 leave the batch at different steps); every request must get exactly its solo tokens, else the script stops with
 exit 1. With a graph of `optimize --target cuda` this is the slot layout (fixed rows of a shared KV buffer; with
@@ -24,8 +24,9 @@ exit 1. With a graph of `optimize --target cuda` this is the slot layout (fixed 
 
 --long-prompts N: while --streams streams decode, N prompts of --long-prompt-tokens arrive at once; the running
 streams' inter-token latency before they came (quiet) and while they were read (from their arrival to the last one's
-first token), per --chunks size (the scheduler's prefill chunk: the knob). Target: the p99 while they are read
-under 2x the quiet p50.
+first token), per --chunks entry (the scheduler's prefill budget: a fixed number of tokens, or `auto`, sized from the
+measured decode step and prefill times; the table gives the mean tokens a chunk read). Target: the p99 while they
+are read under 2x the quiet p50.
 
 --build-1b WORKDIR builds the model first (each stage skipped where its output is already there): a random
 Llama-3.2-1B-shaped checkpoint in bf16, made on the meta device and initialised in place (as
@@ -126,13 +127,25 @@ def write_checkpoint(out: Path, config: dict[str, Any]) -> None:
 
 
 # ---- the check ----
-def check_equal(lm: Any, make: Any, rows: int, max_length: int, prefill_chunk: int, rng: np.random.Generator) -> str:
+def prefill_chunk(text: str) -> int | str:
+    """A --prefill-chunk / --chunks entry: a positive number of tokens or `auto`."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a prefill chunk is a positive integer or 'auto', got {text!r}")
+    return int(text)
+
+
+def check_equal(lm: Any, make: Any, rows: int, max_length: int, prefill_chunk: int | str,
+                rng: np.random.Generator) -> str:
     """Concurrent requests against the same requests one by one, through the scheduler alone (``make(chunk)``);
-    raises SystemExit. rows + 3 requests, so rows are reused; the longest prompt is read in at least 3 chunks."""
+    raises SystemExit. rows + 3 requests, so rows are reused; the longest prompt is read in at least 3 chunks (a
+    fixed chunk; `auto` sizes its own)."""
     import queue
 
     lengths = [int(n) for n in np.linspace(4, max(8, max_length // 2), rows + 3)]
-    prefill_chunk = min(prefill_chunk, max(4, lengths[-1] // 3))
+    if isinstance(prefill_chunk, int):
+        prefill_chunk = min(prefill_chunk, max(4, lengths[-1] // 3))
     sched = make(prefill_chunk)
     news = [8 + (7 * i) % 40 for i in range(len(lengths))]
     news = [min(n, max_length - p) for n, p in zip(news, lengths)]
@@ -167,7 +180,8 @@ def check_equal(lm: Any, make: Any, rows: int, max_length: int, prefill_chunk: i
     library = sum(lm.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids == s
                   for p, n, s in zip(prompts, news, solo))
     return (f"check-equal: {len(solo)} requests ({sum(map(len, solo))} tokens; prompts {min(lengths)}-"
-            f"{max(lengths)} tokens, chunk {prefill_chunk}) concurrent == solo; {sched.stats.max_running} decoded "
+            f"{max(lengths)} tokens, chunk {prefill_chunk}: {sched.stats.prefill_chunks} chunks) concurrent == solo; "
+            f"{sched.stats.max_running} decoded "
             f"together at most; solo == lm.generate for {library}/{len(solo)} (information only)"
             + ("; the CUDA graph was not captured on the loop's thread (its steps ran uncaptured): "
                f"{sched.stats.capture_error}" if sched.stats.capture_error else ""))
@@ -224,12 +238,16 @@ async def level(base: str, concurrency: int, prompts: list[list[int]], max_token
             "tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttft, 50),
             "ttft_p99_ms": 1e3 * percentile(ttft, 99), "itl_p50_ms": 1e3 * percentile(gaps, 50),
             "itl_p99_ms": 1e3 * percentile(gaps, 99), "tpot_p50_ms": 1e3 * percentile([r["tpot"] for r in results], 50),
-            "tpot_p99_ms": 1e3 * percentile([r["tpot"] for r in results], 99)}
+            "tpot_p99_ms": 1e3 * percentile([r["tpot"] for r in results], 99),
+            "chunks_with_text": sum(len(r["times"]) for r in results)}  # < tokens: the server joined pieces
 
 
 async def interference(base: str, streams: list[list[int]], stream_tokens: int, longs: list[list[int]],
                        long_tokens: int, warm_tokens: int) -> dict[str, Any]:
-    """Streams decode; once each has ``warm_tokens`` chunks the long prompts arrive together."""
+    """Streams decode; once each has ``warm_tokens`` chunks the long prompts arrive together; once the last of them
+    has its first token the streams are closed (the server drops them). Quiet gaps: after every stream had its first
+    token (no stream's prompt being read any more) and before the long prompts came; while read: from their arrival
+    to the last one's first token."""
     import httpx
 
     url = base + "/v1/completions"
@@ -243,21 +261,29 @@ async def interference(base: str, streams: list[list[int]], stream_tokens: int, 
         tasks = [asyncio.create_task(stream(i)) for i in range(len(streams))]
         while min(len(s["times"]) for s in live) < warm_tokens and not any(t.done() for t in tasks):
             await asyncio.sleep(0.002)
+        before = (await c.get(base + "/health")).json()["stats"]
         sent = time.perf_counter()
         long_results = await asyncio.gather(*(one_request(c, url, body(p, long_tokens)) for p in longs))
         read = max(r["sent"] + r["ttft"] for r in long_results)  # the last long prompt's first token
-        await asyncio.gather(*tasks)
+        after = (await c.get(base + "/health")).json()["stats"]  # a few decode steps after the read
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    started = max(s["times"][0] for s in live if s["times"])  # every stream decoding from here
     quiet, during, late = [], [], 0
     for s in live:
         t = np.asarray(s["times"])
         if len(t) < 2:
             continue
         gaps, ends = np.diff(t), t[1:]
-        quiet += gaps[(ends <= sent) & (t[:-1] >= t[min(2, len(t) - 1)])].tolist()  # past each stream's first gaps
+        quiet += gaps[(ends <= sent) & (t[:-1] >= started)].tolist()
         during += gaps[(ends > sent) & (ends <= read)].tolist()
         late += int(t[-1] < read)
+    chunks = after["prefill_chunks"] - before["prefill_chunks"]
     return {"streams": len(streams), "long_prompts": len(longs), "long_prompt_tokens": len(longs[0]),
             "read_s": read - sent, "quiet_gaps": len(quiet), "during_gaps": len(during),
+            "read_chunks": chunks, "read_tokens_per_chunk": (after["prefill_tokens"] - before["prefill_tokens"])
+            / max(chunks, 1), "read_steps": after["steps"] - before["steps"],
             "streams_done_before_read": late,
             "quiet_p50_ms": 1e3 * percentile(quiet, 50), "quiet_p99_ms": 1e3 * percentile(quiet, 99),
             "during_p50_ms": 1e3 * percentile(during, 50), "during_p99_ms": 1e3 * percentile(during, 99),
@@ -312,18 +338,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=None, help="the server's batch [each level: its concurrency]")
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--prefill-chunk", type=prefill_chunk, default="auto",
+                   help="prompt tokens an iteration reads, or auto (sized from the measured step and prefill times)")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens a fixed row holds (CUDA form) [what the requests of the run need]")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--provider", default="cpu")
     p.add_argument("--cuda-graph", action="store_true", help="decode steps as CUDA graphs (CUDA EP, CUDA form)")
     p.add_argument("--check-equal", action="store_true", help="first check concurrent == solo tokens (exit 1 if not)")
+    p.add_argument("--check-rows", type=int, default=None,
+                   help="the batch --check-equal runs [--max-batch, else the largest level]; on a CPU every solo step "
+                        "of the slot layout runs all rows")
     p.add_argument("--long-prompts", type=int, default=0, help="long prompts arriving while --streams decode")
     p.add_argument("--long-prompt-tokens", type=int, default=4096)
     p.add_argument("--streams", type=int, default=32)
-    p.add_argument("--stream-tokens", type=int, default=512, help="new tokens of each running stream")
-    p.add_argument("--chunks", default="256,512,1024", help="prefill chunk sizes to run the long-prompt mode with")
+    p.add_argument("--stream-tokens", type=int, default=512,
+                   help="new tokens of each running stream, at most (closed once the long prompts are read)")
+    p.add_argument("--chunks", default="auto,256,1024",
+                   help="prefill chunks (token counts or auto) to run the long-prompt mode with")
     p.add_argument("--budget-s", type=float, default=3600.0, help="bound on the whole run's time")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
@@ -334,14 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.budget_s)
     try:
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-        chunks = [int(c) for c in args.chunks.split(",") if c.strip()] if args.long_prompts else []
-    except ValueError:
-        p.error("--concurrency and --chunks are comma-separated integers")
+        chunks = [prefill_chunk(c) for c in args.chunks.split(",") if c.strip()] if args.long_prompts else []
+    except (ValueError, argparse.ArgumentTypeError):
+        p.error("--concurrency is comma-separated integers, --chunks comma-separated integers or auto")
     if any(not 1 <= c <= 64 for c in levels) or not 1 <= args.requests_per_client <= 16:
         p.error("concurrency levels must be 1..64 and --requests-per-client 1..16 (a bounded test)")
-    if args.long_prompts and (not 1 <= args.streams <= 64 or not 1 <= args.long_prompts <= 16
-                              or any(c < 1 for c in chunks)):
-        p.error("--streams must be 1..64, --long-prompts 1..16, --chunks positive")
+    if args.long_prompts and (not 1 <= args.streams <= 64 or not 1 <= args.long_prompts <= 16):
+        p.error("--streams must be 1..64, --long-prompts 1..16")
+    if args.check_rows is not None and not 1 <= args.check_rows <= 64:
+        p.error("--check-rows must be 1..64")
     if (args.model_dir is None) == (args.build_1b is None):
         p.error("give a model directory or --build-1b WORKDIR")
     if args.build_1b:
@@ -366,15 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     report: dict[str, Any] = {"provider": lm.provider, "layout": layout}
 
-    def server(batch: int, chunk: int, length: int) -> Any:
+    def server(batch: int, chunk: int | str, length: int) -> Any:
         return create_app(lm, "model", max_batch=batch, max_queue=256, prefill_chunk=chunk,
                           max_length=length if slots else None)
 
     if args.check_equal and budget.allows("check-equal"):
-        rows = args.max_batch or max(levels + [4])
+        rows = args.check_rows or args.max_batch or max(levels + [4])
         length = level_length if slots else lm.session.max_positions
 
-        def make(chunk: int) -> Any:
+        def make(chunk: int | str) -> Any:
             return make_scheduler(lm, max_batch=rows, max_queue=256, prefill_chunk=chunk,
                                   max_length=length if slots else None)
 
@@ -444,11 +477,13 @@ def print_tables(report: dict[str, Any]) -> None:
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
               f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} |")
     if report["long_prompts"]:
-        print("\n| prefill chunk | streams | long prompts x tokens | read in s | running streams' inter-token ms: "
-              "quiet p50 / p99 | while read p50 / p99 | while-read p99 / quiet p50 | long prompts' TTFT p50 / max ms |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| prefill chunk | tokens a chunk (mean) | streams | long prompts x tokens | read in s | running "
+              "streams' inter-token ms: quiet p50 / p99 | while read p50 / p99 | while-read p99 / quiet p50 | "
+              "long prompts' TTFT p50 / max ms |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in report["long_prompts"]:
-        print(f"| {r['chunk']} | {r['streams']} | {r['long_prompts']} x {r['long_prompt_tokens']} | {r['read_s']:.2f} | "
+        print(f"| {r['chunk']} | {r['read_tokens_per_chunk']:.0f} | {r['streams']} | {r['long_prompts']} x "
+              f"{r['long_prompt_tokens']} | {r['read_s']:.2f} | "
               f"{r['quiet_p50_ms']:.1f} / {r['quiet_p99_ms']:.1f} | {r['during_p50_ms']:.1f} / {r['during_p99_ms']:.1f} | "
               f"{r['during_p99_ms'] / r['quiet_p50_ms']:.2f}x | {r['long_ttft_p50_ms']:.0f} / {r['long_ttft_max_ms']:.0f} |"
               + (f" ({r['streams_done_before_read']} streams ended before)" if r["streams_done_before_read"] else ""))

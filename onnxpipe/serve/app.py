@@ -39,7 +39,7 @@ SWITCH_INTERVAL_S = 0.0005
 
 
 def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
-               prefill_chunk: int = 256, max_length: int | None = None) -> Any:
+               prefill_chunk: int | str = "auto", max_length: int | None = None) -> Any:
     """The ASGI app; its lifespan starts and stops the scheduler thread. ``app.state.scheduler`` is the scheduler
     (``scheduler.make_scheduler``: fixed rows of ``max_length`` tokens for a shared-buffer graph)."""
     from starlette.applications import Starlette
@@ -271,7 +271,7 @@ class ServerThread:
 
 
 def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
-                  provider: str = "auto", max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
+                  provider: str = "auto", max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto",
                   model_name: str | None = None, threads: int | None = None, cuda_graph: bool = False,
                   max_length: int | None = None, announce: Callable[[str], None] | None = None) -> None:
     """``onnxpipe serve``: load the model directory and serve it until interrupted."""

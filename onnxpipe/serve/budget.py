@@ -17,6 +17,13 @@ costing a + b n is followed by one of target n / (a + b n) tokens, which shrinks
 a + b n is over the target and grows toward it while under), or at ``MIN_CHUNK`` where the fixed cost alone passes
 it. The first chunk read while streams decode, before anything is measured, is ``MIN_CHUNK``. While nothing decodes
 no stream waits: the budget is ``MAX_CHUNK``.
+
+Short prompts are not split: with ``auto`` a prompt of at most ``WHOLE_PROMPT`` tokens, not yet begun, is read in one
+piece, ahead of the long ones, ``SHORT_TOKENS`` tokens of such prompts an iteration at most (at least one prompt);
+their tokens count against the budget. Most requests come with one, and reading each in several runs would pay a
+run's fixed cost several times and leave its row idle meanwhile: on the 2-core CPU, 32 clients with 64-token prompts
+got 42% of the offline batch's tokens/s with their prompts split to the budget, 118% with a fixed budget of 256
+(SmolLM2-135M). The measured budget bounds what a long prompt adds to every iteration while it is read.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ AUTO = "auto"
 MIXED_STEP_RATIO = 1.5  # an iteration that prefills, against a decode step alone (the target is under 2x at p99)
 MIN_CHUNK = 8
 MAX_CHUNK = 512
+WHOLE_PROMPT = 128  # auto reads a prompt of at most this many tokens in one piece,
+SHORT_TOKENS = 256  # and at most this many tokens of such prompts an iteration (at least one prompt)
 STEP_SMOOTHING = 0.25  # weight of the newest decode step in its moving average
 TOKEN_SMOOTHING = 0.5  # weight of the newest chunk's seconds per token
 
@@ -60,6 +69,12 @@ class PrefillBudget:
     def largest(self) -> int:
         """The most tokens one prefill reads (what the memory check sizes a prefill for)."""
         return self.chunk if self.chunk is not None else MAX_CHUNK
+
+    @property
+    def whole(self) -> tuple[int, int]:
+        """(the longest prompt read in one piece whatever the budget, the most tokens of such prompts an iteration):
+        auto's; (0, 0) when fixed."""
+        return (WHOLE_PROMPT, SHORT_TOKENS) if self.chunk is None else (0, 0)
 
     def describe(self) -> str:
         return str(self.chunk) if self.chunk is not None else f"{AUTO} ({MIN_CHUNK}-{MAX_CHUNK})"

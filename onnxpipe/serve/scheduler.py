@@ -93,6 +93,7 @@ class ConcatScheduler(BatchLoop):
         chunked prefill (``_prefill_req``)."""
         if self._prefill_req is not None or not self._waiting or len(self._running) >= self.max_batch:
             return
+        budget = max(budget, self.budget.whole[1])  # short prompts are read whole (auto)
         group = [self._waiting.popleft()]
         width = len(group[0].row.prompt)
         while self._waiting and len(self._running) + len(group) < self.max_batch:
@@ -124,6 +125,8 @@ class ConcatScheduler(BatchLoop):
         """One chunk of at most ``budget`` tokens of ``req``'s prompt into its own cache; returns the tokens read."""
         s, row = self.lm.session, req.row
         start = req.prefilled
+        if start == 0 and len(row.prompt) <= self.budget.whole[0]:  # a short prompt is read whole (auto)
+            budget = len(row.prompt)
         try:
             if req.cache is None:
                 req.cache = s.new_cache(1)

@@ -150,9 +150,17 @@ class SlotScheduler(BatchLoop):
             self._changed = True
 
     def _prefill(self, budget: int) -> int:
-        """At most ``budget`` prompt tokens this iteration, over the admitted requests in order."""
-        read = 0
-        for req in list(self._admitted):
+        """At most ``budget`` prompt tokens this iteration, over the admitted requests in order; first, each in one
+        piece, the short prompts not yet begun (``budget.whole``), their tokens counted in the budget."""
+        read, (whole, most) = 0, self.budget.whole
+        shorts: list[Request] = []
+        for req in self._admitted:
+            n = len(req.row.prompt)
+            if req.prefilled == 0 and n <= whole and (not shorts or read + n <= most):
+                shorts.append(req)
+                read += n
+        budget, read = max(budget, read), 0
+        for req in shorts + [r for r in self._admitted if r not in shorts]:
             if budget <= 0:
                 break
             prompt = req.row.prompt

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.serve.budget import MAX_CHUNK, MIN_CHUNK, MIXED_STEP_RATIO, PrefillBudget
+from onnxpipe.serve.budget import MAX_CHUNK, MIN_CHUNK, MIXED_STEP_RATIO, SHORT_TOKENS, WHOLE_PROMPT, PrefillBudget
 
 pytestmark = pytest.mark.fast
 
@@ -22,6 +22,7 @@ def test_parse_takes_auto_or_a_positive_count():
 def test_a_fixed_budget_ignores_the_measurements():
     b = PrefillBudget.parse(32)
     assert b.tokens(decoding=False) == b.tokens(decoding=True) == 32 and b.largest == 32
+    assert b.whole == (0, 0) and PrefillBudget.parse("auto").whole == (WHOLE_PROMPT, SHORT_TOKENS)  # auto only
     b.stepped(0.1)
     b.prefilled(1000, 0.001, decoding=True)
     assert b.tokens(decoding=True) == 32

@@ -232,13 +232,14 @@ def test_long_prompt_is_prefilled_between_decode_steps(stdlib_lm):
     long_prompt = stdlib_lm.encode("import os\n" * 60)[:200]
 
     def run(chunk):
-        """(A's tokens while B's prompt was read, B's tokens)"""
+        """(A's tokens while B's prompt was read, B's tokens, the chunks B's prompt was read in)"""
         sched = Scheduler(stdlib_lm, max_batch=4, prefill_chunk=chunk)
         sched.start()
         try:
             events: queue.Queue = queue.Queue()
             sched.submit(stdlib_lm.prepare(LONG, max_new_tokens=120), lambda e: events.put(("a", e)))
             wait_until(lambda: sched.stats.steps >= 2)
+            chunks = sched.stats.prefill_chunks
             events.put(("b", ("submitted", None)))  # A's tokens from here on came while B was being read
             sched.submit(stdlib_lm.prepare(long_prompt, max_new_tokens=8), lambda e: events.put(("b", e)))
             a_tokens_during, submitted, b_started = 0, False, False
@@ -250,7 +251,7 @@ def test_long_prompt_is_prefilled_between_decode_steps(stdlib_lm):
                 elif who == "b":
                     b_started = True
                     if kind == "done":
-                        return a_tokens_during, value.token_ids
+                        return a_tokens_during, value.token_ids, sched.stats.prefill_chunks - chunks
                 elif kind == "piece" and submitted and not b_started:
                     a_tokens_during += len(value.token_ids)
         finally:
@@ -259,13 +260,17 @@ def test_long_prompt_is_prefilled_between_decode_steps(stdlib_lm):
     out = {chunk: run(chunk) for chunk in (16, 256, "auto")}
     assert out[16][0] >= 200 // 16 - 1  # a decode step of the stream after each chunk but the last
     assert out[256][0] <= 2  # at most the step in flight when B came
-    assert out["auto"][0] >= 1  # budget.py: a MIN_CHUNK probe first, then chunks sized from what it measured
+    assert out[16][2] == -(-len(long_prompt) // 16) and out[256][2] == 1
+    assert out["auto"][2] >= 2  # budget.py: a MIN_CHUNK probe first, then chunks sized from what it measured
     assert out[16][1] == out[256][1] == out["auto"][1] == stdlib_lm.generate(long_prompt, max_new_tokens=8).token_ids
 
 
 def test_serve_cli_refuses_bad_input_in_one_line(tmp_path):
     r = CliRunner().invoke(main, ["serve", str(tmp_path / "missing"), "--port", "0"])
     assert r.exit_code == 1 and "Traceback" not in r.output and str(tmp_path / "missing") in r.output
+    for bad in ("0", "fast", "2.5"):  # a count of tokens or auto, checked before the model is read
+        r = CliRunner().invoke(main, ["serve", str(tmp_path / "missing"), "--prefill-chunk", bad])
+        assert r.exit_code == 2 and "Traceback" not in r.output and "--prefill-chunk" in r.output, r.output
 
 
 def test_a_failed_decode_step_fails_its_batch_and_the_next_requests_are_served(stdlib_lm, monkeypatch):

@@ -18,6 +18,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.generate import LanguageModel, load
 from onnxpipe.runtime.session import DecoderSession
 from onnxpipe.serve.app import ServerThread, create_app
+from onnxpipe.serve.budget import MAX_CHUNK, MIN_CHUNK
 from onnxpipe.serve.scheduler import ConcatScheduler, SlotScheduler, TooLong, make_scheduler
 from onnxpipe.serve.slot_table import DECODING, FREE, PREFILLING, SlotTable
 
@@ -249,7 +250,8 @@ def test_a_long_prompt_is_read_in_chunks_between_decode_steps(stdlib_cuda_model)
 def test_the_auto_budget_reads_a_prompt_whole_alone_and_in_measured_chunks_beside_a_stream(stdlib_cuda_model):
     """prefill_chunk="auto" (budget.py): a prompt read while nothing decodes is one chunk (up to MAX_CHUNK); read
     while a request decodes, it starts with a MIN_CHUNK probe and goes on in chunks sized from the measured step and
-    prefill times, a decode step after each. Both requests get their solo tokens."""
+    prefill times, a decode step after each; a short prompt (at most WHOLE_PROMPT tokens) is read whole. Every
+    request gets its solo tokens."""
     lm = load(stdlib_cuda_model, "cpu", threads=1)
     long_prompt = rng.integers(5, 4000, 150).tolist()
     sched = make_scheduler(lm, max_batch=2, max_length=300)
@@ -260,6 +262,7 @@ def test_the_auto_budget_reads_a_prompt_whole_alone_and_in_measured_chunks_besid
         chunks = sched.stats.prefill_chunks
         alone.append(result(submit(sched, lm, long_prompt, 10)[0]))
         assert sched.stats.prefill_chunks - chunks == 1  # nothing decoded beside it: read whole
+        alone.append(result(submit(sched, lm, PROMPTS[3], 10)[0]))
         steps = sched.stats.steps
         a, _ = submit(sched, lm, PROMPTS[0], 150)
         wait_until(lambda: sched.stats.steps >= steps + 2)
@@ -269,10 +272,36 @@ def test_the_auto_budget_reads_a_prompt_whole_alone_and_in_measured_chunks_besid
         read = sched.stats.prefill_chunks - chunks
         assert sched.stats.prefill_tokens - tokens == len(long_prompt) and read >= 2  # MIN_CHUNK first
         assert sched.stats.steps - steps >= read - 1  # a decode step of A after each chunk but the last
-        assert result(a) == alone[0]
         assert sched.budget.step_s is not None and sched.budget.token_s is not None  # what it measured
+        sched.budget.tokens = lambda decoding: MIN_CHUNK if decoding else MAX_CHUNK  # a budget that would split it
+        chunks = sched.stats.prefill_chunks
+        c, _ = submit(sched, lm, PROMPTS[3], 10)  # 70 tokens, under WHOLE_PROMPT
+        assert result(c) == alone[2] and a.empty()  # read while A still decoded
+        assert sched.stats.prefill_chunks - chunks == 1
+        assert result(a) == alone[0]
     finally:
         sched.stop()
+
+
+@pytest.mark.parametrize("chunk", ["auto", 8])
+def test_short_prompts_are_read_whole_ahead_of_a_long_one_with_the_auto_budget(stdlib_cuda_model, chunk):
+    """The loop's steps by hand (no thread): with auto, short prompts (WHOLE_PROMPT) go first, each whole, at most
+    SHORT_TOKENS of them an iteration (at least one), and the budget left goes to the long prompt; a fixed budget
+    reads in order of admission."""
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    sched = make_scheduler(lm, max_batch=5, max_length=300, prefill_chunk=chunk)
+    lengths = [200, 100, 100, 60, 120]  # the long one first
+    for n in lengths:
+        sched.submit(lm.prepare(rng.integers(5, 4000, n).tolist(), max_new_tokens=4, stop_token_ids=[]), lambda e: None)
+    sched._admit(8)
+    reads = []
+    for _ in range(3):
+        reads.append((sched._prefill(8), [r.prefilled for r in sched._admitted]))
+    if chunk == "auto":
+        assert reads == [(200, [0, 0, 0]), (180, [0]), (8, [8])]  # 100 + 100 (+ 60 passes 256), then 60 + 120
+        assert [len(r.row.prompt) for r in sched._running] == [100, 100, 60, 120]
+    else:
+        assert reads == [(8, [8, 0, 0, 0, 0]), (8, [16, 0, 0, 0, 0]), (8, [24, 0, 0, 0, 0])]
 
 
 def test_cancelled_and_failed_requests_free_their_rows(stdlib_cuda_model, monkeypatch):
