@@ -89,6 +89,10 @@ def plan(uses: Sequence[tuple[str, str, bool]], ckpt: Checkpoint, dtype: str) ->
     return jobs, pos
 
 
+class WriteFailed(Exception):
+    """The output file could not be written (its OSError's message); write() names the file."""
+
+
 class Stopped(Exception):
     """The writing was stopped from outside (``stop`` set): what was written is incomplete."""
 
@@ -105,10 +109,29 @@ def write(jobs: Sequence[Job], size: int, ckpt: Checkpoint, path: Path, dtype: s
     front = {j.source for j in jobs if j.source in set(first)}
     queue = sorted(jobs, key=lambda j: (j.source not in front, -j.nbytes))
     threads = torch.get_num_threads()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        _write_all(queue, front, size, ckpt, path, dtype, workers, on_first, stop, progress)
+    except WriteFailed as e:  # a full disk, most likely: say which file and how much it takes
+        raise OnnxpipeError(f"{path}: writing the weights failed ({e}; the file takes {size / 1e9:.2f} GB)") from None
+    finally:
+        torch.set_num_threads(threads)  # the workers' setting went to torch's default for new threads too
+
+
+def _write_all(queue: list[Job], front: set[str], size: int, ckpt: Checkpoint, path: Path, dtype: str,
+               workers: int, on_first: Callable[[], None] | None, stop: threading.Event | None,
+               progress: Callable[[int, int, float], None] | None) -> None:
+    import torch
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    except OSError as e:
+        raise WriteFailed(e.strerror or str(e)) from None
     start, done, read = time.perf_counter(), 0, 0
     try:
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            raise WriteFailed(e.strerror or str(e)) from None
         with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             futures = {pool.submit(write_job, fd, ckpt, job, dtype, stop): job for job in queue}
             pending = set(futures)
@@ -132,7 +155,6 @@ def write(jobs: Sequence[Job], size: int, ckpt: Checkpoint, path: Path, dtype: s
                 raise
     finally:
         os.close(fd)
-        torch.set_num_threads(threads)  # the workers' setting went to torch's default for new threads too
 
 
 def write_job(fd: int, ckpt: Checkpoint, job: Job, dtype: str, stop: threading.Event | None = None) -> int:
@@ -207,7 +229,10 @@ def _write_rows(fd: int, spans: Sequence[Span], r0: int, block: Any, target: Any
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
-        n = os.pwrite(fd, data[done:], offset + done)
+        try:
+            n = os.pwrite(fd, data[done:], offset + done)
+        except OSError as e:
+            raise WriteFailed(e.strerror or str(e)) from None
         if n <= 0:
-            raise OSError(f"pwrite wrote {n} bytes")
+            raise WriteFailed(f"a write of {len(data) - done} bytes wrote {n}")
         done += n

@@ -126,3 +126,24 @@ def test_a_new_thread_keeps_torchs_thread_count(tmp_path: Path) -> None:
     later.start()
     later.join()
     assert seen == [before]
+
+
+def test_a_full_disk_is_an_error_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    _checkpoint(tmp_path)
+    written: list[int] = []
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(len(data))
+        return len(data)
+
+    monkeypatch.setattr(writer.os, "pwrite", pwrite)
+    with Checkpoint.open(tmp_path) as ckpt:
+        jobs, size = writer.plan(USES, ckpt, "fp16")
+        with pytest.raises(OnnxpipeError, match=r"data: writing the weights failed \(No space left on device; "
+                                                r"the file takes 0\.00 GB\)"):
+            writer.write(jobs, size, ckpt, tmp_path / "data", "fp16", workers=2)
