@@ -8,7 +8,8 @@ a time into a buffer of its own (small enough that the conversion, the fp16 rang
 in the cache) and writes it at its offset. Each thread runs torch with one intra-op thread: the threads, not
 torch's, divide the cores.
 
-Memory: per thread, a transposed tensor twice (read, transposed) and a block; a tensor stored as it is, two blocks.
+Memory: per thread, a transposed tensor twice while it is transposed (then once: the source is let go) and a block;
+a tensor stored as it is, two blocks.
 """
 
 from __future__ import annotations
@@ -169,9 +170,11 @@ def write_job(fd: int, ckpt: Checkpoint, job: Job, dtype: str, stop: threading.E
         for rows, block in _row_blocks(ckpt, job.source):
             _write_rows(fd, job.spans, rows, block, target, job.source)
         return job.nbytes * len(job.spans)
-    tensor = ckpt.read(job.source)
-    for span in job.spans:
-        base = tensor.t().contiguous() if span.transpose else tensor  # one transpose, in the stored dtype
+    held = [ckpt.read(job.source)]
+    for i, span in enumerate(job.spans):
+        base = held[0].t().contiguous() if span.transpose else held[0]  # one transpose, in the stored dtype
+        if i == len(job.spans) - 1:
+            held.clear()  # the source goes as soon as its last use is made: one copy while that one is written
         base = base.reshape(1) if base.dim() == 0 else base
         step = _step_rows(base)
         for r0 in range(0, base.shape[0], step):
