@@ -102,6 +102,16 @@ def quantize_vocab_tables(proto: Any, head_name: str | None, vocab_size: int, he
                           accuracy_level: int) -> TableReport:
     """Replace the LM head (if ``head``) and the token lookups (if ``embeddings``) by 8-bit per-row tables; in place."""
     model = ir_model(proto)
+    report = rewrite_vocab_tables(model, head_name, vocab_size, head, embeddings, accuracy_level)
+    drop_unused_initializers(model.graph)
+    write_back(model, proto)
+    return report
+
+
+def rewrite_vocab_tables(model: ir.Model, head_name: str | None, vocab_size: int, head: bool, embeddings: bool,
+                         accuracy_level: int) -> TableReport:
+    """quantize_vocab_tables on an onnx_ir model, in place (unused initializers left for the caller): the float
+    tables are read only here, so a model read lazily (rtn_stream) holds just their int8 copies."""
     graph = model.graph
     report = TableReport()
     if head and "com.microsoft" not in model.opset_imports:
@@ -137,8 +147,6 @@ def quantize_vocab_tables(proto: Any, head_name: str | None, vocab_size: int, he
             _lookup_blocks(graph, g, q, s, h, block, blocks)
         replace_node(graph, g, new)
         report.embeddings.append(str(g.name))
-    drop_unused_initializers(graph)
-    write_back(model, proto)
     return report
 
 

@@ -408,17 +408,17 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: ModeConfig, samples: np.ndarra
     from onnxpipe.quant.rtn_stream import streams
 
     if isinstance(cfg, Int4Config) and (streams(cfg) or gptq_streams(cfg)):
-        before, details, plan = _stream_int4(src, out_path, cfg, samples, log, progress)
+        before, details, plan, tables = _stream_int4(src, out_path, cfg, samples, log, progress)
     elif isinstance(cfg, DynamicInt8Config) and dynamic_streams(cfg):
-        before, details, plan = _stream_dynamic(src, out_path, cfg, log)
+        before, details, plan, tables = _stream_dynamic(src, out_path, cfg, log)
     else:
         proto = onnx.load(str(src.model_path))
         before = op_counts(proto)
         details, plan = _run_in_memory(proto, src, out_path, cfg, samples, log, progress, selection, cache)
+        del proto
+        tables = None if plan is None else _vocab_tables(out_path, _table_head(plan, cfg), src.manifest, cfg)
     if plan is not None:
-        head_by_tables = cfg.lm_head in ("auto", "int8") and plan.lm_head is not None
         details["plan"] = plan.to_json()
-        tables = _vocab_tables(out_path, plan.lm_head if head_by_tables else None, src.manifest, cfg)
         if tables is not None:
             log(f"vocabulary tables: LM head {tables.lm_head or 'left to the mode'}, {len(tables.embeddings)} token "
                 f"lookup(s) int8 per row (block {tables.block_size}, max abs err {tables.max_abs_err:.3g} -- recorded, not "
@@ -490,7 +490,7 @@ def _log_plan(plan: Any, log: Log) -> None:
 
 
 def _stream_int4(src: ModelDir, out_path: Path, cfg: Int4Config, samples: np.ndarray | None, log: Log,
-                 progress: Progress | None) -> tuple[dict[str, int], dict[str, Any], Any]:
+                 progress: Progress | None) -> tuple[dict[str, int], dict[str, Any], Any, Any]:
     """int4 RTN or GPTQ with blocks and integer zero points (rtn_stream.py, gptq_stream.py): the input read lazily,
     one weight quantized at a time (GPTQ: a few layers' Hessians at a time), the output's weights written to
     external data where the input's were. (op counts before, details, the weight plan)."""
@@ -503,9 +503,30 @@ def _stream_int4(src: ModelDir, out_path: Path, cfg: Int4Config, samples: np.nda
     else:
         details = quantize_rtn_streamed(model, plan, cfg, progress)
         log(f"int4 rtn: {details['quantized_nodes']} weights quantized {details['streamed']}")
+    tables = _tables_before_save(model, plan, src.manifest, cfg)
     log("writing " + ("the weights to external data, one at a time" if external else "the model"))
     save_streamed(model, out_path, external)
-    return before, details, plan
+    return before, details, plan, tables
+
+
+def _table_head(plan: Any, cfg: ModeConfig) -> str | None:
+    """The LM head the 8-bit vocabulary tables take (embedding.py), or None when the mode (or fp32) keeps it."""
+    return plan.lm_head if getattr(cfg, "lm_head", None) in ("auto", "int8") and plan.lm_head is not None else None
+
+
+def _tables_before_save(model: Any, plan: Any, manifest: Manifest, cfg: ModeConfig) -> Any:
+    """_vocab_tables on a streamed model before it is written (its float tables read once, lazily); None when
+    neither table is 8-bit. Drops the initializers left unused."""
+    from onnxpipe.quant.embedding import rewrite_vocab_tables
+    from onnxpipe.quant.graph import drop_unused_initializers
+
+    head, lookups = _table_head(plan, cfg), getattr(cfg, "embeddings", None) in ("auto", "int8")
+    report = None
+    if head is not None or lookups:
+        level = cfg.accuracy_level if isinstance(cfg, Int4Config) else 4
+        report = rewrite_vocab_tables(model, head, int(manifest.model["vocab_size"]), head is not None, lookups, level)
+    drop_unused_initializers(model.graph)
+    return report
 
 
 def _read_lazily(src: ModelDir, log: Log) -> tuple[Any, dict[str, int], Any]:
@@ -525,7 +546,7 @@ def _read_lazily(src: ModelDir, log: Log) -> tuple[Any, dict[str, int], Any]:
 
 
 def _stream_dynamic(src: ModelDir, out_path: Path, cfg: DynamicInt8Config,
-                    log: Log) -> tuple[dict[str, int], dict[str, Any], Any]:
+                    log: Log) -> tuple[dict[str, int], dict[str, Any], Any, Any]:
     """--activations token (dynamic_stream.py): one weight at a time, the int8 weights written as they are made;
     the output's weights in external data where the input's were. (op counts before, details, the weight plan)."""
     from onnxpipe.quant.dynamic_stream import quantize_dynamic_streamed, spill_path
@@ -533,20 +554,20 @@ def _stream_dynamic(src: ModelDir, out_path: Path, cfg: DynamicInt8Config,
     from onnxpipe.quant.rtn_stream import Spill, has_external_data, save_streamed
 
     model, before, plan = _read_lazily(src, log)
-    head_by_tables = cfg.lm_head in ("auto", "int8") and plan.lm_head is not None
     body = WeightPlan([n for n in plan.linears if n != plan.lm_head], None, plan.embeddings, plan.rewrites) \
-        if head_by_tables else plan
+        if _table_head(plan, cfg) else plan
     external = has_external_data(model)  # the input's layout (the spilled weights are external tensors too)
     spill = Spill(spill_path(out_path))
     try:
         details = quantize_dynamic_streamed(model, body, cfg.lm_head, spill)
         spill.close()
         log(f"dynamic int8: {details['quantized_nodes']} layers, per-token activation scales; {details['streamed']}")
+        tables = _tables_before_save(model, plan, src.manifest, cfg)
         log("writing " + ("the weights to external data, one at a time" if external else "the model"))
         save_streamed(model, out_path, external)
     finally:
         spill.remove()
-    return before, details, plan
+    return before, details, plan, tables
 
 
 def _stream_gptq(model: Any, plan: Any, src: ModelDir, out_path: Path, cfg: Int4Config, samples: np.ndarray | None,

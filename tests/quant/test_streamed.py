@@ -1,6 +1,7 @@
-"""int4 RTN one weight at a time (quant/rtn_stream.py): the same model, bit for bit, as onnxruntime's
-MatMulNBitsQuantizer on the whole model in memory (int4.py's ``_nbits``), for fp32 and fp16 weights, blocks 32 and
-128, with and without zero points; the input's external data read lazily and the output's written to a data file."""
+"""The streamed forms (quant/rtn_stream.py, gptq_stream.py, dynamic_stream.py) write the same model, bit for bit, as
+the in-memory paths: int4 RTN as onnxruntime's MatMulNBitsQuantizer (fp32 and fp16 weights, blocks 32 and 128, with
+and without zero points), GPTQ as gptq.gptq_quantize_graph (in one pass or one layer input per pass), dynamic int8
+per token as dynamic.quantize_per_token; the input's external data read lazily, the output's written to a file."""
 
 from __future__ import annotations
 
@@ -204,3 +205,33 @@ def test_streamed_dynamic_token_is_the_in_memory_rewrite(tok_model, tmp_path: Pa
     assert list(got) == list(want)
     for name, value in want.items():
         assert got[name].dtype == value.dtype and np.array_equal(got[name], value), name
+
+
+@pytest.mark.parametrize("mode, options, module", [
+    ("int4", {"algo": "rtn", "block_size": 32}, "rtn_stream"),
+    ("dynamic", {"activations": "token"}, "dynamic_stream"),
+])
+def test_streamed_command_writes_the_in_memory_model(tok_model, small_eval: Path, tmp_path: Path,  # noqa: ANN001
+                                                     monkeypatch: pytest.MonkeyPatch, mode: str, options: dict,
+                                                     module: str) -> None:
+    """quantize_model end to end, the 8-bit vocabulary tables included (the default on an fp32 input: made on the
+    streamed model before it is written, instead of on the written model reloaded): the same graph and weights."""
+    import importlib
+
+    from onnxpipe.quant import quantize_model
+
+    fast = dict(eval_file=small_eval, eval_context=64, max_ppl_increase=1000, min_greedy_agreement=0)
+    src = tok_model("llama")
+    streamed = quantize_model(src, tmp_path / "streamed", mode, **fast, **options)
+    monkeypatch.setattr(importlib.import_module(f"onnxpipe.quant.{module}"), "streams", lambda cfg: False)
+    whole = quantize_model(src, tmp_path / "whole", mode, **fast, **options)
+    assert "streamed" in streamed.step["details"] and "streamed" not in whole.step["details"]
+    assert streamed.step["details"]["vocab_tables"] == whole.step["details"]["vocab_tables"]
+    a = onnx.load(str(tmp_path / "streamed" / "model.onnx"))
+    b = onnx.load(str(tmp_path / "whole" / "model.onnx"))
+    assert _nodes(a) == _nodes(b)
+    got, want = _tensors(a, tmp_path / "streamed"), _tensors(b, tmp_path / "whole")
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        assert np.array_equal(got[name], value), name
+    assert streamed.step["quality"]["ppl_after"] == whole.step["quality"]["ppl_after"]
