@@ -71,21 +71,32 @@ def group_params(w: np.ndarray, exact: bool = False) -> tuple[np.ndarray, np.nda
     return scale, zero
 
 
+def inverse_factor(hessian: np.ndarray, k_pad: int, percdamp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """(U, dead): the upper Cholesky factor of the damped inverse Hessian (inv(H) = U^T U), padded to ``k_pad`` rows
+    with identity, and the rows whose input never fired. A function of the Hessian alone: layers that read one input
+    (q/k/v, gate/up) share it (gptq_quantize_graph and gptq_stream compute it once per input; it is most of
+    GPTQ's time: K^3)."""
+    k = hessian.shape[0]
+    H = np.eye(k_pad) * 1.0  # noqa: N806  (padding rows: identity, never used by the product)
+    H[:k, :k] = hessian
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices(k_pad)] += percdamp * np.mean(np.diag(H))
+    return np.linalg.cholesky(np.linalg.inv(H)).T, dead
+
+
 def gptq_weight(weight: np.ndarray, hessian: np.ndarray, group_size: int, percdamp: float = 0.01,
-                blocksize: int = 128, exact: bool = False) -> QuantizedWeight:
-    """GPTQ of one weight [K, N] against its input Hessian [K, K] (``exact``: float zero points, group_params)."""
+                blocksize: int = 128, exact: bool = False,
+                factor: tuple[np.ndarray, np.ndarray] | None = None) -> QuantizedWeight:
+    """GPTQ of one weight [K, N] against its input Hessian [K, K] (``exact``: float zero points, group_params).
+    ``factor``: inverse_factor(hessian, K padded to whole groups, percdamp), when the caller has it already."""
     k, n = weight.shape
     k_blocks = -(-k // group_size)
     k_pad = k_blocks * group_size
     W = np.zeros((k_pad, n), np.float64)  # noqa: N806
     W[:k] = weight
-    H = np.eye(k_pad) * 1.0  # noqa: N806  (padding rows: identity, never used by the product)
-    H[:k, :k] = hessian
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
+    U, dead = factor if factor is not None else inverse_factor(hessian, k_pad, percdamp)  # noqa: N806
     W[dead] = 0.0
-    H[np.diag_indices(k_pad)] += percdamp * np.mean(np.diag(H))
-    U = np.linalg.cholesky(np.linalg.inv(H)).T  # noqa: N806  upper factor: inv(H) = U^T U
     q_int = np.zeros((k_pad, n), np.uint8)
     scales = np.zeros((k_blocks, n))
     zeros = np.zeros((k_blocks, n))
@@ -186,11 +197,15 @@ def gptq_quantize_graph(proto: Any, nodes: list[str], feeds: Iterable[dict[str, 
     reduction = []
     sums: dict[tuple[Any, Any], ir.Value] = {}
     for x, members in groups.items():
+        factor = None  # one input's members share it
         for member in members:
             node = by_name[member.name]
             weight = _weight(node).astype(np.float64)
             group = group_size or weight.shape[0]
-            qw = gptq_weight(weight, hessians[x].copy(), group, exact=exact_grid(weight.shape, group_size, float_zero_points))
+            if factor is None:
+                factor = inverse_factor(hessians[x], -(-weight.shape[0] // group) * group)
+            qw = gptq_weight(weight, hessians[x], group, exact=exact_grid(weight.shape, group_size, float_zero_points),
+                             factor=factor)
             if group_size:
                 new = matmulnbits_ir(graph, node, weight.shape, qw, group, accuracy_level, sums)
             else:
@@ -347,8 +362,8 @@ def rtn_weight(weight: np.ndarray, group_size: int, exact: bool = False) -> np.n
 
 def _proxy_loss_ratio(weight: np.ndarray, qw: QuantizedWeight, hessian: np.ndarray, group_size: int) -> float:
     """tr(dW^T H dW) of GPTQ over that of RTN: the output error GPTQ minimises, < 1 when it helped."""
-    def loss(dw: np.ndarray) -> float:
-        return float(np.einsum("kn,kj,jn->", dw, hessian, dw))
+    def loss(dw: np.ndarray) -> float:  # a BLAS product: einsum's three-operand loop took K^2 N scalar steps
+        return float(((hessian @ dw) * dw).sum())
 
     rtn = loss(weight - rtn_weight(weight, group_size, exact=qw.zero_float is not None))
     return loss(weight - qw.dequantize(weight.shape[0])) / rtn if rtn > 0 else 1.0

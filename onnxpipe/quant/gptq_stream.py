@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.quant.config import PER_CHANNEL, Int4Config
-from onnxpipe.quant.gptq import _proxy_loss_ratio, gptq_weight, input_hessians, matmulnbits_ir
+from onnxpipe.quant.gptq import _proxy_loss_ratio, gptq_weight, input_hessians, inverse_factor, matmulnbits_ir
 from onnxpipe.quant.graph import WeightPlan, replace_node
 
 HESSIAN_BYTES = 2_200_000_000  # float64 Hessians held at once (the calibration state): one 8B layer's, 2.05 GB
@@ -85,10 +85,13 @@ def quantize_gptq_streamed(model: ir.Model, plan: WeightPlan, cfg: Int4Config, f
             hessians = input_hessians(session, chunk, feeds(label))
             for name in chunk:
                 hessian = hessians.pop(name)
+                k_pad = -(-sizes[name] // cfg.block_size) * cfg.block_size
+                factor = inverse_factor(hessian, k_pad)  # shared by the input's layers (q/k/v, gate/up)
                 for node in groups[name]:
-                    reduction.append(_quantize_layer(model.graph, node, hessian, cfg, sums))
+                    reduction.append(_quantize_layer(model.graph, node, hessian, factor, cfg, sums))
                     if progress:
                         progress("gptq layers", len(reduction), total)
+                del hessian, factor
     finally:
         del session
         shutil.rmtree(workdir, ignore_errors=True)
@@ -105,14 +108,14 @@ def quantize_gptq_streamed(model: ir.Model, plan: WeightPlan, cfg: Int4Config, f
                      "seconds": round(time.perf_counter() - start, 1)}}
 
 
-def _quantize_layer(graph: ir.Graph, node: ir.Node, hessian: np.ndarray, cfg: Int4Config,
-                    sums: dict[tuple[Any, Any], ir.Value]) -> float:
+def _quantize_layer(graph: ir.Graph, node: ir.Node, hessian: np.ndarray, factor: tuple[np.ndarray, np.ndarray],
+                    cfg: Int4Config, sums: dict[tuple[Any, Any], ir.Value]) -> float:
     """One MatMul's weight read, GPTQ'd against ``hessian``, written as a MatMulNBits, released; its proxy loss
     ratio against RTN."""
     weight = node.inputs[1]
     assert weight is not None and weight.const_value is not None and weight.name is not None and cfg.block_size
     w = weight.const_value.numpy().astype(np.float64)
-    qw = gptq_weight(w, hessian.copy(), cfg.block_size)
+    qw = gptq_weight(w, hessian, cfg.block_size, factor=factor)
     replace_node(graph, node, matmulnbits_ir(graph, node, w.shape, qw, cfg.block_size, cfg.accuracy_level, sums))
     if isinstance(weight.const_value, ir.ExternalTensor):
         weight.const_value.release()
