@@ -44,6 +44,7 @@ from onnxpipe.parity import ParityReport, Trace, compare, left_padded_batch, pos
 LAYERWISE_BYTES = 1_000_000_000
 CHECK_FORMS = ("auto", "whole", "layerwise")
 LAYER_NAME = re.compile(r"(?:^|[./_])layers?[._](\d+)(?:[._/]|$)")
+SHAPE_OPS = ("Shape", "Size")
 LAZY_MIN_BYTES = 4096  # smaller external tensors are read once and kept (shape constants the rules read)
 
 FILE_SPAN = "onnxpipe.file_span"  # a lazy weight's meta: (its directory, location in it, offset, length)
@@ -68,22 +69,41 @@ class Segment:
     inputs: tuple[str, ...]  # graph inputs and values made by earlier segments
     initializers: tuple[str, ...]
     outputs: tuple[str, ...]  # graph outputs made here and values later segments read
+    # past caches read here only by Shape/Size nodes, ahead of the segment that makes their present (an exporter's
+    # batch size or past length taken from some layer's cache): fed a stand-in of the same shape
+    shape_only: tuple[str, ...] = ()
 
 
-def plan_segments(graph: Any, num_layers: int) -> list[Segment]:
-    """The segments of ``graph`` (an onnx.GraphProto), in the order they run."""
+def plan_segments(graph: Any, caches: dict[str, tuple[int, str]]) -> list[Segment]:
+    """The segments of ``graph`` (an onnx.GraphProto), in the order they run. ``caches``: each past cache input's
+    name -> (its layer, the name of the present output it becomes). Initializers named by layer give their layer
+    too, unless that puts a layer's cache after its next step's use (a weight shared across layers under one
+    layer's name): then the caches alone label the nodes."""
+    try:
+        return _plan(graph, caches, by_name=True)
+    except _OutOfOrder:
+        return _plan(graph, caches, by_name=False)
+
+
+class _OutOfOrder(OnnxpipeError):
+    pass
+
+
+def _plan(graph: Any, caches: dict[str, tuple[int, str]], by_name: bool) -> list[Segment]:
     inits = {t.name for t in graph.initializer}
     labels: dict[str, int | None] = {}
     for v in graph.input:
-        labels[v.name] = _kv_layer(v.name, num_layers)
+        labels[v.name] = caches[v.name][0] if v.name in caches else -1
     for name in inits:
-        labels[name] = _name_layer(name)
+        labels[name] = _name_layer(name) if by_name else None
     node_labels: list[int | None] = []
     node_inputs: list[set[str]] = []
     for node in graph.node:
         ins = {x for x in node.input if x} | _subgraph_refs(node, labels)
         known = [labels[x] for x in ins if labels.get(x) is not None]
         label = max(known) if known else None  # type: ignore[type-var]
+        if node.op_type in SHAPE_OPS and node.domain in ("", "ai.onnx") and ins <= set(caches):
+            label = -1  # a cache's shape is known before its values are
         node_labels.append(label)
         node_inputs.append(ins)
         for out in node.output:
@@ -111,14 +131,24 @@ def plan_segments(graph: Any, num_layers: int) -> list[Segment]:
         read = set().union(*(node_inputs[i] for i in idx))
         seg_inputs = tuple(sorted(x for x in read - made if x not in inits and x in labels))
         seg_outputs = tuple(sorted(x for x in made if x in graph_outputs or last_reader.get(x, -2) > label))
-        segments.append(Segment(label, idx, seg_inputs, tuple(sorted(read & inits)), seg_outputs))
-    _check_kv_order(segments, made_in, num_layers)
+        full_reads = set().union(*(node_inputs[i] for i in idx if not _shape_of_cache(graph.node[i], caches)))
+        shape_only = tuple(x for x in seg_inputs if x in caches and x not in full_reads)
+        segments.append(Segment(label, idx, seg_inputs, tuple(sorted(read & inits)), seg_outputs, shape_only))
+    _check_kv_order(segments, made_in, caches)
     return segments
 
 
-def _kv_layer(name: str, num_layers: int) -> int:
-    m = re.match(r"^past_key_values\.(\d+)\.", name)
-    return int(m.group(1)) if m and int(m.group(1)) < num_layers else -1
+def _shape_of_cache(node: Any, caches: dict[str, tuple[int, str]]) -> bool:
+    return node.op_type in SHAPE_OPS and node.domain in ("", "ai.onnx") and set(node.input) <= set(caches)
+
+
+def kv_caches(manifest: Manifest) -> dict[str, tuple[int, str]]:
+    """The manifest's past cache input names -> (layer, present output name)."""
+    caches = {}
+    for i in range(manifest.num_layers):
+        for past, present in zip(manifest.past_names(i), manifest.present_names(i)):
+            caches[past] = (i, present)
+    return caches
 
 
 def _name_layer(name: str) -> int | None:
@@ -137,17 +167,16 @@ def _subgraph_refs(node: Any, outer: dict[str, Any]) -> set[str]:
     return refs
 
 
-def _check_kv_order(segments: list[Segment], made_in: dict[str, int], num_layers: int) -> None:
+def _check_kv_order(segments: list[Segment], made_in: dict[str, int], caches: dict[str, tuple[int, str]]) -> None:
     """A segment that reads a layer's past cache must make its present cache (or follow the one that does): the
     segments run one at a time over every step, so step t's past is step t-1's present."""
     for seg in segments:
         for x in seg.inputs:
-            m = re.match(r"^past_key_values\.(\d+)\.(\w+)$", x)
-            if not m:
+            if x not in caches or x in seg.shape_only:
                 continue
-            present = f"present.{m.group(1)}.{m.group(2)}"
+            present = caches[x][1]
             if made_in.get(present, seg.label) > seg.label:
-                raise OnnxpipeError(f"layer-by-layer check: {x} is read in segment {seg.label} but {present} is made "
+                raise _OutOfOrder(f"layer-by-layer check: {x} is read in segment {seg.label} but {present} is made "
                                     f"in segment {made_in[present]}; use --check-form whole")
 
 
@@ -208,11 +237,9 @@ def run_segmented(graph: Graph, manifest: Manifest, steps: list[dict[str, np.nda
 
     model = onnx.ModelProto()
     model.ParseFromString(graph[0])
-    segments = plan_segments(model.graph, manifest.num_layers)
-    past_of = {}
-    for i in range(manifest.num_layers):
-        for p, q in zip(manifest.past_names(i), manifest.present_names(i)):
-            past_of[p] = q
+    caches = kv_caches(manifest)
+    segments = plan_segments(model.graph, caches)
+    past_of = {past: present for past, (_, present) in caches.items()}
     batch = steps[0]["input_ids"].shape[0]
     m = manifest.model
     empty = np.zeros((batch, m["num_kv_heads"], 0, m["head_dim"]), kv_dtype)
@@ -224,7 +251,10 @@ def run_segmented(graph: Graph, manifest: Manifest, steps: list[dict[str, np.nda
         for t in range(len(steps)):
             feed = {}
             for name in seg.inputs:
-                if name in past_of:
+                if name in seg.shape_only:  # only its shape is read: the shape every cache has at step t
+                    past_len = steps[t]["attention_mask"].shape[1] - steps[t]["input_ids"].shape[1]
+                    feed[name] = np.zeros(empty.shape[:2] + (past_len,) + empty.shape[3:], kv_dtype)
+                elif name in past_of:
                     feed[name] = values[t - 1][past_of[name]] if t else empty
                 else:
                     feed[name] = values[t][name]

@@ -29,6 +29,12 @@ def stamped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work / "exported"
 
 
+def _caches(model_dir: Path) -> dict[str, tuple[int, str]]:
+    from onnxpipe.artifact import ModelDir
+
+    return layerwise.kv_caches(ModelDir.open(model_dir).manifest)
+
+
 def _planted(layer: int, weight: str = "mlp.down_proj") -> pipeline.FusionPass:
     def double(model: ir.Model, ctx) -> dict:  # noqa: ANN001
         v = model.graph.initializers[f"model.model.layers.{layer}.{weight}.weight_T"]
@@ -47,7 +53,7 @@ def test_segments_follow_the_layers(stamped: Path) -> None:
     import onnx
 
     graph = onnx.load(str(stamped / "model.onnx"), load_external_data=False).graph
-    segments = layerwise.plan_segments(graph, LAYERS)
+    segments = layerwise.plan_segments(graph, _caches(stamped))
     assert [s.label for s in segments] == [-1, 0, 1, 2, 3]
     for seg in segments[1:]:
         layer_weights = [n for n in seg.initializers if ".layers." in n]
@@ -65,6 +71,27 @@ def test_segments_follow_the_layers(stamped: Path) -> None:
         made |= set(seg.outputs)
 
 
+@pytest.mark.parametrize("weight", ["mlp.down_proj", "self_attn.k_proj"])
+def test_a_weight_named_for_a_later_layer_keeps_each_cache_in_order(weight: str, stamped: Path) -> None:
+    """A weight read in layer 1 under a name of layer 3 (a weight shared across layers) merges segments, or, where
+    it would put a layer's cache after its next step's use, the nodes are labelled by the caches alone."""
+    import onnx
+
+    graph = onnx.load(str(stamped / "model.onnx"), load_external_data=False).graph
+    old, new = f"model.model.layers.1.{weight}.weight_T", "shared.layers.3.weight"
+    next(t for t in graph.initializer if t.name == old).name = new
+    for node in graph.node:
+        node.input[:] = [new if x == old else x for x in node.input]
+    caches = _caches(stamped)
+    segments = layerwise.plan_segments(graph, caches)
+    made = {v.name for v in graph.input}
+    for seg in segments:
+        assert set(seg.inputs) <= made
+        made |= set(seg.outputs)
+        for past in set(seg.inputs) & set(caches) - set(seg.shape_only):
+            assert caches[past][1] in seg.outputs  # step t's past is step t-1's present, made here
+
+
 def test_weights_left_in_the_input_file_are_mapped_by_onnxruntime(stamped: Path) -> None:
     """A segment's unchanged weights point at the input's data file (onnxruntime maps them, nothing is copied); a
     weight a pass made is handed over from memory."""
@@ -78,7 +105,7 @@ def test_weights_left_in_the_input_file_are_mapped_by_onnxruntime(stamped: Path)
     snap = pipeline.snapshot(model)
     proto = onnx.ModelProto()
     proto.ParseFromString(snap.graph)
-    seg = next(s for s in layerwise.plan_segments(proto.graph, LAYERS) if s.label == 1)
+    seg = next(s for s in layerwise.plan_segments(proto.graph, _caches(stamped)) if s.label == 1)
     feed = {x: np.zeros((1,) * 4, np.float32) for x in seg.inputs}
     graph, handed, data_dir = layerwise.segment_graph(proto, seg, feed, snap.tensors)
     assert set(handed) == {down.name} and data_dir == str(stamped)
@@ -117,6 +144,17 @@ def test_a_fault_is_caught_and_its_layer_named(layer: int, weight: str, named: s
     assert planted.status == "rolled_back" and planted.reason.startswith("parity failed"), planted.reason
     assert named in planted.reason and planted.check["divergence"] in planted.reason
     assert result.passes[1].status == "kept" and result.check.passed
+
+
+@pytest.mark.parametrize(("family", "dtype"), [("gpt2", "fp32"), ("phi3", "fp32"), ("qwen3", "fp16")])
+def test_other_families_and_fp16_check_layer_by_layer(family: str, dtype: str, tiny_onnx, tmp_path: Path) -> None:
+    """Traced exports (one file, weights mostly unnamed: the caches label the layers), GPT-2's MultiHeadAttention
+    form, Phi-3's packed projections, an fp16 cache."""
+    result = optimize_model(tiny_onnx(family, dtype), tmp_path / "out", check_form="layerwise")
+    attention = next(r for r in result.passes if r.name == "attention")
+    assert attention.status == "kept" and attention.check["form"] == "layerwise", attention.reason
+    assert result.check.passed and len(result.check.kv_rel_err) == 2
+    assert max(result.check.kv_rel_err) <= (1e-2 if dtype == "fp16" else 1e-4)
 
 
 def test_the_whole_model_form_catches_the_same_fault(stamped: Path, tmp_path: Path,
