@@ -4,6 +4,7 @@ by layer, the CUDA form's right padding, and the weights read from the input's f
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -229,3 +230,20 @@ def test_running_out_of_memory_in_a_segment_is_an_error_not_a_rollback(stamped: 
     with pytest.raises(pipeline.ResourceError, match=r"out of memory checking the result \(pass norms\)"):
         optimize_model(stamped, tmp_path / "out", passes=["norms"], check_form="layerwise")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_takes_the_check_form(stamped: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from onnxpipe.cli import main
+
+    out = tmp_path / "opt"
+    result = CliRunner().invoke(main, ["optimize", str(stamped), "-o", str(out), "--passes", "norms",
+                                       "--check-form", "layerwise"])
+    assert result.exit_code == 0, result.output
+    assert "each checked layer by layer" in result.output
+    step = json.loads((out / "onnxpipe.json").read_text())["steps"][-1]
+    assert step["params"]["check_form"] == "layerwise" and step["check"]["form"] == "layerwise"
+    bad = CliRunner().invoke(main, ["optimize", str(stamped), "-o", str(tmp_path / "x"), "--check-form", "parts"])
+    assert bad.exit_code == 2 and "'parts' is not one of 'auto', 'whole', 'layerwise'" in bad.output
+    assert not (tmp_path / "x").exists()
