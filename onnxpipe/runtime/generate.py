@@ -28,6 +28,10 @@ from onnxpipe.tokenizer import Message, Tokenizer as TextTokenizer  # the one to
 
 Prompt = str | Sequence[int]
 PROMPT_CONTEXT = 4  # prompt tokens decoded with the output, so the first word keeps its leading space
+# A streamed row's text grows by decoding a window of its last tokens, this many before the new ones (as
+# text-generation-inference and vLLM detokenize), not all of its tokens again at every step: at 32 rows of a few
+# hundred tokens that whole decode was the server's decode step once more
+DECODE_WINDOW = 6
 # On the GPU a prefill of a new length paid 53-97 ms once (H100, 1B Llama, onnxruntime-gpu 1.31.1; 3-4 ms again;
 # on a tiny Llama with the SDPA kernels pinned, providers.SDPA_KERNEL: 4-11 ms):
 # right-padded prompts are padded further to a multiple of this, so lengths share their first run
@@ -71,6 +75,8 @@ class RowState:
         self.text: str | None = None  # final text, set when finished
         self.streamed = ""
         self._streamed_tokens = 0
+        self._raw = ""  # decode(tokens[:_raw_tokens]), kept up to date a window at a time (``decode_prefix``)
+        self._raw_tokens = 0
         self.rng = None if cfg.greedy else np.random.default_rng([cfg.seed, index]) if cfg.seed is not None else np.random.default_rng()
 
     @property
@@ -107,6 +113,31 @@ class RowState:
             return full[len(self._context_text):]
         return self.tok.decode(tokens)  # a tokenizer whose decode is not prefix-stable: lose the leading space
 
+    def decode_prefix(self, n: int) -> str:
+        """``decode(self.tokens[:n])``, in time that does not grow with n: the text already decoded for the first
+        ``_raw_tokens`` tokens plus what the tokens from there to n add, read off a decode of the window of the
+        DECODE_WINDOW tokens before them and the new ones (the window is decoded with and without the new tokens;
+        where the first is not the second plus an ending, as when a multi-byte character was cut at the old end,
+        the row is decoded whole)."""
+        if self.tok is None:
+            return ""
+        if n < self._raw_tokens or n - self._raw_tokens > 64:
+            text = self.decode(self.tokens[:n])
+        elif n == self._raw_tokens:
+            return self._raw
+        else:
+            ids = self.context + self.tokens  # the window may reach back into the prompt's context
+            end_old, end_new = len(self.context) + self._raw_tokens, len(self.context) + n
+            start = max(0, end_old - DECODE_WINDOW)
+            before = self.tok.decode(ids[start:end_old]) if end_old > start else ""
+            after = self.tok.decode(ids[start:end_new])
+            if after.startswith(before) and not before.endswith("\ufffd"):
+                text = self._raw + after[len(before):]
+            else:
+                text = self.decode(self.tokens[:n])
+        self._raw, self._raw_tokens = text, n
+        return text
+
     def piece(self) -> StreamPiece | None:
         """What can be streamed now: text that no later token can change (no trailing broken UTF-8 character, no
         possible start of a stop string, nothing a repetition cut could take back)."""
@@ -121,7 +152,7 @@ class RowState:
             stable -= self.cfg.repeat_ngram_max * (self.cfg.repeat_ngram_limit - 1)
         if stable <= self._streamed_tokens:
             return None
-        text = self.decode(self.tokens[:stable])
+        text = self.decode_prefix(stable)
         text = text.rstrip("\ufffd")  # the tail of a character whose remaining bytes are still to come
         text = text[: len(text) - _held_back(text, self.cfg.stop_strings)]
         if not text.startswith(self.streamed) or len(text) == len(self.streamed):
