@@ -42,7 +42,7 @@ from onnxpipe.export.exporter import (
     trace_decoder,
 )
 from onnxpipe.export.placement import check_placement
-from onnxpipe.export.truncated import check_truncated, reference_trace, truncated_layers
+from onnxpipe.export.truncated import LAYER_KEY, check_truncated, reference_trace, truncated_layers
 from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
 from onnxpipe.parity import Trace
@@ -163,33 +163,47 @@ def export_stamped(
         with _quiet():
             config = AutoConfig.from_pretrained(str(src))
         stamp.slice_config(config)  # refuses what cannot be stamped, before any output
-        check_weights(config, ckpt, src)
+        guessed = check_weights(config, ckpt, src)
         log("export method: stamped (one layer traced, the weights streamed from the checkpoint)")
-        log(f"tracing a 1-layer slice of {config.model_type} (random weights, {dtype})...")
-        traced = trace_template(config, cfg, dtype, opset)
-        info = traced.info
-        n = info["num_layers"]
-        log(f"traced in {traced.seconds:.1f}s: {len(traced.template.layer_nodes)} nodes per layer; "
-            f"{info['architecture']} ({info['family']}): {n} layers, hidden {info['hidden_size']}, "
-            f"{info['num_attention_heads']} heads / {info['num_kv_heads']} KV heads, {dtype}")
-        shapes = {k: e.shape for k, e in ckpt.entries.items()}
-        log(f"stamping {n} layers...")
-        stamped = stamp.stamp(traced.template, _layer_order(n), shapes, info["vocab_size"])
+        n = int(config.get_text_config(decoder=True).num_hidden_layers)
         layers = truncated_layers(n, parity_layers) if verify else []
+        cores = writer.available_cores()
+        workers = min(8, cores // 2) if cores >= 4 else None  # half the cores: the rest trace, then check
         with atomic_output_dir(out_dir, force=force, inputs=[src]) as tmp:
-            onnx_path = tmp / MODEL_FILE
-            layout = place_weights(stamped, ckpt, tmp / DATA_FILE, dtype)
-            save_graph(stamped.model, onnx_path)  # the weights' places are fixed: the graph goes first
-            config.dtype = {"fp32": "float32", "fp16": "float16"}[dtype]
-            gen = GenerationConfig.from_pretrained(str(src)) if (src / "generation_config.json").is_file() \
-                else GenerationConfig.from_model_config(config)
-            manifest = _build_manifest(onnx_path, info, dtype, opset, True, src,
-                                       SimpleNamespace(config=config, generation_config=gen))
-            checked = [stamped.weights[v.name or ""].source
-                       for v in [*stamped.globals, *(v for j in layers for v in stamped.slots[j])]]
+            onnx_path, data_path = tmp / MODEL_FILE, tmp / DATA_FILE
+            # the weights go to the file while the slice is traced, placed as the checkpoint's modules say they are
+            # stored (a Linear's weight transposed); the traced graph's own placement is compared with it below
+            jobs, size = writer.plan(guessed, ckpt, dtype)
+            guess = Layout(jobs, size)
+            writing = Writing(guess, ckpt, data_path, dtype, log, progress, _checked_sources(guess, layers), workers)
+            try:
+                log(f"tracing a 1-layer slice of {config.model_type} (random weights, {dtype}) while the weights are "
+                    "written...")
+                traced = trace_template(config, cfg, dtype, opset)
+                info = traced.info
+                log(f"traced in {traced.seconds:.1f}s: {len(traced.template.layer_nodes)} nodes per layer; "
+                    f"{info['architecture']} ({info['family']}): {n} layers, hidden {info['hidden_size']}, "
+                    f"{info['num_attention_heads']} heads / {info['num_kv_heads']} KV heads, {dtype}")
+                shapes = {k: e.shape for k, e in ckpt.entries.items()}
+                log(f"stamping {n} layers...")
+                stamped = stamp.stamp(traced.template, _layer_order(n), shapes, info["vocab_size"])
+                layout = place_weights(stamped, ckpt, data_path, dtype)
+                if not same_bytes(layout, guess):
+                    log("the traced graph stores the weights otherwise than the modules said: writing them again")
+                    writing.cancel()
+                    writing = Writing(layout, ckpt, data_path, dtype, log, progress,
+                                      _checked_sources(layout, layers), workers)
+                save_graph(stamped.model, onnx_path)  # the weights' places are fixed: the graph goes first
+                config.dtype = {"fp32": "float32", "fp16": "float16"}[dtype]
+                gen = GenerationConfig.from_pretrained(str(src)) if (src / "generation_config.json").is_file() \
+                    else GenerationConfig.from_model_config(config)
+                manifest = _build_manifest(onnx_path, info, dtype, opset, True, src,
+                                           SimpleNamespace(config=config, generation_config=gen))
+            except BaseException:
+                writing.cancel()
+                raise
             saying = f"checking parity, PyTorch's side: layers {layers} of {n} (prefill + decode, left-padded batch of 2)"
-            written, written_at, reference = _write_with_reference(
-                layout, ckpt, tmp / DATA_FILE, dtype, log, progress, checked,
+            written, written_at, reference = writing.finish(
                 (lambda: reference_trace(ckpt, cfg, layers, manifest, dtype, decode_steps)) if verify else None,
                 saying + ", while the other weights are written...")
             manifest.graph["external_data"] = DATA_FILE  # written now (the manifest was made before it existed)
@@ -235,54 +249,84 @@ def export_stamped(
     return ExportResult(ModelDir.open(out_dir), time.perf_counter() - start)
 
 
-def _write_with_reference(layout: Layout, ckpt: Checkpoint, data_path: Path, dtype: str, log: Callable[[str], None],
-                          progress: Callable[[str, int, int], None] | None, first: list[str],
-                          make_reference: Callable[[], Trace] | None,
-                          saying: str) -> tuple[int, float, Trace | None]:
-    """write_weights on a thread of its own, the sources in ``first`` first; returns the bytes written, when the
-    writing ended (perf_counter) and the reference, if made here. With 4 cores or more, the check's PyTorch side
-    (``make_reference()``, which reads the checkpoint alone) runs here once ``first`` is written, while the rest is:
-    the writer's threads get half the cores and torch the other half (more threads than cores would make each wait
-    for the others). With fewer there is nothing to share, and the caller makes it after the writing. If either
-    fails, the other is stopped and the first error raised."""
-    import torch
+class Writing:
+    """write_weights of ``layout`` on a thread of its own (the sources in ``first`` before the others), started
+    before the slice is traced: its threads take ``workers`` cores while this thread traces. ``finish`` waits for it,
+    first running the check's PyTorch side beside it where the cores allow; ``cancel`` stops it."""
 
-    cores = writer.available_cores()
-    overlap = make_reference is not None and cores >= 4
-    workers = min(8, cores // 2) if overlap else None
-    first_done, stop = threading.Event(), threading.Event()
+    def __init__(self, layout: Layout, ckpt: Checkpoint, data_path: Path, dtype: str, log: Callable[[str], None],
+                 progress: Callable[[str, int, int], None] | None, first: list[str], workers: int | None) -> None:
+        self.layout, self.workers, self.log = layout, workers, log
+        self.first_done, self.stop = threading.Event(), threading.Event()
+        self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer")
 
-    def write() -> tuple[int, float]:
-        written = write_weights(layout, ckpt, data_path, dtype, log, first=first, on_first=first_done.set,
-                                stop=stop, progress=progress, workers=workers)
-        return written, time.perf_counter()
+        def write() -> tuple[int, float]:
+            written = write_weights(layout, ckpt, data_path, dtype, log, first=first, on_first=self.first_done.set,
+                                    stop=self.stop, progress=progress, workers=workers)
+            return written, time.perf_counter()
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer") as side:
-        writing = side.submit(write)
-        writing.add_done_callback(lambda _: first_done.set())  # a failure before ``first`` was written wakes us too
+        self.future = self._side.submit(write)
+        self.future.add_done_callback(lambda _: self.first_done.set())  # a failure wakes a waiting ``finish`` too
+
+    def cancel(self) -> None:
+        """Stop the writing and wait for its threads (what it wrote is incomplete; its error, if any, is dropped)."""
+        self.stop.set()
+        self._side.shutdown(wait=True)
+
+    def finish(self, make_reference: Callable[[], Trace] | None, saying: str) -> tuple[int, float, Trace | None]:
+        """The bytes written, when the writing ended (perf_counter) and the check's PyTorch side if it ran here:
+        with 4 cores or more, ``make_reference()`` (which reads the checkpoint alone) runs once ``first`` is written,
+        while the rest is, torch taking the cores the writer's threads leave (more threads than cores would make
+        each wait for the others); with fewer there is nothing to share and the caller makes it afterwards. If
+        either fails, the other is stopped and the first error raised."""
+        import torch
+
+        cores = writer.available_cores()
         try:
             reference = None
-            if overlap and make_reference is not None:
-                first_done.wait()
-                if writing.done():
-                    writing.result()  # its error, if it failed before the reference started
-                log(saying)
+            if make_reference is not None and cores >= 4:
+                self.first_done.wait()
+                if self.future.done():
+                    self.future.result()  # its error, if it failed before the reference started
+                self.log(saying)
                 threads = torch.get_num_threads()
-                torch.set_num_threads(max(1, cores - (workers or 0)))
+                torch.set_num_threads(max(1, cores - (self.workers or 0)))
                 try:
                     reference = make_reference()
                 finally:
                     torch.set_num_threads(threads)
-            written, ended = writing.result()
+            written, ended = self.future.result()
             return written, ended, reference
         except BaseException:
-            stop.set()
+            self.cancel()
             raise
+        finally:
+            self._side.shutdown(wait=True)
 
 
-def check_weights(config: Any, ckpt: Checkpoint, src: Path) -> None:
+def _checked_sources(layout: Layout, layers: list[int]) -> list[str]:
+    """The sources the truncated check reads: every one outside the layers, and those of ``layers``."""
+    out = []
+    for job in layout.jobs:
+        m = LAYER_KEY.match(job.source)
+        if m is None or int(m["i"]) in layers:
+            out.append(job.source)
+    return out
+
+
+def same_bytes(a: Layout, b: Layout) -> bool:
+    """Whether two layouts put the same bytes in the file: the same sources at the same offsets, transposed alike."""
+    def key(layout: Layout) -> list[Any]:
+        return [(j.source, [(s.transpose, s.shape, s.offset, s.length) for s in j.spans]) for j in layout.jobs]
+
+    return a.size == b.size and key(a) == key(b)
+
+
+def check_weights(config: Any, ckpt: Checkpoint, src: Path) -> list[tuple[str, str, bool]]:
     """The checkpoint holds every weight of ``config``'s model with its shape, and nothing else: the test
-    transformers' loading makes (the model made on the meta device, no memory)."""
+    transformers' loading makes (the model made on the meta device, no memory). Returns how the export will most
+    likely store each weight, (initializer, weight, transposed): a Linear's weight transposed (the exporter folds
+    it into a MatMul), the others as they are; a tied head is the table's."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -304,6 +348,13 @@ def check_weights(config: Any, ckpt: Checkpoint, src: Path) -> None:
         problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
     if problems:
         raise OnnxpipeError(f"{src}: weights do not match config.json: {'; '.join(problems)}")
+    linear = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    uses = []
+    for name, p in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        transpose = leaf == "weight" and owner in linear and p.dim() == 2
+        uses.append((f"model.{name}{'_T' if transpose else ''}", name, transpose))
+    return uses
 
 
 def _layer_order(num_layers: int) -> list[int]:

@@ -90,3 +90,49 @@ def test_overlapped_and_sequential_exports_agree(tiny_hf: Callable[[str], Path],
     check_a, check_b = (m.manifest.steps[-1]["check"] for m in (a, b))
     assert check_a["passed"] and check_a["max_abs_err"] == check_b["max_abs_err"]
     assert torch.get_num_threads() == threads
+
+
+def test_a_wrong_guess_of_the_layout_is_written_again(tiny_hf: Callable[[str], Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights start before the trace, placed as the modules say; where the traced graph says otherwise (here:
+    a guess with every transpose flipped) they are written again, and the export is the one a right guess gives."""
+    from onnxpipe.export import stream
+
+    right = tmp_path / "right"
+    first: list[str] = []
+    stream.export_stamped(tiny_hf("llama"), right, log=first.append)
+    assert not any("writing them again" in line for line in first)  # the modules' guess is the traced graph's
+    real = stream.check_weights
+
+    def flipped(*args: Any) -> list[tuple[str, str, bool]]:
+        return [(name, source, not transpose) for name, source, transpose in real(*args)]
+
+    monkeypatch.setattr(stream, "check_weights", flipped)
+    lines: list[str] = []
+    again = tmp_path / "again"
+    stream.export_stamped(tiny_hf("llama"), again, log=lines.append)
+    assert any("writing them again" in line for line in lines)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (again / name).read_bytes() == (right / name).read_bytes(), name
+
+
+def test_a_slice_refused_while_the_weights_are_written_leaves_nothing(tiny_hf: Callable[[str], Path], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` falls back to the traced export when the slice is refused, which now happens after the weights began
+    to be written: the writing stops, its temporary directory goes, and the traced export writes the output."""
+    from onnxpipe.export import export_model, stream
+    from onnxpipe.export.stamp import StampUnsupported
+
+    def refused(*args: Any) -> Any:
+        raise StampUnsupported("a layer of a kind the slice does not cover")
+
+    monkeypatch.setattr(stream, "trace_template", refused)
+    lines: list[str] = []
+    out = tmp_path / "out"
+    export_model(tiny_hf("llama"), out, log=lines.append, verify=False)
+    assert any("export method: traced (the stamped export does not apply: a layer" in line for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert not _writer_threads()
+    from onnxpipe.artifact import ModelDir
+
+    assert ModelDir.open(out).manifest.steps[-1]["params"]["method"] == "traced"
