@@ -97,7 +97,7 @@ class RowState:
                 del self.tokens[len(self.tokens) - n * (limit - 1):]  # keep one copy of the loop
                 return self._finish("repetition")
         if self.cfg.stop_strings and self.tok:
-            text = self.decode(self.tokens)
+            text = self.decode_prefix(len(self.tokens))
             cut = _first_stop(text, self.cfg.stop_strings)
             if cut is not None:
                 self.text = text[:cut]

@@ -38,7 +38,7 @@ class TooLong(OnnxpipeError):
     """The request's prompt and its most new tokens do not fit the scheduler's rows (answered 400)."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `req in running` per row per step, not field by field
 class Request:
     row: RowState
     emit: Callable[[Event], None]
