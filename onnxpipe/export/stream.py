@@ -199,6 +199,7 @@ def export_stamped(
                     else GenerationConfig.from_model_config(config)
                 manifest = _build_manifest(onnx_path, info, dtype, opset, True, src,
                                            SimpleNamespace(config=config, generation_config=gen))
+                graph_at = time.perf_counter()
             except BaseException:
                 writing.cancel()
                 raise
@@ -207,7 +208,7 @@ def export_stamped(
                 (lambda: reference_trace(ckpt, cfg, layers, manifest, dtype, decode_steps)) if verify else None,
                 saying + ", while the other weights are written...")
             manifest.graph["external_data"] = DATA_FILE  # written now (the manifest was made before it existed)
-            export_s = written_at - start
+            export_s = max(written_at, graph_at) - start  # the graph and its weights, not the check beside them
             log(f"exported in {export_s:.1f}s ({written / 1e9:.2f} GB of weights, external data)")
             _check_onnx(onnx_path)
             manifest.tokenizer["files"] = copy_tokenizer_files(src, tmp, root=root)
