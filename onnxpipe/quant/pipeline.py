@@ -493,7 +493,8 @@ def _stream_int4(src: ModelDir, out_path: Path, cfg: Int4Config, samples: np.nda
                  progress: Progress | None) -> tuple[dict[str, int], dict[str, Any], Any, Any]:
     """int4 RTN or GPTQ with blocks and integer zero points (rtn_stream.py, gptq_stream.py): the input read lazily,
     one weight quantized at a time (GPTQ: a few layers' Hessians at a time), the output's weights written to
-    external data where the input's were. (op counts before, details, the weight plan)."""
+    external data where the input's were. (op counts before, details, the weight plan, the vocabulary tables'
+    report or None)."""
     from onnxpipe.quant.rtn_stream import has_external_data, quantize_rtn_streamed, save_streamed
 
     model, before, plan = _read_lazily(src, log)
@@ -548,7 +549,7 @@ def _read_lazily(src: ModelDir, log: Log) -> tuple[Any, dict[str, int], Any]:
 def _stream_dynamic(src: ModelDir, out_path: Path, cfg: DynamicInt8Config,
                     log: Log) -> tuple[dict[str, int], dict[str, Any], Any, Any]:
     """--activations token (dynamic_stream.py): one weight at a time, the int8 weights written as they are made;
-    the output's weights in external data where the input's were. (op counts before, details, the weight plan)."""
+    the output's weights in external data where the input's were. (As _stream_int4.)"""
     from onnxpipe.quant.dynamic_stream import quantize_dynamic_streamed, spill_path
     from onnxpipe.quant.graph import WeightPlan
     from onnxpipe.quant.rtn_stream import Spill, has_external_data, save_streamed
@@ -572,6 +573,7 @@ def _stream_dynamic(src: ModelDir, out_path: Path, cfg: DynamicInt8Config,
 
 def _stream_gptq(model: Any, plan: Any, src: ModelDir, out_path: Path, cfg: Int4Config, samples: np.ndarray | None,
                  log: Log, progress: Progress | None) -> dict[str, Any]:
+    """gptq_stream on the calibration samples' prefills (made again for each pass), beside the output."""
     from onnxpipe.quant.calibration import feed_count
     from onnxpipe.quant.gptq_stream import counted_feeds, quantize_gptq_streamed
     from onnxpipe.quant.quality import eval_provider, prefill_feed
