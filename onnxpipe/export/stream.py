@@ -1,8 +1,9 @@
 """The streamed export: a decoder traced as a one-layer slice, stamped to its depth (stamp.py), its weights
-streamed from the safetensors checkpoint into the external data file one tensor at a time, and the result checked
-end to end on a truncated model (truncated.py).
+streamed from the safetensors checkpoint into the external data file (writer.py: threads, each tensor at an offset
+fixed beforehand; the writing starts while the slice is traced), and the result checked end to end on a truncated
+model (truncated.py), its PyTorch side beside the writing where there are cores to share.
 
-Memory: the slice (one layer of random weights), one weight tensor at a time (plus its converted block), and the
+Memory: the slice (one layer of random weights), a tensor per writing thread (twice while one is transposed) and the
 truncated model of the check; never the whole model. Disk: the weights once, in the export's dtype.
 """
 
