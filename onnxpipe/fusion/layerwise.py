@@ -102,7 +102,7 @@ def _plan(graph: Any, caches: dict[str, tuple[int, str]], by_name: bool) -> list
         ins = {x for x in node.input if x} | _subgraph_refs(node, labels)
         known = [labels[x] for x in ins if labels.get(x) is not None]
         label = max(known) if known else None  # type: ignore[type-var]
-        if node.op_type in SHAPE_OPS and node.domain in ("", "ai.onnx") and ins <= set(caches):
+        if _shape_of_cache(node, caches):
             label = -1  # a cache's shape is known before its values are
         node_labels.append(label)
         node_inputs.append(ins)
@@ -139,7 +139,9 @@ def _plan(graph: Any, caches: dict[str, tuple[int, str]], by_name: bool) -> list
 
 
 def _shape_of_cache(node: Any, caches: dict[str, tuple[int, str]]) -> bool:
-    return node.op_type in SHAPE_OPS and node.domain in ("", "ai.onnx") and set(node.input) <= set(caches)
+    """A Shape or Size node of a past cache: what it reads is known before the cache's values are."""
+    return node.op_type in SHAPE_OPS and node.domain in ("", "ai.onnx") and bool(node.input) and \
+        set(node.input) <= set(caches)
 
 
 def kv_caches(manifest: Manifest) -> dict[str, tuple[int, str]]:
