@@ -2,7 +2,8 @@
 export), in a child process: peak RSS at most half the weights plus a fixed floor for the libraries, and two planted
 faulty rules caught by the per-pass check and named: one doubles layer 1's down projection (first, on the exported
 graph), one doubles the last layer's (after the attention fusion, on the fused graph), where only the logits can
-show it. Both are rolled back with their numbers and the layer they are in; the real passes are kept.
+show it. Both are rolled back with their numbers and the layer they are in; the real passes are kept. The output
+goes to external data (the threshold lowered), the path a 7-8B model's output takes.
 
 W is the fp32 weight bytes (~320 MB): 24 layers, hidden 512, vocabulary 8000, untied head.
 """
@@ -36,7 +37,10 @@ PLANTED = r"""
 import json, sys
 import numpy as np
 import onnx_ir as ir
+from onnxpipe import artifact
 from onnxpipe.fusion import optimize_model, pipeline
+
+artifact.EXTERNAL_DATA_THRESHOLD = 100_000_000  # the output in external data too, as a 7-8B model's is
 
 def doubling(layer):
     def run(model, ctx):
@@ -79,6 +83,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     print(json.dumps({"W": weights, "sizes": sizes, "optimize": optimize}), file=sys.stderr)
     return {"W": weights, "optimize": optimize, "sizes": sizes, "output": output,
             "manifest": json.loads((work / "exported" / "onnxpipe.json").read_text()),
+            "optimized_manifest": json.loads((work / "optimized" / "onnxpipe.json").read_text()),
             "report": json.loads((work / "report.json").read_text())}
 
 
@@ -94,6 +99,7 @@ def test_peak_rss_is_at_most_half_the_weights_plus_the_libraries(run) -> None:
 
 def test_disk_is_the_output(run) -> None:
     sizes = run["sizes"]
+    assert run["optimized_manifest"]["graph"]["external_data"] == "model.onnx.data"
     assert run["optimize"]["peak_disk_added"] <= sizes["optimized"] + 0.1 * (sizes["exported"] + sizes["optimized"])
 
 
