@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import math
 import os
@@ -91,9 +92,9 @@ def export(hf_model_dir: Path, out_dir: Path, dtype: str, opset: int, no_verify:
         decode_steps=decode_steps, log=_log, progress=_progress_bars(),
     )
     click.echo(f"wrote {result.model_dir.path} in {result.seconds:.1f}s")
-    # the process ends here: the collector's last pass over torch.export's objects took 3.4 s of a tiny export's exit
-    # (0.3 s with them frozen; 2-core CPU)
-    gc.freeze()
+    # when the process ends, the collector's last pass over torch.export's objects took 3.4-6 s of a tiny export's
+    # exit (0.3-0.6 s with them frozen; 2-core CPU); at exit only, so a caller in the same process keeps its collector
+    atexit.register(gc.freeze)
 
 
 @main.command()
