@@ -59,6 +59,7 @@ class Request:
 class SchedulerStats:
     steps: int = 0  # decode steps of the running batch
     fed_steps: int = 0  # of them, steps whose inputs the step before wrote on the device (CUDA-graph step tail)
+    overlapped_steps: int = 0  # of them, steps run while the step before's rows were processed (slot layout)
     prefill_chunks: int = 0
     prefill_tokens: int = 0  # prompt tokens read by those chunks
     max_running: int = 0  # the largest batch a decode step ran
@@ -149,6 +150,10 @@ class BatchLoop:
                     self.budget.stepped(time.perf_counter() - stepped)
             except Exception as e:  # a fault outside one request's own work: fail those in flight, keep serving
                 self._fail_in_flight(e)
+        try:
+            self._settle()
+        except Exception as e:  # the step being processed failed as a whole: its requests get the error
+            self._fail_in_flight(e)
         with self._cond:
             left = list(self._waiting) + self._prefilling() + self._running
             self._waiting.clear()
@@ -192,6 +197,10 @@ class BatchLoop:
 
     def _drop_cancelled_in_flight(self) -> None:
         raise NotImplementedError
+
+    def _settle(self) -> None:
+        """Finish the work of a decode step still in progress off the loop's thread (the slot layout's rows
+        processed while the next step runs); nothing here."""
 
     def _reset(self) -> None:
         """Forget every request in flight (they are failed by the caller) and empty the batch."""

@@ -25,6 +25,7 @@ GPU ``scripts/load_test.py --provider cuda --cuda-graph --check-equal`` checks c
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -128,6 +129,9 @@ class SlotScheduler(BatchLoop):
         self.rows = RowPrefill(lm, self.cache.values)
         self._admitted: list[Request] = []  # holding a row, their prompts being read, in order of admission
         self._changed = True  # a row joined, left or was prefilled into since the last decode step
+        # a fed step's rows being processed on the rows thread: (rows, future of _process, True)
+        self._pending: tuple[list[Request], Future, bool] | None = None
+        self._rows_thread: ThreadPoolExecutor | None = None  # made on the loop's thread (``_started``)
 
     # ---- the loop's steps ----
     def _started(self) -> None:
@@ -139,10 +143,19 @@ class SlotScheduler(BatchLoop):
         s = self.lm.session
         if s.cuda_graph and self.table.free_rows() == self.table.rows:
             self.cache = s.new_cache(self.max_batch, capacity=self.cache.capacity)
+        self._rows_thread = ThreadPoolExecutor(1, thread_name_prefix="onnxpipe-rows")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        if self._rows_thread is not None:
+            self._rows_thread.shutdown(wait=True)
+
     def _prefilling(self) -> list[Request]:
         return list(self._admitted)
 
     def _admit(self, budget: int) -> None:
+        if self._waiting:
+            self._settle()  # rows that ended in the step being processed free their places first
         while self._waiting and self.table.free_rows():
             req = self._waiting.popleft()
             req.slot = self.table.take()
@@ -152,6 +165,8 @@ class SlotScheduler(BatchLoop):
     def _prefill(self, budget: int) -> int:
         """At most ``budget`` prompt tokens this iteration, over the admitted requests in order; first, each in one
         piece, the short prompts not yet begun (``budget.whole``), their tokens counted in the budget."""
+        if self._admitted:
+            self._settle()  # rows join self._running below: the step being processed is applied first
         read, (whole, most) = 0, self.budget.whole
         shorts: list[Request] = []
         for req in self._admitted:
@@ -189,26 +204,53 @@ class SlotScheduler(BatchLoop):
         return read
 
     def _decode_step(self) -> None:
-        s, running = self.lm.session, self._running
+        """One decode step of the running rows. A greedy step fed on the device, when the step before was one too and
+        none of its rows ends by length, is started before that step's rows are processed: their tokens' text and
+        events are made on the rows thread (``_process``) while the graph runs, then applied (``_settle``). A row
+        that ended there by a stop token or string has been stepped once more on the device, unread: room the
+        scheduler leaves (a row ends by length at most at its last position)."""
+        s = self.lm.session
+        overlap = self._pending is not None and self._pending[2] and not self._changed
+        if not overlap:
+            self._settle()
+        running = self._pending[0] if overlap else self._running  # type: ignore[index]
         want = self._want(running)
         fed = want == "argmax" and not self._changed and s.can_feed(self.cache)
-        self._changed = False
+        if overlap and not fed:  # cannot happen (the pending step was fed and nothing changed since); be safe
+            self._settle()
+            running, overlap, fed = self._running, False, False
+        changed_before, self._changed = self._changed, False
         try:
             if fed:
-                out = s.step_fed(self.cache)
+                out = np.array(s.step_fed(self.cache), copy=True)  # the bound buffer is the next step's
             else:
                 ids, mask, positions = self.table.step_inputs()
                 out = s.forward(ids, mask, positions, self.cache, want=want)
         except Exception as e:  # the whole step failed: its requests fail; rows being prefilled go on
+            self._settle()
             self._changed = True
-            self._running = []
-            for req in running:
+            failed, self._running = self._running, []
+            for req in failed:
                 self.table.release(req.slot)
                 self._fail(req, e)
             return
         self.stats.steps += 1
         self.stats.fed_steps += fed
         self.stats.max_running = max(self.stats.max_running, len(running))
+        if overlap:
+            self._settle()  # the step before, applied: its rows that ended leave; this step's tokens for them unread
+            running = self._running
+            self.stats.overlapped_steps += 1
+        del changed_before
+        # this step's rows processed now, or on the rows thread while the next step runs
+        ends = any(len(r.row.tokens) + 1 >= r.row.limit for r in running)
+        if fed and not ends and not self._changed and self._rows_thread is not None:
+            self._pending = (running, self._rows_thread.submit(self._process, running, out), True)
+        else:
+            self._apply(running, *self._process(running, out))
+
+    def _process(self, running: list[Request], out: np.ndarray) -> tuple[dict[int, int], list[Request]]:
+        """Each row's token taken (its text and event made): the tokens by row, the requests that go on."""
         tokens, keep = {}, []
         for req in running:
             try:
@@ -222,14 +264,29 @@ class SlotScheduler(BatchLoop):
                 self.stats.cancelled += 1
             elif not req.row.done:
                 keep.append(req)
-        self.table.stepped({slot: t for slot, t in tokens.items()})
+        return tokens, keep
+
+    def _apply(self, running: list[Request], tokens: dict[int, int], keep: list[Request]) -> None:
+        """A processed step on the table: the rows' counts move on; rows that ended or failed are released."""
+        self.table.stepped(tokens)
+        kept = {id(r) for r in keep}
         for req in running:
-            if req not in keep:
+            if id(req) not in kept:
                 self.table.release(req.slot)
                 self._changed = True
         self._running = keep
 
+    def _settle(self) -> None:
+        """The step whose rows are being processed on the rows thread, waited for and applied."""
+        if self._pending is None:
+            return
+        running, future, _ = self._pending
+        self._pending = None
+        self._apply(running, *future.result())
+
     def _drop_cancelled_in_flight(self) -> None:
+        if any(r.cancelled.is_set() for r in self._admitted + self._running):
+            self._settle()
         for reqs in (self._admitted, self._running):
             for req in [r for r in reqs if r.cancelled.is_set()]:
                 self.stats.cancelled += 1
@@ -238,6 +295,10 @@ class SlotScheduler(BatchLoop):
                 self._changed = True
 
     def _reset(self) -> None:
+        try:
+            self._settle()
+        except Exception:  # the rows are dropped anyway
+            self._pending = None
         self._admitted, self._running = [], []
         self.table.release_all()
         self._changed = True
