@@ -231,6 +231,7 @@ async def level(base: str, concurrency: int, prompts: list[list[int]], max_token
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
+        server = (await client.get(base + "/health")).json()["stats"]  # steps, fed and overlapped steps
     gaps = [g for r in results for g in np.diff(r["times"])]
     ttft = [r["ttft"] for r in results]
     tokens = sum(r["tokens"] for r in results)
@@ -239,7 +240,7 @@ async def level(base: str, concurrency: int, prompts: list[list[int]], max_token
             "ttft_p99_ms": 1e3 * percentile(ttft, 99), "itl_p50_ms": 1e3 * percentile(gaps, 50),
             "itl_p99_ms": 1e3 * percentile(gaps, 99), "tpot_p50_ms": 1e3 * percentile([r["tpot"] for r in results], 50),
             "tpot_p99_ms": 1e3 * percentile([r["tpot"] for r in results], 99),
-            "chunks_with_text": sum(len(r["times"]) for r in results)}  # < tokens: the server joined pieces
+            "chunks_with_text": sum(len(r["times"]) for r in results), "server_stats": server}  # < tokens: the server joined pieces
 
 
 async def interference(base: str, streams: list[list[int]], stream_tokens: int, longs: list[list[int]],
