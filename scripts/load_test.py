@@ -6,7 +6,7 @@ of onnxpipe's own generate at batch N (`onnxpipe bench`: same model, same prompt
     python scripts/load_test.py out/llama-stdlib --concurrency 1,2,4,8,16 --json benchmarks/results/serve-cpu.json
     python scripts/load_test.py --build-1b /data/serve-1b --provider cuda --cuda-graph --check-equal \
         --concurrency 1,8,32,64 --prompt-tokens 128 --max-tokens 128 --long-prompts 4 --streams 32 \
-        --chunks 256,512,1024 --budget-s 540 --json $OUT/serve-gpu.json
+        --chunks auto,256,512,1024 --budget-s 540 --json $OUT/serve-gpu.json
 
 Every request is a seeded random prompt of --prompt-tokens token ids, greedy, with ``ignore_eos`` so it generates
 exactly --max-tokens; each client sends --requests-per-client requests one after the other. Inter-token latency is
