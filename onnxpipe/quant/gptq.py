@@ -277,13 +277,22 @@ def _matmulnbits(graph: ir.Graph, node: ir.Node, shape: tuple[int, int], qw: Qua
         zp = np.concatenate([zp, np.full((n, 1), 8, np.uint8)], axis=1)
     zp_packed = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
     base = f"{node.inputs[1].name}_Q4G{group_size}"  # type: ignore[union-attr]
-    tensors = [add_initializer(graph, base, packed), add_initializer(graph, f"{base}_scales", qw.scale.reshape(n, kb)),
+    tensors = [add_initializer(graph, base, packed),
+               add_initializer(graph, f"{base}_scales", qw.scale.reshape(n, kb).astype(_scale_dtype(node))),
                add_initializer(graph, f"{base}_zero_points", zp_packed)]
     attrs = {"K": k, "N": n, "bits": 4, "block_size": group_size}
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level
     return make_node("MatMulNBits", [node.inputs[0], *tensors], None, f"{node.name}_Q4", domain="com.microsoft",
                      **attrs)
+
+
+def _scale_dtype(node: ir.Node) -> type:
+    """The scales' type: the float weight's (MatMulNBits and DequantizeLinear bind their scale to the activations'
+    type; an fp16 model's scales are fp16, as onnxruntime's own quantizer writes them), float32 otherwise."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    tensor = weight.const_value if weight is not None else None
+    return np.float16 if tensor is not None and tensor.dtype == ir.DataType.FLOAT16 else np.float32
 
 
 def dequantize_linear_ir(graph: ir.Graph, node: ir.Node, shape: tuple[int, int], qw: QuantizedWeight) -> list[ir.Node]:
@@ -295,7 +304,7 @@ def dequantize_linear_ir(graph: ir.Graph, node: ir.Node, shape: tuple[int, int],
         raise ValueError("dequantize_linear_nodes takes one group per output channel")
     base = f"{node.inputs[1].name}_Q4C"  # type: ignore[union-attr]
     tensors = [add_initializer(graph, base, uint4(qw.q.reshape(n, -1)[:, :k].T)),  # [K, N]
-               add_initializer(graph, f"{base}_scale", qw.scale.reshape(n).astype(np.float32)),
+               add_initializer(graph, f"{base}_scale", qw.scale.reshape(n).astype(_scale_dtype(node))),
                add_initializer(graph, f"{base}_zero_point", uint4(qw.zero_point.reshape(n)))]
     dq = make_node("DequantizeLinear", tensors, f"{base}_dequantized", f"{node.name}_Q4C/DequantizeLinear", axis=1)
     return [dq, make_node("MatMul", [node.inputs[0], dq.outputs[0]], None, f"{node.name}_Q4C")]
