@@ -240,9 +240,11 @@ def test_score_killed_ten_times_then_resumed_equals_uninterrupted(zygote, tiny_o
     kills, runs, progress = 0, 0, []
     while kills < 10:
         assert runs < 40, f"only {kills} kills landed in {runs} runs"
-        # a moment inside what is left of the run (each cycle also pays the model's load again)
+        # a moment inside what is left of the run (each cycle also pays the model's load again), early enough that
+        # the run still has records left when the machine is twice as fast as during the reference run (a shared CI
+        # machine's load changes between runs: 0.6 of what was left let a run finish first)
         left = seconds * (1 - (progress[-1] if progress else 0) / len(records))
-        killed, rc, log, _ = zygote.run(*args, "-o", out, "--resume", kill_after=rng.uniform(0.02, 0.6) * left)
+        killed, rc, log, _ = zygote.run(*args, "-o", out, "--resume", kill_after=rng.uniform(0.02, 0.35) * left)
         runs += 1
         assert killed or rc == 0, log
         assert inp.read_bytes() == before
