@@ -10,9 +10,9 @@ from pathlib import Path
 
 import onnx
 import pytest
+from test_modes import CALIBRATION, check_directory, quantize
 
 from onnxpipe.artifact import ModelDir
-from test_modes import CALIBRATION, check_directory, quantize
 
 GATE_OFF = dict(max_ppl_increase=1000, min_greedy_agreement=0)
 
