@@ -12,7 +12,7 @@ input) are ever all held; the output is then saved from that file and the input'
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx_ir as ir
 
@@ -27,21 +27,27 @@ def streams(cfg: DynamicInt8Config) -> bool:
     return cfg.activations == "token" and cfg.smoothquant is None
 
 
-def quantize_dynamic_streamed(model: ir.Model, plan: WeightPlan, lm_head: str, spill: Spill) -> dict[str, Any]:
+def quantize_dynamic_streamed(model: ir.Model, plan: WeightPlan, lm_head: str, spill: Spill,
+                              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """dynamic.quantize_dynamic_int8(activations="token") on a lazily read model, in place, its new weights in
     ``spill``. ``plan``: the layers left to this mode (the head removed where embedding.py makes it 8-bit)."""
     nodes = [n for n in plan.linears if lm_head != "fp32" or n != plan.lm_head]
     head = "fp32" if plan.lm_head and plan.lm_head not in nodes else "int8 per channel"
+    count = 0
 
     def done(weight: ir.Value) -> None:
+        nonlocal count
+        count += 1
+        if progress:
+            progress("dynamic int8: quantizing weights", count, len(nodes))
         if isinstance(weight.const_value, ir.ExternalTensor):
             weight.const_value.release()
         if not weight.uses() and not weight.is_graph_output() and weight.name is not None:
             model.graph.initializers.pop(weight.name)
 
-    count = rewrite_per_token(model, nodes, spill, done)
+    rewritten = rewrite_per_token(model, nodes, spill, done)
     return {"weights": "int8 per output channel", "per_channel": True, "lm_head": head,
-            "activations": TOKEN_DESCRIPTION, "batch_independent": True, **_counts(count, len(nodes)),
+            "activations": TOKEN_DESCRIPTION, "batch_independent": True, **_counts(rewritten, len(nodes)),
             "streamed": f"one weight at a time, {spill.bytes / 1e6:.0f} MB of int8 weights and scales written as made"}
 
 

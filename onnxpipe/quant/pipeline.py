@@ -410,7 +410,7 @@ def _run_mode(src: ModelDir, out_path: Path, cfg: ModeConfig, samples: np.ndarra
     if isinstance(cfg, Int4Config) and (streams(cfg) or gptq_streams(cfg)):
         before, details, plan, tables = _stream_int4(src, out_path, cfg, samples, log, progress)
     elif isinstance(cfg, DynamicInt8Config) and dynamic_streams(cfg):
-        before, details, plan, tables = _stream_dynamic(src, out_path, cfg, log)
+        before, details, plan, tables = _stream_dynamic(src, out_path, cfg, log, progress)
     else:
         proto = onnx.load(str(src.model_path))
         before = op_counts(proto)
@@ -506,7 +506,7 @@ def _stream_int4(src: ModelDir, out_path: Path, cfg: Int4Config, samples: np.nda
         log(f"int4 rtn: {details['quantized_nodes']} weights quantized {details['streamed']}")
     tables = _tables_before_save(model, plan, src.manifest, cfg)
     log("writing " + ("the weights to external data, one at a time" if external else "the model"))
-    save_streamed(model, out_path, external)
+    save_streamed(model, out_path, external, progress)
     return before, details, plan, tables
 
 
@@ -546,8 +546,8 @@ def _read_lazily(src: ModelDir, log: Log) -> tuple[Any, dict[str, int], Any]:
     return model, dict(sorted(counts.items())), plan
 
 
-def _stream_dynamic(src: ModelDir, out_path: Path, cfg: DynamicInt8Config,
-                    log: Log) -> tuple[dict[str, int], dict[str, Any], Any, Any]:
+def _stream_dynamic(src: ModelDir, out_path: Path, cfg: DynamicInt8Config, log: Log,
+                    progress: Progress | None = None) -> tuple[dict[str, int], dict[str, Any], Any, Any]:
     """--activations token (dynamic_stream.py): one weight at a time, the int8 weights written as they are made;
     the output's weights in external data where the input's were. (As _stream_int4.)"""
     from onnxpipe.quant.dynamic_stream import quantize_dynamic_streamed, spill_path
@@ -560,12 +560,12 @@ def _stream_dynamic(src: ModelDir, out_path: Path, cfg: DynamicInt8Config,
     external = has_external_data(model)  # the input's layout (the spilled weights are external tensors too)
     spill = Spill(spill_path(out_path))
     try:
-        details = quantize_dynamic_streamed(model, body, cfg.lm_head, spill)
+        details = quantize_dynamic_streamed(model, body, cfg.lm_head, spill, progress)
         spill.close()
         log(f"dynamic int8: {details['quantized_nodes']} layers, per-token activation scales; {details['streamed']}")
         tables = _tables_before_save(model, plan, src.manifest, cfg)
         log("writing " + ("the weights to external data, one at a time" if external else "the model"))
-        save_streamed(model, out_path, external)
+        save_streamed(model, out_path, external, progress)
     finally:
         spill.remove()
     return before, details, plan, tables

@@ -130,14 +130,22 @@ def release_all(model: ir.Model) -> None:
         _release(value.const_value)
 
 
-def save_streamed(model: ir.Model, out_path: Path, external: bool) -> None:
+def save_streamed(model: ir.Model, out_path: Path, external: bool,
+                  progress: Callable[[str, int, int], None] | None = None) -> None:
     """``model`` as ``out_path``: with ``external``, every weight in ``out_path.name + ".data"`` written one tensor
-    at a time (the weights left float copied from the input's mapping); else as artifact.save_onnx decides (past
-    artifact.EXTERNAL_DATA_THRESHOLD: external data)."""
+    at a time (the weights left float copied from the input's mapping; ``progress`` counts them); else as
+    artifact.save_onnx decides (past artifact.EXTERNAL_DATA_THRESHOLD: external data)."""
     from onnxpipe import artifact
 
     if external:
-        ir.save(model, str(out_path), external_data=out_path.name + ".data")
+        written = [0]
+
+        def count(tensor: Any, info: Any) -> None:
+            written[0] += 1
+            if progress:
+                progress("writing the weights", written[0], info.total)
+
+        ir.save(model, str(out_path), external_data=out_path.name + ".data", callback=count)
     else:
         artifact.save_onnx(model, out_path.parent, out_path.name, threshold=artifact.EXTERNAL_DATA_THRESHOLD)
     release_all(model)

@@ -68,11 +68,17 @@ def test_streamed_rtn_is_ort_quantizers_model(tok_model, tmp_path: Path, fp16: b
 
     model = ir.load(str(model_path))
     plan = read_plan(model, logits)
-    details = quantize_rtn_streamed(model, WeightPlan(plan.linears, plan.lm_head, plan.embeddings), cfg)
+    events: list[tuple[str, int, int]] = []
+    details = quantize_rtn_streamed(model, WeightPlan(plan.linears, plan.lm_head, plan.embeddings), cfg,
+                                    lambda *e: events.append(e))
     out = tmp_path / "out"
     out.mkdir()
-    save_streamed(model, out / "model.onnx", external=True)
+    save_streamed(model, out / "model.onnx", external=True, progress=lambda *e: events.append(e))
     assert (out / "model.onnx.data").is_file() and details["quantized_nodes"] == len(plan.linears) - 1 == 14
+    # each phase counts up to its total: the weights quantized, then the tensors written
+    for label in ("int4 rtn: quantizing weights", "writing the weights"):
+        counts = [(done, total) for what, done, total in events if what == label]
+        assert counts and counts[-1][0] == counts[-1][1] and [d for d, _ in counts] == list(range(1, len(counts) + 1))
 
     streamed = onnx.load(str(out / "model.onnx"), load_external_data=False)
     reference = _in_memory(model_path, cfg, logits)
