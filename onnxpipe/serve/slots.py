@@ -219,7 +219,7 @@ class SlotScheduler(BatchLoop):
         if overlap and not fed:  # cannot happen (the pending step was fed and nothing changed since); be safe
             self._settle()
             running, overlap, fed = self._running, False, False
-        changed_before, self._changed = self._changed, False
+        self._changed = False
         try:
             if fed:
                 out = np.array(s.step_fed(self.cache), copy=True)  # the bound buffer is the next step's
@@ -241,7 +241,6 @@ class SlotScheduler(BatchLoop):
             self._settle()  # the step before, applied: its rows that ended leave; this step's tokens for them unread
             running = self._running
             self.stats.overlapped_steps += 1
-        del changed_before
         # this step's rows processed now, or on the rows thread while the next step runs
         ends = any(len(r.row.tokens) + 1 >= r.row.limit for r in running)
         if fed and not ends and not self._changed and self._rows_thread is not None:
