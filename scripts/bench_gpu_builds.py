@@ -11,6 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+# gpt-oss's rope as released (YaRN); GenAI's builder asserts on smaller original lengths
+GPT_OSS_ROPE = dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, original_max_position_embeddings=4096,
+                    rope_theta=150000.0, truncate=False)
+
 SHAPES = {  # Llama-3.2-1B's dimensions (random weights); GPT-2 small's; tiny runs in seconds on a laptop CPU
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096,
@@ -31,16 +35,12 @@ SHAPES = {  # Llama-3.2-1B's dimensions (random weights); GPT-2 small's; tiny ru
     "gpt-oss-small": dict(model_type="gpt_oss", hidden_size=1024, intermediate_size=768, num_local_experts=32,
                           num_experts_per_tok=4, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
                           head_dim=64, vocab_size=201088, max_position_embeddings=131072, sliding_window=128,
-                          rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
-                                               original_max_position_embeddings=4096, rope_theta=150000.0,
-                                               truncate=False),
+                          rope_parameters=GPT_OSS_ROPE,
                           tie_word_embeddings=False),
     "gpt-oss-tiny": dict(model_type="gpt_oss", hidden_size=128, intermediate_size=64, num_local_experts=8,
                          num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=64, vocab_size=4096, max_position_embeddings=131072, sliding_window=16,
-                         rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
-                                              original_max_position_embeddings=4096, rope_theta=150000.0,
-                                              truncate=False),
+                         rope_parameters=GPT_OSS_ROPE,
                          tie_word_embeddings=False),
     "gemma3-tiny": dict(model_type="gemma3_text", hidden_size=128, intermediate_size=256, num_hidden_layers=6,
                         num_attention_heads=4, num_key_value_heads=1, head_dim=32, vocab_size=4096,
