@@ -151,7 +151,8 @@ def main_orchestrate(args) -> int:
             "optimized": str(work / "optimized"), "genai": str(work / "genai"), "int4": str(work / "int4"),
             "genai_int4": str(work / "genai-int4"), "target": args.target or ("cuda" if cuda else "cpu"),
             "provider": "cuda" if cuda else "cpu", "genai_precision": "fp16" if cuda else "fp32",
-            "genai_ep": "cuda" if cuda else "cpu", "reference_tokens": str(work / "torch_tokens.json")}
+            "genai_ep": "cuda" if cuda else "cpu", "reference_tokens": str(work / "torch_tokens.json"),
+            "reuse": args.reuse}
     res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": " ".join(sys.argv),
            "shape": shape, "dtype": spec["dtype"], "prompt": args.prompt, "new_tokens": args.new_tokens,
            "repeats": args.repeats, "budget_s": args.budget_s, "versions": versions(), "rows": [], "skipped": [],
@@ -330,6 +331,9 @@ def main() -> int:
     ap.add_argument("--genai-cpu", action="store_true", help="run the GenAI rows on the CPU too (smoke test)")
     ap.add_argument("--out", default="out/bench_gpu")
     ap.add_argument("--work", default="/tmp/onnxpipe_bench_gpu")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take --work's checkpoint (hf/) and builds (optimized/, int4/, genai/, genai-int4/) where "
+                         "they exist, e.g. the 8B ones scripts/measure_scale.py built and timed")
     ap.add_argument("--verbose", action="store_true", help="echo the children's logs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)

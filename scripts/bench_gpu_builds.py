@@ -5,6 +5,7 @@ through emit(): one line on stdout starting with RESULT, which bench_gpu.py's or
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -19,6 +20,11 @@ SHAPES = {  # Llama-3.2-1B's dimensions (random weights); GPT-2 small's; tiny ru
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096,
                      tie_word_embeddings=True),
+    # issue #17's generate rows: Llama-3-8B's dimensions (untied head); build its checkpoint with
+    # scripts/measure_scale.py (bf16, never fp32) and pass --reuse with the same --work
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096,
+                      tie_word_embeddings=False),
     "gpt2-small": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
     # issue #18's GPU rows: Gemma 3 1B's dimensions (5 local layers of window 512 to 1 global, two rope bases) and a
     # small Qwen3-MoE (32 experts, top 4; ~1.1B parameters, ~0.3B active), with tiny forms for a CPU smoke test
@@ -79,6 +85,16 @@ def child_setup(spec: dict) -> None:
 
     dev, dtype = spec["device"], getattr(torch, spec["torch_dtype"])
     hf = Path(spec["hf"])
+    if spec.get("reuse") and (hf / "config.json").is_file():
+        # a checkpoint an earlier run built (measure_scale.py's bf16 one at 8B): count it from its safetensors headers
+        params = 0
+        for f in sorted(hf.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            params += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        emit("setup", params=params, weight_bytes=2 * params, build_s=0.0, reused=str(hf), **ceilings(dev, dtype))
+        return
     torch.manual_seed(0)
     # a wider init than the default 0.02 so logits are not near-uniform: greedy ties would say nothing
     sh = dict(SHAPES[spec["shape"]])
@@ -139,10 +155,20 @@ def _event_ms(fn) -> float:
     return s.elapsed_time(e)
 
 
+def _reused(spec: dict, key: str, stage: str, marker: str = "onnxpipe.json") -> bool:
+    """With --reuse, a build an earlier call made (measure_scale.py's, timed there) is taken as it is."""
+    if spec.get("reuse") and (Path(spec[key]) / marker).is_file():
+        emit("build", stage=stage, seconds=0.0, reused=spec[key])
+        return True
+    return False
+
+
 def child_build_onnxpipe(spec: dict) -> None:
     from onnxpipe.export import export_decoder
     from onnxpipe.fusion import optimize_model
 
+    if _reused(spec, "optimized", "optimize"):
+        return
     t = time.perf_counter()
     export_decoder(spec["hf"], spec["exported"], dtype=spec["dtype"], verify=False, force=True)
     export_s = time.perf_counter() - t
@@ -172,6 +198,8 @@ def child_build_onnxpipe_int4(spec: dict) -> None:
     optimized fp16 CUDA form; waits for that build. Its quality report runs on the CPU over a short eval text."""
     from onnxpipe.quant import quantize_model
 
+    if _reused(spec, "int4", "onnxpipe_int4"):
+        return
     deadline = time.time() + 400
     while not (Path(spec["optimized"]) / "onnxpipe.json").is_file():
         if time.time() > deadline:
@@ -191,6 +219,8 @@ def child_build_onnxpipe_int4(spec: dict) -> None:
 def child_build_genai(spec: dict, stage: str = "genai") -> None:
     import importlib.util
 
+    if _reused(spec, "genai", stage, "genai_config.json"):
+        return
     found = importlib.util.find_spec("onnxruntime_genai")
     if found is None:
         emit("build", stage=stage, error="onnxruntime_genai is not installed")
