@@ -42,12 +42,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -282,7 +285,7 @@ async def interference(base: str, streams: list[list[int]], stream_tokens: int, 
         late += int(t[-1] < read)
     chunks = after["prefill_chunks"] - before["prefill_chunks"]
     return {"streams": len(streams), "long_prompts": len(longs), "long_prompt_tokens": len(longs[0]),
-            "read_s": read - sent, "quiet_gaps": len(quiet), "during_gaps": len(during),
+            "t_started": started, "t_sent": sent, "t_read": read, "read_s": read - sent, "quiet_gaps": len(quiet), "during_gaps": len(during),
             "read_chunks": chunks, "read_tokens_per_chunk": (after["prefill_tokens"] - before["prefill_tokens"])
             / max(chunks, 1), "read_steps": after["steps"] - before["steps"],
             "streams_done_before_read": late,
@@ -305,6 +308,52 @@ async def one_request_live(client: Any, url: str, req: dict[str, Any], out: dict
                 if chunk["choices"] and chunk["choices"][0]["text"]:
                     out["times"].append(time.perf_counter())
     return out
+
+
+@contextlib.contextmanager
+def gc_pauses() -> Iterator[list[tuple[float, float, int]]]:
+    """The garbage collector's runs in this process (the server's) while the block runs: (start, seconds,
+    generation); perf_counter seconds, the clock the client process's times are on."""
+    pauses: list[tuple[float, float, int]] = []
+    started: dict[str, float] = {}
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            pauses.append((started["t"], time.perf_counter() - started.pop("t"), info["generation"]))
+
+    gc.callbacks.append(callback)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(callback)
+
+
+def iteration_profile(trace: list[tuple[float, int, float, float, int]], pauses: list[tuple[float, float, int]],
+                      row: dict[str, Any]) -> dict[str, Any]:
+    """Where the scheduler's iterations went (its trace: start, prompt tokens read, prefill s, decode step s, rows
+    decoded), quiet (every stream decoding, before the long prompts) against while they were read; the decode
+    steps of the read's first and last tenth (what the streams' and the prompts' growing contexts cost); the
+    garbage collector's pauses while they were read."""
+    def window(lo: float, hi: float) -> list[tuple[float, int, float, float, int]]:
+        return [t for t in trace if lo <= t[0] < hi]
+
+    quiet, read = window(row["t_started"], row["t_sent"]), window(row["t_sent"], row["t_read"])
+    ms = lambda values, q: 1e3 * percentile(list(values), q)  # noqa: E731
+    tenth = max(len(read) // 10, 1)
+    gcs = [p for p in pauses if row["t_sent"] <= p[0] < row["t_read"]]
+    return {"quiet_iterations": len(quiet), "quiet_step_p50_ms": ms((t[3] for t in quiet), 50),
+            "read_iterations": len(read), "read_tokens_mean": float(np.mean([t[1] for t in read])) if read else 0.0,
+            "read_prefill_p50_ms": ms((t[2] for t in read), 50), "read_prefill_p99_ms": ms((t[2] for t in read), 99),
+            "read_step_p50_ms": ms((t[3] for t in read), 50), "read_step_p99_ms": ms((t[3] for t in read), 99),
+            "read_iteration_p50_ms": ms((t[2] + t[3] for t in read), 50),
+            "read_iteration_p99_ms": ms((t[2] + t[3] for t in read), 99),
+            "read_step_first_tenth_ms": ms((t[3] for t in read[:tenth]), 50),
+            "read_step_last_tenth_ms": ms((t[3] for t in read[-tenth:]), 50),
+            "read_rows_decoded_p50": percentile([t[4] for t in read], 50),
+            "gc_pauses": len(gcs), "gc_ms": 1e3 * sum(p[1] for p in gcs),
+            "gc_max_ms": 1e3 * max((p[1] for p in gcs), default=0.0)}
 
 
 def in_client_process(budget_s: float, fn: Any, *args: Any) -> dict[str, Any] | None:
@@ -437,8 +486,12 @@ def main(argv: list[str] | None = None) -> int:
             break
         streams = rng.integers(0, lm.session.vocab_size, (args.streams, args.prompt_tokens)).tolist()
         longs = rng.integers(0, lm.session.vocab_size, (args.long_prompts, args.long_prompt_tokens)).tolist()
-        with ServerThread(server(args.streams + args.long_prompts, chunk, long_length), host="127.0.0.1") as s:
+        app = server(args.streams + args.long_prompts, chunk, long_length)
+        app.state.scheduler.trace = trace = deque(maxlen=1 << 16)
+        with ServerThread(app, host="127.0.0.1") as s, gc_pauses() as pauses:
             row = in_client_process(budget.left(), interference, s.url, streams, args.stream_tokens, longs, 4, 16)
+        if row is not None:
+            row["iterations"] = iteration_profile(list(trace), pauses, row)
         if row is None:
             budget.skipped.append(f"long prompts, chunk {chunk} (stopped)")
             break
@@ -488,6 +541,22 @@ def print_tables(report: dict[str, Any]) -> None:
               f"{r['quiet_p50_ms']:.1f} / {r['quiet_p99_ms']:.1f} | {r['during_p50_ms']:.1f} / {r['during_p99_ms']:.1f} | "
               f"{r['during_p99_ms'] / r['quiet_p50_ms']:.2f}x | {r['long_ttft_p50_ms']:.0f} / {r['long_ttft_max_ms']:.0f} |"
               + (f" ({r['streams_done_before_read']} streams ended before)" if r["streams_done_before_read"] else ""))
+    profiled = [r for r in report["long_prompts"] if r.get("iterations")]
+    if profiled:
+        print("\nWhere the scheduler's iterations went while the long prompts were read (its own clock):\n\n"
+              "| prefill chunk | quiet decode step p50 ms | iterations | prompt tokens an iteration (mean) | "
+              "prefill ms p50 / p99 | decode step ms p50 / p99 | decode step, first / last tenth ms | iteration ms "
+              "p50 / p99 | iteration p99 / quiet step p50 | GC pauses (total / max ms) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in profiled:
+        i = r["iterations"]
+        print(f"| {r['chunk']} | {i['quiet_step_p50_ms']:.1f} | {i['read_iterations']} | {i['read_tokens_mean']:.1f} | "
+              f"{i['read_prefill_p50_ms']:.1f} / {i['read_prefill_p99_ms']:.1f} | "
+              f"{i['read_step_p50_ms']:.1f} / {i['read_step_p99_ms']:.1f} | "
+              f"{i['read_step_first_tenth_ms']:.1f} / {i['read_step_last_tenth_ms']:.1f} | "
+              f"{i['read_iteration_p50_ms']:.1f} / {i['read_iteration_p99_ms']:.1f} | "
+              f"{i['read_iteration_p99_ms'] / i['quiet_step_p50_ms']:.2f}x | "
+              f"{i['gc_pauses']} ({i['gc_ms']:.1f} / {i['gc_max_ms']:.1f}) |")
     if report["skipped"]:
         print("\nleft out (budget): " + ", ".join(report["skipped"]))
 

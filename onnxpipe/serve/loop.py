@@ -88,6 +88,9 @@ class BatchLoop:
         self._ids = itertools.count(1)
         self._stop = False
         self._thread: threading.Thread | None = None
+        # where each iteration's time went, when a caller (the load test) sets a deque: (start, prompt tokens read,
+        # prefill seconds, decode step seconds, rows that decoded), perf_counter seconds
+        self.trace: deque[tuple[float, int, float, float, int]] | None = None
 
     # ---- from the server ----
     def submit(self, row: RowState, emit: Callable[[Event], None]) -> Request:
@@ -145,9 +148,12 @@ class BatchLoop:
                 stepped = time.perf_counter()
                 self.stats.prefill_tokens += read
                 self.budget.prefilled(read, stepped - start, decoding)
-                if self._running:
+                rows = len(self._running)
+                if rows:
                     self._decode_step()
                     self.budget.stepped(time.perf_counter() - stepped)
+                if self.trace is not None:
+                    self.trace.append((start, read, stepped - start, time.perf_counter() - stepped, rows))
             except Exception as e:  # a fault outside one request's own work: fail those in flight, keep serving
                 self._fail_in_flight(e)
         try:
