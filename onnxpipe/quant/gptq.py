@@ -28,8 +28,13 @@ from onnxpipe.quant.graph import (
     replace_node,
     write_back,
 )
+from onnxpipe.quant.hessian import input_hessians
 
 MAXQ = 15  # 4 bits, unsigned with a zero point
+# Rows whose errors are spread one at a time (a rank-1 update each) before the rest of their block takes them in one
+# matrix product. A group's scale is read from its rows when its first row comes; they then carry every earlier
+# row's error, since a group either starts a sub-block (the ones before are all applied) or lies inside one.
+SUB_BLOCK = 16
 
 
 @dataclass
@@ -74,15 +79,55 @@ def group_params(w: np.ndarray, exact: bool = False) -> tuple[np.ndarray, np.nda
 def inverse_factor(hessian: np.ndarray, k_pad: int, percdamp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """(U, dead): the upper Cholesky factor of the damped inverse Hessian (inv(H) = U^T U), padded to ``k_pad`` rows
     with identity, and the rows whose input never fired. A function of the Hessian alone: layers that read one input
-    (q/k/v, gate/up) share it (gptq_quantize_graph and gptq_stream compute it once per input; it is most of
-    GPTQ's time: K^3)."""
+    (q/k/v, gate/up) share it (gptq_quantize_graph and gptq_stream compute it once per input).
+
+    With J the reversal of the order, J H J = L L^T gives inv(H) = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper
+    triangular with a positive diagonal: it is U. A Cholesky and a triangular inverse, K^3/3 multiply-adds each,
+    both written as blocked matrix products (cholesky_lower, lower_inverse), in place of a general inverse (LU and
+    K right-hand sides, ~2.7 K^3) followed by a second Cholesky; the same U up to float64 rounding."""
     k = hessian.shape[0]
     H = np.eye(k_pad) * 1.0  # noqa: N806  (padding rows: identity, never used by the product)
     H[:k, :k] = hessian
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     H[np.diag_indices(k_pad)] += percdamp * np.mean(np.diag(H))
-    return np.linalg.cholesky(np.linalg.inv(H)).T, dead
+    L = cholesky_lower(np.ascontiguousarray(H[::-1, ::-1]))  # noqa: N806
+    del H
+    return np.ascontiguousarray(lower_inverse(L)[::-1, ::-1]), dead
+
+
+FACTOR_BLOCK = 256  # rows per panel of the blocked Cholesky and triangular inverse: numpy's own calls below that
+
+
+def cholesky_lower(a: np.ndarray, block: int = FACTOR_BLOCK) -> np.ndarray:
+    """The lower Cholesky factor of the symmetric positive definite ``a`` (overwritten), left-looking by panels of
+    ``block`` columns: each panel takes the product of the columns before it (one matrix product), then numpy's
+    Cholesky of its diagonal block and the triangular solve below it (as a product with that block's inverse).
+    numpy.linalg.cholesky of a whole 4096 x 4096 matrix runs at a fraction of the matrix product's speed."""
+    n = a.shape[0]
+    for j in range(0, n, block):
+        e = min(j + block, n)
+        if j:
+            a[j:, j:e] -= a[j:, :j] @ a[j:e, :j].T
+        diag = np.linalg.cholesky(a[j:e, j:e])
+        a[j:e, j:e] = diag
+        if e < n:
+            a[e:, j:e] = a[e:, j:e] @ np.tril(np.linalg.inv(diag)).T
+        a[j:e, e:] = 0.0  # above the diagonal: never read again
+    return a
+
+
+def lower_inverse(lower: np.ndarray, block: int = FACTOR_BLOCK) -> np.ndarray:
+    """inv(L) of a lower-triangular L, by halves: inv([[A, 0], [C, D]]) = [[inv(A), 0], [-inv(D) C inv(A), inv(D)]]."""
+    n = lower.shape[0]
+    if n <= block:
+        return np.tril(np.linalg.inv(lower))
+    h = (n // 2 + block - 1) // block * block
+    out = np.zeros_like(lower)
+    a_inv, d_inv = lower_inverse(lower[:h, :h], block), lower_inverse(lower[h:, h:], block)
+    out[:h, :h], out[h:, h:] = a_inv, d_inv
+    out[h:, :h] = -(d_inv @ (lower[h:, :h] @ a_inv))
+    return out
 
 
 def gptq_weight(weight: np.ndarray, hessian: np.ndarray, group_size: int, percdamp: float = 0.01,
@@ -101,23 +146,26 @@ def gptq_weight(weight: np.ndarray, hessian: np.ndarray, group_size: int, percda
     scales = np.zeros((k_blocks, n))
     zeros = np.zeros((k_blocks, n))
     blocksize = max(blocksize - blocksize % group_size, group_size)
+    sub = SUB_BLOCK if SUB_BLOCK % group_size == 0 or group_size % SUB_BLOCK == 0 else group_size
     for i1 in range(0, k_pad, blocksize):
         i2 = min(i1 + blocksize, k_pad)
         W1 = W[i1:i2].copy()  # noqa: N806
         E1 = np.zeros_like(W1)  # noqa: N806
         U1 = U[i1:i2, i1:i2]  # noqa: N806
-        for i in range(i2 - i1):
-            row = i1 + i
-            if row % group_size == 0:
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            for i in range(j1, j2):
+                row = i1 + i
                 g = row // group_size
-                scales[g], zeros[g] = group_params(W1[i:i + group_size], exact)
-            g = row // group_size
-            w = W1[i]
-            qi = np.clip(np.round(w / scales[g] + zeros[g]), 0, MAXQ)  # = round(w / s) + z for an integer z
-            q_int[row] = qi
-            err = (w - (qi - zeros[g]) * scales[g]) / U1[i, i]
-            W1[i:] -= np.outer(U1[i, i:], err)
-            E1[i] = err
+                if row % group_size == 0:  # its rows carry every earlier row's error (see SUB_BLOCK)
+                    scales[g], zeros[g] = group_params(W1[i:i + group_size], exact)
+                w = W1[i]
+                qi = np.clip(np.round(w / scales[g] + zeros[g]), 0, MAXQ)  # = round(w / s) + z for an integer z
+                q_int[row] = qi
+                err = (w - (qi - zeros[g]) * scales[g]) / U1[i, i]
+                W1[i + 1:j2] -= np.outer(U1[i, i + 1:j2], err)
+                E1[i] = err
+            W1[j2:] -= U1[j1:j2, j2:].T @ E1[j1:j2]
         W[i2:] -= U[i1:i2, i2:].T @ E1
     return _packed(q_int, scales, zeros, group_size, exact)
 
@@ -149,28 +197,6 @@ def rtn_blocks(weight: np.ndarray, group_size: int, exact: bool = False) -> Quan
         scales[g], zeros[g] = group_params(W[rows], exact)
         q_int[rows] = np.clip(np.round(W[rows] / scales[g] + zeros[g]), 0, MAXQ)
     return _packed(q_int, scales, zeros, group_size, exact)
-
-
-def input_hessians(session: Any, names: list[str], feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """H = 2/n sum x x^T per named activation, over every token of every feed (streamed)."""
-    sums: dict[str, np.ndarray] = {}
-    count = 0
-    for feed in feeds:
-        outs = session.run(names, feed)
-        rows = 0
-        for name, x in zip(names, outs):
-            x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            rows = x2.shape[0]
-            product = x2.T @ x2
-            if name in sums:
-                sums[name] += product  # in place: one Hessian's product at a time beside the sums
-            else:
-                sums[name] = product
-        count += rows
-    for s in sums.values():  # in place: a second copy of every Hessian would double the calibration state
-        s *= 2.0
-        s /= max(count, 1)
-    return sums
 
 
 def exact_grid(shape: tuple[int, int], group_size: int, float_zero_points: bool) -> bool:
@@ -369,10 +395,15 @@ def rtn_weight(weight: np.ndarray, group_size: int, exact: bool = False) -> np.n
     return out[:k]
 
 
-def _proxy_loss_ratio(weight: np.ndarray, qw: QuantizedWeight, hessian: np.ndarray, group_size: int) -> float:
-    """tr(dW^T H dW) of GPTQ over that of RTN: the output error GPTQ minimises, < 1 when it helped."""
+def _proxy_loss_ratio(weight: np.ndarray, qw: QuantizedWeight, hessian: np.ndarray, group_size: int,
+                      losses: Callable[[list[np.ndarray]], list[float] | None] | None = None) -> float:
+    """tr(dW^T H dW) of GPTQ over that of RTN: the output error GPTQ minimises, < 1 when it helped. ``losses``: the
+    two traces computed elsewhere (hessian.HessianSums.proxy_losses, on the GPU), or None to compute them here."""
     def loss(dw: np.ndarray) -> float:  # a BLAS product: einsum's three-operand loop took K^2 N scalar steps
         return float(((hessian @ dw) * dw).sum())
 
-    rtn = loss(weight - rtn_weight(weight, group_size, exact=qw.zero_float is not None))
-    return loss(weight - qw.dequantize(weight.shape[0])) / rtn if rtn > 0 else 1.0
+    diffs = [weight - qw.dequantize(weight.shape[0]),
+             weight - rtn_weight(weight, group_size, exact=qw.zero_float is not None)]
+    values = losses(diffs) if losses is not None else None
+    gptq, rtn = values if values is not None else [loss(d) for d in diffs]
+    return gptq / rtn if rtn > 0 else 1.0

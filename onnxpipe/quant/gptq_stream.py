@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -25,8 +27,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.quant.config import PER_CHANNEL, Int4Config
-from onnxpipe.quant.gptq import _proxy_loss_ratio, gptq_weight, input_hessians, inverse_factor, matmulnbits_ir
+from onnxpipe.quant.gptq import _proxy_loss_ratio, gptq_weight, inverse_factor, matmulnbits_ir
 from onnxpipe.quant.graph import WeightPlan, replace_node
+from onnxpipe.quant.hessian import HessianSums
 
 HESSIAN_BYTES = 2_200_000_000  # float64 Hessians held at once (the calibration state): one 8B layer's, 2.05 GB
 
@@ -78,19 +81,24 @@ def quantize_gptq_streamed(model: ir.Model, plan: WeightPlan, cfg: Int4Config, f
     total = sum(len(m) for m in groups.values())
     reduction: list[float] = []
     sums: dict[tuple[Any, Any], ir.Value] = {}
+    clock = dict.fromkeys(PHASES, 0.0)
     session = _activation_session(model, list(groups), workdir, provider)
     try:
         for i, chunk in enumerate(chunks):
             label = f"gptq hessians, pass {i + 1}/{len(chunks)}" if len(chunks) > 1 else "gptq hessians"
-            hessians = input_hessians(session, chunk, feeds(label))
+            hessians = _chunk_sums(session, chunk, feeds(label), provider, clock)
             for name in chunk:
-                hessian = hessians.pop(name)
+                with _timed(clock, "hessians"):
+                    hessian = hessians.take(name)
                 k_pad = -(-sizes[name] // cfg.block_size) * cfg.block_size
-                factor = inverse_factor(hessian, k_pad)  # shared by the input's layers (q/k/v, gate/up)
+                with _timed(clock, "factor"):
+                    factor = inverse_factor(hessian, k_pad)  # shared by the input's layers (q/k/v, gate/up)
+                losses = partial(hessians.proxy_losses, name)
                 for node in groups[name]:
-                    reduction.append(_quantize_layer(model.graph, node, hessian, factor, cfg, sums))
+                    reduction.append(_quantize_layer(model.graph, node, hessian, factor, cfg, sums, clock, losses))
                     if progress:
                         progress("gptq layers", len(reduction), total)
+                hessians.release(name)
                 del hessian, factor
     finally:
         del session
@@ -105,23 +113,59 @@ def quantize_gptq_streamed(model: ir.Model, plan: WeightPlan, cfg: Int4Config, f
             "gptq": {"hessians": len(groups), "quantized_nodes": len(reduction),
                      "proxy_loss_vs_rtn": float(np.mean(reduction)) if reduction else None,
                      "passes": len(chunks), "hessian_bytes_at_once": state, "provider": provider,
-                     "seconds": round(time.perf_counter() - start, 1)}}
+                     "seconds": round(time.perf_counter() - start, 1),
+                     "phase_seconds": {k: round(v, 1) for k, v in clock.items()}}}
+
+
+# where GPTQ's time goes (details' phase_seconds): the float model's runs that give the layer inputs, the Hessian
+# products (and taking them to the host), the inverse Hessian's factor, the column loop (gptq_weight), the proxy
+# loss against RTN, and the rest of writing a layer (packing, graph edits)
+PHASES = ("activations", "hessians", "factor", "columns", "proxy_loss", "write")
+
+
+@contextmanager
+def _timed(clock: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        clock[phase] += time.perf_counter() - start
+
+
+def _chunk_sums(session: Any, chunk: list[str], feeds: Iterable[dict[str, np.ndarray]], provider: str,
+                clock: dict[str, float]) -> HessianSums:
+    """One pass over the calibration prefills: the chunk's inputs taken from the float model, their products
+    summed (on the device where the session runs)."""
+    sums = HessianSums(provider)
+    for feed in feeds:
+        with _timed(clock, "activations"):
+            outs = session.run(chunk, feed)
+        with _timed(clock, "hessians"):
+            for name, x in zip(chunk, outs):
+                sums.add(name, x)
+        del outs
+    return sums
 
 
 def _quantize_layer(graph: ir.Graph, node: ir.Node, hessian: np.ndarray, factor: tuple[np.ndarray, np.ndarray],
-                    cfg: Int4Config, sums: dict[tuple[Any, Any], ir.Value]) -> float:
+                    cfg: Int4Config, sums: dict[tuple[Any, Any], ir.Value], clock: dict[str, float],
+                    losses: Callable[[list[np.ndarray]], list[float] | None]) -> float:
     """One MatMul's weight read, GPTQ'd against ``hessian``, written as a MatMulNBits, released; its proxy loss
-    ratio against RTN."""
+    ratio against RTN (``losses``: on the device where the Hessian's sums are, else computed here)."""
     weight = node.inputs[1]
     assert weight is not None and weight.const_value is not None and weight.name is not None and cfg.block_size
-    w = weight.const_value.numpy().astype(np.float64)
-    qw = gptq_weight(w, hessian, cfg.block_size, factor=factor)
-    replace_node(graph, node, matmulnbits_ir(graph, node, w.shape, qw, cfg.block_size, cfg.accuracy_level, sums))
-    if isinstance(weight.const_value, ir.ExternalTensor):
-        weight.const_value.release()
-    if not weight.uses() and not weight.is_graph_output():
-        graph.initializers.pop(weight.name)
-    return _proxy_loss_ratio(w, qw, hessian, cfg.block_size)
+    with _timed(clock, "write"):
+        w = weight.const_value.numpy().astype(np.float64)
+    with _timed(clock, "columns"):
+        qw = gptq_weight(w, hessian, cfg.block_size, factor=factor)
+    with _timed(clock, "write"):
+        replace_node(graph, node, matmulnbits_ir(graph, node, w.shape, qw, cfg.block_size, cfg.accuracy_level, sums))
+        if isinstance(weight.const_value, ir.ExternalTensor):
+            weight.const_value.release()
+        if not weight.uses() and not weight.is_graph_output():
+            graph.initializers.pop(weight.name)
+    with _timed(clock, "proxy_loss"):
+        return _proxy_loss_ratio(w, qw, hessian, cfg.block_size, losses)
 
 
 def _activation_session(model: ir.Model, names: list[str], workdir: Path, provider: str) -> Any:
