@@ -10,6 +10,8 @@ onnxruntime has it, else the CPU with graph optimizations off, as gptq.py's), an
 order in chunks whose Hessians fit HESSIAN_BYTES: one pass over the calibration prefills per chunk, then each
 layer of the chunk quantized by gptq.gptq_weight and written by gptq.matmulnbits_ir (the same arithmetic, in the
 same order, as gptq_quantize_graph: the same model, bit for bit, on the CPU). One 8B layer's Hessians are 2.05 GB.
+On CUDA the sums are made and held in GPU memory (hessian.py) and come to the host one input at a time, so a
+chunk is bounded by DEVICE_HESSIAN_BYTES instead: fewer passes of the float model over the calibration text.
 
 Blocks only, integer zero points: per-channel and float zero points go through gptq.py on the model in memory.
 """
@@ -32,6 +34,8 @@ from onnxpipe.quant.graph import WeightPlan, replace_node
 from onnxpipe.quant.hessian import HessianSums
 
 HESSIAN_BYTES = 2_200_000_000  # float64 Hessians held at once (the calibration state): one 8B layer's, 2.05 GB
+# on CUDA, in GPU memory beside the float model (16 GB at 8B in fp16): four 8B layers' Hessians, 8 passes, not 32
+DEVICE_HESSIAN_BYTES = 8_400_000_000
 
 Feeds = Callable[[str], Iterable[dict[str, np.ndarray]]]  # label -> the calibration prefills, again on each call
 
@@ -73,10 +77,12 @@ def quantize_gptq_streamed(model: ir.Model, plan: WeightPlan, cfg: Int4Config, f
                 and w.const_value is not None:
             groups.setdefault(x.name, []).append(node)
             sizes[x.name] = int(w.const_value.shape.numpy()[0])
-    chunks = hessian_chunks(sizes, HESSIAN_BYTES)
+    on_device = provider != "cpu"
+    chunks = hessian_chunks(sizes, DEVICE_HESSIAN_BYTES if on_device else HESSIAN_BYTES)
     state = max(sum(sizes[x] ** 2 * 8 for x in chunk) for chunk in chunks) if chunks else 0
     log(f"gptq: {len(groups)} layer inputs' Hessians in {len(chunks)} pass(es) over the calibration prefills, at most "
-        f"{state / 1e9:.2f} GB of them at a time (float64); activations from a session on {provider}")
+        f"{state / 1e9:.2f} GB of them at a time (float64{', on ' + provider + ', one on the host at a time' if on_device else ''}); "
+        f"activations from a session on {provider}")
     start = time.perf_counter()
     total = sum(len(m) for m in groups.values())
     reduction: list[float] = []
@@ -210,4 +216,4 @@ def counted_feeds(make: Callable[[], Iterator[dict[str, np.ndarray]]], total: in
     return lambda label: counted(make(), total, label, progress)
 
 
-__all__ = ["HESSIAN_BYTES", "counted_feeds", "hessian_chunks", "quantize_gptq_streamed", "streams"]
+__all__ = ["DEVICE_HESSIAN_BYTES", "HESSIAN_BYTES", "counted_feeds", "hessian_chunks", "quantize_gptq_streamed", "streams"]
