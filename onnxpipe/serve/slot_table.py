@@ -36,12 +36,12 @@ class SlotTable:
     def free_rows(self) -> int:
         return int((self.state == FREE).sum())
 
-    def take(self) -> int:
-        """The lowest free row, now held for a prefill; raises when none is free."""
+    def take(self, last: bool = False) -> int:
+        """The lowest free row (``last``: the highest), now held for a prefill; raises when none is free."""
         free = np.flatnonzero(self.state == FREE)
         if not len(free):
             raise OnnxpipeError("no free row in the batch")
-        row = int(free[0])
+        row = int(free[-1] if last else free[0])
         self.state[row], self.counts[row], self.tokens[row] = PREFILLING, 0, self.pad_id
         return row
 
@@ -77,16 +77,25 @@ class SlotTable:
             raise OnnxpipeError(f"no chunk to prefill from {start} of {prompt_length} with a budget of {budget}")
         return start, min(start + budget, prompt_length)
 
-    def step_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(input_ids [rows, 1], attention_mask [rows, width], position_ids [rows, 1]) of a decode step of every
-        row. Row r's mask holds counts[r] + 1 ones from the left; ``width`` is the longest row's (a captured graph
-        widens it to the capacity; only the row sums are read)."""
-        if (self.counts + 1 > self.capacity).any():
+    def step_inputs(self, rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids [rows, 1], attention_mask [rows, width], position_ids [rows, 1]) of a decode step of the first
+        ``rows`` rows (default: every row). Row r's mask holds counts[r] + 1 ones from the left; ``width`` is the
+        longest row's (a captured graph widens it to the capacity; only the row sums are read)."""
+        rows = self.rows if rows is None else rows
+        if not 1 <= rows <= self.rows:
+            raise OnnxpipeError(f"a step runs 1 to {self.rows} rows, not {rows}")
+        counts, state = self.counts[:rows], self.state[:rows]
+        if (counts + 1 > self.capacity).any():
             raise OnnxpipeError(f"a row is full ({self.capacity} positions)")
-        ids = np.where(self.state == DECODING, self.tokens, self.pad_id)[:, None].astype(np.int64)
-        sums = self.counts + 1
+        ids = np.where(state == DECODING, self.tokens[:rows], self.pad_id)[:, None].astype(np.int64)
+        sums = counts + 1
         mask = (np.arange(int(sums.max()))[None, :] < sums[:, None]).astype(np.int64)
-        return ids, mask, self.counts[:, None].copy()
+        return ids, mask, counts[:, None].copy()
+
+    def step_rows(self) -> int:
+        """The rows a decode step needs to run: up to the last decoding one (at least one)."""
+        decoding = self.decoding()
+        return int(decoding[-1]) + 1 if len(decoding) else 1
 
     def stepped(self, tokens: dict[int, int]) -> None:
         """After a decode step: each decoding row holds one more position; ``tokens``: row -> its next token."""

@@ -40,6 +40,23 @@ def test_rows_are_taken_lowest_first_and_released():
         SlotTable(2, 16).release(1)
 
 
+def test_a_prompt_read_in_chunks_can_take_the_highest_row_and_a_step_runs_up_to_the_last_decoding_row():
+    t = SlotTable(4, 16, pad_id=9)
+    assert t.step_rows() == 1  # nothing decodes: the smallest step
+    assert t.take(last=True) == 3 and t.take() == 0 and t.take(last=True) == 2
+    t.prefilled(0, 4)
+    t.start_decoding(0, 42)
+    t.prefilled(3, 12)  # being read
+    assert t.step_rows() == 1
+    ids, mask, positions = t.step_inputs(t.step_rows())
+    assert ids.tolist() == [[42]] and mask.shape == (1, 5) and positions.tolist() == [[4]]  # row 3's 13 not in the width
+    t.prefilled(2, 2)
+    t.start_decoding(2, 7)
+    assert t.step_rows() == 3 and t.step_inputs(3)[0][:, 0].tolist() == [42, 9, 7]
+    with pytest.raises(OnnxpipeError, match="1 to 4 rows"):
+        t.step_inputs(5)
+
+
 def test_step_inputs_mask_each_row_by_its_own_count():
     t = SlotTable(4, 16, pad_id=9)
     a, b, c = t.take(), t.take(), t.take()  # row 3 stays free
@@ -243,6 +260,38 @@ def test_a_long_prompt_is_read_in_chunks_between_decode_steps(stdlib_cuda_model)
         assert [done["a"], done["b"]] == alone
         assert sched.stats.prefill_chunks - chunks == 7  # ceil(100 / 16)
         assert during >= 6  # a decode step of A after each chunk but the last
+    finally:
+        sched.stop()
+
+
+def test_on_the_cpu_a_decode_step_runs_only_the_rows_up_to_the_last_decoding_one(stdlib_cuda_model, monkeypatch):
+    """A long prompt read in chunks takes the highest free row, and the CPU's decode steps bind only the rows up to
+    the last decoding one (a prefix of the shared buffer, by address): while it is read the steps run one row, not
+    four; then both rows decode in a step of all four. Both requests get their solo tokens (the prefix is the
+    buffer's own memory: the steps' writes land in it)."""
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    long_prompt = rng.integers(5, 4000, 100).tolist()
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=160)
+    assert sched.prefix is not None
+    forward, batches = type(lm.session).forward, []
+
+    def recorded(self, input_ids, *args, **kw):
+        batches.append(input_ids.shape[0])
+        return forward(self, input_ids, *args, **kw)
+
+    monkeypatch.setattr(type(lm.session), "forward", recorded)
+    sched.start()
+    try:
+        alone = [result(submit(sched, lm, PROMPTS[0], 60)[0]), result(submit(sched, lm, long_prompt, 10)[0])]
+        assert set(batches) == {1}  # each alone: its own row, and a step of one row
+        steps = sched.stats.steps
+        a, _ = submit(sched, lm, PROMPTS[0], 60)
+        wait_until(lambda: sched.stats.steps >= steps + 2)
+        batches.clear()
+        b, b_req = submit(sched, lm, long_prompt, 10)
+        assert [result(a), result(b)] == alone and b_req.slot == 3
+        read = batches[:batches.index(4)]  # the steps before B decoded
+        assert len(read) >= 5 and set(read) == {1}  # 7 chunks of 16, a step of A's row alone after each
     finally:
         sched.stop()
 
