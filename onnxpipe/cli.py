@@ -413,13 +413,17 @@ def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_
 @click.option("--min-greedy-agreement", type=click.FloatRange(0, 100), default=None, metavar="PCT",
               help="Fail, writing nothing, if the decode path's greedy agreement with the input (near ties counted) "
                    "is below PCT percent. [default: 80]")
+@click.option("--check-form", type=click.Choice(["auto", "whole", "layerwise"]), default="auto", show_default=True,
+              help="The decode-path check and quality report: whole-model sessions, or one layer's segment at a time "
+                   "(memory ~ a layer's weights); auto: layerwise on the CPU from 1 GB of input weights.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and onnxpipe wrote it (holds onnxpipe.json, or is empty).")
 def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, method: str | None,
              per_channel: bool | None, static_float_layers: int | None,
              activations: str, smoothquant: float | str | None, block_size: int | None, algo: str | None, accuracy_level: int, symmetric: bool,
              zero_points: str | None, lm_head: str, embeddings: str,
              eval_file: Path | None, eval_tokens: int | None, calib_samples: int, calib_seq_len: int,
-             max_ppl_increase: float | None, min_greedy_agreement: float | None, force: bool) -> None:
+             max_ppl_increase: float | None, min_greedy_agreement: float | None, check_form: str,
+             force: bool) -> None:
     """Quantize a model directory (exported or optimized) and report its quality against the input.
 
     The result must pass a quality gate on held-out text (perplexity within --max-ppl-increase, greedy agreement
@@ -428,7 +432,8 @@ def quantize(in_dir: Path, out_dir: Path, mode: str, calibration: Path | None, m
     from onnxpipe.quant.calibration import CalibrationConfig
 
     result = quantize_model(
-        in_dir, out_dir, mode, force=force, log=_log, progress=_progress_bars(), calibration=calibration,
+        in_dir, out_dir, mode, force=force, log=_log, progress=_progress_bars(), check_form=check_form,
+        calibration=calibration,
         method=method, per_channel=per_channel, static_float_layers=static_float_layers, activations=activations, smoothquant=smoothquant, block_size=block_size, algo=algo,
         accuracy_level=accuracy_level, symmetric=symmetric, float_zero_points=None if zero_points is None else zero_points == "float", lm_head=lm_head, embeddings=embeddings, eval_file=eval_file, max_eval_tokens=eval_tokens,
         max_ppl_increase=max_ppl_increase, calib=CalibrationConfig(max_samples=calib_samples, prefill_len=calib_seq_len),

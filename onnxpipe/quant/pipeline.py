@@ -112,13 +112,16 @@ def quantize_model(
     force: bool = False,
     log: Log = lambda msg: None,
     progress: Progress | None = None,
+    check_form: str = "auto",
     **options: Any,
 ) -> QuantizeResult:
     """Quantize the model directory ``in_dir`` into ``out_dir``: with ``mode`` (default "dynamic") and options (the
     mode config's fields and QuantizeConfig's, as the command line's flags), or with a ready ``config``.
 
     Options left unset are chosen (int4: int4.int4_candidates; static: static.static_candidates; the first within
-    the budget on the selection text); the result must pass the gate (quality.Gate) on the report's text, or nothing is written."""
+    the budget on the selection text); the result must pass the gate (quality.Gate) on the report's text, or nothing is written.
+    ``check_form``: how the decode-path check and the quality report run the two models (quality.side_form: whole
+    sessions, or one layer's segment at a time; ``auto``: layerwise on the CPU for large inputs)."""
     start = time.perf_counter()
     if config is None:
         config = QuantizeConfig.from_options(mode or "dynamic", **_default_calibration(mode or "dynamic", options))
@@ -138,14 +141,15 @@ def quantize_model(
         require_torch_for_hqq()
     selecting = len(choices) > 1 or (isinstance(base, DynamicInt8Config) and base.activations == "auto")
     samples, text = _read_texts(src, base, run, any(c.needs_calibration() for c in choices), selecting, log)
-    from onnxpipe.quant.quality import Gate, SelectionJudge, eval_provider, quality_report
+    from onnxpipe.quant.quality import Gate, SelectionJudge, eval_provider, quality_report, side_form
 
     provider = eval_provider(src.manifest)
+    form = side_form(check_form, src.model_path, provider)
     gate = Gate(run.max_ppl_increase, run.min_greedy_agreement)
-    log(f"{text.describe()}; on {provider}; budget: perplexity +{gate.max_ppl_increase:g}%, decode-path greedy "
-        f"agreement >= {gate.min_greedy_agreement:.0%}")
+    log(f"{text.describe()}; on {provider}{', checks layer by layer' if form == 'layerwise' else ''}; budget: "
+        f"perplexity +{gate.max_ppl_increase:g}%, decode-path greedy agreement >= {gate.min_greedy_agreement:.0%}")
     judge = None if text.select_ids is None else SelectionJudge(
-        src.model_path, src.manifest, text.select_ids, text.context, provider, progress)
+        src.model_path, src.manifest, text.select_ids, text.context, provider, progress, form=form)
 
     with atomic_output_dir(out_dir, force=force, inputs=[src.path]) as tmp:
         if len(choices) > 1:
@@ -155,7 +159,7 @@ def quantize_model(
             details = _run_mode(src, tmp / MODEL_FILE, cfg, samples, log, progress, selection=judge)
         copy_sidecar_files(src.path, tmp)
         manifest = _output_manifest(src.manifest, tmp / MODEL_FILE, cfg)
-        check = _decode_check(src, tmp / MODEL_FILE, manifest, cfg, provider)
+        check = _decode_check(src, tmp / MODEL_FILE, manifest, cfg, provider, form)
         judged = "" if check.passed is not None else (" -- recorded, not judged (random prompts; the quality gate "
                                                       "below judges integer modes)")
         log(f"decode-path check vs input: {check.summary()}{judged}")
@@ -163,6 +167,7 @@ def quantize_model(
         quality = quality_report(
             src.model_path, tmp / MODEL_FILE, src.manifest, manifest, text.report_ids, text.context, text.file,
             progress=(lambda d, t: progress("quality report", d, t)) if progress else None, provider=provider,
+            form=form,
         )
         checks = gate.judge(quality)
         log("quality (report text):\n" + "\n".join(f"  {c.line()}" for c in checks))
@@ -181,6 +186,7 @@ def quantize_model(
             "gate": {"max_ppl_increase": gate.max_ppl_increase, "min_greedy_agreement": gate.min_greedy_agreement,
                      "checks": [c.to_json() for c in checks], "passed": True},
             "check": check.to_json(),
+            "check_form": form,
             "versions": _versions(),
             "seconds": round(time.perf_counter() - start, 2),
         }
@@ -201,7 +207,7 @@ def _report_line(tokens: int, text: Any, run: RunSettings, provider: str) -> str
               else f"--eval-tokens {run.max_eval_tokens:,}")
     short = "" if tokens >= run.max_eval_tokens else ", all the file has"
     return (f"quality report: {tokens:,} tokens of {text.file} ({budget}{short}; windows of {text.context}) on "
-            f"{provider}...")
+            f"{provider}, the input model then the quantized one...")
 
 
 def _default_calibration(mode: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -708,12 +714,15 @@ def _output_manifest(src: Manifest, model_path: Path, cfg: ModeConfig) -> Manife
 
 
 def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: ModeConfig,
-                  provider: str = "cpu") -> Any:
+                  provider: str = "cpu", form: str = "whole") -> Any:
     """Prefill + decode steps on a padded batch (the input's padding side) against the input model
     (parity.check_decoders), on ``provider`` (quality.eval_provider: CUDA where this onnxruntime has it).
 
     The sessions are made one after the other (parity.lazy_ort_step_fn: the reference's is dropped before the
     candidate's is made): on the CPU the reference of an fp16 input holds its weights widened to fp32 (2x W).
+    ``form`` ``layerwise``: both run one layer's segment at a time (runtime.layerwise.check_layerwise: the same
+    comparison of the logits, and each layer's KV cache), each segment's session mapping its weights from the
+    model's data file.
     fp16 is judged with the fp16 tolerance; integer modes are recorded only, and judged by the quality report.
     """
     from onnxpipe.parity import TOLERANCE, check_decoders, lazy_ort_step_fn
@@ -724,16 +733,24 @@ def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: Mode
         dtypes = {t["name"]: t["dtype"] for t in m.graph["inputs"]}
         return np.dtype(dtypes[m.past_names(0)[0]])
 
-    if provider == "cpu":
-        ref = lazy_ort_step_fn(lambda: reference_session(src.model_path), src.manifest)
-        cand = lazy_ort_step_fn(lambda: measure_session(model_path), manifest)
-    else:
-        ref = lazy_ort_step_fn(lambda: eval_session(src.model_path, provider)[0], src.manifest)
-        cand = lazy_ort_step_fn(lambda: eval_session(model_path, provider)[0], manifest)
     side = src.manifest.graph.get("padding_side", "left")  # quantizing keeps the input's padding side
-    report = check_decoders(ref, cand, manifest, kv_dtype=kv_dtype(manifest), ref_kv_dtype=kv_dtype(src.manifest),
-                            padding_side=side, reference_padding_side=side)
-    cand.release()  # type: ignore[attr-defined]
+    report: Any
+    if form == "layerwise":
+        from onnxpipe.runtime.layerwise import check_layerwise, file_graph, segment_session
+
+        report = check_layerwise(file_graph(src.model_path), file_graph(model_path), manifest, segment_session(),
+                                 kv_dtype=kv_dtype(manifest), ref_kv_dtype=kv_dtype(src.manifest),
+                                 padding_side=side, reference_padding_side=side)
+    else:
+        if provider == "cpu":
+            ref = lazy_ort_step_fn(lambda: reference_session(src.model_path), src.manifest)
+            cand = lazy_ort_step_fn(lambda: measure_session(model_path), manifest)
+        else:
+            ref = lazy_ort_step_fn(lambda: eval_session(src.model_path, provider)[0], src.manifest)
+            cand = lazy_ort_step_fn(lambda: eval_session(model_path, provider)[0], manifest)
+        report = check_decoders(ref, cand, manifest, kv_dtype=kv_dtype(manifest),
+                                ref_kv_dtype=kv_dtype(src.manifest), padding_side=side, reference_padding_side=side)
+        cand.release()  # type: ignore[attr-defined]
     if cfg.mode == "fp16" and src.manifest.graph.get("dtype") == "fp32":
         report.judge(TOLERANCE["fp16"])
     return report

@@ -2,7 +2,10 @@
 
 Both models run in ONNX Runtime through the manifest's I/O names, with default graph optimizations (the quantized
 kernels are what is measured), on the GPU where this onnxruntime has CUDA (the runtime's provider choice), else the
-CPU. The token stream is cut into non-overlapping windows of ``context`` tokens, each a prefill from an empty KV
+CPU; one after the other, never both at once (the input model's logits wait in a file beside the output: ``Side``,
+``TextComparison``). A model whose whole-model CPU session would not fit (``--check-form``, ``auto`` from
+runtime.layerwise.LAYERWISE_BYTES) runs one layer's segment at a time (``SegmentedSide``): the same numbers, up to
+what onnxruntime's fusions across a layer boundary would change. The token stream is cut into non-overlapping windows of ``context`` tokens, each a prefill from an empty KV
 cache; every token of a window but the first is scored, as scripts/perplexity.py does with its default stride, so
 the fp32 figure can be checked against PyTorch's. Top-1 agreement and KL(input || quantized) are taken over the
 same scored positions.
@@ -21,6 +24,7 @@ verdict says "noisy" when that interval reaches the budget or is wider than half
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,6 +114,103 @@ def eval_session(model_path: str | Path, provider: str = "cpu") -> tuple[Any, st
     return session, choice.used
 
 
+def side_form(form: str, model_path: str | Path, provider: str) -> str:
+    """The form the checks take (runtime.layerwise.check_form on the input model's bytes): ``layerwise`` on the
+    CPU from LAYERWISE_BYTES of weights under ``auto``; on CUDA the weights are not in host memory: ``whole``."""
+    from onnxpipe.runtime.layerwise import check_form
+
+    if provider != "cpu" and form == "auto":
+        check_form(form, 0)
+        return "whole"
+    return check_form(form, model_bytes(Path(model_path)) if form == "auto" else 0)
+
+
+class Side:
+    """One model as the quality report runs it: its windows' prefills (``prefills``: each batch's logits handed to
+    ``consume(i, logits)`` as made) and its decode path (``trace``: greedy, or the tokens given). Its sessions are
+    made when first used and dropped by ``release``."""
+
+    manifest: Manifest
+    provider: str = "cpu"
+
+    def prefills(self, batches: list[np.ndarray], consume: Callable[[int, np.ndarray], None]) -> None:
+        raise NotImplementedError
+
+    def trace(self, prompts: np.ndarray, forced: np.ndarray | None = None) -> Any:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        pass
+
+
+class SessionSide(Side):
+    """A whole-model session: ``session`` made or given (``make``: a function making it on first use, which
+    ``release`` drops)."""
+
+    def __init__(self, manifest: Manifest, session: Any = None, make: Callable[[], tuple[Any, str]] | None = None,
+                 provider: str = "cpu") -> None:
+        self.manifest, self._session, self._make, self.provider = manifest, session, make, provider
+
+    def session(self) -> Any:
+        if self._session is None:
+            assert self._make is not None
+            self._session, self.provider = self._make()
+        return self._session
+
+    def prefills(self, batches: list[np.ndarray], consume: Callable[[int, np.ndarray], None]) -> None:
+        for i, ids in enumerate(batches):
+            consume(i, _window_logits(self.session(), self.manifest, ids))
+
+    def trace(self, prompts: np.ndarray, forced: np.ndarray | None = None) -> Any:
+        return greedy_trace(self.session(), self.manifest, prompts, forced)
+
+    def release(self) -> None:
+        if self._make is not None:
+            self._session = None
+
+
+class SegmentedSide(Side):
+    """A model run one layer's segment at a time (runtime.layerwise), each segment's session mapping its weights
+    from the model's data file and made with every graph optimization on (as a user runs the model): the host
+    memory is one segment's weights, not the model's (widened to fp32 on the CPU for an fp16 model)."""
+
+    def __init__(self, model_path: str | Path, manifest: Manifest) -> None:
+        from onnxpipe.runtime.layerwise import file_graph, segment_session
+
+        self.manifest, self.graph, self.session = manifest, file_graph(model_path), segment_session()
+        dtypes = {t["name"]: t["dtype"] for t in manifest.graph["inputs"]}
+        self.kv_dtype = np.dtype(dtypes.get(manifest.past_names(0)[0], "float32"))
+
+    def prefills(self, batches: list[np.ndarray], consume: Callable[[int, np.ndarray], None]) -> None:
+        from onnxpipe.runtime.layerwise import run_segmented
+
+        steps = [prefill_feed(self.manifest, ids) for ids in batches]
+        run_segmented(self.graph, self.manifest, steps, self.kv_dtype, self.session, True, keep=(), consume=consume)
+
+    def trace(self, prompts: np.ndarray, forced: np.ndarray | None = None) -> Any:
+        from onnxpipe.parity import run_trace
+        from onnxpipe.runtime.layerwise import forced_trace, segmented_step_fn
+
+        if forced is not None:
+            return forced_trace(self.graph, self.manifest, self.session, prompts, forced, self.kv_dtype)
+        step = segmented_step_fn(self.graph, self.manifest, self.session, self.kv_dtype)
+        return run_trace(step, self.manifest, prompts, np.ones_like(prompts), DECODE_STEPS, self.kv_dtype)
+
+
+def model_side(model_path: str | Path, manifest: Manifest, provider: str = "cpu", form: str = "whole") -> Side:
+    """The Side of the model at ``model_path`` in a check form (side_form's ``whole`` or ``layerwise``)."""
+    if form == "layerwise":
+        if provider != "cpu":
+            raise OnnxpipeError("the layer-by-layer check form runs on the CPU; use --check-form whole on a GPU")
+        return SegmentedSide(model_path, manifest)
+    return SessionSide(manifest, make=lambda: eval_session(model_path, provider), provider=provider)
+
+
+def as_side(x: Any, manifest: Manifest) -> Side:
+    """``x`` as a Side: itself, or a session made into one."""
+    return x if isinstance(x, Side) else SessionSide(manifest, session=x)
+
+
 def prefill_feed(manifest: Manifest, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Inputs for a prefill from an empty cache: the whole window attended, positions 0..T-1."""
     batch, seq = input_ids.shape
@@ -160,14 +261,6 @@ def _batches(token_ids: np.ndarray, context: int, batch_size: int) -> Iterator[n
     for length, group in groups.items():
         for i in range(0, len(group), batch_size):
             yield np.stack([token_ids[b:b + length] for b in group[i:i + batch_size]])
-
-
-def _scored(session: Any, manifest: Manifest, ids: np.ndarray) -> Iterator[np.ndarray]:
-    """Per window of ``ids``, the log-probabilities [T-1, V] (float64) at the positions that predict a next token:
-    one window at a time, so that a large vocabulary's float64 copies stay one window's size."""
-    logits = session.run([manifest.graph["logits"]], prefill_feed(manifest, ids))[0]
-    for row in logits:
-        yield log_softmax(row[:-1])
 
 
 def _window_logits(session: Any, manifest: Manifest, ids: np.ndarray) -> np.ndarray:
@@ -221,47 +314,144 @@ def compare_on_text(
     context: int,
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    spill_dir: str | Path | None = None,
 ) -> dict[str, float]:
-    """Perplexity of both sessions on ``token_ids`` and their agreement; windows of one length are batched."""
-    starts = window_starts(len(token_ids), context)
-    if not starts:
-        raise OnnxpipeError(f"the eval text has {len(token_ids)} tokens; at least 2 are needed")
-    nll_b = nll_a = kl = 0.0
-    agree = scored = done = 0
-    sums, counts = [], []
-    batch_size = logits_batch(context, int(manifest_before.model.get("vocab_size") or 0), batch_size)
-    for ids in _batches(token_ids, context, batch_size):
-        logits_b = _window_logits(before, manifest_before, ids)
-        logits_a = _window_logits(after, manifest_after, ids)
-        for row, row_b, row_a in zip(ids, logits_b, logits_a):
-            diffs = []
-            for lp_b, lp_a, targets in _position_chunks(row_b, row_a, row):
-                tok_b = -np.take_along_axis(lp_b, targets, -1)[:, 0]
-                tok_a = -np.take_along_axis(lp_a, targets, -1)[:, 0]
-                nll_b += float(tok_b.sum())
-                nll_a += float(tok_a.sum())
-                diffs.append(tok_a - tok_b)
-                kl += float((np.exp(lp_b) * (lp_b - lp_a)).sum())
-                agree += int((lp_b.argmax(-1) == lp_a.argmax(-1)).sum())
-                scored += targets.size
-            s, c = _block_sums(np.concatenate(diffs)[None])
-            sums.append(s)
-            counts.append(c)
-        del logits_b, logits_a
-        done += ids.shape[0]
-        if progress:
-            progress(done, len(starts))
-    ppl_b, ppl_a = math.exp(nll_b / scored), math.exp(nll_a / scored)
-    return {
-        "eval_tokens": scored,
-        "windows": len(starts),
-        "ppl_before": ppl_b,
-        "ppl_after": ppl_a,
-        "ppl_change_pct": (ppl_a / ppl_b - 1.0) * 100.0,
-        "ppl_change_ci95_pct": change_interval(np.concatenate(sums), np.concatenate(counts))[1],
-        "top1_agreement": agree / scored,
-        "mean_kl": kl / scored,
-    }
+    """Perplexity of both models (Sides, or sessions) on ``token_ids`` and their agreement (TextComparison): the
+    input model first, released, then the quantized one."""
+    before, after = as_side(before, manifest_before), as_side(after, manifest_after)
+    with TextComparison(manifest_before, token_ids, context, batch_size, progress, spill_dir) as text:
+        try:
+            text.run_before(before)
+        finally:
+            before.release()
+        try:
+            return text.run_after(after)
+        finally:
+            after.release()
+
+
+class TextComparison:
+    """Both models on the windows of ``token_ids`` (window_starts), those of one length batched, one model after
+    the other: the input model's logits are written to a file in ``spill_dir`` (a temporary directory of its own,
+    removed on exit) in their own dtype as its batches are made (run_before), then the quantized model's batches
+    are compared with them, read back a window at a time (run_after). The two models are never in memory at once,
+    and the logits held are one batch's (logits_batch) and one window's."""
+
+    def __init__(self, manifest: Manifest, token_ids: np.ndarray, context: int, batch_size: int = 4,
+                 progress: Callable[[int, int], None] | None = None, spill_dir: str | Path | None = None) -> None:
+        self.windows = len(window_starts(len(token_ids), context))
+        if not self.windows:
+            raise OnnxpipeError(f"the eval text has {len(token_ids)} tokens; at least 2 are needed")
+        batch_size = logits_batch(context, int(manifest.model.get("vocab_size") or 0), batch_size)
+        self.batches = list(_batches(token_ids, context, batch_size))
+        self.progress, self.done, self.spill_dir = progress, 0, spill_dir
+        self._tmp: Any = None
+        self._spill: LogitsSpill | None = None
+
+    def __enter__(self) -> "TextComparison":
+        self._tmp = tempfile.TemporaryDirectory(prefix=".quality-", dir=self.spill_dir)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._spill is not None:
+            self._spill.close()
+        self._tmp.cleanup()
+
+    def _count(self, i: int) -> None:
+        self.done += self.batches[i].shape[0]
+        if self.progress:
+            self.progress(self.done, 2 * self.windows)
+
+    def run_before(self, side: "Side") -> None:
+        spill = self._spill = LogitsSpill(Path(self._tmp.name) / "logits-before.bin")
+
+        def write(i: int, logits: np.ndarray) -> None:
+            spill.write(logits)
+            self._count(i)
+
+        side.prefills(self.batches, write)
+        spill.close()
+
+    def run_after(self, side: "Side") -> dict[str, float]:
+        spill, stats = self._spill, _TextStats()
+        if spill is None or len(spill) != len(self.batches):
+            raise OnnxpipeError("the quality report compared the quantized model before the input model ran")
+
+        def compare(i: int, logits: np.ndarray) -> None:
+            for r, (row, row_a) in enumerate(zip(self.batches[i], logits)):
+                stats.add(row, spill.read(i, r), row_a)
+            self._count(i)
+
+        side.prefills(self.batches, compare)
+        return stats.result(self.windows)
+
+
+class _TextStats:
+    """compare_on_text's sums over the scored positions, window by window."""
+
+    def __init__(self) -> None:
+        self.nll_b = self.nll_a = self.kl = 0.0
+        self.agree = self.scored = 0
+        self.sums: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+
+    def add(self, row: np.ndarray, row_b: np.ndarray, row_a: np.ndarray) -> None:
+        diffs = []
+        for lp_b, lp_a, targets in _position_chunks(row_b, row_a, row):
+            tok_b = -np.take_along_axis(lp_b, targets, -1)[:, 0]
+            tok_a = -np.take_along_axis(lp_a, targets, -1)[:, 0]
+            self.nll_b += float(tok_b.sum())
+            self.nll_a += float(tok_a.sum())
+            diffs.append(tok_a - tok_b)
+            self.kl += float((np.exp(lp_b) * (lp_b - lp_a)).sum())
+            self.agree += int((lp_b.argmax(-1) == lp_a.argmax(-1)).sum())
+            self.scored += targets.size
+        s, c = _block_sums(np.concatenate(diffs)[None])
+        self.sums.append(s)
+        self.counts.append(c)
+
+    def result(self, windows: int) -> dict[str, float]:
+        ppl_b, ppl_a = math.exp(self.nll_b / self.scored), math.exp(self.nll_a / self.scored)
+        return {
+            "eval_tokens": self.scored,
+            "windows": windows,
+            "ppl_before": ppl_b,
+            "ppl_after": ppl_a,
+            "ppl_change_pct": (ppl_a / ppl_b - 1.0) * 100.0,
+            "ppl_change_ci95_pct": change_interval(np.concatenate(self.sums), np.concatenate(self.counts))[1],
+            "top1_agreement": self.agree / self.scored,
+            "mean_kl": self.kl / self.scored,
+        }
+
+
+class LogitsSpill:
+    """One model's logits of a sequence of batches, written to ``path`` as they come (each in its own dtype and
+    shape) and read back a window (one row of a batch) at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = open(path, "wb")
+        self._index: list[tuple[int, np.dtype, tuple[int, ...]]] = []
+        self._offset = 0
+
+    def write(self, logits: np.ndarray) -> None:
+        logits = np.ascontiguousarray(logits)
+        self._file.write(logits.tobytes())
+        self._index.append((self._offset, logits.dtype, logits.shape))
+        self._offset += logits.nbytes
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def read(self, batch: int, row: int) -> np.ndarray:
+        offset, dtype, shape = self._index[batch]
+        size = int(np.prod(shape[1:]))
+        return np.fromfile(self.path, dtype, size, offset=offset + row * size * dtype.itemsize).reshape(shape[1:])
 
 
 def decode_prompts(token_ids: np.ndarray) -> np.ndarray:
@@ -281,11 +471,11 @@ def greedy_trace(session: Any, manifest: Manifest, prompts: np.ndarray, forced: 
                      kv_dtype, forced_tokens=forced)
 
 
-def greedy_agreement(reference: Any, session: Any, manifest: Manifest, prompts: np.ndarray) -> tuple[int, int, int]:
+def greedy_agreement(reference: Any, side: Any, manifest: Manifest, prompts: np.ndarray) -> tuple[int, int, int]:
     """(equal, equal or near tie, positions): the input model's greedy continuation (``reference``, greedy_trace)
-    teacher-forced into ``session``; at the prefill's last position and after every decode step, is its argmax
-    the input model's, or one the input model scores within TIE_NATS of its own?"""
-    cand = greedy_trace(session, manifest, prompts, forced=reference.tokens)
+    teacher-forced into ``side`` (a Side or a session); at the prefill's last position and after every decode
+    step, is its argmax the input model's, or one the input model scores within TIE_NATS of its own?"""
+    cand = as_side(side, manifest).trace(prompts, forced=reference.tokens)
     ref_lp = np.stack([log_softmax(lg[:, -1]) for lg in reference.logits], 1)  # [B, steps, V]
     ref_next = ref_lp.argmax(-1)
     cand_next = np.stack([lg[:, -1].argmax(-1) for lg in cand.logits], 1)
@@ -316,15 +506,28 @@ def quality_report(
     eval_file: str | None,
     progress: Callable[[int, int], None] | None = None,
     provider: str = "cpu",
+    form: str = "whole",
 ) -> QualityReport:
-    """Both models on ``token_ids`` (compare_on_text) and on the decode path from prompts of the same text."""
+    """Both models on ``token_ids`` (TextComparison) and on the decode path from prompts of the same text, one
+    model after the other: the input model's windows and greedy continuation, then the quantized model's. ``form``:
+    ``whole`` (a session per model) or ``layerwise`` (SegmentedSide). The input model's logits are spilled beside
+    ``after_path`` while the report runs (removed after it)."""
     start = time.perf_counter()
-    before, used = eval_session(before_path, provider)
-    after, _ = eval_session(after_path, provider)
-    stats = compare_on_text(before, after, manifest_before, manifest_after, token_ids, context, progress=progress)
+    before = model_side(before_path, manifest_before, provider, form)
+    after = model_side(after_path, manifest_after, provider, form)
     prompts = decode_prompts(token_ids)
-    equal, near, positions = greedy_agreement(greedy_trace(before, manifest_before, prompts), after, manifest_after,
-                                              prompts)
+    with TextComparison(manifest_before, token_ids, context, progress=progress,
+                        spill_dir=Path(after_path).parent) as text:
+        try:
+            text.run_before(before)
+            reference = before.trace(prompts)
+        finally:
+            before.release()
+        try:
+            stats = text.run_after(after)
+            equal, near, positions = greedy_agreement(reference, after, manifest_after, prompts)
+        finally:
+            after.release()
     size_b, size_a = model_bytes(before_path), model_bytes(after_path)
     return QualityReport(
         eval_file=eval_file,
@@ -336,7 +539,7 @@ def quality_report(
         greedy_agreement=equal / positions,
         greedy_agreement_ties=near / positions,
         greedy_positions=positions,
-        provider=used,
+        provider=after.provider,
         **stats,
     )
 
@@ -464,54 +667,72 @@ class CandidateScore:
 
 class SelectionJudge:
     """Scores candidates on the selection tokens against the input model, whose per-token figures (NLL, argmax,
-    greedy continuation) are computed once, on the first call."""
+    greedy continuation) are computed once, on the first call; each model's sessions are released before the next
+    model's are made. ``form``: the check form (side_form's ``whole`` or ``layerwise``)."""
 
     def __init__(self, model_path: Path, manifest: Manifest, token_ids: np.ndarray, context: int,
                  provider: str = "cpu", progress: Callable[[str, int, int], None] | None = None,
-                 batch_size: int = 4) -> None:
+                 batch_size: int = 4, form: str = "whole") -> None:
         self.model_path, self.manifest, self.token_ids, self.context = model_path, manifest, token_ids, context
-        self.provider, self.progress, self.batch_size = provider, progress, batch_size
+        self.provider, self.progress, self.batch_size, self.form = provider, progress, batch_size, form
         self._reference: tuple[list[np.ndarray], list[np.ndarray], Any, np.ndarray] | None = None
 
-    def _count(self, label: str) -> Iterator[np.ndarray]:
-        total = len(window_starts(len(self.token_ids), self.context))
-        done = 0
-        for ids in _batches(self.token_ids, self.context, self.batch_size):
-            yield ids
-            done += len(ids)
+    def _rows(self, side: Side, label: str, each: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        """``each(ids, log-probabilities [T-1, V])`` for every window, in order."""
+        batches = list(_batches(self.token_ids, self.context, self.batch_size))
+        total = sum(len(b) for b in batches)
+        done = [0]
+
+        def consume(i: int, logits: np.ndarray) -> None:
+            for row, lg in zip(batches[i], logits):
+                each(row, log_softmax(lg[:-1]))
+            done[0] += len(batches[i])
             if self.progress:
-                self.progress(label, done, total)
+                self.progress(label, done[0], total)
+
+        side.prefills(batches, consume)
 
     def reference(self) -> tuple[list[np.ndarray], list[np.ndarray], Any, np.ndarray]:
         if self._reference is None:
-            session, _ = eval_session(self.model_path, self.provider)
-            nll, argmax = [], []
-            for ids in self._count("selection text, input model"):
-                for row, lp in zip(ids, _scored(session, self.manifest, ids)):
-                    nll.append(-np.take_along_axis(lp, row[1:, None], -1)[:, 0])
-                    argmax.append(lp.argmax(-1))
-            prompts = decode_prompts(self.token_ids)
-            self._reference = nll, argmax, greedy_trace(session, self.manifest, prompts), prompts
+            side = model_side(self.model_path, self.manifest, self.provider, self.form)
+            nll: list[np.ndarray] = []
+            argmax: list[np.ndarray] = []
+
+            def each(row: np.ndarray, lp: np.ndarray) -> None:
+                nll.append(-np.take_along_axis(lp, row[1:, None], -1)[:, 0])
+                argmax.append(lp.argmax(-1))
+
+            try:
+                self._rows(side, "selection text, input model", each)
+                prompts = decode_prompts(self.token_ids)
+                self._reference = nll, argmax, side.trace(prompts), prompts
+            finally:
+                side.release()
         return self._reference
 
     def score(self, model_path: Path, manifest: Manifest, label: str = "selection text, candidate") -> CandidateScore:
         start = time.perf_counter()
         ref_nll, ref_argmax, trace, prompts = self.reference()
-        session, _ = eval_session(model_path, self.provider)
-        sums, counts, agree, scored = [], [], 0, 0
+        side = model_side(model_path, manifest, self.provider, self.form)
+        sums, counts, tally = [], [], {"agree": 0, "scored": 0}
         reference = iter(zip(ref_nll, ref_argmax))
-        for ids in self._count(label):
-            for row, lp in zip(ids, _scored(session, manifest, ids)):
-                nll_b, arg_b = next(reference)
-                s, c = _block_sums((-np.take_along_axis(lp, row[1:, None], -1)[:, 0] - nll_b)[None])
-                sums.append(s)
-                counts.append(c)
-                agree += int((lp.argmax(-1) == arg_b).sum())
-                scored += arg_b.size
+
+        def each(row: np.ndarray, lp: np.ndarray) -> None:
+            nll_b, arg_b = next(reference)
+            s, c = _block_sums((-np.take_along_axis(lp, row[1:, None], -1)[:, 0] - nll_b)[None])
+            sums.append(s)
+            counts.append(c)
+            tally["agree"] += int((lp.argmax(-1) == arg_b).sum())
+            tally["scored"] += arg_b.size
+
+        try:
+            self._rows(side, label, each)
+            equal, near, positions = greedy_agreement(trace, side, manifest, prompts)
+        finally:
+            side.release()
         change, half = change_interval(np.concatenate(sums), np.concatenate(counts))
-        equal, near, positions = greedy_agreement(trace, session, manifest, prompts)
-        return CandidateScore(change, half, agree / scored, equal / positions, near / positions, positions,
-                              model_bytes(model_path), round(time.perf_counter() - start, 2))
+        return CandidateScore(change, half, tally["agree"] / tally["scored"], equal / positions, near / positions,
+                              positions, model_bytes(model_path), round(time.perf_counter() - start, 2))
 
 
 def prefill_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
