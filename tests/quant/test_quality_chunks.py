@@ -66,3 +66,45 @@ def test_a_large_vocabulary_runs_one_window_at_a_time() -> None:
     assert quality.logits_batch(256, 151936) == 1  # 156 MB of fp32 logits a window
     assert quality.logits_batch(256, 32000) == 4
     assert quality.logits_batch(256, 1 << 30) == 1
+
+
+class OneAtATime(quality.Side):
+    """A stand-in Side that fails when another is in memory while it runs (it is, from its first run to its
+    release)."""
+
+    live: set[str] = set()
+
+    def __init__(self, name: str, logits: Logits) -> None:
+        self.name, self.logits, self.manifest = name, logits, _manifest()
+
+    def prefills(self, batches: list[np.ndarray], consume) -> None:  # noqa: ANN001
+        assert OneAtATime.live <= {self.name}, f"{self.name} runs while {OneAtATime.live} is held"
+        OneAtATime.live.add(self.name)
+        for i, ids in enumerate(batches):
+            consume(i, self.logits.run(["logits"], {"input_ids": ids})[0])
+
+    def release(self) -> None:
+        OneAtATime.live.discard(self.name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_the_models_run_one_after_the_other_through_a_spill(tmp_path, dtype) -> None:  # noqa: ANN001
+    """The input model's logits wait in a file (their own dtype: fp16 logits come back as they were) while the
+    quantized model runs; the figures are those of both at once, and the file is gone afterwards."""
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=CONTEXT * 5 + 7)
+    before, after = Logits(2), Logits(3)
+    before.table, after.table = before.table.astype(dtype), after.table.astype(dtype)
+    OneAtATime.live.clear()
+    got = quality.compare_on_text(OneAtATime("before", before), OneAtATime("after", after), _manifest(), _manifest(),
+                                  ids, CONTEXT, spill_dir=tmp_path)
+    want = _whole_windows(before, after, ids)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9), key
+    assert not OneAtATime.live and not list(tmp_path.iterdir())
+
+
+def test_the_quantized_model_cannot_be_compared_before_the_input_ran(tmp_path) -> None:  # noqa: ANN001
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=CONTEXT * 3)
+    with quality.TextComparison(_manifest(), ids, CONTEXT, spill_dir=tmp_path) as text:
+        with pytest.raises(quality.OnnxpipeError, match="before the input model ran"):
+            text.run_after(OneAtATime("after", Logits(3)))
