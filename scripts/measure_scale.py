@@ -164,13 +164,15 @@ def main() -> None:
         print(f"built {hf}: {n / 1e6:.0f}M params, bf16 {dir_bytes(hf) / 1e9:.2f} GB", file=sys.stderr)
     exported, optimized, quantized = work / "exported", work / "optimized", work / "quantized"
     py = [sys.executable, "-m", "onnxpipe"]
+    qsrc = optimized if "optimize" in args.stages.split(",") or (optimized / "onnxpipe.json").is_file() else exported
     stages = {
         "export": (py + ["export", str(hf), "-o", str(exported), "--dtype", args.dtype, "--force"]
                    + (["--method", args.export_method] if args.export_method != "auto" else []), hf, exported),
         "optimize": (py + ["optimize", str(exported), "-o", str(optimized), "--level", str(args.level), "--force",
                            *args.optimize.split()], exported, optimized),
-        "quantize": (py + ["quantize", str(optimized), "-o", str(quantized), *args.quantize.split(), "--force"],
-                     optimized, quantized),
+        # from the optimized model where there is one, else the export (dynamic int8 takes an fp32 export)
+        "quantize": (py + ["quantize", str(qsrc), "-o", str(quantized), *args.quantize.split(), "--force"],
+                     qsrc, quantized),
         # the anchor: ONNX Runtime GenAI's model builder on the same checkpoint (fp16, fused), through the same launcher
         "genai": ([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(work / "genai"),
                    "-p", "fp16", "-e", args.genai_ep, "-c", str(work / "genai-cache")], hf, work / "genai"),
