@@ -98,17 +98,15 @@ class HessianSums:
             return None
         k = diffs[0].shape[0]
         session = self._session(("proxy", k), lambda: _proxy_graph(k))
-        binding = session.io_binding()
-        binding.bind_ortvalue_input("h", self._sums[name])
-        binding.bind_cpu_input("d", np.ascontiguousarray(np.concatenate(diffs, axis=1), np.float64))
-        binding.bind_output("out", "cpu")
-        session.run_with_iobinding(binding)
-        columns = binding.copy_outputs_to_cpu()[0]
         scale = 2.0 / max(self.rows[name], 1)
-        out, start = [], 0
-        for d in diffs:
-            out.append(float(columns[start:start + d.shape[1]].sum()) * scale)
-            start += d.shape[1]
+        out = []
+        for d in diffs:  # one at a time: a concatenation would be another pass over both, on the host
+            binding = session.io_binding()
+            binding.bind_ortvalue_input("h", self._sums[name])
+            binding.bind_cpu_input("d", np.ascontiguousarray(d, np.float64))
+            binding.bind_output("out", "cpu")
+            session.run_with_iobinding(binding)
+            out.append(float(binding.copy_outputs_to_cpu()[0].sum()) * scale)
         return out
 
     def _flush(self, name: str) -> None:
