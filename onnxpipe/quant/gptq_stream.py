@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.quant.config import PER_CHANNEL, Int4Config
-from onnxpipe.quant.gptq import _proxy_loss_ratio, gptq_weight, inverse_factor, matmulnbits_ir
+from onnxpipe.quant.gptq import QuantizedWeight, _proxy_loss_ratio, gptq_weight, inverse_factor, matmulnbits_ir
 from onnxpipe.quant.graph import WeightPlan, replace_node
 from onnxpipe.quant.hessian import HessianSums
 
@@ -88,6 +89,9 @@ def quantize_gptq_streamed(model: ir.Model, plan: WeightPlan, cfg: Int4Config, f
     reduction: list[float] = []
     sums: dict[tuple[Any, Any], ir.Value] = {}
     clock = dict.fromkeys(PHASES, 0.0)
+    # with the proxy losses on the device, their host side (RTN's weights, the differences: passes over K x N that
+    # hold the GIL little) runs beside the next weight's column loop
+    background = ThreadPoolExecutor(1) if HessianSums(provider).engine == "onnxruntime" else None
     session = _activation_session(model, list(groups), workdir, provider)
     try:
         for i, chunk in enumerate(chunks):
@@ -100,13 +104,21 @@ def quantize_gptq_streamed(model: ir.Model, plan: WeightPlan, cfg: Int4Config, f
                 with _timed(clock, "factor"):
                     factor = inverse_factor(hessian, k_pad)  # shared by the input's layers (q/k/v, gate/up)
                 losses = partial(hessians.proxy_losses, name)
+                ratios = []
                 for node in groups[name]:
-                    reduction.append(_quantize_layer(model.graph, node, hessian, factor, cfg, sums, clock, losses))
+                    dense, qw = _quantize_layer(model.graph, node, hessian, factor, cfg, sums, clock)
+                    ratio = partial(_proxy_loss_ratio, dense, qw, hessian, cfg.block_size, losses)
+                    ratios.append(background.submit(ratio) if background else _timed_call(clock, ratio))
                     if progress:
-                        progress("gptq layers", len(reduction), total)
+                        progress("gptq layers", len(reduction) + len(ratios), total)
+                    del dense, qw
+                with _timed(clock, "proxy_loss"):  # in the background: the wait for it
+                    reduction.extend(r if isinstance(r, float) else r.result() for r in ratios)
                 hessians.release(name)
-                del hessian, factor
+                del hessian, factor, ratios
     finally:
+        if background:
+            background.shutdown(cancel_futures=True)
         del session
         shutil.rmtree(workdir, ignore_errors=True)
     if sums:
@@ -154,10 +166,10 @@ def _chunk_sums(session: Any, chunk: list[str], feeds: Iterable[dict[str, np.nda
 
 
 def _quantize_layer(graph: ir.Graph, node: ir.Node, hessian: np.ndarray, factor: tuple[np.ndarray, np.ndarray],
-                    cfg: Int4Config, sums: dict[tuple[Any, Any], ir.Value], clock: dict[str, float],
-                    losses: Callable[[list[np.ndarray]], list[float] | None]) -> float:
-    """One MatMul's weight read, GPTQ'd against ``hessian``, written as a MatMulNBits, released; its proxy loss
-    ratio against RTN (``losses``: on the device where the Hessian's sums are, else computed here)."""
+                    cfg: Int4Config, sums: dict[tuple[Any, Any], ir.Value],
+                    clock: dict[str, float]) -> tuple[np.ndarray, QuantizedWeight]:
+    """One MatMul's weight read, GPTQ'd against ``hessian``, written as a MatMulNBits, released; (the float64
+    weight, its quantized form) for the proxy loss."""
     weight = node.inputs[1]
     assert weight is not None and weight.const_value is not None and weight.name is not None and cfg.block_size
     with _timed(clock, "write"):
@@ -170,8 +182,12 @@ def _quantize_layer(graph: ir.Graph, node: ir.Node, hessian: np.ndarray, factor:
             weight.const_value.release()
         if not weight.uses() and not weight.is_graph_output():
             graph.initializers.pop(weight.name)
+    return w, qw
+
+
+def _timed_call(clock: dict[str, float], ratio: Callable[[], float]) -> float:
     with _timed(clock, "proxy_loss"):
-        return _proxy_loss_ratio(w, qw, hessian, cfg.block_size, losses)
+        return ratio()
 
 
 def _activation_session(model: ir.Model, names: list[str], workdir: Path, provider: str) -> Any:
