@@ -50,6 +50,50 @@ def random_bf16_model(cfg: Any, std: float) -> Any:
     return model
 
 
+def save_streamed(cfg: Any, out: Path, std: float, shard_bytes: int = 2 << 30) -> int:
+    """The checkpoint random_bf16_model makes (the same values: one generator, the same order), written one tensor at
+    a time into safetensors shards with their index, so that the process holds one tensor and never the model: a 7B
+    checkpoint can be built on a machine with less memory than the checkpoint. Returns the parameter count."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    params = list(model.named_parameters())  # tied parameters once, as save_pretrained writes them
+    shards: list[list[tuple[str, Any]]] = [[]]
+    size = 0
+    for name, p in params:
+        nbytes = p.numel() * 2
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, p))
+        size += nbytes
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+        tensors = {}
+        for name, p in shard:
+            t = torch.empty(p.shape, dtype=torch.bfloat16)
+            if name.endswith("norm.weight") or "layernorm" in name:
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, std, generator=gen)
+            tensors[name] = t
+            weight_map[name] = file
+            total += t.numel() * 2
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    cfg.save_pretrained(out)
+    return sum(p.numel() for _, p in params)
+
+
 def build_checkpoint(args: argparse.Namespace, out: Path) -> int:
     """A random bf16 Llama-form checkpoint: built on the meta device, materialised empty on the CPU, initialised in
     place, saved. Returns its parameter count."""
@@ -60,10 +104,13 @@ def build_checkpoint(args: argparse.Namespace, out: Path) -> int:
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=4096, tie_word_embeddings=args.tied, bos_token_id=1, eos_token_id=2,
         dtype="bfloat16")
-    model = random_bf16_model(cfg, std=0.02)
-    model.save_pretrained(out)
-    n = sum(p.numel() for p in model.parameters())
-    del model
+    if args.stream_build:
+        n = save_streamed(cfg, out, std=0.02)
+    else:
+        model = random_bf16_model(cfg, std=0.02)
+        model.save_pretrained(out)
+        n = sum(p.numel() for p in model.parameters())
+        del model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # a byte tokenizer: ids 0-255 of the wide vocabulary
@@ -152,6 +199,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--hf-dir", type=Path, default=None, help="Reuse a checkpoint built by an earlier run.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
+    ap.add_argument("--stream-build", action="store_true",
+                    help="write the checkpoint one tensor at a time (the memory of one tensor, not the model's)")
     ap.add_argument("--genai-ep", default="cpu", help="the execution provider GenAI's builder targets (stage genai)")
     args = ap.parse_args()
 
