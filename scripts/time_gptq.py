@@ -5,7 +5,7 @@ activations of the calibration's token count (32 samples x 128 tokens by default
 
     python scripts/time_gptq.py --dry                      # a small shape (hidden 512), about a minute on 2 cores
     python scripts/time_gptq.py --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 --layers 32 \\
-        [--tokens 4096] [--block-size 128] [--provider auto|cpu|cuda] [--json FILE]     # Llama-3-8B
+        [--tokens 4096] [--block-size 128] [--provider auto|cpu|cuda] [--serial-columns] [--json FILE]  # Llama-3-8B
 
 phases: ``hessians`` (the layer's four inputs' sums x^T x, fed 512 rows at a time as the calibration batches come,
 on the provider, and taken to the host), ``factor`` (gptq.inverse_factor, once per input), ``columns``
@@ -146,8 +146,14 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=128)
     ap.add_argument("--workdir", type=Path, default=None, help="Where --model's activation model is written.")
+    ap.add_argument("--serial-columns", action="store_true",
+                    help="The column loop's row steps on all columns in one thread (gptq.COLUMNS_PER_THREAD off).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     a = ap.parse_args()
+    if a.serial_columns:
+        from onnxpipe.quant import gptq
+
+        gptq.COLUMNS_PER_THREAD = 1 << 62
     if a.dry:
         a.hidden, a.intermediate, a.heads, a.kv_heads, a.layers = 512, 1792, 8, 2, 2
     from onnxpipe.runtime.providers import available_providers
@@ -156,7 +162,7 @@ def main() -> None:
     import onnxruntime as ort
 
     meta = {"provider": provider, "onnxruntime": ort.__version__, "numpy": np.__version__, "cores": os.cpu_count(),
-            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"), "serial_columns": a.serial_columns,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if a.model is not None:
         result = {**meta, "model": str(a.model), **on_model(a, provider)}
