@@ -191,8 +191,9 @@ def _row_steps(W1: np.ndarray, E1: np.ndarray, U1: np.ndarray, q_int: np.ndarray
 
 
 def column_slices(n: int) -> list[slice]:
-    """The output columns cut into one slice per core, each at least COLUMNS_PER_THREAD wide (one slice below)."""
-    parts = max(1, min(os.cpu_count() or 1, n // COLUMNS_PER_THREAD))
+    """The output columns cut into slices at least COLUMNS_PER_THREAD wide, at most one per two cores (the rest for
+    BLAS and the proxy losses beside it): one slice on a machine of 2 or 3 cores, where two measured slower."""
+    parts = max(1, min((os.cpu_count() or 1) // 2, n // COLUMNS_PER_THREAD))
     bounds = [n * p // parts for p in range(parts + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
