@@ -54,6 +54,7 @@ CHECK_FORMS = ("auto", "whole", "layerwise")
 LAYER_NAME = re.compile(r"(?:^|[./_])layers?[._](\d+)(?:[._/]|$)")
 SHAPE_OPS = ("Shape", "Size")
 LAZY_MIN_BYTES = 4096  # smaller external tensors are read once and kept (shape constants the rules read)
+HEAD_MIN_BYTES = 16 << 10  # the LM head's weight is at least this large (plan_segments gives it a segment of its own)
 
 FILE_SPAN = "onnxpipe.file_span"  # a lazy weight's meta: (its directory, location in it, offset, length)
 # session(graph bytes, {initializer name: tensor}, optimized, directory of the graph's external data or None)
@@ -106,12 +107,15 @@ def _plan(graph: Any, caches: dict[str, tuple[int, str]], by_name: bool) -> list
         labels[name] = _name_layer(name) if by_name else None
     node_labels: list[int | None] = []
     node_inputs: list[set[str]] = []
-    for node in graph.node:
+    head, head_label = _head_node(graph, caches), 1 + max((layer for layer, _ in caches.values()), default=-1)
+    for i, node in enumerate(graph.node):
         ins = {x for x in node.input if x} | _subgraph_refs(node, labels)
         known = [labels[x] for x in ins if labels.get(x) is not None]
         label = max(known) if known else None  # type: ignore[type-var]
         if _shape_of_cache(node, caches):
             label = -1  # a cache's shape is known before its values are
+        if i == head:
+            label = head_label  # the LM head: a segment of its own, after the last layer
         node_labels.append(label)
         node_inputs.append(ins)
         for out in node.output:
@@ -144,6 +148,33 @@ def _plan(graph: Any, caches: dict[str, tuple[int, str]], by_name: bool) -> list
         segments.append(Segment(label, idx, seg_inputs, tuple(sorted(read & inits)), seg_outputs, shape_only))
     _check_kv_order(segments, made_in, caches)
     return segments
+
+
+def _head_node(graph: Any, caches: dict[str, tuple[int, str]]) -> int | None:
+    """The index of the LM head's node: the first node met walking back from the logits (the graph output that is
+    not a cache) that reads an initializer of at least HEAD_MIN_BYTES. None when there is no such node. It runs as a
+    segment of its own: the largest weight of a model whose vocabulary is large, which the CPU EP widens to fp32,
+    held without the last layer's weights beside it."""
+    import onnx
+
+    presents = {present for _, present in caches.values()}
+    outputs = [v.name for v in graph.output if v.name not in presents]
+    if len(outputs) != 1:
+        return None
+    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+             for t in graph.initializer if t.data_type != onnx.TensorProto.STRING}
+    made_by = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    queue, seen = [outputs[0]], set()
+    while queue:
+        i = made_by.get(queue.pop(0))
+        if i is None or i in seen:
+            continue
+        seen.add(i)
+        node = graph.node[i]
+        if any(sizes.get(x, 0) >= HEAD_MIN_BYTES for x in node.input):
+            return i
+        queue.extend(x for x in node.input if x)
+    return None
 
 
 def _shape_of_cache(node: Any, caches: dict[str, tuple[int, str]]) -> bool:
@@ -478,23 +509,38 @@ def file_graph(model_path: str | Path) -> Graph:
     return proto.SerializeToString(), spans
 
 
-def segment_session(providers: Sequence[str] = ("cpu",), prepack: bool = True) -> SessionFn:
+def segment_session(providers: Sequence[str] = ("cpu",), prepack: bool | None = None) -> SessionFn:
     """A SessionFn over runtime.sessions.open_session: a candidate (``optimized``) with every graph optimization
     on, as a user runs the model; a reference with them off and its fp16 weights cast one at a time
-    (``one_cast_at_a_time``). ``prepack``: off in a parity check's sessions (a copy of every weight for a dozen
-    steps); on where the kernels as a user runs them are measured (MatMulNBits packs its weights for its int8
-    compute path)."""
+    (``one_cast_at_a_time``). ``prepack`` (weight prepacking): None decides per segment (``needs_prepacking``): on
+    where the segment holds integer weights (MatMulNBits' int8 compute path runs only on prepacked weights: its
+    results differ without it), off where its weights are all float (prepacking would copy every MatMul weight,
+    after the CPU EP widened fp16 ones to fp32, for the same products)."""
     from onnxpipe.runtime.sessions import open_session
 
     def make(graph: bytes, tensors: dict[str, Any], optimized: bool, data_dir: str | None) -> Any:
         values = {n: _numpy(t) for n, t in tensors.items()}
+        packed = needs_prepacking(graph) if prepack is None else prepack
         return open_session(graph, providers, optimization="all" if optimized else "off",
                             purpose=f"a {'candidate' if optimized else 'reference'} segment of a check",
-                            config=None if prepack else {"session.disable_prepacking": "1"},
+                            config=None if packed else {"session.disable_prepacking": "1"},
                             external_initializers=values, external_data_dir=data_dir,
                             session_options=None if optimized else one_cast_at_a_time())
 
     return make
+
+
+INTEGER_WEIGHTS = (2, 3, 21, 22)  # onnx.TensorProto UINT8, INT8, UINT4, INT4
+
+
+def needs_prepacking(graph: bytes) -> bool:
+    """Whether a serialized (segment) graph holds a weight of 8 bits or fewer (a quantized layer's)."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.ParseFromString(graph)
+    return any(t.data_type in INTEGER_WEIGHTS and int(np.prod(t.dims, dtype=np.int64)) >= 16
+               for t in model.graph.initializer)
 
 
 def one_cast_at_a_time() -> Any:

@@ -55,14 +55,17 @@ def test_segments_follow_the_layers(stamped: Path) -> None:
 
     graph = onnx.load(str(stamped / "model.onnx"), load_external_data=False).graph
     segments = layerwise.plan_segments(graph, _caches(stamped))
-    assert [s.label for s in segments] == [-1, 0, 1, 2, 3]
-    for seg in segments[1:]:
+    assert [s.label for s in segments] == [-1, 0, 1, 2, 3, 4]
+    for seg in segments[1:-1]:
         layer_weights = [n for n in seg.initializers if ".layers." in n]
         assert layer_weights and all(f".layers.{seg.label}." in n for n in layer_weights), seg.initializers
         assert {x for x in seg.inputs if x.startswith("past_key_values.")} == {
             f"past_key_values.{seg.label}.key", f"past_key_values.{seg.label}.value"}
         assert {f"present.{seg.label}.key", f"present.{seg.label}.value"} <= set(seg.outputs)
     assert "logits" in segments[-1].outputs and "input_ids" in segments[0].inputs
+    # the LM head is a segment of its own (4: after the last layer), with no layer's weights beside it
+    head = segments[-1]
+    assert [n for n in head.initializers if "lm_head" in n] and not [n for n in head.initializers if ".layers." in n]
     assert any("embed_tokens" in n for n in segments[0].initializers)
     # every node in exactly one segment, in an order where each reads only what earlier ones made
     assert sorted(i for s in segments for i in s.nodes) == list(range(len(graph.node)))
