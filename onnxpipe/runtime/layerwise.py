@@ -54,6 +54,8 @@ CHECK_FORMS = ("auto", "whole", "layerwise")
 LAYER_NAME = re.compile(r"(?:^|[./_])layers?[._](\d+)(?:[._/]|$)")
 SHAPE_OPS = ("Shape", "Size")
 LAZY_MIN_BYTES = 4096  # smaller external tensors are read once and kept (shape constants the rules read)
+PLACEHOLDER = "onnxpipe-segment-placeholder"  # the external-data location of a weight handed from memory
+INLINE_HANDED = (1, 10, 2, 3)  # onnx.TensorProto FLOAT, FLOAT16, UINT8, INT8: a graph file's weights file_graph holds
 HEAD_MIN_BYTES = 16 << 10  # the LM head's weight is at least this large (plan_segments gives it a segment of its own)
 
 FILE_SPAN = "onnxpipe.file_span"  # a lazy weight's meta: (its directory, location in it, offset, length)
@@ -491,22 +493,29 @@ class InFile:
 
 
 def file_graph(model_path: str | Path) -> Graph:
-    """A model file as run_segmented takes it: its graph (external weights not read) and, for each weight in an
-    external data file, where it lies, so that a segment's session maps its own weights from the file. The data
-    files must lie inside the model's directory."""
+    """A model file as run_segmented takes it: its graph without its weights, and the weights: for each one in an
+    external data file, where it lies (a segment's session maps its own from the file); for each one stored in the
+    graph file itself, its array, read once and held (a single-file model's weights, W, are held once, handed to
+    one segment's session at a time, instead of being parsed again with the graph at every step). The data files
+    must lie inside the model's directory."""
     import onnx
+    from onnx import numpy_helper
 
     path = Path(model_path)
     proto = onnx.load(str(path), load_external_data=False)
-    spans: dict[str, Any] = {}
+    tensors: dict[str, Any] = {}
     for t in proto.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {kv.key: kv.value for kv in t.external_data}
-        check_inside(path.parent / info["location"], path.parent, "external data")
-        spans[t.name] = InFile((str(path.parent), info["location"], int(info.get("offset", 0)),
-                                int(info.get("length", 0))))
-    return proto.SerializeToString(), spans
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {kv.key: kv.value for kv in t.external_data}
+            check_inside(path.parent / info["location"], path.parent, "external data")
+            tensors[t.name] = InFile((str(path.parent), info["location"], int(info.get("offset", 0)),
+                                      int(info.get("length", 0))))
+        elif t.data_type in INLINE_HANDED and len(t.raw_data) >= LAZY_MIN_BYTES:
+            tensors[t.name] = numpy_helper.to_array(t)
+            t.ClearField("raw_data")  # a placeholder: the session is handed the array under its name
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value=PLACEHOLDER)
+    return proto.SerializeToString(), tensors
 
 
 def segment_session(providers: Sequence[str] = ("cpu",), prepack: bool | None = None) -> SessionFn:

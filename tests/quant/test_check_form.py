@@ -38,13 +38,16 @@ def external_model(tok_model, tmp_path: Path) -> Path:  # noqa: ANN001
     return dst
 
 
-@pytest.mark.parametrize("mode, options", [("int4", INT4), ("dynamic", {"activations": "token"})])
-def test_layerwise_checks_give_the_whole_forms_figures(external_model: Path, small_eval: Path, tmp_path: Path,
-                                                       mode: str, options: dict) -> None:
+@pytest.mark.parametrize("mode, options, stored", [("int4", INT4, "external"), ("dynamic", {"activations": "token"},
+                                                                            "external"), ("int4", INT4, "inline")])
+def test_layerwise_checks_give_the_whole_forms_figures(external_model: Path, tok_model, small_eval: Path,  # noqa: ANN001
+                                                       tmp_path: Path, mode: str, options: dict, stored: str) -> None:
+    """An external-data input (weights mapped from the files) and a single-file one (weights read once, handed to
+    each segment's session)."""
+    src = external_model if stored == "external" else tok_model("llama")
     steps = {}
     for form in ("whole", "layerwise"):
-        out = quantize_model(external_model, tmp_path / form, mode, eval_file=small_eval, check_form=form,
-                             **options, **OPEN)
+        out = quantize_model(src, tmp_path / form, mode, eval_file=small_eval, check_form=form, **options, **OPEN)
         steps[form] = out.step
     whole, layerwise = steps["whole"], steps["layerwise"]
     assert whole["check_form"] == "whole" and layerwise["check_form"] == "layerwise"
@@ -108,3 +111,24 @@ def test_a_planted_fault_fails_the_gate_in_the_whole_form_too(external_model: Pa
     with pytest.raises(OnnxpipeError, match=r"failed the quality gate on the report text: .*FAIL"):
         quantize_model(external_model, tmp_path / "q", "int4", eval_file=small_eval, check_form="whole",
                        max_eval_tokens=256, **INT4)
+
+
+@pytest.mark.fast
+def test_a_segment_prepacks_only_where_it_holds_integer_weights() -> None:
+    """MatMulNBits runs its int8 path only on prepacked weights (the quantized model as a user runs it); a float
+    segment's weights are not copied by prepacking."""
+    from onnx import TensorProto, helper
+
+    from onnxpipe.runtime.layerwise import needs_prepacking
+
+    def graph(dtype: int, values: np.ndarray) -> bytes:
+        w = helper.make_tensor("w", dtype, list(values.shape), values.flatten().tolist())
+        g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", dtype, list(values.shape))], [w])
+        return helper.make_model(g).SerializeToString()
+
+    assert needs_prepacking(graph(TensorProto.UINT8, np.zeros((4, 8), np.uint8)))
+    assert needs_prepacking(graph(TensorProto.INT8, np.zeros((4, 8), np.int8)))
+    assert not needs_prepacking(graph(TensorProto.FLOAT16, np.zeros((4, 8), np.float16)))
+    assert not needs_prepacking(graph(TensorProto.FLOAT, np.zeros((4, 8), np.float32)))
+    assert not needs_prepacking(graph(TensorProto.UINT8, np.zeros((2,), np.uint8)))  # a zero point, not a weight
