@@ -1,55 +1,114 @@
 """How many prompt tokens one iteration of the serving loop prefills: the token budget of DeepSpeed-FastGen's
-SplitFuse, here between a prefill and the decode step that follows it.
+SplitFuse, here between the prefill runs and the decode step that follows them.
 
-An iteration reads at most the budget's tokens of the admitted prompts (several prompts share it, in order), then
-runs one decode step of the running batch, so a running stream's next token waits for that chunk and its own step.
-A fixed budget (``--prefill-chunk N``) is the same on every machine; ``auto`` sizes it from what this machine
-measures, so that an iteration that prefills takes at most ``MIXED_STEP_RATIO`` times a decode step.
+An iteration reads prompt tokens (several prompts may share it, in order), then runs one decode step of the running
+batch, so a running stream's next token waits for those runs and its own step. A fixed budget
+(``--prefill-chunk N``) is N tokens an iteration on every machine. ``auto`` bounds the iteration's time instead: its
+prefill runs may take ``(MIXED_STEP_RATIO - 1)`` decode steps (the target), so that an iteration that prefills takes
+at most ``MIXED_STEP_RATIO`` times a decode step; how many tokens fit follows from the measured cost of a run.
 
-A prefill run of n tokens costs about a + b n: a fixed cost a (on a CPU one pass over the weights, about a decode
-step of a small batch; on a GPU the launches of a run outside the CUDA graph, more than a captured decode step) and
-b per token, which grows with the chunk's place in the prompt (attention over what is before it). The target is
-``(MIXED_STEP_RATIO - 1)`` decode steps; the chunk's own share of it, b n, is the target less a, and at least
-``MIN_SHARE`` of the target (where a alone passes the target, smaller chunks no longer shorten the iteration, they
-only make the prompt wait longer):
+A prefill run of n tokens of a prompt from position p costs about
 
-    tokens = max(target - a, MIN_SHARE * target) / b
+    a + b n + c n (p + (n - 1) / 2)
 
-at least ``MIN_CHUNK`` (a prompt always moves on) and at most ``MAX_CHUNK``. The decode step's seconds are a moving
-average; a and b are measured on the chunks read while streams decode: the first two (``MIN_CHUNK``, then
-``PROBE_CHUNK`` tokens) give a (held from then on) and b, and each later chunk updates b's moving average with its
-(seconds - a) / tokens. An error in a moves the chunks' cost by as much only where a passes the target less
-``MIN_SHARE`` of it; below that the chunk's cost settles at the target whatever a was taken to be (b absorbs it).
-While nothing decodes no stream waits: the budget is ``MAX_CHUNK``.
+a: a run's fixed cost (on a CPU one pass over the weights, about a decode step of a small batch; on a GPU the
+launches of a run outside the CUDA graph); b: a token's share of the weights' work; c: a token's attention over one
+position before it (the chunk's tokens attend over the p positions before it and over each other). a, b and c are
+fitted (least squares, none negative) on the last ``WINDOW`` runs read while streams decode, whole short prompts and
+chunks alike, each measured alone: a model per run, not per iteration, so an iteration of several runs (short prompts
+read whole, a second long prompt) and the growing cost along a long prompt are both what the model says. Until the
+runs measured have two sizes the model cannot tell a from b: the first chunks are then probes (``MIN_CHUNK``, then
+``PROBE_CHUNK`` tokens).
+
+Each run of an iteration gets what is left of the target (the runs before it measured as they took): the most tokens
+whose predicted cost fits, at least ``MIN_CHUNK`` for the iteration's first run (a prompt always moves on), none for a
+later run where fewer than ``MIN_CHUNK`` fit, at most ``MAX_CHUNK``. Where a alone passes the target, the first run's
+tokens get ``MIN_SHARE`` of the target beyond a (smaller chunks would not shorten the iteration, only slow the
+prompt). The decode step's seconds are a moving average. While nothing decodes no stream waits: ``MAX_CHUNK`` tokens.
 
 Short prompts are not split: with ``auto`` a prompt of at most ``WHOLE_PROMPT`` tokens, not yet begun, is read in one
 piece, ahead of the long ones, ``SHORT_TOKENS`` tokens of such prompts an iteration at most (at least one prompt);
-their tokens count against the budget. Most requests come with one, and reading each in several runs would pay a
+their time counts against the target. Most requests come with one, and reading each in several runs would pay a
 run's fixed cost several times and leave its row idle meanwhile: on the 2-core CPU, 32 clients with 64-token prompts
 got 42% of the offline batch's tokens/s with their prompts split to the budget, 118% with a fixed budget of 256
-(SmolLM2-135M). The measured budget bounds what a long prompt adds to every iteration while it is read.
+(SmolLM2-135M).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
 
 AUTO = "auto"
 MIXED_STEP_RATIO = 1.5  # an iteration that prefills, against a decode step alone (the target is under 2x at p99)
-MIN_SHARE = 0.25  # of the target, the least a chunk's tokens may take (beyond a run's fixed cost)
+MIN_SHARE = 0.25  # of the target, the least the first run's tokens may take (beyond a run's fixed cost)
 MIN_CHUNK = 8
-PROBE_CHUNK = 4 * MIN_CHUNK  # the second chunk read while streams decode: with the first, a run's fixed cost
+PROBE_CHUNK = 4 * MIN_CHUNK  # the second size measured: with the first, a run's fixed cost
 MAX_CHUNK = 512
 WHOLE_PROMPT = 128  # auto reads a prompt of at most this many tokens in one piece,
 SHORT_TOKENS = 256  # and at most this many tokens of such prompts an iteration (at least one prompt)
 STEP_SMOOTHING = 0.25  # weight of the newest decode step in its moving average
-TOKEN_SMOOTHING = 0.5  # weight of the newest chunk's seconds per token
+WINDOW = 32  # the prefill runs the cost model is fitted on (the latest)
 
 
 def _average(old: float | None, new: float, weight: float) -> float:
     return new if old is None else (1 - weight) * old + weight * new
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """A prefill run's seconds: ``fixed + token * n + context * n * (start + (n - 1) / 2)`` for n tokens from
+    position ``start`` (of each row, for a run of several rows)."""
+
+    fixed: float
+    token: float
+    context: float
+
+    def seconds(self, tokens: int, start: int, rows: int = 1) -> float:
+        return self.fixed + rows * tokens * (self.token + self.context * (start + (tokens - 1) / 2))
+
+    def tokens(self, seconds: float, start: int) -> int:
+        """The most tokens from ``start`` whose run fits ``seconds`` (0 if none; capped at MAX_CHUNK)."""
+        room = seconds - self.fixed
+        if room <= 0:
+            return 0
+        # context / 2 n^2 + (token + context (start - 1/2)) n <= room
+        lin = self.token + self.context * (start - 0.5)
+        if self.context > 0:
+            n = (-lin + math.sqrt(lin * lin + 2 * self.context * room)) / self.context
+        elif lin > 0:
+            n = room / lin
+        else:
+            return MAX_CHUNK
+        return int(min(n, MAX_CHUNK))
+
+    @classmethod
+    def fit(cls, runs: list[tuple[int, int, int, float]]) -> RunCost | None:
+        """Least squares over (rows, tokens, start, seconds) runs, no coefficient negative; None until the runs have
+        two sizes (one size cannot tell the fixed cost from the tokens'). The context term is fitted where the runs
+        tell it apart (three different (tokens, context) points), else it is 0."""
+        if len({rows * n for rows, n, _, _ in runs}) < 2:
+            return None
+        x = np.array([[1.0, rows * n, rows * n * (p + (n - 1) / 2)] for rows, n, p, _ in runs])
+        y = np.array([t for *_, t in runs])
+        keep = [0, 1, 2] if len({(a, b) for _, a, b in x}) >= 3 else [0, 1]
+        while True:  # drop the most negative coefficient's column until none is negative
+            cols = x[:, keep]
+            scale = np.abs(cols).max(axis=0)
+            scale[scale == 0] = 1.0
+            coef = np.linalg.lstsq(cols / scale, y, rcond=None)[0] / scale
+            if (coef >= 0).all() or len(keep) == 1:
+                break
+            del keep[int(np.argmin(coef))]
+        full = [0.0, 0.0, 0.0]
+        for k, c in zip(keep, coef):
+            full[k] = max(float(c), 0.0)
+        return cls(*full)
 
 
 @dataclass
@@ -58,9 +117,10 @@ class PrefillBudget:
 
     chunk: int | None = None
     step_s: float | None = None  # a decode step's seconds (moving average)
-    fixed_s: float | None = None  # a prefill run's fixed seconds (from the first two chunks read while streams decode)
-    token_s: float | None = None  # a prefill's seconds per token beyond its fixed cost (moving average)
-    first: tuple[int, float] | None = None  # (tokens, seconds) of the first chunk read while streams decoded
+    runs: deque[tuple[int, int, int, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    _model: RunCost | None = None
+    _fitted: int = -1  # len of runs when the model was fitted (the runs only grow until the window is full)
+    _count: int = 0  # runs recorded
 
     @classmethod
     def parse(cls, value: int | str) -> PrefillBudget:
@@ -84,36 +144,71 @@ class PrefillBudget:
         auto's; (0, 0) when fixed."""
         return (WHOLE_PROMPT, SHORT_TOKENS) if self.chunk is None else (0, 0)
 
-    def tokens(self, decoding: bool) -> int:
+    @property
+    def model(self) -> RunCost | None:
+        """The cost of a run as fitted on the latest runs read while streams decoded (auto), or None. Where the
+        latest runs all have one size (chunks that settled), the model fitted before them stands."""
+        if self._fitted != self._count:
+            self._model, self._fitted = RunCost.fit(list(self.runs)) or self._model, self._count
+        return self._model
+
+    @property
+    def target_s(self) -> float | None:
+        """The seconds an iteration's prefill runs may take (auto, while streams decode)."""
+        return None if self.step_s is None else (MIXED_STEP_RATIO - 1) * self.step_s
+
+    def iteration(self, decoding: bool) -> Allowance:
         """This iteration's budget; ``decoding``: whether a decode step of running streams follows it."""
-        if self.chunk is not None:
-            return self.chunk
-        if not decoding:
-            return MAX_CHUNK
-        if self.first is None or self.step_s is None:
-            return MIN_CHUNK
-        if self.fixed_s is None or self.token_s is None:
-            return PROBE_CHUNK
-        target = (MIXED_STEP_RATIO - 1) * self.step_s
-        n = max(target - self.fixed_s, MIN_SHARE * target) / max(self.token_s, 1e-9)
-        return int(min(MAX_CHUNK, max(MIN_CHUNK, n)))
+        return Allowance(self, decoding)
+
+    def tokens(self, decoding: bool, start: int = 0) -> int:
+        """The tokens an iteration's first run reads from position ``start`` of a prompt."""
+        return self.iteration(decoding).next(start, MAX_CHUNK)
 
     def stepped(self, seconds: float) -> None:
         """A decode step of the running batch took ``seconds``."""
         self.step_s = _average(self.step_s, seconds, STEP_SMOOTHING)
 
-    def prefilled(self, tokens: int, seconds: float, decoding: bool) -> None:
-        """An iteration read ``tokens`` prompt tokens in ``seconds`` (its prefill runs, first tokens, joins)."""
-        if tokens <= 0 or not decoding or self.chunk is not None:
-            return
-        if self.first is None:
-            self.first = (tokens, seconds)
-            return
-        if self.fixed_s is None:
-            n, t = self.first
-            if tokens == n:  # the same size again says nothing about the fixed cost: wait for another
-                self.first = (tokens, seconds)
-                return
-            per_token = max((seconds - t) / (tokens - n), 0.0)
-            self.fixed_s = min(max(t - per_token * n, 0.0), t, seconds)
-        self.token_s = _average(self.token_s, max(seconds - self.fixed_s, 0.0) / tokens, TOKEN_SMOOTHING)
+    def ran(self, tokens: int, start: int, seconds: float, rows: int = 1) -> None:
+        """A prefill run read ``tokens`` prompt tokens of each of ``rows`` rows from position ``start`` in
+        ``seconds``, while streams decoded (auto measures these only)."""
+        if tokens > 0 and self.chunk is None:
+            self.runs.append((rows, tokens, start, seconds))
+            self._count += 1
+
+
+class Allowance:
+    """One iteration's budget, spent run by run: tokens (a fixed budget, or ``MAX_CHUNK`` while nothing decodes), or
+    seconds (auto while streams decode)."""
+
+    def __init__(self, budget: PrefillBudget, decoding: bool):
+        self.budget, self.decoding = budget, decoding
+        self.tokens_left: int | None = budget.chunk if budget.chunk is not None else (None if decoding else MAX_CHUNK)
+        self.spent_s, self.read, self.runs = 0.0, 0, 0
+
+    def next(self, start: int, left: int) -> int:
+        """The tokens the next run reads from position ``start`` of a prompt with ``left`` tokens to read (0: none
+        this iteration)."""
+        if self.tokens_left is not None:
+            return max(min(self.tokens_left, left), 0)
+        b, model = self.budget, self.budget.model
+        first = self.runs == 0
+        if model is None or b.target_s is None:  # the probes, one a iteration: MIN_CHUNK, then PROBE_CHUNK
+            sizes = {n for _, n, _, _ in b.runs}
+            return min(left, PROBE_CHUNK if MIN_CHUNK in sizes and b.step_s is not None else MIN_CHUNK) if first else 0
+        target = b.target_s
+        seconds = max(target, model.fixed + MIN_SHARE * target) if first else target - self.spent_s
+        n = model.tokens(seconds, start)
+        if n < MIN_CHUNK:
+            n = MIN_CHUNK if first else 0
+        return min(n, left)
+
+    def ran(self, tokens: int, start: int, seconds: float, rows: int = 1) -> None:
+        """A run of this iteration read ``tokens`` of each of ``rows`` rows from ``start`` in ``seconds``."""
+        self.runs += 1
+        self.read += rows * tokens
+        self.spent_s += seconds
+        if self.tokens_left is not None:
+            self.tokens_left -= rows * tokens
+        if self.decoding:
+            self.budget.ran(tokens, start, seconds, rows)

@@ -4,8 +4,8 @@ and sampling. How the running batch's KV cache is laid out (and so how requests 
 buffer: the CUDA form, and its CUDA-graph slots).
 
 One iteration of the loop: admit waiting requests (under the lock), drop the cancelled ones, run this iteration's
-prefill work (at most ``budget.PrefillBudget``'s tokens, fixed or sized from the measured step and prefill times),
-then one decode step of the running batch. Events go to each request's ``emit`` callback from the
+prefill work (``budget.PrefillBudget``'s allowance: a fixed number of tokens, or with ``auto`` the runs that fit a
+share of a decode step, sized from the measured cost of a run), then one decode step of the running batch. Events go to each request's ``emit`` callback from the
 scheduler thread: ``("piece", StreamPiece)`` as text becomes final, then ``("done", GenerationResult)``, or
 ``("error", message)``.
 """
@@ -25,7 +25,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.generate import LanguageModel, RowState
 from onnxpipe.runtime.sampling import next_token
 from onnxpipe.runtime.session import KVCache
-from onnxpipe.serve.budget import PrefillBudget
+from onnxpipe.serve.budget import MAX_CHUNK, Allowance, PrefillBudget
 
 Event = tuple[str, Any]
 
@@ -138,16 +138,14 @@ class BatchLoop:
                     self._cond.wait()
                 if self._stop:
                     break
-                tokens = self.budget.tokens(decoding=bool(self._running))
-                self._admit(tokens)
+                allowance = self.budget.iteration(decoding=bool(self._running))
+                self._admit(self.budget.chunk or allowance.next(0, MAX_CHUNK))
             try:
                 self._drop_cancelled()
-                decoding = bool(self._running)
                 start = time.perf_counter()
-                read = self._prefill(tokens)
+                read = self._prefill(allowance)
                 stepped = time.perf_counter()
                 self.stats.prefill_tokens += read
-                self.budget.prefilled(read, stepped - start, decoding)
                 rows = len(self._running)
                 if rows:
                     self._decode_step()
@@ -190,12 +188,12 @@ class BatchLoop:
 
     def _admit(self, budget: int) -> None:
         """Under the lock: move the waiting requests that start now out of ``_waiting`` (``budget``: the prompt
-        tokens this iteration reads)."""
+        tokens this iteration's first run reads from a prompt's start)."""
         raise NotImplementedError
 
-    def _prefill(self, budget: int) -> int:
-        """This iteration's prefill work, at most ``budget`` prompt tokens; requests whose prompt is read sample
-        their first token and join. Returns the prompt tokens read."""
+    def _prefill(self, allowance: Allowance) -> int:
+        """This iteration's prefill work, its runs within ``allowance`` (asked run by run, each run's time told to
+        it); requests whose prompt is read sample their first token and join. Returns the prompt tokens read."""
         raise NotImplementedError
 
     def _decode_step(self) -> None:

@@ -30,6 +30,7 @@ decode step that fails as a whole (onnxruntime) fails the requests in that batch
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ import numpy as np
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.session import KVCache
+from onnxpipe.serve.budget import Allowance
 from onnxpipe.serve.loop import BatchLoop, Event, QueueFull, Request, SchedulerStats, TooLong
 from onnxpipe.serve.slots import SlotScheduler
 
@@ -79,12 +81,12 @@ class ConcatScheduler(BatchLoop):
     def _prefilling(self) -> list[Request]:
         return ([self._prefill_req] if self._prefill_req is not None else []) + self._group
 
-    def _prefill(self, budget: int) -> int:
+    def _prefill(self, allowance: Allowance) -> int:
         group, self._group = self._group, []
         if len(group) > 1:
-            return self._prefill_group(group)
+            return self._prefill_group(group, allowance)
         if self._prefill_req is not None:
-            return self._prefill_chunk(self._prefill_req, budget)
+            return self._prefill_chunk(self._prefill_req, allowance)
         return 0
 
     def _admit(self, budget: int) -> None:
@@ -121,13 +123,19 @@ class ConcatScheduler(BatchLoop):
             self.stats.cancelled += len(self._running) - len(keep)
             self._keep_rows(keep)
 
-    def _prefill_chunk(self, req: Request, budget: int) -> int:
-        """One chunk of at most ``budget`` tokens of ``req``'s prompt into its own cache; returns the tokens read."""
+    def _prefill_chunk(self, req: Request, allowance: Allowance) -> int:
+        """One chunk of ``req``'s prompt (the tokens ``allowance`` gives it) into its own cache; returns the tokens
+        read."""
         s, row = self.lm.session, req.row
         start = req.prefilled
         if start == 0 and len(row.prompt) <= self.budget.whole[0]:  # a short prompt is read whole (auto)
             budget = len(row.prompt)
+        else:
+            budget = allowance.next(start, len(row.prompt) - start)
+        if budget <= 0:
+            return 0
         try:
+            began = time.perf_counter()
             if req.cache is None:
                 req.cache = s.new_cache(1)
             end = min(start + budget, len(row.prompt))
@@ -136,6 +144,7 @@ class ConcatScheduler(BatchLoop):
             mask = np.ones((1, end), np.int64)
             positions = np.arange(start, end, dtype=np.int64)[None, :]
             out = s.forward(ids, mask, positions, req.cache, want=self._want([req]) if last else "argmax")
+            allowance.ran(end - start, start, time.perf_counter() - began)
             req.prefilled = end
             self.stats.prefill_chunks += 1
             if not last:
@@ -154,7 +163,7 @@ class ConcatScheduler(BatchLoop):
             req.cache = None
         return end - start
 
-    def _prefill_group(self, group: list[Request]) -> int:
+    def _prefill_group(self, group: list[Request], allowance: Allowance) -> int:
         """Short prompts prefilled together, left-padded (each row's result is its own, as in generate's batches),
         then joined to the batch in one copy; returns the prompt tokens read."""
         s = self.lm.session
@@ -169,7 +178,9 @@ class ConcatScheduler(BatchLoop):
                 mask[i, width - lengths[i]:] = 1
             positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
             cache = s.new_cache(len(group))
+            began = time.perf_counter()
             out = s.forward(ids, mask, positions, cache, want=self._want(group))
+            allowance.ran(width, 0, time.perf_counter() - began, rows=len(group))
             self.stats.prefill_chunks += 1
         except Exception as e:  # these requests fail; the batch goes on
             for r in group:

@@ -26,6 +26,7 @@ GPU ``scripts/load_test.py --provider cuda --cuda-graph --check-equal`` checks c
 from __future__ import annotations
 
 import ctypes
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -36,6 +37,7 @@ from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.last_position import LAST_INDEX
 from onnxpipe.runtime.limits import check_fits
 from onnxpipe.runtime.session import KVCache
+from onnxpipe.serve.budget import Allowance
 from onnxpipe.serve.loop import BatchLoop, Request
 from onnxpipe.serve.slot_table import SlotTable
 
@@ -203,9 +205,10 @@ class SlotScheduler(BatchLoop):
             self._admitted.append(req)
             self._changed = True
 
-    def _prefill(self, budget: int) -> int:
-        """At most ``budget`` prompt tokens this iteration, over the admitted requests in order; first, each in one
-        piece, the short prompts not yet begun (``budget.whole``), their tokens counted in the budget."""
+    def _prefill(self, allowance: Allowance) -> int:
+        """This iteration's prefill runs, over the admitted requests in order, each run as many tokens as
+        ``allowance`` gives it; first, each in one piece, the short prompts not yet begun (``budget.whole``), their
+        runs counted in the allowance."""
         if self._admitted:
             self._settle()  # rows join self._running below: the step being processed is applied first
         read, (whole, most) = 0, self.budget.whole
@@ -215,17 +218,20 @@ class SlotScheduler(BatchLoop):
             if req.prefilled == 0 and n <= whole and (not shorts or read + n <= most):
                 shorts.append(req)
                 read += n
-        budget, read = max(budget, read), 0
+        read = 0
         for req in shorts + [r for r in self._admitted if r not in shorts]:
-            if budget <= 0:
-                break
             prompt = req.row.prompt
-            start, end = self.table.chunk(len(prompt), req.prefilled, budget)
-            budget -= end - start
+            left = len(prompt) - req.prefilled
+            n = left if req in shorts else allowance.next(req.prefilled, left)
+            if n <= 0:
+                break
+            start, end = self.table.chunk(len(prompt), req.prefilled, n)
             read += end - start
             self._changed = True
             try:
+                began = time.perf_counter()
                 logits = self.rows.run(req.slot, prompt[start:end], start)
+                allowance.ran(end - start, start, time.perf_counter() - began)
                 self.stats.prefill_chunks += 1
                 req.prefilled = end
                 self.table.prefilled(req.slot, end)

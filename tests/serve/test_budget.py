@@ -1,5 +1,5 @@
-"""The prefill budget (serve/budget.py): fixed, or sized from the measured decode step and prefill costs so that an
-iteration that prefills stays within MIXED_STEP_RATIO decode steps."""
+"""The prefill budget (serve/budget.py): fixed, or with auto the runs that fit (MIXED_STEP_RATIO - 1) decode steps,
+sized from a cost model of a run (fixed + per token + per token and position before it) fitted on measured runs."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from onnxpipe.serve.budget import (
     SHORT_TOKENS,
     WHOLE_PROMPT,
     PrefillBudget,
+    RunCost,
 )
 
 pytestmark = pytest.mark.fast
+
+CPU = RunCost(fixed=0.04, token=0.0027, context=1.26e-6)  # SmolLM2-135M fp32 on the 2-core CPU, idle (measured)
 
 
 def test_parse_takes_auto_or_a_positive_count():
@@ -28,83 +31,134 @@ def test_parse_takes_auto_or_a_positive_count():
             PrefillBudget.parse(bad)
 
 
-def test_a_fixed_budget_ignores_the_measurements():
+def test_a_fixed_budget_is_tokens_an_iteration_shared_by_its_runs_and_ignores_the_measurements():
     b = PrefillBudget.parse(32)
-    assert b.tokens(decoding=False) == b.tokens(decoding=True) == 32 and b.largest == 32
-    assert b.whole == (0, 0) and PrefillBudget.parse("auto").whole == (WHOLE_PROMPT, SHORT_TOKENS)  # auto only
+    assert b.largest == 32 and b.whole == (0, 0) and PrefillBudget.parse("auto").whole == (WHOLE_PROMPT, SHORT_TOKENS)
     b.stepped(0.1)
-    b.prefilled(1000, 0.001, decoding=True)
-    assert b.tokens(decoding=True) == 32
+    a = b.iteration(decoding=True)
+    assert a.next(0, 1000) == 32 and a.next(0, 10) == 10
+    a.ran(10, 0, 0.001)  # the first prompt's last 10 tokens: the next prompt gets the rest
+    assert a.next(0, 1000) == 22
+    a.ran(22, 0, 5.0)
+    assert a.next(22, 1000) == 0 and not b.runs and b.tokens(decoding=True) == 32
 
 
 def test_auto_reads_the_most_while_nothing_decodes_and_probes_first():
     b = PrefillBudget.parse("auto")
     assert b.tokens(decoding=False) == MAX_CHUNK == b.largest
+    a = b.iteration(decoding=False)
+    a.ran(MAX_CHUNK, 0, 0.5)  # read while nothing decoded: not a measure of what streams wait for
+    assert a.next(MAX_CHUNK, 10_000) == 0 and not b.runs
     assert b.tokens(decoding=True) == MIN_CHUNK  # nothing measured yet
-    b.prefilled(512, 0.5, decoding=False)  # read while nothing decoded: not a measure of what streams wait for
     b.stepped(0.4)
-    assert b.tokens(decoding=True) == MIN_CHUNK
-    b.prefilled(MIN_CHUNK, 0.1 + MIN_CHUNK * 0.005, decoding=True)
-    assert b.tokens(decoding=True) == PROBE_CHUNK  # a second size, for the fixed cost
-    b.prefilled(PROBE_CHUNK, 0.1 + PROBE_CHUNK * 0.005, decoding=True)
-    assert b.fixed_s == pytest.approx(0.1) and b.token_s == pytest.approx(0.005)
-    assert b.tokens(decoding=True) in (19, 20)  # (0.5 * 0.4 - 0.1) / 0.005
+    a = b.iteration(decoding=True)
+    assert a.next(0, 4096) == MIN_CHUNK
+    a.ran(MIN_CHUNK, 0, CPU.seconds(MIN_CHUNK, 0))
+    assert a.next(MIN_CHUNK, 4096) == 0  # one probe an iteration
+    assert b.tokens(decoding=True, start=MIN_CHUNK) == PROBE_CHUNK  # a second size, for the fixed cost
+    b.iteration(decoding=True).ran(PROBE_CHUNK, MIN_CHUNK, CPU.seconds(PROBE_CHUNK, MIN_CHUNK))
+    m = b.model
+    assert m is not None and m.fixed == pytest.approx(CPU.fixed, rel=0.05) and m.context == 0  # 2 points: no context
+    n = b.tokens(decoding=True, start=40)
+    assert CPU.seconds(n, 40) == pytest.approx(b.target_s, rel=0.05)  # (0.5 * 0.4 - 0.04) / 0.0027 ~ 59
 
 
-def simulate(b: PrefillBudget, step_s: float, fixed_s: float, token_s: float, iterations: int = 40) -> list[int]:
-    """Mixed iterations where a decode step costs ``step_s`` and a chunk of n tokens ``fixed_s + n * token_s``."""
-    sizes = []
-    for _ in range(iterations):
-        n = b.tokens(decoding=True)
-        sizes.append(n)
-        b.prefilled(n, fixed_s + n * token_s, decoding=True)
+def read_prompt(b: PrefillBudget, cost: RunCost, step_s: float, length: int) -> list[tuple[int, int, float]]:
+    """Iterations reading a prompt of ``length`` tokens beside streams whose decode step costs ``step_s``; runs
+    cost ``cost``. Returns each iteration's (start, tokens read, prefill seconds)."""
+    out, start = [], 0
+    while start < length:
+        a = b.iteration(decoding=True)
+        n = a.next(start, length - start)
+        seconds = a.spent_s
+        if n:
+            a.ran(n, start, cost.seconds(n, start))
+            seconds = a.spent_s
+        out.append((start, n, seconds))
+        start += n
         b.stepped(step_s)
-    return sizes
+    return out
 
 
-def cost_share(step_s: float, fixed_s: float, token_s: float, n: int) -> float:
-    """A chunk's cost against a decode step's."""
-    return (fixed_s + n * token_s) / step_s
+def test_auto_keeps_each_iterations_prefill_at_the_target_along_a_long_prompt():
+    """The cost of a token grows along a prompt (attention over what is before it): the chunks shrink as the prompt
+    is read, each iteration's prefill at the target (after the two probes), whatever the position."""
+    step = 0.25
+    target = (MIXED_STEP_RATIO - 1) * step
+    its = read_prompt(PrefillBudget.parse("auto"), CPU, step, 4096)
+    assert [n for _, n, _ in its[:2]] == [MIN_CHUNK, PROBE_CHUNK]
+    rest = its[2:]
+    assert all(s <= target * 1.02 for *_, s in rest)  # never past it
+    one_more = lambda p, n: CPU.token + CPU.context * (p + n)  # noqa: E731  (a token's cost there)
+    assert all(s + one_more(p, n) > target for p, n, s in rest[:-1])  # nor a token under (the last reads what is left)
+    sizes = [n for _, n, _ in rest[:-1]]
+    assert sizes[0] > 2 * sizes[-1] and sizes == sorted(sizes, reverse=True)
 
 
-def test_auto_settles_where_a_chunk_costs_the_target():
-    """A chunk of n tokens costs a + b n; the target is (MIXED_STEP_RATIO - 1) decode steps: after the two probes the
-    chunk costs the target. Where a was taken wrong (here 0, b measured on a cheaper part of a prompt), the chunks
-    still settle at the target, within a few tokens (they round down)."""
-    step, a, per = 0.4, 0.1, 0.005
-    want = ((MIXED_STEP_RATIO - 1) * step - a) / per  # 20 tokens
-    sizes = simulate(PrefillBudget.parse("auto"), step, a, per)
-    assert sizes[:2] == [MIN_CHUNK, PROBE_CHUNK] and all(want - 1 <= n <= want for n in sizes[2:])
-    b = PrefillBudget(None, step_s=step, fixed_s=0.0, token_s=per / 4, first=(MIN_CHUNK, a))
-    sizes = simulate(b, step, a, per)
-    assert sizes[0] > 3 * want and want - 3 <= sizes[-1] <= want + 3
-    assert cost_share(step, a, per, sizes[-1]) == pytest.approx(MIXED_STEP_RATIO - 1, abs=0.02)
-
-
-def test_auto_follows_the_cost_of_the_prompt_as_it_grows():
-    """Later chunks of a long prompt cost more per token (attention over what is before them): the budget shrinks."""
+def test_short_prompts_read_in_the_same_iteration_count_against_the_target_run_by_run():
+    """Two 64-token prompts read whole every other iteration (a run each, each paying the fixed cost): the long
+    prompt's chunk gets what is left of the target, and the model, fitted per run, keeps the fixed cost apart (an
+    iteration's total over its tokens would not)."""
+    step = 1.2
+    target = (MIXED_STEP_RATIO - 1) * step
     b = PrefillBudget.parse("auto")
-    early = simulate(b, 0.4, 0.05, 0.004)[-1]
-    late = simulate(b, 0.4, 0.05, 0.008)[-1]
-    assert late < early and cost_share(0.4, 0.05, 0.008, late) <= MIXED_STEP_RATIO - 1 + 0.01
+    b.stepped(step)
+    start, its = 0, []
+    for i in range(60):
+        a = b.iteration(decoding=True)
+        for _ in range(2 if i % 2 else 0):
+            a.ran(64, 0, CPU.seconds(64, 0))
+        n = a.next(start, 4096 - start)
+        if n:
+            a.ran(n, start, CPU.seconds(n, start))
+        its.append((start, n, a.spent_s, i % 2))
+        start += n
+    assert b.model is not None and b.model.fixed == pytest.approx(CPU.fixed, rel=0.05)
+    measured = its[4:]  # after the probes
+    assert all(s <= target * 1.02 for _, _, s, _ in measured)
+    assert all(s + CPU.token + CPU.context * (p + n) > target for p, n, s, _ in measured)  # within a token of it
+    with_shorts = [n for _, n, _, shorts in measured if shorts]
+    without = [n for _, n, _, shorts in measured if not shorts]
+    assert min(with_shorts) > MIN_CHUNK and max(with_shorts) < min(without)  # what is left of the target
+    a = b.iteration(decoding=True)
+    for _ in range(4):
+        a.ran(64, 0, 0.15)  # a slow moment: the shorts took the whole target
+    assert a.next(1000, 1000) == 0  # not a run past the target; the long prompt goes on next iteration
 
 
-def test_where_a_runs_fixed_cost_passes_the_target_chunks_keep_a_share_of_it():
+def test_where_a_runs_fixed_cost_passes_the_target_the_first_run_keeps_a_share_of_it():
     """A GPU's shape: a decode step replayed as a CUDA graph (2.2 ms) costs less than a prefill run's launches (4 ms):
-    no chunk meets the target, so a chunk's tokens take MIN_SHARE of it instead of shrinking to MIN_CHUNK (which
-    would not shorten the iteration, only the prompt's progress)."""
-    step, a, per = 0.0022, 0.004, 3.5e-6
-    n = simulate(PrefillBudget.parse("auto"), step, a, per)[-1]
-    assert n == pytest.approx(MIN_SHARE * (MIXED_STEP_RATIO - 1) * step / per, abs=1) and n > 8 * MIN_CHUNK
+    no chunk meets the target, so the first run's tokens take MIN_SHARE of it instead of shrinking to MIN_CHUNK
+    (which would not shorten the iteration, only the prompt's progress)."""
+    gpu = RunCost(fixed=0.004, token=3.5e-6, context=0.0)
+    step = 0.0022
+    its = read_prompt(PrefillBudget.parse("auto"), gpu, step, 4096)
+    n = its[4][1]
+    assert n == pytest.approx(MIN_SHARE * (MIXED_STEP_RATIO - 1) * step / gpu.token, abs=2) and n > 8 * MIN_CHUNK
 
 
 def test_auto_keeps_to_its_bounds():
-    assert simulate(PrefillBudget.parse("auto"), 0.1, 0.2, 0.01)[-1] == MIN_CHUNK  # a share under MIN_CHUNK tokens
-    assert simulate(PrefillBudget.parse("auto"), 10.0, 0.0, 1e-6)[-1] == MAX_CHUNK  # a slow step, a cheap prefill
-    b = PrefillBudget.parse("auto")  # the probes' noise: the larger chunk came back cheaper
+    slow = read_prompt(PrefillBudget.parse("auto"), RunCost(0.2, 0.01, 0.0), 0.1, 200)  # under MIN_CHUNK fit
+    assert [n for _, n, _ in slow[2:-1]] == [MIN_CHUNK] * len(slow[2:-1])
+    cheap = read_prompt(PrefillBudget.parse("auto"), RunCost(0.0, 1e-6, 0.0), 10.0, 4096)  # a slow step
+    assert cheap[2][1] == MAX_CHUNK
+    b = PrefillBudget.parse("auto")  # the probes' noise: the larger run came back cheaper
     b.stepped(0.4)
-    b.prefilled(MIN_CHUNK, 0.2, decoding=True)
-    b.prefilled(PROBE_CHUNK, 0.15, decoding=True)
-    assert b.fixed_s == pytest.approx(0.15) and b.token_s == 0.0 and b.tokens(decoding=True) == MAX_CHUNK
-    b.prefilled(MAX_CHUNK, 0.15 + MAX_CHUNK * 0.005, decoding=True)  # a real cost per token comes in
-    assert b.tokens(decoding=True) < MAX_CHUNK
+    b.ran(MIN_CHUNK, 0, 0.2)
+    b.ran(PROBE_CHUNK, MIN_CHUNK, 0.15)
+    assert b.model == RunCost(pytest.approx(0.175), 0.0, 0.0) and b.tokens(decoding=True) == MAX_CHUNK
+    for start in range(40, 600, 100):
+        b.ran(100, start, 0.15 + 100 * 0.005)  # a real cost per token comes in
+    assert MIN_CHUNK < b.tokens(decoding=True) < MAX_CHUNK
+
+
+def test_the_cost_model_fits_runs_of_several_rows_and_inverts():
+    runs = [(r, n, p, CPU.seconds(n, p, rows=r)) for r, n, p in [(1, 8, 0), (4, 64, 0), (1, 100, 2000), (2, 30, 0)]]
+    m = RunCost.fit(runs)
+    assert m is not None
+    for field in ("fixed", "token", "context"):
+        assert getattr(m, field) == pytest.approx(getattr(CPU, field), rel=1e-6)
+    for start in (0, 1000, 4000):
+        n = CPU.tokens(0.3, start)
+        assert CPU.seconds(n, start) <= 0.3 < CPU.seconds(n + 1, start)
+    assert CPU.tokens(0.01, 0) == 0 and RunCost.fit([(1, 8, 0, 0.1)] * 3) is None  # one size: no model

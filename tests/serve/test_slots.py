@@ -18,7 +18,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.generate import LanguageModel, load
 from onnxpipe.runtime.session import DecoderSession
 from onnxpipe.serve.app import ServerThread, create_app
-from onnxpipe.serve.budget import MAX_CHUNK, MIN_CHUNK
+from onnxpipe.serve.budget import MIN_CHUNK, Allowance, PrefillBudget
 from onnxpipe.serve.scheduler import ConcatScheduler, SlotScheduler, TooLong, make_scheduler
 from onnxpipe.serve.slot_table import DECODING, FREE, PREFILLING, SlotTable
 
@@ -282,10 +282,10 @@ def test_on_the_cpu_a_decode_step_runs_only_the_rows_up_to_the_last_decoding_one
     monkeypatch.setattr(type(lm.session), "forward", recorded)
     sched.start()
     try:
-        alone = [result(submit(sched, lm, PROMPTS[0], 60)[0]), result(submit(sched, lm, long_prompt, 10)[0])]
+        alone = [result(submit(sched, lm, PROMPTS[0], 150)[0]), result(submit(sched, lm, long_prompt, 10)[0])]
         assert set(batches) == {1}  # each alone: its own row, and a step of one row
         steps = sched.stats.steps
-        a, _ = submit(sched, lm, PROMPTS[0], 60)
+        a, _ = submit(sched, lm, PROMPTS[0], 150)  # still decoding while B is read, however slow this machine
         wait_until(lambda: sched.stats.steps >= steps + 2)
         batches.clear()
         b, b_req = submit(sched, lm, long_prompt, 10)
@@ -321,8 +321,9 @@ def test_the_auto_budget_reads_a_prompt_whole_alone_and_in_measured_chunks_besid
         read = sched.stats.prefill_chunks - chunks
         assert sched.stats.prefill_tokens - tokens == len(long_prompt) and read >= 2  # MIN_CHUNK first
         assert sched.stats.steps - steps >= read - 1  # a decode step of A after each chunk but the last
-        assert sched.budget.step_s is not None and sched.budget.token_s is not None  # what it measured
-        sched.budget.tokens = lambda decoding: MIN_CHUNK if decoding else MAX_CHUNK  # a budget that would split it
+        assert sched.budget.step_s is not None and sched.budget.model is not None  # what it measured
+        split = PrefillBudget.parse(MIN_CHUNK)  # a budget that would split it
+        sched.budget.iteration = lambda decoding: Allowance(split, decoding)
         chunks = sched.stats.prefill_chunks
         c, _ = submit(sched, lm, PROMPTS[3], 10)  # 70 tokens, under WHOLE_PROMPT
         assert result(c) == alone[2] and a.empty()  # read while A still decoded
@@ -343,9 +344,10 @@ def test_short_prompts_are_read_whole_ahead_of_a_long_one_with_the_auto_budget(s
     for n in lengths:
         sched.submit(lm.prepare(rng.integers(5, 4000, n).tolist(), max_new_tokens=4, stop_token_ids=[]), lambda e: None)
     sched._admit(8)
-    reads = []
-    for _ in range(3):
-        reads.append((sched._prefill(8), [r.prefilled for r in sched._admitted]))
+    reads, eight = [], PrefillBudget.parse(8)
+    for _ in range(3):  # auto: its probe's MIN_CHUNK (nothing measured yet) beside streams, else 8 tokens
+        allowance = sched.budget.iteration(decoding=True) if chunk == "auto" else Allowance(eight, True)
+        reads.append((sched._prefill(allowance), [r.prefilled for r in sched._admitted]))
     if chunk == "auto":
         assert reads == [(200, [0, 0, 0]), (180, [0]), (8, [8])]  # 100 + 100 (+ 60 passes 256), then 60 + 120
         assert [len(r.row.prompt) for r in sched._running] == [100, 100, 60, 120]
