@@ -29,11 +29,16 @@ SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidd
 
 # Bounds, as multiples of W, measured on the 2-core CPU (docs/benchmarks.md, "Scale: memory and disk"):
 # optimize 2.81x (690a4b7: 6.75x; per-pass snapshots kept as serialized copies, two sessions at once, prepacking);
-# export 6.18x and quantize int4 6.03x, neither changed here: their bounds guard against a regression.
+# export 6.18x, not changed here: its bound guards against a regression. quantize (int4 rtn block 32 and dynamic
+# int8 per token, checks layer by layer): 2.59x and 2.56x (before: 6.03x, whole-model sessions side by side); its
+# peak is now the 8-bit vocabulary tables of this fp32 input (the head and token table, 40% of W here, read and
+# rewritten before the write), the checks 1.6x (0.40 GB, of which ~0.11 GB libraries).
 OPTIMIZE_RSS_X = 3.2  # ~0.14 GB of libraries + the weights (parsed once: 2x while loading) + one check session
 OPTIMIZE_DISK_SLACK = 0.10  # optimize's peak added disk <= its output + 10% of input + output: no snapshots on disk
 EXPORT_RSS_X = 7.0
-QUANTIZE_RSS_X = 7.0
+QUANTIZE_RSS_X = 3.0
+QUANTIZE_RUNS = {"quantized": ["--mode", "int4", "--algo", "rtn", "--block-size", "32", "--zero-points", "int"],
+                 "dynamic": ["--mode", "dynamic", "--activations", "token"]}
 
 PLANTED = r"""
 import json, sys
@@ -84,13 +89,17 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert runs["optimize"]["rc"] == 0, runs["optimize"]["output"][-2000:]
     print(f"optimize: rss {runs['optimize']['rss'] / 1e6:.0f} MB, disk {runs['optimize']['disk'] / 1e6:.0f} MB",
           file=sys.stderr)
-    runs["quantize"] = _measure(py + ["quantize", str(work / "optimized"), "-o", str(work / "quantized"), "--mode",
-                                      "int4", "--algo", "rtn", "--block-size", "32", "--eval-tokens", "256",
-                                      # random weights: the quality gate is not what is measured here
-                                      "--min-greedy-agreement", "0", "--max-ppl-increase", "1000"], work)
-    assert runs["quantize"]["rc"] == 0, runs["quantize"]["output"][-2000:]
+    # random weights: the quality gate is not what is measured here. quantize takes a 7-8B model's path: its input's
+    # weights in external data (the export's output; optimize writes one this small in the graph file), the checks
+    # layer by layer (as auto does from 1 GB), the int4 weights streamed (integer zero points, as for fp16)
+    gate = ["--eval-tokens", "256", "--min-greedy-agreement", "0", "--max-ppl-increase", "1000",
+            "--check-form", "layerwise"]
+    for name, mode in QUANTIZE_RUNS.items():
+        runs[name] = _measure(py + ["quantize", str(work / "exported"), "-o", str(work / name), *mode, *gate], work)
+        assert runs[name]["rc"] == 0, runs[name]["output"][-2000:]
+        print(f"{name}: rss {runs[name]['rss'] / 1e6:.0f} MB, disk {runs[name]['disk'] / 1e6:.0f} MB", file=sys.stderr)
     weights = sum(f.stat().st_size for f in (work / "exported").glob("model.onnx*"))
-    sizes = {name: _dir_bytes(work / name) for name in ("hf", "exported", "optimized", "quantized")}
+    sizes = {name: _dir_bytes(work / name) for name in ("hf", "exported", "optimized", *QUANTIZE_RUNS)}
     print(json.dumps({"W": weights, "sizes": sizes,
                       **{k: {"rss": v["rss"], "disk": v["disk"]} for k, v in runs.items()}}), file=sys.stderr)
     return {"work": work, "W": weights, "runs": runs, "sizes": sizes,
@@ -125,8 +134,9 @@ def test_the_planted_fault_is_rolled_back_with_its_numbers(stages) -> None:
     assert stages["report"]["final"]["passed"] is True
 
 
-def test_quantize_stays_within_rss_bound(stages) -> None:
-    W, run = stages["W"], stages["runs"]["quantize"]
-    assert run["rss"] <= QUANTIZE_RSS_X * W, f"quantize peak RSS {run['rss'] / W:.2f} x W"
+@pytest.mark.parametrize("name", list(QUANTIZE_RUNS))
+def test_quantize_stays_within_rss_bound(stages, name: str) -> None:
+    W, run = stages["W"], stages["runs"][name]
+    assert run["rss"] <= QUANTIZE_RSS_X * W, f"quantize ({name}) peak RSS {run['rss'] / W:.2f} x W"
     # quantize keeps temporary files while it runs (measured: 0.83x its input at the peak, its output 0.24x)
-    assert run["disk"] <= 1.1 * (stages["sizes"]["quantized"] + stages["sizes"]["optimized"])
+    assert run["disk"] <= 1.1 * (stages["sizes"][name] + stages["sizes"]["exported"])
