@@ -424,14 +424,16 @@ def rtn_weight(weight: np.ndarray, group_size: int, exact: bool = False) -> np.n
 
 
 def _proxy_loss_ratio(weight: np.ndarray, qw: QuantizedWeight, hessian: np.ndarray, group_size: int,
-                      losses: Callable[[list[np.ndarray]], list[float] | None] | None = None) -> float:
+                      losses: Callable[[np.ndarray, QuantizedWeight, int], tuple[float, float] | None] | None = None,
+                      ) -> float:
     """tr(dW^T H dW) of GPTQ over that of RTN: the output error GPTQ minimises, < 1 when it helped. ``losses``: the
     two traces computed elsewhere (hessian.HessianSums.proxy_losses, on the GPU), or None to compute them here."""
     def loss(dw: np.ndarray) -> float:  # a BLAS product: einsum's three-operand loop took K^2 N scalar steps
         return float(((hessian @ dw) * dw).sum())
 
-    diffs = [weight - qw.dequantize(weight.shape[0]),
-             weight - rtn_weight(weight, group_size, exact=qw.zero_float is not None)]
-    values = losses(diffs) if losses is not None else None
-    gptq, rtn = values if values is not None else [loss(d) for d in diffs]
+    values = losses(weight, qw, group_size) if losses is not None else None
+    if values is None:
+        values = (loss(weight - qw.dequantize(weight.shape[0])),
+                  loss(weight - rtn_weight(weight, group_size, exact=qw.zero_float is not None)))
+    gptq, rtn = values
     return gptq / rtn if rtn > 0 else 1.0

@@ -10,7 +10,9 @@ K = 14336) once per 512 rows. The same float64 arithmetic summed in another orde
 float64 rounding.
 
 On CUDA the proxy loss of each quantized weight (gptq._proxy_loss_ratio: tr(dW^T H dW) of GPTQ and of RTN, 4 K^2 N
-multiply-adds a weight, more than GPTQ's own column updates) is computed there too, against the sums still held.
+multiply-adds a weight, more than GPTQ's own column updates) is computed there too, against the sums still held:
+the weight and GPTQ's int4 values go in, GPTQ's and RTN's dequantized weights are made in the graph (the host's
+passes over K x N for them took ~12 s an 8B layer on one core).
 """
 
 from __future__ import annotations
@@ -36,15 +38,63 @@ def _graph(k: int, dtype: np.dtype, accumulate: bool) -> bytes:
     return _serialized([x, h] if accumulate else [x], [cast, gemm], gemm.outputs[0])
 
 
-def _proxy_graph(k: int) -> bytes:
-    """h [K, K], d [K, M] (float64) -> the column sums of (h @ d) * d: [M]."""
-    h = ir.Value(name="h", type=ir.TensorType(ir.DataType.DOUBLE), shape=ir.Shape([k, k]))
-    d = ir.Value(name="d", type=ir.TensorType(ir.DataType.DOUBLE), shape=ir.Shape([k, "m"]))
-    mm = ir.node("MatMul", [h, d])
-    mul = ir.node("Mul", [mm.outputs[0], d])
-    axes = ir.node("Constant", [], {"value": ir.tensor(np.array([0], np.int64))})
-    total = ir.node("ReduceSum", [mul.outputs[0], axes.outputs[0]], {"keepdims": 0})
-    return _serialized([h, d], [mm, mul, axes, total], total.outputs[0])
+class _Builder:
+    """A small graph written op by op: each call adds one node and returns its output."""
+
+    def __init__(self) -> None:
+        self.nodes: list[ir.Node] = []
+
+    def __call__(self, op: str, *inputs: ir.Value, **attrs: Any) -> ir.Value:
+        self.nodes.append(ir.node(op, list(inputs), attrs or None))
+        return self.nodes[-1].outputs[0]
+
+    def const(self, value: Any, dtype: Any = np.float64) -> ir.Value:
+        return self("Constant", value=ir.tensor(np.asarray(value, dtype)))
+
+
+def _proxy_graph(k: int, n: int, group_size: int) -> bytes:
+    """tr(d^T H d) of GPTQ's and RTN's errors of one weight, both made here from the weight and GPTQ's int4 values.
+    Inputs: h [K, K] (the sums), w [K, N] (float64), q [N * blocks, group] (uint8), scale [N * blocks, 1] (float32),
+    zero [N * blocks, 1] (uint8): QuantizedWeight's layout. RTN is rtn_weight's (group_params' grid with integer zero
+    points), op for op: Round rounds half to even, as numpy does. Output: [2] (GPTQ's, RTN's)."""
+    blocks = -(-k // group_size)
+    k_pad = blocks * group_size
+    f64 = ir.DataType.DOUBLE
+
+    def value(name: str, dtype: ir.DataType, shape: list[int]) -> ir.Value:
+        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+
+    h, w = value("h", f64, [k, k]), value("w", f64, [k, n])
+    q, scale = value("q", ir.DataType.UINT8, [n * blocks, group_size]), value("scale", ir.DataType.FLOAT, [n * blocks, 1])
+    zero = value("zero", ir.DataType.UINT8, [n * blocks, 1])
+    op = _Builder()
+    to64 = f64.value
+    zero_, one, maxq = op.const(0.0), op.const(1.0), op.const(15.0)
+    # GPTQ's weights: (q - zero) * scale, rows n * blocks + block -> [K, N]
+    dq = op("Mul", op("Sub", op("Cast", q, to=to64), op("Cast", zero, to=to64)), op("Cast", scale, to=to64))
+    dq = op("Reshape", dq, op.const([n, k_pad], np.int64))
+    dq = op("Transpose", op("Slice", dq, op.const([0], np.int64), op.const([k], np.int64), op.const([1], np.int64)),
+            perm=[1, 0])
+    # RTN's: per block of rows, the range with 0 in it, its 4-bit grid, rounded and back
+    padded = w if k_pad == k else op("Pad", w, op.const([0, 0, k_pad - k, 0], np.int64))
+    groups = op("Reshape", padded, op.const([blocks, group_size, n], np.int64))
+    axis = op.const([1], np.int64)
+    lo = op("Min", op("ReduceMin", groups, axis, keepdims=1), zero_)
+    hi = op("Max", op("ReduceMax", groups, axis, keepdims=1), zero_)
+    step = op("Div", op("Sub", hi, lo), maxq)
+    step = op("Where", op("Greater", step, zero_), step, one)
+    point = op("Clip", op("Round", op("Div", op("Neg", lo), step)), zero_, maxq)
+    rounded = op("Clip", op("Round", op("Add", op("Div", groups, step), point)), zero_, maxq)
+    rtn = op("Reshape", op("Mul", op("Sub", rounded, point), step), op.const([k_pad, n], np.int64))
+    if k_pad != k:
+        rtn = op("Slice", rtn, op.const([0], np.int64), op.const([k], np.int64), op.const([0], np.int64))
+    losses = []
+    for approx in (dq, rtn):
+        d = op("Sub", w, approx)
+        losses.append(op("Unsqueeze", op("ReduceSum", op("Mul", op("MatMul", h, d), d), keepdims=0),
+                         op.const([0], np.int64)))
+    out = op("Concat", *losses, axis=0)
+    return _serialized([h, w, q, scale, zero], op.nodes, out)
 
 
 def _serialized(inputs: list[ir.Value], nodes: list[ir.Node], output: ir.Value) -> bytes:
@@ -91,23 +141,24 @@ class HessianSums:
         self._sums.pop(name, None)
         self._pending.pop(name, None)
 
-    def proxy_losses(self, name: str, diffs: list[np.ndarray]) -> list[float] | None:
-        """tr(d^T H d) for each d [K, N] against ``name``'s sums where they are held (None with numpy, where the
-        caller has the Hessian in memory already), each scaled as ``take`` scales H."""
-        if self.engine != "onnxruntime" or name not in self._sums:
+    def proxy_losses(self, name: str, weight: np.ndarray, qw: Any, group_size: int) -> tuple[float, float] | None:
+        """tr(dW^T H dW) of GPTQ's weights ``qw`` (a gptq.QuantizedWeight with integer zero points) and of RTN's,
+        both against ``weight`` [K, N] and ``name``'s sums, computed where the sums are held, each scaled as
+        ``take`` scales H; None with numpy (the caller holds the Hessian) or float zero points."""
+        if self.engine != "onnxruntime" or name not in self._sums or qw.zero_float is not None:
             return None
-        k = diffs[0].shape[0]
-        session = self._session(("proxy", k), lambda: _proxy_graph(k))
-        scale = 2.0 / max(self.rows[name], 1)
-        out = []
-        for d in diffs:  # one at a time: a concatenation would be another pass over both, on the host
-            binding = session.io_binding()
-            binding.bind_ortvalue_input("h", self._sums[name])
-            binding.bind_cpu_input("d", np.ascontiguousarray(d, np.float64))
-            binding.bind_output("out", "cpu")
-            session.run_with_iobinding(binding)
-            out.append(float(binding.copy_outputs_to_cpu()[0].sum()) * scale)
-        return out
+        k, n = weight.shape
+        session = self._session(("proxy", k, n, group_size), lambda: _proxy_graph(k, n, group_size))
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("h", self._sums[name])
+        feeds = {"w": np.ascontiguousarray(weight, np.float64), "q": np.ascontiguousarray(qw.q),
+                 "scale": np.ascontiguousarray(qw.scale, np.float32), "zero": np.ascontiguousarray(qw.zero_point)}
+        for key, array in feeds.items():
+            binding.bind_cpu_input(key, array)
+        binding.bind_output("out", "cpu")
+        session.run_with_iobinding(binding)
+        gptq, rtn = binding.copy_outputs_to_cpu()[0] * (2.0 / max(self.rows[name], 1))
+        return float(gptq), float(rtn)
 
     def _flush(self, name: str) -> None:
         pending = self._pending.pop(name, [])

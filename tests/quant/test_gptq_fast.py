@@ -13,7 +13,15 @@ import onnx
 import pytest
 
 from onnxpipe.quant import gptq
-from onnxpipe.quant.gptq import MAXQ, cholesky_lower, gptq_weight, group_params, inverse_factor, lower_inverse
+from onnxpipe.quant.gptq import (
+    MAXQ,
+    cholesky_lower,
+    gptq_weight,
+    group_params,
+    inverse_factor,
+    lower_inverse,
+    rtn_weight,
+)
 from onnxpipe.quant.hessian import HessianSums, rows_per_product
 
 
@@ -168,14 +176,17 @@ def test_hessian_sums_are_the_float64_sum(engine: str, dtype: type) -> None:
         got = sums.take(name)
         assert got.dtype == np.float64 and sums.rows[name] == len(xs)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
-        diffs = [rng.normal(size=(k, 5)), rng.normal(size=(k, 3))]
-        losses = sums.proxy_losses(name, diffs)
+        w = rng.normal(size=(k, 24)) * 0.05  # K = 40: blocks of 16 padded to 48
+        qw = gptq_weight(w, want, 16)
+        losses = sums.proxy_losses(name, w, qw, 16)
         if engine == "numpy":
             assert losses is None  # computed by the caller, which holds the Hessian
-        else:
-            assert losses == pytest.approx([float(((want @ d) * d).sum()) for d in diffs], rel=1e-10)
+        else:  # GPTQ's and RTN's weights made in the graph, from the int4 values and from the weight
+            numpy_losses = [float(((want @ d) * d).sum()) for d in (w - qw.dequantize(k), w - rtn_weight(w, 16))]
+            assert losses == pytest.approx(numpy_losses, rel=1e-10) and losses[0] < losses[1]
+            assert sums.proxy_losses(name, w, gptq_weight(w, want, 16, exact=True), 16) is None  # float zero points
         sums.release(name)
-        assert sums.proxy_losses(name, diffs) is None
+        assert sums.proxy_losses(name, w, qw, 16) is None
 
 
 def _int4_tensors(proto: onnx.ModelProto, base: Path) -> dict[str, np.ndarray]:
