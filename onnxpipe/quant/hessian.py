@@ -156,7 +156,7 @@ class HessianSums:
         for key, array in feeds.items():
             binding.bind_cpu_input(key, array)
         binding.bind_output("out", "cpu")
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, self._run_options())
         gptq, rtn = binding.copy_outputs_to_cpu()[0] * (2.0 / max(self.rows[name], 1))
         return float(gptq), float(rtn)
 
@@ -185,17 +185,28 @@ class HessianSums:
         if held is not None:
             binding.bind_ortvalue_input("h", held)
         binding.bind_ortvalue_output("out", out)
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, self._run_options())
         self._sums[name] = out  # the previous sum is freed with its OrtValue
 
     def _session(self, key: tuple[Any, ...], build: Callable[[], bytes]) -> Any:
         if key not in self._sessions:
             from onnxpipe.runtime.sessions import open_session
 
-            providers = ("cpu",) if self.provider == "cpu" else (self.provider, "cpu")
+            # each session has its own arena on the device: grown by what is asked, and shrunk after each run
+            # (_run_options), so the proxy's temporaries (~10 x K x N float64) are not kept beside the sums
+            device = (self.provider, {"arena_extend_strategy": "kSameAsRequested"})
+            providers = ("cpu",) if self.provider == "cpu" else (device, "cpu")
             self._sessions[key] = open_session(build(), providers, optimization="off",
                                                purpose="GPTQ's Hessians", name="gptq_hessian")
         return self._sessions[key]
+
+    def _run_options(self) -> Any:
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        if self.provider == "cuda":
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
+        return options
 
 
 def input_hessians(session: Any, names: list[str], feeds: Iterable[dict[str, np.ndarray]],
