@@ -183,11 +183,19 @@ def _row_steps(W1: np.ndarray, E1: np.ndarray, U1: np.ndarray, q_int: np.ndarray
         if row % group_size == 0:  # its rows carry every earlier row's error (see SUB_BLOCK)
             scales[g, cols], zeros[g, cols] = group_params(W1[i:i + group_size, cols], exact)
         w, s, z = W1[i, cols], scales[g, cols], zeros[g, cols]
-        qi = np.clip(np.round(w / s + z), 0, MAXQ)  # = round(w / s) + z for an integer z
+        # in place, the same operations in the same order: q = clip(round(w / s + z), 0, 15) (= round(w / s) + z
+        # for an integer z), err = (w - (q - z) * s) / U[i, i]
+        qi = np.divide(w, s)
+        qi += z
+        np.clip(np.round(qi, out=qi), 0, MAXQ, out=qi)
         q_int[row, cols] = qi
-        err = (w - (qi - z) * s) / U1[i, i]
-        W1[i + 1:j2, cols] -= np.outer(U1[i, i + 1:j2], err)
-        E1[i, cols] = err
+        err = E1[i, cols]
+        np.subtract(qi, z, out=err)
+        err *= s
+        np.subtract(w, err, out=err)
+        err /= U1[i, i]
+        if j2 > i + 1:
+            W1[i + 1:j2, cols] -= U1[i, i + 1:j2, None] * err
 
 
 def column_slices(n: int) -> list[slice]:
