@@ -5,7 +5,7 @@ activations of the calibration's token count (32 samples x 128 tokens by default
 
     python scripts/time_gptq.py --dry                      # a small shape (hidden 512), about a minute on 2 cores
     python scripts/time_gptq.py --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 --layers 32 \\
-        [--tokens 4096] [--block-size 128] [--provider auto|cpu|cuda] [--serial-columns] [--json FILE]  # Llama-3-8B
+        [--tokens 4096] [--block-size 128] [--provider auto|cpu|cuda] [--json FILE]     # Llama-3-8B
 
 phases: ``hessians`` (the layer's four inputs' sums x^T x, fed 512 rows at a time as the calibration batches come,
 on the provider, and taken to the host), ``factor`` (gptq.inverse_factor, once per input), ``columns``
@@ -114,6 +114,10 @@ def on_model(a: argparse.Namespace, provider: str) -> dict[str, Any]:
     from onnxpipe.quant.text import load_tokenizer
 
     src = ModelDir.open(a.model)
+    if a.provider == "auto":  # as the quantize command chooses it (a CPU-form fused graph stays on the CPU)
+        from onnxpipe.quant.quality import eval_provider
+
+        provider = eval_provider(src.manifest)
     calib = CalibrationConfig(max_samples=a.calib_samples, prefill_len=a.calib_seq_len, decode_steps=0)
     samples = calibration_samples(load_tokenizer(src.path), CALIBRATION, calib)
     cfg = Int4Config(algo="gptq", block_size=a.block_size, calibration=CALIBRATION, calib=calib)
@@ -146,14 +150,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=128)
     ap.add_argument("--workdir", type=Path, default=None, help="Where --model's activation model is written.")
-    ap.add_argument("--serial-columns", action="store_true",
-                    help="The column loop's row steps on all columns in one thread (gptq.COLUMNS_PER_THREAD off).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     a = ap.parse_args()
-    if a.serial_columns:
-        from onnxpipe.quant import gptq
-
-        gptq.COLUMNS_PER_THREAD = 1 << 62
     if a.dry:
         a.hidden, a.intermediate, a.heads, a.kv_heads, a.layers = 512, 1792, 8, 2, 2
     from onnxpipe.runtime.providers import available_providers
@@ -162,10 +160,11 @@ def main() -> None:
     import onnxruntime as ort
 
     meta = {"provider": provider, "onnxruntime": ort.__version__, "numpy": np.__version__, "cores": os.cpu_count(),
-            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"), "serial_columns": a.serial_columns,
+            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if a.model is not None:
         result = {**meta, "model": str(a.model), **on_model(a, provider)}
+        provider = result["provider"] = result["gptq"]["provider"]
         g = result["gptq"]
         print(f"streamed GPTQ of {a.model} on {provider}: {g['seconds']} s ({g['passes']} passes, "
               f"{g['quantized_nodes']} weights, {result['tokens']} calibration tokens; proxy loss "

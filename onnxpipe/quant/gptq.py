@@ -14,10 +14,7 @@ after each layer is quantized), like ORT's and most one-shot ONNX GPTQ implement
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -38,9 +35,6 @@ MAXQ = 15  # 4 bits, unsigned with a zero point
 # matrix product. A group's scale is read from its rows when its first row comes; they then carry every earlier
 # row's error, since a group either starts a sub-block (the ones before are all applied) or lies inside one.
 SUB_BLOCK = 16
-# Output columns are quantized independently (one Hessian, one error path down K per column): the row steps run on
-# slices of at least this many columns in threads; the matrix products stay whole (BLAS has its own threads)
-COLUMNS_PER_THREAD = 2048
 
 
 @dataclass
@@ -153,57 +147,44 @@ def gptq_weight(weight: np.ndarray, hessian: np.ndarray, group_size: int, percda
     zeros = np.zeros((k_blocks, n))
     blocksize = max(blocksize - blocksize % group_size, group_size)
     sub = SUB_BLOCK if SUB_BLOCK % group_size == 0 or group_size % SUB_BLOCK == 0 else group_size
-    columns = column_slices(n)
-    with ThreadPoolExecutor(len(columns), thread_name_prefix="gptq-columns") as pool:
-        for i1 in range(0, k_pad, blocksize):
-            i2 = min(i1 + blocksize, k_pad)
-            W1 = W[i1:i2].copy()  # noqa: N806
-            E1 = np.zeros_like(W1)  # noqa: N806
-            U1 = U[i1:i2, i1:i2]  # noqa: N806
-            for j1 in range(0, i2 - i1, sub):
-                j2 = min(j1 + sub, i2 - i1)
-                steps = partial(_row_steps, W1, E1, U1, q_int, scales, zeros, i1, j1, j2, group_size, exact)
-                if len(columns) == 1:
-                    steps(columns[0])
-                else:  # the output columns are independent: numpy lets go of the GIL on each slice's arithmetic
-                    for done in [pool.submit(steps, c) for c in columns]:
-                        done.result()
-                W1[j2:] -= U1[j1:j2, j2:].T @ E1[j1:j2]
-            W[i2:] -= U[i1:i2, i2:].T @ E1
+    for i1 in range(0, k_pad, blocksize):
+        i2 = min(i1 + blocksize, k_pad)
+        W1 = W[i1:i2].copy()  # noqa: N806
+        E1 = np.zeros_like(W1)  # noqa: N806
+        U1 = U[i1:i2, i1:i2]  # noqa: N806
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            _row_steps(W1, E1, U1, q_int, scales, zeros, i1, j1, j2, group_size, exact)
+            W1[j2:] -= U1[j1:j2, j2:].T @ E1[j1:j2]
+        W[i2:] -= U[i1:i2, i2:].T @ E1
     return _packed(q_int, scales, zeros, group_size, exact)
 
 
 def _row_steps(W1: np.ndarray, E1: np.ndarray, U1: np.ndarray, q_int: np.ndarray, scales: np.ndarray,  # noqa: N803
-               zeros: np.ndarray, i1: int, j1: int, j2: int, group_size: int, exact: bool, cols: slice) -> None:
-    """Rows j1..j2 of the block at i1, one at a time, on the output columns ``cols``: each row rounded on its
-    group's grid, its error spread over the sub-block's later rows (W1, a rank-1 update each) and kept (E1)."""
+               zeros: np.ndarray, i1: int, j1: int, j2: int, group_size: int, exact: bool) -> None:
+    """Rows j1..j2 of the block at i1, one at a time: each row rounded on its group's grid, its error spread over
+    the sub-block's later rows (W1, a rank-1 update each) and kept (E1). Not split over threads by columns
+    (which are independent): each row is a dozen numpy calls on N values, the GIL changes hands at each, and two
+    threads of 2,048 columns measured 2.3x slower than one of 4,096 (2 cores with other load on them)."""
     for i in range(j1, j2):
         row = i1 + i
         g = row // group_size
         if row % group_size == 0:  # its rows carry every earlier row's error (see SUB_BLOCK)
-            scales[g, cols], zeros[g, cols] = group_params(W1[i:i + group_size, cols], exact)
-        w, s, z = W1[i, cols], scales[g, cols], zeros[g, cols]
+            scales[g], zeros[g] = group_params(W1[i:i + group_size], exact)
+        w, s, z = W1[i], scales[g], zeros[g]
         # in place, the same operations in the same order: q = clip(round(w / s + z), 0, 15) (= round(w / s) + z
         # for an integer z), err = (w - (q - z) * s) / U[i, i]
         qi = np.divide(w, s)
         qi += z
         np.clip(np.round(qi, out=qi), 0, MAXQ, out=qi)
-        q_int[row, cols] = qi
-        err = E1[i, cols]
+        q_int[row] = qi
+        err = E1[i]
         np.subtract(qi, z, out=err)
         err *= s
         np.subtract(w, err, out=err)
         err /= U1[i, i]
         if j2 > i + 1:
-            W1[i + 1:j2, cols] -= U1[i, i + 1:j2, None] * err
-
-
-def column_slices(n: int) -> list[slice]:
-    """The output columns cut into slices at least COLUMNS_PER_THREAD wide, at most one per two cores (the rest for
-    BLAS and the proxy losses beside it): one slice on a machine of 2 or 3 cores, where two measured slower."""
-    parts = max(1, min((os.cpu_count() or 1) // 2, n // COLUMNS_PER_THREAD))
-    bounds = [n * p // parts for p in range(parts + 1)]
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+            W1[i + 1:j2] -= U1[i, i + 1:j2, None] * err
 
 
 def _packed(q_int: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, exact: bool) -> QuantizedWeight:

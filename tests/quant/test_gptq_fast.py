@@ -121,15 +121,10 @@ def test_factor_is_the_upper_cholesky_of_the_inverse(k: int, k_pad: int, dead: t
     (96, 24, 24, 16),  # groups that straddle sub-blocks (neither size divides the other): sub-blocks of a group
     (64, 24, 16, 16),
 ])
-@pytest.mark.parametrize("threads", [1, 4])
 def test_column_loop_gives_the_reference_int4(monkeypatch: pytest.MonkeyPatch, k: int, n: int, group: int,
-                                              sub: int, threads: int) -> None:
-    """The same factor in, the same int4 values, scales and zero points out, with integer and float zero points;
-    the row steps on one slice of the output columns or on ``threads`` slices at once."""
+                                              sub: int) -> None:
+    """The same factor in, the same int4 values, scales and zero points out, with integer and float zero points."""
     monkeypatch.setattr(gptq, "SUB_BLOCK", sub)
-    monkeypatch.setattr(gptq.os, "cpu_count", lambda: 2 * threads)
-    monkeypatch.setattr(gptq, "COLUMNS_PER_THREAD", 6)
-    assert len(gptq.column_slices(n)) == threads
     rng = np.random.default_rng(1)
     w = rng.normal(size=(k, n)) * 0.05
     h = hessian(k, dead=(7,))
@@ -144,16 +139,6 @@ def test_column_loop_gives_the_reference_int4(monkeypatch: pytest.MonkeyPatch, k
     # and the whole of it (new factor and loop) against the reference: the same int4 weights
     got, want = gptq_weight(w, h, group), reference_gptq_weight(w, h, group)
     assert np.array_equal(got.q, want.q)
-
-
-@pytest.mark.fast
-@pytest.mark.parametrize("n, cores, want", [(2000, 16, 1), (4096, 16, 2), (14336, 16, 7), (14336, 6, 3),
-                                            (14336, 2, 1), (4096, 1, 1)])
-def test_column_slices_cover_the_columns_once(monkeypatch: pytest.MonkeyPatch, n: int, cores: int, want: int) -> None:
-    monkeypatch.setattr(gptq.os, "cpu_count", lambda: cores)
-    slices = gptq.column_slices(n)
-    assert len(slices) == want
-    assert np.array_equal(np.concatenate([np.arange(n)[s] for s in slices]), np.arange(n))
 
 
 @pytest.mark.fast
