@@ -89,8 +89,8 @@ def quantize_gptq_streamed(model: ir.Model, plan: WeightPlan, cfg: Int4Config, f
     reduction: list[float] = []
     sums: dict[tuple[Any, Any], ir.Value] = {}
     clock = dict.fromkeys(PHASES, 0.0)
-    # with the proxy losses on the device, their host side (RTN's weights, the differences: passes over K x N that
-    # hold the GIL little) runs beside the next weight's column loop
+    # with the proxy losses on the device (hessian.py), each runs beside the next weight's column loop (onnxruntime
+    # lets go of the GIL while it runs)
     background = ThreadPoolExecutor(1) if HessianSums(provider).engine == "onnxruntime" else None
     session = _activation_session(model, list(groups), workdir, provider)
     try:
