@@ -4,7 +4,7 @@ numpy, whose ``x.T @ x`` is a symmetric rank-k update (BLAS syrk: half the multi
 onnxruntime's CPU Gemm computes both halves, and measured no faster per multiply-add, one thread each).
 
 Each input's rows are gathered until there are ``rows_per_product(K)`` of them (a quarter of K, at least 256: the
-gathered rows, in float32, are at most an eighth of the Hessian's bytes), then added as one product
+gathered rows, in float32, are about an eighth of the Hessian's bytes), then added as one product
 ``H += X^T X``: one pass over H per K/4 rows, where a product per calibration batch passed over H (1.6 GB at
 K = 14336) once per 512 rows. The same float64 arithmetic summed in another order: the same Hessians up to
 float64 rounding.
