@@ -14,6 +14,7 @@ from onnxpipe.serve.budget import (
     PROBE_CHUNK,
     SHORT_TOKENS,
     WHOLE_PROMPT,
+    WINDOW,
     PrefillBudget,
     RunCost,
 )
@@ -162,3 +163,19 @@ def test_the_cost_model_fits_runs_of_several_rows_and_inverts():
         n = CPU.tokens(0.3, start)
         assert CPU.seconds(n, start) <= 0.3 < CPU.seconds(n + 1, start)
     assert CPU.tokens(0.01, 0) == 0 and RunCost.fit([(1, 8, 0, 0.1)] * 3) is None  # one size: no model
+
+
+def test_a_wrong_early_measurement_washes_out_of_the_window():
+    """Nothing is held from the first runs: a run that took 0.8 s (the machine busy elsewhere) and a probe that came
+    back cheap skew the model only while they are among the last WINDOW runs; after that every iteration's prefill
+    is at the target again (a fixed cost estimated once from them and kept let chunks settle at 5x the target)."""
+    step = 0.3
+    target = (MIXED_STEP_RATIO - 1) * step
+    b = PrefillBudget.parse("auto")
+    b.stepped(step)
+    b.ran(64, 0, 0.8)
+    b.ran(MIN_CHUNK, 0, 0.01)
+    its = read_prompt(b, CPU, step, 4096)
+    assert len(its) > WINDOW + 10
+    settled = its[WINDOW:-1]
+    assert all(target - (CPU.token + CPU.context * (p + n)) < s <= target * 1.02 for p, n, s in settled)
