@@ -7,11 +7,13 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
   not decoding run through every step masked (their output unread, their write one entry past what they hold).
 - Its prompt is prefilled straight into its row, outside the graph: a batch-1 run whose past and present are bound
   to that row of the shared buffer (the row [1, kv_heads, capacity, head_dim] is contiguous in the buffer, so it is
-  bound by address; nothing is copied). Prompts are read in chunks: each iteration prefills at most its budget of
-  prompt tokens (``budget.PrefillBudget``: ``prefill_chunk``, or sized from the measured step and prefill times),
-  over the admitted requests in their order, then the running batch decodes one step, so a long prompt does not
-  stall running streams.
-- A decode step is one ``forward`` of every row: [max_batch, 1] ids, each row's mask sum and position its own.
+  bound by address; nothing is copied). Prompts are read in chunks: each iteration's prefill runs take what its
+  budget allows (``budget.PrefillBudget``: ``prefill_chunk`` tokens, or with ``auto`` the runs whose fitted cost
+  fits half a decode step), over the admitted requests in their order, then the running batch decodes one step, so
+  a long prompt does not stall running streams. A prompt read in chunks while others decode takes the highest free
+  row.
+- A decode step is one ``forward`` of every row (with CUDA graphs), or on the CPU of the rows up to the last decoding
+  one (``RowPrefix``): [rows, 1] ids, each row's mask sum and position its own.
   Where the session's graph slot has the step tail (greedy steps writing their own next inputs, as ``generate``
   uses them), a step of greedy rows with no change since the step before (no row joined, left or was prefilled into)
   is fed on the device (``step_fed``): nothing goes up. Rows not decoding then advance on the device too, writing one
