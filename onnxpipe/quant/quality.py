@@ -136,7 +136,8 @@ class Side:
     def prefills(self, batches: list[np.ndarray], consume: Callable[[int, np.ndarray], None]) -> None:
         raise NotImplementedError
 
-    def trace(self, prompts: np.ndarray, forced: np.ndarray | None = None) -> Any:
+    def trace(self, prompts: np.ndarray, forced: np.ndarray | None = None,
+              on_step: Callable[[], None] | None = None) -> Any:
         raise NotImplementedError
 
     def release(self) -> None:
@@ -161,8 +162,9 @@ class SessionSide(Side):
         for i, ids in enumerate(batches):
             consume(i, _window_logits(self.session(), self.manifest, ids))
 
-    def trace(self, prompts: np.ndarray, forced: np.ndarray | None = None) -> Any:
-        return greedy_trace(self.session(), self.manifest, prompts, forced)
+    def trace(self, prompts: np.ndarray, forced: np.ndarray | None = None,
+              on_step: Callable[[], None] | None = None) -> Any:
+        return greedy_trace(self.session(), self.manifest, prompts, forced, on_step)
 
     def release(self) -> None:
         if self._make is not None:
@@ -187,14 +189,16 @@ class SegmentedSide(Side):
         steps = [prefill_feed(self.manifest, ids) for ids in batches]
         run_segmented(self.graph, self.manifest, steps, self.kv_dtype, self.session, True, keep=(), consume=consume)
 
-    def trace(self, prompts: np.ndarray, forced: np.ndarray | None = None) -> Any:
-        from onnxpipe.parity import run_trace
+    def trace(self, prompts: np.ndarray, forced: np.ndarray | None = None,
+              on_step: Callable[[], None] | None = None) -> Any:
+        """A teacher-forced trace runs each segment once over all its steps (``on_step`` is not called); a greedy
+        one step by step, each step through every segment (``on_step()`` after each)."""
         from onnxpipe.runtime.layerwise import forced_trace, segmented_step_fn
 
         if forced is not None:
             return forced_trace(self.graph, self.manifest, self.session, prompts, forced, self.kv_dtype)
         step = segmented_step_fn(self.graph, self.manifest, self.session, self.kv_dtype)
-        return run_trace(step, self.manifest, prompts, np.ones_like(prompts), DECODE_STEPS, self.kv_dtype)
+        return greedy_trace(step, self.manifest, prompts, on_step=on_step)
 
 
 def model_side(model_path: str | Path, manifest: Manifest, provider: str = "cpu", form: str = "whole") -> Side:
@@ -461,14 +465,23 @@ def decode_prompts(token_ids: np.ndarray) -> np.ndarray:
     return np.stack([token_ids[s:s + DECODE_PROMPT_LEN] for s in starts]).astype(np.int64)
 
 
-def greedy_trace(session: Any, manifest: Manifest, prompts: np.ndarray, forced: np.ndarray | None = None) -> Any:
-    """Prefill the prompts, then DECODE_STEPS one-token steps through the KV cache: greedy, or ``forced``."""
+def greedy_trace(session: Any, manifest: Manifest, prompts: np.ndarray, forced: np.ndarray | None = None,
+                 on_step: Callable[[], None] | None = None) -> Any:
+    """Prefill the prompts, then DECODE_STEPS one-token steps through the KV cache: greedy, or ``forced``.
+    ``session``: an onnxruntime session, or a parity.StepFn. ``on_step()`` after each step."""
     from onnxpipe.parity import ort_step_fn, run_trace
 
     dtypes = {t["name"]: t["dtype"] for t in manifest.graph["inputs"]}
     kv_dtype = np.dtype(dtypes[manifest.past_names(0)[0]])
-    return run_trace(ort_step_fn(session, manifest), manifest, prompts, np.ones_like(prompts), DECODE_STEPS,
-                     kv_dtype, forced_tokens=forced)
+    step = ort_step_fn(session, manifest) if hasattr(session, "run") else session
+
+    def counted(*args: Any) -> Any:
+        out = step(*args)
+        if on_step is not None:
+            on_step()
+        return out
+
+    return run_trace(counted, manifest, prompts, np.ones_like(prompts), DECODE_STEPS, kv_dtype, forced_tokens=forced)
 
 
 def greedy_agreement(reference: Any, side: Any, manifest: Manifest, prompts: np.ndarray) -> tuple[int, int, int]:
@@ -516,11 +529,24 @@ def quality_report(
     before = model_side(before_path, manifest_before, provider, form)
     after = model_side(after_path, manifest_after, provider, form)
     prompts = decode_prompts(token_ids)
-    with TextComparison(manifest_before, token_ids, context, progress=progress,
+    # one count: the input model's windows, its greedy continuation's steps, the quantized model's windows
+    windows, steps = len(window_starts(len(token_ids), context)), [0]
+    total = 2 * windows + DECODE_STEPS + 1
+
+    def on_windows(done: int, _: int) -> None:
+        if progress:
+            progress(done + steps[0], total)
+
+    def on_step() -> None:
+        steps[0] += 1
+        if progress:
+            progress(windows + steps[0], total)
+
+    with TextComparison(manifest_before, token_ids, context, progress=on_windows,
                         spill_dir=Path(after_path).parent) as text:
         try:
             text.run_before(before)
-            reference = before.trace(prompts)
+            reference = before.trace(prompts, on_step=on_step)
         finally:
             before.release()
         try:

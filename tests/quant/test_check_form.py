@@ -18,6 +18,7 @@ import pytest
 from onnxpipe.artifact import ModelDir, write_manifest
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.quant import quantize_model
+from onnxpipe.quant.quality import DECODE_STEPS
 
 INT4 = {"algo": "rtn", "block_size": 32, "float_zero_points": False}  # one choice: streamed RTN
 OPEN = {"min_greedy_agreement": 0.0, "max_ppl_increase": 1000.0, "max_eval_tokens": 256}
@@ -87,9 +88,14 @@ def plant_scaled_scales(monkeypatch: pytest.MonkeyPatch, layer: int = 0, factor:
 
 def test_the_layerwise_checks_pass_a_sound_quantization_and_catch_a_planted_fault(
         external_model: Path, small_eval: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bar: list[tuple[int, int]] = []  # the quality report's progress: windows, greedy steps, windows
     sound = quantize_model(external_model, tmp_path / "sound", "int4", eval_file=small_eval, check_form="layerwise",
-                           max_eval_tokens=256, **INT4).step
+                           max_eval_tokens=256, progress=lambda label, d, t: bar.append((d, t))
+                           if label == "quality report" else None, **INT4).step
     assert sound["gate"]["passed"] and sound["check_form"] == "layerwise"
+    windows = sound["quality"]["windows"]
+    assert {t for _, t in bar} == {2 * windows + DECODE_STEPS + 1} and bar[-1][0] == bar[-1][1]
+    assert [d for d, _ in bar] == sorted(d for d, _ in bar) and len(bar) >= DECODE_STEPS + 1
     planted = plant_scaled_scales(monkeypatch, layer=0)
     with pytest.raises(OnnxpipeError, match=r"failed the quality gate on the report text: .*FAIL.*nothing was "
                                             r"written"):
