@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         streams = rng.integers(0, lm.session.vocab_size, (args.streams, args.prompt_tokens)).tolist()
         longs = rng.integers(0, lm.session.vocab_size, (args.long_prompts, args.long_prompt_tokens)).tolist()
         app = server(args.streams + args.long_prompts, chunk, long_length)
-        app.state.scheduler.trace = trace = deque(maxlen=1 << 16)
+        trace: deque[tuple[float, int, float, float, int]] = deque(maxlen=1 << 16)
+        app.state.scheduler.trace = trace
         with ServerThread(app, host="127.0.0.1") as s, gc_pauses() as pauses:
             row = in_client_process(budget.left(), interference, s.url, streams, args.stream_tokens, longs, 4, 16)
         if row is not None:
