@@ -119,8 +119,10 @@ def side_form(form: str, model_path: str | Path, provider: str) -> str:
     CPU from LAYERWISE_BYTES of weights under ``auto``; on CUDA the weights are not in host memory: ``whole``."""
     from onnxpipe.runtime.layerwise import check_form
 
-    if provider != "cpu" and form == "auto":
-        check_form(form, 0)
+    if provider != "cpu":
+        if check_form(form, 0) == "layerwise":  # an unknown form fails here too
+            raise OnnxpipeError(f"--check-form layerwise runs on the CPU; the checks run on {provider} here: use "
+                                "--check-form whole or auto")
         return "whole"
     return check_form(form, model_bytes(Path(model_path)) if form == "auto" else 0)
 

@@ -138,3 +138,16 @@ def test_a_segment_prepacks_only_where_it_holds_integer_weights() -> None:
     assert not needs_prepacking(graph(TensorProto.FLOAT16, np.zeros((4, 8), np.float16)))
     assert not needs_prepacking(graph(TensorProto.FLOAT, np.zeros((4, 8), np.float32)))
     assert not needs_prepacking(graph(TensorProto.UINT8, np.zeros((2,), np.uint8)))  # a zero point, not a weight
+
+
+@pytest.mark.fast
+def test_the_check_form_is_checked_before_any_work(tmp_path: Path) -> None:
+    from onnxpipe.quant.quality import side_form
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"")
+    with pytest.raises(OnnxpipeError, match="unknown check form 'layer'"):
+        side_form("layer", model, "cpu")
+    with pytest.raises(OnnxpipeError, match="--check-form layerwise runs on the CPU"):
+        side_form("layerwise", model, "cuda")
+    assert side_form("auto", model, "cuda") == "whole" and side_form("layerwise", model, "cpu") == "layerwise"
