@@ -33,6 +33,7 @@ map one segment's at a time.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -320,6 +321,7 @@ def run_segmented(graph: Graph, manifest: Manifest, steps: list[dict[str, np.nda
             if consume is not None and logits_name in seg.outputs:
                 consume(t, values[t].pop(logits_name))
         del sess
+        release_freed_memory()
         later = {x for s in segments if s.label > seg.label for x in s.inputs}
         chained = {past_of[x] for x in later if x in past_of}  # the next step reads these presents
         for t in range(len(steps)):  # what no later segment (or step) reads goes; the kept outputs stay
@@ -328,6 +330,26 @@ def run_segmented(graph: Graph, manifest: Manifest, steps: list[dict[str, np.nda
                 del values[t][name]
     presents = [{q: v[q] for q in past_of.values() if q in v} for v in values]
     return SideRun([v[logits_name].astype(np.float32) for v in values if logits_name in v], presents)
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``) once a segment's session is gone:
+    what onnxruntime frees stays in glibc's heap otherwise, and the next segments start above it (measured after one
+    pass over a 0.6B model's 26 segments: 0.82 GB resident, 0.12 GB after the trim). Where the C library is not
+    glibc, nothing is done."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def segmented_step_fn(graph: Graph, manifest: Manifest, session: SessionFn, kv_dtype: np.dtype,
@@ -534,7 +556,7 @@ def segment_session(providers: Sequence[str] = ("cpu",), prepack: bool | None = 
                             purpose=f"a {'candidate' if optimized else 'reference'} segment of a check",
                             config=None if packed else {"session.disable_prepacking": "1"},
                             external_initializers=values, external_data_dir=data_dir,
-                            session_options=None if optimized else one_cast_at_a_time())
+                            session_options=no_arena() if optimized else one_cast_at_a_time())
 
     return make
 
@@ -550,6 +572,17 @@ def needs_prepacking(graph: bytes) -> bool:
     model.ParseFromString(graph)
     return any(t.data_type in INTEGER_WEIGHTS and int(np.prod(t.dims, dtype=np.int64)) >= 16
                for t in model.graph.initializer)
+
+
+def no_arena() -> Any:
+    """A segment's options: no CPU memory arena. With one, a pass over a 24-layer 0.6B model's segments (the
+    quality report's prefill) grew ~14 MB a layer, 0.14 -> 0.48 GB resident by the head, given back only when the
+    pass ended; without, and with release_freed_memory after each segment, it stays at 0.13 GB."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = False
+    return so
 
 
 def one_cast_at_a_time() -> Any:
