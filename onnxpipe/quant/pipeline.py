@@ -159,6 +159,7 @@ def quantize_model(
             details = _run_mode(src, tmp / MODEL_FILE, cfg, samples, log, progress, selection=judge)
         copy_sidecar_files(src.path, tmp)
         manifest = _output_manifest(src.manifest, tmp / MODEL_FILE, cfg)
+        _release_weights_step()
         check = _decode_check(src, tmp / MODEL_FILE, manifest, cfg, provider, form)
         judged = "" if check.passed is not None else (" -- recorded, not judged (random prompts; the quality gate "
                                                       "below judges integer modes)")
@@ -196,6 +197,18 @@ def quantize_model(
         write_manifest(tmp, manifest)
         write_genai_config(tmp, manifest)
     return QuantizeResult(ModelDir.open(out_dir), step, time.perf_counter() - start)
+
+
+def _release_weights_step() -> None:
+    """Before the checks: the streamed model's graph (onnx_ir's nodes and values refer to one another, so it waits
+    for the cycle collector, with the mappings of the input's float weights it copied) and what the C heap kept
+    of it go back to the system (0.6B fp16 int4: 0.34 GB resident at the checks' start, from 0.13 after imports)."""
+    import gc
+
+    from onnxpipe.runtime.layerwise import release_freed_memory
+
+    gc.collect()
+    release_freed_memory()
 
 
 def _report_line(tokens: int, text: Any, run: RunSettings, provider: str) -> str:
