@@ -90,6 +90,7 @@ def save_streamed(cfg: Any, out: Path, std: float, shard_bytes: int = 2 << 30) -
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    cfg.architectures = [type(model).__name__]  # what save_pretrained writes from the model
     cfg.save_pretrained(out)
     return sum(p.numel() for _, p in params)
 
