@@ -706,14 +706,21 @@ class SelectionJudge:
         self._reference: tuple[list[np.ndarray], list[np.ndarray], Any, np.ndarray] | None = None
 
     def _rows(self, side: Side, label: str, each: Callable[[np.ndarray, np.ndarray], None]) -> None:
-        """``each(ids, log-probabilities [T-1, V])`` for every window, in order."""
+        """``each(nll [T-1], argmax [T-1])`` for every window, in order: the negative log-likelihood of each next
+        token and the top token at each position that predicts one (log-probabilities taken POSITION_CHUNK
+        positions at a time)."""
         batches = list(_batches(self.token_ids, self.context, self.batch_size))
         total = sum(len(b) for b in batches)
         done = [0]
 
         def consume(i: int, logits: np.ndarray) -> None:
             for row, lg in zip(batches[i], logits):
-                each(row, log_softmax(lg[:-1]))
+                nll, top = [], []
+                for s in range(0, len(row) - 1, POSITION_CHUNK):
+                    lp = log_softmax(lg[s:min(s + POSITION_CHUNK, len(row) - 1)])
+                    nll.append(-np.take_along_axis(lp, row[s + 1:s + 1 + len(lp), None], -1)[:, 0])
+                    top.append(lp.argmax(-1))
+                each(np.concatenate(nll), np.concatenate(top))
             done[0] += len(batches[i])
             if self.progress:
                 self.progress(label, done[0], total)
@@ -726,9 +733,9 @@ class SelectionJudge:
             nll: list[np.ndarray] = []
             argmax: list[np.ndarray] = []
 
-            def each(row: np.ndarray, lp: np.ndarray) -> None:
-                nll.append(-np.take_along_axis(lp, row[1:, None], -1)[:, 0])
-                argmax.append(lp.argmax(-1))
+            def each(row_nll: np.ndarray, top: np.ndarray) -> None:
+                nll.append(row_nll)
+                argmax.append(top)
 
             try:
                 self._rows(side, "selection text, input model", each)
@@ -745,12 +752,12 @@ class SelectionJudge:
         sums, counts, tally = [], [], {"agree": 0, "scored": 0}
         reference = iter(zip(ref_nll, ref_argmax))
 
-        def each(row: np.ndarray, lp: np.ndarray) -> None:
+        def each(row_nll: np.ndarray, top: np.ndarray) -> None:
             nll_b, arg_b = next(reference)
-            s, c = _block_sums((-np.take_along_axis(lp, row[1:, None], -1)[:, 0] - nll_b)[None])
+            s, c = _block_sums((row_nll - nll_b)[None])
             sums.append(s)
             counts.append(c)
-            tally["agree"] += int((lp.argmax(-1) == arg_b).sum())
+            tally["agree"] += int((top == arg_b).sum())
             tally["scored"] += arg_b.size
 
         try:

@@ -108,3 +108,34 @@ def test_the_quantized_model_cannot_be_compared_before_the_input_ran(tmp_path) -
     with quality.TextComparison(_manifest(), ids, CONTEXT, spill_dir=tmp_path) as text:
         with pytest.raises(quality.OnnxpipeError, match="before the input model ran"):
             text.run_after(OneAtATime("after", Logits(3)))
+
+
+class TableSide(OneAtATime):
+    """OneAtATime with a decode path: each step's logits are the table's row of the token before."""
+
+    def trace(self, prompts: np.ndarray, forced=None, on_step=None):  # noqa: ANN001, ANN201
+        from types import SimpleNamespace
+
+        logits, tokens = [self.logits.table[prompts]], np.zeros((len(prompts), quality.DECODE_STEPS), np.int64)
+        for t in range(quality.DECODE_STEPS):
+            tokens[:, t] = forced[:, t] if forced is not None else logits[-1][:, -1].argmax(-1)
+            logits.append(self.logits.table[tokens[:, t]][:, None])
+        return SimpleNamespace(logits=logits, tokens=tokens)
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_the_selection_judge_scores_as_whole_windows(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """A candidate's perplexity change and top-1 agreement on the selection text, the input model's and the
+    candidate's log-probabilities taken a few positions at a time, one model after the other."""
+    monkeypatch.setattr(quality, "POSITION_CHUNK", chunk)
+    monkeypatch.setattr(quality, "model_bytes", lambda path: 1)
+    tables = {"before": Logits(2), "after": Logits(3)}
+    monkeypatch.setattr(quality, "model_side", lambda path, manifest, provider, form: TableSide(path, tables[path]))
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=CONTEXT * 5 + 7)
+    OneAtATime.live.clear()
+    judge = quality.SelectionJudge("before", _manifest(), ids, CONTEXT)  # type: ignore[arg-type]
+    score = judge.score("after", _manifest())  # type: ignore[arg-type]
+    want = _whole_windows(tables["before"], tables["after"], ids)
+    assert score.ppl_change_pct == pytest.approx((want["ppl_after"] / want["ppl_before"] - 1) * 100, rel=1e-9)
+    assert score.top1_agreement == pytest.approx(want["top1_agreement"], rel=1e-12)
+    assert 0 <= score.greedy_agreement <= score.greedy_agreement_ties <= 1 and not OneAtATime.live
