@@ -2,6 +2,8 @@
 peak RSS (the child's ru_maxrss) and the most bytes the work directory grew by while it ran, against bounds
 measured with headroom (docs/benchmarks.md, "Scale: memory and disk"). The optimize run carries a planted faulty
 rule (it doubles one layer's down projection): its per-pass check must roll it back with its numbers at this size.
+quantize runs as a 7-8B model's does (checks layer by layer); a quantization with a planted fault (one layer's int4
+scales x64) must be refused by the default gate that the sound run's figures pass.
 
 W is the fp32 weight bytes of the model (~250 MB): 2 layers, hidden 768, vocabulary 32000, untied head.
 """
@@ -60,6 +62,34 @@ result = optimize_model(sys.argv[1], sys.argv[2], passes=names, log=lambda m: pr
 json.dump({"passes": [r.to_json() for r in result.passes], "final": result.check.to_json()}, open(sys.argv[3], "w"))
 """.replace("{SHAPE!r}", repr(SHAPE))
 
+# quantize with a planted fault (layer 0's down projection's int4 scales x64 after streamed RTN), checks layer by
+# layer, the default gate: it must refuse (exit 3) and write nothing
+PLANTED_QUANTIZE = r"""
+import sys
+import numpy as np
+import onnx_ir as ir
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.quant import quantize_model, rtn_stream
+
+real = rtn_stream.quantize_rtn_streamed
+
+def broken(model, plan, cfg, progress=None):
+    details = real(model, plan, cfg, progress)
+    nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    widest = max(n.attributes["K"].value for n in nbits)  # the down projections read the MLP's width
+    scales = [n for n in nbits if n.attributes["K"].value == widest][0].inputs[2]
+    scales.const_value = ir.tensor(np.asarray(scales.const_value.numpy()) * 64, name=scales.name)
+    return details
+
+rtn_stream.quantize_rtn_streamed = broken
+try:
+    quantize_model(sys.argv[1], sys.argv[2], "int4", algo="rtn", block_size=32, float_zero_points=False,
+                   max_eval_tokens=256, check_form="layerwise", log=lambda m: print(m, file=sys.stderr))
+except OnnxpipeError as e:
+    print(f"onnxpipe: error: {e}", file=sys.stderr)
+    sys.exit(3)
+"""
+
 
 def _measure(cmd: list[str], workdir: Path) -> dict:
     """Run ``cmd`` as scripts/measure_scale.py runs a stage (through its small launcher, so the stage's own peak RSS
@@ -98,6 +128,8 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
         runs[name] = _measure(py + ["quantize", str(work / "exported"), "-o", str(work / name), *mode, *gate], work)
         assert runs[name]["rc"] == 0, runs[name]["output"][-2000:]
         print(f"{name}: rss {runs[name]['rss'] / 1e6:.0f} MB, disk {runs[name]['disk'] / 1e6:.0f} MB", file=sys.stderr)
+    runs["planted"] = _measure([sys.executable, "-c", PLANTED_QUANTIZE, str(work / "exported"), str(work / "planted")],
+                               work)
     weights = sum(f.stat().st_size for f in (work / "exported").glob("model.onnx*"))
     sizes = {name: _dir_bytes(work / name) for name in ("hf", "exported", "optimized", *QUANTIZE_RUNS)}
     print(json.dumps({"W": weights, "sizes": sizes,
@@ -140,3 +172,19 @@ def test_quantize_stays_within_rss_bound(stages, name: str) -> None:
     assert run["rss"] <= QUANTIZE_RSS_X * W, f"quantize ({name}) peak RSS {run['rss'] / W:.2f} x W"
     # quantize keeps temporary files while it runs (measured: 0.83x its input at the peak, its output 0.24x)
     assert run["disk"] <= 1.1 * (stages["sizes"][name] + stages["sizes"]["exported"])
+
+
+def test_quantize_layer_by_layer_refuses_a_planted_fault(stages) -> None:
+    """The same gate that the sound int4 run passes (its figures, recorded with the gate open) refuses the planted
+    quantization: its greedy text parts from the input's."""
+    from onnxpipe.quant.quality import MIN_GREEDY_AGREEMENT, Gate
+
+    run = stages["runs"]["planted"]
+    assert run["rc"] == 3 and "failed the quality gate" in run["output"] and "greedy agreement" in run["output"]
+    assert not (stages["work"] / "planted").exists()
+    sound = json.loads((stages["work"] / "quantized" / "onnxpipe.json").read_text())["steps"][-1]
+    gate = Gate(5.0, MIN_GREEDY_AGREEMENT)  # int4's default budget
+    q = sound["quality"]
+    assert sound["check_form"] == "layerwise"
+    assert gate.ppl_check(q["ppl_change_pct"], q["ppl_change_ci95_pct"]).passed
+    assert gate.greedy_check(q["greedy_agreement"], q["greedy_agreement_ties"], q["greedy_positions"]).passed
