@@ -143,3 +143,15 @@ def test_already_quantized_input_is_refused(tok_model, small_eval: Path, tmp_pat
         one_line_error(invoke("quantize", first, "-o", out, "--mode", mode, "--eval", small_eval, *FAST),
                        str(first), "is already quantized", "manifest step 1: quantize --mode dynamic")
         assert not out.exists()
+
+
+def test_check_form_layerwise_from_the_command_line(tok_model, small_eval: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    out = tmp_path / "q"
+    r = invoke("quantize", tok_model("llama"), "-o", out, "--mode", "int4", "--algo", "rtn", "--block-size", "32",
+               "--zero-points", "int", "--check-form", "layerwise", "--eval", small_eval, *FAST)
+    assert r.exit_code == 0, r.output
+    assert "checks layer by layer" in r.output and "the input model then the quantized one" in r.output
+    step = json.loads((out / "onnxpipe.json").read_text())["steps"][-1]
+    assert step["check_form"] == "layerwise" and step["check"]["form"] == "layerwise"
+    bad = invoke("quantize", tok_model("llama"), "-o", tmp_path / "bad", "--mode", "int4", "--check-form", "segments")
+    assert bad.exit_code == 2 and "--check-form" in bad.output and not (tmp_path / "bad").exists()
