@@ -176,14 +176,28 @@ class SessionSide(Side):
 class SegmentedSide(Side):
     """A model run one layer's segment at a time (runtime.layerwise), each segment's session mapping its weights
     from the model's data file and made with every graph optimization on (as a user runs the model): the host
-    memory is one segment's weights, not the model's (widened to fp32 on the CPU for an fp16 model)."""
+    memory is one segment's weights, not the model's (widened to fp32 on the CPU for an fp16 model). The graph
+    (runtime.layerwise.file_graph: with a single-file model's weights) is read on first use and dropped by
+    ``release``."""
 
     def __init__(self, model_path: str | Path, manifest: Manifest) -> None:
-        from onnxpipe.runtime.layerwise import file_graph, segment_session
+        from onnxpipe.runtime.layerwise import segment_session
 
-        self.manifest, self.graph, self.session = manifest, file_graph(model_path), segment_session()
+        self.model_path, self.manifest, self.session = Path(model_path), manifest, segment_session()
+        self._graph: Any = None
         dtypes = {t["name"]: t["dtype"] for t in manifest.graph["inputs"]}
         self.kv_dtype = np.dtype(dtypes.get(manifest.past_names(0)[0], "float32"))
+
+    @property
+    def graph(self) -> Any:
+        if self._graph is None:
+            from onnxpipe.runtime.layerwise import file_graph
+
+            self._graph = file_graph(self.model_path)
+        return self._graph
+
+    def release(self) -> None:
+        self._graph = None
 
     def prefills(self, batches: list[np.ndarray], consume: Callable[[int, np.ndarray], None]) -> None:
         from onnxpipe.runtime.layerwise import run_segmented
