@@ -160,7 +160,9 @@ def quantize_model(
         copy_sidecar_files(src.path, tmp)
         manifest = _output_manifest(src.manifest, tmp / MODEL_FILE, cfg)
         _release_weights_step()
-        check = _decode_check(src, tmp / MODEL_FILE, manifest, cfg, provider, form)
+        log(f"decode-path check vs input: the input model, then the quantized one"
+            f"{', layer by layer' if form == 'layerwise' else ''}...")
+        check = _decode_check(src, tmp / MODEL_FILE, manifest, cfg, provider, form, log)
         judged = "" if check.passed is not None else (" -- recorded, not judged (random prompts; the quality gate "
                                                       "below judges integer modes)")
         log(f"decode-path check vs input: {check.summary()}{judged}")
@@ -727,7 +729,7 @@ def _output_manifest(src: Manifest, model_path: Path, cfg: ModeConfig) -> Manife
 
 
 def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: ModeConfig,
-                  provider: str = "cpu", form: str = "whole") -> Any:
+                  provider: str = "cpu", form: str = "whole", log: Log = lambda msg: None) -> Any:
     """Prefill + decode steps on a padded batch (the input's padding side) against the input model
     (parity.check_decoders), on ``provider`` (quality.eval_provider: CUDA where this onnxruntime has it).
 
@@ -753,7 +755,7 @@ def _decode_check(src: ModelDir, model_path: Path, manifest: Manifest, cfg: Mode
 
         report = check_layerwise(file_graph(src.model_path), file_graph(model_path), manifest, segment_session(),
                                  kv_dtype=kv_dtype(manifest), ref_kv_dtype=kv_dtype(src.manifest),
-                                 padding_side=side, reference_padding_side=side)
+                                 padding_side=side, reference_padding_side=side, log=log)
     else:
         if provider == "cpu":
             ref = lazy_ort_step_fn(lambda: reference_session(src.model_path), src.manifest)
