@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     from onnxpipe.serve.scheduler import make_scheduler
 
     lm = load(args.model_dir, args.provider, threads=args.threads, cuda_graph=args.cuda_graph,
-              announce=lambda m: print(m, file=sys.stderr))
+              last_position=True, announce=lambda m: print(m, file=sys.stderr))  # as `onnxpipe serve` loads it
     slots = lm.session.shares_buffer
     # the rows' length (slot layout): what each mode's requests need, unless --max-length
     level_length = args.max_length or args.prompt_tokens + args.max_tokens

@@ -462,13 +462,16 @@ def load(
     threads: int | None = None,
     announce: Callable[[str], None] | None = None,
     cuda_graph: bool = False,
+    last_position: bool | None = None,
 ) -> LanguageModel:
     """Open a model directory on ``provider`` (auto: TensorRT -> CUDA -> CPU). What runs is ``lm.provider``.
-    cuda_graph: replay decode steps as CUDA graphs (CUDA EP, graphs of optimize --target cuda)."""
+    cuda_graph: replay decode steps as CUDA graphs (CUDA EP, graphs of optimize --target cuda). last_position: run
+    the LM head only at the position each row reads (an in-memory edit of the graph; None: where the edit is cheap,
+    i.e. the weights are external or few; True: also for a large single-file model, paying its rebuild at load)."""
     threads = check_threads(threads)
     md = ModelDir.open(model_dir)
     session = DecoderSession(md, provider, trt_options=trt_options, threads=threads, announce=announce,
-                             cuda_graph=cuda_graph)
+                             cuda_graph=cuda_graph, last_position=last_position)
     return LanguageModel(session, TextTokenizer.from_dir(md.path))
 
 

@@ -280,7 +280,10 @@ def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
         import uvicorn
     except ImportError:
         raise OnnxpipeError("serving needs the [serve] extra: pip install 'onnxpipe[serve]'") from None
-    lm = load(model_dir, provider, threads=threads, announce=announce, cuda_graph=cuda_graph)
+    # a server loads once and prefills all its life: the head at the read position only, even where that means
+    # rebuilding a large single-file graph at load (its logits at every prompt position are ~20% of a
+    # SmolLM2-135M prefill)
+    lm = load(model_dir, provider, threads=threads, announce=announce, cuda_graph=cuda_graph, last_position=True)
     name = model_name or Path(model_dir).resolve().name
     app = create_app(lm, name, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                      max_length=max_length)
