@@ -32,6 +32,7 @@ import onnx_ir as ir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.fusion import attention, cleanup, gelu, layerwise, moe, norms, packing, rotary
 from onnxpipe.fusion.rules import TARGETS, PassContext, using_context
+from onnxpipe.runtime.layerwise import one_cast_at_a_time as cast_by_cast
 from onnxpipe.runtime.sessions import open_session
 
 PassFn = Callable[[ir.Model, PassContext], "dict[str, Any] | None"]
@@ -182,20 +183,8 @@ def _session(model: Snapshot | bytes | str | Path, providers: list[str], optimiz
     return open_session(model, providers, optimization="all" if optimized else "off",
                         purpose=f"the {'candidate' if optimized else 'reference'} of a pass check",
                         config={"session.disable_prepacking": "1"}, external_initializers=initializers,
-                        session_options=_one_cast_at_a_time() if one_cast_at_a_time and not optimized else None,
+                        session_options=cast_by_cast() if one_cast_at_a_time and not optimized else None,
                         external_data_dir=external_data_dir, raw_errors=True)
-
-
-def _one_cast_at_a_time() -> Any:
-    """The reference side's options: the CPU EP runs fp16 MatMuls through Casts of the weights; with optimizations
-    off they are not folded into fp32 copies, and with the priority-based order and no memory arena each cast runs
-    just before its consumer and is freed after it (export/truncated.py measured 2x the weights at once without)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.enable_cpu_mem_arena = False
-    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    return so
 
 
 def _ort_value(tensor: Any) -> Any:

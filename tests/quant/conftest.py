@@ -57,3 +57,21 @@ def small_eval(tmp_path: Path) -> Path:
     path = tmp_path / "eval.txt"
     path.write_text(EVAL.read_text()[:3000])
     return path
+
+
+def external_copy(src: Path, dst: Path) -> Path:
+    """A copy of the model directory ``src`` at ``dst`` with its weights in model.onnx.data, as a large model's are."""
+    import shutil
+
+    import onnx
+
+    from onnxpipe.artifact import ModelDir, write_manifest
+
+    shutil.copytree(src, dst)
+    proto = onnx.load(str(dst / "model.onnx"))
+    onnx.save_model(proto, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    manifest = ModelDir.open(dst).manifest
+    manifest.graph["external_data"] = "model.onnx.data"
+    write_manifest(dst, manifest)
+    return dst

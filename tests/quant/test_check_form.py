@@ -8,14 +8,12 @@ layer-by-layer decode check names the first layer whose KV cache differs.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+from quant.conftest import external_copy
 
-from onnxpipe.artifact import ModelDir, write_manifest
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.quant import quantize_model
 from onnxpipe.quant.quality import DECODE_STEPS
@@ -27,15 +25,7 @@ OPEN = {"min_greedy_agreement": 0.0, "max_ppl_increase": 1000.0, "max_eval_token
 @pytest.fixture()
 def external_model(tok_model, tmp_path: Path) -> Path:  # noqa: ANN001
     """The tiny Llama with its weights in model.onnx.data, as a large model's are."""
-    src = ModelDir.open(tok_model("llama"))
-    dst = tmp_path / "external"
-    shutil.copytree(src.path, dst)
-    proto = onnx.load(str(dst / "model.onnx"))
-    onnx.save_model(proto, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
-    manifest = ModelDir.open(dst).manifest
-    manifest.graph["external_data"] = "model.onnx.data"
-    write_manifest(dst, manifest)
+    dst = external_copy(tok_model("llama"), tmp_path / "external")
     return dst
 
 

@@ -9,15 +9,15 @@ data, then loaded and run by the runtime.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from quant.conftest import external_copy
 
 from onnxpipe import artifact
-from onnxpipe.artifact import ModelDir, write_manifest
+from onnxpipe.artifact import ModelDir
 from onnxpipe.quant import quantize_model
 from onnxpipe.quant.calibration import CalibrationConfig
 
@@ -27,15 +27,7 @@ THRESHOLD = 10_000
 
 @pytest.fixture()
 def external_model(tok_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:  # noqa: ANN001
-    src = ModelDir.open(tok_model("llama"))
-    dst = tmp_path / "external"
-    shutil.copytree(src.path, dst)
-    proto = onnx.load(str(dst / "model.onnx"))
-    onnx.save_model(proto, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
-    manifest = ModelDir.open(dst).manifest
-    manifest.graph["external_data"] = "model.onnx.data"
-    write_manifest(dst, manifest)
+    dst = external_copy(tok_model("llama"), tmp_path / "external")
     monkeypatch.setattr(artifact, "EXTERNAL_DATA_THRESHOLD", THRESHOLD)
     return dst
 

@@ -47,3 +47,14 @@ def byte_model(tiny_onnx: Callable[..., Path], tmp_path_factory: pytest.TempPath
         return cache[family]
 
     return build
+
+
+def streamed_pieces(row, ids) -> list[str]:  # noqa: ANN001
+    """Feed ``ids`` to a generate RowState one token at a time; the text pieces it streams, in order."""
+    pieces = []
+    for t in ids:
+        row.add(t)
+        p = row.piece()
+        if p is not None:
+            pieces.append(p.text)
+    return pieces

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from runtime.conftest import streamed_pieces
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime import load
@@ -178,12 +179,7 @@ def test_stream_holds_back_broken_utf8():
     ids = tok.encode(text)
     assert len(ids) == len(text.encode())
     row = RowState(0, [104], SamplingConfig(max_new_tokens=len(ids)), set(), len(ids), tok)
-    pieces = []
-    for t in ids:
-        row.add(t)
-        p = row.piece()
-        if p is not None:
-            pieces.append(p.text)
+    pieces = streamed_pieces(row, ids)
     assert row.done and row.finish_reason == "length"
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text == row.result().text

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from runtime.conftest import streamed_pieces
 
 from onnxpipe.runtime.generate import DECODE_WINDOW, PROMPT_CONTEXT, RowState, TextTokenizer
 from onnxpipe.runtime.sampling import SamplingConfig
@@ -53,12 +54,7 @@ def test_a_streamed_row_decodes_a_bounded_window_per_step():
     ids = tok.encode("The quick brown fox jumps over the lazy dog. " * 40)[:400]
     row = RowState(0, tok.encode("Hello"), SamplingConfig(max_new_tokens=len(ids) + 1), set(), len(ids) + 1, tok)
     row.tok = counting  # type: ignore[assignment]
-    pieces = []
-    for t in ids:
-        row.add(t)
-        p = row.piece()
-        if p is not None:
-            pieces.append(p.text)
+    pieces = streamed_pieces(row, ids)
     per_step = counting.decoded / len(ids)
     assert per_step <= 2 * (DECODE_WINDOW + PROMPT_CONTEXT + 1)  # the whole decode: ~200 tokens a step here
     assert "".join(pieces) == row.decode(row.tokens)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runtime.conftest import streamed_pieces
 
 from onnxpipe.runtime import load
 from onnxpipe.runtime.generate import RowState, TextTokenizer
@@ -65,11 +66,6 @@ def test_multibyte_characters_stream_whole(reference):
     ids = tok.encode(text)
     assert any("\ufffd" in tok.decode([t]) for t in ids)  # characters do split across tokens here
     row = RowState(0, [], SamplingConfig(max_new_tokens=len(ids)), set(), len(ids), tok)
-    pieces = []
-    for t in ids:
-        row.add(t)
-        p = row.piece()
-        if p is not None:
-            pieces.append(p.text)
+    pieces = streamed_pieces(row, ids)
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == row.result().text == tok.decode(ids)
