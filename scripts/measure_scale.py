@@ -43,11 +43,16 @@ def random_bf16_model(cfg: Any, std: float) -> Any:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=gen)
+            init_weight(name, p, std, gen)
     return model
+
+
+def init_weight(name: str, t: Any, std: float, gen: Any) -> None:
+    """In place, in the order the parameters come: a norm's weight 1, the rest normal(0, std) from ``gen``."""
+    if name.endswith("norm.weight") or "layernorm" in name:
+        t.fill_(1.0)
+    else:
+        t.normal_(0.0, std, generator=gen)
 
 
 def save_streamed(cfg: Any, out: Path, std: float, shard_bytes: int = 2 << 30) -> int:
@@ -78,10 +83,7 @@ def save_streamed(cfg: Any, out: Path, std: float, shard_bytes: int = 2 << 30) -
         tensors = {}
         for name, p in shard:
             t = torch.empty(p.shape, dtype=torch.bfloat16)
-            if name.endswith("norm.weight") or "layernorm" in name:
-                t.fill_(1.0)
-            else:
-                t.normal_(0.0, std, generator=gen)
+            init_weight(name, t, std, gen)
             tensors[name] = t
             weight_map[name] = file
             total += t.numel() * 2
