@@ -40,9 +40,15 @@ def main() -> int:
     ap.add_argument("--check-form", default="auto", choices=["auto", "whole", "layerwise"])
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    from onnxpipe.artifact import ModelDir
+    from onnxpipe.errors import OnnxpipeError
     from onnxpipe.fusion import optimize_model, pipeline
 
-    layers = int(json.loads((args.exported / "onnxpipe.json").read_text())["graph"]["kv"]["num_layers"])
+    try:
+        layers = ModelDir.open(args.exported).manifest.num_layers
+    except OnnxpipeError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
     early = pipeline.FusionPass("planted_layer_1", 1, doubling(1), "doubles layer 1's down projection")
     late = pipeline.FusionPass("planted_last_layer", 3, doubling(layers - 1), "doubles the last layer's down projection")
     at = [p.name for p in pipeline.PASSES].index("attention") + 1
