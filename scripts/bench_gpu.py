@@ -191,9 +191,9 @@ def main_orchestrate(args) -> int:
     builds = {"onnxpipe": Child("build_onnxpipe", spec, log, build_cores)}
     if ("genai" in args.anchors or "genai_graph" in args.anchors) and (cuda or args.genai_cpu):
         builds["genai"] = Child("build_genai", spec, log, build_cores)
-    if "onnxpipe_int4_graph" in args.anchors:
+    if {"onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa"} & set(args.anchors):
         builds["onnxpipe_int4"] = Child("build_onnxpipe_int4", spec, log, build_cores)
-    if ("genai_int4" in args.anchors or "genai_int4_graph" in args.anchors) and (cuda or args.genai_cpu):
+    if {"genai_int4", "genai_int4_graph", "genai_int4_graph_fpa"} & set(args.anchors) and (cuda or args.genai_cpu):
         builds["genai_int4"] = Child("build_genai_int4", spec, log, build_cores)
     build_state: dict[str, str | None] = {}  # None: ready; str: why not
 
@@ -232,16 +232,17 @@ def main_orchestrate(args) -> int:
 
     needs = {"onnxpipe": "onnxpipe", "onnxpipe_fullhead": "onnxpipe", "onnxpipe_graph": "onnxpipe", "onnxpipe_graph_hostfed": "onnxpipe", "onnxpipe_graph_xqa": "onnxpipe",
              "onnxpipe_int4_graph": "onnxpipe_int4", "genai_int4": "genai_int4", "genai_int4_graph": "genai_int4",
+             "onnxpipe_int4_graph_fpa": "onnxpipe_int4", "genai_int4_graph_fpa": "genai_int4",
              "onnxpipe_profile": "onnxpipe", "genai": "genai",
              "genai_graph": "genai"}
     small = [b for b in args.batches if b <= 8]
     large = [b for b in args.batches if b > 8]
     order = sorted(args.anchors, key=PRIORITY.index)
-    plan = [(a, [1] if a in ("genai_graph", "genai_int4_graph") else small) for a in order]
+    plan = [(a, [1] if a in ("genai_graph", "genai_int4_graph", "genai_int4_graph_fpa") else small) for a in order]
     if "onnxpipe" in args.anchors and args.profile_steps > 1:
         plan.append(("onnxpipe_profile", [1]))
-    plan += [(a, large) for a in order if a not in ("genai_graph", "genai_int4_graph")]
-    for graphs in ("genai_graph", "genai_int4_graph"):  # GenAI captures CUDA graphs only at batch 1
+    plan += [(a, large) for a in order if a not in ("genai_graph", "genai_int4_graph", "genai_int4_graph_fpa")]
+    for graphs in ("genai_graph", "genai_int4_graph", "genai_int4_graph_fpa"):  # GenAI captures CUDA graphs only at batch 1
         if graphs in args.anchors:
             res["skipped"] += [{"what": f"{ANCHORS[graphs]} b{b}", "why": "GenAI's CUDA graphs are for batch 1"}
                                for b in args.batches if b != 1]
@@ -318,8 +319,10 @@ def main() -> int:
     ap.add_argument("--shape", default="llama-1b", choices=[k for k in SHAPES if k != "tiny"])
     ap.add_argument("--target", choices=["cpu", "cuda"], help="optimize's target (default: the device's)")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--anchors", default=",".join(a for a in ANCHORS if a != "onnxpipe_graph_xqa"),
-                    help="default: all but onnxpipe_graph_xqa (runs 7-8: level with the default kernel)")
+    opt_in = ("onnxpipe_graph_xqa", "onnxpipe_int4_graph_fpa", "genai_int4_graph_fpa")
+    ap.add_argument("--anchors", default=",".join(a for a in ANCHORS if a not in opt_in),
+                    help="default: all but " + ", ".join(opt_in) + " (XQA, runs 7-8: level with the default kernel; "
+                         "the fpA_intB ones: opt-in kernels)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

@@ -22,14 +22,17 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "onnxpipe_graph_hostfed": "onnxpipe + CUDA graphs, inputs uploaded each step",
     "onnxpipe_graph_xqa": "onnxpipe + CUDA graphs + XQA decode kernel",
     "onnxpipe_int4_graph": "onnxpipe int4 (symmetric RTN) + CUDA graphs",
+    "onnxpipe_int4_graph_fpa": "onnxpipe int4 + CUDA graphs + ORT_FPA_INTB_GEMM=1",
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
     "genai_int4": "ORT GenAI int4",
     "genai_int4_graph": "ORT GenAI int4 + CUDA graphs",
+    "genai_int4_graph_fpa": "ORT GenAI int4 + CUDA graphs + ORT_FPA_INTB_GEMM=1",
 }
 LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
 PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_fullhead", "onnxpipe_graph", "onnxpipe_graph_hostfed", "onnxpipe_graph_xqa", "genai", "genai_graph",
-            "onnxpipe_int4_graph", "genai_int4", "genai_int4_graph", "torch_compile"]  # eager first: its tokens are the
+            "onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
+            "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 
 
@@ -161,7 +164,8 @@ def child_onnxpipe(spec: dict) -> None:
 
     graph = ("optimized (level 3)" + (", int4 RTN" if spec["optimized"] == spec.get("int4") else "")
              + (", CUDA graphs" if spec.get("cuda_graph") else "")
-             + (", ORT_ENABLE_XQA=1" if os.environ.get("ORT_ENABLE_XQA") == "1" else ""))
+             + (", ORT_ENABLE_XQA=1" if os.environ.get("ORT_ENABLE_XQA") == "1" else "")
+             + (", ORT_FPA_INTB_GEMM=1" if os.environ.get("ORT_FPA_INTB_GEMM") == "1" else ""))
     try:
         if spec.get("full_head"):  # the graph's LM head on every prompt position (no last-position gather)
             from onnxpipe.runtime.generate import LanguageModel
@@ -224,6 +228,13 @@ def child_onnxpipe_xqa(spec: dict) -> None:
     the kernel reads the variable when the session is made, so this child sets it first."""
     os.environ["ORT_ENABLE_XQA"] = "1"
     child_onnxpipe(dict(spec, cuda_graph=True))
+
+
+def _with_fpa(child, spec: dict) -> None:
+    """onnxruntime's CUTLASS weight-only (fpA_intB) MatMulNBits kernels are opt-in through this variable, read when a
+    session's kernels are made; a child of its own sets it first."""
+    os.environ["ORT_FPA_INTB_GEMM"] = "1"
+    child(spec)
 
 
 class _Timed:
@@ -382,11 +393,13 @@ CHILDREN = {
     "onnxpipe_graph_xqa": lambda s: child_onnxpipe_xqa(s),
     "onnxpipe_profile": child_onnxpipe_profile,
     "onnxpipe_int4_graph": lambda s: child_onnxpipe(dict(s, cuda_graph=True, optimized=s["int4"])),
+    "onnxpipe_int4_graph_fpa": lambda s: _with_fpa(child_onnxpipe, dict(s, cuda_graph=True, optimized=s["int4"])),
     "build_onnxpipe_int4": lambda s: child_build_onnxpipe_int4(s),
     "build_genai_int4": lambda s: child_build_genai(dict(s, genai=s["genai_int4"], genai_precision="int4"),
                                                     stage="genai_int4"),
     "genai_int4": lambda s: child_genai(dict(s, genai=s["genai_int4"]), graphs=False),
     "genai_int4_graph": lambda s: child_genai(dict(s, genai=s["genai_int4"]), graphs=True),
+    "genai_int4_graph_fpa": lambda s: _with_fpa(lambda t: child_genai(t, graphs=True), dict(s, genai=s["genai_int4"])),
     "genai": lambda s: child_genai(s, graphs=False),
     "genai_graph": lambda s: child_genai(s, graphs=True),
 }
