@@ -130,7 +130,7 @@ def on_model(a: argparse.Namespace, provider: str) -> dict[str, Any]:
                           feed_count(samples, calib, decode=False), None)
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         details = quantize_gptq_streamed(model, plan, cfg, feeds, Path(tmp) / "gptq-activations", provider,
-                                         log=lambda m: print(m, file=sys.stderr, flush=True))
+                                         log=lambda m: print(m, file=sys.stderr, flush=True), manifest=src.manifest)
     return {"gptq": details["gptq"], "wall_s": round(time.perf_counter() - start, 1),
             "tokens": int(samples.shape[0] * calib.prefill_len)}
 

@@ -605,7 +605,7 @@ def _stream_gptq(model: Any, plan: Any, src: ModelDir, out_path: Path, cfg: Int4
                                    for b in range(0, len(samples), batch)),
                           feed_count(samples, cfg.calib, decode=False), progress)
     details = quantize_gptq_streamed(model, plan, cfg, feeds, out_path.parent / "gptq-activations",
-                                     eval_provider(src.manifest), log, progress)
+                                     eval_provider(src.manifest), log, progress, manifest=src.manifest)
     details["calibration_feeds"] = feed_count(samples, cfg.calib, decode=False)
     return details
 

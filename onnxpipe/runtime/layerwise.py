@@ -277,13 +277,17 @@ class SideRun:
 def run_segmented(graph: Graph, manifest: Manifest, steps: list[dict[str, np.ndarray]], kv_dtype: np.dtype,
                   session: SessionFn, optimized: bool, log: Callable[[str], None] = lambda m: None, *,
                   keep: Collection[str] | None = None,
-                  consume: Callable[[int, np.ndarray], None] | None = None) -> SideRun:
+                  consume: Callable[[int, np.ndarray], None] | None = None,
+                  taken: Collection[str] = (), take: Callable[[int, str, np.ndarray], None] | None = None,
+                  done: Callable[[Segment], None] | None = None) -> SideRun:
     """Run ``graph`` over ``steps`` (each step's input_ids, attention_mask, position_ids) one segment at a time.
 
     A step's past caches are the step before's presents (the first step's: empty), unless the step gives them
     itself (a prefill from an empty cache: quality.prefill_feed). ``keep``: the graph outputs kept for every step
     (default: all of them). ``consume(t, logits)``: takes step t's logits as soon as they are made, and they are not
-    kept (a quality report's windows: one batch's logits in memory at a time)."""
+    kept (a quality report's windows: one batch's logits in memory at a time). ``take(t, name, value)``: the same
+    for the graph outputs named in ``taken`` (GPTQ's layer inputs, summed as they come). ``done(segment)``: called
+    once a segment has run every step and its session is released (its ``taken`` outputs are all in)."""
     import onnx
 
     model = onnx.ModelProto()
@@ -302,6 +306,7 @@ def run_segmented(graph: Graph, manifest: Manifest, steps: list[dict[str, np.nda
 
     for seg in segments:
         sess = None
+        later = {x for s in segments if s.label > seg.label for x in s.inputs}
         for t in range(len(steps)):
             feed = {}
             for name in seg.inputs:
@@ -320,14 +325,18 @@ def run_segmented(graph: Graph, manifest: Manifest, steps: list[dict[str, np.nda
             values[t].update(zip(seg.outputs, outs))
             if consume is not None and logits_name in seg.outputs:
                 consume(t, values[t].pop(logits_name))
+            if take is not None:  # handed over, and not kept unless a later segment reads it
+                for name in [n for n in seg.outputs if n in taken]:
+                    take(t, name, values[t][name] if name in later else values[t].pop(name))
         del sess
         release_freed_memory()
-        later = {x for s in segments if s.label > seg.label for x in s.inputs}
         chained = {past_of[x] for x in later if x in past_of}  # the next step reads these presents
         for t in range(len(steps)):  # what no later segment (or step) reads goes; the kept outputs stay
             for name in [n for n in values[t] if n not in later and n not in kept and n not in steps[t]
                          and not (n in chained and t + 1 < len(steps))]:
                 del values[t][name]
+        if done is not None:
+            done(seg)
     presents = [{q: v[q] for q in past_of.values() if q in v} for v in values]
     return SideRun([v[logits_name].astype(np.float32) for v in values if logits_name in v], presents)
 

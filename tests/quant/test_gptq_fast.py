@@ -206,7 +206,8 @@ def test_tiny_model_gets_the_reference_gptq_weights(tok_model, tmp_path: Path, m
     model = ir.load(str(src.model_path))
     feeds = gptq_stream.counted_feeds(
         lambda: (prefill_feed(src.manifest, samples[b:b + 1]) for b in range(len(samples))), len(samples), None)
-    details = gptq_stream.quantize_gptq_streamed(model, read_plan(model, logits), cfg, feeds, tmp_path / "work")
+    details = gptq_stream.quantize_gptq_streamed(model, read_plan(model, logits), cfg, feeds, tmp_path / "work",
+                                                 manifest=src.manifest)
     assert set(details["gptq"]["phase_seconds"]) == set(gptq_stream.PHASES)
     out = tmp_path / "out"
     out.mkdir()

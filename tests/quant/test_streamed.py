@@ -142,7 +142,7 @@ def test_streamed_gptq_is_the_in_memory_gptq(tok_model, tmp_path: Path, monkeypa
                           2, None)
     passes: list[str] = []
     details = quantize_gptq_streamed(model, plan, cfg, lambda label: (passes.append(label), feeds(label))[1],
-                                     tmp_path / "work")
+                                     tmp_path / "work", form="whole")  # the layer-by-layer form: test_gptq_layerwise
     assert not (tmp_path / "work").exists()  # the activation model is gone
     assert len(passes) == details["gptq"]["passes"] == (1 if budget > 1 else details["gptq"]["hessians"])
     out = tmp_path / "out"
