@@ -47,16 +47,23 @@ __all__ = ["BatchLoop", "ConcatScheduler", "Event", "QueueFull", "Request", "Sch
 
 
 def make_scheduler(lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto",
-                   max_length: int | None = None) -> BatchLoop:
+                   max_length: int | None = None, prefill_group: int | None = None) -> BatchLoop:
     """The scheduler for ``lm``'s graph: fixed rows of its shared KV buffer (CUDA form; ``max_length``: the tokens a
-    row holds, prompt and reply), else the concat layout (``max_length`` must then be None: a row holds the model's
-    context). ``prefill_chunk``: the prompt tokens an iteration reads, or ``auto`` (``budget.PrefillBudget``)."""
+    row holds, prompt and reply; ``prefill_group``: whole prompts read in one run, at most), else the concat layout
+    (``max_length`` and ``prefill_group`` must then be None: a row holds the model's context, and short prompts are
+    read together by the budget). ``prefill_chunk``: the prompt tokens an iteration reads, or ``auto``
+    (``budget.PrefillBudget``)."""
     if lm.session.shares_buffer:
+        group = {} if prefill_group is None else {"prefill_group": prefill_group}
         return SlotScheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                             max_length=max_length)
+                             max_length=max_length, **group)
     if max_length is not None:
         raise OnnxpipeError("max_length sizes the fixed rows of a shared-buffer graph (optimize --target cuda); this "
                             "graph grows its cache (concat): leave it unset")
+    if prefill_group is not None:
+        raise OnnxpipeError("prefill_group reads prompts into adjacent fixed rows of a shared-buffer graph (optimize "
+                            "--target cuda); this graph grows its cache (concat), whose short prompts are read "
+                            "together by the budget: leave it unset")
     return ConcatScheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
 
 

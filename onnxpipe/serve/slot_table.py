@@ -45,6 +45,35 @@ class SlotTable:
         self.state[row], self.counts[row], self.tokens[row] = PREFILLING, 0, self.pad_id
         return row
 
+    def place(self, rows: list[int], others: list[int] | tuple[int, ...] = ()) -> list[int]:
+        """Move the rows ``rows`` to runs of adjacent rows, so that a group prefill binds each run as one block of the
+        buffer: as few runs as the free rows and ``others`` allow (the lowest run that holds all that is left, else
+        the longest, lowest first); then ``others`` to the lowest rows left. All are held for prompts not yet begun
+        (nothing written in them). Returns the new rows of ``rows`` then of ``others``, in their order."""
+        moving = list(rows) + list(others)
+        if len(set(moving)) != len(moving):
+            raise OnnxpipeError(f"rows to move are listed twice: {moving}")
+        for row in moving:
+            self._held(row, PREFILLING)
+            if self.counts[row]:
+                raise OnnxpipeError(f"row {row} holds {self.counts[row]} positions: only rows not begun move")
+        self.state[moving] = FREE
+        placed: list[int] = []
+        while len(placed) < len(rows):
+            left = len(rows) - len(placed)
+            free = np.flatnonzero(self.state == FREE)
+            breaks = np.flatnonzero(np.r_[True, np.diff(free) > 1])
+            sizes = np.diff(np.r_[breaks, len(free)])
+            fits = np.flatnonzero(sizes >= left)
+            pick = int(fits[0]) if len(fits) else int(np.argmax(sizes))  # argmax: the lowest of the longest
+            first = int(free[breaks[pick]])
+            run = list(range(first, first + min(int(sizes[pick]), left)))
+            self.state[run] = PREFILLING
+            placed += run
+        placed += [int(r) for r in np.flatnonzero(self.state == FREE)[:len(others)]]
+        self.state[placed], self.counts[placed], self.tokens[placed] = PREFILLING, 0, self.pad_id
+        return placed
+
     def prefilled(self, row: int, count: int) -> None:
         """Row ``row`` now holds the first ``count`` positions of its prompt."""
         self._held(row, PREFILLING)

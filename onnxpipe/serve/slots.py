@@ -36,71 +36,26 @@ import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.generate import LanguageModel
-from onnxpipe.runtime.last_position import LAST_INDEX
 from onnxpipe.runtime.limits import check_fits
 from onnxpipe.runtime.session import KVCache
 from onnxpipe.serve.budget import Allowance
 from onnxpipe.serve.loop import BatchLoop, Request
+from onnxpipe.serve.row_prefill import RowPrefill
 from onnxpipe.serve.slot_table import SlotTable
 
 DEFAULT_MAX_LENGTH = 2048  # a row's tokens (prompt and reply) unless max_length says otherwise
+DEFAULT_PREFILL_GROUP = 1  # prompts read in one run: each its own unless asked (docs/serve.md, "On a GPU")
 
 
-class RowPrefill:
-    """Prefill chunks of one prompt into one row of a shared KV buffer, by address, outside any CUDA graph."""
-
-    def __init__(self, lm: LanguageModel, values: list[Any]):
-        s = self.session = lm.session
-        import onnxruntime as ort
-
-        self._ort = ort
-        self.device = "cpu" if s.device == "cpu" else "cuda"
-        rows, heads, capacity, head_dim = (int(d) for d in values[0].shape())
-        if (heads, head_dim) != (s.num_kv_heads, s.head_dim) or any(v.shape() != values[0].shape() for v in values):
-            raise OnnxpipeError(f"the KV buffers {values[0].shape()} are not [rows, {s.num_kv_heads}, capacity, "
-                                f"{s.head_dim}] each")
-        self.values, self.capacity = values, capacity
-        self.row_shape = [1, heads, capacity, head_dim]
-        self.row_bytes = heads * capacity * head_dim * s.kv_dtype.itemsize
-        self.run_options = None
-        if s.cuda_graph:  # a session with CUDA graphs on: this run is not one of them
-            self.run_options = ort.RunOptions()
-            self.run_options.add_run_config_entry("gpu_graph_id", "-1")
-
-    def run(self, row: int, ids: list[int], start: int) -> np.ndarray:
-        """Write prompt tokens ``ids`` at positions ``start``... of ``row``; returns the logits of the last one
-        [1, vocab] (float32)."""
-        s, n = self.session, len(ids)
-        if start + n > self.capacity:
-            raise OnnxpipeError(f"{start + n} positions do not fit a row of {self.capacity}")
-        io = s.session.io_binding()
-        # first, so get_outputs()[0]; [1, 1, vocab] with the last-position head; on the device, as the session's
-        # own runs bind it, read back below
-        io.bind_output(s.logits_name, self.device, 0)
-        self._input(io, "input_ids", np.asarray(ids, np.int64)[None, :])
-        self._input(io, "attention_mask", np.ones((1, start + n), np.int64))
-        if s.has_position_ids:
-            self._input(io, "position_ids", np.arange(start, start + n, dtype=np.int64)[None, :])
-        if s.last_position:
-            self._input(io, LAST_INDEX, np.array([n - 1], np.int64))
-        for past, present, value in zip(s.past_names, s.present_names, self.values):
-            at = value.data_ptr() + row * self.row_bytes
-            io.bind_input(past, self.device, 0, s.kv_dtype, self.row_shape, at)
-            io.bind_output(present, self.device, 0, s.kv_dtype, self.row_shape, at)  # written in place
-        try:
-            s.session.run_with_iobinding(io, self.run_options)
-        except Exception as e:
-            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise OnnxpipeError(f"{s.model_dir.path}: onnxruntime failed on a prefill into row {row} ({n} tokens "
-                                f"from position {start}): {text}") from None
-        logits = io.get_outputs()[0].numpy()
-        return np.asarray(logits[:, -1], np.float32)
-
-    def _input(self, io: Any, name: str, array: np.ndarray) -> None:
-        if self.device == "cpu":
-            io.bind_cpu_input(name, array)
+def _adjacent(group: list[Request]) -> list[list[Request]]:
+    """``group`` split where its rows stop being adjacent (row r, then r + 1...)."""
+    runs: list[list[Request]] = []
+    for req in group:
+        if runs and req.slot == runs[-1][-1].slot + 1:
+            runs[-1].append(req)
         else:
-            io.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
+            runs.append([req])
+    return runs
 
 
 class RowPrefix:
@@ -141,7 +96,7 @@ class SlotScheduler(BatchLoop):
     """Fixed rows of one shared KV buffer (optimize --target cuda): on the CPU, the CUDA EP, or its CUDA graphs."""
 
     def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto",
-                 max_length: int | None = None):
+                 max_length: int | None = None, prefill_group: int = DEFAULT_PREFILL_GROUP):
         s = lm.session
         if not s.shares_buffer or s.padding_side != "right":
             raise OnnxpipeError(f"{s.model_dir.path}: the slot layout needs a shared KV buffer read by row sums "
@@ -151,6 +106,10 @@ class SlotScheduler(BatchLoop):
         if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
                                        or max_length < 2):
             raise OnnxpipeError(f"max_length must be an integer >= 2, got {max_length!r}")
+        if not isinstance(prefill_group, int) or isinstance(prefill_group, bool) or not 1 <= prefill_group <= max_batch:
+            raise OnnxpipeError(f"prefill_group must be an integer from 1 to max_batch ({max_batch}), got "
+                                f"{prefill_group!r}")
+        self.prefill_group = prefill_group  # whole prompts read together in one run, at most
         length = min(max_length or DEFAULT_MAX_LENGTH, s.max_positions)
         # with CUDA graphs: the session's slot of (max_batch, capacity), captured once here; its capacity may be
         # rounded up (never past the model's positions)
@@ -210,20 +169,33 @@ class SlotScheduler(BatchLoop):
     def _prefill(self, allowance: Allowance) -> int:
         """This iteration's prefill runs, over the admitted requests in order, each run as many tokens as
         ``allowance`` gives it; first, each in one piece, the short prompts not yet begun (``budget.whole``), their
-        runs counted in the allowance."""
+        runs counted in the allowance. With ``prefill_group`` > 1, whole prompts not yet begun are read up to that
+        many in one run (``_group_run``): the short ones (the first group of them whatever their tokens, then as
+        many as ``budget.whole`` allows), and with a budget of tokens those whose padded run fits what is left."""
         if self._admitted:
             self._settle()  # rows join self._running below: the step being processed is applied first
         read, (whole, most) = 0, self.budget.whole
         shorts: list[Request] = []
         for req in self._admitted:
             n = len(req.row.prompt)
-            if req.prefilled == 0 and n <= whole and (not shorts or read + n <= most):
+            if req.prefilled == 0 and n <= whole and (len(shorts) < self.prefill_group or read + n <= most):
                 shorts.append(req)
                 read += n
         read = 0
+        if self.prefill_group > 1 and shorts:
+            by_length = sorted(shorts, key=lambda r: len(r.row.prompt))  # less padding in each run
+            for at in range(0, len(by_length), self.prefill_group):
+                read += self._group_run(by_length[at:at + self.prefill_group], allowance)
+            shorts = []
         for req in shorts + [r for r in self._admitted if r not in shorts]:
+            if req not in self._admitted:  # read in a group run of this iteration
+                continue
             prompt = req.row.prompt
             left = len(prompt) - req.prefilled
+            group = self._whole_prompts(req, allowance)
+            if len(group) > 1:
+                read += self._group_run(group, allowance)
+                continue
             n = left if req in shorts else allowance.next(req.prefilled, left)
             if n <= 0:
                 break
@@ -245,12 +217,75 @@ class SlotScheduler(BatchLoop):
                 self._leave(req)
                 self._fail(req, e)
                 continue
-            if req.row.done:
-                self.table.release(req.slot)
-            else:
-                self.table.start_decoding(req.slot, req.row.tokens[-1])
-                self._running.append(req)
+            self._joined(req)
         return read
+
+    def _whole_prompts(self, req: Request, allowance: Allowance) -> list[Request]:
+        """``req`` and the admitted prompts after it, not yet begun, that one group run reads whole within a budget of
+        tokens (``prefill_group`` at most, k rows x the longest prompt within the tokens left); ``[req]`` alone where
+        none joins it, or where the budget is auto's seconds."""
+        left = allowance.tokens_left
+        if self.prefill_group == 1 or left is None or req.prefilled or len(req.row.prompt) > left:
+            return [req]
+        group, width = [req], len(req.row.prompt)
+        for other in self._admitted[self._admitted.index(req) + 1:]:
+            if len(group) == self.prefill_group:
+                break
+            wider = max(width, len(other.row.prompt))
+            if other.prefilled == 0 and wider * (len(group) + 1) <= left:
+                group.append(other)
+                width = wider
+        return group
+
+    def _group_run(self, group: list[Request], allowance: Allowance) -> int:
+        """Whole prompts not yet begun, read together: their rows moved to runs of adjacent rows
+        (``SlotTable.place``), each run of rows one prefill of [rows, longest prompt] (``RowPrefill.run_group``),
+        counted as one run by the budget; each request then samples its first token and decodes. A failed run fails
+        its requests alone. Returns the prompt tokens read."""
+        self._changed = True
+        # the other prompts not yet begun may give up their rows for the group's run of adjacent rows
+        others = [r for r in self._admitted if r.prefilled == 0 and r not in group]
+        for req, row in zip(group + others, self.table.place([r.slot for r in group], [r.slot for r in others])):
+            req.slot = row
+        read = 0
+        for members in _adjacent(group):
+            first, rows = members[0].slot, len(members)
+            prompts = [r.row.prompt for r in members]
+            try:
+                began = time.perf_counter()
+                logits = self.rows.run_group(first, prompts, self.table.pad_id)
+                allowance.ran(max(map(len, prompts)), 0, time.perf_counter() - began, rows=rows)
+            except Exception as e:  # these requests fail; the others go on
+                for req in members:
+                    self._leave(req)
+                    self._fail(req, e)
+                continue
+            self.stats.prefill_chunks += 1
+            for i, req in enumerate(members):
+                read += len(req.row.prompt)
+                req.prefilled = len(req.row.prompt)
+                self._admitted.remove(req)
+                try:
+                    self.table.prefilled(req.slot, req.prefilled)
+                    self._take(req, self._choose(req, logits, i))
+                except Exception as e:  # this request alone fails
+                    self._leave(req)
+                    self._fail(req, e)
+                    continue
+                self._joined(req)
+        return read
+
+    def _joined(self, req: Request) -> None:
+        """A request whose prompt is read and first token taken: it decodes from the next step, or leaves (done, or
+        its client gone meanwhile)."""
+        if req.row.done:
+            self.table.release(req.slot)
+        elif req.cancelled.is_set():
+            self.stats.cancelled += 1
+            self.table.release(req.slot)
+        else:
+            self.table.start_decoding(req.slot, req.row.tokens[-1])
+            self._running.append(req)
 
     def _decode_step(self) -> None:
         """One decode step of the running rows. A greedy step fed on the device, when the step before was one too and

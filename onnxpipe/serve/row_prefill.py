@@ -1,0 +1,107 @@
+"""A prompt written straight into rows of the slot layout's shared KV buffer, by address, outside any CUDA graph.
+
+A row of the buffer [rows, kv_heads, capacity, head_dim] is [1, kv_heads, capacity, head_dim] and contiguous, and so
+are k adjacent rows: a run binds past and present to the same address (the graph writes its new entries in place),
+and nothing is copied. ``run`` reads one chunk of one prompt into its row; ``run_group`` reads whole prompts of
+several adjacent rows in one run of [k, width] (``slots.SlotScheduler``'s ``prefill_group``): on a GPU, where a run
+outside the CUDA graph costs its kernel launches whatever its length, k prompts cost about one run instead of k.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.generate import LanguageModel
+from onnxpipe.runtime.last_position import LAST_INDEX
+
+
+class RowPrefill:
+    """Prefill chunks of one prompt into one row of a shared KV buffer, by address, outside any CUDA graph."""
+
+    def __init__(self, lm: LanguageModel, values: list[Any]):
+        s = self.session = lm.session
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.device = "cpu" if s.device == "cpu" else "cuda"
+        rows, heads, capacity, head_dim = (int(d) for d in values[0].shape())
+        if (heads, head_dim) != (s.num_kv_heads, s.head_dim) or any(v.shape() != values[0].shape() for v in values):
+            raise OnnxpipeError(f"the KV buffers {values[0].shape()} are not [rows, {s.num_kv_heads}, capacity, "
+                                f"{s.head_dim}] each")
+        self.values, self.capacity = values, capacity
+        self.row_shape = [1, heads, capacity, head_dim]
+        self.row_bytes = heads * capacity * head_dim * s.kv_dtype.itemsize
+        self.run_options = None
+        if s.cuda_graph:  # a session with CUDA graphs on: this run is not one of them
+            self.run_options = ort.RunOptions()
+            self.run_options.add_run_config_entry("gpu_graph_id", "-1")
+
+    def run(self, row: int, ids: list[int], start: int) -> np.ndarray:
+        """Write prompt tokens ``ids`` at positions ``start``... of ``row``; returns the logits of the last one
+        [1, vocab] (float32)."""
+        if start + len(ids) > self.capacity:
+            raise OnnxpipeError(f"{start + len(ids)} positions do not fit a row of {self.capacity}")
+        return self._run(row, np.asarray(ids, np.int64)[None, :], np.ones((1, start + len(ids)), np.int64),
+                         np.arange(start, start + len(ids), dtype=np.int64)[None, :], np.array([len(ids) - 1]),
+                         f"a prefill into row {row} ({len(ids)} tokens from position {start})")
+
+    def run_group(self, first: int, prompts: list[list[int]], pad_id: int = 0) -> np.ndarray:
+        """Whole prompts into the adjacent rows ``first``, ``first + 1``... in one run of [k, width] (width: the
+        longest prompt); returns each row's logits of its last prompt token [k, vocab] (float32).
+
+        Shorter prompts are right-padded, and the padding runs as tokens of the row: every row's mask sums to
+        ``width``, so the graph reads the k rows as k prompts of one length from position 0 (onnxruntime's
+        GroupQueryAttention's first-prompt case, the one a solo prompt takes), and a row's real tokens, which come
+        before its padding, attend only to each other (causal): their keys, values and logits are computed as in a
+        run of the row alone. The padding's keys and values land just past the row's prompt, where the row's next
+        writes go before anything reads them (as a masked decode step's write does)."""
+        k, width = len(prompts), max(len(p) for p in prompts)
+        if not prompts or min(len(p) for p in prompts) < 1 or first < 0 or first + k > int(self.values[0].shape()[0]):
+            raise OnnxpipeError(f"a group prefill needs 1 or more non-empty prompts in rows of the buffer, got {k} "
+                                f"from row {first}")
+        if width > self.capacity:
+            raise OnnxpipeError(f"{width} positions do not fit a row of {self.capacity}")
+        ids = np.full((k, width), pad_id, np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = p
+        last = np.array([len(p) - 1 for p in prompts], np.int64)
+        return self._run(first, ids, np.ones((k, width), np.int64), np.tile(np.arange(width, dtype=np.int64), (k, 1)),
+                         last, f"a prefill of {k} prompts into rows {first}-{first + k - 1} ({width} tokens each)")
+
+    def _run(self, row: int, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, last: np.ndarray,
+             what: str) -> np.ndarray:
+        """One run of ``ids`` [k, n] into rows ``row``... (contiguous in each buffer, bound by address): each row's
+        logits at its position ``last[i]`` of the run [k, vocab] (float32)."""
+        s, k = self.session, ids.shape[0]
+        io = s.session.io_binding()
+        # first, so get_outputs()[0]; [k, 1, vocab] with the last-position head; on the device, as the session's
+        # own runs bind it, read back below
+        io.bind_output(s.logits_name, self.device, 0)
+        self._input(io, "input_ids", ids)
+        self._input(io, "attention_mask", mask)
+        if s.has_position_ids:
+            self._input(io, "position_ids", positions)
+        if s.last_position:
+            self._input(io, LAST_INDEX, last.astype(np.int64))
+        shape = [k] + self.row_shape[1:]
+        for past, present, value in zip(s.past_names, s.present_names, self.values):
+            at = value.data_ptr() + row * self.row_bytes
+            io.bind_input(past, self.device, 0, s.kv_dtype, shape, at)
+            io.bind_output(present, self.device, 0, s.kv_dtype, shape, at)  # written in place
+        try:
+            s.session.run_with_iobinding(io, self.run_options)
+        except Exception as e:
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise OnnxpipeError(f"{s.model_dir.path}: onnxruntime failed on {what}: {text}") from None
+        logits = io.get_outputs()[0].numpy()
+        at = np.zeros(k, np.int64) if s.last_position else last
+        return np.asarray(logits[np.arange(k), at], np.float32)
+
+    def _input(self, io: Any, name: str, array: np.ndarray) -> None:
+        if self.device == "cpu":
+            io.bind_cpu_input(name, array)
+        else:
+            io.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))

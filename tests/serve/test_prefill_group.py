@@ -1,0 +1,198 @@
+"""Several waiting prompts read in one prefill run (slots.SlotScheduler's prefill_group): whole prompts not yet begun
+go to adjacent rows of the shared KV buffer (SlotTable.place) and one run of [k, longest prompt] writes them
+(RowPrefill.run_group). On the CPU a group run's logits and keys/values are exactly a solo run's, so concurrent greedy
+and seeded requests still get exactly their solo tokens; the run never writes a row outside its group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, submit, wait_until
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.generate import load
+from onnxpipe.serve.row_prefill import RowPrefill
+from onnxpipe.serve.scheduler import SlotScheduler, make_scheduler
+from onnxpipe.serve.slot_table import DECODING, FREE, PREFILLING, SlotTable
+
+
+# ---- the table alone ----
+@pytest.mark.fast
+def test_rows_not_begun_move_to_runs_of_adjacent_rows():
+    t = SlotTable(8, 16)
+    for _ in range(8):
+        t.take()
+    for row in (1, 4, 5):
+        t.start_decoding(row, 7)  # rows 1, 4, 5 decode: rows 0, 2-3, 6-7 are the holes
+    t.release(7)
+    assert t.place([0, 2, 3, 6]) == [2, 3, 6, 7]  # no run holds 4: the longest (lowest first), then 2 more
+    assert t.state.tolist() == [FREE, DECODING, PREFILLING, PREFILLING, DECODING, DECODING, PREFILLING, PREFILLING]
+    t.release(7)
+    assert t.place([2, 3, 6]) == [2, 3, 0]  # row 7 free again: holes 0, 2-3, 6-7
+    assert t.state.tolist() == [PREFILLING, DECODING, PREFILLING, PREFILLING, DECODING, DECODING, FREE, FREE]
+    t.release_all()
+    for _ in range(4):
+        t.take()
+    # rows 0 and 2 to run together while rows 1 and 3 hold prompts not begun either: those move aside
+    assert t.place([0, 2], others=[1, 3]) == [0, 1, 2, 3]
+    t.release(1)
+    assert t.place([0, 2]) == [0, 1]  # the lowest run that holds them both
+    assert t.state[:4].tolist() == [PREFILLING, PREFILLING, FREE, PREFILLING] and t.counts[:2].tolist() == [0, 0]
+    t.prefilled(0, 5)
+    with pytest.raises(OnnxpipeError, match="not begun"):  # a row holding prompt tokens stays where it is
+        t.place([0, 1])
+    with pytest.raises(OnnxpipeError, match="not prefilling"):
+        t.place([5])
+    with pytest.raises(OnnxpipeError, match="twice"):
+        t.place([3], others=[3])
+
+
+# ---- one group run against solo runs ----
+def test_a_group_run_writes_what_solo_runs_write_and_no_other_row(stdlib_cuda_model):
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    s = lm.session
+    prompts = [PROMPTS[i] for i in (0, 3, 2, 1)] + [[11]]  # 3, 70, 7, 40 and 1 tokens: right-padded to 70
+
+    def filled():  # every byte random first, so "unchanged" can fail
+        cache = s.new_cache(8, capacity=96)
+        noise = np.random.default_rng(1)
+        for v in cache.values:
+            v.numpy()[...] = noise.standard_normal(v.numpy().shape)  # the buffer's memory: a view, written
+        return cache
+
+    solo_cache = filled()
+    solo_rows = RowPrefill(lm, solo_cache.values)
+    solo = np.concatenate([solo_rows.run(2 + i, p, 0) for i, p in enumerate(prompts)])
+    cache = filled()
+    before = [v.numpy().copy() for v in cache.values]
+    logits = RowPrefill(lm, cache.values).run_group(2, prompts)
+    assert logits.shape == solo.shape and logits.shape[0] == 5
+    assert np.array_equal(logits, solo)  # exact on the CPU, not just close
+    for b, a, want in zip(before, [v.numpy() for v in cache.values], [v.numpy() for v in solo_cache.values]):
+        assert np.array_equal(a[:2], b[:2]) and np.array_equal(a[7:], b[7:])  # rows outside the group: untouched
+        for i, p in enumerate(prompts):
+            assert np.array_equal(a[2 + i, :, :len(p)], want[2 + i, :, :len(p)])  # the prompt's entries: solo's
+            assert np.array_equal(a[2 + i, :, 70:], b[2 + i, :, 70:])  # nothing past the run's width
+        assert not np.array_equal(a[2, :, 3:70], b[2, :, 3:70])  # the padding's entries, where the row's next go
+    with pytest.raises(OnnxpipeError, match="rows of the buffer"):
+        RowPrefill(lm, cache.values).run_group(6, prompts[:3])  # rows 6-8 of 8
+    with pytest.raises(OnnxpipeError, match="do not fit a row of 96"):
+        RowPrefill(lm, cache.values).run_group(0, [list(range(5, 105))])
+
+
+# ---- the scheduler ----
+def recorded_groups(monkeypatch):
+    """The rows of each group run, recorded."""
+    runs: list[list[int]] = []
+    original = RowPrefill.run_group
+
+    def run_group(self, first, prompts, pad_id=0):
+        runs.append(list(range(first, first + len(prompts))))
+        return original(self, first, prompts, pad_id)
+
+    monkeypatch.setattr(RowPrefill, "run_group", run_group)
+    return runs
+
+
+@pytest.mark.parametrize("graphs,chunk", [(False, 16), (False, "auto"), (True, 16)],
+                         ids=["plain-16", "plain-auto", "graph-slots-16"])
+def test_concurrent_requests_read_in_groups_get_their_solo_tokens(stdlib_cuda_model, graphs, chunk, monkeypatch):
+    """13 requests on 4 rows, all queued before the loop starts, with groups of up to 4: the solo tokens of each
+    (greedy and seeded), and group runs of several rows happened (with a budget of 16 tokens: the prompts of 3 and 7
+    tokens together; with auto, the short prompts not yet begun, 4 at a time while nothing decodes)."""
+    lm = slot_lm(stdlib_cuda_model, graphs)
+    sampled = {"temperature": 0.9, "top_k": 50, "seed": 3}
+    alone = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
+    assert isinstance(alone, SlotScheduler) and alone.prefill_group == 1
+    alone.start()
+    try:
+        solo = [result(submit(alone, lm, p, n)[0]) for p, n in zip(PROMPTS, LENGTHS)]
+        solo_sampled = result(submit(alone, lm, PROMPTS[2], 12, **sampled)[0])
+    finally:
+        alone.stop()
+    runs = recorded_groups(monkeypatch)
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk=chunk, max_length=128, prefill_group=4)
+    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS * 2, LENGTHS * 2)]
+    waiting.append(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
+    sched.start()
+    try:
+        assert [result(q) for q in waiting] == solo * 2 + [solo_sampled]
+        wait_until(lambda: sched.table.free_rows() == 4)
+        assert sched.stats.failed == 0 and sched.stats.max_running == 4
+    finally:
+        sched.stop()
+    assert max(map(len, runs)) >= (2 if chunk == 16 else 4)
+    assert all(rows == list(range(rows[0], rows[0] + len(rows))) for rows in runs)
+
+
+def test_a_client_gone_during_its_group_run_frees_its_row(stdlib_cuda_model, monkeypatch):
+    """Four prompts in one group run; one request's client leaves while the run is on: its first token is not sent,
+    its row is free again, and the other three get their solo tokens."""
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    alone = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=128)
+    alone.start()
+    try:
+        solo = [result(submit(alone, lm, p, n)[0]) for p, n in zip(PROMPTS[:4], LENGTHS[:4])]
+    finally:
+        alone.stop()
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=128, prefill_group=4)
+    outs, reqs = zip(*[submit(sched, lm, p, n) for p, n in zip(PROMPTS[:4], LENGTHS[:4])])
+    original, rows = RowPrefill.run_group, {}
+
+    def run_group(self, first, prompts, pad_id=0):
+        reqs[1].cancel()  # the client of the 40-token prompt disconnects mid-run
+        rows["gone"] = reqs[1].slot
+        return original(self, first, prompts, pad_id)
+
+    monkeypatch.setattr(RowPrefill, "run_group", run_group)
+    sched.start()
+    try:
+        assert [result(outs[i]) for i in (0, 2, 3)] == [solo[i] for i in (0, 2, 3)]
+        wait_until(lambda: sched.table.free_rows() == 4)
+        assert sched.stats.cancelled == 1 and sched.stats.failed == 0 and sched.stats.prefill_chunks == 1
+        assert rows["gone"] in range(4) and outs[1].empty()
+    finally:
+        sched.stop()
+
+
+def test_a_failed_group_run_fails_its_requests_and_the_next_are_served(stdlib_cuda_model, monkeypatch):
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=128, prefill_group=4)
+    original, calls = RowPrefill.run_group, []
+
+    def flaky(self, first, prompts, pad_id=0):
+        calls.append(len(prompts))
+        if len(calls) == 1:
+            raise OnnxpipeError("injected group fault")
+        return original(self, first, prompts, pad_id)
+
+    monkeypatch.setattr(RowPrefill, "run_group", flaky)
+    outs = [submit(sched, lm, p, 5)[0] for p in PROMPTS[:3]]
+    sched.start()
+    try:
+        for q in outs:
+            kind, message = q.get(timeout=60)
+            assert kind == "error" and "injected group fault" in message
+        wait_until(lambda: sched.table.free_rows() == 4)
+        again = [submit(sched, lm, p, 5)[0] for p in PROMPTS[:3]]
+        want = [lm.generate(p, max_new_tokens=5, stop_token_ids=[]).token_ids for p in PROMPTS[:3]]
+        assert [result(q) for q in again] == want and sched.stats.failed == 3
+    finally:
+        sched.stop()
+
+
+def test_prefill_group_is_checked(stdlib_cuda_model, stdlib_model, stdlib_lm):
+    from click.testing import CliRunner
+
+    from onnxpipe.cli import main
+
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    for bad in (0, 5, True, "2"):
+        with pytest.raises(OnnxpipeError, match="prefill_group must be an integer from 1 to max_batch"):
+            make_scheduler(lm, max_batch=4, max_length=64, prefill_group=bad)
+    with pytest.raises(OnnxpipeError, match="prefill_group reads prompts into adjacent fixed rows"):
+        make_scheduler(stdlib_lm, prefill_group=2)
+    r = CliRunner().invoke(main, ["serve", str(stdlib_model), "--port", "0", "--provider", "cpu", "--prefill-group", "2"])
+    assert r.exit_code == 1 and "Traceback" not in r.output and "prefill_group" in r.output, r.output
+    r = CliRunner().invoke(main, ["serve", str(stdlib_model), "--port", "0", "--prefill-group", "0"])
+    assert r.exit_code == 2 and "--prefill-group" in r.output, r.output
