@@ -196,3 +196,52 @@ def test_prefill_group_is_checked(stdlib_cuda_model, stdlib_model, stdlib_lm):
     assert r.exit_code == 1 and "Traceback" not in r.output and "prefill_group" in r.output, r.output
     r = CliRunner().invoke(main, ["serve", str(stdlib_model), "--port", "0", "--prefill-group", "0"])
     assert r.exit_code == 2 and "--prefill-group" in r.output, r.output
+
+
+# ---- the load test's check ----
+def load_test_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "load_test.py"
+    spec = importlib.util.spec_from_file_location("_onnxpipe_scripts_load_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.fast
+def test_the_load_test_reports_agreement_with_solo_tokens():
+    agreement = load_test_script().agreement
+    solo, got = [[1, 2, 3, 4], [5, 6], [7, 8, 9]], [[1, 2, 3, 4], [5, 0], [7, 9, 9, 1]]
+    assert agreement(solo, got, [10, 20, 30]) == ("1/3 requests identical to solo; 7/10 tokens (70.0%) equal position "
+                                                  "by position; first differences: request 1 (prompt 20) at token 1, "
+                                                  "request 2 (prompt 30) at token 1")
+    assert agreement(solo, solo, [10, 20, 30]).startswith("3/3 requests identical to solo; 9/9 tokens (100.0%)")
+
+
+def test_the_load_test_check_fails_on_a_difference_where_exact_and_reports_it_where_not(stdlib_cuda_model,
+                                                                                         monkeypatch):
+    """A group run that rounds differently from a solo run (as a GPU's batched GEMM may), planted: the check that
+    promises exactness stops (exit 1, the first difference named), the one that does not reports the agreement."""
+    script = load_test_script()
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    original = RowPrefill.run_group
+
+    def rounded(self, first, prompts, pad_id=0):
+        logits = original(self, first, prompts, pad_id)
+        if len(prompts) > 1:  # the second-best token wins in every row of a group: a first token that differs
+            logits[np.arange(len(prompts)), np.argsort(logits, axis=1)[:, -2]] += 1e3
+        return logits
+
+    monkeypatch.setattr(RowPrefill, "run_group", rounded)
+
+    def make(chunk):
+        return make_scheduler(lm, max_batch=4, prefill_chunk=chunk, max_length=64, prefill_group=4)
+
+    with pytest.raises(SystemExit, match=r"check-equal FAILED: \d/7 requests differ from solo; .* at token 0"):
+        script.check_equal(lm, make, 4, 64, "auto", np.random.default_rng(0), exact=True)
+    line = script.check_equal(lm, make, 4, 64, "auto", np.random.default_rng(0), exact=False)
+    assert line.startswith("check-equal (prefill group 4, exactness not promised): ") and "at token 0" in line
