@@ -19,17 +19,26 @@ The row is padded with zero point entries (dequantizing to 0) up to a whole numb
 A tied model then holds 1 byte per table entry where fp32 held 4 (and the untied graph 8), plus 4 bytes per block
 of scale. An untied head gets its own table, the same way. Per-row (per-block) scales keep the error at the level
 of per-channel int8 (ORT's own Gather quantization uses a single scale for the whole table).
+
+A table is read, quantized and written into its int8 copy a block of rows (``BLOCK_BYTES`` of float32) at a time
+(TableRows: a table in the input's data file is read with pread, not mapped), so the float table is never held
+whole: the peak is a block plus the int8 copy (a quarter of the fp32 table). Per-row scales make the blocks
+independent: the values are those of quantize_rows on the whole table, bit for bit. A tied head whose E^T graph.py
+left unmade (graph.Transposed, on a model read lazily) reads E's rows and shares E's table without a comparison.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxpipe.errors import OnnxpipeError
 from onnxpipe.quant.graph import (
+    Transposed,
     add_initializer,
     drop_unused_initializers,
     initializer_map,
@@ -53,6 +62,7 @@ class TableReport:
 
 
 MAX_BLOCK = 256  # the largest MatMulNBits block_size onnxruntime < 1.32 accepts
+BLOCK_BYTES = 8 << 20  # float32 bytes of the rows read and quantized at a time
 
 
 def row_block(hidden: int) -> int:
@@ -78,6 +88,97 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray, h: int) -> np.ndarray:
     """(uint8 [V, blocks, block], scales [V, blocks]) -> float32 [V, h]."""
     rows = (q.astype(np.float32) - 128.0) * scale.reshape(q.shape[0], q.shape[1], 1)
     return rows.reshape(q.shape[0], -1)[:, :h]
+
+
+class TableRows:
+    """A [V, H] vocabulary table held by an initializer, read a block of rows at a time (float32). ``transposed``:
+    the initializer is [H, V] (a head's weight). A table in a data file is read with pread, a block's bytes and no
+    more (a memory map of the file would keep every page read, and a column block of an [H, V] table maps whole
+    rows); one in memory is sliced."""
+
+    def __init__(self, value: ir.Value, transposed: bool) -> None:
+        tensor = value.const_value
+        assert tensor is not None, value.name
+        if transposed and isinstance(tensor, ir.LazyTensor) and isinstance(tensor.raw, Transposed):
+            tensor, transposed = tensor.raw.source, False  # E^T not made: read E's rows
+        self.name = str(value.name)
+        self.tensor, self.transposed = tensor, transposed
+        self.stored = tuple(int(d) for d in tensor.shape.numpy())
+        self.shape = self.stored[::-1] if transposed else self.stored
+        if isinstance(tensor, ir.ExternalTensor):
+            try:  # onnx_ir's checks: the path inside the model directory (no symlink out of it), the file long enough
+                tensor.numpy()
+            except ValueError as err:
+                raise OnnxpipeError(_unreadable(tensor, self.name, err)) from None
+            tensor.release()  # no page of the map was touched
+            self._array = None
+        else:
+            self._array = tensor.numpy()
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self._array is None:
+            rows = self._read_file(start, stop)
+        else:
+            rows = self._array[:, start:stop].T if self.transposed else self._array[start:stop]
+        return np.array(rows, dtype=np.float32, order="C")
+
+    def _read_file(self, start: int, stop: int) -> np.ndarray:
+        tensor = self.tensor
+        assert isinstance(tensor, ir.ExternalTensor)
+        dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+        base, n, width = tensor.offset or 0, stop - start, self.stored[1]
+        # rows start:stop of [V, H]: one read; of [H, V] (columns start:stop): one read per stored row
+        reads = [(base + start * width * dtype.itemsize, n * width)] if not self.transposed else \
+            [(base + (r * width + start) * dtype.itemsize, n) for r in range(self.stored[0])]
+        out = np.empty(sum(count for _, count in reads), dtype)
+        view = memoryview(out.view(np.uint8))
+        with open(tensor.path, "rb") as f:
+            at = 0
+            for offset, count in reads:
+                got = os.preadv(f.fileno(), [view[at:at + count * dtype.itemsize]], offset)
+                if got != count * dtype.itemsize:
+                    raise OnnxpipeError(_unreadable(tensor, self.name, EOFError(f"rows {start}-{stop}")))
+                at += got
+        return out.reshape(n, width) if not self.transposed else out.reshape(self.stored[0], n).T
+
+    def spans(self) -> list[tuple[int, int]]:
+        step = max(1, BLOCK_BYTES // (4 * max(1, self.shape[1])))
+        return [(start, min(start + step, self.shape[0])) for start in range(0, self.shape[0], step)]
+
+    def same_values(self, other: TableRows) -> bool:
+        """np.array_equal of the two tables, a block at a time (stops at the first block that differs)."""
+        return self.shape == other.shape and all(np.array_equal(self.read(a, b), other.read(a, b))
+                                                 for a, b in self.spans())
+
+    def reads(self, tensor: Any) -> bool:
+        """Whether these are ``tensor``'s rows as stored (a tied head's lazily untied E^T reads E's)."""
+        return not self.transposed and self.tensor is tensor
+
+
+def _unreadable(tensor: ir.ExternalTensor, name: str, err: Exception) -> str:
+    need = (tensor.offset or 0) + tensor.nbytes
+    have = os.path.getsize(tensor.path) if os.path.isfile(tensor.path) else None
+    if have is not None and have < need:
+        return (f"{tensor.path}: the data file ends before initializer {name}'s bytes ({have} of {need}); the model "
+                "directory is incomplete")
+    return f"initializer {name} ({tensor.location}): {err}"
+
+
+def quantize_table(rows: TableRows) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """quantize_rows of the whole table, a block of rows at a time: (q, scales, block, max abs error of the
+    dequantized table)."""
+    v, h = rows.shape
+    block = row_block(h)
+    blocks = -(-h // block)
+    q = np.empty((v, blocks, block), np.uint8)
+    scale = np.empty((v, blocks), np.float32)
+    errors = [0.0]
+    for start, stop in rows.spans():
+        values = rows.read(start, stop)
+        q[start:stop], scale[start:stop], _ = quantize_rows(values)
+        errors.append(np.abs(dequantize_rows(q[start:stop], scale[start:stop], h) - values).max())
+        del values
+    return q, scale, block, float(np.max(errors))
 
 
 def token_embeddings(proto: Any, vocab_size: int) -> list[Any]:
@@ -120,34 +221,38 @@ def rewrite_vocab_tables(model: ir.Model, head_name: str | None, vocab_size: int
     lookups = _lookups(graph, vocab_size) if embeddings else []
     shared: dict[str, tuple[ir.Value, ir.Value, int, int]] = {}  # float table name -> (q, scales, block, hidden)
 
-    def table_for(name: str, values: np.ndarray) -> tuple[ir.Value, ir.Value, int, int]:
+    def table_for(name: str, rows: TableRows) -> tuple[ir.Value, ir.Value, int, int]:
         if name not in shared:
-            q, scale, block = quantize_rows(values)
-            report.max_abs_err = max(report.max_abs_err, float(np.abs(dequantize_rows(q, scale, values.shape[1]) - values).max()))
+            q, scale, block, err = quantize_table(rows)
+            report.max_abs_err = max(report.max_abs_err, err)
             shared[name] = (add_initializer(graph, f"{name}_int8_rows", q),
-                            add_initializer(graph, f"{name}_int8_row_scales", scale), block, values.shape[1])
+                            add_initializer(graph, f"{name}_int8_row_scales", scale), block, rows.shape[1])
             report.block_size, report.blocks_per_row = block, q.shape[1]
         return shared[name]
 
-    def array(value: ir.Value | None) -> np.ndarray:
-        assert value is not None and value.const_value is not None
-        return value.const_value.numpy()
-
     if head_node is not None:
-        weight = array(head_node.inputs[1])  # [H, V]
-        tied_to = next((g.inputs[0] for g in lookups if np.array_equal(array(g.inputs[0]), weight.T)), None)
-        key = str(tied_to.name if tied_to is not None else head_node.inputs[1].name)  # type: ignore[union-attr]
-        q, s, block, h = table_for(key, weight.T if tied_to is None else array(tied_to))
-        replace_node(graph, head_node, [_head_node(head_node, q, s, weight.shape[1], h, block, accuracy_level)])
+        weight = _input(head_node, 1)  # [H, V]
+        head_rows = TableRows(weight, transposed=True)
+        tied_to = next((t for t in map(_input, lookups) if head_rows.reads(t.const_value)
+                        or head_rows.same_values(TableRows(t, transposed=False))), None)
+        key = str(tied_to.name if tied_to is not None else weight.name)
+        q, s, block, h = table_for(key, head_rows if tied_to is None else TableRows(tied_to, transposed=False))
+        replace_node(graph, head_node, [_head_node(head_node, q, s, head_rows.shape[0], h, block, accuracy_level)])
         report.lm_head = "int8 per row (shared with the embedding table)" if tied_to is not None else "int8 per row"
     for g in lookups:
-        q, s, block, h = table_for(str(g.inputs[0].name), array(g.inputs[0]))  # type: ignore[union-attr]
+        q, s, block, h = table_for(str(_input(g).name), TableRows(_input(g), transposed=False))
         blocks = -(-h // block)
         new = _lookup_one_block(graph, g, q, s, h, block) if blocks == 1 else \
             _lookup_blocks(graph, g, q, s, h, block, blocks)
         replace_node(graph, g, new)
         report.embeddings.append(str(g.name))
     return report
+
+
+def _input(node: ir.Node, i: int = 0) -> ir.Value:
+    value = node.inputs[i]
+    assert value is not None and value.const_value is not None, node.name
+    return value
 
 
 def _head_node(node: ir.Node, q: ir.Value, s: ir.Value, v: int, h: int, block: int, accuracy_level: int) -> ir.Node:

@@ -218,6 +218,18 @@ def _ir_lm_head(graph: ir.Graph, logits_name: str) -> ir.Node | None:
     return None
 
 
+@dataclass(frozen=True)
+class Transposed:
+    """An untied head's weight E^T. Of a table in a data file, made when first read (an ir.LazyTensor's function,
+    cached): the 8-bit vocabulary tables (embedding.py) read E's rows instead, a block at a time, so a model read
+    lazily holds E^T whole only if something else reads it."""
+
+    source: Any  # ir.TensorProtocol [V, H]
+
+    def __call__(self) -> ir.TensorProtocol:
+        return ir.tensor(np.ascontiguousarray(self.source.numpy().T))
+
+
 def _untie_lm_head(graph: ir.Graph, logits_name: str) -> int:
     """MatMul(x, Transpose(E)) -> MatMul(x, E^T as its own constant): the tie is broken on purpose, so the head can
     be quantized for the matrix product while the embedding table stays as it is for the lookup."""
@@ -231,11 +243,14 @@ def _untie_lm_head(graph: ir.Graph, logits_name: str) -> int:
     perm = tr.attributes.get_ints("perm")
     if perm is not None and list(perm) != [1, 0]:
         return 0
-    table = source.const_value.numpy()
-    if table.ndim != 2:
+    table = source.const_value
+    if len(table.shape) != 2:
         return 0
-    value = add_initializer(graph, unique_name(f"{source.name}.lm_head_T", graph.initializers),
-                            np.ascontiguousarray(table.T))
+    rows, cols = table.shape.numpy()
+    # read from a file (a model read lazily): E^T made only if something reads it; in memory: made now
+    transposed = ir.LazyTensor(Transposed(table), table.dtype, ir.Shape([cols, rows]), cache=True) \
+        if isinstance(table, ir.ExternalTensor) else Transposed(table)()
+    value = add_initializer(graph, unique_name(f"{source.name}.lm_head_T", graph.initializers), transposed)
     head.replace_input_with(1, value)
     if not tr.outputs[0].uses() and not tr.outputs[0].is_graph_output():
         graph.remove(tr, safe=True)
