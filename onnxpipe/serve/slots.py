@@ -6,12 +6,18 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
 - A request joins by taking a free row (``slot_table.SlotTable``) when it is admitted; it leaves by freeing it. Rows
   not decoding run through every step masked (their output unread, their write one entry past what they hold).
 - Its prompt is prefilled straight into its row, outside the graph: a batch-1 run whose past and present are bound
-  to that row of the shared buffer (the row [1, kv_heads, capacity, head_dim] is contiguous in the buffer, so it is
-  bound by address; nothing is copied). Prompts are read in chunks: each iteration's prefill runs take what its
-  budget allows (``budget.PrefillBudget``: ``prefill_chunk`` tokens, or with ``auto`` the runs whose fitted cost
-  fits half a decode step), over the admitted requests in their order, then the running batch decodes one step, so
-  a long prompt does not stall running streams. A prompt read in chunks while others decode takes the highest free
-  row.
+  to that row of the shared buffer (``row_prefill.RowPrefill``: the row [1, kv_heads, capacity, head_dim] is
+  contiguous in the buffer, so it is bound by address; nothing is copied). Prompts are read in chunks: each
+  iteration's prefill runs take what its budget allows (``budget.PrefillBudget``: ``prefill_chunk`` tokens, or with
+  ``auto`` the runs whose fitted cost fits half a decode step), over the admitted requests in their order, then the
+  running batch decodes one step, so a long prompt does not stall running streams. A prompt read in chunks while
+  others decode takes the highest free row.
+- With ``prefill_group`` N > 1, whole prompts not yet begun are read up to N in one run of [k, longest prompt]
+  (``RowPrefill.run_group``, right-padded) bound to k adjacent rows: their rows are moved together first
+  (``SlotTable.place``; rows not begun hold nothing). With ``auto`` these are the short prompts (the first group
+  whatever its tokens, then as many as ``budget.whole`` allows); with a budget of tokens, prompts whose padded run
+  fits what is left. A group run is one run to the budget (its fitted cost counts k rows' tokens). On a GPU, where a
+  run outside the CUDA graph costs its launches whatever its length, k prompts then cost about one run.
 - A decode step is one ``forward`` of every row (with CUDA graphs), or on the CPU of the rows up to the last decoding
   one (``RowPrefix``): [rows, 1] ids, each row's mask sum and position its own.
   Where the session's graph slot has the step tail (greedy steps writing their own next inputs, as ``generate``
@@ -21,8 +27,13 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
   over a prefilled entry (any prefill makes the next step host-fed again, from the table's counts).
 
 Each row's result depends on its own tokens only: the step's shapes are the same whoever is in the batch, and each
-prefill is a batch of one. The tests run this on the CPU with the slot path of the session (``tests/serve``); on a
-GPU ``scripts/load_test.py --provider cuda --cuda-graph --check-equal`` checks concurrent against solo tokens.
+prefill is a batch of one, or with ``prefill_group`` a group whose rows are computed apart (a row's real tokens come
+before its padding and attend only to each other). On the CPU a group run's logits and keys/values are exactly a solo
+run's (tests/serve/test_prefill_group.py); on a GPU a GEMM of k rows may round differently from one of a row, so
+there a grouped request's tokens are not promised to be its solo ones (docs/serve.md, "On a GPU"). The tests run
+this on the CPU with the slot path of the session (``tests/serve``); on a GPU ``scripts/load_test.py --provider
+cuda --cuda-graph --check-equal [--prefill-group N]`` checks concurrent against solo tokens (with a group: reports
+how far they agree).
 """
 
 from __future__ import annotations
@@ -113,7 +124,9 @@ class SlotScheduler(BatchLoop):
         length = min(max_length or DEFAULT_MAX_LENGTH, s.max_positions)
         # with CUDA graphs: the session's slot of (max_batch, capacity), captured once here; its capacity may be
         # rounded up (never past the model's positions)
-        check_fits(s, max_batch, length, min(length, self.budget.largest))  # the CPU's memory, before allocating
+        # the CPU's memory, before allocating (every row prefilled at once at the widest prefill: a group run's
+        # rows are fewer, each at most that wide)
+        check_fits(s, max_batch, length, min(length, self.budget.largest))
         try:
             self.cache = s.new_cache(max_batch, capacity=length)
         except OnnxpipeError:
