@@ -48,8 +48,9 @@ class SlotTable:
     def place(self, rows: list[int], others: list[int] | tuple[int, ...] = ()) -> list[int]:
         """Move the rows ``rows`` to runs of adjacent rows, so that a group prefill binds each run as one block of the
         buffer: as few runs as the free rows and ``others`` allow (the lowest run that holds all that is left, else
-        the longest, lowest first); then ``others`` to the lowest rows left. All are held for prompts not yet begun
-        (nothing written in them). Returns the new rows of ``rows`` then of ``others``, in their order."""
+        the longest, lowest first); then each of ``others`` stays where it is, or where the runs took its row goes to
+        the lowest row left. All are held for prompts not yet begun (nothing written in them). Returns the new rows
+        of ``rows`` then of ``others``, in their order."""
         moving = list(rows) + list(others)
         if len(set(moving)) != len(moving):
             raise OnnxpipeError(f"rows to move are listed twice: {moving}")
@@ -70,8 +71,14 @@ class SlotTable:
             run = list(range(first, first + min(int(sizes[pick]), left)))
             self.state[run] = PREFILLING
             placed += run
-        placed += [int(r) for r in np.flatnonzero(self.state == FREE)[:len(others)]]
-        self.state[placed], self.counts[placed], self.tokens[placed] = PREFILLING, 0, self.pad_id
+        stay = [row for row in others if self.state[row] == FREE]  # a prompt read in chunks keeps the highest row
+        self.state[stay] = PREFILLING
+        for row in others:
+            if row not in stay:
+                row = int(np.flatnonzero(self.state == FREE)[0])
+                self.state[row] = PREFILLING
+            placed.append(row)
+        self.counts[placed], self.tokens[placed] = 0, self.pad_id
         return placed
 
     def prefilled(self, row: int, count: int) -> None:

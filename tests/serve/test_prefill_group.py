@@ -35,6 +35,8 @@ def test_rows_not_begun_move_to_runs_of_adjacent_rows():
         t.take()
     # rows 0 and 2 to run together while rows 1 and 3 hold prompts not begun either: those move aside
     assert t.place([0, 2], others=[1, 3]) == [0, 1, 2, 3]
+    t.take()
+    assert t.place([0, 4], others=[1, 2, 3]) == [0, 1, 4, 2, 3]  # rows 2 and 3 stay where the run left them
     t.release(1)
     assert t.place([0, 2]) == [0, 1]  # the lowest run that holds them both
     assert t.state[:4].tolist() == [PREFILLING, PREFILLING, FREE, PREFILLING] and t.counts[:2].tolist() == [0, 0]
