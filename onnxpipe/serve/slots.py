@@ -278,6 +278,10 @@ class SlotScheduler(BatchLoop):
                 read += len(req.row.prompt)
                 req.prefilled = len(req.row.prompt)
                 self._admitted.remove(req)
+                if req.cancelled.is_set():  # its client left during the run: no token for it, its row freed
+                    self.stats.cancelled += 1
+                    self.table.release(req.slot)
+                    continue
                 try:
                     self.table.prefilled(req.slot, req.prefilled)
                     self._take(req, self._choose(req, logits, i))

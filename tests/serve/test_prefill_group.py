@@ -84,13 +84,19 @@ def test_a_group_run_writes_what_solo_runs_write_and_no_other_row(stdlib_cuda_mo
 
 # ---- the scheduler ----
 def recorded_groups(monkeypatch):
-    """The rows of each group run, recorded."""
+    """The rows of each group run, recorded; each run checked to leave every other row's keys and values as they
+    were (rows decoding beside it among them)."""
     runs: list[list[int]] = []
     original = RowPrefill.run_group
 
     def run_group(self, first, prompts, pad_id=0):
-        runs.append(list(range(first, first + len(prompts))))
-        return original(self, first, prompts, pad_id)
+        rows = list(range(first, first + len(prompts)))
+        runs.append(rows)
+        others = [r for r in range(int(self.values[0].shape()[0])) if r not in rows]
+        before = [v.numpy()[others].copy() for v in self.values]
+        logits = original(self, first, prompts, pad_id)
+        assert all(np.array_equal(b, v.numpy()[others]) for b, v in zip(before, self.values))
+        return logits
 
     monkeypatch.setattr(RowPrefill, "run_group", run_group)
     return runs
@@ -128,8 +134,8 @@ def test_concurrent_requests_read_in_groups_get_their_solo_tokens(stdlib_cuda_mo
 
 
 def test_a_client_gone_during_its_group_run_frees_its_row(stdlib_cuda_model, monkeypatch):
-    """Four prompts in one group run; one request's client leaves while the run is on: its first token is not sent,
-    its row is free again, and the other three get their solo tokens."""
+    """Four prompts in one group run; one request's client leaves while the run is on: it gets no event (not even
+    its first token), its row is free again, and the other three get their solo tokens."""
     lm = load(stdlib_cuda_model, "cpu", threads=1)
     alone = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=128)
     alone.start()
@@ -139,6 +145,8 @@ def test_a_client_gone_during_its_group_run_frees_its_row(stdlib_cuda_model, mon
         alone.stop()
     sched = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=128, prefill_group=4)
     outs, reqs = zip(*[submit(sched, lm, p, n) for p, n in zip(PROMPTS[:4], LENGTHS[:4])])
+    events: list = []
+    reqs[1].emit = events.append  # every event the gone client would get
     original, rows = RowPrefill.run_group, {}
 
     def run_group(self, first, prompts, pad_id=0):
@@ -152,7 +160,7 @@ def test_a_client_gone_during_its_group_run_frees_its_row(stdlib_cuda_model, mon
         assert [result(outs[i]) for i in (0, 2, 3)] == [solo[i] for i in (0, 2, 3)]
         wait_until(lambda: sched.table.free_rows() == 4)
         assert sched.stats.cancelled == 1 and sched.stats.failed == 0 and sched.stats.prefill_chunks == 1
-        assert rows["gone"] in range(4) and outs[1].empty()
+        assert rows["gone"] in range(4) and outs[1].empty() and events == []
     finally:
         sched.stop()
 
