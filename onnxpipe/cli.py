@@ -7,6 +7,7 @@ import gc
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -459,19 +460,40 @@ def _alpha(value: str | None) -> float | str | None:
     return alpha
 
 
-def _progress_bars():  # noqa: ANN202
-    """A progress callback (label, done, total) drawing one tqdm bar per label on stderr (off when not a TTY)."""
+PROGRESS_LINE_S = 30.0  # without a terminal (a batch job's log): one progress line per label at most this often
+
+
+def _progress_bars(every_s: float = PROGRESS_LINE_S):  # noqa: ANN202
+    """A progress callback (label, done, total): one tqdm bar per label on a terminal; where stderr is not one (a
+    log file), a plain line when a label starts, at most every ``every_s`` seconds while it runs, and when it ends,
+    so a long phase in a batch job still says where it is."""
     bars: dict = {}
+    said: dict[str, float] = {}
+
+    def line(label: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        first = label not in said
+        if first:
+            said[label] = now
+        if first or done >= total or now - said[label] >= every_s:
+            said[label] = now
+            click.echo(f"{label}: {done}/{total}", err=True)
+        if done >= total:
+            del said[label]
 
     def update(label: str, done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            line(label, done, total)
+            return
         from tqdm import tqdm
 
         bar = bars.get(label)
         if bar is None:
-            bar = bars[label] = tqdm(total=total, desc=label, file=sys.stderr, leave=False, disable=None)
+            bar = bars[label] = tqdm(total=total, desc=label, file=sys.stderr, leave=False)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
+            del bars[label]
 
     return update
 
