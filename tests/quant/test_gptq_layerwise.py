@@ -107,3 +107,91 @@ def test_a_form_that_cannot_run_is_refused(tmp_path: Path, form: str, provider: 
         quantize_gptq_streamed(model, WeightPlan([], None, [], []), cfg, lambda label: iter(()), tmp_path / "w",
                                provider, form=form)
     assert not (tmp_path / "w").exists()
+
+
+# the memory bound: GPTQ's calibration phase alone, in a child process, on a model of many small layers. Measured
+# on the 2-core CPU (W = 154 MB of fp32 weights): layer by layer 1.06 W (1.14 before the C heap was trimmed after
+# each layer input; in-process sampling put one segment's session at ~0.3 W and the Hessians of one layer with the
+# inverse factor's float64 work arrays of the 1536-wide input at ~0.5 W: this shape's fixed part, not a share of W),
+# the whole-model session's form 2.30-2.35 W
+ADDED_X = 1.6
+SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
+             num_key_value_heads=4, max_position_embeddings=256)
+CHILD = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+import onnx_ir as ir
+import onnxruntime  # noqa: F401 (its libraries are in the baseline)
+from onnxpipe.artifact import ModelDir
+from onnxpipe.quant import gptq_stream
+from onnxpipe.quant.calibration import CalibrationConfig
+from onnxpipe.quant.config import Int4Config
+from onnxpipe.quant.quality import prefill_feed
+from onnxpipe.quant.rtn_stream import read_plan
+
+def status(key: str) -> int:  # VmHWM, this process's peak (ru_maxrss keeps the forking parent's across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit("no " + key)
+
+src, form, work, calibration = ModelDir.open(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+samples = np.load(sys.argv[5])  # tokenized by the parent: the tokenizer's libraries are not in this peak
+# the whole form's Hessians one layer input at a time: what is compared is the activations' side
+gptq_stream.HESSIAN_BYTES = 1
+calib = CalibrationConfig(max_samples=8, prefill_len=64, decode_steps=0, batch_size=4)
+cfg = Int4Config(algo="gptq", block_size=32, calibration=Path(calibration), calib=calib, lm_head="fp32",
+                 embeddings="fp32")
+model = ir.load(str(src.model_path))
+plan = read_plan(model, src.manifest.graph["logits"])
+feeds = gptq_stream.counted_feeds(lambda: (prefill_feed(src.manifest, samples[b:b + 4]) for b in range(0, 8, 4)), 2,
+                                  None)
+base, peak_before = status("VmRSS"), status("VmHWM")
+details = gptq_stream.quantize_gptq_streamed(model, plan, cfg, feeds, work, manifest=src.manifest, form=form)
+peak = status("VmHWM")
+print(json.dumps({"base": base, "peak_before": peak_before, "peak": peak, "gptq": details["gptq"]}))
+"""
+
+
+def _calibration_phase(model_dir: Path, form: str, work: Path, samples: Path) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), form, str(work), str(CALIBRATION),
+                          str(samples)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_layerwise_calibration_holds_one_layer_of_the_float_model(tmp_path: Path) -> None:
+    """The memory GPTQ adds while it takes its layer inputs and quantizes (the child's peak RSS over its RSS before
+    the call) on an external-data input of 12 small layers: within ADDED_X x W (the fp32 weight bytes) layer by
+    layer; the whole-model session's form (the CPU's before) is past that bound on the same model."""
+    import os
+
+    from quant.conftest import external_copy, save_byte_tokenizer
+    from tiny import make_tiny_model
+
+    from onnxpipe.export import export_decoder
+    from onnxpipe.quant.calibration import CalibrationConfig, calibration_samples
+    from onnxpipe.quant.text import load_tokenizer
+
+    hf = make_tiny_model("llama", tmp_path / "hf", **SHAPE)
+    save_byte_tokenizer(hf)
+    export_decoder(hf, tmp_path / "exported")
+    external_copy(tmp_path / "exported", tmp_path / "onnx")  # as a large model's: read lazily, a weight at a time
+    weights = sum(os.path.getsize(p) for p in (tmp_path / "onnx").glob("model.onnx*"))
+    calib = CalibrationConfig(max_samples=8, prefill_len=64, decode_steps=0, batch_size=4)
+    np.save(tmp_path / "samples.npy", calibration_samples(load_tokenizer(tmp_path / "onnx"), CALIBRATION, calib))
+    added = {}
+    for form in ("layerwise", "whole"):
+        r = _calibration_phase(tmp_path / "onnx", form, tmp_path / f"work-{form}", tmp_path / "samples.npy")
+        assert r["peak_before"] < r["peak"], form  # the peak is the calibration phase's
+        assert r["gptq"]["activations"] == form and r["gptq"]["quantized_nodes"] == 7 * SHAPE["num_hidden_layers"]
+        added[form] = (r["peak"] - r["base"]) / weights
+    print(f"peak RSS added, x W ({weights / 1e6:.0f} MB): {added}")
+    assert added["layerwise"] <= ADDED_X, added
+    assert added["whole"] > ADDED_X, added  # the bound tells the forms apart
