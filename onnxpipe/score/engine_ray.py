@@ -14,6 +14,13 @@ Results stream back to the driver, which writes one part file per chunk (``OUTPU
 atomically) and then the checkpoint ``OUTPUT/_checkpoint.json`` naming the chunks that are durable. ``--resume``
 sends only the chunks that are not. Concatenating the parts in name order gives the local engine's output.
 
+A worker process that dies (kill -9, a crash in onnxruntime, the OOM killer) is restarted by Ray and its chunk
+sent again, up to WORKER_RETRIES times for an actor and for a chunk; a chunk's part is written once, when its
+result reaches the driver, so a retry neither loses nor repeats a record. Past that (a chunk that kills every
+worker it reaches, say) the run stops with one line naming the Ray error; the chunks already written stay, and
+``--resume`` sends the rest. Ray's own default is to retry forever, which turns such a chunk into a run that
+never ends.
+
 Cluster: ``ray.init(address=...)`` with ``--ray-address`` or ``$RAY_ADDRESS``; every node needs onnxpipe installed
 and MODEL_DIR at the same path (a shared file system); the driver needs the input and output paths.
 """
@@ -21,8 +28,11 @@ and MODEL_DIR at the same path (a shared file system); the driver needs the inpu
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import time
+import warnings
 from typing import Any, Callable
 
 from onnxpipe.errors import OnnxpipeError
@@ -35,6 +45,8 @@ from onnxpipe.score.perplexity import rows_and_failures, score_items
 from onnxpipe.score.records import BadRecord, Record
 from onnxpipe.score.scorer import WindowScorer
 from onnxpipe.score.summary import ScoreSummary, finish, finished_summary, make_summary
+
+WORKER_RETRIES = 3  # restarts of one worker, and attempts of one chunk, before the run stops (Ray's default: forever)
 
 
 class RayChunkScorer:
@@ -86,6 +98,29 @@ def _import_ray() -> Any:
     return ray
 
 
+class _NoTraceback(logging.Filter):
+    """Ray Data logs a failed task's traceback before raising; the run's own one-line error says what happened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+_NO_TRACEBACK = _NoTraceback()  # one instance: addFilter adds it once however many runs a process makes
+
+
+def _worker_failure(ray: Any) -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a worker died or its chunk failed on Ray (not a fault of the driver)."""
+    failures: list[type[BaseException]] = [ray.exceptions.RayError]
+    try:
+        from ray.data.exceptions import UserCodeException
+
+        failures.append(UserCodeException)
+    except ImportError:  # older Ray Data raises the task's error as a RayError
+        pass
+    return tuple(failures)
+
+
 def _connect(ray: Any, address: str | None, log: Callable[[str], None]) -> None:
     if ray.is_initialized():
         return
@@ -112,10 +147,36 @@ def _placement(ray: Any, job: ScoreJob) -> tuple[int, int, float]:
     return c.num_workers or max(1, int(resources.get("CPU", 1)) // cpus), cpus, 0.0
 
 
-def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
-    ray = _import_ray()
+def _what_failed(e: BaseException) -> str:
+    """The Ray error's name and first line, and the dead worker's process id where Ray names it."""
+    text = str(e)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "no message")
+    pid = re.search(r"^\s*pid: (\d+)\s*$", text, re.MULTILINE)
+    return f"{type(e).__name__}: {first}" + (f" (worker pid {pid.group(1)})" if pid else "")
+
+
+def _scoring_dataset(ray: Any, job: ScoreJob, chunk_rows: list[dict[str, Any]], workers: int, cpus: int,
+                     gpus: float) -> Any:
+    """One block per chunk, scored by a pool of ``workers`` RayChunkScorer actors (batch_size=1: a whole chunk)."""
     import pyarrow as pa
 
+    c = job.config
+    table = pa.Table.from_pylist(chunk_rows, schema=pa.schema([
+        ("chunk", pa.int64()), ("tokens", pa.list_(pa.list_(pa.int64()))), ("score_from", pa.list_(pa.int64()))]))
+    with warnings.catch_warnings():  # Ray 2.60 deprecates ray_remote_args; max_restarts has no named parameter yet
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ray.data.from_arrow([table.slice(i, 1) for i in range(len(table))]).map_batches(
+            RayChunkScorer,
+            fn_constructor_kwargs=dict(model_dir=str(job.model_dir.path.absolute()), provider=c.provider,
+                                       threads=cpus, context=job.context, stride=job.stride,
+                                       batch_tokens=c.batch_tokens, max_padding=c.max_padding, head=c.head),
+            batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cpus, num_gpus=gpus, max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES,
+        )
+
+
+def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
+    ray = _import_ray()
     c = job.config
     ckpt = start(job, log)
     if ckpt.complete:
@@ -170,27 +231,25 @@ def score_on_ray(job: ScoreJob, log: Callable[[str], None]) -> ScoreSummary:
             workers, cpus, gpus = _placement(ray, job)
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
-            table = pa.Table.from_pylist(chunk_rows, schema=pa.schema([
-                ("chunk", pa.int64()), ("tokens", pa.list_(pa.list_(pa.int64()))), ("score_from", pa.list_(pa.int64()))]))
-            ds = ray.data.from_arrow([table.slice(i, 1) for i in range(len(table))]).map_batches(
-                RayChunkScorer,
-                fn_constructor_kwargs=dict(model_dir=str(job.model_dir.path.absolute()), provider=c.provider,
-                                           threads=cpus, context=job.context, stride=job.stride,
-                                           batch_tokens=c.batch_tokens, max_padding=c.max_padding, head=c.head),
-                batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-                num_cpus=cpus, num_gpus=gpus,
-            )
-            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row in out.to_pylist():
-                    provider = row["provider"]
-                    seen_workers.setdefault(json.loads(row["worker"])["actor"], json.loads(row["worker"])["gpu_ids"])
-                    for m in row["messages"].splitlines():
-                        if m not in said:  # once, however many workers say it
-                            said.add(m)
-                            log(f"ray worker: {m}")
-                    results = [err or (ll, n, g) for ll, n, g, err in
-                               zip(row["loglik"], row["tokens"], row["greedy"], row["errors"])]
-                    commit(row["chunk"], results, row["input_tokens"], row["padded_slots"])
+            logging.getLogger("ray.data._internal.execution.streaming_executor_state").addFilter(_NO_TRACEBACK)
+            ds = _scoring_dataset(ray, job, chunk_rows, workers, cpus, gpus)
+            try:
+                for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for row in out.to_pylist():
+                        provider = row["provider"]
+                        seen_workers.setdefault(json.loads(row["worker"])["actor"], json.loads(row["worker"])["gpu_ids"])
+                        for m in row["messages"].splitlines():
+                            if m not in said:  # once, however many workers say it
+                                said.add(m)
+                                log(f"ray worker: {m}")
+                        results = [err or (ll, n, g) for ll, n, g, err in
+                                   zip(row["loglik"], row["tokens"], row["greedy"], row["errors"])]
+                        commit(row["chunk"], results, row["input_tokens"], row["padded_slots"])
+            except _worker_failure(ray) as e:
+                raise OnnxpipeError(
+                    f"ray: scoring stopped: a worker failed ({_what_failed(e)}; a worker that dies is restarted and "
+                    f"its chunk sent again up to {WORKER_RETRIES} times); {len(ckpt.done_chunks)} chunk(s) are "
+                    f"written in {job.output}: rerun with --resume to continue") from None
         if pending:
             raise OnnxpipeError(f"ray returned no results for chunk(s) {sorted(pending)[:5]}; rerun with --resume")
     finally:
