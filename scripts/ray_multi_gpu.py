@@ -4,13 +4,13 @@ the driver killed with -9 mid-run, and the output against the local engine's.
 
     python3 scripts/ray_multi_gpu.py --out $OUT                  # a multi-GPU host: the 1B shape, fp16 CUDA form and int4
     python3 scripts/ray_multi_gpu.py --cpu-smoke --out /tmp/rs   # any machine: 2 fake GPUs declared to a local Ray
-    python3 scripts/ray_multi_gpu.py --build-only                # the builds alone (~5 min); a later run reuses them
+    python3 scripts/ray_multi_gpu.py --build-only                # the builds alone; a later run with the same --work reuses them
 
 Models: a random-weight Llama-3.2-1B shape (scripts/bench_gpu_builds.SHAPES["llama-1b"]) built as
 scripts/bench_score.py builds its models (fp32 HF directory, the llama-stdlib tokenizer, onnxpipe's CLI): the fp16
 export optimized at level 3 for CUDA (form "fp16") and int4 RTN of the fp32 export (form "int4"). --fp16-dir /
---int4-dir take forms built before; completed builds under --work are reused. With --cpu-smoke: bench_score's
-2-layer "tiny" shape, its fp32 export (form "fp32") and int4, scored on the CPU.
+--int4-dir take forms built before; completed builds under --work are reused. With --cpu-smoke: the same builds of
+bench_score's 2-layer "tiny" shape, scored on the CPU (which runs the CUDA form's fp16 graph in fp32).
 
 Records: data/eval.txt cut into bench_score's pieces (1-12 lines), repeated until --tokens tokens (counted with the
 model's tokenizer), one {"id", "text"} JSONL. This process starts a local Ray instance (its GPUs, or 2 declared ones
@@ -253,31 +253,30 @@ def kills(form: str, model: Path, records: Path, work: Path, ctx: dict, log) -> 
 
 # ------------------------------------------------------------------------------------------------ setup
 def build_forms(args: argparse.Namespace, work: Path, log) -> tuple[dict[str, Path], list[dict]]:
-    """The model forms to score: given (--fp16-dir/--int4-dir) or built under --work (reused when complete)."""
+    """The forms to score, given (--fp16-dir/--int4-dir) or built under --work (reused when complete): the fp16
+    export optimized at level 3 for CUDA, and int4 RTN of the fp32 export. --cpu-smoke builds the same from the
+    tiny shape (the CPU runs the CUDA form's fp16 graph in fp32)."""
     given = {"fp16": args.fp16_dir, "int4": args.int4_dir}
-    if not args.cpu_smoke and all(given.values()):
-        return {k: v for k, v in given.items()}, []
-    shape = "tiny" if args.cpu_smoke else "llama-1b"
-    hf = build_hf(shape, work)
+    if all(given.values()):
+        return dict(given), []
+    hf = build_hf("tiny" if args.cpu_smoke else "llama-1b", work)
     gate = ["--eval-tokens", "256", "--max-ppl-increase", "1e9", "--min-greedy-agreement", "0"]  # random weights
-    fp32, int4 = work / "fp32", work / "int4"
-    builds = [Build("export-fp32", fp32, ["export", str(hf), "-o", str(fp32), "--no-verify"]),
-              Build("int4-rtn", int4, ["quantize", str(fp32), "-o", str(int4), "--mode", "int4", "--algo", "rtn", *gate],
-                    "export-fp32")]
-    if not args.cpu_smoke:
-        fp16, opt = work / "fp16", work / "fp16-opt"
+    fp32, int4, fp16, opt = work / "fp32", work / "int4", work / "fp16", work / "fp16-opt"
+    builds = []
+    if not given["fp16"]:
         builds += [Build("export-fp16", fp16, ["export", str(hf), "-o", str(fp16), "--dtype", "fp16", "--no-verify"]),
-                   Build("optimize-fp16", opt, ["optimize", str(fp16), "-o", str(opt), "--level", "3", "--target", "cuda",
-                                                "--skip-verify"], "export-fp16")]
-        builds = [b for b in builds if not (b.name == "int4-rtn" and given["int4"])
-                  and not (b.name in ("export-fp16", "optimize-fp16") and given["fp16"])]
+                   Build("optimize-fp16", opt, ["optimize", str(fp16), "-o", str(opt), "--level", "3", "--target",
+                                                "cuda", "--skip-verify"], "export-fp16")]
+    if not given["int4"]:
+        builds += [Build("export-fp32", fp32, ["export", str(hf), "-o", str(fp32), "--no-verify"]),
+                   Build("int4-rtn", int4, ["quantize", str(fp32), "-o", str(int4), "--mode", "int4", "--algo", "rtn",
+                                            *gate], "export-fp32")]
     run_builds(builds, time.monotonic() + args.budget_s, log)
     failed = [f"{b.name}: {b.error}" for b in builds if b.error]
     if failed:
         raise SystemExit(f"ray_multi_gpu: a build failed: {'; '.join(failed)}")
-    forms = {"fp32": fp32, "int4": int4} if args.cpu_smoke else \
-        {"fp16": given["fp16"] or work / "fp16-opt", "int4": given["int4"] or int4}
-    return forms, [{"name": b.name, "seconds": round(b.seconds or 0, 1), "reused": b.reused} for b in builds]
+    return ({"fp16": given["fp16"] or opt, "int4": given["int4"] or int4},
+            [{"name": b.name, "seconds": round(b.seconds or 0, 1), "reused": b.reused} for b in builds])
 
 
 def write_records(model: Path, target_tokens: int, path: Path) -> tuple[int, int]:
