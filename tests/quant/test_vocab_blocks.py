@@ -86,6 +86,36 @@ def test_tables_in_blocks_are_the_whole_tables_values(exported: tuple[Path, bool
         assert np.array_equal(in_memory[f"{name[:-len('_rows')]}_row_scales"], streamed[f"{name[:-len('_rows')]}_row_scales"])
 
 
+def test_tied_head_left_float_is_written_as_e_transposed(exported: tuple[Path, bool], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed model whose tied head stays float (--lm-head fp32, an fp16 input): the lazily untied E^T is made
+    at the write and holds E's values, transposed; until then it is not made."""
+    from onnxpipe.quant.graph import Transposed
+    from onnxpipe.quant.rtn_stream import save_streamed
+
+    src, tied = exported
+    if not tied:
+        pytest.skip("an untied head has its own weight")
+    made: list[int] = []
+    make = Transposed.__call__
+    monkeypatch.setattr(Transposed, "__call__", lambda self: made.append(1) or make(self))
+    model = ir.load(str(src / "model.onnx"))
+    plan = read_plan(model, "logits")
+    head = next(n for n in model.graph if n.name == plan.lm_head)
+    lazy = head.inputs[1].const_value
+    assert isinstance(lazy, ir.LazyTensor) and isinstance(lazy.raw, Transposed) and not made
+    out = tmp_path / "out"
+    out.mkdir()
+    save_streamed(model, out / "model.onnx", external=True)
+    assert made == [1]  # made once, at the write
+    written = onnx.load(str(out / "model.onnx"))
+    inputs = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(src / "model.onnx")).graph.initializer}
+    table = next(a for a in inputs.values() if a.shape == (VOCAB, HIDDEN))
+    weight = next(numpy_helper.to_array(t) for t in written.graph.initializer if tuple(t.dims) == (HIDDEN, VOCAB))
+    assert np.array_equal(weight, table.T)
+    assert "Transpose" not in [n.op_type for n in written.graph.node if head.inputs[1].name in n.input]
+
+
 def test_truncated_data_file_is_a_one_line_error(exported: tuple[Path, bool], tmp_path: Path) -> None:
     import shutil
 
