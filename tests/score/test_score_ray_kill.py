@@ -8,6 +8,7 @@ and --resume completes it with the same bytes."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -107,7 +108,8 @@ def test_workers_that_keep_dying_stop_the_run_in_one_line_and_resume_completes(o
         killer.stop.set()
         killer.join()
     message = str(err.value)
-    assert "\n" not in message and "a worker failed (ActorDiedError" in message and "--resume" in message, message
+    # one line naming Ray's error (ActorDiedError in every run so far) and what to do
+    assert "\n" not in message and re.search(r"a worker failed \(\w+Error: ", message) and "--resume" in message, message
     written = json.loads((out / "_checkpoint.json").read_text())["done_chunks"]
     assert 2 <= len(written) < 38 and not json.loads((out / "_checkpoint.json").read_text())["complete"]
 
