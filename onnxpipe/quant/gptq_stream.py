@@ -5,13 +5,20 @@ gptq.gptq_quantize_graph gathers every linear input's Hessian in one pass over t
 whole model in memory: at the 8B shape that is ~65 GB of float64 Hessians (32 layers x (3 x 4096^2 + 14336^2) x 8
 bytes), beside a serialized copy of the model and its float session. Here the model is read with onnx_ir (weights
 in an external data file stay unread until used), the float model with every linear input as an extra output is
-written once beside the output (temporary: W of disk) and opened on the eval provider (CUDA where this
-onnxruntime has it, else the CPU with graph optimizations off, as gptq.py's), and the inputs are taken in graph
-order in chunks whose Hessians fit HESSIAN_BYTES: one pass over the calibration prefills per chunk, then each
-layer of the chunk quantized by gptq.gptq_weight and written by gptq.matmulnbits_ir (the same arithmetic, in the
-same order, as gptq_quantize_graph: the same model, bit for bit, on the CPU). One 8B layer's Hessians are 2.05 GB.
-On CUDA the sums are made and held in GPU memory (hessian.py) and come to the host one input at a time, so a
-chunk is bounded by DEVICE_HESSIAN_BYTES instead: fewer passes of the float model over the calibration text.
+written once beside the output (temporary: W of disk), and each layer is quantized by gptq.gptq_weight and written
+by gptq.matmulnbits_ir once its input's Hessian is in (the same arithmetic as gptq_quantize_graph: the same model,
+bit for bit, on the CPU). Two forms give the layer inputs:
+
+- ``layerwise`` (the CPU's): that model cut to the nodes the inputs need and run one layer's segment at a time
+  (runtime/layerwise.run_segmented, graph optimizations off, as gptq.py's session) in one pass over the
+  calibration prefills; each segment's inputs are summed as it runs, and once it has run its layers are quantized
+  and their Hessians let go. Held at once: one segment's session (the CPU EP widens an fp16 layer to fp32: one
+  layer, where a whole-model session held every layer widened), the calibration tokens' hidden states, one
+  segment's Hessians (one 8B layer's: 2.05 GB).
+- ``whole`` (a device's): one session on the whole model on the eval provider, the inputs taken in graph order in
+  chunks whose Hessians fit HESSIAN_BYTES, one pass over the calibration prefills per chunk. On CUDA the sums are
+  made and held in GPU memory (hessian.py) and come to the host one input at a time, so a chunk is bounded by
+  DEVICE_HESSIAN_BYTES instead: fewer passes of the float model over the calibration text.
 
 Blocks only, integer zero points: per-channel and float zero points go through gptq.py on the model in memory.
 """
