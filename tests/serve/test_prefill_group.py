@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, submit, wait_until
+from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, solo_results, submit, wait_until
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.generate import load
 from onnxpipe.serve.row_prefill import RowPrefill
-from onnxpipe.serve.scheduler import SlotScheduler, make_scheduler
+from onnxpipe.serve.scheduler import make_scheduler
 from onnxpipe.serve.slot_table import DECODING, FREE, PREFILLING, SlotTable
 
 
@@ -111,14 +111,7 @@ def test_concurrent_requests_read_in_groups_get_their_solo_tokens(stdlib_cuda_mo
     tokens together; with auto, the short prompts not yet begun, 4 at a time while nothing decodes)."""
     lm = slot_lm(stdlib_cuda_model, graphs)
     sampled = {"temperature": 0.9, "top_k": 50, "seed": 3}
-    alone = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
-    assert isinstance(alone, SlotScheduler) and alone.prefill_group == 1
-    alone.start()
-    try:
-        solo = [result(submit(alone, lm, p, n)[0]) for p, n in zip(PROMPTS, LENGTHS)]
-        solo_sampled = result(submit(alone, lm, PROMPTS[2], 12, **sampled)[0])
-    finally:
-        alone.stop()
+    solo, solo_sampled, _ = solo_results(lm, sampled)
     runs = recorded_groups(monkeypatch)
     sched = make_scheduler(lm, max_batch=4, prefill_chunk=chunk, max_length=128, prefill_group=4)
     waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS * 2, LENGTHS * 2)]

@@ -159,18 +159,26 @@ def result(q):
     return value
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["plain", "graph-slots"])
-def test_concurrent_requests_get_their_solo_tokens(stdlib_cuda_model, graphs):
-    lm = slot_lm(stdlib_cuda_model, graphs)
-    sampled = {"temperature": 0.9, "top_k": 50, "seed": 3}
+def solo_results(lm, sampled: dict) -> tuple[list, list, SlotScheduler]:
+    """Each of PROMPTS alone, greedy, then PROMPTS[2] sampled with ``sampled``: one request at a time through a
+    scheduler of 4 rows (the reference the concurrent runs are compared with), and that scheduler (stopped)."""
     alone = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
-    assert isinstance(alone, SlotScheduler) and alone.max_length == 128 and alone.cache.capacity >= 128
+    assert isinstance(alone, SlotScheduler) and alone.prefill_group == 1
+    assert alone.max_length == 128 and alone.cache.capacity >= 128
     alone.start()
     try:
         solo = [result(submit(alone, lm, p, n)[0]) for p, n in zip(PROMPTS, LENGTHS)]
         solo_sampled = result(submit(alone, lm, PROMPTS[2], 12, **sampled)[0])
     finally:
         alone.stop()
+    return solo, solo_sampled, alone
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["plain", "graph-slots"])
+def test_concurrent_requests_get_their_solo_tokens(stdlib_cuda_model, graphs):
+    lm = slot_lm(stdlib_cuda_model, graphs)
+    sampled = {"temperature": 0.9, "top_k": 50, "seed": 3}
+    solo, solo_sampled, alone = solo_results(lm, sampled)
     plain = lm if not graphs else load(stdlib_cuda_model, "cpu", threads=1)
     assert solo == [plain.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids  # what generate gives
                     for p, n in zip(PROMPTS, LENGTHS)]
