@@ -58,10 +58,11 @@ class RowPrefill:
         before its padding, attend only to each other (causal): their keys, values and logits are computed as in a
         run of the row alone. The padding's keys and values land just past the row's prompt, where the row's next
         writes go before anything reads them (as a masked decode step's write does)."""
-        k, width = len(prompts), max(len(p) for p in prompts)
+        k = len(prompts)
         if not prompts or min(len(p) for p in prompts) < 1 or first < 0 or first + k > int(self.values[0].shape()[0]):
             raise OnnxpipeError(f"a group prefill needs 1 or more non-empty prompts in rows of the buffer, got {k} "
                                 f"from row {first}")
+        width = max(len(p) for p in prompts)
         if width > self.capacity:
             raise OnnxpipeError(f"{width} positions do not fit a row of {self.capacity}")
         ids = np.full((k, width), pad_id, np.int64)
