@@ -1,0 +1,39 @@
+/* An int4 GEMM for small M on CUDA: Y[M, N] = A[M, K] @ W^T, W dequantized from MatMulNBits' 4-bit layout.
+ *
+ *   A            fp16 [M, K], row-major, 16-byte aligned
+ *   B            uint8 [N][K / block_size][block_size / 2]: element k of a block in byte k / 2, the low nibble
+ *                for even k, the high nibble for odd k (MatMulNBits, bits = 4); 16-byte aligned
+ *   scales       fp16 [N][K / block_size]
+ *   zero_points  uint8 [N][ceil((K / block_size) / 2)], two blocks a byte, the low nibble first; NULL: 8
+ *   Y            fp16 [M, N]
+ *   W[n, k] = (q[n, k] - zero_point[n, k / block_size]) * scales[n, k / block_size]
+ *
+ * block_size is 32, 64 or 128 and divides K. The kernel is launched on `stream` (a cudaStream_t) and nothing else:
+ * no allocation, no synchronisation, no atomics, so it can be captured in a CUDA graph and a call gives the same
+ * bits every time for the same M, N, K. Returns 0, a cudaError_t (> 0) from the launch, or one of the codes below;
+ * onnxpipe_int4_gemm_error names any of them. */
+#ifndef ONNXPIPE_INT4_GEMM_H_
+#define ONNXPIPE_INT4_GEMM_H_
+
+#include <stdint.h>
+
+#define ONNXPIPE_INT4_GEMM_OK 0
+#define ONNXPIPE_INT4_GEMM_BAD_SHAPE (-1)      /* M < 0, N or K < 1, or a dimension past int32 */
+#define ONNXPIPE_INT4_GEMM_BAD_BLOCK (-2)      /* block_size not 32, 64 or 128, or not dividing K */
+#define ONNXPIPE_INT4_GEMM_MISALIGNED (-3)     /* A or B not 16-byte aligned */
+#define ONNXPIPE_INT4_GEMM_NULL_POINTER (-4)   /* A, B, scales or Y is NULL */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+int onnxpipe_int4_gemm(const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points, void* Y,
+                       int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream);
+
+const char* onnxpipe_int4_gemm_error(int code);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ONNXPIPE_INT4_GEMM_H_ */
