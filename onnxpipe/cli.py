@@ -307,16 +307,19 @@ def _prefill_chunk(ctx: click.Context, param: click.Parameter, value: str) -> in
 @click.option("--prefill-group", type=click.IntRange(1), default=None,
               help="Whole prompts read together in one run into adjacent fixed rows (optimize --target cuda) [1: each "
                    "its own]. Exact on the CPU; on a GPU a batched run may round differently (docs/serve.md).")
+@click.option("--chunk-graphs/--no-chunk-graphs", default=None,
+              help="Long prompts' chunks replayed as CUDA graphs at fixed widths (with --cuda-graph) [on with "
+                   "--cuda-graph].")
 def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, max_queue: int, prefill_chunk: int | str,
           model_name: str | None, threads: int | None, cuda_graph: bool, max_length: int | None,
-          prefill_group: int | None) -> None:
+          prefill_group: int | None, chunk_graphs: bool | None) -> None:
     """Serve a model directory over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), with requests joining and leaving the running batch at every decode step."""
     from onnxpipe.serve.app import serve_forever
 
     serve_forever(model_dir, host=host, port=port, provider=provider, max_batch=max_batch, max_queue=max_queue,
                   prefill_chunk=prefill_chunk, model_name=model_name, threads=threads, cuda_graph=cuda_graph,
-                  max_length=max_length, announce=_log, prefill_group=prefill_group)
+                  max_length=max_length, announce=_log, prefill_group=prefill_group, chunk_graphs=chunk_graphs)
 
 
 @main.command()

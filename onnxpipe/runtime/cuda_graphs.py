@@ -37,6 +37,11 @@ GRAPH_SLOTS_MAX = 8
 # kernels, ~1 ms of launching), and a bounded number per slot (each keeps its own input buffers and graph)
 PREFILL_CAPTURE_TOKENS = 4096
 PREFILL_GRAPHS_PER_SLOT = 16
+# chunks of a long prompt read into one row of a slot's shared buffer (serve's slot layout) through captured graphs:
+# one per (row, chunk width), the chunk padded to the width, so only these widths, and only the rows long prompts
+# take (a few); at most this many per slot, beyond which chunks run uncaptured with the same inputs
+CHUNK_WIDTHS = (8, 16, 32, 64, 128, 256, 512)
+CHUNK_GRAPHS_PER_SLOT = 32
 
 
 _threads = threading.local()
@@ -98,6 +103,7 @@ class _GraphSlot:
     last_index: Any = None  # zeros [B]: the position a decode step's logits are taken at
     threads: set[int] = field(default_factory=set)  # the threads its decode graph was captured on (capture)
     prefills: dict[int, "_PrefillGraph"] = field(default_factory=dict)  # by prompt width
+    chunks: dict[tuple[int, int], "_ChunkGraph"] = field(default_factory=dict)  # by (row, chunk width)
 
 
 @dataclass
@@ -113,6 +119,26 @@ class _PrefillGraph:
     io: Any
     runs: int = 0
     run_options: Any = None
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _ChunkGraph:
+    """A captured chunk of a prompt into one row of its slot's cache, bound by address: fixed input buffers for one
+    chunk width, the mask at the slot's full width."""
+
+    graph_id: int
+    row: int
+    width: int
+    ids: Any
+    mask: Any
+    positions: Any
+    last_index: Any
+    logits: Any
+    io: Any
+    run_options: Any = None
+    runs: int = 0
+    threads: set[int] = field(default_factory=set)  # the threads it was captured on (its first run on each)
     scratch: dict[str, Any] = field(default_factory=dict)
 
 
@@ -342,6 +368,83 @@ class CudaGraphs:
                 io.bind_ortvalue_output(name, value)
         slot.prefills[width] = pg
         return pg
+
+    # ---- chunks of a prompt into one row of a slot (serve's slot layout) ----
+    def run_chunk(self, values: list[Any], row: int, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                  last_index: np.ndarray) -> tuple[np.ndarray, bool] | None:
+        """One chunk of a prompt into row ``row`` of the slot whose KV buffers are ``values``, through the captured
+        graph of (row, chunk width): (its logits at ``last_index`` [1, vocab] float32, whether this run captured the
+        graph), or None where it cannot run so (no such slot, a width not in CHUNK_WIDTHS, a mask not at the slot's
+        full width, no last-position head, a thread the slot's decode graph was not captured on, or a new graph past
+        CHUNK_GRAPHS_PER_SLOT): the caller runs the same inputs uncaptured.
+
+        The inputs are ``RowPrefill.chunk_inputs``': ids [1, width] (the chunk right-padded to its width), the mask
+        [1, capacity] with ones over the row's positions so far and the chunk's width, positions [1, width]. With the
+        mask wider than the chunk, onnxruntime's GroupQueryAttention takes the run as a "subsequent prompt" whatever
+        the start (group_query_attention_helper.h, CheckInputs: ``sequence_length > 1 && sequence_length !=
+        total_sequence_length``, batch 1 only; total_sequence_length is the mask's width): it then reads each row's
+        length from seqlens_k (the mask's row sum - 1), so the chunk's past is ``seqlens_k + 1 - width`` positions,
+        its keys and values are written from there and its rotary positions follow; the width of the mask is never
+        read as a length, only as the total the graph's shapes are made for, as in the decode graph. A capture's
+        repeated runs (onnxruntime runs a graph id's first use several times in one call) write the same entries
+        again: a chunk run is idempotent."""
+        host = self.host
+        width = ids.shape[1]
+        slot = next((s for s in self.slots.values() if s.cache and values
+                     and s.cache[0].data_ptr() == values[0].data_ptr()), None)
+        if (slot is None or width not in CHUNK_WIDTHS or not host.last_position or mask.shape != (1, slot.capacity)
+                or _this_thread() not in slot.threads):
+            return None
+        cg = slot.chunks.get((row, width))
+        if cg is None:
+            if len(slot.chunks) >= CHUNK_GRAPHS_PER_SLOT:
+                return None
+            cg = self._chunk_graph(slot, row, width)
+        arrays = [(cg.ids, ids), (cg.mask, mask), (cg.last_index, last_index)]
+        if host.has_position_ids:
+            arrays.append((cg.positions, positions))
+        for value, array in arrays:
+            array = np.ascontiguousarray(array, dtype=np.int64)
+            value.update_inplace(array)
+            host.transfers.up_bytes += array.nbytes
+        thread = _this_thread()
+        captures = thread not in cg.threads
+        host._run_graph(cg.io, cg.run_options, f"a CUDA-graph prefill chunk (row {row}, {width} tokens)")
+        cg.threads.add(thread)
+        cg.runs += 1
+        slot.primed = False  # the decode buffers were not written: the next step goes up from the host
+        return host._select(cg.logits, np.zeros(1, np.int64), "logits"), captures
+
+    def _chunk_graph(self, slot: _GraphSlot, row: int, width: int) -> _ChunkGraph:
+        host = self.host
+        dev, where = host._buffer, host._device_type()
+        self.graph_ids += 1
+        cg = _ChunkGraph(self.graph_ids, row, width, dev((1, width), np.int64), dev((1, slot.capacity), np.int64),
+                         dev((1, width), np.int64), dev((1,), np.int64), dev((1, 1, host.vocab_size), host.kv_dtype),
+                         host.session.io_binding())
+        io = cg.io
+        io.bind_ortvalue_input("input_ids", cg.ids)
+        io.bind_ortvalue_input("attention_mask", cg.mask)
+        if host.has_position_ids:
+            io.bind_ortvalue_input("position_ids", cg.positions)
+        io.bind_ortvalue_input(LAST_INDEX, cg.last_index)
+        io.bind_ortvalue_output(host.logits_name, cg.logits)
+        # the row [1, kv_heads, capacity, head_dim] of each buffer, by address: read and written in place
+        shape = [1, host.num_kv_heads, slot.capacity, host.head_dim]
+        row_bytes = host.num_kv_heads * slot.capacity * host.head_dim * np.dtype(host.kv_dtype).itemsize
+        for past, present, value in zip(host.past_names, host.present_names, slot.cache):
+            at = value.data_ptr() + row * row_bytes
+            io.bind_input(past, where, 0, host.kv_dtype, shape, at)
+            io.bind_output(present, where, 0, host.kv_dtype, shape, at)
+        if host.fed:  # the step tail's outputs: fixed scratch, never the decode graph's buffers
+            cg.scratch = {NEXT_IDS: dev((1, 1), np.int64), NEXT_MASK: dev((1, slot.capacity), np.int64)}
+            if NEXT_POSITIONS in {o.name for o in host.session.get_outputs()}:
+                cg.scratch[NEXT_POSITIONS] = dev((1, 1), np.int64)
+            for name, value in cg.scratch.items():
+                io.bind_ortvalue_output(name, value)
+        cg.run_options = run_options(self._ort, cg.graph_id)
+        slot.chunks[(row, width)] = cg
+        return cg
 
     def _run_slot(self, slot: _GraphSlot, cache: KVCache) -> None:
         host = self.host

@@ -40,7 +40,7 @@ SWITCH_INTERVAL_S = 0.0005
 
 def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
                prefill_chunk: int | str = "auto", max_length: int | None = None,
-               prefill_group: int | None = None) -> Any:
+               prefill_group: int | None = None, chunk_graphs: bool | None = None) -> Any:
     """The ASGI app; its lifespan starts and stops the scheduler thread. ``app.state.scheduler`` is the scheduler
     (``scheduler.make_scheduler``: fixed rows of ``max_length`` tokens for a shared-buffer graph)."""
     from starlette.applications import Starlette
@@ -50,7 +50,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     from starlette.routing import Route
 
     scheduler = make_scheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                               max_length=max_length, prefill_group=prefill_group)
+                               max_length=max_length, prefill_group=prefill_group, chunk_graphs=chunk_graphs)
     created = int(time.time())
 
     def error(e: ApiError) -> JSONResponse:
@@ -275,7 +275,7 @@ def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
                   provider: str = "auto", max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto",
                   model_name: str | None = None, threads: int | None = None, cuda_graph: bool = False,
                   max_length: int | None = None, announce: Callable[[str], None] | None = None,
-                  prefill_group: int | None = None) -> None:
+                  prefill_group: int | None = None, chunk_graphs: bool | None = None) -> None:
     """``onnxpipe serve``: load the model directory and serve it until interrupted."""
     try:
         import starlette  # noqa: F401
@@ -288,7 +288,7 @@ def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
     lm = load(model_dir, provider, threads=threads, announce=announce, cuda_graph=cuda_graph, last_position=True)
     name = model_name or Path(model_dir).resolve().name
     app = create_app(lm, name, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                     max_length=max_length, prefill_group=prefill_group)
+                     max_length=max_length, prefill_group=prefill_group, chunk_graphs=chunk_graphs)
     if announce:
         layout = (f"{max_batch} fixed rows of {app.state.scheduler.max_length} tokens"
                   + (", CUDA graphs" if lm.session.cuda_graph else "") if lm.session.shares_buffer

@@ -26,6 +26,12 @@ later run where fewer than ``MIN_CHUNK`` fit, at most ``MAX_CHUNK``. Where a alo
 tokens get ``MIN_SHARE`` of the target beyond a (smaller chunks would not shorten the iteration, only slow the
 prompt). The decode step's seconds are a moving average. While nothing decodes no stream waits: ``MAX_CHUNK`` tokens.
 
+With a long prompt's chunks run through captured CUDA graphs (``widths``: the chunk widths graphs are captured for,
+``serve/row_prefill.py``), ``auto`` gives a run the largest of those widths that fits (at least the smallest), so the
+chunks take the few shapes that have graphs, and the model is fitted on those chunk runs only, not on whole prompts
+or group runs (uncaptured, their launches cost several times a replay) nor on a run that captured its graph (several
+runs in one call): what it predicts is the captured cost of a chunk.
+
 Short prompts are not split: with ``auto`` a prompt of at most ``WHOLE_PROMPT`` tokens, not yet begun, is read in one
 piece, ahead of the long ones, ``SHORT_TOKENS`` tokens of such prompts an iteration at most (at least one prompt);
 their time counts against the target. Most requests come with one, and reading each in several runs would pay a
@@ -117,6 +123,7 @@ class PrefillBudget:
 
     chunk: int | None = None
     step_s: float | None = None  # a decode step's seconds (moving average)
+    widths: tuple[int, ...] = ()  # auto's chunks take one of these widths (chunks through captured graphs), if any
     runs: deque[tuple[int, int, int, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
     _model: RunCost | None = None
     _fitted: int = -1  # len of runs when the model was fitted (the runs only grow until the window is full)
@@ -169,10 +176,10 @@ class PrefillBudget:
         """A decode step of the running batch took ``seconds``."""
         self.step_s = _average(self.step_s, seconds, STEP_SMOOTHING)
 
-    def ran(self, tokens: int, start: int, seconds: float, rows: int = 1) -> None:
+    def ran(self, tokens: int, start: int, seconds: float, rows: int = 1, learn: bool = True) -> None:
         """A prefill run read ``tokens`` prompt tokens of each of ``rows`` rows from position ``start`` in
-        ``seconds``, while streams decoded (auto measures these only)."""
-        if tokens > 0 and self.chunk is None:
+        ``seconds``, while streams decoded (auto measures these only; ``learn`` False: not this run)."""
+        if tokens > 0 and self.chunk is None and learn:
             self.runs.append((rows, tokens, start, seconds))
             self._count += 1
 
@@ -201,14 +208,17 @@ class Allowance:
         n = model.tokens(seconds, start)
         if n < MIN_CHUNK:
             n = MIN_CHUNK if first else 0
+        if n and b.widths:  # the largest width that fits (the smallest at least): chunks of the captured shapes
+            n = max((w for w in b.widths if w <= n), default=min(b.widths))
         return min(n, left)
 
-    def ran(self, tokens: int, start: int, seconds: float, rows: int = 1) -> None:
-        """A run of this iteration read ``tokens`` of each of ``rows`` rows from ``start`` in ``seconds``."""
+    def ran(self, tokens: int, start: int, seconds: float, rows: int = 1, learn: bool = True) -> None:
+        """A run of this iteration read ``tokens`` of each of ``rows`` rows from ``start`` in ``seconds`` (``learn``
+        False: the cost model does not learn from it)."""
         self.runs += 1
         self.read += rows * tokens
         self.spent_s += seconds
         if self.tokens_left is not None:
             self.tokens_left -= rows * tokens
         if self.decoding:
-            self.budget.ran(tokens, start, seconds, rows)
+            self.budget.ran(tokens, start, seconds, rows, learn)

@@ -62,12 +62,14 @@ class SchedulerStats:
     overlapped_steps: int = 0  # of them, steps run while the step before's rows were processed (slot layout)
     prefill_chunks: int = 0
     prefill_tokens: int = 0  # prompt tokens read by those chunks
+    graph_chunks: int = 0  # of the chunks, long prompts' chunks run through a captured CUDA graph (slot layout)
     max_running: int = 0  # the largest batch a decode step ran
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
     rejected: int = 0  # refused with QueueFull
     capture_error: str = ""  # why the loop's thread could not capture the CUDA graph (its steps then run uncaptured)
+    chunk_graph_error: str = ""  # why a captured prefill chunk failed (chunks then run uncaptured)
 
 
 class BatchLoop:

@@ -5,6 +5,14 @@ are k adjacent rows: a run binds past and present to the same address (the graph
 and nothing is copied. ``run`` reads one chunk of one prompt into its row; ``run_group`` reads whole prompts of
 several adjacent rows in one run of [k, width] (``slots.SlotScheduler``'s ``prefill_group``): on a GPU, where a run
 outside the CUDA graph costs its kernel launches whatever its length, k prompts cost about one run instead of k.
+
+``run_chunk`` (with CUDA graphs, ``chunk_graphs`` on) reads a chunk of a long prompt in a fixed shape instead: the
+chunk right-padded to a width of ``cuda_graphs.CHUNK_WIDTHS`` and the mask at the row's full capacity
+(``chunk_inputs``), replayed through a graph captured per (row, width) (``CudaGraphs.run_chunk``), launch-free; where
+no graph can run it (a width or row without one past the bound, another thread), the same inputs run uncaptured, so a
+chunk's keys, values and logits do not depend on whether it was captured. The padding's keys and values land just
+past the chunk's real tokens, which come before it and attend only to each other (causal): the row's next chunk or
+decode step writes those positions before anything reads them (as ``run_group``'s padding).
 """
 
 from __future__ import annotations
@@ -14,8 +22,31 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.cuda_graphs import CHUNK_WIDTHS
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.last_position import LAST_INDEX
+
+
+def chunk_width(tokens: int, start: int, capacity: int) -> int:
+    """The width a chunk of ``tokens`` from position ``start`` runs at: the smallest of CHUNK_WIDTHS that holds it
+    and fits the row (narrower than its capacity, so the mask stays wider than the chunk), else ``tokens`` itself."""
+    return next((w for w in CHUNK_WIDTHS if tokens <= w < capacity and start + w <= capacity), tokens)
+
+
+def chunk_inputs(ids: list[int], start: int, width: int, capacity: int,
+                 pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids [1, width]: ``ids`` right-padded with ``pad_id``, attention_mask [1, capacity]: ones over the
+    ``start + width`` positions the row holds after the run, position_ids [1, width]: ``start``..., the last index
+    [1]: the chunk's last real token) of a chunk at a fixed width. The mask is read for its row sum and width only."""
+    n = len(ids)
+    if not 1 <= n <= width or start < 0 or start + width > capacity:
+        raise OnnxpipeError(f"a chunk of {n} tokens from position {start} does not fit a width of {width} in a row of "
+                            f"{capacity}")
+    padded = np.full((1, width), pad_id, np.int64)
+    padded[0, :n] = ids
+    mask = (np.arange(capacity) < start + width).astype(np.int64)[None, :]
+    positions = np.arange(start, start + width, dtype=np.int64)[None, :]
+    return padded, mask, positions, np.array([n - 1], np.int64)
 
 
 class RowPrefill:
@@ -35,6 +66,9 @@ class RowPrefill:
         self.row_shape = [1, heads, capacity, head_dim]
         self.row_bytes = heads * capacity * head_dim * s.kv_dtype.itemsize
         self.run_options = None
+        # long prompts' chunks at fixed widths through captured graphs (``run_chunk``); the scheduler turns it on
+        self.chunk_graphs = False
+        self.graph_error = ""  # why a captured chunk failed (chunks then run uncaptured, at the same widths)
         if s.cuda_graph:  # a session with CUDA graphs on: this run is not one of them
             self.run_options = ort.RunOptions()
             self.run_options.add_run_config_entry("gpu_graph_id", "-1")
@@ -47,6 +81,26 @@ class RowPrefill:
         return self._run(row, np.asarray(ids, np.int64)[None, :], np.ones((1, start + len(ids)), np.int64),
                          np.arange(start, start + len(ids), dtype=np.int64)[None, :], np.array([len(ids) - 1]),
                          f"a prefill into row {row} ({len(ids)} tokens from position {start})")
+
+    def run_chunk(self, row: int, ids: list[int], start: int, pad_id: int = 0) -> tuple[np.ndarray, str]:
+        """A chunk of a long prompt, as ``run``: (the logits of its last token [1, vocab] float32, how it ran:
+        "replayed" or "captured" (through the graph of (row, width); "captured": this run captured it, several runs
+        in one) or "uncaptured"). With ``chunk_graphs`` on, at a fixed width (``chunk_width``, ``chunk_inputs``),
+        through a captured graph where one can run it, else the same inputs uncaptured; off: ``run``."""
+        if not self.chunk_graphs:
+            return self.run(row, ids, start), "uncaptured"
+        width = chunk_width(len(ids), start, self.capacity)
+        inputs = chunk_inputs(ids, start, width, self.capacity, pad_id)
+        out = None
+        if not self.graph_error:
+            try:
+                out = self.session.graphs.run_chunk(self.values, row, *inputs)
+            except OnnxpipeError as e:  # kept; this chunk and the next run uncaptured (a run writes the same entries)
+                self.graph_error = str(e)[:300]
+        if out is not None:
+            return out[0], "captured" if out[1] else "replayed"
+        return self._run(row, *inputs, f"a prefill chunk into row {row} ({len(ids)} tokens padded to {width} from "
+                                        f"position {start})"), "uncaptured"
 
     def run_group(self, first: int, prompts: list[list[int]], pad_id: int = 0) -> np.ndarray:
         """Whole prompts into the adjacent rows ``first``, ``first + 1``... in one run of [k, width] (width: the

@@ -18,6 +18,10 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
   whatever its tokens, then as many as ``budget.whole`` allows); with a budget of tokens, prompts whose padded run
   fits what is left. A group run is one run to the budget (its fitted cost counts k rows' tokens). On a GPU, where a
   run outside the CUDA graph costs its launches whatever its length, k prompts then cost about one run.
+- With CUDA graphs (``chunk_graphs``, on by default there), a long prompt's chunks run at fixed widths through graphs
+  captured per (row, width) on the loop's thread (``RowPrefill.run_chunk``, ``CudaGraphs.run_chunk``): launch-free,
+  so a chunk costs its device time, not its launches; ``auto`` sizes chunks among those widths. ``stats.graph_chunks``
+  counts the chunks that ran so. Short prompts read whole and group runs stay uncaptured (any row, any length).
 - A decode step is one ``forward`` of every row (with CUDA graphs), or on the CPU of the rows up to the last decoding
   one (``RowPrefix``): [rows, 1] ids, each row's mask sum and position its own.
   Where the session's graph slot has the step tail (greedy steps writing their own next inputs, as ``generate``
@@ -46,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.cuda_graphs import CHUNK_WIDTHS
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.limits import check_fits
 from onnxpipe.runtime.session import KVCache
@@ -107,7 +112,8 @@ class SlotScheduler(BatchLoop):
     """Fixed rows of one shared KV buffer (optimize --target cuda): on the CPU, the CUDA EP, or its CUDA graphs."""
 
     def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto",
-                 max_length: int | None = None, prefill_group: int = DEFAULT_PREFILL_GROUP):
+                 max_length: int | None = None, prefill_group: int = DEFAULT_PREFILL_GROUP,
+                 chunk_graphs: bool | None = None):
         s = lm.session
         if not s.shares_buffer or s.padding_side != "right":
             raise OnnxpipeError(f"{s.model_dir.path}: the slot layout needs a shared KV buffer read by row sums "
@@ -139,6 +145,14 @@ class SlotScheduler(BatchLoop):
         self.max_length = min(length, self.cache.capacity)
         self.table = SlotTable(max_batch, self.cache.capacity, int(lm.manifest.tokenizer.get("pad_token_id") or 0))
         self.rows = RowPrefill(lm, self.cache.values)
+        # long prompts' chunks through captured graphs: with CUDA graphs (and the last-position head's small fixed
+        # logits) unless chunk_graphs is False
+        if chunk_graphs and not (s.cuda_graph and s.last_position):
+            raise OnnxpipeError(f"{s.model_dir.path}: chunk graphs replay long prompts' chunks as CUDA graphs: they need "
+                                "a session with CUDA graphs (--cuda-graph) and the last-position head")
+        self.rows.chunk_graphs = bool(s.cuda_graph and s.last_position) if chunk_graphs is None else chunk_graphs
+        if self.rows.chunk_graphs:
+            self.budget.widths = CHUNK_WIDTHS
         # on the CPU a decode step runs the rows up to the last decoding one; a prompt read in chunks beside running
         # streams takes the highest free row, so it stays out of their steps until it decodes (with CUDA graphs
         # every step runs all rows)
@@ -217,9 +231,16 @@ class SlotScheduler(BatchLoop):
             self._changed = True
             try:
                 began = time.perf_counter()
-                logits = self.rows.run(req.slot, prompt[start:end], start)
-                allowance.ran(end - start, start, time.perf_counter() - began)
+                if req in shorts or len(prompt) <= (self.budget.chunk or self.budget.whole[0]):  # read in one run
+                    logits, how = self.rows.run(req.slot, prompt[start:end], start), "whole"
+                else:  # a long prompt's chunk (in the row ``_admit`` gave it)
+                    logits, how = self.rows.run_chunk(req.slot, prompt[start:end], start, self.table.pad_id)
+                # with chunk graphs the cost model learns chunks' replays (and uncaptured chunks) only
+                learn = not self.rows.chunk_graphs or how in ("replayed", "uncaptured")
+                allowance.ran(end - start, start, time.perf_counter() - began, learn=learn)
                 self.stats.prefill_chunks += 1
+                self.stats.graph_chunks += how in ("replayed", "captured")
+                self.stats.chunk_graph_error = self.rows.graph_error
                 req.prefilled = end
                 self.table.prefilled(req.slot, end)
                 if end < len(prompt):
@@ -267,7 +288,8 @@ class SlotScheduler(BatchLoop):
             try:
                 began = time.perf_counter()
                 logits = self.rows.run_group(first, prompts, self.table.pad_id)
-                allowance.ran(max(map(len, prompts)), 0, time.perf_counter() - began, rows=rows)
+                allowance.ran(max(map(len, prompts)), 0, time.perf_counter() - began, rows=rows,
+                              learn=not self.rows.chunk_graphs)
             except Exception as e:  # these requests fail; the others go on
                 for req in members:
                     self._leave(req)

@@ -196,12 +196,17 @@ def test_concurrent_requests_get_their_solo_tokens(stdlib_cuda_model, graphs):
         assert sched.stats.failed == 0
     finally:
         sched.stop()
-    if graphs:  # decode steps replayed the slot's graph id; prefills into rows ran outside it
+    if graphs:  # decode steps replayed the slot's graph id; prefills into rows ran outside it, but for the long
+        # prompts' chunks, replayed through graphs of their own (tests/serve/test_chunk_graphs.py)
         assert lm.session.fed and sched.stats.fed_steps > 0  # greedy steps with no change fed on the device
         runs = lm.session.session.runs
-        (gid,) = [g for g in runs if g is not None and g >= 0]  # both schedulers: the one slot of (4, 128)
+        (slot,) = lm.session._graphs.values()  # both schedulers: the one slot of (4, 128)
+        gid = slot.graph_id
+        assert set(runs) == {-1, gid} | {cg.graph_id for cg in slot.chunks.values()}
         steps = alone.stats.steps + sched.stats.steps
-        assert runs[gid] >= steps and runs[-1] == alone.stats.prefill_chunks + sched.stats.prefill_chunks
+        graph_chunks = alone.stats.graph_chunks + sched.stats.graph_chunks
+        assert graph_chunks > 0 and graph_chunks == sum(cg.runs for cg in slot.chunks.values())
+        assert runs[gid] >= steps and runs[-1] == alone.stats.prefill_chunks + sched.stats.prefill_chunks - graph_chunks
         # captured on each thread that ran it, on harmless inputs: where the scheduler was made, and on each
         # scheduler's own loop thread before its first prefill
         assert len({t for t, g in lm.session.session.captures if g == gid}) == 3

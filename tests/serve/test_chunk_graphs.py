@@ -1,0 +1,239 @@
+"""A long prompt's chunks through captured CUDA graphs (RowPrefill.run_chunk, CudaGraphs.run_chunk): each chunk
+right-padded to one of CHUNK_WIDTHS, the mask at the row's full capacity, a graph per (row, width) on the loop's
+thread, bounded in number, the same inputs uncaptured where no graph runs it. Run here on the CPU: the padded run
+against today's unpadded chunks (bit for bit), and the captured path through the session's CUDA-graph slot path minus
+the GPU (a stand-in session runs a graph id's first use on each thread 3 times, as onnxruntime's capture does)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from serve.test_slots import result, slot_lm, submit, wait_until
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime import cuda_graphs
+from onnxpipe.runtime.cuda_graphs import CHUNK_WIDTHS, CudaGraphs
+from onnxpipe.runtime.generate import load
+from onnxpipe.serve.budget import MIN_CHUNK, PROBE_CHUNK, PrefillBudget, RunCost
+from onnxpipe.serve.row_prefill import RowPrefill, chunk_inputs, chunk_width
+from onnxpipe.serve.scheduler import make_scheduler
+
+rng = np.random.default_rng(7)
+LONG = rng.integers(5, 4000, 70).tolist()  # read in chunks of 16: 16, 16, 16, 16, 6 (padded to 8)
+SHORT = rng.integers(5, 4000, 9).tolist()  # read in one run, uncaptured, in any row
+
+
+# ---- the widths and the inputs ----
+@pytest.mark.fast
+def test_a_chunk_takes_the_smallest_width_that_holds_it_and_fits_the_row():
+    assert [chunk_width(n, 0, 1024) for n in (1, 8, 9, 16, 33, 64, 65, 200)] == [8, 8, 16, 16, 64, 64, 128, 256]
+    assert chunk_width(200, 0, 256) == 200  # 256 would fill the row: the mask must stay wider than the chunk
+    assert chunk_width(40, 200, 256) == 40  # 64 would pass the row's end: its own width, run uncaptured
+    assert chunk_width(40, 190, 256) == 64  # 190 + 64 = 254 fits
+    assert chunk_width(10, 0, 16) == 10  # the width must stay narrower than the mask (the capacity)
+    assert chunk_width(600, 0, 4096) == 600  # past the widest: its own width
+    assert max(CHUNK_WIDTHS) == 512 and list(CHUNK_WIDTHS) == sorted(CHUNK_WIDTHS)
+
+
+@pytest.mark.fast
+def test_chunk_inputs_pad_the_chunk_and_give_the_mask_at_the_row_capacity():
+    ids, mask, positions, last = chunk_inputs([5, 6, 7], 10, 8, 32, pad_id=2)
+    assert ids.tolist() == [[5, 6, 7, 2, 2, 2, 2, 2]] and ids.dtype == np.int64
+    assert mask.shape == (1, 32) and mask.sum() == 18 and mask[0, :18].all() and not mask[0, 18:].any()
+    assert positions.tolist() == [list(range(10, 18))] and last.tolist() == [2]  # the last real token
+    for args in (([], 0, 8, 32), ([1] * 9, 0, 8, 32), ([1], 30, 8, 32), ([1], -1, 8, 32)):
+        with pytest.raises(OnnxpipeError, match="does not fit"):
+            chunk_inputs(*args)
+
+
+@pytest.mark.fast
+def test_auto_sizes_chunks_among_the_widths_and_learns_only_what_it_is_told():
+    b = PrefillBudget.parse("auto")
+    b.widths = CHUNK_WIDTHS
+    b.stepped(0.002)
+    cost = RunCost(fixed=0.0004, token=0.000004, context=0.0)  # a replayed chunk: ~0.65 ms for 64 tokens
+    a = b.iteration(decoding=True)
+    assert a.next(0, 4096) == MIN_CHUNK  # the probes are widths
+    a.ran(MIN_CHUNK, 0, 0.05, learn=False)  # the run that captured its graph: not a measure
+    assert not b.runs
+    a = b.iteration(decoding=True)
+    assert a.next(0, 4096) == MIN_CHUNK  # still no measure
+    a.ran(MIN_CHUNK, 0, cost.seconds(MIN_CHUNK, 0))
+    a = b.iteration(decoding=True)
+    assert a.next(MIN_CHUNK, 4096) == PROBE_CHUNK
+    a.ran(PROBE_CHUNK, MIN_CHUNK, cost.seconds(PROBE_CHUNK, MIN_CHUNK))
+    fitted = b.model
+    assert fitted is not None and fitted.fixed == pytest.approx(cost.fixed)
+    free = fitted.tokens(b.target_s, 64)  # what fits the target (0.001 s): 150 tokens, not a width
+    assert free not in CHUNK_WIDTHS and free > 128
+    assert b.tokens(decoding=True, start=64) == 128  # the largest width within it
+    assert b.iteration(decoding=True).next(64, 20) == 20  # the prompt's last tokens (padded by the run)
+    b.widths = ()
+    assert b.tokens(decoding=True, start=64) == free  # without graphs: as before
+
+
+# ---- the padded run on the CPU ----
+def test_a_padded_chunk_writes_and_returns_exactly_what_an_unpadded_chunk_does(stdlib_cuda_model):
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    s = lm.session
+
+    def filled():  # every byte random first, so "unchanged" can fail
+        cache = s.new_cache(4, capacity=96)
+        noise = np.random.default_rng(1)
+        for v in cache.values:
+            v.numpy()[...] = noise.standard_normal(v.numpy().shape)
+        return cache
+
+    plain_cache, cache = filled(), filled()
+    plain, padded = RowPrefill(lm, plain_cache.values), RowPrefill(lm, cache.values)
+    padded.chunk_graphs = True  # no CUDA-graph slot holds these buffers: the padded inputs, uncaptured
+    before = [v.numpy().copy() for v in cache.values]
+    for start, end in ((0, 16), (16, 40), (40, 70)):  # widths 16, 32 (24 tokens) and 32 (30 tokens)
+        want = plain.run(2, LONG[start:end], start)
+        got, how = padded.run_chunk(2, LONG[start:end], start, pad_id=3)
+        assert how == "uncaptured" and got.shape == want.shape == (1, s.vocab_size)
+        assert np.array_equal(got, want)  # bit for bit on the CPU, not just close
+    for b, a, w in zip(before, [v.numpy() for v in cache.values], [v.numpy() for v in plain_cache.values]):
+        assert np.array_equal(a[2, :, :70], w[2, :, :70])  # the prompt's keys and values: the unpadded run's
+        assert not np.array_equal(a[2, :, 70:72], b[2, :, 70:72])  # the last chunk's padding, where the next go
+        assert np.array_equal(a[2, :, 72:], b[2, :, 72:])  # nothing past the last chunk's width
+        assert np.array_equal(np.delete(a, 2, axis=0), np.delete(b, 2, axis=0))  # no other row
+    padded.chunk_graphs = False  # off: today's run, unpadded
+    again = filled()
+    out, how = RowPrefill(lm, again.values).run_chunk(1, LONG[:5], 0)
+    assert how == "uncaptured" and np.array_equal(out, plain.run(1, LONG[:5], 0))
+
+
+# ---- through the graph slots (the CPU run of the same binding) ----
+def _spy(monkeypatch) -> list[dict]:
+    """Each CudaGraphs.run_chunk call: its row, inputs and whether it ran (a graph replayed or captured)."""
+    calls: list[dict] = []
+    original = CudaGraphs.run_chunk
+
+    def run_chunk(self, values, row, ids, mask, positions, last_index):
+        out = original(self, values, row, ids, mask, positions, last_index)
+        calls.append({"row": row, "ids": ids.copy(), "mask": mask.copy(), "positions": positions.copy(),
+                      "last": last_index.copy(), "ran": out is not None, "thread": threading.get_ident()})
+        return out
+
+    monkeypatch.setattr(CudaGraphs, "run_chunk", run_chunk)
+    return calls
+
+
+def _serve(lm, requests, chunk_graphs=None, chunk=16):
+    """``requests`` (prompt, new tokens) through a scheduler of 4 rows, the first one alone until it decodes; the
+    tokens of each and the scheduler (stopped)."""
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk=chunk, max_length=128, chunk_graphs=chunk_graphs)
+    sched.start()
+    try:
+        first = submit(sched, lm, *requests[0])[0]
+        wait_until(lambda: sched.stats.steps > 0)  # decoding: a long prompt now takes the highest free row
+        rest = [submit(sched, lm, p, n)[0] for p, n in requests[1:]]
+        tokens = [result(first)] + [result(q) for q in rest]
+    finally:
+        sched.stop()
+    return tokens, sched
+
+
+def test_long_prompts_chunks_replay_graphs_per_row_and_width_and_give_the_plain_tokens(stdlib_cuda_model,
+                                                                                      monkeypatch):
+    requests = [(SHORT, 30), (LONG, 8), (LONG[::-1], 6)]
+    plain = load(stdlib_cuda_model, "cpu", threads=1)
+    want = [plain.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids for p, n in requests]
+    lm = slot_lm(stdlib_cuda_model, True)
+    calls = _spy(monkeypatch)
+    got, sched = _serve(lm, requests)
+    assert got == want
+    assert sched.rows.chunk_graphs and sched.budget.widths == CHUNK_WIDTHS and not sched.stats.chunk_graph_error
+    # the short prompt read whole, uncaptured; each long prompt in 5 chunks, all through graphs
+    assert len(calls) == 10 and all(c["ran"] for c in calls) and sched.stats.graph_chunks == 10
+    assert {c["thread"] for c in calls} == {sched._thread.ident}  # the loop's thread, where the decode graph was
+    (slot,) = lm.session._graphs.values()
+    rows = {c["row"] for c in calls}  # the rows the long prompts took (the highest free one while others decode)
+    assert 1 <= len(rows) <= 2 and set(slot.chunks) == {(c["row"], c["ids"].shape[1]) for c in calls}
+    assert {w for _, w in slot.chunks} <= {8, 16}  # chunks of 16 and the prompts' last ones: their widths
+    # the inputs fed: the chunk padded to its width, the mask at the slot's capacity over the row's positions so
+    # far and the width, positions from the chunk's start, the last index at its last real token
+    for i, start in enumerate((0, 16, 32, 48, 64)):
+        c = calls[i]
+        n = min(16, 70 - start)
+        width = 16 if n == 16 else 8
+        assert c["ids"].shape == (1, width) and c["ids"][0, :n].tolist() == LONG[start:start + n]
+        assert (c["ids"][0, n:] == sched.table.pad_id).all()
+        assert c["mask"].shape == (1, slot.capacity) and c["mask"].sum() == start + width
+        assert c["positions"].tolist() == [list(range(start, start + width))] and c["last"].tolist() == [n - 1]
+    # each graph id captured once (the stand-in ran its first use 3 times in that call: idempotent, the tokens
+    # above), then replayed; ids of their own
+    stand_in = lm.session.session
+    for cg in slot.chunks.values():
+        assert stand_in.runs[cg.graph_id] == cg.runs >= 1 and cg.graph_id != slot.graph_id
+        assert [g for _, g in stand_in.captures].count(cg.graph_id) == 1 and len(cg.threads) == 1
+
+
+def test_chunks_past_the_bound_or_off_the_widths_run_uncaptured_with_the_same_tokens(stdlib_cuda_model,
+                                                                                    monkeypatch):
+    requests = [(SHORT, 30), (LONG, 8)]
+    plain = load(stdlib_cuda_model, "cpu", threads=1)
+    want = [plain.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids for p, n in requests]
+    monkeypatch.setattr(cuda_graphs, "CHUNK_GRAPHS_PER_SLOT", 1)
+    lm = slot_lm(stdlib_cuda_model, True)
+    calls = _spy(monkeypatch)
+    got, sched = _serve(lm, requests)
+    assert got == want
+    (slot,) = lm.session._graphs.values()
+    row = calls[0]["row"]
+    assert list(slot.chunks) == [(row, 16)] and slot.chunks[(row, 16)].runs == 4  # the one graph: width 16
+    assert [c["ran"] for c in calls] == [True] * 4 + [False]  # the last chunk's width 8: no room for its graph
+    assert sched.stats.graph_chunks == 4 and sched.stats.prefill_chunks == 6  # + the short prompt's run
+    # a chunk of 24 tokens (a fixed budget of 24: width 32): captured; then the same with no CUDA-graph width
+    monkeypatch.setattr(cuda_graphs, "CHUNK_WIDTHS", (16, 8))
+    calls.clear()
+    got, sched = _serve(lm, requests, chunk=24)
+    assert got == want and calls and not any(c["ran"] for c in calls) and sched.stats.graph_chunks == 0
+
+
+def test_a_chunk_graph_runs_only_on_a_thread_its_decode_graph_was_captured_on(stdlib_cuda_model):
+    lm = slot_lm(stdlib_cuda_model, True)
+    cache = lm.session.new_cache(2, capacity=128)  # its slot's decode graph captured here, on this thread
+    capacity = cache.capacity
+    inputs = chunk_inputs(LONG[:16], 0, 16, capacity)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("other", lm.session.graphs.run_chunk(cache.values, 1, *inputs)))
+    t.start()
+    t.join(60)
+    assert out == {"other": None}  # another thread: the caller runs it uncaptured
+    logits, captured = lm.session.graphs.run_chunk(cache.values, 1, *inputs)
+    assert captured and logits.shape == (1, lm.session.vocab_size)
+    assert lm.session.graphs.run_chunk(cache.values, 1, *inputs)[1] is False  # replayed
+    narrow = (inputs[0], inputs[1][:, :64], inputs[2], inputs[3])  # a mask not at the slot's width
+    assert lm.session.graphs.run_chunk(cache.values, 1, *narrow) is None
+    elsewhere = load(stdlib_cuda_model, "cpu", threads=1).session.new_cache(2, capacity=capacity)
+    assert lm.session.graphs.run_chunk(elsewhere.values, 1, *inputs) is None  # buffers of no slot
+
+
+def test_a_failing_chunk_graph_is_reported_and_the_chunk_runs_uncaptured(stdlib_cuda_model, monkeypatch):
+    requests = [(SHORT, 30), (LONG, 8)]
+    want = [load(stdlib_cuda_model, "cpu", threads=1).generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids
+            for p, n in requests]
+    lm = slot_lm(stdlib_cuda_model, True)
+
+    def broken(self, *args, **kwargs):
+        raise OnnxpipeError("model: onnxruntime failed on a CUDA-graph prefill chunk (row 3, 16 tokens): boom")
+
+    monkeypatch.setattr(CudaGraphs, "run_chunk", broken)
+    got, sched = _serve(lm, requests)
+    assert got == want and sched.stats.graph_chunks == 0 and "boom" in sched.stats.chunk_graph_error
+
+
+def test_chunk_graphs_need_cuda_graphs_and_change_nothing_without_them(stdlib_cuda_model, stdlib_model):
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    with pytest.raises(OnnxpipeError, match="need a session with CUDA graphs"):
+        make_scheduler(lm, max_batch=2, max_length=64, chunk_graphs=True)
+    sched = make_scheduler(lm, max_batch=2, max_length=64)
+    assert not sched.rows.chunk_graphs and sched.budget.widths == ()
+    assert not make_scheduler(slot_lm(stdlib_cuda_model, True), max_batch=2, max_length=64,
+                              chunk_graphs=False).rows.chunk_graphs
+    with pytest.raises(OnnxpipeError, match="grows its cache"):
+        make_scheduler(load(stdlib_model, "cpu", threads=1), max_batch=2, chunk_graphs=True)
