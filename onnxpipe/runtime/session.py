@@ -27,9 +27,10 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime import cuda_graphs, kv_cache
 from onnxpipe.runtime.cuda_graphs import CudaGraphs, _GraphSlot, check_cuda_graph_form
 from onnxpipe.runtime.helper_graphs import gather_graph, head_graph
+from onnxpipe.runtime.kernels import kernels_mode, plan_kernels
 from onnxpipe.runtime.kv_cache import KVCache
 from onnxpipe.runtime.last_position import LAST_INDEX, gather_last_position
-from onnxpipe.runtime.providers import EP_NAME, ProviderChoice, TensorRTOptions, create_session
+from onnxpipe.runtime.providers import CHAIN, EP_NAME, ProviderChoice, TensorRTOptions, available_providers, create_session
 from onnxpipe.runtime.sessions import open_session
 from onnxpipe.runtime.step_tail import add_step_tail
 
@@ -68,7 +69,10 @@ class DecoderSession:
         feed_back: bool | None = None,
         last_position: bool | None = None,
         capture_prefill: bool = True,
+        kernels: str | None = None,
     ):
+        """kernels: onnxpipe's own kernels applied at load ("off", "on", "auto"; default $ONNXPIPE_KERNELS or
+        "off"; "reference" runs their CPU reference for checks): see ``onnxpipe.runtime.kernels``."""
         import onnxruntime as ort
 
         self.model_dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.open(model_dir)
@@ -88,7 +92,18 @@ class DecoderSession:
                 why_not["last"] = (f"model.onnx holds its weights inline ({size >> 20} MiB): not rebuilt at load "
                                    "(export with external data to get it)")
 
+        # kernels of our own (onnxpipe.runtime.kernels): the library registered in the session options, the graph's
+        # MatMulNBits rewritten by the same edit
+        mode = kernels_mode(kernels)
+        if mode != "off" and session_options is None:
+            session_options = ort.SessionOptions()
+            session_options.log_severity_level = 3
+        listed = set(available_providers())
+        self.kernels = plan_kernels(mode, [p for p in CHAIN.get(provider, ("cpu",)) if p in listed or p == "cpu"],
+                                    session_options, announce)
+
         def edit(proto: Any) -> None:
+            self.kernels.edit(proto)
             if last_position:
                 why_not["last"] = gather_last_position(proto, logits)
             if feed_back:
@@ -100,7 +115,7 @@ class DecoderSession:
             graph_inputs=inputs or None, dtype=m.graph.get("dtype"), announce=announce,
             session_options=session_options, cuda_options={"enable_cuda_graph": "1"} if cuda_graph else None, edit=edit,
         )
-        edited = bool(last_position or feed_back)
+        edited = bool(last_position or feed_back or self.kernels.active)
         try:  # the TensorRT profiles name every dynamic input: the gather's index included
             self.session, self.choice = make(edit if edited else None,
                                              inputs + [{"name": LAST_INDEX, "dtype": "int64", "shape": ["batch_size"]}]
@@ -110,7 +125,9 @@ class DecoderSession:
                 raise
             why = f"onnxruntime did not take the edited graph ({str(e)[-200:]})"
             why_not = {k: why for k in ("last", "tail")}
+            self.kernels.fell_back(why)
             self.session, self.choice = make(None, inputs)
+        self.kernels.finish(say)
         self.fed = bool(feed_back) and why_not.get("tail") is None
         if feed_back and not self.fed:
             say(f"decode steps upload their inputs from the host: {why_not.get('tail')}")

@@ -1,0 +1,123 @@
+"""Kernels of our own: an ONNX Runtime custom-op library (domain ``onnxpipe``) applied at load, in memory.
+
+The model directory stays standard ONNX. When a session asks for kernels (``kernels="on"``/``"auto"``, or the
+environment variable ``ONNXPIPE_KERNELS``), the library is built at first use (``build.py``), registered in the
+session's options, and the graph is rewritten before onnxruntime sees it (``rewrite.py``: MatMulNBits ->
+onnxpipe.MatMulInt4, same inputs and attributes). One line says what happened:
+"kernels: onnxpipe MatMulInt4 on 112 of 112 MatMulNBits", or "kernels: off (<reason>)". With "on" a reason to fall
+back (no compiler, a failed build, a provider other than CUDA, nothing to rewrite) is an error naming it; with "auto"
+the session runs without the kernels and says why.
+
+``"reference"`` targets the library's CPU reference kernels (a plain C++ loop) on the CPU provider: slow, for the
+tests and checks that prove the ABI, the rewrite and the registration on a machine without a GPU. Like "on", it
+never falls back silently: a reason not to apply them is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.kernels.build import KernelBuildError, build_library
+from onnxpipe.runtime.kernels.rewrite import RewriteReport, Target, rewrite_matmul_nbits
+
+__all__ = ["KERNEL_MODES", "KernelBuildError", "KernelPlan", "RewriteReport", "build_library", "kernels_mode",
+           "plan_kernels", "rewrite_matmul_nbits"]
+
+KERNEL_MODES = ("off", "on", "auto", "reference")
+ENV = "ONNXPIPE_KERNELS"
+
+
+def kernels_mode(value: str | None = None) -> str:
+    """The kernels mode asked for: ``value``, else ``$ONNXPIPE_KERNELS``, else "off"; an unknown one is an error."""
+    mode = value if value is not None else (os.environ.get(ENV) or "off")
+    mode = mode.strip().lower()
+    if mode not in KERNEL_MODES:
+        source = "kernels" if value is not None else ENV
+        raise OnnxpipeError(f"{source}={mode!r}: choose one of {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+@dataclass
+class KernelPlan:
+    """What the kernels do for one session: built and registered (``library``), then applied by ``edit``; or off
+    with the reason (``why_off``)."""
+
+    mode: str
+    target: Target | None = None
+    library: Path | None = None
+    why_off: str | None = None
+    report: RewriteReport | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "off" and self.why_off is None
+
+    def edit(self, proto: Any) -> None:
+        """The in-memory rewrite (the session's edit hook); nothing where the plan is off."""
+        if self.active and self.target is not None:
+            self.report = rewrite_matmul_nbits(proto, self.target)
+            if self.report.rewritten == 0:
+                self.why_off = ("nothing to rewrite: the graph has no MatMulNBits" if not self.report.total else
+                                f"nothing to rewrite: {self.report.reasons()}")
+
+    def fell_back(self, why: str) -> None:
+        """The session could not use the rewritten graph (say why, once)."""
+        if self.mode != "off" and self.why_off is None:
+            self.why_off = why
+
+    def line(self) -> str:
+        if self.mode == "off":
+            return "kernels: off (not asked for)"
+        if self.why_off is not None:
+            return f"kernels: off ({self.why_off})"
+        if self.report is None:
+            return "kernels: off (the graph was not rewritten)"
+        line = f"kernels: {self.report.line()}"
+        if self.report.kept:
+            line += f" (kept: {self.report.reasons()})"
+        if self.target == "cpu":
+            line += " [CPU reference kernels]"
+        return line
+
+    def finish(self, say: Callable[[str], None]) -> None:
+        """Say the one line; with mode "on" (or "reference") a fallback is an error naming its reason."""
+        if self.mode == "off":
+            return
+        if self.mode in ("on", "reference") and not self.active:
+            raise OnnxpipeError(f"kernels={self.mode}: {self.why_off}" +
+                                (" (kernels=auto runs without them)" if self.mode == "on" else ""))
+        say(self.line())
+
+
+def plan_kernels(mode: str, chain: Sequence[str], session_options: Any,
+                 announce: Callable[[str], None] | None = None) -> KernelPlan:
+    """Build and register the kernels library for a session whose providers are ``chain`` (short names, in order
+    of preference); the plan's ``edit`` then rewrites the graph. Never raises for a reason to fall back: the plan
+    carries it (``finish`` makes it an error for "on")."""
+    plan = KernelPlan(mode)
+    if mode == "off":
+        return plan
+    first = chain[0] if chain else "cpu"
+    if mode == "reference":
+        if first != "cpu":
+            plan.why_off = f"the reference kernels run on the CPU provider only, not {first}"
+            return plan
+        plan.target = "cpu"
+    elif first != "cuda":
+        plan.why_off = f"provider {first} is not CUDA"
+        return plan
+    else:
+        plan.target = "cuda"
+    try:
+        plan.library = build_library("cpu" if plan.target == "cpu" else "cuda", announce=announce)
+        session_options.register_custom_ops_library(str(plan.library))
+    except KernelBuildError as e:
+        plan.why_off = str(e)
+    except Exception as e:  # onnxruntime's own error for a library it cannot load
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        plan.why_off = f"onnxruntime did not load {plan.library}: {text}"
+    return plan

@@ -1,0 +1,392 @@
+// onnxpipe's ONNX Runtime custom-op library: domain `onnxpipe`, op `MatMulInt4`.
+//
+// MatMulInt4 takes exactly com.microsoft.MatMulNBits' inputs and attributes for bits=4 without g_idx or bias:
+//   A [..., K] (float or float16), B uint8 [N, K/block_size, block_size/2] (two 4-bit weights a byte, the first in
+//   the low nibble), scales [N * K/block_size] or [N, K/block_size] (A's type), optional zero_points uint8
+//   [N * ceil(blocks/2)] (packed nibbles, block 2i in the low one; absent: 8); attributes K, N, bits, block_size
+//   (others, e.g. accuracy_level, are allowed and ignored); output Y [..., N] of A's type.
+//
+// Two kernels, one a build:
+// - CPUExecutionProvider (libonnxpipe_kernels.so): a plain reference loop (dequantize a block, accumulate in double).
+//   It is a reference, not a fast path: the tests use it to prove the ABI, the rewrite and the registration on a
+//   machine without a GPU.
+// - CUDAExecutionProvider (libonnxpipe_kernels_cuda.so, built with -DONNXPIPE_CUDA): float16 only; calls
+//   onnxpipe_int4_gemm (int4_gemm.cu) on onnxruntime's compute stream, so it runs inside a captured CUDA graph.
+// Errors come back as an OrtStatus naming the op and what was wrong (CreateKernelV2 / KernelComputeV2).
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <limits>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "ort_abi.h"
+
+#define ONNXPIPE_EXPORT extern "C" __attribute__((visibility("default")))
+
+#ifdef ONNXPIPE_CUDA
+extern "C" int onnxpipe_int4_gemm(const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points,
+                                  void* Y, int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream);
+extern "C" const char* onnxpipe_int4_gemm_error(int code);
+#endif
+
+namespace {
+
+const OrtApi* g_api = nullptr;
+const char* const kDomain = "onnxpipe";
+const char* const kOpName = "MatMulInt4";
+
+// ---- float16 <-> float, without relying on a compiler extension (the CPU reference only) ----
+float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      uint32_t m = man;
+      do {
+        m <<= 1;
+        ++e;
+      } while ((m & 0x400u) == 0);
+      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((m & 0x3ffu) << 13);
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+uint16_t float_to_half(float f) {  // round to nearest even
+  uint32_t x;
+  memcpy(&x, &f, sizeof x);
+  const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+  const uint32_t absx = x & 0x7fffffffu;
+  if (absx >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0u));
+  if (absx >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // rounds past 65504: infinity
+  if (absx < 0x38800000u) {                                      // below float16's smallest normal
+    if (absx < 0x33000000u) return sign;                         // under half the smallest subnormal
+    const uint32_t e = absx >> 23;
+    const uint32_t m = (absx & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126 - e;  // 14 + (112 - e) ... brings m to the subnormal grid
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1);
+    const uint32_t halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (r & 1u))) ++r;
+    return (uint16_t)(sign | r);
+  }
+  uint32_t r = absx - 0x38000000u;  // rebias the exponent (127 -> 15)
+  const uint32_t rem = r & 0x1fffu;
+  r >>= 13;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
+  return (uint16_t)(sign | r);
+}
+
+// ---- small helpers over the C API ----
+struct Tensor {
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> dims;
+  void* data = nullptr;
+  int64_t count() const {
+    int64_t n = 1;
+    for (int64_t d : dims) n *= d;
+    return n;
+  }
+};
+
+std::string shape_text(const std::vector<int64_t>& dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+OrtStatus* error(const std::string& what) {
+  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kDomain) + "." + kOpName + ": " + what).c_str());
+}
+
+OrtStatus* describe(const OrtValue* value, Tensor* out) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  OrtStatus* st = g_api->GetTensorTypeAndShape(value, &info);
+  if (st) return st;
+  size_t rank = 0;
+  if (!(st = g_api->GetTensorElementType(info, &out->type)) && !(st = g_api->GetDimensionsCount(info, &rank))) {
+    out->dims.assign(rank, 0);
+    st = g_api->GetDimensions(info, out->dims.data(), rank);
+  }
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  if (st) return st;
+  return g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &out->data);
+}
+
+struct Kernel {
+  int64_t K = 0, N = 0, bits = 4, block_size = 0;
+  bool cuda = false;
+};
+
+// Everything MatMulInt4 reads, checked against the attributes; Y allocated.
+struct Call {
+  Tensor A, B, scales, zero_points, Y;
+  bool has_zero_points = false;
+  int64_t M = 0, blocks = 0;
+};
+
+OrtStatus* prepare(const Kernel& k, OrtKernelContext* ctx, Call* c) {
+  size_t n_in = 0;
+  OrtStatus* st = g_api->KernelContext_GetInputCount(ctx, &n_in);
+  if (st) return st;
+  const OrtValue* values[4] = {nullptr, nullptr, nullptr, nullptr};
+  for (size_t i = 0; i < n_in && i < 4; ++i)
+    if ((st = g_api->KernelContext_GetInput(ctx, i, &values[i]))) return st;
+  if (!values[0] || !values[1] || !values[2]) return error("inputs A, B and scales are required");
+  if ((st = describe(values[0], &c->A)) || (st = describe(values[1], &c->B)) || (st = describe(values[2], &c->scales)))
+    return st;
+  if (values[3]) {
+    if ((st = describe(values[3], &c->zero_points))) return st;
+    c->has_zero_points = true;
+  }
+  if (c->A.dims.empty() || c->A.dims.back() != k.K)
+    return error("A " + shape_text(c->A.dims) + " must end in K = " + std::to_string(k.K));
+  if (c->A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && c->A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+    return error("A must be float or float16");
+  if (c->scales.type != c->A.type) return error("scales must have A's type");
+  if (c->B.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) return error("B must be uint8");
+  c->blocks = k.K / k.block_size;
+  if (c->B.count() != k.N * c->blocks * (k.block_size / 2))
+    return error("B " + shape_text(c->B.dims) + " does not hold N x K/block_size x block_size/2 = " +
+                 std::to_string(k.N) + " x " + std::to_string(c->blocks) + " x " + std::to_string(k.block_size / 2));
+  if (c->scales.count() != k.N * c->blocks)
+    return error("scales " + shape_text(c->scales.dims) + " does not hold N * K/block_size = " +
+                 std::to_string(k.N * c->blocks));
+  if (c->has_zero_points) {
+    if (c->zero_points.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+      return error("zero_points must be uint8 (packed 4-bit); float zero points are not supported");
+    if (c->zero_points.count() != k.N * ((c->blocks + 1) / 2))
+      return error("zero_points " + shape_text(c->zero_points.dims) + " does not hold N * ceil(blocks/2) = " +
+                   std::to_string(k.N * ((c->blocks + 1) / 2)));
+  }
+  c->M = c->A.count() / k.K;
+  std::vector<int64_t> ydims = c->A.dims;
+  ydims.back() = k.N;
+  OrtValue* y = nullptr;
+  if ((st = g_api->KernelContext_GetOutput(ctx, 0, ydims.data(), ydims.size(), &y))) return st;
+  c->Y.dims = ydims;
+  c->Y.type = c->A.type;
+  return g_api->GetTensorMutableData(y, &c->Y.data);
+}
+
+// ---- the CPU reference ----
+template <typename Load, typename Store>
+void reference_matmul(const Kernel& k, const Call& c, Load load, Store store) {
+  const uint8_t* B = static_cast<const uint8_t*>(c.B.data);
+  const uint8_t* zp = c.has_zero_points ? static_cast<const uint8_t*>(c.zero_points.data) : nullptr;
+  const int64_t half_block = k.block_size / 2, zp_row = (c.blocks + 1) / 2;
+  std::vector<double> w(k.K);
+  for (int64_t n = 0; n < k.N; ++n) {
+    for (int64_t blk = 0; blk < c.blocks; ++blk) {  // dequantize row n of W^T: (q - zero point) * scale
+      const double scale = load(c.scales.data, n * c.blocks + blk);
+      int zero = 8;
+      if (zp) {
+        const uint8_t packed = zp[n * zp_row + blk / 2];
+        zero = (blk & 1) ? (packed >> 4) : (packed & 0x0f);
+      }
+      const uint8_t* q = B + (n * c.blocks + blk) * half_block;
+      for (int64_t j = 0; j < half_block; ++j) {
+        w[blk * k.block_size + 2 * j] = ((q[j] & 0x0f) - zero) * scale;
+        w[blk * k.block_size + 2 * j + 1] = ((q[j] >> 4) - zero) * scale;
+      }
+    }
+    for (int64_t m = 0; m < c.M; ++m) {
+      double acc = 0.0;
+      for (int64_t i = 0; i < k.K; ++i) acc += load(c.A.data, m * k.K + i) * w[i];
+      store(c.Y.data, m * k.N + n, acc);
+    }
+  }
+}
+
+OrtStatus* compute_cpu(const Kernel& k, OrtKernelContext* ctx) {
+  // The CUDA kernel's one slot that the CPU path would not touch otherwise (193): on the CPU it must answer with
+  // no error and no stream. A miscounted OrtApi table fails here, on a machine without a GPU.
+  void* stream = reinterpret_cast<void*>(1);
+  OrtStatus* st = g_api->KernelContext_GetGPUComputeStream(ctx, &stream);
+  if (st) return st;
+  if (stream != nullptr) return error("the CPU kernel got a GPU stream: the OrtApi slot table does not match");
+  Call c;
+  if ((st = prepare(k, ctx, &c))) return st;
+  if (c.A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    reference_matmul(
+        k, c, [](const void* p, int64_t i) { return (double)static_cast<const float*>(p)[i]; },
+        [](void* p, int64_t i, double v) { static_cast<float*>(p)[i] = (float)v; });
+  } else {
+    reference_matmul(
+        k, c, [](const void* p, int64_t i) { return (double)half_to_float(static_cast<const uint16_t*>(p)[i]); },
+        [](void* p, int64_t i, double v) { static_cast<uint16_t*>(p)[i] = float_to_half((float)v); });
+  }
+  return nullptr;
+}
+
+#ifdef ONNXPIPE_CUDA
+OrtStatus* compute_cuda(const Kernel& k, OrtKernelContext* ctx) {
+  void* stream = nullptr;
+  OrtStatus* st = g_api->KernelContext_GetGPUComputeStream(ctx, &stream);
+  if (st) return st;
+  Call c;
+  if ((st = prepare(k, ctx, &c))) return st;
+  if (c.A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return error("the CUDA kernel takes float16 A only");
+  if (c.M == 0) return nullptr;
+  const int code = onnxpipe_int4_gemm(c.A.data, static_cast<const uint8_t*>(c.B.data), c.scales.data,
+                                      c.has_zero_points ? static_cast<const uint8_t*>(c.zero_points.data) : nullptr,
+                                      c.Y.data, c.M, k.N, k.K, k.block_size, stream);
+  if (code != 0) {
+    const char* why = onnxpipe_int4_gemm_error(code);
+    return g_api->CreateStatus(ORT_EP_FAIL, (std::string(kDomain) + "." + kOpName + " (CUDA, M=" + std::to_string(c.M) +
+                                             ", N=" + std::to_string(k.N) + ", K=" + std::to_string(k.K) + "): " +
+                                             (why ? why : "unknown error") + " (code " + std::to_string(code) + ")")
+                                                .c_str());
+  }
+  return nullptr;
+}
+#endif
+
+// ---- the OrtCustomOp callbacks ----
+OrtStatus* read_attribute(const OrtKernelInfo* info, const char* name, int64_t* out, bool required) {
+  OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, out);
+  if (!st) return nullptr;
+  if (!required) {  // keep the default
+    g_api->ReleaseStatus(st);
+    return nullptr;
+  }
+  g_api->ReleaseStatus(st);
+  return error(std::string("attribute ") + name + " is required");
+}
+
+template <bool Cuda>
+OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) {
+  Kernel k;
+  k.cuda = Cuda;
+  OrtStatus* st;
+  if ((st = read_attribute(info, "K", &k.K, true)) || (st = read_attribute(info, "N", &k.N, true)) ||
+      (st = read_attribute(info, "bits", &k.bits, false)) ||
+      (st = read_attribute(info, "block_size", &k.block_size, true)))
+    return st;
+  if (k.bits != 4) return error("bits=" + std::to_string(k.bits) + ": MatMulInt4 takes 4-bit weights only");
+  if (k.block_size < 16 || (k.block_size & (k.block_size - 1)))
+    return error("block_size=" + std::to_string(k.block_size) + " must be a power of 2 >= 16");
+  if (k.K <= 0 || k.N <= 0 || k.K % k.block_size)
+    return error("K=" + std::to_string(k.K) + " must be a positive multiple of block_size=" +
+                 std::to_string(k.block_size) + " and N=" + std::to_string(k.N) + " positive");
+  Kernel* kernel = new (std::nothrow) Kernel(k);
+  if (!kernel) return g_api->CreateStatus(ORT_FAIL, "onnxpipe.MatMulInt4: out of memory");
+  *out = kernel;
+  return nullptr;
+}
+
+OrtStatus* kernel_compute(void* kernel, OrtKernelContext* ctx) {
+  const Kernel& k = *static_cast<Kernel*>(kernel);
+  try {
+#ifdef ONNXPIPE_CUDA
+    if (k.cuda) return compute_cuda(k, ctx);
+#endif
+    return compute_cpu(k, ctx);
+  } catch (const std::exception& e) {  // nothing may cross the C ABI
+    return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, (std::string("onnxpipe.MatMulInt4: ") + e.what()).c_str());
+  }
+}
+
+void kernel_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
+
+const char* op_name(const OrtCustomOp*) { return kOpName; }
+// One op per (provider, float type) under the one name: onnxruntime merges them into one schema whose A, scales and
+// Y take float or float16 (a single op with undefined types cannot say that Y has A's type).
+template <ONNXTensorElementDataType T>
+ONNXTensorElementDataType input_type(const OrtCustomOp*, size_t index) {
+  return (index == 1 || index == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : T;
+}
+size_t input_count(const OrtCustomOp*) { return 4; }
+template <ONNXTensorElementDataType T>
+ONNXTensorElementDataType output_type(const OrtCustomOp*, size_t) { return T; }
+size_t output_count(const OrtCustomOp*) { return 1; }
+OrtCustomOpInputOutputCharacteristic input_characteristic(const OrtCustomOp*, size_t index) {
+  return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+OrtCustomOpInputOutputCharacteristic output_characteristic(const OrtCustomOp*, size_t) {
+  return INPUT_OUTPUT_REQUIRED;
+}
+OrtMemType input_memory_type(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int variadic_min_arity(const OrtCustomOp*) { return 1; }
+int variadic_homogeneity(const OrtCustomOp*) { return 0; }
+const char* cpu_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
+const char* cuda_provider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
+
+template <ONNXTensorElementDataType T>
+OrtCustomOp make_op(bool cuda) {
+  OrtCustomOp op;
+  memset(&op, 0, sizeof op);
+  op.version = ONNXPIPE_ORT_API_VERSION;
+  op.GetName = op_name;
+  op.GetExecutionProviderType = cuda ? cuda_provider : cpu_provider;
+  op.GetInputType = input_type<T>;
+  op.GetInputTypeCount = input_count;
+  op.GetOutputType = output_type<T>;
+  op.GetOutputTypeCount = output_count;
+  op.KernelDestroy = kernel_destroy;
+  op.GetInputCharacteristic = input_characteristic;
+  op.GetOutputCharacteristic = output_characteristic;
+  op.GetInputMemoryType = input_memory_type;
+  op.GetVariadicInputMinArity = variadic_min_arity;
+  op.GetVariadicInputHomogeneity = variadic_homogeneity;
+  op.GetVariadicOutputMinArity = variadic_min_arity;
+  op.GetVariadicOutputHomogeneity = variadic_homogeneity;
+  op.CreateKernelV2 = cuda ? create_kernel<true> : create_kernel<false>;
+  op.KernelComputeV2 = kernel_compute;
+  return op;
+}
+
+// The CUDA build registers the CUDA kernel alone: a rewritten graph that lands on the CPU then fails to load (and
+// the session falls back to the graph as it is, saying so) rather than running the slow reference unnoticed.
+#ifdef ONNXPIPE_CUDA
+const OrtCustomOp g_ops[1] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(true)};
+#else
+const OrtCustomOp g_ops[2] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(false),
+                              make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(false)};
+#endif
+
+}  // namespace
+
+// onnxruntime calls this when the library is registered (SessionOptions.register_custom_ops_library). The domain
+// must outlive every session made from these options: it is created here and never released (a few bytes a call).
+ONNXPIPE_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ONNXPIPE_ORT_API_VERSION);
+  if (!api) {  // every onnxruntime serves version 1, whose first slot is CreateStatus
+    const OrtApi* v1 = api_base->GetApi(1);
+    char msg[200];
+    snprintf(msg, sizeof msg, "onnxpipe kernels need onnxruntime C API version %d; this onnxruntime (%s) lacks it",
+             ONNXPIPE_ORT_API_VERSION, api_base->GetVersionString());
+    return v1->CreateStatus(ORT_FAIL, msg);
+  }
+  g_api = api;
+  OrtCustomOpDomain* domain = nullptr;
+  OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain);
+  if (st) return st;
+  for (const OrtCustomOp& op : g_ops)
+    if ((st = api->CustomOpDomain_Add(domain, &op))) return st;
+  return api->AddCustomOpDomain(options, domain);
+}
+
+// Which kernels this build registers: "cpu" (the reference) or "cuda".
+ONNXPIPE_EXPORT const char* onnxpipe_kernels_build(void) {
+#ifdef ONNXPIPE_CUDA
+  return "cuda";
+#else
+  return "cpu";
+#endif
+}

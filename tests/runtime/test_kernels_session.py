@@ -1,0 +1,84 @@
+"""Kernels applied at load: a tiny int4 model through DecoderSession with the CPU reference kernels gives the same
+greedy tokens as onnxruntime's own MatMulNBits, says one line, and leaves the model directory as it was."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import pytest
+from runtime.test_kernels import cpu_library, kernel_cache  # noqa: F401  (fixtures)
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.quant import quantize_model
+from onnxpipe.runtime.generate import LanguageModel
+from onnxpipe.runtime.session import DecoderSession
+
+EVAL = Path(__file__).resolve().parents[2] / "data" / "eval.txt"
+
+
+@pytest.fixture(scope="module")
+def int4_model(byte_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama, int4 RTN with block 32 and fp32 compute in MatMulNBits (accuracy level 0: onnxruntime's
+    kernel then computes what the reference does, rather than int8 activations)."""
+    root = tmp_path_factory.mktemp("kernels-int4")
+    (root / "eval.txt").write_text(EVAL.read_text()[:3000])
+    quantize_model(byte_model("llama"), root / "int4", "int4", eval_file=root / "eval.txt", eval_context=64,
+                   algo="rtn", block_size=32, accuracy_level=0)
+    return root / "int4"
+
+
+def _tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_reference_kernels_give_the_same_greedy_tokens(int4_model: Path, cpu_library: Path,  # noqa: F811
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONNXPIPE_KERNELS", raising=False)
+    before = _tree_digest(int4_model)
+    said: list[str] = []
+    ours = DecoderSession(int4_model, "cpu", announce=said.append, kernels="reference")
+    plain = DecoderSession(int4_model, "cpu", announce=said.append)
+    body = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(int4_model / "model.onnx")).graph.node)
+    assert ours.kernels.active and ours.kernels.report is not None
+    assert ours.kernels.report.rewritten == 14 and body >= 14  # 2 layers x 7 projections; an 8-bit head is kept
+    assert [m for m in said if m.startswith("kernels:")] == [ours.kernels.line()]
+    assert ours.kernels.line().startswith(f"kernels: onnxpipe MatMulInt4 on 14 of {body} MatMulNBits")
+    assert not plain.kernels.active and "MatMulInt4" not in "".join(said[said.index(ours.kernels.line()) + 1:])
+    prompts = [[5, 17, 99, 3, 200, 41], [7, 7, 8]]
+    a = LanguageModel(ours, None).generate(prompts, max_new_tokens=12, stop_token_ids=[])
+    b = LanguageModel(plain, None).generate(prompts, max_new_tokens=12, stop_token_ids=[])
+    assert [r.token_ids for r in a] == [r.token_ids for r in b] and all(len(r.token_ids) == 12 for r in a)
+    # the logits too, to fp32 compute's rounding (the kernels accumulate in double, onnxruntime in float)
+    ids = np.array([prompts[0]], np.int64)
+    mask, pos = np.ones_like(ids), np.arange(ids.shape[1])[None]
+    la = ours.forward(ids, mask, pos, ours.new_cache(1))
+    lb = plain.forward(ids, mask, pos, plain.new_cache(1))
+    assert np.abs(la - lb).max() <= 1e-4 * np.abs(lb).max()
+    assert _tree_digest(int4_model) == before  # applied in memory: the model directory is untouched
+
+
+def test_the_environment_turns_them_on_and_auto_on_the_cpu_falls_back(int4_model: Path, cpu_library: Path,  # noqa: F811
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONNXPIPE_KERNELS", "reference")
+    assert DecoderSession(int4_model, "cpu").kernels.active
+    said: list[str] = []
+    monkeypatch.setenv("ONNXPIPE_KERNELS", "auto")
+    session = DecoderSession(int4_model, "cpu", announce=said.append)
+    assert not session.kernels.active and "kernels: off (provider cpu is not CUDA)" in said
+    with pytest.raises(OnnxpipeError, match=r"^kernels=on: provider cpu is not CUDA"):
+        DecoderSession(int4_model, "cpu", kernels="on")
+
+
+def test_reference_without_a_compiler_is_an_error_naming_it(int4_model: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONNXPIPE_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ONNXPIPE_CXX", str(tmp_path / "no-cxx"))
+    with pytest.raises(OnnxpipeError, match=r"^kernels=reference: the compiler .*no-cxx \(ONNXPIPE_CXX\) does not run"):
+        DecoderSession(int4_model, "cpu", kernels="reference")
