@@ -1,0 +1,981 @@
+#!/usr/bin/env python3
+"""onnxpipe's int4 GEMM (onnxpipe.MatMulInt4 on CUDA) against onnxruntime's MatMulNBits: error and time, one GPU call.
+
+    PYTHONPATH=/tmp/site:$PWD python3 scripts/check_kernels.py --out $OUT/kernels [--trained FILE.npz] [--budget-s 240]
+    python3 scripts/check_kernels.py --dry-run --out /tmp/kernels   # no GPU: builds, models, the plan, CPU checks
+
+What it does, in order:
+1. Builds the CUDA custom-op library (onnxpipe.runtime.kernels.build, or nvcc directly on csrc/ where that module
+   cannot be imported) and a small library of the kernel alone (int4_gemm.cu) for a ctypes call under torch.
+2. Random weights in the Llama-3.2-1B and Llama-3.1-8B projection shapes (N, K), block 32 and 128, with and without
+   zero points, M in 1 ... 512 (the LM head to M = 32): one model per case holding C copies of the node (so that the
+   weights read exceed the L2 cache, as in a decode step), for com.microsoft.MatMulNBits, onnxpipe.MatMulInt4, and
+   an fp16 MatMul of the same weights. Each runs on the CUDA EP with IO binding inside a captured CUDA graph (one
+   graph per M, onnxruntime's gpu_graph_id): the max abs error of the first copy against a float64 dequantized
+   reference, the time per call (median run over C, less the run overhead of a one-node graph), ours twice to show
+   the same bits, and our GB/s (packed weight, scales and zero points over the time). With torch on CUDA the kernel
+   alone is also timed through ctypes in a torch CUDA graph of the same C calls, and its output compared bit for
+   bit with the custom op's.
+3. Trained weights (--trained: .npz files made by --save-trained, or Hugging Face directories with safetensors;
+   default models/llama-stdlib): each linear layer quantized to int4 by our quantizer
+   (onnxpipe.quant.rtn_stream.quantize_block, which is onnxruntime's quantize_matmul_4bits) at block 32 and 128,
+   with and without zero points, and fed random activations of the layer's real per-channel scale.
+Prints one line per case as it goes, a short table last, writes results.json under --out, and exits 1 if any
+error of ours exceeds 2x MatMulNBits' own error plus a slack of 2^-10 of the reference's largest magnitude, or ours
+is not bit-identical across runs; 2 if the custom op could not be built or run (the reason in one line).
+--budget-s stops starting new cases past that many seconds (the rest is reported as skipped).
+
+--dry-run (no GPU needed): builds what it can (the libraries where a compiler is found; the CPU reference library
+of onnxpipe.runtime.kernels), builds every model of the plan once at its smallest, checks the float64 reference
+against onnxruntime's MatMulNBits on the CPU (and the CPU reference MatMulInt4 where built), and prints the plan.
+
+--save-trained FILE.npz (a CPU with torch and transformers): the float16 weights of SmolLM2-135M's first and last
+layers (onnxpipe.reference, when installed) and of models/llama-stdlib, with each linear input's per-channel RMS
+measured on data/eval.txt, for a GPU host that has neither (carry the file there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "onnxpipe" / "runtime" / "kernels" / "csrc"
+
+# (name, N, K) of each projection: Llama-3.2-1B (hidden 2048, kv 512, intermediate 8192, vocab 128256) and
+# Llama-3.1-8B (4096, 1024, 14336)
+SHAPES: dict[str, list[tuple[str, int, int]]] = {
+    "1b": [("1b q,o", 2048, 2048), ("1b k,v", 512, 2048), ("1b gate,up", 8192, 2048), ("1b down", 2048, 8192)],
+    "8b": [("8b q,o", 4096, 4096), ("8b k,v", 1024, 4096), ("8b gate,up", 14336, 4096), ("8b down", 4096, 14336)],
+    "head": [("1b lm_head", 128256, 2048)],
+}
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+HEAD_MS = (1, 2, 4, 8, 16, 32)
+TRAINED_MS = (1, 8, 32, 128)
+BLOCKS = (32, 128)
+COPY_BYTES = 160 << 20  # weights a timed model holds in all: past H100/H200's 50 MB L2, as a decode step's are
+MAX_COPIES = 128
+SLACK = 2.0 ** -10  # of the reference's largest magnitude: one fp16 rounding step near the top of the range
+
+# -------------------------------------------------------------------------------------------------------------
+# weights, the reference, models
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """MatMulNBits' inputs for one weight: packed [N, blocks, bs/2] uint8, scales [N, blocks] fp16, zero points
+    [N, ceil(blocks/2)] uint8 or None (8)."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    block_size: int
+
+    @property
+    def n(self) -> int:
+        return int(self.packed.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.packed.shape[1] * self.block_size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes + (0 if self.zero_points is None else self.zero_points.nbytes)
+
+    def rolled(self, shift: int) -> Int4Weight:
+        """The same weight with its rows rotated: a distinct copy (no two initializers alike) of the same size."""
+        if shift == 0:
+            return self
+        zp = None if self.zero_points is None else np.roll(self.zero_points, shift, axis=0)
+        return Int4Weight(np.roll(self.packed, shift, axis=0), np.roll(self.scales, shift, axis=0), zp,
+                          self.block_size)
+
+
+def random_int4(rng: np.random.Generator, n: int, k: int, block_size: int, zero_points: bool) -> Int4Weight:
+    blocks = k // block_size
+    packed = rng.integers(0, 256, (n, blocks, block_size // 2), dtype=np.uint8)
+    scales = rng.uniform(0.004, 0.02, (n, blocks)).astype(np.float16)  # a 1B model's weights: |w| ~ 0.02-0.1
+    zp = rng.integers(0, 256, (n, (blocks + 1) // 2), dtype=np.uint8) if zero_points else None
+    return Int4Weight(packed, scales, zp, block_size)
+
+
+def dequantize(w: Int4Weight, rows: slice = slice(None)) -> np.ndarray:
+    """W[n, k] = (q - zp) * scale as float32 [rows, K]: exact (an 11-bit scale times an integer below 16)."""
+    packed = w.packed[rows]
+    n, blocks, half = packed.shape
+    q = np.empty((n, blocks, 2 * half), np.float32)
+    q[..., 0::2] = packed & 0x0F  # even k: the low nibble
+    q[..., 1::2] = packed >> 4
+    if w.zero_points is None:
+        zp = np.full((n, blocks), 8.0, np.float32)
+    else:
+        z = w.zero_points[rows]
+        zp = np.empty((n, 2 * z.shape[1]), np.float32)
+        zp[:, 0::2] = z & 0x0F  # block 2j: the low nibble
+        zp[:, 1::2] = z >> 4
+        zp = zp[:, :blocks]
+    q -= zp[..., None]
+    q *= w.scales[rows].astype(np.float32)[..., None]
+    return q.reshape(n, blocks * 2 * half)
+
+
+def reference(a: np.ndarray, w: Int4Weight, chunk: int = 8192) -> np.ndarray:
+    """a [M, K] @ W^T in float64, W dequantized; N in chunks to bound the memory."""
+    a64 = a.astype(np.float64)
+    out = np.empty((a.shape[0], w.n), np.float64)
+    for start in range(0, w.n, chunk):
+        rows = slice(start, min(w.n, start + chunk))
+        out[:, rows] = a64 @ dequantize(w, rows).astype(np.float64).T
+    return out
+
+
+def quantize_weight(weight_nk: np.ndarray, block_size: int, symmetric: bool) -> tuple[Int4Weight, str]:
+    """``weight_nk`` [N, K] (y = x W^T) quantized to int4 as onnxpipe's RTN does; returns the weight and which
+    quantizer made it."""
+    w_kn = np.ascontiguousarray(weight_nk.T.astype(np.float16))
+    try:
+        from onnxpipe.quant.rtn_stream import quantize_block
+
+        packed, scales, zp = quantize_block(w_kn, block_size, symmetric)
+        who = "onnxpipe.quant.rtn_stream.quantize_block"
+    except ImportError:  # onnx_ir missing on a bare GPU host: the kernel that function calls, called the same way
+        from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+        rows, cols = w_kn.shape
+        blocks = rows // block_size
+        packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
+        zp = np.zeros((cols, (blocks + 1) // 2), np.uint8)
+        scales = np.zeros((cols, blocks), np.float16)
+        quantize_matmul_4bits(packed, w_kn, scales, zp, block_size, cols, rows, symmetric)
+        who = "onnxruntime quantize_matmul_4bits (onnxpipe.quant not importable here)"
+    return Int4Weight(packed, scales.astype(np.float16), None if symmetric else zp, block_size), who
+
+
+def _onnx() -> Any:
+    import onnx
+
+    return onnx
+
+
+def int4_node(op: str, a: str, w: Int4Weight, prefix: str, out: str, inits: list[Any]) -> Any:
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    names = [a, f"{prefix}_Q4", f"{prefix}_scales"]
+    inits += [numpy_helper.from_array(w.packed, names[1]), numpy_helper.from_array(w.scales, names[2])]
+    if w.zero_points is not None:
+        names.append(f"{prefix}_zero_points")
+        inits.append(numpy_helper.from_array(w.zero_points, names[3]))
+    domain = "com.microsoft" if op == "MatMulNBits" else "onnxpipe"
+    return onnx.helper.make_node(op, names, [out], name=f"{prefix}/{op}", domain=domain, K=w.k, N=w.n, bits=4,
+                                 block_size=w.block_size)
+
+
+def model_bytes(nodes: list[Any], inits: list[Any], inputs: list[Any], outputs: list[Any], domain: str) -> bytes:
+    onnx = _onnx()
+    graph = onnx.helper.make_graph(nodes, "check_kernels", inputs, outputs, initializer=inits)
+    opsets = [onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid(domain, 1)]
+    model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=9)
+    return model.SerializeToString()
+
+
+def copies_model(op: str, copies: list[Int4Weight]) -> bytes:
+    """One input A [M, K] fp16, node i = op(A, copy i) -> Y{i} [M, N] fp16."""
+    onnx = _onnx()
+    fp16 = onnx.TensorProto.FLOAT16
+    nodes: list[Any] = []
+    inits: list[Any] = []
+    outputs = []
+    for i, w in enumerate(copies):
+        nodes.append(int4_node(op, "A", w, f"w{i}", f"Y{i}", inits))
+        outputs.append(onnx.helper.make_tensor_value_info(f"Y{i}", fp16, ["M", copies[0].n]))
+    inputs = [onnx.helper.make_tensor_value_info("A", fp16, ["M", copies[0].k])]
+    return model_bytes(nodes, inits, inputs, outputs, "com.microsoft" if op == "MatMulNBits" else "onnxpipe")
+
+
+def fp16_model(weights_kn: list[np.ndarray]) -> bytes:
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    fp16 = onnx.TensorProto.FLOAT16
+    k, n = weights_kn[0].shape
+    nodes, inits, outputs = [], [], []
+    for i, w in enumerate(weights_kn):
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes.append(onnx.helper.make_node("MatMul", ["A", f"W{i}"], [f"Y{i}"], name=f"w{i}/MatMul"))
+        outputs.append(onnx.helper.make_tensor_value_info(f"Y{i}", fp16, ["M", n]))
+    inputs = [onnx.helper.make_tensor_value_info("A", fp16, ["M", k])]
+    graph = onnx.helper.make_graph(nodes, "check_kernels_fp16", inputs, outputs, initializer=inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9)
+    return model.SerializeToString()
+
+
+def overhead_model() -> bytes:
+    onnx = _onnx()
+    fp16 = onnx.TensorProto.FLOAT16
+    node = onnx.helper.make_node("Add", ["A", "A"], ["Y0"], name="add")
+    graph = onnx.helper.make_graph([node], "overhead", [onnx.helper.make_tensor_value_info("A", fp16, ["M", 8])],
+                                   [onnx.helper.make_tensor_value_info("Y0", fp16, ["M", 8])])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)],
+                                  ir_version=9).SerializeToString()
+
+
+def n_copies(bytes_per_copy: int) -> int:
+    return max(1, min(MAX_COPIES, -(-COPY_BYTES // max(1, bytes_per_copy))))
+
+
+# -------------------------------------------------------------------------------------------------------------
+# building the libraries
+
+
+def find_nvcc(explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    try:
+        from onnxpipe.runtime.kernels.build import find_nvcc as onnxpipe_find_nvcc
+
+        return onnxpipe_find_nvcc().path
+    except Exception:  # noqa: BLE001 - the module may be missing or find nothing: look where nvcc usually is
+        pass
+    for cand in [os.environ.get("CUDA_HOME", "") + "/bin/nvcc", shutil.which("nvcc") or "",
+                 *sorted(Path("/usr/local").glob("cuda*/bin/nvcc"), reverse=True)]:
+        if cand and Path(cand).is_file():
+            return str(cand)
+    return None
+
+
+def cuda_archs(explicit: str | None) -> list[str]:
+    if explicit:
+        return [a.strip().replace(".", "") for a in explicit.split(",") if a.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+        caps = sorted({line.strip().replace(".", "") for line in out.splitlines() if line.strip()})
+        if caps:
+            return caps
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return ["80", "90"]
+
+
+def nvcc_build(nvcc: str, sources: list[Path], out: Path, archs: list[str], defines: list[str]) -> None:
+    """A shared library from ``sources`` with nvcc; raises RuntimeError with the compiler's first error line."""
+    nvcc_root = Path(nvcc).resolve().parent.parent
+    includes = [f"-I{p}" for p in (nvcc_root / "include", nvcc_root / "include" / "cccl") if p.is_dir()]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    tmp = out.with_name(out.name + ".tmp")
+    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static", *gencode, *includes,
+           *defines, *map(str, sources), "-o", str(tmp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "error" in ln.lower()] or [proc.stderr]
+        raise RuntimeError(f"{Path(nvcc).name} failed on {', '.join(s.name for s in sources)}: {lines[0].strip()}")
+    os.replace(tmp, out)
+
+
+@dataclass
+class Libraries:
+    ort_cuda: Path | None = None      # the custom-op library for onnxruntime's CUDA EP
+    ort_cuda_how: str = ""
+    kernel: Path | None = None        # int4_gemm.cu alone, for ctypes
+    ort_cpu: Path | None = None       # the CPU reference custom-op library (dry run)
+    notes: list[str] = field(default_factory=list)
+
+
+def build_libraries(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> Libraries:
+    libs = Libraries()
+    nvcc = find_nvcc(args.nvcc)
+    archs = cuda_archs(args.arch)
+    if args.nvcc:
+        os.environ.setdefault("ONNXPIPE_NVCC", args.nvcc)
+    if args.arch:
+        os.environ.setdefault("ONNXPIPE_CUDA_ARCH", args.arch)
+    try:
+        from onnxpipe.runtime.kernels.build import build_library
+
+        libs.ort_cuda = build_library("cuda", announce=log)
+        libs.ort_cuda_how = "onnxpipe.runtime.kernels.build"
+    except Exception as e:  # noqa: BLE001 - say why, then build it here
+        libs.notes.append(f"onnxpipe.runtime.kernels.build: {type(e).__name__}: {e}".splitlines()[0])
+        if nvcc and (CSRC / "ops.cc").is_file():
+            try:
+                out = work / "libonnxpipe_kernels_cuda.so"
+                nvcc_build(nvcc, [CSRC / "ops.cc", CSRC / "int4_gemm.cu"], out, archs, ["-DONNXPIPE_CUDA"])
+                libs.ort_cuda, libs.ort_cuda_how = out, f"nvcc directly ({nvcc})"
+            except RuntimeError as e2:
+                libs.notes.append(str(e2))
+        elif not nvcc:
+            libs.notes.append("no nvcc found (--nvcc, CUDA_HOME, PATH, /usr/local/cuda*)")
+        else:
+            libs.notes.append(f"{CSRC / 'ops.cc'} is missing: no custom-op library")
+    if nvcc:
+        try:
+            out = work / "libonnxpipe_int4_gemm.so"
+            nvcc_build(nvcc, [CSRC / "int4_gemm.cu"], out, archs, [])
+            libs.kernel = out
+        except RuntimeError as e:
+            libs.notes.append(str(e))
+    if args.dry_run:
+        try:
+            from onnxpipe.runtime.kernels.build import build_library
+
+            libs.ort_cpu = build_library("cpu", announce=log)
+        except Exception as e:  # noqa: BLE001
+            libs.notes.append(f"CPU reference library: {type(e).__name__}: {e}".splitlines()[0])
+    return libs
+
+
+# -------------------------------------------------------------------------------------------------------------
+# running on onnxruntime
+
+
+class OrtRunner:
+    """Sessions on one provider, fed and read through IO binding; CUDA graphs per M on CUDA."""
+
+    def __init__(self, provider: str, custom_lib: Path | None, graphs: bool):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.provider = provider
+        self.custom_lib = custom_lib
+        self.graphs = graphs and provider == "CUDAExecutionProvider"
+        self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+
+    def session(self, model: bytes, custom: bool, graphs: bool | None = None) -> Any:
+        so = self.ort.SessionOptions()
+        so.log_severity_level = 3
+        if custom:
+            if self.custom_lib is None:
+                raise RuntimeError("no custom-op library")
+            so.register_custom_ops_library(str(self.custom_lib))
+        use_graphs = self.graphs if graphs is None else graphs
+        if self.provider == "CUDAExecutionProvider":
+            opts = {"enable_cuda_graph": "1" if use_graphs else "0"}
+            providers: list[Any] = [(self.provider, opts)]
+        else:
+            providers = [self.provider]
+        return self.ort.InferenceSession(model, so, providers=providers)
+
+    def run_bound(self, sess: Any, a: np.ndarray, n: int, outputs: int, graph_id: int,
+                  repeats: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        """Bind A and the outputs on the device, run once untimed (twice with graphs: the run before capture and
+        the capture), read the first output, then ``repeats`` timed runs (replays) and read it again; returns (first
+        output after the untimed runs, after the timed ones, seconds of each timed run). A graph id is captured
+        once with these buffers: each is bound here once."""
+        ort = self.ort
+        io = sess.io_binding()
+        a_dev = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
+        outs = [ort.OrtValue.ortvalue_from_shape_and_type([a.shape[0], n], np.float16, self.device, 0)
+                for _ in range(outputs)]
+        io.bind_ortvalue_input("A", a_dev)
+        for i, o in enumerate(outs):
+            io.bind_ortvalue_output(f"Y{i}", o)
+        ro = ort.RunOptions()
+        if self.graphs:
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+        for _ in range(2 if self.graphs else 1):
+            sess.run_with_iobinding(io, ro)
+        first = outs[0].numpy()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sess.run_with_iobinding(io, ro)
+            times.append(time.perf_counter() - t0)
+        return first, outs[0].numpy(), times
+
+
+class TorchKernel:
+    """int4_gemm.cu called through ctypes on torch's CUDA stream, timed in a torch CUDA graph."""
+
+    def __init__(self, lib: Path):
+        import torch
+
+        self.torch = torch
+        self.lib = ctypes.CDLL(str(lib))
+        f = self.lib.onnxpipe_int4_gemm
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+        self.lib.onnxpipe_int4_gemm_error.restype = ctypes.c_char_p
+        self.lib.onnxpipe_int4_gemm_error.argtypes = [ctypes.c_int]
+
+    def upload(self, w: Int4Weight) -> tuple[Any, Any, Any]:
+        t = self.torch
+        zp = None if w.zero_points is None else t.from_numpy(np.ascontiguousarray(w.zero_points)).cuda()
+        return (t.from_numpy(np.ascontiguousarray(w.packed)).cuda(),
+                t.from_numpy(np.ascontiguousarray(w.scales).view(np.int16)).cuda(), zp)
+
+    def call(self, a: Any, w: tuple[Any, Any, Any], y: Any, m: int, n: int, k: int, block: int) -> None:
+        stream = self.torch.cuda.current_stream().cuda_stream
+        code = self.lib.onnxpipe_int4_gemm(a.data_ptr(), w[0].data_ptr(), w[1].data_ptr(),
+                                           None if w[2] is None else w[2].data_ptr(), y.data_ptr(), m, n, k, block,
+                                           stream)
+        if code != 0:
+            raise RuntimeError(f"onnxpipe_int4_gemm returned {code}: {self.lib.onnxpipe_int4_gemm_error(code).decode()}")
+
+    def run(self, a_np: np.ndarray, weights: list[tuple[Any, Any, Any]], n: int, k: int, block: int,
+            repeats: int) -> tuple[np.ndarray, float]:
+        """Y of the first weight (an eager call), and the time per call in a graph of one call per weight."""
+        t = self.torch
+        m = a_np.shape[0]
+        a = t.from_numpy(np.ascontiguousarray(a_np).view(np.int16)).cuda()
+        ys = [t.empty((m, n), dtype=t.int16, device="cuda") for _ in weights]
+        self.call(a, weights[0], ys[0], m, n, k, block)
+        t.cuda.synchronize()
+        first = ys[0].cpu().numpy().view(np.float16)
+        side = t.cuda.Stream()
+        side.wait_stream(t.cuda.current_stream())
+        with t.cuda.stream(side):  # one eager pass off the default stream before capture, as torch asks
+            for w, y in zip(weights, ys):
+                self.call(a, w, y, m, n, k, block)
+        t.cuda.current_stream().wait_stream(side)
+        graph = t.cuda.CUDAGraph()
+        with t.cuda.graph(graph):
+            for w, y in zip(weights, ys):
+                self.call(a, w, y, m, n, k, block)
+        graph.replay()
+        t.cuda.synchronize()
+        start, end = t.cuda.Event(enable_timing=True), t.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        per_call = start.elapsed_time(end) / 1e3 / repeats / len(weights)
+        graphed = ys[0].cpu().numpy().view(np.float16)
+        if not np.array_equal(graphed.view(np.uint16), first.view(np.uint16)):
+            raise RuntimeError("the kernel's output in a CUDA graph differs from its eager output")
+        del graph, ys, a
+        return first, per_call
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the cases
+
+
+@dataclass
+class Row:
+    """One (weight, M) result."""
+
+    case: str
+    n: int
+    k: int
+    block: int
+    zero_points: bool
+    m: int
+    source: str = "random"
+    ref_max: float = 0.0
+    err_nbits: float | None = None
+    err_ours: float | None = None
+    err_fp16: float | None = None
+    err_kernel: float | None = None      # the ctypes call (torch)
+    ort_equals_kernel: bool | None = None
+    deterministic: bool | None = None
+    us_nbits: float | None = None
+    us_ours: float | None = None
+    us_fp16: float | None = None
+    us_kernel: float | None = None
+    gbps_ours: float | None = None
+    gbps_kernel: float | None = None
+    copies: int = 1
+    ok: bool | None = None
+    note: str = ""
+
+    def judge(self) -> None:
+        if self.err_ours is None or self.err_nbits is None:
+            return
+        limit = 2 * self.err_nbits + SLACK * self.ref_max + 1e-6
+        self.ok = bool(self.err_ours <= limit and self.deterministic is not False and self.ort_equals_kernel
+                       is not False and (self.err_kernel is None or self.err_kernel <= limit))
+
+
+def max_err(y: np.ndarray, ref: np.ndarray) -> float:
+    d = np.abs(y.astype(np.float64) - ref)
+    return float(np.nan_to_num(d, nan=np.inf).max()) if d.size else 0.0
+
+
+def median_us(times: list[float], overhead_s: float, copies: int) -> float:
+    return max(0.0, statistics.median(times) - overhead_s) / copies * 1e6
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    runner: Any  # OrtRunner on CUDA, or None (dry run)
+    torch_kernel: TorchKernel | None
+    overhead_s: float
+    start: float
+    rows: list[Row] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    log: Callable[[str], None] = print
+
+    def over_budget(self) -> bool:
+        return time.perf_counter() - self.start > self.args.budget_s
+
+
+def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bool, ms: tuple[int, ...],
+                fp16_done: set[str]) -> None:
+    args = ctx.args
+    rng = np.random.default_rng([n, k, block, int(with_zp)])
+    w = random_int4(rng, n, k, block, with_zp)
+    a_all = rng.standard_normal((max(ms), k)).astype(np.float16)
+    ref = reference(a_all, w)
+    copies = n_copies(w.nbytes)
+    weights = [w.rolled(i) for i in range(copies)]
+    runner: OrtRunner = ctx.runner
+    rows = {m: Row(name, n, k, block, with_zp, m, copies=copies, ref_max=float(np.abs(ref[:m]).max())) for m in ms}
+    nbits = runner.session(copies_model("MatMulNBits", weights), custom=False)
+    for gid, m in enumerate(ms):
+        got, _, times = runner.run_bound(nbits, a_all[:m], n, copies, gid, args.repeats)
+        rows[m].err_nbits = max_err(got, ref[:m])
+        rows[m].us_nbits = median_us(times, ctx.overhead_s, copies)
+    del nbits
+    gc.collect()
+    ours_out: dict[int, np.ndarray] = {}
+    try:
+        ours = runner.session(copies_model("MatMulInt4", weights), custom=True)
+        for gid, m in enumerate(ms):
+            got, again, times = runner.run_bound(ours, a_all[:m], n, copies, gid, args.repeats)
+            ours_out[m] = got
+            r = rows[m]
+            r.err_ours = max_err(got, ref[:m])
+            r.deterministic = bool(np.array_equal(got.view(np.uint16), again.view(np.uint16)))
+            r.us_ours = median_us(times, ctx.overhead_s, copies)
+            r.gbps_ours = w.nbytes / (r.us_ours * 1e-6) / 1e9 if r.us_ours else None
+        del ours
+    except Exception as e:  # noqa: BLE001 - reported on every row of the case, and the run exits 2
+        for r in rows.values():
+            r.note = f"MatMulInt4: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    gc.collect()
+    if ctx.torch_kernel is not None:
+        try:
+            dev = [ctx.torch_kernel.upload(x) for x in weights]
+            for m in ms:
+                y, per_call = ctx.torch_kernel.run(a_all[:m], dev, n, k, block, args.repeats)
+                r = rows[m]
+                r.err_kernel = max_err(y, ref[:m])
+                r.us_kernel = per_call * 1e6
+                r.gbps_kernel = w.nbytes / per_call / 1e9 if per_call else None
+                if m in ours_out:
+                    r.ort_equals_kernel = bool(np.array_equal(y.view(np.uint16), ours_out[m].view(np.uint16)))
+            del dev
+            ctx.torch_kernel.torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001
+            for r in rows.values():
+                r.note += f" kernel via ctypes: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if name not in fp16_done:  # the fp16 MatMul of the same weights: once per shape
+        fp16_done.add(name)
+        w16 = np.ascontiguousarray(dequantize(w).T.astype(np.float16))
+        c16 = n_copies(w16.nbytes)
+        mats = [w16 if i == 0 else np.roll(w16, i, axis=1) for i in range(c16)]
+        sess = runner.session(fp16_model(mats), custom=False)
+        for gid, m in enumerate(ms):
+            got, _, times = runner.run_bound(sess, a_all[:m], n, c16, gid, args.repeats)
+            rows[m].err_fp16 = max_err(got, ref[:m])
+            rows[m].us_fp16 = median_us(times, ctx.overhead_s, c16)
+        del sess, mats, w16
+    for m in ms:
+        rows[m].judge()
+        ctx.rows.append(rows[m])
+        ctx.log(line(rows[m]))
+    del weights, ref
+    gc.collect()
+
+
+def line(r: Row) -> str:
+    def f(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    status = {True: "ok", False: "FAIL", None: "?"}[r.ok]
+    return (f"{r.case:>14} {r.source:>8} N={r.n:<6} K={r.k:<5} bs={r.block:<3} zp={'y' if r.zero_points else 'n'} "
+            f"M={r.m:<4} err nbits {f(r.err_nbits, '.2e')} ours {f(r.err_ours, '.2e')} fp16 {f(r.err_fp16, '.2e')} | "
+            f"us nbits {f(r.us_nbits, '.2f')} ours {f(r.us_ours, '.2f')} kernel {f(r.us_kernel, '.2f')} "
+            f"fp16 {f(r.us_fp16, '.2f')} | ours {f(r.gbps_ours, '.0f')} GB/s  {status} {r.note}").rstrip()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# trained weights
+
+
+@dataclass
+class Linear:
+    name: str
+    weight: np.ndarray      # [N, K] float (y = x W^T)
+    act_rms: np.ndarray     # [K] the input's per-channel RMS (or the scale it is taken from)
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file (F32, F16, BF16) as float32, read with numpy alone."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    base = 8 + size
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        buf = raw[base + start: base + end]
+        if meta["dtype"] == "F32":
+            arr = np.frombuffer(buf, np.float32)
+        elif meta["dtype"] == "F16":
+            arr = np.frombuffer(buf, np.float16).astype(np.float32)
+        elif meta["dtype"] == "BF16":
+            arr = (np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            continue
+        out[name] = arr.reshape(meta["shape"])
+    return out
+
+
+PROJ_INPUT = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
+              "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}
+
+
+def linears_from_hf_dir(path: Path, layers: list[int] | None) -> list[Linear]:
+    """A Llama directory's projections; the input scale of q/k/v and gate/up is the RMSNorm weight before them (the
+    normalized input has unit RMS), of o_proj and down_proj 1 (their real scale needs a forward pass: --save-trained)."""
+    tensors: dict[str, np.ndarray] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(read_safetensors(f))
+    found = []
+    for name, w in tensors.items():
+        parts = name.split(".")
+        if len(parts) < 6 or parts[-1] != "weight" or w.ndim != 2 or parts[-2] not in (*PROJ_INPUT, "o_proj",
+                                                                                          "down_proj"):
+            continue
+        layer = int(parts[2])
+        if layers is not None and layer not in layers:
+            continue
+        norm = PROJ_INPUT.get(parts[-2])
+        scale = tensors.get(".".join(parts[:3] + [norm, "weight"])) if norm else None
+        rms = np.abs(scale) if scale is not None else np.ones(w.shape[1], np.float32)
+        found.append(Linear(f"{path.name}:{'.'.join(parts[2:-1])}", w.astype(np.float32), rms.astype(np.float32)))
+    return found
+
+
+def linears_from_npz(path: Path) -> list[Linear]:
+    data = np.load(path)
+    names = sorted({k[: -len(".weight")] for k in data.files if k.endswith(".weight")})
+    return [Linear(nm, data[nm + ".weight"].astype(np.float32), data[nm + ".act_rms"].astype(np.float32))
+            for nm in names]
+
+
+def trained_case(ctx: Context, source: str, linears: list[Linear], block: int, symmetric: bool) -> None:
+    """All of ``linears`` in one model per op (an input per node), M in TRAINED_MS, plain runs."""
+    onnx = _onnx()
+    fp16 = onnx.TensorProto.FLOAT16
+    usable = [lin for lin in linears if lin.weight.shape[1] % block == 0]
+    for lin in linears:
+        if lin not in usable:
+            ctx.skipped.append(f"{lin.name} bs={block}: K={lin.weight.shape[1]} is not a multiple of the block")
+    if not usable:
+        return
+    quantized = []
+    who = ""
+    for lin in usable:
+        w, who = quantize_weight(lin.weight, block, symmetric)
+        quantized.append(w)
+    rng = np.random.default_rng(block + int(symmetric))
+    acts = {m: [(rng.standard_normal((m, lin.weight.shape[1])) * lin.act_rms).astype(np.float16) for lin in usable]
+            for m in TRAINED_MS}
+
+    def build(op: str) -> bytes:
+        nodes: list[Any] = []
+        inits: list[Any] = []
+        inputs, outputs = [], []
+        for i, w in enumerate(quantized):
+            nodes.append(int4_node(op, f"A{i}", w, f"w{i}", f"Y{i}", inits))
+            inputs.append(onnx.helper.make_tensor_value_info(f"A{i}", fp16, ["M", w.k]))
+            outputs.append(onnx.helper.make_tensor_value_info(f"Y{i}", fp16, ["M", w.n]))
+        return model_bytes(nodes, inits, inputs, outputs, "com.microsoft" if op == "MatMulNBits" else "onnxpipe")
+
+    runner: OrtRunner = ctx.runner
+    results: dict[str, dict[int, list[np.ndarray]]] = {}
+    for op, custom in (("MatMulNBits", False), ("MatMulInt4", True)):
+        try:
+            sess = runner.session(build(op), custom=custom, graphs=False)
+            results[op] = {m: sess.run(None, {f"A{i}": a for i, a in enumerate(acts[m])}) for m in TRAINED_MS}
+            del sess
+        except Exception as e:  # noqa: BLE001
+            ctx.log(f"trained {source} bs={block} {op}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    for i, (lin, w) in enumerate(zip(usable, quantized)):
+        for m in TRAINED_MS:
+            ref = reference(acts[m][i], w)
+            r = Row(lin.name, w.n, w.k, block, not symmetric, m, source=source, ref_max=float(np.abs(ref).max()),
+                    note=f"quantized by {who}" if i == 0 and m == TRAINED_MS[0] else "")
+            if "MatMulNBits" in results:
+                r.err_nbits = max_err(results["MatMulNBits"][m][i], ref)
+            if "MatMulInt4" in results:
+                r.err_ours = max_err(results["MatMulInt4"][m][i], ref)
+            r.judge()
+            ctx.rows.append(r)
+        ctx.log(line(ctx.rows[-1]))
+
+
+def trained_sources(args: argparse.Namespace) -> list[tuple[str, list[Linear]]]:
+    out = []
+    for p in args.trained or [str(ROOT / "models" / "llama-stdlib")]:
+        path = Path(p)
+        if path.suffix == ".npz":
+            out.append((path.stem, linears_from_npz(path)))
+        elif path.is_dir():
+            out.append((path.name, linears_from_hf_dir(path, None)))
+        else:
+            raise SystemExit(f"--trained {p}: neither an .npz file nor a directory")
+    return out
+
+
+def save_trained(path: Path, log: Callable[[str], None]) -> None:
+    """SmolLM2-135M's first and last layers (when installed) and models/llama-stdlib: fp16 weights + input RMS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sources = [("llama-stdlib", ROOT / "models" / "llama-stdlib", None)]
+    try:
+        from onnxpipe.reference import smollm2_hf_dir
+
+        sources.append(("smollm2", smollm2_hf_dir(log=log), [0, 29]))
+    except Exception as e:  # noqa: BLE001
+        log(f"SmolLM2 not available here ({type(e).__name__}: {e}); llama-stdlib only")
+    text = (ROOT / "data" / "eval.txt").read_text(encoding="utf-8")[:20000]
+    arrays: dict[str, np.ndarray] = {}
+    for label, hf_dir, layers in sources:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(hf_dir)
+        ids = tok(text, return_tensors="pt").input_ids[:, :512]
+        sums: dict[str, Any] = {}
+        hooks = []
+        for name, mod in model.named_modules():
+            if not isinstance(mod, torch.nn.Linear) or "layers." not in name:
+                continue
+            layer = int(name.split("layers.")[1].split(".")[0])
+            if layers is not None and layer not in layers:
+                continue
+
+            def hook(_m: Any, inp: Any, _out: Any, name: str = name, sums: dict[str, Any] = sums) -> None:
+                x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+                sums[name] = (x.pow(2).mean(0).sqrt()).float().numpy()
+
+            hooks.append(mod.register_forward_hook(hook))
+            arrays[f"{label}:{name.split('layers.')[1]}.weight"] = mod.weight.detach().numpy().astype(np.float16)
+        with torch.no_grad():
+            model(ids)
+        for h in hooks:
+            h.remove()
+        for name, rms in sums.items():
+            arrays[f"{label}:{name.split('layers.')[1]}.act_rms"] = rms
+        log(f"{label}: {len(sums)} linear layers, activations of {ids.shape[1]} tokens of data/eval.txt")
+        del model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(arrays) // 2} weights)")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the dry run: everything that needs no GPU
+
+
+def dry_run(args: argparse.Namespace, libs: Libraries, plan: list[tuple[str, int, int, int, bool, tuple[int, ...]]],
+            log: Callable[[str], None]) -> int:
+    """Every case's models built at their smallest; the reference checked against onnxruntime's MatMulNBits (and
+    the CPU reference MatMulInt4 where built) on the CPU, at a small M, on a slice of N."""
+    runner = OrtRunner("CPUExecutionProvider", libs.ort_cpu, graphs=False)
+    bad = 0
+    for name, n, k, block, with_zp, ms in plan:
+        n_small = min(n, 256)  # the layout is the same for every row: a slice of N keeps the CPU run short
+        rng = np.random.default_rng([n, k, block, int(with_zp)])
+        w = random_int4(rng, n_small, k, block, with_zp)
+        a = rng.standard_normal((4, k)).astype(np.float16)
+        ref = reference(a, w)
+        copies = n_copies(random_int4(rng, 1, k, block, with_zp).nbytes * n)
+        errs = {}
+        for op, custom in (("MatMulNBits", False), ("MatMulInt4", True)):
+            if custom and libs.ort_cpu is None:
+                continue
+            sess = runner.session(copies_model(op, [w]), custom=custom, graphs=False)
+            errs[op] = max_err(sess.run(None, {"A": a})[0], ref)
+        tol = SLACK * float(np.abs(ref).max()) * 4
+        ok = all(e <= tol for e in errs.values())
+        bad += not ok
+        log(f"plan {name:>14} N={n:<6} K={k:<5} bs={block:<3} zp={'y' if with_zp else 'n'} M={','.join(map(str, ms))} "
+            f"copies {copies} ({copies * w.nbytes * n // n_small / 1e6:.0f} MB) | CPU, N={n_small}, M=4: reference vs "
+            + ", ".join(f"{op} {e:.2e}" for op, e in errs.items()) + f" (tolerance {tol:.1e}) {'ok' if ok else 'FAIL'}")
+    for source, linears in trained_sources(args):
+        ks = sorted({lin.weight.shape[1] for lin in linears})
+        log(f"trained {source}: {len(linears)} linear layers, K in {ks}, blocks {BLOCKS}, zero points y/n, "
+            f"M {TRAINED_MS}")
+        w, who = quantize_weight(linears[0].weight, 32, False)
+        log(f"  {linears[0].name} quantized by {who}: N={w.n} K={w.k}, {w.nbytes} bytes")
+    return 1 if bad else 0
+
+
+# -------------------------------------------------------------------------------------------------------------
+
+
+def build_plan(args: argparse.Namespace) -> list[tuple[str, int, int, int, bool, tuple[int, ...]]]:
+    plan = []
+    for group in args.shapes.split(","):
+        for name, n, k in SHAPES[group]:
+            for block in args.blocks:
+                for with_zp in (True, False):
+                    ms = tuple(m for m in args.ms if group != "head" or m in HEAD_MS)
+                    plan.append((name, n, k, block, with_zp, ms))
+    return plan
+
+
+def table(rows: list[Row]) -> list[str]:
+    """Per case and M (block 128 with zero points, the usual GPU int4 build; the others in the JSON): times, ours
+    against MatMulNBits and fp16, and the worst error ratio of the case over every variant."""
+    out = ["| case | M | MatMulNBits us | ours us | fp16 us | ours/nbits | ours/fp16 | ours GB/s | worst err ours/nbits |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    worst: dict[tuple[str, int], float] = {}
+    for r in rows:
+        if r.err_ours is not None and r.err_nbits:
+            key = (r.case, r.m)
+            worst[key] = max(worst.get(key, 0.0), r.err_ours / r.err_nbits)
+    fp16 = {(r.case, r.m): r.us_fp16 for r in rows if r.us_fp16 is not None}
+    for r in rows:
+        if r.source != "random" or r.block != 128 or not r.zero_points:
+            continue
+
+        def f(x: float | None, fmt: str = ".2f") -> str:
+            return "-" if x is None else format(x, fmt)
+
+        t16 = fp16.get((r.case, r.m))
+        ratio = r.us_ours / r.us_nbits if r.us_ours and r.us_nbits else None
+        vs16 = r.us_ours / t16 if r.us_ours and t16 else None
+        out.append(f"| {r.case} | {r.m} | {f(r.us_nbits)} | {f(r.us_ours)} | {f(t16)} | {f(ratio)} | {f(vs16)} | "
+                   f"{f(r.gbps_ours, '.0f')} | {f(worst.get((r.case, r.m)))} |")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="directory for results.json and the libraries built")
+    p.add_argument("--budget-s", type=float, default=230.0, help="start no new case past this many seconds")
+    p.add_argument("--dry-run", action="store_true", help="no GPU: build, make the models, check the reference")
+    p.add_argument("--shapes", default="1b,8b,head", help="comma list of: " + ", ".join(SHAPES))
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="rows of A to try")
+    p.add_argument("--blocks", default="32,128")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per case and M")
+    p.add_argument("--trained", action="append", help=".npz from --save-trained, or a Hugging Face directory "
+                   "(repeatable; default models/llama-stdlib)")
+    p.add_argument("--save-trained", type=Path, help="write the trained weights' .npz here and stop (CPU)")
+    p.add_argument("--nvcc", help="the nvcc to use (default: found as onnxpipe.runtime.kernels.build finds it)")
+    p.add_argument("--arch", help="GPU architectures, e.g. 90 or 80,90 (default: the visible GPUs')")
+    p.add_argument("--no-torch", action="store_true", help="skip the ctypes call of the kernel under torch")
+    args = p.parse_args()
+    args.ms = tuple(sorted({int(x) for x in args.ms.split(",")}))
+    args.blocks = tuple(int(x) for x in args.blocks.split(","))
+    for group in args.shapes.split(","):
+        if group not in SHAPES:
+            p.error(f"--shapes: {group!r} is not one of {', '.join(SHAPES)}")
+    if any(b not in (32, 64, 128) for b in args.blocks):
+        p.error("--blocks: 32, 64 or 128")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    if args.save_trained:
+        save_trained(args.save_trained, log)
+        return 0
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "lib"
+    work.mkdir(exist_ok=True)
+    libs = build_libraries(args, work, log)
+    log(f"custom-op library: {libs.ort_cuda or 'none'} ({libs.ort_cuda_how or 'not built'}); kernel alone: "
+        f"{libs.kernel or 'none'}; CPU reference library: {libs.ort_cpu or '-'}")
+    for note in libs.notes:
+        log(f"  note: {note}")
+    plan = build_plan(args)
+    if args.dry_run:
+        rc = dry_run(args, libs, plan, log)
+        log(f"dry run: {len(plan)} random cases planned, {time.perf_counter() - start:.1f} s")
+        return rc
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        log(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider here ({ort.get_available_providers()})")
+        return 2
+    runner = OrtRunner("CUDAExecutionProvider", libs.ort_cuda, graphs=True)
+    torch_kernel = None
+    if libs.kernel and not args.no_torch:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch_kernel = TorchKernel(libs.kernel)
+        except Exception as e:  # noqa: BLE001
+            log(f"  note: kernel via ctypes off: {type(e).__name__}: {e}")
+    over = runner.session(overhead_model(), custom=False)
+    _, _, times = runner.run_bound(over, np.zeros((1, 8), np.float16), 8, 1, 0, 200)
+    ctx = Context(args, runner, torch_kernel, statistics.median(times), start, log=log)
+    log(f"onnxruntime {ort.__version__}; run overhead of a one-node CUDA graph {ctx.overhead_s * 1e6:.1f} us "
+        "(taken off each timed run before dividing by its copies)")
+    fp16_done: set[str] = set()
+    trained_done = False
+    # the 1B shapes, then trained weights, then the rest
+    order = [c for c in plan if c[0].startswith("1b") and "head" not in c[0]]
+    order += [("trained", 0, 0, 0, False, ())] + [c for c in plan if c not in order]
+    for case in order:
+        name, n, k, block, with_zp, ms = case
+        if ctx.over_budget():
+            ctx.skipped.append(f"{name} N={n} K={k} bs={block} zp={with_zp}: past --budget-s" if n else
+                               "trained weights: past --budget-s")
+            continue
+        if name == "trained":
+            trained_done = True
+            for source, linears in trained_sources(args):
+                for block_t in BLOCKS:
+                    for symmetric in (False, True):
+                        trained_case(ctx, source, linears, block_t, symmetric)
+            continue
+        random_case(ctx, name, n, k, block, with_zp, ms, fp16_done)
+
+    failed = [r for r in ctx.rows if r.ok is False]
+    unrun = [r for r in ctx.rows if r.err_ours is None]
+    lines = table(ctx.rows)
+    result = {"onnxruntime": ort.__version__, "library": str(libs.ort_cuda), "library_built_by": libs.ort_cuda_how,
+              "notes": libs.notes, "run_overhead_us": ctx.overhead_s * 1e6, "copy_bytes": COPY_BYTES,
+              "slack": SLACK, "elapsed_s": time.perf_counter() - start, "trained_done": trained_done,
+              "skipped": ctx.skipped, "failed": len(failed), "ours_not_run": len(unrun),
+              "rows": [asdict(r) for r in ctx.rows], "table": lines}
+    tmp = args.out / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, args.out / "results.json")
+    log("")
+    for s in ctx.skipped:
+        log(f"skipped: {s}")
+    log(f"{len(ctx.rows)} rows, {len(failed)} failed, {len(unrun)} without ours, "
+        f"{time.perf_counter() - start:.0f} s; results.json under {args.out}")
+    for ln in lines:
+        log(ln)
+    if unrun:
+        log(f"onnxpipe.MatMulInt4 did not run on {len(unrun)} rows: {unrun[0].note or 'no custom-op library'}")
+        return 2
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
