@@ -35,6 +35,12 @@ first token), per --chunks entry (the scheduler's prefill budget: a fixed number
 measured decode step and prefill times; the table gives the mean tokens a chunk read). Target: the p99 while they
 are read under 2x the quiet p50.
 
+--chunk-graphs on,off (with --cuda-graph): the long prompts' chunks replayed through CUDA graphs captured per (row,
+chunk width), or run outside any graph (`onnxpipe serve --chunk-graphs/--no-chunk-graphs`; on by default with CUDA
+graphs); each --chunks entry runs once per value, and the table gives the chunks that went through a graph (the
+server's `graph_chunks`). With chunk graphs on, --check-equal also runs with a fixed chunk of 32 tokens, so that its
+longer prompts are read in chunks through them (with `auto` its prompts, at most 128 tokens, are read whole).
+
 --build-1b WORKDIR builds the model first (each stage skipped where its output is already there): a random
 Llama-3.2-1B-shaped checkpoint in bf16, made on the meta device and initialised in place (as
 scripts/measure_scale.py builds its checkpoints; std 0.1 so greedy tokens are not near-ties), with a word-level
@@ -197,6 +203,9 @@ def check_equal(lm: Any, make: Any, rows: int, max_length: int, prefill_chunk: i
             "prefill runs) concurrent == solo; "
             f"{sched.stats.max_running} decoded "
             f"together at most; solo == lm.generate for {library}/{len(solo)} (information only)"
+            + (f"; {sched.stats.graph_chunks} chunks through CUDA graphs" if sched.stats.graph_chunks else "")
+            + (f"; a chunk graph failed (chunks then ran uncaptured): {sched.stats.chunk_graph_error}"
+               if getattr(sched.stats, "chunk_graph_error", "") else "")
             + ("; the CUDA graph was not captured on the loop's thread (its steps ran uncaptured): "
                f"{sched.stats.capture_error}" if sched.stats.capture_error else ""))
 
@@ -310,7 +319,8 @@ async def interference(base: str, streams: list[list[int]], stream_tokens: int, 
     chunks = after["prefill_chunks"] - before["prefill_chunks"]
     return {"streams": len(streams), "long_prompts": len(longs), "long_prompt_tokens": len(longs[0]),
             "t_started": started, "t_sent": sent, "t_read": read, "read_s": read - sent, "quiet_gaps": len(quiet), "during_gaps": len(during),
-            "read_chunks": chunks, "read_tokens_per_chunk": (after["prefill_tokens"] - before["prefill_tokens"])
+            "read_chunks": chunks, "read_graph_chunks": after.get("graph_chunks", 0) - before.get("graph_chunks", 0),
+            "read_tokens_per_chunk": (after["prefill_tokens"] - before["prefill_tokens"])
             / max(chunks, 1), "read_steps": after["steps"] - before["steps"],
             "streams_done_before_read": late,
             "quiet_p50_ms": 1e3 * percentile(quiet, 50), "quiet_p99_ms": 1e3 * percentile(quiet, 99),
@@ -434,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-group", default="",
                    help="comma-separated: whole prompts read in one prefill run, at most (slot layout); each level "
                         "and --chunks entry runs once per value [the server's default]")
+    p.add_argument("--chunk-graphs", default="",
+                   help="comma-separated on/off: long prompts' chunks through CUDA graphs (--cuda-graph); each --chunks "
+                        "entry runs once per value [the server's default: on with CUDA graphs]")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
     if args.build_child:  # the checkpoint, in a process of its own (torch)
@@ -448,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, argparse.ArgumentTypeError):
         p.error("--concurrency and --prefill-group are comma-separated integers, --chunks comma-separated integers "
                 "or auto")
+    switch = {"on": True, "off": False}
+    if any(v.strip().lower() not in switch for v in args.chunk_graphs.split(",") if v.strip()):
+        p.error("--chunk-graphs takes on, off or both (on,off)")
+    graphed: list[bool | None] = [switch[v.strip().lower()] for v in args.chunk_graphs.split(",") if v.strip()] or [None]
     if any(g is not None and not 1 <= g <= 64 for g in groups):
         p.error("--prefill-group values must be 1..64")
     if any(not 1 <= c <= 64 for c in levels) or not 1 <= args.requests_per_client <= 16:
@@ -483,10 +500,13 @@ def main(argv: list[str] | None = None) -> int:
     if not slots and groups != [None]:
         p.error("--prefill-group reads prompts into the fixed rows of the slot layout (optimize --target cuda)")
 
-    def server(batch: int, chunk: int | str, length: int, group: int | None) -> Any:
+    if graphed != [None] and not (slots and lm.session.cuda_graph):
+        p.error("--chunk-graphs replays chunks as CUDA graphs: it needs --cuda-graph and the CUDA form")
+
+    def server(batch: int, chunk: int | str, length: int, group: int | None, graphs: bool | None = None) -> Any:
         return create_app(lm, "model", max_batch=batch, max_queue=256, prefill_chunk=chunk,
                           max_length=length if slots else None,
-                          prefill_group=None if group is None else min(group, batch))
+                          prefill_group=None if group is None else min(group, batch), chunk_graphs=graphs)
 
     if args.check_equal and budget.allows("check-equal"):
         rows = args.check_rows or args.max_batch or max(levels + [4])
@@ -494,15 +514,21 @@ def main(argv: list[str] | None = None) -> int:
 
         group = max((g for g in groups if g is not None), default=None)
 
-        def make(chunk: int | str) -> Any:
+        def make(chunk: int | str, graphs: bool | None = None) -> Any:
             return make_scheduler(lm, max_batch=rows, max_queue=256, prefill_chunk=chunk,
                                   max_length=length if slots else None,
-                                  prefill_group=None if group is None else min(group, rows))
+                                  prefill_group=None if group is None else min(group, rows),
+                                  **({} if graphs is None else {"chunk_graphs": graphs}))
 
         # a prefill of several prompts is exact against solo ones on the CPU only (docs/serve.md, "On a GPU")
         exact = lm.session.device == "cpu" or (group or 1) == 1
         report["check_equal"] = check_equal(lm, make, rows, min(length, 1024), args.prefill_chunk, rng, exact)
         print(report["check_equal"], file=sys.stderr)
+        if slots and lm.session.cuda_graph and lm.session.last_position and any(g is not False for g in graphed):
+            # chunks through the chunk graphs: prompts longer than a fixed chunk of 32 are read in chunks
+            report["check_equal_chunk_graphs"] = check_equal(lm, lambda chunk: make(chunk, True), rows,
+                                                             min(length, 1024), 32, rng, exact)
+            print(report["check_equal_chunk_graphs"], file=sys.stderr)
 
     rows = []
     for c in levels:
@@ -533,14 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     report["levels"] = rows
 
     long_rows, drawn = [], {}
-    for chunk, group in [(c, g) for c in chunks for g in groups]:
-        if not budget.allows(f"long prompts, chunk {chunk}, prefill group {group}"):
+    for chunk, group, graphs in [(c, g, v) for c in chunks for g in groups for v in graphed]:
+        if not budget.allows(f"long prompts, chunk {chunk}, prefill group {group}, chunk graphs {graphs}"):
             break
         if chunk not in drawn:  # the same prompts for each prefill group
             drawn[chunk] = (rng.integers(0, lm.session.vocab_size, (args.streams, args.prompt_tokens)).tolist(),
                             rng.integers(0, lm.session.vocab_size, (args.long_prompts, args.long_prompt_tokens)).tolist())
         streams, longs = drawn[chunk]
-        app = server(args.streams + args.long_prompts, chunk, long_length, group)
+        app = server(args.streams + args.long_prompts, chunk, long_length, group, graphs)
         trace: deque[tuple[float, int, float, float, int]] = deque(maxlen=1 << 16)
         app.state.scheduler.trace = trace
         with ServerThread(app, host="127.0.0.1") as s, gc_pauses() as pauses:
@@ -552,9 +578,13 @@ def main(argv: list[str] | None = None) -> int:
             break
         row["chunk"] = chunk
         row["prefill_group"] = getattr(app.state.scheduler, "prefill_group", None)
+        rows_of = getattr(app.state.scheduler, "rows", None)
+        row["chunk_graphs"] = bool(getattr(rows_of, "chunk_graphs", False))
+        row["chunk_graph_error"] = app.state.scheduler.stats.chunk_graph_error
         long_rows.append(row)
-        print(f"chunk {chunk}, prefill group {row['prefill_group']}: during p99 {row['during_p99_ms']:.1f} ms",
-              file=sys.stderr)
+        print(f"chunk {chunk}, prefill group {row['prefill_group']}, chunk graphs {row['chunk_graphs']} "
+              f"({row['read_graph_chunks']}/{row['read_chunks']} chunks through them): during p99 "
+              f"{row['during_p99_ms']:.1f} ms", file=sys.stderr)
     report["long_prompts"] = long_rows
     report["skipped"] = budget.skipped
     print_tables(report)
@@ -575,6 +605,8 @@ def print_tables(report: dict[str, Any]) -> None:
     print(f"{report['provider']}, {report['layout']}")
     if report.get("check_equal"):
         print(report["check_equal"])
+    if report.get("check_equal_chunk_graphs"):
+        print(report["check_equal_chunk_graphs"])
     rows = report["levels"]
     one = next((r["tokens_per_s"] for r in rows if r["concurrency"] == 1), None)
     if rows:
@@ -590,12 +622,13 @@ def print_tables(report: dict[str, Any]) -> None:
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
               f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} |")
     if report["long_prompts"]:
-        print("\n| prefill chunk | prefill group | tokens a chunk (mean) | streams | long prompts x tokens | read in s | running "
-              "streams' inter-token ms: quiet p50 / p99 | while read p50 / p99 | while-read p99 / quiet p50 | "
-              "long prompts' TTFT p50 / max ms |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| prefill chunk | prefill group | chunks through CUDA graphs | tokens a chunk (mean) | streams | long "
+              "prompts x tokens | read in s | running streams' inter-token ms: quiet p50 / p99 | while read p50 / p99 | "
+              "while-read p99 / quiet p50 | long prompts' TTFT p50 / max ms |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in report["long_prompts"]:
-        print(f"| {r['chunk']} | {r.get('prefill_group') or '-'} | {r['read_tokens_per_chunk']:.0f} | {r['streams']} | {r['long_prompts']} x "
+        graphs = f"{r.get('read_graph_chunks', 0)} / {r['read_chunks']}" if r.get("chunk_graphs") else "off"
+        print(f"| {r['chunk']} | {r.get('prefill_group') or '-'} | {graphs} | {r['read_tokens_per_chunk']:.0f} | {r['streams']} | {r['long_prompts']} x "
               f"{r['long_prompt_tokens']} | {r['read_s']:.2f} | "
               f"{r['quiet_p50_ms']:.1f} / {r['quiet_p99_ms']:.1f} | {r['during_p50_ms']:.1f} / {r['during_p99_ms']:.1f} | "
               f"{r['during_p99_ms'] / r['quiet_p50_ms']:.2f}x | {r['long_ttft_p50_ms']:.0f} / {r['long_ttft_max_ms']:.0f} |"
@@ -609,7 +642,7 @@ def print_tables(report: dict[str, Any]) -> None:
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in profiled:
         i = r["iterations"]
-        print(f"| {r['chunk']} | {r.get('prefill_group') or '-'} | {i['quiet_step_p50_ms']:.1f} | {i['read_iterations']} | {i['read_tokens_mean']:.1f} | "
+        print(f"| {r['chunk']}{' (chunk graphs)' if r.get('chunk_graphs') else ''} | {r.get('prefill_group') or '-'} | {i['quiet_step_p50_ms']:.1f} | {i['read_iterations']} | {i['read_tokens_mean']:.1f} | "
               f"{i['read_prefill_p50_ms']:.1f} / {i['read_prefill_p99_ms']:.1f} | "
               f"{i['read_step_p50_ms']:.1f} / {i['read_step_p99_ms']:.1f} | "
               f"{i['read_step_first_tenth_ms']:.1f} / {i['read_step_last_tenth_ms']:.1f} | "

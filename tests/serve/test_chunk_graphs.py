@@ -237,3 +237,18 @@ def test_chunk_graphs_need_cuda_graphs_and_change_nothing_without_them(stdlib_cu
                               chunk_graphs=False).rows.chunk_graphs
     with pytest.raises(OnnxpipeError, match="grows its cache"):
         make_scheduler(load(stdlib_model, "cpu", threads=1), max_batch=2, chunk_graphs=True)
+
+
+def test_the_load_tests_check_reads_prompts_through_chunk_graphs_and_says_how_many(stdlib_cuda_model):
+    from serve.test_prefill_group import load_test_script
+
+    lm = slot_lm(stdlib_cuda_model, True)
+
+    def make(chunk):
+        return make_scheduler(lm, max_batch=4, prefill_chunk=chunk, max_length=128, chunk_graphs=True)
+
+    line = load_test_script().check_equal(lm, make, 4, 128, 32, np.random.default_rng(0))
+    assert line.startswith("check-equal: 7 requests") and "concurrent == solo" in line
+    through = int(line.split(" chunks through CUDA graphs")[0].rsplit("; ", 1)[1])
+    graphs = [cg for slot in lm.session._graphs.values() for cg in slot.chunks.values()]  # (generate's slots: none)
+    assert through > 0 and through == sum(cg.runs for cg in graphs)
