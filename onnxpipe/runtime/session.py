@@ -103,11 +103,11 @@ class DecoderSession:
                                     session_options, announce)
 
         def edit(proto: Any) -> None:
-            self.kernels.edit(proto)
             if last_position:
                 why_not["last"] = gather_last_position(proto, logits)
             if feed_back:
                 why_not["tail"] = add_step_tail(proto, logits)
+            self.kernels.edit(proto)  # last: the edits above walk the graph by onnxruntime's own op types
 
         inputs = list(m.graph.get("inputs") or [])
         make = lambda edit, inputs: create_session(  # noqa: E731

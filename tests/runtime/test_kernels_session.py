@@ -22,12 +22,12 @@ EVAL = Path(__file__).resolve().parents[2] / "data" / "eval.txt"
 
 @pytest.fixture(scope="module")
 def int4_model(byte_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama, int4 RTN with block 32 and fp32 compute in MatMulNBits (accuracy level 0: onnxruntime's
-    kernel then computes what the reference does, rather than int8 activations)."""
+    """The tiny Llama, int4 RTN with block 32, the LM head int4 too, and fp32 compute in MatMulNBits (accuracy
+    level 0: onnxruntime's kernel then computes what the reference does, rather than int8 activations)."""
     root = tmp_path_factory.mktemp("kernels-int4")
     (root / "eval.txt").write_text(EVAL.read_text()[:3000])
     quantize_model(byte_model("llama"), root / "int4", "int4", eval_file=root / "eval.txt", eval_context=64,
-                   algo="rtn", block_size=32, accuracy_level=0)
+                   algo="rtn", block_size=32, accuracy_level=0, lm_head="int4")
     return root / "int4"
 
 
@@ -47,9 +47,11 @@ def test_reference_kernels_give_the_same_greedy_tokens(int4_model: Path, cpu_lib
     plain = DecoderSession(int4_model, "cpu", announce=said.append)
     body = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(int4_model / "model.onnx")).graph.node)
     assert ours.kernels.active and ours.kernels.report is not None
-    assert ours.kernels.report.rewritten == 14 and body >= 14  # 2 layers x 7 projections; an 8-bit head is kept
+    assert ours.kernels.report.rewritten == body == 15  # 2 layers x 7 projections and the head
     assert [m for m in said if m.startswith("kernels:")] == [ours.kernels.line()]
-    assert ours.kernels.line().startswith(f"kernels: onnxpipe MatMulInt4 on 14 of {body} MatMulNBits")
+    assert ours.kernels.line() == "kernels: onnxpipe MatMulInt4 on 15 of 15 MatMulNBits [CPU reference kernels]"
+    # the rewrite comes after the session's own edits: the LM head (now MatMulInt4) still runs at the read position
+    assert ours.last_position and plain.last_position
     assert not plain.kernels.active and "MatMulInt4" not in "".join(said[said.index(ours.kernels.line()) + 1:])
     prompts = [[5, 17, 99, 3, 200, 41], [7, 7, 8]]
     a = LanguageModel(ours, None).generate(prompts, max_new_tokens=12, stop_token_ids=[])
