@@ -133,6 +133,7 @@ def main_orchestrate(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    (work / "int4_tokens.json").unlink(missing_ok=True)  # this run's plain int4 tokens only (kernels' agreement)
     logf = (out / "bench_gpu.log").open("a")
 
     def log(msg: str):
@@ -191,7 +192,7 @@ def main_orchestrate(args) -> int:
     builds = {"onnxpipe": Child("build_onnxpipe", spec, log, build_cores)}
     if ("genai" in args.anchors or "genai_graph" in args.anchors) and (cuda or args.genai_cpu):
         builds["genai"] = Child("build_genai", spec, log, build_cores)
-    if {"onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa"} & set(args.anchors):
+    if {"onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "onnxpipe_int4_graph_kernels"} & set(args.anchors):
         builds["onnxpipe_int4"] = Child("build_onnxpipe_int4", spec, log, build_cores)
     if {"genai_int4", "genai_int4_graph", "genai_int4_graph_fpa"} & set(args.anchors) and (cuda or args.genai_cpu):
         builds["genai_int4"] = Child("build_genai_int4", spec, log, build_cores)
@@ -233,6 +234,7 @@ def main_orchestrate(args) -> int:
     needs = {"onnxpipe": "onnxpipe", "onnxpipe_fullhead": "onnxpipe", "onnxpipe_graph": "onnxpipe", "onnxpipe_graph_hostfed": "onnxpipe", "onnxpipe_graph_xqa": "onnxpipe",
              "onnxpipe_int4_graph": "onnxpipe_int4", "genai_int4": "genai_int4", "genai_int4_graph": "genai_int4",
              "onnxpipe_int4_graph_fpa": "onnxpipe_int4", "genai_int4_graph_fpa": "genai_int4",
+             "onnxpipe_int4_graph_kernels": "onnxpipe_int4",
              "onnxpipe_profile": "onnxpipe", "genai": "genai",
              "genai_graph": "genai"}
     small = [b for b in args.batches if b <= 8]
@@ -319,10 +321,11 @@ def main() -> int:
     ap.add_argument("--shape", default="llama-1b", choices=[k for k in SHAPES if k != "tiny"])
     ap.add_argument("--target", choices=["cpu", "cuda"], help="optimize's target (default: the device's)")
     ap.add_argument("--batches", default="1,8,32")
-    opt_in = ("onnxpipe_graph_xqa", "onnxpipe_int4_graph_fpa", "genai_int4_graph_fpa")
+    opt_in = ("onnxpipe_graph_xqa", "onnxpipe_int4_graph_fpa", "genai_int4_graph_fpa", "onnxpipe_int4_graph_kernels")
     ap.add_argument("--anchors", default=",".join(a for a in ANCHORS if a not in opt_in),
                     help="default: all but " + ", ".join(opt_in) + " (XQA, runs 7-8: level with the default kernel; "
-                         "the fpA_intB ones: opt-in kernels)")
+                         "the fpA_intB ones: opt-in kernels; the last: onnxpipe's own kernels, built at first use "
+                         "with nvcc)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

@@ -23,6 +23,7 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "onnxpipe_graph_xqa": "onnxpipe + CUDA graphs + XQA decode kernel",
     "onnxpipe_int4_graph": "onnxpipe int4 (symmetric RTN) + CUDA graphs",
     "onnxpipe_int4_graph_fpa": "onnxpipe int4 + CUDA graphs + ORT_FPA_INTB_GEMM=1",
+    "onnxpipe_int4_graph_kernels": "onnxpipe int4 + CUDA graphs + onnxpipe kernels (MatMulInt4)",
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
     "genai_int4": "ORT GenAI int4",
@@ -31,7 +32,7 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
 }
 LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
 PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_fullhead", "onnxpipe_graph", "onnxpipe_graph_hostfed", "onnxpipe_graph_xqa", "genai", "genai_graph",
-            "onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
+            "onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "onnxpipe_int4_graph_kernels", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
             "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 
@@ -165,7 +166,8 @@ def child_onnxpipe(spec: dict) -> None:
     graph = ("optimized (level 3)" + (", int4 RTN" if spec["optimized"] == spec.get("int4") else "")
              + (", CUDA graphs" if spec.get("cuda_graph") else "")
              + (", ORT_ENABLE_XQA=1" if os.environ.get("ORT_ENABLE_XQA") == "1" else "")
-             + (", ORT_FPA_INTB_GEMM=1" if os.environ.get("ORT_FPA_INTB_GEMM") == "1" else ""))
+             + (", ORT_FPA_INTB_GEMM=1" if os.environ.get("ORT_FPA_INTB_GEMM") == "1" else "")
+             + (f", ONNXPIPE_KERNELS={os.environ['ONNXPIPE_KERNELS']}" if os.environ.get("ONNXPIPE_KERNELS") else ""))
     try:
         if spec.get("full_head"):  # the graph's LM head on every prompt position (no last-position gather)
             from onnxpipe.runtime.generate import LanguageModel
@@ -188,6 +190,8 @@ def child_onnxpipe(spec: dict) -> None:
                 graph += ", steps feed themselves (greedy)"
             graph += (", LM head at the read position only" if getattr(lm.session, "last_position", False)
                       else f", LM head on every position ({getattr(lm.session, 'last_position_why_not', '?')})")
+            if getattr(lm.session, "kernels", None) is not None and lm.session.kernels.mode != "off":
+                graph += f", {lm.session.kernels.line()}"
     except OnnxpipeError as e:  # measure the exported graph rather than nothing, and say so in every row
         if spec.get("cuda_graph"):
             raise
@@ -220,6 +224,7 @@ def child_onnxpipe(spec: dict) -> None:
         if ref and str(batch) in ref:
             info["agreement_vs_torch"] = agreement(lm, ids, tokens, ref[str(batch)], spec["agree_steps"],
                                                    ref.get(f"gaps{batch}"))
+        _int4_tokens(spec, batch, tokens, info)
         emit("row", batch=batch, **summarize(runs, batch, new), info=info)
 
 
@@ -374,6 +379,31 @@ def child_genai(spec: dict, graphs: bool) -> None:
              info={"cuda_graph": graphs, "warmup_s": round(warm_s, 1), "genai": og.__version__})
 
 
+def _int4_tokens(spec: dict, batch: int, tokens: list[list[int]], info: dict) -> None:
+    """The plain int4 run keeps its greedy tokens (int4_tokens_out); a run of the same int4 model with other kernels
+    (int4_tokens_in) says how many positions equal them, free-running, and each row's first divergence."""
+    if spec.get("int4_tokens_out"):
+        saved = _read_json(spec["int4_tokens_out"]) or {}
+        saved[str(batch)] = [list(map(int, r)) for r in tokens]
+        Path(spec["int4_tokens_out"]).write_text(json.dumps(saved))
+    theirs = (_read_json(spec.get("int4_tokens_in")) or {}).get(str(batch))
+    if theirs:
+        n = min(len(theirs[0]), len(tokens[0]), spec["agree_steps"])
+        pairs = [(list(a[:n]), list(b[:n])) for a, b in zip(tokens, theirs)]
+        info["agreement_vs_int4"] = {
+            "steps": n, "rows": len(pairs),
+            "free_running_equal": sum(x == y for a, b in pairs for x, y in zip(a, b)) / max(1, n * len(pairs)),
+            "first_divergence": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n) for a, b in pairs]}
+
+
+def _with_kernels(child, spec: dict) -> None:
+    """onnxpipe's own kernels (onnxpipe.runtime.kernels: MatMulNBits -> onnxpipe.MatMulInt4 at load) through the
+    variable the decoder session reads, set before the child loads the model; "on": a fallback fails the row.
+    ONNXPIPE_BENCH_KERNELS=reference runs the CPU reference kernels instead (the --device cpu smoke of the wiring)."""
+    os.environ["ONNXPIPE_KERNELS"] = os.environ.get("ONNXPIPE_BENCH_KERNELS", "on")
+    child(spec)
+
+
 def _read_json(path: str | None):
     if not path or not Path(path).is_file():
         return None
@@ -392,8 +422,11 @@ CHILDREN = {
     "onnxpipe_graph_hostfed": lambda s: child_onnxpipe(dict(s, cuda_graph=True, host_fed=True)),
     "onnxpipe_graph_xqa": lambda s: child_onnxpipe_xqa(s),
     "onnxpipe_profile": child_onnxpipe_profile,
-    "onnxpipe_int4_graph": lambda s: child_onnxpipe(dict(s, cuda_graph=True, optimized=s["int4"])),
+    "onnxpipe_int4_graph": lambda s: child_onnxpipe(dict(s, cuda_graph=True, optimized=s["int4"],
+                                                         int4_tokens_out=str(Path(s["work"]) / "int4_tokens.json"))),
     "onnxpipe_int4_graph_fpa": lambda s: _with_fpa(child_onnxpipe, dict(s, cuda_graph=True, optimized=s["int4"])),
+    "onnxpipe_int4_graph_kernels": lambda s: _with_kernels(child_onnxpipe, dict(
+        s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json"))),
     "build_onnxpipe_int4": lambda s: child_build_onnxpipe_int4(s),
     "build_genai_int4": lambda s: child_build_genai(dict(s, genai=s["genai_int4"], genai_precision="int4"),
                                                     stage="genai_int4"),

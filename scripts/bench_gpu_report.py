@@ -106,6 +106,14 @@ def render(res: dict) -> str:
     for text, anchors in said.items():
         lines.append("")
         lines.append(f"Greedy agreement with PyTorch {res['dtype']}'s tokens, {'; '.join(anchors)} {text}")
+    for r in rows:  # the same int4 weights through other kernels: the plain int4 run's tokens are the reference
+        ag = r.get("info", {}).get("agreement_vs_int4")
+        if ag:
+            lines.append("")
+            lines.append(f"Greedy agreement of {ANCHORS[r['anchor']]} with the plain int4 run's tokens (batch "
+                         f"{r['batch']}, {ag['steps']} steps x {ag['rows']} rows): free-running "
+                         f"{ag['free_running_equal']:.1%} of positions equal (first divergence per row "
+                         f"{ag['first_divergence']}).")
     for r in rows:
         sp = r.get("info", {}).get("step_split_ms")
         if r.get("info", {}).get("graph", "optimized").startswith("exported"):
