@@ -41,7 +41,7 @@ PREFILL_GRAPHS_PER_SLOT = 16
 # one per (row, chunk width), the chunk padded to the width, so only these widths, and only the rows long prompts
 # take (a few); at most this many per slot, beyond which chunks run uncaptured with the same inputs
 CHUNK_WIDTHS = (8, 16, 32, 64, 128, 256, 512)
-CHUNK_GRAPHS_PER_SLOT = 32
+CHUNK_GRAPHS_PER_SLOT = 40  # room for a few rows at every width, captured ahead, and a few more
 
 
 _threads = threading.local()

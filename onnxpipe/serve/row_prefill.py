@@ -102,6 +102,27 @@ class RowPrefill:
         return self._run(row, *inputs, f"a prefill chunk into row {row} ({len(ids)} tokens padded to {width} from "
                                         f"position {start})"), "uncaptured"
 
+    def warm(self, rows: list[int], pad_id: int = 0) -> int:
+        """Capture the chunk graphs of ``rows`` at every width that fits, ahead, on harmless inputs (pad tokens from
+        position 0): each graph's first run on a thread captures it by running it several times in one call, a
+        stall of several chunks that would otherwise fall on the first long prompt read beside running streams.
+        Only while ``rows`` are empty: the runs write their first positions, which a prompt writes before anything
+        reads them. Returns the graphs captured (stops at the bound, or at a failure: ``graph_error``)."""
+        graphs = self.session.graphs
+        captured = 0
+        for row in rows:
+            for width in (w for w in CHUNK_WIDTHS if w < self.capacity):
+                try:
+                    out = graphs.run_chunk(self.values, row, *chunk_inputs([pad_id] * width, 0, width, self.capacity,
+                                                                           pad_id))
+                except OnnxpipeError as e:
+                    self.graph_error = str(e)[:300]
+                    return captured
+                if out is None:
+                    return captured
+                captured += out[1]
+        return captured
+
     def run_group(self, first: int, prompts: list[list[int]], pad_id: int = 0) -> np.ndarray:
         """Whole prompts into the adjacent rows ``first``, ``first + 1``... in one run of [k, width] (width: the
         longest prompt); returns each row's logits of its last prompt token [k, vocab] (float32).

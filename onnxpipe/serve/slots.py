@@ -61,6 +61,9 @@ from onnxpipe.serve.slot_table import SlotTable
 
 DEFAULT_MAX_LENGTH = 2048  # a row's tokens (prompt and reply) unless max_length says otherwise
 DEFAULT_PREFILL_GROUP = 1  # prompts read in one run: each its own unless asked (docs/serve.md, "On a GPU")
+# with chunk graphs on a GPU: the highest rows (those long prompts take while others decode) get their chunk graphs
+# captured when the loop starts, at every width (a capture stalls the loop for several runs: not mid-stream)
+CHUNK_WARM_ROWS = 4
 
 
 def _adjacent(group: list[Request]) -> list[list[Request]]:
@@ -153,6 +156,8 @@ class SlotScheduler(BatchLoop):
         self.rows.chunk_graphs = bool(s.cuda_graph and s.last_position) if chunk_graphs is None else chunk_graphs
         if self.rows.chunk_graphs:
             self.budget.widths = CHUNK_WIDTHS
+        # the rows whose chunk graphs ``_started`` captures ahead (none on the CPU, where tests drive the graph path)
+        self.warm_rows = min(CHUNK_WARM_ROWS, max_batch) if self.rows.chunk_graphs and s.device != "cpu" else 0
         # on the CPU a decode step runs the rows up to the last decoding one; a prompt read in chunks beside running
         # streams takes the highest free row, so it stays out of their steps until it decodes (with CUDA graphs
         # every step runs all rows)
@@ -169,10 +174,16 @@ class SlotScheduler(BatchLoop):
         keeps captured graphs per thread, and the first run of a graph id on a thread captures it there by running
         it 3 times in that one call, which on a real step would advance the rows fed by the step tail (a request's
         first decode token came back 2 tokens on). A step on a thread the graph was not captured on runs uncaptured
-        (correct, slower): so it does where this fails (``stats.capture_error``) or rows are already held."""
+        (correct, slower): so it does where this fails (``stats.capture_error``) or rows are already held. With chunk
+        graphs on a GPU, the chunk graphs of the ``warm_rows`` highest rows are captured here too, at every width
+        (``RowPrefill.warm``), so that no capture stalls running streams later."""
         s = self.lm.session
         if s.cuda_graph and self.table.free_rows() == self.table.rows:
             self.cache = s.new_cache(self.max_batch, capacity=self.cache.capacity)
+            if self.rows.chunk_graphs and self.warm_rows:  # here too: the rows are empty, the thread the loop's
+                self.rows.warm(list(range(self.max_batch - 1, self.max_batch - 1 - self.warm_rows, -1)),
+                               self.table.pad_id)
+                self.stats.chunk_graph_error = self.rows.graph_error
         self._rows_thread = ThreadPoolExecutor(1, thread_name_prefix="onnxpipe-rows")
 
     def stop(self, timeout: float = 10.0) -> None:

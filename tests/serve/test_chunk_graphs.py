@@ -252,3 +252,35 @@ def test_the_load_tests_check_reads_prompts_through_chunk_graphs_and_says_how_ma
     through = int(line.split(" chunks through CUDA graphs")[0].rsplit("; ", 1)[1])
     graphs = [cg for slot in lm.session._graphs.values() for cg in slot.chunks.values()]  # (generate's slots: none)
     assert through > 0 and through == sum(cg.runs for cg in graphs)
+
+
+def test_the_highest_rows_chunk_graphs_are_captured_when_the_loop_starts(stdlib_cuda_model, monkeypatch):
+    """On a GPU the scheduler captures the chunk graphs of its highest rows at every width before serving (none on
+    the CPU by default): later chunks there replay them, the warm-up's writes into empty rows change no token."""
+    requests = [(SHORT, 30), (LONG, 8), (LONG[::-1], 6)]
+    plain = load(stdlib_cuda_model, "cpu", threads=1)
+    want = [plain.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids for p, n in requests]
+    lm = slot_lm(stdlib_cuda_model, True)
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
+    assert sched.warm_rows == 0  # the CPU
+    sched.warm_rows = 2
+    sched.start()
+    try:
+        wait_until(lambda: lm.session._graphs and next(iter(lm.session._graphs.values())).chunks)
+        first = submit(sched, lm, *requests[0])[0]
+        wait_until(lambda: sched.stats.steps > 0)
+        rest = [submit(sched, lm, p, n)[0] for p, n in requests[1:]]
+        got = [result(first)] + [result(q) for q in rest]
+    finally:
+        sched.stop()
+    assert got == want and not sched.stats.chunk_graph_error
+    (slot,) = lm.session._graphs.values()
+    widths = [w for w in CHUNK_WIDTHS if w < slot.capacity]
+    warmed = {(r, w) for r in (3, 2) for w in widths}
+    assert warmed <= set(slot.chunks) and len(widths) == 5  # capacity 256: 8 to 128
+    stand_in = lm.session.session
+    for key in warmed:  # each captured once, on the loop's thread (the stand-in's thread numbers: its own)
+        assert [g for _, g in stand_in.captures].count(slot.chunks[key].graph_id) == 1
+    loop = {t for t, g in stand_in.captures if g == slot.chunks[(3, 8)].graph_id}
+    assert loop == {t for t, g in stand_in.captures if g == slot.graph_id} - {stand_in.captures[0][0]}
+    assert sched.stats.graph_chunks == 10  # the real chunks only, not the warm-up's runs
