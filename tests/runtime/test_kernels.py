@@ -75,7 +75,9 @@ def nbits_model(w: dict, n: int, k: int, block: int, dtype: str, **attrs: int) -
                             **{"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 0, **attrs})
     graph = helper.make_graph([node], "one_matmul", [helper.make_tensor_value_info("A", ONNX_TYPE[dtype], ["M", k])],
                               [helper.make_tensor_value_info("Y", ONNX_TYPE[dtype], None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    # an IR version onnxruntime 1.31 reads too (the GPU tier runs these models there)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=10)
 
 
 def session(model: onnx.ModelProto, library: Path | None = None):  # noqa: ANN201

@@ -1,0 +1,97 @@
+"""The CUDA build of the kernels library on a GPU (the `gpu` tier: `python -m pytest -m gpu
+tests/runtime/test_kernels_cuda.py` on the GPU host; skipped with the reason elsewhere): MatMulInt4 against the
+float64 dequantized reference and onnxruntime's own MatMulNBits on the CUDA EP, and inside a captured CUDA graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from runtime.test_kernels import dequantized, kernel_cache, nbits_model, nbits_weights  # noqa: F401  (fixture)
+
+from onnxpipe.runtime.kernels import KernelBuildError, build_library
+from onnxpipe.runtime.kernels.rewrite import rewrite_matmul_nbits
+
+pytestmark = pytest.mark.gpu
+CUDA = "CUDAExecutionProvider"
+
+
+@pytest.fixture(scope="module")
+def cuda_library(kernel_cache: Path) -> Path:  # noqa: F811
+    from gpu.conftest import cuda_missing
+
+    why = cuda_missing()
+    if why:
+        pytest.skip(why)
+    try:
+        return build_library("cuda")
+    except KernelBuildError as e:
+        if "no CUDA compiler" in str(e):
+            pytest.skip(str(e))
+        raise
+
+
+def _session(model: onnx.ModelProto, library: Path | None, **cuda_options: str):  # noqa: ANN202
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if library is not None:
+        so.register_custom_ops_library(str(library))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=[(CUDA, cuda_options)])
+    assert sess.get_providers()[0] == CUDA
+    return sess
+
+
+def _pair(rng: np.random.Generator, n: int, k: int, block: int, zero_points: bool):  # noqa: ANN202
+    w = nbits_weights(rng, n, k, block, zero_points, "fp16")
+    model = nbits_model(w, n, k, block, "fp16")
+    ours = onnx.ModelProto()
+    ours.CopyFrom(model)
+    assert rewrite_matmul_nbits(ours, "cuda").rewritten == 1
+    return w, model, ours
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("zero_points", [True, False], ids=["zero_points", "no_zero_points"])
+def test_cuda_matmul_int4_against_the_reference_and_onnxruntime(cuda_library: Path, block: int,
+                                                                zero_points: bool) -> None:
+    rng = np.random.default_rng(block + zero_points)
+    n, k = 384, 1024
+    w, model, ours_model = _pair(rng, n, k, block, zero_points)
+    ours, theirs = _session(ours_model, cuda_library), _session(model, None)
+    weight = dequantized(w, n, k, block)
+    for m in (1, 5, 16, 32, 33, 64):
+        a = rng.standard_normal((m, k)).astype(np.float16)
+        ref = a.astype(np.float64) @ weight.T
+        y = ours.run(None, {"A": a})[0]
+        own = theirs.run(None, {"A": a})[0]
+        assert y.dtype == np.float16 and y.shape == (m, n) and np.isfinite(y).all()
+        err, own_err = np.abs(y - ref).max(), np.abs(own.astype(np.float64) - ref).max()
+        scale = np.abs(ref).max()
+        # no worse than onnxruntime's own kernel on the same inputs (twice its error), and within fp16's reach
+        assert err <= max(2 * own_err, 2e-3 * scale), (m, float(err), float(own_err), float(scale))
+
+
+def test_cuda_matmul_int4_inside_a_captured_cuda_graph(cuda_library: Path) -> None:
+    """Bound buffers, CUDA graphs on: the first runs capture, later runs replay; each output is its own input's."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(7)
+    n, k, m = 256, 512, 8
+    w, _, ours_model = _pair(rng, n, k, 32, False)
+    sess = _session(ours_model, cuda_library, enable_cuda_graph="1")
+    weight = dequantized(w, n, k, 32)
+    a_dev = ort.OrtValue.ortvalue_from_shape_and_type([m, k], np.float16, "cuda", 0)
+    y_dev = ort.OrtValue.ortvalue_from_shape_and_type([m, n], np.float16, "cuda", 0)
+    io = sess.io_binding()
+    io.bind_ortvalue_input("A", a_dev)
+    io.bind_ortvalue_output("Y", y_dev)
+    for step in range(4):
+        a = rng.standard_normal((m, k)).astype(np.float16)
+        a_dev.update_inplace(a)
+        sess.run_with_iobinding(io)
+        ref = a.astype(np.float64) @ weight.T
+        assert np.abs(y_dev.numpy() - ref).max() <= 2e-3 * np.abs(ref).max(), step
