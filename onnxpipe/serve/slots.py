@@ -178,13 +178,17 @@ class SlotScheduler(BatchLoop):
         graphs on a GPU, the chunk graphs of the ``warm_rows`` highest rows are captured here too, at every width
         (``RowPrefill.warm``), so that no capture stalls running streams later."""
         s = self.lm.session
-        if s.cuda_graph and self.table.free_rows() == self.table.rows:
+        warm = s.cuda_graph and self.table.free_rows() == self.table.rows
+        if warm:
             self.cache = s.new_cache(self.max_batch, capacity=self.cache.capacity)
-            if self.rows.chunk_graphs and self.warm_rows:  # here too: the rows are empty, the thread the loop's
+        self._rows_thread = ThreadPoolExecutor(1, thread_name_prefix="onnxpipe-rows")
+        if warm and self.rows.chunk_graphs and self.warm_rows:  # the rows are empty, the thread the loop's
+            try:
                 self.rows.warm(list(range(self.max_batch - 1, self.max_batch - 1 - self.warm_rows, -1)),
                                self.table.pad_id)
-                self.stats.chunk_graph_error = self.rows.graph_error
-        self._rows_thread = ThreadPoolExecutor(1, thread_name_prefix="onnxpipe-rows")
+            except Exception as e:  # chunks then run uncaptured where their graphs were not captured
+                self.rows.graph_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            self.stats.chunk_graph_error = self.rows.graph_error
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)

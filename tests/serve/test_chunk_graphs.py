@@ -122,10 +122,11 @@ def _spy(monkeypatch) -> list[dict]:
     return calls
 
 
-def _serve(lm, requests, chunk_graphs=None, chunk=16):
+def _serve(lm, requests, chunk_graphs=None, chunk=16, warm_rows=0):
     """``requests`` (prompt, new tokens) through a scheduler of 4 rows, the first one alone until it decodes; the
     tokens of each and the scheduler (stopped)."""
     sched = make_scheduler(lm, max_batch=4, prefill_chunk=chunk, max_length=128, chunk_graphs=chunk_graphs)
+    sched.warm_rows = warm_rows
     sched.start()
     try:
         first = submit(sched, lm, *requests[0])[0]
@@ -213,18 +214,22 @@ def test_a_chunk_graph_runs_only_on_a_thread_its_decode_graph_was_captured_on(st
     assert lm.session.graphs.run_chunk(elsewhere.values, 1, *inputs) is None  # buffers of no slot
 
 
-def test_a_failing_chunk_graph_is_reported_and_the_chunk_runs_uncaptured(stdlib_cuda_model, monkeypatch):
+@pytest.mark.parametrize("warm_rows", [0, 2], ids=["on-first-chunk", "at-start"])
+def test_a_failing_chunk_graph_is_reported_and_the_chunk_runs_uncaptured(stdlib_cuda_model, monkeypatch, warm_rows):
     requests = [(SHORT, 30), (LONG, 8)]
     want = [load(stdlib_cuda_model, "cpu", threads=1).generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids
             for p, n in requests]
     lm = slot_lm(stdlib_cuda_model, True)
 
-    def broken(self, *args, **kwargs):
+    def broken(self, *args, **kwargs):  # at start: not even the project's error type
+        if warm_rows:
+            raise RuntimeError("boom")
         raise OnnxpipeError("model: onnxruntime failed on a CUDA-graph prefill chunk (row 3, 16 tokens): boom")
 
     monkeypatch.setattr(CudaGraphs, "run_chunk", broken)
-    got, sched = _serve(lm, requests)
+    got, sched = _serve(lm, requests, warm_rows=warm_rows)
     assert got == want and sched.stats.graph_chunks == 0 and "boom" in sched.stats.chunk_graph_error
+    assert sched._rows_thread is not None and not sched.stats.capture_error  # the loop's start otherwise whole
 
 
 def test_chunk_graphs_need_cuda_graphs_and_change_nothing_without_them(stdlib_cuda_model, stdlib_model):
