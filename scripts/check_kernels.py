@@ -62,13 +62,18 @@ SHAPES: dict[str, list[tuple[str, int, int]]] = {
     "1b": [("1b q,o", 2048, 2048), ("1b k,v", 512, 2048), ("1b gate,up", 8192, 2048), ("1b down", 2048, 8192)],
     "8b": [("8b q,o", 4096, 4096), ("8b k,v", 1024, 4096), ("8b gate,up", 14336, 4096), ("8b down", 4096, 14336)],
     "head": [("1b lm_head", 128256, 2048)],
+    # ragged edges: N not a multiple of 16 or 32, K not a multiple of 128 (a k step only part used), every block
+    "edge": [("edge", 200, 576), ("edge", 24, 160)],
 }
+EDGE_MS = (1, 3, 9, 17, 33, 100)
+EDGE_BLOCKS = (32, 64, 128)
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 HEAD_MS = (1, 2, 4, 8, 16, 32)
 TRAINED_MS = (1, 8, 32, 128)
 BLOCKS = (32, 128)
 COPY_BYTES = 160 << 20  # weights a timed model holds in all: past H100/H200's 50 MB L2, as a decode step's are
 MAX_COPIES = 128
+FORMS = {"warps": 1, "cluster": 2}  # int4_gemm.h: ONNXPIPE_INT4_GEMM_WARPS, _CLUSTER
 SLACK = 2.0 ** -10  # of the reference's largest magnitude: one fp16 rounding step near the top of the range
 
 # -------------------------------------------------------------------------------------------------------------
@@ -235,8 +240,8 @@ def overhead_model() -> bytes:
                                   ir_version=9).SerializeToString()
 
 
-def n_copies(bytes_per_copy: int) -> int:
-    return max(1, min(MAX_COPIES, -(-COPY_BYTES // max(1, bytes_per_copy))))
+def n_copies(bytes_per_copy: int, total: int = COPY_BYTES) -> int:
+    return max(1, min(MAX_COPIES, -(-total // max(1, bytes_per_copy))))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -407,12 +412,21 @@ class TorchKernel:
         import torch
 
         self.torch = torch
+        self.form = FORMS["warps"]
         self.lib = ctypes.CDLL(str(lib))
-        f = self.lib.onnxpipe_int4_gemm
+        f = self.lib.onnxpipe_int4_gemm_form
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+        f.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
         self.lib.onnxpipe_int4_gemm_error.restype = ctypes.c_char_p
         self.lib.onnxpipe_int4_gemm_error.argtypes = [ctypes.c_int]
+        d = self.lib.onnxpipe_int4_gemm_describe
+        d.restype = ctypes.c_int
+        d.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_char_p, ctypes.c_int]
+
+    def describe(self, form: int, m: int, n: int, k: int) -> str:
+        buf = ctypes.create_string_buffer(200)
+        code = self.lib.onnxpipe_int4_gemm_describe(form, m, n, k, buf, len(buf))
+        return buf.value.decode() if code == 0 else self.lib.onnxpipe_int4_gemm_error(code).decode()
 
     def upload(self, w: Int4Weight) -> tuple[Any, Any, Any]:
         t = self.torch
@@ -422,9 +436,9 @@ class TorchKernel:
 
     def call(self, a: Any, w: tuple[Any, Any, Any], y: Any, m: int, n: int, k: int, block: int) -> None:
         stream = self.torch.cuda.current_stream().cuda_stream
-        code = self.lib.onnxpipe_int4_gemm(a.data_ptr(), w[0].data_ptr(), w[1].data_ptr(),
-                                           None if w[2] is None else w[2].data_ptr(), y.data_ptr(), m, n, k, block,
-                                           stream)
+        code = self.lib.onnxpipe_int4_gemm_form(self.form, a.data_ptr(), w[0].data_ptr(), w[1].data_ptr(),
+                                                None if w[2] is None else w[2].data_ptr(), y.data_ptr(), m, n, k,
+                                                block, stream)
         if code != 0:
             raise RuntimeError(f"onnxpipe_int4_gemm returned {code}: {self.lib.onnxpipe_int4_gemm_error(code).decode()}")
 
@@ -483,15 +497,20 @@ class Row:
     err_nbits: float | None = None
     err_ours: float | None = None
     err_fp16: float | None = None
-    err_kernel: float | None = None      # the ctypes call (torch)
+    err_kernel: float | None = None      # the ctypes call (torch), the form the custom op uses
+    err_other: float | None = None       # the ctypes call, the other form
     ort_equals_kernel: bool | None = None
     deterministic: bool | None = None
     us_nbits: float | None = None
     us_ours: float | None = None
     us_fp16: float | None = None
     us_kernel: float | None = None
+    us_other: float | None = None
     gbps_ours: float | None = None
     gbps_kernel: float | None = None
+    gbps_other: float | None = None
+    form: str = ""                       # the form the custom op uses, and how each form lays this call out
+    plans: dict[str, str] = field(default_factory=dict)
     copies: int = 1
     ok: bool | None = None
     note: str = ""
@@ -501,7 +520,7 @@ class Row:
             return
         limit = 2 * self.err_nbits + SLACK * self.ref_max + 1e-6
         self.ok = bool(self.err_ours <= limit and self.deterministic is not False and self.ort_equals_kernel
-                       is not False and (self.err_kernel is None or self.err_kernel <= limit))
+                       is not False and all(e is None or e <= limit for e in (self.err_kernel, self.err_other)))
 
 
 def max_err(y: np.ndarray, ref: np.ndarray) -> float:
@@ -520,6 +539,8 @@ class Context:
     torch_kernel: TorchKernel | None
     overhead_s: float
     start: float
+    copy_bytes: int = COPY_BYTES
+    form: str = "warps"  # the form onnxpipe_int4_gemm (the custom op) uses here
     rows: list[Row] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     log: Callable[[str], None] = print
@@ -535,7 +556,7 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
     w = random_int4(rng, n, k, block, with_zp)
     a_all = rng.standard_normal((max(ms), k)).astype(np.float16)
     ref = reference(a_all, w)
-    copies = n_copies(w.nbytes)
+    copies = n_copies(w.nbytes, ctx.copy_bytes)
     weights = [w.rolled(i) for i in range(copies)]
     runner: OrtRunner = ctx.runner
     rows = {m: Row(name, n, k, block, with_zp, m, copies=copies, ref_max=float(np.abs(ref[:m]).max())) for m in ms}
@@ -562,26 +583,35 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
         for r in rows.values():
             r.note = f"MatMulInt4: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     gc.collect()
-    if ctx.torch_kernel is not None:
-        try:
-            dev = [ctx.torch_kernel.upload(x) for x in weights]
-            for m in ms:
-                y, per_call = ctx.torch_kernel.run(a_all[:m], dev, n, k, block, args.repeats)
-                r = rows[m]
-                r.err_kernel = max_err(y, ref[:m])
-                r.us_kernel = per_call * 1e6
-                r.gbps_kernel = w.nbytes / per_call / 1e9 if per_call else None
-                if m in ours_out:
-                    r.ort_equals_kernel = bool(np.array_equal(y.view(np.uint16), ours_out[m].view(np.uint16)))
-            del dev
-            ctx.torch_kernel.torch.cuda.empty_cache()
-        except Exception as e:  # noqa: BLE001
-            for r in rows.values():
-                r.note += f" kernel via ctypes: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    tk = ctx.torch_kernel
+    if tk is not None:
+        dev = [tk.upload(x) for x in weights]
+        for form_name, form in FORMS.items():
+            tk.form = form
+            mine = form_name == ctx.form
+            try:
+                for m in ms:
+                    r = rows[m]
+                    r.form = ctx.form
+                    r.plans[form_name] = tk.describe(form, m, n, k)
+                    y, per_call = tk.run(a_all[:m], dev, n, k, block, args.repeats)
+                    err, us, gbps = max_err(y, ref[:m]), per_call * 1e6, (w.nbytes / per_call / 1e9 if per_call
+                                                                          else None)
+                    if mine:
+                        r.err_kernel, r.us_kernel, r.gbps_kernel = err, us, gbps
+                        if m in ours_out:
+                            r.ort_equals_kernel = bool(np.array_equal(y.view(np.uint16), ours_out[m].view(np.uint16)))
+                    else:
+                        r.err_other, r.us_other, r.gbps_other = err, us, gbps
+            except Exception as e:  # noqa: BLE001
+                for r in rows.values():
+                    r.note += f" {form_name} via ctypes: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        del dev
+        tk.torch.cuda.empty_cache()
     if name not in fp16_done:  # the fp16 MatMul of the same weights: once per shape
         fp16_done.add(name)
         w16 = np.ascontiguousarray(dequantize(w).T.astype(np.float16))
-        c16 = n_copies(w16.nbytes)
+        c16 = n_copies(w16.nbytes, ctx.copy_bytes)
         mats = [w16 if i == 0 else np.roll(w16, i, axis=1) for i in range(c16)]
         sess = runner.session(fp16_model(mats), custom=False)
         for gid, m in enumerate(ms):
@@ -604,8 +634,9 @@ def line(r: Row) -> str:
     status = {True: "ok", False: "FAIL", None: "?"}[r.ok]
     return (f"{r.case:>14} {r.source:>8} N={r.n:<6} K={r.k:<5} bs={r.block:<3} zp={'y' if r.zero_points else 'n'} "
             f"M={r.m:<4} err nbits {f(r.err_nbits, '.2e')} ours {f(r.err_ours, '.2e')} fp16 {f(r.err_fp16, '.2e')} | "
-            f"us nbits {f(r.us_nbits, '.2f')} ours {f(r.us_ours, '.2f')} kernel {f(r.us_kernel, '.2f')} "
-            f"fp16 {f(r.us_fp16, '.2f')} | ours {f(r.gbps_ours, '.0f')} GB/s  {status} {r.note}").rstrip()
+            f"us nbits {f(r.us_nbits, '.2f')} ours {f(r.us_ours, '.2f')} fp16 {f(r.us_fp16, '.2f')} | kernel "
+            f"{r.form or '-'} {f(r.us_kernel, '.2f')} other {f(r.us_other, '.2f')} us, err {f(r.err_other, '.1e')} | "
+            f"ours {f(r.gbps_ours, '.0f')} GB/s {status} {r.note}").rstrip()
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -758,7 +789,7 @@ def save_trained(path: Path, log: Callable[[str], None]) -> None:
     for label, hf_dir, layers in sources:
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(hf_dir)
-        ids = tok(text, return_tensors="pt").input_ids[:, :512]
+        ids = tok(text, return_tensors="pt").input_ids[:, :256]  # llama-stdlib was trained on 256
         sums: dict[str, Any] = {}
         hooks = []
         for name, mod in model.named_modules():
@@ -823,9 +854,24 @@ def dry_run(args: argparse.Namespace, libs: Libraries, plan: list[tuple[str, int
         ks = sorted({lin.weight.shape[1] for lin in linears})
         log(f"trained {source}: {len(linears)} linear layers, K in {ks}, blocks {BLOCKS}, zero points y/n, "
             f"M {TRAINED_MS}")
-        w, who = quantize_weight(linears[0].weight, 32, False)
-        log(f"  {linears[0].name} quantized by {who}: N={w.n} K={w.k}, {w.nbytes} bytes")
-    return 1 if bad else 0
+    if libs.ort_cpu is None:
+        log("no CPU reference library: the cases' code is not run here")
+        return 1 if bad else 0
+    # the cases' own code on the CPU reference MatMulInt4 (no graphs, 2 copies): the edge shapes and trained weights
+    ctx = Context(args, runner, None, 0.0, time.perf_counter(), copy_bytes=1, log=log)
+    fp16_done: set[str] = set()
+    for name, n, k in SHAPES["edge"]:
+        for block in EDGE_BLOCKS:
+            if k % block == 0:
+                for with_zp in (True, False):
+                    random_case(ctx, name, n, k, block, with_zp, EDGE_MS[:3], fp16_done)
+    for source, linears in trained_sources(args):
+        for block in BLOCKS:
+            trained_case(ctx, source, linears[:6], block, symmetric=block == 128)
+    failed = [r for r in ctx.rows if r.ok is not True]
+    log(f"CPU reference MatMulInt4 on the cases' code: {len(ctx.rows)} rows, {len(failed)} not ok"
+        + (f" (first: {line(failed[0])})" if failed else ""))
+    return 1 if bad or failed else 0
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -835,9 +881,11 @@ def build_plan(args: argparse.Namespace) -> list[tuple[str, int, int, int, bool,
     plan = []
     for group in args.shapes.split(","):
         for name, n, k in SHAPES[group]:
-            for block in args.blocks:
+            for block in EDGE_BLOCKS if group == "edge" else args.blocks:
+                if k % block:
+                    continue
                 for with_zp in (True, False):
-                    ms = tuple(m for m in args.ms if group != "head" or m in HEAD_MS)
+                    ms = EDGE_MS if group == "edge" else tuple(m for m in args.ms if group != "head" or m in HEAD_MS)
                     plan.append((name, n, k, block, with_zp, ms))
     return plan
 
@@ -845,8 +893,11 @@ def build_plan(args: argparse.Namespace) -> list[tuple[str, int, int, int, bool,
 def table(rows: list[Row]) -> list[str]:
     """Per case and M (block 128 with zero points, the usual GPU int4 build; the others in the JSON): times, ours
     against MatMulNBits and fp16, and the worst error ratio of the case over every variant."""
-    out = ["| case | M | MatMulNBits us | ours us | fp16 us | ours/nbits | ours/fp16 | ours GB/s | worst err ours/nbits |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    form = next((r.form for r in rows if r.form), "-")
+    other = next((f for f in FORMS if f != form), "-")
+    out = ["| case | M | MatMulNBits us | ours us | fp16 us | ours/nbits | ours/fp16 | ours GB/s | "
+           f"kernel {form} us | kernel {other} us | worst err ours/nbits |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     worst: dict[tuple[str, int], float] = {}
     for r in rows:
         if r.err_ours is not None and r.err_nbits:
@@ -864,13 +915,13 @@ def table(rows: list[Row]) -> list[str]:
         ratio = r.us_ours / r.us_nbits if r.us_ours and r.us_nbits else None
         vs16 = r.us_ours / t16 if r.us_ours and t16 else None
         out.append(f"| {r.case} | {r.m} | {f(r.us_nbits)} | {f(r.us_ours)} | {f(t16)} | {f(ratio)} | {f(vs16)} | "
-                   f"{f(r.gbps_ours, '.0f')} | {f(worst.get((r.case, r.m)))} |")
+                   f"{f(r.gbps_ours, '.0f')} | {f(r.us_kernel)} | {f(r.us_other)} | {f(worst.get((r.case, r.m)))} |")
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="directory for results.json and the libraries built")
+    p.add_argument("--out", type=Path, help="directory for results.json and the libraries built (required)")
     p.add_argument("--budget-s", type=float, default=230.0, help="start no new case past this many seconds")
     p.add_argument("--dry-run", action="store_true", help="no GPU: build, make the models, check the reference")
     p.add_argument("--shapes", default="1b,8b,head", help="comma list of: " + ", ".join(SHAPES))
@@ -898,6 +949,8 @@ def main() -> int:
     if args.save_trained:
         save_trained(args.save_trained, log)
         return 0
+    if args.out is None:
+        p.error("--out is required")
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "lib"
@@ -931,6 +984,9 @@ def main() -> int:
     over = runner.session(overhead_model(), custom=False)
     _, _, times = runner.run_bound(over, np.zeros((1, 8), np.float16), 8, 1, 0, 200)
     ctx = Context(args, runner, torch_kernel, statistics.median(times), start, log=log)
+    if torch_kernel is not None:  # the form onnxpipe_int4_gemm resolves to here ($ONNXPIPE_INT4_GEMM_FORM or auto)
+        ctx.form = torch_kernel.describe(0, 1, 4096, 4096).split(":")[0]
+        log(f"the custom op's form here: {ctx.form}; both forms timed through ctypes")
     log(f"onnxruntime {ort.__version__}; run overhead of a one-node CUDA graph {ctx.overhead_s * 1e6:.1f} us "
         "(taken off each timed run before dividing by its copies)")
     fp16_done: set[str] = set()

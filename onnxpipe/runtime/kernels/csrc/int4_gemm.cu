@@ -21,15 +21,23 @@
 
 #include "int4_gemm.h"
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <limits.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 namespace {
 
+namespace cg = cooperative_groups;
+
 constexpr int kStep = 128;       // k per warp step: 4 lanes x 32 nibbles
-constexpr int kMaxDevices = 64;  // SM counts cached per device
+constexpr int kMaxDevices = 64;  // device properties cached per device
+constexpr int kMaxRowWarps = 8;  // the row-tiled form: at most 8 warps (128 weight rows) a block
+constexpr int kMaxSlices = 8;    // and a cluster of at most 8 blocks along K (the portable cluster size)
 
 __device__ __forceinline__ uint32_t sub_mul(uint32_t q, uint32_t bias, uint32_t scale) {
   // (1024 + q) - (1024 + zp) exactly, then * scale (one rounding), on a pair
@@ -96,6 +104,52 @@ __device__ __forceinline__ RowStep load_row_step(const uint8_t* __restrict__ B, 
   return r;
 }
 
+// One 128-wide k step of a warp: its lanes' activations (rows m0 + 8 j + g, k .. k + 31) loaded and permuted to
+// the weight's k order, the weight rows dequantized, NT x MT x 8 mmas.
+template <int NT, int MT>
+__device__ __forceinline__ void mma_step(float (&acc)[NT][MT][4], const RowStep (&cur)[NT][2],
+                                         const __half* __restrict__ A, int M, int K, int m0, int k) {
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  uint4 act[MT][4];
+#pragma unroll
+  for (int j = 0; j < MT; ++j) {
+    const int m = m0 + 8 * j + g;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      act[j][v] = (m < M && k < K) ? __ldg(reinterpret_cast<const uint4*>(A + (int64_t)m * K + k + 8 * v))
+                                   : make_uint4(0, 0, 0, 0);
+    }
+  }
+
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t b0[MT], b1[MT];
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+        // halves (x0 x1)(x2 x3)(x4 x5)(x6 x7): even mma takes (x0, x4), (x1, x5); odd (x2, x6), (x3, x7)
+        const uint32_t lo = h == 0 ? act[j][v].x : act[j][v].y;
+        const uint32_t hi = h == 0 ? act[j][v].z : act[j][v].w;
+        b0[j] = __byte_perm(lo, hi, 0x5410);
+        b1[j] = __byte_perm(lo, hi, 0x7632);
+      }
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+        const uint32_t w0 = v == 0 ? cur[i][0].q.x : v == 1 ? cur[i][0].q.y : v == 2 ? cur[i][0].q.z : cur[i][0].q.w;
+        const uint32_t w1 = v == 0 ? cur[i][1].q.x : v == 1 ? cur[i][1].q.y : v == 2 ? cur[i][1].q.z : cur[i][1].q.w;
+        const uint32_t a0 = sub_mul(nibble_pair(w0, 8 * h), cur[i][0].bias, cur[i][0].scale);      // row g
+        const uint32_t a1 = sub_mul(nibble_pair(w1, 8 * h), cur[i][1].bias, cur[i][1].scale);      // row g + 8
+        const uint32_t a2 = sub_mul(nibble_pair(w0, 8 * h + 4), cur[i][0].bias, cur[i][0].scale);  // row g
+        const uint32_t a3 = sub_mul(nibble_pair(w1, 8 * h + 4), cur[i][1].bias, cur[i][1].scale);  // row g + 8
+#pragma unroll
+        for (int j = 0; j < MT; ++j) mma_16816(acc[i][j], a0, a1, a2, a3, b0[j], b1[j]);
+      }
+    }
+  }
+}
+
 template <int NT, int MT, int KW>
 __global__ void __launch_bounds__(KW * 32)
     int4_gemm_kernel(const __half* __restrict__ A, const uint8_t* __restrict__ B, const __half* __restrict__ S,
@@ -144,43 +198,7 @@ __global__ void __launch_bounds__(KW * 32)
         next[i][r] = load_row_step(B, S, Z, n0 + 16 * i + 8 * r + g, N, step_next * kStep + 32 * t,
                                    step_next < steps ? K : 0, block_shift, blocks, zp_stride);
 
-    uint4 act[MT][4];
-#pragma unroll
-    for (int j = 0; j < MT; ++j) {
-      const int m = m0 + 8 * j + g;
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        act[j][v] = (m < M && k < K) ? __ldg(reinterpret_cast<const uint4*>(A + (int64_t)m * K + k + 8 * v))
-                                     : make_uint4(0, 0, 0, 0);
-      }
-    }
-
-#pragma unroll
-    for (int v = 0; v < 4; ++v) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t b0[MT], b1[MT];
-#pragma unroll
-        for (int j = 0; j < MT; ++j) {
-          // halves (x0 x1)(x2 x3)(x4 x5)(x6 x7): even mma takes (x0, x4), (x1, x5); odd (x2, x6), (x3, x7)
-          const uint32_t lo = h == 0 ? act[j][v].x : act[j][v].y;
-          const uint32_t hi = h == 0 ? act[j][v].z : act[j][v].w;
-          b0[j] = __byte_perm(lo, hi, 0x5410);
-          b1[j] = __byte_perm(lo, hi, 0x7632);
-        }
-#pragma unroll
-        for (int i = 0; i < NT; ++i) {
-          const uint32_t w0 = v == 0 ? cur[i][0].q.x : v == 1 ? cur[i][0].q.y : v == 2 ? cur[i][0].q.z : cur[i][0].q.w;
-          const uint32_t w1 = v == 0 ? cur[i][1].q.x : v == 1 ? cur[i][1].q.y : v == 2 ? cur[i][1].q.z : cur[i][1].q.w;
-          const uint32_t a0 = sub_mul(nibble_pair(w0, 8 * h), cur[i][0].bias, cur[i][0].scale);      // row g
-          const uint32_t a1 = sub_mul(nibble_pair(w1, 8 * h), cur[i][1].bias, cur[i][1].scale);      // row g + 8
-          const uint32_t a2 = sub_mul(nibble_pair(w0, 8 * h + 4), cur[i][0].bias, cur[i][0].scale);  // row g
-          const uint32_t a3 = sub_mul(nibble_pair(w1, 8 * h + 4), cur[i][1].bias, cur[i][1].scale);  // row g + 8
-#pragma unroll
-          for (int j = 0; j < MT; ++j) mma_16816(acc[i][j], a0, a1, a2, a3, b0[j], b1[j]);
-        }
-      }
-    }
+    mma_step<NT, MT>(acc, cur, A, M, K, m0, k);
 #pragma unroll
     for (int i = 0; i < NT; ++i)
 #pragma unroll
@@ -219,6 +237,121 @@ cudaError_t launch(const __half* A, const uint8_t* B, const __half* S, const uin
   return cudaGetLastError();
 }
 
+// The row-tiled form (sm_90): a block's WN warps each own 16 weight rows and walk the same k steps, so the block's
+// activations are fetched from L2 once and served to the other warps from L1 (the form above fetches them once per
+// 16 rows). K is split across the blocks of a thread-block cluster instead (gridDim.z = slices, cluster 1 x 1 x
+// slices): each block sums its k slice, then each reduces its share of the tile by reading every block's partial
+// sums through distributed shared memory in rank order. Deterministic; no global workspace, no atomics.
+template <int MT>
+__global__ void __launch_bounds__(kMaxRowWarps * 32)
+    int4_gemm_rows_kernel(const __half* __restrict__ A, const uint8_t* __restrict__ B, const __half* __restrict__ S,
+                          const uint8_t* __restrict__ Z, __half* __restrict__ Y, int M, int N, int K,
+                          int block_shift) {
+  constexpr int kCols = 8 * MT;
+  __shared__ float partial[kCols][kMaxRowWarps * 16];
+
+  const int warps = blockDim.x / 32;
+  const int rows = 16 * warps;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int n_block = blockIdx.x * rows;
+  const int n0 = n_block + 16 * warp;
+  const int m0 = blockIdx.y * kCols;
+  const int blocks = K >> block_shift;
+  const int zp_stride = (blocks + 1) / 2;
+  const int steps = (K + kStep - 1) / kStep;
+  const int slices = gridDim.z;
+  const int slice = blockIdx.z;  // = the block's rank in its cluster (cluster 1 x 1 x slices)
+  const int first = (int)((int64_t)slice * steps / slices);
+  const int last = (int)((int64_t)(slice + 1) * steps / slices);
+
+  float acc[1][MT][4];
+#pragma unroll
+  for (int j = 0; j < MT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[0][j][e] = 0.0f;
+
+  RowStep cur[1][2];
+  if (first < last) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      cur[0][r] = load_row_step(B, S, Z, n0 + 8 * r + g, N, first * kStep + 32 * t, K, block_shift, blocks,
+                                zp_stride);
+  }
+  for (int step = first; step < last; ++step) {
+    const int k = step * kStep + 32 * t;
+    RowStep next[1][2];
+    const int step_next = step + 1;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      next[0][r] = load_row_step(B, S, Z, n0 + 8 * r + g, N, step_next * kStep + 32 * t,
+                                 step_next < last ? K : 0, block_shift, blocks, zp_stride);
+    mma_step<1, MT>(acc, cur, A, M, K, m0, k);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) cur[0][r] = next[0][r];
+  }
+
+#pragma unroll
+  for (int j = 0; j < MT; ++j) {
+    const int n = 16 * warp + g;
+    const int m = 8 * j + 2 * t;
+    partial[m][n] = acc[0][j][0];
+    partial[m + 1][n] = acc[0][j][1];
+    partial[m][n + 8] = acc[0][j][2];
+    partial[m + 1][n + 8] = acc[0][j][3];
+  }
+  const int tile = rows * kCols;
+  if (slices == 1) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < tile; e += blockDim.x) {
+      const int n = e % rows;
+      const int m = e / rows;
+      if (m0 + m < M && n_block + n < N) Y[(int64_t)(m0 + m) * N + n_block + n] = __float2half_rn(partial[m][n]);
+    }
+    return;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every block's partial sums written
+  const int begin = (int)((int64_t)slice * tile / slices);
+  const int end = (int)((int64_t)(slice + 1) * tile / slices);
+  for (int e = begin + threadIdx.x; e < end; e += blockDim.x) {
+    const int n = e % rows;
+    const int m = e / rows;
+    float sum = 0.0f;
+    for (int r = 0; r < slices; ++r) sum += cluster.map_shared_rank(&partial[0][0], r)[m * (kMaxRowWarps * 16) + n];
+    if (m0 + m < M && n_block + n < N) Y[(int64_t)(m0 + m) * N + n_block + n] = __float2half_rn(sum);
+  }
+  cluster.sync();  // no block leaves while another still reads its shared memory
+#endif
+}
+
+template <int MT>
+cudaError_t launch_rows(int warps, int slices, const __half* A, const uint8_t* B, const __half* S, const uint8_t* Z,
+                        __half* Y, int M, int N, int K, int block_shift, cudaStream_t stream) {
+  const dim3 grid((N + 16 * warps - 1) / (16 * warps), (M + 8 * MT - 1) / (8 * MT), slices);
+  if (slices == 1) {
+    int4_gemm_rows_kernel<MT><<<grid, warps * 32, 0, stream>>>(A, B, S, Z, Y, M, N, K, block_shift);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(warps * 32);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = 1;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = slices;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, int4_gemm_rows_kernel<MT>, A, B, S, Z, Y, M, N, K, block_shift);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
 template <int MT>
 cudaError_t launch_for(int nt, int kw, const __half* A, const uint8_t* B, const __half* S, const uint8_t* Z,
                        __half* Y, int M, int N, int K, int block_shift, cudaStream_t stream) {
@@ -231,32 +364,95 @@ cudaError_t launch_for(int nt, int kw, const __half* A, const uint8_t* B, const 
   return launch<1, MT, 16>(A, B, S, Z, Y, M, N, K, block_shift, stream);
 }
 
-int sm_count() {
+struct Device {
+  int sms = 0;
+  int major = 0;
+};
+
+Device device_info() {
   // read once per device, before any capture in practice (a session runs once before it captures a graph)
-  static int counts[kMaxDevices] = {0};
+  static Device devices[kMaxDevices];
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 132;
-  if (counts[device] == 0) {
-    int sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return Device{132, 9};
+  Device& d = devices[device];
+  if (d.sms == 0) {
+    int sms = 0, major = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 132;
-    counts[device] = sms;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) major = 8;
+    d.major = major;
+    d.sms = sms;
   }
-  return counts[device];
+  return d;
 }
 
-}  // namespace
+int form_from_env() {
+  static int form = -1;
+  if (form < 0) {
+    const char* v = getenv("ONNXPIPE_INT4_GEMM_FORM");
+    form = v == nullptr ? ONNXPIPE_INT4_GEMM_AUTO
+           : strcmp(v, "warps") == 0   ? ONNXPIPE_INT4_GEMM_WARPS
+           : strcmp(v, "cluster") == 0 ? ONNXPIPE_INT4_GEMM_CLUSTER
+                                       : ONNXPIPE_INT4_GEMM_AUTO;
+  }
+  return form;
+}
 
-extern "C" int onnxpipe_int4_gemm(const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points,
-                                  void* Y, int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream) {
+// How a call is laid out: the form, the A rows a block takes (8 * mt), and for the warps form the weight tiles a
+// block (nt) and its warps along K (kw); for the cluster form its warps along N (kw) and the cluster's blocks along
+// K (slices).
+struct Plan {
+  int form, mt, nt, kw, slices;
+  dim3 grid;
+};
+
+Plan make_plan(int form, int m, int n, int k) {
+  const Device d = device_info();
+  const int sms = d.sms;
+  Plan p{};
+  p.mt = m <= 8 ? 1 : m <= 16 ? 2 : 4;
+  const int m_chunks = (m + 8 * p.mt - 1) / (8 * p.mt);
+  const int steps = (k + kStep - 1) / kStep;
+  if (form == ONNXPIPE_INT4_GEMM_AUTO) form = ONNXPIPE_INT4_GEMM_WARPS;
+  if (form == ONNXPIPE_INT4_GEMM_CLUSTER && d.major < 9) form = ONNXPIPE_INT4_GEMM_WARPS;  // clusters: sm_90 on
+  p.form = form;
+  if (form == ONNXPIPE_INT4_GEMM_CLUSTER) {
+    // the widest row tile whose grid, split along K by up to 8, still fills the SMs; then the fewest slices that do
+    const int max_slices = steps < kMaxSlices ? steps : kMaxSlices;
+    int warps = kMaxRowWarps;
+    while (warps > 2 && ((n + 16 * warps - 1) / (16 * warps)) * m_chunks * max_slices < sms) warps /= 2;
+    const int tiles = ((n + 16 * warps - 1) / (16 * warps)) * m_chunks;
+    int slices = (sms + tiles - 1) / tiles;
+    if (slices > max_slices) slices = max_slices;
+    if (slices < 1) slices = 1;
+    p.nt = 1;
+    p.kw = warps;
+    p.slices = slices;
+    p.grid = dim3((n + 16 * warps - 1) / (16 * warps), m_chunks, slices);
+    return p;
+  }
+  const int n16 = (n + 15) / 16;
+  // two weight tiles a block when the activations are reused enough (M > 8) and the grid stays full
+  p.nt = (p.mt >= 2 && (n16 / 2) * m_chunks >= sms) ? 2 : 1;
+  const int grid = ((n16 + p.nt - 1) / p.nt) * m_chunks;
+  int kw = grid >= 2 * sms ? 4 : grid >= sms ? 8 : 16;
+  if (p.nt == 2 && kw > 8) kw = 8;
+  while (kw > 4 && kw / 2 >= steps) kw /= 2;  // no warp left without a k step where it can be helped
+  p.kw = kw;
+  p.slices = 1;
+  p.grid = dim3((n16 + p.nt - 1) / p.nt, m_chunks, 1);
+  return p;
+}
+
+int check_args(const void* A, const uint8_t* B, const void* scales, void* Y, int64_t M, int64_t N, int64_t K,
+               int64_t block_size, int* block_shift) {
   if (A == nullptr || B == nullptr || scales == nullptr || Y == nullptr) return ONNXPIPE_INT4_GEMM_NULL_POINTER;
   if (M < 0 || N < 1 || K < 1 || M > INT_MAX || N > INT_MAX || K > INT_MAX) return ONNXPIPE_INT4_GEMM_BAD_SHAPE;
-  int block_shift = 0;
   if (block_size == 32) {
-    block_shift = 5;
+    *block_shift = 5;
   } else if (block_size == 64) {
-    block_shift = 6;
+    *block_shift = 6;
   } else if (block_size == 128) {
-    block_shift = 7;
+    *block_shift = 7;
   } else {
     return ONNXPIPE_INT4_GEMM_BAD_BLOCK;
   }
@@ -264,34 +460,65 @@ extern "C" int onnxpipe_int4_gemm(const void* A, const uint8_t* B, const void* s
   if ((reinterpret_cast<uintptr_t>(A) | reinterpret_cast<uintptr_t>(B)) % 16 != 0) {
     return ONNXPIPE_INT4_GEMM_MISALIGNED;
   }
+  return ONNXPIPE_INT4_GEMM_OK;
+}
+
+}  // namespace
+
+extern "C" int onnxpipe_int4_gemm_form(int form, const void* A, const uint8_t* B, const void* scales,
+                                       const uint8_t* zero_points, void* Y, int64_t M, int64_t N, int64_t K,
+                                       int64_t block_size, void* stream) {
+  int block_shift = 0;
+  const int bad = check_args(A, B, scales, Y, M, N, K, block_size, &block_shift);
+  if (bad != ONNXPIPE_INT4_GEMM_OK) return bad;
   if (M == 0) return ONNXPIPE_INT4_GEMM_OK;
+  if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_CLUSTER) return ONNXPIPE_INT4_GEMM_BAD_FORM;
 
   const int m = (int)M, n = (int)N, k = (int)K;
-  const int mt = m <= 8 ? 1 : m <= 16 ? 2 : 4;
-  const int sms = sm_count();
-  const int n16 = (n + 15) / 16;
-  const int m_chunks = (m + 8 * mt - 1) / (8 * mt);
-  // two weight tiles a block when the activations are reused enough (M > 8) and the grid stays full
-  const int nt = (mt >= 2 && (n16 / 2) * m_chunks >= sms) ? 2 : 1;
-  const int grid = ((n16 + nt - 1) / nt) * m_chunks;
-  const int steps = (k + kStep - 1) / kStep;
-  int kw = grid >= 2 * sms ? 4 : grid >= sms ? 8 : 16;
-  if (nt == 2 && kw > 8) kw = 8;
-  while (kw > 4 && kw / 2 >= steps) kw /= 2;  // no warp left without a k step where it can be helped
-
+  const Plan p = make_plan(form, m, n, k);
   const __half* a = static_cast<const __half*>(A);
   const __half* s = static_cast<const __half*>(scales);
   __half* y = static_cast<__half*>(Y);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   cudaError_t err;
-  if (mt == 1) {
-    err = launch_for<1>(nt, kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
-  } else if (mt == 2) {
-    err = launch_for<2>(nt, kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+  if (p.form == ONNXPIPE_INT4_GEMM_CLUSTER) {
+    if (p.mt == 1) {
+      err = launch_rows<1>(p.kw, p.slices, a, B, s, zero_points, y, m, n, k, block_shift, st);
+    } else if (p.mt == 2) {
+      err = launch_rows<2>(p.kw, p.slices, a, B, s, zero_points, y, m, n, k, block_shift, st);
+    } else {
+      err = launch_rows<4>(p.kw, p.slices, a, B, s, zero_points, y, m, n, k, block_shift, st);
+    }
+  } else if (p.mt == 1) {
+    err = launch_for<1>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+  } else if (p.mt == 2) {
+    err = launch_for<2>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
   } else {
-    err = launch_for<4>(nt, kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+    err = launch_for<4>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
   }
   return (int)err;
+}
+
+extern "C" int onnxpipe_int4_gemm(const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points,
+                                  void* Y, int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream) {
+  return onnxpipe_int4_gemm_form(form_from_env(), A, B, scales, zero_points, Y, M, N, K, block_size, stream);
+}
+
+extern "C" int onnxpipe_int4_gemm_describe(int form, int64_t M, int64_t N, int64_t K, char* out, int size) {
+  if (out == nullptr || size < 1 || M < 1 || N < 1 || K < 1 || M > INT_MAX || N > INT_MAX || K > INT_MAX) {
+    return ONNXPIPE_INT4_GEMM_BAD_SHAPE;
+  }
+  if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_CLUSTER) return ONNXPIPE_INT4_GEMM_BAD_FORM;
+  if (form == ONNXPIPE_INT4_GEMM_AUTO) form = form_from_env();
+  const Plan p = make_plan(form, (int)M, (int)N, (int)K);
+  if (p.form == ONNXPIPE_INT4_GEMM_CLUSTER) {
+    snprintf(out, size, "cluster: grid %ux%ux%u, %d warps along N, %d A rows a block, clusters of %d along K",
+             p.grid.x, p.grid.y, p.grid.z, p.kw, 8 * p.mt, p.slices);
+  } else {
+    snprintf(out, size, "warps: grid %ux%u, %d weight rows and %d A rows a block, %d warps along K", p.grid.x,
+             p.grid.y, 16 * p.nt, 8 * p.mt, p.kw);
+  }
+  return ONNXPIPE_INT4_GEMM_OK;
 }
 
 extern "C" const char* onnxpipe_int4_gemm_error(int code) {
@@ -306,6 +533,8 @@ extern "C" const char* onnxpipe_int4_gemm_error(int code) {
       return "int4 gemm: A and B must be 16-byte aligned";
     case ONNXPIPE_INT4_GEMM_NULL_POINTER:
       return "int4 gemm: A, B, scales and Y must not be NULL";
+    case ONNXPIPE_INT4_GEMM_BAD_FORM:
+      return "int4 gemm: form must be 0 (auto), 1 (warps) or 2 (cluster)";
     default:
       break;
   }

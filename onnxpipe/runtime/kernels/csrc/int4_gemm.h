@@ -22,6 +22,15 @@
 #define ONNXPIPE_INT4_GEMM_BAD_BLOCK (-2)      /* block_size not 32, 64 or 128, or not dividing K */
 #define ONNXPIPE_INT4_GEMM_MISALIGNED (-3)     /* A or B not 16-byte aligned */
 #define ONNXPIPE_INT4_GEMM_NULL_POINTER (-4)   /* A, B, scales or Y is NULL */
+#define ONNXPIPE_INT4_GEMM_BAD_FORM (-5)       /* a form other than the three below */
+
+/* The kernel's forms (onnxpipe_int4_gemm takes $ONNXPIPE_INT4_GEMM_FORM: "warps" or "cluster", else auto):
+ * warps: a block's warps split K (16 or 32 weight rows a block), any GPU from sm_80;
+ * cluster: a block's warps split N (up to 128 rows a block, the activations read once a block), K split across
+ * the blocks of a thread-block cluster (sm_90 on; elsewhere it falls back to warps). */
+#define ONNXPIPE_INT4_GEMM_AUTO 0
+#define ONNXPIPE_INT4_GEMM_WARPS 1
+#define ONNXPIPE_INT4_GEMM_CLUSTER 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -31,6 +40,12 @@ int onnxpipe_int4_gemm(const void* A, const uint8_t* B, const void* scales, cons
                        int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream);
 
 const char* onnxpipe_int4_gemm_error(int code);
+
+/* The same product in a named form (checks and benchmarks compare them), and a line saying how a call of that
+ * form and shape is laid out (grid, tiles) into out[size]. */
+int onnxpipe_int4_gemm_form(int form, const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points,
+                            void* Y, int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream);
+int onnxpipe_int4_gemm_describe(int form, int64_t M, int64_t N, int64_t K, char* out, int size);
 
 #ifdef __cplusplus
 }
