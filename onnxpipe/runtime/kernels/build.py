@@ -180,6 +180,7 @@ def build_library(kind: Kind = "cpu", *, cache: Path | None = None,
         os.close(fd)
         try:
             _compile(kind, compiler, flags, Path(tmp))
+            os.chmod(tmp, 0o755)  # mkstemp made it private; a shared cache is read by other users
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
