@@ -924,7 +924,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="directory for results.json and the libraries built (required)")
     p.add_argument("--budget-s", type=float, default=230.0, help="start no new case past this many seconds")
     p.add_argument("--dry-run", action="store_true", help="no GPU: build, make the models, check the reference")
-    p.add_argument("--shapes", default="1b,8b,head", help="comma list of: " + ", ".join(SHAPES))
+    p.add_argument("--shapes", default="1b,edge,8b,head", help="comma list of: " + ", ".join(SHAPES))
     p.add_argument("--ms", default=",".join(map(str, MS)), help="rows of A to try")
     p.add_argument("--blocks", default="32,128")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per case and M")
@@ -972,6 +972,9 @@ def main() -> int:
         log(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider here ({ort.get_available_providers()})")
         return 2
     runner = OrtRunner("CUDAExecutionProvider", libs.ort_cuda, graphs=True)
+    # onnxruntime's CUDA EP loads its CUDA libraries first, torch (another CUDA build perhaps) after
+    over = runner.session(overhead_model(), custom=False)
+    _, _, times = runner.run_bound(over, np.zeros((1, 8), np.float16), 8, 1, 0, 200)
     torch_kernel = None
     if libs.kernel and not args.no_torch:
         try:
@@ -981,8 +984,6 @@ def main() -> int:
                 torch_kernel = TorchKernel(libs.kernel)
         except Exception as e:  # noqa: BLE001
             log(f"  note: kernel via ctypes off: {type(e).__name__}: {e}")
-    over = runner.session(overhead_model(), custom=False)
-    _, _, times = runner.run_bound(over, np.zeros((1, 8), np.float16), 8, 1, 0, 200)
     ctx = Context(args, runner, torch_kernel, statistics.median(times), start, log=log)
     if torch_kernel is not None:  # the form onnxpipe_int4_gemm resolves to here ($ONNXPIPE_INT4_GEMM_FORM or auto)
         ctx.form = torch_kernel.describe(0, 1, 4096, 4096).split(":")[0]
