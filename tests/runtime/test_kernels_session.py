@@ -84,3 +84,15 @@ def test_reference_without_a_compiler_is_an_error_naming_it(int4_model: Path, tm
     monkeypatch.setenv("ONNXPIPE_CXX", str(tmp_path / "no-cxx"))
     with pytest.raises(OnnxpipeError, match=r"^kernels=reference: the compiler .*no-cxx \(ONNXPIPE_CXX\) does not run"):
         DecoderSession(int4_model, "cpu", kernels="reference")
+
+
+def test_a_rewritten_graph_onnxruntime_does_not_take_is_named(int4_model: Path, cpu_library: Path,  # noqa: F811
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rewrite names an op the library lacks: the session falls back to the graph as it is, and the kernels
+    say why (an error for "reference", as for "on")."""
+    from onnxpipe.runtime.kernels import rewrite
+
+    monkeypatch.setattr(rewrite, "OP", "MatMulInt5")
+    with pytest.raises(OnnxpipeError, match=r"^kernels=reference: onnxruntime did not take the edited graph .*"
+                                            r"MatMulInt5"):
+        DecoderSession(int4_model, "cpu", kernels="reference")
