@@ -14,11 +14,10 @@
 //   onnxpipe_int4_gemm (int4_gemm.cu) on onnxruntime's compute stream, so it runs inside a captured CUDA graph.
 // Errors come back as an OrtStatus naming the op and what was wrong (CreateKernelV2 / KernelComputeV2).
 
-#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
-#include <limits>
+#include <exception>
 #include <new>
 #include <string>
 #include <vector>
