@@ -17,7 +17,7 @@ What it does, in order:
    alone is also timed through ctypes in a torch CUDA graph of the same C calls, and its output compared bit for
    bit with the custom op's.
 3. Trained weights (--trained: .npz files made by --save-trained, or Hugging Face directories with safetensors;
-   default models/llama-stdlib): each linear layer quantized to int4 by our quantizer
+   default out/check_kernels/trained.npz where it exists (carry it to the GPU host), else models/llama-stdlib): each linear layer quantized to int4 by our quantizer
    (onnxpipe.quant.rtn_stream.quantize_block, which is onnxruntime's quantize_matmul_4bits) at block 32 and 128,
    with and without zero points, and fed random activations of the layer's real per-channel scale.
 Prints one line per case as it goes, a short table last, writes results.json under --out, and exits 1 if any
@@ -70,6 +70,7 @@ EDGE_BLOCKS = (32, 64, 128)
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 HEAD_MS = (1, 2, 4, 8, 16, 32)
 TRAINED_MS = (1, 8, 32, 128)
+TRAINED_NPZ = "out/check_kernels/trained.npz"  # --save-trained's default; --trained's when it exists
 BLOCKS = (32, 128)
 COPY_BYTES = 160 << 20  # weights a timed model holds in all: past H100/H200's 50 MB L2, as a decode step's are
 MAX_COPIES = 128
@@ -761,7 +762,8 @@ def trained_case(ctx: Context, source: str, linears: list[Linear], block: int, s
 
 def trained_sources(args: argparse.Namespace) -> list[tuple[str, list[Linear]]]:
     out = []
-    for p in args.trained or [str(ROOT / "models" / "llama-stdlib")]:
+    default = ROOT / TRAINED_NPZ
+    for p in args.trained or [str(default if default.is_file() else ROOT / "models" / "llama-stdlib")]:
         path = Path(p)
         if path.suffix == ".npz":
             out.append((path.stem, linears_from_npz(path)))
@@ -929,8 +931,9 @@ def main() -> int:
     p.add_argument("--blocks", default="32,128")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per case and M")
     p.add_argument("--trained", action="append", help=".npz from --save-trained, or a Hugging Face directory "
-                   "(repeatable; default models/llama-stdlib)")
-    p.add_argument("--save-trained", type=Path, help="write the trained weights' .npz here and stop (CPU)")
+                   f"(repeatable; default {TRAINED_NPZ} where it exists, else models/llama-stdlib)")
+    p.add_argument("--save-trained", nargs="?", const=ROOT / TRAINED_NPZ, type=Path,
+                   help=f"write the trained weights' .npz (default {TRAINED_NPZ}) and stop (CPU)")
     p.add_argument("--nvcc", help="the nvcc to use (default: found as onnxpipe.runtime.kernels.build finds it)")
     p.add_argument("--arch", help="GPU architectures, e.g. 90 or 80,90 (default: the visible GPUs')")
     p.add_argument("--no-torch", action="store_true", help="skip the ctypes call of the kernel under torch")
