@@ -413,20 +413,20 @@ class TorchKernel:
         import torch
 
         self.torch = torch
-        self.form = FORMS["warps"]
+        self.config = (FORMS["warps"], 0, 0)  # form, tile, split (0: chosen by shape)
         self.lib = ctypes.CDLL(str(lib))
-        f = self.lib.onnxpipe_int4_gemm_form
+        f = self.lib.onnxpipe_int4_gemm_config
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+        f.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
         self.lib.onnxpipe_int4_gemm_error.restype = ctypes.c_char_p
         self.lib.onnxpipe_int4_gemm_error.argtypes = [ctypes.c_int]
         d = self.lib.onnxpipe_int4_gemm_describe
         d.restype = ctypes.c_int
-        d.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_char_p, ctypes.c_int]
+        d.argtypes = [ctypes.c_int] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_char_p, ctypes.c_int]
 
-    def describe(self, form: int, m: int, n: int, k: int) -> str:
+    def describe(self, form: int, m: int, n: int, k: int, tile: int = 0, split: int = 0) -> str:
         buf = ctypes.create_string_buffer(200)
-        code = self.lib.onnxpipe_int4_gemm_describe(form, m, n, k, buf, len(buf))
+        code = self.lib.onnxpipe_int4_gemm_describe(form, tile, split, m, n, k, buf, len(buf))
         return buf.value.decode() if code == 0 else self.lib.onnxpipe_int4_gemm_error(code).decode()
 
     def upload(self, w: Int4Weight) -> tuple[Any, Any, Any]:
@@ -437,9 +437,10 @@ class TorchKernel:
 
     def call(self, a: Any, w: tuple[Any, Any, Any], y: Any, m: int, n: int, k: int, block: int) -> None:
         stream = self.torch.cuda.current_stream().cuda_stream
-        code = self.lib.onnxpipe_int4_gemm_form(self.form, a.data_ptr(), w[0].data_ptr(), w[1].data_ptr(),
-                                                None if w[2] is None else w[2].data_ptr(), y.data_ptr(), m, n, k,
-                                                block, stream)
+        form, tile, split = self.config
+        code = self.lib.onnxpipe_int4_gemm_config(form, tile, split, a.data_ptr(), w[0].data_ptr(), w[1].data_ptr(),
+                                                  None if w[2] is None else w[2].data_ptr(), y.data_ptr(), m, n, k,
+                                                  block, stream)
         if code != 0:
             raise RuntimeError(f"onnxpipe_int4_gemm returned {code}: {self.lib.onnxpipe_int4_gemm_error(code).decode()}")
 
@@ -544,6 +545,7 @@ class Context:
     form: str = "warps"  # the form onnxpipe_int4_gemm (the custom op) uses here
     rows: list[Row] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    sweeps: list[dict[str, Any]] = field(default_factory=list)
     log: Callable[[str], None] = print
 
     def over_budget(self) -> bool:
@@ -588,7 +590,7 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
     if tk is not None:
         dev = [tk.upload(x) for x in weights]
         for form_name, form in FORMS.items():
-            tk.form = form
+            tk.config = (form, 0, 0)
             mine = form_name == ctx.form
             try:
                 for m in ms:
@@ -607,6 +609,9 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
             except Exception as e:  # noqa: BLE001
                 for r in rows.values():
                     r.note += f" {form_name} via ctypes: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if args.sweep and name.startswith("1b") and block == 128 and with_zp:
+            limits = {m: 2 * r.err_nbits + SLACK * r.ref_max + 1e-6 for m, r in rows.items() if r.err_nbits is not None}
+            sweep(ctx, tk, dev, name, n, k, block, a_all, ref, w.nbytes, limits)
         del dev
         tk.torch.cuda.empty_cache()
     if name not in fp16_done:  # the fp16 MatMul of the same weights: once per shape
@@ -626,6 +631,41 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
         ctx.log(line(rows[m]))
     del weights, ref
     gc.collect()
+
+
+# (form, tile, split) tried by --sweep: the warps form's weight tiles x warps along K, the cluster form's warps
+# along N x blocks along K
+SWEEP = [("warps", t, s) for t, s in ((1, 4), (1, 8), (1, 16), (2, 4), (2, 8))] + \
+        [("cluster", t, s) for t in (2, 4, 8) for s in (1, 2, 4, 8)]
+SWEEP_MS = (1, 8, 32)
+
+
+def sweep(ctx: Context, tk: TorchKernel, dev: list[Any], name: str, n: int, k: int, block: int, a_all: np.ndarray,
+          ref: np.ndarray, nbytes: int, limits: dict[int, float]) -> None:
+    """Each layout of SWEEP timed through ctypes on this case, for picking the defaults; ``limits``: the error
+    allowed at each M (twice MatMulNBits' plus the slack)."""
+    for m in SWEEP_MS:
+        if m > a_all.shape[0]:
+            continue
+        limit = limits.get(m, SLACK * float(np.abs(ref[:m]).max()) * 4)
+        for form_name, tile, split in SWEEP:
+            tk.config = (FORMS[form_name], tile, split)
+            entry: dict[str, Any] = {"case": name, "n": n, "k": k, "block": block, "m": m, "form": form_name,
+                                     "tile": tile, "split": split,
+                                     "plan": tk.describe(FORMS[form_name], m, n, k, tile, split)}
+            try:
+                y, per_call = tk.run(a_all[:m], dev, n, k, block, ctx.args.repeats)
+                entry.update(us=per_call * 1e6, gbps=nbytes / per_call / 1e9, err=max_err(y, ref[:m]))
+                entry["ok"] = entry["err"] <= limit
+            except Exception as e:  # noqa: BLE001
+                entry.update(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", ok=None)
+            ctx.sweeps.append(entry)
+        done = [e for e in ctx.sweeps if e["case"] == name and e["m"] == m and e.get("us")]
+        if done:
+            best = min(done, key=lambda e: e["us"])
+            ctx.log(f"sweep {name} M={m}: best {best['form']} tile {best['tile']} split {best['split']} "
+                    f"{best['us']:.2f} us ({best['plan']}); {sum(1 for e in done if not e['ok'])} wrong")
+    tk.config = (FORMS["warps"], 0, 0)
 
 
 def line(r: Row) -> str:
@@ -937,6 +977,8 @@ def main() -> int:
     p.add_argument("--nvcc", help="the nvcc to use (default: found as onnxpipe.runtime.kernels.build finds it)")
     p.add_argument("--arch", help="GPU architectures, e.g. 90 or 80,90 (default: the visible GPUs')")
     p.add_argument("--no-torch", action="store_true", help="skip the ctypes call of the kernel under torch")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false",
+                   help="skip timing every layout of both forms on the 1B shapes (block 128, zero points; M 1, 8, 32)")
     args = p.parse_args()
     args.ms = tuple(sorted({int(x) for x in args.ms.split(",")}))
     args.blocks = tuple(int(x) for x in args.blocks.split(","))
@@ -1014,13 +1056,14 @@ def main() -> int:
         random_case(ctx, name, n, k, block, with_zp, ms, fp16_done)
 
     failed = [r for r in ctx.rows if r.ok is False]
+    sweep_wrong = [e for e in ctx.sweeps if e.get("ok") is False]
     unrun = [r for r in ctx.rows if r.err_ours is None]
     lines = table(ctx.rows)
     result = {"onnxruntime": ort.__version__, "library": str(libs.ort_cuda), "library_built_by": libs.ort_cuda_how,
               "notes": libs.notes, "run_overhead_us": ctx.overhead_s * 1e6, "copy_bytes": COPY_BYTES,
               "slack": SLACK, "elapsed_s": time.perf_counter() - start, "trained_done": trained_done,
               "skipped": ctx.skipped, "failed": len(failed), "ours_not_run": len(unrun),
-              "rows": [asdict(r) for r in ctx.rows], "table": lines}
+              "rows": [asdict(r) for r in ctx.rows], "sweeps": ctx.sweeps, "table": lines}
     tmp = args.out / "results.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, args.out / "results.json")
@@ -1031,10 +1074,12 @@ def main() -> int:
         f"{time.perf_counter() - start:.0f} s; results.json under {args.out}")
     for ln in lines:
         log(ln)
+    if sweep_wrong:
+        log(f"sweep: {len(sweep_wrong)} layouts gave a wrong result, first: {sweep_wrong[0]}")
     if unrun:
         log(f"onnxpipe.MatMulInt4 did not run on {len(unrun)} rows: {unrun[0].note or 'no custom-op library'}")
         return 2
-    return 1 if failed else 0
+    return 1 if failed or sweep_wrong else 0
 
 
 if __name__ == "__main__":

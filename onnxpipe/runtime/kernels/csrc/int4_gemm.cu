@@ -405,7 +405,10 @@ struct Plan {
   dim3 grid;
 };
 
-Plan make_plan(int form, int m, int n, int k) {
+// tile and split (0: chosen here) set, for the warps form, the weight tiles a block (1, 2) and its warps along K
+// (4, 8, 16; 4 or 8 with 2 tiles); for the cluster form, its warps along N (1-8) and the cluster's blocks along K
+// (1-8). A value outside those gives form -1.
+Plan make_plan(int form, int m, int n, int k, int tile, int split) {
   const Device d = device_info();
   const int sms = d.sms;
   Plan p{};
@@ -420,10 +423,20 @@ Plan make_plan(int form, int m, int n, int k) {
     const int max_slices = steps < kMaxSlices ? steps : kMaxSlices;
     int warps = kMaxRowWarps;
     while (warps > 2 && ((n + 16 * warps - 1) / (16 * warps)) * m_chunks * max_slices < sms) warps /= 2;
+    if (tile != 0) warps = tile;
+    if (warps < 1 || warps > kMaxRowWarps) {
+      p.form = -1;
+      return p;
+    }
     const int tiles = ((n + 16 * warps - 1) / (16 * warps)) * m_chunks;
     int slices = (sms + tiles - 1) / tiles;
     if (slices > max_slices) slices = max_slices;
     if (slices < 1) slices = 1;
+    if (split != 0) slices = split;
+    if (slices < 1 || slices > kMaxSlices || (slices > 1 && d.major < 9)) {
+      p.form = -1;
+      return p;
+    }
     p.nt = 1;
     p.kw = warps;
     p.slices = slices;
@@ -437,6 +450,15 @@ Plan make_plan(int form, int m, int n, int k) {
   int kw = grid >= 2 * sms ? 4 : grid >= sms ? 8 : 16;
   if (p.nt == 2 && kw > 8) kw = 8;
   while (kw > 4 && kw / 2 >= steps) kw /= 2;  // no warp left without a k step where it can be helped
+  if (tile != 0) {
+    if (tile != 1 && tile != 2) p.form = -1;
+    p.nt = tile;
+  }
+  if (split != 0) {
+    if (split != 4 && split != 8 && split != 16) p.form = -1;
+    kw = split;
+  }
+  if (p.nt == 2 && kw > 8) p.form = -1;  // its shared memory: 8 warps of 32 x 32 partial sums at most
   p.kw = kw;
   p.slices = 1;
   p.grid = dim3((n16 + p.nt - 1) / p.nt, m_chunks, 1);
@@ -465,9 +487,9 @@ int check_args(const void* A, const uint8_t* B, const void* scales, void* Y, int
 
 }  // namespace
 
-extern "C" int onnxpipe_int4_gemm_form(int form, const void* A, const uint8_t* B, const void* scales,
-                                       const uint8_t* zero_points, void* Y, int64_t M, int64_t N, int64_t K,
-                                       int64_t block_size, void* stream) {
+extern "C" int onnxpipe_int4_gemm_config(int form, int tile, int split, const void* A, const uint8_t* B,
+                                         const void* scales, const uint8_t* zero_points, void* Y, int64_t M,
+                                         int64_t N, int64_t K, int64_t block_size, void* stream) {
   int block_shift = 0;
   const int bad = check_args(A, B, scales, Y, M, N, K, block_size, &block_shift);
   if (bad != ONNXPIPE_INT4_GEMM_OK) return bad;
@@ -475,7 +497,8 @@ extern "C" int onnxpipe_int4_gemm_form(int form, const void* A, const uint8_t* B
   if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_CLUSTER) return ONNXPIPE_INT4_GEMM_BAD_FORM;
 
   const int m = (int)M, n = (int)N, k = (int)K;
-  const Plan p = make_plan(form, m, n, k);
+  const Plan p = make_plan(form, m, n, k, tile, split);
+  if (p.form < 0) return ONNXPIPE_INT4_GEMM_BAD_FORM;
   const __half* a = static_cast<const __half*>(A);
   const __half* s = static_cast<const __half*>(scales);
   __half* y = static_cast<__half*>(Y);
@@ -499,18 +522,26 @@ extern "C" int onnxpipe_int4_gemm_form(int form, const void* A, const uint8_t* B
   return (int)err;
 }
 
+extern "C" int onnxpipe_int4_gemm_form(int form, const void* A, const uint8_t* B, const void* scales,
+                                       const uint8_t* zero_points, void* Y, int64_t M, int64_t N, int64_t K,
+                                       int64_t block_size, void* stream) {
+  return onnxpipe_int4_gemm_config(form, 0, 0, A, B, scales, zero_points, Y, M, N, K, block_size, stream);
+}
+
 extern "C" int onnxpipe_int4_gemm(const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points,
                                   void* Y, int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream) {
   return onnxpipe_int4_gemm_form(form_from_env(), A, B, scales, zero_points, Y, M, N, K, block_size, stream);
 }
 
-extern "C" int onnxpipe_int4_gemm_describe(int form, int64_t M, int64_t N, int64_t K, char* out, int size) {
+extern "C" int onnxpipe_int4_gemm_describe(int form, int tile, int split, int64_t M, int64_t N, int64_t K,
+                                           char* out, int size) {
   if (out == nullptr || size < 1 || M < 1 || N < 1 || K < 1 || M > INT_MAX || N > INT_MAX || K > INT_MAX) {
     return ONNXPIPE_INT4_GEMM_BAD_SHAPE;
   }
   if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_CLUSTER) return ONNXPIPE_INT4_GEMM_BAD_FORM;
   if (form == ONNXPIPE_INT4_GEMM_AUTO) form = form_from_env();
-  const Plan p = make_plan(form, (int)M, (int)N, (int)K);
+  const Plan p = make_plan(form, (int)M, (int)N, (int)K, tile, split);
+  if (p.form < 0) return ONNXPIPE_INT4_GEMM_BAD_FORM;
   if (p.form == ONNXPIPE_INT4_GEMM_CLUSTER) {
     snprintf(out, size, "cluster: grid %ux%ux%u, %d warps along N, %d A rows a block, clusters of %d along K",
              p.grid.x, p.grid.y, p.grid.z, p.kw, 8 * p.mt, p.slices);
@@ -534,7 +565,7 @@ extern "C" const char* onnxpipe_int4_gemm_error(int code) {
     case ONNXPIPE_INT4_GEMM_NULL_POINTER:
       return "int4 gemm: A, B, scales and Y must not be NULL";
     case ONNXPIPE_INT4_GEMM_BAD_FORM:
-      return "int4 gemm: form must be 0 (auto), 1 (warps) or 2 (cluster)";
+      return "int4 gemm: form must be 0 (auto), 1 (warps) or 2 (cluster), with a tile and split it takes";
     default:
       break;
   }

@@ -41,11 +41,15 @@ int onnxpipe_int4_gemm(const void* A, const uint8_t* B, const void* scales, cons
 
 const char* onnxpipe_int4_gemm_error(int code);
 
-/* The same product in a named form (checks and benchmarks compare them), and a line saying how a call of that
- * form and shape is laid out (grid, tiles) into out[size]. */
+/* The same product in a named form (checks and benchmarks compare them); _config also sets the form's tile and
+ * split (0: chosen by shape; warps form: weight tiles a block 1-2, warps along K 4/8/16; cluster form: warps along N
+ * 1-8, blocks along K 1-8); _describe writes how a call of that form and shape is laid out into out[size]. */
 int onnxpipe_int4_gemm_form(int form, const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points,
                             void* Y, int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream);
-int onnxpipe_int4_gemm_describe(int form, int64_t M, int64_t N, int64_t K, char* out, int size);
+int onnxpipe_int4_gemm_config(int form, int tile, int split, const void* A, const uint8_t* B, const void* scales,
+                              const uint8_t* zero_points, void* Y, int64_t M, int64_t N, int64_t K,
+                              int64_t block_size, void* stream);
+int onnxpipe_int4_gemm_describe(int form, int tile, int split, int64_t M, int64_t N, int64_t K, char* out, int size);
 
 #ifdef __cplusplus
 }
