@@ -212,13 +212,29 @@ void reference_matmul(const Kernel& k, const Call& c, Load load, Store store) {
   }
 }
 
-OrtStatus* compute_cpu(const Kernel& k, OrtKernelContext* ctx) {
-  // The CUDA kernel's one slot that the CPU path would not touch otherwise (193): on the CPU it must answer with
-  // no error and no stream. A miscounted OrtApi table fails here, on a machine without a GPU.
+// The CUDA kernel's one slot that the CPU path would not need (193), checked here with its neighbours: on the CPU
+// the stream must be none, A must have a value (192) in "Cpu" memory (194, then 71). A miscounted OrtApi table
+// fails here, on a machine without a GPU.
+OrtStatus* check_abi(OrtKernelContext* ctx) {
   void* stream = reinterpret_cast<void*>(1);
   OrtStatus* st = g_api->KernelContext_GetGPUComputeStream(ctx, &stream);
   if (st) return st;
-  if (stream != nullptr) return error("the CPU kernel got a GPU stream: the OrtApi slot table does not match");
+  const OrtValue* a = nullptr;
+  if ((st = g_api->KernelContext_GetInput(ctx, 0, &a))) return st;
+  int has_value = 0;
+  const OrtMemoryInfo* memory = nullptr;
+  const char* where = nullptr;
+  if (a && ((st = g_api->HasValue(a, &has_value)) || (st = g_api->GetTensorMemoryInfo(a, &memory)) ||
+            (st = g_api->MemoryInfoGetName(memory, &where))))
+    return st;
+  if (stream != nullptr || !a || has_value != 1 || !where || strcmp(where, "Cpu") != 0)
+    return error("the OrtApi slot table does not match this onnxruntime (the CPU kernel's ABI check failed)");
+  return nullptr;
+}
+
+OrtStatus* compute_cpu(const Kernel& k, OrtKernelContext* ctx) {
+  OrtStatus* st = check_abi(ctx);
+  if (st) return st;
   Call c;
   if ((st = prepare(k, ctx, &c))) return st;
   if (c.A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {

@@ -9,8 +9,9 @@
 // onnxruntime_c_api.h (microsoft/onnxruntime, API version 30) from its first member, one slot per function pointer
 // (ORT_API2_STATUS, ORT_CLASS_RELEASE and the plain function pointers alike), starting at 0. The slots used here
 // were all present by API 14 and keep their index in every later version. A wrong index shows as a crash or a wrong
-// call: the CPU reference kernel exercises every slot below except the CUDA stream one, and calls that one too (on
-// the CPU it must answer "no stream"), so the tests catch a miscount.
+// call: the CPU reference kernel exercises every slot below, the CUDA stream's included (on the CPU it must answer
+// "no stream"), and checks the two slots either side of it (192 HasValue, 194 GetTensorMemoryInfo, which must say
+// the input is there and in "Cpu" memory), so the tests catch a miscount without a GPU.
 #pragma once
 
 #include <stddef.h>
@@ -32,6 +33,7 @@ typedef struct OrtKernelContext OrtKernelContext;
 typedef struct OrtValue OrtValue;
 typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
 typedef struct OrtShapeInferContext OrtShapeInferContext;
+typedef struct OrtMemoryInfo OrtMemoryInfo;
 typedef struct OrtCustomOp OrtCustomOp;
 typedef struct OrtApi OrtApi;
 
@@ -89,7 +91,9 @@ struct OrtApi {
   OrtStatus* (*GetDimensions)(const OrtTensorTypeAndShapeInfo* info, int64_t* dims, size_t count);  // 62
   ONNXPIPE_PAD(63, 2);                                                                  // 63..64
   OrtStatus* (*GetTensorTypeAndShape)(const OrtValue* value, OrtTensorTypeAndShapeInfo** out);  // 65
-  ONNXPIPE_PAD(66, 20);                                                                 // 66..85
+  ONNXPIPE_PAD(66, 5);                                                                  // 66..70
+  OrtStatus* (*MemoryInfoGetName)(const OrtMemoryInfo* info, const char** out);         // 71
+  ONNXPIPE_PAD(72, 14);                                                                 // 72..85
   OrtStatus* (*KernelInfoGetAttribute_int64)(const OrtKernelInfo* info, const char* name, int64_t* out);  // 86
   ONNXPIPE_PAD(87, 1);                                                                  // 87
   OrtStatus* (*KernelContext_GetInputCount)(const OrtKernelContext* context, size_t* out);  // 88
@@ -101,8 +105,10 @@ struct OrtApi {
   void (*ReleaseStatus)(OrtStatus* status);                                             // 93
   ONNXPIPE_PAD(94, 5);                                                                  // 94..98
   void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo* info);               // 99
-  ONNXPIPE_PAD(100, 93);                                                                // 100..192
+  ONNXPIPE_PAD(100, 92);                                                                // 100..191
+  OrtStatus* (*HasValue)(const OrtValue* value, int* out);                              // 192
   OrtStatus* (*KernelContext_GetGPUComputeStream)(const OrtKernelContext* context, void** out);  // 193
+  OrtStatus* (*GetTensorMemoryInfo)(const OrtValue* value, const OrtMemoryInfo** out);  // 194
 };
 
 #ifdef __cplusplus
@@ -113,7 +119,10 @@ static_assert(offsetof(OrtApi, KernelInfoGetAttribute_int64) == 86 * sizeof(void
 static_assert(offsetof(OrtApi, KernelContext_GetInputCount) == 88 * sizeof(void*), "OrtApi slot 88");
 static_assert(offsetof(OrtApi, ReleaseStatus) == 93 * sizeof(void*), "OrtApi slot 93");
 static_assert(offsetof(OrtApi, ReleaseTensorTypeAndShapeInfo) == 99 * sizeof(void*), "OrtApi slot 99");
+static_assert(offsetof(OrtApi, MemoryInfoGetName) == 71 * sizeof(void*), "OrtApi slot 71");
+static_assert(offsetof(OrtApi, HasValue) == 192 * sizeof(void*), "OrtApi slot 192");
 static_assert(offsetof(OrtApi, KernelContext_GetGPUComputeStream) == 193 * sizeof(void*), "OrtApi slot 193");
+static_assert(offsetof(OrtApi, GetTensorMemoryInfo) == 194 * sizeof(void*), "OrtApi slot 194");
 #endif
 
 // The custom op's callbacks, in onnxruntime's order, up to what version 16 reads (CreateKernelV2 and
