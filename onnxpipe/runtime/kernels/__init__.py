@@ -97,7 +97,7 @@ def plan_kernels(mode: str, chain: Sequence[str], session_options: Any,
                  announce: Callable[[str], None] | None = None) -> KernelPlan:
     """Build and register the kernels library for a session whose providers are ``chain`` (short names, in order
     of preference); the plan's ``edit`` then rewrites the graph. Never raises for a reason to fall back: the plan
-    carries it (``finish`` makes it an error for "on")."""
+    carries it (``finish`` makes it an error for "on" and "reference")."""
     plan = KernelPlan(mode)
     if mode == "off":
         return plan
