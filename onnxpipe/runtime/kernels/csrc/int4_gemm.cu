@@ -367,18 +367,24 @@ cudaError_t launch_for(int nt, int kw, const __half* A, const uint8_t* B, const 
 struct Device {
   int sms = 0;
   int major = 0;
+  bool clusters = false;  // the GPU has them and the code loaded for it was compiled with them (sm_90 on)
 };
 
 Device device_info() {
   // read once per device, before any capture in practice (a session runs once before it captures a graph)
   static Device devices[kMaxDevices];
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return Device{132, 9};
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return Device{132, 9, true};
   Device& d = devices[device];
   if (d.sms == 0) {
     int sms = 0, major = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 132;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) major = 8;
+    // an sm_90 GPU running code built for sm_80 (PTX) has no cluster reduction in it
+    cudaFuncAttributes attributes;
+    const bool built = cudaFuncGetAttributes(&attributes, int4_gemm_rows_kernel<1>) == cudaSuccess &&
+                       attributes.binaryVersion >= 90;
+    d.clusters = major >= 9 && built;
     d.major = major;
     d.sms = sms;
   }
@@ -416,7 +422,7 @@ Plan make_plan(int form, int m, int n, int k, int tile, int split) {
   const int m_chunks = (m + 8 * p.mt - 1) / (8 * p.mt);
   const int steps = (k + kStep - 1) / kStep;
   if (form == ONNXPIPE_INT4_GEMM_AUTO) form = ONNXPIPE_INT4_GEMM_WARPS;
-  if (form == ONNXPIPE_INT4_GEMM_CLUSTER && d.major < 9) form = ONNXPIPE_INT4_GEMM_WARPS;  // clusters: sm_90 on
+  if (form == ONNXPIPE_INT4_GEMM_CLUSTER && !d.clusters) form = ONNXPIPE_INT4_GEMM_WARPS;  // clusters: sm_90 on
   p.form = form;
   if (form == ONNXPIPE_INT4_GEMM_CLUSTER) {
     // the widest row tile whose grid, split along K by up to 8, still fills the SMs; then the fewest slices that do
@@ -433,7 +439,7 @@ Plan make_plan(int form, int m, int n, int k, int tile, int split) {
     if (slices > max_slices) slices = max_slices;
     if (slices < 1) slices = 1;
     if (split != 0) slices = split;
-    if (slices < 1 || slices > kMaxSlices || (slices > 1 && d.major < 9)) {
+    if (slices < 1 || slices > kMaxSlices || (slices > 1 && !d.clusters)) {
       p.form = -1;
       return p;
     }
