@@ -259,20 +259,45 @@ def test_no_cuda_compiler_falls_back_in_one_line(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("ONNXPIPE_NVCC", str(tmp_path / "no-nvcc"))
     options, said = _Options(), []
     plan = plan_kernels("auto", ["cuda", "cpu"], options)
-    assert options.libraries == [] and not plan.active
+    model = _nodes({"half": {"inputs": ["A16", "B", "s16"]}})
+    plan.edit(model)  # the build is tried once there is a node to rewrite
+    assert options.libraries == [] and not plan.active and model.graph.node[0].op_type == "MatMulNBits"
     plan.finish(said.append)
     assert len(said) == 1 and "\n" not in said[0]
     assert said[0].startswith(f"kernels: off (the compiler {tmp_path / 'no-nvcc'} (ONNXPIPE_NVCC) does not run")
+    strict = plan_kernels("on", ["cuda", "cpu"], _Options())
+    strict.edit(model)
     with pytest.raises(OnnxpipeError, match=r"^kernels=on: the compiler .*no-nvcc \(ONNXPIPE_NVCC\) does not run"):
-        plan_kernels("on", ["cuda", "cpu"], _Options()).finish(said.append)
+        strict.finish(said.append)
+
+
+def test_the_library_is_registered_once_and_only_for_a_graph_with_work(cpu_library: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    options = _Options()
+    plan = plan_kernels("reference", ["cpu"], options)
+    assert plan.active and plan.library is None and options.libraries == []
+    for _ in range(2):  # the session may edit a graph twice (e.g. again on an fp32 copy): one registration
+        model = _nodes({"fine": {}})
+        plan.edit(model)
+        assert model.graph.node[0].op_type == "MatMulInt4"
+    assert plan.library == cpu_library and options.libraries == [str(cpu_library)]
+    assert plan.line() == "kernels: onnxpipe MatMulInt4 on 1 of 1 MatMulNBits [CPU reference kernels]"
+    # a graph with nothing to rewrite builds nothing: no compiler is needed to say so
+    monkeypatch.setenv("ONNXPIPE_NVCC", str(tmp_path / "no-nvcc"))
+    idle = plan_kernels("auto", ["cuda"], _Options())
+    idle.edit(_nodes({"single": {}}))  # float32 activations: nothing for the CUDA kernel
+    assert idle.library is None
+    assert idle.line() == ("kernels: off (nothing to rewrite: its activations are float32 (the CUDA kernel takes "
+                           "float16) (1 node))")
 
 
 def test_nothing_to_rewrite_is_a_reason_to_fall_back(cpu_library: Path) -> None:
     plan = plan_kernels("reference", ["cpu"], _Options())
-    assert plan.active and plan.library == cpu_library
     model = _nodes({"bits8": {"attrs": {"bits": 8}}})
     plan.edit(model)
     assert plan.line() == "kernels: off (nothing to rewrite: bits=8 (MatMulInt4 takes 4) (1 node))"
+    assert plan.library is None and model.graph.node[0].op_type == "MatMulNBits"
     with pytest.raises(OnnxpipeError, match=r"^kernels=reference: nothing to rewrite"):
         plan.finish(lambda _m: None)
     empty = KernelPlan("auto", target="cuda", library=cpu_library)

@@ -1,9 +1,9 @@
 """Kernels of our own: an ONNX Runtime custom-op library (domain ``onnxpipe``) applied at load, in memory.
 
 The model directory stays standard ONNX. When a session asks for kernels (``kernels="on"``/``"auto"``, or the
-environment variable ``ONNXPIPE_KERNELS``), the library is built at first use (``build.py``), registered in the
-session's options, and the graph is rewritten before onnxruntime sees it (``rewrite.py``: MatMulNBits ->
-onnxpipe.MatMulInt4, same inputs and attributes). One line says what happened:
+environment variable ``ONNXPIPE_KERNELS``) and its graph has nodes they compute, the library is built at first use
+(``build.py``), registered in the session's options, and the graph is rewritten before onnxruntime sees it
+(``rewrite.py``: MatMulNBits -> onnxpipe.MatMulInt4, same inputs and attributes). One line says what happened:
 "kernels: onnxpipe MatMulInt4 on 112 of 112 MatMulNBits", or "kernels: off (<reason>)". With "on" a reason to fall
 back (no compiler, a failed build, a provider other than CUDA, nothing to rewrite) is an error naming it; with "auto"
 the session runs without the kernels and says why.
@@ -16,7 +16,7 @@ never falls back silently: a reason not to apply them is an error.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,11 +43,13 @@ def kernels_mode(value: str | None = None) -> str:
 
 @dataclass
 class KernelPlan:
-    """What the kernels do for one session: built and registered (``library``), then applied by ``edit``; or off
-    with the reason (``why_off``)."""
+    """What the kernels do for one session: ``edit`` (the session's edit hook) builds and registers the library
+    where the graph has something to rewrite, then rewrites it; or the plan is off with the reason (``why_off``)."""
 
     mode: str
     target: Target | None = None
+    session_options: Any = None
+    announce: Callable[[str], None] | None = field(default=None, repr=False)
     library: Path | None = None
     why_off: str | None = None
     report: RewriteReport | None = None
@@ -57,12 +59,35 @@ class KernelPlan:
         return self.mode != "off" and self.why_off is None
 
     def edit(self, proto: Any) -> None:
-        """The in-memory rewrite (the session's edit hook); nothing where the plan is off."""
-        if self.active and self.target is not None:
-            self.report = rewrite_matmul_nbits(proto, self.target)
-            if self.report.rewritten == 0:
-                self.why_off = ("nothing to rewrite: the graph has no MatMulNBits" if not self.report.total else
-                                f"nothing to rewrite: {self.report.reasons()}")
+        """The in-memory rewrite of ``proto`` (an onnx.ModelProto); nothing where the plan is off. The library is
+        built and registered only once there is a node to rewrite (a graph without one builds nothing)."""
+        if not self.active or self.target is None:
+            return
+        would = rewrite_matmul_nbits(proto, self.target, apply=False)
+        if would.rewritten == 0:
+            self.report = would
+            self.why_off = ("nothing to rewrite: the graph has no MatMulNBits" if not would.total else
+                            f"nothing to rewrite: {would.reasons()}")
+            return
+        if self.library is None and not self._load():
+            return
+        self.report = rewrite_matmul_nbits(proto, self.target)
+
+    def _load(self) -> bool:
+        """Build the target's library and register it in the session options; False (and why_off) where not."""
+        try:
+            library = build_library("cpu" if self.target == "cpu" else "cuda", announce=self.announce)
+        except KernelBuildError as e:
+            self.why_off = str(e)
+            return False
+        try:
+            self.session_options.register_custom_ops_library(str(library))
+        except Exception as e:  # onnxruntime's own error for a library it cannot load
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            self.why_off = f"onnxruntime did not load {library}: {text}"
+            return False
+        self.library = library
+        return True
 
     def fell_back(self, why: str) -> None:
         """The session could not use the rewritten graph (say why, once)."""
@@ -95,10 +120,11 @@ class KernelPlan:
 
 def plan_kernels(mode: str, chain: Sequence[str], session_options: Any,
                  announce: Callable[[str], None] | None = None) -> KernelPlan:
-    """Build and register the kernels library for a session whose providers are ``chain`` (short names, in order
-    of preference); the plan's ``edit`` then rewrites the graph. Never raises for a reason to fall back: the plan
-    carries it (``finish`` makes it an error for "on" and "reference")."""
-    plan = KernelPlan(mode)
+    """The kernels' plan for a session whose providers are ``chain`` (short names, in order of preference) and
+    whose options are ``session_options``: which kernels (``target``), or off and why. Its ``edit`` builds, registers
+    and rewrites. Never raises for a reason to fall back: the plan carries it (``finish`` makes it an error for "on"
+    and "reference")."""
+    plan = KernelPlan(mode, session_options=session_options, announce=announce)
     if mode == "off":
         return plan
     first = chain[0] if chain else "cpu"
@@ -112,12 +138,4 @@ def plan_kernels(mode: str, chain: Sequence[str], session_options: Any,
         return plan
     else:
         plan.target = "cuda"
-    try:
-        plan.library = build_library("cpu" if plan.target == "cpu" else "cuda", announce=announce)
-        session_options.register_custom_ops_library(str(plan.library))
-    except KernelBuildError as e:
-        plan.why_off = str(e)
-    except Exception as e:  # onnxruntime's own error for a library it cannot load
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        plan.why_off = f"onnxruntime did not load {plan.library}: {text}"
     return plan

@@ -38,9 +38,10 @@ class RewriteReport:
         return "; ".join(f"{why} ({n} node{'s' if n > 1 else ''})" for why, n in counts.items())
 
 
-def rewrite_matmul_nbits(model: Any, target: Target = "cuda") -> RewriteReport:
+def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = True) -> RewriteReport:
     """Rewrite the 4-bit MatMulNBits nodes of ``model`` (an onnx.ModelProto, changed in place) that the ``target``
-    kernel computes into onnxpipe.MatMulInt4. Only the main graph is read (not subgraphs or functions)."""
+    kernel computes into onnxpipe.MatMulInt4; ``apply=False`` only reports what it would do. Only the main graph is
+    read (not subgraphs or functions)."""
     if target not in ("cuda", "cpu"):
         raise ValueError(f"unknown kernel target {target!r}")
     graph = model.graph
@@ -54,9 +55,10 @@ def rewrite_matmul_nbits(model: Any, target: Target = "cuda") -> RewriteReport:
         if why is not None:
             report.kept[node.name or f"#{i}"] = why
             continue
-        node.op_type, node.domain = OP, DOMAIN
+        if apply:
+            node.op_type, node.domain = OP, DOMAIN
         report.rewritten += 1
-    if report.rewritten and not any(o.domain == DOMAIN for o in model.opset_import):
+    if apply and report.rewritten and not any(o.domain == DOMAIN for o in model.opset_import):
         entry = model.opset_import.add()
         entry.domain, entry.version = DOMAIN, 1
     return report
