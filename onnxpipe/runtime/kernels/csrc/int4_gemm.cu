@@ -111,27 +111,23 @@ __device__ __forceinline__ void mma_step(float (&acc)[NT][MT][4], const RowStep 
                                          const __half* __restrict__ A, int M, int K, int m0, int k) {
   const int lane = threadIdx.x % 32;
   const int g = lane / 4;
-  uint4 act[MT][4];
-#pragma unroll
-  for (int j = 0; j < MT; ++j) {
-    const int m = m0 + 8 * j + g;
-#pragma unroll
-    for (int v = 0; v < 4; ++v) {
-      act[j][v] = (m < M && k < K) ? __ldg(reinterpret_cast<const uint4*>(A + (int64_t)m * K + k + 8 * v))
-                                   : make_uint4(0, 0, 0, 0);
-    }
-  }
-
 #pragma unroll
   for (int v = 0; v < 4; ++v) {
+    uint4 act[MT];  // 8 k of each A row: loaded a quarter step at a time, so that 64 rows (MT = 8) fit the registers
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+      const int m = m0 + 8 * j + g;
+      act[j] = (m < M && k < K) ? __ldg(reinterpret_cast<const uint4*>(A + (int64_t)m * K + k + 8 * v))
+                                : make_uint4(0, 0, 0, 0);
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       uint32_t b0[MT], b1[MT];
 #pragma unroll
       for (int j = 0; j < MT; ++j) {
         // halves (x0 x1)(x2 x3)(x4 x5)(x6 x7): even mma takes (x0, x4), (x1, x5); odd (x2, x6), (x3, x7)
-        const uint32_t lo = h == 0 ? act[j][v].x : act[j][v].y;
-        const uint32_t hi = h == 0 ? act[j][v].z : act[j][v].w;
+        const uint32_t lo = h == 0 ? act[j].x : act[j].y;
+        const uint32_t hi = h == 0 ? act[j].z : act[j].w;
         b0[j] = __byte_perm(lo, hi, 0x5410);
         b1[j] = __byte_perm(lo, hi, 0x7632);
       }
@@ -418,12 +414,14 @@ Plan make_plan(int form, int m, int n, int k, int tile, int split) {
   const Device d = device_info();
   const int sms = d.sms;
   Plan p{};
-  p.mt = m <= 8 ? 1 : m <= 16 ? 2 : 4;
-  const int m_chunks = (m + 8 * p.mt - 1) / (8 * p.mt);
-  const int steps = (k + kStep - 1) / kStep;
   if (form == ONNXPIPE_INT4_GEMM_AUTO) form = ONNXPIPE_INT4_GEMM_WARPS;
   if (form == ONNXPIPE_INT4_GEMM_CLUSTER && !d.clusters) form = ONNXPIPE_INT4_GEMM_WARPS;  // clusters: sm_90 on
   p.form = form;
+  // A rows a block: 8, 16, 32; 64 past 32 in the cluster form (its one weight tile a warp leaves the registers;
+  // the weights are then read once per 64 rows of a prefill, not per 32)
+  p.mt = m <= 8 ? 1 : m <= 16 ? 2 : (m <= 32 || form != ONNXPIPE_INT4_GEMM_CLUSTER) ? 4 : 8;
+  const int m_chunks = (m + 8 * p.mt - 1) / (8 * p.mt);
+  const int steps = (k + kStep - 1) / kStep;
   if (form == ONNXPIPE_INT4_GEMM_CLUSTER) {
     // the widest row tile whose grid, split along K by up to 8, still fills the SMs; then the fewest slices that do
     const int max_slices = steps < kMaxSlices ? steps : kMaxSlices;
@@ -515,8 +513,10 @@ extern "C" int onnxpipe_int4_gemm_config(int form, int tile, int split, const vo
       err = launch_rows<1>(p.kw, p.slices, a, B, s, zero_points, y, m, n, k, block_shift, st);
     } else if (p.mt == 2) {
       err = launch_rows<2>(p.kw, p.slices, a, B, s, zero_points, y, m, n, k, block_shift, st);
-    } else {
+    } else if (p.mt == 4) {
       err = launch_rows<4>(p.kw, p.slices, a, B, s, zero_points, y, m, n, k, block_shift, st);
+    } else {
+      err = launch_rows<8>(p.kw, p.slices, a, B, s, zero_points, y, m, n, k, block_shift, st);
     }
   } else if (p.mt == 1) {
     err = launch_for<1>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
