@@ -961,6 +961,20 @@ def table(rows: list[Row]) -> list[str]:
     return out
 
 
+def form_summary(rows: list[Row]) -> list[str]:
+    """The other form's kernel time over the custom op's form's, by M range (both through ctypes, same case)."""
+    out = []
+    for label, lo, hi in (("M 1-8", 1, 8), ("M 9-32", 9, 32), ("M 33+", 33, 1 << 30)):
+        ratios = sorted(r.us_other / r.us_kernel for r in rows
+                        if r.us_other and r.us_kernel and lo <= r.m <= hi and r.source == "random")
+        if ratios:
+            form = next(r.form for r in rows if r.form)
+            other = next(f for f in FORMS if f != form)
+            out.append(f"{other}/{form} kernel time, {label}: median {statistics.median(ratios):.2f}, "
+                       f"best {ratios[0]:.2f}, worst {ratios[-1]:.2f} over {len(ratios)} cases")
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, help="directory for results.json and the libraries built (required)")
@@ -1063,7 +1077,8 @@ def main() -> int:
               "notes": libs.notes, "run_overhead_us": ctx.overhead_s * 1e6, "copy_bytes": COPY_BYTES,
               "slack": SLACK, "elapsed_s": time.perf_counter() - start, "trained_done": trained_done,
               "skipped": ctx.skipped, "failed": len(failed), "ours_not_run": len(unrun),
-              "rows": [asdict(r) for r in ctx.rows], "sweeps": ctx.sweeps, "table": lines}
+              "rows": [asdict(r) for r in ctx.rows], "sweeps": ctx.sweeps, "table": lines,
+              "form_summary": form_summary(ctx.rows)}
     tmp = args.out / "results.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, args.out / "results.json")
@@ -1072,7 +1087,7 @@ def main() -> int:
         log(f"skipped: {s}")
     log(f"{len(ctx.rows)} rows, {len(failed)} failed, {len(unrun)} without ours, "
         f"{time.perf_counter() - start:.0f} s; results.json under {args.out}")
-    for ln in lines:
+    for ln in lines + form_summary(ctx.rows):
         log(ln)
     if sweep_wrong:
         log(f"sweep: {len(sweep_wrong)} layouts gave a wrong result, first: {sweep_wrong[0]}")
