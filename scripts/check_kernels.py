@@ -561,30 +561,25 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
     ref = reference(a_all, w)
     copies = n_copies(w.nbytes, ctx.copy_bytes)
     weights = [w.rolled(i) for i in range(copies)]
-    runner: OrtRunner = ctx.runner
     rows = {m: Row(name, n, k, block, with_zp, m, copies=copies, ref_max=float(np.abs(ref[:m]).max())) for m in ms}
-    nbits = runner.session(copies_model("MatMulNBits", weights), custom=False)
-    for gid, m in enumerate(ms):
-        got, _, times = runner.run_bound(nbits, a_all[:m], n, copies, gid, args.repeats)
-        rows[m].err_nbits = max_err(got, ref[:m])
-        rows[m].us_nbits = median_us(times, ctx.overhead_s, copies)
-    del nbits
-    gc.collect()
+
+    def fill_nbits(r: Row, got: np.ndarray, again: np.ndarray, times: list[float]) -> None:
+        r.err_nbits = max_err(got, ref[:r.m])
+        r.us_nbits = median_us(times, ctx.overhead_s, copies)
+
     ours_out: dict[int, np.ndarray] = {}
-    try:
-        ours = runner.session(copies_model("MatMulInt4", weights), custom=True)
-        for gid, m in enumerate(ms):
-            got, again, times = runner.run_bound(ours, a_all[:m], n, copies, gid, args.repeats)
-            ours_out[m] = got
-            r = rows[m]
-            r.err_ours = max_err(got, ref[:m])
-            r.deterministic = bool(np.array_equal(got.view(np.uint16), again.view(np.uint16)))
-            r.us_ours = median_us(times, ctx.overhead_s, copies)
-            r.gbps_ours = w.nbytes / (r.us_ours * 1e-6) / 1e9 if r.us_ours else None
-        del ours
-    except Exception as e:  # noqa: BLE001 - reported on every row of the case, and the run exits 2
-        for r in rows.values():
-            r.note = f"MatMulInt4: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    def fill_ours(r: Row, got: np.ndarray, again: np.ndarray, times: list[float]) -> None:
+        ours_out[r.m] = got
+        r.err_ours = max_err(got, ref[:r.m])
+        r.deterministic = bool(np.array_equal(got.view(np.uint16), again.view(np.uint16)))
+        r.us_ours = median_us(times, ctx.overhead_s, copies)
+        r.gbps_ours = w.nbytes / (r.us_ours * 1e-6) / 1e9 if r.us_ours else None
+
+    ort_rows(ctx, "MatMulNBits", lambda: copies_model("MatMulNBits", weights), False, copies, n, rows, a_all,
+             fill_nbits)
+    ort_rows(ctx, "MatMulInt4", lambda: copies_model("MatMulInt4", weights), True, copies, n, rows, a_all,
+             fill_ours)
     gc.collect()
     tk = ctx.torch_kernel
     if tk is not None:
@@ -592,23 +587,27 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
         for form_name, form in FORMS.items():
             tk.config = (form, 0, 0)
             mine = form_name == ctx.form
-            try:
-                for m in ms:
-                    r = rows[m]
-                    r.form = ctx.form
-                    r.plans[form_name] = tk.describe(form, m, n, k)
+            for m in ms:
+                r = rows[m]
+                r.form = ctx.form
+                r.plans[form_name] = tk.describe(form, m, n, k)
+                try:
                     y, per_call = tk.run(a_all[:m], dev, n, k, block, args.repeats)
-                    err, us, gbps = max_err(y, ref[:m]), per_call * 1e6, (w.nbytes / per_call / 1e9 if per_call
-                                                                          else None)
+                except Exception as e:  # noqa: BLE001 - on the row, and the next M goes on
+                    r.note += f" {form_name} via ctypes: {one_line(e)}"
                     if mine:
-                        r.err_kernel, r.us_kernel, r.gbps_kernel = err, us, gbps
-                        if m in ours_out:
-                            r.ort_equals_kernel = bool(np.array_equal(y.view(np.uint16), ours_out[m].view(np.uint16)))
+                        r.err_kernel = float("inf")
                     else:
-                        r.err_other, r.us_other, r.gbps_other = err, us, gbps
-            except Exception as e:  # noqa: BLE001
-                for r in rows.values():
-                    r.note += f" {form_name} via ctypes: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        r.err_other = float("inf")
+                    continue
+                err, us, gbps = max_err(y, ref[:m]), per_call * 1e6, (w.nbytes / per_call / 1e9 if per_call
+                                                                      else None)
+                if mine:
+                    r.err_kernel, r.us_kernel, r.gbps_kernel = err, us, gbps
+                    if m in ours_out:
+                        r.ort_equals_kernel = bool(np.array_equal(y.view(np.uint16), ours_out[m].view(np.uint16)))
+                else:
+                    r.err_other, r.us_other, r.gbps_other = err, us, gbps
         if args.sweep and name.startswith("1b") and block == 128 and with_zp:
             limits = {m: 2 * r.err_nbits + SLACK * r.ref_max + 1e-6 for m, r in rows.items() if r.err_nbits is not None}
             sweep(ctx, tk, dev, name, n, k, block, a_all, ref, w.nbytes, limits)
@@ -618,19 +617,18 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
         fp16_done.add(name)
         w16 = np.ascontiguousarray(dequantize(w).T.astype(np.float16))
         c16 = n_copies(w16.nbytes, ctx.copy_bytes)
-        mats = [w16 if i == 0 else np.roll(w16, i, axis=1) for i in range(c16)]
-        sess = runner.session(fp16_model(mats), custom=False)
-        for gid, m in enumerate(ms):
-            got, _, times = runner.run_bound(sess, a_all[:m], n, c16, gid, args.repeats)
-            rows[m].err_fp16 = max_err(got, ref[:m])
-            rows[m].us_fp16 = median_us(times, ctx.overhead_s, c16)
-        del sess, mats, w16
+
+        def fill_fp16(r: Row, got: np.ndarray, again: np.ndarray, times: list[float]) -> None:
+            r.err_fp16 = max_err(got, ref[:r.m])
+            r.us_fp16 = median_us(times, ctx.overhead_s, c16)
+
+        ort_rows(ctx, "fp16 MatMul", lambda: fp16_model([w16 if i == 0 else np.roll(w16, i, axis=1)
+                                                         for i in range(c16)]), False, c16, n, rows, a_all, fill_fp16)
+        del w16
     for m in ms:
         rows[m].judge()
         ctx.rows.append(rows[m])
         ctx.log(line(rows[m]))
-    del weights, ref
-    gc.collect()
 
 
 # (form, tile, split) tried by --sweep: the warps form's weight tiles x warps along K, the cluster form's warps
@@ -666,6 +664,34 @@ def sweep(ctx: Context, tk: TorchKernel, dev: list[Any], name: str, n: int, k: i
             ctx.log(f"sweep {name} M={m}: best {best['form']} tile {best['tile']} split {best['split']} "
                     f"{best['us']:.2f} us ({best['plan']}); {sum(1 for e in done if not e['ok'])} wrong")
     tk.config = (FORMS["warps"], 0, 0)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def ort_rows(ctx: Context, label: str, model: Callable[[], bytes], custom: bool, copies: int, n: int,
+             rows: dict[int, Row], a_all: np.ndarray, fill: Callable[[Row, np.ndarray, np.ndarray, list[float]], None]
+             ) -> None:
+    """One session of ``model`` on the CUDA EP, each M of ``rows`` bound and run in its own CUDA graph; ``fill``
+    records a run. A failure goes on the rows it touched (the session's: all of them) and the rest go on."""
+    runner: OrtRunner = ctx.runner
+    try:
+        sess = runner.session(model(), custom=custom)
+    except Exception as e:  # noqa: BLE001
+        for r in rows.values():
+            r.note += f" {label}: {one_line(e)}"
+        return
+    for gid, (m, r) in enumerate(rows.items()):
+        try:
+            got, again, times = runner.run_bound(sess, a_all[:m], n, copies, gid, ctx.args.repeats)
+        except Exception as e:  # noqa: BLE001
+            r.note += f" {label}: {one_line(e)}"
+            continue
+        fill(r, got, again, times)
+    del sess
+    gc.collect()
 
 
 def line(r: Row) -> str:
