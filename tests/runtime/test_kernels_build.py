@@ -78,6 +78,22 @@ def test_no_compiler_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         build_library("cpu")
 
 
+def test_a_cache_that_cannot_be_made_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("ONNXPIPE_KERNEL_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(KernelBuildError, match=r"^the kernel cache .*file/cache/[0-9a-f]{16} cannot be made: "):
+        build_library("cpu")
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(sources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(build.tempfile, "mkstemp", refuse)  # what a read-only folder does (the tests run as root)
+    with pytest.raises(KernelBuildError, match=r"^the kernel cache .* cannot be written: Permission denied$"):
+        build_library("cpu")
+
+
 def test_cuda_architectures_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONNXPIPE_CUDA_ARCH", "8.0, sm_90")
     assert build.cuda_archs() == (("80", "90"), False)

@@ -172,19 +172,22 @@ def build_library(kind: Kind = "cpu", *, cache: Path | None = None,
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KernelBuildError(f"the kernel cache {target.parent} cannot be made: {e.strerror}") from None
-    with _lock(target.parent / ".lock"):
-        if target.is_file():  # another process built it while this one waited
-            return target
-        (announce or (lambda _m: None))(f"kernels: building {target.name} with {compiler.path} (once)")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            _compile(kind, compiler, flags, Path(tmp))
-            os.chmod(tmp, 0o755)  # mkstemp made it private; a shared cache is read by other users
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    try:
+        with _lock(target.parent / ".lock"):
+            if target.is_file():  # another process built it while this one waited
+                return target
+            (announce or (lambda _m: None))(f"kernels: building {target.name} with {compiler.path} (once)")
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            try:
+                _compile(kind, compiler, flags, Path(tmp))
+                os.chmod(tmp, 0o755)  # mkstemp made it private; a shared cache is read by other users
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    except OSError as e:  # the cache folder: not writable, full
+        raise KernelBuildError(f"the kernel cache {target.parent} cannot be written: {e.strerror or e}") from None
     return target
 
 
