@@ -545,6 +545,7 @@ class Context:
     form: str = "warps"  # the form onnxpipe_int4_gemm (the custom op) uses here
     rows: list[Row] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)  # cases that raised before their rows were made
     sweeps: list[dict[str, Any]] = field(default_factory=list)
     log: Callable[[str], None] = print
 
@@ -1086,14 +1087,19 @@ def main() -> int:
             ctx.skipped.append(f"{name} N={n} K={k} bs={block} zp={with_zp}: past --budget-s" if n else
                                "trained weights: past --budget-s")
             continue
-        if name == "trained":
-            trained_done = True
-            for source, linears in trained_sources(args):
-                for block_t in BLOCKS:
-                    for symmetric in (False, True):
-                        trained_case(ctx, source, linears, block_t, symmetric)
-            continue
-        random_case(ctx, name, n, k, block, with_zp, ms, fp16_done)
+        try:
+            if name == "trained":
+                trained_done = True
+                for source, linears in trained_sources(args):
+                    for block_t in BLOCKS:
+                        for symmetric in (False, True):
+                            trained_case(ctx, source, linears, block_t, symmetric)
+                continue
+            random_case(ctx, name, n, k, block, with_zp, ms, fp16_done)
+        except Exception as e:  # noqa: BLE001 - one case that breaks is reported; the others run
+            ctx.broken.append(f"{name} N={n} K={k} bs={block} zp={with_zp}: {one_line(e)}")
+            log(f"broken: {ctx.broken[-1]}")
+            gc.collect()
 
     failed = [r for r in ctx.rows if r.ok is False]
     sweep_wrong = [e for e in ctx.sweeps if e.get("ok") is False]
@@ -1102,7 +1108,7 @@ def main() -> int:
     result = {"onnxruntime": ort.__version__, "library": str(libs.ort_cuda), "library_built_by": libs.ort_cuda_how,
               "notes": libs.notes, "run_overhead_us": ctx.overhead_s * 1e6, "copy_bytes": COPY_BYTES,
               "slack": SLACK, "elapsed_s": time.perf_counter() - start, "trained_done": trained_done,
-              "skipped": ctx.skipped, "failed": len(failed), "ours_not_run": len(unrun),
+              "skipped": ctx.skipped, "broken": ctx.broken, "failed": len(failed), "ours_not_run": len(unrun),
               "rows": [asdict(r) for r in ctx.rows], "sweeps": ctx.sweeps, "table": lines,
               "form_summary": form_summary(ctx.rows)}
     tmp = args.out / "results.json.tmp"
@@ -1120,7 +1126,9 @@ def main() -> int:
     if unrun:
         log(f"onnxpipe.MatMulInt4 did not run on {len(unrun)} rows: {unrun[0].note or 'no custom-op library'}")
         return 2
-    return 1 if failed or sweep_wrong else 0
+    for b in ctx.broken:
+        log(f"broken: {b}")
+    return 1 if failed or sweep_wrong or ctx.broken else 0
 
 
 if __name__ == "__main__":
