@@ -98,7 +98,7 @@ class DecoderSession:
         if mode != "off" and session_options is None:
             session_options = ort.SessionOptions()
             session_options.log_severity_level = 3
-        listed = set(available_providers())
+        listed = set(available_providers()) if mode != "off" else set()
         self.kernels = plan_kernels(mode, [p for p in CHAIN.get(provider, ("cpu",)) if p in listed or p == "cpu"],
                                     session_options, announce)
 
