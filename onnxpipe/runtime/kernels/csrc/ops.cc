@@ -296,6 +296,8 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
   if (k.bits != 4) return error("bits=" + std::to_string(k.bits) + ": MatMulInt4 takes 4-bit weights only");
   if (k.block_size < 16 || (k.block_size & (k.block_size - 1)))
     return error("block_size=" + std::to_string(k.block_size) + " must be a power of 2 >= 16");
+  if (Cuda && k.block_size != 32 && k.block_size != 64 && k.block_size != 128)
+    return error("block_size=" + std::to_string(k.block_size) + ": the CUDA kernel takes 32, 64 or 128");
   if (k.K <= 0 || k.N <= 0 || k.K % k.block_size)
     return error("K=" + std::to_string(k.K) + " must be a positive multiple of block_size=" +
                  std::to_string(k.block_size) + " and N=" + std::to_string(k.N) + " positive");
