@@ -15,7 +15,7 @@
 //
 // A block owns 16 * NT weight rows and 8 * MT rows of A (grid.y walks M in such chunks, so any M is right; past 32
 // the weight is read again per chunk, from L2 mostly). Its KW warps split K by 128-wide steps (warp w takes steps
-// w, w + KW, ...), prefetching the next step's weight into registers, and are summed in shared memory in a fixed
+// w, w + KW, ...), prefetching the next two steps' weights into registers, and are summed in shared memory in a fixed
 // order at the end: deterministic, no atomics, no workspace. The host picks NT, MT and KW from M, N and the SM
 // count so that a 2048-wide projection still gives every SM a block.
 
@@ -172,33 +172,37 @@ __global__ void __launch_bounds__(KW * 32)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-  RowStep cur[NT][2];
-  int step = warp;
-  if (step < steps) {
+  // the weights of this warp's next two k steps in flight while one is used (a step past the end loads nothing)
+  RowStep cur[NT][2], next[NT][2];
 #pragma unroll
-    for (int i = 0; i < NT; ++i)
+  for (int i = 0; i < NT; ++i)
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
-        cur[i][r] = load_row_step(B, S, Z, n0 + 16 * i + 8 * r + g, N, step * kStep + 32 * t, K, block_shift,
-                                  blocks, zp_stride);
-  }
-  for (; step < steps; step += KW) {
+    for (int r = 0; r < 2; ++r) {
+      const int n = n0 + 16 * i + 8 * r + g;
+      cur[i][r] = load_row_step(B, S, Z, n, N, warp * kStep + 32 * t, warp < steps ? K : 0, block_shift, blocks,
+                                zp_stride);
+      next[i][r] = load_row_step(B, S, Z, n, N, (warp + KW) * kStep + 32 * t, warp + KW < steps ? K : 0,
+                                 block_shift, blocks, zp_stride);
+    }
+  for (int step = warp; step < steps; step += KW) {
     const int k = step * kStep + 32 * t;  // K % 32 == 0: a lane's 32 k are all in range or all out
-    // the next step's weight in flight while this one is used
-    RowStep next[NT][2];
-    const int step_next = step + KW;
+    RowStep after[NT][2];
+    const int step_after = step + 2 * KW;
 #pragma unroll
     for (int i = 0; i < NT; ++i)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        next[i][r] = load_row_step(B, S, Z, n0 + 16 * i + 8 * r + g, N, step_next * kStep + 32 * t,
-                                   step_next < steps ? K : 0, block_shift, blocks, zp_stride);
+        after[i][r] = load_row_step(B, S, Z, n0 + 16 * i + 8 * r + g, N, step_after * kStep + 32 * t,
+                                    step_after < steps ? K : 0, block_shift, blocks, zp_stride);
 
     mma_step<NT, MT>(acc, cur, A, M, K, m0, k);
 #pragma unroll
     for (int i = 0; i < NT; ++i)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) cur[i][r] = next[i][r];
+      for (int r = 0; r < 2; ++r) {
+        cur[i][r] = next[i][r];
+        next[i][r] = after[i][r];
+      }
   }
 
   // accumulator (row g / g + 8 of the weight tile, columns 2t, 2t + 1 of the A tile) -> shared, then the KW warps
@@ -269,24 +273,29 @@ __global__ void __launch_bounds__(kMaxRowWarps * 32)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[0][j][e] = 0.0f;
 
-  RowStep cur[1][2];
-  if (first < last) {
+  // the weights of the next two k steps in flight while one is used (a step past the slice loads nothing)
+  RowStep cur[1][2], next[1][2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      cur[0][r] = load_row_step(B, S, Z, n0 + 8 * r + g, N, first * kStep + 32 * t, K, block_shift, blocks,
-                                zp_stride);
+  for (int r = 0; r < 2; ++r) {
+    cur[0][r] = load_row_step(B, S, Z, n0 + 8 * r + g, N, first * kStep + 32 * t, first < last ? K : 0,
+                              block_shift, blocks, zp_stride);
+    next[0][r] = load_row_step(B, S, Z, n0 + 8 * r + g, N, (first + 1) * kStep + 32 * t, first + 1 < last ? K : 0,
+                               block_shift, blocks, zp_stride);
   }
   for (int step = first; step < last; ++step) {
     const int k = step * kStep + 32 * t;
-    RowStep next[1][2];
-    const int step_next = step + 1;
+    RowStep after[1][2];
+    const int step_after = step + 2;
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-      next[0][r] = load_row_step(B, S, Z, n0 + 8 * r + g, N, step_next * kStep + 32 * t,
-                                 step_next < last ? K : 0, block_shift, blocks, zp_stride);
+      after[0][r] = load_row_step(B, S, Z, n0 + 8 * r + g, N, step_after * kStep + 32 * t,
+                                  step_after < last ? K : 0, block_shift, blocks, zp_stride);
     mma_step<1, MT>(acc, cur, A, M, K, m0, k);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) cur[0][r] = next[0][r];
+    for (int r = 0; r < 2; ++r) {
+      cur[0][r] = next[0][r];
+      next[0][r] = after[0][r];
+    }
   }
 
 #pragma unroll
