@@ -776,29 +776,34 @@ def linears_from_npz(path: Path) -> list[Linear]:
 
 
 def trained_case(ctx: Context, source: str, linears: list[Linear], block: int, symmetric: bool) -> None:
-    """All of ``linears`` in one model per op (an input per node), M in TRAINED_MS, plain runs."""
-    onnx = _onnx()
-    fp16 = onnx.TensorProto.FLOAT16
+    """``linears`` quantized by our RTN at ``block``, then int4_case."""
     usable = [lin for lin in linears if lin.weight.shape[1] % block == 0]
     for lin in linears:
         if lin not in usable:
             ctx.skipped.append(f"{lin.name} bs={block}: K={lin.weight.shape[1]} is not a multiple of the block")
-    if not usable:
-        return
     quantized = []
     who = ""
     for lin in usable:
         w, who = quantize_weight(lin.weight, block, symmetric)
-        quantized.append(w)
-    rng = np.random.default_rng(block + int(symmetric))
-    acts = {m: [(rng.standard_normal((m, lin.weight.shape[1])) * lin.act_rms).astype(np.float16) for lin in usable]
+        quantized.append((lin.name, w, lin.act_rms))
+    if quantized:
+        int4_case(ctx, source, quantized, seed=block + int(symmetric), note=f"quantized by {who}")
+
+
+def int4_case(ctx: Context, source: str, quantized: list[tuple[str, Int4Weight, np.ndarray]], seed: int,
+              note: str) -> None:
+    """Each (name, weight, input RMS) in one model per op (an input per node), M in TRAINED_MS, plain runs."""
+    onnx = _onnx()
+    fp16 = onnx.TensorProto.FLOAT16
+    rng = np.random.default_rng(seed)
+    acts = {m: [(rng.standard_normal((m, w.k)) * rms).astype(np.float16) for _, w, rms in quantized]
             for m in TRAINED_MS}
 
     def build(op: str) -> bytes:
         nodes: list[Any] = []
         inits: list[Any] = []
         inputs, outputs = [], []
-        for i, w in enumerate(quantized):
+        for i, (_, w, _) in enumerate(quantized):
             nodes.append(int4_node(op, f"A{i}", w, f"w{i}", f"Y{i}", inits))
             inputs.append(onnx.helper.make_tensor_value_info(f"A{i}", fp16, ["M", w.k]))
             outputs.append(onnx.helper.make_tensor_value_info(f"Y{i}", fp16, ["M", w.n]))
@@ -812,12 +817,12 @@ def trained_case(ctx: Context, source: str, linears: list[Linear], block: int, s
             results[op] = {m: sess.run(None, {f"A{i}": a for i, a in enumerate(acts[m])}) for m in TRAINED_MS}
             del sess
         except Exception as e:  # noqa: BLE001
-            ctx.log(f"trained {source} bs={block} {op}: {type(e).__name__}: {str(e).splitlines()[0]}")
-    for i, (lin, w) in enumerate(zip(usable, quantized)):
+            ctx.log(f"{source} {op}: {one_line(e)}")
+    for i, (name, w, _) in enumerate(quantized):
         for m in TRAINED_MS:
             ref = reference(acts[m][i], w)
-            r = Row(lin.name, w.n, w.k, block, not symmetric, m, source=source, ref_max=float(np.abs(ref).max()),
-                    note=f"quantized by {who}" if i == 0 and m == TRAINED_MS[0] else "")
+            r = Row(name, w.n, w.k, w.block_size, w.zero_points is not None, m, source=source,
+                    ref_max=float(np.abs(ref).max()), note=note if i == 0 and m == TRAINED_MS[0] else "")
             if "MatMulNBits" in results:
                 r.err_nbits = max_err(results["MatMulNBits"][m][i], ref)
             if "MatMulInt4" in results:
@@ -825,6 +830,40 @@ def trained_case(ctx: Context, source: str, linears: list[Linear], block: int, s
             r.judge()
             ctx.rows.append(r)
         ctx.log(line(ctx.rows[-1]))
+
+
+def int4_build_weights(model_dir: Path, limit: int) -> list[tuple[str, Int4Weight, np.ndarray]]:
+    """The first ``limit`` 4-bit MatMulNBits of an int4 build's model.onnx (block 32/64/128 dividing K, packed
+    zero points or none) as they are, with unit input scale (an int4 build holds no activation statistics)."""
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    path = model_dir / "model.onnx" if model_dir.is_dir() else model_dir
+    model = onnx.load(str(path), load_external_data=True)
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or len(out) >= limit:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        k, n, bs = int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"])
+        names = list(node.input) + [""] * 6
+        if attrs.get("bits", 4) != 4 or bs not in (32, 64, 128) or k % bs or any(names[4:6]) \
+                or names[1] not in inits or names[2] not in inits:
+            continue
+        blocks = k // bs
+        packed = numpy_helper.to_array(inits[names[1]]).reshape(n, blocks, bs // 2)
+        scales = numpy_helper.to_array(inits[names[2]])
+        if scales.dtype != np.float16:
+            continue  # the CUDA kernel takes fp16 scales (a build for the GPU)
+        zp = None
+        if names[3]:
+            if names[3] not in inits or inits[names[3]].data_type != onnx.TensorProto.UINT8:
+                continue
+            zp = numpy_helper.to_array(inits[names[3]]).reshape(n, (blocks + 1) // 2)
+        out.append((node.name or names[1], Int4Weight(packed, scales.reshape(n, blocks), zp, bs),
+                    np.ones(k, np.float32)))
+    return out
 
 
 def trained_sources(args: argparse.Namespace) -> list[tuple[str, list[Linear]]]:
@@ -937,6 +976,8 @@ def dry_run(args: argparse.Namespace, libs: Libraries, plan: list[tuple[str, int
     for source, linears in trained_sources(args):
         for block in BLOCKS:
             trained_case(ctx, source, linears[:6], block, symmetric=block == 128)
+    for model_dir in args.model or []:
+        int4_case(ctx, Path(model_dir).name, int4_build_weights(Path(model_dir), 4), seed=0, note=f"from {model_dir}")
     failed = [r for r in ctx.rows if r.ok is not True]
     log(f"CPU reference MatMulInt4 on the cases' code: {len(ctx.rows)} rows, {len(failed)} not ok"
         + (f" (first: {line(failed[0])})" if failed else ""))
@@ -1013,6 +1054,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=30, help="timed runs per case and M")
     p.add_argument("--trained", action="append", help=".npz from --save-trained, or a Hugging Face directory "
                    f"(repeatable; default {TRAINED_NPZ} where it exists, else models/llama-stdlib)")
+    p.add_argument("--model", action="append", help="an existing int4 build (its model.onnx): its first "
+                   "--model-nodes MatMulNBits as they are, random unit-scale activations (repeatable)")
+    p.add_argument("--model-nodes", type=int, default=24)
     p.add_argument("--save-trained", nargs="?", const=ROOT / TRAINED_NPZ, type=Path,
                    help=f"write the trained weights' .npz (default {TRAINED_NPZ}) and stop (CPU)")
     p.add_argument("--nvcc", help="the nvcc to use (default: found as onnxpipe.runtime.kernels.build finds it)")
@@ -1094,6 +1138,12 @@ def main() -> int:
                     for block_t in BLOCKS:
                         for symmetric in (False, True):
                             trained_case(ctx, source, linears, block_t, symmetric)
+                for model_dir in args.model or []:
+                    weights = int4_build_weights(Path(model_dir), args.model_nodes)
+                    if weights:
+                        int4_case(ctx, Path(model_dir).name, weights, seed=0, note=f"from {model_dir}")
+                    else:
+                        ctx.skipped.append(f"--model {model_dir}: no 4-bit MatMulNBits with fp16 scales")
                 continue
             random_case(ctx, name, n, k, block, with_zp, ms, fp16_done)
         except Exception as e:  # noqa: BLE001 - one case that breaks is reported; the others run
