@@ -19,7 +19,8 @@ What it does, in order:
 3. Trained weights (--trained: .npz files made by --save-trained, or Hugging Face directories with safetensors;
    default out/check_kernels/trained.npz where it exists (carry it to the GPU host), else models/llama-stdlib): each linear layer quantized to int4 by our quantizer
    (onnxpipe.quant.rtn_stream.quantize_block, which is onnxruntime's quantize_matmul_4bits) at block 32 and 128,
-   with and without zero points, and fed random activations of the layer's real per-channel scale.
+   with and without zero points, and fed random activations of the layer's real per-channel scale. --model DIR adds
+   an existing int4 build's MatMulNBits weights as they are (fp16 scales: a GPU build), with unit-scale activations.
 Prints one line per case as it goes, a short table last, writes results.json under --out, and exits 1 if any
 error of ours exceeds 2x MatMulNBits' own error plus a slack of 2^-10 of the reference's largest magnitude, or ours
 is not bit-identical across runs; 2 if the custom op could not be built or run (the reason in one line).
