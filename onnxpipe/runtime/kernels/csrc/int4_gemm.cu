@@ -419,11 +419,15 @@ struct Plan {
 // tile and split (0: chosen here) set, for the warps form, the weight tiles a block (1, 2) and its warps along K
 // (4, 8, 16; 4 or 8 with 2 tiles); for the cluster form, its warps along N (1-8) and the cluster's blocks along K
 // (1-8). A value outside those gives form -1.
+// The form a call takes when none is asked for. The warps form until a GPU run of scripts/check_kernels.py has
+// compared the two on the Llama shapes.
+int auto_form(int /*m*/, int /*n*/, int /*k*/, const Device& /*d*/) { return ONNXPIPE_INT4_GEMM_WARPS; }
+
 Plan make_plan(int form, int m, int n, int k, int tile, int split) {
   const Device d = device_info();
   const int sms = d.sms;
   Plan p{};
-  if (form == ONNXPIPE_INT4_GEMM_AUTO) form = ONNXPIPE_INT4_GEMM_WARPS;
+  if (form == ONNXPIPE_INT4_GEMM_AUTO) form = auto_form(m, n, k, d);
   if (form == ONNXPIPE_INT4_GEMM_CLUSTER && !d.clusters) form = ONNXPIPE_INT4_GEMM_WARPS;  // clusters: sm_90 on
   p.form = form;
   // A rows a block: 8, 16, 32; 64 past 32 in the cluster form (its one weight tile a warp leaves the registers;
