@@ -1,0 +1,107 @@
+"""The int4 GEMM's kernels, their very source, run on the CPU under a host simulation of the CUDA features they use
+(int4_gemm_sim/prelude.h): both forms, ragged N and M, K not a multiple of 128, block 32/64/128, with and without
+zero points, clusters of 1-5 blocks along K. Each case's output is checked against a double-precision reference
+within 2^-9 of its largest magnitude (fp16 rounding is 2^-11), and every output must be written. The kernel's own
+launch code and speed are the GPU's business (scripts/check_kernels.py)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "onnxpipe" / "runtime" / "kernels" / "csrc" / "int4_gemm.cu"
+SIM = Path(__file__).parent / "int4_gemm_sim"
+
+# (form, M, N, K, block, zero points, p1, p2, p3): warps form p = (weight tiles, A tiles, warps along K); cluster
+# form p = (A tiles, warps along N, blocks along K)
+CASES = [
+    (1, 3, 40, 96, 32, 1, 1, 1, 4),
+    (1, 11, 33, 320, 64, 0, 1, 2, 8),
+    (1, 20, 32, 384, 128, 1, 1, 4, 4),
+    (1, 1, 16, 256, 32, 0, 1, 1, 16),
+    (1, 9, 48, 160, 32, 1, 2, 2, 8),
+    (1, 33, 40, 576, 32, 1, 2, 4, 4),
+    (1, 5, 24, 160, 32, 0, 2, 1, 4),
+    (2, 1, 200, 576, 32, 1, 1, 2, 5),
+    (2, 3, 24, 160, 32, 0, 1, 2, 2),
+    (2, 17, 40, 576, 64, 1, 4, 2, 5),
+    (2, 33, 72, 384, 128, 0, 8, 4, 3),
+    (2, 9, 64, 1408, 128, 1, 2, 2, 8),
+    (2, 100, 24, 160, 32, 1, 8, 2, 2),
+    (2, 8, 48, 256, 32, 1, 1, 3, 1),
+]
+
+
+def simulated_source(text: str) -> str:
+    """int4_gemm.cu's device code with its two inline-PTX helpers and its shared arrays mapped to the simulation."""
+    start = text.index("namespace {")
+    warps_end = text.index("template <int NT, int MT, int KW>\ncudaError_t launch(")
+    rows_start = text.index("template <int MT>\n__global__")
+    rows_end = text.index("template <int MT>\ncudaError_t launch_rows(")
+    body = text[start:warps_end] + text[rows_start:rows_end] + "}  // namespace\n"
+
+    def replace_function(code: str, head: str, new: str) -> str:
+        i = code.index(head)
+        j = code.index("\n}\n", i) + 3
+        return code[:i] + new + code[j:]
+
+    body = replace_function(body, "__device__ __forceinline__ void mma_16816(",
+                            "inline void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, "
+                            "uint32_t b0, uint32_t b1) { sim_mma(c, a0, a1, a2, a3, b0, b1); }\n")
+    body = replace_function(body, "__device__ __forceinline__ uint4 load_weight(",
+                            "inline uint4 load_weight(const uint8_t* p) { uint4 v; std::memcpy(&v, p, 16); return v; }\n")
+    body, count = re.subn(r"__shared__ float partial((?:\[[^\]]+\])+);",
+                          lambda m: f"float (&partial){m.group(1)} = *reinterpret_cast<float (*){m.group(1)}>(sim_smem());",
+                          body)
+    assert count == 2, "int4_gemm.cu's shared arrays changed: update simulated_source"
+    return (SIM / "prelude.h").read_text() + "\n" + body + "\n" + (SIM / "harness.inc").read_text()
+
+
+@pytest.fixture(scope="module")
+def simulator(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    work = tmp_path_factory.mktemp("int4_gemm_sim")
+    probe = work / "probe.cpp"
+    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); _Float16 h = 1; b.arrive_and_wait(); "
+                     "return (int)(float)h - 1; }\n")
+    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(work / "probe")],
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"{cxx} lacks C++20 <barrier> or _Float16 (GCC 12 on x86-64 has both)")
+    source = work / "sim.cpp"
+    source.write_text(simulated_source(SOURCE.read_text()))
+    binary = work / "sim"
+    proc = subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", "-w", str(source), "-o", str(binary)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return binary
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "{}-M{}-N{}-K{}-bs{}-zp{}-{}.{}.{}".format(*c))
+def test_kernel_source_on_the_cpu(simulator: Path, case: tuple[int, ...]) -> None:
+    proc = subprocess.run([str(simulator), *map(str, case)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith(" ok"), proc.stdout + proc.stderr
+    assert "unwritten 0" in proc.stdout
+
+
+def test_simulation_sees_a_lost_k_step(simulator: Path, tmp_path: Path) -> None:
+    """The same simulation of a copy of the source where the first block of a cluster skips its last k step
+    fails: the check can fail."""
+    text = SOURCE.read_text()
+    line = "const int last = (int)((int64_t)(slice + 1) * steps / slices);"
+    assert line in text
+    source = tmp_path / "broken.cpp"
+    source.write_text(simulated_source(text.replace(line, line[:-1] + " - (slice == 0);")))
+    binary = tmp_path / "broken"
+    cxx = shutil.which("g++") or shutil.which("c++")
+    assert cxx
+    subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", "-w", str(source), "-o", str(binary)], check=True)
+    proc = subprocess.run([str(binary), "2", "1", "200", "576", "32", "1", "1", "2", "5"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout
