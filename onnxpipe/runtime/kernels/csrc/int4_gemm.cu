@@ -375,6 +375,36 @@ struct Device {
   bool clusters = false;  // the GPU has them and the code loaded for it was compiled with them (sm_90 on)
 };
 
+template <class Kernel>
+void load(Kernel kernel) {
+  cudaFuncAttributes attributes;
+  (void)cudaFuncGetAttributes(&attributes, kernel);
+}
+
+// Every kernel loaded now: with CUDA's lazy loading a kernel is otherwise loaded at its first launch, which for a
+// shape first met inside a graph capture would be during the capture.
+void load_all() {
+  load(int4_gemm_kernel<1, 1, 4>);
+  load(int4_gemm_kernel<1, 1, 8>);
+  load(int4_gemm_kernel<1, 1, 16>);
+  load(int4_gemm_kernel<1, 2, 4>);
+  load(int4_gemm_kernel<1, 2, 8>);
+  load(int4_gemm_kernel<1, 2, 16>);
+  load(int4_gemm_kernel<1, 4, 4>);
+  load(int4_gemm_kernel<1, 4, 8>);
+  load(int4_gemm_kernel<1, 4, 16>);
+  load(int4_gemm_kernel<2, 1, 4>);
+  load(int4_gemm_kernel<2, 1, 8>);
+  load(int4_gemm_kernel<2, 2, 4>);
+  load(int4_gemm_kernel<2, 2, 8>);
+  load(int4_gemm_kernel<2, 4, 4>);
+  load(int4_gemm_kernel<2, 4, 8>);
+  load(int4_gemm_rows_kernel<1>);
+  load(int4_gemm_rows_kernel<2>);
+  load(int4_gemm_rows_kernel<4>);
+  load(int4_gemm_rows_kernel<8>);
+}
+
 Device device_info() {
   // read once per device, before any capture in practice (a session runs once before it captures a graph)
   static Device devices[kMaxDevices];
@@ -390,6 +420,7 @@ Device device_info() {
     const bool built = cudaFuncGetAttributes(&attributes, int4_gemm_rows_kernel<1>) == cudaSuccess &&
                        attributes.binaryVersion >= 90;
     d.clusters = major >= 9 && built;
+    load_all();
     d.major = major;
     d.sms = sms;
   }
