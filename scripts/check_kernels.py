@@ -1005,7 +1005,7 @@ def table(rows: list[Row]) -> list[str]:
     """Per case and M (block 128 with zero points, the usual GPU int4 build; the others in the JSON): times, ours
     against MatMulNBits and fp16, and the worst error ratio of the case over every variant."""
     form = next((r.form for r in rows if r.form), "-")
-    other = next((f for f in FORMS if f != form), "-")
+    other = next((f for f in FORMS if f != form), "-") if form != "-" else "-"
     out = ["| case | M | MatMulNBits us | ours us | fp16 us | ours/nbits | ours/fp16 | ours GB/s | "
            f"kernel {form} us | kernel {other} us | worst err ours/nbits |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -1126,7 +1126,22 @@ def main() -> int:
     # the 1B shapes, then trained weights, then the rest
     order = [c for c in plan if c[0].startswith("1b") and "head" not in c[0]]
     order += [("trained", 0, 0, 0, False, ())] + [c for c in plan if c not in order]
+    def save(done: bool) -> None:
+        """results.json as it stands (after every case, so a run cut short keeps what it measured)."""
+        failed = [r for r in ctx.rows if r.ok is False]
+        result = {"onnxruntime": ort.__version__, "library": str(libs.ort_cuda),
+                  "library_built_by": libs.ort_cuda_how, "notes": libs.notes, "run_overhead_us": ctx.overhead_s * 1e6,
+                  "copy_bytes": COPY_BYTES, "slack": SLACK, "elapsed_s": time.perf_counter() - start,
+                  "complete": done, "trained_done": trained_done, "skipped": ctx.skipped, "broken": ctx.broken,
+                  "failed": len(failed), "ours_not_run": sum(r.err_ours is None for r in ctx.rows),
+                  "rows": [asdict(r) for r in ctx.rows], "sweeps": ctx.sweeps, "table": table(ctx.rows),
+                  "form_summary": form_summary(ctx.rows)}
+        tmp = args.out / "results.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, args.out / "results.json")
+
     for case in order:
+        save(done=False)
         name, n, k, block, with_zp, ms = case
         if ctx.over_budget():
             ctx.skipped.append(f"{name} N={n} K={k} bs={block} zp={with_zp}: past --budget-s" if n else
@@ -1156,18 +1171,12 @@ def main() -> int:
     sweep_wrong = [e for e in ctx.sweeps if e.get("ok") is False]
     unrun = [r for r in ctx.rows if r.err_ours is None]
     lines = table(ctx.rows)
-    result = {"onnxruntime": ort.__version__, "library": str(libs.ort_cuda), "library_built_by": libs.ort_cuda_how,
-              "notes": libs.notes, "run_overhead_us": ctx.overhead_s * 1e6, "copy_bytes": COPY_BYTES,
-              "slack": SLACK, "elapsed_s": time.perf_counter() - start, "trained_done": trained_done,
-              "skipped": ctx.skipped, "broken": ctx.broken, "failed": len(failed), "ours_not_run": len(unrun),
-              "rows": [asdict(r) for r in ctx.rows], "sweeps": ctx.sweeps, "table": lines,
-              "form_summary": form_summary(ctx.rows)}
-    tmp = args.out / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.out / "results.json")
+    save(done=True)
     log("")
-    for s in ctx.skipped:
+    for s in ctx.skipped[:8]:
         log(f"skipped: {s}")
+    if len(ctx.skipped) > 8:
+        log(f"skipped: {len(ctx.skipped) - 8} more (results.json)")
     log(f"{len(ctx.rows)} rows, {len(failed)} failed, {len(unrun)} without ours, "
         f"{time.perf_counter() - start:.0f} s; results.json under {args.out}")
     for ln in lines + form_summary(ctx.rows):
