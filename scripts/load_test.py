@@ -36,8 +36,8 @@ measured decode step and prefill times; the table gives the mean tokens a chunk 
 are read under 2x the quiet p50.
 
 --chunk-graphs on,off (with --cuda-graph): the long prompts' chunks replayed through CUDA graphs captured per (row,
-chunk width), or run outside any graph (`onnxpipe serve --chunk-graphs/--no-chunk-graphs`; on by default with CUDA
-graphs); each --chunks entry runs once per value, and the table gives the chunks that went through a graph (the
+chunk width), or run outside any graph (`onnxpipe serve --chunk-graphs/--no-chunk-graphs`; off by default until
+a GPU run has checked them); each --chunks entry runs once per value, and the table gives the chunks that went through a graph (the
 server's `graph_chunks`). With chunk graphs on, --check-equal also runs with a fixed chunk of 32 tokens, so that its
 longer prompts are read in chunks through them (with `auto` its prompts, at most 128 tokens, are read whole).
 

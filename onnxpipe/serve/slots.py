@@ -18,7 +18,7 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
   whatever its tokens, then as many as ``budget.whole`` allows); with a budget of tokens, prompts whose padded run
   fits what is left. A group run is one run to the budget (its fitted cost counts k rows' tokens). On a GPU, where a
   run outside the CUDA graph costs its launches whatever its length, k prompts then cost about one run.
-- With CUDA graphs (``chunk_graphs``, on by default there), a long prompt's chunks run at fixed widths through graphs
+- With CUDA graphs and ``chunk_graphs`` (opt-in: not yet run on a GPU), a long prompt's chunks run at fixed widths through graphs
   captured per (row, width) on the loop's thread (``RowPrefill.run_chunk``, ``CudaGraphs.run_chunk``): launch-free,
   so a chunk costs its device time, not its launches; ``auto`` sizes chunks among those widths. ``stats.graph_chunks``
   counts the chunks that ran so. Short prompts read whole and group runs stay uncaptured (any row, any length).
@@ -148,12 +148,12 @@ class SlotScheduler(BatchLoop):
         self.max_length = min(length, self.cache.capacity)
         self.table = SlotTable(max_batch, self.cache.capacity, int(lm.manifest.tokenizer.get("pad_token_id") or 0))
         self.rows = RowPrefill(lm, self.cache.values)
-        # long prompts' chunks through captured graphs: with CUDA graphs (and the last-position head's small fixed
-        # logits) unless chunk_graphs is False
+        # long prompts' chunks through captured graphs: opt-in (chunk_graphs=True, with CUDA graphs and the
+        # last-position head's small fixed logits) until a GPU run has checked them (docs/serve.md)
         if chunk_graphs and not (s.cuda_graph and s.last_position):
             raise OnnxpipeError(f"{s.model_dir.path}: chunk graphs replay long prompts' chunks as CUDA graphs: they need "
                                 "a session with CUDA graphs (--cuda-graph) and the last-position head")
-        self.rows.chunk_graphs = bool(s.cuda_graph and s.last_position) if chunk_graphs is None else chunk_graphs
+        self.rows.chunk_graphs = bool(chunk_graphs)
         if self.rows.chunk_graphs:
             self.budget.widths = CHUNK_WIDTHS
         # the rows whose chunk graphs ``_started`` captures ahead (none on the CPU, where tests drive the graph path)
