@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                         "and --chunks entry runs once per value [the server's default]")
     p.add_argument("--chunk-graphs", default="",
                    help="comma-separated on/off: long prompts' chunks through CUDA graphs (--cuda-graph); each --chunks "
-                        "entry runs once per value [the server's default: on with CUDA graphs]")
+                        "entry runs once per value [the server's default: off]")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
     if args.build_child:  # the checkpoint, in a process of its own (torch)
