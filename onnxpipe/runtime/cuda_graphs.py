@@ -142,6 +142,30 @@ class _ChunkGraph:
     scratch: dict[str, Any] = field(default_factory=dict)
 
 
+def _upload(host: Any, graph: Any, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+            last_index: np.ndarray) -> None:
+    """Copy a captured prefill's or chunk's int64 inputs into its fixed buffers (positions only where the graph
+    reads them), counted as uploads."""
+    arrays = [(graph.ids, ids), (graph.mask, mask), (graph.last_index, last_index)]
+    if host.has_position_ids:
+        arrays.append((graph.positions, positions))
+    for value, array in arrays:
+        array = np.ascontiguousarray(array, dtype=np.int64)
+        value.update_inplace(array)
+        host.transfers.up_bytes += array.nbytes
+
+
+def _bind_scratch(host: Any, io: Any, batch: int, mask_width: int) -> dict[str, Any]:
+    """Fixed buffers of its own for a captured run's step-tail outputs (never the decode graph's), bound to ``io``."""
+    dev = host._buffer
+    scratch = {NEXT_IDS: dev((batch, 1), np.int64), NEXT_MASK: dev((batch, mask_width), np.int64)}
+    if NEXT_POSITIONS in {o.name for o in host.session.get_outputs()}:
+        scratch[NEXT_POSITIONS] = dev((batch, 1), np.int64)
+    for name, value in scratch.items():
+        io.bind_ortvalue_output(name, value)
+    return scratch
+
+
 def check_cuda_graph_form(path: Any, graph: dict[str, Any]) -> None:
     """CUDA graphs replay fixed shapes: the cache must be one in-place buffer and the mask readable at a fixed
     width, which is the CUDA attention form of optimize --target cuda."""
@@ -331,13 +355,7 @@ class CudaGraphs:
         pg = slot.prefills.get(width) or self._prefill_graph(slot, batch, width)
         if last_index is None:
             last_index = np.full((batch,), width - 1, np.int64)
-        arrays = [(pg.ids, input_ids), (pg.mask, attention_mask), (pg.last_index, last_index)]
-        if host.has_position_ids:
-            arrays.append((pg.positions, position_ids))
-        for value, array in arrays:
-            array = np.ascontiguousarray(array, dtype=np.int64)
-            value.update_inplace(array)
-            host.transfers.up_bytes += array.nbytes
+        _upload(host, pg, input_ids, attention_mask, position_ids, last_index)
         if pg.run_options is None:
             pg.run_options = run_options(self._ort, pg.graph_id)
         host._run_graph(pg.io, pg.run_options, f"a CUDA-graph prefill (batch {batch}, {width} tokens)")
@@ -361,11 +379,7 @@ class CudaGraphs:
         io = pg.io
         self._bind_fixed(io, pg.ids, pg.mask, pg.positions, pg.last_index, slot.cache, pg.logits)
         if host.fed:  # the step tail's outputs: fixed scratch (a prefill's mask is narrower than the slot's)
-            pg.scratch = {NEXT_IDS: dev((batch, 1), np.int64), NEXT_MASK: dev((batch, width), np.int64)}
-            if NEXT_POSITIONS in {o.name for o in host.session.get_outputs()}:
-                pg.scratch[NEXT_POSITIONS] = dev((batch, 1), np.int64)
-            for name, value in pg.scratch.items():
-                io.bind_ortvalue_output(name, value)
+            pg.scratch = _bind_scratch(host, io, batch, width)
         slot.prefills[width] = pg
         return pg
 
@@ -400,13 +414,7 @@ class CudaGraphs:
             if len(slot.chunks) >= CHUNK_GRAPHS_PER_SLOT:
                 return None
             cg = self._chunk_graph(slot, row, width)
-        arrays = [(cg.ids, ids), (cg.mask, mask), (cg.last_index, last_index)]
-        if host.has_position_ids:
-            arrays.append((cg.positions, positions))
-        for value, array in arrays:
-            array = np.ascontiguousarray(array, dtype=np.int64)
-            value.update_inplace(array)
-            host.transfers.up_bytes += array.nbytes
+        _upload(host, cg, ids, mask, positions, last_index)
         thread = _this_thread()
         captures = thread not in cg.threads
         host._run_graph(cg.io, cg.run_options, f"a CUDA-graph prefill chunk (row {row}, {width} tokens)")
@@ -437,11 +445,7 @@ class CudaGraphs:
             io.bind_input(past, where, 0, host.kv_dtype, shape, at)
             io.bind_output(present, where, 0, host.kv_dtype, shape, at)
         if host.fed:  # the step tail's outputs: fixed scratch, never the decode graph's buffers
-            cg.scratch = {NEXT_IDS: dev((1, 1), np.int64), NEXT_MASK: dev((1, slot.capacity), np.int64)}
-            if NEXT_POSITIONS in {o.name for o in host.session.get_outputs()}:
-                cg.scratch[NEXT_POSITIONS] = dev((1, 1), np.int64)
-            for name, value in cg.scratch.items():
-                io.bind_ortvalue_output(name, value)
+            cg.scratch = _bind_scratch(host, io, 1, slot.capacity)
         cg.run_options = run_options(self._ort, cg.graph_id)
         slot.chunks[(row, width)] = cg
         return cg
