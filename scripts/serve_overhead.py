@@ -1,0 +1,408 @@
+"""The server's own cost per decode step, measured on the CPU against a stand-in for a GPU's step.
+
+On a GPU a decode step of the slot layout is one CUDA-graph replay (~1.7 ms at batch 32 for the 1B shape on an
+H100) during which the scheduler's thread waits in onnxruntime with the GIL released; what the server adds around it
+(the scheduler's Python per step, the event loop writing the streams, the GIL they share) decides how close served
+tokens/s get to the offline batch. This script measures that part on the CPU:
+
+- the real server stack: ``create_app`` (Starlette on uvicorn, uvloop), the slot layout's scheduler through the
+  session's CUDA-graph slot path (its fixed buffers, replays with a graph id, the step tail that feeds greedy steps
+  on the "device", the overlap of a step's rows with the next step), real streaming HTTP clients on loopback in a
+  process of their own (``load_test.level``);
+- over a stand-in device (``PacedRuns``): a tiny random Llama (2 layers, width 64, a word-level tokenizer, as
+  ``load_test.py --build-1b`` makes its model; fp32 on the CPU EP, ~0.3 ms a 32-row step on the 2-core machine)
+  whose every run takes at least a GPU's time: a replay of the decode graph (``gpu_graph_id`` >= 0) ``--step-ms``, any
+  other run (a prefill into a row, outside the graph) ``--prefill-ms``, the rest slept with ``time.sleep`` (which
+  releases the GIL, as onnxruntime's CUDA run does). The tokens are the tiny model's own, so they are deterministic.
+
+The offline figure is the same stand-in's: a batch of ``streams`` prompts read in one prefill run, then
+``max_tokens - 1`` decode steps, per request a client sends (``offline``). served / offline is the ratio a GPU run
+measures (scripts/load_test.py's "served / offline"). Where the served run's time went (``breakdown``): the device
+time its runs needed (more than offline's: one prefill run per request rather than one per batch, and the steps
+whose rows were not full), and the rest, the server's own: the scheduler's Python between runs, the time a run's
+thread waited past its end to run Python again (the sleep's overshoot, measured idle first, and the GIL), and the
+loop between iterations; the CPU seconds of each thread of the server (``/proc``) and of the client process.
+
+    nice -n 10 python scripts/serve_overhead.py --workdir /tmp/serve-overhead --json /tmp/serve-overhead/run.json
+
+The machine running it matters: on 2 cores the client process competes with the server's threads (a GPU host has
+16); its CPU seconds are printed so that this can be judged. The run is bounded (``--budget-s``, at most 120 s):
+repeats that would start after it are left out and said so, a client run still going when it ends is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+MAX_BUDGET_S = 120.0  # the whole run, at most
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=1024, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+# ---- the stand-in device ----
+@dataclass(frozen=True)
+class DeviceCost:
+    """What a run costs on the device the stand-in plays: a decode step (a CUDA-graph replay of every row), and a
+    prefill run (outside the graph: on a GPU its kernel launches, about the same whatever its length)."""
+
+    step_s: float = 0.0017  # run 25/26: the H100's quiet decode step at 32 rows, 1B shape
+    prefill_s: float = 0.0023  # run 25: one 128-token prompt's prefill run on the H100
+
+    def __post_init__(self) -> None:
+        for name in ("step_s", "prefill_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise ValueError(f"{name} must be in (0, 1] seconds, got {value!r}")
+
+    def offline(self, streams: int, new_tokens: int, requests_per_client: int = 1) -> dict[str, float]:
+        """The stand-in's offline batch: ``streams`` prompts read in one prefill run (it gives each row its first
+        token), then ``new_tokens - 1`` decode steps of every row; once per request a client sends."""
+        for name, value in (("streams", streams), ("new_tokens", new_tokens),
+                            ("requests_per_client", requests_per_client)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        seconds = requests_per_client * (self.prefill_s + (new_tokens - 1) * self.step_s)
+        tokens = streams * new_tokens * requests_per_client
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                "prefill_runs": requests_per_client, "steps": requests_per_client * (new_tokens - 1)}
+
+
+@dataclass
+class Run:
+    kind: str  # "step" (a replay of the decode graph) or "prefill" (any other run)
+    start: float  # perf_counter seconds
+    inner_s: float  # the tiny model's own run (CPU, GIL released)
+    inner_cpu_s: float  # of it, the thread's CPU seconds
+    device_s: float  # what the run stands for: max(cost, inner_s)
+    late_s: float  # from the run's end (start + device_s) until its thread ran Python again
+
+
+class PacedRuns:
+    """Stands in for the InferenceSession of a GPU: each ``run_with_iobinding`` runs the wrapped session (the tiny
+    model's tokens) and then sleeps until the device's cost has passed since the call began (``DeviceCost``: a
+    replay of a graph id >= 0 is a decode step, any other run a prefill). ``runs`` records each. Everything else is
+    the wrapped session's."""
+
+    def __init__(self, inner: Any, cost: DeviceCost, clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep):
+        self._inner, self.cost, self._clock, self._sleep = inner, cost, clock, sleep
+        self.runs: list[Run] = []
+
+    def run_with_iobinding(self, io: Any, run_options: Any = None) -> None:
+        gid = int(run_options.get_run_config_entry("gpu_graph_id") or -1) if run_options is not None else -1
+        kind = "step" if gid >= 0 else "prefill"
+        start, cpu = self._clock(), time.thread_time()
+        self._inner.run_with_iobinding(io, run_options)
+        inner, cpu = self._clock() - start, time.thread_time() - cpu
+        device = max(self.cost.step_s if kind == "step" else self.cost.prefill_s, inner)
+        if device > inner:
+            self._sleep(device - inner)
+        self.runs.append(Run(kind, start, inner, cpu, device, max(self._clock() - (start + device), 0.0)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def stand_in(model_dir: Path, cost: DeviceCost) -> tuple[Any, PacedRuns]:
+    """The model directory (a CUDA form: ``optimize --target cuda``) on the CPU EP, one thread, through the session's
+    CUDA-graph slot path with the step tail (what a GPU server runs, minus the GPU), its runs paced by ``cost``."""
+    from onnxpipe.runtime.generate import LanguageModel
+    from onnxpipe.runtime.session import DecoderSession
+    from onnxpipe.tokenizer import Tokenizer
+
+    s = DecoderSession(model_dir, "cpu", threads=1, feed_back=True, last_position=True)
+    if not (s.shares_buffer and s.fed):
+        raise SystemExit(f"{model_dir}: not a shared-buffer graph with the step tail (optimize --target cuda)")
+    s.cuda_graph = True  # decode steps through the session's graph slot (replays by graph id), as on a GPU
+    paced = PacedRuns(s.session, cost)
+    s.session = paced
+    return LanguageModel(s, Tokenizer.from_dir(model_dir)), paced
+
+
+def sleep_overshoot(seconds: float, times: int = 200) -> float:
+    """time.sleep's own lateness here (median, seconds) for a sleep of ``seconds``, with nothing else running."""
+    late = []
+    for _ in range(times):
+        t = time.perf_counter()
+        time.sleep(seconds)
+        late.append(time.perf_counter() - t - seconds)
+    return float(np.median(late))
+
+
+# ---- where the time went ----
+def thread_cpu(threads: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds (user + system) each of ``threads`` (name: a running threading.Thread) has used so far, read from
+    its own CPU clock; a thread not started yet has used none."""
+    out = {}
+    for name, thread in threads.items():
+        try:
+            out[name] = time.clock_gettime(time.pthread_getcpuclockid(thread.ident)) if thread.ident else 0.0
+        except (OSError, TypeError):  # it ended meanwhile
+            out[name] = 0.0
+    return out
+
+
+def breakdown(runs: list[Run], trace: list[tuple[float, int, float, float, int]], window: tuple[float, float],
+              offline_s: float) -> dict[str, float]:
+    """Where the served run's ``window`` (perf_counter start, end) went, from the stand-in's ``runs`` and the
+    scheduler's ``trace`` (start, prompt tokens, prefill s, decode step s, rows) that began in it: the device time
+    its runs stood for (decode steps, prefills), the time their threads waited past a run's end (``late``), the
+    scheduler's iterations (busy) against the loop between them, and the server's own time (the window less the
+    device time). ``schedule``: offline's device time over the served run's (what the schedule alone allows)."""
+    lo, hi = window
+    inside = [r for r in runs if lo <= r.start < hi]
+    steps = [r for r in inside if r.kind == "step"]
+    prefills = [r for r in inside if r.kind == "prefill"]
+    its = [t for t in trace if lo <= t[0] < hi]
+    wall = hi - lo
+    device = sum(r.device_s for r in inside)
+    busy = sum(t[2] + t[3] for t in its)
+    return {"wall_s": wall, "steps": len(steps), "prefill_runs": len(prefills),
+            "device_step_s": sum(r.device_s for r in steps), "device_prefill_s": sum(r.device_s for r in prefills),
+            "device_s": device, "inner_s": sum(r.inner_s for r in inside), "inner_cpu_s": sum(r.inner_cpu_s for r in inside),
+            "late_s": sum(r.late_s for r in inside),
+            "late_step_p50_ms": 1e3 * float(np.median([r.late_s for r in steps])) if steps else float("nan"),
+            "iterations": len(its), "busy_s": busy, "between_iterations_s": max(wall - busy, 0.0),
+            "server_own_s": wall - device,
+            "server_own_per_step_ms": 1e3 * (wall - device) / max(len(steps), 1),
+            "schedule": offline_s / device if device else float("nan"),
+            "overhead": device / wall if wall else float("nan")}
+
+
+# ---- the measurement ----
+async def client_level(base: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """``concurrency`` streaming clients, each sending its share of ``prompts`` one after the other (load_test's
+    requests and clients), after one untimed request; the timed window on perf_counter's clock (the server's too),
+    and this process's CPU seconds."""
+    import asyncio
+
+    import httpx
+    from load_test import body, one_request, percentile  # beside this file
+
+    queue = list(prompts)
+    results: list[dict[str, Any]] = []
+
+    async def client_loop(client: Any) -> None:
+        while queue:
+            results.append(await one_request(client, base + "/v1/completions", body(queue.pop(), max_tokens)))
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        await one_request(client, base + "/v1/completions", body(prompts[0][:8], 2))  # untimed: first-use costs
+        cpu, start = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        end, cpu = time.perf_counter(), time.process_time() - cpu
+        server = (await client.get(base + "/health")).json()["stats"]
+    gaps = [g for r in results for g in np.diff(r["times"])]
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "tokens": tokens, "start": start, "end": end, "wall_s": end - start,
+            "tokens_per_s": tokens / (end - start), "client_cpu_s": cpu,
+            "ttft_p50_ms": 1e3 * percentile([r["ttft"] for r in results], 50),
+            "itl_p50_ms": 1e3 * percentile(gaps, 50), "itl_p99_ms": 1e3 * percentile(gaps, 99),
+            "server_stats": server}
+
+
+def measure(lm: Any, paced: PacedRuns, args: argparse.Namespace, prompts: list[list[int]], left_s: float,
+            offline: dict[str, float]) -> dict[str, Any] | None:
+    """One served run: a server of ``streams`` rows, the clients in a process of their own; None if it outlasted
+    ``left_s`` (stopped)."""
+    from load_test import in_client_process  # beside this file
+
+    from onnxpipe.serve.app import ServerThread, create_app
+
+    app = create_app(lm, "model", max_batch=args.streams, max_queue=256, prefill_chunk="auto",
+                     max_length=args.prompt_tokens + args.max_tokens, prefill_group=args.prefill_group)
+    sched = app.state.scheduler
+    trace: list[tuple[float, int, float, float, int]] = []
+    sched.trace = trace  # every iteration kept
+    paced.runs = []
+    with ServerThread(app, host="127.0.0.1") as server:
+        threads = {"scheduler": sched._thread, "event loop": server.thread}
+        before = thread_cpu(threads)
+        row = in_client_process(left_s, client_level, server.url, args.streams, prompts, args.max_tokens)
+        rows = next(iter(list(getattr(sched._rows_thread, "_threads", ()))), None)  # made at its first use
+        if rows is not None:
+            threads["rows"] = rows
+        after = thread_cpu(threads)
+    if row is None:
+        return None
+    cpu = {name: after[name] - before.get(name, 0.0) for name in threads}
+    cpu["client process"] = row["client_cpu_s"]
+    parts = breakdown(paced.runs, trace, (row["start"], row["end"]), offline["seconds"])
+    steps = max(parts["steps"], 1)
+    return {**{k: row[k] for k in ("requests", "tokens", "wall_s", "tokens_per_s", "ttft_p50_ms", "itl_p50_ms",
+                                   "itl_p99_ms", "server_stats")},
+            "served_over_offline": row["tokens_per_s"] / offline["tokens_per_s"], "breakdown": parts, "cpu_s": cpu,
+            "per_step_us": {"scheduler python": 1e6 * (cpu["scheduler"] - sum(r.inner_cpu_s for r in paced.runs)) / steps,
+                            "rows thread": 1e6 * cpu.get("rows", 0.0) / steps,
+                            "event loop": 1e6 * cpu["event loop"] / steps,
+                            "client process": 1e6 * cpu["client process"] / steps}}
+
+
+# ---- the model ----
+def build_tiny(workdir: Path) -> Path:
+    """The tiny random Llama (``TINY``, fp32, a word-level tokenizer) exported and optimized for the CUDA form in
+    ``workdir``, each stage in a child process and skipped where its output is already there."""
+    hf, exported, optimized = workdir / "hf", workdir / "exported", workdir / "cuda"
+    onnxpipe = [sys.executable, "-m", "onnxpipe"]
+    stages = [(hf / "config.json", [sys.executable, __file__, "--build-child", str(hf)]),
+              (exported / "onnxpipe.json", onnxpipe + ["export", str(hf), "-o", str(exported), "--no-verify", "--force"]),
+              (optimized / "onnxpipe.json", onnxpipe + ["optimize", str(exported), "-o", str(optimized), "--level", "3",
+                                                        "--target", "cuda", "--skip-verify", "--force"])]
+    for done, cmd in stages:
+        if not done.is_file():
+            subprocess.run(cmd, check=True, timeout=300)
+    return optimized
+
+
+def write_checkpoint(out: Path) -> None:
+    """``TINY`` with seeded random weights (norms 1, the rest normal(0, 0.1): greedy tokens not near ties) and a
+    word-level tokenizer over its vocabulary, written beside ``out`` and moved into place."""
+    import shutil
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cfg = AutoConfig.for_model("llama", **TINY, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    gen = torch.Generator().manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.1, generator=gen)
+    model.save_pretrained(tmp)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(TINY["vocab_size"])}, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t3", bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(tmp)
+    tmp.rename(out)
+
+
+# ---- the run ----
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=None, help="a CUDA-form model directory [the tiny model, built]")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/serve-overhead"), help="where the tiny model is built")
+    p.add_argument("--step-ms", type=float, default=DeviceCost.step_s * 1e3, help="a decode step on the device")
+    p.add_argument("--prefill-ms", type=float, default=DeviceCost.prefill_s * 1e3, help="a prefill run on the device")
+    p.add_argument("--streams", type=int, default=32, help="concurrent streaming clients, and the server's rows")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--prefill-group", type=int, default=None, help="the server's --prefill-group [its default]")
+    p.add_argument("--repeats", type=int, default=3, help="served runs, each on a server of its own")
+    p.add_argument("--budget-s", type=float, default=100.0, help=f"bound on the whole run (at most {MAX_BUDGET_S:.0f})")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--build-child", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        check_bounds(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def check_bounds(args: argparse.Namespace) -> None:
+    """A bounded run: the budget at most MAX_BUDGET_S, the workload small enough that its offline time is a small
+    share of it (ValueError naming the option otherwise)."""
+    if not 1 <= args.budget_s <= MAX_BUDGET_S:
+        raise ValueError(f"--budget-s must be 1..{MAX_BUDGET_S:.0f}, got {args.budget_s}")
+    for name, low, high in (("streams", 1, 64), ("prompt_tokens", 1, 256), ("max_tokens", 2, 256),
+                            ("requests_per_client", 1, 8), ("repeats", 1, 10)):
+        value = getattr(args, name)
+        if not low <= value <= high:
+            raise ValueError(f"--{name.replace('_', '-')} must be {low}..{high}, got {value}")
+    if args.prefill_group is not None and not 1 <= args.prefill_group <= args.streams:
+        raise ValueError(f"--prefill-group must be 1..--streams ({args.streams}), got {args.prefill_group}")
+    cost = DeviceCost(args.step_ms / 1e3, args.prefill_ms / 1e3)  # ValueError for a cost out of range
+    offline = cost.offline(args.streams, args.max_tokens, args.requests_per_client)["seconds"]
+    if offline * args.repeats * 20 > args.budget_s:  # a served run takes a few times offline's on 2 cores
+        raise ValueError(f"{args.repeats} repeats of {offline:.2f} s of device time each do not fit --budget-s "
+                         f"{args.budget_s:.0f} with room for the server's own time (20x): fewer tokens or repeats")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.build_child:  # the checkpoint, in a process of its own (torch)
+        write_checkpoint(args.build_child)
+        return 0
+    end = time.monotonic() + args.budget_s
+    cost = DeviceCost(args.step_ms / 1e3, args.prefill_ms / 1e3)
+    model = args.model or build_tiny(args.workdir)
+    lm, paced = stand_in(model, cost)
+    overshoot = sleep_overshoot(cost.step_s - 0.0003)
+    offline = cost.offline(args.streams, args.max_tokens, args.requests_per_client)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, lm.session.vocab_size, (args.streams * args.requests_per_client,
+                                                      args.prompt_tokens)).tolist()
+    runs, skipped = [], []
+    for i in range(args.repeats):
+        left = end - time.monotonic()
+        row = measure(lm, paced, args, prompts, left, offline) if left > 5 else None
+        if row is None:
+            skipped.append(f"repeat {i + 1}" + (" (stopped at the budget)" if left > 5 else ""))
+            break
+        runs.append(row)
+        print(f"repeat {i + 1}: {row['tokens_per_s']:.0f} tok/s, {row['served_over_offline']:.0%} of offline",
+              file=sys.stderr)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": str(model), "cost": asdict(cost),
+              "cpus": os.cpu_count(), "load_average": os.getloadavg(), "sleep_overshoot_ms": 1e3 * overshoot,
+              "offline": offline, "runs": runs, "skipped": skipped,
+              "args": {k: str(v) for k, v in vars(args).items()}}
+    print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".partial")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(args.json)
+    return 0 if runs else 1
+
+
+def print_report(report: dict[str, Any]) -> None:
+    c, off, runs = report["cost"], report["offline"], report["runs"]
+    print(f"stand-in device: decode step {1e3 * c['step_s']:.2f} ms, prefill run {1e3 * c['prefill_s']:.2f} ms; "
+          f"{report['cpus']} CPUs, load average {report['load_average'][0]:.1f}; time.sleep's own overshoot "
+          f"{report['sleep_overshoot_ms']:.3f} ms")
+    print(f"offline (the stand-in's batch): {off['tokens']} tokens in {off['seconds']:.3f} s = "
+          f"{off['tokens_per_s']:.0f} tok/s")
+    if not runs:
+        print("no served run finished: " + ", ".join(report["skipped"]))
+        return
+    print("\n| run | tokens/s | served / offline | offline / served device time | device / wall | decode steps "
+          "(overlapped) | prefill runs | server's own ms a step | late ms a step p50 | inter-token p50 / p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for i, r in enumerate(runs, 1):
+        b, st = r["breakdown"], r["server_stats"]
+        print(f"| {i} | {r['tokens_per_s']:.0f} | {r['served_over_offline']:.0%} | {b['schedule']:.0%} | "
+              f"{b['overhead']:.0%} | {b['steps']} ({st.get('overlapped_steps', 0)}) | {b['prefill_runs']} | "
+              f"{b['server_own_per_step_ms']:.3f} | {b['late_step_p50_ms']:.3f} | "
+              f"{r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f} |")
+    ratio = statistics.median(r["served_over_offline"] for r in runs)
+    print(f"\nserved / offline, median of {len(runs)}: {ratio:.0%}")
+    print("\nCPU per decode step (us), by thread, and where the wall went (s):\n")
+    print("| run | scheduler (Python) | rows thread | event loop | client process | wall | device | late | "
+          "between iterations |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for i, r in enumerate(runs, 1):
+        u, b = r["per_step_us"], r["breakdown"]
+        print(f"| {i} | {u['scheduler python']:.0f} | {u['rows thread']:.0f} | {u['event loop']:.0f} | "
+              f"{u['client process']:.0f} | {b['wall_s']:.3f} | {b['device_s']:.3f} | {b['late_s']:.3f} | "
+              f"{b['between_iterations_s']:.3f} |")
+    if report["skipped"]:
+        print("\nleft out: " + ", ".join(report["skipped"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
