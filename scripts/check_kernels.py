@@ -151,6 +151,105 @@ def reference(a: np.ndarray, w: Int4Weight, chunk: int = 8192) -> np.ndarray:
     return out
 
 
+# -------------------------------------------------------------------------------------------------------------
+# the large-M path (csrc/int4_prefill.h) on the CPU: its plan from the library, a numpy model of cublasGemmEx
+
+SMALL_M_MAX = 32  # int4_prefill.h: ONNXPIPE_INT4_SMALL_M_MAX (the custom op's path is read from the library)
+CUBLAS_OP = {0: "N", 1: "T"}
+
+
+@dataclass(frozen=True)
+class GemmCall:
+    """One slice of the large-M path as the library passes it: rows n0 .. n0 + rows of W dequantized into the
+    scratch, then cublasGemmEx(transa, transb, m, n, k, 1, scratch, lda, A, ldb, 0, Y + c_offset, ldc)."""
+
+    n0: int
+    rows: int
+    transa: int
+    transb: int
+    m: int
+    n: int
+    k: int
+    lda: int
+    ldb: int
+    ldc: int
+    c_offset: int
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    use_gemm: bool
+    slice_rows: int
+    slices: int
+    scratch_bytes: int
+    calls: tuple[GemmCall, ...]
+
+
+def prefill_plan(lib: Any, m: int, n: int, k: int) -> PrefillPlan:
+    """The custom-op library's own plan for an M x N x K call (onnxpipe_int4_prefill_plan / _gemm, exported by the
+    CPU and CUDA builds alike); every slice's call, and the index past the last refused."""
+    out = (ctypes.c_int64 * 11)()
+    lib.onnxpipe_int4_prefill_plan(ctypes.c_int64(m), ctypes.c_int64(n), ctypes.c_int64(k), out)
+    use, rows, slices, scratch = (int(x) for x in out[:4])
+    calls = []
+    for i in range(slices if use else 0):
+        if lib.onnxpipe_int4_prefill_gemm(ctypes.c_int64(m), ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_int64(i),
+                                          out) != 0:
+            raise RuntimeError(f"onnxpipe_int4_prefill_gemm refused slice {i} of {slices}")
+        calls.append(GemmCall(*(int(x) for x in out)))
+    for bad in (-1, slices if use else 0):
+        if lib.onnxpipe_int4_prefill_gemm(ctypes.c_int64(m), ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_int64(bad),
+                                          out) != -1:
+            raise RuntimeError(f"onnxpipe_int4_prefill_gemm took slice {bad}, outside a plan of {slices}")
+    return PrefillPlan(bool(use), rows, slices, scratch, tuple(calls))
+
+
+def column_major(flat: np.ndarray, offset: int, rows: int, cols: int, ld: int) -> np.ndarray:
+    """The [rows, cols] column-major matrix with leading dimension ``ld`` that cuBLAS reads at ``flat[offset:]``, as
+    a view; an ``ld`` below ``rows`` or an element past the buffer's end is an error (cuBLAS would read past it)."""
+    if ld < max(1, rows):
+        raise ValueError(f"leading dimension {ld} < rows {rows}")
+    last = offset + (rows - 1) + (cols - 1) * ld
+    if offset < 0 or last >= flat.size:
+        raise ValueError(f"a {rows}x{cols} matrix (ld {ld}) at {offset} ends at {last}, past the buffer ({flat.size})")
+    step = flat.itemsize
+    return np.lib.stride_tricks.as_strided(flat[offset:], shape=(rows, cols), strides=(step, ld * step),
+                                           writeable=flat.flags.writeable)
+
+
+def gemm_ex_model(call: GemmCall, a_flat: np.ndarray, b_flat: np.ndarray, c_flat: np.ndarray,
+                  writes: np.ndarray | None = None) -> None:
+    """What cublasGemmEx computes, column-major: C[m, n] = op(A)[m, k] @ op(B)[k, n] (alpha 1, beta 0), with op T
+    reading the stored [k, m] (or [n, k]) matrix transposed; C written at ``c_flat[call.c_offset:]`` in fp16 (the
+    sums in float64: a model of the layout, not of cuBLAS's rounding). ``writes`` counts the writes per element."""
+    op_a = column_major(a_flat, 0, call.k, call.m, call.lda).T if call.transa == 1 else \
+        column_major(a_flat, 0, call.m, call.k, call.lda)
+    op_b = column_major(b_flat, 0, call.n, call.k, call.ldb).T if call.transb == 1 else \
+        column_major(b_flat, 0, call.k, call.n, call.ldb)
+    c = column_major(c_flat, call.c_offset, call.m, call.n, call.ldc)
+    c[...] = (op_a.astype(np.float64) @ op_b.astype(np.float64)).astype(c_flat.dtype)
+    if writes is not None:
+        column_major(writes, call.c_offset, call.m, call.n, call.ldc)[...] += 1
+
+
+def prefill_model(plan: PrefillPlan, a: np.ndarray, w: Int4Weight,
+                  call_edit: Callable[[GemmCall], GemmCall] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The large-M path run in numpy as the CUDA kernel runs it: per slice, W's rows dequantized to fp16 into a
+    scratch of the plan's size, then the slice's cublasGemmEx (``call_edit`` may alter a call, to show the model
+    notices). Returns Y [M, N] fp16 and how many times each element of Y was written."""
+    m, k = a.shape
+    scratch = np.zeros(plan.scratch_bytes // 2, np.float16)
+    y = np.full(m * w.n, np.nan, np.float16)
+    writes = np.zeros(m * w.n, np.int32)
+    a_flat = np.ascontiguousarray(a, np.float16).reshape(-1)
+    for call in plan.calls:
+        if call.rows * k > scratch.size:
+            raise ValueError(f"slice of {call.rows} rows x K={k} does not fit the scratch ({plan.scratch_bytes} bytes)")
+        scratch[:call.rows * k] = dequantize(w, slice(call.n0, call.n0 + call.rows)).astype(np.float16).reshape(-1)
+        gemm_ex_model(call_edit(call) if call_edit else call, scratch, a_flat, y, writes)
+    return y.reshape(m, w.n), writes.reshape(m, w.n)
+
+
 def quantize_weight(weight_nk: np.ndarray, block_size: int, symmetric: bool) -> tuple[Int4Weight, str]:
     """``weight_nk`` [N, K] (y = x W^T) quantized to int4 as onnxpipe's RTN does; returns the weight and which
     quantizer made it."""
@@ -288,7 +387,7 @@ def nvcc_build(nvcc: str, sources: list[Path], out: Path, archs: list[str], defi
     gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
     tmp = out.with_name(out.name + ".tmp")
     cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static", *gencode, *includes,
-           *defines, *map(str, sources), "-o", str(tmp)]
+           *defines, *map(str, sources), "-ldl", "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "error" in ln.lower()] or [proc.stderr]
@@ -323,7 +422,8 @@ def build_libraries(args: argparse.Namespace, work: Path, log: Callable[[str], N
         if nvcc and (CSRC / "ops.cc").is_file():
             try:
                 out = work / "libonnxpipe_kernels_cuda.so"
-                nvcc_build(nvcc, [CSRC / "ops.cc", CSRC / "int4_gemm.cu"], out, archs, ["-DONNXPIPE_CUDA"])
+                nvcc_build(nvcc, [CSRC / "ops.cc", CSRC / "int4_gemm.cu", CSRC / "int4_dequant.cu"], out, archs,
+                           ["-DONNXPIPE_CUDA"])
                 libs.ort_cuda, libs.ort_cuda_how = out, f"nvcc directly ({nvcc})"
             except RuntimeError as e2:
                 libs.notes.append(str(e2))

@@ -1,6 +1,7 @@
 """The CUDA build of the kernels library on a GPU (the `gpu` tier: `python -m pytest -m gpu
 tests/runtime/test_kernels_cuda.py` on the GPU host; skipped with the reason elsewhere): MatMulInt4 against the
-float64 dequantized reference and onnxruntime's own MatMulNBits on the CUDA EP, and inside a captured CUDA graph."""
+float64 dequantized reference and onnxruntime's own MatMulNBits on the CUDA EP, at decode M (the small-M kernel)
+and prefill M (past 32: dequantize + cuBLAS, in slices of N), and inside a captured CUDA graph on both paths."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_cuda_matmul_int4_against_the_reference_and_onnxruntime(cuda_library: Pa
     w, model, ours_model = _pair(rng, n, k, block, zero_points)
     ours, theirs = _session(ours_model, cuda_library), _session(model, None)
     weight = dequantized(w, n, k, block)
-    for m in (1, 5, 16, 32, 33, 64):
+    for m in (1, 5, 16, 32, 33, 64, 128, 2048):
         a = rng.standard_normal((m, k)).astype(np.float16)
         ref = a.astype(np.float64) @ weight.T
         y = ours.run(None, {"A": a})[0]
@@ -75,12 +76,14 @@ def test_cuda_matmul_int4_against_the_reference_and_onnxruntime(cuda_library: Pa
         assert err <= max(2 * own_err, 2e-3 * scale), (m, float(err), float(own_err), float(scale))
 
 
-def test_cuda_matmul_int4_inside_a_captured_cuda_graph(cuda_library: Path) -> None:
-    """Bound buffers, CUDA graphs on: the first runs capture, later runs replay; each output is its own input's."""
+@pytest.mark.parametrize("m", [8, 64], ids=["small_m_kernel", "dequantize_cublas"])
+def test_cuda_matmul_int4_inside_a_captured_cuda_graph(cuda_library: Path, m: int) -> None:
+    """Bound buffers, CUDA graphs on: the first runs capture, later runs replay; each output is its own input's
+    (at M = 64 the scratch from onnxruntime's allocator and the cuBLAS call are captured too)."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(7)
-    n, k, m = 256, 512, 8
+    n, k = 256, 512
     w, _, ours_model = _pair(rng, n, k, 32, False)
     sess = _session(ours_model, cuda_library, enable_cuda_graph="1")
     weight = dequantized(w, n, k, 32)

@@ -36,9 +36,11 @@ CSRC = Path(__file__).parent / "csrc"
 Kind = Literal["cpu", "cuda"]
 LIBRARY = {"cpu": "libonnxpipe_kernels.so", "cuda": "libonnxpipe_kernels_cuda.so"}
 SOURCES: dict[str, tuple[str, ...]] = {
-    "cpu": ("ops.cc", "ort_abi.h"),
-    "cuda": ("ops.cc", "ort_abi.h", "int4_gemm.cu", "int4_gemm.h"),
+    "cpu": ("ops.cc", "ort_abi.h", "cublas_abi.h", "int4_prefill.h"),
+    "cuda": ("ops.cc", "ort_abi.h", "cublas_abi.h", "int4_prefill.h", "int4_gemm.cu", "int4_gemm.h", "int4_dequant.cu"),
 }
+COMPILED: dict[str, tuple[str, ...]] = {"cpu": ("ops.cc",), "cuda": ("ops.cc", "int4_gemm.cu", "int4_dequant.cu")}
+LINK_LIBS = ("-ldl",)  # dlopen/dlsym (cuBLAS found in the process, cublas_abi.h); after the sources, for --as-needed
 CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-cudart", "static",
               "-DONNXPIPE_CUDA")
@@ -153,7 +155,7 @@ def library_path(kind: Kind, compiler: Compiler, flags: list[str], cache: Path |
         if not src.is_file():
             raise KernelBuildError(f"{src}: a source of the {kind} kernels library is missing")
         digest.update(name.encode() + b"\0" + src.read_bytes() + b"\0")
-    digest.update(("\0".join(flags) + "\0" + compiler.version).encode())
+    digest.update(("\0".join([*flags, *LINK_LIBS]) + "\0" + compiler.version).encode())
     return (cache or kernel_cache()) / digest.hexdigest()[:16] / LIBRARY[kind]
 
 
@@ -192,8 +194,8 @@ def build_library(kind: Kind = "cpu", *, cache: Path | None = None,
 
 
 def _compile(kind: Kind, compiler: Compiler, flags: list[str], out: Path) -> None:
-    sources = [str(CSRC / "ops.cc")] + ([str(CSRC / "int4_gemm.cu")] if kind == "cuda" else [])
-    cmd = [compiler.path, *flags, "-I", str(CSRC), "-o", str(out), *sources]
+    sources = [str(CSRC / name) for name in COMPILED[kind]]
+    cmd = [compiler.path, *flags, "-I", str(CSRC), "-o", str(out), *sources, *LINK_LIBS]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, cwd=str(out.parent))
     except subprocess.TimeoutExpired:

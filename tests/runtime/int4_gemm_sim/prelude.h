@@ -29,6 +29,8 @@ inline float h2f(__half h) { _Float16 f; std::memcpy(&f, &h.bits, 2); return (fl
 inline __half f2h(float v) { _Float16 f = (_Float16)v; __half h; std::memcpy(&h.bits, &f, 2); return h; }
 inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
 inline __half __float2half_rn(float v) { return f2h(v); }
+inline float __half2float(__half h) { return h2f(h); }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
 inline __half2 __halves2half2(__half a, __half b) { return {a, b}; }
 inline __half2 __hsub2(__half2 a, __half2 b) { return {f2h(h2f(a.x) - h2f(b.x)), f2h(h2f(a.y) - h2f(b.y))}; }
 inline __half2 __hmul2(__half2 a, __half2 b) { return {f2h(h2f(a.x) * h2f(b.x)), f2h(h2f(a.y) * h2f(b.y))}; }

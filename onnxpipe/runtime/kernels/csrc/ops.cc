@@ -10,18 +10,26 @@
 // - CPUExecutionProvider (libonnxpipe_kernels.so): a plain reference loop (dequantize a block, accumulate in double).
 //   It is a reference, not a fast path: the tests use it to prove the ABI, the rewrite and the registration on a
 //   machine without a GPU.
-// - CUDAExecutionProvider (libonnxpipe_kernels_cuda.so, built with -DONNXPIPE_CUDA): float16 only; calls
-//   onnxpipe_int4_gemm (int4_gemm.cu) on onnxruntime's compute stream, so it runs inside a captured CUDA graph.
+// - CUDAExecutionProvider (libonnxpipe_kernels_cuda.so, built with -DONNXPIPE_CUDA): float16 only, on onnxruntime's
+//   compute stream, so it runs inside a captured CUDA graph. M up to ONNXPIPE_INT4_SMALL_M_MAX (int4_prefill.h):
+//   onnxpipe_int4_gemm (int4_gemm.cu). Past it (a prefill): the weight dequantized to fp16 (int4_dequant.cu) into
+//   scratch memory from onnxruntime's allocator, a slice of N at a time, and multiplied by cuBLAS (cublasGemmEx, taken
+//   from the libcublas onnxruntime's CUDA EP loaded: cublas_abi.h). No cuBLAS in the process: the kernel is not made,
+//   in one line (kernels=auto then runs onnxruntime's MatMulNBits and says why).
 // Errors come back as an OrtStatus naming the op and what was wrong (CreateKernelV2 / KernelComputeV2).
 
 #include <stdio.h>
 #include <string.h>
 
 #include <exception>
+#include <map>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
 
+#include "cublas_abi.h"
+#include "int4_prefill.h"
 #include "ort_abi.h"
 
 #define ONNXPIPE_EXPORT extern "C" __attribute__((visibility("default")))
@@ -30,6 +38,11 @@
 extern "C" int onnxpipe_int4_gemm(const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points,
                                   void* Y, int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream);
 extern "C" const char* onnxpipe_int4_gemm_error(int code);
+extern "C" int onnxpipe_int4_dequantize(const uint8_t* B, const void* scales, const uint8_t* zero_points, void* W,
+                                        int64_t n0, int64_t rows, int64_t N, int64_t K, int64_t block_size,
+                                        void* stream);
+extern "C" int onnxpipe_cuda_current_device(void);
+extern "C" void onnxpipe_int4_dequant_load(void);
 #endif
 
 namespace {
@@ -130,10 +143,13 @@ OrtStatus* describe(const OrtValue* value, Tensor* out) {
 struct Kernel {
   int64_t K = 0, N = 0, bits = 4, block_size = 0;
   bool cuda = false;
+  int device = -1;                  // CUDA: the device the kernel was made on, and its cuBLAS handle
+  cublasHandle_t cublas = nullptr;
 };
 
 // Everything MatMulInt4 reads, checked against the attributes; Y allocated.
 struct Call {
+  const OrtValue* a_value = nullptr;
   Tensor A, B, scales, zero_points, Y;
   bool has_zero_points = false;
   int64_t M = 0, blocks = 0;
@@ -147,6 +163,7 @@ OrtStatus* prepare(const Kernel& k, OrtKernelContext* ctx, Call* c) {
   for (size_t i = 0; i < n_in && i < 4; ++i)
     if ((st = g_api->KernelContext_GetInput(ctx, i, &values[i]))) return st;
   if (!values[0] || !values[1] || !values[2]) return error("inputs A, B and scales are required");
+  c->a_value = values[0];
   if ((st = describe(values[0], &c->A)) || (st = describe(values[1], &c->B)) || (st = describe(values[2], &c->scales)))
     return st;
   if (values[3]) {
@@ -212,9 +229,25 @@ void reference_matmul(const Kernel& k, const Call& c, Load load, Store store) {
   }
 }
 
-// The CUDA kernel's one slot that the CPU path would not need (193), checked here with its neighbours: on the CPU
-// the stream must be none, A must have a value (192) in "Cpu" memory (194, then 71). A miscounted OrtApi table
-// fails here, on a machine without a GPU.
+// The CUDA kernel's slots that the CPU path would not need, called here: the stream (193) with its neighbours (on
+// the CPU the stream must be none, A must have a value (192) in "Cpu" memory (194, then 71)), and the scratch
+// allocator's four (253, 75, 76, 132: an allocator for A's memory, 64 bytes taken, written and given back, the
+// allocator released). A miscounted OrtApi table fails here, on a machine without a GPU.
+OrtStatus* check_allocator(OrtKernelContext* ctx, const OrtMemoryInfo* memory) {
+  OrtAllocator* allocator = nullptr;
+  OrtStatus* st = g_api->KernelContext_GetAllocator(ctx, memory, &allocator);
+  if (st) return st;
+  if (!allocator) return error("KernelContext_GetAllocator gave no allocator (the OrtApi slot table is off)");
+  void* p = nullptr;
+  if (!(st = g_api->AllocatorAlloc(allocator, 64, &p))) {
+    if (p) memset(p, 0xA5, 64);
+    st = g_api->AllocatorFree(allocator, p);
+  }
+  g_api->ReleaseAllocator(allocator);
+  if (!st && !p) return error("AllocatorAlloc gave no memory (the OrtApi slot table is off)");
+  return st;
+}
+
 OrtStatus* check_abi(OrtKernelContext* ctx) {
   void* stream = reinterpret_cast<void*>(1);
   OrtStatus* st = g_api->KernelContext_GetGPUComputeStream(ctx, &stream);
@@ -229,7 +262,7 @@ OrtStatus* check_abi(OrtKernelContext* ctx) {
     return st;
   if (stream != nullptr || !a || has_value != 1 || !where || strcmp(where, "Cpu") != 0)
     return error("the OrtApi slot table does not match this onnxruntime (the CPU kernel's ABI check failed)");
-  return nullptr;
+  return check_allocator(ctx, memory);
 }
 
 OrtStatus* compute_cpu(const Kernel& k, OrtKernelContext* ctx) {
@@ -250,6 +283,109 @@ OrtStatus* compute_cpu(const Kernel& k, OrtKernelContext* ctx) {
 }
 
 #ifdef ONNXPIPE_CUDA
+// cuBLAS for the large-M path: the library onnxruntime loaded (found once), and one handle per device for the process,
+// made when the first kernel on that device is (at session creation, never inside a graph capture) and kept to the
+// end (a handle per node would be a cuBLAS workspace per node). A stream is set and the GEMM queued under one lock, so
+// sessions running on several threads do not set each other's stream between the two calls.
+struct SharedCublas {
+  std::mutex lock;
+  CublasApi api;
+  bool found = false;
+  std::map<int, cublasHandle_t> handles;
+};
+
+SharedCublas& shared_cublas() {
+  static SharedCublas* s = new SharedCublas();  // never destroyed: kernels may outlive static destructors
+  return *s;
+}
+
+OrtStatus* cublas_for_device(int device, cublasHandle_t* out) {
+  SharedCublas& s = shared_cublas();
+  std::lock_guard<std::mutex> guard(s.lock);
+  if (!s.found) {
+    std::string why;
+    if (!find_cublas(&s.api, &why))
+      return g_api->CreateStatus(ORT_EP_FAIL, (std::string(kDomain) + "." + kOpName + ": M > " +
+                                               std::to_string(ONNXPIPE_INT4_SMALL_M_MAX) + " needs cuBLAS: " + why)
+                                                  .c_str());
+    s.found = true;
+  }
+  auto it = s.handles.find(device);
+  if (it == s.handles.end()) {
+    cublasHandle_t handle = nullptr;
+    const int status = s.api.create(&handle);
+    if (status != ONNXPIPE_CUBLAS_STATUS_SUCCESS || handle == nullptr)
+      return g_api->CreateStatus(ORT_EP_FAIL, (std::string(kDomain) + "." + kOpName + ": cublasCreate_v2 (" +
+                                               s.api.name + ") failed with status " + std::to_string(status))
+                                                  .c_str());
+    it = s.handles.emplace(device, handle).first;
+  }
+  *out = it->second;
+  return nullptr;
+}
+
+OrtStatus* cuda_failure(const Call& c, const Kernel& k, const std::string& what) {
+  return g_api->CreateStatus(ORT_EP_FAIL, (std::string(kDomain) + "." + kOpName + " (CUDA, M=" + std::to_string(c.M) +
+                                           ", N=" + std::to_string(k.N) + ", K=" + std::to_string(k.K) + "): " + what)
+                                              .c_str());
+}
+
+// M past the small-M kernel: per slice of N (int4_prefill.h), dequantize into scratch from onnxruntime's allocator for
+// A's memory, then Y[:, slice] = A @ W_slice^T by cublasGemmEx (fp16 in and out, fp32 accumulation). The scratch is
+// given back when the calls are queued, as onnxruntime's own kernels do with theirs: its allocator hands it out again
+// only to work queued after these on the same stream.
+OrtStatus* compute_cuda_gemm(const Kernel& k, OrtKernelContext* ctx, const Call& c, void* stream) {
+  if (c.M > 0x7fffffff) return cuda_failure(c, k, "M past 2^31 - 1 (cuBLAS takes int dimensions)");
+  const Int4PrefillPlan plan = int4_prefill_plan(c.M, k.N, k.K);
+  const OrtMemoryInfo* memory = nullptr;
+  OrtStatus* st = g_api->GetTensorMemoryInfo(c.a_value, &memory);
+  if (st) return st;
+  OrtAllocator* allocator = nullptr;
+  if ((st = g_api->KernelContext_GetAllocator(ctx, memory, &allocator))) return st;
+  void* scratch = nullptr;
+  if ((st = g_api->AllocatorAlloc(allocator, (size_t)plan.scratch_bytes, &scratch)) || scratch == nullptr) {
+    g_api->ReleaseAllocator(allocator);
+    return st ? st : cuda_failure(c, k, "no scratch memory for the dequantized weight");
+  }
+  SharedCublas& s = shared_cublas();
+  const float one = 1.0f, zero = 0.0f;
+  const uint8_t* zp = c.has_zero_points ? static_cast<const uint8_t*>(c.zero_points.data) : nullptr;
+  std::string failed;
+  for (int64_t i = 0; i < plan.slices && failed.empty(); ++i) {
+    Int4GemmCall g;
+    if (int4_gemm_call(&plan, c.M, k.N, k.K, i, &g) != 0) {
+      failed = "slice " + std::to_string(i) + " is outside the plan";
+      break;
+    }
+    const int code = onnxpipe_int4_dequantize(static_cast<const uint8_t*>(c.B.data), c.scales.data, zp, scratch,
+                                              g.n0, g.rows, k.N, k.K, k.block_size, stream);
+    if (code != 0) {
+      const char* why = onnxpipe_int4_gemm_error(code);
+      failed = std::string("dequantize: ") + (why ? why : "unknown error") + " (code " + std::to_string(code) + ")";
+      break;
+    }
+    std::lock_guard<std::mutex> guard(s.lock);
+    int status = s.api.set_stream(k.cublas, stream);
+    if (status != ONNXPIPE_CUBLAS_STATUS_SUCCESS) {
+      failed = "cublasSetStream_v2 failed with status " + std::to_string(status);
+      break;
+    }
+    status = s.api.gemm_ex(k.cublas, g.transa, g.transb, (int)g.m, (int)g.n, (int)g.k, &one, scratch,
+                           ONNXPIPE_CUDA_R_16F, (int)g.lda, c.A.data, ONNXPIPE_CUDA_R_16F, (int)g.ldb, &zero,
+                           static_cast<uint16_t*>(c.Y.data) + g.c_offset, ONNXPIPE_CUDA_R_16F, (int)g.ldc,
+                           ONNXPIPE_CUBLAS_COMPUTE_32F, ONNXPIPE_CUBLAS_GEMM_DEFAULT);
+    if (status != ONNXPIPE_CUBLAS_STATUS_SUCCESS)
+      failed = "cublasGemmEx failed with status " + std::to_string(status);
+  }
+  st = g_api->AllocatorFree(allocator, scratch);
+  g_api->ReleaseAllocator(allocator);
+  if (!failed.empty()) {
+    if (st) g_api->ReleaseStatus(st);
+    return cuda_failure(c, k, failed);
+  }
+  return st;
+}
+
 OrtStatus* compute_cuda(const Kernel& k, OrtKernelContext* ctx) {
   void* stream = nullptr;
   OrtStatus* st = g_api->KernelContext_GetGPUComputeStream(ctx, &stream);
@@ -258,6 +394,7 @@ OrtStatus* compute_cuda(const Kernel& k, OrtKernelContext* ctx) {
   if ((st = prepare(k, ctx, &c))) return st;
   if (c.A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return error("the CUDA kernel takes float16 A only");
   if (c.M == 0) return nullptr;
+  if (int4_prefill_plan(c.M, k.N, k.K).use_gemm) return compute_cuda_gemm(k, ctx, c, stream);
   const int code = onnxpipe_int4_gemm(c.A.data, static_cast<const uint8_t*>(c.B.data), c.scales.data,
                                       c.has_zero_points ? static_cast<const uint8_t*>(c.zero_points.data) : nullptr,
                                       c.Y.data, c.M, k.N, k.K, k.block_size, stream);
@@ -301,6 +438,14 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
   if (k.K <= 0 || k.N <= 0 || k.K % k.block_size)
     return error("K=" + std::to_string(k.K) + " must be a positive multiple of block_size=" +
                  std::to_string(k.block_size) + " and N=" + std::to_string(k.N) + " positive");
+#ifdef ONNXPIPE_CUDA
+  if (Cuda) {  // the large-M path's cuBLAS handle now, outside any graph capture; no cuBLAS: no kernel
+    if (k.K > 0x7fffffff || k.N > 0x7fffffff) return error("K and N must be below 2^31 for the CUDA kernel");
+    k.device = onnxpipe_cuda_current_device();
+    if ((st = cublas_for_device(k.device, &k.cublas))) return st;
+    onnxpipe_int4_dequant_load();
+  }
+#endif
   Kernel* kernel = new (std::nothrow) Kernel(k);
   if (!kernel) return g_api->CreateStatus(ORT_FAIL, "onnxpipe.MatMulInt4: out of memory");
   *out = kernel;
@@ -406,4 +551,35 @@ ONNXPIPE_EXPORT const char* onnxpipe_kernels_build(void) {
 #else
   return "cpu";
 #endif
+}
+
+// The large-M path's plan (int4_prefill.h), for the tests and scripts/check_kernels.py (both builds export it):
+// out[4] = use_gemm, slice rows, slices, scratch bytes.
+ONNXPIPE_EXPORT void onnxpipe_int4_prefill_plan(int64_t M, int64_t N, int64_t K, int64_t* out) {
+  const Int4PrefillPlan p = int4_prefill_plan(M, N, K);
+  out[0] = p.use_gemm;
+  out[1] = p.slice_rows;
+  out[2] = p.slices;
+  out[3] = p.scratch_bytes;
+}
+
+// Slice `index`'s dequantization and cublasGemmEx arguments, as compute_cuda_gemm passes them: out[11] = n0, rows,
+// transa, transb, m, n, k, lda, ldb, ldc, C's offset into Y in elements. 0, or -1 for an index outside the plan.
+ONNXPIPE_EXPORT int onnxpipe_int4_prefill_gemm(int64_t M, int64_t N, int64_t K, int64_t index, int64_t* out) {
+  const Int4PrefillPlan p = int4_prefill_plan(M, N, K);
+  Int4GemmCall g;
+  if (int4_gemm_call(&p, M, N, K, index, &g) != 0) return -1;
+  const int64_t values[11] = {g.n0, g.rows, g.transa, g.transb, g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.c_offset};
+  memcpy(out, values, sizeof values);
+  return 0;
+}
+
+// How the CUDA kernel would find cuBLAS in this process (cublas_abi.h): 1 and the soname in out, or 0 and the one
+// line saying why not.
+ONNXPIPE_EXPORT int onnxpipe_find_cublas(char* out, int size) {
+  CublasApi api;
+  std::string why;
+  const bool found = find_cublas(&api, &why);
+  snprintf(out, (size_t)size, "%s", found ? api.name : why.c_str());
+  return found ? 1 : 0;
 }

@@ -12,6 +12,13 @@
 // call: the CPU reference kernel exercises every slot below, the CUDA stream's included (on the CPU it must answer
 // "no stream"), and checks the two slots either side of it (192 HasValue, 194 GetTensorMemoryInfo, which must say
 // the input is there and in "Cpu" memory), so the tests catch a miscount without a GPU.
+//
+// The four allocator slots (75 AllocatorAlloc, 76 AllocatorFree, 132 ReleaseAllocator, 253 KernelContext_GetAllocator:
+// the CUDA kernel's scratch memory for M past the small-M kernel) were counted the same way, by a script, from the
+// API 15 header (the copy vendored in github.com/AMXZzzz/SF_TRT_62, include/onnxruntime_c_api.h, "#define
+// ORT_API_VERSION 15"); the same count gives every older slot above its index here. KernelContext_GetAllocator is
+// "\since Version 1.15", inside the version 16 we ask for. The CPU reference calls all four on every run (an
+// allocator for A's memory, 64 bytes taken, written and given back, the allocator released).
 #pragma once
 
 #include <stddef.h>
@@ -34,6 +41,7 @@ typedef struct OrtValue OrtValue;
 typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
 typedef struct OrtShapeInferContext OrtShapeInferContext;
 typedef struct OrtMemoryInfo OrtMemoryInfo;
+typedef struct OrtAllocator OrtAllocator;  // used only through the API's slots, never by its fields
 typedef struct OrtCustomOp OrtCustomOp;
 typedef struct OrtApi OrtApi;
 
@@ -93,7 +101,10 @@ struct OrtApi {
   OrtStatus* (*GetTensorTypeAndShape)(const OrtValue* value, OrtTensorTypeAndShapeInfo** out);  // 65
   ONNXPIPE_PAD(66, 5);                                                                  // 66..70
   OrtStatus* (*MemoryInfoGetName)(const OrtMemoryInfo* info, const char** out);         // 71
-  ONNXPIPE_PAD(72, 14);                                                                 // 72..85
+  ONNXPIPE_PAD(72, 3);                                                                  // 72..74
+  OrtStatus* (*AllocatorAlloc)(OrtAllocator* allocator, size_t size, void** out);       // 75
+  OrtStatus* (*AllocatorFree)(OrtAllocator* allocator, void* p);                        // 76
+  ONNXPIPE_PAD(77, 9);                                                                  // 77..85
   OrtStatus* (*KernelInfoGetAttribute_int64)(const OrtKernelInfo* info, const char* name, int64_t* out);  // 86
   ONNXPIPE_PAD(87, 1);                                                                  // 87
   OrtStatus* (*KernelContext_GetInputCount)(const OrtKernelContext* context, size_t* out);  // 88
@@ -105,10 +116,15 @@ struct OrtApi {
   void (*ReleaseStatus)(OrtStatus* status);                                             // 93
   ONNXPIPE_PAD(94, 5);                                                                  // 94..98
   void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo* info);               // 99
-  ONNXPIPE_PAD(100, 92);                                                                // 100..191
+  ONNXPIPE_PAD(100, 32);                                                                // 100..131
+  void (*ReleaseAllocator)(OrtAllocator* allocator);                                    // 132
+  ONNXPIPE_PAD(133, 59);                                                                // 133..191
   OrtStatus* (*HasValue)(const OrtValue* value, int* out);                              // 192
   OrtStatus* (*KernelContext_GetGPUComputeStream)(const OrtKernelContext* context, void** out);  // 193
   OrtStatus* (*GetTensorMemoryInfo)(const OrtValue* value, const OrtMemoryInfo** out);  // 194
+  ONNXPIPE_PAD(195, 58);                                                                // 195..252
+  OrtStatus* (*KernelContext_GetAllocator)(const OrtKernelContext* context, const OrtMemoryInfo* mem_info,
+                                           OrtAllocator** out);                         // 253
 };
 
 #ifdef __cplusplus
@@ -123,6 +139,11 @@ static_assert(offsetof(OrtApi, MemoryInfoGetName) == 71 * sizeof(void*), "OrtApi
 static_assert(offsetof(OrtApi, HasValue) == 192 * sizeof(void*), "OrtApi slot 192");
 static_assert(offsetof(OrtApi, KernelContext_GetGPUComputeStream) == 193 * sizeof(void*), "OrtApi slot 193");
 static_assert(offsetof(OrtApi, GetTensorMemoryInfo) == 194 * sizeof(void*), "OrtApi slot 194");
+static_assert(offsetof(OrtApi, AllocatorAlloc) == 75 * sizeof(void*), "OrtApi slot 75");
+static_assert(offsetof(OrtApi, AllocatorFree) == 76 * sizeof(void*), "OrtApi slot 76");
+static_assert(offsetof(OrtApi, ReleaseAllocator) == 132 * sizeof(void*), "OrtApi slot 132");
+static_assert(offsetof(OrtApi, KernelContext_GetAllocator) == 253 * sizeof(void*), "OrtApi slot 253");
+static_assert(sizeof(OrtApi) == 254 * sizeof(void*), "OrtApi: slots 0..253");
 #endif
 
 // The custom op's callbacks, in onnxruntime's order, up to what version 16 reads (CreateKernelV2 and
