@@ -26,6 +26,9 @@ FLOAT_BYTES = 4  # logits come back as float32
 MAX_REPETITION_PENALTY = 1e4  # repetition_penalty in [1/this, this]
 MAX_LENGTH_PENALTY = 1e3  # beam search's length_penalty in [-this, this]
 MAX_REPEATS = 1000  # bench: timed runs per batch size
+# a beam search step scores every (beam, vocabulary token) pair in float64: log-probabilities, candidate scores and
+# their order; 74 bytes per pair were measured (peak RSS of 1,000 and 4,000 beams, vocabulary 4,096)
+BEAM_BYTES_PER_CANDIDATE = 80
 
 
 def usable_cpus() -> int:
@@ -96,23 +99,26 @@ class GenerationFootprint:
     positions: int
     kv_bytes: int
     logits_bytes: int
+    search_bytes: int = 0  # a beam search step's scores of every (beam, token) pair
 
     @property
     def total(self) -> int:
-        return self.kv_bytes + self.logits_bytes
+        return self.kv_bytes + self.logits_bytes + self.search_bytes
 
 
-def footprint(session: object, batch: int, positions: int, prompt_width: int) -> GenerationFootprint:
+def footprint(session: object, batch: int, positions: int, prompt_width: int, beams: bool = False) -> GenerationFootprint:
     """KV cache + logits of one generation on ``session`` (a DecoderSession): a lower bound, activations left out.
 
     The cache holds key and value for every layer: 2 x layers x batch x kv_heads x positions x head_dim elements.
     A graph that concatenates (no shared buffer) holds its past and its present at once, so twice that. The
-    prefill returns logits for every prompt position unless the graph was cut to the last position."""
+    prefill returns logits for every prompt position unless the graph was cut to the last position. With
+    ``beams`` the ``batch`` rows are a beam search's beams, whose every step scores batch x vocabulary candidates."""
     layers = len(session.past_names) // 2
     per_position = 2 * layers * session.num_kv_heads * session.head_dim * session.kv_dtype.itemsize
     kv = per_position * batch * positions * (1 if session.shares_buffer else 2)
     width = 1 if session.last_position else prompt_width
-    return GenerationFootprint(batch, positions, kv, batch * width * session.vocab_size * FLOAT_BYTES)
+    search = batch * session.vocab_size * BEAM_BYTES_PER_CANDIDATE if beams else 0
+    return GenerationFootprint(batch, positions, kv, batch * width * session.vocab_size * FLOAT_BYTES, search)
 
 
 def available_memory() -> int | None:
@@ -132,16 +138,18 @@ def available_memory() -> int | None:
 
 def check_fits(session: object, batch: int, positions: int, prompt_width: int, what: str = "batch") -> None:
     """Refuse, before allocating, a generation whose KV cache and logits cannot fit: positions beyond the model's
-    context anywhere, memory on the CPU (see the module docstring for the GPU)."""
+    context anywhere, memory on the CPU (see the module docstring for the GPU). ``what``: "batch", or "beams" for a
+    beam search's beams, whose candidate scores are counted too."""
     limit = session.max_positions
     if positions > limit:
         raise OnnxpipeError(f"{positions} positions (prompt + new tokens) exceed the model's {limit}")
     if session.device != "cpu":
         return
-    need, have = footprint(session, batch, positions, prompt_width), available_memory()
+    need, have = footprint(session, batch, positions, prompt_width, beams=what == "beams"), available_memory()
     if have is not None and need.total > have:
+        held = "KV cache, logits and candidate scores" if need.search_bytes else "KV cache and logits"
         raise OnnxpipeError(
-            f"{what} {batch} x {positions} positions needs at least {_gib(need.total)} for its KV cache and logits; "
+            f"{what} {batch} x {positions} positions needs at least {_gib(need.total)} for its {held}; "
             f"{_gib(have)} of memory is available: use a smaller {what} or fewer tokens")
 
 

@@ -190,6 +190,18 @@ def test_generate_batch_and_beams_refused_when_memory_is_short(lm, monkeypatch):
     assert lm.generate([1, 2, 3], max_new_tokens=8).token_ids  # one row fits
 
 
+def test_beams_refused_when_their_candidate_scores_cannot_fit(lm, monkeypatch):
+    """`generate --num-beams 100000` grew past 24 GB (a step scores beams x vocabulary candidates in float64) until
+    the kernel killed it, while its KV cache and logits alone looked small. The candidates are counted now."""
+    beams, positions = 400, 3 + 8
+    cache_and_logits = limits.footprint(lm.session, beams, positions, 3).total
+    monkeypatch.setattr(limits, "available_memory", lambda: cache_and_logits + (1 << 20))
+    assert limits.footprint(lm.session, beams, positions, 3, beams=True).search_bytes == beams * 256 * 80
+    with pytest.raises(OnnxpipeError, match=r"beams 400 x 11 positions needs at least .* candidate scores"):
+        lm.generate([1, 2, 3], max_new_tokens=8, num_beams=beams)
+    assert lm.generate([1, 2, 3], max_new_tokens=8, num_beams=4).token_ids  # a few beams fit
+
+
 def test_bench_library_checks_types_and_counts(lm):
     from onnxpipe.runtime.bench import bench
 
