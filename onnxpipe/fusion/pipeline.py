@@ -96,6 +96,8 @@ def select_passes(level: int, names: list[str] | None) -> list[FusionPass]:
         raise OnnxpipeError(f"unknown level {level}; choose 1, 2 or 3")
     if names is None:
         return [p for p in PASSES if p.level <= level and p.in_levels]
+    if not names:  # `--passes ""` (an unset shell variable): an error, not a copy of the input called optimized
+        raise OnnxpipeError(f"--passes names no pass; name one or more of: {', '.join(PASS_NAMES)}")
     unknown = [n for n in names if n not in PASS_NAMES]
     if unknown:
         raise OnnxpipeError(f"unknown pass{'es' if len(unknown) > 1 else ''} {', '.join(unknown)}; "

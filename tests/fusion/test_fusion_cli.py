@@ -48,6 +48,14 @@ def test_unknown_pass_lists_the_valid_ones(tiny_onnx, tmp_path: Path) -> None:
     assert "unknown pass fuse_all" in line and "attention" in line and "rotary" in line
 
 
+def test_passes_naming_no_pass_is_refused(tiny_onnx, tmp_path: Path) -> None:
+    """`--passes ""` (or ",,") used to write an output with no pass run, exit 0."""
+    for empty in ("", " , ,"):
+        line = _one_line_error(["optimize", str(tiny_onnx("llama")), "-o", str(tmp_path / "o"), "--passes", empty])
+        assert "--passes names no pass" in line and "attention" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_cuda_target_without_cuda_checks_on_the_cpu(tiny_onnx, tmp_path: Path) -> None:
     """Without a CUDA EP the CUDA form is still checked, on ORT's CPU kernels, and the manifest says so."""
     import json
