@@ -8,14 +8,16 @@ What it does, in order:
 1. Builds the CUDA custom-op library (onnxpipe.runtime.kernels.build, or nvcc directly on csrc/ where that module
    cannot be imported) and a small library of the kernel alone (int4_gemm.cu) for a ctypes call under torch.
 2. Random weights in the Llama-3.2-1B and Llama-3.1-8B projection shapes (N, K), block 32 and 128, with and without
-   zero points, M in 1 ... 512 (the LM head to M = 32): one model per case holding C copies of the node (so that the
+   zero points, M in 1 ... 2048 (the LM head to M = 32; M = 64 ... 2048 are prefill shapes, where the custom op
+   dequantizes into scratch and calls cuBLAS: the `path` column): one model per case holding C copies of the node (so that the
    weights read exceed the L2 cache, as in a decode step), for com.microsoft.MatMulNBits, onnxpipe.MatMulInt4, and
    an fp16 MatMul of the same weights. Each runs on the CUDA EP with IO binding inside a captured CUDA graph (one
    graph per M, onnxruntime's gpu_graph_id): the max abs error of the first copy against a float64 dequantized
    reference, the time per call (median run over C, less the run overhead of a one-node graph), ours twice to show
    the same bits, and our GB/s (packed weight, scales and zero points over the time). With torch on CUDA the kernel
-   alone is also timed through ctypes in a torch CUDA graph of the same C calls, and its output compared bit for
-   bit with the custom op's.
+   alone is also timed through ctypes in a torch CUDA graph of the same C calls (at every M: past 32 this is the
+   small-M kernel the custom op no longer takes, timed beside the path it takes instead), and its output compared bit
+   for bit with the custom op's where the op took it (M <= 32).
 3. Trained weights (--trained: .npz files made by --save-trained, or Hugging Face directories with safetensors;
    default out/check_kernels/trained.npz where it exists (carry it to the GPU host), else models/llama-stdlib): each linear layer quantized to int4 by our quantizer
    (onnxpipe.quant.rtn_stream.quantize_block, which is onnxruntime's quantize_matmul_4bits) at block 32 and 128,
@@ -29,6 +31,9 @@ is not bit-identical across runs; 2 if the custom op could not be built or run (
 --dry-run (no GPU needed): builds what it can (the libraries where a compiler is found; the CPU reference library
 of onnxpipe.runtime.kernels), builds every model of the plan once at its smallest, checks the float64 reference
 against onnxruntime's MatMulNBits on the CPU (and the CPU reference MatMulInt4 where built), and prints the plan.
+For every prefill M of the plan it reads the library's large-M plan (path, slices, scratch), checks that the slices
+tile N, and runs them through the numpy model of cublasGemmEx on a slice of N against MatMulNBits; the edge cases'
+rows run at M = 128 and 2048 too (on the CPU reference op).
 
 --save-trained FILE.npz (a CPU with torch and transformers): the float16 weights of SmolLM2-135M's first and last
 layers (onnxpipe.reference, when installed) and of models/llama-stdlib, with each linear input's per-channel RMS
@@ -68,7 +73,8 @@ SHAPES: dict[str, list[tuple[str, int, int]]] = {
 }
 EDGE_MS = (1, 3, 9, 17, 33, 100)
 EDGE_BLOCKS = (32, 64, 128)
-MS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048)
+PREFILL_MS = (128, 2048)  # the prefill shapes: the dry run's edge rows and model checks run these too
 HEAD_MS = (1, 2, 4, 8, 16, 32)
 TRAINED_MS = (1, 8, 32, 128)
 TRAINED_NPZ = "out/check_kernels/trained.npz"  # --save-trained's default; --trained's when it exists
@@ -612,6 +618,7 @@ class Row:
     gbps_ours: float | None = None
     gbps_kernel: float | None = None
     gbps_other: float | None = None
+    path: str = ""                       # the custom op's path at this M: "kernel" (M <= 32) or "cublas"
     form: str = ""                       # the form the custom op uses, and how each form lays this call out
     plans: dict[str, str] = field(default_factory=dict)
     copies: int = 1
@@ -644,6 +651,7 @@ class Context:
     start: float
     copy_bytes: int = COPY_BYTES
     form: str = "warps"  # the form onnxpipe_int4_gemm (the custom op) uses here
+    plan_lib: Any = None  # the custom-op library through ctypes: its large-M plan (onnxpipe_int4_prefill_plan)
     rows: list[Row] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     broken: list[str] = field(default_factory=list)  # cases that raised before their rows were made
@@ -652,6 +660,15 @@ class Context:
 
     def over_budget(self) -> bool:
         return time.perf_counter() - self.start > self.args.budget_s
+
+
+def op_path(ctx: Context, m: int, n: int, k: int) -> str:
+    """The custom op's path for an M x N x K call: from the library's own plan where it is loaded, else by the
+    threshold this script knows (the row's note says so)."""
+    if ctx.plan_lib is not None:
+        plan = prefill_plan(ctx.plan_lib, m, n, k)
+        return f"cublas/{plan.slices}" if plan.use_gemm else "kernel"
+    return "cublas?" if m > SMALL_M_MAX else "kernel?"
 
 
 def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bool, ms: tuple[int, ...],
@@ -663,7 +680,8 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
     ref = reference(a_all, w)
     copies = n_copies(w.nbytes, ctx.copy_bytes)
     weights = [w.rolled(i) for i in range(copies)]
-    rows = {m: Row(name, n, k, block, with_zp, m, copies=copies, ref_max=float(np.abs(ref[:m]).max())) for m in ms}
+    rows = {m: Row(name, n, k, block, with_zp, m, copies=copies, ref_max=float(np.abs(ref[:m]).max()),
+                   path=op_path(ctx, m, n, k)) for m in ms}
 
     def fill_nbits(r: Row, got: np.ndarray, again: np.ndarray, times: list[float]) -> None:
         r.err_nbits = max_err(got, ref[:r.m])
@@ -706,7 +724,7 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
                                                                       else None)
                 if mine:
                     r.err_kernel, r.us_kernel, r.gbps_kernel = err, us, gbps
-                    if m in ours_out:
+                    if m in ours_out and r.path.startswith("kernel"):  # past 32 the op multiplies with cuBLAS instead
                         r.ort_equals_kernel = bool(np.array_equal(y.view(np.uint16), ours_out[m].view(np.uint16)))
                 else:
                     r.err_other, r.us_other, r.gbps_other = err, us, gbps
@@ -802,7 +820,7 @@ def line(r: Row) -> str:
 
     status = {True: "ok", False: "FAIL", None: "?"}[r.ok]
     return (f"{r.case:>14} {r.source:>8} N={r.n:<6} K={r.k:<5} bs={r.block:<3} zp={'y' if r.zero_points else 'n'} "
-            f"M={r.m:<4} err nbits {f(r.err_nbits, '.2e')} ours {f(r.err_ours, '.2e')} fp16 {f(r.err_fp16, '.2e')} | "
+            f"M={r.m:<4} {r.path or '-':>9} err nbits {f(r.err_nbits, '.2e')} ours {f(r.err_ours, '.2e')} fp16 {f(r.err_fp16, '.2e')} | "
             f"us nbits {f(r.us_nbits, '.2f')} ours {f(r.us_ours, '.2f')} fp16 {f(r.us_fp16, '.2f')} | kernel "
             f"{r.form or '-'} {f(r.us_kernel, '.2f')} other {f(r.us_other, '.2f')} us, err {f(r.err_other, '.1e')} | "
             f"ours {f(r.gbps_ours, '.0f')} GB/s {status} {r.note}").rstrip()
@@ -1034,6 +1052,41 @@ def save_trained(path: Path, log: Callable[[str], None]) -> None:
 # the dry run: everything that needs no GPU
 
 
+def check_prefill(lib: Any, runner: OrtRunner, name: str, n: int, k: int, block: int, with_zp: bool,
+                  ms: tuple[int, ...], log: Callable[[str], None]) -> bool:
+    """The library's large-M plan at each M of a case past 32: the slices tile N within the scratch; then, at the
+    first such M on the first 256 rows of N, the calls run through the numpy model of cublasGemmEx against
+    onnxruntime's MatMulNBits on the CPU (within 2^-9 of the largest output, every output written once)."""
+    prefill = [m for m in ms if m > SMALL_M_MAX]
+    if not prefill:
+        return True
+    problems = []
+    described = []
+    for m in prefill:
+        plan = prefill_plan(lib, m, n, k)
+        rows = [c.rows for c in plan.calls]
+        if not plan.use_gemm or sum(rows) != n or plan.scratch_bytes < max(rows) * k * 2 or \
+                plan.scratch_bytes > max(64 << 20, 2 * k):
+            problems.append(f"M={m}: {plan.slices} slices of {plan.slice_rows} rows, {plan.scratch_bytes} bytes")
+        described.append(f"M={m} {plan.slices} slice{'s' if plan.slices > 1 else ''} of {plan.slice_rows} rows, "
+                         f"{plan.scratch_bytes / (1 << 20):.1f} MiB scratch")
+    n_small, m = min(n, 256), min(prefill[0], 128) if prefill[0] > 128 else prefill[0]
+    rng = np.random.default_rng([n, k, block, int(with_zp), m])
+    w = random_int4(rng, n_small, k, block, with_zp)
+    a = rng.standard_normal((m, k)).astype(np.float16)
+    y, writes = prefill_model(prefill_plan(lib, m, n_small, k), a, w)
+    own = runner.session(copies_model("MatMulNBits", [w]), custom=False, graphs=False).run(None, {"A": a})[0]
+    top = float(np.abs(reference(a, w)).max())
+    err = max_err(y, own.astype(np.float64))
+    if err > 2.0 ** -9 * top or not (writes == 1).all():
+        problems.append(f"the cuBLAS model at M={m}, N={n_small}: {err:.2e} from MatMulNBits (of {top:.2e}), "
+                        f"{int((writes != 1).sum())} outputs not written once")
+    log(f"prefill {name:>14} N={n:<6} K={k:<5} bs={block:<3} zp={'y' if with_zp else 'n'}: dequantize + cuBLAS at "
+        + "; ".join(described) + f" | the cuBLAS model at M={m}, N={n_small} vs MatMulNBits {err:.2e} "
+        + ("ok" if not problems else "FAIL: " + "; ".join(problems)))
+    return not problems
+
+
 def dry_run(args: argparse.Namespace, libs: Libraries, plan: list[tuple[str, int, int, int, bool, tuple[int, ...]]],
             log: Callable[[str], None]) -> int:
     """Every case's models built at their smallest; the reference checked against onnxruntime's MatMulNBits (and
@@ -1066,14 +1119,20 @@ def dry_run(args: argparse.Namespace, libs: Libraries, plan: list[tuple[str, int
     if libs.ort_cpu is None:
         log("no CPU reference library: the cases' code is not run here")
         return 1 if bad else 0
-    # the cases' own code on the CPU reference MatMulInt4 (no graphs, 2 copies): the edge shapes and trained weights
-    ctx = Context(args, runner, None, 0.0, time.perf_counter(), copy_bytes=1, log=log)
+    # the large-M path's plan and its cuBLAS calls in numpy, every case at its prefill M
+    plan_lib = ctypes.CDLL(str(libs.ort_cpu))
+    for name, n, k, block, with_zp, ms in plan:
+        bad += not check_prefill(plan_lib, runner, name, n, k, block, with_zp, ms, log)
+    # the cases' own code on the CPU reference MatMulInt4 (no graphs, 1 copy): the edge shapes (at prefill M too,
+    # the rows' path from the library's plan) and trained weights
+    quick = argparse.Namespace(**{**vars(args), "repeats": 2})  # CPU times mean nothing: the rows' code is the point
+    ctx = Context(quick, runner, None, 0.0, time.perf_counter(), copy_bytes=1, log=log, plan_lib=plan_lib)
     fp16_done: set[str] = set()
     for name, n, k in SHAPES["edge"]:
         for block in EDGE_BLOCKS:
             if k % block == 0:
                 for with_zp in (True, False):
-                    random_case(ctx, name, n, k, block, with_zp, EDGE_MS[:3], fp16_done)
+                    random_case(ctx, name, n, k, block, with_zp, EDGE_MS[:3] + PREFILL_MS, fp16_done)
     for source, linears in trained_sources(args):
         for block in BLOCKS:
             trained_case(ctx, source, linears[:6], block, symmetric=block == 128)
@@ -1106,9 +1165,9 @@ def table(rows: list[Row]) -> list[str]:
     against MatMulNBits and fp16, and the worst error ratio of the case over every variant."""
     form = next((r.form for r in rows if r.form), "-")
     other = next((f for f in FORMS if f != form), "-") if form != "-" else "-"
-    out = ["| case | M | MatMulNBits us | ours us | fp16 us | ours/nbits | ours/fp16 | ours GB/s | "
+    out = ["| case | M | ours' path | MatMulNBits us | ours us | fp16 us | ours/nbits | ours/fp16 | ours GB/s | "
            f"kernel {form} us | kernel {other} us | worst err ours/nbits |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     worst: dict[tuple[str, int], float] = {}
     for r in rows:
         if r.err_ours is not None and r.err_nbits:
@@ -1125,7 +1184,7 @@ def table(rows: list[Row]) -> list[str]:
         t16 = fp16.get((r.case, r.m))
         ratio = r.us_ours / r.us_nbits if r.us_ours and r.us_nbits else None
         vs16 = r.us_ours / t16 if r.us_ours and t16 else None
-        out.append(f"| {r.case} | {r.m} | {f(r.us_nbits)} | {f(r.us_ours)} | {f(t16)} | {f(ratio)} | {f(vs16)} | "
+        out.append(f"| {r.case} | {r.m} | {r.path or '-'} | {f(r.us_nbits)} | {f(r.us_ours)} | {f(t16)} | {f(ratio)} | {f(vs16)} | "
                    f"{f(r.gbps_ours, '.0f')} | {f(r.us_kernel)} | {f(r.us_other)} | {f(worst.get((r.case, r.m)))} |")
     return out
 
@@ -1141,6 +1200,27 @@ def form_summary(rows: list[Row]) -> list[str]:
             other = next(f for f in FORMS if f != form)
             out.append(f"{other}/{form} kernel time, {label}: median {statistics.median(ratios):.2f}, "
                        f"best {ratios[0]:.2f}, worst {ratios[-1]:.2f} over {len(ratios)} cases")
+    return out
+
+
+def prefill_summary(rows: list[Row]) -> list[str]:
+    """Past M = 32 (the custom op on dequantize + cuBLAS): its time over MatMulNBits' and over the small-M kernel's
+    alone (through ctypes, the path it no longer takes; a torch graph rather than onnxruntime's), by M: what would
+    move ONNXPIPE_INT4_SMALL_M_MAX. Random weights, every block and zero-point variant."""
+    out = []
+    for m in sorted({r.m for r in rows if r.m > SMALL_M_MAX and r.source == "random"}):
+        at = [(r.us_ours, r) for r in rows if r.m == m and r.source == "random" and r.us_ours]
+        vs_nbits = sorted(us / r.us_nbits for us, r in at if r.us_nbits)
+        vs_kernel = sorted(us / r.us_kernel for us, r in at if r.us_kernel)
+        if not vs_nbits and not vs_kernel:
+            continue
+        parts = [f"prefill M={m}: ours/MatMulNBits"]
+        parts.append(f"median {statistics.median(vs_nbits):.2f} (best {vs_nbits[0]:.2f}, worst {vs_nbits[-1]:.2f})"
+                     if vs_nbits else "-")
+        parts.append("ours/small-M kernel alone")
+        parts.append(f"median {statistics.median(vs_kernel):.2f} (best {vs_kernel[0]:.2f}, worst "
+                     f"{vs_kernel[-1]:.2f})" if vs_kernel else "-")
+        out.append(" ".join(parts) + f" over {len(at)} cases")
     return out
 
 
@@ -1215,7 +1295,8 @@ def main() -> int:
                 torch_kernel = TorchKernel(libs.kernel)
         except Exception as e:  # noqa: BLE001
             log(f"  note: kernel via ctypes off: {type(e).__name__}: {e}")
-    ctx = Context(args, runner, torch_kernel, statistics.median(times), start, log=log)
+    ctx = Context(args, runner, torch_kernel, statistics.median(times), start, log=log,
+                  plan_lib=ctypes.CDLL(str(libs.ort_cuda)) if libs.ort_cuda else None)
     if torch_kernel is not None:  # the form onnxpipe_int4_gemm resolves to here ($ONNXPIPE_INT4_GEMM_FORM or auto)
         ctx.form = torch_kernel.describe(0, 1, 4096, 4096).split(":")[0]
         log(f"the custom op's form here: {ctx.form}; both forms timed through ctypes")
@@ -1235,7 +1316,7 @@ def main() -> int:
                   "complete": done, "trained_done": trained_done, "skipped": ctx.skipped, "broken": ctx.broken,
                   "failed": len(failed), "ours_not_run": sum(r.err_ours is None for r in ctx.rows),
                   "rows": [asdict(r) for r in ctx.rows], "sweeps": ctx.sweeps, "table": table(ctx.rows),
-                  "form_summary": form_summary(ctx.rows)}
+                  "form_summary": form_summary(ctx.rows), "prefill_summary": prefill_summary(ctx.rows)}
         tmp = args.out / "results.json.tmp"
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, args.out / "results.json")
@@ -1279,7 +1360,7 @@ def main() -> int:
         log(f"skipped: {len(ctx.skipped) - 8} more (results.json)")
     log(f"{len(ctx.rows)} rows, {len(failed)} failed, {len(unrun)} without ours, "
         f"{time.perf_counter() - start:.0f} s; results.json under {args.out}")
-    for ln in lines + form_summary(ctx.rows):
+    for ln in lines + form_summary(ctx.rows) + prefill_summary(ctx.rows):
         log(ln)
     if sweep_wrong:
         log(f"sweep: {len(sweep_wrong)} layouts gave a wrong result, first: {sweep_wrong[0]}")
