@@ -7,7 +7,8 @@ Where the compiler comes from:
   first), else the PyPI packages ``nvidia-cuda-nvcc`` + ``nvidia-cuda-runtime`` + ``nvidia-cuda-cccl`` (CUDA 13:
   ``nvidia/cu13/`` on the Python path, a toolkit layout of its own; every such folder's include/ and lib/ is searched,
   so the three may be installed apart). The runtime is linked statically (``-cudart static``), so the library needs
-  nothing at load but the driver that onnxruntime's CUDA EP already uses.
+  nothing at load but the driver that onnxruntime's CUDA EP already uses; cuBLAS (MatMulInt4 past M = 32) is not
+  linked at all: the kernel takes the libcublas that EP has loaded into the process (csrc/cublas_abi.h, ``-ldl``).
 - the GPU architectures: ``$ONNXPIPE_CUDA_ARCH`` ("90" or "80,90"), else the visible GPUs' compute capability
   (``nvidia-smi --query-gpu=compute_cap``), else sm_80 and sm_90 with PTX for later GPUs.
 
