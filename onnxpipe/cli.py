@@ -335,16 +335,16 @@ def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, 
 def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_tokens: int, repeats: int,
           threads: int | None, cuda_graph: bool, json_path: Path | None) -> None:
     """Time greedy generation of a model directory: prefill ms, decode ms/step, tokens/s per batch size."""
-    import json
-
     from onnxpipe.runtime.bench import bench as run_bench
-    from onnxpipe.runtime.bench import render
+    from onnxpipe.runtime.bench import check_json_output, render, write_json_output
     from onnxpipe.runtime.generate import load
 
     try:
         sizes = [int(b) for b in batches.split(",") if b.strip()]
     except ValueError:
         raise click.BadParameter(f"{batches!r} is not a comma-separated list of integers", param_hint="--batch") from None
+    if json_path is not None:
+        check_json_output(json_path, model_dir)
     lm = load(model_dir, provider, threads=threads, announce=_log, cuda_graph=cuda_graph)
     rows = run_bench(lm, sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
     click.echo(render(rows))
@@ -353,11 +353,10 @@ def bench(model_dir: Path, provider: str, batches: str, prompt_tokens: int, new_
 
         import onnxruntime
 
-        json_path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                         "onnxruntime": onnxruntime.__version__,
-                                         "model_dir": str(model_dir), "provider": lm.provider,
-                                         "cuda_graph": bool(lm.session.cuda_graph), "rows": [r.as_dict() for r in rows]},
-                                        indent=1))
+        write_json_output(json_path, {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                      "onnxruntime": onnxruntime.__version__,
+                                      "model_dir": str(model_dir), "provider": lm.provider,
+                                      "cuda_graph": bool(lm.session.cuda_graph), "rows": [r.as_dict() for r in rows]})
 
 
 @main.command()

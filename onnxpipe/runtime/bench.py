@@ -13,14 +13,19 @@ side-by-side runs against PyTorch, torch.compile and ONNX Runtime GenAI are scri
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.outputs import check_io_paths
 from onnxpipe.runtime.limits import MAX_REPEATS, check_fits, check_int
 
 
@@ -66,6 +71,41 @@ def bench(lm: Any, batches: Sequence[int], prompt_tokens: int = 128, new_tokens:
             runs=repeats,
         ))
     return rows
+
+
+def check_json_output(path: Path, model_dir: Path) -> None:
+    """Before any work: the rows' JSON file may not be or lie inside the model directory (``--json
+    MODEL/onnxpipe.json`` overwrote the manifest), nor be a directory, and the nearest existing folder above it
+    must be one (its missing folders are made when it is written)."""
+    check_io_paths([model_dir], path)
+    if path.is_dir():
+        raise OnnxpipeError(f"{path}: is a directory; give --json a file name")
+    above = Path(os.path.abspath(path)).parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise OnnxpipeError(f"{path}: cannot write here: {above} is not a directory")
+    try:  # a probe, not os.access: root passes that check on read-only mounts and in /proc
+        fd, probe = tempfile.mkstemp(dir=above, prefix=".onnxpipe-tmp-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OnnxpipeError(f"{path}: cannot write in {above} ({e.strerror or e})") from None
+
+
+def write_json_output(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a temporary file beside it, then renamed)."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".onnxpipe-tmp-{path.name}-")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OnnxpipeError(f"{path}: cannot write the rows' JSON ({e.strerror or e})") from None
 
 
 def _run(lm: Any, prompts: list[list[int]], cfg: Any) -> tuple[float, float, float]:

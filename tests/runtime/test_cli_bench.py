@@ -57,3 +57,29 @@ def test_bench_bad_input_is_one_line(tiny_onnx, args, fragment):
     r = run("bench", tiny_onnx("llama"), "--provider", "cpu", *args)
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert fragment in r.output
+
+
+def test_bench_json_never_lands_in_the_model_directory(tiny_onnx, tmp_path):
+    """`--json MODEL/onnxpipe.json` overwrote the model's manifest after the run (exit 0); a directory or an
+    unwritable place failed only after the run, as `unexpected IsADirectoryError`. Now refused before any work."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_onnx("llama"), model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    args = ["bench", model, "--provider", "cpu", "--prompt-tokens", 4, "--new-tokens", 2, "--repeats", 1]
+    (tmp_path / "link.json").symlink_to(model / "onnxpipe.json")
+    (tmp_path / "notes.txt").write_text("a user's file")
+    for target, fragment in [(model / "onnxpipe.json", "the output is inside the input"),
+                             (model, "the output is the input"), (tmp_path / "link.json", "inside the input"),
+                             (tmp_path, "the output contains the input"), (tmp_path / "notes.txt" / "x.json", "not a directory")]:
+        r = run(*args, "--json", target)
+        assert r.exit_code == 1 and "Traceback" not in r.output and "unexpected" not in r.output, r.output
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+        assert len(errors) == 1 and fragment in errors[0], r.output
+        assert "provider:" not in r.output  # refused before the model was loaded
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    r = run(*args, "--json", tmp_path / "new" / "dir" / "b.json")  # missing folders are made
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "new" / "dir" / "b.json").read_text())["rows"]
+    assert [p.name for p in (tmp_path / "new" / "dir").iterdir()] == ["b.json"]
