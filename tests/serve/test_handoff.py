@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from onnxpipe.serve.handoff import Inbox, Mailbox
+from onnxpipe.serve.handoff import TICK_S, Inbox, Mailbox
 
 pytestmark = pytest.mark.fast
 
@@ -66,3 +66,38 @@ def test_events_interleaved_with_deliveries_are_neither_lost_nor_duplicated():
         return got
 
     assert asyncio.run(main()) == list(range(2000))
+
+
+def test_a_take_waits_on_a_future_of_its_own_not_a_task_and_a_timer_per_wait():
+    async def main() -> tuple[int, int, list[int]]:
+        box = Mailbox(asyncio.get_running_loop())
+        inboxes = [Inbox(box) for _ in range(8)]
+        before = len(asyncio.all_tasks())
+        takers = [asyncio.create_task(i.take(5.0)) for i in inboxes]
+        await asyncio.sleep(0.01)  # every take is waiting now
+        waiting = len(asyncio.all_tasks()) - before  # the 8 takers; asyncio.wait_for added a task per wait
+        timers = len(asyncio.get_running_loop()._scheduled)  # type: ignore[attr-defined]  # one tick for all
+        threading.Thread(target=lambda: [i.emit(n) for n, i in enumerate(inboxes)]).start()
+        got = [x for t in takers for x in await t]
+        return waiting, timers, got
+
+    waiting, timers, got = asyncio.run(main())
+    assert waiting == 8 and timers == 1 and got == list(range(8))
+
+
+def test_timed_out_and_cancelled_takes_leave_nothing_waiting_and_the_tick_stops():
+    async def main() -> tuple[list[int], int, bool, list[int]]:
+        box = Mailbox(asyncio.get_running_loop())
+        inbox, other = Inbox(box), Inbox(box)
+        empty = await inbox.take(0.01)  # times out at the next tick past 10 ms
+        task = asyncio.create_task(other.take(5.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        left = len(box._waiting)
+        await asyncio.sleep(3 * TICK_S)
+        threading.Thread(target=inbox.emit, args=(3,)).start()  # a later event still arrives
+        return empty, left, box._ticking, await inbox.take(2.0)
+
+    empty, left, ticking, later = asyncio.run(main())
+    assert empty == [] and left == 0 and not ticking and later == [3]
