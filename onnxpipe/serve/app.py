@@ -159,6 +159,12 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         def sse(obj: Any) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+        text_chunk = protocol.TextChunks(rid, model_name, chat)
+
+        def piece(text: str, reason: str | None) -> str:  # a text piece: most chunks, from the stream's template
+            return f"data: {text_chunk(text)}\n\n" if text and not reason else sse(
+                protocol.chunk(rid, model_name, chat, text, reason))
+
         checked = [time.monotonic()]
         try:
             if chat:
@@ -174,7 +180,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                         text, reason = text + value.text, value.finish_reason or reason
                         continue
                     if text or reason:
-                        out.append(sse(protocol.chunk(rid, model_name, chat, text, reason)))
+                        out.append(piece(text, reason))
                         text, reason = "", None
                     if kind == "done":
                         result: GenerationResult = value
@@ -187,7 +193,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                     finished = True
                     break
                 if text or reason:
-                    out.append(sse(protocol.chunk(rid, model_name, chat, text, reason)))
+                    out.append(piece(text, reason))
                 if out:
                     yield "".join(out)
             yield "data: [DONE]\n\n"
