@@ -352,7 +352,8 @@ class SlotScheduler(BatchLoop):
         if not overlap:
             self._settle()
         running = self._pending[0] if overlap else self._running  # type: ignore[index]
-        want = self._want(running)
+        # an overlapped step's rows are the fed step's before it, unchanged: greedy (argmax) still
+        want = "argmax" if overlap else self._want(running)
         fed = want == "argmax" and not self._changed and s.can_feed(self.cache)
         if overlap and not fed:  # cannot happen (the pending step was fed and nothing changed since); be safe
             self._settle()
@@ -407,6 +408,9 @@ class SlotScheduler(BatchLoop):
     def _apply(self, running: list[Request], tokens: dict[int, int], keep: list[Request]) -> None:
         """A processed step on the table: the rows' counts move on; rows that ended or failed are released."""
         self.table.stepped(tokens)
+        if len(keep) == len(running):  # every row goes on (``keep`` is ``running`` less those that left)
+            self._running = keep
+            return
         kept = {id(r) for r in keep}
         for req in running:
             if id(req) not in kept:
@@ -423,8 +427,9 @@ class SlotScheduler(BatchLoop):
         self._apply(running, *future.result())
 
     def _drop_cancelled_in_flight(self) -> None:
-        if any(r.cancelled.is_set() for r in self._admitted + self._running):
-            self._settle()
+        if not any(r.cancelled.is_set() for r in self._admitted + self._running):
+            return  # every iteration: one look at each request, no more
+        self._settle()
         for reqs in (self._admitted, self._running):
             for req in [r for r in reqs if r.cancelled.is_set()]:
                 self.stats.cancelled += 1
