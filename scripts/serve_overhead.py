@@ -165,6 +165,9 @@ def breakdown(runs: list[Run], trace: list[tuple[float, int, float, float, int]]
     steps = [r for r in inside if r.kind == "step"]
     prefills = [r for r in inside if r.kind == "prefill"]
     its = [t for t in trace if lo <= t[0] < hi]
+    # the host's serial time: from a run's end (its thread running Python again) to the next run's start
+    ordered = sorted(inside, key=lambda r: r.start)
+    gaps = [b.start - (a.start + a.device_s + a.late_s) for a, b in zip(ordered, ordered[1:])]
     wall = hi - lo
     device = sum(r.device_s for r in inside)
     busy = sum(t[2] + t[3] for t in its)
@@ -173,6 +176,8 @@ def breakdown(runs: list[Run], trace: list[tuple[float, int, float, float, int]]
             "device_s": device, "inner_s": sum(r.inner_s for r in inside), "inner_cpu_s": sum(r.inner_cpu_s for r in inside),
             "late_s": sum(r.late_s for r in inside),
             "late_step_p50_ms": 1e3 * float(np.median([r.late_s for r in steps])) if steps else float("nan"),
+            "between_runs_s": sum(gaps), "between_runs_p50_ms": 1e3 * float(np.median(gaps)) if gaps else float("nan"),
+            "late_mean_ms": 1e3 * float(np.mean([r.late_s for r in inside])) if inside else float("nan"),
             "iterations": len(its), "busy_s": busy, "between_iterations_s": max(wall - busy, 0.0),
             "server_own_s": wall - device,
             "server_own_per_step_ms": 1e3 * (wall - device) / max(len(steps), 1),
@@ -181,28 +186,74 @@ def breakdown(runs: list[Run], trace: list[tuple[float, int, float, float, int]]
 
 
 # ---- the measurement ----
+async def stream_request(reader: Any, writer: Any, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """One streaming request on a kept-alive connection, read with as little work as a client can do (a GPU host's
+    clients have cores of their own; here they share 2 with the server): the time of every read that brought text
+    chunks (once per chunk), the completion tokens of the usage chunk. SSE events are found by their ``data: ``
+    prefix, which the word-level tokens' text never holds."""
+    body = json.dumps(payload).encode()
+    sent = time.perf_counter()
+    writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                 b"\r\n%s" % (path.encode(), len(body), body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"HTTP {head.split(b' ', 2)[1].decode()} from the server")
+    times: list[float] = []
+    tokens, buf, done = 0, b"", False
+    while not (done and buf.endswith(b"0\r\n\r\n")):  # [DONE], then the chunked body's end: the connection is free
+        data = await reader.read(1 << 16)
+        if not data:
+            raise RuntimeError("the server closed the connection mid-stream")
+        now = time.perf_counter()
+        buf += data
+        at = buf.rfind(b"\n\n")
+        if at < 0:
+            continue
+        events, buf = buf[:at].split(b"data: ")[1:], buf[at + 2:]
+        for event in events:
+            if event.startswith(b"[DONE]"):
+                done = True
+            elif b'"usage"' in event:
+                tokens = json.loads(event[:event.index(b"\n\n")] if b"\n\n" in event else event)["usage"][
+                    "completion_tokens"]
+            elif b'"error"' in event[:12]:
+                raise RuntimeError(event[:200].decode(errors="replace"))
+            elif b'"text": ""' not in event:
+                times.append(now)
+    return {"sent": sent, "ttft": times[0] - sent if times else float("nan"), "times": times, "tokens": tokens}
+
+
 async def client_level(base: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    """``concurrency`` streaming clients, each sending its share of ``prompts`` one after the other (load_test's
-    requests and clients), after one untimed request; the timed window on perf_counter's clock (the server's too),
-    and this process's CPU seconds."""
+    """``concurrency`` streaming clients on connections of their own, each sending its share of ``prompts`` one
+    after the other (load_test's requests: greedy, ignore_eos), after one untimed request; the timed window on
+    perf_counter's clock (the server's too), and this process's CPU seconds."""
     import asyncio
 
-    import httpx
-    from load_test import body, one_request, percentile  # beside this file
+    from load_test import body, percentile  # beside this file
 
+    host, port = base.rsplit("/", 1)[1].split(":")
     queue = list(prompts)
     results: list[dict[str, Any]] = []
 
-    async def client_loop(client: Any) -> None:
-        while queue:
-            results.append(await one_request(client, base + "/v1/completions", body(queue.pop(), max_tokens)))
+    async def client_loop(first: list[int] | None = None) -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            if first is not None:  # untimed: first-use costs
+                await stream_request(reader, writer, "/v1/completions", body(first, 2))
+                return
+            while queue:
+                results.append(await stream_request(reader, writer, "/v1/completions", body(queue.pop(), max_tokens)))
+        finally:
+            writer.close()
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-        await one_request(client, base + "/v1/completions", body(prompts[0][:8], 2))  # untimed: first-use costs
-        cpu, start = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        end, cpu = time.perf_counter(), time.process_time() - cpu
-        server = (await client.get(base + "/health")).json()["stats"]
+    await client_loop(prompts[0][:8])
+    cpu, start = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    end, cpu = time.perf_counter(), time.process_time() - cpu
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    server = json.loads((await reader.read()).split(b"\r\n\r\n", 1)[1])["stats"]
+    writer.close()
     gaps = [g for r in results for g in np.diff(r["times"])]
     tokens = sum(r["tokens"] for r in results)
     return {"requests": len(results), "tokens": tokens, "start": start, "end": end, "wall_s": end - start,
