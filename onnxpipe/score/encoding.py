@@ -38,7 +38,10 @@ class Encoder:
         if tok.is_file():
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(str(tok))
+            try:
+                self._tokenizer = Tokenizer.from_file(str(tok))
+            except Exception as e:  # the tokenizers library raises its own exception types
+                raise OnnxpipeError(f"{tok}: not a tokenizer the `tokenizers` library reads ({first_line(e)})") from None
 
     def _require(self) -> Any:
         if self._tokenizer is None:

@@ -88,6 +88,20 @@ def test_text_records_need_a_tokenizer(tiny_onnx, tmp_path):
     _one_line_error(_score(str(tiny_onnx("gpt2")), str(inp), "-o", str(tmp_path / "o.jsonl")), "no tokenizer.json")
 
 
+@pytest.mark.parametrize("content", [b"", b'{"version": "1.0", "truncated'])
+def test_unreadable_tokenizer_is_one_line_naming_it(tiny_onnx, tmp_path, content):
+    """An empty or truncated tokenizer.json was `unexpected Exception: EOF while parsing ...` (generate named it)."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_onnx("llama"), model)
+    (model / "tokenizer.json").write_bytes(content)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    result = _score(str(model), str(inp), "-o", str(tmp_path / "o.jsonl"))
+    _one_line_error(result, str(model / "tokenizer.json"), "not a tokenizer")
+    assert "unexpected" not in result.output
+
+
 def test_stride_must_be_below_context(tiny_onnx, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", random_records(2, seed=0))
     _one_line_error(_score(str(tiny_onnx("gpt2")), str(inp), "-o", str(tmp_path / "o.jsonl"), "--stride", "128"),
