@@ -941,7 +941,8 @@ def int4_case(ctx: Context, source: str, quantized: list[tuple[str, Int4Weight, 
         for m in TRAINED_MS:
             ref = reference(acts[m][i], w)
             r = Row(name, w.n, w.k, w.block_size, w.zero_points is not None, m, source=source,
-                    ref_max=float(np.abs(ref).max()), note=note if i == 0 and m == TRAINED_MS[0] else "")
+                    ref_max=float(np.abs(ref).max()), note=note if i == 0 and m == TRAINED_MS[0] else "",
+                    path=op_path(ctx, m, w.n, w.k))
             if "MatMulNBits" in results:
                 r.err_nbits = max_err(results["MatMulNBits"][m][i], ref)
             if "MatMulInt4" in results:
