@@ -1,8 +1,8 @@
 // onnxpipe's own declarations of the few parts of cuBLAS that MatMulInt4's large-M path calls, and how it finds them.
 //
-// The library is not linked against cuBLAS (nothing of cuBLAS is on PyPI's nvcc, and a second copy of it in the
-// process would be a second set of kernels and handles): onnxruntime's CUDA EP has already loaded libcublas into the
-// process by the time a kernel is made, so dlopen(RTLD_NOLOAD) takes that copy, by the names it may have.
+// The library is not linked against cuBLAS (the kernels extra installs no cuBLAS, and a second copy in the process
+// would be a second set of kernels and handles): onnxruntime's CUDA EP has already loaded libcublas into the process
+// by the time a kernel is made, so dlopen(RTLD_NOLOAD) takes that copy, by the sonames it may have.
 //
 // The values and prototypes below were checked against the public CUDA 13.0 header text, cublas_api.h
 // (CUBLAS_VER_MAJOR 13, CUBLAS_VER_BUILD 19; the copy in github.com/leomaxwell972/CU13ToolKit_Includes,
