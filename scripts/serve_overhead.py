@@ -408,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(row)
         print(f"repeat {i + 1}: {row['tokens_per_s']:.0f} tok/s, {row['served_over_offline']:.0%} of offline",
               file=sys.stderr)
+    import onnxpipe
+
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": str(model), "cost": asdict(cost),
+              "onnxpipe": str(Path(onnxpipe.__file__).parent),
               "cpus": os.cpu_count(), "load_average": os.getloadavg(), "sleep_overshoot_ms": 1e3 * overshoot,
               "offline": offline, "runs": runs, "skipped": skipped,
               "args": {k: str(v) for k, v in vars(args).items()}}

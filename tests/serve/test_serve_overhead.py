@@ -1,0 +1,130 @@
+"""scripts/serve_overhead.py's CPU-side logic (no model, no server): the stand-in device's offline figure, how a run
+is paced and classified, where a served window's time is counted, and the bounds of a run. Its timings are not
+checked here (the script measures them)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.fast
+
+
+def script():
+    path = Path(__file__).resolve().parents[2] / "scripts" / "serve_overhead.py"
+    spec = importlib.util.spec_from_file_location("_onnxpipe_scripts_serve_overhead", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+so = script()
+
+
+def test_the_offline_figure_is_one_prefill_run_and_the_rest_decode_steps_per_request():
+    cost = so.DeviceCost(step_s=0.0017, prefill_s=0.0023)
+    off = cost.offline(32, 128, 2)
+    assert off["steps"] == 254 and off["prefill_runs"] == 2 and off["tokens"] == 8192
+    assert off["seconds"] == pytest.approx(2 * (0.0023 + 127 * 0.0017))
+    assert off["tokens_per_s"] == pytest.approx(8192 / off["seconds"])
+    assert so.DeviceCost(0.001, 0.001).offline(1, 2)["seconds"] == pytest.approx(0.002)
+    for bad in (dict(step_s=0), dict(prefill_s=-1), dict(step_s=2.0), dict(step_s="1")):
+        with pytest.raises(ValueError):
+            so.DeviceCost(**bad)
+    with pytest.raises(ValueError, match="new_tokens"):
+        cost.offline(32, 0)
+
+
+class _Options:
+    def __init__(self, gid: str):
+        self.gid = gid
+
+    def get_run_config_entry(self, name: str) -> str:
+        assert name == "gpu_graph_id"
+        return self.gid
+
+
+class _Clock:
+    """A clock that the inner run and the sleep move: the inner run takes ``inner`` s, a sleep lasts what it is
+    asked plus ``late``."""
+
+    def __init__(self, inner: float, late: float):
+        self.now, self.inner, self.late, self.slept = 100.0, inner, late, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(s)
+        self.now += s + self.late
+
+
+class _Inner:
+    def __init__(self, clock: _Clock):
+        self.clock, self.calls, self.other = clock, 0, "kept"
+
+    def run_with_iobinding(self, io, run_options=None):
+        self.calls += 1
+        self.clock.now += self.clock.inner
+
+
+def test_a_run_is_paced_to_its_kind_and_what_it_stood_for_is_recorded():
+    clock = _Clock(inner=0.0004, late=0.0001)
+    inner = _Inner(clock)
+    paced = so.PacedRuns(inner, so.DeviceCost(0.0017, 0.0023), clock=clock, sleep=clock.sleep)
+    paced.run_with_iobinding(None, _Options("3"))  # a replay of the decode graph: a step
+    paced.run_with_iobinding(None, _Options("-1"))  # outside any graph: a prefill
+    paced.run_with_iobinding(None, None)  # no run options: a prefill
+    assert inner.calls == 3 and paced.other == "kept"  # the wrapped session runs; the rest is its
+    assert [r.kind for r in paced.runs] == ["step", "prefill", "prefill"]
+    assert clock.slept == pytest.approx([0.0013, 0.0019, 0.0019])  # the cost less the inner run
+    assert [r.device_s for r in paced.runs] == pytest.approx([0.0017, 0.0023, 0.0023])
+    assert [r.late_s for r in paced.runs] == pytest.approx([0.0001] * 3)
+    clock.inner = 0.005  # an inner run longer than the cost: no sleep, the run stands for its own time
+    paced.run_with_iobinding(None, _Options("1"))
+    assert len(clock.slept) == 3 and paced.runs[-1].device_s == pytest.approx(0.005)
+
+
+def test_the_breakdown_counts_the_window_only():
+    Run = so.Run
+    runs = [Run("prefill", 0.5, 0.001, 0.001, 0.0023, 0.0),  # before the window
+            Run("prefill", 1.0, 0.001, 0.001, 0.0023, 0.0001),
+            Run("step", 1.003, 0.0004, 0.0004, 0.0017, 0.0002),
+            Run("step", 1.005, 0.0004, 0.0004, 0.0017, 0.0),
+            Run("step", 2.5, 0.0004, 0.0004, 0.0017, 0.0)]  # after it
+    trace = [(1.0, 128, 0.0024, 0.0019, 1), (1.0045, 0, 0.0, 0.0018, 1), (2.5, 0, 0.0, 0.0017, 1)]
+    b = so.breakdown(runs, trace, (1.0, 1.01), offline_s=0.005)
+    assert b["steps"] == 2 and b["prefill_runs"] == 1 and b["iterations"] == 2
+    assert b["device_s"] == pytest.approx(0.0023 + 2 * 0.0017)
+    assert b["wall_s"] == pytest.approx(0.01) and b["server_own_s"] == pytest.approx(0.01 - 0.0057)
+    assert b["late_s"] == pytest.approx(0.0003) and b["busy_s"] == pytest.approx(0.0024 + 0.0019 + 0.0018)
+    # between runs: 1.003 - (1.0 + 0.0023 + 0.0001), then 1.005 - (1.003 + 0.0017 + 0.0002)
+    assert b["between_runs_s"] == pytest.approx(0.0006 + 0.0001)
+    assert b["schedule"] == pytest.approx(0.005 / 0.0057) and b["overhead"] == pytest.approx(0.0057 / 0.01)
+
+
+def _args(**changes) -> argparse.Namespace:
+    args = so.parse_args([])
+    for k, v in changes.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_a_run_is_bounded():
+    so.check_bounds(_args())  # the defaults fit
+    with pytest.raises(ValueError, match="--budget-s"):
+        so.check_bounds(_args(budget_s=so.MAX_BUDGET_S + 1))
+    with pytest.raises(ValueError, match="--streams"):
+        so.check_bounds(_args(streams=65))
+    with pytest.raises(ValueError, match="do not fit"):  # 10 repeats of a slow device in 100 s
+        so.check_bounds(_args(repeats=10, step_ms=20.0, max_tokens=256, requests_per_client=8))
+    with pytest.raises(ValueError, match="--prefill-group"):
+        so.check_bounds(_args(prefill_group=33))
+    with pytest.raises(SystemExit):  # the command line says which option
+        so.parse_args(["--budget-s", "600"])
