@@ -315,8 +315,10 @@ def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, 
           prefill_group: int | None, chunk_graphs: bool | None) -> None:
     """Serve a model directory over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), with requests joining and leaving the running batch at every decode step."""
+    from onnxpipe.serve.address import check_address
     from onnxpipe.serve.app import serve_forever
 
+    check_address(host, port)  # before the model load: uvicorn finds a bad host or a taken port only when it binds
     serve_forever(model_dir, host=host, port=port, provider=provider, max_batch=max_batch, max_queue=max_queue,
                   prefill_chunk=prefill_chunk, model_name=model_name, threads=threads, cuda_graph=cuda_graph,
                   max_length=max_length, announce=_log, prefill_group=prefill_group, chunk_graphs=chunk_graphs)

@@ -273,6 +273,24 @@ def test_serve_cli_refuses_bad_input_in_one_line(tmp_path):
         assert r.exit_code == 2 and "Traceback" not in r.output and "--prefill-chunk" in r.output, r.output
 
 
+def test_serve_cli_refuses_an_address_it_cannot_listen_on_before_loading(tmp_path):
+    """A host that does not resolve or a port another process listens on was uvicorn's log lines and exit code 3,
+    after the model load and a "serving on" line. Now one line naming it, before the model is read (the model
+    directory here does not exist: its error would come first otherwise)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, fragment in [(["--host", "256.1.1.1", "--port", "0"], "--host 256.1.1.1: not an address"),
+                               (["--port", str(port)], f"--port {port}: cannot listen there")]:
+            r = CliRunner().invoke(main, ["serve", str(tmp_path / "missing"), *args])
+            assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+            lines = [ln for ln in r.output.splitlines() if ln.strip()]
+            assert len(lines) == 1 and fragment in lines[0], r.output
+
+
 def test_a_failed_decode_step_fails_its_batch_and_the_next_requests_are_served(stdlib_lm, monkeypatch):
     session = stdlib_lm.session
     forward = type(session).forward
