@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.confine import check_external_data, check_inside
+from onnxpipe.confine import check_external_data, check_has_graph, check_inside
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.outputs import (
     TMP_MARKER,
@@ -134,6 +134,7 @@ class ModelDir:
         if not md.model_path.is_file():
             raise OnnxpipeError(f"{p}: the manifest names {name}, which is missing")
         check_external_data(md.model_path, p)
+        check_has_graph(md.model_path)
         check_sidecar_links(p, names=md.manifest.tokenizer.get("files", []))
         return md
 

@@ -74,6 +74,26 @@ def check_external_data(model_path: Path, root: Path) -> list[str]:
     return locations
 
 
+def check_has_graph(model_path: Path) -> None:
+    """Refuse, naming ``model_path``, an ONNX file with no graph to run: empty (0 bytes), or well-formed protobuf
+    whose graph holds no node (onnxruntime's "No graph was found in the protobuf" came out of optimize as an
+    unexpected error, after every pass had run). Read from the wire format: the first node ends the walk."""
+    size = model_path.stat().st_size
+    if size == 0:
+        raise OnnxpipeError(f"{model_path}: empty file (0 bytes), not an ONNX model")
+    with open(model_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        buf = memoryview(mm)
+        try:
+            for number, wire, s, e in _fields(buf, 0, size):
+                if number == _MODEL_GRAPH and wire == 2 and any(n == _GRAPH_NODE and w == 2 for n, w, _, _ in _fields(buf, s, e)):
+                    return
+        except (ValueError, IndexError) as err:
+            raise OnnxpipeError(f"{model_path}: not a readable ONNX model ({err})") from None
+        finally:
+            buf.release()
+    raise OnnxpipeError(f"{model_path}: not a readable ONNX model (no graph in it)")
+
+
 # protobuf field numbers (onnx.proto): where tensors, and so external-data entries, can sit
 _MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15

@@ -298,6 +298,25 @@ def test_inspect_refuses_an_empty_or_truncated_graph(model_copy, content: bytes 
     one_line_error(cli("inspect", md), "model.onnx", fragment)
 
 
+@pytest.mark.parametrize(("content", "fragment"), [(b"", "empty file (0 bytes)"), (b"\x08\x07", "no graph in it")])
+def test_every_command_refuses_a_model_file_with_no_graph(model_copy, tmp_path: Path, content: bytes,
+                                                          fragment: str) -> None:
+    """A 0-byte or graph-less model.onnx (well-formed protobuf: ir_version alone) is refused when the directory is
+    opened. optimize ran every pass on it and then failed with `unexpected InvalidArgument: ... No graph was found
+    in the protobuf`; quantize named an `in-memory graph`; generate, score and bench passed onnxruntime's message on."""
+    md = model_copy("m")
+    (md / "model.onnx").write_bytes(content)
+    before = digest(md)
+    records = tmp_path / "in.jsonl"
+    records.write_text('{"input_ids": [1, 2, 3]}\n')
+    for args in (["optimize", md, "-o", tmp_path / "o"], ["quantize", md, "-o", tmp_path / "o", "--mode", "dynamic"],
+                 ["generate", md, "--prompt", "hi"], ["score", md, records, "-o", tmp_path / "s.jsonl"],
+                 ["bench", md], ["inspect", md]):
+        one_line_error(cli(*args), str(md / "model.onnx"), fragment)
+    assert digest(md) == before
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s.jsonl").exists()
+
+
 def test_inspect_graph_not_matching_manifest(model_copy) -> None:
     """A model.onnx whose inputs are not the manifest's (swapped or damaged) is refused, not summarised."""
     import onnx
