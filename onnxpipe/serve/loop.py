@@ -220,7 +220,10 @@ class BatchLoop:
     def _choose(self, req: Request, out: np.ndarray, i: int) -> int:
         if out.ndim == 1:
             return int(out[i])
-        return next_token(out[i], req.row.cfg, req.row.seen(), req.row.rng)
+        cfg = req.row.cfg
+        if cfg.greedy and cfg.repetition_penalty == 1.0:  # next_token's own answer, without the row's history
+            return int(np.argmax(out[i]))
+        return next_token(out[i], cfg, req.row.seen(), req.row.rng)
 
     def _take(self, req: Request, token: int) -> None:
         row = req.row

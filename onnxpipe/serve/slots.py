@@ -381,9 +381,12 @@ class SlotScheduler(BatchLoop):
             self._settle()  # the step before, applied: its rows that ended leave; this step's tokens for them unread
             running = self._running
             self.stats.overlapped_steps += 1
-        # this step's rows processed now, or on the rows thread while the next step runs
+        # this step's rows processed now, or on the rows thread while the next step runs; now too where a request
+        # waits or is being read: the next iteration's admission or prefill would wait for the rows thread at once
+        # (a handoff to it and back, under a GIL the event loop holds while it writes the step's chunks)
         ends = any(len(r.row.tokens) + 1 >= r.row.limit for r in running)
-        if fed and not ends and not self._changed and self._rows_thread is not None:
+        if (fed and not ends and not self._changed and self._rows_thread is not None and not self._waiting
+                and not self._admitted):
             self._pending = (running, self._rows_thread.submit(self._process, running, out), True)
         else:
             self._apply(running, *self._process(running, out))

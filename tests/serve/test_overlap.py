@@ -45,3 +45,43 @@ def test_rows_ending_on_a_stop_token_mid_overlap_get_their_solo_tokens(stdlib_cu
         assert sched.stats.overlapped_steps > 0  # steps ran while the step before's rows were processed
     finally:
         sched.stop()
+
+
+def test_a_step_after_which_a_request_waits_is_processed_at_once_not_handed_to_the_rows_thread(stdlib_cuda_model):
+    """Driven by hand on this thread (the loop's steps, no thread of the loop's own): a fed step's rows go to the
+    rows thread while nothing waits; once a request waits, the step's rows are processed before the step returns
+    (the admission would wait for the rows thread at once), and both requests get their solo tokens."""
+    lm = slot_lm(stdlib_cuda_model, True)
+    alone = make_scheduler(lm, max_batch=3, prefill_chunk=16, max_length=128)
+    alone.start()
+    try:
+        solo = [result(_submit(alone, lm, p, 20, [])) for p in PROMPTS[:2]]
+    finally:
+        alone.stop()
+    sched = make_scheduler(lm, max_batch=3, prefill_chunk=16, max_length=128)
+    sched._started()
+    try:
+        first = _submit(sched, lm, PROMPTS[0], 20, [])
+
+        def iteration() -> None:
+            with sched._cond:
+                allowance = sched.budget.iteration(decoding=bool(sched._running))
+                sched._admit(sched.budget.chunk or 16)
+            sched._drop_cancelled()
+            sched._prefill(allowance)
+            if sched._running:
+                sched._decode_step()
+
+        iteration()  # the prompt read, a host-fed step
+        iteration()  # fed, nothing changed, nothing waits: its rows on the rows thread
+        assert sched._pending is not None
+        second = _submit(sched, lm, PROMPTS[1], 20, [])
+        sched._decode_step()  # fed, overlapped; a request waits: this step's rows processed now
+        assert sched._pending is None and sched.stats.overlapped_steps == 1
+        while sched._running or sched._waiting or sched._admitted:
+            iteration()
+        sched._settle()
+        assert [result(first), result(second)] == solo
+    finally:
+        sched._settle()
+        sched._rows_thread.shutdown(wait=True)
