@@ -43,24 +43,34 @@ def external_data_locations(model_path: Path) -> list[str]:
     Constant attributes, sparse tensors, functions), read from the protobuf wire format without loading weights.
 
     Raises ValueError for a file that is not well-formed protobuf."""
+    return sorted(external_data_extents(model_path))
+
+
+def external_data_extents(model_path: Path) -> dict[str, int]:
+    """Each external-data location of ``model_path`` -> the end of the last byte range the graph reads from it
+    (offset + length; 0 where no tensor records both). Raises ValueError as ``external_data_locations``."""
     size = model_path.stat().st_size
     if size == 0:
-        return []
+        return {}
+    extents: dict[str, int] = {}
     with open(model_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         buf = memoryview(mm)
         try:
-            return sorted(set(_model_locations(buf, 0, size)))
+            for location, end in _model_locations(buf, 0, size):
+                extents[location] = max(extents.get(location, 0), end)
         finally:
             buf.release()
+    return extents
 
 
 def check_external_data(model_path: Path, root: Path) -> list[str]:
     """Refuse, naming ``model_path``, an external-data location that is absolute, climbs with ``..``, leads out of
     ``root`` through a symlink, or is missing. Returns the locations (relative to ``root``)."""
     try:
-        locations = external_data_locations(model_path)
+        extents = external_data_extents(model_path)
     except (ValueError, IndexError, RecursionError) as e:
         raise OnnxpipeError(f"{model_path}: not a readable ONNX model ({e})") from None
+    locations = sorted(extents)
     for loc in locations:
         parts = Path(loc).parts
         if not loc or os.path.isabs(loc) or "\\" in loc or "\x00" in loc or ".." in parts:
@@ -71,6 +81,10 @@ def check_external_data(model_path: Path, root: Path) -> list[str]:
         check_inside(path, root, f"external data of {model_path.name}")
         if not path.is_file():
             raise OnnxpipeError(f"{model_path}: its external data file {loc} is missing from {root}")
+        size = path.stat().st_size
+        if size < extents[loc]:  # optimize and quantize met this as an unexpected ValueError of their readers
+            raise OnnxpipeError(f"{model_path}: its external data file {loc} holds {size:,} bytes, but the graph "
+                                f"reads up to byte {extents[loc]:,} of it (truncated, or not this graph's weights)")
     return locations
 
 
@@ -149,7 +163,7 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _model_locations(buf: memoryview, start: int, end: int) -> Iterator[str]:
+def _model_locations(buf: memoryview, start: int, end: int) -> Iterator[tuple[str, int]]:
     for number, wire, s, e in _fields(buf, start, end):
         if wire != 2:
             continue
@@ -161,7 +175,7 @@ def _model_locations(buf: memoryview, start: int, end: int) -> Iterator[str]:
                     yield from _node_locations(buf, s2, e2, 1)
 
 
-def _graph_locations(buf: memoryview, start: int, end: int, depth: int) -> Iterator[str]:
+def _graph_locations(buf: memoryview, start: int, end: int, depth: int) -> Iterator[tuple[str, int]]:
     if depth > _MAX_DEPTH:
         raise ValueError("subgraphs nested too deep")
     for number, wire, s, e in _fields(buf, start, end):
@@ -175,7 +189,7 @@ def _graph_locations(buf: memoryview, start: int, end: int, depth: int) -> Itera
             yield from _node_locations(buf, s, e, depth)
 
 
-def _node_locations(buf: memoryview, start: int, end: int, depth: int) -> Iterator[str]:
+def _node_locations(buf: memoryview, start: int, end: int, depth: int) -> Iterator[tuple[str, int]]:
     for number, wire, s, e in _fields(buf, start, end):
         if number != _NODE_ATTRIBUTE or wire != 2:
             continue
@@ -190,13 +204,16 @@ def _node_locations(buf: memoryview, start: int, end: int, depth: int) -> Iterat
                 yield from _sparse_locations(buf, s2, e2)
 
 
-def _sparse_locations(buf: memoryview, start: int, end: int) -> Iterator[str]:
+def _sparse_locations(buf: memoryview, start: int, end: int) -> Iterator[tuple[str, int]]:
     for number, wire, s, e in _fields(buf, start, end):
         if number in (_SPARSE_VALUES, _SPARSE_INDICES) and wire == 2:
             yield from _tensor_locations(buf, s, e)
 
 
-def _tensor_locations(buf: memoryview, start: int, end: int) -> Iterator[str]:
+def _tensor_locations(buf: memoryview, start: int, end: int) -> Iterator[tuple[str, int]]:
+    """(location, offset + length) of a tensor stored as external data (its entries are key/value strings; the end
+    is 0 unless both offset and length are plain numbers)."""
+    entries: dict[str, str] = {}
     for number, wire, s, e in _fields(buf, start, end):
         if number != _TENSOR_EXTERNAL_DATA or wire != 2:
             continue
@@ -206,5 +223,9 @@ def _tensor_locations(buf: memoryview, start: int, end: int) -> Iterator[str]:
                 key = bytes(buf[s2:e2]).decode("utf-8", "replace")
             elif w2 == 2 and n2 == _ENTRY_VALUE:
                 value = bytes(buf[s2:e2]).decode("utf-8", "replace")
-        if key == "location":
-            yield value or ""
+        if key is not None:
+            entries[key] = value or ""
+    if "location" in entries:
+        offset, length = entries.get("offset", "0"), entries.get("length", "")
+        extent = int(offset) + int(length) if offset.isdigit() and length.isdigit() else 0
+        yield entries["location"], extent

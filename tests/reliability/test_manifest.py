@@ -234,6 +234,22 @@ def test_external_data_inside_the_directory_is_fine(model_copy) -> None:
     assert cli("inspect", md).exit_code == 0
 
 
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.999])
+def test_short_external_data_refused_at_open(model_copy, tmp_path: Path, keep: float) -> None:
+    """A 0-byte or truncated model.onnx.data: optimize and quantize failed as `unexpected ValueError` of their
+    weight readers (`cannot mmap an empty file`, `External data offset ... exceeds file size`), inspect summarised it
+    as healthy. Every tensor's offset + length is checked against the file's size at open."""
+    md = model_copy("m")
+    _with_external_data(md, "model.onnx.data")
+    data = md / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[: int(data.stat().st_size * keep)])
+    before = digest(md)
+    for args in (["inspect", md], ["optimize", md, "-o", tmp_path / "o"], ["generate", md, "--prompt", "hi"],
+                 ["quantize", md, "-o", tmp_path / "o", "--mode", "dynamic"]):
+        one_line_error(cli(*args), str(md / "model.onnx"), "model.onnx.data holds", "truncated")
+    assert digest(md) == before and not (tmp_path / "o").exists()
+
+
 def test_sidecar_symlink_out_of_the_directory_refused(model_copy, tmp_path: Path) -> None:
     """A model directory with merges.txt -> a file outside it never yields an artifact holding that file."""
     secret = tmp_path / "passwd"
