@@ -53,26 +53,39 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 # ---- the stand-in device ----
 @dataclass(frozen=True)
 class DeviceCost:
-    """What a run costs on the device the stand-in plays: a decode step (a CUDA-graph replay of every row), and a
-    prefill run (outside the graph: on a GPU its kernel launches, about the same whatever its length)."""
+    """What a run costs on the device the stand-in plays: a decode step (a CUDA-graph replay of every row, the same
+    whoever is in it), and a prefill run (outside the graph: a fixed part, its kernel launches, and a part per token
+    it reads). The defaults are the H100's with the 1B shape (runs 25/26, docs/serve.md): a quiet decode step of 32
+    rows 1.7 ms; one 128-token prompt's prefill run 2.3 ms; offline generate's batch of 32 such prompts at 18,244
+    tokens/s, i.e. 224.5 ms for 128 tokens, 127 steps of them 216 ms, so ~8.6 ms for its [32, 128] prefill: 2.1 ms
+    fixed and 1.6 us a token."""
 
-    step_s: float = 0.0017  # run 25/26: the H100's quiet decode step at 32 rows, 1B shape
-    prefill_s: float = 0.0023  # run 25: one 128-token prompt's prefill run on the H100
+    step_s: float = 0.0017
+    prefill_s: float = 0.0021
+    prefill_token_s: float = 1.6e-6
 
     def __post_init__(self) -> None:
-        for name in ("step_s", "prefill_s"):
+        for name, low, high in (("step_s", 0.0, 1.0), ("prefill_s", 0.0, 1.0), ("prefill_token_s", None, 1e-3)):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value <= 1):
-                raise ValueError(f"{name} must be in (0, 1] seconds, got {value!r}")
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value <= high
+            if not ok or (value <= low if low is not None else value < 0):
+                span = f"({low}, {high}]" if low is not None else f"[0, {high}]"
+                raise ValueError(f"{name} must be in {span} seconds, got {value!r}")
 
-    def offline(self, streams: int, new_tokens: int, requests_per_client: int = 1) -> dict[str, float]:
-        """The stand-in's offline batch: ``streams`` prompts read in one prefill run (it gives each row its first
-        token), then ``new_tokens - 1`` decode steps of every row; once per request a client sends."""
+    def prefill(self, tokens: int) -> float:
+        """A prefill run of ``tokens`` tokens (all its rows' together)."""
+        return self.prefill_s + self.prefill_token_s * tokens
+
+    def offline(self, streams: int, new_tokens: int, requests_per_client: int = 1,
+                prompt_tokens: int = 128) -> dict[str, float]:
+        """The stand-in's offline batch: ``streams`` prompts of ``prompt_tokens`` read in one prefill run (it gives
+        each row its first token), then ``new_tokens - 1`` decode steps of every row; once per request a client
+        sends."""
         for name, value in (("streams", streams), ("new_tokens", new_tokens),
-                            ("requests_per_client", requests_per_client)):
+                            ("requests_per_client", requests_per_client), ("prompt_tokens", prompt_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        seconds = requests_per_client * (self.prefill_s + (new_tokens - 1) * self.step_s)
+        seconds = requests_per_client * (self.prefill(streams * prompt_tokens) + (new_tokens - 1) * self.step_s)
         tokens = streams * new_tokens * requests_per_client
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                 "prefill_runs": requests_per_client, "steps": requests_per_client * (new_tokens - 1)}
@@ -99,19 +112,39 @@ class PacedRuns:
         self._inner, self.cost, self._clock, self._sleep = inner, cost, clock, sleep
         self.runs: list[Run] = []
 
+    def io_binding(self) -> "TokenCount":
+        return TokenCount(self._inner.io_binding())
+
     def run_with_iobinding(self, io: Any, run_options: Any = None) -> None:
         gid = int(run_options.get_run_config_entry("gpu_graph_id") or -1) if run_options is not None else -1
         kind = "step" if gid >= 0 else "prefill"
+        tokens = getattr(io, "tokens", 0)
         start, cpu = self._clock(), time.thread_time()
-        self._inner.run_with_iobinding(io, run_options)
+        self._inner.run_with_iobinding(getattr(io, "inner", io), run_options)
         inner, cpu = self._clock() - start, time.thread_time() - cpu
-        device = max(self.cost.step_s if kind == "step" else self.cost.prefill_s, inner)
+        device = max(self.cost.step_s if kind == "step" else self.cost.prefill(tokens), inner)
         if device > inner:
             self._sleep(device - inner)
         self.runs.append(Run(kind, start, inner, cpu, device, max(self._clock() - (start + device), 0.0)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+class TokenCount:
+    """An IOBinding that remembers how many tokens its run reads (the ``input_ids`` bound from the host: a prefill's;
+    a decode step's are the graph slot's, bound once)."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.tokens = inner, 0
+
+    def bind_cpu_input(self, name: str, array: Any) -> None:
+        if name == "input_ids":
+            self.tokens = int(np.size(array))
+        self.inner.bind_cpu_input(name, array)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def stand_in(model_dir: Path, cost: DeviceCost) -> tuple[Any, PacedRuns]:
@@ -347,7 +380,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None, help="a CUDA-form model directory [the tiny model, built]")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/serve-overhead"), help="where the tiny model is built")
     p.add_argument("--step-ms", type=float, default=DeviceCost.step_s * 1e3, help="a decode step on the device")
-    p.add_argument("--prefill-ms", type=float, default=DeviceCost.prefill_s * 1e3, help="a prefill run on the device")
+    p.add_argument("--prefill-ms", type=float, default=DeviceCost.prefill_s * 1e3,
+                   help="a prefill run on the device: its fixed part")
+    p.add_argument("--prefill-token-us", type=float, default=DeviceCost.prefill_token_s * 1e6,
+                   help="a prefill run on the device: its part per token read")
     p.add_argument("--streams", type=int, default=32, help="concurrent streaming clients, and the server's rows")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -377,8 +413,8 @@ def check_bounds(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be {low}..{high}, got {value}")
     if args.prefill_group is not None and not 1 <= args.prefill_group <= args.streams:
         raise ValueError(f"--prefill-group must be 1..--streams ({args.streams}), got {args.prefill_group}")
-    cost = DeviceCost(args.step_ms / 1e3, args.prefill_ms / 1e3)  # ValueError for a cost out of range
-    offline = cost.offline(args.streams, args.max_tokens, args.requests_per_client)["seconds"]
+    cost = DeviceCost(args.step_ms / 1e3, args.prefill_ms / 1e3, args.prefill_token_us / 1e6)  # ValueError: out of range
+    offline = cost.offline(args.streams, args.max_tokens, args.requests_per_client, args.prompt_tokens)["seconds"]
     if offline * args.repeats * 20 > args.budget_s:  # a served run takes a few times offline's on 2 cores
         raise ValueError(f"{args.repeats} repeats of {offline:.2f} s of device time each do not fit --budget-s "
                          f"{args.budget_s:.0f} with room for the server's own time (20x): fewer tokens or repeats")
@@ -390,11 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         write_checkpoint(args.build_child)
         return 0
     end = time.monotonic() + args.budget_s
-    cost = DeviceCost(args.step_ms / 1e3, args.prefill_ms / 1e3)
+    cost = DeviceCost(args.step_ms / 1e3, args.prefill_ms / 1e3, args.prefill_token_us / 1e6)
     model = args.model or build_tiny(args.workdir)
     lm, paced = stand_in(model, cost)
     overshoot = sleep_overshoot(cost.step_s - 0.0003)
-    offline = cost.offline(args.streams, args.max_tokens, args.requests_per_client)
+    offline = cost.offline(args.streams, args.max_tokens, args.requests_per_client, args.prompt_tokens)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, lm.session.vocab_size, (args.streams * args.requests_per_client,
                                                       args.prompt_tokens)).tolist()
@@ -426,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_report(report: dict[str, Any]) -> None:
     c, off, runs = report["cost"], report["offline"], report["runs"]
-    print(f"stand-in device: decode step {1e3 * c['step_s']:.2f} ms, prefill run {1e3 * c['prefill_s']:.2f} ms; "
+    print(f"stand-in device: decode step {1e3 * c['step_s']:.2f} ms, prefill run {1e3 * c['prefill_s']:.2f} ms + "
+          f"{1e6 * c['prefill_token_s']:.2f} us a token; "
           f"{report['cpus']} CPUs, load average {report['load_average'][0]:.1f}; time.sleep's own overshoot "
           f"{report['sleep_overshoot_ms']:.3f} ms")
     print(f"offline (the stand-in's batch): {off['tokens']} tokens in {off['seconds']:.3f} s = "

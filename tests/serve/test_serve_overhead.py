@@ -28,13 +28,16 @@ so = script()
 
 
 def test_the_offline_figure_is_one_prefill_run_and_the_rest_decode_steps_per_request():
-    cost = so.DeviceCost(step_s=0.0017, prefill_s=0.0023)
-    off = cost.offline(32, 128, 2)
+    cost = so.DeviceCost(step_s=0.0017, prefill_s=0.0021, prefill_token_s=1.6e-6)
+    off = cost.offline(32, 128, 2, prompt_tokens=128)
     assert off["steps"] == 254 and off["prefill_runs"] == 2 and off["tokens"] == 8192
-    assert off["seconds"] == pytest.approx(2 * (0.0023 + 127 * 0.0017))
+    # per request a client sends: one [32, 128] prefill (2.1 ms + 4096 tokens at 1.6 us), 127 steps
+    assert off["seconds"] == pytest.approx(2 * (0.0021 + 4096 * 1.6e-6 + 127 * 0.0017))
     assert off["tokens_per_s"] == pytest.approx(8192 / off["seconds"])
-    assert so.DeviceCost(0.001, 0.001).offline(1, 2)["seconds"] == pytest.approx(0.002)
-    for bad in (dict(step_s=0), dict(prefill_s=-1), dict(step_s=2.0), dict(step_s="1")):
+    assert 18_000 < cost.offline(32, 128)["tokens_per_s"] < 18_500  # the H100's offline figure it was fitted to
+    assert so.DeviceCost(0.001, 0.001, 0.0).offline(1, 2, prompt_tokens=9)["seconds"] == pytest.approx(0.002)
+    for bad in (dict(step_s=0), dict(prefill_s=-1), dict(step_s=2.0), dict(step_s="1"), dict(prefill_token_s=-1e-6),
+                dict(step_s=True)):
         with pytest.raises(ValueError):
             so.DeviceCost(**bad)
     with pytest.raises(ValueError, match="new_tokens"):
@@ -66,25 +69,42 @@ class _Clock:
 
 
 class _Inner:
+    """The wrapped session: its runs move the clock; its bindings take the inputs."""
+
     def __init__(self, clock: _Clock):
-        self.clock, self.calls, self.other = clock, 0, "kept"
+        self.clock, self.calls, self.other, self.bound = clock, 0, "kept", []
 
     def run_with_iobinding(self, io, run_options=None):
+        assert not isinstance(io, so.TokenCount)  # the wrapped session gets its own binding
         self.calls += 1
         self.clock.now += self.clock.inner
 
+    def io_binding(self):
+        inner = self
 
-def test_a_run_is_paced_to_its_kind_and_what_it_stood_for_is_recorded():
+        class Binding:
+            def bind_cpu_input(self, name, array):
+                inner.bound.append(name)
+
+        return Binding()
+
+
+def test_a_run_is_paced_to_its_kind_and_tokens_and_what_it_stood_for_is_recorded():
+    import numpy as np
+
     clock = _Clock(inner=0.0004, late=0.0001)
     inner = _Inner(clock)
-    paced = so.PacedRuns(inner, so.DeviceCost(0.0017, 0.0023), clock=clock, sleep=clock.sleep)
-    paced.run_with_iobinding(None, _Options("3"))  # a replay of the decode graph: a step
-    paced.run_with_iobinding(None, _Options("-1"))  # outside any graph: a prefill
-    paced.run_with_iobinding(None, None)  # no run options: a prefill
-    assert inner.calls == 3 and paced.other == "kept"  # the wrapped session runs; the rest is its
+    paced = so.PacedRuns(inner, so.DeviceCost(0.0017, 0.0021, 1e-6), clock=clock, sleep=clock.sleep)
+    paced.run_with_iobinding(paced.io_binding(), _Options("3"))  # a replay of the decode graph: a step
+    io = paced.io_binding()
+    io.bind_cpu_input("input_ids", np.zeros((2, 100), np.int64))  # 200 tokens
+    io.bind_cpu_input("attention_mask", np.zeros((2, 300), np.int64))
+    paced.run_with_iobinding(io, _Options("-1"))  # outside any graph: a prefill of 200 tokens
+    paced.run_with_iobinding(None, None)  # no run options, no binding of ours: a prefill of none counted
+    assert inner.calls == 3 and paced.other == "kept" and inner.bound == ["input_ids", "attention_mask"]
     assert [r.kind for r in paced.runs] == ["step", "prefill", "prefill"]
-    assert clock.slept == pytest.approx([0.0013, 0.0019, 0.0019])  # the cost less the inner run
-    assert [r.device_s for r in paced.runs] == pytest.approx([0.0017, 0.0023, 0.0023])
+    assert clock.slept == pytest.approx([0.0013, 0.0021 + 0.0002 - 0.0004, 0.0017])  # the cost less the inner run
+    assert [r.device_s for r in paced.runs] == pytest.approx([0.0017, 0.0023, 0.0021])
     assert [r.late_s for r in paced.runs] == pytest.approx([0.0001] * 3)
     clock.inner = 0.005  # an inner run longer than the cost: no sleep, the run stands for its own time
     paced.run_with_iobinding(None, _Options("1"))
