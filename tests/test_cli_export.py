@@ -82,6 +82,23 @@ def test_missing_weights_file(tiny_hf, tmp_path):
     assert_one_line_error(run("export", src, "-o", tmp_path / "o"), "no weights")
 
 
+@pytest.mark.parametrize(("name", "content"), [("tokenizer.json", ""), ("tokenizer.json", '{"version": "1.0", "mo'),
+                                             ("tokenizer_config.json", '{"bos_token": ')])
+def test_unreadable_tokenizer_file_refused_before_export(tiny_hf, tmp_path, name, content):
+    """An empty or truncated tokenizer file was copied into a complete-looking output (exit 0); generate then
+    failed on it. It is refused up front, naming it, and nothing is written."""
+    import shutil
+
+    from tiny import save_byte_tokenizer
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_hf("llama"), src)
+    save_byte_tokenizer(src)
+    (src / name).write_text(content)
+    assert_one_line_error(run("export", src, "-o", tmp_path / "o"), str(src / name), "not")
+    assert not (tmp_path / "o").exists()
+
+
 def test_existing_output_without_force(tiny_hf, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

@@ -31,6 +31,7 @@ from onnxpipe.artifact import (
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
+from onnxpipe.tokenizer import Tokenizer
 from onnxpipe.export import gguf, wrapper
 from onnxpipe.export.archs import attention_implementation, check_config, describe, experts_implementation
 
@@ -72,6 +73,7 @@ def read_hf_config(src: Path) -> dict[str, Any]:
     check_config(cfg)
     if not any((src / f).is_file() for f in WEIGHT_FILES):
         raise OnnxpipeError(f"{src}: no weights (looked for {', '.join(WEIGHT_FILES)})")
+    Tokenizer.from_dir(src)  # tokenizer files that do not parse are refused now, not copied into an output
     return cfg
 
 
