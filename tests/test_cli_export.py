@@ -62,6 +62,20 @@ def test_unsupported_model_type(tmp_path):
     assert_one_line_error(r, "unsupported model_type 'bert'", "supported:", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3")
 
 
+@pytest.mark.parametrize(("key", "value"), [("num_attention_heads", 0), ("hidden_size", -64), ("num_hidden_layers", 0),
+                                          ("vocab_size", 2.5), ("head_dim", True), ("max_position_embeddings", "Infinity")])
+def test_config_size_that_is_not_a_positive_integer(tmp_path, key, value):
+    """num_attention_heads 0 was `unexpected ZeroDivisionError`, hidden_size -64 `unexpected RuntimeError: Trying to
+    create tensor with negative dimension`; num_hidden_layers 0 surfaced as weights not matching the config."""
+    (tmp_path / "m").mkdir()
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, key: value}
+    text = json.dumps(cfg).replace('"Infinity"', "Infinity")  # JSON as Python writes and reads it
+    (tmp_path / "m" / "config.json").write_text(text)
+    r = run("export", tmp_path / "m", "-o", tmp_path / "o")
+    assert_one_line_error(r, f"config.json: {key} must be a positive integer")
+    assert not (tmp_path / "o").exists()
+
+
 def test_weights_do_not_match_config(tiny_hf, tmp_path):
     src = tmp_path / "m"
     src.mkdir()

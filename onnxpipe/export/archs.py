@@ -16,6 +16,7 @@ refusal naming what is missing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,11 @@ from onnxpipe.errors import OnnxpipeError
 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 RECURRENT_LAYER_TYPES = ("conv", "linear_attention", "hybrid", "hybrid_sliding", "mamba", "recurrent", "rwkv")
+# config.json sizes that must be positive integers where they are numbers (a 0 or negative one was a
+# ZeroDivisionError or "negative dimension" out of transformers; a missing or null one is transformers' to fill)
+SIZE_KEYS = ("num_hidden_layers", "n_layer", "hidden_size", "n_embd", "num_attention_heads", "n_head",
+             "num_key_value_heads", "head_dim", "intermediate_size", "n_inner", "vocab_size", "max_position_embeddings",
+             "n_positions")
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,12 @@ def check_config(cfg: dict[str, Any]) -> str:
     model_type = cfg.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise OnnxpipeError(f"config.json has no model_type; {_supported_line()}")
+    for scope, sizes in (("", cfg), ("text_config.", cfg.get("text_config"))):
+        for key in SIZE_KEYS if isinstance(sizes, dict) else ():
+            value = sizes.get(key)
+            if isinstance(value, (int, float)) and (isinstance(value, bool) or not math.isfinite(value) or value < 1
+                                                    or value != int(value)):
+                raise OnnxpipeError(f"config.json: {scope}{key} must be a positive integer (got {value!r})")
     if model_type in SUPPORTED:
         return model_type
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
