@@ -76,6 +76,20 @@ def test_config_size_that_is_not_a_positive_integer(tmp_path, key, value):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("content", ['{"bos_token_id": 1,', "[]"])
+def test_malformed_generation_config(tiny_hf, tmp_path, content):
+    """A truncated generation_config.json was `unexpected OSError: It looks like the config file ... is not a valid
+    JSON file` once transformers loaded the weights; it is refused up front, naming it."""
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_hf("llama"), src)
+    (src / "generation_config.json").write_text(content)
+    r = run("export", src, "-o", tmp_path / "o")
+    assert_one_line_error(r, str(src / "generation_config.json"))
+    assert "unexpected" not in r.output and not (tmp_path / "o").exists()
+
+
 def test_weights_do_not_match_config(tiny_hf, tmp_path):
     src = tmp_path / "m"
     src.mkdir()

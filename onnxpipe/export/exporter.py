@@ -64,17 +64,24 @@ def read_hf_config(src: Path) -> dict[str, Any]:
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise OnnxpipeError(f"{src}: no config.json; is this a Hugging Face model directory?")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OnnxpipeError(f"{cfg_path}: malformed JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise OnnxpipeError(f"{cfg_path}: expected a JSON object")
+    cfg = _json_object(cfg_path)
     check_config(cfg)
     if not any((src / f).is_file() for f in WEIGHT_FILES):
         raise OnnxpipeError(f"{src}: no weights (looked for {', '.join(WEIGHT_FILES)})")
+    if (src / "generation_config.json").is_file():  # transformers reads it with the weights: "unexpected OSError"
+        _json_object(src / "generation_config.json")
     Tokenizer.from_dir(src)  # tokenizer files that do not parse are refused now, not copied into an output
     return cfg
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OnnxpipeError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise OnnxpipeError(f"{path}: expected a JSON object")
+    return data
 
 
 def load_hf_model(src: Path, dtype: str) -> Any:
