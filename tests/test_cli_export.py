@@ -76,6 +76,17 @@ def test_config_size_that_is_not_a_positive_integer(tmp_path, key, value):
     assert not (tmp_path / "o").exists()
 
 
+def test_config_value_of_the_wrong_type(tmp_path):
+    """rms_norm_eps "nan" (a string) was `unexpected StrictDataclassFieldValidationError` while loading the weights."""
+    (tmp_path / "m").mkdir()
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "rms_norm_eps": "nan"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    r = run("export", tmp_path / "m", "-o", tmp_path / "o")
+    assert_one_line_error(r, "config.json: transformers cannot read it", "rms_norm_eps")
+    assert "unexpected" not in r.output
+
+
 @pytest.mark.parametrize("content", ['{"bos_token_id": 1,', "[]"])
 def test_malformed_generation_config(tiny_hf, tmp_path, content):
     """A truncated generation_config.json was `unexpected OSError: It looks like the config file ... is not a valid

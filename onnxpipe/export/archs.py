@@ -85,6 +85,10 @@ def check_config(cfg: dict[str, Any]) -> str:
                                                     or value != int(value)):
                 raise OnnxpipeError(f"config.json: {scope}{key} must be a positive integer (got {value!r})")
     if model_type in SUPPORTED:
+        try:  # a value of the wrong type (rms_norm_eps "nan") was an unexpected error of transformers' validation
+            _build_config(cfg)
+        except Exception as e:  # transformers raises many types for a config it cannot build
+            raise OnnxpipeError(f"config.json: transformers cannot read it ({' '.join(str(e).split())[:300]})") from None
         return model_type
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
