@@ -1,7 +1,8 @@
 """One scoring run: its model, input shards, output paths and options, validated before anything is written; its
 records read chunk by chunk, and a chunk split into the records to run and the bad ones.
 
-Paths: a run refuses an output (or its checkpoint, parts or summary) that is, holds or sits inside its input,
+Paths: a run refuses an output (or its checkpoint, parts or summary) that is, holds or sits inside its input or
+its model directory,
 compared after resolving ``..``, symlinks and hard links (onnxpipe.outputs.check_io_paths), before anything is
 written or removed.
 """
@@ -62,7 +63,7 @@ class ScoreJob:
     def check_paths(self) -> None:
         """Refuse a run that would write over, delete or write inside its own input, however the paths are
         spelled (``..``, symlinks, hard links): before anything is written or removed."""
-        inputs = [self.input_path, *(s.path for s in self.shards)]
+        inputs = [self.input_path, self.model_dir.path, *(s.path for s in self.shards)]
         for path in self.written_paths:
             check_io_paths(inputs, path)
 

@@ -60,6 +60,20 @@ def test_output_inside_the_input_directory_is_refused(tiny_onnx, tmp_path):
     assert digest(shards) == before
 
 
+def test_output_in_the_model_directory_is_refused(tiny_onnx, tmp_path):
+    """`score MODEL in.jsonl -o MODEL/x.jsonl` wrote its results, checkpoint and summary into the model directory
+    (exit 0): the model directory is one of the run's inputs."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_onnx("gpt2"), model)
+    inp = _write(tmp_path / "in.jsonl", _records(3))
+    before = digest(model)
+    one_line_error(_score(model, inp, model / "x.jsonl"), "is inside the input", str(model))
+    one_line_error(_score(model, inp, tmp_path / "link" / ".." / "m" / "x.parquet"), "is inside the input")
+    assert digest(model) == before
+
+
 def test_parquet_parts_directory_is_never_the_input(tiny_onnx, tmp_path):
     """OUT.parquet's parts go in OUT.parquet.parts, which --force removes: an input of that name is refused."""
     parts = tmp_path / "o.parquet.parts"
