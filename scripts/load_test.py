@@ -246,6 +246,21 @@ async def one_request(client: Any, url: str, body: dict[str, Any]) -> dict[str, 
             "tpot": tpot}
 
 
+def server_gaps(stream_times: list[tuple[int, list[float]]], lo: float, hi: float,
+                prompt_tokens: int | None = None) -> list[float]:
+    """The gaps between consecutive text chunks of each stream as the server wrote them (``app.state.stream_times``:
+    per stream, its prompt's tokens and its write times, perf_counter seconds, the clock of the client process's
+    times), those whose both ends lie in [lo, hi]; only streams of ``prompt_tokens`` prompt tokens where given. A
+    client's read may bring several chunks at once (a client that falls behind reads them together, at one time):
+    these gaps are the server's own, whatever the client's reads join."""
+    gaps: list[float] = []
+    for n, times in stream_times:
+        if prompt_tokens is None or n == prompt_tokens:
+            t = np.asarray([x for x in times if lo <= x <= hi])
+            gaps += np.diff(t).tolist()
+    return gaps
+
+
 def body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
     return {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
@@ -272,7 +287,7 @@ async def level(base: str, concurrency: int, prompts: list[list[int]], max_token
     ttft = [r["ttft"] for r in results]
     tokens = sum(r["tokens"] for r in results)
     return {"concurrency": concurrency, "requests": len(results), "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+            "start": start, "end": start + wall, "tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttft, 50),
             "ttft_p99_ms": 1e3 * percentile(ttft, 99), "itl_p50_ms": 1e3 * percentile(gaps, 50),
             "itl_p99_ms": 1e3 * percentile(gaps, 99), "tpot_p50_ms": 1e3 * percentile([r["tpot"] for r in results], 50),
             "tpot_p99_ms": 1e3 * percentile([r["tpot"] for r in results], 99),
@@ -545,11 +560,15 @@ def main(argv: list[str] | None = None) -> int:
             if group is not None and not budget.allows(f"concurrency {c}, prefill group {group}"):
                 break
             app = server(args.max_batch or c, args.prefill_chunk, level_length, group)
+            app.state.stream_times = written = []  # the server's write times of every stream
             with ServerThread(app, host="127.0.0.1") as s:
                 row = in_client_process(budget.left(), level, s.url, c, prompts, args.max_tokens)
             if row is None:
                 budget.skipped.append(f"concurrency {c}, prefill group {group} (stopped)")
                 break
+            gaps = server_gaps(written, row["start"], row["end"])
+            row["server_itl_p50_ms"] = 1e3 * percentile(gaps, 50)
+            row["server_itl_p99_ms"] = 1e3 * percentile(gaps, 99)
             row["offline_tokens_per_s"] = offline.tokens_per_s
             row["prefill_group"] = getattr(app.state.scheduler, "prefill_group", None)
             row["prefill_runs"] = app.state.scheduler.stats.prefill_chunks
@@ -569,10 +588,18 @@ def main(argv: list[str] | None = None) -> int:
         app = server(args.streams + args.long_prompts, chunk, long_length, group, graphs)
         trace: deque[tuple[float, int, float, float, int]] = deque(maxlen=1 << 16)
         app.state.scheduler.trace = trace
+        app.state.stream_times = written = []
         with ServerThread(app, host="127.0.0.1") as s, gc_pauses() as pauses:
             row = in_client_process(budget.left(), interference, s.url, streams, args.stream_tokens, longs, 4, 16)
         if row is not None:
             row["iterations"] = iteration_profile(list(trace), pauses, row)
+            # the running streams' gaps as the server wrote them, in the client's windows (the streams' prompts
+            # are --prompt-tokens long, the long ones --long-prompt-tokens)
+            n = None if args.prompt_tokens == args.long_prompt_tokens else args.prompt_tokens
+            for name, lo, hi in (("quiet", row["t_started"], row["t_sent"]), ("during", row["t_sent"], row["t_read"])):
+                gaps = server_gaps(written, lo, hi, n)
+                row[f"server_{name}_p50_ms"] = 1e3 * percentile(gaps, 50)
+                row[f"server_{name}_p99_ms"] = 1e3 * percentile(gaps, 99)
         if row is None:
             budget.skipped.append(f"long prompts, chunk {chunk} (stopped)")
             break
@@ -602,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_tables(report: dict[str, Any]) -> None:
+    nan = float("nan")  # a report from before the server's write times were kept
     print(f"{report['provider']}, {report['layout']}")
     if report.get("check_equal"):
         print(report["check_equal"])
@@ -611,27 +639,32 @@ def print_tables(report: dict[str, Any]) -> None:
     one = next((r["tokens_per_s"] for r in rows if r["concurrency"] == 1), None)
     if rows:
         print("\n| concurrent streams | prefill group (runs) | requests | tokens/s | vs one by one | offline generate "
-              "(batch = streams) | served / offline | TTFT p50 / p99 ms | inter-token p50 / p99 ms | per-request "
-              "ms/token p50 / p99 |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "(batch = streams) | served / offline | TTFT p50 / p99 ms | inter-token p50 / p99 ms, as written | as read "
+              "| per-request ms/token p50 / p99 |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['tokens_per_s'] / one:.2f}x" if one else "-"
         group = f"{r.get('prefill_group') or '-'} ({r['prefill_runs']})" if "prefill_runs" in r else "-"
         print(f"| {r['concurrency']} | {group} | {r['requests']} | {r['tokens_per_s']:.0f} | {ratio} | "
               f"{r['offline_tokens_per_s']:.0f} | {r['tokens_per_s'] / r['offline_tokens_per_s']:.0%} | "
-              f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
-              f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} |")
+              f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+              f"{r.get('server_itl_p50_ms', nan):.1f} / {r.get('server_itl_p99_ms', nan):.1f} | "
+              f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} |")
     if report["long_prompts"]:
         print("\n| prefill chunk | prefill group | chunks through CUDA graphs | tokens a chunk (mean) | streams | long "
-              "prompts x tokens | read in s | running streams' inter-token ms: quiet p50 / p99 | while read p50 / p99 | "
-              "while-read p99 / quiet p50 | long prompts' TTFT p50 / max ms |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "prompts x tokens | read in s | running streams' inter-token ms as written: quiet p50 / p99 | while read p50 / "
+              "p99 | while-read p99 / quiet p50 | as read: quiet p50 / p99 | while read p50 / p99 | long prompts' TTFT "
+              "p50 / max ms |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in report["long_prompts"]:
         graphs = f"{r.get('read_graph_chunks', 0)} / {r['read_chunks']}" if r.get("chunk_graphs") else "off"
         print(f"| {r['chunk']} | {r.get('prefill_group') or '-'} | {graphs} | {r['read_tokens_per_chunk']:.0f} | {r['streams']} | {r['long_prompts']} x "
               f"{r['long_prompt_tokens']} | {r['read_s']:.2f} | "
+              f"{r.get('server_quiet_p50_ms', nan):.1f} / {r.get('server_quiet_p99_ms', nan):.1f} | "
+              f"{r.get('server_during_p50_ms', nan):.1f} / {r.get('server_during_p99_ms', nan):.1f} | "
+              f"{r.get('server_during_p99_ms', nan) / (r.get('server_quiet_p50_ms') or nan):.2f}x | "
               f"{r['quiet_p50_ms']:.1f} / {r['quiet_p99_ms']:.1f} | {r['during_p50_ms']:.1f} / {r['during_p99_ms']:.1f} | "
-              f"{r['during_p99_ms'] / r['quiet_p50_ms']:.2f}x | {r['long_ttft_p50_ms']:.0f} / {r['long_ttft_max_ms']:.0f} |"
+              f"{r['long_ttft_p50_ms']:.0f} / {r['long_ttft_max_ms']:.0f} |"
               + (f" ({r['streams_done_before_read']} streams ended before)" if r["streams_done_before_read"] else ""))
     profiled = [r for r in report["long_prompts"] if r.get("iterations")]
     if profiled:

@@ -296,11 +296,21 @@ async def client_level(base: str, concurrency: int, prompts: list[list[int]], ma
             "server_stats": server}
 
 
+async def httpx_level(base: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """``client_level`` with load_test's own clients (httpx, a line parsed and a chunk decoded per event: what a GPU
+    run's figures come from); its CPU seconds include the untimed request."""
+    from load_test import level  # beside this file
+
+    cpu = time.process_time()
+    row = await level(base, concurrency, prompts, max_tokens)
+    return {**row, "client_cpu_s": time.process_time() - cpu}
+
+
 def measure(lm: Any, paced: PacedRuns, args: argparse.Namespace, prompts: list[list[int]], left_s: float,
             offline: dict[str, float]) -> dict[str, Any] | None:
     """One served run: a server of ``streams`` rows, the clients in a process of their own; None if it outlasted
     ``left_s`` (stopped)."""
-    from load_test import in_client_process  # beside this file
+    from load_test import in_client_process, server_gaps  # beside this file
 
     from onnxpipe.serve.app import ServerThread, create_app
 
@@ -309,11 +319,13 @@ def measure(lm: Any, paced: PacedRuns, args: argparse.Namespace, prompts: list[l
     sched = app.state.scheduler
     trace: list[tuple[float, int, float, float, int]] = []
     sched.trace = trace  # every iteration kept
+    app.state.stream_times = written = []  # each stream's write times
     paced.runs = []
+    clients = httpx_level if args.client == "httpx" else client_level
     with ServerThread(app, host="127.0.0.1") as server:
         threads = {"scheduler": sched._thread, "event loop": server.thread}
         before = thread_cpu(threads)
-        row = in_client_process(left_s, client_level, server.url, args.streams, prompts, args.max_tokens)
+        row = in_client_process(left_s, clients, server.url, args.streams, prompts, args.max_tokens)
         rows = next(iter(list(getattr(sched._rows_thread, "_threads", ()))), None)  # made at its first use
         if rows is not None:
             threads["rows"] = rows
@@ -324,8 +336,11 @@ def measure(lm: Any, paced: PacedRuns, args: argparse.Namespace, prompts: list[l
     cpu["client process"] = row["client_cpu_s"]
     parts = breakdown(paced.runs, trace, (row["start"], row["end"]), offline["seconds"])
     steps = max(parts["steps"], 1)
+    gaps = server_gaps(written, row["start"], row["end"])  # as the server wrote them
     return {**{k: row[k] for k in ("requests", "tokens", "wall_s", "tokens_per_s", "ttft_p50_ms", "itl_p50_ms",
                                    "itl_p99_ms", "server_stats")},
+            "server_itl_p50_ms": 1e3 * float(np.percentile(gaps, 50)) if gaps else float("nan"),
+            "server_itl_p99_ms": 1e3 * float(np.percentile(gaps, 99)) if gaps else float("nan"),
             "served_over_offline": row["tokens_per_s"] / offline["tokens_per_s"], "breakdown": parts, "cpu_s": cpu,
             "per_step_us": {"scheduler python": 1e6 * (cpu["scheduler"] - sum(r.inner_cpu_s for r in paced.runs)) / steps,
                             "rows thread": 1e6 * cpu.get("rows", 0.0) / steps,
@@ -389,6 +404,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--prefill-group", type=int, default=None, help="the server's --prefill-group [its default]")
+    p.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                   help="the clients: raw (a read's events found by their prefix, as little work as a client can do) "
+                        "or httpx (load_test.py's: a line parsed and a chunk decoded per event)")
     p.add_argument("--repeats", type=int, default=3, help="served runs, each on a server of its own")
     p.add_argument("--budget-s", type=float, default=100.0, help=f"bound on the whole run (at most {MAX_BUDGET_S:.0f})")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -472,13 +490,15 @@ def print_report(report: dict[str, Any]) -> None:
         print("no served run finished: " + ", ".join(report["skipped"]))
         return
     print("\n| run | tokens/s | served / offline | offline / served device time | device / wall | decode steps "
-          "(overlapped) | prefill runs | server's own ms a step | late ms a step p50 | inter-token p50 / p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "(overlapped) | prefill runs | server's own ms a step | late ms a step p50 | inter-token p50 / p99 ms, as "
+          "written | as read |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, r in enumerate(runs, 1):
         b, st = r["breakdown"], r["server_stats"]
         print(f"| {i} | {r['tokens_per_s']:.0f} | {r['served_over_offline']:.0%} | {b['schedule']:.0%} | "
               f"{b['overhead']:.0%} | {b['steps']} ({st.get('overlapped_steps', 0)}) | {b['prefill_runs']} | "
               f"{b['server_own_per_step_ms']:.3f} | {b['late_step_p50_ms']:.3f} | "
+              f"{r.get('server_itl_p50_ms', float('nan')):.2f} / {r.get('server_itl_p99_ms', float('nan')):.2f} | "
               f"{r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f} |")
     ratio = statistics.median(r["served_over_offline"] for r in runs)
     print(f"\nserved / offline, median of {len(runs)}: {ratio:.0%}")

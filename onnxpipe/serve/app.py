@@ -160,6 +160,10 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
         text_chunk = protocol.TextChunks(rid, model_name, chat)
+        written: list[float] | None = None  # when this stream's text went to the connection, if recorded
+        if app.state.stream_times is not None:
+            written = []
+            app.state.stream_times.append((prompt_tokens, written))
 
         def piece(text: str, reason: str | None) -> str:  # a text piece: most chunks, from the stream's template
             return f"data: {text_chunk(text)}\n\n" if text and not reason else sse(
@@ -195,7 +199,9 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                 if text or reason:
                     out.append(piece(text, reason))
                 if out:
-                    yield "".join(out)
+                    yield "".join(out)  # resumed once the server has written it to the connection
+                    if written is not None and any(kind == "piece" and value.text for kind, value in events):
+                        written.append(time.perf_counter())
             yield "data: [DONE]\n\n"
         finally:
             req.cancel()  # the stream ended or its client went away: the place is freed at the next step
@@ -238,6 +244,10 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                             Route("/health", health, methods=["GET"])],
                     exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan)
     app.state.scheduler = scheduler
+    # a caller measuring the server (the load test) sets a list: each stream then appends (its prompt's tokens, the
+    # perf_counter times at which its chunks with text were written to the connection), the inter-token gaps as the
+    # server made them, whatever a client's reads join
+    app.state.stream_times = None
     return app
 
 
