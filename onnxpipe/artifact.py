@@ -21,6 +21,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.outputs import (
     TMP_MARKER,
     TMP_PREFIX,
+    check_folder,
     check_io_paths,
     make_temp_dir,
     mark_temp_dir,
@@ -253,6 +254,7 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
     """
     out_dir = Path(out_dir)
     if not os.path.lexists(out_dir):
+        check_folder(out_dir)
         return
     if not force:
         raise OnnxpipeError(f"{out_dir} already exists; pass --force to replace it")

@@ -114,7 +114,7 @@ def output_lock(output: PathLike) -> Iterator[Path]:
             with _held_guard:
                 _held[path] -= 1
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path.parent, output)
     fd = _acquire(path, output)
     with _held_guard:
         _held[path] = 1
@@ -127,6 +127,24 @@ def output_lock(output: PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
+
+
+def check_folder(output: PathLike) -> None:
+    """Refuse, before any work, an ``output`` whose folder cannot be made because a file stands on its way
+    (``-o notes.txt/out``: an unexpected FileExistsError once the work was done)."""
+    folder = Path(os.path.abspath(output)).parent
+    blocker = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OnnxpipeError(f"{output}: cannot make the folder it goes in ({blocker} is not a directory)")
+
+
+def _make_folder(folder: Path, output: PathLike) -> None:
+    """The folder ``output`` goes in, made where missing."""
+    check_folder(output)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OnnxpipeError(f"{output}: cannot make the folder it goes in ({e.strerror or e})") from None
 
 
 def _acquire(path: Path, output: PathLike) -> int:

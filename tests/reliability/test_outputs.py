@@ -102,6 +102,26 @@ def test_force_refuses_a_users_directory(model_copy, tmp_path: Path) -> None:
     assert json.loads((empty / "onnxpipe.json").read_text())["steps"][-1]["stage"] == "optimize"
 
 
+def test_output_below_a_file_is_one_line(model_copy, tmp_path: Path) -> None:
+    """`-o notes.txt/out` (a file where a folder must be) was `unexpected FileExistsError` in optimize, quantize,
+    export and score; the file is left as it was."""
+    from tiny import save_byte_tokenizer
+
+    x = model_copy("X")
+    save_byte_tokenizer(x)  # quantize reads text with the model's tokenizer
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a user's file")
+    records = tmp_path / "in.jsonl"
+    records.write_text('{"input_ids": [1, 2, 3]}\n')
+    for args in (["optimize", x, "-o", notes / "out", "--skip-verify"], ["quantize", x, "-o", notes / "a" / "out",
+                                                                          "--mode", "dynamic"],
+                 ["score", x, records, "-o", notes / "s.jsonl"]):
+        one_line_error(cli(*args), f"{notes} is not a directory", "cannot make the folder")
+    with pytest.raises(OnnxpipeError, match="is not a directory"), output_lock(notes / "deeper" / "out"):
+        pass
+    assert notes.read_text() == "a user's file"
+
+
 def test_check_io_paths_unit(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "data.jsonl").write_text("{}\n")
