@@ -130,12 +130,22 @@ def output_lock(output: PathLike) -> Iterator[Path]:
 
 
 def check_folder(output: PathLike) -> None:
-    """Refuse, before any work, an ``output`` whose folder cannot be made because a file stands on its way
-    (``-o notes.txt/out``: an unexpected FileExistsError once the work was done)."""
+    """Refuse, before any work, an ``output`` whose folder cannot be made or written: a file on its way (``-o
+    notes.txt/out`` was an unexpected FileExistsError), or a folder where nothing can be created (a read-only mount,
+    no permission: found only when the lock was taken, which export and quantize do after their whole run). The
+    nearest existing folder is probed with a file made and removed at once, not ``os.access``, which root passes."""
     folder = Path(os.path.abspath(output)).parent
-    blocker = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), None)
-    if blocker is not None and not blocker.is_dir():
-        raise OnnxpipeError(f"{output}: cannot make the folder it goes in ({blocker} is not a directory)")
+    existing = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise OnnxpipeError(f"{output}: cannot make the folder it goes in ({existing} is not a directory)")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=TMP_PREFIX + "probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OnnxpipeError(f"{output}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 def _make_folder(folder: Path, output: PathLike) -> None:

@@ -120,6 +120,11 @@ def test_output_below_a_file_is_one_line(model_copy, tmp_path: Path) -> None:
     with pytest.raises(OnnxpipeError, match="is not a directory"), output_lock(notes / "deeper" / "out"):
         pass
     assert notes.read_text() == "a user's file"
+    # a folder nothing can be written in (as root, only a mount like /proc shows it): refused before any work,
+    # not after quantize's whole run when the output's lock is taken
+    for args in (["quantize", x, "-o", "/proc/onnxpipe-test/out", "--mode", "dynamic"],
+                 ["optimize", x, "-o", "/proc/onnxpipe-test/out", "--skip-verify"]):
+        one_line_error(cli(*args), "/proc/onnxpipe-test/out: cannot write in /proc")
 
 
 def test_check_io_paths_unit(tmp_path: Path) -> None:
