@@ -38,10 +38,26 @@ GRAPH_SLOTS_MAX = 8
 PREFILL_CAPTURE_TOKENS = 4096
 PREFILL_GRAPHS_PER_SLOT = 16
 # chunks of a long prompt read into one row of a slot's shared buffer (serve's slot layout) through captured graphs:
-# one per (row, chunk width), the chunk padded to the width, so only these widths, and only the rows long prompts
-# take (a few); at most this many per slot, beyond which chunks run uncaptured with the same inputs
+# one per (row, chunk width), the chunk padded to the width, so only these widths, and only in a fixed set of rows
+# (serve reads long prompts in its CHUNK_GRAPH_ROWS highest rows): at most one graph per (row, width) of those, so
+# the bound does not grow with the batch. A graph keeps, besides what onnxruntime keeps for it for the session's
+# life (it has no call that releases one graph id, so letting a graph go would free none of that: no eviction), its
+# own fixed buffers: ids and positions [1, width] and the last index (int64), the mask and the step tail's next mask
+# [1, capacity] (int64) and logits [1, 1, vocab] (the KV dtype): ~16 x capacity + 2 x vocab bytes in fp16, 0.33 MB
+# for a 1B Llama at 4352 positions (vocabulary 128256), 9 MB for all 28. Beyond the bound (or for any other reason
+# of ``CHUNK_SKIPS``) a chunk runs uncaptured with the same inputs
 CHUNK_WIDTHS = (8, 16, 32, 64, 128, 256, 512)
-CHUNK_GRAPHS_PER_SLOT = 40  # room for a few rows at every width, captured ahead, and a few more
+CHUNK_GRAPH_ROWS = 4
+CHUNK_GRAPHS_PER_SLOT = CHUNK_GRAPH_ROWS * len(CHUNK_WIDTHS)
+# why a chunk did not run through a captured graph (``CudaGraphs.run_chunk``'s answer, counted by serve's /health)
+CHUNK_SKIPS = {
+    "no_slot": "its KV buffers are no graph slot's (none made, or let go past GRAPH_SLOTS_MAX)",
+    "width": "its width is not one of CHUNK_WIDTHS (a chunk wider than 512, or one that would pass the row's end)",
+    "mask": "its mask is not at the slot's full width",
+    "head": "the session has no last-position head",
+    "thread": "the slot's decode graph was not captured on this thread",
+    "bound": "a new graph past CHUNK_GRAPHS_PER_SLOT",
+}
 
 
 _threads = threading.local()
@@ -385,12 +401,12 @@ class CudaGraphs:
 
     # ---- chunks of a prompt into one row of a slot (serve's slot layout) ----
     def run_chunk(self, values: list[Any], row: int, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                  last_index: np.ndarray) -> tuple[np.ndarray, bool] | None:
+                  last_index: np.ndarray) -> tuple[np.ndarray, bool] | str:
         """One chunk of a prompt into row ``row`` of the slot whose KV buffers are ``values``, through the captured
         graph of (row, chunk width): (its logits at ``last_index`` [1, vocab] float32, whether this run captured the
-        graph), or None where it cannot run so (no such slot, a width not in CHUNK_WIDTHS, a mask not at the slot's
-        full width, no last-position head, a thread the slot's decode graph was not captured on, or a new graph past
-        CHUNK_GRAPHS_PER_SLOT): the caller runs the same inputs uncaptured.
+        graph), or, where it cannot run so, why (a key of ``CHUNK_SKIPS``: no such slot, a width not in CHUNK_WIDTHS,
+        a mask not at the slot's full width, no last-position head, a thread the slot's decode graph was not captured
+        on, or a new graph past CHUNK_GRAPHS_PER_SLOT): the caller runs the same inputs uncaptured.
 
         The inputs are ``RowPrefill.chunk_inputs``': ids [1, width] (the chunk right-padded to its width), the mask
         [1, capacity] with ones over the row's positions so far and the chunk's width, positions [1, width]. With the
@@ -406,13 +422,20 @@ class CudaGraphs:
         width = ids.shape[1]
         slot = next((s for s in self.slots.values() if s.cache and values
                      and s.cache[0].data_ptr() == values[0].data_ptr()), None)
-        if (slot is None or width not in CHUNK_WIDTHS or not host.last_position or mask.shape != (1, slot.capacity)
-                or _this_thread() not in slot.threads):
-            return None
+        if slot is None:
+            return "no_slot"
+        if width not in CHUNK_WIDTHS:
+            return "width"
+        if mask.shape != (1, slot.capacity):
+            return "mask"
+        if not host.last_position:
+            return "head"
+        if _this_thread() not in slot.threads:
+            return "thread"
         cg = slot.chunks.get((row, width))
         if cg is None:
             if len(slot.chunks) >= CHUNK_GRAPHS_PER_SLOT:
-                return None
+                return "bound"
             cg = self._chunk_graph(slot, row, width)
         _upload(host, cg, ids, mask, positions, last_index)
         thread = _this_thread()

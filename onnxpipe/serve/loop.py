@@ -70,6 +70,8 @@ class SchedulerStats:
     rejected: int = 0  # refused with QueueFull
     capture_error: str = ""  # why the loop's thread could not capture the CUDA graph (its steps then run uncaptured)
     chunk_graph_error: str = ""  # why a captured prefill chunk failed (chunks then run uncaptured)
+    # with chunk graphs, long prompts' chunks that ran uncaptured, by why (RowPrefill.skipped)
+    chunk_graph_skipped: dict[str, int] = field(default_factory=dict)
 
 
 class BatchLoop:

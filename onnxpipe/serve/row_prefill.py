@@ -8,15 +8,17 @@ outside the CUDA graph costs its kernel launches whatever its length, k prompts 
 
 ``run_chunk`` (with CUDA graphs, ``chunk_graphs`` on) reads a chunk of a long prompt in a fixed shape instead: the
 chunk right-padded to a width of ``cuda_graphs.CHUNK_WIDTHS`` and the mask at the row's full capacity
-(``chunk_inputs``), replayed through a graph captured per (row, width) (``CudaGraphs.run_chunk``), launch-free; where
-no graph can run it (a width or row without one past the bound, another thread), the same inputs run uncaptured, so a
-chunk's keys, values and logits do not depend on whether it was captured. The padding's keys and values land just
+(``chunk_inputs``), replayed through a graph captured per (row, width) (``CudaGraphs.run_chunk``), launch-free, in the
+rows ``graph_rows`` only; where no graph can run it (another row, a width without one, past the bound, another
+thread, an earlier failure), the same inputs run uncaptured, and the reason is counted (``skipped``), so a chunk's
+keys, values and logits do not depend on whether it was captured and a run says why its chunks were not. The padding's keys and values land just
 past the chunk's real tokens, which come before it and attend only to each other (causal): the row's next chunk or
 decode step writes those positions before anything reads them (as ``run_group``'s padding).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -69,6 +71,11 @@ class RowPrefill:
         # long prompts' chunks at fixed widths through captured graphs (``run_chunk``); the scheduler turns it on
         self.chunk_graphs = False
         self.graph_error = ""  # why a captured chunk failed (chunks then run uncaptured, at the same widths)
+        # the rows whose chunks may run through graphs (None: any row); elsewhere chunks run uncaptured ("row")
+        self.graph_rows: frozenset[int] | None = None
+        # chunks (with chunk_graphs on) that ran uncaptured, by why: "row", "failed" (after graph_error) or a key of
+        # cuda_graphs.CHUNK_SKIPS; the warm-up's by "warm <why>"
+        self.skipped: Counter[str] = Counter()
         if s.cuda_graph:  # a session with CUDA graphs on: this run is not one of them
             self.run_options = ort.RunOptions()
             self.run_options.add_run_config_entry("gpu_graph_id", "-1")
@@ -91,14 +98,17 @@ class RowPrefill:
             return self.run(row, ids, start), "uncaptured"
         width = chunk_width(len(ids), start, self.capacity)
         inputs = chunk_inputs(ids, start, width, self.capacity, pad_id)
-        out = None
-        if not self.graph_error:
+        out: tuple[np.ndarray, bool] | str = "failed"
+        if self.graph_rows is not None and row not in self.graph_rows:
+            out = "row"
+        elif not self.graph_error:
             try:
                 out = self.session.graphs.run_chunk(self.values, row, *inputs)
             except OnnxpipeError as e:  # kept; this chunk and the next run uncaptured (a run writes the same entries)
                 self.graph_error = str(e)[:300]
-        if out is not None:
+        if not isinstance(out, str):
             return out[0], "captured" if out[1] else "replayed"
+        self.skipped[out] += 1
         return self._run(row, *inputs, f"a prefill chunk into row {row} ({len(ids)} tokens padded to {width} from "
                                         f"position {start})"), "uncaptured"
 
@@ -107,7 +117,8 @@ class RowPrefill:
         position 0): each graph's first run on a thread captures it by running it several times in one call, a
         stall of several chunks that would otherwise fall on the first long prompt read beside running streams.
         Only while ``rows`` are empty: the runs write their first positions, which a prompt writes before anything
-        reads them. Returns the graphs captured (stops at the bound, or at a failure: ``graph_error``)."""
+        reads them. Returns the graphs captured (stops where a graph cannot run: why, in ``skipped`` as "warm <why>",
+        or at a failure: ``graph_error``)."""
         graphs = self.session.graphs
         captured = 0
         for row in rows:
@@ -118,7 +129,8 @@ class RowPrefill:
                 except OnnxpipeError as e:
                     self.graph_error = str(e)[:300]
                     return captured
-                if out is None:
+                if isinstance(out, str):
+                    self.skipped[f"warm {out}"] += 1
                     return captured
                 captured += out[1]
         return captured

@@ -36,11 +36,14 @@ class SlotTable:
     def free_rows(self) -> int:
         return int((self.state == FREE).sum())
 
-    def take(self, last: bool = False) -> int:
-        """The lowest free row (``last``: the highest), now held for a prefill; raises when none is free."""
+    def take(self, last: bool = False, among: range | None = None) -> int:
+        """The lowest free row (``last``: the highest), now held for a prefill; with ``among``, one of those rows
+        while one is free there, else of any; raises when none is free."""
         free = np.flatnonzero(self.state == FREE)
         if not len(free):
             raise OnnxpipeError("no free row in the batch")
+        if among is not None and np.isin(free, among).any():
+            free = free[np.isin(free, among)]
         row = int(free[-1] if last else free[0])
         self.state[row], self.counts[row], self.tokens[row] = PREFILLING, 0, self.pad_id
         return row

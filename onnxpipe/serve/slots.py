@@ -18,10 +18,13 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
   whatever its tokens, then as many as ``budget.whole`` allows); with a budget of tokens, prompts whose padded run
   fits what is left. A group run is one run to the budget (its fitted cost counts k rows' tokens). On a GPU, where a
   run outside the CUDA graph costs its launches whatever its length, k prompts then cost about one run.
-- With CUDA graphs and ``chunk_graphs`` (opt-in: not yet run on a GPU), a long prompt's chunks run at fixed widths through graphs
+- With CUDA graphs and ``chunk_graphs`` (opt-in), a long prompt's chunks run at fixed widths through graphs
   captured per (row, width) on the loop's thread (``RowPrefill.run_chunk``, ``CudaGraphs.run_chunk``): launch-free,
-  so a chunk costs its device time, not its launches; ``auto`` sizes chunks among those widths. ``stats.graph_chunks``
-  counts the chunks that ran so. Short prompts read whole and group runs stay uncaptured (any row, any length).
+  so a chunk costs its device time, not its launches; ``auto`` sizes chunks among those widths. Only the highest
+  ``CHUNK_GRAPH_ROWS`` rows have graphs (captured when the loop starts, on a GPU): prompts longer than
+  ``graph_row_tokens`` take them, others the rest first (``_take_row``). ``stats.graph_chunks`` counts the chunks
+  that ran so, ``stats.chunk_graph_skipped`` why the others did not. Short prompts read whole and group runs stay
+  uncaptured (any row, any length).
 - A decode step is one ``forward`` of every row (with CUDA graphs), or on the CPU of the rows up to the last decoding
   one (``RowPrefix``): [rows, 1] ids, each row's mask sum and position its own.
   Where the session's graph slot has the step tail (greedy steps writing their own next inputs, as ``generate``
@@ -50,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
-from onnxpipe.runtime.cuda_graphs import CHUNK_WIDTHS
+from onnxpipe.runtime.cuda_graphs import CHUNK_GRAPH_ROWS, CHUNK_WIDTHS
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.limits import check_fits
 from onnxpipe.runtime.session import KVCache
@@ -61,9 +64,8 @@ from onnxpipe.serve.slot_table import SlotTable
 
 DEFAULT_MAX_LENGTH = 2048  # a row's tokens (prompt and reply) unless max_length says otherwise
 DEFAULT_PREFILL_GROUP = 1  # prompts read in one run: each its own unless asked (docs/serve.md, "On a GPU")
-# with chunk graphs on a GPU: the highest rows (those long prompts take while others decode) get their chunk graphs
-# captured when the loop starts, at every width (a capture stalls the loop for several runs: not mid-stream)
-CHUNK_WARM_ROWS = 4
+# with chunk graphs: prompts longer than this (read in 2 chunks or more at the widest width) take the graph rows
+GRAPH_ROW_TOKENS = max(CHUNK_WIDTHS)
 
 
 def _adjacent(group: list[Request]) -> list[list[Request]]:
@@ -156,8 +158,17 @@ class SlotScheduler(BatchLoop):
         self.rows.chunk_graphs = bool(chunk_graphs)
         if self.rows.chunk_graphs:
             self.budget.widths = CHUNK_WIDTHS
-        # the rows whose chunk graphs ``_started`` captures ahead (none on the CPU, where tests drive the graph path)
-        self.warm_rows = min(CHUNK_WARM_ROWS, max_batch) if self.rows.chunk_graphs and s.device != "cpu" else 0
+        # long prompts are read through chunk graphs in a fixed set of rows, the highest CHUNK_GRAPH_ROWS (a graph
+        # binds its row by address): prompts longer than ``graph_row_tokens`` take them while one is free, any other
+        # prompt a row outside them while one is free (``_take_row``), so a bounded number of graphs
+        # (cuda_graphs.CHUNK_GRAPHS_PER_SLOT), all captured ahead, serves long prompts whatever the batch
+        self.graph_rows = range(max(max_batch - CHUNK_GRAPH_ROWS, 0), max_batch) if self.rows.chunk_graphs else None
+        self.graph_row_tokens = GRAPH_ROW_TOKENS
+        if self.graph_rows is not None:
+            self.rows.graph_rows = frozenset(self.graph_rows)
+        # the rows whose chunk graphs ``_started`` captures ahead, the highest (the graph rows on a GPU; none on the
+        # CPU, where tests drive the graph path): a capture stalls the loop for several runs, so not mid-stream
+        self.warm_rows = len(self.graph_rows) if self.graph_rows is not None and s.device != "cpu" else 0
         # on the CPU a decode step runs the rows up to the last decoding one; a prompt read in chunks beside running
         # streams takes the highest free row, so it stays out of their steps until it decodes (with CUDA graphs
         # every step runs all rows)
@@ -189,6 +200,7 @@ class SlotScheduler(BatchLoop):
             except Exception as e:  # chunks then run uncaptured where their graphs were not captured
                 self.rows.graph_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             self.stats.chunk_graph_error = self.rows.graph_error
+            self.stats.chunk_graph_skipped = dict(self.rows.skipped)
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)
@@ -203,10 +215,22 @@ class SlotScheduler(BatchLoop):
             self._settle()  # rows that ended in the step being processed free their places first
         while self._waiting and self.table.free_rows():
             req = self._waiting.popleft()
-            chunked = len(req.row.prompt) > (self.budget.chunk or self.budget.whole[0])
-            req.slot = self.table.take(last=chunked and bool(self._running))
+            req.slot = self._take_row(len(req.row.prompt))
             self._admitted.append(req)
             self._changed = True
+
+    def _take_row(self, prompt: int) -> int:
+        """The row a prompt of ``prompt`` tokens takes: the lowest free one, or the highest where it is read in chunks
+        while others decode (on the CPU, out of their steps until it decodes: ``RowPrefix``). With chunk graphs a
+        prompt longer than ``graph_row_tokens`` takes the highest free graph row, where its chunks replay graphs, and
+        any other prompt a row outside them while one is free, so that they stay free for long prompts."""
+        chunked = prompt > (self.budget.chunk or self.budget.whole[0])
+        last = chunked and bool(self._running)
+        if self.graph_rows is None:
+            return self.table.take(last=last)
+        if prompt > self.graph_row_tokens:
+            return self.table.take(last=True, among=self.graph_rows)
+        return self.table.take(last=last, among=range(self.graph_rows.start))
 
     def _prefill(self, allowance: Allowance) -> int:
         """This iteration's prefill runs, over the admitted requests in order, each run as many tokens as
@@ -256,6 +280,8 @@ class SlotScheduler(BatchLoop):
                 self.stats.prefill_chunks += 1
                 self.stats.graph_chunks += how in ("replayed", "captured")
                 self.stats.chunk_graph_error = self.rows.graph_error
+                if how == "uncaptured" and self.rows.chunk_graphs:  # a copy: /health reads it from another thread
+                    self.stats.chunk_graph_skipped = dict(self.rows.skipped)
                 req.prefilled = end
                 self.table.prefilled(req.slot, end)
                 if end < len(prompt):

@@ -115,7 +115,7 @@ def _spy(monkeypatch) -> list[dict]:
     def run_chunk(self, values, row, ids, mask, positions, last_index):
         out = original(self, values, row, ids, mask, positions, last_index)
         calls.append({"row": row, "ids": ids.copy(), "mask": mask.copy(), "positions": positions.copy(),
-                      "last": last_index.copy(), "ran": out is not None, "thread": threading.get_ident()})
+                      "last": last_index.copy(), "ran": not isinstance(out, str), "thread": threading.get_ident()})
         return out
 
     monkeypatch.setattr(CudaGraphs, "run_chunk", run_chunk)
@@ -188,11 +188,13 @@ def test_chunks_past_the_bound_or_off_the_widths_run_uncaptured_with_the_same_to
     assert list(slot.chunks) == [(row, 16)] and slot.chunks[(row, 16)].runs == 4  # the one graph: width 16
     assert [c["ran"] for c in calls] == [True] * 4 + [False]  # the last chunk's width 8: no room for its graph
     assert sched.stats.graph_chunks == 4 and sched.stats.prefill_chunks == 6  # + the short prompt's run
+    assert sched.stats.chunk_graph_skipped == {"bound": 1}  # said, not silent
     # a chunk of 24 tokens (a fixed budget of 24: width 32): captured; then the same with no CUDA-graph width
     monkeypatch.setattr(cuda_graphs, "CHUNK_WIDTHS", (16, 8))
     calls.clear()
     got, sched = _serve(lm, requests, chunk=24)
     assert got == want and calls and not any(c["ran"] for c in calls) and sched.stats.graph_chunks == 0
+    assert sched.stats.chunk_graph_skipped == {"width": len(calls)}
 
 
 def test_a_chunk_graph_runs_only_on_a_thread_its_decode_graph_was_captured_on(stdlib_cuda_model):
@@ -204,14 +206,15 @@ def test_a_chunk_graph_runs_only_on_a_thread_its_decode_graph_was_captured_on(st
     t = threading.Thread(target=lambda: out.setdefault("other", lm.session.graphs.run_chunk(cache.values, 1, *inputs)))
     t.start()
     t.join(60)
-    assert out == {"other": None}  # another thread: the caller runs it uncaptured
+    assert out == {"other": "thread"}  # another thread: the caller runs it uncaptured
     logits, captured = lm.session.graphs.run_chunk(cache.values, 1, *inputs)
     assert captured and logits.shape == (1, lm.session.vocab_size)
     assert lm.session.graphs.run_chunk(cache.values, 1, *inputs)[1] is False  # replayed
     narrow = (inputs[0], inputs[1][:, :64], inputs[2], inputs[3])  # a mask not at the slot's width
-    assert lm.session.graphs.run_chunk(cache.values, 1, *narrow) is None
+    assert lm.session.graphs.run_chunk(cache.values, 1, *narrow) == "mask"
     elsewhere = load(stdlib_cuda_model, "cpu", threads=1).session.new_cache(2, capacity=capacity)
-    assert lm.session.graphs.run_chunk(elsewhere.values, 1, *inputs) is None  # buffers of no slot
+    assert lm.session.graphs.run_chunk(elsewhere.values, 1, *inputs) == "no_slot"  # buffers of no slot
+    assert set(cuda_graphs.CHUNK_SKIPS) >= {"thread", "mask", "no_slot", "width", "head", "bound"}
 
 
 @pytest.mark.parametrize("warm_rows", [0, 2], ids=["on-first-chunk", "at-start"])
@@ -291,3 +294,68 @@ def test_the_highest_rows_chunk_graphs_are_captured_when_the_loop_starts(stdlib_
     loop = {t for t, g in stand_in.captures if g == slot.chunks[(3, 8)].graph_id}
     assert loop == {t for t, g in stand_in.captures if g == slot.graph_id} - {stand_in.captures[0][0]}
     assert sched.stats.graph_chunks == 10  # the real chunks only, not the warm-up's runs
+
+
+# ---- the load test's long-prompt row: long prompts arriving beside 32 decoding streams ----
+@pytest.fixture(scope="module")
+def long_cuda_model(tmp_path_factory) -> object:
+    """A tiny Llama of 8192 positions through `optimize --target cuda`: rows of 4096-token prompts fit it."""
+    from tiny import make_tiny_model
+
+    from onnxpipe.export import export_decoder
+    from onnxpipe.fusion import optimize_model
+
+    out = tmp_path_factory.mktemp("long-cuda")
+    hf = make_tiny_model("llama", out / "hf", max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    export_decoder(hf, out / "onnx", verify=False)
+    optimize_model(out / "onnx", out / "cuda", level=3, target="cuda", verify=False)
+    return out / "cuda"
+
+
+@pytest.mark.fast
+def test_a_row_is_taken_among_the_rows_asked_while_one_is_free_there():
+    from onnxpipe.serve.slot_table import SlotTable
+
+    table = SlotTable(6, 16)
+    assert table.take(among=range(0, 2)) == 0 and table.take(last=True, among=range(0, 2)) == 1
+    assert table.take(last=True, among=range(0, 2)) == 5  # none free there: any row, the highest
+    assert table.take(last=True, among=range(3, 6)) == 4 and table.take(among=range(0)) == 2
+
+
+def test_long_prompts_beside_32_streams_read_through_graphs_in_the_graph_rows(long_cuda_model):
+    """The configuration of load_test's long-prompt row (--streams 32 --long-prompts 4 --long-prompt-tokens 4096
+    --chunks 64 --chunk-graphs on): 36 rows of 4352 positions (4104 asked, rounded up), the highest rows' graphs
+    captured at start as on a GPU, 32 streams of 128-token prompts (2 chunks each) arriving while others decode, then
+    4 prompts of 4096 tokens. The streams took the highest free rows, whose graphs (and 12 more rows') used up the
+    bound of 40, so the long prompts, in the rows left, ran every chunk uncaptured, and nothing said why (0/256 on an
+    H100). Now they are read in the graph rows, every chunk through a graph, with their solo tokens."""
+    rng = np.random.default_rng(3)
+    lm = slot_lm(long_cuda_model, True)
+    vocab = lm.session.vocab_size
+    longs = [rng.integers(0, vocab, 4096).tolist() for _ in range(4)]
+    plain = load(long_cuda_model, "cpu", threads=1)
+    want = [plain.generate(p, max_new_tokens=4, stop_token_ids=[]).token_ids for p in longs]
+    sched = make_scheduler(lm, max_batch=36, max_queue=256, prefill_chunk=64, max_length=4104, chunk_graphs=True)
+    assert sched.cache.capacity == 4352 and sched.warm_rows == 0  # the CPU: set as on a GPU
+    sched.warm_rows = 4
+    sched.start()
+    streams = []
+    try:
+        streams.append(submit(sched, lm, rng.integers(0, vocab, 128).tolist(), 1000)[1])
+        wait_until(lambda: sched.stats.steps > 0)  # decoding: the other streams arrive beside it
+        streams += [submit(sched, lm, rng.integers(0, vocab, 128).tolist(), 1000)[1] for _ in range(31)]
+        wait_until(lambda: len(sched._running) == 32 and not sched._admitted)
+        before = (sched.stats.prefill_chunks, sched.stats.graph_chunks, dict(sched.stats.chunk_graph_skipped))
+        got = [result(q) for q in [submit(sched, lm, p, 4)[0] for p in longs]]
+        after = (sched.stats.prefill_chunks, sched.stats.graph_chunks, dict(sched.stats.chunk_graph_skipped))
+    finally:
+        for req in streams:
+            req.cancel()
+        sched.stop()
+    assert got == want
+    assert after[0] - before[0] == 256 and after[1] - before[1] == 256  # every long chunk through a graph
+    assert after[2] == before[2] == {"row": 64}  # the streams' chunks, uncaptured outside the graph rows: said
+    (slot,) = lm.session._graphs.values()
+    assert {row for row, _ in slot.chunks} == {32, 33, 34, 35}  # the graph rows, at every width: the warm-up's
+    assert len(slot.chunks) == 4 * len(CHUNK_WIDTHS) == cuda_graphs.CHUNK_GRAPHS_PER_SLOT
