@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from onnxpipe.errors import OnnxpipeError
 from onnxpipe.outputs import output_lock
 from onnxpipe.score.config import ENGINES, TASKS, ScoreConfig
 from onnxpipe.score.engine_local import score_local
@@ -45,6 +46,9 @@ def score(model_dir: str | Path, input_path: str | Path, output: str | Path, con
     config = config or ScoreConfig()
     job = prepare_job(model_dir, input_path, output, config)
     with output_lock(job.output):  # a second run on this output refuses at once instead of duplicating rows
-        if config.engine == "ray":
-            return score_on_ray(job, log)
-        return score_local(job, log)
+        summary = score_on_ray(job, log) if config.engine == "ray" else score_local(job, log)
+    if summary.records == 0 and summary.bad_records:  # skipping bad records is for a few, not for all of them
+        first = summary.bad[0] if summary.bad else {}
+        raise OnnxpipeError(f"{input_path}: no record could be scored: all {summary.bad_records} were bad (first: "
+                            f"{first.get('where', '?')}: {first.get('error', '?')})")
+    return summary

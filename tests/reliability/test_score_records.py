@@ -48,6 +48,19 @@ def _config(**kw) -> ScoreConfig:
     return ScoreConfig(**{"progress": False, "provider": "cpu", "chunk_records": 16, **kw})
 
 
+def test_a_run_whose_every_record_is_bad_fails(text_model, tmp_path):
+    """Three bad records and no good one: the run printed "generated 0 tokens for 0 records" and exited 0, as if
+    it had succeeded. Skipping is for some records, not all: exit 1, naming the input and the first fault."""
+    inp = _write_lines(tmp_path / "in.jsonl", ["not json", '{"text": 5}', "[]"])
+    r = cli("score", text_model, inp, "-o", tmp_path / "out.jsonl", "--provider", "cpu", "--no-progress")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, r.output
+    assert f"{inp}: no record could be scored: all 3 were bad (first: in.jsonl:1: not valid JSON" in errors[0]
+    good = _write_lines(tmp_path / "in2.jsonl", ["not json", json.dumps(_texts(1)[0])])  # one good one: a run
+    assert cli("score", text_model, good, "-o", tmp_path / "out2.jsonl", "--provider", "cpu", "--no-progress").exit_code == 0
+
+
 def _assert_as_clean_run(model: Path, tmp_path: Path, records: list[dict], rows: list[dict]) -> None:
     """The rows equal a run over the good records alone (tokens exactly; loglik up to the float rounding of
     another batch composition)."""
