@@ -361,9 +361,13 @@ template <int MT>
 cudaError_t launch_for(int nt, int kw, const __half* A, const uint8_t* B, const __half* S, const uint8_t* Z,
                        __half* Y, int M, int N, int K, int block_shift, cudaStream_t stream) {
   if (nt == 2) {
+    if (kw == 1) return launch<2, MT, 1>(A, B, S, Z, Y, M, N, K, block_shift, stream);
+    if (kw == 2) return launch<2, MT, 2>(A, B, S, Z, Y, M, N, K, block_shift, stream);
     if (kw == 4) return launch<2, MT, 4>(A, B, S, Z, Y, M, N, K, block_shift, stream);
     return launch<2, MT, 8>(A, B, S, Z, Y, M, N, K, block_shift, stream);
   }
+  if (kw == 1) return launch<1, MT, 1>(A, B, S, Z, Y, M, N, K, block_shift, stream);
+  if (kw == 2) return launch<1, MT, 2>(A, B, S, Z, Y, M, N, K, block_shift, stream);
   if (kw == 4) return launch<1, MT, 4>(A, B, S, Z, Y, M, N, K, block_shift, stream);
   if (kw == 8) return launch<1, MT, 8>(A, B, S, Z, Y, M, N, K, block_shift, stream);
   return launch<1, MT, 16>(A, B, S, Z, Y, M, N, K, block_shift, stream);
@@ -384,6 +388,18 @@ void load(Kernel kernel) {
 // Every kernel loaded now: with CUDA's lazy loading a kernel is otherwise loaded at its first launch, which for a
 // shape first met inside a graph capture would be during the capture.
 void load_all() {
+  load(int4_gemm_kernel<1, 1, 1>);
+  load(int4_gemm_kernel<1, 1, 2>);
+  load(int4_gemm_kernel<1, 2, 1>);
+  load(int4_gemm_kernel<1, 2, 2>);
+  load(int4_gemm_kernel<1, 4, 1>);
+  load(int4_gemm_kernel<1, 4, 2>);
+  load(int4_gemm_kernel<2, 1, 1>);
+  load(int4_gemm_kernel<2, 1, 2>);
+  load(int4_gemm_kernel<2, 2, 1>);
+  load(int4_gemm_kernel<2, 2, 2>);
+  load(int4_gemm_kernel<2, 4, 1>);
+  load(int4_gemm_kernel<2, 4, 2>);
   load(int4_gemm_kernel<1, 1, 4>);
   load(int4_gemm_kernel<1, 1, 8>);
   load(int4_gemm_kernel<1, 1, 16>);
@@ -448,16 +464,51 @@ struct Plan {
 };
 
 // tile and split (0: chosen here) set, for the warps form, the weight tiles a block (1, 2) and its warps along K
-// (4, 8, 16; 4 or 8 with 2 tiles); for the cluster form, its warps along N (1-8) and the cluster's blocks along K
-// (1-8). A value outside those gives form -1.
-// The form a call takes when none is asked for. The warps form until a GPU run of scripts/check_kernels.py has
-// compared the two on the Llama shapes.
+// (1, 2, 4, 8, 16; up to 8 with 2 tiles); for the cluster form, its warps along N (1-8) and the cluster's blocks
+// along K (1-8). A value outside those gives form -1.
+// The form a call takes when none is asked for and no entry of kLayouts holds the call. The warps form until a GPU
+// run of scripts/check_kernels.py has compared the two on the Llama shapes.
 int auto_form(int /*m*/, int /*n*/, int /*k*/, const Device& /*d*/) { return ONNXPIPE_INT4_GEMM_WARPS; }
+
+// Layouts measured faster than the rule in make_plan for a shape: the first entry whose ranges (inclusive) hold a
+// call's M, N and K gives its form, tile and split, where the call asks for no tile and split and its form is auto
+// or the entry's (a cluster entry needs clusters on the GPU). Entries come from scripts/check_kernels.py's sweep
+// (every layout timed per shape at M = 1, 8, 32; its "layouts" lines print the rows to paste here, with the figures
+// they rest on); a shape no entry holds keeps the rule. onnxpipe_int4_gemm_layout reads the table back.
+struct Layout {
+  int m_min, m_max, n_min, n_max, k_min, k_max, form, tile, split;
+};
+constexpr Layout kLayouts[] = {
+    // Llama-3.2-1B gate/up (8192 x 2048), M 17-32: 2 weight tiles a block, 4 warps along K: 12.63 us against the
+    // rule's 2 x 8 at 14.83 (H100, check_kernels run 28, block 128 with zero points)
+    {17, 32, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 2, 4},
+};
+constexpr int kLayoutCount = (int)(sizeof(kLayouts) / sizeof(kLayouts[0]));
+
+// The entry of kLayouts a call of this form and shape takes, or -1.
+int table_layout(int form, int m, int n, int k, const Device& d) {
+  for (int i = 0; i < kLayoutCount; ++i) {
+    const Layout& e = kLayouts[i];
+    if (m < e.m_min || m > e.m_max || n < e.n_min || n > e.n_max || k < e.k_min || k > e.k_max) continue;
+    if (form != ONNXPIPE_INT4_GEMM_AUTO && form != e.form) continue;
+    if (e.form == ONNXPIPE_INT4_GEMM_CLUSTER && !d.clusters) continue;
+    return i;
+  }
+  return -1;
+}
 
 Plan make_plan(int form, int m, int n, int k, int tile, int split) {
   const Device d = device_info();
   const int sms = d.sms;
   Plan p{};
+  if (tile == 0 && split == 0) {
+    const int entry = table_layout(form, m, n, k, d);
+    if (entry >= 0) {
+      form = kLayouts[entry].form;
+      tile = kLayouts[entry].tile;
+      split = kLayouts[entry].split;
+    }
+  }
   if (form == ONNXPIPE_INT4_GEMM_AUTO) form = auto_form(m, n, k, d);
   if (form == ONNXPIPE_INT4_GEMM_CLUSTER && !d.clusters) form = ONNXPIPE_INT4_GEMM_WARPS;  // clusters: sm_90 on
   p.form = form;
@@ -503,7 +554,7 @@ Plan make_plan(int form, int m, int n, int k, int tile, int split) {
     p.nt = tile;
   }
   if (split != 0) {
-    if (split != 4 && split != 8 && split != 16) p.form = -1;
+    if (split != 1 && split != 2 && split != 4 && split != 8 && split != 16) p.form = -1;
     kw = split;
   }
   if (p.nt == 2 && kw > 8) p.form = -1;  // its shared memory: 8 warps of 32 x 32 partial sums at most
@@ -600,6 +651,20 @@ extern "C" int onnxpipe_int4_gemm_describe(int form, int tile, int split, int64_
              p.grid.y, 16 * p.nt, 8 * p.mt, p.kw);
   }
   return ONNXPIPE_INT4_GEMM_OK;
+}
+
+extern "C" int onnxpipe_int4_gemm_layout(int index, int* out) {
+  if (out == nullptr || index < 0 || index >= kLayoutCount) return -1;
+  const Layout& e = kLayouts[index];
+  const int values[9] = {e.m_min, e.m_max, e.n_min, e.n_max, e.k_min, e.k_max, e.form, e.tile, e.split};
+  memcpy(out, values, sizeof values);
+  return 0;
+}
+
+extern "C" int onnxpipe_int4_gemm_layout_for(int form, int64_t M, int64_t N, int64_t K) {
+  if (M < 1 || N < 1 || K < 1 || M > INT_MAX || N > INT_MAX || K > INT_MAX) return -1;
+  if (form == ONNXPIPE_INT4_GEMM_AUTO) form = form_from_env();
+  return table_layout(form, (int)M, (int)N, (int)K, device_info());
 }
 
 extern "C" const char* onnxpipe_int4_gemm_error(int code) {

@@ -42,14 +42,21 @@ int onnxpipe_int4_gemm(const void* A, const uint8_t* B, const void* scales, cons
 const char* onnxpipe_int4_gemm_error(int code);
 
 /* The same product in a named form (checks and benchmarks compare them); _config also sets the form's tile and
- * split (0: chosen by shape; warps form: weight tiles a block 1-2, warps along K 4/8/16; cluster form: warps along N
- * 1-8, blocks along K 1-8); _describe writes how a call of that form and shape is laid out into out[size]. */
+ * split (0: chosen by shape, from the layout table where an entry holds the call, else by rule; warps form: weight
+ * tiles a block 1-2, warps along K 1/2/4/8/16 (up to 8 with 2 tiles); cluster form: warps along N 1-8, blocks along
+ * K 1-8); _describe writes how a call of that form and shape is laid out into out[size]. */
 int onnxpipe_int4_gemm_form(int form, const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points,
                             void* Y, int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream);
 int onnxpipe_int4_gemm_config(int form, int tile, int split, const void* A, const uint8_t* B, const void* scales,
                               const uint8_t* zero_points, void* Y, int64_t M, int64_t N, int64_t K,
                               int64_t block_size, void* stream);
 int onnxpipe_int4_gemm_describe(int form, int tile, int split, int64_t M, int64_t N, int64_t K, char* out, int size);
+
+/* The layout table (int4_gemm.cu, kLayouts): entry `index` as out[9] = M min, M max, N min, N max, K min, K max (all
+ * inclusive), form, tile, split; 0, or -1 past the last entry. _layout_for: the entry a call of this form (0: as
+ * onnxpipe_int4_gemm resolves it) and shape takes on the current device, or -1 (the rule's layout). */
+int onnxpipe_int4_gemm_layout(int index, int* out);
+int onnxpipe_int4_gemm_layout_for(int form, int64_t M, int64_t N, int64_t K);
 
 #ifdef __cplusplus
 }
