@@ -63,9 +63,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "onnxpipe" / "runtime" / "kernels" / "csrc"
 
 # (name, N, K) of each projection: Llama-3.2-1B (hidden 2048, kv 512, intermediate 8192, vocab 128256) and
-# Llama-3.1-8B (4096, 1024, 14336)
+# Llama-3.1-8B (4096, 1024, 14336). "1b qkv" is q, k and v packed into one MatMul (2048 + 512 + 512 rows), as
+# `optimize --target cuda` makes them for GroupQueryAttention's packed input (head size a multiple of 16): the form
+# scripts/bench_gpu.py's int4 build has.
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
-    "1b": [("1b q,o", 2048, 2048), ("1b k,v", 512, 2048), ("1b gate,up", 8192, 2048), ("1b down", 2048, 8192)],
+    "1b": [("1b qkv", 3072, 2048), ("1b q,o", 2048, 2048), ("1b k,v", 512, 2048), ("1b gate,up", 8192, 2048),
+           ("1b down", 2048, 8192)],
     "8b": [("8b q,o", 4096, 4096), ("8b k,v", 1024, 4096), ("8b gate,up", 14336, 4096), ("8b down", 4096, 14336)],
     "head": [("1b lm_head", 128256, 2048)],
     # ragged edges: N not a multiple of 16 or 32, K not a multiple of 128 (a k step only part used), every block
@@ -79,6 +82,25 @@ HEAD_MS = (1, 2, 4, 8, 16, 32)
 TRAINED_MS = (1, 8, 32, 128)
 TRAINED_NPZ = "out/check_kernels/trained.npz"  # --save-trained's default; --trained's when it exists
 BLOCKS = (32, 128)
+# scripts/bench_gpu.py's int4 build of the 1B shape (bench_gpu_builds.child_build_onnxpipe_int4: `quantize --mode int4
+# --algo rtn --block-size 32 --symmetric --lm-head int4` on the `optimize --level 3 --target cuda` form): per layer
+# qkv, o, gate, up and down, then the LM head, all block 32 without zero points. Timed first, swept, and summed into
+# a step (BENCH_LAYERS layers) beside MatMulNBits'.
+BENCH_VARIANT = (32, False)  # (block, zero points)
+BENCH_NODES = {"1b qkv": 1, "1b q,o": 1, "1b gate,up": 2, "1b down": 1}  # MatMulNBits a layer of each shape
+BENCH_HEAD = "1b lm_head"
+BENCH_LAYERS = 16
+
+
+def bench_shapes(hidden: int, kv_dim: int, intermediate: int, vocab: int) -> tuple[dict[tuple[int, int], int],
+                                                                                   tuple[int, int]]:
+    """The (N, K) of each int4 MatMul of the bench's build of a Llama with these widths, with how many a layer
+    has, and the LM head's: q, k and v packed, o, gate, up, down."""
+    layer: dict[tuple[int, int], int] = {}
+    for shape in ((hidden + 2 * kv_dim, hidden), (hidden, hidden), (intermediate, hidden), (intermediate, hidden),
+                  (hidden, intermediate)):
+        layer[shape] = layer.get(shape, 0) + 1
+    return layer, (vocab, hidden)
 COPY_BYTES = 160 << 20  # weights a timed model holds in all: past H100/H200's 50 MB L2, as a decode step's are
 MAX_COPIES = 128
 FORMS = {"warps": 1, "cluster": 2}  # int4_gemm.h: ONNXPIPE_INT4_GEMM_WARPS, _CLUSTER
@@ -728,7 +750,7 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
                         r.ort_equals_kernel = bool(np.array_equal(y.view(np.uint16), ours_out[m].view(np.uint16)))
                 else:
                     r.err_other, r.us_other, r.gbps_other = err, us, gbps
-        if args.sweep and name.startswith("1b") and block == 128 and with_zp:
+        if args.sweep and is_bench_case(name, block, with_zp):
             limits = {m: 2 * r.err_nbits + SLACK * r.ref_max + 1e-6 for m, r in rows.items() if r.err_nbits is not None}
             sweep(ctx, tk, dev, name, n, k, block, a_all, ref, w.nbytes, limits)
         del dev
@@ -751,11 +773,22 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
         ctx.log(line(rows[m]))
 
 
+def is_bench_case(name: str, block: int, with_zp: bool) -> bool:
+    """A shape and variant of scripts/bench_gpu.py's int4 build (timed first, and swept)."""
+    return (name in BENCH_NODES or name == BENCH_HEAD) and (block, with_zp) == BENCH_VARIANT
+
+
 # (form, tile, split) tried by --sweep: the warps form's weight tiles x warps along K, the cluster form's warps
-# along N x blocks along K
-SWEEP = [("warps", t, s) for t, s in ((1, 4), (1, 8), (1, 16), (2, 4), (2, 8))] + \
+# along N x blocks along K; ("default", 0, 0) first: the layout the custom op takes (int4_gemm.cu's table, else its
+# rule), timed beside them
+SWEEP = [("default", 0, 0)] + \
+        [("warps", t, s) for t, s in ((1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (2, 1), (2, 2), (2, 4), (2, 8))] + \
         [("cluster", t, s) for t in (2, 4, 8) for s in (1, 2, 4, 8)]
 SWEEP_MS = (1, 8, 32)
+# the M range a swept M stands for in a suggested table row: the A rows a block takes (8, 16, 32) are the same
+# through it; M = 9-16 is not swept and stays with the rule
+SWEEP_M_RANGE = {1: (1, 1), 8: (2, 8), 32: (17, 32)}
+SUGGEST_BELOW = 0.97  # a layout is suggested where it takes under this fraction of the default's time
 
 
 def sweep(ctx: Context, tk: TorchKernel, dev: list[Any], name: str, n: int, k: int, block: int, a_all: np.ndarray,
@@ -767,10 +800,10 @@ def sweep(ctx: Context, tk: TorchKernel, dev: list[Any], name: str, n: int, k: i
             continue
         limit = limits.get(m, SLACK * float(np.abs(ref[:m]).max()) * 4)
         for form_name, tile, split in SWEEP:
-            tk.config = (FORMS[form_name], tile, split)
+            form = FORMS.get(form_name, 0)  # default: 0, as onnxpipe_int4_gemm resolves it (table, then rule)
+            tk.config = (form, tile, split)
             entry: dict[str, Any] = {"case": name, "n": n, "k": k, "block": block, "m": m, "form": form_name,
-                                     "tile": tile, "split": split,
-                                     "plan": tk.describe(FORMS[form_name], m, n, k, tile, split)}
+                                     "tile": tile, "split": split, "plan": tk.describe(form, m, n, k, tile, split)}
             try:
                 y, per_call = tk.run(a_all[:m], dev, n, k, block, ctx.args.repeats)
                 entry.update(us=per_call * 1e6, gbps=nbytes / per_call / 1e9, err=max_err(y, ref[:m]))
@@ -778,12 +811,38 @@ def sweep(ctx: Context, tk: TorchKernel, dev: list[Any], name: str, n: int, k: i
             except Exception as e:  # noqa: BLE001
                 entry.update(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", ok=None)
             ctx.sweeps.append(entry)
-        done = [e for e in ctx.sweeps if e["case"] == name and e["m"] == m and e.get("us")]
+        done = [e for e in ctx.sweeps if e["case"] == name and e["m"] == m and e["block"] == block and e.get("us")]
         if done:
             best = min(done, key=lambda e: e["us"])
-            ctx.log(f"sweep {name} M={m}: best {best['form']} tile {best['tile']} split {best['split']} "
-                    f"{best['us']:.2f} us ({best['plan']}); {sum(1 for e in done if not e['ok'])} wrong")
+            default = next((e for e in done if e["form"] == "default"), None)
+            ctx.log(f"sweep {name} bs={block} M={m}: best {best['form']} tile {best['tile']} split {best['split']} "
+                    f"{best['us']:.2f} us ({best['plan']})"
+                    + (f", default {default['us']:.2f} us ({default['plan']})" if default else "")
+                    + f"; {sum(1 for e in done if not e['ok'])} wrong")
     tk.config = (FORMS["warps"], 0, 0)
+
+
+def suggest_layouts(sweeps: list[dict[str, Any]]) -> list[str]:
+    """int4_gemm.cu kLayouts rows from a sweep: for each case, block and swept M, the fastest layout whose result
+    was right, where it takes under SUGGEST_BELOW of the default layout's time (timed in the same sweep), as a row to
+    paste with the figures it rests on. A shape where the default is best gets no row."""
+    groups: dict[tuple[str, int, int, int, int], list[dict[str, Any]]] = {}
+    for e in sweeps:
+        groups.setdefault((e["case"], e["n"], e["k"], e["block"], e["m"]), []).append(e)
+    out = []
+    for (case, n, k, block, m), entries in groups.items():
+        default = next((e for e in entries if e["form"] == "default" and e.get("us")), None)
+        right = [e for e in entries if e.get("us") and e.get("ok") and e["form"] != "default"]
+        if default is None or not right or m not in SWEEP_M_RANGE:
+            continue
+        best = min(right, key=lambda e: e["us"])
+        if best["us"] >= SUGGEST_BELOW * default["us"]:
+            continue
+        lo, hi = SWEEP_M_RANGE[m]
+        form = "ONNXPIPE_INT4_GEMM_" + best["form"].upper()
+        out.append(f"{{{lo}, {hi}, {n}, {n}, {k}, {k}, {form}, {best['tile']}, {best['split']}}},  // {case} bs={block} "
+                   f"M={m}: {best['us']:.2f} us against the default's {default['us']:.2f} ({default['plan']})")
+    return out
 
 
 def one_line(e: BaseException) -> str:
@@ -1088,6 +1147,45 @@ def check_prefill(lib: Any, runner: OrtRunner, name: str, n: int, k: int, block:
     return not problems
 
 
+def layout_table(lib_path: Path) -> list[tuple[int, ...]]:
+    """int4_gemm.cu's kLayouts, read back from a build of it (onnxpipe_int4_gemm_layout)."""
+    lib = ctypes.CDLL(str(lib_path))
+    lib.onnxpipe_int4_gemm_layout.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    out, rows = (ctypes.c_int * 9)(), []
+    while lib.onnxpipe_int4_gemm_layout(len(rows), out) == 0:
+        rows.append(tuple(out))
+    return rows
+
+
+def launcher_layouts(lib_path: Path, shapes: list[tuple[str, int, int]], ms: tuple[int, ...]
+                     ) -> tuple[list[str], list[str]]:
+    """The layout onnxpipe_int4_gemm takes for each shape and M here (without a GPU: as on a 132-SM sm_90) and
+    whether the layout table or the rule gave it; and what is wrong with the table: an entry whose layout the
+    launcher refuses, an empty range, an M past the small-M kernel's, an entry no call reaches (an earlier one
+    holds its whole range)."""
+    lib = ctypes.CDLL(str(lib_path))
+    lib.onnxpipe_int4_gemm_describe.argtypes = [ctypes.c_int] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_char_p,
+                                                                                            ctypes.c_int]
+    lib.onnxpipe_int4_gemm_layout_for.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3
+    buf = ctypes.create_string_buffer(256)
+    lines, problems = [], []
+    entries = layout_table(lib_path)
+    for i, (m0, m1, n0, n1, k0, k1, form, tile, split) in enumerate(entries):
+        if not (1 <= m0 <= m1 <= SMALL_M_MAX and 1 <= n0 <= n1 and 1 <= k0 <= k1):
+            problems.append(f"kLayouts[{i}]: ranges M {m0}-{m1}, N {n0}-{n1}, K {k0}-{k1}")
+        elif lib.onnxpipe_int4_gemm_describe(form, tile, split, m0, n0, k0, buf, len(buf)) != 0:
+            problems.append(f"kLayouts[{i}]: the launcher refuses form {form} tile {tile} split {split}")
+        elif lib.onnxpipe_int4_gemm_layout_for(form, m0, n0, k0) != i:
+            problems.append(f"kLayouts[{i}]: an earlier entry takes M {m0}, N {n0}, K {k0}")
+    for name, n, k in shapes:
+        for m in ms:
+            lib.onnxpipe_int4_gemm_describe(0, 0, 0, m, n, k, buf, len(buf))
+            entry = lib.onnxpipe_int4_gemm_layout_for(0, m, n, k)
+            lines.append(f"layout {name:>14} N={n:<6} K={k:<5} M={m:<3} {buf.value.decode()} "
+                         f"({f'kLayouts[{entry}]' if entry >= 0 else 'the rule'})")
+    return lines, problems
+
+
 def dry_run(args: argparse.Namespace, libs: Libraries, plan: list[tuple[str, int, int, int, bool, tuple[int, ...]]],
             log: Callable[[str], None]) -> int:
     """Every case's models built at their smallest; the reference checked against onnxruntime's MatMulNBits (and
@@ -1117,6 +1215,16 @@ def dry_run(args: argparse.Namespace, libs: Libraries, plan: list[tuple[str, int
         ks = sorted({lin.weight.shape[1] for lin in linears})
         log(f"trained {source}: {len(linears)} linear layers, K in {ks}, blocks {BLOCKS}, zero points y/n, "
             f"M {TRAINED_MS}")
+    if libs.kernel is not None:  # the launcher's layout for every planned shape at the swept M, and the table's health
+        shapes = list(dict.fromkeys((name, n, k) for name, n, k, *_ in plan))
+        lines, problems = launcher_layouts(libs.kernel, shapes, SWEEP_MS)
+        for ln in lines:
+            log(ln)
+        for problem in problems:
+            log(f"layout table: {problem} FAIL")
+        bad += len(problems)
+    else:
+        log("no kernel library (no nvcc): the launcher's layouts are not read here")
     if libs.ort_cpu is None:
         log("no CPU reference library: the cases' code is not run here")
         return 1 if bad else 0
@@ -1161,9 +1269,10 @@ def build_plan(args: argparse.Namespace) -> list[tuple[str, int, int, int, bool,
     return plan
 
 
-def table(rows: list[Row]) -> list[str]:
-    """Per case and M (block 128 with zero points, the usual GPU int4 build; the others in the JSON): times, ours
-    against MatMulNBits and fp16, and the worst error ratio of the case over every variant."""
+def table(rows: list[Row], block: int = 128, zero_points: bool = True) -> list[str]:
+    """Per case and M of one variant (default block 128 with zero points, the usual GPU int4 build; the bench's
+    is BENCH_VARIANT; the others in the JSON): times, ours against MatMulNBits and fp16, and the worst error ratio of
+    the case over every variant."""
     form = next((r.form for r in rows if r.form), "-")
     other = next((f for f in FORMS if f != form), "-") if form != "-" else "-"
     out = ["| case | M | ours' path | MatMulNBits us | ours us | fp16 us | ours/nbits | ours/fp16 | ours GB/s | "
@@ -1176,7 +1285,7 @@ def table(rows: list[Row]) -> list[str]:
             worst[key] = max(worst.get(key, 0.0), r.err_ours / r.err_nbits)
     fp16 = {(r.case, r.m): r.us_fp16 for r in rows if r.us_fp16 is not None}
     for r in rows:
-        if r.source != "random" or r.block != 128 or not r.zero_points:
+        if r.source != "random" or r.block != block or r.zero_points != zero_points:
             continue
 
         def f(x: float | None, fmt: str = ".2f") -> str:
@@ -1187,6 +1296,30 @@ def table(rows: list[Row]) -> list[str]:
         vs16 = r.us_ours / t16 if r.us_ours and t16 else None
         out.append(f"| {r.case} | {r.m} | {r.path or '-'} | {f(r.us_nbits)} | {f(r.us_ours)} | {f(t16)} | {f(ratio)} | {f(vs16)} | "
                    f"{f(r.gbps_ours, '.0f')} | {f(r.us_kernel)} | {f(r.us_other)} | {f(worst.get((r.case, r.m)))} |")
+    return out
+
+
+def bench_step(rows: list[Row]) -> list[str]:
+    """The int4 MatMuls of scripts/bench_gpu.py's 1B build summed into one decode step at each M (BENCH_LAYERS
+    layers of BENCH_NODES, then the LM head), MatMulNBits against ours (the custom op, in onnxruntime's CUDA graphs):
+    what the GEMMs alone add to or take from the bench's step, shape by shape."""
+    at = {(r.case, r.m): r for r in rows if r.source == "random" and (r.block, r.zero_points) == BENCH_VARIANT}
+    out = []
+    for m in sorted({m for _, m in at}):
+        parts, nbits, ours, missing = [], 0.0, 0.0, []
+        for case, count in [*BENCH_NODES.items(), (BENCH_HEAD, 0)]:
+            r = at.get((case, m))
+            if r is None or not r.us_nbits or not r.us_ours:
+                missing.append(case)
+                continue
+            times = BENCH_LAYERS * count if count else 1
+            nbits += times * r.us_nbits
+            ours += times * r.us_ours
+            parts.append(f"{case} x{times} {times * (r.us_ours - r.us_nbits):+.1f}")
+        if not parts:
+            continue
+        out.append(f"bench int4 step M={m}: MatMulNBits {nbits:.1f} us, ours {ours:.1f} us ({ours - nbits:+.1f}: "
+                   + ", ".join(parts) + ")" + (f"; not measured: {', '.join(missing)}" if missing else ""))
     return out
 
 
@@ -1305,8 +1438,9 @@ def main() -> int:
         "(taken off each timed run before dividing by its copies)")
     fp16_done: set[str] = set()
     trained_done = False
-    # the 1B shapes, then trained weights, then the rest
-    order = [c for c in plan if c[0].startswith("1b") and "head" not in c[0]]
+    # the bench's int4 build's shapes and variant (the head included), the other 1B shapes, trained weights, the rest
+    order = [c for c in plan if is_bench_case(c[0], c[3], c[4])]
+    order += [c for c in plan if c[0].startswith("1b") and "head" not in c[0] and c not in order]
     order += [("trained", 0, 0, 0, False, ())] + [c for c in plan if c not in order]
     def save(done: bool) -> None:
         """results.json as it stands (after every case, so a run cut short keeps what it measured)."""
@@ -1317,6 +1451,8 @@ def main() -> int:
                   "complete": done, "trained_done": trained_done, "skipped": ctx.skipped, "broken": ctx.broken,
                   "failed": len(failed), "ours_not_run": sum(r.err_ours is None for r in ctx.rows),
                   "rows": [asdict(r) for r in ctx.rows], "sweeps": ctx.sweeps, "table": table(ctx.rows),
+                  "bench_table": table(ctx.rows, *BENCH_VARIANT), "bench_step": bench_step(ctx.rows),
+                  "layouts": suggest_layouts(ctx.sweeps),
                   "form_summary": form_summary(ctx.rows), "prefill_summary": prefill_summary(ctx.rows)}
         tmp = args.out / "results.json.tmp"
         tmp.write_text(json.dumps(result, indent=1))
@@ -1363,6 +1499,14 @@ def main() -> int:
         f"{time.perf_counter() - start:.0f} s; results.json under {args.out}")
     for ln in lines + form_summary(ctx.rows) + prefill_summary(ctx.rows):
         log(ln)
+    log(f"the bench's int4 build (block {BENCH_VARIANT[0]}, zero points {'yes' if BENCH_VARIANT[1] else 'no'}):")
+    for ln in table(ctx.rows, *BENCH_VARIANT) + bench_step(ctx.rows):
+        log(ln)
+    suggested = suggest_layouts(ctx.sweeps)
+    log(f"layouts: {len(suggested)} kLayouts rows (int4_gemm.cu) the sweep suggests"
+        + (":" if suggested else " (the default layout is within 3% of the best everywhere swept)"))
+    for ln in suggested:
+        log(f"layouts: {ln}")
     if sweep_wrong:
         log(f"sweep: {len(sweep_wrong)} layouts gave a wrong result, first: {sweep_wrong[0]}")
     if unrun:

@@ -1,0 +1,173 @@
+"""The int4 GEMM's layout table and the kernel check's bench rows, without a GPU: int4_gemm.cu's kLayouts entries are
+taken where they hold a call and nowhere else, a bad entry is seen; scripts/check_kernels.py's shapes are those of
+the bench's int4 build (a tiny model of it built here), its suggested table rows and its bench step come from the
+figures as written."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import onnx
+import pytest
+from runtime.conftest import byte_tokenizer
+
+from onnxpipe.quant import quantize_model
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "onnxpipe" / "runtime" / "kernels" / "csrc" / "int4_gemm.cu"
+
+
+def load_check_kernels() -> ModuleType:
+    if "check_kernels" in sys.modules:
+        return sys.modules["check_kernels"]
+    spec = importlib.util.spec_from_file_location("check_kernels", ROOT / "scripts" / "check_kernels.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["check_kernels"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ck() -> ModuleType:
+    return load_check_kernels()
+
+
+def build_kernel(ck: ModuleType, source: Path, out: Path) -> Path:
+    nvcc = ck.find_nvcc(None)
+    if nvcc is None:
+        pytest.skip("no nvcc (set ONNXPIPE_NVCC, or pip install the [kernels] extra)")
+    ck.nvcc_build(nvcc, [source], out, ["90"], [])
+    return out
+
+
+@pytest.fixture(scope="module")
+def kernel(ck: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_kernel(ck, SOURCE, tmp_path_factory.mktemp("layouts") / "libint4_gemm.so")
+
+
+def describe(lib_path: Path, form: int, m: int, n: int, k: int, tile: int = 0, split: int = 0) -> str:
+    lib = ctypes.CDLL(str(lib_path))
+    lib.onnxpipe_int4_gemm_describe.argtypes = [ctypes.c_int] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_char_p,
+                                                                                            ctypes.c_int]
+    buf = ctypes.create_string_buffer(256)
+    assert lib.onnxpipe_int4_gemm_describe(form, tile, split, m, n, k, buf, len(buf)) == 0
+    return buf.value.decode()
+
+
+def test_table_entries_are_taken_where_they_hold(ck: ModuleType, kernel: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each entry's layout is what a call inside its ranges gets (auto form or the entry's), and its corners' first
+    neighbours outside get the rule's (the same form asked with tile and split 0 and no entry there)."""
+    monkeypatch.delenv("ONNXPIPE_INT4_GEMM_FORM", raising=False)
+    entries = ck.layout_table(kernel)
+    assert entries, "kLayouts is empty: this test then checks nothing"
+    lines, problems = ck.launcher_layouts(kernel, [("1b gate,up", 8192, 2048)], (1, 8, 32))
+    assert problems == []
+    for i, (m0, m1, n0, n1, k0, k1, form, tile, split) in enumerate(entries):
+        want = describe(kernel, form, m0, n0, k0, tile, split)
+        for m, n, k in ((m0, n0, k0), (m1, n1, k1)):
+            assert describe(kernel, 0, m, n, k) == describe(kernel, form, m, n, k) == \
+                describe(kernel, form, m, n, k, tile, split), (i, m, n, k)
+        assert describe(kernel, 0, m0, n0, k0) == want
+        for m, n, k in ((m0 - 1, n0, k0), (m1 + 1, n1, k1), (m0, n0 - 1, k0), (m0, n1 + 1, k0), (m0, n0, k1 + 1)):
+            if m < 1:
+                continue
+            lib = ctypes.CDLL(str(kernel))
+            lib.onnxpipe_int4_gemm_layout_for.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3
+            assert lib.onnxpipe_int4_gemm_layout_for(0, m, n, k) != i, (i, m, n, k)
+    # the 1B gate/up entry (run 28's sweep) against the rule just below its M range
+    assert "(kLayouts[0])" in lines[2] and "32 weight rows and 32 A rows a block, 4 warps along K" in lines[2]
+    assert "(the rule)" in lines[0] and "(the rule)" in lines[1]
+    assert describe(kernel, 0, 16, 8192, 2048) == "warps: grid 256x1, 32 weight rows and 16 A rows a block, 8 warps along K"
+
+
+def test_a_bad_table_entry_is_reported(ck: ModuleType, tmp_path: Path) -> None:
+    """A copy of the source whose entry asks for 3 warps along K (a layout the launcher refuses) and one whose second
+    entry repeats the first (never reached) are both named by the dry run's table check."""
+    text = SOURCE.read_text()
+    row = "{17, 32, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 2, 4},"
+    assert row in text
+    bad = tmp_path / "bad.cu"
+    refused = row.replace("{17, 32,", "{1, 1,").replace(", 2, 4}", ", 1, 3}")
+    bad.write_text(text.replace(row, refused + "\n    " + row + "\n    " + row))
+    (tmp_path / "int4_gemm.h").write_text((SOURCE.parent / "int4_gemm.h").read_text())
+    lib = build_kernel(ck, bad, tmp_path / "libbad.so")
+    _, problems = ck.launcher_layouts(lib, [], (1,))
+    assert len(problems) == 2, problems
+    assert "refuses form 1 tile 1 split 3" in problems[0] and "kLayouts[2]: an earlier entry" in problems[1]
+
+
+def test_shapes_are_the_bench_builds(ck: ModuleType, cuda_form: Callable[[str], Path], tmp_path: Path) -> None:
+    """The bench's int4 build (quantize --mode int4 --algo rtn --block-size 32 --symmetric --lm-head int4 on the
+    optimize --target cuda form) of the tiny Llama has, per layer and for the head, the int4 MatMuls that
+    bench_shapes says at its widths; at the 1B widths those are check_kernels' bench cases."""
+    src = tmp_path / "cuda"
+    shutil.copytree(cuda_form("llama"), src)
+    byte_tokenizer().save(str(src / "tokenizer.json"))
+    (tmp_path / "eval.txt").write_text((ROOT / "data" / "eval.txt").read_text()[:3000])
+    quantize_model(src, tmp_path / "int4", "int4", eval_file=tmp_path / "eval.txt", eval_context=64, algo="rtn",
+                   block_size=32, symmetric=True, lm_head="int4", max_ppl_increase=1e9, min_greedy_agreement=0.0)
+    nodes = [n for n in onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert {a["block_size"] for a in attrs} == {32} and all(len(n.input) == 3 for n in nodes)  # no zero points
+    got = collections.Counter((a["N"], a["K"]) for a in attrs)
+    layer, head = ck.bench_shapes(64, 32, 128, 256)  # tests/tiny.py's Llama: 2 layers, 4 heads of 16, 2 KV heads
+    assert got == collections.Counter({**{s: 2 * c for s, c in layer.items()}, head: 1})
+    one_b, one_b_head = ck.bench_shapes(2048, 512, 8192, 128256)
+    named = {name: (n, k) for name, n, k in ck.SHAPES["1b"] + ck.SHAPES["head"]}
+    assert {named[name]: count for name, count in ck.BENCH_NODES.items()} == one_b
+    assert named[ck.BENCH_HEAD] == one_b_head
+    assert ck.is_bench_case("1b qkv", 32, False) and not ck.is_bench_case("1b qkv", 128, False)
+    assert not ck.is_bench_case("1b k,v", 32, False)  # not in a packed build
+
+
+def sweep_entry(case: str, m: int, form: str, tile: int, split: int, us: float, ok: bool = True) -> dict:
+    return {"case": case, "n": 8192, "k": 2048, "block": 32, "m": m, "form": form, "tile": tile, "split": split,
+            "plan": f"{form} {tile}x{split}", "us": us, "ok": ok}
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_suggested_rows_come_from_the_sweep(ck: ModuleType, faster: bool) -> None:
+    """A layout right and more than 3% under the default's time gives a row for the M range of the swept M; a
+    faster wrong one or one within 3% gives none."""
+    sweeps = [sweep_entry("1b gate,up", 32, "default", 0, 0, 14.8),
+              sweep_entry("1b gate,up", 32, "warps", 2, 4, 12.6 if faster else 14.5),
+              sweep_entry("1b gate,up", 32, "warps", 1, 2, 9.0, ok=False),
+              sweep_entry("1b gate,up", 1, "default", 0, 0, 8.0),
+              sweep_entry("1b gate,up", 1, "cluster", 4, 2, 8.1)]
+    rows = ck.suggest_layouts(sweeps)
+    if faster:
+        assert len(rows) == 1 and rows[0].startswith("{17, 32, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 2, 4},")
+        assert "12.60 us against the default's 14.80" in rows[0]
+    else:
+        assert rows == []
+
+
+def test_bench_step_sums_the_builds_matmuls(ck: ModuleType) -> None:
+    """16 layers of qkv, o, 2 gate/up and down, and one head, MatMulNBits against ours; a shape not measured is
+    named, not counted."""
+    def row(case: str, n: int, k: int, nbits: float, ours: float, m: int = 1):
+        return ck.Row(case, n, k, 32, False, m, us_nbits=nbits, us_ours=ours)
+
+    rows = [row("1b qkv", 3072, 2048, 5.0, 5.5), row("1b q,o", 2048, 2048, 4.67, 4.10),
+            row("1b gate,up", 8192, 2048, 6.63, 8.48), row("1b down", 2048, 8192, 10.44, 9.39),
+            row("1b k,v", 512, 2048, 1.0, 50.0),  # not in the build: left out
+            ck.Row("1b q,o", 2048, 2048, 128, True, 1, us_nbits=1.0, us_ours=99.0),  # another variant: left out
+            row("1b q,o", 2048, 2048, 4.0, 4.0, m=8)]
+    (m1, m8) = ck.bench_step(rows)
+    nbits = 16 * (5.0 + 4.67 + 2 * 6.63 + 10.44)
+    ours = 16 * (5.5 + 4.10 + 2 * 8.48 + 9.39)
+    assert m1.startswith(f"bench int4 step M=1: MatMulNBits {nbits:.1f} us, ours {ours:.1f} us ({ours - nbits:+.1f}:")
+    assert "1b gate,up x32 +59.2" in m1 and m1.endswith("not measured: 1b lm_head")
+    assert m8.startswith("bench int4 step M=8: MatMulNBits 64.0 us, ours 64.0 us (+0.0:")
+    rows.append(row("1b lm_head", 128256, 2048, 60.0, 100.0))
+    assert "1b lm_head x1 +40.0" in ck.bench_step(rows)[0] and "not measured" not in ck.bench_step(rows)[0]
