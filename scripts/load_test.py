@@ -38,8 +38,10 @@ are read under 2x the quiet p50.
 --chunk-graphs on,off (with --cuda-graph): the long prompts' chunks replayed through CUDA graphs captured per (row,
 chunk width), or run outside any graph (`onnxpipe serve --chunk-graphs/--no-chunk-graphs`; off by default until
 a GPU run has checked them); each --chunks entry runs once per value, and the table gives the chunks that went through a graph (the
-server's `graph_chunks`). With chunk graphs on, --check-equal also runs with a fixed chunk of 32 tokens, so that its
-longer prompts are read in chunks through them (with `auto` its prompts, at most 128 tokens, are read whole).
+server's `graph_chunks`) and why the others did not (its `chunk_graph_skipped`: "row" outside the graph rows, a key
+of cuda_graphs.CHUNK_SKIPS, "failed"). With chunk graphs on, --check-equal also runs with a fixed chunk of 32 tokens,
+so that its longer prompts are read in chunks through them (with `auto` its prompts, at most 128 tokens, are read
+whole), and those longer than 32 tokens take the graph rows (the server's: longer than 512).
 
 --build-1b WORKDIR builds the model first (each stage skipped where its output is already there): a random
 Llama-3.2-1B-shaped checkpoint in bf16, made on the meta device and initialised in place (as
@@ -204,10 +206,23 @@ def check_equal(lm: Any, make: Any, rows: int, max_length: int, prefill_chunk: i
             f"{sched.stats.max_running} decoded "
             f"together at most; solo == lm.generate for {library}/{len(solo)} (information only)"
             + (f"; {sched.stats.graph_chunks} chunks through CUDA graphs" if sched.stats.graph_chunks else "")
+            + (f"; chunks uncaptured, by why: {skips(getattr(sched.stats, 'chunk_graph_skipped', {}))}"
+               if getattr(sched.stats, "chunk_graph_skipped", None) else "")
             + (f"; a chunk graph failed (chunks then ran uncaptured): {sched.stats.chunk_graph_error}"
                if getattr(sched.stats, "chunk_graph_error", "") else "")
             + ("; the CUDA graph was not captured on the loop's thread (its steps ran uncaptured): "
                f"{sched.stats.capture_error}" if sched.stats.capture_error else ""))
+
+
+def skips(counts: dict[str, int]) -> str:
+    """Chunks that ran outside a chunk graph, by why (the server's ``chunk_graph_skipped``): "row 64, bound 3"."""
+    return ", ".join(f"{why} {n}" for why, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n) or "none"
+
+
+def skipped_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """The chunks that ran outside a chunk graph between two /health stats, by why."""
+    was, now = before.get("chunk_graph_skipped") or {}, after.get("chunk_graph_skipped") or {}
+    return {why: n - was.get(why, 0) for why, n in now.items() if n > was.get(why, 0)}
 
 
 def agreement(solo: list[list[int]], got: list[list[int]], lengths: list[int]) -> str:
@@ -335,6 +350,9 @@ async def interference(base: str, streams: list[list[int]], stream_tokens: int, 
     return {"streams": len(streams), "long_prompts": len(longs), "long_prompt_tokens": len(longs[0]),
             "t_started": started, "t_sent": sent, "t_read": read, "read_s": read - sent, "quiet_gaps": len(quiet), "during_gaps": len(during),
             "read_chunks": chunks, "read_graph_chunks": after.get("graph_chunks", 0) - before.get("graph_chunks", 0),
+            # the read's chunks that ran outside a chunk graph, by why (a key of cuda_graphs.CHUNK_SKIPS, "row",
+            # "failed")
+            "read_graph_skipped": skipped_between(before, after),
             "read_tokens_per_chunk": (after["prefill_tokens"] - before["prefill_tokens"])
             / max(chunks, 1), "read_steps": after["steps"] - before["steps"],
             "streams_done_before_read": late,
@@ -541,8 +559,12 @@ def main(argv: list[str] | None = None) -> int:
         print(report["check_equal"], file=sys.stderr)
         if slots and lm.session.cuda_graph and lm.session.last_position and any(g is not False for g in graphed):
             # chunks through the chunk graphs: prompts longer than a fixed chunk of 32 are read in chunks
-            report["check_equal_chunk_graphs"] = check_equal(lm, lambda chunk: make(chunk, True), rows,
-                                                             min(length, 1024), 32, rng, exact)
+            def graph_rows(chunk: int | str) -> Any:  # its prompts read in chunks (longer than 32) take the graph rows
+                sched = make(chunk, True)
+                sched.graph_row_tokens = 32
+                return sched
+
+            report["check_equal_chunk_graphs"] = check_equal(lm, graph_rows, rows, min(length, 1024), 32, rng, exact)
             print(report["check_equal_chunk_graphs"], file=sys.stderr)
 
     rows = []
@@ -610,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         row["chunk_graph_error"] = app.state.scheduler.stats.chunk_graph_error
         long_rows.append(row)
         print(f"chunk {chunk}, prefill group {row['prefill_group']}, chunk graphs {row['chunk_graphs']} "
-              f"({row['read_graph_chunks']}/{row['read_chunks']} chunks through them): during p99 "
+              f"({row['read_graph_chunks']}/{row['read_chunks']} chunks through them; the others by why: "
+              f"{skips(row['read_graph_skipped'])}): during p99 "
               f"{row['during_p99_ms']:.1f} ms", file=sys.stderr)
     report["long_prompts"] = long_rows
     report["skipped"] = budget.skipped
@@ -658,6 +681,8 @@ def print_tables(report: dict[str, Any]) -> None:
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in report["long_prompts"]:
         graphs = f"{r.get('read_graph_chunks', 0)} / {r['read_chunks']}" if r.get("chunk_graphs") else "off"
+        if r.get("chunk_graphs") and r.get("read_graph_skipped"):
+            graphs += f" (not: {skips(r['read_graph_skipped'])})"
         print(f"| {r['chunk']} | {r.get('prefill_group') or '-'} | {graphs} | {r['read_tokens_per_chunk']:.0f} | {r['streams']} | {r['long_prompts']} x "
               f"{r['long_prompt_tokens']} | {r['read_s']:.2f} | "
               f"{r.get('server_quiet_p50_ms', nan):.1f} / {r.get('server_quiet_p99_ms', nan):.1f} | "

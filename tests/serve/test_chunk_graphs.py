@@ -359,3 +359,16 @@ def test_long_prompts_beside_32_streams_read_through_graphs_in_the_graph_rows(lo
     (slot,) = lm.session._graphs.values()
     assert {row for row, _ in slot.chunks} == {32, 33, 34, 35}  # the graph rows, at every width: the warm-up's
     assert len(slot.chunks) == 4 * len(CHUNK_WIDTHS) == cuda_graphs.CHUNK_GRAPHS_PER_SLOT
+
+
+@pytest.mark.fast
+def test_the_load_tests_long_prompt_rows_say_why_chunks_ran_uncaptured():
+    from serve.test_prefill_group import load_test_script
+
+    script = load_test_script()
+    before = {"graph_chunks": 32, "chunk_graph_skipped": {"row": 64}}
+    after = {"graph_chunks": 32, "chunk_graph_skipped": {"row": 64, "bound": 256}}
+    assert script.skipped_between(before, after) == {"bound": 256}
+    assert script.skipped_between({}, {"chunk_graph_skipped": {"thread": 2}}) == {"thread": 2}
+    assert script.skipped_between(before, before) == {} and script.skips({}) == "none"
+    assert script.skips({"row": 3, "bound": 256}) == "bound 256, row 3"
