@@ -10,10 +10,15 @@ of onnxpipe's own generate at batch N (`onnxpipe bench`: same model, same prompt
 
 Every request is a seeded random prompt of --prompt-tokens token ids, greedy, with ``ignore_eos`` so it generates
 exactly --max-tokens; each client sends --requests-per-client requests one after the other. Inter-token latency is
-the gap between consecutive streamed chunks (a chunk holds one token unless a character spans several; chunks that
-reach the client in one read share a time, so on a tiny model its p50 can read 0); per-request ms/token is
-(last chunk - first chunk) / (tokens - 1); TTFT is from sending the request to its first text chunk. The clients run
-in a process of their own (httpx, asyncio). Each level gets a server of its own whose batch is that many requests,
+the gap between consecutive streamed chunks of a stream (a chunk holds one token unless a character spans several),
+given twice: as written (the times the server wrote each chunk to its connection, ``app.state.stream_times``: what
+the server did) and as read (the times the clients read them). They differ where a client falls behind: a read that
+brings two of a stream's chunks times them together, a 0 gap, and a client that fell behind does less work per chunk
+and stays behind, so that its inter-token p50 reads ~0 while the server wrote a chunk a step. The H100 run at 42c9b68
+read 0.04 ms so at 32 streams through httpx (~70 us a chunk); the clients are now HTTP on asyncio streams (--client
+raw, a few us a chunk; --client httpx to compare). Per-request ms/token is (last chunk - first chunk) / (tokens - 1),
+as read; TTFT is from sending the request to its first text chunk. The clients run in a process of their own
+(asyncio), each on a connection of its own. Each level gets a server of its own whose batch is that many requests,
 and one untimed 2-token request first (first-use costs: connections, onnxruntime's first run of a shape).
 
 --check-equal first runs the scheduler alone (no HTTP): batch (--check-rows) + 3 requests of mixed prompt lengths (the longest read
@@ -239,26 +244,107 @@ def agreement(solo: list[list[int]], got: list[list[int]], lengths: list[int]) -
 
 
 # ---- the clients ----
-async def one_request(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    sent = time.perf_counter()
-    times: list[float] = []
-    tokens = 0
-    async with client.stream("POST", url, json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["text"]:
-                times.append(time.perf_counter())
-    tpot = (times[-1] - times[0]) / (tokens - 1) if len(times) > 1 and tokens > 1 else float("nan")
-    return {"sent": sent, "ttft": times[0] - sent if times else float("nan"), "times": times, "tokens": tokens,
-            "tpot": tpot}
+CLIENTS = ("raw", "httpx")
+
+
+def sse_event(event: bytes, now: float, times: list[float]) -> int:
+    """One server-sent event of a completion stream: a chunk with text appends ``now`` to ``times``; the usage
+    chunk's completion tokens are returned (0 for any other); an error chunk raises."""
+    if not event.startswith(b"data: ") or event == b"data: [DONE]":
+        return 0
+    chunk = json.loads(event[6:])
+    if "error" in chunk:
+        raise RuntimeError(chunk["error"]["message"])
+    if chunk.get("usage"):
+        return int(chunk["usage"]["completion_tokens"])
+    if chunk["choices"] and chunk["choices"][0]["text"]:
+        times.append(now)
+    return 0
+
+
+class Connection:
+    """A client's connection to the server, kept alive for its requests, one after the other. ``raw``: HTTP/1.1 on
+    asyncio streams, the chunked body and its server-sent events taken apart here (a few us a chunk); ``httpx``: an
+    httpx AsyncClient (its lines through its layers: ~70 us a chunk on the 2-core machine, so 32 streams at a ~2 ms
+    step were more than a core's work; a client behind the server reads a stream's chunks several at a time and
+    times them together, a 0 gap: see the module's note)."""
+
+    def __init__(self, base: str, client: str = "raw"):
+        if client not in CLIENTS:
+            raise ValueError(f"client must be one of {', '.join(CLIENTS)}, got {client!r}")
+        self.base, self.client = base, client
+        self._http: Any = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def __aenter__(self) -> "Connection":
+        if self.client == "httpx":
+            import httpx
+
+            self._http = await httpx.AsyncClient(timeout=600).__aenter__()
+        else:
+            host, port = self.base.rsplit("/", 1)[1].rsplit(":", 1)
+            self._reader, self._writer = await asyncio.open_connection(host, int(port))
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._http is not None:
+            await self._http.__aexit__(*exc)
+        if self._writer is not None:
+            self._writer.close()
+
+    async def complete(self, payload: dict[str, Any], times: list[float] | None = None) -> dict[str, Any]:
+        """One streaming completion: its chunks with text timed as they are read (appended to ``times`` as they
+        come, where given), TTFT from the request's sending, per-token time from the first chunk to the last."""
+        times = [] if times is None else times
+        sent = time.perf_counter()
+        tokens = await (self._httpx(payload, times) if self._http is not None else self._raw(payload, times))
+        tpot = (times[-1] - times[0]) / (tokens - 1) if len(times) > 1 and tokens > 1 else float("nan")
+        return {"sent": sent, "ttft": times[0] - sent if times else float("nan"), "times": times, "tokens": tokens,
+                "tpot": tpot}
+
+    async def _httpx(self, payload: dict[str, Any], times: list[float]) -> int:
+        tokens = 0
+        async with self._http.stream("POST", self.base + "/v1/completions", json=payload) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                tokens = sse_event(line.encode(), time.perf_counter(), times) or tokens
+        return tokens
+
+    async def _raw(self, payload: dict[str, Any], times: list[float]) -> int:
+        assert self._reader is not None and self._writer is not None
+        reader, data = self._reader, json.dumps(payload).encode()
+        self._writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: load-test\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        head = (await reader.readuntil(b"\r\n\r\n")).lower()
+        status = head.split(b" ", 2)[1].decode()
+        if status != "200":
+            length = head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0] if b"content-length:" in head else b"0"
+            raise RuntimeError(f"HTTP {status}: {(await reader.readexactly(int(length)))[:200]!r}")
+        if b"transfer-encoding: chunked" not in head:
+            raise RuntimeError("the server's stream is not a chunked body")
+        tokens, events = 0, b""
+        while True:  # the chunks of the body, until the empty one that ends it
+            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+            part = await reader.readexactly(size + 2)  # the chunk and its CRLF
+            if size == 0:
+                return tokens
+            now = time.perf_counter()
+            *whole, events = (events + part[:-2]).split(b"\n\n")  # events end with a blank line
+            for event in whole:
+                tokens = sse_event(event, now, times) or tokens
+
+
+async def health(base: str) -> dict[str, Any]:
+    """The server's /health, on a connection of its own."""
+    host, port = base.rsplit("/", 1)[1].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: load-test\r\nConnection: close\r\n\r\n")
+        return json.loads((await reader.read()).split(b"\r\n\r\n", 1)[1])
+    finally:
+        writer.close()
 
 
 def server_gaps(stream_times: list[tuple[int, list[float]]], lo: float, hi: float,
@@ -281,28 +367,31 @@ def body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
             "ignore_eos": True, "stream_options": {"include_usage": True}}
 
 
-async def level(base: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    import httpx
-
+async def level(base: str, concurrency: int, prompts: list[list[int]], max_tokens: int,
+                client: str = "raw") -> dict[str, Any]:
+    """``concurrency`` clients, each on a connection of its own sending its share of ``prompts`` one after the other,
+    after one untimed request; the timed window on perf_counter's clock (the server's too) and this process's CPU
+    seconds in it."""
     queue = list(prompts)
     results: list[dict[str, Any]] = []
 
-    async def client_loop(client: Any) -> None:
-        while queue:
-            results.append(await one_request(client, base + "/v1/completions", body(queue.pop(), max_tokens)))
+    async def client_loop() -> None:
+        async with Connection(base, client) as conn:
+            while queue:
+                results.append(await conn.complete(body(queue.pop(), max_tokens)))
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_request(client, base + "/v1/completions", body(prompts[0][:8], 2))  # untimed: first-use costs
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-        server = (await client.get(base + "/health")).json()["stats"]  # steps, fed and overlapped steps
+    async with Connection(base, client) as conn:
+        await conn.complete(body(prompts[0][:8], 2))  # untimed: first-use costs
+    cpu, start = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    server = (await health(base))["stats"]  # steps, fed and overlapped steps
     gaps = [g for r in results for g in np.diff(r["times"])]
     ttft = [r["ttft"] for r in results]
     tokens = sum(r["tokens"] for r in results)
-    return {"concurrency": concurrency, "requests": len(results), "tokens": tokens, "wall_s": wall,
-            "start": start, "end": start + wall, "tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+    return {"concurrency": concurrency, "client": client, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "start": start, "end": start + wall, "client_cpu_s": cpu, "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": 1e3 * percentile(ttft, 50),
             "ttft_p99_ms": 1e3 * percentile(ttft, 99), "itl_p50_ms": 1e3 * percentile(gaps, 50),
             "itl_p99_ms": 1e3 * percentile(gaps, 99), "tpot_p50_ms": 1e3 * percentile([r["tpot"] for r in results], 50),
             "tpot_p99_ms": 1e3 * percentile([r["tpot"] for r in results], 99),
@@ -310,36 +399,38 @@ async def level(base: str, concurrency: int, prompts: list[list[int]], max_token
 
 
 async def interference(base: str, streams: list[list[int]], stream_tokens: int, longs: list[list[int]],
-                       long_tokens: int, warm_tokens: int) -> dict[str, Any]:
+                       long_tokens: int, warm_tokens: int, client: str = "raw") -> dict[str, Any]:
     """Streams decode; once each has ``warm_tokens`` chunks the long prompts arrive together; once the last of them
     has its first token the streams are closed (the server drops them). Quiet gaps: after every stream had its first
     token (no stream's prompt being read any more) and before the long prompts came; while read: from their arrival
     to the last one's first token."""
-    import httpx
+    async with Connection(base, client) as conn:
+        await conn.complete(body(streams[0][:8], 2))  # untimed: first-use costs
+    live: list[list[float]] = [[] for _ in streams]  # each stream's chunk times, as they come
 
-    url = base + "/v1/completions"
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(streams) + len(longs) + 4)) as c:
-        await one_request(c, url, body(streams[0][:8], 2))  # untimed: first-use costs
-        live: list[dict[str, Any]] = [{"times": []} for _ in streams]
+    async def stream(i: int) -> None:
+        async with Connection(base, client) as conn:
+            await conn.complete(body(streams[i], stream_tokens), live[i])
 
-        async def stream(i: int) -> None:
-            live[i] = await one_request_live(c, url, body(streams[i], stream_tokens), live[i])
+    async def long(prompt: list[int]) -> dict[str, Any]:
+        async with Connection(base, client) as conn:
+            return await conn.complete(body(prompt, long_tokens))
 
-        tasks = [asyncio.create_task(stream(i)) for i in range(len(streams))]
-        while min(len(s["times"]) for s in live) < warm_tokens and not any(t.done() for t in tasks):
-            await asyncio.sleep(0.002)
-        before = (await c.get(base + "/health")).json()["stats"]
-        sent = time.perf_counter()
-        long_results = await asyncio.gather(*(one_request(c, url, body(p, long_tokens)) for p in longs))
-        read = max(r["sent"] + r["ttft"] for r in long_results)  # the last long prompt's first token
-        after = (await c.get(base + "/health")).json()["stats"]  # a few decode steps after the read
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    started = max(s["times"][0] for s in live if s["times"])  # every stream decoding from here
+    tasks = [asyncio.create_task(stream(i)) for i in range(len(streams))]
+    while min(len(t) for t in live) < warm_tokens and not any(t.done() for t in tasks):
+        await asyncio.sleep(0.002)
+    before = (await health(base))["stats"]
+    sent = time.perf_counter()
+    long_results = await asyncio.gather(*(long(p) for p in longs))
+    read = max(r["sent"] + r["ttft"] for r in long_results)  # the last long prompt's first token
+    after = (await health(base))["stats"]  # a few decode steps after the read
+    for task in tasks:  # closes their connections: the server drops them
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    started = max(t[0] for t in live if t)  # every stream decoding from here
     quiet, during, late = [], [], 0
-    for s in live:
-        t = np.asarray(s["times"])
+    for times in live:
+        t = np.asarray(times)
         if len(t) < 2:
             continue
         gaps, ends = np.diff(t), t[1:]
@@ -360,21 +451,6 @@ async def interference(base: str, streams: list[list[int]], stream_tokens: int, 
             "during_p50_ms": 1e3 * percentile(during, 50), "during_p99_ms": 1e3 * percentile(during, 99),
             "long_ttft_p50_ms": 1e3 * percentile([r["ttft"] for r in long_results], 50),
             "long_ttft_max_ms": 1e3 * max(r["ttft"] for r in long_results)}
-
-
-async def one_request_live(client: Any, url: str, req: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
-    """one_request, with the chunk times appended to ``out["times"]`` as they come (read while it runs)."""
-    async with client.stream("POST", url, json=req) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"]["message"])
-                if chunk["choices"] and chunk["choices"][0]["text"]:
-                    out["times"].append(time.perf_counter())
-    return out
 
 
 @contextlib.contextmanager
@@ -480,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-graphs", default="",
                    help="comma-separated on/off: long prompts' chunks through CUDA graphs (--cuda-graph); each --chunks "
                         "entry runs once per value [the server's default: off]")
+    p.add_argument("--client", choices=CLIENTS, default="raw",
+                   help="the streaming clients: raw (HTTP on asyncio streams, a few us a chunk) or httpx (~70 us a "
+                        "chunk: at 32 streams it falls behind the server and times chunks read together 0 apart)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
     if args.build_child:  # the checkpoint, in a process of its own (torch)
@@ -528,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = f"slot layout{' (CUDA graphs)' if lm.session.cuda_graph else ''}" if slots else "concat layout"
     print(f"{args.model_dir} on {lm.provider}: {layout}", file=sys.stderr)
     rng = np.random.default_rng(0)
-    report: dict[str, Any] = {"provider": lm.provider, "layout": layout}
+    report: dict[str, Any] = {"provider": lm.provider, "layout": layout, "client": args.client}
 
     if not slots and groups != [None]:
         p.error("--prefill-group reads prompts into the fixed rows of the slot layout (optimize --target cuda)")
@@ -584,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             app = server(args.max_batch or c, args.prefill_chunk, level_length, group)
             app.state.stream_times = written = []  # the server's write times of every stream
             with ServerThread(app, host="127.0.0.1") as s:
-                row = in_client_process(budget.left(), level, s.url, c, prompts, args.max_tokens)
+                row = in_client_process(budget.left(), level, s.url, c, prompts, args.max_tokens, args.client)
             if row is None:
                 budget.skipped.append(f"concurrency {c}, prefill group {group} (stopped)")
                 break
@@ -612,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
         app.state.scheduler.trace = trace
         app.state.stream_times = written = []
         with ServerThread(app, host="127.0.0.1") as s, gc_pauses() as pauses:
-            row = in_client_process(budget.left(), interference, s.url, streams, args.stream_tokens, longs, 4, 16)
+            row = in_client_process(budget.left(), interference, s.url, streams, args.stream_tokens, longs, 4, 16,
+                                    args.client)
         if row is not None:
             row["iterations"] = iteration_profile(list(trace), pauses, row)
             # the running streams' gaps as the server wrote them, in the client's windows (the streams' prompts
@@ -653,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_tables(report: dict[str, Any]) -> None:
     nan = float("nan")  # a report from before the server's write times were kept
-    print(f"{report['provider']}, {report['layout']}")
+    print(f"{report['provider']}, {report['layout']}, clients: {report.get('client', 'httpx')}")
     if report.get("check_equal"):
         print(report["check_equal"])
     if report.get("check_equal_chunk_graphs"):

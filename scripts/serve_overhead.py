@@ -219,98 +219,11 @@ def breakdown(runs: list[Run], trace: list[tuple[float, int, float, float, int]]
 
 
 # ---- the measurement ----
-async def stream_request(reader: Any, writer: Any, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """One streaming request on a kept-alive connection, read with as little work as a client can do (a GPU host's
-    clients have cores of their own; here they share 2 with the server): the time of every read that brought text
-    chunks (once per chunk), the completion tokens of the usage chunk. SSE events are found by their ``data: ``
-    prefix, which the word-level tokens' text never holds."""
-    body = json.dumps(payload).encode()
-    sent = time.perf_counter()
-    writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                 b"\r\n%s" % (path.encode(), len(body), body))
-    head = await reader.readuntil(b"\r\n\r\n")
-    if b" 200 " not in head.split(b"\r\n", 1)[0]:
-        raise RuntimeError(f"HTTP {head.split(b' ', 2)[1].decode()} from the server")
-    times: list[float] = []
-    tokens, buf, done = 0, b"", False
-    while not (done and buf.endswith(b"0\r\n\r\n")):  # [DONE], then the chunked body's end: the connection is free
-        data = await reader.read(1 << 16)
-        if not data:
-            raise RuntimeError("the server closed the connection mid-stream")
-        now = time.perf_counter()
-        buf += data
-        at = buf.rfind(b"\n\n")
-        if at < 0:
-            continue
-        events, buf = buf[:at].split(b"data: ")[1:], buf[at + 2:]
-        for event in events:
-            if event.startswith(b"[DONE]"):
-                done = True
-            elif b'"usage"' in event:
-                tokens = json.loads(event[:event.index(b"\n\n")] if b"\n\n" in event else event)["usage"][
-                    "completion_tokens"]
-            elif b'"error"' in event[:12]:
-                raise RuntimeError(event[:200].decode(errors="replace"))
-            elif b'"text": ""' not in event:
-                times.append(now)
-    return {"sent": sent, "ttft": times[0] - sent if times else float("nan"), "times": times, "tokens": tokens}
-
-
-async def client_level(base: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    """``concurrency`` streaming clients on connections of their own, each sending its share of ``prompts`` one
-    after the other (load_test's requests: greedy, ignore_eos), after one untimed request; the timed window on
-    perf_counter's clock (the server's too), and this process's CPU seconds."""
-    import asyncio
-
-    from load_test import body, percentile  # beside this file
-
-    host, port = base.rsplit("/", 1)[1].split(":")
-    queue = list(prompts)
-    results: list[dict[str, Any]] = []
-
-    async def client_loop(first: list[int] | None = None) -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            if first is not None:  # untimed: first-use costs
-                await stream_request(reader, writer, "/v1/completions", body(first, 2))
-                return
-            while queue:
-                results.append(await stream_request(reader, writer, "/v1/completions", body(queue.pop(), max_tokens)))
-        finally:
-            writer.close()
-
-    await client_loop(prompts[0][:8])
-    cpu, start = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-    end, cpu = time.perf_counter(), time.process_time() - cpu
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-    server = json.loads((await reader.read()).split(b"\r\n\r\n", 1)[1])["stats"]
-    writer.close()
-    gaps = [g for r in results for g in np.diff(r["times"])]
-    tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "tokens": tokens, "start": start, "end": end, "wall_s": end - start,
-            "tokens_per_s": tokens / (end - start), "client_cpu_s": cpu,
-            "ttft_p50_ms": 1e3 * percentile([r["ttft"] for r in results], 50),
-            "itl_p50_ms": 1e3 * percentile(gaps, 50), "itl_p99_ms": 1e3 * percentile(gaps, 99),
-            "server_stats": server}
-
-
-async def httpx_level(base: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    """``client_level`` with load_test's own clients (httpx, a line parsed and a chunk decoded per event: what a GPU
-    run's figures come from); its CPU seconds include the untimed request."""
-    from load_test import level  # beside this file
-
-    cpu = time.process_time()
-    row = await level(base, concurrency, prompts, max_tokens)
-    return {**row, "client_cpu_s": time.process_time() - cpu}
-
-
 def measure(lm: Any, paced: PacedRuns, args: argparse.Namespace, prompts: list[list[int]], left_s: float,
             offline: dict[str, float]) -> dict[str, Any] | None:
     """One served run: a server of ``streams`` rows, the clients in a process of their own; None if it outlasted
     ``left_s`` (stopped)."""
-    from load_test import in_client_process, server_gaps  # beside this file
+    from load_test import in_client_process, level, server_gaps  # beside this file
 
     from onnxpipe.serve.app import ServerThread, create_app
 
@@ -321,11 +234,10 @@ def measure(lm: Any, paced: PacedRuns, args: argparse.Namespace, prompts: list[l
     sched.trace = trace  # every iteration kept
     app.state.stream_times = written = []  # each stream's write times
     paced.runs = []
-    clients = httpx_level if args.client == "httpx" else client_level
     with ServerThread(app, host="127.0.0.1") as server:
         threads = {"scheduler": sched._thread, "event loop": server.thread}
         before = thread_cpu(threads)
-        row = in_client_process(left_s, clients, server.url, args.streams, prompts, args.max_tokens)
+        row = in_client_process(left_s, level, server.url, args.streams, prompts, args.max_tokens, args.client)
         rows = next(iter(list(getattr(sched._rows_thread, "_threads", ()))), None)  # made at its first use
         if rows is not None:
             threads["rows"] = rows
@@ -405,8 +317,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--prefill-group", type=int, default=None, help="the server's --prefill-group [its default]")
     p.add_argument("--client", choices=("raw", "httpx"), default="raw",
-                   help="the clients: raw (a read's events found by their prefix, as little work as a client can do) "
-                        "or httpx (load_test.py's: a line parsed and a chunk decoded per event)")
+                   help="load_test.py's clients: raw (HTTP on asyncio streams, a few us a chunk) or httpx (its lines "
+                        "through its layers: at 32 streams it falls behind the server)")
     p.add_argument("--repeats", type=int, default=3, help="served runs, each on a server of its own")
     p.add_argument("--budget-s", type=float, default=100.0, help=f"bound on the whole run (at most {MAX_BUDGET_S:.0f})")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")

@@ -112,3 +112,70 @@ def test_the_load_tests_gaps_as_written_are_each_streams_own_within_the_window()
     assert sorted(round(g * 1e3, 6) for g in gaps) == [1.0, 2.0, 2.0, 2.0]  # 1.010 is past the window
     assert sorted(round(g * 1e3, 6) for g in server_gaps(written, 1.0, 2.0, 128)) == [2.0, 2.0, 2.0, 6.0]
     assert server_gaps(written, 3.0, 4.0) == []
+
+
+def _sse_app(parts: list[bytes], status: int = 200):
+    """An app (no model) that answers every completion with ``parts``, each its own chunk of the chunked body."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def completions(request):
+        await request.body()
+        if status != 200:
+            return JSONResponse({"error": {"message": "no such model"}}, status_code=status)
+
+        async def body():
+            for part in parts:
+                yield part
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+
+
+def _complete(url: str, client: str, requests: int = 1):
+    import asyncio
+
+    connection = load_test_script().Connection
+
+    async def run():
+        async with connection(url, client) as conn:
+            return [await conn.complete({"prompt": [1, 2], "max_tokens": 3}) for _ in range(requests)]
+
+    return asyncio.run(run())
+
+
+def _chunk(text: str = "", reason=None, usage=None) -> bytes:
+    import json
+
+    choices = [] if usage else [{"index": 0, "text": text, "finish_reason": reason}]
+    return b"data: " + json.dumps({"id": "cmpl-1", "choices": choices, **({"usage": usage} if usage else {})}).encode()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("client", ["raw", "httpx"])
+def test_the_load_tests_clients_time_each_chunk_with_text_and_read_the_usage(client):
+    """An event split across the body's chunks, two events in one chunk, text that looks like an event (JSON escapes
+    a newline), an empty text with a finish reason, the usage chunk, [DONE]: three chunks with text, 3 tokens; two
+    requests on one kept-alive connection."""
+    first = _chunk('a"\n\ndata: b')
+    parts = [first[:20], first[20:] + b"\n\n", _chunk(" x") + b"\n\n" + _chunk(" y") + b"\n\n",
+             _chunk("", "length") + b"\n\n", _chunk(usage={"completion_tokens": 3}) + b"\n\n", b"data: [DONE]\n\n"]
+    with ServerThread(_sse_app(parts)) as s:
+        results = _complete(s.url, client, requests=2)
+    for r in results:
+        assert len(r["times"]) == 3 and r["tokens"] == 3 and r["times"] == sorted(r["times"])
+        assert r["ttft"] == r["times"][0] - r["sent"] > 0
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("client", ["raw", "httpx"])
+def test_the_load_tests_clients_raise_on_an_error_status_or_chunk(client):
+    with ServerThread(_sse_app([], status=404)) as s:
+        with pytest.raises(RuntimeError, match="404"):
+            _complete(s.url, client)
+    error = b'data: {"error": {"message": "the server is shutting down"}}\n\n'
+    with ServerThread(_sse_app([_chunk("a") + b"\n\n", error])) as s:
+        with pytest.raises(RuntimeError, match="shutting down"):
+            _complete(s.url, client)
