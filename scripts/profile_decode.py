@@ -1,13 +1,22 @@
 #!/usr/bin/env python3
-"""Where a batch-1 decode step's time goes on the GPU, kernel by kernel, for onnxpipe and ORT GenAI side by side.
+"""Where a decode step's time goes on the GPU, kernel by kernel, for onnxpipe and ORT GenAI side by side.
 
     python3 scripts/profile_decode.py --work /tmp/onnxpipe_bench_gpu --out $OUT/profile   # after bench_gpu.py
+    python3 scripts/profile_decode.py --work W --out $OUT/profile --variants onnxpipe_int4_graph,onnxpipe_int4_graph_kernels --batches 1,8 --budget-s 240
 
 It reuses the models scripts/bench_gpu.py built in its work directory (optimized = onnxpipe's CUDA form, int4,
 genai, genai-int4). Each variant runs in a child process of its own: a greedy generation's prefill and first step
 run untimed, then --steps decode steps run under torch.profiler with CUDA activity only. CUPTI records every kernel
 of the process, onnxruntime's included (CUDA-graph replays too, node by node). Per step it reports the wall time,
-the device's busy time (the union of kernel and copy intervals), the idle rest, and the kernels grouped by name.
+the device's busy time (the union of kernel and copy intervals), the idle rest, the kernels grouped by name, and
+their time by kind (KERNEL_GROUPS: the int4 GEMMs, onnxruntime's MatMulNBits, other GEMMs, attention, norms, ...).
+Decode variants run at each of --batches (rows of one prompt repeated; GenAI's CUDA graphs at batch 1 only).
+
+onnxpipe_int4_graph_kernels is the int4 model with onnxpipe's own kernels (DecoderSession(kernels="on"):
+MatMulNBits -> onnxpipe.MatMulInt4 at load; "reference" with --provider cpu). With both it and onnxpipe_int4_graph
+in --variants, a "compare" line per batch puts the two profiles side by side: step, busy time and each kind's time
+before and after, and the kernels whose time moved most. --budget-s starts no variant past that many seconds (the
+rest are listed as skipped) and gives each child at most what is left (and --cap-s).
 
 The prefill_* variants (name them in --variants: prefill_graph, prefill_nograph, prefill_nograph_fullhead,
 prefill_genai) profile a whole prefill of --prompt tokens x --prefill-batch rows the same way.
@@ -29,8 +38,20 @@ import time
 from pathlib import Path
 
 RESULT = "@@RESULT "
-VARIANTS = ["onnxpipe_graph", "onnxpipe_graph_hostfed", "genai_graph", "onnxpipe_int4_graph", "genai_int4_graph",
-            "onnxpipe_nograph", "genai"]
+VARIANTS = ["onnxpipe_graph", "onnxpipe_graph_hostfed", "genai_graph", "onnxpipe_int4_graph",
+            "onnxpipe_int4_graph_kernels", "genai_int4_graph", "onnxpipe_nograph", "genai"]
+# a kernel's kind, by the first pattern its name matches (ours before onnxruntime's: names are searched, not anchored)
+KERNEL_GROUPS = [
+    ("int4 GEMM (onnxpipe)", r"int4_gemm(_rows)?_kernel"),
+    ("int4 dequantize (onnxpipe)", r"int4_dequant"),
+    ("MatMulNBits (onnxruntime)", r"MatMulFloatInt4|MatMulNBits|Dequantize4Bits|DequantizeBlockwise|fpA_intB|"
+                                  r"[Ww]eightOnly|MatMul4Bits|[Ii]nt4"),
+    ("GEMM (cuBLAS, CUTLASS)", r"gemm|gemv|cutlass|xmma|cublas|splitKreduce"),
+    ("attention", r"[Aa]ttention|flash|fmha|xqa|[Rr]otary|ConcatNewToPast|[Kk]v[Cc]ache|seqlens"),
+    ("norms", r"LayerNorm|RMSNorm|layer_norm|rms_norm|[Ss]kip"),
+    ("copies and sets", r"^\[gpu_mem"),
+]
+COMPARE = ("onnxpipe_int4_graph", "onnxpipe_int4_graph_kernels")  # before, after
 PREFILL_VARIANTS = ["prefill_graph", "prefill_nograph", "prefill_nograph_fullhead", "prefill_genai"]  # opt-in
 
 
@@ -38,10 +59,16 @@ def emit(**fields) -> None:
     print(RESULT + json.dumps(fields), flush=True)
 
 
-def prompt_ids(n: int, vocab: int = 256):
+def prompt_ids(n: int, vocab: int = 256, rows: int = 1):
     import numpy as np
 
-    return np.random.default_rng(0).integers(3, vocab, size=(1, n)).astype(np.int64)
+    return np.random.default_rng(0).integers(3, vocab, size=(1, n)).astype(np.int64).repeat(rows, axis=0)
+
+
+def kernel_group(name: str) -> str:
+    import re
+
+    return next((group for group, pattern in KERNEL_GROUPS if re.search(pattern, name)), "other")
 
 
 def kernel_table(trace: Path, steps: int, t_wall: float) -> dict:
@@ -64,9 +91,37 @@ def kernel_table(trace: Path, steps: int, t_wall: float) -> dict:
             busy += b - end
             end = b
     rows = sorted(((k, v[0] / steps, v[1] / steps) for k, v in by_name.items()), key=lambda r: -r[1])
+    groups: dict = collections.defaultdict(lambda: [0.0, 0.0])
+    for k, us, c in rows:
+        g = groups[kernel_group(k)]
+        g[0] += us
+        g[1] += c
     return {"steps": steps, "wall_ms": round(t_wall * 1e3 / steps, 4), "busy_ms": round(busy / 1e3 / steps, 4),
             "kernel_sum_ms": round(sum(r[1] for r in rows) / 1e3, 4), "kernels_per_step": round(sum(r[2] for r in rows), 1),
+            "groups": {g: {"us": round(v[0], 2), "count": round(v[1], 2)} for g, v in
+                       sorted(groups.items(), key=lambda kv: -kv[1][0])},
             "top": [{"name": k[:160], "us": round(us, 2), "count": round(c, 2)} for k, us, c in rows[:40]]}
+
+
+def compare(before: dict, after: dict, moved: int = 6) -> list[str]:
+    """Two profiles of one batch side by side (per step): wall and busy ms, each kernel kind's us before -> after,
+    and the ``moved`` kernels (of each side's top 40) whose time changed most."""
+    b, a = before["batch"], after["batch"]
+    out = [f"batch {b}: {before['variant']} -> {after['variant']}: wall {before['wall_ms']:.3f} -> {after['wall_ms']:.3f} "
+           f"ms/step, device busy {before['busy_ms']:.3f} -> {after['busy_ms']:.3f} ms "
+           f"({(after['busy_ms'] - before['busy_ms']) * 1e3:+.1f} us), kernels/step {before['kernels_per_step']} -> "
+           f"{after['kernels_per_step']}" + ("" if a == b else f" (after at batch {a})")]
+    kinds = list(dict.fromkeys([*before["groups"], *after["groups"]]))
+    for kind in kinds:
+        x, y = before["groups"].get(kind, {"us": 0.0, "count": 0}), after["groups"].get(kind, {"us": 0.0, "count": 0})
+        out.append(f"  {kind:<28} {x['us']:>9.1f} us x{x['count']:<6g} -> {y['us']:>9.1f} us x{y['count']:<6g} "
+                   f"({y['us'] - x['us']:+.1f})")
+    us_b = {k["name"]: k["us"] for k in before["top"]}
+    us_a = {k["name"]: k["us"] for k in after["top"]}
+    deltas = sorted(((us_a.get(n, 0.0) - us_b.get(n, 0.0), n) for n in {*us_b, *us_a}), key=lambda d: -abs(d[0]))
+    for d, n in deltas[:moved]:
+        out.append(f"  {d:+9.1f} us  {us_b.get(n, 0.0):.1f} -> {us_a.get(n, 0.0):.1f}  {n[:100]}")
+    return out
 
 
 def profiled(step, steps: int, work: Path, name: str, provider: str = "cuda") -> dict:
@@ -91,18 +146,20 @@ def profiled(step, steps: int, work: Path, name: str, provider: str = "cuda") ->
     return kernel_table(trace, steps, t_wall)
 
 
-def child_onnxpipe(spec: dict, model: str, graph: bool, fed: bool) -> None:
+def child_onnxpipe(spec: dict, model: str, graph: bool, fed: bool, kernels: str = "off") -> None:
     import numpy as np
 
     from onnxpipe.runtime.generate import LanguageModel
     from onnxpipe.runtime.session import DecoderSession
 
+    if kernels != "off" and spec["provider"] == "cpu":
+        kernels = "reference"  # the smoke test: the same wiring on the CPU reference kernels
     s = DecoderSession(model, spec["provider"], cuda_graph=graph, feed_back=fed if graph else False,
-                       announce=lambda m: print(m, flush=True))
+                       kernels=kernels, announce=lambda m: print(m, flush=True))
     lm = LanguageModel(s, None)
     total = spec["prompt"] + spec["steps"] + 8
     cfg = lm._config({"max_new_tokens": spec["steps"] + 8, "stop_token_ids": []})
-    rows = lm._rows(prompt_ids(spec["prompt"]).tolist(), cfg)
+    rows = lm._rows(prompt_ids(spec["prompt"], rows=spec.get("batch", 1)).tolist(), cfg)
     mask, _, cache, out = lm.prefill(rows, total, "argmax")
     state = {"mask": mask, "out": out}
     mask, out = lm.decode_step(np.asarray(out, np.int64), mask, cache, "argmax")
@@ -114,8 +171,9 @@ def child_onnxpipe(spec: dict, model: str, graph: bool, fed: bool) -> None:
         else:
             state["mask"], state["out"] = lm.decode_step(np.asarray(state["out"], np.int64), state["mask"], cache, "argmax")
 
-    r = profiled(step, spec["steps"] - 4, Path(spec["out"]), spec["variant"], spec["provider"])
-    emit(variant=spec["variant"], fed=bool(fed and s.fed), **r)
+    r = profiled(step, spec["steps"] - 4, Path(spec["out"]), f"{spec['variant']}-b{spec.get('batch', 1)}",
+                 spec["provider"])
+    emit(variant=spec["variant"], batch=spec.get("batch", 1), fed=bool(fed and s.fed), kernels=s.kernels.line(), **r)
 
 
 def child_genai(spec: dict, model: str, graph: bool) -> None:
@@ -128,16 +186,18 @@ def child_genai(spec: dict, model: str, graph: bool) -> None:
     m = og.Model(cfg)
     p = og.GeneratorParams(m)
     n = spec["prompt"] + spec["steps"] + 8
-    p.set_search_options(max_length=n, min_length=n, do_sample=False, batch_size=1)
+    b = spec.get("batch", 1)
+    p.set_search_options(max_length=n, min_length=n, do_sample=False, batch_size=b)
     g = og.Generator(m, p)
-    g.append_tokens(prompt_ids(spec["prompt"]).astype("int32"))
+    g.append_tokens(prompt_ids(spec["prompt"], rows=b).astype("int32"))
     g.generate_next_token()
 
     def step():
         g.generate_next_token()
         g.get_next_tokens()
 
-    emit(variant=spec["variant"], **profiled(step, spec["steps"] - 4, Path(spec["out"]), spec["variant"]))
+    emit(variant=spec["variant"], batch=b,
+         **profiled(step, spec["steps"] - 4, Path(spec["out"]), f"{spec['variant']}-b{b}"))
 
 
 def child_prefill(spec: dict, model: str, graph: bool, last_position: bool) -> None:
@@ -224,7 +284,9 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--lengths", default="100,117,128,141,163")
     ap.add_argument("--prefill-batch", type=int, default=1, help="rows of the prefill_* variants")
-    ap.add_argument("--cap-s", type=float, default=120)
+    ap.add_argument("--batches", default="1", help="rows of the decode variants, e.g. 1,8 (each a child of its own)")
+    ap.add_argument("--cap-s", type=float, default=120, help="the most one child may run")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no child past this many seconds")
     ap.add_argument("--provider", default="cuda", help="cpu: a smoke test of the script (wall times only)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -244,7 +306,8 @@ def main() -> int:
             child_genai(spec, str(w / ("genai-int4" if "int4" in v else "genai")), graph=v.endswith("graph"))
         else:
             model = str(w / ("int4" if "int4" in v else "optimized"))
-            child_onnxpipe(spec, model, graph="nograph" not in v, fed="hostfed" not in v)
+            child_onnxpipe(spec, model, graph="nograph" not in v, fed="hostfed" not in v,
+                           kernels="on" if v.endswith("_kernels") else "off")
         return 0
 
     out = Path(args.out)
@@ -252,39 +315,76 @@ def main() -> int:
     scratch = Path(args.work) / "profile_decode"  # traces and specs: big and many, kept off OUT
     scratch.mkdir(parents=True, exist_ok=True)
     logf = (out / "profile_decode.log").open("w")
-    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "rows": []}
-    for v in args.variants.split(","):
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+                     "rows": [], "skipped": [], "compare": []}
+    start = time.time()
+    for v, batch in runs(args.variants.split(","), [int(b) for b in args.batches.split(",")]):
+        label = v if batch == 1 else f"{v} b{batch}"
+        left = None if args.budget_s is None else args.budget_s - (time.time() - start)
+        if left is not None and left <= 0:
+            results["skipped"].append(f"{label}: past --budget-s")
+            print(f"{label}: skipped (past --budget-s {args.budget_s:g})", flush=True)
+            continue
+        if batch > 1 and v in ("genai_graph", "genai_int4_graph"):
+            results["skipped"].append(f"{label}: GenAI's CUDA graphs are for batch 1")
+            continue
+        cap = args.cap_s if left is None else max(1.0, min(args.cap_s, left))
         spec = {"work": args.work, "out": str(scratch), "provider": args.provider, "steps": args.steps, "prompt": args.prompt, "variant": v,
                 "optimized": str(Path(args.work) / "optimized"), "lengths": [int(x) for x in args.lengths.split(",")],
-                "prefill_batch": args.prefill_batch}
-        sp = scratch / f"spec-{v}.json"
+                "prefill_batch": args.prefill_batch, "batch": batch}
+        sp = scratch / f"spec-{v}-b{batch}.json"
         sp.write_text(json.dumps(spec))
         t = time.time()
         try:
             p = subprocess.run([sys.executable, __file__, "--child", v, "--spec", str(sp)], capture_output=True,
-                               text=True, timeout=args.cap_s, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                               text=True, timeout=cap, env=dict(os.environ, PYTHONUNBUFFERED="1"))
             text = p.stdout + p.stderr
         except subprocess.TimeoutExpired as e:
             text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            text += f"\nkilled after {args.cap_s} s"
-        logf.write(f"===== {v}\n{text}\n")
+            text += f"\nkilled after {cap:.0f} s"
+        logf.write(f"===== {label}\n{text}\n")
         logf.flush()
         got = [json.loads(ln[len(RESULT):]) for ln in text.splitlines() if ln.startswith(RESULT)]
         if not got:
             tail = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or ["no output"]
-            results["rows"].append({"variant": v, "error": tail[0][:300]})
-            print(f"{v}: failed: {tail[0][:300]}", flush=True)
+            results["rows"].append({"variant": v, "batch": batch, "error": tail[0][:300]})
+            print(f"{label}: failed: {tail[0][:300]}", flush=True)
         for r in got:
             results["rows"].append(r)
             if "busy_ms" in r:
-                print(f"{v}: wall {r['wall_ms']} ms/step, device busy {r['busy_ms']}, kernels/step "
-                      f"{r['kernels_per_step']}; top: " + "; ".join(f"{k['name'][:60]} {k['us']}us x{k['count']}"
-                                                               for k in r["top"][:6]), flush=True)
+                print(f"{label}: wall {r['wall_ms']} ms/step, device busy {r['busy_ms']}, kernels/step "
+                      f"{r['kernels_per_step']}" + (f" [{r['kernels']}]" if r.get("kernels") else "") + "; by kind: "
+                      + "; ".join(f"{g} {x['us']}us" for g, x in r.get("groups", {}).items()) + "; top: "
+                      + "; ".join(f"{k['name'][:60]} {k['us']}us x{k['count']}" for k in r["top"][:6]), flush=True)
             else:
-                print(f"{v}: {json.dumps(r)}", flush=True)
+                print(f"{label}: {json.dumps(r)}", flush=True)
         print(f"  ({time.time() - t:.0f} s)", flush=True)
+        results["compare"] = compare_rows(results["rows"])
         (out / "profile_decode.json").write_text(json.dumps(results, indent=1))
+    results["compare"] = compare_rows(results["rows"])
+    (out / "profile_decode.json").write_text(json.dumps(results, indent=1))
+    for line in results["compare"]:
+        print(line, flush=True)
     return 0
+
+
+def runs(variants: list[str], batches: list[int]) -> list[tuple[str, int]]:
+    """(variant, batch) in the order they run: each batch's decode variants together (so that a budget cut keeps
+    whole before/after pairs at the first batches), the levels and prefill variants once."""
+    once = [v for v in variants if v == "levels" or v.startswith("prefill_")]
+    decode = [v for v in variants if v not in once]
+    return [(v, b) for b in batches for v in decode] + [(v, 1) for v in once]
+
+
+def compare_rows(rows: list[dict]) -> list[str]:
+    """compare() for each batch where both COMPARE variants have a profile."""
+    before, after = COMPARE
+    got = {(r["variant"], r.get("batch", 1)): r for r in rows if "groups" in r}
+    out = []
+    for (v, b), r in sorted(got.items(), key=lambda kv: kv[0][1]):
+        if v == before and (after, b) in got:
+            out += compare(r, got[(after, b)])
+    return out
 
 
 if __name__ == "__main__":
