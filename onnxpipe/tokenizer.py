@@ -72,6 +72,7 @@ class Tokenizer:
 
     # ---- text ----
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_unicode(text)
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -117,6 +118,17 @@ class Tokenizer:
             if i is not None and i not in out:
                 out.append(i)
         return out
+
+
+def check_unicode(text: str, what: str = "text") -> None:
+    """Refuse a text no tokenizer can take: one holding a lone surrogate, which is what bytes that are not UTF-8
+    become on a command line or a terminal (``--prompt $'\\xff'``, a chat line) and what JSON's ``"\\udc80"``
+    decodes to. The tokenizers library raised ``TypeError: TextInputSequence must be str``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise OnnxpipeError(f"{what} is not valid Unicode: a lone surrogate (\\u{ord(text[e.start]):04x}) at character "
+                            f"{e.start} (bytes that are not UTF-8?)") from None
 
 
 def check_messages(messages: Any) -> None:

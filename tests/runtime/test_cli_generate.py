@@ -70,6 +70,16 @@ def test_bad_inputs(byte_model, tiny_onnx, tmp_path):
     assert r.exit_code == 1 and "no tokenizer" in r.output and "Traceback" not in r.output
 
 
+def test_prompt_that_is_not_valid_unicode(byte_model):
+    """Bytes that are not UTF-8 on the command line (`--prompt $'ab\\xffcd'`) reach Python as a lone surrogate:
+    `unexpected TypeError: TextInputSequence must be str` from the tokenizers library. Now one line saying so."""
+    r = run("generate", byte_model("llama"), "--prompt", "ab\udcffcd", "--provider", "cpu", "--max-new-tokens", 2)
+    assert r.exit_code == 1 and "Traceback" not in r.output and "unexpected" not in r.output, r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert errors == ["Error: text is not valid Unicode: a lone surrogate (\\udcff) at character 2 (bytes that are "
+                      "not UTF-8?)"], r.output
+
+
 def test_stop_option(byte_model):
     from onnxpipe import load
     from onnxpipe.runtime.generate import unescape
