@@ -122,7 +122,8 @@ class ModelDir:
         names, the tokenizer files and config.json: no symlink out of it)."""
         p = Path(path)
         if not p.is_dir():
-            raise OnnxpipeError(f"{p}: no such model directory")
+            raise OnnxpipeError(f"{p}: not a directory (a model directory is)" if p.exists() else
+                                f"{p}: no such model directory")
         mf = p / MANIFEST
         if not mf.is_file():
             raise OnnxpipeError(

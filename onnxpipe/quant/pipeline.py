@@ -95,7 +95,8 @@ def resolve_eval_file(eval_file: Path | None) -> Path:
     """--eval, else data/eval.txt (in the working directory, then in the source tree) when present."""
     if eval_file is not None:
         if not Path(eval_file).is_file():
-            raise OnnxpipeError(f"{eval_file}: no such eval file")
+            raise OnnxpipeError(f"{eval_file}: the eval file is not a regular file" if Path(eval_file).exists() else
+                                f"{eval_file}: no such eval file")
         return Path(eval_file)
     for candidate in (Path("data/eval.txt"), REPO_ROOT / "data" / "eval.txt"):
         if candidate.is_file():

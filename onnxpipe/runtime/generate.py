@@ -501,7 +501,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
 
     p = Path(path)
     if not p.is_file():
-        raise OnnxpipeError(f"{p}: no such prompts file")
+        raise OnnxpipeError(f"{p}: the prompts file is not a regular file" if p.exists() else f"{p}: no such prompts file")
     try:
         lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     except UnicodeDecodeError as e:

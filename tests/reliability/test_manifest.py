@@ -333,6 +333,19 @@ def test_every_command_refuses_a_model_file_with_no_graph(model_copy, tmp_path: 
     assert not (tmp_path / "o").exists() and not (tmp_path / "s.jsonl").exists()
 
 
+def test_a_file_or_folder_where_the_other_is_expected_is_named_as_such(model_copy, tmp_path: Path) -> None:
+    """A file given as the model directory was "no such model directory"; a directory given as --prompts or --eval
+    was "no such prompts/eval file": both exist, so the error says what they are instead."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    for command in (["inspect"], ["generate", "--prompt", "hi"], ["optimize", "-o", tmp_path / "o"]):
+        one_line_error(cli(command[0], notes, *command[1:]), f"{notes}: not a directory")
+    one_line_error(cli("generate", tmp_path / "nope", "--prompts", tmp_path), f"{tmp_path}: the prompts file is not a regular file")
+    md = model_copy("m")
+    one_line_error(cli("quantize", md, "-o", tmp_path / "o", "--mode", "dynamic", "--eval", tmp_path),
+                   f"{tmp_path}: the eval file is not a regular file")
+
+
 def test_inspect_graph_not_matching_manifest(model_copy) -> None:
     """A model.onnx whose inputs are not the manifest's (swapped or damaged) is refused, not summarised."""
     import onnx
