@@ -171,3 +171,50 @@ def test_bench_step_sums_the_builds_matmuls(ck: ModuleType) -> None:
     assert m8.startswith("bench int4 step M=8: MatMulNBits 64.0 us, ours 64.0 us (+0.0:")
     rows.append(row("1b lm_head", 128256, 2048, 60.0, 100.0))
     assert "1b lm_head x1 +40.0" in ck.bench_step(rows)[0] and "not measured" not in ck.bench_step(rows)[0]
+
+
+class FakeKernel:
+    """TorchKernel's surface for sweep(): each layout's time from ``times`` (default 10 us), the right product
+    except where ``wrong`` names the layout."""
+
+    def __init__(self, ref, times: dict, wrong: tuple = ()):
+        self.ref, self.times, self.wrong = ref, times, wrong
+        self.config = (1, 0, 0)
+        self.seen: list[tuple[int, int, int]] = []
+
+    def describe(self, form: int, m: int, n: int, k: int, tile: int = 0, split: int = 0) -> str:
+        return f"form {form} {tile}x{split} M={m}"
+
+    def run(self, a, dev, n: int, k: int, block: int, repeats: int):
+        import numpy as np
+
+        self.seen.append(self.config)
+        y = self.ref[:a.shape[0]].astype(np.float16)
+        if self.config in self.wrong:
+            y = y + np.float16(1.0)
+        return y, self.times.get(self.config, 10.0) * 1e-6
+
+
+def test_sweep_times_the_default_beside_every_layout(ck: ModuleType) -> None:
+    """sweep() times the default (form 0: as the custom op resolves it) and every layout of SWEEP at M 1, 8 and 32;
+    a wrong result is marked, and suggest_layouts() takes the fastest right layout from those entries."""
+    import argparse
+    import time
+
+    import numpy as np
+
+    ref = np.random.default_rng(0).standard_normal((32, 40))
+    faster, wrong = (ck.FORMS["warps"], 1, 2), (ck.FORMS["cluster"], 4, 8)
+    tk = FakeKernel(ref, {faster: 7.0, wrong: 1.0, (0, 0, 0): 9.0}, wrong=(wrong,))
+    ctx = ck.Context(argparse.Namespace(repeats=2), None, None, 0.0, time.perf_counter(), log=lambda _m: None)
+    ck.sweep(ctx, tk, [], "1b gate,up", 8192, 2048, 32, np.zeros((32, 2048), np.float16), ref, 1 << 20,
+             {m: 1e-3 for m in (1, 8, 32)})
+    assert len(ctx.sweeps) == 3 * len(ck.SWEEP) and tk.seen.count((0, 0, 0)) == 3
+    assert {e["m"] for e in ctx.sweeps} == {1, 8, 32} and all(e["block"] == 32 for e in ctx.sweeps)
+    assert [e["ok"] for e in ctx.sweeps if (ck.FORMS.get(e["form"]), e["tile"], e["split"]) == wrong] == [False] * 3
+    assert tk.config == (ck.FORMS["warps"], 0, 0)  # left as the rows' own calls expect
+    rows = ck.suggest_layouts(ctx.sweeps)
+    assert [r.split("  //")[0] for r in rows] == [
+        "{1, 1, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},",
+        "{2, 8, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},",
+        "{17, 32, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},"]
