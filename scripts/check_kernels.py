@@ -788,7 +788,9 @@ SWEEP_MS = (1, 8, 32)
 # the M range a swept M stands for in a suggested table row: the A rows a block takes (8, 16, 32) are the same
 # through it; M = 9-16 is not swept and stays with the rule
 SWEEP_M_RANGE = {1: (1, 1), 8: (2, 8), 32: (17, 32)}
-SUGGEST_BELOW = 0.97  # a layout is suggested where it takes under this fraction of the default's time
+# a layout is suggested where it takes under this fraction of the default's time (run 28: the best within 3.1% of the
+# rule for 11 of the 12 1B shape and M pairs, 15% under it for the 12th: rows for clear gains only)
+SUGGEST_BELOW = 0.95
 
 
 def sweep(ctx: Context, tk: TorchKernel, dev: list[Any], name: str, n: int, k: int, block: int, a_all: np.ndarray,
@@ -1504,7 +1506,7 @@ def main() -> int:
         log(ln)
     suggested = suggest_layouts(ctx.sweeps)
     log(f"layouts: {len(suggested)} kLayouts rows (int4_gemm.cu) the sweep suggests"
-        + (":" if suggested else " (the default layout is within 3% of the best everywhere swept)"))
+        + (":" if suggested else " (the default layout is within 5% of the best everywhere swept)"))
     for ln in suggested:
         log(f"layouts: {ln}")
     if sweep_wrong:

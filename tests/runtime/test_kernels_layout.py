@@ -137,10 +137,10 @@ def sweep_entry(case: str, m: int, form: str, tile: int, split: int, us: float, 
 
 @pytest.mark.parametrize("faster", [True, False])
 def test_suggested_rows_come_from_the_sweep(ck: ModuleType, faster: bool) -> None:
-    """A layout right and more than 3% under the default's time gives a row for the M range of the swept M; a
-    faster wrong one or one within 3% gives none."""
+    """A layout right and more than 5% under the default's time gives a row for the M range of the swept M; a
+    faster wrong one or one within 5% (here 4%) gives none."""
     sweeps = [sweep_entry("1b gate,up", 32, "default", 0, 0, 14.8),
-              sweep_entry("1b gate,up", 32, "warps", 2, 4, 12.6 if faster else 14.5),
+              sweep_entry("1b gate,up", 32, "warps", 2, 4, 12.6 if faster else 14.2),
               sweep_entry("1b gate,up", 32, "warps", 1, 2, 9.0, ok=False),
               sweep_entry("1b gate,up", 1, "default", 0, 0, 8.0),
               sweep_entry("1b gate,up", 1, "cluster", 4, 2, 8.1)]
