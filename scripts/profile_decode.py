@@ -8,8 +8,9 @@ It reuses the models scripts/bench_gpu.py built in its work directory (optimized
 genai, genai-int4). Each variant runs in a child process of its own: a greedy generation's prefill and first step
 run untimed, then --steps decode steps run under torch.profiler with CUDA activity only. CUPTI records every kernel
 of the process, onnxruntime's included (CUDA-graph replays too, node by node). Per step it reports the wall time,
-the device's busy time (the union of kernel and copy intervals), the idle rest, the kernels grouped by name, and
-their time by kind (KERNEL_GROUPS: the int4 GEMMs, onnxruntime's MatMulNBits, other GEMMs, attention, norms, ...).
+the device's busy time (the union of kernel and copy intervals), the idle rest, the kernels grouped by name (with
+the mean of each one's longest call a step: the LM head's among the int4 GEMMs, which share a kernel), and their
+time by kind (KERNEL_GROUPS: the int4 GEMMs, onnxruntime's MatMulNBits, other GEMMs, attention, norms, ...).
 Decode variants run at each of --batches (rows of one prompt repeated; GenAI's CUDA graphs at batch 1 only).
 
 onnxpipe_int4_graph_kernels is the int4 model with onnxpipe's own kernels (DecoderSession(kernels="on"):
@@ -41,14 +42,17 @@ RESULT = "@@RESULT "
 VARIANTS = ["onnxpipe_graph", "onnxpipe_graph_hostfed", "genai_graph", "onnxpipe_int4_graph",
             "onnxpipe_int4_graph_kernels", "genai_int4_graph", "onnxpipe_nograph", "genai"]
 # a kernel's kind, by the first pattern its name matches (ours before onnxruntime's: names are searched, not anchored)
+# (run 7's names: MatMulFloat4BitsKernelM1, nvjet_sm90_* and cublasLt::splitKreduce_kernel, H64::grp4_fp16::kernel_mha,
+# UnpackRoPEAppend, GetSequenceLengths, SkipLayerNormKernelSmall, _UnaryElementWise<..OP_QuickGelu..>)
 KERNEL_GROUPS = [
     ("int4 GEMM (onnxpipe)", r"int4_gemm(_rows)?_kernel"),
     ("int4 dequantize (onnxpipe)", r"int4_dequant"),
-    ("MatMulNBits (onnxruntime)", r"MatMulFloatInt4|MatMulNBits|Dequantize4Bits|DequantizeBlockwise|fpA_intB|"
-                                  r"[Ww]eightOnly|MatMul4Bits|[Ii]nt4"),
-    ("GEMM (cuBLAS, CUTLASS)", r"gemm|gemv|cutlass|xmma|cublas|splitKreduce"),
-    ("attention", r"[Aa]ttention|flash|fmha|xqa|[Rr]otary|ConcatNewToPast|[Kk]v[Cc]ache|seqlens"),
+    ("MatMulNBits (onnxruntime)", r"MatMulFloat4Bits|MatMulFloatInt4|MatMulNBits|Dequantize4Bits|DequantizeBlockwise|"
+                                  r"fpA_intB|[Ww]eightOnly|4Bits|[Ii]nt4"),
+    ("GEMM (cuBLAS, CUTLASS)", r"gemm|gemv|cutlass|xmma|cublas|nvjet|splitKreduce"),
+    ("attention", r"[Aa]ttention|flash|mha|xqa|[Rr]otary|RoPE|ConcatNewToPast|[Kk]v[Cc]ache|SequenceLengths|seqlens"),
     ("norms", r"LayerNorm|RMSNorm|layer_norm|rms_norm|[Ss]kip"),
+    ("elementwise", r"ElementWise|Elementwise|elementwise"),
     ("copies and sets", r"^\[gpu_mem"),
 ]
 COMPARE = ("onnxpipe_int4_graph", "onnxpipe_int4_graph_kernels")  # before, after
@@ -77,10 +81,12 @@ def kernel_table(trace: Path, steps: int, t_wall: float) -> dict:
     events = events.get("traceEvents", events)
     dev = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     by_name: dict = collections.defaultdict(lambda: [0.0, 0])
+    calls: dict = collections.defaultdict(list)
     for e in dev:
         name = e["name"] if e["cat"] == "kernel" else f"[{e['cat']}] {e['name']}"
         by_name[name][0] += e["dur"]
         by_name[name][1] += 1
+        calls[name].append(e["dur"])
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in dev)
     busy, end = 0.0, None
     for a, b in spans:
@@ -100,7 +106,15 @@ def kernel_table(trace: Path, steps: int, t_wall: float) -> dict:
             "kernel_sum_ms": round(sum(r[1] for r in rows) / 1e3, 4), "kernels_per_step": round(sum(r[2] for r in rows), 1),
             "groups": {g: {"us": round(v[0], 2), "count": round(v[1], 2)} for g, v in
                        sorted(groups.items(), key=lambda kv: -kv[1][0])},
-            "top": [{"name": k[:160], "us": round(us, 2), "count": round(c, 2)} for k, us, c in rows[:40]]}
+            "top": [{"name": k[:160], "us": round(us, 2), "count": round(c, 2), "longest_us": longest(calls[k], steps)}
+                    for k, us, c in rows[:40]]}
+
+
+def longest(durations: list, steps: int) -> float:
+    """The mean of a kernel's ``steps`` longest calls: where one call a step outlasts the others of its name (the
+    LM head among a step's int4 GEMMs, which share one kernel), its time per call."""
+    top = sorted(durations, reverse=True)[:max(1, steps)]
+    return round(sum(top) / len(top), 2)
 
 
 def compare(before: dict, after: dict, moved: int = 6) -> list[str]:
@@ -121,6 +135,14 @@ def compare(before: dict, after: dict, moved: int = 6) -> list[str]:
     deltas = sorted(((us_a.get(n, 0.0) - us_b.get(n, 0.0), n) for n in {*us_b, *us_a}), key=lambda d: -abs(d[0]))
     for d, n in deltas[:moved]:
         out.append(f"  {d:+9.1f} us  {us_b.get(n, 0.0):.1f} -> {us_a.get(n, 0.0):.1f}  {n[:100]}")
+    gemms = ("int4 GEMM (onnxpipe)", "MatMulNBits (onnxruntime)")
+    longest_call = {side: max((k for k in prof["top"] if kernel_group(k["name"]) in gemms),
+                              key=lambda k: k.get("longest_us", 0.0), default=None)
+                    for side, prof in (("before", before), ("after", after))}
+    if all(longest_call.values()):
+        x, y = longest_call["before"], longest_call["after"]
+        out.append(f"  the longest int4 GEMM call a step (the LM head): {x['longest_us']:.1f} -> {y['longest_us']:.1f} us "
+                   f"({x['name'][:50]} -> {y['name'][:50]})")
     return out
 
 

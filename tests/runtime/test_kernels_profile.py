@@ -27,10 +27,10 @@ def pd() -> ModuleType:
 
 
 OURS = "void (anonymous namespace)::int4_gemm_kernel<1, 1, 4>(__half const*, unsigned char const*, int)"
-NBITS = "void onnxruntime::contrib::cuda::MatMulFloatInt4Kernel<__half, 8>(__half*, __half const*, int)"
-GEMM = "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize64x64x64"
-ATTN = "void flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<64, 64, 256, 4>>(Flash_fwd_params)"
-NORM = "void onnxruntime::contrib::cuda::SkipLayerNormKernelSmall<__half, float, __half, 256, 8, true>(int)"
+NBITS = "void onnxruntime::contrib::cuda::MatMulFloat4BitsKernelM1<__half, 32, false>(__half*, __half const*, int)"
+GEMM = "nvjet_sm90_hsh_64x8_64x16_2x1_v_bz_NNT"
+ATTN = "onnxruntime::contrib::cuda::H64::grp4_fp16::kernel_mha(unsigned int, unsigned int, float)"
+NORM = "void onnxruntime::contrib::cuda::SkipLayerNormKernelSmall<__half, 256u, 8, true>(__half*, __half*)"
 
 
 def trace(path: Path, kernels: list[tuple[str, float, float]], cat: str = "kernel") -> Path:
@@ -47,7 +47,7 @@ def test_kernel_table_per_step_kinds_and_busy(pd: ModuleType, tmp_path: Path) ->
     busy time as the union of the intervals (overlaps counted once), CPU events ignored."""
     t = trace(tmp_path / "t.json", [(OURS, 0, 10), (OURS, 5, 10), (NBITS, 30, 4), (GEMM, 40, 6), (ATTN, 50, 8),
                                     (NORM, 60, 2), ("Memcpy HtoD (Pageable -> Device)", 70, 1),
-                                    ("elementwise_kernel", 100, 3)])
+                                    ("void onnxruntime::cuda::RangeKernel<long>(long, long)", 100, 3)])
     r = pd.kernel_table(t, steps=2, t_wall=0.001)
     assert r["busy_ms"] == pytest.approx((15 + 4 + 6 + 8 + 2 + 1 + 3) / 1e3 / 2)  # OURS twice overlapping: 0-15
     assert r["kernel_sum_ms"] == pytest.approx((20 + 4 + 6 + 8 + 2 + 1 + 3) / 1e3 / 2)
@@ -57,7 +57,39 @@ def test_kernel_table_per_step_kinds_and_busy(pd: ModuleType, tmp_path: Path) ->
                            "MatMulNBits (onnxruntime)": {"us": 2.0, "count": 0.5},
                            "other": {"us": 1.5, "count": 0.5}, "norms": {"us": 1.0, "count": 0.5},
                            "copies and sets": {"us": 0.5, "count": 0.5}}
-    assert r["top"][0] == {"name": OURS, "us": 10.0, "count": 1.0}
+    assert r["top"][0] == {"name": OURS, "us": 10.0, "count": 1.0, "longest_us": 10.0}
+
+
+def test_longest_call_a_step_is_the_heads(pd: ModuleType, tmp_path: Path) -> None:
+    """Three steps of four calls of one GEMM kernel, one of them long (the head): its time per call comes out, not
+    the mean of all twelve; the comparison names it before and after."""
+    step = [(NBITS, 0, 5), (NBITS, 10, 5), (NBITS, 20, 5), (NBITS, 30, 60)]
+    before = pd.kernel_table(trace(tmp_path / "b.json", [(n, ts + 100 * i, d) for i in range(3) for n, ts, d in step]),
+                             steps=3, t_wall=0.003)
+    assert before["top"][0]["longest_us"] == 60.0 and before["top"][0]["us"] == 75.0
+    ours = [(OURS, 0, 4), (OURS, 10, 4), (OURS, 20, 4), (OURS, 30, 90)]
+    after = pd.kernel_table(trace(tmp_path / "a.json", [(n, ts + 100 * i, d) for i in range(3) for n, ts, d in ours]),
+                            steps=3, t_wall=0.003)
+    lines = pd.compare(dict(before, variant="x", batch=1), dict(after, variant="y", batch=1))
+    assert lines[-1].startswith("  the longest int4 GEMM call a step (the LM head): 60.0 -> 90.0 us")
+
+
+def test_kinds_of_run_7s_kernels(pd: ModuleType) -> None:
+    """The kinds on the names of a real profile (run 7, H100): every int4 GEMM call of the int4 step is
+    onnxruntime's MatMulNBits (81 a step: 16 layers x 5 and the head) and every fp16 GEMM a GEMM; neither is left
+    in "other"."""
+    run7 = json.loads((ROOT / "benchmarks" / "results" / "profile_decode-run7.json").read_text())
+    rows = {r["variant"]: r for r in run7["rows"]}
+    kinds = {v: {} for v in ("onnxpipe_int4_graph", "onnxpipe_graph")}
+    for v, got in kinds.items():
+        for k in rows[v]["top"]:
+            got.setdefault(pd.kernel_group(k["name"]), []).append(k)
+    nbits = kinds["onnxpipe_int4_graph"]["MatMulNBits (onnxruntime)"]
+    assert [k["count"] for k in nbits] == [81.0] and "MatMulFloat4BitsKernelM1" in nbits[0]["name"]
+    gemm = kinds["onnxpipe_graph"]["GEMM (cuBLAS, CUTLASS)"]
+    assert sum(k["count"] for k in gemm) == 32 + 16 + 32 + 1 + 16  # the nvjet GEMMs and split-K's reductions
+    for got in kinds.values():
+        assert not any(w in k["name"] for k in got.get("other", []) for w in ("nvjet", "4Bits", "kernel_mha", "RoPE"))
 
 
 def test_compare_before_and_after(pd: ModuleType, tmp_path: Path) -> None:
