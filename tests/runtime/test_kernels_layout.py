@@ -11,12 +11,13 @@ import importlib.util
 import shutil
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Callable
 
 import onnx
 import pytest
 from runtime.conftest import byte_tokenizer
+from runtime.test_kernels import cpu_library, kernel_cache  # noqa: F401  (fixtures)
 
 from onnxpipe.quant import quantize_model
 
@@ -179,17 +180,25 @@ class FakeKernel:
 
     def __init__(self, ref, times: dict, wrong: tuple = ()):
         self.ref, self.times, self.wrong = ref, times, wrong
+        self.torch = SimpleNamespace(cuda=SimpleNamespace(empty_cache=lambda: None))
         self.config = (1, 0, 0)
         self.seen: list[tuple[int, int, int]] = []
 
     def describe(self, form: int, m: int, n: int, k: int, tile: int = 0, split: int = 0) -> str:
         return f"form {form} {tile}x{split} M={m}"
 
+    def upload(self, w):
+        return (w.packed, w.scales, w.zero_points)
+
     def run(self, a, dev, n: int, k: int, block: int, repeats: int):
         import numpy as np
 
         self.seen.append(self.config)
-        y = self.ref[:a.shape[0]].astype(np.float16)
+        if self.ref is None:  # the product of the first weight, rounded as the CPU reference op rounds (via fp32)
+            w = load_check_kernels().Int4Weight(dev[0][0], dev[0][1], dev[0][2], block)
+            y = load_check_kernels().reference(a, w).astype(np.float32).astype(np.float16)
+        else:
+            y = self.ref[:a.shape[0]].astype(np.float16)
         if self.config in self.wrong:
             y = y + np.float16(1.0)
         return y, self.times.get(self.config, 10.0) * 1e-6
@@ -218,3 +227,19 @@ def test_sweep_times_the_default_beside_every_layout(ck: ModuleType) -> None:
         "{1, 1, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},",
         "{2, 8, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},",
         "{17, 32, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},"]
+
+
+def test_a_bench_case_runs_its_sweep(ck: ModuleType, cpu_library: Path) -> None:  # noqa: F811
+    """random_case on a bench case (1B o, block 32, no zero points) on the CPU reference op with a stand-in kernel:
+    its rows are made and judged at M 1, 8, 32, and its sweep runs (the same case with zero points does not)."""
+    import argparse
+    import time
+
+    runner = ck.OrtRunner("CPUExecutionProvider", cpu_library, graphs=False)
+    for with_zp in (False, True):
+        tk = FakeKernel(None, {})
+        ctx = ck.Context(argparse.Namespace(repeats=1, sweep=True), runner, tk, 0.0, time.perf_counter(),
+                         copy_bytes=1, log=lambda _m: None)
+        ck.random_case(ctx, "1b q,o", 2048, 2048, 32, with_zp, (1, 8, 32), set())
+        assert [(r.m, r.ok) for r in ctx.rows] == [(1, True), (8, True), (32, True)]
+        assert len(ctx.sweeps) == (0 if with_zp else 3 * len(ck.SWEEP))
