@@ -47,8 +47,9 @@ def score_items(scorer: WindowScorer, items: Sequence[Item], context: int, strid
         run = [i for i in batch if windows[i][0] not in failed]
         scored = 0
         if run:
-            ok, ll, n, g = _score_batch(scorer, [windows[i] for i in run], failed)
             width = max(len(windows[i][1]) for i in run)
+            scorer.check_fits(len(run), width, batch_tokens)  # the run's memory, not a record's fault
+            ok, ll, n, g = _score_batch(scorer, [windows[i] for i in run], failed)
             real = sum(len(windows[i][1]) for i in run)
             stats.input_tokens += real
             stats.padded_slots += width * len(run)

@@ -110,3 +110,21 @@ def test_a_huge_document_is_cut_before_it_is_tokenized(tmp_path):
     samples = calibration_samples(spy, big, CalibrationConfig())
     assert spy.longest <= CALIBRATION_MAX_TOKENS * 6 < len(text) * 40
     assert samples.shape == (32, 132) and samples[0].tolist() == whole[:132]
+
+
+def test_a_batch_whose_logits_cannot_fit_is_refused_before_it_runs(text_model, tmp_path, monkeypatch):
+    """`--batch-tokens 1000000` grew to 6.4 GB on 500 records of a 4,096-token vocabulary (more records, more, until
+    the kernel killed the run). A batch whose logits would not fit in the memory available is refused before it
+    runs, naming --batch-tokens; a smaller one then scores. (Memory is made to look short here.)"""
+    from onnxpipe.runtime import limits
+
+    monkeypatch.setattr(limits, "available_memory", lambda: 1 << 20)  # 1 MiB: 8 windows of 50 tokens need 1.6 MB
+    lines = [json.dumps({"id": i, "input_ids": [(i + j) % 256 for j in range(50)]}) for i in range(8)]
+    r = _score(text_model, lines, tmp_path, "--batch-tokens", 4096)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "a batch of 8 windows x 50 tokens needs at least" in errors[0], r.output
+    assert "use a smaller --batch-tokens (now 4096)" in errors[0]
+    r = _score(text_model, lines, tmp_path, "--batch-tokens", 100, "--force")  # 2 windows a batch: 0.4 MB
+    assert r.exit_code == 0, r.output
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 8
