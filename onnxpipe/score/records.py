@@ -89,6 +89,9 @@ def list_shards(input_path: Path) -> list[Shard]:
         paths = sorted(p for p in input_path.iterdir() if p.suffix.lower() in FORMATS and p.is_file())
         if not paths:
             raise OnnxpipeError(f"{input_path}: directory holds no .jsonl or .parquet files")
+    elif not input_path.is_file():  # a pipe was counted, then waited on forever: a run reads its input twice
+        raise OnnxpipeError(f"{input_path}: not a regular file (a pipe or a device?); score reads its input more "
+                            "than once (to count it, to score it, on --resume): save it to a file first")
     else:
         paths = [input_path]
     shards = [Shard(p, format_of(p, "input"), 0) for p in paths]

@@ -102,6 +102,31 @@ def test_unreadable_tokenizer_is_one_line_naming_it(tiny_onnx, tmp_path, content
     assert "unexpected" not in result.output
 
 
+def test_a_pipe_as_input_is_refused_not_waited_on(tiny_onnx, tmp_path):
+    """`score MODEL fifo.jsonl`: the records were counted from the pipe, then the run opened it again and waited for
+    a writer forever. A subprocess, so that the old behaviour fails the test by its timeout instead of hanging it."""
+    import os
+    import subprocess
+    import threading
+
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "w") as f:
+            f.write(json.dumps({"input_ids": [1, 2, 3]}) + "\n")
+
+    threading.Thread(target=feed, daemon=True).start()
+    r = subprocess.run([sys.executable, "-m", "onnxpipe", "score", str(tiny_onnx("gpt2")), str(fifo), "-o",
+                        str(tmp_path / "o.jsonl"), "--provider", "cpu", "--no-progress"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == f"Error: {fifo}: not a regular file (a pipe or a device?); score reads its input more " \
+                               "than once (to count it, to score it, on --resume): save it to a file first"
+    with open(fifo, "rb") as f:  # the run refused before opening the pipe: let the writer finish
+        f.read()
+
+
 def test_stride_must_be_below_context(tiny_onnx, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", random_records(2, seed=0))
     _one_line_error(_score(str(tiny_onnx("gpt2")), str(inp), "-o", str(tmp_path / "o.jsonl"), "--stride", "128"),
