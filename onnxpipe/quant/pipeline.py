@@ -379,10 +379,9 @@ def _read_texts(src: ModelDir, cfg: ModeConfig, run: RunSettings, calibrate: boo
     samples = None
     if calibrate and not isinstance(cfg, Fp16Config) and cfg.calibration is not None:
         positions = src.manifest.model.get("max_position_embeddings")
-        if positions and cfg.calib.sample_len > positions:  # 8192 on a 256-position model ran out of memory
-            raise OnnxpipeError(f"--calib-seq-len {cfg.calib.prefill_len} + {cfg.calib.decode_steps} decode steps "
-                                f"exceed the model's {positions} positions; pass --calib-seq-len "
-                                f"{max(2, positions - cfg.calib.decode_steps)} or less")
+        if positions and cfg.calib.prefill_len > positions:  # 8192 on a 256-position model ran out of memory
+            raise OnnxpipeError(f"--calib-seq-len {cfg.calib.prefill_len} exceeds the model's {positions} positions; "
+                                f"pass --calib-seq-len {positions} or less")
         samples = calibration_samples(tokenizer, cfg.calibration, cfg.calib)
         used_by = " (for the GPTQ choices, tried after RTN's)" if isinstance(cfg, Int4Config) and cfg.algo is None else ""
         log(f"calibration: {len(samples)} samples of {cfg.calib.sample_len} tokens from {cfg.calibration}{used_by}")
