@@ -308,8 +308,8 @@ def _prefill_chunk(ctx: click.Context, param: click.Parameter, value: str) -> in
               help="Whole prompts read together in one run into adjacent fixed rows (optimize --target cuda) [1: each "
                    "its own]. Exact on the CPU; on a GPU a batched run may round differently (docs/serve.md).")
 @click.option("--chunk-graphs/--no-chunk-graphs", default=None,
-              help="Long prompts' chunks replayed as CUDA graphs at fixed widths (with --cuda-graph) [off: not yet "
-                   "checked on a GPU].")
+              help="Long prompts' chunks replayed as CUDA graphs at fixed widths (with --cuda-graph) [off: exact on an "
+                   "H100, its latency beside running streams not yet measured].")
 def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, max_queue: int, prefill_chunk: int | str,
           model_name: str | None, threads: int | None, cuda_graph: bool, max_length: int | None,
           prefill_group: int | None, chunk_graphs: bool | None) -> None:
