@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from scripts_module import load_script  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "models"
@@ -23,16 +22,8 @@ REFERENCE_MODELS = {"gpt2-stdlib": "GPT2LMHeadModel", "llama-stdlib": "LlamaForC
 MODELS_BUDGET_BYTES = 12 * 2**20
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_onnxpipe_scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-perplexity = _load_script("perplexity")
-reference_data = _load_script("make_reference_data")
+perplexity = load_script("perplexity")
+reference_data = load_script("make_reference_data")
 
 
 @pytest.fixture(scope="module", params=sorted(REFERENCE_MODELS))

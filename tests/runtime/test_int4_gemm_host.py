@@ -5,26 +5,20 @@ layouts it plans for the Llama shapes, and the float64 reference that scripts/ch
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from scripts_module import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def check_kernels() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("check_kernels", ROOT / "scripts" / "check_kernels.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_kernels"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("check_kernels")
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Callable
@@ -18,6 +16,7 @@ import onnx
 import pytest
 from runtime.conftest import byte_tokenizer
 from runtime.test_kernels import cpu_library, kernel_cache  # noqa: F401  (fixtures)
+from scripts_module import load_script
 
 from onnxpipe.quant import quantize_model
 
@@ -26,14 +25,7 @@ SOURCE = ROOT / "onnxpipe" / "runtime" / "kernels" / "csrc" / "int4_gemm.cu"
 
 
 def load_check_kernels() -> ModuleType:
-    if "check_kernels" in sys.modules:
-        return sys.modules["check_kernels"]
-    spec = importlib.util.spec_from_file_location("check_kernels", ROOT / "scripts" / "check_kernels.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_kernels"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("check_kernels")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 from runtime.test_kernels import cpu_library, kernel_cache  # noqa: F401  (fixtures)
+from scripts_module import load_script
 
 from onnxpipe.runtime.kernels import build
 
@@ -38,12 +38,7 @@ def _cxx() -> str:
 
 @pytest.fixture(scope="module")
 def check_kernels() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("check_kernels", ROOT / "scripts" / "check_kernels.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_kernels"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("check_kernels")
 
 
 # ---- the dequantize kernel's source on the CPU ----

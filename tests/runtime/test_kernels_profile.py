@@ -4,7 +4,6 @@ the runs' order and the --budget-s cut."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from scripts_module import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "profile_decode.py"
@@ -19,11 +19,7 @@ SCRIPT = ROOT / "scripts" / "profile_decode.py"
 
 @pytest.fixture(scope="module")
 def pd() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("profile_decode", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_decode")
 
 
 OURS = "void (anonymous namespace)::int4_gemm_kernel<1, 1, 4>(__half const*, unsigned char const*, int)"

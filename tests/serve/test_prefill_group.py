@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scripts_module import load_script
 from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, solo_results, submit, wait_until
 
 from onnxpipe.errors import OnnxpipeError
@@ -204,16 +205,7 @@ def test_prefill_group_is_checked(stdlib_cuda_model, stdlib_model, stdlib_lm):
 
 # ---- the load test's check ----
 def load_test_script():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / "load_test.py"
-    spec = importlib.util.spec_from_file_location("_onnxpipe_scripts_load_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("load_test")
 
 
 @pytest.mark.fast

@@ -5,23 +5,15 @@ checked here (the script measures them)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from scripts_module import load_script
 
 pytestmark = pytest.mark.fast
 
 
 def script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "serve_overhead.py"
-    spec = importlib.util.spec_from_file_location("_onnxpipe_scripts_serve_overhead", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("serve_overhead")
 
 
 so = script()
