@@ -34,11 +34,11 @@ def run_console(lm: LanguageModel, lines: Iterable[str], write: Callable[[str], 
             note("(conversation reset)")
             continue
         turns.append({"role": "user", "content": text})
-        while len(lm.chat_prompt(head + turns)) > limit and len(turns) > 1:
-            del turns[: 2 if len(turns) > 2 else 1]  # the oldest user message and its reply
-            note("(the oldest turn was dropped: the conversation no longer fit the model's context)")
         reply: list[str] = []
-        try:
+        try:  # a line the tokenizer refuses (bytes that are not UTF-8) fails in chat_prompt, before any turn is dropped
+            while len(lm.chat_prompt(head + turns)) > limit and len(turns) > 1:
+                del turns[: 2 if len(turns) > 2 else 1]  # the oldest user message and its reply
+                note("(the oldest turn was dropped: the conversation no longer fit the model's context)")
             for piece in lm.chat_stream(head + turns, **options):
                 write(piece.text)
                 reply.append(piece.text)

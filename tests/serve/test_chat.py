@@ -61,6 +61,24 @@ def test_chat_console_keeps_the_conversation(stdlib_lm, stdlib_model):
     assert r.stdout == f"{first}\n{second}\n{alone}\n"
 
 
+def test_chat_console_goes_on_after_a_line_it_cannot_take(stdlib_lm):
+    """Bytes that are not UTF-8 on the terminal reach Python as a lone surrogate: that line gets one error, and the
+    conversation goes on without it (the next line is answered as if it had not been typed)."""
+    from onnxpipe.serve.console import run_console
+
+    lm = stdlib_lm
+    first = lm.chat(USER, max_new_tokens=12).text
+    second = lm.chat(USER + [{"role": "assistant", "content": first}, {"role": "user", "content": "import os"}],
+                     max_new_tokens=12).text
+    out: list[str] = []
+    notes: list[str] = []
+    turns = run_console(lm, ["def fib(n):\n", "ab\udcffcd\n", "import os\n"], out.append, notes.append,
+                        max_new_tokens=12)
+    assert len(notes) == 1 and notes[0].startswith("error: ") and "not valid Unicode" in notes[0], notes
+    assert "".join(out) == f"{first}\n{second}\n"
+    assert [t["content"] for t in turns] == ["def fib(n):", first, "import os", second]
+
+
 def test_chat_without_template_is_one_line(stdlib_model, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(stdlib_model, bare)
