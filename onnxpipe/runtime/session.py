@@ -18,7 +18,7 @@ width, and greedy steps can feed themselves (``cuda_graphs.py``, ``step_tail.py`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime import cuda_graphs, kv_cache
 from onnxpipe.runtime.cuda_graphs import CudaGraphs, _GraphSlot, check_cuda_graph_form
 from onnxpipe.runtime.helper_graphs import gather_graph, head_graph
+from onnxpipe.runtime.kernels import kernel_skip as skip_kinds
 from onnxpipe.runtime.kernels import kernels_mode, plan_kernels
 from onnxpipe.runtime.kv_cache import KVCache
 from onnxpipe.runtime.last_position import LAST_INDEX, gather_last_position
@@ -70,9 +71,12 @@ class DecoderSession:
         last_position: bool | None = None,
         capture_prefill: bool = True,
         kernels: str | None = None,
+        kernel_skip: str | Sequence[str] | None = None,
     ):
         """kernels: onnxpipe's own kernels applied at load ("off", "on", "auto"; default $ONNXPIPE_KERNELS or
-        "off"; "reference" runs their CPU reference for checks): see ``onnxpipe.runtime.kernels``."""
+        "off"; "reference" runs their CPU reference for checks): see ``onnxpipe.runtime.kernels``.
+        kernel_skip: the kinds of MatMulNBits they leave to onnxruntime ("head", "qkv"; a comma list; default
+        $ONNXPIPE_KERNELS_SKIP or none)."""
         import onnxruntime as ort
 
         self.model_dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.open(model_dir)
@@ -94,13 +98,13 @@ class DecoderSession:
 
         # kernels of our own (onnxpipe.runtime.kernels): the library registered in the session options, the graph's
         # MatMulNBits rewritten by the same edit
-        mode = kernels_mode(kernels)
+        mode, skip = kernels_mode(kernels), skip_kinds(kernel_skip)
         if mode != "off" and session_options is None:
             session_options = ort.SessionOptions()
             session_options.log_severity_level = 3
         listed = set(available_providers()) if mode != "off" else set()
         self.kernels = plan_kernels(mode, [p for p in CHAIN.get(provider, ("cpu",)) if p in listed or p == "cpu"],
-                                    session_options, announce)
+                                    session_options, announce, skip=skip, logits=logits)
 
         def edit(proto: Any) -> None:
             if last_position:

@@ -96,3 +96,47 @@ def test_a_rewritten_graph_onnxruntime_does_not_take_is_named(int4_model: Path, 
     with pytest.raises(OnnxpipeError, match=r"^kernels=reference: onnxruntime did not take the edited graph .*"
                                             r"MatMulInt5"):
         DecoderSession(int4_model, "cpu", kernels="reference")
+
+
+def test_skip_head_keeps_the_node_computing_the_logits(int4_model: Path, cpu_library: Path,  # noqa: F811
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernel_skip="head" (or ONNXPIPE_KERNELS_SKIP=head) leaves the LM head, found from the graph after the
+    session's own edits (the last-position gather, the step tail), on MatMulNBits; the tokens stay the plain run's."""
+    monkeypatch.delenv("ONNXPIPE_KERNELS_SKIP", raising=False)
+    nodes = [n for n in onnx.load(str(int4_model / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    widest = max(nodes, key=lambda n: next(a.i for a in n.attribute if a.name == "N"))  # N = the vocabulary
+    said: list[str] = []
+    ours = DecoderSession(int4_model, "cpu", announce=said.append, kernels="reference", kernel_skip="head")
+    assert ours.kernels.report is not None and ours.kernels.report.kept == {widest.name: "head"}
+    line = "kernels: onnxpipe MatMulInt4 on 14 of 15 MatMulNBits (kept: head (1 node)) [CPU reference kernels]"
+    assert [m for m in said if m.startswith("kernels:")] == [line] and ours.last_position
+    plain = DecoderSession(int4_model, "cpu")
+    prompts = [[5, 17, 99, 3, 200, 41], [7, 7, 8]]
+    a = LanguageModel(ours, None).generate(prompts, max_new_tokens=6, stop_token_ids=[])
+    b = LanguageModel(plain, None).generate(prompts, max_new_tokens=6, stop_token_ids=[])
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    monkeypatch.setenv("ONNXPIPE_KERNELS_SKIP", "head")  # the variable, for every command
+    assert DecoderSession(int4_model, "cpu", kernels="reference").kernels.line() == line
+
+
+def test_a_bad_skip_kind_is_one_line_naming_the_variable(int4_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONNXPIPE_KERNELS_SKIP", "lm_head")
+    with pytest.raises(OnnxpipeError, match=r"^ONNXPIPE_KERNELS_SKIP='lm_head': unknown kind 'lm_head'; kinds: head, "
+                                            r"qkv$"):
+        DecoderSession(int4_model, "cpu")  # refused with the kernels off too: a typo is never silent
+    with pytest.raises(OnnxpipeError, match=r"^kernel_skip='wide': unknown kind 'wide'"):
+        DecoderSession(int4_model, "cpu", kernels="reference", kernel_skip="wide")
+
+
+def test_skip_head_on_a_model_whose_head_is_not_int4_says_there_is_nothing_to_skip(
+        byte_model: Callable[[str], Path], tmp_path: Path, cpu_library: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "eval.txt").write_text(EVAL.read_text()[:3000])
+    quantize_model(byte_model("llama"), tmp_path / "int4", "int4", eval_file=tmp_path / "eval.txt", eval_context=64,
+                   algo="rtn", block_size=32, accuracy_level=0, lm_head="fp32")
+    monkeypatch.setenv("ONNXPIPE_KERNELS_SKIP", "head")
+    said: list[str] = []
+    DecoderSession(tmp_path / "int4", "cpu", announce=said.append, kernels="reference")
+    assert [m for m in said if m.startswith("kernels:")] == [
+        "kernels: onnxpipe MatMulInt4 on 14 of 14 MatMulNBits (skip head: nothing to skip, the 'logits' output does "
+        "not come from a MatMulNBits (the LM head is not quantized)) [CPU reference kernels]"]

@@ -8,6 +8,11 @@ environment variable ``ONNXPIPE_KERNELS``) and its graph has nodes they compute,
 back (no compiler, a failed build, a provider other than CUDA, nothing to rewrite) is an error naming it; with "auto"
 the session runs without the kernels and says why.
 
+Which nodes they take is a policy: ``kernel_skip`` (or ``ONNXPIPE_KERNELS_SKIP``, a comma list) keeps kinds of
+MatMulNBits found from the graph (``head``: the one producing the logits; ``qkv``: an attention node's packed input)
+on onnxruntime's kernel, counted in the same line ("... on 80 of 81 MatMulNBits (kept: head (1 node))"); a kind the
+graph does not have is said there too ("skip head: nothing to skip, ...").
+
 ``"reference"`` targets the library's CPU reference kernels (a plain C++ loop) on the CPU provider: slow, for the
 tests and checks that prove the ABI, the rewrite and the registration on a machine without a GPU. Like "on", it
 never falls back silently: a reason not to apply them is an error.
@@ -22,13 +27,14 @@ from typing import Any, Callable, Sequence
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.kernels.build import KernelBuildError, build_library
-from onnxpipe.runtime.kernels.rewrite import RewriteReport, Target, rewrite_matmul_nbits
+from onnxpipe.runtime.kernels.rewrite import SKIP_KINDS, RewriteReport, Target, rewrite_matmul_nbits
 
-__all__ = ["KERNEL_MODES", "KernelBuildError", "KernelPlan", "RewriteReport", "build_library", "kernels_mode",
-           "plan_kernels", "rewrite_matmul_nbits"]
+__all__ = ["KERNEL_MODES", "SKIP_KINDS", "KernelBuildError", "KernelPlan", "RewriteReport", "build_library",
+           "kernel_skip", "kernels_mode", "plan_kernels", "rewrite_matmul_nbits"]
 
 KERNEL_MODES = ("off", "on", "auto", "reference")
 ENV = "ONNXPIPE_KERNELS"
+ENV_SKIP = "ONNXPIPE_KERNELS_SKIP"
 
 
 def kernels_mode(value: str | None = None) -> str:
@@ -39,6 +45,25 @@ def kernels_mode(value: str | None = None) -> str:
         source = "kernels" if value is not None else ENV
         raise OnnxpipeError(f"{source}={mode!r}: choose one of {', '.join(KERNEL_MODES)}")
     return mode
+
+
+def kernel_skip(value: str | Sequence[str] | None = None) -> tuple[str, ...]:
+    """The kinds of node the kernels leave to onnxruntime: ``value`` (a comma list or a sequence), else
+    ``$ONNXPIPE_KERNELS_SKIP``, else none; an unknown kind is an error naming the source and the kinds."""
+    raw = value if value is not None else os.environ.get(ENV_SKIP, "")
+    source = "kernel_skip" if value is not None else ENV_SKIP
+    items = raw.split(",") if isinstance(raw, str) else list(raw)
+    kinds: list[str] = []
+    for item in items:
+        kind = str(item).strip().lower()
+        if not kind:
+            continue
+        if kind not in SKIP_KINDS:
+            shown = raw if isinstance(raw, str) else ",".join(map(str, raw))
+            raise OnnxpipeError(f"{source}={shown!r}: unknown kind {kind!r}; kinds: {', '.join(SKIP_KINDS)}")
+        if kind not in kinds:
+            kinds.append(kind)
+    return tuple(kinds)
 
 
 @dataclass
@@ -53,6 +78,8 @@ class KernelPlan:
     library: Path | None = None
     why_off: str | None = None
     report: RewriteReport | None = None
+    skip: tuple[str, ...] = ()  # kinds of node left to onnxruntime (kernel_skip)
+    logits: str = "logits"  # the graph's logits value: where the walk to the LM head starts
 
     @property
     def active(self) -> bool:
@@ -63,7 +90,7 @@ class KernelPlan:
         built and registered only once there is a node to rewrite (a graph without one builds nothing)."""
         if not self.active or self.target is None:
             return
-        would = rewrite_matmul_nbits(proto, self.target, apply=False)
+        would = rewrite_matmul_nbits(proto, self.target, apply=False, skip=self.skip, logits=self.logits)
         if would.rewritten == 0:
             self.report = would
             self.why_off = ("nothing to rewrite: the graph has no MatMulNBits" if not would.total else
@@ -71,7 +98,7 @@ class KernelPlan:
             return
         if self.library is None and not self._load():
             return
-        self.report = rewrite_matmul_nbits(proto, self.target)
+        self.report = rewrite_matmul_nbits(proto, self.target, skip=self.skip, logits=self.logits)
 
     def _load(self) -> bool:
         """Build the target's library and register it in the session options; False (and why_off) where not."""
@@ -104,6 +131,8 @@ class KernelPlan:
         line = f"kernels: {self.report.line()}"
         if self.report.kept:
             line += f" (kept: {self.report.reasons()})"
+        if self.report.skip_notes:
+            line += f" ({'; '.join(self.report.skip_notes)})"
         if self.target == "cpu":
             line += " [CPU reference kernels]"
         return line
@@ -119,12 +148,13 @@ class KernelPlan:
 
 
 def plan_kernels(mode: str, chain: Sequence[str], session_options: Any,
-                 announce: Callable[[str], None] | None = None) -> KernelPlan:
+                 announce: Callable[[str], None] | None = None, *, skip: tuple[str, ...] = (),
+                 logits: str = "logits") -> KernelPlan:
     """The kernels' plan for a session whose providers are ``chain`` (short names, in order of preference) and
     whose options are ``session_options``: which kernels (``target``), or off and why. Its ``edit`` builds, registers
     and rewrites. Never raises for a reason to fall back: the plan carries it (``finish`` makes it an error for "on"
-    and "reference")."""
-    plan = KernelPlan(mode, session_options=session_options, announce=announce)
+    and "reference"). ``skip``: kinds of node left to onnxruntime (``kernel_skip``), the head found from ``logits``."""
+    plan = KernelPlan(mode, session_options=session_options, announce=announce, skip=skip, logits=logits)
     if mode == "off":
         return plan
     first = chain[0] if chain else "cpu"

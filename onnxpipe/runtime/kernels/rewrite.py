@@ -4,6 +4,11 @@ The new node takes the same inputs, outputs and attributes (MatMulInt4 reads exa
 the rewrite is a change of op type and domain, plus the ``onnxpipe`` opset import. A node is left as it is, with the
 reason, where the kernels would not compute it: other bit widths, g_idx or bias inputs, float zero points, K not a
 multiple of the block, a block other than 32/64/128, or (for the CUDA kernel) activations that are not float16.
+
+A policy can keep more (``skip``, kinds found from the graph, never by name): ``head``, the MatMulNBits whose output
+feeds the logits (through shape, cast and elementwise ops only), and ``qkv``, a MatMulNBits whose output is an
+attention node's packed query/key/value input (GroupQueryAttention after ``optimize --target cuda``). A kind asked for
+that the graph does not have is said in the report (``skip_notes``), not an error.
 """
 
 from __future__ import annotations
@@ -17,6 +22,12 @@ BLOCK_SIZES = (32, 64, 128)
 Target = Literal["cuda", "cpu"]  # cpu: the C++ reference kernel (tests, checks), not a fast path
 
 _FLOAT, _UINT8, _FLOAT16 = 1, 2, 10  # onnx.TensorProto data types
+SKIP_KINDS = ("head", "qkv")
+# ops between the LM head's MatMulNBits and the logits that the walk back from the logits goes through (layout,
+# casts, a bias, a soft cap); anything else (a MatMul, a Gather) ends it: then the head is not a MatMulNBits
+_TO_LOGITS = {"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten", "Add", "Mul", "Div",
+              "Tanh", "Gather", "GatherElements", "Slice"}
+_ATTENTION = {"GroupQueryAttention", "MultiHeadAttention", "PackedMultiHeadAttention"}
 
 
 @dataclass
@@ -26,6 +37,7 @@ class RewriteReport:
     total: int = 0
     rewritten: int = 0
     kept: dict[str, str] = field(default_factory=dict)  # node name -> reason
+    skip_notes: list[str] = field(default_factory=list)  # a kind asked to skip that the graph does not have, and why
 
     def line(self) -> str:
         return f"{DOMAIN} {OP} on {self.rewritten} of {self.total} MatMulNBits"
@@ -38,20 +50,31 @@ class RewriteReport:
         return "; ".join(f"{why} ({n} node{'s' if n > 1 else ''})" for why, n in counts.items())
 
 
-def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = True) -> RewriteReport:
+def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = True, skip: tuple[str, ...] = (),
+                         logits: str = "logits") -> RewriteReport:
     """Rewrite the 4-bit MatMulNBits nodes of ``model`` (an onnx.ModelProto, changed in place) that the ``target``
-    kernel computes into onnxpipe.MatMulInt4; ``apply=False`` only reports what it would do. Only the main graph is
-    read (not subgraphs or functions)."""
+    kernel computes into onnxpipe.MatMulInt4; ``apply=False`` only reports what it would do. ``skip``: kinds of node
+    kept as they are (SKIP_KINDS; ``head`` is found from the value named ``logits``). Only the main graph is read (not
+    subgraphs or functions)."""
     if target not in ("cuda", "cpu"):
         raise ValueError(f"unknown kernel target {target!r}")
+    unknown = [k for k in skip if k not in SKIP_KINDS]
+    if unknown:
+        raise ValueError(f"unknown kinds to skip {unknown} (kinds: {', '.join(SKIP_KINDS)})")
     graph = model.graph
     types = _elem_types(graph)
     report = RewriteReport()
+    kinds: dict[int, str] = {}  # index of a node in graph.node -> the kind it is skipped as
+    for kind in skip:
+        found, note = (head_nodes(graph, logits) if kind == "head" else qkv_nodes(graph))
+        kinds.update((i, kind) for i in found if i not in kinds)
+        if not found:
+            report.skip_notes.append(f"skip {kind}: nothing to skip, {note}")
     for i, node in enumerate(graph.node):
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
             continue
         report.total += 1
-        why = why_not(node, types, target)
+        why = why_not(node, types, target) or kinds.get(i)  # a node the kernel would not compute says why first
         if why is not None:
             report.kept[node.name or f"#{i}"] = why
             continue
@@ -62,6 +85,46 @@ def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = T
         entry = model.opset_import.add()
         entry.domain, entry.version = DOMAIN, 1
     return report
+
+
+def _is_nbits(node: Any) -> bool:
+    return bool(node.op_type == "MatMulNBits" and node.domain == "com.microsoft")
+
+
+def head_nodes(graph: Any, logits: str) -> tuple[list[int], str]:
+    """The MatMulNBits node(s) computing the LM head: found by walking back from the value ``logits`` through the
+    ops of ``_TO_LOGITS`` (their non-constant inputs), stopping at the first MatMulNBits on each path. With none:
+    ([], why)."""
+    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    if logits not in producer:
+        return [], f"no node computes {logits!r}"
+    found: list[int] = []
+    seen: set[str] = set()
+    todo = [logits]
+    while todo:
+        value = todo.pop()
+        if value in seen or value not in producer:
+            continue
+        seen.add(value)
+        i = producer[value]
+        node = graph.node[i]
+        if _is_nbits(node):
+            found.append(i)
+        elif node.domain in ("", "ai.onnx") and node.op_type in _TO_LOGITS:
+            todo += list(node.input[:1] if node.op_type in ("Gather", "GatherElements", "Slice") else node.input)
+    if found:
+        return sorted(found), ""
+    return [], f"the {logits!r} output does not come from a MatMulNBits (the LM head is not quantized)"
+
+
+def qkv_nodes(graph: Any) -> tuple[list[int], str]:
+    """The MatMulNBits nodes whose output is an attention node's packed query/key/value (its first input, with no
+    separate key input): ([], why) where there are none."""
+    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    found = sorted({producer[n.input[0]] for n in graph.node
+                    if n.op_type in _ATTENTION and n.domain == "com.microsoft" and n.input and n.input[0] in producer
+                    and not (len(n.input) > 1 and n.input[1]) and _is_nbits(graph.node[producer[n.input[0]]])})
+    return found, "" if found else "no MatMulNBits feeds an attention node's packed query/key/value input"
 
 
 def why_not(node: Any, types: dict[str, int], target: Target) -> str | None:
