@@ -192,7 +192,8 @@ def main_orchestrate(args) -> int:
     builds = {"onnxpipe": Child("build_onnxpipe", spec, log, build_cores)}
     if ("genai" in args.anchors or "genai_graph" in args.anchors) and (cuda or args.genai_cpu):
         builds["genai"] = Child("build_genai", spec, log, build_cores)
-    if {"onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "onnxpipe_int4_graph_kernels"} & set(args.anchors):
+    if {"onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "onnxpipe_int4_graph_kernels",
+        "onnxpipe_int4_graph_kernels_nohead", "onnxpipe_int4_graph_kernels_noqkv"} & set(args.anchors):
         builds["onnxpipe_int4"] = Child("build_onnxpipe_int4", spec, log, build_cores)
     if {"genai_int4", "genai_int4_graph", "genai_int4_graph_fpa"} & set(args.anchors) and (cuda or args.genai_cpu):
         builds["genai_int4"] = Child("build_genai_int4", spec, log, build_cores)
@@ -234,7 +235,8 @@ def main_orchestrate(args) -> int:
     needs = {"onnxpipe": "onnxpipe", "onnxpipe_fullhead": "onnxpipe", "onnxpipe_graph": "onnxpipe", "onnxpipe_graph_hostfed": "onnxpipe", "onnxpipe_graph_xqa": "onnxpipe",
              "onnxpipe_int4_graph": "onnxpipe_int4", "genai_int4": "genai_int4", "genai_int4_graph": "genai_int4",
              "onnxpipe_int4_graph_fpa": "onnxpipe_int4", "genai_int4_graph_fpa": "genai_int4",
-             "onnxpipe_int4_graph_kernels": "onnxpipe_int4",
+             "onnxpipe_int4_graph_kernels": "onnxpipe_int4", "onnxpipe_int4_graph_kernels_nohead": "onnxpipe_int4",
+             "onnxpipe_int4_graph_kernels_noqkv": "onnxpipe_int4",
              "onnxpipe_profile": "onnxpipe", "genai": "genai",
              "genai_graph": "genai"}
     small = [b for b in args.batches if b <= 8]
@@ -321,11 +323,12 @@ def main() -> int:
     ap.add_argument("--shape", default="llama-1b", choices=[k for k in SHAPES if k != "tiny"])
     ap.add_argument("--target", choices=["cpu", "cuda"], help="optimize's target (default: the device's)")
     ap.add_argument("--batches", default="1,8,32")
-    opt_in = ("onnxpipe_graph_xqa", "onnxpipe_int4_graph_fpa", "genai_int4_graph_fpa", "onnxpipe_int4_graph_kernels")
+    opt_in = ("onnxpipe_graph_xqa", "onnxpipe_int4_graph_fpa", "genai_int4_graph_fpa", "onnxpipe_int4_graph_kernels",
+              "onnxpipe_int4_graph_kernels_nohead", "onnxpipe_int4_graph_kernels_noqkv")
     ap.add_argument("--anchors", default=",".join(a for a in ANCHORS if a not in opt_in),
                     help="default: all but " + ", ".join(opt_in) + " (XQA, runs 7-8: level with the default kernel; "
-                         "the fpA_intB ones: opt-in kernels; the last: onnxpipe's own kernels, built at first use "
-                         "with nvcc)")
+                         "the fpA_intB ones: opt-in kernels; the last three: onnxpipe's own kernels, built at first use "
+                         "with nvcc, everywhere, all but the LM head, all but the packed qkv)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

@@ -24,6 +24,8 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "onnxpipe_int4_graph": "onnxpipe int4 (symmetric RTN) + CUDA graphs",
     "onnxpipe_int4_graph_fpa": "onnxpipe int4 + CUDA graphs + ORT_FPA_INTB_GEMM=1",
     "onnxpipe_int4_graph_kernels": "onnxpipe int4 + CUDA graphs + onnxpipe kernels (MatMulInt4)",
+    "onnxpipe_int4_graph_kernels_nohead": "onnxpipe int4 + CUDA graphs + onnxpipe kernels but the LM head",
+    "onnxpipe_int4_graph_kernels_noqkv": "onnxpipe int4 + CUDA graphs + onnxpipe kernels but the packed qkv",
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
     "genai_int4": "ORT GenAI int4",
@@ -32,7 +34,8 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
 }
 LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
 PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_fullhead", "onnxpipe_graph", "onnxpipe_graph_hostfed", "onnxpipe_graph_xqa", "genai", "genai_graph",
-            "onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "onnxpipe_int4_graph_kernels", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
+            "onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "onnxpipe_int4_graph_kernels",
+            "onnxpipe_int4_graph_kernels_nohead", "onnxpipe_int4_graph_kernels_noqkv", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
             "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 
@@ -167,7 +170,9 @@ def child_onnxpipe(spec: dict) -> None:
              + (", CUDA graphs" if spec.get("cuda_graph") else "")
              + (", ORT_ENABLE_XQA=1" if os.environ.get("ORT_ENABLE_XQA") == "1" else "")
              + (", ORT_FPA_INTB_GEMM=1" if os.environ.get("ORT_FPA_INTB_GEMM") == "1" else "")
-             + (f", ONNXPIPE_KERNELS={os.environ['ONNXPIPE_KERNELS']}" if os.environ.get("ONNXPIPE_KERNELS") else ""))
+             + (f", ONNXPIPE_KERNELS={os.environ['ONNXPIPE_KERNELS']}" if os.environ.get("ONNXPIPE_KERNELS") else "")
+             + (f", ONNXPIPE_KERNELS_SKIP={os.environ['ONNXPIPE_KERNELS_SKIP']}"
+                if os.environ.get("ONNXPIPE_KERNELS") and os.environ.get("ONNXPIPE_KERNELS_SKIP") else ""))
     try:
         if spec.get("full_head"):  # the graph's LM head on every prompt position (no last-position gather)
             from onnxpipe.runtime.generate import LanguageModel
@@ -396,11 +401,14 @@ def _int4_tokens(spec: dict, batch: int, tokens: list[list[int]], info: dict) ->
             "first_divergence": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n) for a, b in pairs]}
 
 
-def _with_kernels(child, spec: dict) -> None:
+def _with_kernels(child, spec: dict, skip: str = "") -> None:
     """onnxpipe's own kernels (onnxpipe.runtime.kernels: MatMulNBits -> onnxpipe.MatMulInt4 at load) through the
-    variable the decoder session reads, set before the child loads the model; "on": a fallback fails the row.
+    variables the decoder session reads, set before the child loads the model; "on": a fallback fails the row.
+    ``skip``: the kinds of node left to MatMulNBits (ONNXPIPE_KERNELS_SKIP, e.g. "head": the LM head found from the
+    graph), set for every kernels row so a value in the caller's environment never reaches the other one.
     ONNXPIPE_BENCH_KERNELS=reference runs the CPU reference kernels instead (the --device cpu smoke of the wiring)."""
     os.environ["ONNXPIPE_KERNELS"] = os.environ.get("ONNXPIPE_BENCH_KERNELS", "on")
+    os.environ["ONNXPIPE_KERNELS_SKIP"] = skip
     child(spec)
 
 
@@ -427,6 +435,12 @@ CHILDREN = {
     "onnxpipe_int4_graph_fpa": lambda s: _with_fpa(child_onnxpipe, dict(s, cuda_graph=True, optimized=s["int4"])),
     "onnxpipe_int4_graph_kernels": lambda s: _with_kernels(child_onnxpipe, dict(
         s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json"))),
+    "onnxpipe_int4_graph_kernels_nohead": lambda s: _with_kernels(child_onnxpipe, dict(
+        s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json")),
+        skip="head"),
+    "onnxpipe_int4_graph_kernels_noqkv": lambda s: _with_kernels(child_onnxpipe, dict(
+        s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json")),
+        skip="qkv"),
     "build_onnxpipe_int4": lambda s: child_build_onnxpipe_int4(s),
     "build_genai_int4": lambda s: child_build_genai(dict(s, genai=s["genai_int4"], genai_precision="int4"),
                                                     stage="genai_int4"),

@@ -140,3 +140,25 @@ def test_skip_head_on_a_model_whose_head_is_not_int4_says_there_is_nothing_to_sk
     assert [m for m in said if m.startswith("kernels:")] == [
         "kernels: onnxpipe MatMulInt4 on 14 of 14 MatMulNBits (skip head: nothing to skip, the 'logits' output does "
         "not come from a MatMulNBits (the LM head is not quantized)) [CPU reference kernels]"]
+
+
+def test_the_kinds_are_found_on_the_cuda_form_graph(byte_model: Callable[[str], Path], tmp_path: Path) -> None:
+    """On `optimize --target cuda`'s graph (q, k and v packed into one MatMul before GroupQueryAttention), int4 with
+    the head: qkv is one MatMulNBits a layer, head the one computing the logits, and nothing else is taken for them."""
+    from onnxpipe.fusion import optimize_model
+    from onnxpipe.runtime.kernels.rewrite import rewrite_matmul_nbits
+
+    (tmp_path / "eval.txt").write_text(EVAL.read_text()[:3000])
+    optimize_model(byte_model("llama"), tmp_path / "cuda", level=3, target="cuda")
+    quantize_model(tmp_path / "cuda", tmp_path / "int4", "int4", eval_file=tmp_path / "eval.txt", eval_context=64,
+                   algo="rtn", block_size=32, lm_head="int4")
+    proto = onnx.load(str(tmp_path / "int4" / "model.onnx"))
+    nbits = {n.name: n for n in proto.graph.node if n.op_type == "MatMulNBits"}
+    gqa_inputs = {n.input[0] for n in proto.graph.node if n.op_type == "GroupQueryAttention"}
+    report = rewrite_matmul_nbits(proto, "cpu", apply=False, skip=("qkv", "head"))
+    qkv = sorted(k for k, why in report.kept.items() if why == "qkv")
+    head = [k for k, why in report.kept.items() if why == "head"]
+    assert len(qkv) == len(gqa_inputs) == 2 and all(nbits[k].output[0] in gqa_inputs for k in qkv)
+    width = {k: next(a.i for a in n.attribute if a.name == "N") for k, n in nbits.items()}
+    assert head == [max(width, key=width.__getitem__)] and sorted(width.values())[-2] < width[head[0]]  # the vocab
+    assert report.total == len(nbits) and report.rewritten == len(nbits) - 3 and not report.skip_notes

@@ -122,8 +122,9 @@ def test_the_nohead_bench_anchor_runs_the_kernels_with_the_head_skipped(monkeypa
         (os.environ["ONNXPIPE_KERNELS"], os.environ["ONNXPIPE_KERNELS_SKIP"], spec)))
     spec = {"work": str(tmp_path), "int4": str(tmp_path / "int4"), "optimized": str(tmp_path / "optimized")}
     anchors.CHILDREN["onnxpipe_int4_graph_kernels_nohead"](spec)
+    anchors.CHILDREN["onnxpipe_int4_graph_kernels_noqkv"](spec)
     anchors.CHILDREN["onnxpipe_int4_graph_kernels"](spec)
-    assert [(k, s) for k, s, _ in seen] == [("on", "head"), ("on", "")]
+    assert [(k, s) for k, s, _ in seen] == [("on", "head"), ("on", "qkv"), ("on", "")]
     for _, _, got in seen:
         assert got["optimized"] == spec["int4"] and got["cuda_graph"]
         assert got["int4_tokens_in"] == str(tmp_path / "int4_tokens.json")  # compared with the plain int4 run's
