@@ -14,7 +14,8 @@ time by kind (KERNEL_GROUPS: the int4 GEMMs, onnxruntime's MatMulNBits, other GE
 Decode variants run at each of --batches (rows of one prompt repeated; GenAI's CUDA graphs at batch 1 only).
 
 onnxpipe_int4_graph_kernels is the int4 model with onnxpipe's own kernels (DecoderSession(kernels="on"):
-MatMulNBits -> onnxpipe.MatMulInt4 at load; "reference" with --provider cpu). With both it and onnxpipe_int4_graph
+MatMulNBits -> onnxpipe.MatMulInt4 at load; "reference" with --provider cpu); onnxpipe_int4_graph_kernels_nohead the
+same with the LM head left on MatMulNBits (kernel_skip="head"; opt-in: name it in --variants). With both it and onnxpipe_int4_graph
 in --variants, a "compare" line per batch puts the two profiles side by side: step, busy time and each kind's time
 before and after, and the kernels whose time moved most. --budget-s starts no variant past that many seconds (the
 rest are listed as skipped) and gives each child at most what is left (and --cap-s).
@@ -168,7 +169,7 @@ def profiled(step, steps: int, work: Path, name: str, provider: str = "cuda") ->
     return kernel_table(trace, steps, t_wall)
 
 
-def child_onnxpipe(spec: dict, model: str, graph: bool, fed: bool, kernels: str = "off") -> None:
+def child_onnxpipe(spec: dict, model: str, graph: bool, fed: bool, kernels: str = "off", kernel_skip: str = "") -> None:
     import numpy as np
 
     from onnxpipe.runtime.generate import LanguageModel
@@ -177,7 +178,7 @@ def child_onnxpipe(spec: dict, model: str, graph: bool, fed: bool, kernels: str 
     if kernels != "off" and spec["provider"] == "cpu":
         kernels = "reference"  # the smoke test: the same wiring on the CPU reference kernels
     s = DecoderSession(model, spec["provider"], cuda_graph=graph, feed_back=fed if graph else False,
-                       kernels=kernels, announce=lambda m: print(m, flush=True))
+                       kernels=kernels, kernel_skip=kernel_skip, announce=lambda m: print(m, flush=True))
     lm = LanguageModel(s, None)
     total = spec["prompt"] + spec["steps"] + 8
     cfg = lm._config({"max_new_tokens": spec["steps"] + 8, "stop_token_ids": []})
@@ -328,8 +329,7 @@ def main() -> int:
             child_genai(spec, str(w / ("genai-int4" if "int4" in v else "genai")), graph=v.endswith("graph"))
         else:
             model = str(w / ("int4" if "int4" in v else "optimized"))
-            child_onnxpipe(spec, model, graph="nograph" not in v, fed="hostfed" not in v,
-                           kernels="on" if v.endswith("_kernels") else "off")
+            child_onnxpipe(spec, model, graph="nograph" not in v, fed="hostfed" not in v, **kernel_options(v))
         return 0
 
     out = Path(args.out)
@@ -388,6 +388,13 @@ def main() -> int:
     for line in results["compare"]:
         print(line, flush=True)
     return 0
+
+
+def kernel_options(variant: str) -> dict[str, str]:
+    """child_onnxpipe's kernels for an onnxpipe variant: ours in ``*_kernels`` and ``*_kernels_nohead`` (opt-in, not
+    in VARIANTS: the LM head left to MatMulNBits), none elsewhere."""
+    ours = variant.endswith(("_kernels", "_kernels_nohead"))
+    return {"kernels": "on" if ours else "off", "kernel_skip": "head" if variant.endswith("_kernels_nohead") else ""}
 
 
 def runs(variants: list[str], batches: list[int]) -> list[tuple[str, int]]:

@@ -126,3 +126,11 @@ def test_budget_starts_nothing_past_it(tmp_path: Path) -> None:
     assert result["skipped"] == ["onnxpipe_int4_graph: past --budget-s", "onnxpipe_int4_graph_kernels: past --budget-s",
                                  "onnxpipe_int4_graph b8: past --budget-s",
                                  "onnxpipe_int4_graph_kernels b8: past --budget-s"]
+
+
+def test_each_variant_gets_its_kernels(pd: ModuleType) -> None:
+    assert pd.kernel_options("onnxpipe_int4_graph") == {"kernels": "off", "kernel_skip": ""}
+    assert pd.kernel_options("onnxpipe_int4_graph_kernels") == {"kernels": "on", "kernel_skip": ""}
+    assert pd.kernel_options("onnxpipe_int4_graph_kernels_nohead") == {"kernels": "on", "kernel_skip": "head"}
+    assert pd.kernel_options("onnxpipe_graph") == {"kernels": "off", "kernel_skip": ""}
+
