@@ -71,7 +71,7 @@ def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = T
         if not found:
             report.skip_notes.append(f"skip {kind}: nothing to skip, {note}")
     for i, node in enumerate(graph.node):
-        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+        if not _is_nbits(node):
             continue
         report.total += 1
         why = why_not(node, types, target) or kinds.get(i)  # a node the kernel would not compute says why first
