@@ -14,6 +14,8 @@ row's next prefill chunk writes before anything reads it; its output is not read
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
@@ -136,13 +138,18 @@ class SlotTable:
         decoding = self.decoding()
         return int(decoding[-1]) + 1 if len(decoding) else 1
 
-    def stepped(self, tokens: dict[int, int]) -> None:
-        """After a decode step: each decoding row holds one more position; ``tokens``: row -> its next token."""
-        rows = self.decoding()
-        self.counts[rows] += 1
-        for row, token in tokens.items():
-            self._held(row, DECODING)
-            self.tokens[row] = token
+    def stepped(self, rows: Sequence[int] | np.ndarray = (), tokens: Sequence[int] | np.ndarray = ()) -> None:
+        """After a decode step: each decoding row holds one more position; ``tokens[i]`` is the next token of row
+        ``rows[i]`` (a decoding row). Whole arrays, no Python per row: this is on the serving loop's serial path."""
+        rows, tokens = np.asarray(rows, np.int64), np.asarray(tokens, np.int64)
+        if rows.shape != tokens.shape or rows.ndim != 1:
+            raise OnnxpipeError(f"{len(rows)} rows and {len(tokens)} tokens: one token per row")
+        decoding = self.state == DECODING
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.rows or np.count_nonzero(decoding[rows]) != len(rows)):
+            for row in rows.tolist():
+                self._held(row, DECODING)  # raises, naming the first row that is not decoding
+        self.counts += decoding
+        self.tokens[rows] = tokens
 
     def _held(self, row: int, state: int) -> None:
         if not 0 <= row < self.rows or self.state[row] != state:

@@ -70,11 +70,15 @@ def test_step_inputs_mask_each_row_by_its_own_count():
     assert mask.sum(axis=1).tolist() == [6, 4, 3, 1] and mask.shape == (4, 6)
     assert (mask == (np.arange(6)[None] < mask.sum(axis=1)[:, None])).all()  # ones from the left
     assert positions[:, 0].tolist() == [5, 3, 2, 0]  # a masked row writes just past what it holds
-    t.stepped({a: 43, c: 8})
+    t.stepped([a, c], [43, 8])
     assert t.counts.tolist() == [6, 3, 3, 0] and t.tokens[[a, c]].tolist() == [43, 8]
     assert t.state.tolist() == [DECODING, PREFILLING, DECODING, FREE]
     with pytest.raises(OnnxpipeError, match="not decoding"):
-        t.stepped({b: 1})
+        t.stepped([b], [1])
+    for bad in (-1, 4):  # no row's index wraps around or passes the table
+        with pytest.raises(OnnxpipeError, match=f"row {bad} is not decoding"):
+            t.stepped([a, bad], [1, 1])
+    assert t.counts.tolist() == [6, 3, 3, 0] and t.tokens[a] == 43  # a refused step changes nothing
     t.release(a)
     assert t.counts[a] == 0 and t.state[a] == FREE
 
@@ -89,7 +93,7 @@ def test_chunks_and_full_rows():
         t.prefilled(row, 8)
     t.prefilled(row, 7)
     t.start_decoding(row, 1)
-    t.stepped({})
+    t.stepped()
     with pytest.raises(OnnxpipeError, match="full"):
         t.step_inputs()
 
