@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import ctypes
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -60,6 +59,7 @@ from onnxpipe.runtime.session import KVCache
 from onnxpipe.serve.budget import Allowance
 from onnxpipe.serve.loop import BatchLoop, Request
 from onnxpipe.serve.row_prefill import RowPrefill
+from onnxpipe.serve.rows_worker import Job, RowsWorker
 from onnxpipe.serve.slot_table import SlotTable
 
 DEFAULT_MAX_LENGTH = 2048  # a row's tokens (prompt and reply) unless max_length says otherwise
@@ -175,9 +175,9 @@ class SlotScheduler(BatchLoop):
         self.prefix = RowPrefix(lm, self.cache) if s.device == "cpu" and not s.cuda_graph else None
         self._admitted: list[Request] = []  # holding a row, their prompts being read, in order of admission
         self._changed = True  # a row joined, left or was prefilled into since the last decode step
-        # a fed step's rows being processed on the rows thread: (rows, future of _process, True)
-        self._pending: tuple[list[Request], Future, bool] | None = None
-        self._rows_thread: ThreadPoolExecutor | None = None  # made on the loop's thread (``_started``)
+        # a fed step's rows being processed on the rows thread: (rows, job of _process, True)
+        self._pending: tuple[list[Request], Job, bool] | None = None
+        self._rows_thread: RowsWorker | None = None  # made on the loop's thread (``_started``)
 
     # ---- the loop's steps ----
     def _started(self) -> None:
@@ -192,7 +192,7 @@ class SlotScheduler(BatchLoop):
         warm = s.cuda_graph and self.table.free_rows() == self.table.rows
         if warm:
             self.cache = s.new_cache(self.max_batch, capacity=self.cache.capacity)
-        self._rows_thread = ThreadPoolExecutor(1, thread_name_prefix="onnxpipe-rows")
+        self._rows_thread = RowsWorker("onnxpipe-rows")
         if warm and self.rows.chunk_graphs and self.warm_rows:  # the rows are empty, the thread the loop's
             try:
                 self.rows.warm(list(range(self.max_batch - 1, self.max_batch - 1 - self.warm_rows, -1)),
@@ -456,9 +456,9 @@ class SlotScheduler(BatchLoop):
         """The step whose rows are being processed on the rows thread, waited for and applied."""
         if self._pending is None:
             return
-        running, future, _ = self._pending
+        running, job, _ = self._pending
         self._pending = None
-        self._apply(running, future.result())
+        self._apply(running, job.result())
 
     def _drop_cancelled_in_flight(self) -> None:
         if not any(r.cancelled.is_set() for r in self._admitted + self._running):
