@@ -49,10 +49,16 @@ class Request:
     cache: KVCache | None = None
     prefilled: int = 0
     slot: int = -1  # the row of the fixed batch it holds (slot layout), from admission until it leaves
+    # the loop's log of cancels (``BatchLoop._cancels``): a request cancelled appends itself, so that an iteration
+    # looks for cancelled requests only when there may be one (one test of a list, not one per request)
+    cancels: list[Request] | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         """The client is gone: the scheduler drops the request at its next iteration, freeing its place."""
-        self.cancelled.set()
+        if not self.cancelled.is_set():
+            self.cancelled.set()  # before the log: a look that finds the log's entry finds the flag set
+            if self.cancels is not None:
+                self.cancels.append(self)
 
 
 @dataclass
@@ -90,6 +96,7 @@ class BatchLoop:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._ids = itertools.count(1)
+        self._cancels: list[Request] = []  # appended by Request.cancel from any thread; emptied by _drop_cancelled
         self._stop = False
         self._thread: threading.Thread | None = None
         # where each iteration's time went, when a caller (the load test) sets a deque: (start, prompt tokens read,
@@ -109,7 +116,7 @@ class BatchLoop:
             if len(self._waiting) >= self.max_queue:
                 self.stats.rejected += 1
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
-            req = Request(row, emit, next(self._ids))
+            req = Request(row, emit, next(self._ids), cancels=self._cancels)
             self._waiting.append(req)
             self._cond.notify()
         return req
@@ -143,7 +150,8 @@ class BatchLoop:
                 if self._stop:
                     break
                 allowance = self.budget.iteration(decoding=bool(self._running))
-                self._admit(self.budget.chunk or allowance.next(0, MAX_CHUNK))
+                if self._waiting:
+                    self._admit(self.budget.chunk or allowance.next(0, MAX_CHUNK))
             try:
                 self._drop_cancelled()
                 start = time.perf_counter()
@@ -169,6 +177,12 @@ class BatchLoop:
             self._send(req, ("error", "the server is shutting down"))
 
     def _drop_cancelled(self) -> None:
+        """The cancelled requests dropped, waiting or in flight; nothing to look at while none was cancelled since
+        the last look (the log is emptied of what this look covers: a cancel logged meanwhile stays for the next)."""
+        seen = len(self._cancels)
+        if not seen:
+            return
+        del self._cancels[:seen]
         with self._cond:
             gone = [r for r in self._waiting if r.cancelled.is_set()]
             for r in gone:

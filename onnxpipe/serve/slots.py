@@ -178,6 +178,8 @@ class SlotScheduler(BatchLoop):
         # a fed step's rows being processed on the rows thread: (rows, job of _process, True)
         self._pending: tuple[list[Request], Job, bool] | None = None
         self._rows_thread: RowsWorker | None = None  # made on the loop's thread (``_started``)
+        # after a processed step: the fewest new tokens any row going on may still take (``_process``)
+        self._slack = 0
 
     # ---- the loop's steps ----
     def _started(self) -> None:
@@ -238,8 +240,9 @@ class SlotScheduler(BatchLoop):
         runs counted in the allowance. With ``prefill_group`` > 1, whole prompts not yet begun are read up to that
         many in one run (``_group_run``): the short ones (the first group of them whatever their tokens, then as
         many as ``budget.whole`` allows), and with a budget of tokens those whose padded run fits what is left."""
-        if self._admitted:
-            self._settle()  # rows join self._running below: the step being processed is applied first
+        if not self._admitted:
+            return 0
+        self._settle()  # rows join self._running below: the step being processed is applied first
         read, (whole, most) = 0, self.budget.whole
         shorts: list[Request] = []
         for req in self._admitted:
@@ -407,23 +410,26 @@ class SlotScheduler(BatchLoop):
             self._settle()  # the step before, applied: its rows that ended leave; this step's tokens for them unread
             running = self._running
             self.stats.overlapped_steps += 1
+        # whether a row's token of this step is its last (by length): overlapped, the processing of the step before
+        # counted it over the rows it left running (these), so no look at each row here
+        ends = self._slack <= 1 if overlap else any(r.row.limit - len(r.row.tokens) <= 1 for r in running)
         # this step's rows processed now, or on the rows thread while the next step runs; now too where a request
         # waits or is being read: the next iteration's admission or prefill would wait for the rows thread at once
         # (a handoff to it and back, under a GIL the event loop holds while it writes the step's chunks)
-        ends = any(len(r.row.tokens) + 1 >= r.row.limit for r in running)
         if (fed and not ends and not self._changed and self._rows_thread is not None and not self._waiting
                 and not self._admitted):
             self._pending = (running, self._rows_thread.submit(self._process, running, out), True)
         else:
-            self._apply(running, self._process(running, out))
+            self._apply(running, *self._process(running, out))
 
-    def _process(self, running: list[Request], out: np.ndarray) -> list[Request]:
+    def _process(self, running: list[Request], out: np.ndarray) -> tuple[list[Request], int]:
         """Each row's token taken (its text and event made) and the table moved on (each row one position more, its
-        token for the next host-fed step); returns the requests that go on. On the rows thread while the next step
-        runs, so the table's update is off the serial path between two steps (after a sleep-like wait its numpy calls
-        ran cold there: ~40 us on the 2-core machine); the loop's thread touches the table only once it has settled
-        the step."""
+        token for the next host-fed step); returns the requests that go on and the fewest new tokens one of them may
+        still take (``_decode_step``'s ``ends``). On the rows thread while the next step runs, so the table's update
+        is off the serial path between two steps (after a sleep-like wait its numpy calls ran cold there: ~40 us on
+        the 2-core machine); the loop's thread touches the table only once it has settled the step."""
         rows, tokens, keep = [], [], []
+        slack = 1 << 62
         for req in running:
             try:
                 token = self._choose(req, out, req.slot)
@@ -433,15 +439,18 @@ class SlotScheduler(BatchLoop):
             except Exception as e:  # a row whose sampling or callback fails leaves alone
                 self._fail(req, e)
                 continue
-            if req.cancelled.is_set() and not req.row.done:
+            row = req.row
+            if req.cancelled.is_set() and not row.done:
                 self.stats.cancelled += 1
-            elif not req.row.done:
+            elif not row.done:
                 keep.append(req)
+                slack = min(slack, row.limit - len(row.tokens))
         self.table.stepped(rows, tokens)
-        return keep
+        return keep, slack
 
-    def _apply(self, running: list[Request], keep: list[Request]) -> None:
+    def _apply(self, running: list[Request], keep: list[Request], slack: int) -> None:
         """A processed step's requests: those that ended or failed leave, their rows released."""
+        self._slack = slack
         if len(keep) == len(running):  # every row goes on (``keep`` is ``running`` less those that left)
             self._running = keep
             return
@@ -458,11 +467,11 @@ class SlotScheduler(BatchLoop):
             return
         running, job, _ = self._pending
         self._pending = None
-        self._apply(running, job.result())
+        self._apply(running, *job.result())
 
     def _drop_cancelled_in_flight(self) -> None:
         if not any(r.cancelled.is_set() for r in self._admitted + self._running):
-            return  # every iteration: one look at each request, no more
+            return  # looked at only once a cancel was logged (``_drop_cancelled``)
         self._settle()
         for reqs in (self._admitted, self._running):
             for req in [r for r in reqs if r.cancelled.is_set()]:

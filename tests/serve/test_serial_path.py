@@ -9,8 +9,10 @@ import threading
 import time
 
 import pytest
+from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, submit
 
 from onnxpipe.serve.rows_worker import RowsWorker
+from onnxpipe.serve.scheduler import make_scheduler
 
 
 @pytest.mark.fast
@@ -49,3 +51,81 @@ def test_the_rows_worker_runs_jobs_in_order_and_hands_back_values_and_errors():
     with pytest.raises(RuntimeError, match="shut down"):
         worker.submit(fails)
 
+
+def _iterate(sched) -> None:
+    """One iteration of the loop, on this thread (the loop's own steps, as ``BatchLoop._loop`` runs them)."""
+    with sched._cond:
+        allowance = sched.budget.iteration(decoding=bool(sched._running))
+        if sched._waiting:
+            sched._admit(sched.budget.chunk or 16)
+    sched._drop_cancelled()
+    sched._prefill(allowance)
+    if sched._running:
+        sched._decode_step()
+
+
+def test_an_iteration_looks_for_cancelled_requests_only_after_a_cancel(stdlib_cuda_model, monkeypatch):
+    lm = slot_lm(stdlib_cuda_model, True)
+    sched = make_scheduler(lm, max_batch=3, prefill_chunk=16, max_length=128)
+    sched._started()
+    looks = {"n": 0}
+    look = sched._drop_cancelled_in_flight
+
+    def counted() -> None:
+        looks["n"] += 1
+        look()
+
+    monkeypatch.setattr(sched, "_drop_cancelled_in_flight", counted)
+    try:
+        q, req = submit(sched, lm, PROMPTS[0], 60)
+        _, other = submit(sched, lm, PROMPTS[2], 60)
+        for _ in range(6):
+            _iterate(sched)
+        assert looks["n"] == 0 and len(sched._running) == 2  # nothing cancelled: no look at each request
+        req.cancel()
+        req.cancel()  # twice: logged once
+        _iterate(sched)
+        assert looks["n"] == 1 and sched._running == [other] and sched.stats.cancelled == 1
+        assert sched.table.free_rows() == 2 and q.empty()  # its row freed, no event after the cancel
+        for _ in range(3):
+            _iterate(sched)
+        assert looks["n"] == 1 and not sched._cancels
+        _, waiting = submit(sched, lm, PROMPTS[1], 5)
+        waiting.cancel()  # cancelled while it waits: dropped before its prompt is read
+        _iterate(sched)
+        assert looks["n"] == 2 and not sched._waiting and not sched._admitted and sched.stats.cancelled == 2
+    finally:
+        sched._settle()
+        sched._rows_thread.shutdown(wait=True)
+
+
+def test_no_row_that_ends_by_length_is_processed_on_the_rows_thread(stdlib_cuda_model, monkeypatch):
+    """A step whose token is a row's last by length is processed before the next step runs (that row must not be
+    stepped again on the device): the look is now the rows' processing's count of the fewest tokens left, not a look
+    at each row between the steps. Requests of different lengths, overlapped steps between their ends."""
+    lm = slot_lm(stdlib_cuda_model, True)
+    alone = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
+    alone.start()
+    try:
+        solo = [result(submit(alone, lm, p, n)[0]) for p, n in zip(PROMPTS, LENGTHS)]
+    finally:
+        alone.stop()
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
+    process = sched._process
+    on_rows_thread: list[list[str | None]] = []
+
+    def recorded(running, out):
+        keep, slack = process(running, out)
+        if threading.current_thread() is sched._rows_thread.thread:
+            on_rows_thread.append([r.row.finish_reason for r in running])
+        return keep, slack
+
+    monkeypatch.setattr(sched, "_process", recorded)
+    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS, LENGTHS)]
+    sched.start()
+    try:
+        assert [result(q) for q in waiting] == solo
+    finally:
+        sched.stop()
+    assert sched.stats.overlapped_steps > 0 and len(on_rows_thread) > 10
+    assert not [reasons for reasons in on_rows_thread if "length" in reasons]
