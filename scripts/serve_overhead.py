@@ -13,7 +13,9 @@ tokens/s get to the offline batch. This script measures that part on the CPU:
   ``load_test.py --build-1b`` makes its model; fp32 on the CPU EP, ~0.3 ms a 32-row step on the 2-core machine)
   whose every run takes at least a GPU's time: a replay of the decode graph (``gpu_graph_id`` >= 0) ``--step-ms``, any
   other run (a prefill into a row, outside the graph) ``--prefill-ms``, the rest slept with ``time.sleep`` (which
-  releases the GIL, as onnxruntime's CUDA run does). The tokens are the tiny model's own, so they are deterministic.
+  releases the GIL, as onnxruntime's CUDA run does; with ``--sleep precise``, the default, on threads whose timer
+  slack is 1 ns, so that a sleep ends within ~40 us of its time here rather than ~90). The tokens are the tiny
+  model's own, so they are deterministic.
 
 The offline figure is the same stand-in's: a batch of ``streams`` prompts read in one prefill run, then
 ``max_tokens - 1`` decode steps, per request a client sends (``offline``). served / offline is the ratio a GPU run
@@ -38,6 +40,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 
 MAX_BUDGET_S = 120.0  # the whole run, at most
+PR_SET_TIMERSLACK = 29  # linux/prctl.h
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             vocab_size=1024, max_position_embeddings=512, tie_word_embeddings=True)
 
@@ -108,9 +112,11 @@ class PacedRuns:
     the wrapped session's."""
 
     def __init__(self, inner: Any, cost: DeviceCost, clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, new_thread: Callable[[], Any] | None = None):
         self._inner, self.cost, self._clock, self._sleep = inner, cost, clock, sleep
         self.runs: list[Run] = []
+        # called once on each thread that runs, before its first run (``precise_timers``: its sleeps end on time)
+        self._new_thread, self._threads = new_thread, set()
 
     def io_binding(self) -> "TokenCount":
         return TokenCount(self._inner.io_binding())
@@ -119,6 +125,9 @@ class PacedRuns:
         gid = int(run_options.get_run_config_entry("gpu_graph_id") or -1) if run_options is not None else -1
         kind = "step" if gid >= 0 else "prefill"
         tokens = getattr(io, "tokens", 0)
+        if self._new_thread is not None and threading.get_ident() not in self._threads:
+            self._threads.add(threading.get_ident())
+            self._new_thread()
         start, cpu = self._clock(), time.thread_time()
         self._inner.run_with_iobinding(getattr(io, "inner", io), run_options)
         inner, cpu = self._clock() - start, time.thread_time() - cpu
@@ -147,7 +156,19 @@ class TokenCount:
         return getattr(self.inner, name)
 
 
-def stand_in(model_dir: Path, cost: DeviceCost) -> tuple[Any, PacedRuns]:
+def precise_timers() -> bool:
+    """Ask Linux for 1 ns of timer slack on the calling thread (prctl PR_SET_TIMERSLACK): by default a sleep of
+    this thread may end up to 50 us late so that the kernel can group wakeups, which a GPU's wait (a spin) does not
+    do; False where it cannot be asked (not Linux)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def stand_in(model_dir: Path, cost: DeviceCost, precise: bool = True) -> tuple[Any, PacedRuns]:
     """The model directory (a CUDA form: ``optimize --target cuda``) on the CPU EP, one thread, through the session's
     CUDA-graph slot path with the step tail (what a GPU server runs, minus the GPU), its runs paced by ``cost``."""
     from onnxpipe.runtime.generate import LanguageModel
@@ -158,7 +179,7 @@ def stand_in(model_dir: Path, cost: DeviceCost) -> tuple[Any, PacedRuns]:
     if not (s.shares_buffer and s.fed):
         raise SystemExit(f"{model_dir}: not a shared-buffer graph with the step tail (optimize --target cuda)")
     s.cuda_graph = True  # decode steps through the session's graph slot (replays by graph id), as on a GPU
-    paced = PacedRuns(s.session, cost)
+    paced = PacedRuns(s.session, cost, new_thread=precise_timers if precise else None)
     s.session = paced
     return LanguageModel(s, Tokenizer.from_dir(model_dir)), paced
 
@@ -238,7 +259,9 @@ def measure(lm: Any, paced: PacedRuns, args: argparse.Namespace, prompts: list[l
         threads = {"scheduler": sched._thread, "event loop": server.thread}
         before = thread_cpu(threads)
         row = in_client_process(left_s, level, server.url, args.streams, prompts, args.max_tokens, args.client)
-        rows = next(iter(list(getattr(sched._rows_thread, "_threads", ()))), None)  # made at its first use
+        rows = getattr(sched._rows_thread, "thread", None)  # the rows worker's
+        if rows is None:  # an older serve/: a thread pool's thread, made at its first use
+            rows = next(iter(list(getattr(sched._rows_thread, "_threads", ()))), None)
         if rows is not None:
             threads["rows"] = rows
         after = thread_cpu(threads)
@@ -319,6 +342,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--client", choices=("raw", "httpx"), default="raw",
                    help="load_test.py's clients: raw (HTTP on asyncio streams, a few us a chunk) or httpx (its lines "
                         "through its layers: at 32 streams it falls behind the server)")
+    p.add_argument("--sleep", choices=("precise", "plain"), default="precise",
+                   help="the stand-in's wait: precise (its threads' timer slack 1 ns, as a GPU's wait that spins "
+                        "ends on time) or plain (Linux's default slack: each run ends ~50 us late, counted as "
+                        "the server's own time, as in the figures measured before this option)")
     p.add_argument("--repeats", type=int, default=3, help="served runs, each on a server of its own")
     p.add_argument("--budget-s", type=float, default=100.0, help=f"bound on the whole run (at most {MAX_BUDGET_S:.0f})")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -358,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     end = time.monotonic() + args.budget_s
     cost = DeviceCost(args.step_ms / 1e3, args.prefill_ms / 1e3, args.prefill_token_us / 1e6)
     model = args.model or build_tiny(args.workdir)
-    lm, paced = stand_in(model, cost)
-    overshoot = sleep_overshoot(cost.step_s - 0.0003)
+    lm, paced = stand_in(model, cost, precise=args.sleep == "precise")
+    plain = sleep_overshoot(cost.step_s - 0.0003)
+    overshoot = sleep_overshoot(cost.step_s - 0.0003) if args.sleep == "precise" and precise_timers() else plain
     offline = cost.offline(args.streams, args.max_tokens, args.requests_per_client, args.prompt_tokens)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, lm.session.vocab_size, (args.streams * args.requests_per_client,
@@ -379,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": str(model), "cost": asdict(cost),
               "onnxpipe": str(Path(onnxpipe.__file__).parent),
               "cpus": os.cpu_count(), "load_average": os.getloadavg(), "sleep_overshoot_ms": 1e3 * overshoot,
+              "sleep_overshoot_plain_ms": 1e3 * plain,
               "offline": offline, "runs": runs, "skipped": skipped,
               "args": {k: str(v) for k, v in vars(args).items()}}
     print_report(report)
@@ -395,7 +424,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"stand-in device: decode step {1e3 * c['step_s']:.2f} ms, prefill run {1e3 * c['prefill_s']:.2f} ms + "
           f"{1e6 * c['prefill_token_s']:.2f} us a token; "
           f"{report['cpus']} CPUs, load average {report['load_average'][0]:.1f}; time.sleep's own overshoot "
-          f"{report['sleep_overshoot_ms']:.3f} ms")
+          f"{report['sleep_overshoot_ms']:.3f} ms ({report['args'].get('sleep', 'plain')}; plain: "
+          f"{report.get('sleep_overshoot_plain_ms', float('nan')):.3f} ms)")
     print(f"offline (the stand-in's batch): {off['tokens']} tokens in {off['seconds']:.3f} s = "
           f"{off['tokens_per_s']:.0f} tok/s")
     if not runs:

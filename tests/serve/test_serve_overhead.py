@@ -103,6 +103,26 @@ def test_a_run_is_paced_to_its_kind_and_tokens_and_what_it_stood_for_is_recorded
     assert len(clock.slept) == 3 and paced.runs[-1].device_s == pytest.approx(0.005)
 
 
+def test_each_thread_that_runs_is_set_up_once_before_its_first_run():
+    """--sleep precise: each thread that runs the stand-in gets its timer slack set (here a stand-in callable) once,
+    before its first sleep; plain: nothing is asked."""
+    import threading
+
+    clock = _Clock(inner=0.0004, late=0.0)
+    calls: list[int] = []
+    paced = so.PacedRuns(_Inner(clock), so.DeviceCost(0.0017, 0.0021, 1e-6), clock=clock, sleep=clock.sleep,
+                         new_thread=lambda: calls.append(threading.get_ident()))
+    for _ in range(3):
+        paced.run_with_iobinding(None, _Options("3"))
+    other = threading.Thread(target=lambda: paced.run_with_iobinding(None, _Options("3")))
+    other.start()
+    other.join()
+    assert calls == [threading.get_ident(), other.ident] and len(paced.runs) == 4
+    plain = so.PacedRuns(_Inner(clock), so.DeviceCost(0.0017, 0.0021, 1e-6), clock=clock, sleep=clock.sleep)
+    plain.run_with_iobinding(None, _Options("3"))
+    assert len(calls) == 2 and so.parse_args([]).sleep == "precise" and so.parse_args(["--sleep", "plain"]).sleep == "plain"
+
+
 def test_the_breakdown_counts_the_window_only():
     Run = so.Run
     runs = [Run("prefill", 0.5, 0.001, 0.001, 0.0023, 0.0),  # before the window
