@@ -112,12 +112,20 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         except OnnxpipeError as e:
             raise ApiError(503, str(e), type="server_error") from None
 
+    def stopping() -> bool:
+        """The server was asked to stop (Ctrl-C, SIGTERM, ``ServerThread.stop``): uvicorn's exit flag."""
+        server = app.state.server
+        return server is not None and bool(server.should_exit)
+
     async def next_events(request: HttpRequest, inbox: Inbox, checked: list[float]) -> list[Any] | None:
         """The request's events delivered so far (at least one), or None once its client is gone. The connection
         is looked at every DISCONNECT_POLL_S (``checked``: when it last was), events flowing or not: uvicorn drops
         what is sent to a closed connection without an error, so a stream would otherwise run to its end for
-        nobody."""
+        nobody. Once the server is stopping, raises ``ServerStopping``: uvicorn waits GRACEFUL_SHUTDOWN_S for open
+        responses and then cuts them mid-body, so each ends here with an error its client can read instead."""
         while True:
+            if stopping():
+                raise ServerStopping()
             if time.monotonic() - checked[0] >= DISCONNECT_POLL_S:
                 checked[0] = time.monotonic()
                 if await request.is_disconnected():
@@ -140,7 +148,10 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         checked = [time.monotonic()]
         try:
             while True:
-                events = await next_events(request, inbox, checked)
+                try:
+                    events = await next_events(request, inbox, checked)
+                except ServerStopping as e:
+                    return error(e.api_error())
                 if events is None:  # the client is gone: free its place
                     req.cancel()
                     return error(ApiError(499, "the client closed the request"))
@@ -175,7 +186,11 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                 yield sse(protocol.chunk(rid, model_name, True, "", role=True))
             finished = False
             while not finished:
-                events = await next_events(request, inbox, checked)
+                try:
+                    events = await next_events(request, inbox, checked)
+                except ServerStopping as e:  # an error event, then the stream's proper end
+                    yield sse(e.api_error().body()) + "data: [DONE]\n\n"
+                    return
                 if events is None:
                     return
                 text, reason, out = "", None, []
@@ -244,11 +259,20 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                             Route("/health", health, methods=["GET"])],
                     exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan)
     app.state.scheduler = scheduler
+    app.state.server = None  # the uvicorn.Server running the app, set by whoever starts it: its exit flag ends streams
     # a caller measuring the server (the load test) sets a list: each stream then appends (its prompt's tokens, the
     # perf_counter times at which its chunks with text were written to the connection), the inter-token gaps as the
     # server made them, whatever a client's reads join
     app.state.stream_times = None
     return app
+
+
+class ServerStopping(Exception):
+    """The server is stopping: a request still open gets a 503 (or, streaming, an error event and ``[DONE]``)."""
+
+    def api_error(self) -> ApiError:
+        return ApiError(503, "the server is shutting down; the request was stopped before its end",
+                        type="server_error", code="server_shutting_down")
 
 
 class ServerThread:
@@ -261,6 +285,7 @@ class ServerThread:
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
                                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
         self.host, self.start_timeout = host, start_timeout
+        app.state.server = self.server
         self.thread = threading.Thread(target=self.server.run, name="onnxpipe-serve", daemon=True)
         self.port = 0
 
@@ -310,4 +335,12 @@ def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
                   + (", CUDA graphs" if lm.session.cuda_graph else "") if lm.session.shares_buffer
                   else f"max batch {max_batch}")
         announce(f"serving {name} ({lm.provider}) on http://{host}:{port} ({layout}, queue {max_queue})")
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    app.state.server = server
+    try:  # Ctrl-C or SIGTERM: open responses end with a "server_shutting_down" error, then the scheduler stops
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has stopped
+        pass
+    if not server.started:
+        raise OnnxpipeError(f"the server could not start on {host}:{port} (see the lines above)")
