@@ -20,6 +20,11 @@ from onnxpipe.runtime.generate import GenerationResult
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's)
 FINISH = {"eos": "stop", "stop_string": "stop", "repetition": "stop", "length": "length"}
+# fields that would change what is generated or returned, which this server does not do: refused with a 400 naming
+# the field unless at their no-op value (null, false, 0, "", [] or {}), never ignored. OpenAI's, then vLLM's
+# extensions (a client written for vLLM sends them).
+UNSUPPORTED = ("logprobs", "echo", "top_logprobs", "suffix", "tools", "logit_bias", "min_p", "min_tokens",
+               "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class ApiError(Exception):
@@ -72,9 +77,16 @@ def parse_request(body: Any, model_name: str, chat: bool) -> ParsedRequest:
             raise ApiError(400, f"{name} is not supported here (use repetition_penalty)", name)
     if _int(body.get("n", 1), "n", 1) != 1:
         raise ApiError(400, "n must be 1 (one choice per request)", "n")
-    for name in ("logprobs", "echo", "top_logprobs", "best_of", "suffix", "tools", "response_format"):
-        if body.get(name) not in (None, False) and not (name == "best_of" and body.get(name) == 1):
+    for name in UNSUPPORTED:
+        if not _no_op(body.get(name)):
             raise ApiError(400, f"{name} is not supported by this server", name)
+    if body.get("best_of") not in (None, 1):
+        raise ApiError(400, "best_of is not supported by this server", "best_of")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise ApiError(400, "response_format is not supported by this server (only {\"type\": \"text\"})",
+                       "response_format")
+    if body.get("tool_choice") not in (None, "none", "auto"):  # no tools here: "required" or a named one cannot be met
+        raise ApiError(400, "tool_choice: this server calls no tools (tools are not supported)", "tool_choice")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, "ignore_eos must be true or false", "ignore_eos")
@@ -85,11 +97,17 @@ def parse_request(body: Any, model_name: str, chat: bool) -> ParsedRequest:
         raise ApiError(400, "stream must be true or false", "stream")
     out.stream = stream
     stream_options = body.get("stream_options")
+    if stream_options is not None and not stream:
+        raise ApiError(400, "stream_options is only allowed with stream true", "stream_options")
     if stream_options is not None:
         if not isinstance(stream_options, dict) or not isinstance(stream_options.get("include_usage", False), bool):
             raise ApiError(400, "stream_options must be an object with include_usage true or false", "stream_options")
         out.include_usage = bool(stream_options.get("include_usage", False))
     return out
+
+
+def _no_op(value: Any) -> bool:
+    return value is None or value is False or (type(value) in (int, float) and value == 0) or value in ("", [], {})
 
 
 def _prompt(value: Any) -> str | list[int]:

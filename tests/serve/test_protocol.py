@@ -1,0 +1,61 @@
+"""The OpenAI request fields as the server reads them (``serve/protocol.py``), without a model: what changes the
+answer and is not done here is refused with a 400 naming the field, never ignored; no-op values pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from onnxpipe.serve.protocol import ApiError, parse_request
+
+MODEL = "m"
+BASE = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def refused(extra: dict, chat: bool = True) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        parse_request({**BASE, **extra} if chat else {"model": MODEL, "prompt": "a", **extra}, MODEL, chat)
+    assert e.value.status == 400 and e.value.message
+    return e.value
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("extra", [
+    {"logit_bias": {"50256": -100}},
+    {"min_p": 0.1},
+    {"min_tokens": 5},
+    {"guided_json": {"type": "object"}},
+    {"guided_choice": ["yes", "no"]},
+    {"prompt_logprobs": 1},
+    {"response_format": {"type": "json_object"}},
+    {"tool_choice": "required"},
+    {"tool_choice": {"type": "function", "function": {"name": "f"}}},
+    {"tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"logprobs": True},
+    {"top_logprobs": 2},
+])
+def test_fields_that_would_change_the_answer_are_refused_naming_them(extra):
+    (name,) = extra
+    assert refused(extra).param == name
+
+
+@pytest.mark.fast
+def test_their_no_op_values_and_unknown_fields_pass():
+    for extra in ({"logit_bias": {}}, {"logit_bias": None}, {"min_p": 0.0}, {"min_tokens": 0}, {"tools": []},
+                  {"tool_choice": "none"}, {"tool_choice": "auto"}, {"response_format": {"type": "text"}},
+                  {"logprobs": False}, {"top_logprobs": 0}, {"user": "u1", "metadata": {"a": "b"}, "store": False},
+                  {"parallel_tool_calls": False, "some_future_field": [1, 2]}):
+        parsed = parse_request({**BASE, **extra}, MODEL, True)
+        assert parsed.messages == BASE["messages"], extra
+    assert parse_request({"model": MODEL, "prompt": "a", "best_of": 1, "echo": False, "suffix": ""}, MODEL,
+                         False).prompt == "a"
+    assert refused({"best_of": 2}, chat=False).param == "best_of"
+    assert refused({"echo": True}, chat=False).param == "echo"
+
+
+@pytest.mark.fast
+def test_stream_options_need_a_stream():
+    assert refused({"stream_options": {"include_usage": True}}).param == "stream_options"
+    assert refused({"stream_options": {"include_usage": True}, "stream": False}).param == "stream_options"
+    parsed = parse_request({**BASE, "stream": True, "stream_options": {"include_usage": True}}, MODEL, True)
+    assert parsed.stream and parsed.include_usage
+
