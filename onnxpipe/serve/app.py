@@ -57,6 +57,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         return JSONResponse(e.body(), status_code=e.status)
 
     async def read_json(request: HttpRequest) -> Any:
+        protocol.check_content_type(request.headers.get("content-type"))
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
@@ -70,7 +71,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
 
     def prepare(parsed: protocol.ParsedRequest, chat: bool) -> Any:
         """The request's RowState: its prompt as token ids, checked against the model's context."""
-        what = "messages" if chat else "prompt"
+        what, subject = ("messages", "conversation") if chat else ("prompt", "prompt")
         try:
             if chat:
                 ids = lm.chat_prompt(parsed.messages or [])
@@ -83,10 +84,10 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         context = scheduler.max_length  # the model's context, or the fixed rows' length
         room = context - len(ids)
         if room < 1:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens; the {what} has "
+            raise ApiError(400, f"This model's maximum context length is {context} tokens; the {subject} has "
                                 f"{len(ids)} tokens, leaving no room for a reply", what, code="context_length_exceeded")
         if parsed.max_tokens is not None and parsed.max_tokens > room:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens; the {what} has "
+            raise ApiError(400, f"This model's maximum context length is {context} tokens; the {subject} has "
                                 f"{len(ids)} tokens and max_tokens asks for {parsed.max_tokens} more",
                            "max_tokens", code="context_length_exceeded")
         max_tokens = parsed.max_tokens or (room if chat else min(protocol.DEFAULT_COMPLETION_TOKENS, room))

@@ -49,6 +49,17 @@ class ParsedRequest:
     include_usage: bool = False
 
 
+def check_content_type(value: str | None) -> None:
+    """A body is read as JSON when it says it is (``application/json`` or ``application/*+json``) or says nothing.
+    Anything else is a 415: a form or ``text/plain`` is what a web page may send to a local server without asking
+    (no CORS preflight), and what ``curl -d`` sends when ``-H 'Content-Type: application/json'`` was left out."""
+    if value is None:
+        return
+    kind = value.split(";", 1)[0].strip().lower()
+    if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+        raise ApiError(415, f"Content-Type must be application/json, got {value[:80]!r}")
+
+
 def parse_request(body: Any, model_name: str, chat: bool) -> ParsedRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")

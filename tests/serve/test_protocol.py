@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from onnxpipe.serve.protocol import ApiError, parse_request
+from onnxpipe.serve.protocol import ApiError, check_content_type, parse_request
 
 MODEL = "m"
 BASE = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -59,3 +59,14 @@ def test_stream_options_need_a_stream():
     parsed = parse_request({**BASE, "stream": True, "stream_options": {"include_usage": True}}, MODEL, True)
     assert parsed.stream and parsed.include_usage
 
+
+@pytest.mark.fast
+def test_a_body_that_is_not_said_to_be_json_is_a_415():
+    for value in (None, "application/json", "application/json; charset=utf-8", "Application/JSON",
+                  "application/vnd.api+json"):
+        check_content_type(value)
+    for value in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "",
+                  "application/jsonp"):
+        with pytest.raises(ApiError) as e:
+            check_content_type(value)
+        assert e.value.status == 415 and "application/json" in e.value.message

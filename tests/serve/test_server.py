@@ -136,6 +136,10 @@ def test_bad_requests_get_openai_errors(server, stdlib_lm):
     for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
         r = httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["message"]
+    for kind in ("text/plain", "application/x-www-form-urlencoded"):  # what a web page may send without asking
+        r = httpx.post(url, content=json.dumps({"model": MODEL, "prompt": "a"}), headers={"content-type": kind},
+                       timeout=30)
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text
     chat = server.url + "/v1/chat/completions"
     for messages in ([], [{"content": "a"}], [{"role": "user", "content": 3}], "hi"):
         r = httpx.post(chat, json={"model": MODEL, "messages": messages}, timeout=30)
