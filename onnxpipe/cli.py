@@ -265,7 +265,7 @@ def chat(model_dir: Path, provider: str, system: str | None, max_new_tokens: int
     import sys
 
     from onnxpipe.runtime.generate import load
-    from onnxpipe.serve.console import run_console
+    from onnxpipe.serve.console import run_console, terminal_lines
 
     lm = load(model_dir, provider, threads=threads, announce=_log)
     lm.chat_prompt([{"role": "user", "content": "x"}])  # no template: one line now, not after the first message
@@ -274,7 +274,10 @@ def chat(model_dir: Path, provider: str, system: str | None, max_new_tokens: int
         click.echo(text, nl=False)
         sys.stdout.flush()
 
-    run_console(lm, sys.stdin, write, _log, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()  # a person at a terminal: a prompt, line editing, a hint
+    if terminal:
+        _log("type a message and Enter; /reset starts over, Ctrl-C stops a reply, Ctrl-D ends")
+    run_console(lm, terminal_lines() if terminal else sys.stdin, write, _log, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p, seed=seed)
 
 

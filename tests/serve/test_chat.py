@@ -74,7 +74,7 @@ def test_chat_console_goes_on_after_a_line_it_cannot_take(stdlib_lm):
     notes: list[str] = []
     turns = run_console(lm, ["def fib(n):\n", "ab\udcffcd\n", "import os\n"], out.append, notes.append,
                         max_new_tokens=12)
-    assert len(notes) == 1 and notes[0].startswith("error: ") and "not valid Unicode" in notes[0], notes
+    assert notes == ["error: the line is not UTF-8 (byte 0xff at character 3); it was not sent"], notes
     assert "".join(out) == f"{first}\n{second}\n"
     assert [t["content"] for t in turns] == ["def fib(n):", first, "import os", second]
 
@@ -98,3 +98,87 @@ def test_chat_console_drops_the_oldest_turns_to_fit(stdlib_lm, stdlib_model):
     assert r.exit_code == 0, r.output
     assert "the oldest turn was dropped" in r.stderr
     assert "error" not in r.stderr and r.stdout.strip()
+
+
+def test_chat_console_refuses_a_message_too_long_for_the_context_and_keeps_the_conversation(stdlib_lm):
+    """A message that cannot fit however many turns are dropped is one error, and the turns before it stay: they
+    were dropped for nothing before it was refused."""
+    from onnxpipe.serve.console import run_console
+
+    lm = stdlib_lm
+    first = lm.chat(USER, max_new_tokens=12).text
+    second = lm.chat(USER + [{"role": "assistant", "content": first}, {"role": "user", "content": "import os"}],
+                     max_new_tokens=12).text
+    huge = "x = 1 " * 200
+    assert len(lm.chat_prompt([{"role": "user", "content": huge}])) > lm.session.max_positions
+    out: list[str] = []
+    notes: list[str] = []
+    turns = run_console(lm, ["def fib(n):\n", huge + "\n", "import os\n"], out.append, notes.append,
+                        max_new_tokens=12)
+    assert len(notes) == 1 and "does not fit" in notes[0] and "--max-new-tokens" in notes[0], notes
+    assert "".join(out) == f"{first}\n{second}\n"
+    assert [t["content"] for t in turns] == ["def fib(n):", first, "import os", second]
+
+
+def test_chat_console_with_max_new_tokens_past_the_context_keeps_the_conversation(stdlib_lm):
+    """--max-new-tokens larger than the context kept no room for the conversation: every line dropped all the turns
+    before it. The room kept for a reply is at most half the context (a reply stops at the context's end anyway)."""
+    from onnxpipe.serve.console import run_console
+
+    lm = stdlib_lm
+    options = dict(max_new_tokens=10 * lm.session.max_positions, stop_strings=["\n"])
+    first = lm.chat([{"role": "user", "content": "import os"}], **options).text
+    convo = [{"role": "user", "content": "import os"}, {"role": "assistant", "content": first},
+             {"role": "user", "content": "import re"}]
+    second = lm.chat(convo, **options).text
+    assert len(lm.chat_prompt(convo)) < lm.session.max_positions // 2  # it fits beside half the context
+    out: list[str] = []
+    notes: list[str] = []
+    turns = run_console(lm, ["import os\n", "import re\n"], out.append, notes.append, **options)
+    assert notes == [] and "".join(out) == f"{first}\n{second}\n"
+    assert [t["content"] for t in turns] == ["import os", first, "import re", second]
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_the_console_goes_on(stdlib_lm):
+    """Ctrl-C while a reply streams ends that reply (what was written stays in the conversation); the next line is
+    answered. It ended the whole console before."""
+    from onnxpipe.serve.console import run_console
+
+    lm = stdlib_lm
+    out: list[str] = []
+    notes: list[str] = []
+
+    pressed: list[bool] = []
+
+    def write(text: str) -> None:
+        if len(out) == 3 and not pressed:  # at the fourth piece of the first reply
+            pressed.append(True)
+            raise KeyboardInterrupt
+        out.append(text)
+
+    turns = run_console(lm, ["def fib(n):\n", "import os\n"], write, notes.append, max_new_tokens=12)
+    assert notes == ["(reply interrupted)"]
+    assert out[3] == "\n"  # the interrupted reply's line is ended
+    partial = "".join(out[:3])
+    assert partial and turns[:2] == [{"role": "user", "content": "def fib(n):"},
+                                     {"role": "assistant", "content": partial}]
+    second = lm.chat(turns[:2] + [{"role": "user", "content": "import os"}], max_new_tokens=12).text
+    assert turns[2:] == [{"role": "user", "content": "import os"}, {"role": "assistant", "content": second}]
+
+
+def test_terminal_lines_prompt_and_end_at_ctrl_d(monkeypatch, capsys):
+    from onnxpipe.serve.console import terminal_lines
+
+    typed = iter(["hello", "", "/reset"])
+    prompts: list[str] = []
+
+    def fake_input(prompt: str) -> str:
+        prompts.append(prompt)
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert list(terminal_lines()) == ["hello", "", "/reset"]
+    assert prompts == ["> "] * 4 and capsys.readouterr().out == "\n"
