@@ -228,9 +228,17 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     async def chat_completions(request: HttpRequest) -> Any:
         return await generate(request, chat=True)
 
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "onnxpipe"}
+
     async def models(request: HttpRequest) -> Any:
-        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                                         "owned_by": "onnxpipe"}]})
+        return JSONResponse({"object": "list", "data": [model_card]})
+
+    async def one_model(request: HttpRequest) -> Any:  # the openai client's models.retrieve(id)
+        asked = request.path_params["model"]
+        if asked != model_name:
+            return error(ApiError(404, f"The model `{asked}` does not exist; this server serves `{model_name}`",
+                                  "model", code="model_not_found"))
+        return JSONResponse(model_card)
 
     async def health(request: HttpRequest) -> Any:
         return JSONResponse({"status": "ok", "model": model_name, **scheduler.load(), "stats": vars(scheduler.stats)})
@@ -257,6 +265,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
                             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                             Route("/v1/models", models, methods=["GET"]),
+                            Route("/v1/models/{model:path}", one_model, methods=["GET"]),
                             Route("/health", health, methods=["GET"])],
                     exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan)
     app.state.scheduler = scheduler

@@ -50,6 +50,10 @@ def client(server) -> openai.OpenAI:
 def test_concurrent_greedy_clients_get_what_they_get_alone(server, stdlib_lm):
     c = client(server)
     assert [m.id for m in c.models.list().data] == [MODEL]
+    assert c.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("org/other-model")
+    assert e.value.body["code"] == "model_not_found"
     assert len(stdlib_lm.encode(PROMPTS[4])) > 2 * 16  # prefilled over several chunks
 
     def complete(prompt):
