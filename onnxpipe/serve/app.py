@@ -64,10 +64,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not JSON ({getattr(e, 'msg', e)})") from None
+        return protocol.parse_json(raw)
 
     def prepare(parsed: protocol.ParsedRequest, chat: bool) -> Any:
         """The request's RowState: its prompt as token ids, checked against the model's context."""

@@ -60,6 +60,17 @@ def check_content_type(value: str | None) -> None:
         raise ApiError(415, f"Content-Type must be application/json, got {value[:80]!r}")
 
 
+def parse_json(raw: bytes) -> Any:
+    """The body as JSON; whatever json refuses is a 400 (an integer of more than Python's 4300 digits and a nesting
+    deeper than its recursion limit are refused by a ValueError and a RecursionError: they were 500s)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the request body is not JSON this server reads (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise ApiError(400, f"the request body is not JSON ({getattr(e, 'msg', None) or e})") from None
+
+
 def parse_request(body: Any, model_name: str, chat: bool) -> ParsedRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")

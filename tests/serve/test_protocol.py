@@ -70,3 +70,16 @@ def test_a_body_that_is_not_said_to_be_json_is_a_415():
         with pytest.raises(ApiError) as e:
             check_content_type(value)
         assert e.value.status == 415 and "application/json" in e.value.message
+
+
+@pytest.mark.fast
+def test_a_body_json_cannot_read_is_a_400_not_a_500():
+    from onnxpipe.serve.protocol import parse_json
+
+    assert parse_json(b'{"a": [1, 2.5, "x"]}') == {"a": [1, 2.5, "x"]}
+    for raw, says in ((b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+                      (b'{"seed": ' + b"9" * 5000 + b"}", "digits"),
+                      (b"{not json", "not JSON"), (b"\xff\xfe", "not JSON"), (b"", "not JSON")):
+        with pytest.raises(ApiError) as e:
+            parse_json(raw)
+        assert e.value.status == 400 and says in e.value.message, (raw[:20], e.value.message)
