@@ -74,6 +74,7 @@ def parse_json(raw: bytes) -> Any:
 def parse_request(body: Any, model_name: str, chat: bool) -> ParsedRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}  # null is "not given", as OpenAI's nullable fields take it
     model = body.get("model")
     if not isinstance(model, str):
         raise ApiError(400, "model must be a string (GET /v1/models lists the one served)", "model")
@@ -85,8 +86,8 @@ def parse_request(body: Any, model_name: str, chat: bool) -> ParsedRequest:
         out.messages = _messages(body.get("messages"))
     else:
         out.prompt = _prompt(body.get("prompt"))
-    max_tokens = body.get("max_completion_tokens") if chat and body.get("max_tokens") is None else body.get("max_tokens")
-    out.max_tokens = _int(max_tokens, "max_tokens", 1, optional=True)
+    tokens_field = "max_completion_tokens" if chat and "max_tokens" not in body else "max_tokens"
+    out.max_tokens = _int(body.get(tokens_field), tokens_field, 1, optional=True)
     temperature = _number(body.get("temperature", 1.0), "temperature", 0.0, 2.0)  # OpenAI's default: sampling
     out.options = {"temperature": temperature,
                    "top_p": _number(body.get("top_p", 1.0), "top_p", 0.0, 1.0, low_open=True),
@@ -122,9 +123,10 @@ def parse_request(body: Any, model_name: str, chat: bool) -> ParsedRequest:
     if stream_options is not None and not stream:
         raise ApiError(400, "stream_options is only allowed with stream true", "stream_options")
     if stream_options is not None:
-        if not isinstance(stream_options, dict) or not isinstance(stream_options.get("include_usage", False), bool):
+        include_usage = stream_options.get("include_usage") if isinstance(stream_options, dict) else "not an object"
+        if include_usage is not None and not isinstance(include_usage, bool):
             raise ApiError(400, "stream_options must be an object with include_usage true or false", "stream_options")
-        out.include_usage = bool(stream_options.get("include_usage", False))
+        out.include_usage = bool(include_usage)
     return out
 
 

@@ -83,3 +83,26 @@ def test_a_body_json_cannot_read_is_a_400_not_a_500():
         with pytest.raises(ApiError) as e:
             parse_json(raw)
         assert e.value.status == 400 and says in e.value.message, (raw[:20], e.value.message)
+
+
+@pytest.mark.fast
+def test_null_is_a_field_not_given():
+    """OpenAI's optional fields are nullable, and clients send null for "the default": each was a 400 ("must be a
+    number, got null") where the field was read with a default."""
+    nulls = {name: None for name in ("temperature", "top_p", "top_k", "repetition_penalty", "n", "seed", "stop",
+                                     "frequency_penalty", "presence_penalty", "stream", "ignore_eos", "max_tokens",
+                                     "logit_bias", "tools", "tool_choice", "response_format", "user")}
+    parsed = parse_request({**BASE, **nulls}, MODEL, True)
+    assert parsed.options == parse_request(BASE, MODEL, True).options
+    assert (parsed.max_tokens, parsed.stream, parsed.include_usage) == (None, False, False)
+    streamed = parse_request({**BASE, "stream": True, "stream_options": {"include_usage": None}}, MODEL, True)
+    assert streamed.stream and not streamed.include_usage
+    assert refused({"temperature": "hot"}).param == "temperature"  # a wrong type still is a 400
+
+
+@pytest.mark.fast
+def test_a_bad_max_completion_tokens_is_named_as_sent():
+    assert parse_request({**BASE, "max_completion_tokens": 7}, MODEL, True).max_tokens == 7
+    assert parse_request({**BASE, "max_tokens": 5, "max_completion_tokens": 7}, MODEL, True).max_tokens == 5
+    assert refused({"max_completion_tokens": 0}).param == "max_completion_tokens"
+    assert refused({"max_tokens": 0}).param == "max_tokens"
