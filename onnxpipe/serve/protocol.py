@@ -50,14 +50,14 @@ class ParsedRequest:
 
 
 def check_content_type(value: str | None) -> None:
-    """A body is read as JSON when it says it is (``application/json`` or ``application/*+json``) or says nothing.
-    Anything else is a 415: a form or ``text/plain`` is what a web page may send to a local server without asking
-    (no CORS preflight), and what ``curl -d`` sends when ``-H 'Content-Type: application/json'`` was left out."""
-    if value is None:
-        return
-    kind = value.split(";", 1)[0].strip().lower()
+    """A body is read as JSON when it says it is (``application/json`` or ``application/*+json``). Anything else,
+    no Content-Type included, is a 415: a form, ``text/plain`` or a body without a type is what a web page may send
+    to a local server without asking (no CORS preflight); a form is also what ``curl -d`` sends when ``-H
+    'Content-Type: application/json'`` was left out."""
+    kind = (value or "").split(";", 1)[0].strip().lower()
     if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
-        raise ApiError(415, f"Content-Type must be application/json, got {value[:80]!r}")
+        got = repr(value[:80]) if value is not None else "none"
+        raise ApiError(415, f"Content-Type must be application/json, got {got}")
 
 
 def parse_json(raw: bytes) -> Any:
