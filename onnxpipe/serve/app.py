@@ -342,6 +342,9 @@ def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
                   + (", CUDA graphs" if lm.session.cuda_graph else "") if lm.session.shares_buffer
                   else f"max batch {max_batch}")
         announce(f"serving {name} ({lm.provider}) on http://{host}:{port} ({layout}, queue {max_queue})")
+        if lm.tokenizer is None or lm.tokenizer.chat_template is None:  # said once now, not only in each 400
+            announce(f"{model_dir}: no chat template, so /v1/chat/completions answers 400; /v1/completions takes "
+                     "plain prompts")
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     app.state.server = server

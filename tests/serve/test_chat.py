@@ -182,3 +182,25 @@ def test_terminal_lines_prompt_and_end_at_ctrl_d(monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", fake_input)
     assert list(terminal_lines()) == ["hello", "", "/reset"]
     assert prompts == ["> "] * 4 and capsys.readouterr().out == "\n"
+
+
+def test_serve_says_at_start_when_the_model_has_no_chat_template(stdlib_model, tmp_path, monkeypatch):
+    """A base model's /v1/chat/completions can only answer 400: that is said once when the server starts, not first
+    found by a client."""
+    import uvicorn
+
+    from onnxpipe.serve.app import serve_forever
+
+    def started(self):  # the server "runs" and stops at once: what is checked is what was said before
+        self.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    bare = tmp_path / "bare"
+    shutil.copytree(stdlib_model, bare)
+    for model, says in ((stdlib_model, False), (bare, True)):
+        if model is bare:
+            (bare / "chat_template.jinja").unlink()
+        lines: list[str] = []
+        serve_forever(model, provider="cpu", port=0, announce=lines.append)
+        assert any(line.startswith("serving ") for line in lines), lines
+        assert any("no chat template" in line and "/v1/chat/completions" in line for line in lines) == says, lines
