@@ -182,7 +182,7 @@ def optimize(in_dir: Path, out_dir: Path, level: int, target: str, passes: str |
     click.echo(f"wrote {result.model_dir.path} in {result.seconds:.1f}s")
 
 
-@main.command()
+@main.command(context_settings={"allow_extra_args": True})  # a stray word gets a hint, not click's bare refusal
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompt_texts", multiple=True, help="A prompt (repeatable).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts: one per line, or .jsonl with {\"prompt\": ...}.")
@@ -216,6 +216,10 @@ def generate(model_dir: Path, prompt_texts: tuple[str, ...], prompts_file: Path 
     from onnxpipe.runtime.generate import load, read_prompts, unescape
     from onnxpipe.runtime.providers import TensorRTOptions
 
+    stray = click.get_current_context().args
+    if stray:  # `generate DIR "text"` or `generate DIR --chat "text"`: the text was meant as the prompt
+        raise click.UsageError(f"unexpected argument {stray[0]!r}: a prompt goes after --prompt "
+                               f"(onnxpipe generate DIR{' --chat' if chat else ''} --prompt TEXT)")
     if bool(prompt_texts) == bool(prompts_file):
         raise click.UsageError("give --prompt TEXT or --prompts FILE (one of them)")
     if system is not None and not chat:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from click.testing import CliRunner
 
 from onnxpipe.cli import main
@@ -204,3 +205,11 @@ def test_serve_says_at_start_when_the_model_has_no_chat_template(stdlib_model, t
         serve_forever(model, provider="cpu", port=0, announce=lines.append)
         assert any(line.startswith("serving ") for line in lines), lines
         assert any("no chat template" in line and "/v1/chat/completions" in line for line in lines) == says, lines
+
+
+@pytest.mark.fast
+def test_generate_with_the_prompt_as_a_bare_word_says_where_it_goes(tmp_path):
+    for args, hint in ((["--chat", "What is ONNX?"], "--chat --prompt TEXT"), (["What is ONNX?"], "DIR --prompt TEXT")):
+        r = CliRunner().invoke(main, ["generate", str(tmp_path)] + args)
+        assert r.exit_code == 2 and "'What is ONNX?'" in r.output and hint in r.output, r.output
+        assert "Traceback" not in r.output
