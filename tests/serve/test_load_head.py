@@ -42,7 +42,11 @@ def test_serve_asks_for_the_head_at_the_read_position(stdlib_cuda_model: Path, c
     from onnxpipe.serve.app import serve_forever
 
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.setdefault("app", app))
+
+    def run(self: uvicorn.Server) -> None:  # the server "runs" and stops at once; what it serves is kept
+        served["app"], self.started = self.config.app, True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     serve_forever(stdlib_cuda_model, provider="cpu", threads=1, max_batch=2, max_length=64)
     scheduler = served["app"].state.scheduler
     try:
