@@ -341,7 +341,8 @@ def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
         layout = (f"{max_batch} fixed rows of {app.state.scheduler.max_length} tokens"
                   + (", CUDA graphs" if lm.session.cuda_graph else "") if lm.session.shares_buffer
                   else f"max batch {max_batch}")
-        announce(f"serving {name} ({lm.provider}) on http://{host}:{port} ({layout}, queue {max_queue})")
+        where = f"http://{host}:{port}" if port else f"http://{host} on a free port (named by the Uvicorn line below)"
+        announce(f"serving {name} ({lm.provider}) on {where} ({layout}, queue {max_queue})")
         if lm.tokenizer is None or lm.tokenizer.chat_template is None:  # said once now, not only in each 400
             announce(f"{model_dir}: no chat template, so /v1/chat/completions answers 400; /v1/completions takes "
                      "plain prompts")
