@@ -401,10 +401,10 @@ class CudaGraphs:
 
     # ---- chunks of a prompt into one row of a slot (serve's slot layout) ----
     def run_chunk(self, values: list[Any], row: int, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                  last_index: np.ndarray) -> tuple[np.ndarray, bool] | str:
+                  last_index: np.ndarray, logits: bool = True) -> tuple[np.ndarray | None, bool] | str:
         """One chunk of a prompt into row ``row`` of the slot whose KV buffers are ``values``, through the captured
-        graph of (row, chunk width): (its logits at ``last_index`` [1, vocab] float32, whether this run captured the
-        graph), or, where it cannot run so, why (a key of ``CHUNK_SKIPS``: no such slot, a width not in CHUNK_WIDTHS,
+        graph of (row, chunk width): (its logits at ``last_index`` [1, vocab] float32, or None with ``logits=False``:
+        nothing read back, whether this run captured the graph), or, where it cannot run so, why (a key of ``CHUNK_SKIPS``: no such slot, a width not in CHUNK_WIDTHS,
         a mask not at the slot's full width, no last-position head, a thread the slot's decode graph was not captured
         on, or a new graph past CHUNK_GRAPHS_PER_SLOT): the caller runs the same inputs uncaptured.
 
@@ -417,7 +417,12 @@ class CudaGraphs:
         its keys and values are written from there and its rotary positions follow; the width of the mask is never
         read as a length, only as the total the graph's shapes are made for, as in the decode graph. A capture's
         repeated runs (onnxruntime runs a graph id's first use several times in one call) write the same entries
-        again: a chunk run is idempotent."""
+        again: a chunk run is idempotent.
+
+        The graph has input and output buffers of its own (its step tail's outputs too: ``_bind_scratch``) and writes
+        of the slot's buffers only the row's keys and values: the decode graph's inputs stay as its last step wrote
+        them, so a slot that was primed stays primed. Whether the next decode step may then be fed on the device is
+        the caller's to say (serve parks a row being read where fed steps cannot write over its prompt)."""
         host = self.host
         width = ids.shape[1]
         slot = next((s for s in self.slots.values() if s.cache and values
@@ -443,8 +448,7 @@ class CudaGraphs:
         host._run_graph(cg.io, cg.run_options, f"a CUDA-graph prefill chunk (row {row}, {width} tokens)")
         cg.threads.add(thread)
         cg.runs += 1
-        slot.primed = False  # the decode buffers were not written: the next step goes up from the host
-        return host._select(cg.logits, np.zeros(1, np.int64), "logits"), captures
+        return (host._select(cg.logits, np.zeros(1, np.int64), "logits") if logits else None), captures
 
     def _chunk_graph(self, slot: _GraphSlot, row: int, width: int) -> _ChunkGraph:
         host = self.host

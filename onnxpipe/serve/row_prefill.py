@@ -14,6 +14,9 @@ thread, an earlier failure), the same inputs run uncaptured, and the reason is c
 keys, values and logits do not depend on whether it was captured and a run says why its chunks were not. The padding's keys and values land just
 past the chunk's real tokens, which come before it and attend only to each other (causal): the row's next chunk or
 decode step writes those positions before anything reads them (as ``run_group``'s padding).
+
+Only a prompt's last run needs its logits (its first token): ``run`` and ``run_chunk`` with ``logits=False`` read
+nothing back to the host (``None``), an intermediate chunk's run then costs its device time only.
 """
 
 from __future__ import annotations
@@ -80,37 +83,39 @@ class RowPrefill:
             self.run_options = ort.RunOptions()
             self.run_options.add_run_config_entry("gpu_graph_id", "-1")
 
-    def run(self, row: int, ids: list[int], start: int) -> np.ndarray:
+    def run(self, row: int, ids: list[int], start: int, logits: bool = True) -> np.ndarray | None:
         """Write prompt tokens ``ids`` at positions ``start``... of ``row``; returns the logits of the last one
-        [1, vocab] (float32)."""
+        [1, vocab] (float32), or with ``logits=False`` None (nothing read back)."""
         if start + len(ids) > self.capacity:
             raise OnnxpipeError(f"{start + len(ids)} positions do not fit a row of {self.capacity}")
         return self._run(row, np.asarray(ids, np.int64)[None, :], np.ones((1, start + len(ids)), np.int64),
                          np.arange(start, start + len(ids), dtype=np.int64)[None, :], np.array([len(ids) - 1]),
-                         f"a prefill into row {row} ({len(ids)} tokens from position {start})")
+                         f"a prefill into row {row} ({len(ids)} tokens from position {start})", logits)
 
-    def run_chunk(self, row: int, ids: list[int], start: int, pad_id: int = 0) -> tuple[np.ndarray, str]:
-        """A chunk of a long prompt, as ``run``: (the logits of its last token [1, vocab] float32, how it ran:
-        "replayed" or "captured" (through the graph of (row, width); "captured": this run captured it, several runs
-        in one) or "uncaptured"). With ``chunk_graphs`` on, at a fixed width (``chunk_width``, ``chunk_inputs``),
-        through a captured graph where one can run it, else the same inputs uncaptured; off: ``run``."""
+    def run_chunk(self, row: int, ids: list[int], start: int, pad_id: int = 0,
+                  logits: bool = True) -> tuple[np.ndarray | None, str]:
+        """A chunk of a long prompt, as ``run``: (the logits of its last token [1, vocab] float32, or None with
+        ``logits=False``, how it ran: "replayed" or "captured" (through the graph of (row, width); "captured": this
+        run captured it, several runs in one) or "uncaptured"). With ``chunk_graphs`` on, at a fixed width
+        (``chunk_width``, ``chunk_inputs``), through a captured graph where one can run it, else the same inputs
+        uncaptured; off: ``run``."""
         if not self.chunk_graphs:
-            return self.run(row, ids, start), "uncaptured"
+            return self.run(row, ids, start, logits), "uncaptured"
         width = chunk_width(len(ids), start, self.capacity)
         inputs = chunk_inputs(ids, start, width, self.capacity, pad_id)
-        out: tuple[np.ndarray, bool] | str = "failed"
+        out: tuple[np.ndarray | None, bool] | str = "failed"
         if self.graph_rows is not None and row not in self.graph_rows:
             out = "row"
         elif not self.graph_error:
             try:
-                out = self.session.graphs.run_chunk(self.values, row, *inputs)
+                out = self.session.graphs.run_chunk(self.values, row, *inputs, logits=logits)
             except OnnxpipeError as e:  # kept; this chunk and the next run uncaptured (a run writes the same entries)
                 self.graph_error = str(e)[:300]
         if not isinstance(out, str):
             return out[0], "captured" if out[1] else "replayed"
         self.skipped[out] += 1
         return self._run(row, *inputs, f"a prefill chunk into row {row} ({len(ids)} tokens padded to {width} from "
-                                        f"position {start})"), "uncaptured"
+                                        f"position {start})", logits), "uncaptured"
 
     def warm(self, rows: list[int], pad_id: int = 0) -> int:
         """Capture the chunk graphs of ``rows`` at every width that fits, ahead, on harmless inputs (pad tokens from
@@ -125,7 +130,7 @@ class RowPrefill:
             for width in (w for w in CHUNK_WIDTHS if w < self.capacity):
                 try:
                     out = graphs.run_chunk(self.values, row, *chunk_inputs([pad_id] * width, 0, width, self.capacity,
-                                                                           pad_id))
+                                                                           pad_id), logits=False)
                 except OnnxpipeError as e:
                     self.graph_error = str(e)[:300]
                     return captured
@@ -156,13 +161,16 @@ class RowPrefill:
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = p
         last = np.array([len(p) - 1 for p in prompts], np.int64)
-        return self._run(first, ids, np.ones((k, width), np.int64), np.tile(np.arange(width, dtype=np.int64), (k, 1)),
-                         last, f"a prefill of {k} prompts into rows {first}-{first + k - 1} ({width} tokens each)")
+        out = self._run(first, ids, np.ones((k, width), np.int64), np.tile(np.arange(width, dtype=np.int64), (k, 1)),
+                        last, f"a prefill of {k} prompts into rows {first}-{first + k - 1} ({width} tokens each)")
+        assert out is not None
+        return out
 
     def _run(self, row: int, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, last: np.ndarray,
-             what: str) -> np.ndarray:
+             what: str, logits: bool = True) -> np.ndarray | None:
         """One run of ``ids`` [k, n] into rows ``row``... (contiguous in each buffer, bound by address): each row's
-        logits at its position ``last[i]`` of the run [k, vocab] (float32)."""
+        logits at its position ``last[i]`` of the run [k, vocab] (float32), or with ``logits=False`` None: the
+        logits stay where the run wrote them (the device), unread."""
         s, k = self.session, ids.shape[0]
         io = s.session.io_binding()
         # first, so get_outputs()[0]; [k, 1, vocab] with the last-position head; on the device, as the session's
@@ -184,9 +192,11 @@ class RowPrefill:
         except Exception as e:
             text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise OnnxpipeError(f"{s.model_dir.path}: onnxruntime failed on {what}: {text}") from None
-        logits = io.get_outputs()[0].numpy()
+        if not logits:
+            return None
+        out = io.get_outputs()[0].numpy()
         at = np.zeros(k, np.int64) if s.last_position else last
-        return np.asarray(logits[np.arange(k), at], np.float32)
+        return np.asarray(out[np.arange(k), at], np.float32)
 
     def _input(self, io: Any, name: str, array: np.ndarray) -> None:
         if self.device == "cpu":

@@ -8,8 +8,13 @@ count of positions, whoever else is in the batch, and the step's shapes never ch
 needs): a request joins by taking a free row, leaves by freeing it.
 
 A row that is not decoding (free, or holding a prompt still being prefilled) still runs through the step: its mask
-sum is its count + 1, so the step writes one entry just past what the row holds (position 0 of a free row), which the
-row's next prefill chunk writes before anything reads it; its output is not read. Its count does not move.
+sum is its place + 1, so the step writes one entry at its place; its output is not read. A free row's place is 0,
+which its next prefill writes before anything reads it. A row being prefilled is *parked* (``take(park=...)``): its
+place is the larger of its count and its park, which the scheduler sets to the prompt's full length where decode
+steps may be fed on the device: such a step writes the row one entry further each time, and from the prompt's
+length on it writes only entries the row's own decode steps write before they read them (a step at position p writes
+p, then attends to positions up to p), which no chunk of the prompt writes. ``parked_room`` says how many positions
+such steps may advance the parked rows within the capacity. Counts do not move in a step but a decoding row's.
 """
 
 from __future__ import annotations
@@ -33,29 +38,35 @@ class SlotTable:
         self.state = np.full(rows, FREE, np.int8)
         self.counts = np.zeros(rows, np.int64)  # positions of the row written (its prompt so far, then its tokens)
         self.tokens = np.full(rows, pad_id, np.int64)  # each decoding row's last token, not yet in the cache
+        # where a row being prefilled is parked for decode steps (at least its count); 0 for rows not prefilling
+        self.park = np.zeros(rows, np.int64)
 
     # ---- membership ----
     def free_rows(self) -> int:
         return int((self.state == FREE).sum())
 
-    def take(self, last: bool = False, among: range | None = None) -> int:
+    def take(self, last: bool = False, among: range | None = None, park: int = 0) -> int:
         """The lowest free row (``last``: the highest), now held for a prefill; with ``among``, one of those rows
-        while one is free there, else of any; raises when none is free."""
+        while one is free there, else of any; raises when none is free. ``park``: the place its masked decode steps
+        write at until it decodes (at least its count; the scheduler passes the prompt's length where steps are fed
+        on the device)."""
+        if not 0 <= park < self.capacity:
+            raise OnnxpipeError(f"a row cannot be parked at position {park} of {self.capacity}")
         free = np.flatnonzero(self.state == FREE)
         if not len(free):
             raise OnnxpipeError("no free row in the batch")
         if among is not None and np.isin(free, among).any():
             free = free[np.isin(free, among)]
         row = int(free[-1] if last else free[0])
-        self.state[row], self.counts[row], self.tokens[row] = PREFILLING, 0, self.pad_id
+        self.state[row], self.counts[row], self.tokens[row], self.park[row] = PREFILLING, 0, self.pad_id, park
         return row
 
     def place(self, rows: list[int], others: list[int] | tuple[int, ...] = ()) -> list[int]:
         """Move the rows ``rows`` to runs of adjacent rows, so that a group prefill binds each run as one block of the
         buffer: as few runs as the free rows and ``others`` allow (the lowest run that holds all that is left, else
         the longest, lowest first); then each of ``others`` stays where it is, or where the runs took its row goes to
-        the lowest row left. All are held for prompts not yet begun (nothing written in them). Returns the new rows
-        of ``rows`` then of ``others``, in their order."""
+        the lowest row left. All are held for prompts not yet begun (nothing written in them); each keeps its park.
+        Returns the new rows of ``rows`` then of ``others``, in their order."""
         moving = list(rows) + list(others)
         if len(set(moving)) != len(moving):
             raise OnnxpipeError(f"rows to move are listed twice: {moving}")
@@ -63,7 +74,8 @@ class SlotTable:
             self._held(row, PREFILLING)
             if self.counts[row]:
                 raise OnnxpipeError(f"row {row} holds {self.counts[row]} positions: only rows not begun move")
-        self.state[moving] = FREE
+        parks = self.park[moving].copy()
+        self.state[moving], self.park[moving] = FREE, 0
         placed: list[int] = []
         while len(placed) < len(rows):
             left = len(rows) - len(placed)
@@ -83,7 +95,7 @@ class SlotTable:
                 row = int(np.flatnonzero(self.state == FREE)[0])
                 self.state[row] = PREFILLING
             placed.append(row)
-        self.counts[placed], self.tokens[placed] = 0, self.pad_id
+        self.counts[placed], self.tokens[placed], self.park[placed] = 0, self.pad_id, parks
         return placed
 
     def prefilled(self, row: int, count: int) -> None:
@@ -96,17 +108,18 @@ class SlotTable:
     def start_decoding(self, row: int, token: int) -> None:
         """The row's prompt is read and ``token`` is its first new token: it decodes from the next step."""
         self._held(row, PREFILLING)
-        self.state[row], self.tokens[row] = DECODING, token
+        self.state[row], self.tokens[row], self.park[row] = DECODING, token, 0
 
     def release(self, row: int) -> None:
         if not 0 <= row < self.rows or self.state[row] == FREE:
             raise OnnxpipeError(f"row {row} is not held")
-        self.state[row], self.counts[row], self.tokens[row] = FREE, 0, self.pad_id
+        self.state[row], self.counts[row], self.tokens[row], self.park[row] = FREE, 0, self.pad_id, 0
 
     def release_all(self) -> None:
         self.state[:] = FREE
         self.counts[:] = 0
         self.tokens[:] = self.pad_id
+        self.park[:] = 0
 
     def decoding(self) -> np.ndarray:
         return np.flatnonzero(self.state == DECODING)
@@ -120,18 +133,28 @@ class SlotTable:
 
     def step_inputs(self, rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input_ids [rows, 1], attention_mask [rows, width], position_ids [rows, 1]) of a decode step of the first
-        ``rows`` rows (default: every row). Row r's mask holds counts[r] + 1 ones from the left; ``width`` is the
-        longest row's (a captured graph widens it to the capacity; only the row sums are read)."""
+        ``rows`` rows (default: every row). Row r's mask holds place[r] + 1 ones from the left, its place its count
+        (a parked row's: the larger of its count and its park); ``width`` is the longest row's (a captured graph
+        widens it to the capacity; only the row sums are read)."""
         rows = self.rows if rows is None else rows
         if not 1 <= rows <= self.rows:
             raise OnnxpipeError(f"a step runs 1 to {self.rows} rows, not {rows}")
-        counts, state = self.counts[:rows], self.state[:rows]
-        if (counts + 1 > self.capacity).any():
+        places = np.maximum(self.counts[:rows], self.park[:rows])  # park: 0 but for rows being prefilled
+        if (places + 1 > self.capacity).any():
             raise OnnxpipeError(f"a row is full ({self.capacity} positions)")
-        ids = np.where(state == DECODING, self.tokens[:rows], self.pad_id)[:, None].astype(np.int64)
-        sums = counts + 1
+        ids = np.where(self.state[:rows] == DECODING, self.tokens[:rows], self.pad_id)[:, None].astype(np.int64)
+        sums = places + 1
         mask = (np.arange(int(sums.max()))[None, :] < sums[:, None]).astype(np.int64)
-        return ids, mask, counts[:, None].copy()
+        return ids, mask, places[:, None]
+
+    def parked_room(self) -> int:
+        """After a host-fed step (``step_inputs``): how many decode steps fed on the device may follow before one of
+        the rows being prefilled would be written past its last position (each such step writes those rows one entry
+        further); the capacity where none is being prefilled."""
+        held = self.state == PREFILLING
+        if not held.any():
+            return self.capacity
+        return int(self.capacity - 1 - np.maximum(self.counts, self.park)[held].max())
 
     def step_rows(self) -> int:
         """The rows a decode step needs to run: up to the last decoding one (at least one)."""

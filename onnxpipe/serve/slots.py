@@ -174,7 +174,13 @@ class SlotScheduler(BatchLoop):
         # every step runs all rows)
         self.prefix = RowPrefix(lm, self.cache) if s.device == "cpu" and not s.cuda_graph else None
         self._admitted: list[Request] = []  # holding a row, their prompts being read, in order of admission
-        self._changed = True  # a row joined, left or was prefilled into since the last decode step
+        self._changed = True  # a row joined or left (or was moved) since the last decode step
+        # where decode steps may be fed on the device (CUDA graphs with the step tail), a row being read is parked at
+        # its prompt's full length (``SlotTable.take``'s park): a prompt's chunks before its last then leave the
+        # fed pipeline as it was (no host-fed step after them, the step's rows still processed on the rows thread).
+        # Elsewhere every step is host-fed and a row being read is parked at what it holds (its count)
+        self.parks = bool(s.cuda_graph and s.fed)
+        self._fed_left = 0  # fed steps that may still follow the last host-fed one (``SlotTable.parked_room``)
         # a fed step's rows being processed on the rows thread: (rows, job of _process, True)
         self._pending: tuple[list[Request], Job, bool] | None = None
         self._rows_thread: RowsWorker | None = None  # made on the loop's thread (``_started``)
@@ -228,21 +234,30 @@ class SlotScheduler(BatchLoop):
         any other prompt a row outside them while one is free, so that they stay free for long prompts."""
         chunked = prompt > (self.budget.chunk or self.budget.whole[0])
         last = chunked and bool(self._running)
+        park = prompt if self.parks else 0
         if self.graph_rows is None:
-            return self.table.take(last=last)
+            return self.table.take(last=last, park=park)
         if prompt > self.graph_row_tokens:
-            return self.table.take(last=True, among=self.graph_rows)
-        return self.table.take(last=last, among=range(self.graph_rows.start))
+            return self.table.take(last=True, among=self.graph_rows, park=park)
+        return self.table.take(last=last, among=range(self.graph_rows.start), park=park)
+
+    def _read_whole(self, req: Request) -> bool:
+        """Whether ``req``'s prompt is read in one run (``_prefill``), so that its row joins the iteration it is read."""
+        return len(req.row.prompt) <= (self.budget.chunk or self.budget.whole[0])
 
     def _prefill(self, allowance: Allowance) -> int:
         """This iteration's prefill runs, over the admitted requests in order, each run as many tokens as
         ``allowance`` gives it; first, each in one piece, the short prompts not yet begun (``budget.whole``), their
         runs counted in the allowance. With ``prefill_group`` > 1, whole prompts not yet begun are read up to that
         many in one run (``_group_run``): the short ones (the first group of them whatever their tokens, then as
-        many as ``budget.whole`` allows), and with a budget of tokens those whose padded run fits what is left."""
+        many as ``budget.whole`` allows), and with a budget of tokens those whose padded run fits what is left.
+
+        A run that ends a prompt (its row joins: the logits read, the next decode step host-fed) waits first for the
+        step whose rows are being processed on the rows thread (``_settle``); a long prompt's chunk before its last
+        does not: on the loop's thread it touches neither the table nor the running rows, the row being parked at
+        its prompt's length (``parks``), and reads no logits back."""
         if not self._admitted:
             return 0
-        self._settle()  # rows join self._running below: the step being processed is applied first
         read, (whole, most) = 0, self.budget.whole
         shorts: list[Request] = []
         for req in self._admitted:
@@ -270,13 +285,14 @@ class SlotScheduler(BatchLoop):
                 break
             start, end = self.table.chunk(len(prompt), req.prefilled, n)
             read += end - start
-            self._changed = True
+            joins = end == len(prompt)  # its last run: the row joins, its logits give its first token
             try:
                 began = time.perf_counter()
-                if req in shorts or len(prompt) <= (self.budget.chunk or self.budget.whole[0]):  # read in one run
-                    logits, how = self.rows.run(req.slot, prompt[start:end], start), "whole"
+                if req in shorts or self._read_whole(req):  # read in one run
+                    logits, how = self.rows.run(req.slot, prompt[start:end], start, logits=joins), "whole"
                 else:  # a long prompt's chunk (in the row ``_admit`` gave it)
-                    logits, how = self.rows.run_chunk(req.slot, prompt[start:end], start, self.table.pad_id)
+                    logits, how = self.rows.run_chunk(req.slot, prompt[start:end], start, self.table.pad_id,
+                                                      logits=joins)
                 # with chunk graphs the cost model learns chunks' replays (and uncaptured chunks) only
                 learn = not self.rows.chunk_graphs or how in ("replayed", "uncaptured")
                 allowance.ran(end - start, start, time.perf_counter() - began, learn=learn)
@@ -286,10 +302,21 @@ class SlotScheduler(BatchLoop):
                 if how == "uncaptured" and self.rows.chunk_graphs:  # a copy: /health reads it from another thread
                     self.stats.chunk_graph_skipped = dict(self.rows.skipped)
                 req.prefilled = end
+            except Exception as e:  # this request alone fails; the others go on
+                self._settle()  # its row is released: the table is the loop's again first
+                self._leave(req)
+                self._fail(req, e)
+                continue
+            if not joins:
+                if not self.parks:  # parked at what it holds (every step host-fed: none is being processed)
+                    self.table.prefilled(req.slot, end)
+                continue
+            self._settle()  # the row joins self._running: the step being processed is applied first
+            self._changed = True
+            try:
                 self.table.prefilled(req.slot, end)
-                if end < len(prompt):
-                    continue
                 self._admitted.remove(req)
+                assert logits is not None
                 self._take(req, self._choose(req, logits, 0))
             except Exception as e:  # this request alone fails; the others go on
                 self._leave(req)
@@ -320,6 +347,7 @@ class SlotScheduler(BatchLoop):
         (``SlotTable.place``), each run of rows one prefill of [rows, longest prompt] (``RowPrefill.run_group``),
         counted as one run by the budget; each request then samples its first token and decodes. A failed run fails
         its requests alone. Returns the prompt tokens read."""
+        self._settle()  # rows move and join self._running: the step being processed is applied first
         self._changed = True
         # the other prompts not yet begun may give up their rows for the group's run of adjacent rows
         others = [r for r in self._admitted if r.prefilled == 0 and r not in group]
@@ -383,7 +411,9 @@ class SlotScheduler(BatchLoop):
         running = self._pending[0] if overlap else self._running  # type: ignore[index]
         # an overlapped step's rows are the fed step's before it, unchanged: greedy (argmax) still
         want = "argmax" if overlap else self._want(running)
-        fed = want == "argmax" and not self._changed and s.can_feed(self.cache)
+        # fed: the step before wrote this one's inputs on the device, no row joined or left since, and the rows
+        # being read are parked where one more step writes within their rows (``_fed_left``)
+        fed = want == "argmax" and not self._changed and self._fed_left > 0 and s.can_feed(self.cache)
         if overlap and not fed:  # cannot happen (the pending step was fed and nothing changed since); be safe
             self._settle()
             running, overlap, fed = self._running, False, False
@@ -394,6 +424,7 @@ class SlotScheduler(BatchLoop):
             else:
                 rows = self.table.step_rows() if self.prefix is not None else self.table.rows
                 ids, mask, positions = self.table.step_inputs(rows)
+                self._fed_left = self.table.parked_room()
                 out = s.forward(ids, mask, positions, self.prefix.rows(rows) if self.prefix else self.cache, want=want)
         except Exception as e:  # the whole step failed: its requests fail; rows being prefilled go on
             self._settle()
@@ -405,6 +436,7 @@ class SlotScheduler(BatchLoop):
             return
         self.stats.steps += 1
         self.stats.fed_steps += fed
+        self._fed_left -= fed
         self.stats.max_running = max(self.stats.max_running, len(running))
         if overlap:
             self._settle()  # the step before, applied: its rows that ended leave; this step's tokens for them unread
@@ -414,10 +446,11 @@ class SlotScheduler(BatchLoop):
         # counted it over the rows it left running (these), so no look at each row here
         ends = self._slack <= 1 if overlap else any(r.row.limit - len(r.row.tokens) <= 1 for r in running)
         # this step's rows processed now, or on the rows thread while the next step runs; now too where a request
-        # waits or is being read: the next iteration's admission or prefill would wait for the rows thread at once
-        # (a handoff to it and back, under a GIL the event loop holds while it writes the step's chunks)
+        # waits or a prompt read in one run is admitted: the next iteration's admission or join would wait for the
+        # rows thread at once (a handoff to it and back, under a GIL the event loop holds while it writes the
+        # step's chunks). A long prompt's chunks do not wait for it, but its last one's join (after its run)
         if (fed and not ends and not self._changed and self._rows_thread is not None and not self._waiting
-                and not self._admitted):
+                and not any(self._read_whole(r) for r in self._admitted)):
             self._pending = (running, self._rows_thread.submit(self._process, running, out), True)
         else:
             self._apply(running, *self._process(running, out))

@@ -112,10 +112,11 @@ def _spy(monkeypatch) -> list[dict]:
     calls: list[dict] = []
     original = CudaGraphs.run_chunk
 
-    def run_chunk(self, values, row, ids, mask, positions, last_index):
-        out = original(self, values, row, ids, mask, positions, last_index)
+    def run_chunk(self, values, row, ids, mask, positions, last_index, logits=True):
+        out = original(self, values, row, ids, mask, positions, last_index, logits=logits)
         calls.append({"row": row, "ids": ids.copy(), "mask": mask.copy(), "positions": positions.copy(),
-                      "last": last_index.copy(), "ran": not isinstance(out, str), "thread": threading.get_ident()})
+                      "last": last_index.copy(), "ran": not isinstance(out, str), "thread": threading.get_ident(),
+                      "logits": logits})
         return out
 
     monkeypatch.setattr(CudaGraphs, "run_chunk", run_chunk)
