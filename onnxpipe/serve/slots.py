@@ -28,10 +28,20 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
 - A decode step is one ``forward`` of every row (with CUDA graphs), or on the CPU of the rows up to the last decoding
   one (``RowPrefix``): [rows, 1] ids, each row's mask sum and position its own.
   Where the session's graph slot has the step tail (greedy steps writing their own next inputs, as ``generate``
-  uses them), a step of greedy rows with no change since the step before (no row joined, left or was prefilled into)
-  is fed on the device (``step_fed``): nothing goes up. Rows not decoding then advance on the device too, writing one
-  entry further each such step, never past the longest running row's end (all within the row's capacity) and never
-  over a prefilled entry (any prefill makes the next step host-fed again, from the table's counts).
+  uses them), a step of greedy rows with no change since the step before (no row joined or left) is fed on the
+  device (``step_fed``): nothing goes up, and its rows are processed on the rows thread while the next step runs.
+  Rows not decoding then advance on the device too, writing one entry further each such step: a free row from 0,
+  never past the longest running row's end (all within the row's capacity); a row being read from where it is
+  parked (``parks``): at its prompt's full length, the position its own first decode step writes, so such writes land
+  only on entries its own decode steps write before they read them (a step at position p writes p, then attends to
+  positions up to p) and no chunk of its prompt writes. So a long prompt's chunk before its last leaves the pipeline
+  as it was: the next step is still fed (the chunk's run, captured or not, writes none of the decode step's input
+  buffers), its rows still go to the rows thread, the loop's thread touches neither the table nor the running rows
+  for it (its count is the table's once it joins), and it reads no logits back (``logits=False``). Where the parked
+  rows' room past their prompts (``SlotTable.parked_room``: at least their replies' length) would run out, a
+  host-fed step parks them there again. A run that ends a prompt (the row joins, its logits read), a group run and
+  any admission first wait for the step being processed (``_settle``), and the next step is host-fed. Elsewhere
+  (no step tail, or the CPU's plain steps) every step is host-fed and a row being read is parked at what it holds.
 
 Each row's result depends on its own tokens only: the step's shapes are the same whoever is in the batch, and each
 prefill is a batch of one, or with ``prefill_group`` a group whose rows are computed apart (a row's real tokens come
@@ -414,7 +424,7 @@ class SlotScheduler(BatchLoop):
         # fed: the step before wrote this one's inputs on the device, no row joined or left since, and the rows
         # being read are parked where one more step writes within their rows (``_fed_left``)
         fed = want == "argmax" and not self._changed and self._fed_left > 0 and s.can_feed(self.cache)
-        if overlap and not fed:  # cannot happen (the pending step was fed and nothing changed since); be safe
+        if overlap and not fed:  # a row being read would be written past its end: host-fed, parked there again
             self._settle()
             running, overlap, fed = self._running, False, False
         self._changed = False
