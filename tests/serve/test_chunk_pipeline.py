@@ -195,3 +195,54 @@ def test_fed_steps_stop_where_a_parked_row_would_pass_its_capacity(stdlib_cuda_m
     assert [f for _, f, _, _ in log] == [0] + [1] * 5 + [0] + [1] * 5 + [0, 1, 1, 0]
     alone = _chunks_alone(plain, prompt, 4, capacity)
     assert all(np.array_equal(h, ref) for h, ref in zip(held, alone))
+
+
+# ---- the loop's own thread ----
+@pytest.mark.parametrize("chunk_graphs", [False, True], ids=["uncaptured", "chunk-graphs"])
+def test_two_long_prompts_read_beside_streams_ending_on_stop_tokens(stdlib_cuda_model, chunk_graphs, monkeypatch):
+    """The loop on its thread, every request queued before it starts: three greedy streams, then two long prompts
+    read 16 tokens an iteration (over both, in order) while the streams decode, the streams ending on stop tokens
+    (an end no step foresees: their rows were stepped once more, unread, on the device) while the prompts are read.
+    Every request gets exactly the tokens it gets alone, and steps were fed while the prompts were read."""
+    from serve.test_slots import result, submit
+
+    plain = load(stdlib_cuda_model, "cpu", threads=1)
+    streams = [(PROMPTS[i], 40) for i in (0, 2, 4)]
+    stops = []
+    for i, (p, n) in enumerate(streams):  # a token first produced at step 4, 6, 8 or later (up to 12)
+        ids = plain.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids
+        j = next(j for j in range(4 + 2 * i, 13) if ids[j] not in ids[:j])
+        stops.append([ids[j]])
+    longs = [(LONG, 8), (LONG[::-1][:90], 6)]
+    want = [plain.generate(p, max_new_tokens=n, stop_token_ids=s).token_ids for (p, n), s in zip(streams, stops)]
+    want += [plain.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids for p, n in longs]
+    assert all(len(w) <= 13 for w in want[:3])
+    lm = slot_lm(stdlib_cuda_model, True)
+    sched = make_scheduler(lm, max_batch=6, prefill_chunk=16, max_length=160, chunk_graphs=chunk_graphs)
+    ended: list[int] = []  # the prefill runs done when each stream ended
+    fed_at: list[int] = []  # ... when each fed step ran
+    step_fed = lm.session.step_fed
+    monkeypatch.setattr(lm.session, "step_fed", lambda cache: fed_at.append(sched.stats.prefill_chunks)
+                        or step_fed(cache))
+
+    def emit(out):
+        def put(event):
+            if event[0] == "done":
+                ended.append(sched.stats.prefill_chunks)
+            _emit_to(out)(event)
+        return put
+
+    first = [queue.Queue() for _ in streams]
+    for (p, n), s, out in zip(streams, stops, first):
+        sched.submit(lm.prepare(p, max_new_tokens=n, stop_token_ids=s), emit(out))
+    later = [submit(sched, lm, p, n)[0] for p, n in longs]
+    sched.start()
+    try:
+        got = [q.get(timeout=60) for q in first] + [result(q) for q in later]
+    finally:
+        sched.stop()
+    assert got == want and sched.stats.failed == 0
+    runs = sched.stats.prefill_chunks  # the last one read the second long prompt's last tokens
+    assert sched.stats.prefill_tokens == sum(len(p) for p, _ in streams + longs)
+    assert len(ended) == 3 and all(n < runs for n in ended)  # each stream ended while the prompts were read
+    assert sum(1 for n in fed_at if n < runs) >= 3  # and steps were fed on the device meanwhile
