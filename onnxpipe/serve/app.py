@@ -30,6 +30,10 @@ from onnxpipe.serve.protocol import ApiError
 from onnxpipe.serve.scheduler import QueueFull, Request, TooLong, make_scheduler
 
 MAX_BODY_BYTES = 4 << 20
+# a body past this is turned into tokens on a worker thread, not the event loop's: a 4 MiB prompt took 2-3 s to render
+# and encode, during which every stream stood still (the tokenizer releases the GIL for long texts); a smaller one
+# costs the loop ~20 ms at most, less than the hop
+INLINE_PREPARE_BYTES = 64 << 10
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
 GRACEFUL_SHUTDOWN_S = 5  # on stop, open streams get this long before their connections are closed
 # While the server runs, a thread holding the GIL gives it up after this long (Python's default: 5 ms). The scheduler's
@@ -56,7 +60,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     def error(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
-    async def read_json(request: HttpRequest) -> Any:
+    async def read_body(request: HttpRequest) -> bytes:
         protocol.check_content_type(request.headers.get("content-type"))
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
@@ -64,7 +68,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
-        return protocol.parse_json(raw)
+        return raw
 
     def prepare(parsed: protocol.ParsedRequest, chat: bool) -> Any:
         """The request's RowState: its prompt as token ids, checked against the model's context."""
@@ -134,8 +138,12 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
 
     async def generate(request: HttpRequest, chat: bool) -> Any:
         try:
-            parsed = protocol.parse_request(await read_json(request), model_name, chat)
-            row = prepare(parsed, chat)
+            raw = await read_body(request)
+            parsed = protocol.parse_request(protocol.parse_json(raw), model_name, chat)
+            if len(raw) <= INLINE_PREPARE_BYTES:
+                row = prepare(parsed, chat)
+            else:  # its template and tokens take long enough to stall every stream if read on the event loop
+                row = await asyncio.get_running_loop().run_in_executor(None, prepare, parsed, chat)
             req, inbox = submit(row)
         except ApiError as e:
             return error(e)
