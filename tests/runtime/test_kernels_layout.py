@@ -76,9 +76,10 @@ def test_table_entries_are_taken_where_they_hold(ck: ModuleType, kernel: Path,
             lib = ctypes.CDLL(str(kernel))
             lib.onnxpipe_int4_gemm_layout_for.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3
             assert lib.onnxpipe_int4_gemm_layout_for(0, m, n, k) != i, (i, m, n, k)
-    # the 1B gate/up entry (run 28's sweep) against the rule just below its M range
+    # the 1B gate/up entries (runs 28 and 29's sweeps: M 17-32 and 2-8) and the rule at M = 1, which no entry holds
     assert "(kLayouts[0])" in lines[2] and "32 weight rows and 32 A rows a block, 4 warps along K" in lines[2]
-    assert "(the rule)" in lines[0] and "(the rule)" in lines[1]
+    assert "(kLayouts[2])" in lines[1] and "16 weight rows and 8 A rows a block, 8 warps along K" in lines[1]
+    assert "(the rule)" in lines[0] and "4 warps along K" in lines[0]
     assert describe(kernel, 0, 16, 8192, 2048) == "warps: grid 256x1, 32 weight rows and 16 A rows a block, 8 warps along K"
 
 
