@@ -233,7 +233,8 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     async def chat_completions(request: HttpRequest) -> Any:
         return await generate(request, chat=True)
 
-    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "onnxpipe"}
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "onnxpipe",
+                  "max_model_len": scheduler.max_length}  # as vLLM says it: the tokens a request's prompt + reply hold
 
     async def models(request: HttpRequest) -> Any:
         return JSONResponse({"object": "list", "data": [model_card]})

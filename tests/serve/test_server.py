@@ -51,6 +51,7 @@ def test_concurrent_greedy_clients_get_what_they_get_alone(server, stdlib_lm):
     c = client(server)
     assert [m.id for m in c.models.list().data] == [MODEL]
     assert c.models.retrieve(MODEL).id == MODEL
+    assert c.models.list().data[0].model_extra["max_model_len"] == stdlib_lm.session.max_positions
     with pytest.raises(openai.NotFoundError) as e:
         c.models.retrieve("org/other-model")
     assert e.value.body["code"] == "model_not_found"
