@@ -7,13 +7,15 @@
 
 Streams are server-sent events in OpenAI's chunk format, ended by ``data: [DONE]``. Requests are decoded together
 by the scheduler (``scheduler.py``); a client that goes away (a closed stream, or a dropped connection while it
-waits) frees its place at the next step. Bad requests get 4xx with OpenAI's error body; a full queue gets 429.
+waits) frees its place at the next step. Bad requests get 4xx with OpenAI's error body; a full queue gets 429 with
+a ``Retry-After`` (``QueueWait``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sys
 import threading
@@ -40,6 +42,8 @@ GRACEFUL_SHUTDOWN_S = 5  # on stop, open streams get this long before their conn
 # thread needs it back after every onnxruntime call, and the event loop's thread, busy with the streams, would
 # otherwise keep it for up to 5 ms: one such wait per decode step was a GPU step's time again.
 SWITCH_INTERVAL_S = 0.0005
+MAX_RETRY_AFTER_S = 60  # a 429's Retry-After, at most (QueueWait)
+REPLY_SMOOTHING = 0.1  # weight of the newest finished reply in QueueWait's average
 
 
 def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
@@ -57,8 +61,10 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                                max_length=max_length, prefill_group=prefill_group, chunk_graphs=chunk_graphs)
     created = int(time.time())
 
+    queue_wait = QueueWait(max_batch)
+
     def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     async def read_body(request: HttpRequest) -> bytes:
         protocol.check_content_type(request.headers.get("content-type"))
@@ -108,7 +114,8 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         try:
             return scheduler.submit(row, inbox.emit), inbox
         except QueueFull as e:
-            raise ApiError(429, str(e), type="rate_limit_exceeded", code="rate_limit_exceeded") from None
+            raise ApiError(429, str(e), type="rate_limit_exceeded", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(queue_wait.seconds(scheduler.budget.step_s))}) from None
         except TooLong as e:
             raise ApiError(400, str(e), "max_tokens", code="context_length_exceeded") from None
         except OnnxpipeError as e:
@@ -163,6 +170,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                     return error(ApiError(499, "the client closed the request"))
                 for kind, value in events:
                     if kind == "done":
+                        queue_wait.finished(len(value.token_ids))
                         return JSONResponse(protocol.completion(rid, model_name, chat, value))
                     if kind == "error":
                         return error(ApiError(500, value, type="server_error"))
@@ -209,6 +217,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                         text, reason = "", None
                     if kind == "done":
                         result: GenerationResult = value
+                        queue_wait.finished(len(result.token_ids))
                         if include_usage:
                             out.append(sse(protocol.chunk(rid, model_name, chat, None,
                                                           usage_=protocol.usage(prompt_tokens,
@@ -281,6 +290,28 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     # server made them, whatever a client's reads join
     app.state.stream_times = None
     return app
+
+
+class QueueWait:
+    """A 429's ``Retry-After``: whole seconds until the full queue is likely to have room, that is until one running
+    request finishes and the oldest waiting one takes its place. Running requests are at staggered points of their
+    replies, so a place frees about every (a reply's tokens / the batch's places) decode steps: that, times the
+    measured decode step, with a reply's tokens averaged over the replies finished so far. 1 until both are measured;
+    at most MAX_RETRY_AFTER_S (the ``openai`` client waits what a server says up to 60 s, and its own backoff beyond)."""
+
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+        self.reply_tokens: float | None = None  # a reply's tokens, a moving average of the finished ones
+
+    def finished(self, tokens: int) -> None:
+        new = float(max(tokens, 1))
+        old = self.reply_tokens
+        self.reply_tokens = new if old is None else (1 - REPLY_SMOOTHING) * old + REPLY_SMOOTHING * new
+
+    def seconds(self, step_s: float | None) -> int:
+        if step_s is None or self.reply_tokens is None:
+            return 1
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(step_s * self.reply_tokens / self.max_batch)))
 
 
 class ServerStopping(Exception):

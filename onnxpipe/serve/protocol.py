@@ -34,9 +34,10 @@ UNSUPPORTED_FALSE = ("add_generation_prompt", "skip_special_tokens")
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers  # of the response beside the body (a 429's Retry-After)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
