@@ -3,7 +3,8 @@
     POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
     POST /v1/chat/completions   {"model", "messages", ...}: the model's own chat template, its end-of-turn token
     GET  /v1/models             the one model served (its id: the directory's name unless --model-name)
-    GET  /health                {"status": "ok", "running", "prefilling", "waiting", ...}
+    GET  /health                {"status": "ok", "running", "prefilling", "waiting", ...}; 503 while "starting" or
+                                "shutting_down"
 
 Streams are server-sent events in OpenAI's chunk format, ended by ``data: [DONE]``. Requests are decoded together
 by the scheduler (``scheduler.py``); a client that goes away (a closed stream, or a dropped connection while it
@@ -60,6 +61,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     scheduler = make_scheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                                max_length=max_length, prefill_group=prefill_group, chunk_graphs=chunk_graphs)
     created = int(time.time())
+    phase = "starting"  # /health's status: "ok" once the lifespan started the scheduler's thread, then "shutting_down"
 
     queue_wait = QueueWait(max_batch)
 
@@ -256,7 +258,11 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         return JSONResponse(model_card)
 
     async def health(request: HttpRequest) -> Any:
-        return JSONResponse({"status": "ok", "model": model_name, **scheduler.load(), "stats": vars(scheduler.stats)})
+        """200 "ok" while requests are served; a 503 "starting" before the scheduler's thread runs and
+        "shutting_down" once the server is stopping, so that a load balancer sends nothing then."""
+        status = "shutting_down" if stopping() else phase
+        return JSONResponse({"status": status, "model": model_name, **scheduler.load(), "stats": vars(scheduler.stats)},
+                            status_code=200 if status == "ok" else 503)
 
     async def http_error(request: HttpRequest, exc: Exception) -> Any:
         assert isinstance(exc, HTTPException)
@@ -268,12 +274,15 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
+        nonlocal phase
         previous = sys.getswitchinterval()
         sys.setswitchinterval(min(previous, SWITCH_INTERVAL_S))
         scheduler.start()
+        phase = "ok"
         try:
             yield
         finally:
+            phase = "shutting_down"
             await asyncio.get_running_loop().run_in_executor(None, scheduler.stop)
             sys.setswitchinterval(previous)
 
