@@ -1,6 +1,6 @@
 """The int4 GEMM's kernels, their very source, run on the CPU under a host simulation of the CUDA features they use
-(int4_gemm_sim/prelude.h): both forms, ragged N and M, K not a multiple of 128, block 32/64/128, with and without
-zero points, clusters of 1-5 blocks along K. Each case's output is checked against a double-precision reference
+(int4_gemm_sim/prelude.h): the three forms, ragged N and M, K not a multiple of 128, block 32/64/128, with and
+without zero points, clusters of 1-5 blocks along K, the GEMV form's 1-8 warps along K and K in several slices. Each case's output is checked against a double-precision reference
 within 2^-9 of its largest magnitude (fp16 rounding is 2^-11), and every output must be written. The kernel's own
 launch code and speed are the GPU's business (scripts/check_kernels.py)."""
 
