@@ -280,9 +280,12 @@ def chat(model_dir: Path, provider: str, system: str | None, max_new_tokens: int
 
     terminal = sys.stdin.isatty() and sys.stdout.isatty()  # a person at a terminal: a prompt, line editing, a hint
     if terminal:
-        _log("type a message and Enter; /reset starts over, Ctrl-C stops a reply, Ctrl-D ends")
-    run_console(lm, terminal_lines() if terminal else sys.stdin, write, _log, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-                top_k=top_k, top_p=top_p, seed=seed)
+        _log("type a message and Enter; /reset starts over, Ctrl-C stops a reply, Ctrl-D (or Ctrl-C at the prompt) ends")
+    try:
+        run_console(lm, terminal_lines() if terminal else sys.stdin, write, _log, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, seed=seed)
+    except KeyboardInterrupt:  # Ctrl-C at the prompt ends the console; a chat writes no file: no "nothing was written"
+        sys.exit(130)
 
 
 def _prefill_chunk(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
