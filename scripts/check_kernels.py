@@ -103,7 +103,10 @@ def bench_shapes(hidden: int, kv_dim: int, intermediate: int, vocab: int) -> tup
     return layer, (vocab, hidden)
 COPY_BYTES = 160 << 20  # weights a timed model holds in all: past H100/H200's 50 MB L2, as a decode step's are
 MAX_COPIES = 128
-FORMS = {"warps": 1, "cluster": 2}  # int4_gemm.h: ONNXPIPE_INT4_GEMM_WARPS, _CLUSTER
+FORMS = {"warps": 1, "cluster": 2, "gemv": 3}  # int4_gemm.h: ONNXPIPE_INT4_GEMM_WARPS, _CLUSTER, _GEMV
+# the largest M a form is timed at when the op does not take it there (the GEMV form re-reads the weights per 4 rows
+# of A past that: correct, and never a layout to time)
+FORM_MAX_M = {"gemv": 4}
 SLACK = 2.0 ** -10  # of the reference's largest magnitude: one fp16 rounding step near the top of the range
 
 # -------------------------------------------------------------------------------------------------------------
@@ -542,7 +545,7 @@ class TorchKernel:
         import torch
 
         self.torch = torch
-        self.config = (FORMS["warps"], 0, 0)  # form, tile, split (0: chosen by shape)
+        self.config = (0, 0, 0)  # form (0: as the custom op resolves it), tile, split (0: chosen by shape)
         self.lib = ctypes.CDLL(str(lib))
         f = self.lib.onnxpipe_int4_gemm_config
         f.restype = ctypes.c_int
@@ -629,19 +632,20 @@ class Row:
     err_ours: float | None = None
     err_fp16: float | None = None
     err_kernel: float | None = None      # the ctypes call (torch), the form the custom op uses
-    err_other: float | None = None       # the ctypes call, the other form
+    err_other: float | None = None       # the ctypes calls, the other forms (the worst)
     ort_equals_kernel: bool | None = None
     deterministic: bool | None = None
     us_nbits: float | None = None
     us_ours: float | None = None
     us_fp16: float | None = None
     us_kernel: float | None = None
-    us_other: float | None = None
+    us_other: float | None = None        # the fastest other form's (other_form)
     gbps_ours: float | None = None
     gbps_kernel: float | None = None
     gbps_other: float | None = None
     path: str = ""                       # the custom op's path at this M: "kernel" (M <= 32) or "cublas"
-    form: str = ""                       # the form the custom op uses, and how each form lays this call out
+    form: str = ""                       # the form the custom op uses at this M, and how each form lays this call out
+    other_form: str = ""
     plans: dict[str, str] = field(default_factory=dict)
     copies: int = 1
     ok: bool | None = None
@@ -672,7 +676,7 @@ class Context:
     overhead_s: float
     start: float
     copy_bytes: int = COPY_BYTES
-    form: str = "warps"  # the form onnxpipe_int4_gemm (the custom op) uses here
+    form: str = "warps"  # the forms onnxpipe_int4_gemm (the custom op) takes here, by M (for the log)
     plan_lib: Any = None  # the custom-op library through ctypes: its large-M plan (onnxpipe_int4_prefill_plan)
     rows: list[Row] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -726,17 +730,22 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
     tk = ctx.torch_kernel
     if tk is not None:
         dev = [tk.upload(x) for x in weights]
-        for form_name, form in FORMS.items():
-            tk.config = (form, 0, 0)
-            mine = form_name == ctx.form
-            for m in ms:
-                r = rows[m]
-                r.form = ctx.form
-                r.plans[form_name] = tk.describe(form, m, n, k)
+        for m in ms:
+            r = rows[m]
+            # the op's own layout (form 0: the table, else the rule), then each other form by its rule
+            r.plans["op"] = tk.describe(0, m, n, k)
+            r.form = r.plans["op"].split(":")[0]
+            runs = [("op", 0)] + [(f, code) for f, code in FORMS.items()
+                                  if f != r.form and m <= FORM_MAX_M.get(f, m)]
+            for form_name, form in runs:
+                mine = form_name == "op"
+                tk.config = (form, 0, 0)
+                if not mine:
+                    r.plans[form_name] = tk.describe(form, m, n, k)
                 try:
                     y, per_call = tk.run(a_all[:m], dev, n, k, block, args.repeats)
                 except Exception as e:  # noqa: BLE001 - on the row, and the next M goes on
-                    r.note += f" {form_name} via ctypes: {one_line(e)}"
+                    r.note += f" {r.form if mine else form_name} via ctypes: {one_line(e)}"
                     if mine:
                         r.err_kernel = float("inf")
                     else:
@@ -748,8 +757,11 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
                     r.err_kernel, r.us_kernel, r.gbps_kernel = err, us, gbps
                     if m in ours_out and r.path.startswith("kernel"):  # past 32 the op multiplies with cuBLAS instead
                         r.ort_equals_kernel = bool(np.array_equal(y.view(np.uint16), ours_out[m].view(np.uint16)))
-                else:
-                    r.err_other, r.us_other, r.gbps_other = err, us, gbps
+                else:  # every other form's error is judged (the worst kept); the fastest's time is kept
+                    r.err_other = err if r.err_other is None else max(r.err_other, err)
+                    if r.us_other is None or us < r.us_other:
+                        r.us_other, r.gbps_other, r.other_form = us, gbps, form_name
+        tk.config = (0, 0, 0)
         if args.sweep and is_bench_case(name, block, with_zp):
             limits = {m: 2 * r.err_nbits + SLACK * r.ref_max + 1e-6 for m, r in rows.items() if r.err_nbits is not None}
             sweep(ctx, tk, dev, name, n, k, block, a_all, ref, w.nbytes, limits)
@@ -779,11 +791,14 @@ def is_bench_case(name: str, block: int, with_zp: bool) -> bool:
 
 
 # (form, tile, split) tried by --sweep: the warps form's weight tiles x warps along K, the cluster form's warps
-# along N x blocks along K; ("default", 0, 0) first: the layout the custom op takes (int4_gemm.cu's table, else its
-# rule), timed beside them
+# along N x blocks along K, the GEMV form's weight rows a warp x warps along K (at M = 1 only: FORM_MAX_M does not
+# apply, a sweep times the M the form is for); ("default", 0, 0) first: the layout the custom op takes
+# (int4_gemm.cu's table, else its rule), timed beside them
 SWEEP = [("default", 0, 0)] + \
         [("warps", t, s) for t, s in ((1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (2, 1), (2, 2), (2, 4), (2, 8))] + \
-        [("cluster", t, s) for t in (2, 4, 8) for s in (1, 2, 4, 8)]
+        [("cluster", t, s) for t in (2, 4, 8) for s in (1, 2, 4, 8)] + \
+        [("gemv", t, s) for t, s in ((1, 1), (2, 1), (4, 1), (1, 2))]
+SWEEP_MAX_M = {"gemv": 1}
 SWEEP_MS = (1, 8, 32)
 # the M range a swept M stands for in a suggested table row: the A rows a block takes (8, 16, 32) are the same
 # through it; M = 9-16 is not swept and stays with the rule
@@ -802,6 +817,8 @@ def sweep(ctx: Context, tk: TorchKernel, dev: list[Any], name: str, n: int, k: i
             continue
         limit = limits.get(m, SLACK * float(np.abs(ref[:m]).max()) * 4)
         for form_name, tile, split in SWEEP:
+            if m > SWEEP_MAX_M.get(form_name, m):
+                continue
             form = FORMS.get(form_name, 0)  # default: 0, as onnxpipe_int4_gemm resolves it (table, then rule)
             tk.config = (form, tile, split)
             entry: dict[str, Any] = {"case": name, "n": n, "k": k, "block": block, "m": m, "form": form_name,
@@ -821,7 +838,7 @@ def sweep(ctx: Context, tk: TorchKernel, dev: list[Any], name: str, n: int, k: i
                     f"{best['us']:.2f} us ({best['plan']})"
                     + (f", default {default['us']:.2f} us ({default['plan']})" if default else "")
                     + f"; {sum(1 for e in done if not e['ok'])} wrong")
-    tk.config = (FORMS["warps"], 0, 0)
+    tk.config = (0, 0, 0)
 
 
 def suggest_layouts(sweeps: list[dict[str, Any]]) -> list[str]:
@@ -883,7 +900,8 @@ def line(r: Row) -> str:
     return (f"{r.case:>14} {r.source:>8} N={r.n:<6} K={r.k:<5} bs={r.block:<3} zp={'y' if r.zero_points else 'n'} "
             f"M={r.m:<4} {r.path or '-':>9} err nbits {f(r.err_nbits, '.2e')} ours {f(r.err_ours, '.2e')} fp16 {f(r.err_fp16, '.2e')} | "
             f"us nbits {f(r.us_nbits, '.2f')} ours {f(r.us_ours, '.2f')} fp16 {f(r.us_fp16, '.2f')} | kernel "
-            f"{r.form or '-'} {f(r.us_kernel, '.2f')} other {f(r.us_other, '.2f')} us, err {f(r.err_other, '.1e')} | "
+            f"{r.form or '-'} {f(r.us_kernel, '.2f')} other {r.other_form or '-'} {f(r.us_other, '.2f')} us, err "
+            f"{f(r.err_other, '.1e')} | "
             f"ours {f(r.gbps_ours, '.0f')} GB/s {status} {r.note}").rstrip()
 
 
@@ -1275,10 +1293,8 @@ def table(rows: list[Row], block: int = 128, zero_points: bool = True) -> list[s
     """Per case and M of one variant (default block 128 with zero points, the usual GPU int4 build; the bench's
     is BENCH_VARIANT; the others in the JSON): times, ours against MatMulNBits and fp16, and the worst error ratio of
     the case over every variant."""
-    form = next((r.form for r in rows if r.form), "-")
-    other = next((f for f in FORMS if f != form), "-") if form != "-" else "-"
     out = ["| case | M | ours' path | MatMulNBits us | ours us | fp16 us | ours/nbits | ours/fp16 | ours GB/s | "
-           f"kernel {form} us | kernel {other} us | worst err ours/nbits |",
+           "kernel (the op's form) us | fastest other form us | worst err ours/nbits |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     worst: dict[tuple[str, int], float] = {}
     for r in rows:
@@ -1297,7 +1313,8 @@ def table(rows: list[Row], block: int = 128, zero_points: bool = True) -> list[s
         ratio = r.us_ours / r.us_nbits if r.us_ours and r.us_nbits else None
         vs16 = r.us_ours / t16 if r.us_ours and t16 else None
         out.append(f"| {r.case} | {r.m} | {r.path or '-'} | {f(r.us_nbits)} | {f(r.us_ours)} | {f(t16)} | {f(ratio)} | {f(vs16)} | "
-                   f"{f(r.gbps_ours, '.0f')} | {f(r.us_kernel)} | {f(r.us_other)} | {f(worst.get((r.case, r.m)))} |")
+                   f"{f(r.gbps_ours, '.0f')} | {r.form or '-'} {f(r.us_kernel)} | {r.other_form or '-'} "
+                   f"{f(r.us_other)} | {f(worst.get((r.case, r.m)))} |")
     return out
 
 
@@ -1326,16 +1343,16 @@ def bench_step(rows: list[Row]) -> list[str]:
 
 
 def form_summary(rows: list[Row]) -> list[str]:
-    """The other form's kernel time over the custom op's form's, by M range (both through ctypes, same case)."""
+    """The fastest other form's kernel time over the custom op's own layout's, by M and the op's form there (both
+    through ctypes, same case): under 1, another form would have been faster."""
     out = []
-    for label, lo, hi in (("M 1-8", 1, 8), ("M 9-32", 9, 32), ("M 33+", 33, 1 << 30)):
-        ratios = sorted(r.us_other / r.us_kernel for r in rows
-                        if r.us_other and r.us_kernel and lo <= r.m <= hi and r.source == "random")
-        if ratios:
-            form = next(r.form for r in rows if r.form)
-            other = next(f for f in FORMS if f != form)
-            out.append(f"{other}/{form} kernel time, {label}: median {statistics.median(ratios):.2f}, "
-                       f"best {ratios[0]:.2f}, worst {ratios[-1]:.2f} over {len(ratios)} cases")
+    for label, lo, hi in (("M 1", 1, 1), ("M 2-8", 2, 8), ("M 9-32", 9, 32), ("M 33+", 33, 1 << 30)):
+        for form in FORMS:
+            ratios = sorted(r.us_other / r.us_kernel for r in rows if r.us_other and r.us_kernel and r.form == form
+                            and lo <= r.m <= hi and r.source == "random")
+            if ratios:
+                out.append(f"fastest other form / the op's {form}, {label}: median {statistics.median(ratios):.2f}, "
+                           f"best {ratios[0]:.2f}, worst {ratios[-1]:.2f} over {len(ratios)} cases")
     return out
 
 
@@ -1433,9 +1450,10 @@ def main() -> int:
             log(f"  note: kernel via ctypes off: {type(e).__name__}: {e}")
     ctx = Context(args, runner, torch_kernel, statistics.median(times), start, log=log,
                   plan_lib=ctypes.CDLL(str(libs.ort_cuda)) if libs.ort_cuda else None)
-    if torch_kernel is not None:  # the form onnxpipe_int4_gemm resolves to here ($ONNXPIPE_INT4_GEMM_FORM or auto)
-        ctx.form = torch_kernel.describe(0, 1, 4096, 4096).split(":")[0]
-        log(f"the custom op's form here: {ctx.form}; both forms timed through ctypes")
+    if torch_kernel is not None:  # the forms onnxpipe_int4_gemm resolves to here ($ONNXPIPE_INT4_GEMM_FORM or auto)
+        ctx.form = ", ".join(f"{torch_kernel.describe(0, m, 4096, 4096).split(':')[0]} at M={m}" for m in (1, 8, 32))
+        log(f"the custom op's form here (4096 x 4096, no table entry): {ctx.form}; every form timed through ctypes "
+            f"(GEMV to M = {FORM_MAX_M['gemv']})")
     log(f"onnxruntime {ort.__version__}; run overhead of a one-node CUDA graph {ctx.overhead_s * 1e6:.1f} us "
         "(taken off each timed run before dividing by its copies)")
     fp16_done: set[str] = set()

@@ -3,17 +3,20 @@
     POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
     POST /v1/chat/completions   {"model", "messages", ...}: the model's own chat template, its end-of-turn token
     GET  /v1/models             the one model served (its id: the directory's name unless --model-name)
-    GET  /health                {"status": "ok", "running", "prefilling", "waiting", ...}
+    GET  /health                {"status": "ok", "running", "prefilling", "waiting", ...}; 503 while "starting" or
+                                "shutting_down"
 
 Streams are server-sent events in OpenAI's chunk format, ended by ``data: [DONE]``. Requests are decoded together
 by the scheduler (``scheduler.py``); a client that goes away (a closed stream, or a dropped connection while it
-waits) frees its place at the next step. Bad requests get 4xx with OpenAI's error body; a full queue gets 429.
+waits) frees its place at the next step. Bad requests get 4xx with OpenAI's error body; a full queue gets 429 with
+a ``Retry-After`` (``QueueWait``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sys
 import threading
@@ -30,12 +33,18 @@ from onnxpipe.serve.protocol import ApiError
 from onnxpipe.serve.scheduler import QueueFull, Request, TooLong, make_scheduler
 
 MAX_BODY_BYTES = 4 << 20
+# a body past this is turned into tokens on a worker thread, not the event loop's: a 4 MiB prompt took 2-3 s to render
+# and encode, during which every stream stood still (the tokenizer releases the GIL for long texts); a smaller one
+# costs the loop ~20 ms at most, less than the hop
+INLINE_PREPARE_BYTES = 64 << 10
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
 GRACEFUL_SHUTDOWN_S = 5  # on stop, open streams get this long before their connections are closed
 # While the server runs, a thread holding the GIL gives it up after this long (Python's default: 5 ms). The scheduler's
 # thread needs it back after every onnxruntime call, and the event loop's thread, busy with the streams, would
 # otherwise keep it for up to 5 ms: one such wait per decode step was a GPU step's time again.
 SWITCH_INTERVAL_S = 0.0005
+MAX_RETRY_AFTER_S = 60  # a 429's Retry-After, at most (QueueWait)
+REPLY_SMOOTHING = 0.1  # weight of the newest finished reply in QueueWait's average
 
 
 def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
@@ -52,11 +61,14 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     scheduler = make_scheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                                max_length=max_length, prefill_group=prefill_group, chunk_graphs=chunk_graphs)
     created = int(time.time())
+    phase = "starting"  # /health's status: "ok" once the lifespan started the scheduler's thread, then "shutting_down"
+
+    queue_wait = QueueWait(max_batch)
 
     def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    async def read_json(request: HttpRequest) -> Any:
+    async def read_body(request: HttpRequest) -> bytes:
         protocol.check_content_type(request.headers.get("content-type"))
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
@@ -64,7 +76,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
-        return protocol.parse_json(raw)
+        return raw
 
     def prepare(parsed: protocol.ParsedRequest, chat: bool) -> Any:
         """The request's RowState: its prompt as token ids, checked against the model's context."""
@@ -104,7 +116,8 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         try:
             return scheduler.submit(row, inbox.emit), inbox
         except QueueFull as e:
-            raise ApiError(429, str(e), type="rate_limit_exceeded", code="rate_limit_exceeded") from None
+            raise ApiError(429, str(e), type="rate_limit_exceeded", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(queue_wait.seconds(scheduler.budget.step_s))}) from None
         except TooLong as e:
             raise ApiError(400, str(e), "max_tokens", code="context_length_exceeded") from None
         except OnnxpipeError as e:
@@ -134,8 +147,12 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
 
     async def generate(request: HttpRequest, chat: bool) -> Any:
         try:
-            parsed = protocol.parse_request(await read_json(request), model_name, chat)
-            row = prepare(parsed, chat)
+            raw = await read_body(request)
+            parsed = protocol.parse_request(protocol.parse_json(raw), model_name, chat)
+            if len(raw) <= INLINE_PREPARE_BYTES:
+                row = prepare(parsed, chat)
+            else:  # its template and tokens take long enough to stall every stream if read on the event loop
+                row = await asyncio.get_running_loop().run_in_executor(None, prepare, parsed, chat)
             req, inbox = submit(row)
         except ApiError as e:
             return error(e)
@@ -155,6 +172,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                     return error(ApiError(499, "the client closed the request"))
                 for kind, value in events:
                     if kind == "done":
+                        queue_wait.finished(len(value.token_ids))
                         return JSONResponse(protocol.completion(rid, model_name, chat, value))
                     if kind == "error":
                         return error(ApiError(500, value, type="server_error"))
@@ -201,6 +219,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
                         text, reason = "", None
                     if kind == "done":
                         result: GenerationResult = value
+                        queue_wait.finished(len(result.token_ids))
                         if include_usage:
                             out.append(sse(protocol.chunk(rid, model_name, chat, None,
                                                           usage_=protocol.usage(prompt_tokens,
@@ -225,7 +244,8 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     async def chat_completions(request: HttpRequest) -> Any:
         return await generate(request, chat=True)
 
-    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "onnxpipe"}
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "onnxpipe",
+                  "max_model_len": scheduler.max_length}  # as vLLM says it: the tokens a request's prompt + reply hold
 
     async def models(request: HttpRequest) -> Any:
         return JSONResponse({"object": "list", "data": [model_card]})
@@ -238,7 +258,11 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         return JSONResponse(model_card)
 
     async def health(request: HttpRequest) -> Any:
-        return JSONResponse({"status": "ok", "model": model_name, **scheduler.load(), "stats": vars(scheduler.stats)})
+        """200 "ok" while requests are served; a 503 "starting" before the scheduler's thread runs and
+        "shutting_down" once the server is stopping, so that a load balancer sends nothing then."""
+        status = "shutting_down" if stopping() else phase
+        return JSONResponse({"status": status, "model": model_name, **scheduler.load(), "stats": vars(scheduler.stats)},
+                            status_code=200 if status == "ok" else 503)
 
     async def http_error(request: HttpRequest, exc: Exception) -> Any:
         assert isinstance(exc, HTTPException)
@@ -250,12 +274,15 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
+        nonlocal phase
         previous = sys.getswitchinterval()
         sys.setswitchinterval(min(previous, SWITCH_INTERVAL_S))
         scheduler.start()
+        phase = "ok"
         try:
             yield
         finally:
+            phase = "shutting_down"
             await asyncio.get_running_loop().run_in_executor(None, scheduler.stop)
             sys.setswitchinterval(previous)
 
@@ -272,6 +299,28 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     # server made them, whatever a client's reads join
     app.state.stream_times = None
     return app
+
+
+class QueueWait:
+    """A 429's ``Retry-After``: whole seconds until the full queue is likely to have room, that is until one running
+    request finishes and the oldest waiting one takes its place. Running requests are at staggered points of their
+    replies, so a place frees about every (a reply's tokens / the batch's places) decode steps: that, times the
+    measured decode step, with a reply's tokens averaged over the replies finished so far. 1 until both are measured;
+    at most MAX_RETRY_AFTER_S (the ``openai`` client waits what a server says up to 60 s, and its own backoff beyond)."""
+
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+        self.reply_tokens: float | None = None  # a reply's tokens, a moving average of the finished ones
+
+    def finished(self, tokens: int) -> None:
+        new = float(max(tokens, 1))
+        old = self.reply_tokens
+        self.reply_tokens = new if old is None else (1 - REPLY_SMOOTHING) * old + REPLY_SMOOTHING * new
+
+    def seconds(self, step_s: float | None) -> int:
+        if step_s is None or self.reply_tokens is None:
+            return 1
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(step_s * self.reply_tokens / self.max_batch)))
 
 
 class ServerStopping(Exception):

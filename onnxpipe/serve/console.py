@@ -1,6 +1,6 @@
 """``onnxpipe chat DIR``: a conversation on the terminal. Each line read is a user message; the reply streams as it
 is generated and joins the conversation, so the next line is answered with the whole exchange as context (the model's
-own chat template). ``/reset`` starts over; end of input ends it. When the conversation no longer fits the model's
+own chat template). ``/reset`` starts over; end of input (Ctrl-D) ends it, as Ctrl-C at the prompt does. When the conversation no longer fits the model's
 context with room for a reply, its oldest turns are dropped (the system message stays), and that is said."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def conversation(prompt: str, system: str | None = None) -> list[dict[str, str]]
 
 def terminal_lines(prompt: str = "> ") -> Iterator[str]:
     """Lines typed on a terminal, each after ``prompt`` (so the user sees the console waits), with line editing and
-    history where Python has readline; Ctrl-D ends them."""
+    history where Python has readline; Ctrl-D ends them, and Ctrl-C raises KeyboardInterrupt, each after ending the
+    prompt's line."""
     try:
         import readline  # noqa: F401  (input() then edits the line and keeps a history)
     except ImportError:  # not on every platform
@@ -32,13 +33,16 @@ def terminal_lines(prompt: str = "> ") -> Iterator[str]:
         except EOFError:
             print()  # end the prompt's line
             return
+        except KeyboardInterrupt:
+            print()  # the shell's next prompt starts on a line of its own, not after "> ^C"
+            raise
 
 
 def run_console(lm: LanguageModel, lines: Iterable[str], write: Callable[[str], None], note: Callable[[str], None],
                 system: str | None = None, **options: Any) -> list[dict[str, str]]:
     """Answer each line of ``lines`` in turn; returns the conversation as it stands at the end. Ctrl-C during a
     reply stops that reply (what was written of it stays in the conversation) and the console goes on; Ctrl-C
-    while a line is read ends it."""
+    while a line is read ends it: the KeyboardInterrupt of ``lines`` goes to the caller (``onnxpipe chat`` exits 130)."""
     head = [{"role": "system", "content": system}] if system is not None else []
     turns: list[dict[str, str]] = []
     context = lm.session.max_positions

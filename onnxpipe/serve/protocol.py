@@ -24,14 +24,20 @@ FINISH = {"eos": "stop", "stop_string": "stop", "repetition": "stop", "length": 
 # the field unless at their no-op value (null, false, 0, "", [] or {}), never ignored. OpenAI's, then vLLM's
 # extensions (a client written for vLLM sends them).
 UNSUPPORTED = ("logprobs", "echo", "top_logprobs", "suffix", "tools", "logit_bias", "min_p", "min_tokens",
-               "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+               "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+               "continue_final_message", "chat_template", "chat_template_kwargs", "documents",
+               "include_stop_str_in_output", "stop_token_ids", "bad_words", "allowed_token_ids",
+               "truncate_prompt_tokens", "use_beam_search")
+# vLLM's fields whose default is true: refused when false
+UNSUPPORTED_FALSE = ("add_generation_prompt", "skip_special_tokens")
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers  # of the response beside the body (a 429's Retry-After)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -103,6 +109,9 @@ def parse_request(body: Any, model_name: str, chat: bool) -> ParsedRequest:
     for name in UNSUPPORTED:
         if not _no_op(body.get(name)):
             raise ApiError(400, f"{name} is not supported by this server", name)
+    for name in UNSUPPORTED_FALSE:
+        if body.get(name, True) is not True:
+            raise ApiError(400, f"{name} other than true is not supported by this server", name)
     if body.get("best_of") not in (None, 1):
         raise ApiError(400, "best_of is not supported by this server", "best_of")
     if body.get("response_format") not in (None, {"type": "text"}):

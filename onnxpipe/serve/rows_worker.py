@@ -48,21 +48,24 @@ class RowsWorker:
     def __init__(self, name: str = "onnxpipe-rows"):
         self._queue: queue.SimpleQueue[tuple[Job, Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
         self._closed = False
+        self._closing = threading.Lock()  # a submit and a shutdown in two threads: no job queued after the end
         self.thread = threading.Thread(target=self._work, name=name, daemon=True)
         self.thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Job:
-        if self._closed:
-            raise RuntimeError("the rows worker is shut down")
         job = Job()
-        self._queue.put((job, fn, args))
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the rows worker is shut down")
+            self._queue.put((job, fn, args))
         return job
 
     def shutdown(self, wait: bool = True) -> None:
         """Run what was submitted, then end the thread (``wait``: until it has ended)."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(_STOP)
+        with self._closing:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
         if wait and self.thread is not threading.current_thread():
             self.thread.join()
 

@@ -1,6 +1,6 @@
 """The int4 GEMM's kernels, their very source, run on the CPU under a host simulation of the CUDA features they use
-(int4_gemm_sim/prelude.h): both forms, ragged N and M, K not a multiple of 128, block 32/64/128, with and without
-zero points, clusters of 1-5 blocks along K. Each case's output is checked against a double-precision reference
+(int4_gemm_sim/prelude.h): the three forms, ragged N and M, K not a multiple of 128, block 32/64/128, with and
+without zero points, clusters of 1-5 blocks along K, the GEMV form's 1-8 warps along K and K in several slices. Each case's output is checked against a double-precision reference
 within 2^-9 of its largest magnitude (fp16 rounding is 2^-11), and every output must be written. The kernel's own
 launch code and speed are the GPU's business (scripts/check_kernels.py)."""
 
@@ -56,7 +56,9 @@ def simulated_source(text: str) -> str:
     warps_end = text.index("template <int NT, int MT, int KW>\ncudaError_t launch(")
     rows_start = text.index("template <int MT>\n__global__")
     rows_end = text.index("template <int MT>\ncudaError_t launch_rows(")
-    body = text[start:warps_end] + text[rows_start:rows_end] + "}  // namespace\n"
+    gemv_start = text.index("constexpr int kGemvWarps")
+    gemv_end = text.index("template <int T, int MR>\ncudaError_t launch_gemv(")
+    body = text[start:warps_end] + text[rows_start:rows_end] + text[gemv_start:gemv_end] + "}  // namespace\n"
 
     def replace_function(code: str, head: str, new: str) -> str:
         i = code.index(head)
@@ -72,6 +74,9 @@ def simulated_source(text: str) -> str:
                           lambda m: f"float (&partial){m.group(1)} = *reinterpret_cast<float (*){m.group(1)}>(sim_smem());",
                           body)
     assert count == 2, "int4_gemm.cu's shared arrays changed: update simulated_source"
+    body, count = re.subn(r"extern __shared__ float4 gemv_smem\[\];",
+                          "float4* gemv_smem = reinterpret_cast<float4*>(sim_smem());", body)
+    assert count == 1, "int4_gemm.cu's GEMV shared memory changed: update simulated_source"
     return (SIM / "prelude.h").read_text() + "\n" + body + "\n" + (SIM / "harness.inc").read_text()
 
 
@@ -101,6 +106,53 @@ def test_kernel_source_on_the_cpu(simulator: Path, case: tuple[int, ...]) -> Non
     proc = subprocess.run([str(simulator), *map(str, case)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith(" ok"), proc.stdout + proc.stderr
     assert "unwritten 0" in proc.stdout
+
+
+# the GEMV form (3): (3, M, N, K, block, zero points, weight rows a warp, A rows a block, warps along K[, k staged a
+# time]): M 1-4 (3 in a 4-row block, one masked) and past 4 (chunks of A rows), ragged N (not a multiple of the
+# block's rows), K not a multiple of 128, blocks 32/64/128, zero points or not, 1-8 warps along K, K in several
+# slices (ragged last slice) where the slice is given
+GEMV_CASES = [
+    (3, 1, 40, 576, 32, 0, 1, 1, 1),
+    (3, 1, 33, 320, 64, 1, 2, 1, 1),
+    (3, 1, 70, 384, 128, 0, 4, 1, 1),
+    (3, 1, 21, 1408, 32, 1, 1, 1, 2),
+    (3, 1, 50, 160, 32, 0, 2, 1, 4),
+    (3, 1, 9, 2048, 128, 1, 1, 1, 8),
+    (3, 1, 37, 576, 64, 1, 2, 1, 2, 128),
+    (3, 1, 1, 32, 32, 1, 1, 1, 1),
+    (3, 2, 19, 448, 64, 1, 1, 2, 1),
+    (3, 3, 41, 96, 32, 0, 2, 4, 2),
+    (3, 4, 17, 640, 128, 1, 4, 4, 1, 256),
+    (3, 7, 24, 192, 64, 0, 1, 4, 4, 64),
+]
+
+
+@pytest.mark.parametrize("case", GEMV_CASES,
+                         ids=lambda c: "gemv-M{1}-N{2}-K{3}-bs{4}-zp{5}-{6}.{7}.{8}".format(*c)
+                         + (f"-slice{c[9]}" if len(c) > 9 else ""))
+def test_gemv_source_on_the_cpu(simulator: Path, case: tuple[int, ...]) -> None:
+    proc = subprocess.run([str(simulator), *map(str, case)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith(" ok"), proc.stdout + proc.stderr
+    assert "unwritten 0" in proc.stdout
+
+
+def test_simulation_sees_a_lost_gemv_k_step(simulator: Path, tmp_path: Path) -> None:
+    """A copy of the GEMV form where the first K slice leaves out its last 32 k fails the simulation, with one
+    slice and with several."""
+    text = SOURCE.read_text()
+    line = "const int c1 = min(c0 + slice_chunks, chunks);"
+    assert line in text
+    source = tmp_path / "broken.cpp"
+    source.write_text(simulated_source(text.replace(line, line[:-1] + " - (c0 == 0);")))
+    binary = tmp_path / "broken"
+    cxx = shutil.which("g++") or shutil.which("c++")
+    assert cxx
+    subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", "-w", str(source), "-o", str(binary)], check=True)
+    for args in (["3", "1", "40", "576", "32", "0", "1", "1", "1"], ["3", "2", "19", "448", "64", "1", "1", "2", "2",
+                                                                      "128"]):
+        proc = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout
 
 
 def test_simulation_sees_a_lost_k_step(simulator: Path, tmp_path: Path) -> None:

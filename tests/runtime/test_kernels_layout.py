@@ -76,9 +76,12 @@ def test_table_entries_are_taken_where_they_hold(ck: ModuleType, kernel: Path,
             lib = ctypes.CDLL(str(kernel))
             lib.onnxpipe_int4_gemm_layout_for.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3
             assert lib.onnxpipe_int4_gemm_layout_for(0, m, n, k) != i, (i, m, n, k)
-    # the 1B gate/up entry (run 28's sweep) against the rule just below its M range
+    # the 1B gate/up entries (runs 28 and 29's sweeps: M 17-32 and 2-8) and the rule at M = 1, which no entry holds:
+    # the GEMV form, 2 weight rows a warp (512 blocks of 16 rows)
     assert "(kLayouts[0])" in lines[2] and "32 weight rows and 32 A rows a block, 4 warps along K" in lines[2]
-    assert "(the rule)" in lines[0] and "(the rule)" in lines[1]
+    assert "(kLayouts[2])" in lines[1] and "16 weight rows and 8 A rows a block, 8 warps along K" in lines[1]
+    assert "(the rule)" in lines[0] and "gemv: grid 512x1, 16 weight rows and 1 A rows a block, 2 weight rows a " \
+        "warp, 1 warps along K" in lines[0]
     assert describe(kernel, 0, 16, 8192, 2048) == "warps: grid 256x1, 32 weight rows and 16 A rows a block, 8 warps along K"
 
 
@@ -177,7 +180,9 @@ class FakeKernel:
         self.seen: list[tuple[int, int, int]] = []
 
     def describe(self, form: int, m: int, n: int, k: int, tile: int = 0, split: int = 0) -> str:
-        return f"form {form} {tile}x{split} M={m}"
+        names = {code: name for name, code in load_check_kernels().FORMS.items()}
+        name = names.get(form) or ("gemv" if m == 1 else "warps")  # form 0: as the launcher's rule resolves it
+        return f"{name}: form {form} {tile}x{split} M={m}"
 
     def upload(self, w):
         return (w.packed, w.scales, w.zero_points)
@@ -206,17 +211,21 @@ def test_sweep_times_the_default_beside_every_layout(ck: ModuleType) -> None:
 
     ref = np.random.default_rng(0).standard_normal((32, 40))
     faster, wrong = (ck.FORMS["warps"], 1, 2), (ck.FORMS["cluster"], 4, 8)
-    tk = FakeKernel(ref, {faster: 7.0, wrong: 1.0, (0, 0, 0): 9.0}, wrong=(wrong,))
+    gemv = (ck.FORMS["gemv"], 2, 1)
+    tk = FakeKernel(ref, {faster: 7.0, wrong: 1.0, (0, 0, 0): 9.0, gemv: 6.0}, wrong=(wrong,))
     ctx = ck.Context(argparse.Namespace(repeats=2), None, None, 0.0, time.perf_counter(), log=lambda _m: None)
     ck.sweep(ctx, tk, [], "1b gate,up", 8192, 2048, 32, np.zeros((32, 2048), np.float16), ref, 1 << 20,
              {m: 1e-3 for m in (1, 8, 32)})
-    assert len(ctx.sweeps) == 3 * len(ck.SWEEP) and tk.seen.count((0, 0, 0)) == 3
+    gemv_layouts = sum(1 for form, _, _ in ck.SWEEP if form == "gemv")
+    assert gemv_layouts >= 2 and len(ctx.sweeps) == 3 * len(ck.SWEEP) - 2 * gemv_layouts
+    assert tk.seen.count((0, 0, 0)) == 3
     assert {e["m"] for e in ctx.sweeps} == {1, 8, 32} and all(e["block"] == 32 for e in ctx.sweeps)
+    assert {e["m"] for e in ctx.sweeps if e["form"] == "gemv"} == {1}  # the GEMV form is swept at M = 1 only
     assert [e["ok"] for e in ctx.sweeps if (ck.FORMS.get(e["form"]), e["tile"], e["split"]) == wrong] == [False] * 3
-    assert tk.config == (ck.FORMS["warps"], 0, 0)  # left as the rows' own calls expect
+    assert tk.config == (0, 0, 0)  # left as the rows' own calls expect: the op's layout
     rows = ck.suggest_layouts(ctx.sweeps)
     assert [r.split("  //")[0] for r in rows] == [
-        "{1, 1, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},",
+        "{1, 1, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_GEMV, 2, 1},",
         "{2, 8, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},",
         "{17, 32, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},"]
 
@@ -228,10 +237,34 @@ def test_a_bench_case_runs_its_sweep(ck: ModuleType, cpu_library: Path) -> None:
     import time
 
     runner = ck.OrtRunner("CPUExecutionProvider", cpu_library, graphs=False)
+    swept = sum(1 for m in ck.SWEEP_MS for form, _, _ in ck.SWEEP if m <= ck.SWEEP_MAX_M.get(form, m))
     for with_zp in (False, True):
         tk = FakeKernel(None, {})
         ctx = ck.Context(argparse.Namespace(repeats=1, sweep=True), runner, tk, 0.0, time.perf_counter(),
                          copy_bytes=1, log=lambda _m: None)
         ck.random_case(ctx, "1b q,o", 2048, 2048, 32, with_zp, (1, 8, 32), set())
         assert [(r.m, r.ok) for r in ctx.rows] == [(1, True), (8, True), (32, True)]
-        assert len(ctx.sweeps) == (0 if with_zp else 3 * len(ck.SWEEP))
+        assert [(r.m, r.form) for r in ctx.rows] == [(1, "gemv"), (8, "warps"), (32, "warps")]
+        assert len(ctx.sweeps) == (0 if with_zp else swept)
+    # the rows' own calls: the op's layout at every M, each other form by its rule, the GEMV form only where M <= 4
+    forms = ck.FORMS  # (the last case, with zero points, has no sweep after its rows)
+    assert tk.seen == [(0, 0, 0), (forms["warps"], 0, 0), (forms["cluster"], 0, 0),
+                       (0, 0, 0), (forms["cluster"], 0, 0), (0, 0, 0), (forms["cluster"], 0, 0)]
+
+
+@pytest.mark.parametrize("wrong_form", ["op", "warps", "cluster"])
+def test_the_error_gate_covers_every_form(ck: ModuleType, cpu_library: Path, wrong_form: str) -> None:  # noqa: F811
+    """A wrong result from the op's own layout through ctypes (the GEMV form at M = 1, warps at 8 and 32) fails every
+    row; from the warps form only the M = 1 row, where it is another form beside the op's GEMV; the cluster form,
+    another form at every M, every row."""
+    import argparse
+    import time
+
+    runner = ck.OrtRunner("CPUExecutionProvider", cpu_library, graphs=False)
+    config = (0, 0, 0) if wrong_form == "op" else (ck.FORMS[wrong_form], 0, 0)
+    tk = FakeKernel(None, {}, wrong=(config,))
+    ctx = ck.Context(argparse.Namespace(repeats=1, sweep=False), runner, tk, 0.0, time.perf_counter(),
+                     copy_bytes=1, log=lambda _m: None)
+    ck.random_case(ctx, "1b q,o", 2048, 2048, 32, True, (1, 8, 32), set())
+    want = {"op": [False] * 3, "warps": [False, True, True], "cluster": [False] * 3}[wrong_form]
+    assert [r.ok for r in ctx.rows] == want

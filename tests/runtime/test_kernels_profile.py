@@ -56,6 +56,14 @@ def test_kernel_table_per_step_kinds_and_busy(pd: ModuleType, tmp_path: Path) ->
     assert r["top"][0] == {"name": OURS, "us": 10.0, "count": 1.0, "longest_us": 10.0}
 
 
+def test_our_gemv_is_ours_not_onnxruntimes(pd: ModuleType, tmp_path: Path) -> None:
+    """The batch-1 GEMV form's kernel counts as onnxpipe's int4 GEMM, not under onnxruntime's `[Ii]nt4` pattern."""
+    gemv = "void (anonymous namespace)::int4_gemv_kernel<2>(__half const*, unsigned char const*, int)"
+    r = pd.kernel_table(trace(tmp_path / "g.json", [(gemv, 0, 6), (NBITS, 10, 4)]), steps=1, t_wall=0.001)
+    assert r["groups"]["int4 GEMM (onnxpipe)"] == {"us": 6.0, "count": 1.0}
+    assert r["groups"]["MatMulNBits (onnxruntime)"] == {"us": 4.0, "count": 1.0}
+
+
 def test_longest_call_a_step_is_the_heads(pd: ModuleType, tmp_path: Path) -> None:
     """Three steps of four calls of one GEMM kernel, one of them long (the head): its time per call comes out, not
     the mean of all twelve; the comparison names it before and after."""

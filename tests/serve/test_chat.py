@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -213,3 +214,55 @@ def test_generate_with_the_prompt_as_a_bare_word_says_where_it_goes(tmp_path):
         r = CliRunner().invoke(main, ["generate", str(tmp_path)] + args)
         assert r.exit_code == 2 and "'What is ONNX?'" in r.output and hint in r.output, r.output
         assert "Traceback" not in r.output
+
+
+class _CtrlCAfter(io.BytesIO):
+    """Standard input whose lines run out into a Ctrl-C, as when it is pressed at the console's prompt."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if not data and size != 0:  # read(0) is click's look at the stream's kind
+            raise KeyboardInterrupt
+        return data
+
+    read1 = read
+
+    def readline(self, size: int | None = -1) -> bytes:
+        data = super().readline(size)
+        if not data and size != 0:
+            raise KeyboardInterrupt
+        return data
+
+
+def test_ctrl_c_at_the_prompt_ends_the_chat_with_130_and_no_nothing_was_written(stdlib_lm, stdlib_model):
+    """Ctrl-C while the console waits for a line ends it with exit status 130 and no "interrupted; nothing was
+    written", the line of the commands that write outputs (a chat writes none). End of input (Ctrl-D) exits 0."""
+    first = stdlib_lm.chat(USER, max_new_tokens=12).text
+    args = ["chat", str(stdlib_model), "--max-new-tokens", "12", "--provider", "cpu"]
+    r = CliRunner().invoke(main, args, input=_CtrlCAfter(b"def fib(n):\n"))
+    assert r.exit_code == 130, (r.exit_code, r.output)
+    assert r.stdout == f"{first}\n" and "nothing was written" not in r.stderr and "Traceback" not in r.output, r.output
+    r = CliRunner().invoke(main, args, input="def fib(n):\n")
+    assert r.exit_code == 0 and r.stdout == f"{first}\n", r.output
+
+
+@pytest.mark.fast
+def test_terminal_lines_end_the_prompts_line_at_ctrl_c(monkeypatch, capsys):
+    """Ctrl-C at the terminal's prompt ends the prompt's line (the shell's next prompt is not left after "> ^C") and
+    raises KeyboardInterrupt for the command to end with 130."""
+    from onnxpipe.serve.console import terminal_lines
+
+    typed = iter(["hello"])
+
+    def fake_input(prompt: str) -> str:
+        try:
+            return next(typed)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    lines = terminal_lines()
+    assert next(lines) == "hello"
+    with pytest.raises(KeyboardInterrupt):
+        next(lines)
+    assert capsys.readouterr().out == "\n"

@@ -32,6 +32,14 @@ def refused(extra: dict, chat: bool = True) -> ApiError:
     {"tools": [{"type": "function", "function": {"name": "f"}}]},
     {"logprobs": True},
     {"top_logprobs": 2},
+    {"continue_final_message": True},
+    {"add_generation_prompt": False},
+    {"chat_template": "{{ messages }}"},
+    {"chat_template_kwargs": {"enable_thinking": False}},
+    {"include_stop_str_in_output": True},
+    {"stop_token_ids": [7]},
+    {"skip_special_tokens": False},
+    {"use_beam_search": True},
 ])
 def test_fields_that_would_change_the_answer_are_refused_naming_them(extra):
     (name,) = extra
@@ -43,7 +51,9 @@ def test_their_no_op_values_and_unknown_fields_pass():
     for extra in ({"logit_bias": {}}, {"logit_bias": None}, {"min_p": 0.0}, {"min_tokens": 0}, {"tools": []},
                   {"tool_choice": "none"}, {"tool_choice": "auto"}, {"response_format": {"type": "text"}},
                   {"logprobs": False}, {"top_logprobs": 0}, {"user": "u1", "metadata": {"a": "b"}, "store": False},
-                  {"parallel_tool_calls": False, "some_future_field": [1, 2]}):
+                  {"parallel_tool_calls": False, "some_future_field": [1, 2]},
+                  {"add_generation_prompt": True, "skip_special_tokens": True, "continue_final_message": False,
+                   "chat_template_kwargs": {}, "stop_token_ids": []}):
         parsed = parse_request({**BASE, **extra}, MODEL, True)
         assert parsed.messages == BASE["messages"], extra
     assert parse_request({"model": MODEL, "prompt": "a", "best_of": 1, "echo": False, "suffix": ""}, MODEL,

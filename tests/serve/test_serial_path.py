@@ -52,6 +52,39 @@ def test_the_rows_worker_runs_jobs_in_order_and_hands_back_values_and_errors():
         worker.submit(fails)
 
 
+@pytest.mark.fast
+def test_a_submit_racing_a_shutdown_runs_its_job_or_is_refused_never_left_queued():
+    """A job queued after the thread's end would never run, and the loop's thread would wait for it forever: here the
+    submit is held between its check and its queueing while a shutdown starts on another thread."""
+    worker = RowsWorker("test-rows")
+    real = worker._queue
+    in_put, go = threading.Event(), threading.Event()
+
+    class Held:  # the worker's queue, its first job's put held until ``go``
+        def put(self, item):
+            if item is not None and not in_put.is_set():
+                in_put.set()
+                go.wait(5)
+            real.put(item)
+
+        def get(self):
+            return real.get()
+
+    worker._queue = Held()  # type: ignore[assignment]
+    submitted: dict = {}
+    first = threading.Thread(target=lambda: submitted.setdefault("job", worker.submit(lambda: 7)))
+    first.start()
+    assert in_put.wait(5)
+    closing = threading.Thread(target=worker.shutdown)
+    closing.start()
+    time.sleep(0.05)  # the shutdown has begun (and waits for the submit to be queued)
+    go.set()
+    first.join(5)
+    closing.join(5)
+    assert not closing.is_alive() and not worker.thread.is_alive()
+    assert submitted["job"].done() and submitted["job"].result() == 7
+
+
 def _iterate(sched) -> None:
     """One iteration of the loop, on this thread (the loop's own steps, as ``BatchLoop._loop`` runs them)."""
     with sched._cond:

@@ -51,6 +51,7 @@ def test_concurrent_greedy_clients_get_what_they_get_alone(server, stdlib_lm):
     c = client(server)
     assert [m.id for m in c.models.list().data] == [MODEL]
     assert c.models.retrieve(MODEL).id == MODEL
+    assert c.models.list().data[0].model_extra["max_model_len"] == stdlib_lm.session.max_positions
     with pytest.raises(openai.NotFoundError) as e:
         c.models.retrieve("org/other-model")
     assert e.value.body["code"] == "model_not_found"
@@ -198,6 +199,7 @@ def test_disconnect_frees_its_place_and_a_full_queue_answers_429(narrow, stdlib_
             with pytest.raises(openai.RateLimitError) as e:
                 client(narrow).completions.create(model=MODEL, prompt="a", max_tokens=2)
             assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded"
+            assert 1 <= int(e.value.response.headers["retry-after"]) <= 60  # whole seconds (test_queue_full.py)
             assert waiting.empty()
         # the stream's client went away after one chunk: its place goes to the waiting request
         second = waiting.get(timeout=60)

@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 #include <memory>
+#include <cstdlib>
 
 #define __device__
 #define __global__
@@ -22,6 +23,11 @@
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 struct uint4 { uint32_t x, y, z, w; };
 inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int min(int a, int b) { return a < b ? a : b; }
 struct __half { uint16_t bits; };
 struct __half2 { __half x, y; };
 
@@ -32,6 +38,7 @@ inline __half __float2half_rn(float v) { return f2h(v); }
 inline float __half2float(__half h) { return h2f(h); }
 inline unsigned short __half_as_ushort(__half h) { return h.bits; }
 inline __half2 __halves2half2(__half a, __half b) { return {a, b}; }
+inline float2 __half22float2(__half2 h) { return {h2f(h.x), h2f(h.y)}; }
 inline __half2 __hsub2(__half2 a, __half2 b) { return {f2h(h2f(a.x) - h2f(b.x)), f2h(h2f(a.y) - h2f(b.y))}; }
 inline __half2 __hmul2(__half2 a, __half2 b) { return {f2h(h2f(a.x) * h2f(b.x)), f2h(h2f(a.y) * h2f(b.y))}; }
 inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
@@ -47,6 +54,7 @@ struct Sim {  // one launch's shared state
   std::barrier<>* cluster_bar;
   std::barrier<>* warp_bar[64][16];
   uint32_t frag[64][16][32][6];  // [block in cluster][warp][lane] a0..a3 b0 b1
+  float shfl[64][16][32];        // [block in cluster][warp][lane] a __shfl_xor_sync's values
   std::vector<std::vector<char>> smem;  // per block of the cluster
 };
 thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -65,6 +73,17 @@ struct cluster_group {
   }
 };
 inline cluster_group this_cluster() { return {}; }
+}
+
+// every lane of the warp gives its value, then reads its partner's (the mask: all 32 lanes, as the kernels ask)
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+  if (mask != 0xFFFFFFFFu) std::abort();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  sim->shfl[sim_rank][warp][lane] = v;
+  sim->warp_bar[sim_rank][warp]->arrive_and_wait();
+  const float got = sim->shfl[sim_rank][warp][lane ^ lane_mask];
+  sim->warp_bar[sim_rank][warp]->arrive_and_wait();
+  return got;
 }
 
 inline float hf(uint32_t u, int hi) { return h2f(__half{(uint16_t)(hi ? u >> 16 : u & 0xFFFF)}); }

@@ -17,7 +17,9 @@
 // the weight is read again per chunk, from L2 mostly). Its KW warps split K by 128-wide steps (warp w takes steps
 // w, w + KW, ...), prefetching the next two steps' weights into registers, and are summed in shared memory in a fixed
 // order at the end: deterministic, no atomics, no workspace. The host picks NT, MT and KW from M, N and the SM
-// count so that a 2048-wide projection still gives every SM a block.
+// count so that a 2048-wide projection still gives every SM a block. At M = 1 the rule takes a third form without
+// tensor cores (GEMV, below the cluster form): a warp walks its weight rows' K with 16-byte loads, no tile columns
+// computed for nothing.
 
 #include "int4_gemm.h"
 
@@ -357,6 +359,234 @@ cudaError_t launch_rows(int warps, int slices, const __half* A, const uint8_t* B
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
+// The GEMV form (M = 1-4, no tensor cores): at M = 1 the mma forms compute 8 columns of a tile for one. Here a
+// lane takes 32 consecutive k (16 bytes of packed nibbles) of a weight row, so a warp reads 512 contiguous bytes of
+// it a step, and each warp owns T weight rows (the call's tile) and walks K in such steps, split warps of a block
+// sharing a row group's k steps (the call's split: 1, 2, 4 or 8 warps along K). A block is kGemvWarps warps, so it
+// owns T * kGemvWarps / split weight rows and MR rows of A (grid.y walks M in such chunks: any M is right, the
+// weights read again per chunk).
+//
+// The block's MR rows of A are staged once in shared memory as fp32, with each 32-k chunk's sum, K in slices of at
+// most kGemvStage / MR k (a larger K loops over slices). A chunk's 8 float4 are stored swizzled (unit x of chunk c at
+// x ^ (c % 8)), so the 8 lanes of a quarter warp, reading 8 consecutive chunks, hit 8 different bank groups.
+// Dequantization is exact in fp32: nibble q becomes the float 1 + q / 16 by or-ing it into the mantissa of 1.0, so
+// for a lane's 32 k (inside one quantization block) sum (q - zp) a = 16 sum (1 + q / 16) a - (16 + zp) sum a, then
+// times the block's scale. Each lane keeps its rows' next k step in flight while it uses the current one; the sums
+// are reduced across the warp with shuffles and across a row group's warps in shared memory, in a fixed order:
+// deterministic, no atomics, no workspace.
+constexpr int kGemvWarps = 8;      // warps a block
+constexpr int kGemvStage = 8192;   // activations a slice (fp32, all MR rows): 32 KB
+constexpr int kGemvMaxTile = 4;    // weight rows a warp: 1, 2 or 4
+
+// One lane's 32 k of a weight row: the 16 bytes of nibbles, the block's scale and 16 + its zero point.
+struct GemvChunk {
+  uint4 q;
+  float scale;
+  float bias;
+};
+
+__device__ __forceinline__ GemvChunk load_gemv_chunk(const uint8_t* __restrict__ B, const __half* __restrict__ S,
+                                                     const uint8_t* __restrict__ Z, int n, int N, int c, int c_end,
+                                                     int K, int block_shift, int blocks, int zp_stride) {
+  GemvChunk r;
+  if (n < N && c < c_end) {
+    r.q = load_weight(B + (int64_t)n * (K / 2) + (int64_t)c * 16);
+    const int blk = (c * 32) >> block_shift;
+    int zp = 8;
+    if (Z != nullptr) zp = (Z[(int64_t)n * zp_stride + blk / 2] >> ((blk & 1) * 4)) & 0xF;
+    r.scale = __half2float(S[(int64_t)n * blocks + blk]);
+    r.bias = (float)(16 + zp);
+  } else {
+    r.q = make_uint4(0, 0, 0, 0);
+    r.scale = 0.0f;
+    r.bias = 16.0f;
+  }
+  return r;
+}
+
+// 1 + q / 16 exactly, q the nibble i (0-7) of a word: q into mantissa bits 19-22 of 1.0f
+__device__ __forceinline__ float nibble_float(uint32_t word, int i) {
+  const uint32_t bits = i <= 4 ? word << (19 - 4 * i) : word >> (4 * i - 19);
+  return __int_as_float((int)((bits & 0x00780000u) | 0x3F800000u));
+}
+
+__device__ __forceinline__ float2 half2_floats(uint32_t u) {
+  union { uint32_t u; __half2 h; } x;
+  x.u = u;
+  return __half22float2(x.h);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& q, int v) {
+  return v == 0 ? q.x : v == 1 ? q.y : v == 2 ? q.z : q.w;
+}
+
+template <int T, int MR>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    int4_gemv_kernel(const __half* __restrict__ A, const uint8_t* __restrict__ B, const __half* __restrict__ S,
+                     const uint8_t* __restrict__ Z, __half* __restrict__ Y, int M, int N, int K, int block_shift,
+                     int split, int slice) {
+  // [MR][slice / 4] float4 activations (swizzled), [MR][slice / 32] chunk sums, [kGemvWarps][T][MR] warp sums
+  extern __shared__ float4 gemv_smem[];
+  float4* stage = gemv_smem;
+  float* sums = reinterpret_cast<float*>(gemv_smem + MR * (slice / 4));
+  float* partial = sums + MR * (slice / 32);
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group = warp / split;
+  const int part = warp % split;
+  const int n0 = (blockIdx.x * (kGemvWarps / split) + group) * T;
+  const int m0 = blockIdx.y * MR;
+  const int blocks = K >> block_shift;
+  const int zp_stride = (blocks + 1) / 2;
+  const int chunks = K / 32;  // K % 32 == 0 (block_size divides it)
+  const int slice_chunks = slice / 32;
+
+  float acc[T][MR];
+#pragma unroll
+  for (int r = 0; r < T; ++r)
+#pragma unroll
+    for (int j = 0; j < MR; ++j) acc[r][j] = 0.0f;
+
+  for (int c0 = 0; c0 < chunks; c0 += slice_chunks) {
+    const int c1 = min(c0 + slice_chunks, chunks);
+    // this warp's first k step of the slice in flight while the slice's activations are staged
+    GemvChunk cur[T];
+#pragma unroll
+    for (int r = 0; r < T; ++r)
+      cur[r] = load_gemv_chunk(B, S, Z, n0 + r, N, c0 + 32 * part + lane, c1, K, block_shift, blocks, zp_stride);
+    __syncthreads();  // every warp done with the previous slice's activations
+    // 8 halves a thread (groups of 4 threads: a chunk, summed with shuffles); the trip count is the same for every
+    // thread, so every lane takes part in the shuffles
+    const int units = (c1 - c0) * 4;
+    for (int base = 0; base < MR * units; base += blockDim.x) {
+      const int i = base + threadIdx.x;
+      const bool in = i < MR * units;
+      const int j = in ? i / units : 0;
+      const int u = in ? i % units : 0;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (in && m0 + j < M) {
+        v = __ldg(reinterpret_cast<const uint4*>(A + (int64_t)(m0 + j) * K + (int64_t)c0 * 32 + 8 * u));
+      }
+      const float2 p0 = half2_floats(v.x), p1 = half2_floats(v.y), p2 = half2_floats(v.z), p3 = half2_floats(v.w);
+      const float f[8] = {p0.x, p0.y, p1.x, p1.y, p2.x, p2.y, p3.x, p3.y};
+      float s = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+      s += __shfl_xor_sync(0xFFFFFFFFu, s, 1);
+      s += __shfl_xor_sync(0xFFFFFFFFu, s, 2);
+      if (in) {
+        const int cc = u / 4;
+        const int x = 2 * (u % 4);
+        float4* row = stage + j * (slice / 4) + cc * 8;
+        row[x ^ (cc & 7)] = make_float4(f[0], f[1], f[2], f[3]);
+        row[(x + 1) ^ (cc & 7)] = make_float4(f[4], f[5], f[6], f[7]);
+        if (u % 4 == 0) sums[j * slice_chunks + cc] = s;
+      }
+    }
+    __syncthreads();
+    for (int start = c0 + 32 * part; start < c1; start += 32 * split) {  // the same trip count for the warp's lanes
+      const int c = start + lane;
+      GemvChunk next[T];
+#pragma unroll
+      for (int r = 0; r < T; ++r)
+        next[r] = load_gemv_chunk(B, S, Z, n0 + r, N, c + 32 * split, c1, K, block_shift, blocks, zp_stride);
+      if (c < c1) {
+        const int cc = c - c0;
+#pragma unroll
+        for (int j = 0; j < MR; ++j) {
+          const float4* a = stage + j * (slice / 4) + cc * 8;
+          float dot[T];
+#pragma unroll
+          for (int r = 0; r < T; ++r) dot[r] = 0.0f;
+#pragma unroll
+          for (int x = 0; x < 8; ++x) {  // unit x: k 4x .. 4x + 3 of the chunk, nibbles 4 (x % 2) .. + 3 of word x / 2
+            const float4 v = a[x ^ (cc & 7)];
+#pragma unroll
+            for (int r = 0; r < T; ++r) {
+              const uint32_t w = word_of(cur[r].q, x / 2);
+              const int i = 4 * (x % 2);
+              dot[r] = fmaf(nibble_float(w, i), v.x, dot[r]);
+              dot[r] = fmaf(nibble_float(w, i + 1), v.y, dot[r]);
+              dot[r] = fmaf(nibble_float(w, i + 2), v.z, dot[r]);
+              dot[r] = fmaf(nibble_float(w, i + 3), v.w, dot[r]);
+            }
+          }
+          const float sa = sums[j * slice_chunks + cc];
+#pragma unroll
+          for (int r = 0; r < T; ++r) acc[r][j] = fmaf(cur[r].scale, 16.0f * dot[r] - cur[r].bias * sa, acc[r][j]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < T; ++r) cur[r] = next[r];
+    }
+  }
+
+  // the lanes' sums (butterfly: every lane ends with the same bits), then the row group's warps in order
+#pragma unroll
+  for (int r = 0; r < T; ++r)
+#pragma unroll
+    for (int j = 0; j < MR; ++j) {
+      float v = acc[r][j];
+#pragma unroll
+      for (int o = 16; o >= 1; o /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+      acc[r][j] = v;
+    }
+  if (split > 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < T; ++r)
+#pragma unroll
+        for (int j = 0; j < MR; ++j) partial[(warp * T + r) * MR + j] = acc[r][j];
+    }
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int r = 0; r < T; ++r)
+#pragma unroll
+      for (int j = 0; j < MR; ++j) {
+        float sum = 0.0f;
+        for (int p = 0; p < split; ++p) sum += partial[((warp + p) * T + r) * MR + j];
+        acc[r][j] = sum;
+      }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < T; ++r)
+#pragma unroll
+      for (int j = 0; j < MR; ++j)
+        if (n0 + r < N && m0 + j < M) Y[(int64_t)(m0 + j) * N + n0 + r] = __float2half_rn(acc[r][j]);
+  }
+}
+
+// Shared memory of a GEMV block: the staged activations, their chunk sums and the warps' sums.
+inline int gemv_smem_bytes(int tile, int mr, int slice) {
+  return (mr * slice + mr * (slice / 32) + kGemvWarps * tile * mr) * (int)sizeof(float);
+}
+
+// The k a slice stages: all of K where it fits kGemvStage floats for the MR rows.
+inline int gemv_slice(int mr, int k) {
+  const int cap = (kGemvStage / mr) / 32 * 32;
+  return k < cap ? k : cap;
+}
+
+template <int T, int MR>
+cudaError_t launch_gemv(int split, const __half* A, const uint8_t* B, const __half* S, const uint8_t* Z, __half* Y,
+                        int M, int N, int K, int block_shift, cudaStream_t stream) {
+  const int rows = T * (kGemvWarps / split);
+  const dim3 grid((N + rows - 1) / rows, (M + MR - 1) / MR);
+  const int slice = gemv_slice(MR, K);
+  int4_gemv_kernel<T, MR><<<grid, kGemvWarps * 32, gemv_smem_bytes(T, MR, slice), stream>>>(
+      A, B, S, Z, Y, M, N, K, block_shift, split, slice);
+  return cudaGetLastError();
+}
+
+template <int MR>
+cudaError_t launch_gemv_for(int tile, int split, const __half* A, const uint8_t* B, const __half* S,
+                            const uint8_t* Z, __half* Y, int M, int N, int K, int block_shift, cudaStream_t stream) {
+  if (tile == 1) return launch_gemv<1, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
+  if (tile == 2) return launch_gemv<2, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
+  return launch_gemv<4, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
+}
+
 template <int MT>
 cudaError_t launch_for(int nt, int kw, const __half* A, const uint8_t* B, const __half* S, const uint8_t* Z,
                        __half* Y, int M, int N, int K, int block_shift, cudaStream_t stream) {
@@ -419,6 +649,15 @@ void load_all() {
   load(int4_gemm_rows_kernel<2>);
   load(int4_gemm_rows_kernel<4>);
   load(int4_gemm_rows_kernel<8>);
+  load(int4_gemv_kernel<1, 1>);
+  load(int4_gemv_kernel<1, 2>);
+  load(int4_gemv_kernel<1, 4>);
+  load(int4_gemv_kernel<2, 1>);
+  load(int4_gemv_kernel<2, 2>);
+  load(int4_gemv_kernel<2, 4>);
+  load(int4_gemv_kernel<4, 1>);
+  load(int4_gemv_kernel<4, 2>);
+  load(int4_gemv_kernel<4, 4>);
 }
 
 Device device_info() {
@@ -450,14 +689,15 @@ int form_from_env() {
     form = v == nullptr ? ONNXPIPE_INT4_GEMM_AUTO
            : strcmp(v, "warps") == 0   ? ONNXPIPE_INT4_GEMM_WARPS
            : strcmp(v, "cluster") == 0 ? ONNXPIPE_INT4_GEMM_CLUSTER
+           : strcmp(v, "gemv") == 0    ? ONNXPIPE_INT4_GEMM_GEMV
                                        : ONNXPIPE_INT4_GEMM_AUTO;
   }
   return form;
 }
 
-// How a call is laid out: the form, the A rows a block takes (8 * mt), and for the warps form the weight tiles a
-// block (nt) and its warps along K (kw); for the cluster form its warps along N (kw) and the cluster's blocks along
-// K (slices).
+// How a call is laid out: the form, the A rows a block takes (8 * mt; the GEMV form: mt), and for the warps form
+// the weight tiles a block (nt) and its warps along K (kw); for the cluster form its warps along N (kw) and the
+// cluster's blocks along K (slices); for the GEMV form the weight rows a warp (nt) and its block's warps along K (kw).
 struct Plan {
   int form, mt, nt, kw, slices;
   dim3 grid;
@@ -465,10 +705,14 @@ struct Plan {
 
 // tile and split (0: chosen here) set, for the warps form, the weight tiles a block (1, 2) and its warps along K
 // (1, 2, 4, 8, 16; up to 8 with 2 tiles); for the cluster form, its warps along N (1-8) and the cluster's blocks
-// along K (1-8). A value outside those gives form -1.
-// The form a call takes when none is asked for and no entry of kLayouts holds the call. The warps form until a GPU
-// run of scripts/check_kernels.py has compared the two on the Llama shapes.
-int auto_form(int /*m*/, int /*n*/, int /*k*/, const Device& /*d*/) { return ONNXPIPE_INT4_GEMM_WARPS; }
+// along K (1-8); for the GEMV form, the weight rows a warp (1, 2, 4) and the warps along K that share them (1, 2,
+// 4, 8 of the block's 8). A value outside those gives form -1.
+// The form a call takes when none is asked for and no entry of kLayouts holds the call: GEMV at M = 1 (the mma
+// forms use 1 of their tile's 8 columns there), else the warps form until a GPU run of scripts/check_kernels.py has
+// compared it with the cluster form on the Llama shapes.
+int auto_form(int m, int /*n*/, int /*k*/, const Device& /*d*/) {
+  return m == 1 ? ONNXPIPE_INT4_GEMM_GEMV : ONNXPIPE_INT4_GEMM_WARPS;
+}
 
 // Layouts measured faster than the rule in make_plan for a shape: the first entry whose ranges (inclusive) hold a
 // call's M, N and K gives its form, tile and split, where the call asks for no tile and split and its form is auto
@@ -482,6 +726,18 @@ constexpr Layout kLayouts[] = {
     // Llama-3.2-1B gate/up (8192 x 2048), M 17-32: 2 weight tiles a block, 4 warps along K: 12.63 us against the
     // rule's 2 x 8 at 14.83 (H100, check_kernels run 28, block 128 with zero points)
     {17, 32, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 2, 4},
+    // The rows below: H100, check_kernels run 29 (the bench's variant: block 32, no zero points), each against the
+    // rule's layout timed beside it in the same sweep.
+    // (M = 1 is left to the rule, the GEMV form, which run 29 did not have: its sweep's M = 1 rows of the warps form,
+    // 4.95 us for the packed q/k/v and 72.02 for the head, are what GEMV has to beat there)
+    // 1B packed q/k/v (3072 x 2048), M 2-8: 16 warps along K, 4.98 us against the rule's 8 at 5.59
+    {2, 8, 3072, 3072, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 16},
+    // 1B gate/up, M 2-8: 8 warps along K, 8.18 us against the rule's 4 at 8.67
+    {2, 8, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 8},
+    // 1B LM head (128256 x 2048), M 2-8: 2 warps along K, 77.22 us against the rule's 4 at 82.82;
+    // M 17-32: 2 weight tiles, 1 warp along K, 176.66 us against the rule's 2 x 4 at 217.93
+    {2, 8, 128256, 128256, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},
+    {17, 32, 128256, 128256, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 2, 1},
 };
 constexpr int kLayoutCount = (int)(sizeof(kLayouts) / sizeof(kLayouts[0]));
 
@@ -512,6 +768,31 @@ Plan make_plan(int form, int m, int n, int k, int tile, int split) {
   if (form == ONNXPIPE_INT4_GEMM_AUTO) form = auto_form(m, n, k, d);
   if (form == ONNXPIPE_INT4_GEMM_CLUSTER && !d.clusters) form = ONNXPIPE_INT4_GEMM_WARPS;  // clusters: sm_90 on
   p.form = form;
+  if (form == ONNXPIPE_INT4_GEMM_GEMV) {
+    // 1, 2 or 4 A rows a block (M = 3: 4, one masked); the most weight rows a warp (4, 2, 1) whose grid still gives
+    // every SM two blocks, all 8 warps on their own rows
+    p.mt = m == 1 ? 1 : m == 2 ? 2 : 4;
+    const int m_chunks = (m + p.mt - 1) / p.mt;
+    int rows = 1;
+    for (int t = kGemvMaxTile; t > 1; t /= 2) {
+      if ((int64_t)((n + t * kGemvWarps - 1) / (t * kGemvWarps)) * m_chunks >= 2 * sms) {
+        rows = t;
+        break;
+      }
+    }
+    const int warps_k = split != 0 ? split : 1;
+    if (tile != 0) rows = tile;
+    if ((rows != 1 && rows != 2 && rows != 4) || (warps_k != 1 && warps_k != 2 && warps_k != 4 && warps_k != 8)) {
+      p.form = -1;
+      return p;
+    }
+    p.nt = rows;
+    p.kw = warps_k;
+    p.slices = 1;
+    const int block_rows = rows * (kGemvWarps / warps_k);
+    p.grid = dim3((n + block_rows - 1) / block_rows, m_chunks, 1);
+    return p;
+  }
   // A rows a block: 8, 16, 32; 64 past 32 in the cluster form (its one weight tile a warp leaves the registers;
   // the weights are then read once per 64 rows of a prefill, not per 32)
   p.mt = m <= 8 ? 1 : m <= 16 ? 2 : (m <= 32 || form != ONNXPIPE_INT4_GEMM_CLUSTER) ? 4 : 8;
@@ -593,7 +874,7 @@ extern "C" int onnxpipe_int4_gemm_config(int form, int tile, int split, const vo
   const int bad = check_args(A, B, scales, Y, M, N, K, block_size, &block_shift);
   if (bad != ONNXPIPE_INT4_GEMM_OK) return bad;
   if (M == 0) return ONNXPIPE_INT4_GEMM_OK;
-  if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_CLUSTER) return ONNXPIPE_INT4_GEMM_BAD_FORM;
+  if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_GEMV) return ONNXPIPE_INT4_GEMM_BAD_FORM;
 
   const int m = (int)M, n = (int)N, k = (int)K;
   const Plan p = make_plan(form, m, n, k, tile, split);
@@ -603,7 +884,15 @@ extern "C" int onnxpipe_int4_gemm_config(int form, int tile, int split, const vo
   __half* y = static_cast<__half*>(Y);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   cudaError_t err;
-  if (p.form == ONNXPIPE_INT4_GEMM_CLUSTER) {
+  if (p.form == ONNXPIPE_INT4_GEMM_GEMV) {
+    if (p.mt == 1) {
+      err = launch_gemv_for<1>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+    } else if (p.mt == 2) {
+      err = launch_gemv_for<2>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+    } else {
+      err = launch_gemv_for<4>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+    }
+  } else if (p.form == ONNXPIPE_INT4_GEMM_CLUSTER) {
     if (p.mt == 1) {
       err = launch_rows<1>(p.kw, p.slices, a, B, s, zero_points, y, m, n, k, block_shift, st);
     } else if (p.mt == 2) {
@@ -639,11 +928,18 @@ extern "C" int onnxpipe_int4_gemm_describe(int form, int tile, int split, int64_
   if (out == nullptr || size < 1 || M < 1 || N < 1 || K < 1 || M > INT_MAX || N > INT_MAX || K > INT_MAX) {
     return ONNXPIPE_INT4_GEMM_BAD_SHAPE;
   }
-  if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_CLUSTER) return ONNXPIPE_INT4_GEMM_BAD_FORM;
+  if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_GEMV) return ONNXPIPE_INT4_GEMM_BAD_FORM;
   if (form == ONNXPIPE_INT4_GEMM_AUTO) form = form_from_env();
   const Plan p = make_plan(form, (int)M, (int)N, (int)K, tile, split);
   if (p.form < 0) return ONNXPIPE_INT4_GEMM_BAD_FORM;
-  if (p.form == ONNXPIPE_INT4_GEMM_CLUSTER) {
+  if (p.form == ONNXPIPE_INT4_GEMM_GEMV) {
+    // tile: weight rows a warp; split: the block's warps along K that share them
+    const int slice = gemv_slice(p.mt, (int)K);
+    snprintf(out, size,
+             "gemv: grid %ux%u, %d weight rows and %d A rows a block, %d weight rows a warp, %d warps along K, "
+             "K staged %d at a time",
+             p.grid.x, p.grid.y, p.nt * (kGemvWarps / p.kw), p.mt, p.nt, p.kw, slice);
+  } else if (p.form == ONNXPIPE_INT4_GEMM_CLUSTER) {
     snprintf(out, size, "cluster: grid %ux%ux%u, %d warps along N, %d A rows a block, clusters of %d along K",
              p.grid.x, p.grid.y, p.grid.z, p.kw, 8 * p.mt, p.slices);
   } else {
@@ -680,7 +976,7 @@ extern "C" const char* onnxpipe_int4_gemm_error(int code) {
     case ONNXPIPE_INT4_GEMM_NULL_POINTER:
       return "int4 gemm: A, B, scales and Y must not be NULL";
     case ONNXPIPE_INT4_GEMM_BAD_FORM:
-      return "int4 gemm: form must be 0 (auto), 1 (warps) or 2 (cluster), with a tile and split it takes";
+      return "int4 gemm: form must be 0 (auto), 1 (warps), 2 (cluster) or 3 (gemv), with a tile and split it takes";
     default:
       break;
   }
