@@ -69,14 +69,20 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     async def read_body(request: HttpRequest) -> bytes:
+        """The body, refused with a 413 as soon as it passes MAX_BODY_BYTES: by its Content-Length before any of it
+        is read, else (chunked) at the chunk that passes it, not after the whole of it is held in memory."""
         protocol.check_content_type(request.headers.get("content-type"))
+        too_large = ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
-        return raw
+            raise too_large
+        chunks, read = [], 0
+        async for chunk in request.stream():
+            read += len(chunk)
+            if read > MAX_BODY_BYTES:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def prepare(parsed: protocol.ParsedRequest, chat: bool) -> Any:
         """The request's RowState: its prompt as token ids, checked against the model's context."""
