@@ -45,3 +45,31 @@ def stdlib_cuda_model(stdlib_model: Path, tmp_path_factory: pytest.TempPathFacto
     optimize_model(stdlib_model, out, level=3, target="cuda", verify=False)
     shutil.copy(stdlib_model / "chat_template.jinja", out / "chat_template.jinja")
     return out
+
+
+def iterate(sched) -> None:
+    """One iteration of the scheduler's loop (``BatchLoop._loop``'s steps) on this thread."""
+    with sched._cond:
+        allowance = sched.budget.iteration(decoding=bool(sched._running))
+        if sched._waiting:
+            sched._admit(sched.budget.chunk or 16)
+    sched._drop_cancelled()
+    sched._prefill(allowance)
+    if sched._running:
+        sched._decode_step()
+
+
+@pytest.fixture
+def slow_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The concat scheduler's decode steps slowed by 20 ms, so streams run on while a test does something else."""
+    import time
+
+    from onnxpipe.serve.scheduler import ConcatScheduler
+
+    step = ConcatScheduler._decode_step
+
+    def slow_step(self):
+        time.sleep(0.02)
+        step(self)
+
+    monkeypatch.setattr(ConcatScheduler, "_decode_step", slow_step)

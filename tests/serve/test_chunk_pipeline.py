@@ -12,6 +12,7 @@ import queue
 
 import numpy as np
 import pytest
+from serve.conftest import iterate
 from serve.test_slots import PROMPTS, slot_lm
 
 from onnxpipe.errors import OnnxpipeError
@@ -70,18 +71,6 @@ def _emit_to(out: queue.Queue):
     return emit
 
 
-def _iteration(sched) -> None:
-    """One iteration of the loop (``BatchLoop._loop``) on this thread."""
-    with sched._cond:
-        allowance = sched.budget.iteration(decoding=bool(sched._running))
-        if sched._waiting:
-            sched._admit(sched.budget.chunk or 16)
-    sched._drop_cancelled()
-    sched._prefill(allowance)
-    if sched._running:
-        sched._decode_step()
-
-
 def _read_beside_streams(lm, long_prompt, new_tokens, max_length=160, chunk_graphs=False, park_at_prompt=True):
     """Two greedy streams decoding (fed on the device), then ``long_prompt`` arriving, read 16 tokens an iteration,
     the loop driven by hand. Returns (each request's tokens, the long prompt's keys and values in its row once it
@@ -99,18 +88,18 @@ def _read_beside_streams(lm, long_prompt, new_tokens, max_length=160, chunk_grap
         for (prompt, n), out in zip(STREAMS, outs):
             sched.submit(lm.prepare(prompt, max_new_tokens=n, stop_token_ids=[]), _emit_to(out))
         for _ in range(4):  # both read and decoding, their steps fed and overlapped
-            _iteration(sched)
+            iterate(sched)
         assert len(sched._running) == 2 and sched.stats.overlapped_steps > 0
         req = sched.submit(lm.prepare(long_prompt, max_new_tokens=new_tokens, stop_token_ids=[]), _emit_to(outs[2]))
         log = []
         while req not in sched._running and outs[2].empty():
             before = (sched.stats.prefill_chunks, sched.stats.fed_steps, sched.stats.overlapped_steps)
-            _iteration(sched)
+            iterate(sched)
             after = (sched.stats.prefill_chunks, sched.stats.fed_steps, sched.stats.overlapped_steps)
             log.append(tuple(b - a for a, b in zip(before, after)) + (sched._pending is not None,))
         held = [v.numpy()[req.slot, :, :len(long_prompt)].copy() for v in sched.cache.values]
         while sched._running or sched._waiting or sched._admitted:
-            _iteration(sched)
+            iterate(sched)
         sched._settle()
     finally:
         sched._settle()

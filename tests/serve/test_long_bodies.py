@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from onnxpipe.serve.app import ServerThread, create_app
-from onnxpipe.serve.scheduler import ConcatScheduler
 from onnxpipe.tokenizer import LONG_TEXT_CHARS, Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,18 +45,6 @@ def test_a_long_text_is_encoded_to_the_same_ids_letting_other_threads_run():
     assert ids[: 100] == tok.encode(head, add_special_tokens=False)[: 100]
     assert ids == list(tok.backend.encode(text, add_special_tokens=False).ids)
     assert took > 0.3 and worst < took / 3, (worst, took)
-
-
-@pytest.fixture
-def slow_steps(monkeypatch):
-    """Decode steps slowed to 20 ms, so a stream runs on while the long request is read."""
-    step = ConcatScheduler._decode_step
-
-    def slow_step(self):
-        time.sleep(0.02)
-        step(self)
-
-    monkeypatch.setattr(ConcatScheduler, "_decode_step", slow_step)
 
 
 def test_a_streams_tokens_keep_coming_while_a_long_request_is_read(stdlib_lm, slow_steps):

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from serve.conftest import iterate
 from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, submit
 
 from onnxpipe.serve.rows_worker import RowsWorker
@@ -85,18 +86,6 @@ def test_a_submit_racing_a_shutdown_runs_its_job_or_is_refused_never_left_queued
     assert submitted["job"].done() and submitted["job"].result() == 7
 
 
-def _iterate(sched) -> None:
-    """One iteration of the loop, on this thread (the loop's own steps, as ``BatchLoop._loop`` runs them)."""
-    with sched._cond:
-        allowance = sched.budget.iteration(decoding=bool(sched._running))
-        if sched._waiting:
-            sched._admit(sched.budget.chunk or 16)
-    sched._drop_cancelled()
-    sched._prefill(allowance)
-    if sched._running:
-        sched._decode_step()
-
-
 def test_an_iteration_looks_for_cancelled_requests_only_after_a_cancel(stdlib_cuda_model, monkeypatch):
     lm = slot_lm(stdlib_cuda_model, True)
     sched = make_scheduler(lm, max_batch=3, prefill_chunk=16, max_length=128)
@@ -113,19 +102,19 @@ def test_an_iteration_looks_for_cancelled_requests_only_after_a_cancel(stdlib_cu
         q, req = submit(sched, lm, PROMPTS[0], 60)
         _, other = submit(sched, lm, PROMPTS[2], 60)
         for _ in range(6):
-            _iterate(sched)
+            iterate(sched)
         assert looks["n"] == 0 and len(sched._running) == 2  # nothing cancelled: no look at each request
         req.cancel()
         req.cancel()  # twice: logged once
-        _iterate(sched)
+        iterate(sched)
         assert looks["n"] == 1 and sched._running == [other] and sched.stats.cancelled == 1
         assert sched.table.free_rows() == 2 and q.empty()  # its row freed, no event after the cancel
         for _ in range(3):
-            _iterate(sched)
+            iterate(sched)
         assert looks["n"] == 1 and not sched._cancels
         _, waiting = submit(sched, lm, PROMPTS[1], 5)
         waiting.cancel()  # cancelled while it waits: dropped before its prompt is read
-        _iterate(sched)
+        iterate(sched)
         assert looks["n"] == 2 and not sched._waiting and not sched._admitted and sched.stats.cancelled == 2
     finally:
         sched._settle()

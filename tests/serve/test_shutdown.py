@@ -13,22 +13,9 @@ import openai
 import pytest
 
 from onnxpipe.serve.app import GRACEFUL_SHUTDOWN_S, ServerThread, create_app
-from onnxpipe.serve.scheduler import ConcatScheduler
 
 MODEL = "llama-stdlib"
 LONG = "def fib(n):"  # greedy from here runs to any length without an end-of-sequence token
-
-
-@pytest.fixture
-def slow_steps(monkeypatch):
-    """Decode steps slowed to 20 ms: a 200-token stream then lasts ~4 s, longer than the test takes to stop it."""
-    step = ConcatScheduler._decode_step
-
-    def slow_step(self):
-        time.sleep(0.02)
-        step(self)
-
-    monkeypatch.setattr(ConcatScheduler, "_decode_step", slow_step)
 
 
 def test_stopping_ends_open_streams_and_waiting_requests_with_an_error(stdlib_lm, slow_steps):
