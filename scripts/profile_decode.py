@@ -23,6 +23,18 @@ rest are listed as skipped) and gives each child at most what is left (and --cap
 The prefill_* variants (name them in --variants: prefill_graph, prefill_nograph, prefill_nograph_fullhead,
 prefill_genai) profile a whole prefill of --prompt tokens x --prefill-batch rows the same way.
 
+The chunk_* variants (name them in --variants: chunk_graph, chunk_nograph) profile a long prompt's chunk beside a
+decode step of the same slot, as `onnxpipe serve --cuda-graph` reads one: a DecoderSession with CUDA graphs and the
+step tail, its slot of --chunk-rows x --chunk-capacity positions, its last row read as a --chunk-prompt-token prompt in
+chunks of --chunk-tokens through RowPrefill.run_chunk (chunk_graph: chunk graphs on, that row's graphs captured
+ahead as serve's warm-up does; chunk_nograph: off, serve's uncaptured run), the other rows decoding from --prompt
+positions, the row read parked at the prompt's length. Profiled, each part on its own: --chunks chunks at the
+prompt's first offsets ("chunks@0"), --chunks at offsets near its end ("chunks@end"), --chunks iterations of a chunk
+then a fed decode step at the last offsets ("iteration@end", serve's iteration while a prompt is read), and --chunks
+decode steps alone ("step"): per chunk (or step) the device's busy time, the kernels, their kinds and the top ones,
+then the kinds at the start against near the end (does attention over the long context make the cost?) and a chunk
+against a step. The model: --chunk-model (default: WORK/optimized, bench_gpu.py's CUDA form, fp16 on a GPU).
+
 A second part ("levels") times, at onnxruntime's ENABLE_ALL and ENABLE_BASIC optimization levels and with prompts
 padded to multiples of 1 or 32 (generate.PREFILL_BUCKET), the first prefill of each new prompt length against a
 repeat of the same length, and the fed CUDA-graph decode step.
@@ -58,6 +70,15 @@ KERNEL_GROUPS = [
 ]
 COMPARE = ("onnxpipe_int4_graph", "onnxpipe_int4_graph_kernels")  # before, after
 PREFILL_VARIANTS = ["prefill_graph", "prefill_nograph", "prefill_nograph_fullhead", "prefill_genai"]  # opt-in
+CHUNK_VARIANTS = ["chunk_graph", "chunk_nograph"]  # opt-in
+CHUNK_PARTS = ("chunks@0", "chunks@end", "iteration@end", "step")
+CHUNK_HELP = """where a long prompt's chunk's device time goes (serve's slot, a 4096-token prompt in chunks of 64):
+  python3 scripts/profile_decode.py --work W --out $OUT/profile-chunk --variants chunk_graph,chunk_nograph \\
+      --chunks 8 --budget-s 300       # W: bench_gpu.py's work dir, or --chunk-model DIR (a CUDA form)
+  per part (chunks@0, chunks@end, iteration@end, step): device ms and kernels per chunk, the kinds, the top
+  kernels; then each variant's kinds at the prompt's start against near its end, and a chunk against a step.
+  --chunk-rows 32 --chunk-capacity 4352 --chunk-prompt 4096 --chunk-tokens 64 by default; with --provider cpu a
+  smoke test (wall times only)."""
 
 
 def emit(**fields) -> None:
@@ -147,11 +168,11 @@ def compare(before: dict, after: dict, moved: int = 6) -> list[str]:
     return out
 
 
-def profiled(step, steps: int, work: Path, name: str, provider: str = "cuda") -> dict:
+def profiled(step, steps: int, work: Path, name: str, provider: str = "cuda", warm: int = 3) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(3):  # warm (captures, first runs) before the profiled steps
+    for _ in range(warm):  # warm (captures, first runs) before the profiled steps
         step()
     if provider == "cpu":  # a smoke test of the script: wall time only
         t = time.perf_counter()
@@ -263,6 +284,103 @@ def child_genai_prefill(spec: dict, model: str) -> None:
     emit(variant=spec["variant"], batch=b, **profiled(step, spec["steps"] // 4, Path(spec["out"]), spec["variant"]))
 
 
+def chunk_plan(prompt: int, tokens: int, n: int) -> dict[str, list[int]]:
+    """The chunks' start positions of a ``prompt``-token prompt read ``tokens`` at a time, by part: the first ``n``
+    (profiled, "chunks@0"), the middle ones (read, not profiled), the last ``n`` (profiled alone, "chunks@end"), then
+    the same last ``n`` again, each followed by a decode step ("iteration@end": a chunk's run rewrites the same
+    entries, so a chunk read twice leaves the row as once)."""
+    starts = list(range(0, prompt, tokens))
+    return {"chunks@0": starts[:n], "read": starts[n:len(starts) - n], "chunks@end": starts[len(starts) - n:],
+            "iteration@end": starts[len(starts) - n:]}
+
+
+def chunk_args_error(rows: int, capacity: int, prompt: int, tokens: int, n: int, context: int) -> str | None:
+    """Why the chunk variants' shape cannot run (None: it can): the prompt a whole number of chunks, at least 2 x
+    --chunks of them, and room in the rows for the prompt and the decode rows' context plus the decode steps (each
+    moves every row one position on, the parked row too)."""
+    steps = 2 * n + 8  # the iterations' steps, the steps alone, the warm-up's
+    if rows < 2 or n < 1 or tokens < 1:
+        return f"--chunk-rows must be >= 2, --chunks and --chunk-tokens >= 1 (got {rows}, {n}, {tokens})"
+    if prompt % tokens or prompt // tokens < 2 * n:
+        return (f"--chunk-prompt ({prompt}) must be a multiple of --chunk-tokens ({tokens}) and hold at least 2 x "
+                f"--chunks ({2 * n}) chunks")
+    if max(prompt, context) + steps > capacity:
+        return (f"--chunk-capacity ({capacity}) must hold the longer of --chunk-prompt ({prompt}) and --prompt "
+                f"({context}) plus {steps} decode steps")
+    return None
+
+
+def child_chunk(spec: dict, model: str, graph: bool) -> None:
+    """A long prompt's chunks in one row of a CUDA-graph slot beside the slot's decode steps (module docstring)."""
+    import collections
+
+    import numpy as np
+
+    from onnxpipe.runtime.generate import LanguageModel
+    from onnxpipe.runtime.session import DecoderSession
+    from onnxpipe.serve.row_prefill import RowPrefill
+
+    s = DecoderSession(model, spec["provider"], cuda_graph=True, feed_back=True,
+                       announce=lambda m: print(m, flush=True))
+    rows, n, tokens, prompt = spec["chunk_rows"], spec["chunks"], spec["chunk_tokens"], spec["chunk_prompt"]
+    cache = s.new_cache(rows, capacity=spec["chunk_capacity"])  # the slot's decode graph captured here
+    assert cache.capacity is not None
+    rp = RowPrefill(LanguageModel(s, None), cache.values)
+    row = rows - 1  # serve's graph rows are the highest
+    rp.chunk_graphs, rp.graph_rows = graph, frozenset({row})
+    captured = rp.warm([row]) if graph and s.cuda_graph else 0  # serve's warm-up: every width, ahead
+    ids = prompt_ids(prompt, vocab=min(s.vocab_size, 32000))[0].tolist()
+    how: collections.Counter = collections.Counter()
+
+    def chunk(start: int) -> None:
+        how[rp.run_chunk(row, ids[start:start + tokens], start, logits=False)[1]] += 1
+
+    # the decode rows at --prompt positions, the row being read parked at the prompt's length (its first step's)
+    places = np.full(rows, spec["prompt"], np.int64)
+    places[row] = prompt
+    fed: collections.Counter = collections.Counter()
+
+    def step() -> None:
+        if s.can_feed(cache):
+            s.step_fed(cache)
+            fed["fed"] += 1
+        else:
+            mask = (np.arange(int(places.max()) + 1)[None, :] < places[:, None] + 1).astype(np.int64)
+            s.forward(np.full((rows, 1), 5, np.int64), mask, places[:, None].copy(), cache, want="argmax")
+            fed["host"] += 1
+        places[:] += 1
+
+    plan = chunk_plan(prompt, tokens, n)
+    chunk(0)  # untimed: the first run of its shape (a chunk rewrites the same entries)
+    how.clear()
+    out = Path(spec["out"])
+    name = f"{spec['variant']}-b{rows}"
+    common = {"variant": spec["variant"], "batch": rows, "capacity": cache.capacity, "chunk_tokens": tokens,
+              "prompt": prompt, "context": spec["prompt"], "graphs_captured_ahead": captured}
+
+    def part(label: str, starts: list[int], call) -> None:
+        how.clear()
+        fed.clear()
+        rp.skipped.clear()
+        it = iter(starts)
+        r = profiled(lambda: call(next(it)), len(starts), out, f"{name}-{label}", spec["provider"], warm=0)
+        emit(**common, part=label, offsets=[starts[0], starts[-1]], how=dict(how), skipped=dict(rp.skipped),
+             graph_error=rp.graph_error, steps_fed=dict(fed), **r)
+
+    part("chunks@0", plan["chunks@0"], chunk)
+    for start in plan["read"]:
+        chunk(start)
+    part("chunks@end", plan["chunks@end"], chunk)
+    for _ in range(3):  # the first step host-fed, then fed on the device
+        step()
+    def iteration(start: int) -> None:  # serve's while a prompt is read: its chunk, then the rows' step
+        chunk(start)
+        step()
+
+    part("iteration@end", plan["iteration@end"], iteration)
+    part("step", [0] * n, lambda _: step())
+
+
 def child_levels(spec: dict) -> None:
     """First prefill of each new length vs a repeat, and the fed decode step, at ENABLE_ALL and ENABLE_BASIC."""
     import numpy as np
@@ -299,10 +417,12 @@ def child_levels(spec: dict) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=CHUNK_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/onnxpipe_bench_gpu", help="bench_gpu.py's work directory")
     ap.add_argument("--out", default="out/profile_decode")
-    ap.add_argument("--variants", default=",".join(VARIANTS + ["levels"]))
+    ap.add_argument("--variants", default=",".join(VARIANTS + ["levels"]),
+                    help="opt-in besides: " + ", ".join(PREFILL_VARIANTS + CHUNK_VARIANTS))
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--lengths", default="100,117,128,141,163")
@@ -310,16 +430,29 @@ def main() -> int:
     ap.add_argument("--batches", default="1", help="rows of the decode variants, e.g. 1,8 (each a child of its own)")
     ap.add_argument("--cap-s", type=float, default=120, help="the most one child may run")
     ap.add_argument("--budget-s", type=float, default=None, help="start no child past this many seconds")
+    ap.add_argument("--chunks", type=int, default=8, help="chunk_*: chunks (and steps) profiled in each part")
+    ap.add_argument("--chunk-rows", type=int, default=32, help="chunk_*: the slot's rows (the last one is read)")
+    ap.add_argument("--chunk-capacity", type=int, default=4352, help="chunk_*: the slot's positions a row")
+    ap.add_argument("--chunk-prompt", type=int, default=4096, help="chunk_*: the long prompt's tokens")
+    ap.add_argument("--chunk-tokens", type=int, default=64, help="chunk_*: tokens a chunk")
+    ap.add_argument("--chunk-model", default=None, help="chunk_*: the model (a CUDA form; default: WORK/optimized)")
     ap.add_argument("--provider", default="cuda", help="cpu: a smoke test of the script (wall times only)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.child and any(v in CHUNK_VARIANTS for v in args.variants.split(",")):
+        why = chunk_args_error(args.chunk_rows, args.chunk_capacity, args.chunk_prompt, args.chunk_tokens,
+                               args.chunks, args.prompt)
+        if why:
+            ap.error(why)
     if args.child:
         spec = json.loads(Path(args.spec).read_text())
         w = Path(spec["work"])
         v = args.child
         if v == "levels":
             child_levels(spec)
+        elif v in CHUNK_VARIANTS:
+            child_chunk(spec, spec["chunk_model"] or str(w / "optimized"), graph=v == "chunk_graph")
         elif v == "prefill_genai":
             child_genai_prefill(spec, str(w / "genai"))
         elif v.startswith("prefill_"):  # prefill_graph, prefill_nograph, prefill_nograph_fullhead
@@ -338,7 +471,7 @@ def main() -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     logf = (out / "profile_decode.log").open("w")
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
-                     "rows": [], "skipped": [], "compare": []}
+                     "rows": [], "skipped": [], "compare": [], "chunks": []}
     start = time.time()
     for v, batch in runs(args.variants.split(","), [int(b) for b in args.batches.split(",")]):
         label = v if batch == 1 else f"{v} b{batch}"
@@ -353,7 +486,9 @@ def main() -> int:
         cap = args.cap_s if left is None else max(1.0, min(args.cap_s, left))
         spec = {"work": args.work, "out": str(scratch), "provider": args.provider, "steps": args.steps, "prompt": args.prompt, "variant": v,
                 "optimized": str(Path(args.work) / "optimized"), "lengths": [int(x) for x in args.lengths.split(",")],
-                "prefill_batch": args.prefill_batch, "batch": batch}
+                "prefill_batch": args.prefill_batch, "batch": batch, "chunks": args.chunks,
+                "chunk_rows": args.chunk_rows, "chunk_capacity": args.chunk_capacity, "chunk_prompt": args.chunk_prompt,
+                "chunk_tokens": args.chunk_tokens, "chunk_model": args.chunk_model}
         sp = scratch / f"spec-{v}-b{batch}.json"
         sp.write_text(json.dumps(spec))
         t = time.time()
@@ -373,7 +508,9 @@ def main() -> int:
             print(f"{label}: failed: {tail[0][:300]}", flush=True)
         for r in got:
             results["rows"].append(r)
-            if "busy_ms" in r:
+            if "part" in r:
+                print(chunk_part_line(r), flush=True)
+            elif "busy_ms" in r:
                 print(f"{label}: wall {r['wall_ms']} ms/step, device busy {r['busy_ms']}, kernels/step "
                       f"{r['kernels_per_step']}" + (f" [{r['kernels']}]" if r.get("kernels") else "") + "; by kind: "
                       + "; ".join(f"{g} {x['us']}us" for g, x in r.get("groups", {}).items()) + "; top: "
@@ -384,8 +521,9 @@ def main() -> int:
         results["compare"] = compare_rows(results["rows"])
         (out / "profile_decode.json").write_text(json.dumps(results, indent=1))
     results["compare"] = compare_rows(results["rows"])
+    results["chunks"] = chunk_summary(results["rows"])
     (out / "profile_decode.json").write_text(json.dumps(results, indent=1))
-    for line in results["compare"]:
+    for line in results["compare"] + results["chunks"]:
         print(line, flush=True)
     return 0
 
@@ -400,9 +538,67 @@ def kernel_options(variant: str) -> dict[str, str]:
 def runs(variants: list[str], batches: list[int]) -> list[tuple[str, int]]:
     """(variant, batch) in the order they run: each batch's decode variants together (so that a budget cut keeps
     whole before/after pairs at the first batches), the levels and prefill variants once."""
-    once = [v for v in variants if v == "levels" or v.startswith("prefill_")]
+    once = [v for v in variants if v == "levels" or v.startswith("prefill_") or v in CHUNK_VARIANTS]
     decode = [v for v in variants if v not in once]
     return [(v, b) for b in batches for v in decode] + [(v, 1) for v in once]
+
+
+def chunk_part_line(r: dict) -> str:
+    """One part of a chunk_* variant: per chunk (or step) its wall and device time, kernels, how the chunks ran, the
+    kinds and the top kernels (busy time and kinds only where CUPTI gave them: not with --provider cpu)."""
+    what = "step" if r["part"] == "step" else "iteration" if r["part"].startswith("iteration") else "chunk"
+    where = (f"the other rows from position {r['context']}, the row read parked at {r['prompt']}" if what == "step"
+             else f"offsets {r['offsets'][0]}-{r['offsets'][-1]} of {r['prompt']}, {r['chunk_tokens']} tokens a chunk")
+    head = f"{r['variant']} {r['part']} ({where}; {r['batch']} rows x {r['capacity']}): wall {r['wall_ms']} ms/{what}"
+    if "busy_ms" in r:
+        head += f", device busy {r['busy_ms']} ms, kernels/{what} {r['kernels_per_step']}"
+    ran = "; ".join(f"{k} {v}" for k, v in sorted(r.get("how", {}).items()))
+    if ran:
+        head += f"; chunks {ran}" + (f" (not through a graph, by why: {r['skipped']})" if r.get("skipped") else "")
+    if r.get("steps_fed"):
+        head += f"; steps {r['steps_fed']}"
+    if r.get("graph_error"):
+        head += f"; graph error: {r['graph_error']}"
+    if r.get("groups"):
+        head += "; by kind: " + "; ".join(f"{g} {x['us']}us x{x['count']:g}" for g, x in r["groups"].items())
+    if r.get("top"):
+        head += "; top: " + "; ".join(f"{k['name'][:60]} {k['us']}us x{k['count']:g}" for k in r["top"][:6])
+    return head
+
+
+def chunk_summary(rows: list[dict]) -> list[str]:
+    """For each chunk_* variant with a kernel profile: its kinds per chunk at the prompt's start against near its end
+    (``compare``), where attention stands at each, and a chunk against the slot's decode step and their iteration."""
+    parts: dict = collections.defaultdict(dict)
+    for r in rows:
+        if "part" in r and "groups" in r:
+            parts[r["variant"]][r["part"]] = r
+    out = []
+    for v, got in parts.items():
+        start, end, it, step = (got.get(p) for p in CHUNK_PARTS)
+        if start and end:
+            out += [f"{v}: a chunk at offsets {start['offsets'][0]}-{start['offsets'][-1]} -> "
+                    f"{end['offsets'][0]}-{end['offsets'][-1]} (per chunk):"]
+            out += compare(dict(start, variant=f"{v} chunks@0"), dict(end, variant=f"{v} chunks@end"))[1:]
+
+            def attention(r: dict) -> str:
+                us = r["groups"].get("attention", {"us": 0.0})["us"]
+                return f"{us:.1f} us of {r['busy_ms'] * 1e3:.1f} ({us / max(r['busy_ms'] * 1e3, 1e-9):.0%})"
+
+            kind, x = next(iter(end["groups"].items()), ("none", {"us": 0.0}))
+            grew = max(end["groups"], key=lambda k: end["groups"][k]["us"] - start["groups"].get(k, {"us": 0.0})["us"],
+                       default="none")
+            out.append(f"  attention a chunk: {attention(start)} at the start, {attention(end)} near the end; the "
+                       f"largest kind near the end: {kind} ({x['us']:.1f} us); the kind that grew most: {grew}")
+        if end and step:
+            line = (f"  a chunk near the end: {end['busy_ms']:.3f} ms of device time, "
+                    f"{end['busy_ms'] / max(step['busy_ms'], 1e-9):.2f} x the {step['batch']}-row decode step's "
+                    f"{step['busy_ms']:.3f} ms")
+            if it:
+                line += (f"; a chunk then a step (iteration@end): {it['busy_ms']:.3f} ms busy, {it['wall_ms']:.3f} ms "
+                         f"wall (the two alone: {end['busy_ms'] + step['busy_ms']:.3f} ms)")
+            out.append(line)
+    return out
 
 
 def compare_rows(rows: list[dict]) -> list[str]:

@@ -142,3 +142,96 @@ def test_each_variant_gets_its_kernels(pd: ModuleType) -> None:
     assert pd.kernel_options("onnxpipe_int4_graph_kernels_nohead") == {"kernels": "on", "kernel_skip": "head"}
     assert pd.kernel_options("onnxpipe_graph") == {"kernels": "off", "kernel_skip": ""}
 
+
+
+# ---- a long prompt's chunk beside a decode step (the chunk_* variants) ----
+def test_chunk_plan_profiles_the_first_and_last_chunks_and_reads_the_rest(pd: ModuleType) -> None:
+    plan = pd.chunk_plan(4096, 64, 8)
+    assert plan["chunks@0"] == list(range(0, 512, 64))
+    assert plan["chunks@end"] == plan["iteration@end"] == list(range(3584, 4096, 64))  # the last 8, read twice
+    assert plan["read"] == list(range(512, 3584, 64))
+    assert sorted(plan["chunks@0"] + plan["read"] + plan["chunks@end"]) == list(range(0, 4096, 64))  # each once
+
+
+def test_chunk_shapes_that_cannot_run_say_which_flag(pd: ModuleType) -> None:
+    assert pd.chunk_args_error(32, 4352, 4096, 64, 8, 128) is None
+    assert "--chunk-tokens" in pd.chunk_args_error(32, 4352, 4000, 64, 8, 128)  # not a whole number of chunks
+    assert "--chunks" in pd.chunk_args_error(32, 4352, 4096, 64, 40, 128)  # 64 chunks < 2 x 40
+    assert "--chunk-capacity" in pd.chunk_args_error(32, 4100, 4096, 64, 8, 128)  # no room for the steps
+    assert "--chunk-rows" in pd.chunk_args_error(1, 4352, 4096, 64, 8, 128)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--variants", "chunk_graph", "--chunk-capacity", "4100"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--chunk-capacity (4100) must hold" in proc.stderr.splitlines()[-1]
+
+
+def test_chunk_variants_run_once_and_the_budget_cut_lists_them(pd: ModuleType, tmp_path: Path) -> None:
+    assert pd.runs(["chunk_graph", "onnxpipe_graph", "chunk_nograph"], [1, 8]) == [
+        ("onnxpipe_graph", 1), ("onnxpipe_graph", 8), ("chunk_graph", 1), ("chunk_nograph", 1)]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path / "work"), "--out", str(out),
+                           "--variants", "chunk_graph,chunk_nograph", "--budget-s", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "profile_decode.json").read_text())
+    assert result["skipped"] == ["chunk_graph: past --budget-s", "chunk_nograph: past --budget-s"]
+    assert result["chunks"] == []
+
+
+def _part(pd: ModuleType, tmp_path: Path, part: str, kernels: list[tuple[str, float, float]], n: int = 2) -> dict:
+    """A chunk_* part's row as the child emits it, its kernels ``n`` times over (one set a chunk)."""
+    events = [(name, ts + 10000 * i, dur) for i in range(n) for name, ts, dur in kernels]
+    r = pd.kernel_table(trace(tmp_path / f"{part}.json", events), steps=n, t_wall=n * 0.005)
+    offsets = {"chunks@0": [0, 64], "chunks@end": [3968, 4032], "iteration@end": [3968, 4032], "step": [0, 0]}[part]
+    return dict(r, variant="chunk_graph", batch=32, capacity=4352, chunk_tokens=64, prompt=4096, context=128,
+                part=part, offsets=offsets, how={"replayed": n} if part != "step" else {}, skipped={}, graph_error="",
+                steps_fed={"fed": n} if part in ("iteration@end", "step") else {})
+
+
+def test_chunk_summary_puts_the_start_beside_the_end_and_a_chunk_beside_a_step(pd: ModuleType,
+                                                                                tmp_path: Path) -> None:
+    """Attention that grows from 100 to 2100 us a chunk between the prompt's start and its end, GEMMs that do not:
+    the summary gives each kind's move, attention's share at both offsets, names attention as the kind that grew and
+    the largest near the end, and the chunk's device time against the step's."""
+    rows = [_part(pd, tmp_path, "chunks@0", [(GEMM, 0, 500), (ATTN, 600, 100)]),
+            _part(pd, tmp_path, "chunks@end", [(GEMM, 0, 500), (ATTN, 600, 2100)]),
+            _part(pd, tmp_path, "iteration@end", [(GEMM, 0, 500), (ATTN, 600, 2100), (GEMM, 2800, 900)]),
+            _part(pd, tmp_path, "step", [(GEMM, 0, 900), (NORM, 950, 50)])]
+    lines = pd.chunk_summary(rows)
+    assert lines[0] == "chunk_graph: a chunk at offsets 0-64 -> 3968-4032 (per chunk):"
+    kinds = {ln.split("  ")[1].strip(): ln for ln in lines[1:3]}
+    assert "(+2000.0)" in kinds["attention"] and "(+0.0)" in kinds["GEMM (cuBLAS, CUTLASS)"]
+    verdict = next(ln for ln in lines if "attention a chunk" in ln)
+    assert "100.0 us of 600.0 (17%) at the start, 2100.0 us of 2600.0 (81%) near the end" in verdict
+    assert verdict.endswith("the largest kind near the end: attention (2100.0 us); the kind that grew most: attention")
+    assert lines[-1] == ("  a chunk near the end: 2.600 ms of device time, 2.74 x the 32-row decode step's 0.950 ms; "
+                         "a chunk then a step (iteration@end): 3.500 ms busy, 5.000 ms wall (the two alone: 3.550 ms)")
+    line = pd.chunk_part_line(rows[1])
+    assert line.startswith("chunk_graph chunks@end (offsets 3968-4032 of 4096, 64 tokens a chunk; 32 rows x 4352): "
+                           "wall 5.0 ms/chunk, device busy 2.6 ms, kernels/chunk 2.0; chunks replayed 2; by kind: "
+                           "attention 2100.0us x1; GEMM (cuBLAS, CUTLASS) 500.0us x1")
+    assert "the row read parked at 4096" in pd.chunk_part_line(rows[3])
+    assert pd.chunk_summary([{k: v for k, v in r.items() if k != "groups"} for r in rows]) == []  # no CUPTI: none
+
+
+def test_chunk_variants_on_the_cpu_read_the_prompt_beside_steps(cuda_form, tmp_path: Path) -> None:
+    """The smoke run (--provider cpu, a tiny CUDA-form model): both variants give the four parts, at the plan's
+    offsets, with how their chunks ran; chunk graphs asked for on the CPU run uncaptured and say why (no slot)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path / "work"), "--out", str(out),
+                           "--provider", "cpu", "--variants", "chunk_graph,chunk_nograph",
+                           "--chunk-model", str(cuda_form("llama")), "--chunk-rows", "4", "--chunk-capacity", "128",
+                           "--chunk-prompt", "96", "--chunk-tokens", "16", "--chunks", "2", "--prompt", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((out / "profile_decode.json").read_text())["rows"]
+    assert [(r["variant"], r["part"]) for r in rows] == [(v, p) for v in ("chunk_graph", "chunk_nograph")
+                                                          for p in ("chunks@0", "chunks@end", "iteration@end", "step")]
+    for r in rows:
+        assert r["batch"] == 4 and r["capacity"] == 128 and r["steps"] == 2 and r["wall_ms"] > 0
+        chunks = {"chunks@0": [0, 16], "chunks@end": [64, 80], "iteration@end": [64, 80]}.get(r["part"])
+        if chunks:
+            assert r["offsets"] == chunks and r["how"] == {"uncaptured": 2}
+            assert r["skipped"] == ({"no_slot": 2} if r["variant"] == "chunk_graph" else {})
+        if r["part"] in ("iteration@end", "step"):
+            assert sum(r["steps_fed"].values()) == 2
+    assert proc.stdout.count("ms/chunk") == 4 and proc.stdout.count("ms/iteration") == 2
