@@ -235,3 +235,41 @@ def test_chunk_variants_on_the_cpu_read_the_prompt_beside_steps(cuda_form, tmp_p
         if r["part"] in ("iteration@end", "step"):
             assert sum(r["steps_fed"].values()) == 2
     assert proc.stdout.count("ms/chunk") == 4 and proc.stdout.count("ms/iteration") == 2
+
+
+def test_chunk_graph_replays_its_chunks_beside_fed_steps_through_the_graph_slot_path(pd: ModuleType, cuda_form,
+                                                                                   monkeypatch, capsys,
+                                                                                   tmp_path: Path) -> None:
+    """The child's GPU path on the CPU: its session through the CUDA-graph slot path minus the GPU (serve's stand-in,
+    which runs a graph id's first use 3 times as onnxruntime's capture does). With chunk graphs, the row's graphs
+    are captured ahead at every width under the capacity and every profiled chunk replays one; without, every chunk
+    runs uncaptured; in both the decode steps beside them are fed on the device, as serve's are while a prompt is
+    read."""
+    from serve.test_slots import _GraphRuns
+
+    import onnxpipe.runtime.session as session_module
+
+    real = session_module.DecoderSession
+
+    def with_graphs(path, provider, cuda_graph, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        s = real(path, "cpu", threads=1, **kwargs)
+        s.cuda_graph = cuda_graph
+        s.session = _GraphRuns(s.session)
+        return s
+
+    monkeypatch.setattr(session_module, "DecoderSession", with_graphs)
+    spec = {"provider": "cpu", "chunk_rows": 4, "chunks": 2, "chunk_tokens": 16, "chunk_prompt": 96,
+            "chunk_capacity": 128, "prompt": 16}
+    got = {}
+    for v in pd.CHUNK_VARIANTS:
+        pd.child_chunk(dict(spec, variant=v, out=str(tmp_path)), str(cuda_form("llama")),
+                       graph=v == "chunk_graph")
+        got[v] = {r["part"]: r for r in (json.loads(ln[len(pd.RESULT):]) for ln in capsys.readouterr().out.splitlines()
+                                         if ln.startswith(pd.RESULT))}
+    assert got["chunk_graph"]["chunks@0"]["graphs_captured_ahead"] == 4  # widths 8, 16, 32, 64 (< 128)
+    for v, how in (("chunk_graph", "replayed"), ("chunk_nograph", "uncaptured")):
+        parts = got[v]
+        assert list(parts) == list(pd.CHUNK_PARTS)
+        for p in ("chunks@0", "chunks@end", "iteration@end"):
+            assert parts[p]["how"] == {how: 2} and parts[p]["skipped"] == {} and not parts[p]["graph_error"]
+        assert parts["iteration@end"]["steps_fed"] == parts["step"]["steps_fed"] == {"fed": 2}
