@@ -28,10 +28,10 @@ decode step of the same slot, as `onnxpipe serve --cuda-graph` reads one: a Deco
 step tail, its slot of --chunk-rows x --chunk-capacity positions, its last row read as a --chunk-prompt-token prompt in
 chunks of --chunk-tokens through RowPrefill.run_chunk (chunk_graph: chunk graphs on, that row's graphs captured
 ahead as serve's warm-up does; chunk_nograph: off, serve's uncaptured run), the other rows decoding from --prompt
-positions, the row read parked at the prompt's length. Profiled, each part on its own: --chunks chunks at the
-prompt's first offsets ("chunks@0"), --chunks at offsets near its end ("chunks@end"), --chunks iterations of a chunk
-then a fed decode step at the last offsets ("iteration@end", serve's iteration while a prompt is read), and --chunks
-decode steps alone ("step"): per chunk (or step) the device's busy time, the kernels, their kinds and the top ones,
+positions, the row read parked at the prompt's length. Profiled, each part on its own: the prompt's first --chunks
+chunks ("chunks@0"), its last --chunks ("chunks@end"), the same last chunks again, each then a fed decode step
+("iteration@end", serve's iteration while a prompt is read; a chunk rewrites the same entries), and --chunks decode
+steps alone ("step"): per chunk (or step) the device's busy time, the kernels, their kinds and the top ones,
 then the kinds at the start against near the end (does attention over the long context make the cost?) and a chunk
 against a step. The model: --chunk-model (default: WORK/optimized, bench_gpu.py's CUDA form, fp16 on a GPU).
 
@@ -74,7 +74,7 @@ CHUNK_VARIANTS = ["chunk_graph", "chunk_nograph"]  # opt-in
 CHUNK_PARTS = ("chunks@0", "chunks@end", "iteration@end", "step")
 CHUNK_HELP = """where a long prompt's chunk's device time goes (serve's slot, a 4096-token prompt in chunks of 64):
   python3 scripts/profile_decode.py --work W --out $OUT/profile-chunk --variants chunk_graph,chunk_nograph \\
-      --chunks 8 --budget-s 300       # W: bench_gpu.py's work dir, or --chunk-model DIR (a CUDA form)
+      --chunks 8 --cap-s 200 --budget-s 420      # W: bench_gpu.py's work dir, or --chunk-model DIR (a CUDA form)
   per part (chunks@0, chunks@end, iteration@end, step): device ms and kernels per chunk, the kinds, the top
   kernels; then each variant's kinds at the prompt's start against near its end, and a chunk against a step.
   --chunk-rows 32 --chunk-capacity 4352 --chunk-prompt 4096 --chunk-tokens 64 by default; with --provider cpu a
@@ -373,6 +373,7 @@ def child_chunk(spec: dict, model: str, graph: bool) -> None:
     part("chunks@end", plan["chunks@end"], chunk)
     for _ in range(3):  # the first step host-fed, then fed on the device
         step()
+
     def iteration(start: int) -> None:  # serve's while a prompt is read: its chunk, then the rows' step
         chunk(start)
         step()
