@@ -137,18 +137,24 @@ def test_gemv_source_on_the_cpu(simulator: Path, case: tuple[int, ...]) -> None:
     assert "unwritten 0" in proc.stdout
 
 
-def test_simulation_sees_a_lost_gemv_k_step(simulator: Path, tmp_path: Path) -> None:
-    """A copy of the GEMV form where the first K slice leaves out its last 32 k fails the simulation, with one
-    slice and with several."""
+def broken_simulator(tmp_path: Path, line: str, tail: str) -> Path:
+    """The simulation built from a copy of the source whose ``line`` (a statement ending in ';') ends in ``tail``
+    instead: a planted fault the simulation must see."""
     text = SOURCE.read_text()
-    line = "const int c1 = min(c0 + slice_chunks, chunks);"
     assert line in text
     source = tmp_path / "broken.cpp"
-    source.write_text(simulated_source(text.replace(line, line[:-1] + " - (c0 == 0);")))
+    source.write_text(simulated_source(text.replace(line, line[:-1] + tail)))
     binary = tmp_path / "broken"
     cxx = shutil.which("g++") or shutil.which("c++")
     assert cxx
     subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", "-w", str(source), "-o", str(binary)], check=True)
+    return binary
+
+
+def test_simulation_sees_a_lost_gemv_k_step(simulator: Path, tmp_path: Path) -> None:
+    """A copy of the GEMV form where the first K slice leaves out its last 32 k fails the simulation, with one
+    slice and with several."""
+    binary = broken_simulator(tmp_path, "const int c1 = min(c0 + slice_chunks, chunks);", " - (c0 == 0);")
     for args in (["3", "1", "40", "576", "32", "0", "1", "1", "1"], ["3", "2", "19", "448", "64", "1", "1", "2", "2",
                                                                       "128"]):
         proc = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=120)
@@ -158,15 +164,8 @@ def test_simulation_sees_a_lost_gemv_k_step(simulator: Path, tmp_path: Path) -> 
 def test_simulation_sees_a_lost_k_step(simulator: Path, tmp_path: Path) -> None:
     """The same simulation of a copy of the source where the first block of a cluster skips its last k step
     fails: the check can fail."""
-    text = SOURCE.read_text()
-    line = "const int last = (int)((int64_t)(slice + 1) * steps / slices);"
-    assert line in text
-    source = tmp_path / "broken.cpp"
-    source.write_text(simulated_source(text.replace(line, line[:-1] + " - (slice == 0);")))
-    binary = tmp_path / "broken"
-    cxx = shutil.which("g++") or shutil.which("c++")
-    assert cxx
-    subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", "-w", str(source), "-o", str(binary)], check=True)
+    binary = broken_simulator(tmp_path, "const int last = (int)((int64_t)(slice + 1) * steps / slices);",
+                              " - (slice == 0);")
     proc = subprocess.run([str(binary), "2", "1", "200", "576", "32", "1", "1", "2", "5"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout
