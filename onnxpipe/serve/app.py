@@ -264,7 +264,8 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         return JSONResponse(model_card)
 
     async def health(request: HttpRequest) -> Any:
-        """200 "ok" while requests are served; a 503 "starting" before the scheduler's thread runs and
+        """200 "ok" while requests are served; a 503 "starting" before the scheduler's thread has started and
+        prepared (uvicorn answers nothing until then) and
         "shutting_down" once the server is stopping, so that a load balancer sends nothing then."""
         status = "shutting_down" if stopping() else phase
         return JSONResponse({"status": status, "model": model_name, **scheduler.load(), "stats": vars(scheduler.stats)},
@@ -284,6 +285,8 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
         previous = sys.getswitchinterval()
         sys.setswitchinterval(min(previous, SWITCH_INTERVAL_S))
         scheduler.start()
+        # the server takes requests once the scheduler's thread has prepared (its CUDA-graph capture: seconds)
+        await asyncio.get_running_loop().run_in_executor(None, scheduler.ready.wait)
         phase = "ok"
         try:
             yield

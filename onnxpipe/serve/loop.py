@@ -99,6 +99,8 @@ class BatchLoop:
         self._cancels: list[Request] = []  # appended by Request.cancel from any thread; emptied by _drop_cancelled
         self._stop = False
         self._thread: threading.Thread | None = None
+        # set once the loop's thread has done what it prepares before serving (``_started``: a CUDA-graph capture)
+        self.ready = threading.Event()
         # where each iteration's time went, when a caller (the load test) sets a deque: (start, prompt tokens read,
         # prefill seconds, decode step seconds, rows that decoded), perf_counter seconds
         self.trace: deque[tuple[float, int, float, float, int]] | None = None
@@ -143,6 +145,8 @@ class BatchLoop:
             self._started()
         except Exception as e:  # the layout runs without what it prepares (each layout says what that costs)
             self.stats.capture_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        finally:
+            self.ready.set()
         while True:
             with self._cond:
                 while not (self._stop or self._waiting or self._prefilling() or self._running):

@@ -4,6 +4,7 @@ ending), so that a load balancer stops sending. It said "ok" throughout."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 from starlette.testclient import TestClient
@@ -29,3 +30,20 @@ def test_health_says_starting_ok_and_shutting_down(stdlib_lm):
         assert client.get("/health").status_code == 200
     r = TestClient(app).get("/health")  # the lifespan ended: the scheduler is stopped
     assert r.status_code == 503 and r.json()["status"] == "shutting_down", r.text
+
+
+def test_the_server_takes_requests_once_the_scheduler_has_prepared(stdlib_lm, monkeypatch):
+    """The lifespan's start waits for the scheduler thread's preparation (``_started``: on a GPU, the CUDA-graph
+    capture, seconds), so /health's first "ok" and the first request come after it, not during it."""
+    app = create_app(stdlib_lm, MODEL, max_batch=2, max_queue=2)
+    scheduler = app.state.scheduler
+    done = []
+
+    def slow_start():
+        time.sleep(0.3)
+        done.append(True)
+
+    monkeypatch.setattr(scheduler, "_started", slow_start)
+    with TestClient(app) as client:
+        assert done == [True]
+        assert client.get("/health").json()["status"] == "ok"
