@@ -265,8 +265,8 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
 
     async def health(request: HttpRequest) -> Any:
         """200 "ok" while requests are served; a 503 "starting" before the scheduler's thread has started and
-        prepared (uvicorn answers nothing until then) and
-        "shutting_down" once the server is stopping, so that a load balancer sends nothing then."""
+        prepared (uvicorn answers nothing until then) and "shutting_down" once the server is stopping, so that a
+        load balancer sends nothing then."""
         status = "shutting_down" if stopping() else phase
         return JSONResponse({"status": status, "model": model_name, **scheduler.load(), "stats": vars(scheduler.stats)},
                             status_code=200 if status == "ok" else 503)
