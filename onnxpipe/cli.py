@@ -321,9 +321,12 @@ def _prefill_chunk(ctx: click.Context, param: click.Parameter, value: str) -> in
 @click.option("--chunk-graphs/--no-chunk-graphs", default=None,
               help="Long prompts' chunks replayed as CUDA graphs at fixed widths (with --cuda-graph) [off; on an H100 "
                    "exact, and running streams' p99 beside 4k-token prompts 6.2-6.8 ms against 6.8-13.6].")
+@click.option("--chunk-lane", is_flag=True,
+              help="Long prompts' chunks read inside the running batch's decode steps, one run for both (with "
+                   "--cuda-graph and --chunk-graphs; loads the graph a second time, weights included) [off].")
 def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, max_queue: int, prefill_chunk: int | str,
           model_name: str | None, threads: int | None, cuda_graph: bool, max_length: int | None,
-          prefill_group: int | None, chunk_graphs: bool | None) -> None:
+          prefill_group: int | None, chunk_graphs: bool | None, chunk_lane: bool) -> None:
     """Serve a model directory over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), with requests joining and leaving the running batch at every decode step."""
     from onnxpipe.serve.address import check_address
@@ -332,7 +335,8 @@ def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, 
     check_address(host, port)  # before the model load: uvicorn finds a bad host or a taken port only when it binds
     serve_forever(model_dir, host=host, port=port, provider=provider, max_batch=max_batch, max_queue=max_queue,
                   prefill_chunk=prefill_chunk, model_name=model_name, threads=threads, cuda_graph=cuda_graph,
-                  max_length=max_length, announce=_log, prefill_group=prefill_group, chunk_graphs=chunk_graphs)
+                  max_length=max_length, announce=_log, prefill_group=prefill_group, chunk_graphs=chunk_graphs,
+                  chunk_lane=chunk_lane or None)
 
 
 @main.command()

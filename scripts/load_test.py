@@ -48,6 +48,11 @@ of cuda_graphs.CHUNK_SKIPS, "failed"). With chunk graphs on, --check-equal also 
 so that its longer prompts are read in chunks through them (with `auto` its prompts, at most 128 tokens, are read
 whole), and those longer than 32 tokens take the graph rows (the server's: longer than 512).
 
+--chunk-lane on,off (with --cuda-graph, on rows with chunk graphs on): a long prompt's chunks before its last read
+inside the running batch's fed decode step, one run for both (`onnxpipe serve --chunk-lane`); the table gives the
+chunks read so (the server's `lane_chunks`) and why others were not (`lane_skipped`). With it on, --check-equal also
+runs with the lane (a fixed chunk of 32: its prompts' chunks before their last ride in the steps).
+
 --build-1b WORKDIR builds the model first (each stage skipped where its output is already there): a random
 Llama-3.2-1B-shaped checkpoint in bf16, made on the meta device and initialised in place (as
 scripts/measure_scale.py builds its checkpoints; std 0.1 so greedy tokens are not near-ties), with a word-level
@@ -215,6 +220,9 @@ def check_equal(lm: Any, make: Any, rows: int, max_length: int, prefill_chunk: i
                if getattr(sched.stats, "chunk_graph_skipped", None) else "")
             + (f"; a chunk graph failed (chunks then ran uncaptured): {sched.stats.chunk_graph_error}"
                if getattr(sched.stats, "chunk_graph_error", "") else "")
+            + (f"; {sched.stats.lane_chunks} chunks read inside decode steps (lane)"
+               + (f", others apart by why: {skips(sched.stats.lane_skipped)}" if sched.stats.lane_skipped else "")
+               if getattr(sched, "lane", False) else "")
             + ("; the CUDA graph was not captured on the loop's thread (its steps ran uncaptured): "
                f"{sched.stats.capture_error}" if sched.stats.capture_error else ""))
 
@@ -556,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-graphs", default="",
                    help="comma-separated on/off: long prompts' chunks through CUDA graphs (--cuda-graph); each --chunks "
                         "entry runs once per value [the server's default: off]")
+    p.add_argument("--chunk-lane", default="",
+                   help="comma-separated on/off: long prompts' chunks inside the decode steps (with chunk graphs on); "
+                        "each --chunks entry runs once per value [the server's default: off]")
     p.add_argument("--client", choices=CLIENTS, default="raw",
                    help="the streaming clients: raw (HTTP on asyncio streams, a few us a chunk) or httpx (~70 us a "
                         "chunk: at 32 streams it falls behind the server and times chunks read together 0 apart)")
@@ -577,6 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(v.strip().lower() not in switch for v in args.chunk_graphs.split(",") if v.strip()):
         p.error("--chunk-graphs takes on, off or both (on,off)")
     graphed: list[bool | None] = [switch[v.strip().lower()] for v in args.chunk_graphs.split(",") if v.strip()] or [None]
+    if any(v.strip().lower() not in switch for v in args.chunk_lane.split(",") if v.strip()):
+        p.error("--chunk-lane takes on, off or both (on,off)")
+    laned: list[bool | None] = [switch[v.strip().lower()] for v in args.chunk_lane.split(",") if v.strip()] or [None]
+    if any(laned) and True not in graphed:
+        p.error("--chunk-lane rides on chunk graphs: give --chunk-graphs on")
     if any(g is not None and not 1 <= g <= 64 for g in groups):
         p.error("--prefill-group values must be 1..64")
     if any(not 1 <= c <= 64 for c in levels) or not 1 <= args.requests_per_client <= 16:
@@ -599,7 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     from onnxpipe.serve.scheduler import make_scheduler
 
     lm = load(args.model_dir, args.provider, threads=args.threads, cuda_graph=args.cuda_graph,
-              last_position=True, announce=lambda m: print(m, file=sys.stderr))  # as `onnxpipe serve` loads it
+              last_position=True, announce=lambda m: print(m, file=sys.stderr),  # as `onnxpipe serve` loads it
+              chunk_lane=any(laned))
+    if any(laned) and lm.session.lane is None:
+        p.error(f"--chunk-lane: the session has no lane ({lm.session.lane_why_not})")
     slots = lm.session.shares_buffer
     # the rows' length (slot layout): what each mode's requests need, unless --max-length
     level_length = args.max_length or args.prompt_tokens + args.max_tokens
@@ -615,10 +634,12 @@ def main(argv: list[str] | None = None) -> int:
     if graphed != [None] and not (slots and lm.session.cuda_graph):
         p.error("--chunk-graphs replays chunks as CUDA graphs: it needs --cuda-graph and the CUDA form")
 
-    def server(batch: int, chunk: int | str, length: int, group: int | None, graphs: bool | None = None) -> Any:
+    def server(batch: int, chunk: int | str, length: int, group: int | None, graphs: bool | None = None,
+               lane: bool | None = None) -> Any:
         return create_app(lm, "model", max_batch=batch, max_queue=256, prefill_chunk=chunk,
                           max_length=length if slots else None,
-                          prefill_group=None if group is None else min(group, batch), chunk_graphs=graphs)
+                          prefill_group=None if group is None else min(group, batch), chunk_graphs=graphs,
+                          chunk_lane=lane)
 
     if args.check_equal and budget.allows("check-equal"):
         rows = args.check_rows or args.max_batch or max(levels + [4])
@@ -626,11 +647,12 @@ def main(argv: list[str] | None = None) -> int:
 
         group = max((g for g in groups if g is not None), default=None)
 
-        def make(chunk: int | str, graphs: bool | None = None) -> Any:
+        def make(chunk: int | str, graphs: bool | None = None, lane: bool | None = None) -> Any:
             return make_scheduler(lm, max_batch=rows, max_queue=256, prefill_chunk=chunk,
                                   max_length=length if slots else None,
                                   prefill_group=None if group is None else min(group, rows),
-                                  **({} if graphs is None else {"chunk_graphs": graphs}))
+                                  **({} if graphs is None else {"chunk_graphs": graphs}),
+                                  **({} if lane is None else {"chunk_lane": lane}))
 
         # a prefill of several prompts is exact against solo ones on the CPU only (docs/serve.md, "On a GPU")
         exact = lm.session.device == "cpu" or (group or 1) == 1
@@ -645,6 +667,14 @@ def main(argv: list[str] | None = None) -> int:
 
             report["check_equal_chunk_graphs"] = check_equal(lm, graph_rows, rows, min(length, 1024), 32, rng, exact)
             print(report["check_equal_chunk_graphs"], file=sys.stderr)
+        if any(laned):
+            def lane_rows(chunk: int | str) -> Any:  # as graph_rows, their chunks before the last in the steps
+                sched = make(chunk, True, True)
+                sched.graph_row_tokens = 32
+                return sched
+
+            report["check_equal_chunk_lane"] = check_equal(lm, lane_rows, rows, min(length, 1024), 32, rng, exact)
+            print(report["check_equal_chunk_lane"], file=sys.stderr)
 
     rows = []
     for c in levels:
@@ -679,14 +709,16 @@ def main(argv: list[str] | None = None) -> int:
     report["levels"] = rows
 
     long_rows, drawn = [], {}
-    for chunk, group, graphs in [(c, g, v) for c in chunks for g in groups for v in graphed]:
-        if not budget.allows(f"long prompts, chunk {chunk}, prefill group {group}, chunk graphs {graphs}"):
+    for chunk, group, graphs, lane in [(c, g, v, ln) for c in chunks for g in groups for v in graphed for ln in laned
+                                       if not (ln and not v)]:
+        if not budget.allows(f"long prompts, chunk {chunk}, prefill group {group}, chunk graphs {graphs}, "
+                             f"lane {lane}"):
             break
         if chunk not in drawn:  # the same prompts for each prefill group
             drawn[chunk] = (rng.integers(0, lm.session.vocab_size, (args.streams, args.prompt_tokens)).tolist(),
                             rng.integers(0, lm.session.vocab_size, (args.long_prompts, args.long_prompt_tokens)).tolist())
         streams, longs = drawn[chunk]
-        app = server(args.streams + args.long_prompts, chunk, long_length, group, graphs)
+        app = server(args.streams + args.long_prompts, chunk, long_length, group, graphs, lane)
         trace: deque[tuple[float, int, float, float, int]] = deque(maxlen=1 << 16)
         app.state.scheduler.trace = trace
         app.state.stream_times = written = []
@@ -710,11 +742,16 @@ def main(argv: list[str] | None = None) -> int:
         rows_of = getattr(app.state.scheduler, "rows", None)
         row["chunk_graphs"] = bool(getattr(rows_of, "chunk_graphs", False))
         row["chunk_graph_error"] = app.state.scheduler.stats.chunk_graph_error
+        row["chunk_lane"] = bool(getattr(app.state.scheduler, "lane", False))
+        row["lane_chunks"] = app.state.scheduler.stats.lane_chunks
+        row["lane_skipped"] = dict(app.state.scheduler.stats.lane_skipped)
+        row["lane_error"] = app.state.scheduler.stats.lane_error
         long_rows.append(row)
         print(f"chunk {chunk}, prefill group {row['prefill_group']}, chunk graphs {row['chunk_graphs']} "
               f"({row['read_graph_chunks']}/{row['read_chunks']} chunks through them; the others by why: "
-              f"{skips(row['read_graph_skipped'])}): during p99 "
-              f"{row['during_p99_ms']:.1f} ms", file=sys.stderr)
+              f"{skips(row['read_graph_skipped'])}), lane {row['chunk_lane']} ({row['lane_chunks']} chunks in the "
+              f"steps; the others by why: {skips(row['lane_skipped'])}{' ' + row['lane_error'] if row['lane_error'] else ''}"
+              f"): during p99 {row['during_p99_ms']:.1f} ms", file=sys.stderr)
     report["long_prompts"] = long_rows
     report["skipped"] = budget.skipped
     print_tables(report)
@@ -738,6 +775,8 @@ def print_tables(report: dict[str, Any]) -> None:
         print(report["check_equal"])
     if report.get("check_equal_chunk_graphs"):
         print(report["check_equal_chunk_graphs"])
+    if report.get("check_equal_chunk_lane"):
+        print(report["check_equal_chunk_lane"])
     rows = report["levels"]
     one = next((r["tokens_per_s"] for r in rows if r["concurrency"] == 1), None)
     if rows:
@@ -763,6 +802,8 @@ def print_tables(report: dict[str, Any]) -> None:
         graphs = f"{r.get('read_graph_chunks', 0)} / {r['read_chunks']}" if r.get("chunk_graphs") else "off"
         if r.get("chunk_graphs") and r.get("read_graph_skipped"):
             graphs += f" (not: {skips(r['read_graph_skipped'])})"
+        if r.get("chunk_lane"):
+            graphs += f"; {r.get('lane_chunks', 0)} in the steps (lane)"
         print(f"| {r['chunk']} | {r.get('prefill_group') or '-'} | {graphs} | {r['read_tokens_per_chunk']:.0f} | {r['streams']} | {r['long_prompts']} x "
               f"{r['long_prompt_tokens']} | {r['read_s']:.2f} | "
               f"{r.get('server_quiet_p50_ms', nan):.1f} / {r.get('server_quiet_p99_ms', nan):.1f} | "
@@ -780,7 +821,8 @@ def print_tables(report: dict[str, Any]) -> None:
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in profiled:
         i = r["iterations"]
-        print(f"| {r['chunk']}{' (chunk graphs)' if r.get('chunk_graphs') else ''} | {r.get('prefill_group') or '-'} | {i['quiet_step_p50_ms']:.1f} | {i['read_iterations']} | {i['read_tokens_mean']:.1f} | "
+        what = " (chunk graphs, lane)" if r.get("chunk_lane") else " (chunk graphs)" if r.get("chunk_graphs") else ""
+        print(f"| {r['chunk']}{what} | {r.get('prefill_group') or '-'} | {i['quiet_step_p50_ms']:.1f} | {i['read_iterations']} | {i['read_tokens_mean']:.1f} | "
               f"{i['read_prefill_p50_ms']:.1f} / {i['read_prefill_p99_ms']:.1f} | "
               f"{i['read_step_p50_ms']:.1f} / {i['read_step_p99_ms']:.1f} | "
               f"{i['read_step_first_tenth_ms']:.1f} / {i['read_step_last_tenth_ms']:.1f} | "

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.chunk_lane import CHUNK_IDS, CHUNK_LAST, CHUNK_LOGITS, CHUNK_MASK, CHUNK_POSITIONS, chunk_name
 from onnxpipe.runtime.helper_graphs import step_head_graph
 from onnxpipe.runtime.kv_cache import KVCache
 from onnxpipe.runtime.last_position import LAST_INDEX
@@ -57,6 +58,12 @@ CHUNK_SKIPS = {
     "head": "the session has no last-position head",
     "thread": "the slot's decode graph was not captured on this thread",
     "bound": "a new graph past CHUNK_GRAPHS_PER_SLOT",
+}
+# why a chunk did not ride in the decode step's run (``CudaGraphs.step_lane``), besides CHUNK_SKIPS' reasons
+LANE_SKIPS = {
+    "lane": "the session has no lane (chunk_lane off, or lane_why_not)",
+    "not_fed": "the step is not fed on the device (a row joined or left, sampling, or no room past parked rows)",
+    "not_captured": "the row's lane graph at that width was not captured ahead (warm_lanes)",
 }
 
 
@@ -120,6 +127,7 @@ class _GraphSlot:
     threads: set[int] = field(default_factory=set)  # the threads its decode graph was captured on (capture)
     prefills: dict[int, "_PrefillGraph"] = field(default_factory=dict)  # by prompt width
     chunks: dict[tuple[int, int], "_ChunkGraph"] = field(default_factory=dict)  # by (row, chunk width)
+    lanes: dict[tuple[int, int], "_LaneGraph"] = field(default_factory=dict)  # by (row, chunk width)
 
 
 @dataclass
@@ -158,12 +166,32 @@ class _ChunkGraph:
     scratch: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _LaneGraph:
+    """A captured decode step of its slot that also reads a chunk into one row (the lane session's graph,
+    ``chunk_lane.py``): the slot's decode buffers bound as its decode graph binds them, the chunk's inputs and logits
+    fixed buffers of its own for one chunk width, the row's keys and values by address."""
+
+    graph_id: int
+    row: int
+    width: int
+    ids: Any
+    mask: Any
+    positions: Any
+    last_index: Any
+    logits: Any
+    io: Any
+    run_options: Any = None
+    runs: int = 0
+    threads: set[int] = field(default_factory=set)  # the threads it was captured on (warm_lanes)
+
+
 def _upload(host: Any, graph: Any, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-            last_index: np.ndarray) -> None:
+            last_index: np.ndarray, positions_read: bool | None = None) -> None:
     """Copy a captured prefill's or chunk's int64 inputs into its fixed buffers (positions only where the graph
-    reads them), counted as uploads."""
+    reads them: ``positions_read``, default the session's), counted as uploads."""
     arrays = [(graph.ids, ids), (graph.mask, mask), (graph.last_index, last_index)]
-    if host.has_position_ids:
+    if host.has_position_ids if positions_read is None else positions_read:
         arrays.append((graph.positions, positions))
     for value, array in arrays:
         array = np.ascontiguousarray(array, dtype=np.int64)
@@ -207,6 +235,7 @@ class CudaGraphs:
         self._ort = ort
         self.slots: dict[tuple[int, int], _GraphSlot] = {}
         self.graph_ids = 0
+        self.lane_graph_ids = 0  # the lane session's own graph ids
         self.slots_dropped = 0  # slots let go to keep at most GRAPH_SLOTS_MAX (their graph ids never rerun)
 
     # ---- the session's entry points ----
@@ -476,6 +505,112 @@ class CudaGraphs:
         cg.run_options = run_options(self._ort, cg.graph_id)
         slot.chunks[(row, width)] = cg
         return cg
+
+    # ---- a chunk in the decode step's own run (the lane, chunk_lane.py) ----
+    def step_lane(self, cache: KVCache, row: int, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                  last_index: np.ndarray) -> np.ndarray | str:
+        """One greedy decode step fed on the device, as ``step_fed``, whose run also reads a chunk of a prompt into
+        row ``row`` (``RowPrefill.chunk_inputs``' arrays): the weights are read once for both. Returns the next token
+        ids [batch], or why it cannot run so (a key of LANE_SKIPS or CHUNK_SKIPS; nothing ran): the caller then runs
+        the chunk and the step apart. The chunk's logits are not read (a prompt's last chunk, whose logits give its
+        first token, runs apart). The graph was captured ahead (``warm_lanes``): a lane graph's first run on a thread
+        runs it several times, which a fed step's inputs cannot take (each run advances them)."""
+        host = self.host
+        if host.lane is None:
+            return "lane"
+        if not self.can_feed(cache):
+            return "not_fed"
+        slot = self.slots[(cache.batch, cache.capacity or 0)]
+        width = ids.shape[1]
+        if width not in CHUNK_WIDTHS:
+            return "width"
+        if mask.shape != (1, slot.capacity):
+            return "mask"
+        lg = slot.lanes.get((row, width))
+        if lg is None or _this_thread() not in lg.threads:
+            return "not_captured"
+        _upload(host, lg, ids, mask, positions, last_index, host.lane_has_positions)
+        host._run_graph(lg.io, lg.run_options, f"a CUDA-graph decode step with a chunk (row {row}, {width} tokens)",
+                        session=host.lane)
+        lg.runs += 1
+        slot.runs += 1
+        slot.primed = True
+        cache.length += 1
+        host.transfers.steps += 1
+        return self._next_ids(slot)
+
+    def warm_lanes(self, cache: KVCache, rows: list[int], pad_id: int = 0) -> int | str:
+        """Capture the lane graphs of ``rows`` at every width that fits (each a decode step of the slot that also
+        reads a chunk into the row), on this thread, while the slot is empty: a capture runs the graph several
+        times, and each run writes a decode step's entry in every row and advances the step's inputs, so the slot's
+        inputs are put back as ``capture`` leaves them before each, and the first real step after goes up from the
+        host. Returns the graphs captured, or why none can be (a key of LANE_SKIPS or CHUNK_SKIPS)."""
+        host = self.host
+        if host.lane is None:
+            return "lane"
+        slot = self.slots.get((cache.batch, cache.capacity or 0))
+        if slot is None or cache.values is not slot.cache:
+            return "no_slot"
+        if _this_thread() not in slot.threads:
+            return "thread"
+        thread, captured = _this_thread(), 0
+        batch = cache.batch
+        for row in rows:
+            for width in (w for w in CHUNK_WIDTHS if w < slot.capacity):
+                lg = slot.lanes.get((row, width))
+                if lg is None:
+                    if len(slot.lanes) >= CHUNK_GRAPHS_PER_SLOT:
+                        return captured
+                    lg = self._lane_graph(slot, row, width)
+                if thread in lg.threads:
+                    continue
+                start = np.zeros((batch, slot.capacity), np.int64)
+                start[:, 0] = 1
+                slot.ids.update_inplace(np.zeros((batch, 1), np.int64))
+                slot.mask.update_inplace(start)
+                if host.has_position_ids:
+                    slot.positions.update_inplace(np.zeros((batch, 1), np.int64))
+                chunk = np.full((1, width), pad_id, np.int64)
+                _upload(host, lg, chunk, (np.arange(slot.capacity) < width).astype(np.int64)[None, :],
+                        np.arange(width, dtype=np.int64)[None, :], np.array([width - 1], np.int64),
+                        host.lane_has_positions)
+                host._run_graph(lg.io, lg.run_options, f"capturing a CUDA-graph decode step with a chunk (row {row}, "
+                                f"{width} tokens)", session=host.lane)
+                lg.threads.add(thread)
+                captured += 1
+        slot.primed = False
+        return captured
+
+    def _lane_graph(self, slot: _GraphSlot, row: int, width: int) -> _LaneGraph:
+        host = self.host
+        dev, where = host._buffer, host._device_type()
+        self.lane_graph_ids += 1
+        lg = _LaneGraph(self.lane_graph_ids, row, width, dev((1, width), np.int64), dev((1, slot.capacity), np.int64),
+                        dev((1, width), np.int64), dev((1,), np.int64), dev((1, 1, host.vocab_size), host.kv_dtype),
+                        host.lane.io_binding())
+        io = lg.io
+        # the decode step: the slot's own buffers, as its decode graph binds them (its tail writes the next inputs)
+        self._bind_fixed(io, slot.ids, slot.mask, slot.positions, slot.last_index, slot.cache, slot.logits)
+        io.bind_ortvalue_output(NEXT_IDS, slot.ids)
+        io.bind_ortvalue_output(NEXT_MASK, slot.mask)
+        if NEXT_POSITIONS in {o.name for o in host.lane.get_outputs()}:
+            io.bind_ortvalue_output(NEXT_POSITIONS, slot.positions)
+        # the chunk: its own inputs and logits, the row [1, kv_heads, capacity, head_dim] of each buffer by address
+        io.bind_ortvalue_input(CHUNK_IDS, lg.ids)
+        io.bind_ortvalue_input(CHUNK_MASK, lg.mask)
+        if host.lane_has_positions:
+            io.bind_ortvalue_input(CHUNK_POSITIONS, lg.positions)
+        io.bind_ortvalue_input(CHUNK_LAST, lg.last_index)
+        io.bind_ortvalue_output(CHUNK_LOGITS, lg.logits)
+        shape = [1, host.num_kv_heads, slot.capacity, host.head_dim]
+        row_bytes = host.num_kv_heads * slot.capacity * host.head_dim * np.dtype(host.kv_dtype).itemsize
+        for past, present, value in zip(host.past_names, host.present_names, slot.cache):
+            at = value.data_ptr() + row * row_bytes
+            io.bind_input(chunk_name(past), where, 0, host.kv_dtype, shape, at)
+            io.bind_output(chunk_name(present), where, 0, host.kv_dtype, shape, at)
+        lg.run_options = run_options(self._ort, lg.graph_id)
+        slot.lanes[(row, width)] = lg
+        return lg
 
     def _run_slot(self, slot: _GraphSlot, cache: KVCache) -> None:
         host = self.host

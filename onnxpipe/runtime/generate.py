@@ -463,15 +463,18 @@ def load(
     announce: Callable[[str], None] | None = None,
     cuda_graph: bool = False,
     last_position: bool | None = None,
+    chunk_lane: bool = False,
 ) -> LanguageModel:
     """Open a model directory on ``provider`` (auto: TensorRT -> CUDA -> CPU). What runs is ``lm.provider``.
     cuda_graph: replay decode steps as CUDA graphs (CUDA EP, graphs of optimize --target cuda). last_position: run
     the LM head only at the position each row reads (an in-memory edit of the graph; None: where the edit is cheap,
-    i.e. the weights are external or few; True: also for a large single-file model, paying its rebuild at load)."""
+    i.e. the weights are external or few; True: also for a large single-file model, paying its rebuild at load).
+    chunk_lane: also load the graph whose decode steps read a long prompt's chunk in their own run (serve's
+    ``--chunk-lane``; ``DecoderSession``)."""
     threads = check_threads(threads)
     md = ModelDir.open(model_dir)
     session = DecoderSession(md, provider, trt_options=trt_options, threads=threads, announce=announce,
-                             cuda_graph=cuda_graph, last_position=last_position)
+                             cuda_graph=cuda_graph, last_position=last_position, chunk_lane=chunk_lane)
     return LanguageModel(session, TextTokenizer.from_dir(md.path))
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime import cuda_graphs, kv_cache
+from onnxpipe.runtime.chunk_lane import CHUNK_POSITIONS, add_chunk_lane
 from onnxpipe.runtime.cuda_graphs import CudaGraphs, _GraphSlot, check_cuda_graph_form
 from onnxpipe.runtime.helper_graphs import gather_graph, head_graph
 from onnxpipe.runtime.kernels import kernel_skip as skip_kinds
@@ -72,11 +73,15 @@ class DecoderSession:
         capture_prefill: bool = True,
         kernels: str | None = None,
         kernel_skip: str | Sequence[str] | None = None,
+        chunk_lane: bool = False,
     ):
         """kernels: onnxpipe's own kernels applied at load ("off", "on", "auto"; default $ONNXPIPE_KERNELS or
         "off"; "reference" runs their CPU reference for checks): see ``onnxpipe.runtime.kernels``.
         kernel_skip: the kinds of MatMulNBits they leave to onnxruntime ("head", "qkv"; a comma list; default
-        $ONNXPIPE_KERNELS_SKIP or none)."""
+        $ONNXPIPE_KERNELS_SKIP or none).
+        chunk_lane: also load the graph whose decode step reads a chunk of one row's prompt in the same run
+        (``chunk_lane.py``; serve's long prompts through CUDA graphs): a second onnxruntime session, ``lane`` (None
+        where the graph or the session cannot: ``lane_why_not``), which holds its own copy of the weights."""
         import onnxruntime as ort
 
         self.model_dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.open(model_dir)
@@ -167,6 +172,24 @@ class DecoderSession:
         self._head = self._helper(head_graph(self._onnx_dtype()))
         self._gather = None
         self.transfers = Transfers()
+        # the lane: a second session of the same graph, edited to read a chunk beside each decode step
+        self.lane: Any = None
+        self.lane_has_positions = False
+        self.lane_why_not = "not asked for"
+        if chunk_lane:
+            self.lane_why_not = self._lane_why_not(logits)
+            if self.lane_why_not is None:
+                def lane_edit(proto: Any) -> None:
+                    why = add_chunk_lane(proto, logits)
+                    if why is not None:  # checked on the same graph just above: a fault of the edit itself
+                        raise OnnxpipeError(f"{self.model_dir.path}: the chunk lane: {why}")
+                    edit(proto)
+                try:
+                    self.lane, _ = make(lane_edit, [])
+                except OnnxpipeError as e:
+                    self.lane_why_not = f"onnxruntime did not take the lane's graph ({str(e)[-200:]})"
+                if self.lane is not None:
+                    self.lane_has_positions = CHUNK_POSITIONS in {i.name for i in self.lane.get_inputs()}
         # decode steps replayed as CUDA graphs, one per (batch, capacity): fixed buffers bound once
         self.cuda_graph = cuda_graph and self.device != "cpu" and "cuda" in self.choice.provider_options
         if cuda_graph and not self.cuda_graph:
@@ -261,10 +284,22 @@ class DecoderSession:
         so the caller must leave room: every row grows by one position a step."""
         return self.graphs.step_fed(cache)
 
+    def _lane_why_not(self, logits: str) -> str | None:
+        """Why the chunk lane cannot be loaded (None: it can): it rides on fed decode steps with a one-position
+        head, and the graph must take the edit (checked on its structure, the weights left unread)."""
+        import onnx
+
+        if not (self.fed and self.last_position):
+            return "the lane needs the step tail and the last-position head (fed decode steps)"
+        if self.choice.used not in ("cuda", "cpu"):
+            return f"the lane runs on the CUDA EP (or the CPU, for tests), not {self.choice.used}"
+        proto = onnx.load(str(self.model_dir.model_path), load_external_data=False)
+        return add_chunk_lane(proto, logits)
+
     # ---- running the graph ----
-    def _run_graph(self, io: Any, run_options: Any, what: str) -> None:
+    def _run_graph(self, io: Any, run_options: Any, what: str, session: Any = None) -> None:
         try:
-            self.session.run_with_iobinding(io, run_options)
+            (session or self.session).run_with_iobinding(io, run_options)
         except Exception as e:
             self._failed(e, what)
 

@@ -49,7 +49,8 @@ REPLY_SMOOTHING = 0.1  # weight of the newest finished reply in QueueWait's aver
 
 def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
                prefill_chunk: int | str = "auto", max_length: int | None = None,
-               prefill_group: int | None = None, chunk_graphs: bool | None = None) -> Any:
+               prefill_group: int | None = None, chunk_graphs: bool | None = None,
+               chunk_lane: bool | None = None) -> Any:
     """The ASGI app; its lifespan starts and stops the scheduler thread. ``app.state.scheduler`` is the scheduler
     (``scheduler.make_scheduler``: fixed rows of ``max_length`` tokens for a shared-buffer graph)."""
     from starlette.applications import Starlette
@@ -59,7 +60,8 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     from starlette.routing import Route
 
     scheduler = make_scheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                               max_length=max_length, prefill_group=prefill_group, chunk_graphs=chunk_graphs)
+                               max_length=max_length, prefill_group=prefill_group, chunk_graphs=chunk_graphs,
+                               chunk_lane=chunk_lane)
     created = int(time.time())
     phase = "starting"  # /health's status: "ok" once the lifespan started the scheduler's thread, then "shutting_down"
 
@@ -381,7 +383,8 @@ def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
                   provider: str = "auto", max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto",
                   model_name: str | None = None, threads: int | None = None, cuda_graph: bool = False,
                   max_length: int | None = None, announce: Callable[[str], None] | None = None,
-                  prefill_group: int | None = None, chunk_graphs: bool | None = None) -> None:
+                  prefill_group: int | None = None, chunk_graphs: bool | None = None,
+                  chunk_lane: bool | None = None) -> None:
     """``onnxpipe serve``: load the model directory and serve it until interrupted."""
     try:
         import starlette  # noqa: F401
@@ -391,10 +394,12 @@ def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
     # a server loads once and prefills all its life: the head at the read position only, even where that means
     # rebuilding a large single-file graph at load (its logits at every prompt position are ~20% of a
     # SmolLM2-135M prefill)
-    lm = load(model_dir, provider, threads=threads, announce=announce, cuda_graph=cuda_graph, last_position=True)
+    lm = load(model_dir, provider, threads=threads, announce=announce, cuda_graph=cuda_graph, last_position=True,
+              chunk_lane=bool(chunk_lane))
     name = model_name or Path(model_dir).resolve().name
     app = create_app(lm, name, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                     max_length=max_length, prefill_group=prefill_group, chunk_graphs=chunk_graphs)
+                     max_length=max_length, prefill_group=prefill_group, chunk_graphs=chunk_graphs,
+                     chunk_lane=chunk_lane)
     if announce:
         layout = (f"{max_batch} fixed rows of {app.state.scheduler.max_length} tokens"
                   + (", CUDA graphs" if lm.session.cuda_graph else "") if lm.session.shares_buffer

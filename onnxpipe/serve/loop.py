@@ -78,6 +78,10 @@ class SchedulerStats:
     chunk_graph_error: str = ""  # why a captured prefill chunk failed (chunks then run uncaptured)
     # with chunk graphs, long prompts' chunks that ran uncaptured, by why (RowPrefill.skipped)
     chunk_graph_skipped: dict[str, int] = field(default_factory=dict)
+    # with the chunk lane: long prompts' chunks read inside a decode step's run, and the others by why (LANE_SKIPS)
+    lane_chunks: int = 0
+    lane_skipped: dict[str, int] = field(default_factory=dict)
+    lane_error: str = ""  # why capturing the lane's graphs failed (chunks then read apart)
 
 
 class BatchLoop:

@@ -48,7 +48,7 @@ __all__ = ["BatchLoop", "ConcatScheduler", "Event", "QueueFull", "Request", "Sch
 
 def make_scheduler(lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto",
                    max_length: int | None = None, prefill_group: int | None = None,
-                   chunk_graphs: bool | None = None) -> BatchLoop:
+                   chunk_graphs: bool | None = None, chunk_lane: bool | None = None) -> BatchLoop:
     """The scheduler for ``lm``'s graph: fixed rows of its shared KV buffer (CUDA form; ``max_length``: the tokens a
     row holds, prompt and reply; ``prefill_group``: whole prompts read in one run, at most), else the concat layout
     (``max_length`` and ``prefill_group`` must then be None: a row holds the model's context, and short prompts are
@@ -57,8 +57,8 @@ def make_scheduler(lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64
     if lm.session.shares_buffer:
         group = {} if prefill_group is None else {"prefill_group": prefill_group}
         return SlotScheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                             max_length=max_length, chunk_graphs=chunk_graphs, **group)
-    if chunk_graphs:
+                             max_length=max_length, chunk_graphs=chunk_graphs, chunk_lane=chunk_lane, **group)
+    if chunk_graphs or chunk_lane:
         raise OnnxpipeError("chunk_graphs replays long prompts' chunks into fixed rows of a shared-buffer graph "
                             "(optimize --target cuda) with CUDA graphs; this graph grows its cache (concat)")
     if max_length is not None:

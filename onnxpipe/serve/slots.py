@@ -68,7 +68,7 @@ from onnxpipe.runtime.limits import check_fits
 from onnxpipe.runtime.session import KVCache
 from onnxpipe.serve.budget import Allowance
 from onnxpipe.serve.loop import BatchLoop, Request
-from onnxpipe.serve.row_prefill import RowPrefill
+from onnxpipe.serve.row_prefill import RowPrefill, chunk_inputs, chunk_width
 from onnxpipe.serve.rows_worker import Job, RowsWorker
 from onnxpipe.serve.slot_table import SlotTable
 
@@ -76,6 +76,9 @@ DEFAULT_MAX_LENGTH = 2048  # a row's tokens (prompt and reply) unless max_length
 DEFAULT_PREFILL_GROUP = 1  # prompts read in one run: each its own unless asked (docs/serve.md, "On a GPU")
 # with chunk graphs: prompts longer than this (read in 2 chunks or more at the widest width) take the graph rows
 GRAPH_ROW_TOKENS = max(CHUNK_WIDTHS)
+# the lane's chunk, in tokens, where the prefill budget is auto (a fixed --prefill-chunk N gives N): on a GPU a decode
+# step's GEMMs read the weights whatever the rows, so up to ~100s of tokens ride in it at little cost (docs/serve.md)
+LANE_TOKENS = 128
 
 
 def _adjacent(group: list[Request]) -> list[list[Request]]:
@@ -128,7 +131,7 @@ class SlotScheduler(BatchLoop):
 
     def __init__(self, lm: LanguageModel, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | str = "auto",
                  max_length: int | None = None, prefill_group: int = DEFAULT_PREFILL_GROUP,
-                 chunk_graphs: bool | None = None):
+                 chunk_graphs: bool | None = None, chunk_lane: bool | None = None):
         s = lm.session
         if not s.shares_buffer or s.padding_side != "right":
             raise OnnxpipeError(f"{s.model_dir.path}: the slot layout needs a shared KV buffer read by row sums "
@@ -176,6 +179,15 @@ class SlotScheduler(BatchLoop):
         self.graph_row_tokens = GRAPH_ROW_TOKENS
         if self.graph_rows is not None:
             self.rows.graph_rows = frozenset(self.graph_rows)
+        # the lane (opt-in): a long prompt's chunks before its last ride in the fed decode step's own run
+        # (``CudaGraphs.step_lane``), in the graph rows, one chunk an iteration, of ``lane_tokens``
+        if chunk_lane and not (self.rows.chunk_graphs and s.fed and s.lane is not None):
+            raise OnnxpipeError(f"{s.model_dir.path}: the chunk lane reads long prompts' chunks inside fed CUDA-graph "
+                                "decode steps: it needs --cuda-graph, --chunk-graphs and a session loaded with its "
+                                f"lane ({s.lane_why_not})")
+        self.lane = bool(chunk_lane)
+        self.lane_tokens = self.budget.chunk or LANE_TOKENS
+        self._lane: tuple[Request, list[int], int] | None = None  # the chunk the next decode step reads
         # the rows whose chunk graphs ``_started`` captures ahead, the highest (the graph rows on a GPU; none on the
         # CPU, where tests drive the graph path): a capture stalls the loop for several runs, so not mid-stream
         self.warm_rows = len(self.graph_rows) if self.graph_rows is not None and s.device != "cpu" else 0
@@ -219,6 +231,14 @@ class SlotScheduler(BatchLoop):
                 self.rows.graph_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             self.stats.chunk_graph_error = self.rows.graph_error
             self.stats.chunk_graph_skipped = dict(self.rows.skipped)
+        if warm and self.lane and self.warm_rows:
+            rows = list(range(self.max_batch - 1, self.max_batch - 1 - self.warm_rows, -1))
+            try:
+                out = s.graphs.warm_lanes(self.cache, rows, self.table.pad_id)
+                if isinstance(out, str):
+                    self.stats.lane_skipped[f"warm {out}"] = 1
+            except Exception as e:  # chunks then run apart from the steps, uncaptured lanes counted
+                self.stats.lane_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)
@@ -290,12 +310,20 @@ class SlotScheduler(BatchLoop):
             if len(group) > 1:
                 read += self._group_run(group, allowance)
                 continue
-            n = left if req in shorts else allowance.next(req.prefilled, left)
+            lane = (self.lane and self._lane is None and req not in shorts and not self._read_whole(req)
+                    and self._running and req.slot in self.rows.graph_rows and left > self.lane_tokens)
+            n = self.lane_tokens if lane else left if req in shorts else allowance.next(req.prefilled, left)
             if n <= 0:
                 break
             start, end = self.table.chunk(len(prompt), req.prefilled, n)
             read += end - start
             joins = end == len(prompt)  # its last run: the row joins, its logits give its first token
+            if lane and not joins:  # read by the decode step that follows (``_decode_step``), in its run
+                self._lane = (req, prompt[start:end], start)
+                req.prefilled = end
+                allowance.ran(end - start, start, 0.0, learn=False)
+                self.stats.prefill_chunks += 1
+                break  # one chunk an iteration: the step's
             try:
                 began = time.perf_counter()
                 if req in shorts or self._read_whole(req):  # read in one run
@@ -428,8 +456,20 @@ class SlotScheduler(BatchLoop):
             self._settle()
             running, overlap, fed = self._running, False, False
         self._changed = False
+        # a long prompt's chunk deferred by ``_prefill``: in this step's run where it is fed, else read apart first
+        lane, self._lane = self._lane, None
+        failed: tuple[Request, Exception] | None = None  # (request, error) of a chunk read apart that failed
+        rode = False  # the chunk is read by this step's run
+        if lane is not None and not fed:
+            self.stats.lane_skipped["not_fed"] = self.stats.lane_skipped.get("not_fed", 0) + 1
+            failed, lane = self._chunk_apart(lane), None
         try:
-            if fed:
+            out, rode = None, lane is not None  # until it says the chunk was read apart (a raise: in the run)
+            if lane is not None:
+                out, rode, failed = self._step_lane(lane)
+            if out is not None:
+                pass
+            elif fed:
                 out = np.array(s.step_fed(self.cache), copy=True)  # the bound buffer is the next step's
             else:
                 rows = self.table.step_rows() if self.prefix is not None else self.table.rows
@@ -439,10 +479,13 @@ class SlotScheduler(BatchLoop):
         except Exception as e:  # the whole step failed: its requests fail; rows being prefilled go on
             self._settle()
             self._changed = True
-            failed, self._running = self._running, []
-            for req in failed:
+            dropped, self._running = self._running, []
+            for req in dropped:
                 self.table.release(req.slot)
                 self._fail(req, e)
+            if rode and lane is not None and lane[0] in self._admitted:  # its chunk was read by the failed run
+                failed = (lane[0], e)
+            self._lane_failed(failed)
             return
         self.stats.steps += 1
         self.stats.fed_steps += fed
@@ -460,10 +503,46 @@ class SlotScheduler(BatchLoop):
         # rows thread at once (a handoff to it and back, under a GIL the event loop holds while it writes the
         # step's chunks). A long prompt's chunks do not wait for it, but its last one's join (after its run)
         if (fed and not ends and not self._changed and self._rows_thread is not None and not self._waiting
-                and not any(self._read_whole(r) for r in self._admitted)):
+                and not any(self._read_whole(r) for r in self._admitted) and failed is None):
             self._pending = (running, self._rows_thread.submit(self._process, running, out), True)
         else:
             self._apply(running, *self._process(running, out))
+        self._lane_failed(failed)
+
+    def _step_lane(self, lane: tuple[Request, list[int], int]
+                   ) -> tuple[np.ndarray | None, bool, tuple[Request, Exception] | None]:
+        """The fed decode step with ``lane``'s chunk in its run (``CudaGraphs.step_lane``): (the next ids, True,
+        None); where the lane cannot run it (counted by why in ``stats.lane_skipped``), the chunk read apart: (None,
+        False, None), the step then runs alone, or (None, False, (request, error)) where that read failed."""
+        req, ids, start = lane
+        capacity = self.rows.capacity
+        width = chunk_width(len(ids), start, capacity)
+        inputs = chunk_inputs(ids, start, width, capacity, self.table.pad_id)
+        out = self.lm.session.graphs.step_lane(self.cache, req.slot, *inputs)
+        if not isinstance(out, str):
+            self.stats.lane_chunks += 1
+            return np.array(out, copy=True), True, None  # the bound buffer is the next step's
+        self.stats.lane_skipped[out] = self.stats.lane_skipped.get(out, 0) + 1
+        return None, False, self._chunk_apart(lane)
+
+    def _chunk_apart(self, lane: tuple[Request, list[int], int]) -> tuple[Request, Exception] | None:
+        """``lane``'s chunk read in a run of its own (``RowPrefill.run_chunk``, no logits); (request, error) where it
+        failed: the request fails once the step is done (``_lane_failed``)."""
+        req, ids, start = lane
+        try:
+            how = self.rows.run_chunk(req.slot, ids, start, self.table.pad_id, logits=False)[1]
+        except Exception as e:
+            return req, e
+        self.stats.graph_chunks += how in ("replayed", "captured")
+        return None
+
+    def _lane_failed(self, failed: tuple[Request, Exception] | None) -> None:
+        """A chunk of the lane's prompt that could not be read: its request fails, the others go on."""
+        if failed is None or failed[0] not in self._admitted:
+            return
+        self._settle()  # its row is released: the table is the loop's again first
+        self._leave(failed[0])
+        self._fail(failed[0], failed[1])
 
     def _process(self, running: list[Request], out: np.ndarray) -> tuple[list[Request], int]:
         """Each row's token taken (its text and event made) and the table moved on (each row one position more, its

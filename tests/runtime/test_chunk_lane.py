@@ -1,0 +1,81 @@
+"""The chunk lane (runtime/chunk_lane.py): one run of the decoder graph that is a decode step of the batch and a chunk
+of one row's prompt, against the two runs apart, on the CPU (bit for bit); and the graphs it refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxpipe.runtime.chunk_lane import (CHUNK_IDS, CHUNK_LAST, CHUNK_LOGITS, CHUNK_MASK, CHUNK_POSITIONS,
+                                         add_chunk_lane, chunk_name)
+
+
+def _sessions(path):
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path / "model.onnx"))
+    plain = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert add_chunk_lane(proto, "logits") is None
+    lane = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return plain, lane
+
+
+def _run(session, feed):
+    names = [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    return dict(zip(names, session.run(None, {k: v for k, v in feed.items() if k in wanted})))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_step_with_a_chunk_in_its_run_gives_exactly_the_step_and_the_chunk_apart(cuda_form, family):
+    plain, lane = _sessions(cuda_form(family))
+    past = [i for i in plain.get_inputs() if i.name.startswith("past")]
+    _, kv_heads, _, head_dim = past[0].shape
+    rng = np.random.default_rng(3)
+    batch, capacity, width, start = 4, 64, 8, 16
+    cache = {p.name: rng.standard_normal((batch, kv_heads, capacity, head_dim)).astype(np.float32) for p in past}
+    row = {p.name: rng.standard_normal((1, kv_heads, capacity, head_dim)).astype(np.float32) for p in past}
+    counts = np.array([5, 9, 3, 12])  # each row's length after the step (its new token at count - 1)
+    ids = rng.integers(0, 100, (batch, 1))
+    mask = (np.arange(capacity)[None] < counts[:, None]).astype(np.int64)
+    chunk = rng.integers(0, 100, (1, width))
+    chunk_mask = (np.arange(capacity)[None] < start + width).astype(np.int64)[None, 0]
+    step = _run(plain, {"input_ids": ids, "attention_mask": mask, "position_ids": counts[:, None] - 1, **cache})
+    apart = _run(plain, {"input_ids": chunk, "attention_mask": chunk_mask,
+                         "position_ids": np.arange(start, start + width)[None], **row})
+    both = _run(lane, {"input_ids": ids, "attention_mask": mask, "position_ids": counts[:, None] - 1, **cache,
+                       CHUNK_IDS: chunk, CHUNK_MASK: chunk_mask, CHUNK_LAST: np.array([5]),
+                       CHUNK_POSITIONS: np.arange(start, start + width)[None],
+                       **{chunk_name(k): v for k, v in row.items()}})
+    assert both["logits"].shape == step["logits"].shape == (batch, 1, step["logits"].shape[-1])
+    assert np.array_equal(both["logits"], step["logits"])  # bit for bit, not close
+    assert np.array_equal(both[CHUNK_LOGITS][0, 0], apart["logits"][0, 5])  # the chunk's token 5, as asked
+    presents = [o.name for o in plain.get_outputs() if o.name.startswith("present")]
+    for name in presents:
+        assert np.array_equal(both[name], step[name])
+        assert np.array_equal(both[chunk_name(name)], apart[name])
+
+
+def test_the_lane_refuses_graphs_it_cannot_prove_and_leaves_them_unchanged(tiny_onnx, cuda_form):
+    proto = onnx.load(str(tiny_onnx("llama") / "model.onnx"), load_external_data=False)
+    before = proto.SerializeToString()
+    assert "GroupQueryAttention" in add_chunk_lane(proto, "logits")  # the export's form: attention unfused
+    assert proto.SerializeToString() == before
+    assert "no output" in add_chunk_lane(proto, "nope")
+
+    proto = onnx.load(str(cuda_form("llama") / "model.onnx"), load_external_data=False)
+    # a node that mixes positions (a ReduceSum over the sequence) between the layers
+    node = next(n for n in proto.graph.node if n.op_type == "SkipSimplifiedLayerNormalization")
+    mixed = onnx.helper.make_node("CumSum", [node.output[0], "lane_test_axis"], ["lane_test_mixed"])
+    axis = onnx.helper.make_node("Constant", [], ["lane_test_axis"], value=onnx.helper.make_tensor(
+        "lane_test_axis", onnx.TensorProto.INT64, [], [1]))
+    consumer = next(n for n in proto.graph.node if node.output[0] in n.input)
+    consumer.input[list(consumer.input).index(node.output[0])] = "lane_test_mixed"
+    at = list(proto.graph.node).index(consumer)
+    proto.graph.node.insert(at, mixed)
+    proto.graph.node.insert(at, axis)
+    before = proto.SerializeToString()
+    why = add_chunk_lane(proto, "logits")
+    assert why is not None and "CumSum" in why and "each position alone" in why
+    assert proto.SerializeToString() == before
