@@ -673,7 +673,9 @@ def main(argv: list[str] | None = None) -> int:
                 sched.graph_row_tokens = 32
                 return sched
 
-            report["check_equal_chunk_lane"] = check_equal(lm, lane_rows, rows, min(length, 1024), 32, rng, exact)
+            # on a GPU a step's GEMMs over B + W tokens may round differently from B alone: agreement reported
+            report["check_equal_chunk_lane"] = check_equal(lm, lane_rows, rows, min(length, 1024), 32, rng,
+                                                           exact and lm.session.device == "cpu")
             print(report["check_equal_chunk_lane"], file=sys.stderr)
 
     rows = []

@@ -7,8 +7,15 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxpipe.runtime.chunk_lane import (CHUNK_IDS, CHUNK_LAST, CHUNK_LOGITS, CHUNK_MASK, CHUNK_POSITIONS,
-                                         add_chunk_lane, chunk_name)
+from onnxpipe.runtime.chunk_lane import (
+    CHUNK_IDS,
+    CHUNK_LAST,
+    CHUNK_LOGITS,
+    CHUNK_MASK,
+    CHUNK_POSITIONS,
+    add_chunk_lane,
+    chunk_name,
+)
 
 
 def _sessions(path):
