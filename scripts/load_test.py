@@ -617,8 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     lm = load(args.model_dir, args.provider, threads=args.threads, cuda_graph=args.cuda_graph,
               last_position=True, announce=lambda m: print(m, file=sys.stderr),  # as `onnxpipe serve` loads it
               chunk_lane=any(laned))
-    if any(laned) and lm.session.lane is None:
-        p.error(f"--chunk-lane: the session has no lane ({lm.session.lane_why_not})")
+    if any(laned) and lm.session.lane is None:  # said, and the rows without it still run
+        print(f"--chunk-lane: the session has no lane ({lm.session.lane_why_not}); its rows are left out",
+              file=sys.stderr)
+        laned = [v for v in laned if not v] or [None]
     slots = lm.session.shares_buffer
     # the rows' length (slot layout): what each mode's requests need, unless --max-length
     level_length = args.max_length or args.prompt_tokens + args.max_tokens
@@ -626,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     layout = f"slot layout{' (CUDA graphs)' if lm.session.cuda_graph else ''}" if slots else "concat layout"
     print(f"{args.model_dir} on {lm.provider}: {layout}", file=sys.stderr)
     rng = np.random.default_rng(0)
-    report: dict[str, Any] = {"provider": lm.provider, "layout": layout, "client": args.client}
+    report: dict[str, Any] = {"provider": lm.provider, "layout": layout, "client": args.client,
+                              "lane_why_not": lm.session.lane_why_not}
 
     if not slots and groups != [None]:
         p.error("--prefill-group reads prompts into the fixed rows of the slot layout (optimize --target cuda)")
