@@ -311,7 +311,7 @@ class SlotScheduler(BatchLoop):
                 read += self._group_run(group, allowance)
                 continue
             lane = (self.lane and self._lane is None and req not in shorts and not self._read_whole(req)
-                    and self._running and req.slot in self.rows.graph_rows and left > self.lane_tokens)
+                    and bool(self._running) and req.slot in (self.rows.graph_rows or ()) and left > self.lane_tokens)
             n = self.lane_tokens if lane else left if req in shorts else allowance.next(req.prefilled, left)
             if n <= 0:
                 break
