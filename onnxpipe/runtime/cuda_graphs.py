@@ -366,8 +366,14 @@ class CudaGraphs:
         """One decode step through the slot's captured graph (captured when the slot was made: capture). The mask
         is fed at the slot's full width with each row's count of ones: the graph reads only its row sums (seqlens)
         and width (total length, fixed so the graph's shapes never change)."""
+        self._upload_step(slot, input_ids, attention_mask, position_ids)
+        self._run_slot(slot, cache)
+        return self._decoded(slot, want)
+
+    def _upload_step(self, slot: _GraphSlot, input_ids: np.ndarray, attention_mask: np.ndarray,
+                     position_ids: np.ndarray) -> None:
+        """A host-fed decode step's inputs into the slot's fixed buffers, the mask at the slot's full width."""
         host = self.host
-        batch = input_ids.shape[0]
         counts = attention_mask.sum(axis=1)
         mask = (np.arange(slot.capacity)[None, :] < counts[:, None]).astype(np.int64)
         slot.ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
@@ -375,7 +381,12 @@ class CudaGraphs:
         if host.has_position_ids:
             slot.positions.update_inplace(np.ascontiguousarray(position_ids, dtype=np.int64))
         host.transfers.up_bytes += input_ids.nbytes + mask.nbytes + (position_ids.nbytes if host.has_position_ids else 0)
-        self._run_slot(slot, cache)
+
+    def _decoded(self, slot: _GraphSlot, want: str) -> np.ndarray:
+        """What a decode step of the slot gives back: its argmax (the step tail's, in the ids buffer) or through the
+        slot's head graph its logits [batch, vocab] or argmax [batch]."""
+        host = self.host
+        batch = slot.ids.shape()[0]
         if host.fed and want == "argmax":  # the step left its argmax in the ids buffer
             return self._next_ids(slot)
         if slot.head is None:  # the decode step's own head: logits [B, 1, V] read in place, nothing to index
@@ -510,19 +521,26 @@ class CudaGraphs:
 
     # ---- a chunk in the decode step's own run (the lane, chunk_lane.py) ----
     def step_lane(self, cache: KVCache, row: int, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                  last_index: np.ndarray) -> np.ndarray | str:
-        """One greedy decode step fed on the device, as ``step_fed``, whose run also reads a chunk of a prompt into
-        row ``row`` (``RowPrefill.chunk_inputs``' arrays): the weights are read once for both. Returns the next token
-        ids [batch], or why it cannot run so (a key of LANE_SKIPS or CHUNK_SKIPS; nothing ran): the caller then runs
-        the chunk and the step apart. The chunk's logits are not read (a prompt's last chunk, whose logits give its
-        first token, runs apart). The graph was captured ahead (``warm_lanes``): a lane graph's first run on a thread
-        runs it several times, which a fed step's inputs cannot take (each run advances them)."""
+                  last_index: np.ndarray, step: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                  want: str = "argmax", logits: bool = False) -> tuple[np.ndarray, np.ndarray | None] | str:
+        """A decode step of the slot whose run also reads a chunk of a prompt into row ``row``
+        (``RowPrefill.chunk_inputs``' arrays): the weights are read once for both. ``step``: the step's host inputs
+        (ids, mask, positions), uploaded as ``replay`` does; None: a greedy step fed on the device, as ``step_fed``.
+        Returns (what the step gives: the next ids [batch] (greedy) or with ``want="logits"`` its logits [batch,
+        vocab]; with ``logits`` the chunk's logits at ``last_index`` [1, vocab] float32, else None: nothing read
+        back), or why it cannot run so (a key of LANE_SKIPS or CHUNK_SKIPS; nothing ran): the caller then runs the
+        chunk and the step apart. The graph was captured ahead (``warm_lanes``): a lane graph's first run on a
+        thread runs it several times, which a decode step's inputs cannot take (each run advances them)."""
         host = self.host
         if host.lane is None:
             return "lane"
-        if not self.can_feed(cache):
+        slot = self.slots.get((cache.batch, cache.capacity or 0))
+        if slot is None or cache.values is not slot.cache:
+            return "no_slot"
+        if step is None and not self.can_feed(cache):
             return "not_fed"
-        slot = self.slots[(cache.batch, cache.capacity or 0)]
+        if _this_thread() not in slot.threads:
+            return "thread"
         width = ids.shape[1]
         if width not in CHUNK_WIDTHS:
             return "width"
@@ -531,15 +549,18 @@ class CudaGraphs:
         lg = slot.lanes.get((row, width))
         if lg is None or _this_thread() not in lg.threads:
             return "not_captured"
+        if step is not None:
+            self._upload_step(slot, *step)
         _upload(host, lg, ids, mask, positions, last_index, host.lane_has_positions)
         host._run_graph(lg.io, lg.run_options, f"a CUDA-graph decode step with a chunk (row {row}, {width} tokens)",
                         session=host.lane)
         lg.runs += 1
         slot.runs += 1
-        slot.primed = True
+        slot.primed = host.fed
         cache.length += 1
         host.transfers.steps += 1
-        return self._next_ids(slot)
+        out = self._next_ids(slot) if step is None else self._decoded(slot, want)
+        return out, (host._select(lg.logits, np.zeros(1, np.int64), "logits") if logits else None)
 
     def warm_lanes(self, cache: KVCache, rows: list[int], pad_id: int = 0) -> int | str:
         """Capture the lane graphs of ``rows`` at every width that fits (each a decode step of the slot that also

@@ -286,6 +286,8 @@ class SlotScheduler(BatchLoop):
         step whose rows are being processed on the rows thread (``_settle``); a long prompt's chunk before its last
         does not: on the loop's thread it touches neither the table nor the running rows, the row being parked at
         its prompt's length (``parks``), and reads no logits back."""
+        if self._lane is not None:  # deferred by the last iteration, whose decode step did not run (none ran)
+            self._flush_lane()
         if not self._admitted:
             return 0
         read, (whole, most) = 0, self.budget.whole
@@ -311,14 +313,14 @@ class SlotScheduler(BatchLoop):
                 read += self._group_run(group, allowance)
                 continue
             lane = (self.lane and self._lane is None and req not in shorts and not self._read_whole(req)
-                    and bool(self._running) and req.slot in (self.rows.graph_rows or ()) and left > self.lane_tokens)
-            n = self.lane_tokens if lane else left if req in shorts else allowance.next(req.prefilled, left)
+                    and bool(self._running) and req.slot in (self.rows.graph_rows or ()))
+            n = min(self.lane_tokens, left) if lane else left if req in shorts else allowance.next(req.prefilled, left)
             if n <= 0:
                 break
             start, end = self.table.chunk(len(prompt), req.prefilled, n)
             read += end - start
             joins = end == len(prompt)  # its last run: the row joins, its logits give its first token
-            if lane and not joins:  # read by the decode step that follows (``_decode_step``), in its run
+            if lane:  # read by the decode step that follows (``_decode_step``), in its run
                 self._lane = (req, prompt[start:end], start)
                 req.prefilled = end
                 allowance.ran(end - start, start, 0.0, learn=False)
@@ -456,17 +458,21 @@ class SlotScheduler(BatchLoop):
             self._settle()
             running, overlap, fed = self._running, False, False
         self._changed = False
-        # a long prompt's chunk deferred by ``_prefill``: in this step's run where it is fed, else read apart first
+        # a long prompt's chunk deferred by ``_prefill``: in this step's run (fed, or its inputs uploaded), or where
+        # the lane cannot take it read apart first; the prompt's last chunk gives its first token (``_lane_joins``)
         lane, self._lane = self._lane, None
         failed: tuple[Request, Exception] | None = None  # (request, error) of a chunk read apart that failed
+        chunk_logits: np.ndarray | None = None  # a last chunk's, read back
         rode = False  # the chunk is read by this step's run
-        if lane is not None and not fed:
-            self.stats.lane_skipped["not_fed"] = self.stats.lane_skipped.get("not_fed", 0) + 1
-            failed, lane = self._chunk_apart(lane), None
         try:
-            out, rode = None, lane is not None  # until it says the chunk was read apart (a raise: in the run)
+            out = None
             if lane is not None:
-                out, rode, failed = self._step_lane(lane)
+                step = None
+                if not fed:  # host-fed: every row (CUDA graphs), the row being read where it is parked
+                    step = self.table.step_inputs(self.table.rows)
+                    self._fed_left = self.table.parked_room()
+                rode = True  # until it says the chunk was read apart (a raise: in the run)
+                out, chunk_logits, rode, failed = self._step_lane(lane, step, want)
             if out is not None:
                 pass
             elif fed:
@@ -502,39 +508,75 @@ class SlotScheduler(BatchLoop):
         # waits or a prompt read in one run is admitted: the next iteration's admission or join would wait for the
         # rows thread at once (a handoff to it and back, under a GIL the event loop holds while it writes the
         # step's chunks). A long prompt's chunks do not wait for it, but its last one's join (after its run)
+        joins = lane is not None and failed is None and lane[2] + len(lane[1]) == len(lane[0].row.prompt)
         if (fed and not ends and not self._changed and self._rows_thread is not None and not self._waiting
-                and not any(self._read_whole(r) for r in self._admitted) and failed is None):
+                and not any(self._read_whole(r) for r in self._admitted) and failed is None and not joins):
             self._pending = (running, self._rows_thread.submit(self._process, running, out), True)
         else:
             self._apply(running, *self._process(running, out))
         self._lane_failed(failed)
+        if joins and lane is not None and chunk_logits is not None:
+            self._lane_joins(lane[0], chunk_logits)
 
-    def _step_lane(self, lane: tuple[Request, list[int], int]
-                   ) -> tuple[np.ndarray | None, bool, tuple[Request, Exception] | None]:
-        """The fed decode step with ``lane``'s chunk in its run (``CudaGraphs.step_lane``): (the next ids, True,
-        None); where the lane cannot run it (counted by why in ``stats.lane_skipped``), the chunk read apart: (None,
-        False, None), the step then runs alone, or (None, False, (request, error)) where that read failed."""
+    def _step_lane(self, lane: tuple[Request, list[int], int], step: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+                   want: str) -> tuple[np.ndarray | None, np.ndarray | None, bool, tuple[Request, Exception] | None]:
+        """The decode step with ``lane``'s chunk in its run (``CudaGraphs.step_lane``; ``step``: its host inputs, None
+        where it is fed): (what the step gives, the chunk's logits where it is its prompt's last, True, None); where
+        the lane cannot run it (counted by why in ``stats.lane_skipped``), the chunk read apart: (None, its logits
+        or None, False, None), the step then runs alone, or (None, None, False, (request, error)) where that read
+        failed."""
         req, ids, start = lane
         capacity = self.rows.capacity
+        last = start + len(ids) == len(req.row.prompt)
         width = chunk_width(len(ids), start, capacity)
         inputs = chunk_inputs(ids, start, width, capacity, self.table.pad_id)
-        out = self.lm.session.graphs.step_lane(self.cache, req.slot, *inputs)
-        if not isinstance(out, str):
+        got = self.lm.session.graphs.step_lane(self.cache, req.slot, *inputs, step=step, want=want, logits=last)
+        if not isinstance(got, str):
             self.stats.lane_chunks += 1
-            return np.array(out, copy=True), True, None  # the bound buffer is the next step's
-        self.stats.lane_skipped[out] = self.stats.lane_skipped.get(out, 0) + 1
-        return None, False, self._chunk_apart(lane)
+            out, chunk_logits = got
+            return np.array(out, copy=True), chunk_logits, True, None  # a bound buffer is the next step's
+        self.stats.lane_skipped[got] = self.stats.lane_skipped.get(got, 0) + 1
+        chunk_logits, failed = self._chunk_apart(lane, last)
+        return None, chunk_logits, False, failed
 
-    def _chunk_apart(self, lane: tuple[Request, list[int], int]) -> tuple[Request, Exception] | None:
-        """``lane``'s chunk read in a run of its own (``RowPrefill.run_chunk``, no logits); (request, error) where it
-        failed: the request fails once the step is done (``_lane_failed``)."""
+    def _chunk_apart(self, lane: tuple[Request, list[int], int],
+                     logits: bool) -> tuple[np.ndarray | None, tuple[Request, Exception] | None]:
+        """``lane``'s chunk read in a run of its own (``RowPrefill.run_chunk``; its logits read back with
+        ``logits``): (the logits or None, None), or (None, (request, error)) where it failed: the request fails once
+        the step is done (``_lane_failed``)."""
         req, ids, start = lane
         try:
-            how = self.rows.run_chunk(req.slot, ids, start, self.table.pad_id, logits=False)[1]
+            out, how = self.rows.run_chunk(req.slot, ids, start, self.table.pad_id, logits=logits)
         except Exception as e:
-            return req, e
+            return None, (req, e)
         self.stats.graph_chunks += how in ("replayed", "captured")
-        return None
+        return out, None
+
+    def _flush_lane(self) -> None:
+        """The deferred chunk read apart now (no decode step came to read it), its prompt joining where it was the
+        last."""
+        lane, self._lane = self._lane, None
+        assert lane is not None
+        last = lane[2] + len(lane[1]) == len(lane[0].row.prompt)
+        logits, failed = self._chunk_apart(lane, last)
+        self._lane_failed(failed)
+        if failed is None and logits is not None:
+            self._lane_joins(lane[0], logits)
+
+    def _lane_joins(self, req: Request, logits: np.ndarray) -> None:
+        """A prompt whose last chunk the step read: its row joins the running rows (the step processed first), its
+        first token taken from the chunk's logits; the next step is host-fed."""
+        self._settle()
+        self._changed = True
+        try:
+            self.table.prefilled(req.slot, len(req.row.prompt))
+            self._admitted.remove(req)
+            self._take(req, self._choose(req, logits, 0))
+        except Exception as e:  # this request alone fails; the others go on
+            self._leave(req)
+            self._fail(req, e)
+            return
+        self._joined(req)
 
     def _lane_failed(self, failed: tuple[Request, Exception] | None) -> None:
         """A chunk of the lane's prompt that could not be read: its request fails, the others go on."""
@@ -609,6 +651,7 @@ class SlotScheduler(BatchLoop):
         except Exception:  # the rows are dropped anyway
             self._pending = None
         self._admitted, self._running = [], []
+        self._lane = None
         self.table.release_all()
         self._changed = True
 
