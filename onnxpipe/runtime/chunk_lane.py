@@ -14,7 +14,7 @@ adds its own:
     onnxpipe.chunk.input_ids       [1, W]         the chunk (right-padded, as ``row_prefill.chunk_inputs``)
     onnxpipe.chunk.attention_mask  [1, capacity]  read for its row sum and width, as the step's mask
     onnxpipe.chunk.position_ids    [1, W]         only where the graph reads position_ids
-    onnxpipe.chunk.last_index      [1]            the chunk's last real token, where its logits are taken
+    onnxpipe.chunk.last_index      [1]            B + the chunk's last real token: where its logits are taken
     onnxpipe.chunk.<past name>     [1, kv_heads, capacity, head_dim] each: the row's keys / values
     -> onnxpipe.chunk.<present name> (written in place) and onnxpipe.chunk.logits [1, 1, vocab]
 
@@ -230,8 +230,9 @@ def add_chunk_lane(proto: Any, logits: str) -> str | None:
     split = [
         helper.make_node("Slice", [hidden, p + "zero", p + "batch", p + "one"], [p + "step_hidden_row"]),
         helper.make_node("Transpose", [p + "step_hidden_row"], [p + "step_hidden"], perm=[1, 0, 2]),
-        helper.make_node("Add", [p + "batch", CHUNK_LAST], [p + "chunk_at"]),
-        helper.make_node("Gather", [hidden, p + "chunk_at"], [p + "chunk_hidden"], axis=1),
+        # the index comes in whole (B + the chunk's last real token): computed here it would mix the shape's
+        # host value into a device index, a copy that keeps onnxruntime from capturing the graph
+        helper.make_node("Gather", [hidden, CHUNK_LAST], [p + "chunk_hidden"], axis=1),
     ]
     lane = {hidden: p + "chunk_hidden"}
     copies = []

@@ -551,7 +551,8 @@ class CudaGraphs:
             return "not_captured"
         if step is not None:
             self._upload_step(slot, *step)
-        _upload(host, lg, ids, mask, positions, last_index, host.lane_has_positions)
+        # the graph takes the chunk's last index in the merged sequence: after the step's rows
+        _upload(host, lg, ids, mask, positions, last_index + cache.batch, host.lane_has_positions)
         host._run_graph(lg.io, lg.run_options, f"a CUDA-graph decode step with a chunk (row {row}, {width} tokens)",
                         session=host.lane)
         lg.runs += 1
@@ -595,7 +596,7 @@ class CudaGraphs:
                     slot.positions.update_inplace(np.zeros((batch, 1), np.int64))
                 chunk = np.full((1, width), pad_id, np.int64)
                 _upload(host, lg, chunk, (np.arange(slot.capacity) < width).astype(np.int64)[None, :],
-                        np.arange(width, dtype=np.int64)[None, :], np.array([width - 1], np.int64),
+                        np.arange(width, dtype=np.int64)[None, :], np.array([batch + width - 1], np.int64),
                         host.lane_has_positions)
                 host._run_graph(lg.io, lg.run_options, f"capturing a CUDA-graph decode step with a chunk (row {row}, "
                                 f"{width} tokens)", session=host.lane)

@@ -52,7 +52,7 @@ def test_a_step_with_a_chunk_in_its_run_gives_exactly_the_step_and_the_chunk_apa
     apart = _run(plain, {"input_ids": chunk, "attention_mask": chunk_mask,
                          "position_ids": np.arange(start, start + width)[None], **row})
     both = _run(lane, {"input_ids": ids, "attention_mask": mask, "position_ids": counts[:, None] - 1, **cache,
-                       CHUNK_IDS: chunk, CHUNK_MASK: chunk_mask, CHUNK_LAST: np.array([5]),
+                       CHUNK_IDS: chunk, CHUNK_MASK: chunk_mask, CHUNK_LAST: np.array([batch + 5]),
                        CHUNK_POSITIONS: np.arange(start, start + width)[None],
                        **{chunk_name(k): v for k, v in row.items()}})
     assert both["logits"].shape == step["logits"].shape == (batch, 1, step["logits"].shape[-1])
