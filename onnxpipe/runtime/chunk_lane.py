@@ -127,6 +127,11 @@ def add_chunk_lane(proto: Any, logits: str) -> str | None:
             continue
         if "position_ids" in n.input:
             return f"node {name!r} reads position_ids other than as a rotary embedding's positions"
+        if n.op_type == "Split":  # a fused projection's parts: on the last axis, each position's alone
+            axis = {a.name: a.i for a in n.attribute}.get("axis", 0)
+            if axis not in (-1, 2) or any(i not in const for i in n.input[1:] if i):
+                return f"split {name!r} is not on the last axis of [batch, sequence, features]"
+            continue
         if n.op_type not in _POSITIONWISE:
             return f"node {name!r} ({n.op_type}) is not one the chunk lane knows acts on each position alone"
         if n.op_type in ("MatMul", "MatMulNBits") and n.input[1] not in const:

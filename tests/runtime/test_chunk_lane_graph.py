@@ -34,7 +34,7 @@ def _run(session, feed):
     return dict(zip(names, session.run(None, {k: v for k, v in feed.items() if k in wanted})))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3"])
 def test_a_step_with_a_chunk_in_its_run_gives_exactly_the_step_and_the_chunk_apart(cuda_form, family):
     plain, lane = _sessions(cuda_form(family))
     past = [i for i in plain.get_inputs() if i.name.startswith("past")]
