@@ -59,8 +59,10 @@ def make_scheduler(lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64
         return SlotScheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                              max_length=max_length, chunk_graphs=chunk_graphs, chunk_lane=chunk_lane, **group)
     if chunk_graphs or chunk_lane:
-        raise OnnxpipeError("chunk_graphs replays long prompts' chunks into fixed rows of a shared-buffer graph "
-                            "(optimize --target cuda) with CUDA graphs; this graph grows its cache (concat)")
+        what = "chunk_lane reads long prompts' chunks inside the decode steps of" if chunk_lane else (
+            "chunk_graphs replays long prompts' chunks into")
+        raise OnnxpipeError(f"{what} fixed rows of a shared-buffer graph (optimize --target cuda) with CUDA graphs; "
+                            "this graph grows its cache (concat)")
     if max_length is not None:
         raise OnnxpipeError("max_length sizes the fixed rows of a shared-buffer graph (optimize --target cuda); this "
                             "graph grows its cache (concat): leave it unset")

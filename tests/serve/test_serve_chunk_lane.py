@@ -114,3 +114,15 @@ def test_the_lane_needs_chunk_graphs_and_a_session_with_it(stdlib_cuda_model):
         make_scheduler(lane_lm(stdlib_cuda_model), max_batch=4, prefill_chunk=16, max_length=128, chunk_lane=True)
     plain = DecoderSession(stdlib_cuda_model, "cpu", threads=1, chunk_lane=True)  # no step tail: no lane
     assert plain.lane is None and "step tail" in plain.lane_why_not
+    assert DecoderSession(stdlib_cuda_model, "cpu", threads=1).lane_why_not == "not asked for"
+
+
+def test_serve_says_in_one_line_why_the_lane_cannot_run(stdlib_model, stdlib_cuda_model):
+    from click.testing import CliRunner
+
+    from onnxpipe.cli import main
+
+    for model, why in ((stdlib_model, "grows its cache"), (stdlib_cuda_model, "needs --cuda-graph, --chunk-graphs")):
+        r = CliRunner().invoke(main, ["serve", str(model), "--chunk-lane", "--provider", "cpu", "--port", "0"])
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output  # a clean exit, no traceback
+        assert why in r.output and ("chunk_lane" in r.output or "chunk lane" in r.output), r.output
