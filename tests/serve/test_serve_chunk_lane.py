@@ -68,6 +68,29 @@ def test_long_prompts_chunks_ride_in_the_decode_steps_and_give_the_solo_tokens(s
     assert sum(lg.runs for lg in slot.lanes.values()) == sched.stats.lane_chunks
 
 
+def test_beside_a_sampled_stream_the_lane_rides_host_fed_steps_and_gives_the_same_tokens(stdlib_cuda_model):
+    """A sampled stream makes every step host-fed (its logits read back): the lane's chunks ride in those steps,
+    their inputs uploaded, and each request gets what it gets with the chunks read apart."""
+    sampled = {"temperature": 0.9, "top_k": 50, "seed": 3}
+
+    def serve(lane: bool):
+        lm = lane_lm(stdlib_cuda_model)
+        sched = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128, chunk_graphs=True,
+                               chunk_lane=lane)
+        sched.warm_rows, sched.graph_row_tokens = 2, 32
+        queues = [submit(sched, lm, SHORT, 40, **sampled)[0], submit(sched, lm, LONG, 8)[0]]
+        sched.start()
+        try:
+            return [result(q) for q in queues], sched
+        finally:
+            sched.stop()
+
+    (want, apart), (got, sched) = serve(False), serve(True)
+    assert got == want and apart.stats.lane_chunks == 0
+    assert sched.stats.lane_chunks == 5 and not sched.stats.lane_skipped  # 4 x 16 + 6, every one in a step
+    assert sched.stats.fed_steps == 0  # sampled: host-fed, every step
+
+
 def test_without_captured_lane_graphs_chunks_are_read_apart_with_the_same_tokens(stdlib_cuda_model):
     requests = [(SHORT, 100), (LONG, 8)]
     plain = load(stdlib_cuda_model, "cpu", threads=1)
