@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnxpipe.runtime.last_position import _constants
+from onnxpipe.runtime.last_position import _constants, head_chain
 
 PREFIX = "onnxpipe.chunk."
 CHUNK_IDS = PREFIX + "input_ids"
@@ -77,7 +77,6 @@ def add_chunk_lane(proto: Any, logits: str) -> str | None:
         return "the graph has control flow (subgraphs)"
     const = _constants(g)
     nodes = list(g.node)  # held: the identities below are these objects'
-    producer = {out: n for n in nodes for out in n.output}
     gqas = [n for n in nodes if n.op_type == _GQA]
     if not gqas:
         return "the graph has no GroupQueryAttention (the chunk lane needs the CUDA form of optimize --target cuda)"
@@ -141,24 +140,8 @@ def add_chunk_lane(proto: Any, logits: str) -> str | None:
             if axis != -1:
                 return f"norm {name!r} normalizes over axis {axis}, not the last"
 
-    # the LM head: the position-wise chain from the final hidden state to the logits (as last_position walks it)
-    consumers: dict[str, list[Any]] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    chain, hidden = [], logits
-    while True:
-        node = producer.get(hidden)
-        if node is None or node.op_type not in {"Cast", "Identity", "MatMul", "MatMulNBits", "Add", "Sub", "Mul",
-                                                "Div", "Tanh"}:
-            break
-        data = [i for i in node.input if i and i not in const]
-        if len(data) != 1 or (node.op_type in ("MatMul", "MatMulNBits") and node.input[0] != data[0]):
-            break
-        if hidden != logits and (len(consumers.get(hidden, [])) != 1 or hidden in outputs):
-            break
-        chain.append(node)
-        hidden = data[0]
+    # the LM head: the position-wise chain from the final hidden state to the logits (last_position's walk)
+    chain, hidden = head_chain(g, nodes, logits)
     if not any(n.op_type in ("MatMul", "MatMulNBits") for n in chain):
         return "no LM head found before the logits"
 

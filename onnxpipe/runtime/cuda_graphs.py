@@ -129,7 +129,7 @@ class _GraphSlot:
     threads: set[int] = field(default_factory=set)  # the threads its decode graph was captured on (capture)
     prefills: dict[int, "_PrefillGraph"] = field(default_factory=dict)  # by prompt width
     chunks: dict[tuple[int, int], "_ChunkGraph"] = field(default_factory=dict)  # by (row, chunk width)
-    lanes: dict[tuple[int, int], "_LaneGraph"] = field(default_factory=dict)  # by (row, chunk width)
+    lanes: dict[tuple[int, int], "_ChunkGraph"] = field(default_factory=dict)  # the lane's, by (row, chunk width)
 
 
 @dataclass
@@ -151,7 +151,8 @@ class _PrefillGraph:
 @dataclass
 class _ChunkGraph:
     """A captured chunk of a prompt into one row of its slot's cache, bound by address: fixed input buffers for one
-    chunk width, the mask at the slot's full width."""
+    chunk width, the mask at the slot's full width. The lane's graphs (a decode step of the slot that also reads a
+    chunk, ``chunk_lane.py``) are these too: the chunk's buffers their own, the decode step's the slot's."""
 
     graph_id: int
     row: int
@@ -166,26 +167,6 @@ class _ChunkGraph:
     runs: int = 0
     threads: set[int] = field(default_factory=set)  # the threads it was captured on (its first run on each)
     scratch: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _LaneGraph:
-    """A captured decode step of its slot that also reads a chunk into one row (the lane session's graph,
-    ``chunk_lane.py``): the slot's decode buffers bound as its decode graph binds them, the chunk's inputs and logits
-    fixed buffers of its own for one chunk width, the row's keys and values by address."""
-
-    graph_id: int
-    row: int
-    width: int
-    ids: Any
-    mask: Any
-    positions: Any
-    last_index: Any
-    logits: Any
-    io: Any
-    run_options: Any = None
-    runs: int = 0
-    threads: set[int] = field(default_factory=set)  # the threads it was captured on (warm_lanes)
 
 
 def _upload(host: Any, graph: Any, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
@@ -349,16 +330,22 @@ class CudaGraphs:
         needs none of this: its repeats rewrite the same entries."""
         host = self.host
         batch = slot.ids.shape()[0]
-        mask = np.zeros((batch, slot.capacity), np.int64)
-        mask[:, 0] = 1
-        slot.ids.update_inplace(np.zeros((batch, 1), np.int64))
-        slot.mask.update_inplace(mask)
-        if host.has_position_ids:
-            slot.positions.update_inplace(np.zeros((batch, 1), np.int64))
+        self._harmless_inputs(slot)
         slot.run_options = run_options(self._ort, slot.graph_id)
         host._run_graph(slot.io, slot.run_options, f"capturing the CUDA-graph decode step (batch {batch})")
         slot.threads.add(_this_thread())
         slot.primed = False
+
+    def _harmless_inputs(self, slot: _GraphSlot) -> None:
+        """The slot's decode inputs for a capture: token 0 at position 0 in every row (a capture's repeated runs then
+        write only the first few positions of the empty rows)."""
+        batch = slot.ids.shape()[0]
+        mask = np.zeros((batch, slot.capacity), np.int64)
+        mask[:, 0] = 1
+        slot.ids.update_inplace(np.zeros((batch, 1), np.int64))
+        slot.mask.update_inplace(mask)
+        if self.host.has_position_ids:
+            slot.positions.update_inplace(np.zeros((batch, 1), np.int64))
 
     # ---- replay ----
     def replay(self, slot: _GraphSlot, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -494,11 +481,8 @@ class CudaGraphs:
 
     def _chunk_graph(self, slot: _GraphSlot, row: int, width: int) -> _ChunkGraph:
         host = self.host
-        dev, where = host._buffer, host._device_type()
         self.graph_ids += 1
-        cg = _ChunkGraph(self.graph_ids, row, width, dev((1, width), np.int64), dev((1, slot.capacity), np.int64),
-                         dev((1, width), np.int64), dev((1,), np.int64), dev((1, 1, host.vocab_size), host.kv_dtype),
-                         host.session.io_binding())
+        cg = self._chunk_buffers(self.graph_ids, slot, row, width, host.session)
         io = cg.io
         io.bind_ortvalue_input("input_ids", cg.ids)
         io.bind_ortvalue_input("attention_mask", cg.mask)
@@ -506,13 +490,7 @@ class CudaGraphs:
             io.bind_ortvalue_input("position_ids", cg.positions)
         io.bind_ortvalue_input(LAST_INDEX, cg.last_index)
         io.bind_ortvalue_output(host.logits_name, cg.logits)
-        # the row [1, kv_heads, capacity, head_dim] of each buffer, by address: read and written in place
-        shape = [1, host.num_kv_heads, slot.capacity, host.head_dim]
-        row_bytes = host.num_kv_heads * slot.capacity * host.head_dim * np.dtype(host.kv_dtype).itemsize
-        for past, present, value in zip(host.past_names, host.present_names, slot.cache):
-            at = value.data_ptr() + row * row_bytes
-            io.bind_input(past, where, 0, host.kv_dtype, shape, at)
-            io.bind_output(present, where, 0, host.kv_dtype, shape, at)
+        self._bind_row(io, slot, row, host.past_names, host.present_names)
         if host.fed:  # the step tail's outputs: fixed scratch, never the decode graph's buffers
             cg.scratch = _bind_scratch(host, io, 1, slot.capacity)
         cg.run_options = run_options(self._ort, cg.graph_id)
@@ -532,15 +510,11 @@ class CudaGraphs:
         chunk and the step apart. The graph was captured ahead (``warm_lanes``): a lane graph's first run on a
         thread runs it several times, which a decode step's inputs cannot take (each run advances them)."""
         host = self.host
-        if host.lane is None:
-            return "lane"
-        slot = self.slots.get((cache.batch, cache.capacity or 0))
-        if slot is None or cache.values is not slot.cache:
-            return "no_slot"
+        slot = self._lane_slot(cache)
+        if isinstance(slot, str):
+            return slot
         if step is None and not self.can_feed(cache):
             return "not_fed"
-        if _this_thread() not in slot.threads:
-            return "thread"
         width = ids.shape[1]
         if width not in CHUNK_WIDTHS:
             return "width"
@@ -570,13 +544,9 @@ class CudaGraphs:
         inputs are put back as ``capture`` leaves them before each, and the first real step after goes up from the
         host. Returns the graphs captured, or why none can be (a key of LANE_SKIPS or CHUNK_SKIPS)."""
         host = self.host
-        if host.lane is None:
-            return "lane"
-        slot = self.slots.get((cache.batch, cache.capacity or 0))
-        if slot is None or cache.values is not slot.cache:
-            return "no_slot"
-        if _this_thread() not in slot.threads:
-            return "thread"
+        slot = self._lane_slot(cache)
+        if isinstance(slot, str):
+            return slot
         thread, captured = _this_thread(), 0
         batch = cache.batch
         for row in rows:
@@ -588,12 +558,7 @@ class CudaGraphs:
                     lg = self._lane_graph(slot, row, width)
                 if thread in lg.threads:
                     continue
-                start = np.zeros((batch, slot.capacity), np.int64)
-                start[:, 0] = 1
-                slot.ids.update_inplace(np.zeros((batch, 1), np.int64))
-                slot.mask.update_inplace(start)
-                if host.has_position_ids:
-                    slot.positions.update_inplace(np.zeros((batch, 1), np.int64))
+                self._harmless_inputs(slot)
                 chunk = np.full((1, width), pad_id, np.int64)
                 _upload(host, lg, chunk, (np.arange(slot.capacity) < width).astype(np.int64)[None, :],
                         np.arange(width, dtype=np.int64)[None, :], np.array([batch + width - 1], np.int64),
@@ -605,13 +570,22 @@ class CudaGraphs:
         slot.primed = False
         return captured
 
-    def _lane_graph(self, slot: _GraphSlot, row: int, width: int) -> _LaneGraph:
+    def _lane_slot(self, cache: KVCache) -> _GraphSlot | str:
+        """The slot whose lane graphs may run on ``cache`` on this thread, or why none (a LANE_SKIPS or CHUNK_SKIPS
+        key): a session with a lane, the cache in the slot's buffers, the slot's decode graph captured here."""
+        if self.host.lane is None:
+            return "lane"
+        slot = self.slots.get((cache.batch, cache.capacity or 0))
+        if slot is None or cache.values is not slot.cache:
+            return "no_slot"
+        if _this_thread() not in slot.threads:
+            return "thread"
+        return slot
+
+    def _lane_graph(self, slot: _GraphSlot, row: int, width: int) -> _ChunkGraph:
         host = self.host
-        dev, where = host._buffer, host._device_type()
         self.lane_graph_ids += 1
-        lg = _LaneGraph(self.lane_graph_ids, row, width, dev((1, width), np.int64), dev((1, slot.capacity), np.int64),
-                        dev((1, width), np.int64), dev((1,), np.int64), dev((1, 1, host.vocab_size), host.kv_dtype),
-                        host.lane.io_binding())
+        lg = self._chunk_buffers(self.lane_graph_ids, slot, row, width, host.lane)
         io = lg.io
         # the decode step: the slot's own buffers, as its decode graph binds them (its tail writes the next inputs)
         self._bind_fixed(io, slot.ids, slot.mask, slot.positions, slot.last_index, slot.cache, slot.logits)
@@ -626,15 +600,32 @@ class CudaGraphs:
             io.bind_ortvalue_input(CHUNK_POSITIONS, lg.positions)
         io.bind_ortvalue_input(CHUNK_LAST, lg.last_index)
         io.bind_ortvalue_output(CHUNK_LOGITS, lg.logits)
-        shape = [1, host.num_kv_heads, slot.capacity, host.head_dim]
-        row_bytes = host.num_kv_heads * slot.capacity * host.head_dim * np.dtype(host.kv_dtype).itemsize
-        for past, present, value in zip(host.past_names, host.present_names, slot.cache):
-            at = value.data_ptr() + row * row_bytes
-            io.bind_input(chunk_name(past), where, 0, host.kv_dtype, shape, at)
-            io.bind_output(chunk_name(present), where, 0, host.kv_dtype, shape, at)
+        self._bind_row(io, slot, row, [chunk_name(n) for n in host.past_names],
+                       [chunk_name(n) for n in host.present_names])
         lg.run_options = run_options(self._ort, lg.graph_id)
         slot.lanes[(row, width)] = lg
         return lg
+
+    def _chunk_buffers(self, graph_id: int, slot: _GraphSlot, row: int, width: int, session: Any) -> _ChunkGraph:
+        """A chunk's fixed buffers for one width (ids, mask at the slot's width, positions, last index, logits) and
+        an IO binding of ``session``'s, nothing bound yet."""
+        host = self.host
+        dev = host._buffer
+        return _ChunkGraph(graph_id, row, width, dev((1, width), np.int64), dev((1, slot.capacity), np.int64),
+                           dev((1, width), np.int64), dev((1,), np.int64), dev((1, 1, host.vocab_size), host.kv_dtype),
+                           session.io_binding())
+
+    def _bind_row(self, io: Any, slot: _GraphSlot, row: int, pasts: list[str], presents: list[str]) -> None:
+        """Bind row ``row`` [1, kv_heads, capacity, head_dim] of each of the slot's KV buffers, by address, as the
+        inputs ``pasts`` and the outputs ``presents``: read and written in place."""
+        host = self.host
+        where = host._device_type()
+        shape = [1, host.num_kv_heads, slot.capacity, host.head_dim]
+        row_bytes = host.num_kv_heads * slot.capacity * host.head_dim * np.dtype(host.kv_dtype).itemsize
+        for past, present, value in zip(pasts, presents, slot.cache):
+            at = value.data_ptr() + row * row_bytes
+            io.bind_input(past, where, 0, host.kv_dtype, shape, at)
+            io.bind_output(present, where, 0, host.kv_dtype, shape, at)
 
     def _run_slot(self, slot: _GraphSlot, cache: KVCache) -> None:
         host = self.host

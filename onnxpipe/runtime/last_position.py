@@ -38,27 +38,10 @@ def gather_last_position(proto: Any, logits: str) -> str | None:
     outputs = {o.name: o for o in g.output}
     if logits not in outputs:
         return f"the graph has no output {logits!r}"
-    producer = {out: n for n in g.node for out in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    constant = _constants(g)
-
-    chain, tensor, head = [], logits, False
-    while True:
-        node = producer.get(tensor)
-        if node is None or node.op_type not in _POSITIONWISE:
-            break
-        data = [i for i in node.input if i and i not in constant]
-        if len(data) != 1 or (node.op_type in ("MatMul", "MatMulNBits") and node.input[0] != data[0]):
-            break
-        if tensor != logits and (len(consumers.get(tensor, [])) != 1 or tensor in outputs):
-            break  # another reader would see the gathered tensor
-        chain.append(node)
-        head |= node.op_type in _HEAD_OPS
-        tensor = data[0]
-    if not head:
+    nodes = list(g.node)
+    chain, tensor = head_chain(g, nodes, logits)
+    if not any(n.op_type in _HEAD_OPS for n in chain):
+        producer = {out: n for n in nodes for out in n.output}
         what = producer[tensor].op_type if tensor in producer else "a graph input"
         return f"no float LM head found before the logits (the walk back stopped at {what})"
     first = chain[-1]  # the head's first node: it reads ``tensor``, the hidden state of every position
@@ -94,6 +77,32 @@ def gather_last_position(proto: Any, logits: str) -> str | None:
         if vi.name in {o for n in chain for o in n.output}:
             g.value_info.remove(vi)
     return None
+
+
+def head_chain(g: Any, nodes: list[Any], logits: str) -> tuple[list[Any], str]:
+    """The LM head: the nodes of ``nodes`` (``g``'s, in a list the caller holds) from the last hidden state to
+    ``logits`` that act on each position alone, walked back from the logits (the last first), each tensor between
+    them read by the next alone and no graph output; and the tensor the walk stopped at (the hidden state)."""
+    outputs = {o.name for o in g.output}
+    producer = {out: n for n in nodes for out in n.output}
+    consumers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    constant = _constants(g)
+    chain, tensor = [], logits
+    while True:
+        node = producer.get(tensor)
+        if node is None or node.op_type not in _POSITIONWISE:
+            break
+        data = [i for i in node.input if i and i not in constant]
+        if len(data) != 1 or (node.op_type in _HEAD_OPS and node.input[0] != data[0]):
+            break
+        if tensor != logits and (consumers.get(tensor, 0) != 1 or tensor in outputs):
+            break  # another reader would see what the caller does to the head's input
+        chain.append(node)
+        tensor = data[0]
+    return chain, tensor
 
 
 def _constants(g: Any) -> set[str]:

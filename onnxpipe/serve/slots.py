@@ -351,18 +351,8 @@ class SlotScheduler(BatchLoop):
                 if not self.parks:  # parked at what it holds (every step host-fed: none is being processed)
                     self.table.prefilled(req.slot, end)
                 continue
-            self._settle()  # the row joins self._running: the step being processed is applied first
-            self._changed = True
-            try:
-                self.table.prefilled(req.slot, end)
-                self._admitted.remove(req)
-                assert logits is not None
-                self._take(req, self._choose(req, logits, 0))
-            except Exception as e:  # this request alone fails; the others go on
-                self._leave(req)
-                self._fail(req, e)
-                continue
-            self._joined(req)
+            assert logits is not None
+            self._join(req, logits)
         return read
 
     def _whole_prompts(self, req: Request, allowance: Allowance) -> list[Request]:
@@ -459,7 +449,7 @@ class SlotScheduler(BatchLoop):
             running, overlap, fed = self._running, False, False
         self._changed = False
         # a long prompt's chunk deferred by ``_prefill``: in this step's run (fed, or its inputs uploaded), or where
-        # the lane cannot take it read apart first; the prompt's last chunk gives its first token (``_lane_joins``)
+        # the lane cannot take it read apart first; the prompt's last chunk gives its first token (``_join``)
         lane, self._lane = self._lane, None
         failed: tuple[Request, Exception] | None = None  # (request, error) of a chunk read apart that failed
         chunk_logits: np.ndarray | None = None  # a last chunk's, read back
@@ -516,7 +506,7 @@ class SlotScheduler(BatchLoop):
             self._apply(running, *self._process(running, out))
         self._lane_failed(failed)
         if joins and lane is not None and chunk_logits is not None:
-            self._lane_joins(lane[0], chunk_logits)
+            self._join(lane[0], chunk_logits)
 
     def _step_lane(self, lane: tuple[Request, list[int], int], step: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
                    want: str) -> tuple[np.ndarray | None, np.ndarray | None, bool, tuple[Request, Exception] | None]:
@@ -561,11 +551,11 @@ class SlotScheduler(BatchLoop):
         logits, failed = self._chunk_apart(lane, last)
         self._lane_failed(failed)
         if failed is None and logits is not None:
-            self._lane_joins(lane[0], logits)
+            self._join(lane[0], logits)
 
-    def _lane_joins(self, req: Request, logits: np.ndarray) -> None:
-        """A prompt whose last chunk the step read: its row joins the running rows (the step processed first), its
-        first token taken from the chunk's logits; the next step is host-fed."""
+    def _join(self, req: Request, logits: np.ndarray) -> None:
+        """A prompt read to its end: its row joins the running rows (the step being processed applied first), its
+        first token taken from its last run's logits [1, vocab]; the next step is host-fed."""
         self._settle()
         self._changed = True
         try:
