@@ -42,6 +42,10 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
   host-fed step parks them there again. A run that ends a prompt (the row joins, its logits read), a group run and
   any admission first wait for the step being processed (``_settle``), and the next step is host-fed. Elsewhere
   (no step tail, or the CPU's plain steps) every step is host-fed and a row being read is parked at what it holds.
+- With the chunk lane (``chunk_lane``, opt-in, on top of chunk graphs), a long prompt's chunks in the graph rows are
+  not run on their own while streams decode: each iteration hands one to its decode step, whose run reads it too
+  (``CudaGraphs.step_lane``, ``runtime/chunk_lane.py``), fed or host-fed; the prompt's last chunk's logits give its
+  first token after the step. Where no lane graph can take it, the chunk is read apart first (``stats.lane_skipped``).
 
 Each row's result depends on its own tokens only: the step's shapes are the same whoever is in the batch, and each
 prefill is a batch of one, or with ``prefill_group`` a group whose rows are computed apart (a row's real tokens come
@@ -179,8 +183,9 @@ class SlotScheduler(BatchLoop):
         self.graph_row_tokens = GRAPH_ROW_TOKENS
         if self.graph_rows is not None:
             self.rows.graph_rows = frozenset(self.graph_rows)
-        # the lane (opt-in): a long prompt's chunks before its last ride in the fed decode step's own run
-        # (``CudaGraphs.step_lane``), in the graph rows, one chunk an iteration, of ``lane_tokens``
+        # the lane (opt-in): while streams decode, a long prompt's chunks (its last included) ride in the decode
+        # step's own run (``CudaGraphs.step_lane``, fed or host-fed), in the graph rows, one chunk an iteration, of
+        # ``lane_tokens``
         if chunk_lane and not (self.rows.chunk_graphs and s.fed and s.lane is not None):
             raise OnnxpipeError(f"{s.model_dir.path}: the chunk lane reads long prompts' chunks inside fed CUDA-graph "
                                 "decode steps: it needs --cuda-graph, --chunk-graphs and a session loaded with its "
@@ -463,11 +468,9 @@ class SlotScheduler(BatchLoop):
                     self._fed_left = self.table.parked_room()
                 rode = True  # until it says the chunk was read apart (a raise: in the run)
                 out, chunk_logits, rode, failed = self._step_lane(lane, step, want)
-            if out is not None:
-                pass
-            elif fed:
+            if out is None and fed:
                 out = np.array(s.step_fed(self.cache), copy=True)  # the bound buffer is the next step's
-            else:
+            elif out is None:
                 rows = self.table.step_rows() if self.prefix is not None else self.table.rows
                 ids, mask, positions = self.table.step_inputs(rows)
                 self._fed_left = self.table.parked_room()
