@@ -62,7 +62,7 @@ CHUNK_SKIPS = {
 # why a chunk did not ride in the decode step's run (``CudaGraphs.step_lane``), besides CHUNK_SKIPS' reasons
 LANE_SKIPS = {
     "lane": "the session has no lane (chunk_lane off, or lane_why_not)",
-    "not_fed": "the step is not fed on the device (a row joined or left, sampling, or no room past parked rows)",
+    "not_fed": "asked for a fed step (no host inputs) where the slot's last step wrote none (serve passes them then)",
     "not_captured": "the row's lane graph at that width was not captured ahead (warm_lanes)",
 }
 
