@@ -34,6 +34,7 @@ from onnxpipe.runtime.kv_cache import KVCache
 from onnxpipe.runtime.last_position import LAST_INDEX, gather_last_position
 from onnxpipe.runtime.providers import CHAIN, EP_NAME, ProviderChoice, TensorRTOptions, available_providers, create_session
 from onnxpipe.runtime.sessions import open_session
+from onnxpipe.runtime.shared_weights import SharedWeights, load_shared_weights
 from onnxpipe.runtime.step_tail import add_step_tail
 
 __all__ = ["DecoderSession", "KVCache", "ProviderChoice", "Transfers", "INLINE_EDIT_BYTES"]
@@ -81,7 +82,8 @@ class DecoderSession:
         $ONNXPIPE_KERNELS_SKIP or none).
         chunk_lane: also load the graph whose decode step reads a chunk of one row's prompt in the same run
         (``chunk_lane.py``; serve's long prompts through CUDA graphs): a second onnxruntime session, ``lane`` (None
-        where the graph or the session cannot: ``lane_why_not``), which holds its own copy of the weights."""
+        where the graph or the session cannot: ``lane_why_not``). The two share one copy of the weights on the device
+        (``shared_weights``; where they cannot, ``shared_weights_why_not`` says why and the lane holds its own)."""
         import onnxruntime as ort
 
         self.model_dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.open(model_dir)
@@ -118,17 +120,43 @@ class DecoderSession:
                 why_not["tail"] = add_step_tail(proto, logits)
             self.kernels.edit(proto)  # last: the edits above walk the graph by onnxruntime's own op types
 
+        # the chunk lane's graph, checked on its structure (weights unread) before any session: where it can load,
+        # the decode session and the lane share one copy of the weights on the device (shared_weights.py)
+        lane_graph_why: str | None = "not asked for"
+        self.shared_weights: SharedWeights | None = None
+        self.shared_weights_why_not = "no chunk lane"
+        if chunk_lane:
+            import onnx
+
+            lane_graph_why = add_chunk_lane(onnx.load(str(self.model_dir.model_path), load_external_data=False), logits)
+            self.shared_weights, self.shared_weights_why_not = self._share_weights(
+                provider, bool(feed_back), session_options, lane_graph_why)
+
+        def options() -> Any:  # a fresh SessionOptions per session where weights are shared: a refusal leaves none
+            if self.shared_weights is None:
+                return session_options
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            self.shared_weights.add_to(so)
+            return so
+
         inputs = list(m.graph.get("inputs") or [])
         make = lambda edit, inputs: create_session(  # noqa: E731
             self.model_dir.model_path, provider, trt_options=trt_options, threads=threads,
             graph_inputs=inputs or None, dtype=m.graph.get("dtype"), announce=announce,
-            session_options=session_options, cuda_options={"enable_cuda_graph": "1"} if cuda_graph else None, edit=edit,
+            session_options=options(), cuda_options={"enable_cuda_graph": "1"} if cuda_graph else None, edit=edit,
         )
         edited = bool(last_position or feed_back or self.kernels.active)
+        main_inputs = (inputs + [{"name": LAST_INDEX, "dtype": "int64", "shape": ["batch_size"]}]
+                       if last_position and inputs else inputs)
         try:  # the TensorRT profiles name every dynamic input: the gather's index included
-            self.session, self.choice = make(edit if edited else None,
-                                             inputs + [{"name": LAST_INDEX, "dtype": "int64", "shape": ["batch_size"]}]
-                                             if last_position and inputs else inputs)
+            try:
+                self.session, self.choice = make(edit if edited else None, main_inputs)
+            except OnnxpipeError as e:
+                if self.shared_weights is None:
+                    raise
+                self._unshare(f"onnxruntime did not take them ({str(e)[-200:]})", say, keep=False)
+                self.session, self.choice = make(edit if edited else None, main_inputs)
         except OnnxpipeError as e:
             if not edited:
                 raise
@@ -177,7 +205,7 @@ class DecoderSession:
         self.lane_has_positions = False
         self.lane_why_not = "not asked for"
         if chunk_lane:
-            self.lane_why_not = self._lane_why_not(logits)
+            self.lane_why_not = self._lane_why_not(lane_graph_why)
             if self.lane_why_not is None:
                 def lane_edit(proto: Any) -> None:
                     why = add_chunk_lane(proto, logits)
@@ -185,9 +213,18 @@ class DecoderSession:
                         raise OnnxpipeError(f"{self.model_dir.path}: the chunk lane: {why}")
                     edit(proto)
                 try:
-                    self.lane, _ = make(lane_edit, [])
+                    try:
+                        self.lane, _ = make(lane_edit, [])
+                    except OnnxpipeError as e:
+                        if self.shared_weights is None:
+                            raise
+                        self._unshare(f"onnxruntime did not take them for the lane ({str(e)[-200:]})", say, keep=True)
+                        self.lane, _ = make(lane_edit, [])
                 except OnnxpipeError as e:
                     self.lane_why_not = f"onnxruntime did not take the lane's graph ({str(e)[-200:]})"
+            if self.lane is None and self.shared_weights is not None:  # the decode session still reads them
+                self._weights_keep, self.shared_weights = self.shared_weights, None
+                self.shared_weights_why_not = "no lane to share them with"
                 if self.lane is not None:
                     self.lane_has_positions = CHUNK_POSITIONS in {i.name for i in self.lane.get_inputs()}
         # decode steps replayed as CUDA graphs, one per (batch, capacity): fixed buffers bound once
@@ -284,17 +321,41 @@ class DecoderSession:
         so the caller must leave room: every row grows by one position a step."""
         return self.graphs.step_fed(cache)
 
-    def _lane_why_not(self, logits: str) -> str | None:
+    def _lane_why_not(self, graph_why: str | None) -> str | None:
         """Why the chunk lane cannot be loaded (None: it can): it rides on fed decode steps with a one-position
-        head, and the graph must take the edit (checked on its structure, the weights left unread)."""
-        import onnx
-
+        head, and the graph must take the edit (``graph_why``: checked on its structure, the weights left unread)."""
         if not (self.fed and self.last_position):
             return "the lane needs the step tail and the last-position head (fed decode steps)"
         if self.choice.used not in ("cuda", "cpu"):
             return f"the lane runs on the CUDA EP (or the CPU, for tests), not {self.choice.used}"
-        proto = onnx.load(str(self.model_dir.model_path), load_external_data=False)
-        return add_chunk_lane(proto, logits)
+        return graph_why
+
+    def _share_weights(self, provider: str, feed_back: bool, session_options: Any, graph_why: str | None
+                       ) -> tuple[SharedWeights | None, str | None]:
+        """The weights the decode session and the lane will share, read onto the device the provider runs on, or
+        None and why not. Sharing needs SessionOptions of this session's own (a caller's, or the kernels', could
+        not be rebuilt without the shared weights were onnxruntime to refuse them)."""
+        device = {"cuda": "cuda", "cpu": "cpu"}.get(provider)
+        if graph_why is not None or not feed_back or device is None:
+            return None, "no chunk lane"
+        if device == "cuda" and "cuda" not in available_providers():
+            return None, "no CUDA EP here"
+        if session_options is not None:
+            return None, "the session's options are the caller's or the kernels' (each session keeps its own weights)"
+        try:
+            shared = load_shared_weights(self.model_dir.model_path, self.model_dir.path, device)
+        except (OSError, MemoryError, RuntimeError, ValueError) as e:  # a device out of memory included
+            return None, f"the weights could not be read onto the device ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+        if not shared.values:
+            return None, "the graph has no external weights to share"
+        return shared, None
+
+    def _unshare(self, why: str, say: Callable[[str], None], keep: bool) -> None:
+        """Load on without shared weights; ``keep``: the decode session reads them in place, so they must live on."""
+        if keep:
+            self._weights_keep = self.shared_weights
+        self.shared_weights, self.shared_weights_why_not = None, why
+        say(f"the chunk lane holds its own copy of the weights: {why}")
 
     # ---- running the graph ----
     def _run_graph(self, io: Any, run_options: Any, what: str, session: Any = None) -> None:

@@ -79,3 +79,9 @@ def test_a_long_prompt_read_in_the_chunk_lane_beside_streams(gpu_llama_cuda_form
     total = sum(map(len, plain))
     print(f"the lane's tokens equal to those without it: {equal}/{total}")
     assert equal >= 0.5 * total
+    # the lane and the decode session read one copy of the weights on the device (shared_weights.py), where the
+    # graph keeps them as external data
+    s = lm.session
+    print(f"shared weights: {s.shared_weights.nbytes if s.shared_weights else 0} bytes ({s.shared_weights_why_not})")
+    if s.shared_weights_why_not != "the graph has no external weights to share":
+        assert s.shared_weights is not None, s.shared_weights_why_not
