@@ -24,7 +24,9 @@ so computing [B + W] positions together gives each the values it gets in its own
 another M (bit for bit on the CPU's kernels for these shapes, tests/runtime/test_chunk_lane.py; on a GPU, as a
 grouped prefill, a kernel may pick another tiling). ``add_chunk_lane`` says why not, and changes nothing, for any
 graph outside that form (no GroupQueryAttention, attention reading the ids or positions, ops it cannot prove
-position-wise).
+position-wise). A Reshape is position-wise where its target keeps the leading [batch, sequence]: a constant
+[0, 0, ...], or (Qwen3's per-head q/k norms) a Concat of the inputs' batch, the ids' sequence and constants, whose
+leading two the edit takes from the merged tokens' shape instead.
 
 Written by hand on the ModelProto, as the other load-time edits (``step_tail``, ``last_position``): a structural
 split of the graph around its attention nodes, which no rewriter pattern expresses (it duplicates the mask's
@@ -51,6 +53,59 @@ _POSITIONWISE = {
     "SkipSimplifiedLayerNormalization", "LayerNormalization", "SkipLayerNormalization",
 }
 _GQA = "GroupQueryAttention"
+
+
+def _int_values(g: Any, name: str) -> list[int]:
+    """The values of an int64 initializer or Constant ``name`` ([] where it is neither)."""
+    from onnx import numpy_helper
+
+    for t in g.initializer:
+        if t.name == name:
+            return [int(v) for v in numpy_helper.to_array(t).ravel()]
+    for n in g.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            for a in n.attribute:
+                if a.name == "value":
+                    return [int(v) for v in numpy_helper.to_array(a.t).ravel()]
+                if a.name == "value_ints":
+                    return [int(v) for v in a.ints]
+    return []
+
+
+def _consumers(nodes: list[Any], name: str) -> list[Any]:
+    return [n for n in nodes if name in n.input]
+
+
+def _token_shape_concats(nodes: list[Any], const: set[str], inputs: set[str]) -> dict[int, int]:
+    """Concats (axis 0) that build [batch, sequence, constants...] from graph inputs' shapes (the batch from any
+    input's first dim: the ids, the mask, a past; the sequence from the ids') and are read only as Reshape targets:
+    id -> index of their first constant input."""
+    from onnx import helper
+
+    dims: dict[str, tuple[str, int, int]] = {}  # Shape output -> (input, start, end)
+    for n in nodes:
+        if n.op_type == "Shape" and n.input[0] in inputs:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            dims[n.output[0]] = (n.input[0], int(attrs.get("start", 0)), int(attrs.get("end", 2)))
+    found: dict[int, int] = {}
+    for n in nodes:
+        if n.op_type != "Concat" or {a.name: a.i for a in n.attribute}.get("axis") != 0:
+            continue
+        lead, k = [], 0
+        while k < len(n.input) and n.input[k] in dims:
+            src, start, end = dims[n.input[k]]
+            lead += [(src, d) for d in range(start, end)]
+            k += 1
+        # a batch, then the ids' sequence; the rest constants
+        if len(lead) != 2 or lead[0][1] != 0 or lead[1] != ("input_ids", 1) or k == len(n.input):
+            continue
+        if any(i not in const for i in n.input[k:]):
+            continue
+        readers = _consumers(nodes, n.output[0])
+        if readers and all(r.op_type == "Reshape" and list(r.input[1:2]) == [n.output[0]]
+                           and n.output[0] not in r.input[:1] for r in readers):
+            found[id(n)] = k
+    return found
 
 
 def chunk_name(name: str) -> str:
@@ -104,12 +159,27 @@ def add_chunk_lane(proto: Any, logits: str) -> str | None:
                 return f"attention node {n.name or _GQA!r} does not write its present straight to a graph output"
         if len(n.output) > 3 and any(n.output[3:]):
             return f"attention node {n.name or _GQA!r} has outputs past its presents"
+    # reshapes to per-head form and back (Qwen3's q/k norms): a target of the tokens' own [batch, sequence] and
+    # constants keeps each position's features together; its leading dims are rebuilt from the merged tokens
+    token_shapes = _token_shape_concats(nodes, const, set(inputs))
+    shape_only = {id(n) for n in nodes if n.op_type == "Shape" and n.input[0] in inputs
+                  and all(id(c) in token_shapes for c in _consumers(nodes, n.output[0]))}
     # every other node: position-wise, reading the ids / positions only where that is a lookup
     positions_read = False
     for n in nodes:
         if id(n) in in_mask or n.op_type == _GQA or all(o in const for o in n.output):
             continue
         name = n.name or n.op_type
+        if id(n) in shape_only or id(n) in token_shapes:
+            continue
+        if n.op_type == "Reshape" and len(n.input) > 1:
+            target = n.input[1]
+            keeps = (any(target in c.output for c in nodes if id(c) in token_shapes)
+                     or (_int_values(g, target)[:2] == [0, 0]
+                         and not {a.name: a.i for a in n.attribute}.get("allowzero", 0)))
+            if not keeps or n.input[0] in mask_side:
+                return f"reshape {name!r} may move features between positions"
+            continue
         if "attention_mask" in n.input or any(i in mask_side for i in n.input):
             return f"node {name!r} reads the attention mask outside the attention's lengths"
         if n.op_type == "Gather":
@@ -162,6 +232,8 @@ def add_chunk_lane(proto: Any, logits: str) -> str | None:
         helper.make_node("Reshape", ["input_ids", p + "row"], [p + "step_ids"]),
         helper.make_node("Concat", [p + "step_ids", CHUNK_IDS], [p + "ids"], axis=1),
     ]
+    if token_shapes:  # [1, B + W]: the merged tokens' batch and sequence, for the per-head reshapes
+        head.append(helper.make_node("Shape", [p + "ids"], [p + "tokens_shape"]))
     if positions_read:
         head += [helper.make_node("Reshape", ["position_ids", p + "row"], [p + "step_positions"]),
                  helper.make_node("Concat", [p + "step_positions", CHUNK_POSITIONS], [p + "positions"], axis=1)]
@@ -177,6 +249,10 @@ def add_chunk_lane(proto: Any, logits: str) -> str | None:
             renamed.update(zip(n.output, copy.output))
             new_nodes.append(copy)
             continue
+        if id(n) in shape_only:
+            continue  # its only readers, the token-shape concats, read the merged tokens' shape now
+        if id(n) in token_shapes:
+            n.input[:] = [p + "tokens_shape"] + list(n.input[token_shapes[id(n)]:])
         if n.op_type == "Gather" and n.input[1] == "input_ids":
             n.input[1] = p + "ids"
         if n.op_type == "RotaryEmbedding":

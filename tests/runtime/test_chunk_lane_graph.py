@@ -34,7 +34,7 @@ def _run(session, feed):
     return dict(zip(names, session.run(None, {k: v for k, v in feed.items() if k in wanted})))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "qwen3"])
 def test_a_step_with_a_chunk_in_its_run_gives_exactly_the_step_and_the_chunk_apart(cuda_form, family):
     plain, lane = _sessions(cuda_form(family))
     past = [i for i in plain.get_inputs() if i.name.startswith("past")]
@@ -85,4 +85,22 @@ def test_the_lane_refuses_graphs_it_cannot_prove_and_leaves_them_unchanged(tiny_
     before = proto.SerializeToString()
     why = add_chunk_lane(proto, "logits")
     assert why is not None and "CumSum" in why and "each position alone" in why
+    assert proto.SerializeToString() == before
+
+
+def test_a_reshape_that_could_move_features_between_positions_is_refused(cuda_form):
+    """Qwen3's per-head reshapes are taken (their targets are the tokens' own [batch, sequence] and constants); a
+    reshape whose target does not keep the leading two dims is refused, the graph unchanged."""
+    proto = onnx.load(str(cuda_form("qwen3") / "model.onnx"), load_external_data=False)
+    reshape = next(n for n in proto.graph.node if n.op_type == "Reshape" and n.input[1].startswith("val_")
+                   and any(i.name == n.input[1] for i in proto.graph.initializer)
+                   or n.op_type == "Reshape" and any(c.op_type == "Constant" and c.output[0] == n.input[1]
+                                                       for c in proto.graph.node))
+    flat = onnx.helper.make_node("Constant", [], ["lane_test_flat"], value=onnx.helper.make_tensor(
+        "lane_test_flat", onnx.TensorProto.INT64, [3], [0, -1, 64]))  # [batch, sequence x ..., 64]: mixes
+    reshape.input[1] = "lane_test_flat"
+    proto.graph.node.insert(0, flat)
+    before = proto.SerializeToString()
+    why = add_chunk_lane(proto, "logits")
+    assert why is not None and "may move features between positions" in why
     assert proto.SerializeToString() == before
