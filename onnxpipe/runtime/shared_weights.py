@@ -34,7 +34,11 @@ class SharedWeights:
 
     def add_to(self, session_options: Any) -> None:
         for name, value in self.values.items():
-            session_options.add_initializer(name, value)
+            try:
+                session_options.add_initializer(name, value)
+            except (RuntimeError, ValueError) as e:  # e.g. a device buffer onnxruntime allocated itself
+                raise OnnxpipeError(f"onnxruntime would not take {name!r} as a shared initializer: "
+                                    f"{str(e).splitlines()[0][-160:]}") from None
 
 
 def load_shared_weights(model_path: Path, root: Path, device: str, device_id: int = 0,
@@ -68,8 +72,20 @@ def load_shared_weights(model_path: Path, root: Path, device: str, device_id: in
         check_inside(path, root, f"external data of {model_path.name}")
         # copy-on-write map: the pages are read as the device copy (or a CPU session) touches them
         arr = np.memmap(path, dtype=dtype, mode="c", offset=int(info.get("offset", 0)), shape=shape)
-        shared.values[init.name] = ort.OrtValue.ortvalue_from_numpy(arr, device, device_id)
+        value = ort.OrtValue.ortvalue_from_numpy(arr, device, device_id)
         if device == "cpu":
-            shared.arrays.append(arr)
+            shared.arrays.append(arr)  # read in place: the map is the user's buffer
+        else:
+            value = user_owned(value)
+        shared.values[init.name] = value
         shared.nbytes += length
     return shared
+
+
+def user_owned(value: Any) -> Any:
+    """``value`` (an OrtValue whose buffer onnxruntime allocated, as every device copy is) seen through DLPack: the
+    same buffer in an OrtValue that does not own it, which ``add_initializer`` takes (it refuses a buffer
+    onnxruntime owns); the DLPack capsule keeps the first OrtValue, and so the buffer, alive."""
+    import onnxruntime as ort
+
+    return ort.OrtValue.from_dlpack(value._ortvalue.to_dlpack())

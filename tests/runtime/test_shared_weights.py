@@ -120,3 +120,20 @@ def test_a_record_that_does_not_fit_its_shape_is_refused_naming_it(external_llam
     onnx.save(proto, str(path / "model.onnx"))
     with pytest.raises(OnnxpipeError, match=init.name):
         load_shared_weights(path / "model.onnx", path, "cpu", min_bytes=0)
+
+
+def test_a_buffer_onnxruntime_allocated_is_shared_through_dlpack():
+    """add_initializer refuses a buffer onnxruntime owns, as a device copy's is (seen on an H100: "Buffer containing
+    the initializer must be owned by the user"); the same buffer seen through DLPack is taken, at the same address."""
+    import onnxruntime as ort
+
+    from onnxpipe.runtime.shared_weights import user_owned
+
+    owned = ort.OrtValue.ortvalue_from_shape_and_type([4, 8], np.float32, "cpu", 0)
+    with pytest.raises(Exception, match="owned by the user"):
+        ort.SessionOptions().add_initializer("w", owned)
+    seen = user_owned(owned)
+    ort.SessionOptions().add_initializer("w", seen)
+    assert seen.data_ptr() == owned.data_ptr() and seen.shape() == [4, 8]
+    del owned  # the capsule keeps the buffer: still readable
+    assert seen.numpy().shape == (4, 8)
