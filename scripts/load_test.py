@@ -481,13 +481,13 @@ def gc_pauses() -> Iterator[list[tuple[float, float, int]]]:
         gc.callbacks.remove(callback)
 
 
-def iteration_profile(trace: list[tuple[float, int, float, float, int]], pauses: list[tuple[float, float, int]],
+def iteration_profile(trace: list[tuple[Any, ...]], pauses: list[tuple[float, float, int]],
                       row: dict[str, Any]) -> dict[str, Any]:
     """Where the scheduler's iterations went (its trace: start, prompt tokens read, prefill s, decode step s, rows
     decoded), quiet (every stream decoding, before the long prompts) against while they were read; the decode
     steps of the read's first and last tenth (what the streams' and the prompts' growing contexts cost); the
     garbage collector's pauses while they were read."""
-    def window(lo: float, hi: float) -> list[tuple[float, int, float, float, int]]:
+    def window(lo: float, hi: float) -> list[tuple[Any, ...]]:
         return [t for t in trace if lo <= t[0] < hi]
 
     quiet, read = window(row["t_started"], row["t_sent"]), window(row["t_sent"], row["t_read"])
@@ -504,7 +504,28 @@ def iteration_profile(trace: list[tuple[float, int, float, float, int]], pauses:
             "read_step_last_tenth_ms": ms((t[3] for t in read[-tenth:]), 50),
             "read_rows_decoded_p50": percentile([t[4] for t in read], 50),
             "gc_pauses": len(gcs), "gc_ms": 1e3 * sum(p[1] for p in gcs),
-            "gc_max_ms": 1e3 * max((p[1] for p in gcs), default=0.0)}
+            "gc_max_ms": 1e3 * max((p[1] for p in gcs), default=0.0),
+            "read_slowest": slowest_iterations(read)}
+
+
+def slowest_iterations(read: list[tuple[Any, ...]], k: int = 6) -> list[dict[str, Any]]:
+    """The ``k`` iterations of ``read`` that kept the running streams waiting longest, from the last one's end to
+    their step's (loop.TRACE_MORE: the time between iterations, admission, then prefill and step), with what each
+    did: what a p99 over a read of a few hundred iterations is made of."""
+    from onnxpipe.serve.loop import TRACE_MORE
+
+    rows = []
+    for t in read:
+        if len(t) < 5 + len(TRACE_MORE):
+            return []
+        more = dict(zip(TRACE_MORE, t[5:]))
+        total = more["gap_s"] + more["admit_s"] + t[2] + t[3]
+        rows.append({"ms": round(1e3 * total, 2), "between_ms": round(1e3 * more["gap_s"], 2),
+                     "admit_ms": round(1e3 * more["admit_s"], 2), "prefill_ms": round(1e3 * t[2], 2),
+                     "step_ms": round(1e3 * t[3], 2), "tokens": t[1], "rows": t[4], "rows_after": more["rows_after"],
+                     "admitted": more["admitted"], "fed": more["fed"], "overlapped": more["overlapped"],
+                     "lane": more["lane"]})
+    return sorted(rows, key=lambda r: -r["ms"])[:k]
 
 
 def in_client_process(budget_s: float, fn: Any, *args: Any) -> dict[str, Any] | None:
@@ -724,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
                             rng.integers(0, lm.session.vocab_size, (args.long_prompts, args.long_prompt_tokens)).tolist())
         streams, longs = drawn[chunk]
         app = server(args.streams + args.long_prompts, chunk, long_length, group, graphs, lane)
-        trace: deque[tuple[float, int, float, float, int]] = deque(maxlen=1 << 16)
+        trace: deque[tuple[Any, ...]] = deque(maxlen=1 << 16)
         app.state.scheduler.trace = trace
         app.state.stream_times = written = []
         with ServerThread(app, host="127.0.0.1") as s, gc_pauses() as pauses:
@@ -834,6 +855,19 @@ def print_tables(report: dict[str, Any]) -> None:
               f"{i['read_iteration_p50_ms']:.1f} / {i['read_iteration_p99_ms']:.1f} | "
               f"{i['read_iteration_p99_ms'] / i['quiet_step_p50_ms']:.2f}x | "
               f"{i['gc_pauses']} ({i['gc_ms']:.1f} / {i['gc_max_ms']:.1f}) |")
+    for r in profiled:
+        slow = r["iterations"].get("read_slowest") or []
+        if slow:
+            print(f"\nchunk {r['chunk']}{' (lane)' if r.get('chunk_lane') else ''}: the slowest iterations while read, "
+                  "ms from the last step's end to theirs = between + admission + prefill + step:")
+        for x in slow:
+            did = [f"{x['tokens']} prompt tokens"] if x["tokens"] else []
+            did += [f"{x['admitted']} admitted"] if x["admitted"] else []
+            did += ["lane"] if x["lane"] else []
+            did += ["fed" if x["fed"] else "host-fed"] + (["overlapped"] if x["overlapped"] else [])
+            did += [f"rows {x['rows']} -> {x['rows_after']}"]
+            print(f"  {x['ms']:.2f} = {x['between_ms']:.2f} + {x['admit_ms']:.2f} + {x['prefill_ms']:.2f} + "
+                  f"{x['step_ms']:.2f}: " + ", ".join(did))
     if report["skipped"]:
         print("\nleft out (budget): " + ", ".join(report["skipped"]))
 

@@ -61,6 +61,12 @@ class Request:
                 self.cancels.append(self)
 
 
+# the trace's fields after the first five: seconds from the last iteration's end to this one's top (the loop's own
+# work between, or idle), seconds from its top to its prefill (the lock, admission, cancels), requests admitted, fed
+# steps, overlapped steps, chunks read in the lane, rows running after it
+TRACE_MORE = ("gap_s", "admit_s", "admitted", "fed", "overlapped", "lane", "rows_after")
+
+
 @dataclass
 class SchedulerStats:
     steps: int = 0  # decode steps of the running batch
@@ -106,8 +112,8 @@ class BatchLoop:
         # set once the loop's thread has done what it prepares before serving (``_started``: a CUDA-graph capture)
         self.ready = threading.Event()
         # where each iteration's time went, when a caller (the load test) sets a deque: (start, prompt tokens read,
-        # prefill seconds, decode step seconds, rows that decoded), perf_counter seconds
-        self.trace: deque[tuple[float, int, float, float, int]] | None = None
+        # prefill seconds, decode step seconds, rows that decoded, then ``TRACE_MORE``), perf_counter seconds
+        self.trace: deque[tuple[Any, ...]] | None = None
 
     # ---- from the server ----
     def submit(self, row: RowState, emit: Callable[[Event], None]) -> Request:
@@ -151,18 +157,25 @@ class BatchLoop:
             self.stats.capture_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         finally:
             self.ready.set()
+        ended = time.perf_counter()
         while True:
+            top = time.perf_counter()
             with self._cond:
                 while not (self._stop or self._waiting or self._prefilling() or self._running):
                     self._cond.wait()
+                    top = time.perf_counter()
                 if self._stop:
                     break
                 allowance = self.budget.iteration(decoding=bool(self._running))
-                if self._waiting:
+                waiting = len(self._waiting)
+                if waiting:
                     self._admit(self.budget.chunk or allowance.next(0, MAX_CHUNK))
+                admitted = waiting - len(self._waiting)
             try:
                 self._drop_cancelled()
                 start = time.perf_counter()
+                st = self.stats
+                before = (st.fed_steps, st.overlapped_steps, st.lane_chunks)
                 read = self._prefill(allowance)
                 stepped = time.perf_counter()
                 self.stats.prefill_tokens += read
@@ -171,7 +184,11 @@ class BatchLoop:
                     self._decode_step()
                     self.budget.stepped(time.perf_counter() - stepped)
                 if self.trace is not None:
-                    self.trace.append((start, read, stepped - start, time.perf_counter() - stepped, rows))
+                    now = time.perf_counter()
+                    self.trace.append((start, read, stepped - start, now - stepped, rows,
+                                       top - ended, start - top, admitted, st.fed_steps - before[0],
+                                       st.overlapped_steps - before[1], st.lane_chunks - before[2], len(self._running)))
+                    ended = now
             except Exception as e:  # a fault outside one request's own work: fail those in flight, keep serving
                 self._fail_in_flight(e)
         try:

@@ -29,13 +29,14 @@ def lane_lm(path) -> LanguageModel:
     return LanguageModel(s, None)
 
 
-def _serve(lm, requests, warm_rows=2):
+def _serve(lm, requests, warm_rows=2, trace=None):
     """``requests`` (prompt, new tokens) through a scheduler of 4 rows, all submitted before its loop starts: the
     short first one is read whole and decodes from the first iteration, the long ones (taking the graph rows,
     highest first) are read 16 tokens an iteration beside it; the tokens of each and the scheduler (stopped)."""
     sched = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128, chunk_graphs=True, chunk_lane=True)
     sched.warm_rows = warm_rows  # the CPU warms none by default
     sched.graph_row_tokens = 32  # the long prompts take the graph rows
+    sched.trace = trace
     queues = [submit(sched, lm, p, n)[0] for p, n in requests]
     sched.start()
     try:
@@ -149,3 +150,24 @@ def test_serve_says_in_one_line_why_the_lane_cannot_run(stdlib_model, stdlib_cud
         r = CliRunner().invoke(main, ["serve", str(model), "--chunk-lane", "--provider", "cpu", "--port", "0"])
         assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output  # a clean exit, no traceback
         assert why in r.output and ("chunk_lane" in r.output or "chunk lane" in r.output), r.output
+
+
+def test_the_trace_says_what_each_iteration_did(stdlib_cuda_model):
+    """The scheduler's trace (the load test's breakdown of the slowest iterations): each iteration's lane chunk,
+    admissions, fed steps and rows, adding up to the run's own counts."""
+    from collections import deque
+
+    from onnxpipe.serve.loop import TRACE_MORE
+
+    trace: deque = deque()
+    requests = [(SHORT, 40), (LONG, 8), (LONG[::-1], 6)]
+    got, sched = _serve(lane_lm(stdlib_cuda_model), requests, trace=trace)
+    assert [len(t) for t in got] == [40, 8, 6]
+    rows = [dict(zip(("start", "read", "prefill_s", "step_s", "rows") + TRACE_MORE, t)) for t in trace]
+    assert rows and all(r["gap_s"] >= 0 and r["admit_s"] >= 0 for r in rows)
+    assert sum(r["admitted"] for r in rows) == len(requests)
+    assert sum(r["lane"] for r in rows) == sched.stats.lane_chunks == 10
+    assert sum(r["fed"] for r in rows) == sched.stats.fed_steps
+    assert sum(r["overlapped"] for r in rows) == sched.stats.overlapped_steps
+    # a row joins after its last chunk rides in a step: the rows after that iteration grow by one
+    assert any(r["lane"] and r["rows_after"] == r["rows"] + 1 for r in rows)

@@ -179,3 +179,15 @@ def test_the_load_tests_clients_raise_on_an_error_status_or_chunk(client):
     with ServerThread(_sse_app([_chunk("a") + b"\n\n", error])) as s:
         with pytest.raises(RuntimeError, match="shutting down"):
             _complete(s.url, client)
+
+
+def test_the_load_tests_slowest_iterations_add_up_their_parts():
+    """What the load test prints of the slowest iterations while long prompts are read: between + admission +
+    prefill + step, with what each did (the scheduler's trace, loop.TRACE_MORE)."""
+    slowest = load_test_script().slowest_iterations
+    quiet = (0.0, 0, 0.0, 0.0018, 32, 0.0001, 0.00002, 0, 1, 1, 0, 32)
+    joined = (0.01, 64, 0.0, 0.0031, 32, 0.0004, 0.0025, 4, 0, 0, 1, 33)  # 4 arrived, the lane's last chunk: a join
+    (top,) = slowest([quiet, joined], k=1)
+    assert top["ms"] == 6.0 and (top["between_ms"], top["admit_ms"], top["step_ms"]) == (0.4, 2.5, 3.1)
+    assert (top["admitted"], top["lane"], top["fed"], top["rows"], top["rows_after"]) == (4, 1, 0, 32, 33)
+    assert slowest([quiet[:5]]) == []  # a trace of the older form: nothing to say
