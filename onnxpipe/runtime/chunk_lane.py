@@ -224,7 +224,7 @@ def add_chunk_lane(proto: Any, logits: str) -> str | None:
     head = [
         c64("zero", [0]), c64("one", [1]), c64("two", [2]), c64("row", [1, -1]),
         # [1, B, F] <-> [B, 1, F]: the same bytes (a dim of 1 moves), so a reshape, which onnxruntime runs without a
-        # kernel, where a transpose would copy (4 kernels a layer fewer in the lane's run)
+        # kernel, where a transpose would copy (2 copies a layer fewer with packed q/k/v, 4 with three inputs)
         c64("as_rows", [-1, 1, 0]), c64("as_sequence", [1, -1, 0]),
         helper.make_node("Shape", ["input_ids"], [p + "ids_shape"]),
         helper.make_node("Slice", [p + "ids_shape", p + "zero", p + "one"], [p + "batch"]),
