@@ -222,11 +222,11 @@ class DecoderSession:
                         self.lane, _ = make(lane_edit, [])
                 except OnnxpipeError as e:
                     self.lane_why_not = f"onnxruntime did not take the lane's graph ({str(e)[-200:]})"
+                if self.lane is not None:
+                    self.lane_has_positions = CHUNK_POSITIONS in {i.name for i in self.lane.get_inputs()}
             if self.lane is None and self.shared_weights is not None:  # the decode session still reads them
                 self._weights_keep, self.shared_weights = self.shared_weights, None
                 self.shared_weights_why_not = "no lane to share them with"
-                if self.lane is not None:
-                    self.lane_has_positions = CHUNK_POSITIONS in {i.name for i in self.lane.get_inputs()}
         # decode steps replayed as CUDA graphs, one per (batch, capacity): fixed buffers bound once
         self.cuda_graph = cuda_graph and self.device != "cpu" and "cuda" in self.choice.provider_options
         if cuda_graph and not self.cuda_graph:

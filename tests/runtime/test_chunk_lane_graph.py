@@ -36,7 +36,12 @@ def _run(session, feed):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "qwen3"])
 def test_a_step_with_a_chunk_in_its_run_gives_exactly_the_step_and_the_chunk_apart(cuda_form, family):
-    plain, lane = _sessions(cuda_form(family))
+    _check_exact(cuda_form(family))
+
+
+def _check_exact(path):
+    """The lane's run of a decode step with a chunk against the step and the chunk each run apart: bit for bit."""
+    plain, lane = _sessions(path)
     past = [i for i in plain.get_inputs() if i.name.startswith("past")]
     _, kv_heads, _, head_dim = past[0].shape
     rng = np.random.default_rng(3)
@@ -104,3 +109,26 @@ def test_a_reshape_that_could_move_features_between_positions_is_refused(cuda_fo
     why = add_chunk_lane(proto, "logits")
     assert why is not None and "may move features between positions" in why
     assert proto.SerializeToString() == before
+
+
+def test_the_session_knows_whether_its_lane_reads_positions(cuda_form, tmp_path):
+    """DecoderSession(chunk_lane=True).lane_has_positions: the lane graph's own chunk position input, where the
+    graph reads position_ids (RotaryEmbedding nodes GroupQueryAttention could not take: here a head_dim of 8), and
+    a step with a chunk in its run is still exactly both apart there."""
+    from tiny import make_tiny_model
+
+    from onnxpipe.export import export_decoder
+    from onnxpipe.fusion import optimize_model
+    from onnxpipe.runtime.session import DecoderSession
+
+    hf = make_tiny_model("llama", tmp_path / "hf", num_attention_heads=8, num_key_value_heads=4)
+    export_decoder(hf, tmp_path / "onnx")
+    optimize_model(tmp_path / "onnx", tmp_path / "cuda", level=3, target="cuda", verify=False)
+    proto = onnx.load(str(tmp_path / "cuda" / "model.onnx"), load_external_data=False)
+    assert any(n.op_type == "RotaryEmbedding" for n in proto.graph.node)
+    for path, reads in ((cuda_form("llama"), False), (tmp_path / "cuda", True)):
+        s = DecoderSession(path, "cpu", threads=1, feed_back=True, chunk_lane=True)
+        assert s.lane is not None, s.lane_why_not
+        assert s.lane_has_positions is reads
+        assert (CHUNK_POSITIONS in {i.name for i in s.lane.get_inputs()}) is reads
+    _check_exact(tmp_path / "cuda")
