@@ -68,6 +68,8 @@ def load_shared_weights(model_path: Path, root: Path, device: str, device_id: in
         if count * dtype.itemsize != length:
             raise OnnxpipeError(f"{model_path}: initializer {init.name!r} records {length} bytes of external data for "
                                 f"{count} values of {dtype}")
+        if not info.get("location"):
+            raise OnnxpipeError(f"{model_path}: initializer {init.name!r} is stored outside the file but names no location")
         path = root / info["location"]
         check_inside(path, root, f"external data of {model_path.name}")
         # copy-on-write map: the pages are read as the device copy (or a CPU session) touches them

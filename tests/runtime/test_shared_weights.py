@@ -137,3 +137,20 @@ def test_a_buffer_onnxruntime_allocated_is_shared_through_dlpack():
     assert seen.data_ptr() == owned.data_ptr() and seen.shape() == [4, 8]
     del owned  # the capsule keeps the buffer: still readable
     assert seen.numpy().shape == (4, 8)
+
+
+def test_a_weight_stored_outside_with_no_location_is_refused_naming_it(external_llama, tmp_path):
+    import shutil
+
+    from onnxpipe.errors import OnnxpipeError
+
+    path = tmp_path / "m"
+    shutil.copytree(external_llama, path)
+    proto = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    init = next(i for i in proto.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL)
+    kept = [e for e in init.external_data if e.key != "location"]
+    del init.external_data[:]
+    init.external_data.extend(kept)
+    onnx.save(proto, str(path / "model.onnx"))
+    with pytest.raises(OnnxpipeError, match=f"{init.name}.*names no location"):
+        load_shared_weights(path / "model.onnx", path, "cpu", min_bytes=0)
