@@ -38,7 +38,9 @@ position, where each request first differs) and goes on.
 streams' inter-token latency before they came (quiet) and while they were read (from their arrival to the last one's
 first token), per --chunks entry (the scheduler's prefill budget: a fixed number of tokens, or `auto`, sized from the
 measured decode step and prefill times; the table gives the mean tokens a chunk read). Target: the p99 while they
-are read under 2x the quiet p50.
+are read under 2x the quiet p50. After the tables, the slowest iterations while they were read (the scheduler's
+trace, ``loop.TRACE_MORE``): each one's time from the last step's end split into between, admission, prefill and
+step, and what it did (prompt tokens, admissions, a lane chunk, fed or host-fed, rows before and after).
 
 --chunk-graphs on,off (with --cuda-graph): the long prompts' chunks replayed through CUDA graphs captured per (row,
 chunk width), or run outside any graph (`onnxpipe serve --chunk-graphs/--no-chunk-graphs`; off by default until
