@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnxpipe.runtime.last_position import _constants, head_chain
+from onnxpipe.runtime.last_position import LAST_INDEX, _constants, head_chain
 
 PREFIX = "onnxpipe.chunk."
 CHUNK_IDS = PREFIX + "input_ids"
@@ -292,6 +292,8 @@ def add_chunk_lane(proto: Any, logits: str) -> str | None:
             helper.make_node("Concat", [tag + "step_row", tag + "chunk_out"], [out], axis=1),
         ]
     # the head: the step's B positions as [B, 1] rows (the graph's logits, as before), the chunk's last token alone
+    # one head run for both, [B + 1, 1, hidden] -> [B + 1, 1, vocab], its rows then split: the head's weight (a
+    # fifth of a 1B Llama's bytes) is read once, where a copy of the head for the chunk would read it again
     first = chain[-1]
     at = next(k for k, n in enumerate(new_nodes) if n is first)
     split = [
@@ -300,19 +302,17 @@ def add_chunk_lane(proto: Any, logits: str) -> str | None:
         # the index comes in whole (B + the chunk's last real token): computed here it would mix the shape's
         # host value into a device index, a copy that keeps onnxruntime from capturing the graph
         helper.make_node("Gather", [hidden, CHUNK_LAST], [p + "chunk_hidden"], axis=1),
+        helper.make_node("Concat", [p + "step_hidden", p + "chunk_hidden"], [p + "both_hidden"], axis=0),
     ]
-    lane = {hidden: p + "chunk_hidden"}
-    copies = []
-    for n in reversed(chain):  # the chain was walked back from the logits
-        copy = helper.make_node(n.op_type, [lane.get(i, i) for i in n.input],
-                                [CHUNK_LOGITS if o == logits else p + "head/" + o for o in n.output],
-                                name=(p + n.name) if n.name else "", domain=n.domain)
-        copy.attribute.extend(n.attribute)
-        lane.update(zip(n.output, copy.output))
-        copies.append(copy)
-        n.input[:] = [p + "step_hidden" if i == hidden else i for i in n.input]
+    for n in chain:
+        n.input[:] = [p + "both_hidden" if i == hidden else i for i in n.input]
+        n.output[:] = [p + "both_logits" if o == logits else o for o in n.output]
     new_nodes[at:at] = split
-    new_nodes += copies
+    new_nodes += [
+        c64("rows_end", [1 << 62]),
+        helper.make_node("Slice", [p + "both_logits", p + "zero", p + "batch", p + "zero"], [logits]),
+        helper.make_node("Slice", [p + "both_logits", p + "batch", p + "rows_end", p + "zero"], [CHUNK_LOGITS]),
+    ]
 
     final = []
     for n in new_nodes:  # copies: the originals belong to the container emptied here
@@ -323,6 +323,8 @@ def add_chunk_lane(proto: Any, logits: str) -> str | None:
     g.node.extend(final)
     del g.value_info[:]  # shapes inferred for [B, S] no longer hold on the merged tokens
     mask_type = inputs["attention_mask"].type.tensor_type.elem_type
+    if LAST_INDEX not in inputs:  # the head is merged here: a decode step's one position is its last
+        g.input.append(helper.make_tensor_value_info(LAST_INDEX, TensorProto.INT64, ["batch_size"]))
     g.input.extend([
         helper.make_tensor_value_info(CHUNK_IDS, inputs["input_ids"].type.tensor_type.elem_type, [1, "chunk_width"]),
         helper.make_tensor_value_info(CHUNK_MASK, mask_type, [1, "chunk_total_length"]),

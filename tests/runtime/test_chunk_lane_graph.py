@@ -16,6 +16,7 @@ from onnxpipe.runtime.chunk_lane import (
     add_chunk_lane,
     chunk_name,
 )
+from onnxpipe.runtime.last_position import LAST_INDEX
 
 
 def _sessions(path):
@@ -57,6 +58,7 @@ def _check_exact(path):
     apart = _run(plain, {"input_ids": chunk, "attention_mask": chunk_mask,
                          "position_ids": np.arange(start, start + width)[None], **row})
     both = _run(lane, {"input_ids": ids, "attention_mask": mask, "position_ids": counts[:, None] - 1, **cache,
+                       LAST_INDEX: np.zeros(batch, np.int64),
                        CHUNK_IDS: chunk, CHUNK_MASK: chunk_mask, CHUNK_LAST: np.array([batch + 5]),
                        CHUNK_POSITIONS: np.arange(start, start + width)[None],
                        **{chunk_name(k): v for k, v in row.items()}})
