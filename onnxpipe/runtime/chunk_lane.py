@@ -8,7 +8,9 @@ memory (the model directory is untouched) so that its position-wise part (embedd
 runs on the B + W tokens as one sequence, [1, B + W, hidden], and each attention node is split in two: the step's
 B tokens as [B, 1] rows over the shared KV buffer, as before, and the chunk's W tokens as one row over the KV of the
 row being read (bound by address, as ``serve.row_prefill`` binds it). The step's inputs and outputs keep their names
-and meaning (the step tail and the last-position head are added after this edit, as on the plain graph); the chunk
+and meaning (the step tail is added after this edit, as on the plain graph; ``onnxpipe.last_index`` is declared
+here, a decode step's one position being its last, and the LM head runs once on the step's rows and the chunk's
+last token together, its weight read once); the chunk
 adds its own:
 
     onnxpipe.chunk.input_ids       [1, W]         the chunk (right-padded, as ``row_prefill.chunk_inputs``)
