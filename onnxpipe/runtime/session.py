@@ -211,7 +211,10 @@ class DecoderSession:
                     why = add_chunk_lane(proto, logits)
                     if why is not None:  # checked on the same graph just above: a fault of the edit itself
                         raise OnnxpipeError(f"{self.model_dir.path}: the chunk lane: {why}")
-                    edit(proto)
+                    edit(proto)  # its last-position input is the lane's own (gather_last_position leaves it)
+                    if why_not.get("tail") is not None:
+                        raise OnnxpipeError(f"{self.model_dir.path}: the chunk lane's graph took no step tail "
+                                            f"({why_not['tail']})")
                 try:
                     try:
                         self.lane, _ = make(lane_edit, [])
