@@ -323,7 +323,8 @@ def _prefill_chunk(ctx: click.Context, param: click.Parameter, value: str) -> in
                    "exact, and running streams' p99 beside 4k-token prompts 6.2-6.8 ms against 6.8-13.6].")
 @click.option("--chunk-lane", is_flag=True,
               help="Long prompts' chunks read inside the running batch's decode steps, one run for both (with "
-                   "--cuda-graph and --chunk-graphs; loads the graph a second time, weights included) [off].")
+                   "--cuda-graph and --chunk-graphs; a second session of the graph sharing the weights' device memory; "
+                   "on an H100 the streams' p99 beside 4k-token prompts 2.9x their quiet p50, against 4.1x) [off].")
 def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, max_queue: int, prefill_chunk: int | str,
           model_name: str | None, threads: int | None, cuda_graph: bool, max_length: int | None,
           prefill_group: int | None, chunk_graphs: bool | None, chunk_lane: bool) -> None:
