@@ -338,11 +338,14 @@ class DecoderSession:
         """The weights the decode session and the lane will share, read onto the device the provider runs on, or
         None and why not. Sharing needs SessionOptions of this session's own (a caller's, or the kernels', could
         not be rebuilt without the shared weights were onnxruntime to refuse them)."""
-        device = {"cuda": "cuda", "cpu": "cpu"}.get(provider)
-        if graph_why is not None or not feed_back or device is None:
+        if graph_why is not None or not feed_back:
             return None, "no chunk lane"
-        if device == "cuda" and "cuda" not in available_providers():
-            return None, "no CUDA EP here"
+        # the device the lane will run on: the CUDA EP where the chain has it and it is here (auto's TensorRT is
+        # left for CUDA when its libraries are missing), else the CPU
+        chain = CHAIN.get(provider, ())
+        if provider == "tensorrt" or not {"cuda", "cpu"} & set(chain):
+            return None, f"the lane runs on the CUDA EP (or the CPU), not {provider}"
+        device = "cuda" if "cuda" in chain and "cuda" in available_providers() else "cpu"
         if session_options is not None:
             return None, "the session's options are the caller's or the kernels' (each session keeps its own weights)"
         try:

@@ -39,6 +39,8 @@ def _step(session, ids):
 
 
 def test_the_lane_and_the_decode_session_share_the_external_weights(external_llama, monkeypatch):
+    import onnxruntime as ort
+
     path = external_llama
     monkeypatch.setattr(shared_weights, "MIN_BYTES", 0)  # the tiny model's weights are all small
     external = _external(path)
@@ -48,6 +50,10 @@ def test_the_lane_and_the_decode_session_share_the_external_weights(external_lla
     assert s.lane is not None, s.lane_why_not
     assert s.shared_weights is not None, s.shared_weights_why_not
     assert set(s.shared_weights.values) == external
+    # `serve`'s default provider, auto, shares them too (on the device its chain runs on here: the CPU)
+    auto = DecoderSession(path, "auto", threads=1, feed_back=True, chunk_lane=True)
+    assert auto.lane is not None and auto.shared_weights is not None, auto.shared_weights_why_not
+    assert auto.shared_weights.device == ("cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu")
     # the bytes read are the graph's own: every value equals the initializer onnx reads from the file
     full = {i.name: onnx.numpy_helper.to_array(i, base_dir=str(path))
             for i in onnx.load(str(path / "model.onnx")).graph.initializer if i.name in external}
