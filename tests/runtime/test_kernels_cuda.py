@@ -98,3 +98,46 @@ def test_cuda_matmul_int4_inside_a_captured_cuda_graph(cuda_library: Path, m: in
         sess.run_with_iobinding(io)
         ref = a.astype(np.float64) @ weight.T
         assert np.abs(y_dev.numpy() - ref).max() <= 2e-3 * np.abs(ref).max(), step
+
+
+# (form, tile, split): each form's layouts, past the shapes the rule picks, so that a layout the table may name is
+# right at every M: 1 warps, 2 cluster (row-tiled, activations staged in shared memory), 3 GEMV (M <= 4 only)
+LAYOUTS = [(1, 1, 1), (1, 1, 16), (1, 2, 4), (2, 8, 1), (2, 8, 4), (2, 4, 8), (2, 1, 2), (2, 2, 1), (3, 1, 1), (3, 4, 2)]
+
+
+@pytest.mark.parametrize("form,tile,split", LAYOUTS, ids=[f"form{f}-tile{t}-split{s}" for f, t, s in LAYOUTS])
+def test_cuda_int4_gemm_every_layout_against_the_reference(cuda_library: Path, form: int, tile: int,
+                                                           split: int) -> None:
+    """The kernel called directly (ctypes, torch's stream) in a layout the call names, on a shape no layout divides:
+    N = 400 (not a multiple of 128 rows), K = 1056 (8.25 k steps of 128: a cluster's slices and the staged steps end
+    mid-step), M from 1 to 65 (A rows past a block's 8, 16, 32 or 64)."""
+    import ctypes
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    lib = ctypes.CDLL(str(cuda_library))
+    call = lib.onnxpipe_int4_gemm_config
+    call.restype = ctypes.c_int
+    call.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+    lib.onnxpipe_int4_gemm_error.restype = ctypes.c_char_p
+    rng = np.random.default_rng(form * 100 + tile * 10 + split)
+    n, k, block = 400, 1056, 32
+    w = nbits_weights(rng, n, k, block, True, "fp16")
+    weight = dequantized(w, n, k, block)
+    b = torch.from_numpy(w["B"]).cuda()
+    s = torch.from_numpy(w["scales"].view(np.int16)).cuda()
+    z = torch.from_numpy(w["zero_points"]).cuda()
+    stream = torch.cuda.current_stream().cuda_stream
+    for m in ((1, 2, 3, 4) if form == 3 else (1, 3, 8, 9, 16, 17, 32, 33, 64, 65)):
+        a = rng.standard_normal((m, k)).astype(np.float16)
+        a_dev = torch.from_numpy(a.view(np.int16)).cuda()
+        y_dev = torch.full((m, n), -1, dtype=torch.int16, device="cuda")  # 0xFFFF: NaN wherever a write is missed
+        code = call(form, tile, split, a_dev.data_ptr(), b.data_ptr(), s.data_ptr(), z.data_ptr(), y_dev.data_ptr(),
+                    m, n, k, block, stream)
+        assert code == 0, (m, lib.onnxpipe_int4_gemm_error(code).decode())
+        torch.cuda.synchronize()
+        y = y_dev.cpu().numpy().view(np.float16).astype(np.float64)
+        ref = a.astype(np.float64) @ weight.T
+        # fp32 accumulation of fp16 products, one fp16 rounding at the end: well inside 2e-3 of the largest output
+        assert np.abs(y - ref).max() <= 2e-3 * np.abs(ref).max(), (m, float(np.abs(y - ref).max()))

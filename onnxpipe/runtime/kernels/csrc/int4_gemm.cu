@@ -106,22 +106,16 @@ __device__ __forceinline__ RowStep load_row_step(const uint8_t* __restrict__ B, 
   return r;
 }
 
-// One 128-wide k step of a warp: its lanes' activations (rows m0 + 8 j + g, k .. k + 31) loaded and permuted to
-// the weight's k order, the weight rows dequantized, NT x MT x 8 mmas.
-template <int NT, int MT>
-__device__ __forceinline__ void mma_step(float (&acc)[NT][MT][4], const RowStep (&cur)[NT][2],
-                                         const __half* __restrict__ A, int M, int K, int m0, int k) {
-  const int lane = threadIdx.x % 32;
-  const int g = lane / 4;
+// One 128-wide k step of a warp: its lanes' activations (rows 8 j + g of the block's A rows, the lane's 32 k) as
+// `act_at(j, v)` gives them (the v-th 8 k), permuted to the weight's k order, the weight rows dequantized, NT x MT
+// x 8 mmas.
+template <int NT, int MT, typename ActAt>
+__device__ __forceinline__ void mma_step_from(float (&acc)[NT][MT][4], const RowStep (&cur)[NT][2], ActAt act_at) {
 #pragma unroll
   for (int v = 0; v < 4; ++v) {
     uint4 act[MT];  // 8 k of each A row: loaded a quarter step at a time, so that 64 rows (MT = 8) fit the registers
 #pragma unroll
-    for (int j = 0; j < MT; ++j) {
-      const int m = m0 + 8 * j + g;
-      act[j] = (m < M && k < K) ? __ldg(reinterpret_cast<const uint4*>(A + (int64_t)m * K + k + 8 * v))
-                                : make_uint4(0, 0, 0, 0);
-    }
+    for (int j = 0; j < MT; ++j) act[j] = act_at(j, v);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       uint32_t b0[MT], b1[MT];
@@ -145,6 +139,52 @@ __device__ __forceinline__ void mma_step(float (&acc)[NT][MT][4], const RowStep 
         for (int j = 0; j < MT; ++j) mma_16816(acc[i][j], a0, a1, a2, a3, b0[j], b1[j]);
       }
     }
+  }
+}
+
+// mma_step_from with the activations read from global memory (through L1) by each warp for itself.
+template <int NT, int MT>
+__device__ __forceinline__ void mma_step(float (&acc)[NT][MT][4], const RowStep (&cur)[NT][2],
+                                         const __half* __restrict__ A, int M, int K, int m0, int k) {
+  const int g = (threadIdx.x % 32) / 4;
+  mma_step_from<NT, MT>(acc, cur, [&](int j, int v) {
+    const int m = m0 + 8 * j + g;
+    return (m < M && k < K) ? __ldg(reinterpret_cast<const uint4*>(A + (int64_t)m * K + k + 8 * v))
+                            : make_uint4(0, 0, 0, 0);
+  });
+}
+
+// The activations of one k step staged in shared memory for every warp of a block (the row-tiled form): 8 * MT rows
+// of 128 k, each row 16 units of 16 bytes (8 k). Unit c of row r sits at stage_unit(r, c): a warp's 16-byte reads
+// (lane g, t takes unit 4 t + v of row 8 j + g) then fall, per quarter warp (g of one parity, t = 0-3), on 8
+// different 16-byte bank groups instead of two.
+__device__ __forceinline__ int stage_unit(int row, int unit) {
+  return (((unit & 3) << 2) | (unit >> 2)) ^ ((row & 1) << 2);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool full) {
+  // 16 bytes global -> shared without the registers; `full` false writes 16 zero bytes (nothing read)
+  const uint32_t dst = (uint32_t)__cvta_generic_to_shared(smem);
+  const int bytes = full ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// wait until at most one group of this thread's copies is still in flight
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// The block's threads copy A rows m0 .. m0 + 8 MT - 1, k step `step`, into `dst` (rows past M and k past K: zeros).
+template <int MT>
+__device__ __forceinline__ void stage_activations(uint4 (*dst)[16], const __half* __restrict__ A, int M, int K,
+                                                  int m0, int step) {
+  for (int e = threadIdx.x; e < 8 * MT * 16; e += blockDim.x) {
+    const int row = e / 16;
+    const int unit = e % 16;
+    const int m = m0 + row;
+    const int k = step * kStep + 8 * unit;
+    const bool in = m < M && k < K;
+    cp_async16(&dst[row][stage_unit(row, unit)], in ? A + (int64_t)m * K + k : A, in);
   }
 }
 
@@ -240,17 +280,27 @@ cudaError_t launch(const __half* A, const uint8_t* B, const __half* S, const uin
 }
 
 // The row-tiled form (sm_90): a block's WN warps each own 16 weight rows and walk the same k steps, so the block's
-// activations are fetched from L2 once and served to the other warps from L1 (the form above fetches them once per
-// 16 rows). K is split across the blocks of a thread-block cluster instead (gridDim.z = slices, cluster 1 x 1 x
-// slices): each block sums its k slice, then each reduces its share of the tile by reading every block's partial
-// sums through distributed shared memory in rank order. Deterministic; no global workspace, no atomics.
+// activations are fetched from L2 once per block, not once per 16 rows as in the form above: the block's threads
+// copy each k step's A rows into shared memory with cp.async, kStages steps ahead (a warp that read A for itself
+// waited on L2 at every step, which left M = 32 at 2-3x M = 8's time), and every warp reads them from there. K is
+// split across the blocks of a thread-block cluster instead (gridDim.z = slices, cluster 1 x 1 x slices): each block
+// sums its k slice, then each reduces its share of the tile by reading every block's partial sums through
+// distributed shared memory in rank order. Deterministic; no global workspace, no atomics.
+constexpr int kStages = 3;  // k steps of A in flight: the one used and the next two
+
 template <int MT>
 __global__ void __launch_bounds__(kMaxRowWarps * 32)
     int4_gemm_rows_kernel(const __half* __restrict__ A, const uint8_t* __restrict__ B, const __half* __restrict__ S,
                           const uint8_t* __restrict__ Z, __half* __restrict__ Y, int M, int N, int K,
                           int block_shift) {
   constexpr int kCols = 8 * MT;
-  __shared__ float partial[kCols][kMaxRowWarps * 16];
+  constexpr int kStageBytes = kStages * kCols * 16 * 16;
+  constexpr int kPartialBytes = kCols * kMaxRowWarps * 16 * 4;
+  // the staged activations, and after the last step the partial sums in the same bytes (MT = 8: 48 KB, the most a
+  // block may declare statically)
+  __shared__ __align__(16) unsigned char smem[kStageBytes > kPartialBytes ? kStageBytes : kPartialBytes];
+  auto staged = reinterpret_cast<uint4(*)[kCols][16]>(smem);
+  auto partial = reinterpret_cast<float(*)[kMaxRowWarps * 16]>(smem);
 
   const int warps = blockDim.x / 32;
   const int rows = 16 * warps;
@@ -284,21 +334,39 @@ __global__ void __launch_bounds__(kMaxRowWarps * 32)
     next[0][r] = load_row_step(B, S, Z, n0 + 8 * r + g, N, (first + 1) * kStep + 32 * t, first + 1 < last ? K : 0,
                                block_shift, blocks, zp_stride);
   }
+  // the activations of the first kStages - 1 steps on their way (one copy group a step, empty past the slice, so
+  // that "all groups but the newest done" always means the step about to be used has landed)
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (first + i < last) stage_activations<MT>(staged[i], A, M, K, m0, first + i);
+    cp_async_commit();
+  }
   for (int step = first; step < last; ++step) {
-    const int k = step * kStep + 32 * t;
+    const int i = step - first;
     RowStep after[1][2];
     const int step_after = step + 2;
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       after[0][r] = load_row_step(B, S, Z, n0 + 8 * r + g, N, step_after * kStep + 32 * t,
                                   step_after < last ? K : 0, block_shift, blocks, zp_stride);
-    mma_step<1, MT>(acc, cur, A, M, K, m0, k);
+    cp_async_wait_one();
+    __syncthreads();  // this step's activations visible to all; every warp done with the stage refilled below
+    if (step + kStages - 1 < last) stage_activations<MT>(staged[(i + kStages - 1) % kStages], A, M, K, m0,
+                                                         step + kStages - 1);
+    cp_async_commit();
+    const uint4(*stage)[16] = staged[i % kStages];
+    mma_step_from<1, MT>(acc, cur, [&](int j, int v) {
+      const int row = 8 * j + g;
+      return stage[row][stage_unit(row, 4 * t + v)];
+    });
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       cur[0][r] = next[0][r];
       next[0][r] = after[0][r];
     }
   }
+  asm volatile("cp.async.wait_all;\n" ::);
+  __syncthreads();  // every warp done reading the stages before the partial sums overwrite them
 
 #pragma unroll
   for (int j = 0; j < MT; ++j) {
