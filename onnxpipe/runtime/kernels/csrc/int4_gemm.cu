@@ -803,9 +803,16 @@ constexpr Layout kLayouts[] = {
     // 1B gate/up, M 2-8: 8 warps along K, 8.18 us against the rule's 4 at 8.67
     {2, 8, 8192, 8192, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 8},
     // 1B LM head (128256 x 2048), M 2-8: 2 warps along K, 77.22 us against the rule's 4 at 82.82;
-    // M 17-32: 2 weight tiles, 1 warp along K, 176.66 us against the rule's 2 x 4 at 217.93
+    // M 17-32: the row-tiled form, 8 warps along N, K not split, 140.82 us against 174.78 for run 29's entry (2
+    // weight tiles, 1 warp along K; H100, check_kernels run 34, code at 1f23316)
     {2, 8, 128256, 128256, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},
-    {17, 32, 128256, 128256, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 2, 1},
+    {17, 32, 128256, 128256, 2048, 2048, ONNXPIPE_INT4_GEMM_CLUSTER, 8, 1},
+    // The rows below: H100, check_kernels run 34 (block 32, no zero points), code at 1f23316 (the row-tiled form's
+    // activations staged in shared memory), against the default beside them in the same sweep.
+    // 1B down (2048 x 8192), M = 1: 16 warps along K, 9.31 us against the GEMV rule's 10.66
+    {1, 1, 2048, 2048, 8192, 8192, ONNXPIPE_INT4_GEMM_WARPS, 1, 16},
+    // 1B LM head, M = 1: 2 warps along K, 72.11 us against the GEMV rule's 110.87
+    {1, 1, 128256, 128256, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},
 };
 constexpr int kLayoutCount = (int)(sizeof(kLayouts) / sizeof(kLayouts[0]));
 
@@ -815,7 +822,7 @@ int table_layout(int form, int m, int n, int k, const Device& d) {
     const Layout& e = kLayouts[i];
     if (m < e.m_min || m > e.m_max || n < e.n_min || n > e.n_max || k < e.k_min || k > e.k_max) continue;
     if (form != ONNXPIPE_INT4_GEMM_AUTO && form != e.form) continue;
-    if (e.form == ONNXPIPE_INT4_GEMM_CLUSTER && !d.clusters) continue;
+    if (e.form == ONNXPIPE_INT4_GEMM_CLUSTER && e.split != 1 && !d.clusters) continue;  // K split: needs clusters
     return i;
   }
   return -1;
@@ -834,7 +841,8 @@ Plan make_plan(int form, int m, int n, int k, int tile, int split) {
     }
   }
   if (form == ONNXPIPE_INT4_GEMM_AUTO) form = auto_form(m, n, k, d);
-  if (form == ONNXPIPE_INT4_GEMM_CLUSTER && !d.clusters) form = ONNXPIPE_INT4_GEMM_WARPS;  // clusters: sm_90 on
+  // clusters (K split across blocks): sm_90 on; the row-tiled form with K not split runs anywhere
+  if (form == ONNXPIPE_INT4_GEMM_CLUSTER && !d.clusters && split != 1) form = ONNXPIPE_INT4_GEMM_WARPS;
   p.form = form;
   if (form == ONNXPIPE_INT4_GEMM_GEMV) {
     // 1, 2 or 4 A rows a block (M = 3: 4, one masked); the most weight rows a warp (4, 2, 1) whose grid still gives

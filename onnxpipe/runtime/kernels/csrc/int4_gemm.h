@@ -39,6 +39,10 @@
 extern "C" {
 #endif
 
+/* Visible in the library the runtime loads (built with -fvisibility=hidden), so that checks and tests can call a named
+ * form and layout through ctypes. */
+#pragma GCC visibility push(default)
+
 int onnxpipe_int4_gemm(const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points, void* Y,
                        int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream);
 
@@ -61,6 +65,8 @@ int onnxpipe_int4_gemm_describe(int form, int tile, int split, int64_t M, int64_
  * onnxpipe_int4_gemm resolves it) and shape takes on the current device, or -1 (the rule's layout). */
 int onnxpipe_int4_gemm_layout(int index, int* out);
 int onnxpipe_int4_gemm_layout_for(int form, int64_t M, int64_t N, int64_t K);
+
+#pragma GCC visibility pop
 
 #ifdef __cplusplus
 }
