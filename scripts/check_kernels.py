@@ -68,7 +68,7 @@ CSRC = ROOT / "onnxpipe" / "runtime" / "kernels" / "csrc"
 # scripts/bench_gpu.py's int4 build has.
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
     "1b": [("1b qkv", 3072, 2048), ("1b q,o", 2048, 2048), ("1b k,v", 512, 2048), ("1b gate,up", 8192, 2048),
-           ("1b down", 2048, 8192)],
+           ("1b down", 2048, 8192), ("1b gate+up", 16384, 2048)],
     "8b": [("8b q,o", 4096, 4096), ("8b k,v", 1024, 4096), ("8b gate,up", 14336, 4096), ("8b down", 4096, 14336)],
     "head": [("1b lm_head", 128256, 2048)],
     # ragged edges: N not a multiple of 16 or 32, K not a multiple of 128 (a k step only part used), every block

@@ -112,6 +112,7 @@ class DecoderSession:
         listed = set(available_providers()) if mode != "off" else set()
         self.kernels = plan_kernels(mode, [p for p in CHAIN.get(provider, ("cpu",)) if p in listed or p == "cpu"],
                                     session_options, announce, skip=skip, logits=logits)
+        self.kernels.folder = self.model_dir.model_path.parent
 
         def edit(proto: Any) -> None:
             if last_position:

@@ -141,3 +141,21 @@ def test_cuda_int4_gemm_every_layout_against_the_reference(cuda_library: Path, f
         ref = a.astype(np.float64) @ weight.T
         # fp32 accumulation of fp16 products, one fp16 rounding at the end: well inside 2e-3 of the largest output
         assert np.abs(y - ref).max() <= 2e-3 * np.abs(ref).max(), (m, float(np.abs(y - ref).max()))
+
+
+def test_cuda_gate_up_pair_as_one_matmul_and_silu_mul(cuda_library: Path) -> None:
+    """The rewrite's gate/up fusion (gate_up.py) on the CUDA kernels: one MatMulInt4 of 2N rows and SiluMul give
+    onnxruntime's five nodes' outputs (MatMulNBits, Sigmoid, Mul, Mul on the CUDA EP) at decode and prefill M."""
+    from runtime.test_kernels_gate_up import _mlp
+
+    rng = np.random.default_rng(11)
+    model = _mlp(rng, False, "fp16")
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    assert rewrite_matmul_nbits(fused, "cuda", fuse=True).fused == 1
+    ours, theirs = _session(fused, cuda_library), _session(model, None)
+    for m in (1, 8, 32, 100):
+        a = rng.standard_normal((m, 64)).astype(np.float16)
+        y, want = ours.run(["Y"], {"A": a})[0], theirs.run(["Y"], {"A": a})[0].astype(np.float64)
+        assert y.dtype == np.float16 and y.shape == want.shape and np.isfinite(y).all()
+        assert np.abs(y - want).max() <= 4e-3 * np.abs(want).max(), m

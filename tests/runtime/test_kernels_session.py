@@ -49,7 +49,8 @@ def test_reference_kernels_give_the_same_greedy_tokens(int4_model: Path, cpu_lib
     assert ours.kernels.active and ours.kernels.report is not None
     assert ours.kernels.report.rewritten == body == 15  # 2 layers x 7 projections and the head
     assert [m for m in said if m.startswith("kernels:")] == [ours.kernels.line()]
-    assert ours.kernels.line() == "kernels: onnxpipe MatMulInt4 on 15 of 15 MatMulNBits [CPU reference kernels]"
+    assert ours.kernels.line() == ("kernels: onnxpipe MatMulInt4 on 15 of 15 MatMulNBits, 2 gate/up pairs as one with "
+                                   "SiluMul [CPU reference kernels]")
     # the rewrite comes after the session's own edits: the LM head (now MatMulInt4) still runs at the read position
     assert ours.last_position and plain.last_position
     assert not plain.kernels.active and "MatMulInt4" not in "".join(said[said.index(ours.kernels.line()) + 1:])
@@ -108,7 +109,8 @@ def test_skip_head_keeps_the_node_computing_the_logits(int4_model: Path, cpu_lib
     said: list[str] = []
     ours = DecoderSession(int4_model, "cpu", announce=said.append, kernels="reference", kernel_skip="head")
     assert ours.kernels.report is not None and ours.kernels.report.kept == {widest.name: "head"}
-    line = "kernels: onnxpipe MatMulInt4 on 14 of 15 MatMulNBits (kept: head (1 node)) [CPU reference kernels]"
+    line = ("kernels: onnxpipe MatMulInt4 on 14 of 15 MatMulNBits, 2 gate/up pairs as one with SiluMul (kept: head "
+            "(1 node)) [CPU reference kernels]")
     assert [m for m in said if m.startswith("kernels:")] == [line] and ours.last_position
     plain = DecoderSession(int4_model, "cpu")
     prompts = [[5, 17, 99, 3, 200, 41], [7, 7, 8]]
@@ -138,8 +140,9 @@ def test_skip_head_on_a_model_whose_head_is_not_int4_says_there_is_nothing_to_sk
     said: list[str] = []
     DecoderSession(tmp_path / "int4", "cpu", announce=said.append, kernels="reference")
     assert [m for m in said if m.startswith("kernels:")] == [
-        "kernels: onnxpipe MatMulInt4 on 14 of 14 MatMulNBits (skip head: nothing to skip, the 'logits' output does "
-        "not come from a MatMulNBits (the LM head is not quantized)) [CPU reference kernels]"]
+        "kernels: onnxpipe MatMulInt4 on 14 of 14 MatMulNBits, 2 gate/up pairs as one with SiluMul (skip head: "
+        "nothing to skip, the 'logits' output does not come from a MatMulNBits (the LM head is not quantized)) "
+        "[CPU reference kernels]"]
 
 
 def test_the_kinds_are_found_on_the_cuda_form_graph(byte_model: Callable[[str], Path], tmp_path: Path) -> None:

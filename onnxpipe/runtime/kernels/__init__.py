@@ -35,6 +35,7 @@ __all__ = ["KERNEL_MODES", "SKIP_KINDS", "KernelBuildError", "KernelPlan", "Rewr
 KERNEL_MODES = ("off", "on", "auto", "reference")
 ENV = "ONNXPIPE_KERNELS"
 ENV_SKIP = "ONNXPIPE_KERNELS_SKIP"
+ENV_FUSE = "ONNXPIPE_KERNELS_FUSE"  # "off": no gate/up pair made one MatMulInt4 + SiluMul (gate_up.py); default on
 
 
 def kernels_mode(value: str | None = None) -> str:
@@ -80,6 +81,8 @@ class KernelPlan:
     report: RewriteReport | None = None
     skip: tuple[str, ...] = ()  # kinds of node left to onnxruntime (kernel_skip)
     logits: str = "logits"  # the graph's logits value: where the walk to the LM head starts
+    fuse: bool = True  # gate/up pairs as one MatMulInt4 + SiluMul (ONNXPIPE_KERNELS_FUSE=off: not)
+    folder: Path | None = None  # the model directory: where the external weights a fusion reads lie
 
     @property
     def active(self) -> bool:
@@ -98,7 +101,8 @@ class KernelPlan:
             return
         if self.library is None and not self._load():
             return
-        self.report = rewrite_matmul_nbits(proto, self.target, skip=self.skip, logits=self.logits)
+        self.report = rewrite_matmul_nbits(proto, self.target, skip=self.skip, logits=self.logits, fuse=self.fuse,
+                                           folder=self.folder)
 
     def _load(self) -> bool:
         """Build the target's library and register it in the session options; False (and why_off) where not."""
@@ -154,7 +158,11 @@ def plan_kernels(mode: str, chain: Sequence[str], session_options: Any,
     whose options are ``session_options``: which kernels (``target``), or off and why. Its ``edit`` builds, registers
     and rewrites. Never raises for a reason to fall back: the plan carries it (``finish`` makes it an error for "on"
     and "reference"). ``skip``: kinds of node left to onnxruntime (``kernel_skip``), the head found from ``logits``."""
-    plan = KernelPlan(mode, session_options=session_options, announce=announce, skip=skip, logits=logits)
+    fuse = os.environ.get(ENV_FUSE, "on").strip().lower()
+    if fuse not in ("on", "off"):
+        raise OnnxpipeError(f"{ENV_FUSE}={fuse!r}: choose on or off")
+    plan = KernelPlan(mode, session_options=session_options, announce=announce, skip=skip, logits=logits,
+                      fuse=fuse == "on")
     if mode == "off":
         return plan
     first = chain[0] if chain else "cpu"

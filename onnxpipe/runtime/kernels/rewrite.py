@@ -14,7 +14,10 @@ that the graph does not have is said in the report (``skip_notes``), not an erro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+from onnxpipe.runtime.kernels.gate_up import find_pairs, merge_pairs
 
 DOMAIN = "onnxpipe"
 OP = "MatMulInt4"
@@ -38,9 +41,11 @@ class RewriteReport:
     rewritten: int = 0
     kept: dict[str, str] = field(default_factory=dict)  # node name -> reason
     skip_notes: list[str] = field(default_factory=list)  # a kind asked to skip that the graph does not have, and why
+    fused: int = 0  # gate/up pairs made one MatMulInt4 + SiluMul (gate_up.py); their nodes are counted in rewritten
 
     def line(self) -> str:
-        return f"{DOMAIN} {OP} on {self.rewritten} of {self.total} MatMulNBits"
+        fused = f", {self.fused} gate/up pairs as one with SiluMul" if self.fused else ""
+        return f"{DOMAIN} {OP} on {self.rewritten} of {self.total} MatMulNBits{fused}"
 
     def reasons(self) -> str:
         """The distinct reasons nodes were kept, with their counts ("bits=8 (2 nodes); ...")."""
@@ -51,11 +56,12 @@ class RewriteReport:
 
 
 def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = True, skip: tuple[str, ...] = (),
-                         logits: str = "logits") -> RewriteReport:
+                         logits: str = "logits", fuse: bool = False, folder: Path | None = None) -> RewriteReport:
     """Rewrite the 4-bit MatMulNBits nodes of ``model`` (an onnx.ModelProto, changed in place) that the ``target``
     kernel computes into onnxpipe.MatMulInt4; ``apply=False`` only reports what it would do. ``skip``: kinds of node
-    kept as they are (SKIP_KINDS; ``head`` is found from the value named ``logits``). Only the main graph is read (not
-    subgraphs or functions)."""
+    kept as they are (SKIP_KINDS; ``head`` is found from the value named ``logits``). ``fuse``: an MLP's gate and up
+    projections become one MatMulInt4 and a SiluMul where the pattern holds (gate_up.py; their weights read from
+    ``folder`` where they are external). Only the main graph is read (not subgraphs or functions)."""
     if target not in ("cuda", "cpu"):
         raise ValueError(f"unknown kernel target {target!r}")
     unknown = [k for k in skip if k not in SKIP_KINDS]
@@ -70,10 +76,19 @@ def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = T
         kinds.update((i, kind) for i in found if i not in kinds)
         if not found:
             report.skip_notes.append(f"skip {kind}: nothing to skip, {note}")
+    skipped = {id(graph.node[i]) for i in kinds}
+    pairs = find_pairs(graph, lambda n: why_not(n, types, target) is None and id(n) not in skipped) if fuse else []
+    if folder is None:  # external weights cannot be read without the model directory: those pairs stay apart
+        external = {t.name for t in graph.initializer if t.data_location == 1}  # TensorProto.EXTERNAL
+        pairs = [p for p in pairs if not any(name in external for n in (p.gate, p.up) for name in n.input[1:])]
+    paired = {id(n) for p in pairs for n in (p.gate, p.up)}
     for i, node in enumerate(graph.node):
         if not _is_nbits(node):
             continue
         report.total += 1
+        if id(node) in paired:
+            report.rewritten += 1
+            continue
         why = why_not(node, types, target) or kinds.get(i)  # a node the kernel would not compute says why first
         if why is not None:
             report.kept[node.name or f"#{i}"] = why
@@ -81,6 +96,9 @@ def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = T
         if apply:
             node.op_type, node.domain = OP, DOMAIN
         report.rewritten += 1
+    report.fused = len(pairs)
+    if apply and pairs:
+        merge_pairs(model, pairs, folder, OP)
     if apply and report.rewritten and not any(o.domain == DOMAIN for o in model.opset_import):
         entry = model.opset_import.add()
         entry.domain, entry.version = DOMAIN, 1

@@ -40,6 +40,7 @@ constexpr int kStep = 128;       // k per warp step: 4 lanes x 32 nibbles
 constexpr int kMaxDevices = 64;  // device properties cached per device
 constexpr int kMaxRowWarps = 8;  // the row-tiled form: at most 8 warps (128 weight rows) a block
 constexpr int kMaxSlices = 8;    // and a cluster of at most 8 blocks along K (the portable cluster size)
+constexpr int kStages = 3;       // the row-tiled form's k steps of A in shared memory: the one used, the next two
 
 __device__ __forceinline__ uint32_t sub_mul(uint32_t q, uint32_t bias, uint32_t scale) {
   // (1024 + q) - (1024 + zp) exactly, then * scale (one rounding), on a pair
@@ -286,8 +287,6 @@ cudaError_t launch(const __half* A, const uint8_t* B, const __half* S, const uin
 // split across the blocks of a thread-block cluster instead (gridDim.z = slices, cluster 1 x 1 x slices): each block
 // sums its k slice, then each reduces its share of the tile by reading every block's partial sums through
 // distributed shared memory in rank order. Deterministic; no global workspace, no atomics.
-constexpr int kStages = 3;  // k steps of A in flight: the one used and the next two
-
 template <int MT>
 __global__ void __launch_bounds__(kMaxRowWarps * 32)
     int4_gemm_rows_kernel(const __half* __restrict__ A, const uint8_t* __restrict__ B, const __half* __restrict__ S,

@@ -1,4 +1,8 @@
-// onnxpipe's ONNX Runtime custom-op library: domain `onnxpipe`, op `MatMulInt4`.
+// onnxpipe's ONNX Runtime custom-op library: domain `onnxpipe`, ops `MatMulInt4` and `SiluMul`.
+//
+// SiluMul: X [..., 2N] (float or float16) -> Y [..., N] = silu(X[..., :N]) * X[..., N:], computed in float and rounded
+// once (an MLP's gate and up projections made one MatMulInt4 of 2N rows by the rewrite, rewrite.py; the CUDA build:
+// float16, silu_mul.cu).
 //
 // MatMulInt4 takes exactly com.microsoft.MatMulNBits' inputs and attributes for bits=4 without g_idx or bias:
 //   A [..., K] (float or float16), B uint8 [N, K/block_size, block_size/2] (two 4-bit weights a byte, the first in
@@ -18,6 +22,7 @@
 //   in one line (kernels=auto then runs onnxruntime's MatMulNBits and says why).
 // Errors come back as an OrtStatus naming the op and what was wrong (CreateKernelV2 / KernelComputeV2).
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -42,6 +47,7 @@ extern "C" int onnxpipe_int4_dequantize(const uint8_t* B, const void* scales, co
                                         int64_t n0, int64_t rows, int64_t N, int64_t K, int64_t block_size,
                                         void* stream);
 extern "C" int onnxpipe_cuda_current_device(void);
+extern "C" int onnxpipe_silu_mul(const void* X, void* Y, int64_t rows, int64_t n, void* stream);
 extern "C" void onnxpipe_int4_dequant_load(void);
 #endif
 
@@ -513,13 +519,113 @@ OrtCustomOp make_op(bool cuda) {
   return op;
 }
 
+// ---- SiluMul ----
+const char* const kSiluMulName = "SiluMul";
+
+OrtStatus* silu_error(const std::string& what) {
+  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kDomain) + "." + kSiluMulName + ": " + what).c_str());
+}
+
+template <bool Cuda>
+OrtStatus* silu_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void** out) {
+  *out = reinterpret_cast<void*>(Cuda ? 2 : 1);  // stateless: the pointer only says which build made it
+  return nullptr;
+}
+
+float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+OrtStatus* silu_compute(void* kernel, OrtKernelContext* ctx) {
+  try {
+    const bool cuda = reinterpret_cast<uintptr_t>(kernel) == 2;
+    const OrtValue* xv = nullptr;
+    OrtStatus* st = g_api->KernelContext_GetInput(ctx, 0, &xv);
+    if (st) return st;
+    if (!xv) return silu_error("input X is required");
+    Tensor x;
+    if ((st = describe(xv, &x))) return st;
+    if (x.dims.empty() || x.dims.back() % 2 != 0)
+      return silu_error("X " + shape_text(x.dims) + " must end in an even width (gate and up side by side)");
+    if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+      return silu_error("X must be float or float16");
+    const int64_t n = x.dims.back() / 2;
+    const int64_t rows = n == 0 ? 0 : x.count() / (2 * n);
+    std::vector<int64_t> ydims = x.dims;
+    ydims.back() = n;
+    OrtValue* yv = nullptr;
+    if ((st = g_api->KernelContext_GetOutput(ctx, 0, ydims.data(), ydims.size(), &yv))) return st;
+    void* y = nullptr;
+    if ((st = g_api->GetTensorMutableData(yv, &y))) return st;
+    if (rows == 0) return nullptr;
+#ifdef ONNXPIPE_CUDA
+    if (cuda) {
+      if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return silu_error("the CUDA kernel takes float16 X only");
+      void* stream = nullptr;
+      if ((st = g_api->KernelContext_GetGPUComputeStream(ctx, &stream))) return st;
+      const int code = onnxpipe_silu_mul(x.data, y, rows, n, stream);
+      if (code != 0) return silu_error("CUDA launch failed (code " + std::to_string(code) + ")");
+      return nullptr;
+    }
+#else
+    (void)cuda;
+#endif
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t g = r * 2 * n + j, u = g + n, o = r * n + j;
+        if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+          const float* xs = static_cast<const float*>(x.data);
+          static_cast<float*>(y)[o] = silu_times(xs[g], xs[u]);
+        } else {
+          const uint16_t* xs = static_cast<const uint16_t*>(x.data);
+          static_cast<uint16_t*>(y)[o] = float_to_half(silu_times(half_to_float(xs[g]), half_to_float(xs[u])));
+        }
+      }
+    }
+    return nullptr;
+  } catch (const std::exception& e) {  // nothing may cross the C ABI
+    return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, (std::string("onnxpipe.SiluMul: ") + e.what()).c_str());
+  }
+}
+
+void silu_destroy(void*) {}
+const char* silu_name(const OrtCustomOp*) { return kSiluMulName; }
+template <ONNXTensorElementDataType T>
+ONNXTensorElementDataType silu_type(const OrtCustomOp*, size_t) { return T; }
+size_t one(const OrtCustomOp*) { return 1; }
+
+template <ONNXTensorElementDataType T>
+OrtCustomOp make_silu_op(bool cuda) {
+  OrtCustomOp op;
+  memset(&op, 0, sizeof op);
+  op.version = ONNXPIPE_ORT_API_VERSION;
+  op.GetName = silu_name;
+  op.GetExecutionProviderType = cuda ? cuda_provider : cpu_provider;
+  op.GetInputType = silu_type<T>;
+  op.GetInputTypeCount = one;
+  op.GetOutputType = silu_type<T>;
+  op.GetOutputTypeCount = one;
+  op.KernelDestroy = silu_destroy;
+  op.GetInputCharacteristic = output_characteristic;  // required
+  op.GetOutputCharacteristic = output_characteristic;
+  op.GetInputMemoryType = input_memory_type;
+  op.GetVariadicInputMinArity = variadic_min_arity;
+  op.GetVariadicInputHomogeneity = variadic_homogeneity;
+  op.GetVariadicOutputMinArity = variadic_min_arity;
+  op.GetVariadicOutputHomogeneity = variadic_homogeneity;
+  op.CreateKernelV2 = cuda ? silu_create<true> : silu_create<false>;
+  op.KernelComputeV2 = silu_compute;
+  return op;
+}
+
 // The CUDA build registers the CUDA kernel alone: a rewritten graph that lands on the CPU then fails to load (and
 // the session falls back to the graph as it is, saying so) rather than running the slow reference unnoticed.
 #ifdef ONNXPIPE_CUDA
-const OrtCustomOp g_ops[1] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(true)};
+const OrtCustomOp g_ops[2] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(true),
+                              make_silu_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(true)};
 #else
-const OrtCustomOp g_ops[2] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(false),
-                              make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(false)};
+const OrtCustomOp g_ops[4] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(false),
+                              make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(false),
+                              make_silu_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(false),
+                              make_silu_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(false)};
 #endif
 
 }  // namespace
