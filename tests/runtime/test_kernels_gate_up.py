@@ -40,7 +40,9 @@ def _mlp(rng: np.random.Generator, zero_points: bool, dtype: str = "fp32", extra
     if extra_reader:
         outputs.append(helper.make_tensor_value_info("gate", elem, ["M", N]))
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("A", elem, ["M", K])], outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8  # what every onnxruntime here reads (a newer onnx writes an IR an older runtime refuses)
+    return model
 
 
 def _run(model: onnx.ModelProto, a: np.ndarray, library: Path | None) -> np.ndarray:
