@@ -88,6 +88,9 @@ BLOCKS = (32, 128)
 # a step (BENCH_LAYERS layers) beside MatMulNBits'.
 BENCH_VARIANT = (32, False)  # (block, zero points)
 BENCH_NODES = {"1b qkv": 1, "1b q,o": 1, "1b gate,up": 2, "1b down": 1}  # MatMulNBits a layer of each shape
+# what the kernels' rewrite makes of a layer's gate and up (one MatMulInt4 of 2N rows, runtime/kernels/gate_up.py):
+# timed first and swept with the bench's shapes, not summed into the MatMulNBits step
+FUSED_NODES = {"1b gate+up"}
 BENCH_HEAD = "1b lm_head"
 BENCH_LAYERS = 16
 
@@ -787,7 +790,7 @@ def random_case(ctx: Context, name: str, n: int, k: int, block: int, with_zp: bo
 
 def is_bench_case(name: str, block: int, with_zp: bool) -> bool:
     """A shape and variant of scripts/bench_gpu.py's int4 build (timed first, and swept)."""
-    return (name in BENCH_NODES or name == BENCH_HEAD) and (block, with_zp) == BENCH_VARIANT
+    return (name in BENCH_NODES or name in FUSED_NODES or name == BENCH_HEAD) and (block, with_zp) == BENCH_VARIANT
 
 
 # (form, tile, split) tried by --sweep: the warps form's weight tiles x warps along K, the cluster form's warps

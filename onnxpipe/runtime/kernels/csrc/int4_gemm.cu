@@ -812,6 +812,9 @@ constexpr Layout kLayouts[] = {
     {1, 1, 2048, 2048, 8192, 8192, ONNXPIPE_INT4_GEMM_WARPS, 1, 16},
     // 1B LM head, M = 1: 2 warps along K, 72.11 us against the GEMV rule's 110.87
     {1, 1, 128256, 128256, 2048, 2048, ONNXPIPE_INT4_GEMM_WARPS, 1, 2},
+    // 1B gate and up as one (16384 x 2048, kernels/gate_up.py), M 17-32: the row-tiled form, 8 warps along N,
+    // clusters of 2 along K, 26.02 us against the warps rule's 28.60 (check_kernels run 35, code at bc7799d)
+    {17, 32, 16384, 16384, 2048, 2048, ONNXPIPE_INT4_GEMM_CLUSTER, 8, 2},
 };
 constexpr int kLayoutCount = (int)(sizeof(kLayouts) / sizeof(kLayouts[0]));
 
