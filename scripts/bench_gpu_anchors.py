@@ -27,6 +27,7 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "onnxpipe_int4_graph_kernels_nohead": "onnxpipe int4 + CUDA graphs + onnxpipe kernels but the LM head",
     "onnxpipe_int4_graph_kernels_noqkv": "onnxpipe int4 + CUDA graphs + onnxpipe kernels but the packed qkv",
     "onnxpipe_int4_graph_kernels_nofuse": "onnxpipe int4 + CUDA graphs + onnxpipe kernels, gate/up apart",
+    "onnxpipe_graph_kernels": "onnxpipe + CUDA graphs + onnxpipe kernels (gate/up as one, SiluMul)",
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
     "genai_int4": "ORT GenAI int4",
@@ -37,7 +38,7 @@ LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
 PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_fullhead", "onnxpipe_graph", "onnxpipe_graph_hostfed", "onnxpipe_graph_xqa", "genai", "genai_graph",
             "onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "onnxpipe_int4_graph_kernels",
             "onnxpipe_int4_graph_kernels_nohead", "onnxpipe_int4_graph_kernels_noqkv",
-            "onnxpipe_int4_graph_kernels_nofuse", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
+            "onnxpipe_int4_graph_kernels_nofuse", "onnxpipe_graph_kernels", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
             "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 
@@ -445,6 +446,7 @@ CHILDREN = {
     "onnxpipe_int4_graph_kernels_noqkv": lambda s: _with_kernels(child_onnxpipe, dict(
         s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json")),
         skip="qkv"),
+    "onnxpipe_graph_kernels": lambda s: _with_kernels(child_onnxpipe, dict(s, cuda_graph=True)),
     "onnxpipe_int4_graph_kernels_nofuse": lambda s: _with_kernels(child_onnxpipe, dict(
         s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json")),
         fuse="off"),

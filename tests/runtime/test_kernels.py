@@ -302,4 +302,4 @@ def test_nothing_to_rewrite_is_a_reason_to_fall_back(cpu_library: Path) -> None:
         plan.finish(lambda _m: None)
     empty = KernelPlan("auto", target="cuda", library=cpu_library)
     empty.edit(helper.make_model(helper.make_graph([], "g", [], [])))
-    assert empty.line() == "kernels: off (nothing to rewrite: the graph has no MatMulNBits)"
+    assert empty.line() == "kernels: off (nothing to rewrite: the graph has no MatMulNBits and no gate/up pair to fuse)"

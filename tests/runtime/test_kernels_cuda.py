@@ -159,3 +159,19 @@ def test_cuda_gate_up_pair_as_one_matmul_and_silu_mul(cuda_library: Path) -> Non
         y, want = ours.run(["Y"], {"A": a})[0], theirs.run(["Y"], {"A": a})[0].astype(np.float64)
         assert y.dtype == np.float16 and y.shape == want.shape and np.isfinite(y).all()
         assert np.abs(y - want).max() <= 4e-3 * np.abs(want).max(), m
+
+
+def test_cuda_float16_gate_up_pair_as_one_matmul_and_silu_mul(cuda_library: Path) -> None:
+    """A float16 model's gate and up MatMuls as one MatMul of [K, 2N] and SiluMul on the CUDA EP."""
+    from runtime.test_kernels_gate_up import _float_mlp
+
+    rng = np.random.default_rng(12)
+    model = _float_mlp(rng, "fp16")
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    assert rewrite_matmul_nbits(fused, "cuda", fuse=True).fused == 1
+    ours, theirs = _session(fused, cuda_library), _session(model, None)
+    for m in (1, 32, 300):
+        a = rng.standard_normal((m, 64)).astype(np.float16)
+        y, want = ours.run(["Y"], {"A": a})[0], theirs.run(["Y"], {"A": a})[0].astype(np.float64)
+        assert y.dtype == np.float16 and np.abs(y - want).max() <= 4e-3 * np.abs(want).max(), m

@@ -146,3 +146,43 @@ def test_the_fuse_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONNXPIPE_KERNELS_FUSE", "maybe")
     with pytest.raises(OnnxpipeError, match=r"^ONNXPIPE_KERNELS_FUSE='maybe': choose on or off$"):
         plan_kernels("reference", ["cpu"], None)
+
+
+def _float_mlp(rng: np.random.Generator, dtype: str) -> onnx.ModelProto:
+    """The same MLP with float weights [K, N]: gate and up plain MatMuls."""
+    elem = TensorProto.FLOAT if dtype == "fp32" else TensorProto.FLOAT16
+    np_type = np.float32 if dtype == "fp32" else np.float16
+    inits = [numpy_helper.from_array((rng.standard_normal((K, N)) * 0.1).astype(np_type), f"{name}.W")
+             for name in ("gate", "up")]
+    nodes = [helper.make_node("MatMul", ["A", "gate.W"], ["gate"], name="proj_gate"),
+             helper.make_node("MatMul", ["A", "up.W"], ["up"], name="proj_up"),
+             helper.make_node("Sigmoid", ["gate"], ["sig"], name="sig"),
+             helper.make_node("Mul", ["sig", "gate"], ["silu"], name="silu"),
+             helper.make_node("Mul", ["silu", "up"], ["Y"], name="product")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("A", elem, ["M", K])],
+                              [helper.make_tensor_value_info("Y", elem, ["M", N])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_float_gate_and_up_become_one_matmul_and_silu_mul(cpu_library: Path, dtype: str) -> None:  # noqa: F811
+    rng = np.random.default_rng(21)
+    model = _float_mlp(rng, dtype)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    report = rewrite_matmul_nbits(fused, "cpu", fuse=True)
+    assert report.fused == 1 and report.total == 0 and report.line() == "onnxpipe 1 gate/up pairs as one with SiluMul"
+    assert [(n.domain, n.op_type) for n in fused.graph.node] == [("", "MatMul"), ("onnxpipe", "SiluMul")]
+    (weight,) = fused.graph.initializer
+    want_w = np.concatenate([numpy_helper.to_array(t) for t in model.graph.initializer], axis=1)
+    assert np.array_equal(numpy_helper.to_array(weight), want_w)  # [K, 2N]: gate's columns, then up's
+    np_type = np.float32 if dtype == "fp32" else np.float16
+    a = rng.standard_normal((4, K)).astype(np_type)
+    want, got = _run(model, a, None).astype(np.float64), _run(fused, a, cpu_library)
+    tol = 1e-5 if dtype == "fp32" else 4e-3
+    assert got.dtype == np_type and np.abs(got - want).max() <= tol * np.abs(want).max()
+    # the CUDA kernels fuse float16 weights only (SiluMul's CUDA kernel is float16)
+    fp32 = _float_mlp(rng, "fp32")
+    assert rewrite_matmul_nbits(fp32, "cuda", fuse=True, apply=False).fused == 0

@@ -165,3 +165,26 @@ def test_the_kinds_are_found_on_the_cuda_form_graph(byte_model: Callable[[str], 
     width = {k: next(a.i for a in n.attribute if a.name == "N") for k, n in nbits.items()}
     assert head == [max(width, key=width.__getitem__)] and sorted(width.values())[-2] < width[head[0]]  # the vocab
     assert report.total == len(nbits) and report.rewritten == len(nbits) - 3 and not report.skip_notes
+
+
+def test_a_float_model_gets_its_gate_up_pairs_fused(byte_model: Callable[[str], Path], cpu_library: Path,  # noqa: F811
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MatMulNBits: the kernels still make each layer's gate and up one MatMul with SiluMul; the greedy tokens
+    are the plain run's, the logits within float rounding; ONNXPIPE_KERNELS_FUSE=off leaves nothing to do."""
+    monkeypatch.delenv("ONNXPIPE_KERNELS_FUSE", raising=False)
+    said: list[str] = []
+    ours = DecoderSession(byte_model("llama"), "cpu", announce=said.append, kernels="reference")
+    plain = DecoderSession(byte_model("llama"), "cpu")
+    assert [m for m in said if m.startswith("kernels:")] == [
+        "kernels: onnxpipe 2 gate/up pairs as one with SiluMul [CPU reference kernels]"]
+    prompts = [[5, 17, 99, 3, 200, 41], [7, 7, 8]]
+    a = LanguageModel(ours, None).generate(prompts, max_new_tokens=8, stop_token_ids=[])
+    b = LanguageModel(plain, None).generate(prompts, max_new_tokens=8, stop_token_ids=[])
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    ids = np.array([prompts[0]], np.int64)
+    mask, pos = np.ones_like(ids), np.arange(ids.shape[1])[None]
+    la, lb = ours.forward(ids, mask, pos, ours.new_cache(1)), plain.forward(ids, mask, pos, plain.new_cache(1))
+    assert np.abs(la - lb).max() <= 1e-4 * np.abs(lb).max()
+    monkeypatch.setenv("ONNXPIPE_KERNELS_FUSE", "off")
+    with pytest.raises(OnnxpipeError, match=r"^kernels=reference: nothing to rewrite: the graph has no MatMulNBits"):
+        DecoderSession(byte_model("llama"), "cpu", kernels="reference")

@@ -93,11 +93,12 @@ class KernelPlan:
         built and registered only once there is a node to rewrite (a graph without one builds nothing)."""
         if not self.active or self.target is None:
             return
-        would = rewrite_matmul_nbits(proto, self.target, apply=False, skip=self.skip, logits=self.logits)
-        if would.rewritten == 0:
+        would = rewrite_matmul_nbits(proto, self.target, apply=False, skip=self.skip, logits=self.logits,
+                                     fuse=self.fuse, folder=self.folder)
+        if would.rewritten == 0 and would.fused == 0:
             self.report = would
-            self.why_off = ("nothing to rewrite: the graph has no MatMulNBits" if not would.total else
-                            f"nothing to rewrite: {would.reasons()}")
+            self.why_off = ("nothing to rewrite: the graph has no MatMulNBits and no gate/up pair to fuse"
+                            if not would.total else f"nothing to rewrite: {would.reasons()}")
             return
         if self.library is None and not self._load():
             return

@@ -1,11 +1,13 @@
-"""An MLP's gate and up projections as one MatMulInt4 and one SiluMul, in a ModelProto, in memory.
+"""An MLP's gate and up projections as one matrix product and one SiluMul, in a ModelProto, in memory.
 
-The pattern (what export + optimize + quantize give a SwiGLU MLP: Llama, Mistral, Qwen, Phi-3, ...)::
+The pattern (what export + optimize [+ quantize] give a SwiGLU MLP: Llama, Mistral, Qwen, Phi-3, ...)::
 
-    gate = MatMulNBits(x, Bg, Sg[, Zg])      up = MatMulNBits(x, Bu, Su[, Zu])
+    gate = MatMulNBits(x, Bg, Sg[, Zg])      up = MatMulNBits(x, Bu, Su[, Zu])      (int4)
+    gate = MatMul(x, Wg)                     up = MatMul(x, Wu)                     (float: W [K, N])
     s = Sigmoid(gate)   a = Mul(gate, s)     y = Mul(a, up)
 
-becomes ``gu = onnxpipe.MatMulInt4(x, [Bg; Bu], [Sg; Su][, [Zg; Zu]])`` (N = 2 N_gate) and ``y = onnxpipe.SiluMul(gu)``:
+becomes ``gu = onnxpipe.MatMulInt4(x, [Bg; Bu], [Sg; Su][, [Zg; Zu]])`` (N = 2 N_gate), or for float weights
+``gu = MatMul(x, [Wg | Wu])`` (onnxruntime's own, the weights side by side along N), and ``y = onnxpipe.SiluMul(gu)``:
 two kernels where there were five, and one weight read of 2N rows where there were two of N (the small-M kernel
 fills the GPU better the more rows it has). MatMulNBits' weights are N-major ([N, blocks, block/2], scales and zero
 points per row), so the concatenation along N is the two weights one after the other, and each output row is
@@ -50,7 +52,7 @@ def find_pairs(graph: Any, takes: Callable[[Any], bool]) -> list[Pair]:
             if name:
                 readers.setdefault(name, []).append(n)
     outputs = {o.name for o in graph.output}
-    inits = {t.name for t in graph.initializer}
+    inits = {t.name: t for t in graph.initializer}
 
     def only(value: str, op: str) -> Any:
         """The one node reading ``value``, where it is an ``op`` and the value is no graph output; else None."""
@@ -65,7 +67,7 @@ def find_pairs(graph: Any, takes: Callable[[Any], bool]) -> list[Pair]:
         if sig.op_type != "Sigmoid" or sig.domain not in ("", "ai.onnx") or len(sig.input) != 1:
             continue
         gate = producer.get(sig.input[0])
-        if gate is None or not _is_nbits(gate) or id(gate) in used:
+        if gate is None or not _is_projection(gate, inits) or id(gate) in used:
             continue
         g = gate.output[0]
         r = readers.get(g, [])
@@ -81,9 +83,9 @@ def find_pairs(graph: Any, takes: Callable[[Any], bool]) -> list[Pair]:
             continue
         other = product.input[1] if product.input[0] == silu.output[0] else product.input[0]
         up = producer.get(other)
-        if up is None or up is gate or not _is_nbits(up) or id(up) in used or only(other, "Mul") is not product:
+        if up is None or up is gate or not _is_projection(up, inits) or id(up) in used or only(other, "Mul") is not product:
             continue
-        if not _same_shape(gate, up) or gate.input[0] != up.input[0]:
+        if not _same_shape(gate, up, inits) or gate.input[0] != up.input[0]:
             continue
         if not all(name in inits for n in (gate, up) for name in n.input[1:] if name):
             continue
@@ -95,8 +97,8 @@ def find_pairs(graph: Any, takes: Callable[[Any], bool]) -> list[Pair]:
 
 
 def merge_pairs(model: Any, pairs: list[Pair], folder: Path | None, op: str) -> None:
-    """Replace each pair's five nodes by ``op`` (MatMulInt4) of the concatenated weights and a SiluMul, in place.
-    ``folder``: where the external weights lie (the model directory)."""
+    """Replace each pair's five nodes by ``op`` (MatMulInt4; MatMul for float weights) of the concatenated weights
+    and a SiluMul, in place. ``folder``: where the external weights lie (the model directory)."""
     import onnx
     from onnx import numpy_helper
 
@@ -112,19 +114,23 @@ def merge_pairs(model: Any, pairs: list[Pair], folder: Path | None, op: str) -> 
             if not gname and not uname:
                 break
             a, b = _array(inits[gname], folder), _array(inits[uname], folder)
-            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+            # MatMulNBits: N-major, flat or not (gate's rows, then up's); MatMul: [K, N], side by side along N
+            axis = 0 if _is_nbits(p.gate) else 1
+            if a.shape[:axis] + a.shape[axis + 1:] != b.shape[:axis] + b.shape[axis + 1:] or a.dtype != b.dtype:
                 raise OnnxpipeError(f"{p.gate.name} / {p.up.name}: input {slot} has shapes {a.shape} and {b.shape}")
-            merged = np.concatenate([a, b], axis=0)  # N-major, flat or not: gate's rows, then up's
+            merged = np.concatenate([a, b], axis=axis)
             name = f"{base}/gate_up_{slot}"
             graph.initializer.append(numpy_helper.from_array(merged, name))
             names.append(name)
             dropped.update((gname, uname))
-        n = _attr(p.gate, "N")
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in p.gate.attribute}
-        attrs["N"] = 2 * n
         gu = f"{base}/gate_up"
-        matmul = onnx.helper.make_node(op, [p.gate.input[0], *names], [gu], name=f"{base}/gate_up", domain=DOMAIN,
-                                       **attrs)
+        if _is_nbits(p.gate):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in p.gate.attribute}
+            attrs["N"] = 2 * _attr(p.gate, "N")
+            matmul = onnx.helper.make_node(op, [p.gate.input[0], *names], [gu], name=f"{base}/gate_up",
+                                           domain=DOMAIN, **attrs)
+        else:
+            matmul = onnx.helper.make_node("MatMul", [p.gate.input[0], *names], [gu], name=f"{base}/gate_up")
         silu_mul = onnx.helper.make_node("SiluMul", [gu], [p.product.output[0]], name=f"{base}/silu_mul",
                                          domain=DOMAIN)
         at = list(graph.node).index(p.product)
@@ -144,11 +150,29 @@ def _is_nbits(node: Any) -> bool:
     return bool(node.op_type == "MatMulNBits" and node.domain == "com.microsoft")
 
 
+def _is_projection(node: Any, inits: dict[str, Any]) -> bool:
+    """A MatMulNBits, or a MatMul of an activation by a 2-D weight initializer."""
+    if _is_nbits(node):
+        return True
+    return bool(node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2
+                and node.input[1] in inits and len(inits[node.input[1]].dims) == 2)
+
+
+def float_weight_type(node: Any, inits: dict[str, Any]) -> int | None:
+    """A MatMul projection's weight element type (onnx.TensorProto), None for MatMulNBits."""
+    return None if _is_nbits(node) else int(inits[node.input[1]].data_type)
+
+
 def _attr(node: Any, name: str) -> int:
     return next((int(a.i) for a in node.attribute if a.name == name), -1)
 
 
-def _same_shape(a: Any, b: Any) -> bool:
+def _same_shape(a: Any, b: Any, inits: dict[str, Any]) -> bool:
+    if _is_nbits(a) != _is_nbits(b):
+        return False
+    if not _is_nbits(a):
+        wa, wb = inits[a.input[1]], inits[b.input[1]]
+        return bool(list(wa.dims) == list(wb.dims) and wa.data_type == wb.data_type)
     if any(_attr(a, k) != _attr(b, k) for k in ("K", "N", "bits", "block_size")):
         return False
     za = len(a.input) > 3 and bool(a.input[3])

@@ -5,6 +5,9 @@ the rewrite is a change of op type and domain, plus the ``onnxpipe`` opset impor
 reason, where the kernels would not compute it: other bit widths, g_idx or bias inputs, float zero points, K not a
 multiple of the block, a block other than 32/64/128, or (for the CUDA kernel) activations that are not float16.
 
+With ``fuse``, an MLP's gate and up projections (MatMulNBits, or float MatMuls) become one product and an
+onnxpipe.SiluMul where the pattern holds (gate_up.py).
+
 A policy can keep more (``skip``, kinds found from the graph, never by name): ``head``, the MatMulNBits whose output
 feeds the logits (through shape, cast and elementwise ops only), and ``qkv``, a MatMulNBits whose output is an
 attention node's packed query/key/value input (GroupQueryAttention after ``optimize --target cuda``). A kind asked for
@@ -44,8 +47,10 @@ class RewriteReport:
     fused: int = 0  # gate/up pairs made one MatMulInt4 + SiluMul (gate_up.py); their nodes are counted in rewritten
 
     def line(self) -> str:
-        fused = f", {self.fused} gate/up pairs as one with SiluMul" if self.fused else ""
-        return f"{DOMAIN} {OP} on {self.rewritten} of {self.total} MatMulNBits{fused}"
+        fused = f"{self.fused} gate/up pairs as one with SiluMul" if self.fused else ""
+        if not self.total and fused:  # a float graph: only the pairs
+            return f"{DOMAIN} {fused}"
+        return f"{DOMAIN} {OP} on {self.rewritten} of {self.total} MatMulNBits" + (f", {fused}" if fused else "")
 
     def reasons(self) -> str:
         """The distinct reasons nodes were kept, with their counts ("bits=8 (2 nodes); ...")."""
@@ -77,7 +82,14 @@ def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = T
         if not found:
             report.skip_notes.append(f"skip {kind}: nothing to skip, {note}")
     skipped = {id(graph.node[i]) for i in kinds}
-    pairs = find_pairs(graph, lambda n: why_not(n, types, target) is None and id(n) not in skipped) if fuse else []
+    weight_types = {t.name: t.data_type for t in graph.initializer}
+
+    def takes(n: Any) -> bool:  # a projection the kernels would compute (a float one: SiluMul's types)
+        if _is_nbits(n):
+            return why_not(n, types, target) is None and id(n) not in skipped
+        return weight_types.get(n.input[1]) == _FLOAT16 or (target == "cpu" and weight_types.get(n.input[1]) == _FLOAT)
+
+    pairs = find_pairs(graph, takes) if fuse else []
     if folder is None:  # external weights cannot be read without the model directory: those pairs stay apart
         external = {t.name for t in graph.initializer if t.data_location == 1}  # TensorProto.EXTERNAL
         pairs = [p for p in pairs if not any(name in external for n in (p.gate, p.up) for name in n.input[1:])]
