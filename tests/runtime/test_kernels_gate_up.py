@@ -186,3 +186,21 @@ def test_float_gate_and_up_become_one_matmul_and_silu_mul(cpu_library: Path, dty
     # the CUDA kernels fuse float16 weights only (SiluMul's CUDA kernel is float16)
     fp32 = _float_mlp(rng, "fp32")
     assert rewrite_matmul_nbits(fp32, "cuda", fuse=True, apply=False).fused == 0
+
+
+def test_pairs_past_the_inline_budget_stay_apart_and_are_said(cpu_library: Path,  # noqa: F811
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merged weights are held inline in the proto: past gate_up.INLINE_MAX_BYTES the remaining pairs stay
+    two MatMulInt4 and the line says how many."""
+    from onnxpipe.runtime.kernels import gate_up
+
+    rng = np.random.default_rng(2)
+    model = _mlp(rng, True)
+    per_pair = gate_up.pair_bytes(model.graph, gate_up.find_pairs(model.graph, lambda n: True)[0])
+    assert per_pair == 2 * (N * (K // BLOCK) * (BLOCK // 2) + N * (K // BLOCK) * 4 + N * ((K // BLOCK + 1) // 2))
+    monkeypatch.setattr(gate_up, "INLINE_MAX_BYTES", per_pair - 1)
+    report = rewrite_matmul_nbits(model, "cpu", fuse=True)
+    assert report.fused == 0 and report.apart == 1 and report.rewritten == 2
+    assert report.line() == ("onnxpipe MatMulInt4 on 2 of 2 MatMulNBits, 0 gate/up pairs as one with SiluMul (1 left "
+                             "apart: merged weights past 0 MiB held in memory)")
+    assert [n.op_type for n in model.graph.node].count("MatMulInt4") == 2

@@ -32,6 +32,10 @@ from onnxpipe.confine import check_inside
 from onnxpipe.errors import OnnxpipeError
 
 DOMAIN = "onnxpipe"
+# the merged weights are held inline in the proto onnxruntime is given; past this many bytes the remaining pairs stay
+# apart (a proto near protobuf's 2 GiB cannot be serialized, and sessions.py would move it through a temporary folder
+# of its own, away from the model directory its other weights are read from)
+INLINE_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -94,6 +98,38 @@ def find_pairs(graph: Any, takes: Callable[[Any], bool]) -> list[Pair]:
         used.update((id(gate), id(up)))
         pairs.append(Pair(gate, up, sig, silu, product))
     return pairs
+
+
+def pair_bytes(graph: Any, pair: Pair) -> int:
+    """The bytes a pair's merged weights take: both projections' weight inputs, from their recorded sizes."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    inits = {t.name: t for t in graph.initializer}
+    total = 0
+    for node in (pair.gate, pair.up):
+        for name in node.input[1:]:
+            if not name:
+                continue
+            t = inits[name]
+            size = int(np.prod([int(d) for d in t.dims], dtype=np.int64))
+            width = 2 if t.data_type == onnx.TensorProto.BFLOAT16 else np.dtype(tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            total += size * width
+    return total
+
+
+def within_budget(graph: Any, pairs: list[Pair], limit: int | None = None) -> tuple[list[Pair], int]:
+    """The pairs, in graph order, whose merged weights fit ``limit`` bytes together (default INLINE_MAX_BYTES), and
+    how many were left out."""
+    limit = INLINE_MAX_BYTES if limit is None else limit
+    kept, used = [], 0
+    for pair in pairs:
+        size = pair_bytes(graph, pair)
+        if used + size > limit:
+            continue
+        kept.append(pair)
+        used += size
+    return kept, len(pairs) - len(kept)
 
 
 def merge_pairs(model: Any, pairs: list[Pair], folder: Path | None, op: str) -> None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from onnxpipe.runtime.kernels.gate_up import find_pairs, merge_pairs
+from onnxpipe.runtime.kernels import gate_up
+from onnxpipe.runtime.kernels.gate_up import find_pairs, merge_pairs, within_budget
 
 DOMAIN = "onnxpipe"
 OP = "MatMulInt4"
@@ -45,9 +46,13 @@ class RewriteReport:
     kept: dict[str, str] = field(default_factory=dict)  # node name -> reason
     skip_notes: list[str] = field(default_factory=list)  # a kind asked to skip that the graph does not have, and why
     fused: int = 0  # gate/up pairs made one MatMulInt4 + SiluMul (gate_up.py); their nodes are counted in rewritten
+    apart: int = 0  # pairs left apart: their merged weights would pass gate_up.INLINE_MAX_BYTES held in memory
 
     def line(self) -> str:
-        fused = f"{self.fused} gate/up pairs as one with SiluMul" if self.fused else ""
+        fused = f"{self.fused} gate/up pairs as one with SiluMul" if self.fused or self.apart else ""
+        if self.apart:
+            fused += (f" ({self.apart} left apart: merged weights past {gate_up.INLINE_MAX_BYTES >> 20} MiB "
+                      "held in memory)")
         if not self.total and fused:  # a float graph: only the pairs
             return f"{DOMAIN} {fused}"
         return f"{DOMAIN} {OP} on {self.rewritten} of {self.total} MatMulNBits" + (f", {fused}" if fused else "")
@@ -93,6 +98,7 @@ def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = T
     if folder is None:  # external weights cannot be read without the model directory: those pairs stay apart
         external = {t.name for t in graph.initializer if t.data_location == 1}  # TensorProto.EXTERNAL
         pairs = [p for p in pairs if not any(name in external for n in (p.gate, p.up) for name in n.input[1:])]
+    pairs, report.apart = within_budget(graph, pairs)
     paired = {id(n) for p in pairs for n in (p.gate, p.up)}
     for i, node in enumerate(graph.node):
         if not _is_nbits(node):
