@@ -8,6 +8,11 @@ environment variable ``ONNXPIPE_KERNELS``) and its graph has nodes they compute,
 back (no compiler, a failed build, a provider other than CUDA, nothing to rewrite) is an error naming it; with "auto"
 the session runs without the kernels and says why.
 
+An MLP's gate and up projections (MatMulNBits, or float16 MatMuls) become one product of 2N rows and an
+``onnxpipe.SiluMul`` where the pattern holds (``gate_up.py``; ``ONNXPIPE_KERNELS_FUSE=off`` keeps them apart), so a
+float16 model with no MatMulNBits has something to rewrite too: "kernels: onnxpipe 16 gate/up pairs as one with
+SiluMul".
+
 Which nodes they take is a policy: ``kernel_skip`` (or ``ONNXPIPE_KERNELS_SKIP``, a comma list) keeps kinds of
 MatMulNBits found from the graph (``head``: the one producing the logits; ``qkv``: an attention node's packed input)
 on onnxruntime's kernel, counted in the same line ("... on 80 of 81 MatMulNBits (kept: head (1 node))"); a kind the
