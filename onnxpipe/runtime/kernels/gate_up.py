@@ -35,7 +35,7 @@ DOMAIN = "onnxpipe"
 # the merged weights are held inline in the proto onnxruntime is given; past this many bytes the remaining pairs stay
 # apart (a proto near protobuf's 2 GiB cannot be serialized, and sessions.py would move it through a temporary folder
 # of its own, away from the model directory its other weights are read from)
-INLINE_MAX_BYTES = 1 << 30
+INLINE_MAX_BYTES = 3 << 29  # 1.5 GiB: a 1B Llama's float16 pairs (1.07 GB) all fit, under sessions.PROTO_INLINE_BYTES
 
 
 @dataclass
