@@ -192,6 +192,13 @@ def _source(model: Any) -> tuple[Any, Any]:
         return model.SerializeToString(), None
     import onnx
 
+    # its weights already outside it (in a model directory) would then be looked for beside the temporary file, or,
+    # with the session's external-data folder set, its moved ones in that directory: either reads the wrong bytes
+    outside = next((t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL), None)
+    if outside is not None:
+        raise OnnxpipeError(f"an in-memory graph of {model.ByteSize() >> 20} MiB with weights both inline and in "
+                            f"files (e.g. {outside!r}) cannot be opened: protobuf takes at most 2 GiB in one message")
+
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # saving with external data moves the weights out of the proto it is given
     tmp = tempfile.TemporaryDirectory(prefix="onnxpipe-session-")

@@ -159,3 +159,13 @@ def test_a_proto_past_the_protobuf_limit_goes_through_disk(monkeypatch):
     del session
     keep.cleanup()
     assert not folder.exists()
+
+
+def test_a_large_proto_with_weights_in_files_too_is_refused(monkeypatch, tmp_path):
+    """Moved through disk, a proto whose other weights lie in a model directory would read wrong bytes: refused."""
+    model = _add_model(np.full((2, 3), 2, np.float32))
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    monkeypatch.setattr(sessions, "PROTO_INLINE_BYTES", 0)
+    with pytest.raises(OnnxpipeError, match=r"^an in-memory graph of 0 MiB with weights both inline and in files"):
+        open_session(proto, external_data_dir=tmp_path)
