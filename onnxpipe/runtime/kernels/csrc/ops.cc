@@ -495,25 +495,33 @@ int variadic_homogeneity(const OrtCustomOp*) { return 0; }
 const char* cpu_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 const char* cuda_provider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
 
-template <ONNXTensorElementDataType T>
-OrtCustomOp make_op(bool cuda) {
+// What every op of the library shares: the API version, the provider, default memory, no variadic inputs or outputs,
+// every input and output required (an op's own callbacks then replace what differs).
+OrtCustomOp base_op(bool cuda) {
   OrtCustomOp op;
   memset(&op, 0, sizeof op);
   op.version = ONNXPIPE_ORT_API_VERSION;
-  op.GetName = op_name;
   op.GetExecutionProviderType = cuda ? cuda_provider : cpu_provider;
-  op.GetInputType = input_type<T>;
-  op.GetInputTypeCount = input_count;
-  op.GetOutputType = output_type<T>;
-  op.GetOutputTypeCount = output_count;
-  op.KernelDestroy = kernel_destroy;
-  op.GetInputCharacteristic = input_characteristic;
+  op.GetInputCharacteristic = output_characteristic;  // required
   op.GetOutputCharacteristic = output_characteristic;
   op.GetInputMemoryType = input_memory_type;
   op.GetVariadicInputMinArity = variadic_min_arity;
   op.GetVariadicInputHomogeneity = variadic_homogeneity;
   op.GetVariadicOutputMinArity = variadic_min_arity;
   op.GetVariadicOutputHomogeneity = variadic_homogeneity;
+  return op;
+}
+
+template <ONNXTensorElementDataType T>
+OrtCustomOp make_op(bool cuda) {
+  OrtCustomOp op = base_op(cuda);
+  op.GetName = op_name;
+  op.GetInputType = input_type<T>;
+  op.GetInputTypeCount = input_count;
+  op.GetOutputType = output_type<T>;
+  op.GetOutputTypeCount = output_count;
+  op.KernelDestroy = kernel_destroy;
+  op.GetInputCharacteristic = input_characteristic;  // zero_points optional
   op.CreateKernelV2 = cuda ? create_kernel<true> : create_kernel<false>;
   op.KernelComputeV2 = kernel_compute;
   return op;
@@ -594,23 +602,13 @@ size_t one(const OrtCustomOp*) { return 1; }
 
 template <ONNXTensorElementDataType T>
 OrtCustomOp make_silu_op(bool cuda) {
-  OrtCustomOp op;
-  memset(&op, 0, sizeof op);
-  op.version = ONNXPIPE_ORT_API_VERSION;
+  OrtCustomOp op = base_op(cuda);
   op.GetName = silu_name;
-  op.GetExecutionProviderType = cuda ? cuda_provider : cpu_provider;
   op.GetInputType = silu_type<T>;
   op.GetInputTypeCount = one;
   op.GetOutputType = silu_type<T>;
   op.GetOutputTypeCount = one;
   op.KernelDestroy = silu_destroy;
-  op.GetInputCharacteristic = output_characteristic;  // required
-  op.GetOutputCharacteristic = output_characteristic;
-  op.GetInputMemoryType = input_memory_type;
-  op.GetVariadicInputMinArity = variadic_min_arity;
-  op.GetVariadicInputHomogeneity = variadic_homogeneity;
-  op.GetVariadicOutputMinArity = variadic_min_arity;
-  op.GetVariadicOutputHomogeneity = variadic_homogeneity;
   op.CreateKernelV2 = cuda ? silu_create<true> : silu_create<false>;
   op.KernelComputeV2 = silu_compute;
   return op;
