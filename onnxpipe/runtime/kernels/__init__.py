@@ -164,7 +164,7 @@ def plan_kernels(mode: str, chain: Sequence[str], session_options: Any,
     whose options are ``session_options``: which kernels (``target``), or off and why. Its ``edit`` builds, registers
     and rewrites. Never raises for a reason to fall back: the plan carries it (``finish`` makes it an error for "on"
     and "reference"). ``skip``: kinds of node left to onnxruntime (``kernel_skip``), the head found from ``logits``."""
-    fuse = os.environ.get(ENV_FUSE, "on").strip().lower()
+    fuse = os.environ.get(ENV_FUSE, "on").strip().lower() if mode != "off" else "on"  # read where kernels run
     if fuse not in ("on", "off"):
         raise OnnxpipeError(f"{ENV_FUSE}={fuse!r}: choose on or off")
     plan = KernelPlan(mode, session_options=session_options, announce=announce, skip=skip, logits=logits,
