@@ -146,6 +146,7 @@ def test_the_fuse_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONNXPIPE_KERNELS_FUSE", "maybe")
     with pytest.raises(OnnxpipeError, match=r"^ONNXPIPE_KERNELS_FUSE='maybe': choose on or off$"):
         plan_kernels("reference", ["cpu"], None)
+    assert plan_kernels("off", ["cpu"], None).fuse is True  # not read where the kernels are off
 
 
 def _float_mlp(rng: np.random.Generator, dtype: str) -> onnx.ModelProto:
@@ -204,5 +205,3 @@ def test_pairs_past_the_inline_budget_stay_apart_and_are_said(cpu_library: Path,
     assert report.line() == ("onnxpipe MatMulInt4 on 2 of 2 MatMulNBits, 0 gate/up pairs as one with SiluMul (1 left "
                              "apart: merged weights past 0 MiB held in memory)")
     assert [n.op_type for n in model.graph.node].count("MatMulInt4") == 2
-    monkeypatch.setenv("ONNXPIPE_KERNELS_FUSE", "maybe")
-    assert plan_kernels("off", ["cpu"], None).fuse is True  # not read where the kernels are off
