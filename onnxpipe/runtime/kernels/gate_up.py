@@ -48,7 +48,8 @@ class Pair:
 
 
 def find_pairs(graph: Any, takes: Callable[[Any], bool]) -> list[Pair]:
-    """The gate/up patterns of ``graph`` whose two MatMulNBits ``takes`` accepts (the kernels would compute them)."""
+    """The gate/up patterns of ``graph`` whose two projections (MatMulNBits, or MatMuls of a weight initializer)
+    ``takes`` accepts (the kernels would compute them)."""
     producer = {o: n for n in graph.node for o in n.output if o}
     readers: dict[str, list[Any]] = {}
     for n in graph.node:
@@ -192,11 +193,6 @@ def _is_projection(node: Any, inits: dict[str, Any]) -> bool:
         return True
     return bool(node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2
                 and node.input[1] in inits and len(inits[node.input[1]].dims) == 2)
-
-
-def float_weight_type(node: Any, inits: dict[str, Any]) -> int | None:
-    """A MatMul projection's weight element type (onnx.TensorProto), None for MatMulNBits."""
-    return None if _is_nbits(node) else int(inits[node.input[1]].data_type)
 
 
 def _attr(node: Any, name: str) -> int:
