@@ -38,7 +38,8 @@ position, where each request first differs) and goes on.
 streams' inter-token latency before they came (quiet) and while they were read (from their arrival to the last one's
 first token), per --chunks entry (the scheduler's prefill budget: a fixed number of tokens, or `auto`, sized from the
 measured decode step and prefill times; the table gives the mean tokens a chunk read). Target: the p99 while they
-are read under 2x the quiet p50. After the tables, the slowest iterations while they were read (the scheduler's
+are read under 2x the quiet p50. The streams then go on for AFTER_GAPS more chunks each (the after window): their
+step at the contexts the read left them at, which the quiet p50 (taken before, at their shortest) understates. After the tables, the slowest iterations while they were read (the scheduler's
 trace, ``loop.TRACE_MORE``): each one's time from the last step's end split into between, admission, prefill and
 step, and what it did (prompt tokens, admissions, a lane chunk, fed or host-fed, rows before and after).
 
@@ -408,6 +409,10 @@ async def level(base: str, concurrency: int, prompts: list[list[int]], max_token
             "chunks_with_text": sum(len(r["times"]) for r in results), "server_stats": server}  # < tokens: the server joined pieces
 
 
+AFTER_GAPS = 32  # chunks each stream reads after the long prompts' read (the after window)
+AFTER_WAIT_S = 30.0  # at most this long
+
+
 async def interference(base: str, streams: list[list[int]], stream_tokens: int, longs: list[list[int]],
                        long_tokens: int, warm_tokens: int, client: str = "raw") -> dict[str, Any]:
     """Streams decode; once each has ``warm_tokens`` chunks the long prompts arrive together; once the last of them
@@ -434,11 +439,16 @@ async def interference(base: str, streams: list[list[int]], stream_tokens: int, 
     long_results = await asyncio.gather(*(long(p) for p in longs))
     read = max(r["sent"] + r["ttft"] for r in long_results)  # the last long prompt's first token
     after = (await health(base))["stats"]  # a few decode steps after the read
+    # the streams go on for AFTER_GAPS more chunks each: their quiet step at the contexts the read left them at
+    counts = [len(t) for t in live]
+    while (any(len(t) < n + AFTER_GAPS for t, n in zip(live, counts)) and not all(t.done() for t in tasks)
+           and time.perf_counter() - read < AFTER_WAIT_S):
+        await asyncio.sleep(0.002)
     for task in tasks:  # closes their connections: the server drops them
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     started = max(t[0] for t in live if t)  # every stream decoding from here
-    quiet, during, late = [], [], 0
+    quiet, during, later, late = [], [], [], 0
     for times in live:
         t = np.asarray(times)
         if len(t) < 2:
@@ -446,6 +456,7 @@ async def interference(base: str, streams: list[list[int]], stream_tokens: int, 
         gaps, ends = np.diff(t), t[1:]
         quiet += gaps[(ends <= sent) & (t[:-1] >= started)].tolist()
         during += gaps[(ends > sent) & (ends <= read)].tolist()
+        later += gaps[t[:-1] > read].tolist()
         late += int(t[-1] < read)
     chunks = after["prefill_chunks"] - before["prefill_chunks"]
     return {"streams": len(streams), "long_prompts": len(longs), "long_prompt_tokens": len(longs[0]),
@@ -459,6 +470,7 @@ async def interference(base: str, streams: list[list[int]], stream_tokens: int, 
             "streams_done_before_read": late,
             "quiet_p50_ms": 1e3 * percentile(quiet, 50), "quiet_p99_ms": 1e3 * percentile(quiet, 99),
             "during_p50_ms": 1e3 * percentile(during, 50), "during_p99_ms": 1e3 * percentile(during, 99),
+            "after_gaps": len(later), "after_p50_ms": 1e3 * percentile(later, 50) if later else float("nan"),
             "long_ttft_p50_ms": 1e3 * percentile([r["ttft"] for r in long_results], 50),
             "long_ttft_max_ms": 1e3 * max(r["ttft"] for r in long_results)}
 
@@ -758,10 +770,11 @@ def main(argv: list[str] | None = None) -> int:
             # the running streams' gaps as the server wrote them, in the client's windows (the streams' prompts
             # are --prompt-tokens long, the long ones --long-prompt-tokens)
             n = None if args.prompt_tokens == args.long_prompt_tokens else args.prompt_tokens
-            for name, lo, hi in (("quiet", row["t_started"], row["t_sent"]), ("during", row["t_sent"], row["t_read"])):
+            for name, lo, hi in (("quiet", row["t_started"], row["t_sent"]), ("during", row["t_sent"], row["t_read"]),
+                                 ("after", row["t_read"], float("inf"))):
                 gaps = server_gaps(written, lo, hi, n)
-                row[f"server_{name}_p50_ms"] = 1e3 * percentile(gaps, 50)
-                row[f"server_{name}_p99_ms"] = 1e3 * percentile(gaps, 99)
+                row[f"server_{name}_p50_ms"] = 1e3 * percentile(gaps, 50) if gaps else float("nan")
+                row[f"server_{name}_p99_ms"] = 1e3 * percentile(gaps, 99) if gaps else float("nan")
         if row is None:
             budget.skipped.append(f"long prompts, chunk {chunk} (stopped)")
             break
@@ -823,9 +836,9 @@ def print_tables(report: dict[str, Any]) -> None:
     if report["long_prompts"]:
         print("\n| prefill chunk | prefill group | chunks through CUDA graphs | tokens a chunk (mean) | streams | long "
               "prompts x tokens | read in s | running streams' inter-token ms as written: quiet p50 / p99 | while read p50 / "
-              "p99 | while-read p99 / quiet p50 | as read: quiet p50 / p99 | while read p50 / p99 | long prompts' TTFT "
+              "p99 | while-read p99 / quiet p50 | after p50 | while-read p99 / after p50 | as read: quiet p50 / p99 | while read p50 / p99 | long prompts' TTFT "
               "p50 / max ms |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in report["long_prompts"]:
         graphs = f"{r.get('read_graph_chunks', 0)} / {r['read_chunks']}" if r.get("chunk_graphs") else "off"
         if r.get("chunk_graphs") and r.get("read_graph_skipped"):
@@ -837,6 +850,8 @@ def print_tables(report: dict[str, Any]) -> None:
               f"{r.get('server_quiet_p50_ms', nan):.1f} / {r.get('server_quiet_p99_ms', nan):.1f} | "
               f"{r.get('server_during_p50_ms', nan):.1f} / {r.get('server_during_p99_ms', nan):.1f} | "
               f"{r.get('server_during_p99_ms', nan) / (r.get('server_quiet_p50_ms') or nan):.2f}x | "
+              f"{r.get('server_after_p50_ms', nan):.1f} | "
+              f"{r.get('server_during_p99_ms', nan) / (r.get('server_after_p50_ms') or nan):.2f}x | "
               f"{r['quiet_p50_ms']:.1f} / {r['quiet_p99_ms']:.1f} | {r['during_p50_ms']:.1f} / {r['during_p99_ms']:.1f} | "
               f"{r['long_ttft_p50_ms']:.0f} / {r['long_ttft_max_ms']:.0f} |"
               + (f" ({r['streams_done_before_read']} streams ended before)" if r["streams_done_before_read"] else ""))
