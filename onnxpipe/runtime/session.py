@@ -42,6 +42,11 @@ __all__ = ["DecoderSession", "KVCache", "ProviderChoice", "Transfers", "INLINE_E
 _ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 
 
+def _graphs_live(session: Any) -> bool:
+    """Whether ``session``'s CUDA EP really runs with CUDA graphs (its live options, not those asked for)."""
+    return session.get_provider_options().get("CUDAExecutionProvider", {}).get("enable_cuda_graph") == "1"
+
+
 @dataclass
 class Transfers:
     """Bytes this runtime moved between host and device (inputs it bound from numpy, outputs it read back)."""
@@ -235,6 +240,12 @@ class DecoderSession:
         self.cuda_graph = cuda_graph and self.device != "cpu" and "cuda" in self.choice.provider_options
         if cuda_graph and not self.cuda_graph:
             say(f"CUDA graphs need the CUDA EP; running on {self.provider} without them")
+        elif self.cuda_graph and not _graphs_live(self.session):  # each run would go eagerly, unsaid
+            raise OnnxpipeError(f"{self.model_dir.path}: CUDA graphs were asked for, but onnxruntime's CUDA EP runs "
+                                f"without enable_cuda_graph (its options were dropped)")
+        if self.lane is not None and self.cuda_graph and not _graphs_live(self.lane):
+            raise OnnxpipeError(f"{self.model_dir.path}: the chunk lane's session runs without CUDA graphs (onnxruntime's "
+                                f"CUDA EP dropped enable_cuda_graph)")
         self.graphs = CudaGraphs(self, ort)
         # prefills replayed as CUDA graphs too, one per (batch, capacity, prompt width): a 1B model's 128-token
         # prefill is ~230 kernels whose launches outlast their 1.7 ms on an H100. Needs the [B, 1, V] logits of

@@ -87,19 +87,21 @@ def open_session(
         so.add_external_initializers(names, keep)
     source, tmp = _source(model)
     name = name or _name(model)
-    try:
-        session = ort.InferenceSession(source, so, providers=[(p, dict(o)) if o else p for p, o in requested],
-                                       disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
-    except (MemoryError, OSError):
-        raise
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types: all mean "this graph does not load"
-        if raw_errors:
+    def make(entries: list[tuple[str, dict[str, str]]]) -> Any:
+        try:
+            return ort.InferenceSession(source, so, providers=[(p, dict(o)) if o else p for p, o in entries],
+                                        disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
+        except (MemoryError, OSError):
             raise
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        first = SHORT_NAME.get(requested[0][0], requested[0][0]) if requested else "cpu"
-        for_what = f" for {purpose}" if purpose else ""
-        raise OnnxpipeError(f"{name}: onnxruntime could not load the graph{for_what} on {first}: {text}") from None
-    session._onnxpipe_keep = (keep, tmp)  # ORT reads these in place: they live as long as the session
+        except Exception as e:  # onnxruntime's own Fail/InvalidGraph types: all mean "this graph does not load"
+            if raw_errors:
+                raise
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            first = SHORT_NAME.get(entries[0][0], entries[0][0]) if entries else "cpu"
+            for_what = f" for {purpose}" if purpose else ""
+            raise OnnxpipeError(f"{name}: onnxruntime could not load the graph{for_what} on {first}: {text}") from None
+
+    session = make(requested)
     dropped = missing_providers(session, [p for p, _ in requested])
     if dropped is not None:
         what, used = dropped
@@ -107,7 +109,18 @@ def open_session(
             for_what = f" ({purpose})" if purpose else ""
             raise OnnxpipeError(f"{name}{for_what}: onnxruntime could not start {what}; it would run on {used}: pass "
                                 f"a provider that runs here")
+        # where an EP fails to start, onnxruntime's Python retries on its default providers with no options at all
+        # (a CUDA EP without enable_cuda_graph, its attention kernel choice, ...): the session is made again on
+        # the requested providers that did start, each with its own options
+        live, kept = set(session.get_providers()), session.get_provider_options()
+        rest = [(p, o) for p, o in requested if p in live or p == CPU]
+        if any(kept.get(p, {}).get(k) != v for p, o in rest for k, v in o.items()):
+            del session  # its device memory goes before the second session takes its own
+            session = make(rest)
+            dropped = missing_providers(session, [p for p, _ in rest]) or dropped
+            what, used = dropped
         (announce or log.warning)(f"onnxruntime could not start {what}; using {used} instead")
+    session._onnxpipe_keep = (keep, tmp)  # ORT reads these in place: they live as long as the session
     return session
 
 

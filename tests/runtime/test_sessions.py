@@ -114,6 +114,45 @@ def test_a_listed_provider_that_does_not_start_is_named_as_such(monkeypatch):
     assert sessions.missing_providers(Session(), ["CPUExecutionProvider"]) is None
 
 
+def test_a_provider_that_fails_to_start_leaves_the_next_one_its_options(monkeypatch):
+    """onnxruntime's Python, when an EP fails to start (TensorRT without its libraries), retries on its default
+    providers with no options at all: the CUDA EP would run without enable_cuda_graph. The session is made again
+    on the providers that started, each with its options, and the fallback is said once."""
+    made: list[list] = []
+
+    class Session:  # onnxruntime's InferenceSession as it behaves where TensorRT's libraries are missing
+        def __init__(self, source, so, providers, disabled_optimizers=None):
+            made.append(providers)
+            names = [p[0] if isinstance(p, tuple) else p for p in providers]
+            if "TensorrtExecutionProvider" in names:  # its fallback: the default providers, no options
+                self.live = {"CUDAExecutionProvider": {"enable_cuda_graph": "0"}, "CPUExecutionProvider": {}}
+            else:
+                self.live = {p[0] if isinstance(p, tuple) else p: dict(p[1]) if isinstance(p, tuple) else {}
+                             for p in providers}
+
+        def get_providers(self):
+            return list(self.live)
+
+        def get_provider_options(self):
+            return self.live
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    lines: list[str] = []
+    session = open_session(_add_model(), [("tensorrt", {"trt_fp16_enable": "1"}), ("cuda", {"enable_cuda_graph": "1"}),
+                                          "cpu"], fallback="report", announce=lines.append)
+    assert session.get_provider_options()["CUDAExecutionProvider"]["enable_cuda_graph"] == "1"
+    assert made[-1] == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+    assert len(made) == 2 and len(lines) == 1
+    assert "TensorrtExecutionProvider (its libraries did not load" in lines[0] and lines[0].endswith("using cuda instead")
+    # where the EPs that started kept their options, one session is made
+    made.clear()
+    open_session(_add_model(), [("cuda", {"enable_cuda_graph": "1"}), "cpu"], fallback="report",
+                 announce=lines.append)
+    assert len(made) == 1
+
+
 def test_a_graph_that_does_not_load_is_one_line(tmp_path):
     bad = _add_model()
     bad.graph.node[0].op_type = "NoSuchOp"
