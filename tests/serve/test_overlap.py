@@ -85,3 +85,46 @@ def test_a_step_after_which_a_request_waits_is_processed_at_once_not_handed_to_t
     finally:
         sched._settle()
         sched._rows_thread.shutdown(wait=True)
+
+
+def test_a_steps_rows_go_to_the_rows_thread_as_the_next_step_starts(stdlib_cuda_model):
+    """The overlapped step's rows are held until the next step's run is about to start (then processed on the rows
+    thread while it runs), not handed over as their own step ends, when their processing would compete with the
+    loop's preparation of the next run; a step that is not run after them (here the end) processes them itself."""
+    lm = slot_lm(stdlib_cuda_model, True)
+    alone = make_scheduler(lm, max_batch=3, prefill_chunk=16, max_length=128)
+    alone.start()
+    try:
+        solo = result(_submit(alone, lm, PROMPTS[0], 12, []))
+    finally:
+        alone.stop()
+    sched = make_scheduler(lm, max_batch=3, prefill_chunk=16, max_length=128)
+    sched._started()
+    seen: list[tuple[bool, bool]] = []  # at each fed run's start: (rows held, rows handed over)
+    step_fed = lm.session.step_fed
+
+    def watched(cache):
+        pending = sched._pending
+        seen.append((sched._held is not None, pending is not None and pending[1] is not None))
+        return step_fed(cache)
+
+    lm.session.step_fed = watched
+    try:
+        out = _submit(sched, lm, PROMPTS[0], 12, [])
+        with sched._cond:
+            sched._admit(16)
+        sched._prefill(sched.budget.iteration(decoding=False))
+        sched._decode_step()  # host-fed: processed at once
+        sched._decode_step()  # fed, nothing pending before it: its rows held, not handed over
+        assert sched._pending is not None and sched._pending[1] is None and sched._held is not None
+        sched._decode_step()  # fed, overlapped: the held rows handed over just before its run
+        assert seen[-1] == (False, True) and sched.stats.overlapped_steps == 1
+        while sched._running:
+            sched._decode_step()
+        sched._settle()  # the last step's rows, held: processed here
+        assert sched._pending is None and sched._held is None
+        assert result(out) == solo
+    finally:
+        lm.session.step_fed = step_fed
+        sched._settle()
+        sched._rows_thread.shutdown(wait=True)
