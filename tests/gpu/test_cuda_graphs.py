@@ -67,3 +67,18 @@ def test_cuda_graphs_give_the_plain_tokens(plain_and_graphs, cases, case):
     got = token_lists(graphs.generate(batch, **options))
     assert [len(t) for t in expected] == [len(t) for t in got]
     assert got == expected
+
+
+def test_auto_keeps_the_cuda_eps_options(gpu_llama_cuda_form: Path):
+    """``provider="auto"`` on this GPU: whether or not TensorRT's libraries load (onnxruntime-gpu lists TensorRT
+    either way, and where they do not load onnxruntime's Python retried on its default providers without options),
+    a session asked for CUDA graphs runs its CUDA EP with ``enable_cuda_graph``; run 37 found auto replaying nothing."""
+    from onnxpipe.runtime import load
+
+    lm = load(gpu_llama_cuda_form, "auto", cuda_graph=True, announce=lambda m: None)
+    if lm.provider != "cuda":
+        pytest.skip(f"auto ran on {lm.provider} here")
+    live = lm.session.session.get_provider_options()["CUDAExecutionProvider"]
+    assert live["enable_cuda_graph"] == "1" and lm.session.cuda_graph
+    a = lm.generate(prompts(lm.session.vocab_size, [7]), max_new_tokens=8, stop_token_ids=[])
+    assert len(token_lists(a)[0]) == 8
