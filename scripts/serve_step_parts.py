@@ -8,9 +8,11 @@ Every argument is load_test.py's. In this process (the server's), each decode st
 (``SlotScheduler._decode_step``) is timed, and inside it: the time before its call into the CUDA graphs (``pre``),
 that call (``step_lane`` or ``step_fed``), and within it the uploads, onnxruntime's run (``run_graph``) and the
 read-back; the wait for the rows thread (``settle``) and a prompt's join. The rows thread's processing of each step
-is timed on that thread. Printed after load_test's tables: p50, p99 and mean (ms) of each part over the steps of at
-least --streams rows, lane steps (a chunk in the step's run) apart from the others; every step's parts go to
-``<--json>.steps.json``. Wrapping costs a few microseconds a call. On the CPU no step goes through the CUDA graphs:
+is timed on that thread, and each prefill run outside the steps (``RowPrefill.run``, ``run_chunk``, ``run_group``).
+Printed after load_test's tables: p50, p99 and mean (ms) of each part over the steps of at least --streams rows,
+lane steps (a chunk in the step's run) apart from the others, and with --json each level's timed window split into
+decode steps, prefill runs (by kind) and the rest (the loop between them, admission, waiting for requests); every
+step's parts go to ``<--json>.steps.json``. Wrapping costs a few microseconds a call. On the CPU no step goes through the CUDA graphs:
 there ``pre``, ``step_*``, the uploads and the read-back are absent.
 """
 
@@ -30,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 _local = threading.local()  # the step being timed on this thread: its parts
 STEPS: list[dict[str, Any]] = []
 PROCESSED: list[float] = []  # the rows thread's _process, seconds each
+# the prefill runs outside the decode steps (RowPrefill.run / run_chunk / run_group): (start, seconds, kind, tokens)
+PREFILLS: list[tuple[float, float, str, int]] = []
 _clock = time.perf_counter
 
 
@@ -55,13 +59,14 @@ def _timed(owner: Any, name: str, key: str) -> None:
 def install() -> None:
     """The wrappers, on the classes (every scheduler and session of this process)."""
     from onnxpipe.runtime import cuda_graphs, session
-    from onnxpipe.serve import slots
+    from onnxpipe.serve import row_prefill, slots
 
     step = slots.SlotScheduler._decode_step
 
     def decode_step(self: Any) -> None:
+        began = _clock()
         parts: dict[str, Any] = {"lane": self._lane is not None, "overlapped": self._pending is not None,
-                                 "rows": len(self._running), "_began": _clock()}
+                                 "rows": len(self._running), "_began": began, "at": began}
         _local.parts = parts
         try:
             step(self)
@@ -79,6 +84,24 @@ def install() -> None:
         finally:
             PROCESSED.append(_clock() - began)
 
+    def prefill_timed(name: str) -> None:
+        inner = getattr(row_prefill.RowPrefill, name)
+
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(_local, "in_prefill", False):  # a run inside another (run_chunk's uncaptured run): counted once
+                return inner(self, *args, **kwargs)
+            began, _local.in_prefill = _clock(), True
+            try:
+                return inner(self, *args, **kwargs)
+            finally:
+                _local.in_prefill = False
+                tokens = sum(map(len, args[1])) if name == "run_group" else len(args[1])
+                PREFILLS.append((began, _clock() - began, name, tokens))
+
+        setattr(row_prefill.RowPrefill, name, wrapper)
+
+    for name in ("run", "run_chunk", "run_group"):
+        prefill_timed(name)
     slots.SlotScheduler._decode_step = decode_step  # type: ignore[method-assign]
     slots.SlotScheduler._process = processed  # type: ignore[method-assign]
     _timed(slots.SlotScheduler, "_settle", "settle")
@@ -94,11 +117,30 @@ def install() -> None:
 def summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """p50, p99 and mean ms of each part over ``steps`` (a part a step did not have counts 0)."""
     out: dict[str, Any] = {"steps": len(steps)}
-    for key in sorted({k for s in steps for k, v in s.items() if isinstance(v, float)}):
+    for key in sorted({k for s in steps for k, v in s.items() if isinstance(v, float) and k != "at"}):
         ms = np.array([s.get(key, 0.0) for s in steps]) * 1e3
         out[key] = [round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 99)), 3),
                     round(float(ms.mean()), 3)]
     return out
+
+
+def timeline(start: float, end: float) -> dict[str, Any]:
+    """Where the server's thread spent the window [start, end] (perf_counter seconds, the load test's timed window of
+    one level): in decode steps, in prefill runs outside them (by kind: seconds, runs, tokens), and the rest (the
+    loop's Python between them, admission, and waiting for requests), all in seconds."""
+    steps = [s for s in STEPS if start <= s["at"] < end]
+    runs = [r for r in PREFILLS if start <= r[0] < end]
+    by_kind: dict[str, list[float]] = {}
+    for _, seconds, kind, tokens in runs:
+        entry = by_kind.setdefault(kind, [0.0, 0, 0])
+        entry[0] += seconds
+        entry[1] += 1
+        entry[2] += tokens
+    step_s, prefill_s = sum(s["total"] for s in steps), sum(r[1] for r in runs)
+    return {"window_s": round(end - start, 4), "decode_steps": len(steps), "decode_s": round(step_s, 4),
+            "prefill_s": round(prefill_s, 4),
+            "prefill_by_kind": {k: [round(v[0], 4), v[1], v[2]] for k, v in sorted(by_kind.items())},
+            "rest_s": round(end - start - step_s - prefill_s, 4)}
 
 
 def main(argv: list[str]) -> int:
@@ -116,6 +158,11 @@ def main(argv: list[str]) -> int:
     print("\nThe decode steps of at least", streams, "rows, by part: [p50, p99, mean] ms")
     for name, value in report.items():
         print(f"- {name}: {json.dumps(value)}")
+    if "--json" in argv:  # each level's timed window, split (prefill by kind: [seconds, runs, tokens])
+        rows = json.loads(Path(argv[argv.index("--json") + 1]).read_text()).get("levels", [])
+        report["timeline"] = {str(r["concurrency"]): timeline(r["start"], r["end"]) for r in rows if "start" in r}
+        for level, split in report["timeline"].items():
+            print(f"- {level} streams, the timed window: {json.dumps(split)}")
     if "--json" in argv:
         path = Path(argv[argv.index("--json") + 1])
         path.with_name(path.stem + ".steps.json").write_text(json.dumps({"summary": report, "steps": STEPS}))
