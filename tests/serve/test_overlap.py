@@ -128,3 +128,54 @@ def test_a_steps_rows_go_to_the_rows_thread_as_the_next_step_starts(stdlib_cuda_
         lm.session.step_fed = step_fed
         sched._settle()
         sched._rows_thread.shutdown(wait=True)
+
+
+def test_a_request_that_ends_leaves_the_next_step_fed_and_the_others_their_solo_tokens(stdlib_cuda_model):
+    """Driven by hand: two greedy requests read in one iteration, one of 4 new tokens, one of 16. When the first
+    ends, its row is released without a host-fed step (fed steps go on advancing it within its own row, unread): the
+    only host-fed step is the first, and the second request still gets its solo tokens."""
+    lm = slot_lm(stdlib_cuda_model, True)
+    alone = make_scheduler(lm, max_batch=3, prefill_chunk=16, max_length=128)
+    alone.start()
+    try:
+        solo = [result(_submit(alone, lm, PROMPTS[i], n, [])) for i, n in ((0, 4), (2, 16))]
+    finally:
+        alone.stop()
+    sched = make_scheduler(lm, max_batch=3, prefill_chunk=16, max_length=128)
+    sched._started()
+    try:
+        short, long = _submit(sched, lm, PROMPTS[0], 4, []), _submit(sched, lm, PROMPTS[2], 16, [])
+        with sched._cond:
+            sched._admit(16)
+        sched._prefill(sched.budget.iteration(decoding=False))  # both prompts (3 and 7 tokens) read whole
+        assert len(sched._running) == 2
+        while sched._running:
+            sched._decode_step()
+        sched._settle()
+        assert [result(short), result(long)] == solo
+        assert sched.stats.steps - sched.stats.fed_steps == 1  # the first step alone went up from the host
+        assert sched.table.free_rows() == 3
+    finally:
+        sched._settle()
+        sched._rows_thread.shutdown(wait=True)
+
+
+def test_an_ended_row_without_room_for_the_fed_steps_writes_takes_a_host_fed_step(stdlib_cuda_model):
+    """``_ended``: the fed steps left are bounded by the released row's room (capacity - its count - 2); where it has
+    none (it ended at the end of its capacity), the next step goes up from the host (``_changed``)."""
+    lm = slot_lm(stdlib_cuda_model, True)
+    sched = make_scheduler(lm, max_batch=3, prefill_chunk=16, max_length=128)
+    capacity = sched.table.capacity
+    row = sched.table.take()
+    sched.table.counts[row] = 100
+    sched._changed, sched._fed_left = False, 1000
+    sched._ended(row)
+    assert not sched._changed and sched._fed_left == capacity - 103 and sched.table.free_rows() == 3
+    row = sched.table.take()
+    sched.table.counts[row] = capacity - 3
+    sched._ended(row)
+    assert sched._changed and sched.table.free_rows() == 3
+    sched._changed, sched._fed_left = False, 0  # nothing fed may follow anyway (the next step goes up): as before
+    row = sched.table.take()
+    sched._ended(row)
+    assert sched._changed
