@@ -450,7 +450,7 @@ class SlotScheduler(BatchLoop):
         # an overlapped step's rows are the fed step's before it, unchanged: greedy (argmax) still
         want = "argmax" if overlap else self._want(running)
         # fed: the step before wrote this one's inputs on the device, no row joined since, and the rows
-        # being read (and those released since the last host-fed step) have room for one more write (``_fed_left``)
+        # being read are parked where one more step writes within their rows (``_fed_left``)
         fed = want == "argmax" and not self._changed and self._fed_left > 0 and s.can_feed(self.cache)
         if overlap and not fed:  # a row being read would be written past its end: host-fed, parked there again
             self._settle()
