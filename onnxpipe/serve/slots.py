@@ -202,7 +202,7 @@ class SlotScheduler(BatchLoop):
         # every step runs all rows)
         self.prefix = RowPrefix(lm, self.cache) if s.device == "cpu" and not s.cuda_graph else None
         self._admitted: list[Request] = []  # holding a row, their prompts being read, in order of admission
-        self._changed = True  # a row joined or was moved (or left without room: _ended) since the last decode step
+        self._changed = True  # a row joined or left (or was moved) since the last decode step
         # where decode steps may be fed on the device (CUDA graphs with the step tail), a row being read is parked at
         # its prompt's full length (``SlotTable.take``'s park): a prompt's chunks before its last then leave the
         # fed pipeline as it was (no host-fed step after them, the step's rows still processed on the rows thread).
@@ -449,7 +449,7 @@ class SlotScheduler(BatchLoop):
         running = self._pending[0] if overlap else self._running  # type: ignore[index]
         # an overlapped step's rows are the fed step's before it, unchanged: greedy (argmax) still
         want = "argmax" if overlap else self._want(running)
-        # fed: the step before wrote this one's inputs on the device, no row joined since, and the rows
+        # fed: the step before wrote this one's inputs on the device, no row joined or left since, and the rows
         # being read are parked where one more step writes within their rows (``_fed_left``)
         fed = want == "argmax" and not self._changed and self._fed_left > 0 and s.can_feed(self.cache)
         if overlap and not fed:  # a row being read would be written past its end: host-fed, parked there again
