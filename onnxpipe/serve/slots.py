@@ -28,7 +28,7 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
 - A decode step is one ``forward`` of every row (with CUDA graphs), or on the CPU of the rows up to the last decoding
   one (``RowPrefix``): [rows, 1] ids, each row's mask sum and position its own.
   Where the session's graph slot has the step tail (greedy steps writing their own next inputs, as ``generate``
-  uses them), a step of greedy rows with no change since the step before (no row joined or moved) is fed on the
+  uses them), a step of greedy rows with no change since the step before (no row joined or left) is fed on the
   device (``step_fed``): nothing goes up, and its rows are processed on the rows thread while the next step runs
   (a row leaving is no change: ``_ended``). Rows not decoding then advance on the device too, writing one entry
   further each such step, all within the row's capacity: a free row from 0, never past the longest running row's
