@@ -29,11 +29,10 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
   one (``RowPrefix``): [rows, 1] ids, each row's mask sum and position its own.
   Where the session's graph slot has the step tail (greedy steps writing their own next inputs, as ``generate``
   uses them), a step of greedy rows with no change since the step before (no row joined or left) is fed on the
-  device (``step_fed``): nothing goes up, and its rows are processed on the rows thread while the next step runs
-  (a row leaving is no change: ``_ended``). Rows not decoding then advance on the device too, writing one entry
-  further each such step, all within the row's capacity: a free row from 0, never past the longest running row's
-  end; a row released since the last host-fed step from where its request ended, within its room; a row being
-  read from where it is parked (``parks``): at its prompt's full length, the position its own first decode step writes, so such writes land
+  device (``step_fed``): nothing goes up, and its rows are processed on the rows thread while the next step runs.
+  Rows not decoding then advance on the device too, writing one entry further each such step: a free row from 0,
+  never past the longest running row's end (all within the row's capacity); a row being read from where it is
+  parked (``parks``): at its prompt's full length, the position its own first decode step writes, so such writes land
   only on entries its own decode steps write before they read them (a step at position p writes p, then attends to
   positions up to p) and no chunk of its prompt writes. So a long prompt's chunk before its last leaves the pipeline
   as it was: the next step is still fed (the chunk's run, captured or not, writes none of the decode step's input
