@@ -619,22 +619,9 @@ class SlotScheduler(BatchLoop):
         kept = {id(r) for r in keep}
         for req in running:
             if id(req) not in kept:
-                self._ended(req.slot)
+                self.table.release(req.slot)
+                self._changed = True
         self._running = keep
-
-    def _ended(self, row: int) -> None:
-        """The row of a request that ended, released. Where decode steps are fed on the device (``parks``) they go on
-        advancing it as they advance every row: one entry a step further from where it was, within its own row and
-        unread, until a host-fed step puts it back at 0 (a free row's place). So its request's end needs no host-fed
-        step while those writes stay within the row: the fed steps left are bounded by its room (its count, +1 for
-        the step already run past it and +1 to spare) rather than the next step going up from the host; a row with
-        no room left (ended by length at the end of its capacity) still takes a host-fed step."""
-        room = self.table.capacity - 3 - int(self.table.counts[row])
-        self.table.release(row)
-        if self.parks and room > 0 and self._fed_left > 0:
-            self._fed_left = min(self._fed_left, room)
-        else:
-            self._changed = True
 
     def _settle(self) -> None:
         """The step whose rows are being processed on the rows thread, waited for and applied."""
