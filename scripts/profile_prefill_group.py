@@ -1,0 +1,103 @@
+"""How a serving prefill run costs against generate's: ``RowPrefill.run_group`` of k whole prompts into rows of the
+slot layout's shared KV buffer, at several k and row capacities, beside ``generate``'s prefill of the same k prompts.
+
+    python scripts/profile_prefill_group.py /tmp/serve-1b/cuda --provider cuda --cuda-graph \
+        --groups 1,4,8,16,32 --capacities 256,1024,4096 --json $OUT/prefill-group.json
+
+At 32 streams the served run loses to the offline batch mostly in its group prefill runs (docs/serve.md, run 40):
+this times them apart. Each row: the median of --repeats calls after one untimed call (first-use costs), in
+milliseconds, and per 1,024 prompt tokens. ``generate`` makes one new token, so its figure is its prefill plus one
+decode step and its own set-up (with CUDA graphs: a captured prefill graph replayed). Random prompt ids from a seeded
+generator; the model's numbers are not looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def ints(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def timed(call: Any, repeats: int) -> float:
+    """The median seconds of ``repeats`` calls after one untimed call."""
+    call()
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - began)
+    return float(np.median(times))
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", type=Path, help="a CUDA-form model directory (optimize --target cuda)")
+    p.add_argument("--provider", default="cpu")
+    p.add_argument("--cuda-graph", action="store_true")
+    p.add_argument("--groups", type=ints, default=[1, 4, 8, 16, 32], help="prompts in one run (k)")
+    p.add_argument("--capacities", type=ints, default=[256, 2048], help="the rows' capacities (--max-length)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.prompt_tokens < 1 or args.repeats < 1:
+        p.error("--prompt-tokens and --repeats must be at least 1")
+
+    from onnxpipe.errors import OnnxpipeError
+    from onnxpipe.runtime import load
+    from onnxpipe.serve.slots import SlotScheduler
+
+    try:
+        lm = load(args.model_dir, args.provider, cuda_graph=args.cuda_graph, announce=lambda m: None)
+    except OnnxpipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(0)
+    vocab = lm.session.vocab_size
+    most = max(args.groups)
+    prompts = rng.integers(5, vocab, (most, args.prompt_tokens)).tolist()
+    rows: list[dict[str, Any]] = []
+    for capacity in args.capacities:
+        if capacity <= args.prompt_tokens:
+            print(f"skipped: capacity {capacity} does not hold a {args.prompt_tokens}-token prompt", file=sys.stderr)
+            continue
+        sched = SlotScheduler(lm, max_batch=most, max_length=capacity, prefill_group=most)
+        for k in args.groups:
+            group = partial(sched.rows.run_group, 0, prompts[:k], 0)
+            rows.append({"run": "run_group", "k": k, "capacity": sched.cache.capacity,
+                         "ms": timed(group, args.repeats) * 1e3})
+        del sched, group
+    for k in args.groups:
+        seconds = timed(partial(lm.generate, prompts[:k], max_new_tokens=1, stop_token_ids=[]), args.repeats)
+        rows.append({"run": "generate (prefill + 1 step)", "k": k, "capacity": None, "ms": seconds * 1e3})
+    for row in rows:
+        row["ms_per_1024_tokens"] = row["ms"] * 1024 / (row["k"] * args.prompt_tokens)
+    print(f"{lm.session.model_dir.path}, provider {lm.provider}, CUDA graphs {lm.session.cuda_graph}, "
+          f"{args.prompt_tokens}-token prompts, median of {args.repeats}")
+    print("| run | prompts (k) | row capacity | ms | ms per 1,024 prompt tokens |\n|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['run']} | {row['k']} | {row['capacity'] or '-'} | {row['ms']:.2f} | "
+              f"{row['ms_per_1024_tokens']:.2f} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                         "model_dir": str(args.model_dir), "provider": lm.provider,
+                                         "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
