@@ -1,5 +1,7 @@
 """How a serving prefill run costs against generate's: ``RowPrefill.run_group`` of k whole prompts into rows of the
-slot layout's shared KV buffer, at several k and row capacities, beside ``generate``'s prefill of the same k prompts.
+slot layout's shared KV buffer, at several k and row capacities, reading back each row's logits [k, vocab] or only
+their argmax (what the scheduler asks for a group of greedy requests), beside ``generate``'s prefill of the same k
+prompts.
 
     python scripts/profile_prefill_group.py /tmp/serve-1b/cuda --provider cuda --cuda-graph \
         --groups 1,4,8,16,32 --capacities 256,1024,4096 --json $OUT/prefill-group.json
@@ -76,9 +78,10 @@ def main(argv: list[str]) -> int:
             continue
         sched = SlotScheduler(lm, max_batch=most, max_length=capacity, prefill_group=most)
         for k in args.groups:
-            group = partial(sched.rows.run_group, 0, prompts[:k], 0)
-            rows.append({"run": "run_group", "k": k, "capacity": sched.cache.capacity,
-                         "ms": timed(group, args.repeats) * 1e3})
+            for want in ("logits", "argmax"):  # [k, vocab] float32 back, or the greedy rows' first tokens [k]
+                group = partial(sched.rows.run_group, 0, prompts[:k], 0, want)
+                rows.append({"run": f"run_group ({want})", "k": k, "capacity": sched.cache.capacity,
+                             "ms": timed(group, args.repeats) * 1e3})
         del sched, group
     for k in args.groups:
         seconds = timed(partial(lm.generate, prompts[:k], max_new_tokens=1, stop_token_ids=[]), args.repeats)

@@ -83,14 +83,16 @@ class RowPrefill:
             self.run_options = ort.RunOptions()
             self.run_options.add_run_config_entry("gpu_graph_id", "-1")
 
-    def run(self, row: int, ids: list[int], start: int, logits: bool = True) -> np.ndarray | None:
+    def run(self, row: int, ids: list[int], start: int, logits: bool = True,
+            want: str = "logits") -> np.ndarray | None:
         """Write prompt tokens ``ids`` at positions ``start``... of ``row``; returns the logits of the last one
-        [1, vocab] (float32), or with ``logits=False`` None (nothing read back)."""
+        [1, vocab] (float32), with ``want="argmax"`` just its argmax [1], or with ``logits=False`` None (nothing
+        read back)."""
         if start + len(ids) > self.capacity:
             raise OnnxpipeError(f"{start + len(ids)} positions do not fit a row of {self.capacity}")
         return self._run(row, np.asarray(ids, np.int64)[None, :], np.ones((1, start + len(ids)), np.int64),
                          np.arange(start, start + len(ids), dtype=np.int64)[None, :], np.array([len(ids) - 1]),
-                         f"a prefill into row {row} ({len(ids)} tokens from position {start})", logits)
+                         f"a prefill into row {row} ({len(ids)} tokens from position {start})", logits, want)
 
     def run_chunk(self, row: int, ids: list[int], start: int, pad_id: int = 0,
                   logits: bool = True) -> tuple[np.ndarray | None, str]:
@@ -140,9 +142,10 @@ class RowPrefill:
                 captured += out[1]
         return captured
 
-    def run_group(self, first: int, prompts: list[list[int]], pad_id: int = 0) -> np.ndarray:
+    def run_group(self, first: int, prompts: list[list[int]], pad_id: int = 0, want: str = "logits") -> np.ndarray:
         """Whole prompts into the adjacent rows ``first``, ``first + 1``... in one run of [k, width] (width: the
-        longest prompt); returns each row's logits of its last prompt token [k, vocab] (float32).
+        longest prompt); returns each row's logits of its last prompt token [k, vocab] (float32), or with
+        ``want="argmax"`` just their argmax [k] (the greedy rows' first tokens: nothing else read back).
 
         Shorter prompts are right-padded, and the padding runs as tokens of the row: every row's mask sums to
         ``width``, so the graph reads the k rows as k prompts of one length from position 0 (onnxruntime's
@@ -162,15 +165,20 @@ class RowPrefill:
             ids[i, :len(p)] = p
         last = np.array([len(p) - 1 for p in prompts], np.int64)
         out = self._run(first, ids, np.ones((k, width), np.int64), np.tile(np.arange(width, dtype=np.int64), (k, 1)),
-                        last, f"a prefill of {k} prompts into rows {first}-{first + k - 1} ({width} tokens each)")
+                        last, f"a prefill of {k} prompts into rows {first}-{first + k - 1} ({width} tokens each)",
+                        want=want)
         assert out is not None
         return out
 
     def _run(self, row: int, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, last: np.ndarray,
-             what: str, logits: bool = True) -> np.ndarray | None:
+             what: str, logits: bool = True, want: str = "logits") -> np.ndarray | None:
         """One run of ``ids`` [k, n] into rows ``row``... (contiguous in each buffer, bound by address): each row's
-        logits at its position ``last[i]`` of the run [k, vocab] (float32), or with ``logits=False`` None: the
-        logits stay where the run wrote them (the device), unread."""
+        logits at its position ``last[i]`` of the run [k, vocab] (float32), with ``want="argmax"`` their argmax [k],
+        or with ``logits=False`` None: the logits stay where the run wrote them (the device), unread. The position is
+        picked, cast and (argmax) reduced by the session's head graph where the run wrote the logits
+        (``DecoderSession._select``), as the session's own steps do: on the host, casting [32, vocab] float16 logits
+        to float32 took 7.7 ms on the H100's host, more than a third of a 32-prompt group run (docs/serve.md, run
+        40)."""
         s, k = self.session, ids.shape[0]
         io = s.session.io_binding()
         # first, so get_outputs()[0]; [k, 1, vocab] with the last-position head; on the device, as the session's
@@ -194,9 +202,8 @@ class RowPrefill:
             raise OnnxpipeError(f"{s.model_dir.path}: onnxruntime failed on {what}: {text}") from None
         if not logits:
             return None
-        out = io.get_outputs()[0].numpy()
         at = np.zeros(k, np.int64) if s.last_position else last
-        return np.asarray(out[np.arange(k), at], np.float32)
+        return s._select(io.get_outputs()[0], at, want)
 
     def _input(self, io: Any, name: str, array: np.ndarray) -> None:
         if self.device == "cpu":

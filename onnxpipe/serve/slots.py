@@ -336,7 +336,8 @@ class SlotScheduler(BatchLoop):
             try:
                 began = time.perf_counter()
                 if req in shorts or self._read_whole(req):  # read in one run
-                    logits, how = self.rows.run(req.slot, prompt[start:end], start, logits=joins), "whole"
+                    logits, how = self.rows.run(req.slot, prompt[start:end], start, logits=joins,
+                                                want=self._want([req])), "whole"
                 else:  # a long prompt's chunk (in the row ``_admit`` gave it)
                     logits, how = self.rows.run_chunk(req.slot, prompt[start:end], start, self.table.pad_id,
                                                       logits=joins)
@@ -396,7 +397,7 @@ class SlotScheduler(BatchLoop):
             prompts = [r.row.prompt for r in members]
             try:
                 began = time.perf_counter()
-                logits = self.rows.run_group(first, prompts, self.table.pad_id)
+                logits = self.rows.run_group(first, prompts, self.table.pad_id, want=self._want(members))
                 allowance.ran(max(map(len, prompts)), 0, time.perf_counter() - began, rows=rows,
                               learn=not self.rows.chunk_graphs)
             except Exception as e:  # these requests fail; the others go on

@@ -90,13 +90,13 @@ def recorded_groups(monkeypatch):
     runs: list[list[int]] = []
     original = RowPrefill.run_group
 
-    def run_group(self, first, prompts, pad_id=0):
+    def run_group(self, first, prompts, pad_id=0, want="logits"):
         rows = list(range(first, first + len(prompts)))
         runs.append(rows)
         others = [r for r in range(int(self.values[0].shape()[0])) if r not in rows]
         # bytes, not values: a slot's buffers start uninitialised, NaN in places (never equal to itself)
         before = [v.numpy()[others].tobytes() for v in self.values]
-        logits = original(self, first, prompts, pad_id)
+        logits = original(self, first, prompts, pad_id, want)
         assert all(b == v.numpy()[others].tobytes() for b, v in zip(before, self.values))
         return logits
 
@@ -144,10 +144,10 @@ def test_a_client_gone_during_its_group_run_frees_its_row(stdlib_cuda_model, mon
     reqs[1].emit = events.append  # every event the gone client would get
     original, rows = RowPrefill.run_group, {}
 
-    def run_group(self, first, prompts, pad_id=0):
+    def run_group(self, first, prompts, pad_id=0, want="logits"):
         reqs[1].cancel()  # the client of the 40-token prompt disconnects mid-run
         rows["gone"] = reqs[1].slot
-        return original(self, first, prompts, pad_id)
+        return original(self, first, prompts, pad_id, want)
 
     monkeypatch.setattr(RowPrefill, "run_group", run_group)
     sched.start()
@@ -165,11 +165,11 @@ def test_a_failed_group_run_fails_its_requests_and_the_next_are_served(stdlib_cu
     sched = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=128, prefill_group=4)
     original, calls = RowPrefill.run_group, []
 
-    def flaky(self, first, prompts, pad_id=0):
+    def flaky(self, first, prompts, pad_id=0, want="logits"):
         calls.append(len(prompts))
         if len(calls) == 1:
             raise OnnxpipeError("injected group fault")
-        return original(self, first, prompts, pad_id)
+        return original(self, first, prompts, pad_id, want)
 
     monkeypatch.setattr(RowPrefill, "run_group", flaky)
     outs = [submit(sched, lm, p, 5)[0] for p in PROMPTS[:3]]
@@ -226,8 +226,8 @@ def test_the_load_test_check_fails_on_a_difference_where_exact_and_reports_it_wh
     lm = load(stdlib_cuda_model, "cpu", threads=1)
     original = RowPrefill.run_group
 
-    def rounded(self, first, prompts, pad_id=0):
-        logits = original(self, first, prompts, pad_id)
+    def rounded(self, first, prompts, pad_id=0, want="logits"):
+        logits = original(self, first, prompts, pad_id)  # the logits, whatever was asked: the rows' choice planted
         if len(prompts) > 1:  # the second-best token wins in every row of a group: a first token that differs
             logits[np.arange(len(prompts)), np.argsort(logits, axis=1)[:, -2]] += 1e3
         return logits
@@ -241,3 +241,35 @@ def test_the_load_test_check_fails_on_a_difference_where_exact_and_reports_it_wh
         script.check_equal(lm, make, 4, 64, "auto", np.random.default_rng(0), exact=True)
     line = script.check_equal(lm, make, 4, 64, "auto", np.random.default_rng(0), exact=False)
     assert line.startswith("check-equal (prefill group 4, exactness not promised): ") and "at token 0" in line
+
+
+def test_a_group_of_greedy_requests_reads_back_only_their_first_tokens(stdlib_cuda_model, monkeypatch):
+    """``want="argmax"``: each row's argmax of the logits a run gives otherwise, taken where the run wrote them (the
+    session's head graph), so nothing of [k, vocab] comes back; the scheduler asks it of a group whose requests are
+    all greedy (without a repetition penalty) and the logits of a group with a sampled request."""
+    lm = load(stdlib_cuda_model, "cpu", threads=1)
+    prompts = [PROMPTS[i] for i in (0, 3, 2)]
+    rows = RowPrefill(lm, lm.session.new_cache(4, capacity=96).values)
+    logits = rows.run_group(0, prompts)
+    ids = rows.run_group(0, prompts, want="argmax")
+    assert logits.shape[0] == 3 and logits.dtype == np.float32
+    assert ids.shape == (3,) and ids.dtype == np.int64 and ids.tolist() == np.argmax(logits, axis=1).tolist()
+    assert rows.run(1, PROMPTS[1], 0, want="argmax").tolist() == [int(np.argmax(rows.run(1, PROMPTS[1], 0)))]
+    asked: list[tuple[int, str]] = []
+    original = RowPrefill.run_group
+
+    def run_group(self, first, prompts, pad_id=0, want="logits"):
+        asked.append((len(prompts), want))
+        return original(self, first, prompts, pad_id, want)
+
+    monkeypatch.setattr(RowPrefill, "run_group", run_group)
+    for options, expected in (({}, "argmax"), ({"temperature": 0.9, "top_k": 50, "seed": 3}, "logits")):
+        asked.clear()
+        sched = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=128, prefill_group=4)
+        outs = [submit(sched, lm, PROMPTS[0], 4)[0], submit(sched, lm, PROMPTS[2], 4, **options)[0]]
+        sched.start()
+        try:
+            assert all(len(result(q)) == 4 for q in outs)
+        finally:
+            sched.stop()
+        assert asked == [(2, expected)]

@@ -17,12 +17,13 @@ def test_the_rows_are_timed_and_written(stdlib_cuda_model, tmp_path, capsys):
                   "--repeats", "1", "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["run"], r["k"]) for r in rows] == [("run_group", 1), ("run_group", 2),
+    assert [(r["run"], r["k"]) for r in rows] == [("run_group (logits)", 1), ("run_group (argmax)", 1),
+                                                   ("run_group (logits)", 2), ("run_group (argmax)", 2),
                                                    ("generate (prefill + 1 step)", 1), ("generate (prefill + 1 step)", 2)]
     assert all(r["ms"] > 0 and r["ms_per_1024_tokens"] == pytest.approx(r["ms"] * 1024 / (r["k"] * 8)) for r in rows)
     assert rows[0]["capacity"] >= 64
     captured = capsys.readouterr()
-    assert "skipped: capacity 8" in captured.err and "| run_group | 2 |" in captured.out
+    assert "skipped: capacity 8" in captured.err and "| run_group (argmax) | 2 |" in captured.out
 
 
 def test_bad_options_exit_with_one_line(stdlib_cuda_model, tmp_path, capsys):
