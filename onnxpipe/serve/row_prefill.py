@@ -178,7 +178,7 @@ class RowPrefill:
         picked, cast and (argmax) reduced by the session's head graph where the run wrote the logits
         (``DecoderSession._select``), as the session's own steps do: on the host, casting [32, vocab] float16 logits
         to float32 took 7.7 ms on the H100's host, more than a third of a 32-prompt group run (docs/serve.md, run
-        40)."""
+        41)."""
         s, k = self.session, ids.shape[0]
         io = s.session.io_binding()
         # first, so get_outputs()[0]; [k, 1, vocab] with the last-position head; on the device, as the session's
