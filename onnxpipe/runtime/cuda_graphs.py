@@ -23,7 +23,7 @@ import numpy as np
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.chunk_lane import CHUNK_IDS, CHUNK_LAST, CHUNK_LOGITS, CHUNK_MASK, CHUNK_POSITIONS, chunk_name
-from onnxpipe.runtime.helper_graphs import step_head_graph
+from onnxpipe.runtime.helper_graphs import patch_graph, step_head_graph
 from onnxpipe.runtime.kv_cache import KVCache
 from onnxpipe.runtime.last_position import LAST_INDEX
 from onnxpipe.runtime.step_tail import NEXT_IDS, NEXT_MASK, NEXT_POSITIONS
@@ -104,6 +104,7 @@ class GraphHost(Protocol):
     def _buffer(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
     def _device_type(self) -> str: ...
     def _helper(self, proto: Any) -> Any: ...
+    def _bind_input(self, io: Any, name: str, array: np.ndarray, session: Any = None) -> None: ...
     def _onnx_dtype(self) -> int: ...
     def _run_graph(self, io: Any, run_options: Any, what: str, session: Any = None) -> None: ...
     def _failed(self, e: Exception, what: str) -> None: ...
@@ -220,6 +221,7 @@ class CudaGraphs:
         self.graph_ids = 0
         self.lane_graph_ids = 0  # the lane session's own graph ids
         self.slots_dropped = 0  # slots let go to keep at most GRAPH_SLOTS_MAX (their graph ids never rerun)
+        self._patch: Any = None  # the helper session of ``patch_rows`` (made at its first use)
 
     # ---- the session's entry points ----
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -265,6 +267,43 @@ class CudaGraphs:
         slot = self.slots[(cache.batch, cache.capacity or 0)]
         self._run_slot(slot, cache)
         return self._next_ids(slot)
+
+    def patch_rows(self, cache: KVCache, rows: list[int], ids: list[int], places: list[int]) -> bool:
+        """Set rows ``rows`` of a primed slot's next decode inputs on the device, as a host-fed step would upload
+        them for those rows: token ``ids[i]`` written at position ``places[i]`` (its mask ``places[i] + 1`` ones),
+        the other rows as the step before wrote them; so a row that joins or is parked needs no host-fed step for
+        every row. A small helper graph (``helper_graphs.patch_graph``) whose outputs are bound to the buffers it
+        reads, run on the calling thread between two steps. False (nothing done) where the next step could not be
+        fed anyway (``can_feed``)."""
+        if not self.can_feed(cache):
+            return False
+        host = self.host
+        slot = self.slots[(cache.batch, cache.capacity or 0)]
+        if any(not 0 <= r < cache.batch for r in rows) or any(not 0 <= p < slot.capacity for p in places):
+            raise OnnxpipeError(f"no row {rows} / position {places} in a slot of {cache.batch} x {slot.capacity}")
+        if self._patch is None:
+            self._patch = host._helper(patch_graph(host.has_position_ids))
+        sel = np.zeros((cache.batch, 1), bool)
+        new_ids, new_places = np.zeros((cache.batch, 1), np.int64), np.zeros((cache.batch, 1), np.int64)
+        sel[rows, 0], new_ids[rows, 0], new_places[rows, 0] = True, ids, places
+        io = self._patch.io_binding()
+        io.bind_ortvalue_input("ids", slot.ids)
+        io.bind_ortvalue_input("mask", slot.mask)
+        io.bind_ortvalue_output("ids_out", slot.ids)
+        io.bind_ortvalue_output("mask_out", slot.mask)
+        small = {"sel": sel, "new_ids": new_ids, "new_counts": new_places + 1}
+        if host.has_position_ids:
+            io.bind_ortvalue_input("positions", slot.positions)
+            io.bind_ortvalue_output("positions_out", slot.positions)
+            small["new_positions"] = new_places
+        for name, array in small.items():
+            host._bind_input(io, name, array, session=self._patch)
+        try:
+            self._patch.run_with_iobinding(io)
+        except Exception as e:
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise OnnxpipeError(f"onnxruntime failed on a decode slot's row patch: {text}") from None
+        return True
 
     # ---- slots ----
     def slot(self, batch: int, capacity: int) -> _GraphSlot:

@@ -68,3 +68,30 @@ def _model(trace: Callable[..., Any], name: str, inputs: list[ir.Value], outputs
     model = ir.to_proto(ir.Model(graph, ir_version=IR_VERSION))
     onnx.checker.check_model(model)
     return model
+
+
+def patch_graph(with_positions: bool) -> Any:
+    """A decode slot's next inputs with some rows set anew: ids [B, 1], mask [B, C] (and positions [B, 1]), which
+    rows (sel [B, 1] bool), and their new token, mask sum and position ([B, 1] int64 each) -> the inputs, those rows
+    replaced (the mask's row: new_counts ones from the left), the others as they were. Element by element, so its
+    outputs may be bound to the buffers its inputs are read from (as the step tail's are)."""
+
+    def trace(op: Any, ids: ir.Value, mask: ir.Value, sel: ir.Value, new_ids: ir.Value, new_counts: ir.Value,
+              *positions: ir.Value) -> list[ir.Value]:
+        width = op.Gather(op.Shape(mask), op.Constant(value_int=1))
+        columns = op.Unsqueeze(op.Range(op.Constant(value_int=0), width, op.Constant(value_int=1)),
+                               op.Constant(value_ints=[0]))
+        row_mask = op.Cast(op.Less(columns, new_counts), to=INT64)
+        out = [op.Where(sel, new_ids, ids), op.Where(sel, row_mask, mask)]
+        if positions:
+            out.append(op.Where(sel, positions[1], positions[0]))
+        return out
+
+    inputs = [_value("ids", INT64, ["B", 1]), _value("mask", INT64, ["B", "C"]),
+              _value("sel", ir.DataType.BOOL, ["B", 1]), _value("new_ids", INT64, ["B", 1]),
+              _value("new_counts", INT64, ["B", 1])]
+    outputs = [_value("ids_out", INT64, ["B", 1]), _value("mask_out", INT64, ["B", "C"])]
+    if with_positions:
+        inputs += [_value("positions", INT64, ["B", 1]), _value("new_positions", INT64, ["B", 1])]
+        outputs.append(_value("positions_out", INT64, ["B", 1]))
+    return _model(trace, "onnxpipe_slot_patch", inputs, outputs)

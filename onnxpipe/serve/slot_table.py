@@ -147,6 +147,15 @@ class SlotTable:
         mask = (np.arange(int(sums.max()))[None, :] < sums[:, None]).astype(np.int64)
         return ids, mask, places[:, None]
 
+    def row_inputs(self, rows: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(token, place) of each of ``rows`` for the next decode step, as ``step_inputs`` gives them: a decoding
+        row's last token at its count, a row being prefilled a pad at the larger of its count and its park, a free
+        row a pad at 0."""
+        rows = list(rows)
+        places = np.maximum(self.counts[rows], self.park[rows])
+        ids = np.where(self.state[rows] == DECODING, self.tokens[rows], self.pad_id)
+        return [int(t) for t in ids], [int(p) for p in places]
+
     def parked_room(self) -> int:
         """After a host-fed step (``step_inputs``): how many decode steps fed on the device may follow before one of
         the rows being prefilled would be written past its last position (each such step writes those rows one entry

@@ -28,8 +28,10 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
 - A decode step is one ``forward`` of every row (with CUDA graphs), or on the CPU of the rows up to the last decoding
   one (``RowPrefix``): [rows, 1] ids, each row's mask sum and position its own.
   Where the session's graph slot has the step tail (greedy steps writing their own next inputs, as ``generate``
-  uses them), a step of greedy rows with no change since the step before (no row joined or left) is fed on the
-  device (``step_fed``): nothing goes up, and its rows are processed on the rows thread while the next step runs.
+  uses them), a greedy step is fed on the device (``step_fed``): nothing goes up, and its rows are processed on the
+  rows thread while the next step runs. A row that changes (a prompt admitted, a row joining, moved by a group run
+  or freed) has its own next inputs set on the device before that step (``_on_device``, ``CudaGraphs.patch_rows``:
+  a small graph writing only those rows), so the change costs no host-fed step of every row.
   Rows not decoding then advance on the device too, writing one entry further each such step: a free row from 0,
   never past the longest running row's end (all within the row's capacity); a row being read from where it is
   parked (``parks``): at its prompt's full length, the position its own first decode step writes, so such writes land
@@ -40,8 +42,8 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
   for it (its count is the table's once it joins), and it reads no logits back (``logits=False``). Where the parked
   rows' room past their prompts (``SlotTable.parked_room``: at least their replies' length) would run out, a
   host-fed step parks them there again. A run that ends a prompt (the row joins, its logits read), a group run and
-  any admission first wait for the step being processed (``_settle``), and the next step is host-fed. Elsewhere
-  (no step tail, or the CPU's plain steps) every step is host-fed and a row being read is parked at what it holds.
+  any admission first wait for the step being processed (``_settle``). Elsewhere (no step tail, or the CPU's plain
+  steps) every step is host-fed and a row being read is parked at what it holds.
 - With the chunk lane (``chunk_lane``, opt-in, on top of chunk graphs), a long prompt's chunks in the graph rows are
   not run on their own while streams decode: each iteration hands one to its decode step, whose run reads it too
   (``CudaGraphs.step_lane``, ``runtime/chunk_lane.py``), fed or host-fed; the prompt's last chunk's logits give its
@@ -74,7 +76,7 @@ from onnxpipe.serve.budget import Allowance
 from onnxpipe.serve.loop import BatchLoop, Request
 from onnxpipe.serve.row_prefill import RowPrefill, chunk_inputs, chunk_width
 from onnxpipe.serve.rows_worker import Job, RowsWorker
-from onnxpipe.serve.slot_table import SlotTable
+from onnxpipe.serve.slot_table import PREFILLING, SlotTable
 
 DEFAULT_MAX_LENGTH = 2048  # a row's tokens (prompt and reply) unless max_length says otherwise
 DEFAULT_PREFILL_GROUP = 1  # prompts read in one run: each its own unless asked (docs/serve.md, "On a GPU")
@@ -201,7 +203,7 @@ class SlotScheduler(BatchLoop):
         # every step runs all rows)
         self.prefix = RowPrefix(lm, self.cache) if s.device == "cpu" and not s.cuda_graph else None
         self._admitted: list[Request] = []  # holding a row, their prompts being read, in order of admission
-        self._changed = True  # a row joined or left (or was moved) since the last decode step
+        self._changed = True  # a change since the last decode step that the next must upload (``_on_device``)
         # where decode steps may be fed on the device (CUDA graphs with the step tail), a row being read is parked at
         # its prompt's full length (``SlotTable.take``'s park): a prompt's chunks before its last then leave the
         # fed pipeline as it was (no host-fed step after them, the step's rows still processed on the rows thread).
@@ -258,11 +260,13 @@ class SlotScheduler(BatchLoop):
     def _admit(self, budget: int) -> None:
         if self._waiting:
             self._settle()  # rows that ended in the step being processed free their places first
+        rows = []
         while self._waiting and self.table.free_rows():
             req = self._waiting.popleft()
             req.slot = self._take_row(len(req.row.prompt))
             self._admitted.append(req)
-            self._changed = True
+            rows.append(req.slot)
+        self._on_device(rows)  # each parked at its prompt's length
 
     def _take_row(self, prompt: int) -> int:
         """The row a prompt of ``prompt`` tokens takes: the lowest free one, or the highest where it is read in chunks
@@ -386,11 +390,12 @@ class SlotScheduler(BatchLoop):
         counted as one run by the budget; each request then samples its first token and decodes. A failed run fails
         its requests alone. Returns the prompt tokens read."""
         self._settle()  # rows move and join self._running: the step being processed is applied first
-        self._changed = True
         # the other prompts not yet begun may give up their rows for the group's run of adjacent rows
         others = [r for r in self._admitted if r.prefilled == 0 and r not in group]
+        moved = {r.slot for r in group + others}  # the rows they held, and below the rows they hold
         for req, row in zip(group + others, self.table.place([r.slot for r in group], [r.slot for r in others])):
             req.slot = row
+            moved.add(row)
         read = 0
         for members in _adjacent(group):
             first, rows = members[0].slot, len(members)
@@ -422,6 +427,7 @@ class SlotScheduler(BatchLoop):
                     self._fail(req, e)
                     continue
                 self._joined(req)
+        self._on_device(sorted(moved))  # every row a member or another prompt left or took, as it is now
         return read
 
     def _joined(self, req: Request) -> None:
@@ -449,7 +455,7 @@ class SlotScheduler(BatchLoop):
         running = self._pending[0] if overlap else self._running  # type: ignore[index]
         # an overlapped step's rows are the fed step's before it, unchanged: greedy (argmax) still
         want = "argmax" if overlap else self._want(running)
-        # fed: the step before wrote this one's inputs on the device, no row joined or left since, and the rows
+        # fed: the step before wrote this one's inputs on the device (and ``_on_device`` any changed row's), and the rows
         # being read are parked where one more step writes within their rows (``_fed_left``)
         fed = want == "argmax" and not self._changed and self._fed_left > 0 and s.can_feed(self.cache)
         if overlap and not fed:  # a row being read would be written past its end: host-fed, parked there again
@@ -565,7 +571,6 @@ class SlotScheduler(BatchLoop):
         """A prompt read to its end: its row joins the running rows (the step being processed applied first), its
         first token taken from its last run's logits [1, vocab]; the next step is host-fed."""
         self._settle()
-        self._changed = True
         try:
             self.table.prefilled(req.slot, len(req.row.prompt))
             self._admitted.remove(req)
@@ -575,6 +580,7 @@ class SlotScheduler(BatchLoop):
             self._fail(req, e)
             return
         self._joined(req)
+        self._on_device([req.slot])
 
     def _lane_failed(self, failed: tuple[Request, Exception] | None) -> None:
         """A chunk of the lane's prompt that could not be read: its request fails, the others go on."""
@@ -618,11 +624,32 @@ class SlotScheduler(BatchLoop):
             self._running = keep
             return
         kept = {id(r) for r in keep}
-        for req in running:
-            if id(req) not in kept:
-                self.table.release(req.slot)
-                self._changed = True
+        freed = [req.slot for req in running if id(req) not in kept]
+        for row in freed:
+            self.table.release(row)
         self._running = keep
+        self._on_device(freed)  # each a free row again: a pad at 0
+
+    def _on_device(self, rows: list[int]) -> None:
+        """Rows whose next decode inputs changed (a prompt admitted and parked, a row joined, moved or freed): set
+        on the device where the next step may still be fed (``CudaGraphs.patch_rows``, each row's token and place as
+        the table gives them), so that they cost no host-fed step of every row; the fed steps left are bounded by
+        the room of the rows being read. Elsewhere (no step tail, the CPU's plain steps, a slot not yet primed,
+        another change already pending, no room) the next step goes up from the host (``_changed``)."""
+        if not rows:
+            return
+        t = self.table
+        parked = [int(max(t.counts[r], t.park[r])) for r in rows if t.state[r] == PREFILLING]
+        room = min((t.capacity - 1 - place for place in parked), default=self._fed_left)
+        if not self.parks or self._changed or self._fed_left <= 0 or room <= 0:
+            self._changed = True
+            return
+        ids, places = t.row_inputs(rows)
+        if not self.lm.session.graphs.patch_rows(self.cache, rows, ids, places):
+            self._changed = True
+            return
+        self._fed_left = min(self._fed_left, room)
+        self.stats.row_patches += len(rows)
 
     def _settle(self) -> None:
         """The step whose rows are being processed on the rows thread, waited for and applied."""

@@ -142,14 +142,15 @@ def test_a_long_prompt_read_beside_fed_steps_leaves_them_fed_and_every_stream_it
         monkeypatch.setattr(RowPrefill, "run", run)
     got, held, sched, log = _read_beside_streams(lm, LONG, 10, chunk_graphs=chunk_graphs)
     assert got == want
-    # 7 chunks, one an iteration, a decode step after each: after the first (the row was just admitted: host-fed)
-    # and before the last, every step fed on the device, its rows left to the rows thread (still pending when the
-    # next chunk ran), and from the second such step on overlapped with the step before's rows; the last chunk's
-    # row joins: the next step host-fed
+    # 7 chunks, one an iteration, a decode step after each, every one fed on the device: the row just admitted is
+    # parked there (its inputs patched: ``_on_device``), and so is its first token when the last chunk's row joins;
+    # every step's rows left to the rows thread (still pending when the next chunk ran), each step overlapped with
+    # the step before's rows but the first (the admission waits for them) and the last (so does the join)
     assert [c for c, *_ in log] == [1] * 7
-    assert [f for _, f, _, _ in log] == [0] + [1] * 5 + [0]
-    assert [o for _, _, o, _ in log] == [0, 0] + [1] * 4 + [0]
-    assert [p for *_, p in log] == [False] + [True] * 5 + [False]
+    assert [f for _, f, _, _ in log] == [1] * 7
+    assert [o for _, _, o, _ in log] == [0] + [1] * 5 + [0]
+    assert [p for *_, p in log] == [True] * 7
+    assert sched.stats.row_patches >= 2 and sched.stats.steps - sched.stats.fed_steps == 1  # the streams' first
     assert asked == [False] * 6 + [True]  # only the last chunk read its logits back
     if chunk_graphs:
         assert sched.stats.graph_chunks == 7
@@ -170,8 +171,9 @@ def test_a_row_parked_at_what_it_holds_gets_a_fed_steps_write_over_its_prompt(st
 
 def test_fed_steps_stop_where_a_parked_row_would_pass_its_capacity(stdlib_cuda_model):
     """A prompt of capacity - 6 tokens (with 2 new ones) read beside fed steps: parked at its length, 5 positions are
-    left past it, so at most 5 fed steps follow a host-fed one while it is read, then a host-fed step parks it there
-    again; its tokens and keys and values are still exactly its own."""
+    left past it, so at most 5 fed steps follow its parking (on the device as it is admitted, then by host-fed steps)
+    while it is read, then a host-fed step parks it there again; its tokens and keys and values are still exactly
+    its own."""
     lm = slot_lm(stdlib_cuda_model, True)
     capacity = 256
     prompt = rng.integers(5, 4000, capacity - 6).tolist()
@@ -179,9 +181,9 @@ def test_fed_steps_stop_where_a_parked_row_would_pass_its_capacity(stdlib_cuda_m
     want = [plain.generate(p, max_new_tokens=n, stop_token_ids=[]).token_ids for p, n in STREAMS + [(prompt, 2)]]
     got, held, sched, log = _read_beside_streams(lm, prompt, 2, max_length=capacity)
     assert sched.cache.capacity == capacity and got == want
-    # 16 chunks (250 tokens); the steps after them: host-fed (admitted), 5 fed, host-fed (re-parked), 5 fed,
-    # host-fed, 2 fed, host-fed (the last chunk's row joins)
-    assert [f for _, f, _, _ in log] == [0] + [1] * 5 + [0] + [1] * 5 + [0, 1, 1, 0]
+    # 16 chunks (250 tokens); the steps after them: 5 fed (the row parked on the device as it was admitted, 5
+    # positions of room), host-fed (re-parked), 5 fed, host-fed, 4 fed (the last chunk's row joins on the device)
+    assert [f for _, f, _, _ in log] == [1] * 5 + [0] + [1] * 5 + [0] + [1] * 4
     alone = _chunks_alone(plain, prompt, 4, capacity)
     assert all(np.array_equal(h, ref) for h, ref in zip(held, alone))
 
