@@ -31,3 +31,49 @@ def test_patched_rows_take_their_token_and_place_and_the_others_keep_theirs(stdl
     assert positions[:, 0].tolist() == [before[2][0, 0], 20, before[2][2, 0], 0]
     with pytest.raises(OnnxpipeError, match="no row"):
         graphs.patch_rows(cache, [4], [1], [0])
+
+
+def test_requests_arriving_while_steps_are_fed_get_their_solo_tokens(stdlib_cuda_model):
+    """Requests of 3-100 tokens, a quarter sampled, submitted one by one while the loop runs (so they are admitted,
+    grouped, joined and freed between fed steps, their rows set on the device): each gets the tokens it gets alone."""
+    import queue
+    import time
+
+    from onnxpipe.serve.scheduler import make_scheduler
+
+    lm = slot_lm(stdlib_cuda_model, True)
+    rng = np.random.default_rng(5)
+    asks = []
+    for i in range(16):
+        prompt = rng.integers(5, 4000, int(rng.choice([3, 7, 12, 40, 70, 100]))).tolist()
+        sampled = {"temperature": 0.8, "top_k": 20, "seed": i} if rng.random() < 0.25 else {}
+        asks.append((prompt, int(rng.integers(2, 30)), sampled))
+
+    def submit(sched, prompt, n, opts):
+        out: queue.Queue = queue.Queue()
+        sched.submit(lm.prepare(prompt, max_new_tokens=n, stop_token_ids=[], **opts),
+                     lambda e: out.put(e) if e[0] in ("done", "error") else None)
+        return out
+
+    def tokens(out):
+        kind, value = out.get(timeout=120)
+        assert kind == "done", value
+        return list(value.token_ids)
+
+    alone = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=160, prefill_group=4)
+    alone.start()
+    try:
+        solo = [tokens(submit(alone, *ask)) for ask in asks]
+    finally:
+        alone.stop()
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=160, prefill_group=4)
+    sched.start()
+    try:
+        outs = []
+        for ask in asks:
+            outs.append(submit(sched, *ask))
+            time.sleep(0.003)
+        assert [tokens(out) for out in outs] == solo
+        assert sched.stats.failed == 0 and sched.stats.row_patches > 0 and sched.stats.fed_steps > 0
+    finally:
+        sched.stop()
