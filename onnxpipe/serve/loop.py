@@ -73,6 +73,7 @@ class SchedulerStats:
     fed_steps: int = 0  # of them, steps whose inputs the step before wrote on the device (CUDA-graph step tail)
     overlapped_steps: int = 0  # of them, steps run while the step before's rows were processed (slot layout)
     row_patches: int = 0  # rows whose next inputs were set on the device as they joined, moved or left (slot layout)
+    row_patch_error: str = ""  # why setting a row's inputs on the device failed (changes then go up from the host)
     prefill_chunks: int = 0
     prefill_tokens: int = 0  # prompt tokens read by those chunks
     graph_chunks: int = 0  # of the chunks, long prompts' chunks run through a captured CUDA graph (slot layout)

@@ -635,7 +635,8 @@ class SlotScheduler(BatchLoop):
         on the device where the next step may still be fed (``CudaGraphs.patch_rows``, each row's token and place as
         the table gives them), so that they cost no host-fed step of every row; the fed steps left are bounded by
         the room of the rows being read. Elsewhere (no step tail, the CPU's plain steps, a slot not yet primed,
-        another change already pending, no room) the next step goes up from the host (``_changed``)."""
+        another change already pending, no room, or after a patch failed: ``stats.row_patch_error``) the next step
+        goes up from the host (``_changed``), which writes every row's inputs."""
         if not rows:
             return
         t = self.table
@@ -645,7 +646,12 @@ class SlotScheduler(BatchLoop):
             self._changed = True
             return
         ids, places = t.row_inputs(rows)
-        if not self.lm.session.graphs.patch_rows(self.cache, rows, ids, places):
+        try:
+            patched = not self.stats.row_patch_error and self.lm.session.graphs.patch_rows(self.cache, rows, ids,
+                                                                                        places)
+        except OnnxpipeError as e:  # kept, and every later change goes up from the host (its inputs rewritten)
+            self.stats.row_patch_error, patched = str(e)[:300], False
+        if not patched:
             self._changed = True
             return
         self._fed_left = min(self._fed_left, room)

@@ -77,3 +77,46 @@ def test_requests_arriving_while_steps_are_fed_get_their_solo_tokens(stdlib_cuda
         assert sched.stats.failed == 0 and sched.stats.row_patches > 0 and sched.stats.fed_steps > 0
     finally:
         sched.stop()
+
+
+def test_a_failing_patch_is_reported_and_changes_go_up_from_the_host(stdlib_cuda_model, monkeypatch):
+    """Where setting rows on the device fails, the error is kept in the stats, no patch is tried again, and every
+    change makes the next step host-fed: the requests still get their solo tokens."""
+    import queue
+
+    from onnxpipe.runtime.cuda_graphs import CudaGraphs
+    from onnxpipe.serve.scheduler import make_scheduler
+
+    lm = slot_lm(stdlib_cuda_model, True)
+    prompts = [np.random.default_rng(i).integers(5, 4000, n).tolist() for i, n in enumerate((3, 40, 7))]
+
+    def run(sched):
+        outs = []
+        for p in prompts:
+            out: queue.Queue = queue.Queue()
+            sched.submit(lm.prepare(p, max_new_tokens=12, stop_token_ids=[]),
+                         lambda e, out=out: out.put(e) if e[0] in ("done", "error") else None)
+            outs.append(out)
+        sched.start()
+        try:
+            got = []
+            for out in outs:
+                kind, value = out.get(timeout=120)
+                assert kind == "done", value
+                got.append(list(value.token_ids))
+            return got
+        finally:
+            sched.stop()
+
+    solo = run(make_scheduler(lm, max_batch=1, prefill_chunk=16, max_length=128))  # one at a time
+    calls = []
+
+    def broken(self, *args):
+        calls.append(args)
+        raise OnnxpipeError("injected patch fault")
+
+    monkeypatch.setattr(CudaGraphs, "patch_rows", broken)
+    sched = make_scheduler(lm, max_batch=2, prefill_chunk=16, max_length=128)
+    got = run(sched)
+    assert got == solo
+    assert sched.stats.row_patch_error == "injected patch fault" and len(calls) == 1 and sched.stats.failed == 0
