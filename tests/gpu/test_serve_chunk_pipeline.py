@@ -90,21 +90,9 @@ def test_a_long_prompt_read_in_the_chunk_lane_beside_streams(gpu_llama_cuda_form
 
 def test_patched_rows_on_the_cuda_slot(gpu_llama_cuda_form: Path):
     """``CudaGraphs.patch_rows`` on the CUDA EP: the helper graph's outputs bound to the slot's device buffers it
-    reads (tests/serve/test_row_patch.py does the same on the CPU stand-in)."""
-    import numpy as np
+    reads (tests/serve/test_row_patch.py runs the same check on the CPU stand-in)."""
+    from serve.test_row_patch import check_patched_rows
 
     from onnxpipe.runtime import load
 
-    lm = load(gpu_llama_cuda_form, "cuda", cuda_graph=True)
-    s = lm.session
-    cache = s.new_cache(4, capacity=64)
-    counts = np.array([5, 9, 2, 30])
-    mask = (np.arange(counts.max())[None, :] < counts[:, None]).astype(np.int64)
-    s.forward(np.array([[11], [12], [13], [14]]), mask, (counts - 1)[:, None], cache, want="argmax")
-    slot = s.graphs.slots[(4, cache.capacity)]
-    before = slot.ids.numpy().copy(), slot.positions.numpy().copy()
-    assert slot.primed and s.graphs.patch_rows(cache, [1, 3], [42, 0], [20, 0])
-    ids, m, positions = slot.ids.numpy(), slot.mask.numpy(), slot.positions.numpy()
-    assert ids[:, 0].tolist() == [before[0][0, 0], 42, before[0][2, 0], 0]
-    assert m.sum(axis=1).tolist() == [counts[0] + 1, 21, counts[2] + 1, 1]
-    assert positions[:, 0].tolist() == [before[1][0, 0], 20, before[1][2, 0], 0]
+    check_patched_rows(load(gpu_llama_cuda_form, "cuda", cuda_graph=True))

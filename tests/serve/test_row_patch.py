@@ -11,8 +11,10 @@ from serve.test_slots import slot_lm
 from onnxpipe.errors import OnnxpipeError
 
 
-def test_patched_rows_take_their_token_and_place_and_the_others_keep_theirs(stdlib_cuda_model):
-    lm = slot_lm(stdlib_cuda_model, True)
+def check_patched_rows(lm) -> None:
+    """On a fresh slot of 4 rows: refused before any step; after a step whose tail wrote the next inputs, rows 1 and
+    3 set anew (a token at position 20, a free row's pad at 0), rows 0 and 2 as the tail left them. Shared with the
+    GPU tier (tests/gpu/test_serve_chunk_pipeline.py)."""
     s = lm.session
     graphs = s.graphs
     cache = s.new_cache(4, capacity=64)
@@ -31,6 +33,10 @@ def test_patched_rows_take_their_token_and_place_and_the_others_keep_theirs(stdl
     assert positions[:, 0].tolist() == [before[2][0, 0], 20, before[2][2, 0], 0]
     with pytest.raises(OnnxpipeError, match="no row"):
         graphs.patch_rows(cache, [4], [1], [0])
+
+
+def test_patched_rows_take_their_token_and_place_and_the_others_keep_theirs(stdlib_cuda_model):
+    check_patched_rows(slot_lm(stdlib_cuda_model, True))
 
 
 def test_requests_arriving_while_steps_are_fed_get_their_solo_tokens(stdlib_cuda_model):
