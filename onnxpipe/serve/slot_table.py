@@ -139,10 +139,10 @@ class SlotTable:
         rows = self.rows if rows is None else rows
         if not 1 <= rows <= self.rows:
             raise OnnxpipeError(f"a step runs 1 to {self.rows} rows, not {rows}")
-        places = np.maximum(self.counts[:rows], self.park[:rows])  # park: 0 but for rows being prefilled
+        ids, places = self._next(slice(0, rows))
         if (places + 1 > self.capacity).any():
             raise OnnxpipeError(f"a row is full ({self.capacity} positions)")
-        ids = np.where(self.state[:rows] == DECODING, self.tokens[:rows], self.pad_id)[:, None].astype(np.int64)
+        ids = ids[:, None].astype(np.int64)
         sums = places + 1
         mask = (np.arange(int(sums.max()))[None, :] < sums[:, None]).astype(np.int64)
         return ids, mask, places[:, None]
@@ -151,10 +151,14 @@ class SlotTable:
         """(token, place) of each of ``rows`` for the next decode step, as ``step_inputs`` gives them: a decoding
         row's last token at its count, a row being prefilled a pad at the larger of its count and its park, a free
         row a pad at 0."""
-        rows = list(rows)
-        places = np.maximum(self.counts[rows], self.park[rows])
-        ids = np.where(self.state[rows] == DECODING, self.tokens[rows], self.pad_id)
+        ids, places = self._next(list(rows))
         return [int(t) for t in ids], [int(p) for p in places]
+
+    def _next(self, rows: slice | list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's next token (a pad but for decoding rows) and place (the larger of its count and its park; the
+        park is 0 but for rows being prefilled)."""
+        places = np.maximum(self.counts[rows], self.park[rows])
+        return np.where(self.state[rows] == DECODING, self.tokens[rows], self.pad_id), places
 
     def parked_room(self) -> int:
         """After a host-fed step (``step_inputs``): how many decode steps fed on the device may follow before one of

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from serve.test_slots import slot_lm
+from serve.test_slots import result, slot_lm, submit
 
 from onnxpipe.errors import OnnxpipeError
 
@@ -42,7 +42,6 @@ def test_patched_rows_take_their_token_and_place_and_the_others_keep_theirs(stdl
 def test_requests_arriving_while_steps_are_fed_get_their_solo_tokens(stdlib_cuda_model):
     """Requests of 3-100 tokens, a quarter sampled, submitted one by one while the loop runs (so they are admitted,
     grouped, joined and freed between fed steps, their rows set on the device): each gets the tokens it gets alone."""
-    import queue
     import time
 
     from onnxpipe.serve.scheduler import make_scheduler
@@ -54,32 +53,20 @@ def test_requests_arriving_while_steps_are_fed_get_their_solo_tokens(stdlib_cuda
         prompt = rng.integers(5, 4000, int(rng.choice([3, 7, 12, 40, 70, 100]))).tolist()
         sampled = {"temperature": 0.8, "top_k": 20, "seed": i} if rng.random() < 0.25 else {}
         asks.append((prompt, int(rng.integers(2, 30)), sampled))
-
-    def submit(sched, prompt, n, opts):
-        out: queue.Queue = queue.Queue()
-        sched.submit(lm.prepare(prompt, max_new_tokens=n, stop_token_ids=[], **opts),
-                     lambda e: out.put(e) if e[0] in ("done", "error") else None)
-        return out
-
-    def tokens(out):
-        kind, value = out.get(timeout=120)
-        assert kind == "done", value
-        return list(value.token_ids)
-
     alone = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=160, prefill_group=4)
     alone.start()
     try:
-        solo = [tokens(submit(alone, *ask)) for ask in asks]
+        solo = [list(result(submit(alone, lm, p, n, **o)[0])) for p, n, o in asks]
     finally:
         alone.stop()
     sched = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=160, prefill_group=4)
     sched.start()
     try:
         outs = []
-        for ask in asks:
-            outs.append(submit(sched, *ask))
+        for p, n, o in asks:
+            outs.append(submit(sched, lm, p, n, **o)[0])
             time.sleep(0.003)
-        assert [tokens(out) for out in outs] == solo
+        assert [list(result(out)) for out in outs] == solo
         assert sched.stats.failed == 0 and sched.stats.row_patches > 0 and sched.stats.fed_steps > 0
     finally:
         sched.stop()
@@ -88,8 +75,6 @@ def test_requests_arriving_while_steps_are_fed_get_their_solo_tokens(stdlib_cuda
 def test_a_failing_patch_is_reported_and_changes_go_up_from_the_host(stdlib_cuda_model, monkeypatch):
     """Where setting rows on the device fails, the error is kept in the stats, no patch is tried again, and every
     change makes the next step host-fed: the requests still get their solo tokens."""
-    import queue
-
     from onnxpipe.runtime.cuda_graphs import CudaGraphs
     from onnxpipe.serve.scheduler import make_scheduler
 
@@ -97,20 +82,10 @@ def test_a_failing_patch_is_reported_and_changes_go_up_from_the_host(stdlib_cuda
     prompts = [np.random.default_rng(i).integers(5, 4000, n).tolist() for i, n in enumerate((3, 40, 7))]
 
     def run(sched):
-        outs = []
-        for p in prompts:
-            out: queue.Queue = queue.Queue()
-            sched.submit(lm.prepare(p, max_new_tokens=12, stop_token_ids=[]),
-                         lambda e, out=out: out.put(e) if e[0] in ("done", "error") else None)
-            outs.append(out)
+        outs = [submit(sched, lm, p, 12)[0] for p in prompts]
         sched.start()
         try:
-            got = []
-            for out in outs:
-                kind, value = out.get(timeout=120)
-                assert kind == "done", value
-                got.append(list(value.token_ids))
-            return got
+            return [list(result(out)) for out in outs]
         finally:
             sched.stop()
 
