@@ -4,6 +4,10 @@ context of the chunk's row.
 
     python scripts/profile_lane.py /tmp/serve-1b/cuda --batch 32 --contexts 512,4000 --widths 16,64 --json lane.json
 
+`--kernels N` also runs each eagerly N times under torch.profiler (CUPTI sees onnxruntime's CUDA kernels in the same
+process; a replayed graph's are not split out) and prints each run's kernels by name, device ms a run, with the
+lane's excess over the step alone kernel by kernel: what the chunk adds to the step it rides on.
+
 The model is an `optimize --target cuda` directory; the step's rows each hold --row-context tokens, the chunk's row
 --context tokens before the chunk. Inputs are zeros apart from the ids, masks and indices, which is all the kernels'
 cost depends on.
@@ -45,6 +49,20 @@ def feeds(session, batch: int, capacity: int, row_ctx: int, width: int, chunk_ct
             out[name] = np.zeros(shape, dtype=dtype)
         else:
             raise SystemExit(f"unknown input {name} {i.shape}")
+    return out
+
+
+def spread(feed: dict, row_ctx: int) -> dict:
+    """The step's feed with its rows at lengths spread evenly over 1 .. 2 x ``row_ctx`` - 1 (the same mean), as a
+    served batch's rows are, where ``generate``'s are all at one length."""
+    out = dict(feed)
+    mask = np.zeros_like(feed["attention_mask"])
+    lengths = np.linspace(1, 2 * row_ctx - 1, mask.shape[0]).astype(np.int64)
+    for r, n in enumerate(lengths):
+        mask[r, :n] = 1
+    out["attention_mask"] = mask
+    if "position_ids" in feed:
+        out["position_ids"] = (lengths - 1)[:, None].astype(np.int64)
     return out
 
 
@@ -91,7 +109,60 @@ def timed(session, feed: dict, runs: int, ort, device: str, graph_id: int) -> fl
     return statistics.median(times)
 
 
-def main() -> int:
+def kernel_table(events: list[tuple[str, float, int]], runs: int) -> dict[str, tuple[float, int]]:
+    """Kernels by name from the profiler's (name, device us in all, count in all) over ``runs`` runs: device ms and
+    count a run each."""
+    out: dict[str, tuple[float, int]] = {}
+    for name, us, count in events:
+        ms, n = out.get(name, (0.0, 0))
+        out[name] = (ms + us / 1e3 / runs, n + count // runs)
+    return out
+
+
+def excess(lane: dict[str, tuple[float, int]], step: dict[str, tuple[float, int]]) -> list[tuple[float, int, str]]:
+    """(lane ms - step ms, lane count - step count, name) a run for every kernel name of either, largest first."""
+    names = set(lane) | set(step)
+    rows = [(lane.get(k, (0.0, 0))[0] - step.get(k, (0.0, 0))[0], lane.get(k, (0.0, 0))[1] - step.get(k, (0.0, 0))[1],
+             k) for k in names]
+    return sorted(rows, key=lambda r: -abs(r[0]))
+
+
+def kernels(session, feed: dict, runs: int, ort) -> dict[str, tuple[float, int]]:
+    """Kernels of ``runs`` eager runs (IO binding, presents in place as ``timed`` binds them), by name."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    opts = ort.RunOptions()
+    opts.add_run_config_entry("gpu_graph_id", "-1")
+    io = session.io_binding()
+    values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in feed.items()}
+    for k, v in values.items():
+        io.bind_ortvalue_input(k, v)
+    for o in session.get_outputs():
+        past = o.name.replace("present", "past_key_values")
+        if "present" in o.name:
+            io.bind_ortvalue_output(o.name, values[past])
+        else:
+            io.bind_output(o.name, "cuda")
+    for _ in range(3):
+        session.run_with_iobinding(io, opts)
+    io.synchronize_outputs()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            session.run_with_iobinding(io, opts)
+        io.synchronize_outputs()
+        torch.cuda.synchronize()
+    events = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0)
+        if us:
+            events.append((e.key[:100], float(us), int(e.count)))
+    return kernel_table(events, runs)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--batch", type=int, default=32)
@@ -101,8 +172,13 @@ def main() -> int:
     ap.add_argument("--widths", default="16,64")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--provider", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of the script")
+    ap.add_argument("--spread", action="store_true",
+                    help="also time the step with its rows' lengths spread around --row-context (kind step_spread)")
+    ap.add_argument("--kernels", type=int, default=0, help="N: each run's kernels over N eager runs (torch.profiler)")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.kernels and args.provider != "cuda":
+        raise SystemExit("--kernels profiles the CUDA EP's kernels: give --provider cuda")
     import onnxruntime as ort
 
     from onnxpipe.runtime.session import DecoderSession
@@ -121,16 +197,30 @@ def main() -> int:
             apart["onnxpipe.last_index"] = np.array([width - 1], dtype=np.int64)
             lane = feeds(s.lane, args.batch, args.capacity, args.row_context, width, context, dtype)
             row: dict = {"context": context, "width": width}
+            kinds = [("step", s.session, step), ("apart", s.session, apart), ("lane", s.lane, lane)]
+            if args.spread:
+                kinds.append(("step_spread", s.session, spread(step, args.row_context)))
             for mode in ("eager", "graph"):
                 if mode == "graph" and dev != "cuda":
                     continue
-                for kind, sess, feed in (("step", s.session, step), ("apart", s.session, apart),
-                                         ("lane", s.lane, lane)):
+                for kind, sess, feed in kinds:
                     gid += 1
                     row[f"{kind}_{mode}_ms"] = round(timed(sess, feed, args.runs, ort, dev,
                                                            -1 if mode == "eager" else gid), 3)
+            if args.kernels:
+                tables = {kind: kernels(sess, feed, args.kernels, ort) for kind, sess, feed in kinds}
+                for kind, table in tables.items():
+                    total = sum(ms for ms, _ in table.values())
+                    print(f"== context {context} width {width} {kind}: {sum(n for _, n in table.values())} kernels, "
+                          f"{total:.3f} device ms a run", flush=True)
+                    for name, (ms, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:12]:
+                        print(f"  {ms:7.3f} ms x{n:4d}  {name}", flush=True)
+                print(f"== context {context} width {width}: the lane's kernels less the step's, by name", flush=True)
+                for ms, n, name in excess(tables["lane"], tables["step"])[:16]:
+                    print(f"  {ms:+7.3f} ms {n:+5d}  {name}", flush=True)
+                row["kernels"] = {kind: {k: [round(ms, 4), n] for k, (ms, n) in t.items()} for kind, t in tables.items()}
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
