@@ -316,15 +316,15 @@ def _prefill_chunk(ctx: click.Context, param: click.Parameter, value: str) -> in
               help="Tokens (prompt + reply) each fixed row holds, for a graph of optimize --target cuda [2048].")
 @click.option("--prefill-group", type=click.IntRange(1), default=None,
               help="Whole prompts read together in one run into adjacent fixed rows (optimize --target cuda) [1: each "
-                   "its own]. Exact on the CPU; on a GPU a batched run may round differently; 8 gave 83% of the "
-                   "offline batch's tokens/s at 32 streams on an H100, against 65% (docs/serve.md).")
+                   "its own]. Exact on the CPU; on a GPU a batched run may round differently; with 8, 32 streams on an "
+                   "H100 got 72-83% of the offline batch's tokens/s, against 65% with 1 (docs/serve.md).")
 @click.option("--chunk-graphs/--no-chunk-graphs", default=None,
               help="Long prompts' chunks replayed as CUDA graphs at fixed widths (with --cuda-graph) [off; on an H100 "
                    "exact, and running streams' p99 beside 4k-token prompts 6.2-6.8 ms against 6.8-13.6].")
 @click.option("--chunk-lane", is_flag=True,
               help="Long prompts' chunks read inside the running batch's decode steps, one run for both (with "
                    "--cuda-graph and --chunk-graphs; a second session of the graph sharing the weights' device memory; "
-                   "on an H100 the streams' p99 beside 4k-token prompts 2.9x their quiet p50, against 4.1x) [off].")
+                   "on an H100 the streams' p99 beside 4k-token prompts 2.6-3.4x their quiet p50, against 4.1x) [off].")
 def serve(model_dir: Path, host: str, port: int, provider: str, max_batch: int, max_queue: int, prefill_chunk: int | str,
           model_name: str | None, threads: int | None, cuda_graph: bool, max_length: int | None,
           prefill_group: int | None, chunk_graphs: bool | None, chunk_lane: bool) -> None:
