@@ -66,16 +66,14 @@ def spread(feed: dict, row_ctx: int) -> dict:
     return out
 
 
-def timed(session, feed: dict, runs: int, ort, device: str, graph_id: int) -> float:
-    """Median ms of a run, eager (graph_id -1) or replaying the CUDA graph captured under ``graph_id``."""
-    opts = ort.RunOptions()
-    if device == "cuda":
-        opts.add_run_config_entry("gpu_graph_id", str(graph_id))
+def bind(session, feed: dict, ort, device: str):
+    """An IO binding of ``feed`` on ``device``, the presents written in place into the pasts' buffers (the CUDA
+    form's shared KV buffer, as serving binds them), the other outputs left to onnxruntime on the device; with the
+    input values and the presents' pasts."""
     io = session.io_binding()
     values = {k: ort.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in feed.items()}
     for k, v in values.items():
         io.bind_ortvalue_input(k, v)
-    # the presents write in place into the pasts' buffers (the CUDA form's shared KV buffer), as serving binds them
     outputs = [o.name for o in session.get_outputs()]
     past = {name: name.replace("present", "past_key_values") for name in outputs if "present" in name}
     for name in outputs:
@@ -83,6 +81,16 @@ def timed(session, feed: dict, runs: int, ort, device: str, graph_id: int) -> fl
             io.bind_ortvalue_output(name, values[past[name]])
         else:
             io.bind_output(name, device)
+    return io, values, past
+
+
+def timed(session, feed: dict, runs: int, ort, device: str, graph_id: int) -> float:
+    """Median ms of a run, eager (graph_id -1) or replaying the CUDA graph captured under ``graph_id``."""
+    opts = ort.RunOptions()
+    if device == "cuda":
+        opts.add_run_config_entry("gpu_graph_id", str(graph_id))
+    io, values, past = bind(session, feed, ort, device)
+    outputs = [o.name for o in session.get_outputs()]
     eager = ort.RunOptions()
     if device == "cuda":
         eager.add_run_config_entry("gpu_graph_id", "-1")
@@ -128,22 +136,13 @@ def excess(lane: dict[str, tuple[float, int]], step: dict[str, tuple[float, int]
 
 
 def kernels(session, feed: dict, runs: int, ort) -> dict[str, tuple[float, int]]:
-    """Kernels of ``runs`` eager runs (IO binding, presents in place as ``timed`` binds them), by name."""
+    """Kernels of ``runs`` eager runs (bound as ``bind`` binds them), by name."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     opts = ort.RunOptions()
     opts.add_run_config_entry("gpu_graph_id", "-1")
-    io = session.io_binding()
-    values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in feed.items()}
-    for k, v in values.items():
-        io.bind_ortvalue_input(k, v)
-    for o in session.get_outputs():
-        past = o.name.replace("present", "past_key_values")
-        if "present" in o.name:
-            io.bind_ortvalue_output(o.name, values[past])
-        else:
-            io.bind_output(o.name, "cuda")
+    io, _, _ = bind(session, feed, ort, "cuda")
     for _ in range(3):
         session.run_with_iobinding(io, opts)
     io.synchronize_outputs()
