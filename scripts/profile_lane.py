@@ -180,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--kernels profiles the CUDA EP's kernels: give --provider cuda")
     import onnxruntime as ort
 
+    from onnxpipe.errors import OnnxpipeError
     from onnxpipe.runtime.session import DecoderSession
 
-    s = DecoderSession(args.model_dir, args.provider, feed_back=True, chunk_lane=True,
-                       cuda_graph=args.provider == "cuda")
+    try:
+        s = DecoderSession(args.model_dir, args.provider, feed_back=True, chunk_lane=True,
+                           cuda_graph=args.provider == "cuda")
+    except OnnxpipeError as e:
+        raise SystemExit(f"error: {e}") from None
     if s.lane is None:
         raise SystemExit(f"no lane: {s.lane_why_not}")
     dtype, dev, rows, gid = s.kv_dtype, args.provider, [], 1000

@@ -42,3 +42,8 @@ def test_kernel_tables_and_the_lanes_excess():
 def test_kernels_need_the_cuda_ep(stdlib_cuda_model):
     with pytest.raises(SystemExit, match="--kernels profiles the CUDA EP"):
         pl.main([str(stdlib_cuda_model), "--provider", "cpu", "--kernels", "3"])
+
+
+def test_a_missing_model_directory_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no such model directory"):
+        pl.main([str(tmp_path / "absent"), "--provider", "cpu"])
