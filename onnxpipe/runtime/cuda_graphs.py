@@ -38,6 +38,9 @@ GRAPH_SLOTS_MAX = 8
 # kernels, ~1 ms of launching), and a bounded number per slot (each keeps its own input buffers and graph)
 PREFILL_CAPTURE_TOKENS = 4096
 PREFILL_GRAPHS_PER_SLOT = 16
+# fed steps launched before the oldest is read (``FedAhead``): 1 hides the host's wait, read-back and launch
+# behind the step that runs meanwhile; each is a step a row may have to hold unread at its end
+AHEAD_DEPTH = 1
 # chunks of a long prompt read into one row of a slot's shared buffer (serve's slot layout) through captured graphs:
 # one per (row, chunk width), the chunk padded to the width, so only these widths, and only in a fixed set of rows
 # (serve reads long prompts in its CHUNK_GRAPH_ROWS highest rows): at most one graph per (row, width) of those, so
@@ -131,6 +134,62 @@ class _GraphSlot:
     prefills: dict[int, "_PrefillGraph"] = field(default_factory=dict)  # by prompt width
     chunks: dict[tuple[int, int], "_ChunkGraph"] = field(default_factory=dict)  # by (row, chunk width)
     lanes: dict[tuple[int, int], "_ChunkGraph"] = field(default_factory=dict)  # the lane's, by (row, chunk width)
+    ahead: Any = None  # (run options without the end-of-run sync, IdsReader) of its fed steps launched ahead
+
+
+class FedAhead:
+    """Greedy fed steps of one slot launched ahead of their reads: ``launch`` queues a step on the session's stream
+    (onnxruntime's run returns without waiting for it) and a copy of the ids it writes into pinned memory behind
+    it; ``read`` waits for the oldest launched step's copy. With ``AHEAD_DEPTH`` steps launched before the first
+    read, the GPU runs step k+1 while the host takes step k's tokens: no gap between two steps for the host's
+    wait, its read-back and its next launch. ``drain`` waits for everything launched (the loop's end: the cache
+    and its buffers are then the host's again). Each launched step advances the cache by one position, read or not
+    (the caller launches no step a row could not hold)."""
+
+    def __init__(self, graphs: CudaGraphs, slot: _GraphSlot, cache: KVCache, options: Any, reader: Any):
+        self.graphs, self.slot, self.cache, self.options, self.reader = graphs, slot, cache, options, reader
+        self.launched = self.read_count = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.launched - self.read_count
+
+    def launch(self) -> None:
+        host, slot = self.graphs.host, self.slot
+        if self.in_flight >= self.reader.depth:
+            raise OnnxpipeError(f"FedAhead: {self.in_flight} steps unread already (at most {self.reader.depth})")
+        try:
+            host.session.run_with_iobinding(slot.io, self.options)
+            self.reader.queue(self.launched, slot.ids.data_ptr())
+        except Exception as e:
+            self.drain_quietly()
+            host._failed(e, f"a CUDA-graph decode step launched ahead (batch {self.cache.batch}, "
+                            f"{self.cache.length} cached)")
+        self.launched += 1
+        self.graphs.ahead_steps += 1
+        slot.runs += 1
+        self.cache.length += 1
+        host.transfers.steps += 1
+
+    def read(self) -> np.ndarray:
+        """The oldest unread launched step's next ids [batch] (waits for it)."""
+        if self.in_flight <= 0:
+            raise OnnxpipeError("FedAhead.read: no step launched and unread")
+        out = self.reader.read(self.read_count)
+        self.read_count += 1
+        self.graphs.host.transfers.down_bytes += out.nbytes
+        return out
+
+    def drain(self) -> None:
+        """Wait for every launched step; the unread ones' ids are dropped."""
+        self.reader.stream.sync()
+        self.read_count = self.launched
+
+    def drain_quietly(self) -> None:
+        try:
+            self.reader.stream.sync()
+        except Exception:  # noqa: BLE001 - the failure being reported is the run's
+            pass
 
 
 @dataclass
@@ -222,6 +281,7 @@ class CudaGraphs:
         self.lane_graph_ids = 0  # the lane session's own graph ids
         self.slots_dropped = 0  # slots let go to keep at most GRAPH_SLOTS_MAX (their graph ids never rerun)
         self._patch: Any = None  # the helper session of ``patch_rows`` (made at its first use)
+        self.ahead_steps = 0  # fed steps launched ahead of their reads (``FedAhead``)
 
     # ---- the session's entry points ----
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -267,6 +327,22 @@ class CudaGraphs:
         slot = self.slots[(cache.batch, cache.capacity or 0)]
         self._run_slot(slot, cache)
         return self._next_ids(slot)
+
+    def ahead(self, cache: KVCache) -> FedAhead | None:
+        """Fed steps of ``cache`` launched ahead of their reads (``FedAhead``), or None where they cannot be: the
+        step must be feedable (``can_feed``) and the session's CUDA EP must run on a stream of its own
+        (``host.stream``: ``cuda_stream.py``)."""
+        stream = getattr(self.host, "stream", None)
+        if stream is None or not self.can_feed(cache):
+            return None
+        slot = self.slots[(cache.batch, cache.capacity or 0)]
+        if slot.ahead is None:
+            from onnxpipe.runtime.cuda_stream import IdsReader
+
+            options = run_options(self._ort, slot.graph_id)
+            options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            slot.ahead = (options, IdsReader(stream, cache.batch, AHEAD_DEPTH + 1))
+        return FedAhead(self, slot, cache, *slot.ahead)
 
     def patch_rows(self, cache: KVCache, rows: list[int], ids: list[int], places: list[int]) -> bool:
         """Set rows ``rows`` of a primed slot's next decode inputs on the device, as a host-fed step would upload

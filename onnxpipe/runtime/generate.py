@@ -20,6 +20,7 @@ import numpy as np
 
 from onnxpipe.artifact import ModelDir
 from onnxpipe.errors import OnnxpipeError
+from onnxpipe.runtime.cuda_graphs import AHEAD_DEPTH
 from onnxpipe.runtime.limits import check_fits, check_threads
 from onnxpipe.runtime.providers import TensorRTOptions
 from onnxpipe.runtime.sampling import SamplingConfig, log_softmax, next_token, repeated_tail, apply_repetition_penalty
@@ -317,18 +318,31 @@ class LanguageModel:
         fed = (self._want(cfg) == "argmax" and self.session.fed and self.session.cuda_graph and cache.capacity is not None
                and max(len(r.prompt) for r in rows) + max(r.limit for r in rows) <= cache.capacity)
         active = list(range(len(rows)))  # cache row i holds rows[active[i]]
-        while fed:
-            tokens = np.asarray(out, np.int64)
-            live = [r for r in rows if not r.done]
-            for r in live:
-                r.add(tokens[r.index])
-            yield live
-            if all(r.done for r in rows):
-                return
-            if self.session.can_feed(cache):
-                out = self.session.step_fed(cache)
-            else:  # the first step after the prefill: its inputs go up once
-                mask, out = self.decode_step(tokens, mask, cache, "argmax")
+        ahead = None  # fed steps launched ahead of their reads (``CudaGraphs.ahead``), once the steps feed themselves
+        try:
+            while fed:
+                tokens = np.asarray(out, np.int64)
+                live = [r for r in rows if not r.done]
+                for r in live:
+                    r.add(tokens[r.index])
+                if ahead is None and self.session.can_feed(cache):
+                    ahead = self.session.graphs.ahead(cache)
+                if ahead is not None:  # launched before the rows go out: the consumer's time overlaps the step
+                    need = max((r.limit - len(r.tokens) for r in rows if not r.done), default=0)
+                    while ahead.in_flight < min(need, AHEAD_DEPTH + 1):
+                        ahead.launch()
+                yield live
+                if all(r.done for r in rows):
+                    return
+                if ahead is not None:
+                    out = ahead.read()
+                elif self.session.can_feed(cache):
+                    out = self.session.step_fed(cache)
+                else:  # the first step after the prefill: its inputs go up once
+                    mask, out = self.decode_step(tokens, mask, cache, "argmax")
+        finally:
+            if ahead is not None:
+                ahead.drain()  # nothing left running on the cache once the loop leaves
         while True:
             tokens = np.asarray(self._choose([rows[a] for a in active], out, cfg), np.int64)
             for a, t in zip(active, tokens):

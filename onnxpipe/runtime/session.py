@@ -17,6 +17,7 @@ width, and greedy steps can feed themselves (``cuda_graphs.py``, ``step_tail.py`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -27,6 +28,7 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime import cuda_graphs, kv_cache
 from onnxpipe.runtime.chunk_lane import CHUNK_POSITIONS, add_chunk_lane
 from onnxpipe.runtime.cuda_graphs import CudaGraphs, _GraphSlot, check_cuda_graph_form
+from onnxpipe.runtime.cuda_stream import Stream, cuda_runtime
 from onnxpipe.runtime.helper_graphs import gather_graph, head_graph
 from onnxpipe.runtime.kernels import kernel_skip as skip_kinds
 from onnxpipe.runtime.kernels import kernels_mode, plan_kernels
@@ -80,6 +82,7 @@ class DecoderSession:
         kernels: str | None = None,
         kernel_skip: str | Sequence[str] | None = None,
         chunk_lane: bool = False,
+        ahead: bool | None = None,
     ):
         """kernels: onnxpipe's own kernels applied at load ("off", "on", "auto"; default $ONNXPIPE_KERNELS or
         "off"; "reference" runs their CPU reference for checks): see ``onnxpipe.runtime.kernels``.
@@ -88,7 +91,10 @@ class DecoderSession:
         chunk_lane: also load the graph whose decode step reads a chunk of one row's prompt in the same run
         (``chunk_lane.py``; serve's long prompts through CUDA graphs): a second onnxruntime session, ``lane`` (None
         where the graph or the session cannot: ``lane_why_not``). The two share one copy of the weights on the device
-        (``shared_weights``; where they cannot, ``shared_weights_why_not`` says why and the lane holds its own)."""
+        (``shared_weights``; where they cannot, ``shared_weights_why_not`` says why and the lane holds its own).
+        ahead: with CUDA graphs, the CUDA EP runs on a stream of the session's own (``stream``, ``cuda_stream.py``)
+        so that ``generate``'s fed steps are launched one ahead of their reads (``CudaGraphs.ahead``); default
+        $ONNXPIPE_AHEAD or on. ``stream_why_not`` says why there is none."""
         import onnxruntime as ort
 
         self.model_dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.open(model_dir)
@@ -146,11 +152,21 @@ class DecoderSession:
             self.shared_weights.add_to(so)
             return so
 
+        # a stream of our own for the CUDA EP, where decode steps may be launched ahead of their reads
+        self.stream: Stream | None = None
+        self.stream_why_not: str | None = "no CUDA graphs"
+        if cuda_graph:
+            self.stream, self.stream_why_not = _own_stream(ort, provider, ahead)
+        cuda_options: dict[str, str] | None = None
+        if cuda_graph:
+            cuda_options = {"enable_cuda_graph": "1"}
+            if self.stream is not None:
+                cuda_options["user_compute_stream"] = self.stream.provider_option()
         inputs = list(m.graph.get("inputs") or [])
         make = lambda edit, inputs: create_session(  # noqa: E731
             self.model_dir.model_path, provider, trt_options=trt_options, threads=threads,
             graph_inputs=inputs or None, dtype=m.graph.get("dtype"), announce=announce,
-            session_options=options(), cuda_options={"enable_cuda_graph": "1"} if cuda_graph else None, edit=edit,
+            session_options=options(), cuda_options=cuda_options, edit=edit,
         )
         edited = bool(last_position or feed_back or self.kernels.active)
         main_inputs = (inputs + [{"name": LAST_INDEX, "dtype": "int64", "shape": ["batch_size"]}]
@@ -246,6 +262,8 @@ class DecoderSession:
         elif self.cuda_graph and not _graphs_live(self.session):  # each run would go eagerly, unsaid
             raise OnnxpipeError(f"{self.model_dir.path}: CUDA graphs were asked for, but onnxruntime's CUDA EP runs "
                                 f"without enable_cuda_graph (its options were dropped)")
+        if not self.cuda_graph and self.stream is not None:
+            self.stream, self.stream_why_not = None, f"no CUDA graphs on {self.provider}"
         self.graphs = CudaGraphs(self, ort)
         # prefills replayed as CUDA graphs too, one per (batch, capacity, prompt width): a 1B model's 128-token
         # prefill is ~230 kernels whose launches outlast their 1.7 ms on an H100. Needs the [B, 1, V] logits of
@@ -426,6 +444,23 @@ class DecoderSession:
 
     def _helper(self, proto: Any) -> Any:
         return open_session(proto, self._helper_providers, threads=1, purpose="a helper graph of the decoder session")
+
+
+def _own_stream(ort: Any, provider: str, ahead: bool | None) -> tuple[Stream | None, str | None]:
+    """A CUDA stream for the session's CUDA EP (``cuda_stream.Stream``), or None and why not."""
+    if ahead is None:
+        ahead = os.environ.get("ONNXPIPE_AHEAD", "1").strip().lower() not in ("0", "off", "false", "no")
+    if not ahead:
+        return None, "turned off (ahead=False or ONNXPIPE_AHEAD=0)"
+    if "cuda" not in CHAIN.get(provider, ()) or "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None, "no CUDA EP"
+    lib, why = cuda_runtime(ort)
+    if lib is None:
+        return None, why
+    try:
+        return Stream(lib), None
+    except RuntimeError as e:
+        return None, str(e)
 
 
 # the largest model.onnx the session rebuilds in memory by default to add the last-position head: loading a graph

@@ -82,3 +82,23 @@ def test_auto_keeps_the_cuda_eps_options(gpu_llama_cuda_form: Path):
     assert live["enable_cuda_graph"] == "1" and lm.session.cuda_graph
     a = lm.generate(prompts(lm.session.vocab_size, [7]), max_new_tokens=8, stop_token_ids=[])
     assert len(token_lists(a)[0]) == 8
+
+
+def test_fed_steps_launched_ahead_give_the_synced_tokens(gpu_llama_cuda_form: Path, plain_and_graphs):
+    """The CUDA EP on a stream of the session's own and generate's greedy fed steps launched one ahead of their
+    reads (the default where the CUDA runtime is found) against the same session kind with ``ahead=False``: the
+    same tokens, and the ahead path really ran."""
+    from onnxpipe.runtime import load
+
+    _, graphs = plain_and_graphs
+    assert graphs.session.stream is not None, graphs.session.stream_why_not
+    synced = load(gpu_llama_cuda_form, "cuda", cuda_graph=True)
+    synced.session.stream, synced.session.stream_why_not = None, "turned off for the test"
+    vocab = graphs.session.vocab_size
+    for batch, n in (([5, 17, 40], 24), ([9], 30), ([3, 9, 30, 31, 64], 20)):
+        before = graphs.session.graphs.ahead_steps
+        want = token_lists(synced.generate(prompts(vocab, batch, seed=4), max_new_tokens=n, stop_token_ids=[]))
+        got = token_lists(graphs.generate(prompts(vocab, batch, seed=4), max_new_tokens=n, stop_token_ids=[]))
+        assert got == want
+        assert graphs.session.graphs.ahead_steps - before >= n - 3  # all but the prefill's and the first fed step
+    assert synced.session.graphs.ahead_steps == 0
