@@ -6,7 +6,8 @@
 
 Every argument is load_test.py's. In this process (the server's), each decode step of the slot scheduler
 (``SlotScheduler._decode_step``) is timed, and inside it: the time before its call into the CUDA graphs (``pre``),
-that call (``step_lane`` or ``step_fed``), and within it the uploads, onnxruntime's run (``run_graph``) and the
+that call (``step_lane``, ``step_fed``, or ``fed_step`` where the session launches fed steps ahead, and
+``land`` where a step launched ahead is read before a change), and within it the uploads, onnxruntime's run (``run_graph``) and the
 read-back; the wait for the rows thread (``settle``) and a prompt's join. The rows thread's processing of each step
 is timed on that thread, and each prefill run outside the steps (``RowPrefill.run``, ``run_chunk``, ``run_group``).
 Printed after load_test's tables: p50, p99 and mean (ms) of each part over the steps of at least --streams rows,
@@ -106,6 +107,8 @@ def install() -> None:
     slots.SlotScheduler._process = processed  # type: ignore[method-assign]
     _timed(slots.SlotScheduler, "_settle", "settle")
     _timed(slots.SlotScheduler, "_join", "join")
+    _timed(slots.SlotScheduler, "_fed_step", "fed_step")  # a fed step launched (or launched ahead) and read
+    _timed(slots.SlotScheduler, "_land", "land")  # a step launched ahead, read and processed before a change
     _timed(cuda_graphs, "_upload", "upload")
     _timed(cuda_graphs.CudaGraphs, "_upload_step", "upload_step")
     _timed(cuda_graphs.CudaGraphs, "_next_ids", "next_ids")
@@ -163,6 +166,11 @@ def main(argv: list[str]) -> int:
         report["timeline"] = {str(r["concurrency"]): timeline(r["start"], r["end"]) for r in rows if "start" in r}
         for level, split in report["timeline"].items():
             print(f"- {level} streams, the timed window: {json.dumps(split)}")
+        for r in rows:  # the scheduler's counters after the level (cumulative): steps, fed, overlapped, launched ahead
+            st = r.get("server_stats") or {}
+            if st:
+                print(f"- {r['concurrency']} streams, the scheduler's steps so far: " + json.dumps(
+                    {k: st.get(k) for k in ("steps", "fed_steps", "overlapped_steps", "ahead_steps", "row_patches")}))
     if "--json" in argv:
         path = Path(argv[argv.index("--json") + 1])
         path.with_name(path.stem + ".steps.json").write_text(json.dumps({"summary": report, "steps": STEPS}))

@@ -180,6 +180,10 @@ class FedAhead:
         self.graphs.host.transfers.down_bytes += out.nbytes
         return out
 
+    def wait(self) -> None:
+        """Wait for every launched step; their ids stay to be read."""
+        self.reader.stream.sync()
+
     def drain(self) -> None:
         """Wait for every launched step; the unread ones' ids are dropped."""
         self.reader.stream.sync()

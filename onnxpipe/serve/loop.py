@@ -72,6 +72,7 @@ class SchedulerStats:
     steps: int = 0  # decode steps of the running batch
     fed_steps: int = 0  # of them, steps whose inputs the step before wrote on the device (CUDA-graph step tail)
     overlapped_steps: int = 0  # of them, steps run while the step before's rows were processed (slot layout)
+    ahead_steps: int = 0  # of them, fed steps launched before the step before them was read (slot layout)
     row_patches: int = 0  # rows whose next inputs were set on the device as they joined, moved or left (slot layout)
     row_patch_error: str = ""  # why setting a row's inputs on the device failed (changes then go up from the host)
     prefill_chunks: int = 0

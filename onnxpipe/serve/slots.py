@@ -80,6 +80,10 @@ from onnxpipe.serve.slot_table import PREFILLING, SlotTable
 
 DEFAULT_MAX_LENGTH = 2048  # a row's tokens (prompt and reply) unless max_length says otherwise
 DEFAULT_PREFILL_GROUP = 1  # prompts read in one run: each its own unless asked (docs/serve.md, "On a GPU")
+# a fed step is launched before the one before it is read (``_fed_step``) only where every running row may still take
+# this many tokens (the rows' slack, known one step late): the two steps in flight and the one being processed stay
+# within each row's own positions
+AHEAD_SLACK = 4
 # with chunk graphs: prompts longer than this (read in 2 chunks or more at the widest width) take the graph rows
 GRAPH_ROW_TOKENS = max(CHUNK_WIDTHS)
 # the lane's chunk, in tokens, where the prefill budget is auto (a fixed --prefill-chunk N gives N): on a GPU a decode
@@ -217,6 +221,10 @@ class SlotScheduler(BatchLoop):
         self._rows_thread: RowsWorker | None = None  # made on the loop's thread (``_started``)
         # after a processed step: the fewest new tokens any row going on may still take (``_process``)
         self._slack = 0
+        # fed steps launched ahead of their reads on the session's own stream (``CudaGraphs.ahead``): between two
+        # iterations at most one is in flight, the next iteration's own step (``_fed_step``, ``_land``)
+        self.ahead = True
+        self._ahead: Any = None
 
     # ---- the loop's steps ----
     def _started(self) -> None:
@@ -449,6 +457,9 @@ class SlotScheduler(BatchLoop):
         that ended there by a stop token or string has been stepped once more on the device, unread: room the
         scheduler leaves (a row ends by length at most at its last position)."""
         s = self.lm.session
+        steady = self._pending is not None and self._pending[2] and not self._changed and self._lane is None
+        if self._in_flight() and not steady:  # something changed since it was launched: it is read first
+            self._settle()
         overlap = self._pending is not None and self._pending[2] and not self._changed
         if not overlap:
             self._settle()
@@ -479,13 +490,14 @@ class SlotScheduler(BatchLoop):
                 out, chunk_logits, rode, failed = self._step_lane(lane, step, want)
             if out is None and fed:
                 self._hand_rows()
-                out = np.array(s.step_fed(self.cache), copy=True)  # the bound buffer is the next step's
+                out = self._fed_step()
             elif out is None:
                 rows = self.table.step_rows() if self.prefix is not None else self.table.rows
                 ids, mask, positions = self.table.step_inputs(rows)
                 self._fed_left = self.table.parked_room()
                 out = s.forward(ids, mask, positions, self.prefix.rows(rows) if self.prefix else self.cache, want=want)
         except Exception as e:  # the whole step failed: its requests fail; rows being prefilled go on
+            self._drop_ahead()
             self._settle()
             self._changed = True
             dropped, self._running = self._running, []
@@ -500,8 +512,8 @@ class SlotScheduler(BatchLoop):
         self.stats.fed_steps += fed
         self._fed_left -= fed
         self.stats.max_running = max(self.stats.max_running, len(running))
-        if overlap:
-            self._settle()  # the step before, applied: its rows that ended leave; this step's tokens for them unread
+        if overlap:  # the step before, applied: its rows that ended leave; this step's tokens for them unread
+            self._settle_pending()  # (not ``_settle``: a step launched ahead is the next iteration's)
             running = self._running
             self.stats.overlapped_steps += 1
         # whether a row's token of this step is its last (by length): overlapped, the processing of the step before
@@ -639,6 +651,8 @@ class SlotScheduler(BatchLoop):
         goes up from the host (``_changed``), which writes every row's inputs."""
         if not rows:
             return
+        if self._in_flight():  # a patch runs on another stream: the step in flight writes these buffers first
+            self._ahead.wait()
         t = self.table
         parked = [int(max(t.counts[r], t.park[r])) for r in rows if t.state[r] == PREFILLING]
         room = min((t.capacity - 1 - place for place in parked), default=self._fed_left)
@@ -658,6 +672,12 @@ class SlotScheduler(BatchLoop):
         self.stats.row_patches += len(rows)
 
     def _settle(self) -> None:
+        """The step whose rows are being processed on the rows thread, waited for and applied; then a step launched
+        ahead of it, read and applied (``_land``): after this nothing runs on the device for the running rows."""
+        self._settle_pending()
+        self._land()
+
+    def _settle_pending(self) -> None:
         """The step whose rows are being processed on the rows thread, waited for and applied."""
         if self._pending is None:
             return
@@ -669,6 +689,58 @@ class SlotScheduler(BatchLoop):
             self._apply(running, *self._process(running, out))
             return
         self._apply(running, *job.result())
+
+    def _fed_step(self) -> np.ndarray:
+        """This iteration's fed step's next ids: the step launched ahead by the iteration before, or launched now;
+        where the next iteration looks to be another such step (``_ahead_ok``), the step after it is launched before
+        this one is read, so the GPU runs it while this thread reads, settles and comes round again. Without a
+        stream of the session's own (``CudaGraphs.ahead`` None) the step runs synced."""
+        a = self._ahead if self._in_flight() else self._launch()
+        if a is None:
+            return np.array(self.lm.session.step_fed(self.cache), copy=True)  # the bound buffer is the next step's
+        if self._ahead_ok():
+            a.launch()
+            self.stats.ahead_steps += 1
+        return a.read()
+
+    def _launch(self) -> Any:
+        if not self.ahead:
+            return None
+        a = self._ahead = self.lm.session.graphs.ahead(self.cache)
+        if a is not None:
+            a.launch()
+        return a
+
+    def _ahead_ok(self) -> bool:
+        """Whether the step after this one may be launched before this one is read: the next iteration is another
+        fed, overlapped step of the same rows unless a request arrives or a row ends (then ``_land`` reads it
+        first), no prompt is being read, and every row and parked row has room for both steps."""
+        return (self._rows_thread is not None and self._pending is not None and self._pending[2]
+                and not self._waiting and not self._admitted and self._lane is None and not self._changed
+                and self._slack >= AHEAD_SLACK and self._fed_left >= 2)
+
+    def _in_flight(self) -> bool:
+        return self._ahead is not None and self._ahead.in_flight > 0
+
+    def _land(self) -> None:
+        """A fed step launched ahead, read and processed now, as a step of the rows still running (it ran for
+        them, and for rows that ended just before it, unread: the room ``AHEAD_SLACK`` kept)."""
+        if not self._in_flight():
+            return
+        out = self._ahead.read()
+        running = self._running
+        self.stats.steps += 1
+        self.stats.fed_steps += 1
+        self._fed_left -= 1
+        self.stats.max_running = max(self.stats.max_running, len(running))
+        self._apply(running, *self._process(running, out))
+
+    def _drop_ahead(self) -> None:
+        """After a failed step: whatever was launched ahead is waited for and dropped, unread."""
+        if self._ahead is not None:
+            self._ahead.drain_quietly()
+            self._ahead.read_count = self._ahead.launched
+            self._ahead = None
 
     def _hand_rows(self) -> None:
         """The overlapped step's rows handed to the rows thread, as the next step's run is about to start: their
@@ -696,6 +768,7 @@ class SlotScheduler(BatchLoop):
         try:
             self._settle()
         except Exception:  # the rows are dropped anyway
+            self._drop_ahead()
             self._pending, self._held = None, None
         self._admitted, self._running = [], []
         self._lane = None

@@ -96,3 +96,58 @@ def test_patched_rows_on_the_cuda_slot(gpu_llama_cuda_form: Path):
     from onnxpipe.runtime import load
 
     check_patched_rows(load(gpu_llama_cuda_form, "cuda", cuda_graph=True))
+
+
+def test_the_servers_fed_steps_launched_ahead_give_the_synced_tokens(gpu_llama_cuda_form: Path):
+    """The slot scheduler launching a fed step before the one before it is read (``SlotScheduler._fed_step``, on the
+    session's own stream) against the same scheduler synced (``ahead`` off): every request gets the same tokens
+    while requests arrive mid-stream (a step launched ahead is read first: ``_land``), rows end by length and by a
+    stop id at different steps and leave (their rows set on the device only once the step in flight is done)."""
+    import threading
+
+    from gpu.conftest import prompts
+
+    from onnxpipe.runtime import load
+    from onnxpipe.serve.scheduler import make_scheduler
+
+    lm = load(gpu_llama_cuda_form, "cuda", cuda_graph=True)
+    assert lm.session.stream is not None, lm.session.stream_why_not
+    vocab = lm.session.vocab_size
+    asks = [(p, n) for p, n in zip(prompts(vocab, [5, 40, 17, 9, 60, 3, 28, 12], seed=5), [48, 30, 64, 20, 40, 56, 24, 36])]
+    first = lm.generate(asks[2][0], max_new_tokens=64, stop_token_ids=[])
+    stop = int(first.token_ids[20])  # request 2 stops at its 21st token (others where it recurs)
+
+    def serve(ahead: bool) -> tuple[list[list[int]], object]:
+        sched = make_scheduler(lm, max_batch=8, max_length=256)
+        sched.ahead = ahead
+        outs: list[queue.Queue] = []
+        started = threading.Event()
+
+        def submit(items):
+            for p, n in items:
+                out: queue.Queue = queue.Queue()
+                sched.submit(lm.prepare(p, max_new_tokens=n, stop_token_ids=[stop]),
+                             lambda e, out=out: (started.set(), out.put(e) if e[0] in ("done", "error") else None))
+                outs.append(out)
+
+        sched.start()
+        try:
+            submit(asks[:4])
+            assert started.wait(60)
+            for item in asks[4:]:  # the others arrive one by one while the first four decode
+                submit([item])
+                threading.Event().wait(0.01)
+            got = []
+            for out in outs:
+                kind, value = out.get(timeout=120)
+                assert kind == "done", value
+                got.append(list(value.token_ids))
+        finally:
+            sched.stop()
+        return got, sched
+
+    synced, s0 = serve(False)
+    ahead, s1 = serve(True)
+    assert ahead == synced
+    assert s0.stats.ahead_steps == 0 and s1.stats.ahead_steps > 0, vars(s1.stats)
+    assert not s1.stats.capture_error and not s1.stats.row_patch_error
