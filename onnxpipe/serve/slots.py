@@ -62,6 +62,7 @@ how far they agree).
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from typing import Any
 
@@ -222,8 +223,9 @@ class SlotScheduler(BatchLoop):
         # after a processed step: the fewest new tokens any row going on may still take (``_process``)
         self._slack = 0
         # fed steps launched ahead of their reads on the session's own stream (``CudaGraphs.ahead``): between two
-        # iterations at most one is in flight, the next iteration's own step (``_fed_step``, ``_land``)
-        self.ahead = True
+        # iterations at most one is in flight, the next iteration's own step (``_fed_step``, ``_land``). Opt-in
+        # (ONNXPIPE_SERVE_AHEAD=1) until a GPU run has measured what it gives the server (docs/serve.md)
+        self.ahead = os.environ.get("ONNXPIPE_SERVE_AHEAD", "0").strip().lower() in ("1", "on", "true", "yes")
         self._ahead: Any = None
 
     # ---- the loop's steps ----
