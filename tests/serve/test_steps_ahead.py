@@ -95,6 +95,8 @@ def test_a_request_arriving_while_a_step_is_in_flight_reads_it_first(ahead_lm):
     from serve.conftest import iterate
 
     sched = make_scheduler(ahead_lm, max_batch=4, prefill_chunk=16, max_length=128)
+    assert not sched.ahead  # opt-in: ONNXPIPE_SERVE_AHEAD=1
+    sched.ahead = True
     a = submit(sched, ahead_lm, PROMPTS[0], 30)[0]
     sched._started()
     try:
