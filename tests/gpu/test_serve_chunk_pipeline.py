@@ -15,6 +15,16 @@ from serve.test_chunk_pipeline import LONG, STREAMS, _read_beside_streams
 pytestmark = pytest.mark.gpu
 
 
+def _done_tokens(outs: list) -> list[list[int]]:
+    """Each request's tokens from its queue of ("done" | "error", value) events, in order."""
+    got = []
+    for out in outs:
+        kind, value = out.get(timeout=120)
+        assert kind == "done", value
+        got.append(list(value.token_ids))
+    return got
+
+
 def test_a_long_prompt_read_in_chunk_graphs_beside_fed_steps_gets_its_solo_tokens(gpu_llama_cuda_form: Path):
     from onnxpipe.runtime import load
     from onnxpipe.serve.scheduler import make_scheduler
@@ -64,11 +74,7 @@ def test_a_long_prompt_read_in_the_chunk_lane_beside_streams(gpu_llama_cuda_form
             outs.append(out)
         sched.start()
         try:
-            got = []
-            for out in outs:
-                kind, value = out.get(timeout=120)
-                assert kind == "done", value
-                got.append(list(value.token_ids))
+            got = _done_tokens(outs)
         finally:
             sched.stop()
         results[lane] = (got, sched)
@@ -137,11 +143,7 @@ def test_the_servers_fed_steps_launched_ahead_give_the_synced_tokens(gpu_llama_c
             for item in asks[4:]:  # the others arrive one by one while the first four decode
                 submit([item])
                 threading.Event().wait(0.01)
-            got = []
-            for out in outs:
-                kind, value = out.get(timeout=120)
-                assert kind == "done", value
-                got.append(list(value.token_ids))
+            got = _done_tokens(outs)
         finally:
             sched.stop()
         return got, sched

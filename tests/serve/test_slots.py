@@ -153,7 +153,8 @@ def submit(sched, lm, prompt, n, **opts):
         elif event[0] == "error":
             out.put(event)
 
-    req = sched.submit(lm.prepare(prompt, max_new_tokens=n, stop_token_ids=[], **opts), emit)
+    opts.setdefault("stop_token_ids", [])
+    req = sched.submit(lm.prepare(prompt, max_new_tokens=n, **opts), emit)
     return out, req
 
 

@@ -9,7 +9,6 @@ and their clients go away. The GPU runs the same against a real stream (tests/gp
 from __future__ import annotations
 
 import ctypes
-import queue
 
 import numpy as np
 import pytest
@@ -51,13 +50,7 @@ def ahead_lm(stdlib_cuda_model, monkeypatch: pytest.MonkeyPatch):
 def _serve(lm, ahead: bool, asks, stop_ids=(), cancel_after=None):
     sched = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
     sched.ahead = ahead
-    queues = []
-    for p, n in asks:
-        out: queue.Queue = queue.Queue()
-        sched.submit(lm.prepare(p, max_new_tokens=n, stop_token_ids=list(stop_ids)),
-                     lambda e, out=out: out.put(("done", e[1].token_ids)) if e[0] == "done" else (
-                         out.put(e) if e[0] == "error" else None))
-        queues.append(out)
+    queues = [submit(sched, lm, p, n, stop_token_ids=list(stop_ids))[0] for p, n in asks]
     sched.start()
     try:
         got = [result(q) for q in queues]
