@@ -87,7 +87,8 @@ def _check(code: int, what: str) -> None:
 
 
 class Stream:
-    """A non-blocking CUDA stream for the CUDA EP (``provider_option``), and ``sync``."""
+    """A non-blocking CUDA stream for the CUDA EP (``provider_option``), and ``sync``. Never destroyed: onnxruntime
+    keeps the handle in sessions that may outlive this object, so it lives as long as the process (one a session)."""
 
     def __init__(self, lib: Any):
         self.lib = lib

@@ -264,6 +264,8 @@ class DecoderSession:
                                 f"without enable_cuda_graph (its options were dropped)")
         if not self.cuda_graph and self.stream is not None:
             self.stream, self.stream_why_not = None, f"no CUDA graphs on {self.provider}"
+        elif self.cuda_graph and self.fed and self.stream is None and not str(self.stream_why_not).startswith("turned off"):
+            say(f"greedy decode steps run synced, not launched ahead: {self.stream_why_not}")
         self.graphs = CudaGraphs(self, ort)
         # prefills replayed as CUDA graphs too, one per (batch, capacity, prompt width): a 1B model's 128-token
         # prefill is ~230 kernels whose launches outlast their 1.7 ms on an H100. Needs the [B, 1, V] logits of
