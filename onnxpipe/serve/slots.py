@@ -732,7 +732,11 @@ class SlotScheduler(BatchLoop):
         them, and for rows that ended just before it, unread: the room ``AHEAD_SLACK`` kept)."""
         if not self._in_flight():
             return
-        out = self._ahead.read()
+        try:
+            out = self._ahead.read()
+        except Exception:  # its requests fail with the error (the loop's handler); nothing is left in flight
+            self._drop_ahead()
+            raise
         running = self._running
         self.stats.steps += 1
         self.stats.fed_steps += 1

@@ -111,3 +111,30 @@ def test_a_request_arriving_while_a_step_is_in_flight_reads_it_first(ahead_lm):
     finally:
         if sched._rows_thread is not None:
             sched._rows_thread.shutdown(wait=True)
+
+
+def test_a_step_in_flight_that_fails_to_read_leaves_nothing_in_flight(ahead_lm):
+    """A read that fails (on a GPU: a CUDA error) is raised to the loop once; the next iteration does not read the
+    failed step again."""
+    from serve.conftest import iterate
+
+    sched = make_scheduler(ahead_lm, max_batch=4, prefill_chunk=16, max_length=128)
+    sched.ahead = True
+    submit(sched, ahead_lm, PROMPTS[0], 30)
+    sched._started()
+    try:
+        for _ in range(12):
+            iterate(sched)
+            if sched._in_flight():
+                break
+        assert sched._in_flight()
+
+        def broken(i):
+            raise RuntimeError("cudaEventSynchronize failed (CUDA error 700)")
+
+        sched._ahead.reader.read = broken
+        with pytest.raises(RuntimeError, match="CUDA error 700"):
+            sched._land()
+        assert not sched._in_flight() and sched._ahead is None
+    finally:
+        sched._rows_thread.shutdown(wait=True)
