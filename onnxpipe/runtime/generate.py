@@ -340,6 +340,11 @@ class LanguageModel:
                     out = self.session.step_fed(cache)
                 else:  # the first step after the prefill: its inputs go up once
                     mask, out = self.decode_step(tokens, mask, cache, "argmax")
+        except BaseException:  # a failed step or a consumer that left: waited for, its own error (if any) kept
+            if ahead is not None:
+                ahead.drain_quietly()
+                ahead = None
+            raise
         finally:
             if ahead is not None:
                 ahead.drain()  # nothing left running on the cache once the loop leaves

@@ -748,7 +748,6 @@ class SlotScheduler(BatchLoop):
         """After a failed step: whatever was launched ahead is waited for and dropped, unread."""
         if self._ahead is not None:
             self._ahead.drain_quietly()
-            self._ahead.read_count = self._ahead.launched
             self._ahead = None
 
     def _hand_rows(self) -> None:

@@ -28,7 +28,7 @@ class FakeAhead:
         self.session = session
         self.launched = self.read_count = 0
         self.queue: list[np.ndarray] = []
-        self.drained = False
+        self.drained = self.broken = False
 
     @property
     def in_flight(self) -> int:
@@ -49,6 +49,11 @@ class FakeAhead:
         return self.queue.pop(0)
 
     def drain(self) -> None:
+        if self.broken:  # as a stream's sync fails again after a CUDA error
+            raise RuntimeError("cudaStreamSynchronize failed (CUDA error 700)")
+        self.drain_quietly()
+
+    def drain_quietly(self) -> None:
         self.drained = True
         self.read_count = self.launched
 
@@ -132,6 +137,25 @@ def test_a_consumer_that_leaves_drains_the_launched_steps():
     assert all(len(t) == 3 for t in got)
     assert session.aheads and all(a.drained and a.in_flight == 0 for a in session.aheads)
     assert session.steps <= 3 + AHEAD_DEPTH  # what was launched before the consumer left: at most one unread
+
+
+def test_a_step_that_fails_raises_its_own_error_and_leaves_nothing_running():
+    lm, session = _model(True)
+    cfg = lm._config(dict(max_new_tokens=12, stop_token_ids=[]))
+    rows = lm._rows(PROMPTS, cfg)
+    loop = lm._decode(rows, cfg)
+    next(loop), next(loop), next(loop)  # the fed steps launched ahead by now
+    (a,) = session.aheads
+
+    def failing() -> np.ndarray:
+        a.broken = True
+        raise RuntimeError("cudaEventSynchronize failed (CUDA error 700)")
+
+    a.read = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="cudaEventSynchronize failed") as e:
+        next(loop)
+    assert e.value.__context__ is None  # the read's own error, not the sync's on the way out
+    assert a.drained and a.in_flight == 0
 
 
 def test_without_a_stream_the_loop_is_the_synced_one():
