@@ -82,6 +82,17 @@ def test_rows_that_stop_early_and_arrivals_mid_stream(ahead_lm):
     assert s1.stats.ahead_steps > 0
 
 
+def _until_in_flight(sched) -> None:
+    """The scheduler's iterations run by hand until a step launched ahead is in flight (at most 12)."""
+    from serve.conftest import iterate
+
+    for _ in range(12):
+        iterate(sched)
+        if sched._in_flight():
+            return
+    raise AssertionError(f"no step launched ahead after 12 iterations: {vars(sched.stats)}")
+
+
 def test_a_request_arriving_while_a_step_is_in_flight_reads_it_first(ahead_lm):
     """Driven by hand: a step launched ahead is in flight when a request arrives; the next iteration reads and
     processes it (``_land``) before the admission writes the new row on the device."""
@@ -91,13 +102,9 @@ def test_a_request_arriving_while_a_step_is_in_flight_reads_it_first(ahead_lm):
     assert not sched.ahead  # opt-in: ONNXPIPE_SERVE_AHEAD=1
     sched.ahead = True
     a = submit(sched, ahead_lm, PROMPTS[0], 30)[0]
-    sched._started()
+    sched._started()  # the loop's iterations are driven on this thread
     try:
-        for _ in range(12):
-            iterate(sched)
-            if sched._in_flight():
-                break
-        assert sched._in_flight(), vars(sched.stats)
+        _until_in_flight(sched)
         steps = sched.stats.steps
         b = submit(sched, ahead_lm, PROMPTS[2], 10)[0]
         iterate(sched)  # admits b: the step in flight is read and processed first
@@ -116,18 +123,13 @@ def test_a_request_arriving_while_a_step_is_in_flight_reads_it_first(ahead_lm):
 def test_a_step_in_flight_that_fails_to_read_leaves_nothing_in_flight(ahead_lm):
     """A read that fails (on a GPU: a CUDA error) is raised to the loop once; the next iteration does not read the
     failed step again."""
-    from serve.conftest import iterate
 
     sched = make_scheduler(ahead_lm, max_batch=4, prefill_chunk=16, max_length=128)
     sched.ahead = True
     submit(sched, ahead_lm, PROMPTS[0], 30)
     sched._started()
     try:
-        for _ in range(12):
-            iterate(sched)
-            if sched._in_flight():
-                break
-        assert sched._in_flight()
+        _until_in_flight(sched)
 
         def broken(i):
             raise RuntimeError("cudaEventSynchronize failed (CUDA error 700)")
