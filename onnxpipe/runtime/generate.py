@@ -319,14 +319,15 @@ class LanguageModel:
                and max(len(r.prompt) for r in rows) + max(r.limit for r in rows) <= cache.capacity)
         active = list(range(len(rows)))  # cache row i holds rows[active[i]]
         ahead = None  # fed steps launched ahead of their reads (``CudaGraphs.ahead``), once the steps feed themselves
+        asked = False  # ``ahead`` asked for once: a session without a stream of its own has none at any step
         try:
             while fed:
                 tokens = np.asarray(out, np.int64)
                 live = [r for r in rows if not r.done]
                 for r in live:
                     r.add(tokens[r.index])
-                if ahead is None and self.session.can_feed(cache):
-                    ahead = self.session.graphs.ahead(cache)
+                if not asked and self.session.can_feed(cache):
+                    ahead, asked = self.session.graphs.ahead(cache), True
                 if ahead is not None:  # launched before the rows go out: the consumer's time overlaps the step
                     need = max((r.limit - len(r.tokens) for r in rows if not r.done), default=0)
                     while ahead.in_flight < min(need, AHEAD_DEPTH + 1):
