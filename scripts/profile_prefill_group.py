@@ -10,7 +10,9 @@ At 32 streams the served run loses to the offline batch mostly in its group pref
 this times them apart. Each row: the median of --repeats calls after one untimed call (first-use costs), in
 milliseconds, and per 1,024 prompt tokens. ``generate`` makes one new token, so its figure is its prefill plus one
 decode step and its own set-up (with CUDA graphs: a captured prefill graph replayed). Random prompt ids from a seeded
-generator; the model's numbers are not looked at.
+generator; the model's numbers are not looked at. A group run's time is also split into its parts (medians of the
+same calls): onnxruntime's run of the decoder graph (``run_with_iobinding``, synced at its end), the head graph's
+pick of the rows' logits or argmax (``DecoderSession._select``) and the rest (inputs built and bound on the host).
 """
 
 from __future__ import annotations
@@ -33,15 +35,33 @@ def ints(text: str) -> list[int]:
     return values
 
 
-def timed(call: Any, repeats: int) -> float:
-    """The median seconds of ``repeats`` calls after one untimed call."""
+def timed(call: Any, repeats: int, parts: dict[str, list[float]] | None = None) -> float:
+    """The median seconds of ``repeats`` calls after one untimed call; ``parts`` (filled by wrappers) are emptied
+    after the untimed call, so they hold the timed calls' pieces."""
     call()
+    if parts is not None:
+        for times in parts.values():
+            times.clear()
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
         call()
         times.append(time.perf_counter() - began)
     return float(np.median(times))
+
+
+def clocked(obj: Any, name: str, into: list[float]) -> None:
+    """``obj.name`` replaced on the instance by a wrapper adding each call's seconds to ``into``."""
+    inner = getattr(obj, name)
+
+    def wrapper(*a: Any, **k: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            into.append(time.perf_counter() - began)
+
+    setattr(obj, name, wrapper)
 
 
 def main(argv: list[str]) -> int:
@@ -72,6 +92,9 @@ def main(argv: list[str]) -> int:
     most = max(args.groups)
     prompts = rng.integers(5, vocab, (most, args.prompt_tokens)).tolist()
     rows: list[dict[str, Any]] = []
+    parts: dict[str, list[float]] = {"ort_ms": [], "select_ms": []}
+    clocked(lm.session.session, "run_with_iobinding", parts["ort_ms"])
+    clocked(lm.session, "_select", parts["select_ms"])
     for capacity in args.capacities:
         if capacity <= args.prompt_tokens:
             print(f"skipped: capacity {capacity} does not hold a {args.prompt_tokens}-token prompt", file=sys.stderr)
@@ -80,8 +103,10 @@ def main(argv: list[str]) -> int:
         for k in args.groups:
             for want in ("logits", "argmax"):  # [k, vocab] float32 back, or the greedy rows' first tokens [k]
                 group = partial(sched.rows.run_group, 0, prompts[:k], 0, want)
-                rows.append({"run": f"run_group ({want})", "k": k, "capacity": sched.cache.capacity,
-                             "ms": timed(group, args.repeats) * 1e3})
+                row = {"run": f"run_group ({want})", "k": k, "capacity": sched.cache.capacity,
+                       "ms": timed(group, args.repeats, parts) * 1e3}
+                row.update({name: float(np.median(times)) * 1e3 for name, times in parts.items() if times})
+                rows.append(row)
         del sched, group
     for k in args.groups:
         seconds = timed(partial(lm.generate, prompts[:k], max_new_tokens=1, stop_token_ids=[]), args.repeats)
@@ -90,10 +115,15 @@ def main(argv: list[str]) -> int:
         row["ms_per_1024_tokens"] = row["ms"] * 1024 / (row["k"] * args.prompt_tokens)
     print(f"{lm.session.model_dir.path}, provider {lm.provider}, CUDA graphs {lm.session.cuda_graph}, "
           f"{args.prompt_tokens}-token prompts, median of {args.repeats}")
-    print("| run | prompts (k) | row capacity | ms | ms per 1,024 prompt tokens |\n|---|---:|---:|---:|---:|")
+    print("| run | prompts (k) | row capacity | ms | ms per 1,024 prompt tokens | onnxruntime run ms | head pick ms | "
+          "rest ms |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
+        split = "| - | - | - |"
+        if "ort_ms" in row:
+            rest = row["ms"] - row["ort_ms"] - row.get("select_ms", 0.0)
+            split = f"| {row['ort_ms']:.2f} | {row.get('select_ms', 0.0):.2f} | {rest:.2f} |"
         print(f"| {row['run']} | {row['k']} | {row['capacity'] or '-'} | {row['ms']:.2f} | "
-              f"{row['ms_per_1024_tokens']:.2f} |")
+              f"{row['ms_per_1024_tokens']:.2f} {split}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

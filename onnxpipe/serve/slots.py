@@ -32,9 +32,9 @@ loop's thread before its first prefill: the CUDA EP keeps captured graphs per th
   rows thread while the next step runs. A row that changes (a prompt admitted, a row joining, moved by a group run
   or freed) has its own next inputs set on the device before that step (``_on_device``, ``CudaGraphs.patch_rows``:
   a small graph writing only those rows), so the change costs no host-fed step of every row.
-  With ``ONNXPIPE_SERVE_AHEAD=1`` and a session stream of its own (``CudaGraphs.ahead``), a steady fed step also
-  launches the step after it before it is read (``_fed_step``); a step so in flight is read and processed before
-  anything changes (``_land``), and a row patch waits for it.
+  With a session stream of its own (``CudaGraphs.ahead``), a steady fed step also launches the step after it before
+  it is read (``_fed_step``; ``ONNXPIPE_SERVE_AHEAD=0`` turns it off); a step so in flight is read and processed
+  before anything changes (``_land``), and a row patch waits for it.
   Rows not decoding then advance on the device too, writing one entry further each such step: a free row from 0,
   never past the longest running row's end (all within the row's capacity); a row being read from where it is
   parked (``parks``): at its prompt's full length, the position its own first decode step writes, so such writes land
@@ -226,9 +226,9 @@ class SlotScheduler(BatchLoop):
         # after a processed step: the fewest new tokens any row going on may still take (``_process``)
         self._slack = 0
         # fed steps launched ahead of their reads on the session's own stream (``CudaGraphs.ahead``): between two
-        # iterations at most one is in flight, the next iteration's own step (``_fed_step``, ``_land``). Opt-in
-        # (ONNXPIPE_SERVE_AHEAD=1) until a GPU run has measured what it gives the server (docs/serve.md)
-        self.ahead = os.environ.get("ONNXPIPE_SERVE_AHEAD", "0").strip().lower() in ("1", "on", "true", "yes")
+        # iterations at most one is in flight, the next iteration's own step (``_fed_step``, ``_land``). On by
+        # default (run 48, docs/serve.md); ONNXPIPE_SERVE_AHEAD=0 syncs every step
+        self.ahead = os.environ.get("ONNXPIPE_SERVE_AHEAD", "1").strip().lower() not in ("0", "off", "false", "no")
         self._ahead: Any = None
 
     # ---- the loop's steps ----

@@ -90,6 +90,8 @@ def _read_beside_streams(lm, long_prompt, new_tokens, max_length=160, chunk_grap
         for _ in range(4):  # both read and decoding, their steps fed and overlapped
             iterate(sched)
         assert len(sched._running) == 2 and sched.stats.overlapped_steps > 0
+        if sched._in_flight():  # a step launched ahead (a GPU's stream) is read first, as an arrival's iteration does
+            sched._settle()
         req = sched.submit(lm.prepare(long_prompt, max_new_tokens=new_tokens, stop_token_ids=[]), _emit_to(outs[2]))
         log = []
         while req not in sched._running and outs[2].empty():

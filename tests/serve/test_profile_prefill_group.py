@@ -22,6 +22,10 @@ def test_the_rows_are_timed_and_written(stdlib_cuda_model, tmp_path, capsys):
                                                    ("generate (prefill + 1 step)", 1), ("generate (prefill + 1 step)", 2)]
     assert all(r["ms"] > 0 and r["ms_per_1024_tokens"] == pytest.approx(r["ms"] * 1024 / (r["k"] * 8)) for r in rows)
     assert rows[0]["capacity"] >= 64
+    # a group run's parts (one call timed: --repeats 1): its decoder run and its head pick, inside its own time
+    groups = [r for r in rows if r["run"].startswith("run_group")]
+    assert all(0 < r["ort_ms"] and 0 < r["select_ms"] and r["ort_ms"] + r["select_ms"] <= r["ms"] for r in groups)
+    assert all("ort_ms" not in r for r in rows if r["run"].startswith("generate"))
     captured = capsys.readouterr()
     assert "skipped: capacity 8" in captured.err and "| run_group (argmax) | 2 |" in captured.out
 

@@ -93,14 +93,21 @@ def _until_in_flight(sched) -> None:
     raise AssertionError(f"no step launched ahead after 12 iterations: {vars(sched.stats)}")
 
 
+def test_the_schedulers_steps_go_ahead_unless_turned_off(ahead_lm, monkeypatch):
+    monkeypatch.delenv("ONNXPIPE_SERVE_AHEAD", raising=False)
+    assert make_scheduler(ahead_lm, max_batch=4, prefill_chunk=16, max_length=128).ahead
+    for off in ("0", "off", "False"):
+        monkeypatch.setenv("ONNXPIPE_SERVE_AHEAD", off)
+        assert not make_scheduler(ahead_lm, max_batch=4, prefill_chunk=16, max_length=128).ahead
+
+
 def test_a_request_arriving_while_a_step_is_in_flight_reads_it_first(ahead_lm):
     """Driven by hand: a step launched ahead is in flight when a request arrives; the next iteration reads and
     processes it (``_land``) before the admission writes the new row on the device."""
     from serve.conftest import iterate
 
     sched = make_scheduler(ahead_lm, max_batch=4, prefill_chunk=16, max_length=128)
-    assert not sched.ahead  # opt-in: ONNXPIPE_SERVE_AHEAD=1
-    sched.ahead = True
+    sched.ahead = True  # the default, whatever the environment says
     a = submit(sched, ahead_lm, PROMPTS[0], 30)[0]
     sched._started()  # the loop's iterations are driven on this thread
     try:
