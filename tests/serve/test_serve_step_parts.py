@@ -26,9 +26,10 @@ def test_a_window_splits_into_steps_prefill_runs_by_kind_and_the_rest(recorded):
     assert split["decode_steps"] == 2 and split["decode_s"] == pytest.approx(0.005)
     assert split["prefill_s"] == pytest.approx(0.013)
     assert split["prefill_by_kind"] == {"run": [0.001, 1, 16], "run_group": [0.012, 2, 1536]}
+    assert split["prefill_run_ms"] == {"run": [1.0, 1.0], "run_group": [6.0, 7.0]}
     assert split["rest_s"] == pytest.approx(1.0 - 0.005 - 0.013)
     assert sp.timeline(13.0, 14.0) == {"window_s": 1.0, "decode_steps": 0, "decode_s": 0, "prefill_s": 0,
-                                       "prefill_by_kind": {}, "rest_s": 1.0}
+                                       "prefill_by_kind": {}, "prefill_run_ms": {}, "rest_s": 1.0}
 
 
 def test_the_summary_leaves_out_a_steps_start_time():
