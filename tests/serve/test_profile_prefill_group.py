@@ -21,6 +21,7 @@ def test_the_rows_are_timed_and_written(stdlib_cuda_model, tmp_path, capsys):
                                                    ("run_group (logits)", 2), ("run_group (argmax)", 2),
                                                    ("generate (prefill + 1 step)", 1), ("generate (prefill + 1 step)", 2)]
     assert all(r["ms"] > 0 and r["ms_per_1024_tokens"] == pytest.approx(r["ms"] * 1024 / (r["k"] * 8)) for r in rows)
+    assert all(r["first_ms"] > 0 for r in rows)  # the first call of each shape, timed apart
     assert rows[0]["capacity"] >= 64
     # a group run's parts (one call timed: --repeats 1): its decoder run and its head pick, inside its own time
     groups = [r for r in rows if r["run"].startswith("run_group")]
