@@ -91,6 +91,9 @@ class SchedulerStats:
     lane_chunks: int = 0
     lane_skipped: dict[str, int] = field(default_factory=dict)
     lane_error: str = ""  # why capturing the lane's graphs failed (chunks then read apart)
+    # on a GPU, whole prompts' padded run shapes run once at start (RowPrefill.warm_shapes), and why that failed
+    warmed_shapes: int = 0
+    warm_error: str = ""
 
 
 class BatchLoop:

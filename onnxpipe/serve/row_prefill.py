@@ -17,10 +17,17 @@ decode step writes those positions before anything reads them (as ``run_group``'
 
 Only a prompt's last run needs its logits (its first token): ``run`` and ``run_chunk`` with ``logits=False`` read
 nothing back to the host (``None``), an intermediate chunk's run then costs its device time only.
+
+On a GPU a run from a row's first position (``run`` at position 0, ``run_group``) is right-padded to a multiple of
+``pad_to`` tokens (``PAD_TO``; ``ONNXPIPE_PREFILL_PAD=1`` leaves widths as they are), in the same way: the first run
+of each new input shape costs the CUDA EP ~10 ms more than the same run again (run 52, docs/serve.md), so these runs
+meet a bounded set of shapes, and ``warm_shapes`` runs the likely ones once while the rows are empty (at a server's
+start) instead of on the first prompts of each length.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any
 
@@ -30,6 +37,26 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.cuda_graphs import CHUNK_WIDTHS
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.last_position import LAST_INDEX
+
+# whole prompts' runs on a GPU are padded to a multiple of this many tokens (``RowPrefill.padded``), and
+# ``warm_shapes`` runs each such width up to WARM_WIDTH once at start
+PAD_TO = 32
+WARM_WIDTH = 512
+
+
+def pad_to(device: str) -> int:
+    """The multiple a run from position 0 is padded to: ``PAD_TO`` on a GPU, 1 (none) on the CPU, whose first runs of
+    a shape cost little; ``ONNXPIPE_PREFILL_PAD`` (an integer from 1 to 512) sets it on either."""
+    text = os.environ.get("ONNXPIPE_PREFILL_PAD", "").strip()
+    if not text:
+        return 1 if device == "cpu" else PAD_TO
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 512:
+        raise OnnxpipeError(f"ONNXPIPE_PREFILL_PAD must be an integer from 1 to 512, got {text!r}")
+    return value
 
 
 def chunk_width(tokens: int, start: int, capacity: int) -> int:
@@ -68,6 +95,7 @@ class RowPrefill:
             raise OnnxpipeError(f"the KV buffers {values[0].shape()} are not [rows, {s.num_kv_heads}, capacity, "
                                 f"{s.head_dim}] each")
         self.values, self.capacity = values, capacity
+        self.pad_to = pad_to(self.device)  # runs from position 0 padded to a multiple of it (``padded``)
         self.row_shape = [1, heads, capacity, head_dim]
         self.row_bytes = heads * capacity * head_dim * s.kv_dtype.itemsize
         self.run_options = None
@@ -84,15 +112,23 @@ class RowPrefill:
             self.run_options.add_run_config_entry("gpu_graph_id", "-1")
 
     def run(self, row: int, ids: list[int], start: int, logits: bool = True,
-            want: str = "logits") -> np.ndarray | None:
+            want: str = "logits", pad_id: int = 0) -> np.ndarray | None:
         """Write prompt tokens ``ids`` at positions ``start``... of ``row``; returns the logits of the last one
         [1, vocab] (float32), with ``want="argmax"`` just its argmax [1], or with ``logits=False`` None (nothing
-        read back)."""
+        read back). From position 0 the run is right-padded with ``pad_id`` to ``padded(len(ids))``."""
         if start + len(ids) > self.capacity:
             raise OnnxpipeError(f"{start + len(ids)} positions do not fit a row of {self.capacity}")
-        return self._run(row, np.asarray(ids, np.int64)[None, :], np.ones((1, start + len(ids)), np.int64),
-                         np.arange(start, start + len(ids), dtype=np.int64)[None, :], np.array([len(ids) - 1]),
+        width = self.padded(len(ids)) if start == 0 else len(ids)  # from position 0: right-padded, as run_group
+        padded = np.full((1, width), pad_id, np.int64)
+        padded[0, :len(ids)] = ids
+        return self._run(row, padded, np.ones((1, start + width), np.int64),
+                         np.arange(start, start + width, dtype=np.int64)[None, :], np.array([len(ids) - 1]),
                          f"a prefill into row {row} ({len(ids)} tokens from position {start})", logits, want)
+
+    def padded(self, width: int) -> int:
+        """``width`` rounded up to a multiple of ``pad_to`` where the row holds that, else ``width``."""
+        rounded = -(-width // self.pad_to) * self.pad_to
+        return rounded if rounded <= self.capacity else width
 
     def run_chunk(self, row: int, ids: list[int], start: int, pad_id: int = 0,
                   logits: bool = True) -> tuple[np.ndarray | None, str]:
@@ -118,6 +154,22 @@ class RowPrefill:
         self.skipped[out] += 1
         return self._run(row, *inputs, f"a prefill chunk into row {row} ({len(ids)} tokens padded to {width} from "
                                         f"position {start})", logits), "uncaptured"
+
+    def warm_shapes(self, most: int, pad_id: int = 0, widest: int = WARM_WIDTH) -> int:
+        """Every shape a whole prompt's run takes up to ``widest`` tokens, run once ahead: 1 to ``most`` prompts
+        (a group's size) at each multiple of ``pad_to``, into rows 0, 1... from position 0, each shape's argmax and
+        its first width's logits too (the head's pick is shaped by the rows). Only while those rows are empty: the
+        runs write their first positions, which a prompt writes before anything reads them. Returns the runs made;
+        none where widths are not padded (``pad_to`` 1: the shapes would be every length)."""
+        if self.pad_to <= 1:
+            return 0
+        runs = 0
+        for width in range(self.pad_to, min(widest, self.capacity) + 1, self.pad_to):
+            for k in range(1, most + 1):
+                for want in ("argmax", "logits") if width == self.pad_to else ("argmax",):
+                    self.run_group(0, [[pad_id] * width] * k, pad_id, want=want)
+                    runs += 1
+        return runs
 
     def warm(self, rows: list[int], pad_id: int = 0) -> int:
         """Capture the chunk graphs of ``rows`` at every width that fits, ahead, on harmless inputs (pad tokens from
@@ -160,6 +212,7 @@ class RowPrefill:
         width = max(len(p) for p in prompts)
         if width > self.capacity:
             raise OnnxpipeError(f"{width} positions do not fit a row of {self.capacity}")
+        width = self.padded(width)
         ids = np.full((k, width), pad_id, np.int64)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = p

@@ -239,12 +239,20 @@ class SlotScheduler(BatchLoop):
         first decode token came back 2 tokens on). A step on a thread the graph was not captured on runs uncaptured
         (correct, slower): so it does where this fails (``stats.capture_error``) or rows are already held. With chunk
         graphs on a GPU, the chunk graphs of the ``warm_rows`` highest rows are captured here too, at every width
-        (``RowPrefill.warm``), so that no capture stalls running streams later."""
+        (``RowPrefill.warm``), so that no capture stalls running streams later. On a GPU the whole prompts' padded
+        shapes (1 to ``prefill_group`` prompts, widths up to ``row_prefill.WARM_WIDTH``) are run once here as well
+        (``RowPrefill.warm_shapes``, ``stats.warmed_shapes``): the first run of a shape costs ~10 ms more (run 52)."""
         s = self.lm.session
-        warm = s.cuda_graph and self.table.free_rows() == self.table.rows
+        empty = self.table.free_rows() == self.table.rows
+        warm = s.cuda_graph and empty
         if warm:
             self.cache = s.new_cache(self.max_batch, capacity=self.cache.capacity)
         self._rows_thread = RowsWorker("onnxpipe-rows")
+        if empty and s.device != "cpu" and not self.stats.warmed_shapes:
+            try:
+                self.stats.warmed_shapes = self.rows.warm_shapes(self.prefill_group, self.table.pad_id)
+            except Exception as e:  # the shapes then meet their first runs with the prompts
+                self.stats.warm_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         if warm and self.rows.chunk_graphs and self.warm_rows:  # the rows are empty, the thread the loop's
             try:
                 self.rows.warm(list(range(self.max_batch - 1, self.max_batch - 1 - self.warm_rows, -1)),
@@ -354,7 +362,7 @@ class SlotScheduler(BatchLoop):
                 began = time.perf_counter()
                 if req in shorts or self._read_whole(req):  # read in one run
                     logits, how = self.rows.run(req.slot, prompt[start:end], start, logits=joins,
-                                                want=self._want([req])), "whole"
+                                                want=self._want([req]), pad_id=self.table.pad_id), "whole"
                 else:  # a long prompt's chunk (in the row ``_admit`` gave it)
                     logits, how = self.rows.run_chunk(req.slot, prompt[start:end], start, self.table.pad_id,
                                                       logits=joins)

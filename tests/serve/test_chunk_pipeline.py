@@ -136,10 +136,10 @@ def test_a_long_prompt_read_beside_fed_steps_leaves_them_fed_and_every_stream_it
     else:
         original_run = RowPrefill.run
 
-        def run(self, row, ids, start, logits=True, want="logits"):
+        def run(self, row, ids, start, logits=True, want="logits", pad_id=0):
             if len(ids) == 16 or start:  # the long prompt's chunks, not the streams' prompts (3 and 7 tokens)
                 asked.append(logits)
-            return original_run(self, row, ids, start, logits, want)
+            return original_run(self, row, ids, start, logits, want, pad_id)
 
         monkeypatch.setattr(RowPrefill, "run", run)
     got, held, sched, log = _read_beside_streams(lm, LONG, 10, chunk_graphs=chunk_graphs)

@@ -1,0 +1,121 @@
+"""Whole prompts' runs padded to a few widths, and those shapes run once at start (row_prefill's ``pad_to`` and
+``RowPrefill.warm_shapes``): on a GPU the first run of each new [k, width] costs the CUDA EP ~10 ms (run 52), so a
+server pads runs from position 0 to multiples of 32 and runs the likely shapes while its rows are empty. On the CPU
+widths stay as they are unless ``ONNXPIPE_PREFILL_PAD`` says otherwise; here it does, and the padding must not
+change a token: the padding runs as tokens of the row after its prompt, written over before anything reads them."""
+
+from __future__ import annotations
+
+import pytest
+from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, solo_results, submit, wait_until
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.serve import row_prefill
+from onnxpipe.serve.row_prefill import RowPrefill
+from onnxpipe.serve.scheduler import make_scheduler
+
+
+def recorded_widths(monkeypatch) -> list[tuple[int, int, int]]:
+    """(rows, width, first position) of every run of RowPrefill._run."""
+    seen: list[tuple[int, int, int]] = []
+    original = RowPrefill._run
+
+    def _run(self, row, ids, mask, positions, last, what, logits=True, want="logits"):
+        seen.append((ids.shape[0], ids.shape[1], int(positions[0, 0])))
+        return original(self, row, ids, mask, positions, last, what, logits, want)
+
+    monkeypatch.setattr(RowPrefill, "_run", _run)
+    return seen
+
+
+@pytest.mark.fast
+def test_the_padding_multiple_is_one_on_the_cpu_32_on_a_gpu_and_checked(monkeypatch):
+    monkeypatch.delenv("ONNXPIPE_PREFILL_PAD", raising=False)
+    assert row_prefill.pad_to("cpu") == 1 and row_prefill.pad_to("cuda") == 32
+    monkeypatch.setenv("ONNXPIPE_PREFILL_PAD", "16")
+    assert row_prefill.pad_to("cpu") == 16 and row_prefill.pad_to("cuda") == 16
+    for bad in ("0", "513", "nan", "x"):
+        monkeypatch.setenv("ONNXPIPE_PREFILL_PAD", bad)
+        with pytest.raises(OnnxpipeError, match="ONNXPIPE_PREFILL_PAD must be an integer from 1 to 512"):
+            row_prefill.pad_to("cuda")
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_padded_runs_give_every_request_its_solo_tokens(stdlib_cuda_model, group, monkeypatch):
+    """13 requests on 4 rows (greedy and seeded), whole prompts read alone (group 1) or up to 4 in a run, every run
+    from position 0 padded to a multiple of 32: the tokens of unpadded solo runs; chunks from later positions keep
+    their widths."""
+    monkeypatch.delenv("ONNXPIPE_PREFILL_PAD", raising=False)
+    lm = slot_lm(stdlib_cuda_model, True)
+    sampled = {"temperature": 0.9, "top_k": 50, "seed": 3}
+    solo, solo_sampled, alone = solo_results(lm, sampled)  # unpadded (the CPU's default)
+    assert alone.rows.pad_to == 1
+    monkeypatch.setenv("ONNXPIPE_PREFILL_PAD", "32")
+    widths = recorded_widths(monkeypatch)
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=128, prefill_group=group)
+    assert sched.rows.pad_to == 32
+    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS * 2, LENGTHS * 2)]
+    waiting.append(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
+    sched.start()
+    try:
+        assert [result(q) for q in waiting] == solo * 2 + [solo_sampled]
+        wait_until(lambda: sched.table.free_rows() == 4)
+        assert sched.stats.failed == 0
+    finally:
+        sched.stop()
+    from_zero = [w for _, w, start in widths if start == 0]
+    assert from_zero and all(w % 32 == 0 for w in from_zero), widths
+    assert (group > 1) == any(k > 1 for k, _, _ in widths)
+
+
+def test_warm_shapes_runs_each_padded_shape_once_and_the_rows_then_serve_as_before(stdlib_cuda_model, monkeypatch):
+    monkeypatch.delenv("ONNXPIPE_PREFILL_PAD", raising=False)
+    lm = slot_lm(stdlib_cuda_model, True)
+    solo, _, _ = solo_results(lm, {"temperature": 0.9, "top_k": 50, "seed": 3})
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=128, prefill_group=3)
+    assert sched.rows.warm_shapes(3) == 0  # widths not padded: no bounded set of shapes to run
+    sched.rows.pad_to = 32
+    widths = recorded_widths(monkeypatch)
+    assert sched.rows.warm_shapes(3, widest=96) == 3 * 3 + 3  # widths 32, 64, 96 x 1-3 prompts, the first's logits
+    assert sorted(set(widths)) == [(k, w, 0) for k in (1, 2, 3) for w in (32, 64, 96)]
+    cap = sched.cache.capacity  # 128 rounded up to the slot's bucket
+    assert cap < row_prefill.WARM_WIDTH and sched.rows.warm_shapes(2) == 2 * (cap // 32) + 2  # to the capacity
+    # the rows the warm-up wrote serve requests as if it had not run
+    sched.rows.pad_to = 1
+    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS, LENGTHS)]
+    sched.start()
+    try:
+        assert [result(q) for q in waiting] == solo
+    finally:
+        sched.stop()
+
+
+def test_a_gpu_schedulers_start_warms_the_shapes_once_and_a_failure_is_kept(stdlib_cuda_model, monkeypatch):
+    """``_started`` runs ``warm_shapes`` on a GPU session (here the CPU session called a GPU's for that call) while
+    its rows are empty, up to its prefill group; a warm-up that fails is kept in ``stats.warm_error``."""
+    monkeypatch.delenv("ONNXPIPE_PREFILL_PAD", raising=False)
+    lm = slot_lm(stdlib_cuda_model, True)
+    made: list[tuple[int, int]] = []
+    monkeypatch.setattr(RowPrefill, "warm_shapes", lambda self, most, pad_id=0: made.append((most, pad_id)) or 7)
+    sched = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128, prefill_group=2)
+    monkeypatch.setattr(lm.session, "device", "cuda")
+    sched._started()
+    sched._rows_thread.shutdown(wait=True)
+    assert made == [(2, sched.table.pad_id)] and sched.stats.warmed_shapes == 7 and not sched.stats.warm_error
+    sched._started()  # warmed already: not again
+    sched._rows_thread.shutdown(wait=True)
+    assert len(made) == 1
+
+    def fails(self, most, pad_id=0):
+        raise RuntimeError("out of memory\nmore lines")
+
+    monkeypatch.setattr(RowPrefill, "warm_shapes", fails)
+    other = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
+    other._started()
+    other._rows_thread.shutdown(wait=True)
+    assert other.stats.warmed_shapes == 0 and other.stats.warm_error == "out of memory"
+    monkeypatch.setattr(lm.session, "device", "cpu")  # on the CPU: no warm-up
+    third = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
+    third._started()
+    third._rows_thread.shutdown(wait=True)
+    assert third.stats.warm_error == "" and third.stats.warmed_shapes == 0
