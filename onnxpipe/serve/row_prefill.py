@@ -18,11 +18,11 @@ decode step writes those positions before anything reads them (as ``run_group``'
 Only a prompt's last run needs its logits (its first token): ``run`` and ``run_chunk`` with ``logits=False`` read
 nothing back to the host (``None``), an intermediate chunk's run then costs its device time only.
 
-On a GPU a run from a row's first position (``run`` at position 0, ``run_group``) is right-padded to a multiple of
-``pad_to`` tokens (``PAD_TO``; ``ONNXPIPE_PREFILL_PAD=1`` leaves widths as they are), in the same way: the first run
-of each new input shape costs the CUDA EP ~10 ms more than the same run again (run 52, docs/serve.md), so these runs
-meet a bounded set of shapes, and ``warm_shapes`` runs the likely ones once while the rows are empty (at a server's
-start) instead of on the first prompts of each length.
+With ``ONNXPIPE_PREFILL_PAD=N`` (opt-in until a GPU run has measured it; docs/serve.md) a run from a row's first
+position (``run`` at position 0, ``run_group``) is right-padded to a multiple of N tokens, in the same way: the first
+run of each new input shape costs the CUDA EP ~10 ms more than the same run again (run 52), so these runs then meet a
+bounded set of shapes, and ``warm_shapes`` runs the likely ones once while the rows are empty (at a server's start on
+a GPU) instead of on the first prompts of each length.
 """
 
 from __future__ import annotations
@@ -38,18 +38,16 @@ from onnxpipe.runtime.cuda_graphs import CHUNK_WIDTHS
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.last_position import LAST_INDEX
 
-# whole prompts' runs on a GPU are padded to a multiple of this many tokens (``RowPrefill.padded``), and
-# ``warm_shapes`` runs each such width up to WARM_WIDTH once at start
-PAD_TO = 32
+# ``warm_shapes`` runs each padded width up to this many tokens once at start
 WARM_WIDTH = 512
 
 
-def pad_to(device: str) -> int:
-    """The multiple a run from position 0 is padded to: ``PAD_TO`` on a GPU, 1 (none) on the CPU, whose first runs of
-    a shape cost little; ``ONNXPIPE_PREFILL_PAD`` (an integer from 1 to 512) sets it on either."""
+def pad_to() -> int:
+    """The multiple a run from position 0 is padded to (``RowPrefill.padded``): ``ONNXPIPE_PREFILL_PAD``, an integer
+    from 1 to 512 (32 is the candidate for a GPU), else 1: widths as they are."""
     text = os.environ.get("ONNXPIPE_PREFILL_PAD", "").strip()
     if not text:
-        return 1 if device == "cpu" else PAD_TO
+        return 1
     try:
         value = int(text)
     except ValueError:
@@ -95,7 +93,7 @@ class RowPrefill:
             raise OnnxpipeError(f"the KV buffers {values[0].shape()} are not [rows, {s.num_kv_heads}, capacity, "
                                 f"{s.head_dim}] each")
         self.values, self.capacity = values, capacity
-        self.pad_to = pad_to(self.device)  # runs from position 0 padded to a multiple of it (``padded``)
+        self.pad_to = pad_to()  # runs from position 0 padded to a multiple of it (``padded``)
         self.row_shape = [1, heads, capacity, head_dim]
         self.row_bytes = heads * capacity * head_dim * s.kv_dtype.itemsize
         self.run_options = None

@@ -239,9 +239,10 @@ class SlotScheduler(BatchLoop):
         first decode token came back 2 tokens on). A step on a thread the graph was not captured on runs uncaptured
         (correct, slower): so it does where this fails (``stats.capture_error``) or rows are already held. With chunk
         graphs on a GPU, the chunk graphs of the ``warm_rows`` highest rows are captured here too, at every width
-        (``RowPrefill.warm``), so that no capture stalls running streams later. On a GPU the whole prompts' padded
-        shapes (1 to ``prefill_group`` prompts, widths up to ``row_prefill.WARM_WIDTH``) are run once here as well
-        (``RowPrefill.warm_shapes``, ``stats.warmed_shapes``): the first run of a shape costs ~10 ms more (run 52)."""
+        (``RowPrefill.warm``), so that no capture stalls running streams later. On a GPU with padded widths
+        (``ONNXPIPE_PREFILL_PAD``) the whole prompts' shapes (1 to ``prefill_group`` prompts, widths up to
+        ``row_prefill.WARM_WIDTH``) are run once here as well (``RowPrefill.warm_shapes``, ``stats.warmed_shapes``):
+        the first run of a shape costs ~10 ms more (run 52)."""
         s = self.lm.session
         empty = self.table.free_rows() == self.table.rows
         warm = s.cuda_graph and empty
