@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scripts_module import load_script
-from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, solo_results, submit, wait_until
+from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, solo_results, submit, thirteen_requests, wait_until
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.generate import load
@@ -115,15 +115,8 @@ def test_concurrent_requests_read_in_groups_get_their_solo_tokens(stdlib_cuda_mo
     solo, solo_sampled, _ = solo_results(lm, sampled)
     runs = recorded_groups(monkeypatch)
     sched = make_scheduler(lm, max_batch=4, prefill_chunk=chunk, max_length=128, prefill_group=4)
-    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS * 2, LENGTHS * 2)]
-    waiting.append(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
-    sched.start()
-    try:
-        assert [result(q) for q in waiting] == solo * 2 + [solo_sampled]
-        wait_until(lambda: sched.table.free_rows() == 4)
-        assert sched.stats.failed == 0 and sched.stats.max_running == 4
-    finally:
-        sched.stop()
+    assert thirteen_requests(sched, lm, sampled) == solo * 2 + [solo_sampled]
+    assert sched.stats.failed == 0 and sched.stats.max_running == 4
     assert max(map(len, runs)) >= (2 if chunk == 16 else 4)
     assert all(rows == list(range(rows[0], rows[0] + len(rows))) for rows in runs)
 

@@ -7,7 +7,7 @@ row after its prompt, written over before anything reads them."""
 from __future__ import annotations
 
 import pytest
-from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, solo_results, submit, wait_until
+from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, solo_results, submit, thirteen_requests
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.serve import row_prefill
@@ -54,15 +54,8 @@ def test_padded_runs_give_every_request_its_solo_tokens(stdlib_cuda_model, group
     widths = recorded_widths(monkeypatch)
     sched = make_scheduler(lm, max_batch=4, prefill_chunk="auto", max_length=128, prefill_group=group)
     assert sched.rows.pad_to == 32
-    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS * 2, LENGTHS * 2)]
-    waiting.append(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
-    sched.start()
-    try:
-        assert [result(q) for q in waiting] == solo * 2 + [solo_sampled]
-        wait_until(lambda: sched.table.free_rows() == 4)
-        assert sched.stats.failed == 0
-    finally:
-        sched.stop()
+    assert thirteen_requests(sched, lm, sampled) == solo * 2 + [solo_sampled]
+    assert sched.stats.failed == 0
     from_zero = [w for _, w, start in widths if start == 0]
     assert from_zero and all(w % 32 == 0 for w in from_zero), widths
     assert (group > 1) == any(k > 1 for k, _, _ in widths)

@@ -179,6 +179,21 @@ def solo_results(lm, sampled: dict) -> tuple[list, list, SlotScheduler]:
     return solo, solo_sampled, alone
 
 
+def thirteen_requests(sched, lm, sampled: dict) -> list:
+    """PROMPTS twice greedy, then PROMPTS[2] sampled with ``sampled`` (12 tokens): all queued before ``sched``'s loop
+    starts (so what overlaps does not depend on timing), served, and the scheduler stopped once every row is free
+    again. Returns the requests' tokens, in order."""
+    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS * 2, LENGTHS * 2)]
+    waiting.append(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
+    sched.start()
+    try:
+        got = [result(q) for q in waiting]
+        wait_until(lambda: sched.table.free_rows() == sched.table.rows)
+    finally:
+        sched.stop()
+    return got
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["plain", "graph-slots"])
 def test_concurrent_requests_get_their_solo_tokens(stdlib_cuda_model, graphs):
     lm = slot_lm(stdlib_cuda_model, graphs)
@@ -191,16 +206,9 @@ def test_concurrent_requests_get_their_solo_tokens(stdlib_cuda_model, graphs):
     # first four take the rows and are read 16 prompt tokens an iteration while those already read decode; the
     # others join as rows free up, each leaving at its own step
     sched = make_scheduler(lm, max_batch=4, prefill_chunk=16, max_length=128)
-    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS * 2, LENGTHS * 2)]
-    waiting.append(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
-    sched.start()
-    try:
-        assert [result(q) for q in waiting] == solo * 2 + [solo_sampled]
-        assert sched.stats.max_running == 4 and sched.stats.steps < sum(LENGTHS) * 2
-        wait_until(lambda: sched.table.free_rows() == 4)
-        assert sched.stats.failed == 0
-    finally:
-        sched.stop()
+    assert thirteen_requests(sched, lm, sampled) == solo * 2 + [solo_sampled]
+    assert sched.stats.max_running == 4 and sched.stats.steps < sum(LENGTHS) * 2
+    assert sched.stats.failed == 0
     if graphs:  # decode steps replayed the slot's graph id; prefills into rows ran outside it (chunk graphs are
         # opt-in: tests/serve/test_chunk_graphs.py)
         assert lm.session.fed and sched.stats.fed_steps > 0  # greedy steps with no change fed on the device
