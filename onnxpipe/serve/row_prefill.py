@@ -38,8 +38,10 @@ from onnxpipe.runtime.cuda_graphs import CHUNK_WIDTHS
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.last_position import LAST_INDEX
 
-# ``warm_shapes`` runs each padded width up to this many tokens once at start
+# ``warm_shapes`` runs each padded width up to WARM_WIDTH tokens once at start, in runs of at most WARM_TOKENS (a
+# larger group at a width is left to its first prompts: with 64 prompts a group, ~360 runs instead of 1,000+)
 WARM_WIDTH = 512
+WARM_TOKENS = 4096
 
 
 def pad_to() -> int:
@@ -153,17 +155,18 @@ class RowPrefill:
         return self._run(row, *inputs, f"a prefill chunk into row {row} ({len(ids)} tokens padded to {width} from "
                                         f"position {start})", logits), "uncaptured"
 
-    def warm_shapes(self, most: int, pad_id: int = 0, widest: int = WARM_WIDTH) -> int:
+    def warm_shapes(self, most: int, pad_id: int = 0, widest: int = WARM_WIDTH, tokens: int = WARM_TOKENS) -> int:
         """Every shape a whole prompt's run takes up to ``widest`` tokens, run once ahead: 1 to ``most`` prompts
-        (a group's size) at each multiple of ``pad_to``, into rows 0, 1... from position 0, each shape's argmax and
-        its first width's logits too (the head's pick is shaped by the rows). Only while those rows are empty: the
-        runs write their first positions, which a prompt writes before anything reads them. Returns the runs made;
-        none where widths are not padded (``pad_to`` 1: the shapes would be every length)."""
+        (a group's size) at each multiple of ``pad_to``, at most ``tokens`` in a run, into rows 0, 1... from position
+        0, each shape's argmax and its first width's logits too (the head's pick is shaped by the rows). Only while
+        those rows are empty: the runs write their first positions, which a prompt writes before anything reads
+        them. Returns the runs made; none where widths are not padded (``pad_to`` 1: the shapes would be every
+        length)."""
         if self.pad_to <= 1:
             return 0
         runs = 0
         for width in range(self.pad_to, min(widest, self.capacity) + 1, self.pad_to):
-            for k in range(1, most + 1):
+            for k in range(1, min(most, tokens // width) + 1):
                 for want in ("argmax", "logits") if width == self.pad_to else ("argmax",):
                     self.run_group(0, [[pad_id] * width] * k, pad_id, want=want)
                     runs += 1

@@ -73,6 +73,9 @@ def test_warm_shapes_runs_each_padded_shape_once_and_the_rows_then_serve_as_befo
     assert sorted(set(widths)) == [(k, w, 0) for k in (1, 2, 3) for w in (32, 64, 96)]
     cap = sched.cache.capacity  # 128 rounded up to the slot's bucket
     assert cap < row_prefill.WARM_WIDTH and sched.rows.warm_shapes(2) == 2 * (cap // 32) + 2  # to the capacity
+    widths.clear()  # at most 128 tokens a run: 1-3 prompts of 32, 1-2 of 64, one of 96 (and the logits at 32)
+    assert sched.rows.warm_shapes(3, widest=96, tokens=128) == 3 + 2 + 1 + 3
+    assert max(k * w for k, w, _ in widths) == 128
     # the rows the warm-up wrote serve requests as if it had not run
     sched.rows.pad_to = 1
     waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS, LENGTHS)]
