@@ -7,7 +7,7 @@ row after its prompt, written over before anything reads them."""
 from __future__ import annotations
 
 import pytest
-from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, solo_results, submit, thirteen_requests
+from serve.test_slots import LENGTHS, PROMPTS, served, slot_lm, solo_results, thirteen_requests
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.serve import row_prefill
@@ -78,12 +78,7 @@ def test_warm_shapes_runs_each_padded_shape_once_and_the_rows_then_serve_as_befo
     assert max(k * w for k, w, _ in widths) == 128
     # the rows the warm-up wrote serve requests as if it had not run
     sched.rows.pad_to = 1
-    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS, LENGTHS)]
-    sched.start()
-    try:
-        assert [result(q) for q in waiting] == solo
-    finally:
-        sched.stop()
+    assert served(sched, lm, [(p, n, {}) for p, n in zip(PROMPTS, LENGTHS)]) == solo
 
 
 def test_a_gpu_schedulers_start_warms_the_shapes_once_and_a_failure_is_kept(stdlib_cuda_model, monkeypatch):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from serve.conftest import iterate
-from serve.test_slots import LENGTHS, PROMPTS, result, slot_lm, submit
+from serve.test_slots import LENGTHS, PROMPTS, result, served, slot_lm, submit
 
 from onnxpipe.serve.rows_worker import RowsWorker
 from onnxpipe.serve.scheduler import make_scheduler
@@ -143,11 +143,6 @@ def test_no_row_that_ends_by_length_is_processed_on_the_rows_thread(stdlib_cuda_
         return keep, slack
 
     monkeypatch.setattr(sched, "_process", recorded)
-    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS, LENGTHS)]
-    sched.start()
-    try:
-        assert [result(q) for q in waiting] == solo
-    finally:
-        sched.stop()
+    assert served(sched, lm, [(p, n, {}) for p, n in zip(PROMPTS, LENGTHS)]) == solo
     assert sched.stats.overlapped_steps > 0 and len(on_rows_thread) > 10
     assert not [reasons for reasons in on_rows_thread if "length" in reasons]

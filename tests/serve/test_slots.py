@@ -179,19 +179,26 @@ def solo_results(lm, sampled: dict) -> tuple[list, list, SlotScheduler]:
     return solo, solo_sampled, alone
 
 
-def thirteen_requests(sched, lm, sampled: dict) -> list:
-    """PROMPTS twice greedy, then PROMPTS[2] sampled with ``sampled`` (12 tokens): all queued before ``sched``'s loop
-    starts (so what overlaps does not depend on timing), served, and the scheduler stopped once every row is free
-    again. Returns the requests' tokens, in order."""
-    waiting = [submit(sched, lm, p, n)[0] for p, n in zip(PROMPTS * 2, LENGTHS * 2)]
-    waiting.append(submit(sched, lm, PROMPTS[2], 12, **sampled)[0])
+def served(sched, lm, asks, until=None) -> list:
+    """``asks`` ((prompt, new tokens, options) each) all queued before ``sched``'s loop starts (so what overlaps does
+    not depend on timing), served, and the scheduler stopped (after ``until()`` holds, where given). Returns the
+    requests' tokens, in order."""
+    waiting = [submit(sched, lm, p, n, **opts)[0] for p, n, opts in asks]
     sched.start()
     try:
         got = [result(q) for q in waiting]
-        wait_until(lambda: sched.table.free_rows() == sched.table.rows)
+        if until is not None:
+            wait_until(until)
     finally:
         sched.stop()
     return got
+
+
+def thirteen_requests(sched, lm, sampled: dict) -> list:
+    """PROMPTS twice greedy, then PROMPTS[2] sampled with ``sampled`` (12 tokens), ``served`` until every row is free
+    again."""
+    asks = [(p, n, {}) for p, n in zip(PROMPTS * 2, LENGTHS * 2)] + [(PROMPTS[2], 12, sampled)]
+    return served(sched, lm, asks, until=lambda: sched.table.free_rows() == sched.table.rows)
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["plain", "graph-slots"])
