@@ -660,6 +660,10 @@ def main(argv: list[str] | None = None) -> int:
     # the rows' length (slot layout): what each mode's requests need, unless --max-length
     level_length = args.max_length or args.prompt_tokens + args.max_tokens
     long_length = args.max_length or max(args.long_prompt_tokens + 8, args.prompt_tokens + args.stream_tokens)
+    if args.long_prompts and args.long_prompt_tokens + 1 > lm.session.max_positions:
+        p.error(f"--long-prompt-tokens {args.long_prompt_tokens}: {args.model_dir} holds at most "
+                f"{lm.session.max_positions} positions (its config's max_position_embeddings), and each long prompt "
+                f"needs room for one new token")
     layout = f"slot layout{' (CUDA graphs)' if lm.session.cuda_graph else ''}" if slots else "concat layout"
     print(f"{args.model_dir} on {lm.provider}: {layout}", file=sys.stderr)
     rng = np.random.default_rng(0)
@@ -746,6 +750,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"concurrency {c}, prefill group {row['prefill_group']}: {row['tokens_per_s']:.0f} tok/s, "
                   f"{row['prefill_runs']} prefill runs", file=sys.stderr)
+            if row["chunks_with_text"] < row["tokens"] // 2:  # the latencies are read from text chunks
+                print(f"concurrency {c}: only {row['chunks_with_text']} of {row['tokens']} tokens came with text (the "
+                      f"model's tokenizer decodes these ids to nothing), so its TTFT and inter-token columns are not "
+                      f"per token; tokens/s still is", file=sys.stderr)
     report["levels"] = rows
 
     long_rows, drawn = [], {}

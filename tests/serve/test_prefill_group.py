@@ -211,6 +211,17 @@ def test_the_load_test_reports_agreement_with_solo_tokens():
     assert agreement(solo, solo, [10, 20, 30]).startswith("3/3 requests identical to solo; 9/9 tokens (100.0%)")
 
 
+def test_the_load_test_refuses_long_prompts_the_model_cannot_hold(stdlib_model, capsys):
+    """--long-prompt-tokens past the model's context is one line naming the option and the limit, before any
+    server starts (run 56 met it as a traceback from the client process, the server's 400 inside)."""
+    with pytest.raises(SystemExit) as e:
+        load_test_script().main([str(stdlib_model), "--provider", "cpu", "--concurrency", "", "--long-prompts", "1",
+                                 "--streams", "1", "--long-prompt-tokens", "100000", "--chunks", "auto"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--long-prompt-tokens 100000" in err and "max_position_embeddings" in err, err
+    assert "Traceback" not in err
+
+
 def test_the_load_test_check_fails_on_a_difference_where_exact_and_reports_it_where_not(stdlib_cuda_model,
                                                                                          monkeypatch):
     """A group run that rounds differently from a solo run (as a GPU's batched GEMM may), planted: the check that
