@@ -21,8 +21,8 @@ from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtime.sessions import DISABLED_ORT_OPTIMIZERS, EP_NAME, SHORT_NAME, open_session
 
 __all__ = ["DISABLED_ORT_OPTIMIZERS", "EP_NAME", "SHORT_NAME", "PROVIDERS", "CHAIN", "ProviderChoice", "TensorRTOptions",
-           "available_providers", "create_session", "cuda_defaults", "fp16_to_fp32", "trt_profile_shapes",
-           "trt_provider_options"]
+           "available_providers", "create_session", "cuda_defaults", "fp16_to_fp32", "likely_chain",
+           "tensorrt_loads", "trt_profile_shapes", "trt_provider_options"]
 
 log = logging.getLogger("onnxpipe.runtime")
 
@@ -169,6 +169,37 @@ def available_providers() -> list[str]:
     import onnxruntime as ort
 
     return [SHORT_NAME[p] for p in ort.get_available_providers() if p in SHORT_NAME]
+
+
+def tensorrt_loads(library: str | os.PathLike[str] | None = None) -> tuple[bool, str]:
+    """Whether onnxruntime's TensorRT EP library loads in this process (its TensorRT, CUDA and cuDNN libraries
+    found), and why not: onnxruntime lists the EP wherever its wheel has it, so only loading it tells. A successful
+    load keeps the library in the process, as onnxruntime would load it anyway. ``library``: another file (tests)."""
+    import ctypes
+
+    if library is None:
+        import onnxruntime as ort
+
+        library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_tensorrt.so"
+    if not Path(library).is_file():
+        return False, f"this onnxruntime has no {Path(library).name}"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as e:
+        return False, (str(e).strip().splitlines() or ["it did not load"])[0][:200]
+    return True, ""
+
+
+def likely_chain(provider: str) -> list[str]:
+    """The providers a session asked for ``provider`` will run on, in order: the chain's listed ones, TensorRT left
+    out where its library does not load here (the usual onnxruntime-gpu wheel without TensorRT's libraries). What
+    in-memory edits for one EP plan by (the kernels of our own are CUDA kernels); the session itself still says what
+    it ran on."""
+    listed = set(available_providers())
+    chain = [p for p in CHAIN.get(provider, ("cpu",)) if p in listed or p == "cpu"]
+    if "tensorrt" in chain and not tensorrt_loads()[0]:
+        chain.remove("tensorrt")
+    return chain
 
 
 def create_session(

@@ -34,7 +34,8 @@ from onnxpipe.runtime.kernels import kernel_skip as skip_kinds
 from onnxpipe.runtime.kernels import kernels_mode, plan_kernels
 from onnxpipe.runtime.kv_cache import KVCache
 from onnxpipe.runtime.last_position import LAST_INDEX, gather_last_position
-from onnxpipe.runtime.providers import CHAIN, EP_NAME, ProviderChoice, TensorRTOptions, available_providers, create_session
+from onnxpipe.runtime.providers import (CHAIN, EP_NAME, ProviderChoice, TensorRTOptions, available_providers, create_session,
+                                        likely_chain)
 from onnxpipe.runtime.sessions import open_session
 from onnxpipe.runtime.shared_weights import SharedWeights, load_shared_weights
 from onnxpipe.runtime.step_tail import add_step_tail
@@ -120,9 +121,9 @@ class DecoderSession:
         if mode != "off" and session_options is None:
             session_options = ort.SessionOptions()
             session_options.log_severity_level = 3
-        listed = set(available_providers()) if mode != "off" else set()
-        self.kernels = plan_kernels(mode, [p for p in CHAIN.get(provider, ("cpu",)) if p in listed or p == "cpu"],
-                                    session_options, announce, skip=skip, logits=logits)
+        # planned for the EP the session will most likely run on: auto's TensorRT where its libraries load
+        self.kernels = plan_kernels(mode, likely_chain(provider) if mode != "off" else [], session_options, announce,
+                                    skip=skip, logits=logits)
         self.kernels.folder = self.model_dir.model_path.parent
 
         def edit(proto: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -178,3 +179,40 @@ def test_cuda_attention_kernels_are_pinned(tiny_onnx, monkeypatch):
     monkeypatch.setenv("ONNXPIPE_SDPA_KERNEL", "default")
     create_session(md.model_path, "cuda", announce=lambda m: None)
     assert "sdpa_kernel" not in seen[-1]
+
+
+def test_whether_tensorrt_loads_is_tried_and_said(tmp_path):
+    """onnxruntime lists TensorRT wherever its wheel has it; whether its library loads is what tells (the
+    onnxruntime-gpu wheel without TensorRT's libraries: libnvinfer not found)."""
+    import onnxruntime as ort
+
+    capi = Path(ort.__file__).parent / "capi"
+    ok, why = providers.tensorrt_loads(tmp_path / "libonnxruntime_providers_tensorrt.so")
+    assert not ok and why == "this onnxruntime has no libonnxruntime_providers_tensorrt.so"
+    fake = tmp_path / "libfake.so"
+    fake.write_bytes(b"not a shared object")
+    ok, why = providers.tensorrt_loads(fake)
+    assert not ok and "libfake.so" in why and "\n" not in why
+    assert providers.tensorrt_loads(capi / "libonnxruntime_providers_shared.so") == (True, "")  # a library that loads
+    if not (capi / "libonnxruntime_providers_tensorrt.so").is_file():  # this machine's CPU wheel
+        assert providers.tensorrt_loads() == (False, "this onnxruntime has no libonnxruntime_providers_tensorrt.so")
+
+
+@pytest.mark.parametrize("loads", [False, True])
+def test_kernels_plan_for_cuda_where_tensorrt_is_listed_but_does_not_load(monkeypatch, loads):
+    """`--provider auto` on the usual GPU machine (TensorRT listed, its libraries missing) runs on CUDA, so the
+    kernels of our own are planned for CUDA there, and left off only where TensorRT really starts."""
+    from onnxpipe.runtime.kernels import plan_kernels
+
+    monkeypatch.setattr(providers, "available_providers", lambda: ["tensorrt", "cuda", "cpu"])
+    monkeypatch.setattr(providers, "tensorrt_loads", lambda library=None: (loads, "" if loads else "libnvinfer.so.10"))
+    chain = providers.likely_chain("auto")
+    assert chain == (["tensorrt", "cuda", "cpu"] if loads else ["cuda", "cpu"])
+    assert providers.likely_chain("cuda") == ["cuda", "cpu"] and providers.likely_chain("cpu") == ["cpu"]
+    plan = plan_kernels("auto", chain, session_options=None)
+    if loads:
+        assert plan.target is None and plan.why_off == "provider tensorrt is not CUDA"
+    else:
+        assert plan.target == "cuda" and plan.why_off is None
+    monkeypatch.setattr(providers, "available_providers", lambda: ["cuda", "cpu"])
+    assert providers.likely_chain("tensorrt") == ["cuda", "cpu"]  # not listed: never tried
