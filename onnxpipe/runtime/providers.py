@@ -172,21 +172,29 @@ def available_providers() -> list[str]:
 
 
 def tensorrt_loads(library: str | os.PathLike[str] | None = None) -> tuple[bool, str]:
-    """Whether onnxruntime's TensorRT EP library loads in this process (its TensorRT, CUDA and cuDNN libraries
-    found), and why not: onnxruntime lists the EP wherever its wheel has it, so only loading it tells. A successful
-    load keeps the library in the process, as onnxruntime would load it anyway. ``library``: another file (tests)."""
+    """Whether onnxruntime's TensorRT EP can start here, and why not: onnxruntime lists the EP wherever its wheel has
+    it, so only loading its library tells. False where the library is absent or a library it needs cannot be found
+    (the usual onnxruntime-gpu wheel without TensorRT: libnvinfer); any other failure to load it here leaves the
+    answer to onnxruntime (True). The shared provider library is loaded first, globally, as onnxruntime loads it;
+    a library that loads stays in the process, as onnxruntime would load it anyway. ``library``: another file."""
     import ctypes
 
     if library is None:
         import onnxruntime as ort
 
         library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_tensorrt.so"
-    if not Path(library).is_file():
-        return False, f"this onnxruntime has no {Path(library).name}"
+    library = Path(library)
+    if not library.is_file():
+        return False, f"this onnxruntime has no {library.name}"
     try:
+        shared = library.parent / "libonnxruntime_providers_shared.so"
+        if shared.is_file():
+            ctypes.CDLL(str(shared), mode=ctypes.RTLD_GLOBAL)
         ctypes.CDLL(str(library))
     except OSError as e:
-        return False, (str(e).strip().splitlines() or ["it did not load"])[0][:200]
+        text = (str(e).strip().splitlines() or [""])[0][:200]
+        if "cannot open shared object file" in text:
+            return False, text
     return True, ""
 
 
@@ -245,6 +253,13 @@ def create_session(
             f"{provider} was requested but this onnxruntime build has no {', '.join(EP_NAME[p] for p in skipped)} "
             f"(it has {', '.join(ort.get_available_providers())}); using {chain[0]} instead"
         )
+
+    if "tensorrt" in chain:  # listed is not loadable: where its library cannot load, not asked for at all (no
+        loads, why = tensorrt_loads()  # second session, none of onnxruntime's own error dump)
+        if not loads:
+            chain.remove("tensorrt")
+            messages.append(f"onnxruntime could not start TensorrtExecutionProvider (its libraries did not load: "
+                            f"{why}); using {chain[0]} instead")
 
     provider_options: dict[str, dict[str, str]] = {}
     if "tensorrt" in chain:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,7 @@ def test_trt_options_reach_onnxruntime(tiny_onnx, monkeypatch, tmp_path):
         return real(path, so, providers=["CPUExecutionProvider"])
 
     monkeypatch.setattr(providers, "available_providers", lambda: ["tensorrt", "cuda", "cpu"])
+    monkeypatch.setattr(providers, "tensorrt_loads", lambda library=None: (True, ""))
     monkeypatch.setattr(ort, "InferenceSession", spy)
     _, choice = create_session(md.model_path, "auto", trt_options=TensorRTOptions(cache_dir=tmp_path / "c"),
                                announce=lambda m: None)
@@ -142,6 +145,31 @@ def test_trt_options_reach_onnxruntime(tiny_onnx, monkeypatch, tmp_path):
     assert (tmp_path / "c").is_dir()
     assert choice.used == "cpu" and any("could not start TensorrtExecutionProvider, CUDAExecutionProvider" in m for m in choice.messages)
 
+
+
+def test_tensorrt_listed_but_not_loadable_is_not_asked_for(tiny_onnx, monkeypatch, tmp_path):
+    """The usual onnxruntime-gpu wheel lists TensorRT without its libraries: the session is asked for the rest of
+    the chain once (no session onnxruntime makes and drops, none of its error dump), and the fallback is one line."""
+    import onnxruntime as ort
+
+    md = ModelDir.open(tiny_onnx("llama"))
+    made = []
+    real = ort.InferenceSession
+
+    def spy(path, so=None, providers=None, **kw):
+        made.append([p[0] if isinstance(p, tuple) else p for p in providers])
+        return real(path, so, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(providers, "available_providers", lambda: ["tensorrt", "cuda", "cpu"])
+    monkeypatch.setattr(providers, "tensorrt_loads",
+                        lambda library=None: (False, "libnvinfer.so.10: cannot open shared object file"))
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    _, choice = create_session(md.model_path, "auto", trt_options=TensorRTOptions(cache_dir=tmp_path / "c"),
+                               announce=lambda m: None)
+    assert made[0] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choice.messages[0] == ("onnxruntime could not start TensorrtExecutionProvider (its libraries did not "
+                                  "load: libnvinfer.so.10: cannot open shared object file); using cuda instead")
+    assert "tensorrt" not in choice.provider_options and not (tmp_path / "c").exists()
 
 def _prefill_feed(md: ModelDir, dtype) -> dict:
     m = md.manifest
@@ -191,9 +219,19 @@ def test_whether_tensorrt_loads_is_tried_and_said(tmp_path):
     assert not ok and why == "this onnxruntime has no libonnxruntime_providers_tensorrt.so"
     fake = tmp_path / "libfake.so"
     fake.write_bytes(b"not a shared object")
-    ok, why = providers.tensorrt_loads(fake)
-    assert not ok and "libfake.so" in why and "\n" not in why
+    assert providers.tensorrt_loads(fake) == (True, "")  # a failure other than a missing library: onnxruntime's call
     assert providers.tensorrt_loads(capi / "libonnxruntime_providers_shared.so") == (True, "")  # a library that loads
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build a library whose dependency is missing")
+    (tmp_path / "dep.c").write_text("int dep(void) { return 1; }\n")
+    (tmp_path / "probe.c").write_text("int dep(void);\nint probe(void) { return dep(); }\n")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "libdep.so"), str(tmp_path / "dep.c")], check=True)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "libprobe.so"), str(tmp_path / "probe.c"),
+                    f"-L{tmp_path}", "-ldep"], check=True)
+    (tmp_path / "libdep.so").unlink()  # as libnvinfer is missing where onnxruntime-gpu comes without TensorRT
+    ok, why = providers.tensorrt_loads(tmp_path / "libprobe.so")
+    assert not ok and why.startswith("libdep.so: cannot open shared object file") and "\n" not in why
     if not (capi / "libonnxruntime_providers_tensorrt.so").is_file():  # this machine's CPU wheel
         assert providers.tensorrt_loads() == (False, "this onnxruntime has no libonnxruntime_providers_tensorrt.so")
 
