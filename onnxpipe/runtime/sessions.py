@@ -79,6 +79,7 @@ def open_session(
     requested = [_provider_entry(p) for p in providers]
     if optimization is not None and optimization not in OPTIMIZATIONS:
         raise OnnxpipeError(f"unknown graph optimization level {optimization!r}; choose one of {', '.join(OPTIMIZATIONS)}")
+    _quiet_default_logger(ort)
     so = _session_options(ort, session_options, optimization, threads, config, external_data_dir)
     keep: list[Any] = []
     if external_initializers:
@@ -167,6 +168,15 @@ def _provider_entry(p: Provider) -> tuple[str, dict[str, str]]:
     if isinstance(p, tuple):
         return ep_name(p[0]), {k: str(v) for k, v in p[1].items()}
     return ep_name(p), {}
+
+
+
+def _quiet_default_logger(ort: Any) -> None:
+    """onnxruntime's process-wide logger warns beside the session's own, e.g. on every CUDA session of 1.31 ("No
+    registered plugin EP device found for 'CUDAExecutionProvider'"): errors only, as the sessions' own logs, since
+    onnxpipe's lines say what matters once; ``ONNXPIPE_ORT_LOG=1`` leaves it as onnxruntime set it."""
+    if not os.environ.get("ONNXPIPE_ORT_LOG"):
+        ort.set_default_logger_severity(3)
 
 
 def _session_options(ort: Any, base: Any, optimization: str | None, threads: int | None,

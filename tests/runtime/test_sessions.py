@@ -208,3 +208,16 @@ def test_a_large_proto_with_weights_in_files_too_is_refused(monkeypatch, tmp_pat
     monkeypatch.setattr(sessions, "PROTO_INLINE_BYTES", 0)
     with pytest.raises(OnnxpipeError, match=r"^an in-memory graph of 0 MiB with weights both inline and in files"):
         open_session(proto, external_data_dir=tmp_path)
+
+
+def test_onnxruntimes_process_wide_logger_is_quieted_unless_asked(monkeypatch):
+    """onnxruntime-gpu 1.31 warns on every CUDA session from its process-wide logger (run 59); sessions made here
+    set it to errors only, and ONNXPIPE_ORT_LOG leaves it as onnxruntime has it."""
+    levels: list[int] = []
+    monkeypatch.setattr(ort, "set_default_logger_severity", levels.append)
+    monkeypatch.delenv("ONNXPIPE_ORT_LOG", raising=False)
+    open_session(_add_model())
+    assert levels == [3]
+    monkeypatch.setenv("ONNXPIPE_ORT_LOG", "1")
+    open_session(_add_model())
+    assert levels == [3]
