@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from onnxpipe.confine import check_inside
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 
 # end-of-turn tokens of the common chat formats: where one is a special token of the vocabulary and the template
 # writes it, a chat stops on it (ChatML, Llama 3, Phi-3, Gemma)
@@ -55,7 +55,7 @@ class Tokenizer:
                 backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as e:  # the tokenizers library raises its own exception types
                 raise OnnxpipeError(f"{path / 'tokenizer.json'}: not a tokenizer the `tokenizers` library reads "
-                                    f"({_first_line(e)})") from None
+                                    f"({first_line(e)})") from None
         elif _file(path, "vocab.json") and _file(path, "merges.txt"):
             from tokenizers import decoders, models, pre_tokenizers
 
@@ -100,10 +100,10 @@ class Tokenizer:
                                    documents=values.pop("documents", None),
                                    add_generation_prompt=add_generation_prompt, **values)
         except jinja2.TemplateError as e:  # raise_exception(...) from the template, or a template bug
-            raise OnnxpipeError(f"the chat template refused the conversation: {_first_line(e)}") from None
+            raise OnnxpipeError(f"the chat template refused the conversation: {first_line(e)}") from None
         except Exception as e:  # a template error at render time (a missing key, a type error in an expression)
             raise OnnxpipeError(f"the chat template failed on the conversation: {type(e).__name__}: "
-                                f"{_first_line(e)}") from None
+                                f"{first_line(e)}") from None
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
                             **kwargs: Any) -> list[int]:
@@ -264,7 +264,3 @@ def _read_json(path: Path, name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise OnnxpipeError(f"{path / name}: expected a JSON object")
     return data
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -28,7 +28,7 @@ from onnxpipe.artifact import (
     tensor_signature,
     write_manifest,
 )
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 from onnxpipe.genai_config import write_genai_config
 from onnxpipe.outputs import check_io_paths
 from onnxpipe.tokenizer import Tokenizer
@@ -103,7 +103,7 @@ def load_hf_model(src: Path, dtype: str) -> Any:
                 output_loading_info=True, **experts
             )
     except Exception as e:  # transformers raises many types here; all mean "these weights do not load"
-        raise OnnxpipeError(f"{src}: weights could not be loaded: {_first_line(e)}") from None
+        raise OnnxpipeError(f"{src}: weights could not be loaded: {first_line(e)}") from None
     problems = []
     for key in ("missing_keys", "mismatched_keys", "unexpected_keys"):
         found = list(info.get(key) or [])
@@ -200,7 +200,7 @@ def _torch_export(model: Any, info: dict[str, Any], dtype: str, opset: int, path
         with _quiet():
             program.save(str(path), external_data=external)
     except Exception as e:  # serialisation failures: keep it to one line
-        raise OnnxpipeError(f"saving the ONNX graph of {info['architecture']} failed: {_first_line(e)}") from None
+        raise OnnxpipeError(f"saving the ONNX graph of {info['architecture']} failed: {first_line(e)}") from None
 
 
 def trace_decoder(model: Any, info: dict[str, Any], opset: int) -> Any:
@@ -225,7 +225,7 @@ def trace_decoder(model: Any, info: dict[str, Any], opset: int) -> Any:
                 verbose=False,
             )
     except Exception as e:  # torch.export / onnx translation failures: say where, keep it to one line
-        raise OnnxpipeError(f"torch.onnx.export failed for {info['architecture']}: {_first_line(e)}") from None
+        raise OnnxpipeError(f"torch.onnx.export failed for {info['architecture']}: {first_line(e)}") from None
 
 
 def _check_onnx(path: Path) -> None:
@@ -234,7 +234,7 @@ def _check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
-        raise OnnxpipeError(f"the exported graph failed the ONNX checker: {_first_line(e)}") from None
+        raise OnnxpipeError(f"the exported graph failed the ONNX checker: {first_line(e)}") from None
 
 
 def _build_manifest(
@@ -298,11 +298,6 @@ def _versions() -> dict[str, str]:
         "onnxscript": onnxscript.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def _key_name(key: Any) -> str:

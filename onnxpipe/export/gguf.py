@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 
 MAGIC = b"GGUF"
 SOURCE_RECORD = "source.json"
@@ -128,7 +128,7 @@ def read_gguf(src: str | os.PathLike[str]) -> GGUFInfo:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError, ... on a broken file
-        raise OnnxpipeError(f"{path}: unreadable GGUF ({_first_line(e)})") from None
+        raise OnnxpipeError(f"{path}: unreadable GGUF ({first_line(e)})") from None
     arch = _field(reader, "general.architecture")
     if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
         raise OnnxpipeError(
@@ -295,9 +295,9 @@ def _dequantize_to(info: GGUFInfo, out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except ImportError as e:
-        raise OnnxpipeError(f"loading a GGUF needs more packages ({_first_line(e)}): {INSTALL_HINT}") from None
+        raise OnnxpipeError(f"loading a GGUF needs more packages ({first_line(e)}): {INSTALL_HINT}") from None
     except Exception as e:  # transformers raises many types here; all mean "this GGUF does not load"
-        raise OnnxpipeError(f"{info.path}: transformers could not load this GGUF: {_first_line(e)}") from None
+        raise OnnxpipeError(f"{info.path}: transformers could not load this GGUF: {first_line(e)}") from None
     # The dequantized model is plain float32; what makes transformers refuse to save it is only the GGUF
     # "quantizer" it still carries. Dropping it saves an ordinary directory that loads without the GGUF.
     model.hf_quantizer = None
@@ -417,8 +417,3 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
     return {"transformers": transformers.__version__, "gguf": version("gguf")}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

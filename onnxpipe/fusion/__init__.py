@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 from onnxpipe.genai_config import write_genai_config
 
 __all__ = ["optimize_model", "OptimizeResult", "PASS_NAMES", "format_table"]
@@ -76,7 +76,7 @@ def optimize_model(
         except MemoryError as e:
             raise pipeline.resource_error(e, "loading the input", None, src.size_bytes()) from None
         except Exception as e:  # protobuf/onnx raise many types for a corrupt file
-            raise OnnxpipeError(f"{src.model_path}: not a readable ONNX model ({_first_line(e)})") from None
+            raise OnnxpipeError(f"{src.model_path}: not a readable ONNX model ({first_line(e)})") from None
         pipeline.own_weights(model)
         form = layerwise.check_form(check_form, pipeline.weight_bytes(model))
         if form == "layerwise":
@@ -214,11 +214,6 @@ def _versions() -> dict[str, str]:
 
     return {"onnxpipe": onnxpipe.__version__, "onnx": onnx.__version__, "onnx_ir": onnx_ir.__version__,
             "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def format_table(result: OptimizeResult) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 from onnxpipe.runtime.chunk_lane import CHUNK_IDS, CHUNK_LAST, CHUNK_LOGITS, CHUNK_MASK, CHUNK_POSITIONS, chunk_name
 from onnxpipe.runtime.helper_graphs import patch_graph, step_head_graph
 from onnxpipe.runtime.kv_cache import KVCache
@@ -383,7 +383,7 @@ class CudaGraphs:
         try:
             self._patch.run_with_iobinding(io)
         except Exception as e:
-            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            text = first_line(e)
             raise OnnxpipeError(f"onnxruntime failed on a decode slot's row patch: {text}") from None
         return True
 

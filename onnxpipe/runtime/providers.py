@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 from onnxpipe.runtime.sessions import DISABLED_ORT_OPTIMIZERS, EP_NAME, SHORT_NAME, open_session
 
 __all__ = ["DISABLED_ORT_OPTIMIZERS", "EP_NAME", "SHORT_NAME", "PROVIDERS", "CHAIN", "ProviderChoice", "TensorRTOptions",
@@ -192,7 +192,7 @@ def tensorrt_loads(library: str | os.PathLike[str] | None = None) -> tuple[bool,
             ctypes.CDLL(str(shared), mode=ctypes.RTLD_GLOBAL)
         ctypes.CDLL(str(library))
     except OSError as e:
-        text = (str(e).strip().splitlines() or [""])[0][:200]
+        text = first_line(e, 200)
         if "cannot open shared object file" in text:
             return False, text
     return True, ""

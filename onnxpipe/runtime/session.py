@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from onnxpipe.artifact import ModelDir
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 from onnxpipe.runtime import cuda_graphs, kv_cache
 from onnxpipe.runtime.chunk_lane import CHUNK_POSITIONS, add_chunk_lane
 from onnxpipe.runtime.cuda_graphs import CudaGraphs, _GraphSlot, check_cuda_graph_form
@@ -405,7 +405,7 @@ class DecoderSession:
 
     def _failed(self, e: Exception, what: str) -> None:
         """onnxruntime's Fail/RuntimeException as one line that says which model and which run."""
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        text = first_line(e)
         raise OnnxpipeError(f"{self.model_dir.path}: onnxruntime failed on {what}: {text}") from None
 
     # ---- internals ----

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 
 log = logging.getLogger("onnxpipe.runtime")
 
@@ -97,7 +97,7 @@ def open_session(
         except Exception as e:  # onnxruntime's own Fail/InvalidGraph types: all mean "this graph does not load"
             if raw_errors:
                 raise
-            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            text = first_line(e)
             first = SHORT_NAME.get(entries[0][0], entries[0][0]) if entries else "cpu"
             for_what = f" for {purpose}" if purpose else ""
             raise OnnxpipeError(f"{name}: onnxruntime could not load the graph{for_what} on {first}: {text}") from None

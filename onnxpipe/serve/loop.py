@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 from onnxpipe.runtime.generate import LanguageModel, RowState
 from onnxpipe.runtime.sampling import next_token
 from onnxpipe.runtime.session import KVCache
@@ -160,7 +160,7 @@ class BatchLoop:
         try:
             self._started()
         except Exception as e:  # the layout runs without what it prepares (each layout says what that costs)
-            self.stats.capture_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            self.stats.capture_error = first_line(e)
         finally:
             self.ready.set()
         ended = time.perf_counter()
@@ -284,7 +284,7 @@ class BatchLoop:
 
     def _fail(self, req: Request, e: BaseException) -> None:
         self.stats.failed += 1
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        text = first_line(e)
         self._send(req, ("error", text))
 
     def _send(self, req: Request, event: Event) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 from onnxpipe.runtime.cuda_graphs import CHUNK_WIDTHS
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.last_position import LAST_INDEX
@@ -253,7 +253,7 @@ class RowPrefill:
         try:
             s.session.run_with_iobinding(io, self.run_options)
         except Exception as e:
-            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            text = first_line(e)
             raise OnnxpipeError(f"{s.model_dir.path}: onnxruntime failed on {what}: {text}") from None
         if not logits:
             return None

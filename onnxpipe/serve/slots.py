@@ -71,7 +71,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 from onnxpipe.runtime.cuda_graphs import CHUNK_GRAPH_ROWS, CHUNK_WIDTHS
 from onnxpipe.runtime.generate import LanguageModel
 from onnxpipe.runtime.limits import check_fits
@@ -170,7 +170,7 @@ class SlotScheduler(BatchLoop):
         except OnnxpipeError:
             raise
         except Exception as e:  # onnxruntime's allocation failure (device memory): one line that says what to change
-            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            text = first_line(e, 200)
             raise OnnxpipeError(f"{s.model_dir.path}: could not allocate the KV buffer of {max_batch} rows x {length} "
                                 f"positions ({text}); use a smaller --max-batch or --max-length") from None
         assert self.cache.capacity is not None
@@ -253,13 +253,13 @@ class SlotScheduler(BatchLoop):
             try:
                 self.stats.warmed_shapes = self.rows.warm_shapes(self.prefill_group, self.table.pad_id)
             except Exception as e:  # the shapes then meet their first runs with the prompts
-                self.stats.warm_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                self.stats.warm_error = first_line(e)
         if warm and self.rows.chunk_graphs and self.warm_rows:  # the rows are empty, the thread the loop's
             try:
                 self.rows.warm(list(range(self.max_batch - 1, self.max_batch - 1 - self.warm_rows, -1)),
                                self.table.pad_id)
             except Exception as e:  # chunks then run uncaptured where their graphs were not captured
-                self.rows.graph_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                self.rows.graph_error = first_line(e)
             self.stats.chunk_graph_error = self.rows.graph_error
             self.stats.chunk_graph_skipped = dict(self.rows.skipped)
         if warm and self.lane and self.warm_rows:
@@ -269,7 +269,7 @@ class SlotScheduler(BatchLoop):
                 if isinstance(out, str):
                     self.stats.lane_skipped[f"warm {out}"] = 1
             except Exception as e:  # chunks then run apart from the steps, uncaptured lanes counted
-                self.stats.lane_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                self.stats.lane_error = first_line(e)
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.errors import OnnxpipeError, first_line
 from onnxpipe.runtime.kernels.build import KernelBuildError, build_library
 from onnxpipe.runtime.kernels.rewrite import SKIP_KINDS, RewriteReport, Target, rewrite_matmul_nbits
 
@@ -120,7 +120,7 @@ class KernelPlan:
         try:
             self.session_options.register_custom_ops_library(str(library))
         except Exception as e:  # onnxruntime's own error for a library it cannot load
-            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            text = first_line(e, 200)
             self.why_off = f"onnxruntime did not load {library}: {text}"
             return False
         self.library = library
