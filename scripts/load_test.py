@@ -646,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from onnxpipe.runtime.bench import bench
     from onnxpipe.runtime.generate import load
-    from onnxpipe.serve.app import ServerThread, create_app
+    from onnxpipe.serve.app import ServerThread, create_app, gc_freeze_wanted
     from onnxpipe.serve.scheduler import make_scheduler
 
     lm = load(args.model_dir, args.provider, threads=args.threads, cuda_graph=args.cuda_graph,
@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         return create_app(lm, "model", max_batch=batch, max_queue=256, prefill_chunk=chunk,
                           max_length=length if slots else None,
                           prefill_group=None if group is None else min(group, batch), chunk_graphs=graphs,
-                          chunk_lane=lane)
+                          chunk_lane=lane, freeze_gc=gc_freeze_wanted())  # as onnxpipe serve
 
     if args.check_equal and budget.allows("check-equal"):
         rows = args.check_rows or args.max_batch or max(levels + [4])

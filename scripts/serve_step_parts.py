@@ -12,8 +12,9 @@ read-back; the wait for the rows thread (``settle``) and a prompt's join. The ro
 is timed on that thread, and each prefill run outside the steps (``RowPrefill.run``, ``run_chunk``, ``run_group``).
 Printed after load_test's tables: p50, p99 and mean (ms) of each part over the steps of at least --streams rows,
 lane steps (a chunk in the step's run) apart from the others, and with --json each level's timed window split into
-decode steps, prefill runs (by kind) and the rest (the loop between them, admission, waiting for requests); every
-step's parts go to ``<--json>.steps.json``. Wrapping costs a few microseconds a call. On the CPU no step goes through the CUDA graphs:
+decode steps, prefill runs (by kind) and the rest (the loop between them, admission, waiting for requests), the
+garbage collector's runs by generation and the prefill runs over 3x their kind's p50 with the collection inside them;
+every step's parts, the prefill runs and the collections go to ``<--json>.steps.json``. Wrapping costs a few microseconds a call. On the CPU no step goes through the CUDA graphs:
 there ``pre``, ``step_*``, the uploads and the read-back are absent.
 """
 
@@ -35,6 +36,9 @@ STEPS: list[dict[str, Any]] = []
 PROCESSED: list[float] = []  # the rows thread's _process, seconds each
 # the prefill runs outside the decode steps (RowPrefill.run / run_chunk / run_group): (start, seconds, kind, tokens)
 PREFILLS: list[tuple[float, float, str, int]] = []
+# the garbage collector's runs in this process: (start, seconds, generation); a full collection walks every object
+# the process holds (onnxruntime, numpy, the tokenizer's libraries: ~10^6), tens of ms where a step is 1.7
+GCS: list[tuple[float, float, int]] = []
 _clock = time.perf_counter
 
 
@@ -58,9 +62,22 @@ def _timed(owner: Any, name: str, key: str) -> None:
 
 
 def install() -> None:
-    """The wrappers, on the classes (every scheduler and session of this process)."""
+    """The wrappers, on the classes (every scheduler and session of this process), and the collector's callback."""
+    import gc
+
     from onnxpipe.runtime import cuda_graphs, session
     from onnxpipe.serve import row_prefill, slots
+
+    gc_began: list[float] = []
+
+    def collected(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_began[:] = [_clock()]
+        elif gc_began:
+            GCS.append((gc_began[0], _clock() - gc_began[0], info["generation"]))
+            gc_began.clear()
+
+    gc.callbacks.append(collected)
 
     step = slots.SlotScheduler._decode_step
 
@@ -144,10 +161,19 @@ def timeline(start: float, end: float) -> dict[str, Any]:
     # few runs much slower (group runs of the same size took 0.11-0.22 s a window in run 50)
     run_ms = {kind: [round(float(np.percentile(ms, 50)), 2), round(float(max(ms)), 2)] for kind in sorted(by_kind)
               for ms in [[r[1] * 1e3 for r in runs if r[2] == kind]]}
+    # the collector's runs in the window by generation ([runs, total ms, max ms]), and the prefill runs over 3x their
+    # kind's p50 with the collection that ran inside them, if any (ms): whether the slow runs are the collector's
+    gcs = [g for g in GCS if start <= g[0] < end]
+    by_gen = {str(gen): [len(ms), round(sum(ms), 2), round(max(ms), 2)] for gen in sorted({g[2] for g in gcs})
+              for ms in [[g[1] * 1e3 for g in gcs if g[2] == gen]]}
+    slow = [[round(r[1] * 1e3, 2), r[2], r[3],
+             round(sum(g[1] for g in gcs if r[0] <= g[0] < r[0] + r[1]) * 1e3, 2)]
+            for r in runs if r[1] * 1e3 > 3 * run_ms[r[2]][0]]
     return {"window_s": round(end - start, 4), "decode_steps": len(steps), "decode_s": round(step_s, 4),
             "prefill_s": round(prefill_s, 4),
             "prefill_by_kind": {k: [round(v[0], 4), v[1], v[2]] for k, v in sorted(by_kind.items())},
-            "prefill_run_ms": run_ms, "rest_s": round(end - start - step_s - prefill_s, 4)}
+            "prefill_run_ms": run_ms, "rest_s": round(end - start - step_s - prefill_s, 4),
+            "gc_by_generation": by_gen, "slow_prefills_ms_kind_tokens_gc_ms": slow}
 
 
 def main(argv: list[str]) -> int:
@@ -178,7 +204,7 @@ def main(argv: list[str]) -> int:
     if "--json" in argv:
         path = Path(argv[argv.index("--json") + 1])
         path.with_name(path.stem + ".steps.json").write_text(json.dumps({"summary": report, "steps": STEPS,
-                                                                         "prefills": PREFILLS}))
+                                                                         "prefills": PREFILLS, "gc": GCS}))
     return rc
 
 

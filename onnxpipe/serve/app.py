@@ -47,12 +47,20 @@ MAX_RETRY_AFTER_S = 60  # a 429's Retry-After, at most (QueueWait)
 REPLY_SMOOTHING = 0.1  # weight of the newest finished reply in QueueWait's average
 
 
+def gc_freeze_wanted() -> bool:
+    """Whether a server process leaves what it made before serving out of the garbage collector's full runs
+    (``BatchLoop.freeze_gc``): yes unless ``ONNXPIPE_SERVE_GC_FREEZE`` is 0, off, false or no."""
+    return os.environ.get("ONNXPIPE_SERVE_GC_FREEZE", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
 def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
                prefill_chunk: int | str = "auto", max_length: int | None = None,
                prefill_group: int | None = None, chunk_graphs: bool | None = None,
-               chunk_lane: bool | None = None) -> Any:
+               chunk_lane: bool | None = None, freeze_gc: bool = False) -> Any:
     """The ASGI app; its lifespan starts and stops the scheduler thread. ``app.state.scheduler`` is the scheduler
-    (``scheduler.make_scheduler``: fixed rows of ``max_length`` tokens for a shared-buffer graph)."""
+    (``scheduler.make_scheduler``: fixed rows of ``max_length`` tokens for a shared-buffer graph). ``freeze_gc``:
+    once the scheduler has started, the process's objects so far are frozen out of the garbage collector's runs
+    (process-wide: for a process that is the server, as ``onnxpipe serve``'s; ``gc_freeze_wanted``)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request as HttpRequest
@@ -62,6 +70,7 @@ def create_app(lm: LanguageModel, model_name: str, *, max_batch: int = 8, max_qu
     scheduler = make_scheduler(lm, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                                max_length=max_length, prefill_group=prefill_group, chunk_graphs=chunk_graphs,
                                chunk_lane=chunk_lane)
+    scheduler.freeze_gc = freeze_gc
     created = int(time.time())
     phase = "starting"  # /health's status: "ok" once the lifespan started the scheduler's thread, then "shutting_down"
 
@@ -399,7 +408,7 @@ def serve_forever(model_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
     name = model_name or Path(model_dir).resolve().name
     app = create_app(lm, name, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                      max_length=max_length, prefill_group=prefill_group, chunk_graphs=chunk_graphs,
-                     chunk_lane=chunk_lane)
+                     chunk_lane=chunk_lane, freeze_gc=gc_freeze_wanted())
     if announce:
         layout = (f"{max_batch} fixed rows of {app.state.scheduler.max_length} tokens"
                   + (", CUDA graphs" if lm.session.cuda_graph else "") if lm.session.shares_buffer

@@ -12,6 +12,7 @@ scheduler thread: ``("piece", StreamPiece)`` as text becomes final, then ``("don
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
 import time
@@ -94,6 +95,8 @@ class SchedulerStats:
     # on a GPU, whole prompts' padded run shapes run once at start (RowPrefill.warm_shapes), and why that failed
     warmed_shapes: int = 0
     warm_error: str = ""
+    # objects moved out of the garbage collector's reach once the loop had started (``freeze_gc``), 0 where not
+    gc_frozen: int = 0
 
 
 class BatchLoop:
@@ -120,6 +123,10 @@ class BatchLoop:
         # where each iteration's time went, when a caller (the load test) sets a deque: (start, prompt tokens read,
         # prefill seconds, decode step seconds, rows that decoded, then ``TRACE_MORE``), perf_counter seconds
         self.trace: deque[tuple[Any, ...]] | None = None
+        # a server process's choice (``create_app(freeze_gc=True)``): once the loop has started, every object made
+        # so far (the libraries', the model's, the warm-up's) is left out of the collector's full runs, which
+        # otherwise walk them all mid-serving (25-31 ms here for a small model's server process, gc_freeze_wanted)
+        self.freeze_gc = False
 
     # ---- from the server ----
     def submit(self, row: RowState, emit: Callable[[Event], None]) -> Request:
@@ -162,6 +169,10 @@ class BatchLoop:
         except Exception as e:  # the layout runs without what it prepares (each layout says what that costs)
             self.stats.capture_error = first_line(e)
         finally:
+            if self.freeze_gc:
+                gc.collect()
+                gc.freeze()
+                self.stats.gc_frozen = gc.get_freeze_count()
             self.ready.set()
         ended = time.perf_counter()
         while True:
