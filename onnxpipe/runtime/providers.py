@@ -205,9 +205,19 @@ def likely_chain(provider: str) -> list[str]:
     it ran on."""
     listed = set(available_providers())
     chain = [p for p in CHAIN.get(provider, ("cpu",)) if p in listed or p == "cpu"]
-    if "tensorrt" in chain and not tensorrt_loads()[0]:
-        chain.remove("tensorrt")
+    _drop_tensorrt_that_cannot_load(chain)
     return chain
+
+
+def _drop_tensorrt_that_cannot_load(chain: list[str]) -> str | None:
+    """Where ``chain`` has TensorRT and its library does not load here, TensorRT taken out of it; why, or None."""
+    if "tensorrt" not in chain:
+        return None
+    loads, why = tensorrt_loads()
+    if loads:
+        return None
+    chain.remove("tensorrt")
+    return why
 
 
 def create_session(
@@ -254,12 +264,12 @@ def create_session(
             f"(it has {', '.join(ort.get_available_providers())}); using {chain[0]} instead"
         )
 
-    if "tensorrt" in chain:  # listed is not loadable: where its library cannot load, not asked for at all (no
-        loads, why = tensorrt_loads()  # second session, none of onnxruntime's own error dump)
-        if not loads:
-            chain.remove("tensorrt")
-            messages.append(f"onnxruntime could not start TensorrtExecutionProvider (its libraries did not load: "
-                            f"{why}); using {chain[0]} instead")
+    # listed is not loadable: where its library cannot load, TensorRT is not asked for at all (no second session,
+    # none of onnxruntime's own error dump)
+    why = _drop_tensorrt_that_cannot_load(chain)
+    if why is not None:
+        messages.append(f"onnxruntime could not start TensorrtExecutionProvider (its libraries did not load: {why}); "
+                        f"using {chain[0]} instead")
 
     provider_options: dict[str, dict[str, str]] = {}
     if "tensorrt" in chain:

@@ -21,9 +21,9 @@ nothing back to the host (``None``), an intermediate chunk's run then costs its 
 With ``ONNXPIPE_PREFILL_PAD=N`` (opt-in: on an H100 it removed each shape's first-run cost but raised no served
 share, run 55 in docs/serve.md) a run from a row's first position (``run`` at position 0, ``run_group``) is
 right-padded to a multiple of N tokens, in the same way: the first run of each new input shape costs the CUDA EP
-~10 ms more than the same run again (run 52), so these runs then meet a
-bounded set of shapes, and ``warm_shapes`` runs the likely ones once while the rows are empty (at a server's start on
-a GPU) instead of on the first prompts of each length.
+~10 ms more than the same run again (run 52), so these runs then meet a bounded set of shapes, and ``warm_shapes``
+runs the likely ones once while the rows are empty (at a server's start on a GPU) instead of on the first prompts of
+each length.
 """
 
 from __future__ import annotations
