@@ -27,6 +27,7 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "onnxpipe_int4_graph_kernels_nohead": "onnxpipe int4 + CUDA graphs + onnxpipe kernels but the LM head",
     "onnxpipe_int4_graph_kernels_noqkv": "onnxpipe int4 + CUDA graphs + onnxpipe kernels but the packed qkv",
     "onnxpipe_int4_graph_kernels_nofuse": "onnxpipe int4 + CUDA graphs + onnxpipe kernels, gate/up apart",
+    "onnxpipe_int4_graph_kernels_hgemv": "onnxpipe int4 + CUDA graphs + onnxpipe kernels, every call the half2 GEMV form",
     "onnxpipe_graph_kernels": "onnxpipe + CUDA graphs + onnxpipe kernels (gate/up as one, SiluMul)",
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
@@ -38,7 +39,7 @@ LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
 PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_fullhead", "onnxpipe_graph", "onnxpipe_graph_hostfed", "onnxpipe_graph_xqa", "genai", "genai_graph",
             "onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "onnxpipe_int4_graph_kernels",
             "onnxpipe_int4_graph_kernels_nohead", "onnxpipe_int4_graph_kernels_noqkv",
-            "onnxpipe_int4_graph_kernels_nofuse", "onnxpipe_graph_kernels", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
+            "onnxpipe_int4_graph_kernels_nofuse", "onnxpipe_int4_graph_kernels_hgemv", "onnxpipe_graph_kernels", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
             "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 
@@ -404,16 +405,19 @@ def _int4_tokens(spec: dict, batch: int, tokens: list[list[int]], info: dict) ->
             "first_divergence": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n) for a, b in pairs]}
 
 
-def _with_kernels(child, spec: dict, skip: str = "", fuse: str = "on") -> None:
+def _with_kernels(child, spec: dict, skip: str = "", fuse: str = "on", form: str = "") -> None:
     """onnxpipe's own kernels (onnxpipe.runtime.kernels: MatMulNBits -> onnxpipe.MatMulInt4 at load) through the
     variables the decoder session reads, set before the child loads the model; "on": a fallback fails the row.
     ``skip``: the kinds of node left to MatMulNBits (ONNXPIPE_KERNELS_SKIP, e.g. "head": the LM head found from the
     graph), set for every kernels row so a value in the caller's environment never reaches the other one.
     ONNXPIPE_BENCH_KERNELS=reference runs the CPU reference kernels instead (the --device cpu smoke of the wiring).
-    ``fuse``: ONNXPIPE_KERNELS_FUSE (gate/up pairs as one MatMulInt4 + SiluMul; "off": apart)."""
+    ``fuse``: ONNXPIPE_KERNELS_FUSE (gate/up pairs as one MatMulInt4 + SiluMul; "off": apart). ``form``:
+    ONNXPIPE_INT4_GEMM_FORM, the int4 GEMM's form for every call ("": by the table and the rule; "hgemv": the half2
+    GEMV form, meant for batch 1: past M = 4 it reads the weights again per 4 rows)."""
     os.environ["ONNXPIPE_KERNELS"] = os.environ.get("ONNXPIPE_BENCH_KERNELS", "on")
     os.environ["ONNXPIPE_KERNELS_SKIP"] = skip
     os.environ["ONNXPIPE_KERNELS_FUSE"] = fuse
+    os.environ["ONNXPIPE_INT4_GEMM_FORM"] = form
     child(spec)
 
 
@@ -450,6 +454,9 @@ CHILDREN = {
     "onnxpipe_int4_graph_kernels_nofuse": lambda s: _with_kernels(child_onnxpipe, dict(
         s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json")),
         fuse="off"),
+    "onnxpipe_int4_graph_kernels_hgemv": lambda s: _with_kernels(child_onnxpipe, dict(
+        s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json")),
+        form="hgemv"),
     "build_onnxpipe_int4": lambda s: child_build_onnxpipe_int4(s),
     "build_genai_int4": lambda s: child_build_genai(dict(s, genai=s["genai_int4"], genai_precision="int4"),
                                                     stage="genai_int4"),

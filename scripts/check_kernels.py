@@ -106,10 +106,10 @@ def bench_shapes(hidden: int, kv_dim: int, intermediate: int, vocab: int) -> tup
     return layer, (vocab, hidden)
 COPY_BYTES = 160 << 20  # weights a timed model holds in all: past H100/H200's 50 MB L2, as a decode step's are
 MAX_COPIES = 128
-FORMS = {"warps": 1, "cluster": 2, "gemv": 3}  # int4_gemm.h: ONNXPIPE_INT4_GEMM_WARPS, _CLUSTER, _GEMV
-# the largest M a form is timed at when the op does not take it there (the GEMV form re-reads the weights per 4 rows
+FORMS = {"warps": 1, "cluster": 2, "gemv": 3, "hgemv": 4}  # int4_gemm.h: ONNXPIPE_INT4_GEMM_WARPS, ... _HGEMV
+# the largest M a form is timed at when the op does not take it there (the GEMV forms re-read the weights per 4 rows
 # of A past that: correct, and never a layout to time)
-FORM_MAX_M = {"gemv": 4}
+FORM_MAX_M = {"gemv": 4, "hgemv": 4}
 SLACK = 2.0 ** -10  # of the reference's largest magnitude: one fp16 rounding step near the top of the range
 
 # -------------------------------------------------------------------------------------------------------------
@@ -794,14 +794,14 @@ def is_bench_case(name: str, block: int, with_zp: bool) -> bool:
 
 
 # (form, tile, split) tried by --sweep: the warps form's weight tiles x warps along K, the cluster form's warps
-# along N x blocks along K, the GEMV form's weight rows a warp x warps along K (at M = 1 only: FORM_MAX_M does not
+# along N x blocks along K, the GEMV forms' weight rows a warp x warps along K (at M = 1 only: FORM_MAX_M does not
 # apply, a sweep times the M the form is for); ("default", 0, 0) first: the layout the custom op takes
 # (int4_gemm.cu's table, else its rule), timed beside them
 SWEEP = [("default", 0, 0)] + \
         [("warps", t, s) for t, s in ((1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (2, 1), (2, 2), (2, 4), (2, 8))] + \
         [("cluster", t, s) for t in (2, 4, 8) for s in (1, 2, 4, 8)] + \
-        [("gemv", t, s) for t, s in ((1, 1), (2, 1), (4, 1), (1, 2))]
-SWEEP_MAX_M = {"gemv": 1}
+        [(f, t, s) for f in ("gemv", "hgemv") for t, s in ((1, 1), (2, 1), (4, 1), (1, 2))]
+SWEEP_MAX_M = {"gemv": 1, "hgemv": 1}
 SWEEP_MS = (1, 8, 32)
 # the M range a swept M stands for in a suggested table row: the A rows a block takes (8, 16, 32) are the same
 # through it; M = 9-16 is not swept and stays with the rule
@@ -1456,7 +1456,7 @@ def main() -> int:
     if torch_kernel is not None:  # the forms onnxpipe_int4_gemm resolves to here ($ONNXPIPE_INT4_GEMM_FORM or auto)
         ctx.form = ", ".join(f"{torch_kernel.describe(0, m, 4096, 4096).split(':')[0]} at M={m}" for m in (1, 8, 32))
         log(f"the custom op's form here (4096 x 4096, no table entry): {ctx.form}; every form timed through ctypes "
-            f"(GEMV to M = {FORM_MAX_M['gemv']})")
+            f"(the GEMV forms to M = {FORM_MAX_M['gemv']})")
     log(f"onnxruntime {ort.__version__}; run overhead of a one-node CUDA graph {ctx.overhead_s * 1e6:.1f} us "
         "(taken off each timed run before dividing by its copies)")
     fp16_done: set[str] = set()

@@ -58,7 +58,7 @@ VARIANTS = ["onnxpipe_graph", "onnxpipe_graph_hostfed", "genai_graph", "onnxpipe
 # (run 7's names: MatMulFloat4BitsKernelM1, nvjet_sm90_* and cublasLt::splitKreduce_kernel, H64::grp4_fp16::kernel_mha,
 # UnpackRoPEAppend, GetSequenceLengths, SkipLayerNormKernelSmall, _UnaryElementWise<..OP_QuickGelu..>)
 KERNEL_GROUPS = [
-    ("int4 GEMM (onnxpipe)", r"int4_gem[mv](_rows)?_kernel"),  # the mma forms and the batch-1 GEMV
+    ("int4 GEMM (onnxpipe)", r"int4_h?gem[mv](_rows)?_kernel"),  # the mma forms and the batch-1 GEMVs
     ("int4 dequantize (onnxpipe)", r"int4_dequant"),
     ("MatMulNBits (onnxruntime)", r"MatMulFloat4Bits|MatMulFloatInt4|MatMulNBits|Dequantize4Bits|DequantizeBlockwise|"
                                   r"fpA_intB|[Ww]eightOnly|4Bits|[Ii]nt4"),

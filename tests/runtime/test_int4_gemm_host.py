@@ -52,7 +52,11 @@ def test_argument_checks_return_codes(kernel_library: ctypes.CDLL) -> None:
         "negative M": (gemm(ok, ok, ok, None, ok, -1, 16, 64, 32, None), -1),
         "N past int32": (gemm(ok, ok, ok, None, ok, 1, 1 << 31, 64, 32, None), -1),
         "M = 0": (gemm(ok, ok, ok, None, ok, 0, 16, 64, 32, None), 0),
-        "form 4": (kernel_library.onnxpipe_int4_gemm_config(4, 0, 0, ok, ok, ok, None, ok, 1, 16, 64, 32, None), -5),
+        "form 5": (kernel_library.onnxpipe_int4_gemm_config(5, 0, 0, ok, ok, ok, None, ok, 1, 16, 64, 32, None), -5),
+        "hgemv tile 8": (kernel_library.onnxpipe_int4_gemm_config(4, 8, 1, ok, ok, ok, None, ok, 1, 16, 64, 32,
+                                                                  None), -5),
+        "hgemv split 16": (kernel_library.onnxpipe_int4_gemm_config(4, 1, 16, ok, ok, ok, None, ok, 1, 16, 64, 32,
+                                                                    None), -5),
         "gemv tile 3": (kernel_library.onnxpipe_int4_gemm_config(3, 3, 1, ok, ok, ok, None, ok, 1, 16, 64, 32, None),
                         -5),
         "gemv split 3": (kernel_library.onnxpipe_int4_gemm_config(3, 1, 3, ok, ok, ok, None, ok, 1, 16, 64, 32, None),
@@ -68,17 +72,17 @@ def test_argument_checks_return_codes(kernel_library: ctypes.CDLL) -> None:
     assert len(set(messages.values())) == len(messages)  # each code its own words
 
 
-PLAN = re.compile(r"^(warps|cluster|gemv): grid (\d+)x(\d+)(?:x(\d+))?, (?:(\d+) weight rows and (\d+) A rows a block, "
+PLAN = re.compile(r"^(warps|cluster|h?gemv): grid (\d+)x(\d+)(?:x(\d+))?, (?:(\d+) weight rows and (\d+) A rows a block, "
                   r"(?:(\d+) weight rows a warp, )?(\d+) warps along K(?:, K staged (\d+) at a time)?"
                   r"|(\d+) warps along N, (\d+) A rows a block, clusters of (\d+) along K)$")
 
 
-@pytest.mark.parametrize("form", [1, 2, 3])
+@pytest.mark.parametrize("form", [1, 2, 3, 4])
 def test_plans_cover_every_output(kernel_library: ctypes.CDLL, form: int) -> None:
     """For the 1B/8B shapes, ragged edges and M from 1 to 4096, each form's grid covers N and M with no block
     wholly past them, a cluster splits K into at most 8 non-empty slices, and a GEMV block's rows are its 8 warps'
-    (weight rows a warp x warps not along K) with K staged in slices of 32-k chunks of at most 8192 fp32 for its A
-    rows. (Without a GPU the launcher assumes 132 SMs of sm_90.)"""
+    (weight rows a warp x warps not along K) with K staged in slices of 32-k chunks of at most 8192 fp32 (the half2
+    form: 16384 halves) for its A rows. (Without a GPU the launcher assumes 132 SMs of sm_90.)"""
     buf = ctypes.create_string_buffer(256)
     shapes = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (128256, 2048), (4096, 4096), (1024, 4096),
               (14336, 4096), (4096, 14336), (200, 576), (24, 160), (16, 32)]
@@ -90,24 +94,25 @@ def test_plans_cover_every_output(kernel_library: ctypes.CDLL, form: int) -> Non
             hit = PLAN.match(text)
             assert hit, text
             name, gx, gy, gz = hit.group(1), int(hit.group(2)), int(hit.group(3)), int(hit.group(4) or 1)
-            if name == "gemv":
+            if name in ("gemv", "hgemv"):
                 rows, a_rows, tile, split, staged = (int(hit.group(i)) for i in (5, 6, 7, 8, 9))
+                cap = 8192 if name == "gemv" else 16384
                 assert tile in (1, 2, 4) and split in (1, 2, 4, 8) and rows == tile * 8 // split and gz == 1, text
                 assert a_rows == (1 if m == 1 else 2 if m == 2 else 4), text
-                assert staged % 32 == 0 and 0 < staged <= k and a_rows * staged <= 8192, text
-                assert staged == k or a_rows * (staged + 32) > 8192, text  # the whole K where it fits
+                assert staged % 32 == 0 and 0 < staged <= k and a_rows * staged <= cap, text
+                assert staged == k or a_rows * (staged + 32) > cap, text  # the whole K where it fits
             elif name == "warps":
                 rows, a_rows, split = int(hit.group(5)), int(hit.group(6)), int(hit.group(8))
                 assert hit.group(7) is None and hit.group(9) is None and rows in (16, 32) and split in (1, 2, 4, 8, 16) and gz == 1, text
             else:
                 rows, a_rows, split = 16 * int(hit.group(10)), int(hit.group(11)), int(hit.group(12))
                 assert gz == split and 1 <= split <= min(8, -(-k // 128)), text
-            if name != "gemv":
+            if name not in ("gemv", "hgemv"):
                 assert a_rows in ((8, 16, 32) if name == "warps" else (8, 16, 32, 64)), text
             assert gx * rows >= n > (gx - 1) * rows, text
             assert gy * a_rows >= m > (gy - 1) * a_rows, text
             seen.add(name)
-    assert seen == {{1: "warps", 2: "cluster", 3: "gemv"}[form]}
+    assert seen == {{1: "warps", 2: "cluster", 3: "gemv", 4: "hgemv"}[form]}
 
 
 def test_auto_takes_gemv_at_m1(kernel_library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,6 @@
 """The int4 GEMM's kernels, their very source, run on the CPU under a host simulation of the CUDA features they use
-(int4_gemm_sim/prelude.h): the three forms, ragged N and M, K not a multiple of 128, block 32/64/128, with and
-without zero points, clusters of 1-5 blocks along K, the GEMV form's 1-8 warps along K and K in several slices. Each case's output is checked against a double-precision reference
+(int4_gemm_sim/prelude.h): the four forms, ragged N and M, K not a multiple of 128, block 32/64/128, with and
+without zero points, clusters of 1-5 blocks along K, the GEMV forms' 1-8 warps along K and K in several slices. Each case's output is checked against a double-precision reference
 within 2^-9 of its largest magnitude (fp16 rounding is 2^-11), and every output must be written. The kernel's own
 launch code and speed are the GPU's business (scripts/check_kernels.py)."""
 
@@ -91,6 +91,9 @@ def simulated_source(text: str) -> str:
     body, count = re.subn(r"extern __shared__ float4 gemv_smem\[\];",
                           "float4* gemv_smem = reinterpret_cast<float4*>(sim_smem());", body)
     assert count == 1, "int4_gemm.cu's GEMV shared memory changed: update simulated_source"
+    body, count = re.subn(r"extern __shared__ uint4 hgemv_smem\[\];",
+                          "uint4* hgemv_smem = reinterpret_cast<uint4*>(sim_smem());", body)
+    assert count == 1, "int4_gemm.cu's half2 GEMV shared memory changed: update simulated_source"
     return (SIM / "prelude.h").read_text() + "\n" + body + "\n" + (SIM / "harness.inc").read_text()
 
 
@@ -151,6 +154,22 @@ def test_gemv_source_on_the_cpu(simulator: Path, case: tuple[int, ...]) -> None:
     assert "unwritten 0" in proc.stdout
 
 
+# the half2 GEMV form (4): the same arguments and the same spread of cases as the GEMV form's
+HGEMV_CASES = [(4, *case[1:]) for case in GEMV_CASES] + [
+    (4, 1, 24, 4096, 128, 1, 2, 1, 4, 1024),  # slices of 8 chunks: the swizzle's every phase
+    (4, 4, 9, 160, 32, 0, 1, 4, 8),  # more warps along K than a row has steps
+]
+
+
+@pytest.mark.parametrize("case", HGEMV_CASES,
+                         ids=lambda c: "hgemv-M{1}-N{2}-K{3}-bs{4}-zp{5}-{6}.{7}.{8}".format(*c)
+                         + (f"-slice{c[9]}" if len(c) > 9 else ""))
+def test_hgemv_source_on_the_cpu(simulator: Path, case: tuple[int, ...]) -> None:
+    proc = subprocess.run([str(simulator), *map(str, case)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith(" ok"), proc.stdout + proc.stderr
+    assert "unwritten 0" in proc.stdout
+
+
 def broken_simulator(tmp_path: Path, line: str, tail: str) -> Path:
     """The simulation built from a copy of the source whose ``line`` (a statement ending in ';') ends in ``tail``
     instead: a planted fault the simulation must see."""
@@ -181,5 +200,23 @@ def test_simulation_sees_a_lost_k_step(simulator: Path, tmp_path: Path) -> None:
     binary = broken_simulator(tmp_path, "const int last = (int)((int64_t)(slice + 1) * steps / slices);",
                               " - (slice == 0);")
     proc = subprocess.run([str(binary), "2", "1", "200", "576", "32", "1", "1", "2", "5"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout
+
+
+def test_simulation_sees_a_misplaced_hgemv_pair(simulator: Path, tmp_path: Path) -> None:
+    """A copy of the half2 GEMV form that stages the pairs of k (8v + 2, 8v + 6) and (8v + 3, 8v + 7) swapped (the
+    nibbles then meet the wrong activations) fails the simulation."""
+    text = SOURCE.read_text()
+    right = "__byte_perm(v.y, v.w, 0x5410),\n                     __byte_perm(v.y, v.w, 0x7632));"
+    swapped = "__byte_perm(v.y, v.w, 0x7632),\n                     __byte_perm(v.y, v.w, 0x5410));"
+    assert text.count(right) == 1
+    source = tmp_path / "swapped.cpp"
+    source.write_text(simulated_source(text.replace(right, swapped)))
+    cxx = shutil.which("g++") or shutil.which("c++")
+    assert cxx
+    binary = tmp_path / "swapped"
+    subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", "-w", str(source), "-o", str(binary)], check=True)
+    proc = subprocess.run([str(binary), "4", "1", "40", "576", "32", "0", "1", "1", "1"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout

@@ -216,11 +216,11 @@ def test_sweep_times_the_default_beside_every_layout(ck: ModuleType) -> None:
     ctx = ck.Context(argparse.Namespace(repeats=2), None, None, 0.0, time.perf_counter(), log=lambda _m: None)
     ck.sweep(ctx, tk, [], "1b gate,up", 8192, 2048, 32, np.zeros((32, 2048), np.float16), ref, 1 << 20,
              {m: 1e-3 for m in (1, 8, 32)})
-    gemv_layouts = sum(1 for form, _, _ in ck.SWEEP if form == "gemv")
-    assert gemv_layouts >= 2 and len(ctx.sweeps) == 3 * len(ck.SWEEP) - 2 * gemv_layouts
+    gemv_layouts = sum(1 for form, _, _ in ck.SWEEP if form in ("gemv", "hgemv"))  # both GEMV forms: M = 1 only
+    assert gemv_layouts >= 4 and len(ctx.sweeps) == 3 * len(ck.SWEEP) - 2 * gemv_layouts
     assert tk.seen.count((0, 0, 0)) == 3
     assert {e["m"] for e in ctx.sweeps} == {1, 8, 32} and all(e["block"] == 32 for e in ctx.sweeps)
-    assert {e["m"] for e in ctx.sweeps if e["form"] == "gemv"} == {1}  # the GEMV form is swept at M = 1 only
+    assert {e["m"] for e in ctx.sweeps if e["form"] in ("gemv", "hgemv")} == {1}  # swept at M = 1 only
     assert [e["ok"] for e in ctx.sweeps if (ck.FORMS.get(e["form"]), e["tile"], e["split"]) == wrong] == [False] * 3
     assert tk.config == (0, 0, 0)  # left as the rows' own calls expect: the op's layout
     rows = ck.suggest_layouts(ctx.sweeps)
@@ -246,9 +246,9 @@ def test_a_bench_case_runs_its_sweep(ck: ModuleType, cpu_library: Path) -> None:
         assert [(r.m, r.ok) for r in ctx.rows] == [(1, True), (8, True), (32, True)]
         assert [(r.m, r.form) for r in ctx.rows] == [(1, "gemv"), (8, "warps"), (32, "warps")]
         assert len(ctx.sweeps) == (0 if with_zp else swept)
-    # the rows' own calls: the op's layout at every M, each other form by its rule, the GEMV form only where M <= 4
+    # the rows' own calls: the op's layout at every M, each other form by its rule, the GEMV forms only where M <= 4
     forms = ck.FORMS  # (the last case, with zero points, has no sweep after its rows)
-    assert tk.seen == [(0, 0, 0), (forms["warps"], 0, 0), (forms["cluster"], 0, 0),
+    assert tk.seen == [(0, 0, 0), (forms["warps"], 0, 0), (forms["cluster"], 0, 0), (forms["hgemv"], 0, 0),
                        (0, 0, 0), (forms["cluster"], 0, 0), (0, 0, 0), (forms["cluster"], 0, 0)]
 
 

@@ -115,17 +115,21 @@ def test_the_nohead_bench_anchor_runs_the_kernels_with_the_head_skipped(monkeypa
     import bench_gpu_anchors as anchors
 
     monkeypatch.setenv("ONNXPIPE_KERNELS", "off")
-    monkeypatch.setenv("ONNXPIPE_KERNELS_SKIP", "qkv")  # the caller's value reaches neither kernels row
+    monkeypatch.setenv("ONNXPIPE_KERNELS_SKIP", "qkv")  # the caller's values reach no kernels row
+    monkeypatch.setenv("ONNXPIPE_INT4_GEMM_FORM", "gemv")
     monkeypatch.delenv("ONNXPIPE_BENCH_KERNELS", raising=False)
-    seen: list[tuple[str, str, dict]] = []
+    seen: list[tuple[str, str, str, dict]] = []
     monkeypatch.setattr(anchors, "child_onnxpipe", lambda spec: seen.append(
-        (os.environ["ONNXPIPE_KERNELS"], os.environ["ONNXPIPE_KERNELS_SKIP"], spec)))
+        (os.environ["ONNXPIPE_KERNELS"], os.environ["ONNXPIPE_KERNELS_SKIP"], os.environ["ONNXPIPE_INT4_GEMM_FORM"],
+         spec)))
     spec = {"work": str(tmp_path), "int4": str(tmp_path / "int4"), "optimized": str(tmp_path / "optimized")}
     anchors.CHILDREN["onnxpipe_int4_graph_kernels_nohead"](spec)
     anchors.CHILDREN["onnxpipe_int4_graph_kernels_noqkv"](spec)
     anchors.CHILDREN["onnxpipe_int4_graph_kernels"](spec)
-    assert [(k, s) for k, s, _ in seen] == [("on", "head"), ("on", "qkv"), ("on", "")]
-    for _, _, got in seen:
+    anchors.CHILDREN["onnxpipe_int4_graph_kernels_hgemv"](spec)
+    assert [(k, s, f) for k, s, f, _ in seen] == [("on", "head", ""), ("on", "qkv", ""), ("on", "", ""),
+                                                  ("on", "", "hgemv")]
+    for _, _, _, got in seen:
         assert got["optimized"] == spec["int4"] and got["cuda_graph"]
         assert got["int4_tokens_in"] == str(tmp_path / "int4_tokens.json")  # compared with the plain int4 run's
     assert "onnxpipe_int4_graph_kernels_nohead" in anchors.ANCHORS and (

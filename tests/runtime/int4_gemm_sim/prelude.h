@@ -41,6 +41,11 @@ inline __half2 __halves2half2(__half a, __half b) { return {a, b}; }
 inline float2 __half22float2(__half2 h) { return {h2f(h.x), h2f(h.y)}; }
 inline __half2 __hsub2(__half2 a, __half2 b) { return {f2h(h2f(a.x) - h2f(b.x)), f2h(h2f(a.y) - h2f(b.y))}; }
 inline __half2 __hmul2(__half2 a, __half2 b) { return {f2h(h2f(a.x) * h2f(b.x)), f2h(h2f(a.y) * h2f(b.y))}; }
+// a * b is exact in float (11-bit significands), so a * b + c is rounded once to float, then to fp16: not always
+// the GPU's single rounding, but within one fp16 step of it
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+  return {f2h(h2f(a.x) * h2f(b.x) + h2f(c.x)), f2h(h2f(a.y) * h2f(b.y) + h2f(c.y))};
+}
 inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
   uint8_t b[8]; std::memcpy(b, &x, 4); std::memcpy(b + 4, &y, 4);
   uint32_t r = 0;

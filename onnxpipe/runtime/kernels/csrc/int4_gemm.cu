@@ -635,6 +635,206 @@ inline int gemv_slice(int mr, int k) {
   return k < cap ? k : cap;
 }
 
+// The half2 GEMV form (form 4, M = 1-4, no tensor cores): the GEMV form's layout (a lane takes 32 consecutive k of a
+// weight row a step, each warp T rows, `split` warps of a block sharing a row group's k steps) with the arithmetic
+// of fp16 pairs, about half the instructions a weight of the GEMV form's exact fp32: the nibbles become fp16 pairs
+// by mask-and-or ((w >> s) & 0x000F000F | 0x64006400 is 1024 + q for nibbles s / 4 and s / 4 + 4), one exact
+// subtraction of 1024 + zp gives q - zp, and one fused multiply-add a pair accumulates (q - zp) * a in fp16. So that
+// fp16 accumulation stays short, a lane's 32 k go into two pairs of 8 products each, added in fp32 and times the
+// block's scale in fp32 at the end of every 32 k. The block's MR rows of A are staged once in shared memory as the
+// pairs the nibbles meet, (a[8v + i], a[8v + i + 4]) for word v and i = 0-3 (one 16-byte unit per word), in slices of
+// at most kHgemvStage halves for all MR rows. Unit v of a chunk c sits at 4 c + (v ^ ((c >> 1) & 3)), so the 8 lanes
+// of a quarter warp, reading unit v of 8 consecutive chunks, hit 8 different 16-byte bank groups. Sums across the
+// warp and the row group's warps as in the GEMV form: a fixed order, deterministic, no atomics, no workspace.
+constexpr int kHgemvStage = 16384;  // halves a slice (all MR rows): 32 KB
+
+struct HgemvChunk {
+  uint4 q;
+  float scale;
+  uint32_t bias;  // the pair (1024 + zp, 1024 + zp)
+};
+
+__device__ __forceinline__ HgemvChunk load_hgemv_chunk(const uint8_t* __restrict__ B, const __half* __restrict__ S,
+                                                       const uint8_t* __restrict__ Z, int n, int N, int c, int c_end,
+                                                       int K, int block_shift, int blocks, int zp_stride) {
+  HgemvChunk r;
+  if (n < N && c < c_end) {
+    r.q = load_weight(B + (int64_t)n * (K / 2) + (int64_t)c * 16);
+    const int blk = (c * 32) >> block_shift;
+    int zp = 8;
+    if (Z != nullptr) zp = (Z[(int64_t)n * zp_stride + blk / 2] >> ((blk & 1) * 4)) & 0xF;
+    r.scale = __half2float(S[(int64_t)n * blocks + blk]);
+    r.bias = (uint32_t)(0x6400 + zp) * 0x00010001u;
+  } else {
+    r.q = make_uint4(0, 0, 0, 0);
+    r.scale = 0.0f;
+    r.bias = 0x64006400u;  // 1024 - 1024 = 0
+  }
+  return r;
+}
+
+__device__ __forceinline__ uint32_t hfma_pair(uint32_t a, uint32_t b, uint32_t c) {
+  union { uint32_t u; __half2 h; } x, y, z, r;
+  x.u = a;
+  y.u = b;
+  z.u = c;
+  r.h = __hfma2(x.h, y.h, z.h);
+  return r.u;
+}
+
+__device__ __forceinline__ uint32_t hsub_pair(uint32_t a, uint32_t b) {
+  union { uint32_t u; __half2 h; } x, y, r;
+  x.u = a;
+  y.u = b;
+  r.h = __hsub2(x.h, y.h);
+  return r.u;
+}
+
+__device__ __forceinline__ float pair_sum(uint32_t u) {
+  const float2 f = half2_floats(u);
+  return f.x + f.y;
+}
+
+__device__ __forceinline__ uint32_t unit_word(const uint4& u, int i) {
+  return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
+}
+
+template <int T, int MR>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    int4_hgemv_kernel(const __half* __restrict__ A, const uint8_t* __restrict__ B, const __half* __restrict__ S,
+                      const uint8_t* __restrict__ Z, __half* __restrict__ Y, int M, int N, int K, int block_shift,
+                      int split, int slice) {
+  // [MR][slice / 8] uint4 activation pairs (swizzled), then [kGemvWarps][T][MR] warp sums
+  extern __shared__ uint4 hgemv_smem[];
+  uint4* stage = hgemv_smem;
+  float* partial = reinterpret_cast<float*>(hgemv_smem + MR * (slice / 8));
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group = warp / split;
+  const int part = warp % split;
+  const int n0 = (blockIdx.x * (kGemvWarps / split) + group) * T;
+  const int m0 = blockIdx.y * MR;
+  const int blocks = K >> block_shift;
+  const int zp_stride = (blocks + 1) / 2;
+  const int chunks = K / 32;  // K % 32 == 0 (block_size divides it)
+  const int slice_chunks = slice / 32;
+  const int row_units = slice / 8;
+
+  float acc[T][MR];
+#pragma unroll
+  for (int r = 0; r < T; ++r)
+#pragma unroll
+    for (int j = 0; j < MR; ++j) acc[r][j] = 0.0f;
+
+  for (int c0 = 0; c0 < chunks; c0 += slice_chunks) {
+    const int c1 = min(c0 + slice_chunks, chunks);
+    HgemvChunk cur[T];
+#pragma unroll
+    for (int r = 0; r < T; ++r)
+      cur[r] = load_hgemv_chunk(B, S, Z, n0 + r, N, c0 + 32 * part + lane, c1, K, block_shift, blocks, zp_stride);
+    __syncthreads();  // every warp done with the previous slice's activations
+    // a thread a 16-byte unit of A (8 k: word v of a chunk), permuted into the pairs the nibbles meet
+    const int units = (c1 - c0) * 4;
+    for (int i = threadIdx.x; i < MR * units; i += blockDim.x) {
+      const int j = i / units;
+      const int u = i % units;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (m0 + j < M) v = __ldg(reinterpret_cast<const uint4*>(A + (int64_t)(m0 + j) * K + (int64_t)c0 * 32 + 8 * u));
+      const int cc = u / 4;
+      stage[j * row_units + 4 * cc + ((u % 4) ^ ((cc >> 1) & 3))] =
+          make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
+                     __byte_perm(v.y, v.w, 0x7632));
+    }
+    __syncthreads();
+    for (int start = c0 + 32 * part; start < c1; start += 32 * split) {  // the same trip count for the warp's lanes
+      const int c = start + lane;
+      HgemvChunk next[T];
+#pragma unroll
+      for (int r = 0; r < T; ++r)
+        next[r] = load_hgemv_chunk(B, S, Z, n0 + r, N, c + 32 * split, c1, K, block_shift, blocks, zp_stride);
+      if (c < c1) {
+        const int cc = c - c0;
+        uint32_t h[T][MR][2];
+#pragma unroll
+        for (int r = 0; r < T; ++r)
+#pragma unroll
+          for (int j = 0; j < MR; ++j) h[r][j][0] = h[r][j][1] = 0u;
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          uint4 a[MR];
+#pragma unroll
+          for (int j = 0; j < MR; ++j) a[j] = stage[j * row_units + 4 * cc + (v ^ ((cc >> 1) & 3))];
+#pragma unroll
+          for (int r = 0; r < T; ++r) {
+            const uint32_t w = word_of(cur[r].q, v);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const uint32_t d = hsub_pair(nibble_pair(w, 4 * i), cur[r].bias);  // (q - zp) for k 8v + i, 8v + i + 4
+#pragma unroll
+              for (int j = 0; j < MR; ++j) h[r][j][i / 2] = hfma_pair(d, unit_word(a[j], i), h[r][j][i / 2]);
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < T; ++r)
+#pragma unroll
+          for (int j = 0; j < MR; ++j)
+            acc[r][j] = fmaf(cur[r].scale, pair_sum(h[r][j][0]) + pair_sum(h[r][j][1]), acc[r][j]);
+      }
+#pragma unroll
+      for (int r = 0; r < T; ++r) cur[r] = next[r];
+    }
+  }
+
+  // the lanes' sums (butterfly), then the row group's warps in order
+#pragma unroll
+  for (int r = 0; r < T; ++r)
+#pragma unroll
+    for (int j = 0; j < MR; ++j) {
+      float v = acc[r][j];
+#pragma unroll
+      for (int o = 16; o >= 1; o /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+      acc[r][j] = v;
+    }
+  if (split > 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < T; ++r)
+#pragma unroll
+        for (int j = 0; j < MR; ++j) partial[(warp * T + r) * MR + j] = acc[r][j];
+    }
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int r = 0; r < T; ++r)
+#pragma unroll
+      for (int j = 0; j < MR; ++j) {
+        float sum = 0.0f;
+        for (int p = 0; p < split; ++p) sum += partial[((warp + p) * T + r) * MR + j];
+        acc[r][j] = sum;
+      }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < T; ++r)
+#pragma unroll
+      for (int j = 0; j < MR; ++j)
+        if (n0 + r < N && m0 + j < M) Y[(int64_t)(m0 + j) * N + n0 + r] = __float2half_rn(acc[r][j]);
+  }
+}
+
+// Shared memory of a half2 GEMV block: the staged activation pairs and the warps' sums.
+inline int hgemv_smem_bytes(int tile, int mr, int slice) {
+  return mr * slice * (int)sizeof(__half) + kGemvWarps * tile * mr * (int)sizeof(float);
+}
+
+// The k a half2 GEMV slice stages: all of K where it fits kHgemvStage halves for the MR rows.
+inline int hgemv_slice(int mr, int k) {
+  const int cap = (kHgemvStage / mr) / 32 * 32;
+  return k < cap ? k : cap;
+}
+
 template <int T, int MR>
 cudaError_t launch_gemv(int split, const __half* A, const uint8_t* B, const __half* S, const uint8_t* Z, __half* Y,
                         int M, int N, int K, int block_shift, cudaStream_t stream) {
@@ -652,6 +852,25 @@ cudaError_t launch_gemv_for(int tile, int split, const __half* A, const uint8_t*
   if (tile == 1) return launch_gemv<1, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
   if (tile == 2) return launch_gemv<2, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
   return launch_gemv<4, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
+}
+
+template <int T, int MR>
+cudaError_t launch_hgemv(int split, const __half* A, const uint8_t* B, const __half* S, const uint8_t* Z, __half* Y,
+                         int M, int N, int K, int block_shift, cudaStream_t stream) {
+  const int rows = T * (kGemvWarps / split);
+  const dim3 grid((N + rows - 1) / rows, (M + MR - 1) / MR);
+  const int slice = hgemv_slice(MR, K);
+  int4_hgemv_kernel<T, MR><<<grid, kGemvWarps * 32, hgemv_smem_bytes(T, MR, slice), stream>>>(
+      A, B, S, Z, Y, M, N, K, block_shift, split, slice);
+  return cudaGetLastError();
+}
+
+template <int MR>
+cudaError_t launch_hgemv_for(int tile, int split, const __half* A, const uint8_t* B, const __half* S,
+                             const uint8_t* Z, __half* Y, int M, int N, int K, int block_shift, cudaStream_t stream) {
+  if (tile == 1) return launch_hgemv<1, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
+  if (tile == 2) return launch_hgemv<2, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
+  return launch_hgemv<4, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
 }
 
 template <int MT>
@@ -725,6 +944,15 @@ void load_all() {
   load(int4_gemv_kernel<4, 1>);
   load(int4_gemv_kernel<4, 2>);
   load(int4_gemv_kernel<4, 4>);
+  load(int4_hgemv_kernel<1, 1>);
+  load(int4_hgemv_kernel<1, 2>);
+  load(int4_hgemv_kernel<1, 4>);
+  load(int4_hgemv_kernel<2, 1>);
+  load(int4_hgemv_kernel<2, 2>);
+  load(int4_hgemv_kernel<2, 4>);
+  load(int4_hgemv_kernel<4, 1>);
+  load(int4_hgemv_kernel<4, 2>);
+  load(int4_hgemv_kernel<4, 4>);
 }
 
 Device device_info() {
@@ -757,6 +985,7 @@ int form_from_env() {
            : strcmp(v, "warps") == 0   ? ONNXPIPE_INT4_GEMM_WARPS
            : strcmp(v, "cluster") == 0 ? ONNXPIPE_INT4_GEMM_CLUSTER
            : strcmp(v, "gemv") == 0    ? ONNXPIPE_INT4_GEMM_GEMV
+           : strcmp(v, "hgemv") == 0   ? ONNXPIPE_INT4_GEMM_HGEMV
                                        : ONNXPIPE_INT4_GEMM_AUTO;
   }
   return form;
@@ -764,7 +993,7 @@ int form_from_env() {
 
 // How a call is laid out: the form, the A rows a block takes (8 * mt; the GEMV form: mt), and for the warps form
 // the weight tiles a block (nt) and its warps along K (kw); for the cluster form its warps along N (kw) and the
-// cluster's blocks along K (slices); for the GEMV form the weight rows a warp (nt) and its block's warps along K (kw).
+// cluster's blocks along K (slices); for the GEMV forms the weight rows a warp (nt) and its block's warps along K (kw).
 struct Plan {
   int form, mt, nt, kw, slices;
   dim3 grid;
@@ -772,8 +1001,8 @@ struct Plan {
 
 // tile and split (0: chosen here) set, for the warps form, the weight tiles a block (1, 2) and its warps along K
 // (1, 2, 4, 8, 16; up to 8 with 2 tiles); for the cluster form, its warps along N (1-8) and the cluster's blocks
-// along K (1-8); for the GEMV form, the weight rows a warp (1, 2, 4) and the warps along K that share them (1, 2,
-// 4, 8 of the block's 8). A value outside those gives form -1.
+// along K (1-8); for the GEMV forms (fp32 and half2), the weight rows a warp (1, 2, 4) and the warps along K that
+// share them (1, 2, 4, 8 of the block's 8). A value outside those gives form -1.
 // The form a call takes when none is asked for and no entry of kLayouts holds the call: GEMV at M = 1 (the mma
 // forms use 1 of their tile's 8 columns there), else the warps form until a GPU run of scripts/check_kernels.py has
 // compared it with the cluster form on the Llama shapes.
@@ -846,7 +1075,7 @@ Plan make_plan(int form, int m, int n, int k, int tile, int split) {
   // clusters (K split across blocks): sm_90 on; the row-tiled form with K not split runs anywhere
   if (form == ONNXPIPE_INT4_GEMM_CLUSTER && !d.clusters && split != 1) form = ONNXPIPE_INT4_GEMM_WARPS;
   p.form = form;
-  if (form == ONNXPIPE_INT4_GEMM_GEMV) {
+  if (form == ONNXPIPE_INT4_GEMM_GEMV || form == ONNXPIPE_INT4_GEMM_HGEMV) {
     // 1, 2 or 4 A rows a block (M = 3: 4, one masked); the most weight rows a warp (4, 2, 1) whose grid still gives
     // every SM two blocks, all 8 warps on their own rows
     p.mt = m == 1 ? 1 : m == 2 ? 2 : 4;
@@ -952,7 +1181,7 @@ extern "C" int onnxpipe_int4_gemm_config(int form, int tile, int split, const vo
   const int bad = check_args(A, B, scales, Y, M, N, K, block_size, &block_shift);
   if (bad != ONNXPIPE_INT4_GEMM_OK) return bad;
   if (M == 0) return ONNXPIPE_INT4_GEMM_OK;
-  if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_GEMV) return ONNXPIPE_INT4_GEMM_BAD_FORM;
+  if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_HGEMV) return ONNXPIPE_INT4_GEMM_BAD_FORM;
 
   const int m = (int)M, n = (int)N, k = (int)K;
   const Plan p = make_plan(form, m, n, k, tile, split);
@@ -962,7 +1191,15 @@ extern "C" int onnxpipe_int4_gemm_config(int form, int tile, int split, const vo
   __half* y = static_cast<__half*>(Y);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   cudaError_t err;
-  if (p.form == ONNXPIPE_INT4_GEMM_GEMV) {
+  if (p.form == ONNXPIPE_INT4_GEMM_HGEMV) {
+    if (p.mt == 1) {
+      err = launch_hgemv_for<1>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+    } else if (p.mt == 2) {
+      err = launch_hgemv_for<2>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+    } else {
+      err = launch_hgemv_for<4>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+    }
+  } else if (p.form == ONNXPIPE_INT4_GEMM_GEMV) {
     if (p.mt == 1) {
       err = launch_gemv_for<1>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
     } else if (p.mt == 2) {
@@ -1006,17 +1243,18 @@ extern "C" int onnxpipe_int4_gemm_describe(int form, int tile, int split, int64_
   if (out == nullptr || size < 1 || M < 1 || N < 1 || K < 1 || M > INT_MAX || N > INT_MAX || K > INT_MAX) {
     return ONNXPIPE_INT4_GEMM_BAD_SHAPE;
   }
-  if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_GEMV) return ONNXPIPE_INT4_GEMM_BAD_FORM;
+  if (form < ONNXPIPE_INT4_GEMM_AUTO || form > ONNXPIPE_INT4_GEMM_HGEMV) return ONNXPIPE_INT4_GEMM_BAD_FORM;
   if (form == ONNXPIPE_INT4_GEMM_AUTO) form = form_from_env();
   const Plan p = make_plan(form, (int)M, (int)N, (int)K, tile, split);
   if (p.form < 0) return ONNXPIPE_INT4_GEMM_BAD_FORM;
-  if (p.form == ONNXPIPE_INT4_GEMM_GEMV) {
+  if (p.form == ONNXPIPE_INT4_GEMM_GEMV || p.form == ONNXPIPE_INT4_GEMM_HGEMV) {
     // tile: weight rows a warp; split: the block's warps along K that share them
-    const int slice = gemv_slice(p.mt, (int)K);
+    const bool h = p.form == ONNXPIPE_INT4_GEMM_HGEMV;
+    const int slice = h ? hgemv_slice(p.mt, (int)K) : gemv_slice(p.mt, (int)K);
     snprintf(out, size,
-             "gemv: grid %ux%u, %d weight rows and %d A rows a block, %d weight rows a warp, %d warps along K, "
+             "%s: grid %ux%u, %d weight rows and %d A rows a block, %d weight rows a warp, %d warps along K, "
              "K staged %d at a time",
-             p.grid.x, p.grid.y, p.nt * (kGemvWarps / p.kw), p.mt, p.nt, p.kw, slice);
+             h ? "hgemv" : "gemv", p.grid.x, p.grid.y, p.nt * (kGemvWarps / p.kw), p.mt, p.nt, p.kw, slice);
   } else if (p.form == ONNXPIPE_INT4_GEMM_CLUSTER) {
     snprintf(out, size, "cluster: grid %ux%ux%u, %d warps along N, %d A rows a block, clusters of %d along K",
              p.grid.x, p.grid.y, p.grid.z, p.kw, 8 * p.mt, p.slices);
@@ -1054,7 +1292,8 @@ extern "C" const char* onnxpipe_int4_gemm_error(int code) {
     case ONNXPIPE_INT4_GEMM_NULL_POINTER:
       return "int4 gemm: A, B, scales and Y must not be NULL";
     case ONNXPIPE_INT4_GEMM_BAD_FORM:
-      return "int4 gemm: form must be 0 (auto), 1 (warps), 2 (cluster) or 3 (gemv), with a tile and split it takes";
+      return "int4 gemm: form must be 0 (auto), 1 (warps), 2 (cluster), 3 (gemv) or 4 (hgemv), with a tile and split it "
+             "takes";
     default:
       break;
   }

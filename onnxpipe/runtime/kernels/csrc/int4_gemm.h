@@ -22,18 +22,22 @@
 #define ONNXPIPE_INT4_GEMM_BAD_BLOCK (-2)      /* block_size not 32, 64 or 128, or not dividing K */
 #define ONNXPIPE_INT4_GEMM_MISALIGNED (-3)     /* A or B not 16-byte aligned */
 #define ONNXPIPE_INT4_GEMM_NULL_POINTER (-4)   /* A, B, scales or Y is NULL */
-#define ONNXPIPE_INT4_GEMM_BAD_FORM (-5)       /* a form other than the four below, or a tile / split it refuses */
+#define ONNXPIPE_INT4_GEMM_BAD_FORM (-5)       /* a form other than the five below, or a tile / split it refuses */
 
-/* The kernel's forms (onnxpipe_int4_gemm takes $ONNXPIPE_INT4_GEMM_FORM: "warps", "cluster" or "gemv", else auto):
+/* The kernel's forms (onnxpipe_int4_gemm takes $ONNXPIPE_INT4_GEMM_FORM: "warps", "cluster", "gemv" or "hgemv", else
+ * auto):
  * warps: a block's warps split K (16 or 32 weight rows a block), any GPU from sm_80;
  * cluster: a block's warps split N (up to 128 rows a block, the activations read once a block), K split across
  * the blocks of a thread-block cluster (sm_90 on; elsewhere it falls back to warps);
  * gemv: no tensor cores, for M = 1 (auto takes it there; 1-4 A rows a block): each warp owns 1-4 weight rows and
- * walks K with 16-byte loads, the activations staged in shared memory as fp32, any GPU from sm_80. */
+ * walks K with 16-byte loads, the activations staged in shared memory as fp32, any GPU from sm_80;
+ * hgemv: the GEMV form's layout with fp16-pair arithmetic (q - zp exact, 8 products summed in fp16, then fp32 with
+ * the scale), the activations staged as fp16 pairs; a candidate for M = 1 that no rule takes yet. */
 #define ONNXPIPE_INT4_GEMM_AUTO 0
 #define ONNXPIPE_INT4_GEMM_WARPS 1
 #define ONNXPIPE_INT4_GEMM_CLUSTER 2
 #define ONNXPIPE_INT4_GEMM_GEMV 3
+#define ONNXPIPE_INT4_GEMM_HGEMV 4
 
 #ifdef __cplusplus
 extern "C" {
@@ -51,7 +55,8 @@ const char* onnxpipe_int4_gemm_error(int code);
 /* The same product in a named form (checks and benchmarks compare them); _config also sets the form's tile and
  * split (0: chosen by shape, from the layout table where an entry holds the call, else by rule; warps form: weight
  * tiles a block 1-2, warps along K 1/2/4/8/16 (up to 8 with 2 tiles); cluster form: warps along N 1-8, blocks along
- * K 1-8; gemv form: weight rows a warp 1/2/4, warps along K 1/2/4/8 of the block's 8, which share a warp's rows);
+ * K 1-8; gemv and hgemv forms: weight rows a warp 1/2/4, warps along K 1/2/4/8 of the block's 8, which share a
+ * warp's rows);
  * _describe writes how a call of that form and shape is laid out into out[size]. */
 int onnxpipe_int4_gemm_form(int form, const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points,
                             void* Y, int64_t M, int64_t N, int64_t K, int64_t block_size, void* stream);
