@@ -194,7 +194,8 @@ def main_orchestrate(args) -> int:
         builds["genai"] = Child("build_genai", spec, log, build_cores)
     if {"onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "onnxpipe_int4_graph_kernels",
         "onnxpipe_int4_graph_kernels_nohead", "onnxpipe_int4_graph_kernels_noqkv",
-        "onnxpipe_int4_graph_kernels_nofuse", "onnxpipe_int4_graph_kernels_hgemv"} & set(args.anchors):
+        "onnxpipe_int4_graph_kernels_nofuse", "onnxpipe_int4_graph_kernels_hgemv",
+        "onnxpipe_int4_graph_pairs"} & set(args.anchors):
         builds["onnxpipe_int4"] = Child("build_onnxpipe_int4", spec, log, build_cores)
     if {"genai_int4", "genai_int4_graph", "genai_int4_graph_fpa"} & set(args.anchors) and (cuda or args.genai_cpu):
         builds["genai_int4"] = Child("build_genai_int4", spec, log, build_cores)
@@ -238,7 +239,7 @@ def main_orchestrate(args) -> int:
              "onnxpipe_int4_graph_fpa": "onnxpipe_int4", "genai_int4_graph_fpa": "genai_int4",
              "onnxpipe_int4_graph_kernels": "onnxpipe_int4", "onnxpipe_int4_graph_kernels_nohead": "onnxpipe_int4",
              "onnxpipe_int4_graph_kernels_noqkv": "onnxpipe_int4", "onnxpipe_int4_graph_kernels_nofuse": "onnxpipe_int4",
-             "onnxpipe_int4_graph_kernels_hgemv": "onnxpipe_int4",
+             "onnxpipe_int4_graph_kernels_hgemv": "onnxpipe_int4", "onnxpipe_int4_graph_pairs": "onnxpipe_int4",
              "onnxpipe_graph_kernels": "onnxpipe", "onnxpipe_profile": "onnxpipe", "genai": "genai",
              "genai_graph": "genai"}
     small = [b for b in args.batches if b <= 8]
@@ -327,11 +328,13 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,32")
     opt_in = ("onnxpipe_graph_xqa", "onnxpipe_int4_graph_fpa", "genai_int4_graph_fpa", "onnxpipe_int4_graph_kernels",
               "onnxpipe_int4_graph_kernels_nohead", "onnxpipe_int4_graph_kernels_noqkv", "onnxpipe_int4_graph_kernels_nofuse",
-              "onnxpipe_int4_graph_kernels_hgemv", "onnxpipe_graph_kernels")
+              "onnxpipe_int4_graph_kernels_hgemv", "onnxpipe_int4_graph_pairs", "onnxpipe_graph_kernels")
     ap.add_argument("--anchors", default=",".join(a for a in ANCHORS if a not in opt_in),
                     help="default: all but " + ", ".join(opt_in) + " (XQA, runs 7-8: level with the default kernel; "
-                         "the fpA_intB ones: opt-in kernels; the last three: onnxpipe's own kernels, built at first use "
-                         "with nvcc, everywhere, all but the LM head, all but the packed qkv)")
+                         "the fpA_intB ones: opt-in kernels; the *_kernels* ones, _pairs and onnxpipe_graph_kernels: "
+                         "onnxpipe's own kernels, built at first use with nvcc: everywhere, all but the LM head, all but "
+                         "the packed qkv, gate/up apart, every call the half2 GEMV form, only the gate/up pairs (as one "
+                         "MatMulNBits), fp16 pairs)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

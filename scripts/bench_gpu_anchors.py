@@ -28,6 +28,7 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "onnxpipe_int4_graph_kernels_noqkv": "onnxpipe int4 + CUDA graphs + onnxpipe kernels but the packed qkv",
     "onnxpipe_int4_graph_kernels_nofuse": "onnxpipe int4 + CUDA graphs + onnxpipe kernels, gate/up apart",
     "onnxpipe_int4_graph_kernels_hgemv": "onnxpipe int4 + CUDA graphs + onnxpipe kernels, every call the half2 GEMV form",
+    "onnxpipe_int4_graph_pairs": "onnxpipe int4 + CUDA graphs, MatMulNBits everywhere, gate/up pairs as one + SiluMul",
     "onnxpipe_graph_kernels": "onnxpipe + CUDA graphs + onnxpipe kernels (gate/up as one, SiluMul)",
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
@@ -39,7 +40,7 @@ LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
 PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_fullhead", "onnxpipe_graph", "onnxpipe_graph_hostfed", "onnxpipe_graph_xqa", "genai", "genai_graph",
             "onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "onnxpipe_int4_graph_kernels",
             "onnxpipe_int4_graph_kernels_nohead", "onnxpipe_int4_graph_kernels_noqkv",
-            "onnxpipe_int4_graph_kernels_nofuse", "onnxpipe_int4_graph_kernels_hgemv", "onnxpipe_graph_kernels", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
+            "onnxpipe_int4_graph_kernels_nofuse", "onnxpipe_int4_graph_kernels_hgemv", "onnxpipe_int4_graph_pairs", "onnxpipe_graph_kernels", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
             "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 
@@ -457,6 +458,9 @@ CHILDREN = {
     "onnxpipe_int4_graph_kernels_hgemv": lambda s: _with_kernels(child_onnxpipe, dict(
         s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json")),
         form="hgemv"),
+    "onnxpipe_int4_graph_pairs": lambda s: _with_kernels(child_onnxpipe, dict(
+        s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json")),
+        skip="all"),
     "build_onnxpipe_int4": lambda s: child_build_onnxpipe_int4(s),
     "build_genai_int4": lambda s: child_build_genai(dict(s, genai=s["genai_int4"], genai_precision="int4"),
                                                     stage="genai_int4"),

@@ -80,6 +80,28 @@ def test_the_pair_becomes_one_matmul_and_silu_mul_with_the_same_outputs(cpu_libr
     assert np.abs(got.astype(np.float64) - want).max() <= tol * np.abs(want.astype(np.float64)).max()
 
 
+@pytest.mark.parametrize("zero_points", [True, False], ids=["zero_points", "symmetric"])
+def test_a_pair_of_kept_nodes_becomes_one_matmulnbits(cpu_library: Path, zero_points: bool) -> None:  # noqa: F811
+    """skip=("all",): both projections stay onnxruntime's, so the pair becomes one com.microsoft MatMulNBits of 2N rows
+    (the concatenated weights) and a SiluMul, with the five nodes' outputs."""
+    rng = np.random.default_rng(21 + zero_points)
+    model = _mlp(rng, zero_points)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    report = rewrite_matmul_nbits(fused, "cpu", fuse=True, skip=("all",))
+    assert report.fused == report.fused_kept == 1 and report.rewritten == 0 and report.kept == {
+        "proj_gate": "all", "proj_up": "all"}
+    assert report.line() == ("onnxpipe MatMulInt4 on 0 of 2 MatMulNBits, 1 gate/up pairs as one with SiluMul (1 as one "
+                             "MatMulNBits)")
+    ops = [(n.domain, n.op_type) for n in fused.graph.node]
+    assert ops == [("com.microsoft", "MatMulNBits"), ("onnxpipe", "SiluMul")]
+    assert next(a.i for a in fused.graph.node[0].attribute if a.name == "N") == 2 * N
+    a = rng.standard_normal((5, K)).astype(np.float32)
+    want, got = _run(model, a, None), _run(fused, a, cpu_library)
+    assert got.shape == want.shape == (5, N)
+    assert np.abs(got.astype(np.float64) - want).max() <= 1e-5 * np.abs(want.astype(np.float64)).max()
+
+
 def test_not_taken_where_a_value_between_the_nodes_is_read_elsewhere_or_fusing_is_off(cpu_library: Path) -> None:  # noqa: F811
     rng = np.random.default_rng(5)
     shared = _mlp(rng, True, extra_reader=True)

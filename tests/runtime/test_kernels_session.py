@@ -121,10 +121,31 @@ def test_skip_head_keeps_the_node_computing_the_logits(int4_model: Path, cpu_lib
     assert DecoderSession(int4_model, "cpu", kernels="reference").kernels.line() == line
 
 
+def test_skip_all_keeps_every_matmulnbits_and_still_fuses_the_pairs(int4_model: Path, cpu_library: Path,  # noqa: F811
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernel_skip="all" leaves every MatMulNBits on onnxruntime's kernel; each gate/up pair still becomes one
+    MatMulNBits of 2N rows and a SiluMul (the batch-1 int4 policy to time against MatMulInt4); the tokens stay the
+    plain run's and the logits within 1e-4 of their largest."""
+    monkeypatch.delenv("ONNXPIPE_KERNELS_SKIP", raising=False)
+    said: list[str] = []
+    ours = DecoderSession(int4_model, "cpu", announce=said.append, kernels="reference", kernel_skip="all")
+    report = ours.kernels.report
+    assert report is not None and report.rewritten == 0 and report.fused == report.fused_kept == 2
+    assert set(report.kept.values()) == {"all"} and len(report.kept) == report.total == 15
+    assert [m for m in said if m.startswith("kernels:")] == [
+        "kernels: onnxpipe MatMulInt4 on 0 of 15 MatMulNBits, 2 gate/up pairs as one with SiluMul (2 as one "
+        "MatMulNBits) (kept: all (15 nodes)) [CPU reference kernels]"]
+    plain = DecoderSession(int4_model, "cpu")
+    prompts = [[5, 17, 99, 3, 200, 41], [7, 7, 8]]
+    a = LanguageModel(ours, None).generate(prompts, max_new_tokens=6, stop_token_ids=[])
+    b = LanguageModel(plain, None).generate(prompts, max_new_tokens=6, stop_token_ids=[])
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
 def test_a_bad_skip_kind_is_one_line_naming_the_variable(int4_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONNXPIPE_KERNELS_SKIP", "lm_head")
     with pytest.raises(OnnxpipeError, match=r"^ONNXPIPE_KERNELS_SKIP='lm_head': unknown kind 'lm_head'; kinds: head, "
-                                            r"qkv$"):
+                                            r"qkv, all$"):
         DecoderSession(int4_model, "cpu")  # refused with the kernels off too: a typo is never silent
     with pytest.raises(OnnxpipeError, match=r"^kernel_skip='wide': unknown kind 'wide'"):
         DecoderSession(int4_model, "cpu", kernels="reference", kernel_skip="wide")

@@ -102,8 +102,8 @@ def test_kinds_come_from_the_argument_or_the_environment_and_an_unknown_one_is_r
     monkeypatch.setenv("ONNXPIPE_KERNELS_SKIP", "head,lm_head")
     with pytest.raises(OnnxpipeError) as e:
         kernel_skip()
-    assert str(e.value) == "ONNXPIPE_KERNELS_SKIP='head,lm_head': unknown kind 'lm_head'; kinds: head, qkv"
-    with pytest.raises(OnnxpipeError, match=r"^kernel_skip='wide': unknown kind 'wide'; kinds: head, qkv$"):
+    assert str(e.value) == "ONNXPIPE_KERNELS_SKIP='head,lm_head': unknown kind 'lm_head'; kinds: head, qkv, all"
+    with pytest.raises(OnnxpipeError, match=r"^kernel_skip='wide': unknown kind 'wide'; kinds: head, qkv, all$"):
         kernel_skip("wide")
     with pytest.raises(ValueError, match="unknown kinds to skip"):
         rewrite_matmul_nbits(_decoder(), "cuda", skip=("wide",))
@@ -127,8 +127,9 @@ def test_the_nohead_bench_anchor_runs_the_kernels_with_the_head_skipped(monkeypa
     anchors.CHILDREN["onnxpipe_int4_graph_kernels_noqkv"](spec)
     anchors.CHILDREN["onnxpipe_int4_graph_kernels"](spec)
     anchors.CHILDREN["onnxpipe_int4_graph_kernels_hgemv"](spec)
+    anchors.CHILDREN["onnxpipe_int4_graph_pairs"](spec)
     assert [(k, s, f) for k, s, f, _ in seen] == [("on", "head", ""), ("on", "qkv", ""), ("on", "", ""),
-                                                  ("on", "", "hgemv")]
+                                                  ("on", "", "hgemv"), ("on", "all", "")]
     for _, _, _, got in seen:
         assert got["optimized"] == spec["int4"] and got["cuda_graph"]
         assert got["int4_tokens_in"] == str(tmp_path / "int4_tokens.json")  # compared with the plain int4 run's

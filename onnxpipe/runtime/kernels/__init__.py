@@ -14,9 +14,10 @@ float16 model with no MatMulNBits has something to rewrite too: "kernels: onnxpi
 SiluMul".
 
 Which nodes they take is a policy: ``kernel_skip`` (or ``ONNXPIPE_KERNELS_SKIP``, a comma list) keeps kinds of
-MatMulNBits found from the graph (``head``: the one producing the logits; ``qkv``: an attention node's packed input)
-on onnxruntime's kernel, counted in the same line ("... on 80 of 81 MatMulNBits (kept: head (1 node))"); a kind the
-graph does not have is said there too ("skip head: nothing to skip, ...").
+MatMulNBits found from the graph (``head``: the one producing the logits; ``qkv``: an attention node's packed input;
+``all``: every one) on onnxruntime's kernel, counted in the same line ("... on 80 of 81 MatMulNBits (kept: head (1
+node))"); a kind the graph does not have is said there too ("skip head: nothing to skip, ..."). A gate/up pair of
+kept nodes still becomes one product: a MatMulNBits of 2N rows and a SiluMul.
 
 ``"reference"`` targets the library's CPU reference kernels (a plain C++ loop) on the CPU provider: slow, for the
 tests and checks that prove the ABI, the rewrite and the registration on a machine without a GPU. Like "on", it

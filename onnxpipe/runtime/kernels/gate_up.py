@@ -133,9 +133,11 @@ def within_budget(graph: Any, pairs: list[Pair], limit: int | None = None) -> tu
     return kept, len(pairs) - len(kept)
 
 
-def merge_pairs(model: Any, pairs: list[Pair], folder: Path | None, op: str) -> None:
+def merge_pairs(model: Any, pairs: list[Pair], folder: Path | None, op: str, nbits: frozenset[int] | set[int] = frozenset()
+                ) -> None:
     """Replace each pair's five nodes by ``op`` (MatMulInt4; MatMul for float weights) of the concatenated weights
-    and a SiluMul, in place. ``folder``: where the external weights lie (the model directory)."""
+    and a SiluMul, in place; a pair whose id is in ``nbits`` becomes a com.microsoft MatMulNBits of 2N rows instead
+    (onnxruntime's kernel). ``folder``: where the external weights lie (the model directory)."""
     import onnx
     from onnx import numpy_helper
 
@@ -164,8 +166,9 @@ def merge_pairs(model: Any, pairs: list[Pair], folder: Path | None, op: str) -> 
         if _is_nbits(p.gate):
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in p.gate.attribute}
             attrs["N"] = 2 * _attr(p.gate, "N")
-            matmul = onnx.helper.make_node(op, [p.gate.input[0], *names], [gu], name=f"{base}/gate_up",
-                                           domain=DOMAIN, **attrs)
+            keep = id(p) in nbits
+            matmul = onnx.helper.make_node("MatMulNBits" if keep else op, [p.gate.input[0], *names], [gu],
+                                           name=f"{base}/gate_up", domain="com.microsoft" if keep else DOMAIN, **attrs)
         else:
             matmul = onnx.helper.make_node("MatMul", [p.gate.input[0], *names], [gu], name=f"{base}/gate_up")
         silu_mul = onnx.helper.make_node("SiluMul", [gu], [p.product.output[0]], name=f"{base}/silu_mul",

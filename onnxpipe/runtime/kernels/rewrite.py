@@ -9,9 +9,11 @@ With ``fuse``, an MLP's gate and up projections (MatMulNBits, or float MatMuls) 
 onnxpipe.SiluMul where the pattern holds (gate_up.py).
 
 A policy can keep more (``skip``, kinds found from the graph, never by name): ``head``, the MatMulNBits whose output
-feeds the logits (through shape, cast and elementwise ops only), and ``qkv``, a MatMulNBits whose output is an
-attention node's packed query/key/value input (GroupQueryAttention after ``optimize --target cuda``). A kind asked for
-that the graph does not have is said in the report (``skip_notes``), not an error.
+feeds the logits (through shape, cast and elementwise ops only), ``qkv``, a MatMulNBits whose output is an
+attention node's packed query/key/value input (GroupQueryAttention after ``optimize --target cuda``), and ``all``,
+every MatMulNBits. A kind asked for that the graph does not have is said in the report (``skip_notes``), not an
+error. A gate/up pair whose two nodes are both kept still becomes one product, a MatMulNBits of 2N rows (onnxruntime's
+kernel, as before), and a SiluMul.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ BLOCK_SIZES = (32, 64, 128)
 Target = Literal["cuda", "cpu"]  # cpu: the C++ reference kernel (tests, checks), not a fast path
 
 _FLOAT, _UINT8, _FLOAT16 = 1, 2, 10  # onnx.TensorProto data types
-SKIP_KINDS = ("head", "qkv")
+SKIP_KINDS = ("head", "qkv", "all")
 # ops between the LM head's MatMulNBits and the logits that the walk back from the logits goes through (layout,
 # casts, a bias, a soft cap); anything else (a MatMul, a Gather) ends it: then the head is not a MatMulNBits
 _TO_LOGITS = {"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten", "Add", "Mul", "Div",
@@ -45,11 +47,14 @@ class RewriteReport:
     rewritten: int = 0
     kept: dict[str, str] = field(default_factory=dict)  # node name -> reason
     skip_notes: list[str] = field(default_factory=list)  # a kind asked to skip that the graph does not have, and why
-    fused: int = 0  # gate/up pairs made one MatMulInt4 + SiluMul (gate_up.py); their nodes are counted in rewritten
+    fused: int = 0  # gate/up pairs made one product + SiluMul (gate_up.py); their nodes are counted in rewritten
+    fused_kept: int = 0  # of those, pairs of kept nodes: one MatMulNBits (their nodes are counted in kept instead)
     apart: int = 0  # pairs left apart: their merged weights would pass gate_up.INLINE_MAX_BYTES held in memory
 
     def line(self) -> str:
         fused = f"{self.fused} gate/up pairs as one with SiluMul" if self.fused or self.apart else ""
+        if self.fused_kept:
+            fused += f" ({self.fused_kept} as one MatMulNBits)"
         if self.apart:
             fused += (f" ({self.apart} left apart: merged weights past {gate_up.INLINE_MAX_BYTES >> 20} MiB "
                       "held in memory)")
@@ -82,19 +87,22 @@ def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = T
     report = RewriteReport()
     kinds: dict[int, str] = {}  # index of a node in graph.node -> the kind it is skipped as
     for kind in skip:
-        found, note = (head_nodes(graph, logits) if kind == "head" else qkv_nodes(graph))
+        found, note = (head_nodes(graph, logits) if kind == "head" else qkv_nodes(graph) if kind == "qkv"
+                       else ([i for i, n in enumerate(graph.node) if _is_nbits(n)], "the graph has no MatMulNBits"))
         kinds.update((i, kind) for i in found if i not in kinds)
         if not found:
             report.skip_notes.append(f"skip {kind}: nothing to skip, {note}")
-    skipped = {id(graph.node[i]) for i in kinds}
+    kept_nodes = [graph.node[i] for i in kinds]  # held: protobuf hands out the same wrapper only while one lives
+    skipped = {id(n) for n in kept_nodes}
     weight_types = {t.name: t.data_type for t in graph.initializer}
 
     def takes(n: Any) -> bool:  # a projection the kernels would compute (a float one: SiluMul's types)
         if _is_nbits(n):
-            return why_not(n, types, target) is None and id(n) not in skipped
+            return why_not(n, types, target) is None
         return weight_types.get(n.input[1]) == _FLOAT16 or (target == "cpu" and weight_types.get(n.input[1]) == _FLOAT)
 
-    pairs = find_pairs(graph, takes) if fuse else []
+    # a pair of kept nodes becomes one MatMulNBits, a pair of taken ones one MatMulInt4; one of each stays apart
+    pairs = [p for p in find_pairs(graph, takes) if (id(p.gate) in skipped) == (id(p.up) in skipped)] if fuse else []
     if folder is None:  # external weights cannot be read without the model directory: those pairs stay apart
         external = {t.name for t in graph.initializer if t.data_location == 1}  # TensorProto.EXTERNAL
         pairs = [p for p in pairs if not any(name in external for n in (p.gate, p.up) for name in n.input[1:])]
@@ -104,20 +112,24 @@ def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = T
         if not _is_nbits(node):
             continue
         report.total += 1
-        if id(node) in paired:
+        if id(node) in paired and id(node) not in skipped:
             report.rewritten += 1
             continue
         why = why_not(node, types, target) or kinds.get(i)  # a node the kernel would not compute says why first
         if why is not None:
             report.kept[node.name or f"#{i}"] = why
             continue
+        if id(node) in paired:
+            continue
         if apply:
             node.op_type, node.domain = OP, DOMAIN
         report.rewritten += 1
     report.fused = len(pairs)
+    kept_pairs = {id(p) for p in pairs if id(p.gate) in skipped}
+    report.fused_kept = len(kept_pairs)
     if apply and pairs:
-        merge_pairs(model, pairs, folder, OP)
-    if apply and report.rewritten and not any(o.domain == DOMAIN for o in model.opset_import):
+        merge_pairs(model, pairs, folder, OP, nbits=kept_pairs)
+    if apply and (report.rewritten or pairs) and not any(o.domain == DOMAIN for o in model.opset_import):
         entry = model.opset_import.add()
         entry.domain, entry.version = DOMAIN, 1
     return report
