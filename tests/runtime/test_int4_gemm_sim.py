@@ -57,7 +57,7 @@ def simulated_source(text: str) -> str:
     rows_start = text.index("template <int MT>\n__global__")
     rows_end = text.index("template <int MT>\ncudaError_t launch_rows(")
     gemv_start = text.index("constexpr int kGemvWarps")
-    gemv_end = text.index("template <int T, int MR>\ncudaError_t launch_gemv(")
+    gemv_end = text.index("template <bool H, int T, int MR>\ncudaError_t launch_gemv(")
     body = text[start:warps_end] + text[rows_start:rows_end] + text[gemv_start:gemv_end] + "}  // namespace\n"
 
     def replace_function(code: str, head: str, new: str) -> str:

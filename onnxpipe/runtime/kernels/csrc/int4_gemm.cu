@@ -487,6 +487,50 @@ __device__ __forceinline__ uint32_t word_of(const uint4& q, int v) {
   return v == 0 ? q.x : v == 1 ? q.y : v == 2 ? q.z : q.w;
 }
 
+// The end of both GEMV forms: the lanes' sums (butterfly: every lane ends with the same bits), then a row group's
+// `split` warps in order through `partial` (shared memory, [kGemvWarps][T][MR]), and lane 0 of the group's first warp
+// writes its rows' outputs. Every thread of the block calls it (the barrier).
+template <int T, int MR>
+__device__ __forceinline__ void gemv_finish(float (&acc)[T][MR], float* partial, __half* __restrict__ Y, int M, int N,
+                                            int n0, int m0, int split) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < T; ++r)
+#pragma unroll
+    for (int j = 0; j < MR; ++j) {
+      float v = acc[r][j];
+#pragma unroll
+      for (int o = 16; o >= 1; o /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+      acc[r][j] = v;
+    }
+  if (split > 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < T; ++r)
+#pragma unroll
+        for (int j = 0; j < MR; ++j) partial[(warp * T + r) * MR + j] = acc[r][j];
+    }
+    __syncthreads();
+    if (warp % split != 0) return;
+#pragma unroll
+    for (int r = 0; r < T; ++r)
+#pragma unroll
+      for (int j = 0; j < MR; ++j) {
+        float sum = 0.0f;
+        for (int p = 0; p < split; ++p) sum += partial[((warp + p) * T + r) * MR + j];
+        acc[r][j] = sum;
+      }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < T; ++r)
+#pragma unroll
+      for (int j = 0; j < MR; ++j)
+        if (n0 + r < N && m0 + j < M) Y[(int64_t)(m0 + j) * N + n0 + r] = __float2half_rn(acc[r][j]);
+  }
+}
+
 template <int T, int MR>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     int4_gemv_kernel(const __half* __restrict__ A, const uint8_t* __restrict__ B, const __half* __restrict__ S,
@@ -587,41 +631,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     }
   }
 
-  // the lanes' sums (butterfly: every lane ends with the same bits), then the row group's warps in order
-#pragma unroll
-  for (int r = 0; r < T; ++r)
-#pragma unroll
-    for (int j = 0; j < MR; ++j) {
-      float v = acc[r][j];
-#pragma unroll
-      for (int o = 16; o >= 1; o /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-      acc[r][j] = v;
-    }
-  if (split > 1) {
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < T; ++r)
-#pragma unroll
-        for (int j = 0; j < MR; ++j) partial[(warp * T + r) * MR + j] = acc[r][j];
-    }
-    __syncthreads();
-    if (part != 0) return;
-#pragma unroll
-    for (int r = 0; r < T; ++r)
-#pragma unroll
-      for (int j = 0; j < MR; ++j) {
-        float sum = 0.0f;
-        for (int p = 0; p < split; ++p) sum += partial[((warp + p) * T + r) * MR + j];
-        acc[r][j] = sum;
-      }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < T; ++r)
-#pragma unroll
-      for (int j = 0; j < MR; ++j)
-        if (n0 + r < N && m0 + j < M) Y[(int64_t)(m0 + j) * N + n0 + r] = __float2half_rn(acc[r][j]);
-  }
+  gemv_finish<T, MR>(acc, partial, Y, M, N, n0, m0, split);
 }
 
 // Shared memory of a GEMV block: the staged activations, their chunk sums and the warps' sums.
@@ -787,41 +797,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     }
   }
 
-  // the lanes' sums (butterfly), then the row group's warps in order
-#pragma unroll
-  for (int r = 0; r < T; ++r)
-#pragma unroll
-    for (int j = 0; j < MR; ++j) {
-      float v = acc[r][j];
-#pragma unroll
-      for (int o = 16; o >= 1; o /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-      acc[r][j] = v;
-    }
-  if (split > 1) {
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < T; ++r)
-#pragma unroll
-        for (int j = 0; j < MR; ++j) partial[(warp * T + r) * MR + j] = acc[r][j];
-    }
-    __syncthreads();
-    if (part != 0) return;
-#pragma unroll
-    for (int r = 0; r < T; ++r)
-#pragma unroll
-      for (int j = 0; j < MR; ++j) {
-        float sum = 0.0f;
-        for (int p = 0; p < split; ++p) sum += partial[((warp + p) * T + r) * MR + j];
-        acc[r][j] = sum;
-      }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < T; ++r)
-#pragma unroll
-      for (int j = 0; j < MR; ++j)
-        if (n0 + r < N && m0 + j < M) Y[(int64_t)(m0 + j) * N + n0 + r] = __float2half_rn(acc[r][j]);
-  }
+  gemv_finish<T, MR>(acc, partial, Y, M, N, n0, m0, split);
 }
 
 // Shared memory of a half2 GEMV block: the staged activation pairs and the warps' sums.
@@ -835,42 +811,28 @@ inline int hgemv_slice(int mr, int k) {
   return k < cap ? k : cap;
 }
 
-template <int T, int MR>
+// H: the half2 form (int4_hgemv_kernel), else the fp32 one (int4_gemv_kernel); they take the same arguments.
+template <bool H, int T, int MR>
 cudaError_t launch_gemv(int split, const __half* A, const uint8_t* B, const __half* S, const uint8_t* Z, __half* Y,
                         int M, int N, int K, int block_shift, cudaStream_t stream) {
   const int rows = T * (kGemvWarps / split);
   const dim3 grid((N + rows - 1) / rows, (M + MR - 1) / MR);
-  const int slice = gemv_slice(MR, K);
-  int4_gemv_kernel<T, MR><<<grid, kGemvWarps * 32, gemv_smem_bytes(T, MR, slice), stream>>>(
-      A, B, S, Z, Y, M, N, K, block_shift, split, slice);
+  const int slice = H ? hgemv_slice(MR, K) : gemv_slice(MR, K);
+  const int smem = H ? hgemv_smem_bytes(T, MR, slice) : gemv_smem_bytes(T, MR, slice);
+  if (H) {
+    int4_hgemv_kernel<T, MR><<<grid, kGemvWarps * 32, smem, stream>>>(A, B, S, Z, Y, M, N, K, block_shift, split, slice);
+  } else {
+    int4_gemv_kernel<T, MR><<<grid, kGemvWarps * 32, smem, stream>>>(A, B, S, Z, Y, M, N, K, block_shift, split, slice);
+  }
   return cudaGetLastError();
 }
 
-template <int MR>
+template <bool H, int MR>
 cudaError_t launch_gemv_for(int tile, int split, const __half* A, const uint8_t* B, const __half* S,
                             const uint8_t* Z, __half* Y, int M, int N, int K, int block_shift, cudaStream_t stream) {
-  if (tile == 1) return launch_gemv<1, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
-  if (tile == 2) return launch_gemv<2, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
-  return launch_gemv<4, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
-}
-
-template <int T, int MR>
-cudaError_t launch_hgemv(int split, const __half* A, const uint8_t* B, const __half* S, const uint8_t* Z, __half* Y,
-                         int M, int N, int K, int block_shift, cudaStream_t stream) {
-  const int rows = T * (kGemvWarps / split);
-  const dim3 grid((N + rows - 1) / rows, (M + MR - 1) / MR);
-  const int slice = hgemv_slice(MR, K);
-  int4_hgemv_kernel<T, MR><<<grid, kGemvWarps * 32, hgemv_smem_bytes(T, MR, slice), stream>>>(
-      A, B, S, Z, Y, M, N, K, block_shift, split, slice);
-  return cudaGetLastError();
-}
-
-template <int MR>
-cudaError_t launch_hgemv_for(int tile, int split, const __half* A, const uint8_t* B, const __half* S,
-                             const uint8_t* Z, __half* Y, int M, int N, int K, int block_shift, cudaStream_t stream) {
-  if (tile == 1) return launch_hgemv<1, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
-  if (tile == 2) return launch_hgemv<2, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
-  return launch_hgemv<4, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
+  if (tile == 1) return launch_gemv<H, 1, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
+  if (tile == 2) return launch_gemv<H, 2, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
+  return launch_gemv<H, 4, MR>(split, A, B, S, Z, Y, M, N, K, block_shift, stream);
 }
 
 template <int MT>
@@ -1193,19 +1155,19 @@ extern "C" int onnxpipe_int4_gemm_config(int form, int tile, int split, const vo
   cudaError_t err;
   if (p.form == ONNXPIPE_INT4_GEMM_HGEMV) {
     if (p.mt == 1) {
-      err = launch_hgemv_for<1>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+      err = launch_gemv_for<true, 1>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
     } else if (p.mt == 2) {
-      err = launch_hgemv_for<2>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+      err = launch_gemv_for<true, 2>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
     } else {
-      err = launch_hgemv_for<4>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+      err = launch_gemv_for<true, 4>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
     }
   } else if (p.form == ONNXPIPE_INT4_GEMM_GEMV) {
     if (p.mt == 1) {
-      err = launch_gemv_for<1>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+      err = launch_gemv_for<false, 1>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
     } else if (p.mt == 2) {
-      err = launch_gemv_for<2>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+      err = launch_gemv_for<false, 2>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
     } else {
-      err = launch_gemv_for<4>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
+      err = launch_gemv_for<false, 4>(p.nt, p.kw, a, B, s, zero_points, y, m, n, k, block_shift, st);
     }
   } else if (p.form == ONNXPIPE_INT4_GEMM_CLUSTER) {
     if (p.mt == 1) {
