@@ -240,7 +240,8 @@ def main_orchestrate(args) -> int:
              "onnxpipe_int4_graph_kernels": "onnxpipe_int4", "onnxpipe_int4_graph_kernels_nohead": "onnxpipe_int4",
              "onnxpipe_int4_graph_kernels_noqkv": "onnxpipe_int4", "onnxpipe_int4_graph_kernels_nofuse": "onnxpipe_int4",
              "onnxpipe_int4_graph_kernels_hgemv": "onnxpipe_int4", "onnxpipe_int4_graph_pairs": "onnxpipe_int4",
-             "onnxpipe_graph_kernels": "onnxpipe", "onnxpipe_profile": "onnxpipe", "genai": "genai",
+             "onnxpipe_graph_kernels": "onnxpipe", "onnxpipe_graph_kernels_linear": "onnxpipe",
+             "onnxpipe_profile": "onnxpipe", "genai": "genai",
              "genai_graph": "genai"}
     small = [b for b in args.batches if b <= 8]
     large = [b for b in args.batches if b > 8]
@@ -328,13 +329,14 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,32")
     opt_in = ("onnxpipe_graph_xqa", "onnxpipe_int4_graph_fpa", "genai_int4_graph_fpa", "onnxpipe_int4_graph_kernels",
               "onnxpipe_int4_graph_kernels_nohead", "onnxpipe_int4_graph_kernels_noqkv", "onnxpipe_int4_graph_kernels_nofuse",
-              "onnxpipe_int4_graph_kernels_hgemv", "onnxpipe_int4_graph_pairs", "onnxpipe_graph_kernels")
+              "onnxpipe_int4_graph_kernels_hgemv", "onnxpipe_int4_graph_pairs", "onnxpipe_graph_kernels",
+              "onnxpipe_graph_kernels_linear")
     ap.add_argument("--anchors", default=",".join(a for a in ANCHORS if a not in opt_in),
                     help="default: all but " + ", ".join(opt_in) + " (XQA, runs 7-8: level with the default kernel; "
                          "the fpA_intB ones: opt-in kernels; the *_kernels* ones, _pairs and onnxpipe_graph_kernels: "
                          "onnxpipe's own kernels, built at first use with nvcc: everywhere, all but the LM head, all but "
                          "the packed qkv, gate/up apart, every call the half2 GEMV form, only the gate/up pairs (as one "
-                         "MatMulNBits), fp16 pairs)")
+                         "MatMulNBits), fp16 pairs, fp16 pairs and every MatMul as Linear)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

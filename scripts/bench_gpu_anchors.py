@@ -30,6 +30,7 @@ ANCHORS = {  # run in this order: onnxpipe after eager, whose tokens it is compa
     "onnxpipe_int4_graph_kernels_hgemv": "onnxpipe int4 + CUDA graphs + onnxpipe kernels, every call the half2 GEMV form",
     "onnxpipe_int4_graph_pairs": "onnxpipe int4 + CUDA graphs, MatMulNBits everywhere, gate/up pairs as one + SiluMul",
     "onnxpipe_graph_kernels": "onnxpipe + CUDA graphs + onnxpipe kernels (gate/up as one, SiluMul)",
+    "onnxpipe_graph_kernels_linear": "onnxpipe + CUDA graphs + onnxpipe kernels + every MatMul as Linear (our GEMV)",
     "genai": "ORT GenAI",
     "genai_graph": "ORT GenAI + CUDA graphs",
     "genai_int4": "ORT GenAI int4",
@@ -40,7 +41,8 @@ LABELS = {**ANCHORS, "onnxpipe_profile": "onnxpipe, ORT-profiled decode"}
 PRIORITY = ["torch_eager", "onnxpipe", "onnxpipe_fullhead", "onnxpipe_graph", "onnxpipe_graph_hostfed", "onnxpipe_graph_xqa", "genai", "genai_graph",
             "onnxpipe_int4_graph", "onnxpipe_int4_graph_fpa", "onnxpipe_int4_graph_kernels",
             "onnxpipe_int4_graph_kernels_nohead", "onnxpipe_int4_graph_kernels_noqkv",
-            "onnxpipe_int4_graph_kernels_nofuse", "onnxpipe_int4_graph_kernels_hgemv", "onnxpipe_int4_graph_pairs", "onnxpipe_graph_kernels", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
+            "onnxpipe_int4_graph_kernels_nofuse", "onnxpipe_int4_graph_kernels_hgemv", "onnxpipe_int4_graph_pairs", "onnxpipe_graph_kernels",
+            "onnxpipe_graph_kernels_linear", "genai_int4", "genai_int4_graph", "genai_int4_graph_fpa",
             "torch_compile"]  # eager first: its tokens are the
 # reference for onnxpipe's agreement; torch.compile (no build to wait for) fills the GPU while the builds run
 
@@ -406,7 +408,7 @@ def _int4_tokens(spec: dict, batch: int, tokens: list[list[int]], info: dict) ->
             "first_divergence": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n) for a, b in pairs]}
 
 
-def _with_kernels(child, spec: dict, skip: str = "", fuse: str = "on", form: str = "") -> None:
+def _with_kernels(child, spec: dict, skip: str = "", fuse: str = "on", form: str = "", linear: str = "off") -> None:
     """onnxpipe's own kernels (onnxpipe.runtime.kernels: MatMulNBits -> onnxpipe.MatMulInt4 at load) through the
     variables the decoder session reads, set before the child loads the model; "on": a fallback fails the row.
     ``skip``: the kinds of node left to MatMulNBits (ONNXPIPE_KERNELS_SKIP, e.g. "head": the LM head found from the
@@ -414,11 +416,13 @@ def _with_kernels(child, spec: dict, skip: str = "", fuse: str = "on", form: str
     ONNXPIPE_BENCH_KERNELS=reference runs the CPU reference kernels instead (the --device cpu smoke of the wiring).
     ``fuse``: ONNXPIPE_KERNELS_FUSE (gate/up pairs as one MatMulInt4 + SiluMul; "off": apart). ``form``:
     ONNXPIPE_INT4_GEMM_FORM, the int4 GEMM's form for every call ("": by the table and the rule; "hgemv": the half2
-    GEMV form, meant for batch 1: past M = 4 it reads the weights again per 4 rows)."""
+    GEMV form, meant for batch 1: past M = 4 it reads the weights again per 4 rows). ``linear``:
+    ONNXPIPE_KERNELS_LINEAR (float16 MatMuls by a weight as onnxpipe.Linear: our GEMV at M <= 4, cuBLAS past it)."""
     os.environ["ONNXPIPE_KERNELS"] = os.environ.get("ONNXPIPE_BENCH_KERNELS", "on")
     os.environ["ONNXPIPE_KERNELS_SKIP"] = skip
     os.environ["ONNXPIPE_KERNELS_FUSE"] = fuse
     os.environ["ONNXPIPE_INT4_GEMM_FORM"] = form
+    os.environ["ONNXPIPE_KERNELS_LINEAR"] = linear
     child(spec)
 
 
@@ -452,6 +456,7 @@ CHILDREN = {
         s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json")),
         skip="qkv"),
     "onnxpipe_graph_kernels": lambda s: _with_kernels(child_onnxpipe, dict(s, cuda_graph=True)),
+    "onnxpipe_graph_kernels_linear": lambda s: _with_kernels(child_onnxpipe, dict(s, cuda_graph=True), linear="on"),
     "onnxpipe_int4_graph_kernels_nofuse": lambda s: _with_kernels(child_onnxpipe, dict(
         s, cuda_graph=True, optimized=s["int4"], int4_tokens_in=str(Path(s["work"]) / "int4_tokens.json")),
         fuse="off"),

@@ -60,6 +60,7 @@ VARIANTS = ["onnxpipe_graph", "onnxpipe_graph_hostfed", "genai_graph", "onnxpipe
 KERNEL_GROUPS = [
     ("int4 GEMM (onnxpipe)", r"int4_h?gem[mv](_rows)?_kernel"),  # the mma forms and the batch-1 GEMVs
     ("int4 dequantize (onnxpipe)", r"int4_dequant"),
+    ("fp16 GEMV (onnxpipe Linear)", r"linear_gemv_kernel"),  # before the cuBLAS pattern, which "gemv" would take
     ("MatMulNBits (onnxruntime)", r"MatMulFloat4Bits|MatMulFloatInt4|MatMulNBits|Dequantize4Bits|DequantizeBlockwise|"
                                   r"fpA_intB|[Ww]eightOnly|4Bits|[Ii]nt4"),
     ("GEMM (cuBLAS, CUTLASS)", r"gemm|gemv|cutlass|xmma|cublas|nvjet|splitKreduce"),

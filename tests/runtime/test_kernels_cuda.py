@@ -178,3 +178,80 @@ def test_cuda_float16_gate_up_pair_as_one_matmul_and_silu_mul(cuda_library: Path
         a = rng.standard_normal((m, 64)).astype(np.float16)
         y, want = ours.run(["Y"], {"A": a})[0], theirs.run(["Y"], {"A": a})[0].astype(np.float64)
         assert y.dtype == np.float16 and np.abs(y - want).max() <= 4e-3 * np.abs(want).max(), m
+
+
+def _linear_pair(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, onnx.ModelProto, onnx.ModelProto]:
+    """Y = A @ W (float16, W [K, N]) and its rewrite: Linear of the transposed weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (0.05 * rng.standard_normal((k, n))).astype(np.float16)
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("A", TensorProto.FLOAT16, ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, ["M", n])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ours = onnx.ModelProto()
+    ours.CopyFrom(model)
+    assert rewrite_matmul_nbits(ours, "cuda", linear=True).linear == 1
+    return w, model, ours
+
+
+def test_cuda_linear_against_matmul_at_decode_and_prefill_m(cuda_library: Path) -> None:
+    """onnxpipe.Linear on the CUDA EP (the Transpose folded at load): our GEMV at M 1-4, cuBLAS past it, against the
+    float64 product and onnxruntime's MatMul; inside a captured CUDA graph too (M = 1, then M = 64)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(31)
+    n, k = 400, 1056
+    w, model, ours_model = _linear_pair(rng, n, k)
+    ours, theirs = _session(ours_model, cuda_library), _session(model, None)
+    for m in (1, 2, 3, 4, 5, 16, 64, 300):
+        a = rng.standard_normal((m, k)).astype(np.float16)
+        ref = a.astype(np.float64) @ w.astype(np.float64)
+        y, own = ours.run(None, {"A": a})[0], theirs.run(None, {"A": a})[0]
+        err, own_err = np.abs(y - ref).max(), np.abs(own.astype(np.float64) - ref).max()
+        assert y.dtype == np.float16 and y.shape == (m, n)
+        assert err <= max(2 * own_err, 2e-3 * np.abs(ref).max()), (m, float(err), float(own_err))
+    for m in (1, 64):
+        sess = _session(ours_model, cuda_library, enable_cuda_graph="1")
+        a_dev = ort.OrtValue.ortvalue_from_shape_and_type([m, k], np.float16, "cuda", 0)
+        y_dev = ort.OrtValue.ortvalue_from_shape_and_type([m, n], np.float16, "cuda", 0)
+        io = sess.io_binding()
+        io.bind_ortvalue_input("A", a_dev)
+        io.bind_ortvalue_output("Y", y_dev)
+        for step in range(3):
+            a = rng.standard_normal((m, k)).astype(np.float16)
+            a_dev.update_inplace(a)
+            sess.run_with_iobinding(io)
+            ref = a.astype(np.float64) @ w.astype(np.float64)
+            assert np.abs(y_dev.numpy() - ref).max() <= 2e-3 * np.abs(ref).max(), (m, step)
+
+
+@pytest.mark.parametrize("tile,split", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 4), (1, 8)])
+def test_cuda_linear_gemv_every_layout(cuda_library: Path, tile: int, split: int) -> None:
+    """The GEMV called directly (ctypes, torch's stream) in a layout the call names: N = 400 (no layout divides it),
+    K = 1056 (4.1 warp steps), M 1-5 (5: two chunks of A rows)."""
+    import ctypes
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    lib = ctypes.CDLL(str(cuda_library))
+    call = lib.onnxpipe_linear_gemv_config
+    call.restype = ctypes.c_int
+    call.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    rng = np.random.default_rng(tile * 10 + split)
+    n, k = 400, 1056
+    w = (0.05 * rng.standard_normal((n, k))).astype(np.float16)
+    w_dev = torch.from_numpy(w.view(np.int16)).cuda()
+    stream = torch.cuda.current_stream().cuda_stream
+    for m in (1, 2, 3, 4, 5):
+        a = rng.standard_normal((m, k)).astype(np.float16)
+        a_dev = torch.from_numpy(a.view(np.int16)).cuda()
+        y_dev = torch.full((m, n), -1, dtype=torch.int16, device="cuda")  # NaN wherever a write is missed
+        assert call(tile, split, a_dev.data_ptr(), w_dev.data_ptr(), y_dev.data_ptr(), m, n, k, stream) == 0
+        torch.cuda.synchronize()
+        y = y_dev.cpu().numpy().view(np.float16).astype(np.float64)
+        ref = a.astype(np.float64) @ w.astype(np.float64).T
+        assert np.abs(y - ref).max() <= 2e-3 * np.abs(ref).max(), (m, float(np.abs(y - ref).max()))

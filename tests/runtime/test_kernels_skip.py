@@ -118,10 +118,12 @@ def test_the_nohead_bench_anchor_runs_the_kernels_with_the_head_skipped(monkeypa
     monkeypatch.setenv("ONNXPIPE_KERNELS_SKIP", "qkv")  # the caller's values reach no kernels row
     monkeypatch.setenv("ONNXPIPE_INT4_GEMM_FORM", "gemv")
     monkeypatch.delenv("ONNXPIPE_BENCH_KERNELS", raising=False)
+    monkeypatch.setenv("ONNXPIPE_KERNELS_LINEAR", "on")
     seen: list[tuple[str, str, str, dict]] = []
+    linear: list[str] = []
     monkeypatch.setattr(anchors, "child_onnxpipe", lambda spec: seen.append(
         (os.environ["ONNXPIPE_KERNELS"], os.environ["ONNXPIPE_KERNELS_SKIP"], os.environ["ONNXPIPE_INT4_GEMM_FORM"],
-         spec)))
+         spec)) or linear.append(os.environ["ONNXPIPE_KERNELS_LINEAR"]))
     spec = {"work": str(tmp_path), "int4": str(tmp_path / "int4"), "optimized": str(tmp_path / "optimized")}
     anchors.CHILDREN["onnxpipe_int4_graph_kernels_nohead"](spec)
     anchors.CHILDREN["onnxpipe_int4_graph_kernels_noqkv"](spec)
@@ -130,6 +132,10 @@ def test_the_nohead_bench_anchor_runs_the_kernels_with_the_head_skipped(monkeypa
     anchors.CHILDREN["onnxpipe_int4_graph_pairs"](spec)
     assert [(k, s, f) for k, s, f, _ in seen] == [("on", "head", ""), ("on", "qkv", ""), ("on", "", ""),
                                                   ("on", "", "hgemv"), ("on", "all", "")]
+    assert linear == ["off"] * 5
+    anchors.CHILDREN["onnxpipe_graph_kernels_linear"](spec)
+    assert linear[-1] == "on" and seen[-1][1:3] == ("", "") and "optimized" in seen[-1][3]
+    seen.pop()
     for _, _, _, got in seen:
         assert got["optimized"] == spec["int4"] and got["cuda_graph"]
         assert got["int4_tokens_in"] == str(tmp_path / "int4_tokens.json")  # compared with the plain int4 run's

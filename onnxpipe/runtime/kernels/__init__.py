@@ -11,7 +11,9 @@ the session runs without the kernels and says why.
 An MLP's gate and up projections (MatMulNBits, or float16 MatMuls) become one product of 2N rows and an
 ``onnxpipe.SiluMul`` where the pattern holds (``gate_up.py``; ``ONNXPIPE_KERNELS_FUSE=off`` keeps them apart), so a
 float16 model with no MatMulNBits has something to rewrite too: "kernels: onnxpipe 16 gate/up pairs as one with
-SiluMul".
+SiluMul". ``ONNXPIPE_KERNELS_LINEAR=on`` (off by default until a GPU run has timed it) also makes each float16
+MatMul by a weight an ``onnxpipe.Linear`` of the transposed weight (``linear.py``: our GEMV at M <= 4, cuBLAS past
+it).
 
 Which nodes they take is a policy: ``kernel_skip`` (or ``ONNXPIPE_KERNELS_SKIP``, a comma list) keeps kinds of
 MatMulNBits found from the graph (``head``: the one producing the logits; ``qkv``: an attention node's packed input;
@@ -42,6 +44,7 @@ KERNEL_MODES = ("off", "on", "auto", "reference")
 ENV = "ONNXPIPE_KERNELS"
 ENV_SKIP = "ONNXPIPE_KERNELS_SKIP"
 ENV_FUSE = "ONNXPIPE_KERNELS_FUSE"  # "off": no gate/up pair made one MatMulInt4 + SiluMul (gate_up.py); default on
+ENV_LINEAR = "ONNXPIPE_KERNELS_LINEAR"  # "on": float MatMuls by a weight as onnxpipe.Linear (linear.py); default off
 
 
 def kernels_mode(value: str | None = None) -> str:
@@ -88,6 +91,7 @@ class KernelPlan:
     skip: tuple[str, ...] = ()  # kinds of node left to onnxruntime (kernel_skip)
     logits: str = "logits"  # the graph's logits value: where the walk to the LM head starts
     fuse: bool = True  # gate/up pairs as one MatMulInt4 + SiluMul (ONNXPIPE_KERNELS_FUSE=off: not)
+    linear: bool = False  # float MatMuls by a weight as onnxpipe.Linear (ONNXPIPE_KERNELS_LINEAR=on)
     folder: Path | None = None  # the model directory: where the external weights a fusion reads lie
 
     @property
@@ -100,8 +104,8 @@ class KernelPlan:
         if not self.active or self.target is None:
             return
         would = rewrite_matmul_nbits(proto, self.target, apply=False, skip=self.skip, logits=self.logits,
-                                     fuse=self.fuse, folder=self.folder)
-        if would.rewritten == 0 and would.fused == 0:
+                                     fuse=self.fuse, folder=self.folder, linear=self.linear)
+        if would.rewritten == 0 and would.fused == 0 and would.linear == 0:
             self.report = would
             self.why_off = ("nothing to rewrite: the graph has no MatMulNBits and no gate/up pair to fuse"
                             if not would.total else f"nothing to rewrite: {would.reasons()}")
@@ -109,7 +113,7 @@ class KernelPlan:
         if self.library is None and not self._load():
             return
         self.report = rewrite_matmul_nbits(proto, self.target, skip=self.skip, logits=self.logits, fuse=self.fuse,
-                                           folder=self.folder)
+                                           folder=self.folder, linear=self.linear)
 
     def _load(self) -> bool:
         """Build the target's library and register it in the session options; False (and why_off) where not."""
@@ -165,11 +169,14 @@ def plan_kernels(mode: str, chain: Sequence[str], session_options: Any,
     whose options are ``session_options``: which kernels (``target``), or off and why. Its ``edit`` builds, registers
     and rewrites. Never raises for a reason to fall back: the plan carries it (``finish`` makes it an error for "on"
     and "reference"). ``skip``: kinds of node left to onnxruntime (``kernel_skip``), the head found from ``logits``."""
-    fuse = os.environ.get(ENV_FUSE, "on").strip().lower() if mode != "off" else "on"  # read where kernels run
-    if fuse not in ("on", "off"):
-        raise OnnxpipeError(f"{ENV_FUSE}={fuse!r}: choose on or off")
+    switches = {}
+    for env, default in ((ENV_FUSE, "on"), (ENV_LINEAR, "off")):
+        value = os.environ.get(env, default).strip().lower() if mode != "off" else default  # read where kernels run
+        if value not in ("on", "off"):
+            raise OnnxpipeError(f"{env}={value!r}: choose on or off")
+        switches[env] = value == "on"
     plan = KernelPlan(mode, session_options=session_options, announce=announce, skip=skip, logits=logits,
-                      fuse=fuse == "on")
+                      fuse=switches[ENV_FUSE], linear=switches[ENV_LINEAR])
     if mode == "off":
         return plan
     first = chain[0] if chain else "cpu"

@@ -39,10 +39,10 @@ LIBRARY = {"cpu": "libonnxpipe_kernels.so", "cuda": "libonnxpipe_kernels_cuda.so
 SOURCES: dict[str, tuple[str, ...]] = {
     "cpu": ("ops.cc", "ort_abi.h", "cublas_abi.h", "int4_prefill.h"),
     "cuda": ("ops.cc", "ort_abi.h", "cublas_abi.h", "int4_prefill.h", "int4_gemm.cu", "int4_gemm.h", "int4_dequant.cu",
-             "silu_mul.cu"),
+             "silu_mul.cu", "linear.cu"),
 }
 COMPILED: dict[str, tuple[str, ...]] = {"cpu": ("ops.cc",),
-                                        "cuda": ("ops.cc", "int4_gemm.cu", "int4_dequant.cu", "silu_mul.cu")}
+                                        "cuda": ("ops.cc", "int4_gemm.cu", "int4_dequant.cu", "silu_mul.cu", "linear.cu")}
 LINK_LIBS = ("-ldl",)  # dlopen/dlsym (cuBLAS found in the process, cublas_abi.h); after the sources, for --as-needed
 CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-cudart", "static",

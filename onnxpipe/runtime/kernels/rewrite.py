@@ -6,7 +6,8 @@ reason, where the kernels would not compute it: other bit widths, g_idx or bias 
 multiple of the block, a block other than 32/64/128, or (for the CUDA kernel) activations that are not float16.
 
 With ``fuse``, an MLP's gate and up projections (MatMulNBits, or float MatMuls) become one product and an
-onnxpipe.SiluMul where the pattern holds (gate_up.py).
+onnxpipe.SiluMul where the pattern holds (gate_up.py). With ``linear``, the float MatMuls of an activation by a weight
+initializer (the merged pairs' included) become onnxpipe.Linear of the transposed weight (linear.py).
 
 A policy can keep more (``skip``, kinds found from the graph, never by name): ``head``, the MatMulNBits whose output
 feeds the logits (through shape, cast and elementwise ops only), ``qkv``, a MatMulNBits whose output is an
@@ -24,6 +25,7 @@ from typing import Any, Literal
 
 from onnxpipe.runtime.kernels import gate_up
 from onnxpipe.runtime.kernels.gate_up import find_pairs, merge_pairs, within_budget
+from onnxpipe.runtime.kernels.linear import linear_nodes, to_linear
 
 DOMAIN = "onnxpipe"
 OP = "MatMulInt4"
@@ -50,17 +52,21 @@ class RewriteReport:
     fused: int = 0  # gate/up pairs made one product + SiluMul (gate_up.py); their nodes are counted in rewritten
     fused_kept: int = 0  # of those, pairs of kept nodes: one MatMulNBits (their nodes are counted in kept instead)
     apart: int = 0  # pairs left apart: their merged weights would pass gate_up.INLINE_MAX_BYTES held in memory
+    linear: int = 0  # float MatMuls made onnxpipe.Linear (linear.py)
 
     def line(self) -> str:
-        fused = f"{self.fused} gate/up pairs as one with SiluMul" if self.fused or self.apart else ""
-        if self.fused_kept:
-            fused += f" ({self.fused_kept} as one MatMulNBits)"
-        if self.apart:
-            fused += (f" ({self.apart} left apart: merged weights past {gate_up.INLINE_MAX_BYTES >> 20} MiB "
-                      "held in memory)")
-        if not self.total and fused:  # a float graph: only the pairs
-            return f"{DOMAIN} {fused}"
-        return f"{DOMAIN} {OP} on {self.rewritten} of {self.total} MatMulNBits" + (f", {fused}" if fused else "")
+        parts = [f"{OP} on {self.rewritten} of {self.total} MatMulNBits"] if self.total else []
+        if self.fused or self.apart:
+            fused = f"{self.fused} gate/up pairs as one with SiluMul"
+            if self.fused_kept:
+                fused += f" ({self.fused_kept} as one MatMulNBits)"
+            if self.apart:
+                fused += (f" ({self.apart} left apart: merged weights past {gate_up.INLINE_MAX_BYTES >> 20} MiB "
+                          "held in memory)")
+            parts.append(fused)
+        if self.linear:
+            parts.append(f"{self.linear} MatMul as Linear")
+        return f"{DOMAIN} " + (", ".join(parts) or f"{OP} on 0 of 0 MatMulNBits")
 
     def reasons(self) -> str:
         """The distinct reasons nodes were kept, with their counts ("bits=8 (2 nodes); ...")."""
@@ -71,12 +77,14 @@ class RewriteReport:
 
 
 def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = True, skip: tuple[str, ...] = (),
-                         logits: str = "logits", fuse: bool = False, folder: Path | None = None) -> RewriteReport:
+                         logits: str = "logits", fuse: bool = False, folder: Path | None = None,
+                         linear: bool = False) -> RewriteReport:
     """Rewrite the 4-bit MatMulNBits nodes of ``model`` (an onnx.ModelProto, changed in place) that the ``target``
     kernel computes into onnxpipe.MatMulInt4; ``apply=False`` only reports what it would do. ``skip``: kinds of node
     kept as they are (SKIP_KINDS; ``head`` is found from the value named ``logits``). ``fuse``: an MLP's gate and up
     projections become one MatMulInt4 and a SiluMul where the pattern holds (gate_up.py; their weights read from
-    ``folder`` where they are external). Only the main graph is read (not subgraphs or functions)."""
+    ``folder`` where they are external). ``linear``: float MatMuls by a weight initializer become onnxpipe.Linear
+    (linear.py). Only the main graph is read (not subgraphs or functions)."""
     if target not in ("cuda", "cpu"):
         raise ValueError(f"unknown kernel target {target!r}")
     unknown = [k for k in skip if k not in SKIP_KINDS]
@@ -129,6 +137,14 @@ def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = T
     report.fused_kept = len(kept_pairs)
     if apply and pairs:
         merge_pairs(model, pairs, folder, OP, nbits=kept_pairs)
+    if linear:
+        # after the merge: a merged float pair is one MatMul of [K, 2N]; before it (apply=False), its two MatMuls
+        # count as one
+        found = linear_nodes(graph, (_FLOAT16,) if target == "cuda" else (_FLOAT, _FLOAT16))
+        float_pairs = 0 if apply else sum(1 for p in pairs if not _is_nbits(p.gate))
+        report.linear = len(found) - float_pairs
+        if apply:
+            to_linear(model, found)
     if apply and (report.rewritten or pairs) and not any(o.domain == DOMAIN for o in model.opset_import):
         entry = model.opset_import.add()
         entry.domain, entry.version = DOMAIN, 1

@@ -22,6 +22,7 @@
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 struct uint4 { uint32_t x, y, z, w; };
+struct uint2 { uint32_t x, y; };
 inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
@@ -116,4 +117,35 @@ inline void sim_mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32
     c[e] += s;
   }
   sim->warp_bar[sim_rank][warp]->arrive_and_wait();
+}
+
+// A launch: the grid run block by block (a cluster's `slices` blocks at once), a std::thread per CUDA thread.
+template <class F>
+void run_clusters(dim3 grid, int threads, int slices, F kernel) {
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      auto s = std::make_unique<Sim>();
+      std::vector<std::unique_ptr<std::barrier<>>> bars;
+      for (int r = 0; r < slices; ++r) {
+        bars.emplace_back(new std::barrier<>(threads));
+        s->block_bar[r] = bars.back().get();
+        for (int w = 0; w < threads / 32; ++w) {
+          bars.emplace_back(new std::barrier<>(32));
+          s->warp_bar[r][w] = bars.back().get();
+        }
+        s->smem.emplace_back(65536, 0);
+      }
+      bars.emplace_back(new std::barrier<>(threads * slices));
+      s->cluster_bar = bars.back().get();
+      std::vector<std::thread> pool;
+      for (int r = 0; r < slices; ++r)
+        for (int t = 0; t < threads; ++t)
+          pool.emplace_back([&, r, t] {
+            sim = s.get(); sim_rank = r;
+            threadIdx = dim3{(unsigned)t, 0, 0}; blockIdx = dim3{bx, by, (unsigned)r};
+            blockDim = dim3{(unsigned)threads, 1, 1}; gridDim = dim3{grid.x, grid.y, (unsigned)slices};
+            kernel();
+          });
+      for (auto& th : pool) th.join();
+    }
 }

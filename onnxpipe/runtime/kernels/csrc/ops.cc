@@ -1,4 +1,8 @@
-// onnxpipe's ONNX Runtime custom-op library: domain `onnxpipe`, ops `MatMulInt4` and `SiluMul`.
+// onnxpipe's ONNX Runtime custom-op library: domain `onnxpipe`, ops `MatMulInt4`, `SiluMul` and `Linear`.
+//
+// Linear: A [..., K] and W [N, K] (float or float16, the same type) -> Y [..., N] = A @ W^T (PyTorch's Linear
+// layout, no bias; the rewrite feeds it a MatMul's [K, N] weight through a Transpose that onnxruntime folds at load).
+// CUDA: float16, M up to ONNXPIPE_LINEAR_GEMV_MAX_M with our GEMV (linear.cu), past it cublasGemmEx.
 //
 // SiluMul: X [..., 2N] (float or float16) -> Y [..., N] = silu(X[..., :N]) * X[..., N:], computed in float and rounded
 // once (an MLP's gate and up projections made one MatMulInt4 of 2N rows by the rewrite, rewrite.py; the CUDA build:
@@ -49,7 +53,13 @@ extern "C" int onnxpipe_int4_dequantize(const uint8_t* B, const void* scales, co
 extern "C" int onnxpipe_cuda_current_device(void);
 extern "C" int onnxpipe_silu_mul(const void* X, void* Y, int64_t rows, int64_t n, void* stream);
 extern "C" void onnxpipe_int4_dequant_load(void);
+extern "C" int onnxpipe_linear_gemv(const void* A, const void* W, void* Y, int64_t M, int64_t N, int64_t K,
+                                    void* stream);
+extern "C" void onnxpipe_linear_load(void);
 #endif
+
+// The M up to which Linear's CUDA kernel takes our GEMV (linear.cu: it reads the weights once per 4 rows of A)
+#define ONNXPIPE_LINEAR_GEMV_MAX_M 4
 
 namespace {
 
@@ -305,15 +315,13 @@ SharedCublas& shared_cublas() {
   return *s;
 }
 
-OrtStatus* cublas_for_device(int device, cublasHandle_t* out) {
+// `who`: the op and what needs cuBLAS, the start of the one line a missing cuBLAS gives.
+OrtStatus* cublas_for_device(int device, cublasHandle_t* out, const std::string& who) {
   SharedCublas& s = shared_cublas();
   std::lock_guard<std::mutex> guard(s.lock);
   if (!s.found) {
     std::string why;
-    if (!find_cublas(&s.api, &why))
-      return g_api->CreateStatus(ORT_EP_FAIL, (std::string(kDomain) + "." + kOpName + ": M > " +
-                                               std::to_string(ONNXPIPE_INT4_SMALL_M_MAX) + " needs cuBLAS: " + why)
-                                                  .c_str());
+    if (!find_cublas(&s.api, &why)) return g_api->CreateStatus(ORT_EP_FAIL, (who + " needs cuBLAS: " + why).c_str());
     s.found = true;
   }
   auto it = s.handles.find(device);
@@ -321,8 +329,8 @@ OrtStatus* cublas_for_device(int device, cublasHandle_t* out) {
     cublasHandle_t handle = nullptr;
     const int status = s.api.create(&handle);
     if (status != ONNXPIPE_CUBLAS_STATUS_SUCCESS || handle == nullptr)
-      return g_api->CreateStatus(ORT_EP_FAIL, (std::string(kDomain) + "." + kOpName + ": cublasCreate_v2 (" +
-                                               s.api.name + ") failed with status " + std::to_string(status))
+      return g_api->CreateStatus(ORT_EP_FAIL, (who + ": cublasCreate_v2 (" + s.api.name + ") failed with status " +
+                                               std::to_string(status))
                                                   .c_str());
     it = s.handles.emplace(device, handle).first;
   }
@@ -448,7 +456,8 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
   if (Cuda) {  // the large-M path's cuBLAS handle now, outside any graph capture; no cuBLAS: no kernel
     if (k.K > 0x7fffffff || k.N > 0x7fffffff) return error("K and N must be below 2^31 for the CUDA kernel");
     k.device = onnxpipe_cuda_current_device();
-    if ((st = cublas_for_device(k.device, &k.cublas))) return st;
+    const std::string who = std::string(kDomain) + "." + kOpName + ": M > " + std::to_string(ONNXPIPE_INT4_SMALL_M_MAX);
+    if ((st = cublas_for_device(k.device, &k.cublas, who))) return st;
     onnxpipe_int4_dequant_load();
   }
 #endif
@@ -614,16 +623,146 @@ OrtCustomOp make_silu_op(bool cuda) {
   return op;
 }
 
+// ---- Linear ----
+const char* const kLinearName = "Linear";
+
+OrtStatus* linear_error(const std::string& what) {
+  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kDomain) + "." + kLinearName + ": " + what).c_str());
+}
+
+struct LinearKernel {
+  bool cuda = false;
+  int device = -1;
+  cublasHandle_t cublas = nullptr;
+};
+
+template <bool Cuda>
+OrtStatus* linear_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void** out) {
+  LinearKernel k;
+  k.cuda = Cuda;
+#ifdef ONNXPIPE_CUDA
+  if (Cuda) {  // cuBLAS for M past the GEMV, now, outside any graph capture; every GEMV instantiation loaded
+    k.device = onnxpipe_cuda_current_device();
+    const std::string who = std::string(kDomain) + "." + kLinearName + ": M > " +
+                            std::to_string(ONNXPIPE_LINEAR_GEMV_MAX_M);
+    OrtStatus* st = cublas_for_device(k.device, &k.cublas, who);
+    if (st) return st;
+    onnxpipe_linear_load();
+  }
+#endif
+  LinearKernel* kernel = new (std::nothrow) LinearKernel(k);
+  if (!kernel) return g_api->CreateStatus(ORT_FAIL, "onnxpipe.Linear: out of memory");
+  *out = kernel;
+  return nullptr;
+}
+
+OrtStatus* linear_compute(void* kernel, OrtKernelContext* ctx) {
+  try {
+    const LinearKernel& k = *static_cast<LinearKernel*>(kernel);
+    const OrtValue* av = nullptr;
+    const OrtValue* wv = nullptr;
+    OrtStatus* st;
+    if ((st = g_api->KernelContext_GetInput(ctx, 0, &av)) || (st = g_api->KernelContext_GetInput(ctx, 1, &wv)))
+      return st;
+    if (!av || !wv) return linear_error("inputs A and W are required");
+    Tensor a, w;
+    if ((st = describe(av, &a)) || (st = describe(wv, &w))) return st;
+    if (w.dims.size() != 2) return linear_error("W " + shape_text(w.dims) + " must be [N, K]");
+    const int64_t n = w.dims[0], kk = w.dims[1];
+    if (a.dims.empty() || a.dims.back() != kk)
+      return linear_error("A " + shape_text(a.dims) + " must end in W's K = " + std::to_string(kk));
+    if (a.type != w.type) return linear_error("A and W must have the same type");
+    if (a.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && a.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+      return linear_error("A must be float or float16");
+    const int64_t m = kk == 0 ? 0 : a.count() / kk;
+    std::vector<int64_t> ydims = a.dims;
+    ydims.back() = n;
+    OrtValue* yv = nullptr;
+    if ((st = g_api->KernelContext_GetOutput(ctx, 0, ydims.data(), ydims.size(), &yv))) return st;
+    void* y = nullptr;
+    if ((st = g_api->GetTensorMutableData(yv, &y))) return st;
+    if (m == 0 || n == 0) return nullptr;
+#ifdef ONNXPIPE_CUDA
+    if (k.cuda) {
+      if (a.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return linear_error("the CUDA kernel takes float16 only");
+      void* stream = nullptr;
+      if ((st = g_api->KernelContext_GetGPUComputeStream(ctx, &stream))) return st;
+      const std::string where = " (CUDA, M=" + std::to_string(m) + ", N=" + std::to_string(n) + ", K=" +
+                                std::to_string(kk) + ")";
+      if (m <= ONNXPIPE_LINEAR_GEMV_MAX_M && kk % 8 == 0) {
+        const int code = onnxpipe_linear_gemv(a.data, w.data, y, m, n, kk, stream);
+        if (code != 0) return linear_error("GEMV" + where + " failed with code " + std::to_string(code));
+        return nullptr;
+      }
+      if (m > 0x7fffffff || n > 0x7fffffff || kk > 0x7fffffff)
+        return linear_error("dimensions past 2^31 - 1" + where + " (cuBLAS takes int)");
+      // column-major: Y^T [N, M] = W [N, K] (stored [K, N]: transposed, lda = K) @ A^T (stored [K, M], ldb = K)
+      SharedCublas& s = shared_cublas();
+      const float one = 1.0f, zero = 0.0f;
+      std::lock_guard<std::mutex> guard(s.lock);
+      int status = s.api.set_stream(k.cublas, stream);
+      if (status == ONNXPIPE_CUBLAS_STATUS_SUCCESS)
+        status = s.api.gemm_ex(k.cublas, ONNXPIPE_CUBLAS_OP_T, ONNXPIPE_CUBLAS_OP_N, (int)n, (int)m, (int)kk, &one,
+                               w.data, ONNXPIPE_CUDA_R_16F, (int)kk, a.data, ONNXPIPE_CUDA_R_16F, (int)kk, &zero, y,
+                               ONNXPIPE_CUDA_R_16F, (int)n, ONNXPIPE_CUBLAS_COMPUTE_32F, ONNXPIPE_CUBLAS_GEMM_DEFAULT);
+      if (status != ONNXPIPE_CUBLAS_STATUS_SUCCESS)
+        return linear_error("cuBLAS" + where + " failed with status " + std::to_string(status));
+      return nullptr;
+    }
+#endif
+    for (int64_t r = 0; r < m; ++r) {  // the reference: double accumulation, one rounding
+      for (int64_t j = 0; j < n; ++j) {
+        double acc = 0.0;
+        if (a.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+          const float* as = static_cast<const float*>(a.data) + r * kk;
+          const float* ws = static_cast<const float*>(w.data) + j * kk;
+          for (int64_t i = 0; i < kk; ++i) acc += (double)as[i] * ws[i];
+          static_cast<float*>(y)[r * n + j] = (float)acc;
+        } else {
+          const uint16_t* as = static_cast<const uint16_t*>(a.data) + r * kk;
+          const uint16_t* ws = static_cast<const uint16_t*>(w.data) + j * kk;
+          for (int64_t i = 0; i < kk; ++i) acc += (double)half_to_float(as[i]) * half_to_float(ws[i]);
+          static_cast<uint16_t*>(y)[r * n + j] = float_to_half((float)acc);
+        }
+      }
+    }
+    return nullptr;
+  } catch (const std::exception& e) {  // nothing may cross the C ABI
+    return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, (std::string("onnxpipe.Linear: ") + e.what()).c_str());
+  }
+}
+
+void linear_destroy(void* kernel) { delete static_cast<LinearKernel*>(kernel); }
+const char* linear_name(const OrtCustomOp*) { return kLinearName; }
+size_t two(const OrtCustomOp*) { return 2; }
+
+template <ONNXTensorElementDataType T>
+OrtCustomOp make_linear_op(bool cuda) {
+  OrtCustomOp op = base_op(cuda);
+  op.GetName = linear_name;
+  op.GetInputType = silu_type<T>;  // every input and the output: T
+  op.GetInputTypeCount = two;
+  op.GetOutputType = silu_type<T>;
+  op.GetOutputTypeCount = one;
+  op.KernelDestroy = linear_destroy;
+  op.CreateKernelV2 = cuda ? linear_create<true> : linear_create<false>;
+  op.KernelComputeV2 = linear_compute;
+  return op;
+}
+
 // The CUDA build registers the CUDA kernel alone: a rewritten graph that lands on the CPU then fails to load (and
 // the session falls back to the graph as it is, saying so) rather than running the slow reference unnoticed.
 #ifdef ONNXPIPE_CUDA
-const OrtCustomOp g_ops[2] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(true),
-                              make_silu_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(true)};
+const OrtCustomOp g_ops[3] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(true),
+                              make_silu_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(true),
+                              make_linear_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(true)};
 #else
-const OrtCustomOp g_ops[4] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(false),
+const OrtCustomOp g_ops[6] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(false),
                               make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(false),
                               make_silu_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(false),
-                              make_silu_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(false)};
+                              make_silu_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(false),
+                              make_linear_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(false),
+                              make_linear_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(false)};
 #endif
 
 }  // namespace
