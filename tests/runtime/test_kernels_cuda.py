@@ -198,22 +198,22 @@ def _linear_pair(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, 
 
 
 def test_cuda_linear_against_matmul_at_decode_and_prefill_m(cuda_library: Path) -> None:
-    """onnxpipe.Linear on the CUDA EP (the Transpose folded at load): our GEMV at M 1-4, cuBLAS past it, against the
-    float64 product and onnxruntime's MatMul; inside a captured CUDA graph too (M = 1, then M = 64)."""
+    """onnxpipe.Linear on the CUDA EP (the Transpose folded at load): our GEMV at M 1-4, our mma form at 5-32, cuBLAS
+    past it, against the float64 product and onnxruntime's MatMul; inside a captured CUDA graph too (M = 1, 8, 64)."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(31)
     n, k = 400, 1056
     w, model, ours_model = _linear_pair(rng, n, k)
     ours, theirs = _session(ours_model, cuda_library), _session(model, None)
-    for m in (1, 2, 3, 4, 5, 16, 64, 300):
+    for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 300):
         a = rng.standard_normal((m, k)).astype(np.float16)
         ref = a.astype(np.float64) @ w.astype(np.float64)
         y, own = ours.run(None, {"A": a})[0], theirs.run(None, {"A": a})[0]
         err, own_err = np.abs(y - ref).max(), np.abs(own.astype(np.float64) - ref).max()
         assert y.dtype == np.float16 and y.shape == (m, n)
         assert err <= max(2 * own_err, 2e-3 * np.abs(ref).max()), (m, float(err), float(own_err))
-    for m in (1, 64):
+    for m in (1, 8, 64):
         sess = _session(ours_model, cuda_library, enable_cuda_graph="1")
         a_dev = ort.OrtValue.ortvalue_from_shape_and_type([m, k], np.float16, "cuda", 0)
         y_dev = ort.OrtValue.ortvalue_from_shape_and_type([m, n], np.float16, "cuda", 0)
@@ -251,6 +251,35 @@ def test_cuda_linear_gemv_every_layout(cuda_library: Path, tile: int, split: int
         a_dev = torch.from_numpy(a.view(np.int16)).cuda()
         y_dev = torch.full((m, n), -1, dtype=torch.int16, device="cuda")  # NaN wherever a write is missed
         assert call(tile, split, a_dev.data_ptr(), w_dev.data_ptr(), y_dev.data_ptr(), m, n, k, stream) == 0
+        torch.cuda.synchronize()
+        y = y_dev.cpu().numpy().view(np.float16).astype(np.float64)
+        ref = a.astype(np.float64) @ w.astype(np.float64).T
+        assert np.abs(y - ref).max() <= 2e-3 * np.abs(ref).max(), (m, float(np.abs(y - ref).max()))
+
+
+@pytest.mark.parametrize("split", [1, 2, 4, 8, 16])
+def test_cuda_linear_mma_every_split(cuda_library: Path, split: int) -> None:
+    """The mma form called directly with 1-16 warps along K: N = 400, K = 1056 (33 warp steps), M 5-40 (1, 2, 4
+    tiles of 8 rows; 40: two chunks)."""
+    import ctypes
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    lib = ctypes.CDLL(str(cuda_library))
+    call = lib.onnxpipe_linear_mma_config
+    call.restype = ctypes.c_int
+    call.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    rng = np.random.default_rng(100 + split)
+    n, k = 400, 1056
+    w = (0.05 * rng.standard_normal((n, k))).astype(np.float16)
+    w_dev = torch.from_numpy(w.view(np.int16)).cuda()
+    stream = torch.cuda.current_stream().cuda_stream
+    for m in (5, 8, 9, 16, 17, 32, 40):
+        a = rng.standard_normal((m, k)).astype(np.float16)
+        a_dev = torch.from_numpy(a.view(np.int16)).cuda()
+        y_dev = torch.full((m, n), -1, dtype=torch.int16, device="cuda")
+        assert call(split, a_dev.data_ptr(), w_dev.data_ptr(), y_dev.data_ptr(), m, n, k, stream) == 0
         torch.cuda.synchronize()
         y = y_dev.cpu().numpy().view(np.float16).astype(np.float64)
         ref = a.astype(np.float64) @ w.astype(np.float64).T

@@ -169,9 +169,17 @@ def simulated_source(text: str) -> str:
     j = body.index("\n}\n", i) + 3
     body = (body[:i] + "inline uint4 load_row(const __half* p) { uint4 v; std::memcpy(&v, p, 16); return v; }\n" +
             body[j:])
+    i = body.index("__device__ __forceinline__ void mma_16816(")
+    j = body.index("\n}\n", i) + 3
+    body = (body[:i] + "inline void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, "
+            "uint32_t b0, uint32_t b1) { sim_mma(c, a0, a1, a2, a3, b0, b1); }\n" + body[j:])
     body, count = re.subn(r"extern __shared__ float4 linear_smem\[\];",
                           "float4* linear_smem = reinterpret_cast<float4*>(sim_smem());", body)
-    assert count == 1, "linear.cu's shared memory changed: update simulated_source"
+    assert count == 1, "linear.cu's GEMV shared memory changed: update simulated_source"
+    body, count = re.subn(r"__shared__ float partial((?:\[[^\]]+\])+);",
+                          lambda m: f"float (&partial){m.group(1)} = *reinterpret_cast<float (*){m.group(1)}>(sim_smem());",
+                          body)
+    assert count == 1, "linear.cu's mma shared memory changed: update simulated_source"
     return ((SIM / "prelude.h").read_text() + "\n" + body + "}  // namespace\n" +
             (SIM / "linear_harness.inc").read_text())
 
@@ -196,14 +204,20 @@ def simulator(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build(SOURCE.read_text(), tmp_path_factory.mktemp("linear_sim"), "sim")
 
 
-# (M, N, K, weight rows a warp, warps along K[, k staged a time]): M 1-4 and past (chunks of 4 rows), N not a multiple
-# of a block's rows, K not a multiple of 256 (a warp step), 1-8 warps along K, K in several slices (a ragged last one)
-CASES = [(1, 40, 576, 1, 1), (1, 33, 320, 2, 1), (1, 70, 384, 4, 1), (1, 21, 1416, 1, 2), (1, 50, 168, 2, 4),
-         (1, 9, 2048, 1, 8), (1, 37, 600, 2, 2, 128), (1, 1, 8, 1, 1), (2, 19, 448, 1, 1), (3, 41, 96, 2, 2),
-         (4, 17, 640, 4, 1, 256), (7, 24, 200, 1, 4, 64), (1, 16, 4096, 1, 1, 1024)]
+# the GEMV (form 1): (1, M, N, K, weight rows a warp, warps along K[, k staged a time]): M 1-4 and past (chunks of 4
+# rows), N not a multiple of a block's rows, K not a multiple of 256 (a warp step), 1-8 warps along K, K in several
+# slices (a ragged last one); the mma form (2): (2, M, N, K, 0, warps along K): M 5-33 (1, 2 and 4 tiles of 8 rows,
+# ragged; past 32 a second chunk), N not a multiple of 16, K not a multiple of 32 (a warp step), 1-16 warps along K
+CASES = [(1, 1, 40, 576, 1, 1), (1, 1, 33, 320, 2, 1), (1, 1, 70, 384, 4, 1), (1, 1, 21, 1416, 1, 2),
+         (1, 1, 50, 168, 2, 4), (1, 1, 9, 2048, 1, 8), (1, 1, 37, 600, 2, 2, 128), (1, 1, 1, 8, 1, 1),
+         (1, 2, 19, 448, 1, 1), (1, 3, 41, 96, 2, 2), (1, 4, 17, 640, 4, 1, 256), (1, 7, 24, 200, 1, 4, 64),
+         (1, 1, 16, 4096, 1, 1, 1024),
+         (2, 5, 40, 576, 0, 4), (2, 8, 33, 200, 0, 1), (2, 9, 24, 1416, 0, 16), (2, 16, 17, 96, 0, 2),
+         (2, 20, 48, 328, 0, 8), (2, 32, 16, 64, 0, 4), (2, 33, 30, 104, 0, 2)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-N{}-K{}-{}.{}".format(*c) + (f"-slice{c[5]}" if len(c) > 5 else ""))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ("gemv" if c[0] == 1 else "mma") + "-M{}-N{}-K{}-{}.{}".format(*c[1:])
+                         + (f"-slice{c[6]}" if len(c) > 6 else ""))
 def test_gemv_source_on_the_cpu(simulator: Path, case: tuple[int, ...]) -> None:
     proc = subprocess.run([str(simulator), *map(str, case)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith(" ok"), proc.stdout + proc.stderr
@@ -216,7 +230,17 @@ def test_the_simulation_sees_a_misplaced_activation_unit(simulator: Path, tmp_pa
     right = "const float4 a1 = stage[j * (slice / 4) + 2 * cc + (1 ^ ((cc >> 2) & 1))];"
     assert text.count(right) == 1
     binary = _build(text.replace(right, right.replace("(1 ^ ((cc >> 2) & 1))", "((cc >> 2) & 1)")), tmp_path, "broken")
-    proc = subprocess.run([str(binary), "1", "40", "576", "1", "1"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([str(binary), "1", "1", "40", "576", "1", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout
+
+
+def test_the_simulation_sees_an_mma_step_with_the_wrong_words(simulator: Path, tmp_path: Path) -> None:
+    """A copy of the mma form whose second mma of a step takes the activations' first words fails."""
+    text = SOURCE.read_text()
+    right = "mma_16816(acc[j], cur[0].z, cur[1].z, cur[0].w, cur[1].w, x.z, x.w);"
+    assert text.count(right) == 1
+    binary = _build(text.replace(right, right.replace("x.z, x.w", "x.x, x.y")), tmp_path, "broken_mma")
+    proc = subprocess.run([str(binary), "2", "8", "40", "576", "0", "4"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout
 
 
@@ -237,23 +261,27 @@ def gemv_library(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     lib = ctypes.CDLL(str(out))
     lib.onnxpipe_linear_gemv_config.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [
         ctypes.c_void_p]
-    lib.onnxpipe_linear_gemv_describe.argtypes = [ctypes.c_int] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_char_p,
-                                                                                             ctypes.c_int]
+    lib.onnxpipe_linear_mma_config.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [
+        ctypes.c_void_p]
+    lib.onnxpipe_linear_describe.argtypes = [ctypes.c_int] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_char_p, ctypes.c_int]
     return lib
 
 
 def test_the_gemv_plan_covers_every_output_and_refuses_bad_calls(gemv_library) -> None:  # noqa: ANN001
-    """The rule's layouts (132 SMs assumed without a GPU) cover N and M with no block wholly past them, with at most
-    8 warps along K and 8192 staged activations (the whole K where it fits); a narrow projection gets warps along K,
-    the LM head 4 rows a warp; bad shapes, pointers and layouts are codes before any launch."""
+    """The rule's layouts (132 SMs assumed without a GPU) cover N and M with no block wholly past them: the GEMV to
+    M = 4 (at most 8 warps along K, 8192 staged activations: the whole K where it fits; a narrow projection gets warps
+    along K, the LM head 4 rows a warp), the mma form past it (tiles of 8, 16, 32 A rows; 4-16 warps along K); bad
+    shapes, pointers and layouts are codes before any launch."""
     import ctypes
 
     buf = ctypes.create_string_buffer(256)
     plan = re.compile(r"^linear: grid (\d+)x(\d+), (\d+) weight rows and (\d+) A rows a block, (\d+) weight rows a "
                       r"warp, (\d+) warps along K, K staged (\d+) at a time$")
 
+    mma = re.compile(r"^linear mma: grid (\d+)x(\d+), 16 weight rows and (\d+) A rows a block, (\d+) warps along K$")
+
     def describe(m: int, n: int, k: int, tile: int = 0, split: int = 0) -> tuple[int, ...]:
-        assert gemv_library.onnxpipe_linear_gemv_describe(tile, split, m, n, k, buf, len(buf)) == 0
+        assert gemv_library.onnxpipe_linear_describe(1, tile, split, m, n, k, buf, len(buf)) == 0
         hit = plan.match(buf.value.decode())
         assert hit, buf.value
         return tuple(int(x) for x in hit.groups())
@@ -267,6 +295,16 @@ def test_the_gemv_plan_covers_every_output_and_refuses_bad_calls(gemv_library) -
             assert gx * rows >= n > (gx - 1) * rows
             assert staged % 8 == 0 and 0 < staged <= k and a_rows * staged <= 8192
             assert staged == k or a_rows * (staged + 8) > 8192
+        for m in (1, 4, 5, 8, 9, 16, 17, 32, 33, 100):
+            assert gemv_library.onnxpipe_linear_describe(0, 0, 0, m, n, k, buf, len(buf)) == 0
+            if m <= 4:
+                assert buf.value.startswith(b"linear: "), buf.value
+                continue
+            hit = mma.match(buf.value.decode())
+            assert hit, buf.value
+            gx, gy, a_rows, warps = (int(x) for x in hit.groups())
+            assert a_rows == (8 if m <= 8 else 16 if m <= 16 else 32) and gy * a_rows >= m > (gy - 1) * a_rows
+            assert gx * 16 >= n > (gx - 1) * 16 and warps in (4, 8, 16)
     assert describe(1, 512, 2048)[4:6] == (1, 8) and describe(1, 3072, 2048)[4:6] == (1, 1)
     assert describe(1, 128256, 2048)[4:6] == (4, 1)
     ok = 1 << 12
@@ -276,3 +314,6 @@ def test_the_gemv_plan_covers_every_output_and_refuses_bad_calls(gemv_library) -
     assert call(0, 0, None, ok, ok, 1, 16, 64, None) == -2
     assert call(3, 0, ok, ok, ok, 1, 16, 64, None) == -3 and call(0, 16, ok, ok, ok, 1, 16, 64, None) == -3
     assert call(0, 0, ok, ok, ok, 0, 16, 64, None) == 0  # M = 0: nothing to do
+    mma_call = gemv_library.onnxpipe_linear_mma_config
+    assert mma_call(3, ok, ok, ok, 8, 16, 64, None) == -3 and mma_call(0, ok, ok, ok, 8, 16, 60, None) == -1
+    assert mma_call(0, ok + 4, ok, ok, 8, 16, 64, None) == -2

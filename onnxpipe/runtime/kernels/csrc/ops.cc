@@ -2,7 +2,7 @@
 //
 // Linear: A [..., K] and W [N, K] (float or float16, the same type) -> Y [..., N] = A @ W^T (PyTorch's Linear
 // layout, no bias; the rewrite feeds it a MatMul's [K, N] weight through a Transpose that onnxruntime folds at load).
-// CUDA: float16, M up to ONNXPIPE_LINEAR_GEMV_MAX_M with our GEMV (linear.cu), past it cublasGemmEx.
+// CUDA: float16, M up to ONNXPIPE_LINEAR_SMALL_M_MAX with our kernels (linear.cu), past it cublasGemmEx.
 //
 // SiluMul: X [..., 2N] (float or float16) -> Y [..., N] = silu(X[..., :N]) * X[..., N:], computed in float and rounded
 // once (an MLP's gate and up projections made one MatMulInt4 of 2N rows by the rewrite, rewrite.py; the CUDA build:
@@ -53,13 +53,14 @@ extern "C" int onnxpipe_int4_dequantize(const uint8_t* B, const void* scales, co
 extern "C" int onnxpipe_cuda_current_device(void);
 extern "C" int onnxpipe_silu_mul(const void* X, void* Y, int64_t rows, int64_t n, void* stream);
 extern "C" void onnxpipe_int4_dequant_load(void);
-extern "C" int onnxpipe_linear_gemv(const void* A, const void* W, void* Y, int64_t M, int64_t N, int64_t K,
-                                    void* stream);
+extern "C" int onnxpipe_linear(const void* A, const void* W, void* Y, int64_t M, int64_t N, int64_t K,
+                               void* stream);
 extern "C" void onnxpipe_linear_load(void);
 #endif
 
-// The M up to which Linear's CUDA kernel takes our GEMV (linear.cu: it reads the weights once per 4 rows of A)
-#define ONNXPIPE_LINEAR_GEMV_MAX_M 4
+// The M up to which Linear's CUDA kernel takes our own products (linear.cu: a GEMV to 4 rows, tensor cores to 32,
+// each reading the weights once), cuBLAS past it
+#define ONNXPIPE_LINEAR_SMALL_M_MAX 32
 
 namespace {
 
@@ -641,10 +642,10 @@ OrtStatus* linear_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
   LinearKernel k;
   k.cuda = Cuda;
 #ifdef ONNXPIPE_CUDA
-  if (Cuda) {  // cuBLAS for M past the GEMV, now, outside any graph capture; every GEMV instantiation loaded
+  if (Cuda) {  // cuBLAS for M past our kernels, now, outside any graph capture; every instantiation loaded
     k.device = onnxpipe_cuda_current_device();
     const std::string who = std::string(kDomain) + "." + kLinearName + ": M > " +
-                            std::to_string(ONNXPIPE_LINEAR_GEMV_MAX_M);
+                            std::to_string(ONNXPIPE_LINEAR_SMALL_M_MAX);
     OrtStatus* st = cublas_for_device(k.device, &k.cublas, who);
     if (st) return st;
     onnxpipe_linear_load();
@@ -689,9 +690,9 @@ OrtStatus* linear_compute(void* kernel, OrtKernelContext* ctx) {
       if ((st = g_api->KernelContext_GetGPUComputeStream(ctx, &stream))) return st;
       const std::string where = " (CUDA, M=" + std::to_string(m) + ", N=" + std::to_string(n) + ", K=" +
                                 std::to_string(kk) + ")";
-      if (m <= ONNXPIPE_LINEAR_GEMV_MAX_M && kk % 8 == 0) {
-        const int code = onnxpipe_linear_gemv(a.data, w.data, y, m, n, kk, stream);
-        if (code != 0) return linear_error("GEMV" + where + " failed with code " + std::to_string(code));
+      if (m <= ONNXPIPE_LINEAR_SMALL_M_MAX && kk % 8 == 0) {
+        const int code = onnxpipe_linear(a.data, w.data, y, m, n, kk, stream);
+        if (code != 0) return linear_error("the small-M kernel" + where + " failed with code " + std::to_string(code));
         return nullptr;
       }
       if (m > 0x7fffffff || n > 0x7fffffff || kk > 0x7fffffff)
