@@ -200,12 +200,25 @@ def _linear_pair(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, 
 def test_cuda_linear_against_matmul_at_decode_and_prefill_m(cuda_library: Path) -> None:
     """onnxpipe.Linear on the CUDA EP (the Transpose folded at load): our GEMV at M 1-4, our mma form at 5-32, cuBLAS
     past it, against the float64 product and onnxruntime's MatMul; inside a captured CUDA graph too (M = 1, 8, 64)."""
-    import onnxruntime as ort
-
     rng = np.random.default_rng(31)
     n, k = 400, 1056
     w, model, ours_model = _linear_pair(rng, n, k)
     ours, theirs = _session(ours_model, cuda_library), _session(model, None)
+    # what the CUDA session runs: the Transpose folded into a [N, K] initializer, nothing transposed per run
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        so.register_custom_ops_library(str(cuda_library))
+        ort.InferenceSession(ours_model.SerializeToString(), so, providers=[CUDA])
+        ran = onnx.load(so.optimized_model_filepath)
+    ops = [node.op_type for node in ran.graph.node]  # (the saved graph may hold the EP's Memcpy nodes too)
+    assert ops.count("Linear") == 1 and "Transpose" not in ops, ops
+    assert [tuple(t.dims) for t in ran.graph.initializer] == [(n, k)]
     for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 300):
         a = rng.standard_normal((m, k)).astype(np.float16)
         ref = a.astype(np.float64) @ w.astype(np.float64)
