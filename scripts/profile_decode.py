@@ -69,7 +69,9 @@ KERNEL_GROUPS = [
     ("elementwise", r"ElementWise|Elementwise|elementwise"),
     ("copies and sets", r"^\[gpu_mem"),
 ]
-COMPARE = ("onnxpipe_int4_graph", "onnxpipe_int4_graph_kernels")  # before, after
+# (before, after) pairs: each batch where both have a profile gets compare()'s lines
+COMPARE = (("onnxpipe_int4_graph", "onnxpipe_int4_graph_kernels"), ("onnxpipe_graph", "onnxpipe_graph_kernels"),
+           ("onnxpipe_graph_kernels", "onnxpipe_graph_kernels_linear"))
 PREFILL_VARIANTS = ["prefill_graph", "prefill_nograph", "prefill_nograph_fullhead", "prefill_genai"]  # opt-in
 CHUNK_VARIANTS = ["chunk_graph", "chunk_nograph"]  # opt-in
 CHUNK_PARTS = ("chunks@0", "chunks@end", "iteration@end", "step")
@@ -424,7 +426,8 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/onnxpipe_bench_gpu", help="bench_gpu.py's work directory")
     ap.add_argument("--out", default="out/profile_decode")
     ap.add_argument("--variants", default=",".join(VARIANTS + ["levels"]),
-                    help="opt-in besides: " + ", ".join(PREFILL_VARIANTS + CHUNK_VARIANTS))
+                    help="opt-in besides: " + ", ".join(PREFILL_VARIANTS + CHUNK_VARIANTS + [
+                        "onnxpipe_graph_kernels", "onnxpipe_graph_kernels_linear", "onnxpipe_int4_graph_kernels_nohead"]))
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--lengths", default="100,117,128,141,163")
@@ -464,6 +467,7 @@ def main() -> int:
             child_genai(spec, str(w / ("genai-int4" if "int4" in v else "genai")), graph=v.endswith("graph"))
         else:
             model = str(w / ("int4" if "int4" in v else "optimized"))
+            os.environ["ONNXPIPE_KERNELS_LINEAR"] = "on" if v.endswith("_kernels_linear") else "off"
             child_onnxpipe(spec, model, graph="nograph" not in v, fed="hostfed" not in v, **kernel_options(v))
         return 0
 
@@ -531,9 +535,10 @@ def main() -> int:
 
 
 def kernel_options(variant: str) -> dict[str, str]:
-    """child_onnxpipe's kernels for an onnxpipe variant: ours in ``*_kernels`` and ``*_kernels_nohead`` (opt-in, not
-    in VARIANTS: the LM head left to MatMulNBits), none elsewhere."""
-    ours = variant.endswith(("_kernels", "_kernels_nohead"))
+    """child_onnxpipe's kernels for an onnxpipe variant: ours in ``*_kernels``, ``*_kernels_nohead`` (opt-in, not
+    in VARIANTS: the LM head left to MatMulNBits) and ``*_kernels_linear`` (float16 MatMuls as Linear too: the child
+    sets ONNXPIPE_KERNELS_LINEAR), none elsewhere."""
+    ours = variant.endswith(("_kernels", "_kernels_nohead", "_kernels_linear"))
     return {"kernels": "on" if ours else "off", "kernel_skip": "head" if variant.endswith("_kernels_nohead") else ""}
 
 
@@ -604,13 +609,13 @@ def chunk_summary(rows: list[dict]) -> list[str]:
 
 
 def compare_rows(rows: list[dict]) -> list[str]:
-    """compare() for each batch where both COMPARE variants have a profile."""
-    before, after = COMPARE
+    """compare() for each COMPARE pair and batch where both variants have a profile."""
     got = {(r["variant"], r.get("batch", 1)): r for r in rows if "groups" in r}
     out = []
-    for (v, b), r in sorted(got.items(), key=lambda kv: kv[0][1]):
-        if v == before and (after, b) in got:
-            out += compare(r, got[(after, b)])
+    for before, after in COMPARE:
+        for (v, b), r in sorted(got.items(), key=lambda kv: kv[0][1]):
+            if v == before and (after, b) in got:
+                out += compare(r, got[(after, b)])
     return out
 
 

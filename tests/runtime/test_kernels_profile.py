@@ -112,6 +112,12 @@ def test_compare_before_and_after(pd: ModuleType, tmp_path: Path) -> None:
     assert "(+0.0)" in kinds["attention"]
     assert "+55.0 us  0.0 -> 55.0" in lines[4] and "-40.0 us  40.0 -> 0.0" in lines[5]
     assert len([ln for ln in lines if ln.startswith("batch ")]) == 1
+    # the float16 pairs: plain -> the kernels -> the kernels with Linear, each its own comparison
+    fp16 = [dict(before, variant=v, batch=1) for v in ("onnxpipe_graph", "onnxpipe_graph_kernels",
+                                                       "onnxpipe_graph_kernels_linear")]
+    heads = [ln.split(":")[1].strip() for ln in pd.compare_rows(fp16) if ln.startswith("batch ")]
+    assert heads == ["onnxpipe_graph -> onnxpipe_graph_kernels", "onnxpipe_graph_kernels -> onnxpipe_graph_kernels_linear"]
+    assert pd.kernel_options("onnxpipe_graph_kernels_linear") == {"kernels": "on", "kernel_skip": ""}
 
 
 def test_runs_pair_each_batch_first(pd: ModuleType) -> None:
