@@ -297,12 +297,17 @@ cudaError_t launch_mma_for(int kw, const __half* A, const __half* W, __half* Y, 
   return launch_mma<MT, 16>(A, W, Y, M, N, K, stream);
 }
 
+// The SM count of the current device, read once per device (132 where it cannot be read: no GPU here).
 int sm_count() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
-    return 132;
-  return sms;
+  static int counts[64] = {0};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) {
+    int sms = 0;
+    counts[device] =
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && sms > 0 ? sms : 132;
+  }
+  return counts[device];
 }
 
 struct LinearPlan {
