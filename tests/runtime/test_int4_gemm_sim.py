@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "onnxpipe" / "runtime" / "kernels" / "csrc" / "int4_gemm.cu"
+COMMON = SOURCE.parent / "kernel_common.cuh"  # device helpers int4_gemm.cu and linear.cu share
 SIM = Path(__file__).parent / "int4_gemm_sim"
 
 # (form, M, N, K, block, zero points, p1, p2, p3): warps form p = (weight tiles, A tiles, warps along K); cluster
@@ -50,15 +51,9 @@ CASES = [
 ]
 
 
-def simulated_source(text: str) -> str:
-    """int4_gemm.cu's device code with its two inline-PTX helpers and its shared arrays mapped to the simulation."""
-    start = text.index("namespace {")
-    warps_end = text.index("template <int NT, int MT, int KW>\ncudaError_t launch(")
-    rows_start = text.index("template <int MT>\n__global__")
-    rows_end = text.index("template <int MT>\ncudaError_t launch_rows(")
-    gemv_start = text.index("constexpr int kGemvWarps")
-    gemv_end = text.index("template <bool H, int T, int MR>\ncudaError_t launch_gemv(")
-    body = text[start:warps_end] + text[rows_start:rows_end] + text[gemv_start:gemv_end] + "}  // namespace\n"
+def common_device_code(common: str) -> str:
+    """kernel_common.cuh's namespace body, its two inline-PTX helpers mapped to the simulation."""
+    body = common[common.index("namespace {") + len("namespace {"):common.index("}  // namespace")]
 
     def replace_function(code: str, head: str, new: str) -> str:
         i = code.index(head)
@@ -68,8 +63,27 @@ def simulated_source(text: str) -> str:
     body = replace_function(body, "__device__ __forceinline__ void mma_16816(",
                             "inline void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, "
                             "uint32_t b0, uint32_t b1) { sim_mma(c, a0, a1, a2, a3, b0, b1); }\n")
-    body = replace_function(body, "__device__ __forceinline__ uint4 load_weight(",
-                            "inline uint4 load_weight(const uint8_t* p) { uint4 v; std::memcpy(&v, p, 16); return v; }\n")
+    return replace_function(body, "__device__ __forceinline__ uint4 load_weight(",
+                            "inline uint4 load_weight(const void* p) { uint4 v; std::memcpy(&v, p, 16); return v; }\n")
+
+
+def simulated_source(text: str, common: str | None = None) -> str:
+    """int4_gemm.cu's device code after kernel_common.cuh's (``common``: that file's text, default as it stands), with
+    the inline-PTX helpers and the shared arrays mapped to the simulation."""
+    start = text.index("namespace {") + len("namespace {")
+    warps_end = text.index("template <int NT, int MT, int KW>\ncudaError_t launch(")
+    rows_start = text.index("template <int MT>\n__global__")
+    rows_end = text.index("template <int MT>\ncudaError_t launch_rows(")
+    gemv_start = text.index("constexpr int kGemvWarps")
+    gemv_end = text.index("template <bool H, int T, int MR>\ncudaError_t launch_gemv(")
+    body = ("namespace {\n" + common_device_code(COMMON.read_text() if common is None else common) + text[start:warps_end]
+            + text[rows_start:rows_end] + text[gemv_start:gemv_end] + "}  // namespace\n")
+
+    def replace_function(code: str, head: str, new: str) -> str:
+        i = code.index(head)
+        j = code.index("\n}\n", i) + 3
+        return code[:i] + new + code[j:]
+
     # cp.async (the row-tiled form's staged activations) as a plain copy, done at once: its waits are then nothing
     # to wait for, and the block barriers still order each stage's refill after every thread's reads of it
     body = replace_function(body, "__device__ __forceinline__ void cp_async16(",

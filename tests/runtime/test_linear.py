@@ -163,16 +163,13 @@ def test_a_tiny_llama_through_the_session_keeps_its_tokens(byte_model: Callable[
 # ---- the CUDA GEMV's source under the host simulation ----
 
 def simulated_source(text: str) -> str:
-    """linear.cu's device code (up to its launcher) with its load and its shared array mapped to the simulation."""
-    body = text[text.index("namespace {"):text.index("template <int T, int MR>\ncudaError_t launch_linear(")]
-    i = body.index("__device__ __forceinline__ uint4 load_row(")
-    j = body.index("\n}\n", i) + 3
-    body = (body[:i] + "inline uint4 load_row(const __half* p) { uint4 v; std::memcpy(&v, p, 16); return v; }\n" +
-            body[j:])
-    i = body.index("__device__ __forceinline__ void mma_16816(")
-    j = body.index("\n}\n", i) + 3
-    body = (body[:i] + "inline void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, "
-            "uint32_t b0, uint32_t b1) { sim_mma(c, a0, a1, a2, a3, b0, b1); }\n" + body[j:])
+    """linear.cu's device code (up to its launcher) after kernel_common.cuh's, with the inline-PTX helpers and the
+    shared arrays mapped to the simulation."""
+    from runtime.test_int4_gemm_sim import COMMON, common_device_code
+
+    start = text.index("namespace {") + len("namespace {")
+    body = ("namespace {\n" + common_device_code(COMMON.read_text()) +
+            text[start:text.index("template <int T, int MR>\ncudaError_t launch_linear(")])
     body, count = re.subn(r"extern __shared__ float4 linear_smem\[\];",
                           "float4* linear_smem = reinterpret_cast<float4*>(sim_smem());", body)
     assert count == 1, "linear.cu's GEMV shared memory changed: update simulated_source"

@@ -39,7 +39,7 @@ LIBRARY = {"cpu": "libonnxpipe_kernels.so", "cuda": "libonnxpipe_kernels_cuda.so
 SOURCES: dict[str, tuple[str, ...]] = {
     "cpu": ("ops.cc", "ort_abi.h", "cublas_abi.h", "int4_prefill.h"),
     "cuda": ("ops.cc", "ort_abi.h", "cublas_abi.h", "int4_prefill.h", "int4_gemm.cu", "int4_gemm.h", "int4_dequant.cu",
-             "silu_mul.cu", "linear.cu"),
+             "silu_mul.cu", "linear.cu", "kernel_common.cuh"),
 }
 COMPILED: dict[str, tuple[str, ...]] = {"cpu": ("ops.cc",),
                                         "cuda": ("ops.cc", "int4_gemm.cu", "int4_dequant.cu", "silu_mul.cu", "linear.cu")}

@@ -22,6 +22,7 @@
 // computed for nothing.
 
 #include "int4_gemm.h"
+#include "kernel_common.cuh"
 
 #include <cooperative_groups.h>
 #include <cuda_fp16.h>
@@ -54,24 +55,6 @@ __device__ __forceinline__ uint32_t sub_mul(uint32_t q, uint32_t bias, uint32_t 
 
 __device__ __forceinline__ uint32_t nibble_pair(uint32_t word, int shift) {
   return ((word >> shift) & 0x000F000Fu) | 0x64006400u;
-}
-
-__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint4 load_weight(const uint8_t* p) {
-  // streamed once: do not keep it in L1
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
 }
 
 // One lane's share of a k step for one weight row: its 32 nibbles, and its block's bias (1024 + zp) and scale as
@@ -485,50 +468,6 @@ __device__ __forceinline__ float2 half2_floats(uint32_t u) {
 
 __device__ __forceinline__ uint32_t word_of(const uint4& q, int v) {
   return v == 0 ? q.x : v == 1 ? q.y : v == 2 ? q.z : q.w;
-}
-
-// The end of both GEMV forms: the lanes' sums (butterfly: every lane ends with the same bits), then a row group's
-// `split` warps in order through `partial` (shared memory, [kGemvWarps][T][MR]), and lane 0 of the group's first warp
-// writes its rows' outputs. Every thread of the block calls it (the barrier).
-template <int T, int MR>
-__device__ __forceinline__ void gemv_finish(float (&acc)[T][MR], float* partial, __half* __restrict__ Y, int M, int N,
-                                            int n0, int m0, int split) {
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int r = 0; r < T; ++r)
-#pragma unroll
-    for (int j = 0; j < MR; ++j) {
-      float v = acc[r][j];
-#pragma unroll
-      for (int o = 16; o >= 1; o /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-      acc[r][j] = v;
-    }
-  if (split > 1) {
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < T; ++r)
-#pragma unroll
-        for (int j = 0; j < MR; ++j) partial[(warp * T + r) * MR + j] = acc[r][j];
-    }
-    __syncthreads();
-    if (warp % split != 0) return;
-#pragma unroll
-    for (int r = 0; r < T; ++r)
-#pragma unroll
-      for (int j = 0; j < MR; ++j) {
-        float sum = 0.0f;
-        for (int p = 0; p < split; ++p) sum += partial[((warp + p) * T + r) * MR + j];
-        acc[r][j] = sum;
-      }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < T; ++r)
-#pragma unroll
-      for (int j = 0; j < MR; ++j)
-        if (n0 + r < N && m0 + j < M) Y[(int64_t)(m0 + j) * N + n0 + r] = __float2half_rn(acc[r][j]);
-  }
 }
 
 template <int T, int MR>

@@ -20,19 +20,12 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "kernel_common.cuh"
+
 namespace {
 
 constexpr int kLinearWarps = 8;     // warps a block
 constexpr int kLinearStage = 8192;  // activations a slice (fp32, all MR rows): 32 KB
-
-__device__ __forceinline__ uint4 load_row(const __half* p) {
-  // streamed once: do not keep it in L1
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
 
 __device__ __forceinline__ float2 pair_floats(uint32_t u) {
   union { uint32_t u; __half2 h; } x;
@@ -42,7 +35,7 @@ __device__ __forceinline__ float2 pair_floats(uint32_t u) {
 
 // The 16 bytes of weight row n at chunk c (8 k), or zeros past N or the slice's end.
 __device__ __forceinline__ uint4 linear_chunk(const __half* __restrict__ W, int n, int N, int c, int c_end, int K) {
-  if (n < N && c < c_end) return load_row(W + (int64_t)n * K + (int64_t)c * 8);
+  if (n < N && c < c_end) return load_weight(W + (int64_t)n * K + (int64_t)c * 8);
   return make_uint4(0, 0, 0, 0);
 }
 
@@ -123,41 +116,7 @@ __global__ void __launch_bounds__(kLinearWarps * 32)
     }
   }
 
-  // the lanes' sums (butterfly: every lane ends with the same bits), then the row group's warps in order
-#pragma unroll
-  for (int r = 0; r < T; ++r)
-#pragma unroll
-    for (int j = 0; j < MR; ++j) {
-      float v = acc[r][j];
-#pragma unroll
-      for (int o = 16; o >= 1; o /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-      acc[r][j] = v;
-    }
-  if (split > 1) {
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < T; ++r)
-#pragma unroll
-        for (int j = 0; j < MR; ++j) partial[(warp * T + r) * MR + j] = acc[r][j];
-    }
-    __syncthreads();
-    if (part != 0) return;
-#pragma unroll
-    for (int r = 0; r < T; ++r)
-#pragma unroll
-      for (int j = 0; j < MR; ++j) {
-        float sum = 0.0f;
-        for (int p = 0; p < split; ++p) sum += partial[((warp + p) * T + r) * MR + j];
-        acc[r][j] = sum;
-      }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < T; ++r)
-#pragma unroll
-      for (int j = 0; j < MR; ++j)
-        if (n0 + r < N && m0 + j < M) Y[(int64_t)(m0 + j) * N + n0 + r] = __float2half_rn(acc[r][j]);
-  }
+  gemv_finish<T, MR>(acc, partial, Y, M, N, n0, m0, split);
 }
 
 // The mma form (M = 5-32): Y^T = W @ A^T on tensor cores (mma.sync.m16n8k16, fp16 in, fp32 accumulate), the weight
@@ -169,19 +128,10 @@ __global__ void __launch_bounds__(kLinearWarps * 32)
 // in shared memory in warp order: deterministic, no atomics, no workspace.
 constexpr int kMmaStep = 32;  // k a warp step: 4 lanes x 8 k
 
-__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // Lane t's 8 k of weight row n at warp step `step`, or zeros past N, K or the last step.
 __device__ __forceinline__ uint4 mma_weights(const __half* __restrict__ W, int n, int N, int step, int steps, int K) {
   const int k = step * kMmaStep + 8 * (threadIdx.x % 4);
-  if (n < N && step < steps && k < K) return load_row(W + (int64_t)n * K + k);
+  if (n < N && step < steps && k < K) return load_weight(W + (int64_t)n * K + k);
   return make_uint4(0, 0, 0, 0);
 }
 
