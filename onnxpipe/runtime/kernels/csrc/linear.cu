@@ -22,6 +22,9 @@
 
 #include "kernel_common.cuh"
 
+// the entry points stay visible in the library (built with -fvisibility=hidden) for ops.cc, the checks and the tests
+#define LINEAR_EXPORT extern "C" __attribute__((visibility("default")))
+
 namespace {
 
 constexpr int kLinearWarps = 8;     // warps a block
@@ -315,7 +318,7 @@ bool linear_plan(int m, int n, int tile, int split, int sms, LinearPlan* p) {
 
 // Codes: 0, a cudaError_t (> 0), or -1 bad shape (M < 0, N or K < 1, K not a multiple of 8, past int32), -2 a pointer
 // NULL or not 16-byte aligned, -3 a tile or split the kernel does not take.
-extern "C" int onnxpipe_linear_gemv_config(int tile, int split, const void* A, const void* W, void* Y, int64_t M,
+LINEAR_EXPORT int onnxpipe_linear_gemv_config(int tile, int split, const void* A, const void* W, void* Y, int64_t M,
                                            int64_t N, int64_t K, void* stream) {
   if (M < 0 || N < 1 || K < 1 || K % 8 != 0 || M > INT_MAX || N > INT_MAX || K > INT_MAX) return -1;
   if (A == nullptr || W == nullptr || Y == nullptr ||
@@ -340,7 +343,7 @@ extern "C" int onnxpipe_linear_gemv_config(int tile, int split, const void* A, c
 }
 
 // The mma form with `split` warps along K (0: by rule); codes as above.
-extern "C" int onnxpipe_linear_mma_config(int split, const void* A, const void* W, void* Y, int64_t M, int64_t N,
+LINEAR_EXPORT int onnxpipe_linear_mma_config(int split, const void* A, const void* W, void* Y, int64_t M, int64_t N,
                                           int64_t K, void* stream) {
   if (M < 0 || N < 1 || K < 1 || K % 8 != 0 || M > INT_MAX || N > INT_MAX || K > INT_MAX) return -1;
   if (A == nullptr || W == nullptr || Y == nullptr ||
@@ -365,14 +368,14 @@ extern "C" int onnxpipe_linear_mma_config(int split, const void* A, const void* 
 }
 
 // The product for M = 1-32 by its form: the GEMV up to ONNXPIPE_LINEAR_GEMV_MAX_M (4) rows, the mma form past it.
-extern "C" int onnxpipe_linear(const void* A, const void* W, void* Y, int64_t M, int64_t N, int64_t K, void* stream) {
+LINEAR_EXPORT int onnxpipe_linear(const void* A, const void* W, void* Y, int64_t M, int64_t N, int64_t K, void* stream) {
   return M <= 4 ? onnxpipe_linear_gemv_config(0, 0, A, W, Y, M, N, K, stream)
                 : onnxpipe_linear_mma_config(0, A, W, Y, M, N, K, stream);
 }
 
 // How a call is laid out (the rule without a GPU assumes 132 SMs); form 0: as onnxpipe_linear takes it, 1: the GEMV
 // (tile, split), 2: the mma form (split). 0, or -1 / -3 as above.
-extern "C" int onnxpipe_linear_describe(int form, int tile, int split, int64_t M, int64_t N, int64_t K, char* out,
+LINEAR_EXPORT int onnxpipe_linear_describe(int form, int tile, int split, int64_t M, int64_t N, int64_t K, char* out,
                                         int size) {
   if (out == nullptr || size < 1 || M < 1 || N < 1 || K < 1 || K % 8 != 0 || M > INT_MAX || N > INT_MAX ||
       K > INT_MAX || form < 0 || form > 2)
@@ -392,7 +395,7 @@ extern "C" int onnxpipe_linear_describe(int form, int tile, int split, int64_t M
 }
 
 // Every instantiation loaded now (CUDA loads a kernel lazily at its first launch, which may be inside a capture).
-extern "C" void onnxpipe_linear_load(void) {
+LINEAR_EXPORT void onnxpipe_linear_load(void) {
   cudaFuncAttributes a;
   (void)cudaFuncGetAttributes(&a, linear_gemv_kernel<1, 1>);
   (void)cudaFuncGetAttributes(&a, linear_gemv_kernel<1, 2>);
