@@ -690,7 +690,8 @@ OrtStatus* linear_compute(void* kernel, OrtKernelContext* ctx) {
       if ((st = g_api->KernelContext_GetGPUComputeStream(ctx, &stream))) return st;
       const std::string where = " (CUDA, M=" + std::to_string(m) + ", N=" + std::to_string(n) + ", K=" +
                                 std::to_string(kk) + ")";
-      if (m <= ONNXPIPE_LINEAR_SMALL_M_MAX && kk % 8 == 0) {
+      const bool aligned = ((reinterpret_cast<uintptr_t>(a.data) | reinterpret_cast<uintptr_t>(w.data)) % 16) == 0;
+      if (m <= ONNXPIPE_LINEAR_SMALL_M_MAX && kk % 8 == 0 && aligned) {  // else cuBLAS, which takes any of them
         const int code = onnxpipe_linear(a.data, w.data, y, m, n, kk, stream);
         if (code != 0) return linear_error("the small-M kernel" + where + " failed with code " + std::to_string(code));
         return nullptr;
