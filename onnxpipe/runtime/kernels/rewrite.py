@@ -127,8 +127,6 @@ def rewrite_matmul_nbits(model: Any, target: Target = "cuda", *, apply: bool = T
         if why is not None:
             report.kept[node.name or f"#{i}"] = why
             continue
-        if id(node) in paired:
-            continue
         if apply:
             node.op_type, node.domain = OP, DOMAIN
         report.rewritten += 1
