@@ -51,15 +51,16 @@ CASES = [
 ]
 
 
+def replace_function(code: str, head: str, new: str) -> str:
+    """``code`` with the function starting at ``head`` (up to its closing brace at the start of a line) as ``new``."""
+    i = code.index(head)
+    j = code.index("\n}\n", i) + 3
+    return code[:i] + new + code[j:]
+
+
 def common_device_code(common: str) -> str:
     """kernel_common.cuh's namespace body, its two inline-PTX helpers mapped to the simulation."""
     body = common[common.index("namespace {") + len("namespace {"):common.index("}  // namespace")]
-
-    def replace_function(code: str, head: str, new: str) -> str:
-        i = code.index(head)
-        j = code.index("\n}\n", i) + 3
-        return code[:i] + new + code[j:]
-
     body = replace_function(body, "__device__ __forceinline__ void mma_16816(",
                             "inline void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, "
                             "uint32_t b0, uint32_t b1) { sim_mma(c, a0, a1, a2, a3, b0, b1); }\n")
@@ -78,11 +79,6 @@ def simulated_source(text: str, common: str | None = None) -> str:
     gemv_end = text.index("template <bool H, int T, int MR>\ncudaError_t launch_gemv(")
     body = ("namespace {\n" + common_device_code(COMMON.read_text() if common is None else common) + text[start:warps_end]
             + text[rows_start:rows_end] + text[gemv_start:gemv_end] + "}  // namespace\n")
-
-    def replace_function(code: str, head: str, new: str) -> str:
-        i = code.index(head)
-        j = code.index("\n}\n", i) + 3
-        return code[:i] + new + code[j:]
 
     # cp.async (the row-tiled form's staged activations) as a plain copy, done at once: its waits are then nothing
     # to wait for, and the block barriers still order each stage's refill after every thread's reads of it

@@ -314,16 +314,23 @@ bool linear_plan(int m, int n, int tile, int split, int sms, LinearPlan* p) {
   return true;
 }
 
+// A call's arguments: 0, -1 a bad shape, -2 a pointer NULL or not 16-byte aligned.
+int check_call(const void* A, const void* W, const void* Y, int64_t M, int64_t N, int64_t K) {
+  if (M < 0 || N < 1 || K < 1 || K % 8 != 0 || M > INT_MAX || N > INT_MAX || K > INT_MAX) return -1;
+  if (A == nullptr || W == nullptr || Y == nullptr ||
+      (reinterpret_cast<uintptr_t>(A) | reinterpret_cast<uintptr_t>(W)) % 16 != 0)
+    return -2;
+  return 0;
+}
+
 }  // namespace
 
 // Codes: 0, a cudaError_t (> 0), or -1 bad shape (M < 0, N or K < 1, K not a multiple of 8, past int32), -2 a pointer
 // NULL or not 16-byte aligned, -3 a tile or split the kernel does not take.
 LINEAR_EXPORT int onnxpipe_linear_gemv_config(int tile, int split, const void* A, const void* W, void* Y, int64_t M,
                                            int64_t N, int64_t K, void* stream) {
-  if (M < 0 || N < 1 || K < 1 || K % 8 != 0 || M > INT_MAX || N > INT_MAX || K > INT_MAX) return -1;
-  if (A == nullptr || W == nullptr || Y == nullptr ||
-      (reinterpret_cast<uintptr_t>(A) | reinterpret_cast<uintptr_t>(W)) % 16 != 0)
-    return -2;
+  const int bad = check_call(A, W, Y, M, N, K);
+  if (bad != 0) return bad;
   LinearPlan p;
   if (!linear_plan((int)(M > 0 ? M : 1), (int)N, tile, split, sm_count(), &p)) return -3;
   if (M == 0) return 0;
@@ -345,10 +352,8 @@ LINEAR_EXPORT int onnxpipe_linear_gemv_config(int tile, int split, const void* A
 // The mma form with `split` warps along K (0: by rule); codes as above.
 LINEAR_EXPORT int onnxpipe_linear_mma_config(int split, const void* A, const void* W, void* Y, int64_t M, int64_t N,
                                           int64_t K, void* stream) {
-  if (M < 0 || N < 1 || K < 1 || K % 8 != 0 || M > INT_MAX || N > INT_MAX || K > INT_MAX) return -1;
-  if (A == nullptr || W == nullptr || Y == nullptr ||
-      (reinterpret_cast<uintptr_t>(A) | reinterpret_cast<uintptr_t>(W)) % 16 != 0)
-    return -2;
+  const int bad = check_call(A, W, Y, M, N, K);
+  if (bad != 0) return bad;
   LinearPlan p;
   if (!mma_plan((int)(M > 0 ? M : 1), (int)N, (int)K, split, sm_count(), &p)) return -3;
   if (M == 0) return 0;
