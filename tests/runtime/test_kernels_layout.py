@@ -94,7 +94,8 @@ def test_a_bad_table_entry_is_reported(ck: ModuleType, tmp_path: Path) -> None:
     bad = tmp_path / "bad.cu"
     refused = row.replace("{17, 32,", "{1, 1,").replace(", 2, 4}", ", 1, 3}")
     bad.write_text(text.replace(row, refused + "\n    " + row + "\n    " + row))
-    (tmp_path / "int4_gemm.h").write_text((SOURCE.parent / "int4_gemm.h").read_text())
+    for header in ("int4_gemm.h", "kernel_common.cuh"):  # what the copy includes from beside it
+        (tmp_path / header).write_text((SOURCE.parent / header).read_text())
     lib = build_kernel(ck, bad, tmp_path / "libbad.so")
     _, problems = ck.launcher_layouts(lib, [], (1,))
     assert len(problems) == 2, problems
