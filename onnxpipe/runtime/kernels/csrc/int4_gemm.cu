@@ -428,28 +428,27 @@ constexpr int kGemvWarps = 8;      // warps a block
 constexpr int kGemvStage = 8192;   // activations a slice (fp32, all MR rows): 32 KB
 constexpr int kGemvMaxTile = 4;    // weight rows a warp: 1, 2 or 4
 
-// One lane's 32 k of a weight row: the 16 bytes of nibbles, the block's scale and 16 + its zero point.
+// One lane's 32 k of a weight row (both GEMV forms): the 16 bytes of nibbles, the block's scale and its zero point
+// (a row past N or a chunk past the slice: no weights, scale 0).
 struct GemvChunk {
   uint4 q;
   float scale;
-  float bias;
+  int zp;
 };
 
 __device__ __forceinline__ GemvChunk load_gemv_chunk(const uint8_t* __restrict__ B, const __half* __restrict__ S,
                                                      const uint8_t* __restrict__ Z, int n, int N, int c, int c_end,
                                                      int K, int block_shift, int blocks, int zp_stride) {
   GemvChunk r;
+  r.zp = 8;
   if (n < N && c < c_end) {
     r.q = load_weight(B + (int64_t)n * (K / 2) + (int64_t)c * 16);
     const int blk = (c * 32) >> block_shift;
-    int zp = 8;
-    if (Z != nullptr) zp = (Z[(int64_t)n * zp_stride + blk / 2] >> ((blk & 1) * 4)) & 0xF;
+    if (Z != nullptr) r.zp = (Z[(int64_t)n * zp_stride + blk / 2] >> ((blk & 1) * 4)) & 0xF;
     r.scale = __half2float(S[(int64_t)n * blocks + blk]);
-    r.bias = (float)(16 + zp);
   } else {
     r.q = make_uint4(0, 0, 0, 0);
     r.scale = 0.0f;
-    r.bias = 16.0f;
   }
   return r;
 }
@@ -562,7 +561,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
           }
           const float sa = sums[j * slice_chunks + cc];
 #pragma unroll
-          for (int r = 0; r < T; ++r) acc[r][j] = fmaf(cur[r].scale, 16.0f * dot[r] - cur[r].bias * sa, acc[r][j]);
+          for (int r = 0; r < T; ++r)
+            acc[r][j] = fmaf(cur[r].scale, 16.0f * dot[r] - (float)(16 + cur[r].zp) * sa, acc[r][j]);
         }
       }
 #pragma unroll
@@ -596,31 +596,6 @@ inline int gemv_slice(int mr, int k) {
 // of a quarter warp, reading unit v of 8 consecutive chunks, hit 8 different 16-byte bank groups. Sums across the
 // warp and the row group's warps as in the GEMV form: a fixed order, deterministic, no atomics, no workspace.
 constexpr int kHgemvStage = 16384;  // halves a slice (all MR rows): 32 KB
-
-struct HgemvChunk {
-  uint4 q;
-  float scale;
-  uint32_t bias;  // the pair (1024 + zp, 1024 + zp)
-};
-
-__device__ __forceinline__ HgemvChunk load_hgemv_chunk(const uint8_t* __restrict__ B, const __half* __restrict__ S,
-                                                       const uint8_t* __restrict__ Z, int n, int N, int c, int c_end,
-                                                       int K, int block_shift, int blocks, int zp_stride) {
-  HgemvChunk r;
-  if (n < N && c < c_end) {
-    r.q = load_weight(B + (int64_t)n * (K / 2) + (int64_t)c * 16);
-    const int blk = (c * 32) >> block_shift;
-    int zp = 8;
-    if (Z != nullptr) zp = (Z[(int64_t)n * zp_stride + blk / 2] >> ((blk & 1) * 4)) & 0xF;
-    r.scale = __half2float(S[(int64_t)n * blocks + blk]);
-    r.bias = (uint32_t)(0x6400 + zp) * 0x00010001u;
-  } else {
-    r.q = make_uint4(0, 0, 0, 0);
-    r.scale = 0.0f;
-    r.bias = 0x64006400u;  // 1024 - 1024 = 0
-  }
-  return r;
-}
 
 __device__ __forceinline__ uint32_t hfma_pair(uint32_t a, uint32_t b, uint32_t c) {
   union { uint32_t u; __half2 h; } x, y, z, r;
@@ -678,10 +653,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 
   for (int c0 = 0; c0 < chunks; c0 += slice_chunks) {
     const int c1 = min(c0 + slice_chunks, chunks);
-    HgemvChunk cur[T];
+    GemvChunk cur[T];
 #pragma unroll
     for (int r = 0; r < T; ++r)
-      cur[r] = load_hgemv_chunk(B, S, Z, n0 + r, N, c0 + 32 * part + lane, c1, K, block_shift, blocks, zp_stride);
+      cur[r] = load_gemv_chunk(B, S, Z, n0 + r, N, c0 + 32 * part + lane, c1, K, block_shift, blocks, zp_stride);
     __syncthreads();  // every warp done with the previous slice's activations
     // a thread a 16-byte unit of A (8 k: word v of a chunk), permuted into the pairs the nibbles meet
     const int units = (c1 - c0) * 4;
@@ -698,10 +673,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     __syncthreads();
     for (int start = c0 + 32 * part; start < c1; start += 32 * split) {  // the same trip count for the warp's lanes
       const int c = start + lane;
-      HgemvChunk next[T];
+      GemvChunk next[T];
 #pragma unroll
       for (int r = 0; r < T; ++r)
-        next[r] = load_hgemv_chunk(B, S, Z, n0 + r, N, c + 32 * split, c1, K, block_shift, blocks, zp_stride);
+        next[r] = load_gemv_chunk(B, S, Z, n0 + r, N, c + 32 * split, c1, K, block_shift, blocks, zp_stride);
       if (c < c1) {
         const int cc = c - c0;
         uint32_t h[T][MR][2];
@@ -717,9 +692,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
           for (int r = 0; r < T; ++r) {
             const uint32_t w = word_of(cur[r].q, v);
+            const uint32_t bias = (uint32_t)(0x6400 + cur[r].zp) * 0x00010001u;  // the pair (1024 + zp, 1024 + zp)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-              const uint32_t d = hsub_pair(nibble_pair(w, 4 * i), cur[r].bias);  // (q - zp) for k 8v + i, 8v + i + 4
+              const uint32_t d = hsub_pair(nibble_pair(w, 4 * i), bias);  // (q - zp) for k 8v + i, 8v + i + 4
 #pragma unroll
               for (int j = 0; j < MR; ++j) h[r][j][i / 2] = hfma_pair(d, unit_word(a[j], i), h[r][j][i / 2]);
             }
