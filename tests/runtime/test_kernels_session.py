@@ -31,6 +31,18 @@ def int4_model(byte_model: Callable[[str], Path], tmp_path_factory: pytest.TempP
     return root / "int4"
 
 
+def assert_same_run(ours: DecoderSession, plain: DecoderSession) -> None:
+    """Two prompts' 8 greedy tokens equal, and the first prompt's logits within 1e-4 of their largest."""
+    prompts = [[5, 17, 99, 3, 200, 41], [7, 7, 8]]
+    a = LanguageModel(ours, None).generate(prompts, max_new_tokens=8, stop_token_ids=[])
+    b = LanguageModel(plain, None).generate(prompts, max_new_tokens=8, stop_token_ids=[])
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    ids = np.array([prompts[0]], np.int64)
+    mask, pos = np.ones_like(ids), np.arange(ids.shape[1])[None]
+    la, lb = ours.forward(ids, mask, pos, ours.new_cache(1)), plain.forward(ids, mask, pos, plain.new_cache(1))
+    assert np.abs(la - lb).max() <= 1e-4 * np.abs(lb).max()
+
+
 def _tree_digest(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -198,14 +210,7 @@ def test_a_float_model_gets_its_gate_up_pairs_fused(byte_model: Callable[[str], 
     plain = DecoderSession(byte_model("llama"), "cpu")
     assert [m for m in said if m.startswith("kernels:")] == [
         "kernels: onnxpipe 2 gate/up pairs as one with SiluMul [CPU reference kernels]"]
-    prompts = [[5, 17, 99, 3, 200, 41], [7, 7, 8]]
-    a = LanguageModel(ours, None).generate(prompts, max_new_tokens=8, stop_token_ids=[])
-    b = LanguageModel(plain, None).generate(prompts, max_new_tokens=8, stop_token_ids=[])
-    assert [r.token_ids for r in a] == [r.token_ids for r in b]
-    ids = np.array([prompts[0]], np.int64)
-    mask, pos = np.ones_like(ids), np.arange(ids.shape[1])[None]
-    la, lb = ours.forward(ids, mask, pos, ours.new_cache(1)), plain.forward(ids, mask, pos, plain.new_cache(1))
-    assert np.abs(la - lb).max() <= 1e-4 * np.abs(lb).max()
+    assert_same_run(ours, plain)
     monkeypatch.setenv("ONNXPIPE_KERNELS_FUSE", "off")
     with pytest.raises(OnnxpipeError, match=r"^kernels=reference: nothing to rewrite: the graph has no MatMulNBits"):
         DecoderSession(byte_model("llama"), "cpu", kernels="reference")
